@@ -1,0 +1,311 @@
+"""zfkernels: fused, seed-regenerated zeroth-order kernels.
+
+The Python face of the compiled ops (``torch.ops.zfkernels.*``, CPU and CUDA), the Triton
+kernels and the pure-PyTorch reference. Every function takes ``backend``:
+
+* ``"auto"``   – the compiled op for the tensors' device; where it was not built, Triton on
+  GPUs, else the reference, with one warning saying how to build it;
+* ``"cpu"`` / ``"cuda"`` – the compiled extension (error if it was not built);
+* ``"triton"`` – the Triton kernels (GPU, or CPU under ``TRITON_INTERPRET=1``);
+* ``"torch"``  – the reference (zfkernels/reference.py), slow but readable.
+
+The stream and op semantics: docs/perturbation-stream.md, docs/kernel-ops.md.
+Importing this package never fails; a missing backend fails on use with the fix.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Sequence
+
+import torch
+
+from . import _compiled, reference
+from .stream import (
+    STREAM_VERSION,
+    derive_seed,
+    dist_code,
+    mask_threshold,
+)
+
+__all__ = [
+    "STREAM_VERSION",
+    "available_backends",
+    "resolve_backend",
+    "philox4x32_10",
+    "perturbation",
+    "sparse_mask",
+    "perturb_",
+    "zo_sgd_update_",
+    "zo_adam_update_",
+    "derive_seed",
+    "mask_threshold",
+]
+
+BACKENDS = ("cpu", "cuda", "triton", "torch")
+_warned: set[str] = set()
+
+
+def _triton_module():
+    try:
+        from . import triton as zt  # noqa: PLC0415 - optional dependency, imported on use
+    except Exception as exc:  # ImportError, or a Triton that fails to initialise
+        return None, f"Triton kernels unavailable ({type(exc).__name__}: {exc}); pip install triton"
+    return zt, ""
+
+
+def _triton_usable_on(device_type: str) -> bool:
+    if _triton_module()[0] is None:
+        return False
+    if device_type == "cuda":
+        return torch.cuda.is_available()
+    return device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Backends usable on this machine (for ``device``'s type, or for any device)."""
+    dev_types = [torch.device(device).type] if device is not None else ["cpu", "cuda"]
+    out = []
+    if "cpu" in dev_types and _compiled.cpu_available():
+        out.append("cpu")
+    if "cuda" in dev_types and _compiled.cuda_available():
+        out.append("cuda")
+    if any(_triton_usable_on(t) for t in dev_types):
+        out.append("triton")
+    out.append("torch")
+    return out
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend that ``backend`` means for tensors on ``device``."""
+    if backend not in BACKENDS + ("auto",):
+        raise ValueError(f"backend={backend!r} is not one of {('auto',) + BACKENDS}")
+    dt = device.type
+    if backend == "auto":
+        native = "cuda" if dt == "cuda" else "cpu" if dt == "cpu" else None
+        if native == "cpu" and _compiled.cpu_available():
+            return "cpu"
+        if native == "cuda" and _compiled.cuda_available():
+            return "cuda"
+        fallback = "triton" if dt == "cuda" and _triton_usable_on("cuda") else "torch"
+        if native is not None:
+            _warn_once(
+                f"auto-{native}",
+                f"zfkernels: the compiled {native} backend is missing "
+                f"({_compiled.missing_reason(native)}); using backend={fallback!r} instead.",
+            )
+        return fallback
+    if backend in ("cpu", "cuda"):
+        if dt != backend:
+            raise ValueError(f"backend={backend!r} cannot run tensors on device {device}; use backend='auto'")
+        ok = _compiled.cpu_available() if backend == "cpu" else _compiled.cuda_available()
+        if not ok:
+            raise RuntimeError(f"zfkernels backend {backend!r} is not available: {_compiled.missing_reason(backend)}")
+    if backend == "triton":
+        zt, why = _triton_module()
+        if zt is None:
+            raise RuntimeError(why)
+        if not _triton_usable_on(dt):
+            raise RuntimeError(
+                f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); got device {device}"
+            )
+    return backend
+
+
+def _impl(backend: str, name: str):
+    if backend in ("cpu", "cuda"):
+        return getattr(torch.ops.zfkernels, name)
+    if backend == "triton":
+        return getattr(_triton_module()[0], name)
+    return getattr(reference, name)
+
+
+def _device_of(tensors: Sequence[torch.Tensor], default="cpu") -> torch.device:
+    return tensors[0].device if len(tensors) else torch.device(default)
+
+
+def _ids(tensors: Sequence[torch.Tensor], tensor_ids: Sequence[int] | None) -> list[int]:
+    if tensor_ids is None:
+        return list(range(len(tensors)))
+    ids = [int(t) for t in tensor_ids]
+    if len(ids) != len(tensors):
+        raise ValueError(f"tensor_ids has {len(ids)} entries for {len(tensors)} tensors; give one id per tensor")
+    return ids
+
+
+def _as_list(tensors, name: str) -> list[torch.Tensor]:
+    if isinstance(tensors, torch.Tensor):
+        raise TypeError(f"{name} must be a list of tensors; wrap a single tensor as [t]")
+    out = list(tensors)
+    for k, t in enumerate(out):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{k}] is a {type(t).__name__}, not a torch.Tensor")
+    return out
+
+
+def philox4x32_10(counters: torch.Tensor, key: tuple[int, int], backend: str = "auto") -> torch.Tensor:
+    """Philox4x32-10 (Random123-compatible) on ``counters`` (``[N, 4]``, values < 2^32,
+    int64 storage) with ``key = (k0, k1)``; returns the ``[N, 4]`` output words as int64."""
+    k0, k1 = (int(k) for k in key)
+    for name, k in (("key[0]", k0), ("key[1]", k1)):
+        if not 0 <= k < 2**32:
+            raise ValueError(f"{name}={k} must be a 32-bit unsigned integer")
+    b = resolve_backend(backend, counters.device)
+    return _impl(b, "philox4x32_10")(counters.to(torch.int64).contiguous(), k0, k1)
+
+
+def perturbation(
+    seed: int,
+    numel: int,
+    dist: str = "gaussian",
+    tensor_id: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    backend: str = "auto",
+    *,
+    mask_seed: int = 0,
+    sparsity: float = 0.0,
+) -> torch.Tensor:
+    """The z (times the mask, if ``sparsity`` > 0) that the kernels use for tensor
+    ``tensor_id``, materialized as a flat tensor: for tests and inspection."""
+    if numel < 0:
+        raise ValueError(f"numel={numel} must be >= 0")
+    out = torch.zeros(int(numel), dtype=dtype, device=device)
+    perturb_([out], seed, 1.0, dist, tensor_ids=[tensor_id], mask_seed=mask_seed, sparsity=sparsity, backend=backend)
+    return out
+
+
+def sparse_mask(mask_seed: int, numel: int, sparsity: float, tensor_id: int = 0, device="cpu") -> torch.Tensor:
+    """The keep-mask (bool, False = zeroed) of §6 for one tensor, from the reference."""
+    return reference.keep_mask(mask_seed, int(numel), int(tensor_id), mask_threshold(sparsity), torch.device(device))
+
+
+def perturb_(
+    tensors: Sequence[torch.Tensor],
+    seed: int,
+    scale: float,
+    dist: str = "gaussian",
+    *,
+    tensor_ids: Sequence[int] | None = None,
+    mask_seed: int = 0,
+    sparsity: float = 0.0,
+    backend: str = "auto",
+) -> None:
+    """In place, one pass: ``tensors[k] += scale * m_k * z_k(seed)``, with ``tensor_id=k``
+    (or ``tensor_ids[k]``). ``sparsity`` is the fraction of coordinates zeroed by the mask
+    drawn from ``mask_seed``."""
+    tensors = _as_list(tensors, "tensors")
+    ids = _ids(tensors, tensor_ids)
+    if not tensors:
+        return
+    b = resolve_backend(backend, _device_of(tensors))
+    _impl(b, "perturb_")(tensors, ids, _seed(seed), float(scale), dist_code(dist), _seed(mask_seed, "mask_seed"),
+                         mask_threshold(sparsity))
+
+
+def _seed(s, name="seed") -> int:
+    from .stream import check_seed
+
+    return check_seed(s, name)
+
+
+def _qs(seeds, coeffs) -> tuple[list[int], list[float]]:
+    seeds = [_seed(s, "seeds[j]") for s in seeds]
+    coeffs = [float(c) for c in coeffs]
+    if len(seeds) != len(coeffs):
+        raise ValueError(f"{len(seeds)} seeds but {len(coeffs)} coeffs: give one projected gradient per seed")
+    return seeds, coeffs
+
+
+def zo_sgd_update_(
+    params: Sequence[torch.Tensor],
+    seeds: Sequence[int],
+    coeffs: Sequence[float],
+    *,
+    lr: float,
+    dist: str = "gaussian",
+    tensor_ids: Sequence[int] | None = None,
+    momentum_buffers: Sequence[torch.Tensor] = (),
+    history_buffers: Sequence[torch.Tensor] = (),
+    restore_seed: int = 0,
+    restore_scale: float = 0.0,
+    mask_seed: int = 0,
+    sparsity: float = 0.0,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    momentum_init: bool = False,
+    sign: bool = False,
+    history_alpha: float = 0.0,
+    history_init: bool = False,
+    backend: str = "auto",
+) -> None:
+    """Fused ZO SGD-family step, one pass (docs/kernel-ops.md § zo_sgd_update_):
+    restore the pending perturbation ``restore_scale * m * z(restore_seed)``, estimate
+    ``g = sum_j coeffs[j] * m * z(seeds[j])`` (pass ``coeffs[j] = g_j / q``), optional
+    history mix / sign / weight decay / momentum, then ``theta -= lr * g``."""
+    params = _as_list(params, "params")
+    ids = _ids(params, tensor_ids)
+    seeds, coeffs = _qs(seeds, coeffs)
+    if not params:
+        return
+    b = resolve_backend(backend, _device_of(params))
+    _impl(b, "zo_sgd_update_")(
+        params, _as_list(momentum_buffers, "momentum_buffers"), _as_list(history_buffers, "history_buffers"),
+        ids, seeds, coeffs, dist_code(dist), _seed(mask_seed, "mask_seed"), mask_threshold(sparsity),
+        _seed(restore_seed, "restore_seed"), float(restore_scale), float(lr), float(weight_decay),
+        float(momentum), float(dampening), bool(nesterov), bool(momentum_init), bool(sign),
+        float(history_alpha), bool(history_init),
+    )
+
+
+def zo_adam_update_(
+    params: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    seeds: Sequence[int],
+    coeffs: Sequence[float],
+    *,
+    lr: float,
+    step: int,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    dist: str = "gaussian",
+    tensor_ids: Sequence[int] | None = None,
+    history_buffers: Sequence[torch.Tensor] = (),
+    restore_seed: int = 0,
+    restore_scale: float = 0.0,
+    mask_seed: int = 0,
+    sparsity: float = 0.0,
+    sign: bool = False,
+    history_alpha: float = 0.0,
+    history_init: bool = False,
+    backend: str = "auto",
+) -> None:
+    """Fused ZO Adam/AdamW step, one pass over params, m, v (and h): the estimate as in
+    :func:`zo_sgd_update_`, then exactly ``torch.optim.Adam``/``AdamW`` fed it as grad."""
+    params = _as_list(params, "params")
+    ids = _ids(params, tensor_ids)
+    seeds, coeffs = _qs(seeds, coeffs)
+    if not params:
+        return
+    if int(step) < 1:
+        raise ValueError(f"step={step} must be >= 1 (the Adam step count after this update)")
+    b = resolve_backend(backend, _device_of(params))
+    _impl(b, "zo_adam_update_")(
+        params, _as_list(exp_avgs, "exp_avgs"), _as_list(exp_avg_sqs, "exp_avg_sqs"),
+        _as_list(history_buffers, "history_buffers"), ids, seeds, coeffs, dist_code(dist),
+        _seed(mask_seed, "mask_seed"), mask_threshold(sparsity), _seed(restore_seed, "restore_seed"),
+        float(restore_scale), float(lr), float(betas[0]), float(betas[1]), float(eps),
+        float(weight_decay), bool(decoupled_weight_decay), int(step), bool(sign),
+        float(history_alpha), bool(history_init),
+    )

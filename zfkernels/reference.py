@@ -1,0 +1,290 @@
+"""Pure-PyTorch reference implementation of stream v1 and the kernel ops.
+
+Readable and slow on purpose: it states docs/perturbation-stream.md and
+docs/kernel-ops.md in plain tensor code, is the oracle of every backend test, and is
+the explicit ``backend="torch"`` (it runs on any device torch supports). It allocates
+full-size temporaries (z, masks): never use it for speed.
+
+Integer math is done in int64 with 16-bit splits so that no product overflows; every
+float step is a single fp32 operation in the order the spec writes it (no fused
+multiply-add), which is what makes the fp32 results reproducible bit for bit.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import stream as S
+
+_PI_F32 = torch.tensor(3.14159265358979323846, dtype=torch.float32).item()  # 3.14159274
+_TWO_M24 = 2.0 ** -24
+_LOW = 0xFFFF
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of the 64-bit product a*b, a a 32-bit constant, b < 2^32."""
+    bh, bl = b >> 16, b & _LOW
+    low = a * bl                         # < 2^48
+    mid = a * bh                         # < 2^48; product = mid * 2^16 + low
+    t = ((mid & _LOW) << 16) + low       # < 2^49
+    lo = t & S.MASK32
+    hi = (mid >> 16) + (t >> 32)
+    return hi & S.MASK32, lo
+
+
+def philox4x32_10(counters: torch.Tensor, key0: int, key1: int) -> torch.Tensor:
+    """Philox4x32-10 (§1). ``counters``: int64 ``[N, 4]`` with values in [0, 2^32)."""
+    if counters.dim() != 2 or counters.shape[1] != 4:
+        raise ValueError(f"counters must have shape [N, 4], got {tuple(counters.shape)}")
+    if counters.dtype not in (torch.int64, torch.int32, torch.uint32):
+        raise ValueError(f"counters must be an integer tensor (int64), got {counters.dtype}")
+    c = counters.to(torch.int64) & S.MASK32
+    c0, c1, c2, c3 = c.unbind(1)
+    k0, k1 = int(key0) & S.MASK32, int(key1) & S.MASK32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(S.PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(S.PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + S.PHILOX_W0) & S.MASK32
+        k1 = (k1 + S.PHILOX_W1) & S.MASK32
+    return torch.stack([c0, c1, c2, c3], dim=1)
+
+
+def stream_words(seed: int, tensor_id: int, tag: int, blocks: torch.Tensor) -> torch.Tensor:
+    """The Philox words of §2 for block indices ``blocks`` (int64): ``[len(blocks), 4]``."""
+    k0, k1 = S.split_seed(S.check_seed(seed))
+    counters = torch.stack(
+        [blocks & S.MASK32, blocks >> 32, torch.full_like(blocks, tensor_id), torch.full_like(blocks, tag)],
+        dim=1,
+    )
+    return philox4x32_10(counters, k0, k1)
+
+
+def u_open(x: torch.Tensor) -> torch.Tensor:
+    """§3: ((x >> 8) + 1) * 2^-24 in (0, 1], exact in fp32."""
+    return ((x >> 8) + 1).to(torch.float32) * _TWO_M24
+
+
+def u_closed(x: torch.Tensor) -> torch.Tensor:
+    """§3: (x >> 8) * 2^-24 in [0, 1), exact in fp32."""
+    return (x >> 8).to(torch.float32) * _TWO_M24
+
+
+def rademacher(seed: int, numel: int, tensor_id: int = 0, device="cpu") -> torch.Tensor:
+    """§4: fp32 ±1, one bit per element, 128 elements per Philox call."""
+    i = torch.arange(numel, dtype=torch.int64, device=device)
+    nblocks = (numel + 127) // 128
+    words = stream_words(seed, tensor_id, S.TAG_PERTURBATION, torch.arange(nblocks, dtype=torch.int64, device=device))
+    j = i & 127
+    w = words[i >> 7, j >> 5]
+    bit = (w >> (j & 31)) & 1
+    return bit.to(torch.float32) * 2 - 1
+
+
+def box_muller_inputs(seed: int, numel: int, tensor_id: int = 0, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """§5: per element, the pair's (u, s) and whether it is the sine (odd) lane."""
+    i = torch.arange(numel, dtype=torch.int64, device=device)
+    nblocks = (numel + 3) // 4
+    words = stream_words(seed, tensor_id, S.TAG_PERTURBATION, torch.arange(nblocks, dtype=torch.int64, device=device))
+    lane = i & 3
+    pair = lane >> 1
+    x_even = words[i >> 2, pair * 2]
+    x_odd = words[i >> 2, pair * 2 + 1]
+    u = u_open(x_even)
+    s = u_closed(x_odd) * 2 - 1
+    return u, s, (lane & 1).bool()
+
+
+def gaussian(seed: int, numel: int, tensor_id: int = 0, device="cpu") -> torch.Tensor:
+    """§5: fp32 standard normals, four per Philox call (Box–Muller)."""
+    u, s, odd = box_muller_inputs(seed, numel, tensor_id, device)
+    r = torch.sqrt(torch.log(u) * -2.0)
+    a = s * _PI_F32
+    return torch.where(odd, r * torch.sin(a), r * torch.cos(a))
+
+
+def gaussian_float64(seed: int, numel: int, tensor_id: int = 0, device="cpu") -> torch.Tensor:
+    """§5 in float64 from the same uniforms: the yardstick of the Gaussian bound."""
+    u, s, odd = box_muller_inputs(seed, numel, tensor_id, device)
+    u, s = u.double(), s.double()
+    r = torch.sqrt(torch.log(u) * -2.0)
+    a = s * float(_PI_F32)
+    return torch.where(odd, r * torch.sin(a), r * torch.cos(a))
+
+
+GAUSSIAN_BOUND = 2.0 ** -18  # §5 absolute bound of any backend vs gaussian_float64
+
+
+def keep_mask(mask_seed: int, numel: int, tensor_id: int, mask_threshold: int, device="cpu") -> torch.Tensor:
+    """§6: bool keep-mask (False = coordinate zeroed). All True when threshold is 0."""
+    if mask_threshold == 0:
+        return torch.ones(numel, dtype=torch.bool, device=device)
+    i = torch.arange(numel, dtype=torch.int64, device=device)
+    nblocks = (numel + 3) // 4
+    words = stream_words(mask_seed, tensor_id, S.TAG_MASK, torch.arange(nblocks, dtype=torch.int64, device=device))
+    x = words[i >> 2, i & 3]
+    return (x >> 8) >= mask_threshold
+
+
+def perturbation(seed: int, numel: int, dist: int, tensor_id: int = 0, device="cpu") -> torch.Tensor:
+    """z of §4/§5 as fp32, flat."""
+    d = S.dist_code(dist)
+    return gaussian(seed, numel, tensor_id, device) if d == 0 else rademacher(seed, numel, tensor_id, device)
+
+
+def _masked_z(seed, numel, dist, tensor_id, mask_seed, mask_threshold, device) -> torch.Tensor:
+    z = perturbation(seed, numel, dist, tensor_id, device)
+    if mask_threshold:
+        z = z * keep_mask(mask_seed, numel, tensor_id, mask_threshold, device).to(torch.float32)
+    return z
+
+
+def _check_params(params: Sequence[torch.Tensor], tensor_ids: Sequence[int], name: str = "params") -> None:
+    if len(params) != len(tensor_ids):
+        raise ValueError(f"tensor_ids has {len(tensor_ids)} entries but {name} has {len(params)}")
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        raise ValueError(f"all {name} must be on one device, got {sorted(map(str, devices))}")
+    for k, p in enumerate(params):
+        if p.layout != torch.strided:
+            raise ValueError(f"{name}[{k}] has layout {p.layout}; zeroflow kernels need dense tensors")
+        if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"{name}[{k}] has dtype {p.dtype}; use float32, bfloat16 or float16")
+        if not p.is_contiguous():
+            raise ValueError(f"{name}[{k}] is not contiguous; call .contiguous() on it first")
+    for t in tensor_ids:
+        if not 0 <= int(t) < S.TENSOR_ID_LIMIT:
+            raise ValueError(f"tensor id {t} is outside [0, 2**32)")
+
+
+def _store(dst: torch.Tensor, value_f32: torch.Tensor) -> None:
+    # One rounding (fp32 -> storage dtype, round-to-nearest-even) per stored value (§7).
+    dst.copy_(value_f32.view_as(dst).to(dst.dtype))
+
+
+def perturb_(params, tensor_ids, seed, scale, dist, mask_seed, mask_threshold) -> None:
+    """θ_k += scale · m ⊙ z(seed) for each tensor (docs/kernel-ops.md)."""
+    _check_params(params, tensor_ids)
+    scale_f = torch.tensor(scale, dtype=torch.float32).item()
+    for p, tid in zip(params, tensor_ids):
+        z = _masked_z(seed, p.numel(), dist, int(tid), mask_seed, mask_threshold, p.device)
+        _store(p, p.reshape(-1).float() + z * scale_f)
+
+
+def _estimate(p, tid, seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, restore_scale):
+    """Shared head of the update ops: restored fp32 params and the raw estimate g."""
+    n = p.numel()
+    dev = p.device
+    keep = keep_mask(mask_seed, n, tid, mask_threshold, dev).to(torch.float32) if mask_threshold else None
+    x = p.reshape(-1).float()
+    if restore_scale != 0.0:
+        z = perturbation(restore_seed, n, dist, tid, dev)
+        zm = z * keep if keep is not None else z
+        x = x + zm * torch.tensor(restore_scale, dtype=torch.float32).item()
+    g = torch.zeros(n, dtype=torch.float32, device=dev)
+    for s, c in zip(seeds, coeffs):
+        z = perturbation(s, n, dist, tid, dev)
+        zm = z * keep if keep is not None else z
+        g = g + zm * torch.tensor(c, dtype=torch.float32).item()
+    return x, g
+
+
+def _history_sign(g, h_buf, history_alpha, history_init, sign):
+    if h_buf is not None:
+        a = torch.tensor(history_alpha, dtype=torch.float32).item()
+        h = g if history_init else h_buf.reshape(-1).float() * a + g * (1.0 - a)
+        _store(h_buf, h)
+        g = h_buf.reshape(-1).float() if h_buf.dtype != torch.float32 else h
+    if sign:
+        g = torch.sign(g)
+    return g
+
+
+def _f32(v: float) -> float:
+    return torch.tensor(v, dtype=torch.float32).item()
+
+
+def zo_sgd_update_(params, momentum_buffers, history_buffers, tensor_ids, seeds, coeffs, dist,
+                   mask_seed, mask_threshold, restore_seed, restore_scale, lr, weight_decay,
+                   momentum, dampening, nesterov, momentum_init, sign, history_alpha,
+                   history_init) -> None:
+    """Fused ZO SGD-family update, spelled out (docs/kernel-ops.md § zo_sgd_update_)."""
+    _check_params(params, tensor_ids)
+    _check_buffers(params, momentum_buffers, "momentum_buffers")
+    _check_buffers(params, history_buffers, "history_buffers")
+    _check_q(seeds, coeffs)
+    lr, wd, mu, damp = _f32(lr), _f32(weight_decay), _f32(momentum), _f32(dampening)
+    for k, (p, tid) in enumerate(zip(params, tensor_ids)):
+        x, g = _estimate(p, int(tid), seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, restore_scale)
+        h_buf = history_buffers[k] if history_buffers else None
+        g = _history_sign(g, h_buf, history_alpha, history_init, sign)
+        if wd != 0.0:
+            g = g + x * wd
+        if momentum_buffers:
+            buf = momentum_buffers[k]
+            b = g if momentum_init else buf.reshape(-1).float() * mu + g * (1.0 - damp)
+            _store(buf, b)
+            b = buf.reshape(-1).float()
+            g = g + b * mu if nesterov else b
+        _store(p, x - g * lr)
+
+
+def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs,
+                    dist, mask_seed, mask_threshold, restore_seed, restore_scale, lr, beta1,
+                    beta2, eps, weight_decay, decoupled_weight_decay, step, sign,
+                    history_alpha, history_init) -> None:
+    """Fused ZO Adam/AdamW update, spelled out (docs/kernel-ops.md § zo_adam_update_)."""
+    _check_params(params, tensor_ids)
+    if len(exp_avgs) != len(params) or len(exp_avg_sqs) != len(params):
+        raise ValueError("exp_avgs and exp_avg_sqs must have one buffer per param")
+    _check_buffers(params, exp_avgs, "exp_avgs")
+    _check_buffers(params, exp_avg_sqs, "exp_avg_sqs")
+    _check_buffers(params, history_buffers, "history_buffers")
+    _check_q(seeds, coeffs)
+    if step < 1:
+        raise ValueError(f"step={step} must be >= 1 (Adam's bias correction counts from 1)")
+    bc1 = 1.0 - beta1 ** step
+    bc2 = 1.0 - beta2 ** step
+    step_size = _f32(lr / bc1)
+    bc2_sqrt = _f32(bc2 ** 0.5)
+    lr_f, wd, b1, b2, eps_f = _f32(lr), _f32(weight_decay), _f32(beta1), _f32(beta2), _f32(eps)
+    for k, (p, tid) in enumerate(zip(params, tensor_ids)):
+        x, g = _estimate(p, int(tid), seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, restore_scale)
+        h_buf = history_buffers[k] if history_buffers else None
+        g = _history_sign(g, h_buf, history_alpha, history_init, sign)
+        if decoupled_weight_decay:
+            x = x * _f32(1.0 - lr_f * wd)
+        elif wd != 0.0:
+            g = g + x * wd
+        m_buf, v_buf = exp_avgs[k], exp_avg_sqs[k]
+        m = m_buf.reshape(-1).float()
+        m = m + (g - m) * _f32(1.0 - b1)
+        v = v_buf.reshape(-1).float() * b2 + (g * g) * _f32(1.0 - b2)
+        _store(m_buf, m)
+        _store(v_buf, v)
+        m = m_buf.reshape(-1).float()
+        v = v_buf.reshape(-1).float()
+        denom = torch.sqrt(v) / bc2_sqrt + eps_f
+        _store(p, x - (m / denom) * step_size)
+
+
+def _check_buffers(params, buffers, name) -> None:
+    if not buffers:
+        return
+    if len(buffers) != len(params):
+        raise ValueError(f"{name} has {len(buffers)} tensors but params has {len(params)}; pass one per param or none")
+    for k, (p, b) in enumerate(zip(params, buffers)):
+        if b.shape != p.shape or b.device != p.device:
+            raise ValueError(f"{name}[{k}] must match params[{k}] in shape and device")
+        if b.dtype not in (p.dtype, torch.float32):
+            raise ValueError(f"{name}[{k}] has dtype {b.dtype}; use the param's dtype or float32")
+        if not b.is_contiguous():
+            raise ValueError(f"{name}[{k}] is not contiguous")
+
+
+def _check_q(seeds, coeffs) -> None:
+    if len(seeds) != len(coeffs):
+        raise ValueError(f"seeds has {len(seeds)} entries but coeffs has {len(coeffs)}; one coefficient per seed")
+    for s in seeds:
+        S.check_seed(int(s), "seeds[j]")

@@ -1,0 +1,106 @@
+"""Constants and host-side helpers of the perturbation stream (docs/perturbation-stream.md).
+
+Everything here is plain Python on integers: it is shared by all backends and by the
+optimizers (seed schedule, §8), so that the host side of the spec lives in one place.
+"""
+from __future__ import annotations
+
+STREAM_VERSION = "v1"
+
+# §1 Philox4x32-10 constants (Random123).
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+MASK32 = 0xFFFFFFFF
+
+# §2 stream tags (counter word 3).
+TAG_PERTURBATION = 0
+TAG_MASK = 1
+TAG_SEED_SCHEDULE = 2
+
+# §4/§5 distributions, as the compiled ops encode them.
+DISTS = {"gaussian": 0, "rademacher": 1}
+
+# §6 mask threshold resolution.
+MASK_BITS = 24
+MASK_ONE = 1 << MASK_BITS
+
+# §8 reserved query slots of the seed schedule.
+QUERY_MASK_PER_STEP = MASK32
+QUERY_MASK_PER_TASK = MASK32 - 1
+
+SEED_LIMIT = 1 << 63
+TENSOR_ID_LIMIT = 1 << 32
+
+
+def dist_code(dist: str | int) -> int:
+    """Map ``"gaussian"``/``"rademacher"`` (or 0/1) to the ops' integer code."""
+    if isinstance(dist, str):
+        try:
+            return DISTS[dist.lower()]
+        except KeyError:
+            raise ValueError(
+                f"dist={dist!r} is not a perturbation distribution; use one of {sorted(DISTS)}"
+            ) from None
+    if dist in (0, 1):
+        return int(dist)
+    raise ValueError(f"dist={dist!r} must be 'gaussian' (0) or 'rademacher' (1)")
+
+
+def check_seed(seed: int, name: str = "seed") -> int:
+    """Seeds are integers in [0, 2^63) (§2); bool and floats are refused."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        try:
+            import numpy as np
+
+            if isinstance(seed, np.integer):
+                seed = int(seed)
+            else:
+                raise TypeError
+        except (ImportError, TypeError):
+            raise TypeError(f"{name} must be a Python int in [0, 2**63), got {type(seed).__name__}") from None
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{name}={seed} is outside [0, 2**63); reduce it modulo 2**63")
+    return seed
+
+
+def mask_threshold(sparsity: float) -> int:
+    """§6: the integer threshold T = round(sparsity * 2^24) for a fraction zeroed."""
+    s = float(sparsity)
+    if not 0.0 <= s <= 1.0 or s != s:
+        raise ValueError(f"sparsity={sparsity!r} must be a fraction of coordinates zeroed in [0, 1]")
+    return int(round(s * MASK_ONE))
+
+
+def philox4x32_10_scalar(counter: tuple[int, int, int, int], key: tuple[int, int]) -> tuple[int, int, int, int]:
+    """One Philox4x32-10 call on Python ints (§1); used for the seed schedule and as a
+    readable statement of the round function."""
+    c0, c1, c2, c3 = (int(c) & MASK32 for c in counter)
+    k0, k1 = (int(k) & MASK32 for k in key)
+    for _ in range(10):
+        p0 = PHILOX_M0 * c0
+        p1 = PHILOX_M1 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0, p1 & MASK32, (p0 >> 32) ^ c3 ^ k1, p0 & MASK32)
+        k0 = (k0 + PHILOX_W0) & MASK32
+        k1 = (k1 + PHILOX_W1) & MASK32
+    return c0, c1, c2, c3
+
+
+def split_seed(seed: int) -> tuple[int, int]:
+    """Key words (k0, k1) = (seed mod 2^32, seed >> 32) (§2)."""
+    return seed & MASK32, (seed >> 32) & MASK32
+
+
+def derive_seed(base_seed: int, step: int, query: int) -> int:
+    """§8 seed schedule: the seed of query ``query`` at step ``step`` of a run with
+    base seed ``base_seed``. Deterministic, platform independent, in [0, 2^63)."""
+    check_seed(base_seed, "base_seed")
+    if step < 0 or step >= 1 << 64:
+        raise ValueError(f"step={step} must be in [0, 2**64)")
+    if not 0 <= query <= MASK32:
+        raise ValueError(f"query={query} must be in [0, 2**32)")
+    x0, x1, _, _ = philox4x32_10_scalar(
+        (step & MASK32, step >> 32, query, TAG_SEED_SCHEDULE), split_seed(base_seed)
+    )
+    return (x0 | (x1 << 32)) & (SEED_LIMIT - 1)
