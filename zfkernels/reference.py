@@ -193,7 +193,7 @@ def _estimate(p, tid, seeds, coeffs, dist, mask_seed, mask_threshold, restore_se
 def _history_sign(g, h_buf, history_alpha, history_init, sign):
     if h_buf is not None:
         a = torch.tensor(history_alpha, dtype=torch.float32).item()
-        h = g if history_init else h_buf.reshape(-1).float() * a + g * (1.0 - a)
+        h = g if history_init else h_buf.reshape(-1).float() * a + g * _f32(1.0 - history_alpha)
         _store(h_buf, h)
         g = h_buf.reshape(-1).float() if h_buf.dtype != torch.float32 else h
     if sign:
@@ -214,7 +214,7 @@ def zo_sgd_update_(params, momentum_buffers, history_buffers, tensor_ids, seeds,
     _check_buffers(params, momentum_buffers, "momentum_buffers")
     _check_buffers(params, history_buffers, "history_buffers")
     _check_q(seeds, coeffs)
-    lr, wd, mu, damp = _f32(lr), _f32(weight_decay), _f32(momentum), _f32(dampening)
+    lr_f, wd, mu = _f32(lr), _f32(weight_decay), _f32(momentum)
     for k, (p, tid) in enumerate(zip(params, tensor_ids)):
         x, g = _estimate(p, int(tid), seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, restore_scale)
         h_buf = history_buffers[k] if history_buffers else None
@@ -223,11 +223,11 @@ def zo_sgd_update_(params, momentum_buffers, history_buffers, tensor_ids, seeds,
             g = g + x * wd
         if momentum_buffers:
             buf = momentum_buffers[k]
-            b = g if momentum_init else buf.reshape(-1).float() * mu + g * (1.0 - damp)
+            b = g if momentum_init else buf.reshape(-1).float() * mu + g * _f32(1.0 - dampening)
             _store(buf, b)
             b = buf.reshape(-1).float()
             g = g + b * mu if nesterov else b
-        _store(p, x - g * lr)
+        _store(p, x - g * lr_f)
 
 
 def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs,
@@ -254,13 +254,13 @@ def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, 
         h_buf = history_buffers[k] if history_buffers else None
         g = _history_sign(g, h_buf, history_alpha, history_init, sign)
         if decoupled_weight_decay:
-            x = x * _f32(1.0 - lr_f * wd)
+            x = x * _f32(1.0 - lr * weight_decay)
         elif wd != 0.0:
             g = g + x * wd
         m_buf, v_buf = exp_avgs[k], exp_avg_sqs[k]
         m = m_buf.reshape(-1).float()
-        m = m + (g - m) * _f32(1.0 - b1)
-        v = v_buf.reshape(-1).float() * b2 + (g * g) * _f32(1.0 - b2)
+        m = m + (g - m) * _f32(1.0 - beta1)
+        v = v_buf.reshape(-1).float() * b2 + (g * g) * _f32(1.0 - beta2)
         _store(m_buf, m)
         _store(v_buf, v)
         m = m_buf.reshape(-1).float()

@@ -1,0 +1,147 @@
+"""``zo_adam_update_``: fused ZO-Adam/AdamW step (restore, q-seed estimate, history,
+sign, weight decay, moments, bias-corrected update) in one pass (docs/kernel-ops.md)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..stream import split_seed
+from ._common import interpreted, to_i32
+from ._host import f32, prepare_update, round32
+from ._update import load_f32, restored_estimate
+from .philox import find_row, store_rne, tile_offsets
+
+__all__ = ["zo_adam_update_"]
+
+
+@triton.jit(do_not_specialize=["n_rows", "seed_off", "q", "rkey0", "rkey1", "mkey0", "mkey1", "T"])
+def _adam_kernel(meta_ptr, n_rows, seed_off, q, rkey0, rkey1, restore_scale, mkey0, mkey1, T,
+                 weight_decay, decay_factor, one_minus_beta1, beta2, one_minus_beta2, eps,
+                 step_size, bc2_sqrt, history_alpha, one_minus_alpha,
+                 P_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr,
+                 H_DTYPE: tl.constexpr, DIST: tl.constexpr, HAS_MASK: tl.constexpr,
+                 HAS_RESTORE: tl.constexpr, HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr,
+                 SIGN: tl.constexpr, HAS_HIST: tl.constexpr,
+                 HIST_INIT: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    row, tile = find_row(meta_ptr, n_rows, pid, 8, 6)
+    rbase = meta_ptr + row * 8
+    p_ptr = tl.load(rbase).to(tl.pointer_type(P_DTYPE))
+    m_ptr = tl.load(rbase + 1).to(tl.pointer_type(M_DTYPE))
+    v_ptr = tl.load(rbase + 2).to(tl.pointer_type(V_DTYPE))
+    h_ptr = tl.load(rbase + 3).to(tl.pointer_type(H_DTYPE))
+    numel = tl.load(rbase + 4)
+    tid = tl.load(rbase + 5).to(tl.uint32)
+    base = tile * BLOCK
+    offs = tile_offsets(base, BLOCK)
+    inb = offs < numel
+    theta = load_f32(p_ptr + offs, inb)
+    p, g = restored_estimate(meta_ptr, seed_off, q, base, tid, theta,
+                             rkey0, rkey1, restore_scale, mkey0, mkey1, T,
+                             h_ptr + offs, inb, one_minus_alpha, history_alpha,
+                             DIST, HAS_MASK, HAS_RESTORE, HAS_HIST, HIST_INIT, SIGN, LIBDEVICE, BLOCK)
+    if DECOUPLED:
+        p = p * decay_factor                           # AdamW: p * (1 - lr*wd)
+    elif HAS_WD:
+        g = g + p * weight_decay                       # Adam: L2
+    m = load_f32(m_ptr + offs, inb)
+    m = m + (g - m) * one_minus_beta1                  # torch's lerp form (weight < 0.5)
+    v = load_f32(v_ptr + offs, inb) * beta2 + (g * g) * one_minus_beta2
+    m = store_rne(m_ptr + offs, m, inb)                # later steps read the stored m, v
+    v = store_rne(v_ptr + offs, v, inb)
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    store_rne(p_ptr + offs, p - tl.div_rn(m, denom) * step_size, inb)
+
+
+def zo_adam_update_(
+    params: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    history_buffers: Sequence[torch.Tensor],
+    tensor_ids: Sequence[int],
+    seeds: Sequence[int],
+    coeffs: Sequence[float],
+    dist: int,
+    mask_seed: int,
+    mask_threshold: int,
+    restore_seed: int,
+    restore_scale: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    step: int,
+    sign: bool,
+    history_alpha: float,
+    history_init: bool,
+    *,
+    block_size: int | None = None,
+) -> None:
+    """Fused ZO-Adam / AdamW step, in place (docs/kernel-ops.md)::
+
+        p, g as in zo_sgd_update_ (restore, estimate, history, sign)
+        p = p * (1 - lr*wd)  if decoupled_weight_decay  else  g = g + wd * p
+        m = lerp(m, g, 1 - beta1) ; v = beta2*v + (1-beta2)*g*g
+        theta = p - (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps)
+
+    with ``bc1 = 1 - beta1**step``, ``bc2 = 1 - beta2**step`` in float64 on the host: this
+    is ``torch.optim.Adam``/``AdamW`` (non-amsgrad) fed ``.grad = g``.
+
+    Args:
+        params: contiguous float32/bfloat16/float16 tensors on one device.
+        exp_avgs, exp_avg_sqs: one per param (same shape/device, dtype = param's or float32).
+        history_buffers: ``[]`` (off) or one per param.
+        tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed,
+            restore_scale, sign, history_alpha, history_init: as in ``zo_sgd_update_``.
+        lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay: as torch.optim.Adam(W).
+        step: the step count after this update, ``>= 1``.
+        block_size: elements per program (power of two >= 128); results do not depend on it.
+    """
+    op = "zo_adam_update_"
+    interp = interpreted(_adam_kernel)
+    if len(params) and (len(exp_avgs) != len(params) or len(exp_avg_sqs) != len(params)):
+        raise ValueError(
+            f"{op}: exp_avgs ({len(exp_avgs)}) and exp_avg_sqs ({len(exp_avg_sqs)}) need one "
+            f"tensor per param ({len(params)})"
+        )
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"{op}: step={step!r} must be an int >= 1")
+    d, T, block, groups = prepare_update(
+        op, interp, params,
+        [("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("history_buffers", history_buffers)],
+        tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, block_size)
+    weight_decay_raw, history_alpha_raw = weight_decay, history_alpha
+    restore_scale = f32(restore_scale, "restore_scale", op)
+    lr_f = f32(lr, "lr", op)
+    b1 = f32(beta1, "beta1", op)
+    b2 = f32(beta2, "beta2", op)
+    eps = f32(eps, "eps", op)
+    weight_decay = f32(weight_decay, "weight_decay", op)
+    history_alpha = f32(history_alpha, "history_alpha", op)
+    # Bias corrections and the derived scalars (1 - beta, 1 - lr*wd, 1 - alpha) in fp64 from
+    # the unrounded arguments, then rounded once to fp32: what torch.optim.Adam(W) passes
+    # to its kernels (docs/kernel-ops.md).
+    bc1 = 1.0 - float(beta1) ** step
+    bc2 = 1.0 - float(beta2) ** step
+    step_size = round32(float(lr) / bc1)
+    bc2_sqrt = round32(bc2 ** 0.5)
+    rk0, rk1 = split_seed(restore_seed)
+    mk0, mk1 = split_seed(mask_seed)
+    for dtypes, meta, n_rows, seed_off, tiles in groups:
+        _adam_kernel[(tiles,)](
+            meta, n_rows, seed_off, len(seeds), to_i32(rk0), to_i32(rk1), restore_scale,
+            to_i32(mk0), to_i32(mk1), T,
+            weight_decay, round32(1.0 - float(lr) * float(weight_decay_raw)), round32(1.0 - float(beta1)), b2,
+            round32(1.0 - float(beta2)), eps,
+            step_size, bc2_sqrt, history_alpha, round32(1.0 - float(history_alpha_raw)),
+            P_DTYPE=dtypes[0], M_DTYPE=dtypes[1], V_DTYPE=dtypes[2], H_DTYPE=dtypes[3],
+            DIST=d, HAS_MASK=T > 0, HAS_RESTORE=restore_scale != 0.0, HAS_WD=weight_decay != 0.0,
+            DECOUPLED=bool(decoupled_weight_decay), SIGN=bool(sign),
+            HAS_HIST=len(history_buffers) > 0, HIST_INIT=bool(history_init),
+            LIBDEVICE=not interp, BLOCK=block, num_warps=4,
+        )

@@ -1,0 +1,89 @@
+"""``perturb_``: theta <- theta + scale * m * z(seed), one pass, in place (docs/kernel-ops.md)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..stream import split_seed
+from ._common import (
+    ROW, build_groups, check_block, check_dist, check_ids,
+    check_params, check_seed_arg, check_threshold, interpreted, to_i32,
+)
+from ._host import f32
+from .philox import find_row, mask_tile, store_rne, tile_offsets, z_tile
+
+__all__ = ["perturb_"]
+
+
+@triton.jit(do_not_specialize=["n_rows", "key0", "key1", "mkey0", "mkey1", "T"])
+def _perturb_kernel(meta_ptr, n_rows, key0, key1, mkey0, mkey1, T, scale,
+                    P_DTYPE: tl.constexpr, DIST: tl.constexpr, HAS_MASK: tl.constexpr,
+                    LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    row, tile = find_row(meta_ptr, n_rows, pid, 8, 6)
+    rbase = meta_ptr + row * 8
+    p_ptr = tl.load(rbase).to(tl.pointer_type(P_DTYPE))
+    numel = tl.load(rbase + 4)
+    tid = tl.load(rbase + 5).to(tl.uint32)
+    base = tile * BLOCK
+    offs = tile_offsets(base, BLOCK)
+    inb = offs < numel
+    x = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    z = z_tile(base, tid, key0.to(tl.uint32, bitcast=True), key1.to(tl.uint32, bitcast=True),
+               DIST, LIBDEVICE, BLOCK)
+    if HAS_MASK:
+        m = mask_tile(base, tid, mkey0.to(tl.uint32, bitcast=True), mkey1.to(tl.uint32, bitcast=True),
+                      T.to(tl.uint32), BLOCK)
+        z = m * z
+    store_rne(p_ptr + offs, x + z * scale, inb)
+
+
+def perturb_(
+    params: Sequence[torch.Tensor],
+    tensor_ids: Sequence[int],
+    seed: int,
+    scale: float,
+    dist: int,
+    mask_seed: int,
+    mask_threshold: int,
+    *,
+    block_size: int | None = None,
+) -> None:
+    """In place ``theta_i <- theta_i + scale * m_i * z(seed)_i`` for every tensor.
+
+    Args:
+        params: contiguous float32/bfloat16/float16 tensors on one device (modified).
+        tensor_ids: stream id of each tensor, ints in ``[0, 2^32)`` (§2).
+        seed: perturbation seed in ``[0, 2^63)``.
+        scale: multiplier of ``z`` (fp32).
+        dist: 0 = Gaussian (§5), 1 = Rademacher (§4) (``"gaussian"``/``"rademacher"`` accepted).
+        mask_seed: seed of the sparse mask stream (§6), in ``[0, 2^63)``.
+        mask_threshold: ``T`` in ``[0, 2^24]``; 0 = no mask.
+        block_size: elements per program (power of two >= 128; default 1024, 8192 in
+            the interpreter). Results do not depend on it.
+    """
+    op = "perturb_"
+    interp = interpreted(_perturb_kernel)
+    check_params(op, params, interp)
+    ids = check_ids(op, tensor_ids, len(params))
+    seed = check_seed_arg(op, "seed", seed)
+    mask_seed = check_seed_arg(op, "mask_seed", mask_seed)
+    d = check_dist(op, dist)
+    T = check_threshold(op, mask_threshold)
+    block = check_block(op, block_size or (8192 if interp else 1024))
+    scale = f32(scale, "scale", op)
+    if not params:
+        return
+    k0, k1 = split_seed(seed)
+    m0, m1 = split_seed(mask_seed)
+    dev = params[0].device
+    for dtypes, rows, tiles in build_groups(params, [], ids, block):
+        meta = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
+        _perturb_kernel[(tiles,)](
+            meta, len(rows) // ROW, to_i32(k0), to_i32(k1), to_i32(m0), to_i32(m1), T, scale,
+            P_DTYPE=dtypes[0], DIST=d, HAS_MASK=T > 0, LIBDEVICE=not interp, BLOCK=block,
+            num_warps=4,
+        )

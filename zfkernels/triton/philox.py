@@ -1,0 +1,231 @@
+"""Shared Triton ``@jit`` helpers of the perturbation stream (docs/perturbation-stream.md,
+``stream v1``) and the ``philox4x32_10`` op.
+
+Layout of one program tile: ``BLOCK`` consecutive elements (``BLOCK`` a power of two,
+``>= 128``) starting at a multiple of ``BLOCK`` are viewed as a ``[R, 32, 4]`` block with
+``R = BLOCK // 128``; element ``(r, q, l)`` is ``i = base + 128 * r + 4 * q + l``. This puts
+the 4 lanes of one Philox call (Gaussian §5, mask §6) on the last axis and the 128
+elements of one Rademacher call (§4) on one ``r`` row, so each Philox call is evaluated
+exactly once per tile and no cross-lane shuffles are needed. ``z`` therefore depends only
+on ``(seed, tensor_id, i)``, never on ``BLOCK``.
+
+Our own Philox (§1) is written with ``tl.umulhi``; Triton's ``tl.randint4x`` is only used
+as an independent oracle in tests.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from ..stream import MASK32
+from ._common import device_ok, interpreted, to_i32
+
+__all__ = ["philox4x32_10"]
+
+# §1 constants (Random123).
+PHILOX_M0: tl.constexpr = tl.constexpr(0xD2511F53)
+PHILOX_M1: tl.constexpr = tl.constexpr(0xCD9E8D57)
+PHILOX_W0: tl.constexpr = tl.constexpr(0x9E3779B9)
+PHILOX_W1: tl.constexpr = tl.constexpr(0xBB67AE85)
+# §3 2^-24 and §5 PI_F32 (= float32(pi) = 3.14159274f, exact in fp32).
+TWO_M24: tl.constexpr = tl.constexpr(5.9604644775390625e-08)
+PI_F32: tl.constexpr = tl.constexpr(3.1415927410125732)
+
+
+@triton.jit
+def philox4x32_10_rounds(c0, c1, c2, c3, k0, k1):
+    """Ten Philox4x32 rounds (§1) on uint32 blocks ``c0..c3`` with uint32 key ``k0, k1``.
+
+    ``hi:lo = M * c`` via ``tl.umulhi`` / wrapping uint32 multiply."""
+    for _ in tl.static_range(10):
+        hi0 = tl.umulhi(c0, PHILOX_M0)
+        lo0 = c0 * PHILOX_M0
+        hi1 = tl.umulhi(c2, PHILOX_M1)
+        lo1 = c2 * PHILOX_M1
+        c0 = hi1 ^ c1 ^ k0
+        c1 = lo1
+        c2 = hi0 ^ c3 ^ k1
+        c3 = lo0
+        k0 = k0 + PHILOX_W0
+        k1 = k1 + PHILOX_W1
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def stream_words(b, tid, TAG: tl.constexpr, k0, k1):
+    """Philox words for block indices ``b`` (int64 block) of the stream (§2):
+    counter ``(b mod 2^32, b >> 32, tid, TAG)``, key ``(k0, k1)`` (uint32 scalars)."""
+    c0 = b.to(tl.uint32)
+    c1 = (b >> 32).to(tl.uint32)
+    zero = c0 * 0
+    c2 = zero + tid
+    c3 = zero + TAG
+    return philox4x32_10_rounds(c0, c1, c2, c3, k0, k1)
+
+
+@triton.jit
+def tile_offsets(base, BLOCK: tl.constexpr):
+    """int64 element indices ``[R, 32, 4]`` of the tile starting at ``base`` (int64)."""
+    R: tl.constexpr = BLOCK // 128
+    r = tl.arange(0, R).to(tl.int64)[:, None, None]
+    q = tl.arange(0, 32)[None, :, None]
+    l = tl.arange(0, 4)[None, None, :]
+    return base + r * 128 + (q * 4 + l)
+
+
+@triton.jit
+def _lane_select(l, y0, y1, y2, y3):
+    return tl.where(l == 0, y0, tl.where(l == 1, y1, tl.where(l == 2, y2, y3)))
+
+
+@triton.jit
+def _box_muller(xe, xo, LIBDEVICE: tl.constexpr):
+    """§5: one Box–Muller pair from words (x_even, x_odd); fp32, accurate log/sin/cos."""
+    u = ((xe >> 8) + 1).to(tl.float32) * TWO_M24          # u_open, (0, 1]
+    s = 2.0 * ((xo >> 8).to(tl.float32) * TWO_M24) - 1.0  # [-1, 1), exact
+    a = PI_F32 * s                                        # [-pi, pi)
+    if LIBDEVICE:
+        # libdevice / ocml: __nv_logf, __nv_cosf, __nv_sinf (not the .approx instructions)
+        lg = libdevice.log(u)
+        c = libdevice.cos(a)
+        sn = libdevice.sin(a)
+    else:
+        lg = tl.log(u)
+        c = tl.cos(a)
+        sn = tl.sin(a)
+    r = tl.sqrt_rn(-2.0 * lg)
+    return r * c, r * sn
+
+
+@triton.jit
+def z_tile(base, tid, k0, k1, DIST: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
+    """Perturbation ``z`` (tag 0) of the ``[R, 32, 4]`` tile starting at ``base`` (int64,
+    multiple of BLOCK). ``DIST`` 0 = Gaussian (§5), 1 = Rademacher (§4)."""
+    R: tl.constexpr = BLOCK // 128
+    q = tl.arange(0, 32)[None, :, None]
+    l = tl.arange(0, 4)[None, None, :]
+    if DIST == 1:
+        b = (base >> 7) + tl.arange(0, R).to(tl.int64)
+        x0, x1, x2, x3 = stream_words(b, tid, 0, k0, k1)
+        w = q >> 3                                   # word (j >> 5), j = 4q + l
+        t = ((q & 7) * 4 + l).to(tl.uint32)          # bit  (j & 31)
+        word = _lane_select(w, x0[:, None, None], x1[:, None, None], x2[:, None, None], x3[:, None, None])
+        bit = (word >> t) & 1
+        z = tl.where(bit != 0, 1.0, -1.0)
+    else:
+        rr = tl.arange(0, R).to(tl.int64)[:, None]
+        qq = tl.arange(0, 32)[None, :]
+        b = (base >> 2) + rr * 32 + qq
+        x0, x1, x2, x3 = stream_words(b, tid, 0, k0, k1)
+        g0, g1 = _box_muller(x0, x1, LIBDEVICE)
+        g2, g3 = _box_muller(x2, x3, LIBDEVICE)
+        z = _lane_select(l, g0[:, :, None], g1[:, :, None], g2[:, :, None], g3[:, :, None])
+    return z
+
+
+@triton.jit
+def mask_tile(base, tid, k0, k1, T, BLOCK: tl.constexpr):
+    """Sparse mask ``m`` (§6, tag 1) of the tile as fp32 0/1; ``T`` uint32 threshold."""
+    R: tl.constexpr = BLOCK // 128
+    rr = tl.arange(0, R).to(tl.int64)[:, None]
+    qq = tl.arange(0, 32)[None, :]
+    b = (base >> 2) + rr * 32 + qq
+    x0, x1, x2, x3 = stream_words(b, tid, 1, k0, k1)
+    l = tl.arange(0, 4)[None, None, :]
+    x = _lane_select(l, x0[:, :, None], x1[:, :, None], x2[:, :, None], x3[:, :, None])
+    return tl.where((x >> 8) < T, 0.0, 1.0)
+
+
+@triton.jit
+def store_rne(ptr, x, mask):
+    """Store fp32 ``x`` at ``ptr`` rounded once to the pointee dtype, nearest-even (§7),
+    and return the stored value as fp32 (what a later step of the op reads back).
+
+    bf16 is rounded by hand on the uint32 view (the interpreter truncates, old GPUs
+    emulate); fp16 uses the native RNE conversion; fp32 is stored as is."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rnd = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rnd = tl.where(x != x, (bits >> 16) | 0x40, rnd)   # NaN stays a (quiet) NaN
+        tl.store(ptr, rnd.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        out = (rnd << 16).to(tl.float32, bitcast=True)
+    elif ptr.dtype.element_ty == tl.float16:
+        y = x.to(tl.float16)
+        tl.store(ptr, y, mask=mask)
+        out = y.to(tl.float32)
+    else:
+        tl.store(ptr, x, mask=mask)
+        out = x
+    return out
+
+
+@triton.jit
+def find_row(meta_ptr, n_rows, pid, ROW: tl.constexpr, START_COL: tl.constexpr):
+    """Binary search over a pointer table: the last row whose first tile is ``<= pid``."""
+    lo = n_rows * 0
+    hi = n_rows - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        st = tl.load(meta_ptr + mid.to(tl.int64) * ROW + START_COL)
+        ok = st <= pid
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    start = tl.load(meta_ptr + lo.to(tl.int64) * ROW + START_COL)
+    return lo.to(tl.int64), pid - start
+
+
+@triton.jit(do_not_specialize=["n", "key0", "key1"])
+def _philox_kernel(cnt_ptr, out_ptr, n, key0, key1, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    ok = rows < n
+    k0 = key0.to(tl.uint32, bitcast=True)
+    k1 = key1.to(tl.uint32, bitcast=True)
+    c0 = tl.load(cnt_ptr + rows * 4 + 0, mask=ok, other=0).to(tl.uint32)
+    c1 = tl.load(cnt_ptr + rows * 4 + 1, mask=ok, other=0).to(tl.uint32)
+    c2 = tl.load(cnt_ptr + rows * 4 + 2, mask=ok, other=0).to(tl.uint32)
+    c3 = tl.load(cnt_ptr + rows * 4 + 3, mask=ok, other=0).to(tl.uint32)
+    x0, x1, x2, x3 = philox4x32_10_rounds(c0, c1, c2, c3, k0, k1)
+    tl.store(out_ptr + rows * 4 + 0, x0.to(tl.int64), mask=ok)
+    tl.store(out_ptr + rows * 4 + 1, x1.to(tl.int64), mask=ok)
+    tl.store(out_ptr + rows * 4 + 2, x2.to(tl.int64), mask=ok)
+    tl.store(out_ptr + rows * 4 + 3, x3.to(tl.int64), mask=ok)
+
+
+def philox4x32_10(counters: torch.Tensor, key0: int, key1: int, *, block_size: int | None = None) -> torch.Tensor:
+    """Philox4x32-10 (§1) of each counter row.
+
+    Args:
+        counters: int64 tensor ``[N, 4]``, each value in ``[0, 2^32)``.
+        key0, key1: key words, integers in ``[0, 2^32)``.
+        block_size: rows per program (power of two; default 1024, 8192 in the interpreter).
+
+    Returns:
+        int64 tensor ``[N, 4]`` of output words ``x0..x3`` (values in ``[0, 2^32)``).
+    """
+    if not isinstance(counters, torch.Tensor):
+        raise ValueError(f"philox4x32_10: counters must be a torch.Tensor, got {type(counters).__name__}")
+    if counters.dtype != torch.int64 or counters.dim() != 2 or counters.shape[1] != 4:
+        raise ValueError(
+            f"philox4x32_10: counters must be an int64 tensor of shape [N, 4], got {counters.dtype} {tuple(counters.shape)}"
+        )
+    if counters.layout != torch.strided:
+        raise ValueError("philox4x32_10: counters must be a dense (strided) tensor")
+    for name, k in (("key0", key0), ("key1", key1)):
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MASK32:
+            raise ValueError(f"philox4x32_10: {name}={k!r} must be an int in [0, 2**32)")
+    interp = interpreted(_philox_kernel)
+    device_ok("philox4x32_10", "counters", counters, interp)
+    counters = counters.contiguous()
+    n = counters.shape[0]
+    out = torch.empty_like(counters)
+    if n == 0:
+        return out
+    if bool((counters < 0).any()) or bool((counters > MASK32).any()):
+        raise ValueError("philox4x32_10: counters values must lie in [0, 2**32)")
+    block = block_size or (8192 if interp else 1024)
+    grid = (triton.cdiv(n, block),)
+    _philox_kernel[grid](counters, out, n, to_i32(key0), to_i32(key1), BLOCK=block)
+    return out

@@ -1,0 +1,133 @@
+"""``zo_sgd_update_``: fused ZO-SGD step (restore, q-seed estimate, history, sign,
+weight decay, momentum/Nesterov) in one pass over theta and its buffers
+(docs/kernel-ops.md)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..stream import split_seed
+from ._common import interpreted, to_i32
+from ._host import f32, prepare_update, round32
+from ._update import load_f32, restored_estimate
+from .philox import find_row, store_rne, tile_offsets
+
+__all__ = ["zo_sgd_update_"]
+
+
+@triton.jit(do_not_specialize=["n_rows", "seed_off", "q", "rkey0", "rkey1", "mkey0", "mkey1", "T"])
+def _sgd_kernel(meta_ptr, n_rows, seed_off, q, rkey0, rkey1, restore_scale, mkey0, mkey1, T,
+                lr, weight_decay, momentum, one_minus_dampening, history_alpha, one_minus_alpha,
+                P_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, H_DTYPE: tl.constexpr,
+                DIST: tl.constexpr, HAS_MASK: tl.constexpr, HAS_RESTORE: tl.constexpr,
+                HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
+                MOM_INIT: tl.constexpr, SIGN: tl.constexpr, HAS_HIST: tl.constexpr,
+                HIST_INIT: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    row, tile = find_row(meta_ptr, n_rows, pid, 8, 6)
+    rbase = meta_ptr + row * 8
+    p_ptr = tl.load(rbase).to(tl.pointer_type(P_DTYPE))
+    b_ptr = tl.load(rbase + 1).to(tl.pointer_type(B_DTYPE))
+    h_ptr = tl.load(rbase + 2).to(tl.pointer_type(H_DTYPE))
+    numel = tl.load(rbase + 4)
+    tid = tl.load(rbase + 5).to(tl.uint32)
+    base = tile * BLOCK
+    offs = tile_offsets(base, BLOCK)
+    inb = offs < numel
+    theta = load_f32(p_ptr + offs, inb)
+    p, g = restored_estimate(meta_ptr, seed_off, q, base, tid, theta,
+                             rkey0, rkey1, restore_scale, mkey0, mkey1, T,
+                             h_ptr + offs, inb, one_minus_alpha, history_alpha,
+                             DIST, HAS_MASK, HAS_RESTORE, HAS_HIST, HIST_INIT, SIGN, LIBDEVICE, BLOCK)
+    if HAS_WD:
+        g = g + p * weight_decay
+    if HAS_MOM:
+        if MOM_INIT:
+            buf = g
+        else:
+            buf = load_f32(b_ptr + offs, inb) * momentum + g * one_minus_dampening
+        buf = store_rne(b_ptr + offs, buf, inb)     # later steps read the stored buf
+        if NESTEROV:
+            g = g + buf * momentum
+        else:
+            g = buf
+    store_rne(p_ptr + offs, p - g * lr, inb)
+
+
+def zo_sgd_update_(
+    params: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor],
+    history_buffers: Sequence[torch.Tensor],
+    tensor_ids: Sequence[int],
+    seeds: Sequence[int],
+    coeffs: Sequence[float],
+    dist: int,
+    mask_seed: int,
+    mask_threshold: int,
+    restore_seed: int,
+    restore_scale: float,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    momentum_init: bool,
+    sign: bool,
+    history_alpha: float,
+    history_init: bool,
+    *,
+    block_size: int | None = None,
+) -> None:
+    """Fused ZO-SGD step, in place, one pass per tensor (docs/kernel-ops.md)::
+
+        p   = theta + restore_scale * m * z(restore_seed)      (skipped if restore_scale == 0)
+        g   = sum_j coeffs[j] * m * z(seeds[j])
+        h   = g if history_init else a*h + (1-a)*g ; g = h     (if history_buffers)
+        g   = sign(g)                                          (if sign)
+        g   = g + weight_decay * p
+        buf = g if momentum_init else momentum*buf + (1-dampening)*g   (if momentum_buffers)
+        g   = g + momentum*buf if nesterov else buf
+        theta = p - lr * g
+
+    Args:
+        params: contiguous float32/bfloat16/float16 tensors on one device.
+        momentum_buffers, history_buffers: ``[]`` (feature off) or one per param, same
+            shape/device, dtype = the param's or float32.
+        tensor_ids: stream id per tensor in ``[0, 2^32)``.
+        seeds, coeffs: the q query seeds (``[0, 2^63)``) and coefficients ``g_j / q``.
+        dist: 0 Gaussian, 1 Rademacher. mask_seed / mask_threshold: sparse mask (T=0: off).
+        restore_seed, restore_scale: pending perturbation to undo first.
+        lr, weight_decay, momentum, dampening, nesterov, momentum_init: as torch.optim.SGD.
+        sign: replace g by sign(g) (sign(0) = 0). history_alpha, history_init: EMA of g.
+        block_size: elements per program (power of two >= 128); results do not depend on it.
+    """
+    op = "zo_sgd_update_"
+    interp = interpreted(_sgd_kernel)
+    d, T, block, groups = prepare_update(
+        op, interp, params, [("momentum_buffers", momentum_buffers), ("history_buffers", history_buffers)],
+        tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, block_size)
+    # Scalars rounded to fp32; derived ones (1 - dampening, 1 - alpha) in fp64 from the
+    # unrounded arguments, then rounded once, as torch.optim.SGD does (docs/kernel-ops.md).
+    one_minus_damp, one_minus_alpha = round32(1.0 - float(dampening)), round32(1.0 - float(history_alpha))
+    restore_scale = f32(restore_scale, "restore_scale", op)
+    lr = f32(lr, "lr", op)
+    weight_decay = f32(weight_decay, "weight_decay", op)
+    momentum = f32(momentum, "momentum", op)
+    dampening = f32(dampening, "dampening", op)
+    history_alpha = f32(history_alpha, "history_alpha", op)
+    rk0, rk1 = split_seed(restore_seed)
+    mk0, mk1 = split_seed(mask_seed)
+    for dtypes, meta, n_rows, seed_off, tiles in groups:
+        _sgd_kernel[(tiles,)](
+            meta, n_rows, seed_off, len(seeds), to_i32(rk0), to_i32(rk1), restore_scale,
+            to_i32(mk0), to_i32(mk1), T, lr, weight_decay, momentum, one_minus_damp,
+            history_alpha, one_minus_alpha,
+            P_DTYPE=dtypes[0], B_DTYPE=dtypes[1], H_DTYPE=dtypes[2], DIST=d, HAS_MASK=T > 0,
+            HAS_RESTORE=restore_scale != 0.0, HAS_WD=weight_decay != 0.0,
+            HAS_MOM=len(momentum_buffers) > 0, NESTEROV=bool(nesterov), MOM_INIT=bool(momentum_init),
+            SIGN=bool(sign), HAS_HIST=len(history_buffers) > 0, HIST_INIT=bool(history_init),
+            LIBDEVICE=not interp, BLOCK=block, num_warps=4,
+        )
