@@ -1,0 +1,133 @@
+"""zeroflow.optim: forward-pass optimizers and the method factory.
+
+``create(name, params, **kw)`` builds any of the nine ZeroFlow methods::
+
+    zo_sgd, zo_sgd_sign, zo_sgd_conserve, zo_adam, zo_adam_sign, zo_adam_conserve,
+    forward_grad, fo_sgd, fo_adam
+
+``train_step(opt, closure)`` runs one step for any of them (ZO: closure only;
+FO: zero_grad, closure, backward, step). Every optimizer the factory returns has
+``zeroth_order`` (bool) and ``forward_passes`` (total forwards so far).
+Formulas and costs: docs/algorithms.md.
+"""
+from __future__ import annotations
+
+import torch
+
+from .fo import FOAdam, FOAdamW, FOSGD
+from .hybrid import HybridFOZO
+from .zo import ZOFusedAdam, ZOFusedSGD
+
+__all__ = ["ZOFusedSGD", "ZOFusedAdam", "HybridFOZO", "FOSGD", "FOAdam", "FOAdamW", "create",
+           "train_step", "METHODS"]
+
+METHODS = ("zo_sgd", "zo_sgd_sign", "zo_sgd_conserve", "zo_adam", "zo_adam_sign", "zo_adam_conserve",
+           "forward_grad", "fo_sgd", "fo_adam")
+
+# Options only the zeroth-order optimizers understand; fo_* drop them so that one kwargs
+# dict can configure every method of a sweep.
+ZO_ONLY = ("zo_eps", "q", "perturbation", "estimator", "sign", "scalar_sign", "conserve", "sparsity",
+           "sparse_resample", "history", "backend", "seed", "fo_lr", "base")
+
+_ZO = {
+    "zo_sgd": (ZOFusedSGD, {}),
+    "zo_sgd_sign": (ZOFusedSGD, {"sign": True}),
+    "zo_sgd_conserve": (ZOFusedSGD, {"conserve": True}),
+    "zo_adam": (ZOFusedAdam, {}),
+    "zo_adam_sign": (ZOFusedAdam, {"sign": True}),
+    "zo_adam_conserve": (ZOFusedAdam, {"conserve": True}),
+}
+
+
+def _fo(name: str, params, kw: dict):
+    kw = {k: v for k, v in kw.items() if k not in ZO_ONLY}
+    if name == "fo_sgd":
+        return FOSGD(params, **kw)
+    if kw.pop("decoupled_weight_decay", False):
+        return FOAdamW(params, **kw)
+    return FOAdam(params, **kw)
+
+
+def _zo(name: str, params, kw: dict, model):
+    kw = dict(kw)
+    kw.pop("fo_lr", None)
+    if name == "forward_grad":
+        base = kw.pop("base", "sgd")
+        if base not in ("sgd", "adam"):
+            raise ValueError(f"forward_grad base={base!r} must be 'sgd' or 'adam'")
+        cls = ZOFusedSGD if base == "sgd" else ZOFusedAdam
+        return cls(params, estimator="forward_grad", model=model, **kw)
+    kw.pop("base", None)
+    cls, preset = _ZO[name]
+    if name.endswith("_sign") and kw.get("scalar_sign"):
+        preset = {}                      # scalar_sign=True asks for the public-code sign variant
+    return cls(params, **{**preset, **kw})
+
+
+def create(name: str, params, *, model: torch.nn.Module | None = None, hybrid_switch: int | None = None, **kw):
+    """Build ZeroFlow method ``name`` over ``params``.
+
+    ``model``: the nn.Module the closure runs (needed by ``forward_grad`` only; ignored by
+    the others). ``hybrid_switch``: if a positive int and ``name`` is a forward-pass method,
+    return a :class:`HybridFOZO` that runs the FO counterpart (fo_sgd for *_sgd* and
+    forward_grad with base sgd, fo_adam for *_adam*) for that many steps and then the ZO
+    method; ``fo_lr`` sets the FO phase lr (default: ``lr``). Other keywords go to the
+    optimizer; fo_* silently drop the ZO-only ones (see ``ZO_ONLY``).
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(METHODS)}")
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model= must be an nn.Module, got {type(model).__name__}")
+    if name.startswith("fo_"):
+        return _fo(name, params, kw)
+    if not hybrid_switch:
+        return _zo(name, params, kw, model)
+    if not isinstance(hybrid_switch, int) or hybrid_switch < 0:
+        raise ValueError(f"hybrid_switch={hybrid_switch!r} must be an int number of FO steps (0/None = off)")
+    params = _materialize(params)
+    zo = _zo(name, params, kw, model)
+    # the FO twin gets the ZO optimizer's (filtered) groups, lr = fo_lr or the group's lr
+    fo_lr = kw.get("fo_lr")
+    fo_groups = []
+    for g in zo.param_groups:
+        fg = {"params": g["params"], "lr": fo_lr if fo_lr is not None else g["lr"],
+              "weight_decay": g["weight_decay"]}
+        if "momentum" in g:
+            fg.update(momentum=g["momentum"], dampening=g["dampening"], nesterov=g["nesterov"])
+        if "betas" in g:
+            fg.update(betas=g["betas"], eps=g["eps"])
+        fo_groups.append(fg)
+    is_adam = "betas" in zo.param_groups[0]
+    if is_adam:
+        fo = (FOAdamW if zo.param_groups[0]["decoupled_weight_decay"] else FOAdam)(fo_groups)
+    else:
+        fo = FOSGD(fo_groups)
+    return HybridFOZO(fo, zo, hybrid_switch)
+
+
+def _materialize(params):
+    """Turn a generator of params (model.parameters()) into a list so it can be reused."""
+    if isinstance(params, torch.Tensor):
+        return [params]
+    out = list(params)
+    return [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in out]
+
+
+def train_step(optimizer, closure) -> float:
+    """One training step with any factory optimizer; returns the loss as a float.
+
+    ``closure()`` runs the forward pass and returns the scalar loss tensor (no backward).
+    Zeroth-order (``optimizer.zeroth_order``): ``optimizer.step(closure)``.
+    First-order: ``zero_grad(); loss = closure(); loss.backward(); step()``.
+    """
+    if getattr(optimizer, "zeroth_order", False):
+        loss = optimizer.step(closure)
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = closure()
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError("the closure must return a scalar loss tensor")
+            loss.backward()
+        optimizer.step()
+    return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)

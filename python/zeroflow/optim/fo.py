@@ -1,0 +1,57 @@
+"""First-order baselines: torch's own SGD / Adam with the two attributes every
+zeroflow optimizer exposes (``zeroth_order``, ``forward_passes``)."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["FOSGD", "FOAdam", "FOAdamW"]
+
+
+class _FOMixin:
+    zeroth_order = False
+
+    def _init_counters(self) -> None:
+        self.forward_passes = 0     # one forward (+ one backward) per step
+        self.steps = 0
+
+    def step(self, closure=None):  # noqa: D401 - torch signature
+        loss = super().step(closure)
+        self.forward_passes += 1
+        self.steps += 1
+        return loss
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["zeroflow"] = {"forward_passes": self.forward_passes, "steps": self.steps}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("zeroflow", None) or {}
+        super().load_state_dict(state_dict)
+        self.forward_passes = int(extra.get("forward_passes", 0))
+        self.steps = int(extra.get("steps", 0))
+
+
+class FOSGD(_FOMixin, torch.optim.SGD):
+    """``torch.optim.SGD`` + zeroflow counters (``fo_sgd``)."""
+
+    def __init__(self, params, lr=1e-3, **kw):
+        super().__init__(params, lr=lr, **kw)
+        self._init_counters()
+
+
+class FOAdam(_FOMixin, torch.optim.Adam):
+    """``torch.optim.Adam`` + zeroflow counters (``fo_adam``)."""
+
+    def __init__(self, params, lr=1e-3, **kw):
+        super().__init__(params, lr=lr, **kw)
+        self._init_counters()
+
+
+class FOAdamW(_FOMixin, torch.optim.AdamW):
+    """``torch.optim.AdamW`` + zeroflow counters (``fo_adam`` with ``decoupled_weight_decay=True``)."""
+
+    def __init__(self, params, lr=1e-3, **kw):
+        super().__init__(params, lr=lr, **kw)
+        self._init_counters()

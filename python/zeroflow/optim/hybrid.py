@@ -1,0 +1,81 @@
+"""Hybrid FO -> ZO (paper §6, enhancement 1): one optimizer object that trains with a
+first-order optimizer for the first ``switch`` steps and with a zeroth-order one after.
+
+The hybrid owns the param groups that schedulers see: ``param_groups[i]["lr"]`` is the
+scheduled learning rate; before every step it is pushed into the active inner optimizer,
+the ZO phase scaled by ``zo_lr_scale`` (= zo lr / fo lr at construction). A scheduler
+attached to the hybrid therefore keeps decaying both phases with one schedule.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["HybridFOZO"]
+
+
+class HybridFOZO(torch.optim.Optimizer):
+    """``HybridFOZO(fo, zo, switch)``: ``fo`` and ``zo`` optimize the same parameters with
+    the same group structure. Use :func:`zeroflow.optim.train_step`, which asks
+    ``zeroth_order`` whether to run backward (FO phase) or only the closure (ZO phase)."""
+
+    def __init__(self, fo: torch.optim.Optimizer, zo: torch.optim.Optimizer, switch: int):
+        if not isinstance(switch, int) or switch < 0:
+            raise ValueError(f"hybrid_switch={switch!r} must be an int >= 0 (FO steps before ZO)")
+        if len(fo.param_groups) != len(zo.param_groups):
+            raise ValueError("fo and zo optimizers must have the same param groups")
+        groups = []
+        for gf, gz in zip(fo.param_groups, zo.param_groups):
+            if [id(p) for p in gf["params"]] != [id(p) for p in gz["params"]]:
+                raise ValueError("fo and zo optimizers must optimize the same parameters in the same order")
+            lf, lz = float(gf["lr"]), float(gz["lr"])
+            groups.append({"params": gz["params"], "lr": lf, "zo_lr_scale": (lz / lf) if lf else 1.0})
+        self.fo, self.zo, self.switch = fo, zo, switch
+        self._steps = 0
+        super().__init__(groups, {})
+
+    @property
+    def zeroth_order(self) -> bool:
+        return self._steps >= self.switch
+
+    @property
+    def forward_passes(self) -> int:
+        return self.fo.forward_passes + self.zo.forward_passes
+
+    @property
+    def active(self) -> torch.optim.Optimizer:
+        return self.zo if self.zeroth_order else self.fo
+
+    def start_zo(self) -> None:
+        """Switch to the ZO phase now (e.g. at a task/epoch boundary)."""
+        self.switch = min(self.switch, self._steps)
+
+    def _sync_lr(self) -> None:
+        zo = self.zeroth_order
+        for g, gi in zip(self.param_groups, self.active.param_groups):
+            gi["lr"] = g["lr"] * g["zo_lr_scale"] if zo else g["lr"]
+
+    def step(self, closure=None):
+        was_fo = not self.zeroth_order
+        self._sync_lr()
+        loss = self.active.step(closure)
+        self._steps += 1
+        if was_fo and self.zeroth_order:
+            self.fo.zero_grad(set_to_none=True)      # free the .grad tensors for the ZO phase
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.fo.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["hybrid"] = {"steps": self._steps, "switch": self.switch,
+                        "fo": self.fo.state_dict(), "zo": self.zo.state_dict()}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        h = state_dict.pop("hybrid")
+        super().load_state_dict(state_dict)
+        self._steps, self.switch = int(h["steps"]), int(h["switch"])
+        self.fo.load_state_dict(h["fo"])
+        self.zo.load_state_dict(h["zo"])

@@ -1,0 +1,547 @@
+"""ZOFusedSGD / ZOFusedAdam: drop-in forward-pass-only optimizers on the fused kernels.
+
+The optimizer only orchestrates: it derives the seeds (stream v1 §8), runs the closure
+(forward passes), turns losses into projected-gradient scalars, keeps the state and the
+counters, and calls the fused ops of ``zfkernels`` (``perturb_``, ``zo_sgd_update_``,
+``zo_adam_update_``). It never materializes z or a gradient (Forward-Grad excepted: its
+jvp needs the tangent tensors). The exact formulas, pass counts and the differences from
+the public reference code are in docs/algorithms.md.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import torch
+
+import zfkernels
+from zfkernels import derive_seed
+from zfkernels.stream import QUERY_MASK_PER_STEP, QUERY_MASK_PER_TASK, SEED_LIMIT, STREAM_VERSION
+
+__all__ = ["ZOFusedSGD", "ZOFusedAdam"]
+
+ESTIMATORS = ("two_side", "one_side", "forward_grad")
+RESAMPLE = ("step", "task")
+PERTURBATIONS = ("gaussian", "rademacher")
+# Options that are one per optimizer (they shape the sequence of forward passes).
+GLOBAL_OPTIONS = ("q", "estimator", "conserve", "sparse_resample", "seed", "backend", "model")
+
+# Frozen-state Adam call used by conserve to move along the stored Adam direction (see
+# _move_adam): beta = 1 - 2^-27 rounds to 1.0 in fp32, so m and v are left bit-identical,
+# while the host bias correction 1 - beta^1 = 2^-27 stays exact and non-zero.
+_FROZEN_BETA = 1.0 - 2.0 ** -27
+_FROZEN_BC = 2.0 ** -27
+
+
+class _ClosureModule(torch.nn.Module):
+    """Wraps (model, closure) so that ``torch.func.functional_call`` can run the closure
+    with the model's parameters replaced (Forward-Grad)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.m = model
+        self.closure: Callable | None = None
+
+    def forward(self):
+        return self.closure()
+
+
+def _scalar(loss, where: str) -> float:
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(
+                f"the closure must return a scalar loss; {where} it returned a tensor of shape "
+                f"{tuple(loss.shape)} (reduce it, e.g. .mean())"
+            )
+        return float(loss.detach().reshape(()).item())
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return float(loss)
+    raise TypeError(f"the closure must return a scalar loss tensor; {where} it returned {type(loss).__name__}")
+
+
+class _Skip(Exception):
+    def __init__(self, value: float):
+        self.value = value
+
+
+class _ZOBase(torch.optim.Optimizer):
+    """Shared machinery of the fused zeroth-order optimizers (not for direct use)."""
+
+    zeroth_order = True
+    _kind = "?"
+
+    def __init__(self, params, defaults, *, q=1, estimator="two_side", conserve=False,
+                 sparse_resample="step", seed=None, backend="auto", model=None):
+        if not isinstance(q, int) or isinstance(q, bool) or q < 1:
+            raise ValueError(f"q={q!r} must be an int >= 1 (queries per step)")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator={estimator!r} must be one of {ESTIMATORS}")
+        if sparse_resample not in RESAMPLE:
+            raise ValueError(f"sparse_resample={sparse_resample!r} must be one of {RESAMPLE}")
+        if backend not in ("auto",) + zfkernels.BACKENDS:
+            raise ValueError(f"backend={backend!r} must be one of {('auto',) + zfkernels.BACKENDS}")
+        if estimator == "forward_grad":
+            if not isinstance(model, torch.nn.Module):
+                raise ValueError("estimator='forward_grad' needs model=<the nn.Module the closure runs>")
+            if conserve:
+                raise ValueError("conserve is not defined for estimator='forward_grad'")
+        if seed is None:
+            # Deterministic under torch.manual_seed, and consumes no random numbers.
+            seed = torch.initial_seed() & (SEED_LIMIT - 1)
+        self._seed = zfkernels.stream.check_seed(int(seed), "seed")
+        self.q = q
+        self.estimator = estimator
+        self.conserve = bool(conserve)
+        self.sparse_resample = sparse_resample
+        self.backend = backend
+        self.model = model
+        self._tid: dict[int, int] = {}
+        self._next_tid = 0
+        # counters (part of state_dict)
+        self._n = 0                 # steps taken (skipped ones included): seed schedule index
+        self._task = 0              # mask epoch for sparse_resample="task"
+        self.forward_passes = 0     # total closure evaluations (a jvp counts as one)
+        self.queries = 0            # total directions evaluated
+        self.steps_skipped = 0      # steps skipped for a non-finite loss
+        self.forwards_last_step = 0
+        self.last_projected: list[float] = []   # per query: (L+ - L-)/2, L+ - L0, or grad.v (forward_grad)
+        self.conserve_choice = None             # conserve: -1 (theta-Delta), 0 (theta) or +1 (theta+Delta)
+        super().__init__(params, defaults)
+        if not any(g["params"] for g in self.param_groups):
+            raise ValueError("no parameter with requires_grad=True was given to the optimizer")
+        self._fg_wrapper = _ClosureModule(model) if estimator == "forward_grad" else None
+        if self._fg_wrapper is not None:
+            self._fg_names = {}
+            for name, p in model.named_parameters(remove_duplicate=False):
+                self._fg_names.setdefault(id(p), "m." + name)
+            for g in self.param_groups:
+                for p in g["params"]:
+                    if id(p) not in self._fg_names:
+                        raise ValueError("forward_grad: every optimized parameter must be a parameter of model=")
+
+    # ------------------------------------------------------------------ param groups
+    def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        for opt in GLOBAL_OPTIONS:
+            if opt in param_group:
+                raise ValueError(f"{opt!r} is an optimizer-wide option, not a per-group one")
+        ps = param_group["params"]
+        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+        for item in ps:
+            t = item[1] if isinstance(item, tuple) else item
+            if isinstance(t, torch.Tensor) and (t.is_sparse or t.layout != torch.strided):
+                raise ValueError(
+                    f"zeroflow optimizers need dense parameters; got one with layout {t.layout} "
+                    "(sparse parameters are not supported)"
+                )
+        param_group = dict(param_group, params=ps)
+        super().add_param_group(param_group)
+        g = self.param_groups[-1]
+        keep = [k for k, p in enumerate(g["params"]) if p.requires_grad]   # frozen params are ignored
+        g["params"] = [g["params"][k] for k in keep]
+        if "param_names" in g:
+            g["param_names"] = [g["param_names"][k] for k in keep]
+        try:
+            self._check_group(g)
+        except Exception:
+            self.param_groups.pop()
+            raise
+        for p in g["params"]:
+            if id(p) not in self._tid:
+                self._tid[id(p)] = self._next_tid
+                self._next_tid += 1
+
+    def _check_group(self, g: dict) -> None:
+        if not g["lr"] >= 0.0 and not isinstance(g["lr"], torch.Tensor):
+            raise ValueError(f"lr={g['lr']} must be >= 0")
+        if not g["zo_eps"] > 0.0:
+            raise ValueError(f"zo_eps={g['zo_eps']} must be > 0")
+        if g["perturbation"] not in PERTURBATIONS:
+            raise ValueError(f"perturbation={g['perturbation']!r} must be one of {PERTURBATIONS}")
+        if not 0.0 <= g["sparsity"] < 1.0:
+            raise ValueError(f"sparsity={g['sparsity']} must be the fraction zeroed, in [0, 1)")
+        if not 0.0 <= g["history"] < 1.0:
+            raise ValueError(f"history={g['history']} must be the weight of the history, in [0, 1)")
+        if g["weight_decay"] < 0.0:
+            raise ValueError(f"weight_decay={g['weight_decay']} must be >= 0")
+        if g["sign"] and g["scalar_sign"]:
+            raise ValueError("sign (element-wise, ZO-signSGD) and scalar_sign (public-code variant) are exclusive")
+
+    def _buckets(self, g: dict):
+        """The group's params split by device (one fused call per device): (params, ids)."""
+        by_dev: dict = {}
+        for p in g["params"]:
+            by_dev.setdefault(p.device, ([], []))
+            by_dev[p.device][0].append(p)
+            by_dev[p.device][1].append(self._tid[id(p)])
+        return list(by_dev.values())
+
+    def _mask_seed(self, n: int) -> int:
+        if self.sparse_resample == "task":
+            return derive_seed(self._seed, self._task, QUERY_MASK_PER_TASK)
+        return derive_seed(self._seed, n, QUERY_MASK_PER_STEP)
+
+    def new_task(self) -> None:
+        """Next mask epoch (sparse_resample="task": the mask is fixed within a task)."""
+        self._task += 1
+
+    def set_mask_epoch(self, k: int) -> None:
+        """Set the mask epoch (task index) used when sparse_resample="task"."""
+        if k < 0:
+            raise ValueError("mask epoch must be >= 0")
+        self._task = int(k)
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    @property
+    def step_count(self) -> int:
+        return self._n
+
+    # ------------------------------------------------------------------ kernels
+    def _perturb(self, seed: int, factor: float, mask_seed: int) -> None:
+        """theta += factor * zo_eps_g * m * z(seed), every group, one pass each."""
+        for g in self.param_groups:
+            for ps, ids in self._buckets(g):
+                zfkernels.perturb_(ps, seed, factor * g["zo_eps"], g["perturbation"], tensor_ids=ids,
+                                   mask_seed=mask_seed, sparsity=g["sparsity"], backend=self.backend)
+
+    def _eval(self, closure, where: str) -> float:
+        val = _scalar(closure(), where)
+        self.forward_passes += 1
+        self._fw_step += 1
+        return val
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimization step. ``closure`` runs a forward pass and returns the scalar
+        loss (no backward); it is called 2q times (two_side), q+1 (one_side), +3 / +2 with
+        conserve, q jvps (forward_grad). Returns the loss at the new point's estimate."""
+        if closure is None or not callable(closure):
+            raise RuntimeError(
+                f"{type(self).__name__}.step needs a closure that runs the forward pass and returns "
+                "the loss, e.g. opt.step(lambda: loss_fn(model(x), y))"
+            )
+        n = self._n
+        seeds = [derive_seed(self._seed, n, j) for j in range(self.q)]
+        mask_seed = self._mask_seed(n)
+        self._fw_step = 0
+        try:
+            if self.estimator == "forward_grad":
+                loss = self._step_forward_grad(closure, seeds, mask_seed)
+            else:
+                loss = self._step_zo(closure, seeds, mask_seed)
+        except _Skip as s:
+            self.steps_skipped += 1
+            warnings.warn(
+                f"{type(self).__name__}: non-finite loss ({s.value}) at step {n}; step skipped, "
+                "parameters restored, step counter advanced",
+                RuntimeWarning, stacklevel=2,
+            )
+            loss = torch.tensor(s.value)
+        finally:
+            self._n = n + 1
+            self.forwards_last_step = self._fw_step
+        return loss
+
+    def _coeffs(self, g: dict, d: list[float]) -> list[float]:
+        """Per-group projected-gradient scalars c_j = d_j / (eps_g q) (d_j: loss
+        difference per unit of the group's eps), or sign(d_j)/q with scalar_sign."""
+        q = self.q
+        if g["scalar_sign"]:
+            return [math.copysign(1.0, x) / q if x != 0 else 0.0 for x in d]
+        return [x / (g["zo_eps"] * q) for x in d]
+
+    def _step_zo(self, closure, seeds, mask_seed):
+        two = self.estimator == "two_side"
+        cur, disp = 0, 0.0           # pending perturbation: theta = theta0 + disp*eps*z(cur)
+        L0 = None
+        d: list[float] = []
+        losses: list[float] = []
+        try:
+            if not two or self.conserve:
+                L0 = self._eval(closure, "at theta")
+                if not math.isfinite(L0):
+                    raise _Skip(L0)
+            for s in seeds:
+                if disp:
+                    self._perturb(cur, -disp, mask_seed)
+                    disp = 0.0
+                self._perturb(s, 1.0, mask_seed)
+                cur, disp = s, 1.0
+                lp = self._eval(closure, "at theta + eps z")
+                if not math.isfinite(lp):
+                    raise _Skip(lp)
+                if two:
+                    self._perturb(s, -2.0, mask_seed)
+                    disp = -1.0
+                    lm = self._eval(closure, "at theta - eps z")
+                    if not math.isfinite(lm):
+                        raise _Skip(lm)
+                    d.append((lp - lm) / 2.0)
+                    losses.append((lp + lm) / 2.0)
+                else:
+                    d.append(lp - L0)
+                    losses.append(L0)
+            self.queries += len(seeds)
+            self.last_projected = list(d)
+        except BaseException:
+            if disp:
+                self._perturb(cur, -disp, mask_seed)   # put theta back before skipping / raising
+            raise
+        # one fused pass per group: restore the pending perturbation + apply the update
+        sign_lr = -1.0 if self.conserve else 1.0        # conserve: land on theta0 + Delta first
+        for g in self.param_groups:
+            coeffs = self._coeffs(g, d)
+            for ps, ids in self._buckets(g):
+                self._update(g, ps, ids, seeds, coeffs, mask_seed, restore_seed=cur,
+                             restore_scale=-disp * g["zo_eps"], lr_mult=sign_lr)
+        if not self.conserve:
+            return torch.tensor(sum(losses) / len(losses))
+        return torch.tensor(self._conserve(closure, L0, seeds, d, mask_seed))
+
+    def _conserve(self, closure, L0, seeds, d, mask_seed) -> float:
+        """theta is at theta0 + Delta (state advanced once). Evaluate it and theta0 - Delta,
+        keep the lowest of {theta0 - Delta, theta0, theta0 + Delta} (ties: in that order)."""
+        lp = self._eval(closure, "at theta + Delta (conserve)")
+        self._move(1.0, -1.0, seeds, d, mask_seed)
+        lm = self._eval(closure, "at theta - Delta (conserve)")
+        cands = [(-1.0, lm), (0.0, L0), (1.0, lp)]
+        key = [(v if math.isfinite(v) else math.inf) for _, v in cands]
+        best = min(range(3), key=lambda i: key[i])
+        a_best, v_best = cands[best]
+        if a_best != -1.0:
+            self._move(-1.0, a_best, seeds, d, mask_seed)
+        self.conserve_choice = a_best
+        return v_best
+
+    def _step_forward_grad(self, closure, seeds, mask_seed):
+        wrapper = self._fg_wrapper
+        wrapper.closure = closure
+        groups = self.param_groups
+        params = [p for g in groups for p in g["params"]]
+        names = [self._fg_names[id(p)] for p in params]
+        primals = tuple(p.detach() for p in params)
+
+        def f(*ts):
+            return torch.func.functional_call(wrapper, dict(zip(names, ts)), ())
+
+        d, losses = [], []
+        try:
+            for s in seeds:
+                tangents = []
+                for g in groups:
+                    for p in g["params"]:
+                        v = zfkernels.perturbation(s, p.numel(), g["perturbation"], self._tid[id(p)],
+                                                   dtype=p.dtype, device=p.device, backend=self.backend,
+                                                   mask_seed=mask_seed, sparsity=g["sparsity"])
+                        tangents.append(v.view_as(p))
+                with torch.enable_grad():
+                    loss, dd = torch.func.jvp(f, primals, tuple(tangents))
+                del tangents
+                val = _scalar(loss, "under jvp")
+                self.forward_passes += 1
+                self._fw_step += 1
+                ddv = _scalar(dd, "(its directional derivative)")
+                if not (math.isfinite(val) and math.isfinite(ddv)):
+                    raise _Skip(val if not math.isfinite(val) else ddv)
+                d.append(ddv)
+                losses.append(val)
+            self.queries += len(seeds)
+            self.last_projected = list(d)
+        finally:
+            wrapper.closure = None
+        for g in groups:
+            q = self.q
+            coeffs = ([math.copysign(1.0, x) / q if x != 0 else 0.0 for x in d] if g["scalar_sign"]
+                      else [x / q for x in d])
+            for ps, ids in self._buckets(g):
+                self._update(g, ps, ids, seeds, coeffs, mask_seed, restore_seed=0, restore_scale=0.0,
+                             lr_mult=1.0)
+        return torch.tensor(sum(losses) / len(losses))
+
+    # ------------------------------------------------------------------ state
+    def _counters(self) -> dict:
+        return {
+            "stream": STREAM_VERSION, "seed": self._seed, "step": self._n, "task": self._task,
+            "forward_passes": self.forward_passes, "queries": self.queries,
+            "steps_skipped": self.steps_skipped,
+        }
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["zeroflow"] = self._counters()
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        c = state_dict.pop("zeroflow", None)
+        if c is None:
+            raise ValueError("state_dict lacks the 'zeroflow' counters (seed, step); was it saved by a zeroflow optimizer?")
+        if c.get("stream") != STREAM_VERSION:
+            raise ValueError(f"state_dict was saved with perturbation stream {c.get('stream')!r}, this is {STREAM_VERSION!r}")
+        super().load_state_dict(state_dict)
+        self._seed = int(c["seed"])
+        self._n = int(c["step"])
+        self._task = int(c["task"])
+        self.forward_passes = int(c["forward_passes"])
+        self.queries = int(c["queries"])
+        self.steps_skipped = int(c["steps_skipped"])
+
+    def _buffer(self, p, name):
+        st = self.state[p]
+        fresh = name not in st
+        if fresh:
+            st[name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        return st[name], fresh
+
+    def _history(self, g, ps):
+        if g["history"] == 0.0:
+            return [], False
+        hs = [self._buffer(p, "history") for p in ps]
+        return [h for h, _ in hs], hs[0][1]
+
+
+class ZOFusedSGD(_ZOBase):
+    r"""Zeroth-order SGD (ZO-SGD, ZO-SGD-Sign, ZO-SGD-Conserve, Forward-Grad) on fused kernels.
+
+    ``opt.step(closure)``: ``closure()`` runs the forward pass and returns the scalar loss.
+
+    Per-group options: ``lr``, ``momentum``, ``dampening``, ``nesterov``, ``weight_decay``
+    (torch.optim.SGD semantics), ``zo_eps`` (perturbation size), ``perturbation``
+    ("gaussian" | "rademacher"), ``sign`` (element-wise sign of the estimate, ZO-signSGD),
+    ``scalar_sign`` (sign of the projected scalar times z, as public ZO code does),
+    ``history`` (alpha of g = alpha*g_hist + (1-alpha)*g_new; 0 = off), ``sparsity``
+    (fraction of coordinates zeroed by the seed-based mask).
+    Optimizer-wide: ``q`` (queries/step), ``estimator`` ("two_side" | "one_side" |
+    "forward_grad", the latter needs ``model=``), ``conserve``, ``sparse_resample``
+    ("step" | "task"), ``seed``, ``backend``. Formulas: docs/algorithms.md.
+    Memory: no param-sized tensor without momentum/history; + momentum buffer; + history.
+    """
+
+    _kind = "sgd"
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
+                 zo_eps=1e-3, q=1, perturbation="gaussian", estimator="two_side", sign=False,
+                 scalar_sign=False, conserve=False, sparsity=0.0, sparse_resample="step", history=0.0,
+                 backend="auto", seed=None, model=None):
+        if momentum < 0.0:
+            raise ValueError(f"momentum={momentum} must be >= 0")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, zo_eps=zo_eps, perturbation=perturbation, sign=sign,
+                        scalar_sign=scalar_sign, sparsity=sparsity, history=history)
+        super().__init__(params, defaults, q=q, estimator=estimator, conserve=conserve,
+                         sparse_resample=sparse_resample, seed=seed, backend=backend, model=model)
+
+    def _update(self, g, ps, ids, seeds, coeffs, mask_seed, *, restore_seed, restore_scale, lr_mult):
+        mom = g["momentum"]
+        bufs, m_init = [], False
+        if mom != 0.0:
+            bb = [self._buffer(p, "momentum_buffer") for p in ps]
+            bufs, m_init = [b for b, _ in bb], bb[0][1]
+        hist, h_init = self._history(g, ps)
+        zfkernels.zo_sgd_update_(
+            ps, seeds, coeffs, lr=lr_mult * float(g["lr"]), dist=g["perturbation"], tensor_ids=ids,
+            momentum_buffers=bufs, history_buffers=hist, restore_seed=restore_seed,
+            restore_scale=restore_scale, mask_seed=mask_seed, sparsity=g["sparsity"],
+            weight_decay=g["weight_decay"], momentum=mom, dampening=g["dampening"],
+            nesterov=g["nesterov"], momentum_init=m_init, sign=g["sign"],
+            history_alpha=g["history"], history_init=h_init, backend=self.backend,
+        )
+
+    def _move(self, a, b, seeds, d, mask_seed):
+        """Conserve: move theta0 + a*Delta -> theta0 + b*Delta with the state frozen
+        (history alpha=1, momentum=1 & dampening=1 leave h and buf bit-identical)."""
+        for g in self.param_groups:
+            lr, wd, mom = float(g["lr"]), float(g["weight_decay"]), g["momentum"]
+            if lr == 0.0:
+                continue
+            coeffs = self._coeffs(g, d)
+            for ps, ids in self._buckets(g):
+                lr1 = 0.0
+                if mom == 0.0 or g["nesterov"]:
+                    # p <- p(1 - lr1 wd) - lr1 * g~ ; g~ regenerated (or the frozen history)
+                    lr1 = lr * (a - b) / (1.0 + a * lr * wd)
+                    hist = [self.state[p]["history"] for p in ps] if g["history"] else []
+                    zfkernels.zo_sgd_update_(
+                        ps, [] if hist else seeds, [] if hist else coeffs, lr=lr1, dist=g["perturbation"],
+                        tensor_ids=ids, history_buffers=hist, mask_seed=mask_seed, sparsity=g["sparsity"],
+                        weight_decay=wd, sign=g["sign"], history_alpha=1.0, history_init=False,
+                        backend=self.backend)
+                if mom != 0.0:
+                    # p <- p - lr2 * buf (buf = 1*buf + 0*0: frozen)
+                    lr2 = lr * mom * (a * (1.0 - lr1 * wd) - b) if g["nesterov"] else lr * (a - b)
+                    bufs = [self.state[p]["momentum_buffer"] for p in ps]
+                    zfkernels.zo_sgd_update_(
+                        ps, [], [], lr=lr2, dist=g["perturbation"], tensor_ids=ids, momentum_buffers=bufs,
+                        momentum=1.0, dampening=1.0, momentum_init=False, backend=self.backend)
+
+
+class ZOFusedAdam(_ZOBase):
+    r"""Zeroth-order Adam / AdamW (ZO-Adam, ZO-Adam-Sign, ZO-Adam-Conserve) on fused kernels:
+    exactly ``torch.optim.Adam`` (``decoupled_weight_decay=True``: ``AdamW``) fed the ZO
+    estimate as ``.grad``, in one pass over theta, m, v (and h). Options as
+    :class:`ZOFusedSGD` plus ``betas``, ``eps``, ``decoupled_weight_decay``.
+    Memory: m and v (and h with ``history``)."""
+
+    _kind = "adam"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 decoupled_weight_decay=False, zo_eps=1e-3, q=1, perturbation="gaussian",
+                 estimator="two_side", sign=False, scalar_sign=False, conserve=False, sparsity=0.0,
+                 sparse_resample="step", history=0.0, backend="auto", seed=None, model=None):
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas={betas} must be in [0, 1)")
+        if not eps >= 0.0:
+            raise ValueError(f"eps={eps} must be >= 0")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        decoupled_weight_decay=decoupled_weight_decay, zo_eps=zo_eps,
+                        perturbation=perturbation, sign=sign, scalar_sign=scalar_sign,
+                        sparsity=sparsity, history=history)
+        super().__init__(params, defaults, q=q, estimator=estimator, conserve=conserve,
+                         sparse_resample=sparse_resample, seed=seed, backend=backend, model=model)
+
+    def _update(self, g, ps, ids, seeds, coeffs, mask_seed, *, restore_seed, restore_scale, lr_mult):
+        ms = [self._buffer(p, "exp_avg")[0] for p in ps]
+        vs = [self._buffer(p, "exp_avg_sq")[0] for p in ps]
+        hist, h_init = self._history(g, ps)
+        st = self.state[ps[0]]
+        t = int(st.get("step", 0)) + 1
+        zfkernels.zo_adam_update_(
+            ps, ms, vs, seeds, coeffs, lr=lr_mult * float(g["lr"]), step=t, betas=g["betas"], eps=g["eps"],
+            weight_decay=g["weight_decay"], decoupled_weight_decay=g["decoupled_weight_decay"],
+            dist=g["perturbation"], tensor_ids=ids, history_buffers=hist, restore_seed=restore_seed,
+            restore_scale=restore_scale, mask_seed=mask_seed, sparsity=g["sparsity"], sign=g["sign"],
+            history_alpha=g["history"], history_init=h_init, backend=self.backend,
+        )
+        for p in ps:
+            self.state[p]["step"] = t
+
+    def _move(self, a, b, seeds, d, mask_seed):
+        """Conserve: move theta0 + a*Delta -> theta0 + b*Delta along the stored Adam
+        direction u = m/(sqrt(v)/sqrt(bc2) + eps), m and v frozen (see _FROZEN_BETA)."""
+        for g in self.param_groups:
+            lr, wd = float(g["lr"]), float(g["weight_decay"])
+            if lr == 0.0:
+                continue
+            wdd = wd if g["decoupled_weight_decay"] else 0.0
+            b1, b2 = g["betas"]
+            for ps, ids in self._buckets(g):
+                t = int(self.state[ps[0]]["step"])
+                s = lr / (1.0 - b1 ** t)                       # real step size lr/bc1
+                kappa = math.sqrt(1.0 - b2 ** t) / math.sqrt(_FROZEN_BC)   # sigma / sigma'
+                f = (1.0 + b * lr * wdd) / (1.0 + a * lr * wdd)
+                tt = s * (a * f - b)                            # amount of u to subtract
+                lr_f = tt * _FROZEN_BC * kappa
+                wd_f = (1.0 - f) / lr_f if (lr_f != 0.0 and wdd) else 0.0
+                zfkernels.zo_adam_update_(
+                    ps, [self.state[p]["exp_avg"] for p in ps], [self.state[p]["exp_avg_sq"] for p in ps],
+                    [], [], lr=lr_f, step=1, betas=(_FROZEN_BETA, _FROZEN_BETA), eps=g["eps"] * kappa,
+                    weight_decay=wd_f, decoupled_weight_decay=True, dist=g["perturbation"], tensor_ids=ids,
+                    backend=self.backend)
