@@ -20,4 +20,5 @@ def test_ctest_suite_passes(tmp_path):
     ):
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout}\n{res.stderr}"
-    assert "tests passed" in res.stdout and ", 0 tests failed" in res.stdout
+    # ctest prints "100% tests passed, 0 tests failed out of N" (older) or "100% tests passed out of N"
+    assert "100% tests passed" in res.stdout, res.stdout

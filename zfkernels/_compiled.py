@@ -1,29 +1,66 @@
-"""Loader of the compiled extensions (placeholder until the build lands)."""
+"""Loader of the compiled extensions.
+
+``zfkernels._C`` defines the ``torch.ops.zfkernels`` schema and the CPU (and Meta) kernels;
+``zfkernels._C_cuda`` adds the CUDA kernels (built only where nvcc and a CUDA torch exist).
+Importing this module never fails: a missing extension is recorded with the reason and the
+command that builds it, and the callers fall back or raise with that text.
+"""
+from __future__ import annotations
+
 BUILD_COMMAND = "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e ."
+
 _errors: dict[str, str] = {}
-try:
-    from . import _C  # noqa: F401
-except Exception as exc:  # noqa: BLE001
-    _errors["cpu"] = f"{type(exc).__name__}: {exc}"
-try:
-    from . import _C_cuda  # noqa: F401
-except Exception as exc:  # noqa: BLE001
-    _errors["cuda"] = f"{type(exc).__name__}: {exc}"
+
+
+def _try_import(backend: str, module: str) -> None:
+    try:
+        __import__(f"{__package__ or 'zfkernels'}.{module}")
+    except Exception as exc:  # noqa: BLE001 - ImportError, OSError (bad .so), undefined symbols
+        _errors[backend] = f"{type(exc).__name__}: {exc}"
+
+
+_try_import("cpu", "_C")
+if "cpu" in _errors:
+    # The CUDA extension only registers kernels for ops that _C defines.
+    _errors["cuda"] = f"zfkernels._C (the op schema) is missing: {_errors['cpu']}"
+else:
+    _try_import("cuda", "_C_cuda")
 
 
 def cpu_available() -> bool:
+    """The compiled CPU kernels (and the op schema) were built and load."""
     return "cpu" not in _errors
 
 
 def cuda_built() -> bool:
+    """The compiled CUDA kernels were built and load (a GPU may still be absent)."""
     return "cuda" not in _errors
 
 
 def cuda_available() -> bool:
+    """The CUDA kernels are built AND torch sees a GPU."""
+    if not cuda_built():
+        return False
     import torch
 
-    return cuda_built() and torch.cuda.is_available()
+    return torch.cuda.is_available()
 
 
 def missing_reason(backend: str) -> str:
-    return f"{_errors.get(backend, 'no GPU')}; build it with: {BUILD_COMMAND}"
+    """Why ``backend`` ("cpu" or "cuda") cannot run here, with the fix."""
+    if backend not in ("cpu", "cuda"):
+        return f"unknown compiled backend {backend!r}; use 'cpu' or 'cuda'"
+    if backend in _errors:
+        extra = (
+            " (the CUDA extension is built only where nvcc and a CUDA build of torch are present;"
+            " ZEROFLOW_BUILD_CUDA=1 makes its absence a build error)"
+            if backend == "cuda"
+            else ""
+        )
+        return f"zfkernels compiled {backend} extension not importable ({_errors[backend]}){extra}; build it with: {BUILD_COMMAND}"
+    if backend == "cuda" and not cuda_available():
+        return (
+            "the zfkernels CUDA extension is built but torch.cuda.is_available() is False (no GPU or"
+            f" driver here); on a GPU machine it is built with: {BUILD_COMMAND}"
+        )
+    return f"available (built with: {BUILD_COMMAND})"

@@ -1,0 +1,765 @@
+// zfkernels ops: schema (TORCH_LIBRARY), CPU and Meta kernels.
+// Semantics: docs/kernel-ops.md; stream: docs/perturbation-stream.md (stream v1).
+//
+// The validation section (namespace zf_ops, up to ZF_OPS_VALIDATION_ONLY) is shared with
+// csrc/ops_cuda.cu, which includes this file with ZF_OPS_VALIDATION_ONLY defined so that
+// both backends raise the same errors.
+//
+// Floating-point discipline: every fp32 step is one IEEE operation in the order that
+// zfkernels/reference.py writes it (compiled with -ffp-contract=off, no fast-math), so the
+// CPU kernels are bit-exact against the reference for Rademacher z and the mask, and differ
+// only by the Gaussian's log/sin/cos (within 2^-18) otherwise.
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "philox.h"
+
+namespace zf_ops {
+
+using at::Tensor;
+using at::TensorList;
+
+constexpr int64_t kMaskOne = int64_t(1) << 24;
+constexpr int64_t kIdLimit = int64_t(1) << 32;
+
+inline std::string where(const char* list, size_t k) {
+  return std::string(list) + "[" + std::to_string(k) + "]";
+}
+
+// Dense, contiguous, float32/bfloat16/float16.
+inline void check_float_tensor(const Tensor& t, const std::string& name) {
+  TORCH_CHECK_VALUE(t.defined(), "zfkernels: ", name, " is an undefined tensor");
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided, "zfkernels: ", name, " has layout ", t.layout(),
+                    "; zeroflow kernels need dense tensors, call .to_dense() first");
+  const auto st = t.scalar_type();
+  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, "zfkernels: ", name,
+                    " has dtype ", st,
+                    "; use float32, bfloat16 or float16 (integer, complex and float64 tensors are "
+                    "not supported)");
+  TORCH_CHECK_VALUE(t.is_contiguous(), "zfkernels: ", name,
+                    " is not contiguous; call .contiguous() on it first");
+}
+
+inline void check_params(TensorList params, at::IntArrayRef tensor_ids) {
+  TORCH_CHECK_VALUE(params.size() == tensor_ids.size(), "zfkernels: tensor_ids has ",
+                    tensor_ids.size(), " entries but params has ", params.size(),
+                    "; give one id per tensor");
+  for (size_t k = 0; k < params.size(); ++k) {
+    check_float_tensor(params[k], where("params", k));
+    TORCH_CHECK_VALUE(params[k].device() == params[0].device(),
+                      "zfkernels: all params must be on one device, but params[0] is on ",
+                      params[0].device(), " and params[", k, "] is on ", params[k].device(),
+                      "; move them to one device first");
+  }
+  for (size_t k = 0; k < tensor_ids.size(); ++k) {
+    TORCH_CHECK_VALUE(tensor_ids[k] >= 0 && tensor_ids[k] < kIdLimit, "zfkernels: tensor_ids[", k,
+                      "]=", tensor_ids[k], " is outside [0, 2**32); use a 32-bit unsigned id");
+  }
+}
+
+inline void check_buffers(TensorList params, TensorList buffers, const char* name,
+                          bool required = false) {
+  if (buffers.empty() && !required) return;
+  TORCH_CHECK_VALUE(buffers.size() == params.size(), "zfkernels: ", name, " has ", buffers.size(),
+                    " tensors but params has ", params.size(),
+                    required ? "; pass one buffer per param" : "; pass one buffer per param or none");
+  for (size_t k = 0; k < buffers.size(); ++k) {
+    const Tensor& b = buffers[k];
+    const Tensor& p = params[k];
+    check_float_tensor(b, where(name, k));
+    TORCH_CHECK_VALUE(b.device() == p.device(), "zfkernels: ", name, "[", k, "] is on ", b.device(),
+                      " but params[", k, "] is on ", p.device(), "; keep each buffer with its param");
+    TORCH_CHECK_VALUE(b.sizes() == p.sizes(), "zfkernels: ", name, "[", k, "] has shape ", b.sizes(),
+                      " but params[", k, "] has shape ", p.sizes(), "; buffers must match their param");
+    TORCH_CHECK_VALUE(b.scalar_type() == p.scalar_type() || b.scalar_type() == at::kFloat,
+                      "zfkernels: ", name, "[", k, "] has dtype ", b.scalar_type(), " but params[", k,
+                      "] is ", p.scalar_type(), "; use the param's dtype or float32");
+  }
+}
+
+inline void check_seed(int64_t s, const char* name) {
+  TORCH_CHECK_VALUE(s >= 0, "zfkernels: ", name, "=", s,
+                    " is negative; seeds are integers in [0, 2**63)");
+}
+
+inline void check_stream_args(int64_t dist, int64_t mask_seed, int64_t mask_threshold) {
+  TORCH_CHECK_VALUE(dist == 0 || dist == 1, "zfkernels: dist=", dist,
+                    " must be 0 (gaussian) or 1 (rademacher)");
+  check_seed(mask_seed, "mask_seed");
+  TORCH_CHECK_VALUE(mask_threshold >= 0 && mask_threshold <= kMaskOne, "zfkernels: mask_threshold=",
+                    mask_threshold,
+                    " is outside [0, 2**24]; it is round(sparsity * 2**24) with sparsity in [0, 1]");
+}
+
+inline void check_q(at::IntArrayRef seeds, at::ArrayRef<double> coeffs) {
+  TORCH_CHECK_VALUE(seeds.size() == coeffs.size(), "zfkernels: seeds has ", seeds.size(),
+                    " entries but coeffs has ", coeffs.size(), "; give one coefficient per seed");
+  for (size_t j = 0; j < seeds.size(); ++j) {
+    TORCH_CHECK_VALUE(seeds[j] >= 0, "zfkernels: seeds[", j, "]=", seeds[j],
+                      " is negative; seeds are integers in [0, 2**63)");
+  }
+}
+
+// Every tensor of every list on the params' device (the dispatcher picks the kernel from
+// the union of devices, so a CPU kernel may see a stray CUDA tensor and vice versa).
+inline void check_same_device(TensorList params, std::initializer_list<TensorList> lists) {
+  if (params.empty()) return;
+  for (TensorList l : lists) {
+    for (const Tensor& t : l) {
+      TORCH_CHECK_VALUE(t.device() == params[0].device(), "zfkernels: a buffer is on ", t.device(),
+                        " but params are on ", params[0].device(),
+                        "; all tensors of one call must be on one device");
+    }
+  }
+}
+
+inline void check_counters(const Tensor& c) {
+  TORCH_CHECK_VALUE(c.layout() == at::kStrided, "zfkernels: counters must be a dense tensor");
+  TORCH_CHECK_VALUE(c.scalar_type() == at::kLong, "zfkernels: counters has dtype ", c.scalar_type(),
+                    "; use an int64 tensor (values in [0, 2**32))");
+  TORCH_CHECK_VALUE(c.dim() == 2 && c.size(1) == 4, "zfkernels: counters must have shape [N, 4], got ",
+                    c.sizes());
+}
+
+inline void check_key(int64_t k, const char* name) {
+  TORCH_CHECK_VALUE(k >= 0 && k < kIdLimit, "zfkernels: ", name, "=", k,
+                    " must be a 32-bit unsigned integer in [0, 2**32)");
+}
+
+// Host-side scalar preparation shared by CPU and CUDA: the same fp32 constants as
+// zfkernels/reference.py ("1 - x" factors are computed in fp64 from the op's arguments,
+// then rounded once to fp32).
+inline float f32(double v) { return static_cast<float>(v); }
+
+struct SgdScalars {
+  float restore_scale, lr, wd, mu, one_minus_damp, alpha, one_minus_alpha;
+};
+inline SgdScalars sgd_scalars(double restore_scale, double lr, double weight_decay, double momentum,
+                              double dampening, double history_alpha) {
+  SgdScalars s;
+  s.restore_scale = f32(restore_scale);
+  s.lr = f32(lr);
+  s.wd = f32(weight_decay);
+  s.mu = f32(momentum);
+  s.one_minus_damp = f32(1.0 - dampening);
+  s.alpha = f32(history_alpha);
+  s.one_minus_alpha = f32(1.0 - history_alpha);
+  return s;
+}
+
+struct AdamScalars {
+  float restore_scale, lr, wd, decay_factor, one_minus_b1, b2, one_minus_b2, eps, step_size,
+      bc2_sqrt, alpha, one_minus_alpha;
+};
+inline AdamScalars adam_scalars(double restore_scale, double lr, double beta1, double beta2,
+                                double eps, double weight_decay, int64_t step, double history_alpha) {
+  TORCH_CHECK_VALUE(step >= 1, "zfkernels: step=", step,
+                    " must be >= 1 (Adam's bias correction counts from 1)");
+  AdamScalars s;
+  s.restore_scale = f32(restore_scale);
+  const double bc1 = 1.0 - std::pow(beta1, (double)step);
+  const double bc2 = 1.0 - std::pow(beta2, (double)step);
+  s.step_size = f32(lr / bc1);
+  s.bc2_sqrt = f32(std::sqrt(bc2));
+  s.lr = f32(lr);
+  s.wd = f32(weight_decay);
+  s.decay_factor = f32(1.0 - lr * weight_decay);
+  s.b2 = f32(beta2);
+  s.one_minus_b1 = f32(1.0 - beta1);
+  s.one_minus_b2 = f32(1.0 - beta2);
+  s.eps = f32(eps);
+  s.alpha = f32(history_alpha);
+  s.one_minus_alpha = f32(1.0 - history_alpha);
+  return s;
+}
+
+}  // namespace zf_ops
+
+#ifndef ZF_OPS_VALIDATION_ONLY
+
+#include <ATen/Parallel.h>
+#include <Python.h>
+
+#include <algorithm>
+#include <cmath>
+
+// Runtime dispatch: an AVX2 clone and a baseline x86-64 clone of the hot tile functions
+// (never -march=native: the wheel must run on any x86-64).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(ZF_NO_CLONES)
+#define ZF_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define ZF_CLONES
+#endif
+#define ZF_INLINE inline __attribute__((always_inline))
+
+namespace zf_cpu {
+
+using at::Tensor;
+using at::TensorList;
+using namespace zf_ops;
+
+constexpr int TILE = 1024;           // elements per tile (multiple of 128)
+constexpr int64_t CHUNK = 64 * 1024;  // elements per parallel work item (multiple of TILE)
+constexpr int64_t SERIAL_BELOW = 1 << 16;
+
+struct Key {
+  uint32_t k0, k1;
+};
+inline Key key_of(int64_t seed) { return Key{zf::seed_k0((uint64_t)seed), zf::seed_k1((uint64_t)seed)}; }
+
+// Philox words of `nb` consecutive blocks starting at b0, structure-of-arrays (vectorizes
+// over blocks).
+ZF_INLINE void philox_batch(uint64_t b0, int nb, uint32_t tid, uint32_t tag, Key key,
+                            uint32_t* __restrict o0, uint32_t* __restrict o1,
+                            uint32_t* __restrict o2, uint32_t* __restrict o3) {
+  const uint32_t lo = (uint32_t)b0;
+  const uint32_t hi = (uint32_t)(b0 >> 32);
+  if ((uint64_t)lo + (uint64_t)nb > (uint64_t(1) << 32)) {  // crosses a 2^32-block boundary
+    for (int c = 0; c < nb; ++c) {
+      const zf::Words4 w = zf::stream_block(b0 + (uint64_t)c, tid, tag, key.k0, key.k1);
+      o0[c] = w.x0; o1[c] = w.x1; o2[c] = w.x2; o3[c] = w.x3;
+    }
+    return;
+  }
+  for (int c = 0; c < nb; ++c) {
+    const zf::Words4 w = zf::philox4x32_10(lo + (uint32_t)c, hi, tid, tag, key.k0, key.k1);
+    o0[c] = w.x0; o1[c] = w.x1; o2[c] = w.x2; o3[c] = w.x3;
+  }
+}
+
+// z(seed) for elements [start, start + n) of tensor `tid`; start is a multiple of 128.
+ZF_INLINE void fill_z(float* __restrict z, uint64_t start, int n, uint32_t tid, int dist, Key key) {
+  if (dist == zf::DIST_RADEMACHER) {
+    const int nb = (n + 127) >> 7;
+    for (int b = 0; b < nb; ++b) {
+      const zf::Words4 w = zf::stream_block((start >> 7) + (uint64_t)b, tid, zf::TAG_PERTURBATION, key.k0, key.k1);
+      const uint32_t xs[4] = {w.x0, w.x1, w.x2, w.x3};
+      float* zb = z + b * 128;
+      for (int q = 0; q < 4; ++q) {
+        const uint32_t x = xs[q];
+        for (int t = 0; t < 32; ++t) {
+          zb[q * 32 + t] = (float)((int32_t)((x >> t) & 1u) * 2 - 1);
+        }
+      }
+    }
+  } else {
+    const int nb = (n + 3) >> 2;
+    alignas(64) uint32_t w0[TILE / 4], w1[TILE / 4], w2[TILE / 4], w3[TILE / 4];
+    philox_batch(start >> 2, nb, tid, zf::TAG_PERTURBATION, key, w0, w1, w2, w3);
+    alignas(64) float za[TILE / 4], zb[TILE / 4], zc[TILE / 4], zd[TILE / 4];
+    for (int c = 0; c < nb; ++c) {
+      zf::box_muller(w0[c], w1[c], za[c], zb[c]);
+      zf::box_muller(w2[c], w3[c], zc[c], zd[c]);
+    }
+    for (int c = 0; c < nb; ++c) {
+      z[4 * c + 0] = za[c];
+      z[4 * c + 1] = zb[c];
+      z[4 * c + 2] = zc[c];
+      z[4 * c + 3] = zd[c];
+    }
+  }
+}
+
+// keep-mask (1.0f kept / 0.0f zeroed) for elements [start, start + n); start % 4 == 0.
+ZF_INLINE void fill_mask(float* __restrict m, uint64_t start, int n, uint32_t tid, Key key, uint32_t T) {
+  const int nb = (n + 3) >> 2;
+  alignas(64) uint32_t w0[TILE / 4], w1[TILE / 4], w2[TILE / 4], w3[TILE / 4];
+  philox_batch(start >> 2, nb, tid, zf::TAG_MASK, key, w0, w1, w2, w3);
+  for (int c = 0; c < nb; ++c) {
+    m[4 * c + 0] = (w0[c] >> 8) < T ? 0.0f : 1.0f;
+    m[4 * c + 1] = (w1[c] >> 8) < T ? 0.0f : 1.0f;
+    m[4 * c + 2] = (w2[c] >> 8) < T ? 0.0f : 1.0f;
+    m[4 * c + 3] = (w3[c] >> 8) < T ? 0.0f : 1.0f;
+  }
+}
+
+// Storage rounding of a buffer value that is stored and then used (docs/kernel-ops.md).
+void roundtrip(float* a, int n, at::ScalarType st) {
+  if (st == at::kBFloat16) {
+    for (int i = 0; i < n; ++i) a[i] = static_cast<float>(c10::BFloat16(a[i]));
+  } else if (st == at::kHalf) {
+    for (int i = 0; i < n; ++i) a[i] = static_cast<float>(c10::Half(a[i]));
+  }
+}
+
+struct StreamCfg {
+  uint32_t tid;
+  int dist;
+  uint32_t T;
+  Key mask_key;
+};
+
+// ---------------------------------------------------------------------------------------
+// Tile kernels on fp32 tiles.  `x` is the param tile (fp32 storage or an fp32 copy).
+// ---------------------------------------------------------------------------------------
+ZF_CLONES void perturb_tile(float* __restrict x, int n, uint64_t start, const StreamCfg& sc, Key key,
+                            float scale) {
+  alignas(64) float z[TILE];
+  fill_z(z, start, n, sc.tid, sc.dist, key);
+  if (sc.T) {
+    alignas(64) float m[TILE];
+    fill_mask(m, start, n, sc.tid, sc.mask_key, sc.T);
+    for (int i = 0; i < n; ++i) z[i] = z[i] * m[i];
+  }
+  for (int i = 0; i < n; ++i) x[i] = x[i] + z[i] * scale;
+}
+
+struct Estimate {
+  const int64_t* seeds;
+  const float* coeffs;
+  int q;
+  int64_t restore_seed;
+  float restore_scale;
+};
+
+// p (restored, in place in x) and the raw estimate g.
+ZF_INLINE void estimate_tile(float* __restrict x, float* __restrict g, int n, uint64_t start,
+                             const StreamCfg& sc, const Estimate& e) {
+  alignas(64) float z[TILE];
+  alignas(64) float m[TILE];
+  if (sc.T) fill_mask(m, start, n, sc.tid, sc.mask_key, sc.T);
+  if (e.restore_scale != 0.0f) {
+    fill_z(z, start, n, sc.tid, sc.dist, key_of(e.restore_seed));
+    if (sc.T)
+      for (int i = 0; i < n; ++i) z[i] = z[i] * m[i];
+    const float rs = e.restore_scale;
+    for (int i = 0; i < n; ++i) x[i] = x[i] + z[i] * rs;
+  }
+  for (int i = 0; i < n; ++i) g[i] = 0.0f;
+  for (int j = 0; j < e.q; ++j) {
+    fill_z(z, start, n, sc.tid, sc.dist, key_of(e.seeds[j]));
+    if (sc.T)
+      for (int i = 0; i < n; ++i) z[i] = z[i] * m[i];
+    const float c = e.coeffs[j];
+    for (int i = 0; i < n; ++i) g[i] = g[i] + z[i] * c;
+  }
+}
+
+struct HistCfg {
+  float* h;  // null: history off
+  at::ScalarType h_st;
+  bool init;
+  float alpha, one_minus_alpha;
+  bool sign;
+};
+
+ZF_INLINE void history_sign_tile(float* __restrict g, int n, const HistCfg& hc) {
+  if (hc.h) {
+    float* __restrict h = hc.h;
+    if (hc.init) {
+      for (int i = 0; i < n; ++i) h[i] = g[i];
+    } else {
+      const float a = hc.alpha, b = hc.one_minus_alpha;
+      for (int i = 0; i < n; ++i) h[i] = h[i] * a + g[i] * b;
+    }
+    roundtrip(h, n, hc.h_st);
+    for (int i = 0; i < n; ++i) g[i] = h[i];
+  }
+  if (hc.sign) {
+    for (int i = 0; i < n; ++i) g[i] = (float)((g[i] > 0.0f) - (g[i] < 0.0f));
+  }
+}
+
+struct SgdCfg {
+  SgdScalars s;
+  float* buf;  // null: momentum off
+  at::ScalarType buf_st;
+  bool nesterov, momentum_init;
+};
+
+ZF_CLONES void sgd_tile(float* __restrict x, int n, uint64_t start, const StreamCfg& sc,
+                        const Estimate& e, const HistCfg& hc, const SgdCfg& cfg) {
+  alignas(64) float g[TILE];
+  estimate_tile(x, g, n, start, sc, e);
+  history_sign_tile(g, n, hc);
+  const float wd = cfg.s.wd;
+  if (wd != 0.0f)
+    for (int i = 0; i < n; ++i) g[i] = g[i] + x[i] * wd;
+  if (cfg.buf) {
+    float* __restrict b = cfg.buf;
+    const float mu = cfg.s.mu, omd = cfg.s.one_minus_damp;
+    if (cfg.momentum_init) {
+      for (int i = 0; i < n; ++i) b[i] = g[i];
+    } else {
+      for (int i = 0; i < n; ++i) b[i] = b[i] * mu + g[i] * omd;
+    }
+    roundtrip(b, n, cfg.buf_st);
+    if (cfg.nesterov) {
+      for (int i = 0; i < n; ++i) g[i] = g[i] + b[i] * mu;
+    } else {
+      for (int i = 0; i < n; ++i) g[i] = b[i];
+    }
+  }
+  const float lr = cfg.s.lr;
+  for (int i = 0; i < n; ++i) x[i] = x[i] - g[i] * lr;
+}
+
+struct AdamCfg {
+  AdamScalars s;
+  bool decoupled;
+  float* m;
+  float* v;
+  at::ScalarType m_st, v_st;
+};
+
+ZF_CLONES void adam_tile(float* __restrict x, int n, uint64_t start, const StreamCfg& sc,
+                         const Estimate& e, const HistCfg& hc, const AdamCfg& cfg) {
+  alignas(64) float g[TILE];
+  estimate_tile(x, g, n, start, sc, e);
+  history_sign_tile(g, n, hc);
+  const AdamScalars& s = cfg.s;
+  if (cfg.decoupled) {
+    const float f = s.decay_factor;
+    for (int i = 0; i < n; ++i) x[i] = x[i] * f;
+  } else if (s.wd != 0.0f) {
+    const float wd = s.wd;
+    for (int i = 0; i < n; ++i) g[i] = g[i] + x[i] * wd;
+  }
+  float* __restrict m = cfg.m;
+  float* __restrict v = cfg.v;
+  const float omb1 = s.one_minus_b1, b2 = s.b2, omb2 = s.one_minus_b2;
+  for (int i = 0; i < n; ++i) {
+    m[i] = m[i] + (g[i] - m[i]) * omb1;
+    v[i] = v[i] * b2 + (g[i] * g[i]) * omb2;
+  }
+  roundtrip(m, n, cfg.m_st);
+  roundtrip(v, n, cfg.v_st);
+  const float bc2s = s.bc2_sqrt, eps = s.eps, step = s.step_size;
+  for (int i = 0; i < n; ++i) {
+    const float denom = std::sqrt(v[i]) / bc2s + eps;
+    x[i] = x[i] - (m[i] / denom) * step;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Storage <-> fp32 tiles
+// ---------------------------------------------------------------------------------------
+// A tensor's tile as fp32: direct pointer for fp32 storage, else a converted copy.
+struct TileIO {
+  void* base = nullptr;  // tensor data
+  at::ScalarType st = at::kFloat;
+  float* ptr = nullptr;  // fp32 view of the current tile
+  alignas(64) float tmp[TILE];
+
+  void bind(const Tensor& t) {
+    base = t.data_ptr();
+    st = t.scalar_type();
+  }
+  float* load(int64_t off, int n) {
+    if (st == at::kFloat) return ptr = static_cast<float*>(base) + off;
+    if (st == at::kBFloat16) {
+      const c10::BFloat16* s = static_cast<const c10::BFloat16*>(base) + off;
+      for (int i = 0; i < n; ++i) tmp[i] = static_cast<float>(s[i]);
+    } else {
+      const c10::Half* s = static_cast<const c10::Half*>(base) + off;
+      for (int i = 0; i < n; ++i) tmp[i] = static_cast<float>(s[i]);
+    }
+    return ptr = tmp;
+  }
+  void store(int64_t off, int n) {
+    if (st == at::kFloat) return;
+    if (st == at::kBFloat16) {
+      c10::BFloat16* d = static_cast<c10::BFloat16*>(base) + off;
+      for (int i = 0; i < n; ++i) d[i] = c10::BFloat16(tmp[i]);
+    } else {
+      c10::Half* d = static_cast<c10::Half*>(base) + off;
+      for (int i = 0; i < n; ++i) d[i] = c10::Half(tmp[i]);
+    }
+  }
+};
+
+struct Chunk {
+  int32_t k;
+  int64_t start, n;
+};
+
+// Work list over all tensors, in CHUNK-sized pieces aligned to TILE (and so to 128).
+template <typename F>
+void for_each_chunk(TensorList params, F&& f) {
+  std::vector<Chunk> chunks;
+  int64_t total = 0;
+  for (size_t k = 0; k < params.size(); ++k) {
+    const int64_t numel = params[k].numel();
+    total += numel;
+    for (int64_t s = 0; s < numel; s += CHUNK) chunks.push_back(Chunk{(int32_t)k, s, std::min(CHUNK, numel - s)});
+  }
+  if (chunks.empty()) return;
+  if (total < SERIAL_BELOW || chunks.size() == 1) {
+    for (const Chunk& c : chunks) f(c);
+    return;
+  }
+  at::parallel_for(0, (int64_t)chunks.size(), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) f(chunks[i]);
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Ops
+// ---------------------------------------------------------------------------------------
+Tensor philox4x32_10_cpu(const Tensor& counters, int64_t key0, int64_t key1) {
+  check_counters(counters);
+  check_key(key0, "key0");
+  check_key(key1, "key1");
+  TORCH_CHECK_VALUE(counters.device().is_cpu(), "zfkernels: counters must be a CPU tensor here");
+  Tensor c = counters.contiguous();
+  Tensor out = at::empty_like(c);
+  const int64_t n = c.size(0);
+  if (n == 0) return out;
+  TORCH_CHECK_VALUE(c.min().item<int64_t>() >= 0 && c.max().item<int64_t>() < kIdLimit,
+                    "zfkernels: counters values must lie in [0, 2**32)");
+  const int64_t* cp = c.data_ptr<int64_t>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t* r = cp + 4 * i;
+      const zf::Words4 w = zf::philox4x32_10((uint32_t)r[0], (uint32_t)r[1], (uint32_t)r[2], (uint32_t)r[3],
+                                             (uint32_t)key0, (uint32_t)key1);
+      op[4 * i + 0] = w.x0;
+      op[4 * i + 1] = w.x1;
+      op[4 * i + 2] = w.x2;
+      op[4 * i + 3] = w.x3;
+    }
+  });
+  return out;
+}
+
+StreamCfg stream_cfg(uint32_t tid, int64_t dist, int64_t mask_seed, int64_t mask_threshold) {
+  return StreamCfg{tid, (int)dist, (uint32_t)mask_threshold, key_of(mask_seed)};
+}
+
+void perturb_cpu(TensorList params, at::IntArrayRef tensor_ids, int64_t seed, double scale, int64_t dist,
+                 int64_t mask_seed, int64_t mask_threshold) {
+  check_params(params, tensor_ids);
+  check_seed(seed, "seed");
+  check_stream_args(dist, mask_seed, mask_threshold);
+  if (params.empty()) return;
+  const float scale_f = f32(scale);
+  const Key key = key_of(seed);
+  for_each_chunk(params, [&](const Chunk& c) {
+    const StreamCfg sc = stream_cfg((uint32_t)tensor_ids[c.k], dist, mask_seed, mask_threshold);
+    TileIO io;
+    io.bind(params[c.k]);
+    for (int64_t off = c.start; off < c.start + c.n; off += TILE) {
+      const int n = (int)std::min<int64_t>(TILE, c.start + c.n - off);
+      float* x = io.load(off, n);
+      perturb_tile(x, n, (uint64_t)off, sc, key, scale_f);
+      io.store(off, n);
+    }
+  });
+}
+
+void sgd_cpu(TensorList params, TensorList momentum_buffers, TensorList history_buffers,
+             at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs, int64_t dist,
+             int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double restore_scale, double lr,
+             double weight_decay, double momentum, double dampening, bool nesterov, bool momentum_init,
+             bool sign, double history_alpha, bool history_init) {
+  check_params(params, tensor_ids);
+  check_buffers(params, momentum_buffers, "momentum_buffers");
+  check_buffers(params, history_buffers, "history_buffers");
+  check_same_device(params, {momentum_buffers, history_buffers});
+  check_q(seeds, coeffs);
+  check_stream_args(dist, mask_seed, mask_threshold);
+  check_seed(restore_seed, "restore_seed");
+  if (params.empty()) return;
+  const SgdScalars s = sgd_scalars(restore_scale, lr, weight_decay, momentum, dampening, history_alpha);
+  std::vector<float> cf(coeffs.size());
+  for (size_t j = 0; j < coeffs.size(); ++j) cf[j] = f32(coeffs[j]);
+  const bool has_m = !momentum_buffers.empty(), has_h = !history_buffers.empty();
+  for_each_chunk(params, [&](const Chunk& c) {
+    const StreamCfg sc = stream_cfg((uint32_t)tensor_ids[c.k], dist, mask_seed, mask_threshold);
+    const Estimate e{seeds.data(), cf.data(), (int)seeds.size(), restore_seed, s.restore_scale};
+    TileIO px, pm, ph;
+    px.bind(params[c.k]);
+    if (has_m) pm.bind(momentum_buffers[c.k]);
+    if (has_h) ph.bind(history_buffers[c.k]);
+    for (int64_t off = c.start; off < c.start + c.n; off += TILE) {
+      const int n = (int)std::min<int64_t>(TILE, c.start + c.n - off);
+      float* x = px.load(off, n);
+      HistCfg hc{has_h ? ph.load(off, n) : nullptr, ph.st, history_init, s.alpha, s.one_minus_alpha, sign};
+      SgdCfg cfg{s, has_m ? pm.load(off, n) : nullptr, pm.st, nesterov, momentum_init};
+      sgd_tile(x, n, (uint64_t)off, sc, e, hc, cfg);
+      px.store(off, n);
+      if (has_m) pm.store(off, n);
+      if (has_h) ph.store(off, n);
+    }
+  });
+}
+
+void adam_cpu(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList history_buffers,
+              at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs, int64_t dist,
+              int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double restore_scale, double lr,
+              double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
+              int64_t step, bool sign, double history_alpha, bool history_init) {
+  check_params(params, tensor_ids);
+  check_buffers(params, exp_avgs, "exp_avgs", /*required=*/true);
+  check_buffers(params, exp_avg_sqs, "exp_avg_sqs", /*required=*/true);
+  check_buffers(params, history_buffers, "history_buffers");
+  check_same_device(params, {exp_avgs, exp_avg_sqs, history_buffers});
+  check_q(seeds, coeffs);
+  check_stream_args(dist, mask_seed, mask_threshold);
+  check_seed(restore_seed, "restore_seed");
+  const AdamScalars s = adam_scalars(restore_scale, lr, beta1, beta2, eps, weight_decay, step, history_alpha);
+  if (params.empty()) return;
+  std::vector<float> cf(coeffs.size());
+  for (size_t j = 0; j < coeffs.size(); ++j) cf[j] = f32(coeffs[j]);
+  const bool has_h = !history_buffers.empty();
+  for_each_chunk(params, [&](const Chunk& c) {
+    const StreamCfg sc = stream_cfg((uint32_t)tensor_ids[c.k], dist, mask_seed, mask_threshold);
+    const Estimate e{seeds.data(), cf.data(), (int)seeds.size(), restore_seed, s.restore_scale};
+    TileIO px, pm, pv, ph;
+    px.bind(params[c.k]);
+    pm.bind(exp_avgs[c.k]);
+    pv.bind(exp_avg_sqs[c.k]);
+    if (has_h) ph.bind(history_buffers[c.k]);
+    for (int64_t off = c.start; off < c.start + c.n; off += TILE) {
+      const int n = (int)std::min<int64_t>(TILE, c.start + c.n - off);
+      float* x = px.load(off, n);
+      HistCfg hc{has_h ? ph.load(off, n) : nullptr, ph.st, history_init, s.alpha, s.one_minus_alpha, sign};
+      AdamCfg cfg{s, decoupled_weight_decay, pm.load(off, n), pv.load(off, n), pm.st, pv.st};
+      adam_tile(x, n, (uint64_t)off, sc, e, hc, cfg);
+      px.store(off, n);
+      pm.store(off, n);
+      pv.store(off, n);
+      if (has_h) ph.store(off, n);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Meta (fake) kernels: shapes only; the in-place ops return nothing.
+// ---------------------------------------------------------------------------------------
+Tensor philox4x32_10_meta(const Tensor& counters, int64_t key0, int64_t key1) {
+  check_counters(counters);
+  check_key(key0, "key0");
+  check_key(key1, "key1");
+  return at::empty({counters.size(0), 4}, counters.options());
+}
+
+void perturb_meta(TensorList params, at::IntArrayRef tensor_ids, int64_t seed, double, int64_t dist,
+                  int64_t mask_seed, int64_t mask_threshold) {
+  check_params(params, tensor_ids);
+  check_seed(seed, "seed");
+  check_stream_args(dist, mask_seed, mask_threshold);
+}
+
+void sgd_meta(TensorList params, TensorList momentum_buffers, TensorList history_buffers,
+              at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs, int64_t dist,
+              int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double, double, double, double,
+              double, bool, bool, bool, double, bool) {
+  check_params(params, tensor_ids);
+  check_buffers(params, momentum_buffers, "momentum_buffers");
+  check_buffers(params, history_buffers, "history_buffers");
+  check_q(seeds, coeffs);
+  check_stream_args(dist, mask_seed, mask_threshold);
+  check_seed(restore_seed, "restore_seed");
+}
+
+void adam_meta(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList history_buffers,
+               at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs, int64_t dist,
+               int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double, double, double, double,
+               double, double, bool, int64_t step, bool, double, bool) {
+  check_params(params, tensor_ids);
+  check_buffers(params, exp_avgs, "exp_avgs", true);
+  check_buffers(params, exp_avg_sqs, "exp_avg_sqs", true);
+  check_buffers(params, history_buffers, "history_buffers");
+  check_q(seeds, coeffs);
+  check_stream_args(dist, mask_seed, mask_threshold);
+  check_seed(restore_seed, "restore_seed");
+  TORCH_CHECK_VALUE(step >= 1, "zfkernels: step=", step, " must be >= 1 (Adam's bias correction counts from 1)");
+}
+
+
+// CompositeExplicitAutograd kernels: the dispatcher routes calls that carry no tensor at all
+// (empty lists) to this alias, so they become validated no-ops.  A non-empty call reaching
+// them is on a device without zfkernels kernels.
+void no_backend(TensorList params) {
+  TORCH_CHECK_VALUE(params.empty(), "zfkernels: no compiled kernel for device ", params[0].device(),
+                    "; use backend='torch' (the reference) or move the tensors to CPU/CUDA");
+}
+Tensor philox4x32_10_composite(const Tensor& counters, int64_t, int64_t) {
+  TORCH_CHECK_VALUE(false, "zfkernels: no compiled philox4x32_10 kernel for device ", counters.device());
+}
+void perturb_composite(TensorList params, at::IntArrayRef tensor_ids, int64_t seed, double scale, int64_t dist,
+                       int64_t mask_seed, int64_t mask_threshold) {
+  perturb_meta(params, tensor_ids, seed, scale, dist, mask_seed, mask_threshold);
+  no_backend(params);
+}
+void sgd_composite(TensorList params, TensorList momentum_buffers, TensorList history_buffers,
+                   at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs, int64_t dist,
+                   int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double a, double b, double c,
+                   double d, double e, bool f, bool g, bool h, double i, bool j) {
+  sgd_meta(params, momentum_buffers, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold,
+           restore_seed, a, b, c, d, e, f, g, h, i, j);
+  no_backend(params);
+}
+void adam_composite(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList history_buffers,
+                    at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs, int64_t dist,
+                    int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double a, double b, double c,
+                    double d, double e, double f, bool g, int64_t step, bool h, double i, bool j) {
+  adam_meta(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed,
+            mask_threshold, restore_seed, a, b, c, d, e, f, g, step, h, i, j);
+  no_backend(params);
+}
+
+}  // namespace zf_cpu
+
+TORCH_LIBRARY(zfkernels, m) {
+  m.def("philox4x32_10(Tensor counters, int key0, int key1) -> Tensor");
+  m.def(
+      "perturb_(Tensor(a!)[] params, int[] tensor_ids, int seed, float scale, int dist, "
+      "int mask_seed, int mask_threshold) -> ()");
+  m.def(
+      "zo_sgd_update_(Tensor(a!)[] params, Tensor(b!)[] momentum_buffers, "
+      "Tensor(c!)[] history_buffers, int[] tensor_ids, int[] seeds, float[] coeffs, "
+      "int dist, int mask_seed, int mask_threshold, int restore_seed, "
+      "float restore_scale, float lr, float weight_decay, float momentum, "
+      "float dampening, bool nesterov, bool momentum_init, bool sign, "
+      "float history_alpha, bool history_init) -> ()");
+  m.def(
+      "zo_adam_update_(Tensor(a!)[] params, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] history_buffers, int[] tensor_ids, int[] seeds, float[] coeffs, "
+      "int dist, int mask_seed, int mask_threshold, int restore_seed, "
+      "float restore_scale, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, bool decoupled_weight_decay, int step, bool sign, "
+      "float history_alpha, bool history_init) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(zfkernels, CPU, m) {
+  m.impl("philox4x32_10", &zf_cpu::philox4x32_10_cpu);
+  m.impl("perturb_", &zf_cpu::perturb_cpu);
+  m.impl("zo_sgd_update_", &zf_cpu::sgd_cpu);
+  m.impl("zo_adam_update_", &zf_cpu::adam_cpu);
+}
+
+TORCH_LIBRARY_IMPL(zfkernels, Meta, m) {
+  m.impl("philox4x32_10", &zf_cpu::philox4x32_10_meta);
+  m.impl("perturb_", &zf_cpu::perturb_meta);
+  m.impl("zo_sgd_update_", &zf_cpu::sgd_meta);
+  m.impl("zo_adam_update_", &zf_cpu::adam_meta);
+}
+
+TORCH_LIBRARY_IMPL(zfkernels, CompositeExplicitAutograd, m) {
+  m.impl("philox4x32_10", &zf_cpu::philox4x32_10_composite);
+  m.impl("perturb_", &zf_cpu::perturb_composite);
+  m.impl("zo_sgd_update_", &zf_cpu::sgd_composite);
+  m.impl("zo_adam_update_", &zf_cpu::adam_composite);
+}
+
+// A Python module with no functions: importing zfkernels._C registers the ops.
+extern "C" {
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "zfkernels compiled CPU ops", -1,
+                                          nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+#endif  // ZF_OPS_VALIDATION_ONLY

@@ -1,0 +1,115 @@
+"""Build of zeroflow / zfkernels.
+
+    CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .
+
+Extensions:
+  zfkernels._C       CPU kernels + op schema (always built)
+  zfkernels._C_cuda  CUDA kernels (built when nvcc is found and torch has CUDA)
+
+Environment:
+  ZEROFLOW_BUILD_CUDA=0|1   force the CUDA extension off / on (1 fails if impossible)
+  TORCH_CUDA_ARCH_LIST      GPU archs (default "8.0;9.0")
+  MAX_JOBS                  parallel compile jobs (default 2)
+"""
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("csrc")
+
+os.environ.setdefault("MAX_JOBS", "2")
+
+CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno"]
+NVCC_FLAGS = [
+    "-O3",
+    "--fmad=false",  # same float discipline as the CPU build: no contraction
+    "-prec-sqrt=true",
+    "-prec-div=true",
+    "-ftz=false",
+    "--expt-relaxed-constexpr",
+    "-lineinfo",
+]
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("ZEROFLOW_BUILD_CUDA", "").strip()
+    nvcc = None
+    if CUDA_HOME:
+        cand = os.path.join(CUDA_HOME, "bin", "nvcc")
+        nvcc = cand if os.path.exists(cand) else None
+    nvcc = nvcc or shutil.which("nvcc")
+    possible = nvcc is not None and torch.version.cuda is not None
+    if flag == "0":
+        return False
+    if flag == "1":
+        if not possible:
+            raise RuntimeError(
+                "ZEROFLOW_BUILD_CUDA=1 but the CUDA extension cannot be built: "
+                f"nvcc={'found' if nvcc else 'not found (set CUDA_HOME=/usr/local/cuda)'}, "
+                f"torch.version.cuda={torch.version.cuda!r} (install a CUDA build of torch)"
+            )
+        return True
+    return possible
+
+
+ext_modules = [
+    CppExtension(
+        name="zfkernels._C",
+        sources=[os.path.join(CSRC, "ops.cpp")],
+        include_dirs=[os.path.join(HERE, CSRC)],
+        extra_compile_args={"cxx": CXX_FLAGS},
+        extra_link_args=["-fopenmp"],
+    )
+]
+
+if _want_cuda():
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    ext_modules.append(
+        CUDAExtension(
+            name="zfkernels._C_cuda",
+            sources=[os.path.join(CSRC, "ops_cuda.cu")],
+            include_dirs=[os.path.join(HERE, CSRC)],
+            extra_compile_args={"cxx": ["-O3", "-ffp-contract=off"], "nvcc": NVCC_FLAGS},
+        )
+    )
+
+try:
+    import ninja  # noqa: F401
+
+    use_ninja = True
+except ImportError:
+    use_ninja = shutil.which("ninja") is not None
+
+packages = ["zfkernels", "zfkernels.triton"] + find_packages(where="python")
+package_dir = {"zfkernels": "zfkernels", "zfkernels.triton": "zfkernels/triton", "": "python"}
+if not os.path.isdir(os.path.join(HERE, "zfkernels", "triton")):
+    packages.remove("zfkernels.triton")
+    package_dir.pop("zfkernels.triton")
+
+setup(
+    name="zeroflow",
+    version="0.1.0",
+    description="Fused zeroth-order optimizer kernels (CPU, CUDA, Triton) for PyTorch",
+    packages=packages,
+    package_dir=package_dir,
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=use_ninja)},
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+        "pyyaml",
+        "scikit-learn",
+        "safetensors",
+        "timm",
+    ],
+    entry_points={"console_scripts": ["zeroflow = zeroflow.cli:main"]},
+    zip_safe=False,
+)
