@@ -107,6 +107,13 @@ class _ZOBase(torch.optim.Optimizer):
         self.forwards_last_step = 0
         self.last_projected: list[float] = []   # per query: (L+ - L-)/2, L+ - L0, or grad.v (forward_grad)
         self.conserve_choice = None             # conserve: -1 (theta-Delta), 0 (theta) or +1 (theta+Delta)
+        # Hooks used by zeroflow.distributed and zeroflow.replay (docs/distributed.md):
+        # every scalar a step consumes (closure losses; forward_grad: loss and grad.v) passes
+        # through scalar_hook(values) -> values (an all-reduce, or a log playback), and each
+        # finished step (skipped / aborted included) is reported to step_hook(opt, info).
+        self.scalar_hook: Callable | None = None
+        self.step_hook: Callable | None = None
+        self._consumed: list[float] = []
         super().__init__(params, defaults)
         if not any(g["params"] for g in self.param_groups):
             raise ValueError("no parameter with requires_grad=True was given to the optimizer")
@@ -211,6 +218,9 @@ class _ZOBase(torch.optim.Optimizer):
 
     def _eval(self, closure, where: str) -> float:
         val = _scalar(closure(), where)
+        if self.scalar_hook is not None:
+            val = float(self.scalar_hook([val])[0])
+        self._consumed.append(val)
         self.forward_passes += 1
         self._fw_step += 1
         return val
@@ -230,12 +240,16 @@ class _ZOBase(torch.optim.Optimizer):
         seeds = [derive_seed(self._seed, n, j) for j in range(self.q)]
         mask_seed = self._mask_seed(n)
         self._fw_step = 0
+        self._consumed = []
+        status = "aborted"
         try:
             if self.estimator == "forward_grad":
                 loss = self._step_forward_grad(closure, seeds, mask_seed)
             else:
                 loss = self._step_zo(closure, seeds, mask_seed)
+            status = "ok"
         except _Skip as s:
+            status = "skipped"
             self.steps_skipped += 1
             warnings.warn(
                 f"{type(self).__name__}: non-finite loss ({s.value}) at step {n}; step skipped, "
@@ -246,6 +260,9 @@ class _ZOBase(torch.optim.Optimizer):
         finally:
             self._n = n + 1
             self.forwards_last_step = self._fw_step
+            if self.step_hook is not None:
+                self.step_hook(self, {"step": n, "task": self._task, "scalars": list(self._consumed),
+                                      "status": status})
         return loss
 
     def _coeffs(self, g: dict, d: list[float]) -> list[float]:
@@ -347,6 +364,9 @@ class _ZOBase(torch.optim.Optimizer):
                 self.forward_passes += 1
                 self._fw_step += 1
                 ddv = _scalar(dd, "(its directional derivative)")
+                if self.scalar_hook is not None:
+                    val, ddv = (float(x) for x in self.scalar_hook([val, ddv]))
+                self._consumed += [val, ddv]
                 if not (math.isfinite(val) and math.isfinite(ddv)):
                     raise _Skip(val if not math.isfinite(val) else ddv)
                 d.append(ddv)

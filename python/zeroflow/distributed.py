@@ -1,0 +1,468 @@
+"""Data-parallel zeroth-order training that communicates only scalars (docs/distributed.md).
+
+Every rank holds the full model and the same optimizer (same base seed, options, stream
+version): it perturbs with the same z (regenerated from the shared seed schedule, stream v1
+§8), evaluates the loss of *its shard* of the batch, and the ranks combine each loss into the
+batch-size-weighted mean before the optimizer sees it. Every rank therefore computes the same
+projected-gradient scalars and applies the identical fused update: no gradient, no parameter
+and no z ever crosses the wire, only ``2q`` (two_side) floats per step.
+
+Typical use (under ``torchrun``)::
+
+    from zeroflow import distributed as zd
+    rank, world = zd.init_from_env() or (0, 1)
+    opt = zd.DataParallelZO(create("zo_adam", model.parameters(), lr=1e-4, seed=0))
+    for x, y in loader_of_my_shard:                  # see ShardedBatchSampler
+        opt.step(lambda: F.cross_entropy(model(x), y), batch_size=len(x))
+
+``DataParallelZO`` checks at construction that every rank has the same seed, options,
+stream version, parameter shapes/dtypes and parameter values, and (``check_every``) that the
+parameters stay bit-identical; any difference raises :class:`DistributedMismatchError`.
+All collectives go through :class:`Comm`, which counts the bytes handed to them.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Comm", "DataParallelZO", "DistributedMismatchError", "init_from_env", "shard",
+           "ShardedBatchSampler", "describe_optimizer", "param_checksum", "is_main_process",
+           "local_device"]
+
+
+class DistributedMismatchError(RuntimeError):
+    """Ranks disagree (seed / options / stream / shapes / parameter values)."""
+
+
+# ---------------------------------------------------------------------------- launching
+def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> tuple[int, int] | None:
+    """Initialise ``torch.distributed`` from the variables ``torchrun`` sets (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, ``LOCAL_RANK``).
+
+    Returns ``(rank, world_size)``, or ``None`` when the process was not launched by torchrun
+    (no ``RANK``/``WORLD_SIZE``) and no process group exists. Already initialised: returns
+    the existing group's rank and size. ``backend`` defaults to ``nccl`` when CUDA is
+    available (and selects ``cuda:LOCAL_RANK``), else ``gloo``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    env = os.environ
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return None
+    if not dist.is_available():
+        raise RuntimeError("launched by torchrun but this torch build has no torch.distributed")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(env.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main_process() -> bool:
+    """True on rank 0 or when not distributed (only the main process writes outputs)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def local_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` under an NCCL group, else cpu."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def shard(dataset_indices: Sequence[int], rank: int, world: int) -> list:
+    """Rank ``rank``'s share of ``dataset_indices``: every ``world``-th element starting at
+    ``rank`` (disjoint, covers all, sizes differ by at most one)."""
+    if not (0 <= rank < world):
+        raise ValueError(f"rank={rank} must be in [0, world={world})")
+    return list(dataset_indices)[rank::world]
+
+
+class ShardedBatchSampler:
+    """Batch sampler giving rank ``rank`` its slice of each *global* batch.
+
+    The global order is one permutation per epoch drawn from ``seed + epoch`` (identical on
+    every rank; or the identity with ``shuffle=False``); global batch k is
+    ``order[k*B:(k+1)*B]`` and this rank gets ``batch[rank::world]``. So the union of the
+    ranks' step-k batches is exactly the single-process step-k batch, and with
+    :class:`DataParallelZO` (``batch_size=len(x)``) the run equals the single-process run on
+    that batch up to fp32 rounding. Every rank yields the same number of batches; a final
+    global batch with fewer than ``world`` samples is dropped (so no rank gets an empty
+    batch). Use as ``DataLoader(ds, batch_sampler=ShardedBatchSampler(len(ds), B, rank,
+    world, seed=s))`` and call ``set_epoch(e)`` each epoch."""
+
+    def __init__(self, n: int, global_batch_size: int, rank: int, world: int, *, shuffle: bool = True,
+                 seed: int = 0):
+        if global_batch_size < world:
+            raise ValueError(f"global batch size {global_batch_size} < world size {world}: some rank would get "
+                             "an empty batch")
+        if not (0 <= rank < world):
+            raise ValueError(f"rank={rank} must be in [0, world={world})")
+        self.n, self.B, self.rank, self.world = int(n), int(global_batch_size), rank, world
+        self.shuffle, self.seed, self.epoch = shuffle, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self._order()
+        for k in range(len(self)):
+            yield order[k * self.B:(k + 1) * self.B][self.rank::self.world]
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.B)
+        return full + (1 if rest >= self.world else 0)
+
+
+# ---------------------------------------------------------------------------- collectives
+class Comm:
+    """Thin counting wrapper around the ``torch.distributed`` collectives.
+
+    ``bytes_sent``: payload bytes this rank hands to collectives (the input tensor; what
+    an all-reduce of the same tensor would carry, and the unit in which DDP's gradient
+    all-reduce is counted: its bucket sizes). ``bytes_received``: output payload (all_gather:
+    world x input). ``calls``: number of collectives. Per-op counts in ``by_op``."""
+
+    def __init__(self, group=None):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("torch.distributed is not initialised (call zeroflow.distributed.init_from_env() "
+                               "or dist.init_process_group first)")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.device = local_device() if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        self.reset()
+
+    def reset(self) -> None:
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.calls = 0
+        self.by_op: dict[str, list[int]] = {}
+
+    def _count(self, op: str, sent: int, received: int) -> None:
+        self.bytes_sent += sent
+        self.bytes_received += received
+        self.calls += 1
+        c = self.by_op.setdefault(op, [0, 0])
+        c[0] += 1
+        c[1] += sent
+
+    def snapshot(self) -> dict:
+        return {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received, "calls": self.calls,
+                "by_op": {k: {"calls": v[0], "bytes_sent": v[1]} for k, v in self.by_op.items()}}
+
+    @staticmethod
+    def _nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    def all_reduce_(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        dev = t.device
+        x = t.to(self.device)
+        dist.all_reduce(x, op=op, group=self.group)
+        if x is not t:
+            t.copy_(x.to(dev))
+        self._count("all_reduce", self._nbytes(t), self._nbytes(t))
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """``[world, *t.shape]`` on t's device, rank order."""
+        x = t.to(self.device).contiguous()
+        outs = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(outs, x, group=self.group)
+        self._count("all_gather", self._nbytes(x), self._nbytes(x) * self.world)
+        return torch.stack(outs).to(t.device)
+
+    def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        dev = t.device
+        x = t.to(self.device)
+        dist.broadcast(x, src=src, group=self.group)
+        if x is not t:
+            t.copy_(x.to(dev))
+        self._count("broadcast", self._nbytes(t) if self.rank == src else 0, self._nbytes(t))
+        return t
+
+    def all_gather_bytes(self, data: bytes, size: int) -> list[bytes]:
+        """Fixed-size byte strings from every rank."""
+        if len(data) != size:
+            raise ValueError("all ranks must gather the same number of bytes")
+        t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        g = self.all_gather(t)
+        return [bytes(g[r].tolist()) for r in range(self.world)]
+
+    def all_gather_object(self, obj) -> list:
+        """Variable-size JSON-able objects (used only to explain a mismatch)."""
+        raw = json.dumps(obj, sort_keys=True, default=str).encode()
+        n = self.all_gather(torch.tensor([len(raw)], dtype=torch.int64))
+        size = int(n.max())
+        padded = raw + b"\0" * (size - len(raw))
+        parts = self.all_gather_bytes(padded, size)
+        return [json.loads(p[: int(n[r])].decode()) for r, p in enumerate(parts)]
+
+
+# ---------------------------------------------------------------------------- fingerprints
+def _zo_of(optimizer):
+    """(zo optimizer, hybrid or None) of a ZO optimizer or a HybridFOZO."""
+    from zeroflow.optim.hybrid import HybridFOZO
+    from zeroflow.optim.zo import _ZOBase
+
+    if isinstance(optimizer, HybridFOZO):
+        return optimizer.zo, optimizer
+    if isinstance(optimizer, _ZOBase):
+        return optimizer, None
+    raise TypeError(f"expected a zeroflow ZO optimizer (ZOFusedSGD/ZOFusedAdam) or HybridFOZO, got "
+                    f"{type(optimizer).__name__}")
+
+
+def _jsonable(v):
+    if isinstance(v, torch.Tensor):
+        return float(v) if v.numel() == 1 else v.tolist()
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return repr(v)
+    return v
+
+
+def group_options(g: dict, *, with_lr: bool = True) -> dict:
+    """A param group's options as JSON-able values (no params)."""
+    return {k: _jsonable(v) for k, v in sorted(g.items())
+            if k not in ("params", "param_names") and (with_lr or k != "lr")}
+
+
+def describe_optimizer(optimizer) -> dict:
+    """Everything that must agree across ranks: stream version, class, base seed, step and
+    mask-epoch counters, optimizer-wide and per-group options, resolved backend, parameter
+    shapes and dtypes (in optimizer order)."""
+    import zfkernels
+    from zfkernels.stream import STREAM_VERSION
+
+    zo, hybrid = _zo_of(optimizer)
+    devs = sorted({p.device for g in zo.param_groups for p in g["params"]}, key=str)
+    desc = {
+        "stream": STREAM_VERSION,
+        "class": type(zo).__name__,
+        "seed": zo.seed,
+        "step": zo.step_count,
+        "task": zo._task,
+        "global": {"q": zo.q, "estimator": zo.estimator, "conserve": zo.conserve,
+                   "sparse_resample": zo.sparse_resample, "backend": zo.backend},
+        "resolved_backend": {str(d): zfkernels.resolve_backend(zo.backend, d) for d in devs},
+        "groups": [dict(group_options(g), shapes=[list(p.shape) for p in g["params"]],
+                        dtypes=[str(p.dtype).replace("torch.", "") for p in g["params"]])
+                   for g in zo.param_groups],
+    }
+    if hybrid is not None:
+        desc["hybrid"] = {"switch": hybrid.switch, "steps": hybrid._steps, "fo": type(hybrid.fo).__name__,
+                          "fo_groups": [group_options(g) for g in hybrid.fo.param_groups]}
+    return desc
+
+
+def _digest(obj) -> bytes:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).digest()
+
+
+def param_checksum(params: Sequence[torch.Tensor]) -> bytes:
+    """32-byte checksum of the parameters' exact bits. CPU tensors: sha256 of the bytes.
+    Other devices: per tensor the int64 sums of the raw bit patterns (all / even / odd
+    positions), computed on the device, hashed together (detects any realistic drift without
+    copying the parameters to the host)."""
+    h = hashlib.sha256()
+    for p in params:
+        t = p.detach().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        if t.device.type == "cpu":
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            iv = t.reshape(-1).view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+            s = torch.stack([iv.sum(dtype=torch.int64), iv[0::2].sum(dtype=torch.int64),
+                             iv[1::2].sum(dtype=torch.int64)]).cpu()
+            h.update(s.numpy().tobytes())
+    return h.digest()
+
+
+def _diff_keys(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and any(isinstance(x, dict) for x in a):
+        out = []
+        for i, (x, y) in enumerate(zip(a, b)):
+            out += _diff_keys(x, y, f"{prefix}[{i}]")
+        return out
+    return [] if a == b else [f"{prefix}: {a!r} vs {b!r}"]
+
+
+# ---------------------------------------------------------------------------- the wrapper
+class DataParallelZO:
+    """Data-parallel wrapper of a ZO optimizer (``ZOFusedSGD`` / ``ZOFusedAdam``, any
+    estimator, conserve) or a :class:`~zeroflow.optim.HybridFOZO`.
+
+    ``step(closure, batch_size=n)``: the closure evaluates this rank's shard (n samples) and
+    returns its mean loss; each value the optimizer consumes becomes
+    ``sum_r n_r L_r / sum_r n_r`` (the loss of the concatenated batch when the loss is a
+    mean). ``batch_size`` omitted (and never set with :meth:`set_batch_size`): plain mean
+    over ranks. Communication per step: one 8-byte all-reduce of the batch sizes (only
+    when weighting) + one all_gather of 8 bytes per consumed scalar (2q two_side, q+1
+    one_side, +2 conserve, 2q forward_grad); the combination is summed in rank order
+    locally, so every rank gets bit-identical scalars whatever the collective's reduction
+    order.
+
+    Hybrid FO phase: the gradients (``.grad``, set by the caller's backward) are all-reduced
+    (weighted the same way) before the FO step -- that phase costs a full gradient
+    all-reduce per step, as DDP does.
+
+    ``check_every=k``: every k steps all-gather a 32-byte checksum of the parameters and raise
+    :class:`DistributedMismatchError` if any rank differs. ``broadcast_params=True``: copy
+    rank 0's parameters to every rank at construction (otherwise they are only checked).
+    The optimizer's other attributes (``param_groups``, ``state_dict``, counters) are
+    reachable through the wrapper, so schedulers and ``zeroflow.optim.train_step`` work."""
+
+    def __init__(self, optimizer, *, group=None, comm: Comm | None = None, check_every: int = 0,
+                 broadcast_params: bool = False):
+        zo, hybrid = _zo_of(optimizer)
+        if zo.scalar_hook is not None:
+            raise RuntimeError("this optimizer already has a scalar hook (wrapped twice, or being replayed)")
+        self.optimizer = optimizer
+        self._zo, self._hybrid = zo, hybrid
+        self.comm = comm if comm is not None else Comm(group)
+        self.rank, self.world = self.comm.rank, self.comm.world
+        self.check_every = int(check_every)
+        self._n_local: int | None = None
+        self._weight = 1.0 / self.world
+        self._dp_steps = 0
+        self.verify_same_setup()
+        if broadcast_params:
+            with torch.no_grad():
+                for p in self._params():
+                    self.comm.broadcast_(p.data, src=0)
+        self.check_params(where="at construction")
+        zo.scalar_hook = self._combine
+        self.comm.reset()   # setup traffic is not per-step traffic
+
+    # ----- delegation
+    def __getattr__(self, name):
+        if name in ("optimizer", "_zo", "_hybrid"):
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
+
+    @property
+    def zeroth_order(self) -> bool:
+        return bool(getattr(self.optimizer, "zeroth_order", True))
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, sd):
+        self.optimizer.load_state_dict(sd)
+        self.verify_same_setup()
+        self.check_params(where="after load_state_dict")
+
+    def zero_grad(self, set_to_none: bool = True):
+        if hasattr(self.optimizer, "zero_grad"):
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def detach(self) -> None:
+        """Remove the hook (the optimizer goes back to single-process behaviour)."""
+        if self._zo.scalar_hook == self._combine:
+            self._zo.scalar_hook = None
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self._zo.param_groups for p in g["params"]]
+
+    # ----- checks
+    def verify_same_setup(self) -> None:
+        """All-gather a digest of :func:`describe_optimizer`; on mismatch gather the
+        descriptions and raise naming the fields that differ (on every rank)."""
+        desc = describe_optimizer(self.optimizer)
+        digests = self.comm.all_gather_bytes(_digest(desc), 32)
+        if len(set(digests)) == 1:
+            return
+        descs = self.comm.all_gather_object(desc)
+        lines = []
+        for r in range(1, self.world):
+            for d in _diff_keys(descs[0], descs[r]):
+                lines.append(f"rank 0 vs rank {r}: {d}")
+        raise DistributedMismatchError(
+            "data-parallel ZO needs the same seed, options, stream version and parameter shapes on every "
+            "rank; they differ:\n  " + "\n  ".join(lines[:20] or ["(descriptions differ)"]))
+
+    def check_params(self, where: str = "") -> None:
+        """Raise :class:`DistributedMismatchError` unless every rank's parameters are
+        bit-identical (32-byte checksum all-gather)."""
+        sums = self.comm.all_gather_bytes(param_checksum(self._params()), 32)
+        if len(set(sums)) != 1:
+            bad = [r for r in range(self.world) if sums[r] != sums[0]]
+            raise DistributedMismatchError(
+                f"parameters differ across ranks {where or f'after step {self._zo.step_count}'}: rank(s) {bad} "
+                "disagree with rank 0 (different initial weights, a non-deterministic backend, or a rank that "
+                "ran different steps). Use broadcast_params=True to start from rank 0's weights.")
+
+    # ----- step
+    def set_batch_size(self, n: int) -> None:
+        """This rank's number of samples in the current batch (used for the weighted mean)."""
+        if n < 0:
+            raise ValueError("batch size must be >= 0")
+        self._n_local = int(n)
+
+    def _begin_step(self) -> None:
+        if self._n_local is None:
+            self._weight = 1.0 / self.world
+            return
+        tot = self.comm.all_reduce_(torch.tensor([self._n_local], dtype=torch.int64))
+        total = int(tot[0])
+        if total <= 0:
+            raise ValueError("every rank reported batch_size=0")
+        self._weight = self._n_local / total
+
+    def _combine(self, values: list[float]) -> list[float]:
+        w = self._weight
+        local = torch.tensor([w * v if w != 0.0 else 0.0 for v in values], dtype=torch.float64)
+        g = self.comm.all_gather(local).tolist()
+        out = []
+        for j in range(len(values)):
+            acc = 0.0
+            for r in range(self.world):     # fixed rank order: identical bits on every rank
+                acc += g[r][j]
+            out.append(acc)
+        return out
+
+    def step(self, closure: Callable | None = None, batch_size: int | None = None):
+        if batch_size is not None:
+            self.set_batch_size(batch_size)
+        self._begin_step()
+        if self.zeroth_order:
+            loss = self.optimizer.step(closure)
+        else:
+            self._allreduce_grads()
+            loss = self.optimizer.step(closure)
+        self._dp_steps += 1
+        if self.check_every and self._dp_steps % self.check_every == 0:
+            self.check_params()
+        return loss
+
+    def _allreduce_grads(self) -> None:
+        """Hybrid FO phase: weighted all-reduce of the gradients (a full gradient per step)."""
+        for p in self._params():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.mul_(self._weight)
+            self.comm.all_reduce_(p.grad)

@@ -1,0 +1,485 @@
+"""Trajectory logs: record every applied ZO step as (step, scalars, lr, flags) and rebuild the
+weights from (base weights, log) by re-running the same fused ops (docs/distributed.md).
+
+A ZO step is determined by the base seed, the step counter (query and mask seeds follow the
+stream v1 §8 schedule), the scalars the step consumed from the closure (the losses; for
+forward_grad also grad.v) and the learning rates. The recorder logs exactly those, through the
+optimizer's ``step_hook``; replay rebuilds the optimizer from the log header and plays the
+scalars back through its ``scalar_hook`` with a closure that computes nothing, so the same
+``perturb_`` / update calls run in the same order: bit-exact on the same backend and dtype.
+
+File format (little-endian)::
+
+    magic  b"ZFTRAJ\\x00\\x01"
+    u32 n, header (n bytes of UTF-8 JSON), u32 crc32(header)
+    records: u32 n, payload (n bytes), u32 crc32(payload)
+      payload[0] = kind: 1 step, 2 group options changed, 255 end
+      step:    u64 step, u8 flags (1 skipped, 2 aborted, 4 lr present, 8 task present),
+               [u64 task], [u16 G, G x f64 lr], u16 m, m x f64 scalars
+      options: UTF-8 JSON list of per-group options (non-lr)
+      end:     u64 steps recorded, u64 next step, 32 bytes sha256 of the optimized parameters
+
+A q=1 two_side step with unchanged lr is 36 bytes (+16 per extra query).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import struct
+import sys
+import tempfile
+import time
+import warnings
+import zlib
+from typing import Sequence
+
+import torch
+
+__all__ = ["TrajectoryRecorder", "replay", "replay_to_file", "read_log", "replay_main", "save_base",
+           "weights_sha256", "ReplayError", "LOG_FORMAT"]
+
+MAGIC = b"ZFTRAJ\x00\x01"
+LOG_FORMAT = 1
+K_STEP, K_OPTIONS, K_END = 1, 2, 255
+F_SKIPPED, F_ABORTED, F_LR, F_TASK = 1, 2, 4, 8
+_STATUS_FLAG = {"ok": 0, "skipped": F_SKIPPED, "aborted": F_ABORTED}
+
+
+class ReplayError(ValueError):
+    """The log cannot be replayed (corrupt, truncated, other stream version, wrong base...)."""
+
+
+def weights_sha256(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> str:
+    """sha256 over (name, dtype, shape, raw bytes) of each tensor, in order."""
+    h = hashlib.sha256()
+    for n, t in zip(names, tensors):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{n}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _atomic_save(obj, path: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def save_base(path: str, model: torch.nn.Module, optimizer=None) -> None:
+    """Write the BASE checkpoint for a log atomically: ``{"model": state_dict}`` (plus the
+    optimizer's state_dict when recording starts with non-empty optimizer state)."""
+    obj = {"model": model.state_dict()}
+    if optimizer is not None:
+        obj["optimizer"] = optimizer.state_dict()
+    _atomic_save(obj, path)
+
+
+# ---------------------------------------------------------------------------- recording
+def _unwrap(optimizer):
+    from zeroflow.optim.hybrid import HybridFOZO
+    from zeroflow.optim.zo import _ZOBase
+
+    inner = getattr(optimizer, "optimizer", None)      # DataParallelZO
+    if inner is not None and not isinstance(optimizer, (_ZOBase, HybridFOZO)):
+        optimizer = inner
+    if isinstance(optimizer, HybridFOZO):
+        if not optimizer.zeroth_order:
+            raise ValueError(
+                "HybridFOZO is in its first-order phase: an FO step is a full gradient and cannot be replayed "
+                "from scalars. Start recording at the switch (when hybrid.zeroth_order is True), with the weights "
+                "saved then (zeroflow.replay.save_base) as BASE.")
+        optimizer = optimizer.zo
+    if not isinstance(optimizer, _ZOBase):
+        raise TypeError(f"only zeroflow ZO optimizers can be recorded, got {type(optimizer).__name__}")
+    return optimizer
+
+
+class TrajectoryRecorder:
+    """Record every step of a ZO optimizer (``ZOFusedSGD`` / ``ZOFusedAdam``, a
+    ``HybridFOZO`` in its ZO phase, or a ``DataParallelZO``) to ``path``.
+
+    ``model``: names the parameters (``model.named_parameters()``) so that replay can find
+    them in the BASE state_dict; alternatively ``names`` in optimizer order. Save BASE (the
+    weights at the moment recording starts) with :func:`save_base`; if the optimizer already
+    has state (momentum, Adam moments) pass it to ``save_base`` too. ``close()`` (or the
+    context manager) writes the end record with the checksum of the final weights; a log
+    without it is refused as truncated. Data-parallel: record on rank 0 only (every rank
+    consumes identical scalars)."""
+
+    def __init__(self, path: str, optimizer, *, model: torch.nn.Module | None = None,
+                 names: Sequence[str] | None = None, flush_every: int = 100):
+        import zfkernels
+        from zfkernels.stream import STREAM_VERSION
+
+        from zeroflow.distributed import group_options
+
+        opt = _unwrap(optimizer)
+        if opt.estimator == "forward_grad":
+            raise ValueError("estimator='forward_grad' is not supported by the trajectory log (replay would need the "
+                             "model to run the jvps)")
+        if opt.step_hook is not None:
+            raise RuntimeError("this optimizer already has a step hook (another recorder?)")
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if names is None:
+            if model is None:
+                names = [f"param{k}" for k in range(len(params))]
+            else:
+                by_id = {}
+                for n, p in model.named_parameters(remove_duplicate=False):
+                    by_id.setdefault(id(p), n)
+                missing = [k for k, p in enumerate(params) if id(p) not in by_id]
+                if missing:
+                    raise ValueError(f"optimized parameters {missing} are not parameters of model=")
+                names = [by_id[id(p)] for p in params]
+        names = list(names)
+        if len(names) != len(params) or len(set(names)) != len(names):
+            raise ValueError("names= must give one distinct name per optimized parameter, in optimizer order")
+        self.opt, self.names, self._params = opt, names, params
+        fresh = all(len(opt.state[p]) == 0 for p in params)
+        devs = sorted({p.device for p in params}, key=str)
+        k = 0
+        groups = []
+        for g in opt.param_groups:
+            n = len(g["params"])
+            groups.append({"names": names[k:k + n], "shapes": [list(p.shape) for p in g["params"]],
+                           "dtypes": [str(p.dtype).replace("torch.", "") for p in g["params"]],
+                           "options": group_options(g, with_lr=False), "lr": float(g["lr"])})
+            k += n
+        self.header = {
+            "format": LOG_FORMAT, "stream": STREAM_VERSION, "optimizer": type(opt).__name__, "seed": opt.seed,
+            "global": {"q": opt.q, "estimator": opt.estimator, "conserve": opt.conserve,
+                       "sparse_resample": opt.sparse_resample, "backend": opt.backend},
+            "resolved_backend": {str(d): zfkernels.resolve_backend(opt.backend, d) for d in devs},
+            "start_step": opt.step_count, "start_task": opt._task, "fresh_state": fresh,
+            "groups": groups, "base_sha256": weights_sha256(names, params),
+            "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        self._lrs = [g["lr"] for g in groups]
+        self._opts = [g["options"] for g in groups]
+        self._task = opt._task
+        self._steps = 0
+        self._flush_every = max(1, int(flush_every))
+        self.bytes_written = 0
+        self._f = open(path, "wb")
+        self.path = path
+        hdr = json.dumps(self.header, sort_keys=True).encode()
+        self._write(MAGIC + struct.pack("<I", len(hdr)) + hdr + struct.pack("<I", zlib.crc32(hdr)))
+        opt.step_hook = self._on_step
+
+    def _write(self, b: bytes) -> None:
+        self._f.write(b)
+        self.bytes_written += len(b)
+
+    def _record(self, payload: bytes) -> None:
+        self._write(struct.pack("<I", len(payload)) + payload + struct.pack("<I", zlib.crc32(payload)))
+
+    def _on_step(self, opt, info: dict) -> None:
+        from zeroflow.distributed import group_options
+
+        opts = [group_options(g, with_lr=False) for g in opt.param_groups]
+        if opts != self._opts:
+            self._record(bytes([K_OPTIONS]) + json.dumps(opts, sort_keys=True).encode())
+            self._opts = opts
+        flags = _STATUS_FLAG[info["status"]]
+        lrs = [float(g["lr"]) for g in opt.param_groups]
+        extra = b""
+        if info["task"] != self._task:
+            flags |= F_TASK
+            extra += struct.pack("<Q", info["task"])
+            self._task = info["task"]
+        if lrs != self._lrs:
+            flags |= F_LR
+            extra += struct.pack(f"<H{len(lrs)}d", len(lrs), *lrs)
+            self._lrs = lrs
+        sc = info["scalars"]
+        self._record(struct.pack("<BQB", K_STEP, info["step"], flags) + extra
+                     + struct.pack(f"<H{len(sc)}d", len(sc), *sc))
+        self._steps += 1
+        if self._steps % self._flush_every == 0:
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is None:
+            return
+        if self.opt.step_hook == self._on_step:
+            self.opt.step_hook = None
+        digest = bytes.fromhex(weights_sha256(self.names, self._params))
+        self._record(struct.pack("<BQQ", K_END, self._steps, self.opt.step_count) + digest)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._f = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---------------------------------------------------------------------------- reading
+def read_log(path: str) -> tuple[dict, list[tuple]]:
+    """Parse and validate a whole log: ``(header, records)``; records are
+    ``("step", step, flags, task|None, lrs|None, scalars)``, ``("options", list)`` and a final
+    ``("end", n_steps, next_step, sha256_hex)``. Raises :class:`ReplayError` on a bad magic,
+    a checksum or length mismatch, a missing end record (truncated) or data after it."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:6] != MAGIC[:6]:
+        raise ReplayError(f"{path}: not a zeroflow trajectory log (bad magic)")
+    if data[:8] != MAGIC:
+        raise ReplayError(f"{path}: trajectory log format {data[6:8].hex()} is not supported (this reads format "
+                          f"{LOG_FORMAT})")
+    pos = 8
+
+    def take(n: int, what: str) -> bytes:
+        nonlocal pos
+        if pos + n > len(data):
+            raise ReplayError(f"{path}: truncated log ({what} at byte {pos} needs {n} bytes, file has "
+                              f"{len(data) - pos} left)")
+        b = data[pos:pos + n]
+        pos += n
+        return b
+
+    (hn,) = struct.unpack("<I", take(4, "header length"))
+    hdr = take(hn, "header")
+    (crc,) = struct.unpack("<I", take(4, "header checksum"))
+    if zlib.crc32(hdr) != crc:
+        raise ReplayError(f"{path}: corrupt log (header checksum mismatch)")
+    header = json.loads(hdr.decode())
+    records: list[tuple] = []
+    while True:
+        if pos == len(data):
+            raise ReplayError(f"{path}: truncated log: no end record after {len(records)} records (the recorder was "
+                              "not closed, or the file was cut)")
+        (n,) = struct.unpack("<I", take(4, "record length"))
+        payload = take(n, f"record {len(records)}")
+        (crc,) = struct.unpack("<I", take(4, "record checksum"))
+        if zlib.crc32(payload) != crc:
+            raise ReplayError(f"{path}: corrupt log (checksum mismatch in record {len(records)} at byte {pos - n - 8})")
+        kind = payload[0]
+        try:
+            if kind == K_STEP:
+                step, flags = struct.unpack_from("<QB", payload, 1)
+                off = 10
+                task = lrs = None
+                if flags & F_TASK:
+                    (task,) = struct.unpack_from("<Q", payload, off)
+                    off += 8
+                if flags & F_LR:
+                    (g,) = struct.unpack_from("<H", payload, off)
+                    lrs = list(struct.unpack_from(f"<{g}d", payload, off + 2))
+                    off += 2 + 8 * g
+                (m,) = struct.unpack_from("<H", payload, off)
+                sc = list(struct.unpack_from(f"<{m}d", payload, off + 2))
+                if off + 2 + 8 * m != len(payload):
+                    raise ReplayError("length")
+                records.append(("step", step, flags, task, lrs, sc))
+            elif kind == K_OPTIONS:
+                records.append(("options", json.loads(payload[1:].decode())))
+            elif kind == K_END:
+                nsteps, nxt = struct.unpack_from("<QQ", payload, 1)
+                if len(payload) != 17 + 32:
+                    raise ReplayError("length")
+                records.append(("end", nsteps, nxt, payload[17:].hex()))
+                break
+            else:
+                raise ReplayError(f"unknown record kind {kind}")
+        except (struct.error, ReplayError, ValueError) as e:
+            raise ReplayError(f"{path}: corrupt log (record {len(records)} malformed: {e})") from None
+    if pos != len(data):
+        raise ReplayError(f"{path}: corrupt log ({len(data) - pos} bytes after the end record)")
+    nsteps = sum(1 for r in records if r[0] == "step")
+    if records[-1][1] != nsteps:
+        raise ReplayError(f"{path}: corrupt log (end record says {records[-1][1]} steps, found {nsteps})")
+    return header, records
+
+
+# ---------------------------------------------------------------------------- replay
+class _Abort(Exception):
+    pass
+
+
+def _load_base(base):
+    if isinstance(base, (str, os.PathLike)):
+        try:
+            base = torch.load(base, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ReplayError(f"cannot read BASE {base!s}: {e}") from None
+    if not isinstance(base, dict):
+        raise ReplayError("BASE must be a state_dict (name -> tensor) or {'model': state_dict, 'optimizer': ...}")
+    if "model" in base and isinstance(base["model"], dict):
+        return dict(base["model"]), base.get("optimizer")
+    return dict(base), None
+
+
+def replay(base, log: str, *, backend: str | None = None, device: str | torch.device = "cpu",
+           verify: bool = True) -> dict:
+    """Rebuild the weights at the end of ``log`` from ``base`` (a path or a state_dict, as
+    written by :func:`save_base` or a plain ``model.state_dict()``).
+
+    Returns the BASE state_dict with the optimized tensors replaced by their final values.
+    ``backend``: default = the backend the log was recorded with (bit-exact on the same
+    backend and dtype); another one reproduces Rademacher runs exactly and Gaussian runs
+    within the stream's bound per z (docs/distributed.md), and skips the final checksum
+    check with a warning. ``verify``: compare the result with the checksum in the end
+    record (raise :class:`ReplayError` on mismatch)."""
+    from zfkernels.stream import STREAM_VERSION
+
+    from zeroflow.optim.zo import ZOFusedAdam, ZOFusedSGD
+
+    header, records = read_log(log)
+    if header.get("format") != LOG_FORMAT:
+        raise ReplayError(f"log format {header.get('format')!r} is not supported (this reads {LOG_FORMAT})")
+    if header.get("stream") != STREAM_VERSION:
+        raise ReplayError(
+            f"the log was recorded with perturbation stream {header.get('stream')!r}; this zeroflow implements "
+            f"stream {STREAM_VERSION!r}, which regenerates different z from the same seeds, so the log cannot be "
+            "replayed here (use the zeroflow version that wrote it)")
+    cls = {"ZOFusedSGD": ZOFusedSGD, "ZOFusedAdam": ZOFusedAdam}.get(header.get("optimizer"))
+    if cls is None:
+        raise ReplayError(f"unknown optimizer {header.get('optimizer')!r} in the log")
+    sd, opt_sd = _load_base(base)
+    device = torch.device(device)
+    groups, names, tensors = [], [], []
+    for gi, g in enumerate(header["groups"]):
+        ps = []
+        for n, shape, dt in zip(g["names"], g["shapes"], g["dtypes"]):
+            if n not in sd:
+                raise ReplayError(f"BASE has no tensor {n!r} (the log optimizes {len(g['names'])} tensors of group {gi})")
+            t = sd[n]
+            if list(t.shape) != shape or str(t.dtype).replace("torch.", "") != dt:
+                raise ReplayError(f"BASE tensor {n!r} is {tuple(t.shape)} {t.dtype}, the log expects {tuple(shape)} {dt}")
+            p = t.detach().to(device).clone().contiguous().requires_grad_(True)
+            ps.append(p)
+            names.append(n)
+            tensors.append(p)
+        opts = dict(g["options"])
+        if "betas" in opts:
+            opts["betas"] = tuple(opts["betas"])
+        groups.append({"params": ps, **opts, "lr": g["lr"]})
+    if weights_sha256(names, tensors) != header["base_sha256"]:
+        raise ReplayError("BASE is not the checkpoint the log starts from (checksum of the optimized tensors differs)")
+    rec_backends = set(header["resolved_backend"].values())
+    if backend is None:
+        backend = header["global"]["backend"]
+    glob = dict(header["global"], backend=backend)
+    opt = cls(groups, seed=header["seed"], **glob)
+    if not header["fresh_state"]:
+        if opt_sd is None:
+            raise ReplayError("the log started with non-empty optimizer state; BASE must contain it "
+                              "(save_base(path, model, optimizer))")
+        opt.load_state_dict(opt_sd)
+    opt._n = int(header["start_step"])
+    opt._task = int(header["start_task"])
+    import zfkernels
+
+    used = {zfkernels.resolve_backend(backend, device)}
+    same_backend = used == rec_backends
+
+    queue: list[float] = []
+    abort_after = [False]
+
+    def playback(values):
+        out = []
+        for _ in values:
+            if not queue:
+                if abort_after[0]:
+                    raise _Abort()
+                raise ReplayError(f"log inconsistent with the optimizer: step {opt.step_count} asks for more scalars "
+                                  "than were recorded")
+            out.append(queue.pop(0))
+        return out
+
+    opt.scalar_hook = playback
+    zero = lambda: 0.0  # noqa: E731
+    for rec in records:
+        if rec[0] == "options":
+            for g, o in zip(opt.param_groups, rec[1]):
+                o = dict(o)
+                if "betas" in o:
+                    o["betas"] = tuple(o["betas"])
+                g.update(o)
+            continue
+        if rec[0] == "end":
+            if opt.step_count != rec[2]:
+                raise ReplayError(f"log inconsistent: replay ended at step {opt.step_count}, the log at {rec[2]}")
+            continue
+        _, step, flags, task, lrs, sc = rec
+        if step != opt.step_count:
+            raise ReplayError(f"log inconsistent: record for step {step} where step {opt.step_count} was expected")
+        if task is not None:
+            opt._task = int(task)
+        if lrs is not None:
+            if len(lrs) != len(opt.param_groups):
+                raise ReplayError("log inconsistent: lr record does not match the number of param groups")
+            for g, lr in zip(opt.param_groups, lrs):
+                g["lr"] = lr
+        queue[:] = sc
+        abort_after[0] = bool(flags & F_ABORTED)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            try:
+                opt.step(zero)
+            except _Abort:
+                pass
+        if queue:
+            raise ReplayError(f"log inconsistent: step {step} consumed {len(sc) - len(queue)} of {len(sc)} scalars")
+    opt.scalar_hook = None
+    final = weights_sha256(names, tensors)
+    if verify:
+        if same_backend and final != records[-1][3]:
+            raise ReplayError("replayed weights differ from the recorded final weights (checksum mismatch) although "
+                              "the backend is the same: BASE or the log does not belong to this run")
+        if not same_backend:
+            warnings.warn(f"replay backend {sorted(used)} differs from the recorded {sorted(rec_backends)}: the result "
+                          "is not checked bit-exactly (Gaussian z agree within the stream bound only)", RuntimeWarning)
+    out = dict(sd)
+    for n, t in zip(names, tensors):
+        out[n] = t.detach().requires_grad_(False).to(sd[n].device)
+    return out
+
+
+def replay_to_file(base, log: str, out: str, **kw) -> dict:
+    """:func:`replay` then write the state_dict to ``out`` atomically (temporary file in
+    the same directory + rename; nothing is left at ``out`` if anything fails)."""
+    sd = replay(base, log, **kw)
+    _atomic_save(sd, out)
+    return sd
+
+
+def replay_main(argv: list[str] | None = None) -> int:
+    """``zeroflow replay BASE LOG --out WEIGHTS``."""
+    ap = argparse.ArgumentParser(prog="zeroflow replay",
+                                 description="Rebuild trained weights from a base checkpoint and a ZO trajectory log.")
+    ap.add_argument("base", metavar="BASE", help="weights the log starts from (torch.save'd state_dict, or "
+                    "{'model': ..., 'optimizer': ...} from zeroflow.replay.save_base)")
+    ap.add_argument("log", metavar="LOG", help="trajectory log written by zeroflow.replay.TrajectoryRecorder")
+    ap.add_argument("--out", required=True, metavar="WEIGHTS", help="output state_dict (written atomically)")
+    ap.add_argument("--backend", default=None, help="zfkernels backend (default: the one the log was recorded with)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-verify", action="store_true", help="skip the final-weights checksum check")
+    a = ap.parse_args(argv)
+    try:
+        t0 = time.perf_counter()
+        header, records = read_log(a.log)
+        replay_to_file(a.base, a.log, a.out, backend=a.backend, device=a.device, verify=not a.no_verify)
+        n = sum(1 for r in records if r[0] == "step")
+        print(f"zeroflow replay: {n} steps of {header['optimizer']} (stream {header['stream']}, seed {header['seed']}) "
+              f"replayed in {time.perf_counter() - t0:.2f}s -> {a.out}")
+        return 0
+    except (ReplayError, OSError, RuntimeError, ValueError) as e:
+        print(f"zeroflow replay: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,235 @@
+"""Tests of the trajectory log and replay (issue 6): bit-exact rebuild of 50-step ZO-SGD and
+ZO-Adam runs on CPU, refusal of another stream version, truncated / corrupt logs, a wrong
+BASE, and atomic output (nothing at --out when anything fails)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import warnings
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zeroflow.optim import create, train_step
+from zeroflow.replay import (MAGIC, ReplayError, TrajectoryRecorder, read_log, replay, replay_main,
+                             save_base)
+
+warnings.filterwarnings("ignore", message="zfkernels: the compiled")
+STEPS = 50
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+
+
+def make_data(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(64, 8, generator=g)
+    return X, (X[:, :3] * 2).sin()
+
+
+CASES = {
+    "zo_sgd": dict(name="zo_sgd", lr=1e-2, momentum=0.9, weight_decay=1e-4, zo_eps=1e-3),
+    "zo_adam": dict(name="zo_adam", lr=1e-3, q=2, zo_eps=1e-3),
+    "zo_adam_conserve_sparse_history": dict(name="zo_adam_conserve", lr=1e-3, zo_eps=1e-3, sparsity=0.5,
+                                            history=0.5, sparse_resample="task", estimator="one_side"),
+    "zo_sgd_sign_rademacher_nesterov": dict(name="zo_sgd_sign", lr=1e-3, momentum=0.9, nesterov=True,
+                                            perturbation="rademacher", q=3),
+}
+
+
+def train(tmp_path, case, *, nan_at=None, raise_at=None, lr_decay_at=25, dtype=torch.float32, steps=STEPS):
+    """Train ``steps`` steps while recording; returns (final state_dict, base path, log path)."""
+    kw = dict(CASES[case])
+    name = kw.pop("name")
+    model = make_model().to(dtype)
+    X, Y = make_data()
+    X, Y = X.to(dtype), Y.to(dtype)
+    # two groups (the head at a different lr) to exercise per-group lrs
+    groups = [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters()), "lr": kw["lr"] * 2}]
+    opt = create(name, groups, seed=1234, backend="cpu", **kw)
+    base, log = str(tmp_path / f"{case}.base.pt"), str(tmp_path / f"{case}.zft")
+    save_base(base, model)
+    with TrajectoryRecorder(log, opt, model=model) as rec:
+        for i in range(steps):
+            if i == lr_decay_at:
+                for g in opt.param_groups:
+                    g["lr"] *= 0.3
+            if i == 30 and kw.get("sparse_resample") == "task":
+                opt.new_task()
+
+            def closure():
+                if i == nan_at:
+                    return torch.tensor(math.nan)
+                if i == raise_at:
+                    raise KeyError("boom")
+                return F.mse_loss(model(X), Y)
+
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    train_step(opt, closure)
+            except KeyError:
+                pass
+    rec.final_bytes = os.path.getsize(log)
+    return {k: v.clone() for k, v in model.state_dict().items()}, base, log
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_replay_is_bit_exact_on_cpu(tmp_path, case):
+    final, base, log = train(tmp_path, case)
+    init = torch.load(base, weights_only=True)["model"]
+    sd = replay(base, log)
+    for k, v in final.items():
+        assert not torch.equal(v, init[k]), f"{k} did not move"
+        assert torch.equal(sd[k], v), f"{case}: replayed {k} differs (max {float((sd[k] - v).abs().max())})"
+    header, records = read_log(log)
+    assert header["stream"] == "v1" and header["seed"] == 1234
+    assert sum(r[0] == "step" for r in records) == STEPS
+
+
+def test_replay_cli_writes_weights_and_reports(tmp_path, capsys):
+    final, base, log = train(tmp_path, "zo_adam")
+    out = str(tmp_path / "w.pt")
+    assert replay_main([base, log, "--out", out]) == 0
+    sd = torch.load(out, weights_only=True)
+    assert all(torch.equal(sd[k], v) for k, v in final.items())
+    assert "50 steps of ZOFusedAdam" in capsys.readouterr().out
+
+
+def test_replay_of_skipped_and_aborted_steps_and_bf16(tmp_path):
+    final, base, log = train(tmp_path, "zo_sgd", nan_at=7, raise_at=12, dtype=torch.bfloat16, steps=20)
+    _, records = read_log(log)
+    flags = [r[2] for r in records if r[0] == "step"]
+    assert flags[7] & 1 and flags[12] & 2                  # skipped / aborted recorded
+    sd = replay(base, log)
+    assert all(torch.equal(sd[k], v) for k, v in final.items())
+
+
+def test_log_size_per_step(tmp_path):
+    _, _, log = train(tmp_path, "zo_sgd", lr_decay_at=None)
+    header, records = read_log(log)
+    hdr_len = len(json.dumps(header, sort_keys=True).encode())
+    per_step = (os.path.getsize(log) - 8 - 8 - hdr_len - (4 + 49 + 4)) / STEPS
+    assert per_step == 36                # q=1 two_side: 2 losses + step/flags/framing
+
+
+def _rewrite_header(log, out, **changes):
+    with open(log, "rb") as f:
+        data = f.read()
+    (n,) = struct.unpack_from("<I", data, 8)
+    header = json.loads(data[12:12 + n])
+    header.update(changes)
+    h = json.dumps(header, sort_keys=True).encode()
+    with open(out, "wb") as f:
+        f.write(MAGIC + struct.pack("<I", len(h)) + h + struct.pack("<I", zlib.crc32(h)) + data[12 + n + 4:])
+
+
+def test_other_stream_version_refused(tmp_path):
+    _, base, log = train(tmp_path, "zo_sgd", steps=5)
+    bad = str(tmp_path / "v0.zft")
+    _rewrite_header(log, bad, stream="v0")
+    with pytest.raises(ReplayError, match=r"recorded with perturbation stream 'v0'.*implements stream 'v1'"):
+        replay(base, bad)
+    out = str(tmp_path / "w.pt")
+    assert replay_main([base, bad, "--out", out]) != 0
+    assert not os.path.exists(out)
+
+
+def _no_output(tmp_path, out):
+    assert not os.path.exists(out)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")], "temporary file left behind"
+
+
+@pytest.mark.parametrize("cut", ["mid_record", "at_record_boundary", "header", "flip_scalar", "flip_header",
+                                 "trailing_garbage"])
+def test_truncated_or_corrupt_log_refused_nothing_written(tmp_path, cut, capsys):
+    _, base, log = train(tmp_path, "zo_adam", steps=10)
+    with open(log, "rb") as f:
+        data = bytearray(f.read())
+    rec_len = 4 + 1 + 8 + 1 + 2 + 4 * 8 + 4            # a q=2 two_side step record
+    end_len = 4 + 49 + 4
+    if cut == "mid_record":
+        data = data[:len(data) - end_len - rec_len // 2]
+    elif cut == "at_record_boundary":
+        data = data[:len(data) - end_len]
+    elif cut == "header":
+        data = data[:40]
+    elif cut == "flip_scalar":
+        data[len(data) - end_len - 10] ^= 0x01
+    elif cut == "flip_header":
+        data[20] ^= 0x20
+    else:
+        data += b"\0" * 5
+    bad = str(tmp_path / "bad.zft")
+    with open(bad, "wb") as f:
+        f.write(bytes(data))
+    with pytest.raises(ReplayError, match="truncated|corrupt"):
+        replay(base, bad)
+    out = str(tmp_path / "w.pt")
+    assert replay_main([base, bad, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "zeroflow replay: error:" in err and ("truncated" in err or "corrupt" in err), err
+    _no_output(tmp_path, out)
+
+
+def test_wrong_base_refused(tmp_path):
+    _, base, log = train(tmp_path, "zo_sgd", steps=5)
+    other = str(tmp_path / "other.pt")
+    save_base(other, make_model(seed=9))
+    with pytest.raises(ReplayError, match="not the checkpoint the log starts from"):
+        replay(other, log)
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
+    _, base, log = train(tmp_path, "zo_sgd", steps=5)
+    out = str(tmp_path / "w.pt")
+    real = torch.save
+
+    def failing_save(obj, f, *a, **k):
+        real(obj, f, *a, **k)           # bytes reach the temporary file, then the "disk" fails
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    assert replay_main([base, log, "--out", out]) == 2
+    _no_output(tmp_path, out)
+
+
+def test_hybrid_fo_phase_not_recordable_zo_phase_is(tmp_path):
+    model = make_model()
+    X, Y = make_data()
+    opt = create("zo_sgd", list(model.parameters()), lr=1e-2, seed=3, backend="cpu", hybrid_switch=2)
+    with pytest.raises(ValueError, match="first-order phase.*cannot be replayed"):
+        TrajectoryRecorder(str(tmp_path / "h.zft"), opt, model=model)
+    for _ in range(2):
+        train_step(opt, lambda: F.mse_loss(model(X), Y))
+    base, log = str(tmp_path / "switch.pt"), str(tmp_path / "h.zft")
+    save_base(base, model)                             # checkpoint at the switch
+    with TrajectoryRecorder(log, opt, model=model):
+        for _ in range(10):
+            train_step(opt, lambda: F.mse_loss(model(X), Y))
+    sd = replay(base, log)
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+
+
+def test_resume_mid_run_needs_optimizer_state(tmp_path):
+    model = make_model()
+    X, Y = make_data()
+    opt = create("zo_adam", list(model.parameters()), lr=1e-3, seed=3, backend="cpu")
+    for _ in range(3):
+        train_step(opt, lambda: F.mse_loss(model(X), Y))
+    base, log = str(tmp_path / "mid.pt"), str(tmp_path / "mid.zft")
+    save_base(str(tmp_path / "weights_only.pt"), model)
+    save_base(base, model, opt)
+    with TrajectoryRecorder(log, opt, model=model):
+        for _ in range(5):
+            train_step(opt, lambda: F.mse_loss(model(X), Y))
+    with pytest.raises(ReplayError, match="non-empty optimizer state"):
+        replay(str(tmp_path / "weights_only.pt"), log)
+    sd = replay(base, log)
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
