@@ -1,0 +1,279 @@
+"""Datasets and class-incremental splits.
+
+* ``digits``: scikit-learn's ``load_digits`` (8x8 grey images, 10 classes, 1797 samples,
+  ships with scikit-learn), split 75/25 stratified with ``random_state=0``; pixels scaled
+  to [0, 1]; training augmentation = random 1-pixel shift.
+* ``cifar100``: torchvision ``CIFAR100`` from ``DATA/cifar-100-python`` (downloaded only
+  with ``download=True``).
+* ``cub``, ``imagenet-a``, ``omnibenchmark``: torchvision ``ImageFolder`` from
+  ``DATA/<name>/{train,test}/<class>/`` (the LAMDA-PILOT layout).
+
+Class order: ``numpy.random.RandomState(1993).permutation(n_classes)`` (PILOT's seed);
+labels are remapped to their position in that order, so task ``t`` holds the remapped
+labels ``[start_t, start_t + size_t)``. Real-data transforms are the reference ones and
+apply **no Normalize** (inputs are ``ToTensor()`` in [0, 1]).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .errors import ZeroflowError
+
+CLASS_ORDER_SEED = 1993
+IMAGEFOLDER_DATASETS = ("cub", "imagenet-a", "omnibenchmark")
+ALL_DATASETS = ("digits", "cifar100") + IMAGEFOLDER_DATASETS
+
+
+def class_order(n_classes: int, seed: int = CLASS_ORDER_SEED) -> List[int]:
+    """PILOT's class order: ``np.random.seed(seed); np.random.permutation(n)``."""
+    return np.random.RandomState(seed).permutation(n_classes).tolist()
+
+
+def task_sizes(n_classes: int, init_cls: int, increment: int) -> List[int]:
+    """``[init_cls, inc, inc, ...]``; a remainder that does not fill ``inc`` is a last, smaller task."""
+    if init_cls <= 0 or increment <= 0:
+        raise ZeroflowError(f"init_cls and increment must be positive (got {init_cls}, {increment})")
+    if init_cls > n_classes:
+        raise ZeroflowError(f"init_cls={init_cls} exceeds the {n_classes} classes of the dataset")
+    sizes = [init_cls]
+    while sum(sizes) + increment <= n_classes:
+        sizes.append(increment)
+    rest = n_classes - sum(sizes)
+    if rest > 0:
+        sizes.append(rest)
+    return sizes
+
+
+def task_classes(n_classes: int, init_cls: int, increment: int) -> List[List[int]]:
+    """Remapped labels of each task: disjoint, consecutive, covering ``range(n_classes)``."""
+    out, start = [], 0
+    for size in task_sizes(n_classes, init_cls, increment):
+        out.append(list(range(start, start + size)))
+        start += size
+    return out
+
+
+class _Remap:
+    """target_transform: original label -> position in the class order (picklable)."""
+
+    def __init__(self, order: Sequence[int]):
+        self.lut = {int(c): i for i, c in enumerate(order)}
+
+    def __call__(self, y):
+        return self.lut[int(y)]
+
+
+class TensorImages(Dataset):
+    """In-memory images ``x[N, C, H, W]`` in [0, 1] with remapped integer labels."""
+
+    def __init__(self, x: torch.Tensor, y: np.ndarray, shift: int = 0):
+        self.x, self.targets, self.shift = x, np.asarray(y, dtype=np.int64), int(shift)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        img = self.x[i]
+        if self.shift:
+            s = self.shift
+            padded = torch.nn.functional.pad(img, (s, s, s, s))
+            dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
+            img = padded[:, dy:dy + img.shape[1], dx:dx + img.shape[2]]
+        return img, int(self.targets[i])
+
+
+@dataclass
+class CLData:
+    """A dataset prepared for class-incremental learning (labels already remapped)."""
+
+    name: str
+    n_classes: int
+    order: List[int]
+    tasks: List[List[int]]
+    train: Dataset            # training split, training transform
+    train_eval: Dataset       # training split, test transform (prototypes)
+    test: Dataset
+    train_targets: np.ndarray
+    test_targets: np.ndarray
+    in_chans: int = 3
+    img_size: int = 224
+    class_names: Optional[List[str]] = field(default=None)
+
+    def subset(self, split: str, classes: Sequence[int]) -> Subset:
+        ds = {"train": self.train, "train_eval": self.train_eval, "test": self.test}[split]
+        targets = self.test_targets if split == "test" else self.train_targets
+        idx = np.flatnonzero(np.isin(targets, np.asarray(list(classes)))).tolist()
+        return Subset(ds, idx)
+
+    def loader(self, split: str, classes: Sequence[int], batch_size: int, *, shuffle: bool = False,
+               seed: int = 0, num_workers: int = 0, shard: Optional[Tuple[int, int]] = None) -> DataLoader:
+        """Batches of ``split`` restricted to ``classes``.
+
+        ``shard=(rank, world)`` (data-parallel ZO under torchrun): this rank
+        gets its slice of every *global* batch of ``batch_size`` samples
+        (:class:`zeroflow.distributed.ShardedBatchSampler`, one permutation per epoch from
+        ``seed + epoch``; call ``loader.batch_sampler.set_epoch(e)``), so the ranks' batches of
+        step k together are one global batch."""
+        subset = self.subset(split, classes)
+        if shard is not None:
+            from zeroflow.distributed import ShardedBatchSampler
+            rank, world = shard
+            sampler = ShardedBatchSampler(len(subset), batch_size, rank, world, shuffle=shuffle, seed=int(seed))
+            return DataLoader(subset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=False)
+        gen = torch.Generator()
+        gen.manual_seed(int(seed))
+        return DataLoader(subset, batch_size=batch_size, shuffle=shuffle,
+                          generator=gen, num_workers=num_workers, drop_last=False,
+                          persistent_workers=False)
+
+
+def _remapped(targets, order) -> np.ndarray:
+    remap = _Remap(order)
+    return np.asarray([remap(t) for t in targets], dtype=np.int64)
+
+
+# ---------------------------------------------------------------- digits
+def load_digits_data(init_cls: int, increment: int, split_seed: int = 0) -> CLData:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8] in [0, 1]
+    y = d.target.astype(np.int64)
+    idx_tr, idx_te = train_test_split(np.arange(len(y)), test_size=0.25, random_state=split_seed, stratify=y)
+    order = class_order(10)
+    ytr, yte = _remapped(y[idx_tr], order), _remapped(y[idx_te], order)
+    return CLData(
+        name="digits", n_classes=10, order=order, tasks=task_classes(10, init_cls, increment),
+        train=TensorImages(x[idx_tr], ytr, shift=1), train_eval=TensorImages(x[idx_tr], ytr),
+        test=TensorImages(x[idx_te], yte), train_targets=ytr, test_targets=yte,
+        in_chans=1, img_size=8, class_names=[str(c) for c in range(10)],
+    )
+
+
+# ---------------------------------------------------------------- real data
+def reference_transforms(img_size: int = 224):
+    """The reference code's transforms (no Normalize)."""
+    from torchvision import transforms as T
+
+    train = T.Compose([
+        T.RandomResizedCrop(img_size, scale=(0.05, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+    ])
+    test = T.Compose([
+        T.Resize(int(round(img_size * 256 / 224)), interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(img_size),
+        T.ToTensor(),
+    ])
+    return train, test
+
+
+def _cifar100_class():
+    from torchvision.datasets import CIFAR100
+
+    class _CIFAR100(CIFAR100):
+        """torchvision's CIFAR100 parser. Without ``download`` the folder is checked for the
+        three files only (torchvision's md5 check would reject anything but the official
+        archive contents); a damaged pickle still fails loudly while parsing."""
+
+        def _check_integrity(self) -> bool:
+            if getattr(self, "_zf_verify_md5", False):
+                return super()._check_integrity()
+            base = os.path.join(self.root, self.base_folder)
+            names = [f for f, _ in self.train_list + self.test_list] + [self.meta["filename"]]
+            return all(os.path.isfile(os.path.join(base, n)) for n in names)
+
+        def _load_meta(self) -> None:
+            if not getattr(self, "_zf_verify_md5", False):
+                self.meta = dict(type(self).meta, md5=None)   # existence check only
+            super()._load_meta()
+
+    return _CIFAR100
+
+
+def load_cifar100(root: str, init_cls: int, increment: int, download: bool = False, img_size: int = 224) -> CLData:
+    folder = os.path.join(root, "cifar-100-python")
+    if not download and not os.path.isdir(folder):
+        raise ZeroflowError(
+            f"CIFAR-100 not found: expected the python-pickle folder {folder}/ (train, test, meta). "
+            f"Pass --data-root DIR pointing at its parent, or add --download to fetch it.")
+    cls = _cifar100_class()
+    tr_tf, te_tf = reference_transforms(img_size)
+    try:
+        if download:
+            os.makedirs(root, exist_ok=True)
+            cls._zf_verify_md5 = True
+            cls(root, train=True, download=True)
+            cls(root, train=False, download=True)
+            cls._zf_verify_md5 = False
+        order = class_order(100)
+        remap = _Remap(order)
+        train = cls(root, train=True, transform=tr_tf, target_transform=remap)
+        train_eval = cls(root, train=True, transform=te_tf, target_transform=remap)
+        test = cls(root, train=False, transform=te_tf, target_transform=remap)
+    except ZeroflowError:
+        raise
+    except Exception as e:  # unreadable pickle, missing key, ...
+        raise ZeroflowError(f"could not read CIFAR-100 from {folder}: {type(e).__name__}: {e}") from e
+    n = len(train.classes)
+    if n != 100:
+        raise ZeroflowError(f"CIFAR-100 meta lists {n} classes, expected 100 ({folder}/meta)")
+    return CLData(
+        name="cifar100", n_classes=100, order=order, tasks=task_classes(100, init_cls, increment),
+        train=train, train_eval=train_eval, test=test,
+        train_targets=_remapped(train.targets, order), test_targets=_remapped(test.targets, order),
+        in_chans=3, img_size=img_size, class_names=list(train.classes),
+    )
+
+
+def load_imagefolder(name: str, root: str, init_cls: int, increment: int, img_size: int = 224) -> CLData:
+    from torchvision.datasets import ImageFolder
+
+    base = os.path.join(root, name)
+    for split in ("train", "test"):
+        if not os.path.isdir(os.path.join(base, split)):
+            raise ZeroflowError(
+                f"{name}: data folder {os.path.join(base, split)}/ not found. Expected the ImageFolder "
+                f"layout {base}/{{train,test}}/<class>/<image> (as in LAMDA-PILOT); pass --data-root DIR "
+                f"so that DIR/{name}/train exists.")
+    tr_tf, te_tf = reference_transforms(img_size)
+    try:
+        probe_tr = ImageFolder(os.path.join(base, "train"))
+        probe_te = ImageFolder(os.path.join(base, "test"))
+    except Exception as e:
+        raise ZeroflowError(f"{name}: could not read image folders under {base}: {e}") from e
+    if probe_tr.classes != probe_te.classes:
+        raise ZeroflowError(f"{name}: train/ and test/ have different class folders")
+    n = len(probe_tr.classes)
+    order = class_order(n)
+    remap = _Remap(order)
+    train = ImageFolder(os.path.join(base, "train"), transform=tr_tf, target_transform=remap)
+    train_eval = ImageFolder(os.path.join(base, "train"), transform=te_tf, target_transform=remap)
+    test = ImageFolder(os.path.join(base, "test"), transform=te_tf, target_transform=remap)
+    return CLData(
+        name=name, n_classes=n, order=order, tasks=task_classes(n, init_cls, increment),
+        train=train, train_eval=train_eval, test=test,
+        train_targets=_remapped(train.targets, order), test_targets=_remapped(test.targets, order),
+        in_chans=3, img_size=img_size, class_names=list(probe_tr.classes),
+    )
+
+
+def load_dataset(name: str, root: str, init_cls: int, increment: int, *, download: bool = False,
+                 img_size: int = 224) -> CLData:
+    name = name.lower()
+    if name == "digits":
+        return load_digits_data(init_cls, increment)
+    if name == "cifar100":
+        return load_cifar100(root, init_cls, increment, download=download, img_size=img_size)
+    if name in IMAGEFOLDER_DATASETS:
+        if download:
+            raise ZeroflowError(f"{name} cannot be downloaded automatically; place it under {root}/{name}/{{train,test}}")
+        return load_imagefolder(name, root, init_cls, increment, img_size=img_size)
+    raise ZeroflowError(f"unknown dataset {name!r}; valid: {', '.join(ALL_DATASETS)}")

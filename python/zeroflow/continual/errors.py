@@ -1,0 +1,5 @@
+"""The one exception type the CLI turns into a clean one-line error."""
+
+
+class ZeroflowError(RuntimeError):
+    """A user-facing error: bad option, missing data or weights, corrupt checkpoint."""

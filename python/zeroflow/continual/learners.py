@@ -1,0 +1,191 @@
+"""Shared learner machinery: cosine head, optimizer bridge, training loop, features.
+
+Train/eval semantics (documented in docs/continual.md): first-order steps run the learner
+in ``train()`` mode (adapter dropout 0.1 active); zeroth-order steps (and the ZO phase of a
+hybrid optimizer) run it in ``eval()`` mode, i.e. adapter dropout is disabled, as the
+reference ZO code ran its forward passes. The frozen backbone is always in eval mode.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ZeroflowError
+
+
+class CosineLinear(nn.Module):
+    """``sigma * cos(f, w)``; ``sigma`` learnable (init 1), weights uniform(+-1/sqrt(d))."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.sigma = nn.Parameter(torch.ones(1))
+        stdv = 1.0 / math.sqrt(in_features)
+        nn.init.uniform_(self.weight, -stdv, stdv)
+
+    def forward(self, x):
+        return self.sigma * F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))
+
+
+SGD_LIKE = ("zo_sgd", "zo_sgd_sign", "zo_sgd_conserve", "forward_grad", "fo_sgd")
+ZO_KEYS = ("zo_eps", "q", "perturbation", "sparsity", "history", "backend")
+
+
+def make_optimizer(cfg: Dict, params: List[torch.Tensor], model: nn.Module, seed: int):
+    """``zeroflow.optim.create`` with the run configuration (ZO-only options only for ZO methods)."""
+    from zeroflow.optim import create
+
+    name = cfg["optimizer"]
+    kw = dict(lr=float(cfg["lr"]), weight_decay=float(cfg.get("weight_decay", 0.0)))
+    if name in SGD_LIKE:
+        kw["momentum"] = float(cfg.get("momentum", 0.0))
+    if not name.startswith("fo_"):
+        for k in ZO_KEYS:
+            if cfg.get(k) is not None:
+                kw[k] = cfg[k]
+        kw["seed"] = int(seed) & 0x7FFFFFFF
+        if kw.get("backend") in (None, ""):
+            kw.pop("backend", None)
+        hs = cfg.get("hybrid_switch")
+        return create(name, params, model=model, hybrid_switch=int(hs) if hs else None, **kw)
+    return create(name, params, model=model, **kw)
+
+
+@dataclass
+class Counters:
+    """Efficiency counters accumulated over a run (saved in every checkpoint)."""
+
+    train_forward_passes: int = 0     # optimizer closure evaluations (queries incl. FO forwards)
+    eval_forward_passes: int = 0      # network passes over batches for prototypes and tests
+    iterations: int = 0               # optimizer steps
+    train_seconds: float = 0.0        # wall time inside optimizer steps
+
+    def as_dict(self):
+        return dict(self.__dict__)
+
+
+def cosine_lr(base: float, epoch: int, epochs: int, schedule: str) -> float:
+    if schedule == "constant" or epochs <= 1:
+        return base
+    return 0.5 * base * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+def train_subspace(net: nn.Module, forward: Callable, modules: Sequence[nn.Module], loader, cfg: Dict, *,
+                   label_offset: int, seed: int, device: torch.device, counters: Counters,
+                   timer, progress_desc: str, progress: bool = True, data_parallel: bool = False) -> Dict:
+    """Train ``modules`` (an adapter set + a temporary head) with cross-entropy on
+    ``forward(x) -> logits`` using the configured factory optimizer.
+
+    ``data_parallel`` (torchrun): ``loader`` yields this rank's shard of each global batch and
+    the ZO optimizer is wrapped in :class:`zeroflow.distributed.DataParallelZO` (only the
+    loss scalars cross the wire); the parameters are checked bit-identical across ranks at
+    the start and at the end of the task."""
+    from tqdm.auto import tqdm
+    from zeroflow.optim import train_step
+
+    params = [p for m in modules for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    # the module the closure runs (Forward-Grad swaps parameters in it by name)
+    inside = {id(m) for m in net.modules()}
+    holder = nn.ModuleList([net] + [m for m in modules if id(m) not in inside])
+    opt = make_optimizer(cfg, params, holder, seed)
+    if data_parallel:
+        from zeroflow.distributed import DataParallelZO
+        opt = DataParallelZO(opt)
+    # Forward-Grad (jvp): torch has no forward-mode AD for the fused SDPA kernels, so timm's
+    # attention runs its explicit (mathematically identical) path while training
+    fused = [(m, m.fused_attn) for m in net.modules() if hasattr(m, "fused_attn")]
+    if cfg["optimizer"] == "forward_grad":
+        for m, _ in fused:
+            m.fused_attn = False
+    try:
+        info = _train_loop(net, forward, params, opt, loader, cfg, label_offset, device, counters, timer,
+                           progress_desc, progress)
+        if data_parallel:
+            opt.check_params(where=f"after {progress_desc}")
+            info["bytes_communicated"] = opt.comm.snapshot()
+        return info
+    finally:
+        for m, f in fused:
+            m.fused_attn = f
+
+
+def _train_loop(net, forward, params, opt, loader, cfg, label_offset, device, counters, timer,
+                progress_desc, progress):
+    from tqdm.auto import tqdm
+    from zeroflow.optim import train_step
+
+    epochs = int(cfg["epochs"])
+    losses = []
+    steps = 0
+    bar = tqdm(total=epochs * len(loader), desc=progress_desc, disable=not progress, leave=False,
+               dynamic_ncols=True)
+    sharded = hasattr(loader.batch_sampler, "set_epoch")
+    for epoch in range(epochs):
+        lr = cosine_lr(float(cfg["lr"]), epoch, epochs, cfg.get("schedule", "cosine"))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        if sharded:
+            loader.batch_sampler.set_epoch(epoch)
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            y = (y - label_offset).to(device, non_blocking=True)
+            net.train(not opt.zeroth_order)
+
+            def closure():
+                return F.cross_entropy(forward(x), y)
+
+            if hasattr(opt, "set_batch_size"):     # DataParallelZO: weight this shard's loss
+                opt.set_batch_size(len(x))
+            t0 = timer.now()
+            loss = train_step(opt, closure)
+            counters.train_seconds += timer.now() - t0
+            counters.iterations += 1
+            steps += 1
+            if not math.isfinite(loss):
+                raise ZeroflowError(f"training diverged (loss={loss}) at {progress_desc}, epoch {epoch}; "
+                                    f"lower --lr or --zo-eps")
+            losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2g}")
+    bar.close()
+    counters.train_forward_passes += int(opt.forward_passes)
+    net.eval()
+    for p in params:
+        p.requires_grad_(False)
+    first = sum(losses[: max(1, len(losses) // 10)]) / max(1, len(losses[: max(1, len(losses) // 10)])) if losses else None
+    last = sum(losses[-max(1, len(losses) // 10):]) / max(1, len(losses[-max(1, len(losses) // 10):])) if losses else None
+    return {"steps": steps, "forward_passes": int(opt.forward_passes), "loss_first": first, "loss_last": last}
+
+
+@torch.no_grad()
+def extract(net, loader, adapters: Sequence[Optional[int]], device: torch.device, counters: Counters):
+    """Features ``[N, len(adapters), d]`` (one backbone pass per adapter choice) and labels."""
+    net.eval()
+    feats, labels = [], []
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        f = torch.stack([net.features(x, a) for a in adapters], dim=1)
+        counters.eval_forward_passes += len(adapters)
+        feats.append(f.float().cpu())
+        labels.append(y)
+    if not feats:
+        return torch.empty(0, len(adapters), net.dim), torch.empty(0, dtype=torch.long)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def class_means(feats: torch.Tensor, labels: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    out = []
+    for c in classes:
+        m = labels == c
+        if not bool(m.any()):
+            raise ZeroflowError(f"class {c} has no training images")
+        out.append(feats[m].mean(0))
+    return torch.stack(out)

@@ -1,0 +1,109 @@
+"""Accuracy matrix, Avg / Last / Fgt (percent) and efficiency measurements.
+
+Notation (docs/continual.md): ``A[g][s]`` = top-1 accuracy (%) on the test images of task
+``g``'s classes after training stage ``s`` (defined for ``g <= s``, ``None`` above the
+diagonal); ``a_s`` = top-1 accuracy (%) on the test images of all classes seen after stage
+``s``.
+
+* Avg  = (1/T) * sum_s a_s
+* Last = a_{T-1}
+* Fgt  = (1/(T-1)) * sum_{g=0}^{T-2} ( max_{s in [g, T-2]} A[g][s] - A[g][T-1] )   (0 if T == 1)
+"""
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from typing import List, Optional, Sequence
+
+import torch
+
+Matrix = List[List[Optional[float]]]
+
+
+def avg_accuracy(curve: Sequence[float]) -> float:
+    if not curve:
+        raise ValueError("empty accuracy curve")
+    return float(sum(curve) / len(curve))
+
+
+def last_accuracy(curve: Sequence[float]) -> float:
+    if not curve:
+        raise ValueError("empty accuracy curve")
+    return float(curve[-1])
+
+
+def forgetting(matrix: Matrix) -> float:
+    """Mean over old tasks of (best accuracy at an earlier stage - final accuracy)."""
+    T = len(matrix)
+    if T <= 1:
+        return 0.0
+    drops = []
+    for g in range(T - 1):
+        earlier = [matrix[g][s] for s in range(g, T - 1)]
+        if any(v is None for v in earlier) or matrix[g][T - 1] is None:
+            raise ValueError(f"accuracy matrix row {g} is incomplete")
+        drops.append(max(earlier) - matrix[g][T - 1])
+    return float(sum(drops) / len(drops))
+
+
+def empty_matrix(n_tasks: int) -> Matrix:
+    return [[None] * n_tasks for _ in range(n_tasks)]
+
+
+def summarize(curve: Sequence[float], matrix: Matrix) -> dict:
+    return {"avg": avg_accuracy(curve), "last": last_accuracy(curve), "fgt": forgetting(matrix)}
+
+
+def accuracy_from_predictions(pred: torch.Tensor, target: torch.Tensor, tasks: Sequence[Sequence[int]]):
+    """Overall accuracy (%) and per-task accuracies (%) for the tasks whose classes appear."""
+    pred, target = pred.cpu(), target.cpu()
+    overall = 100.0 * float((pred == target).float().mean()) if len(target) else 0.0
+    per_task = []
+    for classes in tasks:
+        mask = torch.isin(target, torch.as_tensor(list(classes)))
+        n = int(mask.sum())
+        per_task.append(100.0 * float((pred[mask] == target[mask]).float().mean()) if n else None)
+    return overall, per_task
+
+
+# ---------------------------------------------------------------- efficiency
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+class MemoryMeter:
+    """Peak memory of a stage: CUDA ``max_memory_allocated`` on a GPU, else peak RSS
+    (process-wide and never reset, so on CPU it is the running peak of the process)."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+
+    def reset(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return peak_rss_bytes()
+
+    @property
+    def kind(self) -> str:
+        return "cuda_max_memory_allocated" if self.cuda else "cpu_peak_rss"
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()

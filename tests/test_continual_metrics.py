@@ -1,0 +1,70 @@
+"""Metric formulas on hand-computed accuracy matrices; split logic."""
+import pytest
+
+from zeroflow.continual import metrics as M
+from zeroflow.continual.data import class_order, task_classes, task_sizes
+
+
+def test_avg_last_fgt_hand_computed():
+    # A[g][s]: accuracy on task g after stage s
+    A = [[90.0, 80.0, 70.0],
+         [None, 60.0, 50.0],
+         [None, None, 40.0]]
+    curve = [90.0, 75.0, 55.0]
+    assert M.avg_accuracy(curve) == pytest.approx((90 + 75 + 55) / 3)
+    assert M.last_accuracy(curve) == 55.0
+    # task0: max(90, 80) - 70 = 20; task1: max(60) - 50 = 10 -> 15
+    assert M.forgetting(A) == pytest.approx(15.0)
+    s = M.summarize(curve, A)
+    assert s == {"avg": pytest.approx(73.3333333), "last": 55.0, "fgt": pytest.approx(15.0)}
+
+
+def test_fgt_uses_best_earlier_not_first():
+    A = [[50.0, 90.0, 85.0, 60.0],
+         [None, 40.0, 70.0, 70.0],
+         [None, None, 30.0, 10.0],
+         [None, None, None, 99.0]]
+    # task0: 90-60=30, task1: 70-70=0, task2: 30-10=20 -> 50/3
+    assert M.forgetting(A) == pytest.approx(50.0 / 3)
+
+
+def test_fgt_negative_backward_transfer_and_single_task():
+    assert M.forgetting([[80.0, 85.0], [None, 70.0]]) == pytest.approx(-5.0)
+    assert M.forgetting([[80.0]]) == 0.0
+    with pytest.raises(ValueError):
+        M.forgetting([[80.0, None], [None, 70.0]])
+
+
+def test_accuracy_from_predictions_per_task():
+    import torch
+    pred = torch.tensor([0, 1, 1, 2, 3, 0])
+    tgt = torch.tensor([0, 1, 0, 2, 2, 3])
+    overall, per = M.accuracy_from_predictions(pred, tgt, [[0, 1], [2, 3]])
+    assert overall == pytest.approx(100 * 3 / 6)
+    assert per == [pytest.approx(100 * 2 / 3), pytest.approx(100 * 1 / 3)]
+
+
+def test_class_order_seed_1993_known_prefixes():
+    assert class_order(100)[:5] == [68, 56, 78, 8, 23]
+    assert class_order(200)[:4] == [168, 136, 51, 9]
+    assert class_order(300)[:4] == [169, 221, 146, 296]
+    assert class_order(100) == class_order(100)
+    assert sorted(class_order(100)) == list(range(100))
+
+
+@pytest.mark.parametrize("n,init,inc,sizes", [(100, 10, 10, [10] * 10), (200, 20, 20, [20] * 10),
+                                              (10, 4, 2, [4, 2, 2, 2]), (10, 4, 4, [4, 4, 2])])
+def test_tasks_disjoint_and_covering(n, init, inc, sizes):
+    assert task_sizes(n, init, inc) == sizes
+    tasks = task_classes(n, init, inc)
+    flat = [c for t in tasks for c in t]
+    assert sorted(flat) == list(range(n)) and len(flat) == len(set(flat))
+    assert [len(t) for t in tasks] == sizes
+
+
+def test_bad_split_raises():
+    from zeroflow.continual.errors import ZeroflowError
+    with pytest.raises(ZeroflowError):
+        task_sizes(10, 11, 1)
+    with pytest.raises(ZeroflowError):
+        task_sizes(10, 0, 2)
