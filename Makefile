@@ -1,0 +1,50 @@
+# zeroflow developer targets.
+#   make bench        CPU benchmark suite (< 10 min on 2 cores; run it on a quiet machine):
+#                     pytest-benchmark JSON in results/, then docs/performance.md + docs/perf/*.png
+#   make bench-fast   the CI smoke mode of the same suites (tiny sizes, one round; < 2 min):
+#                     JSON and report in results/fast/ (docs/ untouched)
+#   make bench-sweep  query sweep q in {1,...,32} (zo_sgd, zo_adam; ~30 min), then the report
+#   make bench-gpu    benchmarks/gpu_check.sh (on a CUDA machine; output in $$OUT or results/gpu/)
+#   make bench-report the report again from the JSON already in results/
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PY ?= python3
+RESULTS ?= results
+BENCH_PYTHONPATH := PYTHONPATH=$(CURDIR)/python:$(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+PYTEST_BENCH := $(PY) -m pytest -q -rs -p no:cacheprovider --benchmark-columns=min,median,rounds --benchmark-sort=name
+SUITES := kernels optim_step end_to_end distributed
+SWEEP_JSON := $(RESULTS)/query_sweep.json
+
+.PHONY: bench bench-fast bench-sweep bench-gpu bench-report
+
+bench:
+	@mkdir -p $(RESULTS)
+	@for s in $(SUITES); do \
+	  echo "== bench $$s"; \
+	  env -u TRITON_INTERPRET -u BENCH_FAST $(BENCH_PYTHONPATH) BENCH_DEVICE=cpu \
+	    $(PYTEST_BENCH) benchmarks/test_bench_$$s.py --benchmark-json=$(RESULTS)/cpu_$$s.json \
+	    2>&1 | tee $(RESULTS)/cpu_$$s.log || exit 1; \
+	  grep '^SKIPPED' $(RESULTS)/cpu_$$s.log > $(RESULTS)/cpu_$$s.json.skips.txt || true; \
+	done
+	$(MAKE) bench-report
+
+bench-report:
+	$(BENCH_PYTHONPATH) $(PY) -m benchmarks.report $(foreach s,$(SUITES),$(RESULTS)/cpu_$(s).json) \
+	  --out docs/performance.md --plots docs/perf/ $(if $(wildcard $(SWEEP_JSON)),--sweep $(SWEEP_JSON)) \
+	  $(if $(wildcard benchmarks/notes.md),--notes benchmarks/notes.md)
+
+bench-fast:
+	@mkdir -p $(RESULTS)/fast
+	env BENCH_FAST=1 TRITON_INTERPRET=1 BENCH_DEVICE=cpu $(BENCH_PYTHONPATH) \
+	  $(PYTEST_BENCH) $(foreach s,$(SUITES),benchmarks/test_bench_$(s).py) --benchmark-json=$(RESULTS)/fast/bench_fast.json 2>&1 | tee $(RESULTS)/fast/bench_fast.log
+	@grep '^SKIPPED' $(RESULTS)/fast/bench_fast.log > $(RESULTS)/fast/bench_fast.json.skips.txt || true
+	$(BENCH_PYTHONPATH) $(PY) -m benchmarks.report $(RESULTS)/fast/bench_fast.json \
+	  --out $(RESULTS)/fast/performance.md --plots $(RESULTS)/fast/perf/
+
+bench-sweep:
+	$(BENCH_PYTHONPATH) $(PY) -m benchmarks.bench_query_sweep --out $(SWEEP_JSON) --workdir $(RESULTS)/sweep \
+	  --plot docs/perf/query_sweep.png
+	$(MAKE) bench-report
+
+bench-gpu:
+	bash benchmarks/gpu_check.sh

@@ -1,0 +1,298 @@
+"""Shared helpers of the benchmark suites: modes, sizes, devices, baselines, memory meters.
+
+Environment:
+  BENCH_FAST=1        tiny sizes and few rounds (CI smoke mode: the suites cannot rot)
+  BENCH_DEVICE        "cpu" (default) or "cuda" (the GPU subset, used by gpu_check.sh)
+  BENCH_BACKENDS      comma list overriding the backends benchmarked (cpu,cuda,triton,torch)
+  BENCH_LONG=1        also run the slowest CPU cases (MeZO-style q=16 on the 86M list)
+"""
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+FAST = os.environ.get("BENCH_FAST", "") not in ("", "0")
+LONG = os.environ.get("BENCH_LONG", "") not in ("", "0")
+DEVICE = os.environ.get("BENCH_DEVICE", "cpu").strip() or "cpu"
+ON_GPU = DEVICE.startswith("cuda")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DISTS = ("gaussian", "rademacher")
+
+# Skip reasons are reused by the report to say what was not measured.
+NO_CUDA = "BENCH_DEVICE=cuda but torch.cuda.is_available() is False"
+
+
+def device() -> torch.device:
+    return torch.device(DEVICE)
+
+
+def sync() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def fmt_numel(n: int) -> str:
+    for unit, div in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= div and n % div == 0:
+            return f"{n // div}{unit}"
+    if n >= 1 << 20:
+        return f"{n / (1 << 20):.1f}M"
+    return str(n)
+
+
+def kernel_sizes() -> list[int]:
+    if FAST:
+        return [1 << 12]
+    if ON_GPU:
+        return [1 << 26, 1 << 28]  # 64M, 256M
+    return [1 << 20, 1 << 24]  # 1M, 16M
+
+
+def kernel_backends() -> list[str]:
+    """Backends benchmarked on this device. On CPU the Triton backend is the interpreter
+    and the torch backend is the slow reference: neither is a performance path, so they are
+    only exercised in fast mode (to keep the wiring alive)."""
+    import zfkernels as zk
+
+    env = os.environ.get("BENCH_BACKENDS", "").strip()
+    if env:
+        return [b.strip() for b in env.split(",") if b.strip()]
+    if ON_GPU:
+        return ["cuda", "triton"]
+    out = ["cpu"]
+    if FAST:
+        out.append("torch")
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            out.append("triton")
+    return out
+
+
+def backend_skip_reason(backend: str) -> str | None:
+    """None when ``backend`` can run tensors on this benchmark device, else why not."""
+    import zfkernels as zk
+
+    if ON_GPU and not torch.cuda.is_available():
+        return NO_CUDA
+    try:
+        zk.resolve_backend(backend, device())
+    except Exception as exc:  # noqa: BLE001 - the message is the skip reason
+        return f"backend {backend!r} unavailable: {exc}"
+    return None
+
+
+# ---------------------------------------------------------------- parameter lists
+def vit_b_shapes() -> list[tuple[int, ...]]:
+    """Parameter shapes of timm ``vit_base_patch16_224`` (86.6M parameters, 152 tensors)."""
+    d, mlp, depth = 768, 3072, 12
+    shapes: list[tuple[int, ...]] = [(1, 1, d), (1, 197, d), (d, 3, 16, 16), (d,)]
+    for _ in range(depth):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (mlp, d), (mlp,), (d, mlp), (d,)]
+    shapes += [(d,), (d,), (1000, d), (1000,)]
+    return shapes
+
+
+def ease_shapes() -> list[tuple[int, ...]]:
+    """An EASE adapter set: 12 blocks x 4 task adapters, each down 768->16 and up 16->768
+    with biases: 1.22M parameters in 192 tensors."""
+    d, r = 768, 16
+    shapes: list[tuple[int, ...]] = []
+    for _ in range(12 * 4):
+        shapes += [(r, d), (r,), (d, r), (d,)]
+    return shapes
+
+
+def tiny_shapes() -> list[tuple[int, ...]]:
+    return [(64, 32), (32,), (16, 64), (64,), (8, 8, 4)]
+
+
+PARAM_SETS = {
+    "vit_b_86m": vit_b_shapes,
+    "ease_1.2m": ease_shapes,
+}
+
+
+def param_sets() -> dict[str, callable]:
+    if FAST:
+        return {"tiny": tiny_shapes}
+    return PARAM_SETS
+
+
+def make_params(shapes, dtype=torch.float32, dev=None, requires_grad=False) -> list[torch.Tensor]:
+    dev = dev or device()
+    g = torch.Generator(device=dev).manual_seed(0)
+    out = []
+    for s in shapes:
+        t = torch.randn(s, generator=g, device=dev).mul_(0.02).to(dtype)
+        out.append(t.requires_grad_(requires_grad))
+    return out
+
+
+def numel_of(tensors) -> int:
+    return sum(t.numel() for t in tensors)
+
+
+# ---------------------------------------------------------------- MeZO-style recipe
+def mezo_z(p: torch.Tensor, dist: str) -> torch.Tensor:
+    """z as the MeZO reference code draws it (after torch.manual_seed), per tensor."""
+    if dist == "gaussian":
+        return torch.normal(mean=0.0, std=1.0, size=p.size(), device=p.device, dtype=p.dtype)
+    return torch.randint(0, 2, p.size(), device=p.device, dtype=p.dtype).mul_(2).sub_(1)
+
+
+def mezo_perturb(params, seed: int, scale: float, dist: str) -> None:
+    """MeZO's ``zo_perturb_parameters``: manual_seed, then per tensor draw z and add_."""
+    torch.manual_seed(seed)
+    for p in params:
+        p.data.add_(mezo_z(p, dist), alpha=scale)
+
+
+# ---------------------------------------------------------------- memory meters
+def _storage_ptr(t: torch.Tensor):
+    try:
+        return t.untyped_storage().data_ptr()
+    except Exception:  # noqa: BLE001 - no real storage (meta, sparse, functorch wrappers)
+        return None
+
+
+class AllocCounter:
+    """Peak bytes of the tensor storages created while active (a TorchDispatchMode):
+    every op output whose storage is new counts until the storage is freed.
+
+    Scratch memory that a compiled kernel allocates internally (below the dispatcher) is
+    not seen; the ZO kernels allocate none by design (docs/kernel-ops.md), and the RSS
+    high-water meter below is the cross-check."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        meter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                flat_in = tree_flatten((args, kwargs))[0]
+                ins = {_storage_ptr(a) for a in flat_in if isinstance(a, torch.Tensor)}
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        meter._track(t, ins)
+                return out
+
+        self._mode = _Mode()
+        self.cur = 0
+        self.peak = 0
+        self._live: dict[int, int] = {}
+
+    def _free(self, key: int, n: int) -> None:
+        if self._live.pop(key, None) is not None:
+            self.cur -= n
+
+    def _track(self, t: torch.Tensor, ins: set) -> None:
+        try:
+            st = t.untyped_storage()
+            key, n = st.data_ptr(), st.nbytes()
+        except Exception:  # noqa: BLE001 - no real storage (meta, sparse, functorch wrappers)
+            return
+        if n == 0 or key in ins or key in self._live:
+            return
+        self._live[key] = n
+        self.cur += n
+        self.peak = max(self.peak, self.cur)
+        weakref.finalize(st, self._free, key, n)
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+def _rss_hwm_kib() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _rss_kib() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def measure_peak_extra(fn) -> dict:
+    """Run ``fn()`` once and return the peak extra memory it needed beyond what was live
+    before it: on CUDA ``max_memory_allocated``; on CPU the dispatch-level allocation
+    counter plus the process RSS high-water delta (Linux) as a cross-check."""
+    import gc
+
+    gc.collect()
+    if ON_GPU:
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        sync()
+        peak = torch.cuda.max_memory_allocated() - base
+        return {"peak_extra_bytes": int(peak), "mem_method": "cuda.max_memory_allocated",
+                "peak_total_bytes": int(torch.cuda.max_memory_allocated())}
+    rss_delta = None
+    try:  # reset the high-water mark (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _rss_kib()
+    except OSError:
+        before = None
+    with AllocCounter() as c:
+        fn()
+    if before is not None:
+        hwm = _rss_hwm_kib()
+        if hwm is not None:
+            rss_delta = max(0, hwm - before) * 1024
+    out = {"peak_extra_bytes": int(c.peak), "mem_method": "TorchDispatchMode allocation counter"}
+    if rss_delta is not None:
+        out["rss_hwm_delta_bytes"] = int(rss_delta)
+    return out
+
+
+@dataclass
+class Rounds:
+    rounds: int
+    warmup_rounds: int = 1
+    iterations: int = 1
+
+
+def rounds_for(seconds_per_call_estimate: float, budget_s: float = 1.5, max_rounds: int = 20) -> Rounds:
+    """Rounds for ``benchmark.pedantic`` under a time budget (fast mode: 1 round, no warmup)."""
+    if FAST:
+        return Rounds(rounds=1, warmup_rounds=0)
+    n = int(budget_s / max(seconds_per_call_estimate, 1e-6))
+    return Rounds(rounds=max(1, min(max_rounds, n)), warmup_rounds=1 if seconds_per_call_estimate < 2 else 0)
+
+
+def bytes_of(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def key(*parts) -> str:
+    """Stable identifier of a measurement (extra_info['key']); baselines refer to it."""
+    return "|".join(str(p) for p in parts)
+
+
+def isclose_pow2(n: int) -> bool:
+    return n > 0 and math.log2(n).is_integer()

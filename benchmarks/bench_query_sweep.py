@@ -1,0 +1,113 @@
+"""Query sweep (the ZeroFlow paper's Figure 5 analogue): Avg accuracy of the continual run on
+the embedded default data set vs the number of queries q, for ZO-SGD and ZO-Adam.
+
+    python -m benchmarks.bench_query_sweep [--qs 1,2,4,8,16,32] [--optimizers zo_sgd,zo_adam]
+        [--out results/query_sweep.json] [--workdir results/sweep] [--plot docs/perf/query_sweep.png]
+        [--extra "--epochs 2"] [--dry-run]
+
+Each point is one ``zeroflow run --optimizer NAME --q Q --out DIR`` (DIR/metrics.json, key
+"avg"); finished points are reused (delete DIR to rerun). The report includes the result with
+``python -m benchmarks.report ... --sweep results/query_sweep.json``. On 2 CPU cores one run of
+the default job takes ~2 min, so the full sweep (12 runs) takes ~25-40 min: it is not part of
+``make bench`` (``make bench-sweep``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+
+def runner_cmd() -> list[str]:
+    exe = shutil.which("zeroflow")
+    return [exe] if exe else [sys.executable, "-m", "zeroflow.cli"]
+
+
+def read_metrics(d: str) -> dict | None:
+    p = os.path.join(d, "metrics.json")
+    if not os.path.exists(p):
+        return None
+    with open(p) as f:
+        return json.load(f)
+
+
+def run_point(opt: str, q: int, workdir: str, extra: list[str], dry: bool, timeout: float | None) -> dict:
+    d = os.path.join(workdir, f"{opt}_q{q}")
+    rec = {"optimizer": opt, "q": q, "dir": d}
+    m = read_metrics(d)
+    if m is None:
+        cmd = runner_cmd() + ["run", "--optimizer", opt, "--q", str(q), "--out", d] + extra
+        rec["cmd"] = " ".join(shlex.quote(c) for c in cmd)
+        print("sweep:", rec["cmd"], flush=True)
+        if dry:
+            return rec
+        env = dict(os.environ)
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join([os.path.join(here, "python"), here, env.get("PYTHONPATH", "")])
+        t0 = time.time()
+        try:
+            p = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
+        except subprocess.TimeoutExpired:
+            rec["error"] = f"timed out after {timeout} s"
+            return rec
+        rec["wall_s"] = round(time.time() - t0, 1)
+        if p.returncode != 0:
+            rec["error"] = (p.stderr or p.stdout).strip().splitlines()[-1:] or [f"exit {p.returncode}"]
+            rec["error"] = rec["error"][0]
+            return rec
+        m = read_metrics(d)
+        if m is None:
+            rec["error"] = f"{d}/metrics.json was not written"
+            return rec
+    rec["avg"] = m.get("avg")
+    for k in ("last", "fgt", "forgetting", "runtime_s", "peak_memory_bytes"):
+        if k in m:
+            rec[k] = m[k]
+    return rec
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_query_sweep", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--qs", default="1,2,4,8,16,32")
+    ap.add_argument("--optimizers", default="zo_sgd,zo_adam")
+    ap.add_argument("--out", default="results/query_sweep.json")
+    ap.add_argument("--workdir", default="results/sweep")
+    ap.add_argument("--plot", default=None, help="also write the PNG plot here")
+    ap.add_argument("--extra", default="", help="extra arguments for `zeroflow run` (quoted string)")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per run")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    a = ap.parse_args(argv)
+    qs = [int(q) for q in a.qs.split(",") if q.strip()]
+    opts = [o.strip() for o in a.optimizers.split(",") if o.strip()]
+    extra = shlex.split(a.extra)
+    results = [run_point(o, q, a.workdir, extra, a.dry_run, a.timeout) for o in opts for q in qs]
+    out = {"description": "Avg accuracy (zeroflow run, embedded default data set) vs queries q.",
+           "dataset": "embedded default (`zeroflow run` defaults)", "extra_args": extra,
+           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "results": results}
+    if a.dry_run:
+        return 0
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"sweep: wrote {a.out}")
+    for r in results:
+        print(f"  {r['optimizer']:8s} q={r['q']:<3d} avg={r.get('avg')}" + (f"  ERROR {r['error']}" if r.get("error") else ""))
+    if a.plot:
+        from benchmarks.report import make_plots
+
+        d = os.path.dirname(os.path.abspath(a.plot))
+        rel = make_plots([], out, d, None)
+        src = os.path.join(d, "query_sweep.png")
+        if os.path.abspath(src) != os.path.abspath(a.plot) and os.path.exists(src):
+            os.replace(src, a.plot)
+        print(f"sweep: plot {a.plot}" if rel else "sweep: no plot (matplotlib missing)")
+    return 1 if any(r.get("error") for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""End-to-end suite (the analogue of the ZeroFlow paper's Table 2): one training iteration
+of a timm ViT, all parameters trained, with each forward-pass method of
+``zeroflow.optim.METHODS`` and the FO baselines (fo_sgd, fo_adam): time per iteration and
+peak memory.
+
+CPU: ``vit_tiny_patch16_224`` (5.7M params), batch 4 at 224 px. GPU: ``vit_base_patch16_224``
+(ViT-B/16, 86M), batch 64. Fast mode: a 2-block ViT at 16 px. Override with
+BENCH_E2E_MODEL / BENCH_E2E_BATCH / BENCH_E2E_IMG.
+Memory: ``peak_total_bytes`` = params + optimizer state + the peak extra memory of the
+iteration (activations, gradients, temporaries); on CUDA ``max_memory_allocated``.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from benchmarks import _common as C
+
+ZO_METHODS_DEFAULT = ("zo_sgd", "zo_sgd_sign", "zo_sgd_conserve", "zo_adam", "zo_adam_sign",
+                      "zo_adam_conserve", "forward_grad")
+FO_METHODS = ("fo_sgd", "fo_adam")
+
+
+def _methods():
+    try:
+        from zeroflow.optim import METHODS
+
+        zo = [m for m in METHODS if not m.startswith("fo_")]
+    except Exception:  # noqa: BLE001 - resolved again (and skipped) inside the test
+        zo = list(ZO_METHODS_DEFAULT)
+    return zo + list(FO_METHODS)
+
+
+def _config():
+    if C.FAST:
+        model, batch, img = "tiny-test", 4, 16
+    elif C.ON_GPU:
+        model, batch, img = "vit_base_patch16_224", 64, 224
+    else:
+        model, batch, img = "vit_tiny_patch16_224", 4, 224
+    model = os.environ.get("BENCH_E2E_MODEL", model)
+    batch = int(os.environ.get("BENCH_E2E_BATCH", batch))
+    img = int(os.environ.get("BENCH_E2E_IMG", img))
+    return model, batch, img
+
+
+def _build(model_name: str, img: int, num_classes: int = 10, fused_attn: bool = True) -> torch.nn.Module:
+    try:
+        import timm
+        from timm.models.vision_transformer import VisionTransformer
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"timm is not installed ({exc}); pip install timm")
+    torch.manual_seed(0)
+    if model_name == "tiny-test":
+        m = VisionTransformer(img_size=img, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+                              num_classes=num_classes)
+    else:
+        m = timm.create_model(model_name, pretrained=False, num_classes=num_classes, img_size=img)
+    if not fused_attn:  # forward AD (jvp) has no rule for the fused SDPA kernels on CPU
+        for mod in m.modules():
+            if hasattr(mod, "fused_attn"):
+                mod.fused_attn = False
+    return m.to(C.device()).train()
+
+
+def _opt_state_bytes(opt) -> int:
+    seen, total = set(), 0
+    for st in getattr(opt, "state", {}).values():
+        if isinstance(st, dict):
+            for v in st.values():
+                if isinstance(v, torch.Tensor) and v.numel() > 1 and v.data_ptr() not in seen:
+                    seen.add(v.data_ptr())
+                    total += v.numel() * v.element_size()
+    return total
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", _methods())
+def test_e2e_iteration(run_bench, benchmark, method):
+    if C.ON_GPU and not torch.cuda.is_available():
+        pytest.skip(C.NO_CUDA)
+    try:
+        from zeroflow.optim import create, train_step
+    except Exception as exc:  # noqa: BLE001
+        if not method.startswith("fo_"):
+            pytest.skip(f"zeroflow.optim not importable yet: {exc}")
+        create = train_step = None
+    model_name, batch, img = _config()
+    fused = method != "forward_grad"
+    model = _build(model_name, img, fused_attn=fused)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, img, img, generator=g).to(C.device())
+    y = torch.randint(0, 10, (batch,), generator=g).to(C.device())
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def closure():
+        return loss_fn(model(x), y)
+
+    lr = 1e-5
+    if create is not None:
+        opt = create(method, params, model=model, lr=lr, seed=1234) if not method.startswith("fo_") \
+            else create(method, params, lr=lr)
+
+        def step():
+            train_step(opt, closure)
+    else:  # FO baselines need no zeroflow code
+        opt = torch.optim.Adam(params, lr=lr) if method == "fo_adam" else torch.optim.SGD(params, lr=lr)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            closure().backward()
+            opt.step()
+
+    n = C.numel_of(params)
+    pbytes = sum(p.numel() * p.element_size() for p in params)
+    benchmark.group = f"e2e {model_name} b{batch} {C.DEVICE}"
+    extra = {
+        "suite": "e2e", "key": C.key("e2e", method, C.DEVICE, model_name, batch), "kind": "fo" if
+        method.startswith("fo_") else "zeroflow", "method": method, "model": model_name, "batch": batch,
+        "img": img, "numel": n, "elements": n, "params_bytes": pbytes,
+        "fo_ref": C.key("e2e", "fo_sgd", C.DEVICE, model_name, batch),
+        "forwards_per_step": None, "fused_attn": fused,
+    }
+    if not fused:
+        extra["note"] = "timm attention on the math path (forward AD has no rule for fused SDPA)"
+    t0 = time.perf_counter()
+    step()  # warm-up: lazy optimizer state, allocator; its time picks the round count
+    C.sync()
+    warm_s = time.perf_counter() - t0
+    mem = C.measure_peak_extra(step)
+    extra.update(mem)
+    extra["state_bytes"] = _opt_state_bytes(opt)
+    if not C.ON_GPU:
+        extra["peak_total_bytes"] = pbytes + extra["state_bytes"] + mem["peak_extra_bytes"]
+    extra["forwards_per_step"] = getattr(opt, "forwards_last_step", 1 if method.startswith("fo_") else None)
+    r = C.rounds_for(warm_s, budget_s=0.5 if C.ON_GPU else 3.0, max_rounds=10)
+    run_bench(step, extra, rounds=r.rounds, warmup=False)

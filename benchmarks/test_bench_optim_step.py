@@ -1,0 +1,227 @@
+"""Optimizer-step suite: the optimizer's own cost per step, with a trivial closure (a few
+scalar reads: forwards cost ~0), for a ViT-B-sized parameter list (86M in 152 tensors) and an
+EASE adapter-sized list (1.2M in 192 tensors), q in {1, 4, 16}:
+
+* ``zeroflow``  - ``zeroflow.optim.create("zo_sgd"|"zo_adam", ...)`` + ``train_step``
+                  (fused kernels: z regenerated in-kernel, restore fused into the update);
+* ``mezo``      - the MeZO reference loop: per query perturb +eps, -2eps, +eps (restore) and
+                  one update pass, z regenerated each time with manual_seed + normal/randint
+                  (4 passes per query); ZO-Adam: the estimate materialised in ``.grad`` then
+                  ``torch.optim.Adam``;
+* ``fo``        - ``loss.backward()`` (grads of every parameter) + ``torch.optim.Adam`` / SGD.
+
+Peak extra memory per step (beyond params and optimizer state, measured at step 2): on CPU
+a TorchDispatchMode allocation counter (plus the RSS high-water delta), on CUDA
+``max_memory_allocated``. It does not depend on q; it is measured at q = 1.
+
+On this 2-core CPU the 86M list runs one timed round per case and, by default, the subset in
+``_CPU_86M_DEFAULT`` (MeZO-style steps take 5-30 s there); ``BENCH_LONG=1`` runs every q.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from benchmarks import _common as C
+
+LR = 1e-6
+EPS = 1e-3
+
+
+def _qs():
+    return [1, 2] if C.FAST else [1, 4, 16]
+
+
+def _big_cpu(pset: str) -> bool:
+    return not C.FAST and not C.ON_GPU and pset == "vit_b_86m"
+
+
+def _rounds(pset: str, q: int, impl: str):
+    """Fixed round counts for the slow CPU cases (86M): one timed round."""
+    return 1 if _big_cpu(pset) else None
+
+
+def _warmup(pset: str, q: int, impl: str, opt_kind: str) -> bool:
+    """An untimed first step is needed where state is allocated lazily (Adam moments) or
+    memory is measured (q = 1); the stateless SGD steps on the 86M CPU list skip it."""
+    return not (_big_cpu(pset) and opt_kind == "sgd" and q > 1)
+
+
+# The 86M list on this 2-core CPU: MeZO-style steps take 5-30 s each (4 regenerations of z per
+# query), so `make bench` measures this subset and BENCH_LONG=1 the rest.
+_CPU_86M_DEFAULT = {("sgd", "zeroflow"): (1, 4, 16), ("sgd", "mezo"): (1, 4),
+                    ("adam", "zeroflow"): (1, 4), ("adam", "mezo"): (1,)}
+
+
+def _skip_slow(pset: str, q: int, impl: str, opt_kind: str = "sgd"):
+    if _big_cpu(pset) and not C.LONG and q not in _CPU_86M_DEFAULT[(opt_kind, impl)]:
+        pytest.skip(f"86M list on CPU, {impl} zo_{opt_kind} q={q}: minutes per step on 2 cores; "
+                    "BENCH_LONG=1 runs it")
+
+
+def _closure_for(params, grad: bool):
+    """A trivial closure: one element of every parameter (so that backward still writes a
+    full-size gradient for each tensor, as a real backward does)."""
+    probe = [1e-3 * (k % 7 - 3) for k in range(len(params))]
+
+    def closure():
+        with torch.set_grad_enabled(grad):
+            loss = params[0].reshape(-1)[0] * probe[0]
+            for p, w in zip(params[1:], probe[1:]):
+                loss = loss + p.reshape(-1)[0] * w
+            return loss
+
+    return closure
+
+
+def _mezo_estimate(params, closure, q, dist, rng):
+    seeds, gs = [], []
+    for _ in range(q):
+        s = rng.randrange(1_000_000_000)
+        C.mezo_perturb(params, s, EPS, dist)
+        l1 = float(closure())
+        C.mezo_perturb(params, s, -2 * EPS, dist)
+        l2 = float(closure())
+        C.mezo_perturb(params, s, EPS, dist)
+        seeds.append(s)
+        gs.append((l1 - l2) / (2 * EPS))
+    return seeds, gs
+
+
+def make_mezo_sgd(params, closure, q, dist):
+    rng = random.Random(0)
+
+    @torch.no_grad()
+    def step():
+        seeds, gs = _mezo_estimate(params, closure, q, dist, rng)
+        for s, g in zip(seeds, gs):  # MeZO zo_update, per query: theta -= lr * g * z
+            torch.manual_seed(s)
+            for p in params:
+                p.data.add_(C.mezo_z(p, dist), alpha=-LR * g / q)
+
+    return step
+
+
+def make_mezo_adam(params, closure, q, dist):
+    rng = random.Random(0)
+    opt = torch.optim.Adam(params, lr=LR)
+
+    def step():
+        with torch.no_grad():
+            seeds, gs = _mezo_estimate(params, closure, q, dist, rng)
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            for s, g in zip(seeds, gs):
+                torch.manual_seed(s)
+                for p in params:
+                    p.grad.add_(C.mezo_z(p, dist), alpha=g / q)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def make_zeroflow(name, params, closure, q, dist):
+    try:
+        from zeroflow.optim import create, train_step
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"zeroflow.optim not importable yet: {exc}")
+    backend = "auto"
+    opt = create(name, params, lr=LR, q=q, perturbation=dist, zo_eps=EPS, backend=backend, seed=1234)
+
+    def step():
+        train_step(opt, closure)
+
+    return step
+
+
+def make_fo(name, params, closure):
+    opt = torch.optim.Adam(params, lr=LR) if name == "fo_adam" else torch.optim.SGD(params, lr=LR)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = closure()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _state_bytes(opt_kind: str, n: int, s: int) -> int:
+    return 2 * n * s if opt_kind == "adam" else 0
+
+
+def _fo_key(pset, opt_kind):
+    return C.key("optim", "fo", "fo_" + opt_kind, C.DEVICE, pset)
+
+
+def _mezo_key(pset, opt_kind, dist, q):
+    return C.key("optim", "mezo", opt_kind, C.DEVICE, pset, dist, q)
+
+
+def _params(pset):
+    if C.ON_GPU and not torch.cuda.is_available():
+        pytest.skip(C.NO_CUDA)
+    return C.make_params(C.param_sets()[pset](), requires_grad=True)
+
+
+def _cases():
+    for pset in C.param_sets():
+        for opt_kind in ("sgd", "adam"):
+            for dist in C.DISTS:
+                for q in _qs():
+                    for impl in ("zeroflow", "mezo"):
+                        yield pytest.param(pset, opt_kind, dist, q, impl,
+                                           id=f"{pset}-zo_{opt_kind}-{dist}-q{q}-{impl}")
+
+
+@pytest.mark.parametrize("pset,opt_kind,dist,q,impl", list(_cases()))
+def test_zo_step(run_bench, benchmark, pset, opt_kind, dist, q, impl):
+    _skip_slow(pset, q, impl, opt_kind)
+    params = _params(pset)
+    closure = _closure_for(params, grad=False)
+    if impl == "zeroflow":
+        step = make_zeroflow("zo_" + opt_kind, params, closure, q, dist)
+    elif opt_kind == "sgd":
+        step = make_mezo_sgd(params, closure, q, dist)
+    else:
+        step = make_mezo_adam(params, closure, q, dist)
+    n = C.numel_of(params)
+    s = params[0].element_size()
+    benchmark.group = f"optim {pset} zo_{opt_kind} {dist} q={q} {C.DEVICE}"
+    extra = {
+        "suite": "optim", "key": C.key("optim", impl, opt_kind, C.DEVICE, pset, dist, q), "kind": impl,
+        "impl": impl, "opt": "zo_" + opt_kind, "param_set": pset, "dist": dist, "q": q, "numel": n,
+        "n_tensors": len(params), "elements": n, "params_bytes": n * s,
+        "state_bytes": _state_bytes(opt_kind, n, s), "fo_ref": _fo_key(pset, "adam"),
+    }
+    if impl == "zeroflow":
+        extra["mezo_ref"] = _mezo_key(pset, opt_kind, dist, q)
+        try:
+            import zfkernels as zk
+
+            extra["backend"] = zk.resolve_backend("auto", C.device())
+        except Exception:  # noqa: BLE001
+            pass
+    run_bench(step, extra, budget_s=1.5, max_rounds=5, mem=(q == _qs()[0]), rounds=_rounds(pset, q, impl),
+              warmup=_warmup(pset, q, impl, opt_kind))
+
+
+@pytest.mark.parametrize("pset", list(C.param_sets()))
+@pytest.mark.parametrize("name", ["fo_sgd", "fo_adam"])
+def test_fo_step(run_bench, benchmark, pset, name):
+    params = _params(pset)
+    closure = _closure_for(params, grad=True)
+    step = make_fo(name, params, closure)
+    n = C.numel_of(params)
+    s = params[0].element_size()
+    kind = name[3:]
+    benchmark.group = f"optim {pset} fo {C.DEVICE}"
+    extra = {
+        "suite": "optim", "key": _fo_key(pset, kind), "kind": "fo", "impl": "fo", "opt": name,
+        "param_set": pset, "dist": "-", "q": 0, "numel": n, "n_tensors": len(params), "elements": n,
+        "params_bytes": n * s, "state_bytes": _state_bytes(kind, n, s),
+    }
+    run_bench(step, extra, budget_s=3.0, max_rounds=10, mem=True, rounds=_rounds(pset, 0, "fo"))

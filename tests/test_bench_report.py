@@ -1,0 +1,128 @@
+"""The performance report generator (benchmarks/report.py) on the saved pytest-benchmark JSON
+fixture, and the benchmark suites in their fast (smoke) mode so that they cannot rot."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import report as R
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "benchmarks", "fixtures", "bench_fast_cpu.json")
+# Every pytest-benchmark suite of benchmarks/ (issue 5's three and issue 6's distributed one).
+SUITES = [f"benchmarks/test_bench_{s}.py" for s in ("kernels", "optim_step", "end_to_end", "distributed")]
+
+
+def _fixture():
+    with open(FIXTURE) as f:
+        return json.load(f)
+
+
+def _write(tmp_path, data, name="b.json"):
+    p = tmp_path / name
+    p.write_text(json.dumps(data))
+    return str(p)
+
+
+def test_fixture_has_every_suite():
+    suites = {b["extra_info"]["suite"] for b in _fixture()["benchmarks"]}
+    assert suites == {"kernels", "optim", "e2e"}
+
+
+def test_ratios_are_computed_from_the_same_run():
+    records, _ = R.load([FIXTURE])
+    idx = R.derive(records)
+    k = [r for r in records if r["x"]["suite"] == "kernels" and r["x"]["kind"] == "zeroflow"
+         and r["x"]["variant"] == "plain" and r["x"]["backend"] == "cpu"]
+    assert k, "the fixture has compiled-CPU kernel records"
+    for r in k:
+        x = r["x"]
+        copy_r, mezo_r = idx[x["copy_ref"]], idx[x["mezo_ref"]]
+        assert r["gbs"] == pytest.approx(x["bytes"] / r["t"] / 1e9)
+        assert r["elem_s"] == pytest.approx(x["elements"] / r["t"])
+        assert r["copy_frac"] == pytest.approx(r["gbs"] / (copy_r["x"]["bytes"] / copy_r["t"] / 1e9))
+        assert r["vs_mezo"] == pytest.approx(mezo_r["t"] / r["t"])
+    opt = [r for r in records if r["x"]["suite"] == "optim" and r["x"]["impl"] == "zeroflow"]
+    assert opt and all(r["vs_mezo"] is not None and r["vs_fo"] is not None for r in opt)
+
+
+def test_report_markdown_and_plots(tmp_path):
+    out = tmp_path / "docs" / "performance.md"
+    plots = tmp_path / "docs" / "perf"
+    text = R.render([FIXTURE], str(out), str(plots))
+    assert out.read_text() == text
+    for heading in ("## Machine and versions", "## Targets", "### Kernels on cpu", "### Optimizer step on cpu",
+                    "### One training iteration on cpu", "FAST MODE"):
+        assert heading in text, heading
+    assert "torch" in text and "2 logical cores" in text or "logical cores" in text
+    assert "Rademacher perturb ≥ 1.3 G elem/s" in text
+    assert "vs MeZO-style" in text and "of copy BW" in text
+    pytest.importorskip("matplotlib")
+    pngs = sorted(os.listdir(plots))
+    assert {"kernels_cpu.png", "optim_cpu.png", "e2e_cpu.png"} <= set(pngs)
+    for p in pngs:
+        assert (plots / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"](perf/{p})" in text  # linked relative to the markdown file
+
+
+def test_target_status_says_by_how_much():
+    assert R._status(1.0, 1.3) == "**missed** by 23 %"
+    assert R._status(1.4, 1.3) == "**met**"
+    assert R._status(2.0, 1.0, higher=False) == "**missed** by 100 %"
+    assert R._status(None, 1.0) == "not measured"
+
+
+def test_gpu_records_get_the_gpu_targets(tmp_path):
+    data = copy.deepcopy(_fixture())
+    for b in data["benchmarks"]:
+        x = b["extra_info"]
+        x["device"] = "cuda"
+        x["key"] = x["key"].replace("|cpu|", "|cuda|")
+        for k in ("copy_ref", "mezo_ref", "fo_ref"):
+            if k in x:
+                x[k] = x[k].replace("|cpu|", "|cuda|")
+    text = R.render([_write(tmp_path, data)], None)
+    assert "of copy bandwidth" in text
+    assert "≥ 3× MeZO-style" in text
+    assert "ZO step extra memory ≤ 1 MiB" in text
+
+
+def test_sweep_section_and_plot(tmp_path):
+    sweep = {"results": [{"optimizer": o, "q": q, "avg": 50 + q / 2 + (o == "zo_adam")}
+                         for o in ("zo_sgd", "zo_adam") for q in (1, 2, 4, 8, 16, 32)]}
+    sp = _write(tmp_path, sweep, "sweep.json")
+    text = R.render([FIXTURE], str(tmp_path / "p.md"), str(tmp_path / "perf"), sweep_path=sp)
+    assert "## Query sweep" in text and "| zo_sgd | 50.50 |" in text and "q=32" in text
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "perf" / "query_sweep.png").exists()
+
+
+def test_cli(tmp_path):
+    out = tmp_path / "perf.md"
+    p = subprocess.run([sys.executable, "-m", "benchmarks.report", FIXTURE, "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert out.exists() and "## Targets" in out.read_text()
+
+
+@pytest.mark.slow
+def test_suites_fast_mode(tmp_path):
+    """Every benchmark suite in BENCH_FAST mode (tiny sizes, one round), then the report."""
+    js = tmp_path / "fast.json"
+    env = dict(os.environ, BENCH_FAST="1", BENCH_DEVICE="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "python"), ROOT, env.get("PYTHONPATH", "")])
+    p = subprocess.run([sys.executable, "-m", "pytest", *SUITES, "-q", "-rs", "-p", "no:cacheprovider",
+                        f"--benchmark-json={js}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    tail = "\n".join((p.stdout + p.stderr).splitlines()[-30:])
+    assert p.returncode == 0, tail
+    data = json.loads(js.read_text())
+    suites = {b["extra_info"]["suite"] for b in data["benchmarks"]}
+    assert {"kernels", "optim", "e2e", "distributed"} <= suites, tail
+    text = R.render([str(js)], str(tmp_path / "perf.md"))
+    assert "### Kernels on cpu" in text
+    assert "### Data-parallel steps" in text and "DDP + FO-SGD" in text
