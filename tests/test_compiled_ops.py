@@ -243,6 +243,39 @@ def test_zo_sgd_update_matches_reference(cfg, dist, q, T):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("which", ["last", "first"])
+@pytest.mark.parametrize("dist", [GAUSS, RADE])
+@pytest.mark.parametrize("T", [0, T_HALF])
+def test_restore_seed_equal_to_a_query_seed(which, dist, T):
+    """The optimizer's usual call (restore_seed == seeds[q-1]): the kernel reuses the
+    restore's z for that query. It must equal, bit for bit, the unfused sequence perturb_
+    (restore) + update without restore, and the reference within the Gaussian bound."""
+    g = torch.Generator().manual_seed(3 + dist)
+    shapes = [(1000,), (33, 65), (1,)]
+    ids = [0, 1, 7]
+    seeds = [41, 42, 43, 44]
+    rseed = seeds[-1] if which == "last" else seeds[0]
+    coeffs = [0.5, -0.25, 1.5, -2.0]
+    cfg = dict(restore_seed=rseed, restore_scale=1e-3, momentum=0.9, weight_decay=0.01)
+    base = _make(shapes, torch.float32, g)
+    mom = _make(shapes, torch.float32, g)
+    fused = [[t.clone() for t in lst] for lst in (base, mom)]
+    ops.zo_sgd_update_(*_sgd_args(fused[0], fused[1], [], ids, seeds, coeffs, dist, T, cfg))
+    unfused = [[t.clone() for t in lst] for lst in (base, mom)]
+    ops.perturb_(unfused[0], ids, rseed, 1e-3, dist, 31, T)
+    ops.zo_sgd_update_(*_sgd_args(unfused[0], unfused[1], [], ids, seeds, coeffs, dist, T,
+                                  dict(cfg, restore_seed=0, restore_scale=0.0)))
+    ref = [[t.clone() for t in lst] for lst in (base, mom)]
+    R.zo_sgd_update_(*_sgd_args(ref[0], ref[1], [], ids, seeds, coeffs, dist, T, cfg))
+    for a_list, b_list, r_list in zip(fused, unfused, ref):
+        for a, b, r in zip(a_list, b_list, r_list):
+            assert torch.equal(a, b)
+            if dist == RADE:
+                assert torch.equal(a, r)
+            else:
+                torch.testing.assert_close(a, r, rtol=0, atol=1e-5)
+
+
 ADAM_CASES = [
     dict(),
     dict(weight_decay=0.1),

@@ -234,3 +234,18 @@ def test_face_rejects_bad_input():
     with pytest.raises(ValueError, match="coeff"):
         zk.zo_sgd_update_([torch.zeros(3)], [1, 2], [0.1], lr=0.1, backend="torch")
     zk.perturb_([], 1, 1.0, backend="torch")  # empty list: no-op
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_ops_update_leaf_parameters_outside_autograd(backend):
+    """The ops mutate nn.Parameters (leaves requiring grad) even in grad mode, like torch.optim:
+    not recorded by autograd, no 'leaf variable used in an in-place operation' error."""
+    if backend not in zk.available_backends():
+        pytest.skip(f"backend {backend} not built here")
+    p = torch.nn.Parameter(torch.zeros(300))
+    assert torch.is_grad_enabled()
+    zk.perturb_([p], seed=5, scale=1.0, dist="rademacher", backend=backend)
+    assert torch.equal(p.detach().abs(), torch.ones(300)) and p.grad_fn is None and p.requires_grad
+    zk.zo_sgd_update_([p], seeds=[5], coeffs=[1.0], lr=0.5, dist="rademacher", backend=backend)
+    assert torch.equal(p.detach(), 0.5 * zk.perturbation(5, 300, "rademacher"))
+    assert p.grad_fn is None and torch.is_grad_enabled()

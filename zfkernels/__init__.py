@@ -186,6 +186,7 @@ def sparse_mask(mask_seed: int, numel: int, sparsity: float, tensor_id: int = 0,
     return reference.keep_mask(mask_seed, int(numel), int(tensor_id), mask_threshold(sparsity), torch.device(device))
 
 
+@torch.no_grad()   # in-place updates of parameters are never recorded by autograd (as torch.optim)
 def perturb_(
     tensors: Sequence[torch.Tensor],
     seed: int,
@@ -223,6 +224,7 @@ def _qs(seeds, coeffs) -> tuple[list[int], list[float]]:
     return seeds, coeffs
 
 
+@torch.no_grad()   # in-place updates of parameters are never recorded by autograd (as torch.optim)
 def zo_sgd_update_(
     params: Sequence[torch.Tensor],
     seeds: Sequence[int],
@@ -266,6 +268,7 @@ def zo_sgd_update_(
     )
 
 
+@torch.no_grad()   # in-place updates of parameters are never recorded by autograd (as torch.optim)
 def zo_adam_update_(
     params: Sequence[torch.Tensor],
     exp_avgs: Sequence[torch.Tensor],

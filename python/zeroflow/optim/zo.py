@@ -98,6 +98,7 @@ class _ZOBase(torch.optim.Optimizer):
         self.model = model
         self._tid: dict[int, int] = {}
         self._next_tid = 0
+        self._bucket_cache: dict[int, tuple] = {}   # id(group) -> (key, buckets); see _buckets
         # counters (part of state_dict)
         self._n = 0                 # steps taken (skipped ones included): seed schedule index
         self._task = 0              # mask epoch for sparse_resample="task"
@@ -177,13 +178,26 @@ class _ZOBase(torch.optim.Optimizer):
             raise ValueError("sign (element-wise, ZO-signSGD) and scalar_sign (public-code variant) are exclusive")
 
     def _buckets(self, g: dict):
-        """The group's params split by device (one fused call per device): (params, ids)."""
+        """The group's params split by device (one fused call per device): (params, ids).
+
+        Cached per group (3+ calls per step; regrouping 200 tensors cost ~0.2 ms each, as
+        much as the fused kernels on an adapter-sized list). The cache is keyed on the
+        identity of the group's params and the first one's device, so editing
+        ``g["params"]`` or moving the model (``module.to`` keeps the Parameter objects)
+        rebuilds it; a partial move is caught by the kernels' mixed-device check."""
+        params = g["params"]
+        key = (tuple(map(id, params)), params[0].device if params else None)
+        hit = self._bucket_cache.get(id(g))
+        if hit is not None and hit[0] == key:
+            return hit[1]
         by_dev: dict = {}
-        for p in g["params"]:
+        for p in params:
             by_dev.setdefault(p.device, ([], []))
             by_dev[p.device][0].append(p)
             by_dev[p.device][1].append(self._tid[id(p)])
-        return list(by_dev.values())
+        out = list(by_dev.values())
+        self._bucket_cache[id(g)] = (key, out)
+        return out
 
     def _mask_seed(self, n: int) -> int:
         if self.sparse_resample == "task":
