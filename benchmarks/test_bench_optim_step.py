@@ -1,6 +1,7 @@
-"""Optimizer-step suite: the optimizer's own cost per step, with a trivial closure (a few
-scalar reads: forwards cost ~0), for a ViT-B-sized parameter list (86M in 152 tensors) and an
-EASE adapter-sized list (1.2M in 192 tensors), q in {1, 4, 16}:
+"""Optimizer-step suite: the optimizer's own cost per step, with a trivial closure (ZO: one
+scalar read, forwards cost ~0; FO: one element of every tensor so backward fills every
+.grad), for a ViT-B-sized parameter list (86M in 152 tensors) and an EASE adapter-sized
+list (1.2M in 192 tensors), q in {1, 4, 16}:
 
 * ``zeroflow``  - ``zeroflow.optim.create("zo_sgd"|"zo_adam", ...)`` + ``train_step``
                   (fused kernels: z regenerated in-kernel, restore fused into the update);
@@ -62,9 +63,20 @@ def _skip_slow(pset: str, q: int, impl: str, opt_kind: str = "sgd"):
 
 
 def _closure_for(params, grad: bool):
-    """A trivial closure: one element of every parameter (so that backward still writes a
-    full-size gradient for each tensor, as a real backward does)."""
+    """A trivial closure. Zeroth-order (``grad=False``): one element of the first parameter,
+    a real function of the perturbed weights that costs ~nothing, so the step time is the
+    optimizer's own cost (forwards excluded), for zeroflow and MeZO alike. First-order
+    (``grad=True``): one element of *every* parameter, so that backward still writes a
+    full-size gradient for each tensor, as a real backward does (an FO step cannot exclude
+    its backward)."""
     probe = [1e-3 * (k % 7 - 3) for k in range(len(params))]
+    if not grad:
+        first = params[0].reshape(-1)
+
+        def zo_closure():
+            return first[0] * probe[0]
+
+        return zo_closure
 
     def closure():
         with torch.set_grad_enabled(grad):

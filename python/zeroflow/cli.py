@@ -100,7 +100,12 @@ def cmd_run(a) -> int:
     if a.resume and not a.out:
         from .continual.errors import ZeroflowError
         raise ZeroflowError("--resume needs --out RUN_FOLDER")
-    m = run(cfg, a.out, resume=a.resume, progress=not a.no_progress, stop_after=a.stop_after)
+    try:
+        m = run(cfg, a.out, resume=a.resume, progress=not a.no_progress, stop_after=a.stop_after)
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():   # torchrun: leave the group cleanly
+            dist.destroy_process_group()
     if "stopped_after" in m or m.get("rank", 0) != 0:    # ranks > 0 of a torchrun job print nothing
         return 0
     _print_table(m, m["run_dir"])
