@@ -357,7 +357,7 @@ def distributed_section(records):
         name = "DataParallelZO zo_sgd" + (f" q={x['q']}" if x["q"] else "") if x["method"] == "zo_sgd" \
             else "DDP + FO-SGD (gradient all-reduce)"
         rows.append((name, x["world"], f"{x['comm_bytes_per_step']:,.0f} B", f"{x['comm_calls_per_step']:g}",
-                     fx(ddp["x"]["comm_bytes_per_step"] / x["comm_bytes_per_step"])
+                     f"{ddp['x']['comm_bytes_per_step'] / x['comm_bytes_per_step']:,.0f}×"
                      if ddp and x["method"] == "zo_sgd" and x["comm_bytes_per_step"] else "—",
                      fms(r["t"]), fx(one["t"] / r["t"]) if one and x["world"] > 1 else "—"))
     return "\n".join([
