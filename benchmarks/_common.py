@@ -37,12 +37,10 @@ def sync() -> None:
 
 
 def fmt_numel(n: int) -> str:
-    for unit, div in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= div and n % div == 0:
-            return f"{n // div}{unit}"
-    if n >= 1 << 20:
-        return f"{n / (1 << 20):.1f}M"
-    return str(n)
+    """16777216 -> "16M" (the same labels as the report's tables)."""
+    from benchmarks.report import fsize   # report.py is import-light (no torch)
+
+    return fsize(n)
 
 
 def kernel_sizes() -> list[int]:

@@ -134,6 +134,33 @@ inline void check_key(int64_t k, const char* name) {
                     " must be a 32-bit unsigned integer in [0, 2**32)");
 }
 
+// The argument checks that every implementation (cpu, cuda, meta) of an update op runs first.
+inline void check_sgd_args(TensorList params, TensorList momentum_buffers, TensorList history_buffers,
+                           at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs,
+                           int64_t dist, int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed) {
+  check_params(params, tensor_ids);
+  check_buffers(params, momentum_buffers, "momentum_buffers");
+  check_buffers(params, history_buffers, "history_buffers");
+  check_same_device(params, {momentum_buffers, history_buffers});
+  check_q(seeds, coeffs);
+  check_stream_args(dist, mask_seed, mask_threshold);
+  check_seed(restore_seed, "restore_seed");
+}
+
+inline void check_adam_args(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs,
+                            TensorList history_buffers, at::IntArrayRef tensor_ids, at::IntArrayRef seeds,
+                            at::ArrayRef<double> coeffs, int64_t dist, int64_t mask_seed, int64_t mask_threshold,
+                            int64_t restore_seed) {
+  check_params(params, tensor_ids);
+  check_buffers(params, exp_avgs, "exp_avgs", /*required=*/true);
+  check_buffers(params, exp_avg_sqs, "exp_avg_sqs", /*required=*/true);
+  check_buffers(params, history_buffers, "history_buffers");
+  check_same_device(params, {exp_avgs, exp_avg_sqs, history_buffers});
+  check_q(seeds, coeffs);
+  check_stream_args(dist, mask_seed, mask_threshold);
+  check_seed(restore_seed, "restore_seed");
+}
+
 // Host-side scalar preparation shared by CPU and CUDA: the same fp32 constants as
 // zfkernels/reference.py ("1 - x" factors are computed in fp64 from the op's arguments,
 // then rounded once to fp32).
@@ -576,13 +603,8 @@ void sgd_cpu(TensorList params, TensorList momentum_buffers, TensorList history_
              int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double restore_scale, double lr,
              double weight_decay, double momentum, double dampening, bool nesterov, bool momentum_init,
              bool sign, double history_alpha, bool history_init) {
-  check_params(params, tensor_ids);
-  check_buffers(params, momentum_buffers, "momentum_buffers");
-  check_buffers(params, history_buffers, "history_buffers");
-  check_same_device(params, {momentum_buffers, history_buffers});
-  check_q(seeds, coeffs);
-  check_stream_args(dist, mask_seed, mask_threshold);
-  check_seed(restore_seed, "restore_seed");
+  check_sgd_args(params, momentum_buffers, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold,
+                 restore_seed);
   if (params.empty()) return;
   const SgdScalars s = sgd_scalars(restore_scale, lr, weight_decay, momentum, dampening, history_alpha);
   std::vector<float> cf(coeffs.size());
@@ -613,14 +635,8 @@ void adam_cpu(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, Te
               int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double restore_scale, double lr,
               double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
               int64_t step, bool sign, double history_alpha, bool history_init) {
-  check_params(params, tensor_ids);
-  check_buffers(params, exp_avgs, "exp_avgs", /*required=*/true);
-  check_buffers(params, exp_avg_sqs, "exp_avg_sqs", /*required=*/true);
-  check_buffers(params, history_buffers, "history_buffers");
-  check_same_device(params, {exp_avgs, exp_avg_sqs, history_buffers});
-  check_q(seeds, coeffs);
-  check_stream_args(dist, mask_seed, mask_threshold);
-  check_seed(restore_seed, "restore_seed");
+  check_adam_args(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed,
+                  mask_threshold, restore_seed);
   const AdamScalars s = adam_scalars(restore_scale, lr, beta1, beta2, eps, weight_decay, step, history_alpha);
   if (params.empty()) return;
   std::vector<float> cf(coeffs.size());
@@ -669,25 +685,16 @@ void sgd_meta(TensorList params, TensorList momentum_buffers, TensorList history
               at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs, int64_t dist,
               int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double, double, double, double,
               double, bool, bool, bool, double, bool) {
-  check_params(params, tensor_ids);
-  check_buffers(params, momentum_buffers, "momentum_buffers");
-  check_buffers(params, history_buffers, "history_buffers");
-  check_q(seeds, coeffs);
-  check_stream_args(dist, mask_seed, mask_threshold);
-  check_seed(restore_seed, "restore_seed");
+  check_sgd_args(params, momentum_buffers, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold,
+                 restore_seed);
 }
 
 void adam_meta(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList history_buffers,
                at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs, int64_t dist,
                int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double, double, double, double,
                double, double, bool, int64_t step, bool, double, bool) {
-  check_params(params, tensor_ids);
-  check_buffers(params, exp_avgs, "exp_avgs", true);
-  check_buffers(params, exp_avg_sqs, "exp_avg_sqs", true);
-  check_buffers(params, history_buffers, "history_buffers");
-  check_q(seeds, coeffs);
-  check_stream_args(dist, mask_seed, mask_threshold);
-  check_seed(restore_seed, "restore_seed");
+  check_adam_args(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed,
+                  mask_threshold, restore_seed);
   TORCH_CHECK_VALUE(step >= 1, "zfkernels: step=", step, " must be >= 1 (Adam's bias correction counts from 1)");
 }
 

@@ -493,13 +493,8 @@ void sgd_cuda(TensorList params, TensorList momentum_buffers, TensorList history
               int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double restore_scale, double lr,
               double weight_decay, double momentum, double dampening, bool nesterov, bool momentum_init,
               bool sign, double history_alpha, bool history_init) {
-  check_params(params, tensor_ids);
-  check_buffers(params, momentum_buffers, "momentum_buffers");
-  check_buffers(params, history_buffers, "history_buffers");
-  check_same_device(params, {momentum_buffers, history_buffers});
-  check_q(seeds, coeffs);
-  check_stream_args(dist, mask_seed, mask_threshold);
-  check_seed(restore_seed, "restore_seed");
+  check_sgd_args(params, momentum_buffers, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold,
+                 restore_seed);
   if (params.empty()) return;
   check_cuda_device(params);
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -529,14 +524,8 @@ void adam_cuda(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, T
                int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double restore_scale, double lr,
                double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
                int64_t step, bool sign, double history_alpha, bool history_init) {
-  check_params(params, tensor_ids);
-  check_buffers(params, exp_avgs, "exp_avgs", /*required=*/true);
-  check_buffers(params, exp_avg_sqs, "exp_avg_sqs", /*required=*/true);
-  check_buffers(params, history_buffers, "history_buffers");
-  check_same_device(params, {exp_avgs, exp_avg_sqs, history_buffers});
-  check_q(seeds, coeffs);
-  check_stream_args(dist, mask_seed, mask_threshold);
-  check_seed(restore_seed, "restore_seed");
+  check_adam_args(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed,
+                  mask_threshold, restore_seed);
   AdamArgs a;
   a.s = adam_scalars(restore_scale, lr, beta1, beta2, eps, weight_decay, step, history_alpha);
   if (params.empty()) return;

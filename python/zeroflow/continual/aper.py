@@ -13,7 +13,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-from .learners import CosineLinear, class_means, extract, train_subspace
+from .learners import CosineLinear, adapters_state, class_means, extract, load_adapters, train_subspace
 
 
 class APER:
@@ -24,15 +24,10 @@ class APER:
         self.protos = None   # [C, 2d]
 
     def state_dict(self):
-        return {"adapters": self.net.adapters.state_dict(), "n_adapters": len(self.net.adapters),
-                "protos": self.protos}
+        return {**adapters_state(self.net), "protos": self.protos}
 
     def load_state_dict(self, sd):
-        while len(self.net.adapters) < sd["n_adapters"]:
-            self.net.add_adapter_set()
-        self.net.adapters.load_state_dict(sd["adapters"])
-        for p in self.net.adapters.parameters():
-            p.requires_grad_(False)
+        load_adapters(self.net, sd)
         self.protos = sd["protos"]
 
     def learn_task(self, t: int, classes: List[int], data, ctx) -> Dict:

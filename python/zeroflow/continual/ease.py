@@ -19,7 +19,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-from .learners import CosineLinear, class_means, extract, train_subspace
+from .learners import CosineLinear, adapters_state, class_means, extract, load_adapters, train_subspace
 
 
 class EASE:
@@ -34,16 +34,11 @@ class EASE:
 
     # -------------------------------------------------------------- state
     def state_dict(self):
-        return {"adapters": self.net.adapters.state_dict(), "n_adapters": len(self.net.adapters),
-                "protos": self.protos, "task_of_class": list(self.task_of_class),
+        return {**adapters_state(self.net), "protos": self.protos, "task_of_class": list(self.task_of_class),
                 "task_classes": [list(c) for c in self.task_classes]}
 
     def load_state_dict(self, sd):
-        while len(self.net.adapters) < sd["n_adapters"]:
-            self.net.add_adapter_set()
-        self.net.adapters.load_state_dict(sd["adapters"])
-        for p in self.net.adapters.parameters():
-            p.requires_grad_(False)
+        load_adapters(self.net, sd)
         self.protos = sd["protos"]
         self.task_of_class = list(sd["task_of_class"])
         self.task_classes = [list(c) for c in sd["task_classes"]]

@@ -165,6 +165,20 @@ def _train_loop(net, forward, params, opt, loader, cfg, label_offset, device, co
     return {"steps": steps, "forward_passes": int(opt.forward_passes), "loss_first": first, "loss_last": last}
 
 
+def adapters_state(net) -> Dict:
+    """The trained part of an ``AdaptedViT`` shared by EASE and APER checkpoints."""
+    return {"adapters": net.adapters.state_dict(), "n_adapters": len(net.adapters)}
+
+
+def load_adapters(net, sd: Dict) -> None:
+    """Recreate ``sd["n_adapters"]`` adapter sets, load them, and freeze them."""
+    while len(net.adapters) < sd["n_adapters"]:
+        net.add_adapter_set()
+    net.adapters.load_state_dict(sd["adapters"])
+    for p in net.adapters.parameters():
+        p.requires_grad_(False)
+
+
 @torch.no_grad()
 def extract(net, loader, adapters: Sequence[Optional[int]], device: torch.device, counters: Counters):
     """Features ``[N, len(adapters), d]`` (one backbone pass per adapter choice) and labels."""
