@@ -38,14 +38,14 @@ fi
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
   # TRITON_INTERPRET=0: tests/conftest.py only *defaults* it to 1, so Triton compiles for the GPU.
   TESTS=""
-  for t in tests/test_compiled_ops.py tests/test_triton.py; do [ -f "$t" ] && TESTS="$TESTS $t"; done
+  for t in tests/test_cuda_ops.py tests/test_triton.py tests/test_compiled_ops.py; do [ -f "$t" ] && TESTS="$TESTS $t"; done
   if [ -n "$TESTS" ]; then
     say "parity tests on the GPU:$TESTS"
     TRITON_INTERPRET=0 ZEROFLOW_TEST_DEVICE=cuda timeout -s INT -k 10 "$(left 100)" "$PY" -m pytest $TESTS -q -x -rs -p no:cacheprovider \
       --junitxml="$DEST/gpu_tests.xml" 2>&1 | tail -25 | tee -a "$DEST/gpu_check.log"
     [ "${PIPESTATUS[0]}" = "0" ] || { say "GPU tests FAILED"; STATUS=1; }
   else
-    say "no GPU parity test files found (tests/test_compiled_ops.py, tests/test_triton.py)"
+    say "no GPU parity test files found (tests/test_cuda_ops.py, tests/test_triton.py)"
   fi
 fi
 

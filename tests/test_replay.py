@@ -100,6 +100,14 @@ def test_replay_cli_writes_weights_and_reports(tmp_path, capsys):
     sd = torch.load(out, weights_only=True)
     assert all(torch.equal(sd[k], v) for k, v in final.items())
     assert "50 steps of ZOFusedAdam" in capsys.readouterr().out
+    # the same through the `zeroflow` console script's entry point: zeroflow replay BASE LOG --out W
+    from zeroflow.cli import main
+    out2 = str(tmp_path / "w2.pt")
+    assert main(["replay", base, log, "--out", out2]) == 0
+    sd2 = torch.load(out2, weights_only=True)
+    assert all(torch.equal(sd2[k], v) for k, v in final.items())
+    assert main(["replay", base, log + ".missing", "--out", str(tmp_path / "w3.pt")]) == 2
+    assert not os.path.exists(tmp_path / "w3.pt")
 
 
 def test_replay_of_skipped_and_aborted_steps_and_bf16(tmp_path):
