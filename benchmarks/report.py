@@ -374,9 +374,11 @@ def distributed_section(records):
 def sweep_section(sweep, plots_rel):
     if not sweep:
         return ""
+    extra = " ".join(sweep.get("extra_args") or [])
     out = ["## Query sweep (Figure 5 analogue)", "",
-           f"Avg accuracy of the continual run on `{sweep.get('dataset', 'the embedded default')}` vs the number "
-           f"of queries q. {sweep.get('description', '')}".strip(), ""]
+           f"Avg / Last / Fgt (%) of one continual run per point ({sweep.get('dataset', 'the embedded default')}"
+           f"{', extra arguments `' + extra + '`' if extra else ''}; one seed) vs the number of queries q per "
+           f"step, and the wall time of each run (forward passes grow as 2q). Run {sweep.get('date', '')}.", ""]
     rows = []
     res = sweep.get("results", [])
     qs = sorted({r["q"] for r in res})
@@ -386,8 +388,12 @@ def sweep_section(sweep, plots_rel):
         cells = []
         for q in qs:
             r = look.get((o, q))
-            cells.append("—" if r is None or r.get("avg") is None else f"{r['avg']:.2f}")
+            cells.append("—" if r is None or r.get("avg") is None else
+                         f"{r['avg']:.2f} / {r['last']:.2f} / {r['fgt']:.2f}" if r.get("last") is not None
+                         else f"{r['avg']:.2f}")
         rows.append([o] + cells)
+        rows.append([f"{o} wall time"] + ["—" if look.get((o, q)) is None or look[(o, q)].get("wall_s") is None
+                                          else f"{look[(o, q)]['wall_s']:.0f} s" for q in qs])
     out += [table(["optimizer"] + [f"q={q}" for q in qs], rows), ""]
     if plots_rel.get(("sweep", "")):
         out += [f"![query sweep]({plots_rel[('sweep', '')]})", ""]
