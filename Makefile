@@ -3,7 +3,7 @@
 #                     pytest-benchmark JSON in results/, then docs/performance.md + docs/perf/*.png
 #   make bench-fast   the CI smoke mode of the same suites (tiny sizes, one round; < 2 min):
 #                     JSON and report in results/fast/ (docs/ untouched)
-#   make bench-sweep  query sweep q in {1,...,32} (zo_sgd, zo_adam; ~30 min), then the report
+#   make bench-sweep  query sweep q in {1,...,32} (zo_sgd, zo_adam; ~8 min), then the report
 #   make bench-gpu    benchmarks/gpu_check.sh (on a CUDA machine; output in $$OUT or results/gpu/)
 #   make bench-report the report again from the JSON already in results/
 SHELL := /bin/bash

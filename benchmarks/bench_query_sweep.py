@@ -7,8 +7,9 @@ the embedded default data set vs the number of queries q, for ZO-SGD and ZO-Adam
 
 Each point is one ``zeroflow run --optimizer NAME --q Q --out DIR`` (DIR/metrics.json, key
 "avg"); finished points are reused (delete DIR to rerun). The report includes the result with
-``python -m benchmarks.report ... --sweep results/query_sweep.json``. On 2 CPU cores one run of
-the default job takes ~2 min, so the full sweep (12 runs) takes ~25-40 min: it is not part of
+``python -m benchmarks.report ... --sweep results/query_sweep.json``. On 2 CPU cores a run takes
+10 s (q = 1) to ~100 s (q = 32) with the backbone cached, ~7.5 min for the full sweep of 12
+runs (measured 2026-11-30): it is not part of
 ``make bench`` (``make bench-sweep``).
 """
 from __future__ import annotations
