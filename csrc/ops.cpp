@@ -150,7 +150,7 @@ inline void check_sgd_args(TensorList params, TensorList momentum_buffers, Tenso
 inline void check_adam_args(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs,
                             TensorList history_buffers, at::IntArrayRef tensor_ids, at::IntArrayRef seeds,
                             at::ArrayRef<double> coeffs, int64_t dist, int64_t mask_seed, int64_t mask_threshold,
-                            int64_t restore_seed) {
+                            int64_t restore_seed, int64_t step) {
   check_params(params, tensor_ids);
   check_buffers(params, exp_avgs, "exp_avgs", /*required=*/true);
   check_buffers(params, exp_avg_sqs, "exp_avg_sqs", /*required=*/true);
@@ -159,6 +159,8 @@ inline void check_adam_args(TensorList params, TensorList exp_avgs, TensorList e
   check_q(seeds, coeffs);
   check_stream_args(dist, mask_seed, mask_threshold);
   check_seed(restore_seed, "restore_seed");
+  TORCH_CHECK_VALUE(step >= 1, "zfkernels: step=", step,
+                    " must be >= 1 (Adam's bias correction counts from 1)");
 }
 
 // Host-side scalar preparation shared by CPU and CUDA: the same fp32 constants as
@@ -188,9 +190,7 @@ struct AdamScalars {
 };
 inline AdamScalars adam_scalars(double restore_scale, double lr, double beta1, double beta2,
                                 double eps, double weight_decay, int64_t step, double history_alpha) {
-  TORCH_CHECK_VALUE(step >= 1, "zfkernels: step=", step,
-                    " must be >= 1 (Adam's bias correction counts from 1)");
-  AdamScalars s;
+  AdamScalars s;   // step >= 1 was checked by check_adam_args
   s.restore_scale = f32(restore_scale);
   const double bc1 = 1.0 - std::pow(beta1, (double)step);
   const double bc2 = 1.0 - std::pow(beta2, (double)step);
@@ -345,6 +345,24 @@ struct Estimate {
   int q;
   int64_t restore_seed;
   float restore_scale;
+  int reuse;  // the query whose z is the restore's z (-1: none); see estimate_tile
+};
+
+// The per-call query terms: fp32 coefficients (kept alive in `cf`) and the Estimate over them.
+struct QueryTerms {
+  std::vector<float> cf;
+  Estimate e;
+  QueryTerms(at::IntArrayRef seeds, at::ArrayRef<double> coeffs, int64_t restore_seed, float restore_scale)
+      : cf(coeffs.size()) {
+    for (size_t j = 0; j < coeffs.size(); ++j) cf[j] = f32(coeffs[j]);
+    int reuse = -1;
+    if (restore_scale != 0.0f)
+      for (int j = (int)seeds.size() - 1; j >= 0 && reuse < 0; --j)
+        if (seeds[j] == restore_seed) reuse = j;
+    e = Estimate{seeds.data(), cf.data(), (int)seeds.size(), restore_seed, restore_scale, reuse};
+  }
+  QueryTerms(const QueryTerms&) = delete;  // e points into cf
+  QueryTerms& operator=(const QueryTerms&) = delete;
 };
 
 // p (restored, in place in x) and the raw estimate g.
@@ -357,7 +375,6 @@ ZF_INLINE void estimate_tile(float* __restrict x, float* __restrict g, int n, ui
   alignas(64) float z[TILE];
   alignas(64) float zr[TILE];
   alignas(64) float m[TILE];
-  int reuse = -1;  // the query whose z equals the restore's z
   if (sc.T) fill_mask(m, start, n, sc.tid, sc.mask_key, sc.T);
   if (e.restore_scale != 0.0f) {
     fill_z(zr, start, n, sc.tid, sc.dist, key_of(e.restore_seed));
@@ -365,16 +382,11 @@ ZF_INLINE void estimate_tile(float* __restrict x, float* __restrict g, int n, ui
       for (int i = 0; i < n; ++i) zr[i] = zr[i] * m[i];
     const float rs = e.restore_scale;
     for (int i = 0; i < n; ++i) x[i] = x[i] + zr[i] * rs;
-    for (int j = e.q - 1; j >= 0; --j)
-      if (e.seeds[j] == e.restore_seed) {
-        reuse = j;
-        break;
-      }
   }
   for (int i = 0; i < n; ++i) g[i] = 0.0f;
   for (int j = 0; j < e.q; ++j) {
     const float* __restrict zj = zr;
-    if (j != reuse) {
+    if (j != e.reuse) {
       fill_z(z, start, n, sc.tid, sc.dist, key_of(e.seeds[j]));
       if (sc.T)
         for (int i = 0; i < n; ++i) z[i] = z[i] * m[i];
@@ -607,12 +619,11 @@ void sgd_cpu(TensorList params, TensorList momentum_buffers, TensorList history_
                  restore_seed);
   if (params.empty()) return;
   const SgdScalars s = sgd_scalars(restore_scale, lr, weight_decay, momentum, dampening, history_alpha);
-  std::vector<float> cf(coeffs.size());
-  for (size_t j = 0; j < coeffs.size(); ++j) cf[j] = f32(coeffs[j]);
+  const QueryTerms terms(seeds, coeffs, restore_seed, s.restore_scale);
+  const Estimate& e = terms.e;
   const bool has_m = !momentum_buffers.empty(), has_h = !history_buffers.empty();
   for_each_chunk(params, [&](const Chunk& c) {
     const StreamCfg sc = stream_cfg((uint32_t)tensor_ids[c.k], dist, mask_seed, mask_threshold);
-    const Estimate e{seeds.data(), cf.data(), (int)seeds.size(), restore_seed, s.restore_scale};
     TileIO px, pm, ph;
     px.bind(params[c.k]);
     if (has_m) pm.bind(momentum_buffers[c.k]);
@@ -636,15 +647,14 @@ void adam_cpu(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, Te
               double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
               int64_t step, bool sign, double history_alpha, bool history_init) {
   check_adam_args(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed,
-                  mask_threshold, restore_seed);
+                  mask_threshold, restore_seed, step);
   const AdamScalars s = adam_scalars(restore_scale, lr, beta1, beta2, eps, weight_decay, step, history_alpha);
   if (params.empty()) return;
-  std::vector<float> cf(coeffs.size());
-  for (size_t j = 0; j < coeffs.size(); ++j) cf[j] = f32(coeffs[j]);
+  const QueryTerms terms(seeds, coeffs, restore_seed, s.restore_scale);
+  const Estimate& e = terms.e;
   const bool has_h = !history_buffers.empty();
   for_each_chunk(params, [&](const Chunk& c) {
     const StreamCfg sc = stream_cfg((uint32_t)tensor_ids[c.k], dist, mask_seed, mask_threshold);
-    const Estimate e{seeds.data(), cf.data(), (int)seeds.size(), restore_seed, s.restore_scale};
     TileIO px, pm, pv, ph;
     px.bind(params[c.k]);
     pm.bind(exp_avgs[c.k]);
@@ -694,8 +704,7 @@ void adam_meta(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, T
                int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double, double, double, double,
                double, double, bool, int64_t step, bool, double, bool) {
   check_adam_args(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed,
-                  mask_threshold, restore_seed);
-  TORCH_CHECK_VALUE(step >= 1, "zfkernels: step=", step, " must be >= 1 (Adam's bias correction counts from 1)");
+                  mask_threshold, restore_seed, step);
 }
 
 
