@@ -55,7 +55,6 @@ def kernel_backends() -> list[str]:
     """Backends benchmarked on this device. On CPU the Triton backend is the interpreter
     and the torch backend is the slow reference: neither is a performance path, so they are
     only exercised in fast mode (to keep the wiring alive)."""
-    import zfkernels as zk
 
     env = os.environ.get("BENCH_BACKENDS", "").strip()
     if env:

@@ -7,7 +7,6 @@ Importing this module is light (argparse only); torch/timm load when a command r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import List, Optional

@@ -8,8 +8,7 @@ reference ZO code ran its forward passes. The frozen backbone is always in eval 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -86,9 +85,6 @@ def train_subspace(net: nn.Module, forward: Callable, modules: Sequence[nn.Modul
     the ZO optimizer is wrapped in :class:`zeroflow.distributed.DataParallelZO` (only the
     loss scalars cross the wire); the parameters are checked bit-identical across ranks at
     the start and at the end of the task."""
-    from tqdm.auto import tqdm
-    from zeroflow.optim import train_step
-
     params = [p for m in modules for p in m.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -124,7 +120,6 @@ def _train_loop(net, forward, params, opt, loader, cfg, label_offset, device, co
 
     epochs = int(cfg["epochs"])
     losses = []
-    steps = 0
     bar = tqdm(total=epochs * len(loader), desc=progress_desc, disable=not progress, leave=False,
                dynamic_ncols=True)
     sharded = hasattr(loader.batch_sampler, "set_epoch")
@@ -148,7 +143,6 @@ def _train_loop(net, forward, params, opt, loader, cfg, label_offset, device, co
             loss = train_step(opt, closure)
             counters.train_seconds += timer.now() - t0
             counters.iterations += 1
-            steps += 1
             if not math.isfinite(loss):
                 raise ZeroflowError(f"training diverged (loss={loss}) at {progress_desc}, epoch {epoch}; "
                                     f"lower --lr or --zo-eps")
@@ -160,9 +154,10 @@ def _train_loop(net, forward, params, opt, loader, cfg, label_offset, device, co
     net.eval()
     for p in params:
         p.requires_grad_(False)
-    first = sum(losses[: max(1, len(losses) // 10)]) / max(1, len(losses[: max(1, len(losses) // 10)])) if losses else None
-    last = sum(losses[-max(1, len(losses) // 10):]) / max(1, len(losses[-max(1, len(losses) // 10):])) if losses else None
-    return {"steps": steps, "forward_passes": int(opt.forward_passes), "loss_first": first, "loss_last": last}
+    k = max(1, len(losses) // 10)          # mean loss over the first / last tenth of the steps
+    first = sum(losses[:k]) / len(losses[:k]) if losses else None
+    last = sum(losses[-k:]) / len(losses[-k:]) if losses else None
+    return {"steps": len(losses), "forward_passes": int(opt.forward_passes), "loss_first": first, "loss_last": last}
 
 
 def adapters_state(net) -> Dict:
@@ -179,16 +174,23 @@ def load_adapters(net, sd: Dict) -> None:
         p.requires_grad_(False)
 
 
-@torch.no_grad()
-def extract(net, loader, adapters: Sequence[Optional[int]], device: torch.device, counters: Counters):
-    """Features ``[N, len(adapters), d]`` (one backbone pass per adapter choice) and labels."""
+def batch_features(net, loader, adapters: Sequence[Optional[int]], device: torch.device, counters: Counters):
+    """Per batch: fp32 CPU features ``[B, len(adapters), d]`` (one backbone pass per adapter
+    choice, counted) and the labels. Callers run it under ``torch.no_grad()``."""
     net.eval()
-    feats, labels = [], []
     for x, y in loader:
         x = x.to(device, non_blocking=True)
         f = torch.stack([net.features(x, a) for a in adapters], dim=1)
         counters.eval_forward_passes += len(adapters)
-        feats.append(f.float().cpu())
+        yield f.float().cpu(), y
+
+
+@torch.no_grad()
+def extract(net, loader, adapters: Sequence[Optional[int]], device: torch.device, counters: Counters):
+    """Features ``[N, len(adapters), d]`` of a whole loader and its labels."""
+    feats, labels = [], []
+    for f, y in batch_features(net, loader, adapters, device, counters):
+        feats.append(f)
         labels.append(y)
     if not feats:
         return torch.empty(0, len(adapters), net.dim), torch.empty(0, dtype=torch.long)

@@ -11,7 +11,6 @@ diagonal); ``a_s`` = top-1 accuracy (%) on the test images of all classes seen a
 """
 from __future__ import annotations
 
-import os
 import resource
 import sys
 import time

@@ -196,16 +196,13 @@ def make_learner(cfg, net, device):
 
 @torch.no_grad()
 def evaluate(learner, data, seen_tasks, device, counters, batch_size, num_workers):
-    from .learners import extract
+    from .learners import batch_features
 
     seen = [c for cls in seen_tasks for c in cls]
     loader = data.loader("test", seen, batch_size, num_workers=num_workers)
     preds, targets = [], []
-    learner.net.eval()
-    for x, y in loader:
-        x = x.to(device)
-        f = torch.stack([learner.net.features(x, a) for a in learner.eval_adapters()], dim=1).float().cpu()
-        counters.eval_forward_passes += len(learner.eval_adapters())
+    # batch by batch (a test set's features for every adapter need not fit in memory)
+    for f, y in batch_features(learner.net, loader, learner.eval_adapters(), device, counters):
         preds.append(learner.logits(f).argmax(1))
         targets.append(y)
     return M.accuracy_from_predictions(torch.cat(preds), torch.cat(targets), seen_tasks)
