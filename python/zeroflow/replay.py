@@ -24,19 +24,19 @@ A q=1 two_side step with unchanged lr is 36 bytes (+16 per extra query).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
 import struct
 import sys
-import tempfile
 import time
 import warnings
 import zlib
 from typing import Sequence
 
 import torch
+
+from ._atomic import atomic_torch_save
 
 __all__ = ["TrajectoryRecorder", "replay", "replay_to_file", "read_log", "replay_main", "save_base",
            "weights_sha256", "ReplayError", "LOG_FORMAT"]
@@ -62,28 +62,13 @@ def weights_sha256(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> str
     return h.hexdigest()
 
 
-def _atomic_save(obj, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def save_base(path: str, model: torch.nn.Module, optimizer=None) -> None:
     """Write the BASE checkpoint for a log atomically: ``{"model": state_dict}`` (plus the
     optimizer's state_dict when recording starts with non-empty optimizer state)."""
     obj = {"model": model.state_dict()}
     if optimizer is not None:
         obj["optimizer"] = optimizer.state_dict()
-    _atomic_save(obj, path)
+    atomic_torch_save(obj, path)
 
 
 # ---------------------------------------------------------------------------- recording
@@ -456,7 +441,7 @@ def replay_to_file(base, log: str, out: str, **kw) -> dict:
     """:func:`replay` then write the state_dict to ``out`` atomically (temporary file in
     the same directory + rename; nothing is left at ``out`` if anything fails)."""
     sd = replay(base, log, **kw)
-    _atomic_save(sd, out)
+    atomic_torch_save(sd, out)
     return sd
 
 

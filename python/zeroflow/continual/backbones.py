@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._atomic import atomic_torch_save
 from .errors import ZeroflowError
 
 VIT_B_IN21K = "vit_base_patch16_224.augreg_in21k"
@@ -166,12 +167,6 @@ def build_small_vit(in_chans: int, img_size: int, cfg: Optional[Dict] = None) ->
                              class_token=True, **c)
 
 
-def _atomic_torch_save(obj, path: str):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def cache_dir() -> str:
     return os.environ.get("ZEROFLOW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "zeroflow")
 
@@ -226,7 +221,7 @@ def pretrain_small_backbone(data, *, vit_cfg: Optional[Dict], epochs: int, lr: f
     if use_cache:
         try:
             os.makedirs(cache_dir(), exist_ok=True)
-            _atomic_torch_save(vit.state_dict(), path)
+            atomic_torch_save(vit.state_dict(), path)
         except OSError:
             pass
     return vit

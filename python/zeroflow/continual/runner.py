@@ -24,6 +24,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from .._atomic import atomic_torch_save, atomic_write, atomic_write_bytes
 from . import metrics as M
 from .errors import ZeroflowError
 
@@ -33,27 +34,12 @@ CKPT_VERSION = 1
 
 
 # ---------------------------------------------------------------- atomic files
-def _atomic_write_bytes(path: str, data: bytes):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def atomic_write_text(path: str, text: str):
-    _atomic_write_bytes(path, text.encode())
+    atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_json(path: str, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def atomic_torch_save(obj, path: str):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    _atomic_write_bytes(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------- helpers
@@ -429,6 +415,4 @@ def plot_results(run_dir: str, metrics: Dict):
 
 
 def _atomic_fig(fig, path):
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
