@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 __all__ = ["Comm", "DataParallelZO", "DistributedMismatchError", "init_from_env", "shard",
            "ShardedBatchSampler", "describe_optimizer", "param_checksum", "is_main_process",
-           "local_device"]
+           "local_device", "broadcast_module_"]
 
 
 class DistributedMismatchError(RuntimeError):
@@ -75,6 +75,15 @@ def local_device() -> torch.device:
     if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers (the whole state_dict, frozen parts
+    included) to every rank, in place."""
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            if isinstance(t, torch.Tensor) and t.numel():
+                dist.broadcast(t, src=src)
 
 
 def shard(dataset_indices: Sequence[int], rank: int, world: int) -> list:

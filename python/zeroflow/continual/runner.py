@@ -23,6 +23,7 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
+import torch.distributed
 
 from .._atomic import atomic_torch_save, atomic_write, atomic_write_bytes
 from . import metrics as M
@@ -109,16 +110,6 @@ def distributed_setup(cfg: Dict):
                             "loss scalars, so they need a forward-pass optimizer (zo_* or forward_grad, optionally "
                             "with --hybrid-switch); run first-order baselines in a single process")
     return got
-
-
-def _broadcast_module(net: torch.nn.Module):
-    """Copy rank 0's parameters and buffers to every rank (the frozen backbone must match too)."""
-    import torch.distributed as dist
-
-    with torch.no_grad():
-        for t in list(net.state_dict().values()):
-            if isinstance(t, torch.Tensor) and t.numel():
-                dist.broadcast(t, src=0)
 
 
 def default_run_dir(cfg: Dict) -> str:
@@ -212,9 +203,8 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, progress:
         log, progress = (lambda *a, **k: None), False
     run_dir = out or default_run_dir(cfg)
     if world > 1 and out is None:
-        import torch.distributed as dist
         box = [run_dir]
-        dist.broadcast_object_list(box, src=0)     # rank 0's time-stamped folder name for everyone
+        torch.distributed.broadcast_object_list(box, src=0)   # rank 0's time-stamped folder for everyone
         run_dir = box[0]
     ck_path = os.path.join(run_dir, CHECKPOINT)
     if resume:
@@ -262,18 +252,16 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, progress:
     seed_everything(int(cfg["seed"]))
     data = load_dataset(cfg["dataset"], cfg["data_root"], int(cfg["init_cls"]), int(cfg["increment"]),
                         download=bool(cfg.get("download")), img_size=int(cfg.get("img_size", 224)))
+    # torchrun: rank 0 builds (and caches) the backbone first, the others then load it; rank
+    # 0's weights are then broadcast so that every rank runs the identical network
+    if world > 1 and not main:
+        torch.distributed.barrier()
+    net = build_network(cfg, data, device, run_dir if main else None, progress)
     if world > 1:
-        import torch.distributed as dist
-        # rank 0 builds (and caches) the backbone first, the others then load it; rank 0's
-        # weights are then broadcast so every rank runs the identical network
-        if not main:
-            dist.barrier()
-        net = build_network(cfg, data, device, run_dir if main else None, progress)
+        from zeroflow.distributed import broadcast_module_
         if main:
-            dist.barrier()
-        _broadcast_module(net)
-    else:
-        net = build_network(cfg, data, device, run_dir, progress)
+            torch.distributed.barrier()
+        broadcast_module_(net)
     learner = make_learner(cfg, net, device)
     setup_seconds = time.perf_counter() - t_setup
     T = len(data.tasks)
