@@ -73,22 +73,19 @@ def save_base(path: str, model: torch.nn.Module, optimizer=None) -> None:
 
 # ---------------------------------------------------------------------------- recording
 def _unwrap(optimizer):
-    from zeroflow.optim.hybrid import HybridFOZO
-    from zeroflow.optim.zo import _ZOBase
+    """The ZO optimizer inside ``optimizer`` (itself, a DataParallelZO's, a HybridFOZO's in its
+    ZO phase); TypeError for anything else (zeroflow.distributed._zo_of)."""
+    from zeroflow.distributed import DataParallelZO, _zo_of
 
-    inner = getattr(optimizer, "optimizer", None)      # DataParallelZO
-    if inner is not None and not isinstance(optimizer, (_ZOBase, HybridFOZO)):
-        optimizer = inner
-    if isinstance(optimizer, HybridFOZO):
-        if not optimizer.zeroth_order:
-            raise ValueError(
-                "HybridFOZO is in its first-order phase: an FO step is a full gradient and cannot be replayed "
-                "from scalars. Start recording at the switch (when hybrid.zeroth_order is True), with the weights "
-                "saved then (zeroflow.replay.save_base) as BASE.")
-        optimizer = optimizer.zo
-    if not isinstance(optimizer, _ZOBase):
-        raise TypeError(f"only zeroflow ZO optimizers can be recorded, got {type(optimizer).__name__}")
-    return optimizer
+    if isinstance(optimizer, DataParallelZO):
+        optimizer = optimizer.optimizer
+    zo, hybrid = _zo_of(optimizer)
+    if hybrid is not None and not hybrid.zeroth_order:
+        raise ValueError(
+            "HybridFOZO is in its first-order phase: an FO step is a full gradient and cannot be replayed "
+            "from scalars. Start recording at the switch (when hybrid.zeroth_order is True), with the weights "
+            "saved then (zeroflow.replay.save_base) as BASE.")
+    return zo
 
 
 class TrajectoryRecorder:
