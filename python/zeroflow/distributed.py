@@ -251,27 +251,38 @@ def group_options(g: dict, *, with_lr: bool = True) -> dict:
             if k not in ("params", "param_names") and (with_lr or k != "lr")}
 
 
+def zo_options(zo) -> dict:
+    """A ZO optimizer's optimizer-wide options (``global``) and the zfkernels backend it
+    resolves to on each of its parameters' devices (``resolved_backend``)."""
+    import zfkernels
+
+    devs = sorted({p.device for g in zo.param_groups for p in g["params"]}, key=str)
+    return {"global": {"q": zo.q, "estimator": zo.estimator, "conserve": zo.conserve,
+                       "sparse_resample": zo.sparse_resample, "backend": zo.backend},
+            "resolved_backend": {str(d): zfkernels.resolve_backend(zo.backend, d) for d in devs}}
+
+
+def param_layout(params: Sequence[torch.Tensor]) -> dict:
+    """Shapes and dtypes of ``params``, in order, as JSON-able lists."""
+    return {"shapes": [list(p.shape) for p in params],
+            "dtypes": [str(p.dtype).replace("torch.", "") for p in params]}
+
+
 def describe_optimizer(optimizer) -> dict:
     """Everything that must agree across ranks: stream version, class, base seed, step and
     mask-epoch counters, optimizer-wide and per-group options, resolved backend, parameter
     shapes and dtypes (in optimizer order)."""
-    import zfkernels
     from zfkernels.stream import STREAM_VERSION
 
     zo, hybrid = _zo_of(optimizer)
-    devs = sorted({p.device for g in zo.param_groups for p in g["params"]}, key=str)
     desc = {
         "stream": STREAM_VERSION,
         "class": type(zo).__name__,
         "seed": zo.seed,
         "step": zo.step_count,
         "task": zo._task,
-        "global": {"q": zo.q, "estimator": zo.estimator, "conserve": zo.conserve,
-                   "sparse_resample": zo.sparse_resample, "backend": zo.backend},
-        "resolved_backend": {str(d): zfkernels.resolve_backend(zo.backend, d) for d in devs},
-        "groups": [dict(group_options(g), shapes=[list(p.shape) for p in g["params"]],
-                        dtypes=[str(p.dtype).replace("torch.", "") for p in g["params"]])
-                   for g in zo.param_groups],
+        **zo_options(zo),
+        "groups": [dict(group_options(g), **param_layout(g["params"])) for g in zo.param_groups],
     }
     if hybrid is not None:
         desc["hybrid"] = {"switch": hybrid.switch, "steps": hybrid._steps, "fo": type(hybrid.fo).__name__,

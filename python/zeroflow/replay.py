@@ -102,10 +102,9 @@ class TrajectoryRecorder:
 
     def __init__(self, path: str, optimizer, *, model: torch.nn.Module | None = None,
                  names: Sequence[str] | None = None, flush_every: int = 100):
-        import zfkernels
         from zfkernels.stream import STREAM_VERSION
 
-        from zeroflow.distributed import group_options
+        from zeroflow.distributed import group_options, param_layout, zo_options
 
         opt = _unwrap(optimizer)
         if opt.estimator == "forward_grad":
@@ -130,20 +129,16 @@ class TrajectoryRecorder:
             raise ValueError("names= must give one distinct name per optimized parameter, in optimizer order")
         self.opt, self.names, self._params = opt, names, params
         fresh = all(len(opt.state[p]) == 0 for p in params)
-        devs = sorted({p.device for p in params}, key=str)
         k = 0
         groups = []
         for g in opt.param_groups:
             n = len(g["params"])
-            groups.append({"names": names[k:k + n], "shapes": [list(p.shape) for p in g["params"]],
-                           "dtypes": [str(p.dtype).replace("torch.", "") for p in g["params"]],
+            groups.append({"names": names[k:k + n], **param_layout(g["params"]),
                            "options": group_options(g, with_lr=False), "lr": float(g["lr"])})
             k += n
         self.header = {
             "format": LOG_FORMAT, "stream": STREAM_VERSION, "optimizer": type(opt).__name__, "seed": opt.seed,
-            "global": {"q": opt.q, "estimator": opt.estimator, "conserve": opt.conserve,
-                       "sparse_resample": opt.sparse_resample, "backend": opt.backend},
-            "resolved_backend": {str(d): zfkernels.resolve_backend(opt.backend, d) for d in devs},
+            **zo_options(opt),
             "start_step": opt.step_count, "start_task": opt._task, "fresh_state": fresh,
             "groups": groups, "base_sha256": weights_sha256(names, params),
             "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
