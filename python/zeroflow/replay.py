@@ -313,11 +313,23 @@ def replay(base, log: str, *, backend: str | None = None, device: str | torch.de
     within the stream's bound per z (docs/distributed.md), and skips the final checksum
     check with a warning. ``verify``: compare the result with the checksum in the end
     record (raise :class:`ReplayError` on mismatch)."""
+    return _replay_records(base, *read_log(log), backend=backend, device=device, verify=verify)
+
+
+def _options_from_log(o: dict) -> dict:
+    """A param group's options as logged (JSON) back to optimizer values (betas: a tuple)."""
+    o = dict(o)
+    if "betas" in o:
+        o["betas"] = tuple(o["betas"])
+    return o
+
+
+def _replay_records(base, header: dict, records: list, *, backend: str | None, device, verify: bool) -> dict:
+    """:func:`replay` on a log already parsed by :func:`read_log`."""
     from zfkernels.stream import STREAM_VERSION
 
     from zeroflow.optim.zo import ZOFusedAdam, ZOFusedSGD
 
-    header, records = read_log(log)
     if header.get("format") != LOG_FORMAT:
         raise ReplayError(f"log format {header.get('format')!r} is not supported (this reads {LOG_FORMAT})")
     if header.get("stream") != STREAM_VERSION:
@@ -343,10 +355,7 @@ def replay(base, log: str, *, backend: str | None = None, device: str | torch.de
             ps.append(p)
             names.append(n)
             tensors.append(p)
-        opts = dict(g["options"])
-        if "betas" in opts:
-            opts["betas"] = tuple(opts["betas"])
-        groups.append({"params": ps, **opts, "lr": g["lr"]})
+        groups.append({"params": ps, **_options_from_log(g["options"]), "lr": g["lr"]})
     if weights_sha256(names, tensors) != header["base_sha256"]:
         raise ReplayError("BASE is not the checkpoint the log starts from (checksum of the optimized tensors differs)")
     rec_backends = set(header["resolved_backend"].values())
@@ -385,10 +394,7 @@ def replay(base, log: str, *, backend: str | None = None, device: str | torch.de
     for rec in records:
         if rec[0] == "options":
             for g, o in zip(opt.param_groups, rec[1]):
-                o = dict(o)
-                if "betas" in o:
-                    o["betas"] = tuple(o["betas"])
-                g.update(o)
+                g.update(_options_from_log(o))
             continue
         if rec[0] == "end":
             if opt.step_count != rec[2]:
@@ -451,8 +457,9 @@ def replay_main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         t0 = time.perf_counter()
-        header, records = read_log(a.log)
-        replay_to_file(a.base, a.log, a.out, backend=a.backend, device=a.device, verify=not a.no_verify)
+        header, records = read_log(a.log)          # read once: replayed and summarised below
+        sd = _replay_records(a.base, header, records, backend=a.backend, device=a.device, verify=not a.no_verify)
+        atomic_torch_save(sd, a.out)
         n = sum(1 for r in records if r[0] == "step")
         print(f"zeroflow replay: {n} steps of {header['optimizer']} (stream {header['stream']}, seed {header['seed']}) "
               f"replayed in {time.perf_counter() - t0:.2f}s -> {a.out}")
