@@ -210,26 +210,24 @@ class AllocCounter:
         return self._mode.__exit__(*exc)
 
 
-def _rss_hwm_kib() -> int | None:
+def _proc_status_kib(field: str) -> int | None:
+    """A kB field of /proc/self/status (Linux), e.g. VmHWM (RSS high-water) or VmRSS."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         return None
     return None
+
+
+def _rss_hwm_kib() -> int | None:
+    return _proc_status_kib("VmHWM")
 
 
 def _rss_kib() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    return _proc_status_kib("VmRSS")
 
 
 def measure_peak_extra(fn) -> dict:

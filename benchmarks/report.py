@@ -148,6 +148,13 @@ def machine_section(machines):
     return "\n".join(lines)
 
 
+def by_device(records, suite=None):
+    """``[(device, records of that device)]`` in device order, optionally of one suite only."""
+    recs = [r for r in records if suite is None or r["x"].get("suite") == suite]
+    return [(dev, [r for r in recs if r["x"].get("device", "cpu") == dev])
+            for dev in sorted({r["x"].get("device", "cpu") for r in recs})]
+
+
 def _largest(records, **match):
     cand = [r for r in records if all(r["x"].get(k) == v for k, v in match.items())]
     if not cand:
@@ -169,9 +176,7 @@ def _status(measured, target, higher=True):
 def targets(records):
     """Rows (device, target, measured, status, where) for the targets of issue 5."""
     rows = []
-    devices = sorted({r["x"].get("device", "cpu") for r in records})
-    for dev in devices:
-        recs = [r for r in records if r["x"].get("device", "cpu") == dev]
+    for dev, recs in by_device(records):
         kern = [r for r in recs if r["x"].get("suite") == "kernels" and r["x"].get("kind") == "zeroflow"]
         opt = [r for r in recs if r["x"].get("suite") == "optim" and r["x"].get("impl") == "zeroflow"]
         gpu = dev.startswith("cuda")
@@ -228,9 +233,7 @@ def _where(r):
 
 def kernel_section(records, plots_rel):
     out = []
-    kern = [r for r in records if r["x"].get("suite") == "kernels"]
-    for dev in sorted({r["x"].get("device", "cpu") for r in kern}):
-        recs = [r for r in kern if r["x"].get("device", "cpu") == dev]
+    for dev, recs in by_device(records, "kernels"):
         out += [f"### Kernels on {dev} ({recs[0]['x'].get('device_name', '')})", ""]
         base = [r for r in recs if r["x"]["kind"] in ("copy", "mezo")]
         zf = [r for r in recs if r["x"]["kind"] == "zeroflow"]
@@ -272,9 +275,7 @@ def kernel_section(records, plots_rel):
 
 def optim_section(records, plots_rel):
     out = []
-    opt = [r for r in records if r["x"].get("suite") == "optim"]
-    for dev in sorted({r["x"].get("device", "cpu") for r in opt}):
-        recs = [r for r in opt if r["x"].get("device", "cpu") == dev]
+    for dev, recs in by_device(records, "optim"):
         out += [f"### Optimizer step on {dev}", ""]
         by = defaultdict(dict)
         for r in recs:
@@ -313,9 +314,7 @@ def optim_section(records, plots_rel):
 
 def e2e_section(records, plots_rel):
     out = []
-    e2e = [r for r in records if r["x"].get("suite") == "e2e"]
-    for dev in sorted({r["x"].get("device", "cpu") for r in e2e}):
-        recs = [r for r in e2e if r["x"].get("device", "cpu") == dev]
+    for dev, recs in by_device(records, "e2e"):
         x0 = recs[0]["x"]
         out += [f"### One training iteration on {dev}: `{x0['model']}`, batch {x0['batch']}, {x0['img']} px, "
                 f"{x0['numel'] / 1e6:.2f}M trained parameters", ""]
@@ -422,8 +421,8 @@ def make_plots(records, sweep, plots_dir, out_md):
         plt.close(fig)
         rel[k] = os.path.relpath(os.path.abspath(path), md_dir)
 
-    for dev in sorted({r["x"].get("device", "cpu") for r in records}):
-        kern = [r for r in records if r["x"].get("suite") == "kernels" and r["x"].get("device", "cpu") == dev]
+    for dev, recs in by_device(records):
+        kern = [r for r in recs if r["x"].get("suite") == "kernels"]
         if kern:
             n = max(r["x"]["numel"] for r in kern)
             sel = [r for r in kern if r["x"]["numel"] == n and r["x"]["dtype"] == "fp32"
@@ -446,8 +445,8 @@ def make_plots(records, sweep, plots_dir, out_md):
             ax.set_xlabel("effective GB/s (bytes read + written)")
             ax.set_title(f"Kernels, fp32, N={fsize(n)}, {dev}", fontsize=9)
             save(fig, f"kernels_{dev.replace(':', '')}.png", ("kernels", dev))
-        opt = [r for r in records if r["x"].get("suite") == "optim" and r["x"].get("device", "cpu") == dev
-               and r["x"].get("impl") == "zeroflow" and r.get("vs_mezo")]
+        opt = [r for r in recs if r["x"].get("suite") == "optim" and r["x"].get("impl") == "zeroflow"
+               and r.get("vs_mezo")]
         if opt:
             fig, ax = plt.subplots(figsize=(6, 4))
             series = defaultdict(list)
@@ -465,7 +464,7 @@ def make_plots(records, sweep, plots_dir, out_md):
             ax.legend(fontsize=6)
             ax.set_title(f"Optimizer step, {dev}", fontsize=9)
             save(fig, f"optim_{dev.replace(':', '')}.png", ("optim", dev))
-        e2e = [r for r in records if r["x"].get("suite") == "e2e" and r["x"].get("device", "cpu") == dev]
+        e2e = [r for r in recs if r["x"].get("suite") == "e2e"]
         if e2e:
             e2e.sort(key=lambda r: (r["x"]["method"].startswith("fo_"), r["x"]["method"]))
             names = [r["x"]["method"] for r in e2e]
