@@ -42,28 +42,26 @@ def render(paths: Sequence[str]) -> str:
         by[(c["method"], c["optimizer"], c["dataset"])] = m   # the last given wins
     datasets = _order({k[2] for k in by}, list(DATASETS))
     rows = sorted({(k[0], k[1]) for k in by}, key=lambda r: (r[0], OPTIMIZERS.index(r[1]) if r[1] in OPTIMIZERS else 99))
-    out = ["### Accuracy (Table 1 style): Avg / Last / Fgt (%)", ""]
-    out.append("| Method | Optimizer | " + " | ".join(f"{d} Avg | {d} Last | {d} Fgt" for d in datasets) + " |")
-    out.append("|---|---|" + "---|---|---|" * len(datasets))
-    for meth, opt in rows:
-        cells = []
-        for d in datasets:
-            m = by.get((meth, opt, d))
-            cells += [f"{m['avg']:.2f}", f"{m['last']:.2f}", f"{m['fgt']:.2f}"] if m else ["-", "-", "-"]
-        out.append(f"| {meth.upper()} | {opt} | " + " | ".join(cells) + " |")
-    out += ["", "### Efficiency (Table 2 style): peak memory (GB) / seconds per iteration / training forward passes", ""]
-    out.append("| Method | Optimizer | " + " | ".join(f"{d} Mem GB | {d} s/iter | {d} queries" for d in datasets) + " |")
-    out.append("|---|---|" + "---|---|---|" * len(datasets))
-    for meth, opt in rows:
-        cells = []
-        for d in datasets:
-            m = by.get((meth, opt, d))
-            if m:
-                spi = m.get("seconds_per_iteration")
-                cells += [f"{m['peak_memory_bytes'] / 1e9:.2f}", f"{spi:.4f}" if spi else "-", str(m["forward_passes"])]
-            else:
-                cells += ["-", "-", "-"]
-        out.append(f"| {meth.upper()} | {opt} | " + " | ".join(cells) + " |")
+    def table(title: str, columns: Sequence[str], cells_of) -> List[str]:
+        """One row per (method, optimizer), three cells per dataset from ``cells_of(metrics)``."""
+        lines = [title, "", "| Method | Optimizer | " + " | ".join(f"{d} {c}" for d in datasets for c in columns) + " |",
+                 "|---|---|" + "---|---|---|" * len(datasets)]
+        for meth, opt in rows:
+            cells = []
+            for d in datasets:
+                m = by.get((meth, opt, d))
+                cells += cells_of(m) if m else ["-", "-", "-"]
+            lines.append(f"| {meth.upper()} | {opt} | " + " | ".join(cells) + " |")
+        return lines
+
+    def efficiency(m):
+        spi = m.get("seconds_per_iteration")
+        return [f"{m['peak_memory_bytes'] / 1e9:.2f}", f"{spi:.4f}" if spi else "-", str(m["forward_passes"])]
+
+    out = table("### Accuracy (Table 1 style): Avg / Last / Fgt (%)", ("Avg", "Last", "Fgt"),
+                lambda m: [f"{m['avg']:.2f}", f"{m['last']:.2f}", f"{m['fgt']:.2f}"])
+    out += [""] + table("### Efficiency (Table 2 style): peak memory (GB) / seconds per iteration / training "
+                        "forward passes", ("Mem GB", "s/iter", "queries"), efficiency)
     kinds = sorted({m.get("peak_memory_kind", "?") for m in runs})
     out += ["", f"Memory: {', '.join(kinds)}. Runs: " + ", ".join(m["_dir"] for m in runs), ""]
     return "\n".join(out)
