@@ -42,6 +42,7 @@ def render(paths: Sequence[str]) -> str:
         by[(c["method"], c["optimizer"], c["dataset"])] = m   # the last given wins
     datasets = _order({k[2] for k in by}, list(DATASETS))
     rows = sorted({(k[0], k[1]) for k in by}, key=lambda r: (r[0], OPTIMIZERS.index(r[1]) if r[1] in OPTIMIZERS else 99))
+
     def table(title: str, columns: Sequence[str], cells_of) -> List[str]:
         """One row per (method, optimizer), three cells per dataset from ``cells_of(metrics)``."""
         lines = [title, "", "| Method | Optimizer | " + " | ".join(f"{d} {c}" for d in datasets for c in columns) + " |",
