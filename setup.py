@@ -20,7 +20,7 @@ import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join("csrc")
+CSRC = "csrc"
 
 os.environ.setdefault("MAX_JOBS", "2")
 
@@ -87,9 +87,6 @@ except ImportError:
 
 packages = ["zfkernels", "zfkernels.triton"] + find_packages(where="python")
 package_dir = {"zfkernels": "zfkernels", "zfkernels.triton": "zfkernels/triton", "": "python"}
-if not os.path.isdir(os.path.join(HERE, "zfkernels", "triton")):
-    packages.remove("zfkernels.triton")
-    package_dir.pop("zfkernels.triton")
 
 setup(
     name="zeroflow",
