@@ -24,7 +24,11 @@ CSRC = "csrc"
 
 os.environ.setdefault("MAX_JOBS", "2")
 
-CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno"]
+# One arithmetic (docs/kernel-ops.md): no contraction into FMAs, no fast-math, IEEE
+# division and sqrt. Hidden visibility: each extension keeps its own private copy of the
+# inline code it shares with the other through csrc/*.h (only PyInit_* is exported).
+HIDDEN = ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno"] + HIDDEN
 NVCC_FLAGS = [
     "-O3",
     "--fmad=false",  # same float discipline as the CPU build: no contraction
@@ -33,7 +37,7 @@ NVCC_FLAGS = [
     "-ftz=false",
     "--expt-relaxed-constexpr",
     "-lineinfo",
-]
+] + [f"-Xcompiler={f}" for f in HIDDEN + ["-ffp-contract=off"]]
 
 
 def _want_cuda() -> bool:
@@ -74,7 +78,7 @@ if _want_cuda():
             name="zfkernels._C_cuda",
             sources=[os.path.join(CSRC, "ops_cuda.cu")],
             include_dirs=[os.path.join(HERE, CSRC)],
-            extra_compile_args={"cxx": ["-O3", "-ffp-contract=off"], "nvcc": NVCC_FLAGS},
+            extra_compile_args={"cxx": ["-O3", "-ffp-contract=off"] + HIDDEN, "nvcc": NVCC_FLAGS},
         )
     )
 

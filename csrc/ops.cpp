@@ -1,222 +1,26 @@
-// zfkernels ops: schema (TORCH_LIBRARY), CPU and Meta kernels.
+// zfkernels ops: schema (TORCH_LIBRARY), CPU, Meta and CompositeExplicitAutograd kernels.
 // Semantics: docs/kernel-ops.md; stream: docs/perturbation-stream.md (stream v1).
+// Argument checks and host scalars are shared with the CUDA kernels through ops_common.h.
 //
-// The validation section (namespace zf_ops, up to ZF_OPS_VALIDATION_ONLY) is shared with
-// csrc/ops_cuda.cu, which includes this file with ZF_OPS_VALIDATION_ONLY defined so that
-// both backends raise the same errors.
-//
-// Floating-point discipline: every fp32 step is one IEEE operation in the order that
-// zfkernels/reference.py writes it (compiled with -ffp-contract=off, no fast-math), so the
-// CPU kernels are bit-exact against the reference for Rademacher z and the mask, and differ
-// only by the Gaussian's log/sin/cos (within 2^-18) otherwise.
-#include <ATen/ATen.h>
+// One arithmetic (docs/kernel-ops.md, "Arithmetic"): every fp32 step is one correctly
+// rounded IEEE operation in the order the spec writes it -- compiled with -ffp-contract=off
+// and no fast-math, the Gaussian from the polynomial log/sincos of philox.h -- so these
+// kernels are bit-identical to the CUDA and Triton kernels and to zfkernels/reference.py.
+#include <ATen/Parallel.h>
+#include <Python.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
-#include <string>
 #include <vector>
 
+#include "ops_common.h"
 #include "philox.h"
-
-namespace zf_ops {
-
-using at::Tensor;
-using at::TensorList;
-
-constexpr int64_t kMaskOne = int64_t(1) << 24;
-constexpr int64_t kIdLimit = int64_t(1) << 32;
-
-inline std::string where(const char* list, size_t k) {
-  return std::string(list) + "[" + std::to_string(k) + "]";
-}
-
-// Dense, contiguous, float32/bfloat16/float16.
-inline void check_float_tensor(const Tensor& t, const std::string& name) {
-  TORCH_CHECK_VALUE(t.defined(), "zfkernels: ", name, " is an undefined tensor");
-  TORCH_CHECK_VALUE(t.layout() == at::kStrided, "zfkernels: ", name, " has layout ", t.layout(),
-                    "; zeroflow kernels need dense tensors, call .to_dense() first");
-  const auto st = t.scalar_type();
-  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, "zfkernels: ", name,
-                    " has dtype ", st,
-                    "; use float32, bfloat16 or float16 (integer, complex and float64 tensors are "
-                    "not supported)");
-  TORCH_CHECK_VALUE(t.is_contiguous(), "zfkernels: ", name,
-                    " is not contiguous; call .contiguous() on it first");
-}
-
-inline void check_params(TensorList params, at::IntArrayRef tensor_ids) {
-  TORCH_CHECK_VALUE(params.size() == tensor_ids.size(), "zfkernels: tensor_ids has ",
-                    tensor_ids.size(), " entries but params has ", params.size(),
-                    "; give one id per tensor");
-  for (size_t k = 0; k < params.size(); ++k) {
-    check_float_tensor(params[k], where("params", k));
-    TORCH_CHECK_VALUE(params[k].device() == params[0].device(),
-                      "zfkernels: all params must be on one device, but params[0] is on ",
-                      params[0].device(), " and params[", k, "] is on ", params[k].device(),
-                      "; move them to one device first");
-  }
-  for (size_t k = 0; k < tensor_ids.size(); ++k) {
-    TORCH_CHECK_VALUE(tensor_ids[k] >= 0 && tensor_ids[k] < kIdLimit, "zfkernels: tensor_ids[", k,
-                      "]=", tensor_ids[k], " is outside [0, 2**32); use a 32-bit unsigned id");
-  }
-}
-
-inline void check_buffers(TensorList params, TensorList buffers, const char* name,
-                          bool required = false) {
-  if (buffers.empty() && !required) return;
-  TORCH_CHECK_VALUE(buffers.size() == params.size(), "zfkernels: ", name, " has ", buffers.size(),
-                    " tensors but params has ", params.size(),
-                    required ? "; pass one buffer per param" : "; pass one buffer per param or none");
-  for (size_t k = 0; k < buffers.size(); ++k) {
-    const Tensor& b = buffers[k];
-    const Tensor& p = params[k];
-    check_float_tensor(b, where(name, k));
-    TORCH_CHECK_VALUE(b.device() == p.device(), "zfkernels: ", name, "[", k, "] is on ", b.device(),
-                      " but params[", k, "] is on ", p.device(), "; keep each buffer with its param");
-    TORCH_CHECK_VALUE(b.sizes() == p.sizes(), "zfkernels: ", name, "[", k, "] has shape ", b.sizes(),
-                      " but params[", k, "] has shape ", p.sizes(), "; buffers must match their param");
-    TORCH_CHECK_VALUE(b.scalar_type() == p.scalar_type() || b.scalar_type() == at::kFloat,
-                      "zfkernels: ", name, "[", k, "] has dtype ", b.scalar_type(), " but params[", k,
-                      "] is ", p.scalar_type(), "; use the param's dtype or float32");
-  }
-}
-
-inline void check_seed(int64_t s, const char* name) {
-  TORCH_CHECK_VALUE(s >= 0, "zfkernels: ", name, "=", s,
-                    " is negative; seeds are integers in [0, 2**63)");
-}
-
-inline void check_stream_args(int64_t dist, int64_t mask_seed, int64_t mask_threshold) {
-  TORCH_CHECK_VALUE(dist == 0 || dist == 1, "zfkernels: dist=", dist,
-                    " must be 0 (gaussian) or 1 (rademacher)");
-  check_seed(mask_seed, "mask_seed");
-  TORCH_CHECK_VALUE(mask_threshold >= 0 && mask_threshold <= kMaskOne, "zfkernels: mask_threshold=",
-                    mask_threshold,
-                    " is outside [0, 2**24]; it is round(sparsity * 2**24) with sparsity in [0, 1]");
-}
-
-inline void check_q(at::IntArrayRef seeds, at::ArrayRef<double> coeffs) {
-  TORCH_CHECK_VALUE(seeds.size() == coeffs.size(), "zfkernels: seeds has ", seeds.size(),
-                    " entries but coeffs has ", coeffs.size(), "; give one coefficient per seed");
-  for (size_t j = 0; j < seeds.size(); ++j) {
-    TORCH_CHECK_VALUE(seeds[j] >= 0, "zfkernels: seeds[", j, "]=", seeds[j],
-                      " is negative; seeds are integers in [0, 2**63)");
-  }
-}
-
-// Every tensor of every list on the params' device (the dispatcher picks the kernel from
-// the union of devices, so a CPU kernel may see a stray CUDA tensor and vice versa).
-inline void check_same_device(TensorList params, std::initializer_list<TensorList> lists) {
-  if (params.empty()) return;
-  for (TensorList l : lists) {
-    for (const Tensor& t : l) {
-      TORCH_CHECK_VALUE(t.device() == params[0].device(), "zfkernels: a buffer is on ", t.device(),
-                        " but params are on ", params[0].device(),
-                        "; all tensors of one call must be on one device");
-    }
-  }
-}
-
-inline void check_counters(const Tensor& c) {
-  TORCH_CHECK_VALUE(c.layout() == at::kStrided, "zfkernels: counters must be a dense tensor");
-  TORCH_CHECK_VALUE(c.scalar_type() == at::kLong, "zfkernels: counters has dtype ", c.scalar_type(),
-                    "; use an int64 tensor (values in [0, 2**32))");
-  TORCH_CHECK_VALUE(c.dim() == 2 && c.size(1) == 4, "zfkernels: counters must have shape [N, 4], got ",
-                    c.sizes());
-}
-
-inline void check_key(int64_t k, const char* name) {
-  TORCH_CHECK_VALUE(k >= 0 && k < kIdLimit, "zfkernels: ", name, "=", k,
-                    " must be a 32-bit unsigned integer in [0, 2**32)");
-}
-
-// The argument checks that every implementation (cpu, cuda, meta) of an update op runs first.
-inline void check_sgd_args(TensorList params, TensorList momentum_buffers, TensorList history_buffers,
-                           at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs,
-                           int64_t dist, int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed) {
-  check_params(params, tensor_ids);
-  check_buffers(params, momentum_buffers, "momentum_buffers");
-  check_buffers(params, history_buffers, "history_buffers");
-  check_same_device(params, {momentum_buffers, history_buffers});
-  check_q(seeds, coeffs);
-  check_stream_args(dist, mask_seed, mask_threshold);
-  check_seed(restore_seed, "restore_seed");
-}
-
-inline void check_adam_args(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs,
-                            TensorList history_buffers, at::IntArrayRef tensor_ids, at::IntArrayRef seeds,
-                            at::ArrayRef<double> coeffs, int64_t dist, int64_t mask_seed, int64_t mask_threshold,
-                            int64_t restore_seed, int64_t step) {
-  check_params(params, tensor_ids);
-  check_buffers(params, exp_avgs, "exp_avgs", /*required=*/true);
-  check_buffers(params, exp_avg_sqs, "exp_avg_sqs", /*required=*/true);
-  check_buffers(params, history_buffers, "history_buffers");
-  check_same_device(params, {exp_avgs, exp_avg_sqs, history_buffers});
-  check_q(seeds, coeffs);
-  check_stream_args(dist, mask_seed, mask_threshold);
-  check_seed(restore_seed, "restore_seed");
-  TORCH_CHECK_VALUE(step >= 1, "zfkernels: step=", step,
-                    " must be >= 1 (Adam's bias correction counts from 1)");
-}
-
-// Host-side scalar preparation shared by CPU and CUDA: the same fp32 constants as
-// zfkernels/reference.py ("1 - x" factors are computed in fp64 from the op's arguments,
-// then rounded once to fp32).
-inline float f32(double v) { return static_cast<float>(v); }
-
-struct SgdScalars {
-  float restore_scale, lr, wd, mu, one_minus_damp, alpha, one_minus_alpha;
-};
-inline SgdScalars sgd_scalars(double restore_scale, double lr, double weight_decay, double momentum,
-                              double dampening, double history_alpha) {
-  SgdScalars s;
-  s.restore_scale = f32(restore_scale);
-  s.lr = f32(lr);
-  s.wd = f32(weight_decay);
-  s.mu = f32(momentum);
-  s.one_minus_damp = f32(1.0 - dampening);
-  s.alpha = f32(history_alpha);
-  s.one_minus_alpha = f32(1.0 - history_alpha);
-  return s;
-}
-
-struct AdamScalars {
-  float restore_scale, lr, wd, decay_factor, one_minus_b1, b2, one_minus_b2, eps, step_size,
-      bc2_sqrt, alpha, one_minus_alpha;
-};
-inline AdamScalars adam_scalars(double restore_scale, double lr, double beta1, double beta2,
-                                double eps, double weight_decay, int64_t step, double history_alpha) {
-  AdamScalars s;   // step >= 1 was checked by check_adam_args
-  s.restore_scale = f32(restore_scale);
-  const double bc1 = 1.0 - std::pow(beta1, (double)step);
-  const double bc2 = 1.0 - std::pow(beta2, (double)step);
-  s.step_size = f32(lr / bc1);
-  s.bc2_sqrt = f32(std::sqrt(bc2));
-  s.lr = f32(lr);
-  s.wd = f32(weight_decay);
-  s.decay_factor = f32(1.0 - lr * weight_decay);
-  s.b2 = f32(beta2);
-  s.one_minus_b1 = f32(1.0 - beta1);
-  s.one_minus_b2 = f32(1.0 - beta2);
-  s.eps = f32(eps);
-  s.alpha = f32(history_alpha);
-  s.one_minus_alpha = f32(1.0 - history_alpha);
-  return s;
-}
-
-}  // namespace zf_ops
-
-#ifndef ZF_OPS_VALIDATION_ONLY
-
-#include <ATen/Parallel.h>
-#include <Python.h>
-
-#include <algorithm>
-#include <cmath>
+#include "update_math.h"
 
 // Runtime dispatch: an AVX2 clone and a baseline x86-64 clone of the hot tile functions
 // (never -march=native: the wheel must run on any x86-64).
@@ -327,7 +131,7 @@ struct StreamCfg {
 // ---------------------------------------------------------------------------------------
 // Tile kernels on fp32 tiles.  `x` is the param tile (fp32 storage or an fp32 copy).
 // ---------------------------------------------------------------------------------------
-ZF_CLONES void perturb_tile(float* __restrict x, int n, uint64_t start, const StreamCfg& sc, Key key,
+ZF_CLONES static void perturb_tile(float* __restrict x, int n, uint64_t start, const StreamCfg& sc, Key key,
                             float scale) {
   alignas(64) float z[TILE];
   fill_z(z, start, n, sc.tid, sc.dist, key);
@@ -365,11 +169,12 @@ struct QueryTerms {
   QueryTerms& operator=(const QueryTerms&) = delete;
 };
 
-// p (restored, in place in x) and the raw estimate g.
-// The pending restore is the last query's perturbation (two_side: restore_seed == seeds[q-1]),
-// so its z tile is kept and reused for that query's term instead of being regenerated: one
-// Gaussian generation fewer per tile (the CPU kernel is bound by Box-Muller, not memory).
-// The arithmetic and its order are unchanged, so results are bit-identical either way.
+// p (restored, in place in x) and the raw estimate g (docs/kernel-ops.md, steps 1-2):
+//   x = x + (z_r * m) * restore_scale ;  g = (sum_j z_j * c_j) * m   (m only when T > 0).
+// The pending restore is usually the last query's perturbation (two-sided estimate:
+// restore_seed == seeds[q-1]), so its z tile is kept and reused for that query's term
+// instead of being regenerated: one Gaussian generation fewer per tile (the CPU kernel is
+// bound by Box-Muller, not memory). Same values, same order: bit-identical either way.
 ZF_INLINE void estimate_tile(float* __restrict x, float* __restrict g, int n, uint64_t start,
                              const StreamCfg& sc, const Estimate& e) {
   alignas(64) float z[TILE];
@@ -378,23 +183,25 @@ ZF_INLINE void estimate_tile(float* __restrict x, float* __restrict g, int n, ui
   if (sc.T) fill_mask(m, start, n, sc.tid, sc.mask_key, sc.T);
   if (e.restore_scale != 0.0f) {
     fill_z(zr, start, n, sc.tid, sc.dist, key_of(e.restore_seed));
-    if (sc.T)
-      for (int i = 0; i < n; ++i) zr[i] = zr[i] * m[i];
     const float rs = e.restore_scale;
-    for (int i = 0; i < n; ++i) x[i] = x[i] + zr[i] * rs;
+    if (sc.T) {
+      for (int i = 0; i < n; ++i) x[i] = x[i] + (zr[i] * m[i]) * rs;
+    } else {
+      for (int i = 0; i < n; ++i) x[i] = x[i] + zr[i] * rs;
+    }
   }
   for (int i = 0; i < n; ++i) g[i] = 0.0f;
   for (int j = 0; j < e.q; ++j) {
     const float* __restrict zj = zr;
     if (j != e.reuse) {
       fill_z(z, start, n, sc.tid, sc.dist, key_of(e.seeds[j]));
-      if (sc.T)
-        for (int i = 0; i < n; ++i) z[i] = z[i] * m[i];
       zj = z;
     }
     const float c = e.coeffs[j];
     for (int i = 0; i < n; ++i) g[i] = g[i] + zj[i] * c;
   }
+  if (sc.T)
+    for (int i = 0; i < n; ++i) g[i] = g[i] * m[i];
 }
 
 struct HistCfg {
@@ -418,7 +225,7 @@ ZF_INLINE void history_sign_tile(float* __restrict g, int n, const HistCfg& hc) 
     for (int i = 0; i < n; ++i) g[i] = h[i];
   }
   if (hc.sign) {
-    for (int i = 0; i < n; ++i) g[i] = (float)((g[i] > 0.0f) - (g[i] < 0.0f));
+    for (int i = 0; i < n; ++i) g[i] = zf::sign_f32(g[i]);
   }
 }
 
@@ -429,7 +236,7 @@ struct SgdCfg {
   bool nesterov, momentum_init;
 };
 
-ZF_CLONES void sgd_tile(float* __restrict x, int n, uint64_t start, const StreamCfg& sc,
+ZF_CLONES static void sgd_tile(float* __restrict x, int n, uint64_t start, const StreamCfg& sc,
                         const Estimate& e, const HistCfg& hc, const SgdCfg& cfg) {
   alignas(64) float g[TILE];
   estimate_tile(x, g, n, start, sc, e);
@@ -464,7 +271,7 @@ struct AdamCfg {
   at::ScalarType m_st, v_st;
 };
 
-ZF_CLONES void adam_tile(float* __restrict x, int n, uint64_t start, const StreamCfg& sc,
+ZF_CLONES static void adam_tile(float* __restrict x, int n, uint64_t start, const StreamCfg& sc,
                          const Estimate& e, const HistCfg& hc, const AdamCfg& cfg) {
   alignas(64) float g[TILE];
   estimate_tile(x, g, n, start, sc, e);
@@ -488,8 +295,8 @@ ZF_CLONES void adam_tile(float* __restrict x, int n, uint64_t start, const Strea
   roundtrip(v, n, cfg.v_st);
   const float bc2s = s.bc2_sqrt, eps = s.eps, step = s.step_size;
   for (int i = 0; i < n; ++i) {
-    const float denom = std::sqrt(v[i]) / bc2s + eps;
-    x[i] = x[i] - (m[i] / denom) * step;
+    const float denom = zf::div_rn(zf::sqrt_rn(v[i]), bc2s) + eps;
+    x[i] = x[i] - zf::div_rn(m[i], denom) * step;
   }
 }
 
@@ -793,4 +600,3 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 }
 
-#endif  // ZF_OPS_VALIDATION_ONLY

@@ -1,8 +1,9 @@
 // zfkernels CUDA kernels (TORCH_LIBRARY_IMPL(zfkernels, CUDA)); the schema lives in
 // csrc/ops.cpp (extension zfkernels._C, imported first by zfkernels/_compiled.py).
 // Semantics: docs/kernel-ops.md; stream: docs/perturbation-stream.md (stream v1), shared
-// through csrc/philox.h.  Compiled with --fmad=false: each fp32 step is one IEEE op in the
-// reference's order, so results match the CPU kernels bit for bit (Gaussian included: the
+// through csrc/philox.h.  Compiled with --fmad=false, -prec-div=true, -prec-sqrt=true: each
+// fp32 step is one correctly rounded IEEE op in the spec's order ("Arithmetic"), so results
+// equal the CPU and Triton kernels and the reference bit for bit (Gaussian included: the
 // same polynomial log/sincos from philox.h).
 //
 // Multi-tensor launches: ONE kernel per op call for the whole list.  The host packs a table
@@ -12,22 +13,22 @@
 // elements, aligned to 4: one Gaussian / mask Philox call; 32 quads = one 128-element
 // Rademacher block), locating each quad's tensor by binary search in the table.
 
-#define ZF_OPS_VALIDATION_ONLY
-#include "ops.cpp"  // validation + host scalar preparation shared with the CPU build
-#undef ZF_OPS_VALIDATION_ONLY
-
 #include <c10/cuda/CUDAStream.h>  // (ATen/cuda/CUDAContext.h would need cusparse/cublas headers)
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <Python.h>
+#include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <vector>
 
+#include "ops_common.h"  // validation + host scalar preparation, shared with the CPU build
 #include "philox.h"
+#include "update_math.h"
 
 namespace zf_cuda {
 
@@ -187,7 +188,8 @@ __device__ __forceinline__ void quad_mask(float m[4], uint64_t i0, uint32_t tid,
   m[3] = zf::mask_from_word(w.x3, c.T);
 }
 
-// Restore (in x) and estimate g, as the reference's _estimate.
+// Restore (in x) and estimate g (docs/kernel-ops.md, steps 1-2):
+//   x = x + (z_r * m) * restore_scale ;  g = (sum_j z_j * c_j) * m   (m only when T > 0).
 __device__ __forceinline__ void quad_estimate(float x[4], float g[4], const float m[4], uint64_t i0,
                                               uint32_t tid, const Common& c) {
   float z[4];
@@ -205,10 +207,11 @@ __device__ __forceinline__ void quad_estimate(float x[4], float g[4], const floa
     quad_z(z, c.dist, i0, tid, c.seeds[j]);
     const float cj = c.coeffs[j];
 #pragma unroll
-    for (int l = 0; l < 4; ++l) {
-      const float zm = c.T ? z[l] * m[l] : z[l];
-      g[l] = g[l] + zm * cj;
-    }
+    for (int l = 0; l < 4; ++l) g[l] = g[l] + z[l] * cj;
+  }
+  if (c.T) {
+#pragma unroll
+    for (int l = 0; l < 4; ++l) g[l] = g[l] * m[l];
   }
 }
 
@@ -239,7 +242,7 @@ __device__ __forceinline__ void quad_history_sign(float g[4], const Entry& e, in
   }
   if (h.sign) {
 #pragma unroll
-    for (int l = 0; l < 4; ++l) g[l] = (float)((g[l] > 0.0f) - (g[l] < 0.0f));
+    for (int l = 0; l < 4; ++l) g[l] = zf::sign_f32(g[l]);
   }
 }
 
@@ -344,8 +347,8 @@ __global__ void adam_kernel(Common c, AdamArgs a) {
   store4(e.ptr[3], e.dt[3], e.vec[3], i0, cnt, vv);
 #pragma unroll
   for (int l = 0; l < 4; ++l) {
-    const float denom = sqrtf(vv[l]) / a.s.bc2_sqrt + a.s.eps;
-    x[l] = x[l] - (mv[l] / denom) * a.s.step_size;
+    const float denom = zf::div_rn(zf::sqrt_rn(vv[l]), a.s.bc2_sqrt) + a.s.eps;
+    x[l] = x[l] - zf::div_rn(mv[l], denom) * a.s.step_size;
   }
   store4(e.ptr[0], e.dt[0], e.vec[0], i0, cnt, x);
   ZF_QUAD_LOOP_END

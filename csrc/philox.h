@@ -64,7 +64,7 @@ ZF_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
 
 ZF_HD Words4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
                            uint32_t k1) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDACC__)
 #pragma unroll
 #else
 #pragma GCC unroll 10
@@ -161,6 +161,23 @@ ZF_HD float u2f(uint32_t u) {
 #endif
 }
 
+// Correctly rounded sqrt and division, whatever the build flags (on the device the _rn
+// intrinsics; on the host the IEEE operations, never a reciprocal approximation).
+ZF_HD float sqrt_rn(float x) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(x);
+#else
+  return sqrtf(x);
+#endif
+}
+ZF_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
 // Natural log for finite positive normal x (the Box-Muller u is in [2^-24, 1]).
 // Cephes logf scheme: x = 2^e * m, m in [sqrt(1/2), sqrt(2)), log(m) = f - f^2/2 + f^3 P(f),
 // f = m - 1; e*ln2 added in two parts.
@@ -230,7 +247,7 @@ ZF_HD void sincos_f32(float a, float& s_out, float& c_out) {
 ZF_HD void box_muller(uint32_t x_even, uint32_t x_odd, float& z_even, float& z_odd) {
   const float u = u_open(x_even);
   const float s = 2.0f * u_closed(x_odd) - 1.0f;
-  const float r = sqrtf(-2.0f * log_f32(u));
+  const float r = sqrt_rn(-2.0f * log_f32(u));
   const float a = PI_F32 * s;
   float sn, cs;
   sincos_f32(a, sn, cs);

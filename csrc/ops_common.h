@@ -1,0 +1,205 @@
+// Shared by the CPU (csrc/ops.cpp) and CUDA (csrc/ops_cuda.cu) extensions: argument
+// validation (every op raises the same ValueError text on every backend) and the host-side
+// preparation of the fp32 scalars (docs/kernel-ops.md, "Scalars").
+//
+// Header only, and only inline functions: each extension compiles its own copy.  Both
+// extensions are built with -fvisibility=hidden, so these copies are private to each shared
+// object and can never be interposed across _C and _C_cuda (the two are compiled by
+// different compiler drivers with different flags; sharing code by #include-ing a .cpp made
+// the same inline symbols exported from both).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+
+namespace zf_ops {
+
+using at::Tensor;
+using at::TensorList;
+
+constexpr int64_t kMaskOne = int64_t(1) << 24;
+constexpr int64_t kIdLimit = int64_t(1) << 32;
+
+inline std::string where(const char* list, size_t k) {
+  return std::string(list) + "[" + std::to_string(k) + "]";
+}
+
+// Dense, contiguous, float32/bfloat16/float16.
+inline void check_float_tensor(const Tensor& t, const std::string& name) {
+  TORCH_CHECK_VALUE(t.defined(), "zfkernels: ", name, " is an undefined tensor");
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided, "zfkernels: ", name, " has layout ", t.layout(),
+                    "; zeroflow kernels need dense tensors, call .to_dense() first");
+  const auto st = t.scalar_type();
+  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, "zfkernels: ", name,
+                    " has dtype ", st,
+                    "; use float32, bfloat16 or float16 (integer, complex and float64 tensors are "
+                    "not supported)");
+  TORCH_CHECK_VALUE(t.is_contiguous(), "zfkernels: ", name,
+                    " is not contiguous; call .contiguous() on it first");
+}
+
+inline void check_params(TensorList params, at::IntArrayRef tensor_ids) {
+  TORCH_CHECK_VALUE(params.size() == tensor_ids.size(), "zfkernels: tensor_ids has ",
+                    tensor_ids.size(), " entries but params has ", params.size(),
+                    "; give one id per tensor");
+  for (size_t k = 0; k < params.size(); ++k) {
+    check_float_tensor(params[k], where("params", k));
+    TORCH_CHECK_VALUE(params[k].device() == params[0].device(),
+                      "zfkernels: all params must be on one device, but params[0] is on ",
+                      params[0].device(), " and params[", k, "] is on ", params[k].device(),
+                      "; move them to one device first");
+  }
+  for (size_t k = 0; k < tensor_ids.size(); ++k) {
+    TORCH_CHECK_VALUE(tensor_ids[k] >= 0 && tensor_ids[k] < kIdLimit, "zfkernels: tensor_ids[", k,
+                      "]=", tensor_ids[k], " is outside [0, 2**32); use a 32-bit unsigned id");
+  }
+}
+
+inline void check_buffers(TensorList params, TensorList buffers, const char* name,
+                          bool required = false) {
+  if (buffers.empty() && !required) return;
+  TORCH_CHECK_VALUE(buffers.size() == params.size(), "zfkernels: ", name, " has ", buffers.size(),
+                    " tensors but params has ", params.size(),
+                    required ? "; pass one buffer per param" : "; pass one buffer per param or none");
+  for (size_t k = 0; k < buffers.size(); ++k) {
+    const Tensor& b = buffers[k];
+    const Tensor& p = params[k];
+    check_float_tensor(b, where(name, k));
+    TORCH_CHECK_VALUE(b.device() == p.device(), "zfkernels: ", name, "[", k, "] is on ", b.device(),
+                      " but params[", k, "] is on ", p.device(), "; keep each buffer with its param");
+    TORCH_CHECK_VALUE(b.sizes() == p.sizes(), "zfkernels: ", name, "[", k, "] has shape ", b.sizes(),
+                      " but params[", k, "] has shape ", p.sizes(), "; buffers must match their param");
+    TORCH_CHECK_VALUE(b.scalar_type() == p.scalar_type() || b.scalar_type() == at::kFloat,
+                      "zfkernels: ", name, "[", k, "] has dtype ", b.scalar_type(), " but params[", k,
+                      "] is ", p.scalar_type(), "; use the param's dtype or float32");
+  }
+}
+
+inline void check_seed(int64_t s, const char* name) {
+  TORCH_CHECK_VALUE(s >= 0, "zfkernels: ", name, "=", s,
+                    " is negative; seeds are integers in [0, 2**63)");
+}
+
+inline void check_stream_args(int64_t dist, int64_t mask_seed, int64_t mask_threshold) {
+  TORCH_CHECK_VALUE(dist == 0 || dist == 1, "zfkernels: dist=", dist,
+                    " must be 0 (gaussian) or 1 (rademacher)");
+  check_seed(mask_seed, "mask_seed");
+  TORCH_CHECK_VALUE(mask_threshold >= 0 && mask_threshold <= kMaskOne, "zfkernels: mask_threshold=",
+                    mask_threshold,
+                    " is outside [0, 2**24]; it is round(sparsity * 2**24) with sparsity in [0, 1]");
+}
+
+inline void check_q(at::IntArrayRef seeds, at::ArrayRef<double> coeffs) {
+  TORCH_CHECK_VALUE(seeds.size() == coeffs.size(), "zfkernels: seeds has ", seeds.size(),
+                    " entries but coeffs has ", coeffs.size(), "; give one coefficient per seed");
+  for (size_t j = 0; j < seeds.size(); ++j) {
+    TORCH_CHECK_VALUE(seeds[j] >= 0, "zfkernels: seeds[", j, "]=", seeds[j],
+                      " is negative; seeds are integers in [0, 2**63)");
+  }
+}
+
+// Every tensor of every list on the params' device (the dispatcher picks the kernel from
+// the union of devices, so a CPU kernel may see a stray CUDA tensor and vice versa).
+inline void check_same_device(TensorList params, std::initializer_list<TensorList> lists) {
+  if (params.empty()) return;
+  for (TensorList l : lists) {
+    for (const Tensor& t : l) {
+      TORCH_CHECK_VALUE(t.device() == params[0].device(), "zfkernels: a buffer is on ", t.device(),
+                        " but params are on ", params[0].device(),
+                        "; all tensors of one call must be on one device");
+    }
+  }
+}
+
+inline void check_counters(const Tensor& c) {
+  TORCH_CHECK_VALUE(c.layout() == at::kStrided, "zfkernels: counters must be a dense tensor");
+  TORCH_CHECK_VALUE(c.scalar_type() == at::kLong, "zfkernels: counters has dtype ", c.scalar_type(),
+                    "; use an int64 tensor (values in [0, 2**32))");
+  TORCH_CHECK_VALUE(c.dim() == 2 && c.size(1) == 4, "zfkernels: counters must have shape [N, 4], got ",
+                    c.sizes());
+}
+
+inline void check_key(int64_t k, const char* name) {
+  TORCH_CHECK_VALUE(k >= 0 && k < kIdLimit, "zfkernels: ", name, "=", k,
+                    " must be a 32-bit unsigned integer in [0, 2**32)");
+}
+
+// The argument checks that every implementation (cpu, cuda, meta) of an update op runs first.
+inline void check_sgd_args(TensorList params, TensorList momentum_buffers, TensorList history_buffers,
+                           at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs,
+                           int64_t dist, int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed) {
+  check_params(params, tensor_ids);
+  check_buffers(params, momentum_buffers, "momentum_buffers");
+  check_buffers(params, history_buffers, "history_buffers");
+  check_same_device(params, {momentum_buffers, history_buffers});
+  check_q(seeds, coeffs);
+  check_stream_args(dist, mask_seed, mask_threshold);
+  check_seed(restore_seed, "restore_seed");
+}
+
+inline void check_adam_args(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs,
+                            TensorList history_buffers, at::IntArrayRef tensor_ids, at::IntArrayRef seeds,
+                            at::ArrayRef<double> coeffs, int64_t dist, int64_t mask_seed, int64_t mask_threshold,
+                            int64_t restore_seed, int64_t step) {
+  check_params(params, tensor_ids);
+  check_buffers(params, exp_avgs, "exp_avgs", /*required=*/true);
+  check_buffers(params, exp_avg_sqs, "exp_avg_sqs", /*required=*/true);
+  check_buffers(params, history_buffers, "history_buffers");
+  check_same_device(params, {exp_avgs, exp_avg_sqs, history_buffers});
+  check_q(seeds, coeffs);
+  check_stream_args(dist, mask_seed, mask_threshold);
+  check_seed(restore_seed, "restore_seed");
+  TORCH_CHECK_VALUE(step >= 1, "zfkernels: step=", step,
+                    " must be >= 1 (Adam's bias correction counts from 1)");
+}
+
+// Host-side scalar preparation shared by CPU and CUDA: the same fp32 constants as
+// zfkernels/reference.py ("1 - x" factors are computed in fp64 from the op's arguments,
+// then rounded once to fp32).
+inline float f32(double v) { return static_cast<float>(v); }
+
+struct SgdScalars {
+  float restore_scale, lr, wd, mu, one_minus_damp, alpha, one_minus_alpha;
+};
+inline SgdScalars sgd_scalars(double restore_scale, double lr, double weight_decay, double momentum,
+                              double dampening, double history_alpha) {
+  SgdScalars s;
+  s.restore_scale = f32(restore_scale);
+  s.lr = f32(lr);
+  s.wd = f32(weight_decay);
+  s.mu = f32(momentum);
+  s.one_minus_damp = f32(1.0 - dampening);
+  s.alpha = f32(history_alpha);
+  s.one_minus_alpha = f32(1.0 - history_alpha);
+  return s;
+}
+
+struct AdamScalars {
+  float restore_scale, lr, wd, decay_factor, one_minus_b1, b2, one_minus_b2, eps, step_size,
+      bc2_sqrt, alpha, one_minus_alpha;
+};
+inline AdamScalars adam_scalars(double restore_scale, double lr, double beta1, double beta2,
+                                double eps, double weight_decay, int64_t step, double history_alpha) {
+  AdamScalars s;   // step >= 1 was checked by check_adam_args
+  s.restore_scale = f32(restore_scale);
+  const double bc1 = 1.0 - std::pow(beta1, (double)step);
+  const double bc2 = 1.0 - std::pow(beta2, (double)step);
+  s.step_size = f32(lr / bc1);
+  s.bc2_sqrt = f32(std::sqrt(bc2));
+  s.lr = f32(lr);
+  s.wd = f32(weight_decay);
+  s.decay_factor = f32(1.0 - lr * weight_decay);
+  s.b2 = f32(beta2);
+  s.one_minus_b1 = f32(1.0 - beta1);
+  s.one_minus_b2 = f32(1.0 - beta2);
+  s.eps = f32(eps);
+  s.alpha = f32(history_alpha);
+  s.one_minus_alpha = f32(1.0 - history_alpha);
+  return s;
+}
+
+}  // namespace zf_ops
