@@ -5,9 +5,13 @@ docs/kernel-ops.md in plain tensor code, is the oracle of every backend test, an
 the explicit ``backend="torch"`` (it runs on any device torch supports). It allocates
 full-size temporaries (z, masks): never use it for speed.
 
-Integer math is done in int64 with 16-bit splits so that no product overflows; every
-float step is a single fp32 operation in the order the spec writes it (no fused
-multiply-add), which is what makes the fp32 results reproducible bit for bit.
+Integer math is done in int64 with 16-bit splits so that no product overflows. Every
+float step is a single fp32 operation in the order the spec writes it (docs/kernel-ops.md,
+"Arithmetic"): separate multiplies and adds (never ``alpha=`` / ``addcmul`` forms, which may
+fuse), the Gaussian's polynomial log and sincos (§5) instead of ``torch.log``/``sin``/``cos``,
+and correctly rounded sqrt and division (computed in float64 and rounded once to fp32,
+which is exact for these two operations; ``torch.sqrt`` on fp32 CPU tensors is not always
+correctly rounded). That is what makes the results equal, bit for bit, to every kernel.
 """
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ import torch
 
 from . import stream as S
 
-_PI_F32 = torch.tensor(3.14159265358979323846, dtype=torch.float32).item()  # 3.14159274
-_TWO_M24 = 2.0 ** -24
+_C = S.f32_from_bits  # §5 constants: exact fp32 values from their bit patterns
+_PI_F32 = _C(S.PI_F32_BITS)  # 3.14159274
+_TWO_M24 = _C(S.TWO_M24_BITS)
 _LOW = 0xFFFF
 
 
@@ -96,12 +101,97 @@ def box_muller_inputs(seed: int, numel: int, tensor_id: int = 0, device="cpu") -
     return u, s, (lane & 1).bool()
 
 
+def _nearest_neighbours(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 ``r``'s neighbours below/above and the exact float64 midpoints to them."""
+    dn = torch.nextafter(r, torch.full_like(r, float("-inf")))
+    up = torch.nextafter(r, torch.full_like(r, float("inf")))
+    return dn, up, (r.double() + dn.double()) * 0.5, (r.double() + up.double()) * 0.5
+
+
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 sqrt. ``torch.sqrt`` is not (fp32 or float64 alike, on the CPU
+    it is a SLEEF-style approximation), so: a float64 sqrt rounded to fp32, then one exact
+    correction step -- ``r`` is the correctly rounded root iff ``lo^2 <= x <= hi^2`` for the
+    midpoints ``lo``/``hi`` to its neighbours (25-bit midpoints: their squares are exact in
+    float64, and no fp32 ``x`` lies exactly on one)."""
+    r = torch.sqrt(x.double()).float()
+    dn, up, lo, hi = _nearest_neighbours(r)
+    xd = x.double()
+    ok = torch.isfinite(r) & (r > 0)
+    r = torch.where(ok & (hi * hi < xd), up, r)
+    return torch.where(ok & (lo * lo > xd), dn, r)
+
+
+def div_rn(a: torch.Tensor, b) -> torch.Tensor:
+    """Correctly rounded fp32 ``a / b`` (same scheme as :func:`sqrt_rn`: a float64 quotient
+    rounded to fp32, corrected by exact float64 products ``midpoint * b``)."""
+    b = b.double() if isinstance(b, torch.Tensor) else torch.tensor(float(b), dtype=torch.float64, device=a.device)
+    ad = a.double()
+    r = (ad / b).float()
+    dn, up, lo, hi = _nearest_neighbours(r)
+    ok = torch.isfinite(r) & (r != 0) & torch.isfinite(b) & (b != 0)
+    flip = b < 0      # the quotient decreases in the midpoint's direction: compare reversed
+    above = torch.where(flip, hi * b > ad, hi * b < ad)    # a/b > hi
+    below = torch.where(flip, lo * b < ad, lo * b > ad)    # a/b < lo
+    r = torch.where(ok & above, up, r)
+    return torch.where(ok & below, dn, r)
+
+
+def log_f32(x: torch.Tensor) -> torch.Tensor:
+    """§5 natural log of fp32 ``x`` in (0, 1] (positive normal), as csrc/philox.h log_f32:
+    ``x = 2^e * m``, ``m`` in ``[sqrt(1/2), sqrt(2))``, ``f = m - 1``,
+    ``log x = f - f^2/2 + f^3 P(f) + e ln2`` with ln2 in two parts."""
+    ix = x.contiguous().view(torch.int32).to(torch.int64) & S.MASK32
+    t = (ix - S.LOG_SQRT_HALF_BITS) & S.MASK32
+    e = torch.where(t >= 1 << 31, t - (1 << 32), t) >> 23          # int32(t) >> 23, arithmetic
+    m = ((t & 0x007FFFFF) + S.LOG_SQRT_HALF_BITS).to(torch.int32).view(torch.float32)
+    f = m - 1.0
+    ef = e.to(torch.float32)
+    z = f * f
+    y = torch.full_like(f, _C(S.LOG_POLY_BITS[0]))
+    for bits in S.LOG_POLY_BITS[1:]:
+        y = y * f + _C(bits)
+    y = y * f * z
+    y = y + ef * _C(S.LN2_LO_BITS)
+    y = y - z * 0.5
+    r = f + y
+    return r + ef * _C(S.LN2_HI_BITS)
+
+
+def sincos_f32(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """§5 ``(sin a, cos a)`` for fp32 ``a`` in [-4, 4], as csrc/philox.h sincos_f32: reduce
+    by ``k * pi/2`` (k = a * 2/pi rounded half away from zero, pi/2 in three parts), then the
+    sine and cosine polynomials on [-pi/4, pi/4] and the quadrant ``k mod 4``."""
+    q = a * _C(S.TWO_OVER_PI_BITS)
+    k = (q + torch.where(q >= 0, 0.5, -0.5)).to(torch.int32)          # truncation toward 0
+    kf = k.to(torch.float32)
+    y = a
+    for bits in S.PIO2_PARTS_BITS:
+        y = y - kf * _C(bits)
+    z = y * y
+    ps = torch.full_like(z, _C(S.SIN_POLY_BITS[0]))
+    for bits in S.SIN_POLY_BITS[1:]:
+        ps = ps * z + _C(bits)
+    sy = y + ps * z * y
+    pc = torch.full_like(z, _C(S.COS_POLY_BITS[0]))
+    for bits in S.COS_POLY_BITS[1:]:
+        pc = pc * z + _C(bits)
+    cy = (1.0 - z * 0.5) + pc * z * z
+    quadrant = k.to(torch.int64) & 3
+    swap = (quadrant & 1) != 0
+    s0, c0 = torch.where(swap, cy, sy), torch.where(swap, sy, cy)
+    sin = torch.where((quadrant & 2) != 0, -s0, s0)                      # quadrants 2, 3
+    cos = torch.where(((quadrant + 1) & 2) != 0, -c0, c0)                # quadrants 1, 2
+    return sin, cos
+
+
 def gaussian(seed: int, numel: int, tensor_id: int = 0, device="cpu") -> torch.Tensor:
-    """§5: fp32 standard normals, four per Philox call (Box–Muller)."""
+    """§5: fp32 standard normals, four per Philox call (Box–Muller with the spec's
+    polynomial log and sincos)."""
     u, s, odd = box_muller_inputs(seed, numel, tensor_id, device)
-    r = torch.sqrt(torch.log(u) * -2.0)
-    a = s * _PI_F32
-    return torch.where(odd, r * torch.sin(a), r * torch.cos(a))
+    r = sqrt_rn(log_f32(u) * -2.0)
+    sin, cos = sincos_f32(s * _PI_F32)
+    return torch.where(odd, r * sin, r * cos)
 
 
 def gaussian_float64(seed: int, numel: int, tensor_id: int = 0, device="cpu") -> torch.Tensor:
@@ -173,31 +263,37 @@ def perturb_(params, tensor_ids, seed, scale, dist, mask_seed, mask_threshold) -
 
 
 def _estimate(p, tid, seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, restore_scale):
-    """Shared head of the update ops: restored fp32 params and the raw estimate g."""
+    """Steps 1-2 of the update ops: the restored fp32 params ``x`` and the raw estimate
+    ``g``: ``x = x + (z_r * m) * restore_scale``; ``g = (sum_j z_j * c_j) * m``."""
     n = p.numel()
     dev = p.device
     keep = keep_mask(mask_seed, n, tid, mask_threshold, dev).to(torch.float32) if mask_threshold else None
     x = p.reshape(-1).float()
-    if restore_scale != 0.0:
+    if _f32(restore_scale) != 0.0:
         z = perturbation(restore_seed, n, dist, tid, dev)
         zm = z * keep if keep is not None else z
-        x = x + zm * torch.tensor(restore_scale, dtype=torch.float32).item()
+        x = x + zm * _f32(restore_scale)
     g = torch.zeros(n, dtype=torch.float32, device=dev)
     for s, c in zip(seeds, coeffs):
-        z = perturbation(s, n, dist, tid, dev)
-        zm = z * keep if keep is not None else z
-        g = g + zm * torch.tensor(c, dtype=torch.float32).item()
+        g = g + perturbation(s, n, dist, tid, dev) * _f32(c)
+    if keep is not None:
+        g = g * keep
     return x, g
 
 
+def sign_f32(g: torch.Tensor) -> torch.Tensor:
+    """Step 4: +1 where g > 0, -1 where g < 0; +0, -0 and NaN unchanged."""
+    return torch.where(g > 0, 1.0, torch.where(g < 0, -1.0, g))
+
+
 def _history_sign(g, h_buf, history_alpha, history_init, sign):
+    """Step 3 (history: mix, store rounded, continue with the stored value) and step 4."""
     if h_buf is not None:
-        a = torch.tensor(history_alpha, dtype=torch.float32).item()
-        h = g if history_init else h_buf.reshape(-1).float() * a + g * _f32(1.0 - history_alpha)
+        h = g if history_init else h_buf.reshape(-1).float() * _f32(history_alpha) + g * _f32(1.0 - history_alpha)
         _store(h_buf, h)
-        g = h_buf.reshape(-1).float() if h_buf.dtype != torch.float32 else h
+        g = h_buf.reshape(-1).float()
     if sign:
-        g = torch.sign(g)
+        g = sign_f32(g)
     return g
 
 
@@ -265,8 +361,8 @@ def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, 
         _store(v_buf, v)
         m = m_buf.reshape(-1).float()
         v = v_buf.reshape(-1).float()
-        denom = torch.sqrt(v) / bc2_sqrt + eps_f
-        _store(p, x - (m / denom) * step_size)
+        denom = div_rn(sqrt_rn(v), bc2_sqrt) + eps_f
+        _store(p, x - div_rn(m, denom) * step_size)
 
 
 def _check_buffers(params, buffers, name) -> None:

@@ -5,6 +5,8 @@ optimizers (seed schedule, §8), so that the host side of the spec lives in one 
 """
 from __future__ import annotations
 
+import struct
+
 STREAM_VERSION = "v1"
 
 # §1 Philox4x32-10 constants (Random123).
@@ -29,6 +31,29 @@ MASK_ONE = 1 << MASK_BITS
 # §8 reserved query slots of the seed schedule.
 QUERY_MASK_PER_STEP = MASK32
 QUERY_MASK_PER_TASK = MASK32 - 1
+
+# §5 fp32 constants of the Gaussian lane math, as IEEE-754 binary32 bit patterns: the one
+# table the Triton kernels and the reference read (csrc/philox.h spells the same values as
+# decimal literals; tests/test_parity.py checks that they round to exactly these bits).
+TWO_M24_BITS = 0x33800000                      # 2^-24 (§3)
+PI_F32_BITS = 0x40490FDB                       # float32(pi) = 3.14159274
+LOG_SQRT_HALF_BITS = 0x3F3504F3                # sqrt(1/2): mantissa split point of log
+LOG_POLY_BITS = (                              # P(f), Horner order (highest power first)
+    0x3D9021BB, 0xBDEBD1B8, 0x3DEF251A, 0xBDFE5D4F, 0x3E11E9BF,
+    0xBE2AAE50, 0x3E4CCEAC, 0xBE7FFFFC, 0x3EAAAAAA,
+)
+LN2_HI_BITS = 0x3F318000                       # 0.693359375 (exact, 9 bits)
+LN2_LO_BITS = 0xB95E8083                       # -2.12194440e-4 = ln 2 - LN2_HI
+TWO_OVER_PI_BITS = 0x3F22F983                  # 2/pi
+PIO2_PARTS_BITS = (0x3FC90000, 0x39FDA000, 0x33A22169)   # pi/2 = DP1 + DP2 + DP3
+SIN_POLY_BITS = (0xB94CA1F9, 0x3C08839E, 0xBE2AAAA3)     # sin(y) = y + y z P(z), z = y^2
+COS_POLY_BITS = (0x37CCF5CE, 0xBAB6061A, 0x3D2AAAA5)     # cos(y) = 1 - z/2 + z^2 Q(z)
+
+
+def f32_from_bits(bits: int) -> float:
+    """The float32 with IEEE bit pattern ``bits``, as a Python float (exact)."""
+    return struct.unpack("<f", struct.pack("<I", bits & MASK32))[0]
+
 
 SEED_LIMIT = 1 << 63
 TENSOR_ID_LIMIT = 1 << 32

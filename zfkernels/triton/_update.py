@@ -1,5 +1,9 @@
-"""``@jit`` pieces shared by the fused update kernels (docs/kernel-ops.md):
-pending restore, the q-seed estimate, the mask, history and sign."""
+"""``@jit`` pieces shared by the fused update kernels (docs/kernel-ops.md, steps 1-4):
+pending restore, the q-seed estimate, the mask, history and sign.
+
+Options are runtime scalars, not ``tl.constexpr``: a branch on a value that is uniform over
+the launch costs nothing measurable, while every constexpr combination is one more native
+compile (seconds each on a GPU). Only the storage dtypes and BLOCK are compile-time."""
 from __future__ import annotations
 
 import triton
@@ -14,42 +18,46 @@ def load_f32(ptr, mask):
 
 
 @triton.jit
-def restored_estimate(meta_ptr, seed_off, q, base, tid, theta,
-                      rkey0, rkey1, restore_scale, mkey0, mkey1, T,
-                      h_ptr, inb, one_minus_alpha, history_alpha,
-                      DIST: tl.constexpr, HAS_MASK: tl.constexpr, HAS_RESTORE: tl.constexpr,
-                      HAS_HIST: tl.constexpr, HIST_INIT: tl.constexpr, SIGN: tl.constexpr,
-                      LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
-    """Returns ``(p, g)`` of the tile:
+def sign_f32(g):
+    """Step 4: +1 where g > 0, -1 where g < 0; +0, -0 and NaN unchanged."""
+    return tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, g))
 
-    ``p = theta + restore_scale * m * z(restore_seed)``;
-    ``g = m * sum_j coeffs[j] * z(seeds[j])``, then history (stored here) and sign.
-    Operand order follows zfkernels.reference (bit-exact in fp32). Seeds (int64) sit at ``meta_ptr[seed_off : seed_off + q]``, the fp32 bits of the
-    coefficients right after them."""
-    if HAS_MASK:
+
+@triton.jit
+def restored_estimate(meta_ptr, seed_off, q, base, tid, theta,
+                      rkey0, rkey1, restore_scale, mkey0, mkey1, T, dist,
+                      h_ptr, inb, history_alpha, one_minus_alpha,
+                      has_restore, has_hist, history_init, sign, BLOCK: tl.constexpr):
+    """Returns ``(p, g)`` of the tile, in the spec's order of fp32 operations:
+
+    ``p = theta + (z(restore_seed) * m) * restore_scale``;
+    ``g = (sum_j z(seeds[j]) * coeffs[j]) * m``, then history (stored here) and sign
+    (``m`` only when ``T > 0``). Seeds (int64) sit at ``meta_ptr[seed_off : seed_off + q]``,
+    the fp32 bits of the coefficients right after them."""
+    m = tl.zeros_like(theta) + 1.0
+    if T > 0:
         m = mask_tile(base, tid, mkey0.to(tl.uint32, bitcast=True), mkey1.to(tl.uint32, bitcast=True),
                       T.to(tl.uint32), BLOCK)
     p = theta
-    if HAS_RESTORE:
-        zr = z_tile(base, tid, rkey0.to(tl.uint32, bitcast=True), rkey1.to(tl.uint32, bitcast=True),
-                    DIST, LIBDEVICE, BLOCK)
-        if HAS_MASK:
-            zr = m * zr
+    if has_restore != 0:
+        zr = z_tile(base, tid, rkey0.to(tl.uint32, bitcast=True), rkey1.to(tl.uint32, bitcast=True), dist, BLOCK)
+        if T > 0:
+            zr = zr * m
         p = theta + zr * restore_scale
     g = tl.zeros_like(theta)
     for j in range(0, q):
         s = tl.load(meta_ptr + seed_off + j)
         c = tl.load(meta_ptr + seed_off + q + j).to(tl.int32).to(tl.float32, bitcast=True)
-        z = z_tile(base, tid, s.to(tl.uint32), (s >> 32).to(tl.uint32), DIST, LIBDEVICE, BLOCK)
+        z = z_tile(base, tid, s.to(tl.uint32), (s >> 32).to(tl.uint32), dist, BLOCK)
         g = g + z * c
-    if HAS_MASK:
-        g = m * g
-    if HAS_HIST:
-        if HIST_INIT:
+    if T > 0:
+        g = g * m
+    if has_hist != 0:
+        if history_init != 0:
             h = g
         else:
             h = load_f32(h_ptr, inb) * history_alpha + g * one_minus_alpha
         g = store_rne(h_ptr, h, inb)              # later steps read the stored h
-    if SIGN:
-        g = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, tl.where(g == 0, 0.0, g)))  # torch.sign
+    if sign != 0:
+        g = sign_f32(g)
     return p, g

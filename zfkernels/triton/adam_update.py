@@ -17,15 +17,14 @@ from .philox import find_row, store_rne, tile_offsets
 __all__ = ["zo_adam_update_"]
 
 
-@triton.jit(do_not_specialize=["n_rows", "seed_off", "q", "rkey0", "rkey1", "mkey0", "mkey1", "T"])
-def _adam_kernel(meta_ptr, n_rows, seed_off, q, rkey0, rkey1, restore_scale, mkey0, mkey1, T,
+@triton.jit(do_not_specialize=["n_rows", "seed_off", "q", "rkey0", "rkey1", "mkey0", "mkey1", "T", "dist",
+                             "has_restore", "has_wd", "decoupled", "sign", "has_hist", "history_init"])
+def _adam_kernel(meta_ptr, n_rows, seed_off, q, rkey0, rkey1, restore_scale, mkey0, mkey1, T, dist,
                  weight_decay, decay_factor, one_minus_beta1, beta2, one_minus_beta2, eps,
                  step_size, bc2_sqrt, history_alpha, one_minus_alpha,
+                 has_restore, has_wd, decoupled, sign, has_hist, history_init,
                  P_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr,
-                 H_DTYPE: tl.constexpr, DIST: tl.constexpr, HAS_MASK: tl.constexpr,
-                 HAS_RESTORE: tl.constexpr, HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr,
-                 SIGN: tl.constexpr, HAS_HIST: tl.constexpr,
-                 HIST_INIT: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
+                 H_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     row, tile = find_row(meta_ptr, n_rows, pid, 8, 6)
     rbase = meta_ptr + row * 8
@@ -40,12 +39,12 @@ def _adam_kernel(meta_ptr, n_rows, seed_off, q, rkey0, rkey1, restore_scale, mke
     inb = offs < numel
     theta = load_f32(p_ptr + offs, inb)
     p, g = restored_estimate(meta_ptr, seed_off, q, base, tid, theta,
-                             rkey0, rkey1, restore_scale, mkey0, mkey1, T,
-                             h_ptr + offs, inb, one_minus_alpha, history_alpha,
-                             DIST, HAS_MASK, HAS_RESTORE, HAS_HIST, HIST_INIT, SIGN, LIBDEVICE, BLOCK)
-    if DECOUPLED:
+                             rkey0, rkey1, restore_scale, mkey0, mkey1, T, dist,
+                             h_ptr + offs, inb, history_alpha, one_minus_alpha,
+                             has_restore, has_hist, history_init, sign, BLOCK)
+    if decoupled != 0:
         p = p * decay_factor                           # AdamW: p * (1 - lr*wd)
-    elif HAS_WD:
+    elif has_wd != 0:
         g = g + p * weight_decay                       # Adam: L2
     m = load_f32(m_ptr + offs, inb)
     m = m + (g - m) * one_minus_beta1                  # torch's lerp form (weight < 0.5)
@@ -135,13 +134,12 @@ def zo_adam_update_(
     for dtypes, meta, n_rows, seed_off, tiles in groups:
         _adam_kernel[(tiles,)](
             meta, n_rows, seed_off, len(seeds), to_i32(rk0), to_i32(rk1), restore_scale,
-            to_i32(mk0), to_i32(mk1), T,
+            to_i32(mk0), to_i32(mk1), T, d,
             weight_decay, round32(1.0 - float(lr) * float(weight_decay_raw)), round32(1.0 - float(beta1)), b2,
             round32(1.0 - float(beta2)), eps,
             step_size, bc2_sqrt, history_alpha, round32(1.0 - float(history_alpha_raw)),
-            P_DTYPE=dtypes[0], M_DTYPE=dtypes[1], V_DTYPE=dtypes[2], H_DTYPE=dtypes[3],
-            DIST=d, HAS_MASK=T > 0, HAS_RESTORE=restore_scale != 0.0, HAS_WD=weight_decay != 0.0,
-            DECOUPLED=bool(decoupled_weight_decay), SIGN=bool(sign),
-            HAS_HIST=len(history_buffers) > 0, HIST_INIT=bool(history_init),
-            LIBDEVICE=not interp, BLOCK=block, num_warps=4,
+            int(restore_scale != 0.0), int(weight_decay != 0.0), int(bool(decoupled_weight_decay)),
+            int(bool(sign)), int(len(history_buffers) > 0), int(bool(history_init)),
+            P_DTYPE=dtypes[0], M_DTYPE=dtypes[1], V_DTYPE=dtypes[2], H_DTYPE=dtypes[3], BLOCK=block,
+            num_warps=4, enable_fp_fusion=False,   # one arithmetic: no FMA contraction
         )

@@ -18,10 +18,9 @@ from .philox import find_row, mask_tile, store_rne, tile_offsets, z_tile
 __all__ = ["perturb_"]
 
 
-@triton.jit(do_not_specialize=["n_rows", "key0", "key1", "mkey0", "mkey1", "T"])
-def _perturb_kernel(meta_ptr, n_rows, key0, key1, mkey0, mkey1, T, scale,
-                    P_DTYPE: tl.constexpr, DIST: tl.constexpr, HAS_MASK: tl.constexpr,
-                    LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["n_rows", "key0", "key1", "mkey0", "mkey1", "T", "dist"])
+def _perturb_kernel(meta_ptr, n_rows, key0, key1, mkey0, mkey1, T, dist, scale,
+                    P_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     row, tile = find_row(meta_ptr, n_rows, pid, 8, 6)
     rbase = meta_ptr + row * 8
@@ -32,12 +31,10 @@ def _perturb_kernel(meta_ptr, n_rows, key0, key1, mkey0, mkey1, T, scale,
     offs = tile_offsets(base, BLOCK)
     inb = offs < numel
     x = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    z = z_tile(base, tid, key0.to(tl.uint32, bitcast=True), key1.to(tl.uint32, bitcast=True),
-               DIST, LIBDEVICE, BLOCK)
-    if HAS_MASK:
-        m = mask_tile(base, tid, mkey0.to(tl.uint32, bitcast=True), mkey1.to(tl.uint32, bitcast=True),
-                      T.to(tl.uint32), BLOCK)
-        z = m * z
+    z = z_tile(base, tid, key0.to(tl.uint32, bitcast=True), key1.to(tl.uint32, bitcast=True), dist, BLOCK)
+    if T > 0:                                   # x + (z * m) * scale
+        z = z * mask_tile(base, tid, mkey0.to(tl.uint32, bitcast=True), mkey1.to(tl.uint32, bitcast=True),
+                          T.to(tl.uint32), BLOCK)
     store_rne(p_ptr + offs, x + z * scale, inb)
 
 
@@ -83,7 +80,7 @@ def perturb_(
     for dtypes, rows, tiles in build_groups(params, [], ids, block):
         meta = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
         _perturb_kernel[(tiles,)](
-            meta, len(rows) // ROW, to_i32(k0), to_i32(k1), to_i32(m0), to_i32(m1), T, scale,
-            P_DTYPE=dtypes[0], DIST=d, HAS_MASK=T > 0, LIBDEVICE=not interp, BLOCK=block,
-            num_warps=4,
+            meta, len(rows) // ROW, to_i32(k0), to_i32(k1), to_i32(m0), to_i32(m1), T, d, scale,
+            P_DTYPE=dtypes[0], BLOCK=block, num_warps=4,
+            enable_fp_fusion=False,   # one arithmetic: no FMA contraction (docs/kernel-ops.md)
         )

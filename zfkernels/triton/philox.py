@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
+from .. import stream as S
 from ..stream import MASK32
 from ._common import device_ok, interpreted, to_i32
 
@@ -29,9 +29,33 @@ PHILOX_M0: tl.constexpr = tl.constexpr(0xD2511F53)
 PHILOX_M1: tl.constexpr = tl.constexpr(0xCD9E8D57)
 PHILOX_W0: tl.constexpr = tl.constexpr(0x9E3779B9)
 PHILOX_W1: tl.constexpr = tl.constexpr(0xBB67AE85)
-# §3 2^-24 and §5 PI_F32 (= float32(pi) = 3.14159274f, exact in fp32).
-TWO_M24: tl.constexpr = tl.constexpr(5.9604644775390625e-08)
-PI_F32: tl.constexpr = tl.constexpr(3.1415927410125732)
+# §3 / §5 fp32 constants, exact values from the bit patterns in zfkernels.stream (the table
+# the reference reads too). Python floats that are exact fp32 values: Triton types them fp32.
+_C = S.f32_from_bits
+TWO_M24: tl.constexpr = tl.constexpr(_C(S.TWO_M24_BITS))
+PI_F32: tl.constexpr = tl.constexpr(_C(S.PI_F32_BITS))
+LOG_SQRT_HALF: tl.constexpr = tl.constexpr(S.LOG_SQRT_HALF_BITS)
+LOG_P0: tl.constexpr = tl.constexpr(_C(S.LOG_POLY_BITS[0]))
+LOG_P1: tl.constexpr = tl.constexpr(_C(S.LOG_POLY_BITS[1]))
+LOG_P2: tl.constexpr = tl.constexpr(_C(S.LOG_POLY_BITS[2]))
+LOG_P3: tl.constexpr = tl.constexpr(_C(S.LOG_POLY_BITS[3]))
+LOG_P4: tl.constexpr = tl.constexpr(_C(S.LOG_POLY_BITS[4]))
+LOG_P5: tl.constexpr = tl.constexpr(_C(S.LOG_POLY_BITS[5]))
+LOG_P6: tl.constexpr = tl.constexpr(_C(S.LOG_POLY_BITS[6]))
+LOG_P7: tl.constexpr = tl.constexpr(_C(S.LOG_POLY_BITS[7]))
+LOG_P8: tl.constexpr = tl.constexpr(_C(S.LOG_POLY_BITS[8]))
+LN2_HI: tl.constexpr = tl.constexpr(_C(S.LN2_HI_BITS))
+LN2_LO: tl.constexpr = tl.constexpr(_C(S.LN2_LO_BITS))
+TWO_OVER_PI: tl.constexpr = tl.constexpr(_C(S.TWO_OVER_PI_BITS))
+PIO2_1: tl.constexpr = tl.constexpr(_C(S.PIO2_PARTS_BITS[0]))
+PIO2_2: tl.constexpr = tl.constexpr(_C(S.PIO2_PARTS_BITS[1]))
+PIO2_3: tl.constexpr = tl.constexpr(_C(S.PIO2_PARTS_BITS[2]))
+SIN_P0: tl.constexpr = tl.constexpr(_C(S.SIN_POLY_BITS[0]))
+SIN_P1: tl.constexpr = tl.constexpr(_C(S.SIN_POLY_BITS[1]))
+SIN_P2: tl.constexpr = tl.constexpr(_C(S.SIN_POLY_BITS[2]))
+COS_P0: tl.constexpr = tl.constexpr(_C(S.COS_POLY_BITS[0]))
+COS_P1: tl.constexpr = tl.constexpr(_C(S.COS_POLY_BITS[1]))
+COS_P2: tl.constexpr = tl.constexpr(_C(S.COS_POLY_BITS[2]))
 
 
 @triton.jit
@@ -81,47 +105,103 @@ def _lane_select(l, y0, y1, y2, y3):
 
 
 @triton.jit
-def _box_muller(xe, xo, LIBDEVICE: tl.constexpr):
-    """§5: one Box–Muller pair from words (x_even, x_odd); fp32, accurate log/sin/cos."""
-    u = ((xe >> 8) + 1).to(tl.float32) * TWO_M24          # u_open, (0, 1]
-    s = 2.0 * ((xo >> 8).to(tl.float32) * TWO_M24) - 1.0  # [-1, 1), exact
-    a = PI_F32 * s                                        # [-pi, pi)
-    if LIBDEVICE:
-        # libdevice / ocml: __nv_logf, __nv_cosf, __nv_sinf (not the .approx instructions)
-        lg = libdevice.log(u)
-        c = libdevice.cos(a)
-        sn = libdevice.sin(a)
-    else:
-        lg = tl.log(u)
-        c = tl.cos(a)
-        sn = tl.sin(a)
-    r = tl.sqrt_rn(-2.0 * lg)
-    return r * c, r * sn
+def log_f32(x):
+    """§5 natural log of fp32 ``x`` in (0, 1], as csrc/philox.h ``log_f32`` (every fp32 op
+    one IEEE op; launches pass ``enable_fp_fusion=False`` so none is contracted)."""
+    t = x.to(tl.uint32, bitcast=True) - LOG_SQRT_HALF       # mantissa into [sqrt(1/2), sqrt(2))
+    e = t.to(tl.int32, bitcast=True) >> 23                  # arithmetic shift
+    m = ((t & 0x007FFFFF) + LOG_SQRT_HALF).to(tl.float32, bitcast=True)
+    f = m - 1.0
+    ef = e.to(tl.float32)
+    z = f * f
+    y = LOG_P0 * f + LOG_P1
+    y = y * f + LOG_P2
+    y = y * f + LOG_P3
+    y = y * f + LOG_P4
+    y = y * f + LOG_P5
+    y = y * f + LOG_P6
+    y = y * f + LOG_P7
+    y = y * f + LOG_P8
+    y = y * f * z
+    y = y + ef * LN2_LO
+    y = y - 0.5 * z
+    r = f + y
+    return r + ef * LN2_HI
 
 
 @triton.jit
-def z_tile(base, tid, k0, k1, DIST: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
-    """Perturbation ``z`` (tag 0) of the ``[R, 32, 4]`` tile starting at ``base`` (int64,
-    multiple of BLOCK). ``DIST`` 0 = Gaussian (§5), 1 = Rademacher (§4)."""
+def sincos_f32(a):
+    """§5 ``(sin a, cos a)`` for fp32 ``a`` in [-4, 4], as csrc/philox.h ``sincos_f32``."""
+    q = a * TWO_OVER_PI
+    k = (q + tl.where(q >= 0.0, 0.5, -0.5)).to(tl.int32)   # round half away from zero
+    kf = k.to(tl.float32)
+    y = a - kf * PIO2_1
+    y = y - kf * PIO2_2
+    y = y - kf * PIO2_3
+    z = y * y
+    ps = SIN_P0 * z + SIN_P1
+    ps = ps * z + SIN_P2
+    sy = y + ps * z * y
+    pc = COS_P0 * z + COS_P1
+    pc = pc * z + COS_P2
+    cy = (1.0 - 0.5 * z) + pc * z * z
+    quadrant = k & 3
+    swap = (quadrant & 1) != 0
+    s0 = tl.where(swap, cy, sy)
+    c0 = tl.where(swap, sy, cy)
+    sin = tl.where((quadrant & 2) != 0, -s0, s0)            # quadrants 2, 3
+    cos = tl.where(((quadrant + 1) & 2) != 0, -c0, c0)      # quadrants 1, 2
+    return sin, cos
+
+
+@triton.jit
+def _box_muller(xe, xo):
+    """§5: one Box–Muller pair from words (x_even, x_odd), the spec's exact fp32 steps."""
+    u = ((xe >> 8) + 1).to(tl.float32) * TWO_M24          # u_open, (0, 1]
+    s = 2.0 * ((xo >> 8).to(tl.float32) * TWO_M24) - 1.0  # [-1, 1), exact
+    r = tl.sqrt_rn(-2.0 * log_f32(u))
+    sin, cos = sincos_f32(PI_F32 * s)
+    return r * cos, r * sin
+
+
+@triton.jit
+def _rademacher_tile(base, tid, k0, k1, BLOCK: tl.constexpr):
+    """§4 on the ``[R, 32, 4]`` tile: one Philox call per 128-element row."""
     R: tl.constexpr = BLOCK // 128
     q = tl.arange(0, 32)[None, :, None]
     l = tl.arange(0, 4)[None, None, :]
-    if DIST == 1:
-        b = (base >> 7) + tl.arange(0, R).to(tl.int64)
-        x0, x1, x2, x3 = stream_words(b, tid, 0, k0, k1)
-        w = q >> 3                                   # word (j >> 5), j = 4q + l
-        t = ((q & 7) * 4 + l).to(tl.uint32)          # bit  (j & 31)
-        word = _lane_select(w, x0[:, None, None], x1[:, None, None], x2[:, None, None], x3[:, None, None])
-        bit = (word >> t) & 1
-        z = tl.where(bit != 0, 1.0, -1.0)
+    b = (base >> 7) + tl.arange(0, R).to(tl.int64)
+    x0, x1, x2, x3 = stream_words(b, tid, 0, k0, k1)
+    w = q >> 3                                   # word (j >> 5), j = 4q + l
+    t = ((q & 7) * 4 + l).to(tl.uint32)          # bit  (j & 31)
+    word = _lane_select(w, x0[:, None, None], x1[:, None, None], x2[:, None, None], x3[:, None, None])
+    bit = (word >> t) & 1
+    return tl.where(bit != 0, 1.0, -1.0)
+
+
+@triton.jit
+def _gaussian_tile(base, tid, k0, k1, BLOCK: tl.constexpr):
+    """§5 on the ``[R, 32, 4]`` tile: one Philox call (two Box–Muller pairs) per quad."""
+    R: tl.constexpr = BLOCK // 128
+    l = tl.arange(0, 4)[None, None, :]
+    rr = tl.arange(0, R).to(tl.int64)[:, None]
+    qq = tl.arange(0, 32)[None, :]
+    b = (base >> 2) + rr * 32 + qq
+    x0, x1, x2, x3 = stream_words(b, tid, 0, k0, k1)
+    g0, g1 = _box_muller(x0, x1)
+    g2, g3 = _box_muller(x2, x3)
+    return _lane_select(l, g0[:, :, None], g1[:, :, None], g2[:, :, None], g3[:, :, None])
+
+
+@triton.jit
+def z_tile(base, tid, k0, k1, dist, BLOCK: tl.constexpr):
+    """Perturbation ``z`` (tag 0) of the ``[R, 32, 4]`` tile starting at ``base`` (int64,
+    multiple of BLOCK). ``dist`` is a runtime scalar (one compile serves both
+    distributions): 0 = Gaussian (§5), 1 = Rademacher (§4)."""
+    if dist == 1:
+        z = _rademacher_tile(base, tid, k0, k1, BLOCK)
     else:
-        rr = tl.arange(0, R).to(tl.int64)[:, None]
-        qq = tl.arange(0, 32)[None, :]
-        b = (base >> 2) + rr * 32 + qq
-        x0, x1, x2, x3 = stream_words(b, tid, 0, k0, k1)
-        g0, g1 = _box_muller(x0, x1, LIBDEVICE)
-        g2, g3 = _box_muller(x2, x3, LIBDEVICE)
-        z = _lane_select(l, g0[:, :, None], g1[:, :, None], g2[:, :, None], g3[:, :, None])
+        z = _gaussian_tile(base, tid, k0, k1, BLOCK)
     return z
 
 

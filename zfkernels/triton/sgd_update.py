@@ -18,14 +18,13 @@ from .philox import find_row, store_rne, tile_offsets
 __all__ = ["zo_sgd_update_"]
 
 
-@triton.jit(do_not_specialize=["n_rows", "seed_off", "q", "rkey0", "rkey1", "mkey0", "mkey1", "T"])
-def _sgd_kernel(meta_ptr, n_rows, seed_off, q, rkey0, rkey1, restore_scale, mkey0, mkey1, T,
+@triton.jit(do_not_specialize=["n_rows", "seed_off", "q", "rkey0", "rkey1", "mkey0", "mkey1", "T", "dist",
+                             "has_restore", "has_wd", "has_mom", "nesterov", "momentum_init", "sign",
+                             "has_hist", "history_init"])
+def _sgd_kernel(meta_ptr, n_rows, seed_off, q, rkey0, rkey1, restore_scale, mkey0, mkey1, T, dist,
                 lr, weight_decay, momentum, one_minus_dampening, history_alpha, one_minus_alpha,
-                P_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, H_DTYPE: tl.constexpr,
-                DIST: tl.constexpr, HAS_MASK: tl.constexpr, HAS_RESTORE: tl.constexpr,
-                HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
-                MOM_INIT: tl.constexpr, SIGN: tl.constexpr, HAS_HIST: tl.constexpr,
-                HIST_INIT: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
+                has_restore, has_wd, has_mom, nesterov, momentum_init, sign, has_hist, history_init,
+                P_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, H_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     row, tile = find_row(meta_ptr, n_rows, pid, 8, 6)
     rbase = meta_ptr + row * 8
@@ -39,18 +38,18 @@ def _sgd_kernel(meta_ptr, n_rows, seed_off, q, rkey0, rkey1, restore_scale, mkey
     inb = offs < numel
     theta = load_f32(p_ptr + offs, inb)
     p, g = restored_estimate(meta_ptr, seed_off, q, base, tid, theta,
-                             rkey0, rkey1, restore_scale, mkey0, mkey1, T,
-                             h_ptr + offs, inb, one_minus_alpha, history_alpha,
-                             DIST, HAS_MASK, HAS_RESTORE, HAS_HIST, HIST_INIT, SIGN, LIBDEVICE, BLOCK)
-    if HAS_WD:
+                             rkey0, rkey1, restore_scale, mkey0, mkey1, T, dist,
+                             h_ptr + offs, inb, history_alpha, one_minus_alpha,
+                             has_restore, has_hist, history_init, sign, BLOCK)
+    if has_wd != 0:
         g = g + p * weight_decay
-    if HAS_MOM:
-        if MOM_INIT:
+    if has_mom != 0:
+        if momentum_init != 0:
             buf = g
         else:
             buf = load_f32(b_ptr + offs, inb) * momentum + g * one_minus_dampening
         buf = store_rne(b_ptr + offs, buf, inb)     # later steps read the stored buf
-        if NESTEROV:
+        if nesterov != 0:
             g = g + buf * momentum
         else:
             g = buf
@@ -123,11 +122,11 @@ def zo_sgd_update_(
     for dtypes, meta, n_rows, seed_off, tiles in groups:
         _sgd_kernel[(tiles,)](
             meta, n_rows, seed_off, len(seeds), to_i32(rk0), to_i32(rk1), restore_scale,
-            to_i32(mk0), to_i32(mk1), T, lr, weight_decay, momentum, one_minus_damp,
+            to_i32(mk0), to_i32(mk1), T, d, lr, weight_decay, momentum, one_minus_damp,
             history_alpha, one_minus_alpha,
-            P_DTYPE=dtypes[0], B_DTYPE=dtypes[1], H_DTYPE=dtypes[2], DIST=d, HAS_MASK=T > 0,
-            HAS_RESTORE=restore_scale != 0.0, HAS_WD=weight_decay != 0.0,
-            HAS_MOM=len(momentum_buffers) > 0, NESTEROV=bool(nesterov), MOM_INIT=bool(momentum_init),
-            SIGN=bool(sign), HAS_HIST=len(history_buffers) > 0, HIST_INIT=bool(history_init),
-            LIBDEVICE=not interp, BLOCK=block, num_warps=4,
+            int(restore_scale != 0.0), int(weight_decay != 0.0), int(len(momentum_buffers) > 0),
+            int(bool(nesterov)), int(bool(momentum_init)), int(bool(sign)), int(len(history_buffers) > 0),
+            int(bool(history_init)),
+            P_DTYPE=dtypes[0], B_DTYPE=dtypes[1], H_DTYPE=dtypes[2], BLOCK=block, num_warps=4,
+            enable_fp_fusion=False,   # one arithmetic: no FMA contraction (docs/kernel-ops.md)
         )
