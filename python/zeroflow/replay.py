@@ -308,11 +308,11 @@ def replay(base, log: str, *, backend: str | None = None, device: str | torch.de
     written by :func:`save_base` or a plain ``model.state_dict()``).
 
     Returns the BASE state_dict with the optimized tensors replaced by their final values.
-    ``backend``: default = the backend the log was recorded with (bit-exact on the same
-    backend and dtype); another one reproduces Rademacher runs exactly and Gaussian runs
-    within the stream's bound per z (docs/distributed.md), and skips the final checksum
-    check with a warning. ``verify``: compare the result with the checksum in the end
-    record (raise :class:`ReplayError` on mismatch)."""
+    ``backend``/``device``: any zfkernels backend on any device (default ``"auto"`` for
+    ``device``): every backend computes the same bits (docs/kernel-ops.md, "Arithmetic"), so a
+    log recorded on a GPU replays bit-exactly on a laptop. ``verify``: compare the result with
+    the checksum in the end record (raise :class:`ReplayError` on mismatch), whatever the
+    backend."""
     return _replay_records(base, *read_log(log), backend=backend, device=device, verify=verify)
 
 
@@ -358,10 +358,8 @@ def _replay_records(base, header: dict, records: list, *, backend: str | None, d
         groups.append({"params": ps, **_options_from_log(g["options"]), "lr": g["lr"]})
     if weights_sha256(names, tensors) != header["base_sha256"]:
         raise ReplayError("BASE is not the checkpoint the log starts from (checksum of the optimized tensors differs)")
-    rec_backends = set(header["resolved_backend"].values())
-    if backend is None:
-        backend = header["global"]["backend"]
-    glob = dict(header["global"], backend=backend)
+    rec_backends = sorted(set(header["resolved_backend"].values()))
+    glob = dict(header["global"], backend=backend or "auto")
     opt = cls(groups, seed=header["seed"], **glob)
     if not header["fresh_state"]:
         if opt_sd is None:
@@ -372,8 +370,7 @@ def _replay_records(base, header: dict, records: list, *, backend: str | None, d
     opt._task = int(header["start_task"])
     import zfkernels
 
-    used = {zfkernels.resolve_backend(backend, device)}
-    same_backend = used == rec_backends
+    used = zfkernels.resolve_backend(glob["backend"], device)
 
     queue: list[float] = []
     abort_after = [False]
@@ -422,13 +419,11 @@ def _replay_records(base, header: dict, records: list, *, backend: str | None, d
             raise ReplayError(f"log inconsistent: step {step} consumed {len(sc) - len(queue)} of {len(sc)} scalars")
     opt.scalar_hook = None
     final = weights_sha256(names, tensors)
-    if verify:
-        if same_backend and final != records[-1][3]:
-            raise ReplayError("replayed weights differ from the recorded final weights (checksum mismatch) although "
-                              "the backend is the same: BASE or the log does not belong to this run")
-        if not same_backend:
-            warnings.warn(f"replay backend {sorted(used)} differs from the recorded {sorted(rec_backends)}: the result "
-                          "is not checked bit-exactly (Gaussian z agree within the stream bound only)", RuntimeWarning)
+    if verify and final != records[-1][3]:
+        raise ReplayError(f"replayed weights differ from the recorded final weights (checksum mismatch; replayed "
+                          f"with backend {used!r} on {device}, recorded with {rec_backends}): BASE or the log does not "
+                          "belong to this run (or it is a Gaussian log recorded with backend 'triton' or 'torch' "
+                          "before every backend computed the same bits, 2026-11-30)")
     out = dict(sd)
     for n, t in zip(names, tensors):
         out[n] = t.detach().requires_grad_(False).to(sd[n].device)
@@ -451,7 +446,8 @@ def replay_main(argv: list[str] | None = None) -> int:
                     "{'model': ..., 'optimizer': ...} from zeroflow.replay.save_base)")
     ap.add_argument("log", metavar="LOG", help="trajectory log written by zeroflow.replay.TrajectoryRecorder")
     ap.add_argument("--out", required=True, metavar="WEIGHTS", help="output state_dict (written atomically)")
-    ap.add_argument("--backend", default=None, help="zfkernels backend (default: the one the log was recorded with)")
+    ap.add_argument("--backend", default=None, help="zfkernels backend (default: auto for --device); every backend "
+                    "replays bit-exactly, whichever recorded the log")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-verify", action="store_true", help="skip the final-weights checksum check")
     a = ap.parse_args(argv)
