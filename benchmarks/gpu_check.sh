@@ -1,81 +1,148 @@
 #!/usr/bin/env bash
-# GPU check of zeroflow, for a machine with a CUDA GPU (written for one H200; < 6 minutes):
-#   1. builds the extensions (CPU + CUDA, sm_90) in place;
-#   2. runs the CUDA / Triton parity tests natively (no TRITON_INTERPRET);
-#   3. runs the GPU benchmark subset (kernels at 64M and 256M, optimizer step on the ViT-B-sized
-#      list, one ViT-B/16 training iteration per method) and writes the JSON and the report
-#      (performance.md + plots) into one folder: $OUT if set, else results/gpu/.
-# Usage: bash benchmarks/gpu_check.sh            (from anywhere; logs in the output folder)
-# Env: SKIP_BUILD=1 (extension already built), SKIP_TESTS=1, BENCH_ONLY="kernels optim e2e".
+# GPU check of zeroflow, sized for one device lease (one H200, at most 6 minutes in all):
+#   1. builds the extensions (CPU + CUDA, sm_90) in place;                   full log: build.log
+#   2. probes the build for the bad-input crash (benchmarks/crash_probe.sh);  crash_probe/
+#   3. runs the parity suite on every GPU backend (cuda, native triton, the reference on the
+#      GPU) and the replay tests, in pytest-xdist workers: a worker that dies is reported
+#      with its test's name and the others go on (without xdist: one process per module);
+#   4. runs the GPU benchmark subset (kernels at 64M/256M, optimizer step on the ViT-B list,
+#      one ViT-B/16 training iteration per method) and writes the report;
+#   5. prints a one-screen summary (tests passed / failed / crashed by name, each target with
+#      its measured value, the minutes per phase).
+# What comes back from a lease fits its limits (at most 8 files): in $OUT (or results/gpu/)
+# summary.txt, summary.json, performance.md and gpu_logs.tar.gz (every full log, the junit
+# XML, the benchmark JSON and the plots). Nothing is cut to a tail.
+# Env: SKIP_BUILD=1, SKIP_TESTS=1, BENCH_ONLY="kernels optim e2e", GPU_CHECK_BUDGET_S (330),
+#      TEST_WORKERS (8).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 DEST="${OUT:-$ROOT/results/gpu}"
-mkdir -p "$DEST"
+WORK=$(mktemp -d /tmp/zeroflow_gpu_check.XXXXXX)
+mkdir -p "$DEST" "$WORK/logs" "$WORK/bench"
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$ROOT/python:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export MAX_JOBS="${MAX_JOBS:-16}"
-export PIP_DISABLE_PIP_VERSION_CHECK=1
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$WORK/triton_cache}"
 START=$(date +%s)
-DEADLINE=$(( START + ${GPU_CHECK_BUDGET_S:-340} ))   # whole script < 6 min: later steps get what is left
+DEADLINE=$(( START + ${GPU_CHECK_BUDGET_S:-330} ))   # later steps get what is left
 STATUS=0
 left() { local l=$(( DEADLINE - $(date +%s) )); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
-say() { echo "== [$(( $(date +%s) - START ))s] $*" | tee -a "$DEST/gpu_check.log"; }
+say() { echo "== [$(( $(date +%s) - START ))s] $*" | tee -a "$WORK/logs/gpu_check.log"; }
+PHASE_T0=$START
+phase_done() {  # name status: one row of phases.tsv per phase
+  local now; now=$(date +%s)
+  printf '%s\t%s\t%s\n' "$1" "$(( now - PHASE_T0 ))" "$2" >> "$WORK/phases.tsv"
+  PHASE_T0=$now
+}
+finish() {
+  say "summary -> $DEST/summary.txt"
+  "$PY" -m benchmarks.gpu_summary --work "$WORK" --out-json "$DEST/summary.json" --out-text "$DEST/summary.txt"
+  tar czf "$DEST/gpu_logs.tar.gz" -C "$WORK" --exclude triton_cache . 2>/dev/null
+  echo "files in $DEST: $(ls "$DEST" | tr '\n' ' ')"
+  exit "$STATUS"
+}
 
-say "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'nvidia-smi missing')"
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" 2>&1 | tee -a "$DEST/gpu_check.log" || { say "no usable CUDA device: stop"; exit 2; }
+# -------------------------------------------------------------------------- 0. the device
+say "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null || echo 'nvidia-smi missing')"
+if ! "$PY" - > "$WORK/env.json" 2> "$WORK/logs/env.log" <<'EOF'
+import json, os, subprocess, torch
+assert torch.cuda.is_available(), "torch sees no CUDA device"
+try:
+    import triton; tv = triton.__version__
+except Exception as e:  # noqa: BLE001
+    tv = f"missing ({e})"
+commit = os.environ.get("ZEROFLOW_COMMIT", "")   # a lease's copy of the tree has no .git
+if not commit:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        pass
+print(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
+                  "triton": tv, "commit": commit or "unknown (no .git)"}))
+EOF
+then
+  say "no usable CUDA device: $(tail -1 "$WORK/logs/env.log")"; STATUS=2; phase_done device failed; finish
+fi
+cat "$WORK/env.json" | tee -a "$WORK/logs/gpu_check.log"; echo
+phase_done device ok
 
+# -------------------------------------------------------------------------- 1. build
 if [ "${SKIP_BUILD:-0}" != "1" ]; then
-  say "build: pip install --no-build-isolation -e . (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
-  if ! ZEROFLOW_BUILD_CUDA=1 "$PY" -m pip install -q --no-build-isolation -e . > "$DEST/build.log" 2>&1; then
-    say "build FAILED (tail of $DEST/build.log):"; tail -30 "$DEST/build.log"; STATUS=1
-  fi
-fi
-"$PY" -c "import zfkernels as zk; print('backends on cuda:', zk.available_backends('cuda'))" 2>&1 | tee -a "$DEST/gpu_check.log"
-
-if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  # TRITON_INTERPRET=0: tests/conftest.py only *defaults* it to 1, so Triton compiles for the GPU.
-  TESTS=""
-  for t in tests/test_cuda_ops.py tests/test_triton.py tests/test_compiled_ops.py; do [ -f "$t" ] && TESTS="$TESTS $t"; done
-  if [ -n "$TESTS" ]; then
-    say "parity tests on the GPU:$TESTS"
-    TRITON_INTERPRET=0 ZEROFLOW_TEST_DEVICE=cuda timeout -s INT -k 10 "$(left 100)" "$PY" -m pytest $TESTS -q -x -rs -p no:cacheprovider \
-      --junitxml="$DEST/gpu_tests.xml" 2>&1 | tail -25 | tee -a "$DEST/gpu_check.log"
-    [ "${PIPESTATUS[0]}" = "0" ] || { say "GPU tests FAILED"; STATUS=1; }
+  say "build: pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
+  if ZEROFLOW_BUILD_CUDA=1 "$PY" -m pip install -v --no-build-isolation --no-deps -e . > "$WORK/logs/build.log" 2>&1; then
+    phase_done build ok
   else
-    say "no GPU parity test files found (tests/test_cuda_ops.py, tests/test_triton.py)"
+    say "build FAILED; its errors (full log in gpu_logs.tar.gz: logs/build.log):"
+    grep -n -E "error|Error" "$WORK/logs/build.log" | head -40
+    STATUS=1; phase_done build failed
   fi
 fi
+"$PY" -c "import zfkernels as zk; print('backends on cuda:', zk.available_backends('cuda'))" 2>&1 | tee -a "$WORK/logs/gpu_check.log"
 
-# GPU benchmark subset. Round counts are picked per case from a 1.5-3 s budget.
+# -------------------------------------------------------------------------- 2. crash probe
+say "crash probe of this build (benchmarks/crash_probe.sh)"
+PROBE_PYTEST="tests/test_parity.py -k bad_inputs" timeout "$(left 90)" \
+  bash benchmarks/crash_probe.sh "$ROOT" "$WORK/logs/crash_probe" 2>&1 | tee -a "$WORK/logs/gpu_check.log"
+if grep -q CRASHED "$WORK/logs/crash_probe/summary.txt" 2>/dev/null; then STATUS=1; phase_done probe crashed; else phase_done probe ok; fi
+
+# -------------------------------------------------------------------------- 3. GPU tests
+if [ "${SKIP_TESTS:-0}" != "1" ]; then
+  TESTS="tests/test_parity.py tests/test_replay.py"
+  lim=$(left 170)
+  say "GPU tests: $TESTS (limit ${lim}s; full log: logs/tests.log)"
+  # TRITON_INTERPRET=0: tests/conftest.py only *defaults* it to 1, so Triton compiles for the GPU.
+  export TRITON_INTERPRET=0
+  TIMEOUT_OPT=""; "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT="--timeout=150"
+  if "$PY" -c "import xdist" 2>/dev/null; then
+    timeout -s INT -k 15 "$lim" "$PY" -X faulthandler -m pytest $TESTS -n "${TEST_WORKERS:-8}" -q -rfEs \
+      -p no:cacheprovider $TIMEOUT_OPT --junitxml="$WORK/tests.xml" > "$WORK/logs/tests.log" 2>&1
+    rc=$?
+  else   # one process per module: a crash loses that module's remaining tests, named in the log
+    rc=0
+    for t in $TESTS; do
+      timeout -s INT -k 15 "$(left 170)" "$PY" -X faulthandler -m pytest "$t" -q -rfEs -p no:cacheprovider \
+        $TIMEOUT_OPT --junitxml="$WORK/tests_$(basename "$t" .py).xml" >> "$WORK/logs/tests.log" 2>&1 || rc=$?
+    done
+  fi
+  grep -E "passed|failed|error" "$WORK/logs/tests.log" | tail -1 | tee -a "$WORK/logs/gpu_check.log"
+  if [ "$rc" = "0" ]; then phase_done tests ok; else say "GPU tests exit $rc (124 = hit the limit)"; STATUS=1; phase_done tests failed; fi
+  unset TRITON_INTERPRET
+fi
+
+# -------------------------------------------------------------------------- 4. benchmarks
 export BENCH_DEVICE=cuda TRITON_INTERPRET=0
 unset BENCH_FAST
 JSONS=()
 for suite in ${BENCH_ONLY:-kernels optim e2e}; do
   case $suite in
-    kernels) file=benchmarks/test_bench_kernels.py; sel=""; lim=$(left 120) ;;
-    optim)   file=benchmarks/test_bench_optim_step.py; sel="-k vit_b_86m"; lim=$(left 60) ;;
-    e2e)     file=benchmarks/test_bench_end_to_end.py; sel=""; lim=$(left 60) ;;
+    kernels) file=benchmarks/test_bench_kernels.py; sel=""; lim=$(left 75) ;;
+    optim)   file=benchmarks/test_bench_optim_step.py; sel="-k vit_b_86m"; lim=$(left 30) ;;
+    e2e)     file=benchmarks/test_bench_end_to_end.py; sel=""; lim=$(left 40) ;;
   esac
-  if [ "$lim" -lt 15 ]; then say "bench $suite skipped: the 6-minute budget is spent"; STATUS=1; continue; fi
+  if [ "$lim" -lt 15 ]; then say "bench $suite skipped: the budget is spent"; STATUS=1; phase_done "bench_$suite" skipped; continue; fi
   say "bench $suite (limit ${lim}s)"
   # SIGINT (not KILL) at the limit: pytest still finishes the session and writes the JSON so far
-  timeout -s INT -k 15 "$lim" "$PY" -m pytest "$file" $sel -q -rs -p no:cacheprovider --benchmark-json="$DEST/gpu_$suite.json" \
-    --benchmark-columns=min,median,rounds --benchmark-sort=name > "$DEST/gpu_$suite.log" 2>&1
+  timeout -s INT -k 15 "$lim" "$PY" -m pytest "$file" $sel -q -rs -p no:cacheprovider \
+    --benchmark-json="$WORK/bench/gpu_$suite.json" --benchmark-columns=min,median,rounds --benchmark-sort=name \
+    > "$WORK/logs/bench_$suite.log" 2>&1
   rc=$?
-  grep '^SKIPPED' "$DEST/gpu_$suite.log" > "$DEST/gpu_$suite.json.skips.txt" || true
-  tail -3 "$DEST/gpu_$suite.log" | tee -a "$DEST/gpu_check.log"
-  [ "$rc" = "0" ] || { say "bench $suite exit $rc (124 = hit its time limit)"; STATUS=1; }
-  [ -f "$DEST/gpu_$suite.json" ] && JSONS+=("$DEST/gpu_$suite.json")
+  grep '^SKIPPED' "$WORK/logs/bench_$suite.log" > "$WORK/bench/gpu_$suite.json.skips.txt" || true
+  grep -E "passed|failed|error" "$WORK/logs/bench_$suite.log" | tail -1 | tee -a "$WORK/logs/gpu_check.log"
+  if [ "$rc" = "0" ]; then phase_done "bench_$suite" ok; else say "bench $suite exit $rc (124/130 = hit its limit)"; STATUS=1; phase_done "bench_$suite" failed; fi
+  [ -f "$WORK/bench/gpu_$suite.json" ] && JSONS+=("$WORK/bench/gpu_$suite.json")
 done
 
+# -------------------------------------------------------------------------- 5. report, summary
 if [ ${#JSONS[@]} -gt 0 ]; then
-  say "report -> $DEST/performance.md"
-  "$PY" -m benchmarks.report "${JSONS[@]}" --out "$DEST/performance.md" --plots "$DEST/perf" \
+  say "report -> $DEST/performance.md (plots in gpu_logs.tar.gz: perf/)"
+  "$PY" -m benchmarks.report "${JSONS[@]}" --out "$WORK/performance.md" --plots "$WORK/perf" \
+    --targets-json "$WORK/targets.json" \
     --title "zeroflow performance on $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))')" \
-    2>&1 | tee -a "$DEST/gpu_check.log"
+    >> "$WORK/logs/gpu_check.log" 2>&1 && cp "$WORK/performance.md" "$DEST/performance.md"
+  phase_done report ok
 fi
-say "done, status $STATUS; files in $DEST"
-exit $STATUS
+finish

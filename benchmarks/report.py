@@ -498,7 +498,7 @@ def make_plots(records, sweep, plots_dir, out_md):
 
 
 # ----------------------------------------------------------------------------- main
-def render(paths, out, plots_dir=None, sweep_path=None, notes_path=None, title=None) -> str:
+def render(paths, out, plots_dir=None, sweep_path=None, notes_path=None, title=None, targets_json=None) -> str:
     records, machines = load(paths)
     derive(records)
     sweep = None
@@ -520,6 +520,9 @@ def render(paths, out, plots_dir=None, sweep_path=None, notes_path=None, title=N
               "baselines measured in the same run.", ""]
     parts += [machine_section(machines), ""]
     trows = targets(records)
+    if targets_json:
+        with open(targets_json, "w") as f:
+            json.dump([dict(zip(("device", "target", "measured", "status", "detail"), r)) for r in trows], f, indent=1)
     if trows:
         parts += ["## Targets (issue 5; reported, not asserted)", "",
                   table(["device", "target", "measured", "status", "where / detail"], trows), ""]
@@ -570,6 +573,7 @@ def main(argv=None):
     ap.add_argument("--sweep", default=None, help="query sweep JSON (benchmarks/bench_query_sweep.py)")
     ap.add_argument("--notes", default=None, help="markdown appended as the Analysis section")
     ap.add_argument("--title", default=None)
+    ap.add_argument("--targets-json", default=None, help="also write the targets table as JSON (gpu_check.sh)")
     a = ap.parse_args(argv)
     paths = [p for p in a.json if os.path.exists(p)]
     missing = [p for p in a.json if not os.path.exists(p)]
@@ -577,7 +581,7 @@ def main(argv=None):
         print(f"report: {p} not found, ignored", file=sys.stderr)
     if not paths:
         ap.error("no JSON file found")
-    render(paths, a.out, a.plots, a.sweep, a.notes, a.title)
+    render(paths, a.out, a.plots, a.sweep, a.notes, a.title, a.targets_json)
     print(f"report: wrote {a.out}" + (f" and plots in {a.plots}" if a.plots else ""))
     return 0
 
