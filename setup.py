@@ -40,6 +40,28 @@ NVCC_FLAGS = [
 ] + [f"-Xcompiler={f}" for f in HIDDEN + ["-ffp-contract=off"]]
 
 
+def _process_libstdcxx() -> list[str]:
+    """The libstdc++ this process runs with (torch loaded it), as an explicit link input.
+
+    Why: on the GPU image the compiler driver (/opt/gcc/bin/g++) links libstdc++ statically
+    into shared objects. The extension then carried a private copy of libstdc++ whose
+    functions (bound inside the .so by -Bsymbolic-functions) ran on the process's shared
+    libstdc++ data: formatting an integer into an error message looked the locale facet up
+    with the copy's facet id, called a codecvt method as num_put, and the process died with
+    a segmentation fault instead of raising ValueError (benchmarks/crash_probe.sh; issue 9).
+    Naming the process's libstdc++.so.6 before the driver's libraries resolves every
+    libstdc++ symbol there, so a static archive contributes nothing."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libstdc++.so" in line}
+    except OSError:
+        return []
+    return sorted(p for p in paths if os.path.basename(p).startswith("libstdc++.so"))[:1]
+
+
+LIBSTDCXX = _process_libstdcxx()
+
+
 def _want_cuda() -> bool:
     flag = os.environ.get("ZEROFLOW_BUILD_CUDA", "").strip()
     nvcc = None
@@ -67,7 +89,7 @@ ext_modules = [
         sources=[os.path.join(CSRC, "ops.cpp")],
         include_dirs=[os.path.join(HERE, CSRC)],
         extra_compile_args={"cxx": CXX_FLAGS},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"] + LIBSTDCXX,
     )
 ]
 
@@ -79,6 +101,7 @@ if _want_cuda():
             sources=[os.path.join(CSRC, "ops_cuda.cu")],
             include_dirs=[os.path.join(HERE, CSRC)],
             extra_compile_args={"cxx": ["-O3", "-ffp-contract=off"] + HIDDEN, "nvcc": NVCC_FLAGS},
+            extra_link_args=LIBSTDCXX,
         )
     )
 

@@ -1,0 +1,153 @@
+"""The compiled extensions as built: registered for every dispatch key, exporting nothing but
+their module init, linked against the process's shared libstdc++ (never a private static
+copy: issue 9's crash), and the loader's message.
+
+The last test rebuilds the CPU extension with a compiler driver that links libstdc++
+statically, as the GPU image's /opt/gcc/bin/g++ does, and checks that an error message with
+integers in it still comes out whole (with a private libstdc++ it was truncated here and
+crashed the process there)."""
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from zfkernels import _compiled
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def dt_needed(path: str) -> list[str]:
+    """DT_NEEDED entries of an ELF64 little-endian shared object (no binutils needed)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, "not an ELF64 LE file"
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    out = []
+    for sh in sections:
+        if sh[1] != 6:                       # SHT_DYNAMIC
+            continue
+        strtab = sections[sh[6]]             # sh_link: the dynamic string table
+        for off in range(sh[4], sh[4] + sh[5], 16):
+            tag, val = struct.unpack_from("<qQ", data, off)
+            if tag == 0:
+                break
+            if tag == 1:                     # DT_NEEDED
+                start = strtab[4] + val
+                out.append(data[start:data.index(b"\0", start)].decode())
+    return out
+
+
+def _built_objects():
+    import zfkernels
+
+    out = []
+    for mod in ("_C", "_C_cuda"):
+        try:
+            m = __import__(f"zfkernels.{mod}", fromlist=["_"])
+        except ImportError:
+            continue
+        out.append((mod, m.__file__))
+    return out
+
+
+def test_extensions_link_the_shared_libstdcxx():
+    objs = _built_objects()
+    assert objs, _compiled.missing_reason("cpu")
+    for mod, path in objs:
+        needed = dt_needed(path)
+        assert any(n.startswith("libstdc++.so") for n in needed), (
+            f"{mod} does not load the shared libstdc++ (DT_NEEDED: {needed}): a private static copy "
+            "breaks error messages (setup.py: _process_libstdcxx)")
+        nm = shutil.which("nm")
+        if nm:
+            out = subprocess.run([nm, "-C", "--defined-only", path], capture_output=True, text=True).stdout
+            assert "std::locale::" not in out, f"{mod} defines libstdc++'s locale internals itself"
+
+
+def _nvcc_present() -> bool:
+    import shutil
+
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    return (os.path.exists(os.path.join(home, "bin", "nvcc")) or shutil.which("nvcc") is not None) and bool(
+        torch.version.cuda)
+
+
+@pytest.mark.skipif(not _nvcc_present(), reason="no nvcc / CPU-only torch: the CUDA extension is not built here")
+@pytest.mark.skipif(os.environ.get("ZEROFLOW_BUILD_CUDA") == "0", reason="ZEROFLOW_BUILD_CUDA=0")
+def test_cuda_extension_built_and_registered():
+    assert _compiled.cuda_built(), _compiled.missing_reason("cuda")
+    for name in ("philox4x32_10", "perturb_", "zo_sgd_update_", "zo_adam_update_"):
+        for key in ("CPU", "CUDA", "Meta"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"zfkernels::{name}", key), (name, key)
+
+
+def test_extensions_export_only_their_module_init():
+    """The two extensions share code through headers only, compiled with hidden visibility:
+    nothing of zfkernels' own (validation, kernels) is exported, so no symbol of one .so
+    can interpose the other's (the hazard of the old ops_cuda.cu #include "ops.cpp")."""
+    import subprocess
+
+    import zfkernels
+
+    nm = "nm"
+    for mod in ("_C", "_C_cuda"):
+        path = getattr(getattr(zfkernels, mod, None), "__file__", None)
+        if path is None:
+            continue
+        try:
+            out = subprocess.run([nm, "-D", "--defined-only", "-C", path], capture_output=True, text=True,
+                                 check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            pytest.skip("nm not available")
+        ours = [ln for ln in out.splitlines() if "zf_" in ln or "zf::" in ln]
+        assert not ours, f"{mod} exports zfkernels internals: {ours[:5]}"
+        assert f"PyInit_{mod}" in out
+
+
+def test_loader_reports_build_command():
+    assert "pip install --no-build-isolation -e ." in _compiled.missing_reason("cuda")
+    assert _compiled.cpu_available(), _compiled.missing_reason("cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
+def test_static_libstdcxx_driver_still_links_the_shared_one(tmp_path):
+    """Build the CPU extension with a driver that adds -static-libstdc++ (and Ubuntu's
+    -Bsymbolic-functions): setup.py must still link the shared libstdc++, and an error whose
+    message formats integers must reach Python whole."""
+    src = tmp_path / "src"
+    shutil.copytree(os.path.join(ROOT, "csrc"), src / "csrc")
+    shutil.copytree(os.path.join(ROOT, "zfkernels"), src / "zfkernels",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    shutil.copy(os.path.join(ROOT, "setup.py"), src / "setup.py")
+    wrapper = tmp_path / "gxx-static"
+    wrapper.write_text('#!/bin/sh\nexec g++ "$@" -static-libstdc++ -Wl,-Bsymbolic-functions\n')
+    wrapper.chmod(0o755)
+    env = dict(os.environ, CXX=str(wrapper), ZEROFLOW_BUILD_CUDA="0", MAX_JOBS="2")
+    build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=src, env=env,
+                           capture_output=True, text=True)
+    if build.returncode != 0 and "static" in (build.stderr + build.stdout).lower():
+        pytest.skip(f"this toolchain cannot link libstdc++ statically: {build.stderr[-300:]}")
+    assert build.returncode == 0, build.stderr[-2000:]
+    so = next((src / "zfkernels").glob("_C.*.so"))
+    assert any(n.startswith("libstdc++.so") for n in dt_needed(str(so))), dt_needed(str(so))
+    code = textwrap.dedent("""
+        import torch, zfkernels
+        try:
+            torch.ops.zfkernels.perturb_([torch.zeros(4)], [0, 1], 1, 1.0, 0, 0, 0)
+        except ValueError as e:
+            print(e)
+    """)
+    run = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], cwd=src, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(src)))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "tensor_ids has 2 entries but params has 1; give one id per tensor" in run.stdout, run.stdout
