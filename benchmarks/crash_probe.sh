@@ -33,6 +33,12 @@ cp "$ROOT"/zfkernels/_C_cuda.*.so "$ONLY/zfk_probe/" 2>/dev/null || true
 {
   echo "== toolchain and ABI"
   (gcc --version | head -1; g++ --version | head -1; nvcc --version | tail -2) 2>&1
+  CXXDRV=$("$PY" -c "import os, sysconfig; print(os.environ.get('CXX') or 'c++')")
+  echo "C++ driver torch.utils.cpp_extension uses: $CXXDRV -> $(command -v "$CXXDRV") ($(readlink -f "$(command -v "$CXXDRV")" 2>/dev/null))"
+  file "$(readlink -f "$(command -v "$CXXDRV")")" 2>/dev/null
+  head -c 600 "$(command -v "$CXXDRV")" 2>/dev/null | grep -a -v $'\x00' | head -12
+  echo "-- does it link libstdc++ statically? ($CXXDRV -### -shared)"
+  "$CXXDRV" -### -shared -o /dev/null -x c++ /dev/null 2>&1 | tr ' ' '\n' | grep -E "stdc\+\+|Bstatic|static-lib" | sort | uniq -c
   "$PY" -c "import torch, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, '| CXX11_ABI', torch._C._GLIBCXX_USE_CXX11_ABI); print(torch.__config__.show())" 2>&1 | head -12
   for so in "$ONLY"/zfk_probe/*.so; do
     echo "-- $(basename "$so"): NEEDED"; readelf -d "$so" 2>/dev/null | grep NEEDED
@@ -41,8 +47,10 @@ cp "$ROOT"/zfkernels/_C_cuda.*.so "$ONLY/zfk_probe/" 2>/dev/null || true
   done
 } > "$LOG/toolchain.txt" 2>&1
 
-BAD_CPU='torch.ops.zfkernels.perturb_([torch.zeros(4, 4).t()], [0], 1, 1.0, 0, 0, 0)'
-BAD_CUDA='torch.ops.zfkernels.perturb_([torch.zeros(4, 4, device="cuda").t()], [0], 1, 1.0, 0, 0, 0)'
+# An error message that formats integers through an ostream ("tensor_ids has 2 entries but
+# params has 1"): the path that crashed with a private static libstdc++ in the extension.
+BAD_CPU='torch.ops.zfkernels.perturb_([torch.zeros(4)], [0, 1], 1, 1.0, 0, 0, 0)'
+BAD_CUDA='torch.ops.zfkernels.perturb_([torch.zeros(4, device="cuda")], [0, 1], 1, 1.0, 0, 0, 0)'
 declare -A CODE=(
   [torch_internal]='import torch
 try:
@@ -76,7 +84,10 @@ for name in $ORDER; do
   fi
   PYTHONPATH="$ONLY" timeout 120 "$PY" -X faulthandler -c "${CODE[$name]}" > "$LOG/$name.log" 2>&1
   rc=$?
-  if [ $rc -eq 0 ] && grep -q '^raised' "$LOG/$name.log"; then
+  if [ $rc -eq 0 ] && [[ $name != torch_* ]] && ! grep -q '^raised.*params has 1; give one id per tensor' "$LOG/$name.log"; then
+    note "probe $name: WRONG MESSAGE (the integers are missing): $(grep '^raised' "$LOG/$name.log" | head -1)"
+    [ -z "$FIRST_CRASH" ] && FIRST_CRASH=$name
+  elif [ $rc -eq 0 ] && grep -q '^raised' "$LOG/$name.log"; then
     note "probe $name: OK, $(grep '^raised' "$LOG/$name.log" | head -1)"
   elif [ $rc -ge 128 ]; then   # killed by a signal (139 = SIGSEGV): the failure this probe looks for
     note "probe $name: CRASHED (signal $((rc - 128))): $(grep -m1 -E 'Fatal Python error' "$LOG/$name.log")"

@@ -465,7 +465,8 @@ def _bad_cases(dev):
         ("perturb_", lambda: _perturb([z(4, dtype=torch.int64)]), r"params\[0\].*dtype"),
         ("perturb_", lambda: _perturb([z(4), z(4, dtype=torch.float64)]), r"params\[1\].*dtype"),
         ("perturb_", lambda: _perturb([z(4, dtype=torch.complex64)]), r"dtype"),
-        ("perturb_", lambda: _perturb([z(4)], ids=[0, 1]), r"tensor_ids"),
+        # the message formats integers: what crashed the process on the GPU image (issue 9)
+        ("perturb_", lambda: _perturb([z(4)], ids=[0, 1]), r"tensor_ids has 2 entries but params has 1"),
         ("perturb_", lambda: _perturb([z(4)], ids=[2**32]), r"tensor_ids|tensor id"),
         ("perturb_", lambda: _perturb([z(4)], dist=2), r"dist"),
         ("perturb_", lambda: _perturb([z(4)], T=(1 << 24) + 1), r"mask_threshold|16777217"),
@@ -488,14 +489,21 @@ def _bad_cases(dev):
     ]
 
 
+BAD_INPUT_BACKENDS = BACKENDS + [pytest.param(("torch", "cpu"), id="torch-cpu")]
+
+
+@pytest.mark.parametrize("backend", BAD_INPUT_BACKENDS)
 def test_bad_inputs_raise_on_every_op(backend):
     """Every bad call raises a clear ValueError/TypeError (never a crash), and changes nothing."""
     be, dev = backend
-    for name, make, match in _bad_cases(dev):
+    for k, (name, make, match) in enumerate(_bad_cases(dev)):
         args = make()
         before = [t.clone() for t in args[0]] if isinstance(args[0], list) else None
-        with pytest.raises((ValueError, TypeError), match=match):
-            _op(be, name)(*args)
+        try:
+            with pytest.raises((ValueError, TypeError), match=match):
+                _op(be, name)(*args)
+        except pytest.fail.Exception as exc:
+            raise AssertionError(f"bad-input case {k} ({name}, expecting /{match}/): {exc}") from None
         if before is not None and name != "philox4x32_10":
             for t, b in zip(args[0], before):
                 if t.device.type != "meta" and t.dtype == b.dtype:
@@ -521,51 +529,6 @@ def test_opcheck_every_op(backend):
     m = [torch.randn(5, device=dev), torch.randn(3, device=dev)]
     v = [torch.rand(5, device=dev), torch.rand(3, device=dev)]
     torch.library.opcheck(ops.zo_adam_update_.default, tuple(_adam(p, m, v, step=2, weight_decay=0.1)))
-
-
-def _nvcc_present() -> bool:
-    import shutil
-
-    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
-    return (os.path.exists(os.path.join(home, "bin", "nvcc")) or shutil.which("nvcc") is not None) and bool(
-        torch.version.cuda)
-
-
-@pytest.mark.skipif(not _nvcc_present(), reason="no nvcc / CPU-only torch: the CUDA extension is not built here")
-@pytest.mark.skipif(os.environ.get("ZEROFLOW_BUILD_CUDA") == "0", reason="ZEROFLOW_BUILD_CUDA=0")
-def test_cuda_extension_built_and_registered():
-    assert _compiled.cuda_built(), _compiled.missing_reason("cuda")
-    for name in ("philox4x32_10", "perturb_", "zo_sgd_update_", "zo_adam_update_"):
-        for key in ("CPU", "CUDA", "Meta"):
-            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"zfkernels::{name}", key), (name, key)
-
-
-def test_extensions_export_only_their_module_init():
-    """The two extensions share code through headers only, compiled with hidden visibility:
-    nothing of zfkernels' own (validation, kernels) is exported, so no symbol of one .so
-    can interpose the other's (the hazard of the old ops_cuda.cu #include "ops.cpp")."""
-    import subprocess
-
-    import zfkernels
-
-    nm = "nm"
-    for mod in ("_C", "_C_cuda"):
-        path = getattr(getattr(zfkernels, mod, None), "__file__", None)
-        if path is None:
-            continue
-        try:
-            out = subprocess.run([nm, "-D", "--defined-only", "-C", path], capture_output=True, text=True,
-                                 check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            pytest.skip("nm not available")
-        ours = [ln for ln in out.splitlines() if "zf_" in ln or "zf::" in ln]
-        assert not ours, f"{mod} exports zfkernels internals: {ours[:5]}"
-        assert f"PyInit_{mod}" in out
-
-
-def test_loader_reports_build_command():
-    assert "pip install --no-build-isolation -e ." in _compiled.missing_reason("cuda")
-    assert _compiled.cpu_available(), _compiled.missing_reason("cpu")
 
 
 # ======================================================================================

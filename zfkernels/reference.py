@@ -256,6 +256,8 @@ def _store(dst: torch.Tensor, value_f32: torch.Tensor) -> None:
 def perturb_(params, tensor_ids, seed, scale, dist, mask_seed, mask_threshold) -> None:
     """θ_k += scale · m ⊙ z(seed) for each tensor (docs/kernel-ops.md)."""
     _check_params(params, tensor_ids)
+    S.check_seed(seed, "seed")
+    _check_stream(dist, mask_seed, mask_threshold)
     scale_f = torch.tensor(scale, dtype=torch.float32).item()
     for p, tid in zip(params, tensor_ids):
         z = _masked_z(seed, p.numel(), dist, int(tid), mask_seed, mask_threshold, p.device)
@@ -310,6 +312,8 @@ def zo_sgd_update_(params, momentum_buffers, history_buffers, tensor_ids, seeds,
     _check_buffers(params, momentum_buffers, "momentum_buffers")
     _check_buffers(params, history_buffers, "history_buffers")
     _check_q(seeds, coeffs)
+    _check_stream(dist, mask_seed, mask_threshold)
+    S.check_seed(restore_seed, "restore_seed")
     lr_f, wd, mu = _f32(lr), _f32(weight_decay), _f32(momentum)
     for k, (p, tid) in enumerate(zip(params, tensor_ids)):
         x, g = _estimate(p, int(tid), seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, restore_scale)
@@ -338,6 +342,8 @@ def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, 
     _check_buffers(params, exp_avg_sqs, "exp_avg_sqs")
     _check_buffers(params, history_buffers, "history_buffers")
     _check_q(seeds, coeffs)
+    _check_stream(dist, mask_seed, mask_threshold)
+    S.check_seed(restore_seed, "restore_seed")
     if step < 1:
         raise ValueError(f"step={step} must be >= 1 (Adam's bias correction counts from 1)")
     bc1 = 1.0 - beta1 ** step
@@ -377,6 +383,15 @@ def _check_buffers(params, buffers, name) -> None:
             raise ValueError(f"{name}[{k}] has dtype {b.dtype}; use the param's dtype or float32")
         if not b.is_contiguous():
             raise ValueError(f"{name}[{k}] is not contiguous")
+
+
+def _check_stream(dist, mask_seed, mask_threshold) -> None:
+    """The stream arguments every op takes (same rules as csrc/ops_common.h)."""
+    S.dist_code(dist)
+    S.check_seed(mask_seed, "mask_seed")
+    if isinstance(mask_threshold, bool) or not 0 <= int(mask_threshold) <= S.MASK_ONE:
+        raise ValueError(f"mask_threshold={mask_threshold} is outside [0, 2**24]; it is round(sparsity * 2**24) "
+                         "with sparsity in [0, 1]")
 
 
 def _check_q(seeds, coeffs) -> None:
