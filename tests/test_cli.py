@@ -103,3 +103,42 @@ def test_report_tables(tmp_path, capsys):
     assert "| EASE | zo_sgd | 2.00 | 0.0100 | 100 |" in out
     assert out.index("zo_sgd") < out.index("fo_sgd")
     assert main(["report", str(tmp_path / "unfinished")]) == 2
+
+
+# ---------------------------------------------------------------- option checks (issue 10)
+@pytest.mark.parametrize("text,needle", [
+    ("epochs: ten\n", "epochs in {path} must be an integer (got 'ten')"),
+    ("epochs: [1\n", "{path}: cannot parse it: line 2, column 1: expected ',' or ']'"),
+    ("lr: {sgd: 0.1}\n", "lr in {path} has no 'adam' entry, which --optimizer zo_adam uses"),
+    ("lr: {sgd: 0.1, adma: 1}\n", "lr in {path}: unknown key(s) adma"),
+    ("1: 2\n", "{path}: option names must be strings"),
+    ("- epochs\n", "{path}: expected a mapping of option: value, got a list"),
+    ("history: 1.0\n", "history in {path} must be in [0, 1)"),
+    ("record: yes please\n", "record in {path} must be true or false"),
+])
+def test_config_file_values_are_checked(tmp_path, text, needle):
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.errors import ZeroflowError
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ZeroflowError) as e:
+        resolve({}, str(p))
+    assert needle.format(path=p) in str(e.value)
+    assert "\n" not in str(e.value)                  # one line, also for YAML syntax errors
+
+
+def test_config_numbers_given_as_strings_are_read():
+    """YAML reads 1e-3 (no dot) as a string; a number is still a number."""
+    from zeroflow.continual.defaults import resolve
+    cfg = resolve({"lr": "1e-3", "epochs": "3", "zo_eps": 1})
+    assert (cfg["lr"], cfg["epochs"], cfg["zo_eps"]) == (1e-3, 3, 1.0)
+    assert isinstance(cfg["zo_eps"], float)
+
+
+def test_sign_sgd_takes_the_adam_rate():
+    """A sign step moves every coordinate by lr, like Adam: the SGD rate (0.05 on digits)
+    left zo_sgd_sign near chance (Avg 42.8); the Adam rate 0.005 gives Avg 86.0."""
+    from zeroflow.continual.defaults import resolve
+    assert resolve({"optimizer": "zo_sgd_sign"})["lr"] == resolve({"optimizer": "zo_adam"})["lr"] == 0.005
+    assert resolve({"optimizer": "zo_sgd"})["lr"] == resolve({"optimizer": "zo_sgd_conserve"})["lr"] == 0.05
+    assert resolve({"optimizer": "zo_sgd_sign", "dataset": "cifar100"})["lr"] == 1e-3
