@@ -142,3 +142,48 @@ def test_sign_sgd_takes_the_adam_rate():
     assert resolve({"optimizer": "zo_sgd_sign"})["lr"] == resolve({"optimizer": "zo_adam"})["lr"] == 0.005
     assert resolve({"optimizer": "zo_sgd"})["lr"] == resolve({"optimizer": "zo_sgd_conserve"})["lr"] == 0.05
     assert resolve({"optimizer": "zo_sgd_sign", "dataset": "cifar100"})["lr"] == 1e-3
+
+
+def test_version_and_defaults_in_help():
+    from zeroflow import __version__
+    out = subprocess.run([sys.executable, "-m", "zeroflow", "--version"], env=ENV, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == f"zeroflow {__version__}"
+    out = subprocess.run([sys.executable, "-m", "zeroflow", "run", "--help"], env=ENV, capture_output=True, text=True,
+                         check=True)
+    text = " ".join(out.stdout.split())          # argparse wraps lines
+    for needle in ("ZO queries per step (default: 1)", "(default: zo_adam)", "(default: digits)",
+                   "(default: 10 on digits; see configs/<method>_<dataset>.yaml)", "(default: sgd 0.05, adam 0.005 "
+                   "on digits", "--hybrid-switch HYBRID_SWITCH hybrid FO->ZO: FO steps per task before switching to "
+                   "ZO (default: off)", "--record", "--force"):
+        assert needle in text, needle
+
+
+def test_report_cli_prints_skipped_runs_and_writes_output_by_umask(tmp_path, capsys):
+    d = tmp_path / "ok"
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps({
+        "avg": 80.0, "last": 70.0, "fgt": 5.0, "peak_memory_bytes": 2e9, "forward_passes": 100,
+        "seconds_per_iteration": 0.01, "config": {"method": "ease", "optimizer": "zo_sgd", "dataset": "digits"}}))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "metrics.json").write_text('{"avg": 1,')
+    old = os.umask(0o022)
+    try:
+        assert main(["report", str(tmp_path), "--output", str(tmp_path / "r.md")]) == 0
+    finally:
+        os.umask(old)
+    out = capsys.readouterr()
+    assert f"zeroflow: skipped {tmp_path / 'bad' / 'metrics.json'}: corrupt (JSONDecodeError" in out.err
+    assert "| EASE | zo_sgd | 80.00 | 70.00 | 5.00 |" in out.out
+    assert (tmp_path / "r.md").read_text() + "\n" == out.out       # the same markdown as printed
+    assert oct(os.stat(tmp_path / "r.md").st_mode & 0o777) == oct(0o644)
+
+
+def test_readme_optimizer_snippet_runs():
+    """The README's "Using the optimizers" block, executed as written."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    block = readme.split("## Using the optimizers", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["opt"].forward_passes == 5 and float(scope["loss"]) > 0   # conserve, two-sided: 2 + 3
