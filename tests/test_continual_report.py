@@ -117,3 +117,8 @@ def test_nothing_finished_is_an_error(tmp_path):
         render([str(tmp_path)])
     with pytest.raises(ZeroflowError, match="no such run folder"):
         render([str(tmp_path / "nope")])
+    # a file among the paths (runs/* matching a saved report) is skipped, not fatal
+    write_run(tmp_path / "ok", 80.0)
+    (tmp_path / "report.md").write_text("old report")
+    runs, skipped = find_runs([str(tmp_path / "ok"), str(tmp_path / "report.md"), str(tmp_path / "ok" / "metrics.json")])
+    assert len(runs) == 1 and skipped == [f"{tmp_path / 'report.md'}: not a run folder (a file)"]

@@ -45,13 +45,17 @@ def _run_folders(path: str) -> List[str]:
 
 def find_runs(paths: Sequence[str]) -> Tuple[List[Dict], List[str]]:
     """``(runs, skipped)``: the finished runs' metrics (``_dir`` added) and one line per run
-    folder that was skipped. ``ZeroflowError`` for a path that does not exist."""
+    folder (or other file given) that was skipped. ``ZeroflowError`` for a path that does
+    not exist."""
     runs, skipped, seen = [], [], set()
     for p in paths:
         if os.path.isfile(p) and os.path.basename(p) == METRICS:
             p = os.path.dirname(p) or "."
-        if not os.path.isdir(p):
+        if not os.path.exists(p):
             raise ZeroflowError(f"{p}: no such run folder")
+        if not os.path.isdir(p):
+            skipped.append(f"{p}: not a run folder (a file)")     # e.g. a report.md matched by runs/*
+            continue
         for folder in _run_folders(p):
             real = os.path.realpath(folder)
             if real in seen:
