@@ -592,4 +592,5 @@ def plot_results(run_dir: str, metrics: Dict):
 
 
 def _atomic_fig(fig, path):
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    with writing(path):
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
