@@ -103,3 +103,87 @@ def test_report_tables(tmp_path, capsys):
     assert "| EASE | zo_sgd | 2.00 | 0.0100 | 100 |" in out
     assert out.index("zo_sgd") < out.index("fo_sgd")
     assert main(["report", str(tmp_path / "unfinished")]) == 2
+
+
+# ---------------------------------------------------------------- option checks (issue 10)
+@pytest.mark.parametrize("text,needle", [
+    ("epochs: ten\n", "epochs in {path} must be an integer (got 'ten')"),
+    ("epochs: [1\n", "{path}: cannot parse it: line 2, column 1: expected ',' or ']'"),
+    ("lr: {sgd: 0.1}\n", "lr in {path} has no 'adam' entry, which --optimizer zo_adam uses"),
+    ("lr: {sgd: 0.1, adma: 1}\n", "lr in {path}: unknown key(s) adma"),
+    ("1: 2\n", "{path}: option names must be strings"),
+    ("- epochs\n", "{path}: expected a mapping of option: value, got a list"),
+    ("history: 1.0\n", "history in {path} must be in [0, 1)"),
+    ("record: yes please\n", "record in {path} must be true or false"),
+])
+def test_config_file_values_are_checked(tmp_path, text, needle):
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.errors import ZeroflowError
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ZeroflowError) as e:
+        resolve({}, str(p))
+    assert needle.format(path=p) in str(e.value)
+    assert "\n" not in str(e.value)                  # one line, also for YAML syntax errors
+
+
+def test_config_numbers_given_as_strings_are_read():
+    """YAML reads 1e-3 (no dot) as a string; a number is still a number."""
+    from zeroflow.continual.defaults import resolve
+    cfg = resolve({"lr": "1e-3", "epochs": "3", "zo_eps": 1})
+    assert (cfg["lr"], cfg["epochs"], cfg["zo_eps"]) == (1e-3, 3, 1.0)
+    assert isinstance(cfg["zo_eps"], float)
+
+
+def test_sign_sgd_takes_the_adam_rate():
+    """A sign step moves every coordinate by lr, like Adam: the SGD rate (0.05 on digits)
+    left zo_sgd_sign near chance (Avg 42.8); the Adam rate 0.005 gives Avg 86.0."""
+    from zeroflow.continual.defaults import resolve
+    assert resolve({"optimizer": "zo_sgd_sign"})["lr"] == resolve({"optimizer": "zo_adam"})["lr"] == 0.005
+    assert resolve({"optimizer": "zo_sgd"})["lr"] == resolve({"optimizer": "zo_sgd_conserve"})["lr"] == 0.05
+    assert resolve({"optimizer": "zo_sgd_sign", "dataset": "cifar100"})["lr"] == 1e-3
+
+
+def test_version_and_defaults_in_help():
+    from zeroflow import __version__
+    out = subprocess.run([sys.executable, "-m", "zeroflow", "--version"], env=ENV, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == f"zeroflow {__version__}"
+    out = subprocess.run([sys.executable, "-m", "zeroflow", "run", "--help"], env=ENV, capture_output=True, text=True,
+                         check=True)
+    text = " ".join(out.stdout.split())          # argparse wraps lines
+    for needle in ("ZO queries per step (default: 1)", "(default: zo_adam)", "(default: digits)",
+                   "(default: 10 on digits; see configs/<method>_<dataset>.yaml)", "(default: sgd 0.05, adam 0.005 "
+                   "on digits", "--hybrid-switch HYBRID_SWITCH hybrid FO->ZO: FO steps per task before switching to "
+                   "ZO (default: off)", "--record", "--force"):
+        assert needle in text, needle
+
+
+def test_report_cli_prints_skipped_runs_and_writes_output_by_umask(tmp_path, capsys):
+    d = tmp_path / "ok"
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps({
+        "avg": 80.0, "last": 70.0, "fgt": 5.0, "peak_memory_bytes": 2e9, "forward_passes": 100,
+        "seconds_per_iteration": 0.01, "config": {"method": "ease", "optimizer": "zo_sgd", "dataset": "digits"}}))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "metrics.json").write_text('{"avg": 1,')
+    old = os.umask(0o022)
+    try:
+        assert main(["report", str(tmp_path), "--output", str(tmp_path / "r.md")]) == 0
+    finally:
+        os.umask(old)
+    out = capsys.readouterr()
+    assert f"zeroflow: skipped {tmp_path / 'bad' / 'metrics.json'}: corrupt (JSONDecodeError" in out.err
+    assert "| EASE | zo_sgd | 80.00 | 70.00 | 5.00 |" in out.out
+    assert (tmp_path / "r.md").read_text() + "\n" == out.out       # the same markdown as printed
+    assert oct(os.stat(tmp_path / "r.md").st_mode & 0o777) == oct(0o644)
+
+
+def test_readme_optimizer_snippet_runs():
+    """The README's "Using the optimizers" block, executed as written."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    block = readme.split("## Using the optimizers", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["opt"].forward_passes == 5 and float(scope["loss"]) > 0   # conserve, two-sided: 2 + 3

@@ -1,4 +1,5 @@
 """EASE and APER end-to-end on the embedded digits (short runs), resume, EASE formulas."""
+import csv
 import json
 import os
 
@@ -56,7 +57,12 @@ def test_end_to_end_digits(tmp_path, method, optimizer):
     if method == "aper":
         assert [t["iterations"] for t in saved["tasks"]][1:] == [0, 0, 0, 0]   # APER trains stage 0 only
     with open(tmp_path / "r" / "accuracy_matrix.csv") as f:
-        assert f.readline().startswith("task,after_stage_0")
+        rows = list(csv.reader(f))
+    # tasks and stages are 1-based as in the plots; the cells are the JSON matrix
+    assert rows[0] == ["task"] + [f"after_stage_{s}" for s in range(1, 6)]
+    assert [r[0] for r in rows[1:]] == ["1", "2", "3", "4", "5"]
+    assert all((c == "") == (v is None) and (v is None or abs(float(c) - v) < 1e-4)
+               for r, row in zip(rows[1:], A) for c, v in zip(r[1:], row))
     with open(tmp_path / "r" / "accuracy_per_stage.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

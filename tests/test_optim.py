@@ -485,3 +485,123 @@ def test_sgd_without_momentum_allocates_no_param_sized_tensor(monkeypatch):
     with mode:
         opt_m.step(closure)
     assert mode.big
+
+
+# ----------------------------------------------------------------------------- state validation (issue 10)
+def _stepped(name, steps=2, **kw):
+    """A model and its optimizer after ``steps`` steps (deterministic: fixed model and seed)."""
+    model = make_model()
+    opt = create(name, model.parameters(), model=model, lr=0.01, seed=5, backend=BACKEND, **kw)
+    for _ in range(steps):
+        train_step(opt, lambda: loss_of(model))
+    return model, opt
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    flat_a, spec_a = torch.utils._pytree.tree_flatten(a)
+    flat_b, spec_b = torch.utils._pytree.tree_flatten(b)
+    return spec_a == spec_b and all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+                                    for x, y in zip(flat_a, flat_b))
+
+
+@pytest.mark.parametrize("target,source,needle", [
+    ("zo_adam", "zo_sgd", "saved by ZOFusedSGD"),
+    ("zo_sgd", "zo_adam", "saved by ZOFusedAdam"),
+    ("zo_adam", "zo_adam_sign", "sign=True"),
+    ("fo_sgd", "fo_adam", "saved by FOAdam"),
+    ("fo_adam", "zo_adam", "saved by ZOFusedAdam"),
+])
+def test_cross_class_load_raises_and_leaves_optimizer_untouched(target, source, needle):
+    model, opt = _stepped(target)
+    twin_model, twin = _stepped(target)          # the same run, never offered a foreign state
+    before = copy.deepcopy(opt.state_dict())
+    _, other = _stepped(source)
+    with pytest.raises(ValueError, match=needle):
+        opt.load_state_dict(other.state_dict())
+    assert _same_state(opt.state_dict(), before)
+    for _ in range(2):                           # and the next steps are those of the untouched twin
+        train_step(opt, lambda: loss_of(model))
+        train_step(twin, lambda: loss_of(twin_model))
+    for a, b in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("saved_kw,kw,needle", [
+    (dict(q=2), dict(q=1), "q=2"),
+    (dict(perturbation="rademacher"), dict(), "perturbation='rademacher'"),
+    (dict(estimator="one_side"), dict(), "estimator='one_side'"),
+])
+def test_load_refuses_other_perturbation_or_queries(saved_kw, kw, needle):
+    _, saved = _stepped("zo_adam", **saved_kw)
+    _, opt = _stepped("zo_adam", **kw)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=needle):
+        opt.load_state_dict(saved.state_dict())
+    assert _same_state(opt.state_dict(), before)
+
+
+def test_load_checks_group_and_buffer_shapes_and_keeps_old_states_loadable():
+    _, opt = _stepped("zo_sgd", momentum=0.9)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["momentum_buffer"] = torch.zeros(7)
+    with pytest.raises(ValueError, match="momentum_buffer of parameter 0 has shape"):
+        opt.load_state_dict(sd)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="lr=-1"):
+        opt.load_state_dict(sd)
+    # a state saved before the class and the global options were recorded still loads ...
+    sd = copy.deepcopy(opt.state_dict())
+    for k in ("optimizer", "q", "estimator", "conserve", "sparse_resample"):
+        del sd["zeroflow"][k]
+    opt.load_state_dict(sd)
+    # ... and a foreign one of that age is still caught by its group keys
+    _, adam = _stepped("zo_adam")
+    old = copy.deepcopy(adam.state_dict())
+    del old["zeroflow"]["optimizer"]
+    with pytest.raises(ValueError, match="does not fit a ZOFusedSGD: it has betas"):
+        opt.load_state_dict(old)
+
+
+def test_hybrid_cross_load_raises_and_leaves_both_phases_untouched():
+    _, hyb = _stepped("zo_sgd", steps=3, hybrid_switch=2, momentum=0.9)
+    _, other = _stepped("zo_adam", steps=3, hybrid_switch=2)
+    before = copy.deepcopy(hyb.state_dict())
+    with pytest.raises(ValueError, match="FOAdam"):
+        hyb.load_state_dict(other.state_dict())
+    assert _same_state(hyb.state_dict(), before)
+    with pytest.raises(ValueError, match="hybrid"):
+        hyb.load_state_dict(_stepped("zo_sgd")[1].state_dict())
+    assert _same_state(hyb.state_dict(), before)
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda: torch.nn.Parameter(torch.zeros(3, dtype=torch.float64)), "float64"),
+    (lambda: torch.nn.Parameter(torch.zeros(3, 4).t()), "not contiguous"),
+    (lambda: torch.nn.Parameter(torch.zeros(3, device="meta")), "meta"),
+])
+def test_unsupported_params_refused_at_construction(make, needle):
+    good = torch.nn.Parameter(torch.zeros(2))
+    for cls in (ZOFusedSGD, ZOFusedAdam):
+        with pytest.raises(ValueError, match=needle):
+            cls([good, make()], backend=BACKEND)
+    # frozen parameters are ignored, whatever they are
+    frozen = make().requires_grad_(False)
+    assert len(ZOFusedSGD([good, frozen], backend=BACKEND).param_groups[0]["params"]) == 1
+
+
+@pytest.mark.parametrize("name", ["zo_sgd", "forward_grad"])
+def test_closure_calling_backward_gets_a_clear_error(name):
+    model = make_model()
+    opt = create(name, model.parameters(), model=model, lr=0.1, backend=BACKEND)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        loss = loss_of(model)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="ZO closures must not call backward"):
+        opt.step(closure)
+    for a, b in zip(before, model.parameters()):     # the pending perturbation was undone
+        torch.testing.assert_close(b.detach(), a, rtol=0, atol=1e-6)

@@ -1,27 +1,53 @@
 """Atomic file writes: a temporary file in the target's directory (``.tmp-<name>.<random>``),
 flushed and fsynced, then renamed over the target. On any failure the temporary file is
-removed and the target is untouched, so a reader never sees a half-written file."""
+removed and the target is untouched, so a reader never sees a half-written file.
+
+The temporary file is created with mode 0o666 like any ``open(path, "w")``, so the
+process umask applies and the renamed file gets the same permissions as a plain write
+would give it (``tempfile.mkstemp`` would make every file 0600). An ``OSError`` names the
+target path, not the temporary one: that is the path the caller knows."""
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from typing import BinaryIO, Callable
+
+
+def _create_temp(path: str) -> tuple[int, str]:
+    """A new, exclusively created file beside ``path``: (fd, its path)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = os.path.join(folder, f".tmp-{name}.{secrets.token_hex(4)}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue      # 32 random bits collided with another writer's file: draw again
+
+
+def _naming(path: str, err: OSError) -> OSError:
+    """``err`` (same type and errno) with ``path`` as its filename."""
+    return type(err)(err.errno, err.strerror or str(err), path)
 
 
 def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     """``write(f)`` into a temporary file, then rename it to ``path``."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=d)
+    try:
+        fd, tmp = _create_temp(path)
+    except OSError as e:
+        raise _naming(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename != path:
+            raise _naming(path, e) from e
         raise
 
 

@@ -3,12 +3,17 @@
 ``run`` also works under ``torchrun`` (data-parallel ZO, docs/distributed.md).
 
 Importing this module is light (argparse only); torch/timm load when a command runs.
+Mistakes in what the user gave (options, files, folders) end as ``zeroflow: error: ...``
+on stderr with exit code 2, before anything is written.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
+import time
 from typing import List, Optional
 
 RUN_FLAGS = (
@@ -17,134 +22,257 @@ RUN_FLAGS = (
     ("--optimizer", "optimizer", str, "zo_sgd zo_sgd_sign zo_sgd_conserve zo_adam zo_adam_sign "
                                       "zo_adam_conserve forward_grad fo_sgd fo_adam"),
     ("--dataset", "dataset", str, "digits (embedded) | cifar100 | cub | imagenet-a | omnibenchmark"),
-    ("--data-root", "data_root", str, "folder holding cifar-100-python/ or <dataset>/{train,test}/ (default: data)"),
+    ("--data-root", "data_root", str, "folder holding cifar-100-python/ or <dataset>/{train,test}/"),
     ("--epochs", "epochs", int, "training epochs per trained task"),
-    ("--lr", "lr", float, "learning rate (cosine schedule over the epochs of a task)"),
+    ("--lr", "lr", float, "learning rate (cosine schedule over the epochs of a task); the defaults pick the "
+                          "adam rate for the Adam family and zo_sgd_sign"),
     ("--batch-size", "batch_size", int, "training batch size"),
     ("--weight-decay", "weight_decay", float, "weight decay"),
-    ("--momentum", "momentum", float, "SGD-family momentum"),
+    ("--momentum", "momentum", float, "SGD-family momentum, in [0, 1)"),
     ("--q", "q", int, "ZO queries per step"),
-    ("--zo-eps", "zo_eps", float, "ZO perturbation scale"),
+    ("--zo-eps", "zo_eps", float, "ZO perturbation scale (> 0)"),
     ("--perturbation", "perturbation", str, "gaussian | rademacher"),
     ("--sparsity", "sparsity", float, "ZO sparse-mask ratio in [0, 1)"),
-    ("--history", "history", float, "ZO history mixing alpha in [0, 1]"),
+    ("--history", "history", float, "ZO history mixing alpha in [0, 1)"),
     ("--hybrid-switch", "hybrid_switch", int, "hybrid FO->ZO: FO steps per task before switching to ZO"),
-    ("--seed", "seed", int, "random seed (the class order always uses PILOT's 1993)"),
+    ("--seed", "seed", int, "random seed, in [0, 2^31-1] (the class order always uses PILOT's 1993)"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
-    ("--backend", "backend", str, "zfkernels backend for the ZO kernels (default: auto)"),
-    ("--checkpoint", "checkpoint", str, "local ViT weights (.safetensors/.pth/.npz) instead of pretrained=True"),
+    ("--backend", "backend", str, "zfkernels backend for the ZO kernels: auto | cpu | cuda | triton | torch"),
+    ("--checkpoint", "checkpoint", str, "local ViT weights (.safetensors/.pth/.npz) instead of pretrained=True "
+                                        "(real datasets only)"),
     ("--init-cls", "init_cls", int, "classes in the first task"),
     ("--increment", "increment", int, "classes per later task"),
-    ("--ease-alpha", "ease_alpha", float, "EASE subspace reweighting alpha"),
+    ("--ease-alpha", "ease_alpha", float, "EASE subspace reweighting alpha (>= 0)"),
     ("--num-workers", "num_workers", int, "DataLoader workers"),
     ("--threads", "threads", int, "torch CPU threads"),
 )
 
 
+def _help_with_default(dest: str, text: str) -> str:
+    from .continual.defaults import describe_default
+
+    return f"{text} (default: {describe_default(dest)})"
+
+
 def _add_run_flags(p: argparse.ArgumentParser, sweep: bool = False):
+    # default=None everywhere: an option given on the command line beats --config FILE, which
+    # beats the built-in default (shown in the help)
     for flag, dest, typ, hlp in RUN_FLAGS:
         if sweep and dest == "optimizer":
             continue
-        p.add_argument(flag, dest=dest, type=typ, default=None, help=hlp)
+        p.add_argument(flag, dest=dest, type=typ, default=None, help=_help_with_default(dest, hlp))
     p.add_argument("--config", default=None, help="YAML/JSON file of options (defaults < file < flags)")
     p.add_argument("--download", action="store_true", default=None, help="download CIFAR-100 if missing")
+    p.add_argument("--record", action="store_true", default=None,
+                   help="write a trajectory log per trained task (trajectory/task<k>.zft and task<k>.base.pt in "
+                        "the run folder) for zeroflow replay; zo_* optimizers without --hybrid-switch")
+    p.add_argument("--force", action="store_true",
+                   help="replace a run (finished or not) that the output folder already holds")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"zeroflow {__version__}"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zeroflow", description="ZeroFlow continual-learning benchmark "
                                 "(EASE / APER with forward-pass optimizers). See docs/continual.md.")
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="cmd")
     r = sub.add_parser("run", help="one run (no arguments: EASE + ZO-Adam on the embedded digits)")
     _add_run_flags(r)
     r.add_argument("--out", default=None, help="run folder (default: a fresh runs/<time>_...)")
-    r.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
+    r.add_argument("--resume", action="store_true", help="continue the unfinished run in --out (with the "
+                   "configuration saved there; only --device may change)")
     r.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many finished tasks (continue later with --resume)")
     s = sub.add_parser("sweep", help="run a list of optimizers for one method/dataset")
     _add_run_flags(s, sweep=True)
     s.add_argument("--optimizers", default="zo_sgd,zo_adam,fo_sgd,fo_adam",
-                   help="comma-separated optimizer list, or 'all'")
-    s.add_argument("--out", default=None, help="parent folder of the runs (default: runs/sweep_<time>)")
+                   help="comma-separated optimizer list, or 'all' (default: zo_sgd,zo_adam,fo_sgd,fo_adam)")
+    s.add_argument("--out", default=None, help="parent folder of the runs (default: runs/sweep_<time>); a run "
+                   "already there with the same configuration is reused (finished) or resumed (unfinished)")
     sub.add_parser("replay", help="rebuild trained weights from a base checkpoint and a ZO trajectory log "
                    "(zeroflow replay BASE LOG --out WEIGHTS; see docs/distributed.md)", add_help=False)
     rep = sub.add_parser("report", help="markdown tables (Table 1 / Table 2 style) from run folders")
-    rep.add_argument("runs", nargs="+", help="run folders (or parents of run folders)")
+    rep.add_argument("runs", nargs="+", help="run folders, or folders searched for runs (recursively)")
     rep.add_argument("--output", default=None, help="also write the markdown to this file")
     return p
 
 
 def _overrides(a) -> dict:
-    return {dest: getattr(a, dest, None) for _, dest, _, _ in RUN_FLAGS} | {"download": a.download}
+    return {dest: getattr(a, dest, None) for _, dest, _, _ in RUN_FLAGS} | {"download": a.download,
+                                                                            "record": a.record}
 
 
-def _print_table(m: dict, run_dir: str):
+def _print_table(m: dict, run_dir: str, started: float):
     c = m["config"]
     print()
-    print(f"| method | optimizer | dataset | Avg | Last | Fgt |")
-    print(f"|---|---|---|---|---|---|")
+    print("| method | optimizer | dataset | Avg | Last | Fgt |")
+    print("|---|---|---|---|---|---|")
     print(f"| {c['method'].upper()} | {c['optimizer']} | {c['dataset']} | {m['avg']:.2f} | {m['last']:.2f} | "
           f"{m['fgt']:.2f} |")
     print()
     print(f"forward passes (training): {m['forward_passes']}   peak memory: {m['peak_memory_bytes'] / 2**20:.0f} MiB "
-          f"({m['peak_memory_kind']})   time: {m['seconds']:.1f}s (+{m.get('setup_seconds', 0):.1f}s setup)")
+          f"({m['peak_memory_kind']})   time: {m['seconds']:.1f}s in the tasks, {m.get('setup_seconds', 0):.1f}s "
+          f"setup; {time.perf_counter() - started:.1f}s since the command started")
+    for log in m.get("trajectory_logs", []):
+        print(f"trajectory log: {log} (zeroflow replay {log[:-len('.zft')]}.base.pt {log} --out WEIGHTS)")
     print(f"run folder: {run_dir}")
 
 
-def cmd_run(a) -> int:
-    from .continual.defaults import resolve
+def cmd_run(a, started: float) -> int:
+    from .continual.defaults import load_config_file, resolve
     from .continual.runner import run
 
-    cfg = resolve(_overrides(a), a.config) if not a.resume else {"device": a.device}
-    if a.resume and not a.out:
-        from .continual.errors import ZeroflowError
-        raise ZeroflowError("--resume needs --out RUN_FOLDER")
+    if a.resume:
+        # only what the user gave: the run keeps its saved configuration (see runner.resumed_config)
+        given = {k: v for k, v in _overrides(a).items() if v is not None}
+        cfg = (load_config_file(a.config) if a.config else {}) | given
+    else:
+        cfg = resolve(_overrides(a), a.config)
     try:
-        m = run(cfg, a.out, resume=a.resume, progress=not a.no_progress, stop_after=a.stop_after)
+        m = run(cfg, a.out, resume=a.resume, force=a.force, progress=not a.no_progress, stop_after=a.stop_after)
     finally:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():   # torchrun: leave the group cleanly
             dist.destroy_process_group()
     if "stopped_after" in m or m.get("rank", 0) != 0:    # ranks > 0 of a torchrun job print nothing
         return 0
-    _print_table(m, m["run_dir"])
+    _print_table(m, m["run_dir"], started)
     return 0
 
 
-def cmd_sweep(a) -> int:
-    import time
-    from .continual.defaults import OPTIMIZERS, check_choice, resolve
-    from .continual.runner import run
-    from .continual.report import render
+def _sweep_optimizers(text: str) -> List[str]:
+    from .continual.defaults import OPTIMIZERS, check_choice
+    from .continual.errors import ZeroflowError
 
-    names = list(OPTIMIZERS) if a.optimizers == "all" else [s.strip() for s in a.optimizers.split(",") if s.strip()]
+    names = list(OPTIMIZERS) if text.strip() == "all" else [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise ZeroflowError(f"--optimizers {text!r} names no optimizer; give a comma-separated list or 'all'")
     for n in names:
         check_choice("optimizer", n, OPTIMIZERS)
-    parent = a.out or os.path.join("runs", "sweep_" + time.strftime("%Y%m%d-%H%M%S"))
-    dirs = []
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ZeroflowError(f"--optimizers lists {', '.join(twice)} more than once")
+    return names
+
+
+def _sweep_plan(a, names: List[str], parent: str) -> list:
+    """``(optimizer, config, run folder)`` for every optimizer, all checked before the first
+    run starts: options, and what each folder already holds (a run with another
+    configuration, a damaged one, or one in progress is refused unless --force)."""
+    from .continual.defaults import RECORDABLE, resolve
+    from .continual.errors import ZeroflowError
+    from .continual.runfolder import config_differences, inspect, lock_holder
+
+    plan = []
     for n in names:
-        cfg = resolve(_overrides(a) | {"optimizer": n}, a.config)
+        over = _overrides(a) | {"optimizer": n}
+        if a.record and n not in RECORDABLE:
+            over["record"] = None       # named in a warning by cmd_sweep; the others are recorded
+        cfg = resolve(over, a.config)
         d = os.path.join(parent, f"{cfg['method']}_{n}_{cfg['dataset']}")
-        print(f"== {n} -> {d}")
-        run(cfg, d, resume=os.path.isfile(os.path.join(d, "checkpoint.pt")), progress=not a.no_progress)
-        dirs.append(d)
-    print(render(dirs))
+        holder = lock_holder(d)
+        if holder:
+            raise ZeroflowError(f"{d} is in use by {holder}; wait until it has finished, or choose another --out")
+        state = inspect(d)
+        diffs = config_differences(state.config, cfg) if state.config is not None else []
+        if not a.force and (state.kind == "corrupt" or diffs):
+            why = state.problem if state.kind == "corrupt" else "; ".join(diffs)
+            raise ZeroflowError(f"{d} holds {'a damaged' if state.kind == 'corrupt' else 'a ' + state.kind} run "
+                                f"with another configuration ({why}); choose another --out, or add --force to "
+                                f"replace it")
+        plan.append((n, cfg, d))
+    return plan
+
+
+def cmd_sweep(a, started: float) -> int:
+    """A run that fails does not stop the others: the table covers the finished runs and the
+    failures are listed after it (exit 1). Ctrl-C prints the table of what has finished."""
+    from .continual.defaults import RECORDABLE
+    from .continual.errors import ZeroflowError
+    from .continual.report import render_runs
+    from .continual.runfolder import RunFolder
+    from .continual.runner import RunInterrupted, run, warn_stderr
+
+    names = _sweep_optimizers(a.optimizers)
+    parent = a.out or os.path.join("runs", "sweep_" + time.strftime("%Y%m%d-%H%M%S"))
+    plan = _sweep_plan(a, names, parent)
+    if a.record and any(n not in RECORDABLE for n in names):
+        warn_stderr(f"--record: not recording {', '.join(n for n in names if n not in RECORDABLE)} (first-order "
+                    f"steps and forward_grad's jvps cannot be replayed from a trajectory log)")
+    sweep_folder = RunFolder(parent).claim(warn_stderr)     # one sweep per folder at a time
+    finished, failed = [], []
+    try:
+        for n, cfg, d in plan:
+            print(f"== {n} -> {d}", flush=True)
+            try:
+                m = run(cfg, d, force=a.force, continue_existing=True, progress=not a.no_progress)
+            except ZeroflowError as e:
+                print(f"zeroflow: error: {n}: {e}", file=sys.stderr, flush=True)
+                failed.append((n, str(e)))
+                continue
+            finished.append(dict(m, _dir=d))
+    except RunInterrupted as e:
+        if finished:
+            print(render_runs(finished, [])[0])
+        print(f"zeroflow: sweep interrupted in {e.run_dir}; run the same command with --out {parent} to continue "
+              f"(finished runs are kept, the interrupted one resumes)", file=sys.stderr)
+        return 130
+    finally:
+        sweep_folder.release()
+    if finished:
+        print(render_runs(finished, [])[0])
     print(f"sweep folder: {parent}")
-    return 0
+    for n, msg in failed:
+        print(f"zeroflow: {n} failed: {msg}", file=sys.stderr)
+    return 1 if failed else 0
 
 
-def cmd_report(a) -> int:
-    from .continual.report import render
+def cmd_report(a, started: float) -> int:
+    from ._atomic import atomic_write_bytes
+    from .continual.errors import ZeroflowError
+    from .continual.report import find_runs, render_runs
+    from .continual.runfolder import writing
 
-    text = render(a.runs)
-    print(text)
+    if a.output:     # checked before the runs are read: a bad --output wastes nothing
+        if os.path.isdir(a.output):
+            raise ZeroflowError(f"cannot write {a.output}: it is a folder")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(a.output))):
+            raise ZeroflowError(f"cannot write {a.output}: its folder does not exist")
+    runs, skipped = find_runs(a.runs)
+    for line in skipped:
+        print(f"zeroflow: skipped {line}", file=sys.stderr)
+    text, _ = render_runs(runs, skipped)
     if a.output:
-        with open(a.output, "w") as f:
-            f.write(text)
+        with writing(a.output):
+            atomic_write_bytes(a.output, text.encode())
+    print(text)
     return 0
+
+
+def _interrupted_message(e) -> str:
+    from .continual.runner import RunInterrupted
+
+    if not isinstance(e, RunInterrupted):
+        return "zeroflow: interrupted"
+    if not e.resumable:
+        return f"zeroflow: interrupted during setup; nothing was kept (no run in {e.run_dir})"
+    done = f"after task {e.completed}/{e.n_tasks}" if e.completed else "before the first task finished"
+    return (f"zeroflow: interrupted {done} (finished tasks are checkpointed in {e.run_dir}); continue with: "
+            f"zeroflow run --resume --out {e.run_dir}")
+
+
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    started = time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["replay"]:
         # its own parser (BASE LOG --out WEIGHTS), shared with python -m zeroflow.replay
@@ -156,14 +284,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.print_help()
         return 2
     from .continual.errors import ZeroflowError
+    # SIGTERM (kill, a batch scheduler) ends a run like Ctrl-C: the lock is released, the
+    # checkpoint of the last finished task is kept, and the message says how to resume
+    previous = None
+    if a.cmd in ("run", "sweep") and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
-        return {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report}[a.cmd](a)
+        return {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report}[a.cmd](a, started)
     except ZeroflowError as e:
         print(f"zeroflow: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("zeroflow: interrupted (finished tasks are checkpointed; use --resume)", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(_interrupted_message(e), file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -38,10 +38,12 @@ class APER:
             head = CosineLinear(net.dim, len(classes)).to(dev)
             loader = data.loader("train", classes, int(cfg["batch_size"]), shuffle=True, seed=ctx.seed,
                                  num_workers=int(cfg.get("num_workers", 0)), shard=ctx.shard)
-            info = train_subspace(net, lambda x: head(net.features(x, 0)), [aset, head], loader, cfg,
-                                  label_offset=min(classes), seed=ctx.seed, device=dev, counters=ctx.counters,
-                                  timer=ctx.timer, progress_desc=f"task 1/{ctx.n_tasks} APER {cfg['optimizer']}",
-                                  progress=ctx.progress, data_parallel=ctx.shard is not None)
+            info = train_subspace(net, lambda x: head(net.features(x, 0)), {"adapters.0": aset, "head": head},
+                                  loader, cfg, label_offset=min(classes), seed=ctx.seed, device=dev,
+                                  counters=ctx.counters, timer=ctx.timer,
+                                  progress_desc=f"task 1/{ctx.n_tasks} APER {cfg['optimizer']}",
+                                  progress=ctx.progress, data_parallel=ctx.shard is not None,
+                                  record=ctx.record_stem(0))
         pl = data.loader("train_eval", classes, int(cfg.get("eval_batch_size", 256)),
                          num_workers=int(cfg.get("num_workers", 0)))
         feats, labels = extract(net, pl, self.eval_adapters(), dev, ctx.counters)

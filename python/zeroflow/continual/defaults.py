@@ -1,13 +1,18 @@
 """Default configurations per dataset and method (mirrored by configs/*.yaml).
 
 Precedence: these defaults < ``--config FILE`` < explicit command-line flags.
-``lr`` may be a number or ``{sgd: .., adam: ..}`` (picked by the optimizer family:
-``*adam*`` -> adam, otherwise sgd).
+``lr`` may be a number or ``{sgd: .., adam: ..}``, picked by the optimizer (``lr_family``):
+``adam`` for the Adam family and for ``zo_sgd_sign`` (a sign step moves every coordinate by
+about lr, like an Adam step, so the SGD rates are 10x too large for it), ``sgd`` otherwise.
+
+``validate`` checks every option's type and range and names the option as the user gave it
+(``--lr``, or ``lr in FILE``), so that a run that cannot start fails before it writes anything.
 """
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from typing import Any, Dict, Optional
 
@@ -18,13 +23,17 @@ DATASETS = ("digits", "cifar100", "cub", "imagenet-a", "omnibenchmark")
 OPTIMIZERS = ("zo_sgd", "zo_sgd_sign", "zo_sgd_conserve", "zo_adam", "zo_adam_sign", "zo_adam_conserve",
               "forward_grad", "fo_sgd", "fo_adam")
 PERTURBATIONS = ("gaussian", "rademacher")
+SCHEDULES = ("cosine", "constant")
+# Optimizers whose steps a trajectory log can replay (--record): the ZO methods whose steps are
+# determined by loss scalars (forward_grad's jvps and first-order steps are not).
+RECORDABLE = ("zo_sgd", "zo_sgd_sign", "zo_sgd_conserve", "zo_adam", "zo_adam_sign", "zo_adam_conserve")
 
 COMMON: Dict[str, Any] = dict(
     method="ease", optimizer="zo_adam", dataset="digits", data_root="data", download=False,
     seed=1993, device="auto", backend=None, checkpoint=None,
     weight_decay=5e-4, momentum=0.9, schedule="cosine",
     q=1, zo_eps=1e-3, perturbation="gaussian", sparsity=0.0, history=0.0, hybrid_switch=None,
-    ease_alpha=0.1, num_workers=0, eval_batch_size=256, threads=None,
+    ease_alpha=0.1, num_workers=0, eval_batch_size=256, threads=None, record=False,
 )
 
 # Real data: ViT-B/16-IN21K, reference hyperparameters (continual-reference.md). The Adam
@@ -64,11 +73,142 @@ KNOWN_KEYS = set(COMMON) | {"backbone", "adapter_dim", "img_size", "init_cls", "
                             "batch_size", "lr", "pretrain_epochs", "pretrain_lr", "pretrain_batch_size",
                             "small_vit", "model_kwargs"}
 
+# ---------------------------------------------------------------- option types and ranges
+CHOICES = {"method": METHODS, "optimizer": OPTIMIZERS, "dataset": DATASETS, "perturbation": PERTURBATIONS,
+           "schedule": SCHEDULES}
+# integer options: smallest allowed value (and the largest, for the seed)
+INTS = {"epochs": 0, "batch_size": 1, "q": 1, "init_cls": 1, "increment": 1, "seed": 0, "num_workers": 0,
+        "eval_batch_size": 1, "threads": 1, "hybrid_switch": 0, "adapter_dim": 1, "img_size": 1,
+        "pretrain_epochs": 0, "pretrain_batch_size": 1}
+SEED_MAX = 2 ** 31 - 1
+# real options: (low, low included, high or None, high included)
+FLOATS = {"lr": (0.0, True, None, False), "weight_decay": (0.0, True, None, False),
+          "momentum": (0.0, True, 1.0, False), "zo_eps": (0.0, False, None, False),
+          "sparsity": (0.0, True, 1.0, False), "history": (0.0, True, 1.0, False),
+          "ease_alpha": (0.0, True, None, False), "pretrain_lr": (0.0, False, None, False)}
+STRINGS = ("data_root", "device", "backbone")
+BOOLS = ("download", "record")
+# may be null (None): the option is off / chosen automatically
+NULLABLE = {"threads", "hybrid_switch", "backend", "checkpoint", "small_vit", "model_kwargs"}
+
 
 def check_choice(kind: str, value: str, valid) -> str:
     if value not in valid:
         raise ZeroflowError(f"unknown {kind} {value!r}; valid: {', '.join(valid)}")
     return value
+
+
+# options without a command-line flag (set in a --config file)
+CONFIG_ONLY = ("schedule", "eval_batch_size", "backbone", "adapter_dim", "img_size", "pretrain_epochs", "pretrain_lr",
+               "pretrain_batch_size", "small_vit", "model_kwargs")
+
+
+def flag(key: str) -> str:
+    """How the user sets ``key``: its flag, or the config-file option."""
+    return f"config option {key}" if key in CONFIG_ONLY else "--" + key.replace("_", "-")
+
+
+def lr_family(optimizer: str) -> str:
+    """Which entry of an ``lr: {sgd: .., adam: ..}`` mapping ``optimizer`` uses."""
+    return "adam" if "adam" in optimizer or optimizer == "zo_sgd_sign" else "sgd"
+
+
+def _range_text(lo, lo_in, hi, hi_in) -> str:
+    if hi is None:
+        return f"{'>=' if lo_in else '>'} {lo:g}"
+    return f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def _as_int(name: str, v, lo: int, hi: Optional[int]) -> int:
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    elif isinstance(v, str):
+        try:
+            v = int(v.strip())
+        except ValueError:
+            pass
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ZeroflowError(f"{name} must be an integer (got {v!r})")
+    if v < lo or (hi is not None and v > hi):
+        raise ZeroflowError(f"{name} must be {'>= ' + str(lo) if hi is None else f'in [{lo}, {hi}]'} (got {v})")
+    return v
+
+
+def _as_float(name: str, v, lo, lo_in, hi, hi_in) -> float:
+    if isinstance(v, str):            # YAML reads 1e-3 (no dot) as a string
+        try:
+            v = float(v.strip())
+        except ValueError:
+            pass
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        raise ZeroflowError(f"{name} must be a number (got {v!r})")
+    v = float(v)
+    ok = (v >= lo if lo_in else v > lo) and (hi is None or (v <= hi if hi_in else v < hi))
+    if not ok:
+        raise ZeroflowError(f"{name} must be {_range_text(lo, lo_in, hi, hi_in)} (got {v:g})")
+    return v
+
+
+def _pick_lr(lr, optimizer: str, name: str):
+    """A number, or the entry of an ``{sgd: .., adam: ..}`` mapping that ``optimizer`` uses."""
+    if not isinstance(lr, dict):
+        return lr
+    unknown = sorted(set(lr) - {"sgd", "adam"})
+    if unknown:
+        raise ZeroflowError(f"{name}: unknown key(s) {', '.join(map(str, unknown))}; an lr mapping has the keys "
+                            f"sgd and adam")
+    family = lr_family(optimizer)
+    if family not in lr:
+        raise ZeroflowError(f"{name} has no {family!r} entry, which --optimizer {optimizer} uses; give "
+                            f"lr: {{sgd: .., adam: ..}} or a single number")
+    return lr[family]
+
+
+def validate(cfg: Dict[str, Any], names: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """A checked copy of a full run configuration: every option has its type (numbers given
+    as strings are converted) and its range, ``lr`` is a number. ``names[key]``: how the
+    user gave the option (default ``--key``), used in the error message."""
+    names = names or {}
+
+    def name(k):
+        return names.get(k, flag(k))
+
+    unknown = sorted(set(cfg) - KNOWN_KEYS)
+    if unknown:
+        raise ZeroflowError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(KNOWN_KEYS))}")
+    out = {k: v for k, v in COMMON.items() if k not in cfg} | dict(cfg)   # options added since a run was saved
+    required = set.intersection(*(set(defaults_for(d, m)) for d in DATASETS for m in METHODS))
+    missing = sorted(required - set(out))
+    if missing:
+        raise ZeroflowError(f"the configuration lacks {', '.join(missing)}")
+    for k, valid in CHOICES.items():
+        out[k] = check_choice(k, out[k].lower() if isinstance(out[k], str) else out[k], valid)
+    out["lr"] = _pick_lr(out["lr"], out["optimizer"], name("lr"))
+    for k, lo in INTS.items():
+        if k in out and not (out[k] is None and k in NULLABLE):
+            out[k] = _as_int(name(k), out[k], lo, SEED_MAX if k == "seed" else None)
+    for k, bounds in FLOATS.items():
+        if k in out:
+            out[k] = _as_float(name(k), out[k], *bounds)
+    for k in STRINGS + ("backend", "checkpoint"):
+        if k in out and not (out[k] is None and k in NULLABLE) and not isinstance(out[k], str):
+            raise ZeroflowError(f"{name(k)} must be a string (got {out[k]!r})")
+    for k in BOOLS:
+        if not isinstance(out[k], bool):
+            raise ZeroflowError(f"{name(k)} must be true or false (got {out[k]!r})")
+    for k in ("small_vit", "model_kwargs"):
+        if out.get(k) is not None and not isinstance(out[k], dict):
+            raise ZeroflowError(f"{name(k)} must be a mapping of option: value (got {out[k]!r})")
+    if out.get("checkpoint") and out["backbone"] == "small":
+        raise ZeroflowError(f"{name('checkpoint')} is for the ViT backbone of the real datasets; the {out['dataset']} "
+                            f"runs use the small ViT that zeroflow pretrains itself (drop the option)")
+    if out["record"] and (out["optimizer"] not in RECORDABLE or out.get("hybrid_switch")):
+        raise ZeroflowError(
+            f"{name('record')}: the steps of {out['optimizer']}"
+            f"{' with --hybrid-switch' if out.get('hybrid_switch') else ''} cannot be replayed from a trajectory log "
+            f"(first-order steps and forward_grad's jvps are not determined by loss scalars); record a zo_* "
+            f"optimizer without --hybrid-switch")
+    return out
 
 
 def defaults_for(dataset: str, method: str) -> Dict[str, Any]:
@@ -81,21 +221,35 @@ def defaults_for(dataset: str, method: str) -> Dict[str, Any]:
     return d
 
 
+def _yaml_error(e) -> str:
+    """A one-line parse error: where (line, column) and what."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
 def load_config_file(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise ZeroflowError(f"--config {path}: no such file")
-    with open(path) as f:
-        text = f.read()
+    try:
+        with open(path) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ZeroflowError(f"--config {path}: cannot read it ({e})") from e
     try:
         if path.endswith((".yaml", ".yml")):
             import yaml
-            data = yaml.safe_load(text) or {}
+            data = yaml.safe_load(text)
+            data = {} if data is None else data
         else:
             data = json.loads(text)
-    except Exception as e:
-        raise ZeroflowError(f"--config {path}: cannot parse: {e}") from e
+    except Exception as e:    # yaml.YAMLError, json.JSONDecodeError
+        raise ZeroflowError(f"--config {path}: cannot parse it: {_yaml_error(e)}") from e
     if not isinstance(data, dict):
-        raise ZeroflowError(f"--config {path}: expected a mapping of option: value")
+        raise ZeroflowError(f"--config {path}: expected a mapping of option: value, got a {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ZeroflowError(f"--config {path}: option names must be strings (got {bad[0]!r})")
     data = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - KNOWN_KEYS)
     if unknown:
@@ -105,26 +259,37 @@ def load_config_file(path: str) -> Dict[str, Any]:
 
 
 def resolve(overrides: Dict[str, Any], config_file: Optional[str] = None) -> Dict[str, Any]:
-    """Full run configuration: defaults(dataset, method) < config file < overrides (non-None)."""
+    """Full, checked run configuration: defaults(dataset, method) < config file < overrides (non-None)."""
     file_cfg = load_config_file(config_file) if config_file else {}
     over = {k: v for k, v in overrides.items() if v is not None}
+    names = {k: f"{k} in {config_file}" for k in file_cfg} | {k: flag(k) for k in over}
     dataset = over.get("dataset", file_cfg.get("dataset", COMMON["dataset"]))
     method = over.get("method", file_cfg.get("method", COMMON["method"]))
-    cfg = defaults_for(str(dataset).lower(), str(method).lower())
+    for k, v in (("dataset", dataset), ("method", method)):
+        if not isinstance(v, str):
+            raise ZeroflowError(f"{names.get(k, flag(k))} must be a string (got {v!r})")
+    cfg = defaults_for(dataset.lower(), method.lower())
     cfg.update(file_cfg)
     cfg.update(over)
-    cfg["dataset"], cfg["method"] = str(cfg["dataset"]).lower(), str(cfg["method"]).lower()
-    check_choice("optimizer", cfg["optimizer"], OPTIMIZERS)
-    check_choice("perturbation", cfg["perturbation"], PERTURBATIONS)
-    lr = cfg["lr"]
-    if isinstance(lr, dict):
-        cfg["lr"] = float(lr["adam" if "adam" in cfg["optimizer"] else "sgd"])
-    for k, lo, hi in (("sparsity", 0.0, 1.0), ("history", 0.0, 1.0)):
-        if not lo <= float(cfg[k]) < hi + (1e-12 if k == "history" else 0):
-            raise ZeroflowError(f"--{k} must be in [{lo}, {hi}{']' if k == 'history' else ')'} (got {cfg[k]})")
-    for k in ("epochs", "batch_size", "q", "init_cls", "increment"):
-        if int(cfg[k]) < (0 if k == "epochs" else 1):
-            raise ZeroflowError(f"--{k.replace('_', '-')} must be {'>= 0' if k == 'epochs' else '>= 1'} (got {cfg[k]})")
-    if cfg.get("hybrid_switch") is not None and int(cfg["hybrid_switch"]) < 0:
-        raise ZeroflowError("--hybrid-switch must be >= 0 (FO steps per task before switching to ZO)")
-    return cfg
+    return validate(cfg, names)
+
+
+# what a null default means, for --help
+NULL_MEANS = {"hybrid_switch": "off", "backend": "auto",
+              "threads": "1 for the small ViT on CPU, else torch's choice"}
+
+
+def describe_default(key: str) -> str:
+    """The built-in default of ``key`` for ``--help``: one value, or the digits value and a
+    pointer to the per-dataset config files where the real datasets differ."""
+    if key in ("method", "dataset"):
+        return str(COMMON[key])
+    values = {json.dumps(defaults_for(d, m).get(key), sort_keys=True) for d in DATASETS for m in METHODS}
+    digits = defaults_for("digits", "ease").get(key)
+    if digits is None:
+        shown = NULL_MEANS.get(key, "none")
+    elif isinstance(digits, dict):
+        shown = ", ".join(f"{k} {v:g}" for k, v in digits.items())
+    else:
+        shown = str(digits)
+    return shown if len(values) == 1 else f"{shown} on digits; see configs/<method>_<dataset>.yaml"

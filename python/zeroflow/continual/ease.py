@@ -51,10 +51,10 @@ class EASE:
         head = CosineLinear(net.dim, len(classes)).to(dev)
         loader = data.loader("train", classes, int(cfg["batch_size"]), shuffle=True, seed=ctx.seed,
                              num_workers=int(cfg.get("num_workers", 0)), shard=ctx.shard)
-        info = train_subspace(net, lambda x: head(net.features(x, t)), [aset, head], loader, cfg,
-                              label_offset=min(classes), seed=ctx.seed, device=dev, counters=ctx.counters,
+        info = train_subspace(net, lambda x: head(net.features(x, t)), {f"adapters.{t}": aset, "head": head}, loader,
+                              cfg, label_offset=min(classes), seed=ctx.seed, device=dev, counters=ctx.counters,
                               timer=ctx.timer, progress_desc=f"task {t + 1}/{ctx.n_tasks} EASE {cfg['optimizer']}",
-                              progress=ctx.progress, data_parallel=ctx.shard is not None)
+                              progress=ctx.progress, data_parallel=ctx.shard is not None, record=ctx.record_stem(t))
         # prototypes of the new classes in every subspace
         pl = data.loader("train_eval", classes, int(cfg.get("eval_batch_size", 256)),
                          num_workers=int(cfg.get("num_workers", 0)))

@@ -8,6 +8,7 @@ reference ZO code ran its forward passes. The frozen backbone is always in eval 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -75,22 +76,29 @@ def cosine_lr(base: float, epoch: int, epochs: int, schedule: str) -> float:
     return 0.5 * base * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
-def train_subspace(net: nn.Module, forward: Callable, modules: Sequence[nn.Module], loader, cfg: Dict, *,
+def train_subspace(net: nn.Module, forward: Callable, modules: Dict[str, nn.Module], loader, cfg: Dict, *,
                    label_offset: int, seed: int, device: torch.device, counters: Counters,
-                   timer, progress_desc: str, progress: bool = True, data_parallel: bool = False) -> Dict:
-    """Train ``modules`` (an adapter set + a temporary head) with cross-entropy on
-    ``forward(x) -> logits`` using the configured factory optimizer.
+                   timer, progress_desc: str, progress: bool = True, data_parallel: bool = False,
+                   record: Optional[str] = None) -> Dict:
+    """Train ``modules`` (``{name: module}``: an adapter set + a temporary head) with
+    cross-entropy on ``forward(x) -> logits`` using the configured factory optimizer.
 
     ``data_parallel`` (torchrun): ``loader`` yields this rank's shard of each global batch and
     the ZO optimizer is wrapped in :class:`zeroflow.distributed.DataParallelZO` (only the
     loss scalars cross the wire); the parameters are checked bit-identical across ranks at
-    the start and at the end of the task."""
-    params = [p for m in modules for p in m.parameters()]
+    the start and at the end of the task.
+
+    ``record`` (``--record``): path stem of this task's trajectory log. ``STEM.base.pt`` gets
+    the trained tensors before the first step, named ``<module name>.<parameter name>``, and
+    ``STEM.zft`` every step; ``zeroflow replay STEM.base.pt STEM.zft`` rebuilds the trained
+    tensors bit-exactly."""
+    names = [f"{mname}.{pname}" for mname, m in modules.items() for pname, _ in m.named_parameters()]
+    params = [p for m in modules.values() for p in m.parameters()]
     for p in params:
         p.requires_grad_(True)
     # the module the closure runs (Forward-Grad swaps parameters in it by name)
     inside = {id(m) for m in net.modules()}
-    holder = nn.ModuleList([net] + [m for m in modules if id(m) not in inside])
+    holder = nn.ModuleList([net] + [m for m in modules.values() if id(m) not in inside])
     opt = make_optimizer(cfg, params, holder, seed)
     if data_parallel:
         from zeroflow.distributed import DataParallelZO
@@ -101,6 +109,7 @@ def train_subspace(net: nn.Module, forward: Callable, modules: Sequence[nn.Modul
     if cfg["optimizer"] == "forward_grad":
         for m, _ in fused:
             m.fused_attn = False
+    recorder = start_recording(record, opt, names, params) if record else None
     try:
         info = _train_loop(net, forward, params, opt, loader, cfg, label_offset, device, counters, timer,
                            progress_desc, progress)
@@ -109,8 +118,25 @@ def train_subspace(net: nn.Module, forward: Callable, modules: Sequence[nn.Modul
             info["bytes_communicated"] = opt.comm.snapshot()
         return info
     finally:
+        if recorder is not None:
+            recorder.close()      # the end record: the checksum of the weights the task ends with
         for m, f in fused:
             m.fused_attn = f
+
+
+def start_recording(stem: str, opt, names: List[str], params: List[torch.Tensor]):
+    """Write ``STEM.base.pt`` (the tensors about to be trained) and start ``STEM.zft``."""
+    from zeroflow._atomic import atomic_torch_save
+    from zeroflow.replay import TrajectoryRecorder
+
+    from .runfolder import writing
+
+    base, log = stem + ".base.pt", stem + ".zft"
+    with writing(base):
+        os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
+        atomic_torch_save({"model": {n: p.detach().cpu().clone() for n, p in zip(names, params)}}, base)
+    with writing(log):
+        return TrajectoryRecorder(log, opt, names=names)
 
 
 def _train_loop(net, forward, params, opt, loader, cfg, label_offset, device, counters, timer,

@@ -1,68 +1,206 @@
 """Markdown tables from run folders: Table-1 style (Avg/Last/Fgt per method x optimizer x
-dataset) and Table-2 style (peak memory, seconds per iteration, forward passes)."""
+dataset) and Table-2 style (peak memory, seconds per iteration, forward passes).
+
+* The paths are searched recursively (``report runs/`` finds ``runs/sweep_*/...`` too). A run
+  folder without a readable, complete ``metrics.json`` is skipped with one line naming the
+  file and the reason; a run reached twice (``report runs runs/x``) counts once.
+* Different runs are never merged into one cell. Runs whose configurations agree on every
+  option but the seed are one row of mean ± sample std over their seeds; every other run is
+  its own row, and the options that tell the rows of one method x optimizer x dataset apart
+  become columns. Runs that agree on everything, seed included, get a ``run`` column.
+"""
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
 
 from .defaults import DATASETS, OPTIMIZERS
 from .errors import ZeroflowError
+from .runfolder import METRICS, OPERATIONAL_KEYS, canonical, is_run_folder, load_metrics, lock_holder
+
+CELL_KEYS = ("method", "optimizer", "dataset")   # a table cell: row (method, optimizer) x dataset
 
 
-def find_runs(paths: Sequence[str]) -> List[Dict]:
-    runs = []
+# ---------------------------------------------------------------- finding runs
+def _why_unfinished(folder: str) -> str:
+    holder = lock_holder(folder)
+    if holder:
+        return f"{folder}: unfinished (no {METRICS}; in progress: {holder})"
+    return f"{folder}: unfinished (no {METRICS}; continue it with zeroflow run --resume --out {folder})"
+
+
+def _run_folders(path: str) -> List[str]:
+    """``path`` and the folders below it that hold a run (not looking inside a run folder)."""
+    found = []
+    for folder, subdirs, _files in os.walk(path):
+        subdirs.sort()
+        if is_run_folder(folder):
+            found.append(folder)
+            subdirs[:] = []
+    return found
+
+
+def find_runs(paths: Sequence[str]) -> Tuple[List[Dict], List[str]]:
+    """``(runs, skipped)``: the finished runs' metrics (``_dir`` added) and one line per run
+    folder (or other file given) that was skipped. ``ZeroflowError`` for a path that does
+    not exist."""
+    runs, skipped, seen = [], [], set()
     for p in paths:
-        if os.path.isfile(os.path.join(p, "metrics.json")):
-            cands = [p]
-        elif os.path.isdir(p):
-            cands = sorted(os.path.join(p, d) for d in os.listdir(p)
-                           if os.path.isfile(os.path.join(p, d, "metrics.json")))
-        else:
+        if os.path.isfile(p) and os.path.basename(p) == METRICS:
+            p = os.path.dirname(p) or "."
+        if not os.path.exists(p):
             raise ZeroflowError(f"{p}: no such run folder")
-        if not cands:
-            raise ZeroflowError(f"{p}: no finished run (metrics.json) in it or below it")
-        for c in cands:
-            with open(os.path.join(c, "metrics.json")) as f:
-                m = json.load(f)
-            m["_dir"] = c
+        if not os.path.isdir(p):
+            skipped.append(f"{p}: not a run folder (a file)")     # e.g. a report.md matched by runs/*
+            continue
+        for folder in _run_folders(p):
+            real = os.path.realpath(folder)
+            if real in seen:
+                continue
+            seen.add(real)
+            if not os.path.exists(os.path.join(folder, METRICS)):
+                skipped.append(_why_unfinished(folder))
+                continue
+            try:
+                m = load_metrics(os.path.join(folder, METRICS))
+            except ZeroflowError as e:
+                skipped.append(str(e))
+                continue
+            m["_dir"] = folder
             runs.append(m)
-    return runs
+    return runs, skipped
+
+
+# ---------------------------------------------------------------- rows
+@dataclass
+class Row:
+    runs: List[Dict]            # one run, or the runs of one configuration over several seeds
+    config: Dict                # the (first) run's configuration
+
+    @property
+    def aggregated(self) -> bool:
+        return len(self.runs) > 1
+
+    def value(self, key: str):
+        if key == "seed" and self.aggregated:
+            return ", ".join(str(m["config"].get("seed")) for m in self.runs)
+        if key == "run":
+            return f"mean of {len(self.runs)}" if self.aggregated else self.runs[0]["_dir"]
+        return self.config.get(key)
+
+
+def _key(config: Dict, drop: Sequence[str]) -> str:
+    return json.dumps({k: v for k, v in canonical(config).items() if k not in drop}, sort_keys=True)
+
+
+def group_runs(runs: List[Dict]) -> List[Row]:
+    """Runs equal in every option but the seed, with distinct seeds, form one row; any
+    other run is a row of its own (the same seed twice is two runs, not two seeds)."""
+    by_config: Dict[str, List[Dict]] = {}
+    for m in runs:
+        by_config.setdefault(_key(m["config"], ("seed",) + OPERATIONAL_KEYS), []).append(m)
+    rows = []
+    for ms in by_config.values():
+        seeds = [json.dumps(m["config"].get("seed")) for m in ms]
+        if len(ms) > 1 and len(set(seeds)) == len(seeds):
+            ms = sorted(ms, key=lambda m: str(m["config"].get("seed")))
+            rows.append(Row(ms, ms[0]["config"]))
+        else:
+            rows += [Row([m], m["config"]) for m in ms]
+    return rows
+
+
+def distinguishing_columns(rows: List[Row]) -> List[str]:
+    """The options that differ between rows of the same method x optimizer x dataset (the
+    seed among them when rows are per seed or averaged), then ``run`` if rows still tie."""
+    cols = set()
+    by_cell: Dict[tuple, List[Row]] = {}
+    for r in rows:
+        by_cell.setdefault(tuple(r.config.get(k) for k in CELL_KEYS), []).append(r)
+    for cell in by_cell.values():
+        for r in cell[1:]:
+            a, b = canonical(cell[0].config), canonical(r.config)
+            cols |= {k for k in set(a) | set(b)
+                     if k not in CELL_KEYS + OPERATIONAL_KEYS and a.get(k) != b.get(k)}
+    if any(r.aggregated for r in rows):
+        cols.add("seed")
+    cols = sorted(cols, key=lambda k: (k != "seed", k))
+    for cell in by_cell.values():
+        labels = [tuple(_show(r.value(k)) for k in cols) for r in cell]
+        if len(set(labels)) < len(labels):
+            return cols + ["run"]
+    return cols
+
+
+def _show(v) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, separators=(",", ":"), sort_keys=True)
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _stat(values: List[float], fmt: str) -> str:
+    """One run: the value. Several seeds: mean ± sample standard deviation."""
+    if len(values) == 1:
+        return format(values[0], fmt)
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{format(mean, fmt)} ± {format(std, fmt)}"
 
 
 def _order(names, ref):
     return sorted(names, key=lambda n: (ref.index(n) if n in ref else len(ref), n))
 
 
+# ---------------------------------------------------------------- tables
 def render(paths: Sequence[str]) -> str:
-    runs = find_runs(paths)
-    by = {}
-    for m in runs:
-        c = m["config"]
-        by[(c["method"], c["optimizer"], c["dataset"])] = m   # the last given wins
-    datasets = _order({k[2] for k in by}, list(DATASETS))
-    rows = sorted({(k[0], k[1]) for k in by}, key=lambda r: (r[0], OPTIMIZERS.index(r[1]) if r[1] in OPTIMIZERS else 99))
+    return render_runs(*find_runs(paths))[0]
+
+
+def render_runs(runs: List[Dict], skipped: List[str]) -> Tuple[str, List[str]]:
+    """``(markdown, skipped)``; ``ZeroflowError`` when there is no finished run at all."""
+    if not runs:
+        raise ZeroflowError("no finished run (metrics.json) found" + (": " + "; ".join(skipped) if skipped else ""))
+    rows = group_runs(runs)
+    cols = distinguishing_columns(rows)
+    datasets = _order({r.config["dataset"] for r in rows}, list(DATASETS))
+    table_rows: Dict[tuple, Dict[str, Row]] = {}     # (method, optimizer, *column values) -> dataset -> row
+    for r in rows:
+        key = (r.config["method"], r.config["optimizer"]) + tuple(_show(r.value(k)) for k in cols)
+        table_rows.setdefault(key, {})[r.config["dataset"]] = r
+    order = sorted(table_rows, key=lambda k: (k[0], OPTIMIZERS.index(k[1]) if k[1] in OPTIMIZERS else 99, k[1:]))
 
     def table(title: str, columns: Sequence[str], cells_of) -> List[str]:
-        """One row per (method, optimizer), three cells per dataset from ``cells_of(metrics)``."""
-        lines = [title, "", "| Method | Optimizer | " + " | ".join(f"{d} {c}" for d in datasets for c in columns) + " |",
-                 "|---|---|" + "---|---|---|" * len(datasets)]
-        for meth, opt in rows:
+        """One line per row key, three cells per dataset from ``cells_of(row)``."""
+        head = ["Method", "Optimizer"] + cols + [f"{d} {c}" for d in datasets for c in columns]
+        lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for key in order:
             cells = []
             for d in datasets:
-                m = by.get((meth, opt, d))
-                cells += cells_of(m) if m else ["-", "-", "-"]
-            lines.append(f"| {meth.upper()} | {opt} | " + " | ".join(cells) + " |")
+                r = table_rows[key].get(d)
+                cells += cells_of(r) if r else ["-"] * len(columns)
+            lines.append(f"| {key[0].upper()} | {key[1]} | " + " | ".join(list(key[2:]) + cells) + " |")
         return lines
 
-    def efficiency(m):
-        spi = m.get("seconds_per_iteration")
-        return [f"{m['peak_memory_bytes'] / 1e9:.2f}", f"{spi:.4f}" if spi else "-", str(m["forward_passes"])]
+    def accuracy(r: Row):
+        return [_stat([m[k] for m in r.runs], ".2f") for k in ("avg", "last", "fgt")]
 
-    out = table("### Accuracy (Table 1 style): Avg / Last / Fgt (%)", ("Avg", "Last", "Fgt"),
-                lambda m: [f"{m['avg']:.2f}", f"{m['last']:.2f}", f"{m['fgt']:.2f}"])
+    def efficiency(r: Row):
+        spi = [m.get("seconds_per_iteration") for m in r.runs]
+        return [_stat([m["peak_memory_bytes"] / 1e9 for m in r.runs], ".2f"),
+                _stat(spi, ".4f") if all(spi) else "-",
+                _stat([m["forward_passes"] for m in r.runs], ".0f")]
+
+    out = table("### Accuracy (Table 1 style): Avg / Last / Fgt (%)", ("Avg", "Last", "Fgt"), accuracy)
     out += [""] + table("### Efficiency (Table 2 style): peak memory (GB) / seconds per iteration / training "
                         "forward passes", ("Mem GB", "s/iter", "queries"), efficiency)
     kinds = sorted({m.get("peak_memory_kind", "?") for m in runs})
-    out += ["", f"Memory: {', '.join(kinds)}. Runs: " + ", ".join(m["_dir"] for m in runs), ""]
-    return "\n".join(out)
+    out += [""]
+    if any(r.aggregated for r in rows):
+        out += ["Cells with ± are mean ± sample standard deviation over the seeds listed."]
+    out += [f"Memory: {', '.join(kinds)}. Runs: " + ", ".join(m["_dir"] for m in runs), ""]
+    return "\n".join(out), skipped

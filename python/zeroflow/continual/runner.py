@@ -1,10 +1,13 @@
 """One continual-learning run: data, backbone, learner, per-task checkpoints, results.
 
-Run folder (``--out DIR`` or a fresh ``runs/<time>_<method>_<optimizer>_<dataset>``):
+Run folder (``--out DIR`` or a fresh ``runs/<time>_<method>_<optimizer>_<dataset>``), claimed
+by one process at a time (``DIR/.lock``, see :mod:`.runfolder`):
 
-* ``config.json``, ``environment.json`` (written first)
-* ``backbone.pt`` (small backbone only: the base-session pretrained weights)
+* ``config.json``, ``environment.json``, ``backbone.pt`` (small backbone only: the base-session
+  pretrained weights), written once the data and the network are ready: a run that cannot
+  start writes nothing (and removes the folder if it created it)
 * ``checkpoint.pt`` (after every task; ``--resume`` continues from it)
+* ``trajectory/task<k>.zft`` and ``task<k>.base.pt`` with ``--record`` (one log per trained task)
 * at the end: ``accuracy_matrix.csv``, ``accuracy_per_stage.png``,
   ``accuracy_matrix.png`` and last ``metrics.json``. Every file is written to a temporary
   name and renamed, so a ``metrics.json`` only exists for a finished run.
@@ -19,7 +22,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -27,20 +30,40 @@ import torch.distributed
 
 from .._atomic import atomic_torch_save, atomic_write, atomic_write_bytes
 from . import metrics as M
+from .defaults import COMMON, flag, lr_family, validate
 from .errors import ZeroflowError
+from .runfolder import (CHECKPOINT, CONFIG, METRICS, TRAJECTORY, RunFolder, canonical, config_differences, inspect,
+                        read_run_config, remove_run_files, writing)
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.json"
 CKPT_VERSION = 1
+BACKBONE = "backbone.pt"
 
 
 # ---------------------------------------------------------------- atomic files
 def atomic_write_text(path: str, text: str):
-    atomic_write_bytes(path, text.encode())
+    with writing(path):
+        atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_json(path: str, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def save_torch(obj, path: str):
+    with writing(path):
+        atomic_torch_save(obj, path)
+
+
+def warn_stderr(msg: str):
+    print(f"zeroflow: warning: {msg}", file=sys.stderr, flush=True)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM during a run: where it stopped and whether ``--resume`` can continue it."""
+
+    def __init__(self, run_dir: str, completed: int, n_tasks: Optional[int], resumable: bool):
+        super().__init__(run_dir)
+        self.run_dir, self.completed, self.n_tasks, self.resumable = run_dir, completed, n_tasks, resumable
 
 
 # ---------------------------------------------------------------- helpers
@@ -53,24 +76,56 @@ def resolve_device(name: str) -> torch.device:
         raise ZeroflowError(f"--device {name!r}: {e}") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ZeroflowError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ZeroflowError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ZeroflowError(f"--device {name}: zeroflow runs on cpu or cuda devices")
     return dev
 
 
-def environment(device: torch.device) -> Dict:
+def check_backend(backend: Optional[str], device: torch.device) -> None:
+    """``--backend`` must name a zfkernels backend that can run this run's tensors here."""
+    import zfkernels
+
+    if backend in (None, "", "auto"):
+        return
+    if backend not in zfkernels.BACKENDS:
+        raise ZeroflowError(f"unknown backend {backend!r}; valid: auto, {', '.join(zfkernels.BACKENDS)}")
+    try:
+        zfkernels.resolve_backend(backend, device)
+    except (ValueError, RuntimeError) as e:
+        hint = "" if "auto" in str(e) else " (use --backend auto)"
+        raise ZeroflowError(f"--backend {backend} cannot run on {device} here: {e}{hint}") from e
+
+
+def check_checkpoint_file(cfg: Dict) -> None:
+    ck = cfg.get("checkpoint")
+    if ck and not os.path.isfile(ck):
+        raise ZeroflowError(f"--checkpoint {ck}: no such file")
+
+
+def _version(dist: str):
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device, backend: Optional[str]) -> Dict:
+    """Versions and hardware. Package versions come from their metadata: importing timm,
+    torchvision and scikit-learn only to read ``__version__`` took seconds."""
+    import zfkernels
+
+    from .. import __version__
+
     env = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
            "numpy": np.__version__, "device": str(device), "cpu_count": os.cpu_count(),
-           "torch_threads": torch.get_num_threads()}
-    for mod in ("timm", "torchvision", "sklearn", "zeroflow"):
-        try:
-            m = __import__(mod)
-            env[mod] = getattr(m, "__version__", "?")
-        except Exception:
-            env[mod] = None
-    try:
-        import zfkernels
-        env["zfkernels_backends"] = list(zfkernels.available_backends())
-    except Exception:
-        pass
+           "torch_threads": torch.get_num_threads(), "timm": _version("timm"), "torchvision": _version("torchvision"),
+           "sklearn": _version("scikit-learn"), "zeroflow": __version__,
+           "zfkernels_backends": list(zfkernels.available_backends(device)),
+           "zfkernels_backend": zfkernels.resolve_backend(backend or "auto", device)}
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -94,6 +149,11 @@ class TaskContext:
     timer: "object"
     progress: bool
     shard: Optional[tuple] = None     # (rank, world) under torchrun, else None
+    record_dir: Optional[str] = None  # --record (rank 0): the run's trajectory/ folder
+
+    def record_stem(self, t: int) -> Optional[str]:
+        """Path stem of task ``t``'s trajectory log (1-based, as printed), or None."""
+        return os.path.join(self.record_dir, f"task{t + 1}") if self.record_dir else None
 
 
 def distributed_setup(cfg: Dict):
@@ -112,14 +172,28 @@ def distributed_setup(cfg: Dict):
     return got
 
 
-def default_run_dir(cfg: Dict) -> str:
+def claim_default_folder(cfg: Dict, warn) -> RunFolder:
+    """A new ``runs/<time>_<method>_<optimizer>_<dataset>[_k]``; ``mkdir`` (not an existence
+    test) picks the name, so two runs started in the same second get different folders."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = os.path.join("runs", f"{stamp}_{cfg['method']}_{cfg['optimizer']}_{cfg['dataset']}")
-    path, k = base, 1
-    while os.path.exists(path):
-        k += 1
-        path = f"{base}_{k}"
-    return path
+    with writing("runs"):
+        os.makedirs("runs", exist_ok=True)
+    k = 1
+    while True:
+        path = base if k == 1 else f"{base}_{k}"
+        try:
+            with writing(path):
+                os.mkdir(path)
+        except ZeroflowError as e:
+            if not isinstance(e.__cause__, FileExistsError):
+                raise
+            k += 1
+            continue
+        folder = RunFolder(path)
+        folder.claim(warn)
+        folder.created = True
+        return folder
 
 
 def load_checkpoint(path: str) -> Dict:
@@ -135,24 +209,23 @@ def load_checkpoint(path: str) -> Dict:
 
 
 # ---------------------------------------------------------------- backbone
-def build_network(cfg: Dict, data, device: torch.device, run_dir: str, progress: bool):
-    from .backbones import AdaptedViT, load_timm_vit, pretrain_small_backbone, build_small_vit
+def build_network(cfg: Dict, data, device: torch.device, saved_backbone: Optional[str], progress: bool):
+    """The adapted ViT. Small backbone: the run's own ``backbone.pt`` when ``saved_backbone``
+    exists (a resumed run), else pretrained (or taken from the cache); nothing is written."""
+    from .backbones import AdaptedViT, build_small_vit, load_timm_vit, pretrain_small_backbone
 
     if cfg["backbone"] == "small":
-        path = os.path.join(run_dir, "backbone.pt") if run_dir else None   # None: a rank > 0 (writes nothing)
-        if path and os.path.isfile(path):
+        if saved_backbone and os.path.isfile(saved_backbone):
             vit = build_small_vit(data.in_chans, data.img_size, cfg.get("small_vit"))
             try:
-                vit.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+                vit.load_state_dict(torch.load(saved_backbone, map_location="cpu", weights_only=True))
             except Exception as e:
-                raise ZeroflowError(f"{path} is corrupt ({type(e).__name__}); delete it and rerun") from e
+                raise ZeroflowError(f"{saved_backbone} is corrupt ({type(e).__name__}); delete it and rerun") from e
         else:
             vit = pretrain_small_backbone(
                 data, vit_cfg=cfg.get("small_vit"), epochs=int(cfg["pretrain_epochs"]),
                 lr=float(cfg["pretrain_lr"]), batch_size=int(cfg["pretrain_batch_size"]), seed=int(cfg["seed"]),
                 device=device, progress=progress)
-            if path:
-                atomic_torch_save(vit.state_dict(), path)
     else:
         vit = load_timm_vit(cfg["backbone"], checkpoint=cfg.get("checkpoint"), pretrained=True,
                             model_kwargs=cfg.get("model_kwargs"))
@@ -185,163 +258,278 @@ def evaluate(learner, data, seen_tasks, device, counters, batch_size, num_worker
     return M.accuracy_from_predictions(torch.cat(preds), torch.cat(targets), seen_tasks)
 
 
+# ---------------------------------------------------------------- which run, in which folder
+def resumed_config(out: str, requested: Dict, warn) -> Dict:
+    """The configuration saved in ``out`` (checked), with ``--device`` applied when given.
+    Any other option in ``requested`` that differs from the saved one is named in a warning:
+    a resumed run keeps its configuration."""
+    if not os.path.isdir(out):
+        raise ZeroflowError(f"--resume: run folder {out} does not exist")
+    saved = read_run_config(out)
+    ignored = []
+    for k, v in sorted(requested.items()):
+        if k == "device" or v is None:
+            continue
+        have = saved.get(k, COMMON.get(k))
+        want = v.get(lr_family(saved["optimizer"]), v) if k == "lr" and isinstance(v, dict) else v
+        if canonical(want) != canonical(have):
+            ignored.append(f"{flag(k)} {want} (the run has {have})")
+    if ignored:
+        warn(f"--resume continues {out} with the configuration in its {CONFIG}; ignoring {', '.join(ignored)}")
+    cfg = dict(saved)
+    if requested.get("device") not in (None, "", "auto"):
+        cfg["device"] = requested["device"]
+    return validate(cfg, {k: f"{k} in {os.path.join(out, CONFIG)}" for k in saved})
+
+
+def _refusal(out: str, kind: str, problem: str, diffs) -> str:
+    other = f"with another configuration ({'; '.join(diffs)})" if diffs else "of this configuration"
+    if kind == "finished":
+        return (f"{out} already holds a finished run {other} (metrics.json); choose another --out, or add --force to "
+                f"{'replace it' if diffs else 'run it again'} (its files are deleted first)")
+    if kind == "unfinished":
+        return (f"{out} holds an unfinished run {other}; continue it with zeroflow run --resume --out {out}, choose "
+                f"another --out, or add --force to {'replace it' if diffs else 'start it over'}")
+    return f"{out} holds a damaged run ({problem}); choose another --out, or add --force to replace it"
+
+
+def decide(out: str, cfg: Dict, *, resume: bool, force: bool, continue_existing: bool, log, warn):
+    """Under the folder's lock: ``("fresh" | "resume" | "finished", metrics or None)``.
+
+    A finished run is one with a readable ``metrics.json`` whose config matches the request:
+    ``continue_existing`` (sweep) takes it as it is, and resumes an unfinished run of the same
+    configuration; anything else already in the folder is refused, naming the differing
+    options, unless ``force`` (its run files are deleted first, with a warning)."""
+    state = inspect(out)
+    if resume:
+        if state.kind == "finished":
+            log(f"run {out} is already finished")
+            return "finished", state.metrics
+        if state.kind == "corrupt":
+            hint = ""
+            if METRICS in state.problem and os.path.isfile(os.path.join(out, CHECKPOINT)):
+                hint = (f"; {METRICS} is written last, from {CHECKPOINT}: delete it and run --resume again to "
+                        f"write it anew")
+            raise ZeroflowError(f"cannot resume {out}: {state.problem}{hint}")
+        return "resume", None
+    if state.kind in ("absent", "empty"):
+        return "fresh", None
+    diffs = config_differences(state.config, cfg) if state.config is not None else []
+    if continue_existing and state.kind in ("finished", "unfinished") and not diffs:
+        if state.kind == "finished":
+            log(f"run {out} is already finished (same configuration)")
+            return "finished", state.metrics
+        log(f"resuming the unfinished run in {out} (same configuration)")
+        return "resume", None
+    if force:
+        warn(f"--force: deleting the {state.kind} run in {out}" + (f" ({'; '.join(diffs)})" if diffs else ""))
+        remove_run_files(out)
+        return "fresh", None
+    raise ZeroflowError(_refusal(out, state.kind, state.problem, diffs))
+
+
+def _on_rank0(world: int, main: bool, fn: Callable):
+    """``fn()`` on rank 0; its result, or its ZeroflowError, on every rank (no rank is left
+    waiting in a collective for a rank that gave up)."""
+    result, error = None, None
+    if main:
+        try:
+            result = fn()
+        except ZeroflowError as e:
+            if world == 1:
+                raise
+            error = str(e)
+    if world > 1:
+        box = [result, error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        result, error = box
+        if error is not None:
+            raise ZeroflowError(error)
+    return result
+
+
 # ---------------------------------------------------------------- run
-def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, progress: bool = True,
-        stop_after: Optional[int] = None, log=print) -> Dict:
+def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bool = False,
+        continue_existing: bool = False, progress: bool = True, stop_after: Optional[int] = None,
+        log=print, warn=warn_stderr) -> Dict:
     """Run (or resume) one experiment; returns the metrics dict (also in ``<run>/metrics.json``).
 
+    ``cfg``: the run configuration (``defaults.resolve``); checked again here. With
+    ``resume=True`` it holds only the options the user gave: the run keeps the configuration
+    saved in ``out`` (``device`` excepted), and any other given option that differs is named
+    in a warning. ``force``: replace whatever run ``out`` holds. ``continue_existing``
+    (sweep): a finished run of the same configuration is returned, an unfinished one resumed.
     ``stop_after=k``: stop after task ``k`` (1-based count of tasks finished in total) with
     the checkpoint written and no metrics.json, as an interrupted run would.
+
+    Everything that can be checked (options, device, backend, weights file, data) is checked
+    before the folder is claimed; a run that fails before its ``config.json`` is written
+    leaves no folder behind. Ctrl-C raises :class:`RunInterrupted`.
     """
     from .data import load_dataset
     from .learners import Counters
 
+    t_start = time.perf_counter()
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
+        raise ZeroflowError(f"--stop-after must be an integer >= 1 (got {stop_after!r})")
+    if resume and force:
+        raise ZeroflowError("--resume continues the run in --out and --force replaces it: give one of them")
+    if resume and not out:
+        raise ZeroflowError("--resume needs --out RUN_FOLDER")
+    cfg = resumed_config(out, cfg, warn) if resume else validate(cfg)
     shard = distributed_setup(cfg)
     rank, world = shard or (0, 1)
     main = rank == 0     # only rank 0 writes files and logs; every rank trains and evaluates
     if not main:
-        log, progress = (lambda *a, **k: None), False
-    run_dir = out or default_run_dir(cfg)
-    if world > 1 and out is None:
-        box = [run_dir]
-        torch.distributed.broadcast_object_list(box, src=0)   # rank 0's time-stamped folder for everyone
-        run_dir = box[0]
-    ck_path = os.path.join(run_dir, CHECKPOINT)
-    if resume:
-        if not os.path.isdir(run_dir):
-            raise ZeroflowError(f"--resume: run folder {run_dir} does not exist")
-        cpath = os.path.join(run_dir, "config.json")
-        if not os.path.isfile(cpath):
-            raise ZeroflowError(f"--resume: {cpath} not found (not a zeroflow run folder)")
-        with open(cpath) as f:
-            saved = json.load(f)
-        if cfg.get("device") not in (None, "auto"):
-            saved["device"] = cfg["device"]
-        cfg = saved
-        if os.path.isfile(os.path.join(run_dir, METRICS)):
-            with open(os.path.join(run_dir, METRICS)) as f:
-                log(f"run {run_dir} is already finished")
-                return json.load(f)
-    else:
-        if os.path.isfile(os.path.join(run_dir, METRICS)):
-            raise ZeroflowError(f"{run_dir} already holds a finished run (metrics.json); choose another --out")
-        if os.path.isfile(ck_path):
-            raise ZeroflowError(f"{run_dir} holds an unfinished run; continue it with --resume --out {run_dir} "
-                                f"or choose another --out")
-    if main:
-        os.makedirs(run_dir, exist_ok=True)
+        log, warn, progress = (lambda *a, **k: None), (lambda *a, **k: None), False
     if world > 1 and cfg.get("device") in (None, "", "auto"):
         from zeroflow.distributed import local_device
         device = local_device()          # cuda:LOCAL_RANK under NCCL, else cpu
     else:
         device = resolve_device(cfg.get("device"))
+    check_backend(cfg.get("backend"), device)
+    check_checkpoint_file(cfg)
     threads = cfg.get("threads")
     if threads is None and device.type == "cpu" and cfg.get("backbone") == "small":
         threads = 1   # the tiny ViT is dominated by threading overhead; 1 thread is fastest
     if threads:
         torch.set_num_threads(int(threads))
-    if main:
-        if not resume:
-            atomic_write_json(os.path.join(run_dir, "config.json"), cfg)
-        env = environment(device)
-        if world > 1:
-            env["world_size"] = world
-        atomic_write_json(os.path.join(run_dir, "environment.json"), env)
-
-    t_setup = time.perf_counter()
     seed_everything(int(cfg["seed"]))
     data = load_dataset(cfg["dataset"], cfg["data_root"], int(cfg["init_cls"]), int(cfg["increment"]),
                         download=bool(cfg.get("download")), img_size=int(cfg.get("img_size", 224)))
-    # torchrun: rank 0 builds (and caches) the backbone first, the others then load it; rank
-    # 0's weights are then broadcast so that every rank runs the identical network
-    if world > 1 and not main:
-        torch.distributed.barrier()
-    net = build_network(cfg, data, device, run_dir if main else None, progress)
-    if world > 1:
-        from zeroflow.distributed import broadcast_module_
-        if main:
+
+    folder = None
+
+    def claim():
+        nonlocal folder
+        folder = RunFolder(out).claim(warn) if out else claim_default_folder(cfg, warn)
+        try:
+            mode, finished = decide(folder.path, cfg, resume=resume, force=force,
+                                    continue_existing=continue_existing, log=log, warn=warn)
+        except BaseException:
+            folder.release()
+            raise
+        return folder.path, mode, finished
+
+    run_dir, mode, finished = _on_rank0(world, main, claim)
+    written = False     # config.json exists: from here on the folder is a resumable run
+    completed, T = 0, None
+    try:
+        if mode == "finished":
+            return finished if main else {"rank": rank, "world_size": world, "run_dir": run_dir}
+        written = mode == "resume"
+        ck_path = os.path.join(run_dir, CHECKPOINT)
+        backbone_path = os.path.join(run_dir, BACKBONE)
+        # torchrun: rank 0 builds (and caches) the backbone first, the others then load it; rank
+        # 0's weights are then broadcast so that every rank runs the identical network
+        if world > 1 and not main:
             torch.distributed.barrier()
-        broadcast_module_(net)
-    learner = make_learner(cfg, net, device)
-    setup_seconds = time.perf_counter() - t_setup
-    T = len(data.tasks)
-
-    counters = Counters()
-    matrix = M.empty_matrix(T)
-    curve, task_stats = [], []
-    completed = 0
-    peak = 0
-    if resume and os.path.isfile(ck_path):
-        ck = load_checkpoint(ck_path)
-        learner.load_state_dict(ck["learner"])
-        matrix, curve, task_stats = ck["matrix"], ck["curve"], ck["task_stats"]
-        counters = Counters(**ck["counters"])
-        completed, peak = int(ck["completed"]), int(ck["peak_memory_bytes"])
-        log(f"resuming {run_dir} after task {completed}/{T}")
-
-    mem = M.MemoryMeter(device)
-    timer = M.Timer(device)
-    eval_bs, nw = int(cfg.get("eval_batch_size", 256)), int(cfg.get("num_workers", 0))
-    for t in range(completed, T):
-        s = task_seed(int(cfg["seed"]), t)
-        seed_everything(s)
-        mem.reset()
-        it0, fp0, ts0 = counters.iterations, counters.train_forward_passes, counters.train_seconds
-        t0 = timer.now()
-        info = learner.learn_task(t, data.tasks[t], data, TaskContext(s, T, counters, timer, progress, shard))
-        overall, per_task = evaluate(learner, data, data.tasks[: t + 1], device, counters, eval_bs, nw)
-        seconds = timer.now() - t0
-        for g in range(t + 1):
-            matrix[g][t] = per_task[g]
-        curve.append(overall)
-        task_peak = mem.peak()
-        peak = max(peak, task_peak)
-        iters = counters.iterations - it0
-        task_stats.append({
-            "task": t, "classes": len(data.tasks[t]), "seconds": seconds, "iterations": iters,
-            **({"bytes_communicated": info["bytes_communicated"]["bytes_sent"]} if "bytes_communicated" in info else {}),
-            "train_seconds": counters.train_seconds - ts0,
-            "seconds_per_iteration": (counters.train_seconds - ts0) / iters if iters else None,
-            "forward_passes": counters.train_forward_passes - fp0, "peak_memory_bytes": task_peak,
-            "accuracy": overall, "loss_first": info.get("loss_first"), "loss_last": info.get("loss_last"),
-        })
-        completed = t + 1
+        net = build_network(cfg, data, device, backbone_path if main else None, progress)
+        if world > 1:
+            from zeroflow.distributed import broadcast_module_
+            if main:
+                torch.distributed.barrier()
+            broadcast_module_(net)
+        learner = make_learner(cfg, net, device)
         if main:
-            atomic_torch_save({"version": CKPT_VERSION, "completed": completed, "learner": learner.state_dict(),
-                               "matrix": matrix, "curve": curve, "task_stats": task_stats,
-                               "counters": counters.as_dict(), "peak_memory_bytes": peak}, ck_path)
-        log(f"task {t + 1}/{T}: accuracy on {sum(len(c) for c in data.tasks[:t + 1])} seen classes "
-            f"{overall:.2f}%  ({seconds:.1f}s)")
-        if stop_after is not None and completed >= stop_after and completed < T:
-            log(f"stopped after task {completed}/{T}; continue with --resume --out {run_dir}")
-            return {"stopped_after": completed, "run_dir": run_dir}
+            if mode == "fresh":
+                atomic_write_json(os.path.join(run_dir, CONFIG), cfg)
+                written = True
+            if cfg["backbone"] == "small" and not os.path.isfile(backbone_path):
+                save_torch(net.vit.state_dict(), backbone_path)
+            env = environment(device, cfg.get("backend"))
+            if world > 1:
+                env["world_size"] = world
+            atomic_write_json(os.path.join(run_dir, "environment.json"), env)
+        T = len(data.tasks)
 
-    if not main:
-        return {"rank": rank, "world_size": world, "accuracy_curve": curve, "run_dir": run_dir}
-    res = M.summarize(curve, matrix)
-    train_s = counters.train_seconds
-    metrics = {
-        **res,
-        "accuracy_curve": curve,
-        "accuracy_matrix": matrix,
-        "peak_memory_bytes": peak,
-        "peak_memory_kind": mem.kind,
-        "forward_passes": counters.train_forward_passes,
-        "eval_forward_passes": counters.eval_forward_passes,
-        "iterations": counters.iterations,
-        "seconds": sum(ts["seconds"] for ts in task_stats),
-        "setup_seconds": setup_seconds,
-        "seconds_per_iteration": train_s / counters.iterations if counters.iterations else None,
-        "seconds_per_task": [ts["seconds"] for ts in task_stats],
-        "tasks": task_stats,
-        "n_tasks": T,
-        "world_size": world,
-        "class_order": data.order,
-        "config": cfg,
-        "run_dir": run_dir,
-    }
-    write_results(run_dir, metrics)
-    return metrics
+        counters = Counters()
+        matrix = M.empty_matrix(T)
+        curve, task_stats = [], []
+        peak = 0
+        if mode == "resume" and os.path.isfile(ck_path):
+            ck = load_checkpoint(ck_path)
+            learner.load_state_dict(ck["learner"])
+            matrix, curve, task_stats = ck["matrix"], ck["curve"], ck["task_stats"]
+            counters = Counters(**ck["counters"])
+            completed, peak = int(ck["completed"]), int(ck["peak_memory_bytes"])
+            log(f"resuming {run_dir} after task {completed}/{T}")
+        setup_seconds = time.perf_counter() - t_start
+
+        mem = M.MemoryMeter(device)
+        timer = M.Timer(device)
+        eval_bs, nw = int(cfg.get("eval_batch_size", 256)), int(cfg.get("num_workers", 0))
+        record_dir = os.path.join(run_dir, TRAJECTORY) if main and cfg["record"] else None
+        for t in range(completed, T):
+            s = task_seed(int(cfg["seed"]), t)
+            seed_everything(s)
+            mem.reset()
+            it0, fp0, ts0 = counters.iterations, counters.train_forward_passes, counters.train_seconds
+            t0 = timer.now()
+            info = learner.learn_task(t, data.tasks[t], data,
+                                      TaskContext(s, T, counters, timer, progress, shard, record_dir))
+            overall, per_task = evaluate(learner, data, data.tasks[: t + 1], device, counters, eval_bs, nw)
+            seconds = timer.now() - t0
+            for g in range(t + 1):
+                matrix[g][t] = per_task[g]
+            curve.append(overall)
+            task_peak = mem.peak()
+            peak = max(peak, task_peak)
+            iters = counters.iterations - it0
+            task_stats.append({
+                "task": t, "classes": len(data.tasks[t]), "seconds": seconds, "iterations": iters,
+                **({"bytes_communicated": info["bytes_communicated"]["bytes_sent"]}
+                   if "bytes_communicated" in info else {}),
+                "train_seconds": counters.train_seconds - ts0,
+                "seconds_per_iteration": (counters.train_seconds - ts0) / iters if iters else None,
+                "forward_passes": counters.train_forward_passes - fp0, "peak_memory_bytes": task_peak,
+                "accuracy": overall, "loss_first": info.get("loss_first"), "loss_last": info.get("loss_last"),
+            })
+            if main:
+                save_torch({"version": CKPT_VERSION, "completed": t + 1, "learner": learner.state_dict(),
+                            "matrix": matrix, "curve": curve, "task_stats": task_stats,
+                            "counters": counters.as_dict(), "peak_memory_bytes": peak}, ck_path)
+            completed = t + 1
+            log(f"task {t + 1}/{T}: accuracy on {sum(len(c) for c in data.tasks[:t + 1])} seen classes "
+                f"{overall:.2f}%  ({seconds:.1f}s)")
+            if stop_after is not None and completed >= stop_after and completed < T:
+                log(f"stopped after task {completed}/{T}; continue with zeroflow run --resume --out {run_dir}")
+                return {"stopped_after": completed, "run_dir": run_dir}
+
+        if not main:
+            return {"rank": rank, "world_size": world, "accuracy_curve": curve, "run_dir": run_dir}
+        res = M.summarize(curve, matrix)
+        train_s = counters.train_seconds
+        metrics = {
+            **res,
+            "accuracy_curve": curve,
+            "accuracy_matrix": matrix,
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": mem.kind,
+            "forward_passes": counters.train_forward_passes,
+            "eval_forward_passes": counters.eval_forward_passes,
+            "iterations": counters.iterations,
+            "seconds": sum(ts["seconds"] for ts in task_stats),
+            "setup_seconds": setup_seconds,
+            "seconds_per_iteration": train_s / counters.iterations if counters.iterations else None,
+            "seconds_per_task": [ts["seconds"] for ts in task_stats],
+            "tasks": task_stats,
+            "n_tasks": T,
+            "world_size": world,
+            "class_order": data.order,
+            "config": cfg,
+            "run_dir": run_dir,
+        }
+        if record_dir and os.path.isdir(record_dir):
+            metrics["trajectory_logs"] = sorted(os.path.join(record_dir, f) for f in os.listdir(record_dir)
+                                                if f.endswith(".zft"))
+        write_results(run_dir, metrics)
+        return metrics
+    except KeyboardInterrupt as e:
+        raise RunInterrupted(run_dir, completed, T, written) from e
+    finally:
+        if folder is not None:
+            folder.release()          # removes the folder too if this run created it and wrote nothing
 
 
 def write_results(run_dir: str, metrics: Dict):
@@ -349,9 +537,10 @@ def write_results(run_dir: str, metrics: Dict):
     T = len(matrix)
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["task"] + [f"after_stage_{s}" for s in range(T)])
+    # tasks and stages counted from 1, as in the plots and the log lines
+    w.writerow(["task"] + [f"after_stage_{s + 1}" for s in range(T)])
     for g in range(T):
-        w.writerow([g] + ["" if v is None else f"{v:.4f}" for v in matrix[g]])
+        w.writerow([g + 1] + ["" if v is None else f"{v:.4f}" for v in matrix[g]])
     atomic_write_text(os.path.join(run_dir, "accuracy_matrix.csv"), buf.getvalue())
     plot_results(run_dir, metrics)
     atomic_write_json(os.path.join(run_dir, METRICS), metrics)   # last: marks the run finished
@@ -403,4 +592,5 @@ def plot_results(run_dir: str, metrics: Dict):
 
 
 def _atomic_fig(fig, path):
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    with writing(path):
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))

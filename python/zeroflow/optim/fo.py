@@ -22,10 +22,34 @@ class _FOMixin:
 
     def state_dict(self):
         sd = super().state_dict()
-        sd["zeroflow"] = {"forward_passes": self.forward_passes, "steps": self.steps}
+        sd["zeroflow"] = {"optimizer": type(self).__name__, "forward_passes": self.forward_passes,
+                          "steps": self.steps}
         return sd
 
+    def check_state_dict(self, state_dict) -> None:
+        """Raise ``ValueError`` if ``state_dict`` was saved by another optimizer class (its
+        recorded class, or group options this class does not have) or for other parameter
+        groups. A group may lack options that a newer torch added (torch fills them in)."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("not an optimizer state_dict (a mapping with 'state' and 'param_groups')")
+        me = type(self).__name__
+        saved_by = (state_dict.get("zeroflow") or {}).get("optimizer", me)
+        if saved_by != me:
+            raise ValueError(f"state_dict was saved by {saved_by}; this is a {me}")
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer {len(self.param_groups)}")
+        for i, (sg, g) in enumerate(zip(groups, self.param_groups)):
+            foreign = sorted(set(sg) - set(g) - {"param_names"})
+            if foreign:
+                raise ValueError(f"state_dict param group {i} has options {', '.join(foreign)} that a {me} does not "
+                                 f"have (a state of another optimizer class?)")
+            if len(sg["params"]) != len(g["params"]):
+                raise ValueError(f"state_dict param group {i} has {len(sg['params'])} parameters, this optimizer "
+                                 f"{len(g['params'])}")
+
     def load_state_dict(self, state_dict):
+        self.check_state_dict(state_dict)
         state_dict = dict(state_dict)
         extra = state_dict.pop("zeroflow", None) or {}
         super().load_state_dict(state_dict)

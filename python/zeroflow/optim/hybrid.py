@@ -73,8 +73,18 @@ class HybridFOZO(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict):
+        """Both inner states are checked before anything is loaded: a state that does not
+        fit raises and leaves the hybrid (and its two optimizers) untouched."""
+        h = state_dict.get("hybrid") if isinstance(state_dict, dict) else None
+        if not isinstance(h, dict) or not {"steps", "switch", "fo", "zo"} <= set(h):
+            raise ValueError("state_dict lacks the 'hybrid' part (steps, switch, fo, zo); was it saved by a HybridFOZO?")
+        if len(state_dict.get("param_groups", ())) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(state_dict.get('param_groups', ()))} param groups, this optimizer "
+                             f"{len(self.param_groups)}")
+        self.fo.check_state_dict(h["fo"])
+        self.zo.check_state_dict(h["zo"])
         state_dict = dict(state_dict)
-        h = state_dict.pop("hybrid")
+        state_dict.pop("hybrid")
         super().load_state_dict(state_dict)
         self._steps, self.switch = int(h["steps"]), int(h["switch"])
         self.fo.load_state_dict(h["fo"])

@@ -26,6 +26,14 @@ RESAMPLE = ("step", "task")
 PERTURBATIONS = ("gaussian", "rademacher")
 # Options that are one per optimizer (they shape the sequence of forward passes).
 GLOBAL_OPTIONS = ("q", "estimator", "conserve", "sparse_resample", "seed", "backend", "model")
+# What a saved state must agree on to be loaded (load_state_dict): the optimizer-wide options
+# that decide which forward passes a step runs, and the per-group ones that decide which z
+# and which update rule (the other group options, lr first, are restored as in torch.optim).
+STATE_GLOBAL_OPTIONS = ("q", "estimator", "conserve", "sparse_resample")
+STATE_GROUP_OPTIONS = ("perturbation", "sign", "scalar_sign")
+# Parameters the fused kernels update in place (checked at construction, not at the first step).
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PARAM_DEVICES = ("cpu", "cuda")
 
 # Frozen-state Adam call used by conserve to move along the stored Adam direction (see
 # _move_adam): beta = 1 - 2^-27 rounds to 1.0 in fp32, so m and v are left bit-identical,
@@ -44,7 +52,24 @@ class _ClosureModule(torch.nn.Module):
         self.closure: Callable | None = None
 
     def forward(self):
-        return self.closure()
+        return _call_closure(self.closure)
+
+
+def _call_closure(closure):
+    """``closure()``; a closure that calls ``backward()`` gets an error that says so instead
+    of autograd's (which finds no graph: a ZO step runs under ``torch.no_grad()``; under
+    forward_grad's jvp, functorch refuses backward)."""
+    try:
+        return closure()
+    except RuntimeError as e:
+        autograd_said = str(e)
+        if not any(s in autograd_said for s in ("does not require grad", "does not have a grad_fn",
+                                                 "backward() called inside a functorch transform")):
+            raise
+        raise RuntimeError(
+            "ZO closures must not call backward(): a zeroth-order step only needs the loss, so the closure "
+            "should run the forward pass and return it (e.g. lambda: loss_fn(model(x), y)); zeroflow.optim."
+            f"train_step calls backward itself for first-order optimizers. (autograd said: {autograd_said})") from e
 
 
 def _scalar(loss, where: str) -> float:
@@ -153,6 +178,7 @@ class _ZOBase(torch.optim.Optimizer):
             g["param_names"] = [g["param_names"][k] for k in keep]
         try:
             self._check_group(g)
+            self._check_params(g["params"], len(self.param_groups) - 1)
         except Exception:
             self.param_groups.pop()
             raise
@@ -176,6 +202,22 @@ class _ZOBase(torch.optim.Optimizer):
             raise ValueError(f"weight_decay={g['weight_decay']} must be >= 0")
         if g["sign"] and g["scalar_sign"]:
             raise ValueError("sign (element-wise, ZO-signSGD) and scalar_sign (public-code variant) are exclusive")
+
+    def _check_params(self, params, group: int) -> None:
+        """What the fused kernels need, checked now rather than at the first step: a supported
+        dtype, contiguous memory, a cpu/cuda device the backend can run."""
+        for k, p in enumerate(params):
+            where = f"parameter {k} of param group {group} ({tuple(p.shape)}, {p.dtype}, {p.device})"
+            if p.dtype not in PARAM_DTYPES:
+                raise ValueError(f"{where}: the fused kernels update float32, bfloat16 or float16 parameters; "
+                                 f"convert the model first (e.g. model.float())")
+            if p.device.type not in PARAM_DEVICES:
+                raise ValueError(f"{where}: the fused kernels run on cpu or cuda tensors; materialize the model "
+                                 f"on a real device first (e.g. model.to_empty(device='cpu') and load its weights)")
+            if not p.is_contiguous():
+                raise ValueError(f"{where} is not contiguous; the fused kernels need contiguous parameters "
+                                 f"(e.g. model.to(memory_format=torch.contiguous_format))")
+            zfkernels.resolve_backend(self.backend, p.device)   # ValueError/RuntimeError if it cannot run here
 
     def _buckets(self, g: dict):
         """The group's params split by device (one fused call per device): (params, ids).
@@ -231,7 +273,7 @@ class _ZOBase(torch.optim.Optimizer):
                                    mask_seed=mask_seed, sparsity=g["sparsity"], backend=self.backend)
 
     def _eval(self, closure, where: str) -> float:
-        val = _scalar(closure(), where)
+        val = _scalar(_call_closure(closure), where)
         if self.scalar_hook is not None:
             val = float(self.scalar_hook([val])[0])
         self._consumed.append(val)
@@ -401,9 +443,9 @@ class _ZOBase(torch.optim.Optimizer):
     # ------------------------------------------------------------------ state
     def _counters(self) -> dict:
         return {
-            "stream": STREAM_VERSION, "seed": self._seed, "step": self._n, "task": self._task,
-            "forward_passes": self.forward_passes, "queries": self.queries,
-            "steps_skipped": self.steps_skipped,
+            "stream": STREAM_VERSION, "optimizer": type(self).__name__, "seed": self._seed, "step": self._n,
+            "task": self._task, "forward_passes": self.forward_passes, "queries": self.queries,
+            "steps_skipped": self.steps_skipped, **{k: getattr(self, k) for k in STATE_GLOBAL_OPTIONS},
         }
 
     def state_dict(self):
@@ -411,13 +453,63 @@ class _ZOBase(torch.optim.Optimizer):
         sd["zeroflow"] = self._counters()
         return sd
 
-    def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        c = state_dict.pop("zeroflow", None)
-        if c is None:
+    def check_state_dict(self, state_dict) -> None:
+        """Raise ``ValueError`` naming the first mismatch if ``state_dict`` cannot be loaded
+        into this optimizer: another optimizer class or stream version, other optimizer-wide
+        options (q, estimator, conserve, sparse_resample), other group keys, another
+        perturbation or sign rule, another number of groups or parameters, buffers of other
+        shapes. States saved before the class and options were recorded are checked on
+        what they hold."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("not an optimizer state_dict (a mapping with 'state' and 'param_groups')")
+        me = type(self).__name__
+        c = state_dict.get("zeroflow")
+        if not isinstance(c, dict):
             raise ValueError("state_dict lacks the 'zeroflow' counters (seed, step); was it saved by a zeroflow optimizer?")
         if c.get("stream") != STREAM_VERSION:
             raise ValueError(f"state_dict was saved with perturbation stream {c.get('stream')!r}, this is {STREAM_VERSION!r}")
+        if c.get("optimizer", me) != me:
+            raise ValueError(f"state_dict was saved by {c['optimizer']}; this is a {me}")
+        missing = [k for k in ("seed", "step", "task", "forward_passes", "queries", "steps_skipped") if k not in c]
+        if missing:
+            raise ValueError(f"state_dict's 'zeroflow' counters lack {', '.join(missing)}")
+        for k in STATE_GLOBAL_OPTIONS:
+            if k in c and c[k] != getattr(self, k):
+                raise ValueError(f"state_dict was saved with {k}={c[k]!r}, this optimizer has {k}={getattr(self, k)!r}; "
+                                 f"build it with the same options to continue that run")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer {len(self.param_groups)}")
+        shapes = {}
+        for i, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
+            keys, mine = set(sg) - {"params", "param_names"}, set(g) - {"params", "param_names"}
+            if keys != mine:
+                extra, lacks = sorted(keys - mine), sorted(mine - keys)
+                raise ValueError(f"state_dict param group {i} does not fit a {me}"
+                                 + (f": it has {', '.join(extra)}" if extra else "")
+                                 + (f"{',' if extra else ':'} it lacks {', '.join(lacks)}" if lacks else "")
+                                 + " (a state of another optimizer class?)")
+            if len(sg["params"]) != len(g["params"]):
+                raise ValueError(f"state_dict param group {i} has {len(sg['params'])} parameters, this optimizer "
+                                 f"{len(g['params'])}")
+            for k in STATE_GROUP_OPTIONS:
+                if sg[k] != g[k]:
+                    raise ValueError(f"state_dict param group {i} was saved with {k}={sg[k]!r}, this optimizer has "
+                                     f"{k}={g[k]!r}; build it with the same options to continue that run")
+            self._check_group(sg)
+            shapes.update({pid: tuple(p.shape) for pid, p in zip(sg["params"], g["params"])})
+        for pid, st in state_dict["state"].items():
+            for name, buf in st.items():
+                if isinstance(buf, torch.Tensor) and buf.dim() > 0 and tuple(buf.shape) != shapes.get(pid):
+                    raise ValueError(f"state_dict's {name} of parameter {pid} has shape {tuple(buf.shape)}, the "
+                                     f"parameter {shapes.get(pid)}")
+
+    def load_state_dict(self, state_dict):
+        """torch.optim semantics (buffers and group options restored), after
+        :meth:`check_state_dict`: a state that does not fit raises and changes nothing."""
+        self.check_state_dict(state_dict)
+        state_dict = dict(state_dict)
+        c = state_dict.pop("zeroflow")
         super().load_state_dict(state_dict)
         self._seed = int(c["seed"])
         self._n = int(c["step"])

@@ -1,0 +1,263 @@
+"""Run folders: who writes one (the lock), what it holds (finished / unfinished / corrupt),
+and whether it holds the run a request asks for (config differences).
+
+* A run folder is claimed by one process at a time: ``DIR/.lock`` holds the writer's pid and
+  an exclusive ``flock`` on it. A second writer is refused with the holder's pid. The kernel
+  drops the flock when its process dies, so a lock file left behind by a killed run (its
+  pid no longer holds the lock) is taken over with a warning.
+* A run is *finished* only with a complete, readable ``metrics.json`` (written last). A
+  folder with ``config.json`` or ``checkpoint.pt`` but no ``metrics.json`` is *unfinished*
+  (``zeroflow run --resume --out DIR`` continues it).
+* Two configurations are the same run when every key agrees except the purely operational
+  ones (``OPERATIONAL_KEYS``).
+
+Light on purpose (no torch): ``zeroflow report`` uses it too.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+from .errors import ZeroflowError
+
+LOCK = ".lock"
+CONFIG = "config.json"
+METRICS = "metrics.json"
+CHECKPOINT = "checkpoint.pt"
+TRAJECTORY = "trajectory"
+# Every file a run writes into its folder (--force deletes exactly these, metrics.json first
+# so that the folder never looks finished while the rest is being removed).
+RUN_FILES = (METRICS, CHECKPOINT, CONFIG, "environment.json", "backbone.pt", "accuracy_matrix.csv",
+             "accuracy_per_stage.png", "accuracy_matrix.png")
+# Keys that do not change what a run computes: runs differing only in these are the same run.
+OPERATIONAL_KEYS = ("download",)
+
+
+# ---------------------------------------------------------------- errors naming the user's path
+@contextlib.contextmanager
+def writing(path: str):
+    """Turn an ``OSError`` raised while writing ``path`` into ``cannot write PATH: reason``."""
+    try:
+        yield
+    except OSError as e:
+        raise ZeroflowError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+# ---------------------------------------------------------------- the lock
+def _describe_holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        return f"pid {info['pid']} on {info['host']} (since {info['since']})"
+    except (ValueError, KeyError, TypeError):
+        return "another process" if not text.strip() else f"another process ({text.strip()[:80]})"
+
+
+def _read_fd(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 4096).decode(errors="replace")
+
+
+class RunFolder:
+    """``claim()`` creates the folder if needed and takes its lock; ``release()`` gives the
+    lock back and, when the folder was created by this claim and nothing but the lock was
+    written into it, removes the folder again (a run that could not start leaves nothing)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lock_path = os.path.join(path, LOCK)
+        self.created = False
+        self._fd: Optional[int] = None
+
+    def claim(self, warn: Callable[[str], None]) -> "RunFolder":
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise ZeroflowError(f"cannot write run folder {self.path}: it is a file, not a folder")
+        with writing(self.path):
+            if not os.path.isdir(self.path):
+                os.makedirs(self.path)
+                self.created = True
+        try:
+            with writing(self.lock_path):
+                self._lock(warn)
+        except BaseException:
+            self._remove_if_created()
+            raise
+        return self
+
+    def _lock(self, warn) -> None:
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _describe_holder(_read_fd(fd))
+                os.close(fd)
+                raise ZeroflowError(f"run folder {self.path} is in use by {holder} (lock file {self.lock_path}); "
+                                    f"wait until it has finished, or choose another --out") from None
+            # the previous holder unlinks the file before unlocking it: if we locked a file
+            # that is no longer at lock_path, someone may hold a newer one there; try again
+            try:
+                current = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)
+        previous = _read_fd(fd)
+        if previous.strip():
+            warn(f"taking over the lock of {self.path}: it was left by {_describe_holder(previous)}, which no longer "
+                 f"holds it (killed?); its last checkpoint is kept")
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode() + b"\n")
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.lock_path)        # before unlocking: see _lock
+            os.close(self._fd)
+            self._fd = None
+        self._remove_if_created()
+
+    def _remove_if_created(self) -> None:
+        if self.created:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.path)             # only succeeds while it is empty
+            self.created = os.path.isdir(self.path)
+
+
+def lock_holder(folder: str) -> Optional[str]:
+    """Who holds ``folder``'s lock right now (None: nobody)."""
+    try:
+        fd = os.open(os.path.join(folder, LOCK), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _describe_holder(_read_fd(fd))
+    finally:
+        os.close(fd)
+    return None
+
+
+# ---------------------------------------------------------------- reading run files
+def read_json(path: str):
+    """The JSON in ``path``; ``ZeroflowError`` naming the file when it cannot be read or parsed."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as e:
+        raise ZeroflowError(f"{path}: cannot read it ({e.strerror or e})") from e
+    except ValueError as e:       # JSONDecodeError, UnicodeDecodeError
+        raise ZeroflowError(f"{path}: corrupt ({type(e).__name__}: {e})") from e
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_config(cfg, path: str) -> Dict:
+    if not isinstance(cfg, dict):
+        raise ZeroflowError(f"{path}: corrupt (the configuration is a {type(cfg).__name__}, not a mapping)")
+    for k in ("method", "optimizer", "dataset"):
+        if not isinstance(cfg.get(k), str):
+            raise ZeroflowError(f"{path}: corrupt (the configuration has no {k})")
+    return cfg
+
+
+def load_metrics(path: str) -> Dict:
+    """A finished run's ``metrics.json``, checked for what the report and the CLI read."""
+    m = read_json(path)
+    if not isinstance(m, dict):
+        raise ZeroflowError(f"{path}: corrupt (a {type(m).__name__}, not a mapping of results)")
+    missing = [k for k in ("config", "avg", "last", "fgt", "forward_passes", "peak_memory_bytes") if k not in m]
+    if missing:
+        raise ZeroflowError(f"{path}: corrupt (no {', '.join(missing)})")
+    check_config(m["config"], path)
+    bad = [k for k in ("avg", "last", "fgt", "forward_passes", "peak_memory_bytes") if not _number(m[k])]
+    spi = m.get("seconds_per_iteration")
+    if spi is not None and not _number(spi):
+        bad.append("seconds_per_iteration")
+    if bad:
+        raise ZeroflowError(f"{path}: corrupt (not a finite number: {', '.join(bad)})")
+    return m
+
+
+def read_run_config(folder: str) -> Dict:
+    path = os.path.join(folder, CONFIG)
+    if not os.path.isfile(path):
+        raise ZeroflowError(f"{path} not found: {folder} is not a zeroflow run folder")
+    return check_config(read_json(path), path)
+
+
+# ---------------------------------------------------------------- what a folder holds
+@dataclass
+class FolderState:
+    kind: str                       # "absent" | "empty" | "finished" | "unfinished" | "corrupt"
+    config: Optional[Dict] = None   # the run's configuration (finished / unfinished)
+    metrics: Optional[Dict] = None  # finished only
+    problem: str = ""               # corrupt only: the file and the reason
+
+
+def inspect(folder: str) -> FolderState:
+    if not os.path.isdir(folder):
+        return FolderState("absent")
+    try:
+        if os.path.exists(os.path.join(folder, METRICS)):
+            m = load_metrics(os.path.join(folder, METRICS))
+            return FolderState("finished", config=m["config"], metrics=m)
+        if os.path.exists(os.path.join(folder, CONFIG)):
+            return FolderState("unfinished", config=read_run_config(folder))
+    except ZeroflowError as e:
+        return FolderState("corrupt", problem=str(e))
+    if os.path.exists(os.path.join(folder, CHECKPOINT)):
+        return FolderState("corrupt", problem=f"{os.path.join(folder, CHECKPOINT)} without {CONFIG}")
+    return FolderState("empty")
+
+
+def is_run_folder(folder: str) -> bool:
+    return any(os.path.exists(os.path.join(folder, f)) for f in (METRICS, CONFIG, CHECKPOINT))
+
+
+def remove_run_files(folder: str) -> None:
+    """Delete what a run wrote into ``folder`` (``--force``); other files are left alone."""
+    for name in RUN_FILES:
+        path = os.path.join(folder, name)
+        with writing(path):
+            if os.path.exists(path):
+                os.unlink(path)
+    traj = os.path.join(folder, TRAJECTORY)
+    if os.path.isdir(traj):
+        with writing(traj):
+            shutil.rmtree(traj)
+
+
+# ---------------------------------------------------------------- same run?
+def canonical(value):
+    """JSON round trip: tuples become lists, as in a config read back from disk."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def config_differences(saved: Dict, requested: Dict) -> List[str]:
+    """``key: saved -> requested`` for every key (but the operational ones) that differs."""
+    from .defaults import COMMON
+
+    a, b = canonical(saved), canonical(requested)
+    out = []
+    for k in sorted(set(a) | set(b)):
+        # a key one side lacks (a run written before the option existed) has its default
+        va, vb = a.get(k, COMMON.get(k)), b.get(k, COMMON.get(k))
+        if k in OPERATIONAL_KEYS or va == vb:
+            continue
+        out.append(f"{k}: {va!r} there, {vb!r} requested")
+    return out

@@ -1,0 +1,124 @@
+"""zeroflow report (issue 10): runs are found recursively, unfinished or damaged ones are skipped
+with their file and reason, and different runs are never merged into one cell."""
+import json
+import os
+
+import pytest
+
+from zeroflow.continual.errors import ZeroflowError
+from zeroflow.continual.report import find_runs, render, render_runs
+from zeroflow.continual.runfolder import RunFolder
+
+
+def write_run(folder, avg, **config):
+    """A finished run folder holding a minimal metrics.json (what the report reads)."""
+    os.makedirs(folder, exist_ok=True)
+    cfg = dict(method="ease", optimizer="zo_adam", dataset="digits", seed=1993, epochs=10, lr=0.005) | config
+    with open(os.path.join(folder, "metrics.json"), "w") as f:
+        json.dump({"avg": avg, "last": avg - 10, "fgt": 5.0, "peak_memory_bytes": 1e9, "forward_passes": 900,
+                   "seconds_per_iteration": 0.01, "peak_memory_kind": "cpu_peak_rss", "config": cfg}, f)
+    return str(folder)
+
+
+def table1(text):
+    """The Table-1 lines (header and rows) of a report."""
+    block = text.split("### Efficiency")[0]
+    return [line for line in block.splitlines() if line.startswith("| ")]
+
+
+def test_runs_of_one_cell_with_other_options_get_rows_of_their_own(tmp_path):
+    a = write_run(tmp_path / "a", 80.0, epochs=10)
+    b = write_run(tmp_path / "b", 60.0, epochs=1, lr=0.5)
+    for order in ([a, b], [b, a]):
+        rows = table1(render(order))
+        assert rows[0] == "| Method | Optimizer | epochs | lr | digits Avg | digits Last | digits Fgt |"
+        assert "| EASE | zo_adam | 1 | 0.5 | 60.00 | 50.00 | 5.00 |" in rows
+        assert "| EASE | zo_adam | 10 | 0.005 | 80.00 | 70.00 | 5.00 |" in rows
+        assert len(rows) == 3             # the header and one row per run
+
+
+def test_seeds_of_one_configuration_are_mean_and_std(tmp_path):
+    runs = [write_run(tmp_path / f"s{s}", avg, seed=s) for s, avg in ((1, 80.0), (2, 82.0), (3, 84.0))]
+    text = render([str(tmp_path)])
+    rows = table1(text)
+    assert rows[0].startswith("| Method | Optimizer | seed | digits Avg |")
+    assert rows[1] == "| EASE | zo_adam | 1, 2, 3 | 82.00 ± 2.00 | 72.00 ± 2.00 | 5.00 ± 0.00 |"
+    assert "mean ± sample standard deviation" in text
+    assert all(r in text for r in runs)
+    # another configuration in the same cell is not averaged in: its own row
+    write_run(tmp_path / "other", 10.0, seed=4, epochs=1)
+    rows = table1(render([str(tmp_path)]))
+    assert rows[0].startswith("| Method | Optimizer | seed | epochs | digits Avg |")
+    assert "| EASE | zo_adam | 1, 2, 3 | 10 | 82.00 ± 2.00 | 72.00 ± 2.00 | 5.00 ± 0.00 |" in rows
+    assert "| EASE | zo_adam | 4 | 1 | 10.00 | 0.00 | 5.00 |" in rows
+    assert len(rows) == 3
+
+
+def test_the_same_run_twice_is_two_rows_not_two_seeds(tmp_path):
+    write_run(tmp_path / "x", 80.0)
+    write_run(tmp_path / "y", 81.0)
+    rows = table1(render([str(tmp_path)]))
+    assert rows[0] == "| Method | Optimizer | run | digits Avg | digits Last | digits Fgt |"
+    assert f"| EASE | zo_adam | {tmp_path / 'x'} | 80.00 | 70.00 | 5.00 |" in rows
+    assert f"| EASE | zo_adam | {tmp_path / 'y'} | 81.00 | 71.00 | 5.00 |" in rows
+    # one folder reached twice is one run
+    assert len(find_runs([str(tmp_path), str(tmp_path / "x")])[0]) == 2
+
+
+def test_different_datasets_share_a_row(tmp_path):
+    write_run(tmp_path / "d", 80.0)
+    write_run(tmp_path / "c", 70.0, dataset="cifar100")
+    rows = table1(render([str(tmp_path)]))
+    assert rows == ["| Method | Optimizer | digits Avg | digits Last | digits Fgt | cifar100 Avg | cifar100 Last | "
+                    "cifar100 Fgt |", "| EASE | zo_adam | 80.00 | 70.00 | 5.00 | 70.00 | 60.00 | 5.00 |"]
+
+
+def test_recursive_search_skips_unfinished_and_corrupt_runs_with_a_reason(tmp_path):
+    good = write_run(tmp_path / "sweep_1" / "ease_zo_adam_digits", 80.0)
+    unfinished = tmp_path / "sweep_1" / "ease_zo_sgd_digits"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text("{}")
+    bad = {"truncated": '{"avg": 1,', "empty": "{}", "list": "[1, 2]",
+           "nan": json.dumps({"avg": "x", "last": 1, "fgt": 1, "forward_passes": 1, "peak_memory_bytes": 1,
+                              "config": {"method": "ease", "optimizer": "zo_sgd", "dataset": "digits"}})}
+    for name, text in bad.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(text)
+    (tmp_path / "not_a_run").mkdir()                        # no run file at all: not mentioned
+    runs, skipped = find_runs([str(tmp_path)])
+    assert [m["_dir"] for m in runs] == [good]
+    assert len(skipped) == 5
+    reasons = dict(zip(sorted(bad), sorted(s for s in skipped if "metrics.json:" in s)))
+    assert "JSONDecodeError" in reasons["truncated"] and str(tmp_path / "truncated" / "metrics.json") in reasons["truncated"]
+    assert "no config, avg" in reasons["empty"]
+    assert "not a mapping" in reasons["list"]
+    assert "not a finite number: avg" in reasons["nan"]
+    assert [s for s in skipped if str(unfinished) in s][0].endswith(
+        f"unfinished (no metrics.json; continue it with zeroflow run --resume --out {unfinished})")
+    assert "not_a_run" not in " ".join(skipped)
+    text, _ = render_runs(runs, skipped)
+    assert "| EASE | zo_adam | 80.00 |" in text
+
+
+def test_a_run_in_progress_is_named_as_such(tmp_path):
+    folder = RunFolder(str(tmp_path / "live")).claim(warn=print)
+    try:
+        (tmp_path / "live" / "config.json").write_text("{}")
+        _, skipped = find_runs([str(tmp_path)])
+        assert f"in progress: pid {os.getpid()}" in skipped[0]
+    finally:
+        folder.release()
+
+
+def test_nothing_finished_is_an_error(tmp_path):
+    (tmp_path / "u").mkdir()
+    (tmp_path / "u" / "metrics.json").write_text("{}")
+    with pytest.raises(ZeroflowError, match="no finished run.*metrics.json: corrupt"):
+        render([str(tmp_path)])
+    with pytest.raises(ZeroflowError, match="no such run folder"):
+        render([str(tmp_path / "nope")])
+    # a file among the paths (runs/* matching a saved report) is skipped, not fatal
+    write_run(tmp_path / "ok", 80.0)
+    (tmp_path / "report.md").write_text("old report")
+    runs, skipped = find_runs([str(tmp_path / "ok"), str(tmp_path / "report.md"), str(tmp_path / "ok" / "metrics.json")])
+    assert len(runs) == 1 and skipped == [f"{tmp_path / 'report.md'}: not a run folder (a file)"]

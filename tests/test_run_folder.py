@@ -1,0 +1,368 @@
+"""Run folders through the real CLI (issue 10): one writer per folder, nothing written for a run
+that cannot start, finished runs never taken for another configuration, interrupts that say
+how to resume, --record logs that zeroflow replay turns into the run's weights, and files
+that follow the umask.
+
+Runs are short: 1 epoch per task and a small ViT pretrained for 1 epoch (cached per module)."""
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from zeroflow.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = "epochs: 1\npretrain_epochs: 1\n"
+
+# A `zeroflow` process that stops at the start of task 2 (after task 1's checkpoint) until the
+# file $ZF_GO exists, having created $ZF_HELD: a run that is deterministically in progress.
+HELD_RUN = """
+import os, sys, time
+import zeroflow.continual.ease as ease
+learn_task = ease.EASE.learn_task
+def held(self, t, *a, **k):
+    if t == 1:
+        open(os.environ["ZF_HELD"], "w").close()
+        while not os.path.exists(os.environ["ZF_GO"]):
+            time.sleep(0.05)
+    return learn_task(self, t, *a, **k)
+ease.EASE.learn_task = held
+from zeroflow.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """ZEROFLOW_CACHE (this process and subprocesses) and the fast config file."""
+    base = tmp_path_factory.mktemp("runfolder")
+    old = os.environ.get("ZEROFLOW_CACHE")
+    os.environ["ZEROFLOW_CACHE"] = str(base / "cache")
+    (base / "fast.yaml").write_text(FAST)
+    sub = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "python"), ROOT]))
+    yield {"fast": str(base / "fast.yaml"), "env": sub}
+    if old is None:
+        os.environ.pop("ZEROFLOW_CACHE", None)
+    else:
+        os.environ["ZEROFLOW_CACHE"] = old
+
+
+def zf(capsys, *args):
+    """``zeroflow ARGS`` in this process: (exit code, stdout, stderr)."""
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def start_held(env, tmp_path, *args):
+    held, go = tmp_path / "held", tmp_path / "go"
+    proc = subprocess.Popen([sys.executable, "-c", HELD_RUN, *map(str, args)], text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(env["env"], ZF_HELD=str(held), ZF_GO=str(go)))
+    deadline = time.time() + 300
+    while not held.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"the held run did not reach task 2: {proc.communicate()}")
+        time.sleep(0.1)
+    return proc, go
+
+
+def metrics(folder):
+    with open(os.path.join(folder, "metrics.json")) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------- one writer per folder
+def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_finishes_intact(env, tmp_path):
+    out = tmp_path / "run"
+    first, go = start_held(env, tmp_path, "run", "--config", env["fast"], "--seed", 1, "--out", out, "--no-progress")
+    try:
+        second = subprocess.run([sys.executable, "-m", "zeroflow", "run", "--config", env["fast"], "--seed", "2",
+                                 "--out", str(out), "--no-progress"], env=env["env"], capture_output=True, text=True,
+                                timeout=300)
+        assert second.returncode == 2, second.stderr
+        assert f"zeroflow: error: run folder {out} is in use by pid {first.pid}" in second.stderr
+        assert "Traceback" not in second.stderr and second.stdout == ""
+    finally:
+        go.touch()
+        stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert metrics(out)["config"]["seed"] == 1           # the first run's results, complete
+    assert sorted(os.listdir(out)) == ["accuracy_matrix.csv", "accuracy_matrix.png", "accuracy_per_stage.png",
+                                       "backbone.pt", "checkpoint.pt", "config.json", "environment.json",
+                                       "metrics.json"]  # the lock is gone, nothing of the second run
+
+
+def test_sigterm_stops_cleanly_and_resume_finishes(env, tmp_path, capsys):
+    out = tmp_path / "run"
+    proc, _ = start_held(env, tmp_path, "run", "--config", env["fast"], "--out", out, "--no-progress")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130
+    assert f"interrupted after task 1/5 (finished tasks are checkpointed in {out}); continue with: " \
+           f"zeroflow run --resume --out {out}" in stderr
+    assert not (out / ".lock").exists() and not (out / "metrics.json").exists()
+    rc, stdout, err = zf(capsys, "run", "--resume", "--out", out, "--no-progress")
+    assert rc == 0, err
+    assert f"resuming {out} after task 1/5" in stdout and len(metrics(out)["accuracy_curve"]) == 5
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(env, tmp_path, capsys):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "host": "h", "since": "then"}))
+    rc, _, err = zf(capsys, "run", "--config", env["fast"], "--out", out, "--no-progress")
+    assert rc == 0, err
+    assert f"taking over the lock of {out}: it was left by pid {int(dead.stdout)} on h" in err
+    assert not (out / ".lock").exists() and (out / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------- a run that cannot start writes nothing
+BAD = [
+    (["--lr", "-1"], "--lr must be >= 0 (got -1)"),
+    (["--zo-eps", "0"], "--zo-eps must be > 0"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["--momentum", "-3"], "--momentum must be in [0, 1)"),
+    (["--backend", "nope"], "unknown backend 'nope'; valid: auto, cpu, cuda, triton, torch"),
+    (["--device", "cpu", "--backend", "cuda"], "--backend cuda cannot run on cpu"),
+    (["--num-workers", "-1"], "--num-workers must be >= 0"),
+    (["--q", "0"], "--q must be >= 1"),
+    (["--sparsity", "1.5"], "--sparsity must be in [0, 1)"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--epochs", "-1"], "--epochs must be >= 0"),
+    (["--ease-alpha", "-5"], "--ease-alpha must be >= 0"),
+    (["--stop-after", "0"], "--stop-after must be an integer >= 1"),
+    (["--stop-after", "-1"], "--stop-after must be an integer >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--seed", "-1"], "--seed must be in [0, 2147483647]"),
+    (["--checkpoint", "w.pth"], "--checkpoint is for the ViT backbone"),
+    (["--record", "--optimizer", "fo_adam"], "--record: the steps of fo_adam cannot be replayed"),
+    (["--device", "nonsense"], "--device 'nonsense'"),
+    (["--resume", "--force"], "give one of them"),
+    (["--init-cls", "11"], "init_cls=11 exceeds the 10 classes"),
+    (["--dataset", "cifar100", "--data-root", "{tmp}/nodata"], "CIFAR-100 not found"),
+    (["--config", "{tmp}/ten.yaml"], "epochs in {tmp}/ten.yaml must be an integer (got 'ten')"),
+    (["--config", "{tmp}/broken.yaml"], "{tmp}/broken.yaml: cannot parse it: line 2, column 5"),
+    (["--config", "{tmp}/lr.yaml"], "lr in {tmp}/lr.yaml has no 'adam' entry"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")])
+
+
+@pytest.mark.parametrize("args,needle", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_exits_2_before_anything_is_written(tmp_path, capsys, args, needle):
+    (tmp_path / "ten.yaml").write_text("epochs: ten\n")
+    (tmp_path / "broken.yaml").write_text("epochs: [1\n  lr: 2\n")
+    (tmp_path / "lr.yaml").write_text("lr: {sgd: 0.1}\n")
+    args = [a.format(tmp=tmp_path) for a in args]
+    rc, out, err = zf(capsys, "run", "--out", tmp_path / "r", *args)
+    assert rc == 2
+    assert err.startswith("zeroflow: error: ") and needle.format(tmp=tmp_path) in err, err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_triton_backend_without_interpreter_on_cpu_is_refused(env, tmp_path):
+    sub = {k: v for k, v in env["env"].items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "zeroflow", "run", "--device", "cpu", "--backend", "triton", "--out",
+                          str(tmp_path / "r")], env=sub, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and res.stderr.startswith("zeroflow: error: --backend triton cannot run on cpu")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_failure_after_the_folder_is_claimed_removes_it(tmp_path, capsys):
+    """Unreadable ViT weights fail while the network is built, after the claim."""
+    from PIL import Image
+    import numpy as np
+    for split in ("train", "test"):
+        for c in range(2):
+            d = tmp_path / "data" / "cub" / split / f"c{c}"
+            d.mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "0.png")
+    (tmp_path / "garbage.pth").write_bytes(b"not weights")
+    (tmp_path / "tiny.yaml").write_text("model_kwargs: {depth: 1, embed_dim: 32, num_heads: 2}\n")
+    rc, _, err = zf(capsys, "run", "--dataset", "cub", "--data-root", tmp_path / "data", "--init-cls", "2",
+                    "--increment", "2", "--checkpoint", tmp_path / "garbage.pth", "--config", tmp_path / "tiny.yaml",
+                    "--out", tmp_path / "r")
+    assert rc == 2 and "could not load backbone weights" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_unwritable_outputs_say_cannot_write_with_the_users_path(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    if os.geteuid() == 0:       # root writes anywhere a mode allows; sysfs refuses even root
+        readonly = "/sys/zeroflow-test-run"
+    else:
+        (tmp_path / "ro").mkdir(mode=0o555)
+        readonly = str(tmp_path / "ro" / "run")
+    for out, needle in ((tmp_path / "file", f"cannot write run folder {tmp_path / 'file'}: it is a file"),
+                        (tmp_path / "file" / "run", f"cannot write {tmp_path / 'file' / 'run'}: Not a directory"),
+                        (readonly, f"cannot write {readonly}: ")):
+        rc, _, err = zf(capsys, "run", "--out", out)
+        assert rc == 2 and err.startswith("zeroflow: error: ") and needle in err, err
+        assert ".tmp-" not in err and "Traceback" not in err
+    report_ro = "/sys/zeroflow-test-report.md" if os.geteuid() == 0 else str(tmp_path / "ro" / "r.md")
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "metrics.json").write_text(json.dumps({
+        "avg": 80.0, "last": 70.0, "fgt": 5.0, "peak_memory_bytes": 1e9, "forward_passes": 900,
+        "config": {"method": "ease", "optimizer": "zo_adam", "dataset": "digits"}}))
+    rc, _, err = zf(capsys, "report", tmp_path / "done", "--output", report_ro)
+    assert rc == 2 and f"zeroflow: error: cannot write {report_ro}: " in err
+    rc, _, err = zf(capsys, "report", tmp_path / "done", "--output", tmp_path / "nofolder" / "r.md")
+    assert rc == 2 and "its folder does not exist" in err
+
+
+# ---------------------------------------------------------------- finished runs, --force, --resume
+def test_run_refuses_a_finished_run_and_force_replaces_it(env, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert zf(capsys, "run", "--config", env["fast"], "--out", out, "--no-progress")[0] == 0
+    before = metrics(out)
+    rc, _, err = zf(capsys, "run", "--config", env["fast"], "--out", out, "--seed", 7)
+    assert rc == 2 and f"{out} already holds a finished run with another configuration (seed: 1993 there, 7 " \
+                       f"requested)" in err and "--force" in err
+    assert metrics(out) == before
+    rc, _, err = zf(capsys, "run", "--config", env["fast"], "--out", out, "--seed", 7, "--force", "--no-progress")
+    assert rc == 0 and f"--force: deleting the finished run in {out} (seed: 1993 there, 7 requested)" in err
+    assert metrics(out)["config"]["seed"] == 7
+
+
+@pytest.mark.parametrize("damage", ['{"avg": 1,', "{}", "[1, 2]"])
+def test_a_corrupt_metrics_json_is_named_and_can_be_rewritten(env, tmp_path, capsys, damage):
+    out = tmp_path / "run"
+    assert zf(capsys, "run", "--config", env["fast"], "--method", "aper", "--out", out, "--no-progress")[0] == 0
+    before = metrics(out)
+    (out / "metrics.json").write_text(damage)
+    rc, _, err = zf(capsys, "run", "--resume", "--out", out)
+    assert rc == 2 and f"cannot resume {out}: {out / 'metrics.json'}: corrupt (" in err and "Traceback" not in err
+    assert "delete it and run --resume again" in err
+    rc, _, err = zf(capsys, "run", "--config", env["fast"], "--method", "aper", "--out", out)
+    assert rc == 2 and f"{out} holds a damaged run ({out / 'metrics.json'}: corrupt" in err
+    (out / "metrics.json").unlink()
+    assert zf(capsys, "run", "--resume", "--out", out, "--no-progress")[0] == 0      # rewritten from checkpoint.pt
+    for k in ("avg", "last", "fgt", "accuracy_matrix", "forward_passes", "config"):
+        assert metrics(out)[k] == before[k], k
+
+
+def test_resume_names_the_flags_it_ignores(env, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert zf(capsys, "run", "--config", env["fast"], "--out", out, "--stop-after", 2, "--no-progress")[0] == 0
+    rc, _, err = zf(capsys, "run", "--resume", "--out", out, "--optimizer", "fo_sgd", "--lr", 0.5, "--epochs", 3,
+                    "--q", 1, "--no-progress")
+    assert rc == 0
+    assert (f"zeroflow: warning: --resume continues {out} with the configuration in its config.json; ignoring "
+            f"--epochs 3 (the run has 1), --lr 0.5 (the run has 0.005), --optimizer fo_sgd (the run has zo_adam)") in err
+    assert "--q" not in err                              # given, but equal to the run's
+    cfg = metrics(out)["config"]
+    assert (cfg["optimizer"], cfg["lr"], cfg["epochs"]) == ("zo_adam", 0.005, 1)
+
+
+def test_interrupt_without_out_prints_the_folder_to_resume(env, tmp_path, capsys, monkeypatch):
+    import zeroflow.continual.ease as ease
+    monkeypatch.chdir(tmp_path)
+    learn_task = ease.EASE.learn_task
+
+    def interrupted_in_task_3(self, t, *a, **k):
+        if t == 2:
+            raise KeyboardInterrupt
+        return learn_task(self, t, *a, **k)
+
+    monkeypatch.setattr(ease.EASE, "learn_task", interrupted_in_task_3)
+    rc, _, err = zf(capsys, "run", "--config", env["fast"], "--no-progress")
+    (folder,) = os.listdir(tmp_path / "runs")
+    run_dir = os.path.join("runs", folder)
+    assert rc == 130 and f"continue with: zeroflow run --resume --out {run_dir}" in err
+    assert "after task 2/5" in err and not os.path.exists(os.path.join(run_dir, ".lock"))
+
+    def interrupted_in_setup(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("zeroflow.continual.runner.make_learner", interrupted_in_setup)
+    rc, _, err = zf(capsys, "run", "--config", env["fast"], "--seed", 5, "--out", "setup", "--no-progress")
+    assert rc == 130 and "interrupted during setup; nothing was kept" in err
+    assert not os.path.exists("setup")
+
+
+# ---------------------------------------------------------------- sweep
+def test_sweep_reuses_its_own_runs_and_refuses_other_configurations(env, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    rc, stdout, err = zf(capsys, "sweep", "--config", env["fast"], "--optimizers", "zo_sgd", "--out", out,
+                         "--no-progress")
+    assert rc == 0, err
+    run_dir = out / "ease_zo_sgd_digits"
+    first = metrics(run_dir)
+    assert f"| EASE | zo_sgd | {first['avg']:.2f} |" in stdout
+    # a 10-epoch request over the finished 1-epoch run: refused before anything runs
+    rc, stdout, err = zf(capsys, "sweep", "--config", env["fast"], "--epochs", 10, "--optimizers", "zo_sgd",
+                         "--out", out)
+    assert rc == 2 and f"{run_dir} holds a finished run with another configuration (epochs: 1 there, 10 " \
+                       f"requested)" in err and "| EASE" not in stdout
+    assert metrics(run_dir) == first
+    # the same request: the finished run is this sweep's result
+    rc, stdout, err = zf(capsys, "sweep", "--config", env["fast"], "--optimizers", "zo_sgd", "--out", out)
+    assert rc == 0 and f"run {run_dir} is already finished (same configuration)" in stdout
+    assert metrics(run_dir) == first
+
+
+def test_sweep_goes_on_after_a_failing_optimizer_and_prints_the_table(env, tmp_path, capsys, monkeypatch):
+    from zeroflow.continual import runner
+    from zeroflow.continual.errors import ZeroflowError
+    make_learner = runner.make_learner
+
+    def zo_sgd_fails(cfg, *a):
+        if cfg["optimizer"] == "zo_sgd":
+            raise ZeroflowError("zo_sgd broke")
+        return make_learner(cfg, *a)
+
+    monkeypatch.setattr(runner, "make_learner", zo_sgd_fails)
+    out = tmp_path / "sweep"
+    rc, stdout, err = zf(capsys, "sweep", "--config", env["fast"], "--method", "aper", "--optimizers",
+                         "zo_sgd,zo_adam", "--out", out, "--no-progress")
+    assert rc == 1
+    assert "| APER | zo_adam |" in stdout and "| APER | zo_sgd |" not in stdout
+    assert "zeroflow: zo_sgd failed: zo_sgd broke" in err
+    assert sorted(os.listdir(out)) == ["aper_zo_adam_digits"]     # the failed run left no folder
+    for bad, needle in (("", "names no optimizer"), ("zo_sgd,zo_sgd", "lists zo_sgd more than once"),
+                        ("zo_sgd,nope", "unknown optimizer 'nope'")):
+        rc, _, err = zf(capsys, "sweep", "--optimizers", bad, "--out", tmp_path / "s2")
+        assert rc == 2 and needle in err and not (tmp_path / "s2").exists()
+
+
+# ---------------------------------------------------------------- --record and replay, file modes
+def test_record_then_replay_rebuilds_the_trained_adapters_bit_exactly(env, tmp_path, capsys):
+    out = tmp_path / "run"
+    old_umask = os.umask(0o027)
+    try:
+        rc, stdout, err = zf(capsys, "run", "--config", env["fast"], "--optimizer", "zo_sgd", "--record", "--out",
+                             out, "--no-progress")
+    finally:
+        os.umask(old_umask)
+    assert rc == 0, err
+    logs = sorted(os.listdir(out / "trajectory"))
+    assert logs == [f"task{k}.{ext}" for k in range(1, 6) for ext in ("base.pt", "zft")]
+    assert f"trajectory log: {out / 'trajectory' / 'task1.zft'}" in stdout
+    for path, _, files in os.walk(out):                # every file follows the umask (0o027 -> 0o640)
+        for f in files:
+            assert stat.S_IMODE(os.stat(os.path.join(path, f)).st_mode) == 0o640, f
+    trained = torch.load(out / "checkpoint.pt", weights_only=False)["learner"]["adapters"]
+    for k in range(1, 6):
+        weights = tmp_path / f"w{k}.pt"
+        assert main(["replay", str(out / "trajectory" / f"task{k}.base.pt"), str(out / "trajectory" / f"task{k}.zft"),
+                     "--out", str(weights)]) == 0
+        replayed = torch.load(weights, weights_only=True)
+        base = torch.load(out / "trajectory" / f"task{k}.base.pt", weights_only=True)["model"]
+        names = [n for n in replayed if n.startswith(f"adapters.{k - 1}.")]
+        assert names and any(not torch.equal(replayed[n], base[n]) for n in names)    # training moved them
+        for n in names:
+            assert torch.equal(replayed[n], trained[n[len("adapters."):]]), n
+    # a sweep records what can be replayed and says what it does not record
+    rc, _, err = zf(capsys, "sweep", "--config", env["fast"], "--method", "aper", "--optimizers", "zo_adam,fo_sgd",
+                    "--record", "--out", tmp_path / "sweep", "--no-progress")
+    assert rc == 0 and "not recording fo_sgd" in err
+    assert sorted(os.listdir(tmp_path / "sweep" / "aper_zo_adam_digits" / "trajectory")) == ["task1.base.pt",
+                                                                                              "task1.zft"]
+    assert not (tmp_path / "sweep" / "aper_fo_sgd_digits" / "trajectory").exists()
