@@ -13,7 +13,7 @@
 # summary.txt, summary.json, performance.md and gpu_logs.tar.gz (every full log, the junit
 # XML, the benchmark JSON and the plots). Nothing is cut to a tail.
 # Env: SKIP_BUILD=1, SKIP_TESTS=1, BENCH_ONLY="kernels optim e2e", GPU_CHECK_BUDGET_S (350),
-#      TEST_WORKERS (12).
+#      TEST_WORKERS (12), ZEROFLOW_COMMIT (the commit to report where .git is stale, as in a device lease).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -55,7 +55,7 @@ try:
     import triton; tv = triton.__version__
 except Exception as e:  # noqa: BLE001
     tv = f"missing ({e})"
-commit = os.environ.get("ZEROFLOW_COMMIT", "")   # a lease's copy of the tree has no .git
+commit = os.environ.get("ZEROFLOW_COMMIT", "")   # a lease's copy of the tree carries a stale .git
 if not commit:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
