@@ -5,7 +5,8 @@
 #                     JSON and report in results/fast/ (docs/ untouched)
 #   make bench-sweep  query sweep q in {1,...,32} (zo_sgd, zo_adam; ~8 min), then the report
 #   make bench-gpu    benchmarks/gpu_check.sh (on a CUDA machine; output in $$OUT or results/gpu/)
-#   make bench-report the report again from the JSON already in results/
+#   make bench-report the report again from the JSON already in results/ (cpu_*.json, and gpu_*.json
+#                     copied there from a GPU run's gpu_logs.tar.gz: bench/gpu_*.json)
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 PY ?= python3
@@ -28,8 +29,10 @@ bench:
 	done
 	$(MAKE) bench-report
 
+# GPU results fetched from a device lease (gpu_check.sh's JSON, copied to results/gpu_*.json)
+# become the GPU sections of the same page.
 bench-report:
-	$(BENCH_PYTHONPATH) $(PY) -m benchmarks.report $(foreach s,$(SUITES),$(RESULTS)/cpu_$(s).json) \
+	$(BENCH_PYTHONPATH) $(PY) -m benchmarks.report $(foreach s,$(SUITES),$(RESULTS)/cpu_$(s).json) $(wildcard $(RESULTS)/gpu_*.json) \
 	  --out docs/performance.md --plots docs/perf/ $(if $(wildcard $(SWEEP_JSON)),--sweep $(SWEEP_JSON)) \
 	  $(if $(wildcard benchmarks/notes.md),--notes benchmarks/notes.md)
 
