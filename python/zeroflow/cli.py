@@ -16,6 +16,15 @@ import threading
 import time
 from typing import List, Optional
 
+
+def _true_false(text: str) -> bool:
+    """argparse type of the boolean options: true / false (as in a config file)."""
+    value = {"true": True, "false": False}.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false (got {text!r})")
+    return value
+
+
 RUN_FLAGS = (
     # flag, dest, type, help
     ("--method", "method", str, "ease | aper"),
@@ -43,6 +52,18 @@ RUN_FLAGS = (
     ("--init-cls", "init_cls", int, "classes in the first task"),
     ("--increment", "increment", int, "classes per later task"),
     ("--ease-alpha", "ease_alpha", float, "EASE subspace reweighting alpha (>= 0)"),
+    ("--ease-use-init-ptm", "ease_use_init_ptm", _true_false, "EASE: the PTM's own features are one more subspace "
+                                                              "(PILOT use_init_ptm; true/false)"),
+    ("--ease-beta", "ease_beta", float, "EASE: weight of the PTM subspace in the reweighted inference (PILOT beta)"),
+    ("--ease-moni-adam", "ease_moni_adam", _true_false, "EASE: only the first --ease-adapter-num tasks train an "
+                                                        "adapter; plain cosine fc (PILOT moni_adam; true/false)"),
+    ("--ease-adapter-num", "ease_adapter_num", int, "EASE with --ease-moni-adam: tasks that train an adapter"),
+    ("--ease-recalc-sim", "ease_recalc_sim", _true_false, "EASE: recompute every complement at every stage "
+                                                          "(PILOT recalc_sim; true/false)"),
+    ("--ease-use-reweight", "ease_use_reweight", _true_false, "EASE: subspace-reweighted inference, else the plain "
+                                                              "cosine fc (PILOT use_reweight; true/false)"),
+    ("--ease-later-lr", "ease_later_lr", float, "EASE on B-N splits: lr of the tasks after the first"),
+    ("--ease-later-epochs", "ease_later_epochs", int, "EASE on B-N splits: epochs of the tasks after the first"),
     ("--num-workers", "num_workers", int, "DataLoader workers"),
     ("--threads", "threads", int, "torch CPU threads"),
 )

@@ -431,6 +431,8 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
                 torch.distributed.barrier()
             broadcast_module_(net)
         learner = make_learner(cfg, net, device)
+        if main and hasattr(learner, "describe"):
+            log(learner.describe())
         if main:
             if mode == "fresh":
                 atomic_write_json(os.path.join(run_dir, CONFIG), cfg)
