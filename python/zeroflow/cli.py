@@ -44,7 +44,10 @@ RUN_FLAGS = (
     ("--sparsity", "sparsity", float, "ZO sparse-mask ratio in [0, 1)"),
     ("--history", "history", float, "ZO history mixing alpha in [0, 1)"),
     ("--hybrid-switch", "hybrid_switch", int, "hybrid FO->ZO: FO steps per task before switching to ZO"),
-    ("--seed", "seed", int, "random seed, in [0, 2^31-1] (the class order always uses PILOT's 1993)"),
+    ("--seed", "seed", int, "random seed of the training, in [0, 2^31-1] (the class order follows "
+                            "--class-order-seed)"),
+    ("--class-order-seed", "class_order_seed", int, "numpy seed of the class order, in [0, 2^31-1] (PILOT's "
+                                                    "1993; PILOT ties it to the run seed)"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
     ("--backend", "backend", str, "zfkernels backend for the ZO kernels: auto | cpu | cuda | triton | torch"),
     ("--checkpoint", "checkpoint", str, "local ViT weights (.safetensors/.pth/.npz) instead of pretrained=True "
@@ -114,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(s, sweep=True)
     s.add_argument("--optimizers", default="zo_sgd,zo_adam,fo_sgd,fo_adam",
                    help="comma-separated optimizer list, or 'all' (default: zo_sgd,zo_adam,fo_sgd,fo_adam)")
+    s.add_argument("--seeds", default=None, help="comma-separated --seed values, e.g. 1993,1,2: every optimizer "
+                   "runs once per seed (folders <method>_<optimizer>_<dataset>_seed<k>) and the table shows "
+                   "mean ± std over the seeds")
     s.add_argument("--out", default=None, help="parent folder of the runs (default: runs/sweep_<time>); a run "
                    "already there with the same configuration is reused (finished) or resumed (unfinished)")
     sub.add_parser("replay", help="rebuild trained weights from a base checkpoint and a ZO trajectory log "
@@ -182,21 +188,47 @@ def _sweep_optimizers(text: str) -> List[str]:
     return names
 
 
+def _sweep_seeds(a) -> List[Optional[int]]:
+    """The seeds of ``--seeds`` (checked), or ``[None]``: one run per optimizer with --seed."""
+    from .continual.defaults import SEED_MAX
+    from .continual.errors import ZeroflowError
+
+    if a.seeds is None:
+        return [None]
+    if a.seed is not None:
+        raise ZeroflowError("--seed and --seeds both given: give the seeds of the sweep with --seeds only")
+    seeds = []
+    for part in a.seeds.split(","):
+        try:
+            seeds.append(int(part.strip()))
+        except ValueError:
+            raise ZeroflowError(f"--seeds {a.seeds!r}: {part.strip()!r} is not an integer; give e.g. "
+                                f"--seeds 1993,1,2") from None
+    bad = [k for k in seeds if not 0 <= k <= SEED_MAX]
+    if bad:
+        raise ZeroflowError(f"--seeds: {bad[0]} is not in [0, {SEED_MAX}]")
+    twice = sorted({k for k in seeds if seeds.count(k) > 1})
+    if twice:
+        raise ZeroflowError(f"--seeds lists {', '.join(map(str, twice))} more than once")
+    return seeds
+
+
 def _sweep_plan(a, names: List[str], parent: str) -> list:
-    """``(optimizer, config, run folder)`` for every optimizer, all checked before the first
-    run starts: options, and what each folder already holds (a run with another
-    configuration, a damaged one, or one in progress is refused unless --force)."""
+    """``(label, config, run folder)`` for every optimizer (and every seed of ``--seeds``), all
+    checked before the first run starts: options, and what each folder already holds (a run
+    with another configuration, a damaged one, or one in progress is refused unless --force)."""
     from .continual.defaults import RECORDABLE, resolve
     from .continual.errors import ZeroflowError
     from .continual.runfolder import config_differences, inspect, lock_holder
 
-    plan = []
-    for n in names:
-        over = _overrides(a) | {"optimizer": n}
+    plan, seeds = [], _sweep_seeds(a)
+    for n, seed in ((n, seed) for n in names for seed in seeds):
+        over = _overrides(a) | {"optimizer": n} | ({} if seed is None else {"seed": seed})
         if a.record and n not in RECORDABLE:
             over["record"] = None       # named in a warning by cmd_sweep; the others are recorded
         cfg = resolve(over, a.config)
-        d = os.path.join(parent, f"{cfg['method']}_{n}_{cfg['dataset']}")
+        suffix = "" if seed is None else f"_seed{seed}"
+        d = os.path.join(parent, f"{cfg['method']}_{n}_{cfg['dataset']}{suffix}")
         holder = lock_holder(d)
         if holder:
             raise ZeroflowError(f"{d} is in use by {holder}; wait until it has finished, or choose another --out")
@@ -207,7 +239,7 @@ def _sweep_plan(a, names: List[str], parent: str) -> list:
             raise ZeroflowError(f"{d} holds {'a damaged' if state.kind == 'corrupt' else 'a ' + state.kind} run "
                                 f"with another configuration ({why}); choose another --out, or add --force to "
                                 f"replace it")
-        plan.append((n, cfg, d))
+        plan.append((n if seed is None else f"{n} seed {seed}", cfg, d))
     return plan
 
 

@@ -34,6 +34,7 @@ COMMON: Dict[str, Any] = dict(
     weight_decay=5e-4, momentum=0.9, schedule="cosine",
     q=1, zo_eps=1e-3, perturbation="gaussian", sparsity=0.0, history=0.0, hybrid_switch=None,
     ease_alpha=0.1, num_workers=0, eval_batch_size=256, threads=None, record=False,
+    class_order_seed=1993,
     # EASE variants (PILOT's option names after the prefix): the per-task variant of the EASE
     # repository's CIFAR / CUB / ImageNet-A configs; OmniBenchmark's published one differs
     ease_use_init_ptm=False, ease_beta=0.0, ease_moni_adam=False, ease_adapter_num=None,
@@ -86,8 +87,9 @@ CHOICES = {"method": METHODS, "optimizer": OPTIMIZERS, "dataset": DATASETS, "per
 # integer options: smallest allowed value (and the largest, for the seed)
 INTS = {"epochs": 0, "batch_size": 1, "q": 1, "init_cls": 1, "increment": 1, "seed": 0, "num_workers": 0,
         "eval_batch_size": 1, "threads": 1, "hybrid_switch": 0, "adapter_dim": 1, "img_size": 1,
-        "pretrain_epochs": 0, "pretrain_batch_size": 1, "ease_adapter_num": 1,
+        "pretrain_epochs": 0, "pretrain_batch_size": 1, "class_order_seed": 0, "ease_adapter_num": 1,
         "ease_later_epochs": 0}
+SEEDS = ("seed", "class_order_seed")      # integers in [0, SEED_MAX]
 SEED_MAX = 2 ** 31 - 1
 # real options: (low, low included, high or None, high included)
 FLOATS = {"lr": (0.0, True, None, False), "weight_decay": (0.0, True, None, False),
@@ -196,7 +198,7 @@ def validate(cfg: Dict[str, Any], names: Optional[Dict[str, str]] = None) -> Dic
     out["lr"] = _pick_lr(out["lr"], out["optimizer"], name("lr"))
     for k, lo in INTS.items():
         if k in out and not (out[k] is None and k in NULLABLE):
-            out[k] = _as_int(name(k), out[k], lo, SEED_MAX if k == "seed" else None)
+            out[k] = _as_int(name(k), out[k], lo, SEED_MAX if k in SEEDS else None)
     for k, bounds in FLOATS.items():
         if k in out and not (out[k] is None and k in NULLABLE):
             out[k] = _as_float(name(k), out[k], *bounds)

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
-from .defaults import DATASETS, OPTIMIZERS
+from .defaults import COMMON, DATASETS, OPTIMIZERS
 from .errors import ZeroflowError
 from .runfolder import METRICS, OPERATIONAL_KEYS, canonical, is_run_folder, load_metrics, lock_holder
 
@@ -96,20 +96,26 @@ def _key(config: Dict, drop: Sequence[str]) -> str:
     return json.dumps({k: v for k, v in canonical(config).items() if k not in drop}, sort_keys=True)
 
 
+def with_defaults(config: Dict) -> Dict:
+    """``config`` with the options it lacks (a run saved before they existed) at their default,
+    as the run folder compares configurations (runfolder.config_differences)."""
+    return {k: v for k, v in COMMON.items() if k not in config} | config
+
+
 def group_runs(runs: List[Dict]) -> List[Row]:
     """Runs equal in every option but the seed, with distinct seeds, form one row; any
     other run is a row of its own (the same seed twice is two runs, not two seeds)."""
     by_config: Dict[str, List[Dict]] = {}
     for m in runs:
-        by_config.setdefault(_key(m["config"], ("seed",) + OPERATIONAL_KEYS), []).append(m)
+        by_config.setdefault(_key(with_defaults(m["config"]), ("seed",) + OPERATIONAL_KEYS), []).append(m)
     rows = []
     for ms in by_config.values():
         seeds = [json.dumps(m["config"].get("seed")) for m in ms]
         if len(ms) > 1 and len(set(seeds)) == len(seeds):
             ms = sorted(ms, key=lambda m: str(m["config"].get("seed")))
-            rows.append(Row(ms, ms[0]["config"]))
+            rows.append(Row(ms, with_defaults(ms[0]["config"])))
         else:
-            rows += [Row([m], m["config"]) for m in ms]
+            rows += [Row([m], with_defaults(m["config"])) for m in ms]
     return rows
 
 

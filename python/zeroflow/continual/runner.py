@@ -396,7 +396,8 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
         torch.set_num_threads(int(threads))
     seed_everything(int(cfg["seed"]))
     data = load_dataset(cfg["dataset"], cfg["data_root"], int(cfg["init_cls"]), int(cfg["increment"]),
-                        download=bool(cfg.get("download")), img_size=int(cfg.get("img_size", 224)))
+                        download=bool(cfg.get("download")), img_size=int(cfg.get("img_size", 224)),
+                        class_order_seed=int(cfg.get("class_order_seed", 1993)))
 
     folder = None
 
