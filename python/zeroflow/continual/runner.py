@@ -502,6 +502,8 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
         if not main:
             return {"rank": rank, "world_size": world, "accuracy_curve": curve, "run_dir": run_dir}
         res = M.summarize(curve, matrix)
+        if cfg.get("baseline") == "untrained":
+            res.update(untrained_results(cfg, net, data, device, res, log))
         train_s = counters.train_seconds
         metrics = {
             **res,
@@ -535,6 +537,17 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
             folder.release()          # removes the folder too if this run created it and wrote nothing
 
 
+def untrained_results(cfg: Dict, net, data, device, res: Dict, log) -> Dict:
+    """``--baseline untrained``: the baseline's results and what training added (metrics keys)."""
+    from .baseline import gains, untrained_baseline
+
+    base = untrained_baseline(cfg, net, data, device)
+    added = gains(res, base)
+    log(f"untrained baseline: Avg {base['avg']:.2f}, Last {base['last']:.2f}; training added Avg "
+        f"{added['avg_gain']:+.2f}, Last {added['last_gain']:+.2f} ({base['seconds']:.1f}s)")
+    return {"baseline": base, **added}
+
+
 def write_results(run_dir: str, metrics: Dict):
     matrix = metrics["accuracy_matrix"]
     T = len(matrix)
@@ -561,6 +574,10 @@ def plot_results(run_dir: str, metrics: Dict):
     stages = np.arange(1, T + 1)
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    base = metrics.get("baseline")
+    if base:     # drawn first and hollow: where training added nothing the two curves coincide
+        ax.plot(stages, base["accuracy_curve"], "s--", lw=1.5, ms=10, mfc="none", color="0.5",
+                label="all seen classes, untrained adapters")
     ax.plot(stages, metrics["accuracy_curve"], "o-", lw=2, color="k", label="all seen classes")
     for g in range(T):
         ys = [matrix[g][s] for s in range(g, T)]
@@ -569,7 +586,9 @@ def plot_results(run_dir: str, metrics: Dict):
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_xticks(stages)
-    ax.set_title(f"{title}\nAvg {metrics['avg']:.2f}  Last {metrics['last']:.2f}  Fgt {metrics['fgt']:.2f}")
+    gain = f"  (training added {metrics['avg_gain']:+.2f} / {metrics['last_gain']:+.2f})" if base else ""
+    ax.set_title(f"{title}\nAvg {metrics['avg']:.2f}  Last {metrics['last']:.2f}  Fgt {metrics['fgt']:.2f}{gain}",
+                 fontsize=9 if base else None)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     _atomic_fig(fig, os.path.join(run_dir, "accuracy_per_stage.png"))
