@@ -48,6 +48,8 @@ RUN_FLAGS = (
                             "--class-order-seed)"),
     ("--class-order-seed", "class_order_seed", int, "numpy seed of the class order, in [0, 2^31-1] (PILOT's "
                                                     "1993; PILOT ties it to the run seed)"),
+    ("--precision", "precision", str, "forward precision of the backbone: fp32 | tf32 | bf16 | fp16 (parameters, "
+                                      "loss and ZO finite differences stay fp32; docs/algorithms.md section 10)"),
     ("--baseline", "baseline", str, "untrained | none: also run the protocol with untrained adapters and report "
                                     "what training added (avg_gain, last_gain)"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:N"),

@@ -39,6 +39,7 @@ def untrained_baseline(cfg: Dict, net, data, device: torch.device) -> Dict:
     t0 = time.perf_counter()
     base_cfg = untrained_config(cfg)
     twin = AdaptedViT(net.vit, net.bottleneck, net.dropout)      # the same frozen backbone, no adapter yet
+    twin.precision = net.precision
     counters, timer = Counters(), M.Timer(device)
     T = len(data.tasks)
     matrix, curve = M.empty_matrix(T), []

@@ -24,6 +24,7 @@ OPTIMIZERS = ("zo_sgd", "zo_sgd_sign", "zo_sgd_conserve", "zo_adam", "zo_adam_si
               "forward_grad", "fo_sgd", "fo_adam")
 PERTURBATIONS = ("gaussian", "rademacher")
 SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")      # precision.PRECISIONS (this module imports no torch)
 BASELINES = ("untrained", "none")
 # Optimizers whose steps a trajectory log can replay (--record): the ZO methods whose steps are
 # determined by loss scalars (forward_grad's jvps and first-order steps are not).
@@ -35,7 +36,7 @@ COMMON: Dict[str, Any] = dict(
     weight_decay=5e-4, momentum=0.9, schedule="cosine",
     q=1, zo_eps=1e-3, perturbation="gaussian", sparsity=0.0, history=0.0, hybrid_switch=None,
     ease_alpha=0.1, num_workers=0, eval_batch_size=256, threads=None, record=False,
-    class_order_seed=1993, baseline="none",
+    precision="fp32", class_order_seed=1993, baseline="none",
     # EASE variants (PILOT's option names after the prefix): the per-task variant of the EASE
     # repository's CIFAR / CUB / ImageNet-A configs; OmniBenchmark's published one differs
     ease_use_init_ptm=False, ease_beta=0.0, ease_moni_adam=False, ease_adapter_num=None,
@@ -85,7 +86,7 @@ KNOWN_KEYS = set(COMMON) | {"backbone", "adapter_dim", "img_size", "init_cls", "
 
 # ---------------------------------------------------------------- option types and ranges
 CHOICES = {"method": METHODS, "optimizer": OPTIMIZERS, "dataset": DATASETS, "perturbation": PERTURBATIONS,
-           "schedule": SCHEDULES, "baseline": BASELINES}
+           "schedule": SCHEDULES, "precision": PRECISIONS, "baseline": BASELINES}
 # integer options: smallest allowed value (and the largest, for the seed)
 INTS = {"epochs": 0, "batch_size": 1, "q": 1, "init_cls": 1, "increment": 1, "seed": 0, "num_workers": 0,
         "eval_batch_size": 1, "threads": 1, "hybrid_switch": 0, "adapter_dim": 1, "img_size": 1,

@@ -32,6 +32,7 @@ from .._atomic import atomic_torch_save, atomic_write, atomic_write_bytes
 from . import metrics as M
 from .defaults import COMMON, flag, lr_family, validate
 from .errors import ZeroflowError
+from .precision import check_run_precision
 from .runfolder import (CHECKPOINT, CONFIG, METRICS, TRAJECTORY, RunFolder, canonical, config_differences, inspect,
                         read_run_config, remove_run_files, writing)
 
@@ -230,6 +231,7 @@ def build_network(cfg: Dict, data, device: torch.device, saved_backbone: Optiona
         vit = load_timm_vit(cfg["backbone"], checkpoint=cfg.get("checkpoint"), pretrained=True,
                             model_kwargs=cfg.get("model_kwargs"))
     net = AdaptedViT(vit, int(cfg["adapter_dim"]))
+    net.precision = cfg.get("precision", "fp32")
     return net.to(device)
 
 
@@ -389,6 +391,7 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
         device = resolve_device(cfg.get("device"))
     check_backend(cfg.get("backend"), device)
     check_checkpoint_file(cfg)
+    check_run_precision(cfg, device, warn)
     threads = cfg.get("threads")
     if threads is None and device.type == "cpu" and cfg.get("backbone") == "small":
         threads = 1   # the tiny ViT is dominated by threading overhead; 1 thread is fastest
@@ -522,6 +525,7 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
             "n_tasks": T,
             "world_size": world,
             "class_order": data.order,
+            "precision": cfg.get("precision", "fp32"),
             "config": cfg,
             "run_dir": run_dir,
         }
