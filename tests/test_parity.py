@@ -363,8 +363,8 @@ def test_sign_keeps_signed_zeros_and_nan(backend):
     where z * c > 0 and -0 where z * c < 0, and p - sign(g) * lr is -0 for g = +0, +0 for
     g = -0; with a NaN coefficient p becomes NaN."""
     be, dev = backend
-    assert bits(R.sign_f32(torch.tensor([0.0, -0.0, 2.0, -3.0, 1e-40]))).tolist() == [
-        0, -2**31, bits(torch.tensor([1.0])).item(), bits(torch.tensor([-1.0])).item(), bits(torch.tensor([1.0])).item()]
+    one, minus_one = bits(torch.tensor([1.0])).item(), bits(torch.tensor([-1.0])).item()
+    assert bits(R.sign_f32(torch.tensor([0.0, -0.0, 2.0, -3.0, 1e-40]))).tolist() == [0, -2**31, one, minus_one, one]
     assert R.sign_f32(torch.tensor([float("nan")])).isnan().all()
     n = 300
     z = R.rademacher(8, n, 0)

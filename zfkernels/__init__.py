@@ -48,8 +48,8 @@ _warned: set[str] = set()
 
 def _triton_module():
     try:
-        from . import triton as zt  # noqa: PLC0415 - optional dependency, imported on use
-    except Exception as exc:  # ImportError, or a Triton that fails to initialise
+        from . import triton as zt  # optional dependency, imported on use
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a Triton that fails to initialise
         return None, f"Triton kernels unavailable ({type(exc).__name__}: {exc}); pip install triton"
     return zt, ""
 

@@ -264,7 +264,8 @@ def philox4x32_10(counters: torch.Tensor, key0: int, key1: int, *, block_size: i
         raise ValueError(f"philox4x32_10: counters must be a torch.Tensor, got {type(counters).__name__}")
     if counters.dtype != torch.int64 or counters.dim() != 2 or counters.shape[1] != 4:
         raise ValueError(
-            f"philox4x32_10: counters must be an int64 tensor of shape [N, 4], got {counters.dtype} {tuple(counters.shape)}"
+            f"philox4x32_10: counters must be an int64 tensor of shape [N, 4], got {counters.dtype} "
+            f"{tuple(counters.shape)}"
         )
     if counters.layout != torch.strided:
         raise ValueError("philox4x32_10: counters must be a dense (strided) tensor")

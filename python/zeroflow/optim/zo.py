@@ -493,9 +493,11 @@ class _ZOBase(torch.optim.Optimizer):
         me = type(self).__name__
         c = state_dict.get("zeroflow")
         if not isinstance(c, dict):
-            raise ValueError("state_dict lacks the 'zeroflow' counters (seed, step); was it saved by a zeroflow optimizer?")
+            raise ValueError("state_dict lacks the 'zeroflow' counters (seed, step); "
+                             "was it saved by a zeroflow optimizer?")
         if c.get("stream") != STREAM_VERSION:
-            raise ValueError(f"state_dict was saved with perturbation stream {c.get('stream')!r}, this is {STREAM_VERSION!r}")
+            raise ValueError(f"state_dict was saved with perturbation stream {c.get('stream')!r}, "
+                             f"this is {STREAM_VERSION!r}")
         if c.get("optimizer", me) != me:
             raise ValueError(f"state_dict was saved by {c['optimizer']}; this is a {me}")
         missing = [k for k in ("seed", "step", "task", "forward_passes", "queries", "steps_skipped") if k not in c]
@@ -503,11 +505,12 @@ class _ZOBase(torch.optim.Optimizer):
             raise ValueError(f"state_dict's 'zeroflow' counters lack {', '.join(missing)}")
         for k in STATE_GLOBAL_OPTIONS:
             if k in c and c[k] != getattr(self, k):
-                raise ValueError(f"state_dict was saved with {k}={c[k]!r}, this optimizer has {k}={getattr(self, k)!r}; "
-                                 f"build it with the same options to continue that run")
+                raise ValueError(f"state_dict was saved with {k}={c[k]!r}, this optimizer has "
+                                 f"{k}={getattr(self, k)!r}; build it with the same options to continue that run")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer {len(self.param_groups)}")
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups, "
+                             f"this optimizer {len(self.param_groups)}")
         shapes = {}
         for i, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
             keys, mine = set(sg) - {"params", "param_names"}, set(g) - {"params", "param_names"}
