@@ -274,6 +274,7 @@ def load_dataset(name: str, root: str, init_cls: int, increment: int, *, downloa
         return load_cifar100(root, init_cls, increment, download=download, img_size=img_size)
     if name in IMAGEFOLDER_DATASETS:
         if download:
-            raise ZeroflowError(f"{name} cannot be downloaded automatically; place it under {root}/{name}/{{train,test}}")
+            raise ZeroflowError(f"{name} cannot be downloaded automatically; place it under "
+                                f"{root}/{name}/{{train,test}}")
         return load_imagefolder(name, root, init_cls, increment, img_size=img_size)
     raise ZeroflowError(f"unknown dataset {name!r}; valid: {', '.join(ALL_DATASETS)}")
