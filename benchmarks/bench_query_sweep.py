@@ -97,7 +97,8 @@ def main(argv=None) -> int:
         json.dump(out, f, indent=1)
     print(f"sweep: wrote {a.out}")
     for r in results:
-        print(f"  {r['optimizer']:8s} q={r['q']:<3d} avg={r.get('avg')}" + (f"  ERROR {r['error']}" if r.get("error") else ""))
+        error = f"  ERROR {r['error']}" if r.get("error") else ""
+        print(f"  {r['optimizer']:8s} q={r['q']:<3d} avg={r.get('avg')}{error}")
     if a.plot:
         from benchmarks.report import make_plots
 

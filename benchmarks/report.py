@@ -99,24 +99,21 @@ def table(header, rows):
 
 
 def derive(records):
-    """Adds rate / bandwidth / ratios to every record, in place."""
+    """Adds rate / bandwidth / ratios to every record, in place; returns the key index.
+    Rates first (a ratio to the copy baseline needs the copy's own bandwidth), then ratios."""
     idx = index(records)
     for r in records:
         x, t = r["x"], r["t"]
         r["elem_s"] = x["elements"] / t if x.get("elements") else None
         r["gbs"] = x["bytes"] / t / 1e9 if x.get("bytes") else None
+    for r in records:
+        x, t = r["x"], r["t"]
         c = idx.get(x.get("copy_ref"))
-        r["copy_frac"] = r["gbs"] / c["gbs"] if (c and r["gbs"] and c.get("gbs")) else None
+        r["copy_frac"] = r["gbs"] / c["gbs"] if (c and r["gbs"] and c["gbs"]) else None
         m = idx.get(x.get("mezo_ref"))
         r["vs_mezo"] = m["t"] / t if m else None
         fo = idx.get(x.get("fo_ref"))
         r["vs_fo"] = fo["t"] / t if fo else None
-    # copy's own gbs is needed before the ratios: a second pass settles it
-    for r in records:
-        x = r["x"]
-        c = idx.get(x.get("copy_ref"))
-        if c and r["gbs"] and c.get("gbs"):
-            r["copy_frac"] = r["gbs"] / c["gbs"]
     return idx
 
 
@@ -179,48 +176,71 @@ def targets(records):
     for dev, recs in by_device(records):
         kern = [r for r in recs if r["x"].get("suite") == "kernels" and r["x"].get("kind") == "zeroflow"]
         opt = [r for r in recs if r["x"].get("suite") == "optim" and r["x"].get("impl") == "zeroflow"]
-        gpu = dev.startswith("cuda")
-        backends = sorted({r["x"]["backend"] for r in kern})
-        if not gpu:
-            r = _largest(kern, op="perturb", variant="plain", dist="rademacher", dtype="fp32", backend="cpu")
-            rows.append((dev, "Rademacher perturb ≥ 1.3 G elem/s", fnum(r["elem_s"] / 1e9) + " G/s" if r else "—",
-                         _status(r["elem_s"] / 1e9 if r else None, 1.3), _where(r)))
-            r = _largest(kern, op="perturb", variant="plain", dist="gaussian", dtype="fp32", backend="cpu")
-            rows.append((dev, "Gaussian perturb ≥ 2× MeZO-style", fx(r["vs_mezo"]) if r else "—",
-                         _status(r["vs_mezo"] if r else None, 2.0), _where(r)))
-            step_targets = (("gaussian", 2.5), ("rademacher", 10.0))
-        else:
-            for b in backends:
-                for op in ("perturb", "sgd", "adam"):
-                    r = _largest(kern, op=op, variant="plain", dtype="fp32", backend=b, dist="rademacher")
-                    rg = _largest(kern, op=op, variant="plain", dtype="fp32", backend=b, dist="gaussian")
-                    for rr in (r, rg):
-                        if rr is None:
-                            continue
-                        rows.append((dev, f"{op} ({b}, {rr['x']['dist']}) ≥ 90 % of copy bandwidth",
-                                     fpct(rr["copy_frac"]), _status(rr["copy_frac"], 0.9), _where(rr)))
+        if dev.startswith("cuda"):
+            rows += _bandwidth_targets(dev, kern)
             step_targets = (("gaussian", 3.0), ("rademacher", 3.0))
-        for pset in sorted({r["x"]["param_set"] for r in opt}):
-            for kind in ("zo_sgd", "zo_adam"):
-                for dist, tgt in step_targets:
-                    cand = [r for r in opt if r["x"]["param_set"] == pset and r["x"]["opt"] == kind
-                            and r["x"]["dist"] == dist and r["vs_mezo"] is not None]
-                    if not cand:
-                        rows.append((dev, f"{kind} step ≥ {tgt:g}× MeZO-style ({dist}, {pset})", "—",
-                                     "not measured", ""))
-                        continue
-                    worst = min(cand, key=lambda r: r["vs_mezo"])
-                    qs = ", ".join(f"q={r['x']['q']}: {r['vs_mezo']:.2f}×" for r in sorted(cand, key=lambda r: r["x"]["q"]))
-                    rows.append((dev, f"{kind} step ≥ {tgt:g}× MeZO-style ({dist}, {pset})", fx(worst["vs_mezo"]),
-                                 _status(worst["vs_mezo"], tgt), qs))
-        mem = [r for r in opt if r["x"].get("peak_extra_bytes") is not None]
-        for pset in sorted({r["x"]["param_set"] for r in mem}):
-            cand = [r for r in mem if r["x"]["param_set"] == pset]
-            worst = max(cand, key=lambda r: r["x"]["peak_extra_bytes"])
-            rows.append((dev, f"ZO step extra memory ≤ 1 MiB ({pset})" + ("" if gpu else " [GPU target; CPU shown]"),
-                         fmib(worst["x"]["peak_extra_bytes"]), _status(worst["x"]["peak_extra_bytes"] / MiB, 1.0,
-                                                                         higher=False),
-                         f"worst: {worst['x']['opt']} {worst['x']['dist']} q={worst['x']['q']}"))
+        else:
+            rows += _cpu_kernel_targets(dev, kern)
+            step_targets = (("gaussian", 2.5), ("rademacher", 10.0))
+        rows += _step_targets(dev, opt, step_targets)
+        rows += _memory_targets(dev, opt)
+    return rows
+
+
+def _cpu_kernel_targets(dev, kern):
+    """CPU: Rademacher perturb rate, Gaussian perturb vs the MeZO recipe (largest fp32 size)."""
+    rows = []
+    r = _largest(kern, op="perturb", variant="plain", dist="rademacher", dtype="fp32", backend="cpu")
+    rows.append((dev, "Rademacher perturb ≥ 1.3 G elem/s", fnum(r["elem_s"] / 1e9) + " G/s" if r else "—",
+                 _status(r["elem_s"] / 1e9 if r else None, 1.3), _where(r)))
+    r = _largest(kern, op="perturb", variant="plain", dist="gaussian", dtype="fp32", backend="cpu")
+    rows.append((dev, "Gaussian perturb ≥ 2× MeZO-style", fx(r["vs_mezo"]) if r else "—",
+                 _status(r["vs_mezo"] if r else None, 2.0), _where(r)))
+    return rows
+
+
+def _bandwidth_targets(dev, kern):
+    """GPU: every backend's plain fp32 kernels at ≥ 90 % of the copy bandwidth (largest size)."""
+    rows = []
+    for b in sorted({r["x"]["backend"] for r in kern}):
+        for op in ("perturb", "sgd", "adam"):
+            for dist in ("rademacher", "gaussian"):
+                r = _largest(kern, op=op, variant="plain", dtype="fp32", backend=b, dist=dist)
+                if r is not None:
+                    rows.append((dev, f"{op} ({b}, {dist}) ≥ 90 % of copy bandwidth", fpct(r["copy_frac"]),
+                                 _status(r["copy_frac"], 0.9), _where(r)))
+    return rows
+
+
+def _step_targets(dev, opt, step_targets):
+    """ZO step vs the MeZO recipe, per parameter set, method and distribution: the worst q."""
+    rows = []
+    for pset in sorted({r["x"]["param_set"] for r in opt}):
+        for kind in ("zo_sgd", "zo_adam"):
+            for dist, tgt in step_targets:
+                target = f"{kind} step ≥ {tgt:g}× MeZO-style ({dist}, {pset})"
+                cand = [r for r in opt if r["x"]["param_set"] == pset and r["x"]["opt"] == kind
+                        and r["x"]["dist"] == dist and r["vs_mezo"] is not None]
+                if not cand:
+                    rows.append((dev, target, "—", "not measured", ""))
+                    continue
+                worst = min(cand, key=lambda r: r["vs_mezo"])
+                qs = ", ".join(f"q={r['x']['q']}: {r['vs_mezo']:.2f}×" for r in sorted(cand, key=lambda r: r["x"]["q"]))
+                rows.append((dev, target, fx(worst["vs_mezo"]), _status(worst["vs_mezo"], tgt), qs))
+    return rows
+
+
+def _memory_targets(dev, opt):
+    """ZO step extra memory ≤ 1 MiB per parameter set (a GPU target, shown for the CPU too)."""
+    rows = []
+    mem = [r for r in opt if r["x"].get("peak_extra_bytes") is not None]
+    for pset in sorted({r["x"]["param_set"] for r in mem}):
+        worst = max((r for r in mem if r["x"]["param_set"] == pset), key=lambda r: r["x"]["peak_extra_bytes"])
+        extra = worst["x"]["peak_extra_bytes"]
+        rows.append((dev, f"ZO step extra memory ≤ 1 MiB ({pset})" + ("" if dev.startswith("cuda") else
+                                                                      " [GPU target; CPU shown]"),
+                     fmib(extra), _status(extra / MiB, 1.0, higher=False),
+                     f"worst: {worst['x']['opt']} {worst['x']['dist']} q={worst['x']['q']}"))
     return rows
 
 
@@ -231,27 +251,16 @@ def _where(r):
     return f"{x.get('backend')} {x.get('dtype')} {fsize(x.get('numel', 0))}"
 
 
+_OP_ORDER = {"perturb": 0, "sgd": 1, "adam": 2, "copy": 3}
+_VARIANT_ORDER = {"plain": 0, "sign": 1, "sparse": 2, "history": 3, "momentum": 4}
+
+
 def kernel_section(records, plots_rel):
     out = []
     for dev, recs in by_device(records, "kernels"):
         out += [f"### Kernels on {dev} ({recs[0]['x'].get('device_name', '')})", ""]
-        base = [r for r in recs if r["x"]["kind"] in ("copy", "mezo")]
         zf = [r for r in recs if r["x"]["kind"] == "zeroflow"]
-        order = {"perturb": 0, "sgd": 1, "adam": 2, "copy": 3}
-        vorder = {"plain": 0, "sign": 1, "sparse": 2, "history": 3, "momentum": 4}
-
-        def sk(r):
-            x = r["x"]
-            return (order.get(x["op"], 9), vorder.get(x["variant"], 9), x["backend"], x["dtype"], x["dist"], x["numel"])
-
-        rows = []
-        for r in sorted(zf, key=sk):
-            x = r["x"]
-            rows.append((x["op"], x["variant"], x.get("backend_label") or x["backend"], x["dtype"], x["dist"], fsize(x["numel"]),
-                         fms(r["t"]), fnum(r["elem_s"] / 1e9), fnum(r["gbs"]), fpct(r["copy_frac"]),
-                         fx(r["vs_mezo"])))
-        out += [table(["op", "variant", "backend", "dtype", "z", "N", "median", "G elem/s", "GB/s", "of copy BW",
-                       "vs MeZO-style"], rows), ""]
+        out += [kernel_table(zf), ""]
         notes = sorted({f"{x.get('backend_label') or x['backend']}: {x['note']}" for x in (r["x"] for r in zf)
                         if x.get("note")})
         if notes:
@@ -259,57 +268,85 @@ def kernel_section(records, plots_rel):
         out += ["Variants: plain (restore + q=1 estimate for the updates), sign (element-wise sign), sparse "
                 "(mask, sparsity 0.5), history (h buffer, alpha 0.9), momentum (SGD buffer 0.9). "
                 "vs MeZO-style = MeZO recipe time / kernel time (plain variants).", ""]
-        rows = []
-        for r in sorted(base, key=lambda r: (r["x"]["kind"], order.get(r["x"]["op"], 9), r["x"]["dtype"],
-                                             r["x"]["dist"], r["x"]["numel"])):
-            x = r["x"]
-            what = "copy_ (dst.copy_(src))" if x["kind"] == "copy" else f"MeZO-style {x['op']}"
-            rows.append((what, x["dtype"], x["dist"], fsize(x["numel"]), fms(r["t"]), fnum(r["elem_s"] / 1e9),
-                         fnum(r["gbs"]), fpct(r["copy_frac"]) if x["kind"] != "copy" else "100 %"))
         out += ["Baselines measured in the same run:", "",
-                table(["baseline", "dtype", "z", "N", "median", "G elem/s", "GB/s", "of copy BW"], rows), ""]
+                baseline_table([r for r in recs if r["x"]["kind"] in ("copy", "mezo")]), ""]
         if plots_rel.get(("kernels", dev)):
             out += [f"![kernel bandwidth on {dev}]({plots_rel[('kernels', dev)]})", ""]
     return "\n".join(out)
+
+
+def kernel_table(zf):
+    """One row per zeroflow kernel measurement: rate, bandwidth, its share of copy's, vs MeZO."""
+    def order(r):
+        x = r["x"]
+        return (_OP_ORDER.get(x["op"], 9), _VARIANT_ORDER.get(x["variant"], 9), x["backend"], x["dtype"], x["dist"],
+                x["numel"])
+
+    rows = []
+    for r in sorted(zf, key=order):
+        x = r["x"]
+        rows.append((x["op"], x["variant"], x.get("backend_label") or x["backend"], x["dtype"], x["dist"],
+                     fsize(x["numel"]), fms(r["t"]), fnum(r["elem_s"] / 1e9), fnum(r["gbs"]), fpct(r["copy_frac"]),
+                     fx(r["vs_mezo"])))
+    return table(["op", "variant", "backend", "dtype", "z", "N", "median", "G elem/s", "GB/s", "of copy BW",
+                  "vs MeZO-style"], rows)
+
+
+def baseline_table(base):
+    """The copy and MeZO-recipe baselines of the kernel suite."""
+    rows = []
+    for r in sorted(base, key=lambda r: (r["x"]["kind"], _OP_ORDER.get(r["x"]["op"], 9), r["x"]["dtype"],
+                                         r["x"]["dist"], r["x"]["numel"])):
+        x = r["x"]
+        what = "copy_ (dst.copy_(src))" if x["kind"] == "copy" else f"MeZO-style {x['op']}"
+        rows.append((what, x["dtype"], x["dist"], fsize(x["numel"]), fms(r["t"]), fnum(r["elem_s"] / 1e9),
+                     fnum(r["gbs"]), fpct(r["copy_frac"]) if x["kind"] != "copy" else "100 %"))
+    return table(["baseline", "dtype", "z", "N", "median", "G elem/s", "GB/s", "of copy BW"], rows)
 
 
 def optim_section(records, plots_rel):
     out = []
     for dev, recs in by_device(records, "optim"):
         out += [f"### Optimizer step on {dev}", ""]
-        by = defaultdict(dict)
-        for r in recs:
-            x = r["x"]
-            if x["impl"] == "fo":
-                continue
-            by[(x["param_set"], x["opt"], x["dist"], x["q"])][x["impl"]] = r
         fo = {(r["x"]["param_set"], r["x"]["opt"]): r for r in recs if r["x"]["impl"] == "fo"}
-        rows = []
-        for (pset, kind, dist, q) in sorted(by, key=lambda k: (k[0], k[1], k[2], k[3])):
-            d = by[(pset, kind, dist, q)]
-            z, m = d.get("zeroflow"), d.get("mezo")
-            f = fo.get((pset, "fo_adam"))
-            rows.append((pset, kind, dist, q, fms(z["t"]) if z else "skipped", fms(m["t"]) if m else "skipped",
-                         fx(m["t"] / z["t"]) if z and m else "—", fx(f["t"] / z["t"]) if z and f else "—",
-                         fmib(z["x"].get("peak_extra_bytes")) if z else "—",
-                         fmib(m["x"].get("peak_extra_bytes")) if m else "—"))
-        out += [table(["params", "method", "z", "q", "zeroflow / step", "MeZO-style / step", "speedup vs MeZO",
-                       "speedup vs FO-Adam", "zeroflow peak extra", "MeZO peak extra"], rows), ""]
-        rows = []
-        for (pset, name), r in sorted(fo.items()):
-            x = r["x"]
-            rows.append((pset, name, fms(r["t"]), fmib(x.get("peak_extra_bytes")), fmib(x.get("state_bytes")),
-                         fmib(x.get("params_bytes"))))
-        if rows:
+        out += [step_table(recs, fo), ""]
+        if fo:
             out += ["First-order baselines (trivial closure: `loss.backward()` writes every gradient, then the "
-                    "torch optimizer):", "",
-                    table(["params", "method", "time / step", "peak extra (grads, temporaries)", "state",
-                           "params"], rows), ""]
+                    "torch optimizer):", "", fo_table(fo), ""]
         out += ["Peak extra memory is measured at q = 1 (it does not depend on q), on step 2 (state allocated). "
                 "Time: median over rounds (86M CPU cases: one timed round after a warm-up).", ""]
         if plots_rel.get(("optim", dev)):
             out += [f"![optimizer step speedup on {dev}]({plots_rel[('optim', dev)]})", ""]
     return "\n".join(out)
+
+
+def step_table(recs, fo):
+    """zeroflow vs the MeZO recipe per (params, method, z, q), and vs FO-Adam."""
+    by = defaultdict(dict)
+    for r in recs:
+        x = r["x"]
+        if x["impl"] != "fo":
+            by[(x["param_set"], x["opt"], x["dist"], x["q"])][x["impl"]] = r
+    rows = []
+    for (pset, kind, dist, q) in sorted(by):
+        d = by[(pset, kind, dist, q)]
+        z, m = d.get("zeroflow"), d.get("mezo")
+        f = fo.get((pset, "fo_adam"))
+        rows.append((pset, kind, dist, q, fms(z["t"]) if z else "skipped", fms(m["t"]) if m else "skipped",
+                     fx(m["t"] / z["t"]) if z and m else "—", fx(f["t"] / z["t"]) if z and f else "—",
+                     fmib(z["x"].get("peak_extra_bytes")) if z else "—",
+                     fmib(m["x"].get("peak_extra_bytes")) if m else "—"))
+    return table(["params", "method", "z", "q", "zeroflow / step", "MeZO-style / step", "speedup vs MeZO",
+                  "speedup vs FO-Adam", "zeroflow peak extra", "MeZO peak extra"], rows)
+
+
+def fo_table(fo):
+    rows = []
+    for (pset, name), r in sorted(fo.items()):
+        x = r["x"]
+        rows.append((pset, name, fms(r["t"]), fmib(x.get("peak_extra_bytes")), fmib(x.get("state_bytes")),
+                     fmib(x.get("params_bytes"))))
+    return table(["params", "method", "time / step", "peak extra (grads, temporaries)", "state", "params"], rows)
 
 
 def e2e_section(records, plots_rel):
@@ -422,79 +459,101 @@ def make_plots(records, sweep, plots_dir, out_md):
         rel[k] = os.path.relpath(os.path.abspath(path), md_dir)
 
     for dev, recs in by_device(records):
+        name = dev.replace(":", "")
         kern = [r for r in recs if r["x"].get("suite") == "kernels"]
         if kern:
-            n = max(r["x"]["numel"] for r in kern)
-            sel = [r for r in kern if r["x"]["numel"] == n and r["x"]["dtype"] == "fp32"
-                   and r["x"]["variant"] in ("plain", "mezo")]
-            labels, vals, colors = [], [], []
-            for r in sorted(sel, key=lambda r: (r["x"]["op"], r["x"]["dist"], r["x"]["kind"], r["x"]["backend"])):
-                x = r["x"]
-                labels.append(f"{x['op']} {x['dist'][:5]} {'MeZO' if x['kind'] == 'mezo' else x['backend']}")
-                vals.append(r["gbs"] or 0)
-                colors.append("tab:gray" if x["kind"] == "mezo" else "tab:blue")
-            copy = next((r for r in kern if r["x"]["kind"] == "copy" and r["x"]["numel"] == n
-                         and r["x"]["dtype"] == "fp32"), None)
-            fig, ax = plt.subplots(figsize=(8, 0.32 * len(labels) + 1.5))
-            ax.barh(range(len(labels)), vals, color=colors)
-            ax.set_yticks(range(len(labels)), labels, fontsize=7)
-            ax.invert_yaxis()
-            if copy:
-                ax.axvline(copy["gbs"], color="tab:red", ls="--", label=f"copy_ {copy['gbs']:.1f} GB/s")
-                ax.legend(fontsize=7)
-            ax.set_xlabel("effective GB/s (bytes read + written)")
-            ax.set_title(f"Kernels, fp32, N={fsize(n)}, {dev}", fontsize=9)
-            save(fig, f"kernels_{dev.replace(':', '')}.png", ("kernels", dev))
+            save(plot_kernels(plt, dev, kern), f"kernels_{name}.png", ("kernels", dev))
         opt = [r for r in recs if r["x"].get("suite") == "optim" and r["x"].get("impl") == "zeroflow"
                and r.get("vs_mezo")]
         if opt:
-            fig, ax = plt.subplots(figsize=(6, 4))
-            series = defaultdict(list)
-            for r in opt:
-                x = r["x"]
-                series[(x["param_set"], x["opt"], x["dist"])].append((x["q"], r["vs_mezo"]))
-            for k, pts in sorted(series.items()):
-                pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=" ".join(k))
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("queries q")
-            ax.set_ylabel("step speedup vs MeZO-style")
-            ax.axhline(1, color="k", lw=0.5)
-            ax.legend(fontsize=6)
-            ax.set_title(f"Optimizer step, {dev}", fontsize=9)
-            save(fig, f"optim_{dev.replace(':', '')}.png", ("optim", dev))
+            save(plot_optim(plt, dev, opt), f"optim_{name}.png", ("optim", dev))
         e2e = [r for r in recs if r["x"].get("suite") == "e2e"]
         if e2e:
-            e2e.sort(key=lambda r: (r["x"]["method"].startswith("fo_"), r["x"]["method"]))
-            names = [r["x"]["method"] for r in e2e]
-            fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
-            col = ["tab:orange" if n.startswith("fo_") else "tab:blue" for n in names]
-            a1.barh(names, [r["t"] for r in e2e], color=col)
-            a1.set_xlabel("s / iteration")
-            a1.invert_yaxis()
-            a2.barh(names, [(r["x"].get("peak_total_bytes") or 0) / MiB for r in e2e], color=col)
-            a2.set_xlabel("peak memory, MiB")
-            a2.invert_yaxis()
-            a2.set_yticks([])
-            fig.suptitle(f"One iteration, {e2e[0]['x']['model']} batch {e2e[0]['x']['batch']}, {dev}", fontsize=9)
-            save(fig, f"e2e_{dev.replace(':', '')}.png", ("e2e", dev))
+            save(plot_e2e(plt, dev, e2e), f"e2e_{name}.png", ("e2e", dev))
     if sweep and sweep.get("results"):
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        by = defaultdict(list)
-        for r in sweep["results"]:
-            if r.get("avg") is not None:
-                by[r["optimizer"]].append((r["q"], r["avg"]))
-        for o, pts in sorted(by.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=o)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("queries q")
-        ax.set_ylabel("Avg accuracy")
-        ax.legend()
-        ax.set_title("Query sweep", fontsize=9)
-        save(fig, "query_sweep.png", ("sweep", ""))
+        save(plot_sweep(plt, sweep), "query_sweep.png", ("sweep", ""))
     return rel
+
+
+def plot_kernels(plt, dev, kern):
+    """Effective GB/s of the plain fp32 kernels and the MeZO recipe at the largest size, with
+    the copy bandwidth as a line."""
+    n = max(r["x"]["numel"] for r in kern)
+    sel = [r for r in kern if r["x"]["numel"] == n and r["x"]["dtype"] == "fp32"
+           and r["x"]["variant"] in ("plain", "mezo")]
+    labels, vals, colors = [], [], []
+    for r in sorted(sel, key=lambda r: (r["x"]["op"], r["x"]["dist"], r["x"]["kind"], r["x"]["backend"])):
+        x = r["x"]
+        labels.append(f"{x['op']} {x['dist'][:5]} {'MeZO' if x['kind'] == 'mezo' else x['backend']}")
+        vals.append(r["gbs"] or 0)
+        colors.append("tab:gray" if x["kind"] == "mezo" else "tab:blue")
+    copy = next((r for r in kern if r["x"]["kind"] == "copy" and r["x"]["numel"] == n
+                 and r["x"]["dtype"] == "fp32"), None)
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(labels) + 1.5))
+    ax.barh(range(len(labels)), vals, color=colors)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    if copy:
+        ax.axvline(copy["gbs"], color="tab:red", ls="--", label=f"copy_ {copy['gbs']:.1f} GB/s")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("effective GB/s (bytes read + written)")
+    ax.set_title(f"Kernels, fp32, N={fsize(n)}, {dev}", fontsize=9)
+    return fig
+
+
+def plot_optim(plt, dev, opt):
+    """Step speedup vs the MeZO recipe against q, one line per (params, method, z)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series = defaultdict(list)
+    for r in opt:
+        x = r["x"]
+        series[(x["param_set"], x["opt"], x["dist"])].append((x["q"], r["vs_mezo"]))
+    for k, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=" ".join(k))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("queries q")
+    ax.set_ylabel("step speedup vs MeZO-style")
+    ax.axhline(1, color="k", lw=0.5)
+    ax.legend(fontsize=6)
+    ax.set_title(f"Optimizer step, {dev}", fontsize=9)
+    return fig
+
+
+def plot_e2e(plt, dev, e2e):
+    """Time and peak memory of one training iteration per method (FO methods last)."""
+    e2e = sorted(e2e, key=lambda r: (r["x"]["method"].startswith("fo_"), r["x"]["method"]))
+    names = [r["x"]["method"] for r in e2e]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    col = ["tab:orange" if n.startswith("fo_") else "tab:blue" for n in names]
+    a1.barh(names, [r["t"] for r in e2e], color=col)
+    a1.set_xlabel("s / iteration")
+    a1.invert_yaxis()
+    a2.barh(names, [(r["x"].get("peak_total_bytes") or 0) / MiB for r in e2e], color=col)
+    a2.set_xlabel("peak memory, MiB")
+    a2.invert_yaxis()
+    a2.set_yticks([])
+    fig.suptitle(f"One iteration, {e2e[0]['x']['model']} batch {e2e[0]['x']['batch']}, {dev}", fontsize=9)
+    return fig
+
+
+def plot_sweep(plt, sweep):
+    """Avg accuracy against q, one line per optimizer."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    by = defaultdict(list)
+    for r in sweep["results"]:
+        if r.get("avg") is not None:
+            by[r["optimizer"]].append((r["q"], r["avg"]))
+    for o, pts in sorted(by.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=o)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("queries q")
+    ax.set_ylabel("Avg accuracy")
+    ax.legend()
+    ax.set_title("Query sweep", fontsize=9)
+    return fig
 
 
 # ----------------------------------------------------------------------------- main

@@ -491,7 +491,9 @@ Tensor philox4x32_10_meta(const Tensor& counters, int64_t key0, int64_t key1) {
   return at::empty({counters.size(0), 4}, counters.options());
 }
 
-void perturb_meta(TensorList params, at::IntArrayRef tensor_ids, int64_t seed, double, int64_t dist,
+// The scalar options need no check (any value is valid; Adam's step is checked): the unused
+// ones keep their schema names in comments.
+void perturb_meta(TensorList params, at::IntArrayRef tensor_ids, int64_t seed, double /*scale*/, int64_t dist,
                   int64_t mask_seed, int64_t mask_threshold) {
   check_params(params, tensor_ids);
   check_seed(seed, "seed");
@@ -500,16 +502,19 @@ void perturb_meta(TensorList params, at::IntArrayRef tensor_ids, int64_t seed, d
 
 void sgd_meta(TensorList params, TensorList momentum_buffers, TensorList history_buffers,
               at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs, int64_t dist,
-              int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double, double, double, double,
-              double, bool, bool, bool, double, bool) {
+              int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double /*restore_scale*/,
+              double /*lr*/, double /*weight_decay*/, double /*momentum*/, double /*dampening*/, bool /*nesterov*/,
+              bool /*momentum_init*/, bool /*sign*/, double /*history_alpha*/, bool /*history_init*/) {
   check_sgd_args(params, momentum_buffers, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold,
                  restore_seed);
 }
 
 void adam_meta(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList history_buffers,
                at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs, int64_t dist,
-               int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double, double, double, double,
-               double, double, bool, int64_t step, bool, double, bool) {
+               int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double /*restore_scale*/,
+               double /*lr*/, double /*beta1*/, double /*beta2*/, double /*eps*/, double /*weight_decay*/,
+               bool /*decoupled_weight_decay*/, int64_t step, bool /*sign*/, double /*history_alpha*/,
+               bool /*history_init*/) {
   check_adam_args(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed,
                   mask_threshold, restore_seed, step);
 }
@@ -522,7 +527,7 @@ void no_backend(TensorList params) {
   TORCH_CHECK_VALUE(params.empty(), "zfkernels: no compiled kernel for device ", params[0].device(),
                     "; use backend='torch' (the reference) or move the tensors to CPU/CUDA");
 }
-Tensor philox4x32_10_composite(const Tensor& counters, int64_t, int64_t) {
+Tensor philox4x32_10_composite(const Tensor& counters, int64_t /*key0*/, int64_t /*key1*/) {
   TORCH_CHECK_VALUE(false, "zfkernels: no compiled philox4x32_10 kernel for device ", counters.device());
 }
 void perturb_composite(TensorList params, at::IntArrayRef tensor_ids, int64_t seed, double scale, int64_t dist,
@@ -532,23 +537,29 @@ void perturb_composite(TensorList params, at::IntArrayRef tensor_ids, int64_t se
 }
 void sgd_composite(TensorList params, TensorList momentum_buffers, TensorList history_buffers,
                    at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs, int64_t dist,
-                   int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double a, double b, double c,
-                   double d, double e, bool f, bool g, bool h, double i, bool j) {
+                   int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double restore_scale, double lr,
+                   double weight_decay, double momentum, double dampening, bool nesterov, bool momentum_init,
+                   bool sign, double history_alpha, bool history_init) {
   sgd_meta(params, momentum_buffers, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold,
-           restore_seed, a, b, c, d, e, f, g, h, i, j);
+           restore_seed, restore_scale, lr, weight_decay, momentum, dampening, nesterov, momentum_init, sign,
+           history_alpha, history_init);
   no_backend(params);
 }
 void adam_composite(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList history_buffers,
                     at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs, int64_t dist,
-                    int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double a, double b, double c,
-                    double d, double e, double f, bool g, int64_t step, bool h, double i, bool j) {
+                    int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double restore_scale, double lr,
+                    double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
+                    int64_t step, bool sign, double history_alpha, bool history_init) {
   adam_meta(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed,
-            mask_threshold, restore_seed, a, b, c, d, e, f, g, step, h, i, j);
+            mask_threshold, restore_seed, restore_scale, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+            step, sign, history_alpha, history_init);
   no_backend(params);
 }
 
 }  // namespace zf_cpu
 
+// The schema: the argument table of zfkernels/opspec.py, which tests/test_opspec.py compares
+// with these strings (and with the Triton and reference signatures).
 TORCH_LIBRARY(zfkernels, m) {
   m.def("philox4x32_10(Tensor counters, int key0, int key1) -> Tensor");
   m.def(

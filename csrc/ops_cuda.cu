@@ -38,7 +38,7 @@ using namespace zf_ops;
 
 enum DType : int32_t { F32 = 0, BF16 = 1, F16 = 2 };
 
-// Per-tensor entry of the launch table.  ptr[0] = param, ptr[1..3] = buffers (op specific).
+// Per-tensor entry of the launch table.  ptr[SLOT_PARAM] = param, ptr[1..3] = the op's buffers.
 struct Entry {
   void* ptr[4];
   int32_t dt[4];
@@ -48,6 +48,12 @@ struct Entry {
   uint32_t tid;
   uint32_t pad;
 };
+
+// Slots of an entry (docs/kernel-ops.md, "Schemas"): the param, then the op's buffers in schema
+// order, as in the Triton pointer table.
+constexpr int SLOT_PARAM = 0;
+constexpr int SLOT_SGD_MOMENTUM = 1, SLOT_SGD_HISTORY = 2;
+constexpr int SLOT_ADAM_EXP_AVG = 1, SLOT_ADAM_EXP_AVG_SQ = 2, SLOT_ADAM_HISTORY = 3;
 
 struct Common {
   const Entry* entries;
@@ -262,7 +268,7 @@ __device__ __forceinline__ void quad_history_sign(float g[4], const Entry& e, in
 __global__ void perturb_kernel(Common c, uint64_t seed, float scale) {
   ZF_QUAD_LOOP_BEGIN
   float x[4], z[4], m[4];
-  load4(e.ptr[0], e.dt[0], e.vec[0], i0, cnt, x);
+  load4(e.ptr[SLOT_PARAM], e.dt[SLOT_PARAM], e.vec[SLOT_PARAM], i0, cnt, x);
   quad_z(z, c.dist, (uint64_t)i0, tid, seed);
   quad_mask(m, (uint64_t)i0, tid, c);
 #pragma unroll
@@ -270,7 +276,7 @@ __global__ void perturb_kernel(Common c, uint64_t seed, float scale) {
     const float zm = c.T ? z[l] * m[l] : z[l];
     x[l] = x[l] + zm * scale;
   }
-  store4(e.ptr[0], e.dt[0], e.vec[0], i0, cnt, x);
+  store4(e.ptr[SLOT_PARAM], e.dt[SLOT_PARAM], e.vec[SLOT_PARAM], i0, cnt, x);
   ZF_QUAD_LOOP_END
 }
 
@@ -280,14 +286,13 @@ struct SgdArgs {
   bool mom, nesterov, momentum_init;
 };
 
-// entry slots: 0 param, 1 momentum buffer, 2 history buffer
 __global__ void sgd_kernel(Common c, SgdArgs a) {
   ZF_QUAD_LOOP_BEGIN
   float x[4], g[4], m[4];
-  load4(e.ptr[0], e.dt[0], e.vec[0], i0, cnt, x);
+  load4(e.ptr[SLOT_PARAM], e.dt[SLOT_PARAM], e.vec[SLOT_PARAM], i0, cnt, x);
   quad_mask(m, (uint64_t)i0, tid, c);
   quad_estimate(x, g, m, (uint64_t)i0, tid, c);
-  quad_history_sign(g, e, 2, i0, cnt, a.h);
+  quad_history_sign(g, e, SLOT_SGD_HISTORY, i0, cnt, a.h);
   if (a.s.wd != 0.0f) {
 #pragma unroll
     for (int l = 0; l < 4; ++l) g[l] = g[l] + x[l] * a.s.wd;
@@ -298,19 +303,19 @@ __global__ void sgd_kernel(Common c, SgdArgs a) {
 #pragma unroll
       for (int l = 0; l < 4; ++l) b[l] = g[l];
     } else {
-      load4(e.ptr[1], e.dt[1], e.vec[1], i0, cnt, b);
+      load4(e.ptr[SLOT_SGD_MOMENTUM], e.dt[SLOT_SGD_MOMENTUM], e.vec[SLOT_SGD_MOMENTUM], i0, cnt, b);
 #pragma unroll
       for (int l = 0; l < 4; ++l) b[l] = b[l] * a.s.mu + g[l] * a.s.one_minus_damp;
     }
 #pragma unroll
-    for (int l = 0; l < 4; ++l) b[l] = round_to(b[l], e.dt[1]);
-    store4(e.ptr[1], e.dt[1], e.vec[1], i0, cnt, b);
+    for (int l = 0; l < 4; ++l) b[l] = round_to(b[l], e.dt[SLOT_SGD_MOMENTUM]);
+    store4(e.ptr[SLOT_SGD_MOMENTUM], e.dt[SLOT_SGD_MOMENTUM], e.vec[SLOT_SGD_MOMENTUM], i0, cnt, b);
 #pragma unroll
     for (int l = 0; l < 4; ++l) g[l] = a.nesterov ? g[l] + b[l] * a.s.mu : b[l];
   }
 #pragma unroll
   for (int l = 0; l < 4; ++l) x[l] = x[l] - g[l] * a.s.lr;
-  store4(e.ptr[0], e.dt[0], e.vec[0], i0, cnt, x);
+  store4(e.ptr[SLOT_PARAM], e.dt[SLOT_PARAM], e.vec[SLOT_PARAM], i0, cnt, x);
   ZF_QUAD_LOOP_END
 }
 
@@ -320,14 +325,13 @@ struct AdamArgs {
   bool decoupled;
 };
 
-// entry slots: 0 param, 1 exp_avg, 2 history buffer, 3 exp_avg_sq
 __global__ void adam_kernel(Common c, AdamArgs a) {
   ZF_QUAD_LOOP_BEGIN
   float x[4], g[4], m[4];
-  load4(e.ptr[0], e.dt[0], e.vec[0], i0, cnt, x);
+  load4(e.ptr[SLOT_PARAM], e.dt[SLOT_PARAM], e.vec[SLOT_PARAM], i0, cnt, x);
   quad_mask(m, (uint64_t)i0, tid, c);
   quad_estimate(x, g, m, (uint64_t)i0, tid, c);
-  quad_history_sign(g, e, 2, i0, cnt, a.h);
+  quad_history_sign(g, e, SLOT_ADAM_HISTORY, i0, cnt, a.h);
   if (a.decoupled) {
 #pragma unroll
     for (int l = 0; l < 4; ++l) x[l] = x[l] * a.s.decay_factor;
@@ -335,22 +339,23 @@ __global__ void adam_kernel(Common c, AdamArgs a) {
 #pragma unroll
     for (int l = 0; l < 4; ++l) g[l] = g[l] + x[l] * a.s.wd;
   }
+  constexpr int M = SLOT_ADAM_EXP_AVG, V = SLOT_ADAM_EXP_AVG_SQ;
   float mv[4], vv[4];
-  load4(e.ptr[1], e.dt[1], e.vec[1], i0, cnt, mv);
-  load4(e.ptr[3], e.dt[3], e.vec[3], i0, cnt, vv);
+  load4(e.ptr[M], e.dt[M], e.vec[M], i0, cnt, mv);
+  load4(e.ptr[V], e.dt[V], e.vec[V], i0, cnt, vv);
 #pragma unroll
   for (int l = 0; l < 4; ++l) {
-    mv[l] = round_to(mv[l] + (g[l] - mv[l]) * a.s.one_minus_b1, e.dt[1]);
-    vv[l] = round_to(vv[l] * a.s.b2 + (g[l] * g[l]) * a.s.one_minus_b2, e.dt[3]);
+    mv[l] = round_to(mv[l] + (g[l] - mv[l]) * a.s.one_minus_b1, e.dt[M]);
+    vv[l] = round_to(vv[l] * a.s.b2 + (g[l] * g[l]) * a.s.one_minus_b2, e.dt[V]);
   }
-  store4(e.ptr[1], e.dt[1], e.vec[1], i0, cnt, mv);
-  store4(e.ptr[3], e.dt[3], e.vec[3], i0, cnt, vv);
+  store4(e.ptr[M], e.dt[M], e.vec[M], i0, cnt, mv);
+  store4(e.ptr[V], e.dt[V], e.vec[V], i0, cnt, vv);
 #pragma unroll
   for (int l = 0; l < 4; ++l) {
     const float denom = zf::div_rn(zf::sqrt_rn(vv[l]), a.s.bc2_sqrt) + a.s.eps;
     x[l] = x[l] - zf::div_rn(mv[l], denom) * a.s.step_size;
   }
-  store4(e.ptr[0], e.dt[0], e.vec[0], i0, cnt, x);
+  store4(e.ptr[SLOT_PARAM], e.dt[SLOT_PARAM], e.vec[SLOT_PARAM], i0, cnt, x);
   ZF_QUAD_LOOP_END
 }
 
@@ -388,7 +393,7 @@ void check_cuda_device(TensorList params) {
 }
 
 // Packs entries + seeds + coeffs into one device buffer; fills c.entries/seeds/coeffs.
-// `slots[k]` lists the tensors of entry k (param first).  Returns the device buffer, which
+// `slots[k]` lists the tensors of entry k by slot (SLOT_*; nullptr: the buffer is off).  Returns the device buffer, which
 // must stay alive until the launch is enqueued (the caching allocator handles reuse).
 Tensor make_table(const std::vector<std::array<const Tensor*, 4>>& slots, at::IntArrayRef tensor_ids,
                   at::IntArrayRef seeds, at::ArrayRef<double> coeffs, Common& c) {
@@ -407,7 +412,7 @@ Tensor make_table(const std::vector<std::array<const Tensor*, 4>>& slots, at::In
         e.vec[s] = vec_ok(*t);
       }
     }
-    e.numel = slots[k][0]->numel();
+    e.numel = slots[k][SLOT_PARAM]->numel();
     e.quad_start = quads;
     e.tid = (uint32_t)tensor_ids[k];
     quads += (e.numel + 3) / 4;
@@ -424,7 +429,7 @@ Tensor make_table(const std::vector<std::array<const Tensor*, 4>>& slots, at::In
     std::memcpy(h + off_seeds + j * sizeof(uint64_t), &s, sizeof(uint64_t));
     std::memcpy(h + off_coeffs + j * sizeof(float), &cf, sizeof(float));
   }
-  Tensor dev = host.to(slots[0][0]->device(), /*non_blocking=*/true);
+  Tensor dev = host.to(slots[0][SLOT_PARAM]->device(), /*non_blocking=*/true);
   uint8_t* d = dev.data_ptr<uint8_t>();
   c.entries = reinterpret_cast<const Entry*>(d);
   c.seeds = reinterpret_cast<const uint64_t*>(d + off_seeds);
@@ -481,7 +486,7 @@ void perturb_cuda(TensorList params, at::IntArrayRef tensor_ids, int64_t seed, d
   check_cuda_device(params);
   const c10::cuda::CUDAGuard guard(params[0].device());
   std::vector<std::array<const Tensor*, 4>> slots(params.size());
-  for (size_t k = 0; k < params.size(); ++k) slots[k] = {&params[k], nullptr, nullptr, nullptr};
+  for (size_t k = 0; k < params.size(); ++k) slots[k] = {&params[k], nullptr, nullptr, nullptr};  // SLOT_PARAM
   Common c;
   fill_stream(c, dist, mask_seed, mask_threshold);
   Tensor table = make_table(slots, tensor_ids, {}, {}, c);
@@ -503,7 +508,7 @@ void sgd_cuda(TensorList params, TensorList momentum_buffers, TensorList history
   const c10::cuda::CUDAGuard guard(params[0].device());
   const bool has_m = !momentum_buffers.empty(), has_h = !history_buffers.empty();
   std::vector<std::array<const Tensor*, 4>> slots(params.size());
-  for (size_t k = 0; k < params.size(); ++k)
+  for (size_t k = 0; k < params.size(); ++k)  // SLOT_PARAM, SLOT_SGD_MOMENTUM, SLOT_SGD_HISTORY
     slots[k] = {&params[k], has_m ? &momentum_buffers[k] : nullptr, has_h ? &history_buffers[k] : nullptr,
                 nullptr};
   Common c;
@@ -536,8 +541,8 @@ void adam_cuda(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, T
   const c10::cuda::CUDAGuard guard(params[0].device());
   const bool has_h = !history_buffers.empty();
   std::vector<std::array<const Tensor*, 4>> slots(params.size());
-  for (size_t k = 0; k < params.size(); ++k)
-    slots[k] = {&params[k], &exp_avgs[k], has_h ? &history_buffers[k] : nullptr, &exp_avg_sqs[k]};
+  for (size_t k = 0; k < params.size(); ++k)  // SLOT_PARAM, SLOT_ADAM_EXP_AVG, SLOT_ADAM_EXP_AVG_SQ, SLOT_ADAM_HISTORY
+    slots[k] = {&params[k], &exp_avgs[k], &exp_avg_sqs[k], has_h ? &history_buffers[k] : nullptr};
   Common c;
   fill_stream(c, dist, mask_seed, mask_threshold);
   c.restore_seed = (uint64_t)restore_seed;

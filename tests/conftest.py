@@ -1,17 +1,32 @@
-"""Test configuration shared by every suite.
+"""Test configuration and helpers shared by every suite.
 
 The Triton interpreter must be switched on before any ``@triton.jit`` function is
 defined, so this happens at import time of conftest, before the test modules load.
+Test modules import the helpers (``from conftest import make_mlp``): processes that the
+tests spawn import them the same way.
 """
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)
     yield
+
+
+def make_mlp(n_in: int, hidden: int, n_out: int, seed: int = 0) -> torch.nn.Sequential:
+    """Linear - Tanh - Linear, initialised from ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(n_in, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, n_out))
+
+
+def make_data(n: int, n_in: int, n_out: int = 1, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` Gaussian inputs and a smooth target: ``Y = sin(2 X[:, :n_out]) + X[:, n_out]``."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, n_in, generator=g)
+    return X, torch.sin(2 * X[:, :n_out]) + X[:, n_out:n_out + 1]

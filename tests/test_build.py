@@ -47,8 +47,6 @@ def dt_needed(path: str) -> list[str]:
 
 
 def _built_objects():
-    import zfkernels
-
     out = []
     for mod in ("_C", "_C_cuda"):
         try:

@@ -130,7 +130,10 @@ def test_ease_complement_and_reweighting_hand_computed():
     assert torch.allclose(e.protos[0, 1], s[0] * P[1, 1] + s[1] * P[2, 1])
     x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])   # [B=1, T=2, d]
     logits = e.logits(x)
-    cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+    def cos(a, b):
+        return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
     w = 0.1 / 1
     exp0 = cos(x[0, 0], e.protos[0, 0]) + w * cos(x[0, 1], e.protos[0, 1])
     exp2 = w * cos(x[0, 0], e.protos[2, 0]) + cos(x[0, 1], e.protos[2, 1])

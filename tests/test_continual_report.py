@@ -89,7 +89,8 @@ def test_recursive_search_skips_unfinished_and_corrupt_runs_with_a_reason(tmp_pa
     assert [m["_dir"] for m in runs] == [good]
     assert len(skipped) == 5
     reasons = dict(zip(sorted(bad), sorted(s for s in skipped if "metrics.json:" in s)))
-    assert "JSONDecodeError" in reasons["truncated"] and str(tmp_path / "truncated" / "metrics.json") in reasons["truncated"]
+    assert "JSONDecodeError" in reasons["truncated"]
+    assert str(tmp_path / "truncated" / "metrics.json") in reasons["truncated"]
     assert "no config, avg" in reasons["empty"]
     assert "not a mapping" in reasons["list"]
     assert "not a finite number: avg" in reasons["nan"]
@@ -120,5 +121,6 @@ def test_nothing_finished_is_an_error(tmp_path):
     # a file among the paths (runs/* matching a saved report) is skipped, not fatal
     write_run(tmp_path / "ok", 80.0)
     (tmp_path / "report.md").write_text("old report")
-    runs, skipped = find_runs([str(tmp_path / "ok"), str(tmp_path / "report.md"), str(tmp_path / "ok" / "metrics.json")])
+    runs, skipped = find_runs([str(tmp_path / "ok"), str(tmp_path / "report.md"),
+                               str(tmp_path / "ok" / "metrics.json")])
     assert len(runs) == 1 and skipped == [f"{tmp_path / 'report.md'}: not a run folder (a file)"]

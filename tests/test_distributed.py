@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from conftest import make_data, make_mlp
 from zeroflow.distributed import ShardedBatchSampler, shard
 
 warnings.filterwarnings("ignore", message="zfkernels: the compiled")
@@ -32,15 +33,7 @@ CASES = {
 
 
 def make_model(hidden=16, seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
-
-
-def make_data():
-    g = torch.Generator().manual_seed(1)
-    X = torch.randn(sum(SPLIT), 6, generator=g)
-    Y = torch.sin(2 * X[:, :1]) + X[:, 1:2]
-    return X, Y
+    return make_mlp(6, hidden, 1, seed)
 
 
 def build(case, model, seed=7):
@@ -75,7 +68,7 @@ def _worker(rank, world, init_file, out_dir):
     from zeroflow.replay import TrajectoryRecorder, save_base
 
     res = {}
-    X, Y = make_data()
+    X, Y = make_data(sum(SPLIT), 6)
     lo = sum(SPLIT[:rank])
     Xr, Yr = X[lo:lo + SPLIT[rank]], Y[lo:lo + SPLIT[rank]]
     try:
@@ -161,7 +154,7 @@ def spawned(tmp_path_factory):
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_ranks_equal_single_process_on_concatenated_batch(spawned, case):
     res, _ = spawned
-    X, Y = make_data()
+    X, Y = make_data(sum(SPLIT), 6)
     model = make_model()
     opt = build(case, model)
     losses = run_steps(opt, model, X, Y, STEPS)

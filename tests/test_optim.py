@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import zfkernels
+from conftest import make_data, make_mlp
 from zeroflow.optim import METHODS, ZOFusedAdam, ZOFusedSGD, create, train_step
 
 warnings.filterwarnings("ignore", message="zfkernels: the compiled")
@@ -21,18 +22,10 @@ MASK_Q = 2**32 - 1
 
 
 def make_model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    return make_mlp(6, 4, 1, seed)
 
 
-def make_data(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(32, 6, generator=g)
-    Y = torch.sin(X[:, :1] * 2) + X[:, 1:2]
-    return X, Y
-
-
-X, Y = make_data()
+X, Y = make_data(32, 6)
 
 
 def loss_of(model):

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import zfkernels as zk
-from zfkernels import _compiled
+from zfkernels import _compiled, opspec
 from zfkernels import reference as R
 from zfkernels import stream as S
 
@@ -363,8 +363,8 @@ def test_sign_keeps_signed_zeros_and_nan(backend):
     where z * c > 0 and -0 where z * c < 0, and p - sign(g) * lr is -0 for g = +0, +0 for
     g = -0; with a NaN coefficient p becomes NaN."""
     be, dev = backend
-    assert bits(R.sign_f32(torch.tensor([0.0, -0.0, 2.0, -3.0, 1e-40]))).tolist() == [
-        0, -2**31, bits(torch.tensor([1.0])).item(), bits(torch.tensor([-1.0])).item(), bits(torch.tensor([1.0])).item()]
+    one, minus_one = bits(torch.tensor([1.0])).item(), bits(torch.tensor([-1.0])).item()
+    assert bits(R.sign_f32(torch.tensor([0.0, -0.0, 2.0, -3.0, 1e-40]))).tolist() == [0, -2**31, one, minus_one, one]
     assert R.sign_f32(torch.tensor([float("nan")])).isnan().all()
     n = 300
     z = R.rademacher(8, n, 0)
@@ -436,25 +436,24 @@ def _op(be, name):
 
 
 def _sgd(p, **over):
-    a = dict(params=p, momentum_buffers=[], history_buffers=[], tensor_ids=list(range(len(p))), seeds=[1],
-             coeffs=[0.5], dist=0, mask_seed=0, mask_threshold=0, restore_seed=0, restore_scale=0.0, lr=0.1,
-             weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, momentum_init=False, sign=False,
-             history_alpha=0.0, history_init=False)
-    a.update(over)
-    return list(a.values())
+    """zo_sgd_update_'s arguments (zfkernels/opspec.py: its defaults unless given)."""
+    return opspec.bind("zo_sgd_update_", **{"params": p, "tensor_ids": list(range(len(p))), "seeds": [1],
+                                            "coeffs": [0.5], "lr": 0.1, **over})
 
 
 def _adam(p, m, v, **over):
-    a = dict(params=p, exp_avgs=m, exp_avg_sqs=v, history_buffers=[], tensor_ids=list(range(len(p))), seeds=[1],
-             coeffs=[0.5], dist=0, mask_seed=0, mask_threshold=0, restore_seed=0, restore_scale=0.0, lr=1e-3,
-             beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, step=1, sign=False,
-             history_alpha=0.0, history_init=False)
-    a.update(over)
-    return list(a.values())
+    return opspec.bind("zo_adam_update_", **{"params": p, "exp_avgs": m, "exp_avg_sqs": v,
+                                             "tensor_ids": list(range(len(p))), "seeds": [1], "coeffs": [0.5],
+                                             "lr": 1e-3, "step": 1, **over})
 
 
 def _perturb(p, ids=None, seed=1, dist=0, mask_seed=0, T=0):
-    return [p, list(range(len(p))) if ids is None else ids, seed, 1.0, dist, mask_seed, T]
+    return opspec.bind("perturb_", params=p, tensor_ids=list(range(len(p))) if ids is None else ids, seed=seed,
+                       scale=1.0, dist=dist, mask_seed=mask_seed, mask_threshold=T)
+
+
+def _philox(counters):
+    return opspec.bind("philox4x32_10", counters=counters, key0=0, key1=0)
 
 
 def _bad_cases(dev):
@@ -484,8 +483,8 @@ def _bad_cases(dev):
         ("zo_sgd_update_", lambda: _sgd([z(8)], restore_seed=-1), r"restore_seed"),
         ("zo_adam_update_", lambda: _adam([z(8)], [z(8)], [z(8)], step=0), r"step"),
         ("zo_adam_update_", lambda: _adam([z(8)], [], [z(8)]), r"exp_avgs"),
-        ("philox4x32_10", lambda: [torch.zeros(2, 3, dtype=torch.int64, device=dev), 0, 0], r"\[N, 4\]|shape"),
-        ("philox4x32_10", lambda: [torch.zeros(2, 4, device=dev), 0, 0], r"int64|dtype|integer"),
+        ("philox4x32_10", lambda: _philox(torch.zeros(2, 3, dtype=torch.int64, device=dev)), r"\[N, 4\]|shape"),
+        ("philox4x32_10", lambda: _philox(torch.zeros(2, 4, device=dev)), r"int64|dtype|integer"),
     ]
 
 
@@ -498,14 +497,15 @@ def test_bad_inputs_raise_on_every_op(backend):
     be, dev = backend
     for k, (name, make, match) in enumerate(_bad_cases(dev)):
         args = make()
-        before = [t.clone() for t in args[0]] if isinstance(args[0], list) else None
+        params = args.get("params")
+        before = [t.clone() for t in params] if params is not None else None
         try:
             with pytest.raises((ValueError, TypeError), match=match):
-                _op(be, name)(*args)
+                _op(be, name)(**args)
         except pytest.fail.Exception as exc:
             raise AssertionError(f"bad-input case {k} ({name}, expecting /{match}/): {exc}") from None
-        if before is not None and name != "philox4x32_10":
-            for t, b in zip(args[0], before):
+        if before is not None:
+            for t, b in zip(params, before):
                 if t.device.type != "meta" and t.dtype == b.dtype:
                     assert torch.equal(t, b), f"{name} changed its input before failing"
 
@@ -525,10 +525,10 @@ def test_opcheck_every_op(backend):
     b = [torch.randn(5, device=dev), torch.randn(3, device=dev)]
     torch.library.opcheck(ops.zo_sgd_update_.default,
                           tuple(_sgd(p, momentum_buffers=b, seeds=[1, 2], coeffs=[0.5, -0.5], dist=1,
-                                     mask_threshold=1 << 23, momentum=0.9)))
+                                     mask_threshold=1 << 23, momentum=0.9).values()))
     m = [torch.randn(5, device=dev), torch.randn(3, device=dev)]
     v = [torch.rand(5, device=dev), torch.rand(3, device=dev)]
-    torch.library.opcheck(ops.zo_adam_update_.default, tuple(_adam(p, m, v, step=2, weight_decay=0.1)))
+    torch.library.opcheck(ops.zo_adam_update_.default, tuple(_adam(p, m, v, step=2, weight_decay=0.1).values()))
 
 
 # ======================================================================================

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import make_data, make_mlp
 from zeroflow.optim import create, train_step
 from zeroflow.replay import (MAGIC, ReplayError, TrajectoryRecorder, read_log, replay, replay_main,
                              save_base)
@@ -23,14 +24,7 @@ STEPS = 50
 
 
 def make_model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
-
-
-def make_data(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(64, 8, generator=g)
-    return X, (X[:, :3] * 2).sin()
+    return make_mlp(8, 32, 3, seed)
 
 
 CASES = {
@@ -48,7 +42,7 @@ def train(tmp_path, case, *, nan_at=None, raise_at=None, lr_decay_at=25, dtype=t
     kw = dict(CASES[case])
     name = kw.pop("name")
     model = make_model().to(dtype)
-    X, Y = make_data()
+    X, Y = make_data(64, 8, 3)
     X, Y = X.to(dtype), Y.to(dtype)
     # two groups (the head at a different lr) to exercise per-group lrs
     groups = [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters()), "lr": kw["lr"] * 2}]
@@ -272,7 +266,7 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
 
 def test_hybrid_fo_phase_not_recordable_zo_phase_is(tmp_path):
     model = make_model()
-    X, Y = make_data()
+    X, Y = make_data(64, 8, 3)
     opt = create("zo_sgd", list(model.parameters()), lr=1e-2, seed=3, backend="cpu", hybrid_switch=2)
     with pytest.raises(ValueError, match="first-order phase.*cannot be replayed"):
         TrajectoryRecorder(str(tmp_path / "h.zft"), opt, model=model)
@@ -289,7 +283,7 @@ def test_hybrid_fo_phase_not_recordable_zo_phase_is(tmp_path):
 
 def test_resume_mid_run_needs_optimizer_state(tmp_path):
     model = make_model()
-    X, Y = make_data()
+    X, Y = make_data(64, 8, 3)
     opt = create("zo_adam", list(model.parameters()), lr=1e-3, seed=3, backend="cpu")
     for _ in range(3):
         train_step(opt, lambda: F.mse_loss(model(X), Y))

@@ -255,7 +255,8 @@ def test_resume_names_the_flags_it_ignores(env, tmp_path, capsys):
                     "--q", 1, "--no-progress")
     assert rc == 0
     assert (f"zeroflow: warning: --resume continues {out} with the configuration in its config.json; ignoring "
-            f"--epochs 3 (the run has 1), --lr 0.5 (the run has 0.005), --optimizer fo_sgd (the run has zo_adam)") in err
+            "--epochs 3 (the run has 1), --lr 0.5 (the run has 0.005), --optimizer fo_sgd (the run has "
+            "zo_adam)") in err
     assert "--q" not in err                              # given, but equal to the run's
     cfg = metrics(out)["config"]
     assert (cfg["optimizer"], cfg["lr"], cfg["epochs"]) == ("zo_adam", 0.005, 1)

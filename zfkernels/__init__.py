@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from . import _compiled, reference
+from . import _compiled, opspec, reference
 from .stream import (
     STREAM_VERSION,
     derive_seed,
@@ -48,8 +48,8 @@ _warned: set[str] = set()
 
 def _triton_module():
     try:
-        from . import triton as zt  # noqa: PLC0415 - optional dependency, imported on use
-    except Exception as exc:  # ImportError, or a Triton that fails to initialise
+        from . import triton as zt  # optional dependency, imported on use
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a Triton that fails to initialise
         return None, f"Triton kernels unavailable ({type(exc).__name__}: {exc}); pip install triton"
     return zt, ""
 
@@ -121,12 +121,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _impl(backend: str, name: str):
+def _call(backend: str, op: str, **args):
+    """``op`` of ``backend`` called with ``args`` (by name) bound by the table of
+    zfkernels/opspec.py: defaults filled in, scalars converted to their schema types."""
     if backend in ("cpu", "cuda"):
-        return getattr(torch.ops.zfkernels, name)
-    if backend == "triton":
-        return getattr(_triton_module()[0], name)
-    return getattr(reference, name)
+        fn = getattr(torch.ops.zfkernels, op)
+    elif backend == "triton":
+        fn = getattr(_triton_module()[0], op)
+    else:
+        fn = getattr(reference, op)
+    return opspec.call(fn, op, args)
 
 
 def _device_of(tensors: Sequence[torch.Tensor], default="cpu") -> torch.device:
@@ -160,7 +164,7 @@ def philox4x32_10(counters: torch.Tensor, key: tuple[int, int], backend: str = "
         if not 0 <= k < 2**32:
             raise ValueError(f"{name}={k} must be a 32-bit unsigned integer")
     b = resolve_backend(backend, counters.device)
-    return _impl(b, "philox4x32_10")(counters.to(torch.int64).contiguous(), k0, k1)
+    return _call(b, "philox4x32_10", counters=counters.to(torch.int64).contiguous(), key0=k0, key1=k1)
 
 
 def perturbation(
@@ -209,8 +213,8 @@ def perturb_(
     if not tensors:
         return
     b = resolve_backend(backend, _device_of(tensors))
-    _impl(b, "perturb_")(tensors, ids, _seed(seed), float(scale), dist_code(dist), _seed(mask_seed, "mask_seed"),
-                         mask_threshold(sparsity))
+    _call(b, "perturb_", params=tensors, tensor_ids=ids, seed=_seed(seed), scale=scale, dist=dist_code(dist),
+          mask_seed=_seed(mask_seed, "mask_seed"), mask_threshold=mask_threshold(sparsity))
 
 
 def _seed(s, name="seed") -> int:
@@ -262,13 +266,12 @@ def zo_sgd_update_(
     if not params:
         return
     b = resolve_backend(backend, _device_of(params))
-    _impl(b, "zo_sgd_update_")(
-        params, _as_list(momentum_buffers, "momentum_buffers"), _as_list(history_buffers, "history_buffers"),
-        ids, seeds, coeffs, dist_code(dist), _seed(mask_seed, "mask_seed"), mask_threshold(sparsity),
-        _seed(restore_seed, "restore_seed"), float(restore_scale), float(lr), float(weight_decay),
-        float(momentum), float(dampening), bool(nesterov), bool(momentum_init), bool(sign),
-        float(history_alpha), bool(history_init),
-    )
+    _call(b, "zo_sgd_update_", params=params, momentum_buffers=_as_list(momentum_buffers, "momentum_buffers"),
+          history_buffers=_as_list(history_buffers, "history_buffers"), tensor_ids=ids, seeds=seeds, coeffs=coeffs,
+          dist=dist_code(dist), mask_seed=_seed(mask_seed, "mask_seed"), mask_threshold=mask_threshold(sparsity),
+          restore_seed=_seed(restore_seed, "restore_seed"), restore_scale=restore_scale, lr=lr,
+          weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
+          momentum_init=momentum_init, sign=sign, history_alpha=history_alpha, history_init=history_init)
 
 
 @torch.no_grad()   # in-place updates of parameters are never recorded by autograd (as torch.optim)
@@ -307,11 +310,10 @@ def zo_adam_update_(
     if int(step) < 1:
         raise ValueError(f"step={step} must be >= 1 (the Adam step count after this update)")
     b = resolve_backend(backend, _device_of(params))
-    _impl(b, "zo_adam_update_")(
-        params, _as_list(exp_avgs, "exp_avgs"), _as_list(exp_avg_sqs, "exp_avg_sqs"),
-        _as_list(history_buffers, "history_buffers"), ids, seeds, coeffs, dist_code(dist),
-        _seed(mask_seed, "mask_seed"), mask_threshold(sparsity), _seed(restore_seed, "restore_seed"),
-        float(restore_scale), float(lr), float(betas[0]), float(betas[1]), float(eps),
-        float(weight_decay), bool(decoupled_weight_decay), int(step), bool(sign),
-        float(history_alpha), bool(history_init),
-    )
+    _call(b, "zo_adam_update_", params=params, exp_avgs=_as_list(exp_avgs, "exp_avgs"),
+          exp_avg_sqs=_as_list(exp_avg_sqs, "exp_avg_sqs"),
+          history_buffers=_as_list(history_buffers, "history_buffers"), tensor_ids=ids, seeds=seeds, coeffs=coeffs,
+          dist=dist_code(dist), mask_seed=_seed(mask_seed, "mask_seed"), mask_threshold=mask_threshold(sparsity),
+          restore_seed=_seed(restore_seed, "restore_seed"), restore_scale=restore_scale, lr=lr, beta1=betas[0],
+          beta2=betas[1], eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+          step=step, sign=sign, history_alpha=history_alpha, history_init=history_init)

@@ -57,7 +57,8 @@ def missing_reason(backend: str) -> str:
             if backend == "cuda"
             else ""
         )
-        return f"zfkernels compiled {backend} extension not importable ({_errors[backend]}){extra}; build it with: {BUILD_COMMAND}"
+        return (f"zfkernels compiled {backend} extension not importable ({_errors[backend]}){extra}; "
+                f"build it with: {BUILD_COMMAND}")
     if backend == "cuda" and not cuda_available():
         return (
             "the zfkernels CUDA extension is built but torch.cuda.is_available() is False (no GPU or"

@@ -87,7 +87,8 @@ def rademacher(seed: int, numel: int, tensor_id: int = 0, device="cpu") -> torch
     return bit.to(torch.float32) * 2 - 1
 
 
-def box_muller_inputs(seed: int, numel: int, tensor_id: int = 0, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def box_muller_inputs(seed: int, numel: int, tensor_id: int = 0,
+                      device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """§5: per element, the pair's (u, s) and whether it is the sine (odd) lane."""
     i = torch.arange(numel, dtype=torch.int64, device=device)
     nblocks = (numel + 3) // 4
@@ -350,7 +351,7 @@ def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, 
     bc2 = 1.0 - beta2 ** step
     step_size = _f32(lr / bc1)
     bc2_sqrt = _f32(bc2 ** 0.5)
-    lr_f, wd, b1, b2, eps_f = _f32(lr), _f32(weight_decay), _f32(beta1), _f32(beta2), _f32(eps)
+    wd, b2, eps_f = _f32(weight_decay), _f32(beta2), _f32(eps)
     for k, (p, tid) in enumerate(zip(params, tensor_ids)):
         x, g = _estimate(p, int(tid), seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, restore_scale)
         h_buf = history_buffers[k] if history_buffers else None

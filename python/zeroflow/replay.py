@@ -325,7 +325,33 @@ def _options_from_log(o: dict) -> dict:
 
 
 def _replay_records(base, header: dict, records: list, *, backend: str | None, device, verify: bool) -> dict:
-    """:func:`replay` on a log already parsed by :func:`read_log`."""
+    """:func:`replay` on a log already parsed by :func:`read_log`: check the header, take the
+    optimized tensors from BASE, rebuild the optimizer, play the records, verify the result."""
+    import zfkernels
+
+    cls = _optimizer_class(header)
+    sd, opt_sd = _load_base(base)
+    device = torch.device(device)
+    groups, names, tensors = _base_params(sd, header, device)
+    rec_backends = sorted(set(header["resolved_backend"].values()))
+    opt = _rebuilt_optimizer(cls, header, groups, opt_sd, backend or "auto")
+    used = zfkernels.resolve_backend(opt.backend, device)
+    _play(opt, records)
+    final = weights_sha256(names, tensors)
+    if verify and final != records[-1][3]:
+        raise ReplayError(f"replayed weights differ from the recorded final weights (checksum mismatch; replayed "
+                          f"with backend {used!r} on {device}, recorded with {rec_backends}): BASE or the log does not "
+                          "belong to this run (or it is a Gaussian log recorded with backend 'triton' or 'torch' "
+                          "before every backend computed the same bits, 2026-11-30)")
+    out = dict(sd)
+    for n, t in zip(names, tensors):
+        out[n] = t.detach().requires_grad_(False).to(sd[n].device)
+    return out
+
+
+def _optimizer_class(header: dict):
+    """The optimizer class that recorded the log; ReplayError for another log format or
+    stream version (the same seeds would regenerate other z)."""
     from zfkernels.stream import STREAM_VERSION
 
     from zeroflow.optim.zo import ZOFusedAdam, ZOFusedSGD
@@ -340,17 +366,24 @@ def _replay_records(base, header: dict, records: list, *, backend: str | None, d
     cls = {"ZOFusedSGD": ZOFusedSGD, "ZOFusedAdam": ZOFusedAdam}.get(header.get("optimizer"))
     if cls is None:
         raise ReplayError(f"unknown optimizer {header.get('optimizer')!r} in the log")
-    sd, opt_sd = _load_base(base)
-    device = torch.device(device)
+    return cls
+
+
+def _base_params(sd: dict, header: dict, device: torch.device):
+    """The log's param groups with fresh parameters copied from BASE onto ``device``:
+    ``(groups, names, tensors)``; ReplayError if BASE lacks a tensor, has another shape or
+    dtype, or is not the checkpoint the log starts from."""
     groups, names, tensors = [], [], []
     for gi, g in enumerate(header["groups"]):
         ps = []
         for n, shape, dt in zip(g["names"], g["shapes"], g["dtypes"]):
             if n not in sd:
-                raise ReplayError(f"BASE has no tensor {n!r} (the log optimizes {len(g['names'])} tensors of group {gi})")
+                raise ReplayError(f"BASE has no tensor {n!r} (the log optimizes {len(g['names'])} tensors of "
+                                  f"group {gi})")
             t = sd[n]
             if list(t.shape) != shape or str(t.dtype).replace("torch.", "") != dt:
-                raise ReplayError(f"BASE tensor {n!r} is {tuple(t.shape)} {t.dtype}, the log expects {tuple(shape)} {dt}")
+                raise ReplayError(f"BASE tensor {n!r} is {tuple(t.shape)} {t.dtype}, the log expects "
+                                  f"{tuple(shape)} {dt}")
             p = t.detach().to(device).clone().contiguous().requires_grad_(True)
             ps.append(p)
             names.append(n)
@@ -358,9 +391,13 @@ def _replay_records(base, header: dict, records: list, *, backend: str | None, d
         groups.append({"params": ps, **_options_from_log(g["options"]), "lr": g["lr"]})
     if weights_sha256(names, tensors) != header["base_sha256"]:
         raise ReplayError("BASE is not the checkpoint the log starts from (checksum of the optimized tensors differs)")
-    rec_backends = sorted(set(header["resolved_backend"].values()))
-    glob = dict(header["global"], backend=backend or "auto")
-    opt = cls(groups, seed=header["seed"], **glob)
+    return groups, names, tensors
+
+
+def _rebuilt_optimizer(cls, header: dict, groups: list, opt_sd, backend: str):
+    """The recording optimizer as it was when the log started (options, seed, state, step
+    and task counters), running ``backend``."""
+    opt = cls(groups, seed=header["seed"], **dict(header["global"], backend=backend))
     if not header["fresh_state"]:
         if opt_sd is None:
             raise ReplayError("the log started with non-empty optimizer state; BASE must contain it "
@@ -368,10 +405,13 @@ def _replay_records(base, header: dict, records: list, *, backend: str | None, d
         opt.load_state_dict(opt_sd)
     opt._n = int(header["start_step"])
     opt._task = int(header["start_task"])
-    import zfkernels
+    return opt
 
-    used = zfkernels.resolve_backend(glob["backend"], device)
 
+def _play(opt, records: list) -> None:
+    """Run one ``opt.step`` per step record with a closure that computes nothing: the
+    recorded scalars reach the step through ``scalar_hook`` (an aborted step stops where
+    its scalars ran out), and the option, lr and task records are applied first."""
     queue: list[float] = []
     abort_after = [False]
 
@@ -418,16 +458,6 @@ def _replay_records(base, header: dict, records: list, *, backend: str | None, d
         if queue:
             raise ReplayError(f"log inconsistent: step {step} consumed {len(sc) - len(queue)} of {len(sc)} scalars")
     opt.scalar_hook = None
-    final = weights_sha256(names, tensors)
-    if verify and final != records[-1][3]:
-        raise ReplayError(f"replayed weights differ from the recorded final weights (checksum mismatch; replayed "
-                          f"with backend {used!r} on {device}, recorded with {rec_backends}): BASE or the log does not "
-                          "belong to this run (or it is a Gaussian log recorded with backend 'triton' or 'torch' "
-                          "before every backend computed the same bits, 2026-11-30)")
-    out = dict(sd)
-    for n, t in zip(names, tensors):
-        out[n] = t.detach().requires_grad_(False).to(sd[n].device)
-    return out
 
 
 def replay_to_file(base, log: str, out: str, **kw) -> dict:

@@ -1,8 +1,8 @@
 """Triton kernels of zeroflow (Liger style: one module per op, shared ``@jit`` helpers in
 :mod:`zfkernels.triton.philox`).
 
-Same semantics, names and argument order as the ``torch.ops.zfkernels`` schemas
-(docs/kernel-ops.md); ``z`` and ``m`` follow docs/perturbation-stream.md (``stream v1``).
+Same semantics, argument names and order as the ``torch.ops.zfkernels`` schemas (the table
+of zfkernels/opspec.py; docs/kernel-ops.md); ``z`` and ``m`` follow docs/perturbation-stream.md (``stream v1``).
 Each op takes an extra keyword-only ``block_size`` (results never depend on it).
 
 The kernels run on CUDA/ROCm tensors, or on CPU tensors in Triton's interpreter when

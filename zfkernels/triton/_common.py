@@ -1,8 +1,10 @@
-"""Host-side helpers of the Triton backend: input validation (docs/kernel-ops.md,
-"Errors"), key splitting, and the pointer tables that let one launch cover a whole list
-of tensors."""
+"""What the Triton kernels share besides the stream: the pointer table that lets one launch
+cover a whole list of tensors (built here on the host, read by :func:`load_row` in the
+kernels), input validation (docs/kernel-ops.md, "Errors"), and the scalar arguments as the
+kernels take them (keys as int32 bits, options rounded to fp32)."""
 from __future__ import annotations
 
+import math
 import struct
 from typing import Sequence
 
@@ -14,11 +16,15 @@ from ..stream import MASK32, MASK_ONE, TENSOR_ID_LIMIT, check_seed, dist_code
 
 FLOAT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
-# Pointer-table row: [ptr0, ptr1, ptr2, ptr3, numel, tensor_id, first_tile, 0] (int64).
-ROW = 8
-COL_NUMEL = 4
-COL_TID = 5
-COL_START = 6
+# ----------------------------------------------------------------------------- pointer table
+# One int64 row per tensor: [slot 0, slot 1, slot 2, slot 3, numel, tensor_id, first_tile, 0].
+# The slots hold data pointers: the param, then the op's buffers in schema order (SGD:
+# momentum, history; Adam: m, v, history; docs/kernel-ops.md, "Schemas"). first_tile is the
+# index of the tensor's first program within its launch. (constexpr: readable in @jit code.)
+ROW = tl.constexpr(8)
+COL_NUMEL = tl.constexpr(4)
+COL_TID = tl.constexpr(5)
+COL_START = tl.constexpr(6)
 
 
 def interpreted(kernel) -> bool:
@@ -134,11 +140,12 @@ def check_block(op: str, block: int) -> int:
 
 def build_groups(params, buffer_lists, tensor_ids, block: int):
     """Split the non-empty tensors into groups of equal dtype signature (param dtype,
-    buffer dtypes) and build one pointer-table per group.
+    buffer dtypes) and build one pointer table per group (one launch each).
 
-    Returns a list of ``(dtypes, rows, n_tiles)``; ``rows`` is a flat list of ints, ROW per
-    tensor: the data pointers (param, then buffers; the param's pointer repeats for
-    absent buffers, whose slot keeps its position), numel, tensor id and the group-local index of its first tile."""
+    Returns a list of ``(dtypes, rows, n_rows, n_tiles)``: the Triton dtype of each slot,
+    the table as a flat list of ints (ROW per tensor, see above; an absent buffer's slot
+    keeps its position and holds the param's pointer, never read), its number of rows and
+    of tiles (programs)."""
     groups: dict = {}
     for k, p in enumerate(params):
         n = p.numel()
@@ -154,5 +161,106 @@ def build_groups(params, buffer_lists, tensor_ids, block: int):
     out = []
     for key, (rows, tiles) in groups.items():
         dtypes = [FLOAT_DTYPES[d] for d in key] + [FLOAT_DTYPES[key[0]]] * (4 - len(key))
-        out.append((dtypes, rows, tiles))
+        out.append((dtypes, rows, len(rows) // ROW.value, tiles))
     return out
+
+
+def prepare_update(op, interp, params, buffer_lists, tensor_ids, seeds, coeffs, dist,
+                   mask_seed, mask_threshold, restore_seed, block_size):
+    """Validate the arguments the fused update ops share; returns ``(dist, T, block,
+    groups)`` where each group is ``(dtypes, meta, n_rows, seed_off, tiles)``: ``meta``
+    is the pointer table followed by the q seeds, then the fp32 bits of the q coefficients
+    (seeds from ``seed_off``), on the params' device."""
+    check_params(op, params, interp)
+    for name, bl in buffer_lists:
+        check_buffers(op, name, bl, params)
+    ids = check_ids(op, tensor_ids, len(params))
+    if not isinstance(seeds, (list, tuple)) or not isinstance(coeffs, (list, tuple)):
+        raise ValueError(f"{op}: seeds and coeffs must be lists")
+    if len(seeds) != len(coeffs):
+        raise ValueError(f"{op}: seeds has {len(seeds)} entries but coeffs has {len(coeffs)}")
+    seeds = [check_seed_arg(op, f"seeds[{j}]", s) for j, s in enumerate(seeds)]
+    cbits = []
+    for j, c in enumerate(coeffs):
+        try:
+            cbits.append(f32_bits(c))
+        except (TypeError, OverflowError, struct.error):
+            raise ValueError(f"{op}: coeffs[{j}]={c!r} must be a float representable in float32") from None
+    d = check_dist(op, dist)
+    T = check_threshold(op, mask_threshold)
+    check_seed_arg(op, "mask_seed", mask_seed)
+    check_seed_arg(op, "restore_seed", restore_seed)
+    block = check_block(op, block_size or (8192 if interp else 1024))
+    groups = []
+    if params:
+        dev = params[0].device
+        for dtypes, rows, n_rows, tiles in build_groups(params, [bl for _, bl in buffer_lists], ids, block):
+            meta = torch.tensor(rows + seeds + cbits, dtype=torch.int64).to(dev, non_blocking=True)
+            groups.append((dtypes, meta, n_rows, len(rows), tiles))
+    return d, T, block, groups
+
+
+# ----------------------------------------------------------------------------- scalars
+def round32(x: float) -> float:
+    """``float32(x)`` as a Python float (round-to-nearest-even; overflow gives inf)."""
+    x = float(x)
+    try:
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def f32(x: float, name: str, op: str) -> float:
+    """A scalar argument rounded to float32, as the kernels (and the reference) use it."""
+    try:
+        return round32(x)
+    except (TypeError, ValueError):
+        raise ValueError(f"{op}: {name}={x!r} must be a float") from None
+
+
+# ----------------------------------------------------------------------------- @jit: the table
+@triton.jit
+def tile_offsets(base, BLOCK: tl.constexpr):
+    """int64 element indices ``[R, 32, 4]`` of the tile starting at ``base`` (int64), in
+    the tile layout of zfkernels/triton/philox.py (``R = BLOCK // 128``)."""
+    R: tl.constexpr = BLOCK // 128
+    r = tl.arange(0, R).to(tl.int64)[:, None, None]
+    q = tl.arange(0, 32)[None, :, None]
+    lane = tl.arange(0, 4)[None, None, :]
+    return base + r * 128 + (q * 4 + lane)
+
+
+@triton.jit
+def find_row(meta_ptr, n_rows, pid):
+    """Binary search over the pointer table: the last row whose first tile is ``<= pid``,
+    and ``pid``'s tile index within that row's tensor."""
+    lo = n_rows * 0
+    hi = n_rows - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        st = tl.load(meta_ptr + mid.to(tl.int64) * ROW + COL_START)
+        ok = st <= pid
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    start = tl.load(meta_ptr + lo.to(tl.int64) * ROW + COL_START)
+    return lo.to(tl.int64), pid - start
+
+
+@triton.jit
+def load_row(meta_ptr, n_rows, BLOCK: tl.constexpr):
+    """This program's place in the table: ``(row, base, offs, inb, tid)`` -- the address of
+    its tensor's row (pass it to :func:`slot_ptr`), the first element of its tile, the
+    tile's element indices and which of them lie inside the tensor, and the tensor id."""
+    row_index, tile = find_row(meta_ptr, n_rows, tl.program_id(0).to(tl.int64))
+    row = meta_ptr + row_index * ROW
+    numel = tl.load(row + COL_NUMEL)
+    tid = tl.load(row + COL_TID).to(tl.uint32)
+    base = tile * BLOCK
+    offs = tile_offsets(base, BLOCK)
+    return row, base, offs, offs < numel, tid
+
+
+@triton.jit
+def slot_ptr(row, slot: tl.constexpr, DTYPE: tl.constexpr):
+    """The data pointer in ``slot`` of a table row, typed ``DTYPE``."""
+    return tl.load(row + slot).to(tl.pointer_type(DTYPE))

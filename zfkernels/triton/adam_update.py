@@ -9,10 +9,9 @@ import triton
 import triton.language as tl
 
 from ..stream import split_seed
-from ._common import interpreted, to_i32
-from ._host import f32, prepare_update, round32
+from ._common import f32, interpreted, load_row, prepare_update, round32, slot_ptr, to_i32
 from ._update import load_f32, restored_estimate
-from .philox import find_row, store_rne, tile_offsets
+from .philox import store_rne
 
 __all__ = ["zo_adam_update_"]
 
@@ -25,18 +24,11 @@ def _adam_kernel(meta_ptr, n_rows, seed_off, q, rkey0, rkey1, restore_scale, mke
                  has_restore, has_wd, decoupled, sign, has_hist, history_init,
                  P_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr,
                  H_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    row, tile = find_row(meta_ptr, n_rows, pid, 8, 6)
-    rbase = meta_ptr + row * 8
-    p_ptr = tl.load(rbase).to(tl.pointer_type(P_DTYPE))
-    m_ptr = tl.load(rbase + 1).to(tl.pointer_type(M_DTYPE))
-    v_ptr = tl.load(rbase + 2).to(tl.pointer_type(V_DTYPE))
-    h_ptr = tl.load(rbase + 3).to(tl.pointer_type(H_DTYPE))
-    numel = tl.load(rbase + 4)
-    tid = tl.load(rbase + 5).to(tl.uint32)
-    base = tile * BLOCK
-    offs = tile_offsets(base, BLOCK)
-    inb = offs < numel
+    row, base, offs, inb, tid = load_row(meta_ptr, n_rows, BLOCK)
+    p_ptr = slot_ptr(row, 0, P_DTYPE)                  # slots: param, m, v, history
+    m_ptr = slot_ptr(row, 1, M_DTYPE)
+    v_ptr = slot_ptr(row, 2, V_DTYPE)
+    h_ptr = slot_ptr(row, 3, H_DTYPE)
     theta = load_f32(p_ptr + offs, inb)
     p, g = restored_estimate(meta_ptr, seed_off, q, base, tid, theta,
                              rkey0, rkey1, restore_scale, mkey0, mkey1, T, dist,
@@ -116,8 +108,8 @@ def zo_adam_update_(
         tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, block_size)
     weight_decay_raw, history_alpha_raw = weight_decay, history_alpha
     restore_scale = f32(restore_scale, "restore_scale", op)
-    lr_f = f32(lr, "lr", op)
-    b1 = f32(beta1, "beta1", op)
+    f32(lr, "lr", op)          # checked like every scalar; the kernel takes lr/bc1 and 1 - beta1
+    f32(beta1, "beta1", op)
     b2 = f32(beta2, "beta2", op)
     eps = f32(eps, "eps", op)
     weight_decay = f32(weight_decay, "weight_decay", op)

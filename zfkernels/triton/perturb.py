@@ -9,11 +9,10 @@ import triton.language as tl
 
 from ..stream import split_seed
 from ._common import (
-    ROW, build_groups, check_block, check_dist, check_ids,
-    check_params, check_seed_arg, check_threshold, interpreted, to_i32,
+    build_groups, check_block, check_dist, check_ids, check_params, check_seed_arg, check_threshold, f32,
+    interpreted, load_row, slot_ptr, to_i32,
 )
-from ._host import f32
-from .philox import find_row, mask_tile, store_rne, tile_offsets, z_tile
+from .philox import mask_tile, store_rne, z_tile
 
 __all__ = ["perturb_"]
 
@@ -21,15 +20,8 @@ __all__ = ["perturb_"]
 @triton.jit(do_not_specialize=["n_rows", "key0", "key1", "mkey0", "mkey1", "T", "dist"])
 def _perturb_kernel(meta_ptr, n_rows, key0, key1, mkey0, mkey1, T, dist, scale,
                     P_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    row, tile = find_row(meta_ptr, n_rows, pid, 8, 6)
-    rbase = meta_ptr + row * 8
-    p_ptr = tl.load(rbase).to(tl.pointer_type(P_DTYPE))
-    numel = tl.load(rbase + 4)
-    tid = tl.load(rbase + 5).to(tl.uint32)
-    base = tile * BLOCK
-    offs = tile_offsets(base, BLOCK)
-    inb = offs < numel
+    row, base, offs, inb, tid = load_row(meta_ptr, n_rows, BLOCK)
+    p_ptr = slot_ptr(row, 0, P_DTYPE)
     x = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     z = z_tile(base, tid, key0.to(tl.uint32, bitcast=True), key1.to(tl.uint32, bitcast=True), dist, BLOCK)
     if T > 0:                                   # x + (z * m) * scale
@@ -77,10 +69,10 @@ def perturb_(
     k0, k1 = split_seed(seed)
     m0, m1 = split_seed(mask_seed)
     dev = params[0].device
-    for dtypes, rows, tiles in build_groups(params, [], ids, block):
+    for dtypes, rows, n_rows, tiles in build_groups(params, [], ids, block):
         meta = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
         _perturb_kernel[(tiles,)](
-            meta, len(rows) // ROW, to_i32(k0), to_i32(k1), to_i32(m0), to_i32(m1), T, d, scale,
+            meta, n_rows, to_i32(k0), to_i32(k1), to_i32(m0), to_i32(m1), T, d, scale,
             P_DTYPE=dtypes[0], BLOCK=block, num_warps=4,
             enable_fp_fusion=False,   # one arithmetic: no FMA contraction (docs/kernel-ops.md)
         )

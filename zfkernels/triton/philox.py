@@ -90,18 +90,8 @@ def stream_words(b, tid, TAG: tl.constexpr, k0, k1):
 
 
 @triton.jit
-def tile_offsets(base, BLOCK: tl.constexpr):
-    """int64 element indices ``[R, 32, 4]`` of the tile starting at ``base`` (int64)."""
-    R: tl.constexpr = BLOCK // 128
-    r = tl.arange(0, R).to(tl.int64)[:, None, None]
-    q = tl.arange(0, 32)[None, :, None]
-    l = tl.arange(0, 4)[None, None, :]
-    return base + r * 128 + (q * 4 + l)
-
-
-@triton.jit
-def _lane_select(l, y0, y1, y2, y3):
-    return tl.where(l == 0, y0, tl.where(l == 1, y1, tl.where(l == 2, y2, y3)))
+def _lane_select(lane, y0, y1, y2, y3):
+    return tl.where(lane == 0, y0, tl.where(lane == 1, y1, tl.where(lane == 2, y2, y3)))
 
 
 @triton.jit
@@ -169,11 +159,11 @@ def _rademacher_tile(base, tid, k0, k1, BLOCK: tl.constexpr):
     """§4 on the ``[R, 32, 4]`` tile: one Philox call per 128-element row."""
     R: tl.constexpr = BLOCK // 128
     q = tl.arange(0, 32)[None, :, None]
-    l = tl.arange(0, 4)[None, None, :]
+    lane = tl.arange(0, 4)[None, None, :]
     b = (base >> 7) + tl.arange(0, R).to(tl.int64)
     x0, x1, x2, x3 = stream_words(b, tid, 0, k0, k1)
-    w = q >> 3                                   # word (j >> 5), j = 4q + l
-    t = ((q & 7) * 4 + l).to(tl.uint32)          # bit  (j & 31)
+    w = q >> 3                                   # word (j >> 5), j = 4q + lane
+    t = ((q & 7) * 4 + lane).to(tl.uint32)       # bit  (j & 31)
     word = _lane_select(w, x0[:, None, None], x1[:, None, None], x2[:, None, None], x3[:, None, None])
     bit = (word >> t) & 1
     return tl.where(bit != 0, 1.0, -1.0)
@@ -183,14 +173,14 @@ def _rademacher_tile(base, tid, k0, k1, BLOCK: tl.constexpr):
 def _gaussian_tile(base, tid, k0, k1, BLOCK: tl.constexpr):
     """§5 on the ``[R, 32, 4]`` tile: one Philox call (two Box–Muller pairs) per quad."""
     R: tl.constexpr = BLOCK // 128
-    l = tl.arange(0, 4)[None, None, :]
+    lane = tl.arange(0, 4)[None, None, :]
     rr = tl.arange(0, R).to(tl.int64)[:, None]
     qq = tl.arange(0, 32)[None, :]
     b = (base >> 2) + rr * 32 + qq
     x0, x1, x2, x3 = stream_words(b, tid, 0, k0, k1)
     g0, g1 = _box_muller(x0, x1)
     g2, g3 = _box_muller(x2, x3)
-    return _lane_select(l, g0[:, :, None], g1[:, :, None], g2[:, :, None], g3[:, :, None])
+    return _lane_select(lane, g0[:, :, None], g1[:, :, None], g2[:, :, None], g3[:, :, None])
 
 
 @triton.jit
@@ -213,8 +203,8 @@ def mask_tile(base, tid, k0, k1, T, BLOCK: tl.constexpr):
     qq = tl.arange(0, 32)[None, :]
     b = (base >> 2) + rr * 32 + qq
     x0, x1, x2, x3 = stream_words(b, tid, 1, k0, k1)
-    l = tl.arange(0, 4)[None, None, :]
-    x = _lane_select(l, x0[:, :, None], x1[:, :, None], x2[:, :, None], x3[:, :, None])
+    lane = tl.arange(0, 4)[None, None, :]
+    x = _lane_select(lane, x0[:, :, None], x1[:, :, None], x2[:, :, None], x3[:, :, None])
     return tl.where((x >> 8) < T, 0.0, 1.0)
 
 
@@ -239,21 +229,6 @@ def store_rne(ptr, x, mask):
         tl.store(ptr, x, mask=mask)
         out = x
     return out
-
-
-@triton.jit
-def find_row(meta_ptr, n_rows, pid, ROW: tl.constexpr, START_COL: tl.constexpr):
-    """Binary search over a pointer table: the last row whose first tile is ``<= pid``."""
-    lo = n_rows * 0
-    hi = n_rows - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        st = tl.load(meta_ptr + mid.to(tl.int64) * ROW + START_COL)
-        ok = st <= pid
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
-    start = tl.load(meta_ptr + lo.to(tl.int64) * ROW + START_COL)
-    return lo.to(tl.int64), pid - start
 
 
 @triton.jit(do_not_specialize=["n", "key0", "key1"])
@@ -289,7 +264,8 @@ def philox4x32_10(counters: torch.Tensor, key0: int, key1: int, *, block_size: i
         raise ValueError(f"philox4x32_10: counters must be a torch.Tensor, got {type(counters).__name__}")
     if counters.dtype != torch.int64 or counters.dim() != 2 or counters.shape[1] != 4:
         raise ValueError(
-            f"philox4x32_10: counters must be an int64 tensor of shape [N, 4], got {counters.dtype} {tuple(counters.shape)}"
+            f"philox4x32_10: counters must be an int64 tensor of shape [N, 4], got {counters.dtype} "
+            f"{tuple(counters.shape)}"
         )
     if counters.layout != torch.strided:
         raise ValueError("philox4x32_10: counters must be a dense (strided) tensor")

@@ -10,10 +10,9 @@ import triton
 import triton.language as tl
 
 from ..stream import split_seed
-from ._common import interpreted, to_i32
-from ._host import f32, prepare_update, round32
+from ._common import f32, interpreted, load_row, prepare_update, round32, slot_ptr, to_i32
 from ._update import load_f32, restored_estimate
-from .philox import find_row, store_rne, tile_offsets
+from .philox import store_rne
 
 __all__ = ["zo_sgd_update_"]
 
@@ -25,17 +24,10 @@ def _sgd_kernel(meta_ptr, n_rows, seed_off, q, rkey0, rkey1, restore_scale, mkey
                 lr, weight_decay, momentum, one_minus_dampening, history_alpha, one_minus_alpha,
                 has_restore, has_wd, has_mom, nesterov, momentum_init, sign, has_hist, history_init,
                 P_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, H_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    row, tile = find_row(meta_ptr, n_rows, pid, 8, 6)
-    rbase = meta_ptr + row * 8
-    p_ptr = tl.load(rbase).to(tl.pointer_type(P_DTYPE))
-    b_ptr = tl.load(rbase + 1).to(tl.pointer_type(B_DTYPE))
-    h_ptr = tl.load(rbase + 2).to(tl.pointer_type(H_DTYPE))
-    numel = tl.load(rbase + 4)
-    tid = tl.load(rbase + 5).to(tl.uint32)
-    base = tile * BLOCK
-    offs = tile_offsets(base, BLOCK)
-    inb = offs < numel
+    row, base, offs, inb, tid = load_row(meta_ptr, n_rows, BLOCK)
+    p_ptr = slot_ptr(row, 0, P_DTYPE)                  # slots: param, momentum, history
+    b_ptr = slot_ptr(row, 1, B_DTYPE)
+    h_ptr = slot_ptr(row, 2, H_DTYPE)
     theta = load_f32(p_ptr + offs, inb)
     p, g = restored_estimate(meta_ptr, seed_off, q, base, tid, theta,
                              rkey0, rkey1, restore_scale, mkey0, mkey1, T, dist,

@@ -199,8 +199,8 @@ def pretrain_small_backbone(data, *, vit_cfg: Optional[Dict], epochs: int, lr: f
         try:
             vit.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return vit
-        except Exception:
-            pass  # a damaged cache entry is rebuilt
+        except Exception:  # noqa: BLE001 - whatever is wrong with a cache entry, it is rebuilt
+            pass
     torch.manual_seed(seed)
     vit = build_small_vit(data.in_chans, data.img_size, vit_cfg).to(device)
     npix = data.in_chans * data.img_size * data.img_size

@@ -279,7 +279,8 @@ def load_dataset(name: str, root: str, init_cls: int, increment: int, *, downloa
                              class_order_seed=class_order_seed)
     if name in IMAGEFOLDER_DATASETS:
         if download:
-            raise ZeroflowError(f"{name} cannot be downloaded automatically; place it under {root}/{name}/{{train,test}}")
+            raise ZeroflowError(f"{name} cannot be downloaded automatically; place it under "
+                                f"{root}/{name}/{{train,test}}")
         return load_imagefolder(name, root, init_cls, increment, img_size=img_size,
                                 class_order_seed=class_order_seed)
     raise ZeroflowError(f"unknown dataset {name!r}; valid: {', '.join(ALL_DATASETS)}")

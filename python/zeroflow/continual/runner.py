@@ -21,7 +21,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
 import numpy as np
@@ -369,34 +369,20 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
     leaves no folder behind. Ctrl-C raises :class:`RunInterrupted`.
     """
     from .data import load_dataset
-    from .learners import Counters
 
     t_start = time.perf_counter()
-    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
-        raise ZeroflowError(f"--stop-after must be an integer >= 1 (got {stop_after!r})")
-    if resume and force:
-        raise ZeroflowError("--resume continues the run in --out and --force replaces it: give one of them")
-    if resume and not out:
-        raise ZeroflowError("--resume needs --out RUN_FOLDER")
+    _check_run_flags(out, resume=resume, force=force, stop_after=stop_after)
     cfg = resumed_config(out, cfg, warn) if resume else validate(cfg)
     shard = distributed_setup(cfg)
     rank, world = shard or (0, 1)
     main = rank == 0     # only rank 0 writes files and logs; every rank trains and evaluates
     if not main:
-        log, warn, progress = (lambda *a, **k: None), (lambda *a, **k: None), False
-    if world > 1 and cfg.get("device") in (None, "", "auto"):
-        from zeroflow.distributed import local_device
-        device = local_device()          # cuda:LOCAL_RANK under NCCL, else cpu
-    else:
-        device = resolve_device(cfg.get("device"))
+        log, warn, progress = _silent, _silent, False
+    device = _run_device(cfg, world)
     check_backend(cfg.get("backend"), device)
     check_checkpoint_file(cfg)
     check_run_precision(cfg, device, warn)
-    threads = cfg.get("threads")
-    if threads is None and device.type == "cpu" and cfg.get("backbone") == "small":
-        threads = 1   # the tiny ViT is dominated by threading overhead; 1 thread is fastest
-    if threads:
-        torch.set_num_threads(int(threads))
+    _set_threads(cfg, device)
     seed_everything(int(cfg["seed"]))
     data = load_dataset(cfg["dataset"], cfg["data_root"], int(cfg["init_cls"]), int(cfg["increment"]),
                         download=bool(cfg.get("download")), img_size=int(cfg.get("img_size", 224)),
@@ -417,23 +403,12 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
 
     run_dir, mode, finished = _on_rank0(world, main, claim)
     written = False     # config.json exists: from here on the folder is a resumable run
-    completed, T = 0, None
+    results, T = None, None
     try:
         if mode == "finished":
             return finished if main else {"rank": rank, "world_size": world, "run_dir": run_dir}
         written = mode == "resume"
-        ck_path = os.path.join(run_dir, CHECKPOINT)
-        backbone_path = os.path.join(run_dir, BACKBONE)
-        # torchrun: rank 0 builds (and caches) the backbone first, the others then load it; rank
-        # 0's weights are then broadcast so that every rank runs the identical network
-        if world > 1 and not main:
-            torch.distributed.barrier()
-        net = build_network(cfg, data, device, backbone_path if main else None, progress)
-        if world > 1:
-            from zeroflow.distributed import broadcast_module_
-            if main:
-                torch.distributed.barrier()
-            broadcast_module_(net)
+        net = _shared_network(cfg, data, device, os.path.join(run_dir, BACKBONE), world, main, progress)
         learner = make_learner(cfg, net, device)
         if main and hasattr(learner, "describe"):
             log(learner.describe())
@@ -441,101 +416,29 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
             if mode == "fresh":
                 atomic_write_json(os.path.join(run_dir, CONFIG), cfg)
                 written = True
-            if cfg["backbone"] == "small" and not os.path.isfile(backbone_path):
-                save_torch(net.vit.state_dict(), backbone_path)
-            env = environment(device, cfg.get("backend"))
-            if world > 1:
-                env["world_size"] = world
-            atomic_write_json(os.path.join(run_dir, "environment.json"), env)
+            _write_setup_files(run_dir, cfg, net, device, world)
         T = len(data.tasks)
-
-        counters = Counters()
-        matrix = M.empty_matrix(T)
-        curve, task_stats = [], []
-        peak = 0
-        if mode == "resume" and os.path.isfile(ck_path):
-            ck = load_checkpoint(ck_path)
-            learner.load_state_dict(ck["learner"])
-            matrix, curve, task_stats = ck["matrix"], ck["curve"], ck["task_stats"]
-            counters = Counters(**ck["counters"])
-            completed, peak = int(ck["completed"]), int(ck["peak_memory_bytes"])
-            log(f"resuming {run_dir} after task {completed}/{T}")
+        results = _restore_results(run_dir, learner, resume=mode == "resume", n_tasks=T, log=log)
         setup_seconds = time.perf_counter() - t_start
 
         mem = M.MemoryMeter(device)
         timer = M.Timer(device)
-        eval_bs, nw = int(cfg.get("eval_batch_size", 256)), int(cfg.get("num_workers", 0))
         record_dir = os.path.join(run_dir, TRAJECTORY) if main and cfg["record"] else None
-        for t in range(completed, T):
-            s = task_seed(int(cfg["seed"]), t)
-            seed_everything(s)
-            mem.reset()
-            it0, fp0, ts0 = counters.iterations, counters.train_forward_passes, counters.train_seconds
-            t0 = timer.now()
-            info = learner.learn_task(t, data.tasks[t], data,
-                                      TaskContext(s, T, counters, timer, progress, shard, record_dir))
-            overall, per_task = evaluate(learner, data, data.tasks[: t + 1], device, counters, eval_bs, nw)
-            seconds = timer.now() - t0
-            for g in range(t + 1):
-                matrix[g][t] = per_task[g]
-            curve.append(overall)
-            task_peak = mem.peak()
-            peak = max(peak, task_peak)
-            iters = counters.iterations - it0
-            task_stats.append({
-                "task": t, "classes": len(data.tasks[t]), "seconds": seconds, "iterations": iters,
-                **({"bytes_communicated": info["bytes_communicated"]["bytes_sent"]}
-                   if "bytes_communicated" in info else {}),
-                "train_seconds": counters.train_seconds - ts0,
-                "seconds_per_iteration": (counters.train_seconds - ts0) / iters if iters else None,
-                "forward_passes": counters.train_forward_passes - fp0, "peak_memory_bytes": task_peak,
-                "accuracy": overall, "loss_first": info.get("loss_first"), "loss_last": info.get("loss_last"),
-            })
-            if main:
-                save_torch({"version": CKPT_VERSION, "completed": t + 1, "learner": learner.state_dict(),
-                            "matrix": matrix, "curve": curve, "task_stats": task_stats,
-                            "counters": counters.as_dict(), "peak_memory_bytes": peak}, ck_path)
-            completed = t + 1
-            log(f"task {t + 1}/{T}: accuracy on {sum(len(c) for c in data.tasks[:t + 1])} seen classes "
-                f"{overall:.2f}%  ({seconds:.1f}s)")
-            if stop_after is not None and completed >= stop_after and completed < T:
-                log(f"stopped after task {completed}/{T}; continue with zeroflow run --resume --out {run_dir}")
-                return {"stopped_after": completed, "run_dir": run_dir}
-
+        stopped = _train_tasks(learner, data, cfg, results, device=device, mem=mem, timer=timer, run_dir=run_dir,
+                               record_dir=record_dir, shard=shard, progress=progress, stop_after=stop_after,
+                               main=main, log=log)
+        if stopped:
+            return {"stopped_after": results.completed, "run_dir": run_dir}
         if not main:
-            return {"rank": rank, "world_size": world, "accuracy_curve": curve, "run_dir": run_dir}
-        res = M.summarize(curve, matrix)
+            return {"rank": rank, "world_size": world, "accuracy_curve": results.curve, "run_dir": run_dir}
+        metrics = _metrics(results, data, cfg, run_dir=run_dir, world=world, mem=mem,
+                           setup_seconds=setup_seconds, record_dir=record_dir)
         if cfg.get("baseline") == "untrained":
-            res.update(untrained_results(cfg, net, data, device, res, log))
-        train_s = counters.train_seconds
-        metrics = {
-            **res,
-            "accuracy_curve": curve,
-            "accuracy_matrix": matrix,
-            "peak_memory_bytes": peak,
-            "peak_memory_kind": mem.kind,
-            "forward_passes": counters.train_forward_passes,
-            "eval_forward_passes": counters.eval_forward_passes,
-            "iterations": counters.iterations,
-            "seconds": sum(ts["seconds"] for ts in task_stats),
-            "setup_seconds": setup_seconds,
-            "seconds_per_iteration": train_s / counters.iterations if counters.iterations else None,
-            "seconds_per_task": [ts["seconds"] for ts in task_stats],
-            "tasks": task_stats,
-            "n_tasks": T,
-            "world_size": world,
-            "class_order": data.order,
-            "precision": cfg.get("precision", "fp32"),
-            "config": cfg,
-            "run_dir": run_dir,
-        }
-        if record_dir and os.path.isdir(record_dir):
-            metrics["trajectory_logs"] = sorted(os.path.join(record_dir, f) for f in os.listdir(record_dir)
-                                                if f.endswith(".zft"))
+            metrics.update(untrained_results(cfg, net, data, device, metrics, log))
         write_results(run_dir, metrics)
         return metrics
     except KeyboardInterrupt as e:
-        raise RunInterrupted(run_dir, completed, T, written) from e
+        raise RunInterrupted(run_dir, results.completed if results else 0, T, written) from e
     finally:
         if folder is not None:
             folder.release()          # removes the folder too if this run created it and wrote nothing
@@ -550,6 +453,171 @@ def untrained_results(cfg: Dict, net, data, device, res: Dict, log) -> Dict:
     log(f"untrained baseline: Avg {base['avg']:.2f}, Last {base['last']:.2f}; training added Avg "
         f"{added['avg_gain']:+.2f}, Last {added['last_gain']:+.2f} ({base['seconds']:.1f}s)")
     return {"baseline": base, **added}
+
+
+def _silent(*args, **kwargs):
+    pass
+
+
+def _check_run_flags(out: Optional[str], *, resume: bool, force: bool, stop_after) -> None:
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
+        raise ZeroflowError(f"--stop-after must be an integer >= 1 (got {stop_after!r})")
+    if resume and force:
+        raise ZeroflowError("--resume continues the run in --out and --force replaces it: give one of them")
+    if resume and not out:
+        raise ZeroflowError("--resume needs --out RUN_FOLDER")
+
+
+def _run_device(cfg: Dict, world: int) -> torch.device:
+    if world > 1 and cfg.get("device") in (None, "", "auto"):
+        from zeroflow.distributed import local_device
+        return local_device()          # cuda:LOCAL_RANK under NCCL, else cpu
+    return resolve_device(cfg.get("device"))
+
+
+def _set_threads(cfg: Dict, device: torch.device) -> None:
+    threads = cfg.get("threads")
+    if threads is None and device.type == "cpu" and cfg.get("backbone") == "small":
+        threads = 1   # the tiny ViT is dominated by threading overhead; 1 thread is fastest
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def _shared_network(cfg: Dict, data, device: torch.device, backbone_path: str, world: int, main: bool,
+                    progress: bool):
+    """:func:`build_network` on every rank. Under torchrun rank 0 builds (and caches) the
+    backbone first, the others then load it; rank 0's weights are then broadcast so that
+    every rank runs the identical network."""
+    if world > 1 and not main:
+        torch.distributed.barrier()
+    net = build_network(cfg, data, device, backbone_path if main else None, progress)
+    if world > 1:
+        from zeroflow.distributed import broadcast_module_
+        if main:
+            torch.distributed.barrier()
+        broadcast_module_(net)
+    return net
+
+
+def _write_setup_files(run_dir: str, cfg: Dict, net, device: torch.device, world: int) -> None:
+    """``backbone.pt`` (small backbone, once: a resumed run loads it) and ``environment.json``."""
+    backbone_path = os.path.join(run_dir, BACKBONE)
+    if cfg["backbone"] == "small" and not os.path.isfile(backbone_path):
+        save_torch(net.vit.state_dict(), backbone_path)
+    env = environment(device, cfg.get("backend"))
+    if world > 1:
+        env["world_size"] = world
+    atomic_write_json(os.path.join(run_dir, "environment.json"), env)
+
+
+@dataclass
+class _Results:
+    """What the run has produced so far; ``checkpoint.pt`` holds it after every task."""
+    matrix: list                                   # accuracy (%) of task g after stage t: matrix[g][t]
+    counters: object                               # learners.Counters
+    curve: list = field(default_factory=list)      # accuracy on all seen classes after each stage
+    task_stats: list = field(default_factory=list)
+    completed: int = 0                             # tasks finished
+    peak: int = 0                                  # peak memory (bytes) over the finished tasks
+
+    def checkpoint(self, learner, completed: int) -> Dict:
+        return {"version": CKPT_VERSION, "completed": completed, "learner": learner.state_dict(),
+                "matrix": self.matrix, "curve": self.curve, "task_stats": self.task_stats,
+                "counters": self.counters.as_dict(), "peak_memory_bytes": self.peak}
+
+
+def _restore_results(run_dir: str, learner, *, resume: bool, n_tasks: int, log) -> _Results:
+    """A resumed run's results (and learner state) from its checkpoint, else empty ones."""
+    from .learners import Counters
+
+    ck_path = os.path.join(run_dir, CHECKPOINT)
+    if resume and os.path.isfile(ck_path):
+        ck = load_checkpoint(ck_path)
+        learner.load_state_dict(ck["learner"])
+        results = _Results(matrix=ck["matrix"], counters=Counters(**ck["counters"]), curve=ck["curve"],
+                           task_stats=ck["task_stats"], completed=int(ck["completed"]),
+                           peak=int(ck["peak_memory_bytes"]))
+        log(f"resuming {run_dir} after task {results.completed}/{n_tasks}")
+        return results
+    return _Results(matrix=M.empty_matrix(n_tasks), counters=Counters())
+
+
+def _train_tasks(learner, data, cfg: Dict, results: _Results, *, device, mem, timer, run_dir: str,
+                 record_dir: Optional[str], shard, progress: bool, stop_after: Optional[int], main: bool,
+                 log) -> bool:
+    """Learn the tasks after the ``results.completed`` finished ones; after each, evaluate on
+    every class seen so far, add it to ``results`` and (rank 0) write the checkpoint. True
+    when ``stop_after`` stopped the run before its last task."""
+    T = len(data.tasks)
+    counters = results.counters
+    eval_bs, nw = int(cfg.get("eval_batch_size", 256)), int(cfg.get("num_workers", 0))
+    for t in range(results.completed, T):
+        s = task_seed(int(cfg["seed"]), t)
+        seed_everything(s)
+        mem.reset()
+        it0, fp0, ts0 = counters.iterations, counters.train_forward_passes, counters.train_seconds
+        t0 = timer.now()
+        info = learner.learn_task(t, data.tasks[t], data,
+                                  TaskContext(s, T, counters, timer, progress, shard, record_dir))
+        overall, per_task = evaluate(learner, data, data.tasks[: t + 1], device, counters, eval_bs, nw)
+        seconds = timer.now() - t0
+        for g in range(t + 1):
+            results.matrix[g][t] = per_task[g]
+        results.curve.append(overall)
+        task_peak = mem.peak()
+        results.peak = max(results.peak, task_peak)
+        iters = counters.iterations - it0
+        results.task_stats.append({
+            "task": t, "classes": len(data.tasks[t]), "seconds": seconds, "iterations": iters,
+            **({"bytes_communicated": info["bytes_communicated"]["bytes_sent"]}
+               if "bytes_communicated" in info else {}),
+            "train_seconds": counters.train_seconds - ts0,
+            "seconds_per_iteration": (counters.train_seconds - ts0) / iters if iters else None,
+            "forward_passes": counters.train_forward_passes - fp0, "peak_memory_bytes": task_peak,
+            "accuracy": overall, "loss_first": info.get("loss_first"), "loss_last": info.get("loss_last"),
+        })
+        if main:
+            save_torch(results.checkpoint(learner, completed=t + 1), os.path.join(run_dir, CHECKPOINT))
+        results.completed = t + 1
+        log(f"task {t + 1}/{T}: accuracy on {sum(len(c) for c in data.tasks[:t + 1])} seen classes "
+            f"{overall:.2f}%  ({seconds:.1f}s)")
+        if stop_after is not None and results.completed >= stop_after and results.completed < T:
+            log(f"stopped after task {results.completed}/{T}; continue with zeroflow run --resume --out {run_dir}")
+            return True
+    return False
+
+
+def _metrics(results: _Results, data, cfg: Dict, *, run_dir: str, world: int, mem, setup_seconds: float,
+             record_dir: Optional[str]) -> Dict:
+    """The contents of ``metrics.json``."""
+    counters = results.counters
+    task_stats = results.task_stats
+    train_s = counters.train_seconds
+    metrics = {
+        **M.summarize(results.curve, results.matrix),
+        "accuracy_curve": results.curve,
+        "accuracy_matrix": results.matrix,
+        "peak_memory_bytes": results.peak,
+        "peak_memory_kind": mem.kind,
+        "forward_passes": counters.train_forward_passes,
+        "eval_forward_passes": counters.eval_forward_passes,
+        "iterations": counters.iterations,
+        "seconds": sum(ts["seconds"] for ts in task_stats),
+        "setup_seconds": setup_seconds,
+        "seconds_per_iteration": train_s / counters.iterations if counters.iterations else None,
+        "seconds_per_task": [ts["seconds"] for ts in task_stats],
+        "tasks": task_stats,
+        "n_tasks": len(data.tasks),
+        "world_size": world,
+        "class_order": data.order,
+        "precision": cfg.get("precision", "fp32"),
+        "config": cfg,
+        "run_dir": run_dir,
+    }
+    if record_dir and os.path.isdir(record_dir):
+        metrics["trajectory_logs"] = sorted(os.path.join(record_dir, f) for f in os.listdir(record_dir)
+                                            if f.endswith(".zft"))
+    return metrics
 
 
 def write_results(run_dir: str, metrics: Dict):

@@ -14,7 +14,7 @@ class _FOMixin:
         self.forward_passes = 0     # one forward (+ one backward) per step
         self.steps = 0
 
-    def step(self, closure=None):  # noqa: D401 - torch signature
+    def step(self, closure=None):
         loss = super().step(closure)
         self.forward_passes += 1
         self.steps += 1

@@ -77,7 +77,8 @@ class HybridFOZO(torch.optim.Optimizer):
         fit raises and leaves the hybrid (and its two optimizers) untouched."""
         h = state_dict.get("hybrid") if isinstance(state_dict, dict) else None
         if not isinstance(h, dict) or not {"steps", "switch", "fo", "zo"} <= set(h):
-            raise ValueError("state_dict lacks the 'hybrid' part (steps, switch, fo, zo); was it saved by a HybridFOZO?")
+            raise ValueError("state_dict lacks the 'hybrid' part (steps, switch, fo, zo); "
+                             "was it saved by a HybridFOZO?")
         if len(state_dict.get("param_groups", ())) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(state_dict.get('param_groups', ()))} param groups, this optimizer "
                              f"{len(self.param_groups)}")

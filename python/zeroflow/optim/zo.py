@@ -35,9 +35,9 @@ STATE_GROUP_OPTIONS = ("perturbation", "sign", "scalar_sign")
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PARAM_DEVICES = ("cpu", "cuda")
 
-# Frozen-state Adam call used by conserve to move along the stored Adam direction (see
-# _move_adam): beta = 1 - 2^-27 rounds to 1.0 in fp32, so m and v are left bit-identical,
-# while the host bias correction 1 - beta^1 = 2^-27 stays exact and non-zero.
+# Frozen-state Adam call used by conserve to move along the stored Adam direction
+# (_frozen_adam_move; docs/algorithms.md §2): with beta = 1 - 2^-27, m and v come out of the
+# op bit-identical, while the host bias correction 1 - beta^1 = 2^-27 stays exact and non-zero.
 _FROZEN_BETA = 1.0 - 2.0 ** -27
 _FROZEN_BC = 2.0 ** -27
 
@@ -88,6 +88,31 @@ def _scalar(loss, where: str) -> float:
 class _Skip(Exception):
     def __init__(self, value: float):
         self.value = value
+
+
+class _PendingPerturbation:
+    """The perturbation a ZO step has put on theta and not yet taken back:
+    ``theta = theta0 + units * eps_g * m * z(seed)`` (no perturbation while ``units`` is 0).
+    The step's update takes it back in the same pass (``restore_scale``); a skipped or failed
+    step takes it back with :meth:`undo`."""
+
+    def __init__(self, opt: "_ZOBase", mask_seed: int):
+        self._opt, self._mask_seed = opt, mask_seed
+        self.seed, self.units = 0, 0.0
+
+    def add(self, seed: int, units: float) -> None:
+        """theta += units * eps_g * m * z(seed); ``seed`` is the pending one, or none is pending."""
+        self._opt._perturb(seed, units, self._mask_seed)
+        self.seed, self.units = seed, self.units + units
+
+    def undo(self) -> None:
+        if self.units:
+            self._opt._perturb(self.seed, -self.units, self._mask_seed)
+            self.units = 0.0
+
+    def restore_scale(self, eps: float) -> float:
+        """The update's ``restore_scale`` for a group of perturbation size ``eps``."""
+        return -self.units * eps
 
 
 class _ZOBase(torch.optim.Optimizer):
@@ -329,53 +354,56 @@ class _ZOBase(torch.optim.Optimizer):
             return [math.copysign(1.0, x) / q if x != 0 else 0.0 for x in d]
         return [x / (g["zo_eps"] * q) for x in d]
 
+    def _eval_finite(self, closure, where: str) -> float:
+        """:meth:`_eval`; a non-finite loss skips the step (:class:`_Skip`)."""
+        val = self._eval(closure, where)
+        if not math.isfinite(val):
+            raise _Skip(val)
+        return val
+
     def _step_zo(self, closure, seeds, mask_seed):
-        two = self.estimator == "two_side"
-        cur, disp = 0, 0.0           # pending perturbation: theta = theta0 + disp*eps*z(cur)
-        L0 = None
-        d: list[float] = []
-        losses: list[float] = []
+        """The SPSA step (docs/algorithms.md §1): query the losses, then one fused update per
+        group that also takes back the perturbation the last query left on theta; conserve
+        (§2) then picks among theta0 - Delta, theta0, theta0 + Delta."""
+        pending = _PendingPerturbation(self, mask_seed)
         try:
-            if not two or self.conserve:
-                L0 = self._eval(closure, "at theta")
-                if not math.isfinite(L0):
-                    raise _Skip(L0)
-            for s in seeds:
-                if disp:
-                    self._perturb(cur, -disp, mask_seed)
-                    disp = 0.0
-                self._perturb(s, 1.0, mask_seed)
-                cur, disp = s, 1.0
-                lp = self._eval(closure, "at theta + eps z")
-                if not math.isfinite(lp):
-                    raise _Skip(lp)
-                if two:
-                    self._perturb(s, -2.0, mask_seed)
-                    disp = -1.0
-                    lm = self._eval(closure, "at theta - eps z")
-                    if not math.isfinite(lm):
-                        raise _Skip(lm)
-                    d.append((lp - lm) / 2.0)
-                    losses.append((lp + lm) / 2.0)
-                else:
-                    d.append(lp - L0)
-                    losses.append(L0)
-            self.queries += len(seeds)
-            self.last_projected = list(d)
+            L0, d, losses = self._query(closure, seeds, pending)
         except BaseException:
-            if disp:
-                self._perturb(cur, -disp, mask_seed)   # put theta back before skipping / raising
+            pending.undo()                               # put theta back before skipping / raising
             raise
-        # one fused pass per group: restore the pending perturbation + apply the update
         sign_lr = -1.0 if self.conserve else 1.0        # conserve: land on theta0 + Delta first
         for g in self.param_groups:
             coeffs = self._coeffs(g, d)
             for ps, ids in self._buckets(g):
-                self._update(g, ps, ids, seeds, coeffs, mask_seed, restore_seed=cur,
-                             restore_scale=-disp * g["zo_eps"], lr_mult=sign_lr)
+                self._update(g, ps, ids, seeds, coeffs, mask_seed, restore_seed=pending.seed,
+                             restore_scale=pending.restore_scale(g["zo_eps"]), lr_mult=sign_lr)
         if not self.conserve:
             return torch.tensor(sum(losses) / len(losses))
         return torch.tensor(self._conserve(closure, L0, seeds, d, mask_seed))
+
+    def _query(self, closure, seeds, pending) -> tuple[float | None, list[float], list[float]]:
+        """The forward passes of one step: ``(L0, d, losses)`` with ``L0 = L(theta)`` (one_side
+        or conserve, else None), ``d_j`` the loss difference along ``z(seeds[j])`` and the
+        loss each query stands for. Leaves theta perturbed along the last query (``pending``)."""
+        two = self.estimator == "two_side"
+        L0 = self._eval_finite(closure, "at theta") if not two or self.conserve else None
+        d: list[float] = []
+        losses: list[float] = []
+        for s in seeds:
+            pending.undo()
+            pending.add(s, 1.0)
+            lp = self._eval_finite(closure, "at theta + eps z")
+            if two:
+                pending.add(s, -2.0)
+                lm = self._eval_finite(closure, "at theta - eps z")
+                d.append((lp - lm) / 2.0)
+                losses.append((lp + lm) / 2.0)
+            else:
+                d.append(lp - L0)
+                losses.append(L0)
+        self.queries += len(seeds)
+        self.last_projected = list(d)
+        return L0, d, losses
 
     def _conserve(self, closure, L0, seeds, d, mask_seed) -> float:
         """theta is at theta0 + Delta (state advanced once). Evaluate it and theta0 - Delta,
@@ -465,9 +493,11 @@ class _ZOBase(torch.optim.Optimizer):
         me = type(self).__name__
         c = state_dict.get("zeroflow")
         if not isinstance(c, dict):
-            raise ValueError("state_dict lacks the 'zeroflow' counters (seed, step); was it saved by a zeroflow optimizer?")
+            raise ValueError("state_dict lacks the 'zeroflow' counters (seed, step); "
+                             "was it saved by a zeroflow optimizer?")
         if c.get("stream") != STREAM_VERSION:
-            raise ValueError(f"state_dict was saved with perturbation stream {c.get('stream')!r}, this is {STREAM_VERSION!r}")
+            raise ValueError(f"state_dict was saved with perturbation stream {c.get('stream')!r}, "
+                             f"this is {STREAM_VERSION!r}")
         if c.get("optimizer", me) != me:
             raise ValueError(f"state_dict was saved by {c['optimizer']}; this is a {me}")
         missing = [k for k in ("seed", "step", "task", "forward_passes", "queries", "steps_skipped") if k not in c]
@@ -475,11 +505,12 @@ class _ZOBase(torch.optim.Optimizer):
             raise ValueError(f"state_dict's 'zeroflow' counters lack {', '.join(missing)}")
         for k in STATE_GLOBAL_OPTIONS:
             if k in c and c[k] != getattr(self, k):
-                raise ValueError(f"state_dict was saved with {k}={c[k]!r}, this optimizer has {k}={getattr(self, k)!r}; "
-                                 f"build it with the same options to continue that run")
+                raise ValueError(f"state_dict was saved with {k}={c[k]!r}, this optimizer has "
+                                 f"{k}={getattr(self, k)!r}; build it with the same options to continue that run")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer {len(self.param_groups)}")
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups, "
+                             f"this optimizer {len(self.param_groups)}")
         shapes = {}
         for i, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
             keys, mine = set(sg) - {"params", "param_names"}, set(g) - {"params", "param_names"}
@@ -651,23 +682,31 @@ class ZOFusedAdam(_ZOBase):
 
     def _move(self, a, b, seeds, d, mask_seed):
         """Conserve: move theta0 + a*Delta -> theta0 + b*Delta along the stored Adam
-        direction u = m/(sqrt(v)/sqrt(bc2) + eps), m and v frozen (see _FROZEN_BETA)."""
+        direction u = m/(sqrt(v)/sqrt(bc2) + eps), m and v frozen (see _frozen_adam_move)."""
         for g in self.param_groups:
-            lr, wd = float(g["lr"]), float(g["weight_decay"])
+            lr = float(g["lr"])
             if lr == 0.0:
                 continue
-            wdd = wd if g["decoupled_weight_decay"] else 0.0
-            b1, b2 = g["betas"]
+            wd = float(g["weight_decay"]) if g["decoupled_weight_decay"] else 0.0
             for ps, ids in self._buckets(g):
-                t = int(self.state[ps[0]]["step"])
-                s = lr / (1.0 - b1 ** t)                       # real step size lr/bc1
-                kappa = math.sqrt(1.0 - b2 ** t) / math.sqrt(_FROZEN_BC)   # sigma / sigma'
-                f = (1.0 + b * lr * wdd) / (1.0 + a * lr * wdd)
-                tt = s * (a * f - b)                            # amount of u to subtract
-                lr_f = tt * _FROZEN_BC * kappa
-                wd_f = (1.0 - f) / lr_f if (lr_f != 0.0 and wdd) else 0.0
+                lr_f, wd_f, eps_f = _frozen_adam_move(a, b, lr=lr, wd=wd, betas=g["betas"], eps=g["eps"],
+                                                      step=int(self.state[ps[0]]["step"]))
                 zfkernels.zo_adam_update_(
                     ps, [self.state[p]["exp_avg"] for p in ps], [self.state[p]["exp_avg_sq"] for p in ps],
-                    [], [], lr=lr_f, step=1, betas=(_FROZEN_BETA, _FROZEN_BETA), eps=g["eps"] * kappa,
+                    [], [], lr=lr_f, step=1, betas=(_FROZEN_BETA, _FROZEN_BETA), eps=eps_f,
                     weight_decay=wd_f, decoupled_weight_decay=True, dist=g["perturbation"], tensor_ids=ids,
                     backend=self.backend)
+
+
+def _frozen_adam_move(a: float, b: float, *, lr: float, wd: float, betas, eps: float, step: int):
+    """``(lr', wd', eps')`` of the frozen AdamW call that moves theta0 + a*Delta to
+    theta0 + b*Delta, Delta being the last update (lr, decoupled ``wd`` or 0 for Adam's L2,
+    ``betas``, ``eps``, Adam step ``step``). Derivation: docs/algorithms.md, §2 "The frozen
+    Adam move"."""
+    b1, b2 = betas
+    s = lr / (1.0 - b1 ** step)                                     # the update's step size lr/bc1
+    kappa = math.sqrt(1.0 - b2 ** step) / math.sqrt(_FROZEN_BC)     # sigma / sqrt(bc')
+    f = (1.0 + b * lr * wd) / (1.0 + a * lr * wd)                   # decay the op must apply
+    lr_f = s * (a * f - b) * _FROZEN_BC * kappa
+    wd_f = (1.0 - f) / lr_f if (lr_f != 0.0 and wd) else 0.0
+    return lr_f, wd_f, eps * kappa

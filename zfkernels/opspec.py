@@ -1,0 +1,160 @@
+"""The argument list of every zfkernels op, declared once.
+
+Every backend takes these arguments, with these names, in this order: the ``TORCH_LIBRARY``
+schema of the compiled ops (csrc/ops.cpp; its CPU, Meta, Composite and CUDA kernels follow
+it), the Triton functions (zfkernels/triton/) and the reference (zfkernels/reference.py).
+tests/test_opspec.py checks all three against this table. The Python face
+(zfkernels/__init__.py) names every argument it passes and :func:`call` puts them in the
+table's order, so an argument can never land in another's place; the tests build their
+argument lists with :func:`bind`.
+
+Adding an option to an op: a row here, the kernels' arithmetic (csrc/ops.cpp,
+csrc/ops_cuda.cu, zfkernels/triton/, zfkernels/reference.py), the spec
+(docs/kernel-ops.md) and the keyword of the Python face; the tests then tell every place
+that does not follow.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+REQUIRED = object()   # an argument without a default: every call must give it
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument: its name, its type as the schema writes it, and the value the Python
+    face passes when the caller gives none."""
+    name: str
+    type: str
+    default: Any = REQUIRED
+
+
+# Parts shared by the ops (docs/kernel-ops.md): the stream of z and the mask; steps 1-2 of
+# the updates (restore and estimate); steps 3-4 (history and sign).
+_STREAM = (
+    Arg("dist", "int", 0),                 # 0 gaussian, 1 rademacher
+    Arg("mask_seed", "int", 0),
+    Arg("mask_threshold", "int", 0),       # T = round(sparsity * 2^24); 0: no mask
+)
+_ESTIMATE = (
+    Arg("tensor_ids", "int[]"),
+    Arg("seeds", "int[]"),
+    Arg("coeffs", "float[]"),
+    *_STREAM,
+    Arg("restore_seed", "int", 0),
+    Arg("restore_scale", "float", 0.0),    # 0: no pending perturbation to restore
+)
+_HISTORY_SIGN = (
+    Arg("sign", "bool", False),
+    Arg("history_alpha", "float", 0.0),
+    Arg("history_init", "bool", False),
+)
+
+OPS: dict[str, tuple[Arg, ...]] = {
+    "philox4x32_10": (
+        Arg("counters", "Tensor"),
+        Arg("key0", "int"),
+        Arg("key1", "int"),
+    ),
+    "perturb_": (
+        Arg("params", "Tensor(a!)[]"),
+        Arg("tensor_ids", "int[]"),
+        Arg("seed", "int"),
+        Arg("scale", "float"),
+        *_STREAM,
+    ),
+    "zo_sgd_update_": (
+        Arg("params", "Tensor(a!)[]"),
+        Arg("momentum_buffers", "Tensor(b!)[]", ()),     # empty: the feature is off
+        Arg("history_buffers", "Tensor(c!)[]", ()),
+        *_ESTIMATE,
+        Arg("lr", "float"),
+        Arg("weight_decay", "float", 0.0),
+        Arg("momentum", "float", 0.0),
+        Arg("dampening", "float", 0.0),
+        Arg("nesterov", "bool", False),
+        Arg("momentum_init", "bool", False),
+        *_HISTORY_SIGN,
+    ),
+    "zo_adam_update_": (
+        Arg("params", "Tensor(a!)[]"),
+        Arg("exp_avgs", "Tensor(b!)[]"),
+        Arg("exp_avg_sqs", "Tensor(c!)[]"),
+        Arg("history_buffers", "Tensor(d!)[]", ()),      # empty: the feature is off
+        *_ESTIMATE,
+        Arg("lr", "float"),
+        Arg("beta1", "float", 0.9),
+        Arg("beta2", "float", 0.999),
+        Arg("eps", "float", 1e-8),
+        Arg("weight_decay", "float", 0.0),
+        Arg("decoupled_weight_decay", "bool", False),
+        Arg("step", "int"),
+        *_HISTORY_SIGN,
+    ),
+}
+RETURNS = {"philox4x32_10": "Tensor", "perturb_": "()", "zo_sgd_update_": "()", "zo_adam_update_": "()"}
+
+# The Python value each schema type is converted to before a call (lists stay lists).
+_SCALAR = {"int": int, "float": float, "bool": bool}
+
+
+def names(op: str) -> list[str]:
+    """The argument names of ``op``, in schema order."""
+    return [a.name for a in OPS[op]]
+
+
+def schema(op: str) -> str:
+    """``op``'s schema as torch prints it (``str(torch.ops.zfkernels.<op>.default._schema)``)."""
+    args = ", ".join(f"{a.type} {a.name}" for a in OPS[op])
+    return f"zfkernels::{op}({args}) -> {RETURNS[op]}"
+
+
+def bind(op: str, **given) -> dict[str, Any]:
+    """``given`` completed with the defaults, in schema order; ``TypeError`` naming an
+    argument ``op`` does not have, or a required one that is missing. No given value is
+    checked or converted (the tests pass bad values on purpose); a default list is a new
+    list."""
+    unknown = sorted(set(given) - set(names(op)))
+    if unknown:
+        raise TypeError(f"{op}() has no argument {', '.join(unknown)}; its arguments are {', '.join(names(op))}")
+    missing = [a.name for a in OPS[op] if a.name not in given and a.default is REQUIRED]
+    if missing:
+        raise TypeError(f"{op}() needs {', '.join(missing)}")
+    return {a.name: given[a.name] if a.name in given else _fresh(a.default) for a in OPS[op]}
+
+
+def _fresh(default):
+    return list(default) if isinstance(default, tuple) else default
+
+
+def _converter(kind: str):
+    if kind.endswith("[]"):
+        return list
+    return _SCALAR.get(kind)          # None: passed as given (a Tensor)
+
+
+# Per op, what call() does with each argument, worked out once: the face calls it several
+# times per optimizer step (3 us for the 22 arguments of zo_adam_update_).
+_CALL_PLAN = {op: tuple((a.name, _converter(a.type), a.default) for a in args) for op, args in OPS.items()}
+_NAME_SET = {op: frozenset(a.name for a in args) for op, args in OPS.items()}
+
+
+def call(fn: Callable, op: str, given: dict) -> Any:
+    """``fn`` called with ``given`` bound as :func:`bind` does, each scalar converted to its
+    schema type (``float(lr)``, ``bool(nesterov)``, ...) and each list to a list, passed in
+    the table's order: the order of every backend's signature (tests/test_opspec.py).
+    Positional, because keywords cost a compiled op ~7 us more per call (~15 us in all
+    for a small list of tensors)."""
+    if not given.keys() <= _NAME_SET[op]:
+        bind(op, **given)                             # raises, naming the unknown argument
+    args = []
+    for name, convert, default in _CALL_PLAN[op]:
+        if name in given:
+            value = given[name]
+        elif default is REQUIRED:
+            bind(op, **given)                         # raises, naming the missing argument
+        else:
+            value = _fresh(default)
+        args.append(value if convert is None else convert(value))
+    return fn(*args)
