@@ -73,7 +73,7 @@ def autocast_problem(precision: str, device: torch.device) -> Optional[str]:
         lin = torch.nn.Linear(4, 4).to(device)
         with torch.no_grad(), forward_precision(precision, device.type):
             out = lin(torch.ones(2, 4, device=device))
-    except Exception as e:     # RuntimeError from autocast or the kernel
+    except (RuntimeError, TypeError, ValueError) as e:     # from autocast or the kernel
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     if out.dtype != AUTOCAST_DTYPES[precision]:
         return f"autocast on {device.type} left a linear layer in {out.dtype}"
