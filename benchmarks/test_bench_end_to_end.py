@@ -8,6 +8,9 @@ CPU: ``vit_tiny_patch16_224`` (5.7M params), batch 4 at 224 px. GPU: ``vit_base_
 BENCH_E2E_MODEL / BENCH_E2E_BATCH / BENCH_E2E_IMG.
 Memory: ``peak_total_bytes`` = params + optimizer state + the peak extra memory of the
 iteration (activations, gradients, temporaries); on CUDA ``max_memory_allocated``.
+BENCH_PRECISION=fp32|tf32|bf16|fp16 (default fp32): the forward passes' precision, as
+``zeroflow run --precision`` sets it (autocast / TF32 around the model, the loss in fp32); a
+precision other than fp32 is part of the measurement's key.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch
 
 from benchmarks import _common as C
 
+PRECISION = os.environ.get("BENCH_PRECISION", "fp32").strip() or "fp32"
 ZO_METHODS_DEFAULT = ("zo_sgd", "zo_sgd_sign", "zo_sgd_conserve", "zo_adam", "zo_adam_sign",
                       "zo_adam_conserve", "forward_grad")
 FO_METHODS = ("fo_sgd", "fo_adam")
@@ -96,9 +100,12 @@ def test_e2e_iteration(run_bench, benchmark, method):
     x = torch.randn(batch, 3, img, img, generator=g).to(C.device())
     y = torch.randint(0, 10, (batch,), generator=g).to(C.device())
     loss_fn = torch.nn.CrossEntropyLoss()
+    from zeroflow.continual.precision import forward_precision
 
     def closure():
-        return loss_fn(model(x), y)
+        with forward_precision(PRECISION, C.device().type):
+            out = model(x)
+        return loss_fn(out.float(), y)
 
     lr = 1e-5
     if create is not None:
@@ -117,13 +124,14 @@ def test_e2e_iteration(run_bench, benchmark, method):
 
     n = C.numel_of(params)
     pbytes = sum(p.numel() * p.element_size() for p in params)
-    benchmark.group = f"e2e {model_name} b{batch} {C.DEVICE}"
+    tag = () if PRECISION == "fp32" else (PRECISION,)
+    benchmark.group = f"e2e {model_name} b{batch} {C.DEVICE}" + "".join(f" {t}" for t in tag)
     extra = {
-        "suite": "e2e", "key": C.key("e2e", method, C.DEVICE, model_name, batch), "kind": "fo" if
+        "suite": "e2e", "key": C.key("e2e", method, C.DEVICE, model_name, batch, *tag), "kind": "fo" if
         method.startswith("fo_") else "zeroflow", "method": method, "model": model_name, "batch": batch,
         "img": img, "numel": n, "elements": n, "params_bytes": pbytes,
-        "fo_ref": C.key("e2e", "fo_sgd", C.DEVICE, model_name, batch),
-        "forwards_per_step": None, "fused_attn": fused,
+        "fo_ref": C.key("e2e", "fo_sgd", C.DEVICE, model_name, batch, *tag),
+        "forwards_per_step": None, "fused_attn": fused, "precision": PRECISION,
     }
     if not fused:
         extra["note"] = "timm attention on the math path (forward AD has no rule for fused SDPA)"

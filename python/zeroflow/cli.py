@@ -16,6 +16,15 @@ import threading
 import time
 from typing import List, Optional
 
+
+def _true_false(text: str) -> bool:
+    """argparse type of the boolean options: true / false (as in a config file)."""
+    value = {"true": True, "false": False}.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false (got {text!r})")
+    return value
+
+
 RUN_FLAGS = (
     # flag, dest, type, help
     ("--method", "method", str, "ease | aper"),
@@ -35,7 +44,14 @@ RUN_FLAGS = (
     ("--sparsity", "sparsity", float, "ZO sparse-mask ratio in [0, 1)"),
     ("--history", "history", float, "ZO history mixing alpha in [0, 1)"),
     ("--hybrid-switch", "hybrid_switch", int, "hybrid FO->ZO: FO steps per task before switching to ZO"),
-    ("--seed", "seed", int, "random seed, in [0, 2^31-1] (the class order always uses PILOT's 1993)"),
+    ("--seed", "seed", int, "random seed of the training, in [0, 2^31-1] (the class order follows "
+                            "--class-order-seed)"),
+    ("--class-order-seed", "class_order_seed", int, "numpy seed of the class order, in [0, 2^31-1] (PILOT's "
+                                                    "1993; PILOT ties it to the run seed)"),
+    ("--precision", "precision", str, "forward precision of the backbone: fp32 | tf32 | bf16 | fp16 (parameters, "
+                                      "loss and ZO finite differences stay fp32; docs/algorithms.md section 10)"),
+    ("--baseline", "baseline", str, "untrained | none: also run the protocol with untrained adapters and report "
+                                    "what training added (avg_gain, last_gain)"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
     ("--backend", "backend", str, "zfkernels backend for the ZO kernels: auto | cpu | cuda | triton | torch"),
     ("--checkpoint", "checkpoint", str, "local ViT weights (.safetensors/.pth/.npz) instead of pretrained=True "
@@ -43,6 +59,18 @@ RUN_FLAGS = (
     ("--init-cls", "init_cls", int, "classes in the first task"),
     ("--increment", "increment", int, "classes per later task"),
     ("--ease-alpha", "ease_alpha", float, "EASE subspace reweighting alpha (>= 0)"),
+    ("--ease-use-init-ptm", "ease_use_init_ptm", _true_false, "EASE: the PTM's own features are one more subspace "
+                                                              "(PILOT use_init_ptm; true/false)"),
+    ("--ease-beta", "ease_beta", float, "EASE: weight of the PTM subspace in the reweighted inference (PILOT beta)"),
+    ("--ease-moni-adam", "ease_moni_adam", _true_false, "EASE: only the first --ease-adapter-num tasks train an "
+                                                        "adapter; plain cosine fc (PILOT moni_adam; true/false)"),
+    ("--ease-adapter-num", "ease_adapter_num", int, "EASE with --ease-moni-adam: tasks that train an adapter"),
+    ("--ease-recalc-sim", "ease_recalc_sim", _true_false, "EASE: recompute every complement at every stage "
+                                                          "(PILOT recalc_sim; true/false)"),
+    ("--ease-use-reweight", "ease_use_reweight", _true_false, "EASE: subspace-reweighted inference, else the plain "
+                                                              "cosine fc (PILOT use_reweight; true/false)"),
+    ("--ease-later-lr", "ease_later_lr", float, "EASE on B-N splits: lr of the tasks after the first"),
+    ("--ease-later-epochs", "ease_later_epochs", int, "EASE on B-N splits: epochs of the tasks after the first"),
     ("--num-workers", "num_workers", int, "DataLoader workers"),
     ("--threads", "threads", int, "torch CPU threads"),
 )
@@ -93,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(s, sweep=True)
     s.add_argument("--optimizers", default="zo_sgd,zo_adam,fo_sgd,fo_adam",
                    help="comma-separated optimizer list, or 'all' (default: zo_sgd,zo_adam,fo_sgd,fo_adam)")
+    s.add_argument("--seeds", default=None, help="comma-separated --seed values, e.g. 1993,1,2: every optimizer "
+                   "runs once per seed (folders <method>_<optimizer>_<dataset>_seed<k>) and the table shows "
+                   "mean ± std over the seeds")
     s.add_argument("--out", default=None, help="parent folder of the runs (default: runs/sweep_<time>); a run "
                    "already there with the same configuration is reused (finished) or resumed (unfinished)")
     sub.add_parser("replay", help="rebuild trained weights from a base checkpoint and a ZO trajectory log "
@@ -161,21 +192,47 @@ def _sweep_optimizers(text: str) -> List[str]:
     return names
 
 
+def _sweep_seeds(a) -> List[Optional[int]]:
+    """The seeds of ``--seeds`` (checked), or ``[None]``: one run per optimizer with --seed."""
+    from .continual.defaults import SEED_MAX
+    from .continual.errors import ZeroflowError
+
+    if a.seeds is None:
+        return [None]
+    if a.seed is not None:
+        raise ZeroflowError("--seed and --seeds both given: give the seeds of the sweep with --seeds only")
+    seeds = []
+    for part in a.seeds.split(","):
+        try:
+            seeds.append(int(part.strip()))
+        except ValueError:
+            raise ZeroflowError(f"--seeds {a.seeds!r}: {part.strip()!r} is not an integer; give e.g. "
+                                f"--seeds 1993,1,2") from None
+    bad = [k for k in seeds if not 0 <= k <= SEED_MAX]
+    if bad:
+        raise ZeroflowError(f"--seeds: {bad[0]} is not in [0, {SEED_MAX}]")
+    twice = sorted({k for k in seeds if seeds.count(k) > 1})
+    if twice:
+        raise ZeroflowError(f"--seeds lists {', '.join(map(str, twice))} more than once")
+    return seeds
+
+
 def _sweep_plan(a, names: List[str], parent: str) -> list:
-    """``(optimizer, config, run folder)`` for every optimizer, all checked before the first
-    run starts: options, and what each folder already holds (a run with another
-    configuration, a damaged one, or one in progress is refused unless --force)."""
+    """``(label, config, run folder)`` for every optimizer (and every seed of ``--seeds``), all
+    checked before the first run starts: options, and what each folder already holds (a run
+    with another configuration, a damaged one, or one in progress is refused unless --force)."""
     from .continual.defaults import RECORDABLE, resolve
     from .continual.errors import ZeroflowError
     from .continual.runfolder import config_differences, inspect, lock_holder
 
-    plan = []
-    for n in names:
-        over = _overrides(a) | {"optimizer": n}
+    plan, seeds = [], _sweep_seeds(a)
+    for n, seed in ((n, seed) for n in names for seed in seeds):
+        over = _overrides(a) | {"optimizer": n} | ({} if seed is None else {"seed": seed})
         if a.record and n not in RECORDABLE:
             over["record"] = None       # named in a warning by cmd_sweep; the others are recorded
         cfg = resolve(over, a.config)
-        d = os.path.join(parent, f"{cfg['method']}_{n}_{cfg['dataset']}")
+        suffix = "" if seed is None else f"_seed{seed}"
+        d = os.path.join(parent, f"{cfg['method']}_{n}_{cfg['dataset']}{suffix}")
         holder = lock_holder(d)
         if holder:
             raise ZeroflowError(f"{d} is in use by {holder}; wait until it has finished, or choose another --out")
@@ -186,7 +243,7 @@ def _sweep_plan(a, names: List[str], parent: str) -> list:
             raise ZeroflowError(f"{d} holds {'a damaged' if state.kind == 'corrupt' else 'a ' + state.kind} run "
                                 f"with another configuration ({why}); choose another --out, or add --force to "
                                 f"replace it")
-        plan.append((n, cfg, d))
+        plan.append((n if seed is None else f"{n} seed {seed}", cfg, d))
     return plan
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .._atomic import atomic_torch_save
 from .errors import ZeroflowError
+from .precision import forward_precision
 
 VIT_B_IN21K = "vit_base_patch16_224.augreg_in21k"
 SMALL_VIT = dict(patch_size=2, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
@@ -57,7 +58,10 @@ class AdapterSet(nn.ModuleList):
 
 class AdaptedViT(nn.Module):
     """A frozen timm ViT plus a list of adapter sets; ``features(x, k)`` runs the ViT with
-    adapter set ``k`` (``None``: the plain pretrained model)."""
+    adapter set ``k`` (``None``: the plain pretrained model) in the forward precision
+    ``self.precision`` (``--precision``, see :mod:`.precision`) and returns fp32 features."""
+
+    precision = "fp32"
 
     def __init__(self, vit: nn.Module, bottleneck: int, dropout: float = 0.1):
         super().__init__()
@@ -83,6 +87,11 @@ class AdaptedViT(nn.Module):
         return self
 
     def features(self, x: torch.Tensor, adapter: Optional[int] = None) -> torch.Tensor:
+        with forward_precision(self.precision, x.device.type):
+            f = self._features(x, adapter)
+        return f.float()     # the head, the prototypes and the loss stay fp32
+
+    def _features(self, x: torch.Tensor, adapter: Optional[int]) -> torch.Tensor:
         vit = self.vit
         x = vit.patch_embed(x)
         x = vit._pos_embed(x)

@@ -8,10 +8,11 @@
 * ``cub``, ``imagenet-a``, ``omnibenchmark``: torchvision ``ImageFolder`` from
   ``DATA/<name>/{train,test}/<class>/`` (the LAMDA-PILOT layout).
 
-Class order: ``numpy.random.RandomState(1993).permutation(n_classes)`` (PILOT's seed);
-labels are remapped to their position in that order, so task ``t`` holds the remapped
-labels ``[start_t, start_t + size_t)``. Real-data transforms are the reference ones and
-apply **no Normalize** (inputs are ``ToTensor()`` in [0, 1]).
+Class order: ``numpy.random.RandomState(class_order_seed).permutation(n_classes)``
+(``--class-order-seed``, default 1993: PILOT's seed, which PILOT ties to the run seed; here
+``--seed`` leaves the order alone); labels are remapped to their position in that order, so
+task ``t`` holds the remapped labels ``[start_t, start_t + size_t)``. Real-data transforms
+are the reference ones and apply **no Normalize** (inputs are ``ToTensor()`` in [0, 1]).
 """
 from __future__ import annotations
 
@@ -139,7 +140,8 @@ def _remapped(targets, order) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- digits
-def load_digits_data(init_cls: int, increment: int, split_seed: int = 0) -> CLData:
+def load_digits_data(init_cls: int, increment: int, split_seed: int = 0,
+                     class_order_seed: int = CLASS_ORDER_SEED) -> CLData:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -147,7 +149,7 @@ def load_digits_data(init_cls: int, increment: int, split_seed: int = 0) -> CLDa
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8] in [0, 1]
     y = d.target.astype(np.int64)
     idx_tr, idx_te = train_test_split(np.arange(len(y)), test_size=0.25, random_state=split_seed, stratify=y)
-    order = class_order(10)
+    order = class_order(10, class_order_seed)
     ytr, yte = _remapped(y[idx_tr], order), _remapped(y[idx_te], order)
     return CLData(
         name="digits", n_classes=10, order=order, tasks=task_classes(10, init_cls, increment),
@@ -198,7 +200,8 @@ def _cifar100_class():
     return _CIFAR100
 
 
-def load_cifar100(root: str, init_cls: int, increment: int, download: bool = False, img_size: int = 224) -> CLData:
+def load_cifar100(root: str, init_cls: int, increment: int, download: bool = False, img_size: int = 224,
+                  class_order_seed: int = CLASS_ORDER_SEED) -> CLData:
     folder = os.path.join(root, "cifar-100-python")
     if not download and not os.path.isdir(folder):
         raise ZeroflowError(
@@ -213,7 +216,7 @@ def load_cifar100(root: str, init_cls: int, increment: int, download: bool = Fal
             cls(root, train=True, download=True)
             cls(root, train=False, download=True)
             cls._zf_verify_md5 = False
-        order = class_order(100)
+        order = class_order(100, class_order_seed)
         remap = _Remap(order)
         train = cls(root, train=True, transform=tr_tf, target_transform=remap)
         train_eval = cls(root, train=True, transform=te_tf, target_transform=remap)
@@ -233,7 +236,8 @@ def load_cifar100(root: str, init_cls: int, increment: int, download: bool = Fal
     )
 
 
-def load_imagefolder(name: str, root: str, init_cls: int, increment: int, img_size: int = 224) -> CLData:
+def load_imagefolder(name: str, root: str, init_cls: int, increment: int, img_size: int = 224,
+                     class_order_seed: int = CLASS_ORDER_SEED) -> CLData:
     from torchvision.datasets import ImageFolder
 
     base = os.path.join(root, name)
@@ -252,7 +256,7 @@ def load_imagefolder(name: str, root: str, init_cls: int, increment: int, img_si
     if probe_tr.classes != probe_te.classes:
         raise ZeroflowError(f"{name}: train/ and test/ have different class folders")
     n = len(probe_tr.classes)
-    order = class_order(n)
+    order = class_order(n, class_order_seed)
     remap = _Remap(order)
     train = ImageFolder(os.path.join(base, "train"), transform=tr_tf, target_transform=remap)
     train_eval = ImageFolder(os.path.join(base, "train"), transform=te_tf, target_transform=remap)
@@ -266,15 +270,17 @@ def load_imagefolder(name: str, root: str, init_cls: int, increment: int, img_si
 
 
 def load_dataset(name: str, root: str, init_cls: int, increment: int, *, download: bool = False,
-                 img_size: int = 224) -> CLData:
+                 img_size: int = 224, class_order_seed: int = CLASS_ORDER_SEED) -> CLData:
     name = name.lower()
     if name == "digits":
-        return load_digits_data(init_cls, increment)
+        return load_digits_data(init_cls, increment, class_order_seed=class_order_seed)
     if name == "cifar100":
-        return load_cifar100(root, init_cls, increment, download=download, img_size=img_size)
+        return load_cifar100(root, init_cls, increment, download=download, img_size=img_size,
+                             class_order_seed=class_order_seed)
     if name in IMAGEFOLDER_DATASETS:
         if download:
             raise ZeroflowError(f"{name} cannot be downloaded automatically; place it under "
                                 f"{root}/{name}/{{train,test}}")
-        return load_imagefolder(name, root, init_cls, increment, img_size=img_size)
+        return load_imagefolder(name, root, init_cls, increment, img_size=img_size,
+                                class_order_seed=class_order_seed)
     raise ZeroflowError(f"unknown dataset {name!r}; valid: {', '.join(ALL_DATASETS)}")

@@ -24,6 +24,8 @@ OPTIMIZERS = ("zo_sgd", "zo_sgd_sign", "zo_sgd_conserve", "zo_adam", "zo_adam_si
               "forward_grad", "fo_sgd", "fo_adam")
 PERTURBATIONS = ("gaussian", "rademacher")
 SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")      # precision.PRECISIONS (this module imports no torch)
+BASELINES = ("untrained", "none")
 # Optimizers whose steps a trajectory log can replay (--record): the ZO methods whose steps are
 # determined by loss scalars (forward_grad's jvps and first-order steps are not).
 RECORDABLE = ("zo_sgd", "zo_sgd_sign", "zo_sgd_conserve", "zo_adam", "zo_adam_sign", "zo_adam_conserve")
@@ -34,6 +36,11 @@ COMMON: Dict[str, Any] = dict(
     weight_decay=5e-4, momentum=0.9, schedule="cosine",
     q=1, zo_eps=1e-3, perturbation="gaussian", sparsity=0.0, history=0.0, hybrid_switch=None,
     ease_alpha=0.1, num_workers=0, eval_batch_size=256, threads=None, record=False,
+    precision="fp32", class_order_seed=1993, baseline="none",
+    # EASE variants (PILOT's option names after the prefix): the per-task variant of the EASE
+    # repository's CIFAR / CUB / ImageNet-A configs; OmniBenchmark's published one differs
+    ease_use_init_ptm=False, ease_beta=0.0, ease_moni_adam=False, ease_adapter_num=None,
+    ease_recalc_sim=True, ease_use_reweight=True, ease_later_lr=None, ease_later_epochs=None,
 )
 
 # Real data: ViT-B/16-IN21K, reference hyperparameters (continual-reference.md). The Adam
@@ -45,7 +52,8 @@ DATASET_DEFAULTS: Dict[str, Dict[str, Dict[str, Any]]] = {
     "digits": {
         "_": dict(backbone="small", adapter_dim=16, init_cls=2, increment=2, epochs=10, batch_size=32,
                   lr={"sgd": 0.05, "adam": 0.005}, weight_decay=0.0,
-                  pretrain_epochs=30, pretrain_lr=3e-3, pretrain_batch_size=64),
+                  pretrain_epochs=30, pretrain_lr=3e-3, pretrain_batch_size=64,
+                  baseline="untrained"),     # on the toy the untrained adapters score as well: show the gain
     },
     "cifar100": {
         "_": dict(_VIT, init_cls=10, increment=10, epochs=20),
@@ -64,7 +72,10 @@ DATASET_DEFAULTS: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
     "omnibenchmark": {
         "_": dict(_VIT, init_cls=30, increment=30, epochs=20),
-        "ease": dict(lr={"sgd": 0.03, "adam": 1e-3}, batch_size=48),
+        # the published OmniBenchmark config (EASE repository exps/ease_omni_in21k.json): only the
+        # first task trains an adapter, the PTM's own features are a subspace, plain cosine fc
+        "ease": dict(lr={"sgd": 0.01, "adam": 1e-3}, batch_size=16, ease_alpha=1.0, ease_use_init_ptm=True,
+                     ease_beta=1.0, ease_moni_adam=True, ease_adapter_num=1),
         "aper": dict(lr={"sgd": 0.01, "adam": 1e-3}, batch_size=48),
     },
 }
@@ -75,21 +86,25 @@ KNOWN_KEYS = set(COMMON) | {"backbone", "adapter_dim", "img_size", "init_cls", "
 
 # ---------------------------------------------------------------- option types and ranges
 CHOICES = {"method": METHODS, "optimizer": OPTIMIZERS, "dataset": DATASETS, "perturbation": PERTURBATIONS,
-           "schedule": SCHEDULES}
+           "schedule": SCHEDULES, "precision": PRECISIONS, "baseline": BASELINES}
 # integer options: smallest allowed value (and the largest, for the seed)
 INTS = {"epochs": 0, "batch_size": 1, "q": 1, "init_cls": 1, "increment": 1, "seed": 0, "num_workers": 0,
         "eval_batch_size": 1, "threads": 1, "hybrid_switch": 0, "adapter_dim": 1, "img_size": 1,
-        "pretrain_epochs": 0, "pretrain_batch_size": 1}
+        "pretrain_epochs": 0, "pretrain_batch_size": 1, "class_order_seed": 0, "ease_adapter_num": 1,
+        "ease_later_epochs": 0}
+SEEDS = ("seed", "class_order_seed")      # integers in [0, SEED_MAX]
 SEED_MAX = 2 ** 31 - 1
 # real options: (low, low included, high or None, high included)
 FLOATS = {"lr": (0.0, True, None, False), "weight_decay": (0.0, True, None, False),
           "momentum": (0.0, True, 1.0, False), "zo_eps": (0.0, False, None, False),
           "sparsity": (0.0, True, 1.0, False), "history": (0.0, True, 1.0, False),
-          "ease_alpha": (0.0, True, None, False), "pretrain_lr": (0.0, False, None, False)}
+          "ease_alpha": (0.0, True, None, False), "pretrain_lr": (0.0, False, None, False),
+          "ease_beta": (0.0, True, None, False), "ease_later_lr": (0.0, True, None, False)}
 STRINGS = ("data_root", "device", "backbone")
-BOOLS = ("download", "record")
+BOOLS = ("download", "record", "ease_use_init_ptm", "ease_moni_adam", "ease_recalc_sim", "ease_use_reweight")
 # may be null (None): the option is off / chosen automatically
-NULLABLE = {"threads", "hybrid_switch", "backend", "checkpoint", "small_vit", "model_kwargs"}
+NULLABLE = {"threads", "hybrid_switch", "backend", "checkpoint", "small_vit", "model_kwargs", "ease_adapter_num",
+            "ease_later_lr", "ease_later_epochs"}
 
 
 def check_choice(kind: str, value: str, valid) -> str:
@@ -186,9 +201,9 @@ def validate(cfg: Dict[str, Any], names: Optional[Dict[str, str]] = None) -> Dic
     out["lr"] = _pick_lr(out["lr"], out["optimizer"], name("lr"))
     for k, lo in INTS.items():
         if k in out and not (out[k] is None and k in NULLABLE):
-            out[k] = _as_int(name(k), out[k], lo, SEED_MAX if k == "seed" else None)
+            out[k] = _as_int(name(k), out[k], lo, SEED_MAX if k in SEEDS else None)
     for k, bounds in FLOATS.items():
-        if k in out:
+        if k in out and not (out[k] is None and k in NULLABLE):
             out[k] = _as_float(name(k), out[k], *bounds)
     for k in STRINGS + ("backend", "checkpoint"):
         if k in out and not (out[k] is None and k in NULLABLE) and not isinstance(out[k], str):
@@ -208,7 +223,43 @@ def validate(cfg: Dict[str, Any], names: Optional[Dict[str, str]] = None) -> Dic
             f"{' with --hybrid-switch' if out.get('hybrid_switch') else ''} cannot be replayed from a trajectory log "
             f"(first-order steps and forward_grad's jvps are not determined by loss scalars); record a zo_* "
             f"optimizer without --hybrid-switch")
+    check_ease_variant(out, name)
     return out
+
+
+EASE_KEYS = ("ease_alpha", "ease_use_init_ptm", "ease_beta", "ease_moni_adam", "ease_adapter_num", "ease_recalc_sim",
+             "ease_use_reweight", "ease_later_lr", "ease_later_epochs")
+
+
+def check_ease_variant(cfg: Dict[str, Any], name) -> None:
+    """The EASE options must describe a variant PILOT's EASE runs. An option given where it can
+    never act (an EASE option of an APER run, ``ease_later_*`` on equal tasks, whose defaults
+    never set them) is an error naming why. Options that a dataset's defaults carry and another
+    choice idles (``ease_adapter_num`` / ``ease_beta`` after ``--ease-moni-adam false`` /
+    ``--ease-use-init-ptm false`` on OmniBenchmark; ``ease_alpha`` under the plain cosine fc) are
+    not, as in PILOT: the run's first log line (``EASE.describe``) names the ones that do not act.
+    ``name(key)``: how the user gave the option."""
+    if cfg["method"] != "ease":
+        given = [k for k in EASE_KEYS if canonical_value(cfg.get(k)) != canonical_value(COMMON[k])]
+        if given:
+            raise ZeroflowError(f"{name(given[0])} is an EASE option; this run is --method {cfg['method']} (drop it)")
+        return
+    if cfg["ease_moni_adam"]:
+        if not cfg["ease_use_init_ptm"]:
+            raise ZeroflowError(f"{name('ease_moni_adam')} needs {name('ease_use_init_ptm')} true: PILOT's moni_adam "
+                                f"always adds the PTM's own features as a subspace")
+        if cfg["ease_adapter_num"] is None:
+            raise ZeroflowError(f"{name('ease_moni_adam')} needs {name('ease_adapter_num')}: how many of the first "
+                                f"tasks train an adapter (the published OmniBenchmark config: 1)")
+    later = [k for k in ("ease_later_lr", "ease_later_epochs") if cfg[k] is not None]
+    if later and int(cfg["init_cls"]) == int(cfg["increment"]):
+        raise ZeroflowError(f"{name(later[0])} only acts on B-N splits (--init-cls != --increment); with equal "
+                            f"tasks PILOT trains every task with --lr / --epochs (drop it)")
+
+
+def canonical_value(v):
+    """Numbers compare by value (1 == 1.0), everything else as it is."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
 
 def defaults_for(dataset: str, method: str) -> Dict[str, Any]:
@@ -276,7 +327,9 @@ def resolve(overrides: Dict[str, Any], config_file: Optional[str] = None) -> Dic
 
 # what a null default means, for --help
 NULL_MEANS = {"hybrid_switch": "off", "backend": "auto",
-              "threads": "1 for the small ViT on CPU, else torch's choice"}
+              "threads": "1 for the small ViT on CPU, else torch's choice",
+              "ease_adapter_num": "unset (needs --ease-moni-adam)", "ease_later_lr": "--lr",
+              "ease_later_epochs": "--epochs"}
 
 
 def describe_default(key: str) -> str:

@@ -8,6 +8,8 @@ dataset) and Table-2 style (peak memory, seconds per iteration, forward passes).
   option but the seed are one row of mean ± sample std over their seeds; every other run is
   its own row, and the options that tell the rows of one method x optimizer x dataset apart
   become columns. Runs that agree on everything, seed included, get a ``run`` column.
+* Runs with an untrained baseline (``--baseline untrained``) add a third table: what training
+  added, ``avg_gain`` / ``last_gain`` (trained minus untrained, percentage points).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
-from .defaults import DATASETS, OPTIMIZERS
+from .defaults import COMMON, DATASETS, OPTIMIZERS
 from .errors import ZeroflowError
 from .runfolder import METRICS, OPERATIONAL_KEYS, canonical, is_run_folder, load_metrics, lock_holder
 
@@ -96,20 +98,26 @@ def _key(config: Dict, drop: Sequence[str]) -> str:
     return json.dumps({k: v for k, v in canonical(config).items() if k not in drop}, sort_keys=True)
 
 
+def with_defaults(config: Dict) -> Dict:
+    """``config`` with the options it lacks (a run saved before they existed) at their default,
+    as the run folder compares configurations (runfolder.config_differences)."""
+    return {k: v for k, v in COMMON.items() if k not in config} | config
+
+
 def group_runs(runs: List[Dict]) -> List[Row]:
     """Runs equal in every option but the seed, with distinct seeds, form one row; any
     other run is a row of its own (the same seed twice is two runs, not two seeds)."""
     by_config: Dict[str, List[Dict]] = {}
     for m in runs:
-        by_config.setdefault(_key(m["config"], ("seed",) + OPERATIONAL_KEYS), []).append(m)
+        by_config.setdefault(_key(with_defaults(m["config"]), ("seed",) + OPERATIONAL_KEYS), []).append(m)
     rows = []
     for ms in by_config.values():
         seeds = [json.dumps(m["config"].get("seed")) for m in ms]
         if len(ms) > 1 and len(set(seeds)) == len(seeds):
             ms = sorted(ms, key=lambda m: str(m["config"].get("seed")))
-            rows.append(Row(ms, ms[0]["config"]))
+            rows.append(Row(ms, with_defaults(ms[0]["config"])))
         else:
-            rows += [Row([m], m["config"]) for m in ms]
+            rows += [Row([m], with_defaults(m["config"])) for m in ms]
     return rows
 
 
@@ -143,13 +151,15 @@ def _show(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def _stat(values: List[float], fmt: str) -> str:
-    """One run: the value. Several seeds: mean ± sample standard deviation."""
+def _stat(values: List[float], fmt: str, signed: bool = False) -> str:
+    """One run: the value. Several seeds: mean ± sample standard deviation. ``signed``: the
+    value (mean) with its sign, as a difference is shown."""
+    head = "+" + fmt if signed else fmt
     if len(values) == 1:
-        return format(values[0], fmt)
+        return format(values[0], head)
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return f"{format(mean, fmt)} ± {format(std, fmt)}"
+    return f"{format(mean, head)} ± {format(std, fmt)}"
 
 
 def _order(names, ref):
@@ -175,7 +185,7 @@ def render_runs(runs: List[Dict], skipped: List[str]) -> Tuple[str, List[str]]:
     order = sorted(table_rows, key=lambda k: (k[0], OPTIMIZERS.index(k[1]) if k[1] in OPTIMIZERS else 99, k[1:]))
 
     def table(title: str, columns: Sequence[str], cells_of) -> List[str]:
-        """One line per row key, three cells per dataset from ``cells_of(row)``."""
+        """One line per row key, ``len(columns)`` cells per dataset from ``cells_of(row)``."""
         head = ["Method", "Optimizer"] + cols + [f"{d} {c}" for d in datasets for c in columns]
         lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for key in order:
@@ -195,7 +205,15 @@ def render_runs(runs: List[Dict], skipped: List[str]) -> Tuple[str, List[str]]:
                 _stat(spi, ".4f") if all(spi) else "-",
                 _stat([m["forward_passes"] for m in r.runs], ".0f")]
 
+    def gains(r: Row):
+        if not all("avg_gain" in m for m in r.runs):
+            return ["-", "-"]
+        return [_stat([m[k] for m in r.runs], ".2f", signed=True) for k in ("avg_gain", "last_gain")]
+
     out = table("### Accuracy (Table 1 style): Avg / Last / Fgt (%)", ("Avg", "Last", "Fgt"), accuracy)
+    if any("avg_gain" in m for m in runs):
+        out += [""] + table("### What training added: Avg / Last minus those of untrained adapters (percentage "
+                            "points; `--baseline untrained`)", ("Avg gain", "Last gain"), gains)
     out += [""] + table("### Efficiency (Table 2 style): peak memory (GB) / seconds per iteration / training "
                         "forward passes", ("Mem GB", "s/iter", "queries"), efficiency)
     kinds = sorted({m.get("peak_memory_kind", "?") for m in runs})

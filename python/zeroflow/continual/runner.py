@@ -32,6 +32,7 @@ from .._atomic import atomic_torch_save, atomic_write, atomic_write_bytes
 from . import metrics as M
 from .defaults import COMMON, flag, lr_family, validate
 from .errors import ZeroflowError
+from .precision import check_run_precision
 from .runfolder import (CHECKPOINT, CONFIG, METRICS, TRAJECTORY, RunFolder, canonical, config_differences, inspect,
                         read_run_config, remove_run_files, writing)
 
@@ -230,6 +231,7 @@ def build_network(cfg: Dict, data, device: torch.device, saved_backbone: Optiona
         vit = load_timm_vit(cfg["backbone"], checkpoint=cfg.get("checkpoint"), pretrained=True,
                             model_kwargs=cfg.get("model_kwargs"))
     net = AdaptedViT(vit, int(cfg["adapter_dim"]))
+    net.precision = cfg.get("precision", "fp32")
     return net.to(device)
 
 
@@ -379,10 +381,12 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
     device = _run_device(cfg, world)
     check_backend(cfg.get("backend"), device)
     check_checkpoint_file(cfg)
+    check_run_precision(cfg, device, warn)
     _set_threads(cfg, device)
     seed_everything(int(cfg["seed"]))
     data = load_dataset(cfg["dataset"], cfg["data_root"], int(cfg["init_cls"]), int(cfg["increment"]),
-                        download=bool(cfg.get("download")), img_size=int(cfg.get("img_size", 224)))
+                        download=bool(cfg.get("download")), img_size=int(cfg.get("img_size", 224)),
+                        class_order_seed=int(cfg.get("class_order_seed", 1993)))
 
     folder = None
 
@@ -406,6 +410,8 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
         written = mode == "resume"
         net = _shared_network(cfg, data, device, os.path.join(run_dir, BACKBONE), world, main, progress)
         learner = make_learner(cfg, net, device)
+        if main and hasattr(learner, "describe"):
+            log(learner.describe())
         if main:
             if mode == "fresh":
                 atomic_write_json(os.path.join(run_dir, CONFIG), cfg)
@@ -427,6 +433,8 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
             return {"rank": rank, "world_size": world, "accuracy_curve": results.curve, "run_dir": run_dir}
         metrics = _metrics(results, data, cfg, run_dir=run_dir, world=world, mem=mem,
                            setup_seconds=setup_seconds, record_dir=record_dir)
+        if cfg.get("baseline") == "untrained":
+            metrics.update(untrained_results(cfg, net, data, device, metrics, log))
         write_results(run_dir, metrics)
         return metrics
     except KeyboardInterrupt as e:
@@ -434,6 +442,17 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
     finally:
         if folder is not None:
             folder.release()          # removes the folder too if this run created it and wrote nothing
+
+
+def untrained_results(cfg: Dict, net, data, device, res: Dict, log) -> Dict:
+    """``--baseline untrained``: the baseline's results and what training added (metrics keys)."""
+    from .baseline import gains, untrained_baseline
+
+    base = untrained_baseline(cfg, net, data, device)
+    added = gains(res, base)
+    log(f"untrained baseline: Avg {base['avg']:.2f}, Last {base['last']:.2f}; training added Avg "
+        f"{added['avg_gain']:+.2f}, Last {added['last_gain']:+.2f} ({base['seconds']:.1f}s)")
+    return {"baseline": base, **added}
 
 
 def _silent(*args, **kwargs):
@@ -591,6 +610,7 @@ def _metrics(results: _Results, data, cfg: Dict, *, run_dir: str, world: int, me
         "n_tasks": len(data.tasks),
         "world_size": world,
         "class_order": data.order,
+        "precision": cfg.get("precision", "fp32"),
         "config": cfg,
         "run_dir": run_dir,
     }
@@ -626,6 +646,10 @@ def plot_results(run_dir: str, metrics: Dict):
     stages = np.arange(1, T + 1)
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    base = metrics.get("baseline")
+    if base:     # drawn first and hollow: where training added nothing the two curves coincide
+        ax.plot(stages, base["accuracy_curve"], "s--", lw=1.5, ms=10, mfc="none", color="0.5",
+                label="all seen classes, untrained adapters")
     ax.plot(stages, metrics["accuracy_curve"], "o-", lw=2, color="k", label="all seen classes")
     for g in range(T):
         ys = [matrix[g][s] for s in range(g, T)]
@@ -634,7 +658,9 @@ def plot_results(run_dir: str, metrics: Dict):
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_xticks(stages)
-    ax.set_title(f"{title}\nAvg {metrics['avg']:.2f}  Last {metrics['last']:.2f}  Fgt {metrics['fgt']:.2f}")
+    gain = f"  (training added {metrics['avg_gain']:+.2f} / {metrics['last_gain']:+.2f})" if base else ""
+    ax.set_title(f"{title}\nAvg {metrics['avg']:.2f}  Last {metrics['last']:.2f}  Fgt {metrics['fgt']:.2f}{gain}",
+                 fontsize=9 if base else None)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     _atomic_fig(fig, os.path.join(run_dir, "accuracy_per_stage.png"))

@@ -1,0 +1,191 @@
+"""The published EASE variants as options (issue 12): the OmniBenchmark default follows the
+EASE repository's config, and every variant option is checked and acts as in PILOT."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zeroflow.cli import main
+from zeroflow.continual.errors import ZeroflowError
+
+TINY = dict(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=2)
+
+
+# ---------------------------------------------------------------- the published default
+def test_omnibenchmark_ease_default_is_the_published_config():
+    """EASE repository exps/ease_omni_in21k.json: lr 0.01, batch 16, alpha 1, use_init_ptm, beta 1,
+    moni_adam, adapter_num 1 (recalc_sim and use_reweight true; moni_adam uses the plain fc)."""
+    from zeroflow.continual.defaults import defaults_for
+    d = defaults_for("omnibenchmark", "ease")
+    assert (d["lr"], d["batch_size"], d["ease_alpha"], d["ease_beta"]) == ({"sgd": 0.01, "adam": 1e-3}, 16, 1.0, 1.0)
+    assert (d["ease_use_init_ptm"], d["ease_moni_adam"], d["ease_adapter_num"]) == (True, True, 1)
+    assert (d["ease_recalc_sim"], d["ease_use_reweight"], d["weight_decay"], d["epochs"]) == (True, True, 5e-4, 20)
+    for ds in ("cifar100", "cub", "imagenet-a", "digits"):     # the per-task variant elsewhere
+        d = defaults_for(ds, "ease")
+        assert (d["ease_use_init_ptm"], d["ease_moni_adam"], d["ease_adapter_num"], d["ease_beta"]) == \
+               (False, False, None, 0.0), ds
+
+
+# ---------------------------------------------------------------- option checks
+@pytest.mark.parametrize("over,needle", [
+    (dict(method="aper", ease_moni_adam=True), "--ease-moni-adam is an EASE option; this run is --method aper"),
+    (dict(ease_moni_adam=True, ease_adapter_num=1), "--ease-moni-adam needs --ease-use-init-ptm true"),
+    (dict(ease_moni_adam=True, ease_use_init_ptm=True), "--ease-moni-adam needs --ease-adapter-num"),
+    (dict(ease_later_lr=0.1), "--ease-later-lr only acts on B-N splits (--init-cls != --increment)"),
+    (dict(ease_adapter_num=0, ease_moni_adam=True, ease_use_init_ptm=True), "--ease-adapter-num must be >= 1"),
+    (dict(ease_beta=-1.0), "--ease-beta must be >= 0"),
+])
+def test_ease_options_are_checked(over, needle):
+    from zeroflow.continual.defaults import resolve
+    with pytest.raises(ZeroflowError) as e:
+        resolve(over)
+    assert needle in str(e.value)
+
+
+def test_ease_boolean_flags_on_the_command_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:          # argparse's own error: usage, message, exit 2
+        main(["run", "--ease-recalc-sim", "maybe", "--out", str(tmp_path / "r")])
+    assert e.value.code == 2
+    assert "argument --ease-recalc-sim: expected true or false (got 'maybe')" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    from zeroflow.cli import _overrides, build_parser
+    a = build_parser().parse_args(["run", "--ease-recalc-sim", "False", "--ease-use-reweight", "true"])
+    assert (_overrides(a)["ease_recalc_sim"], _overrides(a)["ease_use_reweight"]) == (False, True)
+
+
+def test_later_lr_and_epochs_train_the_later_tasks_of_b_n_splits():
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.ease import EASE
+    cfg = resolve(dict(init_cls=4, increment=2, ease_later_lr=0.5, ease_later_epochs=3))
+    e = EASE(_Net(0), cfg, torch.device("cpu"))
+    assert (e.task_cfg(0)["lr"], e.task_cfg(0)["epochs"]) == (cfg["lr"], cfg["epochs"])
+    assert (e.task_cfg(1)["lr"], e.task_cfg(1)["epochs"]) == (0.5, 3)
+
+
+# ---------------------------------------------------------------- variant arithmetic, hand-computed
+class _Net:
+    def __init__(self, n):
+        self.adapters = [None] * n
+
+
+def _cos(a, b):
+    return float(F.cosine_similarity(a, b, dim=0))
+
+
+def test_ptm_subspace_and_beta_in_the_reweighted_inference():
+    from zeroflow.continual.ease import EASE
+    e = EASE(_Net(2), {"ease_alpha": 0.1, "ease_use_init_ptm": True, "ease_beta": 0.5}, torch.device("cpu"))
+    assert e.eval_adapters() == [None, 0, 1]
+    P = torch.randn(3, 3, 4)                   # 3 classes x [PTM, adapter 0, adapter 1] x d
+    e.protos, e.task_of_class, e.task_classes = P, [0, 1, 1], [[0], [1, 2]]
+    x = torch.randn(1, 3, 4)
+    logits = e.logits(x)
+    # class 0 (task 0): beta * PTM + own subspace (adapter 0) + alpha / t * adapter 1, t = 1
+    exp0 = 0.5 * _cos(x[0, 0], P[0, 0]) + _cos(x[0, 1], P[0, 1]) + 0.1 * _cos(x[0, 2], P[0, 2])
+    exp2 = 0.5 * _cos(x[0, 0], P[2, 0]) + 0.1 * _cos(x[0, 1], P[2, 1]) + _cos(x[0, 2], P[2, 2])
+    assert logits[0, 0].item() == pytest.approx(exp0, abs=1e-6)
+    assert logits[0, 2].item() == pytest.approx(exp2, abs=1e-6)
+
+
+def test_plain_fc_is_one_cosine_over_the_concatenated_subspaces():
+    from zeroflow.continual.ease import EASE
+    for cfg in ({"ease_use_reweight": False},
+                {"ease_use_reweight": True, "ease_moni_adam": True, "ease_adapter_num": 1, "ease_use_init_ptm": True}):
+        e = EASE(_Net(1), cfg, torch.device("cpu"))
+        assert not e.use_reweight and "plain cosine fc" in e.describe()
+        S = len(e.eval_adapters())
+        e.protos, e.task_of_class, e.task_classes = torch.randn(4, S, 5), [0, 0, 1, 1], [[0, 1], [2, 3]]
+        x = torch.randn(2, S, 5)
+        want = F.normalize(x.flatten(1), dim=-1) @ F.normalize(e.protos.flatten(1), dim=-1).T
+        assert torch.allclose(e.logits(x), want, atol=1e-6)
+
+
+def test_recalc_sim_false_keeps_the_complements_of_earlier_stages():
+    """PILOT's solve_similarity fills only the newest subspace, with the current task as the
+    reference; solve_sim_reset (recalc_sim) recomputes every later subspace with tasks d..t."""
+    from zeroflow.continual.ease import EASE
+    torch.manual_seed(0)
+    P = torch.randn(3, 3, 4)                    # tasks [0], [1], [2]; subspaces 0, 1, 2
+    results = {}
+    for recalc in (True, False):
+        e = EASE(_Net(3), {"ease_recalc_sim": recalc}, torch.device("cpu"))
+        e.protos, e.task_of_class, e.task_classes = P.clone(), [0, 1, 2], [[0], [1], [2]]
+        e._complement(2)
+        results[recalc] = e.protos
+    # the newest subspace of task 0 from task 2 alone: a single reference class -> weight 1
+    for recalc in (True, False):
+        assert torch.allclose(results[recalc][0, 2], P[2, 2]) and torch.allclose(results[recalc][1, 2], P[2, 2])
+    # subspace 1 of task 0: recomputed from tasks 1..2 with recalc_sim, untouched without it
+    s = torch.softmax(torch.tensor([_cos(P[0, 0], P[1, 0]), _cos(P[0, 0], P[2, 0])]), 0)
+    assert torch.allclose(results[True][0, 1], s[0] * P[1, 1] + s[1] * P[2, 1], atol=1e-6)
+    assert torch.equal(results[False][0, 1], P[0, 1])
+
+
+def test_moni_adam_complements_only_existing_subspaces():
+    """adapter_num 2: tasks 0 and 1 train adapters; task 2 adds none. Task 0's classes are
+    complemented in adapter 1 only; task 1 and 2 have real prototypes everywhere."""
+    from zeroflow.continual.ease import EASE
+    e = EASE(_Net(2), {"ease_moni_adam": True, "ease_adapter_num": 2, "ease_use_init_ptm": True},
+             torch.device("cpu"))
+    assert [e.trains(t) for t in range(4)] == [True, True, False, False]
+    torch.manual_seed(1)
+    P = torch.randn(3, 3, 4)                    # classes of tasks 0, 1, 2 x [PTM, adapter 0, adapter 1]
+    e.protos, e.task_of_class, e.task_classes = P.clone(), [0, 1, 2], [[0], [1], [2]]
+    e._complement(2)
+    s = torch.softmax(torch.tensor([_cos(P[0, 1], P[1, 1]), _cos(P[0, 1], P[2, 1])]), 0)
+    assert torch.allclose(e.protos[0, 2], s[0] * P[1, 2] + s[1] * P[2, 2], atol=1e-6)
+    assert torch.equal(e.protos[1:], P[1:]) and torch.equal(e.protos[0, :2], P[0, :2])
+
+
+# ---------------------------------------------------------------- the OmniBenchmark variant end to end
+def _omnibenchmark_fixture(root, n_classes=6, per_split=3):
+    from PIL import Image
+    rng = np.random.RandomState(0)
+    for split in ("train", "test"):
+        for c in range(n_classes):
+            d = os.path.join(root, "omnibenchmark", split, f"c{c:03d}")
+            os.makedirs(d)
+            for i in range(per_split):
+                img = np.clip(rng.normal(40 * c, 20, (36, 36, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(os.path.join(d, f"{i}.png"))
+
+
+def test_omnibenchmark_variant_on_imagefolder_fixtures(tmp_path, capsys):
+    import timm
+    import yaml
+    from zeroflow.continual.ease import EASE
+    from zeroflow.continual.runner import load_checkpoint
+    _omnibenchmark_fixture(str(tmp_path / "data"))
+    weights = tmp_path / "vit.pth"
+    torch.manual_seed(0)
+    torch.save(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, **TINY).state_dict(), weights)
+    cfg_file = tmp_path / "omni.yaml"
+    cfg_file.write_text(yaml.safe_dump(dict(
+        dataset="omnibenchmark", data_root=str(tmp_path / "data"), checkpoint=str(weights), model_kwargs=TINY,
+        img_size=32, adapter_dim=8, init_cls=2, increment=2, epochs=1, batch_size=4, eval_batch_size=8,
+        num_workers=0, device="cpu", optimizer="zo_sgd")))
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(cfg_file), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert ("EASE variant: PTM subspace + adapters for the first 1 task(s) only (moni_adam), recalc_sim, plain "
+            "cosine fc inference; not acting here: ease_alpha, ease_beta") in printed
+    with open(out / "metrics.json") as f:
+        m = json.load(f)
+    c = m["config"]
+    assert (c["ease_moni_adam"], c["ease_adapter_num"], c["ease_use_init_ptm"], c["batch_size"]) == (True, 1, True, 4)
+    assert [t["iterations"] > 0 for t in m["tasks"]] == [True, False, False]       # one trained adapter
+    learner = load_checkpoint(str(out / "checkpoint.pt"))["learner"]
+    assert learner["n_adapters"] == 1
+    assert tuple(learner["protos"].shape) == (6, 2, 48)          # [classes, PTM + adapter 0, d]: the PTM subspace
+    # the learner of this configuration classifies with the plain fc over [PTM, adapter 0]
+    e = EASE(_Net(1), c, torch.device("cpu"))
+    assert not e.use_reweight and e.eval_adapters() == [None, 0]
+    # the saved configuration round-trips through --config: option for option, and the run folder
+    # takes it for the same run (no option named as different)
+    from zeroflow.continual.defaults import resolve
+    assert resolve({}, str(out / "config.json")) == c
+    assert main(["run", "--config", str(out / "config.json"), "--out", str(out)]) == 2
+    assert f"{out} already holds a finished run of this configuration" in capsys.readouterr().err

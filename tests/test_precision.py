@@ -1,0 +1,151 @@
+"""--precision (issue 12): the forward's dtype changes, the parameters' does not; the fidelity
+script's fast mode; the warning for a zo_eps the study found unsafe; a bf16 run on digits."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from zeroflow.continual.errors import ZeroflowError
+
+TINY = dict(patch_size=2, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0)
+
+
+def _net(precision):
+    from zeroflow.continual.backbones import AdaptedViT, build_small_vit
+    net = AdaptedViT(build_small_vit(1, 8, TINY), 4)
+    net.add_adapter_set()
+    net.precision = precision
+    return net.eval()
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("tf32", torch.float32),
+                                             ("bf16", torch.bfloat16)])
+def test_precision_sets_the_forward_dtype_not_the_parameters(precision, dtype):
+    net = _net(precision)
+    seen = {}
+    hooks = [net.vit.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: seen.__setitem__("mlp", o.dtype)),
+             net.adapters[0][1].down.register_forward_hook(lambda m, i, o: seen.__setitem__("adapter", o.dtype))]
+    try:
+        f = net.features(torch.rand(3, 1, 8, 8), 0)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == {"mlp": dtype, "adapter": dtype}
+    assert f.dtype == torch.float32                     # the head, prototypes and loss stay fp32
+    assert {p.dtype for p in net.parameters()} == {torch.float32}
+
+
+def test_tf32_flags_are_restored_after_the_forward():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    from zeroflow.continual.precision import forward_precision
+    with forward_precision("tf32", "cuda"):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_precision_lists_agree():
+    from zeroflow.continual import defaults, precision
+    assert defaults.PRECISIONS == precision.PRECISIONS
+    assert set(precision.MIN_SAFE_ZO_EPS) == set(precision.PRECISIONS)
+
+
+def test_unsafe_zo_eps_warning():
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.precision import MIN_SAFE_ZO_EPS, zo_eps_warning
+    floor = MIN_SAFE_ZO_EPS["bf16"]
+    assert floor == 7e-4           # the CPU study: correlation 0.811 at 1e-4, 0.9963 at 1e-3 (fit: 6.0e-4)
+    low = resolve({"precision": "bf16", "zo_eps": floor / 10})
+    msg = zo_eps_warning(low, "cpu")
+    assert msg.startswith(f"--precision bf16 with --zo-eps {floor / 10:g}") and f"--zo-eps {floor:g}" in msg
+    assert zo_eps_warning(resolve({"precision": "bf16", "zo_eps": floor}), "cpu") is None
+    assert zo_eps_warning(resolve({"precision": "fp32", "zo_eps": 1e-6}), "cuda") is None
+    assert zo_eps_warning(resolve({"precision": "fp32", "zo_eps": 1e-8}), "cpu").endswith("use --zo-eps 6e-07 or more")
+    # tf32 is fp32 on a CPU; on CUDA the emulation's floor applies
+    tf32 = resolve({"precision": "tf32", "zo_eps": MIN_SAFE_ZO_EPS["tf32"] / 10})
+    assert zo_eps_warning(tf32, "cpu") is None and zo_eps_warning(tf32, "cuda").startswith("--precision tf32")
+    # first-order and jvp steps divide no loss difference by eps
+    for optimizer in ("fo_sgd", "forward_grad"):
+        assert zo_eps_warning(resolve({"precision": "bf16", "zo_eps": floor / 10, "optimizer": optimizer}), "cpu") \
+            is None
+
+
+def test_bad_precision_is_named():
+    from zeroflow.continual.defaults import resolve
+    with pytest.raises(ZeroflowError, match="unknown precision 'fp8'; valid: fp32, tf32, bf16, fp16"):
+        resolve({"precision": "fp8"})
+
+
+# ---------------------------------------------------------------- the fidelity study (fast mode)
+def test_fidelity_script_fast_mode(tmp_path):
+    from benchmarks import precision_fidelity as pf
+    out = tmp_path / "fid.json"
+    assert pf.main(["--fast", "--out", str(out), "--threads", "1"]) == 0
+    res = json.loads(out.read_text())
+    assert (tmp_path / "fid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = res["results"]
+    assert res["directions"] == 32 and res["eps"] == [1e-4, 1e-3, 1e-2]
+    for eps in ("0.0001", "0.001", "0.01"):
+        assert r["fp32"]["by_eps"][eps]["correlation"] >= 0.999, (eps, r["fp32"]["by_eps"][eps])
+        assert math.isfinite(r["fp64"]["by_eps"][eps]["vs_exact"]["correlation"])
+        for p in ("bf16", "tf32-emulated"):
+            stats = r[p]["by_eps"][eps]
+            assert all(math.isfinite(stats[k]) for k in ("correlation", "relative_error", "sign_agreement")), p
+    assert r["tf32"]["status"] == "identical to fp32 on this device"
+    assert r["fp16"]["status"] in ("measured", "unsupported")
+    # the reduced precisions are measurably worse than fp32 at the smallest eps
+    assert r["bf16"]["by_eps"]["0.0001"]["relative_error"] > r["fp32"]["by_eps"]["0.0001"]["relative_error"]
+    assert res["recommendation"]["precision"] in ("fp32", "tf32", "bf16", "fp16")
+
+
+def test_tf32_emulation_rounds_to_ten_mantissa_bits():
+    from benchmarks.precision_fidelity import round_to_tf32
+    x = torch.tensor([1.0 + 2 ** -10, 1.0 + 2 ** -11, 1.0 + 3 * 2 ** -11, -(1.0 + 2 ** -12), 3.0], dtype=torch.float32)
+    # ties to even: 1 + 2^-11 is halfway between 1 and 1 + 2^-10 -> 1; 1 + 3*2^-11 -> 1 + 2^-9
+    assert round_to_tf32(x).tolist() == [1.0 + 2 ** -10, 1.0, 1.0 + 2 ** -9, -1.0, 3.0]
+
+
+# ---------------------------------------------------------------- runs
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    old = os.environ.get("ZEROFLOW_CACHE")
+    os.environ["ZEROFLOW_CACHE"] = str(tmp_path_factory.mktemp("zfcache"))
+    yield
+    if old is None:
+        os.environ.pop("ZEROFLOW_CACHE", None)
+    else:
+        os.environ["ZEROFLOW_CACHE"] = old
+
+
+QUICK = dict(epochs=1, pretrain_epochs=1, init_cls=5, increment=5, baseline="none")
+
+
+def test_bf16_run_on_digits_completes_and_is_its_own_run(tmp_path, cache):
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.runner import run
+    warnings = []
+    cfg = resolve(dict(QUICK, precision="bf16", zo_eps=1e-4))
+    m = run(cfg, str(tmp_path / "r"), progress=False, log=lambda *a: None, warn=warnings.append)
+    assert m["precision"] == "bf16" and m["config"]["precision"] == "bf16"
+    assert math.isfinite(m["avg"]) and m["avg"] > 30
+    assert any(w.startswith("--precision bf16 with --zo-eps 0.0001") for w in warnings), warnings
+    with open(tmp_path / "r" / "config.json") as f:
+        assert json.load(f)["precision"] == "bf16"
+    # the precision is part of the run's identity: an fp32 request is another run
+    with pytest.raises(ZeroflowError, match="precision: 'bf16' there, 'fp32' requested"):
+        run(resolve(dict(QUICK, zo_eps=1e-4)), str(tmp_path / "r"), progress=False, log=lambda *a: None)
+
+
+def test_a_precision_this_torch_cannot_run_fails_before_writing(tmp_path, cache, monkeypatch):
+    """fp16 autocasts on this CPU with torch 2.14; where a torch cannot, the run stops at once."""
+    from zeroflow.continual import precision
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.runner import run
+    assert precision.autocast_problem("bf16", torch.device("cpu")) is None
+    monkeypatch.setattr(precision, "autocast_problem", lambda p, d: "RuntimeError: no fp16 kernels" if p == "fp16"
+                        else None)
+    with pytest.raises(ZeroflowError, match=r"--precision fp16 cannot run on cpu with torch .* \(RuntimeError: no fp16 "
+                                            r"kernels\); use --precision fp32 or bf16"):
+        run(resolve(dict(QUICK, precision="fp16")), str(tmp_path / "r"), progress=False, log=lambda *a: None)
+    assert not (tmp_path / "r").exists()
