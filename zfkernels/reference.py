@@ -400,3 +400,55 @@ def _check_q(seeds, coeffs) -> None:
         raise ValueError(f"seeds has {len(seeds)} entries but coeffs has {len(coeffs)}; one coefficient per seed")
     for s in seeds:
         S.check_seed(int(s), "seeds[j]")
+
+
+# --------------------------------------------------------------------------------------
+# §9 stochastic rounding of low-precision stores
+# --------------------------------------------------------------------------------------
+def rounding_words(round_seed: int, numel: int, tensor_id: int = 0, device="cpu") -> torch.Tensor:
+    """§9: one uint32 word per element (int64 tensor): word ``i & 3`` of the Philox call with
+    counter ``(i >> 2, tensor_id, tag 3)`` and the rounding seed's key."""
+    i = torch.arange(numel, dtype=torch.int64, device=device)
+    nblocks = (numel + 3) // 4
+    words = stream_words(round_seed, tensor_id, S.TAG_ROUNDING, torch.arange(nblocks, dtype=torch.int64, device=device))
+    return words[i >> 2, i & 3]
+
+
+def stochastic_round(x: torch.Tensor, words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """§9: fp32 ``x`` rounded to ``dtype`` (bf16 / fp16) up or down at random, with the
+    probability of rounding away from zero equal to the distance to the lower neighbour in
+    units of the target's spacing (so ``E[result] = x``), from the uint32 ``words``. Integer
+    operations only: bit-identical on every backend. NaN and infinities round to nearest."""
+    bits = x.contiguous().view(torch.int32).to(torch.int64) & S.MASK32
+    sign, mag = bits & 0x80000000, bits & 0x7FFFFFFF
+    if dtype == torch.bfloat16:
+        out = (sign | ((mag + (words >> 16)) & 0x7FFF0000)) >> 16
+    elif dtype == torch.float16:
+        out = (sign >> 16) | _sr_fp16_magnitude(mag, words)
+    else:
+        raise ValueError(f"stochastic rounding is for bfloat16 / float16 storage, not {dtype}")
+    out = torch.where(out >= 1 << 15, out - (1 << 16), out).to(torch.int16).view(dtype)
+    return torch.where(torch.isfinite(x), out, x.to(dtype))
+
+
+def _sr_fp16_magnitude(mag: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """fp16 bits (no sign) of the magnitude ``mag`` (fp32 bits) rounded stochastically."""
+    exp = mag >> 23
+    # fp16 normal range (|x| >= 2^-14, biased fp32 exponent >= 113): keep 10 of the 23 mantissa
+    # bits; the sum stays on the fp16 grid of its own binade (a carry moves to the next one).
+    on_grid = (mag + (words >> 19)) & 0x7FFFE000
+    normal16 = on_grid.to(torch.int32).view(torch.float32).to(torch.float16).view(torch.int16).to(torch.int64)
+    # below: fp16 subnormals, multiples of 2^-24. |x| = m * 2^-s units of 2^-24 (m the 24-bit
+    # significand, s = 126 - exp; 125 for fp32 subnormals). Like above, random bits are added
+    # below the kept ones and the sum truncated: units = q + carry(rem + r_s), q = m >> s,
+    # rem = m mod 2^s, r_s the top s bits of the word (s > 32: the word plus rem >> (s - 32)).
+    m = torch.where(exp > 0, (mag & 0x7FFFFF) | (1 << 23), mag & 0x7FFFFF)
+    s = torch.where(exp > 0, 126 - exp, torch.full_like(exp, 125)).clamp(min=1)
+    q = torch.where(s < 24, m >> s.clamp(max=23), torch.zeros_like(m))
+    rem = m - (q << s.clamp(max=23))
+    narrow = s <= 32
+    r = torch.where(narrow, words >> (32 - s).clamp(min=0), words)
+    add = torch.where(narrow, rem, rem >> (s - 32).clamp(min=0, max=63))
+    width = torch.where(narrow, s, torch.full_like(s, 32))
+    sub16 = q + ((r + add) >> width)                  # 1024 = 0x0400 = 2^-14, the smallest normal
+    return torch.where(exp >= 113, normal16, sub16)
