@@ -325,6 +325,20 @@ struct TileIO {
     }
     return ptr = tmp;
   }
+  // §9: the tile rounded stochastically with one random word per element (fp32: as store).
+  void store_stochastic(int64_t off, int n, uint32_t tid, Key key) {
+    if (st == at::kFloat) return;
+    alignas(64) uint32_t w0[TILE / 4], w1[TILE / 4], w2[TILE / 4], w3[TILE / 4];
+    const int nb = (n + 3) >> 2;
+    philox_batch((uint64_t)off >> 2, nb, tid, zf::TAG_ROUNDING, key, w0, w1, w2, w3);
+    const uint32_t* ws[4] = {w0, w1, w2, w3};
+    uint16_t* d = static_cast<uint16_t*>(base) + off;
+    if (st == at::kBFloat16) {
+      for (int i = 0; i < n; ++i) d[i] = zf::sr_bf16_bits(tmp[i], ws[i & 3][i >> 2]);
+    } else {
+      for (int i = 0; i < n; ++i) d[i] = zf::sr_fp16_bits(tmp[i], ws[i & 3][i >> 2]);
+    }
+  }
   void store(int64_t off, int n) {
     if (st == at::kFloat) return;
     if (st == at::kBFloat16) {
@@ -421,9 +435,10 @@ void sgd_cpu(TensorList params, TensorList momentum_buffers, TensorList history_
              at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs, int64_t dist,
              int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double restore_scale, double lr,
              double weight_decay, double momentum, double dampening, bool nesterov, bool momentum_init,
-             bool sign, double history_alpha, bool history_init) {
+             bool sign, double history_alpha, bool history_init, bool stochastic_rounding, int64_t round_seed) {
   check_sgd_args(params, momentum_buffers, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold,
-                 restore_seed);
+                 restore_seed, round_seed);
+  const Key round_key = key_of(round_seed);
   if (params.empty()) return;
   const SgdScalars s = sgd_scalars(restore_scale, lr, weight_decay, momentum, dampening, history_alpha);
   const QueryTerms terms(seeds, coeffs, restore_seed, s.restore_scale);
@@ -441,7 +456,7 @@ void sgd_cpu(TensorList params, TensorList momentum_buffers, TensorList history_
       HistCfg hc{has_h ? ph.load(off, n) : nullptr, ph.st, history_init, s.alpha, s.one_minus_alpha, sign};
       SgdCfg cfg{s, has_m ? pm.load(off, n) : nullptr, pm.st, nesterov, momentum_init};
       sgd_tile(x, n, (uint64_t)off, sc, e, hc, cfg);
-      px.store(off, n);
+      if (stochastic_rounding) px.store_stochastic(off, n, sc.tid, round_key); else px.store(off, n);
       if (has_m) pm.store(off, n);
       if (has_h) ph.store(off, n);
     }
@@ -452,9 +467,11 @@ void adam_cpu(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, Te
               at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs, int64_t dist,
               int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double restore_scale, double lr,
               double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
-              int64_t step, bool sign, double history_alpha, bool history_init) {
+              int64_t step, bool sign, double history_alpha, bool history_init, bool stochastic_rounding,
+              int64_t round_seed) {
   check_adam_args(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed,
-                  mask_threshold, restore_seed, step);
+                  mask_threshold, restore_seed, step, round_seed);
+  const Key round_key = key_of(round_seed);
   const AdamScalars s = adam_scalars(restore_scale, lr, beta1, beta2, eps, weight_decay, step, history_alpha);
   if (params.empty()) return;
   const QueryTerms terms(seeds, coeffs, restore_seed, s.restore_scale);
@@ -473,7 +490,7 @@ void adam_cpu(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, Te
       HistCfg hc{has_h ? ph.load(off, n) : nullptr, ph.st, history_init, s.alpha, s.one_minus_alpha, sign};
       AdamCfg cfg{s, decoupled_weight_decay, pm.load(off, n), pv.load(off, n), pm.st, pv.st};
       adam_tile(x, n, (uint64_t)off, sc, e, hc, cfg);
-      px.store(off, n);
+      if (stochastic_rounding) px.store_stochastic(off, n, sc.tid, round_key); else px.store(off, n);
       pm.store(off, n);
       pv.store(off, n);
       if (has_h) ph.store(off, n);
@@ -504,9 +521,10 @@ void sgd_meta(TensorList params, TensorList momentum_buffers, TensorList history
               at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs, int64_t dist,
               int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double /*restore_scale*/,
               double /*lr*/, double /*weight_decay*/, double /*momentum*/, double /*dampening*/, bool /*nesterov*/,
-              bool /*momentum_init*/, bool /*sign*/, double /*history_alpha*/, bool /*history_init*/) {
+              bool /*momentum_init*/, bool /*sign*/, double /*history_alpha*/, bool /*history_init*/,
+              bool /*stochastic_rounding*/, int64_t round_seed) {
   check_sgd_args(params, momentum_buffers, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold,
-                 restore_seed);
+                 restore_seed, round_seed);
 }
 
 void adam_meta(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList history_buffers,
@@ -514,9 +532,9 @@ void adam_meta(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, T
                int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double /*restore_scale*/,
                double /*lr*/, double /*beta1*/, double /*beta2*/, double /*eps*/, double /*weight_decay*/,
                bool /*decoupled_weight_decay*/, int64_t step, bool /*sign*/, double /*history_alpha*/,
-               bool /*history_init*/) {
+               bool /*history_init*/, bool /*stochastic_rounding*/, int64_t round_seed) {
   check_adam_args(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed,
-                  mask_threshold, restore_seed, step);
+                  mask_threshold, restore_seed, step, round_seed);
 }
 
 
@@ -539,20 +557,22 @@ void sgd_composite(TensorList params, TensorList momentum_buffers, TensorList hi
                    at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs, int64_t dist,
                    int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double restore_scale, double lr,
                    double weight_decay, double momentum, double dampening, bool nesterov, bool momentum_init,
-                   bool sign, double history_alpha, bool history_init) {
+                   bool sign, double history_alpha, bool history_init, bool stochastic_rounding,
+                   int64_t round_seed) {
   sgd_meta(params, momentum_buffers, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold,
            restore_seed, restore_scale, lr, weight_decay, momentum, dampening, nesterov, momentum_init, sign,
-           history_alpha, history_init);
+           history_alpha, history_init, stochastic_rounding, round_seed);
   no_backend(params);
 }
 void adam_composite(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList history_buffers,
                     at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs, int64_t dist,
                     int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double restore_scale, double lr,
                     double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
-                    int64_t step, bool sign, double history_alpha, bool history_init) {
+                    int64_t step, bool sign, double history_alpha, bool history_init, bool stochastic_rounding,
+                    int64_t round_seed) {
   adam_meta(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed,
             mask_threshold, restore_seed, restore_scale, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
-            step, sign, history_alpha, history_init);
+            step, sign, history_alpha, history_init, stochastic_rounding, round_seed);
   no_backend(params);
 }
 
@@ -571,14 +591,14 @@ TORCH_LIBRARY(zfkernels, m) {
       "int dist, int mask_seed, int mask_threshold, int restore_seed, "
       "float restore_scale, float lr, float weight_decay, float momentum, "
       "float dampening, bool nesterov, bool momentum_init, bool sign, "
-      "float history_alpha, bool history_init) -> ()");
+      "float history_alpha, bool history_init, bool stochastic_rounding, int round_seed) -> ()");
   m.def(
       "zo_adam_update_(Tensor(a!)[] params, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] history_buffers, int[] tensor_ids, int[] seeds, float[] coeffs, "
       "int dist, int mask_seed, int mask_threshold, int restore_seed, "
       "float restore_scale, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, bool decoupled_weight_decay, int step, bool sign, "
-      "float history_alpha, bool history_init) -> ()");
+      "float history_alpha, bool history_init, bool stochastic_rounding, int round_seed) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(zfkernels, CPU, m) {

@@ -131,7 +131,8 @@ inline void check_key(int64_t k, const char* name) {
 // The argument checks that every implementation (cpu, cuda, meta) of an update op runs first.
 inline void check_sgd_args(TensorList params, TensorList momentum_buffers, TensorList history_buffers,
                            at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs,
-                           int64_t dist, int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed) {
+                           int64_t dist, int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed,
+                           int64_t round_seed) {
   check_params(params, tensor_ids);
   check_buffers(params, momentum_buffers, "momentum_buffers");
   check_buffers(params, history_buffers, "history_buffers");
@@ -139,12 +140,13 @@ inline void check_sgd_args(TensorList params, TensorList momentum_buffers, Tenso
   check_q(seeds, coeffs);
   check_stream_args(dist, mask_seed, mask_threshold);
   check_seed(restore_seed, "restore_seed");
+  check_seed(round_seed, "round_seed");
 }
 
 inline void check_adam_args(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs,
                             TensorList history_buffers, at::IntArrayRef tensor_ids, at::IntArrayRef seeds,
                             at::ArrayRef<double> coeffs, int64_t dist, int64_t mask_seed, int64_t mask_threshold,
-                            int64_t restore_seed, int64_t step) {
+                            int64_t restore_seed, int64_t step, int64_t round_seed) {
   check_params(params, tensor_ids);
   check_buffers(params, exp_avgs, "exp_avgs", /*required=*/true);
   check_buffers(params, exp_avg_sqs, "exp_avg_sqs", /*required=*/true);
@@ -153,6 +155,7 @@ inline void check_adam_args(TensorList params, TensorList exp_avgs, TensorList e
   check_q(seeds, coeffs);
   check_stream_args(dist, mask_seed, mask_threshold);
   check_seed(restore_seed, "restore_seed");
+  check_seed(round_seed, "round_seed");
   TORCH_CHECK_VALUE(step >= 1, "zfkernels: step=", step,
                     " must be >= 1 (Adam's bias correction counts from 1)");
 }

@@ -67,6 +67,8 @@ struct Common {
   uint32_t mk0, mk1;
   uint64_t restore_seed;
   float restore_scale;
+  bool stochastic_rounding;  // §9 for the parameter stores of the updates
+  uint32_t rk0, rk1;         // the rounding seed's key
 };
 
 // ----------------------------------------------------------------------------------------
@@ -280,6 +282,23 @@ __global__ void perturb_kernel(Common c, uint64_t seed, float scale) {
   ZF_QUAD_LOOP_END
 }
 
+// The update's parameter store: round-to-nearest (store4), or §9 stochastic rounding of a
+// bf16/fp16 parameter with the quad's four words of the rounding stream (i0 % 4 == 0).
+__device__ __forceinline__ void store_param(const Entry& e, int64_t i0, int cnt, const float x[4], uint32_t tid,
+                                            const Common& c) {
+  const int dt = e.dt[SLOT_PARAM];
+  if (!c.stochastic_rounding || dt == F32) {
+    store4(e.ptr[SLOT_PARAM], dt, e.vec[SLOT_PARAM], i0, cnt, x);
+    return;
+  }
+  const zf::Words4 w = zf::stream_block((uint64_t)i0 >> 2, tid, zf::TAG_ROUNDING, c.rk0, c.rk1);
+  uint16_t* p = static_cast<uint16_t*>(e.ptr[SLOT_PARAM]) + i0;
+#pragma unroll
+  for (int l = 0; l < 4; ++l) {
+    if (l < cnt) p[l] = dt == BF16 ? zf::sr_bf16_bits(x[l], zf::word(w, l)) : zf::sr_fp16_bits(x[l], zf::word(w, l));
+  }
+}
+
 struct SgdArgs {
   SgdScalars s;
   HistArgs h;
@@ -315,7 +334,7 @@ __global__ void sgd_kernel(Common c, SgdArgs a) {
   }
 #pragma unroll
   for (int l = 0; l < 4; ++l) x[l] = x[l] - g[l] * a.s.lr;
-  store4(e.ptr[SLOT_PARAM], e.dt[SLOT_PARAM], e.vec[SLOT_PARAM], i0, cnt, x);
+  store_param(e, i0, cnt, x, tid, c);
   ZF_QUAD_LOOP_END
 }
 
@@ -355,7 +374,7 @@ __global__ void adam_kernel(Common c, AdamArgs a) {
     const float denom = zf::div_rn(zf::sqrt_rn(vv[l]), a.s.bc2_sqrt) + a.s.eps;
     x[l] = x[l] - zf::div_rn(mv[l], denom) * a.s.step_size;
   }
-  store4(e.ptr[SLOT_PARAM], e.dt[SLOT_PARAM], e.vec[SLOT_PARAM], i0, cnt, x);
+  store_param(e, i0, cnt, x, tid, c);
   ZF_QUAD_LOOP_END
 }
 
@@ -447,6 +466,14 @@ void fill_stream(Common& c, int64_t dist, int64_t mask_seed, int64_t mask_thresh
   c.mk1 = zf::seed_k1((uint64_t)mask_seed);
   c.restore_seed = 0;
   c.restore_scale = 0.0f;
+  c.stochastic_rounding = false;
+  c.rk0 = c.rk1 = 0u;
+}
+
+void fill_rounding(Common& c, bool stochastic_rounding, int64_t round_seed) {
+  c.stochastic_rounding = stochastic_rounding;
+  c.rk0 = zf::seed_k0((uint64_t)round_seed);
+  c.rk1 = zf::seed_k1((uint64_t)round_seed);
 }
 
 int grid_for(int64_t work, int threads) {
@@ -500,9 +527,9 @@ void sgd_cuda(TensorList params, TensorList momentum_buffers, TensorList history
               at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs, int64_t dist,
               int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double restore_scale, double lr,
               double weight_decay, double momentum, double dampening, bool nesterov, bool momentum_init,
-              bool sign, double history_alpha, bool history_init) {
+              bool sign, double history_alpha, bool history_init, bool stochastic_rounding, int64_t round_seed) {
   check_sgd_args(params, momentum_buffers, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold,
-                 restore_seed);
+                 restore_seed, round_seed);
   if (params.empty()) return;
   check_cuda_device(params);
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -513,6 +540,7 @@ void sgd_cuda(TensorList params, TensorList momentum_buffers, TensorList history
                 nullptr};
   Common c;
   fill_stream(c, dist, mask_seed, mask_threshold);
+  fill_rounding(c, stochastic_rounding, round_seed);
   SgdArgs a;
   a.s = sgd_scalars(restore_scale, lr, weight_decay, momentum, dampening, history_alpha);
   c.restore_seed = (uint64_t)restore_seed;
@@ -531,9 +559,10 @@ void adam_cuda(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, T
                at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs, int64_t dist,
                int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double restore_scale, double lr,
                double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
-               int64_t step, bool sign, double history_alpha, bool history_init) {
+               int64_t step, bool sign, double history_alpha, bool history_init, bool stochastic_rounding,
+               int64_t round_seed) {
   check_adam_args(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed,
-                  mask_threshold, restore_seed, step);
+                  mask_threshold, restore_seed, step, round_seed);
   AdamArgs a;
   a.s = adam_scalars(restore_scale, lr, beta1, beta2, eps, weight_decay, step, history_alpha);
   if (params.empty()) return;
@@ -545,6 +574,7 @@ void adam_cuda(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, T
     slots[k] = {&params[k], &exp_avgs[k], &exp_avg_sqs[k], has_h ? &history_buffers[k] : nullptr};
   Common c;
   fill_stream(c, dist, mask_seed, mask_threshold);
+  fill_rounding(c, stochastic_rounding, round_seed);
   c.restore_seed = (uint64_t)restore_seed;
   c.restore_scale = a.s.restore_scale;
   a.h = HistArgs{has_h, history_init, sign, a.s.alpha, a.s.one_minus_alpha};

@@ -30,6 +30,7 @@ constexpr uint32_t PHILOX_W1 = 0xBB67AE85u;
 constexpr uint32_t TAG_PERTURBATION = 0u;
 constexpr uint32_t TAG_MASK = 1u;
 constexpr uint32_t TAG_SEED_SCHEDULE = 2u;
+constexpr uint32_t TAG_ROUNDING = 3u;  // §9 stochastic rounding of stores
 
 // §4 / §5 / §6 block sizes (elements per Philox call).
 constexpr int RADEMACHER_BLOCK = 128;

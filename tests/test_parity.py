@@ -116,6 +116,12 @@ SGD_CASES = {
     "bf16_fp32_bufs":   ("bf16", "fp32", 1, dict(restore=True, momentum=0.9, history_alpha=0.5)),
     "fp16_everything":  ("fp16", "fp16", 2, dict(sparsity=HALF, restore=True, momentum=0.9, weight_decay=0.01,
                                                  sign=True, history_alpha=0.3)),
+    # §9 stochastic rounding of the parameter stores; fp16 parameters down in the subnormal
+    # range (below 2^-14) and up at the overflow threshold (65504) as well
+    "bf16_sr":          ("bf16", "bf16", 2, dict(sr=True, restore=True, momentum=0.9, weight_decay=0.01)),
+    "fp16_sr_tiny":     ("fp16", "fp32", 1, dict(sr=True, param_scale=2e-5, sparsity=0.25)),
+    "fp16_sr_huge":     ("fp16", "fp16", 1, dict(sr=True, param_scale=3e4, restore=True)),
+    "fp32_sr":          ("fp32", "fp32", 1, dict(sr=True)),            # no effect on fp32
 }
 ADAM_CASES = {
     "adam":             ("fp32", "fp32", 1, dict()),
@@ -129,17 +135,25 @@ ADAM_CASES = {
     "bf16_fp32_moments": ("bf16", "fp32", 2, dict(restore=True, weight_decay=0.1, decoupled=True)),
     "fp16_everything":  ("fp16", "fp16", 2, dict(sparsity=0.25, restore=True, weight_decay=0.01, sign=True,
                                                  history_alpha=0.5)),
+    "bf16_sr_adamw":    ("bf16", "fp32", 2, dict(sr=True, restore=True, weight_decay=0.1, decoupled=True)),
+    "fp16_sr_tiny":     ("fp16", "fp16", 1, dict(sr=True, param_scale=2e-5, sign=True)),
 }
 STEPS = 3
 EPS = 1e-3
 COEFFS = [0.37, -1.25, 2.5e-3]
 
 
-def _start(pdt, bdt, nbuf, seed):
+def _start(pdt, bdt, nbuf, seed, param_scale=1.0):
     g = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=g).to(DTYPES[pdt]) for s in SHAPES]
+    params = [(torch.randn(s, generator=g) * param_scale).to(DTYPES[pdt]) for s in SHAPES]
     bufs = [[(torch.randn(s, generator=g) * 0.1).to(DTYPES[bdt]) for s in SHAPES] for _ in range(nbuf)]
     return params, bufs
+
+
+def _rounding(o, step):
+    if not o.get("sr"):
+        return {}
+    return dict(stochastic_rounding=True, round_seed=S.derive_seed(12345, step, S.QUERY_ROUNDING))
 
 
 def _queries(step, q):
@@ -167,7 +181,7 @@ def _restore(o, seeds, params, dist, mask_seed, sparsity, kw):
 
 def sgd_trajectory(case, dist, kw, device):
     pdt, bdt, q, o = SGD_CASES[case]
-    params, (mom, hist) = _start(pdt, bdt, 2, seed=len(case))
+    params, (mom, hist) = _start(pdt, bdt, 2, seed=len(case), param_scale=o.get("param_scale", 1.0))
     params, mom, hist = ([t.to(device) for t in lst] for lst in (params, mom, hist))
     mom = mom if o.get("momentum") else []
     hist = hist if "history_alpha" in o else []
@@ -185,13 +199,13 @@ def sgd_trajectory(case, dist, kw, device):
                           dampening=o.get("dampening", 0.0), nesterov=o.get("nesterov", False),
                           momentum_init=first and bool(mom), sign=o.get("sign", False),
                           history_alpha=o.get("history_alpha", 0.0), history_init=first and bool(hist),
-                          **restore, **kw)
+                          **_rounding(o, step), **restore, **kw)
     return [params, mom, hist]
 
 
 def adam_trajectory(case, dist, kw, device):
     pdt, bdt, q, o = ADAM_CASES[case]
-    params, (m, v, hist) = _start(pdt, bdt, 3, seed=len(case) + 100)
+    params, (m, v, hist) = _start(pdt, bdt, 3, seed=len(case) + 100, param_scale=o.get("param_scale", 1.0))
     v = [t.abs() for t in v]
     params, m, v, hist = ([t.to(device) for t in lst] for lst in (params, m, v, hist))
     hist = hist if "history_alpha" in o else []
@@ -207,7 +221,8 @@ def adam_trajectory(case, dist, kw, device):
                            decoupled_weight_decay=o.get("decoupled", False), dist=dist, tensor_ids=IDS,
                            history_buffers=hist, mask_seed=mask_seed, sparsity=sp, sign=o.get("sign", False),
                            history_alpha=o.get("history_alpha", 0.0),
-                           history_init=o.get("init_first", False) and step == 1, **restore, **kw)
+                           history_init=o.get("init_first", False) and step == 1, **_rounding(o, step),
+                           **restore, **kw)
     return [params, m, v, hist]
 
 
@@ -334,6 +349,31 @@ def test_adam_trajectory_bit_identical(backend, case, dist):
     be, dev = backend
     got = adam_trajectory(case, dist, dict(backend=be), dev)
     assert_all_bits_equal(got, _reference("adam", case, dist), f"zo_adam_update_ {case} {dist}")
+
+
+def test_stochastic_rounding_keeps_updates_below_half_an_ulp(backend):
+    """An update far below half a bf16 ulp: round-to-nearest drops all of it, stochastic
+    rounding (§9) keeps it in expectation: the mean change over 2^16 weights matches the fp32
+    update within a few standard errors, and no weight moves by more than one ulp."""
+    be, dev = backend
+    n = 1 << 16
+    p0 = torch.full((n,), 1.0, dtype=torch.bfloat16)          # ulp 2^-7 above 1.0, 2^-8 below
+    lr = 2.0**-12                                             # |update| = lr * |z| = lr: 1/32 ulp
+    kw = dict(lr=lr, dist=RADE, backend=be)
+    rne = p0.clone().to(dev)
+    zk.zo_sgd_update_([rne], [5], [1.0], **kw)
+    assert torch.equal(rne.cpu(), p0), "round-to-nearest keeps no part of the update"
+    sr = p0.clone().to(dev)
+    zk.zo_sgd_update_([sr], [5], [1.0], stochastic_rounding=True, round_seed=77, **kw)
+    want = p0.float() - lr * R.rademacher(5, n, 0)
+    got = sr.cpu().float()
+    step = (want - p0.float()).abs()
+    assert ((got - p0.float()).abs() <= 2.0**-7).all()
+    moved = got != p0.float()
+    assert 0.0 < moved.float().mean().item() < 0.1            # ~1/16 of the weights move (1/32 up, 1/16 down)
+    err = (got - want).mean().item()
+    assert abs(err) < 4 * 2.0**-8 / n ** 0.5, err
+    assert step.mean().item() == lr
 
 
 def test_restore_reuse_equals_unfused_sequence(backend):

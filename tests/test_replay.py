@@ -28,6 +28,8 @@ def make_model(seed=0):
 
 
 CASES = {
+    "zo_sgd_bf16_sr": dict(name="zo_sgd", lr=1e-3, momentum=0.9, zo_eps=1e-2, stochastic_rounding=True),
+    "zo_adam_conserve_bf16_sr": dict(name="zo_adam_conserve", lr=1e-4, zo_eps=1e-2, stochastic_rounding=True),
     "zo_sgd": dict(name="zo_sgd", lr=1e-2, momentum=0.9, weight_decay=1e-4, zo_eps=1e-3),
     "zo_adam": dict(name="zo_adam", lr=1e-3, q=2, zo_eps=1e-3),
     "zo_adam_conserve_sparse_history": dict(name="zo_adam_conserve", lr=1e-3, zo_eps=1e-3, sparsity=0.5,
@@ -173,6 +175,18 @@ def test_replay_of_skipped_and_aborted_steps_and_bf16(tmp_path):
     assert flags[7] & 1 and flags[12] & 2                  # skipped / aborted recorded
     sd = replay(base, log)
     assert all(torch.equal(sd[k], v) for k, v in final.items())
+
+
+@pytest.mark.parametrize("case", ["zo_sgd_bf16_sr", "zo_adam_conserve_bf16_sr"])
+def test_replay_of_stochastically_rounded_bf16_run(tmp_path, case):
+    """§9: the rounding bits come from the seed schedule, so a bf16 run with stochastic
+    rounding (conserve's moves included) replays bit-exactly, on another backend too."""
+    final, base, log = train(tmp_path, case, dtype=torch.bfloat16, steps=15)
+    init = torch.load(base, weights_only=True)["model"]
+    assert any(not torch.equal(v, init[k]) for k, v in final.items())
+    for backend in ("cpu", "torch"):
+        sd = replay(base, log, backend=backend)
+        assert all(torch.equal(sd[k], v) for k, v in final.items()), backend
 
 
 def test_log_size_per_step(tmp_path):

@@ -254,12 +254,16 @@ def zo_sgd_update_(
     sign: bool = False,
     history_alpha: float = 0.0,
     history_init: bool = False,
+    stochastic_rounding: bool = False,
+    round_seed: int = 0,
     backend: str = "auto",
 ) -> None:
     """Fused ZO SGD-family step, one pass (docs/kernel-ops.md § zo_sgd_update_):
     restore the pending perturbation ``restore_scale * m * z(restore_seed)``, estimate
     ``g = sum_j coeffs[j] * m * z(seeds[j])`` (pass ``coeffs[j] = g_j / q``), optional
-    history mix / sign / weight decay / momentum, then ``theta -= lr * g``."""
+    history mix / sign / weight decay / momentum, then ``theta -= lr * g``.
+    ``stochastic_rounding``: bf16/fp16 parameters are stored with the unbiased stochastic
+    rounding of stream §9, its random bits drawn from ``round_seed`` (fp32: no effect)."""
     params = _as_list(params, "params")
     ids = _ids(params, tensor_ids)
     seeds, coeffs = _qs(seeds, coeffs)
@@ -271,7 +275,8 @@ def zo_sgd_update_(
           dist=dist_code(dist), mask_seed=_seed(mask_seed, "mask_seed"), mask_threshold=mask_threshold(sparsity),
           restore_seed=_seed(restore_seed, "restore_seed"), restore_scale=restore_scale, lr=lr,
           weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
-          momentum_init=momentum_init, sign=sign, history_alpha=history_alpha, history_init=history_init)
+          momentum_init=momentum_init, sign=sign, history_alpha=history_alpha, history_init=history_init,
+          stochastic_rounding=stochastic_rounding, round_seed=_seed(round_seed, "round_seed"))
 
 
 @torch.no_grad()   # in-place updates of parameters are never recorded by autograd (as torch.optim)
@@ -298,10 +303,13 @@ def zo_adam_update_(
     sign: bool = False,
     history_alpha: float = 0.0,
     history_init: bool = False,
+    stochastic_rounding: bool = False,
+    round_seed: int = 0,
     backend: str = "auto",
 ) -> None:
     """Fused ZO Adam/AdamW step, one pass over params, m, v (and h): the estimate as in
-    :func:`zo_sgd_update_`, then exactly ``torch.optim.Adam``/``AdamW`` fed it as grad."""
+    :func:`zo_sgd_update_`, then exactly ``torch.optim.Adam``/``AdamW`` fed it as grad;
+    ``stochastic_rounding`` / ``round_seed`` as in :func:`zo_sgd_update_`."""
     params = _as_list(params, "params")
     ids = _ids(params, tensor_ids)
     seeds, coeffs = _qs(seeds, coeffs)
@@ -316,4 +324,5 @@ def zo_adam_update_(
           dist=dist_code(dist), mask_seed=_seed(mask_seed, "mask_seed"), mask_threshold=mask_threshold(sparsity),
           restore_seed=_seed(restore_seed, "restore_seed"), restore_scale=restore_scale, lr=lr, beta1=betas[0],
           beta2=betas[1], eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-          step=step, sign=sign, history_alpha=history_alpha, history_init=history_init)
+          step=step, sign=sign, history_alpha=history_alpha, history_init=history_init,
+          stochastic_rounding=stochastic_rounding, round_seed=_seed(round_seed, "round_seed"))

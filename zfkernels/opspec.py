@@ -50,6 +50,12 @@ _HISTORY_SIGN = (
     Arg("history_alpha", "float", 0.0),
     Arg("history_init", "bool", False),
 )
+# The parameter store of the updates (stream §9): round-to-nearest, or stochastic rounding
+# of bf16/fp16 parameters from the rounding stream of round_seed.
+_STORE = (
+    Arg("stochastic_rounding", "bool", False),
+    Arg("round_seed", "int", 0),
+)
 
 OPS: dict[str, tuple[Arg, ...]] = {
     "philox4x32_10": (
@@ -76,6 +82,7 @@ OPS: dict[str, tuple[Arg, ...]] = {
         Arg("nesterov", "bool", False),
         Arg("momentum_init", "bool", False),
         *_HISTORY_SIGN,
+        *_STORE,
     ),
     "zo_adam_update_": (
         Arg("params", "Tensor(a!)[]"),
@@ -91,6 +98,7 @@ OPS: dict[str, tuple[Arg, ...]] = {
         Arg("decoupled_weight_decay", "bool", False),
         Arg("step", "int"),
         *_HISTORY_SIGN,
+        *_STORE,
     ),
 }
 RETURNS = {"philox4x32_10": "Tensor", "perturb_": "()", "zo_sgd_update_": "()", "zo_adam_update_": "()"}

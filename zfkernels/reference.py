@@ -254,6 +254,17 @@ def _store(dst: torch.Tensor, value_f32: torch.Tensor) -> None:
     dst.copy_(value_f32.view_as(dst).to(dst.dtype))
 
 
+def _store_param(p: torch.Tensor, value_f32: torch.Tensor, tid: int, stochastic_rounding: bool,
+                 round_seed: int) -> None:
+    """The update's parameter store: §7 round-to-nearest, or §9 stochastic rounding of a
+    bf16/fp16 parameter (fp32 parameters are stored as they are either way)."""
+    if stochastic_rounding and p.dtype in (torch.bfloat16, torch.float16):
+        words = rounding_words(round_seed, p.numel(), tid, p.device)
+        p.copy_(stochastic_round(value_f32, words, p.dtype).view_as(p))
+    else:
+        _store(p, value_f32)
+
+
 def perturb_(params, tensor_ids, seed, scale, dist, mask_seed, mask_threshold) -> None:
     """θ_k += scale · m ⊙ z(seed) for each tensor (docs/kernel-ops.md)."""
     _check_params(params, tensor_ids)
@@ -307,7 +318,7 @@ def _f32(v: float) -> float:
 def zo_sgd_update_(params, momentum_buffers, history_buffers, tensor_ids, seeds, coeffs, dist,
                    mask_seed, mask_threshold, restore_seed, restore_scale, lr, weight_decay,
                    momentum, dampening, nesterov, momentum_init, sign, history_alpha,
-                   history_init) -> None:
+                   history_init, stochastic_rounding, round_seed) -> None:
     """Fused ZO SGD-family update, spelled out (docs/kernel-ops.md § zo_sgd_update_)."""
     _check_params(params, tensor_ids)
     _check_buffers(params, momentum_buffers, "momentum_buffers")
@@ -315,6 +326,7 @@ def zo_sgd_update_(params, momentum_buffers, history_buffers, tensor_ids, seeds,
     _check_q(seeds, coeffs)
     _check_stream(dist, mask_seed, mask_threshold)
     S.check_seed(restore_seed, "restore_seed")
+    S.check_seed(round_seed, "round_seed")
     lr_f, wd, mu = _f32(lr), _f32(weight_decay), _f32(momentum)
     for k, (p, tid) in enumerate(zip(params, tensor_ids)):
         x, g = _estimate(p, int(tid), seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, restore_scale)
@@ -328,13 +340,13 @@ def zo_sgd_update_(params, momentum_buffers, history_buffers, tensor_ids, seeds,
             _store(buf, b)
             b = buf.reshape(-1).float()
             g = g + b * mu if nesterov else b
-        _store(p, x - g * lr_f)
+        _store_param(p, x - g * lr_f, int(tid), stochastic_rounding, round_seed)
 
 
 def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs,
                     dist, mask_seed, mask_threshold, restore_seed, restore_scale, lr, beta1,
                     beta2, eps, weight_decay, decoupled_weight_decay, step, sign,
-                    history_alpha, history_init) -> None:
+                    history_alpha, history_init, stochastic_rounding, round_seed) -> None:
     """Fused ZO Adam/AdamW update, spelled out (docs/kernel-ops.md § zo_adam_update_)."""
     _check_params(params, tensor_ids)
     if len(exp_avgs) != len(params) or len(exp_avg_sqs) != len(params):
@@ -345,6 +357,7 @@ def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, 
     _check_q(seeds, coeffs)
     _check_stream(dist, mask_seed, mask_threshold)
     S.check_seed(restore_seed, "restore_seed")
+    S.check_seed(round_seed, "round_seed")
     if step < 1:
         raise ValueError(f"step={step} must be >= 1 (Adam's bias correction counts from 1)")
     bc1 = 1.0 - beta1 ** step
@@ -369,7 +382,7 @@ def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, 
         m = m_buf.reshape(-1).float()
         v = v_buf.reshape(-1).float()
         denom = div_rn(sqrt_rn(v), bc2_sqrt) + eps_f
-        _store(p, x - div_rn(m, denom) * step_size)
+        _store_param(p, x - div_rn(m, denom) * step_size, int(tid), stochastic_rounding, round_seed)
 
 
 def _check_buffers(params, buffers, name) -> None:
@@ -400,3 +413,58 @@ def _check_q(seeds, coeffs) -> None:
         raise ValueError(f"seeds has {len(seeds)} entries but coeffs has {len(coeffs)}; one coefficient per seed")
     for s in seeds:
         S.check_seed(int(s), "seeds[j]")
+
+
+# --------------------------------------------------------------------------------------
+# §9 stochastic rounding of low-precision stores
+# --------------------------------------------------------------------------------------
+def rounding_words(round_seed: int, numel: int, tensor_id: int = 0, device="cpu") -> torch.Tensor:
+    """§9: one uint32 word per element (int64 tensor): word ``i & 3`` of the Philox call with
+    counter ``(i >> 2, tensor_id, tag 3)`` and the rounding seed's key."""
+    i = torch.arange(numel, dtype=torch.int64, device=device)
+    nblocks = (numel + 3) // 4
+    words = stream_words(round_seed, tensor_id, S.TAG_ROUNDING, torch.arange(nblocks, dtype=torch.int64, device=device))
+    return words[i >> 2, i & 3]
+
+
+def stochastic_round(x: torch.Tensor, words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """§9: fp32 ``x`` rounded to ``dtype`` (bf16 / fp16) up or down at random, with the
+    probability of rounding away from zero equal to the distance to the lower neighbour in
+    units of the target's spacing (so ``E[result] = x``), from the uint32 ``words``. Integer
+    operations only: bit-identical on every backend. Infinities keep their bits; a NaN
+    becomes a quiet NaN (bf16: its top 16 bits with the quiet bit set; fp16: 0x7E00)."""
+    bits = x.contiguous().view(torch.int32).to(torch.int64) & S.MASK32
+    sign, mag = bits & 0x80000000, bits & 0x7FFFFFFF
+    special = mag >= 0x7F800000                               # inf / NaN: to nearest
+    if dtype == torch.bfloat16:
+        out = (sign | ((mag + (words >> 16)) & 0x7FFF0000)) >> 16
+        out = torch.where(special, torch.where(mag > 0x7F800000, (bits >> 16) | 0x40, bits >> 16), out)
+    elif dtype == torch.float16:
+        out = _sr_fp16_magnitude(mag, words)
+        out = (sign >> 16) | torch.where(special, torch.where(mag > 0x7F800000, 0x7E00, 0x7C00), out)
+    else:
+        raise ValueError(f"stochastic rounding is for bfloat16 / float16 storage, not {dtype}")
+    return torch.where(out >= 1 << 15, out - (1 << 16), out).to(torch.int16).view(dtype)
+
+
+def _sr_fp16_magnitude(mag: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """fp16 bits (no sign) of the magnitude ``mag`` (fp32 bits) rounded stochastically."""
+    exp = mag >> 23
+    # fp16 normal range (|x| >= 2^-14, biased fp32 exponent >= 113): keep 10 of the 23 mantissa
+    # bits; the sum stays on the fp16 grid of its own binade (a carry moves to the next one).
+    on_grid = (mag + (words >> 19)) & 0x7FFFE000
+    normal16 = on_grid.to(torch.int32).view(torch.float32).to(torch.float16).view(torch.int16).to(torch.int64)
+    # below: fp16 subnormals, multiples of 2^-24. |x| = m * 2^-s units of 2^-24 (m the 24-bit
+    # significand, s = 126 - exp; 125 for fp32 subnormals). Like above, random bits are added
+    # below the kept ones and the sum truncated: units = q + carry(rem + r_s), q = m >> s,
+    # rem = m mod 2^s, r_s the top s bits of the word (s > 32: the word plus rem >> (s - 32)).
+    m = torch.where(exp > 0, (mag & 0x7FFFFF) | (1 << 23), mag & 0x7FFFFF)
+    s = torch.where(exp > 0, 126 - exp, torch.full_like(exp, 125)).clamp(min=1)
+    q = torch.where(s < 24, m >> s.clamp(max=23), torch.zeros_like(m))
+    rem = m - (q << s.clamp(max=23))
+    narrow = s <= 32
+    r = torch.where(narrow, words >> (32 - s).clamp(min=0), words)
+    add = torch.where(narrow, rem, rem >> (s - 32).clamp(min=0, max=63))
+    width = torch.where(narrow, s, torch.full_like(s, 32))
+    sub16 = q + ((r + add) >> width)                  # 1024 = 0x0400 = 2^-14, the smallest normal
+    return torch.where(exp >= 113, normal16, sub16)

@@ -20,6 +20,7 @@ MASK32 = 0xFFFFFFFF
 TAG_PERTURBATION = 0
 TAG_MASK = 1
 TAG_SEED_SCHEDULE = 2
+TAG_ROUNDING = 3
 
 # §4/§5 distributions, as the compiled ops encode them.
 DISTS = {"gaussian": 0, "rademacher": 1}
@@ -31,6 +32,7 @@ MASK_ONE = 1 << MASK_BITS
 # §8 reserved query slots of the seed schedule.
 QUERY_MASK_PER_STEP = MASK32
 QUERY_MASK_PER_TASK = MASK32 - 1
+QUERY_ROUNDING = MASK32 - 2
 
 # §5 fp32 constants of the Gaussian lane math, as IEEE-754 binary32 bit patterns: the one
 # table the Triton kernels and the reference read (csrc/philox.h spells the same values as

@@ -9,19 +9,20 @@ import triton
 import triton.language as tl
 
 from ..stream import split_seed
-from ._common import f32, interpreted, load_row, prepare_update, round32, slot_ptr, to_i32
+from ._common import check_seed_arg, f32, interpreted, load_row, prepare_update, round32, slot_ptr, to_i32
 from ._update import load_f32, restored_estimate
-from .philox import store_rne
+from .philox import store_param, store_rne
 
 __all__ = ["zo_adam_update_"]
 
 
 @triton.jit(do_not_specialize=["n_rows", "seed_off", "q", "rkey0", "rkey1", "mkey0", "mkey1", "T", "dist",
-                             "has_restore", "has_wd", "decoupled", "sign", "has_hist", "history_init"])
+                             "has_restore", "has_wd", "decoupled", "sign", "has_hist", "history_init",
+                             "stochastic_rounding", "skey0", "skey1"])
 def _adam_kernel(meta_ptr, n_rows, seed_off, q, rkey0, rkey1, restore_scale, mkey0, mkey1, T, dist,
                  weight_decay, decay_factor, one_minus_beta1, beta2, one_minus_beta2, eps,
                  step_size, bc2_sqrt, history_alpha, one_minus_alpha,
-                 has_restore, has_wd, decoupled, sign, has_hist, history_init,
+                 has_restore, has_wd, decoupled, sign, has_hist, history_init, stochastic_rounding, skey0, skey1,
                  P_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr,
                  H_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     row, base, offs, inb, tid = load_row(meta_ptr, n_rows, BLOCK)
@@ -44,7 +45,8 @@ def _adam_kernel(meta_ptr, n_rows, seed_off, q, rkey0, rkey1, restore_scale, mke
     m = store_rne(m_ptr + offs, m, inb)                # later steps read the stored m, v
     v = store_rne(v_ptr + offs, v, inb)
     denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-    store_rne(p_ptr + offs, p - tl.div_rn(m, denom) * step_size, inb)
+    store_param(p_ptr + offs, p - tl.div_rn(m, denom) * step_size, inb, base, tid,
+                skey0.to(tl.uint32, bitcast=True), skey1.to(tl.uint32, bitcast=True), stochastic_rounding, BLOCK)
 
 
 def zo_adam_update_(
@@ -70,6 +72,8 @@ def zo_adam_update_(
     sign: bool,
     history_alpha: float,
     history_init: bool,
+    stochastic_rounding: bool,
+    round_seed: int,
     *,
     block_size: int | None = None,
 ) -> None:
@@ -121,6 +125,7 @@ def zo_adam_update_(
     bc2 = 1.0 - float(beta2) ** step
     step_size = round32(float(lr) / bc1)
     bc2_sqrt = round32(bc2 ** 0.5)
+    sk0, sk1 = split_seed(check_seed_arg(op, "round_seed", round_seed))
     rk0, rk1 = split_seed(restore_seed)
     mk0, mk1 = split_seed(mask_seed)
     for dtypes, meta, n_rows, seed_off, tiles in groups:
@@ -132,6 +137,7 @@ def zo_adam_update_(
             step_size, bc2_sqrt, history_alpha, round32(1.0 - float(history_alpha_raw)),
             int(restore_scale != 0.0), int(weight_decay != 0.0), int(bool(decoupled_weight_decay)),
             int(bool(sign)), int(len(history_buffers) > 0), int(bool(history_init)),
+            int(bool(stochastic_rounding)), to_i32(sk0), to_i32(sk1),
             P_DTYPE=dtypes[0], M_DTYPE=dtypes[1], V_DTYPE=dtypes[2], H_DTYPE=dtypes[3], BLOCK=block,
             num_warps=4, enable_fp_fusion=False,   # one arithmetic: no FMA contraction
         )

@@ -231,6 +231,73 @@ def store_rne(ptr, x, mask):
     return out
 
 
+@triton.jit
+def rounding_words(base, tid, k0, k1, BLOCK: tl.constexpr):
+    """§9 random words (tag 3) of the ``[R, 32, 4]`` tile: element i = word i & 3 of call i >> 2."""
+    R: tl.constexpr = BLOCK // 128
+    rr = tl.arange(0, R).to(tl.int64)[:, None]
+    qq = tl.arange(0, 32)[None, :]
+    b = (base >> 2) + rr * 32 + qq
+    x0, x1, x2, x3 = stream_words(b, tid, 3, k0, k1)
+    lane = tl.arange(0, 4)[None, None, :]
+    return _lane_select(lane, x0[:, :, None], x1[:, :, None], x2[:, :, None], x3[:, :, None])
+
+
+@triton.jit
+def _sr_bf16_bits(x, w):
+    """§9 bf16 bits (uint32) of fp32 ``x`` rounded stochastically with words ``w``."""
+    b = x.to(tl.uint32, bitcast=True)
+    a = b & 0x7FFFFFFF
+    sr = ((b & 0x80000000) | ((a + (w >> 16)) & 0x7FFF0000)) >> 16
+    special = tl.where(a > 0x7F800000, (b >> 16) | 0x40, b >> 16)     # NaN quiet, inf as is
+    return tl.where(a >= 0x7F800000, special, sr)
+
+
+@triton.jit
+def _sr_fp16_bits(x, w):
+    """§9 fp16 bits (uint32) of fp32 ``x`` rounded stochastically with words ``w``. Shift
+    amounts are clamped so that lanes of the branch not taken stay well defined."""
+    b = x.to(tl.uint32, bitcast=True)
+    a = b & 0x7FFFFFFF
+    sign = (b >> 16) & 0x8000
+    e = (a >> 23).to(tl.int32)
+    on_grid = (a + (w >> 19)) & 0x7FFFE000                         # |x| >= 2^-14: keep 10 bits
+    eg = (on_grid >> 23).to(tl.int32)
+    normal = tl.where(eg >= 143, 0x7C00, (((eg - 112) << 10).to(tl.uint32) | ((on_grid >> 13) & 0x3FF)))
+    m = tl.where(e > 0, (a & 0x7FFFFF) | 0x800000, a & 0x7FFFFF)     # below: units of 2^-24
+    k = tl.minimum(tl.maximum(tl.where(e > 0, 126 - e, 125), 14), 200)
+    k23 = tl.minimum(k, 23).to(tl.uint32)
+    q = tl.where(k < 24, m >> k23, 0)
+    rem = tl.where(k < 24, m & ((tl.full(m.shape, 1, tl.uint32) << k23) - 1), m)
+    r = w >> (32 - tl.minimum(k, 32)).to(tl.uint32)                 # the word's top k bits
+    narrow = ((r.to(tl.uint64) + rem.to(tl.uint64)) >> tl.minimum(k, 32).to(tl.uint64)).to(tl.uint32)
+    add = tl.where(k - 32 < 32, rem >> tl.minimum(tl.maximum(k - 32, 0), 31).to(tl.uint32), 0)
+    wide = ((w.to(tl.uint64) + add.to(tl.uint64)) >> 32).to(tl.uint32)
+    sub = q + tl.where(k <= 32, narrow, wide)
+    special = tl.where(a > 0x7F800000, 0x7E00, 0x7C00)
+    out = tl.where(a >= 0x7F800000, special, tl.where(e >= 113, normal, sub))
+    return sign | out
+
+
+@triton.jit
+def store_param(ptr, x, mask, base, tid, k0, k1, stochastic_rounding, BLOCK: tl.constexpr):
+    """The update's parameter store: §7 round-to-nearest, or with ``stochastic_rounding`` (a
+    runtime flag) §9 stochastic rounding of a bf16/fp16 parameter from the rounding stream
+    of key ``(k0, k1)``."""
+    if ptr.dtype.element_ty == tl.float32:
+        tl.store(ptr, x, mask=mask)
+    else:
+        if stochastic_rounding != 0:
+            w = rounding_words(base, tid, k0, k1, BLOCK)
+            if ptr.dtype.element_ty == tl.bfloat16:
+                bits = _sr_bf16_bits(x, w)
+            else:
+                bits = _sr_fp16_bits(x, w)
+            tl.store(ptr, bits.to(tl.uint16).to(ptr.dtype.element_ty, bitcast=True), mask=mask)
+        else:
+            store_rne(ptr, x, mask)
+
+
 @triton.jit(do_not_specialize=["n", "key0", "key1"])
 def _philox_kernel(cnt_ptr, out_ptr, n, key0, key1, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)

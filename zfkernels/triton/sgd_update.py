@@ -10,19 +10,20 @@ import triton
 import triton.language as tl
 
 from ..stream import split_seed
-from ._common import f32, interpreted, load_row, prepare_update, round32, slot_ptr, to_i32
+from ._common import check_seed_arg, f32, interpreted, load_row, prepare_update, round32, slot_ptr, to_i32
 from ._update import load_f32, restored_estimate
-from .philox import store_rne
+from .philox import store_param, store_rne
 
 __all__ = ["zo_sgd_update_"]
 
 
 @triton.jit(do_not_specialize=["n_rows", "seed_off", "q", "rkey0", "rkey1", "mkey0", "mkey1", "T", "dist",
                              "has_restore", "has_wd", "has_mom", "nesterov", "momentum_init", "sign",
-                             "has_hist", "history_init"])
+                             "has_hist", "history_init", "stochastic_rounding", "skey0", "skey1"])
 def _sgd_kernel(meta_ptr, n_rows, seed_off, q, rkey0, rkey1, restore_scale, mkey0, mkey1, T, dist,
                 lr, weight_decay, momentum, one_minus_dampening, history_alpha, one_minus_alpha,
                 has_restore, has_wd, has_mom, nesterov, momentum_init, sign, has_hist, history_init,
+                stochastic_rounding, skey0, skey1,
                 P_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, H_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     row, base, offs, inb, tid = load_row(meta_ptr, n_rows, BLOCK)
     p_ptr = slot_ptr(row, 0, P_DTYPE)                  # slots: param, momentum, history
@@ -45,7 +46,8 @@ def _sgd_kernel(meta_ptr, n_rows, seed_off, q, rkey0, rkey1, restore_scale, mkey
             g = g + buf * momentum
         else:
             g = buf
-    store_rne(p_ptr + offs, p - g * lr, inb)
+    store_param(p_ptr + offs, p - g * lr, inb, base, tid, skey0.to(tl.uint32, bitcast=True),
+                skey1.to(tl.uint32, bitcast=True), stochastic_rounding, BLOCK)
 
 
 def zo_sgd_update_(
@@ -69,6 +71,8 @@ def zo_sgd_update_(
     sign: bool,
     history_alpha: float,
     history_init: bool,
+    stochastic_rounding: bool,
+    round_seed: int,
     *,
     block_size: int | None = None,
 ) -> None:
@@ -109,6 +113,7 @@ def zo_sgd_update_(
     momentum = f32(momentum, "momentum", op)
     dampening = f32(dampening, "dampening", op)
     history_alpha = f32(history_alpha, "history_alpha", op)
+    sk0, sk1 = split_seed(check_seed_arg(op, "round_seed", round_seed))
     rk0, rk1 = split_seed(restore_seed)
     mk0, mk1 = split_seed(mask_seed)
     for dtypes, meta, n_rows, seed_off, tiles in groups:
@@ -118,7 +123,7 @@ def zo_sgd_update_(
             history_alpha, one_minus_alpha,
             int(restore_scale != 0.0), int(weight_decay != 0.0), int(len(momentum_buffers) > 0),
             int(bool(nesterov)), int(bool(momentum_init)), int(bool(sign)), int(len(history_buffers) > 0),
-            int(bool(history_init)),
+            int(bool(history_init)), int(bool(stochastic_rounding)), to_i32(sk0), to_i32(sk1),
             P_DTYPE=dtypes[0], B_DTYPE=dtypes[1], H_DTYPE=dtypes[2], BLOCK=block, num_warps=4,
             enable_fp_fusion=False,   # one arithmetic: no FMA contraction (docs/kernel-ops.md)
         )

@@ -17,7 +17,7 @@ import torch
 
 import zfkernels
 from zfkernels import derive_seed
-from zfkernels.stream import QUERY_MASK_PER_STEP, QUERY_MASK_PER_TASK, SEED_LIMIT, STREAM_VERSION
+from zfkernels.stream import QUERY_MASK_PER_STEP, QUERY_MASK_PER_TASK, QUERY_ROUNDING, SEED_LIMIT, STREAM_VERSION
 
 __all__ = ["ZOFusedSGD", "ZOFusedAdam"]
 
@@ -33,6 +33,9 @@ STATE_GLOBAL_OPTIONS = ("q", "estimator", "conserve", "sparse_resample")
 STATE_GROUP_OPTIONS = ("perturbation", "sign", "scalar_sign")
 # Parameters the fused kernels update in place (checked at construction, not at the first step).
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Group options added after states were first saved, with the value a state without them
+# meant: such a state still loads.
+ADDED_GROUP_OPTIONS = {"stochastic_rounding": False}
 PARAM_DEVICES = ("cpu", "cuda")
 
 # Frozen-state Adam call used by conserve to move along the stored Adam direction
@@ -150,6 +153,7 @@ class _ZOBase(torch.optim.Optimizer):
         self._next_tid = 0
         self._bucket_cache: dict[int, tuple] = {}   # id(group) -> (key, buckets); see _buckets
         # counters (part of state_dict)
+        self._round_calls = 0       # §9 rounded update calls so far in this step
         self._n = 0                 # steps taken (skipped ones included): seed schedule index
         self._task = 0              # mask epoch for sparse_resample="task"
         self.forward_passes = 0     # total closure evaluations (a jvp counts as one)
@@ -225,6 +229,8 @@ class _ZOBase(torch.optim.Optimizer):
             raise ValueError(f"history={g['history']} must be the weight of the history, in [0, 1)")
         if g["weight_decay"] < 0.0:
             raise ValueError(f"weight_decay={g['weight_decay']} must be >= 0")
+        if not isinstance(g["stochastic_rounding"], bool):
+            raise ValueError(f"stochastic_rounding={g['stochastic_rounding']!r} must be True or False")
         if g["sign"] and g["scalar_sign"]:
             raise ValueError("sign (element-wise, ZO-signSGD) and scalar_sign (public-code variant) are exclusive")
 
@@ -290,6 +296,14 @@ class _ZOBase(torch.optim.Optimizer):
         return self._n
 
     # ------------------------------------------------------------------ kernels
+    def _round_seed(self) -> int:
+        """§9 rounding seed of the next parameter-writing update call of this step: the k-th
+        call (k = 0 the update, then conserve's moves in order) of step n uses
+        seed(S, n, 2^32 - 3 - k) (docs/perturbation-stream.md §8), so replay rounds the same."""
+        k = self._round_calls
+        self._round_calls += 1
+        return derive_seed(self._seed, self._n, QUERY_ROUNDING - k)
+
     def _perturb(self, seed: int, factor: float, mask_seed: int) -> None:
         """theta += factor * zo_eps_g * m * z(seed), every group, one pass each."""
         for g in self.param_groups:
@@ -321,6 +335,7 @@ class _ZOBase(torch.optim.Optimizer):
         seeds = [derive_seed(self._seed, n, j) for j in range(self.q)]
         mask_seed = self._mask_seed(n)
         self._fw_step = 0
+        self._round_calls = 0
         self._consumed = []
         status = "aborted"
         try:
@@ -507,7 +522,7 @@ class _ZOBase(torch.optim.Optimizer):
             if k in c and c[k] != getattr(self, k):
                 raise ValueError(f"state_dict was saved with {k}={c[k]!r}, this optimizer has "
                                  f"{k}={getattr(self, k)!r}; build it with the same options to continue that run")
-        saved_groups = state_dict["param_groups"]
+        saved_groups = _with_added_options(state_dict["param_groups"])
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, "
                              f"this optimizer {len(self.param_groups)}")
@@ -539,7 +554,7 @@ class _ZOBase(torch.optim.Optimizer):
         """torch.optim semantics (buffers and group options restored), after
         :meth:`check_state_dict`: a state that does not fit raises and changes nothing."""
         self.check_state_dict(state_dict)
-        state_dict = dict(state_dict)
+        state_dict = dict(state_dict, param_groups=_with_added_options(state_dict["param_groups"]))
         c = state_dict.pop("zeroflow")
         super().load_state_dict(state_dict)
         self._seed = int(c["seed"])
@@ -573,7 +588,9 @@ class ZOFusedSGD(_ZOBase):
     ("gaussian" | "rademacher"), ``sign`` (element-wise sign of the estimate, ZO-signSGD),
     ``scalar_sign`` (sign of the projected scalar times z, as public ZO code does),
     ``history`` (alpha of g = alpha*g_hist + (1-alpha)*g_new; 0 = off), ``sparsity``
-    (fraction of coordinates zeroed by the seed-based mask).
+    (fraction of coordinates zeroed by the seed-based mask), ``stochastic_rounding`` (bf16/fp16
+    parameters: store every update with the unbiased stochastic rounding of stream §9, so that
+    updates far below half an ulp are kept in expectation; fp32: no effect).
     Optimizer-wide: ``q`` (queries/step), ``estimator`` ("two_side" | "one_side" |
     "forward_grad", the latter needs ``model=``), ``conserve``, ``sparse_resample``
     ("step" | "task"), ``seed``, ``backend``. Formulas: docs/algorithms.md.
@@ -585,14 +602,15 @@ class ZOFusedSGD(_ZOBase):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
                  zo_eps=1e-3, q=1, perturbation="gaussian", estimator="two_side", sign=False,
                  scalar_sign=False, conserve=False, sparsity=0.0, sparse_resample="step", history=0.0,
-                 backend="auto", seed=None, model=None):
+                 stochastic_rounding=False, backend="auto", seed=None, model=None):
         if momentum < 0.0:
             raise ValueError(f"momentum={momentum} must be >= 0")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov momentum requires a momentum and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, zo_eps=zo_eps, perturbation=perturbation, sign=sign,
-                        scalar_sign=scalar_sign, sparsity=sparsity, history=history)
+                        scalar_sign=scalar_sign, sparsity=sparsity, history=history,
+                        stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults, q=q, estimator=estimator, conserve=conserve,
                          sparse_resample=sparse_resample, seed=seed, backend=backend, model=model)
 
@@ -609,7 +627,8 @@ class ZOFusedSGD(_ZOBase):
             restore_scale=restore_scale, mask_seed=mask_seed, sparsity=g["sparsity"],
             weight_decay=g["weight_decay"], momentum=mom, dampening=g["dampening"],
             nesterov=g["nesterov"], momentum_init=m_init, sign=g["sign"],
-            history_alpha=g["history"], history_init=h_init, backend=self.backend,
+            history_alpha=g["history"], history_init=h_init, stochastic_rounding=g["stochastic_rounding"],
+            round_seed=self._round_seed(), backend=self.backend,
         )
 
     def _move(self, a, b, seeds, d, mask_seed):
@@ -630,6 +649,7 @@ class ZOFusedSGD(_ZOBase):
                         ps, [] if hist else seeds, [] if hist else coeffs, lr=lr1, dist=g["perturbation"],
                         tensor_ids=ids, history_buffers=hist, mask_seed=mask_seed, sparsity=g["sparsity"],
                         weight_decay=wd, sign=g["sign"], history_alpha=1.0, history_init=False,
+                        stochastic_rounding=g["stochastic_rounding"], round_seed=self._round_seed(),
                         backend=self.backend)
                 if mom != 0.0:
                     # p <- p - lr2 * buf (buf = 1*buf + 0*0: frozen)
@@ -637,7 +657,9 @@ class ZOFusedSGD(_ZOBase):
                     bufs = [self.state[p]["momentum_buffer"] for p in ps]
                     zfkernels.zo_sgd_update_(
                         ps, [], [], lr=lr2, dist=g["perturbation"], tensor_ids=ids, momentum_buffers=bufs,
-                        momentum=1.0, dampening=1.0, momentum_init=False, backend=self.backend)
+                        momentum=1.0, dampening=1.0, momentum_init=False,
+                        stochastic_rounding=g["stochastic_rounding"], round_seed=self._round_seed(),
+                        backend=self.backend)
 
 
 class ZOFusedAdam(_ZOBase):
@@ -652,7 +674,8 @@ class ZOFusedAdam(_ZOBase):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  decoupled_weight_decay=False, zo_eps=1e-3, q=1, perturbation="gaussian",
                  estimator="two_side", sign=False, scalar_sign=False, conserve=False, sparsity=0.0,
-                 sparse_resample="step", history=0.0, backend="auto", seed=None, model=None):
+                 sparse_resample="step", history=0.0, stochastic_rounding=False, backend="auto", seed=None,
+                 model=None):
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"betas={betas} must be in [0, 1)")
         if not eps >= 0.0:
@@ -660,7 +683,7 @@ class ZOFusedAdam(_ZOBase):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay, zo_eps=zo_eps,
                         perturbation=perturbation, sign=sign, scalar_sign=scalar_sign,
-                        sparsity=sparsity, history=history)
+                        sparsity=sparsity, history=history, stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults, q=q, estimator=estimator, conserve=conserve,
                          sparse_resample=sparse_resample, seed=seed, backend=backend, model=model)
 
@@ -675,7 +698,8 @@ class ZOFusedAdam(_ZOBase):
             weight_decay=g["weight_decay"], decoupled_weight_decay=g["decoupled_weight_decay"],
             dist=g["perturbation"], tensor_ids=ids, history_buffers=hist, restore_seed=restore_seed,
             restore_scale=restore_scale, mask_seed=mask_seed, sparsity=g["sparsity"], sign=g["sign"],
-            history_alpha=g["history"], history_init=h_init, backend=self.backend,
+            history_alpha=g["history"], history_init=h_init, stochastic_rounding=g["stochastic_rounding"],
+            round_seed=self._round_seed(), backend=self.backend,
         )
         for p in ps:
             self.state[p]["step"] = t
@@ -695,7 +719,13 @@ class ZOFusedAdam(_ZOBase):
                     ps, [self.state[p]["exp_avg"] for p in ps], [self.state[p]["exp_avg_sq"] for p in ps],
                     [], [], lr=lr_f, step=1, betas=(_FROZEN_BETA, _FROZEN_BETA), eps=eps_f,
                     weight_decay=wd_f, decoupled_weight_decay=True, dist=g["perturbation"], tensor_ids=ids,
+                    stochastic_rounding=g["stochastic_rounding"], round_seed=self._round_seed(),
                     backend=self.backend)
+
+
+def _with_added_options(groups):
+    """Saved param groups completed with the options added since (ADDED_GROUP_OPTIONS)."""
+    return [{**ADDED_GROUP_OPTIONS, **g} if isinstance(g, dict) else g for g in groups]
 
 
 def _frozen_adam_move(a: float, b: float, *, lr: float, wd: float, betas, eps: float, step: int):
