@@ -6,27 +6,27 @@
 // equal the CPU and Triton kernels and the reference bit for bit (Gaussian included: the
 // same polynomial log/sincos from philox.h).
 //
-// Multi-tensor launches: ONE kernel per op call for the whole list.  The host packs a table
-// of per-tensor entries (pointers, dtype codes, numel, id, first work item) plus the q seeds
-// and coefficients into one small byte buffer, copies it to the device (pinned, async, on the
-// current stream), and the kernel walks a grid-stride loop over "quads" (4 consecutive
-// elements, aligned to 4: one Gaussian / mask Philox call; 32 quads = one 128-element
-// Rademacher block), locating each quad's tensor by binary search in the table.
+// Each op is a functor (PerturbFunctor, SgdFunctor, AdamFunctor) run by the one multi-tensor
+// launcher of csrc/multi_tensor_apply.cuh: ONE kernel launch per op call and parameter dtype
+// for the whole list.  The launch table (per-tensor pointers, dtype codes, numel, id, first
+// warp task) depends only on the parameter layout, so it is uploaded once per layout and
+// cached on the device (TableCache); the per-call seeds, coefficients and scalars travel in
+// the kernel parameters.  A step therefore costs no host-to-device copy and no allocation.
 
 #include <c10/cuda/CUDAStream.h>  // (ATen/cuda/CUDAContext.h would need cusparse/cublas headers)
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <Python.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
-#include "ops_common.h"  // validation + host scalar preparation, shared with the CPU build
+#include "multi_tensor_apply.cuh"  // launcher, storage, z / mask / rounding of a warp task
+#include "ops_common.h"            // validation + host scalar preparation, shared with the CPU build
 #include "philox.h"
 #include "update_math.h"
 
@@ -36,217 +36,33 @@ using at::Tensor;
 using at::TensorList;
 using namespace zf_ops;
 
-enum DType : int32_t { F32 = 0, BF16 = 1, F16 = 2 };
-
-// Per-tensor entry of the launch table.  ptr[SLOT_PARAM] = param, ptr[1..3] = the op's buffers.
-struct Entry {
-  void* ptr[4];
-  int32_t dt[4];
-  int32_t vec[4];  // 1 when ptr is aligned for a 4-element vector access
-  int64_t numel;
-  int64_t quad_start;  // first global quad of this tensor
-  uint32_t tid;
-  uint32_t pad;
-};
-
-// Slots of an entry (docs/kernel-ops.md, "Schemas"): the param, then the op's buffers in schema
-// order, as in the Triton pointer table.
-constexpr int SLOT_PARAM = 0;
-constexpr int SLOT_SGD_MOMENTUM = 1, SLOT_SGD_HISTORY = 2;
-constexpr int SLOT_ADAM_EXP_AVG = 1, SLOT_ADAM_EXP_AVG_SQ = 2, SLOT_ADAM_HISTORY = 3;
-
-struct Common {
-  const Entry* entries;
-  const uint64_t* seeds;
-  const float* coeffs;
-  int32_t ntensors;
-  int32_t q;
-  int64_t total_quads;
-  int32_t dist;
-  uint32_t T;
-  uint32_t mk0, mk1;
-  uint64_t restore_seed;
-  float restore_scale;
-  bool stochastic_rounding;  // §9 for the parameter stores of the updates
-  uint32_t rk0, rk1;         // the rounding seed's key
-};
-
 // ----------------------------------------------------------------------------------------
-// Device helpers
+// Functors: one warp task of each op (docs/kernel-ops.md, "Update steps", in order).
 // ----------------------------------------------------------------------------------------
-__device__ __forceinline__ int find_tensor(const Entry* e, int n, int64_t q) {
-  int lo = 0, hi = n - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (e[mid].quad_start <= q) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
-
-__device__ __forceinline__ float round_to(float v, int dt) {
-  if (dt == BF16) return __bfloat162float(__float2bfloat16_rn(v));
-  if (dt == F16) return __half2float(__float2half_rn(v));
-  return v;
-}
-
-// Load elements [i0, i0 + cnt) (cnt <= 4) as fp32.
-__device__ __forceinline__ void load4(const void* p, int dt, int vec, int64_t i0, int cnt, float v[4]) {
-  if (dt == F32) {
-    const float* f = static_cast<const float*>(p) + i0;
-    if (vec && cnt == 4) {
-      const float4 t = *reinterpret_cast<const float4*>(f);
-      v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
-      return;
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) v[j] = j < cnt ? f[j] : 0.0f;
-  } else if (dt == BF16) {
-    const __nv_bfloat16* h = static_cast<const __nv_bfloat16*>(p) + i0;
-    if (vec && cnt == 4) {
-      const uint2 t = *reinterpret_cast<const uint2*>(h);
-      const __nv_bfloat162 a = *reinterpret_cast<const __nv_bfloat162*>(&t.x);
-      const __nv_bfloat162 b = *reinterpret_cast<const __nv_bfloat162*>(&t.y);
-      v[0] = __low2float(a); v[1] = __high2float(a); v[2] = __low2float(b); v[3] = __high2float(b);
-      return;
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) v[j] = j < cnt ? __bfloat162float(h[j]) : 0.0f;
-  } else {
-    const __half* h = static_cast<const __half*>(p) + i0;
-    if (vec && cnt == 4) {
-      const uint2 t = *reinterpret_cast<const uint2*>(h);
-      const __half2 a = *reinterpret_cast<const __half2*>(&t.x);
-      const __half2 b = *reinterpret_cast<const __half2*>(&t.y);
-      v[0] = __low2float(a); v[1] = __high2float(a); v[2] = __low2float(b); v[3] = __high2float(b);
-      return;
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) v[j] = j < cnt ? __half2float(h[j]) : 0.0f;
-  }
-}
-
-// Store with one round-to-nearest-even to the storage dtype.
-__device__ __forceinline__ void store4(void* p, int dt, int vec, int64_t i0, int cnt, const float v[4]) {
-  if (dt == F32) {
-    float* f = static_cast<float*>(p) + i0;
-    if (vec && cnt == 4) {
-      *reinterpret_cast<float4*>(f) = make_float4(v[0], v[1], v[2], v[3]);
-      return;
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      if (j < cnt) f[j] = v[j];
-  } else if (dt == BF16) {
-    __nv_bfloat16* h = static_cast<__nv_bfloat16*>(p) + i0;
-    if (vec && cnt == 4) {
-      __nv_bfloat162 a = __halves2bfloat162(__float2bfloat16_rn(v[0]), __float2bfloat16_rn(v[1]));
-      __nv_bfloat162 b = __halves2bfloat162(__float2bfloat16_rn(v[2]), __float2bfloat16_rn(v[3]));
-      uint2 t;
-      memcpy(&t.x, &a, 4);
-      memcpy(&t.y, &b, 4);
-      *reinterpret_cast<uint2*>(h) = t;
-      return;
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      if (j < cnt) h[j] = __float2bfloat16_rn(v[j]);
-  } else {
-    __half* h = static_cast<__half*>(p) + i0;
-    if (vec && cnt == 4) {
-      __half2 a = __halves2half2(__float2half_rn(v[0]), __float2half_rn(v[1]));
-      __half2 b = __halves2half2(__float2half_rn(v[2]), __float2half_rn(v[3]));
-      uint2 t;
-      memcpy(&t.x, &a, 4);
-      memcpy(&t.y, &b, 4);
-      *reinterpret_cast<uint2*>(h) = t;
-      return;
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      if (j < cnt) h[j] = __float2half_rn(v[j]);
-  }
-}
-
-// z(seed) for the quad starting at element i0 (i0 % 4 == 0) of tensor tid.
-__device__ __forceinline__ void quad_z(float z[4], int dist, uint64_t i0, uint32_t tid, uint64_t seed) {
-  const uint32_t k0 = zf::seed_k0(seed), k1 = zf::seed_k1(seed);
-  if (dist == zf::DIST_RADEMACHER) {
-    const zf::Words4 w = zf::stream_block(i0 >> 7, tid, zf::TAG_PERTURBATION, k0, k1);
-    const int j = (int)(i0 & 127u);
-    const uint32_t x = zf::word(w, j >> 5);
-    const int t = j & 31;
-#pragma unroll
-    for (int l = 0; l < 4; ++l) z[l] = zf::rademacher_from_word(x, t + l);
-  } else {
-    const zf::Words4 w = zf::stream_block(i0 >> 2, tid, zf::TAG_PERTURBATION, k0, k1);
-    zf::box_muller(w.x0, w.x1, z[0], z[1]);
-    zf::box_muller(w.x2, w.x3, z[2], z[3]);
-  }
-}
-
-__device__ __forceinline__ void quad_mask(float m[4], uint64_t i0, uint32_t tid, const Common& c) {
-  if (c.T == 0u) {
-    m[0] = m[1] = m[2] = m[3] = 1.0f;
-    return;
-  }
-  const zf::Words4 w = zf::stream_block(i0 >> 2, tid, zf::TAG_MASK, c.mk0, c.mk1);
-  m[0] = zf::mask_from_word(w.x0, c.T);
-  m[1] = zf::mask_from_word(w.x1, c.T);
-  m[2] = zf::mask_from_word(w.x2, c.T);
-  m[3] = zf::mask_from_word(w.x3, c.T);
-}
-
-// Restore (in x) and estimate g (docs/kernel-ops.md, steps 1-2):
-//   x = x + (z_r * m) * restore_scale ;  g = (sum_j z_j * c_j) * m   (m only when T > 0).
-__device__ __forceinline__ void quad_estimate(float x[4], float g[4], const float m[4], uint64_t i0,
-                                              uint32_t tid, const Common& c) {
-  float z[4];
-  if (c.restore_scale != 0.0f) {
-    quad_z(z, c.dist, i0, tid, c.restore_seed);
-#pragma unroll
-    for (int l = 0; l < 4; ++l) {
-      const float zm = c.T ? z[l] * m[l] : z[l];
-      x[l] = x[l] + zm * c.restore_scale;
-    }
-  }
-#pragma unroll
-  for (int l = 0; l < 4; ++l) g[l] = 0.0f;
-  for (int j = 0; j < c.q; ++j) {
-    quad_z(z, c.dist, i0, tid, c.seeds[j]);
-    const float cj = c.coeffs[j];
-#pragma unroll
-    for (int l = 0; l < 4; ++l) g[l] = g[l] + z[l] * cj;
-  }
-  if (c.T) {
-#pragma unroll
-    for (int l = 0; l < 4; ++l) g[l] = g[l] * m[l];
-  }
-}
-
 struct HistArgs {
   bool on, init, sign;
   float alpha, one_minus_alpha;
 };
 
-// History (buffer slot `slot` of the entry) and sign.
-__device__ __forceinline__ void quad_history_sign(float g[4], const Entry& e, int slot, int64_t i0, int cnt,
-                                                  const HistArgs& h) {
+// Steps 3-4: history (buffer slot `slot`) and sign, on row k's estimate.
+template <typename P>
+__device__ __forceinline__ void history_sign_row(float g[4], const Task& t, int slot, int k, const HistArgs& h) {
   if (h.on) {
     float hv[4];
     if (h.init) {
 #pragma unroll
       for (int l = 0; l < 4; ++l) hv[l] = g[l];
     } else {
-      load4(e.ptr[slot], e.dt[slot], e.vec[slot], i0, cnt, hv);
+      load_buffer<P>(t, slot, k, hv);
 #pragma unroll
       for (int l = 0; l < 4; ++l) hv[l] = hv[l] * h.alpha + g[l] * h.one_minus_alpha;
     }
 #pragma unroll
     for (int l = 0; l < 4; ++l) {
-      hv[l] = round_to(hv[l], e.dt[slot]);
+      hv[l] = stored_value<P>(t, slot, hv[l]);
       g[l] = hv[l];
     }
-    store4(e.ptr[slot], e.dt[slot], e.vec[slot], i0, cnt, hv);
+    store_buffer<P>(t, slot, k, hv);
   }
   if (h.sign) {
 #pragma unroll
@@ -254,129 +70,112 @@ __device__ __forceinline__ void quad_history_sign(float g[4], const Entry& e, in
   }
 }
 
-// ----------------------------------------------------------------------------------------
-// Kernels
-// ----------------------------------------------------------------------------------------
-#define ZF_QUAD_LOOP_BEGIN                                                              \
-  for (int64_t gq = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; gq < c.total_quads; \
-       gq += (int64_t)gridDim.x * blockDim.x) {                                         \
-    const int t = find_tensor(c.entries, c.ntensors, gq);                               \
-    const Entry& e = c.entries[t];                                                      \
-    const int64_t i0 = (gq - e.quad_start) * 4;                                         \
-    const int cnt = (int)min((int64_t)4, e.numel - i0);                                 \
-    const uint32_t tid = e.tid;
-#define ZF_QUAD_LOOP_END }
-
-__global__ void perturb_kernel(Common c, uint64_t seed, float scale) {
-  ZF_QUAD_LOOP_BEGIN
-  float x[4], z[4], m[4];
-  load4(e.ptr[SLOT_PARAM], e.dt[SLOT_PARAM], e.vec[SLOT_PARAM], i0, cnt, x);
-  quad_z(z, c.dist, (uint64_t)i0, tid, seed);
-  quad_mask(m, (uint64_t)i0, tid, c);
+struct PerturbFunctor {
+  struct Args {
+    uint64_t seed;
+    float scale;
+  };
+  template <typename P, int DIST>
+  __device__ __forceinline__ static void apply(const Task& t, const Common& c, const Args& a) {
+    float x[kRows][4];
+    load_param_rows<P>(t, x);
+    const bool masked = c.T != 0u;
+    const uint32_t mbits = masked ? mask_bits(t, c) : 0u;
+    const ZRows<DIST> zs(t, a.seed);
 #pragma unroll
-  for (int l = 0; l < 4; ++l) {
-    const float zm = c.T ? z[l] * m[l] : z[l];
-    x[l] = x[l] + zm * scale;
-  }
-  store4(e.ptr[SLOT_PARAM], e.dt[SLOT_PARAM], e.vec[SLOT_PARAM], i0, cnt, x);
-  ZF_QUAD_LOOP_END
-}
-
-// The update's parameter store: round-to-nearest (store4), or §9 stochastic rounding of a
-// bf16/fp16 parameter with the quad's four words of the rounding stream (i0 % 4 == 0).
-__device__ __forceinline__ void store_param(const Entry& e, int64_t i0, int cnt, const float x[4], uint32_t tid,
-                                            const Common& c) {
-  const int dt = e.dt[SLOT_PARAM];
-  if (!c.stochastic_rounding || dt == F32) {
-    store4(e.ptr[SLOT_PARAM], dt, e.vec[SLOT_PARAM], i0, cnt, x);
-    return;
-  }
-  const zf::Words4 w = zf::stream_block((uint64_t)i0 >> 2, tid, zf::TAG_ROUNDING, c.rk0, c.rk1);
-  uint16_t* p = static_cast<uint16_t*>(e.ptr[SLOT_PARAM]) + i0;
-#pragma unroll
-  for (int l = 0; l < 4; ++l) {
-    if (l < cnt) p[l] = dt == BF16 ? zf::sr_bf16_bits(x[l], zf::word(w, l)) : zf::sr_fp16_bits(x[l], zf::word(w, l));
-  }
-}
-
-struct SgdArgs {
-  SgdScalars s;
-  HistArgs h;
-  bool mom, nesterov, momentum_init;
-};
-
-__global__ void sgd_kernel(Common c, SgdArgs a) {
-  ZF_QUAD_LOOP_BEGIN
-  float x[4], g[4], m[4];
-  load4(e.ptr[SLOT_PARAM], e.dt[SLOT_PARAM], e.vec[SLOT_PARAM], i0, cnt, x);
-  quad_mask(m, (uint64_t)i0, tid, c);
-  quad_estimate(x, g, m, (uint64_t)i0, tid, c);
-  quad_history_sign(g, e, SLOT_SGD_HISTORY, i0, cnt, a.h);
-  if (a.s.wd != 0.0f) {
-#pragma unroll
-    for (int l = 0; l < 4; ++l) g[l] = g[l] + x[l] * a.s.wd;
-  }
-  if (a.mom) {
-    float b[4];
-    if (a.momentum_init) {
-#pragma unroll
-      for (int l = 0; l < 4; ++l) b[l] = g[l];
-    } else {
-      load4(e.ptr[SLOT_SGD_MOMENTUM], e.dt[SLOT_SGD_MOMENTUM], e.vec[SLOT_SGD_MOMENTUM], i0, cnt, b);
-#pragma unroll
-      for (int l = 0; l < 4; ++l) b[l] = b[l] * a.s.mu + g[l] * a.s.one_minus_damp;
+    for (int k = 0; k < kRows; ++k) {
+      float z[4];
+      zs.row(t, k, z);
+      add_scaled_z(x[k], z, mbits, k, a.scale, masked);
+      store4<P>(t.e.ptr[SLOT_PARAM], t.e.vec[SLOT_PARAM], t.i0(k), t.cnt(k), x[k]);
     }
-#pragma unroll
-    for (int l = 0; l < 4; ++l) b[l] = round_to(b[l], e.dt[SLOT_SGD_MOMENTUM]);
-    store4(e.ptr[SLOT_SGD_MOMENTUM], e.dt[SLOT_SGD_MOMENTUM], e.vec[SLOT_SGD_MOMENTUM], i0, cnt, b);
-#pragma unroll
-    for (int l = 0; l < 4; ++l) g[l] = a.nesterov ? g[l] + b[l] * a.s.mu : b[l];
   }
-#pragma unroll
-  for (int l = 0; l < 4; ++l) x[l] = x[l] - g[l] * a.s.lr;
-  store_param(e, i0, cnt, x, tid, c);
-  ZF_QUAD_LOOP_END
-}
-
-struct AdamArgs {
-  AdamScalars s;
-  HistArgs h;
-  bool decoupled;
 };
 
-__global__ void adam_kernel(Common c, AdamArgs a) {
-  ZF_QUAD_LOOP_BEGIN
-  float x[4], g[4], m[4];
-  load4(e.ptr[SLOT_PARAM], e.dt[SLOT_PARAM], e.vec[SLOT_PARAM], i0, cnt, x);
-  quad_mask(m, (uint64_t)i0, tid, c);
-  quad_estimate(x, g, m, (uint64_t)i0, tid, c);
-  quad_history_sign(g, e, SLOT_ADAM_HISTORY, i0, cnt, a.h);
-  if (a.decoupled) {
+struct SgdFunctor {
+  struct Args {
+    SgdScalars s;
+    HistArgs h;
+    bool mom, nesterov, momentum_init;
+  };
+  template <typename P, int DIST>
+  __device__ __forceinline__ static void apply(const Task& t, const Common& c, const Args& a) {
+    float x[kRows][4], g[kRows][4];
+    load_param_rows<P>(t, x);
+    restored_estimate<DIST>(x, g, t, c);
 #pragma unroll
-    for (int l = 0; l < 4; ++l) x[l] = x[l] * a.s.decay_factor;
-  } else if (a.s.wd != 0.0f) {
+    for (int k = 0; k < kRows; ++k) {
+      if (t.cnt(k) == 0) continue;
+      history_sign_row<P>(g[k], t, SLOT_SGD_HISTORY, k, a.h);
+      if (a.s.wd != 0.0f) {
 #pragma unroll
-    for (int l = 0; l < 4; ++l) g[l] = g[l] + x[l] * a.s.wd;
+        for (int l = 0; l < 4; ++l) g[k][l] = g[k][l] + x[k][l] * a.s.wd;
+      }
+      if (a.mom) {
+        float b[4];
+        if (a.momentum_init) {
+#pragma unroll
+          for (int l = 0; l < 4; ++l) b[l] = g[k][l];
+        } else {
+          load_buffer<P>(t, SLOT_SGD_MOMENTUM, k, b);
+#pragma unroll
+          for (int l = 0; l < 4; ++l) b[l] = b[l] * a.s.mu + g[k][l] * a.s.one_minus_damp;
+        }
+#pragma unroll
+        for (int l = 0; l < 4; ++l) b[l] = stored_value<P>(t, SLOT_SGD_MOMENTUM, b[l]);
+        store_buffer<P>(t, SLOT_SGD_MOMENTUM, k, b);
+#pragma unroll
+        for (int l = 0; l < 4; ++l) g[k][l] = a.nesterov ? g[k][l] + b[l] * a.s.mu : b[l];
+      }
+#pragma unroll
+      for (int l = 0; l < 4; ++l) x[k][l] = x[k][l] - g[k][l] * a.s.lr;
+      store_param_row<P>(t, k, x[k], c);
+    }
   }
-  constexpr int M = SLOT_ADAM_EXP_AVG, V = SLOT_ADAM_EXP_AVG_SQ;
-  float mv[4], vv[4];
-  load4(e.ptr[M], e.dt[M], e.vec[M], i0, cnt, mv);
-  load4(e.ptr[V], e.dt[V], e.vec[V], i0, cnt, vv);
+};
+
+struct AdamFunctor {
+  struct Args {
+    AdamScalars s;
+    HistArgs h;
+    bool decoupled;
+  };
+  template <typename P, int DIST>
+  __device__ __forceinline__ static void apply(const Task& t, const Common& c, const Args& a) {
+    float x[kRows][4], g[kRows][4];
+    load_param_rows<P>(t, x);
+    restored_estimate<DIST>(x, g, t, c);
+    constexpr int M = SLOT_ADAM_EXP_AVG, V = SLOT_ADAM_EXP_AVG_SQ;
 #pragma unroll
-  for (int l = 0; l < 4; ++l) {
-    mv[l] = round_to(mv[l] + (g[l] - mv[l]) * a.s.one_minus_b1, e.dt[M]);
-    vv[l] = round_to(vv[l] * a.s.b2 + (g[l] * g[l]) * a.s.one_minus_b2, e.dt[V]);
-  }
-  store4(e.ptr[M], e.dt[M], e.vec[M], i0, cnt, mv);
-  store4(e.ptr[V], e.dt[V], e.vec[V], i0, cnt, vv);
+    for (int k = 0; k < kRows; ++k) {
+      if (t.cnt(k) == 0) continue;
+      history_sign_row<P>(g[k], t, SLOT_ADAM_HISTORY, k, a.h);
+      if (a.decoupled) {
 #pragma unroll
-  for (int l = 0; l < 4; ++l) {
-    const float denom = zf::div_rn(zf::sqrt_rn(vv[l]), a.s.bc2_sqrt) + a.s.eps;
-    x[l] = x[l] - zf::div_rn(mv[l], denom) * a.s.step_size;
+        for (int l = 0; l < 4; ++l) x[k][l] = x[k][l] * a.s.decay_factor;
+      } else if (a.s.wd != 0.0f) {
+#pragma unroll
+        for (int l = 0; l < 4; ++l) g[k][l] = g[k][l] + x[k][l] * a.s.wd;
+      }
+      float mv[4], vv[4];
+      load_buffer<P>(t, M, k, mv);
+      load_buffer<P>(t, V, k, vv);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        mv[l] = stored_value<P>(t, M, mv[l] + (g[k][l] - mv[l]) * a.s.one_minus_b1);
+        vv[l] = stored_value<P>(t, V, vv[l] * a.s.b2 + (g[k][l] * g[k][l]) * a.s.one_minus_b2);
+      }
+      store_buffer<P>(t, M, k, mv);
+      store_buffer<P>(t, V, k, vv);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        const float denom = zf::div_rn(zf::sqrt_rn(vv[l]), a.s.bc2_sqrt) + a.s.eps;
+        x[k][l] = x[k][l] - zf::div_rn(mv[l], denom) * a.s.step_size;
+      }
+      store_param_row<P>(t, k, x[k], c);
+    }
   }
-  store_param(e, i0, cnt, x, tid, c);
-  ZF_QUAD_LOOP_END
-}
+};
 
 __global__ void philox_kernel(const int64_t* __restrict__ cnt, int64_t* __restrict__ out, int64_t n,
                               uint32_t k0, uint32_t k1) {
@@ -391,7 +190,7 @@ __global__ void philox_kernel(const int64_t* __restrict__ cnt, int64_t* __restri
 }
 
 // ----------------------------------------------------------------------------------------
-// Host side: launch table
+// Host side: launch tables, cached per parameter layout
 // ----------------------------------------------------------------------------------------
 int32_t dtype_code(const Tensor& t) {
   switch (t.scalar_type()) {
@@ -411,63 +210,117 @@ void check_cuda_device(TensorList params) {
                     "; all tensors of one call must be on one CUDA device");
 }
 
-// Packs entries + seeds + coeffs into one device buffer; fills c.entries/seeds/coeffs.
-// `slots[k]` lists the tensors of entry k by slot (SLOT_*; nullptr: the buffer is off).  Returns the device buffer, which
-// must stay alive until the launch is enqueued (the caching allocator handles reuse).
-Tensor make_table(const std::vector<std::array<const Tensor*, 4>>& slots, at::IntArrayRef tensor_ids,
-                  at::IntArrayRef seeds, at::ArrayRef<double> coeffs, Common& c) {
-  const size_t n = slots.size();
-  const size_t q = seeds.size();
-  std::vector<Entry> entries(n);
-  int64_t quads = 0;
-  for (size_t k = 0; k < n; ++k) {
-    Entry& e = entries[k];
-    std::memset(&e, 0, sizeof(Entry));
-    for (int s = 0; s < 4; ++s) {
-      const Tensor* t = slots[k][s];
-      if (t) {
-        e.ptr[s] = t->data_ptr();
-        e.dt[s] = dtype_code(*t);
-        e.vec[s] = vec_ok(*t);
+// Device copies of launch tables, keyed by their exact bytes (pointers, dtypes, sizes, ids):
+// a table that compares equal describes the same memory, so reusing it is always correct,
+// also after a tensor was freed and another one allocated at the same address.  An optimizer
+// calls the ops with the same few layouts every step (one per parameter group and op), so
+// after the first step no call uploads anything.  Bounded; the least recently used table is
+// dropped (cudaFree waits for the kernels that may still read it).
+class TableCache {
+ public:
+  const Entry* get(const std::vector<Entry>& entries, int device) {
+    const size_t bytes = entries.size() * sizeof(Entry);
+    std::lock_guard<std::mutex> lock(mu_);
+    ++clock_;
+    for (Item& it : items_) {
+      if (it.device == device && it.bytes.size() == bytes && std::memcmp(it.bytes.data(), entries.data(), bytes) == 0) {
+        it.used = clock_;
+        return it.dptr;
       }
     }
-    e.numel = slots[k][SLOT_PARAM]->numel();
-    e.quad_start = quads;
-    e.tid = (uint32_t)tensor_ids[k];
-    quads += (e.numel + 3) / 4;
+    if (items_.size() >= kCapacity) {
+      auto lru = std::min_element(items_.begin(), items_.end(),
+                                  [](const Item& a, const Item& b) { return a.used < b.used; });
+      C10_CUDA_CHECK(cudaFree(lru->dptr));  // synchronizes: no launch still reads it
+      items_.erase(lru);
+    }
+    Item it;
+    it.device = device;
+    it.bytes.resize(bytes);
+    std::memcpy(it.bytes.data(), entries.data(), bytes);
+    C10_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&it.dptr), bytes));
+    // Synchronous: the table is complete before any stream's kernel can read it.
+    C10_CUDA_CHECK(cudaMemcpy(it.dptr, entries.data(), bytes, cudaMemcpyHostToDevice));
+    it.used = clock_;
+    items_.push_back(std::move(it));
+    return items_.back().dptr;
   }
-  const size_t off_seeds = n * sizeof(Entry);
-  const size_t off_coeffs = off_seeds + q * sizeof(uint64_t);
-  const size_t bytes = off_coeffs + q * sizeof(float) + 16;
-  Tensor host = at::empty({(int64_t)bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+
+ private:
+  static constexpr size_t kCapacity = 64;
+  struct Item {
+    int device;
+    std::vector<uint8_t> bytes;
+    Entry* dptr;
+    uint64_t used;
+  };
+  std::mutex mu_;
+  std::vector<Item> items_;
+  uint64_t clock_ = 0;
+};
+
+TableCache& table_cache() {
+  static TableCache* cache = new TableCache();  // never destroyed: no CUDA calls at process exit
+  return *cache;
+}
+
+using Slots = std::array<const Tensor*, 4>;  // the tensors of one entry by slot (nullptr: off)
+
+// The q seeds and coefficients: in the kernel parameters up to kInlineQ, else in a device
+// buffer uploaded with this call (returned: it must live until the launches are enqueued).
+Tensor fill_queries(Common& c, at::IntArrayRef seeds, at::ArrayRef<double> coeffs, const at::Device& device) {
+  const size_t q = seeds.size();
+  c.q = (int32_t)q;
+  c.seeds_dev = nullptr;
+  c.coeffs_dev = nullptr;
+  std::memset(c.seeds, 0, sizeof(c.seeds));
+  std::memset(c.coeffs, 0, sizeof(c.coeffs));
+  if (q <= (size_t)kInlineQ) {
+    for (size_t j = 0; j < q; ++j) {
+      c.seeds[j] = (uint64_t)seeds[j];
+      c.coeffs[j] = f32(coeffs[j]);
+    }
+    return Tensor();
+  }
+  const size_t off_coeffs = q * sizeof(uint64_t);
+  Tensor host = at::empty({(int64_t)(off_coeffs + q * sizeof(float))},
+                          at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   uint8_t* h = host.data_ptr<uint8_t>();
-  std::memcpy(h, entries.data(), n * sizeof(Entry));
   for (size_t j = 0; j < q; ++j) {
     const uint64_t s = (uint64_t)seeds[j];
     const float cf = f32(coeffs[j]);
-    std::memcpy(h + off_seeds + j * sizeof(uint64_t), &s, sizeof(uint64_t));
+    std::memcpy(h + j * sizeof(uint64_t), &s, sizeof(uint64_t));
     std::memcpy(h + off_coeffs + j * sizeof(float), &cf, sizeof(float));
   }
-  Tensor dev = host.to(slots[0][SLOT_PARAM]->device(), /*non_blocking=*/true);
-  uint8_t* d = dev.data_ptr<uint8_t>();
-  c.entries = reinterpret_cast<const Entry*>(d);
-  c.seeds = reinterpret_cast<const uint64_t*>(d + off_seeds);
-  c.coeffs = reinterpret_cast<const float*>(d + off_coeffs);
-  c.ntensors = (int32_t)n;
-  c.q = (int32_t)q;
-  c.total_quads = quads;
+  Tensor dev = host.to(device, /*non_blocking=*/true);
+  c.seeds_dev = reinterpret_cast<const uint64_t*>(dev.data_ptr<uint8_t>());
+  c.coeffs_dev = reinterpret_cast<const float*>(dev.data_ptr<uint8_t>() + off_coeffs);
   return dev;
 }
 
-void fill_stream(Common& c, int64_t dist, int64_t mask_seed, int64_t mask_threshold) {
-  c.dist = (int32_t)dist;
+// The restore's z is query `reuse`'s z (the last query with the restore's seed), as in the
+// CPU kernel; -1 when there is no restore or no such query.
+int32_t reuse_index(at::IntArrayRef seeds, int64_t restore_seed, float restore_scale) {
+  if (restore_scale == 0.0f) return -1;
+  for (int j = (int)seeds.size() - 1; j >= 0; --j)
+    if (seeds[j] == restore_seed) return j;
+  return -1;
+}
+
+Common make_common(int64_t mask_seed, int64_t mask_threshold) {
+  Common c;
+  std::memset(&c, 0, sizeof(Common));
   c.T = (uint32_t)mask_threshold;
   c.mk0 = zf::seed_k0((uint64_t)mask_seed);
   c.mk1 = zf::seed_k1((uint64_t)mask_seed);
-  c.restore_seed = 0;
-  c.restore_scale = 0.0f;
-  c.stochastic_rounding = false;
-  c.rk0 = c.rk1 = 0u;
+  c.reuse = -1;
+  return c;
+}
+
+void fill_restore(Common& c, at::IntArrayRef seeds, int64_t restore_seed, float restore_scale) {
+  c.restore_seed = (uint64_t)restore_seed;
+  c.restore_scale = restore_scale;
+  c.reuse = reuse_index(seeds, restore_seed, restore_scale);
 }
 
 void fill_rounding(Common& c, bool stochastic_rounding, int64_t round_seed) {
@@ -476,15 +329,72 @@ void fill_rounding(Common& c, bool stochastic_rounding, int64_t round_seed) {
   c.rk1 = zf::seed_k1((uint64_t)round_seed);
 }
 
-int grid_for(int64_t work, int threads) {
-  int dev = 0, sms = 0;
+// Blocks for a kernel: enough to cover the tasks, at most what is resident on all SMs at once
+// (the grid-stride loop does the rest without a tail of half-empty waves).
+template <class Kernel>
+int grid_for_tasks(Kernel kernel, int64_t tasks) {
+  int dev = 0, sms = 0, per_sm = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  const int64_t want = (work + threads - 1) / threads;
-  return (int)std::max<int64_t>(1, std::min<int64_t>(want, (int64_t)sms * 16));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  const int64_t warps_per_block = kThreads / 32;
+  const int64_t want = (tasks + warps_per_block - 1) / warps_per_block;
+  return (int)std::max<int64_t>(1, std::min<int64_t>(want, (int64_t)sms * std::max(per_sm, 1)));
 }
 
-constexpr int kThreads = 256;
+template <class Functor, typename P, int DIST>
+void launch_one(const Common& c, const typename Functor::Args& a) {
+  auto kernel = multi_tensor_kernel<Functor, P, DIST>;
+  kernel<<<grid_for_tasks(kernel, c.total_tasks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(c, a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// One launch per parameter dtype present in the list (entries keep the list's order).
+template <class Functor>
+void launch(const std::vector<Slots>& slots, at::IntArrayRef tensor_ids, int64_t dist, Common c,
+            const typename Functor::Args& a) {
+  const int device = slots[0][SLOT_PARAM]->get_device();
+  for (int32_t code : {F32, BF16, F16}) {
+    std::vector<Entry> entries;
+    int64_t tasks = 0;
+    for (size_t k = 0; k < slots.size(); ++k) {
+      if (dtype_code(*slots[k][SLOT_PARAM]) != code) continue;
+      Entry e;
+      std::memset(&e, 0, sizeof(Entry));
+      for (int s = 0; s < 4; ++s) {
+        const Tensor* t = slots[k][s];
+        if (t) {
+          e.ptr[s] = t->data_ptr();
+          e.dt[s] = dtype_code(*t);
+          e.vec[s] = vec_ok(*t);
+        }
+      }
+      e.numel = slots[k][SLOT_PARAM]->numel();
+      e.task_start = tasks;
+      e.tid = (uint32_t)tensor_ids[k];
+      tasks += (e.numel + kTaskElems - 1) / kTaskElems;
+      if (e.numel > 0) entries.push_back(e);
+    }
+    if (tasks == 0) continue;
+    c.entries = table_cache().get(entries, device);
+    c.ntensors = (int32_t)entries.size();
+    c.total_tasks = tasks;
+    const bool rad = dist == zf::DIST_RADEMACHER;
+    if (code == F32) {
+      rad ? launch_one<Functor, float, zf::DIST_RADEMACHER>(c, a) : launch_one<Functor, float, zf::DIST_GAUSSIAN>(c, a);
+    } else if (code == BF16) {
+      rad ? launch_one<Functor, __nv_bfloat16, zf::DIST_RADEMACHER>(c, a)
+          : launch_one<Functor, __nv_bfloat16, zf::DIST_GAUSSIAN>(c, a);
+    } else {
+      rad ? launch_one<Functor, __half, zf::DIST_RADEMACHER>(c, a) : launch_one<Functor, __half, zf::DIST_GAUSSIAN>(c, a);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------
+// The ops
+// ----------------------------------------------------------------------------------------
+constexpr int kPhiloxThreads = 256;
 
 Tensor philox4x32_10_cuda(const Tensor& counters, int64_t key0, int64_t key1) {
   check_counters(counters);
@@ -498,7 +408,8 @@ Tensor philox4x32_10_cuda(const Tensor& counters, int64_t key0, int64_t key1) {
   if (n == 0) return out;
   TORCH_CHECK_VALUE(c.min().item<int64_t>() >= 0 && c.max().item<int64_t>() < (int64_t(1) << 32),
                     "zfkernels: counters values must lie in [0, 2**32)");
-  philox_kernel<<<grid_for(n, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  const int blocks = (int)std::min<int64_t>((n + kPhiloxThreads - 1) / kPhiloxThreads, 65535);
+  philox_kernel<<<blocks, kPhiloxThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       c.data_ptr<int64_t>(), out.data_ptr<int64_t>(), n, (uint32_t)key0, (uint32_t)key1);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -512,15 +423,10 @@ void perturb_cuda(TensorList params, at::IntArrayRef tensor_ids, int64_t seed, d
   if (params.empty()) return;
   check_cuda_device(params);
   const c10::cuda::CUDAGuard guard(params[0].device());
-  std::vector<std::array<const Tensor*, 4>> slots(params.size());
+  std::vector<Slots> slots(params.size());
   for (size_t k = 0; k < params.size(); ++k) slots[k] = {&params[k], nullptr, nullptr, nullptr};  // SLOT_PARAM
-  Common c;
-  fill_stream(c, dist, mask_seed, mask_threshold);
-  Tensor table = make_table(slots, tensor_ids, {}, {}, c);
-  if (c.total_quads == 0) return;
-  perturb_kernel<<<grid_for(c.total_quads, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      c, (uint64_t)seed, f32(scale));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  Common c = make_common(mask_seed, mask_threshold);
+  launch<PerturbFunctor>(slots, tensor_ids, dist, c, PerturbFunctor::Args{(uint64_t)seed, f32(scale)});
 }
 
 void sgd_cuda(TensorList params, TensorList momentum_buffers, TensorList history_buffers,
@@ -534,25 +440,21 @@ void sgd_cuda(TensorList params, TensorList momentum_buffers, TensorList history
   check_cuda_device(params);
   const c10::cuda::CUDAGuard guard(params[0].device());
   const bool has_m = !momentum_buffers.empty(), has_h = !history_buffers.empty();
-  std::vector<std::array<const Tensor*, 4>> slots(params.size());
+  std::vector<Slots> slots(params.size());
   for (size_t k = 0; k < params.size(); ++k)  // SLOT_PARAM, SLOT_SGD_MOMENTUM, SLOT_SGD_HISTORY
     slots[k] = {&params[k], has_m ? &momentum_buffers[k] : nullptr, has_h ? &history_buffers[k] : nullptr,
                 nullptr};
-  Common c;
-  fill_stream(c, dist, mask_seed, mask_threshold);
-  fill_rounding(c, stochastic_rounding, round_seed);
-  SgdArgs a;
+  SgdFunctor::Args a;
   a.s = sgd_scalars(restore_scale, lr, weight_decay, momentum, dampening, history_alpha);
-  c.restore_seed = (uint64_t)restore_seed;
-  c.restore_scale = a.s.restore_scale;
   a.h = HistArgs{has_h, history_init, sign, a.s.alpha, a.s.one_minus_alpha};
   a.mom = has_m;
   a.nesterov = nesterov;
   a.momentum_init = momentum_init;
-  Tensor table = make_table(slots, tensor_ids, seeds, coeffs, c);
-  if (c.total_quads == 0) return;
-  sgd_kernel<<<grid_for(c.total_quads, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(c, a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  Common c = make_common(mask_seed, mask_threshold);
+  fill_restore(c, seeds, restore_seed, a.s.restore_scale);
+  fill_rounding(c, stochastic_rounding, round_seed);
+  const Tensor queries = fill_queries(c, seeds, coeffs, params[0].device());
+  launch<SgdFunctor>(slots, tensor_ids, dist, c, a);
 }
 
 void adam_cuda(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList history_buffers,
@@ -563,26 +465,22 @@ void adam_cuda(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, T
                int64_t round_seed) {
   check_adam_args(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed,
                   mask_threshold, restore_seed, step, round_seed);
-  AdamArgs a;
+  AdamFunctor::Args a;
   a.s = adam_scalars(restore_scale, lr, beta1, beta2, eps, weight_decay, step, history_alpha);
   if (params.empty()) return;
   check_cuda_device(params);
   const c10::cuda::CUDAGuard guard(params[0].device());
   const bool has_h = !history_buffers.empty();
-  std::vector<std::array<const Tensor*, 4>> slots(params.size());
+  std::vector<Slots> slots(params.size());
   for (size_t k = 0; k < params.size(); ++k)  // SLOT_PARAM, SLOT_ADAM_EXP_AVG, SLOT_ADAM_EXP_AVG_SQ, SLOT_ADAM_HISTORY
     slots[k] = {&params[k], &exp_avgs[k], &exp_avg_sqs[k], has_h ? &history_buffers[k] : nullptr};
-  Common c;
-  fill_stream(c, dist, mask_seed, mask_threshold);
-  fill_rounding(c, stochastic_rounding, round_seed);
-  c.restore_seed = (uint64_t)restore_seed;
-  c.restore_scale = a.s.restore_scale;
   a.h = HistArgs{has_h, history_init, sign, a.s.alpha, a.s.one_minus_alpha};
   a.decoupled = decoupled_weight_decay;
-  Tensor table = make_table(slots, tensor_ids, seeds, coeffs, c);
-  if (c.total_quads == 0) return;
-  adam_kernel<<<grid_for(c.total_quads, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(c, a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  Common c = make_common(mask_seed, mask_threshold);
+  fill_restore(c, seeds, restore_seed, a.s.restore_scale);
+  fill_rounding(c, stochastic_rounding, round_seed);
+  const Tensor queries = fill_queries(c, seeds, coeffs, params[0].device());
+  launch<AdamFunctor>(slots, tensor_ids, dist, c, a);
 }
 
 }  // namespace zf_cuda

@@ -15,6 +15,7 @@ large blocks and small tensors here.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import pytest
@@ -395,6 +396,55 @@ def test_restore_reuse_equals_unfused_sequence(backend):
             zk.perturb_(unfused[0], rseed, 1e-3, dist, tensor_ids=IDS, mask_seed=31, sparsity=HALF, backend=be)
             zk.zo_sgd_update_(unfused[0], seeds, coeffs, momentum_buffers=unfused[1], **kw)
             assert_all_bits_equal(fused, unfused, f"fused restore {dist} seed {rseed}")
+
+
+LAYOUT_SHAPES = [(1600,), (0,), (3, 43), (1,), (1031,), (129,), (700,)]
+LAYOUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16, torch.float16,
+                 torch.float32]
+LAYOUT_MISALIGNED = (4, 6)   # views one element into a larger buffer: not 16-byte aligned
+
+
+def _placed(t, device, misaligned):
+    if not misaligned:
+        return t.to(device, copy=True)
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=device)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def test_layouts_mixed_dtypes_misaligned_views_and_many_queries(backend):
+    """A list that exercises the multi-tensor launch layout — mixed parameter dtypes in one call
+    (one launch per dtype on CUDA), an empty tensor between others, tensors whose data pointer is
+    not 16-byte aligned, sizes that end inside a quad, a 128-element row and a warp task — run
+    through every op with q = 17 queries (more than the CUDA kernels pass in their parameters)
+    and a restore whose seed is the 8th query's: equal to the reference bit for bit."""
+    be, dev = backend
+    g = torch.Generator().manual_seed(11)
+    base = [torch.randn(s, generator=g).to(dt) for s, dt in zip(LAYOUT_SHAPES, LAYOUT_DTYPES)]
+    ids = [3 * k + 1 for k in range(len(base))]
+    mom = [torch.randn(p.shape, generator=g) for p in base]          # fp32 buffers for every dtype
+    exp_avg = [torch.randn(p.shape, generator=g) for p in base]
+    exp_avg_sq = [torch.rand(p.shape, generator=g) for p in base]
+    q = 17
+    seeds = [S.derive_seed(777, 0, j) for j in range(q)]
+    coeffs = [((-1) ** j) * (0.25 + j / 16) for j in range(q)]
+
+    def run(backend_name, device):
+        ps = [_placed(t, device, k in LAYOUT_MISALIGNED) for k, t in enumerate(base)]
+        ms, ea, eq = ([t.to(device, copy=True) for t in lst] for lst in (mom, exp_avg, exp_avg_sq))
+        for dist in (GAUSS, RADE):
+            zk.perturb_(ps, seeds[7], 1e-3, dist, tensor_ids=ids, mask_seed=5, sparsity=0.25, backend=backend_name)
+            zk.zo_sgd_update_(ps, seeds, coeffs, lr=0.01, dist=dist, tensor_ids=ids, momentum_buffers=ms,
+                              momentum=0.9, restore_seed=seeds[7], restore_scale=-1e-3, mask_seed=5, sparsity=0.25,
+                              backend=backend_name)
+            zk.zo_adam_update_(ps, ea, eq, seeds, coeffs, lr=1e-3, step=3, dist=dist, tensor_ids=ids,
+                               backend=backend_name)
+        return [ps, ms, ea, eq]
+
+    got = run(be, dev)
+    want = run("torch", "cpu")
+    assert_all_bits_equal(got, want, f"layout list on {be}")
 
 
 def test_sign_keeps_signed_zeros_and_nan(backend):
