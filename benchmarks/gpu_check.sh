@@ -12,7 +12,10 @@
 # What comes back from a lease fits its limits (at most 8 files): in $OUT (or results/gpu/)
 # summary.txt, summary.json, performance.md and gpu_logs.tar.gz (every full log, the junit
 # XML, the benchmark JSON and the plots). Nothing is cut to a tail.
-# Env: SKIP_BUILD=1, SKIP_TESTS=1, BENCH_ONLY="kernels optim e2e", GPU_CHECK_BUDGET_S (350),
+#   6. (PROFILE=1) times the profiled kernel cases against copy_ and runs ncu on one launch of each
+#      (benchmarks/profile_kernels.py): profile.txt and ncu.txt in $OUT.
+# Env: SKIP_BUILD=1, SKIP_PROBE=1, SKIP_TESTS=1, TESTS (the test files), TEST_SELECT (a pytest -k
+#      expression), BENCH_ONLY="kernels optim e2e", PROFILE=1, GPU_CHECK_BUDGET_S (350),
 #      TEST_WORKERS (12), ZEROFLOW_COMMIT (the commit to report where .git is stale, as in a device lease).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -84,27 +87,30 @@ fi
 "$PY" -c "import zfkernels as zk; print('backends on cuda:', zk.available_backends('cuda'))" 2>&1 | tee -a "$WORK/logs/gpu_check.log"
 
 # -------------------------------------------------------------------------- 2. crash probe
-say "crash probe of this build (benchmarks/crash_probe.sh)"
-PROBE_PYTEST="tests/test_parity.py -k bad_inputs" timeout "$(left 90)" \
-  bash benchmarks/crash_probe.sh "$ROOT" "$WORK/logs/crash_probe" 2>&1 | tee -a "$WORK/logs/gpu_check.log"
-if grep -qE "CRASHED|WRONG" "$WORK/logs/crash_probe/summary.txt" 2>/dev/null; then STATUS=1; phase_done probe failed; else phase_done probe ok; fi
+if [ "${SKIP_PROBE:-0}" != "1" ]; then
+  say "crash probe of this build (benchmarks/crash_probe.sh)"
+  PROBE_PYTEST="tests/test_parity.py -k bad_inputs" timeout "$(left 90)" \
+    bash benchmarks/crash_probe.sh "$ROOT" "$WORK/logs/crash_probe" 2>&1 | tee -a "$WORK/logs/gpu_check.log"
+  if grep -qE "CRASHED|WRONG" "$WORK/logs/crash_probe/summary.txt" 2>/dev/null; then STATUS=1; phase_done probe failed; else phase_done probe ok; fi
+fi
 
 # -------------------------------------------------------------------------- 3. GPU tests
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  TESTS="tests/test_parity.py tests/test_replay.py tests/test_build.py"
+  TESTS="${TESTS:-tests/test_parity.py tests/test_replay.py tests/test_build.py}"
+  SELECT=(); [ -n "${TEST_SELECT:-}" ] && SELECT=(-k "$TEST_SELECT")
   lim=$(left 170)
   say "GPU tests: $TESTS (limit ${lim}s; full log: logs/tests.log)"
   # TRITON_INTERPRET=0: tests/conftest.py only *defaults* it to 1, so Triton compiles for the GPU.
   export TRITON_INTERPRET=0
   TIMEOUT_OPT=""; "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT="--timeout=150"
   if "$PY" -c "import xdist" 2>/dev/null; then
-    timeout -s INT -k 15 "$lim" "$PY" -X faulthandler -m pytest $TESTS -n "${TEST_WORKERS:-12}" -q -rfEs \
+    timeout -s INT -k 15 "$lim" "$PY" -X faulthandler -m pytest $TESTS "${SELECT[@]}" -n "${TEST_WORKERS:-12}" -q -rfEs \
       -p no:cacheprovider $TIMEOUT_OPT --junitxml="$WORK/tests.xml" > "$WORK/logs/tests.log" 2>&1
     rc=$?
   else   # one process per module: a crash loses that module's remaining tests, named in the log
     rc=0
     for t in $TESTS; do
-      timeout -s INT -k 15 "$(left 170)" "$PY" -X faulthandler -m pytest "$t" -q -rfEs -p no:cacheprovider \
+      timeout -s INT -k 15 "$(left 170)" "$PY" -X faulthandler -m pytest "$t" "${SELECT[@]}" -q -rfEs -p no:cacheprovider \
         $TIMEOUT_OPT --junitxml="$WORK/tests_$(basename "$t" .py).xml" >> "$WORK/logs/tests.log" 2>&1 || rc=$?
     done
   fi
@@ -135,6 +141,26 @@ for suite in ${BENCH_ONLY:-kernels optim e2e}; do
   if [ "$rc" = "0" ]; then phase_done "bench_$suite" ok; else say "bench $suite exit $rc (124/130 = hit its limit)"; STATUS=1; phase_done "bench_$suite" failed; fi
   [ -f "$WORK/bench/gpu_$suite.json" ] && JSONS+=("$WORK/bench/gpu_$suite.json")
 done
+
+# -------------------------------------------------------------------------- 4b. kernel profile
+if [ "${PROFILE:-0}" = "1" ]; then
+  lim=$(left 100)
+  say "profile: kernels vs copy_ at 256M, then ncu on one launch per case at 64M (limit ${lim}s)"
+  timeout -s INT "$(( lim / 3 ))" "$PY" -m benchmarks.profile_kernels > "$WORK/logs/profile.txt" 2>&1
+  cat "$WORK/logs/profile.txt" | tee -a "$WORK/logs/gpu_check.log"
+  cp "$WORK/logs/profile.txt" "$DEST/profile.txt"
+  if command -v ncu > /dev/null; then
+    timeout -s INT "$(left $(( lim * 2 / 3 )))" ncu --clock-control none -k regex:multi_tensor_kernel \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
+      --section WarpStateStats --section MemoryWorkloadAnalysis \
+      "$PY" -m benchmarks.profile_kernels --numel 67108864 --no-timing > "$WORK/logs/ncu.txt" 2>&1
+    echo "ncu exit $?" >> "$WORK/logs/ncu.txt"
+    cp "$WORK/logs/ncu.txt" "$DEST/ncu.txt"
+    phase_done profile ok
+  else
+    say "ncu not found"; phase_done profile partial
+  fi
+fi
 
 # -------------------------------------------------------------------------- 5. report, summary
 if [ ${#JSONS[@]} -gt 0 ]; then

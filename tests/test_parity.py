@@ -15,7 +15,6 @@ large blocks and small tensors here.
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import pytest

@@ -1,0 +1,100 @@
+"""One launch of each profiled kernel, for ``ncu`` (benchmarks/gpu_check.sh, phase "profile").
+
+Why a separate script: the pytest-benchmark suite launches every kernel hundreds of times; ncu
+replays each profiled launch several times to collect its sections, so the profile runs a short,
+fixed list of cases, each launched once after one warm-up launch (ncu skips the warm-ups with
+``--launch-skip-before-match 0`` and ``-k`` on the kernel name; see gpu_check.sh). Also prints
+each case's bandwidth (CUDA events, median of 20) next to ``copy_`` of the same dtype, so the
+profile and the fraction of copy bandwidth come from one process.
+
+    python -m benchmarks.profile_kernels [--numel 268435456] [--backend cuda] [--cases all]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+import zfkernels as zk
+
+SEED = 0x5EED_1234
+EPS = 1e-3
+
+# name: (op, dtype, dist, variant options)
+CASES = {
+    "perturb-fp32-rademacher": ("perturb", torch.float32, "rademacher", {}),
+    "perturb-fp32-gaussian": ("perturb", torch.float32, "gaussian", {}),
+    "sgd-fp32-rademacher": ("sgd", torch.float32, "rademacher", {}),
+    "sgd-fp32-gaussian": ("sgd", torch.float32, "gaussian", {}),
+    "sgd-bf16-rademacher": ("sgd", torch.bfloat16, "rademacher", {}),
+    "sgd-bf16-gaussian": ("sgd", torch.bfloat16, "gaussian", {}),
+    "sgd-fp32-rademacher-sparse": ("sgd", torch.float32, "rademacher", {"mask_seed": 77, "sparsity": 0.5}),
+    "adam-fp32-rademacher": ("adam", torch.float32, "rademacher", {}),
+    "adam-fp32-gaussian": ("adam", torch.float32, "gaussian", {}),
+}
+
+
+def make_call(op, p, dist, opts, backend):
+    kw = dict(opts, dist=dist, backend=backend)
+    if op == "perturb":
+        return lambda: zk.perturb_([p], SEED, EPS, **kw)
+    if op == "sgd":
+        return lambda: zk.zo_sgd_update_([p], [SEED], [0.37], lr=1e-6, restore_seed=SEED, restore_scale=-EPS, **kw)
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    return lambda: zk.zo_adam_update_([p], [m], [v], [SEED], [0.37], lr=1e-6, step=10, restore_seed=SEED,
+                                      restore_scale=-EPS, **kw)
+
+
+def bytes_moved(op, n, s):
+    return 2 * n * s + (4 * n * s if op == "adam" else 0)
+
+
+def median_ms(fn, reps=20):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--numel", type=int, default=1 << 28)
+    ap.add_argument("--backend", default="cuda")
+    ap.add_argument("--cases", default="all", help="comma-separated case names (default: all)")
+    ap.add_argument("--no-timing", action="store_true", help="launch each case twice only (under ncu)")
+    a = ap.parse_args(argv)
+    names = list(CASES) if a.cases == "all" else a.cases.split(",")
+    n = a.numel
+    copy_ms = {}
+    print(f"{'case':34s} {'ms':>8s} {'GB/s':>8s} {'of copy':>8s}")
+    for name in names:
+        op, dtype, dist, opts = CASES[name]
+        p = torch.randn(n, device="cuda").mul_(0.02).to(dtype)
+        fn = make_call(op, p, dist, opts, a.backend)
+        fn()   # warm-up (and the one ncu skips)
+        fn()
+        torch.cuda.synchronize()
+        if a.no_timing:
+            continue
+        if dtype not in copy_ms:
+            src, dst = torch.randn(n, device="cuda").to(dtype), torch.empty(n, device="cuda", dtype=dtype)
+            dst.copy_(src)
+            copy_ms[dtype] = median_ms(lambda: dst.copy_(src))
+            del src, dst
+        ms = median_ms(fn)
+        s = p.element_size()
+        gbs = bytes_moved(op, n, s) / ms / 1e6
+        copy_gbs = 2 * n * s / copy_ms[dtype] / 1e6
+        print(f"{name:34s} {ms:8.3f} {gbs:8.0f} {gbs / copy_gbs:8.1%}")
+        del p, fn
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
