@@ -44,16 +44,16 @@ struct HistArgs {
   float alpha, one_minus_alpha;
 };
 
-// Steps 3-4: history (buffer slot `slot`) and sign, on row k's estimate.
-template <typename P>
-__device__ __forceinline__ void history_sign_row(float g[4], const Task& t, int slot, int k, const HistArgs& h) {
+// Steps 3-4: history (buffer slot `slot`, its stored values preloaded in `hv` unless h.init)
+// and sign, on row k's estimate.
+template <typename P, class TaskT>
+__device__ __forceinline__ void history_sign_row(float g[4], float hv[4], const TaskT& t, int slot, int k,
+                                                 const HistArgs& h) {
   if (h.on) {
-    float hv[4];
     if (h.init) {
 #pragma unroll
       for (int l = 0; l < 4; ++l) hv[l] = g[l];
     } else {
-      load_buffer<P>(t, slot, k, hv);
 #pragma unroll
       for (int l = 0; l < 4; ++l) hv[l] = hv[l] * h.alpha + g[l] * h.one_minus_alpha;
     }
@@ -70,13 +70,25 @@ __device__ __forceinline__ void history_sign_row(float g[4], const Task& t, int 
   }
 }
 
+// All rows of a buffer at once, so that their loads are in flight together (one memory
+// latency per task instead of one per row).
+template <typename P, class TaskT>
+__device__ __forceinline__ void load_buffer_rows(const TaskT& t, int slot, float v[kRows][4]) {
+#pragma unroll
+  for (int k = 0; k < kRows; ++k) load_buffer<P>(t, slot, k, v[k]);
+}
+
+// kMinBlocksPerSM bounds each kernel's registers (65536 / (256 * blocks)): resident warps are
+// what hides the memory latency here (H200 profile at 2 blocks, 25 % occupancy: warps stalled
+// on loads ~50 % of the time).
 struct PerturbFunctor {
+  static constexpr int kMinBlocksPerSM = 4;   // <= 64 registers
   struct Args {
     uint64_t seed;
     float scale;
   };
-  template <typename P, int DIST>
-  __device__ __forceinline__ static void apply(const Task& t, const Common& c, const Args& a) {
+  template <typename P, int DIST, class TaskT>
+  __device__ __forceinline__ static void apply(const TaskT& t, const Common& c, const Args& a) {
     float x[kRows][4];
     load_param_rows<P>(t, x);
     const bool masked = c.T != 0u;
@@ -87,32 +99,36 @@ struct PerturbFunctor {
       float z[4];
       zs.row(t, k, z);
       add_scaled_z(x[k], z, mbits, k, a.scale, masked);
-      store4<P>(t.e.ptr[SLOT_PARAM], t.e.vec[SLOT_PARAM], t.i0(k), t.cnt(k), x[k]);
+      store4<P>(t.e.ptr[SLOT_PARAM], t.vec(SLOT_PARAM), t.i0(k), t.cnt(k), x[k]);
     }
   }
 };
 
 struct SgdFunctor {
+  static constexpr int kMinBlocksPerSM = 3;   // <= 85 registers
   struct Args {
     SgdScalars s;
     HistArgs h;
     bool mom, nesterov, momentum_init;
   };
-  template <typename P, int DIST>
-  __device__ __forceinline__ static void apply(const Task& t, const Common& c, const Args& a) {
+  template <typename P, int DIST, class TaskT>
+  __device__ __forceinline__ static void apply(const TaskT& t, const Common& c, const Args& a) {
     float x[kRows][4], g[kRows][4];
     load_param_rows<P>(t, x);
     restored_estimate<DIST>(x, g, t, c);
+    // The buffers are loaded row by row here (not all rows first as in Adam): the registers for
+    // them would push the plain update, the common case, below 3 resident blocks per SM.
 #pragma unroll
     for (int k = 0; k < kRows; ++k) {
       if (t.cnt(k) == 0) continue;
-      history_sign_row<P>(g[k], t, SLOT_SGD_HISTORY, k, a.h);
+      float hv[4], b[4];
+      if (a.h.on && !a.h.init) load_buffer<P>(t, SLOT_SGD_HISTORY, k, hv);
+      history_sign_row<P>(g[k], hv, t, SLOT_SGD_HISTORY, k, a.h);
       if (a.s.wd != 0.0f) {
 #pragma unroll
         for (int l = 0; l < 4; ++l) g[k][l] = g[k][l] + x[k][l] * a.s.wd;
       }
       if (a.mom) {
-        float b[4];
         if (a.momentum_init) {
 #pragma unroll
           for (int l = 0; l < 4; ++l) b[l] = g[k][l];
@@ -135,21 +151,26 @@ struct SgdFunctor {
 };
 
 struct AdamFunctor {
+  static constexpr int kMinBlocksPerSM = 2;   // <= 128 registers
   struct Args {
     AdamScalars s;
     HistArgs h;
     bool decoupled;
   };
-  template <typename P, int DIST>
-  __device__ __forceinline__ static void apply(const Task& t, const Common& c, const Args& a) {
+  template <typename P, int DIST, class TaskT>
+  __device__ __forceinline__ static void apply(const TaskT& t, const Common& c, const Args& a) {
     float x[kRows][4], g[kRows][4];
     load_param_rows<P>(t, x);
     restored_estimate<DIST>(x, g, t, c);
     constexpr int M = SLOT_ADAM_EXP_AVG, V = SLOT_ADAM_EXP_AVG_SQ;
+    float mv[kRows][4], vv[kRows][4], hv[kRows][4];
+    load_buffer_rows<P>(t, M, mv);
+    load_buffer_rows<P>(t, V, vv);
+    if (a.h.on && !a.h.init) load_buffer_rows<P>(t, SLOT_ADAM_HISTORY, hv);
 #pragma unroll
     for (int k = 0; k < kRows; ++k) {
       if (t.cnt(k) == 0) continue;
-      history_sign_row<P>(g[k], t, SLOT_ADAM_HISTORY, k, a.h);
+      history_sign_row<P>(g[k], hv[k], t, SLOT_ADAM_HISTORY, k, a.h);
       if (a.decoupled) {
 #pragma unroll
         for (int l = 0; l < 4; ++l) x[k][l] = x[k][l] * a.s.decay_factor;
@@ -157,20 +178,17 @@ struct AdamFunctor {
 #pragma unroll
         for (int l = 0; l < 4; ++l) g[k][l] = g[k][l] + x[k][l] * a.s.wd;
       }
-      float mv[4], vv[4];
-      load_buffer<P>(t, M, k, mv);
-      load_buffer<P>(t, V, k, vv);
 #pragma unroll
       for (int l = 0; l < 4; ++l) {
-        mv[l] = stored_value<P>(t, M, mv[l] + (g[k][l] - mv[l]) * a.s.one_minus_b1);
-        vv[l] = stored_value<P>(t, V, vv[l] * a.s.b2 + (g[k][l] * g[k][l]) * a.s.one_minus_b2);
+        mv[k][l] = stored_value<P>(t, M, mv[k][l] + (g[k][l] - mv[k][l]) * a.s.one_minus_b1);
+        vv[k][l] = stored_value<P>(t, V, vv[k][l] * a.s.b2 + (g[k][l] * g[k][l]) * a.s.one_minus_b2);
       }
-      store_buffer<P>(t, M, k, mv);
-      store_buffer<P>(t, V, k, vv);
+      store_buffer<P>(t, M, k, mv[k]);
+      store_buffer<P>(t, V, k, vv[k]);
 #pragma unroll
       for (int l = 0; l < 4; ++l) {
-        const float denom = zf::div_rn(zf::sqrt_rn(vv[l]), a.s.bc2_sqrt) + a.s.eps;
-        x[k][l] = x[k][l] - zf::div_rn(mv[l], denom) * a.s.step_size;
+        const float denom = zf::div_rn(zf::sqrt_rn(vv[k][l]), a.s.bc2_sqrt) + a.s.eps;
+        x[k][l] = x[k][l] - zf::div_rn(mv[k][l], denom) * a.s.step_size;
       }
       store_param_row<P>(t, k, x[k], c);
     }
@@ -239,8 +257,11 @@ class TableCache {
     it.bytes.resize(bytes);
     std::memcpy(it.bytes.data(), entries.data(), bytes);
     C10_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&it.dptr), bytes));
-    // Synchronous: the table is complete before any stream's kernel can read it.
-    C10_CUDA_CHECK(cudaMemcpy(it.dptr, entries.data(), bytes, cudaMemcpyHostToDevice));
+    // Complete before any stream's kernel can read it (a plain cudaMemcpy from pageable memory
+    // may return before the DMA lands): copy on this stream and wait, once per layout.
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    C10_CUDA_CHECK(cudaMemcpyAsync(it.dptr, entries.data(), bytes, cudaMemcpyHostToDevice, stream));
+    C10_CUDA_CHECK(cudaStreamSynchronize(stream));
     it.used = clock_;
     items_.push_back(std::move(it));
     return items_.back().dptr;
@@ -372,6 +393,9 @@ void launch(const std::vector<Slots>& slots, at::IntArrayRef tensor_ids, int64_t
       e.numel = slots[k][SLOT_PARAM]->numel();
       e.task_start = tasks;
       e.tid = (uint32_t)tensor_ids[k];
+      e.all_vec = 1;
+      for (int s = 0; s < 4; ++s)
+        if (slots[k][s] && !e.vec[s]) e.all_vec = 0;
       tasks += (e.numel + kTaskElems - 1) / kTaskElems;
       if (e.numel > 0) entries.push_back(e);
     }
