@@ -144,7 +144,8 @@ def plot(res: dict, path: str) -> None:
             rs = [r for r in res["runs"] if r["setting"] == name and (r["lr"] == lr or r["lr"] == 0.0)]
             if not rs:
                 continue
-            curves = torch.tensor([r["losses"] for r in rs])
+            # Seeds start 6.69..6.88: plot each curve's change from its own unperturbed start.
+            curves = torch.tensor([[v - r["initial_loss"] for v in r["losses"]] for r in rs])
             x = range(1, curves.shape[1] + 1)
             ax.plot(x, curves.mean(0), color=color, linewidth=1.3,
                     linestyle="--" if "control" in name else "-", label=f"{name} (mean of {len(rs)})")
@@ -153,11 +154,11 @@ def plot(res: dict, path: str) -> None:
         ax.set_title(f"lr {lr:g}: {100 * sum(below) / len(below):.0f} % of updates below half a bf16 ulp",
                      fontsize=9)
         ax.set_xlabel("ZO-SGD step")
-    axes[0][0].set_ylabel("loss on the fixed batch")
+    axes[0][0].set_ylabel("loss - loss at the start (fixed batch)")
     axes[0][0].legend(fontsize=7, loc="lower left")
     n = res["params"]
-    fig.suptitle(f"ZO-SGD, random-init Llama ({n / 1e3:.0f}k params, init std {res['init_std']:g}), "
-                 f"eps {res['zo_eps']:g}, band = min..max over seeds", fontsize=9)
+    fig.suptitle(f"ZO-SGD, random-init Llama, {n / 1e3:.0f}k params, eps {res['zo_eps']:g}\n"
+                 "line: mean over seeds, band: min..max", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -208,6 +209,12 @@ def main(argv=None) -> int:
     if a.plot:
         plot(res, a.plot)
     return 0
+
+
+def replot(json_path: str, png_path: str) -> None:
+    """Redraw the PNG from a JSON this script wrote."""
+    with open(json_path) as f:
+        plot(json.load(f), png_path)
 
 
 if __name__ == "__main__":
