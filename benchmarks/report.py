@@ -184,6 +184,7 @@ def targets(records):
             step_targets = (("gaussian", 2.5), ("rademacher", 10.0))
         rows += _step_targets(dev, opt, step_targets)
         rows += _memory_targets(dev, opt)
+        rows += _llm_targets(dev, [r for r in recs if r["x"].get("suite") == "llm"])
     return rows
 
 
@@ -242,6 +243,124 @@ def _memory_targets(dev, opt):
                      fmib(extra), _status(extra / MiB, 1.0, higher=False),
                      f"worst: {worst['x']['opt']} {worst['x']['dist']} q={worst['x']['q']}"))
     return rows
+
+
+# ----------------------------------------------------------------------------- LLM-sized suite
+# Targets of issue 13 for the zeroflow ZO-SGD iteration on the LLM-sized model.
+LLM_ROOFLINE_X, LLM_VS_MEZO_X, LLM_MEM_X = 1.3, 5.0, 1.05
+
+
+def llm_derive(recs):
+    """``{key: derived}`` for the LLM suite's records (benchmarks/test_bench_llm.py), from the
+    medians of one run: the two forwards (the inference record), the optimizer's share
+    (iteration minus those forwards), the roofline (``roofline_bytes`` at the copy record's
+    bandwidth), the optimizer-only time, the MeZO recipe's share over ours, memory vs inference."""
+    idx = index(recs)
+    out = {}
+    for r in recs:
+        x = r["x"]
+        cp, inf = idx.get(x.get("copy_ref")), idx.get(x.get("inference_ref"))
+        copy_bps = cp["x"]["bytes"] / cp["t"] if cp and cp["x"].get("bytes") else None
+        d = {"copy_bps": copy_bps, "forwards": inf["t"] if inf and r is not inf else None}
+        zo = x.get("variant") == "iteration" and x.get("kind") in ("zeroflow", "mezo")
+        d["share"] = r["t"] - inf["t"] if zo and inf else None
+        d["roofline"] = x["roofline_bytes"] / copy_bps if x.get("roofline_bytes") and copy_bps else None
+        only = idx.get(x.get("optimizer_only_ref"))
+        d["only"] = only["t"] if only else None
+        tot, base = x.get("peak_total_bytes"), inf["x"].get("peak_total_bytes") if inf else None
+        d["mem_vs_inf"] = tot / base if tot and base else None
+        out[x["key"]] = d
+    for r in recs:   # needs every record's share first
+        x, d = r["x"], out[r["x"]["key"]]
+        m = out.get(x.get("mezo_ref"))
+        d["share_vs_roofline"] = d["share"] / d["roofline"] if d["share"] is not None and d["roofline"] else None
+        d["mezo_share_over_ours"] = m["share"] / d["share"] if m and m["share"] is not None and d["share"] else None
+        only = idx.get(x.get("optimizer_only_ref"))
+        mezo_only = idx.get(only["x"].get("mezo_ref")) if only else None   # both optimizer-only records
+        d["mezo_only_over_ours"] = mezo_only["t"] / only["t"] if mezo_only else None
+    return out
+
+
+def _count(n):
+    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
+
+
+def _llm_title(x):
+    return f"{x['model']}, {x['dtype']}, batch {x['batch']} × {x['seq']}"
+
+
+def _llm_targets(dev, recs):
+    """Issue 13's three targets for zeroflow ZO-SGD on the LLM-sized model (none without its records)."""
+    zo = [r for r in recs if r["x"].get("method") == "zo_sgd" and r["x"].get("variant") == "iteration"]
+    if not zo:
+        return []
+    derived = llm_derive(recs)
+    gpu_note = "" if dev.startswith("cuda") else " [GPU target; CPU shown]"
+    rows = []
+    for r in zo:
+        x, d = r["x"], derived[r["x"]["key"]]
+        what = _llm_title(x) + (f", {x['backend']} backend" if x.get("backend") else "")
+        share = d["share"]
+        noise = share is not None and share <= 0
+        unresolved = "**unresolved**: iteration ≤ its forwards (timing noise)"
+        rows.append((dev, f"LLM ZO-SGD optimizer share ≤ {LLM_ROOFLINE_X:g}× its 3-pass roofline{gpu_note}",
+                     fx(d["share_vs_roofline"]) if not noise else fms(share),
+                     unresolved if noise else _status(d["share_vs_roofline"], LLM_ROOFLINE_X, higher=False),
+                     f"{what}: share {fms(share)} = iteration {fms(r['t'])} − 2 forwards {fms(d['forwards'])}; "
+                     f"roofline {fms(d['roofline'])} at copy {fnum(d['copy_bps'] / 1e9) if d['copy_bps'] else '—'}"
+                     f" GB/s; optimizer alone {fms(d['only'])}"))
+        rows.append((dev, f"LLM ZO-SGD optimizer share ≥ {LLM_VS_MEZO_X:g}× below the MeZO recipe's{gpu_note}",
+                     fx(d["mezo_share_over_ours"]) if not noise else "—",
+                     unresolved if noise else _status(d["mezo_share_over_ours"], LLM_VS_MEZO_X),
+                     f"{what}; optimizer alone: MeZO ÷ ours {fx(d['mezo_only_over_ours'])}"))
+        rows.append((dev, f"LLM ZO-SGD peak memory ≤ inference + {100 * (LLM_MEM_X - 1):.0f} %{gpu_note}",
+                     fx(d["mem_vs_inf"]), _status(d["mem_vs_inf"], LLM_MEM_X, higher=False),
+                     f"{what}: {fmib(x.get('peak_total_bytes'))} vs two forwards' "
+                     f"{fmib(d['mem_vs_inf'] and x['peak_total_bytes'] / d['mem_vs_inf'])}"))
+    return rows
+
+
+_LLM_ORDER = {"inference": 0, "zo_sgd": 1, "zo_adam": 2, "mezo_sgd": 3, "fo_adamw": 4}
+_LLM_NAMES = {"inference": "plain inference (2 forwards, no_grad)", "zo_sgd": "zeroflow ZO-SGD",
+              "zo_adam": "zeroflow ZO-Adam", "mezo_sgd": "MeZO recipe (ZO-SGD)", "fo_adamw": "FO AdamW"}
+
+
+def llm_section(records):
+    """The LLM-sized end-to-end table (benchmarks/test_bench_llm.py); "" without its records."""
+    out = []
+    for dev, recs in by_device(records, "llm"):
+        derived = llm_derive(recs)
+        main = [r for r in recs if r["x"].get("variant") == "iteration" and r["x"]["method"] in _LLM_ORDER]
+        if not main:
+            continue
+        x0 = main[0]["x"]
+        out += [f"### LLM-sized end-to-end on {dev}: {x0.get('arch', '')} `{x0['model']}` "
+                f"({_count(x0['numel'])} parameters in {x0['n_tensors']} tensors, {x0['dtype']}), "
+                f"batch {x0['batch']} × {x0['seq']} tokens, causal-LM loss", ""]
+        rows = []
+        for r in sorted(main, key=lambda r: _LLM_ORDER[r["x"]["method"]]):
+            x, d = r["x"], derived[r["x"]["key"]]
+            only = f"{fms(d['only'])}" + (f" ({fx(d['only'] / d['roofline'])} roofline)" if d["only"] and
+                                           d["roofline"] else "") if d["only"] is not None else "—"
+            name = _LLM_NAMES[x["method"]] + (f" ({x['backend']} backend)" if x.get("backend") else "")
+            rows.append((name, fms(r["t"]), fms(d["forwards"]) if d["share"] is not None else "—",
+                         fms(d["share"]), fms(d["roofline"]), fx(d["share_vs_roofline"]),
+                         fx(d["mezo_share_over_ours"]), only, fmib(x.get("peak_total_bytes")),
+                         fx(d["mem_vs_inf"]) if x["method"] != "inference" else "1.00×"))
+        out += [table(["method", "time / iteration", "its 2 forwards", "optimizer share", "roofline",
+                       "share / roofline", "MeZO share ÷ ours", "optimizer alone (no forward)", "peak memory",
+                       "memory vs inference"], rows), ""]
+        cp = next((r for r in recs if r["x"].get("kind") == "copy"), None)
+        out += ["Optimizer share = iteration − the two forwards of plain inference (same run, same batch); "
+                "optimizer alone = the same step with a closure that returns precomputed losses. Roofline = the "
+                "bytes the method's passes must read and write at the copy bandwidth"
+                + (f" ({fnum(cp['x']['bytes'] / cp['t'] / 1e9)} GB/s, `copy_` of {fsize(cp['x']['numel'])} "
+                   f"{cp['x']['dtype']} elements)" if cp else "")
+                + ": ZO-SGD 3 passes over the parameters (perturb +ε, perturb −2ε, update with the restore "
+                "fused), ZO-Adam 2 passes plus one over θ, m, v, the MeZO recipe 4 (z counted as free). "
+                "Peak memory: everything allocated at the iteration's peak (parameters, optimizer state, "
+                "activations), measured after a warm-up iteration; FO AdamW adds gradients and its state.", ""]
+    return "\n".join(out)
 
 
 def _where(r):
@@ -592,7 +711,7 @@ def render(paths, out, plots_dir=None, sweep_path=None, notes_path=None, title=N
         parts += ["> Missed targets are not analysed yet: profile them and write the findings (why, and what "
                   "would close the gap) to `benchmarks/notes.md`; `make bench-report` adds it here.", ""]
     body = [kernel_section(records, plots_rel), optim_section(records, plots_rel), e2e_section(records, plots_rel),
-            distributed_section(records)]
+            llm_section(records), distributed_section(records)]
     if any(body):
         parts += ["## Results", ""] + [b for b in body if b]
     sw = sweep_section(sweep, plots_rel)
