@@ -237,3 +237,54 @@ def test_fo_step(run_bench, benchmark, pset, name):
         "params_bytes": n * s, "state_bytes": _state_bytes(kind, n, s),
     }
     run_bench(step, extra, budget_s=3.0, max_rounds=10, mem=True, rounds=_rounds(pset, 0, "fo"))
+
+
+# ---------------------------------------------------------------------------- host work per step
+# The ViT-B list's layout (152 tensors, the order and count of vit_b_shapes) with 1-4 elements
+# per tensor: the kernels cost ~nothing, so a step's time is its host work (Python, the ops'
+# argument handling, launches) plus the two .item() synchronisations of the closure. The
+# baseline, in the same run, is one minimal multi-tensor op over the same list
+# (torch._foreach_add_: one launch on CUDA, a per-tensor loop on CPU). Issue 13 item 2.
+def _host_params():
+    n = 2 if C.FAST else len(C.vit_b_shapes())
+    if C.ON_GPU and not torch.cuda.is_available():
+        pytest.skip(C.NO_CUDA)
+    return [torch.full((1 + k % 4,), 0.01 * k, device=C.device()).requires_grad_() for k in range(n)]
+
+
+_HOST_SET = "vit_b_86m_layout_tiny"     # contains "vit_b_86m": gpu_check.sh's -k selects it
+
+
+def _host_key(what):
+    return C.key("optim_host", what, C.DEVICE, _HOST_SET)
+
+
+def test_host_foreach_baseline(run_bench, benchmark):
+    params = [p.detach() for p in _host_params()]
+    benchmark.group = f"optim host {C.DEVICE}"
+    run_bench(lambda: torch._foreach_add_(params, 1e-30),
+              {"suite": "optim_host", "key": _host_key("foreach_add_"), "kind": "foreach", "impl": "foreach_add_",
+               "param_set": _HOST_SET, "n_tensors": len(params)}, budget_s=1.5, max_rounds=200)
+
+
+@pytest.mark.parametrize("opt_kind", ["sgd", "adam"])
+@pytest.mark.parametrize("dist", C.DISTS)
+def test_host_zo_step(run_bench, benchmark, opt_kind, dist):
+    """One ZO step (q = 1, the suite's trivial closure) on the tiny ViT-B-layout list; the
+    report's ratio: ``t / t(host_ref)``, how many minimal multi-tensor ops a step costs."""
+    from zeroflow.optim import create
+
+    params = _host_params()
+    closure = _closure_for(params, grad=False)
+    opt = create("zo_" + opt_kind, params, lr=LR, q=1, perturbation=dist, zo_eps=EPS, backend="auto", seed=1234)
+    benchmark.group = f"optim host {C.DEVICE}"
+    extra = {"suite": "optim_host", "key": _host_key(f"zo_{opt_kind}|{dist}"), "kind": "zeroflow", "impl": "zeroflow",
+             "opt": "zo_" + opt_kind, "param_set": _HOST_SET, "dist": dist, "q": 1, "n_tensors": len(params),
+             "host_ref": _host_key("foreach_add_")}
+    try:
+        import zfkernels as zk
+
+        extra["backend"] = zk.resolve_backend("auto", C.device())
+    except Exception:  # noqa: BLE001
+        pass
+    run_bench(lambda: opt.step(closure), extra, budget_s=1.5, max_rounds=200)

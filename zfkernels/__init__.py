@@ -22,7 +22,9 @@ import torch
 
 from . import _compiled, opspec, reference
 from .stream import (
+    SEED_LIMIT,
     STREAM_VERSION,
+    check_seed,
     derive_seed,
     dist_code,
     mask_threshold,
@@ -32,6 +34,7 @@ __all__ = [
     "STREAM_VERSION",
     "available_backends",
     "resolve_backend",
+    "call_op",
     "philox4x32_10",
     "perturbation",
     "sparse_mask",
@@ -121,9 +124,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _call(backend: str, op: str, **args):
-    """``op`` of ``backend`` called with ``args`` (by name) bound by the table of
-    zfkernels/opspec.py: defaults filled in, scalars converted to their schema types."""
+def call_op(backend: str, op: str, **args):
+    """``op`` of the concrete ``backend`` (a name :func:`resolve_backend` returns) called with
+    ``args`` (by name) bound by the table of zfkernels/opspec.py: defaults filled in, scalars
+    converted to their schema types. None of the checks of the functions above: ``args``
+    must already be what they pass (``tensor_ids`` a list of ints, ``dist`` and
+    ``mask_threshold`` the integer codes, seeds in [0, 2^63)). For callers that validated
+    their tensor lists once and call many times: the optimizers cache the validated lists
+    per parameter layout (python/zeroflow/optim/zo.py) because the face's per-call list
+    checks cost ~70 us per op on a 152-tensor list, more than the kernels of a small model.
+    Every backend still checks the tensors (type, dtype, contiguity, device, shapes) before
+    it writes anything."""
     if backend in ("cpu", "cuda"):
         fn = getattr(torch.ops.zfkernels, op)
     elif backend == "triton":
@@ -133,6 +144,9 @@ def _call(backend: str, op: str, **args):
     return opspec.call(fn, op, args)
 
 
+_call = call_op
+
+
 def _device_of(tensors: Sequence[torch.Tensor], default="cpu") -> torch.device:
     return tensors[0].device if len(tensors) else torch.device(default)
 
@@ -140,7 +154,7 @@ def _device_of(tensors: Sequence[torch.Tensor], default="cpu") -> torch.device:
 def _ids(tensors: Sequence[torch.Tensor], tensor_ids: Sequence[int] | None) -> list[int]:
     if tensor_ids is None:
         return list(range(len(tensors)))
-    ids = [int(t) for t in tensor_ids]
+    ids = list(map(int, tensor_ids))
     if len(ids) != len(tensors):
         raise ValueError(f"tensor_ids has {len(ids)} entries for {len(tensors)} tensors; give one id per tensor")
     return ids
@@ -150,9 +164,12 @@ def _as_list(tensors, name: str) -> list[torch.Tensor]:
     if isinstance(tensors, torch.Tensor):
         raise TypeError(f"{name} must be a list of tensors; wrap a single tensor as [t]")
     out = list(tensors)
-    for k, t in enumerate(out):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}[{k}] is a {type(t).__name__}, not a torch.Tensor")
+    # One isinstance per distinct type instead of per tensor (a list holds one or two types:
+    # Tensor, Parameter); the per-tensor loop cost ~20 us on a 152-tensor list.
+    if not all(issubclass(cls, torch.Tensor) for cls in set(map(type, out))):
+        for k, t in enumerate(out):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}[{k}] is a {type(t).__name__}, not a torch.Tensor")
     return out
 
 
@@ -218,8 +235,8 @@ def perturb_(
 
 
 def _seed(s, name="seed") -> int:
-    from .stream import check_seed
-
+    if type(s) is int and 0 <= s < SEED_LIMIT:      # the common case, without check_seed's call
+        return s
     return check_seed(s, name)
 
 

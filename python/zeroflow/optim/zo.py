@@ -17,7 +17,15 @@ import torch
 
 import zfkernels
 from zfkernels import derive_seed
-from zfkernels.stream import QUERY_MASK_PER_STEP, QUERY_MASK_PER_TASK, QUERY_ROUNDING, SEED_LIMIT, STREAM_VERSION
+from zfkernels.stream import (
+    QUERY_MASK_PER_STEP,
+    QUERY_MASK_PER_TASK,
+    QUERY_ROUNDING,
+    SEED_LIMIT,
+    STREAM_VERSION,
+    dist_code,
+    mask_threshold,
+)
 
 __all__ = ["ZOFusedSGD", "ZOFusedAdam"]
 
@@ -82,10 +90,21 @@ def _scalar(loss, where: str) -> float:
                 f"the closure must return a scalar loss; {where} it returned a tensor of shape "
                 f"{tuple(loss.shape)} (reduce it, e.g. .mean())"
             )
-        return float(loss.detach().reshape(()).item())
+        return float(loss.item())      # any shape of one element; detach/reshape add ~3 us per loss
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
         return float(loss)
     raise TypeError(f"the closure must return a scalar loss tensor; {where} it returned {type(loss).__name__}")
+
+
+def _loss_tensor(x: float) -> torch.Tensor:
+    """``torch.tensor(x)`` (a 0-dim float32 CPU tensor: the step's return value), in half its
+    time (~5 us of ~10 us); ``scalar_tensor`` refuses a finite x beyond the float32 range,
+    which ``torch.tensor`` rounds to inf, so that case takes the old path (same bits for
+    every double: checked on 60k values incl. the overflow and subnormal edges)."""
+    try:
+        return torch.scalar_tensor(x)
+    except RuntimeError:
+        return torch.tensor(x)
 
 
 class _Skip(Exception):
@@ -151,7 +170,9 @@ class _ZOBase(torch.optim.Optimizer):
         self.model = model
         self._tid: dict[int, int] = {}
         self._next_tid = 0
-        self._bucket_cache: dict[int, tuple] = {}   # id(group) -> (key, buckets); see _buckets
+        self._bucket_cache: dict[int, list] = {}   # id(group) -> [key, buckets, step token]; see _buckets
+        self._step_token: object | None = None       # a new object per step() call, None outside
+        self._stream_args: dict[int, tuple[int, int]] = {}   # id(group) -> (dist, mask threshold), in step()
         # counters (part of state_dict)
         self._round_calls = 0       # §9 rounded update calls so far in this step
         self._n = 0                 # steps taken (skipped ones included): seed schedule index
@@ -251,25 +272,39 @@ class _ZOBase(torch.optim.Optimizer):
             zfkernels.resolve_backend(self.backend, p.device)   # ValueError/RuntimeError if it cannot run here
 
     def _buckets(self, g: dict):
-        """The group's params split by device (one fused call per device): (params, ids).
+        """The group's params split by device (one fused call per device), validated:
+        ``[(params, tensor_ids, backend), ...]`` with ``backend`` the concrete one
+        (:func:`zfkernels.resolve_backend`) and ``tensor_ids`` the stream's ids.
 
-        Cached per group (3+ calls per step; regrouping 200 tensors cost ~0.2 ms each, as
-        much as the fused kernels on an adapter-sized list). The cache is keyed on the
-        identity of the group's params and the first one's device, so editing
-        ``g["params"]`` or moving the model (``module.to`` keeps the Parameter objects)
-        rebuilds it; a partial move is caught by the kernels' mixed-device check."""
-        params = g["params"]
-        key = (tuple(map(id, params)), params[0].device if params else None)
+        Cached per group: a step makes 3+ op calls and the per-call checks of the zfkernels
+        face cost ~70 us each on the ViT-B list (152 tensors), as much as the host part of the
+        op itself; the optimizer calls :func:`zfkernels.call_op` with these lists instead. The
+        cache is keyed on the identity of the group's params, the first one's device and
+        ``self.backend``, so editing ``g["params"]``, moving the model (``module.to`` keeps
+        the Parameter objects) or setting ``backend`` rebuilds it; the key is checked once per
+        step (building it costs ~10 us on the ViT-B list). What it does not hold is checked by
+        every call's kernels: dtype, contiguity, one device per call (a partial move), the
+        state buffers' shapes and devices."""
         hit = self._bucket_cache.get(id(g))
+        token = self._step_token
+        if hit is not None and token is not None and hit[2] is token:
+            return hit[1]
+        params = g["params"]
+        key = (tuple(map(id, params)), params[0].device if params else None, self.backend)
         if hit is not None and hit[0] == key:
+            hit[2] = token
             return hit[1]
         by_dev: dict = {}
-        for p in params:
+        for k, p in enumerate(params):
+            tid = self._tid.get(id(p))
+            if tid is None:
+                raise ValueError(f"parameter {k} of a param group was not given to the optimizer (was "
+                                 "g['params'] edited?); add parameters with add_param_group")
             by_dev.setdefault(p.device, ([], []))
             by_dev[p.device][0].append(p)
-            by_dev[p.device][1].append(self._tid[id(p)])
-        out = list(by_dev.values())
-        self._bucket_cache[id(g)] = (key, out)
+            by_dev[p.device][1].append(tid)
+        out = [(ps, ids, zfkernels.resolve_backend(self.backend, dev)) for dev, (ps, ids) in by_dev.items()]
+        self._bucket_cache[id(g)] = [key, out, token]
         return out
 
     def _mask_seed(self, n: int) -> int:
@@ -296,20 +331,34 @@ class _ZOBase(torch.optim.Optimizer):
         return self._n
 
     # ------------------------------------------------------------------ kernels
-    def _round_seed(self) -> int:
+    def _round_seed(self, g: dict) -> int:
         """§9 rounding seed of the next parameter-writing update call of this step: the k-th
         call (k = 0 the update, then conserve's moves in order) of step n uses
-        seed(S, n, 2^32 - 3 - k) (docs/perturbation-stream.md §8), so replay rounds the same."""
+        seed(S, n, 2^32 - 3 - k) (docs/perturbation-stream.md §8), so replay rounds the same.
+        Every call counts; the seed is only derived for a group with ``stochastic_rounding``
+        (0 otherwise: the kernels ignore ``round_seed`` then, and a derivation costs ~7 us)."""
         k = self._round_calls
         self._round_calls += 1
+        if not g["stochastic_rounding"]:
+            return 0
         return derive_seed(self._seed, self._n, QUERY_ROUNDING - k)
+
+    def _stream(self, g: dict) -> tuple[int, int]:
+        """The group's ``(dist, mask_threshold)`` codes for the kernels: those checked at the
+        start of this step."""
+        sa = self._stream_args.get(id(g))
+        return sa if sa is not None else (dist_code(g["perturbation"]), mask_threshold(g["sparsity"]))
 
     def _perturb(self, seed: int, factor: float, mask_seed: int) -> None:
         """theta += factor * zo_eps_g * m * z(seed), every group, one pass each."""
         for g in self.param_groups:
-            for ps, ids in self._buckets(g):
-                zfkernels.perturb_(ps, seed, factor * g["zo_eps"], g["perturbation"], tensor_ids=ids,
-                                   mask_seed=mask_seed, sparsity=g["sparsity"], backend=self.backend)
+            buckets = self._buckets(g)
+            if not buckets:
+                continue
+            scale, (dist, thr) = factor * g["zo_eps"], self._stream(g)
+            for ps, ids, b in buckets:
+                zfkernels.call_op(b, "perturb_", params=ps, tensor_ids=ids, seed=seed, scale=scale, dist=dist,
+                                  mask_seed=mask_seed, mask_threshold=thr)
 
     def _eval(self, closure, where: str) -> float:
         val = _scalar(_call_closure(closure), where)
@@ -331,9 +380,17 @@ class _ZOBase(torch.optim.Optimizer):
                 f"{type(self).__name__}.step needs a closure that runs the forward pass and returns "
                 "the loss, e.g. opt.step(lambda: loss_fn(model(x), y))"
             )
+        # Every group's stream options, converted and checked once, before the first kernel
+        # call changes theta: a bad value set between steps (a typo in a schedule) raises
+        # here, not after group 0 was perturbed.
+        stream = {id(g): (dist_code(g["perturbation"]), mask_threshold(g["sparsity"])) for g in self.param_groups}
         n = self._n
         seeds = [derive_seed(self._seed, n, j) for j in range(self.q)]
-        mask_seed = self._mask_seed(n)
+        # The kernels read mask_seed only under a mask (threshold > 0): 0 otherwise, same bits,
+        # one ~7 us derivation less.
+        mask_seed = self._mask_seed(n) if any(thr for _, thr in stream.values()) else 0
+        self._stream_args = stream
+        self._step_token = object()
         self._fw_step = 0
         self._round_calls = 0
         self._consumed = []
@@ -352,8 +409,9 @@ class _ZOBase(torch.optim.Optimizer):
                 "parameters restored, step counter advanced",
                 RuntimeWarning, stacklevel=2,
             )
-            loss = torch.tensor(s.value)
+            loss = _loss_tensor(s.value)
         finally:
+            self._step_token, self._stream_args = None, {}
             self._n = n + 1
             self.forwards_last_step = self._fw_step
             if self.step_hook is not None:
@@ -389,12 +447,12 @@ class _ZOBase(torch.optim.Optimizer):
         sign_lr = -1.0 if self.conserve else 1.0        # conserve: land on theta0 + Delta first
         for g in self.param_groups:
             coeffs = self._coeffs(g, d)
-            for ps, ids in self._buckets(g):
-                self._update(g, ps, ids, seeds, coeffs, mask_seed, restore_seed=pending.seed,
+            for ps, ids, b in self._buckets(g):
+                self._update(g, ps, ids, b, seeds, coeffs, mask_seed, restore_seed=pending.seed,
                              restore_scale=pending.restore_scale(g["zo_eps"]), lr_mult=sign_lr)
         if not self.conserve:
-            return torch.tensor(sum(losses) / len(losses))
-        return torch.tensor(self._conserve(closure, L0, seeds, d, mask_seed))
+            return _loss_tensor(sum(losses) / len(losses))
+        return _loss_tensor(self._conserve(closure, L0, seeds, d, mask_seed))
 
     def _query(self, closure, seeds, pending) -> tuple[float | None, list[float], list[float]]:
         """The forward passes of one step: ``(L0, d, losses)`` with ``L0 = L(theta)`` (one_side
@@ -478,10 +536,10 @@ class _ZOBase(torch.optim.Optimizer):
             q = self.q
             coeffs = ([math.copysign(1.0, x) / q if x != 0 else 0.0 for x in d] if g["scalar_sign"]
                       else [x / q for x in d])
-            for ps, ids in self._buckets(g):
-                self._update(g, ps, ids, seeds, coeffs, mask_seed, restore_seed=0, restore_scale=0.0,
+            for ps, ids, b in self._buckets(g):
+                self._update(g, ps, ids, b, seeds, coeffs, mask_seed, restore_seed=0, restore_scale=0.0,
                              lr_mult=1.0)
-        return torch.tensor(sum(losses) / len(losses))
+        return _loss_tensor(sum(losses) / len(losses))
 
     # ------------------------------------------------------------------ state
     def _counters(self) -> dict:
@@ -557,6 +615,7 @@ class _ZOBase(torch.optim.Optimizer):
         state_dict = dict(state_dict, param_groups=_with_added_options(state_dict["param_groups"]))
         c = state_dict.pop("zeroflow")
         super().load_state_dict(state_dict)
+        self._bucket_cache.clear()      # new group dicts (the keys would still catch a stale entry)
         self._seed = int(c["seed"])
         self._n = int(c["step"])
         self._task = int(c["task"])
@@ -564,18 +623,30 @@ class _ZOBase(torch.optim.Optimizer):
         self.queries = int(c["queries"])
         self.steps_skipped = int(c["steps_skipped"])
 
-    def _buffer(self, p, name):
-        st = self.state[p]
-        fresh = name not in st
-        if fresh:
-            st[name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        return st[name], fresh
+    def _states(self, ps) -> list[dict]:
+        """The state dicts of ``ps`` (created empty where missing), read once per update call:
+        every ``self.state[p]`` hashes a Parameter through Python (~0.15 us, 23 us per pass
+        over the ViT-B list). Read each step, not cached: torch.optim lets a user replace a
+        state entry or a buffer between steps."""
+        return list(map(self.state.__getitem__, ps))
 
-    def _history(self, g, ps):
+    @staticmethod
+    def _buffers(sts: list[dict], ps, name: str) -> tuple[list[torch.Tensor], bool]:
+        """The buffers ``name`` of ``ps`` (state dicts ``sts``), zeros created where missing,
+        and whether the first one was missing (the kernels' ``*_init`` flag)."""
+        try:
+            return [st[name] for st in sts], False
+        except KeyError:
+            fresh = name not in sts[0]
+            for st, p in zip(sts, ps):
+                if name not in st:
+                    st[name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            return [st[name] for st in sts], fresh
+
+    def _history(self, g, sts, ps):
         if g["history"] == 0.0:
             return [], False
-        hs = [self._buffer(p, "history") for p in ps]
-        return [h for h, _ in hs], hs[0][1]
+        return self._buffers(sts, ps, "history")
 
 
 class ZOFusedSGD(_ZOBase):
@@ -614,21 +685,22 @@ class ZOFusedSGD(_ZOBase):
         super().__init__(params, defaults, q=q, estimator=estimator, conserve=conserve,
                          sparse_resample=sparse_resample, seed=seed, backend=backend, model=model)
 
-    def _update(self, g, ps, ids, seeds, coeffs, mask_seed, *, restore_seed, restore_scale, lr_mult):
+    def _update(self, g, ps, ids, b, seeds, coeffs, mask_seed, *, restore_seed, restore_scale, lr_mult):
         mom = g["momentum"]
-        bufs, m_init = [], False
-        if mom != 0.0:
-            bb = [self._buffer(p, "momentum_buffer") for p in ps]
-            bufs, m_init = [b for b, _ in bb], bb[0][1]
-        hist, h_init = self._history(g, ps)
-        zfkernels.zo_sgd_update_(
-            ps, seeds, coeffs, lr=lr_mult * float(g["lr"]), dist=g["perturbation"], tensor_ids=ids,
-            momentum_buffers=bufs, history_buffers=hist, restore_seed=restore_seed,
-            restore_scale=restore_scale, mask_seed=mask_seed, sparsity=g["sparsity"],
-            weight_decay=g["weight_decay"], momentum=mom, dampening=g["dampening"],
-            nesterov=g["nesterov"], momentum_init=m_init, sign=g["sign"],
-            history_alpha=g["history"], history_init=h_init, stochastic_rounding=g["stochastic_rounding"],
-            round_seed=self._round_seed(), backend=self.backend,
+        bufs, m_init, hist, h_init = [], False, [], False
+        if mom != 0.0 or g["history"] != 0.0:
+            sts = self._states(ps)
+            if mom != 0.0:
+                bufs, m_init = self._buffers(sts, ps, "momentum_buffer")
+            hist, h_init = self._history(g, sts, ps)
+        dist, thr = self._stream(g)
+        zfkernels.call_op(
+            b, "zo_sgd_update_", params=ps, momentum_buffers=bufs, history_buffers=hist, tensor_ids=ids,
+            seeds=seeds, coeffs=coeffs, dist=dist, mask_seed=mask_seed, mask_threshold=thr, restore_seed=restore_seed,
+            restore_scale=restore_scale, lr=lr_mult * float(g["lr"]), weight_decay=g["weight_decay"],
+            momentum=mom, dampening=g["dampening"], nesterov=g["nesterov"], momentum_init=m_init,
+            sign=g["sign"], history_alpha=g["history"], history_init=h_init,
+            stochastic_rounding=g["stochastic_rounding"], round_seed=self._round_seed(g),
         )
 
     def _move(self, a, b, seeds, d, mask_seed):
@@ -639,27 +711,27 @@ class ZOFusedSGD(_ZOBase):
             if lr == 0.0:
                 continue
             coeffs = self._coeffs(g, d)
-            for ps, ids in self._buckets(g):
+            for ps, ids, be in self._buckets(g):
+                dist, thr = self._stream(g)
                 lr1 = 0.0
                 if mom == 0.0 or g["nesterov"]:
                     # p <- p(1 - lr1 wd) - lr1 * g~ ; g~ regenerated (or the frozen history)
                     lr1 = lr * (a - b) / (1.0 + a * lr * wd)
-                    hist = [self.state[p]["history"] for p in ps] if g["history"] else []
-                    zfkernels.zo_sgd_update_(
-                        ps, [] if hist else seeds, [] if hist else coeffs, lr=lr1, dist=g["perturbation"],
-                        tensor_ids=ids, history_buffers=hist, mask_seed=mask_seed, sparsity=g["sparsity"],
-                        weight_decay=wd, sign=g["sign"], history_alpha=1.0, history_init=False,
-                        stochastic_rounding=g["stochastic_rounding"], round_seed=self._round_seed(),
-                        backend=self.backend)
+                    hist = [st["history"] for st in self._states(ps)] if g["history"] else []
+                    zfkernels.call_op(
+                        be, "zo_sgd_update_", params=ps, history_buffers=hist, tensor_ids=ids,
+                        seeds=[] if hist else seeds, coeffs=[] if hist else coeffs, dist=dist,
+                        mask_seed=mask_seed, mask_threshold=thr, lr=lr1, weight_decay=wd, sign=g["sign"],
+                        history_alpha=1.0, history_init=False, stochastic_rounding=g["stochastic_rounding"],
+                        round_seed=self._round_seed(g))
                 if mom != 0.0:
                     # p <- p - lr2 * buf (buf = 1*buf + 0*0: frozen)
                     lr2 = lr * mom * (a * (1.0 - lr1 * wd) - b) if g["nesterov"] else lr * (a - b)
-                    bufs = [self.state[p]["momentum_buffer"] for p in ps]
-                    zfkernels.zo_sgd_update_(
-                        ps, [], [], lr=lr2, dist=g["perturbation"], tensor_ids=ids, momentum_buffers=bufs,
-                        momentum=1.0, dampening=1.0, momentum_init=False,
-                        stochastic_rounding=g["stochastic_rounding"], round_seed=self._round_seed(),
-                        backend=self.backend)
+                    bufs = [st["momentum_buffer"] for st in self._states(ps)]
+                    zfkernels.call_op(
+                        be, "zo_sgd_update_", params=ps, momentum_buffers=bufs, tensor_ids=ids, seeds=[],
+                        coeffs=[], dist=dist, lr=lr2, momentum=1.0, dampening=1.0, momentum_init=False,
+                        stochastic_rounding=g["stochastic_rounding"], round_seed=self._round_seed(g))
 
 
 class ZOFusedAdam(_ZOBase):
@@ -687,22 +759,24 @@ class ZOFusedAdam(_ZOBase):
         super().__init__(params, defaults, q=q, estimator=estimator, conserve=conserve,
                          sparse_resample=sparse_resample, seed=seed, backend=backend, model=model)
 
-    def _update(self, g, ps, ids, seeds, coeffs, mask_seed, *, restore_seed, restore_scale, lr_mult):
-        ms = [self._buffer(p, "exp_avg")[0] for p in ps]
-        vs = [self._buffer(p, "exp_avg_sq")[0] for p in ps]
-        hist, h_init = self._history(g, ps)
-        st = self.state[ps[0]]
-        t = int(st.get("step", 0)) + 1
-        zfkernels.zo_adam_update_(
-            ps, ms, vs, seeds, coeffs, lr=lr_mult * float(g["lr"]), step=t, betas=g["betas"], eps=g["eps"],
-            weight_decay=g["weight_decay"], decoupled_weight_decay=g["decoupled_weight_decay"],
-            dist=g["perturbation"], tensor_ids=ids, history_buffers=hist, restore_seed=restore_seed,
-            restore_scale=restore_scale, mask_seed=mask_seed, sparsity=g["sparsity"], sign=g["sign"],
+    def _update(self, g, ps, ids, b, seeds, coeffs, mask_seed, *, restore_seed, restore_scale, lr_mult):
+        sts = self._states(ps)
+        ms, _ = self._buffers(sts, ps, "exp_avg")
+        vs, _ = self._buffers(sts, ps, "exp_avg_sq")
+        hist, h_init = self._history(g, sts, ps)
+        t = int(sts[0].get("step", 0)) + 1
+        dist, thr = self._stream(g)
+        zfkernels.call_op(
+            b, "zo_adam_update_", params=ps, exp_avgs=ms, exp_avg_sqs=vs, history_buffers=hist, tensor_ids=ids,
+            seeds=seeds, coeffs=coeffs, dist=dist, mask_seed=mask_seed, mask_threshold=thr,
+            restore_seed=restore_seed, restore_scale=restore_scale,
+            lr=lr_mult * float(g["lr"]), beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"],
+            weight_decay=g["weight_decay"], decoupled_weight_decay=g["decoupled_weight_decay"], step=t, sign=g["sign"],
             history_alpha=g["history"], history_init=h_init, stochastic_rounding=g["stochastic_rounding"],
-            round_seed=self._round_seed(), backend=self.backend,
+            round_seed=self._round_seed(g),
         )
-        for p in ps:
-            self.state[p]["step"] = t
+        for st in sts:
+            st["step"] = t
 
     def _move(self, a, b, seeds, d, mask_seed):
         """Conserve: move theta0 + a*Delta -> theta0 + b*Delta along the stored Adam
@@ -712,15 +786,16 @@ class ZOFusedAdam(_ZOBase):
             if lr == 0.0:
                 continue
             wd = float(g["weight_decay"]) if g["decoupled_weight_decay"] else 0.0
-            for ps, ids in self._buckets(g):
+            for ps, ids, be in self._buckets(g):
+                (dist, _), sts = self._stream(g), self._states(ps)
                 lr_f, wd_f, eps_f = _frozen_adam_move(a, b, lr=lr, wd=wd, betas=g["betas"], eps=g["eps"],
-                                                      step=int(self.state[ps[0]]["step"]))
-                zfkernels.zo_adam_update_(
-                    ps, [self.state[p]["exp_avg"] for p in ps], [self.state[p]["exp_avg_sq"] for p in ps],
-                    [], [], lr=lr_f, step=1, betas=(_FROZEN_BETA, _FROZEN_BETA), eps=eps_f,
-                    weight_decay=wd_f, decoupled_weight_decay=True, dist=g["perturbation"], tensor_ids=ids,
-                    stochastic_rounding=g["stochastic_rounding"], round_seed=self._round_seed(),
-                    backend=self.backend)
+                                                      step=int(sts[0]["step"]))
+                zfkernels.call_op(
+                    be, "zo_adam_update_", params=ps, exp_avgs=[st["exp_avg"] for st in sts],
+                    exp_avg_sqs=[st["exp_avg_sq"] for st in sts], tensor_ids=ids, seeds=[], coeffs=[],
+                    dist=dist, lr=lr_f, beta1=_FROZEN_BETA, beta2=_FROZEN_BETA, eps=eps_f, weight_decay=wd_f,
+                    decoupled_weight_decay=True, step=1, stochastic_rounding=g["stochastic_rounding"],
+                    round_seed=self._round_seed(g))
 
 
 def _with_added_options(groups):
