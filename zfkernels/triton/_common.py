@@ -136,6 +136,17 @@ def check_threshold(op: str, mask_threshold: int) -> int:
     return int(mask_threshold)
 
 
+DEFAULT_BLOCK = 2048          # elements per program on a GPU (8192 in the interpreter: ~10 ms a program)
+
+
+def warps_for(block: int) -> int:
+    """num_warps of a launch: 16 elements per thread (4 quads), so that the ``[4, 4, R, 8]``
+    tile is covered without replication (``R >= 4 * num_warps``) for BLOCK 2048-16384
+    and each thread issues four 16-byte loads per stream; smaller blocks (tests) get fewer
+    warps and replicate, which Triton keeps correct."""
+    return max(1, min(8, block // 512))
+
+
 def check_block(op: str, block: int) -> int:
     if not isinstance(block, int) or block < 128 or block & (block - 1):
         raise ValueError(f"{op}: block_size={block!r} must be a power of two >= 128")
@@ -200,7 +211,7 @@ def prepare_update(op, interp, params, buffer_lists, tensor_ids, seeds, coeffs, 
     reuse = -1
     if f32(restore_scale, "restore_scale", op) != 0.0:
         reuse = max((j for j, s in enumerate(seeds) if s == restore_seed), default=-1)
-    block = check_block(op, block_size or (8192 if interp else 1024))
+    block = check_block(op, block_size or (8192 if interp else DEFAULT_BLOCK))
     groups = []
     if params:
         dev = params[0].device

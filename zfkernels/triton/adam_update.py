@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from ..stream import split_seed
-from ._common import check_seed_arg, f32, interpreted, load_row, prepare_update, round32, tile_ptr, to_i32
+from ._common import check_seed_arg, f32, interpreted, load_row, prepare_update, round32, tile_ptr, to_i32, warps_for
 from ._update import restored_estimate
 from .philox import load_tile, store_param, store_rne
 
@@ -139,5 +139,5 @@ def zo_adam_update_(
             int(bool(sign)), int(len(history_buffers) > 0), int(bool(history_init)),
             int(bool(stochastic_rounding)), to_i32(sk0), to_i32(sk1),
             P_DTYPE=dtypes[0], M_DTYPE=dtypes[1], V_DTYPE=dtypes[2], H_DTYPE=dtypes[3], DIST=d, BLOCK=block,
-            num_warps=4, enable_fp_fusion=False,   # one arithmetic: no FMA contraction
+            num_warps=warps_for(block), enable_fp_fusion=False,   # one arithmetic: no FMA contraction
         )

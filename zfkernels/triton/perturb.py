@@ -9,8 +9,8 @@ import triton.language as tl
 
 from ..stream import split_seed
 from ._common import (
-    build_groups, check_block, check_dist, check_ids, check_params, check_seed_arg, check_threshold, f32,
-    interpreted, load_row, tile_ptr, to_i32,
+    DEFAULT_BLOCK, build_groups, check_block, check_dist, check_ids, check_params, check_seed_arg, check_threshold, f32,
+    interpreted, load_row, tile_ptr, to_i32, warps_for,
 )
 from .philox import load_tile, mask_tile, store_rne, z_tile
 
@@ -51,7 +51,7 @@ def perturb_(
         dist: 0 = Gaussian (§5), 1 = Rademacher (§4) (``"gaussian"``/``"rademacher"`` accepted).
         mask_seed: seed of the sparse mask stream (§6), in ``[0, 2^63)``.
         mask_threshold: ``T`` in ``[0, 2^24]``; 0 = no mask.
-        block_size: elements per program (power of two >= 128; default 1024, 8192 in
+        block_size: elements per program (power of two >= 128; default 2048, 8192 in
             the interpreter). Results do not depend on it.
     """
     op = "perturb_"
@@ -62,7 +62,7 @@ def perturb_(
     mask_seed = check_seed_arg(op, "mask_seed", mask_seed)
     d = check_dist(op, dist)
     T = check_threshold(op, mask_threshold)
-    block = check_block(op, block_size or (8192 if interp else 1024))
+    block = check_block(op, block_size or (8192 if interp else DEFAULT_BLOCK))
     scale = f32(scale, "scale", op)
     if not params:
         return
@@ -73,6 +73,6 @@ def perturb_(
         meta = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
         _perturb_kernel[(tiles,)](
             meta, n_rows, to_i32(k0), to_i32(k1), to_i32(m0), to_i32(m1), T, scale,
-            P_DTYPE=dtypes[0], DIST=d, BLOCK=block, num_warps=4,
+            P_DTYPE=dtypes[0], DIST=d, BLOCK=block, num_warps=warps_for(block),
             enable_fp_fusion=False,   # one arithmetic: no FMA contraction (docs/kernel-ops.md)
         )

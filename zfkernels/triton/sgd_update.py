@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ..stream import split_seed
-from ._common import check_seed_arg, f32, interpreted, load_row, prepare_update, round32, tile_ptr, to_i32
+from ._common import check_seed_arg, f32, interpreted, load_row, prepare_update, round32, tile_ptr, to_i32, warps_for
 from ._update import restored_estimate
 from .philox import load_tile, store_param, store_rne
 
@@ -125,6 +125,6 @@ def zo_sgd_update_(
             int(restore_scale != 0.0), int(weight_decay != 0.0), int(len(momentum_buffers) > 0),
             int(bool(nesterov)), int(bool(momentum_init)), int(bool(sign)), int(len(history_buffers) > 0),
             int(bool(history_init)), int(bool(stochastic_rounding)), to_i32(sk0), to_i32(sk1),
-            P_DTYPE=dtypes[0], B_DTYPE=dtypes[1], H_DTYPE=dtypes[2], DIST=d, BLOCK=block, num_warps=4,
+            P_DTYPE=dtypes[0], B_DTYPE=dtypes[1], H_DTYPE=dtypes[2], DIST=d, BLOCK=block, num_warps=warps_for(block),
             enable_fp_fusion=False,   # one arithmetic: no FMA contraction (docs/kernel-ops.md)
         )
