@@ -2,12 +2,22 @@
 ``stream v1``) and the ``philox4x32_10`` op.
 
 Layout of one program tile: ``BLOCK`` consecutive elements (``BLOCK`` a power of two,
-``>= 128``) starting at a multiple of ``BLOCK`` are viewed as a ``[R, 32, 4]`` block with
-``R = BLOCK // 128``; element ``(r, q, l)`` is ``i = base + 128 * r + 4 * q + l``. This puts
-the 4 lanes of one Philox call (Gaussian §5, mask §6) on the last axis and the 128
-elements of one Rademacher call (§4) on one ``r`` row, so each Philox call is evaluated
-exactly once per tile and no cross-lane shuffles are needed. ``z`` therefore depends only
-on ``(seed, tensor_id, i)``, never on ``BLOCK``.
+``>= 128``) starting at a multiple of ``BLOCK`` are viewed as a ``[4, 4, R, 8]`` block
+``(lane, w, r, t)`` with ``R = BLOCK // 128``; the element at ``(lane, w, r, t)`` is
+``i = base + 128 r + 32 w + 4 t + lane``. Triton's default layout for this shape puts the
+``t`` and ``r`` axes on threads and warps and keeps ``lane`` and ``w`` in each thread's
+registers, which is also the layout of a vectorised load (4 consecutive elements per
+thread), so no layout conversion is needed between loads, stream and stores. Then:
+
+* a quad (4 consecutive elements: one Philox call of the Gaussian §5, the mask §6, the
+  rounding words §9) lies in one thread: one call per quad, computed once, no shuffles;
+* a 128-element row ``r`` (one Rademacher call, §4) is spread over the 8 threads of one
+  ``t`` group, each holding its 4 words ``w`` (word ``w`` of the call covers elements
+  ``32 w .. 32 w + 31``, so the word is a register, not a select): one call per thread
+  per row, i.e. per 16 elements at BLOCK = 2048 (the previous ``[R, 32, 4]`` layout made
+  every thread evaluate every row's call: one per element).
+
+``z`` depends only on ``(seed, tensor_id, i)``, never on ``BLOCK`` or the layout.
 
 Our own Philox (§1) is written with ``tl.umulhi``; Triton's ``tl.randint4x`` is only used
 as an independent oracle in tests.
