@@ -6,16 +6,18 @@
 #      GPU) and the replay tests, in pytest-xdist workers: a worker that dies is reported
 #      with its test's name and the others go on (without xdist: one process per module);
 #   4. runs the GPU benchmark subset (kernels at 64M/256M, optimizer step on the ViT-B list,
-#      one ViT-B/16 training iteration per method) and writes the report;
+#      one ViT-B/16 training iteration per method, the OPT-1.3B-shaped LLM iteration) and writes
+#      the report;
 #   5. prints a one-screen summary (tests passed / failed / crashed by name, each target with
 #      its measured value, the minutes per phase).
 # What comes back from a lease fits its limits (at most 8 files): in $OUT (or results/gpu/)
 # summary.txt, summary.json, performance.md and gpu_logs.tar.gz (every full log, the junit
 # XML, the benchmark JSON and the plots). Nothing is cut to a tail.
-#   6. (PROFILE=1) times the profiled kernel cases against copy_ and runs ncu on one launch of each
+#   6. (PROFILE=1) times the profiled kernel cases against copy_ (the Triton cases named in
+#      PROFILE_TRITON too) and, unless NCU=0, runs ncu on one launch of each CUDA case
 #      (benchmarks/profile_kernels.py): profile.txt and ncu.txt in $OUT.
-# Env: SKIP_BUILD=1, SKIP_PROBE=1, SKIP_TESTS=1, TESTS (the test files), TEST_SELECT (a pytest -k
-#      expression), BENCH_ONLY="kernels optim e2e", PROFILE=1, GPU_CHECK_BUDGET_S (350),
+# Env: SKIP_BUILD=1 (or auto: use carried extensions if they load), SKIP_PROBE=1, KERNELS_SELECT (-k of the kernel suite), SKIP_TESTS=1, TESTS (the test files), TEST_SELECT (a pytest -k
+#      expression), BENCH_ONLY="kernels optim e2e llm", PROFILE=1, GPU_CHECK_BUDGET_S (350),
 #      TEST_WORKERS (12), ZEROFLOW_COMMIT (the commit to report where .git is stale, as in a device lease).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -74,6 +76,14 @@ cat "$WORK/env.json" | tee -a "$WORK/logs/gpu_check.log"; echo
 phase_done device ok
 
 # -------------------------------------------------------------------------- 1. build
+if [ "${SKIP_BUILD:-0}" = "auto" ]; then   # extensions built elsewhere for this image and carried in: use them if they load
+  if "$PY" -c "from zfkernels import _compiled as c; assert c.cpu_available() and c.cuda_available(), c.missing_reason('cuda')" \
+      > "$WORK/logs/prebuilt.log" 2>&1; then
+    say "build: skipped, the carried extensions load: $(ls zfkernels/*.so | tr '\n' ' ')"; SKIP_BUILD=1; phase_done build prebuilt
+  else
+    say "build: the carried extensions do not load ($(tail -1 "$WORK/logs/prebuilt.log")); building"; SKIP_BUILD=0
+  fi
+fi
 if [ "${SKIP_BUILD:-0}" != "1" ]; then
   say "build: pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
   if ZEROFLOW_BUILD_CUDA=1 "$PY" -m pip install -v --no-build-isolation --no-deps -e . > "$WORK/logs/build.log" 2>&1; then
@@ -123,11 +133,12 @@ fi
 export BENCH_DEVICE=cuda TRITON_INTERPRET=0
 unset BENCH_FAST
 JSONS=()
-for suite in ${BENCH_ONLY:-kernels optim e2e}; do
+for suite in ${BENCH_ONLY:-kernels optim e2e llm}; do
   case $suite in
-    kernels) file=benchmarks/test_bench_kernels.py; sel=""; lim=$(left 75) ;;
+    kernels) file=benchmarks/test_bench_kernels.py; sel="${KERNELS_SELECT:+-k $KERNELS_SELECT}"; lim=$(left 75) ;;
     optim)   file=benchmarks/test_bench_optim_step.py; sel="-k vit_b_86m"; lim=$(left 30) ;;
     e2e)     file=benchmarks/test_bench_end_to_end.py; sel=""; lim=$(left 50) ;;
+    llm)     file=benchmarks/test_bench_llm.py; sel=""; lim=$(left 90) ;;
   esac
   if [ "$lim" -lt 15 ]; then say "bench $suite skipped: the budget is spent"; STATUS=1; phase_done "bench_$suite" skipped; continue; fi
   say "bench $suite (limit ${lim}s)"
@@ -146,10 +157,17 @@ done
 if [ "${PROFILE:-0}" = "1" ]; then
   lim=$(left 100)
   say "profile: kernels vs copy_ at 256M, then ncu on one launch per case at 64M (limit ${lim}s)"
-  timeout -s INT "$(( lim / 3 ))" "$PY" -m benchmarks.profile_kernels > "$WORK/logs/profile.txt" 2>&1
+  PROFILE_RUNS=(); [ "${PROFILE_CUDA:-1}" = "1" ] && PROFILE_RUNS+=("--backend cuda")
+  [ -n "${PROFILE_TRITON:-}" ] && PROFILE_RUNS+=("--backend triton --cases $PROFILE_TRITON")
+  for args in "${PROFILE_RUNS[@]}"; do
+    echo "## profile_kernels $args" >> "$WORK/logs/profile.txt"
+    timeout -s INT "$(left $(( lim / 3 )))" "$PY" -m benchmarks.profile_kernels $args >> "$WORK/logs/profile.txt" 2>&1
+  done
   cat "$WORK/logs/profile.txt" | tee -a "$WORK/logs/gpu_check.log"
   cp "$WORK/logs/profile.txt" "$DEST/profile.txt"
-  if command -v ncu > /dev/null; then
+  if [ "${NCU:-1}" = "0" ]; then
+    phase_done profile ok
+  elif command -v ncu > /dev/null; then
     timeout -s INT "$(left $(( lim * 2 / 3 )))" ncu --clock-control none -k regex:multi_tensor_kernel \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
       --section WarpStateStats --section MemoryWorkloadAnalysis \
