@@ -17,7 +17,7 @@
 #      PROFILE_TRITON too) and, unless NCU=0, runs ncu on one launch of each CUDA case
 #      (benchmarks/profile_kernels.py): profile.txt and ncu.txt in $OUT.
 # Env: SKIP_BUILD=1 (or auto: use carried extensions if they load), SKIP_PROBE=1, KERNELS_SELECT (-k of the kernel suite), SKIP_TESTS=1, TESTS (the test files), TEST_SELECT (a pytest -k
-#      expression), BENCH_ONLY="kernels optim e2e llm", PROFILE=1, GPU_CHECK_BUDGET_S (350),
+#      expression), TEST_LIMIT_S (170), BENCH_ONLY="kernels optim e2e llm", PROFILE=1, GPU_CHECK_BUDGET_S (350),
 #      TEST_WORKERS (12), ZEROFLOW_COMMIT (the commit to report where .git is stale, as in a device lease).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -108,7 +108,7 @@ fi
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
   TESTS="${TESTS:-tests/test_parity.py tests/test_replay.py tests/test_build.py}"
   SELECT=(); [ -n "${TEST_SELECT:-}" ] && SELECT=(-k "$TEST_SELECT")
-  lim=$(left 170)
+  lim=$(left "${TEST_LIMIT_S:-170}")
   say "GPU tests: $TESTS (limit ${lim}s; full log: logs/tests.log)"
   # TRITON_INTERPRET=0: tests/conftest.py only *defaults* it to 1, so Triton compiles for the GPU.
   export TRITON_INTERPRET=0
