@@ -17,18 +17,14 @@ from ..stream import MASK32, MASK_ONE, TENSOR_ID_LIMIT, check_seed, dist_code
 FLOAT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 # ----------------------------------------------------------------------------- pointer table
-# One int64 row per tensor: [slot 0, slot 1, slot 2, slot 3, numel, tensor_id, first_tile,
-# aligned]. The slots hold data pointers: the param, then the op's buffers in schema order
-# (SGD: momentum, history; Adam: m, v, history; docs/kernel-ops.md, "Schemas"). first_tile is
-# the index of the tensor's first program within its launch; aligned is 1 when every slot
-# pointer is a multiple of 16 bytes (then the tensor's full tiles take the vectorised path
-# of philox.load_tile). (constexpr: readable in @jit code.)
+# One int64 row per tensor: [slot 0, slot 1, slot 2, slot 3, numel, tensor_id, first_tile, 0].
+# The slots hold data pointers: the param, then the op's buffers in schema order (SGD:
+# momentum, history; Adam: m, v, history; docs/kernel-ops.md, "Schemas"). first_tile is the
+# index of the tensor's first program within its launch. (constexpr: readable in @jit code.)
 ROW = tl.constexpr(8)
 COL_NUMEL = tl.constexpr(4)
 COL_TID = tl.constexpr(5)
 COL_START = tl.constexpr(6)
-COL_ALIGNED = tl.constexpr(7)
-ALIGN_BYTES = 16
 
 
 def interpreted(kernel) -> bool:
@@ -136,17 +132,6 @@ def check_threshold(op: str, mask_threshold: int) -> int:
     return int(mask_threshold)
 
 
-DEFAULT_BLOCK = 2048          # elements per program on a GPU (8192 in the interpreter: ~10 ms a program)
-
-
-def warps_for(block: int) -> int:
-    """num_warps of a launch: 16 elements per thread (4 quads), so that the ``[4, 4, R, 8]``
-    tile is covered without replication (``R >= 4 * num_warps``) for BLOCK 2048-16384
-    and each thread issues four 16-byte loads per stream; smaller blocks (tests) get fewer
-    warps and replicate, which Triton keeps correct."""
-    return max(1, min(8, block // 512))
-
-
 def check_block(op: str, block: int) -> int:
     if not isinstance(block, int) or block < 128 or block & (block - 1):
         raise ValueError(f"{op}: block_size={block!r} must be a power of two >= 128")
@@ -171,8 +156,7 @@ def build_groups(params, buffer_lists, tensor_ids, block: int):
         g = groups.setdefault(key, [[], 0])
         ptrs = [p.data_ptr()] + [b.data_ptr() for b in bufs]
         ptrs += [p.data_ptr()] * (4 - len(ptrs))
-        aligned = int(all(a % ALIGN_BYTES == 0 for a in ptrs))
-        g[0].extend(ptrs + [n, tensor_ids[k], g[1], aligned])
+        g[0].extend(ptrs + [n, tensor_ids[k], g[1], 0])
         g[1] += triton.cdiv(n, block)
     out = []
     for key, (rows, tiles) in groups.items():
@@ -182,13 +166,11 @@ def build_groups(params, buffer_lists, tensor_ids, block: int):
 
 
 def prepare_update(op, interp, params, buffer_lists, tensor_ids, seeds, coeffs, dist,
-                   mask_seed, mask_threshold, restore_seed, restore_scale, block_size):
-    """Validate the arguments the fused update ops share; returns ``(dist, T, block, reuse,
-    groups)`` where ``reuse`` is the last query whose seed is ``restore_seed`` when the
-    restore runs (fp32(restore_scale) != 0), else -1 (the kernels then take the restore's
-    z for that query's term, as csrc/ops.cpp does), and each group is ``(dtypes, meta,
-    n_rows, seed_off, tiles)``: ``meta`` is the pointer table followed by the q seeds, then
-    the fp32 bits of the q coefficients (seeds from ``seed_off``), on the params' device."""
+                   mask_seed, mask_threshold, restore_seed, block_size):
+    """Validate the arguments the fused update ops share; returns ``(dist, T, block,
+    groups)`` where each group is ``(dtypes, meta, n_rows, seed_off, tiles)``: ``meta``
+    is the pointer table followed by the q seeds, then the fp32 bits of the q coefficients
+    (seeds from ``seed_off``), on the params' device."""
     check_params(op, params, interp)
     for name, bl in buffer_lists:
         check_buffers(op, name, bl, params)
@@ -207,18 +189,15 @@ def prepare_update(op, interp, params, buffer_lists, tensor_ids, seeds, coeffs, 
     d = check_dist(op, dist)
     T = check_threshold(op, mask_threshold)
     check_seed_arg(op, "mask_seed", mask_seed)
-    restore_seed = check_seed_arg(op, "restore_seed", restore_seed)
-    reuse = -1
-    if f32(restore_scale, "restore_scale", op) != 0.0:
-        reuse = max((j for j, s in enumerate(seeds) if s == restore_seed), default=-1)
-    block = check_block(op, block_size or (8192 if interp else DEFAULT_BLOCK))
+    check_seed_arg(op, "restore_seed", restore_seed)
+    block = check_block(op, block_size or (8192 if interp else 1024))
     groups = []
     if params:
         dev = params[0].device
         for dtypes, rows, n_rows, tiles in build_groups(params, [bl for _, bl in buffer_lists], ids, block):
             meta = torch.tensor(rows + seeds + cbits, dtype=torch.int64).to(dev, non_blocking=True)
             groups.append((dtypes, meta, n_rows, len(rows), tiles))
-    return d, T, block, reuse, groups
+    return d, T, block, groups
 
 
 # ----------------------------------------------------------------------------- scalars
@@ -241,22 +220,14 @@ def f32(x: float, name: str, op: str) -> float:
 
 # ----------------------------------------------------------------------------- @jit: the table
 @triton.jit
-def tile_axes(BLOCK: tl.constexpr):
-    """The four axes of the ``[4, 4, R, 8]`` tile (zfkernels/triton/philox.py) as
-    broadcastable int32 aranges ``(lane, w, r, t)``: element ``128 r + 32 w + 4 t + lane``."""
+def tile_offsets(base, BLOCK: tl.constexpr):
+    """int64 element indices ``[R, 32, 4]`` of the tile starting at ``base`` (int64), in
+    the tile layout of zfkernels/triton/philox.py (``R = BLOCK // 128``)."""
     R: tl.constexpr = BLOCK // 128
-    lane = tl.arange(0, 4)[:, None, None, None]
-    w = tl.arange(0, 4)[None, :, None, None]
-    r = tl.arange(0, R)[None, None, :, None]
-    t = tl.arange(0, 8)[None, None, None, :]
-    return lane, w, r, t
-
-
-@triton.jit
-def tile_index(BLOCK: tl.constexpr):
-    """int32 index ``[4, 4, R, 8]`` of each element within its tile."""
-    lane, w, r, t = tile_axes(BLOCK)
-    return r * 128 + w * 32 + t * 4 + lane
+    r = tl.arange(0, R).to(tl.int64)[:, None, None]
+    q = tl.arange(0, 32)[None, :, None]
+    lane = tl.arange(0, 4)[None, None, :]
+    return base + r * 128 + (q * 4 + lane)
 
 
 @triton.jit
@@ -277,24 +248,19 @@ def find_row(meta_ptr, n_rows, pid):
 
 @triton.jit
 def load_row(meta_ptr, n_rows, BLOCK: tl.constexpr):
-    """This program's place in the table: ``(row, base, loc, inb, full, tid)`` -- the
-    address of its tensor's row (pass it to :func:`tile_ptr`), the first element of its
-    tile (int64), the in-tile element indices (philox.tile_index), which of them lie inside
-    the tensor, whether the whole tile does and the row is aligned (the fast path of
-    philox.load_tile), and the tensor id."""
+    """This program's place in the table: ``(row, base, offs, inb, tid)`` -- the address of
+    its tensor's row (pass it to :func:`slot_ptr`), the first element of its tile, the
+    tile's element indices and which of them lie inside the tensor, and the tensor id."""
     row_index, tile = find_row(meta_ptr, n_rows, tl.program_id(0).to(tl.int64))
     row = meta_ptr + row_index * ROW
     numel = tl.load(row + COL_NUMEL)
     tid = tl.load(row + COL_TID).to(tl.uint32)
-    aligned = tl.load(row + COL_ALIGNED)
     base = tile * BLOCK
-    loc = tile_index(BLOCK)
-    rem = tl.minimum(numel - base, BLOCK).to(tl.int32)
-    full = (aligned != 0) & (rem == BLOCK)
-    return row, base, loc, loc < rem, full, tid
+    offs = tile_offsets(base, BLOCK)
+    return row, base, offs, offs < numel, tid
 
 
 @triton.jit
-def tile_ptr(row, slot: tl.constexpr, DTYPE: tl.constexpr, base):
-    """The address of element ``base`` of the tensor in ``slot`` of a table row, typed ``DTYPE``."""
-    return tl.load(row + slot).to(tl.pointer_type(DTYPE)) + base
+def slot_ptr(row, slot: tl.constexpr, DTYPE: tl.constexpr):
+    """The data pointer in ``slot`` of a table row, typed ``DTYPE``."""
+    return tl.load(row + slot).to(tl.pointer_type(DTYPE))

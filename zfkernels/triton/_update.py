@@ -1,17 +1,20 @@
 """``@jit`` pieces shared by the fused update kernels (docs/kernel-ops.md, steps 1-4):
 pending restore, the q-seed estimate, the mask, history and sign.
 
-Compile-time: the storage dtypes, ``DIST`` and ``BLOCK`` (``DIST`` selects which
-generator's code is in the kernel: with both in one kernel the Gaussian path's registers
-capped the occupancy of the Rademacher one). Options are runtime scalars: a branch on a
-value that is uniform over the launch costs nothing measurable, while every constexpr
-combination is one more native compile (seconds each)."""
+Options are runtime scalars, not ``tl.constexpr``: a branch on a value that is uniform over
+the launch costs nothing measurable, while every constexpr combination is one more native
+compile (seconds each on a GPU). Only the storage dtypes and BLOCK are compile-time."""
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .philox import load_tile, mask_tile, store_rne, z_tile
+from .philox import mask_tile, store_rne, z_tile
+
+
+@triton.jit
+def load_f32(ptr, mask):
+    return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -21,42 +24,31 @@ def sign_f32(g):
 
 
 @triton.jit
-def restored_estimate(meta_ptr, seed_off, q, reuse, base, tid, theta,
-                      rkey0, rkey1, restore_scale, mkey0, mkey1, T,
-                      h_ptr, loc, inb, full, history_alpha, one_minus_alpha,
-                      has_restore, has_hist, history_init, sign, DIST: tl.constexpr, BLOCK: tl.constexpr):
+def restored_estimate(meta_ptr, seed_off, q, base, tid, theta,
+                      rkey0, rkey1, restore_scale, mkey0, mkey1, T, dist,
+                      h_ptr, inb, history_alpha, one_minus_alpha,
+                      has_restore, has_hist, history_init, sign, BLOCK: tl.constexpr):
     """Returns ``(p, g)`` of the tile, in the spec's order of fp32 operations:
 
     ``p = theta + (z(restore_seed) * m) * restore_scale``;
     ``g = (sum_j z(seeds[j]) * coeffs[j]) * m``, then history (stored here) and sign
     (``m`` only when ``T > 0``). Seeds (int64) sit at ``meta_ptr[seed_off : seed_off + q]``,
-    the fp32 bits of the coefficients right after them.
-
-    ``reuse`` is the query whose seed is ``restore_seed`` (-1: none; the host sets it only
-    when the restore runs): its term takes the restore's ``z`` instead of regenerating it.
-    Same values in the same order, so the same bits; it halves the generator work of
-    MeZO's restore-then-update (q = 1), one Philox call per quad and two Box–Muller
-    pairs fewer per quad for Gaussian ``z``."""
+    the fp32 bits of the coefficients right after them."""
     m = tl.zeros_like(theta) + 1.0
     if T > 0:
         m = mask_tile(base, tid, mkey0.to(tl.uint32, bitcast=True), mkey1.to(tl.uint32, bitcast=True),
                       T.to(tl.uint32), BLOCK)
     p = theta
-    zr = tl.zeros_like(theta)
     if has_restore != 0:
-        zr = z_tile(base, tid, rkey0.to(tl.uint32, bitcast=True), rkey1.to(tl.uint32, bitcast=True), DIST, BLOCK)
-        zm = zr
+        zr = z_tile(base, tid, rkey0.to(tl.uint32, bitcast=True), rkey1.to(tl.uint32, bitcast=True), dist, BLOCK)
         if T > 0:
-            zm = zr * m
-        p = theta + zm * restore_scale
+            zr = zr * m
+        p = theta + zr * restore_scale
     g = tl.zeros_like(theta)
     for j in range(0, q):
+        s = tl.load(meta_ptr + seed_off + j)
         c = tl.load(meta_ptr + seed_off + q + j).to(tl.int32).to(tl.float32, bitcast=True)
-        if j == reuse:
-            z = zr
-        else:
-            s = tl.load(meta_ptr + seed_off + j)
-            z = z_tile(base, tid, s.to(tl.uint32), (s >> 32).to(tl.uint32), DIST, BLOCK)
+        z = z_tile(base, tid, s.to(tl.uint32), (s >> 32).to(tl.uint32), dist, BLOCK)
         g = g + z * c
     if T > 0:
         g = g * m
@@ -64,8 +56,8 @@ def restored_estimate(meta_ptr, seed_off, q, reuse, base, tid, theta,
         if history_init != 0:
             h = g
         else:
-            h = load_tile(h_ptr, loc, inb, full) * history_alpha + g * one_minus_alpha
-        g = store_rne(h_ptr, loc, h, inb, full)   # later steps read the stored h
+            h = load_f32(h_ptr, inb) * history_alpha + g * one_minus_alpha
+        g = store_rne(h_ptr, h, inb)              # later steps read the stored h
     if sign != 0:
         g = sign_f32(g)
     return p, g

@@ -9,43 +9,43 @@ import triton
 import triton.language as tl
 
 from ..stream import split_seed
-from ._common import check_seed_arg, f32, interpreted, load_row, prepare_update, round32, tile_ptr, to_i32, warps_for
-from ._update import restored_estimate
-from .philox import load_tile, store_param, store_rne
+from ._common import check_seed_arg, f32, interpreted, load_row, prepare_update, round32, slot_ptr, to_i32
+from ._update import load_f32, restored_estimate
+from .philox import store_param, store_rne
 
 __all__ = ["zo_adam_update_"]
 
 
-@triton.jit(do_not_specialize=["n_rows", "seed_off", "q", "reuse", "rkey0", "rkey1", "mkey0", "mkey1", "T",
+@triton.jit(do_not_specialize=["n_rows", "seed_off", "q", "rkey0", "rkey1", "mkey0", "mkey1", "T", "dist",
                              "has_restore", "has_wd", "decoupled", "sign", "has_hist", "history_init",
                              "stochastic_rounding", "skey0", "skey1"])
-def _adam_kernel(meta_ptr, n_rows, seed_off, q, reuse, rkey0, rkey1, restore_scale, mkey0, mkey1, T,
+def _adam_kernel(meta_ptr, n_rows, seed_off, q, rkey0, rkey1, restore_scale, mkey0, mkey1, T, dist,
                  weight_decay, decay_factor, one_minus_beta1, beta2, one_minus_beta2, eps,
                  step_size, bc2_sqrt, history_alpha, one_minus_alpha,
                  has_restore, has_wd, decoupled, sign, has_hist, history_init, stochastic_rounding, skey0, skey1,
                  P_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr,
-                 H_DTYPE: tl.constexpr, DIST: tl.constexpr, BLOCK: tl.constexpr):
-    row, base, loc, inb, full, tid = load_row(meta_ptr, n_rows, BLOCK)
-    p_ptr = tile_ptr(row, 0, P_DTYPE, base)           # slots: param, m, v, history
-    m_ptr = tile_ptr(row, 1, M_DTYPE, base)
-    v_ptr = tile_ptr(row, 2, V_DTYPE, base)
-    h_ptr = tile_ptr(row, 3, H_DTYPE, base)
-    theta = load_tile(p_ptr, loc, inb, full)
-    p, g = restored_estimate(meta_ptr, seed_off, q, reuse, base, tid, theta,
-                             rkey0, rkey1, restore_scale, mkey0, mkey1, T,
-                             h_ptr, loc, inb, full, history_alpha, one_minus_alpha,
-                             has_restore, has_hist, history_init, sign, DIST, BLOCK)
+                 H_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    row, base, offs, inb, tid = load_row(meta_ptr, n_rows, BLOCK)
+    p_ptr = slot_ptr(row, 0, P_DTYPE)                  # slots: param, m, v, history
+    m_ptr = slot_ptr(row, 1, M_DTYPE)
+    v_ptr = slot_ptr(row, 2, V_DTYPE)
+    h_ptr = slot_ptr(row, 3, H_DTYPE)
+    theta = load_f32(p_ptr + offs, inb)
+    p, g = restored_estimate(meta_ptr, seed_off, q, base, tid, theta,
+                             rkey0, rkey1, restore_scale, mkey0, mkey1, T, dist,
+                             h_ptr + offs, inb, history_alpha, one_minus_alpha,
+                             has_restore, has_hist, history_init, sign, BLOCK)
     if decoupled != 0:
         p = p * decay_factor                           # AdamW: p * (1 - lr*wd)
     elif has_wd != 0:
         g = g + p * weight_decay                       # Adam: L2
-    m = load_tile(m_ptr, loc, inb, full)
+    m = load_f32(m_ptr + offs, inb)
     m = m + (g - m) * one_minus_beta1                  # torch's lerp form (weight < 0.5)
-    v = load_tile(v_ptr, loc, inb, full) * beta2 + (g * g) * one_minus_beta2
-    m = store_rne(m_ptr, loc, m, inb, full)            # later steps read the stored m, v
-    v = store_rne(v_ptr, loc, v, inb, full)
+    v = load_f32(v_ptr + offs, inb) * beta2 + (g * g) * one_minus_beta2
+    m = store_rne(m_ptr + offs, m, inb)                # later steps read the stored m, v
+    v = store_rne(v_ptr + offs, v, inb)
     denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-    store_param(p_ptr, loc, p - tl.div_rn(m, denom) * step_size, inb, full, base, tid,
+    store_param(p_ptr + offs, p - tl.div_rn(m, denom) * step_size, inb, base, tid,
                 skey0.to(tl.uint32, bitcast=True), skey1.to(tl.uint32, bitcast=True), stochastic_rounding, BLOCK)
 
 
@@ -106,10 +106,10 @@ def zo_adam_update_(
         )
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"{op}: step={step!r} must be an int >= 1")
-    d, T, block, reuse, groups = prepare_update(
+    d, T, block, groups = prepare_update(
         op, interp, params,
         [("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("history_buffers", history_buffers)],
-        tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, restore_scale, block_size)
+        tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, block_size)
     weight_decay_raw, history_alpha_raw = weight_decay, history_alpha
     restore_scale = f32(restore_scale, "restore_scale", op)
     f32(lr, "lr", op)          # checked like every scalar; the kernel takes lr/bc1 and 1 - beta1
@@ -130,14 +130,14 @@ def zo_adam_update_(
     mk0, mk1 = split_seed(mask_seed)
     for dtypes, meta, n_rows, seed_off, tiles in groups:
         _adam_kernel[(tiles,)](
-            meta, n_rows, seed_off, len(seeds), reuse, to_i32(rk0), to_i32(rk1), restore_scale,
-            to_i32(mk0), to_i32(mk1), T,
+            meta, n_rows, seed_off, len(seeds), to_i32(rk0), to_i32(rk1), restore_scale,
+            to_i32(mk0), to_i32(mk1), T, d,
             weight_decay, round32(1.0 - float(lr) * float(weight_decay_raw)), round32(1.0 - float(beta1)), b2,
             round32(1.0 - float(beta2)), eps,
             step_size, bc2_sqrt, history_alpha, round32(1.0 - float(history_alpha_raw)),
             int(restore_scale != 0.0), int(weight_decay != 0.0), int(bool(decoupled_weight_decay)),
             int(bool(sign)), int(len(history_buffers) > 0), int(bool(history_init)),
             int(bool(stochastic_rounding)), to_i32(sk0), to_i32(sk1),
-            P_DTYPE=dtypes[0], M_DTYPE=dtypes[1], V_DTYPE=dtypes[2], H_DTYPE=dtypes[3], DIST=d, BLOCK=block,
-            num_warps=warps_for(block), enable_fp_fusion=False,   # one arithmetic: no FMA contraction
+            P_DTYPE=dtypes[0], M_DTYPE=dtypes[1], V_DTYPE=dtypes[2], H_DTYPE=dtypes[3], BLOCK=block,
+            num_warps=4, enable_fp_fusion=False,   # one arithmetic: no FMA contraction
         )

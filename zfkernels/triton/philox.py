@@ -2,22 +2,12 @@
 ``stream v1``) and the ``philox4x32_10`` op.
 
 Layout of one program tile: ``BLOCK`` consecutive elements (``BLOCK`` a power of two,
-``>= 128``) starting at a multiple of ``BLOCK`` are viewed as a ``[4, 4, R, 8]`` block
-``(lane, w, r, t)`` with ``R = BLOCK // 128``; the element at ``(lane, w, r, t)`` is
-``i = base + 128 r + 32 w + 4 t + lane``. Triton's default layout for this shape puts the
-``t`` and ``r`` axes on threads and warps and keeps ``lane`` and ``w`` in each thread's
-registers, which is also the layout of a vectorised load (4 consecutive elements per
-thread), so no layout conversion is needed between loads, stream and stores. Then:
-
-* a quad (4 consecutive elements: one Philox call of the Gaussian §5, the mask §6, the
-  rounding words §9) lies in one thread: one call per quad, computed once, no shuffles;
-* a 128-element row ``r`` (one Rademacher call, §4) is spread over the 8 threads of one
-  ``t`` group, each holding its 4 words ``w`` (word ``w`` of the call covers elements
-  ``32 w .. 32 w + 31``, so the word is a register, not a select): one call per thread
-  per row, i.e. per 16 elements at BLOCK = 2048 (the previous ``[R, 32, 4]`` layout made
-  every thread evaluate every row's call: one per element).
-
-``z`` depends only on ``(seed, tensor_id, i)``, never on ``BLOCK`` or the layout.
+``>= 128``) starting at a multiple of ``BLOCK`` are viewed as a ``[R, 32, 4]`` block with
+``R = BLOCK // 128``; element ``(r, q, l)`` is ``i = base + 128 * r + 4 * q + l``. This puts
+the 4 lanes of one Philox call (Gaussian §5, mask §6) on the last axis and the 128
+elements of one Rademacher call (§4) on one ``r`` row, so each Philox call is evaluated
+exactly once per tile and no cross-lane shuffles are needed. ``z`` therefore depends only
+on ``(seed, tensor_id, i)``, never on ``BLOCK``.
 
 Our own Philox (§1) is written with ``tl.umulhi``; Triton's ``tl.randint4x`` is only used
 as an independent oracle in tests.
@@ -30,7 +20,7 @@ import triton.language as tl
 
 from .. import stream as S
 from ..stream import MASK32
-from ._common import device_ok, interpreted, tile_axes, to_i32
+from ._common import device_ok, interpreted, to_i32
 
 __all__ = ["philox4x32_10"]
 
@@ -100,10 +90,8 @@ def stream_words(b, tid, TAG: tl.constexpr, k0, k1):
 
 
 @triton.jit
-def _pick(i, y0, y1, y2, y3):
-    """``y_i`` (broadcast). ``i`` is an ``arange`` along an axis each thread holds whole
-    (the word axis or the lane axis of the tile), so the selects fold to register moves."""
-    return tl.where(i == 0, y0, tl.where(i == 1, y1, tl.where(i == 2, y2, y3)))
+def _lane_select(lane, y0, y1, y2, y3):
+    return tl.where(lane == 0, y0, tl.where(lane == 1, y1, tl.where(lane == 2, y2, y3)))
 
 
 @triton.jit
@@ -167,42 +155,40 @@ def _box_muller(xe, xo):
 
 
 @triton.jit
-def quad_words(base, tid, TAG: tl.constexpr, k0, k1, BLOCK: tl.constexpr):
-    """Stream words (tag ``TAG``) of one Philox call per quad (§5, §6, §9: element ``i`` is
-    word ``i & 3`` of call ``i >> 2``): four ``[4, R, 8, 1]`` tensors, one call per quad,
-    each computed by the thread that holds the quad."""
-    lane, w, r, t = tile_axes(BLOCK)
-    b = (base >> 2) + (r * 32 + w * 8 + t).to(tl.int64)
-    return stream_words(b, tid, TAG, k0, k1)
-
-
-@triton.jit
 def _rademacher_tile(base, tid, k0, k1, BLOCK: tl.constexpr):
-    """§4 on the tile: one Philox call per 128-element row ``r`` (shape ``[1, R, 1, 1]``);
-    word ``w`` of it covers the row's 32 elements ``32 w + 4 t + l``, bit ``4 t + l``."""
-    lane, w, r, t = tile_axes(BLOCK)
-    b = (base >> 7) + r.to(tl.int64)
+    """§4 on the ``[R, 32, 4]`` tile: one Philox call per 128-element row."""
+    R: tl.constexpr = BLOCK // 128
+    q = tl.arange(0, 32)[None, :, None]
+    lane = tl.arange(0, 4)[None, None, :]
+    b = (base >> 7) + tl.arange(0, R).to(tl.int64)
     x0, x1, x2, x3 = stream_words(b, tid, 0, k0, k1)
-    word = _pick(w, x0, x1, x2, x3)
-    bit = (word >> (t * 4 + lane).to(tl.uint32)) & 1
+    w = q >> 3                                   # word (j >> 5), j = 4q + lane
+    t = ((q & 7) * 4 + lane).to(tl.uint32)       # bit  (j & 31)
+    word = _lane_select(w, x0[:, None, None], x1[:, None, None], x2[:, None, None], x3[:, None, None])
+    bit = (word >> t) & 1
     return tl.where(bit != 0, 1.0, -1.0)
 
 
 @triton.jit
 def _gaussian_tile(base, tid, k0, k1, BLOCK: tl.constexpr):
-    """§5 on the tile: one Philox call and two Box–Muller pairs per quad."""
-    lane, w, r, t = tile_axes(BLOCK)
-    x0, x1, x2, x3 = quad_words(base, tid, 0, k0, k1, BLOCK)
+    """§5 on the ``[R, 32, 4]`` tile: one Philox call (two Box–Muller pairs) per quad."""
+    R: tl.constexpr = BLOCK // 128
+    lane = tl.arange(0, 4)[None, None, :]
+    rr = tl.arange(0, R).to(tl.int64)[:, None]
+    qq = tl.arange(0, 32)[None, :]
+    b = (base >> 2) + rr * 32 + qq
+    x0, x1, x2, x3 = stream_words(b, tid, 0, k0, k1)
     g0, g1 = _box_muller(x0, x1)
     g2, g3 = _box_muller(x2, x3)
-    return _pick(lane, g0, g1, g2, g3)
+    return _lane_select(lane, g0[:, :, None], g1[:, :, None], g2[:, :, None], g3[:, :, None])
 
 
 @triton.jit
-def z_tile(base, tid, k0, k1, DIST: tl.constexpr, BLOCK: tl.constexpr):
-    """Perturbation ``z`` (tag 0) of the tile starting at ``base`` (int64, a multiple of
-    BLOCK): ``DIST`` 0 = Gaussian (§5), 1 = Rademacher (§4)."""
-    if DIST == 1:
+def z_tile(base, tid, k0, k1, dist, BLOCK: tl.constexpr):
+    """Perturbation ``z`` (tag 0) of the ``[R, 32, 4]`` tile starting at ``base`` (int64,
+    multiple of BLOCK). ``dist`` is a runtime scalar (one compile serves both
+    distributions): 0 = Gaussian (§5), 1 = Rademacher (§4)."""
+    if dist == 1:
         z = _rademacher_tile(base, tid, k0, k1, BLOCK)
     else:
         z = _gaussian_tile(base, tid, k0, k1, BLOCK)
@@ -212,41 +198,20 @@ def z_tile(base, tid, k0, k1, DIST: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit
 def mask_tile(base, tid, k0, k1, T, BLOCK: tl.constexpr):
     """Sparse mask ``m`` (§6, tag 1) of the tile as fp32 0/1; ``T`` uint32 threshold."""
-    lane, w, r, t = tile_axes(BLOCK)
-    x0, x1, x2, x3 = quad_words(base, tid, 1, k0, k1, BLOCK)
-    x = _pick(lane, x0, x1, x2, x3)
+    R: tl.constexpr = BLOCK // 128
+    rr = tl.arange(0, R).to(tl.int64)[:, None]
+    qq = tl.arange(0, 32)[None, :]
+    b = (base >> 2) + rr * 32 + qq
+    x0, x1, x2, x3 = stream_words(b, tid, 1, k0, k1)
+    lane = tl.arange(0, 4)[None, None, :]
+    x = _lane_select(lane, x0[:, :, None], x1[:, :, None], x2[:, :, None], x3[:, :, None])
     return tl.where((x >> 8) < T, 0.0, 1.0)
 
 
 @triton.jit
-def load_tile(ptr, loc, inb, full):
-    """The tile's values as fp32: ``ptr`` is the tile's first element (scalar pointer),
-    ``loc`` the in-tile index (:func:`tile_index`). ``full`` (a runtime flag, uniform over
-    the program) says the whole tile lies inside the tensor and ``ptr`` is 16-byte aligned:
-    then the load is unmasked and vectorised (ld.global.v4 for fp32; Triton vectorises
-    only when the mask is constant over 4 elements and the address is known aligned);
-    otherwise masked element-wise."""
-    if full:
-        x = tl.load(tl.multiple_of(ptr + loc, [16, 1, 1, 1]))
-    else:
-        x = tl.load(ptr + loc, mask=inb, other=0.0)
-    return x.to(tl.float32)
-
-
-@triton.jit
-def store_tile(ptr, loc, v, inb, full):
-    """Store ``v`` (already of the pointee dtype) like :func:`load_tile` loads."""
-    if full:
-        tl.store(tl.multiple_of(ptr + loc, [16, 1, 1, 1]), v)
-    else:
-        tl.store(ptr + loc, v, mask=inb)
-
-
-@triton.jit
-def store_rne(ptr, loc, x, inb, full):
-    """Store fp32 ``x`` at the tile ``ptr`` (see :func:`load_tile`) rounded once to the
-    pointee dtype, nearest-even (§7), and return the stored value as fp32 (what a later
-    step of the op reads back).
+def store_rne(ptr, x, mask):
+    """Store fp32 ``x`` at ``ptr`` rounded once to the pointee dtype, nearest-even (§7),
+    and return the stored value as fp32 (what a later step of the op reads back).
 
     bf16 is rounded by hand on the uint32 view (the interpreter truncates, old GPUs
     emulate); fp16 uses the native RNE conversion; fp32 is stored as is."""
@@ -254,24 +219,28 @@ def store_rne(ptr, loc, x, inb, full):
         bits = x.to(tl.uint32, bitcast=True)
         rnd = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         rnd = tl.where(x != x, (bits >> 16) | 0x40, rnd)   # NaN stays a (quiet) NaN
-        store_tile(ptr, loc, rnd.to(tl.uint16).to(tl.bfloat16, bitcast=True), inb, full)
+        tl.store(ptr, rnd.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
         out = (rnd << 16).to(tl.float32, bitcast=True)
     elif ptr.dtype.element_ty == tl.float16:
         y = x.to(tl.float16)
-        store_tile(ptr, loc, y, inb, full)
+        tl.store(ptr, y, mask=mask)
         out = y.to(tl.float32)
     else:
-        store_tile(ptr, loc, x, inb, full)
+        tl.store(ptr, x, mask=mask)
         out = x
     return out
 
 
 @triton.jit
 def rounding_words(base, tid, k0, k1, BLOCK: tl.constexpr):
-    """§9 random words (tag 3) of the tile: element i = word i & 3 of call i >> 2."""
-    lane, w, r, t = tile_axes(BLOCK)
-    x0, x1, x2, x3 = quad_words(base, tid, 3, k0, k1, BLOCK)
-    return _pick(lane, x0, x1, x2, x3)
+    """§9 random words (tag 3) of the ``[R, 32, 4]`` tile: element i = word i & 3 of call i >> 2."""
+    R: tl.constexpr = BLOCK // 128
+    rr = tl.arange(0, R).to(tl.int64)[:, None]
+    qq = tl.arange(0, 32)[None, :]
+    b = (base >> 2) + rr * 32 + qq
+    x0, x1, x2, x3 = stream_words(b, tid, 3, k0, k1)
+    lane = tl.arange(0, 4)[None, None, :]
+    return _lane_select(lane, x0[:, :, None], x1[:, :, None], x2[:, :, None], x3[:, :, None])
 
 
 @triton.jit
@@ -311,12 +280,12 @@ def _sr_fp16_bits(x, w):
 
 
 @triton.jit
-def store_param(ptr, loc, x, inb, full, base, tid, k0, k1, stochastic_rounding, BLOCK: tl.constexpr):
-    """The update's parameter store at the tile ``ptr`` (see :func:`load_tile`): §7
-    round-to-nearest, or with ``stochastic_rounding`` (a runtime flag) §9 stochastic
-    rounding of a bf16/fp16 parameter from the rounding stream of key ``(k0, k1)``."""
+def store_param(ptr, x, mask, base, tid, k0, k1, stochastic_rounding, BLOCK: tl.constexpr):
+    """The update's parameter store: §7 round-to-nearest, or with ``stochastic_rounding`` (a
+    runtime flag) §9 stochastic rounding of a bf16/fp16 parameter from the rounding stream
+    of key ``(k0, k1)``."""
     if ptr.dtype.element_ty == tl.float32:
-        store_tile(ptr, loc, x, inb, full)
+        tl.store(ptr, x, mask=mask)
     else:
         if stochastic_rounding != 0:
             w = rounding_words(base, tid, k0, k1, BLOCK)
@@ -324,9 +293,9 @@ def store_param(ptr, loc, x, inb, full, base, tid, k0, k1, stochastic_rounding, 
                 bits = _sr_bf16_bits(x, w)
             else:
                 bits = _sr_fp16_bits(x, w)
-            store_tile(ptr, loc, bits.to(tl.uint16).to(ptr.dtype.element_ty, bitcast=True), inb, full)
+            tl.store(ptr, bits.to(tl.uint16).to(ptr.dtype.element_ty, bitcast=True), mask=mask)
         else:
-            store_rne(ptr, loc, x, inb, full)
+            store_rne(ptr, x, mask)
 
 
 @triton.jit(do_not_specialize=["n", "key0", "key1"])

@@ -10,44 +10,43 @@ import triton
 import triton.language as tl
 
 from ..stream import split_seed
-from ._common import check_seed_arg, f32, interpreted, load_row, prepare_update, round32, tile_ptr, to_i32, warps_for
-from ._update import restored_estimate
-from .philox import load_tile, store_param, store_rne
+from ._common import check_seed_arg, f32, interpreted, load_row, prepare_update, round32, slot_ptr, to_i32
+from ._update import load_f32, restored_estimate
+from .philox import store_param, store_rne
 
 __all__ = ["zo_sgd_update_"]
 
 
-@triton.jit(do_not_specialize=["n_rows", "seed_off", "q", "reuse", "rkey0", "rkey1", "mkey0", "mkey1", "T",
+@triton.jit(do_not_specialize=["n_rows", "seed_off", "q", "rkey0", "rkey1", "mkey0", "mkey1", "T", "dist",
                              "has_restore", "has_wd", "has_mom", "nesterov", "momentum_init", "sign",
                              "has_hist", "history_init", "stochastic_rounding", "skey0", "skey1"])
-def _sgd_kernel(meta_ptr, n_rows, seed_off, q, reuse, rkey0, rkey1, restore_scale, mkey0, mkey1, T,
+def _sgd_kernel(meta_ptr, n_rows, seed_off, q, rkey0, rkey1, restore_scale, mkey0, mkey1, T, dist,
                 lr, weight_decay, momentum, one_minus_dampening, history_alpha, one_minus_alpha,
                 has_restore, has_wd, has_mom, nesterov, momentum_init, sign, has_hist, history_init,
                 stochastic_rounding, skey0, skey1,
-                P_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, H_DTYPE: tl.constexpr, DIST: tl.constexpr,
-                BLOCK: tl.constexpr):
-    row, base, loc, inb, full, tid = load_row(meta_ptr, n_rows, BLOCK)
-    p_ptr = tile_ptr(row, 0, P_DTYPE, base)           # slots: param, momentum, history
-    b_ptr = tile_ptr(row, 1, B_DTYPE, base)
-    h_ptr = tile_ptr(row, 2, H_DTYPE, base)
-    theta = load_tile(p_ptr, loc, inb, full)
-    p, g = restored_estimate(meta_ptr, seed_off, q, reuse, base, tid, theta,
-                             rkey0, rkey1, restore_scale, mkey0, mkey1, T,
-                             h_ptr, loc, inb, full, history_alpha, one_minus_alpha,
-                             has_restore, has_hist, history_init, sign, DIST, BLOCK)
+                P_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, H_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    row, base, offs, inb, tid = load_row(meta_ptr, n_rows, BLOCK)
+    p_ptr = slot_ptr(row, 0, P_DTYPE)                  # slots: param, momentum, history
+    b_ptr = slot_ptr(row, 1, B_DTYPE)
+    h_ptr = slot_ptr(row, 2, H_DTYPE)
+    theta = load_f32(p_ptr + offs, inb)
+    p, g = restored_estimate(meta_ptr, seed_off, q, base, tid, theta,
+                             rkey0, rkey1, restore_scale, mkey0, mkey1, T, dist,
+                             h_ptr + offs, inb, history_alpha, one_minus_alpha,
+                             has_restore, has_hist, history_init, sign, BLOCK)
     if has_wd != 0:
         g = g + p * weight_decay
     if has_mom != 0:
         if momentum_init != 0:
             buf = g
         else:
-            buf = load_tile(b_ptr, loc, inb, full) * momentum + g * one_minus_dampening
-        buf = store_rne(b_ptr, loc, buf, inb, full)     # later steps read the stored buf
+            buf = load_f32(b_ptr + offs, inb) * momentum + g * one_minus_dampening
+        buf = store_rne(b_ptr + offs, buf, inb)     # later steps read the stored buf
         if nesterov != 0:
             g = g + buf * momentum
         else:
             g = buf
-    store_param(p_ptr, loc, p - g * lr, inb, full, base, tid, skey0.to(tl.uint32, bitcast=True),
+    store_param(p_ptr + offs, p - g * lr, inb, base, tid, skey0.to(tl.uint32, bitcast=True),
                 skey1.to(tl.uint32, bitcast=True), stochastic_rounding, BLOCK)
 
 
@@ -102,9 +101,9 @@ def zo_sgd_update_(
     """
     op = "zo_sgd_update_"
     interp = interpreted(_sgd_kernel)
-    d, T, block, reuse, groups = prepare_update(
+    d, T, block, groups = prepare_update(
         op, interp, params, [("momentum_buffers", momentum_buffers), ("history_buffers", history_buffers)],
-        tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, restore_scale, block_size)
+        tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, block_size)
     # Scalars rounded to fp32; derived ones (1 - dampening, 1 - alpha) in fp64 from the
     # unrounded arguments, then rounded once, as torch.optim.SGD does (docs/kernel-ops.md).
     one_minus_damp, one_minus_alpha = round32(1.0 - float(dampening)), round32(1.0 - float(history_alpha))
@@ -119,12 +118,12 @@ def zo_sgd_update_(
     mk0, mk1 = split_seed(mask_seed)
     for dtypes, meta, n_rows, seed_off, tiles in groups:
         _sgd_kernel[(tiles,)](
-            meta, n_rows, seed_off, len(seeds), reuse, to_i32(rk0), to_i32(rk1), restore_scale,
-            to_i32(mk0), to_i32(mk1), T, lr, weight_decay, momentum, one_minus_damp,
+            meta, n_rows, seed_off, len(seeds), to_i32(rk0), to_i32(rk1), restore_scale,
+            to_i32(mk0), to_i32(mk1), T, d, lr, weight_decay, momentum, one_minus_damp,
             history_alpha, one_minus_alpha,
             int(restore_scale != 0.0), int(weight_decay != 0.0), int(len(momentum_buffers) > 0),
             int(bool(nesterov)), int(bool(momentum_init)), int(bool(sign)), int(len(history_buffers) > 0),
             int(bool(history_init)), int(bool(stochastic_rounding)), to_i32(sk0), to_i32(sk1),
-            P_DTYPE=dtypes[0], B_DTYPE=dtypes[1], H_DTYPE=dtypes[2], DIST=d, BLOCK=block, num_warps=warps_for(block),
+            P_DTYPE=dtypes[0], B_DTYPE=dtypes[1], H_DTYPE=dtypes[2], BLOCK=block, num_warps=4,
             enable_fp_fusion=False,   # one arithmetic: no FMA contraction (docs/kernel-ops.md)
         )
