@@ -135,15 +135,16 @@ unset BENCH_FAST
 JSONS=()
 for suite in ${BENCH_ONLY:-kernels optim e2e llm}; do
   case $suite in
-    kernels) file=benchmarks/test_bench_kernels.py; sel="${KERNELS_SELECT:+-k $KERNELS_SELECT}"; lim=$(left 75) ;;
-    optim)   file=benchmarks/test_bench_optim_step.py; sel="-k vit_b_86m"; lim=$(left 30) ;;
-    e2e)     file=benchmarks/test_bench_end_to_end.py; sel=""; lim=$(left 50) ;;
-    llm)     file=benchmarks/test_bench_llm.py; sel=""; lim=$(left 90) ;;
+    kernels) file=benchmarks/test_bench_kernels.py; sel=(); lim=$(left 75)
+             [ -n "${KERNELS_SELECT:-}" ] && sel=(-k "$KERNELS_SELECT") ;;   # one argument, spaces and all
+    optim)   file=benchmarks/test_bench_optim_step.py; sel=(-k vit_b_86m); lim=$(left 30) ;;
+    e2e)     file=benchmarks/test_bench_end_to_end.py; sel=(); lim=$(left 50) ;;
+    llm)     file=benchmarks/test_bench_llm.py; sel=(); lim=$(left 90) ;;
   esac
   if [ "$lim" -lt 15 ]; then say "bench $suite skipped: the budget is spent"; STATUS=1; phase_done "bench_$suite" skipped; continue; fi
   say "bench $suite (limit ${lim}s)"
   # SIGINT (not KILL) at the limit: pytest still finishes the session and writes the JSON so far
-  timeout -s INT -k 15 "$lim" "$PY" -m pytest "$file" $sel -q -rs -p no:cacheprovider \
+  timeout -s INT -k 15 "$lim" "$PY" -m pytest "$file" "${sel[@]}" -q -rs -p no:cacheprovider \
     --benchmark-json="$WORK/bench/gpu_$suite.json" --benchmark-columns=min,median,rounds --benchmark-sort=name \
     > "$WORK/logs/bench_$suite.log" 2>&1
   rc=$?
