@@ -196,15 +196,22 @@ def z_tile(base, tid, k0, k1, dist, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def mask_tile(base, tid, k0, k1, T, BLOCK: tl.constexpr):
-    """Sparse mask ``m`` (§6, tag 1) of the tile as fp32 0/1; ``T`` uint32 threshold."""
+def quad_words(base, tid, tag, k0, k1, BLOCK: tl.constexpr):
+    """The ``[R, 32, 4]`` tile's words of stream ``tag`` when each Philox call covers one quad
+    (§6 mask, §9 rounding): element i = word i & 3 of call i >> 2."""
     R: tl.constexpr = BLOCK // 128
     rr = tl.arange(0, R).to(tl.int64)[:, None]
     qq = tl.arange(0, 32)[None, :]
     b = (base >> 2) + rr * 32 + qq
-    x0, x1, x2, x3 = stream_words(b, tid, 1, k0, k1)
+    x0, x1, x2, x3 = stream_words(b, tid, tag, k0, k1)
     lane = tl.arange(0, 4)[None, None, :]
-    x = _lane_select(lane, x0[:, :, None], x1[:, :, None], x2[:, :, None], x3[:, :, None])
+    return _lane_select(lane, x0[:, :, None], x1[:, :, None], x2[:, :, None], x3[:, :, None])
+
+
+@triton.jit
+def mask_tile(base, tid, k0, k1, T, BLOCK: tl.constexpr):
+    """Sparse mask ``m`` (§6, tag 1) of the tile as fp32 0/1; ``T`` uint32 threshold."""
+    x = quad_words(base, tid, 1, k0, k1, BLOCK)
     return tl.where((x >> 8) < T, 0.0, 1.0)
 
 
@@ -234,13 +241,7 @@ def store_rne(ptr, x, mask):
 @triton.jit
 def rounding_words(base, tid, k0, k1, BLOCK: tl.constexpr):
     """§9 random words (tag 3) of the ``[R, 32, 4]`` tile: element i = word i & 3 of call i >> 2."""
-    R: tl.constexpr = BLOCK // 128
-    rr = tl.arange(0, R).to(tl.int64)[:, None]
-    qq = tl.arange(0, 32)[None, :]
-    b = (base >> 2) + rr * 32 + qq
-    x0, x1, x2, x3 = stream_words(b, tid, 3, k0, k1)
-    lane = tl.arange(0, 4)[None, None, :]
-    return _lane_select(lane, x0[:, :, None], x1[:, :, None], x2[:, :, None], x3[:, :, None])
+    return quad_words(base, tid, 3, k0, k1, BLOCK)
 
 
 @triton.jit
