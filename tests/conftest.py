@@ -30,3 +30,16 @@ def make_data(n: int, n_in: int, n_out: int = 1, seed: int = 1) -> tuple[torch.T
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, n_in, generator=g)
     return X, torch.sin(2 * X[:, :n_out]) + X[:, n_out:n_out + 1]
+
+
+@pytest.fixture(scope="module")
+def zf_cache(tmp_path_factory):
+    """A fresh ZEROFLOW_CACHE (pretrained backbones, datasets) for one test module; the
+    caller's value is restored after it."""
+    old = os.environ.get("ZEROFLOW_CACHE")
+    os.environ["ZEROFLOW_CACHE"] = str(tmp_path_factory.mktemp("zfcache"))
+    yield
+    if old is None:
+        os.environ.pop("ZEROFLOW_CACHE", None)
+    else:
+        os.environ["ZEROFLOW_CACHE"] = old

@@ -14,15 +14,7 @@ FAST = dict(epochs=2)
 CHANCE_AVG = 100 * sum(1 / k for k in (2, 4, 6, 8, 10)) / 5   # 22.8 %: chance level of Avg on B2-Inc2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    old = os.environ.get("ZEROFLOW_CACHE")
-    os.environ["ZEROFLOW_CACHE"] = str(tmp_path_factory.mktemp("zfcache"))
-    yield
-    if old is None:
-        os.environ.pop("ZEROFLOW_CACHE", None)
-    else:
-        os.environ["ZEROFLOW_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("zf_cache")   # tests/conftest.py
 
 
 def _run(out, **kw):

@@ -2,7 +2,6 @@
 script's fast mode; the warning for a zo_eps the study found unsafe; a bf16 run on digits."""
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -107,21 +106,10 @@ def test_tf32_emulation_rounds_to_ten_mantissa_bits():
 
 
 # ---------------------------------------------------------------- runs
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    old = os.environ.get("ZEROFLOW_CACHE")
-    os.environ["ZEROFLOW_CACHE"] = str(tmp_path_factory.mktemp("zfcache"))
-    yield
-    if old is None:
-        os.environ.pop("ZEROFLOW_CACHE", None)
-    else:
-        os.environ["ZEROFLOW_CACHE"] = old
-
-
 QUICK = dict(epochs=1, pretrain_epochs=1, init_cls=5, increment=5, baseline="none")
 
 
-def test_bf16_run_on_digits_completes_and_is_its_own_run(tmp_path, cache):
+def test_bf16_run_on_digits_completes_and_is_its_own_run(tmp_path, zf_cache):
     from zeroflow.continual.defaults import resolve
     from zeroflow.continual.runner import run
     warnings = []
@@ -137,7 +125,7 @@ def test_bf16_run_on_digits_completes_and_is_its_own_run(tmp_path, cache):
         run(resolve(dict(QUICK, zo_eps=1e-4)), str(tmp_path / "r"), progress=False, log=lambda *a: None)
 
 
-def test_a_precision_this_torch_cannot_run_fails_before_writing(tmp_path, cache, monkeypatch):
+def test_a_precision_this_torch_cannot_run_fails_before_writing(tmp_path, zf_cache, monkeypatch):
     """fp16 autocasts on this CPU with torch 2.14; where a torch cannot, the run stops at once."""
     from zeroflow.continual import precision
     from zeroflow.continual.defaults import resolve

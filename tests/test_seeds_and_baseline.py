@@ -13,17 +13,6 @@ from zeroflow.continual.errors import ZeroflowError
 QUICK = dict(epochs=1, pretrain_epochs=1, init_cls=5, increment=5)
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    old = os.environ.get("ZEROFLOW_CACHE")
-    os.environ["ZEROFLOW_CACHE"] = str(tmp_path_factory.mktemp("zfcache"))
-    yield
-    if old is None:
-        os.environ.pop("ZEROFLOW_CACHE", None)
-    else:
-        os.environ["ZEROFLOW_CACHE"] = old
-
-
 def _run(out, **kw):
     from zeroflow.continual.defaults import resolve
     from zeroflow.continual.runner import run
@@ -31,7 +20,7 @@ def _run(out, **kw):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, cache):
+def runs(tmp_path_factory, zf_cache):
     """The runs the tests below compare (each a few seconds)."""
     base = tmp_path_factory.mktemp("runs")
     return {name: _run(base / name, **kw) for name, kw in {
@@ -138,7 +127,7 @@ def test_sweep_seeds_are_checked_before_anything_runs(tmp_path, capsys, args, ne
     assert not (tmp_path / "s").exists()
 
 
-def test_sweep_over_seeds_runs_each_seed_and_reports_mean_and_std(tmp_path, capsys, cache):
+def test_sweep_over_seeds_runs_each_seed_and_reports_mean_and_std(tmp_path, capsys, zf_cache):
     cfg = tmp_path / "quick.yaml"
     cfg.write_text("".join(f"{k}: {v}\n" for k, v in QUICK.items()) + "baseline: none\n")
     out = tmp_path / "s"
