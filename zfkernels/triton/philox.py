@@ -196,14 +196,14 @@ def z_tile(base, tid, k0, k1, dist, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def quad_words(base, tid, tag, k0, k1, BLOCK: tl.constexpr):
-    """The ``[R, 32, 4]`` tile's words of stream ``tag`` when each Philox call covers one quad
+def quad_words(base, tid, TAG: tl.constexpr, k0, k1, BLOCK: tl.constexpr):
+    """The ``[R, 32, 4]`` tile's words of stream ``TAG`` when each Philox call covers one quad
     (§6 mask, §9 rounding): element i = word i & 3 of call i >> 2."""
     R: tl.constexpr = BLOCK // 128
     rr = tl.arange(0, R).to(tl.int64)[:, None]
     qq = tl.arange(0, 32)[None, :]
     b = (base >> 2) + rr * 32 + qq
-    x0, x1, x2, x3 = stream_words(b, tid, tag, k0, k1)
+    x0, x1, x2, x3 = stream_words(b, tid, TAG, k0, k1)
     lane = tl.arange(0, 4)[None, None, :]
     return _lane_select(lane, x0[:, :, None], x1[:, :, None], x2[:, :, None], x3[:, :, None])
 
