@@ -666,6 +666,12 @@ class ZOFusedSGD(_ZOBase):
     "forward_grad", the latter needs ``model=``), ``conserve``, ``sparse_resample``
     ("step" | "task"), ``seed``, ``backend``. Formulas: docs/algorithms.md.
     Memory: no param-sized tensor without momentum/history; + momentum buffer; + history.
+
+    bf16/fp16 parameters: perturbing and restoring round at every store, so theta comes back
+    to its start only where ``zo_eps * z`` is a whole number of ulps of the weight; elsewhere
+    the restore alone moves weights by about an ulp (Gaussian z: any step). With Rademacher z
+    a power-of-two ``zo_eps`` (e.g. ``2**-8`` in bf16, weights below 1) keeps almost every
+    restore exact; docs/algorithms.md §7 and §11 (measured there).
     """
 
     _kind = "sgd"
@@ -739,7 +745,8 @@ class ZOFusedAdam(_ZOBase):
     exactly ``torch.optim.Adam`` (``decoupled_weight_decay=True``: ``AdamW``) fed the ZO
     estimate as ``.grad``, in one pass over theta, m, v (and h). Options as
     :class:`ZOFusedSGD` plus ``betas``, ``eps``, ``decoupled_weight_decay``.
-    Memory: m and v (and h with ``history``)."""
+    Memory: m and v (and h with ``history``). bf16/fp16 parameters: the restore is exact only
+    where ``zo_eps * z`` is a whole number of ulps, as for :class:`ZOFusedSGD`."""
 
     _kind = "adam"
 
