@@ -16,7 +16,10 @@ Measured in one run, each on the same model and batch (``extra_info['suite'] == 
                    as a float, as a ZO step reads it): the forwards of a ZO iteration, and the
                    memory baseline;
 * ``zo_sgd`` / ``zo_adam`` - ``zeroflow.optim.create(...).step(closure)`` (fused kernels,
-                   q = 1, two-sided, Gaussian z);
+                   q = 1, two-sided, Gaussian z: MeZO's setting);
+* ``zo_sgd_rademacher`` - the same ZO-SGD with Rademacher z (one Philox call per 128
+                   elements instead of Box-Muller per pair: the issue-13 profile predicts
+                   its share at ~0.4x the Gaussian one; the targets are reported for both);
 * ``mezo_sgd``   - the MeZO recipe (its trainer's ``zo_step`` + ``zo_update``): per step
                    ``torch.manual_seed(seed)`` and per parameter ``torch.normal`` in the
                    parameter's dtype, perturb +eps, forward, -2 eps, forward, +eps (restore),
@@ -72,9 +75,13 @@ COPY_NUMEL = 1 << 20 if TINY else 1 << 28   # 512 MiB each way in bf16: far past
 # MeZO's OPT settings (lr 1e-6..1e-7, eps 1e-3); AdamW at a fine-tuning lr.
 LR_ZO, EPS, LR_FO = 1e-6, 1e-3, 1e-5
 
-ZO_METHODS = ("zo_sgd", "zo_adam", "mezo_sgd")
+ZO_METHODS = ("zo_sgd", "zo_sgd_rademacher", "zo_adam", "mezo_sgd")
 CASES = [(m, v) for m in ZO_METHODS for v in ("iteration", "optimizer_only")] + [("fo_adamw", "iteration")]
-KIND = {"zo_sgd": "zeroflow", "zo_adam": "zeroflow", "mezo_sgd": "mezo", "fo_adamw": "fo"}
+KIND = {"zo_sgd": "zeroflow", "zo_sgd_rademacher": "zeroflow", "zo_adam": "zeroflow", "mezo_sgd": "mezo",
+        "fo_adamw": "fo"}
+# zeroflow methods: (optimizer name for zeroflow.optim.create, perturbation)
+ZEROFLOW = {"zo_sgd": ("zo_sgd", "gaussian"), "zo_sgd_rademacher": ("zo_sgd", "rademacher"),
+            "zo_adam": ("zo_adam", "gaussian")}
 
 
 def skip_reason() -> str | None:
@@ -161,10 +168,11 @@ class MezoRecipe:
 
 def make_method(method: str, model, params, closure, *, lr: float | None = None, eps: float = EPS):
     """``(step, optimizer)`` of one method; ``step()`` runs one training iteration."""
-    if method in ("zo_sgd", "zo_adam"):
+    if method in ZEROFLOW:
         from zeroflow.optim import create
 
-        opt = create(method, params, lr=LR_ZO if lr is None else lr, zo_eps=eps, seed=1234)
+        name, dist = ZEROFLOW[method]
+        opt = create(name, params, lr=LR_ZO if lr is None else lr, zo_eps=eps, perturbation=dist, seed=1234)
         return (lambda: opt.step(closure)), opt
     if method == "mezo_sgd":
         rec = MezoRecipe(params, closure, LR_ZO if lr is None else lr, eps)
@@ -184,8 +192,8 @@ def make_method(method: str, model, params, closure, *, lr: float | None = None,
 
 def roofline_bytes(method: str, params_bytes: int) -> int | None:
     """Bytes the method's passes must move at least (module docstring), read + write."""
-    return {"zo_sgd": 3 * 2 * params_bytes, "zo_adam": 2 * 2 * params_bytes + 2 * 3 * params_bytes,
-            "mezo_sgd": 4 * 2 * params_bytes}.get(method)
+    return {"zo_sgd": 3 * 2 * params_bytes, "zo_sgd_rademacher": 3 * 2 * params_bytes,
+            "zo_adam": 2 * 2 * params_bytes + 2 * 3 * params_bytes, "mezo_sgd": 4 * 2 * params_bytes}.get(method)
 
 
 def state_bytes(opt) -> int:
@@ -285,7 +293,9 @@ def test_llm_method(run_bench, benchmark, llm, method, variant):
              "lr": LR_FO if method == "fo_adamw" else LR_ZO, "zo_eps": None if method == "fo_adamw" else EPS}
     if variant == "iteration" and method in ZO_METHODS:
         extra["optimizer_only_ref"] = _key(method, "optimizer_only")
-    if method == "zo_sgd":
+    if method in ZEROFLOW:
+        extra["perturbation"] = ZEROFLOW[method][1]
+    if method in ("zo_sgd", "zo_sgd_rademacher"):
         extra["mezo_ref"] = _key("mezo_sgd", variant)
     if KIND[method] == "zeroflow":
         import zfkernels as zk

@@ -86,6 +86,27 @@ def test_llm_targets_met_and_missed(tmp_path):
     assert "| 1.06× | **missed** by 1 % |" in rows[2]
 
 
+def test_llm_rademacher_rows_have_their_own_targets(tmp_path):
+    """The Rademacher ZO-SGD records get the same three target rows, labelled, against the
+    same MeZO recipe; the Gaussian rows are unchanged by their presence."""
+    pb, zo = 2 * 10**9, {"forwards_per_step": 2, "backend": "cuda"}
+    recs = _llm_records(0.084, 0.110, 10.2e9) + [
+        _rec("zo_sgd_rademacher", "iteration", 0.0835, "zeroflow", peak_total_bytes=10 * 10**9,
+             roofline_bytes=6 * pb, optimizer_only_ref=_key("zo_sgd_rademacher", "optimizer_only"),
+             mezo_ref=_key("mezo_sgd"), **zo),
+        _rec("zo_sgd_rademacher", "optimizer_only", 3.2e-3, "zeroflow", roofline_bytes=6 * pb,
+             mezo_ref=_key("mezo_sgd", "optimizer_only"), **zo)]
+    text = R.render([_write(tmp_path, recs)], None)
+    rows = _llm_target_rows(text)
+    assert len(rows) == 6, rows
+    gauss, rad = rows[:3], rows[3:]
+    assert all("LLM ZO-SGD (Rademacher z)" in r for r in rad) and not any("Rademacher" in r for r in gauss)
+    assert "| 1.33× | **missed** by 3 % |" in gauss[0] and "| 7.50× | **met** |" in gauss[1]
+    # share 3.5 ms = 1.17x the 3 ms roofline; MeZO's 30 ms share / 3.5 ms = 8.57x; memory 1.00x
+    assert "| 1.17× | **met** |" in rad[0] and "| 8.57× | **met** |" in rad[1] and "| 1.00× | **met** |" in rad[2]
+    assert any(ln.startswith("| zeroflow ZO-SGD, Rademacher z (cuda backend) |") for ln in text.splitlines())
+
+
 def test_llm_share_within_noise_is_unresolved(tmp_path):
     """An iteration faster than its forwards is timing noise, not a met target."""
     rows = _llm_target_rows(R.render([_write(tmp_path, _llm_records(0.079, 0.110, 10e9))], None))
@@ -246,6 +267,7 @@ def test_roofline_bytes():
     from benchmarks import test_bench_llm as L
 
     assert L.roofline_bytes("zo_sgd", 10) == 60            # 3 passes, read + write
+    assert L.roofline_bytes("zo_sgd_rademacher", 10) == 60
     assert L.roofline_bytes("mezo_sgd", 10) == 80          # 4 passes
     assert L.roofline_bytes("zo_adam", 10) == 100          # 2 passes over theta + theta, m, v
     assert L.roofline_bytes("fo_adamw", 10) is None
@@ -266,7 +288,8 @@ def test_suite_tiny_mode_and_report(tmp_path):
     recs = {b["extra_info"]["key"].split("|")[1] + "/" + b["extra_info"]["key"].split("|")[2]: b
             for b in json.loads(js.read_text())["benchmarks"]}
     expected = {"copy/iteration", "inference/iteration", "fo_adamw/iteration"} | {
-        f"{m}/{v}" for m in ("zo_sgd", "zo_adam", "mezo_sgd") for v in ("iteration", "optimizer_only")}
+        f"{m}/{v}" for m in ("zo_sgd", "zo_sgd_rademacher", "zo_adam", "mezo_sgd")
+        for v in ("iteration", "optimizer_only")}
     assert set(recs) == expected, tail
     for k in ("inference/iteration", "zo_sgd/iteration", "zo_adam/iteration", "mezo_sgd/iteration",
               "fo_adamw/iteration"):
@@ -276,4 +299,7 @@ def test_suite_tiny_mode_and_report(tmp_path):
     text = R.render([str(js)], None)
     assert "### LLM-sized end-to-end on cpu: OPTForCausalLM `opt-tiny`" in text
     rows = [ln for ln in text.splitlines() if ln.startswith("| cpu | LLM ZO-SGD")]
-    assert len(rows) == 3 and all("[GPU target; CPU shown]" in r for r in rows), rows
+    assert len(rows) == 6 and all("[GPU target; CPU shown]" in r for r in rows), rows
+    assert sum("LLM ZO-SGD (Rademacher z)" in r for r in rows) == 3, rows
+    assert recs["zo_sgd_rademacher/iteration"]["extra_info"]["perturbation"] == "rademacher"
+    assert recs["zo_sgd/iteration"]["extra_info"]["perturbation"] == "gaussian"
