@@ -5,6 +5,8 @@
 #                     JSON and report in results/fast/ (docs/ untouched)
 #   make bench-sweep  query sweep q in {1,...,32} (zo_sgd, zo_adam; ~8 min), then the report
 #   make bench-gpu    benchmarks/gpu_check.sh (on a CUDA machine; output in $$OUT or results/gpu/)
+#   make census       instruction census of the Triton kernels, compiled offline for sm_90 (no GPU;
+#                     benchmarks/sass_census.py; use the device image's Triton: CENSUS_PY=...)
 #   make bench-report the report again from the JSON already in results/ (cpu_*.json, and gpu_*.json
 #                     copied there from a GPU run's gpu_logs.tar.gz: bench/gpu_*.json)
 SHELL := /bin/bash
@@ -16,7 +18,7 @@ PYTEST_BENCH := $(PY) -m pytest -q -rs -p no:cacheprovider --benchmark-columns=m
 SUITES := kernels optim_step end_to_end distributed
 SWEEP_JSON := $(RESULTS)/query_sweep.json
 
-.PHONY: bench bench-fast bench-sweep bench-gpu bench-report
+.PHONY: bench bench-fast bench-sweep bench-gpu bench-report census
 
 bench:
 	@mkdir -p $(RESULTS)
@@ -51,3 +53,8 @@ bench-sweep:
 
 bench-gpu:
 	bash benchmarks/gpu_check.sh
+
+CENSUS_PY ?= $(PY)
+census:
+	@mkdir -p $(RESULTS)
+	env -u TRITON_INTERPRET $(BENCH_PYTHONPATH) $(CENSUS_PY) -m benchmarks.sass_census --json $(RESULTS)/triton_census.json

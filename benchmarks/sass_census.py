@@ -1,0 +1,265 @@
+"""Instruction census of the Triton kernels, compiled offline for an H200 (sm_90): no GPU needed.
+
+Why: the fused kernels are bound by instruction issue as much as by memory (benchmarks/notes.md,
+issue 13: ncu counted 21 issued instructions per element for the CUDA Rademacher perturb, 78
+for the Gaussian one). A kernel that issues I instructions per element cannot exceed
+``issue_rate / I`` elements per second, whatever its memory does; the H200 issues 33.4 T lane
+instructions per second (4 schedulers x 132 SMs x 1.98 GHz x 32 lanes). This script gives I
+for each Triton kernel on the CPU, from the machine code Triton itself produces, so that a
+change of the Triton kernels can be judged before a device is lent and the device time goes
+to confirming it.
+
+How: each case of benchmarks/profile_kernels.py is run through the real Triton op
+(``zfkernels.call_op("triton", ...)``) on ``meta`` tensors with the kernel object replaced by
+a recorder, so the launch arguments are exactly the ones the op computes. The recorded
+launch is compiled with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` twice:
+  * as launched (options are runtime scalars; the JIT's own specialization of the launch):
+    registers, local memory (spills), total SASS instructions;
+  * with the option flags of the case (``dist``, ``q``, ``T``, ``has_restore``, ...) as
+    constants, which leaves the case's own path: its SASS instructions divided by the
+    elements one thread handles (``BLOCK / (32 * num_warps)``) is the census' estimate of
+    the instructions issued per element (the path is straight-line code: the tile is fully
+    unrolled; the table lookup's binary search adds ~log2(rows) x 10 per program).
+SASS comes from the ``cuobjdump`` Triton ships. The census also counts the Philox calls per
+element (``mul.hi.u32`` in the PTX: two per round, 20 per call), the global memory
+instructions and their widths (``LDG.E.128`` moves 16 bytes per lane, ``LDG.E`` 4) and the
+shared-memory round trips of layout conversions (``STS``/``LDS``/``BAR``).
+
+    python -m benchmarks.sass_census [--cases all] [--json out.json]
+
+The counts depend on the Triton version, and much (benchmarks/notes.md): census with the
+device image's, e.g. a venv of ``torch==2.11.0`` (it brings Triton 3.6) and
+``make census CENSUS_PY=that/venv/bin/python``; the output names the version.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+
+import torch
+
+from benchmarks.profile_kernels import CASES, EPS, SEED
+
+ISSUE_RATE = 33.4e12          # H200 lane instructions per second (benchmarks/notes.md)
+COPY_ELEMS = {torch.float32: 518e9, torch.bfloat16: 1003e9}   # copy_ elements/s on the H200, same notes
+# Arrays an op reads and writes per element (the cases have no momentum/history buffers):
+# its rate at copy bandwidth is COPY_ELEMS / arrays.
+ARRAYS = {"perturb": 1, "sgd": 1, "adam": 3}
+# Kernel arguments that are options of the case: constants in the path compile.
+OPTION_ARGS = ("q", "T", "dist", "has_restore", "has_wd", "has_mom", "nesterov", "momentum_init", "sign",
+               "has_hist", "history_init", "stochastic_rounding", "decoupled")
+_MODULE = {"perturb": ("perturb", "_perturb_kernel"), "sgd": ("sgd_update", "_sgd_kernel"),
+           "adam": ("adam_update", "_adam_kernel")}
+_OP = {"perturb": "perturb_", "sgd": "zo_sgd_update_", "adam": "zo_adam_update_"}
+
+
+class _Recorder:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kw)`` records the launch."""
+
+    def __init__(self, fn):
+        self.fn, self.launches = fn, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.launches.append((grid, args, kw))
+
+
+@contextlib.contextmanager
+def _recording(module, name):
+    real = getattr(module, name)
+    rec = _Recorder(real)
+    setattr(module, name, rec)
+    try:
+        yield rec
+    finally:
+        setattr(module, name, real)
+
+
+def _op_args(op, dtype, dist, opts, numel):
+    """The op's arguments for one case on ``meta`` tensors (no memory, pointers are 0)."""
+    from zfkernels.stream import dist_code, mask_threshold
+
+    p = torch.empty(numel, dtype=dtype, device="meta")
+    stream = {"dist": dist_code(dist), "mask_seed": opts.get("mask_seed", 0),
+              "mask_threshold": mask_threshold(opts.get("sparsity", 0.0))}
+    if op == "perturb":
+        return {"params": [p], "tensor_ids": [0], "seed": SEED, "scale": EPS, **stream}
+    upd = {"params": [p], "tensor_ids": [0], "seeds": [SEED], "coeffs": [0.37], "lr": 1e-6, "restore_seed": SEED,
+           "restore_scale": -EPS, **stream}
+    if op == "sgd":
+        return upd
+    return {**upd, "exp_avgs": [torch.empty_like(p)], "exp_avg_sqs": [torch.empty_like(p)], "step": 10}
+
+
+def _require_compiler():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("TRITON_INTERPRET=1 makes every @triton.jit an interpreted function that cannot be "
+                           "compiled; run the census without it (unset TRITON_INTERPRET)")
+
+
+def record_launch(op, dtype, dist, opts, numel=1 << 20):
+    """``(jit function, args, kwargs)`` of the case's one launch."""
+    import importlib
+
+    _require_compiler()
+    import zfkernels
+
+    mod_name, kname = _MODULE[op]
+    module = importlib.import_module(f"zfkernels.triton.{mod_name}")
+    with _recording(module, kname) as rec:
+        zfkernels.call_op("triton", _OP[op], **_op_args(op, dtype, dist, opts, numel))
+    if len(rec.launches) != 1:
+        raise RuntimeError(f"{op}: expected one launch, recorded {len(rec.launches)}")
+    _, args, kw = rec.launches[0]
+    return rec.fn, args, kw
+
+
+def compile_launch(fn, args, kw, *, specialize=(), target=None):
+    """``triton.compile`` of a recorded launch for ``target`` (default sm_90), specialized as
+    the JIT specializes that launch (Triton's own ``native_specialize_impl``: 16-byte aligned
+    pointers and integers marked divisible by 16, integers equal to 1 made constants, except
+    the kernel's ``do_not_specialize`` ones), plus the arguments named in ``specialize``
+    (``True``: every option of OPTION_ARGS) as constants. Returns ``(kernel, options)``."""
+    import triton
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+
+    _require_compiler()
+    target = target or GPUTarget("cuda", 90, 32)
+    specialize = OPTION_ARGS if specialize is True else tuple(specialize)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (param, v) in enumerate(zip(fn.params, args)):
+        name = param.name
+        # T > 0 stays a runtime value: the kernels convert it (T.to(...)), a constant has no .to
+        if name in specialize and not (name == "T" and v):
+            signature[name], constexprs[name] = "constexpr", v
+            continue
+        ty, attr = native_specialize_impl(CUDABackend, v, param.is_constexpr, not param.do_not_specialize,
+                                          not param.do_not_specialize_on_alignment)
+        signature[name] = ty
+        if ty == "constexpr":
+            constexprs[name] = v
+        elif attr:
+            attrs[(i,)] = CUDABackend.parse_attr(attr)
+    options = {}
+    for k, v in kw.items():
+        if k in fn.arg_names:
+            signature[k], constexprs[k] = "constexpr", v
+        else:
+            options[k] = v
+    missing = [n for n in fn.arg_names if n not in signature]
+    if missing:
+        raise RuntimeError(f"{fn.__name__}: no value recorded for {missing}")
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=target, options=options), options
+
+
+def _cuobjdump():
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(path):
+        raise RuntimeError(f"cuobjdump not found at {path} (it ships with Triton's NVIDIA backend)")
+    return path
+
+
+_INSTR = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)")
+
+
+def _dump(cubin: bytes, flag: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([_cuobjdump(), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resources(cubin: bytes) -> dict:
+    """Registers per thread, local memory (spills) and shared memory per block of the kernel."""
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", _dump(cubin, "-res-usage"))
+    if not m:
+        raise RuntimeError("cuobjdump -res-usage printed no REG/LOCAL line")
+    return {"regs": int(m.group(1)), "local_bytes": int(m.group(4)), "shared_bytes": int(m.group(3))}
+
+
+def sass_opcodes(cubin: bytes) -> Counter:
+    """Opcode (with modifiers) -> count in the kernel's SASS."""
+    out = _dump(cubin, "-sass")
+    c = Counter()
+    for line in out.splitlines():
+        m = _INSTR.match(line)
+        if m:
+            c[m.group(1)] += 1
+    return c
+
+
+def philox_calls(ptx: str) -> float:
+    """Philox calls in one thread's code: each of the 10 rounds takes two ``tl.umulhi``, one
+    ``mul.hi.u32`` each in the PTX (ptxas then emits ``IMAD.HI.U32`` or folds the low half in
+    an ``IMAD.WIDE.U32``, so the SASS does not tell them apart from address arithmetic);
+    nothing else in these kernels multiplies for a high half."""
+    return len(re.findall(r"\bmul\.hi\.u32\b", ptx)) / 20
+
+
+def census(op, dtype, dist, opts):
+    """The census of one case (module docstring)."""
+    fn, args, kw = record_launch(op, dtype, dist, opts)
+    real, options = compile_launch(fn, args, kw)
+    path, _ = compile_launch(fn, args, kw, specialize=True)
+    ops = sass_opcodes(path.asm["cubin"])
+    total = sum(n for o, n in ops.items() if o != "NOP")
+    per_thread = kw["BLOCK"] // (32 * options.get("num_warps", 4))
+    philox = philox_calls(path.asm["ptx"])
+    mem = {o: n for o, n in ops.items() if o.startswith(("LDG", "STG"))}
+    shared = sum(n for o, n in ops.items() if o.startswith(("STS", "LDS", "BAR")))
+    i_elem = total / per_thread
+    cap = ISSUE_RATE / i_elem
+    at_copy = COPY_ELEMS[dtype] / ARRAYS[op] if dtype in COPY_ELEMS else None
+    return {
+        "block": kw["BLOCK"], "num_warps": options.get("num_warps", 4), "elems_per_thread": per_thread,
+        **resources(real.asm["cubin"]), "sass_total_as_launched": sum(
+            n for o, n in sass_opcodes(real.asm["cubin"]).items() if o != "NOP"),
+        "path_instr": total, "instr_per_elem": i_elem, "philox_per_elem": philox / per_thread,
+        "global_mem_ops": mem, "shared_ops": shared,
+        "issue_cap_elems_per_s": cap, "issue_cap_of_copy": cap / at_copy if at_copy else None,
+        "path_regs": resources(path.asm["cubin"])["regs"],
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default="all", help="comma-separated case names of benchmarks/profile_kernels.py")
+    ap.add_argument("--json", help="write the census here")
+    a = ap.parse_args(argv)
+    import triton
+
+    names = list(CASES) if a.cases == "all" else a.cases.split(",")
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        sys.exit(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
+    print(f"Triton {triton.__version__}, target sm_90; I = SASS instructions per element on the case's path")
+    print(f"{'case':30s} {'regs':>4s} {'path':>4s} {'local':>5s} {'I':>6s} {'philox/el':>9s} {'shared':>6s} "
+          f"{'cap % copy':>10s}  global memory ops")
+    out = {"triton": triton.__version__, "target": "sm_90", "issue_rate": ISSUE_RATE, "cases": {}}
+    for name in names:
+        op, dtype, dist, opts = CASES[name]
+        c = census(op, dtype, dist, opts)
+        out["cases"][name] = c
+        cap = f"{100 * c['issue_cap_of_copy']:.0f}" if c["issue_cap_of_copy"] else "-"
+        mem = " ".join(f"{k}x{v}" for k, v in sorted(c["global_mem_ops"].items()))
+        print(f"{name:30s} {c['regs']:4d} {c['path_regs']:4d} {c['local_bytes']:5d} {c['instr_per_elem']:6.1f} "
+              f"{c['philox_per_elem']:9.3f} {c['shared_ops']:6d} {cap:>10s}  {mem}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""benchmarks/sass_census.py: the offline instruction census of the Triton kernels (no GPU).
+
+The counts are checked where they are known independently of the census: the Philox kernel
+of the ``philox4x32_10`` op computes exactly ``BLOCK / threads`` calls per thread, so its
+code holds that many calls; the recorded launch is the op's own (its arguments are the ones
+the op computes); the census of a real case reports the facts its columns claim.
+The census compiles real Triton kernels, which the interpreter mode of this test session
+(TRITON_INTERPRET=1, tests/conftest.py) cannot: each check runs in a child process without it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+triton = pytest.importorskip("triton", reason="Triton is not installed: nothing to compile")
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+if not os.path.exists(CUOBJDUMP):
+    pytest.skip(f"Triton's NVIDIA backend ships no cuobjdump here ({CUOBJDUMP})", allow_module_level=True)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code: str) -> dict:
+    """Run ``code`` (it prints one JSON object last) in a compiling (not interpreting) child."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "python"), ROOT, env.get("PYTHONPATH", "")])
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_philox_calls_counted_exactly():
+    """``_philox_kernel`` maps one counter row to one Philox call, and 128 threads share a
+    tile of ``BLOCK`` rows: the code of one thread holds ``BLOCK / 128`` calls."""
+    out = _run("""
+        import json, torch
+        from benchmarks import sass_census as S
+        from zfkernels.triton.philox import _philox_kernel
+        cnt = torch.empty(4096, 4, dtype=torch.int64, device="meta")
+        res = {}
+        for block in (128, 512):
+            k, _ = S.compile_launch(_philox_kernel, (cnt, torch.empty_like(cnt), 4096, 1, 2),
+                                    {"BLOCK": block, "num_warps": 4})
+            ops = S.sass_opcodes(k.asm["cubin"])
+            res[block] = {"calls": S.philox_calls(k.asm["ptx"]), **S.resources(k.asm["cubin"]),
+                          "ldg": sum(n for o, n in ops.items() if o.startswith("LDG")),
+                          "stg": sum(n for o, n in ops.items() if o.startswith("STG"))}
+        print(json.dumps(res))
+    """)
+    for block, per_thread in (("128", 1), ("512", 4)):
+        r = out[block]
+        assert r["calls"] == per_thread, r
+        # 4 counter words in and 4 output words out per row, whatever the access width
+        assert r["ldg"] >= per_thread and r["stg"] >= per_thread, r
+        assert 0 < r["regs"] <= 255 and r["local_bytes"] >= 0, r
+
+
+def test_recorded_launch_and_census_of_a_case():
+    """The recorder captures the one launch the real op makes, with the scalars the op
+    derives; the census of that case reports what its columns claim."""
+    out = _run("""
+        import json, torch, triton
+        from benchmarks import sass_census as S
+        from zfkernels.stream import split_seed
+        from zfkernels.triton._common import to_i32
+        import zfkernels.triton.perturb as P
+        real = P._perturb_kernel
+        fn, args, kw = S.record_launch("perturb", torch.float32, "rademacher", {}, numel=3000)
+        named = dict(zip(fn.arg_names, args))
+        k0, k1 = split_seed(S.SEED)
+        c = S.census("perturb", torch.float32, "rademacher", {})
+        print(json.dumps({"same_fn": fn is real, "restored": P._perturb_kernel is real,
+                          "keys_ok": (named["key0"], named["key1"]) == (to_i32(k0), to_i32(k1)),
+                          "dist": named["dist"], "T": named["T"], "n_rows": named["n_rows"],
+                          "scale": named["scale"], "fp32": kw["P_DTYPE"] == triton.language.float32,
+                          "fusion": kw["enable_fp_fusion"], "census": c, "eps": S.EPS,
+                          "issue_rate": S.ISSUE_RATE}))
+    """)
+    assert out["same_fn"] and out["restored"] and out["keys_ok"] and out["fp32"]
+    assert (out["dist"], out["T"], out["n_rows"], out["fusion"]) == (1, 0, 1, False)
+    assert out["scale"] == pytest.approx(out["eps"], rel=1e-7)
+    c = out["census"]
+    assert c["elems_per_thread"] == c["block"] // (32 * c["num_warps"])
+    assert c["instr_per_elem"] == pytest.approx(c["path_instr"] / c["elems_per_thread"])
+    # the path (options constant) never needs more registers or code than the kernel as launched
+    assert c["path_regs"] <= c["regs"] and c["path_instr"] <= c["sass_total_as_launched"]
+    # Rademacher: at least one Philox call per 128 elements, at most one per element
+    assert 1 / 128 <= c["philox_per_elem"] <= 1
+    assert any(o.startswith("LDG") for o in c["global_mem_ops"]) and any(
+        o.startswith("STG") for o in c["global_mem_ops"])
+    assert c["issue_cap_elems_per_s"] == pytest.approx(out["issue_rate"] / c["instr_per_elem"])
