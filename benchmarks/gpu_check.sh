@@ -14,8 +14,10 @@
 # summary.txt, summary.json, performance.md and gpu_logs.tar.gz (every full log, the junit
 # XML, the benchmark JSON and the plots). Nothing is cut to a tail.
 #   6. (PROFILE=1) times the profiled kernel cases against copy_ (the Triton cases named in
-#      PROFILE_TRITON too) and, unless NCU=0, runs ncu on one launch of each CUDA case
-#      (benchmarks/profile_kernels.py): profile.txt and ncu.txt in $OUT.
+#      PROFILE_TRITON too) and, unless NCU=0, runs ncu on one launch of each CUDA case (and of
+#      the PROFILE_TRITON cases) (benchmarks/profile_kernels.py): profile.txt and ncu.txt in $OUT;
+#      TRITON_VARIANTS="case,..." adds benchmarks/sass_census.py --time (the Triton launch with
+#      options constant vs as launched, bit-checked and timed) to profile.txt.
 # Env: SKIP_BUILD=1 (or auto: use carried extensions if they load), SKIP_PROBE=1, KERNELS_SELECT (-k of the kernel suite), SKIP_TESTS=1, TESTS (the test files), TEST_SELECT (a pytest -k
 #      expression), TEST_LIMIT_S (170), BENCH_ONLY="kernels optim e2e llm", PROFILE=1, GPU_CHECK_BUDGET_S (350),
 #      TEST_WORKERS (12), ZEROFLOW_COMMIT (the commit to report where .git is stale, as in a device lease).
@@ -176,6 +178,11 @@ if [ "${PROFILE:-0}" = "1" ]; then
     echo "## profile_kernels $args" >> "$WORK/logs/profile.txt"
     timeout -s INT "$(left $(( lim / 3 )))" "$PY" -m benchmarks.profile_kernels $args >> "$WORK/logs/profile.txt" 2>&1
   done
+  if [ -n "${TRITON_VARIANTS:-}" ]; then   # the register question of notes.md: options constant vs runtime
+    echo "## sass_census --time --cases $TRITON_VARIANTS" >> "$WORK/logs/profile.txt"
+    timeout -s INT "$(left $(( lim / 3 )))" "$PY" -m benchmarks.sass_census --time --cases "$TRITON_VARIANTS" \
+      --json "$WORK/bench/triton_variants.json" >> "$WORK/logs/profile.txt" 2>&1
+  fi
   cat "$WORK/logs/profile.txt" | tee -a "$WORK/logs/gpu_check.log"
   cp "$WORK/logs/profile.txt" "$DEST/profile.txt"
   if [ "${NCU:-1}" = "0" ]; then
@@ -186,6 +193,14 @@ if [ "${PROFILE:-0}" = "1" ]; then
       --section WarpStateStats --section MemoryWorkloadAnalysis \
       "$PY" -m benchmarks.profile_kernels --numel 67108864 --no-timing > "$WORK/logs/ncu.txt" 2>&1
     echo "ncu exit $?" >> "$WORK/logs/ncu.txt"
+    if [ -n "${PROFILE_TRITON:-}" ]; then   # the Triton kernels of the same cases
+      timeout -s INT "$(left $(( lim / 3 )))" ncu --clock-control none -k 'regex:_(perturb|sgd|adam)_kernel' \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
+        --section WarpStateStats --section MemoryWorkloadAnalysis \
+        "$PY" -m benchmarks.profile_kernels --backend triton --cases "$PROFILE_TRITON" --numel 67108864 --no-timing \
+        >> "$WORK/logs/ncu.txt" 2>&1
+      echo "ncu (triton) exit $?" >> "$WORK/logs/ncu.txt"
+    fi
     cp "$WORK/logs/ncu.txt" "$DEST/ncu.txt"
     phase_done profile ok
   else

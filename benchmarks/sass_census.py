@@ -26,6 +26,12 @@ instructions and their widths (``LDG.E.128`` moves 16 bytes per lane, ``LDG.E`` 
 shared-memory round trips of layout conversions (``STS``/``LDS``/``BAR``).
 
     python -m benchmarks.sass_census [--cases all] [--json out.json]
+    python -m benchmarks.sass_census --time [--cases ...] [--numel 67108864]   # on a GPU
+
+``--time`` (GPU; gpu_check.sh runs it with ``TRITON_VARIANTS``) answers on the device what
+the census can only suggest: each case's launch compiled as launched, with ``dist``, ``T``,
+``q``, ``has_restore`` constant, and with every option constant, each checked bit for bit
+against the real op from the same start, then timed against ``copy_`` of the same arrays.
 
 The counts depend on the Triton version, and much (benchmarks/notes.md): census with the
 device image's, e.g. a venv of ``torch==2.11.0`` (it brings Triton 3.6) and
@@ -42,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 
@@ -81,11 +88,14 @@ def _recording(module, name):
         setattr(module, name, real)
 
 
-def _op_args(op, dtype, dist, opts, numel):
-    """The op's arguments for one case on ``meta`` tensors (no memory, pointers are 0)."""
+def _op_args(op, dtype, dist, opts, numel, device="meta"):
+    """The op's arguments for one case: on ``meta`` tensors (no memory, pointers are 0) for
+    the census, on real ones (parameters ~N(0, 0.02^2), Adam moments 0) for ``--time``."""
     from zfkernels.stream import dist_code, mask_threshold
 
-    p = torch.empty(numel, dtype=dtype, device="meta")
+    p = torch.empty(numel, dtype=dtype, device=device)
+    if device != "meta":
+        p.normal_(0.0, 0.02)
     stream = {"dist": dist_code(dist), "mask_seed": opts.get("mask_seed", 0),
               "mask_threshold": mask_threshold(opts.get("sparsity", 0.0))}
     if op == "perturb":
@@ -94,7 +104,9 @@ def _op_args(op, dtype, dist, opts, numel):
            "restore_scale": -EPS, **stream}
     if op == "sgd":
         return upd
-    return {**upd, "exp_avgs": [torch.empty_like(p)], "exp_avg_sqs": [torch.empty_like(p)], "step": 10}
+    zeros = torch.zeros if device != "meta" else torch.empty
+    return {**upd, "exp_avgs": [zeros(numel, dtype=dtype, device=device)],
+            "exp_avg_sqs": [zeros(numel, dtype=dtype, device=device)], "step": 10}
 
 
 def _require_compiler():
@@ -103,8 +115,16 @@ def _require_compiler():
                            "compiled; run the census without it (unset TRITON_INTERPRET)")
 
 
-def record_launch(op, dtype, dist, opts, numel=1 << 20):
-    """``(jit function, args, kwargs)`` of the case's one launch."""
+class Launch(NamedTuple):
+    fn: object        # the @triton.jit function
+    grid: tuple       # (x, y, z)
+    args: tuple       # positional arguments, as the op passed them
+    kw: dict          # constexprs and compile options
+
+
+def record_launch(op, dtype, dist, opts, numel=1 << 20, op_args=None) -> Launch:
+    """The case's one launch (with ``op_args``: the op called on those arguments instead of
+    meta tensors; the launch then points at them)."""
     import importlib
 
     _require_compiler()
@@ -113,11 +133,11 @@ def record_launch(op, dtype, dist, opts, numel=1 << 20):
     mod_name, kname = _MODULE[op]
     module = importlib.import_module(f"zfkernels.triton.{mod_name}")
     with _recording(module, kname) as rec:
-        zfkernels.call_op("triton", _OP[op], **_op_args(op, dtype, dist, opts, numel))
+        zfkernels.call_op("triton", _OP[op], **(op_args or _op_args(op, dtype, dist, opts, numel)))
     if len(rec.launches) != 1:
         raise RuntimeError(f"{op}: expected one launch, recorded {len(rec.launches)}")
-    _, args, kw = rec.launches[0]
-    return rec.fn, args, kw
+    grid, args, kw = rec.launches[0]
+    return Launch(rec.fn, tuple(grid) + (1,) * (3 - len(grid)), args, kw)
 
 
 def compile_launch(fn, args, kw, *, specialize=(), target=None):
@@ -210,7 +230,7 @@ def philox_calls(ptx: str) -> float:
 
 def census(op, dtype, dist, opts):
     """The census of one case (module docstring)."""
-    fn, args, kw = record_launch(op, dtype, dist, opts)
+    fn, _, args, kw = record_launch(op, dtype, dist, opts)
     real, options = compile_launch(fn, args, kw)
     path, _ = compile_launch(fn, args, kw, specialize=True)
     ops = sass_opcodes(path.asm["cubin"])
@@ -233,10 +253,76 @@ def census(op, dtype, dist, opts):
     }
 
 
+# ----------------------------------------------------------------------------- --time (GPU)
+# The register question of benchmarks/notes.md, answered on a device without touching the
+# kernels: the same launch compiled with some options constant, timed against the kernel as
+# launched, each variant checked bit for bit against the real op first.
+VARIANTS = {"as launched": (), "dist,T,q,restore constant": ("dist", "T", "q", "has_restore"), "path": True}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+def _gpu_ms(fn, reps: int) -> float:
+    """Milliseconds per call: ``reps`` back-to-back calls between two CUDA events."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def time_variants(name: str, numel: int, reps: int = 20) -> dict:
+    """Each VARIANTS compile of case ``name``'s launch on ``numel`` elements: registers,
+    compile seconds, bit-identical to the op (params and moments after one launch from the
+    same start), ms per launch and % of ``copy_`` moving the same arrays."""
+    import time
+
+    import triton
+
+    import zfkernels
+
+    op, dtype, dist, opts = CASES[name]
+    op_args = _op_args(op, dtype, dist, opts, numel, device="cuda")
+    state = op_args["params"] + op_args.get("exp_avgs", []) + op_args.get("exp_avg_sqs", [])
+    start = [t.clone() for t in state]
+    fn, grid, args, kw = record_launch(op, dtype, dist, opts, op_args=op_args)
+    zfkernels.call_op("triton", _OP[op], **op_args)          # the op itself, as the JIT compiles it
+    torch.cuda.synchronize()
+    ref = [_bits(t).clone() for t in state]
+    names = fn.arg_names
+    full_args = list(args) + [kw[n] for n in names[len(args):]]   # a launcher takes every argument
+    target = triton.runtime.driver.active.get_current_target()
+    src, dst = torch.empty(numel, dtype=dtype, device="cuda").normal_(), torch.empty(numel, dtype=dtype, device="cuda")
+    copy_ms = _gpu_ms(lambda: dst.copy_(src), reps) * ARRAYS[op]
+    out = {"copy_ms": copy_ms, "variants": {}}
+    for label, spec in VARIANTS.items():
+        t0 = time.perf_counter()
+        k, _ = compile_launch(fn, args, kw, specialize=spec, target=target)
+        secs = time.perf_counter() - t0
+        launch = k[grid]
+        for t, s0 in zip(state, start):
+            t.copy_(s0)
+        launch(*full_args)
+        torch.cuda.synchronize()
+        same = all(torch.equal(_bits(t), r) for t, r in zip(state, ref))
+        ms = _gpu_ms(lambda: launch(*full_args), reps)
+        out["variants"][label] = {"regs": resources(k.asm["cubin"])["regs"], "compile_s": secs,
+                                  "bit_identical": same, "ms": ms, "of_copy": copy_ms / ms}
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default="all", help="comma-separated case names of benchmarks/profile_kernels.py")
     ap.add_argument("--json", help="write the census here")
+    ap.add_argument("--time", action="store_true",
+                    help="GPU: time each case compiled with options constant against the kernel as launched")
+    ap.add_argument("--numel", type=int, default=1 << 26, help="elements per case with --time (default 64M)")
     a = ap.parse_args(argv)
     import triton
 
@@ -244,6 +330,22 @@ def main(argv=None):
     unknown = [n for n in names if n not in CASES]
     if unknown:
         sys.exit(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
+    if a.time:
+        if not torch.cuda.is_available():
+            sys.exit("--time needs a CUDA device (the census itself does not: drop --time)")
+        print(f"Triton {triton.__version__}, {torch.cuda.get_device_name(0)}, {a.numel} elements; "
+              "% of copy_ moving the same arrays")
+        res = {}
+        for name in names:
+            res[name] = r = time_variants(name, a.numel)
+            for label, v in r["variants"].items():
+                print(f"{name:30s} {label:28s} regs {v['regs']:3d}  compile {v['compile_s']:5.1f} s  "
+                      f"{'bit-identical' if v['bit_identical'] else 'BITS DIFFER'}  {v['ms']:7.3f} ms  "
+                      f"{100 * v['of_copy']:5.1f} %")
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"triton": triton.__version__, "numel": a.numel, "cases": res}, f, indent=1)
+        return
     print(f"Triton {triton.__version__}, target sm_90; I = SASS instructions per element on the case's path")
     print(f"{'case':30s} {'regs':>4s} {'path':>4s} {'local':>5s} {'I':>6s} {'philox/el':>9s} {'shared':>6s} "
           f"{'cap % copy':>10s}  global memory ops")

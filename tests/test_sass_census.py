@@ -71,19 +71,20 @@ def test_recorded_launch_and_census_of_a_case():
         from zfkernels.triton._common import to_i32
         import zfkernels.triton.perturb as P
         real = P._perturb_kernel
-        fn, args, kw = S.record_launch("perturb", torch.float32, "rademacher", {}, numel=3000)
+        fn, grid, args, kw = S.record_launch("perturb", torch.float32, "rademacher", {}, numel=3000)
         named = dict(zip(fn.arg_names, args))
         k0, k1 = split_seed(S.SEED)
         c = S.census("perturb", torch.float32, "rademacher", {})
         print(json.dumps({"same_fn": fn is real, "restored": P._perturb_kernel is real,
                           "keys_ok": (named["key0"], named["key1"]) == (to_i32(k0), to_i32(k1)),
-                          "dist": named["dist"], "T": named["T"], "n_rows": named["n_rows"],
+                          "dist": named["dist"], "T": named["T"], "n_rows": named["n_rows"], "grid": grid,
                           "scale": named["scale"], "fp32": kw["P_DTYPE"] == triton.language.float32,
                           "fusion": kw["enable_fp_fusion"], "census": c, "eps": S.EPS,
                           "issue_rate": S.ISSUE_RATE}))
     """)
     assert out["same_fn"] and out["restored"] and out["keys_ok"] and out["fp32"]
     assert (out["dist"], out["T"], out["n_rows"], out["fusion"]) == (1, 0, 1, False)
+    assert out["grid"] == [3, 1, 1]            # 3000 elements: 3 tiles of the default BLOCK (1024)
     assert out["scale"] == pytest.approx(out["eps"], rel=1e-7)
     c = out["census"]
     assert c["elems_per_thread"] == c["block"] // (32 * c["num_warps"])
