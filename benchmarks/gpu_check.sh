@@ -117,9 +117,9 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
   TIMEOUT_OPT=""; "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT="--timeout=150"
   if "$PY" -c "import xdist" 2>/dev/null; then
     # Two passes: the cases of the compiled ops and of the reference first, then the Triton
-    # ones. Triton compiles each kernel for the GPU on first use (~75 s of the 83 s test phase
-    # of the 44384e0 lease), and in one pass the limit cut 13 of the 91 cuda cases, which come
-    # late in file order; now the limit can only cut Triton cases.
+    # ones. Triton compiles each kernel for the GPU on first use (seconds each), and in one
+    # pass the 75 s limit of the 44384e0 lease cut 13 of the 91 cuda cases, which come late
+    # in file order; now the limit can only cut Triton cases.
     rc=0; tests_end=$(( $(date +%s) + lim ))
     for pass in "not triton" "triton"; do
       expr="$pass"; [ -n "${TEST_SELECT:-}" ] && expr="($TEST_SELECT) and ($pass)"
