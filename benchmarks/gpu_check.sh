@@ -151,7 +151,7 @@ for suite in ${BENCH_ONLY:-kernels optim e2e llm}; do
   case $suite in
     kernels) file=benchmarks/test_bench_kernels.py; sel=(); lim=$(left 75)
              [ -n "${KERNELS_SELECT:-}" ] && sel=(-k "$KERNELS_SELECT") ;;   # one argument, spaces and all
-    optim)   file=benchmarks/test_bench_optim_step.py; sel=(-k vit_b_86m); lim=$(left 30) ;;
+    optim)   file=benchmarks/test_bench_optim_step.py; sel=(-k "vit_b_86m or host"); lim=$(left 30) ;;
     e2e)     file=benchmarks/test_bench_end_to_end.py; sel=(); lim=$(left 50) ;;
     llm)     file=benchmarks/test_bench_llm.py; sel=(); lim=$(left 90) ;;
   esac

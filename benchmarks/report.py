@@ -497,9 +497,29 @@ def optim_section(records, plots_rel):
                     "torch optimizer):", "", fo_table(fo), ""]
         out += ["Peak extra memory is measured at q = 1 (it does not depend on q), on step 2 (state allocated). "
                 "Time: median over rounds (86M CPU cases: one timed round after a warm-up).", ""]
+        host = [r for r in records if r["x"].get("suite") == "optim_host" and r["x"].get("device", "cpu") == dev]
+        if host:
+            out += [host_table(host), ""]
         if plots_rel.get(("optim", dev)):
             out += [f"![optimizer step speedup on {dev}]({plots_rel[('optim', dev)]})", ""]
     return "\n".join(out)
+
+
+def host_table(recs):
+    """Host work per ZO step (test_bench_optim_step.py ``test_host_*``): the step on the ViT-B
+    layout with 1-4 elements per tensor, against one ``torch._foreach_add_`` over the same list
+    in the same run (``host_ref``)."""
+    idx = index(recs)
+    rows = []
+    for r in sorted((r for r in recs if r["x"]["kind"] == "zeroflow"), key=lambda r: (r["x"]["opt"], r["x"]["dist"])):
+        x, base = r["x"], idx.get(r["x"].get("host_ref"))
+        rows.append((x["opt"], x["dist"], x.get("backend", "—"), fms(r["t"]), fms(base["t"]) if base else "—",
+                     fx(r["t"] / base["t"]) if base else "—"))
+    n = recs[0]["x"].get("n_tensors")
+    return "\n".join([f"Host work per step (q = 1, the ViT-B layout: {n} tensors of 1-4 elements, so the kernels "
+                      "cost ~nothing):", "",
+                      table(["method", "z", "backend", "step", "one foreach_add_ over the list", "step ÷ foreach"],
+                            rows)])
 
 
 def step_table(recs, fo):

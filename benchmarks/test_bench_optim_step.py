@@ -252,7 +252,7 @@ def _host_params():
     return [torch.full((1 + k % 4,), 0.01 * k, device=C.device()).requires_grad_() for k in range(n)]
 
 
-_HOST_SET = "vit_b_86m_layout_tiny"     # contains "vit_b_86m": gpu_check.sh's -k selects it
+_HOST_SET = "vit_b_86m_layout_tiny"     # gpu_check.sh selects these tests with -k "... or host"
 
 
 def _host_key(what):

@@ -92,6 +92,29 @@ def test_gpu_records_get_the_gpu_targets(tmp_path):
     assert "ZO step extra memory ≤ 1 MiB" in text
 
 
+def test_host_work_table_divides_by_the_foreach_of_the_same_run(tmp_path):
+    """test_bench_optim_step.py's test_host_* records: each step over its host_ref baseline."""
+    data = copy.deepcopy(_fixture())
+
+    def rec(what, t, **x):
+        key = f"optim_host|{what}|cpu|vit_b_86m_layout_tiny"
+        return {"name": what, "group": "host", "stats": {"median": t, "min": t, "rounds": 5, "stddev": 0.0},
+                "extra_info": {"suite": "optim_host", "key": key, "device": "cpu", "n_tensors": 152,
+                               "param_set": "vit_b_86m_layout_tiny", **x}}
+
+    ref = "optim_host|foreach_add_|cpu|vit_b_86m_layout_tiny"
+    data["benchmarks"] += [
+        rec("foreach_add_", 200e-6, kind="foreach", impl="foreach_add_"),
+        rec("zo_sgd|rademacher", 500e-6, kind="zeroflow", impl="zeroflow", opt="zo_sgd", dist="rademacher",
+            backend="cpu", host_ref=ref),
+        rec("zo_adam|gaussian", 900e-6, kind="zeroflow", impl="zeroflow", opt="zo_adam", dist="gaussian",
+            backend="cpu", host_ref=ref)]
+    text = R.render([_write(tmp_path, data)], None)
+    assert "152 tensors of 1-4 elements" in text
+    assert "| zo_sgd | rademacher | cpu | 0.5 ms | 0.2 ms | 2.50× |" in text
+    assert "| zo_adam | gaussian | cpu | 0.9 ms | 0.2 ms | 4.50× |" in text
+
+
 def test_sweep_section_and_plot(tmp_path):
     sweep = {"results": [{"optimizer": o, "q": q, "avg": 50 + q / 2 + (o == "zo_adam")}
                          for o in ("zo_sgd", "zo_adam") for q in (1, 2, 4, 8, 16, 32)]}
