@@ -144,9 +144,6 @@ def call_op(backend: str, op: str, **args):
     return opspec.call(fn, op, args)
 
 
-_call = call_op
-
-
 def _device_of(tensors: Sequence[torch.Tensor], default="cpu") -> torch.device:
     return tensors[0].device if len(tensors) else torch.device(default)
 
@@ -181,7 +178,7 @@ def philox4x32_10(counters: torch.Tensor, key: tuple[int, int], backend: str = "
         if not 0 <= k < 2**32:
             raise ValueError(f"{name}={k} must be a 32-bit unsigned integer")
     b = resolve_backend(backend, counters.device)
-    return _call(b, "philox4x32_10", counters=counters.to(torch.int64).contiguous(), key0=k0, key1=k1)
+    return call_op(b, "philox4x32_10", counters=counters.to(torch.int64).contiguous(), key0=k0, key1=k1)
 
 
 def perturbation(
@@ -230,7 +227,7 @@ def perturb_(
     if not tensors:
         return
     b = resolve_backend(backend, _device_of(tensors))
-    _call(b, "perturb_", params=tensors, tensor_ids=ids, seed=_seed(seed), scale=scale, dist=dist_code(dist),
+    call_op(b, "perturb_", params=tensors, tensor_ids=ids, seed=_seed(seed), scale=scale, dist=dist_code(dist),
           mask_seed=_seed(mask_seed, "mask_seed"), mask_threshold=mask_threshold(sparsity))
 
 
@@ -287,7 +284,7 @@ def zo_sgd_update_(
     if not params:
         return
     b = resolve_backend(backend, _device_of(params))
-    _call(b, "zo_sgd_update_", params=params, momentum_buffers=_as_list(momentum_buffers, "momentum_buffers"),
+    call_op(b, "zo_sgd_update_", params=params, momentum_buffers=_as_list(momentum_buffers, "momentum_buffers"),
           history_buffers=_as_list(history_buffers, "history_buffers"), tensor_ids=ids, seeds=seeds, coeffs=coeffs,
           dist=dist_code(dist), mask_seed=_seed(mask_seed, "mask_seed"), mask_threshold=mask_threshold(sparsity),
           restore_seed=_seed(restore_seed, "restore_seed"), restore_scale=restore_scale, lr=lr,
@@ -335,7 +332,7 @@ def zo_adam_update_(
     if int(step) < 1:
         raise ValueError(f"step={step} must be >= 1 (the Adam step count after this update)")
     b = resolve_backend(backend, _device_of(params))
-    _call(b, "zo_adam_update_", params=params, exp_avgs=_as_list(exp_avgs, "exp_avgs"),
+    call_op(b, "zo_adam_update_", params=params, exp_avgs=_as_list(exp_avgs, "exp_avgs"),
           exp_avg_sqs=_as_list(exp_avg_sqs, "exp_avg_sqs"),
           history_buffers=_as_list(history_buffers, "history_buffers"), tensor_ids=ids, seeds=seeds, coeffs=coeffs,
           dist=dist_code(dist), mask_seed=_seed(mask_seed, "mask_seed"), mask_threshold=mask_threshold(sparsity),

@@ -716,14 +716,14 @@ class ZOFusedSGD(_ZOBase):
             lr, wd, mom = float(g["lr"]), float(g["weight_decay"]), g["momentum"]
             if lr == 0.0:
                 continue
-            coeffs = self._coeffs(g, d)
+            coeffs, (dist, thr) = self._coeffs(g, d), self._stream(g)
             for ps, ids, be in self._buckets(g):
-                dist, thr = self._stream(g)
+                sts = self._states(ps)
                 lr1 = 0.0
                 if mom == 0.0 or g["nesterov"]:
                     # p <- p(1 - lr1 wd) - lr1 * g~ ; g~ regenerated (or the frozen history)
                     lr1 = lr * (a - b) / (1.0 + a * lr * wd)
-                    hist = [st["history"] for st in self._states(ps)] if g["history"] else []
+                    hist = [st["history"] for st in sts] if g["history"] else []
                     zfkernels.call_op(
                         be, "zo_sgd_update_", params=ps, history_buffers=hist, tensor_ids=ids,
                         seeds=[] if hist else seeds, coeffs=[] if hist else coeffs, dist=dist,
@@ -733,7 +733,7 @@ class ZOFusedSGD(_ZOBase):
                 if mom != 0.0:
                     # p <- p - lr2 * buf (buf = 1*buf + 0*0: frozen)
                     lr2 = lr * mom * (a * (1.0 - lr1 * wd) - b) if g["nesterov"] else lr * (a - b)
-                    bufs = [st["momentum_buffer"] for st in self._states(ps)]
+                    bufs = [st["momentum_buffer"] for st in sts]
                     zfkernels.call_op(
                         be, "zo_sgd_update_", params=ps, momentum_buffers=bufs, tensor_ids=ids, seeds=[],
                         coeffs=[], dist=dist, lr=lr2, momentum=1.0, dampening=1.0, momentum_init=False,
@@ -793,8 +793,9 @@ class ZOFusedAdam(_ZOBase):
             if lr == 0.0:
                 continue
             wd = float(g["weight_decay"]) if g["decoupled_weight_decay"] else 0.0
+            dist, _ = self._stream(g)
             for ps, ids, be in self._buckets(g):
-                (dist, _), sts = self._stream(g), self._states(ps)
+                sts = self._states(ps)
                 lr_f, wd_f, eps_f = _frozen_adam_move(a, b, lr=lr, wd=wd, betas=g["betas"], eps=g["eps"],
                                                       step=int(sts[0]["step"]))
                 zfkernels.call_op(
