@@ -20,6 +20,7 @@ import zfkernels as zk
 
 SEED = 0x5EED_1234
 EPS = 1e-3
+COEFF, LR, ADAM_STEP = 0.37, 1e-6, 10    # the updates' one query coefficient, lr and Adam step count
 
 # name: (op, dtype, dist, variant options)
 CASES = {
@@ -40,9 +41,9 @@ def make_call(op, p, dist, opts, backend):
     if op == "perturb":
         return lambda: zk.perturb_([p], SEED, EPS, **kw)
     if op == "sgd":
-        return lambda: zk.zo_sgd_update_([p], [SEED], [0.37], lr=1e-6, restore_seed=SEED, restore_scale=-EPS, **kw)
+        return lambda: zk.zo_sgd_update_([p], [SEED], [COEFF], lr=LR, restore_seed=SEED, restore_scale=-EPS, **kw)
     m, v = torch.zeros_like(p), torch.zeros_like(p)
-    return lambda: zk.zo_adam_update_([p], [m], [v], [SEED], [0.37], lr=1e-6, step=10, restore_seed=SEED,
+    return lambda: zk.zo_adam_update_([p], [m], [v], [SEED], [COEFF], lr=LR, step=ADAM_STEP, restore_seed=SEED,
                                       restore_scale=-EPS, **kw)
 
 

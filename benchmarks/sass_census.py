@@ -52,7 +52,7 @@ from typing import NamedTuple
 
 import torch
 
-from benchmarks.profile_kernels import CASES, EPS, SEED
+from benchmarks.profile_kernels import ADAM_STEP, CASES, COEFF, EPS, LR, SEED
 
 ISSUE_RATE = 33.4e12          # H200 lane instructions per second (benchmarks/notes.md)
 COPY_ELEMS = {torch.float32: 518e9, torch.bfloat16: 1003e9}   # copy_ elements/s on the H200, same notes
@@ -100,13 +100,13 @@ def _op_args(op, dtype, dist, opts, numel, device="meta"):
               "mask_threshold": mask_threshold(opts.get("sparsity", 0.0))}
     if op == "perturb":
         return {"params": [p], "tensor_ids": [0], "seed": SEED, "scale": EPS, **stream}
-    upd = {"params": [p], "tensor_ids": [0], "seeds": [SEED], "coeffs": [0.37], "lr": 1e-6, "restore_seed": SEED,
+    upd = {"params": [p], "tensor_ids": [0], "seeds": [SEED], "coeffs": [COEFF], "lr": LR, "restore_seed": SEED,
            "restore_scale": -EPS, **stream}
     if op == "sgd":
         return upd
     zeros = torch.zeros if device != "meta" else torch.empty
     return {**upd, "exp_avgs": [zeros(numel, dtype=dtype, device=device)],
-            "exp_avg_sqs": [zeros(numel, dtype=dtype, device=device)], "step": 10}
+            "exp_avg_sqs": [zeros(numel, dtype=dtype, device=device)], "step": ADAM_STEP}
 
 
 def _require_compiler():
