@@ -32,6 +32,17 @@ def make_data(n: int, n_in: int, n_out: int = 1, seed: int = 1) -> tuple[torch.T
     return X, torch.sin(2 * X[:, :n_out]) + X[:, n_out:n_out + 1]
 
 
+def bench_child_env(**overrides: str) -> dict[str, str]:
+    """The environment of a benchmark suite that a test runs in a child pytest: this one,
+    with the repository on PYTHONPATH and without the variables of an xdist worker
+    (pytest-benchmark >= 5 reads PYTEST_XDIST_WORKER and then silently writes no JSON)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+    env.update(overrides)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(root, "python"), root, env.get("PYTHONPATH", "")])
+    return env
+
+
 @pytest.fixture(scope="module")
 def zf_cache(tmp_path_factory):
     """A fresh ZEROFLOW_CACHE (pretrained backbones, datasets) for one test module; the
