@@ -19,6 +19,7 @@ import time
 
 import pytest
 import torch
+from zeroflow.optim import create, train_step
 
 from benchmarks import _common as C
 
@@ -86,12 +87,6 @@ def _opt_state_bytes(opt) -> int:
 def test_e2e_iteration(run_bench, benchmark, method):
     if C.ON_GPU and not torch.cuda.is_available():
         pytest.skip(C.NO_CUDA)
-    try:
-        from zeroflow.optim import create, train_step
-    except Exception as exc:  # noqa: BLE001
-        if not method.startswith("fo_"):
-            pytest.skip(f"zeroflow.optim not importable yet: {exc}")
-        create = train_step = None
     model_name, batch, img = _config()
     fused = method != "forward_grad"
     model = _build(model_name, img, fused_attn=fused)
@@ -108,19 +103,11 @@ def test_e2e_iteration(run_bench, benchmark, method):
         return loss_fn(out.float(), y)
 
     lr = 1e-5
-    if create is not None:
-        opt = create(method, params, model=model, lr=lr, seed=1234) if not method.startswith("fo_") \
-            else create(method, params, lr=lr)
+    opt = create(method, params, model=model, lr=lr, seed=1234) if not method.startswith("fo_") \
+        else create(method, params, lr=lr)
 
-        def step():
-            train_step(opt, closure)
-    else:  # FO baselines need no zeroflow code
-        opt = torch.optim.Adam(params, lr=lr) if method == "fo_adam" else torch.optim.SGD(params, lr=lr)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            closure().backward()
-            opt.step()
+    def step():
+        train_step(opt, closure)
 
     n = C.numel_of(params)
     pbytes = sum(p.numel() * p.element_size() for p in params)

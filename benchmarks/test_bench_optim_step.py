@@ -24,6 +24,8 @@ import random
 
 import pytest
 import torch
+import zfkernels
+from zeroflow.optim import create, train_step
 
 from benchmarks import _common as C
 
@@ -136,12 +138,7 @@ def make_mezo_adam(params, closure, q, dist):
 
 
 def make_zeroflow(name, params, closure, q, dist):
-    try:
-        from zeroflow.optim import create, train_step
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"zeroflow.optim not importable yet: {exc}")
-    backend = "auto"
-    opt = create(name, params, lr=LR, q=q, perturbation=dist, zo_eps=EPS, backend=backend, seed=1234)
+    opt = create(name, params, lr=LR, q=q, perturbation=dist, zo_eps=EPS, backend="auto", seed=1234)
 
     def step():
         train_step(opt, closure)
@@ -211,12 +208,7 @@ def test_zo_step(run_bench, benchmark, pset, opt_kind, dist, q, impl):
     }
     if impl == "zeroflow":
         extra["mezo_ref"] = _mezo_key(pset, opt_kind, dist, q)
-        try:
-            import zfkernels as zk
-
-            extra["backend"] = zk.resolve_backend("auto", C.device())
-        except Exception:  # noqa: BLE001
-            pass
+        extra["backend"] = zfkernels.resolve_backend("auto", C.device())
     run_bench(step, extra, budget_s=1.5, max_rounds=5, mem=(q == _qs()[0]), rounds=_rounds(pset, q, impl),
               warmup=_warmup(pset, q, impl, opt_kind))
 
@@ -272,19 +264,11 @@ def test_host_foreach_baseline(run_bench, benchmark):
 def test_host_zo_step(run_bench, benchmark, opt_kind, dist):
     """One ZO step (q = 1, the suite's trivial closure) on the tiny ViT-B-layout list; the
     report's ratio: ``t / t(host_ref)``, how many minimal multi-tensor ops a step costs."""
-    from zeroflow.optim import create
-
     params = _host_params()
     closure = _closure_for(params, grad=False)
     opt = create("zo_" + opt_kind, params, lr=LR, q=1, perturbation=dist, zo_eps=EPS, backend="auto", seed=1234)
     benchmark.group = f"optim host {C.DEVICE}"
     extra = {"suite": "optim_host", "key": _host_key(f"zo_{opt_kind}|{dist}"), "kind": "zeroflow", "impl": "zeroflow",
              "opt": "zo_" + opt_kind, "param_set": _HOST_SET, "dist": dist, "q": 1, "n_tensors": len(params),
-             "host_ref": _host_key("foreach_add_")}
-    try:
-        import zfkernels as zk
-
-        extra["backend"] = zk.resolve_backend("auto", C.device())
-    except Exception:  # noqa: BLE001
-        pass
+             "host_ref": _host_key("foreach_add_"), "backend": zfkernels.resolve_backend("auto", C.device())}
     run_bench(lambda: opt.step(closure), extra, budget_s=1.5, max_rounds=200)

@@ -345,9 +345,8 @@ class _ZOBase(torch.optim.Optimizer):
 
     def _stream(self, g: dict) -> tuple[int, int]:
         """The group's ``(dist, mask_threshold)`` codes for the kernels: those checked at the
-        start of this step."""
-        sa = self._stream_args.get(id(g))
-        return sa if sa is not None else (dist_code(g["perturbation"]), mask_threshold(g["sparsity"]))
+        start of this step (only step() calls the kernels, so they are always there)."""
+        return self._stream_args[id(g)]
 
     def _perturb(self, seed: int, factor: float, mask_seed: int) -> None:
         """theta += factor * zo_eps_g * m * z(seed), every group, one pass each."""
