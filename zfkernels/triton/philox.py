@@ -170,14 +170,20 @@ def _rademacher_tile(base, tid, k0, k1, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _gaussian_tile(base, tid, k0, k1, BLOCK: tl.constexpr):
-    """§5 on the ``[R, 32, 4]`` tile: one Philox call (two Box–Muller pairs) per quad."""
+def _per_quad_words(base, tid, TAG: tl.constexpr, k0, k1, BLOCK: tl.constexpr):
+    """The four ``[R, 32]`` word arrays of stream ``TAG`` when each Philox call covers one
+    quad of the ``[R, 32, 4]`` tile starting at ``base``: call ``(base >> 2) + 32 r + q``."""
     R: tl.constexpr = BLOCK // 128
-    lane = tl.arange(0, 4)[None, None, :]
     rr = tl.arange(0, R).to(tl.int64)[:, None]
     qq = tl.arange(0, 32)[None, :]
-    b = (base >> 2) + rr * 32 + qq
-    x0, x1, x2, x3 = stream_words(b, tid, 0, k0, k1)
+    return stream_words((base >> 2) + rr * 32 + qq, tid, TAG, k0, k1)
+
+
+@triton.jit
+def _gaussian_tile(base, tid, k0, k1, BLOCK: tl.constexpr):
+    """§5 on the ``[R, 32, 4]`` tile: one Philox call (two Box–Muller pairs) per quad."""
+    lane = tl.arange(0, 4)[None, None, :]
+    x0, x1, x2, x3 = _per_quad_words(base, tid, 0, k0, k1, BLOCK)
     g0, g1 = _box_muller(x0, x1)
     g2, g3 = _box_muller(x2, x3)
     return _lane_select(lane, g0[:, :, None], g1[:, :, None], g2[:, :, None], g3[:, :, None])
@@ -199,11 +205,7 @@ def z_tile(base, tid, k0, k1, dist, BLOCK: tl.constexpr):
 def quad_words(base, tid, TAG: tl.constexpr, k0, k1, BLOCK: tl.constexpr):
     """The ``[R, 32, 4]`` tile's words of stream ``TAG`` when each Philox call covers one quad
     (§6 mask, §9 rounding): element i = word i & 3 of call i >> 2."""
-    R: tl.constexpr = BLOCK // 128
-    rr = tl.arange(0, R).to(tl.int64)[:, None]
-    qq = tl.arange(0, 32)[None, :]
-    b = (base >> 2) + rr * 32 + qq
-    x0, x1, x2, x3 = stream_words(b, tid, TAG, k0, k1)
+    x0, x1, x2, x3 = _per_quad_words(base, tid, TAG, k0, k1, BLOCK)
     lane = tl.arange(0, 4)[None, None, :]
     return _lane_select(lane, x0[:, :, None], x1[:, :, None], x2[:, :, None], x3[:, :, None])
 
