@@ -22,7 +22,7 @@
 #      expression), TEST_LIMIT_S (170), BENCH_ONLY="kernels optim e2e llm", PROFILE=1, GPU_CHECK_BUDGET_S (350),
 #      TEST_WORKERS (12), ZEROFLOW_COMMIT (the commit to report where .git is stale, as in a device lease).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
 DEST="${OUT:-$ROOT/results/gpu}"
 WORK=$(mktemp -d /tmp/zeroflow_gpu_check.XXXXXX)
