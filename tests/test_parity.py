@@ -708,6 +708,46 @@ def test_triton_philox_equals_tritons_own_randint4x():
         assert torch.equal(zt.philox4x32_10(cnt, seed & 0xFFFFFFFF, seed >> 32), want)
 
 
+@pytest.mark.skipif(not INTERP, reason="checks the Triton interpreter (TRITON_INTERPRET=1)")
+def test_triton_interpreter_runs_the_kernels_here():
+    """Where Triton is installed, the interpreter must run our kernels, or the triton-interp
+    cases above silently vanish from the parametrization: fails with the reason
+    (zfkernels.triton's import check) where it cannot, e.g. Triton 3.6 with numpy >= 2.4."""
+    pytest.importorskip("triton")
+    zt, why = zk._triton_module()
+    assert zt is not None, why
+
+
+class _FakeLaunch:
+    """Stands in for an interpreted kernel: ``probe[grid](out, n)`` writes ``count`` or raises."""
+
+    def __init__(self, count=None, error=None):
+        self.count, self.error = count, error
+
+    def __getitem__(self, grid):
+        def launch(out, n):
+            if self.error is not None:
+                raise self.error
+            out[0] = self.count
+        return launch
+
+
+@pytest.mark.parametrize("probe,needle", [
+    (_FakeLaunch(error=TypeError("only 0-dimensional arrays can be converted to Python scalars")), "0-dimensional"),
+    (_FakeLaunch(count=1), "counted 1"),
+])
+def test_triton_interpreter_check_names_the_fix(monkeypatch, probe, needle):
+    zt, why = zk._triton_module()
+    if zt is None:
+        pytest.skip(why)
+    from zfkernels.triton import _common
+
+    monkeypatch.setattr(_common, "interpreted", lambda kernel: True)
+    with pytest.raises(RuntimeError, match=r"cannot loop over a runtime integer") as info:
+        _common.check_interpreter(probe)
+    assert needle in str(info.value) and "numpy<2.4" in str(info.value) and "backend='cpu'" in str(info.value)
+
+
 @pytest.mark.skipif(not GPU, reason="needs a GPU")
 @pytest.mark.parametrize("be", ["cuda", "triton"])
 def test_gpu_large_tensor_64bit_offsets(be):

@@ -52,8 +52,10 @@ _warned: set[str] = set()
 def _triton_module():
     try:
         from . import triton as zt  # optional dependency, imported on use
-    except Exception as exc:  # noqa: BLE001 - ImportError, or a Triton that fails to initialise
+    except ImportError as exc:
         return None, f"Triton kernels unavailable ({type(exc).__name__}: {exc}); pip install triton"
+    except Exception as exc:  # noqa: BLE001 - a Triton that fails to initialise; the message says what to do
+        return None, f"Triton kernels unavailable ({type(exc).__name__}: {exc})"
     return zt, ""
 
 

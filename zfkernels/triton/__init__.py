@@ -8,9 +8,12 @@ Each op takes an extra keyword-only ``block_size`` (results never depend on it).
 The kernels run on CUDA/ROCm tensors, or on CPU tensors in Triton's interpreter when
 ``TRITON_INTERPRET=1`` is set before this package is imported.
 """
+from ._common import check_interpreter
 from .adam_update import zo_adam_update_
 from .perturb import perturb_
 from .philox import philox4x32_10
 from .sgd_update import zo_sgd_update_
 
 __all__ = ["philox4x32_10", "perturb_", "zo_sgd_update_", "zo_adam_update_"]
+
+check_interpreter()   # under TRITON_INTERPRET=1: an interpreter that cannot run the kernels is an import error

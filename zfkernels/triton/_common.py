@@ -32,6 +32,41 @@ def interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
+@triton.jit
+def _runtime_loop_probe(out_ptr, n):
+    acc = 0
+    for _ in range(0, n):
+        acc += 1
+    tl.store(out_ptr, acc)
+
+
+def check_interpreter(probe=_runtime_loop_probe) -> None:
+    """Under ``TRITON_INTERPRET=1``: raise a ``RuntimeError`` that says what to change if the
+    interpreter cannot loop over a runtime integer argument, as every update kernel's query
+    loop does (``for j in range(0, q)``). Triton 3.6's interpreter passes such an argument as
+    a 1-element array and calls ``int()`` on it, which numpy >= 2.4 refuses (Triton 3.8
+    squeezes it first); without this check each update op failed deep in the interpreter
+    (77 test failures under the device image's Triton 3.6 and numpy 2.5.2)."""
+    if not interpreted(probe):
+        return
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        probe[(1,)](out, 3)
+        ok = int(out[0]) == 3
+    except Exception as exc:  # noqa: BLE001 - the interpreter wraps the numpy TypeError in its own errors
+        ok, why = False, f"{type(exc).__name__}: {exc}"
+    else:
+        why = f"a loop of 3 iterations counted {int(out[0])}"
+    if not ok:
+        import numpy
+
+        raise RuntimeError(
+            f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) cannot loop over a runtime integer "
+            f"with numpy {numpy.__version__} ({why}); install numpy<2.4 or a Triton whose interpreter can "
+            "(3.8 can), or use a compiled backend (backend='cpu')"
+        )
+
+
 def to_i32(word: int) -> int:
     """A uint32 word as the int32 with the same bits (kernels bitcast it back): keeps
     every key argument a 32-bit scalar so one compile serves all seeds."""
