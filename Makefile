@@ -7,6 +7,9 @@
 #   make bench-gpu    benchmarks/gpu_check.sh (on a CUDA machine; output in $$OUT or results/gpu/)
 #   make census       instruction census of the Triton kernels, compiled offline for sm_90 (no GPU;
 #                     benchmarks/sass_census.py; use the device image's Triton: CENSUS_PY=...)
+#   make rehearse     the test suite on this CPU under the device image's versions (python 3.12, torch 2.11,
+#                     Triton 3.6, numpy 2.5: benchmarks/device_image_requirements.txt) in $(IMAGE_VENV), with the
+#                     extensions built in place for it, which a lease then carries (gpu_check.sh SKIP_BUILD=auto)
 #   make bench-report the report again from the JSON already in results/ (cpu_*.json, and gpu_*.json
 #                     copied there from a GPU run's gpu_logs.tar.gz: bench/gpu_*.json)
 SHELL := /bin/bash
@@ -18,7 +21,7 @@ PYTEST_BENCH := $(PY) -m pytest -q -rs -p no:cacheprovider --benchmark-columns=m
 SUITES := kernels optim_step end_to_end distributed
 SWEEP_JSON := $(RESULTS)/query_sweep.json
 
-.PHONY: bench bench-fast bench-sweep bench-gpu bench-report census
+.PHONY: bench bench-fast bench-sweep bench-gpu bench-report census rehearse
 
 bench:
 	@mkdir -p $(RESULTS)
@@ -58,3 +61,12 @@ CENSUS_PY ?= $(PY)
 census:
 	@mkdir -p $(RESULTS)
 	env -u TRITON_INTERPRET $(BENCH_PYTHONPATH) $(CENSUS_PY) -m benchmarks.sass_census --json $(RESULTS)/triton_census.json
+
+IMAGE_PY ?= $(firstword $(wildcard /root/.pyenv/versions/3.12*/bin/python) python3.12)
+IMAGE_VENV ?= $(RESULTS)/image-venv
+rehearse:
+	test -x $(IMAGE_VENV)/bin/python || $(IMAGE_PY) -m venv $(IMAGE_VENV)
+	$(IMAGE_VENV)/bin/python -m pip install -q -r benchmarks/device_image_requirements.txt
+	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} ZEROFLOW_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$${MAX_JOBS:-2} \
+	  $(IMAGE_VENV)/bin/python setup.py -q build_ext --inplace
+	$(BENCH_PYTHONPATH) $(IMAGE_VENV)/bin/python -m pytest -q -p no:cacheprovider -rfEs -n $${TEST_WORKERS:-2}
