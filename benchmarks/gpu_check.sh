@@ -56,7 +56,7 @@ finish() {
 # -------------------------------------------------------------------------- 0. the device
 say "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null || echo 'nvidia-smi missing')"
 if ! "$PY" - > "$WORK/env.json" 2> "$WORK/logs/env.log" <<'EOF'
-import json, os, subprocess, torch
+import json, os, subprocess, numpy, torch
 assert torch.cuda.is_available(), "torch sees no CUDA device"
 try:
     import triton; tv = triton.__version__
@@ -69,7 +69,7 @@ if not commit:
     except OSError:
         pass
 print(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
-                  "triton": tv, "commit": commit or "unknown (no .git)"}))
+                  "triton": tv, "numpy": numpy.__version__, "commit": commit or "unknown (no .git)"}))
 EOF
 then
   say "no usable CUDA device: $(tail -1 "$WORK/logs/env.log")"; STATUS=2; phase_done device failed; finish

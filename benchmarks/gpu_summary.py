@@ -80,7 +80,7 @@ def render(s: dict) -> str:
     e = s["env"]
     t = s["tests"]
     lines = [f"zeroflow GPU check: {e.get('gpu', '?')} | torch {e.get('torch', '?')} | triton {e.get('triton', '?')}"
-             f" | commit {e.get('commit', '?')}",
+             f" | numpy {e.get('numpy', '?')} | commit {e.get('commit', '?')}",
              "phases: " + ", ".join(f"{p['phase']} {p['seconds']} s ({p['status']})" for p in s["phases"])
              + f" | total {s['total_seconds']} s",
              f"tests: {t['passed']} passed, {len(t['failed'])} failed, {len(t['crashed'])} crashed, "
