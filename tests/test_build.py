@@ -149,3 +149,28 @@ def test_static_libstdcxx_driver_still_links_the_shared_one(tmp_path):
                          env=dict(os.environ, PYTHONPATH=str(src)))
     assert run.returncode == 0, run.stderr[-2000:]
     assert "tensor_ids has 2 entries but params has 1; give one id per tensor" in run.stdout, run.stdout
+
+
+def test_crash_probe_script_on_this_build(tmp_path):
+    """benchmarks/crash_probe.sh, which gpu_check.sh runs first on every lease: on this build
+    its CPU probes raise the ValueError with the integers in its message, and the CUDA probe
+    says why it is skipped without a GPU (a broken probe would cost a lease its first minutes)."""
+    built = dict(_built_objects())
+    if "_C" not in built:
+        pytest.skip("the CPU extension is not built")
+    (tmp_path / "build" / "zfkernels").mkdir(parents=True)
+    for path in built.values():
+        shutil.copy(path, tmp_path / "build" / "zfkernels")
+    log = tmp_path / "log"
+    script = os.path.join(ROOT, "benchmarks", "crash_probe.sh")
+    res = subprocess.run(["bash", script, str(tmp_path / "build"), str(log)], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = (log / "summary.txt").read_text().splitlines()
+    want_ok = "OK, raised ValueError zfkernels: tensor_ids has 2 entries but params has 1; give one id per tensor"
+    assert lines[0] == "probe torch_internal: OK, raised RuntimeError"
+    assert lines[1] == f"probe cpu_op_C_only: {want_ok}"
+    if "_C_cuda" in built:
+        assert lines[2] == f"probe cpu_op_both: {want_ok}"
+    if not torch.cuda.is_available():
+        assert lines[-1] in ("probe cuda_op_both: skipped (no GPU)", "probe cuda_op_both: skipped (no _C_cuda built)")
