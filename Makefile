@@ -6,7 +6,8 @@
 #   make bench-sweep  query sweep q in {1,...,32} (zo_sgd, zo_adam; ~8 min), then the report
 #   make bench-gpu    benchmarks/gpu_check.sh (on a CUDA machine; output in $$OUT or results/gpu/)
 #   make census       instruction census of the Triton kernels, compiled offline for sm_90 (no GPU;
-#                     benchmarks/sass_census.py; use the device image's Triton: CENSUS_PY=...)
+#                     benchmarks/sass_census.py) with the device image's Triton: the python of
+#                     `make rehearse`'s venv where it exists, else CENSUS_PY=...
 #   make rehearse     the test suite on this CPU under the device image's versions (python 3.12, torch 2.11,
 #                     Triton 3.6, numpy 2.5: benchmarks/device_image_requirements.txt) in $(IMAGE_VENV), with the
 #                     extensions built in place for it, which a lease then carries (gpu_check.sh SKIP_BUILD=auto)
@@ -57,7 +58,7 @@ bench-sweep:
 bench-gpu:
 	bash benchmarks/gpu_check.sh
 
-CENSUS_PY ?= $(PY)
+CENSUS_PY ?= $(if $(wildcard $(IMAGE_VENV)/bin/python),$(IMAGE_VENV)/bin/python,$(PY))
 census:
 	@mkdir -p $(RESULTS)
 	env -u TRITON_INTERPRET $(BENCH_PYTHONPATH) $(CENSUS_PY) -m benchmarks.sass_census --json $(RESULTS)/triton_census.json
