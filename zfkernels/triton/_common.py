@@ -52,12 +52,11 @@ def check_interpreter(probe=_runtime_loop_probe) -> None:
     out = torch.zeros(1, dtype=torch.int32)
     try:
         probe[(1,)](out, 3)
-        ok = int(out[0]) == 3
     except Exception as exc:  # noqa: BLE001 - the interpreter wraps the numpy TypeError in its own errors
-        ok, why = False, f"{type(exc).__name__}: {exc}"
+        why = f"{type(exc).__name__}: {exc}"
     else:
-        why = f"a loop of 3 iterations counted {int(out[0])}"
-    if not ok:
+        why = None if int(out[0]) == 3 else f"a loop of 3 iterations counted {int(out[0])}"
+    if why is not None:
         import numpy
 
         raise RuntimeError(
