@@ -32,12 +32,13 @@ def make_data(n: int, n_in: int, n_out: int = 1, seed: int = 1) -> tuple[torch.T
     return X, torch.sin(2 * X[:, :n_out]) + X[:, n_out:n_out + 1]
 
 
-def bench_child_env(**overrides: str) -> dict[str, str]:
-    """The environment of a benchmark suite that a test runs in a child pytest: this one,
-    with the repository on PYTHONPATH and without the variables of an xdist worker
-    (pytest-benchmark >= 5 reads PYTEST_XDIST_WORKER and then silently writes no JSON)."""
+def child_env(without: tuple[str, ...] = (), **overrides: str) -> dict[str, str]:
+    """The environment of a child Python process that a test runs (a benchmark suite's
+    pytest, a compiling census): this one, with the repository on PYTHONPATH, without the
+    variables named in ``without`` and without those of an xdist worker (pytest-benchmark
+    >= 5 reads PYTEST_XDIST_WORKER and then silently writes no JSON), plus ``overrides``."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_") and k not in without}
     env.update(overrides)
     env["PYTHONPATH"] = os.pathsep.join([os.path.join(root, "python"), root, env.get("PYTHONPATH", "")])
     return env

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import bench_child_env
+from conftest import child_env
 
 from benchmarks import report as R
 
@@ -279,7 +279,7 @@ def test_suite_tiny_mode_and_report(tmp_path):
     """The whole suite in its smoke mode (tiny config, CPU), then its report section."""
     pytest.importorskip("transformers", reason="transformers is not installed: the LLM suite's model needs it")
     js = tmp_path / "llm.json"
-    env = bench_child_env(BENCH_LLM_TINY="1", BENCH_LLM_ROUNDS="1", BENCH_DEVICE="cpu", OMP_NUM_THREADS="1")
+    env = child_env(BENCH_LLM_TINY="1", BENCH_LLM_ROUNDS="1", BENCH_DEVICE="cpu", OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_bench_llm.py", "-q", "-rs", "-p",
                         "no:cacheprovider", f"--benchmark-json={js}"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)

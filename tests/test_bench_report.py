@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import bench_child_env
+from conftest import child_env
 
 from benchmarks import report as R
 
@@ -138,7 +138,7 @@ def test_cli(tmp_path):
 def test_suites_fast_mode(tmp_path):
     """Every benchmark suite in BENCH_FAST mode (tiny sizes, one round), then the report."""
     js = tmp_path / "fast.json"
-    env = bench_child_env(BENCH_FAST="1", BENCH_DEVICE="cpu")
+    env = child_env(BENCH_FAST="1", BENCH_DEVICE="cpu")
     p = subprocess.run([sys.executable, "-m", "pytest", *SUITES, "-q", "-rs", "-p", "no:cacheprovider",
                         f"--benchmark-json={js}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     tail = "\n".join((p.stdout + p.stderr).splitlines()[-30:])

@@ -16,6 +16,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import child_env
 
 triton = pytest.importorskip("triton", reason="Triton is not installed: nothing to compile")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -27,8 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run(code: str) -> dict:
     """Run ``code`` (it prints one JSON object last) in a compiling (not interpreting) child."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "python"), ROOT, env.get("PYTHONPATH", "")])
+    env = child_env(without=("TRITON_INTERPRET",))
     p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
