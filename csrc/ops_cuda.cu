@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstring>
 #include <mutex>
 #include <vector>
@@ -350,23 +351,38 @@ void fill_rounding(Common& c, bool stochastic_rounding, int64_t round_seed) {
   c.rk1 = zf::seed_k1((uint64_t)round_seed);
 }
 
-// Blocks for a kernel: enough to cover the tasks, at most what is resident on all SMs at once
-// (the grid-stride loop does the rest without a tail of half-empty waves).
-template <class Kernel>
-int grid_for_tasks(Kernel kernel, int64_t tasks) {
-  int dev = 0, sms = 0, per_sm = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-  const int64_t warps_per_block = kThreads / 32;
-  const int64_t want = (tasks + warps_per_block - 1) / warps_per_block;
-  return (int)std::max<int64_t>(1, std::min<int64_t>(want, (int64_t)sms * std::max(per_sm, 1)));
+// Blocks of the kernel resident on all SMs of `device` at once, asked of the occupancy
+// calculator once per kernel and device (it depends only on the kernel's registers and the
+// device), not on every launch: an op call made two runtime queries and one occupancy
+// calculation per launch, host work on the step's critical path after each loss read (RAJA
+// and CCCL cache it likewise).  Keyed by the kernel's template arguments, not its function
+// type: the kernels of one functor share their signature but not their registers.
+template <class Functor, typename P, int DIST>
+int64_t resident_blocks(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int64_t> cached[kMaxDevices];  // 0: not asked yet (zero-initialized)
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  if (cacheable) {
+    const int64_t known = cached[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int sms = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, multi_tensor_kernel<Functor, P, DIST>, kThreads, 0));
+  const int64_t blocks = (int64_t)std::max(sms, 1) * std::max(per_sm, 1);
+  if (cacheable) cached[device].store(blocks, std::memory_order_relaxed);
+  return blocks;
 }
 
+// One launch over the table in `c`: enough blocks to cover the tasks, at most what is resident
+// on all SMs at once (the grid-stride loop does the rest without a tail of half-empty waves).
 template <class Functor, typename P, int DIST>
-void launch_one(const Common& c, const typename Functor::Args& a) {
-  auto kernel = multi_tensor_kernel<Functor, P, DIST>;
-  kernel<<<grid_for_tasks(kernel, c.total_tasks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(c, a);
+void launch_one(const Common& c, const typename Functor::Args& a, int device) {
+  const int64_t warps_per_block = kThreads / 32;
+  const int64_t want = (c.total_tasks + warps_per_block - 1) / warps_per_block;
+  const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(want, resident_blocks<Functor, P, DIST>(device)));
+  multi_tensor_kernel<Functor, P, DIST><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(c, a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -405,12 +421,14 @@ void launch(const std::vector<Slots>& slots, at::IntArrayRef tensor_ids, int64_t
     c.total_tasks = tasks;
     const bool rad = dist == zf::DIST_RADEMACHER;
     if (code == F32) {
-      rad ? launch_one<Functor, float, zf::DIST_RADEMACHER>(c, a) : launch_one<Functor, float, zf::DIST_GAUSSIAN>(c, a);
+      rad ? launch_one<Functor, float, zf::DIST_RADEMACHER>(c, a, device)
+          : launch_one<Functor, float, zf::DIST_GAUSSIAN>(c, a, device);
     } else if (code == BF16) {
-      rad ? launch_one<Functor, __nv_bfloat16, zf::DIST_RADEMACHER>(c, a)
-          : launch_one<Functor, __nv_bfloat16, zf::DIST_GAUSSIAN>(c, a);
+      rad ? launch_one<Functor, __nv_bfloat16, zf::DIST_RADEMACHER>(c, a, device)
+          : launch_one<Functor, __nv_bfloat16, zf::DIST_GAUSSIAN>(c, a, device);
     } else {
-      rad ? launch_one<Functor, __half, zf::DIST_RADEMACHER>(c, a) : launch_one<Functor, __half, zf::DIST_GAUSSIAN>(c, a);
+      rad ? launch_one<Functor, __half, zf::DIST_RADEMACHER>(c, a, device)
+          : launch_one<Functor, __half, zf::DIST_GAUSSIAN>(c, a, device);
     }
   }
 }
