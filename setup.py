@@ -11,6 +11,7 @@ Environment:
   TORCH_CUDA_ARCH_LIST      GPU archs (default "8.0;9.0")
   MAX_JOBS                  parallel compile jobs (default 2)
 """
+import importlib.util
 import os
 import shutil
 
@@ -24,11 +25,24 @@ CSRC = "csrc"
 
 os.environ.setdefault("MAX_JOBS", "2")
 
+
+def _sources_digest() -> str:
+    """zfkernels/_sources.py's digest of csrc/, loaded by path (nothing is built yet)."""
+    spec = importlib.util.spec_from_file_location("_zf_sources", os.path.join(HERE, "zfkernels", "_sources.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.digest(os.path.join(HERE, CSRC))
+
+
+# Compiled into both extensions (csrc/module_init.h): zfkernels._compiled names a build older
+# than the sources beside it.
+DIGEST_DEFINE = f"-DZF_SOURCES_DIGEST={_sources_digest()}"
+
 # One arithmetic (docs/kernel-ops.md): no contraction into FMAs, no fast-math, IEEE
 # division and sqrt. Hidden visibility: each extension keeps its own private copy of the
 # inline code it shares with the other through csrc/*.h (only PyInit_* is exported).
 HIDDEN = ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
-CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno"] + HIDDEN
+CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", DIGEST_DEFINE] + HIDDEN
 NVCC_FLAGS = [
     "-O3",
     "--fmad=false",  # same float discipline as the CPU build: no contraction
@@ -37,6 +51,7 @@ NVCC_FLAGS = [
     "-ftz=false",
     "--expt-relaxed-constexpr",
     "-lineinfo",
+    DIGEST_DEFINE,
 ] + [f"-Xcompiler={f}" for f in HIDDEN + ["-ffp-contract=off"]]
 
 
@@ -100,7 +115,7 @@ if _want_cuda():
             name="zfkernels._C_cuda",
             sources=[os.path.join(CSRC, "ops_cuda.cu")],
             include_dirs=[os.path.join(HERE, CSRC)],
-            extra_compile_args={"cxx": ["-O3", "-ffp-contract=off"] + HIDDEN, "nvcc": NVCC_FLAGS},
+            extra_compile_args={"cxx": ["-O3", "-ffp-contract=off", DIGEST_DEFINE] + HIDDEN, "nvcc": NVCC_FLAGS},
             extra_link_args=LIBSTDCXX,
         )
     )

@@ -78,12 +78,16 @@ cat "$WORK/env.json" | tee -a "$WORK/logs/gpu_check.log"; echo
 phase_done device ok
 
 # -------------------------------------------------------------------------- 1. build
-if [ "${SKIP_BUILD:-0}" = "auto" ]; then   # extensions built elsewhere for this image and carried in: use them if they load
-  if "$PY" -c "from zfkernels import _compiled as c; assert c.cpu_available() and c.cuda_available(), c.missing_reason('cuda')" \
+# Extensions built elsewhere for this image and carried in: used if they load and were built from
+# the csrc/ of this tree (a build older than an edit of csrc/ would run, and time, the old kernels).
+if [ "${SKIP_BUILD:-0}" = "auto" ]; then
+  if "$PY" -c "from zfkernels import _compiled as c; assert c.cpu_available() and c.cuda_available(), c.missing_reason('cuda'); \
+s = c.stale(); assert not s, 'built from other sources than csrc/: ' + ', '.join(sorted(s))" \
       > "$WORK/logs/prebuilt.log" 2>&1; then
-    say "build: skipped, the carried extensions load: $(ls zfkernels/*.so | tr '\n' ' ')"; SKIP_BUILD=1; phase_done build prebuilt
+    say "build: skipped, the carried extensions load and match csrc/: $(ls zfkernels/*.so | tr '\n' ' ')"
+    SKIP_BUILD=1; phase_done build prebuilt
   else
-    say "build: the carried extensions do not load ($(tail -1 "$WORK/logs/prebuilt.log")); building"; SKIP_BUILD=0
+    say "build: the carried extensions cannot be used ($(tail -1 "$WORK/logs/prebuilt.log")); building"; SKIP_BUILD=0
   fi
 fi
 if [ "${SKIP_BUILD:-0}" != "1" ]; then

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "module_init.h"  // PyInit: the module and its sources digest
 #include "ops_common.h"
 #include "philox.h"
 #include "update_math.h"
@@ -627,7 +628,7 @@ extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "zfkernels compiled CPU ops", -1,
                                           nullptr};
-  return PyModule_Create(&module_def);
+  return zf_ops::create_module(&module_def);
 }
 }
 

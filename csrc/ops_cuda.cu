@@ -26,6 +26,7 @@
 #include <mutex>
 #include <vector>
 
+#include "module_init.h"         // PyInit: the module and its sources digest
 #include "multi_tensor_apply.cuh"  // launcher, storage, z / mask / rounding of a warp task
 #include "ops_common.h"            // validation + host scalar preparation, shared with the CPU build
 #include "philox.h"
@@ -539,6 +540,6 @@ extern "C" {
 PyMODINIT_FUNC PyInit__C_cuda(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C_cuda", "zfkernels compiled CUDA ops", -1,
                                           nullptr};
-  return PyModule_Create(&module_def);
+  return zf_ops::create_module(&module_def);
 }
 }

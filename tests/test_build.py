@@ -17,6 +17,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import child_env
 
 from zfkernels import _compiled
 
@@ -109,6 +110,57 @@ def test_extensions_export_only_their_module_init():
         ours = [ln for ln in out.splitlines() if "zf_" in ln or "zf::" in ln]
         assert not ours, f"{mod} exports zfkernels internals: {ours[:5]}"
         assert f"PyInit_{mod}" in out
+
+
+def test_built_extensions_match_the_sources():
+    """The extensions under test were compiled from the csrc/ of this tree (csrc/module_init.h):
+    fails on binaries built before an edit of csrc/, which would test the old kernels."""
+    assert _compiled.stale() == {}, (
+        f"built from other sources than {_compiled.CSRC} ({{module: (built, now)}}: {_compiled.stale()}); "
+        f"rebuild with: {_compiled.BUILD_COMMAND}")
+
+
+def test_stale_names_a_build_older_than_its_sources(tmp_path):
+    """A copy of csrc/ is judged like csrc/ itself (the digest ignores where the tree lies and
+    files that are not sources); one edited byte makes every loaded extension stale."""
+    loaded = [m for m in ("_C", "_C_cuda") if f"zfkernels.{m}" in sys.modules]
+    assert "_C" in loaded
+    copy = tmp_path / "csrc"
+    shutil.copytree(_compiled.CSRC, copy)
+    (copy / "NOTES.txt").write_text("not a source file")
+    assert _compiled.stale(str(copy)) == _compiled.stale()
+    header = copy / "philox.h"
+    header.write_bytes(header.read_bytes() + b"\n")
+    edited = _compiled.stale(str(copy))
+    assert sorted(edited) == loaded
+    for built, now in edited.values():
+        assert now.startswith("zf") and len(now) == 34 and built != now
+    assert _compiled.stale(str(tmp_path / "absent")) == {}   # an installed wheel ships no csrc/
+
+
+def test_import_warns_about_a_stale_build(tmp_path):
+    """Importing zfkernels with binaries older than csrc/ warns, naming them and the rebuild:
+    this package and its binaries in a scratch tree whose csrc/ has one byte more."""
+    shutil.copytree(os.path.join(ROOT, "zfkernels"), tmp_path / "zfkernels",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(_compiled.CSRC, tmp_path / "csrc")
+    code = "import warnings; warnings.simplefilter('always'); import zfkernels"
+    env = child_env()
+    env["PYTHONPATH"] = str(tmp_path)          # the scratch tree only, not this repository
+
+    def run():
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                              timeout=300)
+
+    same = run()
+    assert same.returncode == 0 and "built from other sources" not in same.stderr, same.stderr
+    header = tmp_path / "csrc" / "update_math.h"
+    header.write_bytes(header.read_bytes() + b"\n")
+    edited = run()
+    assert edited.returncode == 0, edited.stderr
+    assert "RuntimeWarning: zfkernels: zfkernels._C" in edited.stderr, edited.stderr
+    assert f"built from other sources than {tmp_path / 'csrc'}" in edited.stderr
+    assert _compiled.BUILD_COMMAND in edited.stderr
 
 
 def test_loader_reports_build_command():

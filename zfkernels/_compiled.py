@@ -3,11 +3,22 @@
 ``zfkernels._C`` defines the ``torch.ops.zfkernels`` schema and the CPU (and Meta) kernels;
 ``zfkernels._C_cuda`` adds the CUDA kernels (built only where nvcc and a CUDA torch exist).
 Importing this module never fails: a missing extension is recorded with the reason and the
-command that builds it, and the callers fall back or raise with that text.
+command that builds it, and the callers fall back or raise with that text. In a source
+checkout, an extension built from other sources than the csrc/ beside the package (edited
+since the build) is named with a warning at import (:func:`stale`).
 """
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
+from ._sources import digest
+
 BUILD_COMMAND = "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e ."
+# The C++/CUDA sources of a source checkout (absent from an installed wheel).
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+MODULES = {"cpu": "_C", "cuda": "_C_cuda"}
 
 _errors: dict[str, str] = {}
 
@@ -19,12 +30,33 @@ def _try_import(backend: str, module: str) -> None:
         _errors[backend] = f"{type(exc).__name__}: {exc}"
 
 
-_try_import("cpu", "_C")
+def stale(csrc: str = CSRC) -> dict[str, tuple[str, str]]:
+    """The loaded extensions built from other sources than ``csrc``: ``{module: (digest
+    compiled in, digest of csrc)}``; empty where csrc/ is absent (an installed wheel)."""
+    if not os.path.isdir(csrc):
+        return {}
+    now = digest(csrc)
+    out = {}
+    for module in MODULES.values():
+        m = sys.modules.get(f"{__package__ or 'zfkernels'}.{module}")
+        built = getattr(m, "sources_digest", None) if m is not None else None
+        if m is not None and built != now:
+            out[module] = (str(built), now)
+    return out
+
+
+_try_import("cpu", MODULES["cpu"])
 if "cpu" in _errors:
     # The CUDA extension only registers kernels for ops that _C defines.
     _errors["cuda"] = f"zfkernels._C (the op schema) is missing: {_errors['cpu']}"
 else:
-    _try_import("cuda", "_C_cuda")
+    _try_import("cuda", MODULES["cuda"])
+_stale = stale()
+if _stale:
+    warnings.warn(
+        f"zfkernels: {' and '.join(f'zfkernels.{m}' for m in _stale)} {'was' if len(_stale) == 1 else 'were'} "
+        f"built from other sources than {CSRC} (edited since the build) and run the old kernels; rebuild with: "
+        f"{BUILD_COMMAND}", RuntimeWarning, stacklevel=2)
 
 
 def cpu_available() -> bool:
