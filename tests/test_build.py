@@ -13,6 +13,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tarfile
 import textwrap
 
 import pytest
@@ -20,6 +21,7 @@ import torch
 from conftest import child_env
 
 from zfkernels import _compiled
+from zfkernels._sources import SOURCE_SUFFIXES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -161,6 +163,28 @@ def test_import_warns_about_a_stale_build(tmp_path):
     assert "RuntimeWarning: zfkernels: zfkernels._C" in edited.stderr, edited.stderr
     assert f"built from other sources than {tmp_path / 'csrc'}" in edited.stderr
     assert _compiled.BUILD_COMMAND in edited.stderr
+
+
+def test_sdist_carries_what_the_build_needs(tmp_path):
+    """The source distribution builds where it is unpacked: it holds every source of csrc/
+    (setup.py names only the files it compiles, not their headers; MANIFEST.in adds them)
+    and zfkernels/_sources.py (setup.py loads it by path for the sources digest)."""
+    # In a copy without build outputs: setuptools also lists what a previous egg-info's
+    # SOURCES.txt named, which would hide a file that MANIFEST.in no longer brings in.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", "*.egg-info", "build", "build-cmake", "dist", "results", "runs", "*.so", "__pycache__", ".*cache",
+        ".probe", ".benchmarks"))
+    out = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=src,
+                         env=child_env(ZEROFLOW_BUILD_CUDA="0"), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (sdist,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(sdist) as tf:
+        names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
+    need = {f"csrc/{f}" for f in os.listdir(_compiled.CSRC) if f.endswith(SOURCE_SUFFIXES)}
+    assert {"csrc/ops.cpp", "csrc/ops_cuda.cu", "csrc/philox.h"} <= need
+    need |= {"setup.py", "zfkernels/_sources.py", "zfkernels/_compiled.py"}
+    assert need <= names, f"missing from the sdist: {sorted(need - names)}"
 
 
 def test_loader_reports_build_command():
