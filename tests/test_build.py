@@ -138,6 +138,10 @@ def test_stale_names_a_build_older_than_its_sources(tmp_path):
     for built, now in edited.values():
         assert now.startswith("zf") and len(now) == 34 and built != now
     assert _compiled.stale(str(tmp_path / "absent")) == {}   # an installed wheel ships no csrc/
+    other = tmp_path / "other-csrc"                             # another package's csrc/ beside it
+    other.mkdir()
+    (other / "ops.cpp").write_text("int main() { return 0; }\n")
+    assert _compiled.stale(str(other)) == {}
 
 
 def test_import_warns_about_a_stale_build(tmp_path):

@@ -32,8 +32,9 @@ def _try_import(backend: str, module: str) -> None:
 
 def stale(csrc: str = CSRC) -> dict[str, tuple[str, str]]:
     """The loaded extensions built from other sources than ``csrc``: ``{module: (digest
-    compiled in, digest of csrc)}``; empty where csrc/ is absent (an installed wheel)."""
-    if not os.path.isdir(csrc):
+    compiled in, digest of csrc)}``; empty where csrc/ is not zfkernels' (an installed wheel
+    ships none; a ``csrc`` of another package beside it has no module_init.h)."""
+    if not os.path.isfile(os.path.join(csrc, "module_init.h")):
         return {}
     now = digest(csrc)
     out = {}
