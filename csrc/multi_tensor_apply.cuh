@@ -1,5 +1,5 @@
 // The multi-tensor launcher of the CUDA ops (apex's multi_tensor_apply + functor shape) and
-// the per-lane building blocks the functors in csrc/ops_cuda.cu share: storage loads/stores,
+// the per-lane building blocks the functors of csrc/zo_functors.cuh share: storage loads/stores,
 // z, the mask and stochastic rounding of a warp task.  Semantics: docs/kernel-ops.md; the
 // stream: docs/perturbation-stream.md, through csrc/philox.h.
 //

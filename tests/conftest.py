@@ -12,6 +12,35 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_INCLUDE = os.path.join(os.environ.get("CUDA_HOME") or "/usr/local/cuda", "include")
+
+
+def load_cuda_emulation(build_dir: str) -> None:
+    """Builds tests/cuda_emu/cuda_emu.cpp in ``build_dir`` and loads it into this process: the
+    CPU kernels of perturb_, zo_sgd_update_ and zo_adam_update_ become the CUDA backend's
+    kernels emulated on the CPU, for every test of the "cpu" backend. Only in a child pytest
+    (tests/test_cuda_emulation.py sets ZF_EMULATE_CUDA_KERNELS): it replaces kernels for
+    the whole process."""
+    import zfkernels  # noqa: F401 - zfkernels._C first: the library replaces the kernels it registered
+    from torch.utils.cpp_extension import load
+
+    os.makedirs(build_dir, exist_ok=True)
+    load(name="zf_cuda_emu", sources=[os.path.join(ROOT, "tests", "cuda_emu", "cuda_emu.cpp")],
+         extra_include_paths=[os.path.join(ROOT, "csrc"), CUDA_INCLUDE],
+         # the CUDA build's float discipline on the host (setup.py): no contraction, no fast-math
+         extra_cflags=["-O2", "-std=c++20", "-ffp-contract=off", "-fno-fast-math"],
+         build_directory=build_dir, is_python_module=False)
+
+
+if os.environ.get("ZF_EMULATE_CUDA_KERNELS"):
+    load_cuda_emulation(os.environ["ZF_EMULATE_CUDA_KERNELS"])
+
+    def pytest_sessionfinish(session, exitstatus):
+        """The number of emulated kernel launches, for the parent test to check."""
+        with open(os.environ["ZF_EMULATION_REPORT"], "w") as f:
+            f.write(str(torch.ops.zf_cuda_emu.launches()))
+
 
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
@@ -37,10 +66,9 @@ def child_env(without: tuple[str, ...] = (), **overrides: str) -> dict[str, str]
     pytest, a compiling census): this one, with the repository on PYTHONPATH, without the
     variables named in ``without`` and without those of an xdist worker (pytest-benchmark
     >= 5 reads PYTEST_XDIST_WORKER and then silently writes no JSON), plus ``overrides``."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_") and k not in without}
     env.update(overrides)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(root, "python"), root, env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "python"), ROOT, env.get("PYTHONPATH", "")])
     return env
 
 

@@ -9,7 +9,7 @@ table's order, so an argument can never land in another's place; the tests build
 argument lists with :func:`bind`.
 
 Adding an option to an op: a row here, the kernels' arithmetic (csrc/ops.cpp,
-csrc/ops_cuda.cu, zfkernels/triton/, zfkernels/reference.py), the spec
+csrc/zo_functors.cuh, zfkernels/triton/, zfkernels/reference.py), the spec
 (docs/kernel-ops.md) and the keyword of the Python face; the tests then tell every place
 that does not follow.
 """
