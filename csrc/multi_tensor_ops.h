@@ -156,6 +156,20 @@ void launch(Launcher& l, const std::vector<Slots>& slots, at::IntArrayRef tensor
   }
 }
 
+// What the two updates share besides their functor's scalars: the mask, steps 1-2 (the pending
+// restore, the q-query estimate) and the §9 rounding of the parameter stores; then the launch.
+template <class Functor, class Launcher>
+void launch_update(Launcher& l, const std::vector<Slots>& slots, at::IntArrayRef tensor_ids, at::IntArrayRef seeds,
+                   at::ArrayRef<double> coeffs, int64_t dist, int64_t mask_seed, int64_t mask_threshold,
+                   int64_t restore_seed, float restore_scale, bool stochastic_rounding, int64_t round_seed,
+                   const typename Functor::Args& a) {
+  Common c = make_common(mask_seed, mask_threshold);
+  fill_restore(c, seeds, restore_seed, restore_scale);
+  fill_rounding(c, stochastic_rounding, round_seed);
+  const Tensor queries = fill_queries(c, seeds, coeffs, l);  // held until the launches are enqueued
+  launch<Functor>(l, slots, tensor_ids, dist, c, a);
+}
+
 // ----------------------------------------------------------------------------------------
 // The ops (schemas: csrc/ops.cpp; semantics: docs/kernel-ops.md)
 // ----------------------------------------------------------------------------------------
@@ -194,11 +208,8 @@ void sgd_op(TensorList params, TensorList momentum_buffers, TensorList history_b
   a.mom = has_m;
   a.nesterov = nesterov;
   a.momentum_init = momentum_init;
-  Common c = make_common(mask_seed, mask_threshold);
-  fill_restore(c, seeds, restore_seed, a.s.restore_scale);
-  fill_rounding(c, stochastic_rounding, round_seed);
-  const Tensor queries = fill_queries(c, seeds, coeffs, l);
-  launch<SgdFunctor>(l, slots, tensor_ids, dist, c, a);
+  launch_update<SgdFunctor>(l, slots, tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed,
+                            a.s.restore_scale, stochastic_rounding, round_seed, a);
 }
 
 template <class Launcher>
@@ -219,11 +230,8 @@ void adam_op(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, Ten
     slots[k] = {&params[k], &exp_avgs[k], &exp_avg_sqs[k], has_h ? &history_buffers[k] : nullptr};
   a.h = HistArgs{has_h, history_init, sign, a.s.alpha, a.s.one_minus_alpha};
   a.decoupled = decoupled_weight_decay;
-  Common c = make_common(mask_seed, mask_threshold);
-  fill_restore(c, seeds, restore_seed, a.s.restore_scale);
-  fill_rounding(c, stochastic_rounding, round_seed);
-  const Tensor queries = fill_queries(c, seeds, coeffs, l);
-  launch<AdamFunctor>(l, slots, tensor_ids, dist, c, a);
+  launch_update<AdamFunctor>(l, slots, tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed,
+                             a.s.restore_scale, stochastic_rounding, round_seed, a);
 }
 
 }  // namespace zf_cuda
