@@ -18,6 +18,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <vector>
@@ -46,6 +47,14 @@ inline int32_t vec_ok(const Tensor& t) {
 }
 
 using Slots = std::array<const Tensor*, 4>;  // the tensors of one entry by slot (nullptr: off)
+
+// Blocks of a launch over `tasks` warp tasks: enough to cover them, at most `resident` (what
+// fits on all SMs at once; the grid-stride loop does the rest without a tail of half-empty waves).
+inline int grid_blocks(int64_t tasks, int64_t resident) {
+  const int64_t warps_per_block = kThreads / 32;
+  const int64_t want = (tasks + warps_per_block - 1) / warps_per_block;
+  return (int)std::max<int64_t>(1, std::min<int64_t>(want, resident));
+}
 
 // The q seeds and coefficients: in the kernel parameters up to kInlineQ, else in a buffer
 // where the kernels read it (returned: it must live until the launches are enqueued).

@@ -23,7 +23,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <cstring>
 #include <mutex>
@@ -38,8 +37,6 @@
 
 namespace zf_cuda {
 
-using at::Tensor;
-using at::TensorList;
 using namespace zf_ops;
 
 __global__ void philox_kernel(const int64_t* __restrict__ cnt, int64_t* __restrict__ out, int64_t n,
@@ -157,14 +154,10 @@ class CudaLauncher {
   Tensor host_bytes(int64_t n) { return at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true)); }
   Tensor to_device(const Tensor& host) { return host.to(at::Device(at::kCUDA, device_), /*non_blocking=*/true); }
 
-  // One launch over the table in `c`: enough blocks to cover the tasks, at most what is
-  // resident on all SMs at once (the grid-stride loop does the rest without a tail of
-  // half-empty waves).
+  // One launch over the table in `c`, on the current stream.
   template <class Functor, typename P, int DIST>
   void run(const Common& c, const typename Functor::Args& a) {
-    const int64_t warps_per_block = kThreads / 32;
-    const int64_t want = (c.total_tasks + warps_per_block - 1) / warps_per_block;
-    const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(want, resident_blocks<Functor, P, DIST>(device_)));
+    const int grid = grid_blocks(c.total_tasks, resident_blocks<Functor, P, DIST>(device_));
     multi_tensor_kernel<Functor, P, DIST><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(c, a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -40,8 +40,10 @@ def stale(csrc: str = CSRC) -> dict[str, tuple[str, str]]:
     out = {}
     for module in MODULES.values():
         m = sys.modules.get(f"{__package__ or 'zfkernels'}.{module}")
-        built = getattr(m, "sources_digest", None) if m is not None else None
-        if m is not None and built != now:
+        if m is None:                      # not built or not loadable: missing_reason() says so
+            continue
+        built = getattr(m, "sources_digest", None)
+        if built != now:
             out[module] = (str(built), now)
     return out
 

@@ -37,6 +37,8 @@
 #include <barrier>
 #include <cstdint>
 #include <deque>
+#include <exception>
+#include <mutex>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -100,8 +102,7 @@ class EmuLauncher {
   template <class Functor, typename P, int DIST>
   void run(const Common& c, const typename Functor::Args& a) {
     const int64_t warps_per_block = zf_cuda::kThreads / 32;
-    const int64_t want = (c.total_tasks + warps_per_block - 1) / warps_per_block;
-    const int blocks = (int)std::max<int64_t>(1, std::min<int64_t>(want, kResidentBlocks));
+    const int blocks = zf_cuda::grid_blocks(c.total_tasks, kResidentBlocks);
     launches.fetch_add(1);
     Warp w;
     std::vector<std::thread> lanes;
