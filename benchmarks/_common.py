@@ -130,6 +130,32 @@ def make_params(shapes, dtype=torch.float32, dev=None, requires_grad=False) -> l
     return out
 
 
+def trivial_closure(params, grad: bool):
+    """A trivial closure. Zeroth-order (``grad=False``): one element of the first parameter,
+    a real function of the perturbed weights that costs ~nothing, so the step time is the
+    optimizer's own cost (forwards excluded), for zeroflow and MeZO alike. First-order
+    (``grad=True``): one element of *every* parameter, so that backward still writes a
+    full-size gradient for each tensor, as a real backward does (an FO step cannot exclude
+    its backward)."""
+    probe = [1e-3 * (k % 7 - 3) for k in range(len(params))]
+    if not grad:
+        first = params[0].reshape(-1)
+
+        def zo_closure():
+            return first[0] * probe[0]
+
+        return zo_closure
+
+    def closure():
+        with torch.set_grad_enabled(grad):
+            loss = params[0].reshape(-1)[0] * probe[0]
+            for p, w in zip(params[1:], probe[1:]):
+                loss = loss + p.reshape(-1)[0] * w
+            return loss
+
+    return closure
+
+
 def numel_of(tensors) -> int:
     return sum(t.numel() for t in tensors)
 

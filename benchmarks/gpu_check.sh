@@ -8,18 +8,22 @@
 #   4. runs the GPU benchmark subset (kernels at 64M/256M, optimizer step on the ViT-B list,
 #      one ViT-B/16 training iteration per method, the OPT-1.3B-shaped LLM iteration) and writes
 #      the report;
-#   5. prints a one-screen summary (tests passed / failed / crashed by name, each target with
-#      its measured value, the minutes per phase).
-# What comes back from a lease fits its limits (at most 8 files): in $OUT (or results/gpu/)
-# summary.txt, summary.json, performance.md and gpu_logs.tar.gz (every full log, the junit
-# XML, the benchmark JSON and the plots). Nothing is cut to a tail.
+#   5. (TIMELINE=1, the default) profiles ZO-SGD / ZO-Adam steps on the ViT-B list and on its
+#      layout with 1-4 elements a tensor: where a step's time goes, device busy per op and idle
+#      per host category (benchmarks/step_timeline.py): step_timeline.txt in $OUT;
 #   6. (PROFILE=1) times the profiled kernel cases against copy_ (the Triton cases named in
 #      PROFILE_TRITON too) and, unless NCU=0, runs ncu on one launch of each CUDA case (and of
 #      the PROFILE_TRITON cases) (benchmarks/profile_kernels.py): profile.txt and ncu.txt in $OUT;
 #      TRITON_VARIANTS="case,..." adds benchmarks/sass_census.py --time (the Triton launch with
-#      options constant vs as launched, bit-checked and timed) to profile.txt.
+#      options constant vs as launched, bit-checked and timed) to profile.txt;
+#   7. prints a one-screen summary (tests passed / failed / crashed by name, each target with
+#      its measured value, the step timelines' medians, the minutes per phase).
+# What comes back from a lease fits its limits (at most 8 files): in $OUT (or results/gpu/)
+# summary.txt, summary.json, performance.md, step_timeline.txt, profile.txt, ncu.txt and
+# gpu_logs.tar.gz (every full log, the junit XML, the benchmark JSON, the profiler traces and
+# the plots). Nothing is cut to a tail.
 # Env: SKIP_BUILD=1 (or auto: use carried extensions if they load), SKIP_PROBE=1, KERNELS_SELECT (-k of the kernel suite), SKIP_TESTS=1, TESTS (the test files), TEST_SELECT (a pytest -k
-#      expression), TEST_LIMIT_S (170), BENCH_ONLY="kernels optim e2e llm", PROFILE=1, GPU_CHECK_BUDGET_S (350),
+#      expression), TEST_LIMIT_S (170), BENCH_ONLY="kernels optim e2e llm", TIMELINE=0, PROFILE=1, GPU_CHECK_BUDGET_S (350),
 #      TEST_WORKERS (12), ZEROFLOW_COMMIT (the commit to report where .git is stale, as in a device lease).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -172,7 +176,29 @@ for suite in ${BENCH_ONLY:-kernels optim e2e llm}; do
   [ -f "$WORK/bench/gpu_$suite.json" ] && JSONS+=("$WORK/bench/gpu_$suite.json")
 done
 
-# -------------------------------------------------------------------------- 4b. kernel profile
+# -------------------------------------------------------------------------- 5. step timeline
+# Where the optimizer step's time goes (issue 13 item 2): a profiler timeline of ZO-SGD / ZO-Adam
+# steps, the device's busy time per op and its idle time per host category; on the ViT-B list
+# and on the same layout with 1-4 elements a tensor (host work alone). step_timeline.txt in $OUT.
+if [ "${TIMELINE:-1}" = "1" ]; then
+  lim=$(left 60)
+  if [ "$lim" -lt 15 ]; then
+    say "step timeline skipped: the budget is spent"; phase_done timeline skipped
+  else
+    say "step timeline (benchmarks/step_timeline.py, limit ${lim}s)"
+    rc=0; tl_end=$(( $(date +%s) + lim ))
+    for layout in vit_b vit_b_tiny; do
+      timeout -s INT -k 10 "$(left $(( tl_end - $(date +%s) )))" "$PY" -m benchmarks.step_timeline --layout "$layout" \
+        --json "$WORK/bench/step_timeline_$layout.json" --trace-dir "$WORK/traces/$layout" \
+        >> "$WORK/logs/step_timeline.txt" 2>&1 || rc=$?
+    done
+    tee -a "$WORK/logs/gpu_check.log" < "$WORK/logs/step_timeline.txt"
+    cp "$WORK/logs/step_timeline.txt" "$DEST/step_timeline.txt"
+    if [ "$rc" = "0" ]; then phase_done timeline ok; else say "step timeline exit $rc"; STATUS=1; phase_done timeline failed; fi
+  fi
+fi
+
+# -------------------------------------------------------------------------- 6. kernel profile
 if [ "${PROFILE:-0}" = "1" ]; then
   lim=$(left 100)
   say "profile: kernels vs copy_ at 256M, then ncu on one launch per case at 64M (limit ${lim}s)"
@@ -212,7 +238,7 @@ if [ "${PROFILE:-0}" = "1" ]; then
   fi
 fi
 
-# -------------------------------------------------------------------------- 5. report, summary
+# -------------------------------------------------------------------------- 7. report, summary
 if [ ${#JSONS[@]} -gt 0 ]; then
   say "report -> $DEST/performance.md (plots in gpu_logs.tar.gz: perf/)"
   "$PY" -m benchmarks.report "${JSONS[@]}" --out "$WORK/performance.md" --plots "$WORK/perf" \

@@ -73,6 +73,7 @@ def summarize(work: str) -> dict:
         "tests": read_junit(sorted(glob.glob(os.path.join(work, "tests*.xml")))),
         "crash_probe": open(probe).read().splitlines() if os.path.exists(probe) else [],
         "targets": _load(os.path.join(work, "targets.json"), []),
+        "timelines": [_load(p, {}) for p in sorted(glob.glob(os.path.join(work, "bench", "step_timeline_*.json")))],
     }
 
 
@@ -97,6 +98,16 @@ def render(s: dict) -> str:
         lines.append("targets:")
         for r in s["targets"]:
             lines.append(f"  [{r['status']}] {r['target']}: {r['measured']} ({r['detail']})")
+    timelines = [t for t in s.get("timelines", []) if t.get("cases")]
+    if timelines:
+        lines.append("step timelines (us per step, medians; x: the unprofiled step over its passes at copy_; "
+                     "benchmarks/step_timeline.py):")
+        for t in timelines:
+            for c in t["cases"]:
+                m = c["median"]
+                idle = ", ".join(f"{k} {v:.0f}" for k, v in m["idle_by_us"].items())
+                lines.append(f"  {t['header']['layout']} {c['case']}: {m['period_us']:.0f} ({c['ratio']:.2f}x) = busy "
+                             f"{m['busy_us']:.0f} + idle {m['idle_us']:.0f} [{idle}]")
     return "\n".join(lines) + "\n"
 
 

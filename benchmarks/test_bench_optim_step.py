@@ -64,32 +64,6 @@ def _skip_slow(pset: str, q: int, impl: str, opt_kind: str = "sgd"):
                     "BENCH_LONG=1 runs it")
 
 
-def _closure_for(params, grad: bool):
-    """A trivial closure. Zeroth-order (``grad=False``): one element of the first parameter,
-    a real function of the perturbed weights that costs ~nothing, so the step time is the
-    optimizer's own cost (forwards excluded), for zeroflow and MeZO alike. First-order
-    (``grad=True``): one element of *every* parameter, so that backward still writes a
-    full-size gradient for each tensor, as a real backward does (an FO step cannot exclude
-    its backward)."""
-    probe = [1e-3 * (k % 7 - 3) for k in range(len(params))]
-    if not grad:
-        first = params[0].reshape(-1)
-
-        def zo_closure():
-            return first[0] * probe[0]
-
-        return zo_closure
-
-    def closure():
-        with torch.set_grad_enabled(grad):
-            loss = params[0].reshape(-1)[0] * probe[0]
-            for p, w in zip(params[1:], probe[1:]):
-                loss = loss + p.reshape(-1)[0] * w
-            return loss
-
-    return closure
-
-
 def _mezo_estimate(params, closure, q, dist, rng):
     seeds, gs = [], []
     for _ in range(q):
@@ -190,7 +164,7 @@ def _cases():
 def test_zo_step(run_bench, benchmark, pset, opt_kind, dist, q, impl):
     _skip_slow(pset, q, impl, opt_kind)
     params = _params(pset)
-    closure = _closure_for(params, grad=False)
+    closure = C.trivial_closure(params, grad=False)
     if impl == "zeroflow":
         step = make_zeroflow("zo_" + opt_kind, params, closure, q, dist)
     elif opt_kind == "sgd":
@@ -217,7 +191,7 @@ def test_zo_step(run_bench, benchmark, pset, opt_kind, dist, q, impl):
 @pytest.mark.parametrize("name", ["fo_sgd", "fo_adam"])
 def test_fo_step(run_bench, benchmark, pset, name):
     params = _params(pset)
-    closure = _closure_for(params, grad=True)
+    closure = C.trivial_closure(params, grad=True)
     step = make_fo(name, params, closure)
     n = C.numel_of(params)
     s = params[0].element_size()
@@ -265,7 +239,7 @@ def test_host_zo_step(run_bench, benchmark, opt_kind, dist):
     """One ZO step (q = 1, the suite's trivial closure) on the tiny ViT-B-layout list; the
     report's ratio: ``t / t(host_ref)``, how many minimal multi-tensor ops a step costs."""
     params = _host_params()
-    closure = _closure_for(params, grad=False)
+    closure = C.trivial_closure(params, grad=False)
     opt = create("zo_" + opt_kind, params, lr=LR, q=1, perturbation=dist, zo_eps=EPS, backend="auto", seed=1234)
     benchmark.group = f"optim host {C.DEVICE}"
     extra = {"suite": "optim_host", "key": _host_key(f"zo_{opt_kind}|{dist}"), "kind": "zeroflow", "impl": "zeroflow",

@@ -37,6 +37,13 @@ def _work(tmp_path):
     (tmp_path / "logs" / "crash_probe" / "summary.txt").write_text("probe bad_inputs: ok\nnoise line\n")
     (tmp_path / "targets.json").write_text(json.dumps([
         {"status": "met", "target": "perturb >= 90 % of copy", "measured": "91 %", "detail": "256M fp32"}]))
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "step_timeline_vit_b.json").write_text(json.dumps({
+        "header": {"layout": "vit_b"},
+        "cases": [{"case": "zo_sgd-rademacher", "ratio": 1.614, "median": {
+            "period_us": 812.4, "busy_us": 560.1, "idle_us": 252.3,
+            "idle_by_us": {"loss read": 5.0, "runtime": 30.2, "zf op": 60.0, "torch ops": 10.0, "python": 147.1}}}]}))
+    (tmp_path / "bench" / "step_timeline_vit_b_tiny.json").write_text("{")   # cut off by the time limit
     return tmp_path
 
 
@@ -63,6 +70,8 @@ def test_summary_text_and_cli(tmp_path):
     assert "  FAILED tests/test_parity.py::test_sgd[cuda]: AssertionError: bits differ at 17" in text
     assert "  probe bad_inputs: ok" in text and "noise line" not in text
     assert "  [met] perturb >= 90 % of copy: 91 % (256M fp32)" in text
+    assert ("  vit_b zo_sgd-rademacher: 812 (1.61x) = busy 560 + idle 252 "
+            "[loss read 5, runtime 30, zf op 60, torch ops 10, python 147]") in text
     assert json.loads(out_json.read_text())["tests"]["passed"] == 2
 
 

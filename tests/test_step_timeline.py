@@ -1,0 +1,100 @@
+"""benchmarks/step_timeline.py: the interval arithmetic and the attribution on a hand-made trace
+with a known answer, and the whole script on the CPU (the GPU lease runs it for issue 13 item 2:
+a script that only ever runs there must not rot here)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import step_timeline as st
+
+
+def test_interval_arithmetic():
+    assert st.union([(5, 7), (0, 2), (1, 3), (3, 4), (8, 8)]) == [(0, 4), (5, 7)]
+    assert st.intersect([(0, 4), (5, 7)], [(3, 6)]) == [(3, 4), (5, 6)]
+    assert st.subtract([(0, 10)], [(2, 3), (5, 12)]) == [(0, 2), (3, 5)]
+    assert st.subtract([(0, 10)], []) == [(0, 10)]
+    assert st.length([(0, 2), (3, 5.5)]) == 4.5
+
+
+@pytest.mark.parametrize("name,short", [
+    ("void zf_cuda::multi_tensor_kernel<zf_cuda::SgdFunctor<float, (zf::Dist)1>, 4>(zf_cuda::Common, int)",
+     "multi_tensor_kernel<SgdFunctor>"),
+    ("_perturb_kernel", "_perturb_kernel"),
+    ("void at::native::elementwise_kernel(int)", "elementwise_kernel"),
+])
+def test_short_kernel_name(name, short):
+    assert st.short_kernel_name(name) == short
+
+
+def _ev(name, cat, ts, dur, **args):
+    e = {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "tid": 1}
+    if args:
+        e["args"] = args
+    return e
+
+
+def test_analyse_attributes_each_idle_stretch_once():
+    # step 0 = [0, 100), step 1 = [100, 200); END after the sync at 200
+    events = [
+        _ev(st.STEP_MARK, "user_annotation", 0, 60), _ev(st.STEP_MARK, "user_annotation", 100, 60),
+        _ev(st.END_MARK, "user_annotation", 200, 0),
+        _ev("Optimizer.step#ZOFusedSGD.step", "user_annotation", 1, 55),     # python, not a category
+        _ev("zfkernels::perturb_", "cpu_op", 2, 7),
+        _ev("cudaLaunchKernel", "cuda_runtime", 5, 3, correlation=1),
+        _ev("void zf_cuda::multi_tensor_kernel<zf_cuda::PerturbFunctor<float>>(int)", "kernel", 10, 30, correlation=1),
+        _ev("aten::_local_scalar_dense", "cpu_op", 38, 7),                  # the loss read: 40..45 is idle
+        _ev("aten::mul", "cpu_op", 112, 7),
+        _ev("cudaLaunchKernel", "cuda_runtime", 115, 3, correlation=2),
+        _ev("elementwise_kernel", "kernel", 120, 30, correlation=2),
+        _ev("_sgd_kernel", "kernel", 190, 20, correlation=3),              # no runtime event; clipped at 200
+        _ev(st.STEP_MARK, "gpu_user_annotation", 10, 140),                  # a span on the device: not activity
+    ]
+    out = st.analyse(events)
+    s0, s1 = out["steps"]
+    assert s0["period_us"] == 100 and s0["busy_us"] == 30 and s0["idle_us"] == 70
+    assert s0["idle_by_us"] == {"loss read": 5, "runtime": 3, "zf op": 4, "torch ops": 0, "python": 58}
+    assert s0["busy_by"] == {"zfkernels::perturb_": {"us": 30, "launches": 1}}
+    assert s1["period_us"] == 100 and s1["busy_us"] == 40 and s1["idle_us"] == 60
+    assert s1["idle_by_us"] == {"loss read": 0, "runtime": 3, "zf op": 0, "torch ops": 4, "python": 53}
+    assert s1["busy_by"] == {"aten::mul": {"us": 30, "launches": 1}, "_sgd_kernel": {"us": 10, "launches": 1}}
+    assert out["median"]["idle_by_us"]["python"] == 55.5
+    assert out["median"]["busy_by"]["_sgd_kernel"] == {"us": 5, "launches": 0.5}
+
+
+def test_analyse_refuses_a_trace_without_marks():
+    with pytest.raises(ValueError, match="zf_timeline_step"):
+        st.analyse([_ev("aten::mul", "cpu_op", 0, 1)])
+
+
+def test_runs_on_the_cpu(tmp_path, capsys):
+    out = tmp_path / "timeline.json"
+    assert st.main(["--device", "cpu", "--layout", "vit_b_tiny", "--steps", "3", "--backend", "cpu",
+                    "--cases", "zo_sgd-rademacher,zo_adam-gaussian", "--json", str(out),
+                    "--trace-dir", str(tmp_path / "traces")]) == 0    # gpu_check.sh's arguments
+    report = json.loads(out.read_text())
+    assert [json.loads(open(r["trace"]).read())["traceEvents"] != [] for r in report["cases"]] == [True, True]
+    assert report["header"]["n_tensors"] == 152 and report["header"]["backend"] == "cpu"
+    assert [r["case"] for r in report["cases"]] == ["zo_sgd-rademacher", "zo_adam-gaussian"]
+    for r in report["cases"]:
+        assert len(r["steps"]) == 3
+        for s in r["steps"]:
+            # no asynchronous device: the whole period is the host's, and each category was seen
+            assert s["busy_us"] == 0 and s["busy_by"] == {}
+            assert sum(s["idle_by_us"].values()) == pytest.approx(s["period_us"])
+            assert s["idle_by_us"]["zf op"] > 0, "the zfkernels:: op calls were not found in the trace"
+            assert s["idle_by_us"]["loss read"] > 0, "the closure's loss reads were not found in the trace"
+    text = capsys.readouterr().out
+    assert "zo_adam-gaussian" in text and "no device activity recorded" in text
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--cases", "zo_sgd-normal"], "--cases: 'zo_sgd-normal'"),
+    (["--cases", "sgd-rademacher"], "--cases: 'sgd-rademacher'"),
+    (["--steps", "1"], "--steps must be at least 2"),
+])
+def test_bad_arguments_are_named(argv, says, capsys):
+    with pytest.raises(SystemExit):
+        st.main(["--device", "cpu", "--layout", "vit_b_tiny"] + argv)
+    assert says in capsys.readouterr().err
