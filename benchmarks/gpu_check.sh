@@ -188,7 +188,9 @@ if [ "${TIMELINE:-1}" = "1" ]; then
     say "step timeline (benchmarks/step_timeline.py, limit ${lim}s)"
     rc=0; tl_end=$(( $(date +%s) + lim ))
     for layout in vit_b vit_b_tiny; do
-      timeout -s INT -k 10 "$(left $(( tl_end - $(date +%s) )))" "$PY" -m benchmarks.step_timeline --layout "$layout" \
+      llim=$(left $(( tl_end - $(date +%s) )))
+      [ "$llim" -lt 10 ] && { echo "layout $layout: no time left" >> "$WORK/logs/step_timeline.txt"; rc=124; break; }
+      timeout -s INT -k 10 "$llim" "$PY" -m benchmarks.step_timeline --layout "$layout" \
         --json "$WORK/bench/step_timeline_$layout.json" --trace-dir "$WORK/traces/$layout" \
         >> "$WORK/logs/step_timeline.txt" 2>&1 || rc=$?
     done
