@@ -100,14 +100,15 @@ def render(s: dict) -> str:
             lines.append(f"  [{r['status']}] {r['target']}: {r['measured']} ({r['detail']})")
     timelines = [t for t in s.get("timelines", []) if t.get("cases")]
     if timelines:
-        lines.append("step timelines (us per step, medians; x: the unprofiled step over its passes at copy_; "
-                     "benchmarks/step_timeline.py):")
+        lines.append("step timelines (us per step, medians; benchmarks/step_timeline.py):")
         for t in timelines:
             for c in t["cases"]:
                 m = c["median"]
                 idle = ", ".join(f"{k} {v:.0f}" for k, v in m["idle_by_us"].items())
-                lines.append(f"  {t['header']['layout']} {c['case']}: {m['period_us']:.0f} ({c['ratio']:.2f}x) = busy "
-                             f"{m['busy_us']:.0f} + idle {m['idle_us']:.0f} [{idle}]")
+                lines.append(f"  {t['header']['layout']} {c['case']}: {c['unprofiled_step_us']:.0f} = "
+                             f"{c['ratio']:.2f}x its passes at copy_ ({c['roofline_us']:.0f}); "
+                             f"profiled {m['period_us']:.0f} = busy {m['busy_us']:.0f} + idle {m['idle_us']:.0f} "
+                             f"[{idle}]")
     return "\n".join(lines) + "\n"
 
 

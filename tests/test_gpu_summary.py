@@ -40,7 +40,8 @@ def _work(tmp_path):
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "step_timeline_vit_b.json").write_text(json.dumps({
         "header": {"layout": "vit_b"},
-        "cases": [{"case": "zo_sgd-rademacher", "ratio": 1.614, "median": {
+        "cases": [{"case": "zo_sgd-rademacher", "unprofiled_step_us": 805.2, "roofline_us": 499.0, "ratio": 1.614,
+                   "median": {
             "period_us": 812.4, "busy_us": 560.1, "idle_us": 252.3,
             "idle_by_us": {"loss read": 5.0, "runtime": 30.2, "zf op": 60.0, "torch ops": 10.0, "python": 147.1}}}]}))
     (tmp_path / "bench" / "step_timeline_vit_b_tiny.json").write_text("{")   # cut off by the time limit
@@ -70,7 +71,7 @@ def test_summary_text_and_cli(tmp_path):
     assert "  FAILED tests/test_parity.py::test_sgd[cuda]: AssertionError: bits differ at 17" in text
     assert "  probe bad_inputs: ok" in text and "noise line" not in text
     assert "  [met] perturb >= 90 % of copy: 91 % (256M fp32)" in text
-    assert ("  vit_b zo_sgd-rademacher: 812 (1.61x) = busy 560 + idle 252 "
+    assert ("  vit_b zo_sgd-rademacher: 805 = 1.61x its passes at copy_ (499); profiled 812 = busy 560 + idle 252 "
             "[loss read 5, runtime 30, zf op 60, torch ops 10, python 147]") in text
     assert json.loads(out_json.read_text())["tests"]["passed"] == 2
 
