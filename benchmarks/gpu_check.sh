@@ -23,13 +23,13 @@
 # gpu_logs.tar.gz (every full log, the junit XML, the benchmark JSON, the profiler traces and
 # the plots). Nothing is cut to a tail.
 # Env: SKIP_BUILD=1 (or auto: use carried extensions if they load), SKIP_PROBE=1, KERNELS_SELECT (-k of the kernel suite), SKIP_TESTS=1, TESTS (the test files), TEST_SELECT (a pytest -k
-#      expression), TEST_LIMIT_S (170), BENCH_ONLY="kernels optim e2e llm", TIMELINE=0, PROFILE=1, GPU_CHECK_BUDGET_S (350),
+#      expression), TEST_LIMIT_S (170), BENCH_ONLY="kernels optim e2e llm" (or none), TIMELINE=0, TIMELINE_LAYOUTS="vit_b vit_b_tiny", PROFILE=1, GPU_CHECK_BUDGET_S (350),
 #      TEST_WORKERS (12), ZEROFLOW_COMMIT (the commit to report where .git is stale, as in a device lease).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
 DEST="${OUT:-$ROOT/results/gpu}"
-WORK=$(mktemp -d /tmp/zeroflow_gpu_check.XXXXXX)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/zeroflow_gpu_check.XXXXXX")
 mkdir -p "$DEST" "$WORK/logs" "$WORK/bench"
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$ROOT/python:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -162,6 +162,8 @@ for suite in ${BENCH_ONLY:-kernels optim e2e llm}; do
     optim)   file=benchmarks/test_bench_optim_step.py; sel=(-k "vit_b_86m or host"); lim=$(left 30) ;;
     e2e)     file=benchmarks/test_bench_end_to_end.py; sel=(); lim=$(left 50) ;;
     llm)     file=benchmarks/test_bench_llm.py; sel=(); lim=$(left 90) ;;
+    none)    continue ;;   # BENCH_ONLY=none: a call for the profile alone
+    *)       say "bench $suite: no such suite (BENCH_ONLY takes kernels, optim, e2e, llm or none)"; STATUS=1; continue ;;
   esac
   if [ "$lim" -lt 15 ]; then say "bench $suite skipped: the budget is spent"; STATUS=1; phase_done "bench_$suite" skipped; continue; fi
   say "bench $suite (limit ${lim}s)"
@@ -187,7 +189,7 @@ if [ "${TIMELINE:-1}" = "1" ]; then
   else
     say "step timeline (benchmarks/step_timeline.py, limit ${lim}s)"
     rc=0; tl_end=$(( $(date +%s) + lim ))
-    for layout in vit_b vit_b_tiny; do
+    for layout in ${TIMELINE_LAYOUTS:-vit_b vit_b_tiny}; do
       llim=$(left $(( tl_end - $(date +%s) )))
       [ "$llim" -lt 10 ] && { echo "layout $layout: no time left" >> "$WORK/logs/step_timeline.txt"; rc=124; break; }
       timeout -s INT -k 10 "$llim" "$PY" -m benchmarks.step_timeline --layout "$layout" \
