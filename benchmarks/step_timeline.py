@@ -18,7 +18,8 @@ stretch attributed to one host category, in this order of precedence:
   python      covered by no op: the optimizer's Python, torch.optim's step wrapper
 
 The same run times ``copy_`` of one flat buffer of the list's size (the pass at copy
-bandwidth) and the steps without the profiler (its CUPTI hooks add ~1-2 us per launch).
+bandwidth) and the steps without the profiler, which adds host work of its own to every op
+(on this repository's CPU: 320 -> 336 us per tiny-layout ZO-SGD step, counted as Python).
 
     python -m benchmarks.step_timeline [--device cuda] [--layout vit_b] [--steps 10]
         [--cases zo_sgd-rademacher,...] [--backend auto] [--json FILE] [--trace-dir DIR]
