@@ -165,6 +165,7 @@ def analyse(events: list[dict]) -> dict:
         elif cat == "cpu_op":
             host["torch ops"].append(span)
     host = {k: union(v) for k, v in host.items()}
+    device_busy = union((e["ts"], e["ts"] + e["dur"]) for e in device)
     steps = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         period = [(a, b)]
@@ -174,7 +175,7 @@ def analyse(events: list[dict]) -> dict:
             if clipped > 0:
                 label = labels.get((e.get("args") or {}).get("correlation"), short_kernel_name(e["name"]))
                 busy_by.setdefault(label, []).append(clipped)
-        busy = intersect(union((e["ts"], e["ts"] + e["dur"]) for e in device), period)
+        busy = intersect(device_busy, period)
         idle = subtract(period, busy)
         idle_by, left = {}, idle
         for cat in CATEGORIES[:-1]:
