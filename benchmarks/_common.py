@@ -104,6 +104,13 @@ def ease_shapes() -> list[tuple[int, ...]]:
     return shapes
 
 
+def vit_b_layout_tiny_shapes() -> list[tuple[int, ...]]:
+    """The ViT-B list's layout (its 152 tensors, in order) with 1-4 elements a tensor: the
+    kernels cost ~nothing, so a step's time is its host work (test_bench_optim_step's
+    test_host_*, step_timeline.py's vit_b_tiny layout)."""
+    return [(1 + k % 4,) for k in range(len(vit_b_shapes()))]
+
+
 def tiny_shapes() -> list[tuple[int, ...]]:
     return [(64, 32), (32,), (16, 64), (64,), (8, 8, 4)]
 

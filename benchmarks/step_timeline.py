@@ -45,6 +45,7 @@ import zfkernels
 from zeroflow.optim import create, train_step
 
 from benchmarks import _common as C
+from benchmarks.profile_kernels import median_ms as cuda_median_ms
 
 STEP_MARK, END_MARK = "zf_timeline_step", "zf_timeline_end"
 DEVICE_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
@@ -204,10 +205,9 @@ def _median_step(steps: list[dict]) -> dict:
 
 # --------------------------------------------------------------------------------- measurement
 def _shapes(layout: str) -> list[tuple[int, ...]]:
-    """vit_b: timm vit_base_patch16_224's 152 tensors; vit_b_tiny: the same count and order
-    with 1-4 elements each (the host-work layout of test_bench_optim_step's test_host_*)."""
-    shapes = C.vit_b_shapes()
-    return shapes if layout == "vit_b" else [(1 + k % 4,) for k in range(len(shapes))]
+    """vit_b: timm vit_base_patch16_224's 152 tensors; vit_b_tiny: the same layout with 1-4
+    elements a tensor (host work alone)."""
+    return C.vit_b_shapes() if layout == "vit_b" else C.vit_b_layout_tiny_shapes()
 
 
 def _sync(dev: torch.device) -> None:
@@ -216,22 +216,15 @@ def _sync(dev: torch.device) -> None:
 
 
 def _median_ms(fn, dev: torch.device, reps: int) -> float:
-    """Median wall time of ``fn``; on CUDA between events, so that the host's wait for the
-    device (~10 us) does not count against a 0.2 ms copy_."""
+    """Median wall time of ``fn``; on CUDA profile_kernels' CUDA-event timing, so that the
+    host's wait for the device does not count against a 0.2 ms copy_."""
+    if dev.type == "cuda":
+        return cuda_median_ms(fn, reps)
     times = []
     for _ in range(reps):
-        if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(dev)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 

@@ -212,10 +212,10 @@ def test_fo_step(run_bench, benchmark, pset, name):
 # baseline, in the same run, is one minimal multi-tensor op over the same list
 # (torch._foreach_add_: one launch on CUDA, a per-tensor loop on CPU). Issue 13 item 2.
 def _host_params():
-    n = 2 if C.FAST else len(C.vit_b_shapes())
+    shapes = C.vit_b_layout_tiny_shapes()[:2 if C.FAST else None]
     if C.ON_GPU and not torch.cuda.is_available():
         pytest.skip(C.NO_CUDA)
-    return [torch.full((1 + k % 4,), 0.01 * k, device=C.device()).requires_grad_() for k in range(n)]
+    return [torch.full(s, 0.01 * k, device=C.device()).requires_grad_() for k, s in enumerate(shapes)]
 
 
 _HOST_SET = "vit_b_86m_layout_tiny"     # gpu_check.sh selects these tests with -k "... or host"
