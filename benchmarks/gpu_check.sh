@@ -21,7 +21,9 @@
 # What comes back from a lease fits its limits (at most 8 files): in $OUT (or results/gpu/)
 # summary.txt, summary.json, performance.md, step_timeline.txt, profile.txt, ncu.txt and
 # gpu_logs.tar.gz (every full log, the junit XML, the benchmark JSON, the profiler traces and
-# the plots). Nothing is cut to a tail.
+# the plots). Nothing is cut to a tail. The summary and the tarball are rewritten after every
+# phase, and a SIGTERM or SIGINT (a lease's limit, ^C) stops the command under way and writes
+# them with that phase marked "stopped": a call cut short still returns what it measured.
 # Env: SKIP_BUILD=1 (or auto: use carried extensions if they load), SKIP_PROBE=1, KERNELS_SELECT (-k of the kernel suite), SKIP_TESTS=1, TESTS (the test files), TEST_SELECT (a pytest -k
 #      expression), TEST_LIMIT_S (170), BENCH_ONLY="kernels optim e2e llm" (or none), TIMELINE=0, TIMELINE_LAYOUTS="vit_b vit_b_tiny", PROFILE=1, GPU_CHECK_BUDGET_S (350),
 #      TEST_WORKERS (12), ZEROFLOW_COMMIT (the commit to report where .git is stale, as in a device lease).
@@ -44,18 +46,57 @@ STATUS=0
 left() { local l=$(( DEADLINE - $(date +%s) )); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
 say() { echo "== [$(( $(date +%s) - START ))s] $*" | tee -a "$WORK/logs/gpu_check.log"; }
 PHASE_T0=$START
-phase_done() {  # name status: one row of phases.tsv per phase
+PHASE=device   # the phase under way: recorded as "stopped" if the check ends during it
+phase_done() {  # name status: one row of phases.tsv per phase, then what has finished so far to $DEST
   local now; now=$(date +%s)
   printf '%s\t%s\t%s\n' "$1" "$(( now - PHASE_T0 ))" "$2" >> "$WORK/phases.tsv"
-  PHASE_T0=$now
+  PHASE_T0=$now; PHASE="after_$1"
+  write_back > /dev/null
 }
-finish() {
-  say "summary -> $DEST/summary.txt"
+# The summary and every log so far, into $DEST: after each phase, so a lease whose limit
+# (timeout_s) kills this script outright still returns all the phases that finished before.
+write_back() {
   "$PY" -m benchmarks.gpu_summary --work "$WORK" --out-json "$DEST/summary.json" --out-text "$DEST/summary.txt"
-  tar czf "$DEST/gpu_logs.tar.gz" -C "$WORK" --exclude triton_cache . 2>/dev/null
+  # packed beside the work folder, then moved: a kill during tar leaves the last tarball whole
+  tar czf "$WORK.tar.gz" -C "$WORK" --exclude triton_cache . 2>/dev/null && mv -f "$WORK.tar.gz" "$DEST/gpu_logs.tar.gz"
+}
+# The traps below can run inside a command's redirections (into its log): fds 3 and 4 keep the
+# script's own stdout and stderr for them (closed in the commands run starts).
+exec 3>&1 4>&2
+FINISHED=0
+finish() {
+  FINISHED=1
+  say "summary -> $DEST/summary.txt"
+  write_back
   echo "files in $DEST: $(ls "$DEST" | tr '\n' ' ')"
   exit "$STATUS"
 }
+# Ended before finish (a signal, an error of this script): the phase under way is recorded as
+# stopped and the check ends as a finished one does, summary and logs in $DEST.
+ended_early() {
+  [ "$FINISHED" = 1 ] && return
+  exec 1>&3 2>&4
+  say "stopped during phase $PHASE (exit $1)"
+  STATUS=$1; [ "$STATUS" = 0 ] && STATUS=1
+  printf '%s\t%s\t%s\n' "$PHASE" "$(( $(date +%s) - PHASE_T0 ))" stopped >> "$WORK/phases.tsv"
+  finish
+}
+trap 'ended_early $?' EXIT
+# Long commands run in the background and are waited for: bash runs a trap only between
+# commands but interrupts a `wait`, so a SIGTERM (a lease's limit) or ^C is taken at once and
+# passed on as SIGINT to the command under way (timeout forwards it, pytest then still writes
+# its junit and benchmark JSON) before the summary is written.
+CHILD=""
+run() { "$@" 3>&- 4>&- & CHILD=$!; wait "$CHILD"; local rc=$?; CHILD=""; return "$rc"; }
+on_signal() {
+  trap - TERM INT
+  exec 1>&3 2>&4
+  say "SIG$1: stopping the command under way"
+  if [ -n "$CHILD" ]; then kill -INT "$CHILD" 2> /dev/null; wait "$CHILD"; fi
+  exit "$2"
+}
+trap 'on_signal TERM 143' TERM
+trap 'on_signal INT 130' INT
 
 # -------------------------------------------------------------------------- 0. the device
 say "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null || echo 'nvidia-smi missing')"
@@ -84,6 +125,7 @@ phase_done device ok
 # -------------------------------------------------------------------------- 1. build
 # Extensions built elsewhere for this image and carried in: used if they load and were built from
 # the csrc/ of this tree (a build older than an edit of csrc/ would run, and time, the old kernels).
+PHASE=build
 if [ "${SKIP_BUILD:-0}" = "auto" ]; then
   if "$PY" -c "from zfkernels import _compiled as c; assert c.cpu_available() and c.cuda_available(), c.missing_reason('cuda'); \
 s = c.stale(); assert not s, 'built from other sources than csrc/: ' + ', '.join(sorted(s))" \
@@ -96,7 +138,7 @@ s = c.stale(); assert not s, 'built from other sources than csrc/: ' + ', '.join
 fi
 if [ "${SKIP_BUILD:-0}" != "1" ]; then
   say "build: pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
-  if ZEROFLOW_BUILD_CUDA=1 "$PY" -m pip install -v --no-build-isolation --no-deps -e . > "$WORK/logs/build.log" 2>&1; then
+  if ZEROFLOW_BUILD_CUDA=1 run "$PY" -m pip install -v --no-build-isolation --no-deps -e . > "$WORK/logs/build.log" 2>&1; then
     phase_done build ok
   else
     say "build FAILED; its errors (full log in gpu_logs.tar.gz: logs/build.log):"
@@ -108,14 +150,16 @@ fi
 
 # -------------------------------------------------------------------------- 2. crash probe
 if [ "${SKIP_PROBE:-0}" != "1" ]; then
-  say "crash probe of this build (benchmarks/crash_probe.sh)"
-  PROBE_PYTEST="tests/test_parity.py -k bad_inputs" timeout "$(left 90)" \
-    bash benchmarks/crash_probe.sh "$ROOT" "$WORK/logs/crash_probe" 2>&1 | tee -a "$WORK/logs/gpu_check.log"
+  PHASE=probe; say "crash probe of this build (benchmarks/crash_probe.sh)"
+  PROBE_PYTEST="tests/test_parity.py -k bad_inputs" run timeout "$(left 90)" \
+    bash benchmarks/crash_probe.sh "$ROOT" "$WORK/logs/crash_probe" > "$WORK/logs/crash_probe.out" 2>&1
+  tee -a "$WORK/logs/gpu_check.log" < "$WORK/logs/crash_probe.out"
   if grep -qE "CRASHED|WRONG" "$WORK/logs/crash_probe/summary.txt" 2>/dev/null; then STATUS=1; phase_done probe failed; else phase_done probe ok; fi
 fi
 
 # -------------------------------------------------------------------------- 3. GPU tests
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
+  PHASE=tests
   TESTS="${TESTS:-tests/test_parity.py tests/test_optim_layout.py tests/test_replay.py tests/test_build.py}"
   SELECT=(); [ -n "${TEST_SELECT:-}" ] && SELECT=(-k "$TEST_SELECT")
   lim=$(left "${TEST_LIMIT_S:-170}")
@@ -133,7 +177,7 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
       expr="$pass"; [ -n "${TEST_SELECT:-}" ] && expr="($TEST_SELECT) and ($pass)"
       plim=$(left $(( tests_end - $(date +%s) ))); [ "$plim" -lt 10 ] && { say "no time left for the '$pass' test pass"; rc=124; break; }
       say "test pass -k '$expr' (limit ${plim}s)" >> "$WORK/logs/tests.log"
-      timeout -s INT -k 15 "$plim" "$PY" -X faulthandler -m pytest $TESTS -k "$expr" -n "${TEST_WORKERS:-12}" -q -rfEs \
+      run timeout -s INT -k 15 "$plim" "$PY" -X faulthandler -m pytest $TESTS -k "$expr" -n "${TEST_WORKERS:-12}" -q -rfEs \
         -p no:cacheprovider $TIMEOUT_OPT --junitxml="$WORK/tests_${pass// /_}.xml" >> "$WORK/logs/tests.log" 2>&1
       prc=$?
       # 5 = nothing selected (e.g. no Triton on this image): not a failure
@@ -143,7 +187,7 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
   else   # one process per module: a crash loses that module's remaining tests, named in the log
     rc=0
     for t in $TESTS; do
-      timeout -s INT -k 15 "$(left 170)" "$PY" -X faulthandler -m pytest "$t" "${SELECT[@]}" -q -rfEs -p no:cacheprovider \
+      run timeout -s INT -k 15 "$(left 170)" "$PY" -X faulthandler -m pytest "$t" "${SELECT[@]}" -q -rfEs -p no:cacheprovider \
         $TIMEOUT_OPT --junitxml="$WORK/tests_$(basename "$t" .py).xml" >> "$WORK/logs/tests.log" 2>&1 || rc=$?
     done
   fi
@@ -165,10 +209,11 @@ for suite in ${BENCH_ONLY:-kernels optim e2e llm}; do
     none)    continue ;;   # BENCH_ONLY=none: a call for the profile alone
     *)       say "bench $suite: no such suite (BENCH_ONLY takes kernels, optim, e2e, llm or none)"; STATUS=1; continue ;;
   esac
+  PHASE="bench_$suite"
   if [ "$lim" -lt 15 ]; then say "bench $suite skipped: the budget is spent"; STATUS=1; phase_done "bench_$suite" skipped; continue; fi
   say "bench $suite (limit ${lim}s)"
   # SIGINT (not KILL) at the limit: pytest still finishes the session and writes the JSON so far
-  timeout -s INT -k 15 "$lim" "$PY" -m pytest "$file" "${sel[@]}" -q -rs -p no:cacheprovider \
+  run timeout -s INT -k 15 "$lim" "$PY" -m pytest "$file" "${sel[@]}" -q -rs -p no:cacheprovider \
     --benchmark-json="$WORK/bench/gpu_$suite.json" --benchmark-columns=min,median,rounds --benchmark-sort=name \
     > "$WORK/logs/bench_$suite.log" 2>&1
   rc=$?
@@ -183,7 +228,7 @@ done
 # steps, the device's busy time per op and its idle time per host category; on the ViT-B list
 # and on the same layout with 1-4 elements a tensor (host work alone). step_timeline.txt in $OUT.
 if [ "${TIMELINE:-1}" = "1" ]; then
-  lim=$(left 60)
+  PHASE=timeline; lim=$(left 60)
   if [ "$lim" -lt 15 ]; then
     say "step timeline skipped: the budget is spent"; phase_done timeline skipped
   else
@@ -192,7 +237,7 @@ if [ "${TIMELINE:-1}" = "1" ]; then
     for layout in ${TIMELINE_LAYOUTS:-vit_b vit_b_tiny}; do
       llim=$(left $(( tl_end - $(date +%s) )))
       [ "$llim" -lt 10 ] && { echo "layout $layout: no time left" >> "$WORK/logs/step_timeline.txt"; rc=124; break; }
-      timeout -s INT -k 10 "$llim" "$PY" -m benchmarks.step_timeline --layout "$layout" \
+      run timeout -s INT -k 10 "$llim" "$PY" -m benchmarks.step_timeline --layout "$layout" \
         --json "$WORK/bench/step_timeline_$layout.json" --trace-dir "$WORK/traces/$layout" \
         >> "$WORK/logs/step_timeline.txt" 2>&1 || rc=$?
     done
@@ -204,17 +249,17 @@ fi
 
 # -------------------------------------------------------------------------- 6. kernel profile
 if [ "${PROFILE:-0}" = "1" ]; then
-  lim=$(left 100)
+  PHASE=profile; lim=$(left 100)
   say "profile: kernels vs copy_ at 256M, then ncu on one launch per case at 64M (limit ${lim}s)"
   PROFILE_RUNS=(); [ "${PROFILE_CUDA:-1}" = "1" ] && PROFILE_RUNS+=("--backend cuda")
   [ -n "${PROFILE_TRITON:-}" ] && PROFILE_RUNS+=("--backend triton --cases $PROFILE_TRITON")
   for args in "${PROFILE_RUNS[@]}"; do
     echo "## profile_kernels $args" >> "$WORK/logs/profile.txt"
-    timeout -s INT "$(left $(( lim / 3 )))" "$PY" -m benchmarks.profile_kernels $args >> "$WORK/logs/profile.txt" 2>&1
+    run timeout -s INT "$(left $(( lim / 3 )))" "$PY" -m benchmarks.profile_kernels $args >> "$WORK/logs/profile.txt" 2>&1
   done
   if [ -n "${TRITON_VARIANTS:-}" ]; then   # the register question of notes.md: options constant vs runtime
     echo "## sass_census --time --cases $TRITON_VARIANTS" >> "$WORK/logs/profile.txt"
-    timeout -s INT "$(left $(( lim / 3 )))" "$PY" -m benchmarks.sass_census --time --cases "$TRITON_VARIANTS" \
+    run timeout -s INT "$(left $(( lim / 3 )))" "$PY" -m benchmarks.sass_census --time --cases "$TRITON_VARIANTS" \
       --json "$WORK/bench/triton_variants.json" >> "$WORK/logs/profile.txt" 2>&1
   fi
   cat "$WORK/logs/profile.txt" | tee -a "$WORK/logs/gpu_check.log"
@@ -222,13 +267,13 @@ if [ "${PROFILE:-0}" = "1" ]; then
   if [ "${NCU:-1}" = "0" ]; then
     phase_done profile ok
   elif command -v ncu > /dev/null; then
-    timeout -s INT "$(left $(( lim * 2 / 3 )))" ncu --clock-control none -k regex:multi_tensor_kernel \
+    run timeout -s INT "$(left $(( lim * 2 / 3 )))" ncu --clock-control none -k regex:multi_tensor_kernel \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
       --section WarpStateStats --section MemoryWorkloadAnalysis \
       "$PY" -m benchmarks.profile_kernels --numel 67108864 --no-timing > "$WORK/logs/ncu.txt" 2>&1
     echo "ncu exit $?" >> "$WORK/logs/ncu.txt"
     if [ -n "${PROFILE_TRITON:-}" ]; then   # the Triton kernels of the same cases
-      timeout -s INT "$(left $(( lim / 3 )))" ncu --clock-control none -k 'regex:_(perturb|sgd|adam)_kernel' \
+      run timeout -s INT "$(left $(( lim / 3 )))" ncu --clock-control none -k 'regex:_(perturb|sgd|adam)_kernel' \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
         --section WarpStateStats --section MemoryWorkloadAnalysis \
         "$PY" -m benchmarks.profile_kernels --backend triton --cases "$PROFILE_TRITON" --numel 67108864 --no-timing \
@@ -244,7 +289,7 @@ fi
 
 # -------------------------------------------------------------------------- 7. report, summary
 if [ ${#JSONS[@]} -gt 0 ]; then
-  say "report -> $DEST/performance.md (plots in gpu_logs.tar.gz: perf/)"
+  PHASE=report; say "report -> $DEST/performance.md (plots in gpu_logs.tar.gz: perf/)"
   "$PY" -m benchmarks.report "${JSONS[@]}" --out "$WORK/performance.md" --plots "$WORK/perf" \
     --targets-json "$WORK/targets.json" \
     --title "zeroflow performance on $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))')" \

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
@@ -29,7 +31,9 @@ exec {py} "$@"
 """
 
 
-def _gpu_check(tmp_path, **env):
+def _gpu_check(tmp_path, start=False, **env):
+    """gpu_check.sh run to its end (a CompletedProcess), or with ``start`` running (a Popen,
+    stdout piped) for a test to interrupt; and its $OUT."""
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON.format(py=sys.executable))
     fake.chmod(0o755)
@@ -37,9 +41,11 @@ def _gpu_check(tmp_path, **env):
     (tmp_path / "tmp").mkdir()
     full = dict(os.environ, OUT=str(out), PYTHON=str(fake), SKIP_BUILD="1", SKIP_PROBE="1", SKIP_TESTS="1",
                 GPU_CHECK_BUDGET_S="240", TMPDIR=str(tmp_path / "tmp"), **env)   # its work folder: in tmp_path
-    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], env=full, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    return proc, out
+    cmd = ["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")]
+    if start:
+        proc = subprocess.Popen(cmd, env=full, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return proc, out
+    return subprocess.run(cmd, env=full, cwd=ROOT, capture_output=True, text=True, timeout=300), out
 
 
 def test_timeline_phase_comes_back_in_the_summary(tmp_path):
@@ -63,3 +69,42 @@ def test_an_unknown_suite_is_named_and_fails_the_check(tmp_path, bench_only):
     proc, out = _gpu_check(tmp_path, BENCH_ONLY=bench_only, TIMELINE="0")
     assert proc.returncode == 1
     assert f"bench {bench_only}: no such suite (BENCH_ONLY takes kernels, optim, e2e, llm or none)" in proc.stdout
+
+
+def _processes_naming(text: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            found.append(f"{pid}: {cmd}")
+    return found
+
+
+def test_a_check_stopped_mid_phase_still_returns_what_finished(tmp_path):
+    """A lease's limit sends SIGTERM: the phases that finished are already in $OUT (written after
+    each phase, so even a SIGKILL keeps them), the command under way is stopped, and the summary
+    names the phase it cut."""
+    proc, out = _gpu_check(tmp_path, start=True, BENCH_ONLY="none", TIMELINE_LAYOUTS="vit_b_tiny vit_b_tiny")
+    deadline = time.monotonic() + 60
+    while not _processes_naming(f"step_timeline --layout vit_b_tiny --json {tmp_path}"):
+        assert proc.poll() is None and time.monotonic() < deadline, "the first step timeline never started"
+        time.sleep(0.05)
+    # written back after the device phase, while the timeline runs
+    assert [p["phase"] for p in json.loads((out / "summary.json").read_text())["phases"]] == ["device"]
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stdout
+    assert "SIGTERM: stopping the command under way" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(p["phase"], p["status"]) for p in summary["phases"]] == [("device", "ok"), ("timeline", "stopped")]
+    assert "timeline" in (out / "summary.txt").read_text()
+    with tarfile.open(out / "gpu_logs.tar.gz") as tar:
+        timeline_log = tar.extractfile("./logs/step_timeline.txt").read().decode()
+    # SIGINT reached the first layout's run at once (bash alone would have waited for it to end)
+    # and the second never started
+    assert "KeyboardInterrupt" in timeline_log and "Traceback" in timeline_log, timeline_log
+    assert _processes_naming(str(tmp_path)) == []   # nothing of the check outlives it
