@@ -84,13 +84,27 @@ def _processes_naming(text: str) -> list[str]:
     return found
 
 
+def _loaded(cmd_text: str, library: str) -> bool:
+    """Whether a process whose command line holds ``cmd_text`` has mapped ``library``."""
+    for found in _processes_naming(cmd_text):
+        try:
+            with open(f"/proc/{found.split(':')[0]}/maps") as f:
+                if library in f.read():
+                    return True
+        except OSError:
+            pass
+    return False
+
+
 def test_a_check_stopped_mid_phase_still_returns_what_finished(tmp_path):
     """A lease's limit sends SIGTERM: the phases that finished are already in $OUT (written after
     each phase, so even a SIGKILL keeps them), the command under way is stopped, and the summary
     names the phase it cut."""
     proc, out = _gpu_check(tmp_path, start=True, BENCH_ONLY="none", TIMELINE_LAYOUTS="vit_b_tiny vit_b_tiny")
+    # wait for the first layout's python to be importing torch (past its startup, where SIGINT
+    # would end it without a word)
     deadline = time.monotonic() + 60
-    while not _processes_naming(f"step_timeline --layout vit_b_tiny --json {tmp_path}"):
+    while not _loaded(f"step_timeline --layout vit_b_tiny --json {tmp_path}", "libtorch"):
         assert proc.poll() is None and time.monotonic() < deadline, "the first step timeline never started"
         time.sleep(0.05)
     # written back after the device phase, while the timeline runs
