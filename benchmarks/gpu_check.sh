@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of zeroflow, sized for one device lease (one H200, at most 6 minutes in all):
+# GPU check of zeroflow, sized for a device lease (one H200; GPU_CHECK_BUDGET_S is its budget):
 #   1. builds the extensions (CPU + CUDA, sm_90) in place;                   full log: build.log
 #   2. probes the build for the bad-input crash (benchmarks/crash_probe.sh);  crash_probe/
 #   3. runs the parity suite on every GPU backend (cuda, native triton, the reference on the
