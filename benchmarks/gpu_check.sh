@@ -47,12 +47,12 @@ left() { local l=$(( DEADLINE - $(date +%s) )); [ "$l" -lt "$1" ] && echo "$l" |
 say() { echo "== [$(( $(date +%s) - START ))s] $*" | tee -a "$WORK/logs/gpu_check.log"; }
 PHASE_T0=$START
 PHASE=device   # the phase under way: recorded as "stopped" if the check ends during it
-phase_done() {  # name status: one row of phases.tsv per phase, then what has finished so far to $DEST
+record_phase() {  # name status: one row of phases.tsv per phase
   local now; now=$(date +%s)
   printf '%s\t%s\t%s\n' "$1" "$(( now - PHASE_T0 ))" "$2" >> "$WORK/phases.tsv"
   PHASE_T0=$now; PHASE="after_$1"
-  write_back > /dev/null
 }
+phase_done() { record_phase "$1" "$2"; write_back > /dev/null; }   # then what has finished so far to $DEST
 # The summary and every log so far, into $DEST: after each phase, so a lease whose limit
 # (timeout_s) kills this script outright still returns all the phases that finished before.
 write_back() {
@@ -78,7 +78,7 @@ ended_early() {
   exec 1>&3 2>&4
   say "stopped during phase $PHASE (exit $1)"
   STATUS=$1; [ "$STATUS" = 0 ] && STATUS=1
-  printf '%s\t%s\t%s\n' "$PHASE" "$(( $(date +%s) - PHASE_T0 ))" stopped >> "$WORK/phases.tsv"
+  record_phase "$PHASE" stopped
   finish
 }
 trap 'ended_early $?' EXIT
