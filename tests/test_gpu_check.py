@@ -71,7 +71,8 @@ def test_an_unknown_suite_is_named_and_fails_the_check(tmp_path, bench_only):
     assert f"bench {bench_only}: no such suite (BENCH_ONLY takes kernels, optim, e2e, llm or none)" in proc.stdout
 
 
-def _processes_naming(text: str) -> list[str]:
+def _processes_naming(text: str) -> list[tuple[str, str]]:
+    """(pid, command line) of every process whose command line holds ``text``."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -80,15 +81,15 @@ def _processes_naming(text: str) -> list[str]:
         except OSError:
             continue
         if text in cmd:
-            found.append(f"{pid}: {cmd}")
+            found.append((pid, cmd))
     return found
 
 
 def _loaded(cmd_text: str, library: str) -> bool:
     """Whether a process whose command line holds ``cmd_text`` has mapped ``library``."""
-    for found in _processes_naming(cmd_text):
+    for pid, _ in _processes_naming(cmd_text):
         try:
-            with open(f"/proc/{found.split(':')[0]}/maps") as f:
+            with open(f"/proc/{pid}/maps") as f:
                 if library in f.read():
                     return True
         except OSError:
