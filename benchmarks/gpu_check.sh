@@ -26,7 +26,7 @@
 # them with that phase marked "stopped": a call cut short still returns what it measured.
 # Env: SKIP_BUILD=1 (or auto: use carried extensions if they load), SKIP_PROBE=1, KERNELS_SELECT (-k of the kernel suite), SKIP_TESTS=1, TESTS (the test files), TEST_SELECT (a pytest -k
 #      expression), TEST_LIMIT_S (170), BENCH_ONLY="kernels optim e2e llm" (or none), TIMELINE=0, TIMELINE_LAYOUTS="vit_b vit_b_tiny", PROFILE=1, GPU_CHECK_BUDGET_S (350),
-#      TEST_WORKERS (12), ZEROFLOW_COMMIT (the commit to report where .git is stale, as in a device lease).
+#      TEST_WORKERS (12), KILL_AFTER_S (15: SIGKILL that long after a command's SIGINT), ZEROFLOW_COMMIT (the commit to report where .git is stale, as in a device lease).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
@@ -88,6 +88,16 @@ trap 'ended_early $?' EXIT
 # its junit and benchmark JSON) before the summary is written.
 CHILD=""
 run() { "$@" 3>&- 4>&- & CHILD=$!; wait "$CHILD"; local rc=$?; CHILD=""; return "$rc"; }
+# A long command under a limit of $1 seconds: SIGINT (LIMIT_SIGNAL) at the limit or when this
+# script is stopped, and SIGKILL to its whole process group KILL_AFTER_S later, since a process
+# stuck in a CUDA call never gets to Python's SIGINT handler (without -k the stop would wait on
+# it until the lease killed everything). A limit under 1 s is refused: `timeout 0` means none.
+KILL_AFTER_S=${KILL_AFTER_S:-15}
+limited() {
+  local lim=$1; shift
+  if [ "$lim" -lt 1 ]; then echo "no time left for: $*"; return 124; fi
+  run timeout -s "${LIMIT_SIGNAL:-INT}" -k "$KILL_AFTER_S" "$lim" "$@"
+}
 on_signal() {
   trap - TERM INT
   exec 1>&3 2>&4
@@ -138,7 +148,9 @@ s = c.stale(); assert not s, 'built from other sources than csrc/: ' + ', '.join
 fi
 if [ "${SKIP_BUILD:-0}" != "1" ]; then
   say "build: pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
-  if ZEROFLOW_BUILD_CUDA=1 run "$PY" -m pip install -v --no-build-isolation --no-deps -e . > "$WORK/logs/build.log" 2>&1; then
+  # Not bounded by the budget: a build cut short is lost, a finished one serves the next call on
+  # a warm machine (SKIP_BUILD=auto). 900 s only stops a hang (it took 57-75 s on the H200).
+  if ZEROFLOW_BUILD_CUDA=1 limited 900 "$PY" -m pip install -v --no-build-isolation --no-deps -e . > "$WORK/logs/build.log" 2>&1; then
     phase_done build ok
   else
     say "build FAILED; its errors (full log in gpu_logs.tar.gz: logs/build.log):"
@@ -151,7 +163,7 @@ fi
 # -------------------------------------------------------------------------- 2. crash probe
 if [ "${SKIP_PROBE:-0}" != "1" ]; then
   PHASE=probe; say "crash probe of this build (benchmarks/crash_probe.sh)"
-  PROBE_PYTEST="tests/test_parity.py -k bad_inputs" run timeout "$(left 90)" \
+  PROBE_PYTEST="tests/test_parity.py -k bad_inputs" LIMIT_SIGNAL=TERM limited "$(left 90)" \
     bash benchmarks/crash_probe.sh "$ROOT" "$WORK/logs/crash_probe" > "$WORK/logs/crash_probe.out" 2>&1
   tee -a "$WORK/logs/gpu_check.log" < "$WORK/logs/crash_probe.out"
   if grep -qE "CRASHED|WRONG" "$WORK/logs/crash_probe/summary.txt" 2>/dev/null; then STATUS=1; phase_done probe failed; else phase_done probe ok; fi
@@ -177,7 +189,7 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
       expr="$pass"; [ -n "${TEST_SELECT:-}" ] && expr="($TEST_SELECT) and ($pass)"
       plim=$(left $(( tests_end - $(date +%s) ))); [ "$plim" -lt 10 ] && { say "no time left for the '$pass' test pass"; rc=124; break; }
       say "test pass -k '$expr' (limit ${plim}s)" >> "$WORK/logs/tests.log"
-      run timeout -s INT -k 15 "$plim" "$PY" -X faulthandler -m pytest $TESTS -k "$expr" -n "${TEST_WORKERS:-12}" -q -rfEs \
+      limited "$plim" "$PY" -X faulthandler -m pytest $TESTS -k "$expr" -n "${TEST_WORKERS:-12}" -q -rfEs \
         -p no:cacheprovider $TIMEOUT_OPT --junitxml="$WORK/tests_${pass// /_}.xml" >> "$WORK/logs/tests.log" 2>&1
       prc=$?
       # 5 = nothing selected (e.g. no Triton on this image): not a failure
@@ -187,7 +199,7 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
   else   # one process per module: a crash loses that module's remaining tests, named in the log
     rc=0
     for t in $TESTS; do
-      run timeout -s INT -k 15 "$(left 170)" "$PY" -X faulthandler -m pytest "$t" "${SELECT[@]}" -q -rfEs -p no:cacheprovider \
+      limited "$(left 170)" "$PY" -X faulthandler -m pytest "$t" "${SELECT[@]}" -q -rfEs -p no:cacheprovider \
         $TIMEOUT_OPT --junitxml="$WORK/tests_$(basename "$t" .py).xml" >> "$WORK/logs/tests.log" 2>&1 || rc=$?
     done
   fi
@@ -213,7 +225,7 @@ for suite in ${BENCH_ONLY:-kernels optim e2e llm}; do
   if [ "$lim" -lt 15 ]; then say "bench $suite skipped: the budget is spent"; STATUS=1; phase_done "bench_$suite" skipped; continue; fi
   say "bench $suite (limit ${lim}s)"
   # SIGINT (not KILL) at the limit: pytest still finishes the session and writes the JSON so far
-  run timeout -s INT -k 15 "$lim" "$PY" -m pytest "$file" "${sel[@]}" -q -rs -p no:cacheprovider \
+  limited "$lim" "$PY" -m pytest "$file" "${sel[@]}" -q -rs -p no:cacheprovider \
     --benchmark-json="$WORK/bench/gpu_$suite.json" --benchmark-columns=min,median,rounds --benchmark-sort=name \
     > "$WORK/logs/bench_$suite.log" 2>&1
   rc=$?
@@ -237,7 +249,7 @@ if [ "${TIMELINE:-1}" = "1" ]; then
     for layout in ${TIMELINE_LAYOUTS:-vit_b vit_b_tiny}; do
       llim=$(left $(( tl_end - $(date +%s) )))
       [ "$llim" -lt 10 ] && { echo "layout $layout: no time left" >> "$WORK/logs/step_timeline.txt"; rc=124; break; }
-      run timeout -s INT -k 10 "$llim" "$PY" -m benchmarks.step_timeline --layout "$layout" \
+      limited "$llim" "$PY" -m benchmarks.step_timeline --layout "$layout" \
         --json "$WORK/bench/step_timeline_$layout.json" --trace-dir "$WORK/traces/$layout" \
         >> "$WORK/logs/step_timeline.txt" 2>&1 || rc=$?
     done
@@ -250,40 +262,44 @@ fi
 # -------------------------------------------------------------------------- 6. kernel profile
 if [ "${PROFILE:-0}" = "1" ]; then
   PHASE=profile; lim=$(left 100)
-  say "profile: kernels vs copy_ at 256M, then ncu on one launch per case at 64M (limit ${lim}s)"
-  PROFILE_RUNS=(); [ "${PROFILE_CUDA:-1}" = "1" ] && PROFILE_RUNS+=("--backend cuda")
-  [ -n "${PROFILE_TRITON:-}" ] && PROFILE_RUNS+=("--backend triton --cases $PROFILE_TRITON")
-  for args in "${PROFILE_RUNS[@]}"; do
-    echo "## profile_kernels $args" >> "$WORK/logs/profile.txt"
-    run timeout -s INT "$(left $(( lim / 3 )))" "$PY" -m benchmarks.profile_kernels $args >> "$WORK/logs/profile.txt" 2>&1
-  done
-  if [ -n "${TRITON_VARIANTS:-}" ]; then   # the register question of notes.md: options constant vs runtime
-    echo "## sass_census --time --cases $TRITON_VARIANTS" >> "$WORK/logs/profile.txt"
-    run timeout -s INT "$(left $(( lim / 3 )))" "$PY" -m benchmarks.sass_census --time --cases "$TRITON_VARIANTS" \
-      --json "$WORK/bench/triton_variants.json" >> "$WORK/logs/profile.txt" 2>&1
-  fi
-  cat "$WORK/logs/profile.txt" | tee -a "$WORK/logs/gpu_check.log"
-  cp "$WORK/logs/profile.txt" "$DEST/profile.txt"
-  if [ "${NCU:-1}" = "0" ]; then
-    phase_done profile ok
-  elif command -v ncu > /dev/null; then
-    run timeout -s INT "$(left $(( lim * 2 / 3 )))" ncu --clock-control none -k regex:multi_tensor_kernel \
-      --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
-      --section WarpStateStats --section MemoryWorkloadAnalysis \
-      "$PY" -m benchmarks.profile_kernels --numel 67108864 --no-timing > "$WORK/logs/ncu.txt" 2>&1
-    echo "ncu exit $?" >> "$WORK/logs/ncu.txt"
-    if [ -n "${PROFILE_TRITON:-}" ]; then   # the Triton kernels of the same cases
-      run timeout -s INT "$(left $(( lim / 3 )))" ncu --clock-control none -k 'regex:_(perturb|sgd|adam)_kernel' \
+  if [ "$lim" -lt 15 ]; then
+    say "profile skipped: the budget is spent"; phase_done profile skipped
+  else
+    say "profile: kernels vs copy_ at 256M, then ncu on one launch per case at 64M (limit ${lim}s)"
+    PROFILE_RUNS=(); [ "${PROFILE_CUDA:-1}" = "1" ] && PROFILE_RUNS+=("--backend cuda")
+    [ -n "${PROFILE_TRITON:-}" ] && PROFILE_RUNS+=("--backend triton --cases $PROFILE_TRITON")
+    for args in "${PROFILE_RUNS[@]}"; do
+      echo "## profile_kernels $args" >> "$WORK/logs/profile.txt"
+      limited "$(left $(( lim / 3 )))" "$PY" -m benchmarks.profile_kernels $args >> "$WORK/logs/profile.txt" 2>&1
+    done
+    if [ -n "${TRITON_VARIANTS:-}" ]; then   # the register question of notes.md: options constant vs runtime
+      echo "## sass_census --time --cases $TRITON_VARIANTS" >> "$WORK/logs/profile.txt"
+      limited "$(left $(( lim / 3 )))" "$PY" -m benchmarks.sass_census --time --cases "$TRITON_VARIANTS" \
+        --json "$WORK/bench/triton_variants.json" >> "$WORK/logs/profile.txt" 2>&1
+    fi
+    cat "$WORK/logs/profile.txt" | tee -a "$WORK/logs/gpu_check.log"
+    cp "$WORK/logs/profile.txt" "$DEST/profile.txt"
+    if [ "${NCU:-1}" = "0" ]; then
+      phase_done profile ok
+    elif command -v ncu > /dev/null; then
+      limited "$(left $(( lim * 2 / 3 )))" ncu --clock-control none -k regex:multi_tensor_kernel \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
         --section WarpStateStats --section MemoryWorkloadAnalysis \
-        "$PY" -m benchmarks.profile_kernels --backend triton --cases "$PROFILE_TRITON" --numel 67108864 --no-timing \
-        >> "$WORK/logs/ncu.txt" 2>&1
-      echo "ncu (triton) exit $?" >> "$WORK/logs/ncu.txt"
+        "$PY" -m benchmarks.profile_kernels --numel 67108864 --no-timing > "$WORK/logs/ncu.txt" 2>&1
+      echo "ncu exit $?" >> "$WORK/logs/ncu.txt"
+      if [ -n "${PROFILE_TRITON:-}" ]; then   # the Triton kernels of the same cases
+        limited "$(left $(( lim / 3 )))" ncu --clock-control none -k 'regex:_(perturb|sgd|adam)_kernel' \
+          --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
+          --section WarpStateStats --section MemoryWorkloadAnalysis \
+          "$PY" -m benchmarks.profile_kernels --backend triton --cases "$PROFILE_TRITON" --numel 67108864 --no-timing \
+          >> "$WORK/logs/ncu.txt" 2>&1
+        echo "ncu (triton) exit $?" >> "$WORK/logs/ncu.txt"
+      fi
+      cp "$WORK/logs/ncu.txt" "$DEST/ncu.txt"
+      phase_done profile ok
+    else
+      say "ncu not found"; phase_done profile partial
     fi
-    cp "$WORK/logs/ncu.txt" "$DEST/ncu.txt"
-    phase_done profile ok
-  else
-    say "ncu not found"; phase_done profile partial
   fi
 fi
 

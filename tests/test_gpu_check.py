@@ -18,7 +18,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Answers gpu_check.sh's device probe (a python script on stdin that asserts CUDA) as an H200
-# would; every other call goes to this interpreter.
+# would; with FAKE_HANG_MODULE set, a run of that module hangs as one stuck in a CUDA call does
+# (SIGINT never handled; FAKE_HANG_READY is created once it ignores SIGINT); every other call
+# goes to this interpreter.
 FAKE_PYTHON = """#!/usr/bin/env bash
 if [ "$1" = "-" ]; then
   src=$(cat)
@@ -26,6 +28,12 @@ if [ "$1" = "-" ]; then
     echo '{{"gpu": "dry run", "torch": "t", "cuda": "c", "triton": "tr", "numpy": "n", "commit": "dry"}}'; exit 0
   fi
   exec {py} - <<< "$src"
+fi
+if [ -n "${{FAKE_HANG_MODULE:-}}" ] && [ "$1 $2" = "-m $FAKE_HANG_MODULE" ]; then
+  exec {py} -c 'import signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+open(sys.argv[1], "w").close()
+time.sleep(600)' "$FAKE_HANG_READY"
 fi
 exec {py} "$@"
 """
@@ -40,7 +48,8 @@ def _gpu_check(tmp_path, start=False, **env):
     out = tmp_path / "out"
     (tmp_path / "tmp").mkdir()
     full = dict(os.environ, OUT=str(out), PYTHON=str(fake), SKIP_BUILD="1", SKIP_PROBE="1", SKIP_TESTS="1",
-                GPU_CHECK_BUDGET_S="240", TMPDIR=str(tmp_path / "tmp"), **env)   # its work folder: in tmp_path
+                GPU_CHECK_BUDGET_S="240", TMPDIR=str(tmp_path / "tmp"))   # its work folder: in tmp_path
+    full.update(env)
     cmd = ["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")]
     if start:
         proc = subprocess.Popen(cmd, env=full, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -123,3 +132,33 @@ def test_a_check_stopped_mid_phase_still_returns_what_finished(tmp_path):
     # and the second never started
     assert "KeyboardInterrupt" in timeline_log and "Traceback" in timeline_log, timeline_log
     assert _processes_naming(str(tmp_path)) == []   # nothing of the check outlives it
+
+
+def test_a_stopped_command_that_ignores_sigint_is_killed(tmp_path):
+    """A process stuck in a CUDA call never runs Python's SIGINT handler: when the lease's limit
+    stops the check, the command under way (here the profile, which once ran without ``-k``) is
+    killed KILL_AFTER_S after the SIGINT, and the check ends with its summary, instead of waiting
+    on it until the lease kills everything."""
+    ready = tmp_path / "hanging"
+    proc, out = _gpu_check(tmp_path, start=True, BENCH_ONLY="none", TIMELINE="0", PROFILE="1", NCU="0",
+                           KILL_AFTER_S="2", FAKE_HANG_MODULE="benchmarks.profile_kernels", FAKE_HANG_READY=str(ready))
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the profile never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)   # without the kill: the hang's 600 s
+    assert proc.returncode == 143, stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(p["phase"], p["status"]) for p in summary["phases"]] == [("device", "ok"), ("profile", "stopped")]
+    assert _processes_naming(str(tmp_path)) == []
+
+
+def test_a_spent_budget_skips_the_profile_instead_of_running_it_unbounded(tmp_path):
+    """With the budget spent, ``timeout 0`` (the limit the profile's share of it came to) would
+    have meant no limit at all: the phase is skipped and named so."""
+    proc, out = _gpu_check(tmp_path, BENCH_ONLY="none", TIMELINE="0", PROFILE="1", GPU_CHECK_BUDGET_S="0")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "profile skipped: the budget is spent" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(p["phase"], p["status"]) for p in summary["phases"]] == [("device", "ok"), ("profile", "skipped")]
