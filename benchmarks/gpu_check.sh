@@ -53,6 +53,13 @@ record_phase() {  # name status: one row of phases.tsv per phase
   PHASE_T0=$now; PHASE="after_$1"
 }
 phase_done() { record_phase "$1" "$2"; write_back > /dev/null; }   # then what has finished so far to $DEST
+# Phase $1 under way with up to $2 s of what is left of the budget, in $lim; under 15 s left it
+# is recorded as skipped and this returns 1.
+begin_phase() {
+  PHASE=$1; lim=$(left "$2")
+  [ "$lim" -ge 15 ] && return 0
+  say "$1 skipped: the budget is spent"; phase_done "$1" skipped; return 1
+}
 # The summary and every log so far, into $DEST: after each phase, so a lease whose limit
 # (timeout_s) kills this script outright still returns all the phases that finished before.
 write_back() {
@@ -213,16 +220,15 @@ unset BENCH_FAST
 JSONS=()
 for suite in ${BENCH_ONLY:-kernels optim e2e llm}; do
   case $suite in
-    kernels) file=benchmarks/test_bench_kernels.py; sel=(); lim=$(left 75)
+    kernels) file=benchmarks/test_bench_kernels.py; sel=(); share=75
              [ -n "${KERNELS_SELECT:-}" ] && sel=(-k "$KERNELS_SELECT") ;;   # one argument, spaces and all
-    optim)   file=benchmarks/test_bench_optim_step.py; sel=(-k "vit_b_86m or host"); lim=$(left 30) ;;
-    e2e)     file=benchmarks/test_bench_end_to_end.py; sel=(); lim=$(left 50) ;;
-    llm)     file=benchmarks/test_bench_llm.py; sel=(); lim=$(left 90) ;;
+    optim)   file=benchmarks/test_bench_optim_step.py; sel=(-k "vit_b_86m or host"); share=30 ;;
+    e2e)     file=benchmarks/test_bench_end_to_end.py; sel=(); share=50 ;;
+    llm)     file=benchmarks/test_bench_llm.py; sel=(); share=90 ;;
     none)    continue ;;   # BENCH_ONLY=none: a call for the profile alone
     *)       say "bench $suite: no such suite (BENCH_ONLY takes kernels, optim, e2e, llm or none)"; STATUS=1; continue ;;
   esac
-  PHASE="bench_$suite"
-  if [ "$lim" -lt 15 ]; then say "bench $suite skipped: the budget is spent"; STATUS=1; phase_done "bench_$suite" skipped; continue; fi
+  begin_phase "bench_$suite" "$share" || { STATUS=1; continue; }
   say "bench $suite (limit ${lim}s)"
   # SIGINT (not KILL) at the limit: pytest still finishes the session and writes the JSON so far
   limited "$lim" "$PY" -m pytest "$file" "${sel[@]}" -q -rs -p no:cacheprovider \
@@ -239,67 +245,57 @@ done
 # Where the optimizer step's time goes (issue 13 item 2): a profiler timeline of ZO-SGD / ZO-Adam
 # steps, the device's busy time per op and its idle time per host category; on the ViT-B list
 # and on the same layout with 1-4 elements a tensor (host work alone). step_timeline.txt in $OUT.
-if [ "${TIMELINE:-1}" = "1" ]; then
-  PHASE=timeline; lim=$(left 60)
-  if [ "$lim" -lt 15 ]; then
-    say "step timeline skipped: the budget is spent"; phase_done timeline skipped
-  else
-    say "step timeline (benchmarks/step_timeline.py, limit ${lim}s)"
-    rc=0; tl_end=$(( $(date +%s) + lim ))
-    for layout in ${TIMELINE_LAYOUTS:-vit_b vit_b_tiny}; do
-      llim=$(left $(( tl_end - $(date +%s) )))
-      [ "$llim" -lt 10 ] && { echo "layout $layout: no time left" >> "$WORK/logs/step_timeline.txt"; rc=124; break; }
-      limited "$llim" "$PY" -m benchmarks.step_timeline --layout "$layout" \
-        --json "$WORK/bench/step_timeline_$layout.json" --trace-dir "$WORK/traces/$layout" \
-        >> "$WORK/logs/step_timeline.txt" 2>&1 || rc=$?
-    done
-    tee -a "$WORK/logs/gpu_check.log" < "$WORK/logs/step_timeline.txt"
-    cp "$WORK/logs/step_timeline.txt" "$DEST/step_timeline.txt"
-    if [ "$rc" = "0" ]; then phase_done timeline ok; else say "step timeline exit $rc"; STATUS=1; phase_done timeline failed; fi
-  fi
+if [ "${TIMELINE:-1}" = "1" ] && begin_phase timeline 60; then
+  say "step timeline (benchmarks/step_timeline.py, limit ${lim}s)"
+  rc=0; tl_end=$(( $(date +%s) + lim ))
+  for layout in ${TIMELINE_LAYOUTS:-vit_b vit_b_tiny}; do
+    llim=$(left $(( tl_end - $(date +%s) )))
+    [ "$llim" -lt 10 ] && { echo "layout $layout: no time left" >> "$WORK/logs/step_timeline.txt"; rc=124; break; }
+    limited "$llim" "$PY" -m benchmarks.step_timeline --layout "$layout" \
+      --json "$WORK/bench/step_timeline_$layout.json" --trace-dir "$WORK/traces/$layout" \
+      >> "$WORK/logs/step_timeline.txt" 2>&1 || rc=$?
+  done
+  tee -a "$WORK/logs/gpu_check.log" < "$WORK/logs/step_timeline.txt"
+  cp "$WORK/logs/step_timeline.txt" "$DEST/step_timeline.txt"
+  if [ "$rc" = "0" ]; then phase_done timeline ok; else say "step timeline exit $rc"; STATUS=1; phase_done timeline failed; fi
 fi
 
 # -------------------------------------------------------------------------- 6. kernel profile
-if [ "${PROFILE:-0}" = "1" ]; then
-  PHASE=profile; lim=$(left 100)
-  if [ "$lim" -lt 15 ]; then
-    say "profile skipped: the budget is spent"; phase_done profile skipped
-  else
-    say "profile: kernels vs copy_ at 256M, then ncu on one launch per case at 64M (limit ${lim}s)"
-    PROFILE_RUNS=(); [ "${PROFILE_CUDA:-1}" = "1" ] && PROFILE_RUNS+=("--backend cuda")
-    [ -n "${PROFILE_TRITON:-}" ] && PROFILE_RUNS+=("--backend triton --cases $PROFILE_TRITON")
-    for args in "${PROFILE_RUNS[@]}"; do
-      echo "## profile_kernels $args" >> "$WORK/logs/profile.txt"
-      limited "$(left $(( lim / 3 )))" "$PY" -m benchmarks.profile_kernels $args >> "$WORK/logs/profile.txt" 2>&1
-    done
-    if [ -n "${TRITON_VARIANTS:-}" ]; then   # the register question of notes.md: options constant vs runtime
-      echo "## sass_census --time --cases $TRITON_VARIANTS" >> "$WORK/logs/profile.txt"
-      limited "$(left $(( lim / 3 )))" "$PY" -m benchmarks.sass_census --time --cases "$TRITON_VARIANTS" \
-        --json "$WORK/bench/triton_variants.json" >> "$WORK/logs/profile.txt" 2>&1
-    fi
-    cat "$WORK/logs/profile.txt" | tee -a "$WORK/logs/gpu_check.log"
-    cp "$WORK/logs/profile.txt" "$DEST/profile.txt"
-    if [ "${NCU:-1}" = "0" ]; then
-      phase_done profile ok
-    elif command -v ncu > /dev/null; then
-      limited "$(left $(( lim * 2 / 3 )))" ncu --clock-control none -k regex:multi_tensor_kernel \
+if [ "${PROFILE:-0}" = "1" ] && begin_phase profile 100; then
+  say "profile: kernels vs copy_ at 256M, then ncu on one launch per case at 64M (limit ${lim}s)"
+  PROFILE_RUNS=(); [ "${PROFILE_CUDA:-1}" = "1" ] && PROFILE_RUNS+=("--backend cuda")
+  [ -n "${PROFILE_TRITON:-}" ] && PROFILE_RUNS+=("--backend triton --cases $PROFILE_TRITON")
+  for args in "${PROFILE_RUNS[@]}"; do
+    echo "## profile_kernels $args" >> "$WORK/logs/profile.txt"
+    limited "$(left $(( lim / 3 )))" "$PY" -m benchmarks.profile_kernels $args >> "$WORK/logs/profile.txt" 2>&1
+  done
+  if [ -n "${TRITON_VARIANTS:-}" ]; then   # the register question of notes.md: options constant vs runtime
+    echo "## sass_census --time --cases $TRITON_VARIANTS" >> "$WORK/logs/profile.txt"
+    limited "$(left $(( lim / 3 )))" "$PY" -m benchmarks.sass_census --time --cases "$TRITON_VARIANTS" \
+      --json "$WORK/bench/triton_variants.json" >> "$WORK/logs/profile.txt" 2>&1
+  fi
+  cat "$WORK/logs/profile.txt" | tee -a "$WORK/logs/gpu_check.log"
+  cp "$WORK/logs/profile.txt" "$DEST/profile.txt"
+  if [ "${NCU:-1}" = "0" ]; then
+    phase_done profile ok
+  elif command -v ncu > /dev/null; then
+    limited "$(left $(( lim * 2 / 3 )))" ncu --clock-control none -k regex:multi_tensor_kernel \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
+      --section WarpStateStats --section MemoryWorkloadAnalysis \
+      "$PY" -m benchmarks.profile_kernels --numel 67108864 --no-timing > "$WORK/logs/ncu.txt" 2>&1
+    echo "ncu exit $?" >> "$WORK/logs/ncu.txt"
+    if [ -n "${PROFILE_TRITON:-}" ]; then   # the Triton kernels of the same cases
+      limited "$(left $(( lim / 3 )))" ncu --clock-control none -k 'regex:_(perturb|sgd|adam)_kernel' \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
         --section WarpStateStats --section MemoryWorkloadAnalysis \
-        "$PY" -m benchmarks.profile_kernels --numel 67108864 --no-timing > "$WORK/logs/ncu.txt" 2>&1
-      echo "ncu exit $?" >> "$WORK/logs/ncu.txt"
-      if [ -n "${PROFILE_TRITON:-}" ]; then   # the Triton kernels of the same cases
-        limited "$(left $(( lim / 3 )))" ncu --clock-control none -k 'regex:_(perturb|sgd|adam)_kernel' \
-          --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
-          --section WarpStateStats --section MemoryWorkloadAnalysis \
-          "$PY" -m benchmarks.profile_kernels --backend triton --cases "$PROFILE_TRITON" --numel 67108864 --no-timing \
-          >> "$WORK/logs/ncu.txt" 2>&1
-        echo "ncu (triton) exit $?" >> "$WORK/logs/ncu.txt"
-      fi
-      cp "$WORK/logs/ncu.txt" "$DEST/ncu.txt"
-      phase_done profile ok
-    else
-      say "ncu not found"; phase_done profile partial
+        "$PY" -m benchmarks.profile_kernels --backend triton --cases "$PROFILE_TRITON" --numel 67108864 --no-timing \
+        >> "$WORK/logs/ncu.txt" 2>&1
+      echo "ncu (triton) exit $?" >> "$WORK/logs/ncu.txt"
     fi
+    cp "$WORK/logs/ncu.txt" "$DEST/ncu.txt"
+    phase_done profile ok
+  else
+    say "ncu not found"; phase_done profile partial
   fi
 fi
 
