@@ -279,15 +279,15 @@ if [ "${PROFILE:-0}" = "1" ] && begin_phase profile 100; then
   if [ "${NCU:-1}" = "0" ]; then
     phase_done profile ok
   elif command -v ncu > /dev/null; then
+    NCU_SECTIONS=(--section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats
+                  --section WarpStateStats --section MemoryWorkloadAnalysis)
     limited "$(left $(( lim * 2 / 3 )))" ncu --clock-control none -k regex:multi_tensor_kernel \
-      --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
-      --section WarpStateStats --section MemoryWorkloadAnalysis \
+      "${NCU_SECTIONS[@]}" \
       "$PY" -m benchmarks.profile_kernels --numel 67108864 --no-timing > "$WORK/logs/ncu.txt" 2>&1
     echo "ncu exit $?" >> "$WORK/logs/ncu.txt"
     if [ -n "${PROFILE_TRITON:-}" ]; then   # the Triton kernels of the same cases
       limited "$(left $(( lim / 3 )))" ncu --clock-control none -k 'regex:_(perturb|sgd|adam)_kernel' \
-        --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
-        --section WarpStateStats --section MemoryWorkloadAnalysis \
+        "${NCU_SECTIONS[@]}" \
         "$PY" -m benchmarks.profile_kernels --backend triton --cases "$PROFILE_TRITON" --numel 67108864 --no-timing \
         >> "$WORK/logs/ncu.txt" 2>&1
       echo "ncu (triton) exit $?" >> "$WORK/logs/ncu.txt"
