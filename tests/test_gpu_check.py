@@ -106,6 +106,14 @@ def _loaded(cmd_text: str, library: str) -> bool:
     return False
 
 
+def _wait_until(proc, ready, what: str) -> None:
+    """Poll ``ready()`` until it holds, failing with ``what`` if the check ends or a minute passes."""
+    deadline = time.monotonic() + 60
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
 def test_a_check_stopped_mid_phase_still_returns_what_finished(tmp_path):
     """A lease's limit sends SIGTERM: the phases that finished are already in $OUT (written after
     each phase, so even a SIGKILL keeps them), the command under way is stopped, and the summary
@@ -113,10 +121,8 @@ def test_a_check_stopped_mid_phase_still_returns_what_finished(tmp_path):
     proc, out = _gpu_check(tmp_path, start=True, BENCH_ONLY="none", TIMELINE_LAYOUTS="vit_b_tiny vit_b_tiny")
     # wait for the first layout's python to be importing torch (past its startup, where SIGINT
     # would end it without a word)
-    deadline = time.monotonic() + 60
-    while not _loaded(f"step_timeline --layout vit_b_tiny --json {tmp_path}", "libtorch"):
-        assert proc.poll() is None and time.monotonic() < deadline, "the first step timeline never started"
-        time.sleep(0.05)
+    _wait_until(proc, lambda: _loaded(f"step_timeline --layout vit_b_tiny --json {tmp_path}", "libtorch"),
+                "the first step timeline never started")
     # written back after the device phase, while the timeline runs
     assert [p["phase"] for p in json.loads((out / "summary.json").read_text())["phases"]] == ["device"]
     proc.send_signal(signal.SIGTERM)
@@ -142,10 +148,7 @@ def test_a_stopped_command_that_ignores_sigint_is_killed(tmp_path):
     ready = tmp_path / "hanging"
     proc, out = _gpu_check(tmp_path, start=True, BENCH_ONLY="none", TIMELINE="0", PROFILE="1", NCU="0",
                            KILL_AFTER_S="2", FAKE_HANG_MODULE="benchmarks.profile_kernels", FAKE_HANG_READY=str(ready))
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "the profile never started"
-        time.sleep(0.05)
+    _wait_until(proc, ready.exists, "the profile never started")
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=120)   # without the kill: the hang's 600 s
     assert proc.returncode == 143, stdout
