@@ -6,7 +6,11 @@ the embedded default data set vs the number of queries q, for ZO-SGD and ZO-Adam
         [--extra "--epochs 2"] [--dry-run]
 
 Each point is one ``zeroflow run --optimizer NAME --q Q --out DIR`` (DIR/metrics.json, key
-"avg"); finished points are reused (delete DIR to rerun). The report includes the result with
+"avg"). A point whose folder already holds a run of the same configuration (as ``zeroflow
+sweep`` decides it: every option but the operational ones, ``--extra`` included) is reused when
+finished and resumed when unfinished; a folder holding another configuration, a damaged run or
+one in progress is refused with the reason, never reused (delete DIR or choose another
+--workdir). Every point is checked before the first run starts. The report includes the result with
 ``python -m benchmarks.report ... --sweep results/query_sweep.json``. On 2 CPU cores a run takes
 10 s (q = 1) to ~100 s (q = 32) with the backbone cached, ~7.5 min for the full sweep of 12
 runs (measured 2026-11-30): it is not part of
@@ -23,26 +27,67 @@ import subprocess
 import sys
 import time
 
+from zeroflow._atomic import atomic_write_bytes
+
 
 def runner_cmd() -> list[str]:
     exe = shutil.which("zeroflow")
     return [exe] if exe else [sys.executable, "-m", "zeroflow.cli"]
 
 
-def read_metrics(d: str) -> dict | None:
-    p = os.path.join(d, "metrics.json")
-    if not os.path.exists(p):
-        return None
-    with open(p) as f:
-        return json.load(f)
+def run_args(opt: str, q: int, d: str, extra: list[str]) -> list[str]:
+    return ["run", "--optimizer", opt, "--q", str(q), "--out", d] + extra
 
 
-def run_point(opt: str, q: int, workdir: str, extra: list[str], dry: bool, timeout: float | None) -> dict:
+def requested_config(args: list[str]) -> dict:
+    """The configuration ``zeroflow <args>`` resolves to (``zeroflow run``'s own parser and
+    defaults): what a folder's saved configuration must match to be reused."""
+    from zeroflow.cli import _overrides, build_parser
+    from zeroflow.continual.defaults import resolve
+
+    a = build_parser().parse_args(args)
+    return resolve(_overrides(a), a.config)
+
+
+def plan_point(opt: str, q: int, workdir: str, extra: list[str]) -> dict:
+    """What the point's folder holds, decided before anything runs: ``action`` is "reuse"
+    (a finished run of this configuration), "resume" (an unfinished one), "run" (nothing
+    there yet) or "refuse" (another configuration, a damaged run, a run in progress:
+    ``error`` says which and what to do)."""
+    from zeroflow.continual.runfolder import config_differences, inspect, lock_holder
+
     d = os.path.join(workdir, f"{opt}_q{q}")
-    rec = {"optimizer": opt, "q": q, "dir": d}
-    m = read_metrics(d)
+    point = {"optimizer": opt, "q": q, "dir": d}
+    requested = requested_config(run_args(opt, q, d, extra))     # checks the options of every point
+    holder = lock_holder(d)
+    if holder:
+        return point | {"action": "refuse", "error": f"{d} is in use by {holder}; wait until it has finished"}
+    state = inspect(d)
+    if state.kind == "corrupt":
+        return point | {"action": "refuse", "error": f"{d} holds a damaged run ({state.problem}); delete {d} to "
+                                                     f"run this point again"}
+    if state.kind in ("absent", "empty"):
+        return point | {"action": "run"}
+    diffs = config_differences(state.config, requested)
+    if diffs:
+        return point | {"action": "refuse", "error": f"{d} holds a {state.kind} run with another configuration "
+                                                     f"({'; '.join(diffs)}); delete {d} or choose another "
+                                                     f"--workdir"}
+    if state.kind == "finished":
+        return point | {"action": "reuse", "metrics": state.metrics}
+    return point | {"action": "resume"}
+
+
+def run_point(point: dict, extra: list[str], dry: bool, timeout: float | None) -> dict:
+    """The sweep's record of one planned point: its metrics, or an ``error``."""
+    d = point["dir"]
+    rec = {k: point[k] for k in ("optimizer", "q", "dir")}
+    if point["action"] == "refuse":
+        return rec | {"error": point["error"]}
+    m = point.get("metrics")
     if m is None:
-        cmd = runner_cmd() + ["run", "--optimizer", opt, "--q", str(q), "--out", d] + extra
+        resume = ["--resume"] if point["action"] == "resume" else []
+        cmd = runner_cmd() + run_args(point["optimizer"], point["q"], d, extra) + resume
         rec["cmd"] = " ".join(shlex.quote(c) for c in cmd)
         print("sweep:", rec["cmd"], flush=True)
         if dry:
@@ -65,11 +110,21 @@ def run_point(opt: str, q: int, workdir: str, extra: list[str], dry: bool, timeo
         if m is None:
             rec["error"] = f"{d}/metrics.json was not written"
             return rec
+    else:
+        print(f"sweep: reusing {d} (a finished run of the same configuration)", flush=True)
     rec["avg"] = m.get("avg")
     for k in ("last", "fgt", "forgetting", "runtime_s", "peak_memory_bytes"):
         if k in m:
             rec[k] = m[k]
     return rec
+
+
+def read_metrics(d: str) -> dict | None:
+    p = os.path.join(d, "metrics.json")
+    if not os.path.exists(p):
+        return None
+    with open(p) as f:
+        return json.load(f)
 
 
 def main(argv=None) -> int:
@@ -86,15 +141,24 @@ def main(argv=None) -> int:
     qs = [int(q) for q in a.qs.split(",") if q.strip()]
     opts = [o.strip() for o in a.optimizers.split(",") if o.strip()]
     extra = shlex.split(a.extra)
-    results = [run_point(o, q, a.workdir, extra, a.dry_run, a.timeout) for o in opts for q in qs]
+    from zeroflow.continual.errors import ZeroflowError
+
+    try:     # every point checked before the first run: a bad --extra or option costs no run
+        plan = [plan_point(o, q, a.workdir, extra) for o in opts for q in qs]
+    except ZeroflowError as e:
+        print(f"sweep: error: {e}", file=sys.stderr)
+        return 2
+    for point in plan:
+        if point["action"] == "refuse":
+            print(f"sweep: refusing {point['dir']}: {point['error']}", file=sys.stderr, flush=True)
+    results = [run_point(point, extra, a.dry_run, a.timeout) for point in plan]
     out = {"description": "Avg accuracy (zeroflow run, embedded default data set) vs queries q.",
            "dataset": "embedded default (`zeroflow run` defaults)", "extra_args": extra,
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "results": results}
     if a.dry_run:
-        return 0
+        return 1 if any(r.get("error") for r in results) else 0
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=1)
+    atomic_write_bytes(a.out, json.dumps(out, indent=1).encode())
     print(f"sweep: wrote {a.out}")
     for r in results:
         error = f"  ERROR {r['error']}" if r.get("error") else ""

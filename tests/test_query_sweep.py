@@ -1,0 +1,79 @@
+"""The query sweep (benchmarks/bench_query_sweep.py) decides what a point's folder holds the way
+``zeroflow sweep`` does: a finished run of the same configuration is reused, an unfinished one
+resumed, and a folder holding another configuration or a damaged run is refused, never taken
+for the point (it once reused any folder with a metrics.json, whatever its --extra had been).
+
+Everything runs with --dry-run: the plan and the commands, no training."""
+from __future__ import annotations
+
+import json
+import os
+
+from benchmarks import bench_query_sweep as S
+
+
+def _finished(folder, config):
+    os.makedirs(folder)
+    metrics = {"config": config, "avg": 81.5, "last": 70.0, "fgt": 3.0, "forward_passes": 10,
+               "peak_memory_bytes": 1}
+    with open(os.path.join(folder, "metrics.json"), "w") as f:
+        json.dump(metrics, f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def _config(opt, q, extra):
+    return S.requested_config(S.run_args(opt, q, "unused", extra))
+
+
+def _sweep(tmp_path, capsys, extra="--epochs 2"):
+    rc = S.main(["--qs", "1,2", "--optimizers", "zo_sgd", "--workdir", str(tmp_path), "--extra", extra,
+                 "--out", str(tmp_path / "sweep.json"), "--dry-run"])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_a_finished_point_of_the_same_configuration_is_reused(tmp_path, capsys):
+    _finished(tmp_path / "zo_sgd_q1", _config("zo_sgd", 1, ["--epochs", "2"]))
+    rc, out, err = _sweep(tmp_path, capsys)
+    assert rc == 0, err
+    assert f"reusing {tmp_path / 'zo_sgd_q1'}" in out
+    commands = [line for line in out.splitlines() if line.startswith("sweep: ") and "--optimizer" in line]
+    assert len(commands) == 1 and "--q 2" in commands[0] and "--resume" not in commands[0]
+
+
+def test_a_finished_point_of_another_configuration_is_refused_not_reused(tmp_path, capsys):
+    folder = tmp_path / "zo_sgd_q1"
+    _finished(folder, _config("zo_sgd", 1, ["--epochs", "3"]))     # the sweep asks for 2 epochs
+    before = (folder / "metrics.json").read_bytes()
+    rc, out, err = _sweep(tmp_path, capsys)
+    assert rc == 1
+    assert "reusing" not in out
+    assert f"refusing {folder}" in err and "epochs: 3 there, 2 requested" in err and "delete" in err
+    assert (folder / "metrics.json").read_bytes() == before
+
+
+def test_an_unfinished_point_of_the_same_configuration_is_resumed(tmp_path, capsys):
+    folder = tmp_path / "zo_sgd_q2"
+    os.makedirs(folder)
+    (folder / "config.json").write_text(json.dumps(_config("zo_sgd", 2, ["--epochs", "2"])))
+    rc, out, err = _sweep(tmp_path, capsys)
+    assert rc == 0, err
+    q2 = [line for line in out.splitlines() if "--q 2" in line]
+    assert len(q2) == 1 and q2[0].endswith("--resume")
+
+
+def test_a_damaged_point_is_refused_with_its_reason(tmp_path, capsys):
+    folder = tmp_path / "zo_sgd_q1"
+    os.makedirs(folder)
+    (folder / "metrics.json").write_text("{not json")
+    rc, out, err = _sweep(tmp_path, capsys)
+    assert rc == 1
+    assert f"refusing {folder}" in err and "corrupt" in err
+
+
+def test_a_bad_extra_option_is_refused_before_any_run(tmp_path, capsys):
+    rc, out, err = _sweep(tmp_path, capsys, extra="--batch-size 0")
+    assert rc == 2
+    assert "--batch-size" in err and "--optimizer" not in out
+    assert sorted(os.listdir(tmp_path)) == []
