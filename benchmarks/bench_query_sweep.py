@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -31,8 +30,9 @@ from zeroflow._atomic import atomic_write_bytes
 
 
 def runner_cmd() -> list[str]:
-    exe = shutil.which("zeroflow")
-    return [exe] if exe else [sys.executable, "-m", "zeroflow.cli"]
+    """This interpreter's zeroflow, the one whose configuration rules decided the plan (a
+    ``zeroflow`` script on PATH may belong to another environment or checkout)."""
+    return [sys.executable, "-m", "zeroflow"]
 
 
 def run_args(opt: str, q: int, d: str, extra: list[str]) -> list[str]:
