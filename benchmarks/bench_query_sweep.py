@@ -27,6 +27,8 @@ import sys
 import time
 
 from zeroflow._atomic import atomic_write_bytes
+from zeroflow.continual.errors import ZeroflowError
+from zeroflow.continual.runfolder import config_differences, inspect, lock_holder
 
 
 def runner_cmd() -> list[str]:
@@ -54,8 +56,6 @@ def plan_point(opt: str, q: int, workdir: str, extra: list[str]) -> dict:
     (a finished run of this configuration), "resume" (an unfinished one), "run" (nothing
     there yet) or "refuse" (another configuration, a damaged run, a run in progress:
     ``error`` says which and what to do)."""
-    from zeroflow.continual.runfolder import config_differences, inspect, lock_holder
-
     d = os.path.join(workdir, f"{opt}_q{q}")
     point = {"optimizer": opt, "q": q, "dir": d}
     requested = requested_config(run_args(opt, q, d, extra))     # checks the options of every point
@@ -106,10 +106,11 @@ def run_point(point: dict, extra: list[str], dry: bool, timeout: float | None) -
             rec["error"] = (p.stderr or p.stdout).strip().splitlines()[-1:] or [f"exit {p.returncode}"]
             rec["error"] = rec["error"][0]
             return rec
-        m = read_metrics(d)
-        if m is None:
-            rec["error"] = f"{d}/metrics.json was not written"
+        state = inspect(d)
+        if state.kind != "finished":
+            rec["error"] = state.problem or f"{d}/metrics.json was not written"
             return rec
+        m = state.metrics
     else:
         print(f"sweep: reusing {d} (a finished run of the same configuration)", flush=True)
     rec["avg"] = m.get("avg")
@@ -117,14 +118,6 @@ def run_point(point: dict, extra: list[str], dry: bool, timeout: float | None) -
         if k in m:
             rec[k] = m[k]
     return rec
-
-
-def read_metrics(d: str) -> dict | None:
-    p = os.path.join(d, "metrics.json")
-    if not os.path.exists(p):
-        return None
-    with open(p) as f:
-        return json.load(f)
 
 
 def main(argv=None) -> int:
@@ -141,8 +134,6 @@ def main(argv=None) -> int:
     qs = [int(q) for q in a.qs.split(",") if q.strip()]
     opts = [o.strip() for o in a.optimizers.split(",") if o.strip()]
     extra = shlex.split(a.extra)
-    from zeroflow.continual.errors import ZeroflowError
-
     try:     # every point checked before the first run: a bad --extra or option costs no run
         plan = [plan_point(o, q, a.workdir, extra) for o in opts for q in qs]
     except ZeroflowError as e:
@@ -150,7 +141,7 @@ def main(argv=None) -> int:
         return 2
     for point in plan:
         if point["action"] == "refuse":
-            print(f"sweep: refusing {point['dir']}: {point['error']}", file=sys.stderr, flush=True)
+            print(f"sweep: refusing a point: {point['error']}", file=sys.stderr, flush=True)
     results = [run_point(point, extra, a.dry_run, a.timeout) for point in plan]
     out = {"description": "Avg accuracy (zeroflow run, embedded default data set) vs queries q.",
            "dataset": "embedded default (`zeroflow run` defaults)", "extra_args": extra,

@@ -49,7 +49,8 @@ def test_a_finished_point_of_another_configuration_is_refused_not_reused(tmp_pat
     rc, out, err = _sweep(tmp_path, capsys)
     assert rc == 1
     assert "reusing" not in out
-    assert f"refusing {folder}" in err and "epochs: 3 there, 2 requested" in err and "delete" in err
+    assert f"refusing a point: {folder} holds a finished run with another configuration (epochs: 3 there, 2 " \
+           f"requested); delete {folder}" in err
     assert (folder / "metrics.json").read_bytes() == before
 
 
@@ -69,7 +70,7 @@ def test_a_damaged_point_is_refused_with_its_reason(tmp_path, capsys):
     (folder / "metrics.json").write_text("{not json")
     rc, out, err = _sweep(tmp_path, capsys)
     assert rc == 1
-    assert f"refusing {folder}" in err and "corrupt" in err
+    assert f"refusing a point: {folder} holds a damaged run" in err and "corrupt" in err
 
 
 def test_a_bad_extra_option_is_refused_before_any_run(tmp_path, capsys):
