@@ -28,7 +28,7 @@ import time
 
 from zeroflow._atomic import atomic_write_bytes
 from zeroflow.continual.errors import ZeroflowError
-from zeroflow.continual.runfolder import config_differences, inspect, lock_holder
+from zeroflow.continual.runfolder import conflict, inspect, lock_holder
 
 
 def runner_cmd() -> list[str]:
@@ -62,20 +62,12 @@ def plan_point(opt: str, q: int, workdir: str, extra: list[str]) -> dict:
     holder = lock_holder(d)
     if holder:
         return point | {"action": "refuse", "error": f"{d} is in use by {holder}; wait until it has finished"}
-    state = inspect(d)
-    if state.kind == "corrupt":
-        return point | {"action": "refuse", "error": f"{d} holds a damaged run ({state.problem}); delete {d} to "
-                                                     f"run this point again"}
-    if state.kind in ("absent", "empty"):
-        return point | {"action": "run"}
-    diffs = config_differences(state.config, requested)
-    if diffs:
-        return point | {"action": "refuse", "error": f"{d} holds a {state.kind} run with another configuration "
-                                                     f"({'; '.join(diffs)}); delete {d} or choose another "
-                                                     f"--workdir"}
+    state, why = conflict(d, requested)
+    if why:
+        return point | {"action": "refuse", "error": f"{why}; delete {d} or choose another --workdir"}
     if state.kind == "finished":
         return point | {"action": "reuse", "metrics": state.metrics}
-    return point | {"action": "resume"}
+    return point | {"action": "resume" if state.kind == "unfinished" else "run"}
 
 
 def run_point(point: dict, extra: list[str], dry: bool, timeout: float | None) -> dict:

@@ -223,7 +223,7 @@ def _sweep_plan(a, names: List[str], parent: str) -> list:
     with another configuration, a damaged one, or one in progress is refused unless --force)."""
     from .continual.defaults import RECORDABLE, resolve
     from .continual.errors import ZeroflowError
-    from .continual.runfolder import config_differences, inspect, lock_holder
+    from .continual.runfolder import conflict, lock_holder
 
     plan, seeds = [], _sweep_seeds(a)
     for n, seed in ((n, seed) for n in names for seed in seeds):
@@ -236,13 +236,9 @@ def _sweep_plan(a, names: List[str], parent: str) -> list:
         holder = lock_holder(d)
         if holder:
             raise ZeroflowError(f"{d} is in use by {holder}; wait until it has finished, or choose another --out")
-        state = inspect(d)
-        diffs = config_differences(state.config, cfg) if state.config is not None else []
-        if not a.force and (state.kind == "corrupt" or diffs):
-            why = state.problem if state.kind == "corrupt" else "; ".join(diffs)
-            raise ZeroflowError(f"{d} holds {'a damaged' if state.kind == 'corrupt' else 'a ' + state.kind} run "
-                                f"with another configuration ({why}); choose another --out, or add --force to "
-                                f"replace it")
+        _, why = conflict(d, cfg)
+        if why and not a.force:
+            raise ZeroflowError(f"{why}; choose another --out, or add --force to replace it")
         plan.append((n if seed is None else f"{n} seed {seed}", cfg, d))
     return plan
 

@@ -24,7 +24,7 @@ import shutil
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .errors import ZeroflowError
 
@@ -259,3 +259,17 @@ def config_differences(saved: Dict, requested: Dict) -> List[str]:
             continue
         out.append(f"{k}: {va!r} there, {vb!r} requested")
     return out
+
+
+def conflict(folder: str, cfg: Dict) -> Tuple[FolderState, str]:
+    """What ``folder`` holds, and why a run of ``cfg`` cannot take it as its own: ``""`` where
+    it can (no run there yet, or a finished or unfinished run of ``cfg``), else "FOLDER holds
+    ..." naming the damage or the options that differ. The caller adds what to do about it."""
+    state = inspect(folder)
+    if state.kind == "corrupt":
+        return state, f"{folder} holds a damaged run ({state.problem})"
+    diffs = config_differences(state.config, cfg) if state.config is not None else []
+    if diffs:
+        article = "an" if state.kind == "unfinished" else "a"
+        return state, f"{folder} holds {article} {state.kind} run with another configuration ({'; '.join(diffs)})"
+    return state, ""
