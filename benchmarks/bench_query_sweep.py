@@ -10,17 +10,21 @@ Each point is one ``zeroflow run --optimizer NAME --q Q --out DIR`` (DIR/metrics
 sweep`` decides it: every option but the operational ones, ``--extra`` included) is reused when
 finished and resumed when unfinished; a folder holding another configuration, a damaged run or
 one in progress is refused with the reason, never reused (delete DIR or choose another
---workdir). Every point is checked before the first run starts. The report includes the result with
-``python -m benchmarks.report ... --sweep results/query_sweep.json``. On 2 CPU cores a run takes
-10 s (q = 1) to ~100 s (q = 32) with the backbone cached, ~7.5 min for the full sweep of 12
-runs (measured 2026-11-30): it is not part of
-``make bench`` (``make bench-sweep``).
+--workdir). Every point is checked before the first run starts; ``--extra`` may not set what the
+sweep sets per point (--optimizer, --q, --out, --resume, --force, --stop-after). The report
+includes the result with ``python -m benchmarks.report ... --sweep results/query_sweep.json``.
+On 2 CPU cores a run takes 10 s (q = 1) to ~100 s (q = 32) with the backbone cached, ~7.5 min
+for the full sweep of 12 runs (measured 2026-11-30): it is not part of ``make bench``
+(``make bench-sweep``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -39,6 +43,33 @@ def runner_cmd() -> list[str]:
 
 def run_args(opt: str, q: int, d: str, extra: list[str]) -> list[str]:
     return ["run", "--optimizer", opt, "--q", str(q), "--out", d] + extra
+
+
+# what the sweep itself sets per point, and the option of the sweep to use instead
+SWEEP_SETS = {"optimizer": "--optimizers", "q": "--qs", "out": "--workdir", "resume": None, "force": None,
+              "stop_after": None}
+
+
+def check_extra(extra: list[str]) -> None:
+    """Refuse an ``--extra`` that ``zeroflow run`` would reject, or that sets what the sweep sets
+    per point: ``--extra "--q 2"`` once ran q = 2 in every point's folder and published it as
+    q = 1, 2, 4, ... (the last flag wins in argparse). Raises ZeroflowError naming --extra."""
+    from zeroflow.cli import build_parser
+
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            given = build_parser().parse_args(["run"] + extra)
+    except SystemExit:     # argparse's own message, without the usage screen it comes with
+        why = said.getvalue().strip().splitlines()[-1:] or ["not accepted"]
+        reason = re.sub(r"^zeroflow( run)?: error: ", "", why[0])
+        raise ZeroflowError(f"--extra {shlex.join(extra)!r}: {reason} "
+                            "(see python -m zeroflow run --help)") from None
+    for dest, instead in SWEEP_SETS.items():
+        if getattr(given, dest) not in (None, False):
+            flag = "--" + dest.replace("_", "-")
+            fix = f"use the sweep's {instead}" if instead else "the sweep decides it per point (reuse, resume)"
+            raise ZeroflowError(f"--extra may not set {flag} (it gives {flag} {getattr(given, dest)}): {fix}")
 
 
 def requested_config(args: list[str]) -> dict:
@@ -123,10 +154,16 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=None, help="seconds per run")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     a = ap.parse_args(argv)
-    qs = [int(q) for q in a.qs.split(",") if q.strip()]
+    try:
+        qs = [int(q) for q in a.qs.split(",") if q.strip()]
+    except ValueError:
+        ap.error(f"--qs takes comma-separated integers, e.g. 1,2,4 (got {a.qs!r})")
     opts = [o.strip() for o in a.optimizers.split(",") if o.strip()]
+    if not qs or not opts:
+        ap.error("--qs and --optimizers each need at least one value")
     extra = shlex.split(a.extra)
     try:     # every point checked before the first run: a bad --extra or option costs no run
+        check_extra(extra)
         plan = [plan_point(o, q, a.workdir, extra) for o in opts for q in qs]
     except ZeroflowError as e:
         print(f"sweep: error: {e}", file=sys.stderr)

@@ -78,3 +78,22 @@ def test_a_bad_extra_option_is_refused_before_any_run(tmp_path, capsys):
     assert rc == 2
     assert "--batch-size" in err and "--optimizer" not in out
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_an_extra_that_sets_what_the_sweep_sets_per_point_is_refused(tmp_path, capsys):
+    # "--q 2" came after the sweep's own --q, so every point ran q = 2 under its own q's name
+    for extra, flag, fix in [("--q 2", "--q", "--qs"), ("--opt zo_adam", "--optimizer", "--optimizers"),
+                             ("--out elsewhere", "--out", "--workdir"),
+                             ("--stop-after 1", "--stop-after", "per point")]:
+        rc, out, err = _sweep(tmp_path, capsys, extra=extra)
+        assert rc == 2, extra
+        assert f"--extra may not set {flag}" in err and fix in err, err
+        assert "--optimizer" not in out
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_an_extra_that_zeroflow_run_rejects_is_named(tmp_path, capsys):
+    rc, out, err = _sweep(tmp_path, capsys, extra="--bogus 1")
+    assert rc == 2
+    assert "sweep: error: --extra '--bogus 1': unrecognized arguments: --bogus 1" in err
+    assert "usage:" not in err
