@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .zo import NOT_OPTIONS, counter
+
 __all__ = ["FOSGD", "FOAdam", "FOAdamW"]
 
 
@@ -19,6 +21,9 @@ class _FOMixin:
         self.forward_passes += 1
         self.steps += 1
         return loss
+
+    def __getstate__(self):     # torch.optim's keeps defaults, state, param_groups only
+        return super().__getstate__() | {"forward_passes": self.forward_passes, "steps": self.steps}
 
     def state_dict(self):
         sd = super().state_dict()
@@ -36,11 +41,13 @@ class _FOMixin:
         saved_by = (state_dict.get("zeroflow") or {}).get("optimizer", me)
         if saved_by != me:
             raise ValueError(f"state_dict was saved by {saved_by}; this is a {me}")
+        for k in ("forward_passes", "steps"):
+            counter((state_dict.get("zeroflow") or {}).get(k, 0), f"state_dict's 'zeroflow' counter {k!r}")
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer {len(self.param_groups)}")
         for i, (sg, g) in enumerate(zip(groups, self.param_groups)):
-            foreign = sorted(set(sg) - set(g) - {"param_names"})
+            foreign = sorted(set(sg) - set(g) - NOT_OPTIONS)
             if foreign:
                 raise ValueError(f"state_dict param group {i} has options {', '.join(foreign)} that a {me} does not "
                                  f"have (a state of another optimizer class?)")

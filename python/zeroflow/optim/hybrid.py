@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .zo import counter
+
 __all__ = ["HybridFOZO"]
 
 
@@ -28,10 +30,17 @@ class HybridFOZO(torch.optim.Optimizer):
             if [id(p) for p in gf["params"]] != [id(p) for p in gz["params"]]:
                 raise ValueError("fo and zo optimizers must optimize the same parameters in the same order")
             lf, lz = float(gf["lr"]), float(gz["lr"])
+            if lf == 0.0 and lz != 0.0:
+                raise ValueError(f"the FO phase's lr is 0 and the ZO phase's {lz}: the hybrid schedules the ZO lr as a "
+                                 "multiple of the FO lr (zo_lr_scale), which 0 cannot carry; give the FO phase an "
+                                 "lr > 0 (fo_lr=...), or use the ZO optimizer alone (hybrid_switch=0 or none)")
             groups.append({"params": gz["params"], "lr": lf, "zo_lr_scale": (lz / lf) if lf else 1.0})
         self.fo, self.zo, self.switch = fo, zo, switch
         self._steps = 0
         super().__init__(groups, {})
+
+    def __getstate__(self):     # torch.optim's keeps defaults, state, param_groups only
+        return super().__getstate__() | {"fo": self.fo, "zo": self.zo, "switch": self.switch, "_steps": self._steps}
 
     @property
     def zeroth_order(self) -> bool:
@@ -82,11 +91,12 @@ class HybridFOZO(torch.optim.Optimizer):
         if len(state_dict.get("param_groups", ())) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(state_dict.get('param_groups', ()))} param groups, this optimizer "
                              f"{len(self.param_groups)}")
+        steps, switch = (counter(h[k], f"state_dict's 'hybrid' {k!r}") for k in ("steps", "switch"))
         self.fo.check_state_dict(h["fo"])
         self.zo.check_state_dict(h["zo"])
         state_dict = dict(state_dict)
         state_dict.pop("hybrid")
         super().load_state_dict(state_dict)
-        self._steps, self.switch = int(h["steps"]), int(h["switch"])
+        self._steps, self.switch = steps, switch
         self.fo.load_state_dict(h["fo"])
         self.zo.load_state_dict(h["zo"])

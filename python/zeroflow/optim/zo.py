@@ -10,6 +10,7 @@ the public reference code are in docs/algorithms.md.
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from typing import Callable
 
@@ -39,12 +40,24 @@ GLOBAL_OPTIONS = ("q", "estimator", "conserve", "sparse_resample", "seed", "back
 # and which update rule (the other group options, lr first, are restored as in torch.optim).
 STATE_GLOBAL_OPTIONS = ("q", "estimator", "conserve", "sparse_resample")
 STATE_GROUP_OPTIONS = ("perturbation", "sign", "scalar_sign")
+# Attributes a copy of the optimizer does not take over (see _ZOBase.__getstate__).
+_NOT_COPIED = {"_tid", "_bucket_cache", "_step_token", "_stream_args", "_fg_names", "scalar_hook", "step_hook"}
+# The counters a state_dict's "zeroflow" part holds, in the order load_state_dict assigns them.
+COUNTERS = ("seed", "step", "task", "forward_passes", "queries", "steps_skipped")
+# Keys of a param group that are no option of the optimizer: the parameters, and what torch's
+# lr schedulers write into the groups (initial_lr, OneCycleLR's max/min lr and momentum bounds,
+# SWALR's swa_lr); a state saved with or without a scheduler loads into an optimizer without or
+# with one, as in torch.optim.
+NOT_OPTIONS = {"params", "param_names", "initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr"}
 # Parameters the fused kernels update in place (checked at construction, not at the first step).
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Group options added after states were first saved, with the value a state without them
 # meant: such a state still loads.
 ADDED_GROUP_OPTIONS = {"stochastic_rounding": False}
 PARAM_DEVICES = ("cpu", "cuda")
+# The largest perturbation size: |z| <= 5.77 for both distributions (stream §5), so theta +- 2 zo_eps z
+# stays below float32's max (3.4e38) and a skipped step's restore cannot turn theta into inf - inf.
+MAX_ZO_EPS = 2.0 ** 123
 
 # Frozen-state Adam call used by conserve to move along the stored Adam direction
 # (_frozen_adam_move; docs/algorithms.md §2): with beta = 1 - 2^-27, m and v come out of the
@@ -127,9 +140,10 @@ class _PendingPerturbation:
         self._opt._perturb(seed, units, self._mask_seed)
         self.seed, self.units = seed, self.units + units
 
-    def undo(self) -> None:
+    def undo(self, buckets=None) -> None:
+        """Take the perturbation back from ``buckets`` (default: every group's)."""
         if self.units:
-            self._opt._perturb(self.seed, -self.units, self._mask_seed)
+            self._opt._perturb(self.seed, -self.units, self._mask_seed, buckets)
             self.units = 0.0
 
     def restore_scale(self, eps: float) -> float:
@@ -195,13 +209,46 @@ class _ZOBase(torch.optim.Optimizer):
             raise ValueError("no parameter with requires_grad=True was given to the optimizer")
         self._fg_wrapper = _ClosureModule(model) if estimator == "forward_grad" else None
         if self._fg_wrapper is not None:
-            self._fg_names = {}
-            for name, p in model.named_parameters(remove_duplicate=False):
-                self._fg_names.setdefault(id(p), "m." + name)
-            for g in self.param_groups:
-                for p in g["params"]:
-                    if id(p) not in self._fg_names:
-                        raise ValueError("forward_grad: every optimized parameter must be a parameter of model=")
+            self._fg_name_params([p for g in self.param_groups for p in g["params"]])
+
+    def _fg_name_params(self, params) -> None:
+        """forward_grad: the names (in ``model``) that functional_call gives ``params``, read
+        again from the model, which may have grown since (a new head added by
+        add_param_group, the continual-learning pattern)."""
+        names = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), "m." + name)
+        for p in params:
+            if id(p) not in names:
+                raise ValueError(f"forward_grad: every optimized parameter must be a parameter of model= (one of "
+                                 f"shape {tuple(p.shape)} is not); register it in the model before adding it")
+        self._fg_names = names
+
+    # ------------------------------------------------------------------ copy / pickle
+    def __getstate__(self) -> dict:
+        """torch.optim keeps ``defaults``, ``state`` and ``param_groups``; a copy (deepcopy,
+        pickle, torch.save of the object) of a zeroflow optimizer also needs its options and
+        counters to step, and to go on with the same seed schedule. The tensor ids go by
+        position (they were keyed by ``id(param)``); caches are rebuilt; the hooks are not
+        copied (torch.optim does not copy its own: they belong to the original's owners, a
+        process group or a trajectory recorder)."""
+        own = {k: v for k, v in self.__dict__.items()
+               if k not in _NOT_COPIED and k not in ("defaults", "state", "param_groups")
+               and not k.startswith("_optimizer_")}
+        tids = [self._tid[id(p)] for g in self.param_groups for p in g["params"]]
+        return super().__getstate__() | own | {"_tids_by_position": tids}
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        tids = state.pop("_tids_by_position", None)
+        super().__setstate__(state)
+        if tids is None:    # torch.optim's load_state_dict: only state and param_groups, same params
+            return
+        self._tid = {id(p): t for p, t in zip((p for g in self.param_groups for p in g["params"]), tids)}
+        self._bucket_cache, self._step_token, self._stream_args = {}, None, {}
+        self.scalar_hook = self.step_hook = None
+        if self._fg_wrapper is not None:
+            self._fg_name_params([p for g in self.param_groups for p in g["params"]])
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict) -> None:
@@ -229,6 +276,8 @@ class _ZOBase(torch.optim.Optimizer):
         try:
             self._check_group(g)
             self._check_params(g["params"], len(self.param_groups) - 1)
+            if getattr(self, "_fg_wrapper", None) is not None:     # set once __init__'s groups are in
+                self._fg_name_params(g["params"])
         except Exception:
             self.param_groups.pop()
             raise
@@ -237,21 +286,34 @@ class _ZOBase(torch.optim.Optimizer):
                 self._tid[id(p)] = self._next_tid
                 self._next_tid += 1
 
-    def _check_group(self, g: dict) -> None:
-        if not g["lr"] >= 0.0 and not isinstance(g["lr"], torch.Tensor):
+    def _check_group(self, g: dict, where: str = "") -> None:
+        """Every option of group ``g`` the kernels take, checked at construction, in
+        add_param_group and load_state_dict, and at every step (a value set between steps)."""
+        try:
+            self._check_options(g)
+        except (TypeError, KeyError) as e:     # e.g. None where a number belongs: '<' not supported
+            raise ValueError(f"{where}an option is missing or not a number ({e}); "
+                             f"the group holds {_options_of(g)}") from None
+        except ValueError as e:
+            raise ValueError(f"{where}{e}") from None
+
+    def _check_options(self, g: dict) -> None:
+        if not (isinstance(g["lr"], torch.Tensor) or _number(g["lr"]) >= 0.0):
             raise ValueError(f"lr={g['lr']} must be >= 0")
-        if not g["zo_eps"] > 0.0:
-            raise ValueError(f"zo_eps={g['zo_eps']} must be > 0")
+        if not 0.0 < _number(g["zo_eps"]) <= MAX_ZO_EPS:
+            raise ValueError(f"zo_eps={g['zo_eps']} must be > 0 and at most {MAX_ZO_EPS:.3g} (theta +- 2 zo_eps z "
+                             "must stay finite in float32, or a skipped step could not restore theta)")
         if g["perturbation"] not in PERTURBATIONS:
             raise ValueError(f"perturbation={g['perturbation']!r} must be one of {PERTURBATIONS}")
-        if not 0.0 <= g["sparsity"] < 1.0:
+        if not 0.0 <= _number(g["sparsity"]) < 1.0:
             raise ValueError(f"sparsity={g['sparsity']} must be the fraction zeroed, in [0, 1)")
-        if not 0.0 <= g["history"] < 1.0:
+        if not 0.0 <= _number(g["history"]) < 1.0:
             raise ValueError(f"history={g['history']} must be the weight of the history, in [0, 1)")
-        if g["weight_decay"] < 0.0:
+        if not _number(g["weight_decay"]) >= 0.0:
             raise ValueError(f"weight_decay={g['weight_decay']} must be >= 0")
-        if not isinstance(g["stochastic_rounding"], bool):
-            raise ValueError(f"stochastic_rounding={g['stochastic_rounding']!r} must be True or False")
+        for flag in ("stochastic_rounding", "sign", "scalar_sign"):
+            if not isinstance(g[flag], bool):
+                raise ValueError(f"{flag}={g[flag]!r} must be True or False")
         if g["sign"] and g["scalar_sign"]:
             raise ValueError("sign (element-wise, ZO-signSGD) and scalar_sign (public-code variant) are exclusive")
 
@@ -348,16 +410,27 @@ class _ZOBase(torch.optim.Optimizer):
         start of this step (only step() calls the kernels, so they are always there)."""
         return self._stream_args[id(g)]
 
-    def _perturb(self, seed: int, factor: float, mask_seed: int) -> None:
-        """theta += factor * zo_eps_g * m * z(seed), every group, one pass each."""
-        for g in self.param_groups:
-            buckets = self._buckets(g)
-            if not buckets:
-                continue
-            scale, (dist, thr) = factor * g["zo_eps"], self._stream(g)
-            for ps, ids, b in buckets:
-                zfkernels.call_op(b, "perturb_", params=ps, tensor_ids=ids, seed=seed, scale=scale, dist=dist,
-                                  mask_seed=mask_seed, mask_threshold=thr)
+    def _all_buckets(self) -> list[tuple[dict, tuple]]:
+        """``(group, bucket)`` for every group and device: the order of the fused calls."""
+        return [(g, bk) for g in self.param_groups for bk in self._buckets(g)]
+
+    def _perturb(self, seed: int, factor: float, mask_seed: int, buckets=None) -> None:
+        """theta += factor * zo_eps_g * m * z(seed) over ``buckets`` (default: every group),
+        one pass each; all or none: if a call fails (its kernel writes nothing then), the
+        buckets already perturbed are taken back before the error goes on."""
+        done = []
+        try:
+            for g, (ps, ids, b) in self._all_buckets() if buckets is None else buckets:
+                dist, thr = self._stream(g)
+                zfkernels.call_op(b, "perturb_", params=ps, tensor_ids=ids, seed=seed, scale=factor * g["zo_eps"],
+                                  dist=dist, mask_seed=mask_seed, mask_threshold=thr)
+                done.append((g, (ps, ids, b)))
+        except BaseException:
+            for g, (ps, ids, b) in reversed(done):
+                dist, thr = self._stream(g)
+                zfkernels.call_op(b, "perturb_", params=ps, tensor_ids=ids, seed=seed, scale=-factor * g["zo_eps"],
+                                  dist=dist, mask_seed=mask_seed, mask_threshold=thr)
+            raise
 
     def _eval(self, closure, where: str) -> float:
         val = _scalar(_call_closure(closure), where)
@@ -379,9 +452,11 @@ class _ZOBase(torch.optim.Optimizer):
                 f"{type(self).__name__}.step needs a closure that runs the forward pass and returns "
                 "the loss, e.g. opt.step(lambda: loss_fn(model(x), y))"
             )
-        # Every group's stream options, converted and checked once, before the first kernel
-        # call changes theta: a bad value set between steps (a typo in a schedule) raises
-        # here, not after group 0 was perturbed.
+        # Every group's options, checked, and its stream options converted, once, before the
+        # first kernel call changes theta: a bad value set between steps (a typo in a
+        # schedule, zo_eps = 0) raises here, not after group 0 was perturbed.
+        for i, g in enumerate(self.param_groups):
+            self._check_group(g, f"param group {i}: ")
         stream = {id(g): (dist_code(g["perturbation"]), mask_threshold(g["sparsity"])) for g in self.param_groups}
         n = self._n
         seeds = [derive_seed(self._seed, n, j) for j in range(self.q)]
@@ -444,14 +519,33 @@ class _ZOBase(torch.optim.Optimizer):
             pending.undo()                               # put theta back before skipping / raising
             raise
         sign_lr = -1.0 if self.conserve else 1.0        # conserve: land on theta0 + Delta first
-        for g in self.param_groups:
-            coeffs = self._coeffs(g, d)
-            for ps, ids, b in self._buckets(g):
-                self._update(g, ps, ids, b, seeds, coeffs, mask_seed, restore_seed=pending.seed,
-                             restore_scale=pending.restore_scale(g["zo_eps"]), lr_mult=sign_lr)
+        self._update_all(seeds, {id(g): self._coeffs(g, d) for g in self.param_groups}, mask_seed, pending,
+                         lr_mult=sign_lr)
         if not self.conserve:
             return _loss_tensor(sum(losses) / len(losses))
         return _loss_tensor(self._conserve(closure, L0, seeds, d, mask_seed))
+
+    def _update_all(self, seeds, coeffs: dict, mask_seed: int, pending: _PendingPerturbation | None, *,
+                    lr_mult: float) -> None:
+        """One fused update per group and device (``coeffs``: per ``id(group)``), each taking
+        back ``pending``'s perturbation in its pass (none for forward_grad)."""
+        buckets = self._all_buckets()
+        for k, (g, (ps, ids, b)) in enumerate(buckets):
+            try:
+                self._update(g, ps, ids, b, seeds, coeffs[id(g)], mask_seed,
+                             restore_seed=pending.seed if pending else 0,
+                             restore_scale=pending.restore_scale(g["zo_eps"]) if pending else 0.0, lr_mult=lr_mult)
+            except BaseException as e:
+                # The failed call wrote nothing and the calls after it were not made: their
+                # perturbation is taken back. The calls before it are applied (state advanced);
+                # only a state buffer replaced between steps gets here (step() checked the rest).
+                if pending:
+                    pending.undo(buckets[k:])
+                if k:
+                    e.add_note(f"{type(self).__name__}: the update failed after {k} of the step's {len(buckets)} "
+                               "fused calls (one per param group and device) were applied; the parameters "
+                               "of the others are back at their values before the step")
+                raise
 
     def _query(self, closure, seeds, pending) -> tuple[float | None, list[float], list[float]]:
         """The forward passes of one step: ``(L0, d, losses)`` with ``L0 = L(theta)`` (one_side
@@ -480,9 +574,18 @@ class _ZOBase(torch.optim.Optimizer):
     def _conserve(self, closure, L0, seeds, d, mask_seed) -> float:
         """theta is at theta0 + Delta (state advanced once). Evaluate it and theta0 - Delta,
         keep the lowest of {theta0 - Delta, theta0, theta0 + Delta} (ties: in that order)."""
-        lp = self._eval(closure, "at theta + Delta (conserve)")
-        self._move(1.0, -1.0, seeds, d, mask_seed)
-        lm = self._eval(closure, "at theta - Delta (conserve)")
+        at = 1.0
+        try:
+            lp = self._eval(closure, "at theta + Delta (conserve)")
+            self._move(1.0, -1.0, seeds, d, mask_seed)
+            at = -1.0
+            lm = self._eval(closure, "at theta - Delta (conserve)")
+        except BaseException:
+            # The update is applied (its state advanced): land on theta0, the candidate that
+            # needs no loss, as when conserve keeps theta0 (within the moves' rounding).
+            self._move(at, 0.0, seeds, d, mask_seed)
+            self.conserve_choice = 0.0
+            raise
         cands = [(-1.0, lm), (0.0, L0), (1.0, lp)]
         key = [(v if math.isfinite(v) else math.inf) for _, v in cands]
         best = min(range(3), key=lambda i: key[i])
@@ -531,13 +634,10 @@ class _ZOBase(torch.optim.Optimizer):
             self.last_projected = list(d)
         finally:
             wrapper.closure = None
-        for g in groups:
-            q = self.q
-            coeffs = ([math.copysign(1.0, x) / q if x != 0 else 0.0 for x in d] if g["scalar_sign"]
-                      else [x / q for x in d])
-            for ps, ids, b in self._buckets(g):
-                self._update(g, ps, ids, b, seeds, coeffs, mask_seed, restore_seed=0, restore_scale=0.0,
-                             lr_mult=1.0)
+        q = self.q
+        coeffs = {id(g): ([math.copysign(1.0, x) / q if x != 0 else 0.0 for x in d] if g["scalar_sign"]
+                          else [x / q for x in d]) for g in groups}
+        self._update_all(seeds, coeffs, mask_seed, None, lr_mult=1.0)
         return _loss_tensor(sum(losses) / len(losses))
 
     # ------------------------------------------------------------------ state
@@ -572,9 +672,11 @@ class _ZOBase(torch.optim.Optimizer):
                              f"this is {STREAM_VERSION!r}")
         if c.get("optimizer", me) != me:
             raise ValueError(f"state_dict was saved by {c['optimizer']}; this is a {me}")
-        missing = [k for k in ("seed", "step", "task", "forward_passes", "queries", "steps_skipped") if k not in c]
+        missing = [k for k in COUNTERS if k not in c]
         if missing:
             raise ValueError(f"state_dict's 'zeroflow' counters lack {', '.join(missing)}")
+        for k in COUNTERS:
+            counter(c[k], f"state_dict's 'zeroflow' counter {k!r}", limit=SEED_LIMIT if k == "seed" else None)
         for k in STATE_GLOBAL_OPTIONS:
             if k in c and c[k] != getattr(self, k):
                 raise ValueError(f"state_dict was saved with {k}={c[k]!r}, this optimizer has "
@@ -585,7 +687,7 @@ class _ZOBase(torch.optim.Optimizer):
                              f"this optimizer {len(self.param_groups)}")
         shapes = {}
         for i, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
-            keys, mine = set(sg) - {"params", "param_names"}, set(g) - {"params", "param_names"}
+            keys, mine = set(sg) - NOT_OPTIONS, set(g) - NOT_OPTIONS
             if keys != mine:
                 extra, lacks = sorted(keys - mine), sorted(mine - keys)
                 raise ValueError(f"state_dict param group {i} does not fit a {me}"
@@ -599,11 +701,11 @@ class _ZOBase(torch.optim.Optimizer):
                 if sg[k] != g[k]:
                     raise ValueError(f"state_dict param group {i} was saved with {k}={sg[k]!r}, this optimizer has "
                                      f"{k}={g[k]!r}; build it with the same options to continue that run")
-            self._check_group(sg)
+            self._check_group(sg, f"state_dict param group {i}: ")
             shapes.update({pid: tuple(p.shape) for pid, p in zip(sg["params"], g["params"])})
         for pid, st in state_dict["state"].items():
-            for name, buf in st.items():
-                if isinstance(buf, torch.Tensor) and buf.dim() > 0 and tuple(buf.shape) != shapes.get(pid):
+            for name, buf in st.items():     # every buffer but Adam's step count has its parameter's shape
+                if isinstance(buf, torch.Tensor) and name != "step" and tuple(buf.shape) != shapes.get(pid):
                     raise ValueError(f"state_dict's {name} of parameter {pid} has shape {tuple(buf.shape)}, the "
                                      f"parameter {shapes.get(pid)}")
 
@@ -615,12 +717,8 @@ class _ZOBase(torch.optim.Optimizer):
         c = state_dict.pop("zeroflow")
         super().load_state_dict(state_dict)
         self._bucket_cache.clear()      # new group dicts (the keys would still catch a stale entry)
-        self._seed = int(c["seed"])
-        self._n = int(c["step"])
-        self._task = int(c["task"])
-        self.forward_passes = int(c["forward_passes"])
-        self.queries = int(c["queries"])
-        self.steps_skipped = int(c["steps_skipped"])
+        self._seed, self._n, self._task, self.forward_passes, self.queries, self.steps_skipped = (
+            operator.index(c[k]) for k in COUNTERS)
 
     def _states(self, ps) -> list[dict]:
         """The state dicts of ``ps`` (created empty where missing), read once per update call:
@@ -675,14 +773,21 @@ class ZOFusedSGD(_ZOBase):
 
     _kind = "sgd"
 
+    def _check_options(self, g: dict) -> None:
+        super()._check_options(g)
+        if not _number(g["momentum"]) >= 0.0:
+            raise ValueError(f"momentum={g['momentum']} must be >= 0")
+        if not 0.0 <= _number(g["dampening"]) <= 1.0:
+            raise ValueError(f"dampening={g['dampening']} must be in [0, 1]")
+        if not isinstance(g["nesterov"], bool):
+            raise ValueError(f"nesterov={g['nesterov']!r} must be True or False")
+        if g["nesterov"] and (g["momentum"] <= 0 or g["dampening"] != 0):
+            raise ValueError("nesterov momentum requires a momentum and zero dampening")
+
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
                  zo_eps=1e-3, q=1, perturbation="gaussian", estimator="two_side", sign=False,
                  scalar_sign=False, conserve=False, sparsity=0.0, sparse_resample="step", history=0.0,
                  stochastic_rounding=False, backend="auto", seed=None, model=None):
-        if momentum < 0.0:
-            raise ValueError(f"momentum={momentum} must be >= 0")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("nesterov momentum requires a momentum and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, zo_eps=zo_eps, perturbation=perturbation, sign=sign,
                         scalar_sign=scalar_sign, sparsity=sparsity, history=history,
@@ -749,16 +854,24 @@ class ZOFusedAdam(_ZOBase):
 
     _kind = "adam"
 
+    def _check_options(self, g: dict) -> None:
+        super()._check_options(g)
+        betas = g["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(0.0 <= _number(b) < 1.0 for b in betas)):
+            raise ValueError(f"betas={betas!r} must be two numbers in [0, 1)")
+        if not _number(g["eps"]) >= 0.0:
+            raise ValueError(f"eps={g['eps']} must be >= 0")
+        if not isinstance(g["decoupled_weight_decay"], bool):
+            raise ValueError(f"decoupled_weight_decay={g['decoupled_weight_decay']!r} must be True or False")
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  decoupled_weight_decay=False, zo_eps=1e-3, q=1, perturbation="gaussian",
                  estimator="two_side", sign=False, scalar_sign=False, conserve=False, sparsity=0.0,
                  sparse_resample="step", history=0.0, stochastic_rounding=False, backend="auto", seed=None,
                  model=None):
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas={betas} must be in [0, 1)")
-        if not eps >= 0.0:
-            raise ValueError(f"eps={eps} must be >= 0")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+        betas = tuple(betas) if isinstance(betas, (list, tuple)) else betas     # checked with the group
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay, zo_eps=zo_eps,
                         perturbation=perturbation, sign=sign, scalar_sign=scalar_sign,
                         sparsity=sparsity, history=history, stochastic_rounding=stochastic_rounding)
@@ -803,6 +916,29 @@ class ZOFusedAdam(_ZOBase):
                     dist=dist, lr=lr_f, beta1=_FROZEN_BETA, beta2=_FROZEN_BETA, eps=eps_f, weight_decay=wd_f,
                     decoupled_weight_decay=True, step=1, stochastic_rounding=g["stochastic_rounding"],
                     round_seed=self._round_seed(g))
+
+
+def counter(x, what: str, limit: int | None = None) -> int:
+    """``x`` as a counter (an int >= 0, below ``limit``), else a ValueError naming ``what``."""
+    try:
+        v = operator.index(x)
+    except TypeError:
+        raise ValueError(f"{what} is {x!r}; it must be an int >= 0") from None
+    if v < 0 or (limit is not None and v >= limit):
+        raise ValueError(f"{what} is {v}; it must be an int >= 0" + (f" and below {limit}" if limit else ""))
+    return v
+
+
+def _number(x) -> float:
+    """``x`` as a float for a range check; TypeError for what is not a real number (None, a
+    string, a bool)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{x!r} is not a number")
+    return float(x)
+
+
+def _options_of(g: dict) -> dict:
+    return {k: v for k, v in g.items() if k not in ("params", "param_names")}
 
 
 def _with_added_options(groups):

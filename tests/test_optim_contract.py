@@ -1,0 +1,220 @@
+"""The optimizers' contract where a step or a state goes wrong (docs/algorithms.md §7): a step
+that fails leaves no parameter moved, a bad option or state is refused before anything
+changes, and an optimizer can be copied, pickled, resumed under a torch lr scheduler and
+extended with add_param_group. Each case here once failed (a fresh-eyes audit, 2026-12-01)."""
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_data, make_mlp
+from zeroflow.optim import ZOFusedAdam, ZOFusedSGD, create, train_step
+
+warnings.filterwarnings("ignore", message="zfkernels: the compiled")
+X, Y = make_data(32, 6)
+MOVED = 1e-6      # a restore rounds (§7): within this, far below a perturbation (zo_eps = 1e-2)
+
+
+def loss_of(model):
+    return F.mse_loss(model(X), Y)
+
+
+def snapshot(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def max_moved(model, before) -> float:
+    return max((p.detach() - b).abs().max().item() for p, b in zip(model.parameters(), before))
+
+
+def two_groups(cls, **kw):
+    model = make_mlp(6, 4, 1)
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    return model, cls([{"params": first}, {"params": second}], lr=0.1, zo_eps=1e-2, seed=3, **kw)
+
+
+def failing_at(n, closure):
+    calls = [0]
+
+    def c():
+        calls[0] += 1
+        if calls[0] == n:
+            raise KeyboardInterrupt     # the worst case: a ^C in the middle of a forward
+        return closure()
+    return c
+
+
+# ------------------------------------------------------------------ failed steps
+@pytest.mark.parametrize("cls,kw", [(ZOFusedSGD, dict(momentum=0.9)), (ZOFusedAdam, {})])
+@pytest.mark.parametrize("fail_at", [4, 5])     # L0, L+, L-, then conserve at theta0 + Delta, theta0 - Delta
+def test_a_closure_failing_in_conserves_forwards_lands_on_theta0(cls, kw, fail_at):
+    model = make_mlp(6, 4, 1)
+    opt = cls(model.parameters(), lr=0.1, zo_eps=1e-2, conserve=True, seed=5, **kw)
+    before = snapshot(model)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(failing_at(fail_at, lambda: loss_of(model)))
+    assert max_moved(model, before) <= MOVED      # was 0.36 (left at theta0 + Delta or theta0 - Delta)
+    assert opt.conserve_choice == 0.0 and opt.step_count == 1
+    loss = opt.step(lambda: loss_of(model))       # and the optimizer goes on
+    assert torch.isfinite(loss)
+
+
+def test_a_group_whose_perturbation_fails_takes_the_others_back():
+    model, opt = two_groups(ZOFusedSGD)
+    opt.step(lambda: loss_of(model))
+    model[2].bias.data = model[2].bias.data.double()     # the second group's kernel call refuses it
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="dtype Double"):
+        opt.step(lambda: loss_of(model).float())
+    assert max_moved(model, before) <= MOVED              # the first group was left at theta + eps z
+
+
+@pytest.mark.parametrize("cls,buffer", [(ZOFusedSGD, "momentum_buffer"), (ZOFusedAdam, "exp_avg")])
+def test_a_failed_update_restores_the_groups_it_did_not_apply(cls, buffer):
+    model, opt = two_groups(cls, **(dict(momentum=0.9) if cls is ZOFusedSGD else {}))
+    opt.step(lambda: loss_of(model))
+    opt.state[model[2].weight][buffer] = torch.zeros(7)  # replaced between steps: only the kernel sees it
+    before = snapshot(model)
+    with pytest.raises(ValueError) as e:
+        opt.step(lambda: loss_of(model))
+    second = [p.detach() for p in model[2].parameters()]
+    assert max((p - b).abs().max().item() for p, b in zip(second, before[2:])) <= MOVED   # was at theta - eps z
+    assert any("the update failed after 1 of the step's 2 fused calls" in n for n in e.value.__notes__)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("zo_eps", 0.0, "zo_eps=0.0 must be > 0"), ("zo_eps", None, "not a number"), ("lr", None, "not a number"),
+    ("momentum", -0.5, "momentum=-0.5 must be >= 0"), ("nesterov", True, "nesterov momentum requires"),
+    ("history", 1.0, "history=1.0"), ("sign", "yes", "sign='yes' must be True or False")])
+def test_an_option_set_between_steps_is_refused_before_any_group_moves(key, value, needle):
+    model, opt = two_groups(ZOFusedSGD)
+    opt.step(lambda: loss_of(model))
+    opt.param_groups[1][key] = value
+    before, state = snapshot(model), copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=f"param group 1: .*{needle}"):
+        opt.step(lambda: loss_of(model))
+    assert max_moved(model, before) == 0.0 and opt.step_count == 1
+    assert opt.state_dict()["zeroflow"] == state["zeroflow"]
+
+
+@pytest.mark.parametrize("zo_eps", [float("inf"), 1e39, 2.0 ** 124])
+def test_a_perturbation_size_that_overflows_float32_is_refused(zo_eps):
+    # it was accepted: the perturbed loss was inf, and the skipped step's restore computed
+    # inf - inf, turning every parameter into NaN while the warning said "restored"
+    with pytest.raises(ValueError, match="zo_eps=.* must be > 0 and at most"):
+        ZOFusedSGD(make_mlp(6, 4, 1).parameters(), zo_eps=zo_eps)
+
+
+@pytest.mark.parametrize("cls,kw,needle", [
+    (ZOFusedAdam, dict(betas=(1.5, 0.999)), "betas=.* must be two numbers in \\[0, 1\\)"),
+    (ZOFusedAdam, dict(eps=-1.0), "eps=-1.0 must be >= 0"),
+    (ZOFusedSGD, dict(momentum=-1.0), "momentum=-1.0 must be >= 0"),
+    (ZOFusedSGD, dict(nesterov=True), "nesterov momentum requires")])
+def test_per_group_sgd_and_adam_options_are_checked_like_the_constructors(cls, kw, needle):
+    model = make_mlp(6, 4, 1)
+    opt = cls(model[0].parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=needle):       # they were accepted, and stepped
+        opt.add_param_group({"params": model[2].parameters(), **kw})
+    assert len(opt.param_groups) == 1
+
+
+# ------------------------------------------------------------------ copies and states
+def _run(model, opt, steps):
+    for _ in range(steps):
+        train_step(opt, lambda: loss_of(model))
+
+
+@pytest.mark.parametrize("name,kw", [("zo_sgd", dict(momentum=0.9)), ("zo_adam", dict(sparsity=0.3)),
+                                     ("zo_sgd", dict(hybrid_switch=1)), ("fo_adam", {})])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_a_copied_optimizer_continues_the_original_bit_for_bit(name, kw, how):
+    # torch.optim's __getstate__ keeps defaults, state and param_groups only: the copy had no
+    # counters and raised AttributeError at its first step
+    model = make_mlp(6, 4, 1)
+    opt = create(name, model.parameters(), lr=0.05, seed=7, **kw)
+    _run(model, opt, 2)
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    elif how == "pickle":
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    else:
+        buf = io.BytesIO()
+        torch.save((model, opt), buf)
+        model2, opt2 = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    _run(model, opt, 3)
+    _run(model2, opt2, 3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+def test_a_copy_does_not_take_the_originals_hooks():
+    model = make_mlp(6, 4, 1)
+    opt = ZOFusedSGD(model.parameters(), lr=0.05)
+    seen = []
+    opt.step_hook = lambda o, info: seen.append(info["step"])
+    model2, opt2 = copy.deepcopy((model, opt))
+    opt2.step(lambda: loss_of(model2))
+    assert seen == [] and opt2.step_hook is None
+
+
+@pytest.mark.parametrize("cls", [ZOFusedSGD, ZOFusedAdam])
+@pytest.mark.parametrize("with_scheduler_at_save", [True, False])
+def test_a_state_loads_with_or_without_an_lr_scheduler_attached(cls, with_scheduler_at_save):
+    # schedulers write initial_lr into the groups, which the key check took for a state of
+    # another optimizer class: the usual resume orders raised
+    model = make_mlp(6, 4, 1)
+    opt = cls(model.parameters(), lr=0.1, seed=1)
+    if with_scheduler_at_save:
+        torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+    opt.step(lambda: loss_of(model))
+    state = opt.state_dict()
+    opt2 = cls(make_mlp(6, 4, 1).parameters(), lr=0.1, seed=1)
+    if not with_scheduler_at_save:
+        torch.optim.lr_scheduler.OneCycleLR(opt2, max_lr=0.2, total_steps=10, cycle_momentum=False)
+    opt2.load_state_dict(state)
+    assert opt2.step_count == 1
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda sd: sd["zeroflow"].update(step="x"), "counter 'step' is 'x'"),
+    (lambda sd: sd["zeroflow"].update(seed=-1), "counter 'seed' is -1"),
+    (lambda sd: sd["zeroflow"].update(seed=2**64), "below"),
+    (lambda sd: sd["zeroflow"].update(task=None), "counter 'task' is None"),
+    (lambda sd: sd["state"][0].update(momentum_buffer=torch.tensor(0.0)), "momentum_buffer of parameter 0 has shape"),
+    (lambda sd: sd["param_groups"][0].update(momentum=-1.0), "param group 0: momentum=-1.0")])
+def test_a_bad_state_is_refused_and_leaves_the_optimizer_unchanged(edit, needle):
+    model = make_mlp(6, 4, 1)
+    opt = ZOFusedSGD(model.parameters(), lr=0.1, momentum=0.9, seed=1)
+    opt.step(lambda: loss_of(model))
+    state = copy.deepcopy(opt.state_dict())
+    bad = copy.deepcopy(state)
+    edit(bad)
+    with pytest.raises(ValueError, match=needle):       # half-loaded, or loaded and broke the next step
+        opt.load_state_dict(bad)
+    now = opt.state_dict()
+    assert now["zeroflow"] == state["zeroflow"] and now["param_groups"] == state["param_groups"]
+    assert torch.equal(now["state"][0]["momentum_buffer"], state["state"][0]["momentum_buffer"])
+
+
+def test_a_hybrid_with_a_zero_fo_lr_is_refused():
+    # the ZO lr is scheduled as a multiple of the FO lr: with fo_lr = 0 the ZO phase ran at lr 0
+    with pytest.raises(ValueError, match="FO phase's lr is 0"):
+        create("zo_sgd", make_mlp(6, 4, 1).parameters(), hybrid_switch=1, lr=0.1, fo_lr=0.0)
+
+
+def test_forward_grad_takes_a_head_added_to_the_model_later():
+    model = make_mlp(6, 4, 1)
+    opt = create("forward_grad", model.parameters(), model=model, lr=0.05, seed=2)
+    opt.step(lambda: loss_of(model))
+    head = torch.nn.Linear(1, 1)
+    model.add_module("head", head)                       # the continual-learning pattern: a new head
+    opt.add_param_group({"params": head.parameters()})  # every step raised KeyError(<id>)
+    loss = opt.step(lambda: F.mse_loss(head(model[2](model[1](model[0](X)))), Y))
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="must be a parameter of model="):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
