@@ -218,3 +218,11 @@ def test_forward_grad_takes_a_head_added_to_the_model_later():
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="must be a parameter of model="):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
+
+
+def test_numpy_and_tensor_scalars_still_pass_the_option_checks():
+    import numpy as np
+    model = make_mlp(6, 4, 1)
+    opt = ZOFusedAdam(model.parameters(), lr=torch.tensor(0.01), zo_eps=np.float32(1e-2),
+                      betas=(np.float32(0.9), 0.99), weight_decay=np.float64(0.0))
+    assert torch.isfinite(opt.step(lambda: loss_of(model)))

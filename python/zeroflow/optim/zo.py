@@ -10,6 +10,7 @@ the public reference code are in docs/algorithms.md.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import warnings
 from typing import Callable
@@ -930,9 +931,11 @@ def counter(x, what: str, limit: int | None = None) -> int:
 
 
 def _number(x) -> float:
-    """``x`` as a float for a range check; TypeError for what is not a real number (None, a
-    string, a bool)."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
+    """``x`` as a float for a range check (a Python or numpy real, a one-element tensor);
+    TypeError for what is not a real number (None, a string, a bool)."""
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_complex():
+        return float(x)
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{x!r} is not a number")
     return float(x)
 
