@@ -124,3 +124,53 @@ def test_nothing_finished_is_an_error(tmp_path):
     runs, skipped = find_runs([str(tmp_path / "ok"), str(tmp_path / "report.md"),
                                str(tmp_path / "ok" / "metrics.json")])
     assert len(runs) == 1 and skipped == [f"{tmp_path / 'report.md'}: not a run folder (a file)"]
+
+
+def test_groups_that_differ_only_in_a_float_beyond_six_digits_are_two_rows(tmp_path):
+    """Two multi-seed groups with lr 0.005 and 0.0050000001: ':g' shows both as 0.005, the
+    ``run`` column read "mean of 2" twice, and one group's row overwrote the other's."""
+    for s in (1, 2):
+        write_run(tmp_path / f"a{s}", 80.0 + s, seed=s, lr=0.005)
+        write_run(tmp_path / f"b{s}", 60.0 + s, seed=s, lr=0.0050000001)
+    rows = table1(render([str(tmp_path)]))
+    assert rows[0].startswith("| Method | Optimizer | seed | lr | digits Avg |")
+    assert "| EASE | zo_adam | 1, 2 | 0.005 | 81.50 ± 0.71 | 71.50 ± 0.71 | 5.00 ± 0.00 |" in rows
+    assert "| EASE | zo_adam | 1, 2 | 0.0050000001 | 61.50 ± 0.71 | 51.50 ± 0.71 | 5.00 ± 0.00 |" in rows
+    assert len(rows) == 3
+
+
+def test_an_option_null_in_one_run_and_absent_in_another_is_one_configuration(tmp_path):
+    """As runfolder.config_differences: small_vit null == no small_vit (both the default)."""
+    write_run(tmp_path / "s1", 80.0, seed=1)
+    write_run(tmp_path / "s2", 82.0, seed=2, small_vit=None, model_kwargs=None, threads=None)
+    write_run(tmp_path / "s3", 84.0, seed=3, hybrid_switch=None, epochs=10.0)   # 10.0 == 10
+    rows = table1(render([str(tmp_path)]))
+    assert rows[1:] == ["| EASE | zo_adam | 1, 2, 3 | 82.00 ± 2.00 | 72.00 ± 2.00 | 5.00 ± 0.00 |"]
+    # the audit's case: the same two seeds in both groups are four runs, none of them hidden
+    for s in (1, 2):
+        write_run(tmp_path / f"t{s}", 50.0, seed=s, small_vit=None)
+    text = render([str(tmp_path)])
+    rows = table1(text)
+    assert rows[0].startswith("| Method | Optimizer | seed | run | digits Avg |")
+    for name in ("s1", "s2", "s3", "t1", "t2"):
+        assert sum(f"| {tmp_path / name} |" in r for r in rows) == 1, name
+    assert len(rows) == 6
+
+
+def test_two_averaged_rows_that_read_the_same_list_their_folders(tmp_path):
+    """Last guard: groups whose option values print alike (the string 'none' and null) are
+    still two rows, the run cell naming the folders averaged."""
+    from zeroflow.continual.report import distinguishing_columns, group_runs, row_labels
+    for s in (1, 2):
+        write_run(tmp_path / f"a{s}", 80.0, seed=s, backend="none")
+        write_run(tmp_path / f"b{s}", 60.0, seed=s, backend=None)
+    runs, _ = find_runs([str(tmp_path)])
+    rows = group_runs(runs)
+    assert len(rows) == 2 and all(r.aggregated for r in rows)
+    cols = distinguishing_columns(rows)
+    assert cols == ["seed", "backend", "run"]
+    labels = sorted(row_labels(rows, cols).values())
+    assert labels == [("1, 2", "none", f"mean of 2: {tmp_path / 'a1'}, {tmp_path / 'a2'}"),
+                      ("1, 2", "none", f"mean of 2: {tmp_path / 'b1'}, {tmp_path / 'b2'}")]
+    rows = table1(render([str(tmp_path)]))
+    assert len(rows) == 3 and any("80.00 ± 0.00" in r for r in rows) and any("60.00 ± 0.00" in r for r in rows)

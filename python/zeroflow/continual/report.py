@@ -5,9 +5,12 @@ dataset) and Table-2 style (peak memory, seconds per iteration, forward passes).
   folder without a readable, complete ``metrics.json`` is skipped with one line naming the
   file and the reason; a run reached twice (``report runs runs/x``) counts once.
 * Different runs are never merged into one cell. Runs whose configurations agree on every
-  option but the seed are one row of mean ± sample std over their seeds; every other run is
-  its own row, and the options that tell the rows of one method x optimizer x dataset apart
-  become columns. Runs that agree on everything, seed included, get a ``run`` column.
+  option but the seed are one row of mean ± sample std over their seeds (configurations are
+  compared as the run folder compares them: an option a run lacks counts at its default, so
+  ``small_vit: null`` and no ``small_vit`` agree); every other run is its own row, and the
+  options that tell the rows of one method x optimizer x dataset apart become columns (a
+  float in full where its short form would hide a difference). Runs that agree on
+  everything, seed included, get a ``run`` column.
 * Runs with an untrained baseline (``--baseline untrained``) add a third table: what training
   added, ``avg_gain`` / ``last_gain`` (trained minus untrained, percentage points).
 """
@@ -19,9 +22,9 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
-from .defaults import COMMON, DATASETS, OPTIMIZERS
+from .defaults import DATASETS, OPTIMIZERS
 from .errors import ZeroflowError
-from .runfolder import METRICS, OPERATIONAL_KEYS, canonical, is_run_folder, load_metrics, lock_holder
+from .runfolder import METRICS, OPERATIONAL_KEYS, comparable, is_run_folder, load_metrics, lock_holder
 
 CELL_KEYS = ("method", "optimizer", "dataset")   # a table cell: row (method, optimizer) x dataset
 
@@ -94,14 +97,20 @@ class Row:
         return self.config.get(key)
 
 
+def _by_value(v):
+    """``v`` with every number a float (1 and 1.0 are one value, as ``==`` says)."""
+    if isinstance(v, dict):
+        return {k: _by_value(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_by_value(x) for x in v]
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
 def _key(config: Dict, drop: Sequence[str]) -> str:
-    return json.dumps({k: v for k, v in canonical(config).items() if k not in drop}, sort_keys=True)
-
-
-def with_defaults(config: Dict) -> Dict:
-    """``config`` with the options it lacks (a run saved before they existed) at their default,
-    as the run folder compares configurations (runfolder.config_differences)."""
-    return {k: v for k, v in COMMON.items() if k not in config} | config
+    """Equal for two configurations that the run folder calls the same run (runfolder.comparable:
+    an option a run lacks, or has as null without a default, counts at its default), ``drop``
+    left out."""
+    return json.dumps({k: _by_value(v) for k, v in comparable(config).items() if k not in drop}, sort_keys=True)
 
 
 def group_runs(runs: List[Dict]) -> List[Row]:
@@ -109,15 +118,15 @@ def group_runs(runs: List[Dict]) -> List[Row]:
     other run is a row of its own (the same seed twice is two runs, not two seeds)."""
     by_config: Dict[str, List[Dict]] = {}
     for m in runs:
-        by_config.setdefault(_key(with_defaults(m["config"]), ("seed",) + OPERATIONAL_KEYS), []).append(m)
+        by_config.setdefault(_key(m["config"], ("seed",) + OPERATIONAL_KEYS), []).append(m)
     rows = []
     for ms in by_config.values():
-        seeds = [json.dumps(m["config"].get("seed")) for m in ms]
+        seeds = [json.dumps(_by_value(m["config"].get("seed"))) for m in ms]
         if len(ms) > 1 and len(set(seeds)) == len(seeds):
             ms = sorted(ms, key=lambda m: str(m["config"].get("seed")))
-            rows.append(Row(ms, with_defaults(ms[0]["config"])))
+            rows.append(Row(ms, comparable(ms[0]["config"])))
         else:
-            rows += [Row([m], with_defaults(m["config"])) for m in ms]
+            rows += [Row([m], comparable(m["config"])) for m in ms]
     return rows
 
 
@@ -125,30 +134,57 @@ def distinguishing_columns(rows: List[Row]) -> List[str]:
     """The options that differ between rows of the same method x optimizer x dataset (the
     seed among them when rows are per seed or averaged), then ``run`` if rows still tie."""
     cols = set()
-    by_cell: Dict[tuple, List[Row]] = {}
-    for r in rows:
-        by_cell.setdefault(tuple(r.config.get(k) for k in CELL_KEYS), []).append(r)
-    for cell in by_cell.values():
+    for cell in _cells(rows):
         for r in cell[1:]:
-            a, b = canonical(cell[0].config), canonical(r.config)
+            a, b = cell[0].config, r.config
             cols |= {k for k in set(a) | set(b)
                      if k not in CELL_KEYS + OPERATIONAL_KEYS and a.get(k) != b.get(k)}
     if any(r.aggregated for r in rows):
         cols.add("seed")
     cols = sorted(cols, key=lambda k: (k != "seed", k))
-    for cell in by_cell.values():
+    for cell in _cells(rows):
         labels = [tuple(_show(r.value(k)) for k in cols) for r in cell]
         if len(set(labels)) < len(labels):
             return cols + ["run"]
     return cols
 
 
+def _cells(rows: List[Row]) -> List[List[Row]]:
+    """The rows grouped by method x optimizer x dataset."""
+    by_cell: Dict[tuple, List[Row]] = {}
+    for r in rows:
+        by_cell.setdefault(tuple(r.config.get(k) for k in CELL_KEYS), []).append(r)
+    return list(by_cell.values())
+
+
+def row_labels(rows: List[Row], cols: Sequence[str]) -> Dict[int, tuple]:
+    """``id(row) -> `` the row's cells in ``cols``, distinct within every method x optimizer x
+    dataset: where two rows would still read the same (a ``run`` column reading "mean of N"
+    twice), the run cell of an averaged row lists its run folders, so no row hides another."""
+    labels = {id(r): tuple(_show(r.value(k)) for k in cols) for r in rows}
+    for cell in _cells(rows):
+        seen: Dict[tuple, int] = {}
+        for r in cell:
+            seen[labels[id(r)]] = seen.get(labels[id(r)], 0) + 1
+        for r in cell:
+            if seen[labels[id(r)]] > 1 and "run" in cols and r.aggregated:
+                i = list(cols).index("run")
+                folders = ", ".join(m["_dir"] for m in r.runs)
+                labels[id(r)] = labels[id(r)][:i] + (f"mean of {len(r.runs)}: {folders}",) + labels[id(r)][i + 1:]
+    return labels
+
+
 def _show(v) -> str:
+    """A table cell. A float is shown short (``:g``) when that is exact, else in full
+    (``repr``): lr 0.005 and 0.0050000001 are two rows and must read differently."""
     if v is None:
         return "none"
     if isinstance(v, (dict, list)):
         return json.dumps(v, separators=(",", ":"), sort_keys=True)
-    return f"{v:g}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        short = f"{v:g}"
+        return short if float(short) == v else repr(v)
+    return str(v)
 
 
 def _stat(values: List[float], fmt: str, signed: bool = False) -> str:
@@ -178,10 +214,14 @@ def render_runs(runs: List[Dict], skipped: List[str]) -> Tuple[str, List[str]]:
     rows = group_runs(runs)
     cols = distinguishing_columns(rows)
     datasets = _order({r.config["dataset"] for r in rows}, list(DATASETS))
+    labels = row_labels(rows, cols)
     table_rows: Dict[tuple, Dict[str, Row]] = {}     # (method, optimizer, *column values) -> dataset -> row
     for r in rows:
-        key = (r.config["method"], r.config["optimizer"]) + tuple(_show(r.value(k)) for k in cols)
-        table_rows.setdefault(key, {})[r.config["dataset"]] = r
+        key = (r.config["method"], r.config["optimizer"]) + labels[id(r)]
+        cell = table_rows.setdefault(key, {})
+        if r.config["dataset"] in cell:      # row_labels makes the labels of one cell distinct
+            raise AssertionError(f"report: two rows read {key} for {r.config['dataset']}")
+        cell[r.config["dataset"]] = r
     order = sorted(table_rows, key=lambda k: (k[0], OPTIMIZERS.index(k[1]) if k[1] in OPTIMIZERS else 99, k[1:]))
 
     def table(title: str, columns: Sequence[str], cells_of) -> List[str]:

@@ -9,7 +9,8 @@ and whether it holds the run a request asks for (config differences).
   folder with ``config.json`` or ``checkpoint.pt`` but no ``metrics.json`` is *unfinished*
   (``zeroflow run --resume --out DIR`` continues it).
 * Two configurations are the same run when every key agrees except the purely operational
-  ones (``OPERATIONAL_KEYS``).
+  ones (``OPERATIONAL_KEYS``); an option one of them lacks counts at its default
+  (``comparable``), so ``small_vit: null`` and no ``small_vit`` are the same.
 
 Light on purpose (no torch): ``zeroflow report`` uses it too.
 """
@@ -246,15 +247,23 @@ def canonical(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def config_differences(saved: Dict, requested: Dict) -> List[str]:
-    """``key: saved -> requested`` for every key (but the operational ones) that differs."""
+def comparable(config: Dict) -> Dict:
+    """``config`` as two configurations are compared (``config_differences``, and the rows of
+    ``zeroflow report``): JSON values, every option it lacks (a run written before the option
+    existed) at its default, and no null option that has no default (``small_vit: null`` is
+    the same as no ``small_vit``)."""
     from .defaults import COMMON
 
-    a, b = canonical(saved), canonical(requested)
+    full = canonical(COMMON) | canonical(config)
+    return {k: v for k, v in full.items() if not (v is None and k not in COMMON)}
+
+
+def config_differences(saved: Dict, requested: Dict) -> List[str]:
+    """``key: saved -> requested`` for every key (but the operational ones) that differs."""
+    a, b = comparable(saved), comparable(requested)
     out = []
     for k in sorted(set(a) | set(b)):
-        # a key one side lacks (a run written before the option existed) has its default
-        va, vb = a.get(k, COMMON.get(k)), b.get(k, COMMON.get(k))
+        va, vb = a.get(k), b.get(k)
         if k in OPERATIONAL_KEYS or va == vb:
             continue
         out.append(f"{k}: {va!r} there, {vb!r} requested")
