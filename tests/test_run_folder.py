@@ -288,6 +288,34 @@ def test_interrupt_without_out_prints_the_folder_to_resume(env, tmp_path, capsys
     assert not os.path.exists("setup")
 
 
+def test_a_folder_holding_other_runs_takes_no_run_and_a_run_folder_takes_no_sweep(env, tmp_path, capsys):
+    """A run written into a sweep's parent made zeroflow report stop there and hide the sweep's
+    runs; a sweep into a run folder did the same from the other side. Both are refused, exit 2,
+    before anything is written (--force replaces a run, not the runs below a folder)."""
+    sweep = tmp_path / "sweep"
+    inner = sweep / "seeds" / "ease_zo_sgd_digits_seed1"       # at any depth
+    inner.mkdir(parents=True)
+    (inner / "config.json").write_text(json.dumps({"method": "ease", "optimizer": "zo_sgd", "dataset": "digits"}))
+    for extra in ([], ["--force"]):
+        rc, stdout, err = zf(capsys, "run", "--config", env["fast"], "--out", sweep, "--no-progress", *extra)
+        assert rc == 2 and stdout == "", err
+        assert err == (f"zeroflow: error: {sweep} holds other run folders ({inner}); a run written into {sweep} "
+                       f"would hide them from zeroflow report, which does not look inside a run folder: choose "
+                       f"another --out (e.g. a new folder inside {sweep})\n")
+        assert sorted(os.listdir(sweep)) == ["seeds"]
+    rc, _, err = zf(capsys, "sweep", "--config", env["fast"], "--optimizers", "zo_sgd", "--out", inner)
+    assert rc == 2 and err.startswith(f"zeroflow: error: --out {inner} is a run folder (it holds config.json)")
+    assert "choose another --out" in err and sorted(os.listdir(inner)) == ["config.json"]
+    # a sweep whose run folder would sit above other runs: named, and --force does not take it
+    nested = tmp_path / "s2" / "ease_zo_sgd_digits" / "old"
+    nested.mkdir(parents=True)
+    (nested / "metrics.json").write_text("{}")
+    rc, _, err = zf(capsys, "sweep", "--config", env["fast"], "--optimizers", "zo_sgd", "--out", tmp_path / "s2",
+                    "--force")
+    assert rc == 2 and f"{tmp_path / 's2' / 'ease_zo_sgd_digits'} holds other run folders ({nested})" in err
+    assert err.endswith("; choose another --out\n")
+
+
 # ---------------------------------------------------------------- sweep
 def test_sweep_reuses_its_own_runs_and_refuses_other_configurations(env, tmp_path, capsys):
     out = tmp_path / "sweep"

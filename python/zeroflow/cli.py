@@ -223,8 +223,13 @@ def _sweep_plan(a, names: List[str], parent: str) -> list:
     with another configuration, a damaged one, or one in progress is refused unless --force)."""
     from .continual.defaults import RECORDABLE, resolve
     from .continual.errors import ZeroflowError
-    from .continual.runfolder import conflict, lock_holder
+    from .continual.runfolder import CHECKPOINT, CONFIG, METRICS, conflict, lock_holder
 
+    here = [f for f in (METRICS, CONFIG, CHECKPOINT) if os.path.exists(os.path.join(parent, f))]
+    if here:
+        raise ZeroflowError(f"--out {parent} is a run folder (it holds {here[0]}); a sweep writes its runs into "
+                            f"folders inside --out, and zeroflow report does not look inside a run folder, so "
+                            f"they would be hidden: choose another --out")
     plan, seeds = [], _sweep_seeds(a)
     for n, seed in ((n, seed) for n in names for seed in seeds):
         over = _overrides(a) | {"optimizer": n} | ({} if seed is None else {"seed": seed})
@@ -236,7 +241,9 @@ def _sweep_plan(a, names: List[str], parent: str) -> list:
         holder = lock_holder(d)
         if holder:
             raise ZeroflowError(f"{d} is in use by {holder}; wait until it has finished, or choose another --out")
-        _, why = conflict(d, cfg)
+        state, why = conflict(d, cfg)
+        if why and state.kind == "parent":       # --force replaces a run, not the runs below a folder
+            raise ZeroflowError(f"{why}; choose another --out")
         if why and not a.force:
             raise ZeroflowError(f"{why}; choose another --out, or add --force to replace it")
         plan.append((n if seed is None else f"{n} seed {seed}", cfg, d))

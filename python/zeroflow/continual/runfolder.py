@@ -11,6 +11,9 @@ and whether it holds the run a request asks for (config differences).
 * Two configurations are the same run when every key agrees except the purely operational
   ones (``OPERATIONAL_KEYS``); an option one of them lacks counts at its default
   (``comparable``), so ``small_vit: null`` and no ``small_vit`` are the same.
+* A folder that holds run folders below it (a sweep's parent) is no place for a run:
+  ``zeroflow report`` does not look inside a run folder, so the runs below would vanish from
+  its tables (``inspect`` says ``"parent"``).
 
 Light on purpose (no torch): ``zeroflow report`` uses it too.
 """
@@ -202,10 +205,10 @@ def read_run_config(folder: str) -> Dict:
 # ---------------------------------------------------------------- what a folder holds
 @dataclass
 class FolderState:
-    kind: str                       # "absent" | "empty" | "finished" | "unfinished" | "corrupt"
+    kind: str                       # "absent" | "empty" | "finished" | "unfinished" | "corrupt" | "parent"
     config: Optional[Dict] = None   # the run's configuration (finished / unfinished)
     metrics: Optional[Dict] = None  # finished only
-    problem: str = ""               # corrupt only: the file and the reason
+    problem: str = ""               # corrupt: the file and the reason; parent: a run folder below it
 
 
 def inspect(folder: str) -> FolderState:
@@ -221,11 +224,31 @@ def inspect(folder: str) -> FolderState:
         return FolderState("corrupt", problem=str(e))
     if os.path.exists(os.path.join(folder, CHECKPOINT)):
         return FolderState("corrupt", problem=f"{os.path.join(folder, CHECKPOINT)} without {CONFIG}")
+    below = run_below(folder)
+    if below:
+        return FolderState("parent", problem=below)
     return FolderState("empty")
 
 
 def is_run_folder(folder: str) -> bool:
     return any(os.path.exists(os.path.join(folder, f)) for f in (METRICS, CONFIG, CHECKPOINT))
+
+
+def run_below(folder: str) -> Optional[str]:
+    """The first run folder strictly below ``folder`` (in sorted order, as ``zeroflow report``
+    searches), or None. A run written into ``folder`` would hide it from the report."""
+    for path, subdirs, _files in os.walk(folder):
+        subdirs.sort()
+        if path != folder and is_run_folder(path):
+            return path
+    return None
+
+
+def parent_refusal(folder: str, below: str) -> str:
+    """Why a run cannot be written into ``folder``, which holds the run folder ``below``."""
+    return (f"{folder} holds other run folders ({below}); a run written into {folder} would hide them from "
+            f"zeroflow report, which does not look inside a run folder: choose another --out (e.g. a new "
+            f"folder inside {folder})")
 
 
 def remove_run_files(folder: str) -> None:
@@ -277,6 +300,9 @@ def conflict(folder: str, cfg: Dict) -> Tuple[FolderState, str]:
     state = inspect(folder)
     if state.kind == "corrupt":
         return state, f"{folder} holds a damaged run ({state.problem})"
+    if state.kind == "parent":
+        return state, (f"{folder} holds other run folders ({state.problem}), which a run written there would hide "
+                       f"from zeroflow report")
     diffs = config_differences(state.config, cfg) if state.config is not None else []
     if diffs:
         article = "an" if state.kind == "unfinished" else "a"

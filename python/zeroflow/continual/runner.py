@@ -34,7 +34,7 @@ from .defaults import COMMON, flag, lr_family, validate
 from .errors import ZeroflowError
 from .precision import check_run_precision
 from .runfolder import (CHECKPOINT, CONFIG, METRICS, TRAJECTORY, RunFolder, canonical, config_differences, inspect,
-                        read_run_config, remove_run_files, writing)
+                        parent_refusal, read_run_config, remove_run_files, writing)
 
 CKPT_VERSION = 1
 BACKBONE = "backbone.pt"
@@ -301,7 +301,9 @@ def decide(out: str, cfg: Dict, *, resume: bool, force: bool, continue_existing:
     A finished run is one with a readable ``metrics.json`` whose config matches the request:
     ``continue_existing`` (sweep) takes it as it is, and resumes an unfinished run of the same
     configuration; anything else already in the folder is refused, naming the differing
-    options, unless ``force`` (its run files are deleted first, with a warning)."""
+    options, unless ``force`` (its run files are deleted first, with a warning). A folder that
+    holds other run folders below it is refused even with ``force``: the run would hide them
+    from ``zeroflow report``."""
     state = inspect(out)
     if resume:
         if state.kind == "finished":
@@ -316,6 +318,8 @@ def decide(out: str, cfg: Dict, *, resume: bool, force: bool, continue_existing:
         return "resume", None
     if state.kind in ("absent", "empty"):
         return "fresh", None
+    if state.kind == "parent":          # --force cannot help: those runs are not this folder's
+        raise ZeroflowError(parent_refusal(out, state.problem))
     diffs = config_differences(state.config, cfg) if state.config is not None else []
     if continue_existing and state.kind in ("finished", "unfinished") and not diffs:
         if state.kind == "finished":
