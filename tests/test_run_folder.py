@@ -262,6 +262,35 @@ def test_resume_names_the_flags_it_ignores(env, tmp_path, capsys):
     assert (cfg["optimizer"], cfg["lr"], cfg["epochs"]) == ("zo_adam", 0.005, 1)
 
 
+def test_resume_keeps_its_configuration_on_another_device_and_stop_after_counts_finished_tasks(env, tmp_path,
+                                                                                                capsys):
+    """--stop-after K on a resume with K tasks or more finished trained one task more; --resume
+    --device cpu wrote device 'cpu' into metrics.json's config (config.json: 'auto'), so the
+    sweep that made the run refused it afterwards as another configuration."""
+    parent = tmp_path / "sweep"
+    out = parent / "ease_zo_sgd_digits"
+    assert zf(capsys, "run", "--config", env["fast"], "--optimizer", "zo_sgd", "--out", out, "--stop-after", 2,
+              "--no-progress")[0] == 0
+    for k in (1, 2):
+        rc, stdout, err = zf(capsys, "run", "--resume", "--out", out, "--stop-after", k, "--no-progress")
+        assert rc == 0, err
+        assert f"stopped after task 2/5 (finished before this resume); continue with zeroflow run --resume --out " \
+               f"{out}" in stdout and "task 3/5" not in stdout
+        assert torch.load(out / "checkpoint.pt", weights_only=False)["completed"] == 2
+    rc, stdout, err = zf(capsys, "run", "--resume", "--device", "cpu", "--out", out, "--no-progress", "--stop-after", 3)
+    assert rc == 0 and "task 3/5" in stdout and "stopped after task 3/5; continue" in stdout and "4/5" not in stdout
+    rc, _, err = zf(capsys, "run", "--resume", "--device", "cpu", "--out", out, "--no-progress")
+    assert rc == 0, err
+    m = metrics(out)
+    with open(out / "config.json") as f:
+        saved = json.load(f)
+    assert saved["device"] == "auto" and m["config"] == saved           # the run's configuration, unchanged
+    assert m["device"] == "cpu" and [t["device"] for t in m["tasks"]] == ["cpu"] * 5   # where it ran
+    rc, stdout, err = zf(capsys, "sweep", "--config", env["fast"], "--optimizers", "zo_sgd", "--out", parent)
+    assert rc == 0, err
+    assert f"run {out} is already finished (same configuration)" in stdout
+
+
 def test_interrupt_without_out_prints_the_folder_to_resume(env, tmp_path, capsys, monkeypatch):
     import zeroflow.continual.ease as ease
     monkeypatch.chdir(tmp_path)

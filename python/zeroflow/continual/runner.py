@@ -22,7 +22,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -261,10 +261,13 @@ def evaluate(learner, data, seen_tasks, device, counters, batch_size, num_worker
 
 
 # ---------------------------------------------------------------- which run, in which folder
-def resumed_config(out: str, requested: Dict, warn) -> Dict:
-    """The configuration saved in ``out`` (checked), with ``--device`` applied when given.
-    Any other option in ``requested`` that differs from the saved one is named in a warning:
-    a resumed run keeps its configuration."""
+def resumed_config(out: str, requested: Dict, warn) -> Tuple[Dict, str]:
+    """``(configuration, device)``: the configuration saved in ``out`` (checked) and the device to
+    run on, ``--device`` when given, else the saved one. The configuration keeps its own
+    ``device`` (it goes into metrics.json as it is in config.json: a run resumed elsewhere is
+    still the same run for zeroflow sweep and zeroflow report; the devices it ran on are in
+    metrics.json's ``device`` and ``tasks``). Any other option in ``requested`` that differs
+    from the saved one is named in a warning: a resumed run keeps its configuration."""
     if not os.path.isdir(out):
         raise ZeroflowError(f"--resume: run folder {out} does not exist")
     saved = read_run_config(out)
@@ -278,10 +281,13 @@ def resumed_config(out: str, requested: Dict, warn) -> Dict:
             ignored.append(f"{flag(k)} {want} (the run has {have})")
     if ignored:
         warn(f"--resume continues {out} with the configuration in its {CONFIG}; ignoring {', '.join(ignored)}")
-    cfg = dict(saved)
-    if requested.get("device") not in (None, "", "auto"):
-        cfg["device"] = requested["device"]
-    return validate(cfg, {k: f"{k} in {os.path.join(out, CONFIG)}" for k in saved})
+    cfg = validate(dict(saved), {k: f"{k} in {os.path.join(out, CONFIG)}" for k in saved})
+    device = requested.get("device")
+    if device is None:
+        return cfg, cfg["device"]
+    if not isinstance(device, str):
+        raise ZeroflowError(f"--device must be a string (got {device!r})")
+    return cfg, device
 
 
 def _refusal(out: str, kind: str, problem: str, diffs) -> str:
@@ -362,11 +368,13 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
 
     ``cfg``: the run configuration (``defaults.resolve``); checked again here. With
     ``resume=True`` it holds only the options the user gave: the run keeps the configuration
-    saved in ``out`` (``device`` excepted), and any other given option that differs is named
-    in a warning. ``force``: replace whatever run ``out`` holds. ``continue_existing``
-    (sweep): a finished run of the same configuration is returned, an unfinished one resumed.
-    ``stop_after=k``: stop after task ``k`` (1-based count of tasks finished in total) with
-    the checkpoint written and no metrics.json, as an interrupted run would.
+    saved in ``out``, runs on ``device`` when given (the configuration, metrics.json's
+    included, keeps its own), and any other given option that differs is named in a warning.
+    ``force``: replace whatever run ``out`` holds. ``continue_existing`` (sweep): a finished
+    run of the same configuration is returned, an unfinished one resumed.
+    ``stop_after=k``: stop after task ``k`` (1-based count of tasks finished in total; a
+    resumed run with ``k`` or more finished trains none) with the checkpoint written and no
+    metrics.json, as an interrupted run would.
 
     Everything that can be checked (options, device, backend, weights file, data) is checked
     before the folder is claimed; a run that fails before its ``config.json`` is written
@@ -376,13 +384,17 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
 
     t_start = time.perf_counter()
     _check_run_flags(out, resume=resume, force=force, stop_after=stop_after)
-    cfg = resumed_config(out, cfg, warn) if resume else validate(cfg)
+    if resume:
+        cfg, device_name = resumed_config(out, cfg, warn)
+    else:
+        cfg = validate(cfg)
+        device_name = cfg["device"]
     shard = distributed_setup(cfg)
     rank, world = shard or (0, 1)
     main = rank == 0     # only rank 0 writes files and logs; every rank trains and evaluates
     if not main:
         log, warn, progress = _silent, _silent, False
-    device = _run_device(cfg, world)
+    device = _run_device(device_name, world)
     check_backend(cfg.get("backend"), device)
     check_checkpoint_file(cfg)
     check_run_precision(cfg, device, warn)
@@ -435,7 +447,7 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
             return {"stopped_after": results.completed, "run_dir": run_dir}
         if not main:
             return {"rank": rank, "world_size": world, "accuracy_curve": results.curve, "run_dir": run_dir}
-        metrics = _metrics(results, data, cfg, run_dir=run_dir, world=world, mem=mem,
+        metrics = _metrics(results, data, cfg, run_dir=run_dir, world=world, device=device, mem=mem,
                            setup_seconds=setup_seconds, record_dir=record_dir)
         if cfg.get("baseline") == "untrained":
             metrics.update(untrained_results(cfg, net, data, device, metrics, log))
@@ -472,11 +484,11 @@ def _check_run_flags(out: Optional[str], *, resume: bool, force: bool, stop_afte
         raise ZeroflowError("--resume needs --out RUN_FOLDER")
 
 
-def _run_device(cfg: Dict, world: int) -> torch.device:
-    if world > 1 and cfg.get("device") in (None, "", "auto"):
+def _run_device(name: Optional[str], world: int) -> torch.device:
+    if world > 1 and name in (None, "", "auto"):
         from zeroflow.distributed import local_device
         return local_device()          # cuda:LOCAL_RANK under NCCL, else cpu
-    return resolve_device(cfg.get("device"))
+    return resolve_device(name)
 
 
 def _set_threads(cfg: Dict, device: torch.device) -> None:
@@ -551,11 +563,19 @@ def _train_tasks(learner, data, cfg: Dict, results: _Results, *, device, mem, ti
                  log) -> bool:
     """Learn the tasks after the ``results.completed`` finished ones; after each, evaluate on
     every class seen so far, add it to ``results`` and (rank 0) write the checkpoint. True
-    when ``stop_after`` stopped the run before its last task."""
+    when ``stop_after`` stopped the run before its last task: once ``stop_after`` tasks are
+    finished in total, counting those a resumed run had already finished (then it trains none)."""
     T = len(data.tasks)
+    first = results.completed
     counters = results.counters
     eval_bs, nw = int(cfg.get("eval_batch_size", 256)), int(cfg.get("num_workers", 0))
     for t in range(results.completed, T):
+        # before the task, not only after one: a resumed run may already have stop_after tasks
+        if stop_after is not None and results.completed >= stop_after:
+            log(f"stopped after task {results.completed}/{T}"
+                f"{' (finished before this resume)' if t == first else ''}; continue with zeroflow run "
+                f"--resume --out {run_dir}")
+            return True
         s = task_seed(int(cfg["seed"]), t)
         seed_everything(s)
         mem.reset()
@@ -572,7 +592,7 @@ def _train_tasks(learner, data, cfg: Dict, results: _Results, *, device, mem, ti
         results.peak = max(results.peak, task_peak)
         iters = counters.iterations - it0
         results.task_stats.append({
-            "task": t, "classes": len(data.tasks[t]), "seconds": seconds, "iterations": iters,
+            "task": t, "classes": len(data.tasks[t]), "device": str(device), "seconds": seconds, "iterations": iters,
             **({"bytes_communicated": info["bytes_communicated"]["bytes_sent"]}
                if "bytes_communicated" in info else {}),
             "train_seconds": counters.train_seconds - ts0,
@@ -585,13 +605,10 @@ def _train_tasks(learner, data, cfg: Dict, results: _Results, *, device, mem, ti
         results.completed = t + 1
         log(f"task {t + 1}/{T}: accuracy on {sum(len(c) for c in data.tasks[:t + 1])} seen classes "
             f"{overall:.2f}%  ({seconds:.1f}s)")
-        if stop_after is not None and results.completed >= stop_after and results.completed < T:
-            log(f"stopped after task {results.completed}/{T}; continue with zeroflow run --resume --out {run_dir}")
-            return True
     return False
 
 
-def _metrics(results: _Results, data, cfg: Dict, *, run_dir: str, world: int, mem, setup_seconds: float,
+def _metrics(results: _Results, data, cfg: Dict, *, run_dir: str, world: int, device, mem, setup_seconds: float,
              record_dir: Optional[str]) -> Dict:
     """The contents of ``metrics.json``."""
     counters = results.counters
@@ -613,6 +630,7 @@ def _metrics(results: _Results, data, cfg: Dict, *, run_dir: str, world: int, me
         "tasks": task_stats,
         "n_tasks": len(data.tasks),
         "world_size": world,
+        "device": str(device),      # this process's; the configuration keeps the one it was started with
         "class_order": data.order,
         "precision": cfg.get("precision", "fp32"),
         "config": cfg,
