@@ -153,3 +153,94 @@ def test_corrupt_and_mismatched_checkpoint(tmp_path):
         load_timm_vit(VIT_B_IN21K, checkpoint=str(p2), model_kwargs=TINY)
     with pytest.raises(ZeroflowError, match="no such file"):
         load_timm_vit(VIT_B_IN21K, checkpoint=str(tmp_path / "missing.safetensors"), model_kwargs=TINY)
+
+
+# ---------------------------------------------------------------- bad data: one line, exit 2, no folder
+def _rewrite_pickle(path, change):
+    with open(path, "rb") as f:
+        d = pickle.load(f)
+    change(d)
+    with open(path, "wb") as f:
+        pickle.dump(d, f)
+
+
+def _run_cli(capsys, *args):
+    from zeroflow.cli import main
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cifar100_label_out_of_range_and_task_without_test_images(tmp_path, capsys):
+    """A fine label of 100 gave a KeyError traceback (exit 1); a test batch without task 1's
+    classes crashed in evaluate (torch.cat of nothing) after the run folder was written."""
+    from zeroflow.continual.data import load_cifar100
+    bad_label, no_test = tmp_path / "bad_label", tmp_path / "no_test"
+    for root in (bad_label, no_test):
+        _write_cifar100(str(root))
+    _rewrite_pickle(bad_label / "cifar-100-python" / "train", lambda d: d["fine_labels"].__setitem__(3, 100))
+    first = [68, 56, 78, 8, 23]            # the class order starts here; task 1 = the first 50 of it
+
+    def drop_task1(d):
+        from zeroflow.continual.data import class_order
+        gone = set(class_order(100)[:50])
+        keep = [i for i, y in enumerate(d["fine_labels"]) if y not in gone]
+        d["fine_labels"] = [d["fine_labels"][i] for i in keep]
+        d["data"] = d["data"][keep]
+
+    _rewrite_pickle(no_test / "cifar-100-python" / "test", drop_task1)
+    with pytest.raises(ZeroflowError, match=r"cifar-100-python/train: fine label 100 is not a CIFAR-100 class"):
+        load_cifar100(str(bad_label), 50, 50)
+    with pytest.raises(ZeroflowError, match=r"cifar-100-python/test has no test image of task 1's classes "
+                                            rf"\(class{first[0]:03d}, class{first[1]:03d}"):
+        load_cifar100(str(no_test), 50, 50)
+    load_cifar100(str(no_test), 100, 100)          # one task of all classes: it has test images
+    for root, needle in ((bad_label, f"{bad_label / 'cifar-100-python' / 'train'}: fine label 100"),
+                         (no_test, f"{no_test / 'cifar-100-python' / 'test'} has no test image of task 1's")):
+        rc, out, err = _run_cli(capsys, "run", "--dataset", "cifar100", "--data-root", root, "--init-cls", 50,
+                                "--increment", 50, "--out", tmp_path / "r")
+        assert rc == 2 and err.startswith(f"zeroflow: error: {needle}") and err.count("\n") == 1, err
+        assert "--download" in err and not (tmp_path / "r").exists()
+
+
+def test_an_undecodable_image_is_named_by_a_dataloader_worker_too(tmp_path):
+    from zeroflow.continual.data import UnreadableImage, load_dataset
+    _write_imagefolder(str(tmp_path), "cub")
+    bad = tmp_path / "cub" / "test" / "n0002" / "1.png"
+    bad.write_bytes(b"garbage")
+    d = load_dataset("cub", str(tmp_path), 2, 2, img_size=32)
+    for workers in (0, 1):
+        with pytest.raises(UnreadableImage) as e:
+            list(d.loader("test", range(4), 8, num_workers=workers))
+        assert str(e.value).startswith(f"cannot read image {bad} (UnidentifiedImageError: ")
+        assert str(e.value).endswith("; replace or delete that file") and "\n" not in str(e.value)
+
+
+@pytest.mark.usefixtures("zf_cache")
+def test_an_undecodable_image_mid_run_is_one_line_and_the_run_resumes(tmp_path, capsys):
+    """PIL's UnidentifiedImageError was a traceback (exit 1) in the middle of a run."""
+    import timm
+    from zeroflow.continual.data import class_order
+    _write_imagefolder(str(tmp_path / "data"), "cub")
+    torch.save(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, **TINY).state_dict(),
+               tmp_path / "vit.pth")
+    (tmp_path / "tiny.yaml").write_text(
+        "model_kwargs: {img_size: 32, patch_size: 16, embed_dim: 48, depth: 2, num_heads: 2}\nimg_size: 32\n"
+        "adapter_dim: 4\nepochs: 1\nbatch_size: 4\nnum_workers: 0\ndevice: cpu\n")
+    task2_class = class_order(4)[2]                  # remapped label 2: the first class of task 2
+    bad = tmp_path / "data" / "cub" / "train" / f"n{task2_class:04d}" / "0.png"
+    good = bad.read_bytes()
+    bad.write_bytes(b"garbage")
+    out = tmp_path / "r"
+    args = ["run", "--config", tmp_path / "tiny.yaml", "--dataset", "cub", "--data-root", tmp_path / "data",
+            "--init-cls", 2, "--increment", 2, "--checkpoint", tmp_path / "vit.pth", "--no-progress", "--out", out]
+    rc, stdout, err = _run_cli(capsys, *args)
+    assert rc == 2 and "task 1/2" in stdout and err.count("\n") == 1, err
+    assert err.startswith(f"zeroflow: error: cannot read image {bad} (UnidentifiedImageError: ")
+    assert err.endswith(f"; replace or delete that file, then continue the run with: zeroflow run --resume --out {out} "
+                        f"(its 1 finished task(s) are kept)\n")
+    assert not (out / ".lock").exists() and not (out / "metrics.json").exists()
+    bad.write_bytes(good)
+    rc, stdout, err = _run_cli(capsys, "run", "--resume", "--out", out, "--no-progress")
+    assert rc == 0 and f"resuming {out} after task 1/2" in stdout, err
+    assert (out / "metrics.json").exists()

@@ -146,7 +146,7 @@ BAD = [
     (["--record", "--optimizer", "fo_adam"], "--record: the steps of fo_adam cannot be replayed"),
     (["--device", "nonsense"], "--device 'nonsense'"),
     (["--resume", "--force"], "give one of them"),
-    (["--init-cls", "11"], "init_cls=11 exceeds the 10 classes"),
+    (["--init-cls", "11"], "--init-cls 11 exceeds the 10 classes of digits; give at most 10"),
     (["--dataset", "cifar100", "--data-root", "{tmp}/nodata"], "CIFAR-100 not found"),
     (["--config", "{tmp}/ten.yaml"], "epochs in {tmp}/ten.yaml must be an integer (got 'ten')"),
     (["--config", "{tmp}/broken.yaml"], "{tmp}/broken.yaml: cannot parse it: line 2, column 5"),

@@ -36,12 +36,13 @@ def class_order(n_classes: int, seed: int = CLASS_ORDER_SEED) -> List[int]:
     return np.random.RandomState(seed).permutation(n_classes).tolist()
 
 
-def task_sizes(n_classes: int, init_cls: int, increment: int) -> List[int]:
+def task_sizes(n_classes: int, init_cls: int, increment: int, dataset: str = "the dataset") -> List[int]:
     """``[init_cls, inc, inc, ...]``; a remainder that does not fill ``inc`` is a last, smaller task."""
     if init_cls <= 0 or increment <= 0:
-        raise ZeroflowError(f"init_cls and increment must be positive (got {init_cls}, {increment})")
+        raise ZeroflowError(f"--init-cls and --increment must be >= 1 (got {init_cls}, {increment})")
     if init_cls > n_classes:
-        raise ZeroflowError(f"init_cls={init_cls} exceeds the {n_classes} classes of the dataset")
+        raise ZeroflowError(f"--init-cls {init_cls} exceeds the {n_classes} classes of {dataset}; give at most "
+                            f"{n_classes}")
     sizes = [init_cls]
     while sum(sizes) + increment <= n_classes:
         sizes.append(increment)
@@ -51,13 +52,60 @@ def task_sizes(n_classes: int, init_cls: int, increment: int) -> List[int]:
     return sizes
 
 
-def task_classes(n_classes: int, init_cls: int, increment: int) -> List[List[int]]:
+def task_classes(n_classes: int, init_cls: int, increment: int, dataset: str = "the dataset") -> List[List[int]]:
     """Remapped labels of each task: disjoint, consecutive, covering ``range(n_classes)``."""
     out, start = [], 0
-    for size in task_sizes(n_classes, init_cls, increment):
+    for size in task_sizes(n_classes, init_cls, increment, dataset):
         out.append(list(range(start, start + size)))
         start += size
     return out
+
+
+class UnreadableImage(ZeroflowError):
+    """An image file of an ImageFolder dataset that cannot be decoded, found when a run reads
+    it. One line also when a DataLoader worker raised it: torch re-raises it in the main process
+    with the worker's traceback as the message, whose last line is the original one."""
+
+    def __init__(self, message: str):
+        if message.startswith("Caught ") and "\n" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
+
+
+def load_image(path: str):
+    """torchvision's ``default_loader`` (an RGB PIL image); a file it cannot decode is an
+    :class:`UnreadableImage` naming the file."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except Exception as e:      # PIL raises OSError, ValueError, DecompressionBombError, ...
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        raise UnreadableImage(f"cannot read image {path} ({reason}); replace or delete that file") from e
+
+
+def check_splits(data: "CLData", train_where: str, test_where: str, fix: str) -> "CLData":
+    """Every class has training images (its prototype is their mean feature) and every task
+    test images (it is tested after it is learned): else a ``ZeroflowError`` naming the split,
+    the class and ``fix``, before a run has written anything."""
+    n = data.n_classes
+    per_train = np.bincount(data.train_targets, minlength=n)
+    per_test = np.bincount(data.test_targets, minlength=n)
+
+    def named(classes) -> str:
+        names = [data.class_names[data.order[c]] if data.class_names else str(data.order[c]) for c in classes]
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+    empty = [c for c in range(n) if per_train[c] == 0]
+    if empty:
+        raise ZeroflowError(f"{train_where} has no training image of class {named(empty)}: every class needs "
+                            f"training images (its prototype is their mean feature); {fix}")
+    for t, classes in enumerate(data.tasks):
+        if per_test[classes].sum() == 0:
+            raise ZeroflowError(f"{test_where} has no test image of task {t + 1}'s classes ({named(classes)}): every "
+                                f"task is tested after it is learned; {fix}")
+    return data
 
 
 class _Remap:
@@ -152,7 +200,7 @@ def load_digits_data(init_cls: int, increment: int, split_seed: int = 0,
     order = class_order(10, class_order_seed)
     ytr, yte = _remapped(y[idx_tr], order), _remapped(y[idx_te], order)
     return CLData(
-        name="digits", n_classes=10, order=order, tasks=task_classes(10, init_cls, increment),
+        name="digits", n_classes=10, order=order, tasks=task_classes(10, init_cls, increment, "digits"),
         train=TensorImages(x[idx_tr], ytr, shift=1), train_eval=TensorImages(x[idx_tr], ytr),
         test=TensorImages(x[idx_te], yte), train_targets=ytr, test_targets=yte,
         in_chans=1, img_size=8, class_names=[str(c) for c in range(10)],
@@ -228,12 +276,30 @@ def load_cifar100(root: str, init_cls: int, increment: int, download: bool = Fal
     n = len(train.classes)
     if n != 100:
         raise ZeroflowError(f"CIFAR-100 meta lists {n} classes, expected 100 ({folder}/meta)")
-    return CLData(
-        name="cifar100", n_classes=100, order=order, tasks=task_classes(100, init_cls, increment),
+    fix = "replace the file with the official one (--download into an empty --data-root fetches it)"
+    for ds, split in ((train, "train"), (test, "test")):
+        _check_cifar_labels(ds, os.path.join(folder, split), fix)
+    data = CLData(
+        name="cifar100", n_classes=100, order=order, tasks=task_classes(100, init_cls, increment, "cifar100"),
         train=train, train_eval=train_eval, test=test,
         train_targets=_remapped(train.targets, order), test_targets=_remapped(test.targets, order),
         in_chans=3, img_size=img_size, class_names=list(train.classes),
     )
+    return check_splits(data, os.path.join(folder, "train"), os.path.join(folder, "test"), fix)
+
+
+def _check_cifar_labels(ds, path: str, fix: str) -> None:
+    """One integer fine label in 0..99 per image of a CIFAR-100 pickle."""
+    try:
+        labels = np.asarray(ds.targets, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ZeroflowError(f"{path}: its fine_labels are not integers ({e}); {fix}") from e
+    if labels.ndim != 1 or len(labels) != len(ds.data):
+        raise ZeroflowError(f"{path}: {labels.size} fine_labels for {len(ds.data)} images; {fix}")
+    bad = labels[(labels < 0) | (labels >= 100)]
+    if bad.size:
+        raise ZeroflowError(f"{path}: fine label {int(bad[0])} is not a CIFAR-100 class (0..99; {bad.size} such "
+                            f"label(s)); {fix}")
 
 
 def load_imagefolder(name: str, root: str, init_cls: int, increment: int, img_size: int = 224,
@@ -258,15 +324,19 @@ def load_imagefolder(name: str, root: str, init_cls: int, increment: int, img_si
     n = len(probe_tr.classes)
     order = class_order(n, class_order_seed)
     remap = _Remap(order)
-    train = ImageFolder(os.path.join(base, "train"), transform=tr_tf, target_transform=remap)
-    train_eval = ImageFolder(os.path.join(base, "train"), transform=te_tf, target_transform=remap)
-    test = ImageFolder(os.path.join(base, "test"), transform=te_tf, target_transform=remap)
-    return CLData(
-        name=name, n_classes=n, order=order, tasks=task_classes(n, init_cls, increment),
+    # an image that cannot be decoded is found when it is read (a mid-run error naming the file;
+    # the finished tasks stay checkpointed): decoding every image up front would cost minutes
+    train = ImageFolder(os.path.join(base, "train"), transform=tr_tf, target_transform=remap, loader=load_image)
+    train_eval = ImageFolder(os.path.join(base, "train"), transform=te_tf, target_transform=remap, loader=load_image)
+    test = ImageFolder(os.path.join(base, "test"), transform=te_tf, target_transform=remap, loader=load_image)
+    data = CLData(
+        name=name, n_classes=n, order=order, tasks=task_classes(n, init_cls, increment, name),
         train=train, train_eval=train_eval, test=test,
         train_targets=_remapped(train.targets, order), test_targets=_remapped(test.targets, order),
         in_chans=3, img_size=img_size, class_names=list(probe_tr.classes),
     )
+    return check_splits(data, os.path.join(base, "train"), os.path.join(base, "test"),
+                        f"every class folder needs images in both {base}/train and {base}/test")
 
 
 def load_dataset(name: str, root: str, init_cls: int, increment: int, *, download: bool = False,

@@ -380,7 +380,7 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
     before the folder is claimed; a run that fails before its ``config.json`` is written
     leaves no folder behind. Ctrl-C raises :class:`RunInterrupted`.
     """
-    from .data import load_dataset
+    from .data import UnreadableImage, load_dataset
 
     t_start = time.perf_counter()
     _check_run_flags(out, resume=resume, force=force, stop_after=stop_after)
@@ -455,6 +455,12 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
         return metrics
     except KeyboardInterrupt as e:
         raise RunInterrupted(run_dir, results.completed if results else 0, T, written) from e
+    except UnreadableImage as e:
+        if not written:
+            raise
+        done = results.completed if results else 0
+        raise UnreadableImage(f"{e}, then continue the run with: zeroflow run --resume --out {run_dir} (its {done} "
+                              f"finished task(s) are kept)") from e
     finally:
         if folder is not None:
             folder.release()          # removes the folder too if this run created it and wrote nothing
