@@ -115,6 +115,15 @@ def test_report_tables(tmp_path, capsys):
     ("- epochs\n", "{path}: expected a mapping of option: value, got a list"),
     ("history: 1.0\n", "history in {path} must be in [0, 1)"),
     ("record: yes please\n", "record in {path} must be true or false"),
+    # small_vit: checked with the other options, not a timm traceback after the folder was claimed
+    ("small_vit: {embed_dim: 30, num_heads: 4}\n", "small_vit in {path}: embed_dim 30 is not divisible by "
+                                                    "num_heads 4"),
+    ("small_vit: {foo: 1}\n", "small_vit in {path}: unknown key(s) foo; small_vit may set patch_size, embed_dim, "
+                               "depth, num_heads, mlp_ratio"),
+    ("small_vit: {patch_size: 3}\n", "small_vit in {path}: patch_size 3 does not tile the 8x8 images of digits"),
+    ("small_vit: {depth: 0}\n", "small_vit in {path}: depth must be >= 1 (got 0)"),
+    ("small_vit: {mlp_ratio: fast}\n", "small_vit in {path}: mlp_ratio must be a number (got 'fast')"),
+    ("small_vit: 4\n", "small_vit in {path} must be a mapping"),
 ])
 def test_config_file_values_are_checked(tmp_path, text, needle):
     from zeroflow.continual.defaults import resolve
@@ -125,6 +134,19 @@ def test_config_file_values_are_checked(tmp_path, text, needle):
         resolve({}, str(p))
     assert needle.format(path=p) in str(e.value)
     assert "\n" not in str(e.value)                  # one line, also for YAML syntax errors
+
+
+def test_a_bad_small_vit_is_one_line_and_no_folder(tmp_path, capsys):
+    from zeroflow.continual.defaults import resolve
+    p = tmp_path / "c.yaml"
+    p.write_text("small_vit: {embed_dim: 30, num_heads: 4}\n")
+    assert main(["run", "--config", str(p), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"zeroflow: error: small_vit in {p}: embed_dim 30 is not divisible by num_heads 4 (every " \
+                  f"attention head takes embed_dim / num_heads dimensions)\n"
+    assert not (tmp_path / "r").exists()
+    p.write_text("small_vit: {embed_dim: '32', depth: 2}\n")
+    assert resolve({}, str(p))["small_vit"] == {"embed_dim": 32, "depth": 2}     # a good one is kept
 
 
 def test_config_numbers_given_as_strings_are_read():

@@ -24,11 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._atomic import atomic_torch_save
+from .defaults import SMALL_VIT
 from .errors import ZeroflowError
 from .precision import forward_precision
 
 VIT_B_IN21K = "vit_base_patch16_224.augreg_in21k"
-SMALL_VIT = dict(patch_size=2, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
 
 
 class Adapter(nn.Module):
@@ -172,8 +172,11 @@ def build_small_vit(in_chans: int, img_size: int, cfg: Optional[Dict] = None) ->
 
     c = dict(SMALL_VIT)
     c.update(cfg or {})
-    return VisionTransformer(img_size=img_size, in_chans=in_chans, num_classes=0, global_pool="token",
-                             class_token=True, **c)
+    try:
+        return VisionTransformer(img_size=img_size, in_chans=in_chans, num_classes=0, global_pool="token",
+                                 class_token=True, **c)
+    except (TypeError, ValueError, AssertionError) as e:     # defaults.check_small_vit should have said so
+        raise ZeroflowError(f"small_vit {cfg}: timm cannot build this small ViT ({type(e).__name__}: {e})") from e
 
 
 def cache_dir() -> str:

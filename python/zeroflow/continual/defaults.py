@@ -80,6 +80,11 @@ DATASET_DEFAULTS: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
 }
 
+# The embedded default's small ViT (timm VisionTransformer options; ``small_vit`` in a config
+# file overrides some of them). The digits images are 8x8.
+SMALL_VIT: Dict[str, Any] = dict(patch_size=2, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
+DIGITS_IMG_SIZE = 8
+
 KNOWN_KEYS = set(COMMON) | {"backbone", "adapter_dim", "img_size", "init_cls", "increment", "epochs",
                             "batch_size", "lr", "pretrain_epochs", "pretrain_lr", "pretrain_batch_size",
                             "small_vit", "model_kwargs"}
@@ -214,6 +219,8 @@ def validate(cfg: Dict[str, Any], names: Optional[Dict[str, str]] = None) -> Dic
     for k in ("small_vit", "model_kwargs"):
         if out.get(k) is not None and not isinstance(out[k], dict):
             raise ZeroflowError(f"{name(k)} must be a mapping of option: value (got {out[k]!r})")
+    if out.get("small_vit") is not None:
+        out["small_vit"] = check_small_vit(out["small_vit"], out, name("small_vit"))
     if out.get("checkpoint") and out["backbone"] == "small":
         raise ZeroflowError(f"{name('checkpoint')} is for the ViT backbone of the real datasets; the {out['dataset']} "
                             f"runs use the small ViT that zeroflow pretrains itself (drop the option)")
@@ -224,6 +231,31 @@ def validate(cfg: Dict[str, Any], names: Optional[Dict[str, str]] = None) -> Dic
             f"(first-order steps and forward_grad's jvps are not determined by loss scalars); record a zo_* "
             f"optimizer without --hybrid-switch")
     check_ease_variant(out, name)
+    return out
+
+
+def check_small_vit(given: Dict, cfg: Dict[str, Any], name: str) -> Dict[str, Any]:
+    """``small_vit`` (the options of ``SMALL_VIT`` it overrides), checked as the other options
+    are, with what timm's VisionTransformer and the pretraining need: heads that split
+    ``embed_dim`` evenly, patches that tile the image. ``name``: how the user gave it."""
+    unknown = sorted(map(str, set(given) - set(SMALL_VIT)))
+    if unknown:
+        raise ZeroflowError(f"{name}: unknown key(s) {', '.join(unknown)}; small_vit may set "
+                            f"{', '.join(SMALL_VIT)}")
+    out = {}
+    for k, v in given.items():
+        if k == "mlp_ratio":
+            out[k] = _as_float(f"{name}: mlp_ratio", v, 0.0, False, None, False)
+        else:
+            out[k] = _as_int(f"{name}: {k}", v, 1, None)
+    c = SMALL_VIT | out
+    if c["embed_dim"] % c["num_heads"]:
+        raise ZeroflowError(f"{name}: embed_dim {c['embed_dim']} is not divisible by num_heads {c['num_heads']} "
+                            f"(every attention head takes embed_dim / num_heads dimensions)")
+    size = DIGITS_IMG_SIZE if cfg["dataset"] == "digits" else cfg["img_size"]
+    if size % c["patch_size"]:
+        raise ZeroflowError(f"{name}: patch_size {c['patch_size']} does not tile the {size}x{size} images of "
+                            f"{cfg['dataset']} (it must divide {size})")
     return out
 
 
