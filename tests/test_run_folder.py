@@ -390,6 +390,33 @@ def test_sweep_goes_on_after_a_failing_optimizer_and_prints_the_table(env, tmp_p
         assert rc == 2 and needle in err and not (tmp_path / "s2").exists()
 
 
+def test_sweep_checks_device_and_data_before_the_first_run(tmp_path, capsys):
+    """Every run failed on its own (exit 1), and the sweep printed a folder that did not exist."""
+    cases = [(["--dataset", "cifar100", "--data-root", tmp_path / "nodata"], "CIFAR-100 not found"),
+             (["--device", "cpu", "--backend", "cuda"], "--backend cuda cannot run on cpu")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda: CUDA is not available on this machine"))
+    for args, needle in cases:
+        rc, stdout, err = zf(capsys, "sweep", "--optimizers", "zo_sgd,fo_sgd", "--out", tmp_path / "s", *args)
+        assert rc == 2 and err.startswith("zeroflow: error: ") and needle in err and err.count("\n") == 1, err
+        assert stdout == "" and not (tmp_path / "s").exists()
+
+
+def test_sweep_record_from_the_config_file_skips_what_cannot_be_recorded(env, tmp_path, capsys):
+    """record: true in --config refused fo_sgd (the file's value beat the sweep's per-optimizer
+    override); it is now what --record does: the others are recorded, fo_sgd named."""
+    rec = tmp_path / "rec.yaml"
+    rec.write_text(FAST + "record: true\n")
+    rc, _, err = zf(capsys, "sweep", "--config", rec, "--method", "aper", "--optimizers", "zo_sgd,fo_sgd", "--out",
+                    tmp_path / "sweep", "--no-progress")
+    assert rc == 0, err
+    assert "zeroflow: warning: --record: not recording fo_sgd (first-order steps" in err
+    assert sorted(os.listdir(tmp_path / "sweep" / "aper_zo_sgd_digits" / "trajectory")) == ["task1.base.pt",
+                                                                                             "task1.zft"]
+    assert not (tmp_path / "sweep" / "aper_fo_sgd_digits" / "trajectory").exists()
+    assert metrics(tmp_path / "sweep" / "aper_fo_sgd_digits")["config"]["record"] is False
+
+
 # ---------------------------------------------------------------- --record and replay, file modes
 def test_record_then_replay_rebuilds_the_trained_adapters_bit_exactly(env, tmp_path, capsys):
     out = tmp_path / "run"

@@ -217,6 +217,13 @@ def _sweep_seeds(a) -> List[Optional[int]]:
     return seeds
 
 
+def _sweep_records(a) -> bool:
+    """Whether the sweep records trajectories: ``--record``, or ``record: true`` in --config."""
+    from .continual.defaults import load_config_file
+
+    return bool(a.record) or (a.config is not None and load_config_file(a.config).get("record") is True)
+
+
 def _sweep_plan(a, names: List[str], parent: str) -> list:
     """``(label, config, run folder)`` for every optimizer (and every seed of ``--seeds``), all
     checked before the first run starts: options, and what each folder already holds (a run
@@ -224,6 +231,8 @@ def _sweep_plan(a, names: List[str], parent: str) -> list:
     from .continual.defaults import RECORDABLE, resolve
     from .continual.errors import ZeroflowError
     from .continual.runfolder import CHECKPOINT, CONFIG, METRICS, conflict, lock_holder
+
+    record = _sweep_records(a)
 
     here = [f for f in (METRICS, CONFIG, CHECKPOINT) if os.path.exists(os.path.join(parent, f))]
     if here:
@@ -233,8 +242,8 @@ def _sweep_plan(a, names: List[str], parent: str) -> list:
     plan, seeds = [], _sweep_seeds(a)
     for n, seed in ((n, seed) for n in names for seed in seeds):
         over = _overrides(a) | {"optimizer": n} | ({} if seed is None else {"seed": seed})
-        if a.record and n not in RECORDABLE:
-            over["record"] = None       # named in a warning by cmd_sweep; the others are recorded
+        if record and n not in RECORDABLE:
+            over["record"] = False      # named in a warning by cmd_sweep; the others are recorded
         cfg = resolve(over, a.config)
         suffix = "" if seed is None else f"_seed{seed}"
         d = os.path.join(parent, f"{cfg['method']}_{n}_{cfg['dataset']}{suffix}")
@@ -257,12 +266,13 @@ def cmd_sweep(a, started: float) -> int:
     from .continual.errors import ZeroflowError
     from .continual.report import render_runs
     from .continual.runfolder import RunFolder
-    from .continual.runner import RunInterrupted, run, warn_stderr
+    from .continual.runner import RunInterrupted, check_setup, run, warn_stderr
 
     names = _sweep_optimizers(a.optimizers)
     parent = a.out or os.path.join("runs", "sweep_" + time.strftime("%Y%m%d-%H%M%S"))
     plan = _sweep_plan(a, names, parent)
-    if a.record and any(n not in RECORDABLE for n in names):
+    check_setup(cfg for _, cfg, _ in plan)      # device, backend, weights, data: as zeroflow run does
+    if _sweep_records(a) and any(n not in RECORDABLE for n in names):
         warn_stderr(f"--record: not recording {', '.join(n for n in names if n not in RECORDABLE)} (first-order "
                     f"steps and forward_grad's jvps cannot be replayed from a trajectory log)")
     sweep_folder = RunFolder(parent).claim(warn_stderr)     # one sweep per folder at a time
@@ -287,7 +297,8 @@ def cmd_sweep(a, started: float) -> int:
         sweep_folder.release()
     if finished:
         print(render_runs(finished, [])[0])
-    print(f"sweep folder: {parent}")
+    if os.path.isdir(parent):        # a sweep whose every run failed before writing leaves none
+        print(f"sweep folder: {parent}")
     for n, msg in failed:
         print(f"zeroflow: {n} failed: {msg}", file=sys.stderr)
     return 1 if failed else 0

@@ -380,7 +380,7 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
     before the folder is claimed; a run that fails before its ``config.json`` is written
     leaves no folder behind. Ctrl-C raises :class:`RunInterrupted`.
     """
-    from .data import UnreadableImage, load_dataset
+    from .data import UnreadableImage
 
     t_start = time.perf_counter()
     _check_run_flags(out, resume=resume, force=force, stop_after=stop_after)
@@ -400,9 +400,7 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
     check_run_precision(cfg, device, warn)
     _set_threads(cfg, device)
     seed_everything(int(cfg["seed"]))
-    data = load_dataset(cfg["dataset"], cfg["data_root"], int(cfg["init_cls"]), int(cfg["increment"]),
-                        download=bool(cfg.get("download")), img_size=int(cfg.get("img_size", 224)),
-                        class_order_seed=int(cfg.get("class_order_seed", 1993)))
+    data = load_run_data(cfg)
 
     folder = None
 
@@ -464,6 +462,34 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
     finally:
         if folder is not None:
             folder.release()          # removes the folder too if this run created it and wrote nothing
+
+
+def load_run_data(cfg: Dict):
+    """The run's data (checked: files, labels, every task's splits)."""
+    from .data import load_dataset
+
+    return load_dataset(cfg["dataset"], cfg["data_root"], int(cfg["init_cls"]), int(cfg["increment"]),
+                        download=bool(cfg.get("download")), img_size=int(cfg.get("img_size", 224)),
+                        class_order_seed=int(cfg.get("class_order_seed", 1993)))
+
+
+def check_setup(cfgs, warn=None) -> None:
+    """What :func:`run` checks before it claims its folder, beyond the options: the device, the
+    backend on it, the weights file, the precision and the data, for every configuration of
+    ``cfgs`` (each data set once). ``zeroflow sweep`` calls it before its first run, so that a
+    mistake is one error before anything runs rather than a failure of every run."""
+    warn = warn or _silent        # the runs warn themselves
+    loaded = set()
+    for cfg in cfgs:
+        device = resolve_device(cfg.get("device"))
+        check_backend(cfg.get("backend"), device)
+        check_checkpoint_file(cfg)
+        check_run_precision(cfg, device, warn)
+        key = json.dumps([cfg.get(k) for k in ("dataset", "data_root", "init_cls", "increment", "download",
+                                               "img_size", "class_order_seed")], default=str)
+        if key not in loaded:
+            load_run_data(cfg)
+            loaded.add(key)
 
 
 def untrained_results(cfg: Dict, net, data, device, res: Dict, log) -> Dict:
