@@ -1,4 +1,5 @@
-// zfkernels ops: schema (TORCH_LIBRARY), CPU, Meta and CompositeExplicitAutograd kernels.
+// zfkernels ops: schema (TORCH_LIBRARY), CPU, Meta, CompositeExplicitAutograd and ADInplaceOrView
+// (version counter) kernels.
 // Semantics: docs/kernel-ops.md; stream: docs/perturbation-stream.md (stream v1).
 // Argument checks and host scalars are shared with the CUDA kernels through ops_common.h.
 //
@@ -7,9 +8,12 @@
 // and no fast-math, the Gaussian from the polynomial log/sincos of philox.h -- so these
 // kernels are bit-identical to the CUDA and Triton kernels and to zfkernels/reference.py.
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>  // at::AutoDispatchBelowADInplaceOrView
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <Python.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>  // torch::autograd::increment_version
 #include <torch/library.h>
 
 #include <algorithm>
@@ -577,6 +581,77 @@ void adam_composite(TensorList params, TensorList exp_avgs, TensorList exp_avg_s
   no_backend(params);
 }
 
+// ---------------------------------------------------------------------------------------
+// ADInplaceOrView kernels: autograd's version counter of every tensor an op writes.
+// ---------------------------------------------------------------------------------------
+// The CPU and CUDA kernels write through data pointers, which autograd cannot see: without a
+// bump, a backward over a graph that saved a param before it was perturbed or updated ran on
+// the new values without complaint (a wrong gradient), where torch's own in-place ops (and
+// the reference backend, which stores with copy_) raise "modified by an inplace operation".
+// So each mutating op has a kernel at ADInplaceOrView, the key of torch's own in-place ops,
+// which bumps the version of every tensor of its mutable lists and redispatches below that
+// key to the device's kernel (CPU, CUDA, Meta, or the composite for empty lists); it is
+// device-agnostic, so the CUDA extension needs none of its own. ADInplaceOrView is in the
+// default dispatch set (not in inference mode), so an inference tensor reaches it too, and
+// its bump raises torch's "Inplace update to inference tensor outside InferenceMode". The
+// bump comes before the write, as that error must; a call that the kernel then refuses has
+// bumped without writing, which errs on the safe side (a later backward over the unchanged
+// tensor is refused, never run on changed values).
+void bump_versions(TensorList tensors) {
+  for (const Tensor& t : tensors) {
+    if (t.defined()) torch::autograd::increment_version(t);  // an undefined one: the kernel names it
+  }
+}
+
+template <class Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+void perturb_inplace_view(c10::DispatchKeySet ks, TensorList params, at::IntArrayRef tensor_ids, int64_t seed,
+                          double scale, int64_t dist, int64_t mask_seed, int64_t mask_threshold) {
+  static const auto op = op_handle<decltype(perturb_cpu)>("zfkernels::perturb_");
+  bump_versions(params);
+  const at::AutoDispatchBelowADInplaceOrView guard;
+  op.redispatch(ks & c10::after_ADInplaceOrView_keyset, params, tensor_ids, seed, scale, dist, mask_seed,
+                mask_threshold);
+}
+
+void sgd_inplace_view(c10::DispatchKeySet ks, TensorList params, TensorList momentum_buffers,
+                      TensorList history_buffers, at::IntArrayRef tensor_ids, at::IntArrayRef seeds,
+                      at::ArrayRef<double> coeffs, int64_t dist, int64_t mask_seed, int64_t mask_threshold,
+                      int64_t restore_seed, double restore_scale, double lr, double weight_decay, double momentum,
+                      double dampening, bool nesterov, bool momentum_init, bool sign, double history_alpha,
+                      bool history_init, bool stochastic_rounding, int64_t round_seed) {
+  static const auto op = op_handle<decltype(sgd_cpu)>("zfkernels::zo_sgd_update_");
+  bump_versions(params);
+  bump_versions(momentum_buffers);
+  bump_versions(history_buffers);
+  const at::AutoDispatchBelowADInplaceOrView guard;
+  op.redispatch(ks & c10::after_ADInplaceOrView_keyset, params, momentum_buffers, history_buffers, tensor_ids,
+                seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, restore_scale, lr, weight_decay,
+                momentum, dampening, nesterov, momentum_init, sign, history_alpha, history_init,
+                stochastic_rounding, round_seed);
+}
+
+void adam_inplace_view(c10::DispatchKeySet ks, TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs,
+                       TensorList history_buffers, at::IntArrayRef tensor_ids, at::IntArrayRef seeds,
+                       at::ArrayRef<double> coeffs, int64_t dist, int64_t mask_seed, int64_t mask_threshold,
+                       int64_t restore_seed, double restore_scale, double lr, double beta1, double beta2, double eps,
+                       double weight_decay, bool decoupled_weight_decay, int64_t step, bool sign,
+                       double history_alpha, bool history_init, bool stochastic_rounding, int64_t round_seed) {
+  static const auto op = op_handle<decltype(adam_cpu)>("zfkernels::zo_adam_update_");
+  bump_versions(params);
+  bump_versions(exp_avgs);
+  bump_versions(exp_avg_sqs);
+  bump_versions(history_buffers);
+  const at::AutoDispatchBelowADInplaceOrView guard;
+  op.redispatch(ks & c10::after_ADInplaceOrView_keyset, params, exp_avgs, exp_avg_sqs, history_buffers,
+                tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, restore_scale, lr, beta1,
+                beta2, eps, weight_decay, decoupled_weight_decay, step, sign, history_alpha, history_init,
+                stochastic_rounding, round_seed);
+}
+
 }  // namespace zf_cpu
 
 // The schema: the argument table of zfkernels/opspec.py, which tests/test_opspec.py compares
@@ -621,6 +696,12 @@ TORCH_LIBRARY_IMPL(zfkernels, CompositeExplicitAutograd, m) {
   m.impl("perturb_", &zf_cpu::perturb_composite);
   m.impl("zo_sgd_update_", &zf_cpu::sgd_composite);
   m.impl("zo_adam_update_", &zf_cpu::adam_composite);
+}
+
+TORCH_LIBRARY_IMPL(zfkernels, ADInplaceOrView, m) {  // the mutating ops (philox4x32_10 writes no input)
+  m.impl("perturb_", &zf_cpu::perturb_inplace_view);
+  m.impl("zo_sgd_update_", &zf_cpu::sgd_inplace_view);
+  m.impl("zo_adam_update_", &zf_cpu::adam_inplace_view);
 }
 
 // A Python module with no functions: importing zfkernels._C registers the ops.

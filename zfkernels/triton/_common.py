@@ -234,6 +234,24 @@ def prepare_update(op, interp, params, buffer_lists, tensor_ids, seeds, coeffs, 
     return d, T, block, groups
 
 
+def mark_written(op: str, lists: Sequence[tuple[str, Sequence[torch.Tensor]]]) -> None:
+    """Before a launch: autograd's version counter of every tensor it writes (``lists``:
+    ``(name, tensors)`` pairs) is bumped. The kernels write through data pointers, which
+    autograd cannot see, so a backward over a graph that saved one of these tensors would run
+    on the new values without complaint; torch's in-place ops and the compiled ops (their
+    ADInplaceOrView kernels, csrc/ops.cpp) bump it. As they do, an inference tensor is refused
+    outside inference mode (``increment_version`` skips it silently)."""
+    if not torch.is_inference_mode_enabled():
+        for name, ts in lists:
+            if any(map(torch.Tensor.is_inference, ts)):
+                k = next(k for k, t in enumerate(ts) if t.is_inference())
+                raise RuntimeError(
+                    f"{op}: {name}[{k}]: Inplace update to inference tensor outside InferenceMode is not allowed. "
+                    "You can make a clone to get a normal tensor before doing inplace update "
+                    "(see https://github.com/pytorch/rfcs/pull/17)")
+    torch.autograd.graph.increment_version([t for _, ts in lists for t in ts])
+
+
 # ----------------------------------------------------------------------------- scalars
 def round32(x: float) -> float:
     """``float32(x)`` as a Python float (round-to-nearest-even; overflow gives inf)."""

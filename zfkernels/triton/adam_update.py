@@ -9,7 +9,9 @@ import triton
 import triton.language as tl
 
 from ..stream import split_seed
-from ._common import check_seed_arg, f32, interpreted, load_row, prepare_update, round32, slot_ptr, to_i32
+from ._common import (
+    check_seed_arg, f32, interpreted, load_row, mark_written, prepare_update, round32, slot_ptr, to_i32,
+)
 from ._update import load_f32, restored_estimate
 from .philox import store_param, store_rne
 
@@ -106,10 +108,10 @@ def zo_adam_update_(
         )
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"{op}: step={step!r} must be an int >= 1")
-    d, T, block, groups = prepare_update(
-        op, interp, params,
-        [("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("history_buffers", history_buffers)],
-        tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, block_size)
+    written = [("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+               ("history_buffers", history_buffers)]
+    d, T, block, groups = prepare_update(op, interp, params, written[1:], tensor_ids, seeds, coeffs, dist,
+                                         mask_seed, mask_threshold, restore_seed, block_size)
     weight_decay_raw, history_alpha_raw = weight_decay, history_alpha
     restore_scale = f32(restore_scale, "restore_scale", op)
     f32(lr, "lr", op)          # checked like every scalar; the kernel takes lr/bc1 and 1 - beta1
@@ -128,6 +130,7 @@ def zo_adam_update_(
     sk0, sk1 = split_seed(check_seed_arg(op, "round_seed", round_seed))
     rk0, rk1 = split_seed(restore_seed)
     mk0, mk1 = split_seed(mask_seed)
+    mark_written(op, written)
     for dtypes, meta, n_rows, seed_off, tiles in groups:
         _adam_kernel[(tiles,)](
             meta, n_rows, seed_off, len(seeds), to_i32(rk0), to_i32(rk1), restore_scale,

@@ -10,7 +10,7 @@ import triton.language as tl
 from ..stream import split_seed
 from ._common import (
     build_groups, check_block, check_dist, check_ids, check_params, check_seed_arg, check_threshold, f32,
-    interpreted, load_row, slot_ptr, to_i32,
+    interpreted, load_row, mark_written, slot_ptr, to_i32,
 )
 from .philox import mask_tile, store_rne, z_tile
 
@@ -69,6 +69,7 @@ def perturb_(
     k0, k1 = split_seed(seed)
     m0, m1 = split_seed(mask_seed)
     dev = params[0].device
+    mark_written(op, [("params", params)])
     for dtypes, rows, n_rows, tiles in build_groups(params, [], ids, block):
         meta = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
         _perturb_kernel[(tiles,)](

@@ -10,7 +10,9 @@ import triton
 import triton.language as tl
 
 from ..stream import split_seed
-from ._common import check_seed_arg, f32, interpreted, load_row, prepare_update, round32, slot_ptr, to_i32
+from ._common import (
+    check_seed_arg, f32, interpreted, load_row, mark_written, prepare_update, round32, slot_ptr, to_i32,
+)
 from ._update import load_f32, restored_estimate
 from .philox import store_param, store_rne
 
@@ -101,9 +103,9 @@ def zo_sgd_update_(
     """
     op = "zo_sgd_update_"
     interp = interpreted(_sgd_kernel)
-    d, T, block, groups = prepare_update(
-        op, interp, params, [("momentum_buffers", momentum_buffers), ("history_buffers", history_buffers)],
-        tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, block_size)
+    written = [("params", params), ("momentum_buffers", momentum_buffers), ("history_buffers", history_buffers)]
+    d, T, block, groups = prepare_update(op, interp, params, written[1:], tensor_ids, seeds, coeffs, dist,
+                                         mask_seed, mask_threshold, restore_seed, block_size)
     # Scalars rounded to fp32; derived ones (1 - dampening, 1 - alpha) in fp64 from the
     # unrounded arguments, then rounded once, as torch.optim.SGD does (docs/kernel-ops.md).
     one_minus_damp, one_minus_alpha = round32(1.0 - float(dampening)), round32(1.0 - float(history_alpha))
@@ -116,6 +118,7 @@ def zo_sgd_update_(
     sk0, sk1 = split_seed(check_seed_arg(op, "round_seed", round_seed))
     rk0, rk1 = split_seed(restore_seed)
     mk0, mk1 = split_seed(mask_seed)
+    mark_written(op, written)
     for dtypes, meta, n_rows, seed_off, tiles in groups:
         _sgd_kernel[(tiles,)](
             meta, n_rows, seed_off, len(seeds), to_i32(rk0), to_i32(rk1), restore_scale,

@@ -1,0 +1,145 @@
+"""What every backend of the ops shows autograd and the caller besides the bits it computes
+(docs/kernel-ops.md): the version counters of the tensors an op writes, and how it takes its
+arguments (checks before anything is written, in the Python face with an empty tensor list
+too; scalars beyond fp32's range; stream integers outside 32 bits).
+
+The backends are the ones present, each on its own device: on a CPU machine the compiled
+``cpu`` op, the reference (``torch``) and Triton in its interpreter; with a GPU also ``cuda``
+and native Triton.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import zfkernels as zk
+from zfkernels import _compiled
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+GPU = torch.cuda.is_available()
+
+
+def _backends() -> list:
+    out = [pytest.param(("torch", "cpu"), id="torch-cpu")]
+    if _compiled.cpu_available():
+        out.append(pytest.param(("cpu", "cpu"), id="cpu"))
+    if GPU and _compiled.cuda_available():
+        out.append(pytest.param(("cuda", "cuda"), id="cuda"))
+    if GPU and zk._triton_usable_on("cuda") and not INTERP:
+        out.append(pytest.param(("triton", "cuda"), id="triton-cuda"))
+    elif zk._triton_usable_on("cpu"):
+        out.append(pytest.param(("triton", "cpu"), id="triton-interp"))
+    return out
+
+
+BACKENDS = _backends()
+COMPILED = [p for p in BACKENDS if p.values[0][0] in ("cpu", "cuda")]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+# The three mutating ops through the face, on a list `p` with every buffer list in use; each
+# returns the lists it writes, params first.
+def _perturb(p, be, dev):
+    zk.perturb_(p, 3, 0.5, "rademacher", backend=be)
+    return [p]
+
+
+def _sgd(p, be, dev):
+    mom, hist = [torch.zeros_like(t) for t in p], [torch.zeros_like(t) for t in p]
+    zk.zo_sgd_update_(p, [3, 4], [0.5, -0.25], lr=0.1, momentum=0.9, momentum_buffers=mom,
+                      history_buffers=hist, history_alpha=0.5, restore_seed=4, restore_scale=-1e-3, backend=be)
+    return [p, mom, hist]
+
+
+def _adam(p, be, dev):
+    m, v, hist = ([torch.zeros_like(t) for t in p] for _ in range(3))
+    zk.zo_adam_update_(p, m, v, [3], [0.5], lr=1e-2, step=2, history_buffers=hist, history_alpha=0.5,
+                       backend=be)
+    return [p, m, v, hist]
+
+
+OPS = {"perturb_": _perturb, "zo_sgd_update_": _sgd, "zo_adam_update_": _adam}
+
+
+# ======================================================================================
+# Autograd: every written tensor's version counter moves
+# ======================================================================================
+@pytest.mark.parametrize("op", list(OPS))
+def test_backward_over_a_saved_param_refuses_after_the_op_writes_it(backend, op):
+    """A loss that saved lin.weight for its backward, then the op writes lin.weight in place:
+    backward() must raise autograd's "modified by an inplace operation" (the compiled ops and
+    Triton ran it on the new weight: x.grad off by up to 0.8)."""
+    be, dev = backend
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3).to(dev)
+    x = torch.randn(2, 4, device=dev, requires_grad=True)
+    loss = lin(x).square().sum()                 # saves lin.weight for d loss / d x
+    OPS[op]([lin.weight], be, dev)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_every_written_tensor_gets_a_new_version(backend, op):
+    """params and every buffer the op writes (momentum, history; exp_avgs, exp_avg_sqs),
+    and the base of a written view, whose counter the view shares."""
+    be, dev = backend
+    base = torch.zeros(40, device=dev)
+    p = [base[3:20], torch.zeros(2, 5, device=dev)]
+    lists = OPS[op](p, be, dev)
+    for li, ts in enumerate(lists):
+        for k, t in enumerate(ts):
+            assert t._version >= 1, f"{op} list {li} tensor {k}: version {t._version}, not bumped by the write"
+    assert base._version >= 1, f"{op}: the base of a written view keeps its version"
+    before = [t._version for t in p]
+    OPS[op](p, be, dev)
+    assert all(t._version > b for t, b in zip(p, before)), f"{op}: a second call left a version as it was"
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_an_inference_tensor_is_refused_outside_inference_mode(backend, op):
+    """As torch's in-place ops: refused outside inference mode (where it has no version
+    counter to bump), written inside it. The compiled and Triton ops refuse before writing."""
+    be, dev = backend
+    with torch.inference_mode():
+        p = [torch.ones(9, device=dev)]
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor"):
+        OPS[op](p, be, dev)
+    if be != "torch":                            # the reference writes with copy_, which checks after
+        assert torch.equal(p[0].cpu(), torch.ones(9)), f"{op} wrote an inference tensor before refusing it"
+    with torch.inference_mode():
+        OPS[op](p, be, dev)
+    assert not torch.equal(p[0].cpu(), torch.ones(9))
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_compiled_ops_under_torch_compile_match_eager(backend):
+    """The ADInplaceOrView kernels must not break tracing: fullgraph aot_eager of a function
+    calling the three ops gives the eager bits and bumps the inputs' versions."""
+    _, dev = backend
+    ops = torch.ops.zfkernels
+
+    def step(a, b, mom, m, v):
+        ops.perturb_([a, b], [0, 1], 7, 0.25, 1, 0, 0)
+        ops.zo_sgd_update_([a], [mom], [], [0], [7], [0.5], 1, 0, 0, 7, -0.25, 0.1, 0.0, 0.9, 0.0, False, False,
+                           False, 0.0, False, False, 0)
+        ops.zo_adam_update_([b], [m], [v], [], [1], [7], [0.5], 0, 0, 0, 0, 0.0, 1e-2, 0.9, 0.999, 1e-8, 0.0,
+                            False, 1, False, 0.0, False, False, 0)
+        return a.sum() + b.sum()
+
+    torch.manual_seed(0)
+    a, b = torch.randn(5, device=dev), torch.randn(3, 2, device=dev)
+    eager = [a, b, torch.zeros_like(a), torch.zeros_like(b), torch.zeros_like(b)]
+    traced = [t.clone() for t in eager]
+    want = step(*eager)
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*traced)
+    assert torch.equal(got, want)
+    for k, (g, w) in enumerate(zip(traced, eager)):
+        assert torch.equal(g, w), f"input {k} differs from eager"
+        assert g._version >= 1, f"input {k}: version not bumped under torch.compile"
