@@ -142,10 +142,18 @@ inline void check_sgd_args(TensorList params, TensorList momentum_buffers, Tenso
   check_seed(round_seed, "round_seed");
 }
 
+// Adam's decay rates in [0, 1), as torch.optim.Adam: beta1 = 1 makes the bias correction
+// 1 - beta1^step zero, beta2 > 1 makes 1 - beta2^step negative (the square root of it NaN), and
+// either outside the range no longer averages; NaN fails the test too.
+inline void check_beta(double beta, const char* name, int index) {
+  TORCH_CHECK_VALUE(beta >= 0.0 && beta < 1.0, "zfkernels: ", name, "=", beta, " (betas[", index,
+                    "]) is outside [0, 1); Adam's decay rates need 0 <= beta < 1, e.g. betas=(0.9, 0.999)");
+}
+
 inline void check_adam_args(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs,
                             TensorList history_buffers, at::IntArrayRef tensor_ids, at::IntArrayRef seeds,
                             at::ArrayRef<double> coeffs, int64_t dist, int64_t mask_seed, int64_t mask_threshold,
-                            int64_t restore_seed, int64_t step, int64_t round_seed) {
+                            int64_t restore_seed, double beta1, double beta2, int64_t step, int64_t round_seed) {
   check_params(params, tensor_ids);
   check_buffers(params, exp_avgs, "exp_avgs", /*required=*/true);
   check_buffers(params, exp_avg_sqs, "exp_avg_sqs", /*required=*/true);
@@ -155,6 +163,8 @@ inline void check_adam_args(TensorList params, TensorList exp_avgs, TensorList e
   check_stream_args(dist, mask_seed, mask_threshold);
   check_seed(restore_seed, "restore_seed");
   check_seed(round_seed, "round_seed");
+  check_beta(beta1, "beta1", 0);
+  check_beta(beta2, "beta2", 1);
   TORCH_CHECK_VALUE(step >= 1, "zfkernels: step=", step,
                     " must be >= 1 (Adam's bias correction counts from 1)");
 }
@@ -186,7 +196,7 @@ struct AdamScalars {
 };
 inline AdamScalars adam_scalars(double restore_scale, double lr, double beta1, double beta2,
                                 double eps, double weight_decay, int64_t step, double history_alpha) {
-  AdamScalars s;   // step >= 1 was checked by check_adam_args
+  AdamScalars s;   // betas in [0, 1) and step >= 1 were checked by check_adam_args
   s.restore_scale = f32(restore_scale);
   const double bc1 = 1.0 - std::pow(beta1, (double)step);
   const double bc2 = 1.0 - std::pow(beta2, (double)step);

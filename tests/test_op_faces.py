@@ -143,3 +143,34 @@ def test_compiled_ops_under_torch_compile_match_eager(backend):
     for k, (g, w) in enumerate(zip(traced, eager)):
         assert torch.equal(g, w), f"input {k} differs from eager"
         assert g._version >= 1, f"input {k}: version not bumped under torch.compile"
+
+
+# ======================================================================================
+# Adam's betas
+# ======================================================================================
+BAD_BETAS = [((1.0, 0.999), "beta1"), ((0.9, 1.5), "beta2"), ((1.5, 0.999), "beta1"), ((-0.1, 0.999), "beta1"),
+             ((0.9, float("nan")), "beta2"), ((0.9, 1.0), "beta2")]
+
+
+@pytest.mark.parametrize("betas,name", BAD_BETAS)
+def test_adam_betas_outside_0_1_are_refused_before_anything_is_written(backend, betas, name):
+    """Every backend names the beta and the range (the cpu op wrote NaN into params, m and v;
+    the reference and Triton crashed with ZeroDivisionError / OverflowError / complex)."""
+    be, dev = backend
+    p = [torch.randn(6, device=dev)]
+    m, v = [torch.randn(6, device=dev)], [torch.rand(6, device=dev)]
+    before = [t.clone() for t in p + m + v]
+    with pytest.raises(ValueError, match=rf"{name}=.*outside \[0, 1\)"):
+        zk.zo_adam_update_(p, m, v, [1], [0.5], lr=0.1, step=5000, betas=betas, backend=be)
+    for t, b in zip(p + m + v, before):
+        assert torch.equal(t, b), "a refused call wrote a tensor"
+
+
+def test_adam_beta_just_below_one_is_accepted_everywhere(backend):
+    """The range is on the argument, not its fp32 rounding: 1 - 2^-27 (the optimizers' frozen
+    move, zeroflow.optim) rounds to 1.0f and must still pass."""
+    be, dev = backend
+    p, m, v = [torch.randn(6, device=dev)], [torch.zeros(6, device=dev)], [torch.zeros(6, device=dev)]
+    beta = 1.0 - 2.0 ** -27
+    zk.zo_adam_update_(p, m, v, [1], [0.5], lr=0.1, step=1, betas=(beta, beta), backend=be)
+    assert torch.isfinite(p[0]).all()

@@ -571,6 +571,8 @@ def _bad_cases(dev):
          r"device|is on"),
         ("zo_sgd_update_", lambda: _sgd([z(8)], restore_seed=-1), r"restore_seed"),
         ("zo_adam_update_", lambda: _adam([z(8)], [z(8)], [z(8)], step=0), r"step"),
+        ("zo_adam_update_", lambda: _adam([z(8)], [z(8)], [z(8)], beta1=1.0), r"beta1.*\[0, 1\)"),
+        ("zo_adam_update_", lambda: _adam([z(8)], [z(8)], [z(8)], beta2=float("nan")), r"beta2.*\[0, 1\)"),
         ("zo_adam_update_", lambda: _adam([z(8)], [], [z(8)]), r"exp_avgs"),
         ("philox4x32_10", lambda: _philox(torch.zeros(2, 3, dtype=torch.int64, device=dev)), r"\[N, 4\]|shape"),
         ("philox4x32_10", lambda: _philox(torch.zeros(2, 4, device=dev)), r"int64|dtype|integer"),
