@@ -174,3 +174,63 @@ def test_adam_beta_just_below_one_is_accepted_everywhere(backend):
     beta = 1.0 - 2.0 ** -27
     zk.zo_adam_update_(p, m, v, [1], [0.5], lr=0.1, step=1, betas=(beta, beta), backend=be)
     assert torch.isfinite(p[0]).all()
+
+
+# ======================================================================================
+# The face with an empty tensor list checks what it checks with tensors
+# ======================================================================================
+T = torch.zeros(3)
+# (call(params, backend), what the error names): the call with params = [] must raise the
+# same error as with one tensor
+EMPTY_CASES = {
+    "perturb_ seed": (lambda ps, be: zk.perturb_(ps, -1, 1.0, backend=be), "seed"),
+    "perturb_ dist": (lambda ps, be: zk.perturb_(ps, 1, 1.0, dist="bogus", backend=be), "dist"),
+    "perturb_ sparsity": (lambda ps, be: zk.perturb_(ps, 1, 1.0, sparsity=2.0, backend=be), "sparsity"),
+    "perturb_ mask_seed": (lambda ps, be: zk.perturb_(ps, 1, 1.0, mask_seed=-2, backend=be), "mask_seed"),
+    "perturb_ backend": (lambda ps, be: zk.perturb_(ps, 1, 1.0, backend="bogus"), "backend"),
+    "sgd dist": (lambda ps, be: zk.zo_sgd_update_(ps, [1], [0.5], lr=0.1, dist="bogus", backend=be), "dist"),
+    "sgd restore_seed": (lambda ps, be: zk.zo_sgd_update_(ps, [], [], lr=0.1, restore_seed=-5, backend=be),
+                         "restore_seed"),
+    "sgd round_seed": (lambda ps, be: zk.zo_sgd_update_(ps, [], [], lr=0.1, round_seed=-5, backend=be),
+                       "round_seed"),
+    "sgd sparsity": (lambda ps, be: zk.zo_sgd_update_(ps, [], [], lr=0.1, sparsity=-0.5, backend=be), "sparsity"),
+    "sgd backend": (lambda ps, be: zk.zo_sgd_update_(ps, [], [], lr=0.1, backend="bogus"), "backend"),
+    "adam step": (lambda ps, be: zk.zo_adam_update_(ps, [t.clone() for t in ps], [t.clone() for t in ps], [], [],
+                                                    lr=0.1, step=0, backend=be), "step"),
+    "adam betas": (lambda ps, be: zk.zo_adam_update_(ps, [t.clone() for t in ps], [t.clone() for t in ps], [], [],
+                                                     lr=0.1, step=1, betas=(1.0, 0.9), backend=be), "beta1"),
+    "adam dist": (lambda ps, be: zk.zo_adam_update_(ps, [t.clone() for t in ps], [t.clone() for t in ps], [], [],
+                                                    lr=0.1, step=1, dist=3, backend=be), "dist"),
+}
+
+
+@pytest.mark.parametrize("case", list(EMPTY_CASES))
+def test_face_checks_its_arguments_with_an_empty_list_too(backend, case):
+    """zfkernels returned on an empty list before checking anything but seeds/coeffs and ids:
+    a misconfigured optimizer whose param group happened to be empty got no error."""
+    be, dev = backend
+    call, name = EMPTY_CASES[case]
+    with pytest.raises((ValueError, TypeError), match=name) as with_tensor:
+        call([T.clone().to(dev)], be)
+    with pytest.raises((ValueError, TypeError), match=name) as empty:
+        call([], be)
+    assert empty.type is with_tensor.type
+    if "beta" not in name:                       # checked by the face itself: the same text
+        assert str(empty.value) == str(with_tensor.value)
+
+
+def test_face_refuses_buffers_without_params():
+    """Buffers given for no params: the same refusal as buffers of another length."""
+    with pytest.raises(ValueError, match="momentum_buffers"):
+        zk.zo_sgd_update_([], [], [], lr=0.1, momentum_buffers=[T.clone()])
+    with pytest.raises(ValueError, match="history_buffers"):
+        zk.zo_sgd_update_([], [], [], lr=0.1, history_buffers=[T.clone()])
+    with pytest.raises(ValueError, match="exp_avgs"):
+        zk.zo_adam_update_([], [T.clone()], [], [], [], lr=0.1, step=1)
+
+
+def test_face_empty_lists_still_run_as_no_ops():
+    zk.perturb_([], 1, 1.0)
+    zk.zo_sgd_update_([], [1], [0.5], lr=0.1, momentum=0.9, backend="cpu" if _compiled.cpu_available() else "torch")
+    zk.zo_adam_update_([], [], [], [], [], lr=0.1, step=1, backend="auto")
+    zk.perturb_([], 1, 1.0, backend="cuda")       # a valid name; an empty list needs no device

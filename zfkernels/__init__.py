@@ -90,10 +90,14 @@ def _warn_once(key: str, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend that ``backend`` means for tensors on ``device``."""
+def _check_backend_name(backend: str) -> None:
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend={backend!r} is not one of {('auto',) + BACKENDS}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend that ``backend`` means for tensors on ``device``."""
+    _check_backend_name(backend)
     dt = device.type
     if backend == "auto":
         native = "cuda" if dt == "cuda" else "cpu" if dt == "cpu" else None
@@ -146,8 +150,15 @@ def call_op(backend: str, op: str, **args):
     return opspec.call(fn, op, args)
 
 
-def _device_of(tensors: Sequence[torch.Tensor], default="cpu") -> torch.device:
-    return tensors[0].device if len(tensors) else torch.device(default)
+def _backend_for(backend: str, params: Sequence[torch.Tensor]) -> str:
+    """:func:`resolve_backend` for the device of ``params``. An empty list has no device: its
+    call goes to the reference, which checks every argument as each backend does (a bad one
+    raises as it would with tensors) and writes nothing, and ``backend`` only has to be a name
+    of a backend."""
+    if len(params):
+        return resolve_backend(backend, params[0].device)
+    _check_backend_name(backend)
+    return "torch"
 
 
 def _ids(tensors: Sequence[torch.Tensor], tensor_ids: Sequence[int] | None) -> list[int]:
@@ -226,9 +237,7 @@ def perturb_(
     drawn from ``mask_seed``."""
     tensors = _as_list(tensors, "tensors")
     ids = _ids(tensors, tensor_ids)
-    if not tensors:
-        return
-    b = resolve_backend(backend, _device_of(tensors))
+    b = _backend_for(backend, tensors)
     call_op(b, "perturb_", params=tensors, tensor_ids=ids, seed=_seed(seed), scale=scale, dist=dist_code(dist),
           mask_seed=_seed(mask_seed, "mask_seed"), mask_threshold=mask_threshold(sparsity))
 
@@ -283,9 +292,7 @@ def zo_sgd_update_(
     params = _as_list(params, "params")
     ids = _ids(params, tensor_ids)
     seeds, coeffs = _qs(seeds, coeffs)
-    if not params:
-        return
-    b = resolve_backend(backend, _device_of(params))
+    b = _backend_for(backend, params)
     call_op(b, "zo_sgd_update_", params=params, momentum_buffers=_as_list(momentum_buffers, "momentum_buffers"),
           history_buffers=_as_list(history_buffers, "history_buffers"), tensor_ids=ids, seeds=seeds, coeffs=coeffs,
           dist=dist_code(dist), mask_seed=_seed(mask_seed, "mask_seed"), mask_threshold=mask_threshold(sparsity),
@@ -329,11 +336,9 @@ def zo_adam_update_(
     params = _as_list(params, "params")
     ids = _ids(params, tensor_ids)
     seeds, coeffs = _qs(seeds, coeffs)
-    if not params:
-        return
     if int(step) < 1:
         raise ValueError(f"step={step} must be >= 1 (the Adam step count after this update)")
-    b = resolve_backend(backend, _device_of(params))
+    b = _backend_for(backend, params)
     call_op(b, "zo_adam_update_", params=params, exp_avgs=_as_list(exp_avgs, "exp_avgs"),
           exp_avg_sqs=_as_list(exp_avg_sqs, "exp_avg_sqs"),
           history_buffers=_as_list(history_buffers, "history_buffers"), tensor_ids=ids, seeds=seeds, coeffs=coeffs,
