@@ -234,3 +234,20 @@ def test_face_empty_lists_still_run_as_no_ops():
     zk.zo_sgd_update_([], [1], [0.5], lr=0.1, momentum=0.9, backend="cpu" if _compiled.cpu_available() else "torch")
     zk.zo_adam_update_([], [], [], [], [], lr=0.1, step=1, backend="auto")
     zk.perturb_([], 1, 1.0, backend="cuda")       # a valid name; an empty list needs no device
+
+
+# ======================================================================================
+# Scalars beyond fp32's range
+# ======================================================================================
+def test_finite_coefficient_beyond_fp32_rounds_to_inf_on_every_backend(backend):
+    """docs/kernel-ops.md "Scalars": rounded to fp32 once, overflow gives inf (Triton refused
+    coeffs=[1e39] with "must be a float representable in float32")."""
+    be, dev = backend
+    for c in (1e39, -1e39, 3.4028235e38):          # the last rounds to FLT_MAX, finite
+        got = [torch.randn(5, generator=torch.Generator().manual_seed(2))]
+        want = [got[0].clone()]
+        got = [got[0].to(dev)]
+        zk.zo_sgd_update_(got, [1, 2], [c, 0.5], lr=1e-3, dist="rademacher", backend=be)
+        zk.zo_sgd_update_(want, [1, 2], [c, 0.5], lr=1e-3, dist="rademacher", backend="torch")
+        gb, wb = got[0].cpu().view(torch.int32), want[0].view(torch.int32)
+        assert torch.equal(gb, wb), f"coeffs=[{c}]: {got[0].cpu()} != {want[0]}"

@@ -214,12 +214,9 @@ def prepare_update(op, interp, params, buffer_lists, tensor_ids, seeds, coeffs, 
     if len(seeds) != len(coeffs):
         raise ValueError(f"{op}: seeds has {len(seeds)} entries but coeffs has {len(coeffs)}")
     seeds = [check_seed_arg(op, f"seeds[{j}]", s) for j, s in enumerate(seeds)]
-    cbits = []
-    for j, c in enumerate(coeffs):
-        try:
-            cbits.append(f32_bits(c))
-        except (TypeError, OverflowError, struct.error):
-            raise ValueError(f"{op}: coeffs[{j}]={c!r} must be a float representable in float32") from None
+    # Rounded to fp32 like every scalar (a finite value beyond fp32's range becomes inf, as on
+    # every backend), then passed as bits.
+    cbits = [f32_bits(f32(c, f"coeffs[{j}]", op)) for j, c in enumerate(coeffs)]
     d = check_dist(op, dist)
     T = check_threshold(op, mask_threshold)
     check_seed_arg(op, "mask_seed", mask_seed)
