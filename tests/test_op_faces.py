@@ -16,6 +16,7 @@ import torch
 
 import zfkernels as zk
 from zfkernels import _compiled
+from zfkernels import reference as R
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 GPU = torch.cuda.is_available()
@@ -251,3 +252,43 @@ def test_finite_coefficient_beyond_fp32_rounds_to_inf_on_every_backend(backend):
         zk.zo_sgd_update_(want, [1, 2], [c, 0.5], lr=1e-3, dist="rademacher", backend="torch")
         gb, wb = got[0].cpu().view(torch.int32), want[0].view(torch.int32)
         assert torch.equal(gb, wb), f"coeffs=[{c}]: {got[0].cpu()} != {want[0]}"
+
+
+# ======================================================================================
+# Stream integers outside 32 bits are refused, never wrapped
+# ======================================================================================
+@pytest.mark.parametrize("tensor_id", [2**32, -1, 2**40])
+@pytest.mark.parametrize("sparsity", [0.5, 0.0])
+def test_sparse_mask_refuses_an_id_outside_32_bits(tensor_id, sparsity):
+    """sparse_mask(tensor_id=2**32) returned tensor 0's mask, -1 tensor 2**32-1's."""
+    with pytest.raises(ValueError, match=r"tensor_id.*outside \[0, 2\*\*32\)"):
+        zk.sparse_mask(1, 64, sparsity, tensor_id=tensor_id)
+    with pytest.raises(ValueError, match=r"tensor_id.*outside \[0, 2\*\*32\)"):
+        zk.perturbation(1, 64, "rademacher", tensor_id=tensor_id, sparsity=sparsity, mask_seed=1)
+    assert zk.sparse_mask(1, 64, sparsity, tensor_id=2**32 - 1).shape == (64,)
+
+
+def test_sparse_mask_refuses_a_bad_mask_seed_even_without_sparsity():
+    with pytest.raises(ValueError, match="mask_seed"):
+        zk.sparse_mask(-1, 64, 0.0)
+
+
+@pytest.mark.parametrize("row", [[2**32, 0, 0, 0], [0, 0, 0, -1], [0, 2**40, 0, 0]])
+def test_philox_refuses_counters_outside_32_bits(backend, row):
+    """The reference masked them with 0xFFFFFFFF (backend 'torch' computed on value mod 2^32)
+    where the compiled and Triton ops refuse them."""
+    be, dev = backend
+    c = torch.tensor([[1, 2, 3, 4], row], dtype=torch.int64, device=dev)
+    with pytest.raises(ValueError, match=r"counters values must lie in \[0, 2\*\*32\)"):
+        zk.philox4x32_10(c, (0, 0), backend=be)
+
+
+def test_reference_philox_refuses_keys_and_counters_outside_32_bits():
+    ok = torch.tensor([[1, 2, 3, 4]], dtype=torch.int64)
+    with pytest.raises(ValueError, match="key0"):
+        R.philox4x32_10(ok, 2**32, 0)
+    with pytest.raises(ValueError, match="key1"):
+        R.philox4x32_10(ok, 0, -1)
+    with pytest.raises(ValueError, match="counters values"):
+        R.philox4x32_10(torch.tensor([[1, 2, 3, 4]], dtype=torch.int32) - 2, 0, 0)
+    assert R.philox4x32_10(torch.zeros(0, 4, dtype=torch.int64), 0, 0).shape == (0, 4)

@@ -39,14 +39,25 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def philox4x32_10(counters: torch.Tensor, key0: int, key1: int) -> torch.Tensor:
-    """Philox4x32-10 (§1). ``counters``: int64 ``[N, 4]`` with values in [0, 2^32)."""
+    """Philox4x32-10 (§1). ``counters``: int64 ``[N, 4]`` with values in [0, 2^32); keys in
+    [0, 2^32). A value outside that range is refused, as the compiled and Triton ops refuse it,
+    never reduced modulo 2^32."""
     if counters.dim() != 2 or counters.shape[1] != 4:
         raise ValueError(f"counters must have shape [N, 4], got {tuple(counters.shape)}")
     if counters.dtype not in (torch.int64, torch.int32, torch.uint32):
         raise ValueError(f"counters must be an integer tensor (int64), got {counters.dtype}")
-    c = counters.to(torch.int64) & S.MASK32
+    for name, k in (("key0", key0), ("key1", key1)):
+        if not 0 <= int(k) <= S.MASK32:
+            raise ValueError(f"zfkernels: {name}={k} must be a 32-bit unsigned integer in [0, 2**32)")
+    c = counters.to(torch.int64)
+    if c.numel() and not (int(c.min()) >= 0 and int(c.max()) <= S.MASK32):
+        raise ValueError("zfkernels: counters values must lie in [0, 2**32)")
+    return _philox(c, int(key0), int(key1))
+
+
+def _philox(c: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
+    """The ten rounds of :func:`philox4x32_10` on counters and keys already in range."""
     c0, c1, c2, c3 = c.unbind(1)
-    k0, k1 = int(key0) & S.MASK32, int(key1) & S.MASK32
     for _ in range(10):
         hi0, lo0 = _mulhilo(S.PHILOX_M0, c0)
         hi1, lo1 = _mulhilo(S.PHILOX_M1, c2)
@@ -59,11 +70,18 @@ def philox4x32_10(counters: torch.Tensor, key0: int, key1: int) -> torch.Tensor:
 def stream_words(seed: int, tensor_id: int, tag: int, blocks: torch.Tensor) -> torch.Tensor:
     """The Philox words of §2 for block indices ``blocks`` (int64): ``[len(blocks), 4]``."""
     k0, k1 = S.split_seed(S.check_seed(seed))
+    _check_tensor_id(tensor_id)
     counters = torch.stack(
         [blocks & S.MASK32, blocks >> 32, torch.full_like(blocks, tensor_id), torch.full_like(blocks, tag)],
         dim=1,
     )
-    return philox4x32_10(counters, k0, k1)
+    return _philox(counters, k0, k1)
+
+
+def _check_tensor_id(tensor_id: int) -> None:
+    """Tensor ids are counter words (§2): refused outside [0, 2^32), never wrapped."""
+    if not 0 <= int(tensor_id) < S.TENSOR_ID_LIMIT:
+        raise ValueError(f"zfkernels: tensor_id={tensor_id} is outside [0, 2**32); use a 32-bit unsigned id")
 
 
 def u_open(x: torch.Tensor) -> torch.Tensor:
@@ -208,7 +226,10 @@ GAUSSIAN_BOUND = 2.0 ** -18  # §5 absolute bound of any backend vs gaussian_flo
 
 
 def keep_mask(mask_seed: int, numel: int, tensor_id: int, mask_threshold: int, device="cpu") -> torch.Tensor:
-    """§6: bool keep-mask (False = coordinate zeroed). All True when threshold is 0."""
+    """§6: bool keep-mask (False = coordinate zeroed). All True when threshold is 0 (the
+    seed and id are checked all the same)."""
+    S.check_seed(mask_seed, "mask_seed")
+    _check_tensor_id(tensor_id)
     if mask_threshold == 0:
         return torch.ones(numel, dtype=torch.bool, device=device)
     i = torch.arange(numel, dtype=torch.int64, device=device)
