@@ -457,8 +457,8 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
         if not written:
             raise
         done = results.completed if results else 0
-        raise UnreadableImage(f"{e}, then continue the run with: zeroflow run --resume --out {run_dir} (its {done} "
-                              f"finished task(s) are kept)") from e
+        kept = f"its {done} finished task(s) are kept" if done else "no task had finished yet"
+        raise UnreadableImage(f"{e}, then continue the run with: zeroflow run --resume --out {run_dir} ({kept})") from e
     finally:
         if folder is not None:
             folder.release()          # removes the folder too if this run created it and wrote nothing
