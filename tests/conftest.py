@@ -33,6 +33,29 @@ def load_cuda_emulation(build_dir: str) -> None:
          build_directory=build_dir, is_python_module=False)
 
 
+def backend_params(*, reference_on_cpu: bool) -> list:
+    """The (backend, device) pairs present on this machine, as pytest params, each backend on
+    its own device: ``cpu`` (compiled), ``cuda`` (compiled) and native Triton with a GPU, else
+    Triton in its interpreter on CPU tensors, the reference (``torch``) on the GPU, and on
+    the CPU when ``reference_on_cpu`` (test_parity compares every other backend with it)."""
+    import zfkernels as zk
+    from zfkernels import _compiled
+
+    gpu, interp = torch.cuda.is_available(), os.environ.get("TRITON_INTERPRET") == "1"
+    out = [pytest.param(("torch", "cpu"), id="torch-cpu")] if reference_on_cpu else []
+    if _compiled.cpu_available():
+        out.append(pytest.param(("cpu", "cpu"), id="cpu"))
+    if gpu and _compiled.cuda_available():
+        out.append(pytest.param(("cuda", "cuda"), id="cuda"))
+    if gpu and zk._triton_usable_on("cuda") and not interp:
+        out.append(pytest.param(("triton", "cuda"), id="triton-cuda"))
+    elif zk._triton_usable_on("cpu"):
+        out.append(pytest.param(("triton", "cpu"), id="triton-interp"))
+    if gpu:
+        out.append(pytest.param(("torch", "cuda"), id="torch-cuda"))
+    return out
+
+
 if os.environ.get("ZF_EMULATE_CUDA_KERNELS"):
     load_cuda_emulation(os.environ["ZF_EMULATE_CUDA_KERNELS"])
 

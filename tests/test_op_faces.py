@@ -5,37 +5,19 @@ too; scalars beyond fp32's range; stream integers outside 32 bits).
 
 The backends are the ones present, each on its own device: on a CPU machine the compiled
 ``cpu`` op, the reference (``torch``) and Triton in its interpreter; with a GPU also ``cuda``
-and native Triton.
+and native Triton (and the reference on the GPU).
 """
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
 import zfkernels as zk
+from conftest import backend_params
 from zfkernels import _compiled
 from zfkernels import reference as R
 
-INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-GPU = torch.cuda.is_available()
-
-
-def _backends() -> list:
-    out = [pytest.param(("torch", "cpu"), id="torch-cpu")]
-    if _compiled.cpu_available():
-        out.append(pytest.param(("cpu", "cpu"), id="cpu"))
-    if GPU and _compiled.cuda_available():
-        out.append(pytest.param(("cuda", "cuda"), id="cuda"))
-    if GPU and zk._triton_usable_on("cuda") and not INTERP:
-        out.append(pytest.param(("triton", "cuda"), id="triton-cuda"))
-    elif zk._triton_usable_on("cpu"):
-        out.append(pytest.param(("triton", "cpu"), id="triton-interp"))
-    return out
-
-
-BACKENDS = _backends()
+BACKENDS = backend_params(reference_on_cpu=True)
 COMPILED = [p for p in BACKENDS if p.values[0][0] in ("cpu", "cuda")]
 
 

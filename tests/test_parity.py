@@ -22,6 +22,7 @@ import torch
 
 import zfkernels as zk
 from zfkernels import _compiled, opspec
+from conftest import backend_params
 from zfkernels import reference as R
 from zfkernels import stream as S
 
@@ -31,23 +32,7 @@ INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 GPU = torch.cuda.is_available()
 
 
-def _backends() -> list:
-    """(backend, device) pairs present on this machine, as pytest params."""
-    out = []
-    if _compiled.cpu_available():
-        out.append(pytest.param(("cpu", "cpu"), id="cpu"))
-    if GPU and _compiled.cuda_available():
-        out.append(pytest.param(("cuda", "cuda"), id="cuda"))
-    if GPU and zk._triton_usable_on("cuda") and not INTERP:
-        out.append(pytest.param(("triton", "cuda"), id="triton-cuda"))
-    elif zk._triton_usable_on("cpu"):
-        out.append(pytest.param(("triton", "cpu"), id="triton-interp"))
-    if GPU:
-        out.append(pytest.param(("torch", "cuda"), id="torch-cuda"))
-    return out
-
-
-BACKENDS = _backends()
+BACKENDS = backend_params(reference_on_cpu=False)
 COMPILED = [p for p in BACKENDS if p.values[0][0] in ("cpu", "cuda")]
 
 
