@@ -226,3 +226,52 @@ def test_numpy_and_tensor_scalars_still_pass_the_option_checks():
     opt = ZOFusedAdam(model.parameters(), lr=torch.tensor(0.01), zo_eps=np.float32(1e-2),
                       betas=(np.float32(0.9), 0.99), weight_decay=np.float64(0.0))
     assert torch.isfinite(opt.step(lambda: loss_of(model)))
+
+
+# ------------------------------------------------------------------ ^C between kernel calls
+def _interrupting_after(k, monkeypatch):
+    """call_op that sends this process a SIGINT right after its k-th call returns: a ^C that
+    lands between a kernel and the step's note of what it wrote (KeyboardInterrupt comes at
+    the next bytecode, wherever Python is then)."""
+    import os
+    import signal
+
+    import zfkernels
+    real, calls = zfkernels.call_op, [0]
+
+    def call_op(*a, **kw):
+        out = real(*a, **kw)
+        calls[0] += 1
+        if calls[0] == k:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+    monkeypatch.setattr(zfkernels, "call_op", call_op)
+    return calls
+
+
+@pytest.mark.parametrize("cls,kw", [(ZOFusedSGD, dict(momentum=0.9)), (ZOFusedAdam, dict(conserve=True)),
+                                    (ZOFusedSGD, dict(q=2, conserve=True))])
+def test_a_ctrl_c_after_any_kernel_call_leaves_theta_at_a_step_boundary(cls, kw, monkeypatch):
+    # before: a ^C right after a kernel returned left theta at theta0 + update + eps z (the
+    # restore was taken back twice) or conserve at theta0 +- 2 Delta
+    def fresh():
+        model = make_mlp(6, 4, 1)
+        return model, cls([{"params": model[0].parameters()}, {"params": model[2].parameters()}],
+                          lr=0.1, zo_eps=1e-2, seed=9, **kw)
+    model, opt = fresh()
+    start = snapshot(model)
+    with monkeypatch.context() as m:
+        calls = _interrupting_after(0, m)
+        opt.step(lambda: loss_of(model))
+    after_step, n_calls = snapshot(model), calls[0]
+    assert n_calls >= 5
+    for k in range(1, n_calls + 1):
+        model, opt = fresh()
+        with monkeypatch.context() as m:
+            _interrupting_after(k, m)
+            with pytest.raises(KeyboardInterrupt):        # held, never lost
+                opt.step(lambda: loss_of(model))
+        at_start, at_end = max_moved(model, start), max_moved(model, after_step)
+        assert at_start <= MOVED or at_end == 0.0, (k, at_start, at_end)
+        assert opt.step_count == 1
+        assert torch.isfinite(opt.step(lambda: loss_of(model)))
