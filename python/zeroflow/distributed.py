@@ -236,9 +236,17 @@ def _zo_of(optimizer):
 
 
 def _jsonable(v):
+    """``v`` as a JSON value, exactly: a one-element tensor or a numpy scalar (the optimizers
+    accept ``numpy.float32(2e-3)`` and ``torch.tensor(2e-3)`` as options) becomes the Python
+    number of the same value and kind (float32 -> float is exact), a tuple a list; a non-finite
+    float its repr."""
     if isinstance(v, torch.Tensor):
-        return float(v) if v.numel() == 1 else v.tolist()
-    if isinstance(v, tuple):
+        v = v.item() if v.numel() == 1 else v.tolist()
+    elif type(v).__module__ == "numpy":     # numpy scalars and arrays, without importing numpy
+        v = v.tolist()                      # Python int / float / bool (or nested lists), exact
+        if type(v).__module__ == "numpy":   # numpy.longdouble stays itself
+            v = float(v)
+    if isinstance(v, (tuple, list)):
         return [_jsonable(x) for x in v]
     if isinstance(v, float) and not math.isfinite(v):
         return repr(v)

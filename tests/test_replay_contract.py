@@ -1,0 +1,72 @@
+"""What a trajectory log promises beyond the bit-exact replay of test_replay.py: the replayed
+weights load back as the trained model with tied weights; a log covers one parameter layout
+(add_param_group is refused at the next step, the log stays valid); numpy / tensor group
+options are logged exactly; a step that failed in its update is recorded and refused by name
+at replay; malformed inputs are a ReplayError (CLI exit 2, nothing at --out), not a traceback."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_data, make_mlp
+from zeroflow.distributed import _jsonable
+from zeroflow.optim import create, train_step
+from zeroflow.replay import (TrajectoryRecorder, read_log, replay, save_base)
+
+warnings.filterwarnings("ignore", message="zfkernels: the compiled")
+
+
+def _steps(opt, closure, n):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(n):
+            train_step(opt, closure)
+
+
+def _equal_models(a: dict, b: dict) -> list[str]:
+    """The state_dict entries that differ (or are missing) between a and b."""
+    return [k for k in set(a) | set(b) if k not in a or k not in b or not torch.equal(a[k], b[k])]
+
+
+# ---------------------------------------------------------------------------- option types
+def test_jsonable_numpy_and_tensor_scalars_exact():
+    v = _jsonable(np.float32(2e-3))
+    assert type(v) is float and v == float(np.float32(2e-3)) and np.float32(v) == np.float32(2e-3)
+    assert _jsonable(np.float64(0.1)) == 0.1 and type(_jsonable(np.int64(3))) is int
+    assert _jsonable(np.bool_(True)) is True and _jsonable(torch.tensor(True)) is True
+    assert _jsonable(torch.tensor(2e-3)) == float(torch.tensor(2e-3)) and type(_jsonable(torch.tensor(3))) is int
+    assert _jsonable((np.float32(0.5), torch.tensor(0.25))) == [0.5, 0.25]
+    assert _jsonable(np.array([1.0, np.inf])) == [1.0, "inf"]
+    json.dumps([_jsonable(x) for x in (np.float16(1.5), np.longdouble(0.5), np.uint8(7))])
+
+
+@pytest.mark.parametrize("optimizer", ["zo_sgd", "zo_adam"])
+def test_numpy_and_tensor_group_options_are_recorded_and_replay(tmp_path, optimizer):
+    """The optimizers take numpy.float32 options; the recorder logs them as the same numbers
+    (the step neither raises after it was applied nor goes missing from the log)."""
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    kw = {"momentum": 0.9} if optimizer == "zo_sgd" else {}
+    opt = create(optimizer, m.parameters(), lr=1e-2, zo_eps=1e-3, seed=3, backend="cpu", **kw)
+    base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
+    save_base(base, m)
+    with TrajectoryRecorder(log, opt, model=m):
+        _steps(opt, lambda: F.mse_loss(m(X), Y), 2)
+        g = opt.param_groups[0]
+        g["zo_eps"] = np.float32(2e-3)
+        g["weight_decay"] = torch.tensor(1e-2)
+        if optimizer == "zo_sgd":
+            g["momentum"] = np.float64(0.8)
+        else:
+            g["betas"] = (np.float32(0.8), np.float32(0.99))
+        _steps(opt, lambda: F.mse_loss(m(X), Y), 3)
+    _, records = read_log(log)
+    assert sum(r[0] == "step" for r in records) == 5
+    opts = [r[1] for r in records if r[0] == "options"]
+    assert opts and opts[-1][0]["zo_eps"] == float(np.float32(2e-3))
+    assert _equal_models(replay(base, log), m.state_dict()) == []
