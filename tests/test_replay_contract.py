@@ -6,7 +6,10 @@ at replay; malformed inputs are a ReplayError (CLI exit 2, nothing at --out), no
 from __future__ import annotations
 
 import json
+import os
+import struct
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -15,8 +18,9 @@ import torch.nn.functional as F
 
 from conftest import make_data, make_mlp
 from zeroflow.distributed import _jsonable
-from zeroflow.optim import create, train_step
-from zeroflow.replay import (TrajectoryRecorder, read_log, replay, save_base)
+from zeroflow.optim import ZOFusedSGD, create, train_step
+from zeroflow.replay import (MAGIC, ReplayError, TrajectoryRecorder, read_log, replay, replay_main,
+                             save_base)
 
 warnings.filterwarnings("ignore", message="zfkernels: the compiled")
 
@@ -70,3 +74,80 @@ def test_numpy_and_tensor_group_options_are_recorded_and_replay(tmp_path, optimi
     opts = [r[1] for r in records if r[0] == "options"]
     assert opts and opts[-1][0]["zo_eps"] == float(np.float32(2e-3))
     assert _equal_models(replay(base, log), m.state_dict()) == []
+
+
+# ---------------------------------------------------------------------------- malformed inputs
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    opt = ZOFusedSGD(m.parameters(), lr=1e-2, seed=3, backend="cpu")
+    base, log = str(d / "b.pt"), str(d / "r.zft")
+    save_base(base, m)
+    with TrajectoryRecorder(log, opt, model=m):
+        _steps(opt, lambda: F.mse_loss(m(X), Y), 3)
+    return base, log
+
+
+def _edit_header(log, out, edit):
+    with open(log, "rb") as f:
+        data = f.read()
+    (n,) = struct.unpack_from("<I", data, 8)
+    header = json.loads(data[12:12 + n])
+    edit(header)
+    h = json.dumps(header, sort_keys=True).encode()
+    with open(out, "wb") as f:
+        f.write(MAGIC + struct.pack("<I", len(h)) + h + struct.pack("<I", zlib.crc32(h)) + data[12 + n + 4:])
+
+
+def _refused(tmp_path, capsys, base, log, match):
+    with pytest.raises(ReplayError, match=match):
+        replay(base, log)
+    out = str(tmp_path / "w.pt")
+    assert replay_main([base, log, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zeroflow replay: error:") and "Traceback" not in err, err
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("key", ["global", "groups", "seed", "start_step", "start_task", "fresh_state",
+                                 "resolved_backend", "base_sha256"])
+def test_header_without_a_key_refused(tmp_path, capsys, small_run, key):
+    bad = str(tmp_path / "bad.zft")
+    _edit_header(small_run[1], bad, lambda h: h.pop(key))
+    _refused(tmp_path, capsys, small_run[0], bad, f"malformed log header \\(no '{key}'\\)")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda h: h.update(seed="3"), "'seed' is str"),
+    (lambda h: h.update(groups=[]), "no param groups"),
+    (lambda h: h["groups"][0].pop("names"), "group 0 has no 'names'"),
+    (lambda h: h["groups"][0]["shapes"].pop(), "4 names, 3 shapes"),
+    (lambda h: h.update(aliases=["x"]), "'aliases'"),
+    (lambda h: h["global"].update(q=0), "options are refused by ZOFusedSGD"),
+    (lambda h: h["global"].update(bogus=1), "options are refused by ZOFusedSGD"),
+])
+def test_malformed_header_refused(tmp_path, capsys, small_run, edit, match):
+    bad = str(tmp_path / "bad.zft")
+    _edit_header(small_run[1], bad, edit)
+    _refused(tmp_path, capsys, small_run[0], bad, match)
+
+
+def test_header_not_an_object_refused(tmp_path, capsys, small_run):
+    with open(small_run[1], "rb") as f:
+        data = f.read()
+    (n,) = struct.unpack_from("<I", data, 8)
+    bad = str(tmp_path / "bad.zft")
+    for h in (b"[1, 2]", b"\xff{"):
+        with open(bad, "wb") as f:
+            f.write(MAGIC + struct.pack("<I", len(h)) + h + struct.pack("<I", zlib.crc32(h)) + data[12 + n + 4:])
+        _refused(tmp_path, capsys, small_run[0], bad, "corrupt log.*header")
+
+
+def test_non_tensor_base_entry_refused(tmp_path, capsys, small_run):
+    sd = torch.load(small_run[0], weights_only=True)["model"]
+    sd["0.weight"] = 3
+    base = str(tmp_path / "nontensor.pt")
+    torch.save(sd, base)
+    _refused(tmp_path, capsys, base, small_run[1], "BASE entry '0.weight' is not a tensor but int")

@@ -235,7 +235,12 @@ def read_log(path: str) -> tuple[dict, list[tuple]]:
     (crc,) = struct.unpack("<I", take(4, "header checksum"))
     if zlib.crc32(hdr) != crc:
         raise ReplayError(f"{path}: corrupt log (header checksum mismatch)")
-    header = json.loads(hdr.decode())
+    try:
+        header = json.loads(hdr.decode())
+    except ValueError as e:         # bad UTF-8 or JSON behind a valid crc: another writer
+        raise ReplayError(f"{path}: corrupt log (the header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise ReplayError(f"{path}: corrupt log (the header is not a JSON object)")
     records: list[tuple] = []
     while True:
         if pos == len(data):
@@ -265,7 +270,10 @@ def read_log(path: str) -> tuple[dict, list[tuple]]:
                     raise ReplayError("length")
                 records.append(("step", step, flags, task, lrs, sc))
             elif kind == K_OPTIONS:
-                records.append(("options", json.loads(payload[1:].decode())))
+                opts = json.loads(payload[1:].decode())
+                if not (isinstance(opts, list) and all(isinstance(o, dict) for o in opts)):
+                    raise ReplayError("options are not a list of objects")
+                records.append(("options", opts))
             elif kind == K_END:
                 nsteps, nxt = struct.unpack_from("<QQ", payload, 1)
                 if len(payload) != 17 + 32:
@@ -330,6 +338,7 @@ def _replay_records(base, header: dict, records: list, *, backend: str | None, d
     import zfkernels
 
     cls = _optimizer_class(header)
+    _check_header(header)
     sd, opt_sd = _load_base(base)
     device = torch.device(device)
     groups, names, tensors = _base_params(sd, header, device)
@@ -347,6 +356,48 @@ def _replay_records(base, header: dict, records: list, *, backend: str | None, d
     for n, t in zip(names, tensors):
         out[n] = t.detach().requires_grad_(False).to(sd[n].device)
     return out
+
+
+# What the header of a log holds, and the JSON type of each entry (format, stream and optimizer
+# are checked first, by _optimizer_class).
+_HEADER_KEYS = {"seed": int, "global": dict, "resolved_backend": dict, "start_step": int, "start_task": int,
+                "fresh_state": bool, "groups": list, "base_sha256": str}
+
+
+def _check_header(header: dict) -> None:
+    """ReplayError unless the header has every entry replay reads, of the right type (a log
+    from another writer, or an edited one with a recomputed crc, fails here, not in a KeyError)."""
+    def bad(what: str):
+        raise ReplayError(f"malformed log header ({what}): not a header written by TrajectoryRecorder")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for k, t in _HEADER_KEYS.items():
+        if k not in header:
+            bad(f"no {k!r}")
+        v = header[k]
+        if not (is_int(v) if t is int else isinstance(v, t)):
+            bad(f"{k!r} is {type(v).__name__}, expected {t.__name__}")
+    if not header["groups"]:
+        bad("no param groups")
+    for gi, g in enumerate(header["groups"]):
+        if not isinstance(g, dict):
+            bad(f"group {gi} is {type(g).__name__}")
+        for k, t in (("names", list), ("shapes", list), ("dtypes", list), ("options", dict), ("lr", (int, float))):
+            if k not in g:
+                bad(f"group {gi} has no {k!r}")
+            if not isinstance(g[k], t) or isinstance(g[k], bool):
+                bad(f"group {gi}: {k!r} is {type(g[k]).__name__}")
+        if not (len(g["names"]) == len(g["shapes"]) == len(g["dtypes"])):
+            bad(f"group {gi}: {len(g['names'])} names, {len(g['shapes'])} shapes, {len(g['dtypes'])} dtypes")
+        if not (all(isinstance(n, str) for n in g["names"]) and all(isinstance(d, str) for d in g["dtypes"])
+                and all(isinstance(sh, list) and all(is_int(x) and x >= 0 for x in sh) for sh in g["shapes"])):
+            bad(f"group {gi}: a name, shape or dtype of the wrong type")
+    aliases = header.get("aliases", {})
+    if not (isinstance(aliases, dict)
+            and all(isinstance(v, list) and all(isinstance(a, str) for a in v) for v in aliases.values())):
+        bad("'aliases' is not an object of name lists")
 
 
 def _optimizer_class(header: dict):
@@ -381,6 +432,9 @@ def _base_params(sd: dict, header: dict, device: torch.device):
                 raise ReplayError(f"BASE has no tensor {n!r} (the log optimizes {len(g['names'])} tensors of "
                                   f"group {gi})")
             t = sd[n]
+            if not isinstance(t, torch.Tensor):
+                raise ReplayError(f"BASE entry {n!r} is not a tensor but {type(t).__name__} (the log expects "
+                                  f"{tuple(shape)} {dt})")
             if list(t.shape) != shape or str(t.dtype).replace("torch.", "") != dt:
                 raise ReplayError(f"BASE tensor {n!r} is {tuple(t.shape)} {t.dtype}, the log expects "
                                   f"{tuple(shape)} {dt}")
@@ -397,12 +451,18 @@ def _base_params(sd: dict, header: dict, device: torch.device):
 def _rebuilt_optimizer(cls, header: dict, groups: list, opt_sd, backend: str):
     """The recording optimizer as it was when the log started (options, seed, state, step
     and task counters), running ``backend``."""
-    opt = cls(groups, seed=header["seed"], **dict(header["global"], backend=backend))
+    try:
+        opt = cls(groups, seed=header["seed"], **dict(header["global"], backend=backend))
+    except (TypeError, ValueError) as e:
+        raise ReplayError(f"the log's options are refused by {cls.__name__}: {e}") from None
     if not header["fresh_state"]:
         if opt_sd is None:
             raise ReplayError("the log started with non-empty optimizer state; BASE must contain it "
                               "(save_base(path, model, optimizer))")
-        opt.load_state_dict(opt_sd)
+        try:
+            opt.load_state_dict(opt_sd)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ReplayError(f"BASE's optimizer state cannot be loaded: {e}") from None
     opt._n = int(header["start_step"])
     opt._task = int(header["start_task"])
     return opt
@@ -430,6 +490,8 @@ def _play(opt, records: list) -> None:
     zero = lambda: 0.0  # noqa: E731
     for rec in records:
         if rec[0] == "options":
+            if len(rec[1]) != len(opt.param_groups):
+                raise ReplayError("log inconsistent: options record does not match the number of param groups")
             for g, o in zip(opt.param_groups, rec[1]):
                 g.update(_options_from_log(o))
             continue
