@@ -20,7 +20,7 @@ from conftest import make_data, make_mlp
 from zeroflow.distributed import _jsonable
 from zeroflow.optim import ZOFusedSGD, create, train_step
 from zeroflow.replay import (MAGIC, ReplayError, TrajectoryRecorder, read_log, replay, replay_main,
-                             save_base)
+                             replay_to_file, save_base)
 
 warnings.filterwarnings("ignore", message="zfkernels: the compiled")
 
@@ -35,6 +35,81 @@ def _steps(opt, closure, n):
 def _equal_models(a: dict, b: dict) -> list[str]:
     """The state_dict entries that differ (or are missing) between a and b."""
     return [k for k in set(a) | set(b) if k not in a or k not in b or not torch.equal(a[k], b[k])]
+
+
+# ---------------------------------------------------------------------------- tied weights
+class Tied(torch.nn.Module):
+    """A decoder tied to the embedding (two state_dict names, one parameter) and an untied layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(7, 6)
+        self.mid = torch.nn.Linear(6, 6)
+        self.dec = torch.nn.Linear(6, 7, bias=False)
+        self.dec.weight = self.emb.weight
+
+    def forward(self, t):
+        return self.dec(torch.tanh(self.mid(self.emb(t))))
+
+
+@pytest.mark.parametrize("how", ["model", "model_base_untied", "names"])
+def test_tied_weights_replay_loads_as_the_trained_model(tmp_path, how):
+    """Every name of a replayed tensor holds its final value: model.load_state_dict(replayed)
+    gives the trained model. The aliases come from the header (model=), or from BASE itself when
+    its entries are the same tensor (names=, or a log without them)."""
+    m = Tied()
+    g = torch.Generator().manual_seed(1)
+    t, y = torch.randint(0, 7, (32,), generator=g), torch.randint(0, 7, (32,), generator=g)
+    opt = ZOFusedSGD(m.parameters(), lr=0.1, momentum=0.5, seed=5, backend="cpu")
+    base, log, out = (str(tmp_path / f) for f in ("base.pt", "run.zft", "w.pt"))
+    if how == "model_base_untied":      # a BASE whose two names are separate copies (re-saved, cloned)
+        torch.save({"model": {k: v.clone() for k, v in m.state_dict().items()}}, base)
+    else:
+        save_base(base, m)
+    kw = {"names": [n for n, _ in m.named_parameters()]} if how == "names" else {"model": m}
+    with TrajectoryRecorder(log, opt, **kw):
+        _steps(opt, lambda: F.cross_entropy(m(t), y), 6)
+    trained = {k: v.clone() for k, v in m.state_dict().items()}
+    assert not torch.equal(trained["dec.weight"], torch.load(base, weights_only=True)["model"]["dec.weight"])
+    if how == "model":
+        assert read_log(log)[0]["aliases"] == {"emb.weight": ["dec.weight"]}
+    replay_to_file(base, log, out)
+    fresh = Tied()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)                 # nothing of the fresh model's own values may survive
+    fresh.load_state_dict(torch.load(out, weights_only=True))
+    assert _equal_models(fresh.state_dict(), trained) == []
+    assert fresh.dec.weight is fresh.emb.weight
+
+
+def test_tied_alias_of_another_shape_in_base_refused(tmp_path):
+    m = Tied()
+    opt = ZOFusedSGD(m.parameters(), lr=0.1, seed=5, backend="cpu")
+    base, log = str(tmp_path / "base.pt"), str(tmp_path / "run.zft")
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    t = torch.arange(7)
+    with TrajectoryRecorder(log, opt, model=m):
+        _steps(opt, lambda: F.cross_entropy(m(t), t), 2)
+    sd["dec.weight"] = torch.zeros(3)
+    torch.save(sd, base)
+    with pytest.raises(ReplayError, match="'dec.weight'.*another name of 'emb.weight'"):
+        replay(base, log)
+
+
+def test_log_without_aliases_still_replays(tmp_path):
+    """Logs written before the header had 'aliases' replay as before."""
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    opt = ZOFusedSGD(m.parameters(), lr=1e-2, seed=5, backend="cpu")
+    base, log, old = (str(tmp_path / f) for f in ("base.pt", "run.zft", "old.zft"))
+    save_base(base, m)
+    with TrajectoryRecorder(log, opt, model=m):
+        _steps(opt, lambda: F.mse_loss(m(X), Y), 3)
+    _edit_header(log, old, lambda h: h.pop("aliases"))
+    assert "aliases" not in read_log(old)[0]
+    assert _equal_models(replay(base, old), m.state_dict()) == []
 
 
 # ---------------------------------------------------------------------------- option types

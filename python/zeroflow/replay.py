@@ -98,7 +98,11 @@ class TrajectoryRecorder:
     has state (momentum, Adam moments) pass it to ``save_base`` too. ``close()`` (or the
     context manager) writes the end record with the checksum of the final weights; a log
     without it is refused as truncated. Data-parallel: record on rank 0 only (every rank
-    consumes identical scalars)."""
+    consumes identical scalars).
+
+    A parameter shared under several names (tied weights: ``model.named_parameters()`` with
+    duplicates) is logged under its first name and its other names are kept in the header, so
+    that replay writes the trained value under every name."""
 
     def __init__(self, path: str, optimizer, *, model: torch.nn.Module | None = None,
                  names: Sequence[str] | None = None, flush_every: int = 100):
@@ -113,17 +117,20 @@ class TrajectoryRecorder:
         if opt.step_hook is not None:
             raise RuntimeError("this optimizer already has a step hook (another recorder?)")
         params = [p for g in opt.param_groups for p in g["params"]]
+        aliases = {}
         if names is None:
             if model is None:
                 names = [f"param{k}" for k in range(len(params))]
             else:
-                by_id = {}
+                by_id: dict[int, list[str]] = {}
                 for n, p in model.named_parameters(remove_duplicate=False):
-                    by_id.setdefault(id(p), n)
+                    by_id.setdefault(id(p), []).append(n)
                 missing = [k for k, p in enumerate(params) if id(p) not in by_id]
                 if missing:
                     raise ValueError(f"optimized parameters {missing} are not parameters of model=")
-                names = [by_id[id(p)] for p in params]
+                names = [by_id[id(p)][0] for p in params]
+                # tied weights: the other names of a parameter hold the same tensor in the state_dict
+                aliases = {by_id[id(p)][0]: by_id[id(p)][1:] for p in params if len(by_id[id(p)]) > 1}
         names = list(names)
         if len(names) != len(params) or len(set(names)) != len(names):
             raise ValueError("names= must give one distinct name per optimized parameter, in optimizer order")
@@ -140,7 +147,7 @@ class TrajectoryRecorder:
             "format": LOG_FORMAT, "stream": STREAM_VERSION, "optimizer": type(opt).__name__, "seed": opt.seed,
             **zo_options(opt),
             "start_step": opt.step_count, "start_task": opt._task, "fresh_state": fresh,
-            "groups": groups, "base_sha256": weights_sha256(names, params),
+            "groups": groups, "aliases": aliases, "base_sha256": weights_sha256(names, params),
             "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         self._lrs = [g["lr"] for g in groups]
@@ -352,9 +359,39 @@ def _replay_records(base, header: dict, records: list, *, backend: str | None, d
                           f"with backend {used!r} on {device}, recorded with {rec_backends}): BASE or the log does not "
                           "belong to this run (or it is a Gaussian log recorded with backend 'triton' or 'torch' "
                           "before every backend computed the same bits, 2026-11-30)")
+    return _output(sd, header, names, tensors)
+
+
+def _output(sd: dict, header: dict, names: list, tensors: list) -> dict:
+    """BASE's state_dict with every name of each replayed tensor holding its final value: its
+    logged name and its other names, the tied weights' aliases (from the header, and any BASE
+    entry that is the very same tensor view as the logged one). An alias left at its BASE
+    value would be loaded after the trained tensor by ``load_state_dict`` and undo training."""
+    def view(t):
+        if not isinstance(t, torch.Tensor) or t.numel() == 0:
+            return None
+        return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+    logged = set(names)
+    shared: dict = {}
+    for k, t in sd.items():
+        v = view(t)
+        if v is not None and k not in logged:
+            shared.setdefault(v, []).append(k)
+    aliases = header.get("aliases") or {}
     out = dict(sd)
     for n, t in zip(names, tensors):
-        out[n] = t.detach().requires_grad_(False).to(sd[n].device)
+        final = t.detach().requires_grad_(False).to(sd[n].device)
+        out[n] = final
+        for a in list(aliases.get(n, ())) + shared.get(view(sd[n]), []):
+            if a not in sd or a in logged:
+                continue
+            b = sd[a]
+            if not isinstance(b, torch.Tensor) or b.shape != final.shape or b.dtype != final.dtype:
+                desc = f"{tuple(b.shape)} {b.dtype}" if isinstance(b, torch.Tensor) else type(b).__name__
+                raise ReplayError(f"BASE entry {a!r} is {desc}, but the log records it as another name of {n!r} "
+                                  f"({tuple(final.shape)} {final.dtype}, tied weights)")
+            out[a] = final if b.device == final.device else final.to(b.device)
     return out
 
 
