@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from conftest import make_data, make_mlp
 from zeroflow.distributed import _jsonable
-from zeroflow.optim import ZOFusedSGD, create, train_step
+from zeroflow.optim import ZOFusedAdam, ZOFusedSGD, create, train_step
 from zeroflow.replay import (MAGIC, ReplayError, TrajectoryRecorder, read_log, replay, replay_main,
                              replay_to_file, save_base)
 
@@ -110,6 +110,56 @@ def test_log_without_aliases_still_replays(tmp_path):
     _edit_header(log, old, lambda h: h.pop("aliases"))
     assert "aliases" not in read_log(old)[0]
     assert _equal_models(replay(base, old), m.state_dict()) == []
+
+
+# ---------------------------------------------------------------------------- add_param_group
+def test_add_param_group_refused_at_the_next_step_log_stays_valid(tmp_path):
+    """The continual 'new head' pattern: the step after add_param_group is refused before it
+    runs, naming add_param_group; the log is closed at the step before and replays to the
+    weights of then; a new log started after adding the group replays the rest."""
+    body, head = make_mlp(5, 8, 2, seed=0), torch.nn.Linear(8, 2)
+    full = torch.nn.ModuleDict({"body": body, "head": head})
+    X, Y = make_data(16, 5, 2)
+
+    def loss():
+        return F.mse_loss(body(X) + head(torch.tanh(body[0](X))), Y)
+
+    opt = ZOFusedAdam(body.parameters(), lr=1e-2, seed=3, backend="cpu")
+    base, log = str(tmp_path / "t0.base.pt"), str(tmp_path / "t0.zft")
+    save_base(base, full)
+    with TrajectoryRecorder(log, opt, model=full):
+        _steps(opt, loss, 3)
+        opt.add_param_group({"params": list(head.parameters()), "lr": 1e-2})
+        before = {k: v.clone() for k, v in full.state_dict().items()}
+        with pytest.raises(RuntimeError, match=r"add_param_group.*1 param group\(s\) of \[4\].*2 of \[4, 2\]"
+                                               r".*start a new log after adding the group"):
+            _steps(opt, loss, 1)
+    assert opt.step_count == 3                          # the refused step did not run
+    assert _equal_models(full.state_dict(), before) == []
+    assert opt.step_hook is None and not opt._optimizer_step_pre_hooks   # the recorder let go
+    header, records = read_log(log)
+    assert records[-1][:3] == ("end", 3, 3)
+    assert _equal_models(replay(base, log), before) == []
+    # what the message says: a new log from now, with the optimizer's state
+    base1, log1 = str(tmp_path / "t1.base.pt"), str(tmp_path / "t1.zft")
+    save_base(base1, full, opt)
+    with TrajectoryRecorder(log1, opt, model=full):
+        _steps(opt, loss, 3)
+    assert _equal_models(replay(base1, log1), full.state_dict()) == []
+
+
+def test_closing_before_add_param_group_is_fine(tmp_path):
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    opt = ZOFusedSGD(list(m[0].parameters()), lr=1e-2, seed=3, backend="cpu")
+    base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
+    save_base(base, m)
+    rec = TrajectoryRecorder(log, opt, model=m)
+    _steps(opt, lambda: F.mse_loss(m(X), Y), 2)
+    rec.close()
+    opt.add_param_group({"params": list(m[2].parameters())})
+    _steps(opt, lambda: F.mse_loss(m(X), Y), 1)         # no recorder left behind to refuse it
+    assert opt.step_count == 3
 
 
 # ---------------------------------------------------------------------------- option types

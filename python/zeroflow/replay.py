@@ -102,7 +102,13 @@ class TrajectoryRecorder:
 
     A parameter shared under several names (tied weights: ``model.named_parameters()`` with
     duplicates) is logged under its first name and its other names are kept in the header, so
-    that replay writes the trained value under every name."""
+    that replay writes the trained value under every name.
+
+    A log covers one parameter layout: a step after ``add_param_group`` (or any other change of
+    the optimized tensors, their shapes or dtypes) is refused before it runs with a
+    RuntimeError, and the log is closed at the previous step (valid, it replays to the weights
+    before the refused step). Close the recorder and start a new log after adding the group
+    (``save_base(path, model, optimizer)`` + a new recorder), e.g. one log per task."""
 
     def __init__(self, path: str, optimizer, *, model: torch.nn.Module | None = None,
                  names: Sequence[str] | None = None, flush_every: int = 100):
@@ -153,6 +159,7 @@ class TrajectoryRecorder:
         self._lrs = [g["lr"] for g in groups]
         self._opts = [g["options"] for g in groups]
         self._task = opt._task
+        self._layout = self._layout_of(opt)
         self._steps = 0
         self._flush_every = max(1, int(flush_every))
         self.bytes_written = 0
@@ -161,6 +168,38 @@ class TrajectoryRecorder:
         hdr = json.dumps(self.header, sort_keys=True).encode()
         self._write(MAGIC + struct.pack("<I", len(hdr)) + hdr + struct.pack("<I", zlib.crc32(hdr)))
         opt.step_hook = self._on_step
+        # checked before every step, so that a step on another layout never runs while recording
+        self._pre_hook = opt.register_step_pre_hook(self._before_step)
+
+    @staticmethod
+    def _layout_of(opt) -> list:
+        """What the log's header fixes: the groups and, in each, the parameters with their shapes
+        and dtypes."""
+        return [[(id(p), p.shape, p.dtype) for p in g["params"]] for g in opt.param_groups]
+
+    def _layout_change(self, opt) -> str | None:
+        """How the optimizer's parameters differ from those the log started with, or None."""
+        now = self._layout_of(opt)
+        if now == self._layout:
+            return None
+        sizes, was = [len(g) for g in now], [len(g) for g in self._layout]
+        if sizes != was:
+            return (f"the log started with {len(was)} param group(s) of {was} parameters, the optimizer now has "
+                    f"{len(sizes)} of {sizes}")
+        return "the optimized tensors, or their shapes or dtypes, are not those the log started with"
+
+    def _before_step(self, opt, args, kwargs) -> None:
+        change = self._layout_change(opt)
+        if change is None:
+            return
+        n = opt.step_count
+        self.close()        # the end record: the weights now, after step n - 1 (step n has not run)
+        raise RuntimeError(
+            f"TrajectoryRecorder: step {n} refused: the optimizer's parameters changed while recording "
+            f"(add_param_group?): {change}. A trajectory log covers one parameter layout; this step did not run "
+            f"and {self.path} was closed after the previous step (it replays to the weights of now). Close the "
+            "recorder before the next step and start a new log after adding the group: save_base(path, model, "
+            "optimizer) and a new TrajectoryRecorder (e.g. one log per task).")
 
     def _write(self, b: bytes) -> None:
         self._f.write(b)
@@ -172,6 +211,16 @@ class TrajectoryRecorder:
     def _on_step(self, opt, info: dict) -> None:
         from zeroflow.distributed import group_options
 
+        if [len(g["params"]) for g in opt.param_groups] != [len(g) for g in self._layout]:
+            # changed during the step (_before_step saw the old layout: the closure added a group):
+            # the step ran and cannot be logged, and the weights after the step before it are gone,
+            # so no end record can be written; the log is left without one (refused as truncated)
+            self._abandon()
+            raise RuntimeError(
+                f"TrajectoryRecorder: the optimizer's param groups changed during step {info['step']} "
+                f"(add_param_group in the closure?): {self._layout_change(opt)}. The step ran (or failed) on "
+                f"parameters the log does not hold, so {self.path} cannot be completed (it has no end record and "
+                "replay refuses it). Add groups between steps, after closing the recorder, and start a new log then.")
         opts = [group_options(g, with_lr=False) for g in opt.param_groups]
         if opts != self._opts:
             self._record(bytes([K_OPTIONS]) + json.dumps(opts, sort_keys=True).encode())
@@ -194,11 +243,25 @@ class TrajectoryRecorder:
         if self._steps % self._flush_every == 0:
             self._f.flush()
 
+    def _detach(self) -> None:
+        if self.opt.step_hook == self._on_step:
+            self.opt.step_hook = None
+        if self._pre_hook is not None:
+            self._pre_hook.remove()
+            self._pre_hook = None
+
+    def _abandon(self) -> None:
+        """Stop recording without an end record (what was written stays on disk)."""
+        self._detach()
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._f = None
+
     def close(self) -> None:
         if self._f is None:
             return
-        if self.opt.step_hook == self._on_step:
-            self.opt.step_hook = None
+        self._detach()
         digest = bytes.fromhex(weights_sha256(self.names, self._params))
         self._record(struct.pack("<BQQ", K_END, self._steps, self.opt.step_count) + digest)
         self._f.flush()
