@@ -201,6 +201,74 @@ def test_numpy_and_tensor_group_options_are_recorded_and_replay(tmp_path, optimi
     assert _equal_models(replay(base, log), m.state_dict()) == []
 
 
+# ---------------------------------------------------------------------------- failed steps
+def _record_with_a_failed_step(tmp_path, failed_at, steps=6):
+    """A run whose step ``failed_at`` is reported to the recorder as failed in its update (the
+    optimizer's status for an update that raised after its forward passes)."""
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    opt = ZOFusedSGD(m.parameters(), lr=1e-2, momentum=0.9, seed=3, backend="cpu")
+    base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
+    save_base(base, m)
+    rec = TrajectoryRecorder(log, opt, model=m)
+    hook = opt.step_hook
+    opt.step_hook = lambda o, info: hook(o, dict(info, status="failed") if info["step"] == failed_at else info)
+    with pytest.warns(RuntimeWarning, match=f"step {failed_at} failed in its update.*cannot be replayed"):
+        for _ in range(steps):
+            train_step(opt, lambda: F.mse_loss(m(X), Y))
+    opt.step_hook = hook
+    rec.close()
+    return base, log
+
+
+def test_failed_step_recorded_and_refused_by_name(tmp_path, capsys):
+    base, log = _record_with_a_failed_step(tmp_path, failed_at=3)
+    _, records = read_log(log)
+    assert [r[2] for r in records if r[0] == "step"] == [0, 0, 0, 16, 0, 0]
+    with pytest.raises(ReplayError, match=r"step 3 failed in its update during the recorded run.*"
+                                          r"cannot reproduce; the log is valid up to step 2") as e:
+        replay(base, log)
+    assert "checksum" not in str(e.value) and "does not belong" not in str(e.value)
+    out = str(tmp_path / "w.pt")
+    assert replay_main([base, log, "--out", out]) == 2
+    assert "step 3 failed in its update" in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+def test_failed_first_step(tmp_path):
+    base, log = _record_with_a_failed_step(tmp_path, failed_at=0, steps=2)
+    with pytest.raises(ReplayError, match="step 0 failed in its update.*log's first step"):
+        replay(base, log)
+
+
+def test_update_that_fails_on_a_bad_state_buffer(tmp_path):
+    """The real thing (docs/algorithms.md §7): a state buffer of the wrong shape put in between
+    steps makes the update fail after the forward passes; training goes on after it is put back.
+    Needs the optimizer to report such a step as status 'failed' (skipped before it does)."""
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    ps = list(m.parameters())
+    opt = ZOFusedSGD([{"params": ps[:2]}, {"params": ps[2:]}], lr=1e-2, momentum=0.9, seed=3, backend="cpu")
+    base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
+    save_base(base, m)
+    with TrajectoryRecorder(log, opt, model=m), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _steps(opt, lambda: F.mse_loss(m(X), Y), 3)
+        good = opt.state[ps[2]]["momentum_buffer"]
+        opt.state[ps[2]]["momentum_buffer"] = torch.zeros(3)
+        with pytest.raises(Exception):
+            _steps(opt, lambda: F.mse_loss(m(X), Y), 1)
+        opt.state[ps[2]]["momentum_buffer"] = good
+        _steps(opt, lambda: F.mse_loss(m(X), Y), 2)
+    steps = [r for r in read_log(log)[1] if r[0] == "step"]
+    assert [r[1] for r in steps] == list(range(6))     # the failed step is in the log
+    flags = [r[2] for r in steps]
+    if not flags[3] & 16:
+        pytest.skip(f"the optimizer reports this step with flags {flags[3]}, not status 'failed'")
+    with pytest.raises(ReplayError, match="step 3 failed in its update.*valid up to step 2"):
+        replay(base, log)
+
+
 # ---------------------------------------------------------------------------- malformed inputs
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
@@ -276,3 +344,19 @@ def test_non_tensor_base_entry_refused(tmp_path, capsys, small_run):
     base = str(tmp_path / "nontensor.pt")
     torch.save(sd, base)
     _refused(tmp_path, capsys, base, small_run[1], "BASE entry '0.weight' is not a tensor but int")
+
+
+def test_unknown_step_flags_refused(tmp_path, capsys, small_run):
+    """A flag bit this reader does not know (a newer writer's) is refused, not ignored."""
+    with open(small_run[1], "rb") as f:
+        data = bytearray(f.read())
+    (n,) = struct.unpack_from("<I", data, 8)
+    first = 12 + n + 4                      # the first record: u32 len, kind, u64 step, u8 flags
+    assert data[first + 4] == 1
+    data[first + 4 + 9] |= 32
+    (m,) = struct.unpack_from("<I", data, first)
+    struct.pack_into("<I", data, first + 4 + m, zlib.crc32(bytes(data[first + 4:first + 4 + m])))
+    bad = str(tmp_path / "bad.zft")
+    with open(bad, "wb") as f:
+        f.write(bytes(data))
+    _refused(tmp_path, capsys, small_run[0], bad, "corrupt log.*unknown flags 0x20")

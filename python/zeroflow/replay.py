@@ -14,7 +14,8 @@ File format (little-endian)::
     u32 n, header (n bytes of UTF-8 JSON), u32 crc32(header)
     records: u32 n, payload (n bytes), u32 crc32(payload)
       payload[0] = kind: 1 step, 2 group options changed, 255 end
-      step:    u64 step, u8 flags (1 skipped, 2 aborted, 4 lr present, 8 task present),
+      step:    u64 step, u8 flags (1 skipped, 2 aborted, 4 lr present, 8 task present,
+               16 failed in its update: not replayable),
                [u64 task], [u16 G, G x f64 lr], u16 m, m x f64 scalars
       options: UTF-8 JSON list of per-group options (non-lr)
       end:     u64 steps recorded, u64 next step, 32 bytes sha256 of the optimized parameters
@@ -44,8 +45,13 @@ __all__ = ["TrajectoryRecorder", "replay", "replay_to_file", "read_log", "replay
 MAGIC = b"ZFTRAJ\x00\x01"
 LOG_FORMAT = 1
 K_STEP, K_OPTIONS, K_END = 1, 2, 255
-F_SKIPPED, F_ABORTED, F_LR, F_TASK = 1, 2, 4, 8
-_STATUS_FLAG = {"ok": 0, "skipped": F_SKIPPED, "aborted": F_ABORTED}
+F_SKIPPED, F_ABORTED, F_LR, F_TASK, F_FAILED = 1, 2, 4, 8, 16
+F_KNOWN = F_SKIPPED | F_ABORTED | F_LR | F_TASK | F_FAILED
+# The optimizer's step statuses (step_hook's info["status"]): "aborted" = stopped in a forward
+# pass (the closure raised; replay stops the step where its scalars run out), "failed" = stopped
+# in its update after every forward pass (a kernel refused a state buffer, ^C there): replay
+# cannot know what the update had applied, so it refuses to play such a step.
+_STATUS_FLAG = {"ok": 0, "skipped": F_SKIPPED, "aborted": F_ABORTED, "failed": F_FAILED}
 
 
 class ReplayError(ValueError):
@@ -160,6 +166,7 @@ class TrajectoryRecorder:
         self._opts = [g["options"] for g in groups]
         self._task = opt._task
         self._layout = self._layout_of(opt)
+        self._warned_failed = False
         self._steps = 0
         self._flush_every = max(1, int(flush_every))
         self.bytes_written = 0
@@ -240,6 +247,13 @@ class TrajectoryRecorder:
         self._record(struct.pack("<BQB", K_STEP, info["step"], flags) + extra
                      + struct.pack(f"<H{len(sc)}d", len(sc), *sc))
         self._steps += 1
+        if flags & F_FAILED and not self._warned_failed:
+            self._warned_failed = True
+            warnings.warn(
+                f"TrajectoryRecorder: step {info['step']} failed in its update; {self.path} cannot be replayed "
+                f"past step {info['step'] - 1}. To keep a replayable trajectory, close this recorder and start "
+                "a new log from a checkpoint saved now (save_base(path, model, optimizer)).",
+                RuntimeWarning, stacklevel=2)
         if self._steps % self._flush_every == 0:
             self._f.flush()
 
@@ -325,6 +339,8 @@ def read_log(path: str) -> tuple[dict, list[tuple]]:
         try:
             if kind == K_STEP:
                 step, flags = struct.unpack_from("<QB", payload, 1)
+                if flags & ~F_KNOWN:
+                    raise ReplayError(f"unknown flags {flags:#x}")
                 off = 10
                 task = lrs = None
                 if flags & F_TASK:
@@ -571,7 +587,8 @@ def _rebuilt_optimizer(cls, header: dict, groups: list, opt_sd, backend: str):
 def _play(opt, records: list) -> None:
     """Run one ``opt.step`` per step record with a closure that computes nothing: the
     recorded scalars reach the step through ``scalar_hook`` (an aborted step stops where
-    its scalars ran out), and the option, lr and task records are applied first."""
+    its scalars ran out), and the option, lr and task records are applied first. A step
+    that failed in its update is not played: ReplayError."""
     queue: list[float] = []
     abort_after = [False]
 
@@ -588,6 +605,7 @@ def _play(opt, records: list) -> None:
 
     opt.scalar_hook = playback
     zero = lambda: 0.0  # noqa: E731
+    played = 0
     for rec in records:
         if rec[0] == "options":
             if len(rec[1]) != len(opt.param_groups):
@@ -602,6 +620,14 @@ def _play(opt, records: list) -> None:
         _, step, flags, task, lrs, sc = rec
         if step != opt.step_count:
             raise ReplayError(f"log inconsistent: record for step {step} where step {opt.step_count} was expected")
+        if flags & F_FAILED:
+            before = (f"the log is valid up to step {step - 1}" if played else
+                      "it is the log's first step, so the log holds nothing replayable")
+            raise ReplayError(
+                f"step {step} failed in its update during the recorded run (a kernel refused a state buffer, or the "
+                f"update was interrupted), which replay cannot reproduce; {before}. Record from a checkpoint saved "
+                "after the failure (save_base(path, model, optimizer) and a new TrajectoryRecorder) to replay what "
+                "followed")
         if task is not None:
             opt._task = int(task)
         if lrs is not None:
@@ -619,6 +645,7 @@ def _play(opt, records: list) -> None:
                 pass
         if queue:
             raise ReplayError(f"log inconsistent: step {step} consumed {len(sc) - len(queue)} of {len(sc)} scalars")
+        played += 1
     opt.scalar_hook = None
 
 
