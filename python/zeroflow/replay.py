@@ -180,9 +180,11 @@ class TrajectoryRecorder:
 
     @staticmethod
     def _layout_of(opt) -> list:
-        """What the log's header fixes: the groups and, in each, the parameters with their shapes
-        and dtypes."""
-        return [[(id(p), p.shape, p.dtype) for p in g["params"]] for g in opt.param_groups]
+        """What the log's header fixes: the groups and, in each, the parameter objects. By
+        identity only: reading every shape and dtype cost ~65 us a step on 150 parameters (this
+        CPU), ids ~6 us; a tensor swapped under a parameter (``p.data = ...``) is not watched
+        (the kernels refuse another dtype; another shape fails the log's end checksum)."""
+        return [tuple(map(id, g["params"])) for g in opt.param_groups]
 
     def _layout_change(self, opt) -> str | None:
         """How the optimizer's parameters differ from those the log started with, or None."""
@@ -193,7 +195,7 @@ class TrajectoryRecorder:
         if sizes != was:
             return (f"the log started with {len(was)} param group(s) of {was} parameters, the optimizer now has "
                     f"{len(sizes)} of {sizes}")
-        return "the optimized tensors, or their shapes or dtypes, are not those the log started with"
+        return "the optimized parameters are not those the log started with"
 
     def _before_step(self, opt, args, kwargs) -> None:
         change = self._layout_change(opt)
