@@ -111,7 +111,7 @@ class TrajectoryRecorder:
     that replay writes the trained value under every name.
 
     A log covers one parameter layout: a step after ``add_param_group`` (or any other change of
-    the optimized tensors, their shapes or dtypes) is refused before it runs with a
+    the groups' parameters, watched by identity) is refused before it runs with a
     RuntimeError, and the log is closed at the previous step (valid, it replays to the weights
     before the refused step). Close the recorder and start a new log after adding the group
     (``save_base(path, model, optimizer)`` + a new recorder), e.g. one log per task."""
