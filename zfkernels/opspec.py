@@ -166,3 +166,13 @@ def call(fn: Callable, op: str, given: dict) -> Any:
             value = _fresh(default)
         args.append(value if convert is None else convert(value))
     return fn(*args)
+
+
+def check_betas(beta1: float, beta2: float, where: str = "") -> None:
+    """Adam's decay rates in [0, 1), unrounded (NaN fails too): the rule of
+    csrc/ops_common.h ``check_beta``, for the Python backends (the reference and Triton).
+    ``where`` prefixes the message (Triton names its op)."""
+    for index, (name, beta) in enumerate((("beta1", beta1), ("beta2", beta2))):
+        if not 0.0 <= float(beta) < 1.0:
+            raise ValueError(f"{where}{name}={beta!r} (betas[{index}]) is outside [0, 1); Adam's decay rates "
+                             "need 0 <= beta < 1, e.g. betas=(0.9, 0.999)")

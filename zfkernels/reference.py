@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from . import stream as S
+from .opspec import check_betas
 
 _C = S.f32_from_bits  # §5 constants: exact fp32 values from their bit patterns
 _PI_F32 = _C(S.PI_F32_BITS)  # 3.14159274
@@ -381,10 +382,7 @@ def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, 
     S.check_seed(round_seed, "round_seed")
     if step < 1:
         raise ValueError(f"step={step} must be >= 1 (Adam's bias correction counts from 1)")
-    for index, (name, beta) in enumerate((("beta1", beta1), ("beta2", beta2))):
-        if not 0.0 <= beta < 1.0:      # as csrc/ops_common.h check_beta; NaN fails too
-            raise ValueError(f"{name}={beta!r} (betas[{index}]) is outside [0, 1); Adam's decay rates need "
-                             "0 <= beta < 1, e.g. betas=(0.9, 0.999)")
+    check_betas(beta1, beta2)
     bc1 = 1.0 - beta1 ** step
     bc2 = 1.0 - beta2 ** step
     step_size = _f32(lr / bc1)

@@ -240,12 +240,12 @@ def mark_written(op: str, lists: Sequence[tuple[str, Sequence[torch.Tensor]]]) -
     outside inference mode (``increment_version`` skips it silently)."""
     if not torch.is_inference_mode_enabled():
         for name, ts in lists:
-            if any(map(torch.Tensor.is_inference, ts)):
-                k = next(k for k, t in enumerate(ts) if t.is_inference())
-                raise RuntimeError(
-                    f"{op}: {name}[{k}]: Inplace update to inference tensor outside InferenceMode is not allowed. "
-                    "You can make a clone to get a normal tensor before doing inplace update "
-                    "(see https://github.com/pytorch/rfcs/pull/17)")
+            for k, t in enumerate(ts):
+                if t.is_inference():
+                    raise RuntimeError(
+                        f"{op}: {name}[{k}]: Inplace update to inference tensor outside InferenceMode is not "
+                        "allowed. You can make a clone to get a normal tensor before doing inplace update "
+                        "(see https://github.com/pytorch/rfcs/pull/17)")
     torch.autograd.graph.increment_version([t for _, ts in lists for t in ts])
 
 

@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..opspec import check_betas
 from ..stream import split_seed
 from ._common import (
     check_seed_arg, f32, interpreted, load_row, mark_written, prepare_update, round32, slot_ptr, to_i32,
@@ -117,10 +118,7 @@ def zo_adam_update_(
     f32(lr, "lr", op)          # checked like every scalar; the kernel takes lr/bc1 and 1 - beta1
     f32(beta1, "beta1", op)
     b2 = f32(beta2, "beta2", op)
-    for index, (name, beta) in enumerate((("beta1", beta1), ("beta2", beta2))):
-        if not 0.0 <= float(beta) < 1.0:    # unrounded, as csrc/ops_common.h check_beta; NaN fails too
-            raise ValueError(f"{op}: {name}={beta!r} (betas[{index}]) is outside [0, 1); Adam's decay rates "
-                             "need 0 <= beta < 1, e.g. betas=(0.9, 0.999)")
+    check_betas(beta1, beta2, f"{op}: ")
     eps = f32(eps, "eps", op)
     weight_decay = f32(weight_decay, "weight_decay", op)
     history_alpha = f32(history_alpha, "history_alpha", op)
