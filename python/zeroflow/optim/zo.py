@@ -493,18 +493,19 @@ class _ZOBase(torch.optim.Optimizer):
         """theta += factor * zo_eps_g * m * z(seed) over ``buckets`` (default: every group),
         one pass each; all or none: if a call fails (its kernel writes nothing then), the
         buckets already perturbed are taken back before the error goes on."""
+        def perturb(g, bucket, f):
+            (ps, ids, b), (dist, thr) = bucket, self._stream(g)
+            zfkernels.call_op(b, "perturb_", params=ps, tensor_ids=ids, seed=seed, scale=f * g["zo_eps"], dist=dist,
+                              mask_seed=mask_seed, mask_threshold=thr)
+
         done = []
         try:
-            for g, (ps, ids, b) in self._all_buckets() if buckets is None else buckets:
-                dist, thr = self._stream(g)
-                zfkernels.call_op(b, "perturb_", params=ps, tensor_ids=ids, seed=seed, scale=factor * g["zo_eps"],
-                                  dist=dist, mask_seed=mask_seed, mask_threshold=thr)
-                done.append((g, (ps, ids, b)))
+            for g, bucket in self._all_buckets() if buckets is None else buckets:
+                perturb(g, bucket, factor)
+                done.append((g, bucket))
         except BaseException:
-            for g, (ps, ids, b) in reversed(done):
-                dist, thr = self._stream(g)
-                zfkernels.call_op(b, "perturb_", params=ps, tensor_ids=ids, seed=seed, scale=-factor * g["zo_eps"],
-                                  dist=dist, mask_seed=mask_seed, mask_threshold=thr)
+            for g, bucket in reversed(done):
+                perturb(g, bucket, -factor)
             raise
 
     def _eval(self, closure, where: str) -> float:
