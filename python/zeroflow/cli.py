@@ -230,11 +230,11 @@ def _sweep_plan(a, names: List[str], parent: str) -> list:
     with another configuration, a damaged one, or one in progress is refused unless --force)."""
     from .continual.defaults import RECORDABLE, resolve
     from .continual.errors import ZeroflowError
-    from .continual.runfolder import CHECKPOINT, CONFIG, METRICS, conflict, lock_holder
+    from .continual.runfolder import conflict, lock_holder, run_files_in
 
     record = _sweep_records(a)
 
-    here = [f for f in (METRICS, CONFIG, CHECKPOINT) if os.path.exists(os.path.join(parent, f))]
+    here = run_files_in(parent)
     if here:
         raise ZeroflowError(f"--out {parent} is a run folder (it holds {here[0]}); a sweep writes its runs into "
                             f"folders inside --out, and zeroflow report does not look inside a run folder, so "

@@ -230,8 +230,13 @@ def inspect(folder: str) -> FolderState:
     return FolderState("empty")
 
 
+def run_files_in(folder: str) -> List[str]:
+    """The run files (metrics, config, checkpoint) that ``folder`` holds: any makes it a run folder."""
+    return [f for f in (METRICS, CONFIG, CHECKPOINT) if os.path.exists(os.path.join(folder, f))]
+
+
 def is_run_folder(folder: str) -> bool:
-    return any(os.path.exists(os.path.join(folder, f)) for f in (METRICS, CONFIG, CHECKPOINT))
+    return bool(run_files_in(folder))
 
 
 def run_below(folder: str) -> Optional[str]:
