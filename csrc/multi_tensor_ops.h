@@ -185,9 +185,7 @@ void launch_update(Launcher& l, const std::vector<Slots>& slots, at::IntArrayRef
 template <class Launcher>
 void perturb_op(TensorList params, at::IntArrayRef tensor_ids, int64_t seed, double scale, int64_t dist,
                 int64_t mask_seed, int64_t mask_threshold) {
-  zf_ops::check_params(params, tensor_ids);
-  zf_ops::check_seed(seed, "seed");
-  zf_ops::check_stream_args(dist, mask_seed, mask_threshold);
+  zf_ops::check_perturb_args(params, tensor_ids, seed, dist, mask_seed, mask_threshold);
   if (params.empty()) return;
   Launcher l(params);
   std::vector<Slots> slots(params.size());

@@ -417,9 +417,7 @@ StreamCfg stream_cfg(uint32_t tid, int64_t dist, int64_t mask_seed, int64_t mask
 
 void perturb_cpu(TensorList params, at::IntArrayRef tensor_ids, int64_t seed, double scale, int64_t dist,
                  int64_t mask_seed, int64_t mask_threshold) {
-  check_params(params, tensor_ids);
-  check_seed(seed, "seed");
-  check_stream_args(dist, mask_seed, mask_threshold);
+  check_perturb_args(params, tensor_ids, seed, dist, mask_seed, mask_threshold);
   if (params.empty()) return;
   const float scale_f = f32(scale);
   const Key key = key_of(seed);
@@ -517,9 +515,7 @@ Tensor philox4x32_10_meta(const Tensor& counters, int64_t key0, int64_t key1) {
 // the unused ones keep their schema names in comments.
 void perturb_meta(TensorList params, at::IntArrayRef tensor_ids, int64_t seed, double /*scale*/, int64_t dist,
                   int64_t mask_seed, int64_t mask_threshold) {
-  check_params(params, tensor_ids);
-  check_seed(seed, "seed");
-  check_stream_args(dist, mask_seed, mask_threshold);
+  check_perturb_args(params, tensor_ids, seed, dist, mask_seed, mask_threshold);
 }
 
 void sgd_meta(TensorList params, TensorList momentum_buffers, TensorList history_buffers,
