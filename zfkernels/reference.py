@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from . import stream as S
+from ._overlap import check_no_overlap
 from .opspec import check_betas
 
 _C = S.f32_from_bits  # §5 constants: exact fp32 values from their bit patterns
@@ -290,6 +291,7 @@ def _store_param(p: torch.Tensor, value_f32: torch.Tensor, tid: int, stochastic_
 def perturb_(params, tensor_ids, seed, scale, dist, mask_seed, mask_threshold) -> None:
     """θ_k += scale · m ⊙ z(seed) for each tensor (docs/kernel-ops.md)."""
     _check_params(params, tensor_ids)
+    check_no_overlap([("params", params)])
     S.check_seed(seed, "seed")
     _check_stream(dist, mask_seed, mask_threshold)
     scale_f = torch.tensor(scale, dtype=torch.float32).item()
@@ -345,6 +347,7 @@ def zo_sgd_update_(params, momentum_buffers, history_buffers, tensor_ids, seeds,
     _check_params(params, tensor_ids)
     _check_buffers(params, momentum_buffers, "momentum_buffers")
     _check_buffers(params, history_buffers, "history_buffers")
+    check_no_overlap([("params", params), ("momentum_buffers", momentum_buffers), ("history_buffers", history_buffers)])
     _check_q(seeds, coeffs)
     _check_stream(dist, mask_seed, mask_threshold)
     S.check_seed(restore_seed, "restore_seed")
@@ -376,6 +379,8 @@ def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, 
     _check_buffers(params, exp_avgs, "exp_avgs")
     _check_buffers(params, exp_avg_sqs, "exp_avg_sqs")
     _check_buffers(params, history_buffers, "history_buffers")
+    check_no_overlap([("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+                      ("history_buffers", history_buffers)])
     _check_q(seeds, coeffs)
     _check_stream(dist, mask_seed, mask_threshold)
     S.check_seed(restore_seed, "restore_seed")

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._overlap import check_no_overlap
 from ..stream import MASK32, MASK_ONE, TENSOR_ID_LIMIT, check_seed, dist_code
 
 FLOAT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -208,6 +209,7 @@ def prepare_update(op, interp, params, buffer_lists, tensor_ids, seeds, coeffs, 
     check_params(op, params, interp)
     for name, bl in buffer_lists:
         check_buffers(op, name, bl, params)
+    check_no_overlap([("params", params), *buffer_lists], f"{op}: ")
     ids = check_ids(op, tensor_ids, len(params))
     if not isinstance(seeds, (list, tuple)) or not isinstance(coeffs, (list, tuple)):
         raise ValueError(f"{op}: seeds and coeffs must be lists")

@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._overlap import check_no_overlap
 from ..stream import split_seed
 from ._common import (
     build_groups, check_block, check_dist, check_ids, check_params, check_seed_arg, check_threshold, f32,
@@ -57,6 +58,7 @@ def perturb_(
     op = "perturb_"
     interp = interpreted(_perturb_kernel)
     check_params(op, params, interp)
+    check_no_overlap([("params", params)], f"{op}: ")
     ids = check_ids(op, tensor_ids, len(params))
     seed = check_seed_arg(op, "seed", seed)
     mask_seed = check_seed_arg(op, "mask_seed", mask_seed)
