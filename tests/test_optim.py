@@ -583,6 +583,31 @@ def test_unsupported_params_refused_at_construction(make, needle):
     assert len(ZOFusedSGD([good, frozen], backend=BACKEND).param_groups[0]["params"]) == 1
 
 
+def test_params_sharing_memory_refused_at_construction():
+    """Every kernel refuses written tensors that share memory (docs/kernel-ops.md "Errors"), so
+    a parameter listed twice (torch.optim only warns) or overlapping views of one storage fail
+    when given, naming both, not at every step; views that only touch are accepted, and so is
+    an overlap across groups (one call per group)."""
+    p, q = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(3))
+    base = torch.randn(10)
+    a, b, c = (torch.nn.Parameter(base[s]) for s in (slice(0, 6), slice(4, 10), slice(6, 10)))
+    for cls in (ZOFusedSGD, ZOFusedAdam):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")         # torch.optim's "duplicate parameters"
+            with pytest.raises(ValueError, match="parameter 2 of param group 0 overlaps parameter 1 in memory"):
+                cls([q, p, p], backend=BACKEND)
+        with pytest.raises(ValueError, match="parameter 1 of param group 0 overlaps parameter 0 in memory"):
+            cls([a, b], backend=BACKEND)
+        opt = cls([a, c], lr=1e-2, backend=BACKEND)
+        with pytest.raises(ValueError, match="parameter 1 of param group 1 overlaps parameter 0"):
+            opt.add_param_group({"params": [q, torch.nn.Parameter(q.data[1:])]})
+        assert len(opt.param_groups) == 1
+        opt.add_param_group({"params": [b]})
+        before = base.clone()
+        opt.step(lambda: (a * a).sum() + b.sum() * c.sum())
+        assert not torch.equal(base, before)
+
+
 @pytest.mark.parametrize("name", ["zo_sgd", "forward_grad"])
 def test_closure_calling_backward_gets_a_clear_error(name):
     model = make_model()

@@ -25,6 +25,7 @@ try:
 except ImportError:             # pragma: no cover - other Python implementations
     import signal as _sig
 from zfkernels import derive_seed
+from zfkernels._overlap import overlapping_pair
 from zfkernels.stream import (
     QUERY_MASK_PER_STEP,
     QUERY_MASK_PER_TASK,
@@ -407,6 +408,19 @@ class _ZOBase(torch.optim.Optimizer):
                 raise ValueError(f"{where} is not contiguous; the fused kernels need contiguous parameters "
                                  f"(e.g. model.to(memory_format=torch.contiguous_format))")
             zfkernels.resolve_backend(self.backend, p.device)   # ValueError/RuntimeError if it cannot run here
+        # Every kernel refuses a list whose tensors share memory (docs/kernel-ops.md, "Errors"): a
+        # parameter given twice (torch.optim only warns) or views of one storage that overlap
+        # would fail every step, so they fail here. One check per device: one call per device.
+        by_device: dict = {}
+        for k, p in enumerate(params):
+            by_device.setdefault(p.device, []).append(k)
+        for ks in by_device.values():
+            pair = overlapping_pair([("params", [params[k] for k in ks])])
+            if pair is not None:
+                (_, a), (_, b) = pair
+                raise ValueError(f"parameter {ks[a]} of param group {group} overlaps parameter {ks[b]} in memory (the "
+                                 "same tensor given twice, or views of one storage); the fused kernels write each "
+                                 "parameter in place and need memory of its own for each: pass every parameter once")
 
     def _buckets(self, g: dict):
         """The group's params split by device (one fused call per device), validated:
