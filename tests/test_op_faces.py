@@ -1,7 +1,8 @@
 """What every backend of the ops shows autograd and the caller besides the bits it computes
 (docs/kernel-ops.md): the version counters of the tensors an op writes, and how it takes its
 arguments (checks before anything is written, in the Python face with an empty tensor list
-too; scalars beyond fp32's range; stream integers outside 32 bits).
+too; scalars beyond fp32's range; stream integers outside 32 bits; written tensors that share
+memory).
 
 The backends are the ones present, each on its own device: on a CPU machine the compiled
 ``cpu`` op, the reference (``torch``) and Triton in its interpreter; with a GPU also ``cuda``
@@ -274,3 +275,199 @@ def test_reference_philox_refuses_keys_and_counters_outside_32_bits():
     with pytest.raises(ValueError, match="counters values"):
         R.philox4x32_10(torch.tensor([[1, 2, 3, 4]], dtype=torch.int32) - 2, 0, 0)
     assert R.philox4x32_10(torch.zeros(0, 4, dtype=torch.int64), 0, 0).shape == (0, 4)
+
+
+# ======================================================================================
+# Written tensors that share memory are refused, on every backend, before anything is written
+# ======================================================================================
+N = 16
+
+
+def _mk(dev, n=N):
+    return torch.randn(n, device=dev)
+
+
+def _sgd_call(p, be, mom=(), hist=()):
+    zk.zo_sgd_update_(p, [1, 2], [0.5, -0.25], lr=0.1, momentum=0.9 if mom else 0.0, momentum_buffers=list(mom),
+                      history_buffers=list(hist), history_alpha=0.5, restore_seed=1, restore_scale=-0.5, backend=be)
+
+
+def _adam_call(p, m, v, be, hist=()):
+    zk.zo_adam_update_(p, m, v, [1], [0.5], lr=0.1, step=3, history_buffers=list(hist), history_alpha=0.5,
+                       restore_seed=1, restore_scale=-0.5, backend=be)
+
+
+def _alias_cases():
+    """name -> make(dev) -> (call(backend), every tensor the call could write, the pair the error
+    names). Before the check every backend accepted these and wrote other bits."""
+    def sgd_param_is_mom(dev):
+        p = _mk(dev)
+        return lambda be: _sgd_call([p], be, mom=[p]), [p], ("momentum_buffers", 0, "params", 0)
+
+    def sgd_param_is_hist(dev):
+        p = _mk(dev)
+        return lambda be: _sgd_call([p], be, hist=[p]), [p], ("history_buffers", 0, "params", 0)
+
+    def sgd_hist_is_mom(dev):
+        p, b = _mk(dev), _mk(dev)
+        return lambda be: _sgd_call([p], be, mom=[b], hist=[b]), [p, b], ("history_buffers", 0, "momentum_buffers", 0)
+
+    def sgd_mom_is_other_param(dev):
+        p0, p1, b0 = _mk(dev), _mk(dev), _mk(dev)
+        return (lambda be: _sgd_call([p0, p1], be, mom=[b0, p0]), [p0, p1, b0],
+                ("momentum_buffers", 1, "params", 0))
+
+    def sgd_mom_shared(dev):
+        p0, p1, b = _mk(dev), _mk(dev), _mk(dev)
+        return (lambda be: _sgd_call([p0, p1], be, mom=[b, b]), [p0, p1, b],
+                ("momentum_buffers", 1, "momentum_buffers", 0))
+
+    def sgd_param_twice_parallel(dev):
+        # 2 x 2^16 elements: the cpu op runs its chunks on the thread pool (a race, not only other bits)
+        p = torch.randn(1 << 16, device=dev)
+        return lambda be: _sgd_call([p, p], be), [p], ("params", 1, "params", 0)
+
+    def sgd_buffer_overlaps_param_view(dev):
+        base = torch.randn(2 * N, device=dev)
+        p, b = base[:N], base[N // 2:N // 2 + N]
+        return lambda be: _sgd_call([p], be, mom=[b]), [base], ("momentum_buffers", 0, "params", 0)
+
+    def sgd_fp32_buffer_over_bf16_param(dev):
+        # other dtypes, shared bytes: an fp32 buffer whose first bytes are the bf16 param's last
+        base = torch.randn(2 * N, device=dev)
+        p = base[:N // 2].view(torch.bfloat16)             # N bf16 elements: bytes [0, 2N)
+        b = base[N // 4:N // 4 + N]                        # N fp32 elements: bytes [N, 5N)
+        return lambda be: _sgd_call([p], be, mom=[b]), [base], ("momentum_buffers", 0, "params", 0)
+
+    def adam_m_is_param(dev):
+        p, v = _mk(dev), _mk(dev).abs()
+        return lambda be: _adam_call([p], [p], [v], be), [p, v], ("exp_avgs", 0, "params", 0)
+
+    def adam_v_is_param(dev):
+        p, m = _mk(dev), _mk(dev)
+        return lambda be: _adam_call([p], [m], [p], be), [p, m], ("exp_avg_sqs", 0, "params", 0)
+
+    def adam_m_is_v(dev):
+        p, m = _mk(dev), _mk(dev).abs()
+        return lambda be: _adam_call([p], [m], [m], be), [p, m], ("exp_avg_sqs", 0, "exp_avgs", 0)
+
+    def adam_hist_is_param(dev):
+        p, m, v = _mk(dev), _mk(dev), _mk(dev).abs()
+        return lambda be: _adam_call([p], [m], [v], be, hist=[p]), [p, m, v], ("history_buffers", 0, "params", 0)
+
+    def adam_hist_is_m(dev):
+        p, m, v = _mk(dev), _mk(dev), _mk(dev).abs()
+        return lambda be: _adam_call([p], [m], [v], be, hist=[m]), [p, m, v], ("history_buffers", 0, "exp_avgs", 0)
+
+    def adam_far_apart(dev):
+        # the pair is far apart in the call (first param, last list): found by the sorted ranges
+        ps = [_mk(dev) for _ in range(5)]
+        m, v, h = ([_mk(dev).abs() for _ in ps] for _ in range(3))
+        h[4] = ps[0]
+        return (lambda be: _adam_call(ps, m, v, be, hist=h), ps + m + v + h[:4],
+                ("history_buffers", 4, "params", 0))
+
+    def perturb_param_twice(dev):
+        p = _mk(dev)
+        return lambda be: zk.perturb_([p, p], 1, 0.5, backend=be), [p], ("params", 1, "params", 0)
+
+    def perturb_overlapping_views(dev):
+        base = _mk(dev, 3 * N)
+        views = [base[:N], base[2 * N:], base[N // 2:N // 2 + N]]   # the third overlaps the first
+        return lambda be: zk.perturb_(views, 1, 0.5, backend=be), [base], ("params", 2, "params", 0)
+
+    return {f.__name__: f for f in (
+        sgd_param_is_mom, sgd_param_is_hist, sgd_hist_is_mom, sgd_mom_is_other_param, sgd_mom_shared,
+        sgd_param_twice_parallel, sgd_buffer_overlaps_param_view, sgd_fp32_buffer_over_bf16_param, adam_m_is_param,
+        adam_v_is_param, adam_m_is_v, adam_hist_is_param, adam_hist_is_m, adam_far_apart, perturb_param_twice,
+        perturb_overlapping_views)}
+
+
+ALIAS_CASES = _alias_cases()
+
+
+def _overlap_text(name, k, other, j):
+    return (f"{name}[{k}] overlaps {other}[{j}] in memory (the same tensor, or views of one storage); every tensor "
+            "an op writes needs memory of its own, or the backends would write different bits: pass each param "
+            "once and give each buffer its own storage (e.g. torch.zeros_like(param))")
+
+
+@pytest.mark.parametrize("case", list(ALIAS_CASES))
+def test_written_tensors_sharing_memory_are_refused_before_anything_is_written(backend, case):
+    """docs/kernel-ops.md "Errors": every backend refuses the call with the same words, naming
+    the pair, and writes nothing (before: accepted, and the cpu op, the reference and Triton each
+    wrote other bits; one tensor twice raced on the cpu thread pool and on GPUs)."""
+    be, dev = backend
+    call, tensors, (name, k, other, j) = ALIAS_CASES[case](dev)
+    before = [t.clone() for t in tensors]
+    with pytest.raises(ValueError) as err:
+        call(be)
+    msg = str(err.value)
+    assert msg.endswith(": " + _overlap_text(name, k, other, j)), msg
+    assert msg.split(": ")[0] in ("zfkernels", "perturb_", "zo_sgd_update_", "zo_adam_update_"), msg
+    for t, b in zip(tensors, before):
+        assert torch.equal(t.view(torch.uint8), b.view(torch.uint8)), f"{case}: a refused call wrote a tensor"
+
+
+def _touching(dev):
+    """Eight views of one storage that touch and never overlap (two params and their buffers),
+    and a zero-element view inside the first."""
+    base = torch.randn(8 * N, device=dev)
+    views = [base[i * N:(i + 1) * N] for i in range(8)]
+    for v in views[2:]:
+        v.abs_()                                   # Adam's v >= 0
+    return views, base[N // 2:N // 2]
+
+
+@pytest.mark.parametrize("op", ["perturb_", "zo_sgd_update_", "zo_adam_update_"])
+def test_touching_views_of_one_storage_are_accepted_and_give_the_separate_tensors_bits(backend, op):
+    """The refusal is on shared bytes, not on shared storage: views that only touch give the
+    bits of separately allocated tensors (the reference on CPU copies)."""
+    be, dev = backend
+    views, empty = _touching(dev)
+    copies = [v.cpu().clone() for v in views]
+
+    def run(ts, e, b):      # e: a zero-element tensor, the same one in every list (it overlaps nothing)
+        p = [ts[0], e, ts[1]]
+        if op == "perturb_":
+            zk.perturb_(p, 1, 0.5, backend=b)
+        elif op == "zo_sgd_update_":
+            _sgd_call(p, b, mom=[ts[2], e, ts[3]], hist=[ts[4], e, ts[5]])
+        else:
+            _adam_call(p, [ts[2], e, ts[3]], [ts[4], e, ts[5]], b, hist=[ts[6], e, ts[7]])
+
+    run(views, empty, be)
+    run(copies, torch.zeros(0), "torch")
+    for k, (v, c) in enumerate(zip(views, copies)):
+        assert torch.equal(v.cpu().view(torch.int32), c.view(torch.int32)), f"{op}: view {k} differs"
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_compiled_meta_kernels_refuse_shared_storage_and_accept_separate_tensors(backend):
+    """The meta kernels (torch.compile's fake tensors) run the same check on meta tensors, whose
+    data pointers are all null: placed by storage and offset, separate tensors do not collide."""
+    ops = torch.ops.zfkernels
+    a, b = torch.empty(N, device="meta"), torch.empty(N, device="meta")
+    ops.perturb_([a, b], [0, 1], 1, 0.5, 1, 0, 0)
+    base = torch.empty(2 * N, device="meta")
+    ops.perturb_([base[:N], base[N:]], [0, 1], 1, 0.5, 1, 0, 0)
+    with pytest.raises(ValueError, match=r"params\[1\] overlaps params\[0\]"):
+        ops.perturb_([a, a], [0, 1], 1, 0.5, 1, 0, 0)
+    with pytest.raises(ValueError, match=r"exp_avg_sqs\[0\] overlaps exp_avgs\[0\]"):
+        ops.zo_adam_update_([a], [b], [b], [], [0], [1], [0.5], 1, 0, 0, 0, 0.0, 1e-2, 0.9, 0.999, 1e-8, 0.0,
+                            False, 1, False, 0.0, False, False, 0)
+    with pytest.raises(ValueError, match=r"momentum_buffers\[0\] overlaps params\[0\]"):
+        ops.zo_sgd_update_([base[:N]], [base[N - 1:2 * N - 1]], [], [0], [1], [0.5], 1, 0, 0, 0, 0.0, 0.1, 0.0, 0.9,
+                           0.0, False, False, False, 0.0, False, False, 0)
+
+
+def test_python_check_places_meta_tensors_by_storage():
+    """zfkernels/_overlap.py (the reference and Triton; the SASS census runs Triton's host code
+    on meta tensors): the same rule on meta tensors as the meta kernels."""
+    from zfkernels._overlap import overlapping_pair
+
+    a, b = torch.empty(N, device="meta"), torch.empty(N, device="meta")
+    assert overlapping_pair([("params", [a, b]), ("exp_avgs", [b[N:], a[N:]])]) is None
+    assert overlapping_pair([("params", [a[:4], a[4:]])]) is None
+    assert overlapping_pair([("params", [a, b]), ("exp_avgs", [b[2:], torch.empty(N - 2, device="meta")])]) == (
+        ("exp_avgs", 0), ("params", 1))

@@ -559,6 +559,13 @@ def _bad_cases(dev):
         ("zo_adam_update_", lambda: _adam([z(8)], [z(8)], [z(8)], beta1=1.0), r"beta1.*\[0, 1\)"),
         ("zo_adam_update_", lambda: _adam([z(8)], [z(8)], [z(8)], beta2=float("nan")), r"beta2.*\[0, 1\)"),
         ("zo_adam_update_", lambda: _adam([z(8)], [], [z(8)]), r"exp_avgs"),
+        # written tensors sharing memory (docs/kernel-ops.md "Errors"; every case: tests/test_op_faces.py)
+        ("perturb_", lambda: (lambda t: _perturb([t, z(4), t]))(z(4)), r"params\[2\] overlaps params\[0\]"),
+        ("zo_sgd_update_", lambda: (lambda t: _sgd([t], momentum_buffers=[t], momentum=0.9))(z(8)),
+         r"momentum_buffers\[0\] overlaps params\[0\]"),
+        ("zo_adam_update_", lambda: (lambda m: _adam([z(8)], [m], [m]))(z(8)),
+         r"exp_avg_sqs\[0\] overlaps exp_avgs\[0\]"),
+        ("zo_adam_update_", lambda: (lambda p: _adam([p], [p], [z(8)]))(z(8)), r"exp_avgs\[0\] overlaps params\[0\]"),
         ("philox4x32_10", lambda: _philox(torch.zeros(2, 3, dtype=torch.int64, device=dev)), r"\[N, 4\]|shape"),
         ("philox4x32_10", lambda: _philox(torch.zeros(2, 4, device=dev)), r"int64|dtype|integer"),
     ]
