@@ -345,6 +345,28 @@ def test_a_folder_holding_other_runs_takes_no_run_and_a_run_folder_takes_no_swee
     assert err.endswith("; choose another --out\n")
 
 
+def test_a_folder_inside_a_run_folder_takes_no_run_and_no_sweep(env, tmp_path, capsys):
+    """A run written into a folder below a run folder was accepted, and zeroflow report, which
+    stops at the run folder above, never listed it. Refused for run (even with --force or
+    --resume) and sweep, exit 2, before anything is written."""
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    (outer / "metrics.json").write_text("{}")
+    for out in (outer / "sub", outer / "a" / "b"):
+        for extra in ([], ["--force"], ["--resume"]):
+            rc, stdout, err = zf(capsys, "run", "--config", env["fast"], "--out", out, "--no-progress", *extra)
+            assert rc == 2 and stdout == "", err
+            assert err == (f"zeroflow: error: {out} is inside the run folder {outer}; zeroflow report does not look "
+                           f"inside a run folder, so a run written there would be hidden from it: choose an --out "
+                           f"outside {outer}\n")
+            assert sorted(os.listdir(outer)) == ["metrics.json"]
+    rc, _, err = zf(capsys, "sweep", "--config", env["fast"], "--optimizers", "zo_sgd", "--out", outer / "sw",
+                    "--force")
+    assert rc == 2 and (f"{outer / 'sw' / 'ease_zo_sgd_digits'} is inside the run folder {outer}, and zeroflow "
+                        f"report does not look inside a run folder; choose another --out") in err
+    assert sorted(os.listdir(outer)) == ["metrics.json"]
+
+
 # ---------------------------------------------------------------- sweep
 def test_sweep_reuses_its_own_runs_and_refuses_other_configurations(env, tmp_path, capsys):
     out = tmp_path / "sweep"

@@ -251,7 +251,7 @@ def _sweep_plan(a, names: List[str], parent: str) -> list:
         if holder:
             raise ZeroflowError(f"{d} is in use by {holder}; wait until it has finished, or choose another --out")
         state, why = conflict(d, cfg)
-        if why and state.kind == "parent":       # --force replaces a run, not the runs below a folder
+        if why and state.kind in ("parent", "inside"):   # --force replaces a run, not another run's folders
             raise ZeroflowError(f"{why}; choose another --out")
         if why and not a.force:
             raise ZeroflowError(f"{why}; choose another --out, or add --force to replace it")

@@ -13,7 +13,8 @@ and whether it holds the run a request asks for (config differences).
   (``comparable``), so ``small_vit: null`` and no ``small_vit`` are the same.
 * A folder that holds run folders below it (a sweep's parent) is no place for a run:
   ``zeroflow report`` does not look inside a run folder, so the runs below would vanish from
-  its tables (``inspect`` says ``"parent"``).
+  its tables (``inspect`` says ``"parent"``). Nor is a folder inside a run folder, for the
+  same reason (``"inside"``).
 
 Light on purpose (no torch): ``zeroflow report`` uses it too.
 """
@@ -205,15 +206,17 @@ def read_run_config(folder: str) -> Dict:
 # ---------------------------------------------------------------- what a folder holds
 @dataclass
 class FolderState:
-    kind: str                       # "absent" | "empty" | "finished" | "unfinished" | "corrupt" | "parent"
+    kind: str                       # "absent" | "empty" | "finished" | "unfinished" | "corrupt" | "parent" | "inside"
     config: Optional[Dict] = None   # the run's configuration (finished / unfinished)
     metrics: Optional[Dict] = None  # finished only
-    problem: str = ""               # corrupt: the file and the reason; parent: a run folder below it
+    problem: str = ""               # corrupt: the file and the reason; parent: a run folder below it;
+                                    # inside: the run folder above it
 
 
 def inspect(folder: str) -> FolderState:
     if not os.path.isdir(folder):
-        return FolderState("absent")
+        above = run_above(folder)
+        return FolderState("inside", problem=above) if above else FolderState("absent")
     try:
         if os.path.exists(os.path.join(folder, METRICS)):
             m = load_metrics(os.path.join(folder, METRICS))
@@ -227,6 +230,9 @@ def inspect(folder: str) -> FolderState:
     below = run_below(folder)
     if below:
         return FolderState("parent", problem=below)
+    above = run_above(folder)
+    if above:
+        return FolderState("inside", problem=above)
     return FolderState("empty")
 
 
@@ -247,6 +253,25 @@ def run_below(folder: str) -> Optional[str]:
         if path != folder and is_run_folder(path):
             return path
     return None
+
+
+def run_above(folder: str) -> Optional[str]:
+    """The nearest run folder strictly above ``folder``, or None. A run written into ``folder``
+    would be hidden from ``zeroflow report``, which does not look inside a run folder."""
+    path = os.path.abspath(folder)
+    while True:
+        up = os.path.dirname(path)
+        if up == path:
+            return None
+        path = up
+        if is_run_folder(path):
+            return path
+
+
+def inside_refusal(folder: str, above: str) -> str:
+    """Why a run cannot be written into ``folder``, which lies inside the run folder ``above``."""
+    return (f"{folder} is inside the run folder {above}; zeroflow report does not look inside a run folder, so a "
+            f"run written there would be hidden from it: choose an --out outside {above}")
 
 
 def parent_refusal(folder: str, below: str) -> str:
@@ -308,6 +333,9 @@ def conflict(folder: str, cfg: Dict) -> Tuple[FolderState, str]:
     if state.kind == "parent":
         return state, (f"{folder} holds other run folders ({state.problem}), which a run written there would hide "
                        f"from zeroflow report")
+    if state.kind == "inside":
+        return state, (f"{folder} is inside the run folder {state.problem}, and zeroflow report does not look inside "
+                       f"a run folder")
     diffs = config_differences(state.config, cfg) if state.config is not None else []
     if diffs:
         article = "an" if state.kind == "unfinished" else "a"

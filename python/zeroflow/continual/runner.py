@@ -34,7 +34,8 @@ from .defaults import COMMON, flag, lr_family, validate
 from .errors import ZeroflowError
 from .precision import check_run_precision
 from .runfolder import (CHECKPOINT, CONFIG, METRICS, TRAJECTORY, RunFolder, canonical, config_differences, inspect,
-                        parent_refusal, read_run_config, remove_run_files, writing)
+                        inside_refusal, parent_refusal, read_run_config, remove_run_files,
+                        run_above, writing)
 
 CKPT_VERSION = 1
 BACKBONE = "backbone.pt"
@@ -309,8 +310,10 @@ def decide(out: str, cfg: Dict, *, resume: bool, force: bool, continue_existing:
     configuration; anything else already in the folder is refused, naming the differing
     options, unless ``force`` (its run files are deleted first, with a warning). A folder that
     holds other run folders below it is refused even with ``force``: the run would hide them
-    from ``zeroflow report``."""
+    from ``zeroflow report``; so is a folder inside a run folder, even with ``resume``."""
     state = inspect(out)
+    if state.kind == "inside":          # no option helps: the run folder above is another run's
+        raise ZeroflowError(inside_refusal(out, state.problem))
     if resume:
         if state.kind == "finished":
             log(f"run {out} is already finished")
@@ -384,6 +387,9 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
 
     t_start = time.perf_counter()
     _check_run_flags(out, resume=resume, force=force, stop_after=stop_after)
+    above = run_above(out) if out else None
+    if above:       # before the claim, which would create the folders up to --out
+        raise ZeroflowError(inside_refusal(out, above))
     if resume:
         cfg, device_name = resumed_config(out, cfg, warn)
     else:
