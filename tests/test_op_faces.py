@@ -89,17 +89,19 @@ def test_every_written_tensor_gets_a_new_version(backend, op):
 @pytest.mark.parametrize("op", list(OPS))
 def test_an_inference_tensor_is_refused_outside_inference_mode(backend, op):
     """As torch's in-place ops: refused outside inference mode (where it has no version
-    counter to bump), written inside it. The compiled and Triton ops refuse before writing."""
+    counter to bump), written inside it. Every backend refuses before writing anything: the
+    reference, writing tensor by tensor with copy_, used to move params[0] and then refuse."""
     be, dev = backend
     with torch.inference_mode():
-        p = [torch.ones(9, device=dev)]
+        inference = torch.ones(9, device=dev)
+    p = [torch.ones(5, device=dev), inference]
     with pytest.raises(RuntimeError, match="Inplace update to inference tensor"):
         OPS[op](p, be, dev)
-    if be != "torch":                            # the reference writes with copy_, which checks after
-        assert torch.equal(p[0].cpu(), torch.ones(9)), f"{op} wrote an inference tensor before refusing it"
+    for k, t in enumerate(p):
+        assert torch.equal(t.cpu(), torch.ones_like(t, device="cpu")), f"{op} wrote params[{k}] before refusing"
     with torch.inference_mode():
         OPS[op](p, be, dev)
-    assert not torch.equal(p[0].cpu(), torch.ones(9))
+    assert not torch.equal(p[1].cpu(), torch.ones(9))
 
 
 @pytest.mark.parametrize("backend", COMPILED)

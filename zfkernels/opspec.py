@@ -176,3 +176,23 @@ def check_betas(beta1: float, beta2: float, where: str = "") -> None:
         if not 0.0 <= float(beta) < 1.0:
             raise ValueError(f"{where}{name}={beta!r} (betas[{index}]) is outside [0, 1); Adam's decay rates "
                              "need 0 <= beta < 1, e.g. betas=(0.9, 0.999)")
+
+
+def check_not_inference(lists, where: str = "") -> None:
+    """Outside inference mode, no tensor an op writes (``lists``: ``(schema name, tensors)``
+    pairs) is an inference tensor: torch's rule for in-place updates, which the compiled ops
+    apply through their ADInplaceOrView kernels (csrc/ops.cpp) before writing anything. The
+    Python backends (the reference and Triton) check it here, before their first write, so a
+    refused call leaves every tensor as it was. ``where`` prefixes the message (Triton names its
+    op)."""
+    import torch
+
+    if torch.is_inference_mode_enabled():
+        return
+    for name, tensors in lists:
+        for k, t in enumerate(tensors):
+            if t.is_inference():
+                raise RuntimeError(
+                    f"{where}{name}[{k}]: Inplace update to inference tensor outside InferenceMode is not "
+                    "allowed. You can make a clone to get a normal tensor before doing inplace update "
+                    "(see https://github.com/pytorch/rfcs/pull/17)")

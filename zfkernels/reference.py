@@ -21,7 +21,7 @@ import torch
 
 from . import stream as S
 from ._overlap import check_no_overlap
-from .opspec import check_betas
+from .opspec import check_betas, check_not_inference
 
 _C = S.f32_from_bits  # §5 constants: exact fp32 values from their bit patterns
 _PI_F32 = _C(S.PI_F32_BITS)  # 3.14159274
@@ -292,6 +292,7 @@ def perturb_(params, tensor_ids, seed, scale, dist, mask_seed, mask_threshold) -
     """θ_k += scale · m ⊙ z(seed) for each tensor (docs/kernel-ops.md)."""
     _check_params(params, tensor_ids)
     check_no_overlap([("params", params)])
+    check_not_inference([("params", params)])
     S.check_seed(seed, "seed")
     _check_stream(dist, mask_seed, mask_threshold)
     scale_f = torch.tensor(scale, dtype=torch.float32).item()
@@ -347,7 +348,9 @@ def zo_sgd_update_(params, momentum_buffers, history_buffers, tensor_ids, seeds,
     _check_params(params, tensor_ids)
     _check_buffers(params, momentum_buffers, "momentum_buffers")
     _check_buffers(params, history_buffers, "history_buffers")
-    check_no_overlap([("params", params), ("momentum_buffers", momentum_buffers), ("history_buffers", history_buffers)])
+    written = [("params", params), ("momentum_buffers", momentum_buffers), ("history_buffers", history_buffers)]
+    check_no_overlap(written)
+    check_not_inference(written)
     _check_q(seeds, coeffs)
     _check_stream(dist, mask_seed, mask_threshold)
     S.check_seed(restore_seed, "restore_seed")
@@ -379,8 +382,10 @@ def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, 
     _check_buffers(params, exp_avgs, "exp_avgs")
     _check_buffers(params, exp_avg_sqs, "exp_avg_sqs")
     _check_buffers(params, history_buffers, "history_buffers")
-    check_no_overlap([("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
-                      ("history_buffers", history_buffers)])
+    written = [("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+               ("history_buffers", history_buffers)]
+    check_no_overlap(written)
+    check_not_inference(written)
     _check_q(seeds, coeffs)
     _check_stream(dist, mask_seed, mask_threshold)
     S.check_seed(restore_seed, "restore_seed")

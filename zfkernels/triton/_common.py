@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .._overlap import check_no_overlap
+from ..opspec import check_not_inference
 from ..stream import MASK32, MASK_ONE, TENSOR_ID_LIMIT, check_seed, dist_code
 
 FLOAT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -240,14 +241,7 @@ def mark_written(op: str, lists: Sequence[tuple[str, Sequence[torch.Tensor]]]) -
     on the new values without complaint; torch's in-place ops and the compiled ops (their
     ADInplaceOrView kernels, csrc/ops.cpp) bump it. As they do, an inference tensor is refused
     outside inference mode (``increment_version`` skips it silently)."""
-    if not torch.is_inference_mode_enabled():
-        for name, ts in lists:
-            for k, t in enumerate(ts):
-                if t.is_inference():
-                    raise RuntimeError(
-                        f"{op}: {name}[{k}]: Inplace update to inference tensor outside InferenceMode is not "
-                        "allowed. You can make a clone to get a normal tensor before doing inplace update "
-                        "(see https://github.com/pytorch/rfcs/pull/17)")
+    check_not_inference(lists, f"{op}: ")
     torch.autograd.graph.increment_version([t for _, ts in lists for t in ts])
 
 
