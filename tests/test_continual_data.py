@@ -216,6 +216,38 @@ def test_an_undecodable_image_is_named_by_a_dataloader_worker_too(tmp_path):
         assert str(e.value).endswith("; replace or delete that file") and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("options, error", [
+    ("model_kwargs: {bogus: 1}", "model_kwargs {'bogus': 1} do not build timm's vit_base_patch16_224.augreg_in21k "
+                                 "(TypeError: "),
+    ("model_kwargs: {embed_dim: 30, num_heads: 4}", "model_kwargs {'embed_dim': 30, 'num_heads': 4} do not build "),
+    ("model_kwargs: {img_size: 32}", "backbone vit_base_patch16_224.augreg_in21k with model_kwargs {'img_size': 32} "
+                                     "does not run on the 224x224 images of this run (img_size) with adapters"),
+    ("model_kwargs: {num_classes: 10}", "model_kwargs in {cfg}: num_classes is zeroflow's"),
+    ("backbone: resnet18", "backbone resnet18 is not a ViT"),
+    ("backbone: nonesuch_vit", "backbone 'nonesuch_vit' is not a timm model (RuntimeError: "),
+    ("small_vit: {depth: 1}", "small_vit in {cfg} sets the small ViT of the digits runs; this run's backbone"),
+])
+def test_a_backbone_option_that_cannot_build_is_refused_before_the_run_starts(tmp_path, capsys, options, error):
+    """model_kwargs went unchecked: a TypeError after the folder was claimed, reported as "pretrained
+    weights ... are not available"; small_vit on a ViT-B run was ignored. Now one error (exit 2)
+    naming the option, before the data is read or --out is created."""
+    (tmp_path / "c.yaml").write_text(options + "\n")
+    out = tmp_path / "r"
+    rc, stdout, err = _run_cli(capsys, "run", "--config", tmp_path / "c.yaml", "--dataset", "cub", "--data-root",
+                               tmp_path / "no-data", "--no-progress", "--out", out)
+    assert rc == 2 and stdout == "" and err.count("\n") == 1, err
+    assert err.startswith("zeroflow: error: " + error.replace("{cfg}", str(tmp_path / "c.yaml"))), err
+    assert not out.exists()
+
+
+def test_digits_runs_refuse_model_kwargs():
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.errors import ZeroflowError
+    with pytest.raises(ZeroflowError, match="model_kwargs sets the timm ViT backbone of the real datasets; the digits "
+                                            "runs use the small ViT that zeroflow pretrains itself"):
+        resolve({"model_kwargs": {"depth": 1}}, None)
+
+
 @pytest.mark.usefixtures("zf_cache")
 def test_an_undecodable_image_mid_run_is_one_line_and_the_run_resumes(tmp_path, capsys):
     """PIL's UnidentifiedImageError was a traceback (exit 1) in the middle of a run."""

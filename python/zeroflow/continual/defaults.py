@@ -221,6 +221,16 @@ def validate(cfg: Dict[str, Any], names: Optional[Dict[str, str]] = None) -> Dic
             raise ZeroflowError(f"{name(k)} must be a mapping of option: value (got {out[k]!r})")
     if out.get("small_vit") is not None:
         out["small_vit"] = check_small_vit(out["small_vit"], out, name("small_vit"))
+    if out.get("model_kwargs") is not None and out["backbone"] == "small":
+        raise ZeroflowError(f"{name('model_kwargs')} sets the timm ViT backbone of the real datasets; the "
+                            f"{out['dataset']} runs use the small ViT that zeroflow pretrains itself (set small_vit "
+                            f"instead)")
+    if out.get("small_vit") is not None and out["backbone"] != "small":
+        raise ZeroflowError(f"{name('small_vit')} sets the small ViT of the digits runs; this run's backbone is "
+                            f"{out['backbone']} (set model_kwargs instead)")
+    if "num_classes" in (out.get("model_kwargs") or {}):
+        raise ZeroflowError(f"{name('model_kwargs')}: num_classes is zeroflow's (the backbone gives features, "
+                            f"num_classes 0; the learners add their own heads): drop it")
     if out.get("checkpoint") and out["backbone"] == "small":
         raise ZeroflowError(f"{name('checkpoint')} is for the ViT backbone of the real datasets; the {out['dataset']} "
                             f"runs use the small ViT that zeroflow pretrains itself (drop the option)")

@@ -100,10 +100,15 @@ def check_backend(backend: Optional[str], device: torch.device) -> None:
         raise ZeroflowError(f"--backend {backend} cannot run on {device} here: {e}{hint}") from e
 
 
-def check_checkpoint_file(cfg: Dict) -> None:
+def check_backbone(cfg: Dict) -> None:
+    """The weights file exists, and the timm backbone builds from ``model_kwargs`` and runs
+    on the run's images (:func:`.backbones.check_timm_backbone`)."""
     ck = cfg.get("checkpoint")
     if ck and not os.path.isfile(ck):
         raise ZeroflowError(f"--checkpoint {ck}: no such file")
+    if cfg["backbone"] != "small":
+        from .backbones import check_timm_backbone
+        check_timm_backbone(cfg["backbone"], cfg.get("model_kwargs"), int(cfg["adapter_dim"]), int(cfg["img_size"]))
 
 
 def _version(dist: str):
@@ -402,7 +407,7 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
         log, warn, progress = _silent, _silent, False
     device = _run_device(device_name, world)
     check_backend(cfg.get("backend"), device)
-    check_checkpoint_file(cfg)
+    check_backbone(cfg)
     check_run_precision(cfg, device, warn)
     _set_threads(cfg, device)
     seed_everything(int(cfg["seed"]))
@@ -489,7 +494,7 @@ def check_setup(cfgs, warn=None) -> None:
     for cfg in cfgs:
         device = resolve_device(cfg.get("device"))
         check_backend(cfg.get("backend"), device)
-        check_checkpoint_file(cfg)
+        check_backbone(cfg)
         check_run_precision(cfg, device, warn)
         key = json.dumps([cfg.get(k) for k in ("dataset", "data_root", "init_cls", "increment", "download",
                                                "img_size", "class_order_seed")], default=str)
