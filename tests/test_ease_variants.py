@@ -35,6 +35,9 @@ def test_omnibenchmark_ease_default_is_the_published_config():
     (dict(ease_moni_adam=True, ease_adapter_num=1), "--ease-moni-adam needs --ease-use-init-ptm true"),
     (dict(ease_moni_adam=True, ease_use_init_ptm=True), "--ease-moni-adam needs --ease-adapter-num"),
     (dict(ease_later_lr=0.1), "--ease-later-lr only acts on B-N splits (--init-cls != --increment)"),
+    # PILOT reads 0 as unset (init_lr / init_epochs); zeroflow used to train nothing after task 0
+    (dict(init_cls=4, increment=2, ease_later_lr=0.0), "--ease-later-lr is 0, which PILOT reads as unset"),
+    (dict(init_cls=4, increment=2, ease_later_epochs=0), "--ease-later-epochs is 0, which PILOT reads as unset"),
     (dict(ease_adapter_num=0, ease_moni_adam=True, ease_use_init_ptm=True), "--ease-adapter-num must be >= 1"),
     (dict(ease_beta=-1.0), "--ease-beta must be >= 0"),
 ])

@@ -294,6 +294,11 @@ def check_ease_variant(cfg: Dict[str, Any], name) -> None:
             raise ZeroflowError(f"{name('ease_moni_adam')} needs {name('ease_adapter_num')}: how many of the first "
                                 f"tasks train an adapter (the published OmniBenchmark config: 1)")
     later = [k for k in ("ease_later_lr", "ease_later_epochs") if cfg[k] is not None]
+    zero = [k for k in later if cfg[k] == 0]
+    if zero:
+        raise ZeroflowError(f"{name(zero[0])} is 0, which PILOT reads as unset (its later tasks then train with "
+                            f"init_lr / init_epochs) and zeroflow would take literally (later tasks untrained): "
+                            f"leave it unset for PILOT's meaning, or give a positive value")
     if later and int(cfg["init_cls"]) == int(cfg["increment"]):
         raise ZeroflowError(f"{name(later[0])} only acts on B-N splits (--init-cls != --increment); with equal "
                             f"tasks PILOT trains every task with --lr / --epochs (drop it)")
