@@ -28,11 +28,27 @@ def test_fgt_uses_best_earlier_not_first():
     assert M.forgetting(A) == pytest.approx(50.0 / 3)
 
 
-def test_fgt_negative_backward_transfer_and_single_task():
-    assert M.forgetting([[80.0, 85.0], [None, 70.0]]) == pytest.approx(-5.0)
+def test_fgt_is_pilots_a_task_ending_at_its_best_counts_zero_and_single_task():
+    """The best accuracy includes the last stage (PILOT's Fgt, the study's numbers): backward
+    transfer counts 0, not negative (it used to give -5 here, and 7.5 for PILOT's 10 below)."""
+    assert M.forgetting([[80.0, 85.0], [None, 70.0]]) == 0.0
+    assert M.forgetting([[90.0, 70.0, 95.0], [None, 80.0, 60.0], [None, None, 75.0]]) == pytest.approx(10.0)
     assert M.forgetting([[80.0]]) == 0.0
     with pytest.raises(ValueError):
         M.forgetting([[80.0, None], [None, 70.0]])
+
+
+def test_fgt_matches_pilots_numpy_formula_on_random_matrices():
+    """PILOT's trainer: np.mean((np.max(acctable, axis=1) - acctable[:, T-1])[:T-1]), with the
+    stages before a task was learned left out (NaN here, None in our matrix)."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for T in range(2, 9):
+        A = rng.uniform(0, 100, (T, T)).round(2)
+        A[np.tril_indices(T, -1)] = np.nan                     # A[g][s] exists for s >= g only
+        ours = M.forgetting([[None if np.isnan(v) else float(v) for v in row] for row in A])
+        pilot = float(np.mean((np.nanmax(A, axis=1) - A[:, T - 1])[:T - 1]))
+        assert ours == pytest.approx(pilot, abs=1e-9), T
 
 
 def test_accuracy_from_predictions_per_task():

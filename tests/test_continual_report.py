@@ -174,3 +174,28 @@ def test_two_averaged_rows_that_read_the_same_list_their_folders(tmp_path):
                       ("1, 2", "none", f"mean of 2: {tmp_path / 'b1'}, {tmp_path / 'b2'}")]
     rows = table1(render([str(tmp_path)]))
     assert len(rows) == 3 and any("80.00 ± 0.00" in r for r in rows) and any("60.00 ± 0.00" in r for r in rows)
+
+
+def test_fgt_is_recomputed_from_the_matrix_and_a_changed_value_is_named(tmp_path):
+    """A run written when Fgt left the last stage out of the best (here -5: task 0 rose from
+    80 to 85) reads PILOT's Fgt (0) in the table, and the report names it; a run whose stored
+    value already agrees is not named; a matrix that cannot be read skips the run as corrupt."""
+    old = write_run(tmp_path / "old", 80.0, seed=1)
+    same = write_run(tmp_path / "same", 70.0, seed=2, epochs=1)
+    bad = write_run(tmp_path / "bad", 60.0, seed=3, epochs=2)
+    for folder, fgt, matrix in ((old, -5.0, [[80.0, 85.0], [None, 70.0]]),
+                                (same, 10.0, [[80.0, 70.0], [None, 70.0]]),
+                                (bad, 1.0, [[80.0, "x"], [None, 70.0]])):
+        path = os.path.join(folder, "metrics.json")
+        m = json.load(open(path)) | {"fgt": fgt, "accuracy_matrix": matrix}
+        json.dump(m, open(path, "w"))
+    runs, skipped = find_runs([str(tmp_path)])
+    assert sorted(m["fgt"] for m in runs) == [0.0, 10.0]
+    bad_json = os.path.join(bad, "metrics.json")
+    assert len(skipped) == 1 and skipped[0].startswith(f"{bad_json}: corrupt (accuracy_matrix: ")
+    text = render([str(tmp_path)])
+    rows = table1(text)
+    assert any(r.endswith("| 80.00 | 70.00 | 0.00 |") for r in rows), rows
+    assert any(r.endswith("| 70.00 | 60.00 | 10.00 |") for r in rows), rows
+    assert ("Fgt recomputed from the accuracy matrix (PILOT's Fgt, the best accuracy over all stages, the last "
+            f"included) for runs that stored the older value (the last stage left out of the best): {old}\n") in text

@@ -7,16 +7,25 @@ diagonal); ``a_s`` = top-1 accuracy (%) on the test images of all classes seen a
 
 * Avg  = (1/T) * sum_s a_s
 * Last = a_{T-1}
-* Fgt  = (1/(T-1)) * sum_{g=0}^{T-2} ( max_{s in [g, T-2]} A[g][s] - A[g][T-1] )   (0 if T == 1)
+* Fgt  = (1/(T-1)) * sum_{g=0}^{T-2} ( max_{s in [g, T-1]} A[g][s] - A[g][T-1] )   (0 if T == 1)
+
+Fgt is PILOT's (``np.mean((np.max(acctable, axis=1) - acctable[:, T-1])[:T-1])``), whose
+numbers the ZeroFlow study reports: the best accuracy over every stage, the last included, so
+a task that ends at its best counts 0, never negative. (Until 2026-12-01 the max left the last
+stage out, Chaudhry et al.'s form, which counts backward transfer as negative forgetting;
+``zeroflow report`` recomputes the Fgt of such runs from their accuracy matrix.)
+
+No torch at import: ``zeroflow report`` computes Fgt with this module.
 """
 from __future__ import annotations
 
 import resource
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 Matrix = List[List[Optional[float]]]
 
@@ -34,16 +43,17 @@ def last_accuracy(curve: Sequence[float]) -> float:
 
 
 def forgetting(matrix: Matrix) -> float:
-    """Mean over old tasks of (best accuracy at an earlier stage - final accuracy)."""
+    """Mean over old tasks of (best accuracy at any stage since the task was learned, the
+    last included - final accuracy): PILOT's Fgt (module docstring)."""
     T = len(matrix)
     if T <= 1:
         return 0.0
     drops = []
     for g in range(T - 1):
-        earlier = [matrix[g][s] for s in range(g, T - 1)]
-        if any(v is None for v in earlier) or matrix[g][T - 1] is None:
+        row = [matrix[g][s] for s in range(g, T)]
+        if any(v is None for v in row):
             raise ValueError(f"accuracy matrix row {g} is incomplete")
-        drops.append(max(earlier) - matrix[g][T - 1])
+        drops.append(max(row) - row[-1])
     return float(sum(drops) / len(drops))
 
 
@@ -57,6 +67,8 @@ def summarize(curve: Sequence[float], matrix: Matrix) -> dict:
 
 def accuracy_from_predictions(pred: torch.Tensor, target: torch.Tensor, tasks: Sequence[Sequence[int]]):
     """Overall accuracy (%) and per-task accuracies (%) for the tasks whose classes appear."""
+    import torch
+
     pred, target = pred.cpu(), target.cpu()
     overall = 100.0 * float((pred == target).float().mean()) if len(target) else 0.0
     per_task = []
@@ -79,15 +91,21 @@ class MemoryMeter:
     (process-wide and never reset, so on CPU it is the running peak of the process)."""
 
     def __init__(self, device: torch.device):
+        import torch
+
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
 
     def reset(self):
+        import torch
+
         if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def peak(self) -> int:
+        import torch
+
         if self.cuda:
             torch.cuda.synchronize(self.device)
             return int(torch.cuda.max_memory_allocated(self.device))
@@ -100,9 +118,13 @@ class MemoryMeter:
 
 class Timer:
     def __init__(self, device: torch.device):
+        import torch
+
         self.cuda = torch.device(device).type == "cuda"
 
     def now(self) -> float:
+        import torch
+
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter()

@@ -71,12 +71,30 @@ def find_runs(paths: Sequence[str]) -> Tuple[List[Dict], List[str]]:
                 continue
             try:
                 m = load_metrics(os.path.join(folder, METRICS))
+                _fgt_from_matrix(m, os.path.join(folder, METRICS))
             except ZeroflowError as e:
                 skipped.append(str(e))
                 continue
             m["_dir"] = folder
             runs.append(m)
     return runs, skipped
+
+
+def _fgt_from_matrix(m: Dict, path: str) -> None:
+    """``m["fgt"]`` as metrics.forgetting defines it now (PILOT's: the best accuracy over all
+    stages, the last included), from the run's accuracy matrix; the value the run stored is
+    kept in ``m["_stored_fgt"]`` (it differs for runs written before that definition, named
+    under the tables). A metrics.json without a matrix keeps its Fgt."""
+    from .metrics import forgetting
+
+    matrix = m.get("accuracy_matrix")
+    if matrix is None:
+        return
+    try:
+        fgt = forgetting(matrix)
+    except (TypeError, ValueError, IndexError, KeyError) as e:
+        raise ZeroflowError(f"{path}: corrupt (accuracy_matrix: {type(e).__name__}: {e})") from e
+    m["_stored_fgt"], m["fgt"] = m["fgt"], fgt
 
 
 # ---------------------------------------------------------------- rows
@@ -260,5 +278,10 @@ def render_runs(runs: List[Dict], skipped: List[str]) -> Tuple[str, List[str]]:
     out += [""]
     if any(r.aggregated for r in rows):
         out += ["Cells with ± are mean ± sample standard deviation over the seeds listed."]
+    restated = [m["_dir"] for m in runs if m.get("_stored_fgt", m["fgt"]) != m["fgt"]]
+    if restated:
+        out += ["Fgt recomputed from the accuracy matrix (PILOT's Fgt, the best accuracy over all stages, the last "
+                "included) for runs that stored the older value (the last stage left out of the best): "
+                + ", ".join(restated)]
     out += [f"Memory: {', '.join(kinds)}. Runs: " + ", ".join(m["_dir"] for m in runs), ""]
     return "\n".join(out), skipped
