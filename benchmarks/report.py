@@ -219,9 +219,13 @@ def _bandwidth_targets(dev, kern):
                 for dtype in ("fp32", "bf16", "fp16"):
                     for dist, frac in GPU_COPY_FRAC.items():
                         r = _largest(kern, op=op, variant=variant, dtype=dtype, backend=b, dist=dist)
-                        if r is None or r.get("copy_frac") is None:
+                        if r is None:
                             continue
                         name = f"{op} {variant} ({b}, {dtype}, {dist}) ≥ {100 * frac:.0f} % of copy bandwidth"
+                        if r.get("copy_frac") is None:      # the kernel ran, its copy_ baseline did not
+                            rows.append((dev, name, "—", "not measured", f"{_where(r)}; no copy_ baseline of "
+                                                                          f"this dtype and size in the run"))
+                            continue
                         rows.append((dev, name, fpct(r["copy_frac"]), _status(r["copy_frac"], frac), _where(r)))
     largest = max((r["x"]["numel"] for r in kern), default=None)
     for r in kern:
@@ -247,10 +251,8 @@ STEP_BYTES_PER_PARAM = {"zo_sgd": 3 * 2, "zo_adam": 2 * 2 + 3 * 2}   # x element
 
 def _step_roofline_targets(dev, opt, kern):
     copies = [r for r in kern if r["x"].get("kind") == "copy" and r["x"].get("dtype") == "fp32" and r["gbs"]]
+    cp = max(copies, key=lambda r: r["x"]["numel"]) if copies else None
     rows = []
-    if not copies:
-        return rows
-    cp = max(copies, key=lambda r: r["x"]["numel"])
     for kind, per in STEP_BYTES_PER_PARAM.items():
         for dist in ("rademacher", "gaussian"):
             cand = [r for r in opt if r["x"]["opt"] == kind and r["x"]["dist"] == dist and r["x"]["q"] == 1
@@ -258,6 +260,11 @@ def _step_roofline_targets(dev, opt, kern):
             if not cand:
                 continue
             r = cand[0]
+            if cp is None:      # the step ran, the kernel suite's fp32 copy_ did not (cut, or not selected)
+                rows.append((dev, f"{kind} step ≤ {STEP_ROOFLINE_X:g}× its passes at copy bandwidth ({dist}, "
+                                  f"vit_b_86m, q=1)", "—", "not measured",
+                             f"{fms(r['t'])}; no fp32 copy_ baseline in the kernels suite of this run"))
+                continue
             roof_s = per * 4 * r["x"]["numel"] / (cp["gbs"] * 1e9)
             ratio = r["t"] / roof_s
             name = f"{kind} step ≤ {STEP_ROOFLINE_X:g}× its passes at copy bandwidth ({dist}, vit_b_86m, q=1)"

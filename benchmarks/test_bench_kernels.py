@@ -69,59 +69,6 @@ def _need_device():
         pytest.skip(C.NO_CUDA)
 
 
-@pytest.mark.parametrize("backend,op,variant,dname,dist,n", list(_matrix()))
-def test_kernel(run_bench, benchmark, backend, op, variant, dname, dist, n):
-    why = C.backend_skip_reason(backend)
-    if why:
-        pytest.skip(why)
-    dtype = C.DTYPES[dname]
-    dev = C.device()
-    benchmark.group = _group(op, dname, n)
-    p = torch.randn(n, device=dev).mul_(0.02).to(dtype)
-    kw = {"dist": dist, "backend": backend}
-    if variant == "sparse":
-        kw.update(mask_seed=77, sparsity=0.5)
-    if op == "perturb":
-        def fn():
-            zk.perturb_([p], SEED, EPS, **kw)
-    elif op == "sgd":
-        if variant == "sign":
-            kw["sign"] = True
-        if variant == "history":
-            kw.update(history_buffers=[torch.zeros_like(p)], history_alpha=0.9)
-        if variant == "momentum":
-            kw.update(momentum_buffers=[torch.zeros_like(p)], momentum=0.9)
-
-        def fn():
-            zk.zo_sgd_update_([p], [SEED], [0.37], lr=LR, restore_seed=SEED, restore_scale=-EPS, **kw)
-    else:
-        m, v = torch.zeros_like(p), torch.zeros_like(p)
-        if variant == "sign":
-            kw["sign"] = True
-        if variant == "history":
-            kw.update(history_buffers=[torch.zeros_like(p)], history_alpha=0.9)
-
-        def fn():
-            zk.zo_adam_update_([p], [m], [v], [SEED], [0.37], lr=LR, step=10, restore_seed=SEED,
-                               restore_scale=-EPS, **kw)
-
-    s = C.bytes_of(dtype)
-    extra = {
-        "suite": "kernels", "key": C.key("kernels", op, variant, backend, C.DEVICE, dname, dist, n),
-        "kind": "zeroflow", "op": op, "variant": variant, "backend": backend, "dtype": dname, "dist": dist,
-        "numel": n, "elements": n, "bytes": _bytes(op, variant, n, s), "copy_ref": _copy_key(dname, n),
-    }
-    if variant == "plain":
-        extra["mezo_ref"] = _mezo_key(op, dname, dist, n)
-    if backend == "triton" and not C.ON_GPU:
-        extra["note"] = "Triton interpreter (not a performance path)"
-        extra["backend_label"] = "triton (interpreter)"
-    if backend == "torch":
-        extra["note"] = "pure-PyTorch reference (not a performance path)"
-        extra["backend_label"] = "torch (reference)"
-    run_bench(fn, extra, budget_s=1.0, max_rounds=15)
-
-
 @pytest.mark.parametrize("dname", list(C.DTYPES))
 @pytest.mark.parametrize("n", C.kernel_sizes(), ids=C.fmt_numel)
 def test_copy(run_bench, benchmark, dname, n):
@@ -176,3 +123,59 @@ def test_mezo(run_bench, benchmark, op, dist, dname, n):
         "backend": "torch", "dtype": dname, "dist": dist, "numel": n, "elements": n,
         "bytes": _bytes(op, "plain", n, s), "copy_ref": _copy_key(dname, n),
     }, budget_s=1.0, max_rounds=15)
+
+
+# Collected after the baselines (pytest runs a file in definition order): a kernel phase that
+# its time share cuts (gpu_check.sh) still has the copy_ and MeZO rows every target is a
+# fraction of, which the 112 kernel cases, measured first, used to leave unmeasured.
+@pytest.mark.parametrize("backend,op,variant,dname,dist,n", list(_matrix()))
+def test_kernel(run_bench, benchmark, backend, op, variant, dname, dist, n):
+    why = C.backend_skip_reason(backend)
+    if why:
+        pytest.skip(why)
+    dtype = C.DTYPES[dname]
+    dev = C.device()
+    benchmark.group = _group(op, dname, n)
+    p = torch.randn(n, device=dev).mul_(0.02).to(dtype)
+    kw = {"dist": dist, "backend": backend}
+    if variant == "sparse":
+        kw.update(mask_seed=77, sparsity=0.5)
+    if op == "perturb":
+        def fn():
+            zk.perturb_([p], SEED, EPS, **kw)
+    elif op == "sgd":
+        if variant == "sign":
+            kw["sign"] = True
+        if variant == "history":
+            kw.update(history_buffers=[torch.zeros_like(p)], history_alpha=0.9)
+        if variant == "momentum":
+            kw.update(momentum_buffers=[torch.zeros_like(p)], momentum=0.9)
+
+        def fn():
+            zk.zo_sgd_update_([p], [SEED], [0.37], lr=LR, restore_seed=SEED, restore_scale=-EPS, **kw)
+    else:
+        m, v = torch.zeros_like(p), torch.zeros_like(p)
+        if variant == "sign":
+            kw["sign"] = True
+        if variant == "history":
+            kw.update(history_buffers=[torch.zeros_like(p)], history_alpha=0.9)
+
+        def fn():
+            zk.zo_adam_update_([p], [m], [v], [SEED], [0.37], lr=LR, step=10, restore_seed=SEED,
+                               restore_scale=-EPS, **kw)
+
+    s = C.bytes_of(dtype)
+    extra = {
+        "suite": "kernels", "key": C.key("kernels", op, variant, backend, C.DEVICE, dname, dist, n),
+        "kind": "zeroflow", "op": op, "variant": variant, "backend": backend, "dtype": dname, "dist": dist,
+        "numel": n, "elements": n, "bytes": _bytes(op, variant, n, s), "copy_ref": _copy_key(dname, n),
+    }
+    if variant == "plain":
+        extra["mezo_ref"] = _mezo_key(op, dname, dist, n)
+    if backend == "triton" and not C.ON_GPU:
+        extra["note"] = "Triton interpreter (not a performance path)"
+        extra["backend_label"] = "triton (interpreter)"
+    if backend == "torch":
+        extra["note"] = "pure-PyTorch reference (not a performance path)"
+        extra["backend_label"] = "torch (reference)"
+    run_bench(fn, extra, budget_s=1.0, max_rounds=15)
