@@ -16,7 +16,8 @@
 #      the PROFILE_TRITON cases) (benchmarks/profile_kernels.py): profile.txt and ncu.txt in $OUT;
 #      TRITON_VARIANTS="case,..." adds benchmarks/sass_census.py --time (the Triton launch with
 #      options constant vs as launched, bit-checked and timed) to profile.txt;
-#   7. prints a one-screen summary (tests passed / failed / crashed by name, each target with
+#   7. writes the report of every benchmark JSON (also when the check is stopped before it) and
+#      prints a one-screen summary (tests passed / failed / crashed by name, each target with
 #      its measured value, the step timelines' medians, the minutes per phase).
 # What comes back from a lease fits its limits (at most 8 files): in $OUT (or results/gpu/)
 # summary.txt, summary.json, performance.md, step_timeline.txt, profile.txt, ncu.txt and
@@ -70,6 +71,22 @@ write_back() {
 # The traps below can run inside a command's redirections (into its log): fds 3 and 4 keep the
 # script's own stdout and stderr for them (closed in the commands run starts).
 exec 3>&1 4>&2
+# performance.md and targets.json from every benchmark JSON written so far (a suite stopped by
+# its limit or a signal still writes its JSON): by phase 7, or by ended_early for a check that
+# stopped before it, which used to return no report at all. The title's GPU name comes from
+# env.json (no torch import); REPORT_LIMIT_S bounds it.
+REPORTED=0
+write_report() {
+  REPORTED=1
+  local jsons=() j gpu
+  for j in "$WORK"/bench/gpu_*.json; do [ -f "$j" ] && jsons+=("$j"); done
+  [ ${#jsons[@]} -gt 0 ] || return 0
+  gpu=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["gpu"])' "$WORK/env.json" 2> /dev/null) || gpu="a GPU"
+  say "report -> $DEST/performance.md (plots in gpu_logs.tar.gz: perf/)"
+  timeout -k 5 "${REPORT_LIMIT_S:-40}" "$PY" -m benchmarks.report "${jsons[@]}" --out "$WORK/performance.md" \
+    --plots "$WORK/perf" --targets-json "$WORK/targets.json" --title "zeroflow performance on $gpu" \
+    >> "$WORK/logs/gpu_check.log" 2>&1 && cp "$WORK/performance.md" "$DEST/performance.md"
+}
 FINISHED=0
 finish() {
   FINISHED=1
@@ -79,13 +96,15 @@ finish() {
   exit "$STATUS"
 }
 # Ended before finish (a signal, an error of this script): the phase under way is recorded as
-# stopped and the check ends as a finished one does, summary and logs in $DEST.
+# stopped and the check ends as a finished one does, summary and logs in $DEST; the summary
+# and logs first (a lease's kill may follow its signal closely), then the report of what ran.
 ended_early() {
   [ "$FINISHED" = 1 ] && return
   exec 1>&3 2>&4
   say "stopped during phase $PHASE (exit $1)"
   STATUS=$1; [ "$STATUS" = 0 ] && STATUS=1
   record_phase "$PHASE" stopped
+  if [ "$REPORTED" = 0 ]; then write_back > /dev/null; write_report; fi
   finish
 }
 trap 'ended_early $?' EXIT
@@ -217,7 +236,6 @@ fi
 # -------------------------------------------------------------------------- 4. benchmarks
 export BENCH_DEVICE=cuda TRITON_INTERPRET=0
 unset BENCH_FAST
-JSONS=()
 for suite in ${BENCH_ONLY:-kernels optim e2e llm}; do
   case $suite in
     kernels) file=benchmarks/test_bench_kernels.py; sel=(); share=75
@@ -238,7 +256,6 @@ for suite in ${BENCH_ONLY:-kernels optim e2e llm}; do
   grep '^SKIPPED' "$WORK/logs/bench_$suite.log" > "$WORK/bench/gpu_$suite.json.skips.txt" || true
   grep -E "passed|failed|error" "$WORK/logs/bench_$suite.log" | tail -1 | tee -a "$WORK/logs/gpu_check.log"
   if [ "$rc" = "0" ]; then phase_done "bench_$suite" ok; else say "bench $suite exit $rc (124/130 = hit its limit)"; STATUS=1; phase_done "bench_$suite" failed; fi
-  [ -f "$WORK/bench/gpu_$suite.json" ] && JSONS+=("$WORK/bench/gpu_$suite.json")
 done
 
 # -------------------------------------------------------------------------- 5. step timeline
@@ -300,12 +317,8 @@ if [ "${PROFILE:-0}" = "1" ] && begin_phase profile 100; then
 fi
 
 # -------------------------------------------------------------------------- 7. report, summary
-if [ ${#JSONS[@]} -gt 0 ]; then
-  PHASE=report; say "report -> $DEST/performance.md (plots in gpu_logs.tar.gz: perf/)"
-  "$PY" -m benchmarks.report "${JSONS[@]}" --out "$WORK/performance.md" --plots "$WORK/perf" \
-    --targets-json "$WORK/targets.json" \
-    --title "zeroflow performance on $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))')" \
-    >> "$WORK/logs/gpu_check.log" 2>&1 && cp "$WORK/performance.md" "$DEST/performance.md"
-  phase_done report ok
+PHASE=report
+if compgen -G "$WORK/bench/gpu_*.json" > /dev/null; then
+  if write_report; then phase_done report ok; else say "report failed (gpu_check.log)"; STATUS=1; phase_done report failed; fi
 fi
 finish

@@ -157,6 +157,31 @@ def test_a_stopped_command_that_ignores_sigint_is_killed(tmp_path):
     assert _processes_naming(str(tmp_path)) == []
 
 
+def test_a_check_stopped_before_its_report_still_writes_it(tmp_path):
+    """performance.md came only from the last phase: a check stopped during the profile (after
+    its benchmark suites had written their JSON) returned no report and no targets. Now the
+    summary is written back first, then the report of every JSON so far."""
+    import glob
+    import shutil
+    ready = tmp_path / "hanging"
+    proc, out = _gpu_check(tmp_path, start=True, BENCH_ONLY="none", TIMELINE="0", PROFILE="1", NCU="0",
+                           KILL_AFTER_S="2", FAKE_HANG_MODULE="benchmarks.profile_kernels", FAKE_HANG_READY=str(ready))
+    _wait_until(proc, ready.exists, "the profile never started")
+    (work,) = glob.glob(str(tmp_path / "tmp" / "zeroflow_gpu_check.*[!z]"))     # not the .tar.gz beside it
+    shutil.copy(os.path.join(ROOT, "benchmarks", "fixtures", "bench_fast_cpu.json"),
+                os.path.join(work, "bench", "gpu_kernels.json"))               # as a suite's JSON
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 143, stdout
+    assert f"report -> {out}/performance.md" in stdout
+    report = (out / "performance.md").read_text()
+    assert report.startswith("# zeroflow performance on dry run\n"), report[:200]
+    with tarfile.open(out / "gpu_logs.tar.gz") as tar:
+        assert "./targets.json" in tar.getnames()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(p["phase"], p["status"]) for p in summary["phases"]] == [("device", "ok"), ("profile", "stopped")]
+
+
 def test_a_spent_budget_skips_the_profile_instead_of_running_it_unbounded(tmp_path):
     """With the budget spent, ``timeout 0`` (the limit the profile's share of it came to) would
     have meant no limit at all: the phase is skipped and named so."""
