@@ -28,6 +28,14 @@ DISTS = ("gaussian", "rademacher")
 NO_CUDA = "BENCH_DEVICE=cuda but torch.cuda.is_available() is False"
 
 
+# Kernel-suite calls per timed round on a GPU (conftest run_bench ``back_to_back``): one call on
+# an idle stream counted its host work (33-41 us per zfkernels op, 1.7 us per copy_, measured on
+# the CPU) as kernel time, 3-6 % of a 256M fp32 pass and four times that at 64M; back to back it
+# overlaps the kernel before it. On the CPU a call is its own work: one. BENCH_BACK_TO_BACK sets it
+# (the smoke test runs the GPU's path on the CPU with 2).
+KERNEL_BACK_TO_BACK = int(os.environ.get("BENCH_BACK_TO_BACK") or (10 if ON_GPU else 1))
+
+
 def device() -> torch.device:
     return torch.device(DEVICE)
 

@@ -90,12 +90,17 @@ def run_bench(benchmark):
     one extra untimed call), and attach ``extra`` to the record."""
 
     def _run(fn, extra: dict, budget_s: float = 1.5, max_rounds: int = 20, mem: bool = False,
-             rounds: int | None = None, warmup: bool = True):
+             rounds: int | None = None, warmup: bool = True, back_to_back: int = 1):
         """``rounds`` fixes the round count (no probe call: for the slowest CPU cases);
-        ``warmup`` runs one untimed call first (lazy state, Triton compilation)."""
+        ``warmup`` runs one untimed call first (lazy state, Triton compilation);
+        ``back_to_back``: calls of ``fn`` per timed round, with one sync after them, so that on
+        a GPU each call's host work overlaps the kernel before it (the kernel suite: its rows
+        are device bandwidth). The JSON's times are per round; ``calls_per_round`` in the
+        record tells the report (benchmarks/report.py ``load``) what to divide them by."""
 
         def call():
-            fn()
+            for _ in range(back_to_back):
+                fn()
             C.sync()
 
         if C.ON_GPU:  # GPU calls take milliseconds: keep the whole GPU subset within minutes
@@ -113,6 +118,8 @@ def run_bench(benchmark):
         else:
             n_rounds, n_warm = (1 if C.FAST else rounds), 0
         extra = {"device": C.DEVICE, "device_name": _device_name(), "fast": C.FAST, **extra}
+        if back_to_back != 1:
+            extra["calls_per_round"] = back_to_back
         benchmark.extra_info.update(extra)
         benchmark.pedantic(call, rounds=n_rounds, iterations=1, warmup_rounds=n_warm)
         return probe

@@ -36,9 +36,10 @@ def load(paths):
             st = b.get("stats") or {}
             if not ex.get("key") or not st.get("median"):
                 continue
-            records.append({"name": b.get("name"), "group": b.get("group"), "x": ex, "t": float(st["median"]),
-                            "t_min": float(st.get("min", st["median"])), "rounds": int(st.get("rounds", 0)),
-                            "stddev": float(st.get("stddev") or 0.0), "file": os.path.basename(path)})
+            per = int(ex.get("calls_per_round") or 1)    # a round of back-to-back calls (conftest run_bench)
+            records.append({"name": b.get("name"), "group": b.get("group"), "x": ex, "t": float(st["median"]) / per,
+                            "t_min": float(st.get("min", st["median"])) / per, "rounds": int(st.get("rounds", 0)),
+                            "stddev": float(st.get("stddev") or 0.0) / per, "file": os.path.basename(path)})
     return records, machines
 
 

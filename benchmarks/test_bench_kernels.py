@@ -82,7 +82,7 @@ def test_copy(run_bench, benchmark, dname, n):
     run_bench(lambda: dst.copy_(src), {
         "suite": "kernels", "key": _copy_key(dname, n), "kind": "copy", "op": "copy", "variant": "copy_",
         "backend": "torch", "dtype": dname, "dist": "-", "numel": n, "elements": n, "bytes": 2 * n * s,
-    }, budget_s=1.0, max_rounds=15)
+    }, budget_s=1.0, max_rounds=15, back_to_back=C.KERNEL_BACK_TO_BACK)
 
 
 def _mezo_sgd(p, dist):
@@ -122,7 +122,7 @@ def test_mezo(run_bench, benchmark, op, dist, dname, n):
         "suite": "kernels", "key": _mezo_key(op, dname, dist, n), "kind": "mezo", "op": op, "variant": "mezo",
         "backend": "torch", "dtype": dname, "dist": dist, "numel": n, "elements": n,
         "bytes": _bytes(op, "plain", n, s), "copy_ref": _copy_key(dname, n),
-    }, budget_s=1.0, max_rounds=15)
+    }, budget_s=1.0, max_rounds=15, back_to_back=C.KERNEL_BACK_TO_BACK)
 
 
 # Collected after the baselines (pytest runs a file in definition order): a kernel phase that
@@ -178,4 +178,4 @@ def test_kernel(run_bench, benchmark, backend, op, variant, dname, dist, n):
     if backend == "torch":
         extra["note"] = "pure-PyTorch reference (not a performance path)"
         extra["backend_label"] = "torch (reference)"
-    run_bench(fn, extra, budget_s=1.0, max_rounds=15)
+    run_bench(fn, extra, budget_s=1.0, max_rounds=15, back_to_back=C.KERNEL_BACK_TO_BACK)

@@ -159,7 +159,7 @@ def test_cli(tmp_path):
 def test_suites_fast_mode(tmp_path):
     """Every benchmark suite in BENCH_FAST mode (tiny sizes, one round), then the report."""
     js = tmp_path / "fast.json"
-    env = child_env(BENCH_FAST="1", BENCH_DEVICE="cpu")
+    env = child_env(BENCH_FAST="1", BENCH_DEVICE="cpu", BENCH_BACK_TO_BACK="2")   # the GPU's kernel rounds
     p = subprocess.run([sys.executable, "-m", "pytest", *SUITES, "-q", "-rs", "-p", "no:cacheprovider",
                         f"--benchmark-json={js}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     tail = "\n".join((p.stdout + p.stderr).splitlines()[-30:])
@@ -167,6 +167,11 @@ def test_suites_fast_mode(tmp_path):
     data = json.loads(js.read_text())
     suites = {b["extra_info"]["suite"] for b in data["benchmarks"]}
     assert {"kernels", "optim", "e2e", "distributed"} <= suites, tail
+    kern = [b for b in data["benchmarks"] if b["extra_info"]["suite"] == "kernels"]
+    assert kern and all(b["extra_info"]["calls_per_round"] == 2 for b in kern)
+    records, _ = R.load([str(js)])           # times per call: a round's median over its 2 calls
+    by_key = {r["x"]["key"]: r["t"] for r in records}
+    assert all(by_key[b["extra_info"]["key"]] == b["stats"]["median"] / 2 for b in kern)
     text = R.render([str(js)], str(tmp_path / "perf.md"))
     assert "### Kernels on cpu" in text
     assert "### Data-parallel steps" in text and "DDP + FO-SGD" in text
