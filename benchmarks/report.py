@@ -459,6 +459,10 @@ def kernel_section(records, plots_rel):
         out += ["Variants: plain (restore + q=1 estimate for the updates), sign (element-wise sign), sparse "
                 "(mask, sparsity 0.5), history (h buffer, alpha 0.9), momentum (SGD buffer 0.9). "
                 "vs MeZO-style = MeZO recipe time / kernel time (plain variants).", ""]
+        per = sorted({int(r["x"].get("calls_per_round") or 1) for r in recs})
+        if per != [1]:
+            out += [f"Times are per call: each timed round ran {' / '.join(map(str, per))} calls back to back and "
+                    "synchronised once, so that a call's host work overlaps the kernel before it (device time).", ""]
         out += ["Baselines measured in the same run:", "",
                 baseline_table([r for r in recs if r["x"]["kind"] in ("copy", "mezo")]), ""]
         if plots_rel.get(("kernels", dev)):

@@ -173,7 +173,7 @@ def test_suites_fast_mode(tmp_path):
     by_key = {r["x"]["key"]: r["t"] for r in records}
     assert all(by_key[b["extra_info"]["key"]] == b["stats"]["median"] / 2 for b in kern)
     text = R.render([str(js)], str(tmp_path / "perf.md"))
-    assert "### Kernels on cpu" in text
+    assert "### Kernels on cpu" in text and "each timed round ran 2 calls back to back" in text
     assert "### Data-parallel steps" in text and "DDP + FO-SGD" in text
 
 
