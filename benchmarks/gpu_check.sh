@@ -280,40 +280,46 @@ fi
 # -------------------------------------------------------------------------- 6. kernel profile
 if [ "${PROFILE:-0}" = "1" ] && begin_phase profile 100; then
   say "profile: kernels vs copy_ at 256M, then ncu on one launch per case at 64M (limit ${lim}s)"
+  # Each step's limit is its share of the phase's (1/6 per timing run, 1/4 per ncu run, 1/6 for
+  # the census): the shares used to add up to twice the phase, so the budget cut the last step,
+  # the Triton ncu that a profile call is made for. The census of Triton variants, the least
+  # needed, now comes last.
+  share() { left $(( lim * $1 / $2 )); }
+  profile_status=ok
   PROFILE_RUNS=(); [ "${PROFILE_CUDA:-1}" = "1" ] && PROFILE_RUNS+=("--backend cuda")
   [ -n "${PROFILE_TRITON:-}" ] && PROFILE_RUNS+=("--backend triton --cases $PROFILE_TRITON")
   for args in "${PROFILE_RUNS[@]}"; do
     echo "## profile_kernels $args" >> "$WORK/logs/profile.txt"
-    limited "$(left $(( lim / 3 )))" "$PY" -m benchmarks.profile_kernels $args >> "$WORK/logs/profile.txt" 2>&1
+    limited "$(share 1 6)" "$PY" -m benchmarks.profile_kernels $args >> "$WORK/logs/profile.txt" 2>&1
   done
-  if [ -n "${TRITON_VARIANTS:-}" ]; then   # the register question of notes.md: options constant vs runtime
-    echo "## sass_census --time --cases $TRITON_VARIANTS" >> "$WORK/logs/profile.txt"
-    limited "$(left $(( lim / 3 )))" "$PY" -m benchmarks.sass_census --time --cases "$TRITON_VARIANTS" \
-      --json "$WORK/bench/triton_variants.json" >> "$WORK/logs/profile.txt" 2>&1
-  fi
-  cat "$WORK/logs/profile.txt" | tee -a "$WORK/logs/gpu_check.log"
-  cp "$WORK/logs/profile.txt" "$DEST/profile.txt"
   if [ "${NCU:-1}" = "0" ]; then
-    phase_done profile ok
+    :
   elif command -v ncu > /dev/null; then
     NCU_SECTIONS=(--section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats
                   --section WarpStateStats --section MemoryWorkloadAnalysis)
-    limited "$(left $(( lim * 2 / 3 )))" ncu --clock-control none -k regex:multi_tensor_kernel \
-      "${NCU_SECTIONS[@]}" \
-      "$PY" -m benchmarks.profile_kernels --numel 67108864 --no-timing > "$WORK/logs/ncu.txt" 2>&1
-    echo "ncu exit $?" >> "$WORK/logs/ncu.txt"
+    if [ "${PROFILE_CUDA:-1}" = "1" ]; then
+      limited "$(share 1 4)" ncu --clock-control none -k regex:multi_tensor_kernel "${NCU_SECTIONS[@]}" \
+        "$PY" -m benchmarks.profile_kernels --numel 67108864 --no-timing >> "$WORK/logs/ncu.txt" 2>&1
+      echo "ncu exit $?" >> "$WORK/logs/ncu.txt"
+    fi
     if [ -n "${PROFILE_TRITON:-}" ]; then   # the Triton kernels of the same cases
-      limited "$(left $(( lim / 3 )))" ncu --clock-control none -k 'regex:_(perturb|sgd|adam)_kernel' \
-        "${NCU_SECTIONS[@]}" \
+      limited "$(share 1 4)" ncu --clock-control none -k 'regex:_(perturb|sgd|adam)_kernel' "${NCU_SECTIONS[@]}" \
         "$PY" -m benchmarks.profile_kernels --backend triton --cases "$PROFILE_TRITON" --numel 67108864 --no-timing \
         >> "$WORK/logs/ncu.txt" 2>&1
       echo "ncu (triton) exit $?" >> "$WORK/logs/ncu.txt"
     fi
     cp "$WORK/logs/ncu.txt" "$DEST/ncu.txt"
-    phase_done profile ok
   else
-    say "ncu not found"; phase_done profile partial
+    say "ncu not found"; profile_status=partial
   fi
+  if [ -n "${TRITON_VARIANTS:-}" ]; then   # the register question of notes.md: options constant vs runtime
+    echo "## sass_census --time --cases $TRITON_VARIANTS" >> "$WORK/logs/profile.txt"
+    limited "$(share 1 6)" "$PY" -m benchmarks.sass_census --time --cases "$TRITON_VARIANTS" \
+      --json "$WORK/bench/triton_variants.json" >> "$WORK/logs/profile.txt" 2>&1
+  fi
+  tee -a "$WORK/logs/gpu_check.log" < "$WORK/logs/profile.txt"
+  cp "$WORK/logs/profile.txt" "$DEST/profile.txt"
+  phase_done profile "$profile_status"
 fi
 
 # -------------------------------------------------------------------------- 7. report, summary

@@ -79,7 +79,10 @@ def main(argv=None):
     ap.add_argument("--cases", default="all", help="comma-separated case names (default: all)")
     ap.add_argument("--no-timing", action="store_true", help="launch each case once only (under ncu)")
     a = ap.parse_args(argv)
-    names = list(CASES) if a.cases == "all" else a.cases.split(",")
+    names = list(CASES) if a.cases == "all" else [c.strip() for c in a.cases.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CASES]
+    if unknown:      # before any launch: a typo in PROFILE_TRITON used to end the run mid-way
+        ap.error(f"--cases: unknown case(s) {', '.join(unknown)}; valid: {', '.join(CASES)}")
     n = a.numel
     copy_ms = {}
     print(f"{'case':34s} {'ms':>8s} {'GB/s':>8s} {'of copy':>8s}")

@@ -190,3 +190,14 @@ def test_a_spent_budget_skips_the_profile_instead_of_running_it_unbounded(tmp_pa
     assert "profile skipped: the budget is spent" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert [(p["phase"], p["status"]) for p in summary["phases"]] == [("device", "ok"), ("profile", "skipped")]
+
+
+def test_profile_kernels_refuses_an_unknown_case_before_any_launch(capsys):
+    """A typo in PROFILE_TRITON ended the profile with a KeyError after the cases before it had
+    run (on a lease, minutes); now an argparse error names it and the valid cases, before CUDA."""
+    from benchmarks import profile_kernels
+    with pytest.raises(SystemExit) as e:
+        profile_kernels.main(["--backend", "triton", "--cases", "sgd-fp32-rademacher, sgd-fp32-gausian"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--cases: unknown case(s) sgd-fp32-gausian; valid: perturb-fp32-rademacher," in err
