@@ -27,7 +27,7 @@
 # them with that phase marked "stopped": a call cut short still returns what it measured.
 # Env: SKIP_BUILD=1 (or auto: use carried extensions if they load), SKIP_PROBE=1, KERNELS_SELECT (-k of the kernel suite), SKIP_TESTS=1, TESTS (the test files), TEST_SELECT (a pytest -k
 #      expression), TEST_LIMIT_S (170), BENCH_ONLY="kernels optim e2e llm" (or none), TIMELINE=0, TIMELINE_LAYOUTS="vit_b vit_b_tiny", PROFILE=1, GPU_CHECK_BUDGET_S (350),
-#      TEST_WORKERS (12), KILL_AFTER_S (15: SIGKILL that long after a command's SIGINT), ZEROFLOW_COMMIT (the commit to report where .git is stale, as in a device lease).
+#      TEST_WORKERS (12), KILL_AFTER_S (15: SIGKILL that long after a command's SIGINT), REPORT_LIMIT_S (25: the report's own limit, after the budget), ZEROFLOW_COMMIT (the commit to report where .git is stale, as in a device lease).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
@@ -83,7 +83,7 @@ write_report() {
   [ ${#jsons[@]} -gt 0 ] || return 0
   gpu=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["gpu"])' "$WORK/env.json" 2> /dev/null) || gpu="a GPU"
   say "report -> $DEST/performance.md (plots in gpu_logs.tar.gz: perf/)"
-  timeout -k 5 "${REPORT_LIMIT_S:-40}" "$PY" -m benchmarks.report "${jsons[@]}" --out "$WORK/performance.md" \
+  timeout -k 5 "${REPORT_LIMIT_S:-25}" "$PY" -m benchmarks.report "${jsons[@]}" --out "$WORK/performance.md" \
     --plots "$WORK/perf" --targets-json "$WORK/targets.json" --title "zeroflow performance on $gpu" \
     >> "$WORK/logs/gpu_check.log" 2>&1 && cp "$WORK/performance.md" "$DEST/performance.md"
 }
