@@ -486,15 +486,19 @@ def load_run_data(cfg: Dict):
 
 def check_setup(cfgs, warn=None) -> None:
     """What :func:`run` checks before it claims its folder, beyond the options: the device, the
-    backend on it, the weights file, the precision and the data, for every configuration of
-    ``cfgs`` (each data set once). ``zeroflow sweep`` calls it before its first run, so that a
-    mistake is one error before anything runs rather than a failure of every run."""
+    backend on it, the backbone, the precision and the data, for every configuration of
+    ``cfgs`` (each backbone and data set once). ``zeroflow sweep`` calls it before its first
+    run, so that a mistake is one error before anything runs rather than a failure of every run."""
     warn = warn or _silent        # the runs warn themselves
-    loaded = set()
+    loaded, built = set(), set()
     for cfg in cfgs:
         device = resolve_device(cfg.get("device"))
         check_backend(cfg.get("backend"), device)
-        check_backbone(cfg)
+        backbone = json.dumps([cfg.get(k) for k in ("checkpoint", "backbone", "model_kwargs", "adapter_dim",
+                                                    "img_size")], default=str, sort_keys=True)
+        if backbone not in built:      # a ViT-B's meta build: 0.5 s, once per sweep, not once per run
+            check_backbone(cfg)
+            built.add(backbone)
         check_run_precision(cfg, device, warn)
         key = json.dumps([cfg.get(k) for k in ("dataset", "data_root", "init_cls", "increment", "download",
                                                "img_size", "class_order_seed")], default=str)
