@@ -92,7 +92,8 @@ def test_report_tables(tmp_path, capsys):
         d = tmp_path / opt
         d.mkdir()
         (d / "metrics.json").write_text(json.dumps({
-            "avg": avg, "last": avg - 10, "fgt": 5.0, "accuracy_matrix": [[avg]], "peak_memory_bytes": 2e9,
+            "avg": avg, "last": avg - 10, "fgt": 5.0, "accuracy_matrix": [[avg, avg - 5], [None, avg - 10]],
+            "peak_memory_bytes": 2e9,
             "forward_passes": 100, "seconds": 1.0, "seconds_per_iteration": 0.01,
             "config": {"method": "ease", "optimizer": opt, "dataset": "cifar100"}}))
     (tmp_path / "unfinished").mkdir()
