@@ -199,3 +199,15 @@ def test_fgt_is_recomputed_from_the_matrix_and_a_changed_value_is_named(tmp_path
     assert any(r.endswith("| 70.00 | 60.00 | 10.00 |") for r in rows), rows
     assert ("Fgt recomputed from the accuracy matrix (PILOT's Fgt, the best accuracy over all stages, the last "
             f"included) for runs that stored the older value (the last stage left out of the best): {old}\n") in text
+
+
+def test_a_table_of_runs_given_directly_restates_their_fgt_too():
+    """zeroflow sweep prints render_runs of the runs it ran or reused, not read by find_runs: a
+    reused older run showed its stored Fgt there while zeroflow report showed PILOT's."""
+    old = {"avg": 80.0, "last": 70.0, "fgt": -5.0, "accuracy_matrix": [[80.0, 85.0], [None, 70.0]],
+           "peak_memory_bytes": 1e9, "forward_passes": 9, "_dir": "runs/old",
+           "config": {"method": "ease", "optimizer": "zo_sgd", "dataset": "digits"}}
+    text, _ = render_runs([old], [])
+    assert any(r.endswith("| 80.00 | 70.00 | 0.00 |") for r in table1(text)), text
+    assert "the last stage left out of the best): runs/old\n" in text
+    assert old["fgt"] == -5.0 and "_stored_fgt" not in old          # the caller's dict is left as it was

@@ -80,6 +80,12 @@ def find_runs(paths: Sequence[str]) -> Tuple[List[Dict], List[str]]:
     return runs, skipped
 
 
+def _with_fgt_from_matrix(m: Dict) -> Dict:
+    m = dict(m)
+    _fgt_from_matrix(m, os.path.join(m.get("_dir", "?"), METRICS))
+    return m
+
+
 def _fgt_from_matrix(m: Dict, path: str) -> None:
     """``m["fgt"]`` as metrics.forgetting defines it now (PILOT's: the best accuracy over all
     stages, the last included), from the run's accuracy matrix; the value the run stored is
@@ -229,6 +235,9 @@ def render_runs(runs: List[Dict], skipped: List[str]) -> Tuple[str, List[str]]:
     """``(markdown, skipped)``; ``ZeroflowError`` when there is no finished run at all."""
     if not runs:
         raise ZeroflowError("no finished run (metrics.json) found" + (": " + "; ".join(skipped) if skipped else ""))
+    # runs not read by find_runs (zeroflow sweep's table, which reuses finished runs) get their
+    # Fgt from the matrix too, on a copy
+    runs = [m if "_stored_fgt" in m else _with_fgt_from_matrix(m) for m in runs]
     rows = group_runs(runs)
     cols = distinguishing_columns(rows)
     datasets = _order({r.config["dataset"] for r in rows}, list(DATASETS))
