@@ -261,14 +261,13 @@ def _step_roofline_targets(dev, opt, kern):
             if not cand:
                 continue
             r = cand[0]
+            name = f"{kind} step ≤ {STEP_ROOFLINE_X:g}× its passes at copy bandwidth ({dist}, vit_b_86m, q=1)"
             if cp is None:      # the step ran, the kernel suite's fp32 copy_ did not (cut, or not selected)
-                rows.append((dev, f"{kind} step ≤ {STEP_ROOFLINE_X:g}× its passes at copy bandwidth ({dist}, "
-                                  f"vit_b_86m, q=1)", "—", "not measured",
+                rows.append((dev, name, "—", "not measured",
                              f"{fms(r['t'])}; no fp32 copy_ baseline in the kernels suite of this run"))
                 continue
             roof_s = per * 4 * r["x"]["numel"] / (cp["gbs"] * 1e9)
             ratio = r["t"] / roof_s
-            name = f"{kind} step ≤ {STEP_ROOFLINE_X:g}× its passes at copy bandwidth ({dist}, vit_b_86m, q=1)"
             where = (f"{fms(r['t'])} vs {fms(roof_s)} ({per // 2} tensor passes of {fsize(r['x']['numel'])} "
                      f"fp32 params at the fp32 copy_ {fnum(cp['gbs'])} GB/s)")
             rows.append((dev, name, fx(ratio), _status(ratio, STEP_ROOFLINE_X, higher=False), where))

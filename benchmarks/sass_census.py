@@ -52,7 +52,7 @@ from typing import NamedTuple
 
 import torch
 
-from benchmarks.profile_kernels import ADAM_STEP, CASES, COEFF, EPS, LR, SEED
+from benchmarks.profile_kernels import ADAM_STEP, CASES, COEFF, EPS, LR, SEED, median_ms
 
 ISSUE_RATE = 33.4e12          # H200 lane instructions per second (benchmarks/notes.md)
 COPY_ELEMS = {torch.float32: 518e9, torch.bfloat16: 1003e9}   # copy_ elements/s on the H200, same notes
@@ -265,15 +265,10 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _gpu_ms(fn, reps: int) -> float:
-    """Milliseconds per call: ``reps`` back-to-back calls between two CUDA events."""
+    """Milliseconds per call after one warm call: ``reps`` back-to-back calls between two CUDA
+    events (profile_kernels' timing, one group)."""
     fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
+    return median_ms(fn, reps=1, back_to_back=reps)
 
 
 def time_variants(name: str, numel: int, reps: int = 20) -> dict:
