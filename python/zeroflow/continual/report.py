@@ -70,8 +70,7 @@ def find_runs(paths: Sequence[str]) -> Tuple[List[Dict], List[str]]:
                 skipped.append(_why_unfinished(folder))
                 continue
             try:
-                m = load_metrics(os.path.join(folder, METRICS))
-                _fgt_from_matrix(m, os.path.join(folder, METRICS))
+                m = _restated_fgt(load_metrics(os.path.join(folder, METRICS)), os.path.join(folder, METRICS))
             except ZeroflowError as e:
                 skipped.append(str(e))
                 continue
@@ -80,27 +79,22 @@ def find_runs(paths: Sequence[str]) -> Tuple[List[Dict], List[str]]:
     return runs, skipped
 
 
-def _with_fgt_from_matrix(m: Dict) -> Dict:
-    m = dict(m)
-    _fgt_from_matrix(m, os.path.join(m.get("_dir", "?"), METRICS))
-    return m
-
-
-def _fgt_from_matrix(m: Dict, path: str) -> None:
-    """``m["fgt"]`` as metrics.forgetting defines it now (PILOT's: the best accuracy over all
-    stages, the last included), from the run's accuracy matrix; the value the run stored is
-    kept in ``m["_stored_fgt"]`` (it differs for runs written before that definition, named
-    under the tables). A metrics.json without a matrix keeps its Fgt."""
+def _restated_fgt(m: Dict, path: str) -> Dict:
+    """A copy of the run's metrics ``m`` (read from ``path``) whose ``fgt`` is as
+    metrics.forgetting defines it now (PILOT's: the best accuracy over all stages, the last
+    included), from the run's accuracy matrix; the value the run stored is kept in
+    ``_stored_fgt`` (it differs for runs written before that definition, named under the
+    tables). A metrics.json without a matrix keeps its Fgt."""
     from .metrics import forgetting
 
     matrix = m.get("accuracy_matrix")
     if matrix is None:
-        return
+        return m
     try:
         fgt = forgetting(matrix)
     except (TypeError, ValueError, IndexError, KeyError) as e:
         raise ZeroflowError(f"{path}: corrupt (accuracy_matrix: {type(e).__name__}: {e})") from e
-    m["_stored_fgt"], m["fgt"] = m["fgt"], fgt
+    return dict(m, fgt=fgt, _stored_fgt=m["fgt"])
 
 
 # ---------------------------------------------------------------- rows
@@ -237,7 +231,7 @@ def render_runs(runs: List[Dict], skipped: List[str]) -> Tuple[str, List[str]]:
         raise ZeroflowError("no finished run (metrics.json) found" + (": " + "; ".join(skipped) if skipped else ""))
     # runs not read by find_runs (zeroflow sweep's table, which reuses finished runs) get their
     # Fgt from the matrix too, on a copy
-    runs = [m if "_stored_fgt" in m else _with_fgt_from_matrix(m) for m in runs]
+    runs = [m if "_stored_fgt" in m else _restated_fgt(m, os.path.join(m["_dir"], METRICS)) for m in runs]
     rows = group_runs(runs)
     cols = distinguishing_columns(rows)
     datasets = _order({r.config["dataset"] for r in rows}, list(DATASETS))
