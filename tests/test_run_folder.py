@@ -317,6 +317,15 @@ def test_interrupt_without_out_prints_the_folder_to_resume(env, tmp_path, capsys
     assert not os.path.exists("setup")
 
 
+def _assert_run_refused(capsys, env, out, extra, error, folder, listing):
+    """``zeroflow run --out out *extra`` exits 2 with exactly ``error``, and ``folder`` still
+    holds ``listing`` alone (nothing was written)."""
+    rc, stdout, err = zf(capsys, "run", "--config", env["fast"], "--out", out, "--no-progress", *extra)
+    assert rc == 2 and stdout == "", err
+    assert err == f"zeroflow: error: {error}\n"
+    assert sorted(os.listdir(folder)) == listing
+
+
 def test_a_folder_holding_other_runs_takes_no_run_and_a_run_folder_takes_no_sweep(env, tmp_path, capsys):
     """A run written into a sweep's parent made zeroflow report stop there and hide the sweep's
     runs; a sweep into a run folder did the same from the other side. Both are refused, exit 2,
@@ -326,12 +335,10 @@ def test_a_folder_holding_other_runs_takes_no_run_and_a_run_folder_takes_no_swee
     inner.mkdir(parents=True)
     (inner / "config.json").write_text(json.dumps({"method": "ease", "optimizer": "zo_sgd", "dataset": "digits"}))
     for extra in ([], ["--force"]):
-        rc, stdout, err = zf(capsys, "run", "--config", env["fast"], "--out", sweep, "--no-progress", *extra)
-        assert rc == 2 and stdout == "", err
-        assert err == (f"zeroflow: error: {sweep} holds other run folders ({inner}); a run written into {sweep} "
-                       f"would hide them from zeroflow report, which does not look inside a run folder: choose "
-                       f"another --out (e.g. a new folder inside {sweep})\n")
-        assert sorted(os.listdir(sweep)) == ["seeds"]
+        _assert_run_refused(capsys, env, sweep, extra,
+                            f"{sweep} holds other run folders ({inner}); a run written into {sweep} would hide them "
+                            f"from zeroflow report, which does not look inside a run folder: choose another --out "
+                            f"(e.g. a new folder inside {sweep})", sweep, ["seeds"])
     rc, _, err = zf(capsys, "sweep", "--config", env["fast"], "--optimizers", "zo_sgd", "--out", inner)
     assert rc == 2 and err.startswith(f"zeroflow: error: --out {inner} is a run folder (it holds config.json)")
     assert "choose another --out" in err and sorted(os.listdir(inner)) == ["config.json"]
@@ -354,12 +361,10 @@ def test_a_folder_inside_a_run_folder_takes_no_run_and_no_sweep(env, tmp_path, c
     (outer / "metrics.json").write_text("{}")
     for out in (outer / "sub", outer / "a" / "b"):
         for extra in ([], ["--force"], ["--resume"]):
-            rc, stdout, err = zf(capsys, "run", "--config", env["fast"], "--out", out, "--no-progress", *extra)
-            assert rc == 2 and stdout == "", err
-            assert err == (f"zeroflow: error: {out} is inside the run folder {outer}; zeroflow report does not look "
-                           f"inside a run folder, so a run written there would be hidden from it: choose an --out "
-                           f"outside {outer}\n")
-            assert sorted(os.listdir(outer)) == ["metrics.json"]
+            _assert_run_refused(capsys, env, out, extra,
+                                f"{out} is inside the run folder {outer}; zeroflow report does not look inside a run "
+                                f"folder, so a run written there would be hidden from it: choose an --out outside "
+                                f"{outer}", outer, ["metrics.json"])
     rc, _, err = zf(capsys, "sweep", "--config", env["fast"], "--optimizers", "zo_sgd", "--out", outer / "sw",
                     "--force")
     assert rc == 2 and (f"{outer / 'sw' / 'ease_zo_sgd_digits'} is inside the run folder {outer}, and zeroflow "
