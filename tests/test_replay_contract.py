@@ -360,3 +360,121 @@ def test_unknown_step_flags_refused(tmp_path, capsys, small_run):
     with open(bad, "wb") as f:
         f.write(bytes(data))
     _refused(tmp_path, capsys, small_run[0], bad, "corrupt log.*unknown flags 0x20")
+
+
+# ---------------------------------------------------------------------------- nothing is lost
+def _recorded(tmp_path, steps=3, name="r.zft"):
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    opt = ZOFusedSGD(m.parameters(), lr=1e-2, momentum=0.9, seed=3, backend="cpu")
+    base, log = str(tmp_path / "b.pt"), str(tmp_path / name)
+    save_base(base, m)
+    with TrajectoryRecorder(log, opt, model=m):
+        _steps(opt, lambda: F.mse_loss(m(X), Y), steps)
+    return m, opt, base, log, (lambda: F.mse_loss(m(X), Y))
+
+
+def test_a_second_recorder_on_a_log_leaves_it_as_it_was(tmp_path):
+    """A recorder opened the file with "wb": a second one on the same name (a resumed script)
+    emptied a finished log, and one refused for a non-JSON option emptied it before raising."""
+    m, opt, base, log, loss = _recorded(tmp_path)
+    before = open(log, "rb").read()
+    with pytest.raises(FileExistsError, match=r"r\.zft exists.*overwrite=True"):
+        TrajectoryRecorder(log, opt, model=m)
+    opt.param_groups[0]["tag"] = {1, 2}               # not JSON
+    with pytest.raises(ValueError, match="cannot be logged as JSON"):
+        TrajectoryRecorder(log, opt, model=m, overwrite=True)
+    assert open(log, "rb").read() == before
+    assert opt.step_hook is None and not opt._optimizer_step_pre_hooks
+    del opt.param_groups[0]["tag"]
+    save_base(base, m, opt)
+    with TrajectoryRecorder(log, opt, model=m, overwrite=True):     # what the message offers
+        _steps(opt, loss, 2)
+    assert _equal_models(replay(base, log), m.state_dict()) == []
+
+
+def test_replay_output_never_replaces_base_log_or_a_result(tmp_path, capsys):
+    m, opt, base, log, _ = _recorded(tmp_path)
+    inputs = {p: open(p, "rb").read() for p in (base, log)}
+    for out in (base, log):
+        assert replay_main([base, log, "--out", out, "--overwrite"]) == 2
+        assert "give another output path" in capsys.readouterr().err
+        with pytest.raises(FileExistsError):
+            replay_to_file(base, log, out, overwrite=True)
+    assert {p: open(p, "rb").read() for p in inputs} == inputs
+    out = str(tmp_path / "w.pt")
+    assert replay_main([base, log, "--out", out]) == 0
+    written = open(out, "rb").read()
+    assert replay_main([base, log, "--out", out]) == 2
+    assert "exists and is left as it was" in capsys.readouterr().err
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        replay_to_file(base, log, out)
+    assert open(out, "rb").read() == written
+    assert replay_main([base, log, "--out", out, "--overwrite"]) == 0
+    assert _equal_models(torch.load(out, weights_only=True), m.state_dict()) == []
+
+
+@pytest.mark.parametrize("change", ["scheduler", "weight_decay"])
+def test_a_log_started_after_save_base_changed_options_replays(tmp_path, change):
+    """save_base(path, model, opt) then a warmup scheduler (it sets lr when built) or a new
+    weight_decay: the log's header holds the options the steps ran with, but replay loaded
+    BASE's optimizer state over them and failed with a checksum mismatch."""
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    loss = lambda: F.mse_loss(m(X), Y)                           # noqa: E731
+    opt = ZOFusedAdam(m.parameters(), lr=1e-3, seed=3, backend="cpu")
+    _steps(opt, loss, 3)                                          # state to carry: Adam moments
+    base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
+    save_base(base, m, opt)
+    if change == "scheduler":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.1 * (k + 1))
+    else:
+        opt.param_groups[0]["weight_decay"] = 0.1
+    with TrajectoryRecorder(log, opt, model=m):
+        for _ in range(4):
+            _steps(opt, loss, 1)
+            if change == "scheduler":
+                sched.step()
+    assert _equal_models(replay(base, log), m.state_dict()) == []
+
+
+def test_a_rollback_while_recording_is_refused_before_the_step(tmp_path):
+    """load_state_dict of an earlier state moved the step counter back: the recorder logged
+    the steps after it as if they followed, and replay failed on the first of them."""
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    loss = lambda: F.mse_loss(m(X), Y)                           # noqa: E731
+    opt = ZOFusedSGD(m.parameters(), lr=1e-2, momentum=0.9, seed=3, backend="cpu")
+    base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
+    save_base(base, m)
+    with TrajectoryRecorder(log, opt, model=m):
+        _steps(opt, loss, 2)
+        earlier = opt.state_dict()
+        _steps(opt, loss, 2)
+        at_four = {k: v.clone() for k, v in m.state_dict().items()}
+        opt.load_state_dict(earlier)
+        with pytest.raises(RuntimeError, match=r"step 2 refused: .*step counter is 2, the log's next step is 4"):
+            _steps(opt, loss, 1)
+    assert _equal_models(m.state_dict(), at_four) == []           # the refused step did not run
+    assert read_log(log)[1][-1][:3] == ("end", 4, 4)
+    assert _equal_models(replay(base, log), at_four) == []
+
+
+@pytest.mark.parametrize("option,value", [("q", 2), ("estimator", "one_side"), ("conserve", True)])
+def test_an_optimizer_wide_option_changed_while_recording_is_refused(tmp_path, option, value):
+    """q / estimator / conserve set on the optimizer mid-log: the log replayed with its header's
+    (a scalar-count error at replay, or, without verify, other weights)."""
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    loss = lambda: F.mse_loss(m(X), Y)                           # noqa: E731
+    opt = ZOFusedSGD(m.parameters(), lr=1e-2, seed=3, backend="cpu")
+    base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
+    save_base(base, m)
+    with TrajectoryRecorder(log, opt, model=m):
+        _steps(opt, loss, 2)
+        now = {k: v.clone() for k, v in m.state_dict().items()}
+        setattr(opt, option, value)
+        with pytest.raises(RuntimeError, match=rf"step 2 refused: optimizer-wide options changed.*{option}"):
+            _steps(opt, loss, 1)
+    assert _equal_models(m.state_dict(), now) == []
+    assert _equal_models(replay(base, log), now) == []

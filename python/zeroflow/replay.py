@@ -114,10 +114,17 @@ class TrajectoryRecorder:
     the groups' parameters, watched by identity) is refused before it runs with a
     RuntimeError, and the log is closed at the previous step (valid, it replays to the weights
     before the refused step). Close the recorder and start a new log after adding the group
-    (``save_base(path, model, optimizer)`` + a new recorder), e.g. one log per task."""
+    (``save_base(path, model, optimizer)`` + a new recorder), e.g. one log per task. So is a
+    step after the optimizer's step counter was moved (``load_state_dict`` of an earlier
+    state: a rollback) or after an optimizer-wide option (seed, q, estimator, conserve,
+    sparse_resample) changed: the log could not replay it.
+
+    ``overwrite``: an existing file at ``path`` is refused (FileExistsError, before anything
+    is written) unless True: a second recorder on a finished log's name would otherwise
+    empty it."""
 
     def __init__(self, path: str, optimizer, *, model: torch.nn.Module | None = None,
-                 names: Sequence[str] | None = None, flush_every: int = 100):
+                 names: Sequence[str] | None = None, flush_every: int = 100, overwrite: bool = False):
         from zfkernels.stream import STREAM_VERSION
 
         from zeroflow.distributed import group_options, param_layout, zo_options
@@ -162,17 +169,28 @@ class TrajectoryRecorder:
             "groups": groups, "aliases": aliases, "base_sha256": weights_sha256(names, params),
             "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        try:        # encoded before the file is opened: an option that is not JSON leaves any file as it was
+            hdr = json.dumps(self.header, sort_keys=True).encode()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"TrajectoryRecorder: the optimizer's options cannot be logged as JSON ({e}); remove "
+                             "or convert the param-group entry that holds it") from None
         self._lrs = [g["lr"] for g in groups]
         self._opts = [g["options"] for g in groups]
         self._task = opt._task
         self._layout = self._layout_of(opt)
+        self._globals = self._globals_of(opt)
+        self._next_step = opt.step_count
         self._warned_failed = False
         self._steps = 0
         self._flush_every = max(1, int(flush_every))
         self.bytes_written = 0
-        self._f = open(path, "wb")
+        try:
+            self._f = open(path, "wb" if overwrite else "xb")
+        except FileExistsError:
+            raise FileExistsError(
+                f"TrajectoryRecorder: {path} exists (a log of another run, or of this one); it is left as it was. "
+                "Give another path, remove the file, or pass overwrite=True") from None
         self.path = path
-        hdr = json.dumps(self.header, sort_keys=True).encode()
         self._write(MAGIC + struct.pack("<I", len(hdr)) + hdr + struct.pack("<I", zlib.crc32(hdr)))
         opt.step_hook = self._on_step
         # checked before every step, so that a step on another layout never runs while recording
@@ -197,18 +215,37 @@ class TrajectoryRecorder:
                     f"{len(sizes)} of {sizes}")
         return "the optimized parameters are not those the log started with"
 
+    @staticmethod
+    def _globals_of(opt) -> tuple:
+        """The optimizer-wide values the log's header fixes (a step's seeds and scalar count
+        follow from them); ~1 us a step."""
+        return (opt.seed, opt.q, opt.estimator, opt.conserve, opt.sparse_resample)
+
     def _before_step(self, opt, args, kwargs) -> None:
         change = self._layout_change(opt)
-        if change is None:
-            return
+        if change is not None:
+            self._refuse(opt, "the optimizer's parameters changed while recording (add_param_group?): " + change
+                         + ". A trajectory log covers one parameter layout", "after adding the group")
+        if opt.step_count != self._next_step:
+            self._refuse(opt, f"the optimizer's step counter is {opt.step_count}, the log's next step is "
+                         f"{self._next_step} (load_state_dict of another state: a rollback?). A trajectory log holds "
+                         "consecutive steps. Its end checksum is of the weights now: if they were rolled back too, "
+                         "replay it with verify=False (zeroflow replay --no-verify) for the weights after step "
+                         f"{self._next_step - 1}", "from the state loaded")
+        now = self._globals_of(opt)
+        if now != self._globals:
+            keys = ("seed", "q", "estimator", "conserve", "sparse_resample")
+            diff = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in zip(keys, self._globals, now) if a != b)
+            self._refuse(opt, f"optimizer-wide options changed while recording ({diff}); a log replays with the "
+                         "options of its header", "after changing them")
+
+    def _refuse(self, opt, what: str, when: str):
         n = opt.step_count
-        self.close()        # the end record: the weights now, after step n - 1 (step n has not run)
+        self.close()        # the end record: the weights now (this step has not run)
         raise RuntimeError(
-            f"TrajectoryRecorder: step {n} refused: the optimizer's parameters changed while recording "
-            f"(add_param_group?): {change}. A trajectory log covers one parameter layout; this step did not run "
-            f"and {self.path} was closed after the previous step (it replays to the weights of now). Close the "
-            "recorder before the next step and start a new log after adding the group: save_base(path, model, "
-            "optimizer) and a new TrajectoryRecorder (e.g. one log per task).")
+            f"TrajectoryRecorder: step {n} refused: {what}. The step did not run and {self.path} was closed with "
+            f"the steps recorded so far. Close the recorder before the next step and start a new log {when}: "
+            "save_base(path, model, optimizer) and a new TrajectoryRecorder (e.g. one log per task).")
 
     def _write(self, b: bytes) -> None:
         self._f.write(b)
@@ -249,6 +286,7 @@ class TrajectoryRecorder:
         self._record(struct.pack("<BQB", K_STEP, info["step"], flags) + extra
                      + struct.pack(f"<H{len(sc)}d", len(sc), *sc))
         self._steps += 1
+        self._next_step = opt.step_count
         if flags & F_FAILED and not self._warned_failed:
             self._warned_failed = True
             warnings.warn(
@@ -279,7 +317,8 @@ class TrajectoryRecorder:
             return
         self._detach()
         digest = bytes.fromhex(weights_sha256(self.names, self._params))
-        self._record(struct.pack("<BQQ", K_END, self._steps, self.opt.step_count) + digest)
+        # the next step the log holds, not opt.step_count: a rollback moved that back (_before_step)
+        self._record(struct.pack("<BQQ", K_END, self._steps, self._next_step) + digest)
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
@@ -581,6 +620,11 @@ def _rebuilt_optimizer(cls, header: dict, groups: list, opt_sd, backend: str):
             opt.load_state_dict(opt_sd)
         except (KeyError, TypeError, ValueError) as e:
             raise ReplayError(f"BASE's optimizer state cannot be loaded: {e}") from None
+        # load_state_dict brought BASE's group options and seed; the log started with the
+        # header's (an lr scheduler built, or an option set, after save_base changed them)
+        for g, hg in zip(opt.param_groups, groups):
+            g.update({k: v for k, v in hg.items() if k != "params"})
+        opt._seed = int(header["seed"])
     opt._n = int(header["start_step"])
     opt._task = int(header["start_task"])
     return opt
@@ -651,9 +695,24 @@ def _play(opt, records: list) -> None:
     opt.scalar_hook = None
 
 
-def replay_to_file(base, log: str, out: str, **kw) -> dict:
+def _check_out(out: str, base, log: str, overwrite: bool) -> None:
+    """Refuse, before replaying, an ``out`` that is BASE or LOG (always) or that exists
+    (unless ``overwrite``): the weights would replace an input, or a result, without a word."""
+    for name, path in (("BASE", base), ("LOG", log)):
+        if isinstance(path, (str, os.PathLike)) and os.path.exists(out) and os.path.exists(path) \
+                and os.path.samefile(out, path):
+            raise FileExistsError(f"the output {out} is {name}: the replayed weights would replace it; give another "
+                                  "output path")
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"the output {out} exists and is left as it was; give another path, remove it, or "
+                              "overwrite it (overwrite=True, zeroflow replay --overwrite)")
+
+
+def replay_to_file(base, log: str, out: str, *, overwrite: bool = False, **kw) -> dict:
     """:func:`replay` then write the state_dict to ``out`` atomically (temporary file in
-    the same directory + rename; nothing is left at ``out`` if anything fails)."""
+    the same directory + rename; nothing is left at ``out`` if anything fails). An existing
+    ``out`` is refused before replaying unless ``overwrite`` (BASE or LOG always)."""
+    _check_out(out, base, log, overwrite)
     sd = replay(base, log, **kw)
     atomic_torch_save(sd, out)
     return sd
@@ -671,9 +730,11 @@ def replay_main(argv: list[str] | None = None) -> int:
                     "replays bit-exactly, whichever recorded the log")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-verify", action="store_true", help="skip the final-weights checksum check")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out (never BASE or LOG)")
     a = ap.parse_args(argv)
     try:
         t0 = time.perf_counter()
+        _check_out(a.out, a.base, a.log, a.overwrite)
         header, records = read_log(a.log)          # read once: replayed and summarised below
         sd = _replay_records(a.base, header, records, backend=a.backend, device=a.device, verify=not a.no_verify)
         atomic_torch_save(sd, a.out)

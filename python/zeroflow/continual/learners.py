@@ -136,7 +136,9 @@ def start_recording(stem: str, opt, names: List[str], params: List[torch.Tensor]
         os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
         atomic_torch_save({"model": {n: p.detach().cpu().clone() for n, p in zip(names, params)}}, base)
     with writing(log):
-        return TrajectoryRecorder(log, opt, names=names)
+        # overwrite: a log left here is this task's from an interrupted run (the run folder is
+        # locked by this run), and the task is trained again from its start
+        return TrajectoryRecorder(log, opt, names=names, overwrite=True)
 
 
 def _train_loop(net, forward, params, opt, loader, cfg, label_offset, device, counters, timer,
