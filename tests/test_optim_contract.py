@@ -89,7 +89,12 @@ def test_a_failed_update_restores_the_groups_it_did_not_apply(cls, buffer):
 
 
 @pytest.mark.parametrize("key,value,needle", [
-    ("zo_eps", 0.0, "zo_eps=0.0 must be > 0"), ("zo_eps", None, "not a number"), ("lr", None, "not a number"),
+    ("zo_eps", 0.0, "zo_eps=0.0 must be > 0"), ("zo_eps", None, "zo_eps=None is not a number"),
+    ("lr", None, "lr=None is not a number"),
+    # a tensor lr was not checked at all: a negative one trained uphill, a two-element one
+    # failed in the update after both forwards, naming no option
+    ("lr", torch.tensor(-1.0), "lr=-1.0 must be >= 0"), ("lr", torch.tensor(float("nan")), "must be >= 0"),
+    ("lr", torch.tensor([0.1, 0.2]), r"lr=tensor\(\[0.1000, 0.2000\]\) is not a number"),
     ("momentum", -0.5, "momentum=-0.5 must be >= 0"), ("nesterov", True, "nesterov momentum requires"),
     ("history", 1.0, "history=1.0"), ("sign", "yes", "sign='yes' must be True or False")])
 def test_an_option_set_between_steps_is_refused_before_any_group_moves(key, value, needle):
@@ -152,6 +157,56 @@ def test_a_copied_optimizer_continues_the_original_bit_for_bit(name, kw, how):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_an_optimizer_under_a_scheduler_steps_itself(how):
+    """The scheduler's step wrapper (an instance attribute holding the original) was copied:
+    the copy's step() stepped the original's parameters, and pickle refused the wrapper."""
+    model = make_mlp(6, 4, 1)
+    opt = ZOFusedSGD(model.parameters(), lr=0.05, momentum=0.9, seed=7)
+    torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
+    _run(model, opt, 1)
+    model2, opt2 = (copy.deepcopy((model, opt)) if how == "deepcopy"
+                    else pickle.loads(pickle.dumps((model, opt))))
+    before = snapshot(model)
+    _run(model2, opt2, 2)
+    assert max_moved(model, before) == 0.0 and opt.step_count == 1 and opt2.step_count == 3
+    _run(model, opt, 2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+def test_a_set_of_parameters_is_refused_as_torch_optim_does():
+    # list(a set) hid the set from torch.optim's check: the order, and so each tensor's z, varied
+    with pytest.raises(TypeError, match=r"param_group\['params'\] is a set"):
+        ZOFusedSGD([{"params": set(make_mlp(6, 4, 1).parameters())}])
+
+
+def test_a_state_of_another_class_is_named_as_such():
+    model = make_mlp(6, 4, 1)
+    fo = create("fo_sgd", model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="saved by FOSGD; this is a ZOFusedSGD"):     # said "stream None"
+        ZOFusedSGD(model.parameters(), lr=0.1).load_state_dict(fo.state_dict())
+
+
+def test_a_group_added_to_a_hybrid_is_trained_in_both_phases():
+    """HybridFOZO took the group into its own param_groups only: never trained, no error."""
+    model = make_mlp(6, 4, 1)
+    hyb = create("zo_sgd", model[0].parameters(), hybrid_switch=2, lr=0.01, fo_lr=0.1, seed=3)
+    with pytest.raises(ValueError, match="takes params, lr and zo_lr_scale, not momentum"):
+        hyb.add_param_group({"params": model[2].parameters(), "momentum": 0.9})
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        hyb.add_param_group({"params": list(model[0].parameters())})
+    assert [len(o.param_groups) for o in (hyb, hyb.fo, hyb.zo)] == [1, 1, 1]      # nothing half-added
+    hyb.add_param_group({"params": model[2].parameters(), "lr": 0.2})
+    assert [len(o.param_groups) for o in (hyb, hyb.fo, hyb.zo)] == [2, 2, 2]
+    assert hyb.fo.param_groups[1]["lr"] == 0.2
+    assert hyb.param_groups[1]["zo_lr_scale"] == hyb.param_groups[0]["zo_lr_scale"]
+    for phase in ("fo", "zo"):
+        assert hyb.zeroth_order == (phase == "zo")
+        before = [p.detach().clone() for p in model[2].parameters()]
+        _run(model, hyb, 2)
+        assert all(not torch.equal(a, b) for a, b in zip(before, model[2].parameters())), phase
+
+
 def test_a_copy_does_not_take_the_originals_hooks():
     model = make_mlp(6, 4, 1)
     opt = ZOFusedSGD(model.parameters(), lr=0.05)
@@ -186,7 +241,11 @@ def test_a_state_loads_with_or_without_an_lr_scheduler_attached(cls, with_schedu
     (lambda sd: sd["zeroflow"].update(seed=2**64), "below"),
     (lambda sd: sd["zeroflow"].update(task=None), "counter 'task' is None"),
     (lambda sd: sd["state"][0].update(momentum_buffer=torch.tensor(0.0)), "momentum_buffer of parameter 0 has shape"),
-    (lambda sd: sd["param_groups"][0].update(momentum=-1.0), "param group 0: momentum=-1.0")])
+    (lambda sd: sd["param_groups"][0].update(momentum=-1.0), "param group 0: momentum=-1.0"),
+    # loaded, then the next step failed after its forwards (None), or re-initialised every
+    # other parameter's momentum (a parameter's entry missing)
+    (lambda sd: sd["state"][0].update(momentum_buffer=None), "momentum_buffer of parameter 0 is NoneType"),
+    (lambda sd: sd["state"].pop(0), "param group 0: its parameters hold different state entries")])
 def test_a_bad_state_is_refused_and_leaves_the_optimizer_unchanged(edit, needle):
     model = make_mlp(6, 4, 1)
     opt = ZOFusedSGD(model.parameters(), lr=0.1, momentum=0.9, seed=1)

@@ -35,9 +35,42 @@ class HybridFOZO(torch.optim.Optimizer):
                                  "multiple of the FO lr (zo_lr_scale), which 0 cannot carry; give the FO phase an "
                                  "lr > 0 (fo_lr=...), or use the ZO optimizer alone (hybrid_switch=0 or none)")
             groups.append({"params": gz["params"], "lr": lf, "zo_lr_scale": (lz / lf) if lf else 1.0})
-        self.fo, self.zo, self.switch = fo, zo, switch
-        self._steps = 0
         super().__init__(groups, {})
+        self.fo, self.zo, self.switch = fo, zo, switch      # after: add_param_group forwards once they are set
+        self._steps = 0
+
+    def add_param_group(self, param_group: dict) -> None:
+        """A group added after construction goes to both phases' optimizers too (it was
+        only the hybrid's: never trained). It takes ``params``, ``lr`` (the FO phase's) and
+        ``zo_lr_scale``, by default those of the first group; the other options are each
+        inner optimizer's defaults. Refused as a whole, nothing added, where either optimizer
+        refuses it."""
+        if not hasattr(self, "zo"):       # torch.optim.Optimizer.__init__ adding the hybrid's own groups
+            return super().add_param_group(param_group)
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        other = sorted(set(param_group) - {"params", "lr", "zo_lr_scale"})
+        if other:
+            raise ValueError(f"HybridFOZO.add_param_group takes params, lr and zo_lr_scale, not {', '.join(other)}: "
+                             "the two phases' other options are their optimizers' defaults (build the hybrid with "
+                             "the group in both fo and zo to give it its own)")
+        ps = param_group["params"]
+        ps = [ps] if isinstance(ps, torch.Tensor) else ps
+        if isinstance(ps, (set, frozenset)):
+            raise TypeError("param_group['params'] is a set; give a list (its order decides each tensor's z)")
+        # the ZO optimizer leaves frozen parameters out of a group: so does the FO one here, as
+        # construction requires the same parameters in both
+        ps = [p for p in ps if not (isinstance(p, torch.Tensor) and not p.requires_grad)]
+        first = self.param_groups[0]
+        lf = float(param_group.get("lr", first["lr"]))
+        scale = float(param_group.get("zo_lr_scale", first["zo_lr_scale"]))
+        self.fo.add_param_group({"params": ps, "lr": lf})       # torch.optim's checks first: it adds nothing else
+        try:
+            self.zo.add_param_group({"params": ps, "lr": lf * scale})
+        except Exception:
+            self.fo.param_groups.pop()
+            raise
+        super().add_param_group({"params": ps, "lr": lf, "zo_lr_scale": scale})
 
     def __getstate__(self):     # torch.optim's keeps defaults, state, param_groups only
         return super().__getstate__() | {"fo": self.fo, "zo": self.zo, "switch": self.switch, "_steps": self._steps}

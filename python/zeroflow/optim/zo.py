@@ -50,7 +50,7 @@ STATE_GLOBAL_OPTIONS = ("q", "estimator", "conserve", "sparse_resample")
 STATE_GROUP_OPTIONS = ("perturbation", "sign", "scalar_sign")
 # Attributes a copy of the optimizer does not take over (see _ZOBase.__getstate__).
 _NOT_COPIED = {"_tid", "_bucket_cache", "_step_token", "_stream_args", "_fg_names", "scalar_hook", "step_hook",
-               "_gate"}
+               "_gate", "_opt_called"}
 # The counters a state_dict's "zeroflow" part holds, in the order load_state_dict assigns them.
 COUNTERS = ("seed", "step", "task", "forward_passes", "queries", "steps_skipped")
 # Keys of a param group that are no option of the optimizer: the parameters, and what torch's
@@ -307,10 +307,12 @@ class _ZOBase(torch.optim.Optimizer):
         counters to step, and to go on with the same seed schedule. The tensor ids go by
         position (they were keyed by ``id(param)``); caches are rebuilt; the hooks are not
         copied (torch.optim does not copy its own: they belong to the original's owners, a
-        process group or a trajectory recorder)."""
+        process group or a trajectory recorder). Nor is what an lr scheduler installs on the
+        instance (its ``step`` wrapper holds the original: a copy stepped the original's
+        parameters; ``_opt_called``): torch.optim's copies leave them behind too."""
         own = {k: v for k, v in self.__dict__.items()
                if k not in _NOT_COPIED and k not in ("defaults", "state", "param_groups")
-               and not k.startswith("_optimizer_")}
+               and not k.startswith("_optimizer_") and not _shadows_a_method(self, k)}
         tids = [self._tid[id(p)] for g in self.param_groups for p in g["params"]]
         return super().__getstate__() | own | {"_tids_by_position": tids}
 
@@ -334,6 +336,9 @@ class _ZOBase(torch.optim.Optimizer):
             if opt in param_group:
                 raise ValueError(f"{opt!r} is an optimizer-wide option, not a per-group one")
         ps = param_group["params"]
+        if isinstance(ps, (set, frozenset)):     # before list(): torch.optim's own check would see a list
+            raise TypeError("param_group['params'] is a set: the order of its tensors (which decides each one's z and "
+                            "state) changes between runs; give a list (e.g. list(model.parameters()))")
         ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
         for item in ps:
             t = item[1] if isinstance(item, tuple) else item
@@ -374,18 +379,18 @@ class _ZOBase(torch.optim.Optimizer):
             raise ValueError(f"{where}{e}") from None
 
     def _check_options(self, g: dict) -> None:
-        if not (isinstance(g["lr"], torch.Tensor) or _number(g["lr"]) >= 0.0):
+        if not _number(g["lr"], "lr") >= 0.0:
             raise ValueError(f"lr={g['lr']} must be >= 0")
-        if not 0.0 < _number(g["zo_eps"]) <= MAX_ZO_EPS:
+        if not 0.0 < _number(g["zo_eps"], "zo_eps") <= MAX_ZO_EPS:
             raise ValueError(f"zo_eps={g['zo_eps']} must be > 0 and at most {MAX_ZO_EPS:.3g} (theta +- 2 zo_eps z "
                              "must stay finite in float32, or a skipped step could not restore theta)")
         if g["perturbation"] not in PERTURBATIONS:
             raise ValueError(f"perturbation={g['perturbation']!r} must be one of {PERTURBATIONS}")
-        if not 0.0 <= _number(g["sparsity"]) < 1.0:
+        if not 0.0 <= _number(g["sparsity"], "sparsity") < 1.0:
             raise ValueError(f"sparsity={g['sparsity']} must be the fraction zeroed, in [0, 1)")
-        if not 0.0 <= _number(g["history"]) < 1.0:
+        if not 0.0 <= _number(g["history"], "history") < 1.0:
             raise ValueError(f"history={g['history']} must be the weight of the history, in [0, 1)")
-        if not _number(g["weight_decay"]) >= 0.0:
+        if not _number(g["weight_decay"], "weight_decay") >= 0.0:
             raise ValueError(f"weight_decay={g['weight_decay']} must be >= 0")
         for flag in ("stochastic_rounding", "sign", "scalar_sign"):
             if not isinstance(g[flag], bool):
@@ -793,11 +798,11 @@ class _ZOBase(torch.optim.Optimizer):
         if not isinstance(c, dict):
             raise ValueError("state_dict lacks the 'zeroflow' counters (seed, step); "
                              "was it saved by a zeroflow optimizer?")
+        if c.get("optimizer", me) != me:
+            raise ValueError(f"state_dict was saved by {c['optimizer']}; this is a {me}")
         if c.get("stream") != STREAM_VERSION:
             raise ValueError(f"state_dict was saved with perturbation stream {c.get('stream')!r}, "
                              f"this is {STREAM_VERSION!r}")
-        if c.get("optimizer", me) != me:
-            raise ValueError(f"state_dict was saved by {c['optimizer']}; this is a {me}")
         missing = [k for k in COUNTERS if k not in c]
         if missing:
             raise ValueError(f"state_dict's 'zeroflow' counters lack {', '.join(missing)}")
@@ -831,9 +836,23 @@ class _ZOBase(torch.optim.Optimizer):
             shapes.update({pid: tuple(p.shape) for pid, p in zip(sg["params"], g["params"])})
         for pid, st in state_dict["state"].items():
             for name, buf in st.items():     # every buffer but Adam's step count has its parameter's shape
-                if isinstance(buf, torch.Tensor) and name != "step" and tuple(buf.shape) != shapes.get(pid):
+                if name == "step":
+                    if not (isinstance(buf, int) and not isinstance(buf, bool)
+                            or isinstance(buf, torch.Tensor) and buf.numel() == 1):
+                        raise ValueError(f"state_dict's step of parameter {pid} is {buf!r}, not a count")
+                elif not isinstance(buf, torch.Tensor):
+                    raise ValueError(f"state_dict's {name} of parameter {pid} is {type(buf).__name__}, not a tensor")
+                elif tuple(buf.shape) != shapes.get(pid):
                     raise ValueError(f"state_dict's {name} of parameter {pid} has shape {tuple(buf.shape)}, the "
                                      f"parameter {shapes.get(pid)}")
+        for i, sg in enumerate(saved_groups):
+            # a group's buffers are created together (the kernels' *_init flag is read from its
+            # first parameter): a state with some missing would be re-initialised or zero-filled
+            held = {frozenset(state_dict["state"].get(pid, {})) for pid in sg["params"]}
+            if len(held) > 1:
+                raise ValueError(f"state_dict param group {i}: its parameters hold different state entries "
+                                 f"({' / '.join(sorted(', '.join(sorted(h)) or 'none' for h in held))}); a zeroflow "
+                                 "group holds the same entries for every parameter (a state edited by hand?)")
 
     def load_state_dict(self, state_dict):
         """torch.optim semantics (buffers and group options restored), after
@@ -901,9 +920,9 @@ class ZOFusedSGD(_ZOBase):
 
     def _check_options(self, g: dict) -> None:
         super()._check_options(g)
-        if not _number(g["momentum"]) >= 0.0:
+        if not _number(g["momentum"], "momentum") >= 0.0:
             raise ValueError(f"momentum={g['momentum']} must be >= 0")
-        if not 0.0 <= _number(g["dampening"]) <= 1.0:
+        if not 0.0 <= _number(g["dampening"], "dampening") <= 1.0:
             raise ValueError(f"dampening={g['dampening']} must be in [0, 1]")
         if not isinstance(g["nesterov"], bool):
             raise ValueError(f"nesterov={g['nesterov']!r} must be True or False")
@@ -984,9 +1003,9 @@ class ZOFusedAdam(_ZOBase):
         super()._check_options(g)
         betas = g["betas"]
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-                and all(0.0 <= _number(b) < 1.0 for b in betas)):
+                and all(0.0 <= _number(b, "betas") < 1.0 for b in betas)):
             raise ValueError(f"betas={betas!r} must be two numbers in [0, 1)")
-        if not _number(g["eps"]) >= 0.0:
+        if not _number(g["eps"], "eps") >= 0.0:
             raise ValueError(f"eps={g['eps']} must be >= 0")
         if not isinstance(g["decoupled_weight_decay"], bool):
             raise ValueError(f"decoupled_weight_decay={g['decoupled_weight_decay']!r} must be True or False")
@@ -1055,14 +1074,21 @@ def counter(x, what: str, limit: int | None = None) -> int:
     return v
 
 
-def _number(x) -> float:
-    """``x`` as a float for a range check (a Python or numpy real, a one-element tensor);
-    TypeError for what is not a real number (None, a string, a bool)."""
+def _number(x, name: str) -> float:
+    """Option ``name``'s value ``x`` as a float for a range check (a Python or numpy real, a
+    one-element tensor); TypeError naming it for what is not a real number (None, a string,
+    a bool, a tensor of several elements)."""
     if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_complex():
         return float(x)
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{x!r} is not a number")
+        raise TypeError(f"{name}={x!r} is not a number (a real number or a one-element tensor)")
     return float(x)
+
+
+def _shadows_a_method(obj, name: str) -> bool:
+    """Whether instance attribute ``name`` replaces a method of ``obj``'s class (an lr
+    scheduler's ``step`` wrapper, a monkeypatch): it is bound to this instance."""
+    return callable(getattr(type(obj), name, None)) and not isinstance(getattr(type(obj), name), property)
 
 
 def _options_of(g: dict) -> dict:
