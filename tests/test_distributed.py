@@ -122,6 +122,18 @@ def _worker(rank, world, init_file, out_dir):
             res["F_drift"] = None
         except DistributedMismatchError as e:
             res["F_drift"] = str(e)
+        # G. equal weights, counters and options, different momentum buffers (one local step
+        # on each rank's own shard, then the same weights back): construction passed, and the
+        # ranks drifted apart from the next step on
+        model = make_model()
+        opt = create("zo_sgd", list(model.parameters()), lr=1e-2, momentum=0.9, seed=7, backend="cpu")
+        run_steps(opt, model, Xr, Yr, 1)
+        model.load_state_dict(make_model().state_dict())
+        try:
+            DataParallelZO(opt)
+            res["G_state"] = None
+        except DistributedMismatchError as e:
+            res["G_state"] = str(e)
     except Exception:  # noqa: BLE001
         res["error"] = traceback.format_exc()
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -196,6 +208,13 @@ def test_mismatched_seed_options_weights_detected_on_every_rank(spawned):
         assert r["E_weights"] is not None and "parameters differ" in r["E_weights"], r["E_weights"]
         assert r["E_broadcast_ok"]
         assert r["F_drift"] is not None and "rank(s) [1]" in r["F_drift"], r["F_drift"]
+
+
+def test_different_optimizer_state_detected_on_every_rank(spawned):
+    res, _ = spawned
+    for r in range(WORLD):
+        assert res[r]["G_state"] is not None and "optimizer state (momentum" in res[r]["G_state"], res[r]["G_state"]
+        assert "rank(s) [1]" in res[r]["G_state"]
 
 
 def test_dp_trajectory_log_replays_bit_exactly(spawned):

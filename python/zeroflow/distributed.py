@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Comm", "DataParallelZO", "DistributedMismatchError", "init_from_env", "shard",
-           "ShardedBatchSampler", "describe_optimizer", "param_checksum", "is_main_process",
+           "ShardedBatchSampler", "describe_optimizer", "param_checksum", "state_checksum", "is_main_process",
            "local_device", "broadcast_module_"]
 
 
@@ -321,6 +321,23 @@ def param_checksum(params: Sequence[torch.Tensor]) -> bytes:
     return h.digest()
 
 
+def state_checksum(optimizer) -> bytes:
+    """32-byte checksum of the optimizer's state (momentum, Adam moments and step, history;
+    a hybrid's FO state too), per parameter position and entry name, each tensor as in
+    :func:`param_checksum`: ranks with equal counters and options can still hold different
+    buffers (a state loaded on one rank only), and then drift apart step by step."""
+    zo, hybrid = _zo_of(optimizer)
+    h = hashlib.sha256()
+    for opt in [zo] + ([hybrid.fo] if hybrid is not None else []):
+        for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+            st = opt.state.get(p, {})
+            for k in sorted(st):
+                v = st[k]
+                h.update(f"{i}.{k}|".encode())
+                h.update(param_checksum([v]) if isinstance(v, torch.Tensor) else repr(v).encode())
+    return h.digest()
+
+
 def _diff_keys(a, b, prefix="") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
@@ -354,7 +371,8 @@ class DataParallelZO:
     (weighted the same way) before the FO step -- that phase costs a full gradient
     all-reduce per step, as DDP does.
 
-    ``check_every=k``: every k steps all-gather a 32-byte checksum of the parameters and raise
+    ``check_every=k``: every k steps all-gather checksums of the parameters and of the
+    optimizer state (32 bytes each) and raise
     :class:`DistributedMismatchError` if any rank differs. ``broadcast_params=True``: copy
     rank 0's parameters to every rank at construction (otherwise they are only checked).
     The optimizer's other attributes (``param_groups``, ``state_dict``, counters) are
@@ -434,15 +452,22 @@ class DataParallelZO:
             "rank; they differ:\n  " + "\n  ".join(lines[:20] or ["(descriptions differ)"]))
 
     def check_params(self, where: str = "") -> None:
-        """Raise :class:`DistributedMismatchError` unless every rank's parameters are
-        bit-identical (32-byte checksum all-gather)."""
-        sums = self.comm.all_gather_bytes(param_checksum(self._params()), 32)
-        if len(set(sums)) != 1:
-            bad = [r for r in range(self.world) if sums[r] != sums[0]]
+        """Raise :class:`DistributedMismatchError` unless every rank's parameters and
+        optimizer state are bit-identical (one all-gather of two 32-byte checksums)."""
+        sums = self.comm.all_gather_bytes(param_checksum(self._params()) + state_checksum(self.optimizer), 64)
+        when = where or f"after step {self._zo.step_count}"
+        bad = [r for r in range(self.world) if sums[r][:32] != sums[0][:32]]
+        if bad:
             raise DistributedMismatchError(
-                f"parameters differ across ranks {where or f'after step {self._zo.step_count}'}: rank(s) {bad} "
+                f"parameters differ across ranks {when}: rank(s) {bad} "
                 "disagree with rank 0 (different initial weights, a non-deterministic backend, or a rank that "
                 "ran different steps). Use broadcast_params=True to start from rank 0's weights.")
+        bad = [r for r in range(self.world) if sums[r] != sums[0]]
+        if bad:
+            raise DistributedMismatchError(
+                f"optimizer state (momentum, Adam moments, history) differs across ranks {when}: rank(s) {bad} "
+                "disagree with rank 0, so their parameters would drift apart at the next steps. Load the same "
+                "state_dict on every rank (or none).")
 
     # ----- step
     def set_batch_size(self, n: int) -> None:
