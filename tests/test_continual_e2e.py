@@ -99,6 +99,26 @@ def test_corrupt_run_checkpoint(tmp_path):
     assert not (tmp_path / "r" / "metrics.json").exists()
 
 
+def test_a_run_gives_the_callers_thread_count_back(tmp_path):
+    """run() set torch's thread count to 1 (the small backbone's best) for the rest of the
+    process: code after an in-process run (a notebook, the next tests) ran single-threaded,
+    also when the run failed."""
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.runner import run
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        cfg = resolve(dict(FAST, method="aper", optimizer="fo_sgd"))
+        run(cfg, str(tmp_path / "r"), progress=False, stop_after=1, log=lambda *a: None)
+        assert torch.get_num_threads() == 3
+        (tmp_path / "r" / "checkpoint.pt").write_bytes(b"truncated")
+        with pytest.raises(ZeroflowError, match="corrupt"):
+            run({}, str(tmp_path / "r"), resume=True, progress=False, log=lambda *a: None)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------- EASE formulas
 class _Net:
     def __init__(self, n):

@@ -388,6 +388,17 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
     before the folder is claimed; a run that fails before its ``config.json`` is written
     leaves no folder behind. Ctrl-C raises :class:`RunInterrupted`.
     """
+    threads = torch.get_num_threads()
+    try:
+        return _run(cfg, out, resume=resume, force=force, continue_existing=continue_existing, progress=progress,
+                    stop_after=stop_after, log=log, warn=warn)
+    finally:       # the run's thread count (threads=, 1 for the small backbone) stays the run's
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_existing: bool, progress: bool,
+         stop_after: Optional[int], log, warn) -> Dict:
+    """:func:`run`'s body."""
     from .data import UnreadableImage
 
     t_start = time.perf_counter()
