@@ -478,3 +478,43 @@ def test_an_optimizer_wide_option_changed_while_recording_is_refused(tmp_path, o
             _steps(opt, loss, 1)
     assert _equal_models(m.state_dict(), now) == []
     assert _equal_models(replay(base, log), now) == []
+
+
+def test_a_log_whose_recorder_was_killed_replays_its_complete_steps(tmp_path, capsys):
+    """A killed recording process leaves no end record, often a record written in part: the
+    log was refused as a whole. allow_truncated replays its complete records, with a warning
+    that nothing checks the result; a flipped byte is still refused."""
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    opt = ZOFusedAdam(m.parameters(), lr=1e-2, seed=3, backend="cpu")
+    base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
+    save_base(base, m)
+    after = []
+    with TrajectoryRecorder(log, opt, model=m):
+        for _ in range(6):
+            _steps(opt, lambda: F.mse_loss(m(X), Y), 1)
+            after.append({k: v.clone() for k, v in m.state_dict().items()})
+    data = open(log, "rb").read()
+    end_len = 4 + 49 + 4
+    cases = {"at_a_record_boundary": (data[:-end_len], 6), "inside_the_last_record": (data[:-end_len - 5], 5),
+             "inside_a_length_field": (data[:-end_len - 2 * 36 + 2], 4)}
+    for name, (cut, steps) in cases.items():
+        bad = str(tmp_path / f"{name}.zft")
+        open(bad, "wb").write(cut)
+        with pytest.raises(ReplayError, match="truncated.*allow_truncated=True"):
+            replay(base, bad)
+        said = f"no end record.*{steps} complete step records, up to step {steps - 1}"
+        with pytest.warns(RuntimeWarning, match=said):
+            assert _equal_models(replay(base, bad, allow_truncated=True), after[steps - 1]) == [], name
+    out = str(tmp_path / "w.pt")
+    assert replay_main([base, str(tmp_path / "inside_the_last_record.zft"), "--out", out, "--allow-truncated"]) == 0
+    assert "warning: the log has no end record" in capsys.readouterr().err
+    assert _equal_models(torch.load(out, weights_only=True), after[4]) == []
+    flipped = bytearray(data[:-end_len])
+    flipped[-10] ^= 1
+    open(log + ".flipped", "wb").write(bytes(flipped))
+    with pytest.raises(ReplayError, match="corrupt"):
+        replay(base, log + ".flipped", allow_truncated=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _equal_models(replay(base, log, allow_truncated=True), after[5]) == []     # a complete log: verified

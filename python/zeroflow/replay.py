@@ -332,11 +332,16 @@ class TrajectoryRecorder:
 
 
 # ---------------------------------------------------------------------------- reading
-def read_log(path: str) -> tuple[dict, list[tuple]]:
+def read_log(path: str, *, allow_truncated: bool = False) -> tuple[dict, list[tuple]]:
     """Parse and validate a whole log: ``(header, records)``; records are
     ``("step", step, flags, task|None, lrs|None, scalars)``, ``("options", list)`` and a final
     ``("end", n_steps, next_step, sha256_hex)``. Raises :class:`ReplayError` on a bad magic,
-    a checksum or length mismatch, a missing end record (truncated) or data after it."""
+    a checksum or length mismatch, a missing end record (truncated) or data after it.
+
+    ``allow_truncated``: a log whose recorder never closed (the process was killed) ends
+    without an end record, possibly inside a record written in part: its complete records
+    are returned, without an end record (the last one is "end" only for a complete log). A
+    checksum mismatch is still refused: a crash cuts a file, it does not change its bytes."""
     with open(path, "rb") as f:
         data = f.read()
     if data[:6] != MAGIC[:6]:
@@ -369,11 +374,20 @@ def read_log(path: str) -> tuple[dict, list[tuple]]:
     records: list[tuple] = []
     while True:
         if pos == len(data):
+            if allow_truncated:
+                return header, records
             raise ReplayError(f"{path}: truncated log: no end record after {len(records)} records (the recorder was "
-                              "not closed, or the file was cut)")
-        (n,) = struct.unpack("<I", take(4, "record length"))
-        payload = take(n, f"record {len(records)}")
-        (crc,) = struct.unpack("<I", take(4, "record checksum"))
+                              "not closed, or the file was cut; replay(..., allow_truncated=True) or zeroflow replay "
+                              "--allow-truncated replays its complete records, unverified)")
+        try:
+            (n,) = struct.unpack("<I", take(4, "record length"))
+            payload = take(n, f"record {len(records)}")
+            (crc,) = struct.unpack("<I", take(4, "record checksum"))
+        except ReplayError as e:
+            if allow_truncated:         # the record the process was writing when it stopped
+                return header, records
+            raise ReplayError(f"{e}; replay(..., allow_truncated=True) or zeroflow replay --allow-truncated replays "
+                              "its complete records, unverified") from None
         if zlib.crc32(payload) != crc:
             raise ReplayError(f"{path}: corrupt log (checksum mismatch in record {len(records)} at byte {pos - n - 8})")
         kind = payload[0]
@@ -438,7 +452,7 @@ def _load_base(base):
 
 
 def replay(base, log: str, *, backend: str | None = None, device: str | torch.device = "cpu",
-           verify: bool = True) -> dict:
+           verify: bool = True, allow_truncated: bool = False) -> dict:
     """Rebuild the weights at the end of ``log`` from ``base`` (a path or a state_dict, as
     written by :func:`save_base` or a plain ``model.state_dict()``).
 
@@ -447,8 +461,11 @@ def replay(base, log: str, *, backend: str | None = None, device: str | torch.de
     ``device``): every backend computes the same bits (docs/kernel-ops.md, "Arithmetic"), so a
     log recorded on a GPU replays bit-exactly on a laptop. ``verify``: compare the result with
     the checksum in the end record (raise :class:`ReplayError` on mismatch), whatever the
-    backend."""
-    return _replay_records(base, *read_log(log), backend=backend, device=device, verify=verify)
+    backend. ``allow_truncated``: a log without an end record (its recording process was
+    killed) replays up to its last complete step record, with a RuntimeWarning: there is no
+    final checksum to check the result against (:func:`read_log`)."""
+    return _replay_records(base, *read_log(log, allow_truncated=allow_truncated), backend=backend, device=device,
+                           verify=verify)
 
 
 def _options_from_log(o: dict) -> dict:
@@ -474,7 +491,13 @@ def _replay_records(base, header: dict, records: list, *, backend: str | None, d
     used = zfkernels.resolve_backend(opt.backend, device)
     _play(opt, records)
     final = weights_sha256(names, tensors)
-    if verify and final != records[-1][3]:
+    if not records or records[-1][0] != "end":      # read_log(allow_truncated=True) of a cut log
+        steps = [r[1] for r in records if r[0] == "step"]
+        warnings.warn(f"the log has no end record (its recording process stopped without closing it): replayed its "
+                      f"{len(steps)} complete step records"
+                      + (f", up to step {steps[-1]}" if steps else "")
+                      + "; there is no final checksum to check the weights against", RuntimeWarning, stacklevel=3)
+    elif verify and final != records[-1][3]:
         raise ReplayError(f"replayed weights differ from the recorded final weights (checksum mismatch; replayed "
                           f"with backend {used!r} on {device}, recorded with {rec_backends}): BASE or the log does not "
                           "belong to this run (or it is a Gaussian log recorded with backend 'triton' or 'torch' "
@@ -731,12 +754,18 @@ def replay_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-verify", action="store_true", help="skip the final-weights checksum check")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out (never BASE or LOG)")
+    ap.add_argument("--allow-truncated", action="store_true", help="replay a log without an end record (its recording "
+                    "process was killed) up to its last complete step, unverified")
     a = ap.parse_args(argv)
     try:
         t0 = time.perf_counter()
         _check_out(a.out, a.base, a.log, a.overwrite)
-        header, records = read_log(a.log)          # read once: replayed and summarised below
-        sd = _replay_records(a.base, header, records, backend=a.backend, device=a.device, verify=not a.no_verify)
+        header, records = read_log(a.log, allow_truncated=a.allow_truncated)   # read once: replayed, summarised
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always", RuntimeWarning)
+            sd = _replay_records(a.base, header, records, backend=a.backend, device=a.device, verify=not a.no_verify)
+        for w in said:
+            print(f"zeroflow replay: warning: {w.message}", file=sys.stderr)
         atomic_torch_save(sd, a.out)
         n = sum(1 for r in records if r[0] == "step")
         print(f"zeroflow replay: {n} steps of {header['optimizer']} (stream {header['stream']}, seed {header['seed']}) "
