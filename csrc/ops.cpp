@@ -1,5 +1,5 @@
-// zfkernels ops: schema (TORCH_LIBRARY), CPU, Meta, CompositeExplicitAutograd and ADInplaceOrView
-// (version counter) kernels.
+// zfkernels ops: schema (TORCH_LIBRARY), CPU, Meta, CompositeExplicitAutograd, ADInplaceOrView
+// (version counter) and Autograd (refusal) kernels.
 // Semantics: docs/kernel-ops.md; stream: docs/perturbation-stream.md (stream v1).
 // Argument checks and host scalars are shared with the CUDA kernels through ops_common.h.
 //
@@ -648,6 +648,38 @@ void adam_inplace_view(c10::DispatchKeySet ks, TensorList params, TensorList exp
                 stochastic_rounding, round_seed);
 }
 
+// ---------------------------------------------------------------------------------------
+// Autograd kernel: the ops are not differentiable, and they write in place.
+// ---------------------------------------------------------------------------------------
+// Without one, torch's autograd fallback let a direct call (torch.ops.zfkernels.*, grad mode
+// on) write a leaf that requires grad, which torch's own in-place ops refuse, and write a
+// non-leaf while its grad_fn stayed the one of its old value (a wrong gradient, no warning).
+// One boxed kernel serves every mutating op: it reads the written lists from the schema's
+// alias annotations (Tensor(a!)[]), refuses before anything is written, then redispatches
+// below autograd. Device-agnostic (the Autograd alias key), like ADInplaceOrView. The Python
+// face and the optimizers call the ops under no_grad, where this costs one flag read.
+void refuse_grad_writes(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  if (at::GradMode::is_enabled()) {
+    const auto& schema = op.schema();
+    const auto& args = schema.arguments();
+    const size_t first = stack->size() - args.size();
+    for (size_t a = 0; a < args.size(); ++a) {
+      const c10::AliasInfo* alias = args[a].alias_info();
+      const c10::IValue& value = (*stack)[first + a];
+      if (alias == nullptr || !alias->isWrite() || !value.isTensorList()) continue;
+      const c10::List<Tensor> tensors = value.toTensorList();
+      for (size_t k = 0; k < tensors.size(); ++k) {
+        const Tensor t = tensors.get(k);
+        TORCH_CHECK(!(t.defined() && t.requires_grad()), schema.name(), ": ", args[a].name(), "[", k,
+                    "] requires grad, and this op writes it in place without recording a gradient: call it under "
+                    "torch.no_grad() (zfkernels' functions and the zeroflow optimizers do), or pass a tensor that "
+                    "does not require grad (.detach())");
+      }
+    }
+  }
+  op.redispatchBoxed(ks & c10::after_autograd_keyset, stack);
+}
+
 }  // namespace zf_cpu
 
 // The schema: the argument table of zfkernels/opspec.py, which tests/test_opspec.py compares
@@ -698,6 +730,12 @@ TORCH_LIBRARY_IMPL(zfkernels, ADInplaceOrView, m) {  // the mutating ops (philox
   m.impl("perturb_", &zf_cpu::perturb_inplace_view);
   m.impl("zo_sgd_update_", &zf_cpu::sgd_inplace_view);
   m.impl("zo_adam_update_", &zf_cpu::adam_inplace_view);
+}
+
+TORCH_LIBRARY_IMPL(zfkernels, Autograd, m) {  // the mutating ops (philox4x32_10's output needs no grad)
+  m.impl("perturb_", torch::CppFunction::makeFromBoxedFunction<&zf_cpu::refuse_grad_writes>());
+  m.impl("zo_sgd_update_", torch::CppFunction::makeFromBoxedFunction<&zf_cpu::refuse_grad_writes>());
+  m.impl("zo_adam_update_", torch::CppFunction::makeFromBoxedFunction<&zf_cpu::refuse_grad_writes>());
 }
 
 // A Python module with no functions: importing zfkernels._C registers the ops.

@@ -10,6 +10,8 @@ and native Triton (and the reference on the GPU).
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -84,6 +86,54 @@ def test_every_written_tensor_gets_a_new_version(backend, op):
     before = [t._version for t in p]
     OPS[op](p, be, dev)
     assert all(t._version > b for t, b in zip(p, before)), f"{op}: a second call left a version as it was"
+
+
+def _raw_call(op, written, dev):
+    """The registered op itself (torch.ops.zfkernels, no face, grad mode as the caller has
+    it), on ``written``: its written lists, params first."""
+    ops = torch.ops.zfkernels
+    ids, n = list(range(len(written[0]))), len(written[0])
+    if op == "perturb_":
+        ops.perturb_(written[0], ids, 3, 0.5, 1, 0, 0)
+    elif op == "zo_sgd_update_":
+        ops.zo_sgd_update_(written[0], written[1], [], ids, [3], [0.5], 1, 0, 0, 0, 0.0, 0.1, 0.0, 0.9, 0.0, False,
+                           True, False, 0.0, False, False, 0)
+    else:
+        ops.zo_adam_update_(written[0], written[1], written[2], [], ids, [3], [0.5], 1, 0, 0, 0, 0.0, 1e-2, 0.9,
+                            0.999, 1e-8, 0.0, False, 1, False, 0.0, False, False, 0)
+    assert n == len(written[0])
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("case", ["leaf", "view_of_leaf", "non_leaf", "buffer"])
+def test_a_raw_op_refuses_to_write_a_tensor_that_requires_grad(backend, op, case):
+    """Called with grad mode on, the registered ops wrote a leaf that requires grad (torch's
+    in-place ops refuse it) and a non-leaf whose grad_fn then stayed that of its old value:
+    a wrong gradient, silently. Now refused, naming the tensor, before anything is written;
+    under no_grad (what the face and the optimizers do) the same call runs."""
+    _, dev = backend
+    leaf = torch.ones(12, device=dev, requires_grad=True)
+    tensor = {"leaf": leaf, "view_of_leaf": leaf[2:9], "non_leaf": leaf * 1, "buffer": torch.ones(7, device=dev)}
+    target = tensor[case]
+    n_lists = {"perturb_": 1, "zo_sgd_update_": 2, "zo_adam_update_": 3}[op]
+    if op == "perturb_" and case == "buffer":
+        pytest.skip("perturb_ writes no buffer")
+    if case == "buffer":
+        written = [[torch.ones(7, device=dev)], [leaf[:7]]] + [[torch.zeros(7, device=dev)]] * (n_lists - 2)
+        name = "momentum_buffers[0]" if op == "zo_sgd_update_" else "exp_avgs[0]"
+    else:
+        written = [[torch.ones(3, device=dev), target]] + [[torch.zeros(3, device=dev), torch.zeros_like(target)]
+                                                          for _ in range(n_lists - 1)]
+        name = "params[1]"
+    before = [[t.detach().clone() for t in ts] for ts in written]
+    with pytest.raises(RuntimeError, match=rf"zfkernels::{op}: {re.escape(name)} requires grad.*torch.no_grad\(\)"):
+        _raw_call(op, written, dev)
+    for ts, bs in zip(written, before):
+        assert all(torch.equal(t.detach(), b) for t, b in zip(ts, bs)), "written before the refusal"
+    with torch.no_grad():
+        _raw_call(op, written, dev)
+    assert not torch.equal(written[0][0], before[0][0])
 
 
 @pytest.mark.parametrize("op", list(OPS))
