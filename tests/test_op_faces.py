@@ -265,6 +265,38 @@ def test_face_refuses_buffers_without_params():
         zk.zo_adam_update_([], [T.clone()], [], [], [], lr=0.1, step=1)
 
 
+FACE_MISUSES = {
+    # int() took them: id 0.9 ran as id 0, step 1.9 as 1, float counters as truncated ones
+    "float_id": (lambda p: zk.perturb_(p, 3, 1.0, tensor_ids=[0.9]), TypeError,
+                 r"tensor_ids\[0\]=0.9 must be an integer"),
+    "bool_id": (lambda p: zk.perturb_(p, 3, 1.0, tensor_ids=[True]), TypeError, r"tensor_ids\[0\]=True"),
+    "float_step": (lambda p: zk.zo_adam_update_(p, [torch.zeros(4)], [torch.zeros(4)], [3], [0.5], lr=0.1, step=1.9),
+                   TypeError, "step=1.9 must be an integer"),
+    "float_key": (lambda p: zk.philox4x32_10(torch.zeros(1, 4, dtype=torch.int64), (1.5, 2)), TypeError, r"key\[0\]"),
+    "float_counters": (lambda p: zk.philox4x32_10(torch.tensor([[1.7, 2.2, 3.9, 0.5]]), (1, 2)), TypeError,
+                       "counters must be an integer tensor"),
+    # the buffers turn a feature on: its weight without them was dropped (plain SGD ran)
+    "momentum_without_buffers": (lambda p: zk.zo_sgd_update_(p, [3], [0.5], lr=0.1, momentum=0.9), ValueError,
+                                 "momentum=0.9 without momentum_buffers"),
+    "nesterov_without_buffers": (lambda p: zk.zo_sgd_update_(p, [3], [0.5], lr=0.1, nesterov=True), ValueError,
+                                 "nesterov=True without momentum_buffers"),
+    "history_without_buffers": (lambda p: zk.zo_adam_update_(p, [torch.zeros(4)], [torch.zeros(4)], [3], [0.5],
+                                                             lr=0.1, step=1, history_alpha=0.9),
+                                ValueError, "history_alpha=0.9 without history_buffers"),
+    "three_betas": (lambda p: zk.zo_adam_update_(p, [torch.zeros(4)], [torch.zeros(4)], [3], [0.5], lr=0.1, step=1,
+                                                 betas=(0.9, 0.999, 0.5)), ValueError, "must be two numbers"),
+}
+
+
+@pytest.mark.parametrize("case", list(FACE_MISUSES))
+def test_face_refuses_what_it_would_otherwise_change_or_drop(case):
+    call, error, needle = FACE_MISUSES[case]
+    p = [torch.ones(4)]
+    with pytest.raises(error, match=needle):
+        call(p)
+    assert torch.equal(p[0], torch.ones(4))
+
+
 def test_face_empty_lists_still_run_as_no_ops():
     zk.perturb_([], 1, 1.0)
     zk.zo_sgd_update_([], [1], [0.5], lr=0.1, momentum=0.9, backend="cpu" if _compiled.cpu_available() else "torch")
@@ -341,12 +373,13 @@ def _mk(dev, n=N):
 
 def _sgd_call(p, be, mom=(), hist=()):
     zk.zo_sgd_update_(p, [1, 2], [0.5, -0.25], lr=0.1, momentum=0.9 if mom else 0.0, momentum_buffers=list(mom),
-                      history_buffers=list(hist), history_alpha=0.5, restore_seed=1, restore_scale=-0.5, backend=be)
+                      history_buffers=list(hist), history_alpha=0.5 if hist else 0.0, restore_seed=1,
+                      restore_scale=-0.5, backend=be)
 
 
 def _adam_call(p, m, v, be, hist=()):
-    zk.zo_adam_update_(p, m, v, [1], [0.5], lr=0.1, step=3, history_buffers=list(hist), history_alpha=0.5,
-                       restore_seed=1, restore_scale=-0.5, backend=be)
+    zk.zo_adam_update_(p, m, v, [1], [0.5], lr=0.1, step=3, history_buffers=list(hist),
+                       history_alpha=0.5 if hist else 0.0, restore_seed=1, restore_scale=-0.5, backend=be)
 
 
 def _alias_cases():

@@ -14,6 +14,7 @@ Importing this package never fails; a missing backend fails on use with the fix.
 """
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 from typing import Sequence
@@ -161,10 +162,24 @@ def _backend_for(backend: str, params: Sequence[torch.Tensor]) -> str:
     return "torch"
 
 
+def _integer(v, name: str) -> int:
+    """``v`` as an int: a Python or numpy integer (not a bool, a float or a string), as the
+    registered ops take it; ``int(v)`` rounded 0.9 to the id 0 and step=1.9 to 1, where
+    the ops themselves refuse a float."""
+    if type(v) is int:
+        return v
+    if not isinstance(v, bool):
+        try:
+            return operator.index(v)
+        except TypeError:
+            pass
+    raise TypeError(f"{name}={v!r} must be an integer, got {type(v).__name__}")
+
+
 def _ids(tensors: Sequence[torch.Tensor], tensor_ids: Sequence[int] | None) -> list[int]:
     if tensor_ids is None:
         return list(range(len(tensors)))
-    ids = list(map(int, tensor_ids))
+    ids = [_integer(t, f"tensor_ids[{k}]") for k, t in enumerate(tensor_ids)]
     if len(ids) != len(tensors):
         raise ValueError(f"tensor_ids has {len(ids)} entries for {len(tensors)} tensors; give one id per tensor")
     return ids
@@ -186,10 +201,13 @@ def _as_list(tensors, name: str) -> list[torch.Tensor]:
 def philox4x32_10(counters: torch.Tensor, key: tuple[int, int], backend: str = "auto") -> torch.Tensor:
     """Philox4x32-10 (Random123-compatible) on ``counters`` (``[N, 4]``, values < 2^32,
     int64 storage) with ``key = (k0, k1)``; returns the ``[N, 4]`` output words as int64."""
-    k0, k1 = (int(k) for k in key)
+    k0, k1 = (_integer(k, f"key[{j}]") for j, k in enumerate(key))
     for name, k in (("key[0]", k0), ("key[1]", k1)):
         if not 0 <= k < 2**32:
             raise ValueError(f"{name}={k} must be a 32-bit unsigned integer")
+    if counters.dtype.is_floating_point or counters.dtype.is_complex or counters.dtype == torch.bool:
+        raise TypeError(f"counters must be an integer tensor (int64 storage), got {counters.dtype}: a float "
+                        "counter would be truncated to another one")
     b = resolve_backend(backend, counters.device)
     return call_op(b, "philox4x32_10", counters=counters.to(torch.int64).contiguous(), key0=k0, key1=k1)
 
@@ -248,6 +266,21 @@ def _seed(s, name="seed") -> int:
     return check_seed(s, name)
 
 
+def _check_features(params: list, buffers_name: str, buffers, **settings) -> None:
+    """The buffer list turns momentum / history on (docs/kernel-ops.md, zo_sgd_update_ step
+    6): a momentum or history weight given without its buffers was dropped without a word
+    (momentum=0.9 with no momentum_buffers ran plain SGD). Refused, naming both (an empty
+    params list holds its one buffer per param already). The first-step flags
+    (momentum_init, history_init) mean nothing without buffers and pass."""
+    if len(buffers) or not params:
+        return
+    given = [f"{k}={v!r}" for k, v in settings.items() if v]
+    if given:
+        raise ValueError(f"{', '.join(given)} without {buffers_name}: the buffers turn the feature on; give one "
+                         f"buffer per param ({buffers_name}=[torch.zeros_like(p) for p in params]) or leave "
+                         f"{' and '.join(k for k in settings)} at their defaults")
+
+
 def _qs(seeds, coeffs) -> tuple[list[int], list[float]]:
     seeds = [_seed(s, "seeds[j]") for s in seeds]
     coeffs = [float(c) for c in coeffs]
@@ -292,6 +325,8 @@ def zo_sgd_update_(
     params = _as_list(params, "params")
     ids = _ids(params, tensor_ids)
     seeds, coeffs = _qs(seeds, coeffs)
+    _check_features(params, "momentum_buffers", momentum_buffers, momentum=momentum, nesterov=nesterov)
+    _check_features(params, "history_buffers", history_buffers, history_alpha=history_alpha)
     b = _backend_for(backend, params)
     call_op(b, "zo_sgd_update_", params=params, momentum_buffers=_as_list(momentum_buffers, "momentum_buffers"),
           history_buffers=_as_list(history_buffers, "history_buffers"), tensor_ids=ids, seeds=seeds, coeffs=coeffs,
@@ -336,8 +371,12 @@ def zo_adam_update_(
     params = _as_list(params, "params")
     ids = _ids(params, tensor_ids)
     seeds, coeffs = _qs(seeds, coeffs)
-    if int(step) < 1:
+    step = _integer(step, "step")
+    if step < 1:
         raise ValueError(f"step={step} must be >= 1 (the Adam step count after this update)")
+    if len(betas) != 2:
+        raise ValueError(f"betas={tuple(betas)!r} must be two numbers (beta1, beta2)")
+    _check_features(params, "history_buffers", history_buffers, history_alpha=history_alpha)
     b = _backend_for(backend, params)
     call_op(b, "zo_adam_update_", params=params, exp_avgs=_as_list(exp_avgs, "exp_avgs"),
           exp_avg_sqs=_as_list(exp_avg_sqs, "exp_avg_sqs"),
