@@ -38,6 +38,7 @@ from typing import Sequence
 import torch
 
 from ._atomic import atomic_torch_save
+from .optim.zo import STATE_GLOBAL_OPTIONS
 
 __all__ = ["TrajectoryRecorder", "replay", "replay_to_file", "read_log", "replay_main", "save_base",
            "weights_sha256", "ReplayError", "LOG_FORMAT"]
@@ -52,6 +53,10 @@ F_KNOWN = F_SKIPPED | F_ABORTED | F_LR | F_TASK | F_FAILED
 # in its update after every forward pass (a kernel refused a state buffer, ^C there): replay
 # cannot know what the update had applied, so it refuses to play such a step.
 _STATUS_FLAG = {"ok": 0, "skipped": F_SKIPPED, "aborted": F_ABORTED, "failed": F_FAILED}
+# What a recorder watches between steps beside the layout: the seed and the optimizer-wide
+# options a saved state must agree on (zeroflow.optim.zo.STATE_GLOBAL_OPTIONS), which decide
+# a step's seeds and the scalars it consumes.
+_GLOBALS = ("seed",) + STATE_GLOBAL_OPTIONS
 
 
 class ReplayError(ValueError):
@@ -218,8 +223,8 @@ class TrajectoryRecorder:
     @staticmethod
     def _globals_of(opt) -> tuple:
         """The optimizer-wide values the log's header fixes (a step's seeds and scalar count
-        follow from them); ~1 us a step."""
-        return (opt.seed, opt.q, opt.estimator, opt.conserve, opt.sparse_resample)
+        follow from them), in the order of ``_GLOBALS``; ~1 us a step."""
+        return tuple(getattr(opt, k) for k in _GLOBALS)
 
     def _before_step(self, opt, args, kwargs) -> None:
         change = self._layout_change(opt)
@@ -234,8 +239,7 @@ class TrajectoryRecorder:
                          f"{self._next_step - 1}", "from the state loaded")
         now = self._globals_of(opt)
         if now != self._globals:
-            keys = ("seed", "q", "estimator", "conserve", "sparse_resample")
-            diff = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in zip(keys, self._globals, now) if a != b)
+            diff = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in zip(_GLOBALS, self._globals, now) if a != b)
             self._refuse(opt, f"optimizer-wide options changed while recording ({diff}); a log replays with the "
                          "options of its header", "after changing them")
 
