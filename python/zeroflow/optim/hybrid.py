@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .zo import counter
+from .zo import counter, params_list
 
 __all__ = ["HybridFOZO"]
 
@@ -54,13 +54,10 @@ class HybridFOZO(torch.optim.Optimizer):
             raise ValueError(f"HybridFOZO.add_param_group takes params, lr and zo_lr_scale, not {', '.join(other)}: "
                              "the two phases' other options are their optimizers' defaults (build the hybrid with "
                              "the group in both fo and zo to give it its own)")
-        ps = param_group["params"]
-        ps = [ps] if isinstance(ps, torch.Tensor) else ps
-        if isinstance(ps, (set, frozenset)):
-            raise TypeError("param_group['params'] is a set; give a list (its order decides each tensor's z)")
         # the ZO optimizer leaves frozen parameters out of a group: so does the FO one here, as
         # construction requires the same parameters in both
-        ps = [p for p in ps if not (isinstance(p, torch.Tensor) and not p.requires_grad)]
+        ps = [p for p in params_list(param_group["params"])
+              if not (isinstance(p, torch.Tensor) and not p.requires_grad)]
         first = self.param_groups[0]
         lf = float(param_group.get("lr", first["lr"]))
         scale = float(param_group.get("zo_lr_scale", first["zo_lr_scale"]))

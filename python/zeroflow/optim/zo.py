@@ -335,11 +335,7 @@ class _ZOBase(torch.optim.Optimizer):
         for opt in GLOBAL_OPTIONS:
             if opt in param_group:
                 raise ValueError(f"{opt!r} is an optimizer-wide option, not a per-group one")
-        ps = param_group["params"]
-        if isinstance(ps, (set, frozenset)):     # before list(): torch.optim's own check would see a list
-            raise TypeError("param_group['params'] is a set: the order of its tensors (which decides each one's z and "
-                            "state) changes between runs; give a list (e.g. list(model.parameters()))")
-        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+        ps = params_list(param_group["params"])
         for item in ps:
             t = item[1] if isinstance(item, tuple) else item
             if isinstance(t, torch.Tensor) and (t.is_sparse or t.layout != torch.strided):
@@ -1083,6 +1079,17 @@ def _number(x, name: str) -> float:
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name}={x!r} is not a number (a real number or a one-element tensor)")
     return float(x)
+
+
+def params_list(ps) -> list:
+    """A param group's ``params`` (a tensor, or an iterable of tensors or (name, tensor)
+    pairs) as a list; TypeError for a set, before list() would hide it from torch.optim's
+    own check: the order of its tensors, which decides each one's z and state, changes
+    between runs."""
+    if isinstance(ps, (set, frozenset)):
+        raise TypeError("param_group['params'] is a set: the order of its tensors (which decides each one's z and "
+                        "state) changes between runs; give a list (e.g. list(model.parameters()))")
+    return [ps] if isinstance(ps, torch.Tensor) else list(ps)
 
 
 def _shadows_a_method(obj, name: str) -> bool:
