@@ -164,7 +164,7 @@ def _backend_for(backend: str, params: Sequence[torch.Tensor]) -> str:
 
 def _integer(v, name: str) -> int:
     """``v`` as an int: a Python or numpy integer (not a bool, a float or a string), as the
-    registered ops take it; ``int(v)`` rounded 0.9 to the id 0 and step=1.9 to 1, where
+    registered ops take it; ``int(v)`` truncated 0.9 to the id 0 and step=1.9 to 1, where
     the ops themselves refuse a float."""
     if type(v) is int:
         return v
@@ -267,8 +267,8 @@ def _seed(s, name="seed") -> int:
 
 
 def _check_features(params: list, buffers_name: str, buffers, **settings) -> None:
-    """The buffer list turns momentum / history on (docs/kernel-ops.md, zo_sgd_update_ step
-    6): a momentum or history weight given without its buffers was dropped without a word
+    """The buffer list turns momentum / history on (docs/kernel-ops.md, zo_sgd_update_ steps
+    3 and 6): a momentum or history weight given without its buffers was dropped without a word
     (momentum=0.9 with no momentum_buffers ran plain SGD). Refused, naming both (an empty
     params list holds its one buffer per param already). The first-step flags
     (momentum_init, history_init) mean nothing without buffers and pass."""
