@@ -171,7 +171,7 @@ def test_distributed_step(run_bench, method, q, world):
             helper.join(timeout=120)
             assert helper.exitcode == 0, f"rank 1 helper failed (exit code {helper.exitcode})"
         if method == "zo_sgd":
-            # scalars only: 2q losses + the batch-size all-reduce, whatever the model size
+            # scalars only: 2q losses + the batch-size all_gather, whatever the model size
             assert extra["comm_bytes_per_step"] == 8 * 2 * q + 8
         else:
             assert extra["comm_bytes_per_step"] >= 4 * nparams

@@ -93,7 +93,7 @@ def test_only_rank0_writes(runs):
     assert m["world_size"] == 2
     with open(base / "w2" / "environment.json") as f:
         assert json.load(f)["world_size"] == 2
-    # each task's ZO traffic: 8-byte batch-size all-reduce + 2 scalars of 8 bytes per step
+    # each task's ZO traffic: 8-byte batch-size all_gather + 2 scalars of 8 bytes per step
     for t in m["tasks"]:
         assert 0 < t["bytes_communicated"] <= t["iterations"] * (8 + 16) + 4096, t
     assert not [f for f in files if f.startswith(".tmp-") or ".tmp." in f]   # no temporary file left

@@ -134,6 +134,19 @@ def _worker(rank, world, init_file, out_dir):
             res["G_state"] = None
         except DistributedMismatchError as e:
             res["G_state"] = str(e)
+        # H. a batch size given on rank 0 only: before, rank 0's batch-size collective paired
+        # with rank 1's first loss all_gather (mixed numbers or a hang); now every rank raises
+        # before the step, with the weights untouched
+        model = make_model()
+        before = [p.clone() for p in model.parameters()]
+        dp = DataParallelZO(create("zo_sgd", list(model.parameters()), lr=1e-2, seed=7, backend="cpu"))
+        try:
+            run_steps(dp, model, Xr, Yr, 1, batch_size=len(Xr) if rank == 0 else None)
+            res["H_mixed"] = None
+        except DistributedMismatchError as e:
+            res["H_mixed"] = str(e)
+        res["H_untouched"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        res["H_step"] = dp.step_count
     except Exception:  # noqa: BLE001
         res["error"] = traceback.format_exc()
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -187,7 +200,7 @@ def test_bytes_per_step_are_O_q_and_independent_of_param_count(spawned):
     res, _ = spawned
     b = {k: v for k, v in res[0].items() if k.startswith("B_")}
     assert b["B_1_512"]["numel"] > 20 * b["B_1_8"]["numel"]
-    # two_side: 2q scalars of 8 bytes (all_gather) + one 8-byte batch-size all-reduce
+    # two_side: 2q scalars of 8 bytes (all_gather) + one 8-byte batch-size all_gather
     for q in (1, 4):
         for hidden in (8, 512):
             assert b[f"B_{q}_{hidden}"]["bytes"] == 8 * (2 * q) + 8, (q, hidden, b)
@@ -248,3 +261,11 @@ def test_init_from_env_without_torchrun(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     if not dist.is_initialized():
         assert init_from_env() is None
+
+
+def test_a_batch_size_given_on_some_ranks_only_raises_on_every_rank_before_the_step(spawned):
+    res, _ = spawned
+    for r in range(WORLD):
+        assert res[r]["H_mixed"] is not None, f"rank {r} stepped with a batch size on rank 0 only"
+        assert "rank(s) [1] gave no batch_size" in res[r]["H_mixed"], res[r]["H_mixed"]
+        assert res[r]["H_untouched"] and res[r]["H_step"] == 0, r

@@ -361,8 +361,8 @@ class DataParallelZO:
     returns its mean loss; each value the optimizer consumes becomes
     ``sum_r n_r L_r / sum_r n_r`` (the loss of the concatenated batch when the loss is a
     mean). ``batch_size`` omitted (and never set with :meth:`set_batch_size`): plain mean
-    over ranks. Communication per step: one 8-byte all-reduce of the batch sizes (only
-    when weighting) + one all_gather of 8 bytes per consumed scalar (2q two_side, q+1
+    over ranks (on every rank or on none; a mix raises). Communication per step: one
+    8-byte all_gather of the batch sizes + one all_gather of 8 bytes per consumed scalar (2q two_side, q+1
     one_side, +2 conserve, 2q forward_grad); the combination is summed in rank order
     locally, so every rank gets bit-identical scalars whatever the collective's reduction
     order.
@@ -477,11 +477,22 @@ class DataParallelZO:
         self._n_local = int(n)
 
     def _begin_step(self) -> None:
-        if self._n_local is None:
+        """Every rank's batch size (-1: never set), gathered every step, even when no rank
+        weights: a rank that skipped the collective would pair its next one (a loss scalar's
+        all_gather) with another rank's batch-size exchange and hang or mix numbers. A mix of
+        ranks with and without a batch size raises on every rank, before the step."""
+        n = torch.tensor([-1 if self._n_local is None else self._n_local], dtype=torch.int64)
+        sizes = self.comm.all_gather(n)[:, 0].tolist()
+        unset = [r for r, s in enumerate(sizes) if s < 0]
+        if len(unset) == self.world:
             self._weight = 1.0 / self.world
             return
-        tot = self.comm.all_reduce_(torch.tensor([self._n_local], dtype=torch.int64))
-        total = int(tot[0])
+        if unset:
+            raise DistributedMismatchError(
+                f"rank(s) {unset} gave no batch_size while rank(s) "
+                f"{[r for r in range(self.world) if r not in unset]} did: pass step(closure, batch_size=n) "
+                "(or set_batch_size(n)) on every rank, or on none for a plain mean over ranks")
+        total = sum(sizes)
         if total <= 0:
             raise ValueError("every rank reported batch_size=0")
         self._weight = self._n_local / total
