@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .zo import NOT_OPTIONS, counter
+from .zo import NOT_OPTIONS, counter, load_with_hooks, state_dict_with_hooks
 
 __all__ = ["FOSGD", "FOAdam", "FOAdamW"]
 
@@ -26,10 +26,8 @@ class _FOMixin:
         return super().__getstate__() | {"forward_passes": self.forward_passes, "steps": self.steps}
 
     def state_dict(self):
-        sd = super().state_dict()
-        sd["zeroflow"] = {"optimizer": type(self).__name__, "forward_passes": self.forward_passes,
-                          "steps": self.steps}
-        return sd
+        return state_dict_with_hooks(self, lambda: super(_FOMixin, self).state_dict() | {"zeroflow": {
+            "optimizer": type(self).__name__, "forward_passes": self.forward_passes, "steps": self.steps}})
 
     def check_state_dict(self, state_dict) -> None:
         """Raise ``ValueError`` if ``state_dict`` was saved by another optimizer class (its
@@ -56,6 +54,9 @@ class _FOMixin:
                                  f"{len(g['params'])}")
 
     def load_state_dict(self, state_dict):
+        load_with_hooks(self, state_dict, self._load_checked)
+
+    def _load_checked(self, state_dict) -> None:
         self.check_state_dict(state_dict)
         state_dict = dict(state_dict)
         extra = state_dict.pop("zeroflow", None) or {}

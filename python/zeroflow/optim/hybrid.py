@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .zo import counter, params_list
+from .zo import counter, load_with_hooks, params_list, state_dict_with_hooks
 
 __all__ = ["HybridFOZO"]
 
@@ -106,14 +106,16 @@ class HybridFOZO(torch.optim.Optimizer):
         self.fo.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self):
-        sd = super().state_dict()
-        sd["hybrid"] = {"steps": self._steps, "switch": self.switch,
-                        "fo": self.fo.state_dict(), "zo": self.zo.state_dict()}
-        return sd
+        return state_dict_with_hooks(self, lambda: super(HybridFOZO, self).state_dict() | {"hybrid": {
+            "steps": self._steps, "switch": self.switch, "fo": self.fo.state_dict(), "zo": self.zo.state_dict()}})
 
     def load_state_dict(self, state_dict):
         """Both inner states are checked before anything is loaded: a state that does not
-        fit raises and leaves the hybrid (and its two optimizers) untouched."""
+        fit raises and leaves the hybrid (and its two optimizers) untouched. The hybrid's
+        load-state-dict hooks run around the whole load (post-hooks see fo and zo loaded)."""
+        load_with_hooks(self, state_dict, self._load_checked)
+
+    def _load_checked(self, state_dict) -> None:
         h = state_dict.get("hybrid") if isinstance(state_dict, dict) else None
         if not isinstance(h, dict) or not {"steps", "switch", "fo", "zo"} <= set(h):
             raise ValueError("state_dict lacks the 'hybrid' part (steps, switch, fo, zo); "

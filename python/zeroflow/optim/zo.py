@@ -9,6 +9,7 @@ the public reference code are in docs/algorithms.md.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import operator
@@ -776,9 +777,7 @@ class _ZOBase(torch.optim.Optimizer):
         }
 
     def state_dict(self):
-        sd = super().state_dict()
-        sd["zeroflow"] = self._counters()
-        return sd
+        return state_dict_with_hooks(self, lambda: super(_ZOBase, self).state_dict() | {"zeroflow": self._counters()})
 
     def check_state_dict(self, state_dict) -> None:
         """Raise ``ValueError`` naming the first mismatch if ``state_dict`` cannot be loaded
@@ -851,8 +850,12 @@ class _ZOBase(torch.optim.Optimizer):
                                  "group holds the same entries for every parameter (a state edited by hand?)")
 
     def load_state_dict(self, state_dict):
-        """torch.optim semantics (buffers and group options restored), after
-        :meth:`check_state_dict`: a state that does not fit raises and changes nothing."""
+        """torch.optim semantics (buffers and group options restored; load-state-dict hooks
+        around it), after :meth:`check_state_dict`: a state that does not fit raises and
+        changes nothing."""
+        load_with_hooks(self, state_dict, self._load_checked)
+
+    def _load_checked(self, state_dict) -> None:
         self.check_state_dict(state_dict)
         state_dict = dict(state_dict, param_groups=_with_added_options(state_dict["param_groups"]))
         c = state_dict.pop("zeroflow")
@@ -1057,6 +1060,51 @@ class ZOFusedAdam(_ZOBase):
                     dist=dist, lr=lr_f, beta1=_FROZEN_BETA, beta2=_FROZEN_BETA, eps=eps_f, weight_decay=wd_f,
                     decoupled_weight_decay=True, step=1, stochastic_rounding=g["stochastic_rounding"],
                     round_seed=self._round_seed(g))
+
+
+@contextlib.contextmanager
+def _hooks_held(opt: torch.optim.Optimizer, kind: str):
+    """torch.optim's ``kind`` ("state_dict" / "load_state_dict") pre- and post-hooks held back
+    (torch.optim's own method runs without them); yields them. The same dicts come back
+    after: the hooks' RemovableHandles refer to them."""
+    pre, post = f"_optimizer_{kind}_pre_hooks", f"_optimizer_{kind}_post_hooks"
+    held = getattr(opt, pre), getattr(opt, post)
+    setattr(opt, pre, {})
+    setattr(opt, post, {})
+    try:
+        yield held
+    finally:
+        setattr(opt, pre, held[0])
+        setattr(opt, post, held[1])
+
+
+def state_dict_with_hooks(opt: torch.optim.Optimizer, build: Callable) -> dict:
+    """``build()`` (torch.optim's state_dict plus zeroflow's parts) inside torch.optim's hook
+    order: the post-hooks see, and may replace, the whole dict, zeroflow's parts included."""
+    for hook in opt._optimizer_state_dict_pre_hooks.values():
+        hook(opt)
+    with _hooks_held(opt, "state_dict") as (_, post):
+        sd = build()
+    for hook in post.values():
+        out = hook(opt, sd)
+        sd = sd if out is None else out
+    return sd
+
+
+def load_with_hooks(opt: torch.optim.Optimizer, state_dict, load: Callable) -> None:
+    """``load(state_dict)`` inside torch.optim's hook order: the pre-hooks first (they may
+    adapt or replace the dict, so the zeroflow checks in ``load`` see what the hooks made),
+    the post-hooks last (they see the counters and inner optimizers that ``load`` restores
+    after torch.optim's own load)."""
+    if isinstance(state_dict, dict):       # anything else: load's check names it
+        state_dict = state_dict.copy()     # torch.optim's shallow copy: a hook may edit it
+        for hook in opt._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(opt, state_dict)
+            state_dict = state_dict if out is None else out
+    with _hooks_held(opt, "load_state_dict") as (_, post):
+        load(state_dict)
+    for hook in post.values():
+        hook(opt)
 
 
 def counter(x, what: str, limit: int | None = None) -> int:
