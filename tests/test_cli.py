@@ -137,6 +137,29 @@ def test_config_file_values_are_checked(tmp_path, text, needle):
     assert "\n" not in str(e.value)                  # one line, also for YAML syntax errors
 
 
+@pytest.mark.parametrize("dataset,method,optimizer,lr", [
+    # the ZO SGD family's one-query estimate is ~sqrt(d) times the gradient: at the learners'
+    # first-order rate (EASE CIFAR 0.025, the default before) a ZO-SGD step moved the adapters
+    # hundreds of times further than an SGD step; the reference ZO code ran ZO-SGD at 1e-4
+    ("cifar100", "ease", "zo_sgd", 1e-4), ("cifar100", "ease", "zo_sgd_conserve", 1e-4),
+    ("cifar100", "ease", "forward_grad", 1e-4), ("cifar100", "ease", "fo_sgd", 0.025),
+    ("cub", "aper", "zo_sgd", 1e-4), ("cub", "aper", "fo_sgd", 0.01), ("cub", "aper", "zo_sgd_sign", 1e-3),
+    ("imagenet-a", "ease", "zo_adam", 1e-3), ("digits", "ease", "zo_sgd", 0.05)])     # digits: no zo_sgd entry
+def test_the_zo_sgd_family_has_its_own_default_rate_on_real_data(dataset, method, optimizer, lr):
+    from zeroflow.continual.defaults import resolve
+    assert resolve({"dataset": dataset, "method": method, "optimizer": optimizer})["lr"] == lr
+
+
+def test_an_lr_mapping_without_zo_sgd_gives_the_zo_sgd_family_its_sgd_rate(tmp_path):
+    from zeroflow.continual.defaults import resolve
+    p = tmp_path / "c.yaml"
+    p.write_text("dataset: cifar100\nlr: {sgd: 0.2, adam: 0.003}\n")
+    assert [resolve({"optimizer": o}, str(p))["lr"] for o in ("zo_sgd", "fo_sgd", "zo_adam")] == [0.2, 0.2, 0.003]
+    p.write_text("dataset: cifar100\nlr: {zo_sgd: 0.2}\n")
+    with pytest.raises(Exception, match="has no 'sgd' entry, which --optimizer fo_sgd uses"):
+        resolve({"optimizer": "fo_sgd"}, str(p))
+
+
 def test_a_bad_small_vit_is_one_line_and_no_folder(tmp_path, capsys):
     from zeroflow.continual.defaults import resolve
     p = tmp_path / "c.yaml"

@@ -1,9 +1,13 @@
 """Default configurations per dataset and method (mirrored by configs/*.yaml).
 
 Precedence: these defaults < ``--config FILE`` < explicit command-line flags.
-``lr`` may be a number or ``{sgd: .., adam: ..}``, picked by the optimizer (``lr_family``):
-``adam`` for the Adam family and for ``zo_sgd_sign`` (a sign step moves every coordinate by
-about lr, like an Adam step, so the SGD rates are 10x too large for it), ``sgd`` otherwise.
+``lr`` may be a number or ``{sgd: .., zo_sgd: .., adam: ..}``, picked by the optimizer
+(``lr_family``): ``adam`` for the Adam family and for ``zo_sgd_sign`` (a sign step moves every
+coordinate by about lr, like an Adam step, so the SGD rates are 10x too large for it);
+``zo_sgd`` for zo_sgd, zo_sgd_conserve and forward_grad (their one-query estimate is about
+sqrt(d) times as long as the gradient, so the first-order rates are far too large for them:
+the reference ZO code ran ZO-SGD at 1e-4) and, where a mapping has no ``zo_sgd`` entry, its
+``sgd`` entry; ``sgd`` for fo_sgd.
 
 ``validate`` checks every option's type and range and names the option as the user gave it
 (``--lr``, or ``lr in FILE``), so that a run that cannot start fails before it writes anything.
@@ -43,9 +47,9 @@ COMMON: Dict[str, Any] = dict(
     ease_recalc_sim=True, ease_use_reweight=True, ease_later_lr=None, ease_later_epochs=None,
 )
 
-# Real data: ViT-B/16-IN21K, reference hyperparameters (continual-reference.md). The Adam
-# learning rates are not in the reference notes (the reference trains with SGD): 1e-3 is
-# our choice for the Adam family, as is EASE's OmniBenchmark lr (not in the notes).
+# Real data: ViT-B/16-IN21K, reference hyperparameters (continual-reference.md): fo_sgd the
+# learners' own SGD rates, the ZO SGD family and the Adam family the reference ZO code's rates
+# (zo-reference.md: SGD 1e-4, Adam 1e-3), OmniBenchmark EASE the published config.
 _VIT = dict(backbone="vit_base_patch16_224.augreg_in21k", adapter_dim=64, img_size=224, num_workers=4,
             eval_batch_size=128)
 DATASET_DEFAULTS: Dict[str, Dict[str, Dict[str, Any]]] = {
@@ -57,26 +61,26 @@ DATASET_DEFAULTS: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
     "cifar100": {
         "_": dict(_VIT, init_cls=10, increment=10, epochs=20),
-        "ease": dict(lr={"sgd": 0.025, "adam": 1e-3}, batch_size=48),
-        "aper": dict(lr={"sgd": 0.01, "adam": 1e-3}, batch_size=48),
+        "ease": dict(lr={"sgd": 0.025, "zo_sgd": 1e-4, "adam": 1e-3}, batch_size=48),
+        "aper": dict(lr={"sgd": 0.01, "zo_sgd": 1e-4, "adam": 1e-3}, batch_size=48),
     },
     "cub": {
         "_": dict(_VIT, init_cls=20, increment=20, epochs=20),
-        "ease": dict(lr={"sgd": 0.008, "adam": 1e-3}, batch_size=32, ease_alpha=0.05),
-        "aper": dict(lr={"sgd": 0.01, "adam": 1e-3}, batch_size=48),
+        "ease": dict(lr={"sgd": 0.008, "zo_sgd": 1e-4, "adam": 1e-3}, batch_size=32, ease_alpha=0.05),
+        "aper": dict(lr={"sgd": 0.01, "zo_sgd": 1e-4, "adam": 1e-3}, batch_size=48),
     },
     "imagenet-a": {
         "_": dict(_VIT, init_cls=20, increment=20, epochs=20),
-        "ease": dict(lr={"sgd": 0.05, "adam": 1e-3}, batch_size=32, weight_decay=5e-3),
-        "aper": dict(lr={"sgd": 0.01, "adam": 1e-3}, batch_size=48),
+        "ease": dict(lr={"sgd": 0.05, "zo_sgd": 1e-4, "adam": 1e-3}, batch_size=32, weight_decay=5e-3),
+        "aper": dict(lr={"sgd": 0.01, "zo_sgd": 1e-4, "adam": 1e-3}, batch_size=48),
     },
     "omnibenchmark": {
         "_": dict(_VIT, init_cls=30, increment=30, epochs=20),
         # the published OmniBenchmark config (EASE repository exps/ease_omni_in21k.json): only the
         # first task trains an adapter, the PTM's own features are a subspace, plain cosine fc
-        "ease": dict(lr={"sgd": 0.01, "adam": 1e-3}, batch_size=16, ease_alpha=1.0, ease_use_init_ptm=True,
+        "ease": dict(lr={"sgd": 0.01, "zo_sgd": 1e-4, "adam": 1e-3}, batch_size=16, ease_alpha=1.0, ease_use_init_ptm=True,
                      ease_beta=1.0, ease_moni_adam=True, ease_adapter_num=1),
-        "aper": dict(lr={"sgd": 0.01, "adam": 1e-3}, batch_size=48),
+        "aper": dict(lr={"sgd": 0.01, "zo_sgd": 1e-4, "adam": 1e-3}, batch_size=48),
     },
 }
 
@@ -128,9 +132,24 @@ def flag(key: str) -> str:
     return f"config option {key}" if key in CONFIG_ONLY else "--" + key.replace("_", "-")
 
 
+LR_KEYS = ("sgd", "zo_sgd", "adam")
+ZO_SGD_FAMILY = ("zo_sgd", "zo_sgd_conserve", "forward_grad")
+
+
 def lr_family(optimizer: str) -> str:
-    """Which entry of an ``lr: {sgd: .., adam: ..}`` mapping ``optimizer`` uses."""
-    return "adam" if "adam" in optimizer or optimizer == "zo_sgd_sign" else "sgd"
+    """Which entry of an ``lr: {sgd: .., zo_sgd: .., adam: ..}`` mapping ``optimizer`` uses
+    (module docstring; ``zo_sgd`` falls back to ``sgd`` in a mapping without it)."""
+    if "adam" in optimizer or optimizer == "zo_sgd_sign":
+        return "adam"
+    return "zo_sgd" if optimizer in ZO_SGD_FAMILY else "sgd"
+
+
+def lr_entry(lr: dict, optimizer: str):
+    """The entry of the mapping ``lr`` that ``optimizer`` uses; ``None`` if it has none."""
+    family = lr_family(optimizer)
+    if family == "zo_sgd" and family not in lr:
+        family = "sgd"
+    return lr.get(family)
 
 
 def _range_text(lo, lo_in, hi, hi_in) -> str:
@@ -170,18 +189,19 @@ def _as_float(name: str, v, lo, lo_in, hi, hi_in) -> float:
 
 
 def _pick_lr(lr, optimizer: str, name: str):
-    """A number, or the entry of an ``{sgd: .., adam: ..}`` mapping that ``optimizer`` uses."""
+    """A number, or the entry of an ``{sgd: .., zo_sgd: .., adam: ..}`` mapping that ``optimizer`` uses."""
     if not isinstance(lr, dict):
         return lr
-    unknown = sorted(set(lr) - {"sgd", "adam"})
+    unknown = sorted(set(lr) - set(LR_KEYS))
     if unknown:
         raise ZeroflowError(f"{name}: unknown key(s) {', '.join(map(str, unknown))}; an lr mapping has the keys "
-                            f"sgd and adam")
-    family = lr_family(optimizer)
-    if family not in lr:
-        raise ZeroflowError(f"{name} has no {family!r} entry, which --optimizer {optimizer} uses; give "
-                            f"lr: {{sgd: .., adam: ..}} or a single number")
-    return lr[family]
+                            f"sgd, zo_sgd (optional: sgd's rate when absent) and adam")
+    picked = lr_entry(lr, optimizer)
+    if picked is None:
+        family = lr_family(optimizer)
+        raise ZeroflowError(f"{name} has no {('sgd' if family == 'zo_sgd' else family)!r} entry, which --optimizer "
+                            f"{optimizer} uses; give lr: {{sgd: .., zo_sgd: .., adam: ..}} or a single number")
+    return picked
 
 
 def validate(cfg: Dict[str, Any], names: Optional[Dict[str, str]] = None) -> Dict[str, Any]:

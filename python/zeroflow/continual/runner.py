@@ -30,7 +30,7 @@ import torch.distributed
 
 from .._atomic import atomic_torch_save, atomic_write, atomic_write_bytes
 from . import metrics as M
-from .defaults import COMMON, flag, lr_family, validate
+from .defaults import COMMON, flag, lr_entry, validate
 from .errors import ZeroflowError
 from .precision import check_run_precision
 from .runfolder import (CHECKPOINT, CONFIG, METRICS, TRAJECTORY, RunFolder, canonical, config_differences, inspect,
@@ -282,7 +282,7 @@ def resumed_config(out: str, requested: Dict, warn) -> Tuple[Dict, str]:
         if k == "device" or v is None:
             continue
         have = saved.get(k, COMMON.get(k))
-        want = v.get(lr_family(saved["optimizer"]), v) if k == "lr" and isinstance(v, dict) else v
+        want = lr_entry(v, saved["optimizer"]) if k == "lr" and isinstance(v, dict) else v
         if canonical(want) != canonical(have):
             ignored.append(f"{flag(k)} {want} (the run has {have})")
     if ignored:

@@ -69,8 +69,8 @@ def source(key: str, dataset: str, method: str) -> str:
         "increment": "[paper] 10 equal tasks",
         "epochs": f"{ease_cfg} init_epochs" if method == "ease" else "[PILOT] exps/aper_aperpter.json tuned_epoch",
         "batch_size": f"{ease_cfg} batch_size" if method == "ease" else "[PILOT] exps/aper_aperpter.json batch_size",
-        "lr": (f"sgd: {ease_cfg} init_lr; adam: [ref] Adam lr 1e-3" if method == "ease" else
-               "sgd: [PILOT] exps/aper_aperpter.json init_lr; adam: [ref] Adam lr 1e-3"),
+        "lr": ((f"sgd: {ease_cfg} init_lr" if method == "ease" else "sgd: [PILOT] exps/aper_aperpter.json init_lr")
+               + "; zo_sgd: [ref] ZO-SGD lr 1e-4; adam: [ref] Adam lr 1e-3"),
         "weight_decay": (f"{ease_cfg} weight_decay" if method == "ease" else
                          "[PILOT] exps/aper_aperpter.json weight_decay"),
     }
