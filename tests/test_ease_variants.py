@@ -20,7 +20,8 @@ def test_omnibenchmark_ease_default_is_the_published_config():
     moni_adam, adapter_num 1 (recalc_sim and use_reweight true; moni_adam uses the plain fc)."""
     from zeroflow.continual.defaults import defaults_for
     d = defaults_for("omnibenchmark", "ease")
-    assert (d["lr"], d["batch_size"], d["ease_alpha"], d["ease_beta"]) == ({"sgd": 0.01, "zo_sgd": 1e-4, "adam": 1e-3}, 16, 1.0, 1.0)
+    assert (d["lr"], d["batch_size"], d["ease_alpha"], d["ease_beta"]) == (
+        {"sgd": 0.01, "zo_sgd": 1e-4, "adam": 1e-3}, 16, 1.0, 1.0)
     assert (d["ease_use_init_ptm"], d["ease_moni_adam"], d["ease_adapter_num"]) == (True, True, 1)
     assert (d["ease_recalc_sim"], d["ease_use_reweight"], d["weight_decay"], d["epochs"]) == (True, True, 5e-4, 20)
     for ds in ("cifar100", "cub", "imagenet-a", "digits"):     # the per-task variant elsewhere

@@ -78,8 +78,8 @@ DATASET_DEFAULTS: Dict[str, Dict[str, Dict[str, Any]]] = {
         "_": dict(_VIT, init_cls=30, increment=30, epochs=20),
         # the published OmniBenchmark config (EASE repository exps/ease_omni_in21k.json): only the
         # first task trains an adapter, the PTM's own features are a subspace, plain cosine fc
-        "ease": dict(lr={"sgd": 0.01, "zo_sgd": 1e-4, "adam": 1e-3}, batch_size=16, ease_alpha=1.0, ease_use_init_ptm=True,
-                     ease_beta=1.0, ease_moni_adam=True, ease_adapter_num=1),
+        "ease": dict(lr={"sgd": 0.01, "zo_sgd": 1e-4, "adam": 1e-3}, batch_size=16, ease_alpha=1.0,
+                     ease_use_init_ptm=True, ease_beta=1.0, ease_moni_adam=True, ease_adapter_num=1),
         "aper": dict(lr={"sgd": 0.01, "zo_sgd": 1e-4, "adam": 1e-3}, batch_size=48),
     },
 }
