@@ -43,6 +43,10 @@ def test_end_to_end_digits(tmp_path, method, optimizer):
     A = saved["accuracy_matrix"]
     assert len(A) == 5 and all(A[g][s] is None for g in range(5) for s in range(g))
     assert saved["peak_memory_bytes"] > 0 and saved["seconds"] > 0
+    # Table 2's memory: the training loops' peak, recorded per task that trains (CPU: RSS so far)
+    trained = [t["train_peak_memory_bytes"] for t in saved["tasks"] if t["iterations"]]
+    assert trained and all(v > 0 for v in trained)
+    assert saved["train_peak_memory_bytes"] == max(trained) <= saved["peak_memory_bytes"]
     steps = sum(t["iterations"] for t in saved["tasks"])
     per_step = 2 if optimizer.startswith("zo_") else 1          # q=1 two-sided SPSA; FO and jvp: 1
     assert saved["forward_passes"] == steps * per_step

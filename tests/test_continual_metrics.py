@@ -84,3 +84,43 @@ def test_bad_split_raises():
         task_sizes(10, 11, 1)
     with pytest.raises(ZeroflowError):
         task_sizes(10, 0, 2)
+
+
+class _FakeCudaPeak:
+    """torch.cuda's peak counter: ``alloc(n)`` reaches n bytes in use (then frees them)."""
+
+    def __init__(self):
+        self.peak = 0
+
+    def alloc(self, n):
+        self.peak = max(self.peak, n)
+
+    def reset(self, device=None):
+        self.peak = 0
+
+
+def test_the_training_section_peak_excludes_what_comes_after_and_the_stage_peak_keeps_all(monkeypatch):
+    """metrics.json's Table 2 memory was the peak of the whole task (training, then the
+    prototype and test passes at eval_batch_size, which set it for ZO runs): the training
+    loop now has its own section, and the task's peak still covers what came before it."""
+    import torch
+
+    from zeroflow.continual.metrics import MemoryMeter
+
+    fake = _FakeCudaPeak()
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", fake.reset)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: fake.peak)
+    mem = MemoryMeter(torch.device("cuda", 0))
+    mem.reset()
+    fake.alloc(700)                  # building the task's adapters and data, before training
+    with mem.section() as training:
+        fake.alloc(300)              # the ZO steps
+    fake.alloc(900)                  # prototypes and tests at eval_batch_size
+    assert training["peak"] == 300
+    assert mem.peak() == 900
+    mem.reset()
+    fake.alloc(500)
+    with mem.section() as training:
+        fake.alloc(200)
+    assert (training["peak"], mem.peak()) == (200, 500)      # the spike before the section is kept

@@ -211,3 +211,14 @@ def test_a_table_of_runs_given_directly_restates_their_fgt_too():
     assert any(r.endswith("| 80.00 | 70.00 | 0.00 |") for r in table1(text)), text
     assert "the last stage left out of the best): runs/old\n" in text
     assert old["fgt"] == -5.0 and "_stored_fgt" not in old          # the caller's dict is left as it was
+
+
+def test_table_2_memory_is_the_training_peak_and_older_runs_are_named():
+    cfg = {"method": "ease", "optimizer": "zo_sgd", "dataset": "digits"}
+    new = {"avg": 80.0, "last": 70.0, "fgt": 0.0, "peak_memory_bytes": 3e9, "train_peak_memory_bytes": 1e9,
+           "forward_passes": 9, "_dir": "runs/new", "config": cfg}
+    old = dict(new, config=dict(cfg, optimizer="fo_sgd"), _dir="runs/old")
+    del old["train_peak_memory_bytes"]
+    text, _ = render_runs([new, old], [])
+    assert "| EASE | zo_sgd | 1.00 |" in text and "| EASE | fo_sgd | 3.00 |" in text, text
+    assert "is their whole-task peak (training, prototypes and tests): runs/old\n" in text

@@ -42,7 +42,7 @@ class APER:
                                   loader, cfg, label_offset=min(classes), seed=ctx.seed, device=dev,
                                   counters=ctx.counters, timer=ctx.timer,
                                   progress_desc=f"task 1/{ctx.n_tasks} APER {cfg['optimizer']}",
-                                  progress=ctx.progress, data_parallel=ctx.shard is not None,
+                                  progress=ctx.progress, data_parallel=ctx.shard is not None, mem=ctx.mem,
                                   record=ctx.record_stem(0))
         pl = data.loader("train_eval", classes, int(cfg.get("eval_batch_size", 256)),
                          num_workers=int(cfg.get("num_workers", 0)))

@@ -110,7 +110,7 @@ class EASE:
                                   loader, task_cfg, label_offset=min(classes), seed=ctx.seed, device=dev,
                                   counters=ctx.counters, timer=ctx.timer,
                                   progress_desc=f"task {t + 1}/{ctx.n_tasks} EASE {cfg['optimizer']}",
-                                  progress=ctx.progress, data_parallel=ctx.shard is not None,
+                                  progress=ctx.progress, data_parallel=ctx.shard is not None, mem=ctx.mem,
                                   record=ctx.record_stem(t))
         # prototypes of the new classes in every subspace
         pl = data.loader("train_eval", classes, int(cfg.get("eval_batch_size", 256)),

@@ -7,6 +7,7 @@ reference ZO code ran its forward passes. The frozen backbone is always in eval 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ def cosine_lr(base: float, epoch: int, epochs: int, schedule: str) -> float:
 def train_subspace(net: nn.Module, forward: Callable, modules: Dict[str, nn.Module], loader, cfg: Dict, *,
                    label_offset: int, seed: int, device: torch.device, counters: Counters,
                    timer, progress_desc: str, progress: bool = True, data_parallel: bool = False,
-                   record: Optional[str] = None) -> Dict:
+                   record: Optional[str] = None, mem=None) -> Dict:
     """Train ``modules`` (``{name: module}``: an adapter set + a temporary head) with
     cross-entropy on ``forward(x) -> logits`` using the configured factory optimizer.
 
@@ -91,7 +92,11 @@ def train_subspace(net: nn.Module, forward: Callable, modules: Dict[str, nn.Modu
     ``record`` (``--record``): path stem of this task's trajectory log. ``STEM.base.pt`` gets
     the trained tensors before the first step, named ``<module name>.<parameter name>``, and
     ``STEM.zft`` every step; ``zeroflow replay STEM.base.pt STEM.zft`` rebuilds the trained
-    tensors bit-exactly."""
+    tensors bit-exactly.
+
+    ``mem`` (the run's ``MemoryMeter``): the returned ``train_peak_memory_bytes`` is the peak
+    of the training loop alone (the optimizer's memory, the study's Table 2), without the
+    prototype and test passes at ``eval_batch_size`` that follow it in the task."""
     names = [f"{mname}.{pname}" for mname, m in modules.items() for pname, _ in m.named_parameters()]
     params = [p for m in modules.values() for p in m.parameters()]
     for p in params:
@@ -111,8 +116,11 @@ def train_subspace(net: nn.Module, forward: Callable, modules: Dict[str, nn.Modu
             m.fused_attn = False
     recorder = start_recording(record, opt, names, params) if record else None
     try:
-        info = _train_loop(net, forward, params, opt, loader, cfg, label_offset, device, counters, timer,
-                           progress_desc, progress)
+        with mem.section() if mem is not None else contextlib.nullcontext({}) as section:
+            info = _train_loop(net, forward, params, opt, loader, cfg, label_offset, device, counters, timer,
+                               progress_desc, progress)
+        if mem is not None:
+            info["train_peak_memory_bytes"] = section["peak"]
         if data_parallel:
             opt.check_params(where=f"after {progress_desc}")
             info["bytes_communicated"] = opt.comm.snapshot()

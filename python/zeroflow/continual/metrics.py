@@ -19,6 +19,7 @@ No torch at import: ``zeroflow report`` computes Fgt with this module.
 """
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import time
@@ -88,28 +89,51 @@ def peak_rss_bytes() -> int:
 
 class MemoryMeter:
     """Peak memory of a stage: CUDA ``max_memory_allocated`` on a GPU, else peak RSS
-    (process-wide and never reset, so on CPU it is the running peak of the process)."""
+    (process-wide and never reset, so on CPU it is the running peak of the process).
+    :meth:`section` measures a part of the stage (the training loop) on its own."""
 
     def __init__(self, device: torch.device):
         import torch
 
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        self._before = 0      # the stage's peak before the last section reset the CUDA counter
 
     def reset(self):
         import torch
 
+        self._before = 0
         if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def peak(self) -> int:
+    def _now(self) -> int:
         import torch
 
         if self.cuda:
             torch.cuda.synchronize(self.device)
             return int(torch.cuda.max_memory_allocated(self.device))
         return peak_rss_bytes()
+
+    def peak(self) -> int:
+        """The peak since :meth:`reset`, sections included."""
+        return max(self._before, self._now())
+
+    @contextlib.contextmanager
+    def section(self):
+        """Yields a dict whose ``"peak"`` is, after the block, the peak within it (CUDA: the
+        counter is reset at its start, and :meth:`peak` still covers what came before; CPU:
+        the process's running peak RSS at its end)."""
+        import torch
+
+        self._before = self.peak()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        out = {}
+        try:
+            yield out
+        finally:
+            out["peak"] = self._now()
 
     @property
     def kind(self) -> str:

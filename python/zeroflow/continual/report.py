@@ -30,6 +30,13 @@ CELL_KEYS = ("method", "optimizer", "dataset")   # a table cell: row (method, op
 
 
 # ---------------------------------------------------------------- finding runs
+def _train_peak(m: Dict) -> float:
+    """A run's Table 2 memory: the training loops' peak, or for a run written before that was
+    recorded its whole-task peak (the report names those runs)."""
+    v = m.get("train_peak_memory_bytes")
+    return m["peak_memory_bytes"] if v is None else v
+
+
 def _why_unfinished(folder: str) -> str:
     holder = lock_holder(folder)
     if holder:
@@ -262,7 +269,7 @@ def render_runs(runs: List[Dict], skipped: List[str]) -> Tuple[str, List[str]]:
 
     def efficiency(r: Row):
         spi = [m.get("seconds_per_iteration") for m in r.runs]
-        return [_stat([m["peak_memory_bytes"] / 1e9 for m in r.runs], ".2f"),
+        return [_stat([_train_peak(m) / 1e9 for m in r.runs], ".2f"),
                 _stat(spi, ".4f") if all(spi) else "-",
                 _stat([m["forward_passes"] for m in r.runs], ".0f")]
 
@@ -275,8 +282,8 @@ def render_runs(runs: List[Dict], skipped: List[str]) -> Tuple[str, List[str]]:
     if any("avg_gain" in m for m in runs):
         out += [""] + table("### What training added: Avg / Last minus those of untrained adapters (percentage "
                             "points; `--baseline untrained`)", ("Avg gain", "Last gain"), gains)
-    out += [""] + table("### Efficiency (Table 2 style): peak memory (GB) / seconds per iteration / training "
-                        "forward passes", ("Mem GB", "s/iter", "queries"), efficiency)
+    out += [""] + table("### Efficiency (Table 2 style): peak memory of training (GB) / seconds per iteration / "
+                        "training forward passes", ("Mem GB", "s/iter", "queries"), efficiency)
     kinds = sorted({m.get("peak_memory_kind", "?") for m in runs})
     out += [""]
     if any(r.aggregated for r in rows):
@@ -286,5 +293,9 @@ def render_runs(runs: List[Dict], skipped: List[str]) -> Tuple[str, List[str]]:
         out += ["Fgt recomputed from the accuracy matrix (PILOT's Fgt, the best accuracy over all stages, the last "
                 "included) for runs that stored the older value (the last stage left out of the best): "
                 + ", ".join(restated)]
+    whole_task = [m["_dir"] for m in runs if m.get("train_peak_memory_bytes") is None]
+    if whole_task:
+        out += ["Mem GB of runs written before the training peak was recorded (2026-12-02) is their whole-task "
+                "peak (training, prototypes and tests): " + ", ".join(whole_task)]
     out += [f"Memory: {', '.join(kinds)}. Runs: " + ", ".join(m["_dir"] for m in runs), ""]
     return "\n".join(out), skipped

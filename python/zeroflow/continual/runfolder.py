@@ -190,7 +190,8 @@ def load_metrics(path: str) -> Dict:
         raise ZeroflowError(f"{path}: corrupt (no {', '.join(missing)})")
     check_config(m["config"], path)
     bad = [k for k in ("avg", "last", "fgt", "forward_passes", "peak_memory_bytes") if not _number(m[k])]
-    bad += [k for k in ("seconds_per_iteration", "avg_gain", "last_gain") if m.get(k) is not None and not _number(m[k])]
+    bad += [k for k in ("seconds_per_iteration", "avg_gain", "last_gain", "train_peak_memory_bytes")
+            if m.get(k) is not None and not _number(m[k])]
     if bad:
         raise ZeroflowError(f"{path}: corrupt (not a finite number: {', '.join(bad)})")
     return m

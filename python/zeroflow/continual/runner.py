@@ -157,6 +157,7 @@ class TaskContext:
     progress: bool
     shard: Optional[tuple] = None     # (rank, world) under torchrun, else None
     record_dir: Optional[str] = None  # --record (rank 0): the run's trajectory/ folder
+    mem: Optional[object] = None      # the run's MemoryMeter: training peaks (metrics.MemoryMeter.section)
 
     def record_stem(self, t: int) -> Optional[str]:
         """Path stem of task ``t``'s trajectory log (1-based, as printed), or None."""
@@ -640,7 +641,7 @@ def _train_tasks(learner, data, cfg: Dict, results: _Results, *, device, mem, ti
         it0, fp0, ts0 = counters.iterations, counters.train_forward_passes, counters.train_seconds
         t0 = timer.now()
         info = learner.learn_task(t, data.tasks[t], data,
-                                  TaskContext(s, T, counters, timer, progress, shard, record_dir))
+                                  TaskContext(s, T, counters, timer, progress, shard, record_dir, mem))
         overall, per_task = evaluate(learner, data, data.tasks[: t + 1], device, counters, eval_bs, nw)
         seconds = timer.now() - t0
         for g in range(t + 1):
@@ -656,6 +657,7 @@ def _train_tasks(learner, data, cfg: Dict, results: _Results, *, device, mem, ti
             "train_seconds": counters.train_seconds - ts0,
             "seconds_per_iteration": (counters.train_seconds - ts0) / iters if iters else None,
             "forward_passes": counters.train_forward_passes - fp0, "peak_memory_bytes": task_peak,
+            "train_peak_memory_bytes": info.get("train_peak_memory_bytes"),     # None: the task trains nothing
             "accuracy": overall, "loss_first": info.get("loss_first"), "loss_last": info.get("loss_last"),
         })
         if main:
@@ -677,6 +679,8 @@ def _metrics(results: _Results, data, cfg: Dict, *, run_dir: str, world: int, de
         "accuracy_curve": results.curve,
         "accuracy_matrix": results.matrix,
         "peak_memory_bytes": results.peak,
+        "train_peak_memory_bytes": max((ts["train_peak_memory_bytes"] for ts in task_stats
+                                        if ts.get("train_peak_memory_bytes") is not None), default=None),
         "peak_memory_kind": mem.kind,
         "forward_passes": counters.train_forward_passes,
         "eval_forward_passes": counters.eval_forward_passes,
