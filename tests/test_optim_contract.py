@@ -388,3 +388,23 @@ def test_a_ctrl_c_after_any_kernel_call_leaves_theta_at_a_step_boundary(cls, kw,
         assert at_start <= MOVED or at_end == 0.0, (k, at_start, at_end)
         assert opt.step_count == 1
         assert torch.isfinite(opt.step(lambda: loss_of(model)))
+
+
+def test_start_zo_frees_the_fo_gradients_as_a_scheduled_switch_does():
+    # docs/algorithms.md says the FO .grad tensors are freed at the switch: only the scheduled
+    # one did (start_zo() made step() see a ZO phase from its start, so the freeing never ran)
+    model = make_mlp(6, 4, 1)
+    hyb = create("zo_sgd", model.parameters(), hybrid_switch=100, lr=0.01, fo_lr=0.1, seed=3)
+    _run(model, hyb, 2)
+    assert all(p.grad is not None for p in model.parameters())
+    hyb.start_zo()
+    assert hyb.zeroth_order and all(p.grad is None for p in model.parameters())
+    _run(model, hyb, 1)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fo_optimizers_drop_every_zo_only_option_as_documented():
+    model = make_mlp(6, 4, 1)
+    for name in ("fo_sgd", "fo_adam"):      # stochastic_rounding raised TypeError from torch.optim
+        opt = create(name, model.parameters(), lr=0.1, stochastic_rounding=True, sparsity=0.5, zo_eps=1e-2)
+        assert not opt.zeroth_order

@@ -85,8 +85,12 @@ class HybridFOZO(torch.optim.Optimizer):
         return self.zo if self.zeroth_order else self.fo
 
     def start_zo(self) -> None:
-        """Switch to the ZO phase now (e.g. at a task/epoch boundary)."""
+        """Switch to the ZO phase now (e.g. at a task/epoch boundary); the FO phase's
+        ``.grad`` tensors are freed here, as at a scheduled switch."""
+        was_fo = not self.zeroth_order
         self.switch = min(self.switch, self._steps)
+        if was_fo:
+            self.fo.zero_grad(set_to_none=True)
 
     def _sync_lr(self) -> None:
         zo = self.zeroth_order
