@@ -62,7 +62,7 @@ def check_extra(extra: list[str]) -> None:
             given = build_parser().parse_args(["run"] + extra)
     except SystemExit:     # argparse's own message, without the usage screen it comes with
         why = said.getvalue().strip().splitlines()[-1:] or ["not accepted"]
-        reason = re.sub(r"^zeroflow( run)?: error: ", "", why[0])
+        reason = re.sub(r" \(see zeroflow( run)? --help\)$", "", re.sub(r"^zeroflow( run)?: error: ", "", why[0]))
         raise ZeroflowError(f"--extra {shlex.join(extra)!r}: {reason} "
                             "(see python -m zeroflow run --help)") from None
     for dest, instead in SWEEP_SETS.items():

@@ -34,7 +34,8 @@ RUN_FLAGS = (
     ("--data-root", "data_root", str, "folder holding cifar-100-python/ or <dataset>/{train,test}/"),
     ("--epochs", "epochs", int, "training epochs per trained task"),
     ("--lr", "lr", float, "learning rate (cosine schedule over the epochs of a task); the defaults pick the "
-                          "adam rate for the Adam family and zo_sgd_sign"),
+                          "adam rate for the Adam family and zo_sgd_sign, on real data a zo_sgd rate "
+                          "(1e-4) for zo_sgd, zo_sgd_conserve and forward_grad, else the sgd rate"),
     ("--batch-size", "batch_size", int, "training batch size"),
     ("--weight-decay", "weight_decay", float, "weight decay"),
     ("--momentum", "momentum", float, "SGD-family momentum, in [0, 1)"),
@@ -105,8 +106,16 @@ def _version() -> str:
     return f"zeroflow {__version__}"
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse's errors as one line, like zeroflow's own (``zeroflow: error: ...``), instead of
+    the usage screen and ``zeroflow run: error: ...``; exit status 2 as before."""
+
+    def error(self, message):
+        self.exit(2, f"zeroflow: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zeroflow", description="ZeroFlow continual-learning benchmark "
+    p = _OneLineErrors(prog="zeroflow", description="ZeroFlow continual-learning benchmark "
                                 "(EASE / APER with forward-pass optimizers). See docs/continual.md.")
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="cmd")
@@ -147,8 +156,10 @@ def _print_table(m: dict, run_dir: str, started: float):
     print(f"| {c['method'].upper()} | {c['optimizer']} | {c['dataset']} | {m['avg']:.2f} | {m['last']:.2f} | "
           f"{m['fgt']:.2f} |")
     print()
+    train_peak = m.get("train_peak_memory_bytes")
     print(f"forward passes (training): {m['forward_passes']}   peak memory: {m['peak_memory_bytes'] / 2**20:.0f} MiB "
-          f"({m['peak_memory_kind']})   time: {m['seconds']:.1f}s in the tasks, {m.get('setup_seconds', 0):.1f}s "
+          + (f"(training {train_peak / 2**20:.0f} MiB) " if train_peak is not None else "")
+          + f"({m['peak_memory_kind']})   time: {m['seconds']:.1f}s in the tasks, {m.get('setup_seconds', 0):.1f}s "
           f"setup; {time.perf_counter() - started:.1f}s since the command started")
     for log in m.get("trajectory_logs", []):
         print(f"trajectory log: {log} (zeroflow replay {log[:-len('.zft')]}.base.pt {log} --out WEIGHTS)")
