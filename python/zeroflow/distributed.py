@@ -10,7 +10,7 @@ and no z ever crosses the wire, only ``2q`` (two_side) floats per step.
 Typical use (under ``torchrun``)::
 
     from zeroflow import distributed as zd
-    rank, world = zd.init_from_env() or (0, 1)
+    rank, world = zd.init_from_env()                 # None outside torchrun
     opt = zd.DataParallelZO(create("zo_adam", model.parameters(), lr=1e-4, seed=0))
     for x, y in loader_of_my_shard:                  # see ShardedBatchSampler
         opt.step(lambda: F.cross_entropy(model(x), y), batch_size=len(x))
@@ -362,10 +362,10 @@ class DataParallelZO:
     ``sum_r n_r L_r / sum_r n_r`` (the loss of the concatenated batch when the loss is a
     mean). ``batch_size`` omitted (and never set with :meth:`set_batch_size`): plain mean
     over ranks (on every rank or on none; a mix raises). Communication per step: one
-    8-byte all_gather of the batch sizes + one all_gather of 8 bytes per consumed scalar (2q two_side, q+1
-    one_side, +2 conserve, 2q forward_grad); the combination is summed in rank order
-    locally, so every rank gets bit-identical scalars whatever the collective's reduction
-    order.
+    8-byte all_gather of the batch sizes + one all_gather of 8 bytes per consumed scalar
+    (2q two_side, q+1 one_side; conserve +2 one_side, +3 two_side, which also evaluates
+    L(theta); 2q forward_grad); the combination is summed in rank order locally, so every
+    rank gets bit-identical scalars whatever the collective's reduction order.
 
     Hybrid FO phase: the gradients (``.grad``, set by the caller's backward) are all-reduced
     (weighted the same way) before the FO step -- that phase costs a full gradient

@@ -551,7 +551,9 @@ class _ZOBase(torch.optim.Optimizer):
     def step(self, closure=None):
         """One optimization step. ``closure`` runs a forward pass and returns the scalar
         loss (no backward); it is called 2q times (two_side), q+1 (one_side), +3 / +2 with
-        conserve, q jvps (forward_grad). Returns the loss at the new point's estimate."""
+        conserve, q jvps (forward_grad). Returns the loss estimate of the point the step started
+        from (the mean of (L+ + L-)/2 over the queries; one_side: L(theta)); with conserve, the
+        loss of the point it kept."""
         if closure is None or not callable(closure):
             raise RuntimeError(
                 f"{type(self).__name__}.step needs a closure that runs the forward pass and returns "
