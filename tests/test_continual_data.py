@@ -68,7 +68,8 @@ def _write_imagefolder(root, name, n_classes=4, per_split=2):
 def test_imagefolder_layout(tmp_path):
     from zeroflow.continual.data import class_order, load_dataset
     _write_imagefolder(str(tmp_path), "cub")
-    d = load_dataset("cub", str(tmp_path), 2, 2, img_size=32)
+    with pytest.warns(UserWarning, match="has 4 class folders, the published dataset 200"):
+        d = load_dataset("cub", str(tmp_path), 2, 2, img_size=32)
     assert d.n_classes == 4 and d.tasks == [[0, 1], [2, 3]]
     assert d.order == class_order(4)
     x, y = d.test[0]
@@ -77,6 +78,21 @@ def test_imagefolder_layout(tmp_path):
     assert y == d.order.index(0)
     xt, _ = d.train[0]
     assert xt.shape == (3, 32, 32)
+
+
+def test_a_hidden_folder_holding_images_is_refused_not_made_a_class(tmp_path):
+    # .ipynb_checkpoints (or any hidden folder) in train/ and test/ became class 0 and shifted
+    # the whole class order without a word
+    from PIL import Image
+
+    from zeroflow.continual.data import load_dataset
+    _write_imagefolder(str(tmp_path), "cub")
+    for split in ("train", "test"):
+        d = tmp_path / "cub" / split / ".ipynb_checkpoints"
+        d.mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(d / "0.png")
+    with pytest.raises(ZeroflowError, match=r"hidden folder\(s\) \.ipynb_checkpoints, which would become classes"):
+        load_dataset("cub", str(tmp_path), 2, 2, img_size=32)
 
 
 def test_imagefolder_missing_root(tmp_path):

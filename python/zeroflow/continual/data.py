@@ -17,6 +17,7 @@ are the reference ones and apply **no Normalize** (inputs are ``ToTensor()`` in 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
@@ -302,6 +303,10 @@ def _check_cifar_labels(ds, path: str, fix: str) -> None:
                             f"label(s)); {fix}")
 
 
+# The class counts of the ImageFolder datasets as the study (and LAMDA-PILOT) use them.
+PUBLISHED_CLASSES = {"cub": 200, "imagenet-a": 200, "omnibenchmark": 300}
+
+
 def load_imagefolder(name: str, root: str, init_cls: int, increment: int, img_size: int = 224,
                      class_order_seed: int = CLASS_ORDER_SEED) -> CLData:
     from torchvision.datasets import ImageFolder
@@ -321,7 +326,14 @@ def load_imagefolder(name: str, root: str, init_cls: int, increment: int, img_si
         raise ZeroflowError(f"{name}: could not read image folders under {base}: {e}") from e
     if probe_tr.classes != probe_te.classes:
         raise ZeroflowError(f"{name}: train/ and test/ have different class folders")
+    hidden = [c for c in probe_tr.classes if c.startswith(".")]
+    if hidden:      # torchvision's ImageFolder takes every folder holding images as a class
+        raise ZeroflowError(f"{name}: {base}/train and test hold the hidden folder(s) {', '.join(hidden)}, which "
+                            "would become classes and shift the class order; move them out of the data folder")
     n = len(probe_tr.classes)
+    if n != PUBLISHED_CLASSES.get(name, n):
+        warnings.warn(f"zeroflow: {name} under {base} has {n} class folders, the published dataset "
+                      f"{PUBLISHED_CLASSES[name]}: the class order and tasks are not the study's", stacklevel=2)
     order = class_order(n, class_order_seed)
     remap = _Remap(order)
     # an image that cannot be decoded is found when it is read (a mid-run error naming the file;
