@@ -249,3 +249,42 @@ def test_ops_update_leaf_parameters_outside_autograd(backend):
     zk.zo_sgd_update_([p], seeds=[5], coeffs=[1.0], lr=0.5, dist="rademacher", backend=backend)
     assert torch.equal(p.detach(), 0.5 * zk.perturbation(5, 300, "rademacher"))
     assert p.grad_fn is None and torch.is_grad_enabled()
+
+
+def _span_case(dtype, backend, dist, variant):
+    """Two tensors (one spanning several reference spans at a small SPAN, sizes not multiples
+    of 4 or 128), run through perturb_ then one update op with every feature of ``variant``."""
+    g = torch.Generator().manual_seed(5)
+    params = [(torch.randn(n, generator=g) * 0.5).to(dtype) for n in (1000, 77)]
+    kw = dict(dist=dist, tensor_ids=[3, 2**32 - 1], backend=backend, sparsity=0.3 if "mask" in variant else 0.0,
+              mask_seed=11, stochastic_rounding="sr" in variant, round_seed=13)
+    zk.perturb_(params, 7, 1e-2, dist, tensor_ids=kw["tensor_ids"], mask_seed=11, sparsity=kw["sparsity"],
+                backend=backend)
+    if variant.startswith("sgd"):
+        mom = [torch.zeros_like(p) for p in params]
+        hist = [torch.zeros_like(p) for p in params] if "hist" in variant else []
+        for step in range(2):
+            zk.zo_sgd_update_(params, [7, 8], [0.3, -0.2], lr=0.05, momentum_buffers=mom, momentum=0.9,
+                              nesterov=True, momentum_init=step == 0, weight_decay=1e-2, history_buffers=hist,
+                              history_alpha=0.5 if hist else 0.0, history_init=step == 0, sign="sign" in variant,
+                              restore_seed=7, restore_scale=-1e-2 if step == 0 else 0.0, **kw)
+        return params + mom + hist
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    for step in (1, 2):
+        zk.zo_adam_update_(params, m, v, [7], [0.4], lr=1e-2, step=step, weight_decay=1e-2,
+                           decoupled_weight_decay=True, restore_seed=7, restore_scale=-1e-2 if step == 1 else 0.0,
+                           **kw)
+    return params + m + v
+
+
+@pytest.mark.parametrize("variant", ["sgd", "sgd-mask-hist-sign", "sgd-sr", "adam", "adam-mask-sr"])
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_reference_in_spans_gives_the_compiled_ops_bits(monkeypatch, dtype, dist, variant):
+    """The reference runs a tensor in spans of R.SPAN elements (its temporaries took ~100 bytes
+    per element: a 2e8-element tensor ran out of 24 GB). At SPAN = 256 the 1000-element tensor
+    takes 4 spans; every stream (z, mask, rounding words) must continue across them."""
+    monkeypatch.setattr(R, "SPAN", 256)
+    assert all(torch.equal(a.view(torch.int16) if a.dtype != torch.float32 else a.view(torch.int32),
+                           b.view(torch.int16) if b.dtype != torch.float32 else b.view(torch.int32))
+               for a, b in zip(_span_case(dtype, "torch", dist, variant), _span_case(dtype, "cpu", dist, variant)))

@@ -3,7 +3,8 @@
 Readable and slow on purpose: it states docs/perturbation-stream.md and
 docs/kernel-ops.md in plain tensor code, is the oracle of every backend test, and is
 the explicit ``backend="torch"`` (it runs on any device torch supports). It allocates
-full-size temporaries (z, masks): never use it for speed.
+temporaries (z, masks) of ~100 bytes per element of a span of ``SPAN`` elements: never use
+it for speed.
 
 Integer math is done in int64 with 16-bit splits so that no product overflows. Every
 float step is a single fp32 operation in the order the spec writes it (docs/kernel-ops.md,
@@ -96,27 +97,34 @@ def u_closed(x: torch.Tensor) -> torch.Tensor:
     return (x >> 8).to(torch.float32) * _TWO_M24
 
 
-def rademacher(seed: int, numel: int, tensor_id: int = 0, device="cpu") -> torch.Tensor:
-    """§4: fp32 ±1, one bit per element, 128 elements per Philox call."""
-    i = torch.arange(numel, dtype=torch.int64, device=device)
-    nblocks = (numel + 127) // 128
-    words = stream_words(seed, tensor_id, S.TAG_PERTURBATION, torch.arange(nblocks, dtype=torch.int64, device=device))
+def _words_of(seed: int, tensor_id: int, tag: int, start: int, numel: int, shift: int,
+              device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elements ``start .. start + numel - 1`` (int64) and the Philox words of their blocks
+    (block ``i >> shift``; row ``(i >> shift) - (start >> shift)``)."""
+    i = torch.arange(start, start + numel, dtype=torch.int64, device=device)
+    first, end = start >> shift, ((start + numel - 1) >> shift) + 1 if numel else start >> shift
+    return i, stream_words(seed, tensor_id, tag, torch.arange(first, end, dtype=torch.int64, device=device))
+
+
+def rademacher(seed: int, numel: int, tensor_id: int = 0, device="cpu", start: int = 0) -> torch.Tensor:
+    """§4: fp32 ±1, one bit per element, 128 elements per Philox call (elements ``start ..
+    start + numel - 1`` of the tensor's stream)."""
+    i, words = _words_of(seed, tensor_id, S.TAG_PERTURBATION, start, numel, 7, device)
     j = i & 127
-    w = words[i >> 7, j >> 5]
+    w = words[(i >> 7) - (start >> 7), j >> 5]
     bit = (w >> (j & 31)) & 1
     return bit.to(torch.float32) * 2 - 1
 
 
-def box_muller_inputs(seed: int, numel: int, tensor_id: int = 0,
-                      device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def box_muller_inputs(seed: int, numel: int, tensor_id: int = 0, device="cpu",
+                      start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """§5: per element, the pair's (u, s) and whether it is the sine (odd) lane."""
-    i = torch.arange(numel, dtype=torch.int64, device=device)
-    nblocks = (numel + 3) // 4
-    words = stream_words(seed, tensor_id, S.TAG_PERTURBATION, torch.arange(nblocks, dtype=torch.int64, device=device))
+    i, words = _words_of(seed, tensor_id, S.TAG_PERTURBATION, start, numel, 2, device)
+    row = (i >> 2) - (start >> 2)
     lane = i & 3
     pair = lane >> 1
-    x_even = words[i >> 2, pair * 2]
-    x_odd = words[i >> 2, pair * 2 + 1]
+    x_even = words[row, pair * 2]
+    x_odd = words[row, pair * 2 + 1]
     u = u_open(x_even)
     s = u_closed(x_odd) * 2 - 1
     return u, s, (lane & 1).bool()
@@ -206,10 +214,10 @@ def sincos_f32(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sin, cos
 
 
-def gaussian(seed: int, numel: int, tensor_id: int = 0, device="cpu") -> torch.Tensor:
+def gaussian(seed: int, numel: int, tensor_id: int = 0, device="cpu", start: int = 0) -> torch.Tensor:
     """§5: fp32 standard normals, four per Philox call (Box–Muller with the spec's
     polynomial log and sincos)."""
-    u, s, odd = box_muller_inputs(seed, numel, tensor_id, device)
+    u, s, odd = box_muller_inputs(seed, numel, tensor_id, device, start)
     r = sqrt_rn(log_f32(u) * -2.0)
     sin, cos = sincos_f32(s * _PI_F32)
     return torch.where(odd, r * sin, r * cos)
@@ -227,30 +235,44 @@ def gaussian_float64(seed: int, numel: int, tensor_id: int = 0, device="cpu") ->
 GAUSSIAN_BOUND = 2.0 ** -18  # §5 absolute bound of any backend vs gaussian_float64
 
 
-def keep_mask(mask_seed: int, numel: int, tensor_id: int, mask_threshold: int, device="cpu") -> torch.Tensor:
+def keep_mask(mask_seed: int, numel: int, tensor_id: int, mask_threshold: int, device="cpu",
+              start: int = 0) -> torch.Tensor:
     """§6: bool keep-mask (False = coordinate zeroed). All True when threshold is 0 (the
     seed and id are checked all the same)."""
     S.check_seed(mask_seed, "mask_seed")
     _check_tensor_id(tensor_id)
     if mask_threshold == 0:
         return torch.ones(numel, dtype=torch.bool, device=device)
-    i = torch.arange(numel, dtype=torch.int64, device=device)
-    nblocks = (numel + 3) // 4
-    words = stream_words(mask_seed, tensor_id, S.TAG_MASK, torch.arange(nblocks, dtype=torch.int64, device=device))
-    x = words[i >> 2, i & 3]
+    i, words = _words_of(mask_seed, tensor_id, S.TAG_MASK, start, numel, 2, device)
+    x = words[(i >> 2) - (start >> 2), i & 3]
     return (x >> 8) >= mask_threshold
 
 
-def perturbation(seed: int, numel: int, dist: int, tensor_id: int = 0, device="cpu") -> torch.Tensor:
-    """z of §4/§5 as fp32, flat."""
+def perturbation(seed: int, numel: int, dist: int, tensor_id: int = 0, device="cpu", start: int = 0) -> torch.Tensor:
+    """z of §4/§5 as fp32, flat (elements ``start .. start + numel - 1``)."""
     d = S.dist_code(dist)
-    return gaussian(seed, numel, tensor_id, device) if d == 0 else rademacher(seed, numel, tensor_id, device)
+    gen = gaussian if d == 0 else rademacher
+    return gen(seed, numel, tensor_id, device, start)
 
 
-def _masked_z(seed, numel, dist, tensor_id, mask_seed, mask_threshold, device) -> torch.Tensor:
-    z = perturbation(seed, numel, dist, tensor_id, device)
+# The ops below run each tensor in spans of this many elements: their temporaries (z, masks,
+# int64 words and indices, float64 corrections) take 81-117 bytes per element. Measured here
+# (2 cores, 2026-12-02), a masked ZO-Adam update with restore of a 2^26-element fp32 tensor:
+# peak RSS +7.4 GiB in one piece, +0.75 GiB in spans (0.5 GiB of it the m and v buffers), and
+# 382 s -> 268 s. Every step is element-wise and the stream is indexed by the element, so
+# the bits do not depend on the span (tests/test_stream_reference.py checks it at SPAN = 256).
+SPAN = 1 << 20
+
+
+def _spans(n: int):
+    """``(start, end)`` of consecutive spans covering ``0 .. n - 1``."""
+    return ((a, min(n, a + SPAN)) for a in range(0, n, SPAN))
+
+
+def _masked_z(seed, numel, dist, tensor_id, mask_seed, mask_threshold, device, start=0) -> torch.Tensor:
+    z = perturbation(seed, numel, dist, tensor_id, device, start)
     if mask_threshold:
-        z = z * keep_mask(mask_seed, numel, tensor_id, mask_threshold, device).to(torch.float32)
+        z = z * keep_mask(mask_seed, numel, tensor_id, mask_threshold, device, start).to(torch.float32)
     return z
 
 
@@ -278,11 +300,12 @@ def _store(dst: torch.Tensor, value_f32: torch.Tensor) -> None:
 
 
 def _store_param(p: torch.Tensor, value_f32: torch.Tensor, tid: int, stochastic_rounding: bool,
-                 round_seed: int) -> None:
+                 round_seed: int, start: int = 0) -> None:
     """The update's parameter store: §7 round-to-nearest, or §9 stochastic rounding of a
-    bf16/fp16 parameter (fp32 parameters are stored as they are either way)."""
+    bf16/fp16 parameter (fp32 parameters are stored as they are either way). ``p``: the
+    span of the parameter that begins at element ``start``."""
     if stochastic_rounding and p.dtype in (torch.bfloat16, torch.float16):
-        words = rounding_words(round_seed, p.numel(), tid, p.device)
+        words = rounding_words(round_seed, p.numel(), tid, p.device, start)
         p.copy_(stochastic_round(value_f32, words, p.dtype).view_as(p))
     else:
         _store(p, value_f32)
@@ -297,24 +320,27 @@ def perturb_(params, tensor_ids, seed, scale, dist, mask_seed, mask_threshold) -
     _check_stream(dist, mask_seed, mask_threshold)
     scale_f = torch.tensor(scale, dtype=torch.float32).item()
     for p, tid in zip(params, tensor_ids):
-        z = _masked_z(seed, p.numel(), dist, int(tid), mask_seed, mask_threshold, p.device)
-        _store(p, p.reshape(-1).float() + z * scale_f)
+        flat = p.view(-1)
+        for a, b in _spans(p.numel()):
+            z = _masked_z(seed, b - a, dist, int(tid), mask_seed, mask_threshold, p.device, a)
+            _store(flat[a:b], flat[a:b].float() + z * scale_f)
 
 
-def _estimate(p, tid, seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, restore_scale):
-    """Steps 1-2 of the update ops: the restored fp32 params ``x`` and the raw estimate
-    ``g``: ``x = x + (z_r * m) * restore_scale``; ``g = (sum_j z_j * c_j) * m``."""
+def _estimate(p, tid, seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, restore_scale, start=0):
+    """Steps 1-2 of the update ops on the span ``p`` (a flat slice of the parameter that
+    begins at element ``start``): the restored fp32 params ``x`` and the raw estimate ``g``:
+    ``x = x + (z_r * m) * restore_scale``; ``g = (sum_j z_j * c_j) * m``."""
     n = p.numel()
     dev = p.device
-    keep = keep_mask(mask_seed, n, tid, mask_threshold, dev).to(torch.float32) if mask_threshold else None
+    keep = keep_mask(mask_seed, n, tid, mask_threshold, dev, start).to(torch.float32) if mask_threshold else None
     x = p.reshape(-1).float()
     if _f32(restore_scale) != 0.0:
-        z = perturbation(restore_seed, n, dist, tid, dev)
+        z = perturbation(restore_seed, n, dist, tid, dev, start)
         zm = z * keep if keep is not None else z
         x = x + zm * _f32(restore_scale)
     g = torch.zeros(n, dtype=torch.float32, device=dev)
     for s, c in zip(seeds, coeffs):
-        g = g + perturbation(s, n, dist, tid, dev) * _f32(c)
+        g = g + perturbation(s, n, dist, tid, dev, start) * _f32(c)
     if keep is not None:
         g = g * keep
     return x, g
@@ -357,18 +383,21 @@ def zo_sgd_update_(params, momentum_buffers, history_buffers, tensor_ids, seeds,
     S.check_seed(round_seed, "round_seed")
     lr_f, wd, mu = _f32(lr), _f32(weight_decay), _f32(momentum)
     for k, (p, tid) in enumerate(zip(params, tensor_ids)):
-        x, g = _estimate(p, int(tid), seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, restore_scale)
-        h_buf = history_buffers[k] if history_buffers else None
-        g = _history_sign(g, h_buf, history_alpha, history_init, sign)
-        if wd != 0.0:
-            g = g + x * wd
-        if momentum_buffers:
-            buf = momentum_buffers[k]
-            b = g if momentum_init else buf.reshape(-1).float() * mu + g * _f32(1.0 - dampening)
-            _store(buf, b)
-            b = buf.reshape(-1).float()
-            g = g + b * mu if nesterov else b
-        _store_param(p, x - g * lr_f, int(tid), stochastic_rounding, round_seed)
+        for a, e in _spans(p.numel()):
+            span = p.view(-1)[a:e]
+            x, g = _estimate(span, int(tid), seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed,
+                             restore_scale, a)
+            h_buf = history_buffers[k].view(-1)[a:e] if history_buffers else None
+            g = _history_sign(g, h_buf, history_alpha, history_init, sign)
+            if wd != 0.0:
+                g = g + x * wd
+            if momentum_buffers:
+                buf = momentum_buffers[k].view(-1)[a:e]
+                b = g if momentum_init else buf.float() * mu + g * _f32(1.0 - dampening)
+                _store(buf, b)
+                b = buf.float()
+                g = g + b * mu if nesterov else b
+            _store_param(span, x - g * lr_f, int(tid), stochastic_rounding, round_seed, a)
 
 
 def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs,
@@ -399,23 +428,26 @@ def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, 
     bc2_sqrt = _f32(bc2 ** 0.5)
     wd, b2, eps_f = _f32(weight_decay), _f32(beta2), _f32(eps)
     for k, (p, tid) in enumerate(zip(params, tensor_ids)):
-        x, g = _estimate(p, int(tid), seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed, restore_scale)
-        h_buf = history_buffers[k] if history_buffers else None
-        g = _history_sign(g, h_buf, history_alpha, history_init, sign)
-        if decoupled_weight_decay:
-            x = x * _f32(1.0 - lr * weight_decay)
-        elif wd != 0.0:
-            g = g + x * wd
-        m_buf, v_buf = exp_avgs[k], exp_avg_sqs[k]
-        m = m_buf.reshape(-1).float()
-        m = m + (g - m) * _f32(1.0 - beta1)
-        v = v_buf.reshape(-1).float() * b2 + (g * g) * _f32(1.0 - beta2)
-        _store(m_buf, m)
-        _store(v_buf, v)
-        m = m_buf.reshape(-1).float()
-        v = v_buf.reshape(-1).float()
-        denom = div_rn(sqrt_rn(v), bc2_sqrt) + eps_f
-        _store_param(p, x - div_rn(m, denom) * step_size, int(tid), stochastic_rounding, round_seed)
+        for a, e in _spans(p.numel()):
+            span = p.view(-1)[a:e]
+            x, g = _estimate(span, int(tid), seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed,
+                             restore_scale, a)
+            h_buf = history_buffers[k].view(-1)[a:e] if history_buffers else None
+            g = _history_sign(g, h_buf, history_alpha, history_init, sign)
+            if decoupled_weight_decay:
+                x = x * _f32(1.0 - lr * weight_decay)
+            elif wd != 0.0:
+                g = g + x * wd
+            m_buf, v_buf = exp_avgs[k].view(-1)[a:e], exp_avg_sqs[k].view(-1)[a:e]
+            m = m_buf.float()
+            m = m + (g - m) * _f32(1.0 - beta1)
+            v = v_buf.float() * b2 + (g * g) * _f32(1.0 - beta2)
+            _store(m_buf, m)
+            _store(v_buf, v)
+            m = m_buf.float()
+            v = v_buf.float()
+            denom = div_rn(sqrt_rn(v), bc2_sqrt) + eps_f
+            _store_param(span, x - div_rn(m, denom) * step_size, int(tid), stochastic_rounding, round_seed, a)
 
 
 def _check_buffers(params, buffers, name) -> None:
@@ -451,13 +483,11 @@ def _check_q(seeds, coeffs) -> None:
 # --------------------------------------------------------------------------------------
 # §9 stochastic rounding of low-precision stores
 # --------------------------------------------------------------------------------------
-def rounding_words(round_seed: int, numel: int, tensor_id: int = 0, device="cpu") -> torch.Tensor:
+def rounding_words(round_seed: int, numel: int, tensor_id: int = 0, device="cpu", start: int = 0) -> torch.Tensor:
     """§9: one uint32 word per element (int64 tensor): word ``i & 3`` of the Philox call with
     counter ``(i >> 2, tensor_id, tag 3)`` and the rounding seed's key."""
-    i = torch.arange(numel, dtype=torch.int64, device=device)
-    nblocks = (numel + 3) // 4
-    words = stream_words(round_seed, tensor_id, S.TAG_ROUNDING, torch.arange(nblocks, dtype=torch.int64, device=device))
-    return words[i >> 2, i & 3]
+    i, words = _words_of(round_seed, tensor_id, S.TAG_ROUNDING, start, numel, 2, device)
+    return words[(i >> 2) - (start >> 2), i & 3]
 
 
 def stochastic_round(x: torch.Tensor, words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
