@@ -408,3 +408,35 @@ def test_fo_optimizers_drop_every_zo_only_option_as_documented():
     for name in ("fo_sgd", "fo_adam"):      # stochastic_rounding raised TypeError from torch.optim
         opt = create(name, model.parameters(), lr=0.1, stochastic_rounding=True, sparsity=0.5, zo_eps=1e-2)
         assert not opt.zeroth_order
+
+
+def test_a_closure_that_leaves_grad_mode_on_steps_like_one_that_does_not():
+    # torch.set_grad_enabled(True) as a statement inside the closure: the next kernel call, and
+    # the undo after it, refused the parameters (they require grad), leaving theta perturbed
+    def leaky(model):
+        def closure():
+            torch.set_grad_enabled(True)
+            return loss_of(model)
+        return closure
+
+    results = []
+    for make in (lambda m: (lambda: loss_of(m)), leaky):
+        model = make_mlp(6, 4, 1)
+        opt = ZOFusedSGD(model.parameters(), lr=0.1, zo_eps=1e-2, seed=3)
+        for _ in range(2):
+            opt.step(make(model))
+        results.append(snapshot(model))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert torch.is_grad_enabled()
+
+
+def test_a_low_precision_loss_is_warned_about_once():
+    model = make_mlp(6, 4, 1)
+    opt = ZOFusedSGD(model.parameters(), lr=0.1, zo_eps=1e-2, seed=3)
+    with pytest.warns(RuntimeWarning, match="returned a torch.bfloat16 loss") as seen:
+        for _ in range(3):
+            opt.step(lambda: loss_of(model).to(torch.bfloat16))
+    assert len([w for w in seen if "bfloat16 loss" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ZOFusedSGD(model.parameters(), lr=0.1, seed=3).step(lambda: loss_of(model))     # fp32: no warning
