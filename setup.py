@@ -17,8 +17,14 @@ import shutil
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as e:    # pip's build isolation hides the installed torch
+    raise SystemExit(
+        f"zeroflow compiles its kernels against the installed torch, which this build cannot import ({e}). "
+        "Install torch first (pip install torch==2.14.1 torchvision==0.29.1), then build without pip's "
+        "isolated environment: pip install --no-build-isolation .") from None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
@@ -141,6 +147,7 @@ setup(
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.4",
+        "torchvision",      # continual datasets and transforms (also a dependency of timm)
         "numpy",
         "tqdm",
         "matplotlib",

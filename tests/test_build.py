@@ -188,7 +188,12 @@ def test_sdist_carries_what_the_build_needs(tmp_path):
     need = {f"csrc/{f}" for f in os.listdir(_compiled.CSRC) if f.endswith(SOURCE_SUFFIXES)}
     assert {"csrc/ops.cpp", "csrc/ops_cuda.cu", "csrc/philox.h"} <= need
     need |= {"setup.py", "zfkernels/_sources.py", "zfkernels/_compiled.py"}
+    # and what its tests need to run there (conftest.py, the C++ and emulated-CUDA sources and
+    # the configuration they read were left out: the tests in it could not run)
+    need |= {"tests/conftest.py", "tests/cpp/test_philox.cpp", "tests/cuda_emu/cuda_emu.cpp", "pytest.ini",
+             "CMakeLists.txt"}
     assert need <= names, f"missing from the sdist: {sorted(need - names)}"
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
 
 
 def test_loader_reports_build_command():

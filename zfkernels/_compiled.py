@@ -92,6 +92,13 @@ def missing_reason(backend: str) -> str:
             if backend == "cuda"
             else ""
         )
+        if "undefined symbol" in _errors[backend]:
+            # a C++ extension links to torch's ABI: one built for another torch fails this way
+            import torch
+
+            extra += (f" (an undefined symbol: the extension was built against another torch than the "
+                      f"running {torch.__version__}; rebuild it against this one: pip install "
+                      f"--no-build-isolation --force-reinstall --no-deps . in the source checkout)")
         return (f"zfkernels compiled {backend} extension not importable ({_errors[backend]}){extra}; "
                 f"build it with: {BUILD_COMMAND}")
     if backend == "cuda" and not cuda_available():

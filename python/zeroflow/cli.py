@@ -116,7 +116,8 @@ class _OneLineErrors(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineErrors(prog="zeroflow", description="ZeroFlow continual-learning benchmark "
-                                "(EASE / APER with forward-pass optimizers). See docs/continual.md.")
+                                "(EASE / APER with forward-pass optimizers). See docs/continual.md in the "
+                                "source repository.")
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="cmd")
     r = sub.add_parser("run", help="one run (no arguments: EASE + ZO-Adam on the embedded digits)")
