@@ -440,3 +440,33 @@ def test_a_low_precision_loss_is_warned_about_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ZOFusedSGD(model.parameters(), lr=0.1, seed=3).step(lambda: loss_of(model))     # fp32: no warning
+
+
+@pytest.mark.parametrize("name,kw,buffers", [("zo_adam", dict(history=0.5), ("exp_avg", "exp_avg_sq", "history")),
+                                             ("zo_sgd", dict(momentum=0.9), ("momentum_buffer",))])
+def test_float32_state_of_bf16_parameters_is_created_and_resumed_as_float32(name, kw, buffers):
+    # bf16 Adam moments lose every v update below half an ulp (v froze); state_dtype="float32"
+    # keeps them in float32, and a resume must not round them back to bf16 (torch.optim's
+    # load casts every buffer to its parameter's dtype)
+    def build(seed_model=0):
+        model = make_mlp(6, 4, 1, seed_model).to(torch.bfloat16)
+        return model, create(name, model.parameters(), lr=1e-2, zo_eps=2**-6, seed=5, state_dtype="float32",
+                             perturbation="rademacher", **kw)
+
+    def loss(model):
+        return F.mse_loss(model(X.to(torch.bfloat16)).float(), Y)
+
+    model, opt = build()
+    for _ in range(3):
+        opt.step(lambda: loss(model))
+    assert all(st[b].dtype == torch.float32 for st in opt.state.values() for b in buffers)
+    model2, opt2 = build()
+    model2.load_state_dict(model.state_dict())
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert all(st[b].dtype == torch.float32 for st in opt2.state.values() for b in buffers)
+    for m, o in ((model, opt), (model2, opt2)):
+        for _ in range(2):
+            o.step(lambda: loss(m))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+    with pytest.raises(ValueError, match="state_dtype='bf16' must be one of"):
+        create(name, model.parameters(), lr=0.1, state_dtype="bf16")

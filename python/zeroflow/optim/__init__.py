@@ -27,7 +27,7 @@ METHODS = ("zo_sgd", "zo_sgd_sign", "zo_sgd_conserve", "zo_adam", "zo_adam_sign"
 # Options only the zeroth-order optimizers understand; fo_* drop them so that one kwargs
 # dict can configure every method of a sweep.
 ZO_ONLY = ("zo_eps", "q", "perturbation", "estimator", "sign", "scalar_sign", "conserve", "sparsity",
-           "sparse_resample", "history", "stochastic_rounding", "backend", "seed", "fo_lr", "base")
+           "sparse_resample", "history", "stochastic_rounding", "state_dtype", "backend", "seed", "fo_lr", "base")
 
 _ZO = {
     "zo_sgd": (ZOFusedSGD, {}),

@@ -63,7 +63,10 @@ NOT_OPTIONS = {"params", "param_names", "initial_lr", "max_lr", "min_lr", "base_
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Group options added after states were first saved, with the value a state without them
 # meant: such a state still loads.
-ADDED_GROUP_OPTIONS = {"stochastic_rounding": False}
+ADDED_GROUP_OPTIONS = {"stochastic_rounding": False, "state_dtype": "param"}
+# Where a group's state buffers (momentum, history, Adam's m and v) live: in the parameter's
+# dtype (torch.optim's rule) or in float32 (the kernels take either).
+STATE_DTYPES = ("param", "float32")
 PARAM_DEVICES = ("cpu", "cuda")
 # The largest perturbation size: |z| <= 5.77 for both distributions (stream §5), so theta +- 2 zo_eps z
 # stays below float32's max (3.4e38) and a skipped step's restore cannot turn theta into inf - inf.
@@ -392,6 +395,9 @@ class _ZOBase(torch.optim.Optimizer):
         for flag in ("stochastic_rounding", "sign", "scalar_sign"):
             if not isinstance(g[flag], bool):
                 raise ValueError(f"{flag}={g[flag]!r} must be True or False")
+        if not (isinstance(g["state_dtype"], str) and g["state_dtype"] in STATE_DTYPES):
+            raise ValueError(f"state_dtype={g['state_dtype']!r} must be one of {STATE_DTYPES} (a string: the buffers "
+                             "in the parameter's dtype, or in float32)")
         if g["sign"] and g["scalar_sign"]:
             raise ValueError("sign (element-wise, ZO-signSGD) and scalar_sign (public-code variant) are exclusive")
 
@@ -884,9 +890,23 @@ class _ZOBase(torch.optim.Optimizer):
         state_dict = dict(state_dict, param_groups=_with_added_options(state_dict["param_groups"]))
         c = state_dict.pop("zeroflow")
         super().load_state_dict(state_dict)
+        self._keep_float32_buffers(state_dict)
         self._bucket_cache.clear()      # new group dicts (the keys would still catch a stale entry)
         self._seed, self._n, self._task, self.forward_passes, self.queries, self.steps_skipped = (
             operator.index(c[k]) for k in COUNTERS)
+
+    def _keep_float32_buffers(self, state_dict) -> None:
+        """torch.optim's load casts every state buffer to its parameter's dtype: a float32
+        buffer of a bf16 / fp16 parameter (``state_dtype="float32"``) came back rounded to
+        bf16 and the run went on with other numbers. Such buffers are taken from the saved
+        state again, as saved (the kernels take either dtype)."""
+        saved = state_dict["state"]
+        for sg, g in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(sg["params"], g["params"]):
+                for name, buf in saved.get(pid, {}).items():
+                    if (name != "step" and isinstance(buf, torch.Tensor) and buf.dtype == torch.float32
+                            and p.dtype != torch.float32):
+                        self.state[p][name] = buf.to(device=p.device, copy=True)
 
     def _states(self, ps) -> list[dict]:
         """The state dicts of ``ps`` (created empty where missing), read once per update call:
@@ -896,22 +916,24 @@ class _ZOBase(torch.optim.Optimizer):
         return list(map(self.state.__getitem__, ps))
 
     @staticmethod
-    def _buffers(sts: list[dict], ps, name: str) -> tuple[list[torch.Tensor], bool]:
-        """The buffers ``name`` of ``ps`` (state dicts ``sts``), zeros created where missing,
-        and whether the first one was missing (the kernels' ``*_init`` flag)."""
+    def _buffers(g: dict, sts: list[dict], ps, name: str) -> tuple[list[torch.Tensor], bool]:
+        """The buffers ``name`` of ``ps`` (state dicts ``sts``), zeros created where missing
+        (in the group's ``state_dtype``), and whether the first one was missing (the kernels'
+        ``*_init`` flag)."""
         try:
             return [st[name] for st in sts], False
         except KeyError:
             fresh = name not in sts[0]
+            dtype = torch.float32 if g["state_dtype"] == "float32" else None
             for st, p in zip(sts, ps):
                 if name not in st:
-                    st[name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    st[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
             return [st[name] for st in sts], fresh
 
     def _history(self, g, sts, ps):
         if g["history"] == 0.0:
             return [], False
-        return self._buffers(sts, ps, "history")
+        return self._buffers(g, sts, ps, "history")
 
 
 class ZOFusedSGD(_ZOBase):
@@ -926,7 +948,10 @@ class ZOFusedSGD(_ZOBase):
     ``history`` (alpha of g = alpha*g_hist + (1-alpha)*g_new; 0 = off), ``sparsity``
     (fraction of coordinates zeroed by the seed-based mask), ``stochastic_rounding`` (bf16/fp16
     parameters: store every update with the unbiased stochastic rounding of stream §9, so that
-    updates far below half an ulp are kept in expectation; fp32: no effect).
+    updates far below half an ulp are kept in expectation; fp32: no effect), ``state_dtype``
+    ("param": the buffers in the parameter's dtype, as torch.optim; "float32": in float32,
+    for bf16/fp16 parameters whose buffers' updates would round away; it acts where a buffer
+    is created, at its first step; a loaded float32 buffer stays float32).
     Optimizer-wide: ``q`` (queries/step), ``estimator`` ("two_side" | "one_side" |
     "forward_grad", the latter needs ``model=``), ``conserve``, ``sparse_resample``
     ("step" | "task"), ``seed``, ``backend``. Formulas: docs/algorithms.md.
@@ -955,11 +980,12 @@ class ZOFusedSGD(_ZOBase):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
                  zo_eps=1e-3, q=1, perturbation="gaussian", estimator="two_side", sign=False,
                  scalar_sign=False, conserve=False, sparsity=0.0, sparse_resample="step", history=0.0,
-                 stochastic_rounding=False, backend="auto", seed=None, model=None):
+                 stochastic_rounding=False, state_dtype="param", backend="auto", seed=None,
+                 model=None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, zo_eps=zo_eps, perturbation=perturbation, sign=sign,
                         scalar_sign=scalar_sign, sparsity=sparsity, history=history,
-                        stochastic_rounding=stochastic_rounding)
+                        stochastic_rounding=stochastic_rounding, state_dtype=state_dtype)
         super().__init__(params, defaults, q=q, estimator=estimator, conserve=conserve,
                          sparse_resample=sparse_resample, seed=seed, backend=backend, model=model)
 
@@ -969,7 +995,7 @@ class ZOFusedSGD(_ZOBase):
         if mom != 0.0 or g["history"] != 0.0:
             sts = self._states(ps)
             if mom != 0.0:
-                bufs, m_init = self._buffers(sts, ps, "momentum_buffer")
+                bufs, m_init = self._buffers(g, sts, ps, "momentum_buffer")
             hist, h_init = self._history(g, sts, ps)
         dist, thr = self._stream(g)
         zfkernels.call_op(
@@ -1018,7 +1044,11 @@ class ZOFusedAdam(_ZOBase):
     estimate as ``.grad``, in one pass over theta, m, v (and h). Options as
     :class:`ZOFusedSGD` plus ``betas``, ``eps``, ``decoupled_weight_decay``.
     Memory: m and v (and h with ``history``). bf16/fp16 parameters: the restore is exact only
-    where ``zo_eps * z`` is a whole number of ulps, as for :class:`ZOFusedSGD`."""
+    where ``zo_eps * z`` is a whole number of ulps, as for :class:`ZOFusedSGD`; m and v in
+    bf16 (the default, torch.optim's rule) lose every update of v below half a bf16 ulp: with
+    beta2 = 0.999, v stops following a gradient scale that falls (an audit: v stuck at 0.74
+    from step 1000 to 3000 where float32 state went from 0.60 to 0.09, steps ~3x too small).
+    Pass ``state_dtype="float32"`` (twice the state memory of bf16)."""
 
     _kind = "adam"
 
@@ -1036,20 +1066,21 @@ class ZOFusedAdam(_ZOBase):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  decoupled_weight_decay=False, zo_eps=1e-3, q=1, perturbation="gaussian",
                  estimator="two_side", sign=False, scalar_sign=False, conserve=False, sparsity=0.0,
-                 sparse_resample="step", history=0.0, stochastic_rounding=False, backend="auto", seed=None,
-                 model=None):
+                 sparse_resample="step", history=0.0, stochastic_rounding=False, state_dtype="param",
+                 backend="auto", seed=None, model=None):
         betas = tuple(betas) if isinstance(betas, (list, tuple)) else betas     # checked with the group
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay, zo_eps=zo_eps,
                         perturbation=perturbation, sign=sign, scalar_sign=scalar_sign,
-                        sparsity=sparsity, history=history, stochastic_rounding=stochastic_rounding)
+                        sparsity=sparsity, history=history, stochastic_rounding=stochastic_rounding,
+                        state_dtype=state_dtype)
         super().__init__(params, defaults, q=q, estimator=estimator, conserve=conserve,
                          sparse_resample=sparse_resample, seed=seed, backend=backend, model=model)
 
     def _update(self, g, ps, ids, b, seeds, coeffs, mask_seed, *, restore_seed, restore_scale, lr_mult):
         sts = self._states(ps)
-        ms, _ = self._buffers(sts, ps, "exp_avg")
-        vs, _ = self._buffers(sts, ps, "exp_avg_sq")
+        ms, _ = self._buffers(g, sts, ps, "exp_avg")
+        vs, _ = self._buffers(g, sts, ps, "exp_avg_sq")
         hist, h_init = self._history(g, sts, ps)
         t = int(sts[0].get("step", 0)) + 1
         dist, thr = self._stream(g)
