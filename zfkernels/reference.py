@@ -366,6 +366,20 @@ def _f32(v: float) -> float:
     return torch.tensor(v, dtype=torch.float32).item()
 
 
+def _estimated_spans(params, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold,
+                     restore_seed, restore_scale, history_alpha, history_init, sign):
+    """Steps 1-4 of both update ops, span by span: ``(k, start, end, span, tensor_id, x, g)``
+    with ``span`` the flat slice ``start:end`` of ``params[k]``, ``x`` its restored fp32
+    values and ``g`` the estimate after history (stored) and sign."""
+    for k, (p, tid) in enumerate(zip(params, tensor_ids)):
+        for a, e in _spans(p.numel()):
+            span = p.view(-1)[a:e]
+            x, g = _estimate(span, int(tid), seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed,
+                             restore_scale, a)
+            h_buf = history_buffers[k].view(-1)[a:e] if history_buffers else None
+            yield k, a, e, span, int(tid), x, _history_sign(g, h_buf, history_alpha, history_init, sign)
+
+
 def zo_sgd_update_(params, momentum_buffers, history_buffers, tensor_ids, seeds, coeffs, dist,
                    mask_seed, mask_threshold, restore_seed, restore_scale, lr, weight_decay,
                    momentum, dampening, nesterov, momentum_init, sign, history_alpha,
@@ -382,23 +396,18 @@ def zo_sgd_update_(params, momentum_buffers, history_buffers, tensor_ids, seeds,
     S.check_seed(restore_seed, "restore_seed")
     S.check_seed(round_seed, "round_seed")
     lr_f, wd, mu = _f32(lr), _f32(weight_decay), _f32(momentum)
-    for k, (p, tid) in enumerate(zip(params, tensor_ids)):
-        for a, e in _spans(p.numel()):
-            span = p.view(-1)[a:e]
-            x, g = _estimate(span, int(tid), seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed,
-                             restore_scale, a)
-            h_buf = history_buffers[k].view(-1)[a:e] if history_buffers else None
-            g = _history_sign(g, h_buf, history_alpha, history_init, sign)
-            if wd != 0.0:
-                g = g + x * wd
-            if momentum_buffers:
-                buf = momentum_buffers[k].view(-1)[a:e]
-                b = g if momentum_init else buf.float() * mu + g * _f32(1.0 - dampening)
-                _store(buf, b)
-                b = buf.float()
-                g = g + b * mu if nesterov else b
-            _store_param(span, x - g * lr_f, int(tid), stochastic_rounding, round_seed, a)
-
+    for k, a, e, span, tid, x, g in _estimated_spans(
+            params, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed,
+            restore_scale, history_alpha, history_init, sign):
+        if wd != 0.0:
+            g = g + x * wd
+        if momentum_buffers:
+            buf = momentum_buffers[k].view(-1)[a:e]
+            b = g if momentum_init else buf.float() * mu + g * _f32(1.0 - dampening)
+            _store(buf, b)
+            b = buf.float()
+            g = g + b * mu if nesterov else b
+        _store_param(span, x - g * lr_f, tid, stochastic_rounding, round_seed, a)
 
 def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs,
                     dist, mask_seed, mask_threshold, restore_seed, restore_scale, lr, beta1,
@@ -427,28 +436,23 @@ def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, 
     step_size = _f32(lr / bc1)
     bc2_sqrt = _f32(bc2 ** 0.5)
     wd, b2, eps_f = _f32(weight_decay), _f32(beta2), _f32(eps)
-    for k, (p, tid) in enumerate(zip(params, tensor_ids)):
-        for a, e in _spans(p.numel()):
-            span = p.view(-1)[a:e]
-            x, g = _estimate(span, int(tid), seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed,
-                             restore_scale, a)
-            h_buf = history_buffers[k].view(-1)[a:e] if history_buffers else None
-            g = _history_sign(g, h_buf, history_alpha, history_init, sign)
-            if decoupled_weight_decay:
-                x = x * _f32(1.0 - lr * weight_decay)
-            elif wd != 0.0:
-                g = g + x * wd
-            m_buf, v_buf = exp_avgs[k].view(-1)[a:e], exp_avg_sqs[k].view(-1)[a:e]
-            m = m_buf.float()
-            m = m + (g - m) * _f32(1.0 - beta1)
-            v = v_buf.float() * b2 + (g * g) * _f32(1.0 - beta2)
-            _store(m_buf, m)
-            _store(v_buf, v)
-            m = m_buf.float()
-            v = v_buf.float()
-            denom = div_rn(sqrt_rn(v), bc2_sqrt) + eps_f
-            _store_param(span, x - div_rn(m, denom) * step_size, int(tid), stochastic_rounding, round_seed, a)
-
+    for k, a, e, span, tid, x, g in _estimated_spans(
+            params, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed,
+            restore_scale, history_alpha, history_init, sign):
+        if decoupled_weight_decay:
+            x = x * _f32(1.0 - lr * weight_decay)
+        elif wd != 0.0:
+            g = g + x * wd
+        m_buf, v_buf = exp_avgs[k].view(-1)[a:e], exp_avg_sqs[k].view(-1)[a:e]
+        m = m_buf.float()
+        m = m + (g - m) * _f32(1.0 - beta1)
+        v = v_buf.float() * b2 + (g * g) * _f32(1.0 - beta2)
+        _store(m_buf, m)
+        _store(v_buf, v)
+        m = m_buf.float()
+        v = v_buf.float()
+        denom = div_rn(sqrt_rn(v), bc2_sqrt) + eps_f
+        _store_param(span, x - div_rn(m, denom) * step_size, tid, stochastic_rounding, round_seed, a)
 
 def _check_buffers(params, buffers, name) -> None:
     if not buffers:
