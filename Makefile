@@ -18,7 +18,7 @@ SHELL := /bin/bash
 PY ?= python3
 RESULTS ?= results
 BENCH_PYTHONPATH := PYTHONPATH=$(CURDIR)/python:$(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
-PYTEST_BENCH := $(PY) -m pytest -q -rs -p no:cacheprovider --benchmark-columns=min,median,rounds --benchmark-sort=name
+PYTEST_BENCH := $(PY) -m pytest -q -rfEs -p no:cacheprovider --benchmark-columns=min,median,rounds --benchmark-sort=name
 SUITES := kernels optim_step end_to_end distributed
 SWEEP_JSON := $(RESULTS)/query_sweep.json
 
@@ -31,7 +31,7 @@ bench:
 	  env -u TRITON_INTERPRET -u BENCH_FAST $(BENCH_PYTHONPATH) BENCH_DEVICE=cpu \
 	    $(PYTEST_BENCH) benchmarks/test_bench_$$s.py --benchmark-json=$(RESULTS)/cpu_$$s.json \
 	    2>&1 | tee $(RESULTS)/cpu_$$s.log || exit 1; \
-	  grep '^SKIPPED' $(RESULTS)/cpu_$$s.log > $(RESULTS)/cpu_$$s.json.skips.txt || true; \
+	  grep -E '^(SKIPPED|FAILED|ERROR)' $(RESULTS)/cpu_$$s.log > $(RESULTS)/cpu_$$s.json.skips.txt || true; \
 	done
 	$(MAKE) bench-report
 
@@ -46,7 +46,7 @@ bench-fast:
 	@mkdir -p $(RESULTS)/fast
 	env BENCH_FAST=1 TRITON_INTERPRET=1 BENCH_DEVICE=cpu $(BENCH_PYTHONPATH) \
 	  $(PYTEST_BENCH) $(foreach s,$(SUITES),benchmarks/test_bench_$(s).py) --benchmark-json=$(RESULTS)/fast/bench_fast.json 2>&1 | tee $(RESULTS)/fast/bench_fast.log
-	@grep '^SKIPPED' $(RESULTS)/fast/bench_fast.log > $(RESULTS)/fast/bench_fast.json.skips.txt || true
+	@grep -E '^(SKIPPED|FAILED|ERROR)' $(RESULTS)/fast/bench_fast.log > $(RESULTS)/fast/bench_fast.json.skips.txt || true
 	$(BENCH_PYTHONPATH) $(PY) -m benchmarks.report $(RESULTS)/fast/bench_fast.json \
 	  --out $(RESULTS)/fast/performance.md --plots $(RESULTS)/fast/perf/
 

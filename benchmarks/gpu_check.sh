@@ -191,8 +191,14 @@ if [ "${SKIP_PROBE:-0}" != "1" ]; then
   PHASE=probe; say "crash probe of this build (benchmarks/crash_probe.sh)"
   PROBE_PYTEST="tests/test_parity.py -k bad_inputs" LIMIT_SIGNAL=TERM limited "$(left 90)" \
     bash benchmarks/crash_probe.sh "$ROOT" "$WORK/logs/crash_probe" > "$WORK/logs/crash_probe.out" 2>&1
+  rc=$?
   tee -a "$WORK/logs/gpu_check.log" < "$WORK/logs/crash_probe.out"
-  if grep -qE "CRASHED|WRONG" "$WORK/logs/crash_probe/summary.txt" 2>/dev/null; then STATUS=1; phase_done probe failed; else phase_done probe ok; fi
+  # failed: a crash or wrong answer, a probe that failed otherwise, a probe that exited non-zero
+  # (cut off at its limit: 124) or wrote no summary; only a clean, complete probe is ok
+  if [ "$rc" != "0" ] || [ ! -s "$WORK/logs/crash_probe/summary.txt" ] \
+     || grep -qE "CRASHED|WRONG|FAILED|\): exit [1-9]" "$WORK/logs/crash_probe/summary.txt"; then
+    say "crash probe exit $rc (124 = hit its limit); see logs/crash_probe.out"; STATUS=1; phase_done probe failed
+  else phase_done probe ok; fi
 fi
 
 # -------------------------------------------------------------------------- 3. GPU tests
@@ -249,11 +255,11 @@ for suite in ${BENCH_ONLY:-kernels optim e2e llm}; do
   begin_phase "bench_$suite" "$share" || { STATUS=1; continue; }
   say "bench $suite (limit ${lim}s)"
   # SIGINT (not KILL) at the limit: pytest still finishes the session and writes the JSON so far
-  limited "$lim" "$PY" -m pytest "$file" "${sel[@]}" -q -rs -p no:cacheprovider \
+  limited "$lim" "$PY" -m pytest "$file" "${sel[@]}" -q -rfEs -p no:cacheprovider \
     --benchmark-json="$WORK/bench/gpu_$suite.json" --benchmark-columns=min,median,rounds --benchmark-sort=name \
     > "$WORK/logs/bench_$suite.log" 2>&1
   rc=$?
-  grep '^SKIPPED' "$WORK/logs/bench_$suite.log" > "$WORK/bench/gpu_$suite.json.skips.txt" || true
+  grep -E '^(SKIPPED|FAILED|ERROR)' "$WORK/logs/bench_$suite.log" > "$WORK/bench/gpu_$suite.json.skips.txt" || true
   grep -E "passed|failed|error" "$WORK/logs/bench_$suite.log" | tail -1 | tee -a "$WORK/logs/gpu_check.log"
   if [ "$rc" = "0" ]; then phase_done "bench_$suite" ok; else say "bench $suite exit $rc (124/130 = hit its limit)"; STATUS=1; phase_done "bench_$suite" failed; fi
 done

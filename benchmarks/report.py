@@ -24,8 +24,9 @@ def load(paths):
     """Records (dicts) of every benchmark in ``paths``, and the machine infos by file."""
     records, machines = [], []
     for path in paths:
-        with open(path) as f:
-            data = json.load(f)
+        data = _read_json(path)
+        if data is None:      # named under "Not measured in this run" (_skips)
+            continue
         mi = dict(data.get("machine_info") or {})
         mi["_file"] = os.path.basename(path)
         mi["_datetime"] = data.get("datetime")
@@ -41,6 +42,18 @@ def load(paths):
                             "t_min": float(st.get("min", st["median"])) / per, "rounds": int(st.get("rounds", 0)),
                             "stddev": float(st.get("stddev") or 0.0) / per, "file": os.path.basename(path)})
     return records, machines
+
+
+def _read_json(path):
+    """A benchmark JSON's contents, or None when it is empty or unreadable: pytest-benchmark
+    writes a 0-byte file when every case of a suite was skipped or deselected, and one such
+    file stopped the whole report (no page, every other suite's results lost)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def index(records):
@@ -288,6 +301,11 @@ def _step_targets(dev, opt, step_targets):
                     continue
                 worst = min(cand, key=lambda r: r["vs_mezo"])
                 qs = ", ".join(f"q={r['x']['q']}: {r['vs_mezo']:.2f}×" for r in sorted(cand, key=lambda r: r["x"]["q"]))
+                # a q measured for zeroflow but without its MeZO baseline is not in the worst:
+                # say so rather than call the target met over the q values that had one
+                unmatched = sorted({r["x"]["q"] for r in opt if r["x"]["param_set"] == pset and r["x"]["opt"] == kind
+                                    and r["x"]["dist"] == dist and r["vs_mezo"] is None})
+                qs += "".join(f", q={q}: no MeZO baseline" for q in unmatched)
                 rows.append((dev, target, fx(worst["vs_mezo"]), _status(worst["vs_mezo"], tgt), qs))
     return rows
 
@@ -824,16 +842,22 @@ def render(paths, out, plots_dir=None, sweep_path=None, notes_path=None, title=N
 
 
 def _skips(paths):
-    """Skip reasons recorded next to the JSON (``<json>.skips.txt``, written by the Makefile /
-    gpu_check.sh from pytest's -rs summary), if any."""
+    """What a run did not measure: benchmark JSONs without results (empty or unreadable), and
+    the skipped, failed and erroring cases recorded next to a JSON (``<json>.skips.txt``,
+    written by the Makefile / gpu_check.sh from pytest's -rfEs summary), if any."""
     out = []
     for p in paths:
+        if _read_json(p) is None:
+            size = os.path.getsize(p) if os.path.exists(p) else None
+            out.append(f"{os.path.basename(p)}: no results ("
+                       + ("missing" if size is None else "empty: every case skipped or deselected" if size == 0
+                          else "not a benchmark JSON") + ")")
         sp = p + ".skips.txt"
         if os.path.exists(sp):
             with open(sp) as f:
                 for line in f:
                     line = line.strip()
-                    if line.startswith("SKIPPED"):
+                    if line.startswith(("SKIPPED", "FAILED", "ERROR")):
                         out.append(line)
     return list(OrderedDict.fromkeys(out))
 

@@ -184,3 +184,33 @@ def test_the_kernel_suite_measures_its_baselines_first():
     order = [name for name in vars(K) if name.startswith("test_")]
     assert order.index("test_copy") < order.index("test_kernel")
     assert order.index("test_mezo") < order.index("test_kernel")
+
+
+def test_an_empty_or_broken_json_is_named_and_the_rest_still_renders(tmp_path):
+    # pytest-benchmark writes a 0-byte JSON when every case of a suite is skipped: json.load
+    # raised and the whole report (every other suite's results) was lost
+    empty = tmp_path / "gpu_llm.json"
+    empty.write_text("")
+    broken = tmp_path / "gpu_optim.json"
+    broken.write_text("{")
+    (tmp_path / "gpu_kernels.json.skips.txt").write_text(
+        "FAILED benchmarks/test_bench_kernels.py::test_kernel[adam] - RuntimeError: boom\n")
+    good = _write(tmp_path, _fixture(), "gpu_kernels.json")
+    text = R.render([good, str(empty), str(broken)], str(tmp_path / "perf.md"))
+    assert "### Kernels on cpu" in text
+    assert "- gpu_llm.json: no results (empty: every case skipped or deselected)" in text
+    assert "- gpu_optim.json: no results (not a benchmark JSON)" in text
+    assert "- FAILED benchmarks/test_bench_kernels.py::test_kernel[adam] - RuntimeError: boom" in text
+
+
+def test_a_q_without_its_mezo_baseline_is_named_in_the_step_target(tmp_path):
+    # the worst q was taken over the q values that had a MeZO run only: a target read "met
+    # (q=1)" where q=2 was measured for zeroflow and its MeZO baseline was skipped
+    data = _fixture()
+    data["benchmarks"] = [b for b in data["benchmarks"]
+                          if b["extra_info"].get("key") != "optim|mezo|sgd|cpu|tiny|gaussian|2"]
+    records, _ = R.load([_write(tmp_path, data)])
+    R.derive(records)
+    rows = [r for r in R.targets(records) if "zo_sgd step" in r[1] and "(gaussian, tiny)" in r[1]]
+    assert len(rows) == 1 and rows[0][4].endswith(", q=2: no MeZO baseline"), rows
+    assert rows[0][4].startswith("q=1: ")

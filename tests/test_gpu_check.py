@@ -203,3 +203,13 @@ def test_profile_kernels_refuses_an_unknown_case_before_any_launch(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--cases: unknown case(s) sgd-fp32-gausian; valid: perturb-fp32-rademacher," in err
+
+
+def test_a_crash_probe_cut_at_its_limit_fails_the_check(tmp_path):
+    # only CRASHED / WRONG in its summary failed the phase: a probe cut off at its limit (exit
+    # 124, no summary line) or one that failed otherwise was recorded "probe (ok)"
+    proc, out = _gpu_check(tmp_path, SKIP_PROBE="0", BENCH_ONLY="none", TIMELINE="0", GPU_CHECK_BUDGET_S="6")
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "crash probe exit 124 (124 = hit its limit)" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert ("probe", "failed") in [(p["phase"], p["status"]) for p in summary["phases"]]
