@@ -16,6 +16,8 @@ import os
 import sys
 from collections import OrderedDict, defaultdict
 
+from benchmarks import kernel_cases
+
 MiB = 2**20
 
 
@@ -224,23 +226,23 @@ TRITON_VS_CUDA = 0.80
 
 def _bandwidth_targets(dev, kern):
     """GPU: every backend, op, variant and dtype at its largest size: Rademacher >= 90 %,
-    Gaussian >= 85 % of the copy bandwidth; Triton >= 80 % of CUDA on the same row."""
+    Gaussian >= 85 % of the copy bandwidth; Triton >= 80 % of CUDA on the same row. Every
+    case of the suite (benchmarks/kernel_cases.py) has its row, for the CUDA backend and any
+    other that ran: a case without a record is "not measured" (skipped, failed or cut off)."""
     rows = []
-    variants = ("plain", "sign", "momentum", "history", "sparse")
-    for b in sorted({r["x"]["backend"] for r in kern}):
-        for op in ("perturb", "sgd", "adam"):
-            for variant in variants:
-                for dtype in ("fp32", "bf16", "fp16"):
-                    for dist, frac in GPU_COPY_FRAC.items():
-                        r = _largest(kern, op=op, variant=variant, dtype=dtype, backend=b, dist=dist)
-                        if r is None:
-                            continue
-                        name = f"{op} {variant} ({b}, {dtype}, {dist}) ≥ {100 * frac:.0f} % of copy bandwidth"
-                        if r.get("copy_frac") is None:      # the kernel ran, its copy_ baseline did not
-                            rows.append((dev, name, "—", "not measured", f"{_where(r)}; no copy_ baseline of "
-                                                                          f"this dtype and size in the run"))
-                            continue
-                        rows.append((dev, name, fpct(r["copy_frac"]), _status(r["copy_frac"], frac), _where(r)))
+    for b in sorted({r["x"]["backend"] for r in kern} | {"cuda"}):
+        for op, variant, dtype, dist in kernel_cases.rows():
+            frac = GPU_COPY_FRAC[dist]
+            name = f"{op} {variant} ({b}, {dtype}, {dist}) ≥ {100 * frac:.0f} % of copy bandwidth"
+            r = _largest(kern, op=op, variant=variant, dtype=dtype, backend=b, dist=dist)
+            if r is None:
+                rows.append((dev, name, "—", "not measured", "no record in this run (skipped, failed or cut off: "
+                                                             "see Not measured)"))
+            elif r.get("copy_frac") is None:      # the kernel ran, its copy_ baseline did not
+                rows.append((dev, name, "—", "not measured", f"{_where(r)}; no copy_ baseline of "
+                                                              f"this dtype and size in the run"))
+            else:
+                rows.append((dev, name, fpct(r["copy_frac"]), _status(r["copy_frac"], frac), _where(r)))
     largest = max((r["x"]["numel"] for r in kern), default=None)
     for r in kern:
         x = r["x"]

@@ -17,30 +17,20 @@ import torch
 
 import zfkernels as zk
 from benchmarks import _common as C
+from benchmarks import kernel_cases
 
 SEED = 0x5EED_1234
 EPS = 1e-3
 LR = 1e-6
 
 
-# (op, variant, all dtypes?) - variants beyond "plain" run in fp32 only to fit the budget.
-CASES = [
-    ("perturb", "plain"), ("perturb", "sparse"),
-    ("sgd", "plain"), ("sgd", "sign"), ("sgd", "sparse"), ("sgd", "history"), ("sgd", "momentum"),
-    ("adam", "plain"), ("adam", "sign"), ("adam", "sparse"), ("adam", "history"),
-]
-
-
 def _matrix():
+    assert tuple(C.DTYPES) == kernel_cases.DTYPES, "benchmarks/kernel_cases.py lists the dtypes of _common.DTYPES"
     for backend in C.kernel_backends():
-        for op, variant in CASES:
-            for dname in C.DTYPES:
-                if variant != "plain" and dname != "fp32":
-                    continue
-                for dist in C.DISTS:
-                    for n in C.kernel_sizes():
-                        yield pytest.param(backend, op, variant, dname, dist, n,
-                                           id=f"{op}-{variant}-{backend}-{dname}-{dist}-{C.fmt_numel(n)}")
+        for op, variant, dname, dist in kernel_cases.rows():     # the report lists the same rows
+            for n in C.kernel_sizes():
+                yield pytest.param(backend, op, variant, dname, dist, n,
+                                   id=f"{op}-{variant}-{backend}-{dname}-{dist}-{C.fmt_numel(n)}")
 
 
 def _bytes(op: str, variant: str, n: int, s: int) -> int:

@@ -214,3 +214,29 @@ def test_a_q_without_its_mezo_baseline_is_named_in_the_step_target(tmp_path):
     rows = [r for r in R.targets(records) if "zo_sgd step" in r[1] and "(gaussian, tiny)" in r[1]]
     assert len(rows) == 1 and rows[0][4].endswith(", q=2: no MeZO baseline"), rows
     assert rows[0][4].startswith("q=1: ")
+
+
+def test_every_gpu_kernel_case_has_a_target_row_measured_or_not(tmp_path):
+    # a kernel phase cut before its Adam cases dropped their target rows (56 -> 36) instead of
+    # showing them as not measured
+    from benchmarks import kernel_cases
+
+    data = _fixture()
+    for b in data["benchmarks"]:          # the CPU fixture's compiled-CPU records, relabelled as a GPU run
+        x = b["extra_info"]
+        for k in ("key", "copy_ref", "mezo_ref"):
+            if isinstance(x.get(k), str):
+                x[k] = x[k].replace("|cpu|", "|cuda|")
+        if x.get("backend") == "cpu":
+            x["backend"] = "cuda"
+        if x.get("device") == "cpu":
+            x["device"] = "cuda"
+    data["benchmarks"] = [b for b in data["benchmarks"] if b["extra_info"].get("op") != "adam"
+                          or b["extra_info"].get("kind") != "zeroflow"]
+    records, _ = R.load([_write(tmp_path, data)])
+    R.derive(records)
+    rows = [r for r in R.targets(records) if "of copy bandwidth" in r[1] and "(cuda," in r[1]]
+    assert len(rows) == len(list(kernel_cases.rows())), [r[1] for r in rows]
+    adam = [r for r in rows if r[1].startswith("adam ")]
+    assert adam and all(r[3] == "not measured" and "no record in this run" in r[4] for r in adam)
+    assert any(r[3] != "not measured" for r in rows if not r[1].startswith("adam "))     # the relabelled rest
