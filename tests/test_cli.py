@@ -233,3 +233,12 @@ def test_readme_optimizer_snippet_runs():
     scope = {}
     exec(compile(block, "README.md", "exec"), scope)
     assert scope["opt"].forward_passes == 5 and float(scope["loss"]) > 0   # conserve, two-sided: 2 + 3
+
+
+def test_a_hybrid_run_of_the_zo_sgd_family_takes_the_sgd_rate_for_its_first_order_phase():
+    # one lr serves a hybrid's FO phase first (and its ZO phase, times zo_lr_scale): with the
+    # zo_sgd entry a --hybrid-switch run trained its FO steps at 1e-4
+    from zeroflow.continual.defaults import resolve
+    for hs, lr in ((None, 1e-4), (0, 1e-4), (5, 0.025), ("5", 0.025)):
+        cfg = resolve({"dataset": "cifar100", "method": "ease", "optimizer": "zo_sgd", "hybrid_switch": hs})
+        assert cfg["lr"] == lr, (hs, cfg["lr"])

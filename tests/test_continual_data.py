@@ -91,7 +91,11 @@ def test_a_hidden_folder_holding_images_is_refused_not_made_a_class(tmp_path):
         d = tmp_path / "cub" / split / ".ipynb_checkpoints"
         d.mkdir()
         Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(d / "0.png")
-    with pytest.raises(ZeroflowError, match=r"hidden folder\(s\) \.ipynb_checkpoints, which would become classes"):
+    with pytest.raises(ZeroflowError, match=r"cub/train holds the hidden folder\(s\) \.ipynb_checkpoints, which"):
+        load_dataset("cub", str(tmp_path), 2, 2, img_size=32)
+    import shutil
+    shutil.rmtree(tmp_path / "cub" / "test" / ".ipynb_checkpoints")     # in train/ only (Jupyter's usual case)
+    with pytest.raises(ZeroflowError, match=r"cub/train holds the hidden folder"):
         load_dataset("cub", str(tmp_path), 2, 2, img_size=32)
 
 

@@ -470,3 +470,16 @@ def test_float32_state_of_bf16_parameters_is_created_and_resumed_as_float32(name
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
     with pytest.raises(ValueError, match="state_dtype='bf16' must be one of"):
         create(name, model.parameters(), lr=0.1, state_dtype="bf16")
+
+
+def test_an_optimizer_pickled_before_an_option_existed_still_steps():
+    model = make_mlp(6, 4, 1)
+    opt = ZOFusedAdam(model.parameters(), lr=1e-2, seed=3)
+    opt.step(lambda: loss_of(model))
+    state = opt.__getstate__()
+    for g in state["param_groups"]:         # as zeroflow wrote it before these options
+        del g["state_dtype"], g["stochastic_rounding"]
+    old = ZOFusedAdam.__new__(ZOFusedAdam)
+    old.__setstate__(state)
+    old.step(lambda: loss_of(model))        # raised "an option is missing ('state_dtype')"
+    assert old.param_groups[0]["state_dtype"] == "param" and old.param_groups[0]["stochastic_rounding"] is False

@@ -113,6 +113,15 @@ class _OneLineErrors(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"zeroflow: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """argparse leaves unknown arguments to the top parser, whose help lists no run flags:
+        they are reported by the subcommand's parser, which points to its own help."""
+        a, extra = self.parse_known_args(args, namespace)
+        if extra:
+            getattr(self, "subcommands", {}).get(getattr(a, "cmd", None), self).error(
+                f"unrecognized arguments: {' '.join(extra)}")
+        return a
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineErrors(prog="zeroflow", description="ZeroFlow continual-learning benchmark "
@@ -141,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="markdown tables (Table 1 / Table 2 style) from run folders")
     rep.add_argument("runs", nargs="+", help="run folders, or folders searched for runs (recursively)")
     rep.add_argument("--output", default=None, help="also write the markdown to this file")
+    p.subcommands = {"run": r, "sweep": s, "report": rep}
     return p
 
 

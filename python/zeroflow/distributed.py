@@ -10,7 +10,7 @@ and no z ever crosses the wire, only ``2q`` (two_side) floats per step.
 Typical use (under ``torchrun``)::
 
     from zeroflow import distributed as zd
-    rank, world = zd.init_from_env()                 # None outside torchrun
+    rank, world = zd.init_from_env()                 # a script started by torchrun
     opt = zd.DataParallelZO(create("zo_adam", model.parameters(), lr=1e-4, seed=0))
     for x, y in loader_of_my_shard:                  # see ShardedBatchSampler
         opt.step(lambda: F.cross_entropy(model(x), y), batch_size=len(x))

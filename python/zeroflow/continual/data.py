@@ -324,12 +324,16 @@ def load_imagefolder(name: str, root: str, init_cls: int, increment: int, img_si
         probe_te = ImageFolder(os.path.join(base, "test"))
     except Exception as e:
         raise ZeroflowError(f"{name}: could not read image folders under {base}: {e}") from e
+    for split, probe in (("train", probe_tr), ("test", probe_te)):
+        hidden = [c for c in probe.classes if c.startswith(".")]
+        if hidden:      # torchvision's ImageFolder takes every folder holding images as a class
+            raise ZeroflowError(f"{name}: {base}/{split} holds the hidden folder(s) {', '.join(hidden)}, which "
+                                "would become classes and shift the class order; move them out of the data folder")
     if probe_tr.classes != probe_te.classes:
-        raise ZeroflowError(f"{name}: train/ and test/ have different class folders")
-    hidden = [c for c in probe_tr.classes if c.startswith(".")]
-    if hidden:      # torchvision's ImageFolder takes every folder holding images as a class
-        raise ZeroflowError(f"{name}: {base}/train and test hold the hidden folder(s) {', '.join(hidden)}, which "
-                            "would become classes and shift the class order; move them out of the data folder")
+        only_tr = sorted(set(probe_tr.classes) - set(probe_te.classes))
+        only_te = sorted(set(probe_te.classes) - set(probe_tr.classes))
+        raise ZeroflowError(f"{name}: train/ and test/ have different class folders (only in train/: "
+                            f"{', '.join(only_tr[:5]) or 'none'}; only in test/: {', '.join(only_te[:5]) or 'none'})")
     n = len(probe_tr.classes)
     if n != PUBLISHED_CLASSES.get(name, n):
         warnings.warn(f"zeroflow: {name} under {base} has {n} class folders, the published dataset "

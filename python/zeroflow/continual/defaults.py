@@ -6,8 +6,9 @@ Precedence: these defaults < ``--config FILE`` < explicit command-line flags.
 coordinate by about lr, like an Adam step, so the SGD rates are 10x too large for it);
 ``zo_sgd`` for zo_sgd, zo_sgd_conserve and forward_grad (their one-query estimate is about
 sqrt(d) times as long as the gradient, so the first-order rates are far too large for them:
-the reference ZO code ran ZO-SGD at 1e-4) and, where a mapping has no ``zo_sgd`` entry, its
-``sgd`` entry; ``sgd`` for fo_sgd.
+the reference ZO code ran ZO-SGD at 1e-4) and, where a mapping has no ``zo_sgd`` entry or
+with ``--hybrid-switch`` (the lr serves its first-order phase first), the ``sgd`` entry;
+``sgd`` for fo_sgd.
 
 ``validate`` checks every option's type and range and names the option as the user gave it
 (``--lr``, or ``lr in FILE``), so that a run that cannot start fails before it writes anything.
@@ -136,17 +137,19 @@ LR_KEYS = ("sgd", "zo_sgd", "adam")
 ZO_SGD_FAMILY = ("zo_sgd", "zo_sgd_conserve", "forward_grad")
 
 
-def lr_family(optimizer: str) -> str:
+def lr_family(optimizer: str, hybrid: bool = False) -> str:
     """Which entry of an ``lr: {sgd: .., zo_sgd: .., adam: ..}`` mapping ``optimizer`` uses
-    (module docstring; ``zo_sgd`` falls back to ``sgd`` in a mapping without it)."""
+    (module docstring; ``zo_sgd`` falls back to ``sgd`` in a mapping without it). ``hybrid``
+    (``--hybrid-switch``): the run's one lr serves the first-order phase first, so the ZO SGD
+    family takes the ``sgd`` entry there (its ZO phase steps at that lr times zo_lr_scale)."""
     if "adam" in optimizer or optimizer == "zo_sgd_sign":
         return "adam"
-    return "zo_sgd" if optimizer in ZO_SGD_FAMILY else "sgd"
+    return "zo_sgd" if optimizer in ZO_SGD_FAMILY and not hybrid else "sgd"
 
 
-def lr_entry(lr: dict, optimizer: str):
+def lr_entry(lr: dict, optimizer: str, hybrid: bool = False):
     """The entry of the mapping ``lr`` that ``optimizer`` uses; ``None`` if it has none."""
-    family = lr_family(optimizer)
+    family = lr_family(optimizer, hybrid)
     if family == "zo_sgd" and family not in lr:
         family = "sgd"
     return lr.get(family)
@@ -188,7 +191,7 @@ def _as_float(name: str, v, lo, lo_in, hi, hi_in) -> float:
     return v
 
 
-def _pick_lr(lr, optimizer: str, name: str):
+def _pick_lr(lr, optimizer: str, name: str, hybrid: bool = False):
     """A number, or the entry of an ``{sgd: .., zo_sgd: .., adam: ..}`` mapping that ``optimizer`` uses."""
     if not isinstance(lr, dict):
         return lr
@@ -196,9 +199,9 @@ def _pick_lr(lr, optimizer: str, name: str):
     if unknown:
         raise ZeroflowError(f"{name}: unknown key(s) {', '.join(map(str, unknown))}; an lr mapping has the keys "
                             f"sgd, zo_sgd (optional: sgd's rate when absent) and adam")
-    picked = lr_entry(lr, optimizer)
+    picked = lr_entry(lr, optimizer, hybrid)
     if picked is None:
-        family = lr_family(optimizer)
+        family = lr_family(optimizer, hybrid)
         raise ZeroflowError(f"{name} has no {('sgd' if family == 'zo_sgd' else family)!r} entry, which --optimizer "
                             f"{optimizer} uses; give lr: {{sgd: .., zo_sgd: .., adam: ..}} or a single number")
     return picked
@@ -223,10 +226,10 @@ def validate(cfg: Dict[str, Any], names: Optional[Dict[str, str]] = None) -> Dic
         raise ZeroflowError(f"the configuration lacks {', '.join(missing)}")
     for k, valid in CHOICES.items():
         out[k] = check_choice(k, out[k].lower() if isinstance(out[k], str) else out[k], valid)
-    out["lr"] = _pick_lr(out["lr"], out["optimizer"], name("lr"))
     for k, lo in INTS.items():
         if k in out and not (out[k] is None and k in NULLABLE):
             out[k] = _as_int(name(k), out[k], lo, SEED_MAX if k in SEEDS else None)
+    out["lr"] = _pick_lr(out["lr"], out["optimizer"], name("lr"), hybrid=bool(out.get("hybrid_switch")))
     for k, bounds in FLOATS.items():
         if k in out and not (out[k] is None and k in NULLABLE):
             out[k] = _as_float(name(k), out[k], *bounds)

@@ -297,5 +297,8 @@ def render_runs(runs: List[Dict], skipped: List[str]) -> Tuple[str, List[str]]:
     if whole_task:
         out += ["Mem GB of runs written before the training peak was recorded (2026-12-02) is their whole-task "
                 "peak (training, prototypes and tests): " + ", ".join(whole_task)]
+    if "cpu_peak_rss" in kinds:
+        out += ["cpu_peak_rss is the process's running peak (never reset): a CPU run's training peak includes the "
+                "earlier tasks' prototype and test passes; only CUDA peaks are per phase."]
     out += [f"Memory: {', '.join(kinds)}. Runs: " + ", ".join(m["_dir"] for m in runs), ""]
     return "\n".join(out), skipped

@@ -283,7 +283,8 @@ def resumed_config(out: str, requested: Dict, warn) -> Tuple[Dict, str]:
         if k == "device" or v is None:
             continue
         have = saved.get(k, COMMON.get(k))
-        want = lr_entry(v, saved["optimizer"]) if k == "lr" and isinstance(v, dict) else v
+        want = (lr_entry(v, saved["optimizer"], bool(saved.get("hybrid_switch")))
+                if k == "lr" and isinstance(v, dict) else v)
         if canonical(want) != canonical(have):
             ignored.append(f"{flag(k)} {want} (the run has {have})")
     if ignored:

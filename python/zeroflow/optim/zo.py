@@ -323,6 +323,9 @@ class _ZOBase(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         state = dict(state)
         tids = state.pop("_tids_by_position", None)
+        # an optimizer pickled before an option existed gets the value its groups meant then
+        # (a pickle of an older zeroflow raised "an option is missing" at its next step)
+        state["param_groups"] = _with_added_options(state.get("param_groups", []))
         super().__setstate__(state)
         if tids is None:    # torch.optim's load_state_dict: only state and param_groups, same params
             return
@@ -951,7 +954,9 @@ class ZOFusedSGD(_ZOBase):
     updates far below half an ulp are kept in expectation; fp32: no effect), ``state_dtype``
     ("param": the buffers in the parameter's dtype, as torch.optim; "float32": in float32,
     for bf16/fp16 parameters whose buffers' updates would round away; it acts where a buffer
-    is created, at its first step; a loaded float32 buffer stays float32).
+    is created, at its first step; a loaded float32 buffer stays float32, and a loaded state
+    brings its groups' state_dtype, "param" for one saved before the option existed, as
+    torch.optim's load brings every group option: set it again after loading to change it).
     Optimizer-wide: ``q`` (queries/step), ``estimator`` ("two_side" | "one_side" |
     "forward_grad", the latter needs ``model=``), ``conserve``, ``sparse_resample``
     ("step" | "task"), ``seed``, ``backend``. Formulas: docs/algorithms.md.
