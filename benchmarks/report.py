@@ -228,8 +228,11 @@ def _bandwidth_targets(dev, kern):
     """GPU: every backend, op, variant and dtype at its largest size: Rademacher >= 90 %,
     Gaussian >= 85 % of the copy bandwidth; Triton >= 80 % of CUDA on the same row. Every
     case of the suite (benchmarks/kernel_cases.py) has its row, for the CUDA backend and any
-    other that ran: a case without a record is "not measured" (skipped, failed or cut off)."""
+    other that ran: a case without a record is "not measured" (skipped, failed or cut off).
+    No row at all where the kernel suite did not run on the device (a run of other suites)."""
     rows = []
+    if not kern:
+        return rows
     for b in sorted({r["x"]["backend"] for r in kern} | {"cuda"}):
         for op, variant, dtype, dist in kernel_cases.rows():
             frac = GPU_COPY_FRAC[dist]
