@@ -98,20 +98,22 @@ def u_closed(x: torch.Tensor) -> torch.Tensor:
 
 
 def _words_of(seed: int, tensor_id: int, tag: int, start: int, numel: int, shift: int,
-              device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Elements ``start .. start + numel - 1`` (int64) and the Philox words of their blocks
-    (block ``i >> shift``; row ``(i >> shift) - (start >> shift)``)."""
+              device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(i, row, words)``: elements ``i = start .. start + numel - 1`` (int64), the Philox
+    words of their blocks (block ``i >> shift``) and each element's row in them."""
     i = torch.arange(start, start + numel, dtype=torch.int64, device=device)
-    first, end = start >> shift, ((start + numel - 1) >> shift) + 1 if numel else start >> shift
-    return i, stream_words(seed, tensor_id, tag, torch.arange(first, end, dtype=torch.int64, device=device))
+    first = start >> shift
+    end = ((start + numel - 1) >> shift) + 1 if numel else first
+    words = stream_words(seed, tensor_id, tag, torch.arange(first, end, dtype=torch.int64, device=device))
+    return i, (i >> shift) - first, words
 
 
 def rademacher(seed: int, numel: int, tensor_id: int = 0, device="cpu", start: int = 0) -> torch.Tensor:
     """§4: fp32 ±1, one bit per element, 128 elements per Philox call (elements ``start ..
     start + numel - 1`` of the tensor's stream)."""
-    i, words = _words_of(seed, tensor_id, S.TAG_PERTURBATION, start, numel, 7, device)
+    i, row, words = _words_of(seed, tensor_id, S.TAG_PERTURBATION, start, numel, 7, device)
     j = i & 127
-    w = words[(i >> 7) - (start >> 7), j >> 5]
+    w = words[row, j >> 5]
     bit = (w >> (j & 31)) & 1
     return bit.to(torch.float32) * 2 - 1
 
@@ -119,8 +121,7 @@ def rademacher(seed: int, numel: int, tensor_id: int = 0, device="cpu", start: i
 def box_muller_inputs(seed: int, numel: int, tensor_id: int = 0, device="cpu",
                       start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """§5: per element, the pair's (u, s) and whether it is the sine (odd) lane."""
-    i, words = _words_of(seed, tensor_id, S.TAG_PERTURBATION, start, numel, 2, device)
-    row = (i >> 2) - (start >> 2)
+    i, row, words = _words_of(seed, tensor_id, S.TAG_PERTURBATION, start, numel, 2, device)
     lane = i & 3
     pair = lane >> 1
     x_even = words[row, pair * 2]
@@ -243,8 +244,8 @@ def keep_mask(mask_seed: int, numel: int, tensor_id: int, mask_threshold: int, d
     _check_tensor_id(tensor_id)
     if mask_threshold == 0:
         return torch.ones(numel, dtype=torch.bool, device=device)
-    i, words = _words_of(mask_seed, tensor_id, S.TAG_MASK, start, numel, 2, device)
-    x = words[(i >> 2) - (start >> 2), i & 3]
+    i, row, words = _words_of(mask_seed, tensor_id, S.TAG_MASK, start, numel, 2, device)
+    x = words[row, i & 3]
     return (x >> 8) >= mask_threshold
 
 
@@ -490,8 +491,8 @@ def _check_q(seeds, coeffs) -> None:
 def rounding_words(round_seed: int, numel: int, tensor_id: int = 0, device="cpu", start: int = 0) -> torch.Tensor:
     """§9: one uint32 word per element (int64 tensor): word ``i & 3`` of the Philox call with
     counter ``(i >> 2, tensor_id, tag 3)`` and the rounding seed's key."""
-    i, words = _words_of(round_seed, tensor_id, S.TAG_ROUNDING, start, numel, 2, device)
-    return words[(i >> 2) - (start >> 2), i & 3]
+    i, row, words = _words_of(round_seed, tensor_id, S.TAG_ROUNDING, start, numel, 2, device)
+    return words[row, i & 3]
 
 
 def stochastic_round(x: torch.Tensor, words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
