@@ -147,12 +147,15 @@ def lr_family(optimizer: str, hybrid: bool = False) -> str:
     return "zo_sgd" if optimizer in ZO_SGD_FAMILY and not hybrid else "sgd"
 
 
+def _lr_key(lr: dict, optimizer: str, hybrid: bool) -> str:
+    """The key of the mapping ``lr`` that ``optimizer`` reads (``zo_sgd``'s fallback applied)."""
+    family = lr_family(optimizer, hybrid)
+    return "sgd" if family == "zo_sgd" and family not in lr else family
+
+
 def lr_entry(lr: dict, optimizer: str, hybrid: bool = False):
     """The entry of the mapping ``lr`` that ``optimizer`` uses; ``None`` if it has none."""
-    family = lr_family(optimizer, hybrid)
-    if family == "zo_sgd" and family not in lr:
-        family = "sgd"
-    return lr.get(family)
+    return lr.get(_lr_key(lr, optimizer, hybrid))
 
 
 def _range_text(lo, lo_in, hi, hi_in) -> str:
@@ -199,12 +202,11 @@ def _pick_lr(lr, optimizer: str, name: str, hybrid: bool = False):
     if unknown:
         raise ZeroflowError(f"{name}: unknown key(s) {', '.join(map(str, unknown))}; an lr mapping has the keys "
                             f"sgd, zo_sgd (optional: sgd's rate when absent) and adam")
-    picked = lr_entry(lr, optimizer, hybrid)
-    if picked is None:
-        family = lr_family(optimizer, hybrid)
-        raise ZeroflowError(f"{name} has no {('sgd' if family == 'zo_sgd' else family)!r} entry, which --optimizer "
-                            f"{optimizer} uses; give lr: {{sgd: .., zo_sgd: .., adam: ..}} or a single number")
-    return picked
+    key = _lr_key(lr, optimizer, hybrid)
+    if lr.get(key) is None:
+        raise ZeroflowError(f"{name} has no {key!r} entry, which --optimizer {optimizer} uses; give "
+                            f"lr: {{sgd: .., zo_sgd: .., adam: ..}} or a single number")
+    return lr[key]
 
 
 def validate(cfg: Dict[str, Any], names: Optional[Dict[str, str]] = None) -> Dict[str, Any]:

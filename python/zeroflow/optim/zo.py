@@ -890,7 +890,7 @@ class _ZOBase(torch.optim.Optimizer):
 
     def _load_checked(self, state_dict) -> None:
         self.check_state_dict(state_dict)
-        state_dict = dict(state_dict, param_groups=_with_added_options(state_dict["param_groups"]))
+        state_dict = dict(state_dict)       # the options added since it was saved: __setstate__
         c = state_dict.pop("zeroflow")
         super().load_state_dict(state_dict)
         self._keep_float32_buffers(state_dict)
