@@ -330,6 +330,31 @@ def test_numpy_and_tensor_scalars_still_pass_the_option_checks():
     assert torch.isfinite(opt.step(lambda: loss_of(model)))
 
 
+@pytest.mark.parametrize("cls,kw", [
+    (ZOFusedSGD, dict(momentum=0.9, nesterov=True, conserve=True)),
+    (ZOFusedAdam, dict(conserve=True)), (ZOFusedAdam, dict(estimator="one_side", q=4))])
+@pytest.mark.parametrize("kind", ["tensor", "numpy"])
+def test_options_given_as_float32_scalars_train_as_their_float_values(cls, kw, kind):
+    # The optimizer's own scalar math (c_j = d_j / (zo_eps q), the conserve moves' lr and
+    # bias corrections) is float64 from the options' values (kernel-ops.md "Scalars"). A 0-d
+    # float32 tensor or a numpy float32 option made it float32 arithmetic: 29 % of the
+    # coefficients and every conserve move differed from the same values given as floats.
+    import numpy as np
+    as_f32 = (lambda v: torch.tensor(v, dtype=torch.float32)) if kind == "tensor" else np.float32
+    opts = dict(lr=0.05, zo_eps=1e-2, momentum=0.9, weight_decay=0.1) if cls is ZOFusedSGD else dict(lr=0.01, zo_eps=1e-2,
+                                                                                   betas=(0.9, 0.99), eps=1e-6)
+    runs = []
+    for wrap in (as_f32, lambda v: float(as_f32(v))):
+        torch.manual_seed(0)
+        model = make_mlp(6, 4, 1)
+        given = {k: (tuple(wrap(x) for x in v) if isinstance(v, tuple) else wrap(v)) for k, v in opts.items()}
+        opt = cls(model.parameters(), seed=3, **given, **{k: v for k, v in kw.items() if k not in opts})
+        for _ in range(6):   # a float64 loss: d_j with a full mantissa, so c_j's rounding shows
+            opt.step(lambda: loss_of(model).double().exp())
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 # ------------------------------------------------------------------ ^C between kernel calls
 def _interrupting_after(k, monkeypatch):
     """call_op that sends this process a SIGINT right after its k-th call returns: a ^C that

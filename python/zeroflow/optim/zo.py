@@ -226,7 +226,7 @@ class _PendingPerturbation:
 
     def restore_scale(self, eps: float) -> float:
         """The update's ``restore_scale`` for a group of perturbation size ``eps``."""
-        return -self.units * eps
+        return -self.units * float(eps)
 
 
 class _ZOBase(torch.optim.Optimizer):
@@ -520,7 +520,7 @@ class _ZOBase(torch.optim.Optimizer):
         buckets already perturbed are taken back before the error goes on."""
         def perturb(g, bucket, f):
             (ps, ids, b), (dist, thr) = bucket, self._stream(g)
-            zfkernels.call_op(b, "perturb_", params=ps, tensor_ids=ids, seed=seed, scale=f * g["zo_eps"], dist=dist,
+            zfkernels.call_op(b, "perturb_", params=ps, tensor_ids=ids, seed=seed, scale=f * float(g["zo_eps"]), dist=dist,
                               mask_seed=mask_seed, mask_threshold=thr)
 
         done = []
@@ -649,7 +649,7 @@ class _ZOBase(torch.optim.Optimizer):
         q = self.q
         if g["scalar_sign"]:
             return [math.copysign(1.0, x) / q if x != 0 else 0.0 for x in d]
-        return [x / (g["zo_eps"] * q) for x in d]
+        return [x / (float(g["zo_eps"]) * q) for x in d]
 
     def _eval_finite(self, closure, where: str) -> float:
         """:meth:`_eval`; a non-finite loss skips the step (:class:`_Skip`)."""
@@ -1016,7 +1016,7 @@ class ZOFusedSGD(_ZOBase):
         """Conserve: move theta0 + a*Delta -> theta0 + b*Delta with the state frozen
         (history alpha=1, momentum=1 & dampening=1 leave h and buf bit-identical)."""
         for g in self.param_groups:
-            lr, wd, mom = float(g["lr"]), float(g["weight_decay"]), g["momentum"]
+            lr, wd, mom = float(g["lr"]), float(g["weight_decay"]), float(g["momentum"])
             if lr == 0.0:
                 continue
             coeffs, (dist, thr) = self._coeffs(g, d), self._stream(g)
@@ -1220,7 +1220,7 @@ def _frozen_adam_move(a: float, b: float, *, lr: float, wd: float, betas, eps: f
     theta0 + b*Delta, Delta being the last update (lr, decoupled ``wd`` or 0 for Adam's L2,
     ``betas``, ``eps``, Adam step ``step``). Derivation: docs/algorithms.md, §2 "The frozen
     Adam move"."""
-    b1, b2 = betas
+    b1, b2, eps = float(betas[0]), float(betas[1]), float(eps)   # a float32 tensor/numpy option: float64 math
     s = lr / (1.0 - b1 ** step)                                     # the update's step size lr/bc1
     kappa = math.sqrt(1.0 - b2 ** step) / math.sqrt(_FROZEN_BC)     # sigma / sqrt(bc')
     f = (1.0 + b * lr * wd) / (1.0 + a * lr * wd)                   # decay the op must apply
