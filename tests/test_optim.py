@@ -358,6 +358,24 @@ def test_nan_loss_skips_step():
     assert opt1.step_count == 1 and not opt1.state
 
 
+@pytest.mark.parametrize("cls,kw", [(ZOFusedSGD, {}), (ZOFusedAdam, {}), (ZOFusedAdam, dict(conserve=True)),
+                                    (ZOFusedSGD, dict(estimator="forward_grad"))])
+def test_an_estimate_beyond_float32_is_skipped_like_a_non_finite_loss(cls, kw):
+    # Finite losses whose difference over zo_eps (~1e42; forward_grad: grad.v) the kernels would take as
+    # inf (coefficients are rounded to fp32): ZO-SGD wrote +-inf and ZO-Adam NaN into every
+    # parameter, with no warning and steps_skipped == 0 (docs/algorithms.md §7).
+    model = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(1000))])
+    p = model[0]
+    extra = dict(model=model) if kw.get("estimator") == "forward_grad" else {}
+    opt = cls([p], lr=1e-3, zo_eps=1e-3, seed=0, backend=BACKEND, **kw, **extra)
+    with pytest.warns(RuntimeWarning, match="projected gradient .* beyond float32's range"):
+        loss = opt.step(lambda: 1e40 * model[0].double().sum())   # finite float64 losses
+    assert torch.isfinite(p).all() and (p.abs() <= 3 * 2.0 ** -23 * 2e-3 * 6).all()   # restored (§7 bound)
+    assert opt.steps_skipped == 1 and opt.step_count == 1 and not opt.state and torch.isfinite(loss)
+    opt.step(lambda: model[0].sum())              # and the next step trains as usual
+    assert opt.steps_skipped == 1 and torch.isfinite(p).all() and p.abs().max() > 0
+
+
 def test_frozen_and_sparse_params():
     model = make_model()
     model[0].weight.requires_grad_(False)

@@ -199,8 +199,27 @@ class _InterruptGate:
 
 
 class _Skip(Exception):
-    def __init__(self, value: float):
+    """A step skipped (docs/algorithms.md §7): ``value`` is the loss it returns."""
+
+    def __init__(self, value: float, why: str | None = None):
         self.value = value
+        self.why = why or f"non-finite loss ({value})"
+
+
+# The smallest double that rounds to inf in float32 (round to nearest even: halfway between
+# FLT_MAX and 2^128 goes to 2^128). Every coefficient the kernels take is rounded to fp32
+# (kernel-ops.md "Scalars").
+_F32_OVERFLOW = 2.0 ** 128 - 2.0 ** 103
+
+
+def _check_coeffs(coeffs: dict, loss: float) -> None:
+    """§7: an estimate beyond float32's range (finite losses, e.g. 1e37 * sum(theta), whose
+    difference over zo_eps overflows) is skipped like a non-finite loss. Given to the kernels
+    it was +-inf: ZO-SGD wrote +-inf and ZO-Adam NaN into every parameter."""
+    for cs in coeffs.values():
+        for c in cs:
+            if not abs(c) < _F32_OVERFLOW:
+                raise _Skip(loss, f"projected gradient {c:.4g} beyond float32's range (finite losses)")
 
 
 class _PendingPerturbation:
@@ -620,7 +639,7 @@ class _ZOBase(torch.optim.Optimizer):
             status = "skipped"
             self.steps_skipped += 1
             warnings.warn(
-                f"{type(self).__name__}: non-finite loss ({s.value}) at step {n}; step skipped, "
+                f"{type(self).__name__}: {s.why} at step {n}; step skipped, "
                 "parameters restored, step counter advanced",
                 RuntimeWarning, stacklevel=2,
             )
@@ -665,12 +684,13 @@ class _ZOBase(torch.optim.Optimizer):
         pending = _PendingPerturbation(self, mask_seed)
         try:
             L0, d, losses = self._query(closure, seeds, pending)
+            coeffs = {id(g): self._coeffs(g, d) for g in self.param_groups}
+            _check_coeffs(coeffs, sum(losses) / len(losses))
         except BaseException:
             pending.undo()                               # put theta back before skipping / raising
             raise
         sign_lr = -1.0 if self.conserve else 1.0        # conserve: land on theta0 + Delta first
-        self._update_all(seeds, {id(g): self._coeffs(g, d) for g in self.param_groups}, mask_seed, pending,
-                         lr_mult=sign_lr)
+        self._update_all(seeds, coeffs, mask_seed, pending, lr_mult=sign_lr)
         if not self.conserve:
             return _loss_tensor(sum(losses) / len(losses))
         return _loss_tensor(self._conserve(closure, L0, seeds, d, mask_seed))
@@ -798,6 +818,7 @@ class _ZOBase(torch.optim.Optimizer):
         q = self.q
         coeffs = {id(g): ([math.copysign(1.0, x) / q if x != 0 else 0.0 for x in d] if g["scalar_sign"]
                           else [x / q for x in d]) for g in groups}
+        _check_coeffs(coeffs, sum(losses) / len(losses))
         self._update_all(seeds, coeffs, mask_seed, None, lr_mult=1.0)
         return _loss_tensor(sum(losses) / len(losses))
 
