@@ -118,10 +118,19 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(env, tmp_pa
     out = tmp_path / "run"
     out.mkdir()
     (out / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "host": "h", "since": "then"}))
+    # what the dead writer left half-written between its temporary file and the rename: it
+    # stayed there for good (a checkpoint-sized file per kill), --resume and --force included
+    (out / ".tmp-checkpoint.pt.0a1b2c3d").write_bytes(b"x" * 1000)
+    (out / "trajectory").mkdir()
+    (out / "trajectory" / ".tmp-task1.base.pt.deadbeef").write_bytes(b"x")
+    (out / ".tmp-notes.txt.12345678").write_text("the user's own")     # not a run file: kept
     rc, _, err = zf(capsys, "run", "--config", env["fast"], "--out", out, "--no-progress")
     assert rc == 0, err
     assert f"taking over the lock of {out}: it was left by pid {int(dead.stdout)} on h" in err
+    assert "removed the 2 temporary file(s) it left unfinished (.tmp-checkpoint.pt.0a1b2c3d, " \
+           "trajectory/.tmp-task1.base.pt.deadbeef)" in err
     assert not (out / ".lock").exists() and (out / "metrics.json").exists()
+    assert sorted(p.name for p in out.rglob(".tmp-*")) == [".tmp-notes.txt.12345678"]
 
 
 # ---------------------------------------------------------------- a run that cannot start writes nothing
@@ -226,9 +235,10 @@ def test_run_refuses_a_finished_run_and_force_replaces_it(env, tmp_path, capsys)
     assert rc == 2 and f"{out} already holds a finished run with another configuration (seed: 1993 there, 7 " \
                        f"requested)" in err and "--force" in err
     assert metrics(out) == before
+    (out / ".tmp-metrics.json.0badf00d").write_text("{")      # a killed writer's, between two runs
     rc, _, err = zf(capsys, "run", "--config", env["fast"], "--out", out, "--seed", 7, "--force", "--no-progress")
     assert rc == 0 and f"--force: deleting the finished run in {out} (seed: 1993 there, 7 requested)" in err
-    assert metrics(out)["config"]["seed"] == 7
+    assert metrics(out)["config"]["seed"] == 7 and not list(out.glob(".tmp-*"))
 
 
 @pytest.mark.parametrize("damage", ['{"avg": 1,', "{}", "[1, 2]"])

@@ -25,6 +25,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import time
@@ -42,6 +43,9 @@ TRAJECTORY = "trajectory"
 # so that the folder never looks finished while the rest is being removed).
 RUN_FILES = (METRICS, CHECKPOINT, CONFIG, "environment.json", "backbone.pt", "accuracy_matrix.csv",
              "accuracy_per_stage.png", "accuracy_matrix.png")
+# zeroflow._atomic's temporary file of NAME: a writer killed between creating and renaming it
+# leaves it behind (never read; checkpoint.pt's is checkpoint-sized, one more per kill)
+_TEMP_FILE = re.compile(r"^\.tmp-(?P<name>.+)\.[0-9a-f]{8}$")
 # Keys that do not change what a run computes: runs differing only in these are the same run.
 OPERATIONAL_KEYS = ("download",)
 
@@ -117,8 +121,14 @@ class RunFolder:
             os.close(fd)
         previous = _read_fd(fd)
         if previous.strip():
+            left = stale_temp_files(self.path)
+            for path in left:      # ours now: no other writer can be in this folder
+                with writing(path):
+                    os.unlink(path)
+            removed = (f"; removed the {len(left)} temporary file(s) it left unfinished "
+                       f"({', '.join(os.path.relpath(t, self.path) for t in left)})") if left else ""
             warn(f"taking over the lock of {self.path}: it was left by {_describe_holder(previous)}, which no longer "
-                 f"holds it (killed?); its last checkpoint is kept")
+                 f"holds it (killed?); its last checkpoint is kept{removed}")
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -282,10 +292,26 @@ def parent_refusal(folder: str, below: str) -> str:
             f"folder inside {folder})")
 
 
+def stale_temp_files(folder: str) -> List[str]:
+    """The temporary files of a run's files (RUN_FILES, and the trajectory folder's) that a
+    killed writer left in ``folder``; a user's own ``.tmp-*`` files are not among them."""
+    found = []
+    for where, names in ((folder, set(RUN_FILES)), (os.path.join(folder, TRAJECTORY), None)):
+        try:
+            entries = sorted(os.listdir(where))
+        except OSError:
+            continue
+        for entry in entries:
+            m = _TEMP_FILE.match(entry)
+            if m and (names is None or m["name"] in names) and os.path.isfile(os.path.join(where, entry)):
+                found.append(os.path.join(where, entry))
+    return found
+
+
 def remove_run_files(folder: str) -> None:
-    """Delete what a run wrote into ``folder`` (``--force``); other files are left alone."""
-    for name in RUN_FILES:
-        path = os.path.join(folder, name)
+    """Delete what a run wrote into ``folder`` (``--force``), with the temporary files a killed
+    writer left; other files are left alone."""
+    for path in [os.path.join(folder, name) for name in RUN_FILES] + stale_temp_files(folder):
         with writing(path):
             if os.path.exists(path):
                 os.unlink(path)
