@@ -341,8 +341,8 @@ def test_options_given_as_float32_scalars_train_as_their_float_values(cls, kw, k
     # coefficients and every conserve move differed from the same values given as floats.
     import numpy as np
     as_f32 = (lambda v: torch.tensor(v, dtype=torch.float32)) if kind == "tensor" else np.float32
-    opts = dict(lr=0.05, zo_eps=1e-2, momentum=0.9, weight_decay=0.1) if cls is ZOFusedSGD else dict(lr=0.01, zo_eps=1e-2,
-                                                                                   betas=(0.9, 0.99), eps=1e-6)
+    opts = (dict(lr=0.05, zo_eps=1e-2, momentum=0.9, weight_decay=0.1) if cls is ZOFusedSGD
+            else dict(lr=0.01, zo_eps=1e-2, betas=(0.9, 0.99), eps=1e-6))
     runs = []
     for wrap in (as_f32, lambda v: float(as_f32(v))):
         torch.manual_seed(0)

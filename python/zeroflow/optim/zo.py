@@ -539,8 +539,8 @@ class _ZOBase(torch.optim.Optimizer):
         buckets already perturbed are taken back before the error goes on."""
         def perturb(g, bucket, f):
             (ps, ids, b), (dist, thr) = bucket, self._stream(g)
-            zfkernels.call_op(b, "perturb_", params=ps, tensor_ids=ids, seed=seed, scale=f * float(g["zo_eps"]), dist=dist,
-                              mask_seed=mask_seed, mask_threshold=thr)
+            zfkernels.call_op(b, "perturb_", params=ps, tensor_ids=ids, seed=seed, scale=f * float(g["zo_eps"]),
+                              dist=dist, mask_seed=mask_seed, mask_threshold=thr)
 
         done = []
         try:
