@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from conftest import make_data, make_mlp
 from zeroflow.optim import create, train_step
-from zeroflow.replay import (MAGIC, ReplayError, TrajectoryRecorder, read_log, replay, replay_main,
-                             save_base)
+from zeroflow.replay import (MAGIC, ReplayError, TrajectoryRecorder, TrajectoryWriteError, read_log, replay,
+                             replay_main, save_base)
 
 warnings.filterwarnings("ignore", message="zfkernels: the compiled")
 STEPS = 50
@@ -276,6 +276,82 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", failing_save)
     assert replay_main([base, log, "--out", out]) == 2
     _no_output(tmp_path, out)
+
+
+def test_the_header_is_on_disk_once_recording_starts_and_an_empty_log_is_named_truncated(tmp_path):
+    # A process killed (SIGKILL) before the first flush left a 0-byte log, which replay
+    # called "not a zeroflow trajectory log (bad magic)", even with --allow-truncated.
+    model = make_model()
+    opt = create("zo_sgd", model.parameters(), lr=1e-2, seed=3, backend="cpu")
+    log = str(tmp_path / "t.zft")
+    rec = TrajectoryRecorder(log, opt, model=model)
+    header, records = read_log(log, allow_truncated=True)         # before any step or close
+    assert header["optimizer"] == "ZOFusedSGD" and records == []
+    rec.close()
+    for size in (0, 5):
+        with open(log, "wb") as f:
+            f.write(MAGIC[:size])
+        for allow in (False, True):
+            with pytest.raises(ReplayError, match=rf"truncated log \({size} bytes: the recording process stopped "
+                                                  r"before its header was written\); nothing to replay"):
+                read_log(log, allow_truncated=allow)
+
+
+class _FullDisk:
+    """The recorder's file on a disk that fills up once ``budget`` bytes were written: the
+    flush (or close) that would pass the budget fails with ENOSPC and its bytes are lost."""
+
+    def __init__(self, f, budget):
+        self.f, self.budget, self.pending = f, budget, b""
+
+    def write(self, b):
+        self.pending += b
+        return len(b)
+
+    def flush(self):
+        import errno
+        if len(self.pending) > self.budget:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.budget -= len(self.pending)
+        self.f.write(self.pending)
+        self.pending = b""
+        self.f.flush()
+
+    def close(self):
+        try:
+            self.flush()
+        finally:
+            self.f.close()
+
+    def fileno(self):
+        return self.f.fileno()
+
+
+def test_a_failed_write_stops_the_recording_and_leaves_a_log_without_an_end_record(tmp_path):
+    # Before, the OSError left the recorder attached, and close() wrote an end record whose
+    # checksum covered the weights after the unlogged steps: replay refused the log as "not
+    # belonging to this run". Now the log is left without one; its complete records replay.
+    model = make_model()
+    X, Y = make_data(64, 8, 3)
+    opt = create("zo_sgd", model.parameters(), lr=1e-2, seed=3, backend="cpu")
+    base, log = str(tmp_path / "b.pt"), str(tmp_path / "t.zft")
+    save_base(base, model)
+    rec = TrajectoryRecorder(log, opt, model=model, flush_every=1)
+    rec._f = _FullDisk(rec._f, budget=2 * 36 + 10)     # room for two step records of 36 bytes
+    closure = lambda: F.mse_loss(model(X), Y)  # noqa: E731
+    train_step(opt, closure)
+    train_step(opt, closure)
+    after_two = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TrajectoryWriteError, match=r"writing .*t\.zft failed \(No space left on device\) at step 2, "
+                                                   r"which ran \(its update is applied; the log does not hold it\)"):
+        train_step(opt, closure)
+    assert opt.step_count == 3 and opt.step_hook is None       # detached: the next step trains, unrecorded
+    train_step(opt, closure)
+    rec.close()                                                 # no-op: no end record after a failure
+    with pytest.raises(ReplayError, match="no end record"):
+        read_log(log)
+    sd = replay(base, log, allow_truncated=True)                # steps 0 and 1 reached the disk
+    assert all(torch.equal(sd[k], v) for k, v in after_two.items())
 
 
 def test_hybrid_fo_phase_not_recordable_zo_phase_is(tmp_path):

@@ -488,3 +488,48 @@ def test_record_then_replay_rebuilds_the_trained_adapters_bit_exactly(env, tmp_p
     assert sorted(os.listdir(tmp_path / "sweep" / "aper_zo_adam_digits" / "trajectory")) == ["task1.base.pt",
                                                                                               "task1.zft"]
     assert not (tmp_path / "sweep" / "aper_fo_sgd_digits" / "trajectory").exists()
+
+
+def test_a_recording_cut_short_has_no_end_record_and_a_full_disk_says_how_to_go_on(env, tmp_path, capsys,
+                                                                                     monkeypatch):
+    import errno
+
+    import zeroflow.optim
+    from zeroflow.replay import ReplayError, TrajectoryRecorder, read_log
+    out, log = tmp_path / "run", str(tmp_path / "run" / "trajectory" / "task1.zft")
+    real_step, calls = zeroflow.optim.train_step, [0]
+
+    def interrupted_at_the_third_step(*a, **k):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(zeroflow.optim, "train_step", interrupted_at_the_third_step)
+    rc, _, err = zf(capsys, "run", "--config", env["fast"], "--optimizer", "zo_sgd", "--record", "--out", out,
+                    "--no-progress")
+    assert rc == 130, err
+    # the log of the task cut short has no end record: with one (the checksum of the weights
+    # after 2 steps) it looked whole, and replay rebuilt a task trained in part, verified
+    with pytest.raises(ReplayError, match="no end record"):
+        read_log(log)
+    assert len(read_log(log, allow_truncated=True)[1]) == 2
+    monkeypatch.setattr(zeroflow.optim, "train_step", real_step)
+
+    real_record, records = TrajectoryRecorder._record, [0]
+
+    def full_disk(self, payload):
+        records[0] += 1
+        if records[0] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_record(self, payload)
+
+    monkeypatch.setattr(TrajectoryRecorder, "_record", full_disk)
+    rc, _, err = zf(capsys, "run", "--resume", "--out", out, "--no-progress")
+    # was a traceback of the OSError out of zeroflow.cli.main
+    assert rc == 2 and f"zeroflow: error: cannot write {log}: No space left on device; fix that, then continue the " \
+                       f"run with: zeroflow run --resume --out {out} (no task had finished yet)" in err, err
+    monkeypatch.setattr(TrajectoryRecorder, "_record", real_record)
+    rc, _, err = zf(capsys, "run", "--resume", "--out", out, "--no-progress")
+    assert rc == 0, err
+    assert read_log(log)[1][-1][0] == "end"

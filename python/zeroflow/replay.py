@@ -25,6 +25,7 @@ A q=1 two_side step with unchanged lr is 36 bytes (+16 per extra query).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -41,7 +42,7 @@ from ._atomic import atomic_torch_save
 from .optim.zo import STATE_GLOBAL_OPTIONS
 
 __all__ = ["TrajectoryRecorder", "replay", "replay_to_file", "read_log", "replay_main", "save_base",
-           "weights_sha256", "ReplayError", "LOG_FORMAT"]
+           "weights_sha256", "ReplayError", "TrajectoryWriteError", "LOG_FORMAT"]
 
 MAGIC = b"ZFTRAJ\x00\x01"
 LOG_FORMAT = 1
@@ -61,6 +62,19 @@ _GLOBALS = ("seed",) + STATE_GLOBAL_OPTIONS
 
 class ReplayError(ValueError):
     """The log cannot be replayed (corrupt, truncated, other stream version, wrong base...)."""
+
+
+class TrajectoryWriteError(OSError):
+    """Writing a trajectory log failed (disk full, ...) while recording: the recorder has
+    stopped and left the log without an end record. ``errno`` / ``strerror`` are the failed
+    write's; ``str()`` says what happened to the step and the log."""
+
+    def __init__(self, message: str, cause: OSError):
+        super().__init__(cause.errno, cause.strerror or str(cause), cause.filename)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def weights_sha256(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> str:
@@ -196,7 +210,14 @@ class TrajectoryRecorder:
                 f"TrajectoryRecorder: {path} exists (a log of another run, or of this one); it is left as it was. "
                 "Give another path, remove the file, or pass overwrite=True") from None
         self.path = path
-        self._write(MAGIC + struct.pack("<I", len(hdr)) + hdr + struct.pack("<I", zlib.crc32(hdr)))
+        self._pre_hook = None
+        try:    # the header on disk now: a process killed before the first flush leaves a log, not an empty file
+            self._write(MAGIC + struct.pack("<I", len(hdr)) + hdr + struct.pack("<I", zlib.crc32(hdr)))
+            self._f.flush()
+        except OSError:
+            self._f.close()
+            os.unlink(path)
+            raise
         opt.step_hook = self._on_step
         # checked before every step, so that a step on another layout never runs while recording
         self._pre_hook = opt.register_step_pre_hook(self._before_step)
@@ -243,6 +264,21 @@ class TrajectoryRecorder:
             self._refuse(opt, f"optimizer-wide options changed while recording ({diff}); a log replays with the "
                          "options of its header", "after changing them")
 
+    def _guarded(self, what: str, io, *args):
+        """``io(*args)``, a write or flush of the log; a failure stops the recording (no end
+        record: a checksum of weights the log does not reach would refuse it as another run's)."""
+        try:
+            return io(*args)
+        except OSError as e:
+            self._detach()
+            f, self._f = self._f, None
+            with contextlib.suppress(OSError):
+                f.close()       # flushes what it can: the complete records replay with allow_truncated
+            raise TrajectoryWriteError(
+                f"TrajectoryRecorder: writing {self.path} failed ({e.strerror or e}) {what}. Recording stopped: the "
+                "log has no end record; replay(..., allow_truncated=True) or zeroflow replay --allow-truncated "
+                "replays the steps it holds, unverified", e) from e
+
     def _refuse(self, opt, what: str, when: str):
         n = opt.step_count
         self.close()        # the end record: the weights now (this step has not run)
@@ -255,6 +291,11 @@ class TrajectoryRecorder:
         self._f.write(b)
         self.bytes_written += len(b)
 
+    def _flush(self, what: str, sync: bool = False) -> None:
+        self._guarded(what, self._f.flush)
+        if sync:
+            self._guarded(what, os.fsync, self._f.fileno())
+
     def _record(self, payload: bytes) -> None:
         self._write(struct.pack("<I", len(payload)) + payload + struct.pack("<I", zlib.crc32(payload)))
 
@@ -265,7 +306,7 @@ class TrajectoryRecorder:
             # changed during the step (_before_step saw the old layout: the closure added a group):
             # the step ran and cannot be logged, and the weights after the step before it are gone,
             # so no end record can be written; the log is left without one (refused as truncated)
-            self._abandon()
+            self.abandon()
             raise RuntimeError(
                 f"TrajectoryRecorder: the optimizer's param groups changed during step {info['step']} "
                 f"(add_param_group in the closure?): {self._layout_change(opt)}. The step ran (or failed) on "
@@ -273,7 +314,8 @@ class TrajectoryRecorder:
                 "replay refuses it). Add groups between steps, after closing the recorder, and start a new log then.")
         opts = [group_options(g, with_lr=False) for g in opt.param_groups]
         if opts != self._opts:
-            self._record(bytes([K_OPTIONS]) + json.dumps(opts, sort_keys=True).encode())
+            self._guarded(f"at step {info['step']}, which ran (its update is applied; the log does not hold it)",
+                          self._record, bytes([K_OPTIONS]) + json.dumps(opts, sort_keys=True).encode())
             self._opts = opts
         flags = _STATUS_FLAG[info["status"]]
         lrs = [float(g["lr"]) for g in opt.param_groups]
@@ -287,8 +329,10 @@ class TrajectoryRecorder:
             extra += struct.pack(f"<H{len(lrs)}d", len(lrs), *lrs)
             self._lrs = lrs
         sc = info["scalars"]
-        self._record(struct.pack("<BQB", K_STEP, info["step"], flags) + extra
-                     + struct.pack(f"<H{len(sc)}d", len(sc), *sc))
+        what = (f"at step {info['step']}, which ran (its update is applied; the log does not hold it), "
+                f"status {info['status']!r}")
+        self._guarded(what, self._record, struct.pack("<BQB", K_STEP, info["step"], flags) + extra
+                      + struct.pack(f"<H{len(sc)}d", len(sc), *sc))
         self._steps += 1
         self._next_step = opt.step_count
         if flags & F_FAILED and not self._warned_failed:
@@ -299,7 +343,7 @@ class TrajectoryRecorder:
                 "a new log from a checkpoint saved now (save_base(path, model, optimizer)).",
                 RuntimeWarning, stacklevel=2)
         if self._steps % self._flush_every == 0:
-            self._f.flush()
+            self._flush(what)
 
     def _detach(self) -> None:
         if self.opt.step_hook == self._on_step:
@@ -308,11 +352,15 @@ class TrajectoryRecorder:
             self._pre_hook.remove()
             self._pre_hook = None
 
-    def _abandon(self) -> None:
-        """Stop recording without an end record (what was written stays on disk)."""
+    def abandon(self) -> None:
+        """Stop recording without an end record (what was written stays on disk): for a
+        recording cut short (an error, a ^C), whose weights are not where the trajectory was
+        meant to end. Replay refuses the log as truncated unless allow_truncated (its steps,
+        unverified); ``close()`` would make it look whole. No-op once closed."""
+        if self._f is None:
+            return
         self._detach()
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        self._flush("while stopping", sync=True)
         self._f.close()
         self._f = None
 
@@ -322,9 +370,9 @@ class TrajectoryRecorder:
         self._detach()
         digest = bytes.fromhex(weights_sha256(self.names, self._params))
         # the next step the log holds, not opt.step_count: a rollback moved that back (_before_step)
-        self._record(struct.pack("<BQQ", K_END, self._steps, self._next_step) + digest)
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        self._guarded("in its end record", self._record, struct.pack("<BQQ", K_END, self._steps, self._next_step)
+                      + digest)
+        self._flush("in its end record", sync=True)
         self._f.close()
         self._f = None
 
@@ -348,6 +396,9 @@ def read_log(path: str, *, allow_truncated: bool = False) -> tuple[dict, list[tu
     checksum mismatch is still refused: a crash cuts a file, it does not change its bytes."""
     with open(path, "rb") as f:
         data = f.read()
+    if len(data) < len(MAGIC) and MAGIC.startswith(data):
+        raise ReplayError(f"{path}: truncated log ({len(data)} bytes: the recording process stopped before its "
+                          "header was written); nothing to replay")
     if data[:6] != MAGIC[:6]:
         raise ReplayError(f"{path}: not a zeroflow trajectory log (bad magic)")
     if data[:8] != MAGIC:

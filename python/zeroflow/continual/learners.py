@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ZeroflowError
+from .errors import WriteFailed, ZeroflowError
 
 
 class CosineLinear(nn.Module):
@@ -124,10 +124,20 @@ def train_subspace(net: nn.Module, forward: Callable, modules: Dict[str, nn.Modu
         if data_parallel:
             opt.check_params(where=f"after {progress_desc}")
             info["bytes_communicated"] = opt.comm.snapshot()
-        return info
-    finally:
         if recorder is not None:
             recorder.close()      # the end record: the checksum of the weights the task ends with
+        return info
+    except BaseException as e:
+        if recorder is not None:
+            # cut short (^C, an error): no end record. With one, the log looked whole and
+            # replayed, verified, to the weights of a task trained in part.
+            with contextlib.suppress(OSError):
+                recorder.abandon()
+            from zeroflow.replay import TrajectoryWriteError
+            if isinstance(e, TrajectoryWriteError):
+                raise WriteFailed(f"cannot write {recorder.path}: {e.strerror}") from e
+        raise
+    finally:
         for m, f in fused:
             m.fused_attn = f
 

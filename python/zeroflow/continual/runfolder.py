@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .errors import ZeroflowError
+from .errors import WriteFailed, ZeroflowError
 
 LOCK = ".lock"
 CONFIG = "config.json"
@@ -57,7 +57,7 @@ def writing(path: str):
     try:
         yield
     except OSError as e:
-        raise ZeroflowError(f"cannot write {path}: {e.strerror or e}") from e
+        raise WriteFailed(f"cannot write {path}: {e.strerror or e}") from e
 
 
 # ---------------------------------------------------------------- the lock

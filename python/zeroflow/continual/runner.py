@@ -31,7 +31,7 @@ import torch.distributed
 from .._atomic import atomic_torch_save, atomic_write, atomic_write_bytes
 from . import metrics as M
 from .defaults import COMMON, flag, lr_entry, validate
-from .errors import ZeroflowError
+from .errors import WriteFailed, ZeroflowError
 from .precision import check_run_precision
 from .runfolder import (CHECKPOINT, CONFIG, METRICS, TRAJECTORY, RunFolder, canonical, config_differences, inspect,
                         inside_refusal, parent_refusal, read_run_config, remove_run_files,
@@ -477,12 +477,13 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
         return metrics
     except KeyboardInterrupt as e:
         raise RunInterrupted(run_dir, results.completed if results else 0, T, written) from e
-    except UnreadableImage as e:
+    except (UnreadableImage, WriteFailed) as e:
         if not written:
             raise
         done = results.completed if results else 0
         kept = f"its {done} finished task(s) are kept" if done else "no task had finished yet"
-        raise UnreadableImage(f"{e}, then continue the run with: zeroflow run --resume --out {run_dir} ({kept})") from e
+        fix = "" if isinstance(e, UnreadableImage) else "; fix that"     # an image's fix is in its message
+        raise type(e)(f"{e}{fix}, then continue the run with: zeroflow run --resume --out {run_dir} ({kept})") from e
     finally:
         if folder is not None:
             folder.release()          # removes the folder too if this run created it and wrote nothing
