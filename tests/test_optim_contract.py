@@ -355,6 +355,46 @@ def test_options_given_as_float32_scalars_train_as_their_float_values(cls, kw, k
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+def test_a_hybrid_fo_step_without_grads_warns_once_that_it_moved_nothing():
+    # opt.step(lambda: loss), the ZO pattern, given to a hybrid: its whole FO phase trained
+    # nothing (torch.optim skips parameters without .grad), without a word
+    model = make_mlp(6, 4, 1)
+    opt = create("zo_sgd", model.parameters(), lr=0.05, fo_lr=0.05, hybrid_switch=3, seed=1)
+    before = snapshot(model)
+    with pytest.warns(RuntimeWarning, match=r"HybridFOZO: first-order step 0 \(of the FO phase's 3\) found no "
+                                            r"\.grad and moved nothing.*loss\.backward\(\)") as w:
+        opt.step(lambda: loss_of(model))
+        opt.step(lambda: loss_of(model))
+    assert len([x for x in w if "found no .grad" in str(x.message)]) == 1 and max_moved(model, before) == 0.0
+    with warnings.catch_warnings():                   # the convention: train_step, or a closure with backward
+        warnings.simplefilter("error")
+        fresh = make_mlp(6, 4, 1)
+        hybrid = create("zo_sgd", fresh.parameters(), lr=0.05, fo_lr=0.05, hybrid_switch=2, seed=1)
+        for _ in range(4):
+            train_step(hybrid, lambda: loss_of(fresh))
+
+
+def test_a_closure_returning_a_loss_with_a_graph_is_warned_once():
+    # A closure that enables grad inside the step's no_grad (Lightning style) and calls
+    # backward ran silently: activations kept for a graph, .grad filled 2q times per step.
+    model = make_mlp(6, 4, 1)
+    opt = ZOFusedSGD(model.parameters(), lr=0.05, seed=1)
+
+    def lightning_style():
+        with torch.enable_grad():
+            loss = loss_of(model)
+            loss.backward()
+        return loss
+
+    with pytest.warns(RuntimeWarning, match="the closure returned a loss with an autograd graph") as w:
+        opt.step(lightning_style)
+        opt.step(lightning_style)
+    assert len([x for x in w if "autograd graph" in str(x.message)]) == 1
+    with warnings.catch_warnings():                   # a plain forward closure is not warned
+        warnings.simplefilter("error")
+        ZOFusedSGD(model.parameters(), lr=0.05, seed=1).step(lambda: loss_of(model))
+
+
 # ------------------------------------------------------------------ ^C between kernel calls
 def _interrupting_after(k, monkeypatch):
     """call_op that sends this process a SIGINT right after its k-th call returns: a ^C that

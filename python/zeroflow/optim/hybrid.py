@@ -8,6 +8,8 @@ attached to the hybrid therefore keeps decaying both phases with one schedule.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .zo import counter, load_with_hooks, params_list, state_dict_with_hooks
@@ -101,10 +103,27 @@ class HybridFOZO(torch.optim.Optimizer):
         was_fo = not self.zeroth_order
         self._sync_lr()
         loss = self.active.step(closure)
+        if was_fo:
+            self._check_fo_step_had_grads()
         self._steps += 1
         if was_fo and self.zeroth_order:
             self.fo.zero_grad(set_to_none=True)      # free the .grad tensors for the ZO phase
         return loss
+
+    def _check_fo_step_had_grads(self) -> None:
+        """Warn once when a first-order step found no ``.grad``: it moved nothing. The usual
+        cause is a ZO-style closure (``opt.step(lambda: loss)``, no backward) given to the
+        hybrid, which trained nothing for its whole FO phase without a word."""
+        if getattr(self, "_warned_no_grad", False):
+            return
+        if any(p.grad is not None for g in self.fo.param_groups for p in g["params"]):
+            return
+        self._warned_no_grad = True
+        warnings.warn(
+            f"HybridFOZO: first-order step {self._steps} (of the FO phase's {self.switch}) found no .grad and moved "
+            "nothing. In the FO phase the closure must call loss.backward() (torch.optim's convention), or train "
+            "with zeroflow.optim.train_step, which runs backward in the FO phase and only the forward in the ZO "
+            "phase", RuntimeWarning, stacklevel=3)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.fo.zero_grad(set_to_none=set_to_none)

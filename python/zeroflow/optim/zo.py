@@ -565,6 +565,22 @@ class _ZOBase(torch.optim.Optimizer):
                 "e.g. F.cross_entropy(logits.float(), y) (Hugging Face's model(**batch).loss already is)",
                 RuntimeWarning, stacklevel=4)
 
+    def _check_loss_graph(self, loss) -> None:
+        """Warn once per optimizer about a loss that carries an autograd graph: the closure
+        turned grad mode on inside the step's torch.no_grad() (``with torch.enable_grad():``,
+        Lightning-style closures). The graph holds every activation (the memory ZO saves), and
+        a backward() in such a closure fills ``.grad`` 2q times per step, unused: it passes
+        the check that refuses backward() in a plain closure (no graph there)."""
+        if (isinstance(loss, torch.Tensor) and loss.requires_grad
+                and not getattr(self, "_warned_loss_graph", False)):
+            self._warned_loss_graph = True
+            warnings.warn(
+                f"{type(self).__name__}: the closure returned a loss with an autograd graph (it enabled grad inside "
+                "the step's torch.no_grad()); a ZO step needs only the loss value. Run the forward without "
+                "enable_grad and without backward() (e.g. lambda: loss_fn(model(x), y)): the graph keeps every "
+                "activation in memory, and a backward() there computes gradients nobody uses",
+                RuntimeWarning, stacklevel=4)
+
     def _eval(self, closure, where: str) -> float:
         """One forward pass: the closure's loss, through ``scalar_hook``. The only part of a
         step that a ^C interrupts where it lands (a ^C that came while kernels ran is raised
@@ -582,6 +598,7 @@ class _ZOBase(torch.optim.Optimizer):
                 # refuse the parameters (they require grad): theta stayed perturbed
                 torch.set_grad_enabled(grad_mode)
             self._check_loss_precision(loss)
+            self._check_loss_graph(loss)
             val = _scalar(loss, where)
             if self.scalar_hook is not None:
                 val = float(self.scalar_hook([val])[0])
