@@ -395,6 +395,40 @@ def test_a_closure_returning_a_loss_with_a_graph_is_warned_once():
         ZOFusedSGD(model.parameters(), lr=0.05, seed=1).step(lambda: loss_of(model))
 
 
+@pytest.mark.parametrize("cls,kw", [(ZOFusedSGD, dict(momentum=0.9, history=0.5)), (ZOFusedAdam, {})])
+def test_state_made_under_inference_mode_serves_the_steps_after_it(cls, kw):
+    # ZO training loops often run under torch.inference_mode(); the buffers a first step made
+    # there were inference tensors, and the first step outside it failed in its update, after
+    # its forwards ("Inplace update to inference tensor outside InferenceMode")
+    runs = []
+    for inference in (True, False):
+        model = make_mlp(6, 4, 1)
+        opt = cls(model.parameters(), lr=0.01, seed=2, **kw)
+        with torch.inference_mode(inference):
+            opt.step(lambda: loss_of(model))
+        opt.step(lambda: loss_of(model))
+        assert not any(t.is_inference() for st in opt.state.values() for t in st.values()
+                       if isinstance(t, torch.Tensor))
+        runs.append(snapshot(model))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_closure_return_values_are_taken_or_refused_by_name():
+    import numpy as np
+    model = make_mlp(6, 4, 1)
+    opt = ZOFusedSGD(model.parameters(), lr=0.01, seed=2)
+    # a numpy real is a loss value like a float (np.float32 was refused as "it returned float32")
+    assert torch.isfinite(opt.step(lambda: np.float32(loss_of(model).item())))
+    with pytest.raises(TypeError, match="real scalar loss; at theta .* it returned a torch.complex64 tensor"):
+        opt.step(lambda: loss_of(model).to(torch.complex64))        # was float()'s bare "not 'complex'"
+    with pytest.raises(TypeError, match="it returned an object of type builtins.str"):
+        opt.step(lambda: "0.5")
+    fg = ZOFusedSGD(model.parameters(), lr=0.01, seed=2, estimator="forward_grad", model=model)
+    with pytest.raises(TypeError, match=r"forward_grad: the closure must return the loss as a tensor .* \(it "
+                                        r"returned float\).*not loss\.item\(\)"):
+        fg.step(lambda: loss_of(model).item())                      # was functorch's "return only tensors"
+
+
 # ------------------------------------------------------------------ ^C between kernel calls
 def _interrupting_after(k, monkeypatch):
     """call_op that sends this process a SIGINT right after its k-th call returns: a ^C that

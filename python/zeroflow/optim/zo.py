@@ -89,7 +89,12 @@ class _ClosureModule(torch.nn.Module):
         self.closure: Callable | None = None
 
     def forward(self):
-        return _call_closure(self.closure)
+        loss = _call_closure(self.closure)
+        if not isinstance(loss, torch.Tensor):       # else functorch's "expected f(*primals) to return only tensors"
+            raise TypeError(f"forward_grad: the closure must return the loss as a tensor computed from the model's "
+                            f"parameters (it returned {type(loss).__name__}): a number carries no derivative; "
+                            "return loss, not loss.item()")
+        return loss
 
 
 def _call_closure(closure):
@@ -116,10 +121,14 @@ def _scalar(loss, where: str) -> float:
                 f"the closure must return a scalar loss; {where} it returned a tensor of shape "
                 f"{tuple(loss.shape)} (reduce it, e.g. .mean())"
             )
+        if loss.is_complex():           # float() of it raised Python's bare "not 'complex'"
+            raise TypeError(f"the closure must return a real scalar loss; {where} it returned a {loss.dtype} tensor")
         return float(loss.item())      # any shape of one element; detach/reshape add ~3 us per loss
-    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+    # a Python or numpy real (np.float32 was refused as "it returned float32", like a dtype)
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
         return float(loss)
-    raise TypeError(f"the closure must return a scalar loss tensor; {where} it returned {type(loss).__name__}")
+    raise TypeError(f"the closure must return a scalar loss tensor; {where} it returned an object of type "
+                    f"{type(loss).__module__}.{type(loss).__qualname__}")
 
 
 def _loss_tensor(x: float) -> torch.Tensor:
@@ -966,9 +975,12 @@ class _ZOBase(torch.optim.Optimizer):
         except KeyError:
             fresh = name not in sts[0]
             dtype = torch.float32 if g["state_dtype"] == "float32" else None
-            for st, p in zip(sts, ps):
-                if name not in st:
-                    st[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            # normal tensors even when the first step runs under torch.inference_mode() (MeZO
+            # style): inference tensors there made every later step outside it fail
+            with torch.inference_mode(False):
+                for st, p in zip(sts, ps):
+                    if name not in st:
+                        st[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
             return [st[name] for st in sts], fresh
 
     def _history(self, g, sts, ps):
