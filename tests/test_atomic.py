@@ -33,3 +33,25 @@ def test_errors_name_the_target_and_leave_nothing(tmp_path):
     assert e.value.filename == str(tmp_path / "f.json")
     assert (tmp_path / "f.json").read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["f.json"]           # the temporary file is gone
+
+
+def test_the_data_is_fsynced_before_the_rename(tmp_path, monkeypatch):
+    """Renamed before its data reached the disk, a crash could leave the target empty or
+    half-written under its final name: the very thing the temporary file is there to prevent."""
+    import zeroflow._atomic as atomic
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append("fsync")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        calls.append("replace")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    atomic_write_bytes(str(tmp_path / "f.json"), b"{}")
+    assert calls == ["fsync", "replace"]
+    assert (tmp_path / "f.json").read_bytes() == b"{}"

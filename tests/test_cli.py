@@ -242,3 +242,43 @@ def test_a_hybrid_run_of_the_zo_sgd_family_takes_the_sgd_rate_for_its_first_orde
     for hs, lr in ((None, 1e-4), (0, 1e-4), (5, 0.025), ("5", 0.025)):
         cfg = resolve({"dataset": "cifar100", "method": "ease", "optimizer": "zo_sgd", "hybrid_switch": hs})
         assert cfg["lr"] == lr, (hs, cfg["lr"])
+
+
+def test_download_reaches_the_run_configuration(tmp_path, monkeypatch):
+    """--download is not one of the RUN_FLAGS: dropped from the overrides, a CIFAR-100 run
+    never fetched the data it was told to (docs/continual.md: `--download` fetches it)."""
+    import zeroflow.continual.runner as runner
+    seen = []
+
+    def fake_run(cfg, out, **kw):
+        seen.append(cfg)
+        return {"stopped_after": 0}
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    for flags, want in ((["--download"], True), ([], False)):
+        assert main(["run", "--dataset", "cifar100", *flags, "--out", str(tmp_path / "r")]) == 0
+        assert seen.pop()["download"] is want, flags
+
+
+def test_report_output_that_is_a_folder_is_refused_before_the_runs_are_read(tmp_path, capsys):
+    # a folder as --output used to read (and here: fail to find) every run first, then fail to write
+    (tmp_path / "out").mkdir()
+    (tmp_path / "runs").mkdir()              # nothing finished in it: reading the runs would fail
+    assert main(["report", str(tmp_path / "runs"), "--output", str(tmp_path / "out")]) == 2
+    assert f"cannot write {tmp_path / 'out'}: it is a folder" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_force_removes_the_run_files_and_the_old_trajectory_logs_only(tmp_path):
+    """--force deletes that run's files (only those; docs/continual.md), the trajectory/ folder
+    of --record included: left behind, the old logs sat beside a new run (without --record, or
+    recording fewer tasks) as if they were its own."""
+    from zeroflow.continual.runfolder import RUN_FILES, TRAJECTORY, remove_run_files
+    for name in RUN_FILES:
+        (tmp_path / name).write_bytes(b"old")
+    (tmp_path / TRAJECTORY).mkdir()
+    (tmp_path / TRAJECTORY / "task1.zft").write_bytes(b"old")
+    (tmp_path / TRAJECTORY / "task1.base.pt").write_bytes(b"old")
+    (tmp_path / "notes.txt").write_text("mine")
+    remove_run_files(str(tmp_path))
+    assert os.listdir(tmp_path) == ["notes.txt"]

@@ -296,3 +296,17 @@ def test_an_undecodable_image_mid_run_is_one_line_and_the_run_resumes(tmp_path, 
     rc, stdout, err = _run_cli(capsys, "run", "--resume", "--out", out, "--no-progress")
     assert rc == 0 and f"resuming {out} after task 1/2" in stdout, err
     assert (out / "metrics.json").exists()
+
+
+def test_the_digits_shift_moves_up_to_one_pixel_either_way():
+    """docs/continual.md: digits training augmentation is a random shift of up to 1 pixel (pad +
+    crop). An offset drawn from [0, 2s) instead of [0, 2s] shifts one way only on each axis."""
+    from zeroflow.continual.data import TensorImages
+    x = torch.zeros(1, 1, 3, 3)
+    x[0, 0, 1, 1] = 1.0
+    ds = TensorImages(x, [0], shift=1)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        seen = {tuple(torch.nonzero(ds[0][0][0])[0].tolist()) for _ in range(300)}
+    assert seen == {(r, c) for r in range(3) for c in range(3)}
+    assert torch.equal(TensorImages(x, [0])[0][0], x[0])                # no shift: the image itself

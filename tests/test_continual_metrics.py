@@ -1,4 +1,6 @@
 """Metric formulas on hand-computed accuracy matrices; split logic."""
+import os
+
 import pytest
 
 from zeroflow.continual import metrics as M
@@ -124,3 +126,30 @@ def test_the_training_section_peak_excludes_what_comes_after_and_the_stage_peak_
     with mem.section() as training:
         fake.alloc(200)
     assert (training["peak"], mem.peak()) == (200, 500)      # the spike before the section is kept
+
+
+def test_seconds_per_iteration_is_the_time_in_the_optimizer_steps_only():
+    """docs/continual.md: seconds_per_iteration = wall time inside optimizer steps / steps
+    (Table 2's s/iter). Dividing the tasks' whole time (prototypes and tests included) by the
+    steps gives 10 s / 4 here instead of 2 s / 4."""
+    from types import SimpleNamespace
+
+    from zeroflow.continual import runner
+    from zeroflow.continual.learners import Counters
+    counters = Counters(train_forward_passes=8, iterations=4, train_seconds=2.0)
+    results = runner._Results(matrix=[[50.0]], counters=counters, curve=[50.0], completed=1, peak=5,
+                              task_stats=[{"seconds": 10.0, "train_peak_memory_bytes": 1}])
+    m = runner._metrics(results, SimpleNamespace(tasks=[[0, 1]], order=[0, 1]), {"precision": "fp32"},
+                        run_dir="r", world=1, device="cpu", mem=SimpleNamespace(kind="cpu_peak_rss"),
+                        setup_seconds=0.0, record_dir=None)
+    assert m["seconds_per_iteration"] == pytest.approx(2.0 / 4)
+    assert m["seconds"] == 10.0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux /proc")
+def test_cpu_peak_memory_is_in_bytes():
+    """ru_maxrss is in KiB on Linux: read as bytes, CPU runs reported a 1024 times smaller peak
+    (docs/continual.md: peak_memory_bytes on CPU is the process's peak RSS)."""
+    with open("/proc/self/status") as f:
+        hwm_kib = int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
+    assert M.peak_rss_bytes() == pytest.approx(hwm_kib * 1024, rel=0.05)

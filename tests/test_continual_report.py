@@ -222,3 +222,17 @@ def test_table_2_memory_is_the_training_peak_and_older_runs_are_named():
     text, _ = render_runs([new, old], [])
     assert "| EASE | zo_sgd | 1.00 |" in text and "| EASE | fo_sgd | 3.00 |" in text, text
     assert "is their whole-task peak (training, prototypes and tests): runs/old\n" in text
+
+
+def test_the_gains_table_is_kept_when_only_some_runs_have_a_baseline():
+    """Runs with `--baseline untrained` (the embedded digits) beside runs without one (real data,
+    where it is off by default): the gains table shows the first and "-" for the others. Kept
+    only when every run had a baseline, it vanished from such a report altogether."""
+    base = {"avg": 80.0, "last": 70.0, "fgt": 0.0, "peak_memory_bytes": 1e9, "forward_passes": 9}
+    with_gain = dict(base, avg_gain=2.0, last_gain=-1.0, _dir="runs/a",
+                     config={"method": "ease", "optimizer": "zo_sgd", "dataset": "digits"})
+    without = dict(base, _dir="runs/b", config={"method": "ease", "optimizer": "zo_sgd", "dataset": "cifar100"})
+    text, _ = render_runs([with_gain, without], [])
+    assert "### What training added" in text, text
+    gains = text.split("### What training added")[1].split("###")[0]
+    assert "| EASE | zo_sgd | +2.00 | -1.00 | - | - |" in gains

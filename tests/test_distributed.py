@@ -24,6 +24,7 @@ warnings.filterwarnings("ignore", message="zfkernels: the compiled")
 WORLD = 2
 STEPS = 20
 SPLIT = (20, 28)          # unequal shards of the 48-sample batch: the mean must be weighted
+STEPS_I = 5               # scenario I: equal shards, no batch_size
 CASES = {
     "sgd": ("zo_sgd", dict(lr=4e-3, momentum=0.9, weight_decay=1e-3, zo_eps=1e-2, q=1)),
     "adam": ("zo_adam", dict(lr=5e-3, zo_eps=1e-2, q=2)),
@@ -147,6 +148,12 @@ def _worker(rank, world, init_file, out_dir):
             res["H_mixed"] = str(e)
         res["H_untouched"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
         res["H_step"] = dp.step_count
+        # I. no batch_size on any rank, equal shards: the plain mean over ranks
+        half = sum(SPLIT) // world
+        model = make_model()
+        dp = DataParallelZO(build("sgd", model))
+        losses = run_steps(dp, model, X[rank * half:(rank + 1) * half], Y[rank * half:(rank + 1) * half], STEPS_I)
+        res["I_unweighted"] = {"params": {k: v.clone() for k, v in model.state_dict().items()}, "losses": losses}
     except Exception:  # noqa: BLE001
         res["error"] = traceback.format_exc()
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -269,3 +276,19 @@ def test_a_batch_size_given_on_some_ranks_only_raises_on_every_rank_before_the_s
         assert res[r]["H_mixed"] is not None, f"rank {r} stepped with a batch size on rank 0 only"
         assert "rank(s) [1] gave no batch_size" in res[r]["H_mixed"], res[r]["H_mixed"]
         assert res[r]["H_untouched"] and res[r]["H_step"] == 0, r
+
+
+def test_without_a_batch_size_equal_shards_equal_single_process_on_concatenated_batch(spawned):
+    """docs/distributed.md: batch_size never set -> plain mean over ranks (correct for equal
+    shards). Summing the ranks' losses instead of averaging them (weight 1 instead of
+    1/world) doubles every ZO step here and reports twice the loss."""
+    res, _ = spawned
+    X, Y = make_data(sum(SPLIT), 6)
+    model = make_model()
+    losses = run_steps(build("sgd", model), model, X, Y, STEPS_I)
+    p0, p1 = res[0]["I_unweighted"]["params"], res[1]["I_unweighted"]["params"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(p0[k], p1[k]), f"ranks differ in {k}"
+        torch.testing.assert_close(p0[k], v, rtol=1e-5, atol=2e-5, msg=f"{k} differs from single process")
+    torch.testing.assert_close(torch.tensor(res[0]["I_unweighted"]["losses"]), torch.tensor(losses),
+                               rtol=1e-5, atol=1e-6)

@@ -145,6 +145,64 @@ def test_moni_adam_complements_only_existing_subspaces():
     assert torch.equal(e.protos[1:], P[1:]) and torch.equal(e.protos[0, :2], P[0, :2])
 
 
+def test_reweighting_divides_alpha_by_t_past_the_second_task():
+    """docs/continual.md: w_ij = alpha / t for j != i, t the 0-based index of the current task.
+    At t = 1 alpha / t is alpha, so only a third task tells them apart: a learner weighting
+    the other subspaces by alpha itself scores them twice as much here."""
+    from zeroflow.continual.ease import EASE
+    e = EASE(_Net(3), {"ease_alpha": 0.1}, torch.device("cpu"))
+    torch.manual_seed(0)
+    P = torch.randn(3, 3, 4)                    # classes of tasks 0, 1, 2 x subspaces 0, 1, 2
+    e.protos, e.task_of_class, e.task_classes = P, [0, 1, 2], [[0], [1], [2]]
+    x = torch.randn(1, 3, 4)
+    logits = e.logits(x)
+    w = 0.1 / 2                                 # t = 2
+    for c in range(3):
+        exp = sum((1.0 if j == c else w) * _cos(x[0, j], P[c, j]) for j in range(3))
+        assert logits[0, c].item() == pytest.approx(exp, abs=1e-6), c
+
+
+def test_later_lr_and_epochs_reach_the_training_of_the_later_tasks(monkeypatch):
+    """task_cfg is what the later tasks train with: learn_task must hand it to train_subspace
+    (handing it the run's cfg trained every task with --lr / --epochs, and --ease-later-lr /
+    --ease-later-epochs did nothing; docs/continual.md, EASE options)."""
+    from types import SimpleNamespace
+
+    from zeroflow.continual import ease as ease_mod
+    from zeroflow.continual.defaults import resolve
+    seen = []
+
+    def fake_train(net, forward, modules, loader, cfg, **kw):
+        seen.append((cfg["lr"], cfg["epochs"]))
+        return {"steps": 0, "forward_passes": 0}
+
+    def fake_extract(net, loader, adapters, device, counters):
+        labels = torch.as_tensor(loader * 2)              # two images per class
+        return torch.randn(len(labels), len(adapters), net.dim), labels
+
+    class Net:
+        dim = 4
+
+        def __init__(self):
+            self.adapters = []
+
+        def add_adapter_set(self):
+            self.adapters.append(torch.nn.Linear(1, 1))
+            return self.adapters[-1]
+
+    monkeypatch.setattr(ease_mod, "train_subspace", fake_train)
+    monkeypatch.setattr(ease_mod, "extract", fake_extract)
+    cfg = resolve(dict(init_cls=4, increment=2, ease_later_lr=0.5, ease_later_epochs=3, num_workers=0))
+    assert cfg["lr"] != 0.5 and cfg["epochs"] != 3
+    e = ease_mod.EASE(Net(), cfg, torch.device("cpu"))
+    data = SimpleNamespace(loader=lambda split, classes, *a, **kw: list(classes))
+    ctx = SimpleNamespace(seed=0, shard=None, counters=None, timer=None, n_tasks=3, progress=False, mem=None,
+                          record_stem=lambda t: None)
+    for t, classes in enumerate(([0, 1, 2, 3], [4, 5], [6, 7])):
+        e.learn_task(t, classes, data, ctx)
+    assert seen == [(cfg["lr"], cfg["epochs"]), (0.5, 3), (0.5, 3)]
+
+
 # ---------------------------------------------------------------- the OmniBenchmark variant end to end
 def _omnibenchmark_fixture(root, n_classes=6, per_split=3):
     from PIL import Image

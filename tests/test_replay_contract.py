@@ -518,3 +518,16 @@ def test_a_log_whose_recorder_was_killed_replays_its_complete_steps(tmp_path, ca
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _equal_models(replay(base, log, allow_truncated=True), after[5]) == []     # a complete log: verified
+
+
+def test_the_weights_checksum_covers_the_tensor_names():
+    """The header's base_sha256 and the end record's checksum are over (name, dtype, shape,
+    bytes) of each tensor (docs/distributed.md): a BASE of another model whose tensors have the
+    same bytes under other names must not pass for the recorded one."""
+    from zeroflow.replay import weights_sha256
+    t = torch.arange(6, dtype=torch.float32)
+    ref = weights_sha256(["0.weight"], [t])
+    assert weights_sha256(["0.weight"], [t.clone()]) == ref
+    assert weights_sha256(["1.weight"], [t]) != ref                      # the name only
+    assert weights_sha256(["0.weight"], [t.reshape(2, 3)]) != ref        # the shape only
+    assert weights_sha256(["0.weight"], [t.view(torch.int32)]) != ref    # the dtype only
