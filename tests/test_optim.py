@@ -59,7 +59,6 @@ def reference_run(steps, *, base="sgd", lr=0.05, q=1, zo_eps=1e-2, dist="gaussia
                 model.zero_grad()
                 loss_of(model).backward()
                 d.append(sum((p.grad * z).sum() for p, z in zip(params, zs)).item())
-            c = [x / q for x in d]
         else:
             with torch.no_grad():
                 L0 = loss_of(model).item()
@@ -78,7 +77,8 @@ def reference_run(steps, *, base="sgd", lr=0.05, q=1, zo_eps=1e-2, dist="gaussia
                         for p, z in zip(params, zs):
                             p.sub_(z, alpha=zo_eps)
                         d.append((lp - L0) / zo_eps)
-            c = [(math.copysign(1.0, x) if x else 0.0) / q if scalar_sign else x / q for x in d]
+        # docs/algorithms.md §1 / §3: c_j = d_j / q, or sign(d_j) / q with scalar_sign (forward_grad alike)
+        c = [(math.copysign(1.0, x) if x else 0.0) / q if scalar_sign else x / q for x in d]
         ghat = [sum(c[j] * Z[j][k] for j in range(q)) for k in range(len(params))]
         if history:
             h = ghat if h is None else [history * a + (1 - history) * b for a, b in zip(h, ghat)]
@@ -125,6 +125,8 @@ CASES = {
     "zo_sgd_nesterov": dict(opt_kw=dict(momentum=0.9, nesterov=True)),
     "zo_sgd_sign": dict(sign=True, lr=0.01),
     "zo_sgd_scalar_sign": dict(scalar_sign=True, lr=0.01),
+    # sign(d_j) / q (docs/algorithms.md §1): dropping the / q would step q times as far
+    "zo_sgd_scalar_sign_q3": dict(scalar_sign=True, lr=0.01, q=3),
     "zo_sgd_sparse_history": dict(sparsity=0.5, history=0.4, q=2),
     "zo_sgd_conserve": dict(conserve=True, opt_kw=dict(weight_decay=1e-2)),
     "zo_sgd_conserve_momentum": dict(conserve=True, opt_kw=dict(momentum=0.9)),
@@ -135,10 +137,18 @@ CASES = {
     "zo_adam_l2_sign": dict(base="adam", lr=0.01, sign=True, opt_kw=dict(weight_decay=0.1)),
     "zo_adam_history_sparse": dict(base="adam", lr=0.01, history=0.5, sparsity=0.3),
     "zo_adam_conserve": dict(base="adam", lr=0.01, conserve=True),
+    # docs/algorithms.md §2, the frozen Adam move: Adam's L2 weight decay is inside m and v, so
+    # the move's wd is 0; one applying it as decoupled decay would miss theta0 + b Delta
+    "zo_adam_l2_conserve": dict(base="adam", lr=0.01, conserve=True, opt_kw=dict(weight_decay=0.5)),
+    # eps' = kappa eps (§2; kappa = sqrt(bc2 / 2^-27), hundreds here): a move with eps' = eps
+    # lands off the candidates whenever eps is not negligible against sqrt(v) / sigma
+    "zo_adam_conserve_eps": dict(base="adam", lr=0.01, conserve=True, opt_kw=dict(eps=0.1)),
     "zo_adamw_conserve": dict(base="adam", lr=0.01, conserve=True,
                               opt_kw=dict(weight_decay=0.1, decoupled_weight_decay=True)),
     "forward_grad_sgd": dict(forward_grad=True, q=2, opt_kw=dict(weight_decay=1e-2)),
     "forward_grad_adam": dict(base="adam", lr=0.01, forward_grad=True),
+    # docs/algorithms.md §3: c_j = sign(d_j) / q for forward_grad too (the reference above honours scalar_sign)
+    "forward_grad_scalar_sign_q3": dict(forward_grad=True, q=3, scalar_sign=True, lr=0.01),
 }
 
 
@@ -312,6 +322,52 @@ def test_conserve_never_ends_above_start(base, kw):
         assert after <= before * (1 + 1e-6) + 1e-7
         assert ret == pytest.approx(after, rel=1e-5)
     assert len(choices) >= 2   # the large lr makes every candidate win sometimes
+
+
+def test_conserve_never_keeps_a_non_finite_candidate():
+    """docs/algorithms.md §2 step 5: non-finite candidates lose. A NaN at theta0 - Delta (the
+    5th forward: L0, L(theta +- eps z), L+, L-) must not be kept: min() over raw losses
+    compares nothing against NaN, so it would keep the first candidate, theta0 - Delta, and
+    return NaN as the step's loss."""
+    model = make_model()
+    opt = ZOFusedSGD(model.parameters(), lr=0.05, conserve=True, seed=2, backend=BACKEND)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return loss_of(model) * (float("nan") if len(calls) == 5 else 1.0)
+
+    ret = opt.step(closure).item()
+    assert len(calls) == 5 and opt.conserve_choice in (0.0, 1.0) and opt.steps_skipped == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with torch.no_grad():
+        assert math.isfinite(ret) and ret == pytest.approx(loss_of(model).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["two_side", "one_side"])
+def test_step_returns_the_loss_each_query_stands_for(estimator):
+    """step() returns the mean over the queries of the loss each stands for (docs/algorithms.md
+    §1): two_side (L+ + L-) / 2, one_side L(theta) (evaluated once, the first forward). A step
+    returning L+ alone, or only the first query's loss, is off by ~eps |grad . z|."""
+    model = make_model()
+    opt = ZOFusedSGD(model.parameters(), lr=0.05, q=3, zo_eps=1e-2, seed=1, estimator=estimator,
+                     backend=BACKEND)
+    vals = []
+
+    def closure():
+        v = loss_of(model)
+        vals.append(v.item())
+        return v
+
+    ret = opt.step(closure).item()
+    if estimator == "two_side":
+        pairs = [(vals[2 * j] + vals[2 * j + 1]) / 2 for j in range(3)]
+        want, wrong = sum(pairs) / 3, [sum(vals[0::2]) / 3, pairs[0]]
+    else:
+        want, wrong = vals[0], [sum(vals[1:]) / 3]
+    assert len(vals) == (6 if estimator == "two_side" else 4)
+    assert ret == pytest.approx(want, rel=1e-6)
+    assert all(abs(w - want) > 1e-5 * abs(want) for w in wrong)     # the wrong answers are measurably off
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -240,6 +240,29 @@ def test_mask_and_rounding_seeds_follow_the_options_of_each_step(monkeypatch):
     assert [a["round_seed"] for _, op, a in calls if op != "perturb_"] == [zfkernels.derive_seed(14, 1, QUERY_ROUNDING)]
 
 
+@pytest.mark.parametrize("kw", [dict(lr=0.5), dict(lr=0.05, momentum=0.9, nesterov=True)])
+def test_conserve_moves_round_with_their_own_seeds(monkeypatch, kw):
+    """docs/perturbation-stream.md §8: the k-th parameter-writing update call of step n (k = 0
+    the update, then conserve's moves in order; nesterov: two calls per move) rounds with
+    seed(S, n, 2^32 - 3 - k). Moves reusing the update's seed would add correlated rounding
+    noise (and replay would round differently from a schedule counting every call); a count
+    not reset per step would shift k at the next step. Both runs make the second move (back
+    from theta0 - Delta) at some step: lr 0.5 keeps theta0, nesterov keeps it at step 3."""
+    calls = _record_calls(monkeypatch)
+    model = _model().to(torch.bfloat16)
+    opt = ZOFusedSGD(model.parameters(), zo_eps=2**-6, seed=14, conserve=True, stochastic_rounding=True,
+                     backend=BACKEND, **kw)
+    choices = []
+    for n in range(4):
+        calls.clear()
+        opt.step(lambda: F.mse_loss(model(X.bfloat16()).float(), Y))
+        got = [a["round_seed"] for _, op, a in calls if op != "perturb_"]
+        choices.append(opt.conserve_choice)
+        assert len(got) >= 2                         # the update and at least the move to theta0 - Delta
+        assert got == [zfkernels.derive_seed(14, n, QUERY_ROUNDING - k) for k in range(len(got))]
+    assert any(c != -1.0 for c in choices)
+
+
 def test_face_list_checks_name_the_bad_item():
     t = torch.zeros(3)
     with pytest.raises(TypeError, match=r"tensors\[1\] is a int"):

@@ -304,6 +304,25 @@ def test_low_precision_stores_round_to_nearest_even(backend):
         assert p[-1].isnan(), "a NaN stays NaN through the rounded store"
 
 
+def test_mask_keeps_the_element_at_the_threshold(backend):
+    """docs/perturbation-stream.md §6: m_i = 0 iff (x >> 8) < T. With T equal to an element's
+    24-bit value (taken from the spec's Philox words), perturb_ on every backend perturbs that
+    element and leaves exactly the elements below T at 0; a kernel comparing '>' instead of
+    '>=' leaves it at 0 too (and so would the reference, which the bits are compared with)."""
+    be, dev = backend
+    n, tid, ms = 16, 3, 7
+    key = S.split_seed(ms)
+    vals = [S.philox4x32_10_scalar((i >> 2, 0, tid, S.TAG_MASK), key)[i & 3] >> 8 for i in range(n)]
+    for k in (0, 5, 13):
+        T = vals[k]
+        got = torch.zeros(n, device=dev)
+        _op(be, "perturb_")(**_perturb([got], ids=[tid], seed=11, dist=1, mask_seed=ms, T=T))   # Rademacher: +-1
+        assert (got != 0).cpu().tolist() == [v >= T for v in vals] and got[k].item() != 0
+        want = torch.zeros(n)
+        R.perturb_(**_perturb([want], ids=[tid], seed=11, dist=1, mask_seed=ms, T=T))
+        assert_bits_equal(got, want, f"perturb_ mask_threshold = element {k}'s value")
+
+
 def test_empty_lists_tensors_and_q0(backend):
     be, dev = backend
     zk.perturb_([], 1, 1.0, backend=be)

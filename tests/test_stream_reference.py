@@ -116,6 +116,38 @@ def test_mask_extremes_and_threshold_validation():
         S.mask_threshold(1.5)
 
 
+def _mask_values(mask_seed, tensor_id, n):
+    """§6 from the spec's words: element i's 24-bit mask value, word x_(i & 3) of the Philox call
+    with counter (i >> 2, 0, tensor_id, tag 1) and the mask seed's key, shifted right by 8."""
+    key = S.split_seed(mask_seed)
+    return [S.philox4x32_10_scalar((i >> 2, 0, tensor_id, S.TAG_MASK), key)[i & 3] >> 8 for i in range(n)]
+
+
+def test_mask_keeps_the_element_at_the_threshold():
+    """§6: m_i = 0 iff (x >> 8) < T, so an element whose value equals T is kept and
+    P(m_i = 0) = T / 2^24 exactly. Keeping only values above T would zero it too: T + 1 of
+    the 2^24 values zeroed."""
+    vals = _mask_values(7, 3, 16)
+    for k in (0, 5, 13):
+        T = vals[k]
+        keep = R.keep_mask(7, 16, 3, T)
+        assert keep.tolist() == [v >= T for v in vals] and keep[k].item()
+        assert not R.keep_mask(7, 16, 3, T + 1)[k].item()
+
+
+def test_mask_threshold_rounds_to_nearest_ties_to_even():
+    """§6: T = round(sparsity * 2^24), ties to even as Python's round. Truncation would give
+    1677721 for 0.1 (0.1 * 2^24 = 1677721.6) and zero a fraction 6e-8 short; half-up rounding
+    would give 3 for 2.5 * 2^-24."""
+    assert S.mask_threshold(0.1) == 1677722          # 1677721.6
+    assert S.mask_threshold(0.3) == 5033165          # 5033164.8
+    assert S.mask_threshold(0.2) == 3355443          # 3355443.2: down
+    assert S.mask_threshold(1.5 * 2**-24) == 2       # exact ties: to even
+    assert S.mask_threshold(2.5 * 2**-24) == 2
+    assert S.mask_threshold(2**-25) == 0             # "a sparsity below 2^-25 gives T = 0", and 2^-25 too
+    assert S.mask_threshold(1.0) == 1 << 24
+
+
 def test_z_depends_only_on_seed_tensor_id_and_index():
     sizes = [1, 127, 129, 4097, 300]
     ts = [torch.zeros(n) for n in sizes]
