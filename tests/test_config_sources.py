@@ -17,3 +17,20 @@ def test_config_files_are_the_defaults_with_a_source_on_every_line():
                 if not line.startswith("#"):
                     assert "  # " in line and line.split("  # ", 1)[1].strip(), line
 
+
+
+def test_download_is_operational_not_part_of_the_run():
+    """docs/continual.md (defaults table): download is operational, like data_root or device.
+    A run started with --download and the same run resumed or swept without it are one run;
+    counting download as an option refused the run folder as another configuration and split
+    zeroflow report's rows by it."""
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.report import group_runs
+    from zeroflow.continual.runfolder import OPERATIONAL_KEYS, config_differences
+    assert "download" in OPERATIONAL_KEYS
+    cfg = resolve({})
+    assert config_differences(dict(cfg, download=True), dict(cfg, download=False)) == []
+    assert config_differences(dict(cfg, download=True), dict(cfg, download=False, lr=0.5)) == [
+        f"lr: {cfg['lr']!r} there, 0.5 requested"]
+    rows = group_runs([{"config": dict(cfg, seed=1, download=True)}, {"config": dict(cfg, seed=2, download=False)}])
+    assert len(rows) == 1 and len(rows[0].runs) == 2          # two seeds of one configuration

@@ -103,3 +103,48 @@ def test_first_order_refused_under_torchrun(tmp_path):
     res = _launch(1, tmp_path / "fo", tmp_path / "cache", tmp_path / "res", optimizer="fo_sgd")
     assert "error" in res[0]
     assert "fo_sgd" in res[0]["error"] and "torchrun" in res[0]["error"]
+
+
+# ---------------------------------------------------------------- the training loop's data-parallel plumbing
+def test_the_training_loop_reshuffles_sharded_batches_each_epoch_and_weights_by_shard_size():
+    """Under torchrun each rank's loader is a ShardedBatchSampler (docs/continual.md: data-parallel
+    ZO): the loop must call set_epoch(e) every epoch (one permutation per epoch from seed + epoch,
+    as the single-process loader reshuffles; without it every epoch repeated epoch 0's order on
+    every rank, and the 1-rank vs 2-rank comparison above cannot see it: both repeat it), and
+    hand DataParallelZO this rank's batch size every step (without it a short last shard counts
+    as much as a full one in the mean of the ranks' losses). A fake optimizer records both."""
+    from types import SimpleNamespace
+
+    from zeroflow.continual.learners import Counters, _train_loop
+    from zeroflow.distributed import ShardedBatchSampler
+
+    class Opt:
+        zeroth_order, forward_passes = True, 0
+
+        def __init__(self):
+            self.param_groups, self.sizes = [{"lr": 0.0}], []
+
+        def set_batch_size(self, n):
+            self.sizes.append(n)
+
+        def step(self, closure):
+            return closure()
+
+    seen = []
+
+    def forward(x):
+        seen.append(x[:, 0].long().tolist())
+        return torch.zeros(len(x), 2)
+
+    ds = torch.utils.data.TensorDataset(torch.arange(10.0).unsqueeze(1), torch.zeros(10, dtype=torch.long))
+    sampler = ShardedBatchSampler(10, 4, 0, 1, seed=3)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler)
+    opt = Opt()
+    _train_loop(torch.nn.Linear(1, 1), forward, [], opt, loader, {"optimizer": "zo_sgd", "lr": 0.1, "epochs": 2},
+                0, torch.device("cpu"), Counters(), SimpleNamespace(now=lambda: 0.0), "task 1/1", False)
+    want = []
+    for e in range(2):
+        order = torch.randperm(10, generator=torch.Generator().manual_seed(3 + e)).tolist()
+        want += [order[0:4], order[4:8], order[8:10]]
+    assert seen == want
+    assert opt.sizes == [4, 4, 2, 4, 4, 2]

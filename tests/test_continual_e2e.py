@@ -155,3 +155,231 @@ def test_ease_complement_and_reweighting_hand_computed():
     exp2 = w * cos(x[0, 0], e.protos[2, 0]) + cos(x[0, 1], e.protos[2, 1])
     assert logits[0, 0].item() == pytest.approx(exp0, abs=1e-6)
     assert logits[0, 2].item() == pytest.approx(exp2, abs=1e-6)
+
+
+# ---------------------------------------------------------------- unit-level pins (mutation audit)
+# Each test below calls one piece of the runner / learners directly with small fakes, and
+# fails on a plausible wrong implementation that the end-to-end runs above let through.
+def test_cosine_lr_decays_over_the_epochs_without_reaching_zero():
+    """docs/continual.md: "cosine decay over the epochs of a task": epoch e of E gets
+    0.5 * lr * (1 + cos(pi * e / E)); a denominator of E - 1 gave the last epoch lr 0 (it
+    trained nothing)."""
+    import math
+
+    from zeroflow.continual.learners import cosine_lr
+    got = [cosine_lr(1.0, e, 4, "cosine") for e in range(4)]
+    assert got == pytest.approx([0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)])
+    assert got[-1] == pytest.approx(0.1464466, abs=1e-6) and got[0] == 1.0
+    assert cosine_lr(1.0, 3, 4, "constant") == 1.0 and cosine_lr(0.3, 0, 1, "cosine") == 0.3
+
+
+@pytest.mark.parametrize("name", ["zo_sgd", "fo_sgd", "forward_grad", "zo_adam", "fo_adam"])
+def test_the_run_configuration_reaches_the_optimizer(name):
+    """momentum (SGD family) and weight_decay (every optimizer) of the configuration are the
+    optimizer's (docs/continual.md: SGD momentum 0.9; weight decay 5e-4 for EASE/APER);
+    dropping either in make_optimizer trained with 0 and the runs still learned."""
+    from zeroflow.continual.learners import make_optimizer
+    model = torch.nn.Linear(3, 2)
+    opt = make_optimizer({"optimizer": name, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
+                         list(model.parameters()), model, seed=0)
+    g = opt.param_groups[0]
+    assert g["lr"] == 0.1 and g["weight_decay"] == 5e-4
+    if "sgd" in name or name == "forward_grad":
+        assert g["momentum"] == 0.9
+
+
+class _ModeNet(torch.nn.Module):
+    """Records, at every forward, whether it (and its dropout) was in train mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.drop, self.modes = torch.nn.Linear(4, 2), torch.nn.Dropout(0.5), []
+
+    def forward(self, x):
+        self.modes.append((self.training, self.drop.training))
+        return self.lin(self.drop(x))
+
+
+@pytest.mark.parametrize("name,train_mode", [("zo_sgd", False), ("zo_adam", False), ("fo_sgd", True)])
+def test_zo_steps_run_in_eval_mode_and_fo_steps_in_train_mode(name, train_mode):
+    """docs/continual.md "Train / eval mode under zeroth-order optimizers": ZO steps run the
+    learner in eval() mode (adapter dropout off: the +eps and -eps passes would see different
+    dropout masks), first-order steps in train() mode. A loop calling net.train(True) for
+    every step ran ZO with dropout on; the trained adapters still moved."""
+    from types import SimpleNamespace
+
+    from zeroflow.continual.learners import Counters, _train_loop, make_optimizer
+    torch.manual_seed(0)
+    net = _ModeNet()
+    params = list(net.parameters())
+    cfg = {"optimizer": name, "lr": 0.01, "epochs": 2, "schedule": "cosine"}
+    opt = make_optimizer(cfg, params, net, seed=0)
+    ds = torch.utils.data.TensorDataset(torch.randn(6, 4), torch.tensor([0, 1, 0, 1, 1, 0]))
+    loader = torch.utils.data.DataLoader(ds, batch_size=3)
+    info = _train_loop(net, net, params, opt, loader, cfg, 0, torch.device("cpu"), Counters(),
+                       SimpleNamespace(now=lambda: 0.0), "task 1/1", False)
+    assert info["steps"] == 4 and net.modes
+    assert set(net.modes) == {(train_mode, train_mode)}
+    assert not net.training                     # prototypes and tests follow in eval mode
+
+
+def test_eval_forward_passes_count_one_backbone_pass_per_adapter_choice():
+    """docs/continual.md: eval_forward_passes counts the batch passes for prototypes and tests:
+    one per batch and adapter choice (EASE's features run the backbone once per subspace);
+    counting one per batch undercounted EASE by the number of subspaces."""
+    from zeroflow.continual.learners import Counters, batch_features
+
+    class Net:
+        def eval(self):
+            pass
+
+        def features(self, x, a):
+            return x
+
+    c = Counters()
+    loader = [(torch.randn(2, 3), torch.tensor([0, 1])) for _ in range(3)]
+    out = list(batch_features(Net(), loader, [None, 0, 1], torch.device("cpu"), c))
+    assert len(out) == 3 and out[0][0].shape == (2, 3, 3)
+    assert c.eval_forward_passes == 9
+
+
+class _FakeLearner:
+    """Predicts every test image right (its feature is the one-hot of its label)."""
+
+    def __init__(self):
+        self.learned, self.seeds, self.torch_seeds = [], [], []
+        self.net = self
+
+    def eval(self):
+        pass
+
+    def features(self, x, a):
+        return x
+
+    def eval_adapters(self):
+        return [None]
+
+    def logits(self, f):
+        return f[:, 0]
+
+    def learn_task(self, t, classes, data, ctx):
+        self.learned.append(t)
+        self.seeds.append(ctx.seed)
+        self.torch_seeds.append(torch.initial_seed())
+        return {}
+
+    def state_dict(self):
+        return {"learned": list(self.learned)}
+
+    def load_state_dict(self, sd):
+        self.learned = list(sd["learned"])
+
+
+class _FakeData:
+    def __init__(self, tasks):
+        self.tasks, self.test_requests = tasks, []
+
+    def loader(self, split, classes, batch_size, num_workers=0, **kw):
+        assert split == "test"
+        self.test_requests.append(list(classes))
+        y = torch.as_tensor(list(classes))
+        return [(torch.nn.functional.one_hot(y, 10).float(), y)]
+
+
+class _FakeMem:
+    def __init__(self, peaks):
+        self.peaks = list(peaks)
+
+    def reset(self):
+        pass
+
+    def peak(self):
+        return self.peaks.pop(0)
+
+
+def _train_tasks_with_fakes(tmp_path, *, peaks=(1, 1, 1), stop_after=None, results=None, seed=7):
+    from types import SimpleNamespace
+
+    from zeroflow.continual import metrics as M
+    from zeroflow.continual.learners import Counters
+    from zeroflow.continual.runner import _Results, _train_tasks
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    learner, data = _FakeLearner(), _FakeData([[0, 1], [2, 3], [4, 5]])
+    results = results or _Results(matrix=M.empty_matrix(3), counters=Counters())
+    stopped = _train_tasks(learner, data, {"seed": seed, "eval_batch_size": 8, "num_workers": 0}, results,
+                           device=torch.device("cpu"), mem=_FakeMem(peaks), timer=SimpleNamespace(now=lambda: 0.0),
+                           run_dir=str(tmp_path), record_dir=None, shard=None, progress=False, stop_after=stop_after,
+                           main=True, log=lambda *a: None)
+    return stopped, learner, data, results
+
+
+def test_each_stage_is_tested_on_the_classes_seen_so_far(tmp_path):
+    """docs/continual.md: "After stage s the model is tested on the test images of all classes
+    seen so far". Testing on every class of the run scored the early stages against classes
+    not learned yet (the curve, Avg and the matrix's cells change)."""
+    stopped, _, data, results = _train_tasks_with_fakes(tmp_path)
+    assert not stopped
+    assert data.test_requests == [[0, 1], [0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]
+    assert results.curve == [100.0, 100.0, 100.0]
+    assert results.matrix == [[100.0, 100.0, 100.0], [None, 100.0, 100.0], [None, None, 100.0]]
+
+
+def test_every_task_is_seeded_from_the_seed_and_the_task(tmp_path):
+    """docs/continual.md "Seeds and error bars": every task reseeds torch / numpy / the data
+    order / the ZO seed from (seed, task). A task seed from the seed alone gave every task the
+    same data order and ZO directions (a resumed run still matched an uninterrupted one)."""
+    from zeroflow.continual.runner import task_seed
+    _, learner, _, _ = _train_tasks_with_fakes(tmp_path, seed=7)
+    assert learner.seeds == [task_seed(7, t) for t in range(3)] == learner.torch_seeds
+    assert len(set(learner.seeds)) == 3
+    _, other, _, _ = _train_tasks_with_fakes(tmp_path / "b", seed=8)
+    assert not set(other.seeds) & set(learner.seeds)
+
+
+def test_peak_memory_is_the_maximum_over_the_tasks_and_survives_a_resume(tmp_path):
+    """docs/continual.md: peak_memory_bytes is the maximum over tasks (CUDA: reset at the start
+    of every task, so a later task can peak lower). Keeping the last task's peak, or starting a
+    resumed run's peak at 0 instead of the checkpoint's, reported a lower peak than the run had."""
+    from zeroflow.continual.runner import _restore_results
+    _, learner, _, results = _train_tasks_with_fakes(tmp_path, peaks=(300, 100), stop_after=2)
+    assert results.peak == 300 and [ts["peak_memory_bytes"] for ts in results.task_stats] == [300, 100]
+    back = _restore_results(str(tmp_path), _FakeLearner(), resume=True, n_tasks=3, log=lambda *a: None)
+    assert back.completed == 2 and back.peak == 300
+    _, _, _, results = _train_tasks_with_fakes(tmp_path, peaks=(50,), results=back)
+    assert results.completed == 3 and results.peak == 300
+
+
+def test_a_device_given_with_resume_is_where_the_run_goes_on(tmp_path):
+    """docs/continual.md: with --resume only --device may change, and it is where this process
+    runs; the configuration keeps its own device. Returning the saved device ignored --device
+    (unnoticed on a CPU-only machine, where the saved 'auto' is the CPU too)."""
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.runner import atomic_write_json, resumed_config
+    cfg = resolve(dict(FAST))
+    assert cfg["device"] == "auto"
+    out = tmp_path / "r"
+    out.mkdir()
+    atomic_write_json(str(out / "config.json"), cfg)
+    warned = []
+    got, device = resumed_config(str(out), {"device": "cuda:1"}, warned.append)
+    assert device == "cuda:1" and got["device"] == "auto" and not warned
+    assert resumed_config(str(out), {}, warned.append)[1] == "auto"
+
+
+def test_run_passes_no_progress_and_prints_fgt(tmp_path, monkeypatch, capsys):
+    """zeroflow run --no-progress turns the progress bars off (run(progress=False)), and the
+    table it prints ends with Fgt (docs/continual.md, Table 1: Avg / Last / Fgt), not Last twice."""
+    from zeroflow.cli import main
+    from zeroflow.continual import runner
+    seen = []
+
+    def fake_run(cfg, out, **kw):
+        seen.append(kw["progress"])
+        return {"config": cfg, "avg": 81.25, "last": 62.5, "fgt": 7.75, "forward_passes": 10,
+                "peak_memory_bytes": 2**20, "peak_memory_kind": "rss", "seconds": 1.0, "run_dir": out}
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    for flag, progress in (["--no-progress"], False), ([], True):
+        assert main(["run", "--out", str(tmp_path / "r"), *flag]) == 0
+        assert seen[-1] is progress
+    assert "| EASE | zo_adam | digits | 81.25 | 62.50 | 7.75 |" in capsys.readouterr().out
