@@ -461,6 +461,54 @@ def test_unknown_name_and_options():
         ZOFusedSGD([{"params": p, "q": 4}])
 
 
+@pytest.mark.parametrize("estimator", ["two_side", "one_side"])
+def test_counters_and_projections_of_a_zo_step(estimator):
+    # docs/algorithms.md §6 counters: forwards_last_step is this step's 2q (two_side) or q + 1
+    # (one_side), forward_passes the total, queries q per step, last_projected the step's d_j:
+    # (L+ - L-)/2 or L+ - L0 of the losses the closure returned (a wrong one counted one query
+    # per step, or kept a scaled d)
+    model, q = make_model(), 3
+    opt = ZOFusedSGD(model.parameters(), lr=0.01, q=q, zo_eps=1e-2, seed=2, estimator=estimator, backend=BACKEND)
+    seen = []
+
+    def closure():
+        seen.append(loss_of(model).item())
+        return torch.tensor(seen[-1])
+
+    per = 2 * q if estimator == "two_side" else q + 1
+    for n in (1, 2):
+        seen.clear()
+        opt.step(closure)
+        assert len(seen) == per and opt.forwards_last_step == per and opt.forward_passes == n * per
+        assert opt.queries == n * q and opt.step_count == n and opt.steps_skipped == 0
+        want = ([(seen[2 * j] - seen[2 * j + 1]) / 2 for j in range(q)] if estimator == "two_side"
+                else [seen[1 + j] - seen[0] for j in range(q)])
+        assert opt.last_projected == want
+
+
+def test_option_bounds_are_where_the_docs_put_them():
+    # the closed ends are accepted: zo_eps up to 2^123 (docs/algorithms.md §7), dampening in
+    # [0, 1] (§1: buf = mu buf + (1 - dampening) g), eps >= 0; the open ends refused: lr < 0 however
+    # small, q = 0 (no query), beta = 1 (1 - beta^t = 0), sparsity 1 (nothing left to move)
+    ps = [torch.nn.Parameter(torch.zeros(2))]
+    ZOFusedSGD(ps, zo_eps=2.0 ** 123)
+    ZOFusedSGD(ps, momentum=0.9, dampening=1.0)
+    ZOFusedSGD(ps, momentum=0.9, dampening=0.0, nesterov=True)
+    ZOFusedAdam(ps, eps=0.0)
+    ZOFusedAdam(ps, betas=(0.0, 0.0))
+    for cls, kw, needle in [(ZOFusedSGD, dict(lr=-0.5), "lr=-0.5 must be >= 0"), (ZOFusedSGD, dict(q=0), "q=0"),
+                            (ZOFusedSGD, dict(dampening=1.5), "dampening=1.5"),
+                            (ZOFusedSGD, dict(momentum=0.9, dampening=0.1, nesterov=True), "nesterov"),
+                            (ZOFusedSGD, dict(weight_decay=-0.1), "weight_decay=-0.1 must be >= 0"),
+                            (ZOFusedSGD, dict(sparsity=1.0), "sparsity=1.0"),
+                            (ZOFusedSGD, dict(sign=True, scalar_sign=True), "exclusive"),
+                            (ZOFusedAdam, dict(betas=(0.9, 1.0)), "betas=.* must be two numbers in"),
+                            (ZOFusedAdam, dict(betas=(1.0, 0.999)), "betas=.* must be two numbers in"),
+                            (ZOFusedAdam, dict(eps=-1e-12), "eps=.* must be >= 0")]:
+        with pytest.raises(ValueError, match=needle):
+            cls(ps, **kw)
+
+
 # ----------------------------------------------------------------------------- features
 def test_per_group_options_and_scheduler():
     model = make_model()
@@ -489,6 +537,45 @@ def test_sparsity_mask_fraction_and_task_resample():
     opt.new_task()
     opt.step(closure)
     assert not torch.equal(p.detach() == 0, zero1)
+
+
+def test_create_maps_each_name_to_its_optimizer_and_options():
+    # zeroflow.optim's docstring and docs/algorithms.md: each of the nine names is one class with
+    # one preset (sign, conserve; scalar_sign=True replaces the _sign preset), forward_grad's
+    # base picks SGD or Adam, fo_adam with decoupled_weight_decay is AdamW; a hybrid's FO twin
+    # takes fo_lr and the ZO groups' momentum, dampening, nesterov, betas, eps, weight decay
+    from zeroflow.optim import FOSGD, FOAdam, FOAdamW
+
+    def ps():
+        return [torch.nn.Parameter(torch.zeros(2))]
+
+    want = {"zo_sgd": (ZOFusedSGD, False, False), "zo_sgd_sign": (ZOFusedSGD, True, False),
+            "zo_sgd_conserve": (ZOFusedSGD, False, True), "zo_adam": (ZOFusedAdam, False, False),
+            "zo_adam_sign": (ZOFusedAdam, True, False), "zo_adam_conserve": (ZOFusedAdam, False, True)}
+    for name, (cls, sign, conserve) in want.items():
+        opt = create(name, ps())
+        assert (type(opt), opt.param_groups[0]["sign"], opt.conserve) == (cls, sign, conserve), name
+        assert opt.estimator == "two_side" and not opt.param_groups[0]["scalar_sign"]
+    for name in ("zo_sgd_sign", "zo_adam_sign"):
+        g = create(name, ps(), scalar_sign=True).param_groups[0]
+        assert (g["sign"], g["scalar_sign"]) == (False, True)
+    model = make_model()
+    for base, cls in (("sgd", ZOFusedSGD), ("adam", ZOFusedAdam)):
+        opt = create("forward_grad", model.parameters(), model=model, base=base)
+        assert type(opt) is cls and opt.estimator == "forward_grad"
+    assert type(create("fo_sgd", ps())) is FOSGD and type(create("fo_adam", ps())) is FOAdam
+    assert type(create("fo_adam", ps(), decoupled_weight_decay=True)) is FOAdamW
+
+    hyb = create("zo_sgd", ps(), hybrid_switch=2, lr=0.01, fo_lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01)
+    g = hyb.fo.param_groups[0]
+    assert type(hyb.fo) is FOSGD
+    assert (g["lr"], g["momentum"], g["dampening"], g["weight_decay"]) == (0.1, 0.9, 0.1, 0.01)
+    hyb = create("zo_adam", ps(), hybrid_switch=2, lr=0.01, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1,
+                 decoupled_weight_decay=True)
+    g = hyb.fo.param_groups[0]
+    assert type(hyb.fo) is FOAdamW
+    assert (g["lr"], g["betas"], g["eps"], g["weight_decay"]) == (0.01, (0.8, 0.9), 1e-6, 0.1)
+    assert hyb.param_groups[0]["zo_lr_scale"] == 1.0
 
 
 def test_hybrid_switch_keeps_schedule():
@@ -640,6 +727,29 @@ def test_hybrid_cross_load_raises_and_leaves_both_phases_untouched():
     with pytest.raises(ValueError, match="hybrid"):
         hyb.load_state_dict(_stepped("zo_sgd")[1].state_dict())
     assert _same_state(hyb.state_dict(), before)
+
+
+def test_conserve_ties_go_to_the_first_candidate_in_the_documented_order():
+    # docs/algorithms.md §2: keep the lowest of {theta0 - Delta, theta0, theta0 + Delta}, ties in
+    # that order. On a flat loss all three tie: theta0 - Delta (choice -1) is kept; a candidate
+    # list with theta0 first kept theta0
+    p = torch.nn.Parameter(torch.ones(8))
+    opt = ZOFusedSGD([p], lr=0.1, conserve=True, seed=3, backend=BACKEND)
+    opt.step(lambda: torch.tensor(1.0))
+    assert opt.conserve_choice == -1.0
+
+
+def test_hybrid_state_carries_its_switch_and_fo_counters():
+    # docs/algorithms.md §4/§8: a hybrid's state holds its step count and switch, so a run switched
+    # early by start_zo() resumes in the ZO phase (a load that kept the new object's switch went
+    # back to first order), and the FO phase's forward_passes / steps resume with it
+    _, hyb = _stepped("zo_sgd", steps=1, hybrid_switch=5)
+    hyb.start_zo()
+    assert hyb.zeroth_order and hyb.switch == 1 and hyb.fo.forward_passes == hyb.fo.steps == 1
+    _, fresh = _stepped("zo_sgd", steps=0, hybrid_switch=5)
+    fresh.load_state_dict(copy.deepcopy(hyb.state_dict()))
+    assert fresh.zeroth_order and fresh.switch == 1 and fresh.fo.forward_passes == fresh.fo.steps == 1
+    assert fresh.forward_passes == hyb.forward_passes == 1
 
 
 @pytest.mark.parametrize("make,needle", [

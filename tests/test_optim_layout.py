@@ -20,7 +20,7 @@ import zfkernels
 from conftest import make_data, make_mlp
 from zeroflow.optim import ZOFusedAdam, ZOFusedSGD
 from zfkernels import _compiled
-from zfkernels.stream import QUERY_MASK_PER_STEP, QUERY_ROUNDING
+from zfkernels.stream import QUERY_MASK_PER_STEP, QUERY_MASK_PER_TASK, QUERY_ROUNDING
 
 warnings.filterwarnings("ignore", message="zfkernels: the compiled")
 BACKEND = os.environ.get("ZF_TEST_BACKEND", "auto")
@@ -238,6 +238,34 @@ def test_mask_and_rounding_seeds_follow_the_options_of_each_step(monkeypatch):
     assert [a["mask_seed"] for _, _, a in calls] == [mask] * 3
     assert [a["mask_threshold"] for _, _, a in calls] == [1 << 23] * 3
     assert [a["round_seed"] for _, op, a in calls if op != "perturb_"] == [zfkernels.derive_seed(14, 1, QUERY_ROUNDING)]
+
+
+def test_task_mask_seed_follows_new_task_and_set_mask_epoch(monkeypatch):
+    """sparse_resample="task": every kernel call of a step takes the mask seed
+    derive_seed(S, task, 2^32 - 2) (docs/algorithms.md §0, docs/perturbation-stream.md §8),
+    task moved by new_task() and set_mask_epoch(k) alone. Wrong implementations: the per-step
+    query 2^32 - 1 with the task index, a new_task() that does not advance, a negative epoch
+    accepted (a seed no run could reproduce)."""
+    calls = _record_calls(monkeypatch)
+    model = _model()
+    opt = ZOFusedSGD(model.parameters(), lr=0.05, zo_eps=1e-2, sparsity=0.5, sparse_resample="task", seed=15,
+                     backend=BACKEND)
+
+    def mask_seeds():
+        calls.clear()
+        opt.step(_closure(model))
+        return {a["mask_seed"] for _, _, a in calls}
+
+    assert mask_seeds() == mask_seeds() == {zfkernels.derive_seed(15, 0, QUERY_MASK_PER_TASK)}
+    opt.new_task()
+    assert mask_seeds() == {zfkernels.derive_seed(15, 1, QUERY_MASK_PER_TASK)}
+    opt.set_mask_epoch(5)
+    assert mask_seeds() == {zfkernels.derive_seed(15, 5, QUERY_MASK_PER_TASK)}
+    with pytest.raises(ValueError, match="mask epoch"):
+        opt.set_mask_epoch(-1)
+    assert mask_seeds() == {zfkernels.derive_seed(15, 5, QUERY_MASK_PER_TASK)}
+    opt.new_task()
+    assert mask_seeds() == {zfkernels.derive_seed(15, 6, QUERY_MASK_PER_TASK)}
 
 
 @pytest.mark.parametrize("kw", [dict(lr=0.5), dict(lr=0.05, momentum=0.9, nesterov=True)])

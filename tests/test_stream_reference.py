@@ -116,6 +116,16 @@ def test_mask_extremes_and_threshold_validation():
         S.mask_threshold(1.5)
 
 
+def test_reference_ops_take_sparsity_one():
+    # docs/kernel-ops.md: mask_threshold is in [0, 2^24]; its top, sparsity 1, masks every
+    # coordinate (stream §6): the reference ops run it as a no-op, not refuse it as the top of a
+    # half-open range
+    p = torch.ones(300)
+    zk.perturb_([p], 8, 1.0, "gaussian", sparsity=1.0, backend="torch")
+    zk.zo_sgd_update_([p], [8], [0.5], lr=1.0, sparsity=1.0, backend="torch")
+    assert torch.equal(p, torch.ones(300))
+
+
 def _mask_values(mask_seed, tensor_id, n):
     """§6 from the spec's words: element i's 24-bit mask value, word x_(i & 3) of the Philox call
     with counter (i >> 2, 0, tensor_id, tag 1) and the mask seed's key, shifted right by 8."""
@@ -170,6 +180,32 @@ def test_seed_schedule():
     assert S.derive_seed(123, 7, 2) == S.derive_seed(123, 7, 2)
     x0, x1, _, _ = S.philox4x32_10_scalar((7, 0, 2, 2), (123, 0))
     assert S.derive_seed(123, 7, 2) == (x0 | (x1 << 32)) & (2**63 - 1)
+
+
+def test_seed_schedule_takes_the_high_words_of_step_and_seed():
+    # stream §8: counter (n mod 2^32, n >> 32, j, 2), key (S mod 2^32, S >> 32). A schedule that
+    # dropped n >> 32 gave step n + 2^32 the seeds of step n; both words are 0 in the test above
+    step, seed = 2**32 + 7, 2**40 + 123
+    x0, x1, _, _ = S.philox4x32_10_scalar((7, 1, 2, 2), (123, 2**8))
+    assert S.derive_seed(seed, step, 2) == (x0 | (x1 << 32)) & (2**63 - 1)
+    assert S.derive_seed(seed, step, 2) != S.derive_seed(seed, 7, 2)
+    # §2: seeds are in [0, 2^63): the largest is accepted, 2^63 refused (not wrapped)
+    assert 0 <= S.derive_seed(2**63 - 1, 2**64 - 1, 2**32 - 1) < 2**63
+    for bad in (2**63, -1):
+        with pytest.raises(ValueError, match="outside"):
+            S.derive_seed(bad, 0, 0)
+    with pytest.raises(ValueError, match="step"):
+        S.derive_seed(1, 2**64, 0)
+
+
+def test_distribution_names_ignore_case():
+    # stream.dist_code lower-cases the name: "Gaussian" is the gaussian stream (dist 0,
+    # docs/kernel-ops.md), not an error and not the other distribution
+    assert [S.dist_code(n) for n in ("Gaussian", "GAUSSIAN", "Rademacher", "RADEMACHER")] == [0, 0, 1, 1]
+    a, b = torch.zeros(300), torch.zeros(300)
+    zk.perturb_([a], 8, 1.0, "Rademacher", backend="torch")
+    zk.perturb_([b], 8, 1.0, "rademacher", backend="torch")
+    assert torch.equal(a, b) and set(a.tolist()) == {-1.0, 1.0}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
