@@ -121,9 +121,11 @@ def _scalar(loss, where: str) -> float:
                 f"the closure must return a scalar loss; {where} it returned a tensor of shape "
                 f"{tuple(loss.shape)} (reduce it, e.g. .mean())"
             )
-        if loss.is_complex():           # float() of it raised Python's bare "not 'complex'"
-            raise TypeError(f"the closure must return a real scalar loss; {where} it returned a {loss.dtype} tensor")
-        return float(loss.item())      # any shape of one element; detach/reshape add ~3 us per loss
+        try:
+            return float(loss.item())      # any shape of one element; detach/reshape add ~3 us per loss
+        except TypeError:               # a complex loss: float() raised Python's bare "not 'complex'"
+            raise TypeError(f"the closure must return a real scalar loss; {where} it returned a {loss.dtype} "
+                            "tensor") from None
     # a Python or numpy real (np.float32 was refused as "it returned float32", like a dtype)
     if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
         return float(loss)
@@ -219,16 +221,6 @@ class _Skip(Exception):
 # FLT_MAX and 2^128 goes to 2^128). Every coefficient the kernels take is rounded to fp32
 # (kernel-ops.md "Scalars").
 _F32_OVERFLOW = 2.0 ** 128 - 2.0 ** 103
-
-
-def _check_coeffs(coeffs: dict, loss: float) -> None:
-    """§7: an estimate beyond float32's range (finite losses, e.g. 1e37 * sum(theta), whose
-    difference over zo_eps overflows) is skipped like a non-finite loss. Given to the kernels
-    it was +-inf: ZO-SGD wrote +-inf and ZO-Adam NaN into every parameter."""
-    for cs in coeffs.values():
-        for c in cs:
-            if not abs(c) < _F32_OVERFLOW:
-                raise _Skip(loss, f"projected gradient {c:.4g} beyond float32's range (finite losses)")
 
 
 class _PendingPerturbation:
@@ -688,13 +680,27 @@ class _ZOBase(torch.optim.Optimizer):
                     gate.release(deliver=bool(done))
         return loss
 
-    def _coeffs(self, g: dict, d: list[float]) -> list[float]:
+    def _coeffs(self, g: dict, d: list[float], *, per_eps: bool = True) -> list[float]:
         """Per-group projected-gradient scalars c_j = d_j / (eps_g q) (d_j: loss
-        difference per unit of the group's eps), or sign(d_j)/q with scalar_sign."""
+        difference per unit of the group's eps), or sign(d_j)/q with scalar_sign;
+        ``per_eps=False`` (forward_grad, d_j = grad L . v_j): d_j / q."""
         q = self.q
         if g["scalar_sign"]:
             return [math.copysign(1.0, x) / q if x != 0 else 0.0 for x in d]
-        return [x / (float(g["zo_eps"]) * q) for x in d]
+        unit = float(g["zo_eps"]) * q if per_eps else q
+        return [x / unit for x in d]
+
+    def _step_coeffs(self, d: list[float], loss: float, *, per_eps: bool = True) -> dict:
+        """:meth:`_coeffs` of every group, by ``id(group)``. §7: an estimate beyond float32's
+        range (finite losses, e.g. 1e37 * sum(theta), whose difference over zo_eps overflows)
+        skips the step like a non-finite loss (:class:`_Skip`, returning ``loss``): given to
+        the kernels it was +-inf, and ZO-SGD wrote +-inf, ZO-Adam NaN, into every parameter."""
+        coeffs = {id(g): self._coeffs(g, d, per_eps=per_eps) for g in self.param_groups}
+        for cs in coeffs.values():
+            for c in cs:
+                if not abs(c) < _F32_OVERFLOW:
+                    raise _Skip(loss, f"projected gradient {c:.4g} beyond float32's range (finite losses)")
+        return coeffs
 
     def _eval_finite(self, closure, where: str) -> float:
         """:meth:`_eval`; a non-finite loss skips the step (:class:`_Skip`)."""
@@ -710,8 +716,7 @@ class _ZOBase(torch.optim.Optimizer):
         pending = _PendingPerturbation(self, mask_seed)
         try:
             L0, d, losses = self._query(closure, seeds, pending)
-            coeffs = {id(g): self._coeffs(g, d) for g in self.param_groups}
-            _check_coeffs(coeffs, sum(losses) / len(losses))
+            coeffs = self._step_coeffs(d, sum(losses) / len(losses))
         except BaseException:
             pending.undo()                               # put theta back before skipping / raising
             raise
@@ -841,10 +846,7 @@ class _ZOBase(torch.optim.Optimizer):
             wrapper.closure = None
             if gate is not None:
                 gate.close()
-        q = self.q
-        coeffs = {id(g): ([math.copysign(1.0, x) / q if x != 0 else 0.0 for x in d] if g["scalar_sign"]
-                          else [x / q for x in d]) for g in groups}
-        _check_coeffs(coeffs, sum(losses) / len(losses))
+        coeffs = self._step_coeffs(d, sum(losses) / len(losses), per_eps=False)
         self._update_all(seeds, coeffs, mask_seed, None, lr_mult=1.0)
         return _loss_tensor(sum(losses) / len(losses))
 
