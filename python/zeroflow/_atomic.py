@@ -10,8 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from typing import BinaryIO, Callable
+
+_TEMP_NAME = re.compile(r"^\.tmp-(?P<name>.+)\.[0-9a-f]{8}$")     # what _create_temp names
+
+
+def temp_target(entry: str) -> str | None:
+    """The target's name if ``entry`` (a file name) is one of this module's temporary files,
+    else None: a writer killed between creating and renaming one leaves it behind."""
+    m = _TEMP_NAME.match(entry)
+    return m["name"] if m else None
 
 
 def _create_temp(path: str) -> tuple[int, str]:
@@ -19,7 +29,7 @@ def _create_temp(path: str) -> tuple[int, str]:
     folder, name = os.path.split(os.path.abspath(path))
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     while True:
-        tmp = os.path.join(folder, f".tmp-{name}.{secrets.token_hex(4)}")
+        tmp = os.path.join(folder, f".tmp-{name}.{secrets.token_hex(4)}")     # 8 hex digits: _TEMP_NAME
         try:
             return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:

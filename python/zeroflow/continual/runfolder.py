@@ -25,13 +25,13 @@ import fcntl
 import json
 import math
 import os
-import re
 import shutil
 import socket
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
+from .._atomic import temp_target
 from .errors import WriteFailed, ZeroflowError
 
 LOCK = ".lock"
@@ -43,9 +43,6 @@ TRAJECTORY = "trajectory"
 # so that the folder never looks finished while the rest is being removed).
 RUN_FILES = (METRICS, CHECKPOINT, CONFIG, "environment.json", "backbone.pt", "accuracy_matrix.csv",
              "accuracy_per_stage.png", "accuracy_matrix.png")
-# zeroflow._atomic's temporary file of NAME: a writer killed between creating and renaming it
-# leaves it behind (never read; checkpoint.pt's is checkpoint-sized, one more per kill)
-_TEMP_FILE = re.compile(r"^\.tmp-(?P<name>.+)\.[0-9a-f]{8}$")
 # Keys that do not change what a run computes: runs differing only in these are the same run.
 OPERATIONAL_KEYS = ("download",)
 
@@ -294,7 +291,8 @@ def parent_refusal(folder: str, below: str) -> str:
 
 def stale_temp_files(folder: str) -> List[str]:
     """The temporary files of a run's files (RUN_FILES, and the trajectory folder's) that a
-    killed writer left in ``folder``; a user's own ``.tmp-*`` files are not among them."""
+    killed writer left in ``folder`` (never read; checkpoint.pt's is checkpoint-sized, one
+    more per kill); a user's own ``.tmp-*`` files are not among them."""
     found = []
     for where, names in ((folder, set(RUN_FILES)), (os.path.join(folder, TRAJECTORY), None)):
         try:
@@ -302,8 +300,8 @@ def stale_temp_files(folder: str) -> List[str]:
         except OSError:
             continue
         for entry in entries:
-            m = _TEMP_FILE.match(entry)
-            if m and (names is None or m["name"] in names) and os.path.isfile(os.path.join(where, entry)):
+            target = temp_target(entry)
+            if target and (names is None or target in names) and os.path.isfile(os.path.join(where, entry)):
                 found.append(os.path.join(where, entry))
     return found
 
