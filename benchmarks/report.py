@@ -31,6 +31,7 @@ def load(paths):
             continue
         mi = dict(data.get("machine_info") or {})
         mi["_file"] = os.path.basename(path)
+        mi["_path"] = path        # read: _skips names the paths without one
         mi["_datetime"] = data.get("datetime")
         mi["_commit_info"] = data.get("commit_info") or {}
         machines.append(mi)
@@ -835,7 +836,7 @@ def render(paths, out, plots_dir=None, sweep_path=None, notes_path=None, title=N
     sw = sweep_section(sweep, plots_rel)
     if sw:
         parts += [sw]
-    skipped = _skips(paths)
+    skipped = _skips(paths, {m["_path"] for m in machines})
     if skipped:
         parts += ["## Not measured in this run", "", *[f"- {s}" for s in skipped], ""]
     text = "\n".join(parts).rstrip() + "\n"
@@ -846,13 +847,14 @@ def render(paths, out, plots_dir=None, sweep_path=None, notes_path=None, title=N
     return text
 
 
-def _skips(paths):
-    """What a run did not measure: benchmark JSONs without results (empty or unreadable), and
-    the skipped, failed and erroring cases recorded next to a JSON (``<json>.skips.txt``,
-    written by the Makefile / gpu_check.sh from pytest's -rfEs summary), if any."""
+def _skips(paths, read):
+    """What a run did not measure: benchmark JSONs without results (empty or unreadable: not
+    among ``read``, the paths :func:`load` read), and the skipped, failed and erroring cases
+    recorded next to a JSON (``<json>.skips.txt``, written by the Makefile / gpu_check.sh from
+    pytest's -rfEs summary), if any."""
     out = []
     for p in paths:
-        if _read_json(p) is None:
+        if p not in read:
             size = os.path.getsize(p) if os.path.exists(p) else None
             out.append(f"{os.path.basename(p)}: no results ("
                        + ("missing" if size is None else "empty: every case skipped or deselected" if size == 0
