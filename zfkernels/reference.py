@@ -410,6 +410,7 @@ def zo_sgd_update_(params, momentum_buffers, history_buffers, tensor_ids, seeds,
             g = g + b * mu if nesterov else b
         _store_param(span, x - g * lr_f, tid, stochastic_rounding, round_seed, a)
 
+
 def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs,
                     dist, mask_seed, mask_threshold, restore_seed, restore_scale, lr, beta1,
                     beta2, eps, weight_decay, decoupled_weight_decay, step, sign,
@@ -454,6 +455,7 @@ def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, 
         v = v_buf.float()
         denom = div_rn(sqrt_rn(v), bc2_sqrt) + eps_f
         _store_param(span, x - div_rn(m, denom) * step_size, tid, stochastic_rounding, round_seed, a)
+
 
 def _check_buffers(params, buffers, name) -> None:
     if not buffers:
