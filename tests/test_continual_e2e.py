@@ -103,6 +103,35 @@ def test_corrupt_run_checkpoint(tmp_path):
     assert not (tmp_path / "r" / "metrics.json").exists()
 
 
+class _RunsCodeWhenUnpickled:
+    """A pickle that creates ``path`` when loaded by a full unpickler."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_run_checkpoint_with_foreign_objects_is_refused_unexecuted(tmp_path):
+    """--resume read checkpoint.pt with weights_only=False: a checkpoint that came from
+    somewhere else ran whatever code its pickle named. It holds tensors and plain data only,
+    so it is read with weights_only=True, and a file needing more is refused by name."""
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.runner import load_checkpoint, run
+    cfg = resolve(dict(FAST, method="aper", optimizer="fo_sgd"))
+    run(cfg, str(tmp_path / "r"), progress=False, stop_after=1, log=lambda *a: None)
+    ck_path = tmp_path / "r" / "checkpoint.pt"
+    ck = torch.load(ck_path, weights_only=True)          # what zeroflow writes loads as weights
+    ck["task_stats"].append(_RunsCodeWhenUnpickled(str(tmp_path / "ran")))
+    torch.save(ck, ck_path)
+    with pytest.raises(ZeroflowError, match="holds objects other than tensors and plain data"):
+        run({}, str(tmp_path / "r"), resume=True, progress=False, log=lambda *a: None)
+    with pytest.raises(ZeroflowError, match="not written by zeroflow run"):
+        load_checkpoint(str(ck_path))
+    assert not (tmp_path / "ran").exists()
+    assert not (tmp_path / "r" / "metrics.json").exists()
+
+
 def test_a_run_gives_the_callers_thread_count_back(tmp_path):
     """run() set torch's thread count to 1 (the small backbone's best) for the rest of the
     process: code after an in-process run (a notebook, the next tests) ran single-threaded,

@@ -286,7 +286,7 @@ def test_resume_keeps_its_configuration_on_another_device_and_stop_after_counts_
         assert rc == 0, err
         assert f"stopped after task 2/5 (finished before this resume); continue with zeroflow run --resume --out " \
                f"{out}" in stdout and "task 3/5" not in stdout
-        assert torch.load(out / "checkpoint.pt", weights_only=False)["completed"] == 2
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["completed"] == 2
     rc, stdout, err = zf(capsys, "run", "--resume", "--device", "cpu", "--out", out, "--no-progress", "--stop-after", 3)
     assert rc == 0 and "task 3/5" in stdout and "stopped after task 3/5; continue" in stdout and "4/5" not in stdout
     rc, _, err = zf(capsys, "run", "--resume", "--device", "cpu", "--out", out, "--no-progress")
@@ -470,7 +470,7 @@ def test_record_then_replay_rebuilds_the_trained_adapters_bit_exactly(env, tmp_p
     for path, _, files in os.walk(out):                # every file follows the umask (0o027 -> 0o640)
         for f in files:
             assert stat.S_IMODE(os.stat(os.path.join(path, f)).st_mode) == 0o640, f
-    trained = torch.load(out / "checkpoint.pt", weights_only=False)["learner"]["adapters"]
+    trained = torch.load(out / "checkpoint.pt", weights_only=True)["learner"]["adapters"]
     for k in range(1, 6):
         weights = tmp_path / f"w{k}.pt"
         assert main(["replay", str(out / "trajectory" / f"task{k}.base.pt"), str(out / "trajectory" / f"task{k}.zft"),

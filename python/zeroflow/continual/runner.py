@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import os
+import pickle
 import platform
 import sys
 import time
@@ -205,8 +206,17 @@ def claim_default_folder(cfg: Dict, warn) -> RunFolder:
 
 
 def load_checkpoint(path: str) -> Dict:
+    """The run checkpoint at ``path``, read with ``weights_only=True``: it holds tensors and
+    plain data only (dicts, lists, numbers, strings), so a file that needs anything else to
+    unpickle was not written by zeroflow and is refused before any of its code can run (a
+    full unpickler runs whatever a crafted file names)."""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ZeroflowError(f"checkpoint {path} holds objects other than tensors and plain data "
+                            f"({str(e).splitlines()[0][:200]}); a zeroflow checkpoint never does, so this file was "
+                            f"not written by zeroflow run: it is not loaded (loading would run its code); "
+                            f"delete it to restart the run from scratch") from e
     except Exception as e:
         raise ZeroflowError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {str(e)[:200]}); "
                             f"delete it to restart the run from scratch") from e
