@@ -541,6 +541,87 @@ def test_a_low_precision_loss_is_warned_about_once():
         ZOFusedSGD(model.parameters(), lr=0.1, seed=3).step(lambda: loss_of(model))     # fp32: no warning
 
 
+def _detached(model, opt):
+    """The model gets new tensors: load_state_dict(assign=True) of a copy of its weights."""
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    return opt, lambda: loss_of(model)
+
+
+def _copied_optimizer(model, opt):
+    """A deepcopy of the optimizer (its parameters are copies), stepped against ``model``."""
+    return copy.deepcopy(opt), lambda: loss_of(model)
+
+
+def _functional_call(model, opt):
+    """The closure runs torch.func.functional_call with a copied parameter dict."""
+    weights = {k: v.detach().clone() for k, v in model.named_parameters()}
+    return opt, lambda: F.mse_loss(torch.func.functional_call(model, weights, (X,)), Y)
+
+
+# forward_grad is not among them: its jvp puts the optimizer's tensors into the model by name.
+@pytest.mark.parametrize("estimator", ["two_side", "one_side"])
+@pytest.mark.parametrize("unhook", [_detached, _copied_optimizer, _functional_call],
+                         ids=["assign_true", "deepcopy_opt", "functional_call"])
+def test_steps_whose_perturbation_never_reaches_the_loss_are_warned_once(estimator, unhook):
+    # After model.load_state_dict(sd, assign=True), with a deepcopy of the optimizer, or with
+    # functional_call on copies, the optimizer perturbs tensors the forward does not read:
+    # every L+ - L- is exactly 0 and nothing trains, silently (an audit's finding). Three such
+    # steps in a row warn, once, and the warning names the caller's line, not a torch wrapper.
+    model = make_mlp(6, 4, 1)
+    opt, closure = unhook(model, ZOFusedSGD(model.parameters(), lr=0.05, seed=1, estimator=estimator))
+    with pytest.warns(RuntimeWarning, match=r"every loss difference of the last 3 steps was exactly 0, so nothing "
+                                            r"trains.*assign=True") as w:
+        for _ in range(6):
+            opt.step(closure)
+    zero = [x for x in w if "was exactly 0" in str(x.message)]
+    assert len(zero) == 1 and zero[0].filename == __file__
+    assert opt.last_projected == [0.0]
+
+
+def test_a_forward_grad_step_with_a_zero_directional_derivative_is_warned():
+    # forward_grad's estimate is grad.v: exactly 0 for three steps in a row (here a loss that
+    # does not depend on the parameters) is warned the same way.
+    model = make_mlp(6, 4, 1)
+    opt = ZOFusedSGD(model.parameters(), lr=0.05, seed=1, estimator="forward_grad", model=model)
+    with pytest.warns(RuntimeWarning, match=r"every directional derivative grad\.v of the last 3 steps"):
+        for _ in range(3):
+            opt.step(lambda: loss_of(model) * 0.0)
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_the_optimizers_warnings_name_the_callers_line(hybrid):
+    # A fixed stacklevel named torch/utils/_contextlib.py or torch/optim/optimizer.py (the
+    # wrappers torch puts around step(), more or fewer by torch version): a user's
+    # `-W error::RuntimeWarning:mymodule` or a log line could not find their own code.
+    model = make_mlp(6, 4, 1)
+    opt = create("zo_sgd", model.parameters(), lr=0.05, seed=1, **(dict(fo_lr=0.05, hybrid_switch=1) if hybrid
+                                                                   else {}))
+    with pytest.warns(RuntimeWarning) as w:
+        if hybrid:
+            opt.step(lambda: loss_of(model))                            # an FO step without .grad
+        opt.step(lambda: loss_of(model).to(torch.bfloat16))              # a bf16 loss
+        opt.step(lambda: torch.tensor(float("nan")))                     # a skipped step
+    assert len(w) == 3 if hybrid else 2
+    assert [x.filename for x in w] == [__file__] * len(w), [(x.filename, x.lineno) for x in w]
+
+
+def test_the_zero_estimate_warning_needs_three_zero_steps_in_a_row():
+    # One zero estimate happens (a flat stretch, a loss coarser than zo_eps): two in a row, a
+    # live step, two more, then a third: only then the warning.
+    model = make_mlp(6, 4, 1)
+    opt = ZOFusedSGD(model.parameters(), lr=0.05, seed=1)
+    flat = torch.tensor(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for closure in (lambda: flat, lambda: flat, lambda: loss_of(model), lambda: flat, lambda: flat):
+            opt.step(closure)
+        for _ in range(20):
+            opt.step(lambda: loss_of(model))          # a training loop that learns is never warned
+    with pytest.warns(RuntimeWarning, match="was exactly 0"):
+        for _ in range(3):
+            opt.step(lambda: flat)
+
+
 @pytest.mark.parametrize("name,kw,buffers", [("zo_adam", dict(history=0.5), ("exp_avg", "exp_avg_sq", "history")),
                                              ("zo_sgd", dict(momentum=0.9), ("momentum_buffer",))])
 def test_float32_state_of_bf16_parameters_is_created_and_resumed_as_float32(name, kw, buffers):

@@ -8,11 +8,10 @@ attached to the hybrid therefore keeps decaying both phases with one schedule.
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 
-from .zo import counter, load_with_hooks, params_list, state_dict_with_hooks
+from .zo import _warn_at_caller, counter, load_with_hooks, params_list, state_dict_with_hooks
 
 __all__ = ["HybridFOZO"]
 
@@ -119,11 +118,11 @@ class HybridFOZO(torch.optim.Optimizer):
         if any(p.grad is not None for g in self.fo.param_groups for p in g["params"]):
             return
         self._warned_no_grad = True
-        warnings.warn(
+        _warn_at_caller(
             f"HybridFOZO: first-order step {self._steps} (of the FO phase's {self.switch}) found no .grad and moved "
             "nothing. In the FO phase the closure must call loss.backward() (torch.optim's convention), or train "
             "with zeroflow.optim.train_step, which runs backward in the FO phase and only the forward in the ZO "
-            "phase", RuntimeWarning, stacklevel=3)
+            "phase")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.fo.zero_grad(set_to_none=set_to_none)

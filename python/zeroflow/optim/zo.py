@@ -13,6 +13,8 @@ import contextlib
 import math
 import numbers
 import operator
+import os
+import sys
 import threading
 import warnings
 from typing import Callable
@@ -71,6 +73,26 @@ PARAM_DEVICES = ("cpu", "cuda")
 # The largest perturbation size: |z| <= 5.77 for both distributions (stream §5), so theta +- 2 zo_eps z
 # stays below float32's max (3.4e38) and a skipped step's restore cannot turn theta into inf - inf.
 MAX_ZO_EPS = 2.0 ** 123
+# Consecutive steps whose every projected gradient is exactly 0 before the optimizer warns
+# (once) that the perturbation does not reach the loss: one such step happens (a flat region, a
+# loss coarser than zo_eps), three in a row almost always mean the closure's model is not the
+# one holding these parameters.
+ZERO_ESTIMATE_STEPS = 3
+
+# Where a warning is attributed: the first frame outside these packages (the user's call to
+# step(); torch.optim and torch.no_grad wrap step() in frames of their own, more or fewer by
+# torch version, so a fixed stacklevel named torch/utils/_contextlib.py or optimizer.py).
+_INTERNAL_FILES = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, zfkernels)) + (
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,)
+
+
+def _warn_at_caller(message: str) -> None:
+    """``warnings.warn(message, RuntimeWarning)`` attributed to the caller's code."""
+    frame, level = sys._getframe(1), 2     # stacklevel 1 is this function, 2 its caller
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_FILES):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
+
 
 # Frozen-state Adam call used by conserve to move along the stored Adam direction
 # (_frozen_adam_move; docs/algorithms.md §2): with beta = 1 - 2^-27, m and v come out of the
@@ -295,6 +317,7 @@ class _ZOBase(torch.optim.Optimizer):
         self.forwards_last_step = 0
         self.last_projected: list[float] = []   # per query: (L+ - L-)/2, L+ - L0, or grad.v (forward_grad)
         self.conserve_choice = None             # conserve: -1 (theta-Delta), 0 (theta) or +1 (theta+Delta)
+        self._zero_steps = 0                    # consecutive steps with every projected gradient 0
         # Hooks used by zeroflow.distributed and zeroflow.replay (docs/distributed.md):
         # every scalar a step consumes (closure losses; forward_grad: loss and grad.v) passes
         # through scalar_hook(values) -> values (an all-reduce, or a log playback), and each
@@ -349,6 +372,7 @@ class _ZOBase(torch.optim.Optimizer):
         super().__setstate__(state)
         if tids is None:    # torch.optim's load_state_dict: only state and param_groups, same params
             return
+        self.__dict__.setdefault("_zero_steps", 0)     # pickled before the zero-estimate check existed
         self._tid = {id(p): t for p, t in zip((p for g in self.param_groups for p in g["params"]), tids)}
         self._bucket_cache, self._step_token, self._stream_args = {}, None, {}
         self.scalar_hook = self.step_hook = None
@@ -560,11 +584,10 @@ class _ZOBase(torch.optim.Optimizer):
         if (isinstance(loss, torch.Tensor) and loss.dtype in (torch.bfloat16, torch.float16)
                 and not getattr(self, "_warned_loss_dtype", False)):
             self._warned_loss_dtype = True
-            warnings.warn(
+            _warn_at_caller(
                 f"{type(self).__name__}: the closure returned a {loss.dtype} loss; a ZO estimate is a difference "
                 "of two losses, which this precision rounds to its ulp (often to 0). Compute the loss in float32, "
-                "e.g. F.cross_entropy(logits.float(), y) (Hugging Face's model(**batch).loss already is)",
-                RuntimeWarning, stacklevel=4)
+                "e.g. F.cross_entropy(logits.float(), y) (Hugging Face's model(**batch).loss already is)")
 
     def _check_loss_graph(self, loss) -> None:
         """Warn once per optimizer about a loss that carries an autograd graph: the closure
@@ -575,12 +598,11 @@ class _ZOBase(torch.optim.Optimizer):
         if (isinstance(loss, torch.Tensor) and loss.requires_grad
                 and not getattr(self, "_warned_loss_graph", False)):
             self._warned_loss_graph = True
-            warnings.warn(
+            _warn_at_caller(
                 f"{type(self).__name__}: the closure returned a loss with an autograd graph (it enabled grad inside "
                 "the step's torch.no_grad()); a ZO step needs only the loss value. Run the forward without "
                 "enable_grad and without backward() (e.g. lambda: loss_fn(model(x), y)): the graph keeps every "
-                "activation in memory, and a backward() there computes gradients nobody uses",
-                RuntimeWarning, stacklevel=4)
+                "activation in memory, and a backward() there computes gradients nobody uses")
 
     def _eval(self, closure, where: str) -> float:
         """One forward pass: the closure's loss, through ``scalar_hook``. The only part of a
@@ -656,11 +678,9 @@ class _ZOBase(torch.optim.Optimizer):
         except _Skip as s:
             status = "skipped"
             self.steps_skipped += 1
-            warnings.warn(
+            _warn_at_caller(
                 f"{type(self).__name__}: {s.why} at step {n}; step skipped, "
-                "parameters restored, step counter advanced",
-                RuntimeWarning, stacklevel=2,
-            )
+                "parameters restored, step counter advanced")
             loss = _loss_tensor(s.value)
             done = True
         except BaseException:
@@ -773,7 +793,31 @@ class _ZOBase(torch.optim.Optimizer):
                 losses.append(L0)
         self.queries += len(seeds)
         self.last_projected = list(d)
+        self._check_estimate(d)
         return L0, d, losses
+
+    def _check_estimate(self, d: list[float]) -> None:
+        """Warn once per optimizer after :data:`ZERO_ESTIMATE_STEPS` steps in a row whose every
+        projected gradient was exactly 0: the losses did not move with the parameters, so
+        nothing trains. Found by an audit in three ecosystem patterns, all silent before (as
+        they are for torch.optim, where a ZO optimizer can see them for free):
+        ``model.load_state_dict(sd, assign=True)`` after the optimizer was built (the model
+        holds new tensors), ``torch.func.functional_call`` with a copied parameter dict, and a
+        ``copy.deepcopy`` of the optimizer stepped against the original model."""
+        if any(x != 0.0 for x in d):
+            self._zero_steps = 0
+            return
+        self._zero_steps += 1
+        if self._zero_steps == ZERO_ESTIMATE_STEPS and not getattr(self, "_warned_zero_estimate", False):
+            self._warned_zero_estimate = True
+            what = "directional derivative grad.v" if self.estimator == "forward_grad" else "loss difference"
+            _warn_at_caller(
+                f"{type(self).__name__}: every {what} of the last {ZERO_ESTIMATE_STEPS} steps was exactly 0, so "
+                "nothing trains: the perturbation of the parameters does not reach the closure's loss. Check that "
+                "the closure's model holds the tensors given to the optimizer (not after "
+                "model.load_state_dict(..., assign=True), a copied model or optimizer, or functional_call with "
+                "other tensors: build the optimizer on the parameters the forward uses), and that the loss is "
+                "not piecewise constant or coarser than zo_eps (e.g. an accuracy, a bf16 loss)")
 
     def _conserve(self, closure, L0, seeds, d, mask_seed) -> float:
         """theta is at theta0 + Delta (state advanced once). Evaluate it and theta0 - Delta,
@@ -839,6 +883,7 @@ class _ZOBase(torch.optim.Optimizer):
                 losses.append(val)
             self.queries += len(seeds)
             self.last_projected = list(d)
+            self._check_estimate(d)
         except BaseException:
             self._eval_raised = True
             raise
