@@ -52,7 +52,7 @@ def _config():
     return model, batch, img
 
 
-def _build(model_name: str, img: int, num_classes: int = 10, fused_attn: bool = True) -> torch.nn.Module:
+def _build(model_name: str, img: int, num_classes: int = 10) -> torch.nn.Module:
     try:
         import timm
         from timm.models.vision_transformer import VisionTransformer
@@ -64,10 +64,6 @@ def _build(model_name: str, img: int, num_classes: int = 10, fused_attn: bool = 
                               num_classes=num_classes)
     else:
         m = timm.create_model(model_name, pretrained=False, num_classes=num_classes, img_size=img)
-    if not fused_attn:  # forward AD (jvp) has no rule for the fused SDPA kernels on CPU
-        for mod in m.modules():
-            if hasattr(mod, "fused_attn"):
-                mod.fused_attn = False
     return m.to(C.device()).train()
 
 
@@ -88,8 +84,7 @@ def test_e2e_iteration(run_bench, benchmark, method):
     if C.ON_GPU and not torch.cuda.is_available():
         pytest.skip(C.NO_CUDA)
     model_name, batch, img = _config()
-    fused = method != "forward_grad"
-    model = _build(model_name, img, fused_attn=fused)
+    model = _build(model_name, img)
     params = [p for p in model.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, img, img, generator=g).to(C.device())
@@ -118,10 +113,10 @@ def test_e2e_iteration(run_bench, benchmark, method):
         method.startswith("fo_") else "zeroflow", "method": method, "model": model_name, "batch": batch,
         "img": img, "numel": n, "elements": n, "params_bytes": pbytes,
         "fo_ref": C.key("e2e", "fo_sgd", C.DEVICE, model_name, batch, *tag),
-        "forwards_per_step": None, "fused_attn": fused, "precision": PRECISION,
+        "forwards_per_step": None, "precision": PRECISION,
     }
-    if not fused:
-        extra["note"] = "timm attention on the math path (forward AD has no rule for fused SDPA)"
+    if method == "forward_grad":
+        extra["note"] = "SDPA on its math backend under the jvp (the fused kernels have no forward-AD rule)"
     t0 = time.perf_counter()
     step()  # warm-up: lazy optimizer state, allocator; its time picks the round count
     C.sync()

@@ -605,6 +605,50 @@ def test_the_optimizers_warnings_name_the_callers_line(hybrid):
     assert [x.filename for x in w] == [__file__] * len(w), [(x.filename, x.lineno) for x in w]
 
 
+class _Attention(torch.nn.Module):
+    """One self-attention layer, through F.scaled_dot_product_attention or written out."""
+    def __init__(self, fused: bool):
+        super().__init__()
+        self.fused = fused
+        self.qkv, self.out = torch.nn.Linear(8, 24), torch.nn.Linear(8, 1)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 4).permute(2, 0, 3, 1, 4)
+        if self.fused:
+            a = F.scaled_dot_product_attention(q, k, v)
+        else:
+            a = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1) @ v
+        return self.out(a.transpose(1, 2).reshape(x.shape[0], x.shape[1], 8))
+
+
+def test_forward_grad_runs_models_with_scaled_dot_product_attention():
+    # SDPA picked its fused kernels under the jvp too, and they have no forward-AD formula:
+    # forward_grad failed on every timm ViT and Hugging Face model with torch's "Trying to use
+    # forward AD with _scaled_dot_product_flash_attention_for_cpu". The estimate now matches
+    # the same layer written out (softmax(q k^T / sqrt(d)) v), to rounding.
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    estimates = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = _Attention(fused)
+        opt = ZOFusedSGD(model.parameters(), lr=0.1, seed=3, estimator="forward_grad", model=model)
+        opt.step(lambda: model(x).pow(2).mean())
+        estimates.append(opt.last_projected[0])
+    assert estimates[0] == pytest.approx(estimates[1], rel=1e-5) and estimates[0] != 0.0
+
+
+def test_forward_grad_on_an_op_without_forward_ad_says_what_to_do():
+    # weight_norm has no forward-AD formula in torch: torch's error now carries a note that
+    # names forward_grad and the ZO estimators that need only forwards.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(6, 4)),
+                                torch.nn.Linear(4, 1))
+    opt = ZOFusedSGD(model.parameters(), lr=0.1, seed=3, estimator="forward_grad", model=model)
+    with pytest.raises(NotImplementedError, match="forward AD") as e:
+        opt.step(lambda: loss_of(model))
+    assert any("estimator='forward_grad'" in n and "'two_side'" in n for n in e.value.__notes__)
+
+
 def test_the_zero_estimate_warning_needs_three_zero_steps_in_a_row():
     # One zero estimate happens (a flat stretch, a loss coarser than zo_eps): two in a row, a
     # live step, two more, then a third: only then the warning.

@@ -108,12 +108,6 @@ def train_subspace(net: nn.Module, forward: Callable, modules: Dict[str, nn.Modu
     if data_parallel:
         from zeroflow.distributed import DataParallelZO
         opt = DataParallelZO(opt)
-    # Forward-Grad (jvp): torch has no forward-mode AD for the fused SDPA kernels, so timm's
-    # attention runs its explicit (mathematically identical) path while training
-    fused = [(m, m.fused_attn) for m in net.modules() if hasattr(m, "fused_attn")]
-    if cfg["optimizer"] == "forward_grad":
-        for m, _ in fused:
-            m.fused_attn = False
     recorder = start_recording(record, opt, names, params) if record else None
     try:
         with mem.section() if mem is not None else contextlib.nullcontext({}) as section:
@@ -137,9 +131,6 @@ def train_subspace(net: nn.Module, forward: Callable, modules: Dict[str, nn.Modu
             if isinstance(e, TrajectoryWriteError):
                 raise WriteFailed(f"cannot write {recorder.path}: {e.strerror}") from e
         raise
-    finally:
-        for m, f in fused:
-            m.fused_attn = f
 
 
 def start_recording(stem: str, opt, names: List[str], params: List[torch.Tensor]):

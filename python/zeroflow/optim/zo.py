@@ -94,6 +94,28 @@ def _warn_at_caller(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 
+@contextlib.contextmanager
+def _forward_ad_context():
+    """What forward_grad's jvp runs under. ``scaled_dot_product_attention`` as the math
+    backend: torch's fused attention kernels (flash on CPU, flash / memory-efficient / cuDNN on
+    CUDA) have no forward-AD formula, and SDPA picked them anyway, so every timm ViT (fused_attn)
+    and Hugging Face model (attn_implementation="sdpa") failed with torch's "Trying to use
+    forward AD with _scaled_dot_product_flash_attention_for_cpu"; the math backend is the one
+    that can run here. Another op without a formula (weight_norm's) gets a note that names
+    forward_grad and the way out."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    except NotImplementedError as e:
+        if "forward AD" in str(e):
+            e.add_note("zeroflow: estimator='forward_grad' runs the closure under forward-mode AD "
+                       "(torch.func.jvp), and an op of this model has no forward-AD formula in torch; "
+                       "train it with a ZO estimator (estimator='two_side' or 'one_side'), which needs "
+                       "only forward passes")
+        raise
+
+
 # Frozen-state Adam call used by conserve to move along the stored Adam direction
 # (_frozen_adam_move; docs/algorithms.md §2): with beta = 1 - 2^-27, m and v come out of the
 # op bit-identical, while the host bias correction 1 - beta^1 = 2^-27 stays exact and non-zero.
@@ -867,7 +889,7 @@ class _ZOBase(torch.optim.Optimizer):
                                                    dtype=p.dtype, device=p.device, backend=self.backend,
                                                    mask_seed=mask_seed, sparsity=g["sparsity"])
                         tangents.append(v.view_as(p))
-                with torch.enable_grad():
+                with torch.enable_grad(), _forward_ad_context():
                     loss, dd = torch.func.jvp(f, primals, tuple(tangents))
                 del tangents
                 val = _scalar(loss, "under jvp")
