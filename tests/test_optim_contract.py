@@ -649,6 +649,34 @@ def test_forward_grad_on_an_op_without_forward_ad_says_what_to_do():
     assert any("estimator='forward_grad'" in n and "'two_side'" in n for n in e.value.__notes__)
 
 
+def test_a_compiled_function_calling_step_runs_the_step_eagerly():
+    # torch.compile traced into step(): 13 graphs of the optimizer's internals, a warning about
+    # _thread.get_ident (the interrupt gate), other returned losses; fullgraph=True failed with
+    # "Attempted to call function marked as skipped". The step now runs eagerly (same bits as
+    # without compile) and a model compiled inside the closure still runs compiled.
+    torch._dynamo.reset()
+    runs = []
+    for compiled in (False, True):
+        model = make_mlp(6, 4, 1)
+        opt = ZOFusedSGD(model.parameters(), lr=0.05, seed=1)
+        train = lambda: opt.step(lambda: loss_of(model))     # noqa: E731
+        if compiled:
+            train = torch.compile(train, backend="eager")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            losses = [train() for _ in range(3)]
+        runs.append((losses, snapshot(model)))
+    assert runs[0][0] == runs[1][0] and all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    with pytest.raises(Exception, match="reads every loss on the host"):
+        torch.compile(lambda: opt.step(lambda: loss_of(model)), backend="eager", fullgraph=True)()
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    fast = torch.compile(model, backend="eager")
+    opt.step(lambda: F.mse_loss(fast(X), Y))
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_the_zero_estimate_warning_needs_three_zero_steps_in_a_row():
     # One zero estimate happens (a flat stretch, a loss coarser than zo_eps): two in a row, a
     # live step, two more, then a third: only then the warning.

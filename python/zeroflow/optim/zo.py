@@ -659,6 +659,12 @@ class _ZOBase(torch.optim.Optimizer):
         return val
 
     # ------------------------------------------------------------------ step
+    # Eager under torch.compile: a ZO step needs each loss on the host (seeds, skips, conserve's
+    # choice) and guards its kernels with signal handlers, so it is never one graph; traced into
+    # (a compiled function calling opt.step), dynamo made 13 graphs of its internals, warned
+    # about _thread.get_ident, and the step returned other loss values. A model compiled by the
+    # user still runs compiled inside the closure. The wrapper costs ~1.2 us a step.
+    @torch.compiler.disable(reason="a zeroflow ZO step reads every loss on the host")
     @torch.no_grad()
     def step(self, closure=None):
         """One optimization step. ``closure`` runs a forward pass and returns the scalar
