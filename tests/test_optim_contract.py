@@ -677,6 +677,33 @@ def test_a_compiled_function_calling_step_runs_the_step_eagerly():
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_an_uninitialized_lazy_parameter_is_refused_with_the_fix():
+    # zeroflow's own message read p.shape, and torch raised "Can't access the shape of an
+    # uninitialized parameter ... in load_state_dict" instead
+    model = torch.nn.Sequential(torch.nn.LazyLinear(4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 0 is uninitialized .*run one forward pass"):
+        ZOFusedSGD(model.parameters(), lr=0.05)
+    model(X)
+    ZOFusedSGD(model.parameters(), lr=0.05).step(lambda: loss_of(model))
+
+
+def test_a_parameter_made_channels_last_after_construction_gets_the_models_fix():
+    # The kernel's advice, "call .contiguous() on it", makes a copy the model never uses; the
+    # refusal now carries a note naming the parameter and model.to(memory_format=...).
+    torch.manual_seed(0)
+    conv, x = torch.nn.Conv2d(3, 4, 3), torch.randn(2, 3, 8, 8)
+    opt = ZOFusedSGD(conv.parameters(), lr=0.05, seed=1)
+    before = snapshot(conv)
+    conv.to(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="not contiguous") as e:
+        opt.step(lambda: conv(x).pow(2).mean())
+    assert any("parameter 0 of param group 0 (4, 3, 3, 3) is no longer contiguous" in n
+               and "memory_format=torch.contiguous_format" in n for n in e.value.__notes__)
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(conv)))
+    conv.to(memory_format=torch.contiguous_format)
+    opt.step(lambda: conv(x).pow(2).mean())
+
+
 def test_the_zero_estimate_warning_needs_three_zero_steps_in_a_row():
     # One zero estimate happens (a flat stretch, a loss coarser than zo_eps): two in a row, a
     # live step, two more, then a third: only then the warning.

@@ -474,6 +474,11 @@ class _ZOBase(torch.optim.Optimizer):
         """What the fused kernels need, checked now rather than at the first step: a supported
         dtype, contiguous memory, a cpu/cuda device the backend can run."""
         for k, p in enumerate(params):
+            # a lazy module's parameter: reading its shape raised torch's "... in load_state_dict"
+            if isinstance(p, torch.nn.parameter.UninitializedTensorMixin):
+                raise ValueError(f"parameter {k} of param group {group} is uninitialized (a lazy module, e.g. "
+                                 "nn.LazyLinear): run one forward pass of the model (model(x)) before building "
+                                 "the optimizer, so that its parameters have shapes")
             where = f"parameter {k} of param group {group} ({tuple(p.shape)}, {p.dtype}, {p.device})"
             if p.dtype not in PARAM_DTYPES:
                 raise ValueError(f"{where}: the fused kernels update float32, bfloat16 or float16 parameters; "
@@ -711,9 +716,11 @@ class _ZOBase(torch.optim.Optimizer):
                 "parameters restored, step counter advanced")
             loss = _loss_tensor(s.value)
             done = True
-        except BaseException:
+        except BaseException as e:
             if self._updating and not self._eval_raised:
                 status = "failed"     # after its forwards, in a kernel call: see _update_all
+            if isinstance(e, ValueError) and not self._eval_raised:
+                self._explain_refusal(e)
             raise
         finally:
             self._step_token, self._stream_args, self._gate = None, {}, None
@@ -727,6 +734,21 @@ class _ZOBase(torch.optim.Optimizer):
                 if gate is not None:     # a ^C held back while the last kernels ran comes now
                     gate.release(deliver=bool(done))
         return loss
+
+    def _explain_refusal(self, e: ValueError) -> None:
+        """A kernel refused a parameter that changed after construction checked it (only
+        dtype, contiguity and device are left to the kernels per step: see _buckets); the
+        kernel's advice ("call .contiguous() on it") would make a copy the model never uses, so
+        the note names the parameter and the fix. Runs on failure only."""
+        for i, g in enumerate(self.param_groups):
+            for k, p in enumerate(g["params"]):
+                if not p.is_contiguous():
+                    e.add_note(f"{type(self).__name__}: parameter {k} of param group {i} {tuple(p.shape)} is no "
+                               "longer contiguous: its memory format changed after the optimizer was built (e.g. "
+                               "model.to(memory_format=torch.channels_last)). The fused kernels update parameters "
+                               "in place: move the model back with model.to(memory_format=torch.contiguous_format) "
+                               "(p.contiguous() would be a copy the model does not use)")
+                    return
 
     def _coeffs(self, g: dict, d: list[float], *, per_eps: bool = True) -> list[float]:
         """Per-group projected-gradient scalars c_j = d_j / (eps_g q) (d_j: loss
