@@ -704,6 +704,19 @@ def test_a_parameter_made_channels_last_after_construction_gets_the_models_fix()
     opt.step(lambda: conv(x).pow(2).mean())
 
 
+def test_step_returns_a_float32_loss_whatever_the_default_dtype():
+    # documented as a 0-dim float32 tensor; under set_default_dtype(float64) it was float64
+    model = make_mlp(6, 4, 1)
+    opt = ZOFusedSGD(model.parameters(), lr=0.05, seed=1)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = [opt.step(lambda: loss_of(model)), opt.step(lambda: torch.tensor(float("inf")))]
+    finally:
+        torch.set_default_dtype(old)
+    assert [(t.dtype, t.dim()) for t in out] == [(torch.float32, 0)] * 2
+
+
 def test_the_zero_estimate_warning_needs_three_zero_steps_in_a_row():
     # One zero estimate happens (a flat stretch, a loss coarser than zo_eps): two in a row, a
     # live step, two more, then a third: only then the warning.

@@ -182,10 +182,10 @@ def _loss_tensor(x: float) -> torch.Tensor:
     time (~5 us of ~10 us); ``scalar_tensor`` refuses a finite x beyond the float32 range,
     which ``torch.tensor`` rounds to inf, so that case takes the old path (same bits for
     every double: checked on 60k values incl. the overflow and subnormal edges)."""
-    try:
-        return torch.scalar_tensor(x)
+    try:     # float32 named: under torch.set_default_dtype(torch.float64) both gave float64
+        return torch.scalar_tensor(x, dtype=torch.float32)
     except RuntimeError:
-        return torch.tensor(x)
+        return torch.tensor(x, dtype=torch.float32)
 
 
 class _InterruptGate:
