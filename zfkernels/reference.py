@@ -16,6 +16,7 @@ correctly rounded). That is what makes the results equal, bit for bit, to every 
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -436,7 +437,7 @@ def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, 
     bc1 = 1.0 - beta1 ** step
     bc2 = 1.0 - beta2 ** step
     step_size = _f32(lr / bc1)
-    bc2_sqrt = _f32(bc2 ** 0.5)
+    bc2_sqrt = _f32(math.sqrt(bc2))     # correctly rounded, as C's sqrt: pow(bc2, 0.5) is not
     wd, b2, eps_f = _f32(weight_decay), _f32(beta2), _f32(eps)
     for k, a, e, span, tid, x, g in _estimated_spans(
             params, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed,

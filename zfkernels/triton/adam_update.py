@@ -2,6 +2,7 @@
 sign, weight decay, moments, bias-corrected update) in one pass (docs/kernel-ops.md)."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -128,7 +129,7 @@ def zo_adam_update_(
     bc1 = 1.0 - float(beta1) ** step
     bc2 = 1.0 - float(beta2) ** step
     step_size = round32(float(lr) / bc1)
-    bc2_sqrt = round32(bc2 ** 0.5)
+    bc2_sqrt = round32(math.sqrt(bc2))     # correctly rounded, as C's sqrt: pow(bc2, 0.5) is not
     sk0, sk1 = split_seed(check_seed_arg(op, "round_seed", round_seed))
     rk0, rk1 = split_seed(restore_seed)
     mk0, mk1 = split_seed(mask_seed)
