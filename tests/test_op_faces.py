@@ -136,6 +136,48 @@ def test_a_raw_op_refuses_to_write_a_tensor_that_requires_grad(backend, op, case
     assert not torch.equal(written[0][0], before[0][0])
 
 
+def _named_call(be, op, written):
+    """``op`` of backend ``be`` through zk.call_op (no face, no no_grad) on ``written``."""
+    ids = list(range(len(written[0])))
+    if op == "perturb_":
+        zk.call_op(be, op, params=written[0], tensor_ids=ids, seed=3, scale=0.5, dist=1)
+    elif op == "zo_sgd_update_":
+        zk.call_op(be, op, params=written[0], momentum_buffers=written[1], tensor_ids=ids, seeds=[3], coeffs=[0.5],
+                   dist=1, lr=0.1, momentum=0.9, momentum_init=True)
+    else:
+        zk.call_op(be, op, params=written[0], exp_avgs=written[1], exp_avg_sqs=written[2], tensor_ids=ids,
+                   seeds=[3], coeffs=[0.5], dist=1, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, step=1)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("case", ["leaf", "non_leaf", "buffer"])
+def test_every_backend_refuses_to_write_a_tensor_that_requires_grad(backend, op, case):
+    """The compiled ops' refusal (above), on every backend: Triton wrote such a leaf, and the
+    reference refused in its first copy_, after the tensors before it were written (a fuzz's
+    find). Same message, nothing written; under no_grad the same call runs."""
+    be, dev = backend
+    leaf = torch.ones(12, device=dev, requires_grad=True)
+    n_lists = {"perturb_": 1, "zo_sgd_update_": 2, "zo_adam_update_": 3}[op]
+    if op == "perturb_" and case == "buffer":
+        pytest.skip("perturb_ writes no buffer")
+    if case == "buffer":
+        written = [[torch.ones(7, device=dev)], [leaf[:7]]] + [[torch.zeros(7, device=dev)]] * (n_lists - 2)
+        name = "momentum_buffers[0]" if op == "zo_sgd_update_" else "exp_avgs[0]"
+    else:
+        target = leaf if case == "leaf" else leaf * 1
+        written = [[torch.ones(12, device=dev), target]] + [[torch.zeros(12, device=dev), torch.zeros(12, device=dev)]
+                                                           for _ in range(n_lists - 1)]
+        name = "params[1]"
+    before = [[t.detach().clone() for t in ts] for ts in written]
+    with pytest.raises(RuntimeError, match=rf"zfkernels::{op}: {re.escape(name)} requires grad.*torch.no_grad\(\)"):
+        _named_call(be, op, written)
+    for ts, bs in zip(written, before):
+        assert all(torch.equal(t.detach(), b) for t, b in zip(ts, bs)), "written before the refusal"
+    with torch.no_grad():
+        _named_call(be, op, written)
+    assert not torch.equal(written[0][0], before[0][0])
+
+
 @pytest.mark.parametrize("op", list(OPS))
 def test_an_inference_tensor_is_refused_outside_inference_mode(backend, op):
     """As torch's in-place ops: refused outside inference mode (where it has no version

@@ -178,15 +178,27 @@ def check_betas(beta1: float, beta2: float, where: str = "") -> None:
                              "need 0 <= beta < 1, e.g. betas=(0.9, 0.999)")
 
 
-def check_not_inference(lists, where: str = "") -> None:
-    """Outside inference mode, no tensor an op writes (``lists``: ``(schema name, tensors)``
-    pairs) is an inference tensor: torch's rule for in-place updates, which the compiled ops
-    apply through their ADInplaceOrView kernels (csrc/ops.cpp) before writing anything. The
-    Python backends (the reference and Triton) check it here, before their first write, so a
-    refused call leaves every tensor as it was. ``where`` prefixes the message (Triton names its
-    op)."""
+def check_writable(op: str, lists, where: str = "") -> None:
+    """What the compiled ops refuse before they write anything, checked by the Python backends
+    (the reference and Triton) before their first write, so a refused call leaves every tensor
+    as it was (``lists``: ``(schema name, tensors)`` pairs of what op ``op`` writes):
+
+    * with grad mode on, a tensor that requires grad (csrc/ops.cpp ``refuse_grad_writes``,
+      same message): Triton wrote such a leaf, and the reference refused it in its first
+      ``copy_``, after the tensors before it were written;
+    * outside inference mode, an inference tensor: torch's rule for in-place updates, which the
+      compiled ops apply through their ADInplaceOrView kernels. ``where`` prefixes this message
+      (Triton names its op)."""
     import torch
 
+    if torch.is_grad_enabled():
+        for name, tensors in lists:
+            for k, t in enumerate(tensors):
+                if t.requires_grad:
+                    raise RuntimeError(
+                        f"zfkernels::{op}: {name}[{k}] requires grad, and this op writes it in place without "
+                        "recording a gradient: call it under torch.no_grad() (zfkernels' functions and the zeroflow "
+                        "optimizers do), or pass a tensor that does not require grad (.detach())")
     if torch.is_inference_mode_enabled():
         return
     for name, tensors in lists:

@@ -23,7 +23,7 @@ import torch
 
 from . import stream as S
 from ._overlap import check_no_overlap
-from .opspec import check_betas, check_not_inference
+from .opspec import check_betas, check_writable
 
 _C = S.f32_from_bits  # §5 constants: exact fp32 values from their bit patterns
 _PI_F32 = _C(S.PI_F32_BITS)  # 3.14159274
@@ -317,7 +317,7 @@ def perturb_(params, tensor_ids, seed, scale, dist, mask_seed, mask_threshold) -
     """θ_k += scale · m ⊙ z(seed) for each tensor (docs/kernel-ops.md)."""
     _check_params(params, tensor_ids)
     check_no_overlap([("params", params)])
-    check_not_inference([("params", params)])
+    check_writable("perturb_", [("params", params)])
     S.check_seed(seed, "seed")
     _check_stream(dist, mask_seed, mask_threshold)
     scale_f = torch.tensor(scale, dtype=torch.float32).item()
@@ -392,7 +392,7 @@ def zo_sgd_update_(params, momentum_buffers, history_buffers, tensor_ids, seeds,
     _check_buffers(params, history_buffers, "history_buffers")
     written = [("params", params), ("momentum_buffers", momentum_buffers), ("history_buffers", history_buffers)]
     check_no_overlap(written)
-    check_not_inference(written)
+    check_writable("zo_sgd_update_", written)
     _check_q(seeds, coeffs)
     _check_stream(dist, mask_seed, mask_threshold)
     S.check_seed(restore_seed, "restore_seed")
@@ -426,7 +426,7 @@ def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, 
     written = [("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
                ("history_buffers", history_buffers)]
     check_no_overlap(written)
-    check_not_inference(written)
+    check_writable("zo_adam_update_", written)
     _check_q(seeds, coeffs)
     _check_stream(dist, mask_seed, mask_threshold)
     S.check_seed(restore_seed, "restore_seed")

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .._overlap import check_no_overlap
-from ..opspec import check_not_inference
+from ..opspec import check_writable
 from ..stream import MASK32, MASK_ONE, TENSOR_ID_LIMIT, check_seed, dist_code
 
 FLOAT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -240,8 +240,9 @@ def mark_written(op: str, lists: Sequence[tuple[str, Sequence[torch.Tensor]]]) -
     autograd cannot see, so a backward over a graph that saved one of these tensors would run
     on the new values without complaint; torch's in-place ops and the compiled ops (their
     ADInplaceOrView kernels, csrc/ops.cpp) bump it. As they do, an inference tensor is refused
-    outside inference mode (``increment_version`` skips it silently)."""
-    check_not_inference(lists, f"{op}: ")
+    outside inference mode (``increment_version`` skips it silently), and with grad mode on a
+    tensor that requires grad (the kernels wrote such a leaf: opspec.check_writable)."""
+    check_writable(op, lists, f"{op}: ")
     torch.autograd.graph.increment_version([t for _, ts in lists for t in ts])
 
 
