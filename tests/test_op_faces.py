@@ -136,6 +136,17 @@ def test_a_raw_op_refuses_to_write_a_tensor_that_requires_grad(backend, op, case
     assert not torch.equal(written[0][0], before[0][0])
 
 
+def test_a_tensor_id_outside_32_bits_is_named_by_every_backend(backend):
+    # the reference said "tensor id -1 is outside [0, 2**32)", naming no argument
+    be, dev = backend
+    p = torch.ones(3, device=dev)
+    for bad in (-1, 2**32):
+        with pytest.raises(ValueError, match=rf"tensor_ids\[1\]={bad} (is outside|must be an int in) \[0, 2\*\*32\)"):
+            zk.call_op(be, "perturb_", params=[torch.ones(3, device=dev), p], tensor_ids=[0, bad], seed=1, scale=1.0,
+                       dist=1)
+    assert torch.equal(p, torch.ones(3, device=dev))
+
+
 def _named_call(be, op, written):
     """``op`` of backend ``be`` through zk.call_op (no face, no no_grad) on ``written``."""
     ids = list(range(len(written[0])))

@@ -291,9 +291,9 @@ def _check_params(params: Sequence[torch.Tensor], tensor_ids: Sequence[int], nam
             raise ValueError(f"{name}[{k}] has dtype {p.dtype}; use float32, bfloat16 or float16")
         if not p.is_contiguous():
             raise ValueError(f"{name}[{k}] is not contiguous; call .contiguous() on it first")
-    for t in tensor_ids:
+    for k, t in enumerate(tensor_ids):
         if not 0 <= int(t) < S.TENSOR_ID_LIMIT:
-            raise ValueError(f"tensor id {t} is outside [0, 2**32)")
+            raise ValueError(f"tensor_ids[{k}]={t} is outside [0, 2**32); use a 32-bit unsigned id")
 
 
 def _store(dst: torch.Tensor, value_f32: torch.Tensor) -> None:
