@@ -43,14 +43,20 @@ def backend_params(*, reference_on_cpu: bool) -> list:
 
     gpu, interp = torch.cuda.is_available(), os.environ.get("TRITON_INTERPRET") == "1"
     out = [pytest.param(("torch", "cpu"), id="torch-cpu")] if reference_on_cpu else []
-    if _compiled.cpu_available():
-        out.append(pytest.param(("cpu", "cpu"), id="cpu"))
+    # A backend that should be here but cannot run is a skipped param that says why, not a
+    # missing one: the image venv's Triton 3.6 interpreter (numpy >= 2.4) dropped 146 cases
+    # from the table without a line in the summary.
+    out.append(pytest.param(("cpu", "cpu"), id="cpu", marks=() if _compiled.cpu_available() else pytest.mark.skip(
+        reason=f"the compiled CPU kernels do not load: {_compiled._errors.get('cpu')}")))
     if gpu and _compiled.cuda_available():
         out.append(pytest.param(("cuda", "cuda"), id="cuda"))
     if gpu and zk._triton_usable_on("cuda") and not interp:
         out.append(pytest.param(("triton", "cuda"), id="triton-cuda"))
-    elif zk._triton_usable_on("cpu"):
-        out.append(pytest.param(("triton", "cpu"), id="triton-interp"))
+    elif interp or not gpu:
+        ok = zk._triton_usable_on("cpu")
+        why = zk._triton_module()[1] if interp else "TRITON_INTERPRET=1 is not set (Triton's CPU mode)"
+        skip = () if ok else pytest.mark.skip(reason=why)
+        out.append(pytest.param(("triton", "cpu"), id="triton-interp", marks=skip))
     if gpu:
         out.append(pytest.param(("torch", "cuda"), id="torch-cuda"))
     return out
