@@ -1,0 +1,430 @@
+"""Contracts of the trajectory log (zeroflow.replay), of data-parallel ZO (zeroflow.distributed)
+and of the ``zeroflow`` command that the other tests left unpinned (found by mutation testing):
+what a log holds per step, what a reader refuses, what replay cross-checks, how DataParallelZO
+weighs an empty shard and when it checks the ranks, and the sweep's seed list. docs/distributed.md
+is cited per test. Everything runs in one process (a two-rank exchange is simulated by a Comm
+whose other rank answers locally), tiny models, a few steps: fast."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import struct
+import warnings
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_data, make_mlp
+from zeroflow.optim import ZOFusedSGD, create, train_step
+from zeroflow.replay import MAGIC, ReplayError, TrajectoryRecorder, read_log, replay, replay_main, save_base
+
+
+
+def _steps(opt, closure, n):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(n):
+            train_step(opt, closure)
+
+
+def _equal_models(a: dict, b: dict) -> list[str]:
+    return [k for k in set(a) | set(b) if k not in a or k not in b or not torch.equal(a[k], b[k])]
+
+
+def _records(raw: bytes) -> list[tuple[int, bytes]]:
+    """``(offset, payload)`` of each record after the header of a log's bytes."""
+    (hn,) = struct.unpack_from("<I", raw, len(MAGIC))
+    i, out = len(MAGIC) + 4 + hn + 4, []
+    while i < len(raw):
+        (n,) = struct.unpack_from("<I", raw, i)
+        out.append((i, raw[i + 4:i + 4 + n]))
+        i += 8 + n
+    return out
+
+
+def _with_payload(raw: bytes, k: int, payload: bytes) -> bytes:
+    """The log with record ``k`` replaced by ``payload`` (its length and crc32 made to match)."""
+    at, old = _records(raw)[k]
+    return (raw[:at] + struct.pack("<I", len(payload)) + payload + struct.pack("<I", zlib.crc32(payload))
+            + raw[at + 8 + len(old):])
+
+
+@pytest.fixture(scope="module")
+def small_log(tmp_path_factory):
+    """A 4-step ZO-SGD (q=1 two_side) log, its BASE and the trained weights."""
+    d = tmp_path_factory.mktemp("log")
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    opt = ZOFusedSGD(m.parameters(), lr=1e-2, momentum=0.9, seed=3, backend="cpu")
+    base, log = str(d / "b.pt"), str(d / "r.zft")
+    save_base(base, m)
+    with TrajectoryRecorder(log, opt, model=m):
+        _steps(opt, lambda: F.mse_loss(m(X), Y), 4)
+    return base, log, {k: v.clone() for k, v in m.state_dict().items()}, open(log, "rb").read()
+
+
+def _write(tmp_path, raw: bytes) -> str:
+    p = str(tmp_path / "edited.zft")
+    with open(p, "wb") as f:
+        f.write(raw)
+    return p
+
+
+# ---------------------------------------------------------------------------- what a step record holds
+def test_lr_task_and_options_are_logged_on_the_step_they_change_only(tmp_path):
+    """docs/distributed.md §2: the recorder logs "the per-group lr when it changed, the mask epoch
+    when it changed, and an options record when a group option other than lr changed" (+2+8G
+    bytes on a step whose lr changed). A recorder that forgot what it had logged repeated them
+    on every later step: the log grew, and the Size section's numbers no longer held."""
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    opt = ZOFusedSGD(m.parameters(), lr=1e-2, momentum=0.9, seed=3, backend="cpu", sparsity=0.5,
+                     sparse_resample="task")
+    base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
+    save_base(base, m)
+    loss = lambda: F.mse_loss(m(X), Y)  # noqa: E731
+    with TrajectoryRecorder(log, opt, model=m):
+        _steps(opt, loss, 2)
+        opt.param_groups[0]["lr"] = 5e-3             # step 2: lr and task change together
+        opt.new_task()
+        _steps(opt, loss, 2)
+        opt.param_groups[0]["weight_decay"] = 1e-3   # before step 4: an options record
+        _steps(opt, loss, 2)
+    _, records = read_log(log)
+    steps = [r for r in records if r[0] == "step"]
+    assert [r[2] & 4 for r in steps] == [0, 0, 4, 0, 0, 0]          # lr present: step 2 only
+    assert [r[2] & 8 for r in steps] == [0, 0, 8, 0, 0, 0]          # task present: step 2 only
+    assert steps[2][3] == 1 and steps[2][4] == [5e-3]               # both read back, in their order
+    assert [r[0] for r in records].count("options") == 1
+    assert _equal_models(replay(base, log), m.state_dict()) == []
+
+
+def test_a_partly_stateful_optimizer_records_its_state_in_the_header(tmp_path):
+    """docs/distributed.md §2: BASE holds the optimizer state when the recording starts with
+    one ("+ optimizer if it already has state"). An optimizer whose first group has momentum and
+    whose group added since has none yet (one adapter per task) is not fresh: replay must load
+    BASE's state, or the momentum is lost and the final checksum fails."""
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    loss = lambda: F.mse_loss(m(X), Y)  # noqa: E731
+    opt = ZOFusedSGD(m[0].parameters(), lr=1e-2, momentum=0.9, seed=3, backend="cpu")
+    _steps(opt, loss, 2)
+    opt.add_param_group({"params": list(m[2].parameters())})
+    base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
+    save_base(base, m, opt)
+    with TrajectoryRecorder(log, opt, model=m) as rec:
+        assert rec.header["fresh_state"] is False
+        _steps(opt, loss, 3)
+    assert _equal_models(replay(base, log), m.state_dict()) == []
+
+
+def test_a_log_started_mid_run_without_optimizer_state_replays_from_its_start_step(tmp_path):
+    """docs/distributed.md §2: the header holds "the start counters" and replay rebuilds the
+    optimizer as it was when the log started. ZO-SGD without momentum has no state, so a log
+    started after some steps is fresh but starts at step 3: its seeds are those of steps 3.."""
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    loss = lambda: F.mse_loss(m(X), Y)  # noqa: E731
+    opt = ZOFusedSGD(m.parameters(), lr=1e-2, seed=3, backend="cpu")
+    _steps(opt, loss, 3)
+    base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
+    save_base(base, m)
+    with TrajectoryRecorder(log, opt, model=m) as rec:
+        assert rec.header["fresh_state"] is True and rec.header["start_step"] == 3
+        _steps(opt, loss, 2)
+    assert _equal_models(replay(base, log), m.state_dict()) == []
+
+
+def test_close_and_abandon_fsync_the_log(tmp_path, monkeypatch):
+    """The end record is made durable (flush + fsync) when the recorder closes, and what a
+    recording cut short holds when it is abandoned (docs/distributed.md §2: a log whose process
+    was killed replays its complete records): a log that looks closed must survive a crash."""
+    import zeroflow.replay as zr
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(zr.os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    for how in ("close", "abandon"):
+        opt = ZOFusedSGD(m.parameters(), lr=1e-2, seed=3, backend="cpu")
+        rec = TrajectoryRecorder(str(tmp_path / f"{how}.zft"), opt, model=m)
+        _steps(opt, lambda: F.mse_loss(m(X), Y), 1)
+        fd = rec._f.fileno()
+        synced.clear()
+        getattr(rec, how)()
+        assert fd in synced, how
+
+
+def test_forward_grad_is_refused_by_the_recorder(tmp_path):
+    """docs/distributed.md §2 "Not replayable": forward_grad (the recorder refuses it: replaying
+    its steps would still run the jvps), before any file is written."""
+    m = make_mlp(5, 8, 2)
+    opt = create("forward_grad", list(m.parameters()), model=m, lr=1e-2, seed=3, backend="cpu")
+    with pytest.raises(ValueError, match="forward_grad"):
+        TrajectoryRecorder(str(tmp_path / "fg.zft"), opt, model=m)
+    assert not os.path.exists(tmp_path / "fg.zft")
+
+
+# ---------------------------------------------------------------------------- what a reader refuses
+def test_another_log_format_in_the_magic_is_refused(tmp_path, small_log):
+    """docs/distributed.md §2 Refused: "another log format" (magic ZFTRAJ\\0\\2 is not this
+    reader's ZFTRAJ\\0\\1), named as such, not read as format 1."""
+    raw = small_log[3]
+    bad = _write(tmp_path, raw[:6] + b"\x00\x02" + raw[8:])
+    with pytest.raises(ReplayError, match="trajectory log format 0002 is not supported"):
+        read_log(bad)
+
+
+def test_a_step_record_with_bytes_after_its_scalars_is_corrupt(tmp_path, small_log):
+    """docs/distributed.md §2 Format/Refused: a step record is exactly kind, step, flags, [task],
+    [lrs], m and m scalars; anything else is "a malformed record" (crc recomputed: another writer)."""
+    raw = small_log[3]
+    _, p = _records(raw)[1]
+    with pytest.raises(ReplayError, match=r"corrupt log \(record 1 malformed"):
+        read_log(_write(tmp_path, _with_payload(raw, 1, p + b"\0" * 8)))
+
+
+def test_an_end_record_of_another_length_is_corrupt(tmp_path, small_log):
+    """The end record is kind, u64 steps, u64 next step and a 32-byte sha256 (49 bytes)."""
+    raw = small_log[3]
+    k = len(_records(raw)) - 1
+    _, p = _records(raw)[k]
+    with pytest.raises(ReplayError, match=rf"corrupt log \(record {k} malformed"):
+        read_log(_write(tmp_path, _with_payload(raw, k, p + b"\0")))
+
+
+def test_an_end_record_counting_other_steps_is_corrupt(tmp_path, small_log):
+    """docs/distributed.md §2 Refused: "step count mismatch" between the end record and the
+    step records the log holds."""
+    raw = small_log[3]
+    k = len(_records(raw)) - 1
+    _, p = _records(raw)[k]
+    bad = p[:1] + struct.pack("<Q", 5) + p[9:]
+    with pytest.raises(ReplayError, match=r"end record says 5 steps, found 4"):
+        read_log(_write(tmp_path, _with_payload(raw, k, bad)))
+
+
+# ---------------------------------------------------------------------------- what replay cross-checks
+def test_a_step_record_numbered_out_of_sequence_is_refused(tmp_path, small_log):
+    """A log holds consecutive steps (docs/distributed.md §2): a record whose step number is not
+    the optimizer's next step is an inconsistent log, even though the scalars would replay."""
+    base, _, _, raw = small_log
+    _, p = _records(raw)[1]
+    bad = p[:1] + struct.pack("<Q", 7) + p[9:]
+    with pytest.raises(ReplayError, match="record for step 7 where step 1 was expected"):
+        replay(base, _write(tmp_path, _with_payload(raw, 1, bad)))
+
+
+def test_a_step_record_with_more_scalars_than_the_step_consumes_is_refused(tmp_path, small_log):
+    """Replay plays each step's logged scalars back; a step that leaves some unconsumed is an
+    inconsistent log (the weights would still pass the checksum, the log does not describe them)."""
+    base, _, _, raw = small_log
+    _, p = _records(raw)[1]
+    (m,) = struct.unpack_from("<H", p, 10)
+    bad = p[:10] + struct.pack("<H", m + 1) + p[12:] + struct.pack("<d", 1.0)
+    with pytest.raises(ReplayError, match=rf"step 1 consumed {m} of {m + 1} scalars"):
+        replay(base, _write(tmp_path, _with_payload(raw, 1, bad)))
+
+
+def test_an_end_record_whose_next_step_is_not_where_replay_ends_is_refused(tmp_path, small_log):
+    """The end record's next step (docs/distributed.md §2 Format) must be where playback ends."""
+    base, _, _, raw = small_log
+    k = len(_records(raw)) - 1
+    _, p = _records(raw)[k]
+    bad = p[:9] + struct.pack("<Q", 9) + p[17:]
+    with pytest.raises(ReplayError, match="replay ended at step 4, the log at 9"):
+        replay(base, _write(tmp_path, _with_payload(raw, k, bad)))
+
+
+def test_the_replay_command_verifies_unless_no_verify(tmp_path, small_log, capsys):
+    """docs/distributed.md §2: replay always checks the final weights against the end record;
+    ``zeroflow replay`` exits 2 with nothing at --out on a mismatch, and ``--no-verify`` skips
+    the check. The end record's checksum is altered here (crc recomputed)."""
+    base, _, final, raw = small_log
+    k = len(_records(raw)) - 1
+    _, p = _records(raw)[k]
+    bad = _write(tmp_path, _with_payload(raw, k, p[:-1] + bytes([p[-1] ^ 1])))
+    out = str(tmp_path / "w.pt")
+    assert replay_main([base, bad, "--out", out]) == 2
+    assert "checksum mismatch" in capsys.readouterr().err and not os.path.exists(out)
+    assert replay_main([base, bad, "--out", out, "--no-verify"]) == 0
+    assert _equal_models(torch.load(out, weights_only=True), final) == []
+
+
+# ---------------------------------------------------------------------------- data-parallel ZO, one process
+def _two_ranks(peer):
+    """A Comm of rank 0 in a world of 2 whose other rank answers ``peer(tensor)`` to every
+    all_gather (default: the same tensor, an identical rank)."""
+    from zeroflow.distributed import Comm
+
+    class TwoRanks(Comm):
+        def __init__(self):      # no process group: the exchange is simulated
+            self.group, self.rank, self.world, self.device = None, 0, 2, torch.device("cpu")
+            self.reset()
+
+        def all_gather(self, t):
+            self._count("all_gather", self._nbytes(t), 2 * self._nbytes(t))
+            return torch.stack([t, peer(t)])
+
+    return TwoRanks()
+
+
+def test_a_rank_with_an_empty_shard_does_not_spoil_the_loss():
+    """docs/distributed.md §1: each loss becomes sum_r n_r L_r / N. A rank whose shard is empty
+    (n_r = 0; the mean loss of no samples is NaN) weighs 0: the step sees the other rank's loss,
+    it is not skipped as non-finite, nor refused as "no batch size"."""
+    from zeroflow.distributed import DataParallelZO
+
+    def peer(t):     # the other rank: 4 samples, losses 0.25 / 0.75 alternately
+        if t.dtype == torch.int64:          # the batch sizes
+            return torch.tensor([4])
+        if t.dtype != torch.float64:        # setup digests and checksums: an identical rank
+            return t.clone()
+        peer.k += 1
+        return torch.tensor([0.25 if peer.k % 2 else 0.75], dtype=torch.float64)
+    peer.k = 0
+    m = make_mlp(5, 8, 2)
+    opt = ZOFusedSGD(m.parameters(), lr=1e-2, seed=3, backend="cpu")
+    seen = []
+    dp = DataParallelZO(opt, comm=_two_ranks(peer))
+    opt.step_hook = lambda o, info: seen.append(info)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)       # a skipped step warns
+        dp.step(lambda: torch.tensor(math.nan), batch_size=0)
+    assert seen[0]["status"] == "ok" and seen[0]["scalars"] == [0.25, 0.75]
+
+
+def test_every_rank_reporting_an_empty_batch_is_a_value_error():
+    """A step where every rank gave batch_size=0 has no loss to weigh: ValueError, before the step."""
+    from zeroflow.distributed import DataParallelZO
+
+    m = make_mlp(5, 8, 2)
+    opt = ZOFusedSGD(m.parameters(), lr=1e-2, seed=3, backend="cpu")
+    dp = DataParallelZO(opt, comm=_two_ranks(lambda t: t.clone()))
+    with pytest.raises(ValueError, match="every rank reported batch_size=0"):
+        dp.step(lambda: torch.tensor(1.0), batch_size=0)
+    assert opt.step_count == 0
+
+
+def test_check_every_k_checks_after_every_kth_step():
+    """docs/distributed.md §1: ``check_every=k`` repeats the parameter/state check every k steps
+    (64 bytes per rank per check): after steps k, 2k, ..., not after the others."""
+    from zeroflow.distributed import DataParallelZO
+
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    dp = DataParallelZO(ZOFusedSGD(m.parameters(), lr=1e-2, seed=3, backend="cpu"),
+                        comm=_two_ranks(lambda t: t.clone()), check_every=3)
+    checked = []
+    real = dp.check_params
+    dp.check_params = lambda where="": (checked.append(dp.step_count), real(where))[1]
+    for _ in range(7):
+        dp.step(lambda: F.mse_loss(m(X), Y), batch_size=16)
+    assert checked == [3, 6]
+
+
+def test_the_setup_description_holds_the_step_and_mask_epoch_counters():
+    """docs/distributed.md §1 Checks: the setup digest covers "step and mask-epoch counters":
+    ranks at another step (or task) would draw other z from the same seed."""
+    from zeroflow.distributed import _diff_keys, describe_optimizer
+
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    a = ZOFusedSGD(m.parameters(), lr=1e-2, seed=3, backend="cpu")
+    before = describe_optimizer(a)
+    _steps(a, lambda: F.mse_loss(m(X), Y), 1)
+    a.new_task()
+    assert set(_diff_keys(before, describe_optimizer(a))) == {"step: 0 vs 1", "task: 0 vs 1"}
+
+
+def test_the_state_checksum_covers_a_hybrids_first_order_state():
+    """docs/distributed.md §1: the state checksum covers momentum, Adam moments, history (a
+    hybrid's FO optimizer state too, state_checksum): ranks whose FO momentum differs drift."""
+    from zeroflow.distributed import state_checksum
+
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    h = create("zo_sgd", list(m.parameters()), lr=1e-2, momentum=0.9, seed=3, backend="cpu", hybrid_switch=5)
+    before = state_checksum(h)
+    loss = F.mse_loss(m(X), Y)
+    loss.backward()
+    h.step(lambda: F.mse_loss(m(X), Y))
+    assert any(len(s) for s in h.fo.state.values())
+    assert state_checksum(h) != before
+
+
+def test_sharded_batch_sampler_keeps_a_last_batch_of_world_samples_and_a_batch_of_world():
+    """docs/distributed.md §1: a last global batch with *fewer* than ``world`` samples is
+    dropped: one of exactly ``world`` samples is kept (one per rank); and a global batch size
+    equal to the world size is valid (one sample per rank)."""
+    from zeroflow.distributed import ShardedBatchSampler
+
+    samplers = [ShardedBatchSampler(19, 8, r, 3, shuffle=False) for r in range(3)]
+    assert [len(s) for s in samplers] == [3, 3, 3]
+    assert sorted(sum((list(s)[-1] for s in samplers), [])) == [16, 17, 18]
+    assert [list(ShardedBatchSampler(6, 3, r, 3, shuffle=False)) for r in range(3)] == [[[0], [3]], [[1], [4]],
+                                                                                         [[2], [5]]]
+
+
+# ---------------------------------------------------------------------------- the zeroflow command
+def test_sweep_seeds_accept_zero_and_refuse_duplicates():
+    """``zeroflow sweep --seeds``: "in [0, 2^31-1]" (the --seed range, 0 included); a seed
+    listed twice is refused (its runs would share one folder)."""
+    from zeroflow.cli import _sweep_seeds
+    from zeroflow.continual.errors import ZeroflowError
+
+    assert _sweep_seeds(argparse.Namespace(seeds="0,1", seed=None)) == [0, 1]
+    with pytest.raises(ZeroflowError, match="lists 1 more than once"):
+        _sweep_seeds(argparse.Namespace(seeds="1,2,1", seed=None))
+
+
+def test_boolean_options_take_any_case_and_no_command_exits_2(capsys):
+    """The true/false options read as in a config file, any case; ``zeroflow`` without a
+    command prints its help and exits 2."""
+    from zeroflow.cli import _true_false, main
+
+    assert _true_false(" TRUE ") is True and _true_false("False") is False
+    assert main([]) == 2
+    assert "usage: zeroflow" in capsys.readouterr().out
+
+
+def test_the_sigterm_handler_is_restored_after_a_command(tmp_path):
+    """``zeroflow run`` turns SIGTERM into an interrupt for its duration only: main() gives the
+    caller's handler back, also when the run ends in an error."""
+    from zeroflow.cli import main
+
+    mine = lambda *a: None  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert main(["run", "--optimizer", "no_such", "--out", str(tmp_path / "r")]) == 2
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_ranks_other_than_0_print_nothing(monkeypatch, capsys):
+    """docs/distributed.md (CLI under torchrun): only rank 0 writes the run folder and prints."""
+    import zeroflow.continual.runner as runner
+    from zeroflow.cli import main
+
+    monkeypatch.setattr(runner, "run", lambda *a, **k: {"rank": 1, "run_dir": "x"})
+    assert main(["run", "--no-progress"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_an_unknown_option_is_refused_by_the_subcommand(tmp_path, capsys):
+    """cli.py: mistakes in what the user gave end as one ``zeroflow: error: ...`` line, exit 2,
+    before anything runs; an unknown flag (a typo) is named by the subcommand's parser, not
+    silently ignored (``zeroflow run --epochz 3`` would run with the default epochs)."""
+    from zeroflow.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(tmp_path), "--epochz", "3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "zeroflow: error: unrecognized arguments: --epochz 3 (see zeroflow report --help)" in err, err
