@@ -6,6 +6,7 @@ Test modules import the helpers (``from conftest import make_mlp``): processes t
 tests spawn import them the same way.
 """
 import os
+import warnings
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -88,6 +89,22 @@ def make_data(n: int, n_in: int, n_out: int = 1, seed: int = 1) -> tuple[torch.T
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, n_in, generator=g)
     return X, torch.sin(2 * X[:, :n_out]) + X[:, n_out:n_out + 1]
+
+
+def train_steps(opt, closure, n: int) -> None:
+    """``n`` steps of ``zeroflow.optim.train_step(opt, closure)``, their RuntimeWarnings
+    (skipped steps, zero estimates) silenced."""
+    from zeroflow.optim import train_step
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(n):
+            train_step(opt, closure)
+
+
+def differing_entries(a: dict, b: dict) -> list[str]:
+    """The state_dict entries that differ (or are missing) between a and b."""
+    return [k for k in set(a) | set(b) if k not in a or k not in b or not torch.equal(a[k], b[k])]
 
 
 def child_env(without: tuple[str, ...] = (), **overrides: str) -> dict[str, str]:

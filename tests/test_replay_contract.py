@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_data, make_mlp
+from conftest import differing_entries, make_data, make_mlp, train_steps
 from zeroflow.distributed import _jsonable
 from zeroflow.optim import ZOFusedAdam, ZOFusedSGD, create, train_step
 from zeroflow.replay import (MAGIC, ReplayError, TrajectoryRecorder, read_log, replay, replay_main,
@@ -25,16 +25,6 @@ from zeroflow.replay import (MAGIC, ReplayError, TrajectoryRecorder, read_log, r
 warnings.filterwarnings("ignore", message="zfkernels: the compiled")
 
 
-def _steps(opt, closure, n):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for _ in range(n):
-            train_step(opt, closure)
-
-
-def _equal_models(a: dict, b: dict) -> list[str]:
-    """The state_dict entries that differ (or are missing) between a and b."""
-    return [k for k in set(a) | set(b) if k not in a or k not in b or not torch.equal(a[k], b[k])]
 
 
 # ---------------------------------------------------------------------------- tied weights
@@ -69,7 +59,7 @@ def test_tied_weights_replay_loads_as_the_trained_model(tmp_path, how):
         save_base(base, m)
     kw = {"names": [n for n, _ in m.named_parameters()]} if how == "names" else {"model": m}
     with TrajectoryRecorder(log, opt, **kw):
-        _steps(opt, lambda: F.cross_entropy(m(t), y), 6)
+        train_steps(opt, lambda: F.cross_entropy(m(t), y), 6)
     trained = {k: v.clone() for k, v in m.state_dict().items()}
     assert not torch.equal(trained["dec.weight"], torch.load(base, weights_only=True)["model"]["dec.weight"])
     if how == "model":
@@ -80,7 +70,7 @@ def test_tied_weights_replay_loads_as_the_trained_model(tmp_path, how):
         for p in fresh.parameters():
             p.add_(1.0)                 # nothing of the fresh model's own values may survive
     fresh.load_state_dict(torch.load(out, weights_only=True))
-    assert _equal_models(fresh.state_dict(), trained) == []
+    assert differing_entries(fresh.state_dict(), trained) == []
     assert fresh.dec.weight is fresh.emb.weight
 
 
@@ -91,7 +81,7 @@ def test_tied_alias_of_another_shape_in_base_refused(tmp_path):
     sd = {k: v.clone() for k, v in m.state_dict().items()}
     t = torch.arange(7)
     with TrajectoryRecorder(log, opt, model=m):
-        _steps(opt, lambda: F.cross_entropy(m(t), t), 2)
+        train_steps(opt, lambda: F.cross_entropy(m(t), t), 2)
     sd["dec.weight"] = torch.zeros(3)
     torch.save(sd, base)
     with pytest.raises(ReplayError, match="'dec.weight'.*another name of 'emb.weight'"):
@@ -106,10 +96,10 @@ def test_log_without_aliases_still_replays(tmp_path):
     base, log, old = (str(tmp_path / f) for f in ("base.pt", "run.zft", "old.zft"))
     save_base(base, m)
     with TrajectoryRecorder(log, opt, model=m):
-        _steps(opt, lambda: F.mse_loss(m(X), Y), 3)
+        train_steps(opt, lambda: F.mse_loss(m(X), Y), 3)
     _edit_header(log, old, lambda h: h.pop("aliases"))
     assert "aliases" not in read_log(old)[0]
-    assert _equal_models(replay(base, old), m.state_dict()) == []
+    assert differing_entries(replay(base, old), m.state_dict()) == []
 
 
 # ---------------------------------------------------------------------------- add_param_group
@@ -128,24 +118,24 @@ def test_add_param_group_refused_at_the_next_step_log_stays_valid(tmp_path):
     base, log = str(tmp_path / "t0.base.pt"), str(tmp_path / "t0.zft")
     save_base(base, full)
     with TrajectoryRecorder(log, opt, model=full):
-        _steps(opt, loss, 3)
+        train_steps(opt, loss, 3)
         opt.add_param_group({"params": list(head.parameters()), "lr": 1e-2})
         before = {k: v.clone() for k, v in full.state_dict().items()}
         with pytest.raises(RuntimeError, match=r"add_param_group.*1 param group\(s\) of \[4\].*2 of \[4, 2\]"
                                                r".*start a new log after adding the group"):
-            _steps(opt, loss, 1)
+            train_steps(opt, loss, 1)
     assert opt.step_count == 3                          # the refused step did not run
-    assert _equal_models(full.state_dict(), before) == []
+    assert differing_entries(full.state_dict(), before) == []
     assert opt.step_hook is None and not opt._optimizer_step_pre_hooks   # the recorder let go
     header, records = read_log(log)
     assert records[-1][:3] == ("end", 3, 3)
-    assert _equal_models(replay(base, log), before) == []
+    assert differing_entries(replay(base, log), before) == []
     # what the message says: a new log from now, with the optimizer's state
     base1, log1 = str(tmp_path / "t1.base.pt"), str(tmp_path / "t1.zft")
     save_base(base1, full, opt)
     with TrajectoryRecorder(log1, opt, model=full):
-        _steps(opt, loss, 3)
-    assert _equal_models(replay(base1, log1), full.state_dict()) == []
+        train_steps(opt, loss, 3)
+    assert differing_entries(replay(base1, log1), full.state_dict()) == []
 
 
 def test_closing_before_add_param_group_is_fine(tmp_path):
@@ -155,10 +145,10 @@ def test_closing_before_add_param_group_is_fine(tmp_path):
     base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
     save_base(base, m)
     rec = TrajectoryRecorder(log, opt, model=m)
-    _steps(opt, lambda: F.mse_loss(m(X), Y), 2)
+    train_steps(opt, lambda: F.mse_loss(m(X), Y), 2)
     rec.close()
     opt.add_param_group({"params": list(m[2].parameters())})
-    _steps(opt, lambda: F.mse_loss(m(X), Y), 1)         # no recorder left behind to refuse it
+    train_steps(opt, lambda: F.mse_loss(m(X), Y), 1)         # no recorder left behind to refuse it
     assert opt.step_count == 3
 
 
@@ -185,7 +175,7 @@ def test_numpy_and_tensor_group_options_are_recorded_and_replay(tmp_path, optimi
     base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
     save_base(base, m)
     with TrajectoryRecorder(log, opt, model=m):
-        _steps(opt, lambda: F.mse_loss(m(X), Y), 2)
+        train_steps(opt, lambda: F.mse_loss(m(X), Y), 2)
         g = opt.param_groups[0]
         g["zo_eps"] = np.float32(2e-3)
         g["weight_decay"] = torch.tensor(1e-2)
@@ -193,12 +183,12 @@ def test_numpy_and_tensor_group_options_are_recorded_and_replay(tmp_path, optimi
             g["momentum"] = np.float64(0.8)
         else:
             g["betas"] = (np.float32(0.8), np.float32(0.99))
-        _steps(opt, lambda: F.mse_loss(m(X), Y), 3)
+        train_steps(opt, lambda: F.mse_loss(m(X), Y), 3)
     _, records = read_log(log)
     assert sum(r[0] == "step" for r in records) == 5
     opts = [r[1] for r in records if r[0] == "options"]
     assert opts and opts[-1][0]["zo_eps"] == float(np.float32(2e-3))
-    assert _equal_models(replay(base, log), m.state_dict()) == []
+    assert differing_entries(replay(base, log), m.state_dict()) == []
 
 
 # ---------------------------------------------------------------------------- failed steps
@@ -253,13 +243,13 @@ def test_update_that_fails_on_a_bad_state_buffer(tmp_path):
     save_base(base, m)
     with TrajectoryRecorder(log, opt, model=m), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        _steps(opt, lambda: F.mse_loss(m(X), Y), 3)
+        train_steps(opt, lambda: F.mse_loss(m(X), Y), 3)
         good = opt.state[ps[2]]["momentum_buffer"]
         opt.state[ps[2]]["momentum_buffer"] = torch.zeros(3)
         with pytest.raises(Exception):
-            _steps(opt, lambda: F.mse_loss(m(X), Y), 1)
+            train_steps(opt, lambda: F.mse_loss(m(X), Y), 1)
         opt.state[ps[2]]["momentum_buffer"] = good
-        _steps(opt, lambda: F.mse_loss(m(X), Y), 2)
+        train_steps(opt, lambda: F.mse_loss(m(X), Y), 2)
     steps = [r for r in read_log(log)[1] if r[0] == "step"]
     assert [r[1] for r in steps] == list(range(6))     # the failed step is in the log
     flags = [r[2] for r in steps]
@@ -279,7 +269,7 @@ def small_run(tmp_path_factory):
     base, log = str(d / "b.pt"), str(d / "r.zft")
     save_base(base, m)
     with TrajectoryRecorder(log, opt, model=m):
-        _steps(opt, lambda: F.mse_loss(m(X), Y), 3)
+        train_steps(opt, lambda: F.mse_loss(m(X), Y), 3)
     return base, log
 
 
@@ -370,7 +360,7 @@ def _recorded(tmp_path, steps=3, name="r.zft"):
     base, log = str(tmp_path / "b.pt"), str(tmp_path / name)
     save_base(base, m)
     with TrajectoryRecorder(log, opt, model=m):
-        _steps(opt, lambda: F.mse_loss(m(X), Y), steps)
+        train_steps(opt, lambda: F.mse_loss(m(X), Y), steps)
     return m, opt, base, log, (lambda: F.mse_loss(m(X), Y))
 
 
@@ -389,8 +379,8 @@ def test_a_second_recorder_on_a_log_leaves_it_as_it_was(tmp_path):
     del opt.param_groups[0]["tag"]
     save_base(base, m, opt)
     with TrajectoryRecorder(log, opt, model=m, overwrite=True):     # what the message offers
-        _steps(opt, loss, 2)
-    assert _equal_models(replay(base, log), m.state_dict()) == []
+        train_steps(opt, loss, 2)
+    assert differing_entries(replay(base, log), m.state_dict()) == []
 
 
 def test_replay_output_never_replaces_base_log_or_a_result(tmp_path, capsys):
@@ -411,7 +401,7 @@ def test_replay_output_never_replaces_base_log_or_a_result(tmp_path, capsys):
         replay_to_file(base, log, out)
     assert open(out, "rb").read() == written
     assert replay_main([base, log, "--out", out, "--overwrite"]) == 0
-    assert _equal_models(torch.load(out, weights_only=True), m.state_dict()) == []
+    assert differing_entries(torch.load(out, weights_only=True), m.state_dict()) == []
 
 
 @pytest.mark.parametrize("change", ["scheduler", "weight_decay"])
@@ -423,7 +413,7 @@ def test_a_log_started_after_save_base_changed_options_replays(tmp_path, change)
     X, Y = make_data(16, 5, 2)
     loss = lambda: F.mse_loss(m(X), Y)                           # noqa: E731
     opt = ZOFusedAdam(m.parameters(), lr=1e-3, seed=3, backend="cpu")
-    _steps(opt, loss, 3)                                          # state to carry: Adam moments
+    train_steps(opt, loss, 3)                                          # state to carry: Adam moments
     base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
     save_base(base, m, opt)
     if change == "scheduler":
@@ -432,10 +422,10 @@ def test_a_log_started_after_save_base_changed_options_replays(tmp_path, change)
         opt.param_groups[0]["weight_decay"] = 0.1
     with TrajectoryRecorder(log, opt, model=m):
         for _ in range(4):
-            _steps(opt, loss, 1)
+            train_steps(opt, loss, 1)
             if change == "scheduler":
                 sched.step()
-    assert _equal_models(replay(base, log), m.state_dict()) == []
+    assert differing_entries(replay(base, log), m.state_dict()) == []
 
 
 def test_a_rollback_while_recording_is_refused_before_the_step(tmp_path):
@@ -448,16 +438,16 @@ def test_a_rollback_while_recording_is_refused_before_the_step(tmp_path):
     base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
     save_base(base, m)
     with TrajectoryRecorder(log, opt, model=m):
-        _steps(opt, loss, 2)
+        train_steps(opt, loss, 2)
         earlier = opt.state_dict()
-        _steps(opt, loss, 2)
+        train_steps(opt, loss, 2)
         at_four = {k: v.clone() for k, v in m.state_dict().items()}
         opt.load_state_dict(earlier)
         with pytest.raises(RuntimeError, match=r"step 2 refused: .*step counter is 2, the log's next step is 4"):
-            _steps(opt, loss, 1)
-    assert _equal_models(m.state_dict(), at_four) == []           # the refused step did not run
+            train_steps(opt, loss, 1)
+    assert differing_entries(m.state_dict(), at_four) == []           # the refused step did not run
     assert read_log(log)[1][-1][:3] == ("end", 4, 4)
-    assert _equal_models(replay(base, log), at_four) == []
+    assert differing_entries(replay(base, log), at_four) == []
 
 
 @pytest.mark.parametrize("option,value", [("q", 2), ("estimator", "one_side"), ("conserve", True)])
@@ -471,16 +461,16 @@ def test_an_optimizer_wide_option_changed_while_recording_is_refused(tmp_path, o
     base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
     save_base(base, m)
     with TrajectoryRecorder(log, opt, model=m):
-        _steps(opt, loss, 2)
+        train_steps(opt, loss, 2)
         now = {k: v.clone() for k, v in m.state_dict().items()}
         setattr(opt, option, value)
         with pytest.raises(RuntimeError, match=rf"step 2 refused: optimizer-wide options changed.*{option}"):
-            _steps(opt, loss, 1)
-    assert _equal_models(m.state_dict(), now) == []
-    assert _equal_models(replay(base, log), now) == []
+            train_steps(opt, loss, 1)
+    assert differing_entries(m.state_dict(), now) == []
+    assert differing_entries(replay(base, log), now) == []
 
 
-def test_a_log_whose_recorder_was_killed_replays_its_complete_steps(tmp_path, capsys):
+def test_a_log_whose_recorder_was_killed_replays_its_completetrain_steps(tmp_path, capsys):
     """A killed recording process leaves no end record, often a record written in part: the
     log was refused as a whole. allow_truncated replays its complete records, with a warning
     that nothing checks the result; a flipped byte is still refused."""
@@ -492,7 +482,7 @@ def test_a_log_whose_recorder_was_killed_replays_its_complete_steps(tmp_path, ca
     after = []
     with TrajectoryRecorder(log, opt, model=m):
         for _ in range(6):
-            _steps(opt, lambda: F.mse_loss(m(X), Y), 1)
+            train_steps(opt, lambda: F.mse_loss(m(X), Y), 1)
             after.append({k: v.clone() for k, v in m.state_dict().items()})
     data = open(log, "rb").read()
     end_len = 4 + 49 + 4
@@ -505,11 +495,11 @@ def test_a_log_whose_recorder_was_killed_replays_its_complete_steps(tmp_path, ca
             replay(base, bad)
         said = f"no end record.*{steps} complete step records, up to step {steps - 1}"
         with pytest.warns(RuntimeWarning, match=said):
-            assert _equal_models(replay(base, bad, allow_truncated=True), after[steps - 1]) == [], name
+            assert differing_entries(replay(base, bad, allow_truncated=True), after[steps - 1]) == [], name
     out = str(tmp_path / "w.pt")
     assert replay_main([base, str(tmp_path / "inside_the_last_record.zft"), "--out", out, "--allow-truncated"]) == 0
     assert "warning: the log has no end record" in capsys.readouterr().err
-    assert _equal_models(torch.load(out, weights_only=True), after[4]) == []
+    assert differing_entries(torch.load(out, weights_only=True), after[4]) == []
     flipped = bytearray(data[:-end_len])
     flipped[-10] ^= 1
     open(log + ".flipped", "wb").write(bytes(flipped))
@@ -517,7 +507,7 @@ def test_a_log_whose_recorder_was_killed_replays_its_complete_steps(tmp_path, ca
         replay(base, log + ".flipped", allow_truncated=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _equal_models(replay(base, log, allow_truncated=True), after[5]) == []     # a complete log: verified
+        assert differing_entries(replay(base, log, allow_truncated=True), after[5]) == []     # a complete log: verified
 
 
 def test_the_weights_checksum_covers_the_tensor_names():

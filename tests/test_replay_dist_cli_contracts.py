@@ -18,21 +18,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_data, make_mlp
-from zeroflow.optim import ZOFusedSGD, create, train_step
+from conftest import differing_entries, make_data, make_mlp, train_steps
+from zeroflow.optim import ZOFusedSGD, create
 from zeroflow.replay import MAGIC, ReplayError, TrajectoryRecorder, read_log, replay, replay_main, save_base
 
 
 
-def _steps(opt, closure, n):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for _ in range(n):
-            train_step(opt, closure)
-
-
-def _equal_models(a: dict, b: dict) -> list[str]:
-    return [k for k in set(a) | set(b) if k not in a or k not in b or not torch.equal(a[k], b[k])]
 
 
 def _records(raw: bytes) -> list[tuple[int, bytes]]:
@@ -63,7 +54,7 @@ def small_log(tmp_path_factory):
     base, log = str(d / "b.pt"), str(d / "r.zft")
     save_base(base, m)
     with TrajectoryRecorder(log, opt, model=m):
-        _steps(opt, lambda: F.mse_loss(m(X), Y), 4)
+        train_steps(opt, lambda: F.mse_loss(m(X), Y), 4)
     return base, log, {k: v.clone() for k, v in m.state_dict().items()}, open(log, "rb").read()
 
 
@@ -88,19 +79,19 @@ def test_lr_task_and_options_are_logged_on_the_step_they_change_only(tmp_path):
     save_base(base, m)
     loss = lambda: F.mse_loss(m(X), Y)  # noqa: E731
     with TrajectoryRecorder(log, opt, model=m):
-        _steps(opt, loss, 2)
+        train_steps(opt, loss, 2)
         opt.param_groups[0]["lr"] = 5e-3             # step 2: lr and task change together
         opt.new_task()
-        _steps(opt, loss, 2)
+        train_steps(opt, loss, 2)
         opt.param_groups[0]["weight_decay"] = 1e-3   # before step 4: an options record
-        _steps(opt, loss, 2)
+        train_steps(opt, loss, 2)
     _, records = read_log(log)
     steps = [r for r in records if r[0] == "step"]
     assert [r[2] & 4 for r in steps] == [0, 0, 4, 0, 0, 0]          # lr present: step 2 only
     assert [r[2] & 8 for r in steps] == [0, 0, 8, 0, 0, 0]          # task present: step 2 only
     assert steps[2][3] == 1 and steps[2][4] == [5e-3]               # both read back, in their order
     assert [r[0] for r in records].count("options") == 1
-    assert _equal_models(replay(base, log), m.state_dict()) == []
+    assert differing_entries(replay(base, log), m.state_dict()) == []
 
 
 def test_a_partly_stateful_optimizer_records_its_state_in_the_header(tmp_path):
@@ -112,14 +103,14 @@ def test_a_partly_stateful_optimizer_records_its_state_in_the_header(tmp_path):
     X, Y = make_data(16, 5, 2)
     loss = lambda: F.mse_loss(m(X), Y)  # noqa: E731
     opt = ZOFusedSGD(m[0].parameters(), lr=1e-2, momentum=0.9, seed=3, backend="cpu")
-    _steps(opt, loss, 2)
+    train_steps(opt, loss, 2)
     opt.add_param_group({"params": list(m[2].parameters())})
     base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
     save_base(base, m, opt)
     with TrajectoryRecorder(log, opt, model=m) as rec:
         assert rec.header["fresh_state"] is False
-        _steps(opt, loss, 3)
-    assert _equal_models(replay(base, log), m.state_dict()) == []
+        train_steps(opt, loss, 3)
+    assert differing_entries(replay(base, log), m.state_dict()) == []
 
 
 def test_a_log_started_mid_run_without_optimizer_state_replays_from_its_start_step(tmp_path):
@@ -130,13 +121,13 @@ def test_a_log_started_mid_run_without_optimizer_state_replays_from_its_start_st
     X, Y = make_data(16, 5, 2)
     loss = lambda: F.mse_loss(m(X), Y)  # noqa: E731
     opt = ZOFusedSGD(m.parameters(), lr=1e-2, seed=3, backend="cpu")
-    _steps(opt, loss, 3)
+    train_steps(opt, loss, 3)
     base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
     save_base(base, m)
     with TrajectoryRecorder(log, opt, model=m) as rec:
         assert rec.header["fresh_state"] is True and rec.header["start_step"] == 3
-        _steps(opt, loss, 2)
-    assert _equal_models(replay(base, log), m.state_dict()) == []
+        train_steps(opt, loss, 2)
+    assert differing_entries(replay(base, log), m.state_dict()) == []
 
 
 def test_close_and_abandon_fsync_the_log(tmp_path, monkeypatch):
@@ -153,7 +144,7 @@ def test_close_and_abandon_fsync_the_log(tmp_path, monkeypatch):
     for how in ("close", "abandon"):
         opt = ZOFusedSGD(m.parameters(), lr=1e-2, seed=3, backend="cpu")
         rec = TrajectoryRecorder(str(tmp_path / f"{how}.zft"), opt, model=m)
-        _steps(opt, lambda: F.mse_loss(m(X), Y), 1)
+        train_steps(opt, lambda: F.mse_loss(m(X), Y), 1)
         fd = rec._f.fileno()
         synced.clear()
         getattr(rec, how)()
@@ -253,7 +244,7 @@ def test_the_replay_command_verifies_unless_no_verify(tmp_path, small_log, capsy
     assert replay_main([base, bad, "--out", out]) == 2
     assert "checksum mismatch" in capsys.readouterr().err and not os.path.exists(out)
     assert replay_main([base, bad, "--out", out, "--no-verify"]) == 0
-    assert _equal_models(torch.load(out, weights_only=True), final) == []
+    assert differing_entries(torch.load(out, weights_only=True), final) == []
 
 
 # ---------------------------------------------------------------------------- data-parallel ZO, one process
@@ -337,7 +328,7 @@ def test_the_setup_description_holds_the_step_and_mask_epoch_counters():
     X, Y = make_data(16, 5, 2)
     a = ZOFusedSGD(m.parameters(), lr=1e-2, seed=3, backend="cpu")
     before = describe_optimizer(a)
-    _steps(a, lambda: F.mse_loss(m(X), Y), 1)
+    train_steps(a, lambda: F.mse_loss(m(X), Y), 1)
     a.new_task()
     assert set(_diff_keys(before, describe_optimizer(a))) == {"step: 0 vs 1", "task: 0 vs 1"}
 
