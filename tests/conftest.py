@@ -53,10 +53,8 @@ def backend_params(*, reference_on_cpu: bool) -> list:
         out.append(pytest.param(("cuda", "cuda"), id="cuda"))
     if gpu and zk._triton_usable_on("cuda") and not interp:
         out.append(pytest.param(("triton", "cuda"), id="triton-cuda"))
-    elif interp or not gpu:
-        ok = zk._triton_usable_on("cpu")
-        why = zk._triton_module()[1] if interp else "TRITON_INTERPRET=1 is not set (Triton's CPU mode)"
-        skip = () if ok else pytest.mark.skip(reason=why)
+    elif interp:       # TRITON_INTERPRET=0 opts out (a GPU run): then no triton-interp entry
+        skip = () if zk._triton_usable_on("cpu") else pytest.mark.skip(reason=zk._triton_module()[1])
         out.append(pytest.param(("triton", "cpu"), id="triton-interp", marks=skip))
     if gpu:
         out.append(pytest.param(("torch", "cuda"), id="torch-cuda"))

@@ -23,9 +23,6 @@ from zeroflow.optim import ZOFusedSGD, create
 from zeroflow.replay import MAGIC, ReplayError, TrajectoryRecorder, read_log, replay, replay_main, save_base
 
 
-
-
-
 def _records(raw: bytes) -> list[tuple[int, bytes]]:
     """``(offset, payload)`` of each record after the header of a log's bytes."""
     (hn,) = struct.unpack_from("<I", raw, len(MAGIC))

@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -213,10 +214,16 @@ def load_checkpoint(path: str) -> Dict:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ZeroflowError(f"checkpoint {path} holds objects other than tensors and plain data "
-                            f"({str(e).splitlines()[0][:200]}); a zeroflow checkpoint never does, so this file was "
-                            f"not written by zeroflow run: it is not loaded (loading would run its code); "
-                            f"delete it to restart the run from scratch") from e
+        # torch's message opens with advice to load with weights_only=False; what it refused
+        # is on the "Unsupported global" line (absent for a file that is no pickle at all)
+        foreign = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if foreign is None:
+            raise ZeroflowError(f"checkpoint {path} is corrupt or unreadable (it does not unpickle as a torch.save "
+                                f"file); delete it to restart the run from scratch") from e
+        raise ZeroflowError(f"checkpoint {path} holds objects other than tensors and plain data (it names "
+                            f"{foreign.group(1)}); a zeroflow checkpoint never does, so this file was not written "
+                            f"by zeroflow run: it is not loaded (loading would run its code); delete it to restart "
+                            f"the run from scratch") from e
     except Exception as e:
         raise ZeroflowError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {str(e)[:200]}); "
                             f"delete it to restart the run from scratch") from e

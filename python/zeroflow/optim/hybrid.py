@@ -8,7 +8,6 @@ attached to the hybrid therefore keeps decaying both phases with one schedule.
 """
 from __future__ import annotations
 
-
 import torch
 
 from .zo import _warn_at_caller, counter, load_with_hooks, params_list, state_dict_with_hooks

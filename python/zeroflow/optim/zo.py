@@ -14,6 +14,7 @@ import math
 import numbers
 import operator
 import os
+import re
 import sys
 import threading
 import warnings
@@ -107,13 +108,43 @@ def _forward_ad_context():
     try:
         with sdpa_kernel([SDPBackend.MATH]):
             yield
-    except NotImplementedError as e:
-        if "forward AD" in str(e):
-            e.add_note("zeroflow: estimator='forward_grad' runs the closure under forward-mode AD "
-                       "(torch.func.jvp), and an op of this model has no forward-AD formula in torch; "
-                       "train it with a ZO estimator (estimator='two_side' or 'one_side'), which needs "
-                       "only forward passes")
+    except (NotImplementedError, RuntimeError) as e:
+        # torch's words for it: "Trying to use forward AD with <op>" (no formula), "... to use
+        # it with forward mode AD" / "... functorch transforms (vmap, grad, jvp, ...)" (a custom
+        # autograd.Function without jvp / setup_context)
+        if re.search(r"forward[- ]?(mode )?AD|\bjvp\b", str(e), re.IGNORECASE):
+            _add_note(e, "zeroflow: estimator='forward_grad' runs the closure under forward-mode AD "
+                         "(torch.func.jvp), and an op or autograd.Function of this model cannot run there; "
+                         "train it with a ZO estimator (estimator='two_side' or 'one_side'), which needs "
+                         "only forward passes")
         raise
+
+
+def _add_note(e: BaseException, note: str) -> None:
+    """``e.add_note(note)`` where Python has it (3.11+); on 3.9 / 3.10 the error goes on
+    without the note (calling it there raised AttributeError over the real error)."""
+    if hasattr(e, "add_note"):
+        e.add_note(note)
+
+
+_EAGER_STEP: list = []     # [_ZOBase._step wrapped by torch.compiler.disable], made on first use
+
+
+def _eager_step():
+    """``_ZOBase._step`` run eagerly under torch.compile (``torch.compiler.disable``). A ZO step
+    needs each loss on the host (seeds, skips, conserve's choice) and guards its kernels with
+    signal handlers, so it is never one graph; traced into (a compiled function calling
+    opt.step), dynamo made 13 graphs of its internals, warned about _thread.get_ident, and the
+    step returned other loss values. A model compiled by the user still runs compiled inside
+    the closure. Made on first use, and only once torch._dynamo is loaded (by torch.compile):
+    decorating at import loaded it, 2 s added to ``import zeroflow.optim``. ~1.2 us a step."""
+    if not _EAGER_STEP:
+        try:
+            wrapped = torch.compiler.disable(_ZOBase._step, reason="a zeroflow ZO step reads every loss on the host")
+        except TypeError:      # torch < 2.8: no reason=
+            wrapped = torch.compiler.disable(_ZOBase._step)
+        _EAGER_STEP.append(wrapped)
+    return _EAGER_STEP[0]
 
 
 # Frozen-state Adam call used by conserve to move along the stored Adam direction
@@ -664,19 +695,18 @@ class _ZOBase(torch.optim.Optimizer):
         return val
 
     # ------------------------------------------------------------------ step
-    # Eager under torch.compile: a ZO step needs each loss on the host (seeds, skips, conserve's
-    # choice) and guards its kernels with signal handlers, so it is never one graph; traced into
-    # (a compiled function calling opt.step), dynamo made 13 graphs of its internals, warned
-    # about _thread.get_ident, and the step returned other loss values. A model compiled by the
-    # user still runs compiled inside the closure. The wrapper costs ~1.2 us a step.
-    @torch.compiler.disable(reason="a zeroflow ZO step reads every loss on the host")
-    @torch.no_grad()
     def step(self, closure=None):
         """One optimization step. ``closure`` runs a forward pass and returns the scalar
         loss (no backward); it is called 2q times (two_side), q+1 (one_side), +3 / +2 with
         conserve, q jvps (forward_grad). Returns the loss estimate of the point the step started
         from (the mean of (L+ + L-)/2 over the queries; one_side: L(theta)); with conserve, the
-        loss of the point it kept."""
+        loss of the point it kept. Runs eagerly under torch.compile (see _eager_step)."""
+        if "torch._dynamo" in sys.modules:      # torch.compile may be tracing: keep it out
+            return _eager_step()(self, closure)
+        return self._step(closure)
+
+    @torch.no_grad()
+    def _step(self, closure):
         if closure is None or not callable(closure):
             raise RuntimeError(
                 f"{type(self).__name__}.step needs a closure that runs the forward pass and returns "
@@ -743,11 +773,11 @@ class _ZOBase(torch.optim.Optimizer):
         for i, g in enumerate(self.param_groups):
             for k, p in enumerate(g["params"]):
                 if not p.is_contiguous():
-                    e.add_note(f"{type(self).__name__}: parameter {k} of param group {i} {tuple(p.shape)} is no "
-                               "longer contiguous: its memory format changed after the optimizer was built (e.g. "
-                               "model.to(memory_format=torch.channels_last)). The fused kernels update parameters "
-                               "in place: move the model back with model.to(memory_format=torch.contiguous_format) "
-                               "(p.contiguous() would be a copy the model does not use)")
+                    _add_note(e, f"{type(self).__name__}: parameter {k} of param group {i} {tuple(p.shape)} is no "
+                                 "longer contiguous: its memory format changed after the optimizer was built (e.g. "
+                                 "model.to(memory_format=torch.channels_last)). The fused kernels update parameters "
+                                 "in place: move the model back with model.to(memory_format=torch.contiguous_format) "
+                                 "(p.contiguous() would be a copy the model does not use)")
                     return
 
     def _coeffs(self, g: dict, d: list[float], *, per_eps: bool = True) -> list[float]:
@@ -816,9 +846,9 @@ class _ZOBase(torch.optim.Optimizer):
                 if pending:
                     pending.undo(buckets[k:])
                 if k:
-                    e.add_note(f"{type(self).__name__}: the update failed after {k} of the step's {len(buckets)} "
-                               "fused calls (one per param group and device) were applied; the parameters "
-                               "of the others are back at their values before the step")
+                    _add_note(e, f"{type(self).__name__}: the update failed after {k} of the step's {len(buckets)} "
+                                 "fused calls (one per param group and device) were applied; the parameters "
+                                 "of the others are back at their values before the step")
                 raise
 
     def _query(self, closure, seeds, pending) -> tuple[float | None, list[float], list[float]]:
