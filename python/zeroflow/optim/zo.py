@@ -635,14 +635,20 @@ class _ZOBase(torch.optim.Optimizer):
                 perturb(g, bucket, -factor)
             raise
 
+    def _warn_once(self, what: str, message: str) -> None:
+        """:func:`_warn_at_caller` the first time this optimizer meets ``what`` (flag
+        ``_warned_<what>``: copied with the optimizer, absent from an older pickle)."""
+        if not getattr(self, f"_warned_{what}", False):
+            setattr(self, f"_warned_{what}", True)
+            _warn_at_caller(message)
+
     def _check_loss_precision(self, loss) -> None:
         """Warn once per optimizer about a bf16 / fp16 loss: the loss differences that make the
         estimate are quantized to its ulp (near a loss of 5.5, bf16 steps by 0.03; an
         audit's run found 26 of 40 differences exactly 0 and the rest 5-15x too large)."""
-        if (isinstance(loss, torch.Tensor) and loss.dtype in (torch.bfloat16, torch.float16)
-                and not getattr(self, "_warned_loss_dtype", False)):
-            self._warned_loss_dtype = True
-            _warn_at_caller(
+        if isinstance(loss, torch.Tensor) and loss.dtype in (torch.bfloat16, torch.float16):
+            self._warn_once(
+                "loss_dtype",
                 f"{type(self).__name__}: the closure returned a {loss.dtype} loss; a ZO estimate is a difference "
                 "of two losses, which this precision rounds to its ulp (often to 0). Compute the loss in float32, "
                 "e.g. F.cross_entropy(logits.float(), y) (Hugging Face's model(**batch).loss already is)")
@@ -653,10 +659,9 @@ class _ZOBase(torch.optim.Optimizer):
         Lightning-style closures). The graph holds every activation (the memory ZO saves), and
         a backward() in such a closure fills ``.grad`` 2q times per step, unused: it passes
         the check that refuses backward() in a plain closure (no graph there)."""
-        if (isinstance(loss, torch.Tensor) and loss.requires_grad
-                and not getattr(self, "_warned_loss_graph", False)):
-            self._warned_loss_graph = True
-            _warn_at_caller(
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            self._warn_once(
+                "loss_graph",
                 f"{type(self).__name__}: the closure returned a loss with an autograd graph (it enabled grad inside "
                 "the step's torch.no_grad()); a ZO step needs only the loss value. Run the forward without "
                 "enable_grad and without backward() (e.g. lambda: loss_fn(model(x), y)): the graph keeps every "
@@ -888,10 +893,10 @@ class _ZOBase(torch.optim.Optimizer):
             self._zero_steps = 0
             return
         self._zero_steps += 1
-        if self._zero_steps == ZERO_ESTIMATE_STEPS and not getattr(self, "_warned_zero_estimate", False):
-            self._warned_zero_estimate = True
+        if self._zero_steps == ZERO_ESTIMATE_STEPS:
             what = "directional derivative grad.v" if self.estimator == "forward_grad" else "loss difference"
-            _warn_at_caller(
+            self._warn_once(
+                "zero_estimate",
                 f"{type(self).__name__}: every {what} of the last {ZERO_ESTIMATE_STEPS} steps was exactly 0, so "
                 "nothing trains: the perturbation of the parameters does not reach the closure's loss. Check that "
                 "the closure's model holds the tensors given to the optimizer (not after "
