@@ -36,6 +36,8 @@ GPU = torch.cuda.is_available()
 
 BACKENDS = backend_params(reference_on_cpu=False)
 COMPILED = [p for p in BACKENDS if p.values[0][0] in ("cpu", "cuda")]
+NEEDS_TRITON = pytest.mark.skipif(not any(p.values[0][0] == "triton" and not p.marks for p in BACKENDS),
+                                  reason="no Triton backend here (or it cannot run: see the triton-interp skips)")
 
 
 @pytest.fixture(params=BACKENDS)
@@ -731,8 +733,7 @@ def test_cpu_kernel_independent_of_thread_count():
     assert_bits_equal(a, b, "threads")
 
 
-@pytest.mark.skipif(not any(p.values[0][0] == "triton" and not p.marks for p in BACKENDS),
-                    reason="no Triton backend here (or it cannot run: see the triton-interp skips)")
+@NEEDS_TRITON
 def test_triton_independent_of_block_size():
     from zfkernels import triton as zt
 
@@ -744,8 +745,7 @@ def test_triton_independent_of_block_size():
         assert_bits_equal(a, b, "block size")
 
 
-@pytest.mark.skipif(not any(p.values[0][0] == "triton" and not p.marks for p in BACKENDS),
-                    reason="no Triton backend here (or it cannot run: see the triton-interp skips)")
+@NEEDS_TRITON
 def test_triton_philox_equals_tritons_own_randint4x():
     """§2: with tensor_id 0, tag 0 the stream words are tl.randint4x(seed, b): Triton's own
     Philox as an independent oracle of ours."""
