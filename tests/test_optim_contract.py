@@ -590,6 +590,32 @@ def test_a_forward_grad_step_with_a_zero_directional_derivative_is_warned():
             opt.step(lambda: loss_of(model) * 0.0)
 
 
+@pytest.mark.parametrize("swap", ["assign_true", "new_module"])
+def test_forward_grad_refuses_a_model_that_no_longer_holds_its_tensors(swap):
+    # forward_grad's jvp puts the optimizer's tensors into the model by name: after
+    # load_state_dict(assign=True) or a replaced module it trained those tensors while the
+    # model kept its own, never updated and without a word. Refused before the step runs.
+    model = make_mlp(6, 4, 1)
+    opt = ZOFusedSGD(model.parameters(), lr=0.05, seed=1, estimator="forward_grad", model=model)
+    opt.step(lambda: loss_of(model))
+    if swap == "assign_true":
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+        name = "0.weight"
+    else:
+        model[2] = torch.nn.Linear(4, 1)
+        name = "2.weight"
+    held = [p.detach().clone() for p in opt.param_groups[0]["params"]]
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"parameter '{name}' is no longer the tensor this optimizer trains.*"
+                                         r"Build the optimizer again"):
+        opt.step(lambda: loss_of(model))
+    assert all(torch.equal(a, b) for a, b in zip(held, opt.param_groups[0]["params"]))
+    assert max_moved(model, before) == 0.0
+    fresh = ZOFusedSGD(model.parameters(), lr=0.05, seed=1, estimator="forward_grad", model=model)
+    fresh.step(lambda: loss_of(model))
+    assert max_moved(model, before) > 0.0
+
+
 @pytest.mark.parametrize("hybrid", [False, True])
 def test_the_optimizers_warnings_name_the_callers_line(hybrid):
     # A fixed stacklevel named torch/utils/_contextlib.py or torch/optim/optimizer.py (the
