@@ -103,7 +103,9 @@ def reference_run(steps, *, base="sgd", lr=0.05, q=1, zo_eps=1e-2, dist="gaussia
     return [p.detach() for p in params]
 
 
-def fused_run(steps, *, base="sgd", lr=0.05, opt_kw=None, forward_grad=False, **zo):
+def fused_run(steps, *, base="sgd", lr=0.05, opt_kw=None, forward_grad=False, groups=False, **zo):
+    """The fused optimizer on the reference's model; ``groups``: one param group per tensor
+    (same options), so tensor ids continue across groups (docs/algorithms.md §0)."""
     model = make_model()
     cls = ZOFusedSGD if base == "sgd" else ZOFusedAdam
     kw = dict(opt_kw or {})
@@ -111,7 +113,8 @@ def fused_run(steps, *, base="sgd", lr=0.05, opt_kw=None, forward_grad=False, **
     if forward_grad:
         zo.pop("zo_eps")
         kw.update(estimator="forward_grad", model=model)
-    opt = cls(model.parameters(), lr=lr, seed=123, backend=BACKEND, **kw, **zo)
+    params = [{"params": [p]} for p in model.parameters()] if groups else model.parameters()
+    opt = cls(params, lr=lr, seed=123, backend=BACKEND, **kw, **zo)
     for _ in range(steps):
         opt.step(lambda: loss_of(model))
     return [p.detach() for p in model.parameters()], opt
@@ -149,6 +152,10 @@ CASES = {
     "forward_grad_adam": dict(base="adam", lr=0.01, forward_grad=True),
     # docs/algorithms.md §3: c_j = sign(d_j) / q for forward_grad too (the reference above honours scalar_sign)
     "forward_grad_scalar_sign_q3": dict(forward_grad=True, q=3, scalar_sign=True, lr=0.01),
+    # a tensor's z comes from its id, counted over all groups: a group's tangents or
+    # perturbation drawn with ids restarting at 0 would repeat the first group's z
+    "zo_sgd_groups_sparse": dict(groups=True, sparsity=0.5, q=2),
+    "forward_grad_groups_sparse": dict(forward_grad=True, groups=True, sparsity=0.5, q=2),
 }
 
 
@@ -156,6 +163,7 @@ CASES = {
 def test_matches_straightforward_implementation(case):
     kw = dict(CASES[case])
     ref_kw = dict(kw)
+    ref_kw.pop("groups", None)
     fz_kw = dict(kw)
     if "dist" in fz_kw:
         fz_kw["perturbation"] = fz_kw.pop("dist")
