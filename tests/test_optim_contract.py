@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import pickle
+import signal
 import subprocess
 import sys
 import warnings
@@ -489,6 +491,29 @@ def test_a_ctrl_c_after_any_kernel_call_leaves_theta_at_a_step_boundary(cls, kw,
         assert at_start <= MOVED or at_end == 0.0, (k, at_start, at_end)
         assert opt.step_count == 1
         assert torch.isfinite(opt.step(lambda: loss_of(model)))
+
+
+def test_a_ctrl_c_held_while_a_failing_kernel_ran_still_comes(monkeypatch, ctrl_c_raises):
+    # a ^C that lands while the update kernel runs is held; the kernel then refuses a state
+    # buffer replaced between steps. The step raised the ValueError and dropped the ^C: a loop
+    # that catches errors kept training. Now the ^C comes, with the refusal as its context.
+    model = make_mlp(6, 4, 1)
+    opt = ZOFusedSGD(model.parameters(), lr=0.1, momentum=0.9, seed=3)
+    opt.step(lambda: loss_of(model))
+    opt.state[model[0].weight]["momentum_buffer"] = torch.zeros(3)
+    start = snapshot(model)
+    import zfkernels
+    real = zfkernels.call_op
+
+    def call_op(b, op, **kw):
+        if op == "zo_sgd_update_":
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(b, op, **kw)
+    monkeypatch.setattr(zfkernels, "call_op", call_op)
+    with pytest.raises(KeyboardInterrupt) as e:
+        opt.step(lambda: loss_of(model))
+    assert isinstance(e.value.__context__, ValueError) and "momentum_buffer" in str(e.value.__context__)
+    assert max_moved(model, start) <= MOVED      # the perturbation taken back
 
 
 def test_start_zo_frees_the_fo_gradients_as_a_scheduled_switch_does():

@@ -229,7 +229,7 @@ class _InterruptGate:
     KeyboardInterrupt), are wrapped: a signal that comes while the gate is closed (kernels and
     their bookkeeping) is held, and handed to the original handler when the gate next opens
     (before the next closure call, where a failed closure would have stopped the step too, so
-    a trajectory log replays it) or when the step has finished; while the gate is open (the
+    a trajectory log replays it) or when the step ends (also a failed one); while the gate is open (the
     closure, ``scalar_hook``) it goes through at once. Main thread only (Python runs signal
     handlers there); ``_signal`` directly, as ``signal.signal`` converts handlers to enums at
     ~9 us a call against ~0.4 us here: the gate costs 3.3 us a step (install, two closure
@@ -275,7 +275,9 @@ class _InterruptGate:
 
     def release(self, deliver: bool) -> None:
         """The original handlers back (unless the closure installed others meanwhile); then
-        what was held, if the step finished (else an exception is on its way already)."""
+        what was held, unless a KeyboardInterrupt is on its way already. Also after a step
+        that failed otherwise (a kernel refusing a state buffer): a ^C held while it ran would
+        have been dropped, and a loop that catches the error kept training."""
         for sig, h in self.handlers.items():
             if _sig.getsignal(sig) is self.receive:
                 _sig.signal(sig, h)
@@ -736,13 +738,13 @@ class _ZOBase(torch.optim.Optimizer):
         self._updating = self._eval_raised = False
         status = "aborted"
         gate = self._gate = _InterruptGate.close_for_step()
-        done = False
+        interrupted = False
         try:
             if self.estimator == "forward_grad":
                 loss = self._step_forward_grad(closure, seeds, mask_seed)
             else:
                 loss = self._step_zo(closure, seeds, mask_seed)
-            status = done = "ok"
+            status = "ok"
         except _Skip as s:
             status = "skipped"
             self.steps_skipped += 1
@@ -750,8 +752,8 @@ class _ZOBase(torch.optim.Optimizer):
                 f"{type(self).__name__}: {s.why} at step {n}; step skipped, "
                 "parameters restored, step counter advanced")
             loss = _loss_tensor(s.value)
-            done = True
         except BaseException as e:
+            interrupted = isinstance(e, KeyboardInterrupt)
             if self._updating and not self._eval_raised:
                 status = "failed"     # after its forwards, in a kernel call: see _update_all
             if isinstance(e, ValueError) and not self._eval_raised:
@@ -767,7 +769,7 @@ class _ZOBase(torch.optim.Optimizer):
                                           "status": status})
             finally:
                 if gate is not None:     # a ^C held back while the last kernels ran comes now
-                    gate.release(deliver=bool(done))
+                    gate.release(deliver=not interrupted)
         return loss
 
     def _explain_refusal(self, e: ValueError) -> None:
