@@ -133,6 +133,27 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(env, tmp_pa
     assert sorted(p.name for p in out.rglob(".tmp-*")) == [".tmp-notes.txt.12345678"]
 
 
+def test_a_claim_that_fails_after_taking_the_lock_gives_it_back(tmp_path):
+    # Anything failing after the flock (the lock's own write on a full disk, removing a stale
+    # temporary file, the warning) left the lock's fd open and locked: the same process could
+    # not claim the folder again, told it was "in use by another process" (an audit's find).
+    from zeroflow.continual.errors import WriteFailed
+    from zeroflow.continual.runfolder import RunFolder
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(json.dumps({"pid": 1, "host": "h", "since": "then"}))    # a stale holder
+
+    def failing_warn(message):
+        raise OSError(28, "No space left on device")
+    fds = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(WriteFailed, match=r"cannot write .*\.lock: No space left"):
+        RunFolder(str(out)).claim(failing_warn)
+    assert set(os.listdir("/proc/self/fd")) <= fds
+    again = RunFolder(str(out)).claim(lambda message: None)
+    again.release()
+    assert not (out / ".lock").exists()
+
+
 # ---------------------------------------------------------------- a run that cannot start writes nothing
 BAD = [
     (["--lr", "-1"], "--lr must be >= 0 (got -1)"),

@@ -93,7 +93,7 @@ class RunFolder:
             with writing(self.lock_path):
                 self._lock(warn)
         except BaseException:
-            self._remove_if_created()
+            self.release()      # the lock if it was taken (a write after it failed), the folder if made here
             raise
         return self
 
@@ -116,6 +116,7 @@ class RunFolder:
             if current:
                 break
             os.close(fd)
+        self._fd = fd       # ours from here: released (closed, unlinked) by claim() if what follows fails
         previous = _read_fd(fd)
         if previous.strip():
             left = stale_temp_files(self.path)
@@ -130,7 +131,6 @@ class RunFolder:
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode() + b"\n")
-        self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:
