@@ -416,3 +416,35 @@ def test_an_unknown_option_is_refused_by_the_subcommand(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "zeroflow: error: unrecognized arguments: --epochz 3 (see zeroflow report --help)" in err, err
+
+
+@pytest.mark.parametrize("cmd", ["run", "sweep"])
+def test_the_cli_leaves_the_process_group_its_runs_made_and_only_that(cmd, tmp_path, monkeypatch):
+    """Under torchrun the runner makes the process group (init_from_env); ``zeroflow run``
+    destroyed it, ``zeroflow sweep`` left it to gloo's teardown at exit, which can abort a
+    finished job (an audit's find). A group the caller made before main() is the caller's."""
+    import torch.distributed as dist
+
+    import zeroflow.continual.runner as runner
+    from zeroflow.cli import main
+    from zeroflow.continual.errors import ZeroflowError
+
+    store = tmp_path / "store"
+
+    def run(*a, **k):       # what the runner does under torchrun, then a failure
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        raise ZeroflowError("stopped here")
+
+    monkeypatch.setattr(runner, "run", run)
+    args = [cmd, "--no-progress", "--out", str(tmp_path / "out")]
+    args += ["--optimizers", "zo_sgd"] if cmd == "sweep" else []
+    try:
+        assert main(args) in (1, 2)
+        assert not dist.is_initialized()
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'mine'}", rank=0, world_size=1)
+        assert main(args) in (1, 2)
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -187,12 +187,7 @@ def cmd_run(a, started: float) -> int:
         cfg = (load_config_file(a.config) if a.config else {}) | given
     else:
         cfg = resolve(_overrides(a), a.config)
-    try:
-        m = run(cfg, a.out, resume=a.resume, force=a.force, progress=not a.no_progress, stop_after=a.stop_after)
-    finally:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():   # torchrun: leave the group cleanly
-            dist.destroy_process_group()
+    m = run(cfg, a.out, resume=a.resume, force=a.force, progress=not a.no_progress, stop_after=a.stop_after)
     if "stopped_after" in m or m.get("rank", 0) != 0:    # ranks > 0 of a torchrun job print nothing
         return 0
     _print_table(m, m["run_dir"], started)
@@ -382,6 +377,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     previous = None
     if a.cmd in ("run", "sweep") and threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    group_before = _process_group_up()
     try:
         return {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report}[a.cmd](a, started)
     except ZeroflowError as e:
@@ -393,6 +389,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if not group_before and _process_group_up():
+            # the group the runs made under torchrun (run and sweep alike), left cleanly: gloo's
+            # teardown at interpreter exit can abort a job that finished (tests/test_distributed.py)
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _process_group_up() -> bool:
+    if "torch.distributed" not in sys.modules:      # not imported yet: no group, and no import for --help
+        return False
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
 
 
 if __name__ == "__main__":
