@@ -22,9 +22,18 @@ MiB = 2**20
 
 
 # ----------------------------------------------------------------------------- loading
+class MixedRuns(ValueError):
+    """Benchmark files of more than one run of a suite on a device, given to one report."""
+
+
 def load(paths):
-    """Records (dicts) of every benchmark in ``paths``, and the machine infos by file."""
-    records, machines = [], []
+    """Records (dicts) of every benchmark in ``paths``, and the machine infos by file.
+
+    A key held twice (the same suite and device in two files: two runs, or two machines' CPU
+    rows) is refused: every ratio looks its baseline up by key (``copy_ref``, ...), so the
+    records of one file were divided by the other file's baselines and the tables showed both
+    under one label (an audit's find: 14 % of copy read as 138 %)."""
+    records, machines, seen = [], [], {}
     for path in paths:
         data = _read_json(path)
         if data is None:      # named under "Not measured in this run" (_skips)
@@ -40,6 +49,11 @@ def load(paths):
             st = b.get("stats") or {}
             if not ex.get("key") or not st.get("median"):
                 continue
+            if ex["key"] in seen:
+                raise MixedRuns(f"{path} and {seen[ex['key']]} both hold {ex['key']!r}: a report takes one run of "
+                                 "each suite on each device (its ratios use the baselines of the same run); "
+                                 "pass the files of one run")
+            seen[ex["key"]] = path
             per = int(ex.get("calls_per_round") or 1)    # a round of back-to-back calls (conftest run_bench)
             records.append({"name": b.get("name"), "group": b.get("group"), "x": ex, "t": float(st["median"]) / per,
                             "t_min": float(st.get("min", st["median"])) / per, "rounds": int(st.get("rounds", 0)),
@@ -885,7 +899,10 @@ def main(argv=None):
         print(f"report: {p} not found, ignored", file=sys.stderr)
     if not paths:
         ap.error("no JSON file found")
-    render(paths, a.out, a.plots, a.sweep, a.notes, a.title, a.targets_json)
+    try:
+        render(paths, a.out, a.plots, a.sweep, a.notes, a.title, a.targets_json)
+    except MixedRuns as e:          # refused by load(), before anything is written
+        ap.error(str(e))
     print(f"report: wrote {a.out}" + (f" and plots in {a.plots}" if a.plots else ""))
     return 0
 

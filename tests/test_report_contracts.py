@@ -438,3 +438,22 @@ def test_summary_skips_a_timeline_without_cases(tmp_path):
                                                                               "cases": []}))
     assert "step timelines" not in G.render(G.summarize(str(tmp_path)))
 
+
+def test_two_runs_of_a_suite_on_one_device_are_refused_not_mixed(tmp_path, capsys):
+    # Every ratio finds its baseline by key: with two files holding the same keys, a.json's
+    # perturb was divided by b.json's 10x slower copy_ (14 % of copy read as 138 %) and the
+    # table showed both runs under one label (the audit's merge bug). Refused, nothing written.
+    a = _write(tmp_path, {"machine_info": {}, "benchmarks": [_copy("fp32", 4096, 1e-6),
+                                                              _kern("cpu", "perturb", "plain", "fp32", "rademacher",
+                                                                    4096, 2e-6)]}, "a.json")
+    b = _write(tmp_path, {"machine_info": {}, "benchmarks": [_copy("fp32", 4096, 1e-5)]}, "b.json")
+    with pytest.raises(R.MixedRuns, match=r"b\.json and .*a\.json both hold 'kernels\|copy\|cpu\|fp32\|4096'"):
+        R.load([a, b])
+    out = tmp_path / "perf.md"
+    with pytest.raises(SystemExit) as e:
+        R.main([a, b, "--out", str(out)])
+    assert e.value.code == 2 and "pass the files of one run" in capsys.readouterr().err
+    assert not out.exists()
+    records, _ = R.load([a])
+    R.derive(records)
+    assert next(r for r in records if r["x"]["op"] == "perturb")["copy_frac"] == pytest.approx(0.5)
