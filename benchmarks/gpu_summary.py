@@ -18,8 +18,10 @@ import re
 import sys
 import xml.etree.ElementTree as ET
 
-CRASH = re.compile(r"(worker '?gw\d+'? crashed|node down|Fatal Python error|Segmentation fault|exit code -?\d+)",
-                   re.IGNORECASE)
+# A process killed by a signal: "exit code -11" (Python's), "exit code 139" (a shell's 128 + 11).
+# "exit code 1" is a process that failed, as the distributed suite's rank-1 helper reports it.
+CRASH = re.compile(r"(worker '?gw\d+'? crashed|node down|Fatal Python error|Segmentation fault"
+                   r"|exit code (-\d+|129|1[3-5]\d)\b)", re.IGNORECASE)
 
 
 def read_junit(paths: list[str]) -> dict:

@@ -409,9 +409,13 @@ def test_summary_crash_patterns(tmp_path):
         '</testcase>',
         '<testcase classname="tests.t" name="e"><failure message="worker gw1 crashed while running"/></testcase>',
         '<testcase classname="tests.t" name="f"><failure message="assert 1 == 2"/></testcase>',
+        '<testcase classname="tests.t" name="g"><failure message="bash: line 1: exit code 134"/></testcase>',
+        # a process that failed, not one that crashed (benchmarks/test_bench_distributed.py's helper)
+        '<testcase classname="tests.t" name="h"><failure message="rank 1 helper failed (exit code 1)"/></testcase>',
+        '<testcase classname="tests.t" name="i"><failure message="exit code 13 of the child"/></testcase>',
     ])
-    assert [c["name"] for c in t["crashed"]] == [f"tests/t.py::{n}" for n in "abcde"]
-    assert [f["name"] for f in t["failed"]] == ["tests/t.py::f"]
+    assert [c["name"] for c in t["crashed"]] == [f"tests/t.py::{n}" for n in "abcdeg"]
+    assert [f["name"] for f in t["failed"]] == [f"tests/t.py::{n}" for n in "fhi"]
 
 
 def test_summary_message_is_the_first_line_cut_at_240(tmp_path):
