@@ -354,6 +354,30 @@ def test_a_failed_write_stops_the_recording_and_leaves_a_log_without_an_end_reco
     assert all(torch.equal(sd[k], v) for k, v in after_two.items())
 
 
+def test_a_recorder_never_closed_leaves_its_records_on_disk_and_says_so(tmp_path):
+    # The optimizer and its recorder hold each other (hooks), so only the cycle collector freed
+    # them, and it finalized the raw file before its buffer: the 5 records below never reached
+    # the disk (an audit's find). Now they are flushed, with a warning, and replay truncated.
+    import gc
+    model = make_model()
+    X, Y = make_data(64, 8, 3)
+    opt = create("zo_sgd", model.parameters(), lr=1e-2, seed=3, backend="cpu")
+    base, log = str(tmp_path / "b.pt"), str(tmp_path / "t.zft")
+    save_base(base, model)
+    rec = TrajectoryRecorder(log, opt, model=model)          # flush_every=100: the steps stay buffered
+    closure = lambda: F.mse_loss(model(X), Y)  # noqa: E731
+    for _ in range(5):
+        train_step(opt, closure)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match=r"t\.zft was not closed; the steps it recorded are on disk"):
+        del opt, rec
+        gc.collect()
+    _, records = read_log(log, allow_truncated=True)
+    assert [r[1] for r in records] == [0, 1, 2, 3, 4]
+    sd = replay(base, log, allow_truncated=True)
+    assert all(torch.equal(sd[k], v) for k, v in trained.items())
+
+
 def test_hybrid_fo_phase_not_recordable_zo_phase_is(tmp_path):
     model = make_model()
     X, Y = make_data(64, 8, 3)

@@ -33,6 +33,7 @@ import struct
 import sys
 import time
 import warnings
+import weakref
 import zlib
 from typing import Sequence
 
@@ -221,6 +222,11 @@ class TrajectoryRecorder:
         opt.step_hook = self._on_step
         # checked before every step, so that a step on another layout never runs while recording
         self._pre_hook = opt.register_step_pre_hook(self._before_step)
+        # A recorder never closed: the optimizer and it hold each other (the hooks, self.opt), so
+        # only the cycle collector frees them, and it finalized the raw file before its buffer:
+        # the last (up to flush_every - 1) records never reached the disk. The finalizer holds
+        # the file, outside that cycle, and flushes it first (also at interpreter exit).
+        weakref.finalize(self, _flush_unclosed, self._f, path)
 
     @staticmethod
     def _layout_of(opt) -> list:
@@ -381,6 +387,20 @@ class TrajectoryRecorder:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _flush_unclosed(f, path: str) -> None:
+    """What becomes of a recorder dropped without close() or abandon(): its records flushed
+    and the log closed without an end record, as abandon() leaves it, and a warning."""
+    if f.closed:
+        return
+    try:
+        f.flush()
+    finally:
+        f.close()
+    warnings.warn(f"TrajectoryRecorder: {path} was not closed; the steps it recorded are on disk, without an end "
+                  "record (replay it with allow_truncated=True, unverified). Close the recorder (or use it as a "
+                  "context manager) to end the log with the checksum of the weights", RuntimeWarning, stacklevel=2)
 
 
 # ---------------------------------------------------------------------------- reading
