@@ -516,6 +516,26 @@ def test_a_ctrl_c_held_while_a_failing_kernel_ran_still_comes(monkeypatch, ctrl_
     assert max_moved(model, start) <= MOVED      # the perturbation taken back
 
 
+def test_a_dropped_param_group_does_not_keep_its_parameters_alive():
+    # the per-group cache of validated lists (_buckets) is keyed by the group: a group popped
+    # from param_groups (an old task's head dropped) stayed in it with its parameters, for the
+    # optimizer's lifetime (an audit's find: one adapter kept per task)
+    import gc
+    import weakref
+    model = make_mlp(6, 4, 1)
+    opt = ZOFusedSGD(model.parameters(), lr=0.1, seed=3)
+    head = torch.nn.Linear(1, 1)
+    opt.add_param_group({"params": head.parameters()})
+    opt.step(lambda h=head: loss_of(model) + h(loss_of(model).reshape(1)).sum())
+    gone = weakref.ref(head.weight)
+    opt.param_groups.pop()
+    opt.state.clear()
+    opt.step(lambda: loss_of(model))
+    del head
+    gc.collect()
+    assert gone() is None
+
+
 def test_start_zo_frees_the_fo_gradients_as_a_scheduled_switch_does():
     # docs/algorithms.md says the FO .grad tensors are freed at the switch: only the scheduled
     # one did (start_zo() made step() see a ZO phase from its start, so the freeing never ran)

@@ -616,6 +616,12 @@ class _ZOBase(torch.optim.Optimizer):
 
     def _all_buckets(self) -> list[tuple[dict, tuple]]:
         """``(group, bucket)`` for every group and device: the order of the fused calls."""
+        if len(self._bucket_cache) > len(self.param_groups):
+            # a group was dropped (param_groups.pop(), e.g. an old task's head): its cached
+            # lists kept its parameters alive for the optimizer's lifetime
+            live = {id(g) for g in self.param_groups}
+            for k in [k for k in self._bucket_cache if k not in live]:
+                del self._bucket_cache[k]
         return [(g, bk) for g in self.param_groups for bk in self._buckets(g)]
 
     def _perturb(self, seed: int, factor: float, mask_seed: int, buckets=None) -> None:
