@@ -534,6 +534,12 @@ def test_a_dropped_param_group_does_not_keep_its_parameters_alive():
     del head
     gc.collect()
     assert gone() is None
+    # nor its tensor ids: a tensor allocated at a dead parameter's address would inherit its id
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert set(opt._tid) == held
+    extra = torch.nn.Linear(1, 1)
+    opt.add_param_group({"params": extra.parameters()})
+    assert [opt._tid[id(p)] for p in extra.parameters()] == [6, 7]     # the count goes on: 4, 5 were the head's
 
 
 def test_start_zo_frees_the_fo_gradients_as_a_scheduled_switch_does():

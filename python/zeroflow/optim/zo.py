@@ -618,10 +618,14 @@ class _ZOBase(torch.optim.Optimizer):
         """``(group, bucket)`` for every group and device: the order of the fused calls."""
         if len(self._bucket_cache) > len(self.param_groups):
             # a group was dropped (param_groups.pop(), e.g. an old task's head): its cached
-            # lists kept its parameters alive for the optimizer's lifetime
+            # lists kept its parameters alive for the optimizer's lifetime. Its tensor ids go
+            # too: keyed by id(param), a dead parameter's entry would give its id to a new
+            # tensor allocated at its address (added later, it continues the count instead)
             live = {id(g) for g in self.param_groups}
             for k in [k for k in self._bucket_cache if k not in live]:
                 del self._bucket_cache[k]
+            held = {id(p) for g in self.param_groups for p in g["params"]}
+            self._tid = {k: t for k, t in self._tid.items() if k in held}
         return [(g, bk) for g in self.param_groups for bk in self._buckets(g)]
 
     def _perturb(self, seed: int, factor: float, mask_seed: int, buckets=None) -> None:
