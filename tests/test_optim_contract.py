@@ -540,6 +540,21 @@ def test_a_dropped_param_group_does_not_keep_its_parameters_alive():
     extra = torch.nn.Linear(1, 1)
     opt.add_param_group({"params": extra.parameters()})
     assert [opt._tid[id(p)] for p in extra.parameters()] == [6, 7]     # the count goes on: 4, 5 were the head's
+    # also for a group dropped before any step (none of its lists cached), whose parameter's
+    # address a new one takes: it got the dead one's id
+    late = torch.nn.Parameter(torch.zeros(2))
+    opt.add_param_group({"params": [late]})
+    opt.param_groups.pop()
+    stale = id(late)
+    del late
+    gc.collect()
+    kept = []                   # held, so that each new one takes another block: CPython soon gives back the freed one
+    for _ in range(1000):
+        kept.append(torch.nn.Parameter(torch.zeros(2)))
+        if id(kept[-1]) == stale:
+            break
+    opt.add_param_group({"params": [kept[-1]]})
+    assert opt._tid[id(kept[-1])] == 9
 
 
 def test_start_zo_frees_the_fo_gradients_as_a_scheduled_switch_does():

@@ -464,10 +464,9 @@ class _ZOBase(torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
-        for p in g["params"]:
-            if id(p) not in self._tid:
-                self._tid[id(p)] = self._next_tid
-                self._next_tid += 1
+        for p in g["params"]:       # a fresh id, also where id(p) is that of a dropped parameter
+            self._tid[id(p)] = self._next_tid
+            self._next_tid += 1
 
     def _check_group(self, g: dict, where: str = "") -> None:
         """Every option of group ``g`` the kernels take, checked at construction, in
