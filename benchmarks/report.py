@@ -198,7 +198,8 @@ def _status(measured, target, higher=True):
     if ok:
         return "**met**"
     miss = (target - measured) / target if higher else (measured - target) / target
-    return f"**missed** by {100 * miss:.0f} %" if miss >= 0.005 else f"**missed** by {100 * miss:.1f} %"  # not "by 0 %"
+    # two significant digits below 0.5 %: never "by 0 %" or "by 0.0 %" next to a value that rounds to the target
+    return f"**missed** by {100 * miss:.0f} %" if miss >= 0.005 else f"**missed** by {100 * miss:.2g} %"
 
 
 def targets(records):

@@ -95,6 +95,7 @@ def test_status_at_the_target_is_met_and_a_small_miss_keeps_a_decimal():
     assert R._status(1.0, 1.0, higher=False) == "**met**"
     assert R._status(0.998, 1.0) == "**missed** by 0.2 %"
     assert R._status(1.003, 1.0, higher=False) == "**missed** by 0.3 %"
+    assert R._status(0.8999, 0.9) == "**missed** by 0.011 %"     # was "by 0.0 %", next to a "90 %"
 
 
 # ----------------------------------------------------------------------------- loading
