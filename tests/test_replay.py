@@ -327,18 +327,23 @@ class _FullDisk:
         return self.f.fileno()
 
 
-def test_a_failed_write_stops_the_recording_and_leaves_a_log_without_an_end_record(tmp_path):
-    # Before, the OSError left the recorder attached, and close() wrote an end record whose
-    # checksum covered the weights after the unlogged steps: replay refused the log as "not
-    # belonging to this run". Now the log is left without one; its complete records replay.
+def _zo_sgd_from_a_base(tmp_path):
+    """(model, ZO-SGD optimizer, closure, base path, log path), the base saved: ready to record."""
     model = make_model()
     X, Y = make_data(64, 8, 3)
     opt = create("zo_sgd", model.parameters(), lr=1e-2, seed=3, backend="cpu")
     base, log = str(tmp_path / "b.pt"), str(tmp_path / "t.zft")
     save_base(base, model)
+    return model, opt, lambda: F.mse_loss(model(X), Y), base, log
+
+
+def test_a_failed_write_stops_the_recording_and_leaves_a_log_without_an_end_record(tmp_path):
+    # Before, the OSError left the recorder attached, and close() wrote an end record whose
+    # checksum covered the weights after the unlogged steps: replay refused the log as "not
+    # belonging to this run". Now the log is left without one; its complete records replay.
+    model, opt, closure, base, log = _zo_sgd_from_a_base(tmp_path)
     rec = TrajectoryRecorder(log, opt, model=model, flush_every=1)
     rec._f = _FullDisk(rec._f, budget=2 * 36 + 10)     # room for two step records of 36 bytes
-    closure = lambda: F.mse_loss(model(X), Y)  # noqa: E731
     train_step(opt, closure)
     train_step(opt, closure)
     after_two = {k: v.clone() for k, v in model.state_dict().items()}
@@ -359,13 +364,8 @@ def test_a_recorder_never_closed_leaves_its_records_on_disk_and_says_so(tmp_path
     # them, and it finalized the raw file before its buffer: the 5 records below never reached
     # the disk (an audit's find). Now they are flushed, with a warning, and replay truncated.
     import gc
-    model = make_model()
-    X, Y = make_data(64, 8, 3)
-    opt = create("zo_sgd", model.parameters(), lr=1e-2, seed=3, backend="cpu")
-    base, log = str(tmp_path / "b.pt"), str(tmp_path / "t.zft")
-    save_base(base, model)
+    model, opt, closure, base, log = _zo_sgd_from_a_base(tmp_path)
     rec = TrajectoryRecorder(log, opt, model=model)          # flush_every=100: the steps stay buffered
-    closure = lambda: F.mse_loss(model(X), Y)  # noqa: E731
     for _ in range(5):
         train_step(opt, closure)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
