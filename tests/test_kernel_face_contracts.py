@@ -414,3 +414,28 @@ def test_reserved_query_slots_are_the_specs():
     """§8: the per-step mask seed is query 2^32 - 1, the per-task one 2^32 - 2, the k-th
     stochastic-rounding store 2^32 - 3 - k."""
     assert (S.QUERY_MASK_PER_STEP, S.QUERY_MASK_PER_TASK, S.QUERY_ROUNDING) == (2**32 - 1, 2**32 - 2, 2**32 - 3)
+
+
+def test_sparse_mask_and_perturbation_take_integers_only():
+    # docs/kernel-ops.md "Errors": integers are never truncated. sparse_mask(tensor_id=1.9)
+    # (or True) returned tensor 1's mask, and numel=2.7 gave two elements (the audit's find).
+    for bad in (1.9, True):
+        with pytest.raises(TypeError, match=r"tensor_id=.* must be an integer"):
+            zk.sparse_mask(1, 64, 0.5, tensor_id=bad)
+    with pytest.raises(TypeError, match=r"numel=2\.7 must be an integer"):
+        zk.sparse_mask(1, 2.7, 0.5)
+    with pytest.raises(TypeError, match=r"numel=2\.7 must be an integer"):
+        zk.perturbation(1, 2.7)
+    assert torch.equal(zk.sparse_mask(1, np.int64(64), 0.5, tensor_id=np.int32(1)), zk.sparse_mask(1, 64, 0.5, 1))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_bad_seed_is_named_by_its_index(backend):
+    if backend == "cpu" and not _compiled.cpu_available():
+        pytest.skip("the compiled CPU op is not built")
+    p = [torch.zeros(8)]
+    with pytest.raises((ValueError, TypeError), match=r"seeds\[1\]"):
+        zk.zo_sgd_update_(p, seeds=[1, -3], coeffs=[0.1, 0.1], lr=0.1, backend=backend)
+    with pytest.raises((ValueError, RuntimeError), match=r"seeds\[1\]"):     # the op itself, past the face
+        zk.call_op(backend, "zo_sgd_update_", params=p, momentum_buffers=[], history_buffers=[], tensor_ids=[0],
+                   seeds=[1, -3], coeffs=[0.1, 0.1], lr=0.1)

@@ -226,16 +226,19 @@ def perturbation(
 ) -> torch.Tensor:
     """The z (times the mask, if ``sparsity`` > 0) that the kernels use for tensor
     ``tensor_id``, materialized as a flat tensor: for tests and inspection."""
+    numel = _integer(numel, "numel")        # int() made numel=2.7 two elements
     if numel < 0:
         raise ValueError(f"numel={numel} must be >= 0")
-    out = torch.zeros(int(numel), dtype=dtype, device=device)
+    out = torch.zeros(numel, dtype=dtype, device=device)
     perturb_([out], seed, 1.0, dist, tensor_ids=[tensor_id], mask_seed=mask_seed, sparsity=sparsity, backend=backend)
     return out
 
 
 def sparse_mask(mask_seed: int, numel: int, sparsity: float, tensor_id: int = 0, device="cpu") -> torch.Tensor:
     """The keep-mask (bool, False = zeroed) of §6 for one tensor, from the reference."""
-    return reference.keep_mask(mask_seed, int(numel), int(tensor_id), mask_threshold(sparsity), torch.device(device))
+    # checked as the ops check them: int() gave tensor_id=1.9 (or True) tensor 1's mask
+    numel, tensor_id = _integer(numel, "numel"), _integer(tensor_id, "tensor_id")
+    return reference.keep_mask(mask_seed, numel, tensor_id, mask_threshold(sparsity), torch.device(device))
 
 
 @torch.no_grad()   # in-place updates of parameters are never recorded by autograd (as torch.optim)
@@ -282,7 +285,7 @@ def _check_features(params: list, buffers_name: str, buffers, **settings) -> Non
 
 
 def _qs(seeds, coeffs) -> tuple[list[int], list[float]]:
-    seeds = [_seed(s, "seeds[j]") for s in seeds]
+    seeds = [_seed(s, f"seeds[{j}]") for j, s in enumerate(seeds)]
     coeffs = [float(c) for c in coeffs]
     if len(seeds) != len(coeffs):
         raise ValueError(f"{len(seeds)} seeds but {len(coeffs)} coeffs: give one projected gradient per seed")

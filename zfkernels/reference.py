@@ -484,8 +484,8 @@ def _check_stream(dist, mask_seed, mask_threshold) -> None:
 def _check_q(seeds, coeffs) -> None:
     if len(seeds) != len(coeffs):
         raise ValueError(f"seeds has {len(seeds)} entries but coeffs has {len(coeffs)}; one coefficient per seed")
-    for s in seeds:
-        S.check_seed(int(s), "seeds[j]")
+    for j, s in enumerate(seeds):
+        S.check_seed(int(s), f"seeds[{j}]")
 
 
 # --------------------------------------------------------------------------------------
