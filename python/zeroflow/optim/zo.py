@@ -618,8 +618,8 @@ class _ZOBase(torch.optim.Optimizer):
         if len(self._bucket_cache) > len(self.param_groups):
             # a group was dropped (param_groups.pop(), e.g. an old task's head): its cached
             # lists kept its parameters alive for the optimizer's lifetime. Its tensor ids go
-            # too: keyed by id(param), a dead parameter's entry would give its id to a new
-            # tensor allocated at its address (added later, it continues the count instead)
+            # too: keyed by id(param), a dead parameter's entry would let a tensor allocated at
+            # its address into an edited g["params"] past _buckets' "was g['params'] edited?"
             live = {id(g) for g in self.param_groups}
             for k in [k for k in self._bucket_cache if k not in live]:
                 del self._bucket_cache[k]
@@ -990,9 +990,9 @@ class _ZOBase(torch.optim.Optimizer):
         call per group and device (the cached buckets), as :func:`zfkernels.perturbation`
         makes them one tensor at a time. One call, not one per tensor: on CUDA every tensor
         list is a launch table of its own, and a query's 152 one-tensor tables (ViT-B), cycled
-        in a fixed order through the least-recently-used cache of csrc/ops_cuda.cu, missed on
-        every call (an upload and a stream sync each; read from the cache's policy, not timed
-        on a device)."""
+        in a fixed order through the least-recently-used cache of csrc/ops_cuda.cu (64 tables
+        then), missed on every call (an upload and a stream sync each; read from the cache's
+        policy, not timed on a device)."""
         out = {}
         for g, (ps, ids, b) in self._all_buckets():
             dist, thr = self._stream(g)
