@@ -1,6 +1,9 @@
 """Loaders on tiny fixtures in the real on-disk formats; a timm ViT from a local checkpoint."""
+import json
 import os
 import pickle
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -286,8 +289,9 @@ def test_an_undecodable_image_mid_run_is_one_line_and_the_run_resumes(tmp_path, 
     out = tmp_path / "r"
     args = ["run", "--config", tmp_path / "tiny.yaml", "--dataset", "cub", "--data-root", tmp_path / "data",
             "--init-cls", 2, "--increment", 2, "--checkpoint", tmp_path / "vit.pth", "--no-progress", "--out", out]
-    rc, stdout, err = _run_cli(capsys, *args)
-    assert rc == 2 and "task 1/2" in stdout and err.count("\n") == 1, err
+    rc, stdout, all_err = _run_cli(capsys, *args)
+    warned, err = all_err.splitlines(keepends=True)     # the class-count warning (4 folders, not 200), the error
+    assert rc == 2 and "task 1/2" in stdout and warned.startswith("zeroflow: warning: cub under "), all_err
     assert err.startswith(f"zeroflow: error: cannot read image {bad} (UnidentifiedImageError: ")
     assert err.endswith(f"; replace or delete that file, then continue the run with: zeroflow run --resume --out {out} "
                         f"(its 1 finished task(s) are kept)\n")
@@ -310,3 +314,184 @@ def test_the_digits_shift_moves_up_to_one_pixel_either_way():
         seen = {tuple(torch.nonzero(ds[0][0][0])[0].tolist()) for _ in range(300)}
     assert seen == {(r, c) for r in range(3) for c in range(3)}
     assert torch.equal(TensorImages(x, [0])[0][0], x[0])                # no shift: the image itself
+
+
+# ---------------------------------------------------------------- data in the real formats, as users have it
+def test_hidden_files_inside_class_folders_are_not_images(tmp_path):
+    """A macOS archive's AppleDouble ``._0.png`` beside every image stopped the run at the first one
+    it read (once per such file); Jupyter's ``.ipynb_checkpoints/`` inside a class folder added
+    copies of that class's images to it without a word."""
+    from zeroflow.continual.data import load_dataset
+    _write_imagefolder(str(tmp_path), "cub")
+    for split in ("train", "test"):
+        for c in range(4):
+            (tmp_path / "cub" / split / f"n{c:04d}" / "._0.png").write_bytes(b"\x00\x05\x16\x07Mac OS X" + bytes(60))
+    cp = tmp_path / "cub" / "train" / "n0000" / ".ipynb_checkpoints"
+    cp.mkdir()
+    (cp / "0-checkpoint.png").write_bytes((tmp_path / "cub" / "train" / "n0000" / "0.png").read_bytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # hidden files are skipped silently: no warning
+        d = load_dataset("cub", str(tmp_path), 2, 2, img_size=32, warn=lambda m: None)
+    for ds in (d.train, d.train_eval, d.test):
+        names = sorted(os.path.relpath(p, ds.root) for p, _ in ds.samples)
+        assert names == [f"n{c:04d}/{i}.png" for c in range(4) for i in range(2)], names
+    assert len(d.train_targets) == 8 and len(d.test_targets) == 8
+
+
+def test_files_that_are_not_images_are_skipped_with_a_warning(tmp_path):
+    from zeroflow.continual.data import load_dataset
+    _write_imagefolder(str(tmp_path), "cub")
+    (tmp_path / "cub" / "train" / "n0001" / "2.gif").write_bytes(b"GIF89a")
+    (tmp_path / "cub" / "train" / "n0003" / "notes.txt").write_text("x")
+    said = []
+    d = load_dataset("cub", str(tmp_path), 2, 2, img_size=32, warn=said.append)
+    assert said[0] == (f"{tmp_path / 'cub' / 'train'}: skipped 2 file(s) that are not images by their extension "
+                       f"(e.g. n0001/2.gif); the images read are .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, "
+                       f".webp"), said
+    assert len(said) == 2 and "has 4 class folders, the published dataset 200" in said[1]
+    assert len(d.train) == 8
+
+
+def test_a_test_split_sharing_files_with_train_is_refused(tmp_path):
+    """test/ as a link to train/ (or class folders linked into both) loaded without a word: the
+    run was tested on its own training images."""
+    from zeroflow.continual.data import load_dataset
+    _write_imagefolder(str(tmp_path), "imagenet-a")
+    test = tmp_path / "imagenet-a" / "test"
+    import shutil
+    shutil.rmtree(test / "n0002")
+    (test / "n0002").symlink_to(tmp_path / "imagenet-a" / "train" / "n0002")
+    with pytest.raises(ZeroflowError, match=r"imagenet-a: 2 of the 8 test images are also training images \(e\.g\. "
+                                            rf"{re.escape(str(test / 'n0002' / '0.png'))} is "):
+        load_dataset("imagenet-a", str(tmp_path), 2, 2, img_size=32, warn=lambda m: None)
+
+
+def test_an_empty_class_folder_is_named_with_its_split(tmp_path):
+    from zeroflow.continual.data import load_dataset
+    _write_imagefolder(str(tmp_path), "omnibenchmark")
+    empty = tmp_path / "omnibenchmark" / "test" / "n0003"
+    for f in empty.iterdir():
+        f.unlink()
+    (empty / "._0.png").write_bytes(b"\x00")     # holds only a hidden file: no image either
+    with pytest.raises(ZeroflowError, match=rf"omnibenchmark: the class folder\(s\) {re.escape(str(empty))} hold no "
+                                            r"image \(\.jpg, .*\); add its images, or remove the class from both "):
+        load_dataset("omnibenchmark", str(tmp_path), 2, 2, img_size=32, warn=lambda m: None)
+    (tmp_path / "omnibenchmark" / "train" / ".ipynb_checkpoints").mkdir()     # empty: still named as hidden
+    with pytest.raises(ZeroflowError, match=r"train holds the hidden folder\(s\) \.ipynb_checkpoints, which"):
+        load_dataset("omnibenchmark", str(tmp_path), 2, 2, img_size=32, warn=lambda m: None)
+
+
+def test_data_extracted_one_level_too_deep_is_refused_with_the_layout(tmp_path):
+    """cub/train/CUB_200_2011/<class>/... was one class of every image; the error then advised
+    --init-cls 1, which the loader accepted."""
+    from zeroflow.continual.data import load_dataset
+    _write_imagefolder(str(tmp_path / "flat"), "cub")
+    for split in ("train", "test"):
+        (tmp_path / "data" / "cub" / split).mkdir(parents=True)
+        (tmp_path / "flat" / "cub" / split).rename(tmp_path / "data" / "cub" / split / "CUB_200_2011")
+    train = tmp_path / "data" / "cub" / "train"
+    for init in (1, 2):
+        with pytest.raises(ZeroflowError, match=rf"cub: {re.escape(str(train))} holds 1 class folder\(s\): "
+                                                r"CUB_200_2011; a class-incremental run needs at least 2 "
+                                                r"classes, .* the data looks extracted one level too deep; "
+                                                r"move the class folders inside it up"):
+            load_dataset("cub", str(tmp_path / "data"), init, 1, img_size=32, warn=lambda m: None)
+
+
+def test_a_missing_cifar_file_is_named_with_the_flag_that_fetches_it(tmp_path):
+    from zeroflow.continual.data import load_cifar100
+    _write_cifar100(str(tmp_path))
+    (tmp_path / "cifar-100-python" / "meta").unlink()
+    with pytest.raises(ZeroflowError, match=r"CIFAR-100 under .*cifar-100-python/ lacks meta \(it needs train, test "
+                                            r"and meta\); restore the file\(s\), or add --download"):
+        load_cifar100(str(tmp_path), 50, 50)
+
+
+def test_a_config_files_home_relative_paths_are_expanded(tmp_path, monkeypatch):
+    from zeroflow.continual.defaults import resolve
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "c.yaml").write_text("data_root: ~/data\ndataset: cub\ncheckpoint: ~/vit.pth\n")
+    cfg = resolve({}, str(tmp_path / "c.yaml"))
+    assert cfg["data_root"] == str(tmp_path / "data") and cfg["checkpoint"] == str(tmp_path / "vit.pth")
+
+
+# ---------------------------------------------------------------- a resumed run's data and weights
+def _tiny_cub_run(tmp_path, n_classes=4):
+    import timm
+    _write_imagefolder(str(tmp_path / "data"), "cub", n_classes=n_classes)
+    torch.save(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, **TINY).state_dict(),
+               tmp_path / "vit.pth")
+    (tmp_path / "tiny.yaml").write_text(
+        "model_kwargs: {img_size: 32, patch_size: 16, embed_dim: 48, depth: 2, num_heads: 2}\nimg_size: 32\n"
+        "adapter_dim: 4\nepochs: 1\nbatch_size: 4\nnum_workers: 0\ndevice: cpu\n")
+    return ["run", "--config", tmp_path / "tiny.yaml", "--dataset", "cub", "--init-cls", 2, "--increment", 2,
+            "--no-progress", "--out", tmp_path / "r"]
+
+
+@pytest.mark.usefixtures("zf_cache")
+def test_a_resume_on_changed_data_or_weights_is_refused_and_may_name_where_they_moved(tmp_path, capsys, monkeypatch):
+    """The resumed run reloaded the data: a renamed class folder moved every class one place under
+    the finished tasks' adapters and prototypes (exit 0, normal metrics), an added one crashed
+    at the end (IndexError). A relative --data-root or --checkpoint could not be resumed from
+    another directory: both options were ignored on --resume, the error said to pass them."""
+    import shutil
+    out = tmp_path / "r"
+    monkeypatch.chdir(tmp_path)
+    args = _tiny_cub_run(tmp_path)
+    rc, stdout, err = _run_cli(capsys, *args, "--data-root", "data", "--checkpoint", "vit.pth", "--stop-after", 1)
+    assert rc == 0, err
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["identity"]["class_names"] == [f"n{c:04d}" for c in range(4)]
+    assert ck["identity"]["weights"]["bytes"] == os.path.getsize(tmp_path / "vit.pth")
+    before = (out / "checkpoint.pt").read_bytes(), (out / "environment.json").read_bytes()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    rc, _, err = _run_cli(capsys, "run", "--resume", "--out", out, "--no-progress")
+    assert rc == 2 and err == "zeroflow: error: --checkpoint vit.pth: no such file\n", err
+    rc, _, err = _run_cli(capsys, "run", "--resume", "--out", out, "--no-progress", "--checkpoint",
+                          tmp_path / "vit.pth")
+    assert rc == 2 and "data folder data/cub/train/ not found" in err and "pass --data-root DIR" in err, err
+
+    def refused(needle, *more):
+        rc, _, all_err = _run_cli(capsys, "run", "--resume", "--out", out, "--no-progress", *more)
+        err = all_err.splitlines()[-1]      # after the class-count warning (4 folders, not 200)
+        assert rc == 2 and err.startswith(f"zeroflow: error: cannot resume {out}: "), all_err
+        assert needle in err, err
+        assert ((out / "checkpoint.pt").read_bytes(), (out / "environment.json").read_bytes()) == before
+
+    # the same class names in another folder: fine below; renamed / added classes: refused
+    shutil.copytree(tmp_path / "data", elsewhere / "moved")
+    (elsewhere / "moved" / "cub" / "train" / "n0000").rename(elsewhere / "moved" / "cub" / "train" / "n0009")
+    (elsewhere / "moved" / "cub" / "test" / "n0000").rename(elsewhere / "moved" / "cub" / "test" / "n0009")
+    refused("its data changed since the run started (class 0 of its 4 was 'n0000', the data now has 'n0001' there)",
+            "--data-root", "moved", "--checkpoint", tmp_path / "vit.pth")
+    shutil.copytree(elsewhere / "moved" / "cub" / "train" / "n0009", elsewhere / "moved" / "cub" / "train" / "n0000")
+    shutil.copytree(elsewhere / "moved" / "cub" / "test" / "n0009", elsewhere / "moved" / "cub" / "test" / "n0000")
+    refused("(it had 4 classes, the data now has 5 (gone: none; added: 'n0009'))",
+            "--data-root", "moved", "--checkpoint", tmp_path / "vit.pth")
+    # other weights in the file the run names
+    other = elsewhere / "vit.pth"
+    import timm
+    torch.save(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, **TINY).state_dict(), other)
+    refused("its backbone weights file is not the one the run started with (vit.pth, ",
+            "--data-root", tmp_path / "data", "--checkpoint", other)
+    rc, stdout, err = _run_cli(capsys, "run", "--resume", "--out", out, "--no-progress", "--data-root",
+                               tmp_path / "data", "--checkpoint", tmp_path / "vit.pth")
+    assert rc == 0 and "resuming" in stdout and "task 2/2" in stdout, err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["data_root"] == "data" and m["config"]["checkpoint"] == "vit.pth"     # the run's own
+    assert m["class_names"] == [f"n{c:04d}" for c in range(4)]
+
+
+def test_resume_refuses_a_weights_file_for_a_run_that_loads_none(tmp_path):
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.runner import resumed_config
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(resolve({}, None)))
+    with pytest.raises(ZeroflowError, match=r"--checkpoint: the run in .* loads no weights file \(its backbone is "
+                                            r"small, pretrained by zeroflow\); drop the option"):
+        resumed_config(str(out), {"checkpoint": "w.pth"}, print)
+    cfg, where = resumed_config(str(out), {"data_root": "~/d"}, print)
+    assert where == {"device": cfg["device"], "data_root": os.path.expanduser("~/d"), "checkpoint": None}

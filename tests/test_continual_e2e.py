@@ -372,16 +372,18 @@ def test_peak_memory_is_the_maximum_over_the_tasks_and_survives_a_resume(tmp_pat
     from zeroflow.continual.runner import _restore_results
     _, learner, _, results = _train_tasks_with_fakes(tmp_path, peaks=(300, 100), stop_after=2)
     assert results.peak == 300 and [ts["peak_memory_bytes"] for ts in results.task_stats] == [300, 100]
-    back = _restore_results(str(tmp_path), _FakeLearner(), resume=True, n_tasks=3, log=lambda *a: None)
+    back = _restore_results(str(tmp_path), _FakeLearner(), resume=True, n_tasks=3, log=lambda *a: None,
+                            identity=None)
     assert back.completed == 2 and back.peak == 300
     _, _, _, results = _train_tasks_with_fakes(tmp_path, peaks=(50,), results=back)
     assert results.completed == 3 and results.peak == 300
 
 
 def test_a_device_given_with_resume_is_where_the_run_goes_on(tmp_path):
-    """docs/continual.md: with --resume only --device may change, and it is where this process
-    runs; the configuration keeps its own device. Returning the saved device ignored --device
-    (unnoticed on a CPU-only machine, where the saved 'auto' is the CPU too)."""
+    """docs/continual.md: with --resume only where the run finds its device, data and weights may
+    change, and --device is where this process runs; the configuration keeps its own device.
+    Returning the saved device ignored --device (unnoticed on a CPU-only machine, where the
+    saved 'auto' is the CPU too)."""
     from zeroflow.continual.defaults import resolve
     from zeroflow.continual.runner import atomic_write_json, resumed_config
     cfg = resolve(dict(FAST))
@@ -390,9 +392,9 @@ def test_a_device_given_with_resume_is_where_the_run_goes_on(tmp_path):
     out.mkdir()
     atomic_write_json(str(out / "config.json"), cfg)
     warned = []
-    got, device = resumed_config(str(out), {"device": "cuda:1"}, warned.append)
-    assert device == "cuda:1" and got["device"] == "auto" and not warned
-    assert resumed_config(str(out), {}, warned.append)[1] == "auto"
+    got, where = resumed_config(str(out), {"device": "cuda:1"}, warned.append)
+    assert where["device"] == "cuda:1" and got["device"] == "auto" and not warned
+    assert resumed_config(str(out), {}, warned.append)[1] == {"device": "auto", "data_root": "data", "checkpoint": None}
 
 
 def test_run_passes_no_progress_and_prints_fgt(tmp_path, monkeypatch, capsys):

@@ -256,6 +256,10 @@ def load_cifar100(root: str, init_cls: int, increment: int, download: bool = Fal
         raise ZeroflowError(
             f"CIFAR-100 not found: expected the python-pickle folder {folder}/ (train, test, meta). "
             f"Pass --data-root DIR pointing at its parent, or add --download to fetch it.")
+    missing = [f for f in ("train", "test", "meta") if not os.path.isfile(os.path.join(folder, f))]
+    if not download and missing:    # torchvision would say "Dataset not found ... use download=True"
+        raise ZeroflowError(f"CIFAR-100 under {folder}/ lacks {', '.join(missing)} (it needs train, test and meta); "
+                            f"restore the file(s), or add --download to fetch the official ones")
     cls = _cifar100_class()
     tr_tf, te_tf = reference_transforms(img_size)
     try:
@@ -307,10 +311,86 @@ def _check_cifar_labels(ds, path: str, fix: str) -> None:
 PUBLISHED_CLASSES = {"cub": 200, "imagenet-a": 200, "omnibenchmark": 300}
 
 
+def _warn_python(message: str) -> None:
+    warnings.warn(f"zeroflow: {message}", UserWarning, stacklevel=3)
+
+
+class _ImageFiles:
+    """``is_valid_file`` of one split's ImageFolder: a file with one of torchvision's image
+    extensions and no hidden part in its path below the split folder. macOS archives hold an
+    AppleDouble companion ``._x.jpg`` of every image (not an image: the run stopped at the
+    first one it read, once per such file) and Jupyter a ``.ipynb_checkpoints/`` copy of what
+    it showed (duplicates of that class's images). Counts what it skips for a warning."""
+
+    def __init__(self, split_dir: str):
+        self.split_dir = split_dir
+        self.hidden = 0
+        self.not_images: List[str] = []
+
+    def __call__(self, path: str) -> bool:
+        from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+        rel = os.path.relpath(path, self.split_dir)
+        if any(part.startswith(".") or part == "__MACOSX" for part in rel.split(os.sep)):
+            self.hidden += 1
+            return False
+        if not has_file_allowed_extension(path, IMG_EXTENSIONS):
+            self.not_images.append(rel)
+            return False
+        return True
+
+
+def _class_folders(split_dir: str) -> List[str]:
+    """The class folders of ``split_dir`` as torchvision's ``find_classes`` lists them (every
+    folder, sorted), hidden ones included: those are refused, not skipped (see below)."""
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+
+
+def _scan_split(name: str, base: str, split: str, warn):
+    """``ImageFolder(base/split)`` without transforms, checked: no hidden or ``__MACOSX``
+    class folder, at least two classes, no empty class folder; files that are not images by
+    extension are skipped with a warning, hidden files silently."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    split_dir = os.path.join(base, split)
+    classes = _class_folders(split_dir)
+    hidden = [c for c in classes if c.startswith(".") or c == "__MACOSX"]
+    if hidden:      # torchvision's ImageFolder takes every folder as a class
+        raise ZeroflowError(f"{name}: {split_dir} holds the hidden folder(s) {', '.join(hidden)}, which would become "
+                            "classes and shift the class order; move them out of the data folder")
+    if len(classes) < 2:
+        inner = os.path.join(split_dir, classes[0]) if classes else None
+        deeper = inner is not None and any(e.is_dir() for e in os.scandir(inner))
+        raise ZeroflowError(
+            f"{name}: {split_dir} holds {len(classes)} class folder(s){': ' + classes[0] if classes else ''}; a "
+            f"class-incremental run needs at least 2 classes, each a folder {split_dir}/<class>/<image>"
+            + (f". {inner} holds folders itself: the data looks extracted one level too deep; move the class "
+               f"folders inside it up into {split_dir} (and likewise in the other split)" if deeper else ""))
+    files = _ImageFiles(split_dir)
+    try:
+        probe = ImageFolder(split_dir, is_valid_file=files, allow_empty=True)
+    except Exception as e:
+        raise ZeroflowError(f"{name}: could not read the image folders under {split_dir}: {e}") from e
+    per_class = np.bincount(np.asarray(probe.targets, dtype=np.int64), minlength=len(probe.classes))
+    empty = [c for c, k in zip(probe.classes, per_class) if k == 0]
+    if empty:
+        raise ZeroflowError(
+            f"{name}: the class folder(s) {', '.join(os.path.join(split_dir, c) for c in empty[:5])}"
+            f"{f' and {len(empty) - 5} more' if len(empty) > 5 else ''} hold no image ({', '.join(IMG_EXTENSIONS)}); "
+            f"add its images, or remove the class from both {base}/train and {base}/test")
+    if files.not_images:
+        k = len(files.not_images)
+        warn(f"{split_dir}: skipped {k} file(s) that are not images by their extension (e.g. {files.not_images[0]}); "
+             f"the images read are {', '.join(IMG_EXTENSIONS)}")
+    return probe
+
+
 def load_imagefolder(name: str, root: str, init_cls: int, increment: int, img_size: int = 224,
-                     class_order_seed: int = CLASS_ORDER_SEED) -> CLData:
+                     class_order_seed: int = CLASS_ORDER_SEED, warn=None) -> CLData:
     from torchvision.datasets import ImageFolder
 
+    warn = warn or _warn_python
     base = os.path.join(root, name)
     for split in ("train", "test"):
         if not os.path.isdir(os.path.join(base, split)):
@@ -319,32 +399,35 @@ def load_imagefolder(name: str, root: str, init_cls: int, increment: int, img_si
                 f"layout {base}/{{train,test}}/<class>/<image> (as in LAMDA-PILOT); pass --data-root DIR "
                 f"so that DIR/{name}/train exists.")
     tr_tf, te_tf = reference_transforms(img_size)
-    try:
-        probe_tr = ImageFolder(os.path.join(base, "train"))
-        probe_te = ImageFolder(os.path.join(base, "test"))
-    except Exception as e:
-        raise ZeroflowError(f"{name}: could not read image folders under {base}: {e}") from e
-    for split, probe in (("train", probe_tr), ("test", probe_te)):
-        hidden = [c for c in probe.classes if c.startswith(".")]
-        if hidden:      # torchvision's ImageFolder takes every folder holding images as a class
-            raise ZeroflowError(f"{name}: {base}/{split} holds the hidden folder(s) {', '.join(hidden)}, which "
-                                "would become classes and shift the class order; move them out of the data folder")
+    probe_tr = _scan_split(name, base, "train", warn)
+    probe_te = _scan_split(name, base, "test", warn)
     if probe_tr.classes != probe_te.classes:
         only_tr = sorted(set(probe_tr.classes) - set(probe_te.classes))
         only_te = sorted(set(probe_te.classes) - set(probe_tr.classes))
         raise ZeroflowError(f"{name}: train/ and test/ have different class folders (only in train/: "
-                            f"{', '.join(only_tr[:5]) or 'none'}; only in test/: {', '.join(only_te[:5]) or 'none'})")
+                            f"{', '.join(map(ascii, only_tr[:5])) or 'none'}; only in test/: "
+                            f"{', '.join(map(ascii, only_te[:5])) or 'none'})")
+    # a test/ linked to train/ (or class folders linked into both) tested a run on its own training images
+    train_files = {os.path.realpath(p) for p, _ in probe_tr.samples}
+    shared = [p for p, _ in probe_te.samples if os.path.realpath(p) in train_files]
+    if shared:
+        raise ZeroflowError(f"{name}: {len(shared)} of the {len(probe_te.samples)} test images are also training "
+                            f"images (e.g. {shared[0]} is {os.path.realpath(shared[0])}, read from {base}/train "
+                            f"too): a run would be tested on what it trained on; give {base}/test images of its own")
     n = len(probe_tr.classes)
     if n != PUBLISHED_CLASSES.get(name, n):
-        warnings.warn(f"zeroflow: {name} under {base} has {n} class folders, the published dataset "
-                      f"{PUBLISHED_CLASSES[name]}: the class order and tasks are not the study's", stacklevel=2)
+        warn(f"{name} under {base} has {n} class folders, the published dataset {PUBLISHED_CLASSES[name]}: the class "
+             f"order and tasks are not the study's")
     order = class_order(n, class_order_seed)
     remap = _Remap(order)
     # an image that cannot be decoded is found when it is read (a mid-run error naming the file;
     # the finished tasks stay checkpointed): decoding every image up front would cost minutes
-    train = ImageFolder(os.path.join(base, "train"), transform=tr_tf, target_transform=remap, loader=load_image)
-    train_eval = ImageFolder(os.path.join(base, "train"), transform=te_tf, target_transform=remap, loader=load_image)
-    test = ImageFolder(os.path.join(base, "test"), transform=te_tf, target_transform=remap, loader=load_image)
+    made = []
+    for split, tf in (("train", tr_tf), ("train", te_tf), ("test", te_tf)):
+        split_dir = os.path.join(base, split)
+        made.append(ImageFolder(split_dir, transform=tf, target_transform=remap, loader=load_image,
+                                is_valid_file=_ImageFiles(split_dir)))
+    train, train_eval, test = made
     data = CLData(
         name=name, n_classes=n, order=order, tasks=task_classes(n, init_cls, increment, name),
         train=train, train_eval=train_eval, test=test,
@@ -356,7 +439,10 @@ def load_imagefolder(name: str, root: str, init_cls: int, increment: int, img_si
 
 
 def load_dataset(name: str, root: str, init_cls: int, increment: int, *, download: bool = False,
-                 img_size: int = 224, class_order_seed: int = CLASS_ORDER_SEED) -> CLData:
+                 img_size: int = 224, class_order_seed: int = CLASS_ORDER_SEED, warn=None) -> CLData:
+    """The dataset ``name`` prepared and checked; ``warn(message)`` says what the data has that
+    a run should know of (files skipped, a class count unlike the study's); default: a Python
+    ``UserWarning``."""
     name = name.lower()
     if name == "digits":
         return load_digits_data(init_cls, increment, class_order_seed=class_order_seed)
@@ -368,5 +454,5 @@ def load_dataset(name: str, root: str, init_cls: int, increment: int, *, downloa
             raise ZeroflowError(f"{name} cannot be downloaded automatically; place it under "
                                 f"{root}/{name}/{{train,test}}")
         return load_imagefolder(name, root, init_cls, increment, img_size=img_size,
-                                class_order_seed=class_order_seed)
+                                class_order_seed=class_order_seed, warn=warn)
     raise ZeroflowError(f"unknown dataset {name!r}; valid: {', '.join(ALL_DATASETS)}")

@@ -238,6 +238,9 @@ def validate(cfg: Dict[str, Any], names: Optional[Dict[str, str]] = None) -> Dic
     for k in STRINGS + ("backend", "checkpoint"):
         if k in out and not (out[k] is None and k in NULLABLE) and not isinstance(out[k], str):
             raise ZeroflowError(f"{name(k)} must be a string (got {out[k]!r})")
+    for k in ("data_root", "checkpoint"):     # a config file's ~/data (no shell expands it)
+        if isinstance(out.get(k), str):
+            out[k] = os.path.expanduser(out[k])
     for k in BOOLS:
         if not isinstance(out[k], bool):
             raise ZeroflowError(f"{name(k)} must be true or false (got {out[k]!r})")

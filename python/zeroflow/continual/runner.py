@@ -15,6 +15,7 @@ by one process at a time (``DIR/.lock``, see :mod:`.runfolder`):
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -285,19 +286,28 @@ def evaluate(learner, data, seen_tasks, device, counters, batch_size, num_worker
 
 
 # ---------------------------------------------------------------- which run, in which folder
-def resumed_config(out: str, requested: Dict, warn) -> Tuple[Dict, str]:
-    """``(configuration, device)``: the configuration saved in ``out`` (checked) and the device to
-    run on, ``--device`` when given, else the saved one. The configuration keeps its own
-    ``device`` (it goes into metrics.json as it is in config.json: a run resumed elsewhere is
-    still the same run for zeroflow sweep and zeroflow report; the devices it ran on are in
-    metrics.json's ``device`` and ``tasks``). Any other option in ``requested`` that differs
-    from the saved one is named in a warning: a resumed run keeps its configuration."""
+# Options that say where a run's device, data and weights file are, not what it computes: a
+# resumed run takes them from the command line when given (the data moved, a relative
+# --data-root given in another directory, another machine), and its configuration keeps its
+# own. The data and the weights are checked against those the run started with
+# (:func:`run_identity`); results are bit-identical across devices by design.
+LOCATIONS = ("device", "data_root", "checkpoint")
+
+
+def resumed_config(out: str, requested: Dict, warn) -> Tuple[Dict, Dict]:
+    """``(configuration, locations)``: the configuration saved in ``out`` (checked) and where
+    the run finds its device, data and weights now: the ``LOCATIONS`` given in ``requested``
+    (``--device``, ``--data-root``, ``--checkpoint``), the saved ones for the others. The
+    configuration keeps its own (it goes into metrics.json as it is in config.json: a run
+    resumed elsewhere is still the same run for zeroflow sweep and zeroflow report; the devices
+    it ran on are in metrics.json's ``device`` and ``tasks``). Any other option in ``requested``
+    that differs from the saved one is named in a warning: a resumed run keeps its configuration."""
     if not os.path.isdir(out):
         raise ZeroflowError(f"--resume: run folder {out} does not exist")
     saved = read_run_config(out)
     ignored = []
     for k, v in sorted(requested.items()):
-        if k == "device" or v is None:
+        if k in LOCATIONS or v is None:
             continue
         have = saved.get(k, COMMON.get(k))
         want = (lr_entry(v, saved["optimizer"], bool(saved.get("hybrid_switch")))
@@ -307,12 +317,20 @@ def resumed_config(out: str, requested: Dict, warn) -> Tuple[Dict, str]:
     if ignored:
         warn(f"--resume continues {out} with the configuration in its {CONFIG}; ignoring {', '.join(ignored)}")
     cfg = validate(dict(saved), {k: f"{k} in {os.path.join(out, CONFIG)}" for k in saved})
-    device = requested.get("device")
-    if device is None:
-        return cfg, cfg["device"]
-    if not isinstance(device, str):
-        raise ZeroflowError(f"--device must be a string (got {device!r})")
-    return cfg, device
+    locations = {}
+    for k in LOCATIONS:
+        given = requested.get(k)
+        if given is None:
+            locations[k] = cfg.get(k)
+            continue
+        if not isinstance(given, str) or not given:
+            raise ZeroflowError(f"{flag(k)} must be a non-empty string (got {given!r})")
+        locations[k] = given if k == "device" else os.path.expanduser(given)
+    if locations["checkpoint"] and not cfg.get("checkpoint"):
+        raise ZeroflowError(f"--checkpoint: the run in {out} loads no weights file (its backbone is "
+                            f"{cfg['backbone']}{', pretrained by zeroflow' if cfg['backbone'] == 'small' else ''}); "
+                            f"drop the option")
+    return cfg, locations
 
 
 def _refusal(out: str, kind: str, problem: str, diffs) -> str:
@@ -426,10 +444,12 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
     if above:       # before the claim, which would create the folders up to --out
         raise ZeroflowError(inside_refusal(out, above))
     if resume:
-        cfg, device_name = resumed_config(out, cfg, warn)
+        cfg, located = resumed_config(out, cfg, warn)
     else:
         cfg = validate(cfg)
-        device_name = cfg["device"]
+        located = {k: cfg.get(k) for k in LOCATIONS}
+    device_name = located["device"]
+    where = dict(cfg, **located)    # the configuration, with where its device, data and weights are now
     shard = distributed_setup(cfg)
     rank, world = shard or (0, 1)
     main = rank == 0     # only rank 0 writes files and logs; every rank trains and evaluates
@@ -437,11 +457,11 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
         log, warn, progress = _silent, _silent, False
     device = _run_device(device_name, world)
     check_backend(cfg.get("backend"), device)
-    check_backbone(cfg)
+    check_backbone(where)
     check_run_precision(cfg, device, warn)
     _set_threads(cfg, device)
     seed_everything(int(cfg["seed"]))
-    data = load_run_data(cfg)
+    data = load_run_data(where, warn)
 
     folder = None
 
@@ -463,17 +483,19 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
         if mode == "finished":
             return finished if main else {"rank": rank, "world_size": world, "run_dir": run_dir}
         written = mode == "resume"
-        net = _shared_network(cfg, data, device, os.path.join(run_dir, BACKBONE), world, main, progress)
+        net = _shared_network(where, data, device, os.path.join(run_dir, BACKBONE), world, main, progress)
         learner = make_learner(cfg, net, device)
         if main and hasattr(learner, "describe"):
             log(learner.describe())
+        T = len(data.tasks)
+        # before anything is written: a resumed run whose data or weights changed is refused
+        results = _restore_results(run_dir, learner, resume=mode == "resume", n_tasks=T, log=log,
+                                   identity=run_identity(data, where))
         if main:
             if mode == "fresh":
                 atomic_write_json(os.path.join(run_dir, CONFIG), cfg)
                 written = True
             _write_setup_files(run_dir, cfg, net, device, world)
-        T = len(data.tasks)
-        results = _restore_results(run_dir, learner, resume=mode == "resume", n_tasks=T, log=log)
         setup_seconds = time.perf_counter() - t_start
 
         mem = M.MemoryMeter(device)
@@ -506,13 +528,57 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
             folder.release()          # removes the folder too if this run created it and wrote nothing
 
 
-def load_run_data(cfg: Dict):
-    """The run's data (checked: files, labels, every task's splits)."""
+def load_run_data(cfg: Dict, warn=None):
+    """The run's data (checked: files, labels, every task's splits); ``warn`` says what a run
+    should know of it (files skipped, a class count unlike the study's)."""
     from .data import load_dataset
 
     return load_dataset(cfg["dataset"], cfg["data_root"], int(cfg["init_cls"]), int(cfg["increment"]),
                         download=bool(cfg.get("download")), img_size=int(cfg.get("img_size", 224)),
-                        class_order_seed=int(cfg.get("class_order_seed", 1993)))
+                        class_order_seed=int(cfg.get("class_order_seed", 1993)), warn=warn)
+
+
+def run_identity(data, where: Dict) -> Dict:
+    """What a run's results belong to beyond its configuration: the names of its classes (the
+    class order maps positions to them) and the bytes of its weights file. Stored in every
+    checkpoint; a resumed run whose data or weights file differs is refused
+    (:func:`check_identity`), not continued with adapters and prototypes of other classes."""
+    weights = None
+    if where.get("checkpoint"):
+        digest = hashlib.sha256()
+        with open(where["checkpoint"], "rb") as f:      # ViT-B: 0.35 GB, ~0.3 s once a run
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        weights = {"file": where["checkpoint"], "bytes": os.path.getsize(where["checkpoint"]),
+                   "sha256": digest.hexdigest()}
+    return {"class_names": list(data.class_names) if data.class_names else None, "weights": weights}
+
+
+def check_identity(run_dir: str, saved: Optional[Dict], now: Dict) -> None:
+    """Refuses to resume ``run_dir`` when its data's classes or its weights file are not those
+    it started with (``saved``: the checkpoint's; a checkpoint written before it was recorded
+    has none, and is not checked)."""
+    if not saved:
+        return
+    fresh = "or start a new run (zeroflow run with another --out, or --force to replace this one)"
+    was, is_ = saved.get("class_names"), now.get("class_names")
+    if was is not None and was != is_:
+        if len(was) != len(is_ or []):
+            gone = ", ".join(map(ascii, sorted(set(was) - set(is_ or []))[:5])) or "none"
+            added = ", ".join(map(ascii, sorted(set(is_ or []) - set(was))[:5])) or "none"
+            what = f"it had {len(was)} classes, the data now has {len(is_ or [])} (gone: {gone}; added: {added})"
+        else:
+            k = next(i for i, (a, b) in enumerate(zip(was, is_)) if a != b)
+            what = f"class {k} of its {len(was)} was {was[k]!r}, the data now has {is_[k]!r} there"
+        raise ZeroflowError(f"cannot resume {run_dir}: its data changed since the run started ({what}), and the "
+                            f"finished tasks' results belong to the classes as they were; restore the data (or pass "
+                            f"--data-root DIR where it is), {fresh}")
+    was, is_ = saved.get("weights"), now.get("weights")
+    if was is not None and (is_ is None or (was["sha256"], was["bytes"]) != (is_["sha256"], is_["bytes"])):
+        now_file = f"{is_['file']} ({is_['bytes']} bytes, sha256 {is_['sha256'][:12]}...)" if is_ else "none"
+        raise ZeroflowError(f"cannot resume {run_dir}: its backbone weights file is not the one the run started "
+                            f"with ({was['file']}, {was['bytes']} bytes, sha256 {was['sha256'][:12]}...; now "
+                            f"{now_file}); restore that file (or pass --checkpoint FILE where it is), {fresh}")
 
 
 def check_setup(cfgs, warn=None) -> None:
@@ -534,7 +600,7 @@ def check_setup(cfgs, warn=None) -> None:
         key = json.dumps([cfg.get(k) for k in ("dataset", "data_root", "init_cls", "increment", "download",
                                                "img_size", "class_order_seed")], default=str)
         if key not in loaded:
-            load_run_data(cfg)
+            load_run_data(cfg, warn)
             loaded.add(key)
 
 
@@ -613,27 +679,30 @@ class _Results:
     task_stats: list = field(default_factory=list)
     completed: int = 0                             # tasks finished
     peak: int = 0                                  # peak memory (bytes) over the finished tasks
+    identity: Optional[Dict] = None                # run_identity: the classes and weights file
 
     def checkpoint(self, learner, completed: int) -> Dict:
         return {"version": CKPT_VERSION, "completed": completed, "learner": learner.state_dict(),
                 "matrix": self.matrix, "curve": self.curve, "task_stats": self.task_stats,
-                "counters": self.counters.as_dict(), "peak_memory_bytes": self.peak}
+                "counters": self.counters.as_dict(), "peak_memory_bytes": self.peak, "identity": self.identity}
 
 
-def _restore_results(run_dir: str, learner, *, resume: bool, n_tasks: int, log) -> _Results:
-    """A resumed run's results (and learner state) from its checkpoint, else empty ones."""
+def _restore_results(run_dir: str, learner, *, resume: bool, n_tasks: int, log, identity: Dict) -> _Results:
+    """A resumed run's results (and learner state) from its checkpoint, else empty ones; a
+    checkpoint of other data or another weights file is refused (:func:`check_identity`)."""
     from .learners import Counters
 
     ck_path = os.path.join(run_dir, CHECKPOINT)
     if resume and os.path.isfile(ck_path):
         ck = load_checkpoint(ck_path)
+        check_identity(run_dir, ck.get("identity"), identity)
         learner.load_state_dict(ck["learner"])
         results = _Results(matrix=ck["matrix"], counters=Counters(**ck["counters"]), curve=ck["curve"],
                            task_stats=ck["task_stats"], completed=int(ck["completed"]),
-                           peak=int(ck["peak_memory_bytes"]))
+                           peak=int(ck["peak_memory_bytes"]), identity=identity)
         log(f"resuming {run_dir} after task {results.completed}/{n_tasks}")
         return results
-    return _Results(matrix=M.empty_matrix(n_tasks), counters=Counters())
+    return _Results(matrix=M.empty_matrix(n_tasks), counters=Counters(), identity=identity)
 
 
 def _train_tasks(learner, data, cfg: Dict, results: _Results, *, device, mem, timer, run_dir: str,
@@ -713,6 +782,7 @@ def _metrics(results: _Results, data, cfg: Dict, *, run_dir: str, world: int, de
         "world_size": world,
         "device": str(device),      # this process's; the configuration keeps the one it was started with
         "class_order": data.order,
+        "class_names": data.class_names,     # class_order's entries index this list
         "precision": cfg.get("precision", "fp32"),
         "config": cfg,
         "run_dir": run_dir,
