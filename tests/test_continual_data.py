@@ -353,16 +353,20 @@ def test_files_that_are_not_images_are_skipped_with_a_warning(tmp_path):
 
 
 def test_a_test_split_sharing_files_with_train_is_refused(tmp_path):
-    """test/ as a link to train/ (or class folders linked into both) loaded without a word: the
-    run was tested on its own training images."""
+    """test/ as a link to train/ (or class folders or files linked into both) loaded without a
+    word: the run was tested on its own training images."""
     from zeroflow.continual.data import load_dataset
     _write_imagefolder(str(tmp_path), "imagenet-a")
     test = tmp_path / "imagenet-a" / "test"
     import shutil
     shutil.rmtree(test / "n0002")
     (test / "n0002").symlink_to(tmp_path / "imagenet-a" / "train" / "n0002")
-    with pytest.raises(ZeroflowError, match=r"imagenet-a: 2 of the 8 test images are also training images \(e\.g\. "
-                                            rf"{re.escape(str(test / 'n0002' / '0.png'))} is "):
+    (test / "n0001" / "1.png").unlink()
+    os.link(tmp_path / "imagenet-a" / "train" / "n0001" / "0.png", test / "n0001" / "1.png")     # a hard link too
+    train = tmp_path / "imagenet-a" / "train"
+    with pytest.raises(ZeroflowError, match=r"imagenet-a: 3 of the 8 test images are also training images \(e\.g\. "
+                                            rf"{re.escape(str(test / 'n0001' / '1.png'))} and "
+                                            rf"{re.escape(str(train / 'n0001' / '0.png'))} are the same file\)"):
         load_dataset("imagenet-a", str(tmp_path), 2, 2, img_size=32, warn=lambda m: None)
 
 

@@ -407,13 +407,18 @@ def load_imagefolder(name: str, root: str, init_cls: int, increment: int, img_si
         raise ZeroflowError(f"{name}: train/ and test/ have different class folders (only in train/: "
                             f"{', '.join(map(ascii, only_tr[:5])) or 'none'}; only in test/: "
                             f"{', '.join(map(ascii, only_te[:5])) or 'none'})")
-    # a test/ linked to train/ (or class folders linked into both) tested a run on its own training images
-    train_files = {os.path.realpath(p) for p, _ in probe_tr.samples}
-    shared = [p for p, _ in probe_te.samples if os.path.realpath(p) in train_files]
+    # a test/ linked to train/ (or class folders, files linked or hard-linked into both) tested a
+    # run on its own training images; one stat a file (a symlink's target), no path resolving
+    def file_id(path: str):
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+
+    train_files = {file_id(p): p for p, _ in probe_tr.samples}
+    shared = [(p, train_files[file_id(p)]) for p, _ in probe_te.samples if file_id(p) in train_files]
     if shared:
         raise ZeroflowError(f"{name}: {len(shared)} of the {len(probe_te.samples)} test images are also training "
-                            f"images (e.g. {shared[0]} is {os.path.realpath(shared[0])}, read from {base}/train "
-                            f"too): a run would be tested on what it trained on; give {base}/test images of its own")
+                            f"images (e.g. {shared[0][0]} and {shared[0][1]} are the same file): a run would be "
+                            f"tested on what it trained on; give {base}/test images of its own")
     n = len(probe_tr.classes)
     if n != PUBLISHED_CLASSES.get(name, n):
         warn(f"{name} under {base} has {n} class folders, the published dataset {PUBLISHED_CLASSES[name]}: the class "
