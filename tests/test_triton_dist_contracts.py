@@ -446,3 +446,18 @@ def test_triton_philox_of_non_contiguous_counters_and_several_programs():
     assert torch.equal(zt.philox4x32_10(counters, 123, 2**32 - 1), want)
     assert torch.equal(zt.philox4x32_10(counters.contiguous(), 123, 2**32 - 1, block_size=128), want)
 
+
+def test_ranks_on_their_own_gpus_describe_the_same_setup():
+    """Under NCCL rank r's parameters are on cuda:LOCAL_RANK. zo_options keyed the resolved
+    backend by the device's string, so rank 0 described {"cuda:0": ...} and rank 1
+    {"cuda:1": ...}: verify_same_setup refused every multi-GPU DataParallelZO as a mismatch."""
+    import types
+
+    def zo_on(*devices):
+        return types.SimpleNamespace(param_groups=[{"params": [types.SimpleNamespace(device=d) for d in devices]}],
+                                     q=1, estimator="two_side", conserve=False, sparse_resample=False, backend="torch")
+
+    rank0, rank1 = (zd.zo_options(zo_on(torch.device("cuda", r))) for r in (0, 1))
+    assert rank0 == rank1 and zd._digest(rank0) == zd._digest(rank1)
+    assert rank0["resolved_backend"] == {"cuda": "torch"}
+    assert zd.zo_options(zo_on(torch.device("cpu")))["resolved_backend"] == {"cpu": "torch"}

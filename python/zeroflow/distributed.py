@@ -261,13 +261,15 @@ def group_options(g: dict, *, with_lr: bool = True) -> dict:
 
 def zo_options(zo) -> dict:
     """A ZO optimizer's optimizer-wide options (``global``) and the zfkernels backend it
-    resolves to on each of its parameters' devices (``resolved_backend``)."""
+    resolves to on each kind of device its parameters are on (``resolved_backend``: keyed
+    by device type, not index: under NCCL rank r's parameters are on cuda:LOCAL_RANK, and a
+    key ``cuda:0`` against ``cuda:1`` refused every multi-GPU setup as a mismatch)."""
     import zfkernels
 
     devs = sorted({p.device for g in zo.param_groups for p in g["params"]}, key=str)
     return {"global": {"q": zo.q, "estimator": zo.estimator, "conserve": zo.conserve,
                        "sparse_resample": zo.sparse_resample, "backend": zo.backend},
-            "resolved_backend": {str(d): zfkernels.resolve_backend(zo.backend, d) for d in devs}}
+            "resolved_backend": {d.type: zfkernels.resolve_backend(zo.backend, d) for d in devs}}
 
 
 def param_layout(params: Sequence[torch.Tensor]) -> dict:
