@@ -139,9 +139,9 @@ def test_seconds_per_iteration_is_the_time_in_the_optimizer_steps_only():
     counters = Counters(train_forward_passes=8, iterations=4, train_seconds=2.0)
     results = runner._Results(matrix=[[50.0]], counters=counters, curve=[50.0], completed=1, peak=5,
                               task_stats=[{"seconds": 10.0, "train_peak_memory_bytes": 1}])
-    m = runner._metrics(results, SimpleNamespace(tasks=[[0, 1]], order=[0, 1]), {"precision": "fp32"},
-                        run_dir="r", world=1, device="cpu", mem=SimpleNamespace(kind="cpu_peak_rss"),
-                        setup_seconds=0.0, record_dir=None)
+    data = SimpleNamespace(tasks=[[0, 1]], order=[0, 1], class_names=["a", "b"])
+    m = runner._metrics(results, data, {"precision": "fp32"}, run_dir="r", world=1, device="cpu",
+                        mem=SimpleNamespace(kind="cpu_peak_rss"), setup_seconds=0.0, record_dir=None)
     assert m["seconds_per_iteration"] == pytest.approx(2.0 / 4)
     assert m["seconds"] == 10.0
 
