@@ -147,7 +147,7 @@ setup(
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.4",
-        "torchvision",      # continual datasets and transforms (also a dependency of timm)
+        "torchvision>=0.17",    # continual datasets and transforms (ImageFolder allow_empty: 0.17)
         "numpy",
         "tqdm",
         "matplotlib",

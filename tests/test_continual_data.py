@@ -499,3 +499,26 @@ def test_resume_refuses_a_weights_file_for_a_run_that_loads_none(tmp_path):
         resumed_config(str(out), {"checkpoint": "w.pth"}, print)
     cfg, where = resumed_config(str(out), {"data_root": "~/d"}, print)
     assert where == {"device": cfg["device"], "data_root": os.path.expanduser("~/d"), "checkpoint": None}
+
+
+def test_a_dangling_link_is_named_when_read_and_each_split_is_walked_once(tmp_path, monkeypatch):
+    """The overlap check's os.stat of a dangling x.png link (torchvision lists it by name) was a
+    FileNotFoundError traceback at load; the file is named when the run reads it, as any
+    unreadable image. The three datasets share their split's one walk, each with its transform."""
+    from torchvision.datasets import folder
+
+    from zeroflow.continual.data import UnreadableImage, load_dataset
+    _write_imagefolder(str(tmp_path), "cub")
+    link = tmp_path / "cub" / "test" / "n0001" / "2.png"
+    link.symlink_to(tmp_path / "gone.png")
+    walks = []
+    make_dataset = folder.make_dataset
+    monkeypatch.setattr(folder, "make_dataset", lambda d, *a, **k: walks.append(d) or make_dataset(d, *a, **k))
+    d = load_dataset("cub", str(tmp_path), 2, 2, img_size=32, warn=lambda m: None)
+    assert sorted(walks) == [str(tmp_path / "cub" / "test"), str(tmp_path / "cub" / "train")]
+    assert d.train.samples == d.train_eval.samples and str(link) in [p for p, _ in d.test.samples]
+    train_tf, test_tf = (type(t).__name__ for t in d.train.transform.transforms[:1] + d.test.transform.transforms[:1])
+    assert (train_tf, test_tf) == ("RandomResizedCrop", "Resize") and d.train_eval.transform is d.test.transform
+    assert d.train.target_transform is d.test.target_transform and d.train.loader is d.test.loader
+    with pytest.raises(UnreadableImage, match=rf"cannot read image {re.escape(str(link))} "):
+        list(d.loader("test", range(4), 8))
