@@ -497,6 +497,7 @@ def test_resume_refuses_a_weights_file_for_a_run_that_loads_none(tmp_path):
     with pytest.raises(ZeroflowError, match=r"--checkpoint: the run in .* loads no weights file \(its backbone is "
                                             r"small, pretrained by zeroflow\); drop the option"):
         resumed_config(str(out), {"checkpoint": "w.pth"}, print)
+    (out / "config.json").write_text(json.dumps(resolve({"dataset": "cub"}, None)))
     cfg, where = resumed_config(str(out), {"data_root": "~/d"}, print)
     assert where == {"device": cfg["device"], "data_root": os.path.expanduser("~/d"), "checkpoint": None}
 
@@ -522,3 +523,36 @@ def test_a_dangling_link_is_named_when_read_and_each_split_is_walked_once(tmp_pa
     assert d.train.target_transform is d.test.target_transform and d.train.loader is d.test.loader
     with pytest.raises(UnreadableImage, match=rf"cannot read image {re.escape(str(link))} "):
         list(d.loader("test", range(4), 8))
+
+
+def test_identity_refusals_give_the_advice_of_their_command_and_old_checkpoints_are_named(tmp_path):
+    """A sweep resumes a run of its configuration even with --force, and its --data-root is part
+    of that configuration: the refusal told it to add --force or pass --data-root, neither of
+    which helps there. A checkpoint written before identities were recorded resumed without a
+    word that nothing was checked."""
+    from zeroflow.continual.runner import check_identity, resumed_config
+    was = {"class_names": ["a", "b"], "weights": {"file": "w.pth", "bytes": 3, "sha256": "0" * 64}}
+    now = dict(was, class_names=["a", "c"])
+    with pytest.raises(ZeroflowError) as run_err:
+        check_identity("R", was, now)
+    assert str(run_err.value).endswith("restore the data (or pass --data-root DIR where it is), or start a new run "
+                                       "(zeroflow run with another --out, or --force to replace this one)")
+    with pytest.raises(ZeroflowError) as sweep_err:
+        check_identity("R", was, now, in_sweep=True)
+    assert str(sweep_err.value).endswith("restore the data, or move R away to run it again on the data as it is now")
+    with pytest.raises(ZeroflowError, match=r"restore that file, or move R away"):
+        check_identity("R", was, dict(was, weights=dict(was["weights"], sha256="1" * 64)), in_sweep=True)
+    said = []
+    check_identity("R", None, now, warn=said.append)
+    assert said == [f"{os.path.join('R', 'checkpoint.pt')} was written before checkpoints recorded the data's class "
+                    f"names and the weights file: whether they changed since the run started is not checked"]
+    check_identity("R", was, was, warn=said.append)
+    assert len(said) == 1
+    # a digits run reads no --data-root: given on --resume, it is ignored with a word, not taken silently
+    from zeroflow.continual.defaults import resolve
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(resolve({}, None)))
+    warned = []
+    _, where = resumed_config(str(out), {"data_root": "/elsewhere"}, warned.append)
+    assert where["data_root"] == "data" and "ignoring --data-root /elsewhere (the run has data)" in warned[0]

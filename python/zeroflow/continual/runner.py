@@ -305,9 +305,11 @@ def resumed_config(out: str, requested: Dict, warn) -> Tuple[Dict, Dict]:
     if not os.path.isdir(out):
         raise ZeroflowError(f"--resume: run folder {out} does not exist")
     saved = read_run_config(out)
+    # the digits data ships with scikit-learn: a --data-root given to a digits run is ignored, and named
+    movable = [k for k in LOCATIONS if not (k == "data_root" and saved.get("dataset") == "digits")]
     ignored = []
     for k, v in sorted(requested.items()):
-        if k in LOCATIONS or v is None:
+        if k in movable or v is None:
             continue
         have = saved.get(k, COMMON.get(k))
         want = (lr_entry(v, saved["optimizer"], bool(saved.get("hybrid_switch")))
@@ -319,7 +321,7 @@ def resumed_config(out: str, requested: Dict, warn) -> Tuple[Dict, Dict]:
     cfg = validate(dict(saved), {k: f"{k} in {os.path.join(out, CONFIG)}" for k in saved})
     locations = {}
     for k in LOCATIONS:
-        given = requested.get(k)
+        given = requested.get(k) if k in movable else None
         if given is None:
             locations[k] = cfg.get(k)
             continue
@@ -489,8 +491,8 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
             log(learner.describe())
         T = len(data.tasks)
         # before anything is written: a resumed run whose data or weights changed is refused
-        results = _restore_results(run_dir, learner, resume=mode == "resume", n_tasks=T, log=log,
-                                   identity=run_identity(data, where))
+        results = _restore_results(run_dir, learner, resume=mode == "resume", n_tasks=T, log=log, warn=warn,
+                                   identity=run_identity(data, where), in_sweep=continue_existing)
         if main:
             if mode == "fresh":
                 atomic_write_json(os.path.join(run_dir, CONFIG), cfg)
@@ -554,13 +556,20 @@ def run_identity(data, where: Dict) -> Dict:
     return {"class_names": list(data.class_names) if data.class_names else None, "weights": weights}
 
 
-def check_identity(run_dir: str, saved: Optional[Dict], now: Dict) -> None:
+def check_identity(run_dir: str, saved: Optional[Dict], now: Dict, *, in_sweep: bool = False, warn=None) -> None:
     """Refuses to resume ``run_dir`` when its data's classes or its weights file are not those
-    it started with (``saved``: the checkpoint's; a checkpoint written before it was recorded
-    has none, and is not checked)."""
+    it started with (``saved``: the checkpoint's). A checkpoint written before they were
+    recorded has none: ``warn`` says that nothing could be checked. ``in_sweep``: the advice of
+    a sweep, where --data-root and --checkpoint are the configuration's and --force resumes."""
     if not saved:
+        if warn is not None:
+            warn(f"{os.path.join(run_dir, CHECKPOINT)} was written before checkpoints recorded the data's class names "
+                 f"and the weights file: whether they changed since the run started is not checked")
         return
-    fresh = "or start a new run (zeroflow run with another --out, or --force to replace this one)"
+    fresh = (f"or move {run_dir} away to run it again on the data as it is now" if in_sweep else
+             "or start a new run (zeroflow run with another --out, or --force to replace this one)")
+    data_where, weights_where = ("", "") if in_sweep else (" (or pass --data-root DIR where it is)",
+                                                           " (or pass --checkpoint FILE where it is)")
     was, is_ = saved.get("class_names"), now.get("class_names")
     if was is not None and was != is_:
         if len(was) != len(is_ or []):
@@ -571,14 +580,14 @@ def check_identity(run_dir: str, saved: Optional[Dict], now: Dict) -> None:
             k = next(i for i, (a, b) in enumerate(zip(was, is_)) if a != b)
             what = f"class {k} of its {len(was)} was {was[k]!r}, the data now has {is_[k]!r} there"
         raise ZeroflowError(f"cannot resume {run_dir}: its data changed since the run started ({what}), and the "
-                            f"finished tasks' results belong to the classes as they were; restore the data (or pass "
-                            f"--data-root DIR where it is), {fresh}")
+                            f"finished tasks' results belong to the classes as they were; restore the data"
+                            f"{data_where}, {fresh}")
     was, is_ = saved.get("weights"), now.get("weights")
     if was is not None and (is_ is None or (was["sha256"], was["bytes"]) != (is_["sha256"], is_["bytes"])):
         now_file = f"{is_['file']} ({is_['bytes']} bytes, sha256 {is_['sha256'][:12]}...)" if is_ else "none"
         raise ZeroflowError(f"cannot resume {run_dir}: its backbone weights file is not the one the run started "
                             f"with ({was['file']}, {was['bytes']} bytes, sha256 {was['sha256'][:12]}...; now "
-                            f"{now_file}); restore that file (or pass --checkpoint FILE where it is), {fresh}")
+                            f"{now_file}); restore that file{weights_where}, {fresh}")
 
 
 def check_setup(cfgs, warn=None) -> None:
@@ -687,7 +696,8 @@ class _Results:
                 "counters": self.counters.as_dict(), "peak_memory_bytes": self.peak, "identity": self.identity}
 
 
-def _restore_results(run_dir: str, learner, *, resume: bool, n_tasks: int, log, identity: Dict) -> _Results:
+def _restore_results(run_dir: str, learner, *, resume: bool, n_tasks: int, log, identity: Dict, warn=None,
+                     in_sweep: bool = False) -> _Results:
     """A resumed run's results (and learner state) from its checkpoint, else empty ones; a
     checkpoint of other data or another weights file is refused (:func:`check_identity`)."""
     from .learners import Counters
@@ -695,7 +705,7 @@ def _restore_results(run_dir: str, learner, *, resume: bool, n_tasks: int, log, 
     ck_path = os.path.join(run_dir, CHECKPOINT)
     if resume and os.path.isfile(ck_path):
         ck = load_checkpoint(ck_path)
-        check_identity(run_dir, ck.get("identity"), identity)
+        check_identity(run_dir, ck.get("identity"), identity, in_sweep=in_sweep, warn=warn)
         learner.load_state_dict(ck["learner"])
         results = _Results(matrix=ck["matrix"], counters=Counters(**ck["counters"]), curve=ck["curve"],
                            task_stats=ck["task_stats"], completed=int(ck["completed"]),
