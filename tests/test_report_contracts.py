@@ -393,6 +393,17 @@ def test_cli_without_any_json_fails_and_writes_nothing(tmp_path, capsys):
     assert "missing.json not found" in capsys.readouterr().err
 
 
+def test_a_missing_suite_json_is_named_on_the_page_not_only_on_stderr(tmp_path, capsys):
+    # main() dropped a missing file before render: the page did not say that a suite (one that
+    # crashed before writing its JSON, say) was not measured; only stderr did
+    a = _write(tmp_path, _fixture(), "a.json")
+    out = tmp_path / "perf.md"
+    assert R.main([a, str(tmp_path / "llm.json"), "--out", str(out)]) == 0
+    assert "llm.json not found, ignored" in capsys.readouterr().err
+    text = out.read_text()
+    assert "## Not measured in this run" in text and "- llm.json: no results (missing)" in text
+
+
 # ----------------------------------------------------------------------------- gpu_summary
 def _junit(tmp_path, cases):
     (tmp_path / "tests.xml").write_text('<?xml version="1.0"?><testsuites><testsuite name="pytest">'
