@@ -238,9 +238,7 @@ def _cifar100_class():
         def _check_integrity(self) -> bool:
             if getattr(self, "_zf_verify_md5", False):
                 return super()._check_integrity()
-            base = os.path.join(self.root, self.base_folder)
-            names = [f for f, _ in self.train_list + self.test_list] + [self.meta["filename"]]
-            return all(os.path.isfile(os.path.join(base, n)) for n in names)
+            return not _cifar_missing(type(self), os.path.join(self.root, self.base_folder))
 
         def _load_meta(self) -> None:
             if not getattr(self, "_zf_verify_md5", False):
@@ -250,6 +248,12 @@ def _cifar100_class():
     return _CIFAR100
 
 
+def _cifar_missing(cls, folder: str) -> List[str]:
+    """The files of torchvision's CIFAR class ``cls`` (train, test, meta) absent from ``folder``."""
+    names = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    return [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+
+
 def load_cifar100(root: str, init_cls: int, increment: int, download: bool = False, img_size: int = 224,
                   class_order_seed: int = CLASS_ORDER_SEED) -> CLData:
     folder = os.path.join(root, "cifar-100-python")
@@ -257,11 +261,11 @@ def load_cifar100(root: str, init_cls: int, increment: int, download: bool = Fal
         raise ZeroflowError(
             f"CIFAR-100 not found: expected the python-pickle folder {folder}/ (train, test, meta). "
             f"Pass --data-root DIR pointing at its parent, or add --download to fetch it.")
-    missing = [f for f in ("train", "test", "meta") if not os.path.isfile(os.path.join(folder, f))]
-    if not download and missing:    # torchvision would say "Dataset not found ... use download=True"
+    cls = _cifar100_class()
+    missing = [] if download else _cifar_missing(cls, folder)
+    if missing:     # torchvision would say "Dataset not found ... use download=True"
         raise ZeroflowError(f"CIFAR-100 under {folder}/ lacks {', '.join(missing)} (it needs train, test and meta); "
                             f"restore the file(s), or add --download to fetch the official ones")
-    cls = _cifar100_class()
     tr_tf, te_tf = reference_transforms(img_size)
     try:
         if download:
@@ -316,6 +320,12 @@ def _warn_python(message: str) -> None:
     warnings.warn(f"zeroflow: {message}", UserWarning, stacklevel=3)
 
 
+def _hidden(name: str) -> bool:
+    """A file or folder name that is not data: dot-files (macOS, Jupyter, editors) and the
+    ``__MACOSX`` folder of a zip made on a Mac."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 class _ImageFiles:
     """``is_valid_file`` of one split's ImageFolder: a file with one of torchvision's image
     extensions and no hidden part in its path below the split folder. macOS archives hold an
@@ -333,7 +343,7 @@ class _ImageFiles:
         from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
         rel = path[len(self.prefix):] if path.startswith(self.prefix) else os.path.relpath(path, self.prefix)
-        if any(part.startswith(".") or part == "__MACOSX" for part in rel.split(os.sep)):
+        if any(_hidden(part) for part in rel.split(os.sep)):
             return False
         if not has_file_allowed_extension(path, IMG_EXTENSIONS):
             self.not_images.append(rel)
@@ -356,7 +366,7 @@ def _scan_split(name: str, base: str, split: str, warn):
 
     split_dir = os.path.join(base, split)
     classes = _class_folders(split_dir)
-    hidden = [c for c in classes if c.startswith(".") or c == "__MACOSX"]
+    hidden = [c for c in classes if _hidden(c)]
     if hidden:      # torchvision's ImageFolder takes every folder as a class
         raise ZeroflowError(f"{name}: {split_dir} holds the hidden folder(s) {', '.join(hidden)}, which would become "
                             "classes and shift the class order; move them out of the data folder")
