@@ -271,24 +271,30 @@ def test_digits_runs_refuse_model_kwargs():
         resolve({"model_kwargs": {"depth": 1}}, None)
 
 
-@pytest.mark.usefixtures("zf_cache")
-def test_an_undecodable_image_mid_run_is_one_line_and_the_run_resumes(tmp_path, capsys):
-    """PIL's UnidentifiedImageError was a traceback (exit 1) in the middle of a run."""
+def _tiny_cub_run(tmp_path, n_classes=4):
+    """DATA/cub of ``n_classes``, a tiny timm ViT in vit.pth and its tiny.yaml; the run's CLI arguments
+    (--out tmp_path/r; --data-root and --checkpoint left to the caller)."""
     import timm
-    from zeroflow.continual.data import class_order
-    _write_imagefolder(str(tmp_path / "data"), "cub")
+    _write_imagefolder(str(tmp_path / "data"), "cub", n_classes=n_classes)
     torch.save(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, **TINY).state_dict(),
                tmp_path / "vit.pth")
     (tmp_path / "tiny.yaml").write_text(
         "model_kwargs: {img_size: 32, patch_size: 16, embed_dim: 48, depth: 2, num_heads: 2}\nimg_size: 32\n"
         "adapter_dim: 4\nepochs: 1\nbatch_size: 4\nnum_workers: 0\ndevice: cpu\n")
+    return ["run", "--config", tmp_path / "tiny.yaml", "--dataset", "cub", "--init-cls", 2, "--increment", 2,
+            "--no-progress", "--out", tmp_path / "r"]
+
+
+@pytest.mark.usefixtures("zf_cache")
+def test_an_undecodable_image_mid_run_is_one_line_and_the_run_resumes(tmp_path, capsys):
+    """PIL's UnidentifiedImageError was a traceback (exit 1) in the middle of a run."""
+    from zeroflow.continual.data import class_order
+    args = _tiny_cub_run(tmp_path) + ["--data-root", tmp_path / "data", "--checkpoint", tmp_path / "vit.pth"]
     task2_class = class_order(4)[2]                  # remapped label 2: the first class of task 2
     bad = tmp_path / "data" / "cub" / "train" / f"n{task2_class:04d}" / "0.png"
     good = bad.read_bytes()
     bad.write_bytes(b"garbage")
     out = tmp_path / "r"
-    args = ["run", "--config", tmp_path / "tiny.yaml", "--dataset", "cub", "--data-root", tmp_path / "data",
-            "--init-cls", 2, "--increment", 2, "--checkpoint", tmp_path / "vit.pth", "--no-progress", "--out", out]
     rc, stdout, all_err = _run_cli(capsys, *args)
     warned, err = all_err.splitlines(keepends=True)     # the class-count warning (4 folders, not 200), the error
     assert rc == 2 and "task 1/2" in stdout and warned.startswith("zeroflow: warning: cub under "), all_err
@@ -420,18 +426,6 @@ def test_a_config_files_home_relative_paths_are_expanded(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- a resumed run's data and weights
-def _tiny_cub_run(tmp_path, n_classes=4):
-    import timm
-    _write_imagefolder(str(tmp_path / "data"), "cub", n_classes=n_classes)
-    torch.save(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, **TINY).state_dict(),
-               tmp_path / "vit.pth")
-    (tmp_path / "tiny.yaml").write_text(
-        "model_kwargs: {img_size: 32, patch_size: 16, embed_dim: 48, depth: 2, num_heads: 2}\nimg_size: 32\n"
-        "adapter_dim: 4\nepochs: 1\nbatch_size: 4\nnum_workers: 0\ndevice: cpu\n")
-    return ["run", "--config", tmp_path / "tiny.yaml", "--dataset", "cub", "--init-cls", 2, "--increment", 2,
-            "--no-progress", "--out", tmp_path / "r"]
-
-
 @pytest.mark.usefixtures("zf_cache")
 def test_a_resume_on_changed_data_or_weights_is_refused_and_may_name_where_they_moved(tmp_path, capsys, monkeypatch):
     """The resumed run reloaded the data: a renamed class folder moved every class one place under

@@ -142,17 +142,12 @@ def test_each_dataset_describes_its_own_transforms(tmp_path):
 def test_a_sweep_resuming_a_run_on_changed_data_gives_the_sweeps_advice(tmp_path):
     """_run passes continue_existing (a sweep) on to the identity check: its refusal advises
     moving the run away, not --force or --data-root (neither helps a sweep)."""
-    import timm
-    import torch
-
+    from test_continual_data import TINY, _tiny_cub_run
     from zeroflow.continual.defaults import resolve
     from zeroflow.continual.runner import run
-    tiny = dict(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=2)
-    _write_imagefolder(str(tmp_path / "data"), "cub")
-    torch.save(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, **tiny).state_dict(),
-               tmp_path / "vit.pth")
+    _tiny_cub_run(tmp_path)
     cfg = resolve({"dataset": "cub", "data_root": str(tmp_path / "data"), "checkpoint": str(tmp_path / "vit.pth"),
-                   "backbone": "vit_base_patch16_224", "model_kwargs": tiny, "img_size": 32, "adapter_dim": 4,
+                   "backbone": "vit_base_patch16_224", "model_kwargs": TINY, "img_size": 32, "adapter_dim": 4,
                    "epochs": 1, "batch_size": 4, "num_workers": 0, "device": "cpu", "init_cls": 2, "increment": 2})
     out = str(tmp_path / "r")
     run(cfg, out, continue_existing=True, progress=False, stop_after=1, log=_quiet, warn=_quiet)
