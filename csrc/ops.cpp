@@ -18,28 +18,36 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(ZF_NO_CLONES)
-#include <immintrin.h>
-#define ZF_PHILOX_AVX2 1
-#endif
 
 #include "module_init.h"  // PyInit: the module and its sources digest
 #include "ops_common.h"
 #include "philox.h"
 #include "update_math.h"
 
-// Runtime dispatch: an AVX2 clone and a baseline x86-64 clone of the hot tile functions
-// (never -march=native: the wheel must run on any x86-64).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(ZF_NO_CLONES)
-#define ZF_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define ZF_CLONES
+// CPU capabilities (docs/kernel-ops.md, "CPU capabilities"). The tile kernels are compiled
+// three times into one binary -- baseline x86-64, AVX2, AVX-512 (x86-64-v4's set) -- never
+// with -march=native (the wheel must run on any x86-64), and each op call runs the variant of
+// the capability in force: the best this CPU has, or a lower one named by
+// ZEROFLOW_CPU_CAPABILITY (as ATEN_CPU_CAPABILITY does for torch). Every variant does the
+// same IEEE operations in the same order (-ffp-contract=off, no fast-math, integer Philox),
+// so all give the same bits; tests/test_cpu_capability.py runs each against the reference.
+// Explicit variants rather than target_clones: a resolver picks a clone by the CPU alone, so
+// only the best clone of a machine could ever be tested or timed on it. GCC only (clang
+// builds the baseline variant).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(ZF_BASELINE_ONLY)
+#include <immintrin.h>
+#define ZF_X86_VARIANTS 1
+#define ZF_TARGET_AVX2 __attribute__((target("avx2")))
+#define ZF_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2")))
 #endif
 #define ZF_INLINE inline __attribute__((always_inline))
+#define ZF_INLINE_LAMBDA __attribute__((always_inline))  // a lambda compiled into each variant
 
 namespace zf_cpu {
 
@@ -56,14 +64,49 @@ struct Key {
 };
 inline Key key_of(int64_t seed) { return Key{zf::seed_k0((uint64_t)seed), zf::seed_k1((uint64_t)seed)}; }
 
-#ifdef ZF_PHILOX_AVX2
-// Philox4x32-10 of 8 blocks per AVX2 vector (integer operations only: the same words as
-// zf::philox4x32_10, bit for bit). g++ auto-vectorizes the scalar loop below by widening
-// every word to 64 bits for the 32x32->64 products and packing the halves back (vpermq /
-// vperm2i128 per multiply), which left it no faster than scalar code (1.5 ns per element of
-// Gaussian z on a 2-core EPYC, 60% of a Gaussian perturb_); here each product is two
-// vpmuludq on the even and odd lanes and two blends (0.46 ns per element). Only the
-// non-wrapping case (the low counter word does not pass 2^32 inside the batch).
+// ---------------------------------------------------------------------------------------
+// CPU capability in force
+// ---------------------------------------------------------------------------------------
+enum Cap : int { kCapDefault = 0, kCapAvx2 = 1, kCapAvx512 = 2 };
+constexpr const char* kCapNames[] = {"default", "avx2", "avx512"};
+constexpr int kCapCount = 3;
+
+// The best capability of this CPU that the binary has a variant for.
+int cpu_best_cap() {
+#ifdef ZF_X86_VARIANTS
+  static const int best = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+      return (int)kCapAvx512;
+    return __builtin_cpu_supports("avx2") ? (int)kCapAvx2 : (int)kCapDefault;
+  }();
+  return best;
+#else
+  return kCapDefault;
+#endif
+}
+
+std::atomic<int> g_cap{-1};  // -1: not set, cpu_best_cap()
+
+// Read once per op call: every chunk of a call runs one variant.
+int cap_in_force() {
+  const int c = g_cap.load(std::memory_order_relaxed);
+  return c < 0 ? cpu_best_cap() : c;
+}
+
+// Philox words in SIMD registers (integer operations only: the same words as
+// zf::philox4x32_10, bit for bit). g++ auto-vectorizes the scalar loop of philox_batch by
+// widening every word to 64 bits for the 32x32->64 products and packing the halves back
+// (vpermq / vperm2i128 per multiply), which left it no faster than scalar code (1.5 ns per
+// element of Gaussian z on a 2-core EPYC, 60% of a Gaussian perturb_); here each product is
+// two vpmuludq on the even and odd lanes and two blends (0.46 ns per element in AVX2). Only
+// the non-wrapping case (the low counter word does not pass 2^32 inside the batch). Each
+// does blocks lo + [0, nb) of counter high word `hi` in whole groups of 8 * U (16 * U) and
+// returns how many it did; the caller does the rest.
+#ifdef ZF_X86_VARIANTS
+constexpr int kPhiloxInFlight = 4;  // independent vectors per round (hides the multiply latency)
+
 __attribute__((target("avx2"), always_inline)) inline void mulhilo8(__m256i m, __m256i a, __m256i& hi,
                                                                      __m256i& lo) {
   const __m256i pe = _mm256_mul_epu32(m, a);                          // lanes 0, 2, 4, 6
@@ -72,13 +115,11 @@ __attribute__((target("avx2"), always_inline)) inline void mulhilo8(__m256i m, _
   lo = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
 }
 
-// Blocks lo + [0, nb) of counter high word `hi`; returns how many it did (a multiple of 32),
-// the caller does the rest.
 __attribute__((target("avx2"), noinline)) int philox_batch_avx2(uint32_t lo, uint32_t hi, int nb, uint32_t tid,
                                                                  uint32_t tag, uint32_t k0, uint32_t k1,
                                                                  uint32_t* __restrict o0, uint32_t* __restrict o1,
                                                                  uint32_t* __restrict o2, uint32_t* __restrict o3) {
-  constexpr int U = 4;  // independent vectors in flight (hides the multiply latency)
+  constexpr int U = kPhiloxInFlight;
   const __m256i M0 = _mm256_set1_epi32((int)zf::PHILOX_M0), M1 = _mm256_set1_epi32((int)zf::PHILOX_M1);
   __m256i K0[10], K1[10];
   for (int r = 0; r < 10; ++r) {
@@ -120,14 +161,70 @@ __attribute__((target("avx2"), noinline)) int philox_batch_avx2(uint32_t lo, uin
   return c;
 }
 
-inline bool cpu_has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2");
-  return yes;
+// GCC 12's avx512fintrin.h reads its own `__m512i __Y = __Y;` placeholder in _mm512_mul_epu32
+// (GCC bug 105593, a false -Wmaybe-uninitialized per call site).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// The AVX2 routine at twice the width: the same rounds, mask blends for the odd lanes.
+__attribute__((target("avx512f"), always_inline)) inline void mulhilo16(__m512i m, __m512i a, __m512i& hi,
+                                                                         __m512i& lo) {
+  const __m512i pe = _mm512_mul_epu32(m, a);                          // even lanes
+  const __m512i po = _mm512_mul_epu32(m, _mm512_srli_epi64(a, 32));   // odd lanes
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
+  lo = _mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
 }
+
+__attribute__((target("avx512f"), noinline)) int philox_batch_avx512(uint32_t lo, uint32_t hi, int nb, uint32_t tid,
+                                                                      uint32_t tag, uint32_t k0, uint32_t k1,
+                                                                      uint32_t* __restrict o0, uint32_t* __restrict o1,
+                                                                      uint32_t* __restrict o2, uint32_t* __restrict o3) {
+  constexpr int U = kPhiloxInFlight;
+  const __m512i M0 = _mm512_set1_epi32((int)zf::PHILOX_M0), M1 = _mm512_set1_epi32((int)zf::PHILOX_M1);
+  __m512i K0[10], K1[10];
+  for (int r = 0; r < 10; ++r) {
+    K0[r] = _mm512_set1_epi32((int)k0);
+    K1[r] = _mm512_set1_epi32((int)k1);
+    k0 += zf::PHILOX_W0;
+    k1 += zf::PHILOX_W1;
+  }
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i vhi = _mm512_set1_epi32((int)hi), vtid = _mm512_set1_epi32((int)tid),
+                vtag = _mm512_set1_epi32((int)tag);
+  int c = 0;
+  for (; c + 16 * U <= nb; c += 16 * U) {
+    __m512i x0[U], x1[U], x2[U], x3[U];
+    for (int u = 0; u < U; ++u) {
+      x0[u] = _mm512_add_epi32(_mm512_set1_epi32((int)(lo + (uint32_t)(c + 16 * u))), iota);
+      x1[u] = vhi;
+      x2[u] = vtid;
+      x3[u] = vtag;
+    }
+    for (int r = 0; r < 10; ++r) {
+      for (int u = 0; u < U; ++u) {
+        __m512i h0, l0, h1, l1;
+        mulhilo16(M0, x0[u], h0, l0);
+        mulhilo16(M1, x2[u], h1, l1);
+        x0[u] = _mm512_xor_si512(_mm512_xor_si512(h1, x1[u]), K0[r]);
+        x2[u] = _mm512_xor_si512(_mm512_xor_si512(h0, x3[u]), K1[r]);
+        x1[u] = l1;
+        x3[u] = l0;
+      }
+    }
+    for (int u = 0; u < U; ++u) {
+      _mm512_storeu_si512((void*)(o0 + c + 16 * u), x0[u]);
+      _mm512_storeu_si512((void*)(o1 + c + 16 * u), x1[u]);
+      _mm512_storeu_si512((void*)(o2 + c + 16 * u), x2[u]);
+      _mm512_storeu_si512((void*)(o3 + c + 16 * u), x3[u]);
+    }
+  }
+  return c;
+}
+#pragma GCC diagnostic pop
 #endif
 
-// Philox words of `nb` consecutive blocks starting at b0, structure-of-arrays (vectorizes
-// over blocks).
+// Philox words of `nb` consecutive blocks starting at b0, structure-of-arrays: the widest
+// SIMD routine of capability C first, then narrower ones, then scalar code for the rest.
+template <int C>
 ZF_INLINE void philox_batch(uint64_t b0, int nb, uint32_t tid, uint32_t tag, Key key,
                             uint32_t* __restrict o0, uint32_t* __restrict o1,
                             uint32_t* __restrict o2, uint32_t* __restrict o3) {
@@ -141,8 +238,10 @@ ZF_INLINE void philox_batch(uint64_t b0, int nb, uint32_t tid, uint32_t tag, Key
     return;
   }
   int c = 0;
-#ifdef ZF_PHILOX_AVX2
-  if (nb >= 32 && cpu_has_avx2()) c = philox_batch_avx2(lo, hi, nb, tid, tag, key.k0, key.k1, o0, o1, o2, o3);
+#ifdef ZF_X86_VARIANTS
+  if constexpr (C >= kCapAvx512) c = philox_batch_avx512(lo, hi, nb, tid, tag, key.k0, key.k1, o0, o1, o2, o3);
+  if constexpr (C >= kCapAvx2)
+    c += philox_batch_avx2(lo + (uint32_t)c, hi, nb - c, tid, tag, key.k0, key.k1, o0 + c, o1 + c, o2 + c, o3 + c);
 #endif
   for (; c < nb; ++c) {
     const zf::Words4 w = zf::philox4x32_10(lo + (uint32_t)c, hi, tid, tag, key.k0, key.k1);
@@ -151,6 +250,7 @@ ZF_INLINE void philox_batch(uint64_t b0, int nb, uint32_t tid, uint32_t tag, Key
 }
 
 // z(seed) for elements [start, start + n) of tensor `tid`; start is a multiple of 128.
+template <int C>
 ZF_INLINE void fill_z(float* __restrict z, uint64_t start, int n, uint32_t tid, int dist, Key key) {
   if (dist == zf::DIST_RADEMACHER) {
     const int nb = (n + 127) >> 7;
@@ -168,7 +268,7 @@ ZF_INLINE void fill_z(float* __restrict z, uint64_t start, int n, uint32_t tid, 
   } else {
     const int nb = (n + 3) >> 2;
     alignas(64) uint32_t w0[TILE / 4], w1[TILE / 4], w2[TILE / 4], w3[TILE / 4];
-    philox_batch(start >> 2, nb, tid, zf::TAG_PERTURBATION, key, w0, w1, w2, w3);
+    philox_batch<C>(start >> 2, nb, tid, zf::TAG_PERTURBATION, key, w0, w1, w2, w3);
     alignas(64) float za[TILE / 4], zb[TILE / 4], zc[TILE / 4], zd[TILE / 4];
     for (int c = 0; c < nb; ++c) {
       zf::box_muller(w0[c], w1[c], za[c], zb[c]);
@@ -184,10 +284,11 @@ ZF_INLINE void fill_z(float* __restrict z, uint64_t start, int n, uint32_t tid, 
 }
 
 // keep-mask (1.0f kept / 0.0f zeroed) for elements [start, start + n); start % 4 == 0.
+template <int C>
 ZF_INLINE void fill_mask(float* __restrict m, uint64_t start, int n, uint32_t tid, Key key, uint32_t T) {
   const int nb = (n + 3) >> 2;
   alignas(64) uint32_t w0[TILE / 4], w1[TILE / 4], w2[TILE / 4], w3[TILE / 4];
-  philox_batch(start >> 2, nb, tid, zf::TAG_MASK, key, w0, w1, w2, w3);
+  philox_batch<C>(start >> 2, nb, tid, zf::TAG_MASK, key, w0, w1, w2, w3);
   for (int c = 0; c < nb; ++c) {
     m[4 * c + 0] = (w0[c] >> 8) < T ? 0.0f : 1.0f;
     m[4 * c + 1] = (w1[c] >> 8) < T ? 0.0f : 1.0f;
@@ -196,25 +297,23 @@ ZF_INLINE void fill_mask(float* __restrict m, uint64_t start, int n, uint32_t ti
   }
 }
 
-// bf16 / fp16 storage <-> fp32 tiles, in clones of their own: these loops ran in the callers'
-// baseline x86-64 (SSE2) code, outside the AVX2 clones of the tile kernels, where a bf16
-// store took 0.3 ns per element against 0.12 in AVX2 (the same integer operations: the
-// same bits).
-ZF_CLONES static void bf16_to_f32(float* __restrict d, const c10::BFloat16* __restrict s, int n) {
+// bf16 / fp16 storage <-> fp32 tiles, inlined into each variant (in baseline x86-64 code a
+// bf16 store took 0.3 ns per element against 0.12 in AVX2: the same integer operations).
+ZF_INLINE void bf16_to_f32(float* __restrict d, const c10::BFloat16* __restrict s, int n) {
   for (int i = 0; i < n; ++i) d[i] = static_cast<float>(s[i]);
 }
-ZF_CLONES static void f16_to_f32(float* __restrict d, const c10::Half* __restrict s, int n) {
+ZF_INLINE void f16_to_f32(float* __restrict d, const c10::Half* __restrict s, int n) {
   for (int i = 0; i < n; ++i) d[i] = static_cast<float>(s[i]);
 }
-ZF_CLONES static void f32_to_bf16(c10::BFloat16* __restrict d, const float* __restrict s, int n) {
+ZF_INLINE void f32_to_bf16(c10::BFloat16* __restrict d, const float* __restrict s, int n) {
   for (int i = 0; i < n; ++i) d[i] = c10::BFloat16(s[i]);
 }
-ZF_CLONES static void f32_to_f16(c10::Half* __restrict d, const float* __restrict s, int n) {
+ZF_INLINE void f32_to_f16(c10::Half* __restrict d, const float* __restrict s, int n) {
   for (int i = 0; i < n; ++i) d[i] = c10::Half(s[i]);
 }
 
 // Storage rounding of a buffer value that is stored and then used (docs/kernel-ops.md).
-ZF_CLONES static void roundtrip(float* a, int n, at::ScalarType st) {
+ZF_INLINE void roundtrip(float* a, int n, at::ScalarType st) {
   if (st == at::kBFloat16) {
     for (int i = 0; i < n; ++i) a[i] = static_cast<float>(c10::BFloat16(a[i]));
   } else if (st == at::kHalf) {
@@ -232,13 +331,13 @@ struct StreamCfg {
 // ---------------------------------------------------------------------------------------
 // Tile kernels on fp32 tiles.  `x` is the param tile (fp32 storage or an fp32 copy).
 // ---------------------------------------------------------------------------------------
-ZF_CLONES static void perturb_tile(float* __restrict x, int n, uint64_t start, const StreamCfg& sc, Key key,
-                            float scale) {
+template <int C>
+ZF_INLINE void perturb_tile(float* __restrict x, int n, uint64_t start, const StreamCfg& sc, Key key, float scale) {
   alignas(64) float z[TILE];
-  fill_z(z, start, n, sc.tid, sc.dist, key);
+  fill_z<C>(z, start, n, sc.tid, sc.dist, key);
   if (sc.T) {
     alignas(64) float m[TILE];
-    fill_mask(m, start, n, sc.tid, sc.mask_key, sc.T);
+    fill_mask<C>(m, start, n, sc.tid, sc.mask_key, sc.T);
     for (int i = 0; i < n; ++i) z[i] = z[i] * m[i];
   }
   for (int i = 0; i < n; ++i) x[i] = x[i] + z[i] * scale;
@@ -276,14 +375,15 @@ struct QueryTerms {
 // restore_seed == seeds[q-1]), so its z tile is kept and reused for that query's term
 // instead of being regenerated: one Gaussian generation fewer per tile (the CPU kernel is
 // bound by Box-Muller, not memory). Same values, same order: bit-identical either way.
+template <int C>
 ZF_INLINE void estimate_tile(float* __restrict x, float* __restrict g, int n, uint64_t start,
                              const StreamCfg& sc, const Estimate& e) {
   alignas(64) float z[TILE];
   alignas(64) float zr[TILE];
   alignas(64) float m[TILE];
-  if (sc.T) fill_mask(m, start, n, sc.tid, sc.mask_key, sc.T);
+  if (sc.T) fill_mask<C>(m, start, n, sc.tid, sc.mask_key, sc.T);
   if (e.restore_scale != 0.0f) {
-    fill_z(zr, start, n, sc.tid, sc.dist, key_of(e.restore_seed));
+    fill_z<C>(zr, start, n, sc.tid, sc.dist, key_of(e.restore_seed));
     const float rs = e.restore_scale;
     if (sc.T) {
       for (int i = 0; i < n; ++i) x[i] = x[i] + (zr[i] * m[i]) * rs;
@@ -295,7 +395,7 @@ ZF_INLINE void estimate_tile(float* __restrict x, float* __restrict g, int n, ui
   for (int j = 0; j < e.q; ++j) {
     const float* __restrict zj = zr;
     if (j != e.reuse) {
-      fill_z(z, start, n, sc.tid, sc.dist, key_of(e.seeds[j]));
+      fill_z<C>(z, start, n, sc.tid, sc.dist, key_of(e.seeds[j]));
       zj = z;
     }
     const float c = e.coeffs[j];
@@ -337,10 +437,11 @@ struct SgdCfg {
   bool nesterov, momentum_init;
 };
 
-ZF_CLONES static void sgd_tile(float* __restrict x, int n, uint64_t start, const StreamCfg& sc,
-                        const Estimate& e, const HistCfg& hc, const SgdCfg& cfg) {
+template <int C>
+ZF_INLINE void sgd_tile(float* __restrict x, int n, uint64_t start, const StreamCfg& sc, const Estimate& e,
+                        const HistCfg& hc, const SgdCfg& cfg) {
   alignas(64) float g[TILE];
-  estimate_tile(x, g, n, start, sc, e);
+  estimate_tile<C>(x, g, n, start, sc, e);
   history_sign_tile(g, n, hc);
   const float wd = cfg.s.wd;
   if (wd != 0.0f)
@@ -372,10 +473,11 @@ struct AdamCfg {
   at::ScalarType m_st, v_st;
 };
 
-ZF_CLONES static void adam_tile(float* __restrict x, int n, uint64_t start, const StreamCfg& sc,
-                         const Estimate& e, const HistCfg& hc, const AdamCfg& cfg) {
+template <int C>
+ZF_INLINE void adam_tile(float* __restrict x, int n, uint64_t start, const StreamCfg& sc, const Estimate& e,
+                         const HistCfg& hc, const AdamCfg& cfg) {
   alignas(64) float g[TILE];
-  estimate_tile(x, g, n, start, sc, e);
+  estimate_tile<C>(x, g, n, start, sc, e);
   history_sign_tile(g, n, hc);
   const AdamScalars& s = cfg.s;
   if (cfg.decoupled) {
@@ -415,7 +517,7 @@ struct TileIO {
     base = t.data_ptr();
     st = t.scalar_type();
   }
-  float* load(int64_t off, int n) {
+  ZF_INLINE float* load(int64_t off, int n) {
     if (st == at::kFloat) return ptr = static_cast<float*>(base) + off;
     if (st == at::kBFloat16) {
       bf16_to_f32(tmp, static_cast<const c10::BFloat16*>(base) + off, n);
@@ -425,11 +527,12 @@ struct TileIO {
     return ptr = tmp;
   }
   // §9: the tile rounded stochastically with one random word per element (fp32: as store).
-  void store_stochastic(int64_t off, int n, uint32_t tid, Key key) {
+  template <int C>
+  ZF_INLINE void store_stochastic(int64_t off, int n, uint32_t tid, Key key) {
     if (st == at::kFloat) return;
     alignas(64) uint32_t w0[TILE / 4], w1[TILE / 4], w2[TILE / 4], w3[TILE / 4];
     const int nb = (n + 3) >> 2;
-    philox_batch((uint64_t)off >> 2, nb, tid, zf::TAG_ROUNDING, key, w0, w1, w2, w3);
+    philox_batch<C>((uint64_t)off >> 2, nb, tid, zf::TAG_ROUNDING, key, w0, w1, w2, w3);
     const uint32_t* ws[4] = {w0, w1, w2, w3};
     uint16_t* d = static_cast<uint16_t*>(base) + off;
     if (st == at::kBFloat16) {
@@ -438,7 +541,7 @@ struct TileIO {
       for (int i = 0; i < n; ++i) d[i] = zf::sr_fp16_bits(tmp[i], ws[i & 3][i >> 2]);
     }
   }
-  void store(int64_t off, int n) {
+  ZF_INLINE void store(int64_t off, int n) {
     if (st == at::kFloat) return;
     if (st == at::kBFloat16) {
       f32_to_bf16(static_cast<c10::BFloat16*>(base) + off, tmp, n);
@@ -453,9 +556,39 @@ struct Chunk {
   int64_t start, n;
 };
 
-// Work list over all tensors, in CHUNK-sized pieces aligned to TILE (and so to 128).
+// A chunk run by the variant of one capability: `f(cap, chunk)` is a generic lambda whose body
+// (and the tile kernels it calls, all always_inline) is compiled into each of these.
+template <int C>
+using CapTag = std::integral_constant<int, C>;
+template <class F>
+void chunk_default(const F& f, const Chunk& c) {
+  f(CapTag<kCapDefault>{}, c);
+}
+#ifdef ZF_X86_VARIANTS
+template <class F>
+ZF_TARGET_AVX2 void chunk_avx2(const F& f, const Chunk& c) {
+  f(CapTag<kCapAvx2>{}, c);
+}
+template <class F>
+ZF_TARGET_AVX512 void chunk_avx512(const F& f, const Chunk& c) {
+  f(CapTag<kCapAvx512>{}, c);
+}
+#endif
+
+template <class F>
+void run_chunk(int cap, const F& f, const Chunk& c) {
+#ifdef ZF_X86_VARIANTS
+  if (cap == kCapAvx512) return chunk_avx512(f, c);
+  if (cap == kCapAvx2) return chunk_avx2(f, c);
+#endif
+  chunk_default(f, c);
+}
+
+// Work list over all tensors, in CHUNK-sized pieces aligned to TILE (and so to 128), each run
+// by the variant of the capability in force at the call.
 template <typename F>
-void for_each_chunk(TensorList params, F&& f) {
+void for_each_chunk(TensorList params, const F& f) {
+  const int cap = cap_in_force();
   std::vector<Chunk> chunks;
   int64_t total = 0;
   for (size_t k = 0; k < params.size(); ++k) {
@@ -465,11 +598,11 @@ void for_each_chunk(TensorList params, F&& f) {
   }
   if (chunks.empty()) return;
   if (total < SERIAL_BELOW || chunks.size() == 1) {
-    for (const Chunk& c : chunks) f(c);
+    for (const Chunk& c : chunks) run_chunk(cap, f, c);
     return;
   }
   at::parallel_for(0, (int64_t)chunks.size(), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) f(chunks[i]);
+    for (int64_t i = b; i < e; ++i) run_chunk(cap, f, chunks[i]);
   });
 }
 
@@ -513,14 +646,15 @@ void perturb_cpu(TensorList params, at::IntArrayRef tensor_ids, int64_t seed, do
   if (params.empty()) return;
   const float scale_f = f32(scale);
   const Key key = key_of(seed);
-  for_each_chunk(params, [&](const Chunk& c) {
+  for_each_chunk(params, [&](auto cap, const Chunk& c) ZF_INLINE_LAMBDA {
+    constexpr int C = decltype(cap)::value;
     const StreamCfg sc = stream_cfg((uint32_t)tensor_ids[c.k], dist, mask_seed, mask_threshold);
     TileIO io;
     io.bind(params[c.k]);
     for (int64_t off = c.start; off < c.start + c.n; off += TILE) {
       const int n = (int)std::min<int64_t>(TILE, c.start + c.n - off);
       float* x = io.load(off, n);
-      perturb_tile(x, n, (uint64_t)off, sc, key, scale_f);
+      perturb_tile<C>(x, n, (uint64_t)off, sc, key, scale_f);
       io.store(off, n);
     }
   });
@@ -539,7 +673,8 @@ void sgd_cpu(TensorList params, TensorList momentum_buffers, TensorList history_
   const QueryTerms terms(seeds, coeffs, restore_seed, s.restore_scale);
   const Estimate& e = terms.e;
   const bool has_m = !momentum_buffers.empty(), has_h = !history_buffers.empty();
-  for_each_chunk(params, [&](const Chunk& c) {
+  for_each_chunk(params, [&](auto cap, const Chunk& c) ZF_INLINE_LAMBDA {
+    constexpr int C = decltype(cap)::value;
     const StreamCfg sc = stream_cfg((uint32_t)tensor_ids[c.k], dist, mask_seed, mask_threshold);
     TileIO px, pm, ph;
     px.bind(params[c.k]);
@@ -550,8 +685,8 @@ void sgd_cpu(TensorList params, TensorList momentum_buffers, TensorList history_
       float* x = px.load(off, n);
       HistCfg hc{has_h ? ph.load(off, n) : nullptr, ph.st, history_init, s.alpha, s.one_minus_alpha, sign};
       SgdCfg cfg{s, has_m ? pm.load(off, n) : nullptr, pm.st, nesterov, momentum_init};
-      sgd_tile(x, n, (uint64_t)off, sc, e, hc, cfg);
-      if (stochastic_rounding) px.store_stochastic(off, n, sc.tid, round_key); else px.store(off, n);
+      sgd_tile<C>(x, n, (uint64_t)off, sc, e, hc, cfg);
+      if (stochastic_rounding) px.store_stochastic<C>(off, n, sc.tid, round_key); else px.store(off, n);
       if (has_m) pm.store(off, n);
       if (has_h) ph.store(off, n);
     }
@@ -572,7 +707,8 @@ void adam_cpu(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, Te
   const QueryTerms terms(seeds, coeffs, restore_seed, s.restore_scale);
   const Estimate& e = terms.e;
   const bool has_h = !history_buffers.empty();
-  for_each_chunk(params, [&](const Chunk& c) {
+  for_each_chunk(params, [&](auto cap, const Chunk& c) ZF_INLINE_LAMBDA {
+    constexpr int C = decltype(cap)::value;
     const StreamCfg sc = stream_cfg((uint32_t)tensor_ids[c.k], dist, mask_seed, mask_threshold);
     TileIO px, pm, pv, ph;
     px.bind(params[c.k]);
@@ -584,8 +720,8 @@ void adam_cpu(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, Te
       float* x = px.load(off, n);
       HistCfg hc{has_h ? ph.load(off, n) : nullptr, ph.st, history_init, s.alpha, s.one_minus_alpha, sign};
       AdamCfg cfg{s, decoupled_weight_decay, pm.load(off, n), pv.load(off, n), pm.st, pv.st};
-      adam_tile(x, n, (uint64_t)off, sc, e, hc, cfg);
-      if (stochastic_rounding) px.store_stochastic(off, n, sc.tid, round_key); else px.store(off, n);
+      adam_tile<C>(x, n, (uint64_t)off, sc, e, hc, cfg);
+      if (stochastic_rounding) px.store_stochastic<C>(off, n, sc.tid, round_key); else px.store(off, n);
       pm.store(off, n);
       pv.store(off, n);
       if (has_h) ph.store(off, n);
@@ -830,12 +966,55 @@ TORCH_LIBRARY_IMPL(zfkernels, Autograd, m) {  // the mutating ops (philox4x32_10
   m.impl("zo_adam_update_", torch::CppFunction::makeFromBoxedFunction<&zf_cpu::refuse_grad_writes>());
 }
 
-// A Python module with no functions: importing zfkernels._C registers the ops.
+// The Python module: importing zfkernels._C registers the ops; its functions read and set the
+// CPU capability in force (zfkernels/_compiled.py applies ZEROFLOW_CPU_CAPABILITY with them).
+namespace zf_cpu {
+
+PyObject* py_cpu_capability(PyObject*, PyObject*) { return PyUnicode_FromString(kCapNames[cap_in_force()]); }
+
+PyObject* py_cpu_capabilities(PyObject*, PyObject*) {  // this CPU's, lowest first
+  const int best = cpu_best_cap();
+  PyObject* out = PyTuple_New(best + 1);
+  if (out == nullptr) return nullptr;
+  for (int c = 0; c <= best; ++c) PyTuple_SET_ITEM(out, c, PyUnicode_FromString(kCapNames[c]));
+  return out;
+}
+
+PyObject* py_set_cpu_capability(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+  if (name == nullptr) {
+    PyErr_Clear();
+    PyErr_SetString(PyExc_TypeError, "set_cpu_capability: name must be a str");
+    return nullptr;
+  }
+  for (int c = 0; c < kCapCount; ++c) {
+    if (std::strcmp(name, kCapNames[c]) != 0) continue;
+    if (c > cpu_best_cap()) {
+      PyErr_Format(PyExc_ValueError,
+                   "CPU capability '%s' is not available on this machine or in this build (the best here is '%s'); "
+                   "choose one of the capabilities of zfkernels.cpu_capabilities()",
+                   name, kCapNames[cpu_best_cap()]);
+      return nullptr;
+    }
+    g_cap.store(c, std::memory_order_relaxed);
+    Py_RETURN_NONE;
+  }
+  PyErr_Format(PyExc_ValueError, "unknown CPU capability '%s'; use one of 'default', 'avx2', 'avx512'", name);
+  return nullptr;
+}
+
+PyMethodDef module_methods[] = {
+    {"cpu_capability", py_cpu_capability, METH_NOARGS, "The CPU capability whose kernels the ops run."},
+    {"cpu_capabilities", py_cpu_capabilities, METH_NOARGS, "The CPU capabilities of this machine, lowest first."},
+    {"set_cpu_capability", py_set_cpu_capability, METH_O, "Run the kernels of this CPU capability."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace zf_cpu
+
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "zfkernels compiled CPU ops", -1,
-                                          nullptr};
+                                          zf_cpu::module_methods};
   return zf_ops::create_module(&module_def);
 }
 }
-

@@ -70,6 +70,15 @@ if os.environ.get("ZF_EMULATE_CUDA_KERNELS"):
             f.write(str(torch.ops.zf_cuda_emu.launches()))
 
 
+if os.environ.get("ZF_CPU_CAPABILITY_REPORT"):
+    def pytest_sessionfinish(session, exitstatus):  # a child pytest of test_cpu_capability.py only
+        """The CPU capability the session ran, for tests/test_cpu_capability.py to check."""
+        import zfkernels
+
+        with open(os.environ["ZF_CPU_CAPABILITY_REPORT"], "w") as f:
+            f.write(zfkernels.cpu_capability())
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)

@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 
 from . import _compiled, opspec, reference
+from ._compiled import cpu_capabilities, cpu_capability, set_cpu_capability
 from .stream import (
     SEED_LIMIT,
     STREAM_VERSION,
@@ -35,6 +36,9 @@ __all__ = [
     "STREAM_VERSION",
     "available_backends",
     "resolve_backend",
+    "cpu_capability",
+    "cpu_capabilities",
+    "set_cpu_capability",
     "call_op",
     "philox4x32_10",
     "perturbation",

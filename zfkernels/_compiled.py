@@ -48,7 +48,62 @@ def stale(csrc: str = CSRC) -> dict[str, tuple[str, str]]:
     return out
 
 
+# The compiled CPU kernels exist for several instruction sets (csrc/ops.cpp, "CPU
+# capabilities"); all give the same bits. This variable lowers the one in force, as
+# ATEN_CPU_CAPABILITY does for torch's kernels (to time or test another variant, or to run
+# where the best one misbehaves).
+CPU_CAPABILITY_ENV = "ZEROFLOW_CPU_CAPABILITY"
+CPU_CAPABILITIES = ("default", "avx2", "avx512")
+
+
+def _cpu_module():
+    m = sys.modules.get(f"{__package__ or 'zfkernels'}.{MODULES['cpu']}")
+    if m is None:
+        raise RuntimeError(f"the CPU capability needs the compiled CPU kernels: {missing_reason('cpu')}")
+    return m
+
+
+def cpu_capabilities() -> tuple[str, ...]:
+    """The CPU capabilities whose kernels can run here, lowest first (``"default"`` is
+    baseline x86-64, or the only one of a non-x86 build)."""
+    return tuple(_cpu_module().cpu_capabilities())
+
+
+def cpu_capability() -> str:
+    """The CPU capability whose kernels the compiled CPU ops run: the best of
+    :func:`cpu_capabilities` unless set (:func:`set_cpu_capability`, ``ZEROFLOW_CPU_CAPABILITY``)."""
+    return _cpu_module().cpu_capability()
+
+
+def set_cpu_capability(name: str) -> str:
+    """Runs the compiled CPU ops with the kernels of ``name`` (one of :func:`cpu_capabilities`)
+    from the next op call on; returns the one in force before. Results do not change (every
+    capability computes the same bits); speed does."""
+    if name not in CPU_CAPABILITIES:
+        raise ValueError(f"unknown CPU capability {name!r}; use one of {', '.join(CPU_CAPABILITIES)}")
+    if name not in cpu_capabilities():
+        raise ValueError(f"CPU capability {name!r} is not available on this machine (it has "
+                         f"{', '.join(cpu_capabilities())}); use one of those")
+    before = cpu_capability()
+    _cpu_module().set_cpu_capability(name)
+    return before
+
+
+def _apply_capability_env() -> None:
+    name = os.environ.get(CPU_CAPABILITY_ENV, "").strip().lower()
+    if not name:
+        return
+    try:
+        set_cpu_capability(name)
+    except ValueError as exc:
+        # A capability asked for and not given would be a silent change of what runs.
+        raise ValueError(f"{CPU_CAPABILITY_ENV}={os.environ[CPU_CAPABILITY_ENV]!r}: {exc}, or unset "
+                         f"{CPU_CAPABILITY_ENV} to run the best one") from None
+
+
 _try_import("cpu", MODULES["cpu"])
+if "cpu" not in _errors:
+    _apply_capability_env()
 if "cpu" in _errors:
     # The CUDA extension only registers kernels for ops that _C defines.
     _errors["cuda"] = f"zfkernels._C (the op schema) is missing: {_errors['cpu']}"
