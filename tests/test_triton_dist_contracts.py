@@ -461,3 +461,73 @@ def test_ranks_on_their_own_gpus_describe_the_same_setup():
     assert rank0 == rank1 and zd._digest(rank0) == zd._digest(rank1)
     assert rank0["resolved_backend"] == {"cuda": "torch"}
     assert zd.zo_options(zo_on(torch.device("cpu")))["resolved_backend"] == {"cpu": "torch"}
+
+
+# ======================================================================================
+# Triton: the launch runs on the tensors' CUDA device (emulated on the CPU)
+# ======================================================================================
+class _OnCuda1(torch.Tensor):
+    """A CPU tensor that says it lives on cuda:1 (what the Triton glue reads of it)."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize("op", ["perturb_", "zo_sgd_update_", "zo_adam_update_", "philox4x32_10"])
+def test_triton_launches_on_the_params_cuda_device_not_the_current_one(monkeypatch, op):
+    """Triton's JITFunction.run launches on the *current* CUDA device and its current stream,
+    whatever device the tensors are on; the compiled CUDA ops enter the params' device
+    (CUDAGuard), the Triton glue must too: params on cuda:1 with cuda:0 current (--device
+    cuda:1, a model split over GPUs: one fused call per device) ran cuda:0's kernel on cuda:1's
+    memory. Emulated: tensors that report cuda:1, torch.cuda.device recorded, the kernels
+    replaced by a recorder of the device current at each launch."""
+    from zfkernels.triton import adam_update, perturb, philox, sgd_update
+
+    current = [0]
+
+    class _Device:                 # torch.cuda.device: makes its device the current one
+        def __init__(self, d):
+            self.d = torch.device(d)
+
+        def __enter__(self):
+            self.prev, current[0] = current[0], self.d.index
+            return self
+
+        def __exit__(self, *exc):
+            current[0] = self.prev
+            return False
+
+    launches = []
+
+    class InterpretedFunction:     # the name zfkernels.triton._common.interpreted() looks for
+        def __getitem__(self, grid):
+            return lambda *a, **k: launches.append(current[0])
+
+    monkeypatch.setattr(torch.cuda, "device", _Device)
+    real_to = torch.Tensor.to
+
+    def to(self, *a, **k):         # the pointer table's upload to "cuda:1" stays where it is
+        if a and isinstance(a[0], torch.device) and a[0].type == "cuda":
+            return self
+        return real_to(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    for mod, name in ((perturb, "_perturb_kernel"), (sgd_update, "_sgd_kernel"), (adam_update, "_adam_kernel"),
+                      (philox, "_philox_kernel")):
+        monkeypatch.setattr(mod, name, InterpretedFunction())
+    p = [torch.zeros(300).as_subclass(_OnCuda1), torch.zeros(7).as_subclass(_OnCuda1)]
+    assert p[0].device == torch.device("cuda", 1)
+    if op == "perturb_":
+        perturb.perturb_(**_perturb_args(p))
+    elif op == "zo_sgd_update_":
+        sgd_update.zo_sgd_update_(**opspec.bind(op, params=p, tensor_ids=[0, 1], seeds=[1], coeffs=[0.5], lr=0.1))
+    elif op == "zo_adam_update_":
+        m = [torch.zeros_like(t).as_subclass(_OnCuda1) for t in p]
+        v = [torch.zeros_like(t).as_subclass(_OnCuda1) for t in p]
+        adam_update.zo_adam_update_(**opspec.bind(op, params=p, exp_avgs=m, exp_avg_sqs=v, tensor_ids=[0, 1],
+                                                  seeds=[1], coeffs=[0.5], lr=0.1, step=1))
+    else:
+        philox.philox4x32_10(torch.zeros(5, 4, dtype=torch.int64).as_subclass(_OnCuda1), 1, 2)
+    assert launches and all(d == 1 for d in launches), f"launched with cuda:{launches} current, params on cuda:1"
+    assert current[0] == 0                # the caller's current device is back

@@ -4,8 +4,10 @@ kernels), input validation (docs/kernel-ops.md, "Errors"), and the scalar argume
 kernels take them (keys as int32 bits, options rounded to fp32)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
+import threading
 from typing import Sequence
 
 import torch
@@ -86,6 +88,35 @@ def device_ok(op: str, name: str, t: torch.Tensor, interp: bool) -> None:
             f"{op}: {name} is on the CPU; the Triton kernels need GPU tensors "
             "(or TRITON_INTERPRET=1 set before zfkernels.triton is imported)"
         )
+
+
+# Triton's CPU interpreter patches triton.language module-wide for the length of a launch and
+# undoes it at the end: two threads launching at once (two optimizers stepped in two threads)
+# made the other launch fail mid-grid ("Did you forget to add @triton.jit ?"), with some of
+# its tiles written. Interpreted launches of these kernels run one at a time.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def launch_scope(device: torch.device | None, interp: bool):
+    """The context the kernel launches of one op call run in.
+
+    On a GPU: the tensors' device made the current one. Triton launches on the *current* CUDA
+    device and its current stream (``JITFunction.run``: ``driver.active.get_current_device()``),
+    not on the device of the tensors it is given, so params on cuda:1 while cuda:0 is current
+    (``--device cuda:1``, a model split over GPUs, whose param groups the optimizers call once
+    per device) ran cuda:0's kernel on cuda:1's memory, on cuda:0's stream (unordered with the
+    work that made the params). The compiled CUDA ops enter the params' device the same way
+    (csrc/ops_cuda.cu, ``CudaLauncher``: ``CUDAGuard``).
+    In the interpreter: the process-wide lock (see ``_INTERPRETER_LOCK``), and the device
+    as above where its tensors are on a GPU."""
+    if device is None or device.type != "cuda":
+        return _INTERPRETER_LOCK if interp else contextlib.nullcontext()
+    if not interp:
+        return torch.cuda.device(device)
+    both = contextlib.ExitStack()
+    both.enter_context(_INTERPRETER_LOCK)
+    both.enter_context(torch.cuda.device(device))
+    return both
 
 
 def check_params(op: str, params: Sequence[torch.Tensor], interp: bool, name: str = "params") -> torch.device | None:

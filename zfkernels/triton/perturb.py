@@ -11,7 +11,7 @@ from .._overlap import check_no_overlap
 from ..stream import split_seed
 from ._common import (
     build_groups, check_block, check_dist, check_ids, check_params, check_seed_arg, check_threshold, f32,
-    interpreted, load_row, mark_written, slot_ptr, to_i32,
+    interpreted, load_row, mark_written, launch_scope, slot_ptr, to_i32,
 )
 from .philox import mask_tile, store_rne, z_tile
 
@@ -72,10 +72,11 @@ def perturb_(
     m0, m1 = split_seed(mask_seed)
     dev = params[0].device
     mark_written(op, [("params", params)])
-    for dtypes, rows, n_rows, tiles in build_groups(params, [], ids, block):
-        meta = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
-        _perturb_kernel[(tiles,)](
-            meta, n_rows, to_i32(k0), to_i32(k1), to_i32(m0), to_i32(m1), T, d, scale,
-            P_DTYPE=dtypes[0], BLOCK=block, num_warps=4,
-            enable_fp_fusion=False,   # one arithmetic: no FMA contraction (docs/kernel-ops.md)
-        )
+    with launch_scope(dev, interp):      # Triton launches on the current device and stream: the params' ones
+        for dtypes, rows, n_rows, tiles in build_groups(params, [], ids, block):
+            meta = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
+            _perturb_kernel[(tiles,)](
+                meta, n_rows, to_i32(k0), to_i32(k1), to_i32(m0), to_i32(m1), T, d, scale,
+                P_DTYPE=dtypes[0], BLOCK=block, num_warps=4,
+                enable_fp_fusion=False,   # one arithmetic: no FMA contraction (docs/kernel-ops.md)
+            )
