@@ -69,6 +69,86 @@ def test_a_closure_failing_in_conserves_forwards_lands_on_theta0(cls, kw, fail_a
     assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("cls,kw", [(ZOFusedSGD, {}), (ZOFusedAdam, {}), (ZOFusedSGD, dict(conserve=True))])
+def test_a_step_called_from_its_own_closure_is_refused_and_theta_restored(cls, kw):
+    """A closure that steps its own optimizer (concurrency / re-entrancy audit): the inner step
+    took the outer one's seeds and, ending, cleared its stream options, so the outer step's
+    restore raised KeyError and left theta perturbed (0.015 at lr 0)."""
+    model = make_mlp(6, 4, 1)
+    opt = cls(model.parameters(), lr=0.0, zo_eps=1e-2, seed=5, **kw)
+    before = snapshot(model)
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        if calls[0] == 2:       # at theta + eps z
+            opt.step(lambda: loss_of(model))
+        return loss_of(model)
+    with pytest.raises(RuntimeError, match="while a step of this optimizer was running"):
+        opt.step(closure)
+    assert max_moved(model, before) <= MOVED
+    assert opt.step_count == 1
+    opt.step(lambda: loss_of(model))      # and the optimizer goes on
+    assert opt.step_count == 2
+
+
+@pytest.mark.parametrize("fail", [False, True])
+@pytest.mark.parametrize("cls,kw", [(ZOFusedSGD, {}), (ZOFusedAdam, {}), (ZOFusedSGD, dict(conserve=True))])
+def test_zo_eps_set_inside_the_closure_does_not_change_the_running_step(cls, kw, fail):
+    """A closure (or a schedule stepped inside it) that sets zo_eps: the restore used the new
+    value, leaving theta at theta0 + (eps_old - eps_new) z, after a normal step (0.0074 at
+    lr 0) and after a failed one (0.013); the step uses the zo_eps it started with."""
+    model = make_mlp(6, 4, 1)
+    ref_model = copy.deepcopy(model)
+    opt = cls(model.parameters(), lr=0.1, zo_eps=1e-2, seed=5, **kw)
+    ref = cls(ref_model.parameters(), lr=0.1, zo_eps=1e-2, seed=5, **kw)
+    before = snapshot(model)
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        opt.param_groups[0]["zo_eps"] = 5e-3
+        if fail and calls[0] == 2:      # theta is perturbed there (conserve's L0 comes first)
+            raise RuntimeError("boom")
+        return loss_of(model)
+    if fail:
+        with pytest.raises(RuntimeError, match="boom"):
+            opt.step(closure)
+        assert max_moved(model, before) <= MOVED
+    else:
+        opt.step(closure)
+        ref.step(lambda: loss_of(ref_model))
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref_model.parameters()))
+    assert opt.param_groups[0]["zo_eps"] == 5e-3      # the next step takes the new value
+
+
+def test_a_group_added_or_dropped_inside_the_closure_joins_or_leaves_at_the_next_step():
+    """add_param_group inside the closure: the restore met a group with no stream options
+    (KeyError) and left theta perturbed; dropping one left it perturbed for good."""
+    model, opt = two_groups(ZOFusedSGD)
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    extra = torch.nn.Parameter(torch.zeros(3))
+    before = snapshot(model)
+
+    def add():
+        if len(opt.param_groups) == 2:
+            opt.add_param_group({"params": [extra], "lr": 0.1})
+        return loss_of(model)
+    opt.step(add)
+    assert max_moved(model, before) <= MOVED and torch.equal(extra, torch.zeros(3))   # not in this step
+
+    def drop():
+        if len(opt.param_groups) == 3:
+            opt.param_groups.pop(1)
+        return loss_of(model)
+    opt.step(drop)
+    assert max_moved(model, before) <= MOVED
+    assert not torch.equal(extra, torch.zeros(3))      # trained from the step after it was added
+    assert len(opt.param_groups) == 2
+    opt.step(lambda: loss_of(model))
+
+
 def test_a_group_whose_perturbation_fails_takes_the_others_back():
     model, opt = two_groups(ZOFusedSGD)
     opt.step(lambda: loss_of(model))

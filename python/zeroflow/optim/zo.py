@@ -53,7 +53,8 @@ GLOBAL_OPTIONS = ("q", "estimator", "conserve", "sparse_resample", "seed", "back
 STATE_GLOBAL_OPTIONS = ("q", "estimator", "conserve", "sparse_resample")
 STATE_GROUP_OPTIONS = ("perturbation", "sign", "scalar_sign")
 # Attributes a copy of the optimizer does not take over (see _ZOBase.__getstate__).
-_NOT_COPIED = {"_tid", "_bucket_cache", "_step_token", "_stream_args", "_fg_names", "scalar_hook", "step_hook",
+_NOT_COPIED = {"_tid", "_bucket_cache", "_step_token", "_stream_args", "_step_groups", "_step_eps",
+               "_fg_names", "scalar_hook", "step_hook",
                "_gate", "_opt_called"}
 # The counters a state_dict's "zeroflow" part holds, in the order load_state_dict assigns them.
 COUNTERS = ("seed", "step", "task", "forward_passes", "queries", "steps_skipped")
@@ -362,6 +363,12 @@ class _ZOBase(torch.optim.Optimizer):
         self._bucket_cache: dict[int, list] = {}   # id(group) -> [key, buckets, step token]; see _buckets
         self._step_token: object | None = None       # a new object per step() call, None outside
         self._stream_args: dict[int, tuple[int, int]] = {}   # id(group) -> (dist, mask threshold), in step()
+        # in step(): the groups and each one's zo_eps as the step found them. Every perturbation,
+        # restore and estimate of the step uses these, so a closure (or a hook, a scheduler stepped
+        # inside it) that sets zo_eps or adds / drops a group cannot make the restore differ from
+        # the perturbation (theta was left perturbed by (eps_old - eps_new) z, or not restored at all)
+        self._step_groups: tuple | None = None
+        self._step_eps: dict[int, float] = {}
         # counters (part of state_dict)
         self._round_calls = 0       # §9 rounded update calls so far in this step
         self._n = 0                 # steps taken (skipped ones included): seed schedule index
@@ -430,6 +437,7 @@ class _ZOBase(torch.optim.Optimizer):
         self.__dict__.setdefault("_zero_steps", 0)     # pickled before the zero-estimate check existed
         self._tid = {id(p): t for p, t in zip((p for g in self.param_groups for p in g["params"]), tids)}
         self._bucket_cache, self._step_token, self._stream_args = {}, None, {}
+        self._step_groups, self._step_eps = None, {}
         self.scalar_hook = self.step_hook = None
         if self._fg_wrapper is not None:
             self._fg_name_params([p for g in self.param_groups for p in g["params"]])
@@ -613,19 +621,29 @@ class _ZOBase(torch.optim.Optimizer):
         start of this step (only step() calls the kernels, so they are always there)."""
         return self._stream_args[id(g)]
 
+    def _eps(self, g: dict) -> float:
+        """The group's ``zo_eps`` as this step found it (see ``_step_groups``)."""
+        return self._step_eps[id(g)]
+
+    def _groups(self):
+        """The param groups of the step in progress (as it found them), else ``param_groups``."""
+        groups = self._step_groups
+        return self.param_groups if groups is None else groups
+
     def _all_buckets(self) -> list[tuple[dict, tuple]]:
         """``(group, bucket)`` for every group and device: the order of the fused calls."""
-        if len(self._bucket_cache) > len(self.param_groups):
+        groups = self._groups()
+        if len(self._bucket_cache) > len(groups):
             # a group was dropped (param_groups.pop(), e.g. an old task's head): its cached
             # lists kept its parameters alive for the optimizer's lifetime. Its tensor ids go
             # too: keyed by id(param), a dead parameter's entry would let a tensor allocated at
             # its address into an edited g["params"] past _buckets' "was g['params'] edited?"
-            live = {id(g) for g in self.param_groups}
+            live = {id(g) for g in groups}
             for k in [k for k in self._bucket_cache if k not in live]:
                 del self._bucket_cache[k]
-            held = {id(p) for g in self.param_groups for p in g["params"]}
+            held = {id(p) for g in groups for p in g["params"]}
             self._tid = {k: t for k, t in self._tid.items() if k in held}
-        return [(g, bk) for g in self.param_groups for bk in self._buckets(g)]
+        return [(g, bk) for g in groups for bk in self._buckets(g)]
 
     def _perturb(self, seed: int, factor: float, mask_seed: int, buckets=None) -> None:
         """theta += factor * zo_eps_g * m * z(seed) over ``buckets`` (default: every group),
@@ -633,7 +651,7 @@ class _ZOBase(torch.optim.Optimizer):
         buckets already perturbed are taken back before the error goes on."""
         def perturb(g, bucket, f):
             (ps, ids, b), (dist, thr) = bucket, self._stream(g)
-            zfkernels.call_op(b, "perturb_", params=ps, tensor_ids=ids, seed=seed, scale=f * float(g["zo_eps"]),
+            zfkernels.call_op(b, "perturb_", params=ps, tensor_ids=ids, seed=seed, scale=f * self._eps(g),
                               dist=dist, mask_seed=mask_seed, mask_threshold=thr)
 
         done = []
@@ -728,6 +746,14 @@ class _ZOBase(torch.optim.Optimizer):
                 f"{type(self).__name__}.step needs a closure that runs the forward pass and returns "
                 "the loss, e.g. opt.step(lambda: loss_fn(model(x), y))"
             )
+        if self._step_token is not None:
+            # a step of this optimizer is running: its closure (or a hook, another thread) called
+            # step() again. The inner step took the outer one's seeds and, ending, cleared what the
+            # outer one needed to take its perturbation back: a KeyError left theta perturbed.
+            raise RuntimeError(
+                f"{type(self).__name__}.step() was called while a step of this optimizer was running (from its "
+                "closure, a hook or another thread); a step's closure must only compute the loss. The running step "
+                "takes its perturbation back and raises this error")
         # Every group's options, checked, and its stream options converted, once, before the
         # first kernel call changes theta: a bad value set between steps (a typo in a
         # schedule, zo_eps = 0) raises here, not after group 0 was perturbed.
@@ -740,6 +766,8 @@ class _ZOBase(torch.optim.Optimizer):
         # one ~7 us derivation less.
         mask_seed = self._mask_seed(n) if any(thr for _, thr in stream.values()) else 0
         self._stream_args = stream
+        self._step_groups = tuple(self.param_groups)
+        self._step_eps = {id(g): float(g["zo_eps"]) for g in self.param_groups}
         self._step_token = object()
         self._fw_step = 0
         self._round_calls = 0
@@ -770,6 +798,7 @@ class _ZOBase(torch.optim.Optimizer):
             raise
         finally:
             self._step_token, self._stream_args, self._gate = None, {}, None
+            self._step_groups, self._step_eps = None, {}
             self._n = n + 1
             self.forwards_last_step = self._fw_step
             try:
@@ -803,7 +832,7 @@ class _ZOBase(torch.optim.Optimizer):
         q = self.q
         if g["scalar_sign"]:
             return [math.copysign(1.0, x) / q if x != 0 else 0.0 for x in d]
-        unit = float(g["zo_eps"]) * q if per_eps else q
+        unit = self._eps(g) * q if per_eps else q
         return [x / unit for x in d]
 
     def _step_coeffs(self, d: list[float], loss: float, *, per_eps: bool = True) -> dict:
@@ -811,7 +840,7 @@ class _ZOBase(torch.optim.Optimizer):
         range (finite losses, e.g. 1e37 * sum(theta), whose difference over zo_eps overflows)
         skips the step like a non-finite loss (:class:`_Skip`, returning ``loss``): given to
         the kernels it was +-inf, and ZO-SGD wrote +-inf, ZO-Adam NaN, into every parameter."""
-        coeffs = {id(g): self._coeffs(g, d, per_eps=per_eps) for g in self.param_groups}
+        coeffs = {id(g): self._coeffs(g, d, per_eps=per_eps) for g in self._groups()}
         for cs in coeffs.values():
             for c in cs:
                 if not abs(c) < _F32_OVERFLOW:
@@ -852,7 +881,7 @@ class _ZOBase(torch.optim.Optimizer):
             try:
                 self._update(g, ps, ids, b, seeds, coeffs[id(g)], mask_seed,
                              restore_seed=pending.seed if pending else 0,
-                             restore_scale=pending.restore_scale(g["zo_eps"]) if pending else 0.0, lr_mult=lr_mult)
+                             restore_scale=pending.restore_scale(self._eps(g)) if pending else 0.0, lr_mult=lr_mult)
             except BaseException as e:
                 # The failed call wrote nothing (a kernel checks before it writes, and a ^C is
                 # held back until the next closure call: _InterruptGate) and the calls after it
@@ -941,7 +970,7 @@ class _ZOBase(torch.optim.Optimizer):
 
     def _step_forward_grad(self, closure, seeds, mask_seed):
         wrapper = self._fg_wrapper
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = [p for g in self._groups() for p in g["params"]]
         names = [self._fg_names[id(p)] for p in params]
         self._check_model_holds(names, params)
         wrapper.closure = closure
@@ -1238,7 +1267,7 @@ class ZOFusedSGD(_ZOBase):
     def _move(self, a, b, seeds, d, mask_seed):
         """Conserve: move theta0 + a*Delta -> theta0 + b*Delta with the state frozen
         (history alpha=1, momentum=1 & dampening=1 leave h and buf bit-identical)."""
-        for g in self.param_groups:
+        for g in self._groups():
             lr, wd, mom = float(g["lr"]), float(g["weight_decay"]), float(g["momentum"])
             if lr == 0.0:
                 continue
@@ -1327,7 +1356,7 @@ class ZOFusedAdam(_ZOBase):
     def _move(self, a, b, seeds, d, mask_seed):
         """Conserve: move theta0 + a*Delta -> theta0 + b*Delta along the stored Adam
         direction u = m/(sqrt(v)/sqrt(bc2) + eps), m and v frozen (see _frozen_adam_move)."""
-        for g in self.param_groups:
+        for g in self._groups():
             lr = float(g["lr"])
             if lr == 0.0:
                 continue
