@@ -153,3 +153,20 @@ def test_cpu_peak_memory_is_in_bytes():
     with open("/proc/self/status") as f:
         hwm_kib = int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
     assert M.peak_rss_bytes() == pytest.approx(hwm_kib * 1024, rel=0.05)
+
+
+@pytest.mark.parametrize("device", ["cuda:1", "cuda"])
+def test_timer_and_memory_meter_synchronize_the_runs_cuda_device(monkeypatch, device):
+    """--device cuda:1 in a single process never makes cuda:1 the current device (only
+    torchrun's set_device does): the Timer's synchronize() without a device waited for cuda:0,
+    so the runtime column timed kernel launches, not kernels. Both meters synchronize the run's
+    device (emulated: torch.cuda's calls recorded)."""
+    import torch
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    M.Timer(torch.device(device)).now()
+    M.MemoryMeter(torch.device(device)).peak()
+    assert synced == [torch.device(device)] * 2

@@ -144,11 +144,15 @@ class Timer:
     def __init__(self, device: torch.device):
         import torch
 
-        self.cuda = torch.device(device).type == "cuda"
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
 
     def now(self) -> float:
         import torch
 
         if self.cuda:
-            torch.cuda.synchronize()
+            # the run's device, not the current one: a single-process run on --device cuda:1
+            # never makes cuda:1 current, and synchronize() waited for cuda:0 only (the training
+            # time then counted kernel launches, not kernels; and it made a context on GPU 0)
+            torch.cuda.synchronize(self.device)
         return time.perf_counter()
