@@ -148,3 +148,24 @@ def test_the_training_loop_reshuffles_sharded_batches_each_epoch_and_weights_by_
         want += [order[0:4], order[4:8], order[8:10]]
     assert seen == want
     assert opt.sizes == [4, 4, 2, 4, 4, 2]
+
+
+def test_run_device_under_torchrun_refuses_one_gpu_index_for_every_rank(monkeypatch):
+    """Every rank gets the same options: --device cuda:0 (or a resumed run's saved cuda:0)
+    put every rank's network on GPU 0 while each rank's NCCL communicator is on
+    cuda:LOCAL_RANK; refused before anything is claimed. auto / cuda (the current device,
+    cuda:LOCAL_RANK after init_from_env) and a single process are unchanged. CUDA emulated."""
+    from zeroflow import distributed as zd
+    from zeroflow.continual import runner
+    from zeroflow.continual.errors import ZeroflowError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(zd, "local_device", lambda: torch.device("cuda", 1))
+    for name in ("cuda:0", "cuda:1"):
+        with pytest.raises(ZeroflowError, match="under torchrun"):
+            runner._run_device(name, 2)
+        assert runner._run_device(name, 1) == torch.device(name)
+    assert runner._run_device("auto", 2) == torch.device("cuda", 1)
+    assert runner._run_device("cuda", 2) == torch.device("cuda")
+    assert runner._run_device("cpu", 2) == torch.device("cpu")

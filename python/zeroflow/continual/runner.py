@@ -641,7 +641,14 @@ def _run_device(name: Optional[str], world: int) -> torch.device:
     if world > 1 and name in (None, "", "auto"):
         from zeroflow.distributed import local_device
         return local_device()          # cuda:LOCAL_RANK under NCCL, else cpu
-    return resolve_device(name)
+    dev = resolve_device(name)
+    if world > 1 and dev.type == "cuda" and dev.index is not None:
+        # every rank gets the same options: cuda:N put all of them on GPU N, beside the NCCL
+        # communicators on cuda:LOCAL_RANK (NCCL refuses two ranks on one GPU when the network
+        # is broadcast); a resumed run takes the device saved by a single-process run
+        raise ZeroflowError(f"--device {name} under torchrun: every rank would run on GPU {dev.index}; each rank "
+                            "runs on its own GPU (cuda:LOCAL_RANK) with --device auto or --device cuda")
+    return dev
 
 
 def _set_threads(cfg: Dict, device: torch.device) -> None:
