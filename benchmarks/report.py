@@ -503,6 +503,11 @@ def kernel_section(records, plots_rel):
                     "synchronised once, so that a call's host work overlaps the kernel before it (device time).", ""]
         out += ["Baselines measured in the same run:", "",
                 baseline_table([r for r in recs if r["x"]["kind"] in ("copy", "mezo")]), ""]
+        caps = [r for r in recs if r["x"]["kind"] == "capability"]
+        if caps:
+            out += ["The compiled CPU kernels of each CPU capability (docs/kernel-ops.md, \"CPU capabilities\": "
+                    "the same bits from other instructions; the rows above ran the best one): time per call "
+                    "and its share of `copy_` bandwidth in the same run:", "", capability_table(caps), ""]
         if plots_rel.get(("kernels", dev)):
             out += [f"![kernel bandwidth on {dev}]({plots_rel[('kernels', dev)]})", ""]
     return "\n".join(out)
@@ -523,6 +528,22 @@ def kernel_table(zf):
                      fx(r["vs_mezo"])))
     return table(["op", "variant", "backend", "dtype", "z", "N", "median", "G elem/s", "GB/s", "of copy BW",
                   "vs MeZO-style"], rows)
+
+
+def capability_table(caps):
+    """One row per CPU-capability case, a column per capability (lowest first): time and the
+    share of copy bandwidth."""
+    order = [c for c in ("default", "avx2", "avx512") if any(r["x"]["capability"] == c for r in caps)]
+    by = {}
+    for r in caps:
+        x = r["x"]
+        by.setdefault((_OP_ORDER.get(x["op"], 9), x["op"], x["dtype"], x["dist"], x["numel"]), {})[x["capability"]] = r
+    rows = []
+    for (_, op, dtype, dist, n), per in sorted(by.items()):
+        cells = [f"{fms(per[c]['t'])} ({fpct(per[c]['copy_frac'])} of copy BW)" if c in per else "not measured"
+                 for c in order]
+        rows.append((op, dtype, dist, fsize(n), *cells))
+    return table(["op", "dtype", "z", "N", *order], rows)
 
 
 def baseline_table(base):
@@ -733,7 +754,7 @@ def plot_kernels(plt, dev, kern):
     the copy bandwidth as a line."""
     n = max(r["x"]["numel"] for r in kern)
     sel = [r for r in kern if r["x"]["numel"] == n and r["x"]["dtype"] == "fp32"
-           and r["x"]["variant"] in ("plain", "mezo")]
+           and r["x"]["variant"] in ("plain", "mezo") and r["x"]["kind"] != "capability"]
     labels, vals, colors = [], [], []
     for r in sorted(sel, key=lambda r: (r["x"]["op"], r["x"]["dist"], r["x"]["kind"], r["x"]["backend"])):
         x = r["x"]

@@ -115,6 +115,34 @@ def test_mezo(run_bench, benchmark, op, dist, dname, n):
     }, budget_s=1.0, max_rounds=15, back_to_back=C.KERNEL_BACK_TO_BACK)
 
 
+def _kernel_call(backend, op, variant, dtype, dist, n):
+    """One call of ``op`` in ``variant`` on a fresh parameter of ``n`` elements, as a closure."""
+    p = torch.randn(n, device=C.device()).mul_(0.02).to(dtype)
+    kw = {"dist": dist, "backend": backend}
+    if variant == "sparse":
+        kw.update(mask_seed=77, sparsity=0.5)
+    if variant == "sign":
+        kw["sign"] = True
+    if variant == "history":
+        kw.update(history_buffers=[torch.zeros_like(p)], history_alpha=0.9)
+    if op == "perturb":
+        def fn():
+            zk.perturb_([p], SEED, EPS, **kw)
+    elif op == "sgd":
+        if variant == "momentum":
+            kw.update(momentum_buffers=[torch.zeros_like(p)], momentum=0.9)
+
+        def fn():
+            zk.zo_sgd_update_([p], [SEED], [0.37], lr=LR, restore_seed=SEED, restore_scale=-EPS, **kw)
+    else:
+        m, v = torch.zeros_like(p), torch.zeros_like(p)
+
+        def fn():
+            zk.zo_adam_update_([p], [m], [v], [SEED], [0.37], lr=LR, step=10, restore_seed=SEED,
+                               restore_scale=-EPS, **kw)
+    return fn
+
+
 # Collected after the baselines (pytest runs a file in definition order): a kernel phase that
 # its time share cuts (gpu_check.sh) still has the copy_ and MeZO rows every target is a
 # fraction of, which the 112 kernel cases, measured first, used to leave unmeasured.
@@ -124,36 +152,8 @@ def test_kernel(run_bench, benchmark, backend, op, variant, dname, dist, n):
     if why:
         pytest.skip(why)
     dtype = C.DTYPES[dname]
-    dev = C.device()
     benchmark.group = _group(op, dname, n)
-    p = torch.randn(n, device=dev).mul_(0.02).to(dtype)
-    kw = {"dist": dist, "backend": backend}
-    if variant == "sparse":
-        kw.update(mask_seed=77, sparsity=0.5)
-    if op == "perturb":
-        def fn():
-            zk.perturb_([p], SEED, EPS, **kw)
-    elif op == "sgd":
-        if variant == "sign":
-            kw["sign"] = True
-        if variant == "history":
-            kw.update(history_buffers=[torch.zeros_like(p)], history_alpha=0.9)
-        if variant == "momentum":
-            kw.update(momentum_buffers=[torch.zeros_like(p)], momentum=0.9)
-
-        def fn():
-            zk.zo_sgd_update_([p], [SEED], [0.37], lr=LR, restore_seed=SEED, restore_scale=-EPS, **kw)
-    else:
-        m, v = torch.zeros_like(p), torch.zeros_like(p)
-        if variant == "sign":
-            kw["sign"] = True
-        if variant == "history":
-            kw.update(history_buffers=[torch.zeros_like(p)], history_alpha=0.9)
-
-        def fn():
-            zk.zo_adam_update_([p], [m], [v], [SEED], [0.37], lr=LR, step=10, restore_seed=SEED,
-                               restore_scale=-EPS, **kw)
-
+    fn = _kernel_call(backend, op, variant, dtype, dist, n)
     s = C.bytes_of(dtype)
     extra = {
         "suite": "kernels", "key": C.key("kernels", op, variant, backend, C.DEVICE, dname, dist, n),
@@ -169,3 +169,34 @@ def test_kernel(run_bench, benchmark, backend, op, variant, dname, dist, n):
         extra["note"] = "pure-PyTorch reference (not a performance path)"
         extra["backend_label"] = "torch (reference)"
     run_bench(fn, extra, budget_s=1.0, max_rounds=15, back_to_back=C.KERNEL_BACK_TO_BACK)
+
+
+# The compiled CPU kernels of each CPU capability (csrc/ops.cpp, "CPU capabilities"): the same
+# bits from other instructions, so what each instruction set buys is measured here, against
+# copy_ in the same run (the kernel rows above run the best capability only).
+CAPABILITY_CASES = [("perturb", "fp32", "gaussian"), ("sgd", "fp32", "gaussian"), ("adam", "fp32", "gaussian"),
+                    ("sgd", "fp32", "rademacher"), ("sgd", "bf16", "gaussian")]
+
+
+def _cpu_capabilities() -> list[str]:
+    from zfkernels import _compiled
+
+    return [] if C.ON_GPU or not _compiled.cpu_available() else list(zk.cpu_capabilities())
+
+
+@pytest.mark.parametrize("cap", _cpu_capabilities())
+@pytest.mark.parametrize("op,dname,dist", CAPABILITY_CASES, ids=["-".join(c) for c in CAPABILITY_CASES])
+def test_cpu_capability(run_bench, benchmark, cap, op, dname, dist):
+    n = C.kernel_sizes()[-1]
+    benchmark.group = f"kernels cpu capabilities {op} {dname} {dist} {C.fmt_numel(n)}"
+    fn = _kernel_call("cpu", op, "plain", C.DTYPES[dname], dist, n)
+    before = zk.set_cpu_capability(cap)
+    try:
+        run_bench(fn, {
+            "suite": "kernels", "key": C.key("kernels", "capability", cap, op, C.DEVICE, dname, dist, n),
+            "kind": "capability", "capability": cap, "op": op, "variant": "plain", "backend": "cpu",
+            "dtype": dname, "dist": dist, "numel": n, "elements": n,
+            "bytes": _bytes(op, "plain", n, C.bytes_of(C.DTYPES[dname])), "copy_ref": _copy_key(dname, n),
+        }, budget_s=1.0, max_rounds=15, back_to_back=C.KERNEL_BACK_TO_BACK)
+    finally:
+        zk.set_cpu_capability(before)
