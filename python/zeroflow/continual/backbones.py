@@ -226,7 +226,9 @@ def pretrain_small_backbone(data, *, vit_cfg: Optional[Dict], epochs: int, lr: f
     feature through a small MLP decoder (then discarded). No label and no test image is
     used. Cached under ``$ZEROFLOW_CACHE`` (default ~/.cache/zeroflow) by its configuration.
     See docs/continual.md for why not a supervised base session."""
-    key_src = json.dumps(dict(v=2, dataset=data.name, n=len(data.train_targets), vit=vit_cfg or {}, small=SMALL_VIT,
+    # v=3: the training augmentation is drawn per sample from (seed, epoch, index) since
+    # 2026-12-02 (data.SeededDraws): weights cached before were made from other draws
+    key_src = json.dumps(dict(v=3, dataset=data.name, n=len(data.train_targets), vit=vit_cfg or {}, small=SMALL_VIT,
                               epochs=epochs, lr=lr, bs=batch_size, seed=seed, in_chans=data.in_chans,
                               img=data.img_size), sort_keys=True)
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]

@@ -17,6 +17,7 @@ are the reference ones and apply **no Normalize** (inputs are ``ToTensor()`` in 
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 
 from .errors import ZeroflowError
 
@@ -139,6 +140,74 @@ class TensorImages(Dataset):
         return img, int(self.targets[i])
 
 
+def draw_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of the random augmentation of training sample ``index`` at ``epoch`` of a run
+    with ``seed``: a hash, so that neighbouring triples (seed 1 epoch 0, seed 0 epoch 1, ...)
+    do not share a stream as a sum would."""
+    digest = hashlib.blake2b(f"{int(seed)}/{int(epoch)}/{int(index)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class SeededDraws(Dataset):
+    """A training subset whose random augmentation is a function of (seed, epoch, index) only.
+
+    The training transforms (the digits shift, torchvision's RandomResizedCrop and flip) draw
+    from torch's global CPU RNG inside ``__getitem__``: with ``num_workers=0`` that is the main
+    process's stream, with workers each worker's own, so the data (and a run's results) depended
+    on ``num_workers``, an operational option. Here every sample is read under the CPU RNG
+    seeded by :func:`draw_seed` of the run's seed, the loader's epoch and the sample's index
+    in the training split, so worker count and assignment, batch composition, the rank that
+    reads it (torchrun) and the process's RNG state do not matter, and the process's RNG state
+    is left as it was. Only the CPU generator is saved, seeded and restored: ``torch.manual_seed``
+    would also reseed CUDA's generators (the main process's, with ``num_workers=0``), and
+    ``torch.random.fork_rng(devices=[])`` does the same save/restore at about four times the
+    cost (~20 us against ~5 us a sample; a digits sample costs ~20 us to read, a decoded and
+    cropped JPEG milliseconds). Python's ``random`` and NumPy are not saved: the transforms
+    used here do not draw from them.
+
+    Indexed by the ``(epoch, position)`` keys of :class:`EpochKeys`."""
+
+    def __init__(self, subset: Subset, seed: int):
+        self.subset, self.seed = subset, int(seed)
+
+    def __len__(self):
+        return len(self.subset)
+
+    def __getitem__(self, key):
+        epoch, pos = key
+        index = self.subset.indices[pos]     # the split's index: the same in every task's loader
+        cpu = torch.default_generator
+        state = cpu.get_state()
+        try:
+            cpu.manual_seed(draw_seed(self.seed, epoch, index))
+            return self.subset[pos]
+        finally:
+            cpu.set_state(state)
+
+
+class EpochKeys:
+    """The batch sampler of a training loader, yielding ``(epoch, position)`` for each sample
+    (read by :class:`SeededDraws`): the epoch travels with the index to whichever worker reads
+    it. The epoch advances as the shuffling does: a
+    :class:`zeroflow.distributed.ShardedBatchSampler`'s own (``set_epoch``, which this wrapper
+    then offers too, so the training loop sets it as before), else one per pass over the loader
+    (the seeded ``RandomSampler`` draws a new permutation per pass)."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+        if hasattr(batches, "set_epoch"):
+            self.set_epoch = batches.set_epoch
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        epoch = self.batches.epoch if hasattr(self.batches, "set_epoch") else self.passes
+        self.passes += 1
+        for batch in self.batches:
+            yield [(epoch, i) for i in batch]
+
+
 @dataclass
 class CLData:
     """A dataset prepared for class-incremental learning (labels already remapped)."""
@@ -170,17 +239,25 @@ class CLData:
         gets its slice of every *global* batch of ``batch_size`` samples
         (:class:`zeroflow.distributed.ShardedBatchSampler`, one permutation per epoch from
         ``seed + epoch``; call ``loader.batch_sampler.set_epoch(e)``), so the ranks' batches of
-        step k together are one global batch."""
+        step k together are one global batch.
+
+        ``split="train"``: the random augmentation of a sample depends on ``seed``, the epoch
+        and the sample only (:class:`SeededDraws`), not on ``num_workers`` or ``shard``."""
         subset = self.subset(split, classes)
+        # the shuffle and the workers' base seeds draw from this generator, never from the process's
+        # RNG (a sharded loader without it took its base seed from there, one draw an epoch)
+        gen = torch.Generator().manual_seed(int(seed))
         if shard is not None:
             from zeroflow.distributed import ShardedBatchSampler
             rank, world = shard
-            sampler = ShardedBatchSampler(len(subset), batch_size, rank, world, shuffle=shuffle, seed=int(seed))
-            return DataLoader(subset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=False)
-        gen = torch.Generator()
-        gen.manual_seed(int(seed))
-        return DataLoader(subset, batch_size=batch_size, shuffle=shuffle,
-                          generator=gen, num_workers=num_workers, drop_last=False,
+            batches = ShardedBatchSampler(len(subset), batch_size, rank, world, shuffle=shuffle, seed=int(seed))
+        else:
+            order = RandomSampler(subset, generator=gen) if shuffle else SequentialSampler(subset)
+            batches = BatchSampler(order, batch_size, drop_last=False)
+        dataset: Dataset = subset
+        if split == "train":    # random transforms: seeded per sample (the evaluation splits have none)
+            dataset, batches = SeededDraws(subset, seed), EpochKeys(batches)
+        return DataLoader(dataset, batch_sampler=batches, generator=gen, num_workers=num_workers,
                           persistent_workers=False)
 
 
