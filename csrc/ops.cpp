@@ -31,7 +31,7 @@
 #include "update_math.h"
 
 // CPU capabilities (docs/kernel-ops.md, "CPU capabilities"). The tile kernels are compiled
-// three times into one binary -- baseline x86-64, AVX2, AVX-512 (x86-64-v4's set) -- never
+// three times into one binary -- baseline x86-64, AVX2, AVX-512 (F/BW/DQ/VL) -- never
 // with -march=native (the wheel must run on any x86-64), and each op call runs the variant of
 // the capability in force: the best this CPU has, or a lower one named by
 // ZEROFLOW_CPU_CAPABILITY (as ATEN_CPU_CAPABILITY does for torch). Every variant does the
@@ -560,17 +560,23 @@ struct Chunk {
 // (and the tile kernels it calls, all always_inline) is compiled into each of these.
 template <int C>
 using CapTag = std::integral_constant<int, C>;
+// Chunks each variant ran (zfkernels._C._chunks_run()): the variants give the same bits, so only
+// this shows a test which one ran (one relaxed increment per chunk of CHUNK elements).
+std::atomic<uint64_t> g_chunks_run[kCapCount] = {};
 template <class F>
 void chunk_default(const F& f, const Chunk& c) {
+  g_chunks_run[kCapDefault].fetch_add(1, std::memory_order_relaxed);
   f(CapTag<kCapDefault>{}, c);
 }
 #ifdef ZF_X86_VARIANTS
 template <class F>
 ZF_TARGET_AVX2 void chunk_avx2(const F& f, const Chunk& c) {
+  g_chunks_run[kCapAvx2].fetch_add(1, std::memory_order_relaxed);
   f(CapTag<kCapAvx2>{}, c);
 }
 template <class F>
 ZF_TARGET_AVX512 void chunk_avx512(const F& f, const Chunk& c) {
+  g_chunks_run[kCapAvx512].fetch_add(1, std::memory_order_relaxed);
   f(CapTag<kCapAvx512>{}, c);
 }
 #endif
@@ -1003,10 +1009,16 @@ PyObject* py_set_cpu_capability(PyObject*, PyObject* arg) {
   return nullptr;
 }
 
+PyObject* py_chunks_run(PyObject*, PyObject*) {  // for tests: chunks run per variant, lowest first
+  return Py_BuildValue("(KKK)", (unsigned long long)g_chunks_run[0].load(), (unsigned long long)g_chunks_run[1].load(),
+                       (unsigned long long)g_chunks_run[2].load());
+}
+
 PyMethodDef module_methods[] = {
     {"cpu_capability", py_cpu_capability, METH_NOARGS, "The CPU capability whose kernels the ops run."},
     {"cpu_capabilities", py_cpu_capabilities, METH_NOARGS, "The CPU capabilities of this machine, lowest first."},
     {"set_cpu_capability", py_set_cpu_capability, METH_O, "Run the kernels of this CPU capability."},
+    {"_chunks_run", py_chunks_run, METH_NOARGS, "Chunks each variant ran (default, avx2, avx512), for tests."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace zf_cpu

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -155,3 +156,64 @@ def test_the_capabilities_are_ordered_and_this_machine_gets_its_best():
         want = ("avx512" if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
                 else "avx2" if "avx2" in flags else "default")
         assert CAPS[-1] == want
+
+
+def test_the_capability_in_force_is_the_variant_that_runs():
+    """The variants give the same bits, so the reference comparisons above pass whichever one
+    runs: a dispatch that ignored the capability (the best one always, or the avx512 wrapper
+    sending to the avx2 one) went unnoticed. The extension counts the chunks each ran."""
+    from zfkernels import _C
+
+    for cap in CAPS:
+        zk.set_cpu_capability(cap)
+        before = _C._chunks_run()
+        zk.perturb_([torch.zeros(3 * 65536 + 5), torch.zeros(77)], seed=1, scale=1.0)   # serial and parallel
+        ran = [a - b for a, b in zip(_C._chunks_run(), before)]
+        want = [0, 0, 0]
+        want[_compiled.CPU_CAPABILITIES.index(cap)] = 5
+        assert ran == want, (cap, ran)
+
+
+def _disassembly() -> dict[str, list[str]]:
+    """``{function: [instruction, ...]}`` of the compiled CPU extension (objdump -d -C)."""
+    from zfkernels import _C
+
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", _C.__file__], capture_output=True,
+                          text=True, check=True, timeout=120).stdout
+    funcs, cur = {}, None
+    for line in text.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if m:
+            cur = funcs.setdefault(m.group(1), [])
+        elif cur is not None and "\t" in line:
+            cur.append(line.split("\t")[-1].strip())
+    return funcs
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None or os.uname().machine != "x86_64" or len(CAPS) < 3,
+                    reason="needs objdump and a GCC x86-64 build on an AVX-512 machine")
+def test_each_variant_holds_the_instructions_of_its_capability():
+    """What the bits cannot show (csrc/ops.cpp, "CPU capabilities"): the baseline variant runs on
+    any x86-64 (no VEX / EVEX), the AVX2 one on any AVX2 CPU (no AVX-512), the AVX-512 one uses
+    it; no FMA anywhere (no contraction); the tile code inlined into each wrapper, which calls its
+    own SIMD Philox."""
+    funcs = _disassembly()
+    allowed_calls = re.compile(r"<(zf_cpu::TileIO::bind|zf_cpu::philox_batch_avx(2|512)\(|memcpy@plt|memset@plt)")
+    for cap in _compiled.CPU_CAPABILITIES:
+        bodies = {f: ins for f, ins in funcs.items() if f.startswith(f"void zf_cpu::chunk_{cap}<")}
+        assert len(bodies) == 3, (cap, list(bodies))        # perturb_, zo_sgd_update_, zo_adam_update_
+        for f, ins in bodies.items():
+            mnemonics = [i.split()[0] for i in ins if i.split()]
+            simd = [i for i in ins if i.startswith("v") or "%ymm" in i or "%zmm" in i]
+            avx512 = [i for i in ins if "%zmm" in i or re.search(r"%k[0-7]|%[xy]mm(1[6-9]|2\d|3[01])\b", i)]
+            assert not [m for m in mnemonics if re.match(r"vf(n)?m(add|sub)", m)], (cap, f[:60])
+            calls = [i for i in ins if i.startswith("call")]
+            assert all(allowed_calls.search(i) for i in calls), (cap, [i for i in calls if not allowed_calls.search(i)])
+            if cap == "default":
+                assert simd == [], (f[:60], simd[:5])
+            elif cap == "avx2":
+                assert avx512 == [] and any("%ymm" in i for i in ins), (f[:60], avx512[:5])
+                assert any("philox_batch_avx2(" in i for i in calls), f[:60]
+            else:
+                assert avx512, f[:60]
+                assert any("philox_batch_avx512(" in i for i in calls), f[:60]

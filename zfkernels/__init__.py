@@ -10,7 +10,8 @@ kernels and the pure-PyTorch reference. Every function takes ``backend``:
 * ``"torch"``  – the reference (zfkernels/reference.py), slow but readable.
 
 The stream and op semantics: docs/perturbation-stream.md, docs/kernel-ops.md.
-Importing this package never fails; a missing backend fails on use with the fix.
+Importing this package never fails but for a bad ``ZEROFLOW_CPU_CAPABILITY`` (docs/kernel-ops.md,
+"CPU capabilities"); a missing backend fails on use with the fix.
 """
 from __future__ import annotations
 

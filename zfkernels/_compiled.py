@@ -2,8 +2,9 @@
 
 ``zfkernels._C`` defines the ``torch.ops.zfkernels`` schema and the CPU (and Meta) kernels;
 ``zfkernels._C_cuda`` adds the CUDA kernels (built only where nvcc and a CUDA torch exist).
-Importing this module never fails: a missing extension is recorded with the reason and the
-command that builds it, and the callers fall back or raise with that text. In a source
+Importing this module fails only for a ZEROFLOW_CPU_CAPABILITY this machine cannot honour; a
+missing extension is recorded with the reason and the command that builds it, and the callers
+fall back or raise with that text. In a source
 checkout, an extension built from other sources than the csrc/ beside the package (edited
 since the build) is named with a warning at import (:func:`stale`).
 """
