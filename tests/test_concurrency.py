@@ -77,3 +77,28 @@ def test_triton_interpreter_launches_from_two_threads():
     errors = _run_in_threads([work(0), work(1)])
     assert errors == []       # was InterpreterError("... Did you forget to add @triton.jit ? ...")
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_launch_scope_leaves_the_interpreter_lock_free_when_entering_the_device_fails(monkeypatch):
+    """Interpreted launches on CUDA tensors take the lock, then enter the device: a device that
+    cannot be entered must not leave the lock held (every later launch of every thread would
+    wait forever)."""
+    pytest.importorskip("triton")
+    from zfkernels.triton import _common
+
+    def no_device(d):
+        raise RuntimeError("no such device")
+
+    monkeypatch.setattr(torch.cuda, "device", no_device)
+    with pytest.raises(RuntimeError, match="no such device"):
+        _common.launch_scope(torch.device("cuda", 1), True)
+    got = []
+    def take_and_give_back():
+        got.append(_common._INTERPRETER_LOCK.acquire(timeout=5))
+        if got[-1]:
+            _common._INTERPRETER_LOCK.release()
+
+    t = threading.Thread(target=take_and_give_back)
+    t.start()
+    t.join()
+    assert got == [True]

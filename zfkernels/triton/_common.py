@@ -115,7 +115,11 @@ def launch_scope(device: torch.device | None, interp: bool):
         return torch.cuda.device(device)
     both = contextlib.ExitStack()
     both.enter_context(_INTERPRETER_LOCK)
-    both.enter_context(torch.cuda.device(device))
+    try:
+        both.enter_context(torch.cuda.device(device))
+    except BaseException:
+        both.close()              # the lock is not left held
+        raise
     return both
 
 

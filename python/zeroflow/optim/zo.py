@@ -752,23 +752,29 @@ class _ZOBase(torch.optim.Optimizer):
             # outer one needed to take its perturbation back: a KeyError left theta perturbed.
             raise RuntimeError(
                 f"{type(self).__name__}.step() was called while a step of this optimizer was running (from its "
-                "closure, a hook or another thread); a step's closure must only compute the loss. The running step "
-                "takes its perturbation back and raises this error")
-        # Every group's options, checked, and its stream options converted, once, before the
-        # first kernel call changes theta: a bad value set between steps (a typo in a
-        # schedule, zo_eps = 0) raises here, not after group 0 was perturbed.
-        for i, g in enumerate(self.param_groups):
-            self._check_group(g, f"param group {i}: ")
-        stream = {id(g): (dist_code(g["perturbation"]), mask_threshold(g["sparsity"])) for g in self.param_groups}
-        n = self._n
-        seeds = [derive_seed(self._seed, n, j) for j in range(self.q)]
-        # The kernels read mask_seed only under a mask (threshold > 0): 0 otherwise, same bits,
-        # one ~7 us derivation less.
-        mask_seed = self._mask_seed(n) if any(thr for _, thr in stream.values()) else 0
+                "closure, a hook or another thread); a step's closure must only compute the loss. Called from the "
+                "running step's closure, that step takes its perturbation back and raises this error too")
+        # Claimed at once, not after the checks below: a second thread between the check above and
+        # a later claim would run a step beside this one.
+        self._step_token = object()
+        try:
+            # Every group's options, checked, and its stream options converted, once, before the
+            # first kernel call changes theta: a bad value set between steps (a typo in a
+            # schedule, zo_eps = 0) raises here, not after group 0 was perturbed.
+            for i, g in enumerate(self.param_groups):
+                self._check_group(g, f"param group {i}: ")
+            stream = {id(g): (dist_code(g["perturbation"]), mask_threshold(g["sparsity"])) for g in self.param_groups}
+            n = self._n
+            seeds = [derive_seed(self._seed, n, j) for j in range(self.q)]
+            # The kernels read mask_seed only under a mask (threshold > 0): 0 otherwise, same bits,
+            # one ~7 us derivation less.
+            mask_seed = self._mask_seed(n) if any(thr for _, thr in stream.values()) else 0
+        except BaseException:
+            self._step_token = None
+            raise
         self._stream_args = stream
         self._step_groups = tuple(self.param_groups)
         self._step_eps = {id(g): float(g["zo_eps"]) for g in self.param_groups}
-        self._step_token = object()
         self._fw_step = 0
         self._round_calls = 0
         self._consumed = []
