@@ -217,3 +217,13 @@ def test_each_variant_holds_the_instructions_of_its_capability():
             else:
                 assert avx512, f[:60]
                 assert any("philox_batch_avx512(" in i for i in calls), f[:60]
+
+
+def test_a_build_older_than_the_capabilities_is_named(monkeypatch):
+    """An extension built before this API (the stale-build warning's case) has none of its
+    functions: the error says to rebuild, not an AttributeError."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "zfkernels._C", types.ModuleType("zfkernels._C"))
+    with pytest.raises(RuntimeError, match="built before CPU capabilities existed; rebuild it with: .*pip install"):
+        zk.cpu_capability()

@@ -61,6 +61,8 @@ def _cpu_module():
     m = sys.modules.get(f"{__package__ or 'zfkernels'}.{MODULES['cpu']}")
     if m is None:
         raise RuntimeError(f"the CPU capability needs the compiled CPU kernels: {missing_reason('cpu')}")
+    if not hasattr(m, "set_cpu_capability"):      # a build older than the capabilities (stale())
+        raise RuntimeError(f"zfkernels._C was built before CPU capabilities existed; rebuild it with: {BUILD_COMMAND}")
     return m
 
 
