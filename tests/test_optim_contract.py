@@ -149,6 +149,97 @@ def test_a_group_added_or_dropped_inside_the_closure_joins_or_leaves_at_the_next
     opt.step(lambda: loss_of(model))
 
 
+def test_a_step_refused_by_its_checks_leaves_the_optimizer_free_for_the_next_one():
+    """The running-step claim is taken before the checks: a step refused there gives it back
+    (else every later step was refused as "called while a step was running")."""
+    model, opt = two_groups(ZOFusedSGD)
+    opt.param_groups[1]["lr"] = -1.0
+    with pytest.raises(ValueError, match="param group 1: .*must be >= 0"):
+        opt.step(lambda: loss_of(model))
+    opt.param_groups[1]["lr"] = 0.01
+    opt.step(lambda: loss_of(model))
+    assert opt.step_count == 1
+
+
+def test_a_step_from_another_thread_during_the_checks_of_a_running_one_is_refused():
+    """The claim comes before the option checks: a second thread calling step() while the first
+    is still checking its groups is refused, not run beside it (deterministic: the first
+    thread's check waits until the second call has returned)."""
+    import threading
+
+    model, opt = two_groups(ZOFusedSGD)
+    entered, go = threading.Event(), threading.Event()
+    real = opt._check_group
+    calls = [0]
+
+    def check_group(g, where):
+        calls[0] += 1
+        if calls[0] == 1:
+            entered.set()
+            assert go.wait(30)
+        return real(g, where)
+    opt._check_group = check_group
+    errors = []
+
+    def first():
+        try:
+            opt.step(lambda: loss_of(model))
+        except BaseException as e:      # noqa: BLE001 - reported below
+            errors.append(e)
+    t = threading.Thread(target=first)
+    t.start()
+    try:
+        assert entered.wait(30)
+        with pytest.raises(RuntimeError, match="while a step of this optimizer was running"):
+            opt.step(lambda: loss_of(model))
+    finally:
+        go.set()
+        t.join(60)
+    assert errors == [] and opt.step_count == 1
+
+
+@pytest.mark.parametrize("cls,kw", [(ZOFusedSGD, dict(conserve=True)), (ZOFusedAdam, dict(conserve=True)),
+                                    (ZOFusedSGD, dict(estimator="forward_grad"))])
+def test_a_group_added_inside_the_closure_joins_at_the_next_step_with_conserve_and_forward_grad(cls, kw):
+    """conserve's moves (_move) and forward_grad's parameter list use the groups the step
+    started with, as the perturbations do: a group added by the closure is not moved by the
+    step that saw it added (it has no stream options there: the step failed), and trains from the next."""
+    model = make_mlp(6, 4, 1)
+    extra = torch.nn.Parameter(torch.zeros(3))
+    model.register_parameter("extra", extra)       # forward_grad: a tensor of the model
+    if kw.get("estimator") == "forward_grad":
+        kw = dict(kw, model=model)
+    opt = cls([{"params": list(model[0].parameters())}, {"params": list(model[2].parameters())}], lr=0.1,
+              zo_eps=1e-2, seed=3, **kw)
+
+    def add():
+        if len(opt.param_groups) == 2:
+            opt.add_param_group({"params": [extra], "lr": 0.1})
+        return loss_of(model) + extra.sum() * 0.5
+    opt.step(add)
+    assert torch.equal(extra, torch.zeros(3)) and opt.step_count == 1
+    opt.step(add)
+    assert not torch.equal(extra, torch.zeros(3))
+
+
+def test_each_group_is_perturbed_by_its_own_zo_eps():
+    """The step records every group's zo_eps (not the optimizer's default): group 1 at
+    zo_eps=5e-3 moves half as far at the first forward as at 1e-2, the same z."""
+    def first_forward_move(eps1):
+        model, opt = two_groups(ZOFusedSGD)
+        opt.param_groups[1]["zo_eps"] = eps1
+        before, moved = snapshot(model), []
+
+        def closure():
+            if not moved:
+                moved.append([p.detach() - b for p, b in zip(model.parameters(), before)])
+            return loss_of(model)
+        opt.step(closure)
+        return moved[0]
+    half, full = first_forward_move(5e-3), first_forward_move(1e-2)
+    assert all(torch.equal(a, b) for a, b in zip(half[:2], full[:2]))         # group 0: its own 1e-2
+    assert all(torch.allclose(a, b / 2, rtol=1e-3, atol=1e-7) and a.abs().max() > 0 for a, b in zip(half[2:], full[2:]))
+
 def test_a_group_whose_perturbation_fails_takes_the_others_back():
     model, opt = two_groups(ZOFusedSGD)
     opt.step(lambda: loss_of(model))

@@ -977,6 +977,10 @@ class _ZOBase(torch.optim.Optimizer):
     def _step_forward_grad(self, closure, seeds, mask_seed):
         wrapper = self._fg_wrapper
         params = [p for g in self._groups() for p in g["params"]]
+        if any(id(p) not in self._fg_names for p in params):
+            # named inside a closure (add_param_group there): the model held functional_call's
+            # tensors then, whose ids every later step missed (KeyError); read them again
+            self._fg_name_params(params)
         names = [self._fg_names[id(p)] for p in params]
         self._check_model_holds(names, params)
         wrapper.closure = closure
