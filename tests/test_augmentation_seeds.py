@@ -127,3 +127,60 @@ def test_a_sharded_step_is_the_global_batch_bit_for_bit(digits):
             for r in range(2):
                 xr, yr = ranks[r][e][k]
                 assert torch.equal(xr, x[r::2]) and torch.equal(yr, y[r::2]), (e, k, r)
+
+
+def test_draw_seed_separates_neighbouring_triples():
+    """draw_seed is a hash, not a sum: seed 1 epoch 0 and seed 0 epoch 1 (or index 1 and
+    epoch 1) are other streams."""
+    from zeroflow.continual.data import draw_seed
+    triples = [(s, e, i) for s in range(3) for e in range(3) for i in range(3)]
+    assert len({draw_seed(*t) for t in triples}) == len(triples)
+
+
+def _drawn(subset, seed, epoch, positions):
+    """The documented draw of each sample: read under the CPU RNG seeded by draw_seed(seed,
+    epoch, index in the training split)."""
+    from zeroflow.continual.data import draw_seed
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        for pos in positions:
+            torch.default_generator.manual_seed(draw_seed(seed, epoch, subset.indices[pos]))
+            out.append(subset[pos][0])
+    return torch.stack(out)
+
+
+def test_the_epoch_of_a_draw_is_the_pass_or_the_sharded_samplers_epoch(digits):
+    """A single-process loader's pass k draws epoch k (from 0); a sharded loader draws the
+    epoch set on its sampler (set_epoch, as a resumed or restarted training loop sets it),
+    whatever pass of the loader this is."""
+    classes = digits.tasks[0]
+    subset = digits.subset("train", classes)
+    loader = digits.loader("train", classes, 8, shuffle=False, seed=1993)
+    for epoch in range(2):
+        x, _ = next(iter(loader))
+        assert torch.equal(x, _drawn(subset, 1993, epoch, range(8))), epoch
+    sharded = digits.loader("train", classes, 8, shuffle=False, seed=1993, shard=(0, 1))
+    for _ in range(2):                       # two passes, the epoch set once
+        sharded.batch_sampler.set_epoch(3)
+        x, _ = next(iter(sharded))
+        assert torch.equal(x, _drawn(subset, 1993, 3, range(8)))
+
+
+def test_a_training_loader_has_as_many_batches_as_it_yields(digits):
+    """len(loader) (the pretraining schedule's step count, the progress bar) is the number of
+    batches a pass yields, sharded or not."""
+    for shard in (None, (0, 2), (1, 2)):
+        loader = digits.loader("train", digits.tasks[0], 32, shuffle=True, seed=1993, shard=shard)
+        assert len(loader) == sum(1 for _ in loader) == len(loader.batch_sampler), shard
+
+
+def test_a_sample_draw_reseeds_only_the_cpu_generator(digits, monkeypatch):
+    """torch.manual_seed would reseed every CUDA generator too (the main process's, with
+    num_workers=0): only the CPU generator is seeded and restored per sample."""
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: seeded.append(s))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda s: seeded.append(s))
+    for shard in (None, (0, 2)):
+        for _ in digits.loader("train", digits.tasks[0], 64, shuffle=True, seed=1993, shard=shard):
+            pass
+    assert seeded == []

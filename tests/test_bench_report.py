@@ -240,3 +240,68 @@ def test_every_gpu_kernel_case_has_a_target_row_measured_or_not(tmp_path):
     adam = [r for r in rows if r[1].startswith("adam ")]
     assert adam and all(r[3] == "not measured" and "no record in this run" in r[4] for r in adam)
     assert any(r[3] != "not measured" for r in rows if not r[1].startswith("adam "))     # the relabelled rest
+
+
+@pytest.mark.parametrize("op,variant", [("perturb", "plain"), ("perturb", "sparse"), ("sgd", "plain"),
+                                        ("sgd", "sign"), ("sgd", "sparse"), ("sgd", "history"),
+                                        ("sgd", "momentum"), ("adam", "plain"), ("adam", "sign"),
+                                        ("adam", "sparse"), ("adam", "history")])
+def test_a_kernel_case_calls_its_op_with_its_variants_options(monkeypatch, op, variant):
+    """benchmarks/test_bench_kernels.py::_kernel_call (shared by test_kernel and
+    test_cpu_capability): each variant's options reach the op, on a parameter of the case's dtype."""
+    import torch
+
+    import zfkernels as zk
+    from benchmarks import test_bench_kernels as K
+
+    calls = []
+    for name in ("perturb_", "zo_sgd_update_", "zo_adam_update_"):
+        monkeypatch.setattr(zk, name, lambda *a, _name=name, **kw: calls.append((_name, a, kw)))
+    K._kernel_call("cpu", op, variant, torch.bfloat16, "rademacher", 64)()
+    (name, args, kw), = calls
+    assert name == {"perturb": "perturb_", "sgd": "zo_sgd_update_", "adam": "zo_adam_update_"}[op]
+    p = args[0][0]
+    assert p.dtype == torch.bfloat16 and p.numel() == 64
+    want = {"dist": "rademacher", "backend": "cpu"}
+    if variant == "sparse":
+        want.update(mask_seed=77, sparsity=0.5)
+    elif variant == "sign":
+        want["sign"] = True
+    elif variant == "history":
+        want["history_alpha"] = 0.9
+    elif variant == "momentum":
+        want["momentum"] = 0.9
+    assert {k: v for k, v in kw.items() if k in ("dist", "backend", "mask_seed", "sparsity", "sign",
+                                                 "history_alpha", "momentum")} == want
+    for buf in ("history_buffers", "momentum_buffers"):
+        if variant == buf.split("_")[0]:
+            assert len(kw[buf]) == 1 and kw[buf][0].shape == p.shape
+        else:
+            assert buf not in kw
+
+
+def test_the_cpu_capability_bench_runs_its_capability_and_restores_the_one_before(monkeypatch):
+    """benchmarks/test_bench_kernels.py::test_cpu_capability: the case runs under its capability
+    and leaves the one in force before it, whether it passed or failed."""
+    from types import SimpleNamespace
+
+    import zfkernels as zk
+    from benchmarks import _common as C
+    from benchmarks import test_bench_kernels as K
+    from zfkernels import _compiled
+
+    if not _compiled.cpu_available():
+        pytest.skip("the compiled CPU extension is missing")
+    monkeypatch.setattr(C, "kernel_sizes", lambda: [4096])
+    before = zk.cpu_capability()
+    seen = []
+
+    def run_bench(fn, extra, **kw):
+        seen.append((zk.cpu_capability(), extra["capability"], extra["kind"]))
+        if len(seen) == 2:
+            raise RuntimeError("the case failed")
+    K.test_cpu_capability(run_bench, SimpleNamespace(), "default", "sgd", "fp32", "gaussian")
+    assert seen == [("default", "default", "capability")] and zk.cpu_capability() == before
+    with pytest.raises(RuntimeError, match="the case failed"):
+        K.test_cpu_capability(run_bench, SimpleNamespace(), "default", "sgd", "fp32", "gaussian")
+    assert zk.cpu_capability() == before

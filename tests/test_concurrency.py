@@ -102,3 +102,46 @@ def test_launch_scope_leaves_the_interpreter_lock_free_when_entering_the_device_
     t.start()
     t.join()
     assert got == [True]
+
+
+def _lock_free_in_another_thread() -> bool:
+    from zfkernels.triton import _common
+
+    got = []
+
+    def take():
+        got.append(_common._INTERPRETER_LOCK.acquire(timeout=0.2))
+        if got[-1]:
+            _common._INTERPRETER_LOCK.release()
+    t = threading.Thread(target=take)
+    t.start()
+    t.join()
+    return got == [True]
+
+
+@pytest.mark.parametrize("interp", [False, True])
+def test_launch_scope_enters_the_tensors_cuda_device_and_holds_the_lock_when_interpreted(monkeypatch, interp):
+    """A native launch (a GPU) enters the tensors' device; an interpreted one on CUDA tensors
+    enters it too and holds the process-wide interpreter lock for its length; a CPU launch
+    holds the lock when interpreted. Emulated: torch.cuda.device recorded."""
+    pytest.importorskip("triton")
+    import contextlib
+
+    from zfkernels.triton import _common
+
+    entered = []
+
+    @contextlib.contextmanager
+    def device(d):
+        entered.append(torch.device(d))
+        yield
+    monkeypatch.setattr(torch.cuda, "device", device)
+    with _common.launch_scope(torch.device("cuda", 1), interp):
+        assert entered == [torch.device("cuda", 1)]
+        assert _lock_free_in_another_thread() is (not interp)
+    assert _lock_free_in_another_thread()
+    with _common.launch_scope(torch.device("cpu"), interp):
+        assert _lock_free_in_another_thread() is (not interp)
+    with _common.launch_scope(None, interp):
+        assert _lock_free_in_another_thread() is (not interp)
+    assert entered == [torch.device("cuda", 1)]

@@ -473,3 +473,60 @@ def test_two_runs_of_a_suite_on_one_device_are_refused_not_mixed(tmp_path, capsy
     records, _ = R.load([a])
     R.derive(records)
     assert next(r for r in records if r["x"]["op"] == "perturb")["copy_frac"] == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------- CPU capabilities
+def _cap(cap, op, dtype, numel, t, dist="gaussian"):
+    """A record of benchmarks/test_bench_kernels.py::test_cpu_capability."""
+    r = _kern("cpu", op, "plain", dtype, dist, numel, t, kind="capability", capability=cap)
+    r["extra_info"]["key"] = f"kernels|capability|{cap}|{op}|cpu|{dtype}|{dist}|{numel}"
+    return r
+
+
+def _capability_records(tmp_path):
+    n = 2**20
+    return _records(tmp_path, [
+        _copy("fp32", n, 1e-3), _copy("bf16", n, 1e-3),
+        _kern("cpu", "perturb", "plain", "fp32", "gaussian", n, 1e-3),
+        _cap("default", "perturb", "fp32", n, 2e-3), _cap("avx2", "perturb", "fp32", n, 1e-3),
+        _cap("avx512", "perturb", "fp32", n, 0.5e-3),
+        _cap("default", "sgd", "fp32", n, 2e-3), _cap("avx512", "sgd", "bf16", n, 2e-3),
+    ])
+
+
+def test_capability_table_a_column_per_capability_lowest_first_and_cells_not_measured(tmp_path):
+    text = R.kernel_section(_capability_records(tmp_path), {})
+    caps = _section(text, "The compiled CPU kernels of each CPU capability", "\n\n|") + \
+        text[text.index("| op | dtype | z | N | default"):]
+    assert "| op | dtype | z | N | default | avx2 | avx512 |" in caps
+    assert "| perturb | fp32 | gaussian | 1M | 2 ms (50 % of copy BW) | 1 ms (100 % of copy BW) | " \
+           "0.5 ms (200 % of copy BW) |" in caps
+    assert "| sgd | fp32 | gaussian | 1M | 2 ms (50 % of copy BW) | not measured | not measured |" in caps
+    assert "| sgd | bf16 | gaussian | 1M | not measured | not measured | 2 ms (50 % of copy BW) |" in caps
+    rows = [ln for ln in caps.splitlines() if ln.startswith("| perturb") or ln.startswith("| sgd")]
+    assert [r.split(" | ")[0] for r in rows] == ["| perturb", "| sgd", "| sgd"]
+    # the capability rows are not zeroflow kernel rows (the table above) nor baselines
+    kern = _section(text, "### Kernels on cpu", "Variants:")
+    assert kern.count("| perturb |") == 1
+    assert "not measured" not in R.kernel_section(_records(tmp_path, [_copy("fp32", 2**20, 1e-3), _kern(
+        "cpu", "perturb", "plain", "fp32", "gaussian", 2**20, 1e-3)], "c.json"), {})
+
+
+def test_capability_table_names_the_capabilities_measured_only(tmp_path):
+    n = 2**20
+    recs = _records(tmp_path, [_copy("fp32", n, 1e-3), _cap("avx512", "perturb", "fp32", n, 1e-3),
+                               _cap("default", "perturb", "fp32", n, 1e-3)])
+    assert "| op | dtype | z | N | default | avx512 |" in R.capability_table(
+        [r for r in recs if r["x"]["kind"] == "capability"])
+
+
+def test_the_kernel_plot_leaves_the_capability_records_out(tmp_path):
+    """The capability rows are plain fp32 CPU kernels too: in the bar chart they were extra
+    "perturb gauss cpu" bars beside the kernel's own."""
+    recs = [r for r in _capability_records(tmp_path) if r["x"]["kind"] != "copy"]
+    plt = mock.MagicMock()
+    ax = mock.MagicMock()
+    plt.subplots.return_value = (mock.MagicMock(), ax)
+    R.plot_kernels(plt, "cpu", recs + [r for r in _capability_records(tmp_path) if r["x"]["kind"] == "copy"])
+    labels = list(ax.set_yticks.call_args[0][1])
+    assert labels == ["perturb gauss cpu"]
