@@ -92,16 +92,7 @@ def test_launch_scope_leaves_the_interpreter_lock_free_when_entering_the_device_
     monkeypatch.setattr(torch.cuda, "device", no_device)
     with pytest.raises(RuntimeError, match="no such device"):
         _common.launch_scope(torch.device("cuda", 1), True)
-    got = []
-    def take_and_give_back():
-        got.append(_common._INTERPRETER_LOCK.acquire(timeout=5))
-        if got[-1]:
-            _common._INTERPRETER_LOCK.release()
-
-    t = threading.Thread(target=take_and_give_back)
-    t.start()
-    t.join()
-    assert got == [True]
+    assert _lock_free_in_another_thread()
 
 
 def _lock_free_in_another_thread() -> bool:
