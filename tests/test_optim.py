@@ -422,6 +422,25 @@ def test_nan_loss_skips_step():
     assert opt1.step_count == 1 and not opt1.state
 
 
+def test_skip_warnings_do_not_pile_up_in_the_warning_registry():
+    # Each skip's warning names its step, so no two are alike and "default" (Python's filter for
+    # RuntimeWarning) never deduplicates them: a registry entry per skipped step served nothing
+    # and grew the caller's __warningregistry__ for the whole run. Shown as before, each time,
+    # attributed to this file.
+    model = make_model()
+    opt = ZOFusedSGD(model.parameters(), lr=0.1, backend=BACKEND, seed=4)
+    registry = globals().setdefault("__warningregistry__", {})
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("default")
+        for _ in range(25):
+            opt.step(lambda: loss_of(model) * float("nan"))
+        entries = len(registry)
+    shown = [x for x in w if "non-finite" in str(x.message)]
+    assert opt.steps_skipped == 25 and len(shown) == 25
+    assert {x.filename for x in shown} == {__file__} and len({str(x.message) for x in shown}) == 25
+    assert entries <= 1, f"{entries} registry entries after 25 skipped steps"
+
+
 @pytest.mark.parametrize("cls,kw", [(ZOFusedSGD, {}), (ZOFusedAdam, {}), (ZOFusedAdam, dict(conserve=True)),
                                     (ZOFusedSGD, dict(estimator="forward_grad"))])
 def test_an_estimate_beyond_float32_is_skipped_like_a_non_finite_loss(cls, kw):

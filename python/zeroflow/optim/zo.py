@@ -88,12 +88,23 @@ _INTERNAL_FILES = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, zf
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,)
 
 
-def _warn_at_caller(message: str) -> None:
-    """``warnings.warn(message, RuntimeWarning)`` attributed to the caller's code."""
+def _warn_at_caller(message: str, *, each_time: bool = False) -> None:
+    """``warnings.warn(message, RuntimeWarning)`` attributed to the caller's code.
+
+    ``each_time``: the message names its occasion (a step number) and is never repeated, so
+    the caller module's ``__warningregistry__``, which remembers every text it has shown so
+    that "default" shows it once, would gain an entry per call for nothing (a run skipping
+    every step grew it by one entry a step); such a warning is issued without a registry,
+    which shows it as before under every filter."""
     frame, level = sys._getframe(1), 2     # stacklevel 1 is this function, 2 its caller
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_FILES):
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, RuntimeWarning, stacklevel=level)
+    if not each_time or frame is None:
+        warnings.warn(message, RuntimeWarning, stacklevel=level)
+        return
+    caller = frame.f_globals
+    warnings.warn_explicit(message, RuntimeWarning, frame.f_code.co_filename, frame.f_lineno,
+                           module=caller.get("__name__", "<string>"), registry=None, module_globals=caller)
 
 
 @contextlib.contextmanager
@@ -793,7 +804,7 @@ class _ZOBase(torch.optim.Optimizer):
             self.steps_skipped += 1
             _warn_at_caller(
                 f"{type(self).__name__}: {s.why} at step {n}; step skipped, "
-                "parameters restored, step counter advanced")
+                "parameters restored, step counter advanced", each_time=True)
             loss = _loss_tensor(s.value)
         except BaseException as e:
             interrupted = isinstance(e, KeyboardInterrupt)
