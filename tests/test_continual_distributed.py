@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import traceback
 import warnings
 
@@ -18,15 +17,19 @@ CFG = dict(method="ease", optimizer="zo_sgd", epochs=1, pretrain_epochs=2, batch
            backend="cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _agent_store():
+    """The rendezvous store, hosted here as torchrun's agent hosts it (TORCHELASTIC_USE_AGENT_STORE):
+    bound to a port the system picks and held from then on. A port found free and closed again
+    for rank 0 to bind seconds later (a spawned interpreter importing torch) could be taken
+    in between, failing the run with EADDRINUSE."""
+    import torch.distributed as dist
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
 def _worker(rank, world, port, out, cache, cfg_over, result_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), ZEROFLOW_CACHE=cache)
+                      MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0",
+                      ZEROFLOW_CACHE=cache)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     import torch.distributed as dist
@@ -49,8 +52,10 @@ def _worker(rank, world, port, out, cache, cfg_over, result_dir):
 
 def _launch(world, out, cache, result_dir, **cfg_over):
     os.makedirs(result_dir, exist_ok=True)
-    mp.start_processes(_worker, args=(world, _free_port(), str(out), str(cache), cfg_over, str(result_dir)),
+    store = _agent_store()
+    mp.start_processes(_worker, args=(world, store.port, str(out), str(cache), cfg_over, str(result_dir)),
                        nprocs=world, join=True, start_method="spawn")
+    del store
     out = []
     for r in range(world):
         with open(os.path.join(result_dir, f"rank{r}.json")) as f:
