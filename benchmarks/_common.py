@@ -9,7 +9,6 @@ Environment:
 """
 from __future__ import annotations
 
-import math
 import os
 import weakref
 from dataclasses import dataclass
@@ -329,7 +328,3 @@ def bytes_of(dtype: torch.dtype) -> int:
 def key(*parts) -> str:
     """Stable identifier of a measurement (extra_info['key']); baselines refer to it."""
     return "|".join(str(p) for p in parts)
-
-
-def isclose_pow2(n: int) -> bool:
-    return n > 0 and math.log2(n).is_integer()

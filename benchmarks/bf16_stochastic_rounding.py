@@ -211,11 +211,5 @@ def main(argv=None) -> int:
     return 0
 
 
-def replot(json_path: str, png_path: str) -> None:
-    """Redraw the PNG from a JSON this script wrote."""
-    with open(json_path) as f:
-        plot(json.load(f), png_path)
-
-
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -169,7 +169,7 @@ class MezoRecipe:
         return l1
 
 
-def make_method(method: str, model, params, closure, *, lr: float | None = None, eps: float = EPS):
+def make_method(method: str, params, closure, *, lr: float | None = None, eps: float = EPS):
     """``(step, optimizer)`` of one method; ``step()`` runs one training iteration."""
     if method in ZEROFLOW:
         from zeroflow.optim import create
@@ -289,7 +289,7 @@ def test_llm_method(run_bench, benchmark, llm, method, variant):
             closure = precomputed_closure(closure())
     if method == "fo_adamw":
         model.train()     # dropout is 0: the same forward as the ZO methods', plus autograd
-    step, opt = make_method(method, model, params, closure)
+    step, opt = make_method(method, params, closure)
     extra = {**llm["info"], "key": _key(method, variant), "kind": KIND[method], "method": method,
              "variant": variant, "forwards_per_step": 1 if method == "fo_adamw" else 2,
              "roofline_bytes": roofline_bytes(method, llm["info"]["params_bytes"]),

@@ -41,12 +41,12 @@ def _big_cpu(pset: str) -> bool:
     return not C.FAST and not C.ON_GPU and pset == "vit_b_86m"
 
 
-def _rounds(pset: str, q: int, impl: str):
+def _rounds(pset: str):
     """Fixed round counts for the slow CPU cases (86M): one timed round."""
     return 1 if _big_cpu(pset) else None
 
 
-def _warmup(pset: str, q: int, impl: str, opt_kind: str) -> bool:
+def _warmup(pset: str, q: int, opt_kind: str) -> bool:
     """An untimed first step is needed where state is allocated lazily (Adam moments) or
     memory is measured (q = 1); the stateless SGD steps on the 86M CPU list skip it."""
     return not (_big_cpu(pset) and opt_kind == "sgd" and q > 1)
@@ -183,8 +183,8 @@ def test_zo_step(run_bench, benchmark, pset, opt_kind, dist, q, impl):
     if impl == "zeroflow":
         extra["mezo_ref"] = _mezo_key(pset, opt_kind, dist, q)
         extra["backend"] = zfkernels.resolve_backend("auto", C.device())
-    run_bench(step, extra, budget_s=1.5, max_rounds=5, mem=(q == _qs()[0]), rounds=_rounds(pset, q, impl),
-              warmup=_warmup(pset, q, impl, opt_kind))
+    run_bench(step, extra, budget_s=1.5, max_rounds=5, mem=(q == _qs()[0]), rounds=_rounds(pset),
+              warmup=_warmup(pset, q, opt_kind))
 
 
 @pytest.mark.parametrize("pset", list(C.param_sets()))
@@ -202,7 +202,7 @@ def test_fo_step(run_bench, benchmark, pset, name):
         "param_set": pset, "dist": "-", "q": 0, "numel": n, "n_tensors": len(params), "elements": n,
         "params_bytes": n * s, "state_bytes": _state_bytes(kind, n, s),
     }
-    run_bench(step, extra, budget_s=3.0, max_rounds=10, mem=True, rounds=_rounds(pset, 0, "fo"))
+    run_bench(step, extra, budget_s=3.0, max_rounds=10, mem=True, rounds=_rounds(pset))
 
 
 # ---------------------------------------------------------------------------- host work per step

@@ -201,7 +201,7 @@ def test_mezo_recipe_estimates_the_directional_derivative(tiny):
     from benchmarks import _common as C
 
     eps = EPS_FD
-    step, rec = L.make_method("mezo_sgd", model, params, closure, lr=0.0, eps=eps)
+    step, rec = L.make_method("mezo_sgd", params, closure, lr=0.0, eps=eps)
     step()
     # lr = 0: perturb +eps, -2 eps, +eps puts theta back up to fp32 rounding (~1e-9 here)
     assert _max_diff(params, theta0) < 1e-6
@@ -212,7 +212,7 @@ def test_mezo_recipe_estimates_the_directional_derivative(tiny):
     assert rec.last["g"] == pytest.approx(dd, rel=5e-2)
     # lr > 0: p -= lr g z with the same z regenerated from the step's seed
     lr = 1e-2
-    step, rec = L.make_method("mezo_sgd", model, params, closure, lr=lr, eps=eps)
+    step, rec = L.make_method("mezo_sgd", params, closure, lr=lr, eps=eps)
     step()
     torch.manual_seed(rec.last["seed"])
     for p, t in zip(params, theta0):
@@ -227,7 +227,7 @@ def test_zeroflow_step_through_the_harness(tiny):
     import zfkernels as zk
 
     eps, lr = EPS_FD, 1e-2
-    step, opt = L.make_method("zo_sgd", model, params, closure, lr=lr, eps=eps)
+    step, opt = L.make_method("zo_sgd", params, closure, lr=lr, eps=eps)
     step()
     assert opt.forwards_last_step == 2
     seed = zk.derive_seed(opt.seed, 0, 0)
@@ -238,7 +238,7 @@ def test_zeroflow_step_through_the_harness(tiny):
     for p, t, z in zip(params, theta0, zs):
         torch.testing.assert_close(p.detach() - t, -lr * (d / eps) * z, rtol=1e-3, atol=1e-6)
     _reset(params, theta0)
-    step, opt = L.make_method("zo_sgd", model, params, closure, lr=0.0, eps=eps)
+    step, opt = L.make_method("zo_sgd", params, closure, lr=0.0, eps=eps)
     step()
     assert _max_diff(params, theta0) < 1e-6
 
@@ -246,7 +246,7 @@ def test_zeroflow_step_through_the_harness(tiny):
 @pytest.mark.parametrize("method", ["zo_adam", "fo_adamw"])
 def test_other_methods_update_every_parameter(tiny, method):
     L, model, closure, params, grads, theta0 = tiny
-    step, opt = L.make_method(method, model, params, closure, lr=1e-3)
+    step, opt = L.make_method(method, params, closure, lr=1e-3)
     step()
     # the first Adam step moves a coordinate by ~lr wherever its gradient (estimate) is not ~0:
     # everywhere for ZO (g z), not for FO on tensors whose exact gradient is 0 (k_proj's bias:
