@@ -382,11 +382,11 @@ class DataParallelZO:
 
     def __init__(self, optimizer, *, group=None, comm: Comm | None = None, check_every: int = 0,
                  broadcast_params: bool = False):
-        zo, hybrid = _zo_of(optimizer)
+        zo = _zo_of(optimizer)[0]
         if zo.scalar_hook is not None:
             raise RuntimeError("this optimizer already has a scalar hook (wrapped twice, or being replayed)")
         self.optimizer = optimizer
-        self._zo, self._hybrid = zo, hybrid
+        self._zo = zo
         self.comm = comm if comm is not None else Comm(group)
         self.rank, self.world = self.comm.rank, self.comm.world
         self.check_every = int(check_every)
@@ -404,7 +404,7 @@ class DataParallelZO:
 
     # ----- delegation
     def __getattr__(self, name):
-        if name in ("optimizer", "_zo", "_hybrid"):
+        if name in ("optimizer", "_zo"):
             raise AttributeError(name)
         return getattr(self.optimizer, name)
 

@@ -218,8 +218,7 @@ def cache_dir() -> str:
 
 
 def pretrain_small_backbone(data, *, vit_cfg: Optional[Dict], epochs: int, lr: float, batch_size: int,
-                            seed: int, device: torch.device, use_cache: bool = True,
-                            progress: bool = False) -> nn.Module:
+                            seed: int, device: torch.device, progress: bool = False) -> nn.Module:
     """The embedded default's "pretrained model": the small ViT trained self-supervised,
     first-order (AdamW, one-cycle lr), on the **unlabeled** training images of the dataset:
     50% of the 2x2 patches are zeroed and the clean image is reconstructed from the CLS
@@ -234,7 +233,7 @@ def pretrain_small_backbone(data, *, vit_cfg: Optional[Dict], epochs: int, lr: f
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
     path = os.path.join(cache_dir(), f"small_vit_{key}.pt")
     vit = build_small_vit(data.in_chans, data.img_size, vit_cfg)
-    if use_cache and os.path.isfile(path):
+    if os.path.isfile(path):
         try:
             vit.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return vit
@@ -266,10 +265,9 @@ def pretrain_small_backbone(data, *, vit_cfg: Optional[Dict], epochs: int, lr: f
             opt.step()
             sched.step()
     vit.eval().cpu()
-    if use_cache:
-        try:
-            os.makedirs(cache_dir(), exist_ok=True)
-            atomic_torch_save(vit.state_dict(), path)
-        except OSError:
-            pass
+    try:
+        os.makedirs(cache_dir(), exist_ok=True)
+        atomic_torch_save(vit.state_dict(), path)
+    except OSError:
+        pass
     return vit

@@ -267,15 +267,14 @@ def _remapped(targets, order) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- digits
-def load_digits_data(init_cls: int, increment: int, split_seed: int = 0,
-                     class_order_seed: int = CLASS_ORDER_SEED) -> CLData:
+def load_digits_data(init_cls: int, increment: int, class_order_seed: int = CLASS_ORDER_SEED) -> CLData:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8] in [0, 1]
     y = d.target.astype(np.int64)
-    idx_tr, idx_te = train_test_split(np.arange(len(y)), test_size=0.25, random_state=split_seed, stratify=y)
+    idx_tr, idx_te = train_test_split(np.arange(len(y)), test_size=0.25, random_state=0, stratify=y)
     order = class_order(10, class_order_seed)
     ytr, yte = _remapped(y[idx_tr], order), _remapped(y[idx_te], order)
     return CLData(
