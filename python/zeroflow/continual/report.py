@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
-from .defaults import DATASETS, OPTIMIZERS
+from .defaults import DATASETS, OPTIMIZERS, canonical_value
 from .errors import ZeroflowError
 from .runfolder import METRICS, OPERATIONAL_KEYS, comparable, is_run_folder, load_metrics, lock_holder
 
@@ -128,7 +128,7 @@ def _by_value(v):
         return {k: _by_value(x) for k, x in v.items()}
     if isinstance(v, list):
         return [_by_value(x) for x in v]
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+    return canonical_value(v)
 
 
 def _key(config: Dict, drop: Sequence[str]) -> str:
