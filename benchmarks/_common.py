@@ -4,7 +4,8 @@ Environment:
   BENCH_FAST=1        tiny sizes and few rounds (CI smoke mode: the suites cannot rot)
   BENCH_DEVICE        "cpu" (default) or "cuda" (the GPU subset, used by gpu_check.sh)
   BENCH_BACKENDS      comma list overriding the backends benchmarked (cpu,cuda,triton,torch)
-  BENCH_LONG=1        also run the slowest CPU cases (MeZO-style q=16 on the 86M list)
+  BENCH_LONG=1        also run the slowest CPU cases (the 86M-list steps that
+                      test_bench_optim_step._CPU_86M_DEFAULT leaves out)
   BENCH_PRECISION     forward precision of the end-to-end suite: fp32 (default), tf32, bf16, fp16
 """
 from __future__ import annotations

@@ -19,24 +19,16 @@ import time
 
 import pytest
 import torch
-from zeroflow.optim import create, train_step
+from zeroflow.optim import METHODS, create, train_step
 
 from benchmarks import _common as C
 
 PRECISION = os.environ.get("BENCH_PRECISION", "fp32").strip() or "fp32"
-ZO_METHODS_DEFAULT = ("zo_sgd", "zo_sgd_sign", "zo_sgd_conserve", "zo_adam", "zo_adam_sign",
-                      "zo_adam_conserve", "forward_grad")
 FO_METHODS = ("fo_sgd", "fo_adam")
 
 
 def _methods():
-    try:
-        from zeroflow.optim import METHODS
-
-        zo = [m for m in METHODS if not m.startswith("fo_")]
-    except Exception:  # noqa: BLE001 - resolved again (and skipped) inside the test
-        zo = list(ZO_METHODS_DEFAULT)
-    return zo + list(FO_METHODS)
+    return [m for m in METHODS if not m.startswith("fo_")] + list(FO_METHODS)
 
 
 def _config():
