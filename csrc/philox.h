@@ -13,7 +13,6 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define ZF_HD __host__ __device__ __forceinline__
-#define ZF_DEVICE_COMPILE 1
 #else
 #define ZF_HD inline __attribute__((always_inline))
 #endif

@@ -1,8 +1,9 @@
 // The ops of the CUDA backend as functors of the multi-tensor launcher (apex's AdamFunctor
 // shape): what one warp task of perturb_, zo_sgd_update_ and zo_adam_update_ does, in the
-// order of docs/kernel-ops.md ("Update steps").  Device code only; the host side that builds
-// their tables and arguments is csrc/multi_tensor_ops.h.  Shared by csrc/ops_cuda.cu and the
-// CPU emulation of the CUDA kernels (tests/cuda_emu/).
+// order of docs/kernel-ops.md (the numbered steps of its zo_sgd_update_ and zo_adam_update_
+// sections).  Device code only; the host side that builds their tables and arguments is
+// csrc/multi_tensor_ops.h.  Shared by csrc/ops_cuda.cu and the CPU emulation of the CUDA
+// kernels (tests/cuda_emu/).
 #pragma once
 
 #include "multi_tensor_apply.cuh"
@@ -16,7 +17,7 @@ using zf_ops::AdamScalars;
 using zf_ops::SgdScalars;
 
 // ----------------------------------------------------------------------------------------
-// Functors: one warp task of each op (docs/kernel-ops.md, "Update steps", in order).
+// Functors: one warp task of each op (docs/kernel-ops.md, each op's numbered steps, in order).
 // ----------------------------------------------------------------------------------------
 struct HistArgs {
   bool on, init, sign;
