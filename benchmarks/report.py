@@ -114,11 +114,14 @@ def fmib(b):
 
 
 def fsize(n):
+    """A kernel size as the benchmarks name it: an exact binary multiple as 16M / 256M (2^24, 2^28
+    elements), any other count of a million or more in decimal millions. Binary "M" for the
+    ViT-B/16 list's 86,567,656 parameters printed "82.6M" beside its name vit_b_86m."""
     for unit, div in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
         if n >= div and n % div == 0:
             return f"{n // div}{unit}"
-    if n >= 1 << 20:
-        return f"{n / (1 << 20):.1f}M"
+    if n >= 10 ** 6:
+        return f"{n / 1e6:.1f} million"
     return str(n)
 
 

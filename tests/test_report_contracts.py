@@ -87,7 +87,8 @@ def test_number_formats():
 def test_sizes_are_exact_binary_multiples_or_plain_counts():
     assert (R.fsize(4096), R.fsize(2**28), R.fsize(2**30)) == ("4K", "256M", "1G")
     assert (R.fsize(1536), R.fsize(1000), R.fsize(3 * 2**19), R.fsize(3 * 2**19 + 1)) == \
-        ("1536", "1000", "1536K", "1.5M")
+        ("1536", "1000", "1536K", "1.6 million")
+    assert (R.fsize(86_567_656), R.fsize(999_999)) == ("86.6 million", "999999")   # the ViT-B/16 list
 
 
 def test_status_at_the_target_is_met_and_a_small_miss_keeps_a_decimal():
@@ -274,7 +275,7 @@ def test_step_roofline_target(tmp_path):
     row, = _rows(recs, "zo_sgd step ≤ 1.3× its passes")
     assert row[1] == "zo_sgd step ≤ 1.3× its passes at copy bandwidth (rademacher, vit_b_86m, q=1)"
     assert row[2:4] == ("1.25×", "**met**")
-    assert row[4] == ("0.3 ms vs 0.24 ms (3 tensor passes of 1000000 fp32 params at the fp32 copy_ 100 GB/s)")
+    assert row[4] == ("0.3 ms vs 0.24 ms (3 tensor passes of 1.0 million fp32 params at the fp32 copy_ 100 GB/s)")
 
 
 def test_step_roofline_target_missed_when_slower(tmp_path):
