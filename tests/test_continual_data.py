@@ -58,6 +58,19 @@ def test_cifar100_missing_and_corrupt(tmp_path):
         load_cifar100(str(tmp_path), 10, 10)
 
 
+@pytest.mark.parametrize("damaged", ["train", "test", "meta"])
+def test_cifar100_damaged_pickle_is_named(tmp_path, damaged):
+    """docs/continual.md: a damaged pickle is an error naming the file (torchvision's own error,
+    an UnpicklingError, does not say which of the three files it was reading)."""
+    from zeroflow.continual.data import load_cifar100
+    _write_cifar100(str(tmp_path))
+    path = os.path.join(str(tmp_path), "cifar-100-python", damaged)
+    with open(path, "wb") as f:
+        f.write(b"not a pickle")
+    with pytest.raises(ZeroflowError, match=re.escape(path + " is not a readable pickle")):
+        load_cifar100(str(tmp_path), 10, 10, img_size=32)
+
+
 def _write_imagefolder(root, name, n_classes=4, per_split=2):
     from PIL import Image
     for split in ("train", "test"):

@@ -330,6 +330,26 @@ def _cifar_missing(cls, folder: str) -> List[str]:
     return [n for n in names if not os.path.isfile(os.path.join(folder, n))]
 
 
+def _cifar_unreadable(cls, folder: str) -> List[str]:
+    """The paths of the files of ``cls`` in ``folder`` that exist but do not unpickle (torchvision's
+    own error does not say which of the three it was reading). Only on the error path: it reads
+    every file once more."""
+    import pickle
+
+    bad = []
+    for name in [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, "rb") as f:
+                pickle.load(f, encoding="latin1")
+        except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError, ImportError,
+                IndexError, KeyError, UnicodeDecodeError):
+            bad.append(path)
+    return bad
+
+
 def load_cifar100(root: str, init_cls: int, increment: int, download: bool = False, img_size: int = 224,
                   class_order_seed: int = CLASS_ORDER_SEED) -> CLData:
     folder = os.path.join(root, "cifar-100-python")
@@ -358,6 +378,12 @@ def load_cifar100(root: str, init_cls: int, increment: int, download: bool = Fal
     except ZeroflowError:
         raise
     except Exception as e:  # unreadable pickle, missing key, ...
+        bad = [] if download else _cifar_unreadable(cls, folder)
+        if bad:     # name the damaged file(s), as the label and split checks below do
+            raise ZeroflowError(
+                f"could not read CIFAR-100 from {folder}: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} "
+                f"not a readable pickle ({type(e).__name__}: {e}); replace the file with the official one "
+                f"(--download into an empty --data-root fetches it)") from e
         raise ZeroflowError(f"could not read CIFAR-100 from {folder}: {type(e).__name__}: {e}") from e
     n = len(train.classes)
     if n != 100:
