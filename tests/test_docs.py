@@ -2,12 +2,18 @@
 follows one finds the file (issue 11). Checked: markdown links (relative to the page, as a
 browser resolves them) and every path that starts with one of the repository's source
 folders (relative to the repository root, as the pages write them); `<name>` and `*` are
-wildcards that must match at least one file."""
+wildcards that must match at least one file.
+
+The examples a reader copies work: every ```python block of the pages runs as written (the
+data-parallel one as a single torchrun rank), every `zeroflow ...` command of a ```bash block
+parses, and every `zeroflow <command> --option` written inline names an option of that command."""
 from __future__ import annotations
 
 import glob
 import os
 import re
+import shlex
+import socket
 
 import pytest
 
@@ -52,3 +58,120 @@ def test_the_check_sees_paths_and_misses():
     assert links(text) == ["perf/a.png"]
     assert not exists(os.path.join(ROOT, "zfkernels/triton_*.py"))
     assert exists(os.path.join(ROOT, "configs/<method>_<dataset>.yaml"))
+
+
+def _pages() -> dict:
+    out = {}
+    for page in PAGES:
+        with open(os.path.join(ROOT, page)) as f:
+            out[page] = f.read()
+    return out
+
+
+def fenced_blocks(text: str, lang: str) -> list[tuple[int, str]]:
+    """``(line, code)`` of every ```lang block."""
+    return [(text.count("\n", 0, m.start()) + 1, m.group(1))
+            for m in re.finditer(r"^```%s\n(.*?)^```" % lang, text, re.S | re.M)]
+
+
+PYTHON_EXAMPLES = [pytest.param(code, id=f"{page}:{line}")
+                   for page, text in _pages().items() for line, code in fenced_blocks(text, "python")]
+
+
+@pytest.mark.parametrize("code", PYTHON_EXAMPLES)
+def test_python_examples_run(code, tmp_path, monkeypatch):
+    """A ```python block runs as written, in an empty folder (it may write files there)."""
+    import torch.distributed as dist
+
+    monkeypatch.chdir(tmp_path)
+    torchrun = "init_from_env()" in code and not dist.is_initialized()
+    if torchrun:     # what torchrun sets for one rank
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=str(port)).items():
+            monkeypatch.setenv(k, v)
+    try:
+        exec(compile(code, "<example>", "exec"), {"__name__": "__main__"})
+    finally:
+        if torchrun and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def zeroflow_commands(text: str) -> list[tuple[int, list[str]]]:
+    """``(line, argv after 'zeroflow')`` of every zeroflow command of the ```bash blocks
+    (`zeroflow ...`, `python -m zeroflow ...`, `torchrun ... -m zeroflow ...`)."""
+    out = []
+    for fence, code in fenced_blocks(text, "bash"):
+        lines, i = code.split("\n"), 0
+        while i < len(lines):
+            start, line = i, lines[i]
+            while line.endswith("\\") and i + 1 < len(lines):     # a continued command
+                i += 1
+                line = line[:-1] + " " + lines[i]
+            words = shlex.split(line, comments=True)
+            for j, w in enumerate(words):
+                if w == "zeroflow" and (j == 0 or words[j - 1] == "-m"):
+                    out.append((fence + 1 + start, words[j + 1:]))
+            i += 1
+    return out
+
+
+def inline_zeroflow_options(text: str) -> list[tuple[int, str, str]]:
+    """``(line, command, --option)`` for every option in an inline `zeroflow <command> ...`."""
+    out = []
+    for m in re.finditer(r"`(?:[^`]*-m )?zeroflow ((?:[a-z]+ )?[^`]*)`", text):
+        words = m.group(1).split()
+        cmd = words[0] if words and not words[0].startswith("-") else ""
+        for w in words:
+            if w.startswith("--") and "..." not in w:
+                out.append((text.count("\n", 0, m.start()) + 1, cmd, w.split("=")[0]))
+    return out
+
+
+def _parsers() -> dict:
+    from zeroflow.cli import build_parser
+    from zeroflow.replay import replay_parser
+
+    top = build_parser()
+    return {"": top, "replay": replay_parser(), **top.subcommands}
+
+
+def test_zeroflow_commands_parse():
+    parsers, bad = _parsers(), []
+    for page, text in _pages().items():
+        for line, argv in zeroflow_commands(text):
+            cmd = argv[0] if argv and argv[0] in parsers else ""
+            try:
+                (parsers[cmd].parse_args(argv[1:]) if cmd == "replay" else parsers[""].parse_args(argv))
+            except SystemExit as e:
+                if e.code:
+                    bad.append(f"{page}:{line}: zeroflow {' '.join(argv)}")
+    assert not bad, "commands that zeroflow refuses:\n" + "\n".join(bad)
+
+
+def test_inline_zeroflow_options_exist():
+    parsers, bad = _parsers(), []
+    for page, text in _pages().items():
+        for line, cmd, opt in inline_zeroflow_options(text):
+            p = parsers.get(cmd)
+            if p is None:
+                bad.append(f"{page}:{line}: no command zeroflow {cmd}")
+            elif opt not in p._option_string_actions:
+                bad.append(f"{page}:{line}: zeroflow {cmd} has no {opt}")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_example_checks_see_commands_and_options():
+    text = ("```bash\nzeroflow run --lr 1 \\\n   --q 2   # x\ntorchrun --nproc-per-node 2 -m zeroflow sweep\n```\n"
+            "see `zeroflow run --resume --out runs/...`, `python -m zeroflow ...`, `--ease-...` and\n"
+            "`zeroflow run\n--help`, `zeroflow --version`, `zeroflow replay --no-verify`.\n"
+            "```python\nprint(1)\n```\n")
+    assert zeroflow_commands(text) == [(2, ["run", "--lr", "1", "--q", "2"]), (4, ["sweep"])]
+    assert inline_zeroflow_options(text) == [(6, "run", "--resume"), (6, "run", "--out"), (7, "run", "--help"),
+                                             (8, "", "--version"), (8, "replay", "--no-verify")]
+    assert fenced_blocks(text, "python") == [(9, "print(1)\n")]
+    parsers = _parsers()
+    assert "--stop-after" in parsers["run"]._option_string_actions
+    assert "--stop-after" not in parsers["sweep"]._option_string_actions

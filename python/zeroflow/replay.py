@@ -816,8 +816,8 @@ def replay_to_file(base, log: str, out: str, *, overwrite: bool = False, **kw) -
     return sd
 
 
-def replay_main(argv: list[str] | None = None) -> int:
-    """``zeroflow replay BASE LOG --out WEIGHTS``."""
+def replay_parser() -> argparse.ArgumentParser:
+    """The parser of ``zeroflow replay BASE LOG --out WEIGHTS``."""
     ap = argparse.ArgumentParser(prog="zeroflow replay",
                                  description="Rebuild trained weights from a base checkpoint and a ZO trajectory log.")
     ap.add_argument("base", metavar="BASE", help="weights the log starts from (torch.save'd state_dict, or "
@@ -831,7 +831,12 @@ def replay_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out (never BASE or LOG)")
     ap.add_argument("--allow-truncated", action="store_true", help="replay a log without an end record (its recording "
                     "process was killed) up to its last complete step, unverified")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def replay_main(argv: list[str] | None = None) -> int:
+    """``zeroflow replay BASE LOG --out WEIGHTS``."""
+    a = replay_parser().parse_args(argv)
     try:
         t0 = time.perf_counter()
         _check_out(a.out, a.base, a.log, a.overwrite)
