@@ -350,7 +350,8 @@ def plot(res: Dict, path: str) -> None:
         a1.plot(eps, [max(1 - s["correlation"], 1e-12) for s in r["by_eps"].values()], "o-", label=p)
         a2.plot(eps, [s["relative_error"] for s in r["by_eps"].values()], "o-", label=p)
     a1.axhline(1 - SAFE_CORRELATION, color="r", ls="--", lw=1, label=f"correlation {SAFE_CORRELATION}")
-    a2.axhline(SAFE_RELATIVE_ERROR, color="r", ls="--", lw=1, label=f"{SAFE_RELATIVE_ERROR:.3f} (= correlation {SAFE_CORRELATION})")
+    a2.axhline(SAFE_RELATIVE_ERROR, color="r", ls="--", lw=1,
+               label=f"{SAFE_RELATIVE_ERROR:.3f} (= correlation {SAFE_CORRELATION})")
     for a, title in ((a1, "1 - correlation with fp64"), (a2, "relative error vs fp64")):
         a.set_xscale("log")
         a.set_yscale("log")
