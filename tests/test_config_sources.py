@@ -1,6 +1,8 @@
 """configs/*.yaml are the built-in defaults, one option per line with its source (issue 12)."""
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -34,3 +36,20 @@ def test_download_is_operational_not_part_of_the_run():
         f"lr: {cfg['lr']!r} there, 0.5 requested"]
     rows = group_runs([{"config": dict(cfg, seed=1, download=True)}, {"config": dict(cfg, seed=2, download=False)}])
     assert len(rows) == 1 and len(rows[0].runs) == 2          # two seeds of one configuration
+
+
+def test_the_writer_takes_a_folder_and_help(tmp_path, monkeypatch, capsys):
+    # `--help` was taken for a folder name (open('--help/aper_cifar100.yaml') raised)
+    from zeroflow.continual.sources import config_yaml, main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "configs/<method>_<dataset>.yaml" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["nowhere"])
+    assert e.value.code == 2 and "'nowhere' does not exist" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+    main([str(tmp_path)])
+    assert open(tmp_path / "ease_digits.yaml").read() == config_yaml("digits", "ease")
+    assert len(os.listdir(tmp_path)) == 10

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any, Dict
 
 from .defaults import DATASETS, METHODS, defaults_for
@@ -106,5 +105,18 @@ def write_configs(folder: str = "configs") -> None:
                 f.write(config_yaml(dataset, method))
 
 
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m zeroflow.continual.sources",
+                                 description="Write configs/<method>_<dataset>.yaml from defaults.py (the shipped "
+                                             "files must equal this output; a test checks it).")
+    ap.add_argument("folder", nargs="?", default="configs", help="an existing folder (default: configs)")
+    folder = ap.parse_args(argv).folder
+    if not os.path.isdir(folder):
+        ap.error(f"folder {folder!r} does not exist: run from the repository root, or name an existing folder")
+    write_configs(folder)
+
+
 if __name__ == "__main__":
-    write_configs(sys.argv[1] if len(sys.argv) > 1 else "configs")
+    main()
