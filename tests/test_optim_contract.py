@@ -291,6 +291,22 @@ def test_a_perturbation_size_that_overflows_float32_is_refused(zo_eps):
         ZOFusedSGD(make_mlp(6, 4, 1).parameters(), zo_eps=zo_eps)
 
 
+@pytest.mark.parametrize("cls,key", [(ZOFusedSGD, "lr"), (ZOFusedSGD, "weight_decay"), (ZOFusedSGD, "momentum"),
+                                     (ZOFusedAdam, "lr"), (ZOFusedAdam, "weight_decay"), (ZOFusedAdam, "eps")])
+def test_an_infinite_step_option_is_refused_before_it_reaches_the_parameters(cls, key):
+    # accepted: lr, weight_decay or momentum = inf wrote +-inf into every parameter at the first
+    # step, and every later step was skipped for a non-finite loss (Adam's eps = inf: no update)
+    with pytest.raises(ValueError, match=f"{key}=inf must be >= 0 and finite"):
+        cls(make_mlp(6, 4, 1).parameters(), **{key: float("inf")})
+    model, opt = two_groups(cls)
+    opt.step(lambda: loss_of(model))
+    opt.param_groups[0][key] = float("inf")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=f"param group 0: {key}=inf must be >= 0 and finite"):
+        opt.step(lambda: loss_of(model))
+    assert max_moved(model, before) == 0.0 and opt.step_count == 1
+
+
 @pytest.mark.parametrize("cls,kw,needle", [
     (ZOFusedAdam, dict(betas=(1.5, 0.999)), "betas=.* must be two numbers in \\[0, 1\\)"),
     (ZOFusedAdam, dict(eps=-1.0), "eps=-1.0 must be >= 0"),

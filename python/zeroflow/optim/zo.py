@@ -499,8 +499,10 @@ class _ZOBase(torch.optim.Optimizer):
             raise ValueError(f"{where}{e}") from None
 
     def _check_options(self, g: dict) -> None:
-        if not _number(g["lr"], "lr") >= 0.0:
-            raise ValueError(f"lr={g['lr']} must be >= 0")
+        # finite too: lr, weight_decay or momentum = inf wrote +-inf into every parameter at the
+        # first step (then every step was skipped for a non-finite loss)
+        if not 0.0 <= _number(g["lr"], "lr") < math.inf:
+            raise ValueError(f"lr={g['lr']} must be >= 0 and finite")
         if not 0.0 < _number(g["zo_eps"], "zo_eps") <= MAX_ZO_EPS:
             raise ValueError(f"zo_eps={g['zo_eps']} must be > 0 and at most {MAX_ZO_EPS:.3g} (theta +- 2 zo_eps z "
                              "must stay finite in float32, or a skipped step could not restore theta)")
@@ -510,8 +512,8 @@ class _ZOBase(torch.optim.Optimizer):
             raise ValueError(f"sparsity={g['sparsity']} must be the fraction zeroed, in [0, 1)")
         if not 0.0 <= _number(g["history"], "history") < 1.0:
             raise ValueError(f"history={g['history']} must be the weight of the history, in [0, 1)")
-        if not _number(g["weight_decay"], "weight_decay") >= 0.0:
-            raise ValueError(f"weight_decay={g['weight_decay']} must be >= 0")
+        if not 0.0 <= _number(g["weight_decay"], "weight_decay") < math.inf:
+            raise ValueError(f"weight_decay={g['weight_decay']} must be >= 0 and finite")
         for flag in ("stochastic_rounding", "sign", "scalar_sign"):
             if not isinstance(g[flag], bool):
                 raise ValueError(f"{flag}={g[flag]!r} must be True or False")
@@ -1246,8 +1248,8 @@ class ZOFusedSGD(_ZOBase):
 
     def _check_options(self, g: dict) -> None:
         super()._check_options(g)
-        if not _number(g["momentum"], "momentum") >= 0.0:
-            raise ValueError(f"momentum={g['momentum']} must be >= 0")
+        if not 0.0 <= _number(g["momentum"], "momentum") < math.inf:
+            raise ValueError(f"momentum={g['momentum']} must be >= 0 and finite")
         if not 0.0 <= _number(g["dampening"], "dampening") <= 1.0:
             raise ValueError(f"dampening={g['dampening']} must be in [0, 1]")
         if not isinstance(g["nesterov"], bool):
@@ -1336,8 +1338,8 @@ class ZOFusedAdam(_ZOBase):
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2
                 and all(0.0 <= _number(b, "betas") < 1.0 for b in betas)):
             raise ValueError(f"betas={betas!r} must be two numbers in [0, 1)")
-        if not _number(g["eps"], "eps") >= 0.0:
-            raise ValueError(f"eps={g['eps']} must be >= 0")
+        if not 0.0 <= _number(g["eps"], "eps") < math.inf:
+            raise ValueError(f"eps={g['eps']} must be >= 0 and finite (eps=inf makes every update 0)")
         if not isinstance(g["decoupled_weight_decay"], bool):
             raise ValueError(f"decoupled_weight_decay={g['decoupled_weight_decay']!r} must be True or False")
 
