@@ -365,6 +365,37 @@ def test_a_copy_of_an_optimizer_under_a_scheduler_steps_itself(how):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
 
 
+@pytest.mark.parametrize("kw,error,needle", [
+    # int(seed) truncated 1.5 to the seed 1 and said "invalid literal for int()" for a string;
+    # bool(conserve) turned conserve on for "False"; a model= that is no module was ignored
+    (dict(seed=1.5), TypeError, r"seed=1.5 must be an int in \[0, 2\*\*63\)"),
+    (dict(seed="7"), TypeError, "seed='7' must be an int"),
+    (dict(seed=float("nan")), TypeError, "seed=nan must be an int"),
+    (dict(seed=True), TypeError, "seed=True must be an int"),
+    (dict(conserve="False"), ValueError, "conserve='False' must be True or False"),
+    (dict(model="net"), TypeError, "model= must be the nn.Module the closure runs")])
+def test_optimizer_wide_arguments_of_the_wrong_type_are_refused_by_name(kw, error, needle):
+    with pytest.raises(error, match=needle):
+        ZOFusedSGD(make_mlp(6, 4, 1).parameters(), **kw)
+
+
+def test_seeds_of_integer_types_are_still_taken():
+    import numpy as np
+    ps = list(make_mlp(6, 4, 1).parameters())
+    assert [ZOFusedSGD(ps, seed=s).seed for s in (5, np.int64(5), torch.tensor(5))] == [5, 5, 5]
+
+
+def test_a_param_group_without_params_and_a_bad_mask_epoch_are_named():
+    model, opt = two_groups(ZOFusedSGD)
+    with pytest.raises(ValueError, match="param_group has no 'params' entry \\(it has lr\\)"):   # KeyError: 'params'
+        opt.add_param_group({"lr": 0.1})
+    assert len(opt.param_groups) == 2
+    for k in (1.5, "2", -1):         # int(1.5) set epoch 1; "2" raised "'<' not supported"
+        with pytest.raises(ValueError, match="set_mask_epoch\\(k\\): the mask epoch k is"):
+            opt.set_mask_epoch(k)
+    assert opt._task == 0
+
+
 def test_a_set_of_parameters_is_refused_as_torch_optim_does():
     # list(a set) hid the set from torch.optim's check: the order, and so each tensor's z, varied
     with pytest.raises(TypeError, match=r"param_group\['params'\] is a set"):

@@ -354,6 +354,10 @@ class _ZOBase(torch.optim.Optimizer):
             raise ValueError(f"sparse_resample={sparse_resample!r} must be one of {RESAMPLE}")
         if backend not in ("auto",) + zfkernels.BACKENDS:
             raise ValueError(f"backend={backend!r} must be one of {('auto',) + zfkernels.BACKENDS}")
+        if not isinstance(conserve, bool):      # bool("False") turned conserve on
+            raise ValueError(f"conserve={conserve!r} must be True or False")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model= must be the nn.Module the closure runs (or None), got {type(model).__name__}")
         if estimator == "forward_grad":
             if not isinstance(model, torch.nn.Module):
                 raise ValueError("estimator='forward_grad' needs model=<the nn.Module the closure runs>")
@@ -362,7 +366,7 @@ class _ZOBase(torch.optim.Optimizer):
         if seed is None:
             # Deterministic under torch.manual_seed, and consumes no random numbers.
             seed = torch.initial_seed() & (SEED_LIMIT - 1)
-        self._seed = zfkernels.stream.check_seed(int(seed), "seed")
+        self._seed = zfkernels.stream.check_seed(_seed_int(seed), "seed")
         self.q = q
         self.estimator = estimator
         self.conserve = bool(conserve)
@@ -457,6 +461,9 @@ class _ZOBase(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        if "params" not in param_group:     # a bare KeyError: 'params'
+            raise ValueError(f"param_group has no 'params' entry (it has {', '.join(map(str, param_group)) or 'none'}); "
+                             "give the tensors to optimize as {'params': [...], ...}")
         for opt in GLOBAL_OPTIONS:
             if opt in param_group:
                 raise ValueError(f"{opt!r} is an optimizer-wide option, not a per-group one")
@@ -604,9 +611,7 @@ class _ZOBase(torch.optim.Optimizer):
 
     def set_mask_epoch(self, k: int) -> None:
         """Set the mask epoch (task index) used when sparse_resample="task"."""
-        if k < 0:
-            raise ValueError("mask epoch must be >= 0")
-        self._task = int(k)
+        self._task = counter(k, "set_mask_epoch(k): the mask epoch k")    # int(1.5) was 1; "a" a TypeError
 
     @property
     def seed(self) -> int:
@@ -1451,6 +1456,18 @@ def counter(x, what: str, limit: int | None = None) -> int:
     if v < 0 or (limit is not None and v >= limit):
         raise ValueError(f"{what} is {v}; it must be an int >= 0" + (f" and below {limit}" if limit else ""))
     return v
+
+
+def _seed_int(seed) -> int:
+    """The optimizer's ``seed=`` as an int (a Python, numpy or one-element integer tensor
+    value); ``int(seed)`` truncated 1.5 to 1 and said "invalid literal for int()" for a
+    string, naming no option."""
+    if not isinstance(seed, bool):
+        try:
+            return operator.index(seed)
+        except TypeError:
+            pass
+    raise TypeError(f"seed={seed!r} must be an int in [0, 2**63), or None (derived from torch.initial_seed())")
 
 
 def _number(x, name: str) -> float:
