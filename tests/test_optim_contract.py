@@ -510,7 +510,13 @@ def test_state_dict_hooks_see_the_whole_state_as_torch_optim_promises(name):
     # loaded, then the next step failed after its forwards (None), or re-initialised every
     # other parameter's momentum (a parameter's entry missing)
     (lambda sd: sd["state"][0].update(momentum_buffer=None), "momentum_buffer of parameter 0 is NoneType"),
-    (lambda sd: sd["state"].pop(0), "param group 0: its parameters hold different state entries")])
+    (lambda sd: sd["state"].pop(0), "param group 0: its parameters hold different state entries"),
+    # torch.optim's own errors (AttributeError, TypeError) or "the parameter None", naming nothing
+    (lambda sd: sd.update(state=[]), "state_dict's state must map parameter ids to dicts of buffers"),
+    (lambda sd: sd["state"].update({0: 5}), "state_dict's state of parameter 0 is int, not a dict"),
+    (lambda sd: sd.update(param_groups=None), "state_dict's param_groups must be a list of dicts"),
+    (lambda sd: sd["state"].update({9: {"momentum_buffer": torch.zeros(3)}}), "parameter id\\(s\\) 9 that no param group"),
+    (lambda sd: sd["param_groups"][0].update(params=[0, 0, 2, 3]), "list parameter id 0 more than once")])
 def test_a_bad_state_is_refused_and_leaves_the_optimizer_unchanged(edit, needle):
     model = make_mlp(6, 4, 1)
     opt = ZOFusedSGD(model.parameters(), lr=0.1, momentum=0.9, seed=1)
@@ -523,6 +529,26 @@ def test_a_bad_state_is_refused_and_leaves_the_optimizer_unchanged(edit, needle)
     now = opt.state_dict()
     assert now["zeroflow"] == state["zeroflow"] and now["param_groups"] == state["param_groups"]
     assert torch.equal(now["state"][0]["momentum_buffer"], state["state"][0]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("step", [-5, torch.tensor(-5.0), 2.5, torch.tensor(2.5)])
+def test_a_saved_adam_step_that_is_no_count_is_refused_at_load(step):
+    # loaded, then every later step failed after its forwards ("step=-4 must be >= 1")
+    model = make_mlp(6, 4, 1)
+    opt = ZOFusedAdam(model.parameters(), lr=0.1, seed=1)
+    opt.step(lambda: loss_of(model))
+    state = copy.deepcopy(opt.state_dict())
+    bad = copy.deepcopy(state)
+    for st in bad["state"].values():
+        st["step"] = step
+    with pytest.raises(ValueError, match="step of parameter 0 is .*, not a count \\(an int >= 0\\)"):
+        opt.load_state_dict(bad)
+    assert all(opt.state[p]["step"] == 1 for p in model.parameters())
+    good = copy.deepcopy(state)                 # torch.optim.Adam's float tensor count still loads
+    for st in good["state"].values():
+        st["step"] = torch.tensor(1.0)
+    opt.load_state_dict(good)
+    opt.step(lambda: loss_of(model))
 
 
 def test_a_hybrid_with_a_zero_fo_lr_is_refused():

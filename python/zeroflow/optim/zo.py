@@ -1117,6 +1117,7 @@ class _ZOBase(torch.optim.Optimizer):
             if k in c and c[k] != getattr(self, k):
                 raise ValueError(f"state_dict was saved with {k}={c[k]!r}, this optimizer has "
                                  f"{k}={getattr(self, k)!r}; build it with the same options to continue that run")
+        _check_layout(state_dict)
         saved_groups = _with_added_options(state_dict["param_groups"])
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, "
@@ -1142,9 +1143,12 @@ class _ZOBase(torch.optim.Optimizer):
         for pid, st in state_dict["state"].items():
             for name, buf in st.items():     # every buffer but Adam's step count has its parameter's shape
                 if name == "step":
-                    if not (isinstance(buf, int) and not isinstance(buf, bool)
-                            or isinstance(buf, torch.Tensor) and buf.numel() == 1):
-                        raise ValueError(f"state_dict's step of parameter {pid} is {buf!r}, not a count")
+                    # an int, or torch.optim.Adam's one-element tensor; >= 0 and whole: a step of -5
+                    # (or 2.5) loaded, then every step failed after its forwards (the Adam step 0)
+                    n = buf.item() if isinstance(buf, torch.Tensor) and buf.numel() == 1 else buf
+                    if not (isinstance(n, (int, float)) and not isinstance(n, bool) and n >= 0
+                            and float(n).is_integer()):
+                        raise ValueError(f"state_dict's step of parameter {pid} is {buf!r}, not a count (an int >= 0)")
                 elif not isinstance(buf, torch.Tensor):
                     raise ValueError(f"state_dict's {name} of parameter {pid} is {type(buf).__name__}, not a tensor")
                 elif tuple(buf.shape) != shapes.get(pid):
@@ -1445,6 +1449,35 @@ def load_with_hooks(opt: torch.optim.Optimizer, state_dict, load: Callable) -> N
         load(state_dict)
     for hook in post.values():
         hook(opt)
+
+
+def _check_layout(state_dict: dict) -> None:
+    """A state_dict's ``param_groups`` (a list of dicts, each listing its parameter ids, every
+    id once) and ``state`` (id -> dict of buffers, for listed ids only): a ValueError naming
+    what is wrong, where torch.optim's load raised an AttributeError / TypeError, or the shape
+    check named "the parameter None" for an id of no group."""
+    groups, state = state_dict["param_groups"], state_dict["state"]
+    if not (isinstance(groups, (list, tuple))
+            and all(isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) for g in groups)):
+        raise ValueError(f"state_dict's param_groups must be a list of dicts, each with a 'params' list of parameter "
+                         f"ids (got {repr(groups)[:80]}); was it saved by optimizer.state_dict()?")
+    if not isinstance(state, dict):
+        raise ValueError(f"state_dict's state must map parameter ids to dicts of buffers (got {type(state).__name__}); "
+                         "was it saved by optimizer.state_dict()?")
+    for pid, st in state.items():
+        if not isinstance(st, dict):
+            raise ValueError(f"state_dict's state of parameter {pid!r} is {type(st).__name__}, not a dict of buffers "
+                             "(name -> tensor)")
+    ids = [pid for g in groups for pid in g["params"]]
+    seen: set = set()
+    twice = [pid for pid in ids if pid in seen or seen.add(pid)]
+    if twice:
+        raise ValueError(f"state_dict's param_groups list parameter id {twice[0]!r} more than once; every "
+                         "parameter has one id (a state edited by hand?)")
+    unknown = [pid for pid in state if pid not in seen]
+    if unknown:
+        raise ValueError(f"state_dict's state holds parameter id(s) {', '.join(map(repr, unknown[:5]))} that no "
+                         "param group lists (a state edited by hand, or the groups of another state?)")
 
 
 def counter(x, what: str, limit: int | None = None) -> int:
