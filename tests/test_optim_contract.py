@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import child_env, make_data, make_mlp
-from zeroflow.optim import ZOFusedAdam, ZOFusedSGD, create, train_step
+from zeroflow.optim import HybridFOZO, ZOFusedAdam, ZOFusedSGD, create, train_step
 
 warnings.filterwarnings("ignore", message="zfkernels: the compiled")
 X, Y = make_data(32, 6)
@@ -427,6 +427,51 @@ def test_a_group_added_to_a_hybrid_is_trained_in_both_phases():
         before = [p.detach().clone() for p in model[2].parameters()]
         _run(model, hyb, 2)
         assert all(not torch.equal(a, b) for a, b in zip(before, model[2].parameters())), phase
+
+
+@pytest.mark.parametrize("group,needle", [
+    # float() said "could not convert string to float: 'x'"; a negative scale was named as the ZO
+    # optimizer's lr; a group without params raised KeyError: 'params'
+    ({"lr": "x"}, "lr='x' is not a number"), ({"lr": None}, "lr=None is not a number"),
+    ({"zo_lr_scale": "x"}, "zo_lr_scale='x' is not a number"), ({"zo_lr_scale": -1.0}, "zo_lr_scale=-1.0 must be >= 0"),
+    ({"params": None, "lr": 0.1}, None)])
+def test_a_bad_group_added_to_a_hybrid_is_named_and_adds_nothing(group, needle):
+    model = make_mlp(6, 4, 1)
+    hyb = create("zo_sgd", model[0].parameters(), hybrid_switch=2, lr=0.01, fo_lr=0.1, seed=3)
+    if needle is None:
+        group, needle = {"lr": 0.1}, "param_group has no 'params' entry"
+    else:
+        group = {"params": list(model[2].parameters()), **group}
+    with pytest.raises(ValueError, match=needle):
+        hyb.add_param_group(group)
+    assert [len(o.param_groups) for o in (hyb, hyb.fo, hyb.zo)] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda g: g.pop("zo_lr_scale"), "param group 0 lacks zo_lr_scale"),
+    (lambda g: g.update(lr="x"), "param group 0: lr='x' is not a number"),
+    (lambda g: g.update(zo_lr_scale=float("nan")), "param group 0: zo_lr_scale=nan must be >= 0")])
+def test_a_hybrid_state_with_a_bad_group_of_its_own_is_refused_before_it_loads(edit, needle):
+    # loaded: the FO phase then stepped with lr 'x' (TypeError), the ZO phase raised KeyError
+    # 'zo_lr_scale' at the switch, or ran at lr nan
+    model = make_mlp(6, 4, 1)
+    hyb = create("zo_sgd", model.parameters(), hybrid_switch=1, lr=0.01, fo_lr=0.1, seed=3)
+    _run(model, hyb, 1)
+    state = copy.deepcopy(hyb.state_dict())
+    bad = copy.deepcopy(state)
+    edit(bad["param_groups"][0])
+    with pytest.raises(ValueError, match=needle):
+        hyb.load_state_dict(bad)
+    assert hyb.state_dict()["param_groups"] == state["param_groups"]
+    _run(model, hyb, 2)
+
+
+def test_a_hybrid_over_no_optimizer_or_a_nan_fo_lr_is_refused():
+    ps = list(make_mlp(6, 4, 1).parameters())
+    with pytest.raises(TypeError, match="HybridFOZO\\(fo=...\\) must be a torch.optim.Optimizer, got str"):
+        HybridFOZO("sgd", ZOFusedSGD(ps), 1)
+    with pytest.raises(ValueError, match="the FO optimizer's lr=nan must be >= 0"):
+        HybridFOZO(torch.optim.SGD(ps, lr=float("nan")), ZOFusedSGD(ps), 1)
 
 
 def test_a_copy_does_not_take_the_originals_hooks():

@@ -10,7 +10,21 @@ from __future__ import annotations
 
 import torch
 
-from .zo import _warn_at_caller, counter, load_with_hooks, params_list, state_dict_with_hooks
+import math
+
+from .zo import _number, _warn_at_caller, counter, load_with_hooks, params_list, state_dict_with_hooks
+
+
+def _rate(x, name: str) -> float:
+    """A hybrid group's ``lr`` / ``zo_lr_scale``: a real number >= 0 and finite, else a
+    ValueError naming it (float() said "could not convert string to float" and took -1)."""
+    try:
+        v = _number(x, name)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
+    if not 0.0 <= v < math.inf:
+        raise ValueError(f"{name}={x!r} must be >= 0 and finite")
+    return v
 
 __all__ = ["HybridFOZO"]
 
@@ -21,6 +35,9 @@ class HybridFOZO(torch.optim.Optimizer):
     ``zeroth_order`` whether to run backward (FO phase) or only the closure (ZO phase)."""
 
     def __init__(self, fo: torch.optim.Optimizer, zo: torch.optim.Optimizer, switch: int):
+        for name, o in (("fo", fo), ("zo", zo)):
+            if not isinstance(o, torch.optim.Optimizer):     # an AttributeError on param_groups
+                raise TypeError(f"HybridFOZO({name}=...) must be a torch.optim.Optimizer, got {type(o).__name__}")
         if not isinstance(switch, int) or switch < 0:
             raise ValueError(f"hybrid_switch={switch!r} must be an int >= 0 (FO steps before ZO)")
         if len(fo.param_groups) != len(zo.param_groups):
@@ -29,7 +46,7 @@ class HybridFOZO(torch.optim.Optimizer):
         for gf, gz in zip(fo.param_groups, zo.param_groups):
             if [id(p) for p in gf["params"]] != [id(p) for p in gz["params"]]:
                 raise ValueError("fo and zo optimizers must optimize the same parameters in the same order")
-            lf, lz = float(gf["lr"]), float(gz["lr"])
+            lf, lz = _rate(gf["lr"], "the FO optimizer's lr"), float(gz["lr"])   # nan: the ZO phase's lr nan
             if lf == 0.0 and lz != 0.0:
                 raise ValueError(f"the FO phase's lr is 0 and the ZO phase's {lz}: the hybrid schedules the ZO lr as a "
                                  "multiple of the FO lr (zo_lr_scale), which 0 cannot carry; give the FO phase an "
@@ -49,6 +66,9 @@ class HybridFOZO(torch.optim.Optimizer):
             return super().add_param_group(param_group)
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        if "params" not in param_group:
+            raise ValueError(f"param_group has no 'params' entry (it has {', '.join(map(str, param_group)) or 'none'}); "
+                             "give the tensors to optimize as {'params': [...], ...}")
         other = sorted(set(param_group) - {"params", "lr", "zo_lr_scale"})
         if other:
             raise ValueError(f"HybridFOZO.add_param_group takes params, lr and zo_lr_scale, not {', '.join(other)}: "
@@ -59,8 +79,8 @@ class HybridFOZO(torch.optim.Optimizer):
         ps = [p for p in params_list(param_group["params"])
               if not (isinstance(p, torch.Tensor) and not p.requires_grad)]
         first = self.param_groups[0]
-        lf = float(param_group.get("lr", first["lr"]))
-        scale = float(param_group.get("zo_lr_scale", first["zo_lr_scale"]))
+        lf = _rate(param_group.get("lr", first["lr"]), "lr")
+        scale = _rate(param_group.get("zo_lr_scale", first["zo_lr_scale"]), "zo_lr_scale")
         self.fo.add_param_group({"params": ps, "lr": lf})       # torch.optim's checks first: it adds nothing else
         try:
             self.zo.add_param_group({"params": ps, "lr": lf * scale})
@@ -141,10 +161,25 @@ class HybridFOZO(torch.optim.Optimizer):
         if not isinstance(h, dict) or not {"steps", "switch", "fo", "zo"} <= set(h):
             raise ValueError("state_dict lacks the 'hybrid' part (steps, switch, fo, zo); "
                              "was it saved by a HybridFOZO?")
+        if not isinstance(state_dict.get("param_groups"), (list, tuple)):
+            raise ValueError("state_dict's param_groups must be a list of dicts; was it saved by a HybridFOZO?")
         if len(state_dict.get("param_groups", ())) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(state_dict.get('param_groups', ()))} param groups, this optimizer "
                              f"{len(self.param_groups)}")
         steps, switch = (counter(h[k], f"state_dict's 'hybrid' {k!r}") for k in ("steps", "switch"))
+        # the hybrid's own groups: torch.optim's load took a group without zo_lr_scale or with
+        # lr='x', and the step that needed it failed (KeyError at the ZO phase, TypeError in the FO one)
+        for i, (sg, g) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
+            if not isinstance(sg, dict) or len(sg.get("params", ())) != len(g["params"]):
+                raise ValueError(f"state_dict param group {i} does not list the {len(g['params'])} parameters of this "
+                                 "HybridFOZO's group")
+            for k in ("lr", "zo_lr_scale"):
+                if k not in sg:
+                    raise ValueError(f"state_dict param group {i} lacks {k}; was it saved by a HybridFOZO?")
+                try:
+                    _rate(sg[k], k)
+                except ValueError as e:
+                    raise ValueError(f"state_dict param group {i}: {e}") from None
         self.fo.check_state_dict(h["fo"])
         self.zo.check_state_dict(h["zo"])
         state_dict = dict(state_dict)
