@@ -1111,6 +1111,19 @@ def test_a_parameter_made_channels_last_after_construction_gets_the_models_fix()
     opt.step(lambda: conv(x).pow(2).mean())
 
 
+def test_a_model_converted_to_float64_after_construction_gets_a_note_naming_its_parameter():
+    # the kernel's text names its list index ("params[1] has dtype Double") and "use float32"
+    model = make_mlp(6, 4, 1)
+    opt = ZOFusedSGD(model.parameters(), lr=0.05, seed=1)
+    model[2].double()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="has dtype Double") as e:
+        opt.step(lambda: loss_of(model))
+    assert any("parameter 2 of param group 0 (1, 4) is torch.float64 now" in n and "model.float()" in n
+               for n in getattr(e.value, "__notes__", ()))
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(model)))
+
+
 def test_step_returns_a_float32_loss_whatever_the_default_dtype():
     # documented as a 0-dim float32 tensor; under set_default_dtype(float64) it was float64
     model = make_mlp(6, 4, 1)

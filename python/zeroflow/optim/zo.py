@@ -841,6 +841,15 @@ class _ZOBase(torch.optim.Optimizer):
         the note names the parameter and the fix. Runs on failure only."""
         for i, g in enumerate(self.param_groups):
             for k, p in enumerate(g["params"]):
+                if p.dtype not in PARAM_DTYPES:
+                    # the kernel names its own list index ("params[1] has dtype Double"), not the
+                    # optimizer's parameter, and "use float32" reads as a cast of that tensor
+                    _add_note(e, f"{type(self).__name__}: parameter {k} of param group {i} {tuple(p.shape)} is "
+                                 f"{p.dtype} now: its dtype changed after the optimizer was built (e.g. "
+                                 "model.double()). The fused kernels update float32, bfloat16 or float16 parameters "
+                                 "in place: convert the model back (e.g. model.float()), or build the optimizer "
+                                 "after converting it")
+                    return
                 if not p.is_contiguous():
                     _add_note(e, f"{type(self).__name__}: parameter {k} of param group {i} {tuple(p.shape)} is no "
                                  "longer contiguous: its memory format changed after the optimizer was built (e.g. "
