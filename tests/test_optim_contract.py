@@ -1111,6 +1111,19 @@ def test_a_parameter_made_channels_last_after_construction_gets_the_models_fix()
     opt.step(lambda: conv(x).pow(2).mean())
 
 
+@pytest.mark.parametrize("how", ["-c", "prompt"])
+def test_a_skipped_step_warns_under_python_c_and_at_the_interactive_prompt(how):
+    # __main__'s loader there cannot give source: the skip warning (each_time) raised
+    # ImportError: '__main__' is not a built-in module, in place of the warning
+    code = ("import torch\nfrom zeroflow.optim import ZOFusedSGD\n"
+            "m = torch.nn.Linear(3, 2); o = ZOFusedSGD(m.parameters(), lr=0.1)\n"
+            "o.step(lambda: torch.tensor(float('nan')))\nprint('stepped', o.step_count, o.steps_skipped)\n")
+    args, stdin = ([sys.executable, "-c", code], None) if how == "-c" else ([sys.executable, "-i"], code)
+    out = subprocess.run(args, input=stdin, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert "ImportError" not in out.stderr, out.stderr
+    assert "stepped 1 1" in out.stdout and "non-finite loss (nan) at step 0; step skipped" in out.stderr, out
+
+
 def test_a_model_converted_to_float64_after_construction_gets_a_note_naming_its_parameter():
     # the kernel's text names its list index ("params[1] has dtype Double") and "use float32"
     model = make_mlp(6, 4, 1)

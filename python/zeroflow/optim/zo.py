@@ -103,8 +103,16 @@ def _warn_at_caller(message: str, *, each_time: bool = False) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=level)
         return
     caller = frame.f_globals
-    warnings.warn_explicit(message, RuntimeWarning, frame.f_code.co_filename, frame.f_lineno,
-                           module=caller.get("__name__", "<string>"), registry=None, module_globals=caller)
+    where = (message, RuntimeWarning, frame.f_code.co_filename, frame.f_lineno)
+    try:
+        warnings.warn_explicit(*where, module=caller.get("__name__", "<string>"), registry=None,
+                               module_globals=caller)
+    except ImportError:
+        # a caller whose loader cannot give its source: __main__ of `python -c` and of the
+        # interactive prompt (BuiltinImporter.get_source raises "'__main__' is not a built-in
+        # module"), which warn_explicit lets through before it shows anything; the skipped
+        # step's warning became that ImportError. Without module_globals it reads no source.
+        warnings.warn_explicit(*where, module=caller.get("__name__", "<string>"), registry=None)
 
 
 @contextlib.contextmanager
