@@ -315,6 +315,45 @@ def test_a_non_tensor_in_a_list_is_named():
     assert all(torch.equal(t, torch.ones(3)) for t in p)
 
 
+@pytest.mark.parametrize("call,error,needle", [
+    # float() took the string "0.1" as 0.1 and named nothing for None; bool() turned "False" into
+    # True (sign, nesterov, decoupled_weight_decay on); betas=0.9 raised "has no len()"
+    (lambda p: zk.perturb_(p, 1, "1.0", backend="torch"), TypeError, "scale='1.0' must be a real number"),
+    (lambda p: zk.zo_sgd_update_(p, [1], [0.5], lr="0.1", backend="torch"), TypeError, "lr='0.1' must be a real"),
+    (lambda p: zk.zo_sgd_update_(p, [1], [0.5], lr=None, backend="torch"), TypeError, "lr=None must be a real"),
+    (lambda p: zk.zo_sgd_update_(p, [1], ["x"], lr=0.1, backend="torch"), TypeError, r"coeffs\[0\]='x' must be a"),
+    (lambda p: zk.zo_sgd_update_(p, [1], [0.5], lr=0.1, sign="False", backend="torch"), TypeError,
+     "sign='False' must be True or False"),
+    (lambda p: zk.zo_sgd_update_(p, [1], [0.5], lr=0.1, momentum=0.9, nesterov="no", momentum_buffers=[torch.zeros(4)],
+                                 backend="torch"), TypeError, "nesterov='no' must be True or False"),
+    (lambda p: zk.zo_adam_update_(p, [torch.zeros(4)], [torch.zeros(4)], [1], [0.5], lr=0.1, step=1,
+                                  decoupled_weight_decay="False", weight_decay=0.1, backend="torch"), TypeError,
+     "decoupled_weight_decay='False' must be True or False"),
+    (lambda p: zk.zo_adam_update_(p, [torch.zeros(4)], [torch.zeros(4)], [1], [0.5], lr=0.1, step=1, betas=0.9,
+                                  backend="torch"), ValueError, r"betas=0.9 must be two numbers"),
+    (lambda p: zk.zo_adam_update_(p, [torch.zeros(4)], [torch.zeros(4)], [1], [0.5], lr=0.1, step=1,
+                                  betas=("a", 0.9), backend="torch"), TypeError, r"betas\[0\]='a' must be a real"),
+    (lambda p: zk.perturb_(p, 1, 1.0, sparsity="x", backend="torch"), ValueError, "sparsity='x' must be a number"),
+    (lambda p: zk.perturb_(p, 1, 1.0, sparsity="0.5", backend="torch"), ValueError, "sparsity='0.5' must be a number"),
+    (lambda p: zk.philox4x32_10(torch.zeros(1, 4, dtype=torch.int64), 5), TypeError, "key=5 must be a pair"),
+    (lambda p: zk.sparse_mask(1, -4, 0.5), ValueError, "numel=-4 must be >= 0"),
+    (lambda p: zk.perturbation(1, 4, dtype=torch.float64), ValueError, "dtype=torch.float64 must be"),
+    (lambda p: zk.derive_seed(1, "3", 0), TypeError, "step='3' must be an integer"),
+    (lambda p: zk.derive_seed(1, 3, 1.5), TypeError, "query=1.5 must be an integer")])
+def test_scalar_arguments_of_the_wrong_type_are_named_before_anything_is_written(call, error, needle):
+    p = [torch.ones(4)]
+    with pytest.raises(error, match=needle):
+        call(p)
+    assert torch.equal(p[0], torch.ones(4))
+
+
+def test_numpy_and_tensor_scalars_still_reach_the_ops_as_their_values():
+    a, b = [torch.zeros(6)], [torch.zeros(6)]
+    zk.zo_sgd_update_(a, [3], [np.float32(0.5)], lr=torch.tensor(0.1), sign=np.bool_(True), backend="torch")
+    zk.zo_sgd_update_(b, [3], [float(np.float32(0.5))], lr=float(torch.tensor(0.1)), sign=True, backend="torch")
+    assert torch.equal(a[0], b[0]) and a[0].any()
+
+
 def test_history_weight_without_history_buffers_is_refused_by_sgd_too():
     p = [torch.ones(4)]
     with pytest.raises(ValueError, match="history_alpha=0.5 without history_buffers"):

@@ -15,6 +15,7 @@ Importing this package never fails but for a bad ``ZEROFLOW_CPU_CAPABILITY`` (do
 """
 from __future__ import annotations
 
+import numbers
 import operator
 import os
 import warnings
@@ -181,6 +182,34 @@ def _integer(v, name: str) -> int:
     raise TypeError(f"{name}={v!r} must be an integer, got {type(v).__name__}")
 
 
+def _real(v, name: str) -> float:
+    """A float argument of an op (``lr``, ``scale``, ``coeffs[j]``, ...): a Python or numpy
+    real or a one-element real tensor, as a float. The ops' conversion (float()) took the
+    string "0.1" as 0.1 and said "float() argument must be ... not 'NoneType'" for None,
+    naming no argument."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool:
+            return float(v)
+    elif isinstance(v, numbers.Real) and not isinstance(v, bool):
+        return float(v)
+    raise TypeError(f"{name}={v!r} must be a real number, got {type(v).__name__}")
+
+
+def _flag(v, name: str) -> bool:
+    """A bool argument of an op (``nesterov``, ``sign``, ...): True or False (numpy's too).
+    The ops' conversion (bool()) turned the string "False" into True."""
+    if isinstance(v, bool) or type(v).__module__ == "numpy" and type(v).__name__ in ("bool_", "bool"):
+        return bool(v)
+    raise TypeError(f"{name}={v!r} must be True or False, got {type(v).__name__}")
+
+
+def _options(op: str, **given) -> dict:
+    """``given`` (the op's float and bool arguments, by schema name) checked by
+    :func:`_real` / :func:`_flag`, naming each as the face spells it."""
+    kinds = {a.name: a.type for a in opspec.OPS[op]}
+    return {k: (_real(v, k) if kinds[k] == "float" else _flag(v, k)) for k, v in given.items()}
+
+
 def _ids(tensors: Sequence[torch.Tensor], tensor_ids: Sequence[int] | None) -> list[int]:
     if tensor_ids is None:
         return list(range(len(tensors)))
@@ -206,6 +235,8 @@ def _as_list(tensors, name: str) -> list[torch.Tensor]:
 def philox4x32_10(counters: torch.Tensor, key: tuple[int, int], backend: str = "auto") -> torch.Tensor:
     """Philox4x32-10 (Random123-compatible) on ``counters`` (``[N, 4]``, values < 2^32,
     int64 storage) with ``key = (k0, k1)``; returns the ``[N, 4]`` output words as int64."""
+    if not (isinstance(key, (tuple, list)) and len(key) == 2):     # "'int' object is not iterable"
+        raise TypeError(f"key={key!r} must be a pair (k0, k1) of 32-bit unsigned integers")
     k0, k1 = (_integer(k, f"key[{j}]") for j, k in enumerate(key))
     for name, k in (("key[0]", k0), ("key[1]", k1)):
         if not 0 <= k < 2**32:
@@ -234,6 +265,9 @@ def perturbation(
     numel = _integer(numel, "numel")        # int() made numel=2.7 two elements
     if numel < 0:
         raise ValueError(f"numel={numel} must be >= 0")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):    # the kernel named "params[0]"
+        raise ValueError(f"dtype={dtype} must be torch.float32, torch.bfloat16 or torch.float16 (the dtypes the "
+                         "kernels perturb)")
     out = torch.zeros(numel, dtype=dtype, device=device)
     perturb_([out], seed, 1.0, dist, tensor_ids=[tensor_id], mask_seed=mask_seed, sparsity=sparsity, backend=backend)
     return out
@@ -243,6 +277,8 @@ def sparse_mask(mask_seed: int, numel: int, sparsity: float, tensor_id: int = 0,
     """The keep-mask (bool, False = zeroed) of §6 for one tensor, from the reference."""
     # checked as the ops check them: int() gave tensor_id=1.9 (or True) tensor 1's mask
     numel, tensor_id = _integer(numel, "numel"), _integer(tensor_id, "tensor_id")
+    if numel < 0:       # torch.arange's "upper bound and lower bound inconsistent with step sign"
+        raise ValueError(f"numel={numel} must be >= 0")
     return reference.keep_mask(mask_seed, numel, tensor_id, mask_threshold(sparsity), torch.device(device))
 
 
@@ -263,6 +299,7 @@ def perturb_(
     drawn from ``mask_seed``."""
     tensors = _as_list(tensors, "tensors")
     ids = _ids(tensors, tensor_ids)
+    scale = _real(scale, "scale")
     b = _backend_for(backend, tensors)
     call_op(b, "perturb_", params=tensors, tensor_ids=ids, seed=_seed(seed), scale=scale, dist=dist_code(dist),
           mask_seed=_seed(mask_seed, "mask_seed"), mask_threshold=mask_threshold(sparsity))
@@ -291,7 +328,7 @@ def _check_features(params: list, buffers_name: str, buffers, **settings) -> Non
 
 def _qs(seeds, coeffs) -> tuple[list[int], list[float]]:
     seeds = [_seed(s, f"seeds[{j}]") for j, s in enumerate(seeds)]
-    coeffs = [float(c) for c in coeffs]
+    coeffs = [_real(c, f"coeffs[{j}]") for j, c in enumerate(coeffs)]
     if len(seeds) != len(coeffs):
         raise ValueError(f"{len(seeds)} seeds but {len(coeffs)} coeffs: give one projected gradient per seed")
     return seeds, coeffs
@@ -333,6 +370,11 @@ def zo_sgd_update_(
     params = _as_list(params, "params")
     ids = _ids(params, tensor_ids)
     seeds, coeffs = _qs(seeds, coeffs)
+    o = _options("zo_sgd_update_", restore_scale=restore_scale, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                 dampening=dampening, nesterov=nesterov, momentum_init=momentum_init, sign=sign,
+                 history_alpha=history_alpha, history_init=history_init, stochastic_rounding=stochastic_rounding)
+    restore_scale, lr, weight_decay, momentum, dampening, nesterov, momentum_init, sign, history_alpha, history_init, \
+        stochastic_rounding = o.values()
     _check_features(params, "momentum_buffers", momentum_buffers, momentum=momentum, nesterov=nesterov)
     _check_features(params, "history_buffers", history_buffers, history_alpha=history_alpha)
     b = _backend_for(backend, params)
@@ -382,8 +424,15 @@ def zo_adam_update_(
     step = _integer(step, "step")
     if step < 1:
         raise ValueError(f"step={step} must be >= 1 (the Adam step count after this update)")
-    if len(betas) != 2:
-        raise ValueError(f"betas={tuple(betas)!r} must be two numbers (beta1, beta2)")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:     # betas=0.9: "object of type 'float' has no len()"
+        raise ValueError(f"betas={tuple(betas) if isinstance(betas, list) else betas!r} must be two numbers "
+                         "(beta1, beta2)")
+    betas = (_real(betas[0], "betas[0]"), _real(betas[1], "betas[1]"))
+    o = _options("zo_adam_update_", restore_scale=restore_scale, lr=lr, eps=eps, weight_decay=weight_decay,
+                 decoupled_weight_decay=decoupled_weight_decay, sign=sign, history_alpha=history_alpha,
+                 history_init=history_init, stochastic_rounding=stochastic_rounding)
+    restore_scale, lr, eps, weight_decay, decoupled_weight_decay, sign, history_alpha, history_init, \
+        stochastic_rounding = o.values()
     _check_features(params, "history_buffers", history_buffers, history_alpha=history_alpha)
     b = _backend_for(backend, params)
     call_op(b, "zo_adam_update_", params=params, exp_avgs=_as_list(exp_avgs, "exp_avgs"),

@@ -5,6 +5,7 @@ optimizers (seed schedule, §8), so that the host side of the spec lives in one 
 """
 from __future__ import annotations
 
+import operator
 import struct
 
 STREAM_VERSION = "v1"
@@ -94,7 +95,13 @@ def check_seed(seed: int, name: str = "seed") -> int:
 
 def mask_threshold(sparsity: float) -> int:
     """§6: the integer threshold T = round(sparsity * 2^24) for a fraction zeroed."""
-    s = float(sparsity)
+    try:
+        if isinstance(sparsity, (str, bytes, bool)):     # float("0.5") took a string
+            raise TypeError
+        s = float(sparsity)
+    except (TypeError, ValueError):          # float()'s "could not convert string to float: 'x'"
+        raise ValueError(f"sparsity={sparsity!r} must be a number, the fraction of coordinates zeroed in [0, 1]") \
+            from None
     if not 0.0 <= s <= 1.0 or s != s:
         raise ValueError(f"sparsity={sparsity!r} must be a fraction of coordinates zeroed in [0, 1]")
     return int(round(s * MASK_ONE))
@@ -114,6 +121,16 @@ def philox4x32_10_scalar(counter: tuple[int, int, int, int], key: tuple[int, int
     return c0, c1, c2, c3
 
 
+def _integer_arg(v, name: str) -> int:
+    """``v`` as an int (a Python or numpy integer, not a bool or a float), else a TypeError naming it."""
+    if not isinstance(v, bool):
+        try:
+            return operator.index(v)
+        except TypeError:
+            pass
+    raise TypeError(f"{name}={v!r} must be an integer, got {type(v).__name__}")
+
+
 def split_seed(seed: int) -> tuple[int, int]:
     """Key words (k0, k1) = (seed mod 2^32, seed >> 32) (§2)."""
     return seed & MASK32, (seed >> 32) & MASK32
@@ -123,6 +140,8 @@ def derive_seed(base_seed: int, step: int, query: int) -> int:
     """§8 seed schedule: the seed of query ``query`` at step ``step`` of a run with
     base seed ``base_seed``. Deterministic, platform independent, in [0, 2^63)."""
     check_seed(base_seed, "base_seed")
+    if type(step) is not int or type(query) is not int:     # "'<' not supported", "unsupported operand &"
+        step, query = _integer_arg(step, "step"), _integer_arg(query, "query")
     if step < 0 or step >= 1 << 64:
         raise ValueError(f"step={step} must be in [0, 2**64)")
     if not 0 <= query <= MASK32:
