@@ -244,6 +244,30 @@ def test_the_replay_command_verifies_unless_no_verify(tmp_path, small_log, capsy
     assert differing_entries(torch.load(out, weights_only=True), final) == []
 
 
+@pytest.mark.parametrize("extra,needle", [
+    # "the log's options are refused by ZOFusedSGD: backend='gpu' ..." (the log was fine)
+    (["--backend", "gpu"], "--backend 'gpu' cannot replay on cpu"),
+    (["--backend", "cuda"], "--backend 'cuda' cannot replay on cpu"),
+    # torch's "Expected one of cpu, cuda, ipu, ..." naming no option; meta failed after BASE was read
+    (["--device", "gpu"], "--device 'gpu' is not a device"),
+    (["--device", "meta"], "--device 'meta': replay runs on cpu or cuda devices"),
+    ([], "cannot read LOG"),               # "[Errno 2] No such file or directory: '...'"
+    (["--out", "/nonexistent-folder/w.pt"], "its folder /nonexistent-folder does not exist")])
+def test_the_replay_command_names_the_argument_it_cannot_use(tmp_path, small_log, capsys, extra, needle):
+    base, log, _, _ = small_log
+    if not extra:
+        log = str(tmp_path / "missing.zft")
+    out = str(tmp_path / "w.pt")
+    argv = [base, log, "--out", out] + extra
+    assert replay_main(argv) == 2
+    assert needle in capsys.readouterr().err
+    assert not os.path.exists(out)
+    if extra[:1] in (["--backend"], ["--device"]):       # the API names its keywords
+        kw = {extra[0][2:]: extra[1]}
+        with pytest.raises(ReplayError, match=f"{extra[0][2:]}='{extra[1]}'"):
+            replay(base, log, **kw)
+
+
 # ---------------------------------------------------------------------------- data-parallel ZO, one process
 def _two_ranks(peer):
     """A Comm of rank 0 in a world of 2 whose other rank answers ``peer(tensor)`` to every

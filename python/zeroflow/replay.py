@@ -414,8 +414,11 @@ def read_log(path: str, *, allow_truncated: bool = False) -> tuple[dict, list[tu
     without an end record, possibly inside a record written in part: its complete records
     are returned, without an end record (the last one is "end" only for a complete log). A
     checksum mismatch is still refused: a crash cuts a file, it does not change its bytes."""
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:        # "[Errno 2] No such file or directory: 'x'": which input?
+        raise ReplayError(f"cannot read LOG {path}: {e.strerror or e}") from None
     if len(data) < len(MAGIC) and MAGIC.startswith(data):
         raise ReplayError(f"{path}: truncated log ({len(data)} bytes: the recording process stopped before its "
                           "header was written); nothing to replay")
@@ -543,6 +546,32 @@ def replay(base, log: str, *, backend: str | None = None, device: str | torch.de
                            verify=verify)
 
 
+def _replay_target(backend: str | None, device, names: tuple[str, str] = ("backend=", "device=")) -> torch.device:
+    """``device`` as a torch.device that replay can run on, and ``backend`` (None: auto) able
+    to run there; a ReplayError naming the argument (``names``: how the caller spells them)
+    otherwise. A bad backend was reported as "the log's options are refused", a bad device in
+    torch's words ("Expected one of cpu, cuda, ipu, ..."), a meta one as "Cannot copy out of
+    meta tensor" after BASE was read."""
+    import zfkernels
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ReplayError(f"{names[1]}{device!r} is not a device ({e}); replay runs on cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ReplayError(f"{names[1]}{device!r}: replay runs on cpu or cuda devices (every backend replays the same "
+                          "bits, so cpu always does)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ReplayError(f"{names[1]}{device!r}: CUDA is not available here; replay on cpu (every backend replays "
+                          "the same bits)")
+    if backend is not None:
+        try:
+            zfkernels.resolve_backend(backend, dev)
+        except (ValueError, RuntimeError) as e:
+            raise ReplayError(f"{names[0]}{backend!r} cannot replay on {dev}: {e}") from None
+    return dev
+
+
 def _options_from_log(o: dict) -> dict:
     """A param group's options as logged (JSON) back to optimizer values (betas: a tuple)."""
     o = dict(o)
@@ -558,8 +587,8 @@ def _replay_records(base, header: dict, records: list, *, backend: str | None, d
 
     cls = _optimizer_class(header)
     _check_header(header)
+    device = _replay_target(backend, device)
     sd, opt_sd = _load_base(base)
-    device = torch.device(device)
     groups, names, tensors = _base_params(sd, header, device)
     rec_backends = sorted(set(header["resolved_backend"].values()))
     opt = _rebuilt_optimizer(cls, header, groups, opt_sd, backend or "auto")
@@ -801,6 +830,10 @@ def _check_out(out: str, base, log: str, overwrite: bool) -> None:
                 and os.path.samefile(out, path):
             raise FileExistsError(f"the output {out} is {name}: the replayed weights would replace it; give another "
                                   "output path")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):       # found by the write, after the whole replay
+        raise FileNotFoundError(f"the output {out} cannot be written: its folder {folder} does not exist; create it "
+                                "or give another path")
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"the output {out} exists and is left as it was; give another path, remove it, or "
                               "overwrite it (overwrite=True, zeroflow replay --overwrite)")
@@ -839,6 +872,7 @@ def replay_main(argv: list[str] | None = None) -> int:
     a = replay_parser().parse_args(argv)
     try:
         t0 = time.perf_counter()
+        _replay_target(a.backend, a.device, ("--backend ", "--device "))
         _check_out(a.out, a.base, a.log, a.overwrite)
         header, records = read_log(a.log, allow_truncated=a.allow_truncated)   # read once: replayed, summarised
         with warnings.catch_warnings(record=True) as said:
