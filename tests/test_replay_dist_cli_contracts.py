@@ -323,6 +323,28 @@ def test_every_rank_reporting_an_empty_batch_is_a_value_error():
     assert opt.step_count == 0
 
 
+def test_a_batch_size_check_every_or_flush_every_that_is_no_count_is_named(tmp_path):
+    # set_batch_size(2.5) counted 2 samples, '4' raised "'<' not supported"; check_every='x' and
+    # flush_every='x' raised int()'s "invalid literal"; check_every=-1 checked every step
+    from zeroflow.distributed import DataParallelZO
+
+    m = make_mlp(5, 8, 2)
+    opt = ZOFusedSGD(m.parameters(), lr=1e-2, seed=3, backend="cpu")
+    for bad in ("x", -1, 1.5):
+        with pytest.raises(ValueError, match="check_every is .*; it must be an int >= 0"):
+            DataParallelZO(opt, comm=_two_ranks(lambda t: t.clone()), check_every=bad)
+        assert opt.scalar_hook is None
+    dp = DataParallelZO(opt, comm=_two_ranks(lambda t: t.clone()))
+    for bad in (2.5, "4", -1):
+        with pytest.raises(ValueError, match="batch_size \\(this rank's samples in the step's batch\\) is"):
+            dp.step(lambda: torch.tensor(1.0), batch_size=bad)
+    assert opt.step_count == 0
+    log = tmp_path / "r.zft"
+    with pytest.raises(ValueError, match="flush_every is 'x'; it must be an int >= 0"):
+        TrajectoryRecorder(str(log), ZOFusedSGD(m.parameters(), seed=3), model=m, flush_every="x")
+    assert not log.exists()
+
+
 def test_check_every_k_checks_after_every_kth_step():
     """docs/distributed.md §1: ``check_every=k`` repeats the parameter/state check every k steps
     (64 bytes per rank per check): after steps k, 2k, ..., not after the others."""

@@ -382,7 +382,10 @@ class DataParallelZO:
 
     def __init__(self, optimizer, *, group=None, comm: Comm | None = None, check_every: int = 0,
                  broadcast_params: bool = False):
+        from zeroflow.optim.zo import counter
+
         zo = _zo_of(optimizer)[0]
+        check_every = counter(check_every, "check_every")   # int('x'); -1 checked every step
         if zo.scalar_hook is not None:
             raise RuntimeError("this optimizer already has a scalar hook (wrapped twice, or being replayed)")
         self.optimizer = optimizer
@@ -474,9 +477,10 @@ class DataParallelZO:
     # ----- step
     def set_batch_size(self, n: int) -> None:
         """This rank's number of samples in the current batch (used for the weighted mean)."""
-        if n < 0:
-            raise ValueError("batch size must be >= 0")
-        self._n_local = int(n)
+        from zeroflow.optim.zo import counter
+
+        # int(2.5) counted 2 samples; '4' raised "'<' not supported"
+        self._n_local = counter(n, "batch_size (this rank's samples in the step's batch)")
 
     def _begin_step(self) -> None:
         """Every rank's batch size (-1: never set), gathered every step, even when no rank

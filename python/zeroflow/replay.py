@@ -202,7 +202,9 @@ class TrajectoryRecorder:
         self._next_step = opt.step_count
         self._warned_failed = False
         self._steps = 0
-        self._flush_every = max(1, int(flush_every))
+        from zeroflow.optim.zo import counter
+
+        self._flush_every = max(1, counter(flush_every, "flush_every"))     # int('x'): 'invalid literal
         self.bytes_written = 0
         try:
             self._f = open(path, "wb" if overwrite else "xb")
