@@ -560,7 +560,8 @@ def test_state_dict_hooks_see_the_whole_state_as_torch_optim_promises(name):
     (lambda sd: sd.update(state=[]), "state_dict's state must map parameter ids to dicts of buffers"),
     (lambda sd: sd["state"].update({0: 5}), "state_dict's state of parameter 0 is int, not a dict"),
     (lambda sd: sd.update(param_groups=None), "state_dict's param_groups must be a list of dicts"),
-    (lambda sd: sd["state"].update({9: {"momentum_buffer": torch.zeros(3)}}), "parameter id\\(s\\) 9 that no param group"),
+    (lambda sd: sd["state"].update({9: {"momentum_buffer": torch.zeros(3)}}),
+     "parameter id\\(s\\) 9 that no param group"),
     (lambda sd: sd["param_groups"][0].update(params=[0, 0, 2, 3]), "list parameter id 0 more than once")])
 def test_a_bad_state_is_refused_and_leaves_the_optimizer_unchanged(edit, needle):
     model = make_mlp(6, 4, 1)

@@ -67,7 +67,8 @@ class HybridFOZO(torch.optim.Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         if "params" not in param_group:
-            raise ValueError(f"param_group has no 'params' entry (it has {', '.join(map(str, param_group)) or 'none'}); "
+            raise ValueError("param_group has no 'params' entry (it has "
+                             f"{', '.join(map(str, param_group)) or 'none'}); "
                              "give the tensors to optimize as {'params': [...], ...}")
         other = sorted(set(param_group) - {"params", "lr", "zo_lr_scale"})
         if other:

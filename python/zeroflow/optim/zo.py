@@ -470,7 +470,8 @@ class _ZOBase(torch.optim.Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         if "params" not in param_group:     # a bare KeyError: 'params'
-            raise ValueError(f"param_group has no 'params' entry (it has {', '.join(map(str, param_group)) or 'none'}); "
+            raise ValueError("param_group has no 'params' entry (it has "
+                             f"{', '.join(map(str, param_group)) or 'none'}); "
                              "give the tensors to optimize as {'params': [...], ...}")
         for opt in GLOBAL_OPTIONS:
             if opt in param_group:
