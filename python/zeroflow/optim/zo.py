@@ -102,17 +102,11 @@ def _warn_at_caller(message: str, *, each_time: bool = False) -> None:
     if not each_time or frame is None:
         warnings.warn(message, RuntimeWarning, stacklevel=level)
         return
-    caller = frame.f_globals
-    where = (message, RuntimeWarning, frame.f_code.co_filename, frame.f_lineno)
-    try:
-        warnings.warn_explicit(*where, module=caller.get("__name__", "<string>"), registry=None,
-                               module_globals=caller)
-    except ImportError:
-        # a caller whose loader cannot give its source: __main__ of `python -c` and of the
-        # interactive prompt (BuiltinImporter.get_source raises "'__main__' is not a built-in
-        # module"), which warn_explicit lets through before it shows anything; the skipped
-        # step's warning became that ImportError. Without module_globals it reads no source.
-        warnings.warn_explicit(*where, module=caller.get("__name__", "<string>"), registry=None)
+    # No module_globals: with them warn_explicit asks the caller's loader for its source, and
+    # __main__'s loader under `python -c` and at the prompt raises ImportError ("'__main__' is
+    # not a built-in module") in place of the warning; the line is read from the file instead.
+    warnings.warn_explicit(message, RuntimeWarning, frame.f_code.co_filename, frame.f_lineno,
+                           module=frame.f_globals.get("__name__", "<string>"), registry=None)
 
 
 @contextlib.contextmanager
