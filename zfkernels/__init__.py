@@ -16,7 +16,6 @@ Importing this package never fails but for a bad ``ZEROFLOW_CPU_CAPABILITY`` (do
 from __future__ import annotations
 
 import numbers
-import operator
 import os
 import warnings
 from typing import Sequence
@@ -31,6 +30,7 @@ from .stream import (
     check_seed,
     derive_seed,
     dist_code,
+    integer_arg,
     mask_threshold,
 )
 
@@ -168,20 +168,6 @@ def _backend_for(backend: str, params: Sequence[torch.Tensor]) -> str:
     return "torch"
 
 
-def _integer(v, name: str) -> int:
-    """``v`` as an int: a Python or numpy integer (not a bool, a float or a string), as the
-    registered ops take it; ``int(v)`` truncated 0.9 to the id 0 and step=1.9 to 1, where
-    the ops themselves refuse a float."""
-    if type(v) is int:
-        return v
-    if not isinstance(v, bool):
-        try:
-            return operator.index(v)
-        except TypeError:
-            pass
-    raise TypeError(f"{name}={v!r} must be an integer, got {type(v).__name__}")
-
-
 def _real(v, name: str) -> float:
     """A float argument of an op (``lr``, ``scale``, ``coeffs[j]``, ...): a Python or numpy
     real or a one-element real tensor, as a float. The ops' conversion (float()) took the
@@ -213,7 +199,7 @@ def _options(op: str, **given) -> dict:
 def _ids(tensors: Sequence[torch.Tensor], tensor_ids: Sequence[int] | None) -> list[int]:
     if tensor_ids is None:
         return list(range(len(tensors)))
-    ids = [_integer(t, f"tensor_ids[{k}]") for k, t in enumerate(tensor_ids)]
+    ids = [integer_arg(t, f"tensor_ids[{k}]") for k, t in enumerate(tensor_ids)]
     if len(ids) != len(tensors):
         raise ValueError(f"tensor_ids has {len(ids)} entries for {len(tensors)} tensors; give one id per tensor")
     return ids
@@ -237,7 +223,7 @@ def philox4x32_10(counters: torch.Tensor, key: tuple[int, int], backend: str = "
     int64 storage) with ``key = (k0, k1)``; returns the ``[N, 4]`` output words as int64."""
     if not (isinstance(key, (tuple, list)) and len(key) == 2):     # "'int' object is not iterable"
         raise TypeError(f"key={key!r} must be a pair (k0, k1) of 32-bit unsigned integers")
-    k0, k1 = (_integer(k, f"key[{j}]") for j, k in enumerate(key))
+    k0, k1 = (integer_arg(k, f"key[{j}]") for j, k in enumerate(key))
     for name, k in (("key[0]", k0), ("key[1]", k1)):
         if not 0 <= k < 2**32:
             raise ValueError(f"{name}={k} must be a 32-bit unsigned integer")
@@ -262,7 +248,7 @@ def perturbation(
 ) -> torch.Tensor:
     """The z (times the mask, if ``sparsity`` > 0) that the kernels use for tensor
     ``tensor_id``, materialized as a flat tensor: for tests and inspection."""
-    numel = _integer(numel, "numel")        # int() made numel=2.7 two elements
+    numel = integer_arg(numel, "numel")        # int() made numel=2.7 two elements
     if numel < 0:
         raise ValueError(f"numel={numel} must be >= 0")
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):    # the kernel named "params[0]"
@@ -276,7 +262,7 @@ def perturbation(
 def sparse_mask(mask_seed: int, numel: int, sparsity: float, tensor_id: int = 0, device="cpu") -> torch.Tensor:
     """The keep-mask (bool, False = zeroed) of §6 for one tensor, from the reference."""
     # checked as the ops check them: int() gave tensor_id=1.9 (or True) tensor 1's mask
-    numel, tensor_id = _integer(numel, "numel"), _integer(tensor_id, "tensor_id")
+    numel, tensor_id = integer_arg(numel, "numel"), integer_arg(tensor_id, "tensor_id")
     if numel < 0:       # torch.arange's "upper bound and lower bound inconsistent with step sign"
         raise ValueError(f"numel={numel} must be >= 0")
     return reference.keep_mask(mask_seed, numel, tensor_id, mask_threshold(sparsity), torch.device(device))
@@ -421,7 +407,7 @@ def zo_adam_update_(
     params = _as_list(params, "params")
     ids = _ids(params, tensor_ids)
     seeds, coeffs = _qs(seeds, coeffs)
-    step = _integer(step, "step")
+    step = integer_arg(step, "step")
     if step < 1:
         raise ValueError(f"step={step} must be >= 1 (the Adam step count after this update)")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:     # betas=0.9: "object of type 'float' has no len()"

@@ -121,14 +121,18 @@ def philox4x32_10_scalar(counter: tuple[int, int, int, int], key: tuple[int, int
     return c0, c1, c2, c3
 
 
-def _integer_arg(v, name: str) -> int:
-    """``v`` as an int (a Python or numpy integer, not a bool or a float), else a TypeError naming it."""
+def integer_arg(v, name: str, must: str = "an integer") -> int:
+    """``v`` as an int: a Python or numpy integer (not a bool, a float or a string), as the
+    registered ops take it, else a TypeError naming ``name``; ``int(v)`` truncated 0.9 to the
+    id 0 and step=1.9 to 1, where the ops themselves refuse a float."""
+    if type(v) is int:
+        return v
     if not isinstance(v, bool):
         try:
             return operator.index(v)
         except TypeError:
             pass
-    raise TypeError(f"{name}={v!r} must be an integer, got {type(v).__name__}")
+    raise TypeError(f"{name}={v!r} must be {must}, got {type(v).__name__}")
 
 
 def split_seed(seed: int) -> tuple[int, int]:
@@ -141,7 +145,7 @@ def derive_seed(base_seed: int, step: int, query: int) -> int:
     base seed ``base_seed``. Deterministic, platform independent, in [0, 2^63)."""
     check_seed(base_seed, "base_seed")
     if type(step) is not int or type(query) is not int:     # "'<' not supported", "unsupported operand &"
-        step, query = _integer_arg(step, "step"), _integer_arg(query, "query")
+        step, query = integer_arg(step, "step"), integer_arg(query, "query")
     if step < 0 or step >= 1 << 64:
         raise ValueError(f"step={step} must be in [0, 2**64)")
     if not 0 <= query <= MASK32:

@@ -368,7 +368,8 @@ class _ZOBase(torch.optim.Optimizer):
         if seed is None:
             # Deterministic under torch.manual_seed, and consumes no random numbers.
             seed = torch.initial_seed() & (SEED_LIMIT - 1)
-        self._seed = zfkernels.stream.check_seed(_seed_int(seed), "seed")
+        self._seed = zfkernels.stream.check_seed(zfkernels.stream.integer_arg(
+            seed, "seed", "an int in [0, 2**63), or None (derived from torch.initial_seed())"), "seed")
         self.q = q
         self.estimator = estimator
         self.conserve = bool(conserve)
@@ -1501,18 +1502,6 @@ def counter(x, what: str, limit: int | None = None) -> int:
     if v < 0 or (limit is not None and v >= limit):
         raise ValueError(f"{what} is {v}; it must be an int >= 0" + (f" and below {limit}" if limit else ""))
     return v
-
-
-def _seed_int(seed) -> int:
-    """The optimizer's ``seed=`` as an int (a Python, numpy or one-element integer tensor
-    value); ``int(seed)`` truncated 1.5 to 1 and said "invalid literal for int()" for a
-    string, naming no option."""
-    if not isinstance(seed, bool):
-        try:
-            return operator.index(seed)
-        except TypeError:
-            pass
-    raise TypeError(f"seed={seed!r} must be an int in [0, 2**63), or None (derived from torch.initial_seed())")
 
 
 def _number(x, name: str) -> float:
