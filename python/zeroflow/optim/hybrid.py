@@ -8,9 +8,9 @@ attached to the hybrid therefore keeps decaying both phases with one schedule.
 """
 from __future__ import annotations
 
-import torch
-
 import math
+
+import torch
 
 from .zo import _number, _warn_at_caller, counter, load_with_hooks, params_list, state_dict_with_hooks
 
