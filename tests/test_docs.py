@@ -81,6 +81,7 @@ PYTHON_EXAMPLES = [pytest.param(code, id=f"{page}:{line}")
 @pytest.mark.parametrize("code", PYTHON_EXAMPLES)
 def test_python_examples_run(code, tmp_path, monkeypatch):
     """A ```python block runs as written, in an empty folder (it may write files there)."""
+    import torch
     import torch.distributed as dist
 
     monkeypatch.chdir(tmp_path)
@@ -93,7 +94,8 @@ def test_python_examples_run(code, tmp_path, monkeypatch):
                          MASTER_PORT=str(port)).items():
             monkeypatch.setenv(k, v)
     try:
-        exec(compile(code, "<example>", "exec"), {"__name__": "__main__"})
+        with torch.random.fork_rng(devices=[]):     # an example's manual_seed stays in the example
+            exec(compile(code, "<example>", "exec"), {"__name__": "__main__"})
     finally:
         if torchrun and dist.is_initialized():
             dist.destroy_process_group()
