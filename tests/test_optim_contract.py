@@ -434,6 +434,8 @@ def test_a_group_added_to_a_hybrid_is_trained_in_both_phases():
     # optimizer's lr; a group without params raised KeyError: 'params'
     ({"lr": "x"}, "lr='x' is not a number"), ({"lr": None}, "lr=None is not a number"),
     ({"zo_lr_scale": "x"}, "zo_lr_scale='x' is not a number"), ({"zo_lr_scale": -1.0}, "zo_lr_scale=-1.0 must be >= 0"),
+    ({"lr": float("inf")}, "lr=inf must be >= 0 and finite"),
+    ({"zo_lr_scale": float("inf")}, "zo_lr_scale=inf must be >= 0 and finite"),
     ({"params": None, "lr": 0.1}, None)])
 def test_a_bad_group_added_to_a_hybrid_is_named_and_adds_nothing(group, needle):
     model = make_mlp(6, 4, 1)
@@ -450,7 +452,11 @@ def test_a_bad_group_added_to_a_hybrid_is_named_and_adds_nothing(group, needle):
 @pytest.mark.parametrize("edit,needle", [
     (lambda g: g.pop("zo_lr_scale"), "param group 0 lacks zo_lr_scale"),
     (lambda g: g.update(lr="x"), "param group 0: lr='x' is not a number"),
-    (lambda g: g.update(zo_lr_scale=float("nan")), "param group 0: zo_lr_scale=nan must be >= 0")])
+    (lambda g: g.update(zo_lr_scale=float("nan")), "param group 0: zo_lr_scale=nan must be >= 0"),
+    (lambda g: g.update(zo_lr_scale=float("inf")), "param group 0: zo_lr_scale=inf must be >= 0 and finite"),
+    # torch.optim's "doesn't match the size of optimizer's group", naming neither optimizer
+    (lambda g: g.update(params=g["params"][:1]), "state_dict param group 0 does not list the 4 parameters of this "
+                                                 "HybridFOZO's group")])
 def test_a_hybrid_state_with_a_bad_group_of_its_own_is_refused_before_it_loads(edit, needle):
     # loaded: the FO phase then stepped with lr 'x' (TypeError), the ZO phase raised KeyError
     # 'zo_lr_scale' at the switch, or ran at lr nan
@@ -466,10 +472,26 @@ def test_a_hybrid_state_with_a_bad_group_of_its_own_is_refused_before_it_loads(e
     _run(model, hyb, 2)
 
 
+@pytest.mark.parametrize("groups", [None, 5, "params"])
+def test_a_hybrid_state_whose_param_groups_is_no_list_is_refused_by_name(groups):
+    # len(None) raised a bare TypeError; a string's characters were taken for groups
+    model = make_mlp(6, 4, 1)
+    hyb = create("zo_sgd", model.parameters(), hybrid_switch=1, lr=0.01, fo_lr=0.1, seed=3)
+    _run(model, hyb, 1)
+    state = copy.deepcopy(hyb.state_dict())
+    bad = dict(copy.deepcopy(state), param_groups=groups)
+    with pytest.raises(ValueError, match="state_dict's param_groups must be a list of dicts; was it saved by a "
+                                         "HybridFOZO\\?"):
+        hyb.load_state_dict(bad)
+    assert hyb.state_dict()["param_groups"] == state["param_groups"]
+
+
 def test_a_hybrid_over_no_optimizer_or_a_nan_fo_lr_is_refused():
     ps = list(make_mlp(6, 4, 1).parameters())
     with pytest.raises(TypeError, match="HybridFOZO\\(fo=...\\) must be a torch.optim.Optimizer, got str"):
         HybridFOZO("sgd", ZOFusedSGD(ps), 1)
+    with pytest.raises(TypeError, match="HybridFOZO\\(zo=...\\) must be a torch.optim.Optimizer, got NoneType"):
+        HybridFOZO(torch.optim.SGD(ps, lr=0.1), None, 1)
     with pytest.raises(ValueError, match="the FO optimizer's lr=nan must be >= 0"):
         HybridFOZO(torch.optim.SGD(ps, lr=float("nan")), ZOFusedSGD(ps), 1)
 
@@ -562,7 +584,10 @@ def test_state_dict_hooks_see_the_whole_state_as_torch_optim_promises(name):
     (lambda sd: sd.update(param_groups=None), "state_dict's param_groups must be a list of dicts"),
     (lambda sd: sd["state"].update({9: {"momentum_buffer": torch.zeros(3)}}),
      "parameter id\\(s\\) 9 that no param group"),
-    (lambda sd: sd["param_groups"][0].update(params=[0, 0, 2, 3]), "list parameter id 0 more than once")])
+    (lambda sd: sd["param_groups"][0].update(params=[0, 0, 2, 3]), "list parameter id 0 more than once"),
+    # a group whose params is no list: "'NoneType' object is not iterable" from the id scan
+    (lambda sd: sd["param_groups"][0].update(params=None), "param_groups must be a list of dicts, each with a 'params' list"),
+    (lambda sd: sd["param_groups"][0].pop("params"), "param_groups must be a list of dicts, each with a 'params' list")])
 def test_a_bad_state_is_refused_and_leaves_the_optimizer_unchanged(edit, needle):
     model = make_mlp(6, 4, 1)
     opt = ZOFusedSGD(model.parameters(), lr=0.1, momentum=0.9, seed=1)
