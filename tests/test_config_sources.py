@@ -53,3 +53,14 @@ def test_the_writer_takes_a_folder_and_help(tmp_path, monkeypatch, capsys):
     main([str(tmp_path)])
     assert open(tmp_path / "ease_digits.yaml").read() == config_yaml("digits", "ease")
     assert len(os.listdir(tmp_path)) == 10
+
+
+def test_the_writer_writes_into_configs_when_given_no_folder(tmp_path, monkeypatch):
+    # `python -m zeroflow.continual.sources` from the repository root: configs/ is the default
+    from zeroflow.continual.sources import config_yaml, main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    main([])
+    assert sorted(os.listdir(tmp_path)) == ["configs"] and len(os.listdir(tmp_path / "configs")) == 10
+    assert open(tmp_path / "configs" / "aper_digits.yaml").read() == config_yaml("digits", "aper")

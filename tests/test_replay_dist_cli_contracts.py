@@ -268,6 +268,25 @@ def test_the_replay_command_names_the_argument_it_cannot_use(tmp_path, small_log
             replay(base, log, **kw)
 
 
+@pytest.mark.parametrize("device", [3.5, None])
+def test_a_device_of_the_wrong_type_is_named(small_log, device):
+    # torch.device's TypeError ("device() received an invalid combination of arguments")
+    base, log, _, _ = small_log
+    with pytest.raises(ReplayError, match=f"device={device!r} is not a device"):
+        replay(base, log, device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of cuda where CUDA is not available")
+def test_a_cuda_device_without_cuda_is_named_before_base_is_read(tmp_path, small_log, capsys):
+    _, log, _, _ = small_log
+    base = str(tmp_path / "no-base.pt")           # never read: the device is refused first
+    with pytest.raises(ReplayError, match="device='cuda': CUDA is not available here; replay on cpu"):
+        replay(base, log, device="cuda")
+    out = str(tmp_path / "w.pt")
+    assert replay_main([base, log, "--out", out, "--device", "cuda:0"]) == 2
+    assert "--device 'cuda:0': CUDA is not available here" in capsys.readouterr().err and not os.path.exists(out)
+
+
 # ---------------------------------------------------------------------------- data-parallel ZO, one process
 def _two_ranks(peer):
     """A Comm of rank 0 in a world of 2 whose other rank answers ``peer(tensor)`` to every

@@ -89,6 +89,8 @@ def test_sizes_are_exact_binary_multiples_or_plain_counts():
     assert (R.fsize(1536), R.fsize(1000), R.fsize(3 * 2**19), R.fsize(3 * 2**19 + 1)) == \
         ("1536", "1000", "1536K", "1.6 million")
     assert (R.fsize(86_567_656), R.fsize(999_999)) == ("86.6 million", "999999")   # the ViT-B/16 list
+    # the decimal boundary is 10^6 itself, not 2^20: a million and the counts up to 2^20 are millions too
+    assert (R.fsize(10**6), R.fsize(10**6 + 1), R.fsize(2**20 - 1)) == ("1.0 million",) * 3
 
 
 def test_status_at_the_target_is_met_and_a_small_miss_keeps_a_decimal():
