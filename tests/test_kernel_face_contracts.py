@@ -339,7 +339,20 @@ def test_a_non_tensor_in_a_list_is_named():
     (lambda p: zk.sparse_mask(1, -4, 0.5), ValueError, "numel=-4 must be >= 0"),
     (lambda p: zk.perturbation(1, 4, dtype=torch.float64), ValueError, "dtype=torch.float64 must be"),
     (lambda p: zk.derive_seed(1, "3", 0), TypeError, "step='3' must be an integer"),
-    (lambda p: zk.derive_seed(1, 3, 1.5), TypeError, "query=1.5 must be an integer")])
+    (lambda p: zk.derive_seed(1, 3, 1.5), TypeError, "query=1.5 must be an integer"),
+    # bools are no numbers here (True is no lr, no sparsity, no step), every list entry is named
+    # by its own index, and a key is exactly a pair
+    (lambda p: zk.zo_sgd_update_(p, [1], [0.5], lr=True, backend="torch"), TypeError, "lr=True must be a real"),
+    (lambda p: zk.zo_sgd_update_(p, [1], [0.5], lr=torch.tensor(True), backend="torch"), TypeError,
+     r"lr=tensor\(True\) must be a real"),
+    (lambda p: zk.zo_sgd_update_(p, [1, 2], [0.5, "x"], lr=0.1, backend="torch"), TypeError,
+     r"coeffs\[1\]='x' must be a real"),
+    (lambda p: zk.zo_adam_update_(p, [torch.zeros(4)], [torch.zeros(4)], [1], [0.5], lr=0.1, step=1,
+                                  betas=(0.9, "b"), backend="torch"), TypeError, r"betas\[1\]='b' must be a real"),
+    (lambda p: zk.perturb_(p, 1, 1.0, sparsity=True, backend="torch"), ValueError, "sparsity=True must be a number"),
+    (lambda p: zk.philox4x32_10(torch.zeros(1, 4, dtype=torch.int64), (1, 2, 3)), TypeError,
+     r"key=\(1, 2, 3\) must be a pair"),
+    (lambda p: zk.derive_seed(1, True, 0), TypeError, "step=True must be an integer")])
 def test_scalar_arguments_of_the_wrong_type_are_named_before_anything_is_written(call, error, needle):
     p = [torch.ones(4)]
     with pytest.raises(error, match=needle):
@@ -466,6 +479,11 @@ def test_sparse_mask_and_perturbation_take_integers_only():
     with pytest.raises(TypeError, match=r"numel=2\.7 must be an integer"):
         zk.perturbation(1, 2.7)
     assert torch.equal(zk.sparse_mask(1, np.int64(64), 0.5, tensor_id=np.int32(1)), zk.sparse_mask(1, 64, 0.5, 1))
+    # the bounds are inclusive: no elements is a mask of none, and every dtype the kernels perturb
+    assert zk.sparse_mask(1, 0, 0.5).shape == (0,) and zk.perturbation(1, 0).shape == (0,)
+    for dt in (torch.float16, torch.bfloat16):
+        z = zk.perturbation(1, 64, dtype=dt)
+        assert z.dtype == dt and torch.equal(z, zk.perturbation(1, 64).to(dt))
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
