@@ -71,6 +71,20 @@ def test_cifar100_damaged_pickle_is_named(tmp_path, damaged):
         load_cifar100(str(tmp_path), 10, 10, img_size=32)
 
 
+def test_cifar100_damaged_pickles_are_all_named(tmp_path):
+    # an empty file (EOFError, not an UnpicklingError) is named as well, and two damaged files both
+    from zeroflow.continual.data import load_cifar100
+    _write_cifar100(str(tmp_path))
+    train, meta = (os.path.join(str(tmp_path), "cifar-100-python", n) for n in ("train", "meta"))
+    open(train, "wb").close()
+    with pytest.raises(ZeroflowError, match=re.escape(train + " is not a readable pickle (EOFError")):
+        load_cifar100(str(tmp_path), 10, 10, img_size=32)
+    with open(meta, "wb") as f:
+        f.write(b"not a pickle")
+    with pytest.raises(ZeroflowError, match=re.escape(f"{train}, {meta} are not a readable pickle")):
+        load_cifar100(str(tmp_path), 10, 10, img_size=32)
+
+
 def _write_imagefolder(root, name, n_classes=4, per_split=2):
     from PIL import Image
     for split in ("train", "test"):
