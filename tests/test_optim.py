@@ -441,6 +441,27 @@ def test_skip_warnings_do_not_pile_up_in_the_warning_registry():
     assert entries <= 1, f"{entries} registry entries after 25 skipped steps"
 
 
+def test_a_skip_warning_names_the_callers_line_and_module():
+    # issued without a registry (above), it still names the caller's line, and a filter on the
+    # caller's module (`-W error::RuntimeWarning:mymodule`) applies to it
+    import re
+    import sys
+
+    model = make_model()
+    opt = ZOFusedSGD(model.parameters(), lr=0.1, backend=BACKEND, seed=4)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        opt.step(lambda: loss_of(model) * float("nan"))
+    assert [(x.filename, x.lineno) for x in w if "non-finite" in str(x.message)] == [(__file__, line)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.filterwarnings("error", message=".*non-finite", category=RuntimeWarning,
+                                module=re.escape(__name__) + "$")
+        with pytest.raises(RuntimeWarning, match="non-finite"):
+            opt.step(lambda: loss_of(model) * float("nan"))
+
+
 @pytest.mark.parametrize("cls,kw", [(ZOFusedSGD, {}), (ZOFusedAdam, {}), (ZOFusedAdam, dict(conserve=True)),
                                     (ZOFusedSGD, dict(estimator="forward_grad"))])
 def test_an_estimate_beyond_float32_is_skipped_like_a_non_finite_loss(cls, kw):
