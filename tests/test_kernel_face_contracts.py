@@ -350,6 +350,8 @@ def test_a_non_tensor_in_a_list_is_named():
     (lambda p: zk.zo_adam_update_(p, [torch.zeros(4)], [torch.zeros(4)], [1], [0.5], lr=0.1, step=1,
                                   betas=(0.9, "b"), backend="torch"), TypeError, r"betas\[1\]='b' must be a real"),
     (lambda p: zk.perturb_(p, 1, 1.0, sparsity=True, backend="torch"), ValueError, "sparsity=True must be a number"),
+    (lambda p: zk.perturb_(p, 1, 1.0, sparsity=torch.tensor([0.1, 0.2]), backend="torch"), ValueError,
+     r"sparsity=tensor\(\[0.1000, 0.2000\]\) must be a number"),     # torch's "only one element tensors"
     (lambda p: zk.philox4x32_10(torch.zeros(1, 4, dtype=torch.int64), (1, 2, 3)), TypeError,
      r"key=\(1, 2, 3\) must be a pair"),
     (lambda p: zk.derive_seed(1, True, 0), TypeError, "step=True must be an integer")])
