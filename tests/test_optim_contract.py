@@ -586,8 +586,8 @@ def test_state_dict_hooks_see_the_whole_state_as_torch_optim_promises(name):
      "parameter id\\(s\\) 9 that no param group"),
     (lambda sd: sd["param_groups"][0].update(params=[0, 0, 2, 3]), "list parameter id 0 more than once"),
     # a group whose params is no list: "'NoneType' object is not iterable" from the id scan
-    (lambda sd: sd["param_groups"][0].update(params=None), "param_groups must be a list of dicts, each with a 'params' list"),
-    (lambda sd: sd["param_groups"][0].pop("params"), "param_groups must be a list of dicts, each with a 'params' list")])
+    (lambda sd: sd["param_groups"][0].update(params=None), "must be a list of dicts, each with a 'params'"),
+    (lambda sd: sd["param_groups"][0].pop("params"), "param_groups must be a list of dicts, each with a 'params'")])
 def test_a_bad_state_is_refused_and_leaves_the_optimizer_unchanged(edit, needle):
     model = make_mlp(6, 4, 1)
     opt = ZOFusedSGD(model.parameters(), lr=0.1, momentum=0.9, seed=1)
