@@ -34,6 +34,19 @@ def load_cuda_emulation(build_dir: str) -> None:
          build_directory=build_dir, is_python_module=False)
 
 
+def triton_package_or_skip():
+    """zfkernels.triton, or a skip that says why it does not import. Its import raises where the
+    interpreter cannot run the kernels (Triton 3.6 with numpy >= 2.4, the device image's versions,
+    under TRITON_INTERPRET=1); for tests of its host-side code, which run no kernel."""
+    import zfkernels as zk
+
+    pytest.importorskip("triton")
+    zt, why = zk._triton_module()
+    if zt is None:
+        pytest.skip(why)
+    return zt
+
+
 def backend_params(*, reference_on_cpu: bool) -> list:
     """The (backend, device) pairs present on this machine, as pytest params, each backend on
     its own device: ``cpu`` (compiled), ``cuda`` (compiled) and native Triton with a GPU, else

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import zfkernels as zk
-from conftest import backend_params
+from conftest import backend_params, triton_package_or_skip
 from zeroflow.optim import ZOFusedAdam, ZOFusedSGD
 
 warnings.filterwarnings("ignore", message="zfkernels: the compiled")
@@ -79,23 +79,11 @@ def test_triton_interpreter_launches_from_two_threads():
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
-def _triton_glue():
-    """zfkernels.triton._common, or a skip that says why the package does not import: its import
-    raises where the interpreter cannot run the kernels (Triton 3.6 with numpy >= 2.4, the
-    device image's versions under TRITON_INTERPRET=1), though launch_scope needs none of them."""
-    pytest.importorskip("triton")
-    zt, why = zk._triton_module()
-    if zt is None:
-        pytest.skip(why)
-    from zfkernels.triton import _common
-    return _common
-
-
 def test_launch_scope_leaves_the_interpreter_lock_free_when_entering_the_device_fails(monkeypatch):
     """Interpreted launches on CUDA tensors take the lock, then enter the device: a device that
     cannot be entered must not leave the lock held (every later launch of every thread would
     wait forever)."""
-    _common = _triton_glue()
+    _common = triton_package_or_skip()._common
 
     def no_device(d):
         raise RuntimeError("no such device")
@@ -128,7 +116,7 @@ def test_launch_scope_enters_the_tensors_cuda_device_and_holds_the_lock_when_int
     holds the lock when interpreted. Emulated: torch.cuda.device recorded."""
     import contextlib
 
-    _common = _triton_glue()
+    _common = triton_package_or_skip()._common
 
     entered = []
 

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 import zfkernels as zk
+from conftest import triton_package_or_skip
 from zfkernels import opspec
 from zfkernels import reference as R
 
@@ -482,11 +483,7 @@ def test_triton_launches_on_the_params_cuda_device_not_the_current_one(monkeypat
     cuda:1, a model split over GPUs: one fused call per device) ran cuda:0's kernel on cuda:1's
     memory. Emulated: tensors that report cuda:1, torch.cuda.device recorded, the kernels
     replaced by a recorder of the device current at each launch."""
-    # no kernel runs here, but zfkernels.triton's import raises where the interpreter cannot run
-    # them (Triton 3.6 with numpy >= 2.4 under TRITON_INTERPRET=1): skipped with that reason
-    zt, why = zk._triton_module()
-    if zt is None:
-        pytest.skip(why)
+    triton_package_or_skip()         # no kernel runs here, but the package must import
     from zfkernels.triton import adam_update, perturb, philox, sgd_update
 
     current = [0]
