@@ -40,7 +40,7 @@ from typing import Sequence
 import torch
 
 from ._atomic import atomic_torch_save
-from .optim.zo import STATE_GLOBAL_OPTIONS
+from .optim.zo import STATE_GLOBAL_OPTIONS, counter
 
 __all__ = ["TrajectoryRecorder", "replay", "replay_to_file", "read_log", "replay_main", "save_base",
            "weights_sha256", "ReplayError", "TrajectoryWriteError", "LOG_FORMAT"]
@@ -149,7 +149,8 @@ class TrajectoryRecorder:
 
         from zeroflow.distributed import group_options, param_layout, zo_options
 
-        opt = _unwrap(optimizer)
+        flush_every = max(1, counter(flush_every, "flush_every"))     # int('x'): 'invalid literal'; checked
+        opt = _unwrap(optimizer)                                        # before the weights are hashed
         if opt.estimator == "forward_grad":
             raise ValueError("estimator='forward_grad' is not supported by the trajectory log (replay would need the "
                              "model to run the jvps)")
@@ -202,9 +203,7 @@ class TrajectoryRecorder:
         self._next_step = opt.step_count
         self._warned_failed = False
         self._steps = 0
-        from zeroflow.optim.zo import counter
-
-        self._flush_every = max(1, counter(flush_every, "flush_every"))     # int('x'): 'invalid literal
+        self._flush_every = flush_every
         self.bytes_written = 0
         try:
             self._f = open(path, "wb" if overwrite else "xb")
