@@ -496,6 +496,31 @@ def test_a_hybrid_over_no_optimizer_or_a_nan_fo_lr_is_refused():
         HybridFOZO(torch.optim.SGD(ps, lr=float("nan")), ZOFusedSGD(ps), 1)
 
 
+def test_a_hybrid_over_a_torch_optim_fo_optimizer_counts_and_resumes():
+    # the constructor takes any torch.optim optimizer as fo, but forward_passes and
+    # load_state_dict asked it for zeroflow's counter and check: AttributeError ('SGD' object
+    # has no attribute 'forward_passes' / 'check_state_dict')
+    model = make_mlp(6, 4, 1)
+    ps = list(model.parameters())
+    hyb = HybridFOZO(torch.optim.SGD(ps, lr=0.1), ZOFusedSGD(ps, lr=0.01, seed=3), 2)
+    _run(model, hyb, 3)
+    assert hyb.forward_passes == 2 + hyb.zo.forward_passes == 4     # 2 FO steps, 1 ZO step of q=1 (2 passes)
+    state = copy.deepcopy(hyb.state_dict())
+    model2 = copy.deepcopy(model)
+    ps2 = list(model2.parameters())
+    hyb2 = HybridFOZO(torch.optim.SGD(ps2, lr=0.1), ZOFusedSGD(ps2, lr=0.01, seed=3), 2)
+    hyb2.load_state_dict(state)
+    assert hyb2.forward_passes == hyb.forward_passes
+    _run(model, hyb, 1)
+    _run(model2, hyb2, 1)
+    assert all(torch.equal(a, b) for a, b in zip(ps, ps2))
+    bad = copy.deepcopy(state)
+    bad["hybrid"]["fo"]["param_groups"][0]["params"].pop()
+    with pytest.raises(ValueError, match="'hybrid' 'fo' state: param group 0 has 3 parameters, the SGD's 4"):
+        hyb2.load_state_dict(bad)
+    assert hyb2.state_dict()["hybrid"]["steps"] == 4
+
+
 def test_a_copy_does_not_take_the_originals_hooks():
     model = make_mlp(6, 4, 1)
     opt = ZOFusedSGD(model.parameters(), lr=0.05)

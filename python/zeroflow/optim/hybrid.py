@@ -26,6 +26,32 @@ def _rate(x, name: str) -> float:
         raise ValueError(f"{name}={x!r} must be >= 0 and finite")
     return v
 
+
+def _check_inner(opt: torch.optim.Optimizer, state_dict, which: str) -> None:
+    """An inner optimizer's saved state checked before anything loads: its own
+    ``check_state_dict`` (zeroflow's optimizers), else, for a torch.optim optimizer, what
+    torch.optim's load would refuse after the hybrid's own groups were loaded (the groups and
+    their parameter counts)."""
+    check = getattr(opt, "check_state_dict", None)
+    if check is not None:
+        check(state_dict)
+        return
+    what = f"state_dict's 'hybrid' {which!r} state"
+    if not (isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict)
+            and isinstance(state_dict.get("param_groups"), (list, tuple))
+            and all(isinstance(g, dict) and isinstance(g.get("params"), (list, tuple))
+                    for g in state_dict["param_groups"])):
+        raise ValueError(f"{what} is not an optimizer state_dict (state, and param_groups each listing its "
+                         "parameter ids)")
+    saved, mine = state_dict["param_groups"], opt.param_groups
+    if len(saved) != len(mine):
+        raise ValueError(f"{what} has {len(saved)} param groups, the {type(opt).__name__} {len(mine)}")
+    for i, (sg, g) in enumerate(zip(saved, mine)):
+        if len(sg["params"]) != len(g["params"]):
+            raise ValueError(f"{what}: param group {i} has {len(sg['params'])} parameters, the "
+                             f"{type(opt).__name__}'s {len(g['params'])}")
+
+
 __all__ = ["HybridFOZO"]
 
 
@@ -99,7 +125,10 @@ class HybridFOZO(torch.optim.Optimizer):
 
     @property
     def forward_passes(self) -> int:
-        return self.fo.forward_passes + self.zo.forward_passes
+        # a torch.optim FO optimizer counts nothing: one forward for each step of the FO phase,
+        # the steps before the switch (start_zo lowers switch to the steps taken)
+        fo = getattr(self.fo, "forward_passes", None)
+        return (min(self._steps, self.switch) if fo is None else fo) + self.zo.forward_passes
 
     @property
     def active(self) -> torch.optim.Optimizer:
@@ -181,7 +210,7 @@ class HybridFOZO(torch.optim.Optimizer):
                     _rate(sg[k], k)
                 except ValueError as e:
                     raise ValueError(f"state_dict param group {i}: {e}") from None
-        self.fo.check_state_dict(h["fo"])
+        _check_inner(self.fo, h["fo"], "fo")
         self.zo.check_state_dict(h["zo"])
         state_dict = dict(state_dict)
         state_dict.pop("hybrid")
