@@ -496,6 +496,16 @@ def test_a_hybrid_over_no_optimizer_or_a_nan_fo_lr_is_refused():
         HybridFOZO(torch.optim.SGD(ps, lr=float("nan")), ZOFusedSGD(ps), 1)
 
 
+@pytest.mark.parametrize("zo", [torch.optim.SGD, torch.optim.Adam])
+def test_a_hybrid_whose_zo_phase_is_first_order_is_refused(zo):
+    # the ZO phase runs the closure without backward: a torch.optim optimizer there found no
+    # .grad and trained nothing after the switch, silently (and forward_passes raised AttributeError)
+    ps = list(make_mlp(6, 4, 1).parameters())
+    with pytest.raises(TypeError, match=f"HybridFOZO\\(zo=...\\) must be a zeroth-order optimizer "
+                                        f"\\(ZOFusedSGD, ZOFusedAdam\\), got {zo.__name__}"):
+        HybridFOZO(torch.optim.SGD(ps, lr=0.1), zo(ps, lr=0.1), 1)
+
+
 def test_a_hybrid_over_a_torch_optim_fo_optimizer_counts_and_resumes():
     # the constructor takes any torch.optim optimizer as fo, but forward_passes and
     # load_state_dict asked it for zeroflow's counter and check: AttributeError ('SGD' object

@@ -64,6 +64,10 @@ class HybridFOZO(torch.optim.Optimizer):
         for name, o in (("fo", fo), ("zo", zo)):
             if not isinstance(o, torch.optim.Optimizer):     # an AttributeError on param_groups
                 raise TypeError(f"HybridFOZO({name}=...) must be a torch.optim.Optimizer, got {type(o).__name__}")
+        if getattr(zo, "zeroth_order", False) is not True:     # its phase steps without backward: no .grad
+            raise TypeError(f"HybridFOZO(zo=...) must be a zeroth-order optimizer (ZOFusedSGD, ZOFusedAdam), got "
+                            f"{type(zo).__name__}: the ZO phase runs only the closure, so a first-order optimizer "
+                            "there finds no .grad and trains nothing")
         if not isinstance(switch, int) or switch < 0:
             raise ValueError(f"hybrid_switch={switch!r} must be an int >= 0 (FO steps before ZO)")
         if len(fo.param_groups) != len(zo.param_groups):
