@@ -41,8 +41,9 @@ def _naming(path: str, err: OSError) -> OSError:
     return type(err)(err.errno, err.strerror or str(err), path)
 
 
-def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """``write(f)`` into a temporary file, then rename it to ``path``."""
+def atomic_write(path: str, write: Callable[[BinaryIO], object]) -> None:
+    """``write(f)`` into a temporary file, then rename it to ``path`` (what ``write`` returns,
+    e.g. ``f.write``'s byte count, is ignored)."""
     try:
         fd, tmp = _create_temp(path)
     except OSError as e:

@@ -25,7 +25,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from .precision import check_run_precision
 from .runfolder import (CHECKPOINT, CONFIG, METRICS, TRAJECTORY, RunFolder, canonical, config_differences, inspect,
                         inside_refusal, parent_refusal, read_run_config, remove_run_files,
                         run_above, writing)
+
+if TYPE_CHECKING:
+    from .learners import Counters
 
 CKPT_VERSION = 1
 BACKBONE = "backbone.pt"
@@ -72,7 +75,7 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 # ---------------------------------------------------------------- helpers
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: Optional[str]) -> torch.device:
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -690,7 +693,7 @@ def _write_setup_files(run_dir: str, cfg: Dict, net, device: torch.device, world
 class _Results:
     """What the run has produced so far; ``checkpoint.pt`` holds it after every task."""
     matrix: list                                   # accuracy (%) of task g after stage t: matrix[g][t]
-    counters: object                               # learners.Counters
+    counters: Counters
     curve: list = field(default_factory=list)      # accuracy on all seen classes after each stage
     task_stats: list = field(default_factory=list)
     completed: int = 0                             # tasks finished
