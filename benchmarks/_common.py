@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -129,7 +130,7 @@ PARAM_SETS = {
 }
 
 
-def param_sets() -> dict[str, callable]:
+def param_sets() -> dict[str, Callable[[], list[tuple[int, ...]]]]:
     if FAST:
         return {"tiny": tiny_shapes}
     return PARAM_SETS
