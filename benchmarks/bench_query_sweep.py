@@ -137,7 +137,9 @@ def run_point(point: dict, extra: list[str], dry: bool, timeout: float | None) -
     else:
         print(f"sweep: reusing {d} (a finished run of the same configuration)", flush=True)
     rec["avg"] = m.get("avg")
-    for k in ("last", "fgt", "forgetting", "runtime_s", "peak_memory_bytes"):
+    # metrics.json's own keys (it has no "forgetting" or "runtime_s": copying those names kept
+    # nothing); "seconds", the run's training time, is the only time a reused point has
+    for k in ("last", "fgt", "seconds", "forward_passes", "peak_memory_bytes"):
         if k in m:
             rec[k] = m[k]
     return rec

@@ -15,7 +15,7 @@ from benchmarks import bench_query_sweep as S
 def _finished(folder, config):
     os.makedirs(folder)
     metrics = {"config": config, "avg": 81.5, "last": 70.0, "fgt": 3.0, "forward_passes": 10,
-               "peak_memory_bytes": 1}
+               "peak_memory_bytes": 1, "seconds": 12.5}
     with open(os.path.join(folder, "metrics.json"), "w") as f:
         json.dump(metrics, f)
     with open(os.path.join(folder, "config.json"), "w") as f:
@@ -40,6 +40,7 @@ def test_a_finished_point_of_the_same_configuration_is_reused(tmp_path, capsys):
     assert f"reusing {tmp_path / 'zo_sgd_q1'}" in out
     commands = [line for line in out.splitlines() if line.startswith("sweep: ") and "--optimizer" in line]
     assert len(commands) == 1 and "--q 2" in commands[0] and "--resume" not in commands[0]
+
 
 
 def test_a_finished_point_of_another_configuration_is_refused_not_reused(tmp_path, capsys):
@@ -97,3 +98,16 @@ def test_an_extra_that_zeroflow_run_rejects_is_named(tmp_path, capsys):
     assert rc == 2
     assert "sweep: error: --extra '--bogus 1': unrecognized arguments: --bogus 1" in err
     assert "usage:" not in err
+
+
+def test_a_reused_point_keeps_what_its_metrics_json_says(tmp_path):
+    # the sweep once copied keys metrics.json never has ("forgetting", "runtime_s") and so
+    # dropped the reused run's time; it now copies metrics.json's own keys
+    folder = tmp_path / "zo_sgd_q1"
+    config = _config("zo_sgd", 1, [])
+    _finished(folder, config)
+    point = S.plan_point("zo_sgd", 1, str(tmp_path), [])
+    assert point["action"] == "reuse"
+    rec = S.run_point(point, [], dry=False, timeout=None)
+    assert {k: rec.get(k) for k in ("avg", "last", "fgt", "seconds", "forward_passes", "peak_memory_bytes")} == \
+        {"avg": 81.5, "last": 70.0, "fgt": 3.0, "seconds": 12.5, "forward_passes": 10, "peak_memory_bytes": 1}
