@@ -3,8 +3,8 @@
 Readable and slow on purpose: it states docs/perturbation-stream.md and
 docs/kernel-ops.md in plain tensor code, is the oracle of every backend test, and is
 the explicit ``backend="torch"`` (it runs on any device torch supports). It allocates
-temporaries (z, masks) of ~100 bytes per element of a span of ``SPAN`` elements: never use
-it for speed.
+temporaries (z, masks, Philox words) of 68-159 bytes per element of a span of ``SPAN`` elements
+(measured, tests/test_memory_contract.py): never use it for speed.
 
 Integer math is done in int64 with 16-bit splits so that no product overflows. Every
 float step is a single fp32 operation in the order the spec writes it (docs/kernel-ops.md,
