@@ -327,6 +327,39 @@ def test_forward_grad_holds_one_querys_tangents_at_a_time(meter, cls, kw):
     check_step(m, model, opt, extra=param_bytes(model))
 
 
+@pytest.mark.parametrize("name,kw", [("zo_sgd", dict(momentum=0.9)), ("zo_adam", {})])
+def test_the_hybrid_in_its_zo_phase_holds_and_allocates_only_the_zo_state(meter, name, kw):
+    # §4/§6: after the switch the hybrid is its ZO optimizer: the FO phase's .grad tensors and
+    # its optimizer state (momentum, Adam's m and v: never read again) are freed at the switch;
+    # a ZO-phase step allocates what the ZO method's does
+    model = Model()
+    hyb = create(name, list(model.parameters()), hybrid_switch=2, lr=1e-3, seed=11, backend="cpu", **kw)
+    for _ in range(3):
+        train_step(hyb, model.loss)              # two FO steps, the first ZO one (creates the ZO state)
+    assert hyb.zeroth_order and all(p.grad is None for p in model.parameters())
+    zo_state = (2 if name == "zo_adam" else 1) * param_bytes(model)
+    assert state_bytes(hyb.zo) == zo_state
+    assert state_bytes(hyb.fo) == 0, "the FO optimizer's state outlived the switch"
+    m = meter(lambda: train_step(hyb, model.loss))
+    check_step(m, model, hyb.zo)
+
+
+def test_start_zo_and_a_load_in_the_zo_phase_free_the_fo_state_too():
+    model = Model()
+    hyb = create("zo_adam", list(model.parameters()), hybrid_switch=5, lr=1e-3, seed=11, backend="cpu")
+    train_step(hyb, model.loss)
+    assert state_bytes(hyb.fo) == 2 * param_bytes(model)
+    saved = copy.deepcopy(hyb.state_dict())     # in the FO phase: its state is part of the run
+    hyb.start_zo()
+    assert state_bytes(hyb.fo) == 0
+    train_step(hyb, model.loss)
+    resumed = create("zo_adam", list(Model().parameters()), hybrid_switch=5, lr=1e-3, seed=11, backend="cpu")
+    resumed.load_state_dict(saved)              # a load into the FO phase keeps the FO state
+    assert not resumed.zeroth_order and state_bytes(resumed.fo) == 2 * param_bytes(model)
+    resumed.load_state_dict(copy.deepcopy(hyb.state_dict()))
+    assert resumed.zeroth_order and state_bytes(resumed.fo) == 0
+
+
 @pytest.mark.parametrize("name,kw", [("fo_sgd", dict(momentum=0.9)), ("fo_adam", {})])
 def test_the_fo_baselines_allocate_their_gradients_and_torchs_temporaries(meter, name, kw):
     # §6 measured: train_step sets .grad to None, so every backward allocates the gradients (one

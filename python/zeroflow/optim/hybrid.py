@@ -140,11 +140,20 @@ class HybridFOZO(torch.optim.Optimizer):
 
     def start_zo(self) -> None:
         """Switch to the ZO phase now (e.g. at a task/epoch boundary); the FO phase's
-        ``.grad`` tensors are freed here, as at a scheduled switch."""
+        ``.grad`` tensors and optimizer state are freed here, as at a scheduled switch."""
         was_fo = not self.zeroth_order
         self.switch = min(self.switch, self._steps)
         if was_fo:
-            self.fo.zero_grad(set_to_none=True)
+            self._free_fo()
+
+    def _free_fo(self) -> None:
+        """What the FO phase holds and the ZO phase never reads: the ``.grad`` tensors and the
+        FO optimizer's state (SGD's momentum buffers, Adam's m and v: one or two parameter-sized
+        buffers per parameter). The state stayed for the whole ZO phase, beside the ZO
+        optimizer's own (a hybrid zo_adam held four parameter-sized buffers where ZO-Adam
+        declares two, docs/algorithms.md §6)."""
+        self.fo.zero_grad(set_to_none=True)
+        self.fo.state.clear()
 
     def _sync_lr(self) -> None:
         zo = self.zeroth_order
@@ -159,7 +168,7 @@ class HybridFOZO(torch.optim.Optimizer):
             self._check_fo_step_had_grads()
         self._steps += 1
         if was_fo and self.zeroth_order:
-            self.fo.zero_grad(set_to_none=True)      # free the .grad tensors for the ZO phase
+            self._free_fo()      # the .grad tensors and the FO state, for the ZO phase
         return loss
 
     def _check_fo_step_had_grads(self) -> None:
@@ -222,3 +231,5 @@ class HybridFOZO(torch.optim.Optimizer):
         self._steps, self.switch = steps, switch
         self.fo.load_state_dict(h["fo"])
         self.zo.load_state_dict(h["zo"])
+        if self.zeroth_order:       # a state saved in the ZO phase before its FO state was freed
+            self.fo.state.clear()
