@@ -1032,6 +1032,35 @@ def test_forward_grad_refuses_a_model_that_no_longer_holds_its_tensors(swap):
     assert max_moved(model, before) > 0.0
 
 
+class _Objective(torch.nn.Module):
+    """A loss as a module (its forward returns the loss of a model on fixed data)."""
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self):
+        return loss_of(self.model)
+
+
+def test_forward_grad_takes_a_module_as_its_closure():
+    # forward_grad's jvp calls the closure inside a wrapper module; a closure that is an nn.Module
+    # was registered as a submodule of that wrapper, so functional_call met the model's parameters
+    # twice and left plain tensors in the model in place of its Parameters (model.parameters() lost
+    # them); the next step refused: "the model's parameter '0.weight' is no longer the tensor ..."
+    model, twin = make_mlp(6, 4, 1), make_mlp(6, 4, 1)
+    params = list(model.parameters())
+    opt = ZOFusedSGD(model.parameters(), lr=0.05, seed=1, estimator="forward_grad", model=model)
+    ref = ZOFusedSGD(twin.parameters(), lr=0.05, seed=1, estimator="forward_grad", model=twin)
+    objective = _Objective(model)
+    for _ in range(2):
+        opt.step(objective)
+        ref.step(lambda: loss_of(twin))
+    held = list(model.parameters())
+    assert len(held) == len(params) and all(a is b for a, b in zip(held, params))
+    assert all(torch.equal(a, b) for a, b in zip(params, twin.parameters()))
+    assert dict(opt._fg_wrapper.named_children()) == {"m": model}
+
+
 @pytest.mark.parametrize("hybrid", [False, True])
 def test_the_optimizers_warnings_name_the_callers_line(hybrid):
     # A fixed stacklevel named torch/utils/_contextlib.py or torch/optim/optimizer.py (the

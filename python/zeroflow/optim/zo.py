@@ -170,15 +170,23 @@ _FROZEN_BC = 2.0 ** -27
 
 class _ClosureModule(torch.nn.Module):
     """Wraps (model, closure) so that ``torch.func.functional_call`` can run the closure
-    with the model's parameters replaced (Forward-Grad)."""
+    with the model's parameters replaced (Forward-Grad).
+
+    The closure is held outside the module's attributes (:meth:`set_closure`): a closure that
+    is an ``nn.Module`` (a loss module whose forward returns the loss) assigned as an attribute
+    became a submodule, functional_call met the model's parameters under a second name, and the
+    jvp left plain tensors in the model in place of its Parameters (the next step refused)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.m = model
-        self.closure: Callable | None = None
+        self.set_closure(None)
+
+    def set_closure(self, closure: Callable | None) -> None:
+        self.__dict__["_closure"] = closure      # never a submodule, whatever the closure is
 
     def forward(self):
-        loss = _call_closure(self.closure)
+        loss = _call_closure(self.__dict__.get("_closure"))
         if not isinstance(loss, torch.Tensor):       # else functorch's "expected f(*primals) to return only tensors"
             raise TypeError(f"forward_grad: the closure must return the loss as a tensor computed from the model's "
                             f"parameters (it returned {type(loss).__name__}): a number carries no derivative; "
@@ -1014,7 +1022,7 @@ class _ZOBase(torch.optim.Optimizer):
             self._fg_name_params(params)
         names = [self._fg_names[id(p)] for p in params]
         self._check_model_holds(names, params)
-        wrapper.closure = closure
+        wrapper.set_closure(closure)
         primals = tuple(p.detach() for p in params)
 
         def f(*ts):
@@ -1048,7 +1056,7 @@ class _ZOBase(torch.optim.Optimizer):
             self._eval_raised = True
             raise
         finally:
-            wrapper.closure = None
+            wrapper.set_closure(None)
             if gate is not None:
                 gate.close()
         coeffs = self._step_coeffs(d, sum(losses) / len(losses), per_eps=False)
