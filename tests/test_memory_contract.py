@@ -424,3 +424,19 @@ def test_the_meters_see_a_parameter_sized_copy(meter):
     m = meter(below_the_dispatcher)
     assert m.dispatch_peak <= CONSTANT < small.numel() * 4 <= m.allocator_peak
 
+
+@pytest.mark.parametrize("cls,kw", [(ADAM, dict(history=0.5)), (SGD, dict(momentum=0.9))], ids=["adam", "sgd"])
+def test_a_float32_state_of_bf16_parameters_loads_without_a_copy(cls, kw):
+    # torch.optim's load shares a saved buffer whose dtype already matches its parameter's; a
+    # float32 buffer of a bf16 parameter (state_dtype="float32") was copied instead, so loading
+    # held the state twice, four times the bf16 parameters' bytes for Adam, until the caller
+    # dropped the dict. Like torch's, the loaded state is the saved tensors.
+    model, opt = build(cls, dict(kw, state_dtype="float32"), BF16)
+    opt.step(model.loss)
+    saved = copy.deepcopy(opt.state_dict())
+    model2, opt2 = build(cls, dict(kw, state_dtype="float32"), BF16)
+    opt2.load_state_dict(saved)
+    loaded = [(t, saved["state"][i][k]) for i, p in enumerate(opt2.param_groups[0]["params"])
+              for k, t in opt2.state[p].items() if k != "step"]
+    assert loaded and all(t.dtype == torch.float32 for t, _ in loaded)
+    assert all(t.data_ptr() == s.data_ptr() for t, s in loaded)

@@ -1204,14 +1204,17 @@ class _ZOBase(torch.optim.Optimizer):
         """torch.optim's load casts every state buffer to its parameter's dtype: a float32
         buffer of a bf16 / fp16 parameter (``state_dtype="float32"``) came back rounded to
         bf16 and the run went on with other numbers. Such buffers are taken from the saved
-        state again, as saved (the kernels take either dtype)."""
+        state again, as saved (the kernels take either dtype), and shared with it where the
+        device matches, as torch.optim shares a buffer whose dtype already matches: a copy
+        held a second float32 state (four times the bf16 parameters' bytes for Adam) until
+        the caller dropped the dict."""
         saved = state_dict["state"]
         for sg, g in zip(state_dict["param_groups"], self.param_groups):
             for pid, p in zip(sg["params"], g["params"]):
                 for name, buf in saved.get(pid, {}).items():
                     if (name != "step" and isinstance(buf, torch.Tensor) and buf.dtype == torch.float32
                             and p.dtype != torch.float32):
-                        self.state[p][name] = buf.to(device=p.device, copy=True)
+                        self.state[p][name] = buf.to(device=p.device)
 
     def _states(self, ps) -> list[dict]:
         """The state dicts of ``ps`` (created empty where missing), read once per update call:
