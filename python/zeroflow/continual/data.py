@@ -456,7 +456,8 @@ class _ImageFiles:
 def _class_folders(split_dir: str) -> List[str]:
     """The class folders of ``split_dir`` as torchvision's ``find_classes`` lists them (every
     folder, sorted), hidden ones included: those are refused, not skipped (see below)."""
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    with os.scandir(split_dir) as entries:
+        return sorted(e.name for e in entries if e.is_dir())
 
 
 def _scan_split(name: str, base: str, split: str, warn):
@@ -474,7 +475,10 @@ def _scan_split(name: str, base: str, split: str, warn):
                             "classes and shift the class order; move them out of the data folder")
     if len(classes) < 2:
         inner = os.path.join(split_dir, classes[0]) if classes else None
-        deeper = inner is not None and any(e.is_dir() for e in os.scandir(inner))
+        deeper = False
+        if inner is not None:
+            with os.scandir(inner) as entries:     # any() stops at the first folder: close what it left
+                deeper = any(e.is_dir() for e in entries)
         raise ZeroflowError(
             f"{name}: {split_dir} holds {len(classes)} class folder(s){': ' + classes[0] if classes else ''}; a "
             f"class-incremental run needs at least 2 classes, each a folder {split_dir}/<class>/<image>"
