@@ -59,6 +59,14 @@ def _load(path, default):
         return default
 
 
+def _lines(path) -> list:
+    """The lines of a text file, or [] when there is none."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return f.read().splitlines()
+
+
 def summarize(work: str) -> dict:
     phases = []
     if os.path.exists(os.path.join(work, "phases.tsv")):
@@ -73,7 +81,7 @@ def summarize(work: str) -> dict:
         "phases": phases,
         "total_seconds": sum(p["seconds"] for p in phases),
         "tests": read_junit(sorted(glob.glob(os.path.join(work, "tests*.xml")))),
-        "crash_probe": open(probe).read().splitlines() if os.path.exists(probe) else [],
+        "crash_probe": _lines(probe),
         "targets": _load(os.path.join(work, "targets.json"), []),
         "timelines": [_load(p, {}) for p in sorted(glob.glob(os.path.join(work, "bench", "step_timeline_*.json")))],
     }

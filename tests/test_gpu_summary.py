@@ -3,7 +3,9 @@ folder as gpu_check.sh leaves it (junit XML of both test passes, phases, env, cr
 targets), it must count and name every outcome; a lease has no second chance to read them."""
 from __future__ import annotations
 
+import gc
 import json
+import warnings
 
 from benchmarks import gpu_summary as G
 
@@ -49,7 +51,13 @@ def _work(tmp_path):
 
 
 def test_summary_counts_and_names_every_outcome(tmp_path):
-    s = G.summarize(str(_work(tmp_path)))
+    work = str(_work(tmp_path))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        s = G.summarize(work)
+        gc.collect()
+    assert [str(w.message) for w in said] == []     # the crash probe's file was read and never closed
+    assert s["crash_probe"] == ["probe bad_inputs: ok", "noise line"]
     t = s["tests"]
     assert (t["passed"], t["skipped"]) == (2, 1)
     assert [f["name"] for f in t["failed"]] == ["tests/test_parity.py::test_sgd[cuda]"]
