@@ -51,7 +51,7 @@ def test_the_writer_takes_a_folder_and_help(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2 and "'nowhere' does not exist" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
     main([str(tmp_path)])
-    assert open(tmp_path / "ease_digits.yaml").read() == config_yaml("digits", "ease")
+    assert (tmp_path / "ease_digits.yaml").read_text() == config_yaml("digits", "ease")
     assert len(os.listdir(tmp_path)) == 10
 
 
@@ -63,4 +63,4 @@ def test_the_writer_writes_into_configs_when_given_no_folder(tmp_path, monkeypat
     (tmp_path / "configs").mkdir()
     main([])
     assert sorted(os.listdir(tmp_path)) == ["configs"] and len(os.listdir(tmp_path / "configs")) == 10
-    assert open(tmp_path / "configs" / "aper_digits.yaml").read() == config_yaml("digits", "aper")
+    assert (tmp_path / "configs" / "aper_digits.yaml").read_text() == config_yaml("digits", "aper")

@@ -187,8 +187,10 @@ def test_fgt_is_recomputed_from_the_matrix_and_a_changed_value_is_named(tmp_path
                                 (same, 10.0, [[80.0, 70.0], [None, 70.0]]),
                                 (bad, 1.0, [[80.0, "x"], [None, 70.0]])):
         path = os.path.join(folder, "metrics.json")
-        m = json.load(open(path)) | {"fgt": fgt, "accuracy_matrix": matrix}
-        json.dump(m, open(path, "w"))
+        with open(path) as f:
+            m = json.load(f) | {"fgt": fgt, "accuracy_matrix": matrix}
+        with open(path, "w") as f:
+            json.dump(m, f)
     runs, skipped = find_runs([str(tmp_path)])
     assert sorted(m["fgt"] for m in runs) == [0.0, 10.0]
     bad_json = os.path.join(bad, "metrics.json")

@@ -152,7 +152,8 @@ def test_set_cpu_capability_checks_before_it_changes_anything(monkeypatch):
 def test_the_capabilities_are_ordered_and_this_machine_gets_its_best():
     assert CAPS[0] == "default" and list(CAPS) == [c for c in _compiled.CPU_CAPABILITIES if c in CAPS]
     if sys.platform.startswith("linux") and os.uname().machine == "x86_64":
-        flags = set(open("/proc/cpuinfo").read().split())
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
         want = ("avx512" if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
                 else "avx2" if "avx2" in flags else "default")
         assert CAPS[-1] == want

@@ -696,7 +696,8 @@ def test_constants_of_the_c_header_are_the_spec_bits():
     import re
     import struct
 
-    src = open(os.path.join(os.path.dirname(__file__), "..", "csrc", "philox.h")).read()
+    with open(os.path.join(os.path.dirname(__file__), "..", "csrc", "philox.h")) as f:
+        src = f.read()
     body = src[src.index("ZF_HD float log_f32"):src.index("ZF_HD void box_muller")]
     lits = [float(x) for x in re.findall(r"(-?\d+\.\d+(?:e[-+]?\d+)?)f", body)]
 

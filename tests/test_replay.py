@@ -9,6 +9,7 @@ import os
 import struct
 import warnings
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,7 +127,7 @@ def test_replay_detects_a_tampered_scalar_on_another_backend(tmp_path):
     """The checksum is checked on every backend: one changed loss bit in the log is caught."""
     final, base, log = train(tmp_path, "zo_sgd", steps=6)
     header, records = read_log(log)
-    raw = bytearray(open(log, "rb").read())
+    raw = bytearray(Path(log).read_bytes())
     # change the last loss of the first step by 2^-20 of itself (bit 32 of the float64): far below
     # any tolerance, but it changes the fp32 projected gradient and so the weights' bits
     first = next(r for r in records if r[0] == "step")

@@ -10,6 +10,7 @@ import os
 import struct
 import warnings
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -368,13 +369,13 @@ def test_a_second_recorder_on_a_log_leaves_it_as_it_was(tmp_path):
     """A recorder opened the file with "wb": a second one on the same name (a resumed script)
     emptied a finished log, and one refused for a non-JSON option emptied it before raising."""
     m, opt, base, log, loss = _recorded(tmp_path)
-    before = open(log, "rb").read()
+    before = Path(log).read_bytes()
     with pytest.raises(FileExistsError, match=r"r\.zft exists.*overwrite=True"):
         TrajectoryRecorder(log, opt, model=m)
     opt.param_groups[0]["tag"] = {1, 2}               # not JSON
     with pytest.raises(ValueError, match="cannot be logged as JSON"):
         TrajectoryRecorder(log, opt, model=m, overwrite=True)
-    assert open(log, "rb").read() == before
+    assert Path(log).read_bytes() == before
     assert opt.step_hook is None and not opt._optimizer_step_pre_hooks
     del opt.param_groups[0]["tag"]
     save_base(base, m, opt)
@@ -385,21 +386,21 @@ def test_a_second_recorder_on_a_log_leaves_it_as_it_was(tmp_path):
 
 def test_replay_output_never_replaces_base_log_or_a_result(tmp_path, capsys):
     m, opt, base, log, _ = _recorded(tmp_path)
-    inputs = {p: open(p, "rb").read() for p in (base, log)}
+    inputs = {p: Path(p).read_bytes() for p in (base, log)}
     for out in (base, log):
         assert replay_main([base, log, "--out", out, "--overwrite"]) == 2
         assert "give another output path" in capsys.readouterr().err
         with pytest.raises(FileExistsError):
             replay_to_file(base, log, out, overwrite=True)
-    assert {p: open(p, "rb").read() for p in inputs} == inputs
+    assert {p: Path(p).read_bytes() for p in inputs} == inputs
     out = str(tmp_path / "w.pt")
     assert replay_main([base, log, "--out", out]) == 0
-    written = open(out, "rb").read()
+    written = Path(out).read_bytes()
     assert replay_main([base, log, "--out", out]) == 2
     assert "exists and is left as it was" in capsys.readouterr().err
     with pytest.raises(FileExistsError, match="overwrite=True"):
         replay_to_file(base, log, out)
-    assert open(out, "rb").read() == written
+    assert Path(out).read_bytes() == written
     assert replay_main([base, log, "--out", out, "--overwrite"]) == 0
     assert differing_entries(torch.load(out, weights_only=True), m.state_dict()) == []
 
@@ -484,13 +485,13 @@ def test_a_log_whose_recorder_was_killed_replays_its_completetrain_steps(tmp_pat
         for _ in range(6):
             train_steps(opt, lambda: F.mse_loss(m(X), Y), 1)
             after.append({k: v.clone() for k, v in m.state_dict().items()})
-    data = open(log, "rb").read()
+    data = Path(log).read_bytes()
     end_len = 4 + 49 + 4
     cases = {"at_a_record_boundary": (data[:-end_len], 6), "inside_the_last_record": (data[:-end_len - 5], 5),
              "inside_a_length_field": (data[:-end_len - 2 * 36 + 2], 4)}
     for name, (cut, steps) in cases.items():
         bad = str(tmp_path / f"{name}.zft")
-        open(bad, "wb").write(cut)
+        Path(bad).write_bytes(cut)
         with pytest.raises(ReplayError, match="truncated.*allow_truncated=True"):
             replay(base, bad)
         said = f"no end record.*{steps} complete step records, up to step {steps - 1}"
@@ -502,7 +503,7 @@ def test_a_log_whose_recorder_was_killed_replays_its_completetrain_steps(tmp_pat
     assert differing_entries(torch.load(out, weights_only=True), after[4]) == []
     flipped = bytearray(data[:-end_len])
     flipped[-10] ^= 1
-    open(log + ".flipped", "wb").write(bytes(flipped))
+    Path(log + ".flipped").write_bytes(bytes(flipped))
     with pytest.raises(ReplayError, match="corrupt"):
         replay(base, log + ".flipped", allow_truncated=True)
     with warnings.catch_warnings():

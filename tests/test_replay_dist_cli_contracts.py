@@ -13,6 +13,7 @@ import signal
 import struct
 import warnings
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ def small_log(tmp_path_factory):
     save_base(base, m)
     with TrajectoryRecorder(log, opt, model=m):
         train_steps(opt, lambda: F.mse_loss(m(X), Y), 4)
-    return base, log, {k: v.clone() for k, v in m.state_dict().items()}, open(log, "rb").read()
+    return base, log, {k: v.clone() for k, v in m.state_dict().items()}, Path(log).read_bytes()
 
 
 def _write(tmp_path, raw: bytes) -> str:

@@ -135,6 +135,6 @@ def test_sweep_over_seeds_runs_each_seed_and_reports_mean_and_std(tmp_path, caps
                  "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert sorted(os.listdir(out)) == ["ease_zo_sgd_digits_seed1", "ease_zo_sgd_digits_seed1993"]
-    seeds = [json.load(open(out / d / "metrics.json"))["config"]["seed"] for d in sorted(os.listdir(out))]
+    seeds = [json.loads((out / d / "metrics.json").read_text())["config"]["seed"] for d in sorted(os.listdir(out))]
     assert seeds == [1, 1993]
     assert "| EASE | zo_sgd | 1, 1993 | " in printed and " ± " in printed

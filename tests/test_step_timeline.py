@@ -4,6 +4,7 @@ a script that only ever runs there must not rot here)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -74,7 +75,7 @@ def test_runs_on_the_cpu(tmp_path, capsys):
                     "--cases", "zo_sgd-rademacher,zo_adam-gaussian", "--json", str(out),
                     "--trace-dir", str(tmp_path / "traces")]) == 0    # gpu_check.sh's arguments
     report = json.loads(out.read_text())
-    assert [json.loads(open(r["trace"]).read())["traceEvents"] != [] for r in report["cases"]] == [True, True]
+    assert [json.loads(Path(r["trace"]).read_text())["traceEvents"] != [] for r in report["cases"]] == [True, True]
     assert report["header"]["n_tensors"] == 152 and report["header"]["backend"] == "cpu"
     assert [r["case"] for r in report["cases"]] == ["zo_sgd-rademacher", "zo_adam-gaussian"]
     for r in report["cases"]:
