@@ -317,9 +317,36 @@ def test_resume_keeps_its_configuration_on_another_device_and_stop_after_counts_
         saved = json.load(f)
     assert saved["device"] == "auto" and m["config"] == saved           # the run's configuration, unchanged
     assert m["device"] == "cpu" and [t["device"] for t in m["tasks"]] == ["cpu"] * 5   # where it ran
+    assert m["results_version"] == 2             # runfolder.RESULTS_VERSION, as checkpoint.pt records it
     rc, stdout, err = zf(capsys, "sweep", "--config", env["fast"], "--optimizers", "zo_sgd", "--out", parent)
     assert rc == 0, err
     assert f"run {out} is already finished (same configuration)" in stdout
+
+
+def test_a_run_started_by_an_older_zeroflow_is_not_resumed_silently(env, tmp_path, capsys):
+    """A checkpoint of the augmentation draws before 44287c8 (2026-12-02 18:09) resumed without
+    a word: metrics.json then held task 1-4 of one version and task 5 of the other as one run.
+    Its checkpoint (no identity: before 2026-12-02 15:01) is refused; one that records no
+    version (2026-12-02 15:01 to 2026-12-03, either version) resumes with a warning, and its
+    metrics.json records no version."""
+    parent = tmp_path / "sweep"
+    out = parent / "ease_zo_adam_digits"
+    assert zf(capsys, "run", "--config", env["fast"], "--out", out, "--stop-after", 4, "--no-progress")[0] == 0
+    path = out / "checkpoint.pt"
+    ck = torch.load(path, weights_only=True)
+    ck.pop("results_version", None)
+    identity = ck.pop("identity")
+    torch.save(ck, path)            # as a zeroflow before 2026-12-02 15:01 wrote it
+    rc, stdout, err = zf(capsys, "run", "--resume", "--out", out, "--no-progress")
+    assert rc == 2 and "task 5/5" not in stdout
+    assert err.startswith(f"zeroflow: error: cannot resume {out}: its finished tasks were trained by results "
+                          f"version 1 (zeroflow before commit 44287c8 of 2026-12-02 18:09 UTC"), err
+    assert not (out / "metrics.json").exists() and "results_version" not in torch.load(path, weights_only=True)
+    torch.save(dict(ck, identity=identity), path)
+    rc, stdout, err = zf(capsys, "run", "--resume", "--out", out, "--no-progress")
+    assert rc == 0 and "task 5/5" in stdout
+    assert f"zeroflow: warning: {path} records no results version: " in err
+    assert metrics(out)["results_version"] is None
 
 
 def test_interrupt_without_out_prints_the_folder_to_resume(env, tmp_path, capsys, monkeypatch):

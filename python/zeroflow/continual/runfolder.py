@@ -45,6 +45,20 @@ RUN_FILES = (METRICS, CHECKPOINT, CONFIG, "environment.json", "backbone.pt", "ac
              "accuracy_per_stage.png", "accuracy_matrix.png")
 # Keys that do not change what a run computes: runs differing only in these are the same run.
 OPERATIONAL_KEYS = ("download",)
+# What one configuration computes has changed between zeroflow versions (pre-1.0: the package
+# version was never bumped); RESULTS_VERSION counts those changes. checkpoint.pt and
+# metrics.json record the version that computed them ("results_version"), and results of two
+# versions are never combined without a word: a resume refuses another version's checkpoint.
+RESULTS_VERSION = 2
+RESULTS_VERSIONS = {
+    1: "zeroflow before commit 44287c8 of 2026-12-02 18:09 UTC: training augmentation from torch's global RNG",
+    2: "zeroflow since commit 44287c8: training augmentation drawn per image from (seed, epoch, index)",
+}
+# A checkpoint or metrics.json written between 2026-12-02 15:01 UTC (42dc415, which added the
+# data's class names to both) and the version's recording says neither: version 1 or 2 by its start.
+UNRECORDED = ("no results version: a zeroflow of 2026-12-02 15:01 UTC to 2026-12-03 wrote it, and its results are "
+              "this version's only if the run started after commit 44287c8 (2026-12-02 18:09 UTC), which changed "
+              "every training image's random augmentation")
 
 
 # ---------------------------------------------------------------- errors naming the user's path
@@ -202,6 +216,25 @@ def load_metrics(path: str) -> Dict:
     if bad:
         raise ZeroflowError(f"{path}: corrupt (not a finite number: {', '.join(bad)})")
     return m
+
+
+def results_version(record: Dict, path: str) -> Optional[int]:
+    """The results version (``RESULTS_VERSION``) of a run's ``checkpoint.pt`` or
+    ``metrics.json`` (``record``, read from ``path``): the one it records; else 1 where it
+    predates the data's class names (a checkpoint without ``identity``, a metrics.json without
+    ``class_names``: written before 2026-12-02 15:01 UTC, so before 44287c8); else None, not
+    known (``UNRECORDED``). A resumed run whose checkpoint had none records none either."""
+    if "results_version" in record:
+        v = record["results_version"]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ZeroflowError(f"{path}: corrupt (results_version {v!r} is not a version number)")
+        return v
+    return 1 if ("identity" if os.path.basename(path) == CHECKPOINT else "class_names") not in record else None
+
+
+def describe_results_version(v: int) -> str:
+    """``results version V (what it means)``, for a known version or a newer zeroflow's."""
+    return f"results version {v} ({RESULTS_VERSIONS.get(v, 'a zeroflow newer than this one')})"
 
 
 def read_run_config(folder: str) -> Dict:

@@ -36,9 +36,9 @@ from . import metrics as M
 from .defaults import COMMON, flag, lr_entry, validate
 from .errors import WriteFailed, ZeroflowError
 from .precision import check_run_precision
-from .runfolder import (CHECKPOINT, CONFIG, METRICS, TRAJECTORY, RunFolder, canonical, config_differences, inspect,
-                        inside_refusal, parent_refusal, read_run_config, remove_run_files,
-                        run_above, writing)
+from .runfolder import (CHECKPOINT, CONFIG, METRICS, RESULTS_VERSION, TRAJECTORY, UNRECORDED, RunFolder, canonical,
+                        config_differences, describe_results_version, inside_refusal, inspect, parent_refusal,
+                        read_run_config, remove_run_files, results_version, run_above, writing)
 
 if TYPE_CHECKING:
     from .learners import Counters
@@ -559,6 +559,32 @@ def run_identity(data, where: Dict) -> Dict:
     return {"class_names": list(data.class_names) if data.class_names else None, "weights": weights}
 
 
+def check_results_version(run_dir: str, ck: Dict, *, in_sweep: bool = False, warn=None) -> Optional[int]:
+    """The results version of the finished tasks in ``run_dir``'s checkpoint ``ck``
+    (runfolder.results_version). Another version than this zeroflow's is refused: the tasks
+    trained now would be another version's, and metrics.json would combine the two versions'
+    results as one run's. A checkpoint that records none (``UNRECORDED``, None) resumes with
+    ``warn`` saying so."""
+    path = os.path.join(run_dir, CHECKPOINT)
+    version = results_version(ck, path)
+    again = f"move {run_dir} away" if in_sweep else f"zeroflow run --force --out {run_dir}"
+    if version is None:
+        if warn is not None:
+            warn(f"{path} records {UNRECORDED}. Resumed here, a run started before trains its later tasks under "
+                 f"other augmentation draws than its finished ones, and its metrics.json mixes the two: run such a "
+                 f"run again from scratch ({again})")
+        return None
+    if version == RESULTS_VERSION:
+        return version
+    fresh = (f"move {run_dir} away to run it again with this zeroflow" if in_sweep else
+             f"run it again from scratch with this zeroflow ({again}, or another --out)")
+    raise ZeroflowError(f"cannot resume {run_dir}: its finished tasks were trained by "
+                        f"{describe_results_version(version)}, and this zeroflow computes "
+                        f"{describe_results_version(RESULTS_VERSION)}: the tasks it trained now would not be "
+                        f"that version's, and metrics.json would combine two versions' results as one run's. Finish "
+                        f"the run with the zeroflow that started it, or {fresh}")
+
+
 def check_identity(run_dir: str, saved: Optional[Dict], now: Dict, *, in_sweep: bool = False, warn=None) -> None:
     """Refuses to resume ``run_dir`` when its data's classes or its weights file are not those
     it started with (``saved``: the checkpoint's). A checkpoint written before they were
@@ -699,11 +725,15 @@ class _Results:
     completed: int = 0                             # tasks finished
     peak: int = 0                                  # peak memory (bytes) over the finished tasks
     identity: Optional[Dict] = None                # run_identity: the classes and weights file
+    # the zeroflow results version of the finished tasks (runfolder.RESULTS_VERSION); None: a
+    # run resumed from a checkpoint that recorded none (runfolder.UNRECORDED)
+    results_version: Optional[int] = RESULTS_VERSION
 
     def checkpoint(self, learner, completed: int) -> Dict:
         return {"version": CKPT_VERSION, "completed": completed, "learner": learner.state_dict(),
                 "matrix": self.matrix, "curve": self.curve, "task_stats": self.task_stats,
-                "counters": self.counters.as_dict(), "peak_memory_bytes": self.peak, "identity": self.identity}
+                "counters": self.counters.as_dict(), "peak_memory_bytes": self.peak, "identity": self.identity,
+                "results_version": self.results_version}
 
 
 def _restore_results(run_dir: str, learner, *, resume: bool, n_tasks: int, log, identity: Dict, warn=None,
@@ -715,11 +745,12 @@ def _restore_results(run_dir: str, learner, *, resume: bool, n_tasks: int, log, 
     ck_path = os.path.join(run_dir, CHECKPOINT)
     if resume and os.path.isfile(ck_path):
         ck = load_checkpoint(ck_path)
+        version = check_results_version(run_dir, ck, in_sweep=in_sweep, warn=warn)
         check_identity(run_dir, ck.get("identity"), identity, in_sweep=in_sweep, warn=warn)
         learner.load_state_dict(ck["learner"])
         results = _Results(matrix=ck["matrix"], counters=Counters(**ck["counters"]), curve=ck["curve"],
                            task_stats=ck["task_stats"], completed=int(ck["completed"]),
-                           peak=int(ck["peak_memory_bytes"]), identity=identity)
+                           peak=int(ck["peak_memory_bytes"]), identity=identity, results_version=version)
         log(f"resuming {run_dir} after task {results.completed}/{n_tasks}")
         return results
     return _Results(matrix=M.empty_matrix(n_tasks), counters=Counters(), identity=identity)
@@ -804,6 +835,7 @@ def _metrics(results: _Results, data, cfg: Dict, *, run_dir: str, world: int, de
         "class_order": data.order,
         "class_names": data.class_names,     # class_order's entries index this list
         "precision": cfg.get("precision", "fp32"),
+        "results_version": results.results_version,     # runfolder.RESULTS_VERSION; None: not known
         "config": cfg,
         "run_dir": run_dir,
     }
