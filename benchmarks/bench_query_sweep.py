@@ -32,7 +32,7 @@ import time
 
 from zeroflow._atomic import atomic_write_bytes
 from zeroflow.continual.errors import ZeroflowError
-from zeroflow.continual.runfolder import conflict, inspect, lock_holder
+from zeroflow.continual.runfolder import METRICS, UNRECORDED, conflict, inspect, lock_holder, results_version
 
 
 def runner_cmd() -> list[str]:
@@ -135,7 +135,9 @@ def run_point(point: dict, extra: list[str], dry: bool, timeout: float | None) -
             return rec
         m = state.metrics
     else:
-        print(f"sweep: reusing {d} (a finished run of the same configuration)", flush=True)
+        unknown = results_version(m, os.path.join(d, METRICS)) is None
+        print(f"sweep: reusing {d} (a finished run of the same configuration"
+              f"{', whose metrics.json records ' + UNRECORDED if unknown else ''})", flush=True)
     rec["avg"] = m.get("avg")
     # metrics.json's own keys (it has no "forgetting" or "runtime_s": copying those names kept
     # nothing); "seconds", the run's training time, is the only time a reused point has

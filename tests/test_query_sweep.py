@@ -10,12 +10,14 @@ import json
 import os
 
 from benchmarks import bench_query_sweep as S
+from zeroflow.continual.runfolder import RESULTS_VERSION
 
 
-def _finished(folder, config):
+def _finished(folder, config, **more):
+    """A finished run of this zeroflow's results version (``more``: other metrics.json keys)."""
     os.makedirs(folder)
     metrics = {"config": config, "avg": 81.5, "last": 70.0, "fgt": 3.0, "forward_passes": 10,
-               "peak_memory_bytes": 1, "seconds": 12.5}
+               "peak_memory_bytes": 1, "seconds": 12.5, "results_version": RESULTS_VERSION} | more
     with open(os.path.join(folder, "metrics.json"), "w") as f:
         json.dump(metrics, f)
     with open(os.path.join(folder, "config.json"), "w") as f:
@@ -111,3 +113,29 @@ def test_a_reused_point_keeps_what_its_metrics_json_says(tmp_path):
     rec = S.run_point(point, [], dry=False, timeout=None)
     assert {k: rec.get(k) for k in ("avg", "last", "fgt", "seconds", "forward_passes", "peak_memory_bytes")} == \
         {"avg": 81.5, "last": 70.0, "fgt": 3.0, "seconds": 12.5, "forward_passes": 10, "peak_memory_bytes": 1}
+
+
+def test_a_finished_point_of_another_results_version_is_refused_and_an_unrecorded_one_named(tmp_path, capsys):
+    """A finished run computed by zeroflow before the 2026-12-02 augmentation draws (its
+    metrics.json records version 1, or has no class names: written before 2026-12-02 15:01)
+    was reused beside the points this version runs; one that records no version is reused
+    with a word."""
+    for folder, recorded in ((tmp_path / "a" / "zo_sgd_q1", True), (tmp_path / "b" / "zo_sgd_q1", False)):
+        _finished(folder, _config("zo_sgd", 1, []), results_version=1)
+        if not recorded:      # nor class names: written before 2026-12-02 15:01, so version 1
+            m = json.loads((folder / "metrics.json").read_text())
+            (folder / "metrics.json").write_text(json.dumps({k: v for k, v in m.items() if k != "results_version"}))
+        point = S.plan_point("zo_sgd", 1, str(folder.parent), [])
+        assert point["action"] == "refuse" and point["error"] == (
+            f"{folder} holds a finished run of this configuration computed by results version 1 (zeroflow before "
+            f"commit 44287c8 of 2026-12-02 18:09 UTC: training augmentation from torch's global RNG); this zeroflow "
+            f"computes results version 2 (zeroflow since commit 44287c8: training augmentation drawn per image from "
+            f"(seed, epoch, index)), so its numbers do not belong beside this version's; delete {folder} or choose "
+            f"another --workdir")
+    folder = tmp_path / "c" / "zo_sgd_q1"
+    _finished(folder, _config("zo_sgd", 1, []), results_version=None, class_names=["0", "1"])
+    point = S.plan_point("zo_sgd", 1, str(folder.parent), [])
+    assert point["action"] == "reuse"
+    S.run_point(point, [], dry=False, timeout=None)
+    assert (f"sweep: reusing {folder} (a finished run of the same configuration, whose metrics.json records no "
+            f"results version: ") in capsys.readouterr().out

@@ -1,8 +1,10 @@
 """Run folders written by an older zeroflow, whose configuration computed other numbers (the
 2026-12-02 augmentation draws, 44287c8): checkpoint.pt and metrics.json record the results
-version (runfolder.RESULTS_VERSION), and a resume never combines two versions' results without
-a word. Before, a checkpoint of the older draws resumed silently (metrics.json: task 1 of one
-version, tasks 2-5 of the other)."""
+version (runfolder.RESULTS_VERSION), and a resume, a sweep's reuse and zeroflow report never
+combine two versions' results without a word. Before, HEAD resumed a checkpoint of the older
+draws silently (metrics.json: task 1 of one version, tasks 2-5 of the other), a sweep reused
+older finished runs beside new seeds, and the report averaged them into one row."""
+import json
 import os
 
 import pytest
@@ -10,8 +12,9 @@ import torch
 from test_continual_e2e import _FakeLearner, _train_tasks_with_fakes
 
 from zeroflow.continual.errors import ZeroflowError
-from zeroflow.continual.runfolder import RESULTS_VERSION
-from zeroflow.continual.runner import _restore_results
+from zeroflow.continual.report import render
+from zeroflow.continual.runfolder import RESULTS_VERSION, conflict, load_metrics
+from zeroflow.continual.runner import _restore_results, decide
 
 NOW = {"class_names": ["a", "b"], "weights": None}
 
@@ -82,3 +85,65 @@ def test_a_checkpoint_that_records_no_version_resumes_with_a_warning_and_its_res
     _checkpoint_as_written_by(tmp_path / "now", identity=True, version=RESULTS_VERSION)
     said = []
     assert _resume(tmp_path / "now", said).results_version == RESULTS_VERSION and said == []
+
+
+def _finished(folder, *, seed=1993, version="absent", class_names=True, avg=80.0):
+    """A finished run's folder (minimal metrics.json) as the zeroflow of ``version`` wrote it."""
+    from zeroflow.continual.defaults import resolve
+    os.makedirs(folder, exist_ok=True)
+    cfg = resolve({"seed": seed})
+    m = {"avg": avg, "last": avg - 10, "fgt": 5.0, "peak_memory_bytes": 1e9, "forward_passes": 900,
+         "accuracy_matrix": [[avg]], "config": cfg}
+    if class_names:
+        m["class_names"] = ["0", "1"]
+    if version != "absent":
+        m["results_version"] = version
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "metrics.json").write_text(json.dumps(m))
+    return cfg
+
+
+def test_a_sweep_does_not_reuse_a_finished_run_of_another_version(tmp_path):
+    old = tmp_path / "old"
+    cfg = _finished(old, class_names=False)                 # before 2026-12-02 15:01: version 1
+    state, why = conflict(str(old), cfg)
+    assert state.kind == "finished" and why.startswith(f"{old} holds a finished run of this configuration computed "
+                                                       f"by results version 1 (zeroflow before commit 44287c8")
+    logs, said = [], []
+    with pytest.raises(ZeroflowError, match=r"this zeroflow computes results version 2 .*; move it away, or add "
+                                            r"--force to run it again$"):
+        decide(str(old), cfg, resume=False, force=False, continue_existing=True, log=logs.append, warn=said.append)
+    assert decide(str(old), cfg, resume=False, force=True, continue_existing=True, log=logs.append,
+                  warn=said.append) == ("fresh", None)
+    assert not (old / "metrics.json").exists()
+    # this version's finished run is reused; one that records none is reused with a word
+    for name, version, words in (("now", RESULTS_VERSION, 0), ("unrecorded", "absent", 1)):
+        cfg = _finished(tmp_path / name, version=version)
+        assert conflict(str(tmp_path / name), cfg)[1] == ""
+        said = []
+        mode, m = decide(str(tmp_path / name), cfg, resume=False, force=False, continue_existing=True,
+                         log=logs.append, warn=said.append)
+        assert mode == "finished" and m["avg"] == 80.0 and len(said) == words
+    assert said[0].startswith(f"reusing the finished run in {tmp_path / 'unrecorded'}, whose metrics.json records no "
+                              f"results version")
+    (tmp_path / "now" / "metrics.json").write_text(
+        (tmp_path / "now" / "metrics.json").read_text().replace('"results_version": 2', '"results_version": true'))
+    with pytest.raises(ZeroflowError, match=r"corrupt \(results_version True is not a version number\)"):
+        load_metrics(str(tmp_path / "now" / "metrics.json"))
+
+
+def test_the_report_never_averages_runs_of_two_versions(tmp_path):
+    _finished(tmp_path / "s1", seed=1, class_names=False, avg=60.0)        # version 1
+    _finished(tmp_path / "s2", seed=2, version=RESULTS_VERSION, avg=80.0)
+    _finished(tmp_path / "s3", seed=3, version=RESULTS_VERSION, avg=82.0)
+    _finished(tmp_path / "s4", seed=4, avg=70.0)                             # unrecorded
+    text = render([str(tmp_path)])
+    rows = [line for line in text.split("### Efficiency")[0].splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| Method | Optimizer | seed | results_version | digits Avg |"), rows
+    assert "| EASE | zo_adam | 2, 3 | 2 | 81.00 ± 1.41 | 71.00 ± 1.41 | 0.00 ± 0.00 |" in rows
+    assert any(r.startswith("| EASE | zo_adam | 1 | 1 | 60.00 |") for r in rows)
+    assert any(r.startswith("| EASE | zo_adam | 4 | unrecorded | 70.00 |") for r in rows)
+    assert len(rows) == 4
+    assert "Computed by results version 1 (zeroflow before commit 44287c8" in text
+    assert f"never averaged with other versions' runs: {tmp_path / 's1'}" in text
+    assert "records no results version: a zeroflow of 2026-12-02" in text and str(tmp_path / "s4") in text

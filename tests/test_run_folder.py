@@ -327,8 +327,8 @@ def test_a_run_started_by_an_older_zeroflow_is_not_resumed_silently(env, tmp_pat
     """A checkpoint of the augmentation draws before 44287c8 (2026-12-02 18:09) resumed without
     a word: metrics.json then held task 1-4 of one version and task 5 of the other as one run.
     Its checkpoint (no identity: before 2026-12-02 15:01) is refused; one that records no
-    version (2026-12-02 15:01 to 2026-12-03, either version) resumes with a warning, and its
-    metrics.json records no version."""
+    version (2026-12-02 15:01 to 2026-12-03, either version) resumes with a warning, its
+    metrics.json records no version, and a sweep that reuses it says so."""
     parent = tmp_path / "sweep"
     out = parent / "ease_zo_adam_digits"
     assert zf(capsys, "run", "--config", env["fast"], "--out", out, "--stop-after", 4, "--no-progress")[0] == 0
@@ -347,6 +347,9 @@ def test_a_run_started_by_an_older_zeroflow_is_not_resumed_silently(env, tmp_pat
     assert rc == 0 and "task 5/5" in stdout
     assert f"zeroflow: warning: {path} records no results version: " in err
     assert metrics(out)["results_version"] is None
+    rc, stdout, err = zf(capsys, "sweep", "--config", env["fast"], "--optimizers", "zo_adam", "--out", parent)
+    assert rc == 0 and f"run {out} is already finished (same configuration)" in stdout
+    assert f"zeroflow: warning: reusing the finished run in {out}, whose metrics.json records no results version" in err
 
 
 def test_interrupt_without_out_prints_the_folder_to_resume(env, tmp_path, capsys, monkeypatch):

@@ -11,6 +11,10 @@ dataset) and Table-2 style (peak memory, seconds per iteration, forward passes).
   options that tell the rows of one method x optimizer x dataset apart become columns (a
   float in full where its short form would hide a difference). Runs that agree on
   everything, seed included, get a ``run`` column.
+* Runs computed by different zeroflow results versions (runfolder.RESULTS_VERSION: what one
+  configuration computes changed, e.g. the augmentation draws of 2026-12-02) are never one row:
+  the version is compared as an option (``results_version``, "unrecorded" for a run that does
+  not record it), and the runs that are not this version's are named under the tables.
 * Runs with an untrained baseline (``--baseline untrained``) add a third table: what training
   added, ``avg_gain`` / ``last_gain`` (trained minus untrained, percentage points).
 """
@@ -24,7 +28,8 @@ from typing import Dict, List, Sequence, Tuple
 
 from .defaults import DATASETS, OPTIMIZERS, canonical_value
 from .errors import ZeroflowError
-from .runfolder import METRICS, OPERATIONAL_KEYS, comparable, is_run_folder, load_metrics, lock_holder
+from .runfolder import (METRICS, OPERATIONAL_KEYS, RESULTS_VERSION, UNRECORDED, comparable, describe_results_version,
+                        is_run_folder, load_metrics, lock_holder, results_version)
 
 CELL_KEYS = ("method", "optimizer", "dataset")   # a table cell: row (method, optimizer) x dataset
 
@@ -239,6 +244,10 @@ def render_runs(runs: List[Dict], skipped: List[str]) -> Tuple[str, List[str]]:
     # runs not read by find_runs (zeroflow sweep's table, which reuses finished runs) get their
     # Fgt from the matrix too, on a copy
     runs = [m if "_stored_fgt" in m else _restated_fgt(m, os.path.join(m["_dir"], METRICS)) for m in runs]
+    # the results version is compared as an option: runs of two versions are two rows
+    versions = [results_version(m, os.path.join(m["_dir"], METRICS)) for m in runs]
+    runs = [dict(m, config=dict(m["config"], results_version="unrecorded" if v is None else v))
+            for m, v in zip(runs, versions)]
     rows = group_runs(runs)
     cols = distinguishing_columns(rows)
     datasets = _order({r.config["dataset"] for r in rows}, list(DATASETS))
@@ -297,6 +306,13 @@ def render_runs(runs: List[Dict], skipped: List[str]) -> Tuple[str, List[str]]:
     if whole_task:
         out += ["Mem GB of runs written before the training peak was recorded (2026-12-02) is their whole-task "
                 "peak (training, prototypes and tests): " + ", ".join(whole_task)]
+    for v in sorted({v for v in versions if v not in (None, RESULTS_VERSION)}):
+        out += [f"Computed by {describe_results_version(v)}, not this zeroflow's "
+                f"{describe_results_version(RESULTS_VERSION)}; never averaged with other versions' runs: "
+                + ", ".join(m["_dir"] for m, w in zip(runs, versions) if w == v)]
+    if None in versions:
+        out += [f"results_version 'unrecorded' (never averaged with runs that record one): the run's metrics.json "
+                f"records {UNRECORDED}: " + ", ".join(m["_dir"] for m, w in zip(runs, versions) if w is None)]
     if "cpu_peak_rss" in kinds:
         out += ["cpu_peak_rss is the process's running peak (never reset): a CPU run's training peak includes the "
                 "earlier tasks' prototype and test passes; only CUDA peaks are per phase."]

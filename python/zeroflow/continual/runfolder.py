@@ -48,7 +48,8 @@ OPERATIONAL_KEYS = ("download",)
 # What one configuration computes has changed between zeroflow versions (pre-1.0: the package
 # version was never bumped); RESULTS_VERSION counts those changes. checkpoint.pt and
 # metrics.json record the version that computed them ("results_version"), and results of two
-# versions are never combined without a word: a resume refuses another version's checkpoint.
+# versions are never combined without a word: a resume refuses another version's checkpoint, a
+# sweep does not reuse another version's finished run, zeroflow report does not average them.
 RESULTS_VERSION = 2
 RESULTS_VERSIONS = {
     1: "zeroflow before commit 44287c8 of 2026-12-02 18:09 UTC: training augmentation from torch's global RNG",
@@ -215,6 +216,7 @@ def load_metrics(path: str) -> Dict:
             if m.get(k) is not None and not _number(m[k])]
     if bad:
         raise ZeroflowError(f"{path}: corrupt (not a finite number: {', '.join(bad)})")
+    results_version(m, path)        # a recorded one is a version number
     return m
 
 
@@ -398,4 +400,19 @@ def conflict(folder: str, cfg: Dict) -> Tuple[FolderState, str]:
     if diffs:
         article = "an" if state.kind == "unfinished" else "a"
         return state, f"{folder} holds {article} {state.kind} run with another configuration ({'; '.join(diffs)})"
+    if state.kind == "finished":
+        why = other_results_version(folder, state.metrics)
+        if why:
+            return state, why
     return state, ""
+
+
+def other_results_version(folder: str, metrics: Dict) -> str:
+    """Why the finished run in ``folder`` (``metrics``) is no result of this zeroflow for its
+    configuration: ``""`` where its results version is this one's or not recorded."""
+    v = results_version(metrics, os.path.join(folder, METRICS))
+    if v is None or v == RESULTS_VERSION:
+        return ""
+    return (f"{folder} holds a finished run of this configuration computed by {describe_results_version(v)}; this "
+            f"zeroflow computes {describe_results_version(RESULTS_VERSION)}, so its numbers do not belong beside "
+            f"this version's")

@@ -37,8 +37,9 @@ from .defaults import COMMON, flag, lr_entry, validate
 from .errors import WriteFailed, ZeroflowError
 from .precision import check_run_precision
 from .runfolder import (CHECKPOINT, CONFIG, METRICS, RESULTS_VERSION, TRAJECTORY, UNRECORDED, RunFolder, canonical,
-                        config_differences, describe_results_version, inside_refusal, inspect, parent_refusal,
-                        read_run_config, remove_run_files, results_version, run_above, writing)
+                        config_differences, describe_results_version, inside_refusal, inspect,
+                        other_results_version, parent_refusal, read_run_config, remove_run_files, results_version,
+                        run_above, writing)
 
 if TYPE_CHECKING:
     from .learners import Counters
@@ -377,9 +378,14 @@ def decide(out: str, cfg: Dict, *, resume: bool, force: bool, continue_existing:
     if state.kind == "parent":          # --force cannot help: those runs are not this folder's
         raise ZeroflowError(parent_refusal(out, state.problem))
     diffs = config_differences(state.config, cfg) if state.config is not None else []
-    if continue_existing and state.kind in ("finished", "unfinished") and not diffs:
+    older = other_results_version(out, state.metrics) if state.kind == "finished" and not diffs else ""
+    if continue_existing and state.kind in ("finished", "unfinished") and not diffs and not older:
         if state.kind == "finished":
             log(f"run {out} is already finished (same configuration)")
+            if results_version(state.metrics, os.path.join(out, METRICS)) is None:
+                warn(f"reusing the finished run in {out}, whose {METRICS} records {UNRECORDED}. The sweep's table "
+                     f"and zeroflow report list it apart from runs that record their version; to compute it again, "
+                     f"move it away")
             return "finished", state.metrics
         log(f"resuming the unfinished run in {out} (same configuration)")
         return "resume", None
@@ -387,6 +393,8 @@ def decide(out: str, cfg: Dict, *, resume: bool, force: bool, continue_existing:
         warn(f"--force: deleting the {state.kind} run in {out}" + (f" ({'; '.join(diffs)})" if diffs else ""))
         remove_run_files(out)
         return "fresh", None
+    if continue_existing and older:
+        raise ZeroflowError(f"{older}; move it away, or add --force to run it again")
     raise ZeroflowError(_refusal(out, state.kind, state.problem, diffs))
 
 
