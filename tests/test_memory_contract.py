@@ -92,7 +92,9 @@ def _allocator_peak(prof) -> int:
 
     recs = [n for n in walk(prof.profiler.kineto_results.experimental_event_tree())
             if n.tag == _EventType.Allocation and n.extra_fields.device.type == "cpu"]
-    recs.sort(key=lambda n: (n.start_time_ns, n.extra_fields.id))
+    # by time alone (a stable sort keeps the tree's order for a tie): extra_fields.id is None for
+    # every allocation record (torch 2.11 and 2.14), so a (time, id) key raised TypeError on a tie
+    recs.sort(key=lambda n: n.start_time_ns)
     cur = peak = 0
     for n in recs:
         cur += n.extra_fields.alloc_size
