@@ -38,6 +38,20 @@ def test_download_is_operational_not_part_of_the_run():
     assert len(rows) == 1 and len(rows[0].runs) == 2          # two seeds of one configuration
 
 
+def test_num_workers_is_operational_not_part_of_the_run():
+    """docs/continual.md ("Seeds and error bars"): num_workers does not change the data or the
+    results (tests/test_augmentation_seeds.py). A sweep rerun with --num-workers 8 over runs made
+    with 4 refused every folder as another configuration, and zeroflow report split their seeds
+    into rows by the worker count."""
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.report import group_runs
+    from zeroflow.continual.runfolder import config_differences
+    cfg = resolve({})
+    assert config_differences(dict(cfg, num_workers=4), dict(cfg, num_workers=8)) == []
+    rows = group_runs([{"config": dict(cfg, seed=1, num_workers=0)}, {"config": dict(cfg, seed=2, num_workers=4)}])
+    assert len(rows) == 1 and len(rows[0].runs) == 2          # two seeds of one configuration
+
+
 def test_the_writer_takes_a_folder_and_help(tmp_path, monkeypatch, capsys):
     # `--help` was taken for a folder name (open('--help/aper_cifar100.yaml') raised)
     from zeroflow.continual.sources import config_yaml, main

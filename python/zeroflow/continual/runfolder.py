@@ -44,7 +44,10 @@ TRAJECTORY = "trajectory"
 RUN_FILES = (METRICS, CHECKPOINT, CONFIG, "environment.json", "backbone.pt", "accuracy_matrix.csv",
              "accuracy_per_stage.png", "accuracy_matrix.png")
 # Keys that do not change what a run computes: runs differing only in these are the same run.
-OPERATIONAL_KEYS = ("download",)
+# num_workers: a training image's augmentation is drawn from (seed, epoch, index) alone since
+# results version 2 (tests/test_augmentation_seeds.py); runs of version 1, where the worker count
+# did change the draws, are told apart by their version (RESULTS_VERSION below).
+OPERATIONAL_KEYS = ("download", "num_workers")
 # What one configuration computes has changed between zeroflow versions (pre-1.0: the package
 # version was never bumped); RESULTS_VERSION counts those changes. checkpoint.pt and
 # metrics.json record the version that computed them ("results_version"), and results of two
