@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .zo import _number, _warn_at_caller, counter, load_with_hooks, params_list, state_dict_with_hooks
+from .zo import _check_layout, _number, _warn_at_caller, counter, load_with_hooks, params_list, state_dict_with_hooks
 
 
 def _rate(x, name: str) -> float:
@@ -37,12 +37,10 @@ def _check_inner(opt: torch.optim.Optimizer, state_dict, which: str) -> None:
         check(state_dict)
         return
     what = f"state_dict's 'hybrid' {which!r} state"
-    if not (isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict)
-            and isinstance(state_dict.get("param_groups"), (list, tuple))
-            and all(isinstance(g, dict) and isinstance(g.get("params"), (list, tuple))
-                    for g in state_dict["param_groups"])):
+    if not (isinstance(state_dict, dict) and {"state", "param_groups"} <= set(state_dict)):
         raise ValueError(f"{what} is not an optimizer state_dict (state, and param_groups each listing its "
                          "parameter ids)")
+    _check_layout(state_dict)       # the groups and state as zeroflow's own optimizers check them
     saved, mine = state_dict["param_groups"], opt.param_groups
     if len(saved) != len(mine):
         raise ValueError(f"{what} has {len(saved)} param groups, the {type(opt).__name__} {len(mine)}")
