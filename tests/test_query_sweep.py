@@ -44,7 +44,6 @@ def test_a_finished_point_of_the_same_configuration_is_reused(tmp_path, capsys):
     assert len(commands) == 1 and "--q 2" in commands[0] and "--resume" not in commands[0]
 
 
-
 def test_a_finished_point_of_another_configuration_is_refused_not_reused(tmp_path, capsys):
     folder = tmp_path / "zo_sgd_q1"
     _finished(folder, _config("zo_sgd", 1, ["--epochs", "3"]))     # the sweep asks for 2 epochs

@@ -186,7 +186,7 @@ class _ClosureModule(torch.nn.Module):
         self.__dict__["_closure"] = closure      # never a submodule, whatever the closure is
 
     def forward(self):
-        loss = _call_closure(self.__dict__.get("_closure"))
+        loss = _call_closure(self._closure)
         if not isinstance(loss, torch.Tensor):       # else functorch's "expected f(*primals) to return only tensors"
             raise TypeError(f"forward_grad: the closure must return the loss as a tensor computed from the model's "
                             f"parameters (it returned {type(loss).__name__}): a number carries no derivative; "
