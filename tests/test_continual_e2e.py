@@ -398,6 +398,32 @@ def test_a_device_given_with_resume_is_where_the_run_goes_on(tmp_path):
     assert resumed_config(str(out), {}, warned.append)[1] == {"device": "auto", "data_root": "data", "checkpoint": None}
 
 
+def test_num_workers_given_with_resume_loads_the_rest_of_the_run(tmp_path, monkeypatch):
+    """num_workers is operational (runfolder.OPERATIONAL_KEYS: it changes no result), so a
+    resumed run takes --num-workers from the command line, as it does --device: the loaders
+    of the tasks it trains and evaluates use it, and config.json / metrics.json keep the
+    run's own. It was ignored with a warning, leaving a resume on a bigger machine at the
+    saved worker count. A bad value is refused before anything runs, naming the flag."""
+    from zeroflow.continual import data as D
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.runner import run
+    cfg = resolve(dict(FAST, method="aper", optimizer="zo_sgd"))
+    run(cfg, str(tmp_path / "r"), progress=False, stop_after=4, log=lambda *a: None)
+    with pytest.raises(ZeroflowError, match=r"--num-workers must be >= 0 \(got -1\)"):
+        run({"num_workers": -1}, str(tmp_path / "r"), resume=True, progress=False, log=lambda *a: None)
+    workers, warned, loader = [], [], D.DataLoader
+
+    def counting_loader(*args, **kw):
+        workers.append(kw.get("num_workers", 0))
+        return loader(*args, **kw)
+    monkeypatch.setattr(D, "DataLoader", counting_loader)
+    m = run({"num_workers": 1}, str(tmp_path / "r"), resume=True, progress=False, log=lambda *a: None,
+            warn=warned.append)
+    assert workers and set(workers) == {1} and not warned
+    assert m["config"]["num_workers"] == 0
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["num_workers"] == 0
+
+
 def test_run_passes_no_progress_and_prints_fgt(tmp_path, monkeypatch, capsys):
     """zeroflow run --no-progress turns the progress bars off (run(progress=False)), and the
     table it prints ends with Fgt (docs/continual.md, Table 1: Avg / Last / Fgt), not Last twice."""

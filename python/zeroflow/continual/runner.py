@@ -36,8 +36,8 @@ from . import metrics as M
 from .defaults import COMMON, flag, lr_entry, validate
 from .errors import WriteFailed, ZeroflowError
 from .precision import check_run_precision
-from .runfolder import (CHECKPOINT, CONFIG, METRICS, RESULTS_VERSION, TRAJECTORY, UNRECORDED, RunFolder, canonical,
-                        config_differences, describe_results_version, inside_refusal, inspect,
+from .runfolder import (CHECKPOINT, CONFIG, METRICS, OPERATIONAL_KEYS, RESULTS_VERSION, TRAJECTORY, UNRECORDED,
+                        RunFolder, canonical, config_differences, describe_results_version, inside_refusal, inspect,
                         other_results_version, parent_refusal, read_run_config, remove_run_files, results_version,
                         run_above, writing)
 
@@ -301,16 +301,19 @@ LOCATIONS = ("device", "data_root", "checkpoint")
 def resumed_config(out: str, requested: Dict, warn) -> Tuple[Dict, Dict]:
     """``(configuration, locations)``: the configuration saved in ``out`` (checked) and where
     the run finds its device, data and weights now: the ``LOCATIONS`` given in ``requested``
-    (``--device``, ``--data-root``, ``--checkpoint``), the saved ones for the others. The
-    configuration keeps its own (it goes into metrics.json as it is in config.json: a run
-    resumed elsewhere is still the same run for zeroflow sweep and zeroflow report; the devices
-    it ran on are in metrics.json's ``device`` and ``tasks``). Any other option in ``requested``
-    that differs from the saved one is named in a warning: a resumed run keeps its configuration."""
+    (``--device``, ``--data-root``, ``--checkpoint``), the saved ones for the others; with
+    them, the ``OPERATIONAL_KEYS`` given (``--num-workers``, ``--download``: how the data is
+    loaded, which changes no result). The configuration keeps its own (it goes into
+    metrics.json as it is in config.json: a run resumed elsewhere is still the same run for
+    zeroflow sweep and zeroflow report; the devices it ran on are in metrics.json's ``device``
+    and ``tasks``). Any other option in ``requested`` that differs from the saved one is named
+    in a warning: a resumed run keeps its configuration."""
     if not os.path.isdir(out):
         raise ZeroflowError(f"--resume: run folder {out} does not exist")
     saved = read_run_config(out)
     # the digits data ships with scikit-learn: a --data-root given to a digits run is ignored, and named
-    movable = [k for k in LOCATIONS if not (k == "data_root" and saved.get("dataset") == "digits")]
+    movable = [k for k in LOCATIONS + OPERATIONAL_KEYS
+               if not (k == "data_root" and saved.get("dataset") == "digits")]
     ignored = []
     for k, v in sorted(requested.items()):
         if k in movable or v is None:
@@ -332,6 +335,9 @@ def resumed_config(out: str, requested: Dict, warn) -> Tuple[Dict, Dict]:
         if not isinstance(given, str) or not given:
             raise ZeroflowError(f"{flag(k)} must be a non-empty string (got {given!r})")
         locations[k] = given if k == "device" else os.path.expanduser(given)
+    given = {k: requested[k] for k in OPERATIONAL_KEYS if requested.get(k) is not None}
+    if given:       # checked as a fresh run's would be (--num-workers -1 is refused, naming the flag)
+        locations.update({k: validate(dict(cfg, **given))[k] for k in given})
     if locations["checkpoint"] and not cfg.get("checkpoint"):
         raise ZeroflowError(f"--checkpoint: the run in {out} loads no weights file (its backbone is "
                             f"{cfg['backbone']}{', pretrained by zeroflow' if cfg['backbone'] == 'small' else ''}); "
@@ -462,7 +468,8 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
         cfg = validate(cfg)
         located = {k: cfg.get(k) for k in LOCATIONS}
     device_name = located["device"]
-    where = dict(cfg, **located)    # the configuration, with where its device, data and weights are now
+    # the configuration, with where its device, data and weights are now and how the data is loaded
+    where = dict(cfg, **located)
     shard = distributed_setup(cfg)
     rank, world = shard or (0, 1)
     main = rank == 0     # only rank 0 writes files and logs; every rank trains and evaluates
@@ -497,7 +504,7 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
             return finished if main else {"rank": rank, "world_size": world, "run_dir": run_dir}
         written = mode == "resume"
         net = _shared_network(where, data, device, os.path.join(run_dir, BACKBONE), world, main, progress)
-        learner = make_learner(cfg, net, device)
+        learner = make_learner(where, net, device)
         if main and hasattr(learner, "describe"):
             log(learner.describe())
         T = len(data.tasks)
@@ -514,7 +521,7 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
         mem = M.MemoryMeter(device)
         timer = M.Timer(device)
         record_dir = os.path.join(run_dir, TRAJECTORY) if main and cfg["record"] else None
-        stopped = _train_tasks(learner, data, cfg, results, device=device, mem=mem, timer=timer, run_dir=run_dir,
+        stopped = _train_tasks(learner, data, where, results, device=device, mem=mem, timer=timer, run_dir=run_dir,
                                record_dir=record_dir, shard=shard, progress=progress, stop_after=stop_after,
                                main=main, log=log)
         if stopped:
@@ -524,7 +531,7 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
         metrics = _metrics(results, data, cfg, run_dir=run_dir, world=world, device=device, mem=mem,
                            setup_seconds=setup_seconds, record_dir=record_dir)
         if cfg.get("baseline") == "untrained":
-            metrics.update(untrained_results(cfg, net, data, device, metrics, log))
+            metrics.update(untrained_results(where, net, data, device, metrics, log))
         write_results(run_dir, metrics)
         return metrics
     except KeyboardInterrupt as e:
