@@ -10,7 +10,8 @@ Each point is one ``zeroflow run --optimizer NAME --q Q --out DIR`` (DIR/metrics
 sweep`` decides it: every option but the operational ones, ``--extra`` included) is reused when
 finished and resumed when unfinished; a folder holding another configuration, a damaged run or
 one in progress is refused with the reason, never reused (delete DIR or choose another
---workdir). Every point is checked before the first run starts; ``--extra`` may not set what the
+--workdir). A run's warnings are shown as they come, each with its point's folder, and kept in
+its record ("warnings"). Every point is checked before the first run starts; ``--extra`` may not set what the
 sweep sets per point (--optimizer, --q, --out, --resume, --force, --stop-after). The report
 includes the result with ``python -m benchmarks.report ... --sweep results/query_sweep.json``.
 On 2 CPU cores a run takes 10 s (q = 1) to ~100 s (q = 32) with the backbone cached, ~7.5 min
@@ -101,6 +102,15 @@ def plan_point(opt: str, q: int, workdir: str, extra: list[str]) -> dict:
     return point | {"action": "resume" if state.kind == "unfinished" else "run"}
 
 
+# What a child `zeroflow run` warned of, in its stderr among the progress bars: its own
+# warnings (runner.warn_stderr) and Python's (the first line of each, "file:line: XWarning: ...").
+_WARNING_LINE = re.compile(r"^zeroflow: warning: |^\S.*:\d+: \w*Warning: ")
+
+
+def child_warnings(stderr: str) -> list[str]:
+    return [line.strip() for line in (stderr or "").splitlines() if _WARNING_LINE.search(line)]
+
+
 def run_point(point: dict, extra: list[str], dry: bool, timeout: float | None) -> dict:
     """The sweep's record of one planned point: its metrics, or an ``error``."""
     d = point["dir"]
@@ -125,6 +135,11 @@ def run_point(point: dict, extra: list[str], dry: bool, timeout: float | None) -
             rec["error"] = f"timed out after {timeout} s"
             return rec
         rec["wall_s"] = round(time.time() - t0, 1)
+        said = child_warnings(p.stderr)
+        if said:        # kept with the point and shown now: they qualify its numbers (were dropped)
+            rec["warnings"] = said
+            for w in said:
+                print(f"sweep: {d}: {w}", file=sys.stderr, flush=True)
         if p.returncode != 0:
             rec["error"] = (p.stderr or p.stdout).strip().splitlines()[-1:] or [f"exit {p.returncode}"]
             rec["error"] = rec["error"][0]

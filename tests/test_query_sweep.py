@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from benchmarks import bench_query_sweep as S
 from zeroflow.continual.runfolder import RESULTS_VERSION
@@ -138,3 +139,30 @@ def test_a_finished_point_of_another_results_version_is_refused_and_an_unrecorde
     S.run_point(point, [], dry=False, timeout=None)
     assert (f"sweep: reusing {folder} (a finished run of the same configuration, whose metrics.json records no "
             f"results version: ") in capsys.readouterr().out
+
+
+def test_a_run_points_warnings_are_shown_and_kept(tmp_path, monkeypatch, capsys):
+    """A point's `zeroflow run` warns on stderr (runner.warn_stderr; Python warnings) among its
+    progress bars: the sweep captured that stderr and kept at most its last line on a failure,
+    so a warning qualifying a point's numbers (a precision fallback, an ignored option) was
+    dropped without a word. They are now shown as they come and kept in the point's record.
+    The child here is a stand-in that writes a finished run of the point's configuration."""
+    folder = tmp_path / "zo_sgd_q1"
+    made = tmp_path / "made"
+    _finished(made, _config("zo_sgd", 1, []))
+    child = ("import shutil, sys\n"
+             "print('task 1/5 |####|', file=sys.stderr)\n"
+             "print('zeroflow: warning: --precision bf16: the CPU has no bf16 matmul; running fp32', "
+             "file=sys.stderr)\n"
+             "print('/x/y.py:12: UserWarning: a deprecation', file=sys.stderr)\n"
+             "print('  warnings.warn(msg)', file=sys.stderr)\n"
+             f"shutil.copytree({str(made)!r}, sys.argv[sys.argv.index('--out') + 1])\n")
+    monkeypatch.setattr(S, "runner_cmd", lambda: [sys.executable, "-c", child])
+    point = S.plan_point("zo_sgd", 1, str(tmp_path), [])
+    assert point["action"] == "run"
+    rec = S.run_point(point, [], dry=False, timeout=60)
+    said = ["zeroflow: warning: --precision bf16: the CPU has no bf16 matmul; running fp32",
+            "/x/y.py:12: UserWarning: a deprecation"]
+    assert "error" not in rec and rec["avg"] == 81.5 and rec["warnings"] == said
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("sweep: ")] == [f"sweep: {folder}: {w}" for w in said]
