@@ -108,7 +108,7 @@ def build_model(shape: str, dtype: torch.dtype, dev) -> torch.nn.Module:
     take ~5 GiB and a minute of CPU init). Eval mode, no dropout, no KV cache."""
     from transformers import AutoModelForCausalLM, OPTConfig
 
-    cfg = OPTConfig(**SHAPES[shape], dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0,
+    cfg = OPTConfig(**SHAPES[shape], dropout=0.0, attention_dropout=0.0, layerdrop=0.0,
                     use_cache=False, tie_word_embeddings=True)
     torch.manual_seed(0)
     with torch.device(dev):
