@@ -264,12 +264,12 @@ def test_a_failed_update_restores_the_groups_it_did_not_apply(cls, buffer):
 
 
 @pytest.mark.parametrize("key,value,needle", [
-    ("zo_eps", 0.0, "zo_eps=0.0 must be > 0"), ("zo_eps", None, "zo_eps=None is not a number"),
-    ("lr", None, "lr=None is not a number"),
+    ("zo_eps", 0.0, "zo_eps=0.0 must be > 0"), ("zo_eps", None, "zo_eps=None is not a real number"),
+    ("lr", None, "lr=None is not a real number"),
     # a tensor lr was not checked at all: a negative one trained uphill, a two-element one
     # failed in the update after both forwards, naming no option
     ("lr", torch.tensor(-1.0), "lr=-1.0 must be >= 0"), ("lr", torch.tensor(float("nan")), "must be >= 0"),
-    ("lr", torch.tensor([0.1, 0.2]), r"lr=tensor\(\[0.1000, 0.2000\]\) is not a number"),
+    ("lr", torch.tensor([0.1, 0.2]), r"lr=tensor\(\[0.1000, 0.2000\]\) is not a real number"),
     ("momentum", -0.5, "momentum=-0.5 must be >= 0"), ("nesterov", True, "nesterov momentum requires"),
     ("history", 1.0, "history=1.0"), ("sign", "yes", "sign='yes' must be True or False")])
 def test_an_option_set_between_steps_is_refused_before_any_group_moves(key, value, needle):
@@ -432,8 +432,9 @@ def test_a_group_added_to_a_hybrid_is_trained_in_both_phases():
 @pytest.mark.parametrize("group,needle", [
     # float() said "could not convert string to float: 'x'"; a negative scale was named as the ZO
     # optimizer's lr; a group without params raised KeyError: 'params'
-    ({"lr": "x"}, "lr='x' is not a number"), ({"lr": None}, "lr=None is not a number"),
-    ({"zo_lr_scale": "x"}, "zo_lr_scale='x' is not a number"), ({"zo_lr_scale": -1.0}, "zo_lr_scale=-1.0 must be >= 0"),
+    ({"lr": "x"}, "lr='x' is not a real number"), ({"lr": None}, "lr=None is not a real number"),
+    ({"zo_lr_scale": "x"}, "zo_lr_scale='x' is not a real number"),
+    ({"zo_lr_scale": -1.0}, "zo_lr_scale=-1.0 must be >= 0"),
     ({"lr": float("inf")}, "lr=inf must be >= 0 and finite"),
     ({"zo_lr_scale": float("inf")}, "zo_lr_scale=inf must be >= 0 and finite"),
     ({"params": None, "lr": 0.1}, None)])
@@ -451,7 +452,7 @@ def test_a_bad_group_added_to_a_hybrid_is_named_and_adds_nothing(group, needle):
 
 @pytest.mark.parametrize("edit,needle", [
     (lambda g: g.pop("zo_lr_scale"), "param group 0 lacks zo_lr_scale"),
-    (lambda g: g.update(lr="x"), "param group 0: lr='x' is not a number"),
+    (lambda g: g.update(lr="x"), "param group 0: lr='x' is not a real number"),
     (lambda g: g.update(zo_lr_scale=float("nan")), "param group 0: zo_lr_scale=nan must be >= 0"),
     (lambda g: g.update(zo_lr_scale=float("inf")), "param group 0: zo_lr_scale=inf must be >= 0 and finite"),
     # torch.optim's "doesn't match the size of optimizer's group", naming neither optimizer

@@ -169,16 +169,16 @@ def _backend_for(backend: str, params: Sequence[torch.Tensor]) -> str:
 
 
 def _real(v, name: str) -> float:
-    """A float argument of an op (``lr``, ``scale``, ``coeffs[j]``, ...): a Python or numpy
-    real or a one-element real tensor, as a float. The ops' conversion (float()) took the
-    string "0.1" as 0.1 and said "float() argument must be ... not 'NoneType'" for None,
-    naming no argument."""
+    """A float argument of an op (``lr``, ``scale``, ``coeffs[j]``, ...) or an option of
+    zeroflow's optimizers: a Python or numpy real or a one-element real tensor, as a float.
+    The ops' conversion (float()) took the string "0.1" as 0.1 and said "float() argument
+    must be ... not 'NoneType'" for None, naming no argument."""
     if isinstance(v, torch.Tensor):
         if v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool:
             return float(v)
     elif isinstance(v, numbers.Real) and not isinstance(v, bool):
         return float(v)
-    raise TypeError(f"{name}={v!r} must be a real number, got {type(v).__name__}")
+    raise TypeError(f"{name}={v!r} is not a real number (a Python or numpy real, or a one-element real tensor)")
 
 
 def _flag(v, name: str) -> bool:

@@ -1516,14 +1516,10 @@ def counter(x, what: str, limit: int | None = None) -> int:
 
 
 def _number(x, name: str) -> float:
-    """Option ``name``'s value ``x`` as a float for a range check (a Python or numpy real, a
-    one-element tensor); TypeError naming it for what is not a real number (None, a string,
-    a bool, a tensor of several elements)."""
-    if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_complex():
-        return float(x)
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{name}={x!r} is not a number (a real number or a one-element tensor)")
-    return float(x)
+    """Option ``name``'s value ``x`` as a float for a range check; TypeError naming it for what
+    is not a real number (None, a string, a bool, a tensor of several elements): the ops' own
+    rule (zfkernels._real), so an option and the op argument it becomes accept the same values."""
+    return zfkernels._real(x, name)
 
 
 def params_list(ps) -> list:
