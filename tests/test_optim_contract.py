@@ -270,6 +270,8 @@ def test_a_failed_update_restores_the_groups_it_did_not_apply(cls, buffer):
     # failed in the update after both forwards, naming no option
     ("lr", torch.tensor(-1.0), "lr=-1.0 must be >= 0"), ("lr", torch.tensor(float("nan")), "must be >= 0"),
     ("lr", torch.tensor([0.1, 0.2]), r"lr=tensor\(\[0.1000, 0.2000\]\) is not a real number"),
+    # the op refuses a bool tensor; the option check once took it as 1.0 (zfkernels._real is both's rule)
+    ("lr", torch.tensor(True), r"lr=tensor\(True\) is not a real number"),
     ("momentum", -0.5, "momentum=-0.5 must be >= 0"), ("nesterov", True, "nesterov momentum requires"),
     ("history", 1.0, "history=1.0"), ("sign", "yes", "sign='yes' must be True or False")])
 def test_an_option_set_between_steps_is_refused_before_any_group_moves(key, value, needle):
