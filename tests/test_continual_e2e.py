@@ -381,10 +381,10 @@ def test_peak_memory_is_the_maximum_over_the_tasks_and_survives_a_resume(tmp_pat
 
 
 def test_a_device_given_with_resume_is_where_the_run_goes_on(tmp_path):
-    """docs/continual.md: with --resume only where the run finds its device, data and weights may
-    change, and --device is where this process runs; the configuration keeps its own device.
-    Returning the saved device ignored --device (unnoticed on a CPU-only machine, where the
-    saved 'auto' is the CPU too)."""
+    """docs/continual.md: with --resume only where the run finds its device, data and weights (and
+    how it loads its data) may change, and --device is where this process runs; the
+    configuration keeps its own device. Returning the saved device ignored --device (unnoticed
+    on a CPU-only machine, where the saved 'auto' is the CPU too)."""
     from zeroflow.continual.defaults import resolve
     from zeroflow.continual.runner import atomic_write_json, resumed_config
     cfg = resolve(dict(FAST))

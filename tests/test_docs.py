@@ -177,3 +177,15 @@ def test_the_example_checks_see_commands_and_options():
     parsers = _parsers()
     assert "--stop-after" in parsers["run"]._option_string_actions
     assert "--stop-after" not in parsers["sweep"]._option_string_actions
+
+
+def test_resume_help_names_exactly_the_options_a_resume_takes():
+    """`zeroflow run --resume`'s help lists the options a resumed run takes from the command
+    line (runner.LOCATIONS and runfolder.OPERATIONAL_KEYS): it kept saying --device,
+    --data-root and --checkpoint after --num-workers and --download joined them."""
+    from zeroflow.continual.defaults import flag
+    from zeroflow.continual.runfolder import OPERATIONAL_KEYS
+    from zeroflow.continual.runner import LOCATIONS
+
+    text = _parsers()["run"]._option_string_actions["--resume"].help
+    assert set(re.findall(r"--[a-z][\w-]*", text)) - {"--out"} == {flag(k) for k in LOCATIONS + OPERATIONAL_KEYS}

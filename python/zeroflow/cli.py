@@ -133,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(r)
     r.add_argument("--out", default=None, help="run folder (default: a fresh runs/<time>_...)")
     r.add_argument("--resume", action="store_true", help="continue the unfinished run in --out (with the "
-                   "configuration saved there; only where its device, data and weights are may change: --device, "
-                   "--data-root, --checkpoint)")
+                   "configuration saved there; only where its device, data and weights are and how its data is "
+                   "loaded may change: --device, --data-root, --checkpoint, --num-workers, --download)")
     r.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many finished tasks (continue later with --resume)")
     s = sub.add_parser("sweep", help="run a list of optimizers for one method/dataset")
