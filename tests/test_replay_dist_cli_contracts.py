@@ -231,7 +231,7 @@ def test_an_end_record_whose_next_step_is_not_where_replay_ends_is_refused(tmp_p
 
 
 def test_the_replay_command_verifies_unless_no_verify(tmp_path, small_log, capsys):
-    """docs/distributed.md §2: replay always checks the final weights against the end record;
+    """docs/distributed.md §2: replay checks the final weights against the end record;
     ``zeroflow replay`` exits 2 with nothing at --out on a mismatch, and ``--no-verify`` skips
     the check. The end record's checksum is altered here (crc recomputed)."""
     base, _, final, raw = small_log
