@@ -112,11 +112,11 @@ def test_first_order_refused_under_torchrun(tmp_path):
 
 # ---------------------------------------------------------------- the training loop's data-parallel plumbing
 def test_the_training_loop_reshuffles_sharded_batches_each_epoch_and_weights_by_shard_size():
-    """Under torchrun each rank's loader is a ShardedBatchSampler (docs/continual.md: data-parallel
-    ZO): the loop must call set_epoch(e) every epoch (one permutation per epoch from seed + epoch,
-    as the single-process loader reshuffles; without it every epoch repeated epoch 0's order on
-    every rank, and the 1-rank vs 2-rank comparison above cannot see it: both repeat it), and
-    hand DataParallelZO this rank's batch size every step (without it a short last shard counts
+    """Under torchrun each rank's loader is a ShardedBatchSampler (docs/distributed.md, "The
+    continual CLI under torchrun"): the loop must call set_epoch(e) every epoch (one permutation
+    per epoch from seed + epoch, as the single-process loader reshuffles; without it every epoch
+    repeated epoch 0's order on every rank, and the 1-rank vs 2-rank comparison above cannot see
+    it: both repeat it), and hand DataParallelZO this rank's batch size every step (without it a short last shard counts
     as much as a full one in the mean of the ranks' losses). A fake optimizer records both."""
     from types import SimpleNamespace
 

@@ -3,8 +3,8 @@
 Run folder (``--out DIR`` or a fresh ``runs/<time>_<method>_<optimizer>_<dataset>``), claimed
 by one process at a time (``DIR/.lock``, see :mod:`.runfolder`):
 
-* ``config.json``, ``environment.json``, ``backbone.pt`` (small backbone only: the base-session
-  pretrained weights), written once the data and the network are ready: a run that cannot
+* ``config.json``, ``environment.json``, ``backbone.pt`` (small backbone only: its
+  self-supervised pretrained weights), written once the data and the network are ready: a run that cannot
   start writes nothing (and removes the folder if it created it)
 * ``checkpoint.pt`` (after every task; ``--resume`` continues from it)
 * ``trajectory/task<k>.zft`` and ``task<k>.base.pt`` with ``--record`` (one log per trained task)
