@@ -189,3 +189,16 @@ def test_resume_help_names_exactly_the_options_a_resume_takes():
 
     text = _parsers()["run"]._option_string_actions["--resume"].help
     assert set(re.findall(r"--[a-z][\w-]*", text)) - {"--out"} == {flag(k) for k in LOCATIONS + OPERATIONAL_KEYS}
+
+
+def test_the_performance_page_carries_the_current_notes():
+    """docs/performance.md's Analysis is benchmarks/notes.md as `make bench-report` inserts it:
+    edits of the notes without the report left the page with an older analysis (two CPU
+    sections, a later check of the lease plan and its corrected commands missing)."""
+    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
+        page = f.read()
+    with open(os.path.join(ROOT, "benchmarks", "notes.md")) as f:
+        notes = f.read()
+    analysis = page.split("\n## Analysis\n\n", 1)[1].split("\n## Results\n", 1)[0]
+    assert analysis.strip() == notes.strip(), ("docs/performance.md's Analysis is not benchmarks/notes.md: "
+                                               "run make bench-report (or copy the notes into that section)")
