@@ -202,3 +202,85 @@ def test_the_performance_page_carries_the_current_notes():
     analysis = page.split("\n## Analysis\n\n", 1)[1].split("\n## Results\n", 1)[0]
     assert analysis.strip() == notes.strip(), ("docs/performance.md's Analysis is not benchmarks/notes.md: "
                                                "run make bench-report (or copy the notes into that section)")
+
+
+# "docs/algorithms.md §7", "docs/algorithms.md §7, §11", "§7-8", "stream §5", "stream v1 §8",
+# "docs/distributed.md §2": the numbered sections ("## 7. ...") of the page (stream: the spec).
+SECTION_REF = re.compile(r"(docs/[\w-]+\.md|(?<![\w/-])stream(?: v1)?)[,:]?\s+"
+                         r"(§\s?\d+(?:\s*(?:-|/|,|and|or)\s*§?\s?\d+)*)")
+CITING_FILES = ("README.md", "Makefile", "benchmarks", "configs", "csrc", "docs", "python", "tests", "zfkernels")
+TEXT_SUFFIXES = (".py", ".md", ".h", ".cpp", ".cu", ".cuh", ".sh", ".yaml", "Makefile")
+
+
+def section_refs(text: str) -> list[tuple[int, str, str]]:
+    """``(line, page, section number)`` of every numbered-section citation in ``text``."""
+    out = []
+    for m in SECTION_REF.finditer(text):
+        page = "docs/perturbation-stream.md" if m.group(1).startswith("stream") else m.group(1)
+        out += [(text.count("\n", 0, m.start()) + 1, page, n) for n in re.findall(r"\d+", m.group(2))]
+    return out
+
+
+def numbered_sections(page: str) -> set:
+    path = os.path.join(ROOT, page)
+    if not os.path.exists(path):
+        return set()
+    with open(path) as f:
+        return set(re.findall(r"^## (\d+)\. ", f.read(), re.M))
+
+
+def _citing_files() -> list[str]:
+    out = []
+    for top in CITING_FILES:
+        path = os.path.join(ROOT, top)
+        walked = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+        out += sorted(p for p in walked if p.endswith(TEXT_SUFFIXES))
+    return out
+
+
+def test_cited_sections_exist():
+    """Every "docs/<page>.md §N" (and "stream §N") written in the code, tests and pages names a
+    numbered section of that page."""
+    sections, bad, seen = {}, [], 0
+    for path in _citing_files():
+        with open(path) as f:
+            text = f.read()
+        for line, page, n in section_refs(text):
+            seen += 1
+            if n not in sections.setdefault(page, numbered_sections(page)):
+                bad.append(f"{os.path.relpath(path, ROOT)}:{line}: {page} has no section {n}")
+    assert seen > 50 and not bad, "\n".join(bad)
+
+
+def test_the_section_check_sees_citations():
+    text = ("(docs/algorithms.md §7 and §11), stream §5, stream v1 §8,\n[docs/algorithms.md §7-8](x) "
+            "docs/distributed.md §2 Refused; tests/stream §9 §3 docs/kernel-ops.md § zo_sgd_update_")
+    assert section_refs(text) == [(1, "docs/algorithms.md", "7"), (1, "docs/algorithms.md", "11"),
+                                  (1, "docs/perturbation-stream.md", "5"), (1, "docs/perturbation-stream.md", "8"),
+                                  (2, "docs/algorithms.md", "7"), (2, "docs/algorithms.md", "8"),
+                                  (2, "docs/distributed.md", "2")]
+    assert numbered_sections("docs/algorithms.md") >= {str(n) for n in range(12)}
+    assert "12" not in numbered_sections("docs/algorithms.md")
+    assert numbered_sections("docs/perturbation-stream.md") == {str(n) for n in range(1, 10)}
+
+
+def test_the_cli_help_lists_the_choices_the_code_has():
+    """The choices `zeroflow run --help` lists are the code's: defaults.METHODS, OPTIMIZERS (the
+    factory's zeroflow.optim.METHODS), DATASETS, PERTURBATIONS, PRECISIONS, BASELINES, and
+    auto + zfkernels.BACKENDS."""
+    import zfkernels
+    from zeroflow.cli import RUN_FLAGS
+    from zeroflow.continual import defaults as D
+    from zeroflow.optim import METHODS
+
+    def listed(text: str) -> tuple:
+        text = re.sub(r"\s*\([^)]*\)", "", text)
+        found = re.search(r"[\w-]+(?: \| [\w-]+)+", text)
+        return tuple(found.group(0).split(" | ")) if found else tuple(text.split())
+
+    helps = {flag: text for flag, _, _, text in RUN_FLAGS}
+    want = {"--method": D.METHODS, "--optimizer": D.OPTIMIZERS, "--dataset": D.DATASETS,
+            "--perturbation": D.PERTURBATIONS, "--precision": D.PRECISIONS, "--baseline": D.BASELINES,
+            "--backend": ("auto",) + tuple(zfkernels.BACKENDS)}
+    assert D.OPTIMIZERS == METHODS
+    assert {flag: listed(helps[flag]) for flag in want} == want
