@@ -222,7 +222,7 @@ def test_bad_option_of_a_later_group_raises_before_any_group_changes():
 
 
 def test_mask_and_rounding_seeds_follow_the_options_of_each_step(monkeypatch):
-    """The mask seed is derived only when a group has sparsity > 0 and the §9 rounding seed
+    """The mask seed is derived only when a group has sparsity > 0 and the stream §9 rounding seed
     only for a group with stochastic_rounding: switching either on between steps must give
     the kernels the seeds of the schedule for that step."""
     calls = _record_calls(monkeypatch)

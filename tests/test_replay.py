@@ -180,7 +180,7 @@ def test_replay_of_skipped_and_aborted_steps_and_bf16(tmp_path):
 
 @pytest.mark.parametrize("case", ["zo_sgd_bf16_sr", "zo_adam_conserve_bf16_sr"])
 def test_replay_of_stochastically_rounded_bf16_run(tmp_path, case):
-    """§9: the rounding bits come from the seed schedule, so a bf16 run with stochastic
+    """Stream §9: the rounding bits come from the seed schedule, so a bf16 run with stochastic
     rounding (conserve's moves included) replays bit-exactly, on another backend too."""
     final, base, log = train(tmp_path, case, dtype=torch.bfloat16, steps=15)
     init = torch.load(base, weights_only=True)["model"]

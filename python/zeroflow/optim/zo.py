@@ -396,7 +396,7 @@ class _ZOBase(torch.optim.Optimizer):
         self._step_groups: tuple | None = None
         self._step_eps: dict[int, float] = {}
         # counters (part of state_dict)
-        self._round_calls = 0       # §9 rounded update calls so far in this step
+        self._round_calls = 0       # stream §9 rounded update calls so far in this step
         self._n = 0                 # steps taken (skipped ones included): seed schedule index
         self._task = 0              # mask epoch for sparse_resample="task"
         self.forward_passes = 0     # total closure evaluations (a jvp counts as one)
@@ -635,7 +635,7 @@ class _ZOBase(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ kernels
     def _round_seed(self, g: dict) -> int:
-        """§9 rounding seed of the next parameter-writing update call of this step: the k-th
+        """Stream §9 rounding seed of the next parameter-writing update call of this step: the k-th
         call (k = 0 the update, then conserve's moves in order) of step n uses
         seed(S, n, 2^32 - 3 - k) (docs/perturbation-stream.md §8), so replay rounds the same.
         Every call counts; the seed is only derived for a group with ``stochastic_rounding``
