@@ -545,6 +545,29 @@ def test_a_copy_does_not_take_the_originals_hooks():
 
 
 @pytest.mark.parametrize("cls", [ZOFusedSGD, ZOFusedAdam])
+@pytest.mark.parametrize("how", ["load_state_dict", "deepcopy"])
+def test_a_group_added_after_a_resume_or_a_copy_has_only_the_optimizers_options(cls, how):
+    """torch.optim's __setstate__ (run by its load_state_dict and by every copy) adds
+    ``differentiable`` to ``defaults``, and add_param_group then gave a group added after a
+    resume (a new task's head) that option too: the next resume refused the saved state ("it
+    has differentiable (a state of another optimizer class?)")."""
+    model = make_mlp(6, 4, 1)
+    body, head = list(model[0].parameters()), list(model[2].parameters())
+    opt = cls(body, lr=0.05, seed=3)
+    opt.step(lambda: loss_of(model))
+    if how == "deepcopy":
+        model, opt = copy.deepcopy((model, opt))
+        body, head = list(model[0].parameters()), list(model[2].parameters())
+    else:
+        opt.load_state_dict(opt.state_dict())
+    opt.add_param_group({"params": head})
+    assert set(opt.param_groups[1]) == set(opt.param_groups[0])
+    resumed = cls(body, lr=0.05, seed=3)
+    resumed.add_param_group({"params": head})
+    resumed.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("cls", [ZOFusedSGD, ZOFusedAdam])
 @pytest.mark.parametrize("with_scheduler_at_save", [True, False])
 def test_a_state_loads_with_or_without_an_lr_scheduler_attached(cls, with_scheduler_at_save):
     # schedulers write initial_lr into the groups, which the key check took for a state of

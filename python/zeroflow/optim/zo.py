@@ -458,6 +458,10 @@ class _ZOBase(torch.optim.Optimizer):
         # (a pickle of an older zeroflow raised "an option is missing" at its next step)
         state["param_groups"] = _with_added_options(state.get("param_groups", []))
         super().__setstate__(state)
+        # torch.optim's __setstate__ adds "differentiable" to defaults (an option of its own
+        # optimizers): add_param_group gave it to every group added after a load or a copy, and
+        # the next load refused that state as "another optimizer class"
+        self.defaults.pop("differentiable", None)
         if tids is None:    # torch.optim's load_state_dict: only state and param_groups, same params
             return
         self.__dict__.setdefault("_zero_steps", 0)     # pickled before the zero-estimate check existed
