@@ -933,6 +933,30 @@ def test_a_dropped_param_group_does_not_keep_its_parameters_alive():
     assert opt._tid[id(kept[-1])] == 9
 
 
+@pytest.mark.parametrize("cls,kw", [(ZOFusedAdam, {}), (ZOFusedSGD, dict(momentum=0.9))])
+def test_a_dropped_param_group_leaves_no_state_behind(cls, kw):
+    """A group popped from param_groups (an old task's head) kept its parameters' state (Adam's
+    m and v, the momentum buffers) for the optimizer's lifetime, and state_dict() raised
+    torch.optim's bare KeyError on it (it packs state by the ids of the groups' parameters):
+    no checkpoint could be taken after a head was dropped."""
+    import gc
+    import weakref
+    model = make_mlp(6, 4, 1)
+    body, head = list(model[0].parameters()), list(model[2].parameters())
+    opt = cls([{"params": body}, {"params": head}], lr=0.05, seed=3, **kw)
+    opt.step(lambda: loss_of(model))
+    buffers = [weakref.ref(b) for p in head for b in opt.state[p].values() if isinstance(b, torch.Tensor)]
+    opt.param_groups.pop()
+    sd = opt.state_dict()                  # before any step: the dropped group's state is left out
+    assert sorted(sd["state"]) == [0, 1] and sd["param_groups"][0]["params"] == [0, 1]
+    resumed = cls(body, lr=0.05, seed=3, **kw)
+    resumed.load_state_dict(sd)
+    opt.step(lambda: loss_of(model))       # and the next step frees it
+    gc.collect()
+    assert buffers and all(b() is None for b in buffers)
+    assert set(opt.state) == set(body)
+
+
 def test_start_zo_frees_the_fo_gradients_as_a_scheduled_switch_does():
     # docs/algorithms.md says the FO .grad tensors are freed at the switch: only the scheduled
     # one did (start_zo() made step() see a ZO phase from its start, so the freeing never ran)

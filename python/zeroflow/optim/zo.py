@@ -671,12 +671,15 @@ class _ZOBase(torch.optim.Optimizer):
             # a group was dropped (param_groups.pop(), e.g. an old task's head): its cached
             # lists kept its parameters alive for the optimizer's lifetime. Its tensor ids go
             # too: keyed by id(param), a dead parameter's entry would let a tensor allocated at
-            # its address into an edited g["params"] past _buckets' "was g['params'] edited?"
+            # its address into an edited g["params"] past _buckets' "was g['params'] edited?";
+            # and its state (Adam's m and v, momentum), which no step reads again
             live = {id(g) for g in groups}
             for k in [k for k in self._bucket_cache if k not in live]:
                 del self._bucket_cache[k]
             held = {id(p) for g in groups for p in g["params"]}
             self._tid = {k: t for k, t in self._tid.items() if k in held}
+            for p in [p for p in self.state if id(p) not in held]:
+                del self.state[p]
         return [(g, bk) for g in groups for bk in self._buckets(g)]
 
     def _perturb(self, seed: int, factor: float, mask_seed: int, buckets=None) -> None:
@@ -1112,7 +1115,21 @@ class _ZOBase(torch.optim.Optimizer):
         }
 
     def state_dict(self):
-        return state_dict_with_hooks(self, lambda: super(_ZOBase, self).state_dict() | {"zeroflow": self._counters()})
+        return state_dict_with_hooks(self, lambda: self._state_dict_of_groups() | {"zeroflow": self._counters()})
+
+    def _state_dict_of_groups(self) -> dict:
+        """torch.optim's state_dict, of the parameters in the groups: the state of one in no
+        group (its group dropped since the last step, which frees it: _all_buckets) has no id
+        in the saved format, and torch.optim raised a bare KeyError on it."""
+        held = {id(p) for g in self.param_groups for p in g["params"]}
+        state = self.state
+        if all(id(p) in held for p in state):
+            return super().state_dict()
+        self.state = {p: s for p, s in state.items() if id(p) in held}     # read only by that state_dict
+        try:
+            return super().state_dict()
+        finally:
+            self.state = state
 
     def check_state_dict(self, state_dict) -> None:
         """Raise ``ValueError`` naming the first mismatch if ``state_dict`` cannot be loaded
