@@ -633,6 +633,10 @@ def test_state_dict_hooks_see_the_whole_state_as_torch_optim_promises(name):
     (lambda sd: sd["zeroflow"].update(seed=-1), "counter 'seed' is -1"),
     (lambda sd: sd["zeroflow"].update(seed=2**64), "below"),
     (lambda sd: sd["zeroflow"].update(task=None), "counter 'task' is None"),
+    (lambda sd: sd["zeroflow"].update(tensor_ids=[0, 1, 2]), "tensor_ids must list one id per parameter \\(4\\)"),
+    (lambda sd: sd["zeroflow"].update(tensor_ids=[0, 1, 2, 1]), "give one id to two parameters"),
+    (lambda sd: sd["zeroflow"].update(tensor_ids=[0, 1, 2, 2**32]), "tensor id is 4294967296"),
+    (lambda sd: sd["zeroflow"].update(next_tensor_id=3), "next_tensor_id is 3, not above"),
     (lambda sd: sd["state"][0].update(momentum_buffer=torch.tensor(0.0)), "momentum_buffer of parameter 0 has shape"),
     (lambda sd: sd["param_groups"][0].update(momentum=-1.0), "param group 0: momentum=-1.0"),
     # loaded, then the next step failed after its forwards (None), or re-initialised every
@@ -955,6 +959,37 @@ def test_a_dropped_param_group_leaves_no_state_behind(cls, kw):
     gc.collect()
     assert buffers and all(b() is None for b in buffers)
     assert set(opt.state) == set(body)
+
+
+@pytest.mark.parametrize("cls", [ZOFusedSGD, ZOFusedAdam])
+def test_a_resume_after_a_group_was_dropped_takes_the_same_steps(cls):
+    """Tensor ids are positions at construction, and a dropped group's ids are not given again:
+    after an old head was dropped and a new one added, the remaining parameters' ids were no
+    longer their positions, a state_dict did not hold them, and the optimizer resumed from it
+    (built over the groups it saved, as docs/algorithms.md §8 says) drew other z for every
+    parameter: not the steps the saved run took."""
+    model = make_mlp(6, 4, 1)
+    old_head, new_head = torch.nn.Linear(1, 1), torch.nn.Linear(6, 1)
+
+    def loss(m, head):
+        return loss_of(m) + head(X).pow(2).mean()
+    opt = cls([{"params": old_head.parameters()}, {"params": model.parameters()}], lr=0.05, seed=3)
+    opt.step(lambda: loss_of(model) + old_head(loss_of(model).reshape(1)).sum())
+    opt.param_groups.pop(0)
+    opt.add_param_group({"params": new_head.parameters()})
+    state = copy.deepcopy(opt.state_dict())
+    model2, new_head2 = copy.deepcopy((model, new_head))
+    resumed = cls([{"params": model2.parameters()}, {"params": new_head2.parameters()}], lr=0.05, seed=3)
+    resumed.load_state_dict(state)
+    for _ in range(2):
+        opt.step(lambda: loss(model, new_head))
+        resumed.step(lambda: loss(model2, new_head2))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(new_head.parameters(), new_head2.parameters()))
+    third = torch.nn.Linear(2, 1)                  # and a group added after the resume gets the next id
+    opt.add_param_group({"params": third.parameters()})
+    resumed.add_param_group({"params": third.parameters()})
+    assert opt._tid[id(third.weight)] == resumed._tid[id(third.weight)] == 8
 
 
 def test_start_zo_frees_the_fo_gradients_as_a_scheduled_switch_does():

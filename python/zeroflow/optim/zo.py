@@ -1112,6 +1112,9 @@ class _ZOBase(torch.optim.Optimizer):
             "stream": STREAM_VERSION, "optimizer": type(self).__name__, "seed": self._seed, "step": self._n,
             "task": self._task, "forward_passes": self.forward_passes, "queries": self.queries,
             "steps_skipped": self.steps_skipped, **{k: getattr(self, k) for k in STATE_GLOBAL_OPTIONS},
+            # by position over the groups: positions no longer, once a group was dropped
+            "tensor_ids": [self._tid.get(id(p)) for g in self.param_groups for p in g["params"]],
+            "next_tensor_id": self._next_tid,
         }
 
     def state_dict(self):
@@ -1160,6 +1163,7 @@ class _ZOBase(torch.optim.Optimizer):
                 raise ValueError(f"state_dict was saved with {k}={c[k]!r}, this optimizer has "
                                  f"{k}={getattr(self, k)!r}; build it with the same options to continue that run")
         _check_layout(state_dict)
+        _check_tensor_ids(c, state_dict["param_groups"])
         saved_groups = _with_added_options(state_dict["param_groups"])
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, "
@@ -1220,6 +1224,10 @@ class _ZOBase(torch.optim.Optimizer):
         self._bucket_cache.clear()      # new group dicts (the keys would still catch a stale entry)
         self._seed, self._n, self._task, self.forward_passes, self.queries, self.steps_skipped = (
             operator.index(c[k]) for k in COUNTERS)
+        if "tensor_ids" in c:       # a state saved before they were: the ids are the positions
+            params = [p for g in self.param_groups for p in g["params"]]
+            self._tid = dict(zip(map(id, params), map(operator.index, c["tensor_ids"])))
+            self._next_tid = operator.index(c["next_tensor_id"])
 
     def _keep_float32_buffers(self, state_dict) -> None:
         """torch.optim's load casts every state buffer to its parameter's dtype: a float32
@@ -1523,6 +1531,25 @@ def _check_layout(state_dict: dict) -> None:
     if unknown:
         raise ValueError(f"state_dict's state holds parameter id(s) {', '.join(map(repr, unknown[:5]))} that no "
                          "param group lists (a state edited by hand, or the groups of another state?)")
+
+
+def _check_tensor_ids(c: dict, groups) -> None:
+    """A state's tensor ids (its "zeroflow" part, absent from states saved before they were):
+    one per saved parameter, each once, in [0, 2^32) (the stream's range), and the next id to
+    give above them all."""
+    if "tensor_ids" not in c:
+        return
+    ids, n = c["tensor_ids"], sum(len(g["params"]) for g in groups)
+    if not isinstance(ids, (list, tuple)) or len(ids) != n:
+        raise ValueError(f"state_dict's 'zeroflow' tensor_ids must list one id per parameter ({n}), got "
+                         f"{repr(ids)[:80]}")
+    ids = [counter(t, "state_dict's 'zeroflow' tensor id", limit=2 ** 32) for t in ids]
+    if len(set(ids)) != len(ids):
+        raise ValueError("state_dict's 'zeroflow' tensor_ids give one id to two parameters")
+    nxt = counter(c.get("next_tensor_id"), "state_dict's 'zeroflow' next_tensor_id")
+    if ids and nxt <= max(ids):
+        raise ValueError(f"state_dict's 'zeroflow' next_tensor_id is {nxt}, not above its tensor ids "
+                         f"(up to {max(ids)})")
 
 
 def counter(x, what: str, limit: int | None = None) -> int:
