@@ -873,6 +873,26 @@ def test_a_ctrl_c_after_any_kernel_call_leaves_theta_at_a_step_boundary(cls, kw,
         assert torch.isfinite(opt.step(lambda: loss_of(model)))
 
 
+def test_a_ctrl_c_while_a_step_sets_itself_up_does_not_leave_the_optimizer_refusing_steps(monkeypatch, ctrl_c_raises):
+    """A ^C that landed after step() claimed the optimizer and before its try began (while it
+    wrapped the signal handlers, a few us) left the claim in place: every later step raised
+    "step() was called while a step of this optimizer was running", for the optimizer's life."""
+    from zeroflow.optim import zo
+    model = make_mlp(6, 4, 1)
+    opt = ZOFusedSGD(model.parameters(), lr=0.1, momentum=0.9, seed=3)
+    start = snapshot(model)
+
+    def interrupted():
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(zo._InterruptGate, "close_for_step", staticmethod(interrupted))
+        with pytest.raises(KeyboardInterrupt):
+            opt.step(lambda: loss_of(model))
+    assert max_moved(model, start) == 0.0
+    assert torch.isfinite(opt.step(lambda: loss_of(model)))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_ctrl_c_held_while_a_failing_kernel_ran_still_comes(monkeypatch, ctrl_c_raises):
     # a ^C that lands while the update kernel runs is held; the kernel then refuses a state
     # buffer replaced between steps. The step raised the ValueError and dropped the ^C: a loop

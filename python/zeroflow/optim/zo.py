@@ -806,20 +806,21 @@ class _ZOBase(torch.optim.Optimizer):
             # The kernels read mask_seed only under a mask (threshold > 0): 0 otherwise, same bits,
             # one ~7 us derivation less.
             mask_seed = self._mask_seed(n) if any(thr for _, thr in stream.values()) else 0
+            self._stream_args = stream
+            self._step_groups = tuple(self.param_groups)
+            self._step_eps = {id(g): float(g["zo_eps"]) for g in self.param_groups}
+            self._fw_step = 0
+            self._round_calls = 0
+            self._consumed = []
+            self._updating = self._eval_raised = False
         except BaseException:
-            self._step_token = None
+            self._step_token, self._step_groups = None, None
             raise
-        self._stream_args = stream
-        self._step_groups = tuple(self.param_groups)
-        self._step_eps = {id(g): float(g["zo_eps"]) for g in self.param_groups}
-        self._fw_step = 0
-        self._round_calls = 0
-        self._consumed = []
-        self._updating = self._eval_raised = False
-        status = "aborted"
-        gate = self._gate = _InterruptGate.close_for_step()
-        interrupted = False
+        # No call between the two try blocks: a ^C (raised only at a call or a loop's jump)
+        # landing between them left the claim above in place, and every later step refused
+        status, gate, interrupted = "aborted", None, False
         try:
+            gate = self._gate = _InterruptGate.close_for_step()
             if self.estimator == "forward_grad":
                 loss = self._step_forward_grad(closure, seeds, mask_seed)
             else:
