@@ -567,6 +567,17 @@ def test_a_group_added_after_a_resume_or_a_copy_has_only_the_optimizers_options(
     resumed.load_state_dict(opt.state_dict())
 
 
+def test_a_group_added_to_a_hybrid_after_a_resume_has_only_the_hybrids_keys():
+    """As for the ZO optimizers: torch.optim's __setstate__ put ``differentiable`` into the
+    hybrid's defaults, and a group added after a resume carried it (in repr and state_dict),
+    although the hybrid's groups take only params, lr and zo_lr_scale."""
+    model = make_mlp(6, 4, 1)
+    hyb = create("zo_sgd", model[0].parameters(), hybrid_switch=1, lr=0.01, seed=3)
+    hyb.load_state_dict(hyb.state_dict())
+    hyb.add_param_group({"params": model[2].parameters()})
+    assert set(hyb.param_groups[1]) == {"params", "lr", "zo_lr_scale"}
+
+
 @pytest.mark.parametrize("cls", [ZOFusedSGD, ZOFusedAdam])
 @pytest.mark.parametrize("with_scheduler_at_save", [True, False])
 def test_a_state_loads_with_or_without_an_lr_scheduler_attached(cls, with_scheduler_at_save):

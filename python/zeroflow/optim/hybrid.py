@@ -121,6 +121,12 @@ class HybridFOZO(torch.optim.Optimizer):
     def __getstate__(self):     # torch.optim's keeps defaults, state, param_groups only
         return super().__getstate__() | {"fo": self.fo, "zo": self.zo, "switch": self.switch, "_steps": self._steps}
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # torch.optim's adds "differentiable" to defaults (run by its load_state_dict and by a
+        # copy), which add_param_group then put into every later group: no option of the hybrid's
+        self.defaults.pop("differentiable", None)
+
     @property
     def zeroth_order(self) -> bool:
         return self._steps >= self.switch
