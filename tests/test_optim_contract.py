@@ -222,6 +222,34 @@ def test_a_group_added_inside_the_closure_joins_at_the_next_step_with_conserve_a
     assert not torch.equal(extra, torch.zeros(3))
 
 
+@pytest.mark.parametrize("cls,kw,key,value", [
+    (ZOFusedSGD, dict(momentum=0.9), "lr", 0.5), (ZOFusedSGD, dict(weight_decay=0.1), "weight_decay", 0.5),
+    (ZOFusedSGD, dict(momentum=0.9), "momentum", 0.5), (ZOFusedAdam, {}, "lr", 0.5),
+    (ZOFusedAdam, dict(decoupled_weight_decay=True, weight_decay=0.1), "weight_decay", 0.5)])
+@pytest.mark.parametrize("at_call", [2, 4])     # L0, L+, L-, then conserve's forwards (theta0 + Delta, - Delta)
+def test_an_option_set_by_the_closure_changes_the_next_step_not_the_running_one(cls, kw, key, value, at_call):
+    """As for zo_eps (docs/algorithms.md §7): the update and conserve's frozen moves read lr,
+    weight_decay and momentum from the group when they ran, so an option set by the closure
+    (a scheduler stepped inside it) between conserve's update and its moves sent theta along
+    another multiple of Delta: it landed 9 Delta away from theta0 while conserve_choice said
+    theta0 and the step returned L(theta0)."""
+    def run(change):
+        model = make_mlp(6, 4, 1)
+        opt = cls(model.parameters(), lr=0.1, zo_eps=1e-2, conserve=True, seed=5, **kw)
+        calls = [0]
+
+        def closure():
+            calls[0] += 1
+            if change and calls[0] == at_call:
+                opt.param_groups[0][key] = value
+            return loss_of(model)
+        loss = opt.step(closure)
+        return snapshot(model), loss, opt.conserve_choice
+    (want, want_loss, want_choice), (got, got_loss, got_choice) = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert (got_loss, got_choice) == (want_loss, want_choice)
+
+
 def test_each_group_is_perturbed_by_its_own_zo_eps():
     """The step records every group's zo_eps (not the optimizer's default): group 1 at
     zo_eps=5e-3 moves half as far at the first forward as at 1e-2, the same z."""

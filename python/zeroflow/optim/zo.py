@@ -53,7 +53,7 @@ GLOBAL_OPTIONS = ("q", "estimator", "conserve", "sparse_resample", "seed", "back
 STATE_GLOBAL_OPTIONS = ("q", "estimator", "conserve", "sparse_resample")
 STATE_GROUP_OPTIONS = ("perturbation", "sign", "scalar_sign")
 # Attributes a copy of the optimizer does not take over (see _ZOBase.__getstate__).
-_NOT_COPIED = {"_tid", "_bucket_cache", "_step_token", "_stream_args", "_step_groups", "_step_eps",
+_NOT_COPIED = {"_tid", "_bucket_cache", "_step_token", "_stream_args", "_step_groups", "_step_opts",
                "_fg_names", "scalar_hook", "step_hook",
                "_gate", "_opt_called"}
 # The counters a state_dict's "zeroflow" part holds, in the order load_state_dict assigns them.
@@ -389,12 +389,14 @@ class _ZOBase(torch.optim.Optimizer):
         self._bucket_cache: dict[int, list] = {}   # id(group) -> [key, buckets, step token]; see _buckets
         self._step_token: object | None = None       # a new object per step() call, None outside
         self._stream_args: dict[int, tuple[int, int]] = {}   # id(group) -> (dist, mask threshold), in step()
-        # in step(): the groups and each one's zo_eps as the step found them. Every perturbation,
-        # restore and estimate of the step uses these, so a closure (or a hook, a scheduler stepped
-        # inside it) that sets zo_eps or adds / drops a group cannot make the restore differ from
-        # the perturbation (theta was left perturbed by (eps_old - eps_new) z, or not restored at all)
+        # in step(): the groups and each one's options as the step found them (zo_eps a float).
+        # Every perturbation, restore, estimate, update and conserve move of the step uses these,
+        # so a closure (or a hook, a scheduler stepped inside it) that sets zo_eps, lr or another
+        # option, or adds / drops a group, cannot make the restore differ from the perturbation
+        # (theta was left perturbed by (eps_old - eps_new) z, or not restored at all), nor a
+        # conserve move differ from the update it moves along (theta landed on no candidate)
         self._step_groups: tuple | None = None
-        self._step_eps: dict[int, float] = {}
+        self._step_opts: dict[int, dict] = {}
         # counters (part of state_dict)
         self._round_calls = 0       # stream §9 rounded update calls so far in this step
         self._n = 0                 # steps taken (skipped ones included): seed schedule index
@@ -467,7 +469,7 @@ class _ZOBase(torch.optim.Optimizer):
         self.__dict__.setdefault("_zero_steps", 0)     # pickled before the zero-estimate check existed
         self._tid = {id(p): t for p, t in zip((p for g in self.param_groups for p in g["params"]), tids)}
         self._bucket_cache, self._step_token, self._stream_args = {}, None, {}
-        self._step_groups, self._step_eps = None, {}
+        self._step_groups, self._step_opts = None, {}
         self.scalar_hook = self.step_hook = None
         if self._fg_wrapper is not None:
             self._fg_name_params([p for g in self.param_groups for p in g["params"]])
@@ -655,9 +657,13 @@ class _ZOBase(torch.optim.Optimizer):
         start of this step (only step() calls the kernels, so they are always there)."""
         return self._stream_args[id(g)]
 
+    def _opts(self, g: dict) -> dict:
+        """The group's options as this step found them (see ``_step_groups``)."""
+        return self._step_opts[id(g)]
+
     def _eps(self, g: dict) -> float:
-        """The group's ``zo_eps`` as this step found it (see ``_step_groups``)."""
-        return self._step_eps[id(g)]
+        """The group's ``zo_eps`` as this step found it."""
+        return self._step_opts[id(g)]["zo_eps"]
 
     def _groups(self):
         """The param groups of the step in progress (as it found them), else ``param_groups``."""
@@ -808,7 +814,7 @@ class _ZOBase(torch.optim.Optimizer):
             mask_seed = self._mask_seed(n) if any(thr for _, thr in stream.values()) else 0
             self._stream_args = stream
             self._step_groups = tuple(self.param_groups)
-            self._step_eps = {id(g): float(g["zo_eps"]) for g in self.param_groups}
+            self._step_opts = {id(g): _options_of(g) | {"zo_eps": float(g["zo_eps"])} for g in self.param_groups}
             self._fw_step = 0
             self._round_calls = 0
             self._consumed = []
@@ -842,7 +848,7 @@ class _ZOBase(torch.optim.Optimizer):
             raise
         finally:
             self._step_token, self._stream_args, self._gate = None, {}, None
-            self._step_groups, self._step_eps = None, {}
+            self._step_groups, self._step_opts = None, {}
             self._n = n + 1
             self.forwards_last_step = self._fw_step
             try:
@@ -883,7 +889,7 @@ class _ZOBase(torch.optim.Optimizer):
         difference per unit of the group's eps), or sign(d_j)/q with scalar_sign;
         ``per_eps=False`` (forward_grad, d_j = grad L . v_j): d_j / q."""
         q = self.q
-        if g["scalar_sign"]:
+        if self._opts(g)["scalar_sign"]:
             return [math.copysign(1.0, x) / q if x != 0 else 0.0 for x in d]
         unit = self._eps(g) * q if per_eps else q
         return [x / unit for x in d]
@@ -1333,52 +1339,54 @@ class ZOFusedSGD(_ZOBase):
                          sparse_resample=sparse_resample, seed=seed, backend=backend, model=model)
 
     def _update(self, g, ps, ids, b, seeds, coeffs, mask_seed, *, restore_seed, restore_scale, lr_mult):
-        mom = g["momentum"]
+        o = self._opts(g)
+        mom = o["momentum"]
         bufs, m_init, hist, h_init = [], False, [], False
-        if mom != 0.0 or g["history"] != 0.0:
+        if mom != 0.0 or o["history"] != 0.0:
             sts = self._states(ps)
             if mom != 0.0:
-                bufs, m_init = self._buffers(g, sts, ps, "momentum_buffer")
-            hist, h_init = self._history(g, sts, ps)
+                bufs, m_init = self._buffers(o, sts, ps, "momentum_buffer")
+            hist, h_init = self._history(o, sts, ps)
         dist, thr = self._stream(g)
         zfkernels.call_op(
             b, "zo_sgd_update_", params=ps, momentum_buffers=bufs, history_buffers=hist, tensor_ids=ids,
             seeds=seeds, coeffs=coeffs, dist=dist, mask_seed=mask_seed, mask_threshold=thr, restore_seed=restore_seed,
-            restore_scale=restore_scale, lr=lr_mult * float(g["lr"]), weight_decay=g["weight_decay"],
-            momentum=mom, dampening=g["dampening"], nesterov=g["nesterov"], momentum_init=m_init,
-            sign=g["sign"], history_alpha=g["history"], history_init=h_init,
-            stochastic_rounding=g["stochastic_rounding"], round_seed=self._round_seed(g),
+            restore_scale=restore_scale, lr=lr_mult * float(o["lr"]), weight_decay=o["weight_decay"],
+            momentum=mom, dampening=o["dampening"], nesterov=o["nesterov"], momentum_init=m_init,
+            sign=o["sign"], history_alpha=o["history"], history_init=h_init,
+            stochastic_rounding=o["stochastic_rounding"], round_seed=self._round_seed(o),
         )
 
     def _move(self, a, b, seeds, d, mask_seed):
         """Conserve: move theta0 + a*Delta -> theta0 + b*Delta with the state frozen
         (history alpha=1, momentum=1 & dampening=1 leave h and buf bit-identical)."""
         for g in self._groups():
-            lr, wd, mom = float(g["lr"]), float(g["weight_decay"]), float(g["momentum"])
+            o = self._opts(g)
+            lr, wd, mom = float(o["lr"]), float(o["weight_decay"]), float(o["momentum"])
             if lr == 0.0:
                 continue
             coeffs, (dist, thr) = self._coeffs(g, d), self._stream(g)
             for ps, ids, be in self._buckets(g):
                 sts = self._states(ps)
                 lr1 = 0.0
-                if mom == 0.0 or g["nesterov"]:
+                if mom == 0.0 or o["nesterov"]:
                     # p <- p(1 - lr1 wd) - lr1 * g~ ; g~ regenerated (or the frozen history)
                     lr1 = lr * (a - b) / (1.0 + a * lr * wd)
-                    hist = [st["history"] for st in sts] if g["history"] else []
+                    hist = [st["history"] for st in sts] if o["history"] else []
                     zfkernels.call_op(
                         be, "zo_sgd_update_", params=ps, history_buffers=hist, tensor_ids=ids,
                         seeds=[] if hist else seeds, coeffs=[] if hist else coeffs, dist=dist,
-                        mask_seed=mask_seed, mask_threshold=thr, lr=lr1, weight_decay=wd, sign=g["sign"],
-                        history_alpha=1.0, history_init=False, stochastic_rounding=g["stochastic_rounding"],
-                        round_seed=self._round_seed(g))
+                        mask_seed=mask_seed, mask_threshold=thr, lr=lr1, weight_decay=wd, sign=o["sign"],
+                        history_alpha=1.0, history_init=False, stochastic_rounding=o["stochastic_rounding"],
+                        round_seed=self._round_seed(o))
                 if mom != 0.0:
                     # p <- p - lr2 * buf (buf = 1*buf + 0*0: frozen)
-                    lr2 = lr * mom * (a * (1.0 - lr1 * wd) - b) if g["nesterov"] else lr * (a - b)
+                    lr2 = lr * mom * (a * (1.0 - lr1 * wd) - b) if o["nesterov"] else lr * (a - b)
                     bufs = [st["momentum_buffer"] for st in sts]
                     zfkernels.call_op(
                         be, "zo_sgd_update_", params=ps, momentum_buffers=bufs, tensor_ids=ids, seeds=[],
                         coeffs=[], dist=dist, lr=lr2, momentum=1.0, dampening=1.0, momentum_init=False,
-                        stochastic_rounding=g["stochastic_rounding"], round_seed=self._round_seed(g))
+                        stochastic_rounding=o["stochastic_rounding"], round_seed=self._round_seed(o))
 
 
 class ZOFusedAdam(_ZOBase):
@@ -1421,20 +1429,21 @@ class ZOFusedAdam(_ZOBase):
                          sparse_resample=sparse_resample, seed=seed, backend=backend, model=model)
 
     def _update(self, g, ps, ids, b, seeds, coeffs, mask_seed, *, restore_seed, restore_scale, lr_mult):
+        o = self._opts(g)
         sts = self._states(ps)
-        ms, _ = self._buffers(g, sts, ps, "exp_avg")
-        vs, _ = self._buffers(g, sts, ps, "exp_avg_sq")
-        hist, h_init = self._history(g, sts, ps)
+        ms, _ = self._buffers(o, sts, ps, "exp_avg")
+        vs, _ = self._buffers(o, sts, ps, "exp_avg_sq")
+        hist, h_init = self._history(o, sts, ps)
         t = int(sts[0].get("step", 0)) + 1
         dist, thr = self._stream(g)
         zfkernels.call_op(
             b, "zo_adam_update_", params=ps, exp_avgs=ms, exp_avg_sqs=vs, history_buffers=hist, tensor_ids=ids,
             seeds=seeds, coeffs=coeffs, dist=dist, mask_seed=mask_seed, mask_threshold=thr,
             restore_seed=restore_seed, restore_scale=restore_scale,
-            lr=lr_mult * float(g["lr"]), beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"],
-            weight_decay=g["weight_decay"], decoupled_weight_decay=g["decoupled_weight_decay"], step=t, sign=g["sign"],
-            history_alpha=g["history"], history_init=h_init, stochastic_rounding=g["stochastic_rounding"],
-            round_seed=self._round_seed(g),
+            lr=lr_mult * float(o["lr"]), beta1=o["betas"][0], beta2=o["betas"][1], eps=o["eps"],
+            weight_decay=o["weight_decay"], decoupled_weight_decay=o["decoupled_weight_decay"], step=t, sign=o["sign"],
+            history_alpha=o["history"], history_init=h_init, stochastic_rounding=o["stochastic_rounding"],
+            round_seed=self._round_seed(o),
         )
         for st in sts:
             st["step"] = t
@@ -1443,21 +1452,22 @@ class ZOFusedAdam(_ZOBase):
         """Conserve: move theta0 + a*Delta -> theta0 + b*Delta along the stored Adam
         direction u = m/(sqrt(v)/sqrt(bc2) + eps), m and v frozen (see _frozen_adam_move)."""
         for g in self._groups():
-            lr = float(g["lr"])
+            o = self._opts(g)
+            lr = float(o["lr"])
             if lr == 0.0:
                 continue
-            wd = float(g["weight_decay"]) if g["decoupled_weight_decay"] else 0.0
+            wd = float(o["weight_decay"]) if o["decoupled_weight_decay"] else 0.0
             dist, _ = self._stream(g)
             for ps, ids, be in self._buckets(g):
                 sts = self._states(ps)
-                lr_f, wd_f, eps_f = _frozen_adam_move(a, b, lr=lr, wd=wd, betas=g["betas"], eps=g["eps"],
+                lr_f, wd_f, eps_f = _frozen_adam_move(a, b, lr=lr, wd=wd, betas=o["betas"], eps=o["eps"],
                                                       step=int(sts[0]["step"]))
                 zfkernels.call_op(
                     be, "zo_adam_update_", params=ps, exp_avgs=[st["exp_avg"] for st in sts],
                     exp_avg_sqs=[st["exp_avg_sq"] for st in sts], tensor_ids=ids, seeds=[], coeffs=[],
                     dist=dist, lr=lr_f, beta1=_FROZEN_BETA, beta2=_FROZEN_BETA, eps=eps_f, weight_decay=wd_f,
-                    decoupled_weight_decay=True, step=1, stochastic_rounding=g["stochastic_rounding"],
-                    round_seed=self._round_seed(g))
+                    decoupled_weight_decay=True, step=1, stochastic_rounding=o["stochastic_rounding"],
+                    round_seed=self._round_seed(o))
 
 
 @contextlib.contextmanager
