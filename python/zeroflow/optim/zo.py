@@ -397,13 +397,14 @@ class _ZOBase(torch.optim.Optimizer):
         # conserve move differ from the update it moves along (theta landed on no candidate)
         self._step_groups: tuple | None = None
         self._step_opts: dict[int, dict] = {}
-        # counters (part of state_dict)
-        self._round_calls = 0       # stream §9 rounded update calls so far in this step
+        # counters saved by state_dict (COUNTERS, with the seed)
         self._n = 0                 # steps taken (skipped ones included): seed schedule index
         self._task = 0              # mask epoch for sparse_resample="task"
         self.forward_passes = 0     # total closure evaluations (a jvp counts as one)
         self.queries = 0            # total directions evaluated
         self.steps_skipped = 0      # steps skipped for a non-finite loss
+        # per step, not saved: the step in progress, and what the last one found
+        self._round_calls = 0       # stream §9 rounded update calls so far in this step
         self.forwards_last_step = 0
         self.last_projected: list[float] = []   # per query: (L+ - L-)/2, L+ - L0, or grad.v (forward_grad)
         self.conserve_choice = None             # conserve: -1 (theta-Delta), 0 (theta) or +1 (theta+Delta)
