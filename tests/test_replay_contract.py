@@ -153,6 +153,30 @@ def test_closing_before_add_param_group_is_fine(tmp_path):
     assert opt.step_count == 3
 
 
+def test_a_log_started_after_a_group_was_dropped_replays_with_the_runs_tensor_ids(tmp_path):
+    """A group dropped before recording (del opt.param_groups[0]): the kept parameters keep
+    their tensor ids (1 here, not their position 0), which pick their z. With no optimizer state
+    (ZO-SGD without momentum) BASE holds no state_dict to bring the ids back, and replay rebuilt
+    the optimizer with the positions as ids: other z at every step, a checksum mismatch. The
+    header holds the ids the run had."""
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    loss = lambda: F.mse_loss(m(X), Y)                           # noqa: E731
+    opt = ZOFusedSGD([{"params": list(m[0].parameters())}, {"params": list(m[2].parameters())}], lr=1e-2, seed=3,
+                     backend="cpu")
+    train_steps(opt, loss, 1)
+    del opt.param_groups[0]
+    base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
+    save_base(base, m)
+    with TrajectoryRecorder(log, opt, model=m):
+        train_steps(opt, loss, 3)
+    assert differing_entries(replay(base, log), m.state_dict()) == []
+    assert read_log(log)[0]["tensor_ids"] == [2, 3]
+    _edit_header(log, str(tmp_path / "old.zft"), lambda h: h.pop("tensor_ids"))    # a log of before: positions
+    with pytest.raises(ReplayError, match="checksum mismatch"):
+        replay(base, str(tmp_path / "old.zft"))
+
+
 # ---------------------------------------------------------------------------- option types
 def test_jsonable_numpy_and_tensor_scalars_exact():
     v = _jsonable(np.float32(2e-3))
@@ -309,6 +333,8 @@ def test_header_without_a_key_refused(tmp_path, capsys, small_run, key):
     (lambda h: h["groups"][0].pop("names"), "group 0 has no 'names'"),
     (lambda h: h["groups"][0]["shapes"].pop(), "4 names, 3 shapes"),
     (lambda h: h.update(aliases=["x"]), "'aliases'"),
+    (lambda h: h.update(tensor_ids=[0, 1, 1, 2]), "'tensor_ids' is not 4 distinct ids"),
+    (lambda h: h.update(next_tensor_id=3), "'tensor_ids' is not 4 distinct ids below 'next_tensor_id'"),
     (lambda h: h["global"].update(q=0), "options are refused by ZOFusedSGD"),
     (lambda h: h["global"].update(bogus=1), "options are refused by ZOFusedSGD"),
 ])

@@ -187,6 +187,9 @@ class TrajectoryRecorder:
             "format": LOG_FORMAT, "stream": STREAM_VERSION, "optimizer": type(opt).__name__, "seed": opt.seed,
             **zo_options(opt),
             "start_step": opt.step_count, "start_task": opt._task, "fresh_state": fresh,
+            # the stream's ids of the parameters, which pick their z: the positions, unless a group
+            # was dropped before (its ids are not given again), and BASE may hold no state to bring them
+            "tensor_ids": [opt._tid[id(p)] for p in params], "next_tensor_id": opt._next_tid,
             "groups": groups, "aliases": aliases, "base_sha256": weights_sha256(names, params),
             "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -679,6 +682,12 @@ def _check_header(header: dict) -> None:
         if not (all(isinstance(n, str) for n in g["names"]) and all(isinstance(d, str) for d in g["dtypes"])
                 and all(isinstance(sh, list) and all(is_int(x) and x >= 0 for x in sh) for sh in g["shapes"])):
             bad(f"group {gi}: a name, shape or dtype of the wrong type")
+    n = sum(len(g["names"]) for g in header["groups"])
+    if "tensor_ids" in header:          # logs written before it: the ids are the positions
+        ids, nxt = header["tensor_ids"], header.get("next_tensor_id")
+        if not (isinstance(ids, list) and len(ids) == n and all(is_int(t) and t >= 0 for t in ids)
+                and len(set(ids)) == n and is_int(nxt) and nxt > max(ids, default=-1)):
+            bad(f"'tensor_ids' is not {n} distinct ids below 'next_tensor_id'")
     aliases = header.get("aliases", {})
     if not (isinstance(aliases, dict)
             and all(isinstance(v, list) and all(isinstance(a, str) for a in v) for v in aliases.values())):
@@ -735,7 +744,7 @@ def _base_params(sd: dict, header: dict, device: torch.device):
 
 def _rebuilt_optimizer(cls, header: dict, groups: list, opt_sd, backend: str):
     """The recording optimizer as it was when the log started (options, seed, state, step
-    and task counters), running ``backend``."""
+    and task counters, tensor ids), running ``backend``."""
     try:
         opt = cls(groups, seed=header["seed"], **dict(header["global"], backend=backend))
     except (TypeError, ValueError) as e:
@@ -755,6 +764,11 @@ def _rebuilt_optimizer(cls, header: dict, groups: list, opt_sd, backend: str):
         opt._seed = int(header["seed"])
     opt._n = int(header["start_step"])
     opt._task = int(header["start_task"])
+    if "tensor_ids" in header:
+        params = [p for g in opt.param_groups for p in g["params"]]
+        opt._tid = dict(zip(map(id, params), header["tensor_ids"]))
+        opt._next_tid = header["next_tensor_id"]
+        opt._bucket_cache.clear()
     return opt
 
 
