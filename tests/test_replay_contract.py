@@ -455,6 +455,32 @@ def test_a_log_started_after_save_base_changed_options_replays(tmp_path, change)
     assert differing_entries(replay(base, log), m.state_dict()) == []
 
 
+@pytest.mark.parametrize("change", ["lr", "weight_decay", "new_task"])
+def test_an_option_set_inside_a_closure_is_logged_for_the_step_it_acts_on(tmp_path, change):
+    """A closure that sets lr or another group option, or starts a new mask epoch, changes the
+    next step, not the running one (docs/algorithms.md §7: a step uses the options as it found
+    them). The recorder read the groups and the mask epoch after the step, so it logged the new
+    values for the step that ran with the old ones; replay applied them a step early and failed
+    its checksum."""
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    opt = ZOFusedSGD(m.parameters(), lr=1e-2, momentum=0.9, seed=3, backend="cpu", sparsity=0.5,
+                     sparse_resample="task")
+    base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
+    save_base(base, m)
+    with TrajectoryRecorder(log, opt, model=m):
+        for i in range(4):
+            def closure():
+                if i == 1:
+                    if change == "new_task":
+                        opt.new_task()
+                    else:
+                        opt.param_groups[0][change] = 0.05
+                return F.mse_loss(m(X), Y)
+            train_step(opt, closure)
+    assert differing_entries(replay(base, log), m.state_dict()) == []
+
+
 def test_a_rollback_while_recording_is_refused_before_the_step(tmp_path):
     """load_state_dict of an earlier state moved the step counter back: the recorder logged
     the steps after it as if they followed, and replay failed on the first of them."""

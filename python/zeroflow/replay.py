@@ -201,6 +201,7 @@ class TrajectoryRecorder:
         self._lrs = [g["lr"] for g in groups]
         self._opts = [g["options"] for g in groups]
         self._task = opt._task
+        self._found = None          # _found_by_step as the running step started (_before_step)
         self._layout = self._layout_of(opt)
         self._globals = self._globals_of(opt)
         self._next_step = opt.step_count
@@ -257,7 +258,19 @@ class TrajectoryRecorder:
         follow from them), in the order of ``_GLOBALS``; ~1 us a step."""
         return tuple(getattr(opt, k) for k in _GLOBALS)
 
+    @staticmethod
+    def _found_by_step(opt) -> tuple:
+        """What a step takes from the groups and the optimizer beside the layout and the
+        globals: each group's lr (as the step converts it: checked by the step) and other
+        options, and the mask epoch."""
+        from zeroflow.distributed import _jsonable, group_options
+
+        return ([_jsonable(g["lr"]) for g in opt.param_groups],
+                [group_options(g, with_lr=False) for g in opt.param_groups], opt._task)
+
     def _before_step(self, opt, args, kwargs) -> None:
+        if opt._step_token is not None:     # called from a running step's closure: it refuses itself
+            return
         change = self._layout_change(opt)
         if change is not None:
             self._refuse(opt, "the optimizer's parameters changed while recording (add_param_group?): " + change
@@ -273,6 +286,10 @@ class TrajectoryRecorder:
             diff = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in zip(_GLOBALS, self._globals, now) if a != b)
             self._refuse(opt, f"optimizer-wide options changed while recording ({diff}); a log replays with the "
                          "options of its header", "after changing them")
+        # read as the step starts: a closure that sets an lr or an option, or starts a new mask
+        # epoch, changes the next step, not this one (docs/algorithms.md §7), and after the step
+        # the groups hold the new values
+        self._found = self._found_by_step(opt)
 
     def _guarded(self, what: str, io, *args):
         """``io(*args)``, a write or flush of the log; a failure stops the recording (no end
@@ -310,8 +327,6 @@ class TrajectoryRecorder:
         self._write(struct.pack("<I", len(payload)) + payload + struct.pack("<I", zlib.crc32(payload)))
 
     def _on_step(self, opt, info: dict) -> None:
-        from zeroflow.distributed import group_options
-
         if [len(g["params"]) for g in opt.param_groups] != [len(g) for g in self._layout]:
             # changed during the step (_before_step saw the old layout: the closure added a group):
             # the step ran and cannot be logged, and the weights after the step before it are gone,
@@ -322,18 +337,19 @@ class TrajectoryRecorder:
                 f"(add_param_group in the closure?): {self._layout_change(opt)}. The step ran (or failed) on "
                 f"parameters the log does not hold, so {self.path} cannot be completed (it has no end record and "
                 "replay refuses it). Add groups between steps, after closing the recorder, and start a new log then.")
-        opts = [group_options(g, with_lr=False) for g in opt.param_groups]
+        found, self._found = self._found, None
+        found_lrs, opts, task = found if found is not None else self._found_by_step(opt)
         if opts != self._opts:
             self._guarded(f"at step {info['step']}, which ran (its update is applied; the log does not hold it)",
                           self._record, bytes([K_OPTIONS]) + json.dumps(opts, sort_keys=True).encode())
             self._opts = opts
         flags = _STATUS_FLAG[info["status"]]
-        lrs = [float(g["lr"]) for g in opt.param_groups]
+        lrs = [float(lr) for lr in found_lrs]
         extra = b""
-        if info["task"] != self._task:
+        if task != self._task:
             flags |= F_TASK
-            extra += struct.pack("<Q", info["task"])
-            self._task = info["task"]
+            extra += struct.pack("<Q", task)
+            self._task = task
         if lrs != self._lrs:
             flags |= F_LR
             extra += struct.pack(f"<H{len(lrs)}d", len(lrs), *lrs)
