@@ -187,6 +187,22 @@ def test_an_end_record_of_another_length_is_corrupt(tmp_path, small_log):
         read_log(_write(tmp_path, _with_payload(raw, k, p + b"\0")))
 
 
+@pytest.mark.parametrize("allow_truncated", [False, True])
+def test_a_record_of_no_bytes_is_corrupt_not_an_index_error(tmp_path, small_log, capsys, allow_truncated):
+    """Zeros where records should be (a file extended by a crash before its data reached the
+    disk, as some filesystems leave it): a record of length 0 whose crc32 is 0, which is the
+    crc32 of no bytes. Reading its kind raised IndexError, a traceback from zeroflow replay,
+    with or without --allow-truncated."""
+    raw = small_log[3]
+    cut = _write(tmp_path, raw[:_records(raw)[2][0]] + b"\0" * 16)
+    with pytest.raises(ReplayError, match=r"corrupt log \(record 2 malformed: empty"):
+        read_log(cut, allow_truncated=allow_truncated)
+    out = str(tmp_path / "w.pt")
+    args = [small_log[0], cut, "--out", out] + (["--allow-truncated"] if allow_truncated else [])
+    assert replay_main(args) == 2
+    assert "record 2 malformed: empty" in capsys.readouterr().err and not os.path.exists(out)
+
+
 def test_an_end_record_counting_other_steps_is_corrupt(tmp_path, small_log):
     """docs/distributed.md §2 Refused: "step count mismatch" between the end record and the
     step records the log holds."""

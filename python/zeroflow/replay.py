@@ -488,8 +488,10 @@ def read_log(path: str, *, allow_truncated: bool = False) -> tuple[dict, list[tu
                               "its complete records, unverified") from None
         if zlib.crc32(payload) != crc:
             raise ReplayError(f"{path}: corrupt log (checksum mismatch in record {len(records)} at byte {pos - n - 8})")
-        kind = payload[0]
         try:
+            if not payload:         # its crc32 is 0: zeros where records should be match it
+                raise ReplayError("empty")
+            kind = payload[0]
             if kind == K_STEP:
                 step, flags = struct.unpack_from("<QB", payload, 1)
                 if flags & ~F_KNOWN:
