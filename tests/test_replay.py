@@ -396,6 +396,27 @@ def test_hybrid_fo_phase_not_recordable_zo_phase_is(tmp_path):
     assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_hybrid_recorded_in_its_zo_phase_with_state_replays_from_its_own_state_dict(tmp_path):
+    """A HybridFOZO recorded after some ZO steps (momentum to carry), BASE saved as the
+    recorder's message says, save_base(path, model, optimizer) with the hybrid: BASE holds the
+    hybrid's state_dict (both phases' under "hybrid"), which replay loaded into the ZO optimizer
+    it rebuilds and refused ("lacks the 'zeroflow' counters"). The log is the ZO optimizer's:
+    replay takes the ZO part."""
+    model = make_model()
+    X, Y = make_data(64, 8, 3)
+    opt = create("zo_sgd", list(model.parameters()), lr=1e-2, momentum=0.9, seed=3, backend="cpu",
+                 hybrid_switch=2)
+    for _ in range(4):
+        train_step(opt, lambda: F.mse_loss(model(X), Y))
+    base, log = str(tmp_path / "zo.pt"), str(tmp_path / "h.zft")
+    save_base(base, model, opt)
+    with TrajectoryRecorder(log, opt, model=model):
+        for _ in range(5):
+            train_step(opt, lambda: F.mse_loss(model(X), Y))
+    sd = replay(base, log)
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+
+
 def test_resume_mid_run_needs_optimizer_state(tmp_path):
     model = make_model()
     X, Y = make_data(64, 8, 3)

@@ -771,6 +771,9 @@ def _rebuilt_optimizer(cls, header: dict, groups: list, opt_sd, backend: str):
         if opt_sd is None:
             raise ReplayError("the log started with non-empty optimizer state; BASE must contain it "
                               "(save_base(path, model, optimizer))")
+        hybrid = opt_sd.get("hybrid") if isinstance(opt_sd, dict) else None
+        if isinstance(hybrid, dict) and "zo" in hybrid:
+            opt_sd = hybrid["zo"]       # a HybridFOZO's (save_base of the hybrid): the log is its ZO optimizer's
         try:
             opt.load_state_dict(opt_sd)
         except (KeyError, TypeError, ValueError) as e:
