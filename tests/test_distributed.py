@@ -154,6 +154,15 @@ def _worker(rank, world, init_file, out_dir):
         dp = DataParallelZO(build("sgd", model))
         losses = run_steps(dp, model, X[rank * half:(rank + 1) * half], Y[rank * half:(rank + 1) * half], STEPS_I)
         res["I_unweighted"] = {"params": {k: v.clone() for k, v in model.state_dict().items()}, "losses": losses}
+        # J. check_every differs: rank 0 would all_gather checksums after step 2 while rank 1
+        # went on to step 3's batch-size exchange
+        model = make_model()
+        try:
+            DataParallelZO(create("zo_sgd", list(model.parameters()), lr=1e-2, seed=7, backend="cpu"),
+                           check_every=2 if rank == 0 else 0)
+            res["J_check_every"] = None
+        except DistributedMismatchError as e:
+            res["J_check_every"] = str(e)
     except Exception:  # noqa: BLE001
         res["error"] = traceback.format_exc()
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -292,3 +301,13 @@ def test_without_a_batch_size_equal_shards_equal_single_process_on_concatenated_
         torch.testing.assert_close(p0[k], v, rtol=1e-5, atol=2e-5, msg=f"{k} differs from single process")
     torch.testing.assert_close(torch.tensor(res[0]["I_unweighted"]["losses"]), torch.tensor(losses),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_ranks_with_another_check_every_are_refused_at_construction(spawned):
+    """check_every decides when a rank all-gathers the checksums: rank 0 with check_every=2 and
+    rank 1 without paired rank 0's checksum exchange (64 bytes) with rank 1's next batch-size
+    exchange (8 bytes), and gloo aborted a rank. It is part of the setup every rank must share."""
+    res, _ = spawned
+    for r in range(WORLD):
+        assert res[r]["J_check_every"] is not None and "check_every: 2 vs 0" in res[r]["J_check_every"], r
+

@@ -441,9 +441,10 @@ class DataParallelZO:
 
     # ----- checks
     def verify_same_setup(self) -> None:
-        """All-gather a digest of :func:`describe_optimizer`; on mismatch gather the
+        """All-gather a digest of :func:`describe_optimizer` and ``check_every`` (it decides
+        after which steps a rank joins the checksum exchange); on mismatch gather the
         descriptions and raise naming the fields that differ (on every rank)."""
-        desc = describe_optimizer(self.optimizer)
+        desc = dict(describe_optimizer(self.optimizer), check_every=self.check_every)
         digests = self.comm.all_gather_bytes(_digest(desc), 32)
         if len(set(digests)) == 1:
             return
