@@ -25,6 +25,7 @@ WORLD = 2
 STEPS = 20
 SPLIT = (20, 28)          # unequal shards of the 48-sample batch: the mean must be weighted
 STEPS_I = 5               # scenario I: equal shards, no batch_size
+FO_STEPS_K = 2            # scenario K: hybrid FO steps with a closure that calls backward
 CASES = {
     "sgd": ("zo_sgd", dict(lr=4e-3, momentum=0.9, weight_decay=1e-3, zo_eps=1e-2, q=1)),
     "adam": ("zo_adam", dict(lr=5e-3, zo_eps=1e-2, q=2)),
@@ -154,6 +155,18 @@ def _worker(rank, world, init_file, out_dir):
         dp = DataParallelZO(build("sgd", model))
         losses = run_steps(dp, model, X[rank * half:(rank + 1) * half], Y[rank * half:(rank + 1) * half], STEPS_I)
         res["I_unweighted"] = {"params": {k: v.clone() for k, v in model.state_dict().items()}, "losses": losses}
+        # K. hybrid FO phase stepped with torch.optim's closure (zero_grad, forward, backward)
+        model = make_model()
+        dp = DataParallelZO(build("sgd_hybrid", model))
+
+        def fo_closure():
+            dp.zero_grad()
+            loss = F.mse_loss(model(Xr), Yr)
+            loss.backward()
+            return loss
+        for _ in range(FO_STEPS_K):
+            dp.step(fo_closure, batch_size=len(Xr))
+        res["K_fo_closure"] = {k: v.clone() for k, v in model.state_dict().items()}
         # J. check_every differs: rank 0 would all_gather checksums after step 2 while rank 1
         # went on to step 3's batch-size exchange
         model = make_model()
@@ -311,3 +324,21 @@ def test_ranks_with_another_check_every_are_refused_at_construction(spawned):
     for r in range(WORLD):
         assert res[r]["J_check_every"] is not None and "check_every: 2 vs 0" in res[r]["J_check_every"], r
 
+
+def test_hybrid_fo_phase_with_a_backward_closure_averages_the_gradients(spawned):
+    """DataParallelZO.step(closure) in a HybridFOZO's FO phase with torch.optim's closure (it
+    calls backward, as the hybrid accepts): the gradients were all-reduced before the closure
+    ran, so each rank stepped with its own shard's gradient and the ranks drifted apart. Now the
+    closure runs first, and the ranks take the single-process step on the concatenated batch."""
+    from zeroflow.optim import train_step
+
+    res, _ = spawned
+    X, Y = make_data(sum(SPLIT), 6)
+    model = make_model()
+    opt = build("sgd_hybrid", model)
+    for _ in range(FO_STEPS_K):
+        train_step(opt, lambda: F.mse_loss(model(X), Y))
+    p0, p1 = res[0]["K_fo_closure"], res[1]["K_fo_closure"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(p0[k], p1[k]), f"ranks differ in {k}"
+        torch.testing.assert_close(p0[k], v, rtol=1e-5, atol=1e-6, msg=f"{k} differs from single process")

@@ -369,9 +369,9 @@ class DataParallelZO:
     L(theta); 2q forward_grad); the combination is summed in rank order locally, so every
     rank gets bit-identical scalars whatever the collective's reduction order.
 
-    Hybrid FO phase: the gradients (``.grad``, set by the caller's backward) are all-reduced
-    (weighted the same way) before the FO step -- that phase costs a full gradient
-    all-reduce per step, as DDP does.
+    Hybrid FO phase: the gradients (``.grad``, set by the caller's backward, or by the
+    closure's: it runs first, as torch.optim runs it) are all-reduced (weighted the same way)
+    before the FO step -- that phase costs a full gradient all-reduce per step, as DDP does.
 
     ``check_every=k``: every k steps all-gather checksums of the parameters and of the
     optimizer state (32 bytes each) and raise
@@ -523,8 +523,14 @@ class DataParallelZO:
         if self.zeroth_order:
             loss = self.optimizer.step(closure)
         else:
+            # torch.optim's closure (it calls backward) runs here, once, as the FO optimizer would
+            # run it, so that the gradients it sets are the ones all-reduced
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
             self._allreduce_grads()
-            loss = self.optimizer.step(closure)
+            self.optimizer.step()
         self._dp_steps += 1
         if self.check_every and self._dp_steps % self.check_every == 0:
             self.check_params()
