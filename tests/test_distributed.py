@@ -176,6 +176,17 @@ def _worker(rank, world, init_file, out_dir):
             res["J_check_every"] = None
         except DistributedMismatchError as e:
             res["J_check_every"] = str(e)
+        # L. a Comm over a subgroup that does not hold global rank 0 (here rank 1 alone):
+        # broadcast_params copies the group's rank 0, which dist.broadcast names by its global rank
+        sub = dist.new_group([1])
+        if rank == 1:
+            model = make_model(seed=5)
+            try:
+                DataParallelZO(create("zo_sgd", list(model.parameters()), lr=1e-2, seed=7, backend="cpu"),
+                               group=sub, broadcast_params=True)
+                res["L_subgroup"] = torch.equal(model[0].weight, make_model(seed=5)[0].weight)
+            except Exception as e:  # noqa: BLE001
+                res["L_subgroup"] = f"{type(e).__name__}: {e}"
     except Exception:  # noqa: BLE001
         res["error"] = traceback.format_exc()
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -342,3 +353,11 @@ def test_hybrid_fo_phase_with_a_backward_closure_averages_the_gradients(spawned)
     for k, v in model.state_dict().items():
         assert torch.equal(p0[k], p1[k]), f"ranks differ in {k}"
         torch.testing.assert_close(p0[k], v, rtol=1e-5, atol=1e-6, msg=f"{k} differs from single process")
+
+
+def test_broadcast_params_over_a_subgroup_without_global_rank_0(spawned):
+    """DataParallelZO(group=g, broadcast_params=True) copies the weights of g's rank 0, but
+    torch.distributed.broadcast takes a global rank as src: with g = [1] it raised "Global rank 0
+    is not part of group" (with g = [2, 3] of four ranks, the same)."""
+    res, _ = spawned
+    assert res[1]["L_subgroup"] is True, res[1]["L_subgroup"]

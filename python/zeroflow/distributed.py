@@ -195,9 +195,11 @@ class Comm:
         return torch.stack(outs).to(t.device)
 
     def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """``t`` (in place) from the group's rank ``src``."""
         dev = t.device
         x = t.to(self.device)
-        dist.broadcast(x, src=src, group=self.group)
+        # dist.broadcast names src by its global rank
+        dist.broadcast(x, src=src if self.group is None else dist.get_global_rank(self.group, src), group=self.group)
         if x is not t:
             t.copy_(x.to(dev))
         self._count("broadcast", self._nbytes(t) if self.rank == src else 0, self._nbytes(t))
