@@ -368,8 +368,9 @@ class DataParallelZO:
     over ranks (on every rank or on none; a mix raises). Communication per step: one
     8-byte all_gather of the batch sizes + one all_gather of 8 bytes per consumed scalar
     (2q two_side, q+1 one_side; conserve +2 one_side, +3 two_side, which also evaluates
-    L(theta); 2q forward_grad); the combination is summed in rank order locally, so every
-    rank gets bit-identical scalars whatever the collective's reduction order.
+    L(theta)); forward_grad: one all_gather of its 2 scalars (loss, grad.v) per query. The
+    combination is summed in rank order locally, so every rank gets bit-identical scalars
+    whatever the collective's reduction order.
 
     Hybrid FO phase: the gradients (``.grad``, set by the caller's backward, or by the
     closure's: it runs first, as torch.optim runs it) are all-reduced (weighted the same way)

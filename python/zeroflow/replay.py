@@ -149,8 +149,9 @@ class TrajectoryRecorder:
 
         from zeroflow.distributed import group_options, param_layout, zo_options
 
-        flush_every = max(1, counter(flush_every, "flush_every"))     # int('x'): 'invalid literal'; checked
-        opt = _unwrap(optimizer)                                        # before the weights are hashed
+        # checked before the weights are hashed (int('x') said 'invalid literal', after that)
+        flush_every = max(1, counter(flush_every, "flush_every"))
+        opt = _unwrap(optimizer)
         if opt.estimator == "forward_grad":
             raise ValueError("estimator='forward_grad' is not supported by the trajectory log (replay would need the "
                              "model to run the jvps)")
