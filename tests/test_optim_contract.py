@@ -562,6 +562,52 @@ def test_a_hybrid_over_a_torch_optim_fo_optimizer_counts_and_resumes():
     assert hyb2.state_dict()["hybrid"]["steps"] == 4
 
 
+def test_a_hybrid_over_a_torch_optim_fo_optimizer_counts_the_fo_steps_taken():
+    # docs/algorithms.md §4: forward_passes = FO steps + ZO forwards, one forward counted per
+    # step of a torch.optim fo. In the FO phase that is the steps taken so far (not the
+    # scheduled switch), and start_zo() in the ZO phase (e.g. called at every task boundary)
+    # keeps the switch where it was: moving it to the steps taken counted ZO steps as FO ones
+    model = make_mlp(6, 4, 1)
+    ps = list(model.parameters())
+    hyb = HybridFOZO(torch.optim.SGD(ps, lr=0.1), ZOFusedSGD(ps, lr=0.01, seed=3), 2)
+    _run(model, hyb, 1)
+    assert hyb.forward_passes == 1
+    _run(model, hyb, 2)                 # the second FO step, one ZO step of q=1 (2 passes)
+    assert hyb.zeroth_order and hyb.forward_passes == 2 + 2
+    hyb.start_zo()
+    assert hyb.switch == 2 and hyb.forward_passes == 4
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda fo: fo.pop("state"), "'hybrid' 'fo' state is not an optimizer state_dict"),
+    (lambda fo: fo["param_groups"].append(dict(fo["param_groups"][0], params=[])),
+     "'hybrid' 'fo' state has 2 param groups, the SGD 1"),
+    (lambda fo: fo["state"].update({99: {"momentum_buffer": torch.zeros(1)}}),
+     "state holds parameter id\\(s\\) 99 that no param group lists"),
+    (lambda fo: fo["param_groups"][0]["params"].__setitem__(1, 0), "list parameter id 0 more than once")])
+def test_a_hybrid_refuses_a_bad_torch_optim_fo_state_before_anything_loads(edit, needle):
+    # HybridFOZO.load_state_dict checks both inner states before it loads anything (its
+    # docstring, docs/algorithms.md §7): a torch.optim fo's saved state is checked by the
+    # layout check zeroflow's own optimizers use. torch.optim's load took a state for an id no
+    # group lists (kept it as junk), and raised KeyError / its own ValueError only after the
+    # hybrid's groups, steps and switch were loaded
+    model = make_mlp(6, 4, 1)
+    ps = list(model.parameters())
+    hyb = HybridFOZO(torch.optim.SGD(ps, lr=0.1, momentum=0.9), ZOFusedSGD(ps, lr=0.01, seed=3), 3)
+    _run(model, hyb, 1)
+    bad = copy.deepcopy(hyb.state_dict())
+    edit(bad["hybrid"]["fo"])
+    _run(model, hyb, 1)
+    before = copy.deepcopy(hyb.state_dict())
+    with pytest.raises(ValueError, match=needle):
+        hyb.load_state_dict(bad)
+    after = hyb.state_dict()
+    assert after["hybrid"]["steps"] == 2 and after["param_groups"] == before["param_groups"]
+    assert sorted(after["hybrid"]["fo"]["state"]) == sorted(before["hybrid"]["fo"]["state"]) == [0, 1, 2, 3]
+    assert all(torch.equal(after["hybrid"]["fo"]["state"][i]["momentum_buffer"],
+                           before["hybrid"]["fo"]["state"][i]["momentum_buffer"]) for i in range(4))
+
+
 def test_a_copy_does_not_take_the_originals_hooks():
     model = make_mlp(6, 4, 1)
     opt = ZOFusedSGD(model.parameters(), lr=0.05)
