@@ -362,6 +362,24 @@ def test_start_zo_and_a_load_in_the_zo_phase_free_the_fo_state_too():
     assert resumed.zeroth_order and state_bytes(resumed.fo) == 0
 
 
+def test_a_zo_phase_checkpoint_that_still_holds_the_fo_state_loads_without_it(monkeypatch):
+    # §4: a load that lands in the ZO phase drops the loaded FO state. A checkpoint saved in the
+    # ZO phase before 435b561 (which kept Adam's m and v past the switch) carries it: resumed,
+    # the hybrid held the FO state beside ZO-Adam's for the rest of the run
+    model = Model()
+    old = create("zo_adam", list(model.parameters()), hybrid_switch=1, lr=1e-3, seed=11, backend="cpu")
+    with monkeypatch.context() as m:        # the switch as it was: only the .grad tensors freed
+        m.setattr(type(old), "_free_fo", lambda self: self.fo.zero_grad(set_to_none=True))
+        for _ in range(2):
+            train_step(old, model.loss)
+    saved = copy.deepcopy(old.state_dict())
+    assert old.zeroth_order and state_bytes(old.fo) == 2 * param_bytes(model)
+    resumed = create("zo_adam", list(Model().parameters()), hybrid_switch=1, lr=1e-3, seed=11, backend="cpu")
+    resumed.load_state_dict(saved)
+    assert resumed.zeroth_order and state_bytes(resumed.fo) == 0
+    assert state_bytes(resumed.zo) == 2 * param_bytes(model)
+
+
 @pytest.mark.parametrize("name,kw", [("fo_sgd", dict(momentum=0.9)), ("fo_adam", {})])
 def test_the_fo_baselines_allocate_their_gradients_and_torchs_temporaries(meter, name, kw):
     # §6 measured: train_step sets .grad to None, so every backward allocates the gradients (one
