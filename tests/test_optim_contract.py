@@ -4,7 +4,9 @@ changes, and an optimizer can be copied, pickled, resumed under a torch lr sched
 extended with add_param_group. Each case here once failed (a fresh-eyes audit, 2026-12-01)."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 import io
 import os
 import pickle
@@ -12,6 +14,7 @@ import signal
 import subprocess
 import sys
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -1249,6 +1252,30 @@ def test_forward_grad_takes_a_module_as_its_closure():
     assert len(held) == len(params) and all(a is b for a, b in zip(held, params))
     assert all(torch.equal(a, b) for a, b in zip(params, twin.parameters()))
     assert dict(opt._fg_wrapper.named_children()) == {"m": model}
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_forward_grad_keeps_no_reference_to_a_closure_after_its_step(fails):
+    # the jvp's wrapper holds the closure only while the step runs (set back to None in a
+    # finally): kept, it held whatever the closure captured (the last batch) until the next
+    # step, and a later pickle.dumps / torch.save of the optimizer (§7: it can be pickled)
+    # failed on a lambda closure, "Can't pickle <function <lambda>>"
+    model = make_mlp(6, 4, 1)
+    opt = ZOFusedSGD(model.parameters(), lr=0.05, seed=1, estimator="forward_grad", model=model)
+
+    def closure():
+        if fails:
+            raise KeyboardInterrupt
+        return loss_of(model)
+    ref = weakref.ref(closure)
+    with pytest.raises(KeyboardInterrupt) if fails else contextlib.nullcontext():
+        opt.step(closure)
+    del closure
+    gc.collect()
+    assert ref() is None, "the optimizer still holds the step's closure"
+    opt.step(lambda: loss_of(model))
+    model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    _run(model2, opt2, 1)
 
 
 @pytest.mark.parametrize("hybrid", [False, True])
