@@ -1513,6 +1513,24 @@ def test_float32_state_of_bf16_parameters_is_created_and_resumed_as_float32(name
         create(name, model.parameters(), lr=0.1, state_dtype="bf16")
 
 
+@pytest.mark.parametrize("name", ["zo_adam", "zo_sgd"])
+def test_a_half_precision_state_loads_cast_to_its_parameters_dtype(name):
+    # docs/algorithms.md §8: torch.optim's load casts every buffer to its parameter's dtype, and
+    # only a float32 buffer of a bf16 / fp16 parameter is kept as saved. A state of fp16
+    # parameters loaded into a bf16 model is cast to bf16; kept as fp16 (as a float32 buffer
+    # is), the next step failed: "exp_avgs[0] has dtype Half but params[0] is BFloat16"
+    kw = dict(momentum=0.9) if name == "zo_sgd" else {}
+    fp16 = make_mlp(6, 4, 1).to(torch.float16)
+    opt = create(name, fp16.parameters(), lr=1e-2, seed=5, **kw)
+    opt.step(lambda: F.mse_loss(fp16(X.half()).float(), Y))
+    bf16 = make_mlp(6, 4, 1).to(torch.bfloat16)
+    opt2 = create(name, bf16.parameters(), lr=1e-2, seed=5, **kw)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    held = [t for st in opt2.state.values() for t in st.values() if isinstance(t, torch.Tensor) and t.dim()]
+    assert held and all(t.dtype == torch.bfloat16 for t in held)
+    opt2.step(lambda: F.mse_loss(bf16(X.bfloat16()).float(), Y))
+
+
 def test_an_optimizer_pickled_before_an_option_existed_still_steps():
     model = make_mlp(6, 4, 1)
     opt = ZOFusedAdam(model.parameters(), lr=1e-2, seed=3)
