@@ -6,6 +6,7 @@ draws silently (metrics.json: task 1 of one version, tasks 2-5 of the other), a 
 older finished runs beside new seeds, and the report averaged them into one row."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -126,10 +127,42 @@ def test_a_sweep_does_not_reuse_a_finished_run_of_another_version(tmp_path):
         assert mode == "finished" and m["avg"] == 80.0 and len(said) == words
     assert said[0].startswith(f"reusing the finished run in {tmp_path / 'unrecorded'}, whose metrics.json records no "
                               f"results version")
-    (tmp_path / "now" / "metrics.json").write_text(
-        (tmp_path / "now" / "metrics.json").read_text().replace('"results_version": 2', '"results_version": true'))
-    with pytest.raises(ZeroflowError, match=r"corrupt \(results_version True is not a version number\)"):
-        load_metrics(str(tmp_path / "now" / "metrics.json"))
+    m = json.loads((tmp_path / "now" / "metrics.json").read_text())
+    for bad in (True, 0, -1, 1.5, "2"):         # versions count from 1
+        (tmp_path / "now" / "metrics.json").write_text(json.dumps(dict(m, results_version=bad)))
+        with pytest.raises(ZeroflowError, match=rf"corrupt \(results_version {re.escape(repr(bad))} is not a version "
+                                                r"number\)"):
+            load_metrics(str(tmp_path / "now" / "metrics.json"))
+
+
+def test_a_sweep_does_not_reuse_a_finished_run_of_a_newer_version(tmp_path):
+    """A newer zeroflow's run (a results version above this one's) is not this version's
+    either: a sweep reusing it put numbers this zeroflow does not compute beside its own."""
+    folder = tmp_path / "newer"
+    cfg = _finished(folder, version=RESULTS_VERSION + 1)
+    state, why = conflict(str(folder), cfg)
+    assert state.kind == "finished" and why.startswith(
+        f"{folder} holds a finished run of this configuration computed by results version {RESULTS_VERSION + 1} "
+        f"(a zeroflow newer than this one)")
+    with pytest.raises(ZeroflowError, match=r"a zeroflow newer than this one\).*; move it away, or add --force"):
+        decide(str(folder), cfg, resume=False, force=False, continue_existing=True, log=lambda *a: None,
+               warn=lambda *a: None)
+
+
+def test_a_finished_run_of_another_version_and_another_configuration_is_refused_for_its_configuration(tmp_path):
+    """decide(): the configuration is compared first (runner.decide, docs/continual.md: a folder
+    of another configuration is refused naming the differing options); the version matters only
+    for a run of this configuration. An older run of other options was refused for its version
+    alone, and the sweep's message hid which options differed."""
+    folder = tmp_path / "old"
+    cfg = _finished(folder, class_names=False)              # version 1
+    asked = dict(cfg, epochs=cfg["epochs"] + 1)
+    with pytest.raises(ZeroflowError) as e:
+        decide(str(folder), asked, resume=False, force=False, continue_existing=True, log=lambda *a: None,
+               warn=lambda *a: None)
+    assert str(e.value).startswith(f"{folder} already holds a finished run with another configuration (epochs: "
+                                   f"{cfg['epochs']} there, {cfg['epochs'] + 1} requested)"), str(e.value)
+    assert "results version" not in str(e.value)
 
 
 def test_the_report_never_averages_runs_of_two_versions(tmp_path):
