@@ -398,6 +398,24 @@ def test_a_device_given_with_resume_is_where_the_run_goes_on(tmp_path):
     assert resumed_config(str(out), {}, warned.append)[1] == {"device": "auto", "data_root": "data", "checkpoint": None}
 
 
+def test_download_given_with_resume_is_taken_as_num_workers_is(tmp_path):
+    """docs/continual.md (--resume): how the data is loaded may change with a resume,
+    --num-workers and --download (runfolder.OPERATIONAL_KEYS). A run resumed with --download
+    on a machine without its data fetches it (load_run_data reads the run's ``where``), with
+    no warning, and config.json keeps the run's own value. Only --num-workers was checked: a
+    resume that took it alone dropped --download without a word."""
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.runner import atomic_write_json, resumed_config
+    cfg = resolve(dict(FAST, download=False))
+    out = tmp_path / "r"
+    out.mkdir()
+    atomic_write_json(str(out / "config.json"), cfg)
+    warned = []
+    got, where = resumed_config(str(out), {"download": True, "num_workers": 2}, warned.append)
+    assert where["download"] is True and where["num_workers"] == 2 and not warned
+    assert got["download"] is False and got["num_workers"] == cfg["num_workers"]
+
+
 def test_num_workers_given_with_resume_loads_the_rest_of_the_run(tmp_path, monkeypatch):
     """num_workers is operational (runfolder.OPERATIONAL_KEYS: it changes no result), so a
     resumed run takes --num-workers from the command line, as it does --device: the loaders
