@@ -162,6 +162,71 @@ def test_reweighting_divides_alpha_by_t_past_the_second_task():
         assert logits[0, c].item() == pytest.approx(exp, abs=1e-6), c
 
 
+def _pilot_fc(real, sizes, ptm, recalc, D):
+    """PILOT's EASE bookkeeping, written from the reference facts (continual-reference.md; PILOT
+    ``models/ease.py`` ``replace_fc`` / ``solve_sim_reset`` / ``solve_similarity``): one fc matrix
+    [classes, subspaces * D] per stage, class rows by [init_cls, inc, ...] ranges, subspace
+    columns [PTM?, adapter 0..t]; a new stage copies the old matrix, writes the new classes' real
+    prototypes in every subspace, then complements the old classes."""
+    starts = np.cumsum([0] + sizes).tolist()
+    W = None
+    for t in range(len(sizes)):
+        n = t + 1 + ptm
+        fc = torch.zeros(starts[t + 1], n * D)
+        if W is not None:
+            fc[:W.shape[0], :-D] = W
+        for c in range(starts[t], starts[t + 1]):
+            fc[c] = torch.cat([real[c][j] for j in range(n)])
+        for i in range(t):
+            old = slice(starts[i], starts[i + 1])
+            col_i = slice((i + ptm) * D, (i + ptm + 1) * D)
+            for d in (range(i + 1, t + 1) if recalc else [t]):
+                ref = slice(starts[d] if recalc else starts[t], starts[t + 1])
+                col_d = slice((d + ptm) * D, (d + ptm + 1) * D)
+                S = torch.softmax(F.normalize(fc[old, col_i], dim=1) @ F.normalize(fc[ref, col_i], dim=1).T, 1)
+                fc[old, col_d] = S @ fc[ref, col_d]
+        W = fc
+    return W
+
+
+@pytest.mark.parametrize("ptm", [False, True])
+@pytest.mark.parametrize("recalc", [True, False])
+def test_complement_and_reweighting_equal_pilots_fc_matrix_on_a_b_n_split(ptm, recalc):
+    """The prototypes (real + semantic-guided complement) and the reweighted logits of a B3-Inc2
+    run equal PILOT's fc matrix and ``forward_reweight`` (logit of class c of task i = beta * cos
+    in the PTM block + cos in block i + alpha / t * cos in every other block), with and without
+    the PTM subspace and recalc_sim: task i's rows are found by the task, not by init_cls / inc."""
+    from zeroflow.continual.ease import EASE
+    torch.manual_seed(3)
+    D, sizes, alpha, beta = 5, [3, 2, 2, 2], 0.3, 0.7
+    T, C = len(sizes), sum(sizes)
+    real = torch.randn(C, T + ptm, D)        # real prototype of every class in every subspace
+    e = EASE(_Net(0), {"ease_alpha": alpha, "ease_beta": beta, "ease_use_init_ptm": ptm,
+                       "ease_recalc_sim": recalc}, torch.device("cpu"))
+    starts = np.cumsum([0] + sizes).tolist()
+    for t in range(T):                       # what learn_task does after training task t
+        e.net.adapters.append(None)
+        classes = list(range(starts[t], starts[t + 1]))
+        new = real[classes, :t + 1 + ptm]
+        if e.protos is not None:
+            e.protos = torch.cat([torch.cat([e.protos, torch.zeros(len(e.protos), 1, D)], 1), new])
+        else:
+            e.protos = new.clone()
+        e.task_of_class += [t] * len(classes)
+        e.task_classes.append(classes)
+        e._complement(t)
+    W = _pilot_fc(real, sizes, ptm, recalc, D)
+    assert torch.allclose(e.protos.flatten(1), W)
+    x = torch.randn(6, T + ptm, D)
+    want = torch.zeros(6, C)
+    for c in range(C):
+        i = e.task_of_class[c]
+        for j in range(T + ptm):
+            w = beta if (ptm and j == 0) else 1.0 if j == i + ptm else alpha / (T - 1)
+            want[:, c] += w * F.cosine_similarity(x[:, j], W[c, j * D:(j + 1) * D].expand(6, D), dim=1)
+    assert torch.allclose(e.logits(x), want, atol=1e-6)
+
+
 def test_later_lr_and_epochs_reach_the_training_of_the_later_tasks(monkeypatch):
     """task_cfg is what the later tasks train with: learn_task must hand it to train_subspace
     (handing it the run's cfg trained every task with --lr / --epochs, and --ease-later-lr /
