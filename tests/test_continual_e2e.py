@@ -380,6 +380,43 @@ def test_peak_memory_is_the_maximum_over_the_tasks_and_survives_a_resume(tmp_pat
     assert results.completed == 3 and results.peak == 300
 
 
+def test_a_resume_refuses_a_checkpoint_of_another_configuration_than_config_json(tmp_path):
+    """docs/continual.md --resume: "The run keeps its configuration". A config.json edited by
+    hand (or a checkpoint.pt copied from another run) went on under another configuration than
+    the finished tasks' (another split: an IndexError mid-run; another lr or epochs: silently,
+    with metrics.json naming config.json's for every task). Guards: the checkpoint records the
+    configuration and a resume under another is refused, naming the options; where the data,
+    device and weights are and the operational options may differ; a checkpoint that records
+    none (older zeroflow) is refused when its number of tasks is not the configuration's."""
+    import pytest
+
+    from zeroflow.continual import metrics as M
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.errors import ZeroflowError
+    from zeroflow.continual.learners import Counters
+    from zeroflow.continual.runner import _restore_results, _Results
+    cfg = resolve(dict(FAST))
+    started = _Results(matrix=M.empty_matrix(3), counters=Counters(), config=cfg)
+    _train_tasks_with_fakes(tmp_path, stop_after=1, results=started)
+
+    def resume(config, n_tasks=3):
+        return _restore_results(str(tmp_path), _FakeLearner(), resume=True, n_tasks=n_tasks, log=lambda *a: None,
+                                identity=None, config=config)
+
+    assert resume(dict(cfg)).completed == 1
+    assert resume(dict(cfg, device="cuda:1", data_root="/moved", num_workers=3)).completed == 1
+    with pytest.raises(ZeroflowError, match=r"config\.json is not the configuration .*"
+                                            r"epochs: 2 in checkpoint\.pt, 7 in config\.json"):
+        resume(dict(cfg, epochs=7))
+    ck_path = tmp_path / "checkpoint.pt"
+    ck = torch.load(ck_path, weights_only=True)
+    del ck["config"]                   # as a zeroflow that did not record it wrote it
+    torch.save(ck, ck_path)
+    assert resume(dict(cfg, epochs=7)).completed == 1      # nothing to compare: as before
+    with pytest.raises(ZeroflowError, match="holds a run of 3 tasks, and the configuration in its config.json makes 4"):
+        resume(dict(cfg, init_cls=1), n_tasks=4)
+
+
 def test_a_device_given_with_resume_is_where_the_run_goes_on(tmp_path):
     """docs/continual.md: with --resume only where the run finds its device, data and weights (and
     how it loads its data) may change, and --device is where this process runs; the

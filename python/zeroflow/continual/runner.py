@@ -37,9 +37,9 @@ from .defaults import COMMON, flag, lr_entry, validate
 from .errors import WriteFailed, ZeroflowError
 from .precision import check_run_precision
 from .runfolder import (CHECKPOINT, CONFIG, METRICS, OPERATIONAL_KEYS, RESULTS_VERSION, TRAJECTORY, UNRECORDED,
-                        RunFolder, canonical, config_differences, describe_results_version, inside_refusal, inspect,
-                        other_results_version, parent_refusal, read_run_config, remove_run_files, results_version,
-                        run_above, writing)
+                        RunFolder, canonical, comparable, config_differences, describe_results_version, inside_refusal,
+                        inspect, other_results_version, parent_refusal, read_run_config, remove_run_files,
+                        results_version, run_above, writing)
 
 if TYPE_CHECKING:
     from .learners import Counters
@@ -510,7 +510,7 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
         T = len(data.tasks)
         # before anything is written: a resumed run whose data or weights changed is refused
         results = _restore_results(run_dir, learner, resume=mode == "resume", n_tasks=T, log=log, warn=warn,
-                                   identity=run_identity(data, where), in_sweep=continue_existing)
+                                   identity=run_identity(data, where), in_sweep=continue_existing, config=cfg)
         if main:
             if mode == "fresh":
                 atomic_write_json(os.path.join(run_dir, CONFIG), cfg)
@@ -743,32 +743,63 @@ class _Results:
     # the zeroflow results version of the finished tasks (runfolder.RESULTS_VERSION); None: a
     # run resumed from a checkpoint that recorded none (runfolder.UNRECORDED)
     results_version: Optional[int] = RESULTS_VERSION
+    config: Optional[Dict] = None                  # the configuration the finished tasks were trained with
 
     def checkpoint(self, learner, completed: int) -> Dict:
         return {"version": CKPT_VERSION, "completed": completed, "learner": learner.state_dict(),
                 "matrix": self.matrix, "curve": self.curve, "task_stats": self.task_stats,
                 "counters": self.counters.as_dict(), "peak_memory_bytes": self.peak, "identity": self.identity,
-                "results_version": self.results_version}
+                "results_version": self.results_version, "config": self.config}
+
+
+def check_checkpoint_config(run_dir: str, ck: Dict, config: Optional[Dict], n_tasks: int) -> None:
+    """Refuses to resume ``run_dir`` when its ``config.json`` (``config``) is not the
+    configuration its checkpoint's finished tasks were trained with (config.json edited by hand,
+    or a checkpoint.pt copied from another run): the run would go on under another configuration
+    (another split: an IndexError mid-run) while metrics.json named config.json's for every task.
+    Where their device, data and weights are (``LOCATIONS``) and the operational options may
+    differ. A checkpoint that records no configuration (written before it did) is checked for
+    its number of tasks only."""
+    path = os.path.join(run_dir, CHECKPOINT)
+    saved = ck.get("config")
+    if isinstance(saved, dict) and config is not None:
+        was, now = comparable(saved), comparable(config)
+        diffs = [f"{k}: {was.get(k)!r} in {CHECKPOINT}, {now.get(k)!r} in {CONFIG}" for k in sorted(set(was) | set(now))
+                 if k not in LOCATIONS + OPERATIONAL_KEYS and was.get(k) != now.get(k)]
+        if diffs:
+            raise ZeroflowError(f"cannot resume {run_dir}: its {CONFIG} is not the configuration its finished tasks "
+                                f"were trained with ({'; '.join(diffs)}); restore {CONFIG}, or start a new run "
+                                f"(another --out, or --force)")
+    matrix = ck.get("matrix")
+    if not isinstance(matrix, list) or len(matrix) != n_tasks or not 0 <= int(ck["completed"]) <= n_tasks:
+        raise ZeroflowError(f"cannot resume {run_dir}: {path} holds a run of "
+                            f"{len(matrix) if isinstance(matrix, list) else '?'} tasks, and the configuration in its "
+                            f"{CONFIG} makes {n_tasks}: its {CONFIG} is not the one its finished tasks were trained "
+                            f"with; restore {CONFIG}, or start a new run (another --out, or --force)")
 
 
 def _restore_results(run_dir: str, learner, *, resume: bool, n_tasks: int, log, identity: Dict, warn=None,
-                     in_sweep: bool = False) -> _Results:
+                     in_sweep: bool = False, config: Optional[Dict] = None) -> _Results:
     """A resumed run's results (and learner state) from its checkpoint, else empty ones; a
-    checkpoint of other data or another weights file is refused (:func:`check_identity`)."""
+    checkpoint of other data or another weights file is refused (:func:`check_identity`), and
+    so is one of another configuration than ``config`` (:func:`check_checkpoint_config`)."""
     from .learners import Counters
 
     ck_path = os.path.join(run_dir, CHECKPOINT)
+    config = canonical(config) if config is not None else None
     if resume and os.path.isfile(ck_path):
         ck = load_checkpoint(ck_path)
         version = check_results_version(run_dir, ck, in_sweep=in_sweep, warn=warn)
         check_identity(run_dir, ck.get("identity"), identity, in_sweep=in_sweep, warn=warn)
+        check_checkpoint_config(run_dir, ck, config, n_tasks)
         learner.load_state_dict(ck["learner"])
         results = _Results(matrix=ck["matrix"], counters=Counters(**ck["counters"]), curve=ck["curve"],
                            task_stats=ck["task_stats"], completed=int(ck["completed"]),
-                           peak=int(ck["peak_memory_bytes"]), identity=identity, results_version=version)
+                           peak=int(ck["peak_memory_bytes"]), identity=identity, results_version=version,
+                           config=config)
         log(f"resuming {run_dir} after task {results.completed}/{n_tasks}")
         return results
-    return _Results(matrix=M.empty_matrix(n_tasks), counters=Counters(), identity=identity)
+    return _Results(matrix=M.empty_matrix(n_tasks), counters=Counters(), identity=identity, config=config)
 
 
 def _train_tasks(learner, data, cfg: Dict, results: _Results, *, device, mem, timer, run_dir: str,
