@@ -262,6 +262,23 @@ def test_run_refuses_a_finished_run_and_force_replaces_it(env, tmp_path, capsys)
     assert metrics(out)["config"]["seed"] == 7 and not list(out.glob(".tmp-*"))
 
 
+def test_resume_of_a_finished_run_that_was_moved_names_the_folder_where_it_is(tmp_path, capsys):
+    """zeroflow run --resume --out DIR on a finished run prints its table and "run folder: DIR".
+    It printed the run_dir recorded in metrics.json, the folder the run was written in, so a
+    run moved (or given by a relative path from another directory) was named where it is not."""
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.runner import atomic_write_json
+    out = tmp_path / "moved"
+    out.mkdir()
+    cfg = resolve({"epochs": 1})
+    atomic_write_json(str(out / "config.json"), cfg)
+    atomic_write_json(str(out / "metrics.json"), {
+        "config": cfg, "avg": 90.0, "last": 80.0, "fgt": 5.0, "forward_passes": 10, "peak_memory_bytes": 2 ** 20,
+        "peak_memory_kind": "cpu_peak_rss", "seconds": 1.0, "results_version": 2, "run_dir": "/elsewhere/run"})
+    rc, stdout, _ = zf(capsys, "run", "--resume", "--out", out, "--no-progress")
+    assert rc == 0 and f"run folder: {out}\n" in stdout and "/elsewhere" not in stdout
+
+
 @pytest.mark.parametrize("damage", ['{"avg": 1,', "{}", "[1, 2]"])
 def test_a_corrupt_metrics_json_is_named_and_can_be_rewritten(env, tmp_path, capsys, damage):
     out = tmp_path / "run"

@@ -500,8 +500,8 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
     written = False     # config.json exists: from here on the folder is a resumable run
     results, T = None, None
     try:
-        if mode == "finished":
-            return finished if main else {"rank": rank, "world_size": world, "run_dir": run_dir}
+        if mode == "finished":      # where the run is now (it may have been moved since it was written)
+            return dict(finished, run_dir=run_dir) if main else {"rank": rank, "world_size": world, "run_dir": run_dir}
         written = mode == "resume"
         net = _shared_network(where, data, device, os.path.join(run_dir, BACKBONE), world, main, progress)
         learner = make_learner(where, net, device)
