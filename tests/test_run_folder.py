@@ -279,6 +279,22 @@ def test_resume_of_a_finished_run_that_was_moved_names_the_folder_where_it_is(tm
     assert rc == 0 and f"run folder: {out}\n" in stdout and "/elsewhere" not in stdout
 
 
+def test_a_fresh_run_neither_loads_nor_keeps_a_backbone_pt_another_run_left(env, tmp_path, capsys):
+    """Only a resumed run's backbone.pt is its own. A fresh run loaded any backbone.pt it found
+    in --out (left by a --force cut short, or by a run whose other files were deleted by hand:
+    the folder then holds no run) and kept it, so it ran on another run's pretrained small ViT
+    (another seed's, or a broken one) instead of pretraining its own."""
+    from zeroflow.continual.backbones import build_small_vit
+    out = tmp_path / "run"
+    out.mkdir()
+    planted = {k: torch.zeros_like(v) for k, v in build_small_vit(1, 8, None).state_dict().items()}
+    torch.save(planted, out / "backbone.pt")
+    rc, _, _ = zf(capsys, "run", "--config", env["fast"], "--out", out, "--stop-after", 1, "--no-progress")
+    assert rc == 0
+    written = torch.load(out / "backbone.pt", weights_only=True)
+    assert any(v.abs().sum() > 0 for v in written.values())
+
+
 @pytest.mark.parametrize("damage", ['{"avg": 1,', "{}", "[1, 2]"])
 def test_a_corrupt_metrics_json_is_named_and_can_be_rewritten(env, tmp_path, capsys, damage):
     out = tmp_path / "run"

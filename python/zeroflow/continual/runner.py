@@ -503,7 +503,9 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
         if mode == "finished":      # where the run is now (it may have been moved since it was written)
             return dict(finished, run_dir=run_dir) if main else {"rank": rank, "world_size": world, "run_dir": run_dir}
         written = mode == "resume"
-        net = _shared_network(where, data, device, os.path.join(run_dir, BACKBONE), world, main, progress)
+        # only a resumed run's backbone.pt is its own: one in a fresh run's folder was left by another run
+        net = _shared_network(where, data, device, os.path.join(run_dir, BACKBONE) if written else None, world, main,
+                              progress)
         learner = make_learner(where, net, device)
         if main and hasattr(learner, "describe"):
             log(learner.describe())
@@ -515,7 +517,7 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
             if mode == "fresh":
                 atomic_write_json(os.path.join(run_dir, CONFIG), cfg)
                 written = True
-            _write_setup_files(run_dir, cfg, net, device, world)
+            _write_setup_files(run_dir, cfg, net, device, world, fresh=mode == "fresh")
         setup_seconds = time.perf_counter() - t_start
 
         mem = M.MemoryMeter(device)
@@ -719,10 +721,11 @@ def _shared_network(cfg: Dict, data, device: torch.device, backbone_path: str, w
     return net
 
 
-def _write_setup_files(run_dir: str, cfg: Dict, net, device: torch.device, world: int) -> None:
-    """``backbone.pt`` (small backbone, once: a resumed run loads it) and ``environment.json``."""
+def _write_setup_files(run_dir: str, cfg: Dict, net, device: torch.device, world: int, fresh: bool = True) -> None:
+    """``backbone.pt`` (small backbone: by a fresh run, over any left by another run; by a
+    resumed run only where it is missing, else it loaded it) and ``environment.json``."""
     backbone_path = os.path.join(run_dir, BACKBONE)
-    if cfg["backbone"] == "small" and not os.path.isfile(backbone_path):
+    if cfg["backbone"] == "small" and (fresh or not os.path.isfile(backbone_path)):
         save_torch(net.vit.state_dict(), backbone_path)
     env = environment(device, cfg.get("backend"))
     if world > 1:
