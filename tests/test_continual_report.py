@@ -238,3 +238,26 @@ def test_the_gains_table_is_kept_when_only_some_runs_have_a_baseline():
     assert "### What training added" in text, text
     gains = text.split("### What training added")[1].split("###")[0]
     assert "| EASE | zo_sgd | +2.00 | -1.00 | - | - |" in gains
+
+
+def test_a_null_or_half_baseline_gain_is_no_traceback(tmp_path):
+    """load_metrics accepts avg_gain / last_gain null (a run without a baseline), and the report
+    counted a run as having gains when the key was there at all: a null crashed it with a
+    TypeError, and an avg_gain without last_gain with a KeyError. Guards: null gains are no
+    gains ("-"), and one gain without the other is a damaged metrics.json, skipped with its reason."""
+    def rewrite(folder, **keys):
+        path = os.path.join(folder, "metrics.json")
+        with open(path) as f:
+            m = json.load(f)
+        with open(path, "w") as f:
+            json.dump(dict(m, **keys), f)
+
+    a = write_run(tmp_path / "a", 80.0)
+    rewrite(a, avg_gain=None, last_gain=None)
+    text = render([a])
+    assert "### What training added" not in text and "| EASE | zo_adam | 80.00 | 70.00 | 5.00 |" in text
+    b = write_run(tmp_path / "b", 70.0, seed=2)
+    rewrite(b, avg_gain=1.0)
+    runs, skipped = find_runs([str(tmp_path)])
+    assert [r["_dir"] for r in runs] == [a]
+    assert skipped == [f"{os.path.join(b, 'metrics.json')}: corrupt (avg_gain without last_gain)"]

@@ -283,12 +283,12 @@ def render_runs(runs: List[Dict], skipped: List[str]) -> Tuple[str, List[str]]:
                 _stat([m["forward_passes"] for m in r.runs], ".0f")]
 
     def gains(r: Row):
-        if not all("avg_gain" in m for m in r.runs):
+        if not all(m.get("avg_gain") is not None for m in r.runs):
             return ["-", "-"]
         return [_stat([m[k] for m in r.runs], ".2f", signed=True) for k in ("avg_gain", "last_gain")]
 
     out = table("### Accuracy (Table 1 style): Avg / Last / Fgt (%)", ("Avg", "Last", "Fgt"), accuracy)
-    if any("avg_gain" in m for m in runs):
+    if any(m.get("avg_gain") is not None for m in runs):
         out += [""] + table("### What training added: Avg / Last minus those of untrained adapters (percentage "
                             "points; `--baseline untrained`)", ("Avg gain", "Last gain"), gains)
     out += [""] + table("### Efficiency (Table 2 style): peak memory of training (GB) / seconds per iteration / "

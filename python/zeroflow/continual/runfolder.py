@@ -219,6 +219,9 @@ def load_metrics(path: str) -> Dict:
             if m.get(k) is not None and not _number(m[k])]
     if bad:
         raise ZeroflowError(f"{path}: corrupt (not a finite number: {', '.join(bad)})")
+    gains = [k for k in ("avg_gain", "last_gain") if m.get(k) is not None]     # the baseline's: both or neither
+    if len(gains) == 1:
+        raise ZeroflowError(f"{path}: corrupt ({gains[0]} without {({'avg_gain', 'last_gain'} - set(gains)).pop()})")
     results_version(m, path)        # a recorded one is a version number
     return m
 
