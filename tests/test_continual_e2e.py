@@ -408,6 +408,9 @@ def test_a_resume_refuses_a_checkpoint_of_another_configuration_than_config_json
     with pytest.raises(ZeroflowError, match=r"config\.json is not the configuration .*"
                                             r"epochs: 2 in checkpoint\.pt, 7 in config\.json"):
         resume(dict(cfg, epochs=7))
+    with pytest.raises(ZeroflowError, match="or move .* away to run it again$"):    # a sweep's --force resumes
+        _restore_results(str(tmp_path), _FakeLearner(), resume=True, n_tasks=3, log=lambda *a: None, identity=None,
+                         config=dict(cfg, epochs=7), in_sweep=True)
     ck_path = tmp_path / "checkpoint.pt"
     ck = torch.load(ck_path, weights_only=True)
     del ck["config"]                   # as a zeroflow that did not record it wrote it

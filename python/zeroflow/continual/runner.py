@@ -755,15 +755,18 @@ class _Results:
                 "results_version": self.results_version, "config": self.config}
 
 
-def check_checkpoint_config(run_dir: str, ck: Dict, config: Optional[Dict], n_tasks: int) -> None:
+def check_checkpoint_config(run_dir: str, ck: Dict, config: Optional[Dict], n_tasks: int, *,
+                            in_sweep: bool = False) -> None:
     """Refuses to resume ``run_dir`` when its ``config.json`` (``config``) is not the
     configuration its checkpoint's finished tasks were trained with (config.json edited by hand,
     or a checkpoint.pt copied from another run): the run would go on under another configuration
     (another split: an IndexError mid-run) while metrics.json named config.json's for every task.
     Where their device, data and weights are (``LOCATIONS``) and the operational options may
     differ. A checkpoint that records no configuration (written before it did) is checked for
-    its number of tasks only."""
+    its number of tasks only. ``in_sweep``: the advice of a sweep, where --force resumes."""
     path = os.path.join(run_dir, CHECKPOINT)
+    fresh = (f"move {run_dir} away to run it again" if in_sweep else
+             "start a new run (another --out, or --force)")
     saved = ck.get("config")
     if isinstance(saved, dict) and config is not None:
         was, now = comparable(saved), comparable(config)
@@ -771,14 +774,13 @@ def check_checkpoint_config(run_dir: str, ck: Dict, config: Optional[Dict], n_ta
                  if k not in LOCATIONS + OPERATIONAL_KEYS and was.get(k) != now.get(k)]
         if diffs:
             raise ZeroflowError(f"cannot resume {run_dir}: its {CONFIG} is not the configuration its finished tasks "
-                                f"were trained with ({'; '.join(diffs)}); restore {CONFIG}, or start a new run "
-                                f"(another --out, or --force)")
+                                f"were trained with ({'; '.join(diffs)}); restore {CONFIG}, or {fresh}")
     matrix = ck.get("matrix")
     if not isinstance(matrix, list) or len(matrix) != n_tasks or not 0 <= int(ck["completed"]) <= n_tasks:
         raise ZeroflowError(f"cannot resume {run_dir}: {path} holds a run of "
                             f"{len(matrix) if isinstance(matrix, list) else '?'} tasks, and the configuration in its "
                             f"{CONFIG} makes {n_tasks}: its {CONFIG} is not the one its finished tasks were trained "
-                            f"with; restore {CONFIG}, or start a new run (another --out, or --force)")
+                            f"with; restore {CONFIG}, or {fresh}")
 
 
 def _restore_results(run_dir: str, learner, *, resume: bool, n_tasks: int, log, identity: Dict, warn=None,
@@ -794,7 +796,7 @@ def _restore_results(run_dir: str, learner, *, resume: bool, n_tasks: int, log, 
         ck = load_checkpoint(ck_path)
         version = check_results_version(run_dir, ck, in_sweep=in_sweep, warn=warn)
         check_identity(run_dir, ck.get("identity"), identity, in_sweep=in_sweep, warn=warn)
-        check_checkpoint_config(run_dir, ck, config, n_tasks)
+        check_checkpoint_config(run_dir, ck, config, n_tasks, in_sweep=in_sweep)
         learner.load_state_dict(ck["learner"])
         results = _Results(matrix=ck["matrix"], counters=Counters(**ck["counters"]), curve=ck["curve"],
                            task_stats=ck["task_stats"], completed=int(ck["completed"]),
