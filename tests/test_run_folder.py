@@ -154,6 +154,32 @@ def test_a_claim_that_fails_after_taking_the_lock_gives_it_back(tmp_path):
     assert not (out / ".lock").exists()
 
 
+def test_a_default_folder_whose_claim_fails_is_removed(tmp_path, monkeypatch):
+    """zeroflow run without --out makes runs/<time>_..., then claims it. A claim that failed (a
+    filesystem without flock: ENOLCK) left that folder behind, one more per try, with the .lock
+    file and its fd left open, though a run that cannot start leaves no folder (docs/continual.md);
+    so did --out NEW."""
+    import errno
+    import fcntl
+
+    from zeroflow.continual.errors import WriteFailed
+    from zeroflow.continual.runfolder import RunFolder
+    from zeroflow.continual.runner import claim_default_folder
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    fds = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(WriteFailed, match="No locks available"):
+        claim_default_folder({"method": "ease", "optimizer": "zo_adam", "dataset": "digits"}, lambda m: None)
+    assert os.listdir(tmp_path / "runs") == []
+    with pytest.raises(WriteFailed, match="No locks available"):       # --out NEW: the same
+        RunFolder(str(tmp_path / "new")).claim(lambda m: None)
+    assert not (tmp_path / "new").exists()
+    assert set(os.listdir("/proc/self/fd")) <= fds          # the lock file's fd is closed
+
+
 # ---------------------------------------------------------------- a run that cannot start writes nothing
 BAD = [
     (["--lr", "-1"], "--lr must be >= 0 (got -1)"),

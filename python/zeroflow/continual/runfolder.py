@@ -125,6 +125,12 @@ class RunFolder:
                 os.close(fd)
                 raise ZeroflowError(f"run folder {self.path} is in use by {holder} (lock file {self.lock_path}); "
                                     f"wait until it has finished, or choose another --out") from None
+            except BaseException:       # no flock here (ENOLCK): nobody holds it; leave no fd, and no file in
+                os.close(fd)            # a folder this claim made (release removes that folder)
+                if self.created:
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.lock_path)
+                raise
             # the previous holder unlinks the file before unlocking it: if we locked a file
             # that is no longer at lock_path, someone may hold a newer one there; try again
             try:

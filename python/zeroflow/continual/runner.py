@@ -206,9 +206,8 @@ def claim_default_folder(cfg: Dict, warn) -> RunFolder:
             k += 1
             continue
         folder = RunFolder(path)
-        folder.claim(warn)
-        folder.created = True
-        return folder
+        folder.created = True       # made here: removed again if the claim fails
+        return folder.claim(warn)
 
 
 def load_checkpoint(path: str) -> Dict:
