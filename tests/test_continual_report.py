@@ -111,6 +111,26 @@ def test_a_run_in_progress_is_named_as_such(tmp_path):
         folder.release()
 
 
+def test_an_unfinished_run_on_a_filesystem_without_flock_is_skipped_not_a_traceback(tmp_path, monkeypatch):
+    """zeroflow report asks an unfinished run's .lock whether a process holds it; where the
+    filesystem has no flock (ENOLCK, e.g. NFS without a lock daemon) that OSError ended the
+    report with a traceback. Guards: no holder can be named there, the run is skipped as unfinished."""
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+    good = write_run(tmp_path / "done", 80.0)
+    (tmp_path / "left").mkdir()
+    (tmp_path / "left" / "config.json").write_text("{}")
+    (tmp_path / "left" / ".lock").write_text('{"pid": 1, "host": "h", "since": "then"}')
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    runs, skipped = find_runs([str(tmp_path)])
+    assert [m["_dir"] for m in runs] == [good]
+    assert skipped == [f"{tmp_path / 'left'}: unfinished (no metrics.json; continue it with zeroflow run --resume "
+                       f"--out {tmp_path / 'left'})"]
+
+
 def test_nothing_finished_is_an_error(tmp_path):
     (tmp_path / "u").mkdir()
     (tmp_path / "u" / "metrics.json").write_text("{}")

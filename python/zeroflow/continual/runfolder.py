@@ -181,6 +181,8 @@ def lock_holder(folder: str) -> Optional[str]:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return _describe_holder(_read_fd(fd))
+    except OSError:         # no flock on this filesystem (ENOLCK): nobody can hold one
+        return None
     finally:
         os.close(fd)
     return None
