@@ -154,6 +154,25 @@ def test_a_claim_that_fails_after_taking_the_lock_gives_it_back(tmp_path):
     assert not (out / ".lock").exists()
 
 
+def test_temporary_files_of_a_killed_writer_go_also_when_its_lock_file_was_deleted(tmp_path):
+    """A killed run leaves .lock and the temporary file of its unfinished write (a checkpoint's
+    is checkpoint-sized, one more per kill); the next claim removed them only when it found that
+    .lock: after the usual clean-up of a stale lock by hand (rm .lock), they stayed for good.
+    Guards: whoever holds the lock removes them, with a warning naming them; other files stay."""
+    from zeroflow.continual.runfolder import RunFolder
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / ".tmp-checkpoint.pt.0badf00d").write_bytes(b"x" * 100)
+    (out / ".tmp-notes.txt.0badf00d").write_text("mine")        # not a run file's: kept
+    said = []
+    folder = RunFolder(str(out)).claim(said.append)
+    folder.release()
+    assert not (out / ".tmp-checkpoint.pt.0badf00d").exists() and (out / ".tmp-notes.txt.0badf00d").exists()
+    assert said == [f"{out}: removed the 1 temporary file(s) a killed writer left unfinished "
+                    f"(.tmp-checkpoint.pt.0badf00d)"]
+
+
 def test_a_default_folder_whose_claim_fails_is_removed(tmp_path, monkeypatch):
     """zeroflow run without --out makes runs/<time>_..., then claims it. A claim that failed (a
     filesystem without flock: ENOLCK) left that folder behind, one more per try, with the .lock

@@ -142,15 +142,19 @@ class RunFolder:
             os.close(fd)
         self._fd = fd       # ours from here: released (closed, unlinked) by claim() if what follows fails
         previous = _read_fd(fd)
+        # ours now: no other writer can be in this folder, so a temporary file of a run file is a
+        # killed writer's, also where its lock file is gone (deleted by hand after the kill)
+        left = stale_temp_files(self.path)
+        for path in left:
+            with writing(path):
+                os.unlink(path)
+        names = ', '.join(os.path.relpath(t, self.path) for t in left)
         if previous.strip():
-            left = stale_temp_files(self.path)
-            for path in left:      # ours now: no other writer can be in this folder
-                with writing(path):
-                    os.unlink(path)
-            removed = (f"; removed the {len(left)} temporary file(s) it left unfinished "
-                       f"({', '.join(os.path.relpath(t, self.path) for t in left)})") if left else ""
+            removed = f"; removed the {len(left)} temporary file(s) it left unfinished ({names})" if left else ""
             warn(f"taking over the lock of {self.path}: it was left by {_describe_holder(previous)}, which no longer "
                  f"holds it (killed?); its last checkpoint is kept{removed}")
+        elif left:
+            warn(f"{self.path}: removed the {len(left)} temporary file(s) a killed writer left unfinished ({names})")
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
