@@ -131,6 +131,24 @@ def test_an_unfinished_run_on_a_filesystem_without_flock_is_skipped_not_a_traceb
                        f"--out {tmp_path / 'left'})"]
 
 
+def test_a_run_linked_into_the_searched_folder_is_found_and_a_link_loop_ends(tmp_path):
+    """zeroflow report searched with os.walk, which does not enter symbolic links: a run folder
+    linked into a collection (runs/x -> /big/disk/run) was left out without a word, though
+    given directly it is a run. Guards: links to folders are followed, no folder is entered
+    twice (a link to a folder above ends), and a run reached twice counts once."""
+    other = write_run(tmp_path / "elsewhere" / "run", 70.0)
+    good = write_run(tmp_path / "runs" / "a", 80.0, seed=1)
+    os.symlink(other, tmp_path / "runs" / "linked")
+    os.symlink(tmp_path / "runs", tmp_path / "runs" / "loop")
+    runs, skipped = find_runs([str(tmp_path / "runs")])
+    assert sorted(m["_dir"] for m in runs) == [good, str(tmp_path / "runs" / "linked")] and not skipped
+    # and a folder holding only a linked run is a parent of runs, as for zeroflow run --out (it would hide it)
+    from zeroflow.continual.runfolder import run_below
+    (tmp_path / "col").mkdir()
+    os.symlink(other, tmp_path / "col" / "x")
+    assert run_below(str(tmp_path / "col")) == str(tmp_path / "col" / "x")
+
+
 def test_nothing_finished_is_an_error(tmp_path):
     (tmp_path / "u").mkdir()
     (tmp_path / "u" / "metrics.json").write_text("{}")

@@ -29,7 +29,7 @@ from typing import Dict, List, Sequence, Tuple
 from .defaults import DATASETS, OPTIMIZERS, canonical_value
 from .errors import ZeroflowError
 from .runfolder import (METRICS, OPERATIONAL_KEYS, RESULTS_VERSION, UNRECORDED, comparable, describe_results_version,
-                        is_run_folder, load_metrics, lock_holder, results_version)
+                        is_run_folder, load_metrics, lock_holder, results_version, walk_folders)
 
 CELL_KEYS = ("method", "optimizer", "dataset")   # a table cell: row (method, optimizer) x dataset
 
@@ -52,8 +52,7 @@ def _why_unfinished(folder: str) -> str:
 def _run_folders(path: str) -> List[str]:
     """``path`` and the folders below it that hold a run (not looking inside a run folder)."""
     found = []
-    for folder, subdirs, _files in os.walk(path):
-        subdirs.sort()
+    for folder, subdirs in walk_folders(path):      # a run linked into the folder is found too
         if is_run_folder(folder):
             found.append(folder)
             subdirs[:] = []

@@ -306,11 +306,25 @@ def is_run_folder(folder: str) -> bool:
     return bool(run_files_in(folder))
 
 
+def walk_folders(top: str):
+    """``(folder, subdirs)`` for ``top`` and the folders below it, top-down in sorted order (the
+    caller may prune ``subdirs``), following symbolic links to folders (a run linked into a
+    collection is one of its runs) but entering no folder twice (a link to a folder above)."""
+    entered = set()
+    for folder, subdirs, _files in os.walk(top, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in entered:
+            subdirs[:] = []
+            continue
+        entered.add(real)
+        subdirs.sort()
+        yield folder, subdirs
+
+
 def run_below(folder: str) -> Optional[str]:
     """The first run folder strictly below ``folder`` (in sorted order, as ``zeroflow report``
     searches), or None. A run written into ``folder`` would hide it from the report."""
-    for path, subdirs, _files in os.walk(folder):
-        subdirs.sort()
+    for path, _subdirs in walk_folders(folder):
         if path != folder and is_run_folder(path):
             return path
     return None
