@@ -556,6 +556,33 @@ def test_sweep_goes_on_after_a_failing_optimizer_and_prints_the_table(env, tmp_p
         assert rc == 2 and needle in err and not (tmp_path / "s2").exists()
 
 
+def test_sweep_checks_the_checkpoints_it_would_resume_before_the_first_run(tmp_path):
+    """docs/continual.md: a sweep checks every folder before its first run, a damaged one
+    included. An unfinished run of the sweep's configuration whose checkpoint.pt was damaged (or
+    of another configuration) passed the plan and failed only when the sweep reached it, hours
+    into a sweep on real data. Guards: the plan loads and checks such a checkpoint, --force too
+    (a sweep resumes an unfinished run of its configuration)."""
+    from zeroflow.cli import _sweep_plan, build_parser
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.errors import ZeroflowError
+    from zeroflow.continual.runner import atomic_write_json
+    parent = tmp_path / "sweep"
+    d = parent / "ease_zo_adam_digits"
+    d.mkdir(parents=True)
+    cfg = resolve({"optimizer": "zo_adam", "epochs": 1})
+    atomic_write_json(str(d / "config.json"), cfg)
+    args = ["sweep", "--out", str(parent), "--optimizers", "zo_adam", "--epochs", "1"]
+    assert [p[2] for p in _sweep_plan(build_parser().parse_args(args), ["zo_adam"], str(parent))] == [str(d)]
+    (d / "checkpoint.pt").write_bytes(b"damaged")
+    for extra in ([], ["--force"]):
+        with pytest.raises(ZeroflowError, match=r"checkpoint .*checkpoint\.pt is corrupt"):
+            _sweep_plan(build_parser().parse_args(args + extra), ["zo_adam"], str(parent))
+    torch.save({"version": 1, "completed": 1, "matrix": [[None]], "results_version": 2,
+                "config": dict(cfg, lr=0.5)}, d / "checkpoint.pt")
+    with pytest.raises(ZeroflowError, match="lr: 0.5 in checkpoint.pt, 0.005 in config.json.*move .* away"):
+        _sweep_plan(build_parser().parse_args(args), ["zo_adam"], str(parent))
+
+
 def test_sweep_checks_device_and_data_before_the_first_run(tmp_path, capsys):
     """Every run failed on its own (exit 1), and the sweep printed a folder that did not exist."""
     cases = [(["--dataset", "cifar100", "--data-root", tmp_path / "nodata"], "CIFAR-100 not found"),

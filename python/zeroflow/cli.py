@@ -249,6 +249,7 @@ def _sweep_plan(a, names: List[str], parent: str) -> list:
     from .continual.defaults import RECORDABLE, resolve
     from .continual.errors import ZeroflowError
     from .continual.runfolder import conflict, lock_holder, run_files_in
+    from .continual.runner import check_resumable
 
     record = _sweep_records(a)
 
@@ -273,6 +274,8 @@ def _sweep_plan(a, names: List[str], parent: str) -> list:
             raise ZeroflowError(f"{why}; choose another --out")
         if why and not a.force:
             raise ZeroflowError(f"{why}; choose another --out, or add --force to replace it")
+        if state.kind == "unfinished" and not why:     # resumed, --force or not: its checkpoint must load
+            check_resumable(d, cfg)
         plan.append((n if seed is None else f"{n} seed {seed}", cfg, d))
     return plan
 

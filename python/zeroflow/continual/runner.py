@@ -754,7 +754,7 @@ class _Results:
                 "results_version": self.results_version, "config": self.config}
 
 
-def check_checkpoint_config(run_dir: str, ck: Dict, config: Optional[Dict], n_tasks: int, *,
+def check_checkpoint_config(run_dir: str, ck: Dict, config: Optional[Dict], n_tasks: Optional[int], *,
                             in_sweep: bool = False) -> None:
     """Refuses to resume ``run_dir`` when its ``config.json`` (``config``) is not the
     configuration its checkpoint's finished tasks were trained with (config.json edited by hand,
@@ -762,7 +762,8 @@ def check_checkpoint_config(run_dir: str, ck: Dict, config: Optional[Dict], n_ta
     (another split: an IndexError mid-run) while metrics.json named config.json's for every task.
     Where their device, data and weights are (``LOCATIONS``) and the operational options may
     differ. A checkpoint that records no configuration (written before it did) is checked for
-    its number of tasks only. ``in_sweep``: the advice of a sweep, where --force resumes."""
+    its number of tasks only (``n_tasks``; None: not known yet, not checked). ``in_sweep``: the
+    advice of a sweep, where --force resumes."""
     path = os.path.join(run_dir, CHECKPOINT)
     fresh = (f"move {run_dir} away to run it again" if in_sweep else
              "start a new run (another --out, or --force)")
@@ -774,12 +775,26 @@ def check_checkpoint_config(run_dir: str, ck: Dict, config: Optional[Dict], n_ta
         if diffs:
             raise ZeroflowError(f"cannot resume {run_dir}: its {CONFIG} is not the configuration its finished tasks "
                                 f"were trained with ({'; '.join(diffs)}); restore {CONFIG}, or {fresh}")
+    if n_tasks is None:
+        return
     matrix = ck.get("matrix")
     if not isinstance(matrix, list) or len(matrix) != n_tasks or not 0 <= int(ck["completed"]) <= n_tasks:
         raise ZeroflowError(f"cannot resume {run_dir}: {path} holds a run of "
                             f"{len(matrix) if isinstance(matrix, list) else '?'} tasks, and the configuration in its "
                             f"{CONFIG} makes {n_tasks}: its {CONFIG} is not the one its finished tasks were trained "
                             f"with; restore {CONFIG}, or {fresh}")
+
+
+def check_resumable(run_dir: str, cfg: Dict) -> None:
+    """What a resume of the unfinished run in ``run_dir`` by ``cfg`` would refuse on reading its
+    checkpoint (damaged, another results version, another configuration), checked by
+    ``zeroflow sweep`` before its first run rather than when it reaches this one."""
+    ck_path = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.isfile(ck_path):
+        return
+    ck = load_checkpoint(ck_path)
+    check_results_version(run_dir, ck, in_sweep=True)
+    check_checkpoint_config(run_dir, ck, canonical(cfg), None, in_sweep=True)
 
 
 def _restore_results(run_dir: str, learner, *, resume: bool, n_tasks: int, log, identity: Dict, warn=None,
