@@ -173,6 +173,19 @@ def test_temporary_files_of_a_killed_writer_go_also_when_its_lock_file_was_delet
                     f"(.tmp-checkpoint.pt.0badf00d)"]
 
 
+def test_run_without_out_inside_a_run_folder_is_refused_before_making_runs(tmp_path, capsys, monkeypatch):
+    """zeroflow run without --out writes runs/<time>_... below the current folder; inside a run
+    folder that is refused (the report would not see it), but only after runs/ had been made
+    there, which stayed in the run folder. Guards: refused before anything is created."""
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.runner import atomic_write_json
+    atomic_write_json(str(tmp_path / "config.json"), resolve({}))
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = zf(capsys, "run", "--epochs", 1, "--no-progress")
+    assert rc == 2 and f"is inside the run folder {tmp_path}" in err
+    assert sorted(os.listdir(tmp_path)) == ["config.json"]
+
+
 def test_a_default_folder_whose_claim_fails_is_removed(tmp_path, monkeypatch):
     """zeroflow run without --out makes runs/<time>_..., then claims it. A claim that failed (a
     filesystem without flock: ENOLCK) left that folder behind, one more per try, with the .lock

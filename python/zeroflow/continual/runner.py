@@ -458,9 +458,9 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
 
     t_start = time.perf_counter()
     _check_run_flags(out, resume=resume, force=force, stop_after=stop_after)
-    above = run_above(out) if out else None
+    above = run_above(out or "runs")        # no --out: runs/<time>_... (below the current folder)
     if above:       # before the claim, which would create the folders up to --out
-        raise ZeroflowError(inside_refusal(out, above))
+        raise ZeroflowError(inside_refusal(out or "runs", above))
     if resume:
         cfg, located = resumed_config(out, cfg, warn)
     else:
