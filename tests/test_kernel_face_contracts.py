@@ -130,10 +130,42 @@ def test_backend_triton_names_what_is_missing(monkeypatch):
     monkeypatch.undo()
     if zk._triton_module()[0] is None:
         pytest.skip(zk._triton_module()[1])
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)    # CPU tensors need the interpreter
+    monkeypatch.setattr(zk, "_triton_interprets", lambda: False)    # CPU tensors need the interpreter
     for device in (CPU, MPS):
         with pytest.raises(RuntimeError, match=f"backend='triton' needs CUDA tensors .*got device {device.type}"):
             zk.resolve_backend("triton", device)
+
+
+_TRITON_ON_CPU = """
+import os, sys, torch
+{before}
+import zfkernels as zk
+{after}
+p = torch.zeros(5)
+zk.perturb_([p], 1, 1.0, backend="triton")
+q = torch.zeros(5)
+zk.perturb_([q], 1, 1.0, backend="torch")
+assert "triton" in zk.available_backends("cpu") and torch.equal(p, q), (zk.available_backends("cpu"), p, q)
+"""
+
+
+@pytest.mark.parametrize("before, after", [
+    # Triton reads TRITON_INTERPRET as a bool ("true", "on", "yes" too): the face took only "1"
+    ('os.environ["TRITON_INTERPRET"] = "true"', ""),
+    # the interpreter is chosen when zfkernels.triton is imported: unset later, it still runs
+    ('os.environ["TRITON_INTERPRET"] = "1"', 'import zfkernels.triton\ndel os.environ["TRITON_INTERPRET"]'),
+], ids=["true", "unset-after-import"])
+def test_backend_triton_on_cpu_follows_the_interpreter_triton_chose(before, after):
+    if zk._triton_module()[0] is None:
+        pytest.skip(zk._triton_module()[1])
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "python"), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", _TRITON_ON_CPU.format(before=before, after=after)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_available_backends_lists_what_runs_here(monkeypatch):
@@ -141,13 +173,13 @@ def test_available_backends_lists_what_runs_here(monkeypatch):
     monkeypatch.setattr(_compiled, "cpu_available", lambda: True)
     monkeypatch.setattr(_compiled, "cuda_built", lambda: True)        # built, but no GPU
     monkeypatch.setattr(_compiled, "cuda_available", lambda: False)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(zk, "_triton_interprets", lambda: False)
     assert zk.available_backends("cuda") == ["torch"]
     assert zk.available_backends("cpu") == ["cpu", "torch"]
     assert zk.available_backends() == ["cpu", "torch"]
     assert zk.available_backends("mps") == ["torch"]
     if zk._triton_module()[0] is not None:            # Triton on CPU tensors: its interpreter only
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setattr(zk, "_triton_interprets", lambda: True)
         assert zk.available_backends("cpu") == ["cpu", "triton", "torch"]
         assert zk.available_backends() == ["cpu", "triton", "torch"]
         assert zk.available_backends("mps") == ["torch"]

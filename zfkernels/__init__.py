@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import sys
 import warnings
 from typing import Sequence
 
@@ -66,11 +67,27 @@ def _triton_module():
     return zt, ""
 
 
+# The values of TRITON_INTERPRET that turn Triton's interpreter on (Triton's getenv_bool:
+# case-insensitive, not stripped), so that "true" here is "true" there.
+_TRITON_TRUE = ("1", "true", "on", "yes", "y")
+
+
+def _triton_interprets() -> bool:
+    """Whether zfkernels.triton's kernels run (or, imported now, would run) in Triton's CPU
+    interpreter. Triton decides it when it decorates the kernels, at the import of
+    zfkernels.triton: once imported, that decision holds whatever TRITON_INTERPRET says now;
+    before, TRITON_INTERPRET is read as Triton reads it (not only "1")."""
+    mod = sys.modules.get(f"{__name__}.triton")
+    if mod is not None:
+        return mod.interpreting()
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRITON_TRUE
+
+
 def _triton_usable_on(device_type: str) -> bool:
     # Cheap checks first: importing Triton costs ~0.25 s.
     if device_type == "cuda" and not torch.cuda.is_available():
         return False
-    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device_type == "cpu" and not _triton_interprets():
         return False
     if device_type not in ("cpu", "cuda"):
         return False
@@ -132,7 +149,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             raise RuntimeError(why)
         if not _triton_usable_on(dt):
             raise RuntimeError(
-                f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); got device {device}"
+                f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors, set before "
+                f"zfkernels.triton is imported); got device {device}"
             )
     return backend
 

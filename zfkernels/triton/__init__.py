@@ -8,7 +8,7 @@ Each op takes an extra keyword-only ``block_size`` (results never depend on it).
 The kernels run on CUDA/ROCm tensors, or on CPU tensors in Triton's interpreter when
 ``TRITON_INTERPRET=1`` is set before this package is imported.
 """
-from ._common import check_interpreter
+from ._common import check_interpreter, interpreting  # noqa: F401 - read by zfkernels._triton_interprets
 from .adam_update import zo_adam_update_
 from .perturb import perturb_
 from .philox import philox4x32_10

@@ -36,6 +36,12 @@ def interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
+def interpreting() -> bool:
+    """True when this package's kernels run in Triton's CPU interpreter: Triton decided it when
+    it decorated them, at import, from TRITON_INTERPRET ("1", "true", "on", ...)."""
+    return interpreted(_runtime_loop_probe)
+
+
 @triton.jit
 def _runtime_loop_probe(out_ptr, n):
     acc = 0
