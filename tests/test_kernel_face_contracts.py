@@ -468,6 +468,21 @@ def test_an_inference_param_first_in_the_list_is_refused_before_anything_is_writ
     assert torch.equal(mom[0], torch.zeros(4)) and torch.equal(inference, torch.ones(4))
 
 
+@pytest.mark.parametrize("backend", RUNNING)
+def test_ids_and_step_beyond_int64_are_the_same_value_error_on_every_backend(backend):
+    """The compiled op takes int64: a tensor id or step of 2**64 (2**63) reached it as a
+    RuntimeError "Expected a value of type 'List[int]' ... found type 'list'" naming no id,
+    where the reference refused it with the ValueError of any id outside [0, 2**32)."""
+    p = torch.ones(3)
+    for bad in (2**32, 2**64):
+        with pytest.raises(ValueError, match=rf"tensor_ids\[1\]={bad} is outside \[0, 2\*\*32\)"):
+            zk.perturb_([torch.ones(2), p], 1, 1.0, tensor_ids=[0, bad], backend=backend)
+    m, v = torch.zeros(3), torch.zeros(3)
+    with pytest.raises(ValueError, match=r"step=9223372036854775808 must be >= 1"):
+        zk.zo_adam_update_([p], [m], [v], [1], [1.0], lr=0.1, step=2**63, backend=backend)
+    assert torch.equal(p, torch.ones(3)) and not m.any() and not v.any()
+
+
 def test_the_table_requires_what_the_schema_requires():
     """lr and step have no default (the compiled schema has none): bind and call name them."""
     with pytest.raises(TypeError, match="zo_sgd_update_\\(\\) needs lr"):

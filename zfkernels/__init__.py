@@ -28,6 +28,7 @@ from ._compiled import cpu_capabilities, cpu_capability, set_cpu_capability
 from .stream import (
     SEED_LIMIT,
     STREAM_VERSION,
+    TENSOR_ID_LIMIT,
     check_seed,
     derive_seed,
     dist_code,
@@ -220,6 +221,11 @@ def _ids(tensors: Sequence[torch.Tensor], tensor_ids: Sequence[int] | None) -> l
     ids = [integer_arg(t, f"tensor_ids[{k}]") for k, t in enumerate(tensor_ids)]
     if len(ids) != len(tensors):
         raise ValueError(f"tensor_ids has {len(ids)} entries for {len(tensors)} tensors; give one id per tensor")
+    # Checked here too (every backend checks it): an id beyond int64 reached the compiled op as
+    # "Expected a value of type 'List[int]' ... found type 'list'", a RuntimeError naming no id.
+    if ids and not (min(ids) >= 0 and max(ids) < TENSOR_ID_LIMIT):
+        k = next(k for k, t in enumerate(ids) if not 0 <= t < TENSOR_ID_LIMIT)
+        raise ValueError(f"tensor_ids[{k}]={ids[k]} is outside [0, 2**32); use a 32-bit unsigned id")
     return ids
 
 
@@ -426,8 +432,8 @@ def zo_adam_update_(
     ids = _ids(params, tensor_ids)
     seeds, coeffs = _qs(seeds, coeffs)
     step = integer_arg(step, "step")
-    if step < 1:
-        raise ValueError(f"step={step} must be >= 1 (the Adam step count after this update)")
+    if not 1 <= step < SEED_LIMIT:      # the compiled ops take an int64: 2**63 was an opaque RuntimeError there
+        raise ValueError(f"step={step} must be >= 1 (the Adam step count after this update) and < 2**63")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:     # betas=0.9: "object of type 'float' has no len()"
         raise ValueError(f"betas={tuple(betas) if isinstance(betas, list) else betas!r} must be two numbers "
                          "(beta1, beta2)")
