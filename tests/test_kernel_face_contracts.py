@@ -483,6 +483,22 @@ def test_ids_and_step_beyond_int64_are_the_same_value_error_on_every_backend(bac
     assert torch.equal(p, torch.ones(3)) and not m.any() and not v.any()
 
 
+@pytest.mark.parametrize("backend", RUNNING)
+def test_buffer_lists_may_be_any_iterable_as_params_may(backend):
+    """params may be a generator (model.parameters()); a generator or map of buffers raised
+    "object of type 'generator' has no len()" from the face's feature check."""
+    def run(lazy):
+        wrap = iter if lazy else list
+        p, q = [torch.ones(4)], [torch.ones(4)]
+        m, h, v, hv = ([torch.zeros(4)] for _ in range(4))
+        zk.zo_sgd_update_(wrap(p), [1], [0.5], lr=0.1, momentum_buffers=wrap(m), momentum=0.9,
+                          history_buffers=wrap(h), history_alpha=0.5, backend=backend)
+        zk.zo_adam_update_(wrap(q), wrap([torch.zeros(4)]), wrap(v), [1], [0.5], lr=0.1, step=1,
+                           history_buffers=wrap(hv), history_alpha=0.5, backend=backend)
+        return p + m + h + q + v + hv
+    _assert_same_bits(run(True), run(False), "buffers given as iterators")
+
+
 def test_the_table_requires_what_the_schema_requires():
     """lr and step have no default (the compiled schema has none): bind and call name them."""
     with pytest.raises(TypeError, match="zo_sgd_update_\\(\\) needs lr"):

@@ -385,11 +385,14 @@ def zo_sgd_update_(
                  history_alpha=history_alpha, history_init=history_init, stochastic_rounding=stochastic_rounding)
     restore_scale, lr, weight_decay, momentum, dampening, nesterov, momentum_init, sign, history_alpha, history_init, \
         stochastic_rounding = o.values()
+    # lists first: _check_features takes their len() (a generator of buffers, which params may be, had none)
+    momentum_buffers = _as_list(momentum_buffers, "momentum_buffers")
+    history_buffers = _as_list(history_buffers, "history_buffers")
     _check_features(params, "momentum_buffers", momentum_buffers, momentum=momentum, nesterov=nesterov)
     _check_features(params, "history_buffers", history_buffers, history_alpha=history_alpha)
     b = _backend_for(backend, params)
-    call_op(b, "zo_sgd_update_", params=params, momentum_buffers=_as_list(momentum_buffers, "momentum_buffers"),
-          history_buffers=_as_list(history_buffers, "history_buffers"), tensor_ids=ids, seeds=seeds, coeffs=coeffs,
+    call_op(b, "zo_sgd_update_", params=params, momentum_buffers=momentum_buffers,
+          history_buffers=history_buffers, tensor_ids=ids, seeds=seeds, coeffs=coeffs,
           dist=dist_code(dist), mask_seed=_seed(mask_seed, "mask_seed"), mask_threshold=mask_threshold(sparsity),
           restore_seed=_seed(restore_seed, "restore_seed"), restore_scale=restore_scale, lr=lr,
           weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
@@ -443,11 +446,12 @@ def zo_adam_update_(
                  history_init=history_init, stochastic_rounding=stochastic_rounding)
     restore_scale, lr, eps, weight_decay, decoupled_weight_decay, sign, history_alpha, history_init, \
         stochastic_rounding = o.values()
+    history_buffers = _as_list(history_buffers, "history_buffers")     # before its len(), as in zo_sgd_update_
     _check_features(params, "history_buffers", history_buffers, history_alpha=history_alpha)
     b = _backend_for(backend, params)
     call_op(b, "zo_adam_update_", params=params, exp_avgs=_as_list(exp_avgs, "exp_avgs"),
           exp_avg_sqs=_as_list(exp_avg_sqs, "exp_avg_sqs"),
-          history_buffers=_as_list(history_buffers, "history_buffers"), tensor_ids=ids, seeds=seeds, coeffs=coeffs,
+          history_buffers=history_buffers, tensor_ids=ids, seeds=seeds, coeffs=coeffs,
           dist=dist_code(dist), mask_seed=_seed(mask_seed, "mask_seed"), mask_threshold=mask_threshold(sparsity),
           restore_seed=_seed(restore_seed, "restore_seed"), restore_scale=restore_scale, lr=lr, beta1=betas[0],
           beta2=betas[1], eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
