@@ -499,6 +499,28 @@ def test_buffer_lists_may_be_any_iterable_as_params_may(backend):
     _assert_same_bits(run(True), run(False), "buffers given as iterators")
 
 
+@pytest.mark.parametrize("backend", RUNNING)
+def test_bools_of_numpy_and_torch_are_no_integers_distributions_or_fractions(backend):
+    """A bool is never an integer (docs/kernel-ops.md "Errors"): operator.index took
+    torch.tensor(True) as the tensor id / step 1, dist=True (== 1) ran Rademacher and
+    sparsity=np.True_ zeroed every coordinate."""
+    p, m, v = torch.ones(4), torch.zeros(4), torch.zeros(4)
+    calls = [
+        (TypeError, "tensor_ids", lambda: zk.perturb_([p], 1, 1.0, tensor_ids=[torch.tensor(True)], backend=backend)),
+        (TypeError, "step", lambda: zk.zo_adam_update_([p], [m], [v], [1], [1.0], lr=0.1, step=torch.tensor(True),
+                                                       backend=backend)),
+        (TypeError, "key", lambda: zk.philox4x32_10(torch.zeros(1, 4, dtype=torch.int64), (torch.tensor(True), 0),
+                                                     backend=backend)),
+        (ValueError, "dist=True", lambda: zk.perturb_([p], 1, 1.0, True, backend=backend)),
+        (ValueError, "dist=np.True_", lambda: zk.perturb_([p], 1, 1.0, np.True_, backend=backend)),
+        (ValueError, "sparsity=", lambda: zk.perturb_([p], 1, 1.0, sparsity=np.True_, backend=backend)),
+    ]
+    for error, needle, call in calls:
+        with pytest.raises(error, match=needle):
+            call()
+    assert torch.equal(p, torch.ones(4)) and not m.any() and not v.any()
+
+
 def test_the_table_requires_what_the_schema_requires():
     """lr and step have no default (the compiled schema has none): bind and call name them."""
     with pytest.raises(TypeError, match="zo_sgd_update_\\(\\) needs lr"):

@@ -71,7 +71,7 @@ def dist_code(dist: str | int) -> int:
             raise ValueError(
                 f"dist={dist!r} is not a perturbation distribution; use one of {sorted(DISTS)}"
             ) from None
-    if dist in (0, 1):
+    if not _is_bool(dist) and dist in (0, 1):     # True == 1 picked Rademacher
         return int(dist)
     raise ValueError(f"dist={dist!r} must be 'gaussian' (0) or 'rademacher' (1)")
 
@@ -96,7 +96,7 @@ def check_seed(seed: int, name: str = "seed") -> int:
 def mask_threshold(sparsity: float) -> int:
     """§6: the integer threshold T = round(sparsity * 2^24) for a fraction zeroed."""
     try:
-        if isinstance(sparsity, (str, bytes, bool)):     # float("0.5") took a string
+        if isinstance(sparsity, (str, bytes)) or _is_bool(sparsity):     # float("0.5") took a string, np.True_ 1.0
             raise TypeError
         s = float(sparsity)
     except (TypeError, ValueError):          # float()'s "could not convert string to float: 'x'"
@@ -121,13 +121,19 @@ def philox4x32_10_scalar(counter: tuple[int, int, int, int], key: tuple[int, int
     return c0, c1, c2, c3
 
 
+def _is_bool(v) -> bool:
+    """A Python, numpy or torch bool (a one-element bool tensor too), which compares equal
+    to 0 / 1 and which ``operator.index`` takes (torch's bool tensors) as one."""
+    return isinstance(v, bool) or str(getattr(v, "dtype", "")) in ("bool", "torch.bool")
+
+
 def integer_arg(v, name: str, must: str = "an integer") -> int:
     """``v`` as an int: a Python or numpy integer (not a bool, a float or a string), as the
     registered ops take it, else a TypeError naming ``name``; ``int(v)`` truncated 0.9 to the
     id 0 and step=1.9 to 1, where the ops themselves refuse a float."""
     if type(v) is int:
         return v
-    if not isinstance(v, bool):
+    if not _is_bool(v):     # operator.index(torch.tensor(True)) is 1
         try:
             return operator.index(v)
         except TypeError:
