@@ -371,6 +371,15 @@ def test_reference_philox_refuses_keys_and_counters_outside_32_bits():
     assert R.philox4x32_10(torch.zeros(0, 4, dtype=torch.int64), 0, 0).shape == (0, 4)
 
 
+def test_philox_of_meta_counters_gives_the_shape_as_the_compiled_meta_kernel_does():
+    """backend='auto' sends meta tensors to the reference, whose range check called .item()
+    on them ("Tensor.item() cannot be called on meta tensors"); perturb_ and the updates ran."""
+    c = torch.zeros(3, 4, dtype=torch.int64, device="meta")
+    for backend in ("auto", "torch"):
+        out = zk.philox4x32_10(c, (1, 2), backend=backend)
+        assert out.device.type == "meta" and out.shape == (3, 4) and out.dtype == torch.int64
+
+
 # ======================================================================================
 # Written tensors that share memory are refused, on every backend, before anything is written
 # ======================================================================================
