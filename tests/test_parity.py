@@ -523,6 +523,25 @@ def test_sign_keeps_signed_zeros_and_nan(backend):
     assert p.isnan().all()
 
 
+def test_negative_zero_scalars_keep_their_sign(backend):
+    """perturb_ is never skipped, not even for scale = -0.0 (docs/kernel-ops.md): a -0.0
+    weight becomes +0.0 where z * scale is +0.0 and stays -0.0 where it is -0.0. Triton's
+    interpreter took every float argument equal to 0 as +0.0 (scale, lr, momentum, ...), so
+    there the -0.0 weights flipped the other way. lr = -0.0 likewise."""
+    be, dev = backend
+    n = 300
+    z = R.rademacher(9, n, 0)
+    p = torch.full((n,), -0.0, device=dev)
+    zk.perturb_([p], 9, -0.0, RADE, backend=be)
+    assert_bits_equal(p, torch.where(z > 0, -0.0, 0.0), "perturb_ with scale=-0.0")
+    p = torch.full((n,), -0.0, device=dev)            # -0 - (g * -0): +0 where g > 0, -0 where g < 0
+    zk.zo_sgd_update_([p], [9], [0.5], lr=-0.0, dist=RADE, backend=be)
+    assert_bits_equal(p, torch.where(z > 0, 0.0, -0.0), "zo_sgd_update_ with lr=-0.0")
+    p, m, v = torch.full((n,), -0.0, device=dev), torch.zeros(n, device=dev), torch.zeros(n, device=dev)
+    zk.zo_adam_update_([p], [m], [v], [9], [0.5], lr=-0.0, step=1, dist=RADE, backend=be)
+    assert_bits_equal(p, torch.where(z > 0, 0.0, -0.0), "zo_adam_update_ with lr=-0.0")
+
+
 # ======================================================================================
 # Optimizers: the same closure values give the same parameters and state everywhere
 # ======================================================================================

@@ -305,6 +305,21 @@ def f32(x: float, name: str, op: str) -> float:
         raise ValueError(f"{op}: {name}={x!r} must be a float") from None
 
 
+def fp32_arg(x: float, interp: bool):
+    """A fp32 scalar kernel argument that keeps the sign of a zero. Triton's interpreter passes
+    a Python float argument through as a constant, and its ``scalar_constant`` makes every
+    ``value == 0`` the null value +0.0: ``scale=-0.0`` ran as +0.0 there (perturb_ of a -0.0
+    weight stored -0.0 where every other backend stores +0.0, docs/kernel-ops.md "perturb_"). A
+    -0.0 goes to the interpreter as a fp32 scalar tensor instead; compiled kernels take the
+    float as a fp32 parameter, which keeps it."""
+    if interp and x == 0.0 and math.copysign(1.0, x) < 0.0:
+        import numpy as np
+        from triton.runtime.interpreter import TensorHandle
+
+        return tl.tensor(TensorHandle(np.array([x], dtype=np.float32), tl.float32), tl.float32)
+    return x
+
+
 # ----------------------------------------------------------------------------- @jit: the table
 @triton.jit
 def tile_offsets(base, BLOCK: tl.constexpr):

@@ -12,7 +12,8 @@ import triton.language as tl
 from ..opspec import check_betas
 from ..stream import split_seed
 from ._common import (
-    check_seed_arg, f32, interpreted, load_row, mark_written, launch_scope, prepare_update, round32, slot_ptr, to_i32,
+    check_seed_arg, f32, fp32_arg, interpreted, load_row, mark_written, launch_scope, prepare_update, round32,
+    slot_ptr, to_i32,
 )
 from ._update import load_f32, restored_estimate
 from .philox import store_param, store_rne
@@ -136,12 +137,13 @@ def zo_adam_update_(
     mark_written(op, written)
     with launch_scope(params[0].device if len(params) else None, interp):   # Triton launches on the current device
         for dtypes, meta, n_rows, seed_off, tiles in groups:
+            f = [fp32_arg(x, interp) for x in (
+                restore_scale, weight_decay, round32(1.0 - float(lr) * float(weight_decay_raw)),
+                round32(1.0 - float(beta1)), b2, round32(1.0 - float(beta2)), eps, step_size, bc2_sqrt,
+                history_alpha, round32(1.0 - float(history_alpha_raw)))]
             _adam_kernel[(tiles,)](
-                meta, n_rows, seed_off, len(seeds), to_i32(rk0), to_i32(rk1), restore_scale,
-                to_i32(mk0), to_i32(mk1), T, d,
-                weight_decay, round32(1.0 - float(lr) * float(weight_decay_raw)), round32(1.0 - float(beta1)), b2,
-                round32(1.0 - float(beta2)), eps,
-                step_size, bc2_sqrt, history_alpha, round32(1.0 - float(history_alpha_raw)),
+                meta, n_rows, seed_off, len(seeds), to_i32(rk0), to_i32(rk1), f[0],
+                to_i32(mk0), to_i32(mk1), T, d, *f[1:],
                 int(restore_scale != 0.0), int(weight_decay != 0.0), int(bool(decoupled_weight_decay)),
                 int(bool(sign)), int(len(history_buffers) > 0), int(bool(history_init)),
                 int(bool(stochastic_rounding)), to_i32(sk0), to_i32(sk1),

@@ -10,7 +10,7 @@ import triton.language as tl
 from .._overlap import check_no_overlap
 from ..stream import split_seed
 from ._common import (
-    build_groups, check_block, check_dist, check_ids, check_params, check_seed_arg, check_threshold, f32,
+    build_groups, check_block, check_dist, check_ids, check_params, check_seed_arg, check_threshold, f32, fp32_arg,
     interpreted, load_row, mark_written, launch_scope, slot_ptr, to_i32,
 )
 from .philox import mask_tile, store_rne, z_tile
@@ -76,7 +76,7 @@ def perturb_(
         for dtypes, rows, n_rows, tiles in build_groups(params, [], ids, block):
             meta = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
             _perturb_kernel[(tiles,)](
-                meta, n_rows, to_i32(k0), to_i32(k1), to_i32(m0), to_i32(m1), T, d, scale,
+                meta, n_rows, to_i32(k0), to_i32(k1), to_i32(m0), to_i32(m1), T, d, fp32_arg(scale, interp),
                 P_DTYPE=dtypes[0], BLOCK=block, num_warps=4,
                 enable_fp_fusion=False,   # one arithmetic: no FMA contraction (docs/kernel-ops.md)
             )
