@@ -542,6 +542,23 @@ def test_negative_zero_scalars_keep_their_sign(backend):
     assert_bits_equal(p, torch.where(z > 0, 0.0, -0.0), "zo_adam_update_ with lr=-0.0")
 
 
+def test_bf16_subnormals_are_loaded_exactly(backend):
+    """bf16 values below 2^-126 are subnormal in bf16 and fp32 alike: loaded exactly, a
+    scale-0 perturb_ leaves them as they are. Triton's interpreter converted them to 0, so
+    there the weights and the bf16 Adam moments of such values came out different."""
+    be, dev = backend
+    vals = torch.tensor([2.0**-133, -2.0**-133, 2.0**-127, 1e-39, -3e-39, 1.5], dtype=torch.bfloat16).repeat(50)
+    p = vals.to(dev).clone()
+    zk.perturb_([p], 3, 0.0, RADE, backend=be)
+    assert_bits_equal(p, vals.to(dev), "bf16 subnormal weights after a perturb_ of scale 0")
+    got = [vals.to(dev).clone(), vals.to(dev).clone(), vals.abs().to(dev)]
+    want = [vals.clone(), vals.clone(), vals.abs()]
+    for ts, b in ((got, be), (want, "torch")):
+        zk.zo_adam_update_([ts[0]], [ts[1]], [ts[2]], [4], [1e-38], lr=1e-3, step=2, dist=RADE, backend=b)
+    for g, w, what in zip(got, want, ("param", "exp_avg", "exp_avg_sq")):
+        assert_bits_equal(g, w.to(dev), f"bf16 subnormal {what} after zo_adam_update_")
+
+
 # ======================================================================================
 # Optimizers: the same closure values give the same parameters and state everywhere
 # ======================================================================================

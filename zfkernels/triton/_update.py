@@ -14,6 +14,13 @@ from .philox import mask_tile, store_rne, z_tile
 
 @triton.jit
 def load_f32(ptr, mask):
+    """The stored values as fp32, exactly. bf16 by its bits (``bits << 16``, what the
+    conversion is): Triton's interpreter flushed bf16 subnormals to 0 in its conversion
+    (its ``_convert_float`` drops their leading bit when both formats share the exponent
+    bias), so a bf16 weight of 2^-133 became 0 there and on no other backend."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        raw = tl.load(ptr.to(tl.pointer_type(tl.uint16)), mask=mask, other=0)
+        return (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
 
 

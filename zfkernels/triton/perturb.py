@@ -13,6 +13,7 @@ from ._common import (
     build_groups, check_block, check_dist, check_ids, check_params, check_seed_arg, check_threshold, f32, fp32_arg,
     interpreted, load_row, mark_written, launch_scope, slot_ptr, to_i32,
 )
+from ._update import load_f32
 from .philox import mask_tile, store_rne, z_tile
 
 __all__ = ["perturb_"]
@@ -23,7 +24,7 @@ def _perturb_kernel(meta_ptr, n_rows, key0, key1, mkey0, mkey1, T, dist, scale,
                     P_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     row, base, offs, inb, tid = load_row(meta_ptr, n_rows, BLOCK)
     p_ptr = slot_ptr(row, 0, P_DTYPE)
-    x = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    x = load_f32(p_ptr + offs, inb)                # bf16 by its bits (load_f32)
     z = z_tile(base, tid, key0.to(tl.uint32, bitcast=True), key1.to(tl.uint32, bitcast=True), dist, BLOCK)
     if T > 0:                                   # x + (z * m) * scale
         z = z * mask_tile(base, tid, mkey0.to(tl.uint32, bitcast=True), mkey1.to(tl.uint32, bitcast=True),
