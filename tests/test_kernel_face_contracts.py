@@ -168,6 +168,14 @@ def test_backend_triton_on_cpu_follows_the_interpreter_triton_chose(before, afte
     assert run.returncode == 0, run.stderr[-2000:]
 
 
+def test_resolve_backend_takes_a_device_name_as_available_backends_does():
+    # resolve_backend("auto", "cpu") raised AttributeError: 'str' object has no attribute 'type'
+    assert zk.resolve_backend("auto", "cpu") == zk.resolve_backend("auto", CPU)
+    assert zk.resolve_backend("torch", "meta") == "torch"
+    with pytest.raises(ValueError, match="cannot run tensors on device cpu"):
+        zk.resolve_backend("cuda", "cpu")
+
+
 def test_available_backends_lists_what_runs_here(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(_compiled, "cpu_available", lambda: True)

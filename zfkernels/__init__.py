@@ -120,9 +120,12 @@ def _check_backend_name(backend: str) -> None:
         raise ValueError(f"backend={backend!r} is not one of {('auto',) + BACKENDS}")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend that ``backend`` means for tensors on ``device``."""
+def resolve_backend(backend: str, device: str | torch.device) -> str:
+    """The concrete backend that ``backend`` means for tensors on ``device`` (a torch.device
+    or its name, as :func:`available_backends` takes it)."""
     _check_backend_name(backend)
+    if not isinstance(device, torch.device):     # "cpu" raised AttributeError: 'str' has no attribute 'type'
+        device = torch.device(device)
     dt = device.type
     if backend == "auto":
         native = "cuda" if dt == "cuda" else "cpu" if dt == "cpu" else None
