@@ -168,6 +168,12 @@ def test_backend_triton_on_cpu_follows_the_interpreter_triton_chose(before, afte
     assert run.returncode == 0, run.stderr[-2000:]
 
 
+def test_philox_face_names_counters_that_are_no_tensor():
+    # a list of rows raised AttributeError: 'list' object has no attribute 'dtype'
+    with pytest.raises(TypeError, match="counters must be an integer tensor of shape \\[N, 4\\], got list"):
+        zk.philox4x32_10([[1, 2, 3, 4]], (0, 0))
+
+
 def test_resolve_backend_takes_a_device_name_as_available_backends_does():
     # resolve_backend("auto", "cpu") raised AttributeError: 'str' object has no attribute 'type'
     assert zk.resolve_backend("auto", "cpu") == zk.resolve_backend("auto", CPU)

@@ -254,6 +254,8 @@ def philox4x32_10(counters: torch.Tensor, key: tuple[int, int], backend: str = "
     for name, k in (("key[0]", k0), ("key[1]", k1)):
         if not 0 <= k < 2**32:
             raise ValueError(f"{name}={k} must be a 32-bit unsigned integer")
+    if not isinstance(counters, torch.Tensor):      # a list raised "'list' object has no attribute 'dtype'"
+        raise TypeError(f"counters must be an integer tensor of shape [N, 4], got {type(counters).__name__}")
     if counters.dtype.is_floating_point or counters.dtype.is_complex or counters.dtype == torch.bool:
         raise TypeError(f"counters must be an integer tensor (int64 storage), got {counters.dtype}: a float "
                         "counter would be truncated to another one")
