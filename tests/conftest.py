@@ -111,6 +111,22 @@ def make_data(n: int, n_in: int, n_out: int = 1, seed: int = 1) -> tuple[torch.T
     return X, torch.sin(2 * X[:, :n_out]) + X[:, n_out:n_out + 1]
 
 
+def sparse_sgd_recording(tmp_path):
+    """A setup the replay tests record: ``(model, X, Y, opt, base, log)``, a small MLP and its
+    data, ZO-SGD with momentum and a per-task sparse mask (lr, options and mask epoch all
+    loggable), BASE saved at ``base``, the log's path ``log`` (not started)."""
+    from zeroflow.optim import ZOFusedSGD
+    from zeroflow.replay import save_base
+
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    opt = ZOFusedSGD(m.parameters(), lr=1e-2, momentum=0.9, seed=3, backend="cpu", sparsity=0.5,
+                     sparse_resample="task")
+    base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
+    save_base(base, m)
+    return m, X, Y, opt, base, log
+
+
 def train_steps(opt, closure, n: int) -> None:
     """``n`` steps of ``zeroflow.optim.train_step(opt, closure)``, their RuntimeWarnings
     (skipped steps, zero estimates) silenced."""

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import differing_entries, make_data, make_mlp, train_steps
+from conftest import differing_entries, make_data, make_mlp, sparse_sgd_recording, train_steps
 from zeroflow.distributed import _jsonable
 from zeroflow.optim import ZOFusedAdam, ZOFusedSGD, create, train_step
 from zeroflow.replay import (MAGIC, ReplayError, TrajectoryRecorder, read_log, replay, replay_main,
@@ -462,12 +462,7 @@ def test_an_option_set_inside_a_closure_is_logged_for_the_step_it_acts_on(tmp_pa
     them). The recorder read the groups and the mask epoch after the step, so it logged the new
     values for the step that ran with the old ones; replay applied them a step early and failed
     its checksum."""
-    m = make_mlp(5, 8, 2)
-    X, Y = make_data(16, 5, 2)
-    opt = ZOFusedSGD(m.parameters(), lr=1e-2, momentum=0.9, seed=3, backend="cpu", sparsity=0.5,
-                     sparse_resample="task")
-    base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
-    save_base(base, m)
+    m, X, Y, opt, base, log = sparse_sgd_recording(tmp_path)
     with TrajectoryRecorder(log, opt, model=m):
         for i in range(4):
             def closure():

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import differing_entries, make_data, make_mlp, train_steps
+from conftest import differing_entries, make_data, make_mlp, sparse_sgd_recording, train_steps
 from zeroflow.optim import ZOFusedSGD, create
 from zeroflow.replay import MAGIC, ReplayError, TrajectoryRecorder, read_log, replay, replay_main, save_base
 
@@ -69,12 +69,7 @@ def test_lr_task_and_options_are_logged_on_the_step_they_change_only(tmp_path):
     when it changed, and an options record when a group option other than lr changed" (+2+8G
     bytes on a step whose lr changed). A recorder that forgot what it had logged repeated them
     on every later step: the log grew, and the Size section's numbers no longer held."""
-    m = make_mlp(5, 8, 2)
-    X, Y = make_data(16, 5, 2)
-    opt = ZOFusedSGD(m.parameters(), lr=1e-2, momentum=0.9, seed=3, backend="cpu", sparsity=0.5,
-                     sparse_resample="task")
-    base, log = str(tmp_path / "b.pt"), str(tmp_path / "r.zft")
-    save_base(base, m)
+    m, X, Y, opt, base, log = sparse_sgd_recording(tmp_path)
     loss = lambda: F.mse_loss(m(X), Y)  # noqa: E731
     with TrajectoryRecorder(log, opt, model=m):
         train_steps(opt, loss, 2)
