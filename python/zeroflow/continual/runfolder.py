@@ -403,15 +403,17 @@ def comparable(config: Dict) -> Dict:
     return {k: v for k, v in full.items() if not (v is None and k not in COMMON)}
 
 
-def config_differences(saved: Dict, requested: Dict) -> List[str]:
-    """``key: saved -> requested`` for every key (but the operational ones) that differs."""
+def config_differences(saved: Dict, requested: Dict, *, ignore: Tuple[str, ...] = (),
+                       where: Tuple[str, str] = ("there", "requested")) -> List[str]:
+    """``key: saved WHERE[0], requested WHERE[1]`` for every key (but the operational ones and
+    ``ignore``) that differs."""
     a, b = comparable(saved), comparable(requested)
     out = []
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)
-        if k in OPERATIONAL_KEYS or va == vb:
+        if k in OPERATIONAL_KEYS or k in ignore or va == vb:
             continue
-        out.append(f"{k}: {va!r} there, {vb!r} requested")
+        out.append(f"{k}: {va!r} {where[0]}, {vb!r} {where[1]}")
     return out
 
 

@@ -37,7 +37,7 @@ from .defaults import COMMON, flag, lr_entry, validate
 from .errors import WriteFailed, ZeroflowError
 from .precision import check_run_precision
 from .runfolder import (CHECKPOINT, CONFIG, METRICS, OPERATIONAL_KEYS, RESULTS_VERSION, TRAJECTORY, UNRECORDED,
-                        RunFolder, canonical, comparable, config_differences, describe_results_version, inside_refusal,
+                        RunFolder, canonical, config_differences, describe_results_version, inside_refusal,
                         inspect, other_results_version, parent_refusal, read_run_config, remove_run_files,
                         results_version, run_above, writing)
 
@@ -769,9 +769,7 @@ def check_checkpoint_config(run_dir: str, ck: Dict, config: Optional[Dict], n_ta
              "start a new run (another --out, or --force)")
     saved = ck.get("config")
     if isinstance(saved, dict) and config is not None:
-        was, now = comparable(saved), comparable(config)
-        diffs = [f"{k}: {was.get(k)!r} in {CHECKPOINT}, {now.get(k)!r} in {CONFIG}" for k in sorted(set(was) | set(now))
-                 if k not in LOCATIONS + OPERATIONAL_KEYS and was.get(k) != now.get(k)]
+        diffs = config_differences(saved, config, ignore=LOCATIONS, where=(f"in {CHECKPOINT}", f"in {CONFIG}"))
         if diffs:
             raise ZeroflowError(f"cannot resume {run_dir}: its {CONFIG} is not the configuration its finished tasks "
                                 f"were trained with ({'; '.join(diffs)}); restore {CONFIG}, or {fresh}")
