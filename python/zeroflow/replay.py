@@ -786,11 +786,8 @@ def _rebuilt_optimizer(cls, header: dict, groups: list, opt_sd, backend: str):
         opt._seed = int(header["seed"])
     opt._n = int(header["start_step"])
     opt._task = int(header["start_task"])
-    if "tensor_ids" in header:
-        params = [p for g in opt.param_groups for p in g["params"]]
-        opt._tid = dict(zip(map(id, params), header["tensor_ids"]))
-        opt._next_tid = header["next_tensor_id"]
-        opt._bucket_cache.clear()
+    if "tensor_ids" in header:      # checked by _check_header
+        opt._restore_tensor_ids(header["tensor_ids"], header["next_tensor_id"])
     return opt
 
 

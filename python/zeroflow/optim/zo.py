@@ -1233,9 +1233,16 @@ class _ZOBase(torch.optim.Optimizer):
         self._seed, self._n, self._task, self.forward_passes, self.queries, self.steps_skipped = (
             operator.index(c[k]) for k in COUNTERS)
         if "tensor_ids" in c:       # a state saved before they were: the ids are the positions
-            params = [p for g in self.param_groups for p in g["params"]]
-            self._tid = dict(zip(map(id, params), map(operator.index, c["tensor_ids"])))
-            self._next_tid = operator.index(c["next_tensor_id"])
+            self._restore_tensor_ids(c["tensor_ids"], c["next_tensor_id"])
+
+    def _restore_tensor_ids(self, ids, next_id: int) -> None:
+        """Give the parameters, in group order, the tensor ids a saved state or a trajectory
+        log's header holds (checked there), and the next id to give: once a group was dropped
+        they are not the positions. Cached bucket lists carry the old ids: dropped."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        self._tid = dict(zip(map(id, params), map(operator.index, ids)))
+        self._next_tid = operator.index(next_id)
+        self._bucket_cache.clear()
 
     def _keep_float32_buffers(self, state_dict) -> None:
         """torch.optim's load casts every state buffer to its parameter's dtype: a float32
