@@ -725,6 +725,9 @@ def test_state_dict_hooks_see_the_whole_state_as_torch_optim_promises(name):
     (lambda sd: sd["zeroflow"].update(tensor_ids=[0, 1, 2, 1]), "give one id to two parameters"),
     (lambda sd: sd["zeroflow"].update(tensor_ids=[0, 1, 2, 2**32]), "tensor id is 4294967296"),
     (lambda sd: sd["zeroflow"].update(next_tensor_id=3), "next_tensor_id is 3, not above"),
+    # operator.index takes True as 1: a bool passed as a count
+    (lambda sd: sd["zeroflow"].update(tensor_ids=[0, 1, 2, True]), "tensor id is True; it must be an int"),
+    (lambda sd: sd["zeroflow"].update(step=torch.tensor(True)), "counter 'step' is tensor\\(True\\)"),
     (lambda sd: sd["state"][0].update(momentum_buffer=torch.tensor(0.0)), "momentum_buffer of parameter 0 has shape"),
     (lambda sd: sd["param_groups"][0].update(momentum=-1.0), "param group 0: momentum=-1.0"),
     # loaded, then the next step failed after its forwards (None), or re-initialised every

@@ -333,8 +333,13 @@ def test_header_without_a_key_refused(tmp_path, capsys, small_run, key):
     (lambda h: h["groups"][0].pop("names"), "group 0 has no 'names'"),
     (lambda h: h["groups"][0]["shapes"].pop(), "4 names, 3 shapes"),
     (lambda h: h.update(aliases=["x"]), "'aliases'"),
-    (lambda h: h.update(tensor_ids=[0, 1, 1, 2]), "'tensor_ids' is not 4 distinct ids"),
-    (lambda h: h.update(next_tensor_id=3), "'tensor_ids' is not 4 distinct ids below 'next_tensor_id'"),
+    (lambda h: h.update(tensor_ids=[0, 1, 1, 2]), "the header's tensor_ids give one id to two parameters"),
+    (lambda h: h.update(next_tensor_id=3), "the header's next_tensor_id is 3, not above its tensor ids"),
+    # the saved state's rule (check_tensor_ids), which the log's own check lacked: an id outside
+    # the stream's [0, 2^32) or a bool passed, and replay failed later, in the ops, without a ReplayError
+    (lambda h: h.update(tensor_ids=[0, 1, 2, 2**32], next_tensor_id=2**32 + 1),
+     "the header's tensor id is 4294967296; it must be an int >= 0 and below 4294967296"),
+    (lambda h: h.update(tensor_ids=[0, 1, 2, True]), "the header's tensor id is True"),
     (lambda h: h["global"].update(q=0), "options are refused by ZOFusedSGD"),
     (lambda h: h["global"].update(bogus=1), "options are refused by ZOFusedSGD"),
 ])

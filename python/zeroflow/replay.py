@@ -40,7 +40,7 @@ from typing import Sequence
 import torch
 
 from ._atomic import atomic_torch_save
-from .optim.zo import STATE_GLOBAL_OPTIONS, counter
+from .optim.zo import STATE_GLOBAL_OPTIONS, check_tensor_ids, counter
 
 __all__ = ["TrajectoryRecorder", "replay", "replay_to_file", "read_log", "replay_main", "save_base",
            "weights_sha256", "ReplayError", "TrajectoryWriteError", "LOG_FORMAT"]
@@ -703,10 +703,10 @@ def _check_header(header: dict) -> None:
             bad(f"group {gi}: a name, shape or dtype of the wrong type")
     n = sum(len(g["names"]) for g in header["groups"])
     if "tensor_ids" in header:          # logs written before it: the ids are the positions
-        ids, nxt = header["tensor_ids"], header.get("next_tensor_id")
-        if not (isinstance(ids, list) and len(ids) == n and all(is_int(t) and t >= 0 for t in ids)
-                and len(set(ids)) == n and is_int(nxt) and nxt > max(ids, default=-1)):
-            bad(f"'tensor_ids' is not {n} distinct ids below 'next_tensor_id'")
+        try:
+            check_tensor_ids(header["tensor_ids"], header.get("next_tensor_id"), n, "the header's")
+        except ValueError as e:
+            bad(str(e))
     aliases = header.get("aliases", {})
     if not (isinstance(aliases, dict)
             and all(isinstance(v, list) and all(isinstance(a, str) for a in v) for v in aliases.values())):

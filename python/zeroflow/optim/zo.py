@@ -1553,27 +1553,33 @@ def _check_layout(state_dict: dict) -> None:
 
 
 def _check_tensor_ids(c: dict, groups) -> None:
-    """A state's tensor ids (its "zeroflow" part, absent from states saved before they were):
-    one per saved parameter, each once, in [0, 2^32) (the stream's range), and the next id to
-    give above them all."""
-    if "tensor_ids" not in c:
-        return
-    ids, n = c["tensor_ids"], sum(len(g["params"]) for g in groups)
+    """A state's tensor ids (its "zeroflow" part, absent from states saved before they were)."""
+    if "tensor_ids" in c:
+        check_tensor_ids(c["tensor_ids"], c.get("next_tensor_id"), sum(len(g["params"]) for g in groups),
+                         "state_dict's 'zeroflow'")
+
+
+def check_tensor_ids(ids, next_id, n: int, where: str) -> None:
+    """ValueError unless ``ids`` are the tensor ids of ``n`` parameters: one each, distinct, in
+    [0, 2^32) (the stream's range, docs/perturbation-stream.md), and ``next_id`` (the next id to
+    give) above them all. ``where`` names what holds them: a saved state, or a trajectory log's
+    header (replay.py reads them with this one rule)."""
     if not isinstance(ids, (list, tuple)) or len(ids) != n:
-        raise ValueError(f"state_dict's 'zeroflow' tensor_ids must list one id per parameter ({n}), got "
-                         f"{repr(ids)[:80]}")
-    ids = [counter(t, "state_dict's 'zeroflow' tensor id", limit=2 ** 32) for t in ids]
+        raise ValueError(f"{where} tensor_ids must list one id per parameter ({n}), got {repr(ids)[:80]}")
+    ids = [counter(t, f"{where} tensor id", limit=2 ** 32) for t in ids]
     if len(set(ids)) != len(ids):
-        raise ValueError("state_dict's 'zeroflow' tensor_ids give one id to two parameters")
-    nxt = counter(c.get("next_tensor_id"), "state_dict's 'zeroflow' next_tensor_id")
+        raise ValueError(f"{where} tensor_ids give one id to two parameters")
+    nxt = counter(next_id, f"{where} next_tensor_id")
     if ids and nxt <= max(ids):
-        raise ValueError(f"state_dict's 'zeroflow' next_tensor_id is {nxt}, not above its tensor ids "
-                         f"(up to {max(ids)})")
+        raise ValueError(f"{where} next_tensor_id is {nxt}, not above its tensor ids (up to {max(ids)})")
 
 
 def counter(x, what: str, limit: int | None = None) -> int:
-    """``x`` as a counter (an int >= 0, below ``limit``), else a ValueError naming ``what``."""
+    """``x`` as a counter (an int >= 0, below ``limit``), else a ValueError naming ``what``.
+    A bool is not a count (operator.index takes True as 1; numpy's bool it refuses)."""
     try:
+        if isinstance(x, bool) or isinstance(x, torch.Tensor) and x.dtype == torch.bool:
+            raise TypeError
         v = operator.index(x)
     except TypeError:
         raise ValueError(f"{what} is {x!r}; it must be an int >= 0") from None
