@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from zeroflow.continual.defaults import resolve
 from zeroflow.continual.errors import ZeroflowError
 from zeroflow.continual.report import find_runs, render, render_runs
 from zeroflow.continual.runfolder import RunFolder
@@ -77,7 +78,7 @@ def test_recursive_search_skips_unfinished_and_corrupt_runs_with_a_reason(tmp_pa
     good = write_run(tmp_path / "sweep_1" / "ease_zo_adam_digits", 80.0)
     unfinished = tmp_path / "sweep_1" / "ease_zo_sgd_digits"
     unfinished.mkdir()
-    (unfinished / "config.json").write_text("{}")
+    (unfinished / "config.json").write_text(json.dumps(resolve({})))
     bad = {"truncated": '{"avg": 1,', "empty": "{}", "list": "[1, 2]",
            "nan": json.dumps({"avg": "x", "last": 1, "fgt": 1, "forward_passes": 1, "peak_memory_bytes": 1,
                               "config": {"method": "ease", "optimizer": "zo_sgd", "dataset": "digits"}})}
@@ -122,13 +123,33 @@ def test_an_unfinished_run_on_a_filesystem_without_flock_is_skipped_not_a_traceb
         raise OSError(errno.ENOLCK, "No locks available")
     good = write_run(tmp_path / "done", 80.0)
     (tmp_path / "left").mkdir()
-    (tmp_path / "left" / "config.json").write_text("{}")
+    (tmp_path / "left" / "config.json").write_text(json.dumps(resolve({})))
     (tmp_path / "left" / ".lock").write_text('{"pid": 1, "host": "h", "since": "then"}')
     monkeypatch.setattr(fcntl, "flock", no_locks)
     runs, skipped = find_runs([str(tmp_path)])
     assert [m["_dir"] for m in runs] == [good]
     assert skipped == [f"{tmp_path / 'left'}: unfinished (no metrics.json; continue it with zeroflow run --resume "
                        f"--out {tmp_path / 'left'})"]
+
+
+def test_an_unfinished_run_that_resume_refuses_is_not_told_to_resume(tmp_path):
+    """The report told every unfinished run to continue with zeroflow run --resume, also one
+    that --resume refuses: a checkpoint.pt without its config.json, or a damaged config.json.
+    Guards: those are named as not resumable, with the reason --resume would give."""
+    from zeroflow.cli import main
+    (tmp_path / "ckpt_only").mkdir()
+    (tmp_path / "ckpt_only" / "checkpoint.pt").write_bytes(b"x")
+    (tmp_path / "bad_config").mkdir()
+    (tmp_path / "bad_config" / "config.json").write_text("{}")
+    _, skipped = find_runs([str(tmp_path)])
+    assert skipped == [
+        f"{tmp_path / 'bad_config'}: unfinished and not resumable (no metrics.json; "
+        f"{tmp_path / 'bad_config' / 'config.json'}: corrupt (the configuration has no method)); "
+        "run it again in a new --out",
+        f"{tmp_path / 'ckpt_only'}: unfinished and not resumable (no metrics.json; "
+        f"{tmp_path / 'ckpt_only' / 'checkpoint.pt'} without config.json); run it again in a new --out"]
+    for folder in ("ckpt_only", "bad_config"):       # what the old advice led to
+        assert main(["run", "--resume", "--out", str(tmp_path / folder), "--no-progress"]) == 2
 
 
 def test_a_run_linked_into_the_searched_folder_is_found_and_a_link_loop_ends(tmp_path):

@@ -29,7 +29,7 @@ from typing import Dict, List, Sequence, Tuple
 from .defaults import DATASETS, OPTIMIZERS, canonical_value
 from .errors import ZeroflowError
 from .runfolder import (METRICS, OPERATIONAL_KEYS, RESULTS_VERSION, UNRECORDED, comparable, describe_results_version,
-                        is_run_folder, load_metrics, lock_holder, results_version, walk_folders)
+                        inspect, is_run_folder, load_metrics, lock_holder, results_version, walk_folders)
 
 CELL_KEYS = ("method", "optimizer", "dataset")   # a table cell: row (method, optimizer) x dataset
 
@@ -46,6 +46,9 @@ def _why_unfinished(folder: str) -> str:
     holder = lock_holder(folder)
     if holder:
         return f"{folder}: unfinished (no {METRICS}; in progress: {holder})"
+    state = inspect(folder)
+    if state.kind == "corrupt":     # --resume refuses it (no config.json, or a damaged one): not suggested
+        return f"{folder}: unfinished and not resumable (no {METRICS}; {state.problem}); run it again in a new --out"
     return f"{folder}: unfinished (no {METRICS}; continue it with zeroflow run --resume --out {folder})"
 
 
