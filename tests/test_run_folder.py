@@ -337,6 +337,25 @@ def test_resume_of_a_finished_run_that_was_moved_names_the_folder_where_it_is(tm
     assert rc == 0 and f"run folder: {out}\n" in stdout and "/elsewhere" not in stdout
 
 
+def test_resume_of_a_finished_run_prints_a_metrics_json_that_records_only_what_the_report_reads(tmp_path, capsys):
+    """load_metrics accepts a metrics.json with the report's entries only (by hand, or by an
+    older zeroflow); zeroflow run --resume on such a finished run ended in a KeyError traceback
+    ('peak_memory_kind', then 'seconds') while printing its table. Guards: printed, the missing
+    entries said to be so."""
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.runner import atomic_write_json
+    out = tmp_path / "old"
+    out.mkdir()
+    cfg = resolve({"epochs": 1})
+    atomic_write_json(str(out / "config.json"), cfg)
+    atomic_write_json(str(out / "metrics.json"), {
+        "config": cfg, "avg": 90.0, "last": 80.0, "fgt": 5.0, "forward_passes": 10, "peak_memory_bytes": 2 ** 20,
+        "results_version": 2})
+    rc, stdout, _ = zf(capsys, "run", "--resume", "--out", out, "--no-progress")
+    assert rc == 0 and "| 90.00 | 80.00 | 5.00 |" in stdout
+    assert "peak memory: 1 MiB (kind not recorded)   time: " in stdout and "in the tasks" not in stdout
+
+
 def test_a_fresh_run_neither_loads_nor_keeps_a_backbone_pt_another_run_left(env, tmp_path, capsys):
     """Only a resumed run's backbone.pt is its own. A fresh run loaded any backbone.pt it found
     in --out (left by a --force cut short, or by a run whose other files were deleted by hand:

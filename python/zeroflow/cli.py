@@ -168,11 +168,14 @@ def _print_table(m: dict, run_dir: str, started: float):
     print(f"| {c['method'].upper()} | {c['optimizer']} | {c['dataset']} | {m['avg']:.2f} | {m['last']:.2f} | "
           f"{m['fgt']:.2f} |")
     print()
-    train_peak = m.get("train_peak_memory_bytes")
+    # a finished run is printed from its metrics.json, which load_metrics checks for the table's
+    # entries only: one written by hand or by an older zeroflow may lack the others
+    train_peak, seconds = m.get("train_peak_memory_bytes"), m.get("seconds")
     print(f"forward passes (training): {m['forward_passes']}   peak memory: {m['peak_memory_bytes'] / 2**20:.0f} MiB "
           + (f"(training {train_peak / 2**20:.0f} MiB) " if train_peak is not None else "")
-          + f"({m['peak_memory_kind']})   time: {m['seconds']:.1f}s in the tasks, {m.get('setup_seconds', 0):.1f}s "
-          f"setup; {time.perf_counter() - started:.1f}s since the command started")
+          + f"({m.get('peak_memory_kind', 'kind not recorded')})   time: "
+          + (f"{seconds:.1f}s in the tasks, {m.get('setup_seconds', 0):.1f}s setup; " if seconds is not None else "")
+          + f"{time.perf_counter() - started:.1f}s since the command started")
     for log in m.get("trajectory_logs", []):
         print(f"trajectory log: {log} (zeroflow replay {log[:-len('.zft')]}.base.pt {log} --out WEIGHTS)")
     print(f"run folder: {run_dir}")
