@@ -292,6 +292,9 @@ if [ "${PROFILE:-0}" = "1" ] && begin_phase profile 100; then
   # needed, now comes last.
   share() { left $(( lim * $1 / $2 )); }
   profile_status=ok
+  # case lists as written ("a, b"): the names hold no spaces, and a space split "--cases" in two
+  PROFILE_TRITON="${PROFILE_TRITON:-}"; PROFILE_TRITON="${PROFILE_TRITON// /}"
+  TRITON_VARIANTS="${TRITON_VARIANTS:-}"; TRITON_VARIANTS="${TRITON_VARIANTS// /}"
   PROFILE_RUNS=(); [ "${PROFILE_CUDA:-1}" = "1" ] && PROFILE_RUNS+=("--backend cuda")
   [ -n "${PROFILE_TRITON:-}" ] && PROFILE_RUNS+=("--backend triton --cases $PROFILE_TRITON")
   for args in "${PROFILE_RUNS[@]}"; do

@@ -321,7 +321,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     import triton
 
-    names = list(CASES) if a.cases == "all" else a.cases.split(",")
+    names = list(CASES) if a.cases == "all" else [c.strip() for c in a.cases.split(",") if c.strip()]
     unknown = [n for n in names if n not in CASES]
     if unknown:
         sys.exit(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")

@@ -213,3 +213,27 @@ def test_a_crash_probe_cut_at_its_limit_fails_the_check(tmp_path):
     assert "crash probe exit 124 (124 = hit its limit)" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert ("probe", "failed") in [(p["phase"], p["status"]) for p in summary["phases"]]
+
+
+def test_profile_case_lists_with_spaces_reach_the_scripts_whole(tmp_path):
+    """PROFILE_TRITON="a, b" (as profile_kernels' own --cases takes it) was word-split into
+    ``--cases a, b``: argparse refused "unrecognized arguments: b" and the Triton timing of a
+    profile call was lost; sass_census refused " b" as an unknown case."""
+    proc, out = _gpu_check(tmp_path, BENCH_ONLY="none", TIMELINE="0", PROFILE="1", PROFILE_CUDA="0", NCU="0",
+                           PROFILE_TRITON="sgd-fp32-rademacher, sgd-fp32-gaussian",
+                           TRITON_VARIANTS="sgd-fp32-rademacher, sgd-fp32-gaussian")
+    profile = (out / "profile.txt").read_text()
+    assert "## profile_kernels --backend triton --cases sgd-fp32-rademacher,sgd-fp32-gaussian" in profile, profile
+    assert "unrecognized arguments" not in profile, profile
+    assert "unknown case" not in profile, profile
+
+
+def test_sass_census_takes_a_case_list_with_spaces(monkeypatch):
+    import torch
+
+    from benchmarks import sass_census
+    pytest.importorskip("triton")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:      # past the case names: no GPU here for --time
+        sass_census.main(["--time", "--cases", "sgd-fp32-rademacher, sgd-fp32-gaussian"])
+    assert "unknown case" not in str(e.value.code), e.value.code
