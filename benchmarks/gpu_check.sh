@@ -291,7 +291,7 @@ if [ "${PROFILE:-0}" = "1" ] && begin_phase profile 100; then
   # the Triton ncu that a profile call is made for. The census of Triton variants, the least
   # needed, now comes last.
   share() { left $(( lim * $1 / $2 )); }
-  profile_status=ok
+  profile_status=ok; prc=0   # prc: the exit of the last profile step that failed
   # case lists as written ("a, b"): the names hold no spaces, and a space split "--cases" in two
   PROFILE_TRITON="${PROFILE_TRITON:-}"; PROFILE_TRITON="${PROFILE_TRITON// /}"
   TRITON_VARIANTS="${TRITON_VARIANTS:-}"; TRITON_VARIANTS="${TRITON_VARIANTS// /}"
@@ -299,7 +299,7 @@ if [ "${PROFILE:-0}" = "1" ] && begin_phase profile 100; then
   [ -n "${PROFILE_TRITON:-}" ] && PROFILE_RUNS+=("--backend triton --cases $PROFILE_TRITON")
   for args in "${PROFILE_RUNS[@]}"; do
     echo "## profile_kernels $args" >> "$WORK/logs/profile.txt"
-    limited "$(share 1 6)" "$PY" -m benchmarks.profile_kernels $args >> "$WORK/logs/profile.txt" 2>&1
+    limited "$(share 1 6)" "$PY" -m benchmarks.profile_kernels $args >> "$WORK/logs/profile.txt" 2>&1 || prc=$?
   done
   if [ "${NCU:-1}" = "0" ]; then
     :
@@ -309,13 +309,13 @@ if [ "${PROFILE:-0}" = "1" ] && begin_phase profile 100; then
     if [ "${PROFILE_CUDA:-1}" = "1" ]; then
       limited "$(share 1 4)" ncu --clock-control none -k regex:multi_tensor_kernel "${NCU_SECTIONS[@]}" \
         "$PY" -m benchmarks.profile_kernels --numel 67108864 --no-timing >> "$WORK/logs/ncu.txt" 2>&1
-      echo "ncu exit $?" >> "$WORK/logs/ncu.txt"
+      rc=$?; echo "ncu exit $rc" >> "$WORK/logs/ncu.txt"; [ "$rc" = 0 ] || prc=$rc
     fi
     if [ -n "${PROFILE_TRITON:-}" ]; then   # the Triton kernels of the same cases
       limited "$(share 1 4)" ncu --clock-control none -k 'regex:_(perturb|sgd|adam)_kernel' "${NCU_SECTIONS[@]}" \
         "$PY" -m benchmarks.profile_kernels --backend triton --cases "$PROFILE_TRITON" --numel 67108864 --no-timing \
         >> "$WORK/logs/ncu.txt" 2>&1
-      echo "ncu (triton) exit $?" >> "$WORK/logs/ncu.txt"
+      rc=$?; echo "ncu (triton) exit $rc" >> "$WORK/logs/ncu.txt"; [ "$rc" = 0 ] || prc=$rc
     fi
     cp "$WORK/logs/ncu.txt" "$DEST/ncu.txt"
   else
@@ -324,10 +324,13 @@ if [ "${PROFILE:-0}" = "1" ] && begin_phase profile 100; then
   if [ -n "${TRITON_VARIANTS:-}" ]; then   # the register question of notes.md: options constant vs runtime
     echo "## sass_census --time --cases $TRITON_VARIANTS" >> "$WORK/logs/profile.txt"
     limited "$(share 1 6)" "$PY" -m benchmarks.sass_census --time --cases "$TRITON_VARIANTS" \
-      --json "$WORK/bench/triton_variants.json" >> "$WORK/logs/profile.txt" 2>&1
+      --json "$WORK/bench/triton_variants.json" >> "$WORK/logs/profile.txt" 2>&1 || prc=$?
   fi
   tee -a "$WORK/logs/gpu_check.log" < "$WORK/logs/profile.txt"
   cp "$WORK/logs/profile.txt" "$DEST/profile.txt"
+  # a step that failed or hit its limit fails the phase (it was recorded "ok" whatever they did)
+  if [ "$prc" != 0 ]; then say "profile: a step exit $prc (124 = hit its limit; profile.txt, ncu.txt)"; STATUS=1
+    profile_status=failed; fi
   phase_done profile "$profile_status"
 fi
 

@@ -237,3 +237,13 @@ def test_sass_census_takes_a_case_list_with_spaces(monkeypatch):
     with pytest.raises(SystemExit) as e:      # past the case names: no GPU here for --time
         sass_census.main(["--time", "--cases", "sgd-fp32-rademacher, sgd-fp32-gaussian"])
     assert "unknown case" not in str(e.value.code), e.value.code
+
+
+def test_a_profile_whose_steps_fail_fails_the_phase(tmp_path):
+    """Every profile step's exit was ignored: a profile_kernels that died (here: no CUDA device)
+    or hit its limit left the phase "profile (ok)" and the check's exit 0."""
+    proc, out = _gpu_check(tmp_path, BENCH_ONLY="none", TIMELINE="0", PROFILE="1", NCU="0")
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(p["phase"], p["status"]) for p in summary["phases"]] == [("device", "ok"), ("profile", "failed")]
+    assert "profile: a step exit 1" in proc.stdout
