@@ -81,6 +81,11 @@ write_report() {
   local jsons=() j gpu
   for j in "$WORK"/bench/gpu_*.json; do [ -f "$j" ] && jsons+=("$j"); done
   [ ${#jsons[@]} -gt 0 ] || return 0
+  # a suite that ran (its .skips.txt is written after it) but wrote no JSON (a crash, a kill):
+  # passed too, so that the page names it under "Not measured" instead of leaving it out
+  for j in "$WORK"/bench/gpu_*.json.skips.txt; do
+    [ -f "$j" ] && [ ! -f "${j%.skips.txt}" ] && jsons+=("${j%.skips.txt}")
+  done
   gpu=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["gpu"])' "$WORK/env.json" 2> /dev/null) || gpu="a GPU"
   say "report -> $DEST/performance.md (plots in gpu_logs.tar.gz: perf/)"
   timeout -k 5 "${REPORT_LIMIT_S:-25}" "$PY" -m benchmarks.report "${jsons[@]}" --out "$WORK/performance.md" \

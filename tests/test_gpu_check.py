@@ -247,3 +247,41 @@ def test_a_profile_whose_steps_fail_fails_the_phase(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert [(p["phase"], p["status"]) for p in summary["phases"]] == [("device", "ok"), ("profile", "failed")]
     assert "profile: a step exit 1" in proc.stdout
+
+
+# Benchmark suites answered without running them: the optimizer suite writes a JSON (the CPU
+# fixture's), the LLM suite dies as a segfault does, before writing any.
+FAKE_SUITES = """#!/usr/bin/env bash
+if [ "$1 $2" = "-m pytest" ]; then
+  for a in "$@"; do case $a in --benchmark-json=*) json=${{a#--benchmark-json=}};; esac; done
+  case "$3" in
+    *test_bench_optim_step.py) cp {fixture} "$json"; echo "1 passed in 0.1s"; exit 0;;
+    *test_bench_llm.py) echo "Fatal Python error: Segmentation fault"; exit 139;;
+  esac
+fi
+exec {fake} "$@"
+"""
+
+
+def test_a_suite_that_wrote_no_json_is_named_in_the_report(tmp_path):
+    """The report was given only the JSON files that exist: a suite that crashed before writing
+    its JSON (the LLM suite here) was left out of performance.md without a word."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON.format(py=sys.executable))
+    fake.chmod(0o755)
+    suites = tmp_path / "suites"
+    suites.write_text(FAKE_SUITES.format(fixture=os.path.join(ROOT, "benchmarks", "fixtures", "bench_fast_cpu.json"),
+                                         fake=fake))
+    suites.chmod(0o755)
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=str(suites), SKIP_BUILD="1", SKIP_PROBE="1", SKIP_TESTS="1",
+               GPU_CHECK_BUDGET_S="240", TMPDIR=str(tmp_path / "tmp"), BENCH_ONLY="optim llm", TIMELINE="0")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(p["phase"], p["status"]) for p in summary["phases"]] == [
+        ("device", "ok"), ("bench_optim", "ok"), ("bench_llm", "failed"), ("report", "ok")]
+    report = (out / "performance.md").read_text()
+    assert "- gpu_llm.json: no results (missing)" in report, report[-2000:]
