@@ -285,3 +285,39 @@ def test_a_suite_that_wrote_no_json_is_named_in_the_report(tmp_path):
         ("device", "ok"), ("bench_optim", "ok"), ("bench_llm", "failed"), ("report", "ok")]
     report = (out / "performance.md").read_text()
     assert "- gpu_llm.json: no results (missing)" in report, report[-2000:]
+
+
+# The GPU tests' pytest killed before it writes its junit XML (SIGKILL after its limit: exit 137).
+FAKE_KILLED_TESTS = """#!/usr/bin/env bash
+[ -n "${{FAKE_XDIST:-}}" ] && [ "$1 $2" = "-c import xdist" ] && exit 0
+[ "$1 $2 $3 $4" = "-X faulthandler -m pytest" ] && {{ echo "== 3 passed (then hung and killed)"; exit 137; }}
+exec {fake} "$@"
+"""
+
+
+@pytest.mark.parametrize("xdist", ["1", ""], ids=["xdist-passes", "per-module"])
+def test_a_test_run_that_wrote_no_junit_is_an_error_in_the_summary(tmp_path, xdist):
+    """A test pass killed at its limit (or crashed) writes no junit XML, and the summary's tests
+    line counted only the passes that did: "0 failed, 0 crashed" over tests that never reported."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON.format(py=sys.executable))
+    fake.chmod(0o755)
+    killed = tmp_path / "killed"
+    killed.write_text(FAKE_KILLED_TESTS.format(fake=fake))
+    killed.chmod(0o755)
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=str(killed), SKIP_BUILD="1", SKIP_PROBE="1", SKIP_TESTS="0",
+               TESTS="tests/test_build.py", GPU_CHECK_BUDGET_S="240", TMPDIR=str(tmp_path / "tmp"),
+               BENCH_ONLY="none", TIMELINE="0", FAKE_XDIST=xdist)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["tests"]["errors"]) == (2 if xdist else 1), summary["tests"]   # the two passes, or the module
+    assert ("tests", "failed") in [(p["phase"], p["status"]) for p in summary["phases"]]
+    errors = summary["tests"]["errors"]
+    assert errors, summary["tests"]
+    assert all("pytest (exit 137) wrote no junit XML" in e["message"] for e in errors), errors
+    assert "benchmarks/gpu_check.py::" in errors[0]["name"]
+    assert f"{len(errors)} errors" in (out / "summary.txt").read_text()
