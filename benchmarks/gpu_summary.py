@@ -112,6 +112,8 @@ def render(s: dict) -> str:
     if timelines:
         lines.append("step timelines (us per step, medians; benchmarks/step_timeline.py):")
         for t in timelines:
+            if t["header"].get("stopped"):    # a run cut at its limit: the cases it finished
+                lines.append(f"  {t['header']['layout']}: {t['header']['stopped']}")
             for c in t["cases"]:
                 m = c["median"]
                 idle = ", ".join(f"{k} {v:.0f}" for k, v in m["idle_by_us"].items())

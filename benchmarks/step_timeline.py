@@ -284,6 +284,8 @@ def render(report: dict) -> str:
                 f"{k} {v['us']:.1f} us ({v['launches']:g}x)" for k, v in busy))
         else:
             lines.append("    no device activity recorded (no asynchronous device: every op ran on the host)")
+    if h.get("stopped"):
+        lines.append(f"{h['stopped']}: the cases not listed were not measured")
     lines.append("us per step, medians over the profiled steps; 'unprof' and 'ratio': the same steps without the "
                  f"profiler, against {'/'.join(f'{k} {v}' for k, v in PASSES.items())} passes at copy_ bandwidth")
     return "\n".join(lines) + "\n"
@@ -312,13 +314,23 @@ def main(argv=None) -> int:
         ap.error("--device cuda: torch sees no CUDA device; use --device cpu")
     shapes = _shapes(a.layout)
     numel = sum(torch.Size(s).numel() for s in shapes)
+    results, stopped = [], None
     with tempfile.TemporaryDirectory() as tmp:
         trace_dir = a.trace_dir or tmp
         os.makedirs(trace_dir, exist_ok=True)
-        results = [run_case(o, d, dev, a.layout, a.steps, a.backend, trace_dir) for o, d in cases]
+        # gpu_check.sh stops a run at its limit with SIGINT: the cases done so far are still
+        # reported (they were all lost, the text and the JSON written only after the last case)
+        try:
+            for o, d in cases:
+                results.append(run_case(o, d, dev, a.layout, a.steps, a.backend, trace_dir))
+        except KeyboardInterrupt:
+            stopped = f"stopped (SIGINT) after {len(results)} of {len(cases)} cases"
+            print(f"step timeline, layout {a.layout}: {stopped}", file=sys.stderr)
     if not a.trace_dir:
         for r in results:
             del r["trace"]     # removed with the temporary folder
+    if not results:
+        return 130
     copy_us = copy_pass_us(numel, torch.float32, dev)
     for r in results:
         r["roofline_us"] = PASSES[r["opt"]] * copy_us
@@ -327,12 +339,14 @@ def main(argv=None) -> int:
                          "layout": a.layout, "numel": numel, "n_tensors": len(shapes), "steps": a.steps,
                          "backend": results[0]["backend"], "copy_pass_us": copy_us},
               "cases": results}
+    if stopped:
+        report["header"]["stopped"] = stopped
     text = render(report)
     sys.stdout.write(text)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1)
-    return 0
+    return 130 if stopped else 0
 
 
 if __name__ == "__main__":

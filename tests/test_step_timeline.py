@@ -99,3 +99,37 @@ def test_bad_arguments_are_named(argv, says, capsys):
     with pytest.raises(SystemExit):
         st.main(["--device", "cpu", "--layout", "vit_b_tiny"] + argv)
     assert says in capsys.readouterr().err
+
+
+def test_a_run_stopped_by_sigint_reports_the_cases_it_finished(tmp_path, capsys, monkeypatch):
+    """gpu_check.sh stops a run at its limit with SIGINT: every case finished before it was lost
+    (the text and the JSON were written after the last case only)."""
+    real, calls = st.run_case, []
+
+    def run_case(*args, **kw):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(st, "run_case", run_case)
+    out = tmp_path / "timeline.json"
+    try:
+        rc = st.main(["--device", "cpu", "--layout", "vit_b_tiny", "--steps", "2", "--backend", "cpu",
+                      "--cases", "zo_sgd-rademacher,zo_adam-gaussian", "--json", str(out)])
+    except KeyboardInterrupt:
+        pytest.fail("the SIGINT escaped: no report of the case that finished")
+    assert rc == 130
+    report = json.loads(out.read_text())
+    assert [r["case"] for r in report["cases"]] == ["zo_sgd-rademacher"]
+    assert report["header"]["stopped"] == "stopped (SIGINT) after 1 of 2 cases"
+    text = capsys.readouterr().out
+    assert "zo_sgd-rademacher" in text and "stopped (SIGINT) after 1 of 2 cases" in text
+    # and gpu_check.sh's summary says the run was cut, next to the case it has
+    from benchmarks import gpu_summary
+    work = tmp_path / "work"
+    (work / "bench").mkdir(parents=True)
+    (work / "bench" / "step_timeline_vit_b_tiny.json").write_text(out.read_text())
+    summary = gpu_summary.render(gpu_summary.summarize(str(work)))
+    assert "  vit_b_tiny: stopped (SIGINT) after 1 of 2 cases" in summary
+    assert "  vit_b_tiny zo_sgd-rademacher: " in summary
