@@ -321,3 +321,40 @@ def test_a_test_run_that_wrote_no_junit_is_an_error_in_the_summary(tmp_path, xdi
     assert all("pytest (exit 137) wrote no junit XML" in e["message"] for e in errors), errors
     assert "benchmarks/gpu_check.py::" in errors[0]["name"]
     assert f"{len(errors)} errors" in (out / "summary.txt").read_text()
+
+
+FAKE_RECORD_TESTS = """#!/usr/bin/env bash
+[ -n "${{FAKE_XDIST:-}}" ] && [ "$1 $2" = "-c import xdist" ] && exit 0
+[ "$1 $2 $3 $4" = "-X faulthandler -m pytest" ] && {{ echo "$*" >> {args}; exit 0; }}
+exec {fake} "$@"
+"""
+
+
+@pytest.mark.parametrize("xdist", ["1", ""], ids=["xdist-passes", "per-module"])
+@pytest.mark.parametrize("deselect", [None, ""], ids=["default", "kept"])
+def test_the_gpu_tests_leave_out_the_host_only_build_tests(tmp_path, xdist, deselect):
+    """tests/test_build.py's rebuild of the CPU extension (MAX_JOBS=2: 88 s on 2 cores) ran in
+    the first xdist pass on the lease and held it for most of TEST_LIMIT_S, with no GPU use;
+    the crash probe test repeated phase 2. They are deselected unless TEST_DESELECT says else."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON.format(py=sys.executable))
+    fake.chmod(0o755)
+    args = tmp_path / "args"
+    rec = tmp_path / "record"
+    rec.write_text(FAKE_RECORD_TESTS.format(fake=fake, args=args))
+    rec.chmod(0o755)
+    (tmp_path / "tmp").mkdir()
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(rec), SKIP_BUILD="1", SKIP_PROBE="1",
+               SKIP_TESTS="0", GPU_CHECK_BUDGET_S="240", TMPDIR=str(tmp_path / "tmp"), BENCH_ONLY="none",
+               TIMELINE="0", FAKE_XDIST=xdist)
+    env.pop("TEST_DESELECT", None)
+    if deselect is not None:
+        env["TEST_DESELECT"] = deselect
+    subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], env=env, cwd=ROOT,
+                   capture_output=True, text=True, timeout=300)
+    runs = args.read_text().splitlines()
+    assert len(runs) == (2 if xdist else 4), runs     # two passes, or one run per test file
+    host_only = ("test_static_libstdcxx_driver_still_links_the_shared_one", "test_crash_probe_script_on_this_build")
+    for run in runs:
+        for test in host_only:
+            assert (f"--deselect tests/test_build.py::{test}" in run) == (deselect is None), run
