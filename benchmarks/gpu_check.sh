@@ -224,13 +224,13 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
   # TRITON_INTERPRET=0: tests/conftest.py only *defaults* it to 1, so Triton compiles for the GPU.
   export TRITON_INTERPRET=0
   # A pytest killed (KILL_AFTER_S past its limit: a hang in a CUDA call) or crashed writes no junit
-  # XML, and the summary counted only the other passes ("0 failed" over tests that never
-  # reported): such a run is recorded as one error that names it.
-  no_junit() {  # xml what exit
+  # XML, nor does a pass left no time, and the summary counted only the other passes ("0 failed"
+  # over tests that never reported): such a run is recorded as one error that names it.
+  no_junit() {  # xml what why
     [ -s "$1" ] && return 0
     printf '<testsuites><testsuite name="gpu_check"><testcase classname="benchmarks.gpu_check" name="%s">%s</testcase></testsuite></testsuites>\n' \
       "$(sed 's/&/\&amp;/g; s/</\&lt;/g; s/"/\&quot;/g' <<< "$2")" \
-      "<error message=\"pytest (exit $3) wrote no junit XML: its results are lost (logs/tests.log)\"/>" > "$1"
+      "<error message=\"$3: no junit XML, its results are lost (logs/tests.log)\"/>" > "$1"
   }
   TIMEOUT_OPT=""; "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT="--timeout=150"
   if "$PY" -c "import xdist" 2>/dev/null; then
@@ -241,12 +241,16 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
     rc=0; tests_end=$(( $(date +%s) + lim ))
     for pass in "not triton" "triton"; do
       expr="$pass"; [ -n "${TEST_SELECT:-}" ] && expr="($TEST_SELECT) and ($pass)"
-      plim=$(left $(( tests_end - $(date +%s) ))); [ "$plim" -lt 10 ] && { say "no time left for the '$pass' test pass"; rc=124; break; }
+      plim=$(left $(( tests_end - $(date +%s) )))
+      if [ "$plim" -lt 10 ]; then
+        say "no time left for the '$pass' test pass"; rc=124
+        no_junit "$WORK/tests_${pass// /_}.xml" "test pass -k '$expr'" "not run: no time left of TEST_LIMIT_S"; break
+      fi
       say "test pass -k '$expr' (limit ${plim}s)" >> "$WORK/logs/tests.log"
       limited "$plim" "$PY" -X faulthandler -m pytest $TESTS "${DESELECT[@]}" -k "$expr" -n "${TEST_WORKERS:-12}" -q -rfEs \
         -p no:cacheprovider $TIMEOUT_OPT --junitxml="$WORK/tests_${pass// /_}.xml" >> "$WORK/logs/tests.log" 2>&1
       prc=$?
-      no_junit "$WORK/tests_${pass// /_}.xml" "test pass -k '$expr'" "$prc"
+      no_junit "$WORK/tests_${pass// /_}.xml" "test pass -k '$expr'" "pytest exit $prc"
       # 5 = nothing selected (e.g. no Triton on this image): not a failure
       [ "$prc" != "0" ] && [ "$prc" != "5" ] && rc=$prc
       grep -E "passed|failed|error|no tests ran" "$WORK/logs/tests.log" | tail -1 | tee -a "$WORK/logs/gpu_check.log"
@@ -257,7 +261,7 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
       limited "$(left 170)" "$PY" -X faulthandler -m pytest "$t" "${SELECT[@]}" "${DESELECT[@]}" -q -rfEs -p no:cacheprovider \
         $TIMEOUT_OPT --junitxml="$WORK/tests_$(basename "$t" .py).xml" >> "$WORK/logs/tests.log" 2>&1
       prc=$?; [ "$prc" = 0 ] || rc=$prc
-      no_junit "$WORK/tests_$(basename "$t" .py).xml" "$t" "$prc"
+      no_junit "$WORK/tests_$(basename "$t" .py).xml" "$t" "pytest exit $prc"
     done
   fi
   if [ "$rc" = "0" ]; then phase_done tests ok; else say "GPU tests exit $rc (124 = hit the limit)"; STATUS=1; phase_done tests failed; fi

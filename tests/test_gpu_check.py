@@ -318,7 +318,8 @@ def test_a_test_run_that_wrote_no_junit_is_an_error_in_the_summary(tmp_path, xdi
     assert ("tests", "failed") in [(p["phase"], p["status"]) for p in summary["phases"]]
     errors = summary["tests"]["errors"]
     assert errors, summary["tests"]
-    assert all("pytest (exit 137) wrote no junit XML" in e["message"] for e in errors), errors
+    assert all(e["message"] == "pytest exit 137: no junit XML, its results are lost (logs/tests.log)"
+               for e in errors), errors
     assert "benchmarks/gpu_check.py::" in errors[0]["name"]
     assert f"{len(errors)} errors" in (out / "summary.txt").read_text()
 
@@ -358,3 +359,27 @@ def test_the_gpu_tests_leave_out_the_host_only_build_tests(tmp_path, xdist, dese
     for run in runs:
         for test in host_only:
             assert (f"--deselect tests/test_build.py::{test}" in run) == (deselect is None), run
+
+
+def test_a_test_pass_left_no_time_is_an_error_in_the_summary(tmp_path):
+    """TEST_LIMIT_S spent by the first xdist pass: the Triton pass never ran, and the summary's
+    tests line did not say so."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON.format(py=sys.executable))
+    fake.chmod(0o755)
+    args = tmp_path / "args"
+    rec = tmp_path / "record"
+    rec.write_text(FAKE_RECORD_TESTS.replace('exit 0; }}', 'sleep 3; exit 0; }}').format(fake=fake, args=args))
+    rec.chmod(0o755)
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=str(rec), SKIP_BUILD="1", SKIP_PROBE="1", SKIP_TESTS="0",
+               TEST_LIMIT_S="12", GPU_CHECK_BUDGET_S="240", TMPDIR=str(tmp_path / "tmp"), BENCH_ONLY="none",
+               TIMELINE="0", FAKE_XDIST="1")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert "no time left for the 'triton' test pass" in proc.stdout, proc.stdout[-3000:]
+    errors = json.loads((out / "summary.json").read_text())["tests"]["errors"]
+    assert {"name": "benchmarks/gpu_check.py::test pass -k 'triton'",
+            "message": "not run: no time left of TEST_LIMIT_S: no junit XML, its results are lost (logs/tests.log)"} \
+        in errors, errors
