@@ -835,6 +835,17 @@ def plot_sweep(plt, sweep):
 
 # ----------------------------------------------------------------------------- main
 def render(paths, out, plots_dir=None, sweep_path=None, notes_path=None, title=None, targets_json=None) -> str:
+    """The page (written to ``out``, if given) from the benchmark JSONs ``paths``; with
+    ``plots_dir``, the plots too. The page is written once without the plots first: the plots
+    take the most time (matplotlib's first import on a fresh machine builds its font cache),
+    and gpu_check.sh runs the report under a limit (REPORT_LIMIT_S), which, reached while
+    plotting, left no page at all."""
+    if plots_dir and out:
+        _render(paths, out, None, sweep_path, notes_path, title, targets_json)
+    return _render(paths, out, plots_dir, sweep_path, notes_path, title, targets_json)
+
+
+def _render(paths, out, plots_dir, sweep_path, notes_path, title, targets_json) -> str:
     records, machines = load(paths)
     derive(records)
     sweep = None

@@ -71,6 +71,22 @@ def test_report_markdown_and_plots(tmp_path):
         assert f"](perf/{p})" in text  # linked relative to the markdown file
 
 
+def test_a_report_cut_while_plotting_has_written_its_page(tmp_path, monkeypatch):
+    """gpu_check.sh runs the report under REPORT_LIMIT_S; the plots come first and take the most
+    time (matplotlib's first import on a fresh machine builds its font cache), so a report cut
+    there (timeout's SIGTERM: here the KeyboardInterrupt of a SIGINT stands for it) left no page
+    at all. Guards: the page without its plots is on disk before plotting starts."""
+    out = tmp_path / "performance.md"
+
+    def cut(*args):
+        assert "### Kernels on cpu" in out.read_text()      # the page is written already
+        raise KeyboardInterrupt
+    monkeypatch.setattr(R, "make_plots", cut)
+    with pytest.raises(KeyboardInterrupt):
+        R.render([FIXTURE], str(out), str(tmp_path / "perf"))
+    assert "## Targets" in out.read_text() and "](perf/" not in out.read_text()
+
+
 def test_target_status_says_by_how_much():
     assert R._status(1.0, 1.3) == "**missed** by 23 %"
     assert R._status(1.4, 1.3) == "**met**"
