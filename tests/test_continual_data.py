@@ -583,3 +583,33 @@ def test_identity_refusals_give_the_advice_of_their_command_and_old_checkpoints_
     warned = []
     _, where = resumed_config(str(out), {"data_root": "/elsewhere"}, warned.append)
     assert where["data_root"] == "data" and "ignoring --data-root /elsewhere (the run has data)" in warned[0]
+
+
+def test_16_bit_greyscale_png_decodes_to_its_grey_not_white(tmp_path):
+    """A 16-bit greyscale PNG opens in PIL as mode I;16, whose convert("RGB") clipped every
+    value above 255 to 255: the image reached the network (nearly) white. 8-bit greyscale,
+    RGBA and palette images decode as torchvision's loader decodes them."""
+    from PIL import Image
+
+    from zeroflow.continual.data import load_dataset, load_image
+    _write_imagefolder(str(tmp_path), "cub")
+    folder = tmp_path / "cub" / "test" / "n0001"
+    grey16 = (np.arange(40 * 30, dtype=np.float64).reshape(40, 30) / (40 * 30 - 1) * 65535).astype(np.uint16)
+    Image.fromarray(grey16).save(folder / "g16.png")
+    with Image.open(folder / "g16.png") as opened:
+        assert opened.mode.startswith("I")
+    rgb = np.asarray(load_image(str(folder / "g16.png")))
+    assert rgb.shape == (40, 30, 3) and rgb.dtype == np.uint8
+    np.testing.assert_array_equal(rgb[..., 0], np.rint(grey16 / 257.0).astype(np.uint8))
+    assert (rgb[..., 0] == rgb[..., 2]).all() and 120 < rgb.mean() < 135
+    Image.fromarray(np.full((40, 30), 7000, dtype=np.uint16)).save(folder / "dark16.png")   # dark, not white
+    assert int(np.asarray(load_image(str(folder / "dark16.png"))).max()) == round(7000 / 257)
+    for mode, img in (("L", Image.fromarray(np.full((40, 30), 90, dtype=np.uint8))),
+                      ("RGBA", Image.fromarray(np.full((40, 30, 4), 90, dtype=np.uint8))),
+                      ("P", Image.fromarray(np.full((40, 30, 3), 90, dtype=np.uint8)).convert("P"))):
+        img.save(folder / f"x_{mode}.png")
+        out = load_image(str(folder / f"x_{mode}.png"))
+        assert out.mode == "RGB" and np.asarray(out).tolist() == np.asarray(img.convert("RGB")).tolist(), mode
+    d = load_dataset("cub", str(tmp_path), 2, 2, img_size=32, warn=lambda m: None)
+    x, _ = d.test[[p for p, _ in d.test.samples].index(str(folder / "dark16.png"))]
+    assert float(x.max()) == pytest.approx(round(7000 / 257) / 255, abs=1e-6)

@@ -76,13 +76,32 @@ class UnreadableImage(ZeroflowError):
         super().__init__(message)
 
 
+# PIL modes of one channel of integers wider than 8 bits: 16-bit greyscale PNG / TIFF open as
+# "I;16" (older Pillow: "I"), whose convert("RGB") clips every value above 255 to 255.
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _rgb(img):
+    """``img.convert("RGB")`` (torchvision's ``pil_loader``), except that a 16-bit greyscale
+    image is scaled to 8 bits first (``v / 257``, so 65535 -> 255) instead of clipped: its
+    convert made nearly every pixel 255, a white image."""
+    if img.mode in _WIDE_GREY:
+        from PIL import Image
+
+        wide = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
 def load_image(path: str):
-    """torchvision's ``default_loader`` (an RGB PIL image); a file it cannot decode is an
-    :class:`UnreadableImage` naming the file."""
-    from torchvision.datasets.folder import default_loader
+    """torchvision's PIL ``default_loader`` (an RGB PIL image; 16-bit greyscale scaled to 8
+    bits, not clipped: :func:`_rgb`); a file it cannot decode is an :class:`UnreadableImage`
+    naming the file."""
+    from PIL import Image
 
     try:
-        return default_loader(path)
+        with open(path, "rb") as f:
+            return _rgb(Image.open(f))
     except Exception as e:      # PIL raises OSError, ValueError, DecompressionBombError, ...
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
         raise UnreadableImage(f"cannot read image {path} ({reason}); replace or delete that file") from e
