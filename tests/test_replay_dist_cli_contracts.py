@@ -525,3 +525,24 @@ def test_the_cli_leaves_the_process_group_its_runs_made_and_only_that(cmd, tmp_p
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["empty", "folder", "folder_overwrite", "slash"])
+def test_replay_out_that_is_no_file_is_refused_before_replaying(tmp_path, small_log, capsys, monkeypatch, kind):
+    """``--out ""`` or a folder passed every check, the whole log was replayed, and the write
+    at the end failed with ``[Errno 2] No such file or directory: ''`` (``--out ""``), or
+    ``Is a directory`` (an existing folder with --overwrite): now refused first, saying what
+    to give."""
+    import zeroflow.replay as R
+
+    (tmp_path / "d").mkdir()
+    out = {"empty": "", "folder": str(tmp_path / "d"), "folder_overwrite": str(tmp_path / "d"),
+           "slash": str(tmp_path / "new") + os.sep}[kind]
+    replayed = []
+    monkeypatch.setattr(R, "read_log", lambda *a, **k: replayed.append(1) or read_log(*a, **k))
+    args = [small_log[0], small_log[1], "--out", out] + (["--overwrite"] if kind == "folder_overwrite" else [])
+    assert replay_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zeroflow replay: error: the output ") and err.count("\n") == 1, err
+    assert ("--out weights.pt" if kind == "empty" else os.path.join(out, "weights.pt")) in err, err
+    assert replayed == [] and not (tmp_path / "new").exists()

@@ -859,6 +859,12 @@ def _play(opt, records: list) -> None:
 def _check_out(out: str, base, log: str, overwrite: bool) -> None:
     """Refuse, before replaying, an ``out`` that is BASE or LOG (always) or that exists
     (unless ``overwrite``): the weights would replace an input, or a result, without a word."""
+    if not str(out).strip():
+        raise FileNotFoundError("the output path is empty (--out \"\"); give the file to write the replayed "
+                                "weights to, e.g. --out weights.pt")
+    if os.path.isdir(out) or str(out).endswith(("/", os.sep)):
+        raise IsADirectoryError(f"the output {out} names a folder: give the file to write the replayed weights to, "
+                                f"e.g. {os.path.join(out, 'weights.pt')}")
     for name, path in (("BASE", base), ("LOG", log)):
         if isinstance(path, (str, os.PathLike)) and os.path.exists(out) and os.path.exists(path) \
                 and os.path.samefile(out, path):
