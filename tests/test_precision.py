@@ -137,3 +137,18 @@ def test_a_precision_this_torch_cannot_run_fails_before_writing(tmp_path, zf_cac
                                             r"kernels\); use --precision fp32 or bf16"):
         run(resolve(dict(QUICK, precision="fp16")), str(tmp_path / "r"), progress=False, log=lambda *a: None)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("fails, hint", [(("bf16",), "fp32 or fp16"), (("bf16", "fp16"), "fp32"),
+                                         (("fp16",), "fp32 or bf16")])
+def test_a_precision_that_cannot_run_suggests_one_that_can(monkeypatch, fails, hint):
+    """A bf16 run where bf16 cannot autocast was told to use "--precision fp32 or bf16":
+    the fix named the precision that had just failed. Now: fp32, and the other reduced
+    precision when it runs here."""
+    from zeroflow.continual import precision
+    monkeypatch.setattr(precision, "autocast_problem", lambda p, d: "RuntimeError: no kernels" if p in fails
+                        else None)
+    with pytest.raises(ZeroflowError) as e:
+        precision.check_run_precision({"precision": fails[0], "optimizer": "zo_adam", "zo_eps": 1e-3},
+                                      torch.device("cpu"), warn=lambda m: None)
+    assert str(e.value).endswith(f"(RuntimeError: no kernels); use --precision {hint}"), str(e.value)

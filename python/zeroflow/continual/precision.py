@@ -100,10 +100,14 @@ def check_run_precision(cfg: Dict, device: torch.device, warn) -> None:
     (``warn(message)``) about a ``zo_eps`` the study found unsafe for it."""
     from .errors import ZeroflowError
 
-    problem = autocast_problem(cfg.get("precision", "fp32"), device)
+    precision = cfg.get("precision", "fp32")
+    problem = autocast_problem(precision, device)
     if problem:
-        raise ZeroflowError(f"--precision {cfg['precision']} cannot run on {device} with torch {torch.__version__} "
-                            f"({problem}); use --precision fp32 or bf16")
+        # the other reduced precision, if it runs here, else fp32 alone (bf16 was suggested to a bf16 run)
+        other = next(p for p in AUTOCAST_DTYPES if p != precision)
+        instead = "fp32" + (f" or {other}" if autocast_problem(other, device) is None else "")
+        raise ZeroflowError(f"--precision {precision} cannot run on {device} with torch {torch.__version__} "
+                            f"({problem}); use --precision {instead}")
     message = zo_eps_warning(cfg, device.type)
     if message:
         warn(message)
