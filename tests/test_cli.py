@@ -282,3 +282,19 @@ def test_force_removes_the_run_files_and_the_old_trajectory_logs_only(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     remove_run_files(str(tmp_path))
     assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("output", ["", "  ", "new/"])
+def test_report_output_that_names_no_file_is_refused_before_the_runs_are_read(tmp_path, capsys, monkeypatch,
+                                                                               output):
+    """``--output ""`` (an unset shell variable) printed the tables and wrote no file, exit 0;
+    ``--output new/`` read every run, then failed to write. Both refused first (exit 2)."""
+    from zeroflow.continual import report
+    monkeypatch.chdir(tmp_path)
+    read = []
+    monkeypatch.setattr(report, "find_runs", lambda paths: read.append(paths) or ([], []))
+    assert main(["report", str(tmp_path), "--output", output]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zeroflow: error: ") and err.count("\n") == 1, err
+    assert ("--output is empty" if not output.strip() else "new/report.md") in err, err
+    assert read == [] and os.listdir(tmp_path) == []

@@ -334,16 +334,22 @@ def cmd_report(a, started: float) -> int:
     from .continual.report import find_runs, render_runs
     from .continual.runfolder import writing
 
-    if a.output:     # checked before the runs are read: a bad --output wastes nothing
+    if a.output is not None:     # checked before the runs are read: a bad --output wastes nothing
+        if not a.output.strip():     # an unset shell variable: the table was printed, no file written
+            raise ZeroflowError("--output is empty; give the markdown file to write, e.g. --output report.md, "
+                                "or leave --output out to print the tables only")
         if os.path.isdir(a.output):
             raise ZeroflowError(f"cannot write {a.output}: it is a folder")
+        if a.output.endswith(("/", os.sep)):
+            raise ZeroflowError(f"cannot write {a.output}: it names a folder; give a file, e.g. "
+                                f"{os.path.join(a.output, 'report.md')}")
         if not os.path.isdir(os.path.dirname(os.path.abspath(a.output))):
             raise ZeroflowError(f"cannot write {a.output}: its folder does not exist")
     runs, skipped = find_runs(a.runs)
     for line in skipped:
         print(f"zeroflow: skipped {line}", file=sys.stderr)
     text, _ = render_runs(runs, skipped)
-    if a.output:
+    if a.output is not None:
         with writing(a.output):
             atomic_write_bytes(a.output, text.encode())
     print(text)
