@@ -78,3 +78,30 @@ def test_the_writer_writes_into_configs_when_given_no_folder(tmp_path, monkeypat
     main([])
     assert sorted(os.listdir(tmp_path)) == ["configs"] and len(os.listdir(tmp_path / "configs")) == 10
     assert (tmp_path / "configs" / "aper_digits.yaml").read_text() == config_yaml("digits", "aper")
+
+
+@pytest.mark.parametrize("name", ["c.YAML", "c.Yml", "settings", "c.cfg"])
+def test_a_yaml_config_file_without_a_lowercase_yaml_extension_is_read_as_yaml(tmp_path, name):
+    """--config my.YAML (or a YAML file named without .yaml/.yml) was parsed as JSON: the run
+    stopped with "cannot parse it: Expecting value: line 1 column 1 (char 0)"."""
+    from zeroflow.continual.defaults import load_config_file, resolve
+    p = tmp_path / name
+    p.write_text("epochs: 3\nlr: 1e-3\n")
+    assert load_config_file(str(p)) == {"epochs": 3, "lr": "1e-3"}
+    cfg = resolve({}, str(p))
+    assert (cfg["epochs"], cfg["lr"]) == (3, 1e-3)
+
+
+def test_a_config_file_that_parses_as_nothing_names_the_yaml_error(tmp_path):
+    from zeroflow.continual.defaults import load_config_file
+    from zeroflow.continual.errors import ZeroflowError
+    for name, text, needle in (("c.json", '{"epochs": 3,}', "cannot parse it: Expecting property name"),
+                               ("c.JSON", '{"epochs": 3}', None),
+                               ("settings", "epochs: [1\n", "cannot parse it as YAML: line 2, column 1")):
+        p = tmp_path / name
+        p.write_text(text)
+        if needle is None:
+            assert load_config_file(str(p)) == {"epochs": 3}
+            continue
+        with pytest.raises(ZeroflowError, match=needle):
+            load_config_file(str(p))

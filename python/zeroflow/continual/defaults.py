@@ -362,15 +362,23 @@ def load_config_file(path: str) -> Dict[str, Any]:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ZeroflowError(f"--config {path}: cannot read it ({e})") from e
-    try:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-            data = yaml.safe_load(text)
-            data = {} if data is None else data
-        else:
-            data = json.loads(text)
-    except Exception as e:    # yaml.YAMLError, json.JSONDecodeError
-        raise ZeroflowError(f"--config {path}: cannot parse it: {_yaml_error(e)}") from e
+    ext = os.path.splitext(path)[1].lower()
+    # .yaml / .yml in any case (config.YAML was parsed as JSON: "Expecting value: line 1 column
+    # 1"); .json as JSON; any other name as JSON if it is, else as YAML
+    kinds = ["yaml"] if ext in (".yaml", ".yml") else ["json"] if ext == ".json" else ["json", "yaml"]
+    for kind in kinds:
+        try:
+            if kind == "yaml":
+                import yaml
+                data = yaml.safe_load(text)
+                data = {} if data is None else data
+            else:
+                data = json.loads(text)
+            break
+        except Exception as e:    # yaml.YAMLError, json.JSONDecodeError
+            if kind == kinds[-1]:
+                raise ZeroflowError(f"--config {path}: cannot parse it{' as YAML' if len(kinds) > 1 else ''}: "
+                                    f"{_yaml_error(e)}") from e
     if not isinstance(data, dict):
         raise ZeroflowError(f"--config {path}: expected a mapping of option: value, got a {type(data).__name__}")
     bad = [k for k in data if not isinstance(k, str)]
