@@ -546,3 +546,19 @@ def test_replay_out_that_is_no_file_is_refused_before_replaying(tmp_path, small_
     assert err.startswith("zeroflow replay: error: the output ") and err.count("\n") == 1, err
     assert ("--out weights.pt" if kind == "empty" else os.path.join(out, "weights.pt")) in err, err
     assert replayed == [] and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("where", ["read_log", "atomic_torch_save"])
+def test_replay_interrupted_is_one_line_and_writes_nothing(tmp_path, small_log, capsys, monkeypatch, where):
+    """Ctrl-C during zeroflow replay (reading a long log, replaying, writing) ended in a
+    KeyboardInterrupt traceback; now one line and exit 130, as zeroflow run's, and no --out."""
+    import zeroflow.replay as R
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(R, where, interrupted)
+    out = str(tmp_path / "w.pt")
+    assert replay_main([small_log[0], small_log[1], "--out", out]) == 130
+    assert capsys.readouterr().err == f"zeroflow replay: interrupted; nothing was written to {out}\n"
+    assert not os.path.exists(out)

@@ -928,3 +928,6 @@ def replay_main(argv: list[str] | None = None) -> int:
     except (ReplayError, OSError, RuntimeError, ValueError) as e:
         print(f"zeroflow replay: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:       # ^C in a long replay: one line, not a traceback (--out is written atomically)
+        print(f"zeroflow replay: interrupted; nothing was written to {a.out}", file=sys.stderr)
+        return 130
