@@ -298,3 +298,11 @@ def test_report_output_that_names_no_file_is_refused_before_the_runs_are_read(tm
     assert err.startswith("zeroflow: error: ") and err.count("\n") == 1, err
     assert ("--output is empty" if not output.strip() else "new/report.md") in err, err
     assert read == [] and os.listdir(tmp_path) == []
+
+
+def test_report_of_an_empty_path_says_so(tmp_path, capsys, monkeypatch):
+    """``zeroflow report "$RUNS"`` with RUNS unset said "zeroflow: error: : no such run folder"."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", ""]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zeroflow: error: an empty path ('') was given as a run folder;") and err.count("\n") == 1

@@ -70,6 +70,9 @@ def find_runs(paths: Sequence[str]) -> Tuple[List[Dict], List[str]]:
     for p in paths:
         if os.path.isfile(p) and os.path.basename(p) == METRICS:
             p = os.path.dirname(p) or "."
+        if not str(p).strip():      # an unset shell variable: was ": no such run folder"
+            raise ZeroflowError("an empty path ('') was given as a run folder; give run folders, or folders "
+                                "holding runs (e.g. runs)")
         if not os.path.exists(p):
             raise ZeroflowError(f"{p}: no such run folder")
         if not os.path.isdir(p):
