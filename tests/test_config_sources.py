@@ -105,3 +105,24 @@ def test_a_config_file_that_parses_as_nothing_names_the_yaml_error(tmp_path):
             continue
         with pytest.raises(ZeroflowError, match=needle):
             load_config_file(str(p))
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("precision: null\n", "precision in {path}: unknown precision None; valid: fp32, tf32, bf16, fp16"),
+    ("perturbation: gausian\n", "perturbation in {path}: unknown perturbation 'gausian'; valid: gaussian, "),
+    ("dataset: cifar-100\n", "dataset in {path}: unknown dataset 'cifar-100'; valid: digits, cifar100, "),
+    ("method: l2p\n", "method in {path}: unknown method 'l2p'; valid: ease, aper"),
+])
+def test_a_bad_choice_in_a_config_file_names_the_file(tmp_path, text, needle):
+    """A choice option from --config FILE was refused without saying where it came from
+    ("unknown precision None"), unlike every other option of the file."""
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.errors import ZeroflowError
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ZeroflowError) as e:
+        resolve({}, str(p))
+    assert str(e.value).startswith(needle.format(path=p)), str(e.value)
+    with pytest.raises(ZeroflowError) as e:      # a flag's value: the message is as it was
+        resolve({"precision": "fp8"})
+    assert str(e.value) == "unknown precision 'fp8'; valid: fp32, tf32, bf16, fp16"

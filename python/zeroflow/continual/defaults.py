@@ -123,6 +123,17 @@ def check_choice(kind: str, value: str, valid) -> str:
     return value
 
 
+def _choice(kind: str, value, valid, given: Optional[str]):
+    """:func:`check_choice`, naming where a value from a config file came from (``given``:
+    ``"precision in FILE"``); a flag's value is named by the flag's own error as before."""
+    try:
+        return check_choice(kind, value, valid)
+    except ZeroflowError as e:
+        if given and not given.startswith("--"):
+            raise ZeroflowError(f"{given}: {e}") from None
+        raise
+
+
 # options without a command-line flag (set in a --config file)
 CONFIG_ONLY = ("schedule", "eval_batch_size", "backbone", "adapter_dim", "img_size", "pretrain_epochs", "pretrain_lr",
                "pretrain_batch_size", "small_vit", "model_kwargs")
@@ -227,7 +238,7 @@ def validate(cfg: Dict[str, Any], names: Optional[Dict[str, str]] = None) -> Dic
     if missing:
         raise ZeroflowError(f"the configuration lacks {', '.join(missing)}")
     for k, valid in CHOICES.items():
-        out[k] = check_choice(k, out[k].lower() if isinstance(out[k], str) else out[k], valid)
+        out[k] = _choice(k, out[k].lower() if isinstance(out[k], str) else out[k], valid, names.get(k))
     for k, lo in INTS.items():
         if k in out and not (out[k] is None and k in NULLABLE):
             out[k] = _as_int(name(k), out[k], lo, SEED_MAX if k in SEEDS else None)
@@ -402,6 +413,8 @@ def resolve(overrides: Dict[str, Any], config_file: Optional[str] = None) -> Dic
     for k, v in (("dataset", dataset), ("method", method)):
         if not isinstance(v, str):
             raise ZeroflowError(f"{names.get(k, flag(k))} must be a string (got {v!r})")
+    for k, v, valid in (("dataset", dataset, DATASETS), ("method", method, METHODS)):
+        _choice(k, v.lower(), valid, names.get(k))
     cfg = defaults_for(dataset.lower(), method.lower())
     cfg.update(file_cfg)
     cfg.update(over)
