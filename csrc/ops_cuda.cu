@@ -17,6 +17,7 @@
 // host-to-device copy and no allocation.
 
 #include <c10/cuda/CUDAStream.h>  // (ATen/cuda/CUDAContext.h would need cusparse/cublas headers)
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
 #include <Python.h>
@@ -92,7 +93,16 @@ class TableCache {
     it.device = device;
     it.bytes.resize(bytes);
     std::memcpy(it.bytes.data(), entries.data(), bytes);
-    C10_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&it.dptr), bytes));
+    // The memory of a run near the device's capacity is mostly reserved by torch's caching
+    // allocator (free blocks it keeps cached): a cudaMalloc of a few bytes then fails where
+    // torch's own allocations free cached blocks and retry. So does this one, once.
+    cudaError_t err = cudaMalloc(reinterpret_cast<void**>(&it.dptr), bytes);
+    if (err == cudaErrorMemoryAllocation) {
+      (void)cudaGetLastError();  // clear the (non-sticky) allocation error before the retry
+      c10::cuda::CUDACachingAllocator::emptyCache();
+      err = cudaMalloc(reinterpret_cast<void**>(&it.dptr), bytes);
+    }
+    C10_CUDA_CHECK(err);
     // Complete before any stream's kernel can read it (a plain cudaMemcpy from pageable memory
     // may return before the DMA lands): copy on this stream and wait, once per layout.
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
