@@ -16,6 +16,10 @@
 #include <torch/csrc/autograd/VariableTypeUtils.h>  // torch::autograd::increment_version
 #include <torch/library.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>  // _mm_getcsr / _mm_setcsr (IeeeSubnormals)
+#endif
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -581,8 +585,32 @@ ZF_TARGET_AVX512 void chunk_avx512(const F& f, const Chunk& c) {
 }
 #endif
 
+// IEEE subnormals for the op's fp32 arithmetic whatever the calling thread's floating-point
+// mode: torch.set_flush_denormal(True) (or another library) sets the SSE control register's
+// flush-to-zero and denormals-are-zero bits, with which every variant flushed subnormal inputs
+// and results to zero (Adam's m and v of masked coordinates decay through them) and the op
+// wrote other bits than the spec's, the reference's and the CUDA kernels' (built -ftz=false).
+// Cleared for the op's scope, on each thread that runs its arithmetic; restored after.
+class IeeeSubnormals {
+ public:
+#if defined(__x86_64__) || defined(__i386__)
+  IeeeSubnormals() : saved_(_mm_getcsr()) {
+    const unsigned ieee = saved_ & ~(kFlushToZero | kDenormalsAreZero);
+    if (ieee != saved_) _mm_setcsr(ieee);
+  }
+  ~IeeeSubnormals() {
+    if (_mm_getcsr() != saved_) _mm_setcsr(saved_);
+  }
+
+ private:
+  static constexpr unsigned kFlushToZero = 0x8000u, kDenormalsAreZero = 0x0040u;
+  unsigned saved_;
+#endif
+};
+
 template <class F>
 void run_chunk(int cap, const F& f, const Chunk& c) {
+  const IeeeSubnormals ieee;
 #ifdef ZF_X86_VARIANTS
   if (cap == kCapAvx512) return chunk_avx512(f, c);
   if (cap == kCapAvx2) return chunk_avx2(f, c);
@@ -650,6 +678,7 @@ void perturb_cpu(TensorList params, at::IntArrayRef tensor_ids, int64_t seed, do
                  int64_t mask_seed, int64_t mask_threshold) {
   check_perturb_args(params, tensor_ids, seed, dist, mask_seed, mask_threshold);
   if (params.empty()) return;
+  const IeeeSubnormals ieee;  // the host scalars too (fp32 roundings of lr, coeffs, ...)
   const float scale_f = f32(scale);
   const Key key = key_of(seed);
   for_each_chunk(params, [&](auto cap, const Chunk& c) ZF_INLINE_LAMBDA {
@@ -673,6 +702,7 @@ void sgd_cpu(TensorList params, TensorList momentum_buffers, TensorList history_
              bool sign, double history_alpha, bool history_init, bool stochastic_rounding, int64_t round_seed) {
   check_sgd_args(params, momentum_buffers, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold,
                  restore_seed, round_seed);
+  const IeeeSubnormals ieee;  // the host scalars too (fp32 roundings of lr, coeffs, ...)
   const Key round_key = key_of(round_seed);
   if (params.empty()) return;
   const SgdScalars s = sgd_scalars(restore_scale, lr, weight_decay, momentum, dampening, history_alpha);
@@ -707,6 +737,7 @@ void adam_cpu(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, Te
               int64_t round_seed) {
   check_adam_args(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed,
                   mask_threshold, restore_seed, beta1, beta2, step, round_seed);
+  const IeeeSubnormals ieee;  // the host scalars too (fp32 roundings of lr, coeffs, ...)
   const Key round_key = key_of(round_seed);
   const AdamScalars s = adam_scalars(restore_scale, lr, beta1, beta2, eps, weight_decay, step, history_alpha);
   if (params.empty()) return;

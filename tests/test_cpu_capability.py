@@ -20,6 +20,7 @@ from conftest import ROOT, child_env
 
 import zfkernels as zk
 from zfkernels import _compiled
+from zfkernels import reference as R
 
 pytestmark = pytest.mark.skipif(not _compiled.cpu_available(),
                                 reason="the compiled CPU extension is missing")
@@ -228,3 +229,39 @@ def test_a_build_older_than_the_capabilities_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "zfkernels._C", types.ModuleType("zfkernels._C"))
     with pytest.raises(RuntimeError, match="built before CPU capabilities existed; rebuild it with: .*pip install"):
         zk.cpu_capability()
+
+
+@pytest.mark.parametrize("cap", CAPS)
+@pytest.mark.parametrize("op", ["perturb_", "zo_adam_update_"])
+def test_flush_denormal_mode_changes_no_bit(cap, op):
+    """torch.set_flush_denormal(True) sets the thread's flush-to-zero / denormals-are-zero
+    mode, and with it every CPU variant flushed subnormal values: a perturb_ of subnormal
+    weights, or Adam's m and v decaying through the subnormals (masked coordinates), wrote
+    other bits than the reference (and the CUDA kernels, built -ftz=false). The op keeps IEEE
+    subnormals on every thread it runs on, serial (one small tensor) and parallel (several
+    64K chunks), and leaves the caller's mode as it found it."""
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU has no flush-denormal mode")
+    zk.set_cpu_capability(cap)
+    g = torch.Generator().manual_seed(3)
+
+    def layout():
+        return [torch.randn(n, generator=g) * 1e-39 for n in (1000, 3 * 65536 + 77)]   # fp32 subnormals
+
+    params, ms, vs = layout(), layout(), [t.abs() for t in layout()]
+    args = {"perturb_": lambda p, m, v: ([p], [0], 7, 1e-40, 1, 0, 0),
+            "zo_adam_update_": lambda p, m, v: ([p], [m], [v], [], [0], [5], [1e-20], 1, 0, 0, 0, 0.0, 1e-3, 0.9,
+                                                0.999, 1e-8, 0.0, False, 3, False, 0.0, False, False, 0)}[op]
+    for p, m, v in zip(params, ms, vs):
+        want = [t.clone() for t in (p, m, v)]
+        getattr(R, op)(*args(*want))                 # the spec's bits, IEEE mode
+        got = [t.clone() for t in (p, m, v)]
+        assert torch.set_flush_denormal(True)
+        try:
+            getattr(torch.ops.zfkernels, op)(*args(*got))
+            assert torch.tensor([1e-39]).mul(1.0).item() == 0.0, "the op changed the caller's flush mode"
+        finally:
+            torch.set_flush_denormal(False)
+        for name, a, b in zip(("param", "exp_avg", "exp_avg_sq"), got, want):
+            diff = (a.view(torch.int32) != b.view(torch.int32)).sum().item()
+            assert diff == 0, f"{op} numel={p.numel()}: {diff} {name} elements differ from the reference"
