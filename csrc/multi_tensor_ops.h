@@ -119,10 +119,21 @@ inline void fill_rounding(Common& c, bool stochastic_rounding, int64_t round_see
   c.rk1 = zf::seed_k1((uint64_t)round_seed);
 }
 
-// One launch per parameter dtype present in the list (entries keep the list's order).
+// One launch per parameter dtype present in the list (entries keep the list's order).  Every
+// table is uploaded before the first launch: an upload that fails (cudaMalloc out of memory)
+// then raises with nothing written; after a launch it left the first dtype's tensors updated
+// and the others not, and a caller that retries the step (an out-of-memory handler that
+// shrinks the batch) updated those tensors twice.
 template <class Functor, class Launcher>
 void launch(Launcher& l, const std::vector<Slots>& slots, at::IntArrayRef tensor_ids, int64_t dist, Common c,
             const typename Functor::Args& a) {
+  struct Group {
+    int32_t code;
+    std::vector<Entry> entries;
+    int64_t tasks;
+    const Entry* table;
+  };
+  std::vector<Group> groups;
   for (int32_t code : {F32, BF16, F16}) {
     std::vector<Entry> entries;
     int64_t tasks = 0;
@@ -148,14 +159,18 @@ void launch(Launcher& l, const std::vector<Slots>& slots, at::IntArrayRef tensor
       if (e.numel > 0) entries.push_back(e);
     }
     if (tasks == 0) continue;
-    c.entries = l.table(entries);
-    c.ntensors = (int32_t)entries.size();
-    c.total_tasks = tasks;
-    const bool rad = dist == zf::DIST_RADEMACHER;
-    if (code == F32) {
+    groups.push_back(Group{code, std::move(entries), tasks, nullptr});
+  }
+  for (Group& g : groups) g.table = l.table(g.entries);
+  const bool rad = dist == zf::DIST_RADEMACHER;
+  for (const Group& g : groups) {
+    c.entries = g.table;
+    c.ntensors = (int32_t)g.entries.size();
+    c.total_tasks = g.tasks;
+    if (g.code == F32) {
       rad ? l.template run<Functor, float, zf::DIST_RADEMACHER>(c, a)
           : l.template run<Functor, float, zf::DIST_GAUSSIAN>(c, a);
-    } else if (code == BF16) {
+    } else if (g.code == BF16) {
       rad ? l.template run<Functor, __nv_bfloat16, zf::DIST_RADEMACHER>(c, a)
           : l.template run<Functor, __nv_bfloat16, zf::DIST_GAUSSIAN>(c, a);
     } else {

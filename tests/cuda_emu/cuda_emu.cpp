@@ -83,6 +83,9 @@ using zf_cuda::Entry;
 constexpr int64_t kResidentBlocks = 2;
 
 std::atomic<int64_t> launches{0};
+// > 0: the table() call that brings it to 0 throws, as a failed upload (cudaMalloc out of
+// memory) does on the device (torch.ops.zf_cuda_emu.fail_table(n): the n-th table from now).
+std::atomic<int64_t> fail_table_in{0};
 
 // The emulator's part of a launch (csrc/multi_tensor_ops.h): CPU tensors, tables kept in host
 // memory for the call, the grid run by 32 lane threads, one warp after the other.
@@ -93,6 +96,8 @@ class EmuLauncher {
                       params[0].device());
   }
   const Entry* table(const std::vector<Entry>& entries) {
+    if (fail_table_in.load() > 0 && fail_table_in.fetch_sub(1) == 1)
+      throw std::runtime_error("cuda_emu: injected failure of a table upload");
     tables_.push_back(entries);
     return tables_.back().data();
   }
@@ -140,6 +145,7 @@ class EmuLauncher {
 }  // namespace zf_emu
 
 int64_t launch_count() { return zf_emu::launches.load(); }
+void fail_table(int64_t n) { zf_emu::fail_table_in.store(n); }
 
 TORCH_LIBRARY_IMPL(zfkernels, CPU, m) {
   m.impl("perturb_", &zf_cuda::perturb_op<zf_emu::EmuLauncher>);
@@ -147,4 +153,7 @@ TORCH_LIBRARY_IMPL(zfkernels, CPU, m) {
   m.impl("zo_adam_update_", &zf_cuda::adam_op<zf_emu::EmuLauncher>);
 }
 
-TORCH_LIBRARY(zf_cuda_emu, m) { m.def("launches() -> int", &launch_count); }
+TORCH_LIBRARY(zf_cuda_emu, m) {
+  m.def("launches() -> int", &launch_count);
+  m.def("fail_table(int n) -> ()", &fail_table);
+}
