@@ -152,3 +152,83 @@ def test_a_precision_that_cannot_run_suggests_one_that_can(monkeypatch, fails, h
         precision.check_run_precision({"precision": fails[0], "optimizer": "zo_adam", "zo_eps": 1e-3},
                                       torch.device("cpu"), warn=lambda m: None)
     assert str(e.value).endswith(f"(RuntimeError: no kernels); use --precision {hint}"), str(e.value)
+
+
+# ---------------------------------------------------------------- fp16 loss scaling
+def _first_step_grads(precision, scaler, tiny=1e-7):
+    """The gradients the optimizer steps with, after one fo_sgd train_step of an adapter set
+    and a cosine head on a loss ``tiny`` times cross-entropy: gradients of order 1e-9, below
+    fp16's smallest subnormal (6e-8)."""
+    import torch.nn.functional as F
+
+    from zeroflow.continual.learners import CosineLinear
+    from zeroflow.optim import create, train_step
+    torch.manual_seed(0)
+    net = _net(precision)
+    head = CosineLinear(net.dim, 3)
+    params = list(net.adapters[0].parameters()) + list(head.parameters())
+    opt = create("fo_sgd", params, lr=0.1)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append([p.grad.clone() for p in params]))
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    train_step(opt, lambda: tiny * F.cross_entropy(head(net.features(x, 0)), y),
+               *([scaler] if scaler is not None else []))
+    assert len(seen) == 1
+    return seen[0]
+
+
+def test_fp16_first_order_gradients_are_scaled_not_flushed_to_zero():
+    """Without loss scaling, fp16 backward flushed every small adapter gradient to 0 (the
+    optimizer stepped with zeros); train_step with a GradScaler hands it the fp32 gradient."""
+    ref = _first_step_grads("fp32", None)
+    unscaled = _first_step_grads("fp16", None)
+    scaled = _first_step_grads("fp16", torch.amp.GradScaler("cpu"))
+    moving = [i for i, g in enumerate(ref) if float(g.abs().max()) > 0]
+    adapters = [i for i in moving if i < len(ref) - 2]          # the last two: the head's weight and sigma
+    assert adapters
+    assert all(float(unscaled[i].abs().max()) == 0 for i in adapters)    # what fp16 did before
+    for i in moving:
+        assert float((scaled[i] - ref[i]).norm() / ref[i].norm()) < 5e-2, i      # fp16 rounding: ~1e-2
+
+
+def test_grad_scaler_only_for_fp16_backward():
+    from zeroflow.continual.precision import grad_scaler
+    cpu = torch.device("cpu")
+    assert isinstance(grad_scaler({"precision": "fp16", "optimizer": "fo_adam"}, cpu), torch.amp.GradScaler)
+    assert isinstance(grad_scaler({"precision": "fp16", "optimizer": "zo_sgd", "hybrid_switch": 5}, cpu),
+                      torch.amp.GradScaler)
+    for cfg in ({"precision": "fp16", "optimizer": "zo_adam"}, {"precision": "fp16", "optimizer": "forward_grad"},
+                {"precision": "bf16", "optimizer": "fo_sgd"}, {"precision": "fp32", "optimizer": "fo_sgd"},
+                {"precision": "tf32", "optimizer": "fo_adam", "hybrid_switch": 3}):
+        assert grad_scaler(cfg, cpu) is None, cfg
+
+
+@pytest.mark.parametrize("kw", [dict(optimizer="fo_sgd", lr=0.05), dict(optimizer="zo_sgd", hybrid_switch=3)],
+                         ids=["fo_sgd", "hybrid"])
+def test_fp16_first_order_run_resumes_as_it_would_have_gone_on(tmp_path, zf_cache, kw):
+    """The loss scaler's state (its scale, its growth tracker) is in the run checkpoint: a
+    resumed fp16 run scales as the uninterrupted one did, and ends with the same results."""
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.runner import load_checkpoint, run
+    quiet = dict(progress=False, log=lambda *a: None, warn=lambda *a: None)
+    cfg = resolve(dict(QUICK, precision="fp16", zo_eps=1e-3, **kw))
+    full = run(cfg, str(tmp_path / "full"), **quiet)
+    assert run(cfg, str(tmp_path / "part"), stop_after=1, **quiet)["stopped_after"] == 1
+    saved = load_checkpoint(str(tmp_path / "part" / "checkpoint.pt"))["grad_scaler"]
+    assert saved["scale"] > 0 and "_growth_tracker" in saved
+    part = run({}, str(tmp_path / "part"), resume=True, **quiet)
+    for k in ("avg", "last", "accuracy_matrix", "accuracy_curve", "forward_passes", "iterations"):
+        assert part[k] == full[k], k
+    assert (load_checkpoint(str(tmp_path / "part" / "checkpoint.pt"))["grad_scaler"]
+            == load_checkpoint(str(tmp_path / "full" / "checkpoint.pt"))["grad_scaler"])
+    # every step's forward is counted, those the scaler skipped (inf/nan gradients) too
+    if kw["optimizer"].startswith("fo_"):
+        assert full["forward_passes"] == full["iterations"]
+
+
+def test_runs_without_fp16_backward_checkpoint_no_scaler(tmp_path, zf_cache):
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.runner import load_checkpoint, run
+    run(resolve(dict(QUICK, precision="bf16", optimizer="fo_sgd", lr=0.05)), str(tmp_path / "r"), stop_after=1,
+        progress=False, log=lambda *a: None, warn=lambda *a: None)
+    assert load_checkpoint(str(tmp_path / "r" / "checkpoint.pt"))["grad_scaler"] is None

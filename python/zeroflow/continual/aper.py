@@ -43,7 +43,7 @@ class APER:
                                   counters=ctx.counters, timer=ctx.timer,
                                   progress_desc=f"task 1/{ctx.n_tasks} APER {cfg['optimizer']}",
                                   progress=ctx.progress, data_parallel=ctx.shard is not None, mem=ctx.mem,
-                                  record=ctx.record_stem(0))
+                                  record=ctx.record_stem(0), scaler=getattr(ctx, "scaler", None))
         pl = data.loader("train_eval", classes, int(cfg.get("eval_batch_size", 256)),
                          num_workers=int(cfg.get("num_workers", 0)))
         feats, labels = extract(net, pl, self.eval_adapters(), dev, ctx.counters)

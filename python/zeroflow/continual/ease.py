@@ -111,7 +111,7 @@ class EASE:
                                   counters=ctx.counters, timer=ctx.timer,
                                   progress_desc=f"task {t + 1}/{ctx.n_tasks} EASE {cfg['optimizer']}",
                                   progress=ctx.progress, data_parallel=ctx.shard is not None, mem=ctx.mem,
-                                  record=ctx.record_stem(t))
+                                  record=ctx.record_stem(t), scaler=getattr(ctx, "scaler", None))
         # prototypes of the new classes in every subspace
         pl = data.loader("train_eval", classes, int(cfg.get("eval_batch_size", 256)),
                          num_workers=int(cfg.get("num_workers", 0)))

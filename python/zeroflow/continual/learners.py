@@ -80,7 +80,7 @@ def cosine_lr(base: float, epoch: int, epochs: int, schedule: str) -> float:
 def train_subspace(net: nn.Module, forward: Callable, modules: Dict[str, nn.Module], loader, cfg: Dict, *,
                    label_offset: int, seed: int, device: torch.device, counters: Counters,
                    timer, progress_desc: str, progress: bool = True, data_parallel: bool = False,
-                   record: Optional[str] = None, mem=None) -> Dict:
+                   record: Optional[str] = None, mem=None, scaler=None) -> Dict:
     """Train ``modules`` (``{name: module}``: an adapter set + a temporary head) with
     cross-entropy on ``forward(x) -> logits`` using the configured factory optimizer.
 
@@ -96,7 +96,11 @@ def train_subspace(net: nn.Module, forward: Callable, modules: Dict[str, nn.Modu
 
     ``mem`` (the run's ``MemoryMeter``): the returned ``train_peak_memory_bytes`` is the peak
     of the training loop alone (the optimizer's memory, the study's Table 2), without the
-    prototype and test passes at ``eval_batch_size`` that follow it in the task."""
+    prototype and test passes at ``eval_batch_size`` that follow it in the task.
+
+    ``scaler`` (the run's ``torch.amp.GradScaler``, fp16 only: :func:`.precision.grad_scaler`)
+    scales the loss of first-order steps; a step it skips (inf/nan gradients) still counts its
+    forward pass."""
     names = [f"{mname}.{pname}" for mname, m in modules.items() for pname, _ in m.named_parameters()]
     params = [p for m in modules.values() for p in m.parameters()]
     for p in params:
@@ -112,7 +116,7 @@ def train_subspace(net: nn.Module, forward: Callable, modules: Dict[str, nn.Modu
     try:
         with mem.section() if mem is not None else contextlib.nullcontext({}) as section:
             info = _train_loop(net, forward, params, opt, loader, cfg, label_offset, device, counters, timer,
-                               progress_desc, progress)
+                               progress_desc, progress, scaler)
         if mem is not None:
             info["train_peak_memory_bytes"] = section["peak"]
         if data_parallel:
@@ -151,12 +155,13 @@ def start_recording(stem: str, opt, names: List[str], params: List[torch.Tensor]
 
 
 def _train_loop(net, forward, params, opt, loader, cfg, label_offset, device, counters, timer,
-                progress_desc, progress):
+                progress_desc, progress, scaler=None):
     from tqdm.auto import tqdm
     from zeroflow.optim import train_step
 
     epochs = int(cfg["epochs"])
     losses = []
+    skipped = 0          # first-order steps the loss scaler skipped: forwards the optimizer did not count
     bar = tqdm(total=epochs * len(loader), desc=progress_desc, disable=not progress, leave=False,
                dynamic_ncols=True)
     sharded = hasattr(loader.batch_sampler, "set_epoch")
@@ -177,7 +182,9 @@ def _train_loop(net, forward, params, opt, loader, cfg, label_offset, device, co
             if hasattr(opt, "set_batch_size"):     # DataParallelZO: weight this shard's loss
                 opt.set_batch_size(len(x))
             t0 = timer.now()
-            loss = train_step(opt, closure)
+            scale = scaler.get_scale() if scaler is not None and not opt.zeroth_order else None
+            loss = train_step(opt, closure, scaler if scale is not None else None)
+            skipped += scale is not None and scaler.get_scale() < scale     # lowered: inf/nan found, no step
             counters.train_seconds += timer.now() - t0
             counters.iterations += 1
             if not math.isfinite(loss):
@@ -187,14 +194,15 @@ def _train_loop(net, forward, params, opt, loader, cfg, label_offset, device, co
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2g}")
     bar.close()
-    counters.train_forward_passes += int(opt.forward_passes)
+    counters.train_forward_passes += int(opt.forward_passes) + skipped
     net.eval()
     for p in params:
         p.requires_grad_(False)
     k = max(1, len(losses) // 10)          # mean loss over the first / last tenth of the steps
     first = sum(losses[:k]) / len(losses[:k]) if losses else None
     last = sum(losses[-k:]) / len(losses[-k:]) if losses else None
-    return {"steps": len(losses), "forward_passes": int(opt.forward_passes), "loss_first": first, "loss_last": last}
+    return {"steps": len(losses), "forward_passes": int(opt.forward_passes) + skipped, "loss_first": first,
+            "loss_last": last}
 
 
 def adapters_state(net) -> Dict:

@@ -10,6 +10,11 @@ Parameters stay fp32 in every mode, the backbone's features are cast back to fp3
 head, and the loss and the zeroth-order finite difference ``(L+ - L-) / (2 eps)`` are computed
 in fp32 (the loss) and Python floats (the difference). Only the forward's arithmetic changes.
 
+A backward pass through fp16 forwards computes fp16 gradients, and those below fp16's smallest
+subnormal (6e-8) flush to zero: first-order steps under fp16 (the ``fo_*`` baselines, the FO
+phase of ``--hybrid-switch``) scale the loss with a ``torch.amp.GradScaler``
+(:func:`grad_scaler`), as torch's AMP recipe does. bf16 has fp32's exponent range: no scaler.
+
 A ZO step divides a loss difference of order ``zo_eps`` by ``zo_eps``: the rounding noise of a
 reduced-precision forward does not shrink with ``zo_eps``, so below some ``zo_eps`` it swamps the
 difference. ``MIN_SAFE_ZO_EPS`` is that line as measured by ``benchmarks/precision_fidelity.py``
@@ -62,6 +67,18 @@ def forward_precision(precision: str, device_type: str):
         # explicit: a process that enabled TF32 globally still gets fp32 forwards here
         return _tf32_flags(False) if device_type == "cuda" else contextlib.nullcontext()
     raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+
+
+def grad_scaler(cfg: Dict, device: torch.device) -> Optional["torch.amp.GradScaler"]:
+    """The loss scaler of a run's first-order steps: a ``torch.amp.GradScaler`` for fp16 runs
+    that call backward (the ``fo_*`` baselines, a hybrid's FO phase), one for the whole run (its
+    scale carries over from task to task, and the run checkpoint saves it); None otherwise (no
+    scaling: bf16, fp32, tf32 and backward-free optimizers train exactly as before)."""
+    if cfg.get("precision", "fp32") != "fp16":
+        return None
+    if not (str(cfg["optimizer"]).startswith("fo_") or cfg.get("hybrid_switch")):
+        return None
+    return torch.amp.GradScaler(device.type)
 
 
 def autocast_problem(precision: str, device: torch.device) -> Optional[str]:

@@ -35,7 +35,7 @@ from .._atomic import atomic_torch_save, atomic_write, atomic_write_bytes
 from . import metrics as M
 from .defaults import COMMON, flag, lr_entry, validate
 from .errors import WriteFailed, ZeroflowError
-from .precision import check_run_precision
+from .precision import check_run_precision, grad_scaler
 from .runfolder import (CHECKPOINT, CONFIG, METRICS, OPERATIONAL_KEYS, RESULTS_VERSION, TRAJECTORY, UNRECORDED,
                         RunFolder, canonical, config_differences, describe_results_version, inside_refusal,
                         inspect, other_results_version, parent_refusal, read_run_config, remove_run_files,
@@ -165,6 +165,7 @@ class TaskContext:
     shard: Optional[tuple] = None     # (rank, world) under torchrun, else None
     record_dir: Optional[str] = None  # --record (rank 0): the run's trajectory/ folder
     mem: Optional[object] = None      # the run's MemoryMeter: training peaks (metrics.MemoryMeter.section)
+    scaler: Optional[object] = None   # the run's GradScaler: fp16 first-order steps (precision.grad_scaler)
 
     def record_stem(self, t: int) -> Optional[str]:
         """Path stem of task ``t``'s trajectory log (1-based, as printed), or None."""
@@ -746,12 +747,14 @@ class _Results:
     # run resumed from a checkpoint that recorded none (runfolder.UNRECORDED)
     results_version: Optional[int] = RESULTS_VERSION
     config: Optional[Dict] = None                  # the configuration the finished tasks were trained with
+    # the state of the run's loss scaler (fp16 first-order runs) after the finished tasks; None: none
+    grad_scaler: Optional[Dict] = None
 
     def checkpoint(self, learner, completed: int) -> Dict:
         return {"version": CKPT_VERSION, "completed": completed, "learner": learner.state_dict(),
                 "matrix": self.matrix, "curve": self.curve, "task_stats": self.task_stats,
                 "counters": self.counters.as_dict(), "peak_memory_bytes": self.peak, "identity": self.identity,
-                "results_version": self.results_version, "config": self.config}
+                "results_version": self.results_version, "config": self.config, "grad_scaler": self.grad_scaler}
 
 
 def check_checkpoint_config(run_dir: str, ck: Dict, config: Optional[Dict], n_tasks: Optional[int], *,
@@ -813,7 +816,7 @@ def _restore_results(run_dir: str, learner, *, resume: bool, n_tasks: int, log, 
         results = _Results(matrix=ck["matrix"], counters=Counters(**ck["counters"]), curve=ck["curve"],
                            task_stats=ck["task_stats"], completed=int(ck["completed"]),
                            peak=int(ck["peak_memory_bytes"]), identity=identity, results_version=version,
-                           config=config)
+                           config=config, grad_scaler=ck.get("grad_scaler"))
         log(f"resuming {run_dir} after task {results.completed}/{n_tasks}")
         return results
     return _Results(matrix=M.empty_matrix(n_tasks), counters=Counters(), identity=identity, config=config)
@@ -830,6 +833,11 @@ def _train_tasks(learner, data, cfg: Dict, results: _Results, *, device, mem, ti
     first = results.completed
     counters = results.counters
     eval_bs, nw = int(cfg.get("eval_batch_size", 256)), int(cfg.get("num_workers", 0))
+    # one loss scaler for the run (fp16 first-order steps), its scale carried from task to task
+    # and through a resume: the checkpoint holds its state as it was after the finished tasks
+    scaler = grad_scaler(cfg, device)
+    if scaler is not None and results.grad_scaler:
+        scaler.load_state_dict(results.grad_scaler)
     for t in range(results.completed, T):
         # before the task, not only after one: a resumed run may already have stop_after tasks
         if stop_after is not None and results.completed >= stop_after:
@@ -843,7 +851,7 @@ def _train_tasks(learner, data, cfg: Dict, results: _Results, *, device, mem, ti
         it0, fp0, ts0 = counters.iterations, counters.train_forward_passes, counters.train_seconds
         t0 = timer.now()
         info = learner.learn_task(t, data.tasks[t], data,
-                                  TaskContext(s, T, counters, timer, progress, shard, record_dir, mem))
+                                  TaskContext(s, T, counters, timer, progress, shard, record_dir, mem, scaler))
         overall, per_task = evaluate(learner, data, data.tasks[: t + 1], device, counters, eval_bs, nw)
         seconds = timer.now() - t0
         for g in range(t + 1):
@@ -862,6 +870,7 @@ def _train_tasks(learner, data, cfg: Dict, results: _Results, *, device, mem, ti
             "train_peak_memory_bytes": info.get("train_peak_memory_bytes"),     # None: the task trains nothing
             "accuracy": overall, "loss_first": info.get("loss_first"), "loss_last": info.get("loss_last"),
         })
+        results.grad_scaler = scaler.state_dict() if scaler is not None else None
         if main:
             save_torch(results.checkpoint(learner, completed=t + 1), os.path.join(run_dir, CHECKPOINT))
         results.completed = t + 1

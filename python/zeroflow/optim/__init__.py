@@ -113,12 +113,18 @@ def _materialize(params):
     return [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in out]
 
 
-def train_step(optimizer, closure) -> float:
+def train_step(optimizer, closure, scaler=None) -> float:
     """One training step with any factory optimizer; returns the loss as a float.
 
     ``closure()`` runs the forward pass and returns the scalar loss tensor (no backward).
     Zeroth-order (``optimizer.zeroth_order``): ``optimizer.step(closure)``.
     First-order: ``zero_grad(); loss = closure(); loss.backward(); step()``.
+
+    ``scaler`` (a ``torch.amp.GradScaler``, for fp16 autocast forwards): a first-order step
+    back-propagates the scaled loss, so that small gradients do not underflow in fp16, and
+    steps through ``scaler.step`` (gradients unscaled first; a step whose gradients hold an
+    inf or nan is skipped) and ``scaler.update``. A zeroth-order step runs no backward and
+    ignores it. The returned loss is the unscaled one.
     """
     if getattr(optimizer, "zeroth_order", False):
         loss = optimizer.step(closure)
@@ -128,6 +134,10 @@ def train_step(optimizer, closure) -> float:
             loss = closure()
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError("the closure must return a scalar loss tensor")
-            loss.backward()
-        optimizer.step()
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
     return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
