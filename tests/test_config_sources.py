@@ -126,3 +126,47 @@ def test_a_bad_choice_in_a_config_file_names_the_file(tmp_path, text, needle):
     with pytest.raises(ZeroflowError) as e:      # a flag's value: the message is as it was
         resolve({"precision": "fp8"})
     assert str(e.value) == "unknown precision 'fp8'; valid: fp32, tf32, bf16, fp16"
+
+
+def test_a_flag_naming_another_dataset_than_the_config_file_warns_of_what_the_file_still_sets(tmp_path):
+    """--config configs/ease_cifar100.yaml --dataset cub ran CUB with CIFAR's init_cls, lr and
+    batch_size without a word (flags win over the file for dataset, the file over the defaults
+    for the rest): now a warning names the file's options that replace the CUB defaults."""
+    from zeroflow.continual.defaults import defaults_for, resolve
+    cifar = os.path.join(ROOT, "configs", "ease_cifar100.yaml")
+    said = []
+    cfg = resolve({"dataset": "cub"}, cifar, warn=said.append)
+    assert cfg["init_cls"] == 10 and cfg["batch_size"] == 48      # precedence unchanged: the file's values
+    assert len(said) == 1, said
+    assert said[0].startswith(f"--dataset cub overrides dataset: cifar100 in {cifar}, but the file's other cifar100 "
+                              "options still apply to this ease cub run: "), said[0]
+    cub = defaults_for("cub", "ease")
+    for k in ("init_cls", "increment", "lr", "batch_size", "ease_alpha"):
+        assert f" {k} " in said[0] and cub[k] != cfg[k], k
+    assert "weight_decay" not in said[0] and "seed" not in said[0]    # the same for both datasets
+    assert said[0].endswith("give them as flags, or start from configs/ease_cub.yaml")
+    # a method flag against the file's method: the same
+    said.clear()
+    resolve({"method": "aper"}, os.path.join(ROOT, "configs", "aper_cub.yaml"), warn=said.append)
+    resolve({"method": "ease", "ease_alpha": 0.05}, os.path.join(ROOT, "configs", "aper_cub.yaml"),
+            warn=said.append)
+    assert len(said) == 1 and said[0].startswith("--method ease overrides method: aper in "), said
+    # no warning: the flag names the file's dataset, no flag, or nothing of the file's is dataset-specific
+    said.clear()
+    resolve({"dataset": "cifar100"}, cifar, warn=said.append)
+    resolve({}, cifar, warn=said.append)
+    (tmp_path / "c.yaml").write_text("dataset: cifar100\nseed: 7\nepochs: 10\n")   # digits: 10 epochs too
+    resolve({"dataset": "digits"}, str(tmp_path / "c.yaml"), warn=said.append)
+    assert said == []
+
+
+def test_the_cli_prints_the_carried_over_warning(tmp_path, capsys):
+    """--dataset digits with the CIFAR file went on to fetch ViT-B weights for digits: the
+    warning names the backbone (here the run then stops at a bad --epochs, before any fetch)."""
+    from zeroflow.cli import main
+    rc = main(["run", "--config", os.path.join(ROOT, "configs", "ease_cifar100.yaml"), "--dataset", "digits",
+               "--epochs", "-1", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--epochs must be >= 0" in err
+    assert "zeroflow: warning: --dataset digits overrides dataset: cifar100 in " in err
+    assert 'backbone "vit_base_patch16_224.augreg_in21k" (default "small")' in err

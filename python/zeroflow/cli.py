@@ -183,14 +183,14 @@ def _print_table(m: dict, run_dir: str, started: float):
 
 def cmd_run(a, started: float) -> int:
     from .continual.defaults import load_config_file, resolve
-    from .continual.runner import run
+    from .continual.runner import run, warn_stderr
 
     if a.resume:
         # only what the user gave: the run keeps its saved configuration (see runner.resumed_config)
         given = {k: v for k, v in _overrides(a).items() if v is not None}
         cfg = (load_config_file(a.config) if a.config else {}) | given
     else:
-        cfg = resolve(_overrides(a), a.config)
+        cfg = resolve(_overrides(a), a.config, warn=warn_stderr)
     m = run(cfg, a.out, resume=a.resume, force=a.force, progress=not a.no_progress, stop_after=a.stop_after)
     if "stopped_after" in m or m.get("rank", 0) != 0:    # ranks > 0 of a torchrun job print nothing
         return 0
@@ -252,7 +252,7 @@ def _sweep_plan(a, names: List[str], parent: str) -> list:
     from .continual.defaults import RECORDABLE, resolve
     from .continual.errors import ZeroflowError
     from .continual.runfolder import conflict, lock_holder, run_files_in
-    from .continual.runner import check_resumable
+    from .continual.runner import check_resumable, warn_stderr
 
     record = _sweep_records(a)
 
@@ -262,11 +262,12 @@ def _sweep_plan(a, names: List[str], parent: str) -> list:
                             f"folders inside --out, and zeroflow report does not look inside a run folder, so "
                             f"they would be hidden: choose another --out")
     plan, seeds = [], _sweep_seeds(a)
+    warned = []       # the same warning from each run's configuration: once
     for n, seed in ((n, seed) for n in names for seed in seeds):
         over = _overrides(a) | {"optimizer": n} | ({} if seed is None else {"seed": seed})
         if record and n not in RECORDABLE:
             over["record"] = False      # named in a warning by cmd_sweep; the others are recorded
-        cfg = resolve(over, a.config)
+        cfg = resolve(over, a.config, warn=lambda m: m in warned or (warned.append(m), warn_stderr(m)))
         suffix = "" if seed is None else f"_seed{seed}"
         d = os.path.join(parent, f"{cfg['method']}_{n}_{cfg['dataset']}{suffix}")
         holder = lock_holder(d)

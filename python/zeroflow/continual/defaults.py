@@ -403,8 +403,43 @@ def load_config_file(path: str) -> Dict[str, Any]:
     return data
 
 
-def resolve(overrides: Dict[str, Any], config_file: Optional[str] = None) -> Dict[str, Any]:
-    """Full, checked run configuration: defaults(dataset, method) < config file < overrides (non-None)."""
+def carried_over(file_cfg: Dict[str, Any], over: Dict[str, Any], config_file: str) -> Optional[str]:
+    """The warning for a config file that names another dataset or method than the flags: the
+    flag wins for ``dataset`` / ``method``, but the file's other options still apply, and those
+    that are its own dataset's or method's defaults (init_cls, lr, batch_size, the backbone, ...)
+    then replace the defaults of the run's. None when the flags name the file's dataset and
+    method, or when none of the file's options differs that way."""
+    def norm(v):
+        return v.lower() if isinstance(v, str) else v
+
+    changed = [k for k in ("dataset", "method") if k in file_cfg and k in over and norm(file_cfg[k]) != norm(over[k])]
+    if not changed:
+        return None
+    try:
+        was = defaults_for(norm(file_cfg.get("dataset", over.get("dataset", COMMON["dataset"]))),
+                           norm(file_cfg.get("method", over.get("method", COMMON["method"]))))
+        now = defaults_for(norm(over.get("dataset", file_cfg.get("dataset", COMMON["dataset"]))),
+                           norm(over.get("method", file_cfg.get("method", COMMON["method"]))))
+    except ZeroflowError:       # an unknown name: the error that follows says so
+        return None
+    carried = [k for k in file_cfg if k not in ("dataset", "method") and k not in over and k in was and k in now
+               and canonical_value(was[k]) != canonical_value(now[k])
+               and canonical_value(file_cfg[k]) != canonical_value(now[k])]
+    if not carried:
+        return None
+    flags = " ".join(f"{flag(k)} {over[k]}" for k in changed)
+    named = " and ".join(f"{k}: {file_cfg[k]}" for k in changed)
+    whose = "/".join(str(was[k]) for k in changed)
+    run = " ".join(str(now[k]) for k in ("method", "dataset"))
+    shown = ", ".join(f"{k} {json.dumps(file_cfg[k])} (default {json.dumps(now[k])})" for k in carried)
+    return (f"{flags} overrides {named} in {config_file}, but the file's other {whose} options still apply to this "
+            f"{run} run: {shown}; give them as flags, or start from configs/{now['method']}_{now['dataset']}.yaml")
+
+
+def resolve(overrides: Dict[str, Any], config_file: Optional[str] = None, warn=None) -> Dict[str, Any]:
+    """Full, checked run configuration: defaults(dataset, method) < config file < overrides (non-None).
+    ``warn(message)``: told when the flags name another dataset or method than the config file
+    while the file's options of its own dataset or method still apply (:func:`carried_over`)."""
     file_cfg = load_config_file(config_file) if config_file else {}
     over = {k: v for k, v in overrides.items() if v is not None}
     names = {k: f"{k} in {config_file}" for k in file_cfg} | {k: flag(k) for k in over}
@@ -415,6 +450,9 @@ def resolve(overrides: Dict[str, Any], config_file: Optional[str] = None) -> Dic
             raise ZeroflowError(f"{names.get(k, flag(k))} must be a string (got {v!r})")
     for k, v, valid in (("dataset", dataset, DATASETS), ("method", method, METHODS)):
         _choice(k, v.lower(), valid, names.get(k))
+    message = carried_over(file_cfg, over, config_file) if warn is not None and config_file else None
+    if message:
+        warn(message)
     cfg = defaults_for(dataset.lower(), method.lower())
     cfg.update(file_cfg)
     cfg.update(over)
