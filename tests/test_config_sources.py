@@ -170,3 +170,30 @@ def test_the_cli_prints_the_carried_over_warning(tmp_path, capsys):
     assert rc == 2 and "--epochs must be >= 0" in err
     assert "zeroflow: warning: --dataset digits overrides dataset: cifar100 in " in err
     assert 'backbone "vit_base_patch16_224.augreg_in21k" (default "small")' in err
+
+
+def test_an_init_cls_above_the_classes_names_where_it_was_given(tmp_path, capsys):
+    """"--init-cls 20 exceeds the 10 classes of digits" was said of init_cls: 20 in a config
+    file too (from the loader, which knows no flags): now checked with the other options, and
+    named as they are (the flag, or the option in the file)."""
+    from zeroflow.cli import main
+    from zeroflow.continual.data import task_sizes
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.errors import ZeroflowError
+    p = tmp_path / "c.yaml"
+    p.write_text("init_cls: 20\n")
+    with pytest.raises(ZeroflowError) as e:
+        resolve({}, str(p))
+    assert str(e.value) == f"init_cls in {p} (20) exceeds the 10 classes of digits; give at most 10"
+    with pytest.raises(ZeroflowError) as e:
+        resolve({"init_cls": 20}, str(p))
+    assert str(e.value) == "--init-cls 20 exceeds the 10 classes of digits; give at most 10"
+    with pytest.raises(ZeroflowError, match=r"^--init-cls 101 exceeds the 100 classes of cifar100; give at most 100$"):
+        resolve({"dataset": "cifar100", "init_cls": 101})
+    assert main(["run", "--config", str(p), "--out", str(tmp_path / "r")]) == 2
+    assert f"zeroflow: error: init_cls in {p} (20) exceeds the 10 classes of digits" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    # the folder datasets count their classes when loaded: the loader names the option, not a flag
+    with pytest.raises(ZeroflowError) as e:
+        task_sizes(200, 250, 20, "cub")
+    assert str(e.value) == "init_cls 250 exceeds the 200 classes of cub; give at most 200"

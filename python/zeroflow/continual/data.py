@@ -44,7 +44,8 @@ def task_sizes(n_classes: int, init_cls: int, increment: int, dataset: str = "th
     if init_cls <= 0 or increment <= 0:
         raise ZeroflowError(f"--init-cls and --increment must be >= 1 (got {init_cls}, {increment})")
     if init_cls > n_classes:
-        raise ZeroflowError(f"--init-cls {init_cls} exceeds the {n_classes} classes of {dataset}; give at most "
+        # the option, not the flag: the value may come from --init-cls, a --config file or a run's config.json
+        raise ZeroflowError(f"init_cls {init_cls} exceeds the {n_classes} classes of {dataset}; give at most "
                             f"{n_classes}")
     sizes = [init_cls]
     while sum(sizes) + increment <= n_classes:

@@ -25,6 +25,8 @@ from .errors import ZeroflowError
 
 METHODS = ("ease", "aper")
 DATASETS = ("digits", "cifar100", "cub", "imagenet-a", "omnibenchmark")
+# the datasets whose number of classes is fixed (the others count their class folders when loaded)
+FIXED_CLASSES = {"digits": 10, "cifar100": 100}
 OPTIMIZERS = ("zo_sgd", "zo_sgd_sign", "zo_sgd_conserve", "zo_adam", "zo_adam_sign", "zo_adam_conserve",
               "forward_grad", "fo_sgd", "fo_adam")
 PERTURBATIONS = ("gaussian", "rademacher")
@@ -242,6 +244,11 @@ def validate(cfg: Dict[str, Any], names: Optional[Dict[str, str]] = None) -> Dic
     for k, lo in INTS.items():
         if k in out and not (out[k] is None and k in NULLABLE):
             out[k] = _as_int(name(k), out[k], lo, SEED_MAX if k in SEEDS else None)
+    n_classes = FIXED_CLASSES.get(out["dataset"])
+    if n_classes is not None and out["init_cls"] > n_classes:
+        given = name("init_cls")
+        given = f"{given} {out['init_cls']}" if given.startswith("--") else f"{given} ({out['init_cls']})"
+        raise ZeroflowError(f"{given} exceeds the {n_classes} classes of {out['dataset']}; give at most {n_classes}")
     out["lr"] = _pick_lr(out["lr"], out["optimizer"], name("lr"), hybrid=bool(out.get("hybrid_switch")))
     for k, bounds in FLOATS.items():
         if k in out and not (out[k] is None and k in NULLABLE):
