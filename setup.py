@@ -8,7 +8,8 @@ Extensions:
 
 Environment:
   ZEROFLOW_BUILD_CUDA=0|1   force the CUDA extension off / on (1 fails if impossible)
-  TORCH_CUDA_ARCH_LIST      GPU archs (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST      GPU archs (default "8.0;9.0+PTX": machine code for A100 and H100/H200,
+                            and PTX that newer GPUs (B200, RTX 50) compile at load)
   MAX_JOBS                  parallel compile jobs (default 2)
 """
 import importlib.util
@@ -115,7 +116,11 @@ ext_modules = [
 ]
 
 if _want_cuda():
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # +PTX: without it a GPU newer than sm_90 (B200 sm_100, RTX 50 sm_120) has no kernel image
+    # ("no kernel image is available for execution on the device"). The PTX keeps the bits:
+    # under --fmad=false nvcc writes every fp32 multiply and add with an explicit rounding
+    # modifier (mul.rn / add.rn), which the driver's compiler may not contract into an FMA.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     ext_modules.append(
         CUDAExtension(
             name="zfkernels._C_cuda",

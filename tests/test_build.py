@@ -289,3 +289,36 @@ def test_cuda_device_allocations_retry_after_freeing_torchs_cached_blocks():
                 f"cudaErrorMemoryAllocation:\n{code[calls[k]:calls[k] + 300]}")
             k += 2                                             # the call and its retry
     assert found, "no cudaMalloc in csrc/: the table cache moved; follow it here"
+
+
+def test_the_cuda_build_ships_ptx_for_newer_gpus_by_default():
+    """setup.py's default TORCH_CUDA_ARCH_LIST was "8.0;9.0": machine code only, so a GPU newer
+    than sm_90 (B200 sm_100, RTX 50 sm_120) had no kernel image ("no kernel image is available
+    for execution on the device") for every op of a pip-installed zeroflow. +PTX adds PTX that
+    the driver compiles for such a GPU at load (bits: the next test)."""
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        setup = f.read()
+    assert 'os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")' in setup
+
+
+def test_the_shipped_ptx_keeps_the_one_arithmetic():
+    """The PTX a newer GPU compiles at load must give the bits of every other backend: no fused
+    multiply-add (docs/kernel-ops.md, "Arithmetic"). Under --fmad=false nvcc writes every fp32
+    multiply and add with an explicit rounding modifier (mul.rn / add.rn), which the driver's
+    compiler may not contract, and division and sqrt correctly rounded (div.rn / sqrt.rn):
+    checked in the PTX the CUDA extension embeds (one NUL-separated text per arch)."""
+    import re
+
+    built = dict(_built_objects())
+    if "_C_cuda" not in built:
+        pytest.skip("no CUDA extension built")
+    with open(built["_C_cuda"], "rb") as f:
+        data = f.read()
+    targets = re.findall(rb"\.target (sm_\d+)", data)
+    if not targets:
+        pytest.skip("built without PTX (a TORCH_CUDA_ARCH_LIST without +PTX, as gpu_check.sh's 9.0)")
+    fp32 = {m.decode() for m in re.findall(
+        rb"[\0\n]\s*((?:fma|mad|mul|add|sub|div|sqrt|rcp|rsqrt)(?:\.[a-z0-9]+)*\.f32)\b", data)}
+    unrounded = sorted(op for op in fp32 if not re.search(r"\.(rn|rz|rm|rp)\b", op) or op.startswith(("fma", "mad")))
+    assert fp32 and not unrounded, f"PTX for {targets}: fp32 instructions a compiler may contract or " \
+                                   f"approximate: {unrounded} (of {sorted(fp32)})"
