@@ -45,6 +45,7 @@ RUN_FLAGS = (
     ("--sparsity", "sparsity", float, "ZO sparse-mask ratio in [0, 1)"),
     ("--history", "history", float, "ZO history mixing alpha in [0, 1)"),
     ("--hybrid-switch", "hybrid_switch", int, "hybrid FO->ZO: FO steps per task before switching to ZO"),
+    ("--hybrid-zo-lr", "hybrid_zo_lr", float, "hybrid FO->ZO: lr of the ZO phase (--lr is the FO phase's)"),
     ("--seed", "seed", int, "random seed of the training, in [0, 2^31-1] (the class order follows "
                             "--class-order-seed)"),
     ("--class-order-seed", "class_order_seed", int, "numpy seed of the class order, in [0, 2^31-1] (PILOT's "

@@ -6,9 +6,10 @@ Precedence: these defaults < ``--config FILE`` < explicit command-line flags.
 coordinate by about lr, like an Adam step, so the SGD rates are 10x too large for it);
 ``zo_sgd`` for zo_sgd, zo_sgd_conserve and forward_grad (their one-query estimate is about
 sqrt(d) times as long as the gradient, so the first-order rates are far too large for them:
-the reference ZO code ran ZO-SGD at 1e-4) and, where a mapping has no ``zo_sgd`` entry or
-with ``--hybrid-switch`` (the lr serves its first-order phase first), the ``sgd`` entry;
-``sgd`` for fo_sgd.
+the reference ZO code ran ZO-SGD at 1e-4) and, where a mapping has no ``zo_sgd`` entry, the
+``sgd`` entry; ``sgd`` for fo_sgd. With ``--hybrid-switch``, ``lr`` is the first-order phase's
+rate (the FO twin's entry: ``sgd``, or ``adam`` for the Adam family) and ``hybrid_zo_lr`` the
+zeroth-order phase's (the ZO method's own entry, unless given).
 
 ``validate`` checks every option's type and range and names the option as the user gave it
 (``--lr``, or ``lr in FILE``), so that a run that cannot start fails before it writes anything.
@@ -41,7 +42,7 @@ COMMON: Dict[str, Any] = dict(
     method="ease", optimizer="zo_adam", dataset="digits", data_root="data", download=False,
     seed=1993, device="auto", backend=None, checkpoint=None,
     weight_decay=5e-4, momentum=0.9, schedule="cosine",
-    q=1, zo_eps=1e-3, perturbation="gaussian", sparsity=0.0, history=0.0, hybrid_switch=None,
+    q=1, zo_eps=1e-3, perturbation="gaussian", sparsity=0.0, history=0.0, hybrid_switch=None, hybrid_zo_lr=None,
     ease_alpha=0.1, num_workers=0, eval_batch_size=256, threads=None, record=False,
     precision="fp32", class_order_seed=1993, baseline="none",
     # EASE variants (PILOT's option names after the prefix): the per-task variant of the EASE
@@ -111,12 +112,13 @@ FLOATS = {"lr": (0.0, True, None, False), "weight_decay": (0.0, True, None, Fals
           "momentum": (0.0, True, 1.0, False), "zo_eps": (0.0, False, None, False),
           "sparsity": (0.0, True, 1.0, False), "history": (0.0, True, 1.0, False),
           "ease_alpha": (0.0, True, None, False), "pretrain_lr": (0.0, False, None, False),
-          "ease_beta": (0.0, True, None, False), "ease_later_lr": (0.0, True, None, False)}
+          "ease_beta": (0.0, True, None, False), "ease_later_lr": (0.0, True, None, False),
+          "hybrid_zo_lr": (0.0, True, None, False)}
 STRINGS = ("data_root", "device", "backbone")
 BOOLS = ("download", "record", "ease_use_init_ptm", "ease_moni_adam", "ease_recalc_sim", "ease_use_reweight")
 # may be null (None): the option is off / chosen automatically
-NULLABLE = {"threads", "hybrid_switch", "backend", "checkpoint", "small_vit", "model_kwargs", "ease_adapter_num",
-            "ease_later_lr", "ease_later_epochs"}
+NULLABLE = {"threads", "hybrid_switch", "hybrid_zo_lr", "backend", "checkpoint", "small_vit", "model_kwargs",
+            "ease_adapter_num", "ease_later_lr", "ease_later_epochs"}
 
 
 def check_choice(kind: str, value: str, valid) -> str:
@@ -153,9 +155,10 @@ ZO_SGD_FAMILY = ("zo_sgd", "zo_sgd_conserve", "forward_grad")
 def lr_family(optimizer: str, hybrid: bool = False) -> str:
     """Which entry of an ``lr: {sgd: .., zo_sgd: .., adam: ..}`` mapping ``optimizer`` uses
     (module docstring; ``zo_sgd`` falls back to ``sgd`` in a mapping without it). ``hybrid``
-    (``--hybrid-switch``): the run's one lr serves the first-order phase first, so the ZO SGD
-    family takes the ``sgd`` entry there (its ZO phase steps at that lr times zo_lr_scale)."""
-    if "adam" in optimizer or optimizer == "zo_sgd_sign":
+    (``--hybrid-switch``): ``lr`` is the rate of the first-order phase, so the SGD family
+    (zo_sgd_sign included: its FO twin is fo_sgd) takes the ``sgd`` entry there; the ZO phase
+    steps at ``hybrid_zo_lr``, the entry of ``lr_family(optimizer)`` (see ``validate``)."""
+    if "adam" in optimizer or (optimizer == "zo_sgd_sign" and not hybrid):
         return "adam"
     return "zo_sgd" if optimizer in ZO_SGD_FAMILY and not hybrid else "sgd"
 
@@ -249,10 +252,22 @@ def validate(cfg: Dict[str, Any], names: Optional[Dict[str, str]] = None) -> Dic
         given = name("init_cls")
         given = f"{given} {out['init_cls']}" if given.startswith("--") else f"{given} ({out['init_cls']})"
         raise ZeroflowError(f"{given} exceeds the {n_classes} classes of {out['dataset']}; give at most {n_classes}")
+    hybrid = bool(out.get("hybrid_switch")) and not out["optimizer"].startswith("fo_")
+    if out.get("hybrid_zo_lr") is not None and not out.get("hybrid_switch"):
+        raise ZeroflowError(f"{name('hybrid_zo_lr')} is the lr of a hybrid run's zeroth-order phase; this run has no "
+                            f"--hybrid-switch (drop the option, or give --hybrid-switch N)")
+    if hybrid and out.get("hybrid_zo_lr") is None and isinstance(out["lr"], dict):
+        # the ZO phase's rate: the ZO method's own entry (ZO-SGD's 1e-4 on real data, not the
+        # first-order phase's 0.025, which makes its one-query steps ~sqrt(d) times too long)
+        out["hybrid_zo_lr"] = _pick_lr(out["lr"], out["optimizer"], name("lr"))
     out["lr"] = _pick_lr(out["lr"], out["optimizer"], name("lr"), hybrid=bool(out.get("hybrid_switch")))
     for k, bounds in FLOATS.items():
         if k in out and not (out[k] is None and k in NULLABLE):
             out[k] = _as_float(name(k), out[k], *bounds)
+    if hybrid and out["lr"] == 0 and out.get("hybrid_zo_lr"):
+        raise ZeroflowError(f"{name('lr')} is 0 and {name('hybrid_zo_lr')} {out['hybrid_zo_lr']:g}: a hybrid run "
+                            "schedules its ZO phase's lr as a multiple of the first-order phase's (--lr), which 0 "
+                            "cannot carry; give --lr > 0")
     for k in STRINGS + ("backend", "checkpoint"):
         if k in out and not (out[k] is None and k in NULLABLE) and not isinstance(out[k], str):
             raise ZeroflowError(f"{name(k)} must be a string (got {out[k]!r})")
@@ -468,6 +483,7 @@ def resolve(overrides: Dict[str, Any], config_file: Optional[str] = None, warn=N
 
 # what a null default means, for --help
 NULL_MEANS = {"hybrid_switch": "off", "backend": "auto",
+              "hybrid_zo_lr": "the ZO method's rate of the lr mapping (zo_sgd / adam entry), else --lr",
               "threads": "1 for the small ViT on CPU, else torch's choice",
               "ease_adapter_num": "unset (needs --ease-moni-adam)", "ease_later_lr": "--lr",
               "ease_later_epochs": "--epochs"}

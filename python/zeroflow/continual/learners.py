@@ -54,6 +54,10 @@ def make_optimizer(cfg: Dict, params: List[torch.Tensor], model: nn.Module, seed
         if kw.get("backend") in (None, ""):
             kw.pop("backend", None)
         hs = cfg.get("hybrid_switch")
+        if hs and cfg.get("hybrid_zo_lr") is not None:
+            # lr: the FO phase's (and the schedule's base); the ZO phase steps at hybrid_zo_lr
+            # (zo_lr_scale = hybrid_zo_lr / lr, kept by the per-epoch schedule)
+            kw["fo_lr"], kw["lr"] = kw["lr"], float(cfg["hybrid_zo_lr"])
         return create(name, params, model=model, hybrid_switch=int(hs) if hs else None, **kw)
     return create(name, params, model=model, **kw)
 

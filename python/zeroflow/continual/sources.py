@@ -58,6 +58,7 @@ def source(key: str, dataset: str, method: str) -> str:
         "sparsity": "[paper] enhancement off by default",
         "history": "[paper] enhancement off by default",
         "hybrid_switch": "[paper] enhancement off by default",
+        "hybrid_zo_lr": "[zeroflow] null: the ZO method's rate of lr (hybrid runs only)",
         "precision": "[zeroflow] the fidelity study's choice (docs/algorithms.md section 10)",
         "baseline": ("[zeroflow] on the toy untrained adapters score about as well: show the gain" if toy else
                      "[zeroflow] off (an extra evaluation of every stage)"),
