@@ -499,3 +499,26 @@ def test_run_passes_no_progress_and_prints_fgt(tmp_path, monkeypatch, capsys):
         assert main(["run", "--out", str(tmp_path / "r"), *flag]) == 0
         assert seen[-1] is progress
     assert "| EASE | zo_adam | digits | 81.25 | 62.50 | 7.75 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,hybrid_switch", [("fo_sgd", None), ("fo_adam", None), ("zo_sgd", 100)])
+def test_a_first_order_task_leaves_no_gradients_on_the_adapter_it_freezes(name, hybrid_switch):
+    """The adapter set a task trains stays in the model, frozen, for the rest of the run: the
+    .grad tensors of its last first-order step (a hybrid still in its FO phase too) stayed
+    with it, one parameter-sized buffer per finished task in every later task's memory (the
+    train_peak_memory_bytes of Table 2 grew with the task index for FO runs only)."""
+    from types import SimpleNamespace
+
+    from zeroflow.continual.learners import Counters, _train_loop, make_optimizer
+    torch.manual_seed(0)
+    net = _ModeNet()
+    params = list(net.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    cfg = {"optimizer": name, "lr": 0.01, "epochs": 1, "schedule": "cosine", "hybrid_switch": hybrid_switch}
+    opt = make_optimizer(cfg, params, net, seed=0)
+    ds = torch.utils.data.TensorDataset(torch.randn(6, 4), torch.tensor([0, 1, 0, 1, 1, 0]))
+    info = _train_loop(net, net, params, opt, torch.utils.data.DataLoader(ds, batch_size=3), cfg, 0,
+                       torch.device("cpu"), Counters(), SimpleNamespace(now=lambda: 0.0), "task 1/1", False)
+    assert info["steps"] == 2 and not opt.zeroth_order
+    assert all(p.grad is None and not p.requires_grad for p in params)

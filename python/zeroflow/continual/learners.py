@@ -201,6 +201,9 @@ def _train_loop(net, forward, params, opt, loader, cfg, label_offset, device, co
     counters.train_forward_passes += int(opt.forward_passes) + skipped
     net.eval()
     for p in params:
+        # frozen from here on, and kept for the rest of the run: the last first-order step's
+        # .grad would stay with it, one parameter-sized buffer per finished task
+        p.grad = None
         p.requires_grad_(False)
     k = max(1, len(losses) // 10)          # mean loss over the first / last tenth of the steps
     first = sum(losses[:k]) / len(losses[:k]) if losses else None
