@@ -1545,3 +1545,23 @@ def test_an_optimizer_pickled_before_an_option_existed_still_steps():
     old.__setstate__(state)
     old.step(lambda: loss_of(model))        # raised "an option is missing ('state_dtype')"
     assert old.param_groups[0]["state_dtype"] == "param" and old.param_groups[0]["stochastic_rounding"] is False
+
+
+@pytest.mark.parametrize("name,kw,keys", [
+    ("zo_sgd", dict(momentum=0.9, dampening=0.0, weight_decay=5e-4, nesterov=True),
+     ("momentum", "dampening", "weight_decay", "nesterov")),
+    ("forward_grad", dict(momentum=0.9, weight_decay=5e-4), ("momentum", "weight_decay")),
+    ("zo_adam", dict(betas=(0.8, 0.9), eps=1e-6, weight_decay=5e-4), ("betas", "eps", "weight_decay")),
+    ("zo_adam", dict(betas=(0.8, 0.9), weight_decay=5e-4, decoupled_weight_decay=True), ("betas", "weight_decay"))])
+def test_a_group_added_to_a_factory_hybrid_gets_the_configured_options_in_both_phases(name, kw, keys):
+    """A head added per task (add_param_group) trained its FO phase with torch's defaults
+    (SGD: no momentum, no weight decay; AdamW: weight decay 0.01, betas (0.9, 0.999)) and its
+    ZO phase with the options given to create(): the FO twin was built from the first group's
+    options without them as its defaults."""
+    model = make_mlp(6, 4, 1)
+    hyb = create(name, model[0].parameters(), model=model, hybrid_switch=2, lr=0.01, fo_lr=0.1, seed=3, **kw)
+    hyb.add_param_group({"params": model[2].parameters()})
+    for phase in (hyb.fo, hyb.zo):
+        first, added = phase.param_groups
+        assert {k: added[k] for k in keys} == {k: first[k] for k in keys}, type(phase).__name__
+    assert hyb.fo.param_groups[1]["lr"] == 0.1 and hyb.zo.param_groups[1]["lr"] == pytest.approx(0.01)

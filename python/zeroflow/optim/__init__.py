@@ -97,11 +97,17 @@ def create(name: str, params, *, model: torch.nn.Module | None = None, hybrid_sw
         if "betas" in g:
             fg.update(betas=g["betas"], eps=g["eps"])
         fo_groups.append(fg)
-    is_adam = "betas" in zo.param_groups[0]
-    if is_adam:
-        fo = (FOAdamW if zo.param_groups[0]["decoupled_weight_decay"] else FOAdam)(fo_groups)
+    # the FO twin's defaults are the ZO optimizer's options too: a group added later
+    # (HybridFOZO.add_param_group, a head per task) got torch's defaults in the FO phase (SGD:
+    # no momentum, no weight decay; AdamW: weight decay 0.01) and the configured ones in the ZO phase
+    d = zo.defaults
+    lr = fo_lr if fo_lr is not None else d["lr"]
+    if "betas" in d:
+        fo = (FOAdamW if zo.param_groups[0]["decoupled_weight_decay"] else FOAdam)(
+            fo_groups, lr=lr, betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"])
     else:
-        fo = FOSGD(fo_groups)
+        fo = FOSGD(fo_groups, lr=lr, momentum=d["momentum"], dampening=d["dampening"],
+                   weight_decay=d["weight_decay"], nesterov=d["nesterov"])
     return HybridFOZO(fo, zo, hybrid_switch)
 
 
