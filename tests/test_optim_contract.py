@@ -1565,3 +1565,46 @@ def test_a_group_added_to_a_factory_hybrid_gets_the_configured_options_in_both_p
         first, added = phase.param_groups
         assert {k: added[k] for k in keys} == {k: first[k] for k in keys}, type(phase).__name__
     assert hyb.fo.param_groups[1]["lr"] == 0.1 and hyb.zo.param_groups[1]["lr"] == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("switch", [1, 10])
+def test_a_group_dropped_from_a_hybrid_stops_training_in_both_phases(switch):
+    """param_groups.pop(k) drops an old task's head from a ZO optimizer (its state goes at the
+    next step); from a hybrid it dropped the hybrid's own group only: the head kept being
+    perturbed, updated and weight-decayed by both phases' optimizers, and the scheduled lr of
+    every later group went to the group before it. A resume after the drop loads."""
+    torch.manual_seed(0)
+    a, h0, h1 = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+
+    def build():
+        o = create("zo_sgd", a.parameters(), hybrid_switch=switch, lr=0.01, momentum=0.9, weight_decay=0.1,
+                   seed=1)
+        o.add_param_group({"params": list(h0.parameters()), "lr": 0.01})
+        return o
+
+    hyb = build()
+    train_step(hyb, lambda: F.cross_entropy(h0(a(x)), y))
+    hyb.add_param_group({"params": list(h1.parameters()), "lr": 0.02})
+    hyb.param_groups.pop(1)                          # the old head
+    hyb.param_groups[1]["lr"] = 0.05                 # as a scheduler sets it
+    before = h0.weight.detach().clone()
+    for _ in range(3):
+        train_step(hyb, lambda: F.cross_entropy(h1(a(x)), y))
+    assert torch.equal(before, h0.weight)
+    for inner in (hyb.fo, hyb.zo):
+        assert [[id(p) for p in g["params"]] for g in inner.param_groups] == \
+               [[id(p) for p in g["params"]] for g in hyb.param_groups]
+    assert not any(id(p) in {id(q) for q in h0.parameters()} for p in hyb.fo.state)
+    assert hyb.active.param_groups[1]["lr"] == pytest.approx(0.05)     # h1's group got h1's lr
+    sd = hyb.state_dict()
+    fresh = create("zo_sgd", a.parameters(), hybrid_switch=switch, lr=0.01, momentum=0.9, weight_decay=0.1, seed=1)
+    fresh.add_param_group({"params": list(h1.parameters()), "lr": 0.02})
+    fresh.load_state_dict(sd)
+    gone = hyb.param_groups.pop(1)                   # popped and added again before a step
+    hyb.add_param_group({"params": gone["params"], "lr": 0.03})
+    train_step(hyb, lambda: F.cross_entropy(h1(a(x)), y))
+    assert [len(o.param_groups) for o in (hyb, hyb.fo, hyb.zo)] == [2, 2, 2]
+    with pytest.raises(ValueError, match="not its two optimizers' groups"):
+        hyb.param_groups.append(dict(hyb.param_groups[1], params=list(h0.parameters())))
+        train_step(hyb, lambda: F.cross_entropy(h1(a(x)), y))

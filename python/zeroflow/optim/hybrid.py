@@ -107,6 +107,7 @@ class HybridFOZO(torch.optim.Optimizer):
         # construction requires the same parameters in both
         ps = [p for p in params_list(param_group["params"])
               if not (isinstance(p, torch.Tensor) and not p.requires_grad)]
+        self._match_groups()        # a group popped before: out of the inner optimizers first
         first = self.param_groups[0]
         lf = _rate(param_group.get("lr", first["lr"]), "lr")
         scale = _rate(param_group.get("zo_lr_scale", first["zo_lr_scale"]), "zo_lr_scale")
@@ -159,6 +160,39 @@ class HybridFOZO(torch.optim.Optimizer):
         self.fo.zero_grad(set_to_none=True)
         self.fo.state.clear()
 
+    def _match_groups(self) -> None:
+        """The inner optimizers' groups follow the hybrid's: a group dropped from the hybrid
+        (``param_groups.pop(k)``, e.g. an old task's head, which the ZO optimizers allow) is
+        dropped from both phases' optimizers too, with the FO optimizer's state of its
+        parameters (the ZO optimizer drops its own at its next step). Before, the dropped group
+        kept training in both (perturbed, updated, weight-decayed) and the scheduled lr of each
+        later group went to the group before it. A group the inner optimizers do not hold
+        (appended to ``param_groups`` directly, not by ``add_param_group``) is refused."""
+        def key(g):
+            return tuple(id(p) for p in g["params"])
+
+        mine = [key(g) for g in self.param_groups]
+        wanted = set(mine)
+        for o in (self.fo, self.zo):
+            theirs = [key(g) for g in o.param_groups]
+            if theirs == mine:
+                continue
+            kept = [g for g, k in zip(o.param_groups, theirs) if k in wanted]
+            if [key(g) for g in kept] != mine:
+                raise ValueError(
+                    "HybridFOZO: its param groups are not its two optimizers' groups (a group appended to "
+                    "param_groups directly, or the groups reordered); add a group with add_param_group(), drop "
+                    "one with param_groups.pop(k)")
+            held = {id(p) for g in kept for p in g["params"]}
+            if o is self.fo:
+                for p in [p for p in o.state if id(p) not in held]:
+                    del o.state[p]
+                for g in o.param_groups:
+                    if key(g) not in wanted:
+                        for p in g["params"]:
+                            p.grad = None
+            o.param_groups[:] = kept
+
     def _sync_lr(self) -> None:
         zo = self.zeroth_order
         for g, gi in zip(self.param_groups, self.active.param_groups):
@@ -166,6 +200,7 @@ class HybridFOZO(torch.optim.Optimizer):
 
     def step(self, closure=None):
         was_fo = not self.zeroth_order
+        self._match_groups()
         self._sync_lr()
         loss = self.active.step(closure)
         if was_fo:
@@ -194,6 +229,7 @@ class HybridFOZO(torch.optim.Optimizer):
         self.fo.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self):
+        self._match_groups()
         return state_dict_with_hooks(self, lambda: super(HybridFOZO, self).state_dict() | {"hybrid": {
             "steps": self._steps, "switch": self.switch, "fo": self.fo.state_dict(), "zo": self.zo.state_dict()}})
 
@@ -204,6 +240,7 @@ class HybridFOZO(torch.optim.Optimizer):
         load_with_hooks(self, state_dict, self._load_checked)
 
     def _load_checked(self, state_dict) -> None:
+        self._match_groups()
         h = state_dict.get("hybrid") if isinstance(state_dict, dict) else None
         if not isinstance(h, dict) or not {"steps", "switch", "fo", "zo"} <= set(h):
             raise ValueError("state_dict lacks the 'hybrid' part (steps, switch, fo, zo); "
