@@ -1608,3 +1608,20 @@ def test_a_group_dropped_from_a_hybrid_stops_training_in_both_phases(switch):
     with pytest.raises(ValueError, match="not its two optimizers' groups"):
         hyb.param_groups.append(dict(hyb.param_groups[1], params=list(h0.parameters())))
         train_step(hyb, lambda: F.cross_entropy(h1(a(x)), y))
+
+
+@pytest.mark.parametrize("name,kw", [("zo_sgd_sign", dict(sign=False)), ("zo_adam_sign", dict(sign=False)),
+                                     ("zo_sgd_conserve", dict(conserve=False)),
+                                     ("zo_adam_conserve", dict(conserve=False))])
+def test_a_keyword_that_undoes_the_named_method_is_refused(name, kw):
+    """create("zo_sgd_sign", ..., sign=False) built plain ZO-SGD under the sign method's name (the
+    keyword overrode the name's preset), e.g. from one kwargs dict shared by a sweep's methods;
+    the same value as the preset, and scalar_sign=True for the sign methods, stay accepted."""
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError, match=f"{name} is the method with {next(iter(kw))}=True"):
+        create(name, p, **kw)
+    key = next(iter(kw))
+    assert getattr(create(name, p, **{key: True}), "conserve" if key == "conserve" else "param_groups") is not None
+    if key == "sign":
+        g = create(name, p, scalar_sign=True).param_groups[0]
+        assert (g["sign"], g["scalar_sign"]) == (False, True)

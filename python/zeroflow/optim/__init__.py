@@ -61,6 +61,11 @@ def _zo(name: str, params, kw: dict, model):
     cls, preset = _ZO[name]
     if name.endswith("_sign") and kw.get("scalar_sign"):
         preset = {}                      # scalar_sign=True asks for the public-code sign variant
+    for k, v in preset.items():
+        # the keyword overrode the preset: zo_sgd_sign with sign=False was plain ZO-SGD, silently
+        if k in kw and kw[k] != v:
+            raise ValueError(f"{name} is the method with {k}={v!r}; {k}={kw[k]!r} makes it "
+                             f"{name.rsplit('_', 1)[0]} (name that method instead, or drop {k})")
     return cls(params, **{**preset, **kw})
 
 
