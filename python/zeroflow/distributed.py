@@ -399,6 +399,7 @@ class DataParallelZO:
         self._n_local: int | None = None
         self._weight = 1.0 / self.world
         self._dp_steps = 0
+        self._grads_synced = False      # sync_grads() ran for the coming FO step
         self.verify_same_setup()
         if broadcast_params:
             with torch.no_grad():
@@ -431,6 +432,7 @@ class DataParallelZO:
         self.check_params(where="after load_state_dict")
 
     def zero_grad(self, set_to_none: bool = True):
+        self._grads_synced = False
         if hasattr(self.optimizer, "zero_grad"):
             self.optimizer.zero_grad(set_to_none=set_to_none)
 
@@ -522,7 +524,12 @@ class DataParallelZO:
     def step(self, closure: Callable | None = None, batch_size: int | None = None):
         if batch_size is not None:
             self.set_batch_size(batch_size)
-        self._begin_step()
+        # sync_grads() ran: the batch sizes and the gradients are exchanged already (unless a
+        # closure, which computes new gradients, is given)
+        synced = self._grads_synced and closure is None and not self.zeroth_order
+        self._grads_synced = False
+        if not synced:
+            self._begin_step()
         if self.zeroth_order:
             loss = self.optimizer.step(closure)
         else:
@@ -532,12 +539,28 @@ class DataParallelZO:
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            self._allreduce_grads()
+            if not synced:
+                self._allreduce_grads()
             self.optimizer.step()
         self._dp_steps += 1
         if self.check_every and self._dp_steps % self.check_every == 0:
             self.check_params()
         return loss
+
+    def sync_grads(self) -> None:
+        """FO phase with a ``torch.amp.GradScaler``: all-reduce the (scaled) gradients now,
+        before ``scaler.step(opt)`` looks for inf/nan in them; the ``step`` that follows does not
+        all-reduce them again. Without it each rank's scaler checked only its own shard's
+        gradients: a rank whose shard overflowed skipped the step (and its collectives) while
+        the others stepped, so the replicas drifted apart, their scales differed, and the
+        ranks' collectives went out of step (a hang). The reduced gradients are the same on
+        every rank, so every rank skips the same steps. :func:`zeroflow.optim.train_step` with a
+        scaler calls it. A ``zero_grad`` or a closure given to ``step`` voids it."""
+        if self.zeroth_order:
+            return
+        self._begin_step()
+        self._allreduce_grads()
+        self._grads_synced = True
 
     def _allreduce_grads(self) -> None:
         """Hybrid FO phase: weighted all-reduce of the gradients (a full gradient per step)."""

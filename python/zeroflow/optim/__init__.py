@@ -149,6 +149,9 @@ def train_step(optimizer, closure, scaler=None) -> float:
         if scaler is None:
             optimizer.step()
         else:
+            sync = getattr(optimizer, "sync_grads", None)
+            if sync is not None:    # DataParallelZO: every rank's scaler sees the reduced gradients
+                sync()
             scaler.step(optimizer)
             scaler.update()
     return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
