@@ -433,3 +433,26 @@ def test_resume_mid_run_needs_optimizer_state(tmp_path):
         replay(str(tmp_path / "weights_only.pt"), log)
     sd = replay(base, log)
     assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_hybrid_with_a_popped_group_records_and_replays_without_it(tmp_path):
+    """hybrid.param_groups.pop(k) (an old task's head) in the ZO phase, then a recorder: the
+    recorder listed the ZO optimizer's groups, where the popped one stays until the hybrid's
+    next step, so a model without the head was refused ('not parameters of model=') and the
+    first step was refused as a change of the groups."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)
+    X, Y = make_data(64, 8, 3)
+    opt = create("zo_sgd", [{"params": list(a.parameters())}, {"params": list(b.parameters())}], lr=1e-2,
+                 seed=3, backend="cpu", hybrid_switch=1)
+    for _ in range(2):
+        train_step(opt, lambda: F.mse_loss(a(X) + b(X), Y))
+    opt.param_groups.pop(1)
+    model = torch.nn.ModuleDict({"a": a})
+    base, log = str(tmp_path / "zo.pt"), str(tmp_path / "h.zft")
+    save_base(base, model)
+    with TrajectoryRecorder(log, opt, model=model):
+        for _ in range(3):
+            train_step(opt, lambda: F.mse_loss(a(X) + b(X), Y))
+    sd = replay(base, log)
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())

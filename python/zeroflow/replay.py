@@ -111,6 +111,11 @@ def _unwrap(optimizer):
             "HybridFOZO is in its first-order phase: an FO step is a full gradient and cannot be replayed "
             "from scalars. Start recording at the switch (when hybrid.zeroth_order is True), with the weights "
             "saved then (zeroflow.replay.save_base) as BASE.")
+    if hybrid is not None:
+        # a group popped from the hybrid leaves its ZO optimizer at the hybrid's next step: the
+        # header listed it (a model without it refused, one with it had the log's first step
+        # refused as a change of the groups)
+        hybrid._match_groups()
     return zo
 
 
