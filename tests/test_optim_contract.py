@@ -1610,6 +1610,30 @@ def test_a_group_dropped_from_a_hybrid_stops_training_in_both_phases(switch):
         train_step(hyb, lambda: F.cross_entropy(h1(a(x)), y))
 
 
+@pytest.mark.parametrize("switch", [1, 10])
+def test_a_hybrid_with_two_groups_of_frozen_parameters_drops_one_and_steps(switch):
+    """add_param_group leaves frozen parameters out, so a frozen head's group is empty, and all
+    empty groups look alike: with two of them, popping one made the inner optimizers' groups look
+    reordered and every later step raised "not its two optimizers' groups"."""
+    torch.manual_seed(0)
+    a, f0, f1 = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    f0.requires_grad_(False)
+    f1.requires_grad_(False)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    hyb = create("zo_sgd", a.parameters(), hybrid_switch=switch, lr=0.01, momentum=0.9, seed=1)
+    hyb.add_param_group({"params": list(f0.parameters())})
+    hyb.add_param_group({"params": list(f1.parameters())})
+    hyb.param_groups.pop(1)
+    before = a.weight.detach().clone()
+    for _ in range(2):
+        train_step(hyb, lambda: F.cross_entropy(a(x), y))
+    assert not torch.equal(before, a.weight)
+    assert [len(o.param_groups) for o in (hyb, hyb.fo, hyb.zo)] == [2, 2, 2]
+    fresh = create("zo_sgd", a.parameters(), hybrid_switch=switch, lr=0.01, momentum=0.9, seed=1)
+    fresh.add_param_group({"params": list(f1.parameters())})
+    fresh.load_state_dict(hyb.state_dict())
+
+
 @pytest.mark.parametrize("name,kw", [("zo_sgd_sign", dict(sign=False)), ("zo_adam_sign", dict(sign=False)),
                                      ("zo_sgd_conserve", dict(conserve=False)),
                                      ("zo_adam_conserve", dict(conserve=False))])

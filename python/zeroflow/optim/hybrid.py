@@ -172,13 +172,18 @@ class HybridFOZO(torch.optim.Optimizer):
             return tuple(id(p) for p in g["params"])
 
         mine = [key(g) for g in self.param_groups]
-        wanted = set(mine)
         for o in (self.fo, self.zo):
             theirs = [key(g) for g in o.param_groups]
             if theirs == mine:
                 continue
-            kept = [g for g, k in zip(o.param_groups, theirs) if k in wanted]
-            if [key(g) for g in kept] != mine:
+            # the hybrid's groups, in order, among theirs (matched in order, not by membership: a
+            # group left empty by frozen parameters has the key of every other empty group, and
+            # two of them with one popped kept both and refused every later step)
+            kept = []
+            for g, k in zip(o.param_groups, theirs):
+                if len(kept) < len(mine) and k == mine[len(kept)]:
+                    kept.append(g)
+            if len(kept) != len(mine):
                 raise ValueError(
                     "HybridFOZO: its param groups are not its two optimizers' groups (a group appended to "
                     "param_groups directly, or the groups reordered); add a group with add_param_group(), drop "
@@ -188,7 +193,7 @@ class HybridFOZO(torch.optim.Optimizer):
                 for p in [p for p in o.state if id(p) not in held]:
                     del o.state[p]
                 for g in o.param_groups:
-                    if key(g) not in wanted:
+                    if not any(g is k for k in kept):
                         for p in g["params"]:
                             p.grad = None
             o.param_groups[:] = kept
