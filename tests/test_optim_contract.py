@@ -1649,3 +1649,30 @@ def test_a_keyword_that_undoes_the_named_method_is_refused(name, kw):
     if key == "sign":
         g = create(name, p, scalar_sign=True).param_groups[0]
         assert (g["sign"], g["scalar_sign"]) == (False, True)
+
+
+@pytest.mark.parametrize("name,torch_cls", [("fo_sgd", torch.optim.SGD), ("fo_adam", torch.optim.Adam),
+                                            ("fo_adam", torch.optim.AdamW)])
+def test_a_first_order_step_runs_each_step_hook_once(name, torch_cls):
+    """torch.optim wraps a class's step (step hooks, profiler record) once an instance of that
+    class exists. The FO baselines' step, wrapped as theirs, called torch's step, wrapped too as
+    soon as any plain torch.optim.SGD / Adam had been built (a baseline next to the zeroflow
+    one, as in every comparison): each pre- and post-hook ran twice per step. Guards: once."""
+    from zeroflow.optim import create
+
+    torch_cls([torch.zeros(1, requires_grad=True)])            # wraps torch_cls.step
+    p = torch.zeros(3, requires_grad=True)
+    kw = {"weight_decay": 0.01} if torch_cls is torch.optim.AdamW else {}
+    opt = create(name, [p], lr=0.1, **kw, **({"decoupled_weight_decay": True} if kw else {}))
+    assert isinstance(opt, torch_cls)
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    p.grad = torch.ones(3)
+    opt.step()
+    assert calls == ["pre", "post"] and opt.forward_passes == 1
+    want = torch.zeros(3, requires_grad=True)
+    ref = torch_cls([want], lr=0.1, **kw)
+    want.grad = torch.ones(3)
+    ref.step()
+    assert torch.equal(p, want)

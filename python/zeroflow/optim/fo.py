@@ -17,7 +17,16 @@ class _FOMixin:
         self.steps = 0
 
     def step(self, closure=None):
-        loss = super().step(closure)
+        # torch.optim wraps a class's step (its hooks, the profiler's record) once an instance of
+        # that class exists: this step is wrapped as FOSGD's, and torch's SGD.step as SGD's once
+        # any torch.optim.SGD was built, so calling it wrapped ran every step hook twice (a
+        # logging or clipping hook saw two steps per step). Its unwrapped function is called.
+        parent = super().step
+        fn = parent.__func__
+        if getattr(fn, "hooked", False) and hasattr(fn, "__wrapped__"):
+            loss = fn.__wrapped__(self, closure)
+        else:
+            loss = parent(closure)
         self.forward_passes += 1
         self.steps += 1
         return loss
