@@ -345,6 +345,7 @@ def test_a_hybrid_run_steps_its_zo_phase_at_the_zo_methods_rate_not_the_fo_rate(
 
 @pytest.mark.parametrize("over,needle", [
     ({"hybrid_zo_lr": 1e-4}, "no --hybrid-switch"),
+    ({"hybrid_switch": 0, "hybrid_zo_lr": 1e-4}, "no --hybrid-switch"),     # 0: off, as None
     ({"hybrid_switch": 2, "lr": 0, "hybrid_zo_lr": 1e-4}, "--lr is 0 and --hybrid-zo-lr 0.0001"),
     ({"hybrid_switch": 2, "hybrid_zo_lr": -1}, "--hybrid-zo-lr must be >= 0")])
 def test_a_hybrid_zo_lr_that_cannot_act_is_refused_before_the_run(over, needle):

@@ -144,6 +144,10 @@ def test_a_flag_naming_another_dataset_than_the_config_file_warns_of_what_the_fi
     for k in ("init_cls", "increment", "lr", "batch_size", "ease_alpha"):
         assert f" {k} " in said[0] and cub[k] != cfg[k], k
     assert "weight_decay" not in said[0] and "seed" not in said[0]    # the same for both datasets
+    said.clear()         # a file option the flags also give is the flag's: not carried over, not named
+    resolve({"dataset": "cub", "init_cls": 20, "lr": 0.01}, cifar, warn=said.append)
+    assert len(said) == 1 and " increment " in said[0], said
+    assert " init_cls " not in said[0] and " lr " not in said[0], said[0]
     assert said[0].endswith("give them as flags, or start from configs/ease_cub.yaml")
     # a method flag against the file's method: the same
     said.clear()
@@ -190,6 +194,9 @@ def test_an_init_cls_above_the_classes_names_where_it_was_given(tmp_path, capsys
     assert str(e.value) == "--init-cls 20 exceeds the 10 classes of digits; give at most 10"
     with pytest.raises(ZeroflowError, match=r"^--init-cls 101 exceeds the 100 classes of cifar100; give at most 100$"):
         resolve({"dataset": "cifar100", "init_cls": 101})
+    # all the classes in the first task (one task) is allowed: only above them is refused
+    assert resolve({"init_cls": 10})["init_cls"] == 10
+    assert resolve({"dataset": "cifar100", "init_cls": 100})["init_cls"] == 100
     assert main(["run", "--config", str(p), "--out", str(tmp_path / "r")]) == 2
     assert f"zeroflow: error: init_cls in {p} (20) exceeds the 10 classes of digits" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
