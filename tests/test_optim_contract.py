@@ -1634,6 +1634,35 @@ def test_a_hybrid_with_two_groups_of_frozen_parameters_drops_one_and_steps(switc
     fresh.load_state_dict(hyb.state_dict())
 
 
+def test_a_group_dropped_from_a_hybrid_before_its_next_step_is_out_of_a_save_a_load_and_its_grad():
+    """The drop is applied where the hybrid is next used, not only at a step: a checkpoint taken
+    right after the pop (the end of a task) saves the groups left, a hybrid popped and not yet
+    stepped loads the state of one built with the groups left, and the dropped head's last .grad
+    is freed, not kept for the rest of the run once the FO optimizer no longer holds it."""
+    torch.manual_seed(0)
+    a, h0, h1 = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+
+    def build(*heads):
+        o = create("zo_sgd", a.parameters(), hybrid_switch=10, lr=0.01, momentum=0.9, seed=1)
+        for h in heads:
+            o.add_param_group({"params": list(h.parameters()), "lr": 0.01})
+        return o
+
+    hyb = build(h0, h1)
+    train_step(hyb, lambda: F.cross_entropy(h0(a(x)) + h1(a(x)), y))     # FO: h0 has a .grad
+    hyb.param_groups.pop(1)
+    sd = hyb.state_dict()                            # no step since the pop
+    assert len(sd["hybrid"]["fo"]["param_groups"]) == len(sd["hybrid"]["zo"]["param_groups"]) == 2
+    build(h1).load_state_dict(sd)
+    train_step(hyb, lambda: F.cross_entropy(h1(a(x)), y))
+    assert h0.weight.grad is None and h0.bias.grad is None
+    other = build(h0, h1)
+    other.param_groups.pop(1)                        # popped, then loaded before any step
+    other.load_state_dict(sd)
+    assert [len(o.param_groups) for o in (other, other.fo, other.zo)] == [2, 2, 2]
+
+
 @pytest.mark.parametrize("name,kw", [("zo_sgd_sign", dict(sign=False)), ("zo_adam_sign", dict(sign=False)),
                                      ("zo_sgd_conserve", dict(conserve=False)),
                                      ("zo_adam_conserve", dict(conserve=False))])
