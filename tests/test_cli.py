@@ -304,9 +304,10 @@ def test_report_output_that_names_no_file_is_refused_before_the_runs_are_read(tm
 def test_report_of_an_empty_path_says_so(tmp_path, capsys, monkeypatch):
     """``zeroflow report "$RUNS"`` with RUNS unset said "zeroflow: error: : no such run folder"."""
     monkeypatch.chdir(tmp_path)
-    assert main(["report", ""]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("zeroflow: error: an empty path ('') was given as a run folder;") and err.count("\n") == 1
+    for path in ("", "  "):      # "$RUNS" unset, or " $RUNS"
+        assert main(["report", path]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("zeroflow: error: an empty path ('') was given as a run folder;") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("optimizer,fo_lr,zo_lr", [

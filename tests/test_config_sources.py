@@ -97,6 +97,10 @@ def test_a_config_file_that_parses_as_nothing_names_the_yaml_error(tmp_path):
     from zeroflow.continual.errors import ZeroflowError
     for name, text, needle in (("c.json", '{"epochs": 3,}', "cannot parse it: Expecting property name"),
                                ("c.JSON", '{"epochs": 3}', None),
+                               # the extension in any case decides: a broken .JSON is a JSON error (YAML
+                               # would read this one), a broken .YML a YAML error without "as YAML"
+                               ("d.JSON", '{"epochs": 3,}', "cannot parse it: Expecting property name"),
+                               ("d.YML", "epochs: [1\n", "cannot parse it: line 2, column 1"),
                                ("settings", "epochs: [1\n", "cannot parse it as YAML: line 2, column 1")):
         p = tmp_path / name
         p.write_text(text)
