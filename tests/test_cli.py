@@ -344,6 +344,15 @@ def test_a_hybrid_run_steps_its_zo_phase_at_the_zo_methods_rate_not_the_fo_rate(
     assert opt.param_groups[0]["lr"] == 0.01 and opt.zo.param_groups[0]["lr"] == pytest.approx(2e-4)
 
 
+def test_a_first_order_baseline_in_a_hybrid_sweep_records_no_zo_phase_rate():
+    """A sweep gives --hybrid-switch to its fo_* baselines too, which have no ZO phase: their
+    configuration (config.json) takes no rate for one from the lr mapping."""
+    from zeroflow.continual.defaults import resolve
+    for optimizer in ("fo_sgd", "fo_adam"):
+        cfg = resolve({"dataset": "cifar100", "optimizer": optimizer, "hybrid_switch": 2})
+        assert cfg["hybrid_zo_lr"] is None, optimizer
+
+
 @pytest.mark.parametrize("over,needle", [
     ({"hybrid_zo_lr": 1e-4}, "no --hybrid-switch"),
     ({"hybrid_switch": 0, "hybrid_zo_lr": 1e-4}, "no --hybrid-switch"),     # 0: off, as None
