@@ -180,6 +180,25 @@ def test_the_cli_prints_the_carried_over_warning(tmp_path, capsys):
     assert 'backbone "vit_base_patch16_224.augreg_in21k" (default "small")' in err
 
 
+def test_a_sweep_prints_the_carried_over_warning_once(tmp_path, capsys, monkeypatch):
+    """Each run of a sweep resolves the same file and flags: the warning is said once, not once
+    per optimizer and seed (the sweep is stopped here at its setup check, after the plan)."""
+    from zeroflow.cli import main
+    from zeroflow.continual import runner
+    from zeroflow.continual.errors import ZeroflowError
+
+    def stop(cfgs):
+        list(cfgs)
+        raise ZeroflowError("stopped at the setup check")
+
+    monkeypatch.setattr(runner, "check_setup", stop)
+    rc = main(["sweep", "--config", os.path.join(ROOT, "configs", "ease_cifar100.yaml"), "--dataset", "digits",
+               "--optimizers", "zo_sgd,zo_adam", "--seeds", "1,2", "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "stopped at the setup check" in err, err
+    assert err.count("overrides dataset: cifar100 in ") == 1, err
+
+
 def test_an_init_cls_above_the_classes_names_where_it_was_given(tmp_path, capsys):
     """"--init-cls 20 exceeds the 10 classes of digits" was said of init_cls: 20 in a config
     file too (from the loader, which knows no flags): now checked with the other options, and
