@@ -232,3 +232,29 @@ def test_runs_without_fp16_backward_checkpoint_no_scaler(tmp_path, zf_cache):
     run(resolve(dict(QUICK, precision="bf16", optimizer="fo_sgd", lr=0.05)), str(tmp_path / "r"), stop_after=1,
         progress=False, log=lambda *a: None, warn=lambda *a: None)
     assert load_checkpoint(str(tmp_path / "r" / "checkpoint.pt"))["grad_scaler"] is None
+
+
+def test_a_step_the_loss_scaler_skips_still_counts_its_forward_pass():
+    """A first-order step whose scaled gradients overflow is skipped by the scaler (no
+    optimizer.step, so the optimizer does not count its forward): the task's and the run's
+    forward-pass counts still hold it, one forward per step. The run-level test above skips no
+    step; here the first scale (3e38) overflows for certain."""
+    import time
+
+    from zeroflow.continual.learners import Counters, train_subspace
+    torch.manual_seed(0)
+    net = torch.nn.Identity()
+    head = torch.nn.Linear(4, 3)
+    data = torch.utils.data.TensorDataset(100 * torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    loader = torch.utils.data.DataLoader(data, batch_size=2)
+    cfg = {"optimizer": "fo_sgd", "lr": 0.01, "weight_decay": 0.0, "momentum": 0.0, "epochs": 1,
+           "schedule": "constant"}
+    scaler = torch.amp.GradScaler("cpu", init_scale=3e38)
+    counters = Counters()
+    timer = type("T", (), {"now": staticmethod(time.perf_counter)})()
+    info = train_subspace(net, lambda x: head(net(x)), {"head": head}, loader, cfg, label_offset=0, seed=0,
+                          device=torch.device("cpu"), counters=counters, timer=timer, progress_desc="t",
+                          progress=False, scaler=scaler)
+    assert scaler.get_scale() < 3e38                        # at least one step was skipped
+    assert info["steps"] == counters.iterations == 4
+    assert info["forward_passes"] == counters.train_forward_passes == 4
