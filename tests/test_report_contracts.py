@@ -273,6 +273,22 @@ def test_every_case_has_a_triton_vs_cuda_row_when_triton_ran(tmp_path):
         "not measured", "triton fp32 1M; no CUDA record of this case and size")
     assert rows["sgd plain (triton, fp32, gaussian) ≥ 80 % of the CUDA backend"][3].startswith("not measured")
     assert "no Triton record" in rows["sgd plain (triton, fp32, gaussian) ≥ 80 % of the CUDA backend"][4]
+    # a measured pair: CUDA's time over Triton's (Triton 1.25x slower: 80 %); a CUDA record without
+    # a timing (failed) is no CUDA record; a run without Triton has no such rows at all
+    recs = _records(tmp_path, [_copy("fp32", n, 1e-3, device="cuda"),
+                               _kern("triton", "perturb", "plain", "fp32", "gaussian", n, 2.5e-3, device="cuda"),
+                               _kern("cuda", "perturb", "plain", "fp32", "gaussian", n, 2e-3, device="cuda"),
+                               _kern("triton", "sgd", "plain", "fp32", "gaussian", n, 2e-3, device="cuda"),
+                               _kern("cuda", "sgd", "plain", "fp32", "gaussian", n, None, device="cuda")],
+                    name="measured.json")
+    rows = {r[1]: r for r in R.targets(recs) if "of the CUDA backend" in r[1]}
+    assert rows["perturb plain (triton, fp32, gaussian) ≥ 80 % of the CUDA backend"][2] == "80 %"
+    assert rows["sgd plain (triton, fp32, gaussian) ≥ 80 % of the CUDA backend"][3:] == (
+        "not measured", "triton fp32 1M; no CUDA record of this case and size")
+    recs = _records(tmp_path, [_copy("fp32", n, 1e-3, device="cuda"),
+                               _kern("cuda", "sgd", "plain", "fp32", "gaussian", n, 2e-3, device="cuda")],
+                    name="no_triton.json")
+    assert not [r for r in R.targets(recs) if "of the CUDA backend" in r[1]]
 
 
 def _roofline_records(device="cuda"):
