@@ -133,3 +133,10 @@ def test_a_run_stopped_by_sigint_reports_the_cases_it_finished(tmp_path, capsys,
     summary = gpu_summary.render(gpu_summary.summarize(str(work)))
     assert "  vit_b_tiny: stopped (SIGINT) after 1 of 2 cases" in summary
     assert "  vit_b_tiny zo_sgd-rademacher: " in summary
+    # stopped before the first case finished: exit 130 with the one line, no IndexError traceback
+    calls.clear()
+    calls.append("already one")          # the next call is the second: interrupted
+    out.unlink()
+    assert st.main(["--device", "cpu", "--layout", "vit_b_tiny", "--steps", "2", "--backend", "cpu",
+                    "--cases", "zo_sgd-rademacher", "--json", str(out)]) == 130
+    assert "stopped (SIGINT) after 0 of 1 cases" in capsys.readouterr().err and not out.exists()
