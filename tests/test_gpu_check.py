@@ -290,15 +290,23 @@ def test_a_suite_that_wrote_no_json_is_named_in_the_report(tmp_path):
 # The GPU tests' pytest killed before it writes its junit XML (SIGKILL after its limit: exit 137).
 FAKE_KILLED_TESTS = """#!/usr/bin/env bash
 [ -n "${{FAKE_XDIST:-}}" ] && [ "$1 $2" = "-c import xdist" ] && exit 0
-[ "$1 $2 $3 $4" = "-X faulthandler -m pytest" ] && {{ echo "== 3 passed (then hung and killed)"; exit 137; }}
+if [ "$1 $2 $3 $4" = "-X faulthandler -m pytest" ]; then
+  # FAKE_EMPTY_JUNIT: killed after opening its junit file, before writing it (0 bytes)
+  for a in "$@"; do
+    [ -n "${{FAKE_EMPTY_JUNIT:-}}" ] && [ "${{a#--junitxml=}}" != "$a" ] && : > "${{a#--junitxml=}}"
+  done
+  echo "== 3 passed (then hung and killed)"; exit 137
+fi
 exec {fake} "$@"
 """
 
 
-@pytest.mark.parametrize("xdist", ["1", ""], ids=["xdist-passes", "per-module"])
-def test_a_test_run_that_wrote_no_junit_is_an_error_in_the_summary(tmp_path, xdist):
-    """A test pass killed at its limit (or crashed) writes no junit XML, and the summary's tests
-    line counted only the passes that did: "0 failed, 0 crashed" over tests that never reported."""
+@pytest.mark.parametrize("xdist,empty", [("1", ""), ("", ""), ("", "1")],
+                         ids=["xdist-passes", "per-module", "per-module-empty-xml"])
+def test_a_test_run_that_wrote_no_junit_is_an_error_in_the_summary(tmp_path, xdist, empty):
+    """A test pass killed at its limit (or crashed) writes no junit XML (or an empty one), and the
+    summary's tests line counted only the passes that did: "0 failed, 0 crashed" over tests that
+    never reported."""
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON.format(py=sys.executable))
     fake.chmod(0o755)
@@ -309,7 +317,7 @@ def test_a_test_run_that_wrote_no_junit_is_an_error_in_the_summary(tmp_path, xdi
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), PYTHON=str(killed), SKIP_BUILD="1", SKIP_PROBE="1", SKIP_TESTS="0",
                TESTS="tests/test_build.py", GPU_CHECK_BUDGET_S="240", TMPDIR=str(tmp_path / "tmp"),
-               BENCH_ONLY="none", TIMELINE="0", FAKE_XDIST=xdist)
+               BENCH_ONLY="none", TIMELINE="0", FAKE_XDIST=xdist, FAKE_EMPTY_JUNIT=empty)
     proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout[-3000:]
