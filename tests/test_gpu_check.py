@@ -249,6 +249,30 @@ def test_a_profile_whose_steps_fail_fails_the_phase(tmp_path):
     assert "profile: a step exit 1" in proc.stdout
 
 
+@pytest.mark.parametrize("step", ["ncu", "sass_census"])
+def test_a_failing_ncu_or_sass_census_fails_the_profile_phase(tmp_path, step):
+    """The ncu step's exit was only written to ncu.txt, the register census's nowhere: with
+    profile_kernels passing (answered here) and that step failing (exit 3: a fake ncu on PATH, or
+    benchmarks.sass_census answered so), the phase was "profile (ok)"."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "ncu").write_text("#!/usr/bin/env bash\necho '==ERROR== no device'\nexit 3\n")
+    (bin_ / "ncu").chmod(0o755)
+    wrap = tmp_path / "pywrap"
+    wrap.write_text('#!/usr/bin/env bash\n[ "$1 $2" = "-m benchmarks.profile_kernels" ] && exit 0\n'
+                    '[ "$1 $2" = "-m benchmarks.sass_census" ] && exit 3\n'
+                    f'exec {tmp_path / "python"} "$@"\n')
+    wrap.chmod(0o755)
+    env = dict(NCU="1", PATH=f"{bin_}:{os.environ['PATH']}") if step == "ncu" else dict(NCU="0", TRITON_VARIANTS="a")
+    proc, out = _gpu_check(tmp_path, BENCH_ONLY="none", TIMELINE="0", PROFILE="1", PYTHON=str(wrap), **env)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(p["phase"], p["status"]) for p in summary["phases"]] == [("device", "ok"), ("profile", "failed")]
+    assert "profile: a step exit 3" in proc.stdout
+    if step == "ncu":
+        assert "ncu exit 3" in (out / "ncu.txt").read_text()
+
+
 # Benchmark suites answered without running them: the optimizer suite writes a JSON (the CPU
 # fixture's), the LLM suite dies as a segfault does, before writing any.
 FAKE_SUITES = """#!/usr/bin/env bash
