@@ -258,3 +258,16 @@ def test_a_step_the_loss_scaler_skips_still_counts_its_forward_pass():
     assert scaler.get_scale() < 3e38                        # at least one step was skipped
     assert info["steps"] == counters.iterations == 4
     assert info["forward_passes"] == counters.train_forward_passes == 4
+
+
+@pytest.mark.parametrize("method", ["ease", "aper"])
+def test_each_method_trains_its_fp16_first_order_steps_through_the_runs_scaler(tmp_path, zf_cache, method):
+    """The run's scaler reaches the training of both methods: after a task of first-order fp16
+    steps its state is one that stepped (growth tracker counted, or the scale moved), not the
+    untouched scaler's (65536, 0), which an unscaled task leaves."""
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.runner import load_checkpoint, run
+    run(resolve(dict(QUICK, method=method, precision="fp16", optimizer="fo_sgd", lr=0.05)), str(tmp_path / "r"),
+        stop_after=1, progress=False, log=lambda *a: None, warn=lambda *a: None)
+    saved = load_checkpoint(str(tmp_path / "r" / "checkpoint.pt"))["grad_scaler"]
+    assert (saved["scale"], saved["_growth_tracker"]) != (65536.0, 0), saved
