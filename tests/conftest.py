@@ -104,6 +104,24 @@ def make_mlp(n_in: int, hidden: int, n_out: int, seed: int = 0) -> torch.nn.Sequ
     return torch.nn.Sequential(torch.nn.Linear(n_in, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, n_out))
 
 
+def gloo_rank_with_shard(rank: int, world: int, init_file: str, split: tuple, timeout_s: int):
+    """A spawned test rank's setup: one thread, warnings off, the gloo group joined through
+    ``init_file``; returns ``(X, Y, Xr, Yr)``: the :func:`make_data` set of ``sum(split)`` rows
+    and this rank's shard of it (``split[rank]`` rows)."""
+    import datetime
+    import warnings
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    X, Y = make_data(sum(split), 6)
+    lo = sum(split[:rank])
+    return X, Y, X[lo:lo + split[rank]], Y[lo:lo + split[rank]]
+
+
 def make_data(n: int, n_in: int, n_out: int = 1, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` Gaussian inputs and a smooth target: ``Y = sin(2 X[:, :n_out]) + X[:, n_out]``."""
     g = torch.Generator().manual_seed(seed)

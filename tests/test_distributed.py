@@ -5,7 +5,6 @@ All distributed scenarios run in ONE spawn (process start-up dominates); each ra
 results and the tests below assert on them."""
 from __future__ import annotations
 
-import datetime
 import os
 import traceback
 import warnings
@@ -16,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import make_data, make_mlp
+from conftest import gloo_rank_with_shard, make_data, make_mlp
 from zeroflow.distributed import ShardedBatchSampler, shard
 
 warnings.filterwarnings("ignore", message="zfkernels: the compiled")
@@ -61,18 +60,12 @@ def run_steps(opt, model, X, Y, steps, batch_size=None):
 
 
 def _worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=90))
+    X, Y, Xr, Yr = gloo_rank_with_shard(rank, world, init_file, SPLIT, timeout_s=90)
     from zeroflow.distributed import DataParallelZO, DistributedMismatchError
     from zeroflow.optim import create
     from zeroflow.replay import TrajectoryRecorder, save_base
 
     res = {}
-    X, Y = make_data(sum(SPLIT), 6)
-    lo = sum(SPLIT[:rank])
-    Xr, Yr = X[lo:lo + SPLIT[rank]], Y[lo:lo + SPLIT[rank]]
     try:
         # A. equality with the single-process run (+ a trajectory log on rank 0)
         for case in CASES:

@@ -4,17 +4,15 @@ same scale and stay bit-identical (each rank's scaler saw only its own shard's g
 overflowing rank skipped the step and its collectives while the other stepped)."""
 from __future__ import annotations
 
-import datetime
 import os
 import traceback
-import warnings
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import make_data, make_mlp
+from conftest import gloo_rank_with_shard, make_mlp
 
 SPLIT = (10, 14)
 STEPS = 6
@@ -22,18 +20,12 @@ BAD_STEP = 1          # rank 1's loss overflows at this step (FO phase)
 
 
 def _worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=20))
+    _, _, Xr, Yr = gloo_rank_with_shard(rank, world, init_file, SPLIT, timeout_s=20)
     res = {}
     try:
         from zeroflow.distributed import DataParallelZO, param_checksum
         from zeroflow.optim import create, train_step
 
-        X, Y = make_data(sum(SPLIT), 6)
-        lo = sum(SPLIT[:rank])
-        Xr, Yr = X[lo:lo + SPLIT[rank]], Y[lo:lo + SPLIT[rank]]
         model = make_mlp(6, 8, 1, 0)
         hyb = create("zo_sgd", list(model.parameters()), hybrid_switch=4, seed=3, backend="cpu", lr=1e-2,
                      zo_eps=1e-2, momentum=0.9)

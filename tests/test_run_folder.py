@@ -320,19 +320,25 @@ def test_run_refuses_a_finished_run_and_force_replaces_it(env, tmp_path, capsys)
     assert metrics(out)["config"]["seed"] == 7 and not list(out.glob(".tmp-*"))
 
 
-def test_resume_of_a_finished_run_that_was_moved_names_the_folder_where_it_is(tmp_path, capsys):
-    """zeroflow run --resume --out DIR on a finished run prints its table and "run folder: DIR".
-    It printed the run_dir recorded in metrics.json, the folder the run was written in, so a
-    run moved (or given by a relative path from another directory) was named where it is not."""
+def _finished_run(out, **metrics):
+    """A finished one-epoch digits run folder ``out`` holding a config.json and a metrics.json
+    with the entries load_metrics requires (Avg 90, Last 80, Fgt 5) and ``metrics``."""
     from zeroflow.continual.defaults import resolve
     from zeroflow.continual.runner import atomic_write_json
-    out = tmp_path / "moved"
     out.mkdir()
     cfg = resolve({"epochs": 1})
     atomic_write_json(str(out / "config.json"), cfg)
     atomic_write_json(str(out / "metrics.json"), {
         "config": cfg, "avg": 90.0, "last": 80.0, "fgt": 5.0, "forward_passes": 10, "peak_memory_bytes": 2 ** 20,
-        "peak_memory_kind": "cpu_peak_rss", "seconds": 1.0, "results_version": 2, "run_dir": "/elsewhere/run"})
+        "results_version": 2} | metrics)
+    return out
+
+
+def test_resume_of_a_finished_run_that_was_moved_names_the_folder_where_it_is(tmp_path, capsys):
+    """zeroflow run --resume --out DIR on a finished run prints its table and "run folder: DIR".
+    It printed the run_dir recorded in metrics.json, the folder the run was written in, so a
+    run moved (or given by a relative path from another directory) was named where it is not."""
+    out = _finished_run(tmp_path / "moved", peak_memory_kind="cpu_peak_rss", seconds=1.0, run_dir="/elsewhere/run")
     rc, stdout, _ = zf(capsys, "run", "--resume", "--out", out, "--no-progress")
     assert rc == 0 and f"run folder: {out}\n" in stdout and "/elsewhere" not in stdout
 
@@ -342,15 +348,7 @@ def test_resume_of_a_finished_run_prints_a_metrics_json_that_records_only_what_t
     older zeroflow); zeroflow run --resume on such a finished run ended in a KeyError traceback
     ('peak_memory_kind', then 'seconds') while printing its table. Guards: printed, the missing
     entries said to be so."""
-    from zeroflow.continual.defaults import resolve
-    from zeroflow.continual.runner import atomic_write_json
-    out = tmp_path / "old"
-    out.mkdir()
-    cfg = resolve({"epochs": 1})
-    atomic_write_json(str(out / "config.json"), cfg)
-    atomic_write_json(str(out / "metrics.json"), {
-        "config": cfg, "avg": 90.0, "last": 80.0, "fgt": 5.0, "forward_passes": 10, "peak_memory_bytes": 2 ** 20,
-        "results_version": 2})
+    out = _finished_run(tmp_path / "old")
     rc, stdout, _ = zf(capsys, "run", "--resume", "--out", out, "--no-progress")
     assert rc == 0 and "| 90.00 | 80.00 | 5.00 |" in stdout
     assert "peak memory: 1 MiB (kind not recorded)   time: " in stdout and "in the tasks" not in stdout
