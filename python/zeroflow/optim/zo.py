@@ -36,6 +36,7 @@ from zfkernels.stream import (
     QUERY_ROUNDING,
     SEED_LIMIT,
     STREAM_VERSION,
+    TENSOR_ID_LIMIT,
     dist_code,
     mask_threshold,
 )
@@ -1566,7 +1567,7 @@ def check_tensor_ids(ids, next_id, n: int, where: str) -> None:
     header (replay.py reads them with this one rule)."""
     if not isinstance(ids, (list, tuple)) or len(ids) != n:
         raise ValueError(f"{where} tensor_ids must list one id per parameter ({n}), got {repr(ids)[:80]}")
-    ids = [counter(t, f"{where} tensor id", limit=2 ** 32) for t in ids]
+    ids = [counter(t, f"{where} tensor id", limit=TENSOR_ID_LIMIT) for t in ids]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{where} tensor_ids give one id to two parameters")
     nxt = counter(next_id, f"{where} next_tensor_id")
