@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 
+from .defaults import FIXED_CLASSES
 from .errors import ZeroflowError
 
 CLASS_ORDER_SEED = 1993
@@ -295,10 +296,11 @@ def load_digits_data(init_cls: int, increment: int, class_order_seed: int = CLAS
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8] in [0, 1]
     y = d.target.astype(np.int64)
     idx_tr, idx_te = train_test_split(np.arange(len(y)), test_size=0.25, random_state=0, stratify=y)
-    order = class_order(10, class_order_seed)
+    n = FIXED_CLASSES["digits"]
+    order = class_order(n, class_order_seed)
     ytr, yte = _remapped(y[idx_tr], order), _remapped(y[idx_te], order)
     return CLData(
-        name="digits", n_classes=10, order=order, tasks=task_classes(10, init_cls, increment, "digits"),
+        name="digits", n_classes=n, order=order, tasks=task_classes(n, init_cls, increment, "digits"),
         train=TensorImages(x[idx_tr], ytr, shift=1), train_eval=TensorImages(x[idx_tr], ytr),
         test=TensorImages(x[idx_te], yte), train_targets=ytr, test_targets=yte,
         in_chans=1, img_size=8, class_names=[str(c) for c in range(10)],
@@ -321,6 +323,9 @@ def reference_transforms(img_size: int = 224):
         T.ToTensor(),
     ])
     return train, test
+
+
+CIFAR_CLASSES = FIXED_CLASSES["cifar100"]     # the one count validate() checks init_cls against
 
 
 def _cifar100_class():
@@ -390,7 +395,7 @@ def load_cifar100(root: str, init_cls: int, increment: int, download: bool = Fal
             cls(root, train=True, download=True)
             cls(root, train=False, download=True)
             cls._zf_verify_md5 = False
-        order = class_order(100, class_order_seed)
+        order = class_order(CIFAR_CLASSES, class_order_seed)
         remap = _Remap(order)
         train = cls(root, train=True, transform=tr_tf, target_transform=remap)
         train_eval = cls(root, train=True, transform=te_tf, target_transform=remap)
@@ -406,13 +411,14 @@ def load_cifar100(root: str, init_cls: int, increment: int, download: bool = Fal
                 f"(--download into an empty --data-root fetches it)") from e
         raise ZeroflowError(f"could not read CIFAR-100 from {folder}: {type(e).__name__}: {e}") from e
     n = len(train.classes)
-    if n != 100:
-        raise ZeroflowError(f"CIFAR-100 meta lists {n} classes, expected 100 ({folder}/meta)")
+    if n != CIFAR_CLASSES:
+        raise ZeroflowError(f"CIFAR-100 meta lists {n} classes, expected {CIFAR_CLASSES} ({folder}/meta)")
     fix = "replace the file with the official one (--download into an empty --data-root fetches it)"
     for ds, split in ((train, "train"), (test, "test")):
         _check_cifar_labels(ds, os.path.join(folder, split), fix)
     data = CLData(
-        name="cifar100", n_classes=100, order=order, tasks=task_classes(100, init_cls, increment, "cifar100"),
+        name="cifar100", n_classes=CIFAR_CLASSES, order=order,
+        tasks=task_classes(CIFAR_CLASSES, init_cls, increment, "cifar100"),
         train=train, train_eval=train_eval, test=test,
         train_targets=_remapped(train.targets, order), test_targets=_remapped(test.targets, order),
         in_chans=3, img_size=img_size, class_names=list(train.classes),
@@ -428,7 +434,7 @@ def _check_cifar_labels(ds, path: str, fix: str) -> None:
         raise ZeroflowError(f"{path}: its fine_labels are not integers ({e}); {fix}") from e
     if labels.ndim != 1 or len(labels) != len(ds.data):
         raise ZeroflowError(f"{path}: {labels.size} fine_labels for {len(ds.data)} images; {fix}")
-    bad = labels[(labels < 0) | (labels >= 100)]
+    bad = labels[(labels < 0) | (labels >= CIFAR_CLASSES)]
     if bad.size:
         raise ZeroflowError(f"{path}: fine label {int(bad[0])} is not a CIFAR-100 class (0..99; {bad.size} such "
                             f"label(s)); {fix}")
