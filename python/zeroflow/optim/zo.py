@@ -37,6 +37,7 @@ from zfkernels.stream import (
     SEED_LIMIT,
     STREAM_VERSION,
     TENSOR_ID_LIMIT,
+    _is_bool,
     dist_code,
     mask_threshold,
 )
@@ -1577,9 +1578,9 @@ def check_tensor_ids(ids, next_id, n: int, where: str) -> None:
 
 def counter(x, what: str, limit: int | None = None) -> int:
     """``x`` as a counter (an int >= 0, below ``limit``), else a ValueError naming ``what``.
-    A bool is not a count (operator.index takes True as 1; numpy's bool it refuses)."""
+    A bool is not a count (operator.index takes True as 1): the ops' rule, zfkernels.stream._is_bool."""
     try:
-        if isinstance(x, bool) or isinstance(x, torch.Tensor) and x.dtype == torch.bool:
+        if _is_bool(x):
             raise TypeError
         v = operator.index(x)
     except TypeError:
