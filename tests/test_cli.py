@@ -307,7 +307,32 @@ def test_report_of_an_empty_path_says_so(tmp_path, capsys, monkeypatch):
     for path in ("", "  "):      # "$RUNS" unset, or " $RUNS"
         assert main(["report", path]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("zeroflow: error: an empty path ('') was given as a run folder;") and err.count("\n") == 1
+        assert err.startswith("zeroflow: error: a run folder path is empty") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("cmd", ["run", "sweep"])
+@pytest.mark.parametrize("out", ["", "  "])
+def test_run_and_sweep_refuse_an_empty_out(cmd, out, tmp_path, capsys, monkeypatch):
+    """``zeroflow run --out "$DIR"`` with DIR unset ran into a fresh runs/<time>_... folder (a
+    sweep: runs/sweep_<time>) as if --out had been left out, so the results were not where the
+    script looked for them. Refused first: exit 2, one line, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    assert main([cmd, "--out", out, "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zeroflow: error: --out is empty (an unset shell variable?); give the ") \
+        and err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_python_run_refuses_an_empty_out(tmp_path, monkeypatch):
+    """The same for the Python API: ``run(cfg, out="")``."""
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.errors import ZeroflowError
+    from zeroflow.continual.runner import run
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ZeroflowError, match="--out is empty"):
+        run(resolve({}), "")
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("optimizer,fo_lr,zo_lr", [

@@ -289,11 +289,13 @@ def cmd_sweep(a, started: float) -> int:
     """A run that fails does not stop the others: the table covers the finished runs and the
     failures are listed after it (exit 1). Ctrl-C prints the table of what has finished."""
     from .continual.defaults import RECORDABLE
-    from .continual.errors import ZeroflowError
+    from .continual.errors import ZeroflowError, refuse_empty_path
     from .continual.report import render_runs
     from .continual.runfolder import RunFolder
     from .continual.runner import RunInterrupted, check_setup, run, warn_stderr
 
+    refuse_empty_path(a.out, "--out", "give the folder the sweep's runs go into, or leave --out out for a fresh "
+                                      "runs/sweep_<time>")
     names = _sweep_optimizers(a.optimizers)
     parent = a.out or os.path.join("runs", "sweep_" + time.strftime("%Y%m%d-%H%M%S"))
     plan = _sweep_plan(a, names, parent)
@@ -332,14 +334,13 @@ def cmd_sweep(a, started: float) -> int:
 
 def cmd_report(a, started: float) -> int:
     from ._atomic import atomic_write_bytes
-    from .continual.errors import ZeroflowError
+    from .continual.errors import ZeroflowError, refuse_empty_path
     from .continual.report import find_runs, render_runs
     from .continual.runfolder import writing
 
     if a.output is not None:     # checked before the runs are read: a bad --output wastes nothing
-        if not a.output.strip():     # an unset shell variable: the table was printed, no file written
-            raise ZeroflowError("--output is empty; give the markdown file to write, e.g. --output report.md, "
-                                "or leave --output out to print the tables only")
+        refuse_empty_path(a.output, "--output", "give the markdown file to write, e.g. --output report.md, "
+                                                "or leave --output out to print the tables only")
         if os.path.isdir(a.output):
             raise ZeroflowError(f"cannot write {a.output}: it is a folder")
         if a.output.endswith(("/", os.sep)):

@@ -40,6 +40,7 @@ from typing import Sequence
 import torch
 
 from ._atomic import atomic_torch_save
+from .continual.errors import refuse_empty_path
 from .optim.zo import STATE_GLOBAL_OPTIONS, check_tensor_ids, counter
 
 __all__ = ["TrajectoryRecorder", "replay", "replay_to_file", "read_log", "replay_main", "save_base",
@@ -864,9 +865,8 @@ def _play(opt, records: list) -> None:
 def _check_out(out: str, base, log: str, overwrite: bool) -> None:
     """Refuse, before replaying, an ``out`` that is BASE or LOG (always) or that exists
     (unless ``overwrite``): the weights would replace an input, or a result, without a word."""
-    if not str(out).strip():
-        raise FileNotFoundError("the output path is empty (--out \"\"); give the file to write the replayed "
-                                "weights to, e.g. --out weights.pt")
+    refuse_empty_path(out, "--out", "give the file to write the replayed weights to, e.g. --out weights.pt",
+                      error=FileNotFoundError)
     if os.path.isdir(out) or str(out).endswith(("/", os.sep)):
         raise IsADirectoryError(f"the output {out} names a folder: give the file to write the replayed weights to, "
                                 f"e.g. {os.path.join(out, 'weights.pt')}")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 from .defaults import DATASETS, OPTIMIZERS, canonical_value
-from .errors import ZeroflowError
+from .errors import ZeroflowError, refuse_empty_path
 from .runfolder import (METRICS, OPERATIONAL_KEYS, RESULTS_VERSION, UNRECORDED, comparable, describe_results_version,
                         inspect, is_run_folder, load_metrics, lock_holder, results_version, walk_folders)
 
@@ -70,9 +70,7 @@ def find_runs(paths: Sequence[str]) -> Tuple[List[Dict], List[str]]:
     for p in paths:
         if os.path.isfile(p) and os.path.basename(p) == METRICS:
             p = os.path.dirname(p) or "."
-        if not str(p).strip():      # an unset shell variable: was ": no such run folder"
-            raise ZeroflowError("an empty path ('') was given as a run folder; give run folders, or folders "
-                                "holding runs (e.g. runs)")
+        refuse_empty_path(p, "a run folder path", "give run folders, or folders holding runs (e.g. runs)")
         if not os.path.exists(p):
             raise ZeroflowError(f"{p}: no such run folder")
         if not os.path.isdir(p):

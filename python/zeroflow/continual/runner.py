@@ -34,7 +34,7 @@ import torch.distributed
 from .._atomic import atomic_torch_save, atomic_write, atomic_write_bytes
 from . import metrics as M
 from .defaults import COMMON, flag, lr_entry, validate
-from .errors import WriteFailed, ZeroflowError
+from .errors import WriteFailed, ZeroflowError, refuse_empty_path
 from .precision import check_run_precision, grad_scaler
 from .runfolder import (CHECKPOINT, CONFIG, METRICS, OPERATIONAL_KEYS, RESULTS_VERSION, TRAJECTORY, UNRECORDED,
                         RunFolder, canonical, config_differences, describe_results_version, inside_refusal,
@@ -679,6 +679,7 @@ def _check_run_flags(out: Optional[str], *, resume: bool, force: bool, stop_afte
         raise ZeroflowError(f"--stop-after must be an integer >= 1 (got {stop_after!r})")
     if resume and force:
         raise ZeroflowError("--resume continues the run in --out and --force replaces it: give one of them")
+    refuse_empty_path(out, "--out", "give the run folder, or leave --out out for a fresh runs/<time>_... folder")
     if resume and not out:
         raise ZeroflowError("--resume needs --out RUN_FOLDER")
 
