@@ -22,7 +22,8 @@ Measured in one run, each on the same model and batch (``extra_info['suite'] == 
                    its share at ~0.4x the Gaussian one; the targets are reported for both);
 * ``mezo_sgd``   - the MeZO recipe (its trainer's ``zo_step`` + ``zo_update``): per step
                    ``torch.manual_seed(seed)`` and per parameter ``torch.normal`` in the
-                   parameter's dtype, perturb +eps, forward, -2 eps, forward, +eps (restore),
+                   parameter's dtype, perturb +eps, forward, -2 eps, forward, one read back
+                   of both losses (``((l1 - l2) / (2 eps)).item()``), +eps (restore),
                    then z regenerated again for ``p -= lr g z`` (benchmarks/_common.py
                    ``mezo_perturb`` / ``mezo_z``, as in the optimizer-step suite);
 * ``fo_adamw``   - forward + backward + ``torch.optim.AdamW`` (torch's default fused/foreach
@@ -143,9 +144,10 @@ def precomputed_closure(loss: torch.Tensor):
 # ----------------------------------------------------------------------------- methods
 class MezoRecipe:
     """MeZO's trainer loop (``zo_step`` + ``zo_update``, weight decay 0): a random seed per
-    step, perturb +eps / forward / -2 eps / forward / +eps with z drawn per parameter after
-    ``torch.manual_seed(seed)`` in the parameter's dtype, ``g = (l1 - l2) / (2 eps)``, then
-    the same z regenerated for ``p -= lr g z``. In-place adds, as the other suites' MeZO-style
+    step, perturb +eps / forward / -2 eps / forward with z drawn per parameter after
+    ``torch.manual_seed(seed)`` in the parameter's dtype, ``g = ((l1 - l2) / (2 eps)).item()``
+    (the losses' only read back of the step, after both forwards, as in MeZO), +eps (restore),
+    then the same z regenerated for ``p -= lr g z``. In-place adds, as the other suites' MeZO-style
     baseline (MeZO itself assigns ``param.data = param.data + ...``, one more temporary)."""
 
     def __init__(self, params, closure, lr: float, eps: float, seed: int = 0):
@@ -154,18 +156,19 @@ class MezoRecipe:
         self.last: dict = {}
 
     @torch.no_grad()
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         s = self.rng.randrange(1_000_000_000)
         C.mezo_perturb(self.params, s, self.eps, "gaussian")
-        l1 = float(self.closure())
+        l1 = self.closure()
+        # no read of l1 here: MeZO issues perturb(-2 eps) while forward 1 runs on the device
         C.mezo_perturb(self.params, s, -2 * self.eps, "gaussian")
-        l2 = float(self.closure())
+        l2 = self.closure()
+        g = ((l1 - l2) / (2 * self.eps)).item()     # MeZO's one read back per step
         C.mezo_perturb(self.params, s, self.eps, "gaussian")
-        g = (l1 - l2) / (2 * self.eps)
         torch.manual_seed(s)
         for p in self.params:
             p.add_(C.mezo_z(p, "gaussian"), alpha=-self.lr * g)
-        self.last = {"seed": s, "g": g, "l1": l1, "l2": l2}
+        self.last = {"seed": s, "g": g}
         return l1
 
 
