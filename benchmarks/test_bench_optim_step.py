@@ -65,16 +65,19 @@ def _skip_slow(pset: str, q: int, impl: str, opt_kind: str = "sgd"):
 
 
 def _mezo_estimate(params, closure, q, dist, rng):
+    """MeZO's zo_step per query: the two losses stay on the device until both forwards are
+    issued and are read back once, ``((l1 - l2) / (2 eps)).item()`` (a read after each forward
+    would wait for the first perturbation before issuing the second's launches)."""
     seeds, gs = [], []
     for _ in range(q):
         s = rng.randrange(1_000_000_000)
         C.mezo_perturb(params, s, EPS, dist)
-        l1 = float(closure())
+        l1 = closure()
         C.mezo_perturb(params, s, -2 * EPS, dist)
-        l2 = float(closure())
+        l2 = closure()
+        gs.append(((l1 - l2) / (2 * EPS)).item())
         C.mezo_perturb(params, s, EPS, dist)
         seeds.append(s)
-        gs.append((l1 - l2) / (2 * EPS))
     return seeds, gs
 
 
