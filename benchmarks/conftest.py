@@ -83,48 +83,53 @@ def _seeded():
     yield
 
 
+def run_bench_with(benchmark, fn, extra: dict, budget_s: float = 1.5, max_rounds: int = 20, mem: bool = False,
+                   rounds: int | None = None, warmup: bool = True, back_to_back: int = 1):
+    """The ``run_bench`` fixture's call, ``benchmark`` given: ``rounds`` fixes the round count
+    (no probe call: for the slowest CPU cases); ``warmup`` runs one untimed call first (lazy
+    state, Triton compilation, first-launch uploads); ``back_to_back``: calls of ``fn`` per
+    timed round, with one sync after them, so that on a GPU each call's host work overlaps the
+    kernel before it (the kernel suite: its rows are device bandwidth). The JSON's times are per
+    round; ``calls_per_round`` in the record tells the report (benchmarks/report.py ``load``)
+    what to divide them by. Returns the probe call's seconds (None without one)."""
+
+    def call():
+        for _ in range(back_to_back):
+            fn()
+        C.sync()
+
+    if C.ON_GPU:  # GPU calls take milliseconds: keep the whole GPU subset within minutes
+        budget_s = min(budget_s, 0.5)
+    if warmup:
+        call()
+    probe = None
+    if rounds is None:
+        # A warm call sizes the rounds: one timed with the warm-up's compilation (a Triton
+        # kernel's first call, seconds) read as a slow op and left one timed round, no warm-up.
+        t0 = time.perf_counter()
+        call()
+        probe = time.perf_counter() - t0
+    if mem:
+        extra = {**extra, **C.measure_peak_extra(call)}
+    if rounds is None:
+        r = C.rounds_for(probe, budget_s=budget_s, max_rounds=max_rounds)
+        n_rounds, n_warm = r.rounds, (r.warmup_rounds if probe < 0.2 else 0)
+    else:
+        n_rounds, n_warm = (1 if C.FAST else rounds), 0
+    extra = {"device": C.DEVICE, "device_name": _device_name(), "fast": C.FAST, **extra}
+    if back_to_back != 1:
+        extra["calls_per_round"] = back_to_back
+    benchmark.extra_info.update(extra)
+    benchmark.pedantic(call, rounds=n_rounds, iterations=1, warmup_rounds=n_warm)
+    return probe
+
+
 @pytest.fixture
 def run_bench(benchmark):
     """``run_bench(fn, extra, ...)``: time ``fn`` (synchronised on GPU) with a round count
-    picked from one probe call, optionally measure its peak extra memory (``mem=True``,
-    one extra untimed call), and attach ``extra`` to the record."""
-
-    def _run(fn, extra: dict, budget_s: float = 1.5, max_rounds: int = 20, mem: bool = False,
-             rounds: int | None = None, warmup: bool = True, back_to_back: int = 1):
-        """``rounds`` fixes the round count (no probe call: for the slowest CPU cases);
-        ``warmup`` runs one untimed call first (lazy state, Triton compilation);
-        ``back_to_back``: calls of ``fn`` per timed round, with one sync after them, so that on
-        a GPU each call's host work overlaps the kernel before it (the kernel suite: its rows
-        are device bandwidth). The JSON's times are per round; ``calls_per_round`` in the
-        record tells the report (benchmarks/report.py ``load``) what to divide them by."""
-
-        def call():
-            for _ in range(back_to_back):
-                fn()
-            C.sync()
-
-        if C.ON_GPU:  # GPU calls take milliseconds: keep the whole GPU subset within minutes
-            budget_s = min(budget_s, 0.5)
-        probe = None
-        if warmup or rounds is None:
-            t0 = time.perf_counter()
-            call()
-            probe = time.perf_counter() - t0
-        if mem:
-            extra = {**extra, **C.measure_peak_extra(call)}
-        if rounds is None:
-            r = C.rounds_for(probe, budget_s=budget_s, max_rounds=max_rounds)
-            n_rounds, n_warm = r.rounds, (r.warmup_rounds if probe < 0.2 else 0)
-        else:
-            n_rounds, n_warm = (1 if C.FAST else rounds), 0
-        extra = {"device": C.DEVICE, "device_name": _device_name(), "fast": C.FAST, **extra}
-        if back_to_back != 1:
-            extra["calls_per_round"] = back_to_back
-        benchmark.extra_info.update(extra)
-        benchmark.pedantic(call, rounds=n_rounds, iterations=1, warmup_rounds=n_warm)
-        return probe
-
-    return _run
+    picked from one warm probe call, optionally measure its peak extra memory (``mem=True``,
+    one extra untimed call), and attach ``extra`` to the record (see :func:`run_bench_with`)."""
+    return functools.partial(run_bench_with, benchmark)
 
 
 @functools.lru_cache(maxsize=None)

@@ -40,3 +40,60 @@ def test_mezo_style_step_reads_each_query_back_once(maker):
     step()
     assert log == ["forward", "forward", "read"] * 2
     assert any(not torch.equal(p.detach(), b) for p, b in zip(params, before))   # it did update
+
+
+class _FakeBenchmark:
+    """pytest-benchmark's fixture as run_bench uses it: extra_info, and pedantic's arguments."""
+
+    def __init__(self):
+        self.extra_info, self.pedantic_args = {}, None
+
+    def pedantic(self, fn, rounds, iterations, warmup_rounds):
+        self.pedantic_args = {"rounds": rounds, "iterations": iterations, "warmup_rounds": warmup_rounds}
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """benchmarks/conftest.py's time.perf_counter on a clock that only the calls advance."""
+    import types
+
+    from benchmarks import _common as C
+    from benchmarks import conftest as BC
+
+    now = [0.0]
+    monkeypatch.setattr(BC, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(C, "FAST", False)
+    monkeypatch.setattr(C, "ON_GPU", False)
+    return now
+
+
+def test_run_bench_sizes_its_rounds_on_a_warm_call(fake_clock):
+    """A first call that compiles (5 s, a Triton kernel's first launch) and warm calls of 1 ms:
+    the rounds are those of a 1 ms op (the budget's 15 and a warm-up round), not the one timed
+    round of a 5 s op that sizing them on the compiling call gave."""
+    from benchmarks import conftest as BC
+
+    calls = []
+
+    def fn():
+        fake_clock[0] += 5.0 if not calls else 1e-3
+        calls.append(1)
+
+    bench = _FakeBenchmark()
+    probe = BC.run_bench_with(bench, fn, {"key": "k"}, budget_s=1.0, max_rounds=15)
+    assert probe == pytest.approx(1e-3)
+    assert bench.pedantic_args == {"rounds": 15, "iterations": 1, "warmup_rounds": 1}
+    assert len(calls) == 2 and bench.extra_info["key"] == "k"
+
+
+def test_run_bench_fixed_rounds_make_no_probe_call(fake_clock):
+    """Fixed rounds: the warm-up call only (warmup=False: none, as the distributed suite's
+    step count with its rank-1 helper needs)."""
+    from benchmarks import conftest as BC
+
+    for warmup, n_calls in ((True, 1), (False, 0)):
+        calls = []
+        bench = _FakeBenchmark()
+        probe = BC.run_bench_with(bench, lambda: calls.append(1), {}, rounds=3, warmup=warmup)
+        assert probe is None and len(calls) == n_calls
+        assert bench.pedantic_args == {"rounds": 3, "iterations": 1, "warmup_rounds": 0}
