@@ -294,6 +294,10 @@ STEP_BYTES_PER_PARAM = {"zo_sgd": 3 * 2, "zo_adam": 2 * 2 + 3 * 2}   # x element
 
 
 def _step_roofline_targets(dev, opt, kern):
+    """A row per method and z wherever the step suite ran on the device: a step without its
+    record (skipped, failed, cut off or not selected) reads "not measured" (its row vanished)."""
+    if not opt:
+        return []
     copies = [r for r in kern if r["x"].get("kind") == "copy" and r["x"].get("dtype") == "fp32" and r["gbs"]]
     cp = max(copies, key=lambda r: r["x"]["numel"]) if copies else None
     rows = []
@@ -301,10 +305,12 @@ def _step_roofline_targets(dev, opt, kern):
         for dist in ("rademacher", "gaussian"):
             cand = [r for r in opt if r["x"]["opt"] == kind and r["x"]["dist"] == dist and r["x"]["q"] == 1
                     and r["x"].get("param_set") == "vit_b_86m" and r["t"]]
+            name = f"{kind} step ≤ {STEP_ROOFLINE_X:g}× its passes at copy bandwidth ({dist}, vit_b_86m, q=1)"
             if not cand:
+                rows.append((dev, name, "—", "not measured", "no zeroflow step record of vit_b_86m, q=1 in this "
+                                                             "run (skipped, failed or cut off: see Not measured)"))
                 continue
             r = cand[0]
-            name = f"{kind} step ≤ {STEP_ROOFLINE_X:g}× its passes at copy bandwidth ({dist}, vit_b_86m, q=1)"
             if cp is None:      # the step ran, the kernel suite's fp32 copy_ did not (cut, or not selected)
                 rows.append((dev, name, "—", "not measured",
                              f"{fms(r['t'])}; no fp32 copy_ baseline in the kernels suite of this run"))

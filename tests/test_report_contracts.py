@@ -308,7 +308,7 @@ def _roofline_records(device="cuda"):
 
 def test_step_roofline_target(tmp_path):
     recs = _records(tmp_path, _roofline_records())
-    row, = _rows(recs, "zo_sgd step ≤ 1.3× its passes")
+    row, = _rows(recs, "zo_sgd step ≤ 1.3× its passes at copy bandwidth (rademacher")
     assert row[1] == "zo_sgd step ≤ 1.3× its passes at copy bandwidth (rademacher, vit_b_86m, q=1)"
     assert row[2:4] == ("1.25×", "**met**")
     assert row[4] == ("0.3 ms vs 0.24 ms (3 tensor passes of 1.0 million fp32 params at the fp32 copy_ 100 GB/s)")
@@ -317,7 +317,7 @@ def test_step_roofline_target(tmp_path):
 def test_step_roofline_target_missed_when_slower(tmp_path):
     benches = _roofline_records()
     benches[-1]["stats"]["median"] = 4.8e-4                  # 2x the roofline
-    row, = _rows(_records(tmp_path, benches), "zo_sgd step ≤ 1.3× its passes")
+    row, = _rows(_records(tmp_path, benches), "zo_sgd step ≤ 1.3× its passes at copy bandwidth (rademacher")
     assert row[2:4] == ("2.00×", "**missed** by 54 %")
 
 
@@ -567,3 +567,20 @@ def test_the_kernel_plot_leaves_the_capability_records_out(tmp_path):
     R.plot_kernels(plt, "cpu", recs + [r for r in _capability_records(tmp_path) if r["x"]["kind"] == "copy"])
     labels = list(ax.set_yticks.call_args[0][1])
     assert labels == ["perturb gauss cpu"]
+
+
+def test_step_roofline_target_without_its_step_says_not_measured(tmp_path):
+    """The step suite ran on the GPU (zo_sgd Rademacher) but not the other steps: every
+    method and z keeps its roofline row, the missing ones "not measured" (they vanished)."""
+    rows = {r[1]: r for r in _rows(_records(tmp_path, _roofline_records()), "zo_")
+            if "its passes at copy bandwidth" in r[1]}
+    assert len(rows) == 4
+    assert rows["zo_sgd step ≤ 1.3× its passes at copy bandwidth (rademacher, vit_b_86m, q=1)"][3] == "**met**"
+    for name in ("zo_sgd step ≤ 1.3× its passes at copy bandwidth (gaussian, vit_b_86m, q=1)",
+                 "zo_adam step ≤ 1.3× its passes at copy bandwidth (rademacher, vit_b_86m, q=1)",
+                 "zo_adam step ≤ 1.3× its passes at copy bandwidth (gaussian, vit_b_86m, q=1)"):
+        assert rows[name][2:4] == ("—", "not measured"), name
+        assert rows[name][4].startswith("no zeroflow step record of vit_b_86m, q=1 in this run"), name
+    # no step suite on the device: no step rows at all
+    kern_only = [b for b in _roofline_records() if b["extra_info"]["suite"] == "kernels"]
+    assert not [r for r in R.targets(_records(tmp_path, kern_only, "k.json")) if "its passes" in r[1]]
