@@ -210,17 +210,17 @@ def targets(records):
     rows = []
     for dev, recs in by_device(records):
         kern = [r for r in recs if r["x"].get("suite") == "kernels" and r["x"].get("kind") == "zeroflow"]
-        opt = [r for r in recs if r["x"].get("suite") == "optim" and r["x"].get("impl") == "zeroflow"]
+        steps = [r for r in recs if r["x"].get("suite") == "optim" and r["x"].get("impl") in ("zeroflow", "mezo")]
         if dev.startswith("cuda"):
             rows += _bandwidth_targets(dev, kern)
             step_targets = (("gaussian", 3.0), ("rademacher", 3.0))
         else:
             rows += _cpu_kernel_targets(dev, kern)
             step_targets = (("gaussian", 2.5), ("rademacher", 10.0))
-        rows += _step_targets(dev, opt, step_targets)
+        rows += _step_targets(dev, steps, step_targets)
         if dev.startswith("cuda"):
-            rows += _step_roofline_targets(dev, opt, [r for r in recs if r["x"].get("suite") == "kernels"])
-        rows += _memory_targets(dev, opt)
+            rows += _step_roofline_targets(dev, steps, [r for r in recs if r["x"].get("suite") == "kernels"])
+        rows += _memory_targets(dev, steps)
         rows += _llm_targets(dev, [r for r in recs if r["x"].get("suite") == "llm"])
     return rows
 
@@ -293,11 +293,13 @@ STEP_ROOFLINE_X = 1.3
 STEP_BYTES_PER_PARAM = {"zo_sgd": 3 * 2, "zo_adam": 2 * 2 + 3 * 2}   # x element bytes (fp32: 4)
 
 
-def _step_roofline_targets(dev, opt, kern):
-    """A row per method and z wherever the step suite ran on the device: a step without its
-    record (skipped, failed, cut off or not selected) reads "not measured" (its row vanished)."""
-    if not opt:
+def _step_roofline_targets(dev, steps, kern):
+    """A row per method and z wherever the step suite ran on the device (``steps``: its ZO
+    records, zeroflow and MeZO-style): a zeroflow step without its record (skipped, failed, cut
+    off or not selected) reads "not measured" (its row vanished)."""
+    if not steps:
         return []
+    opt = [r for r in steps if r["x"]["impl"] == "zeroflow"]
     copies = [r for r in kern if r["x"].get("kind") == "copy" and r["x"].get("dtype") == "fp32" and r["gbs"]]
     cp = max(copies, key=lambda r: r["x"]["numel"]) if copies else None
     rows = []
@@ -323,17 +325,26 @@ def _step_roofline_targets(dev, opt, kern):
     return rows
 
 
-def _step_targets(dev, opt, step_targets):
-    """ZO step vs the MeZO recipe, per parameter set, method and distribution: the worst q."""
+def _step_targets(dev, steps, step_targets):
+    """ZO step vs the MeZO recipe, per parameter set, method and distribution: the worst q.
+    ``steps``: the suite's ZO records, zeroflow and MeZO-style; a q (or a parameter set) that
+    has a MeZO-style record and no zeroflow one is named, not left out of the worst."""
+    opt = [r for r in steps if r["x"]["impl"] == "zeroflow"]
     rows = []
-    for pset in sorted({r["x"]["param_set"] for r in opt}):
+    for pset in sorted({r["x"]["param_set"] for r in steps}):
         for kind in ("zo_sgd", "zo_adam"):
             for dist, tgt in step_targets:
                 target = f"{kind} step ≥ {tgt:g}× MeZO-style ({dist}, {pset})"
                 cand = [r for r in opt if r["x"]["param_set"] == pset and r["x"]["opt"] == kind
                         and r["x"]["dist"] == dist and r["vs_mezo"] is not None]
+                # a q whose MeZO-style step ran and whose zeroflow step did not (failed, cut off)
+                ours = {r["x"]["q"] for r in opt if r["x"]["param_set"] == pset and r["x"]["opt"] == kind
+                        and r["x"]["dist"] == dist}
+                lost = sorted({r["x"]["q"] for r in steps if r["x"]["impl"] == "mezo" and r["x"]["param_set"] == pset
+                               and r["x"]["opt"] == kind and r["x"]["dist"] == dist} - ours)
+                no_zf = "".join(f", q={q}: no zeroflow record" for q in lost)
                 if not cand:
-                    rows.append((dev, target, "—", "not measured", ""))
+                    rows.append((dev, target, "—", "not measured", no_zf[2:]))
                     continue
                 worst = min(cand, key=lambda r: r["vs_mezo"])
                 qs = ", ".join(f"q={r['x']['q']}: {r['vs_mezo']:.2f}×" for r in sorted(cand, key=lambda r: r["x"]["q"]))
@@ -341,21 +352,27 @@ def _step_targets(dev, opt, step_targets):
                 # say so rather than call the target met over the q values that had one
                 unmatched = sorted({r["x"]["q"] for r in opt if r["x"]["param_set"] == pset and r["x"]["opt"] == kind
                                     and r["x"]["dist"] == dist and r["vs_mezo"] is None})
-                qs += "".join(f", q={q}: no MeZO baseline" for q in unmatched)
+                qs += "".join(f", q={q}: no MeZO baseline" for q in unmatched) + no_zf
                 rows.append((dev, target, fx(worst["vs_mezo"]), _status(worst["vs_mezo"], tgt), qs))
     return rows
 
 
-def _memory_targets(dev, opt):
-    """ZO step extra memory ≤ 1 MiB per parameter set (a GPU target, shown for the CPU too)."""
+def _memory_targets(dev, steps):
+    """ZO step extra memory ≤ 1 MiB per parameter set (a GPU target, shown for the CPU too), for
+    every parameter set of ``steps`` (the suite's ZO records): one whose zeroflow steps have no
+    memory measurement (q = 1 skipped, failed or cut off) reads "not measured"."""
     rows = []
-    mem = [r for r in opt if r["x"].get("peak_extra_bytes") is not None]
-    for pset in sorted({r["x"]["param_set"] for r in mem}):
-        worst = max((r for r in mem if r["x"]["param_set"] == pset), key=lambda r: r["x"]["peak_extra_bytes"])
+    mem = [r for r in steps if r["x"]["impl"] == "zeroflow" and r["x"].get("peak_extra_bytes") is not None]
+    for pset in sorted({r["x"]["param_set"] for r in steps}):
+        name = f"ZO step extra memory ≤ 1 MiB ({pset})" + ("" if dev.startswith("cuda") else " [GPU target; CPU shown]")
+        cand = [r for r in mem if r["x"]["param_set"] == pset]
+        if not cand:
+            rows.append((dev, name, "—", "not measured", "no zeroflow step of this parameter set measured its "
+                                                         "memory (q = 1) in this run"))
+            continue
+        worst = max(cand, key=lambda r: r["x"]["peak_extra_bytes"])
         extra = worst["x"]["peak_extra_bytes"]
-        rows.append((dev, f"ZO step extra memory ≤ 1 MiB ({pset})" + ("" if dev.startswith("cuda") else
-                                                                      " [GPU target; CPU shown]"),
-                     fmib(extra), _status(extra / MiB, 1.0, higher=False),
+        rows.append((dev, name, fmib(extra), _status(extra / MiB, 1.0, higher=False),
                      f"worst: {worst['x']['opt']} {worst['x']['dist']} q={worst['x']['q']}"))
     return rows
 

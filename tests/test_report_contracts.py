@@ -584,3 +584,31 @@ def test_step_roofline_target_without_its_step_says_not_measured(tmp_path):
     # no step suite on the device: no step rows at all
     kern_only = [b for b in _roofline_records() if b["extra_info"]["suite"] == "kernels"]
     assert not [r for r in R.targets(_records(tmp_path, kern_only, "k.json")) if "its passes" in r[1]]
+
+
+def _without(data, *keys):
+    data = copy.deepcopy(data)
+    data["benchmarks"] = [b for b in data["benchmarks"] if b["extra_info"]["key"] not in keys]
+    return data
+
+
+def test_a_q_whose_zeroflow_step_is_missing_is_named_in_the_step_target(tmp_path):
+    """q = 2's zeroflow step failed and its MeZO-style step ran: the worst over q = 1 alone is
+    shown with q = 2 named, not taken for the worst of every q."""
+    recs = _records(tmp_path, _without(_fixture(), "optim|zeroflow|sgd|cpu|tiny|gaussian|2")["benchmarks"])
+    row, = [r for r in R.targets(recs) if r[1] == "zo_sgd step ≥ 2.5× MeZO-style (gaussian, tiny)"]
+    assert row[2:] == ("9.21×", "**met**", "q=1: 9.21×, q=2: no zeroflow record")
+
+
+def test_step_and_memory_targets_of_a_set_whose_zeroflow_steps_all_failed_say_not_measured(tmp_path):
+    """Every zeroflow step of the parameter set is missing, its MeZO-style steps ran: each step
+    target and the memory target keep their row, "not measured" (they vanished with the set)."""
+    gone = [b["extra_info"]["key"] for b in _fixture()["benchmarks"]
+            if b["extra_info"]["key"].startswith("optim|zeroflow|")]
+    recs = _records(tmp_path, _without(_fixture(), *gone)["benchmarks"])
+    rows = {r[1]: r for r in R.targets(recs)}
+    for kind in ("zo_sgd", "zo_adam"):
+        for dist, tgt in (("gaussian", "2.5"), ("rademacher", "10")):
+            assert rows[f"{kind} step ≥ {tgt}× MeZO-style ({dist}, tiny)"][2:] == (
+                "—", "not measured", "q=1: no zeroflow record, q=2: no zeroflow record")
+    assert rows["ZO step extra memory ≤ 1 MiB (tiny) [GPU target; CPU shown]"][2:4] == ("—", "not measured")
