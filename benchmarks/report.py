@@ -428,33 +428,38 @@ _LLM_TARGET_METHODS = {"zo_sgd": "ZO-SGD", "zo_sgd_rademacher": "ZO-SGD (Rademac
 
 
 def _llm_targets(dev, recs):
-    """Issue 13's three targets for zeroflow ZO-SGD on the LLM-sized model (none without its records)."""
-    zo = [r for m in _LLM_TARGET_METHODS for r in recs
-          if r["x"].get("method") == m and r["x"].get("variant") == "iteration"]
-    if not zo:
+    """Issue 13's three targets for zeroflow ZO-SGD on the LLM-sized model, for each method of
+    _LLM_TARGET_METHODS wherever the LLM suite has records on the device (none without): a
+    method without its iteration record (skipped, failed or cut off) reads "not measured"."""
+    if not recs:
         return []
     derived = llm_derive(recs)
     gpu_note = "" if dev.startswith("cuda") else " [GPU target; CPU shown]"
     rows = []
-    for r in zo:
+    for method, label in _LLM_TARGET_METHODS.items():
+        roof_t, mezo_t, mem_t = (f"LLM {label} {what}{gpu_note}" for what in (
+            f"optimizer share ≤ {LLM_ROOFLINE_X:g}× its 3-pass roofline",
+            f"optimizer share ≥ {LLM_VS_MEZO_X:g}× below the MeZO recipe's",
+            f"peak memory ≤ inference + {100 * (LLM_MEM_X - 1):.0f} %"))
+        r = next((r for r in recs if r["x"].get("method") == method and r["x"].get("variant") == "iteration"), None)
+        if r is None:
+            why = f"no {method} iteration record in this run (skipped, failed or cut off: see Not measured)"
+            rows += [(dev, t, "—", "not measured", why) for t in (roof_t, mezo_t, mem_t)]
+            continue
         x, d = r["x"], derived[r["x"]["key"]]
-        label = _LLM_TARGET_METHODS[x["method"]]
         what = _llm_title(x) + (f", {x['backend']} backend" if x.get("backend") else "")
         share = d["share"]
         noise = share is not None and share <= 0
         unresolved = "**unresolved**: iteration ≤ its forwards (timing noise)"
-        rows.append((dev, f"LLM {label} optimizer share ≤ {LLM_ROOFLINE_X:g}× its 3-pass roofline{gpu_note}",
-                     fx(d["share_vs_roofline"]) if not noise else fms(share),
+        rows.append((dev, roof_t, fx(d["share_vs_roofline"]) if not noise else fms(share),
                      unresolved if noise else _status(d["share_vs_roofline"], LLM_ROOFLINE_X, higher=False),
                      f"{what}: share {fms(share)} = iteration {fms(r['t'])} − 2 forwards {fms(d['forwards'])}; "
                      f"roofline {fms(d['roofline'])} at copy {fnum(d['copy_bps'] / 1e9) if d['copy_bps'] else '—'}"
                      f" GB/s; optimizer alone {fms(d['only'])}"))
-        rows.append((dev, f"LLM {label} optimizer share ≥ {LLM_VS_MEZO_X:g}× below the MeZO recipe's{gpu_note}",
-                     fx(d["mezo_share_over_ours"]) if not noise else "—",
+        rows.append((dev, mezo_t, fx(d["mezo_share_over_ours"]) if not noise else "—",
                      unresolved if noise else _status(d["mezo_share_over_ours"], LLM_VS_MEZO_X),
                      f"{what}; optimizer alone: MeZO ÷ ours {fx(d['mezo_only_over_ours'])}"))
-        rows.append((dev, f"LLM {label} peak memory ≤ inference + {100 * (LLM_MEM_X - 1):.0f} %{gpu_note}",
-                     fx(d["mem_vs_inf"]), _status(d["mem_vs_inf"], LLM_MEM_X, higher=False),
+        rows.append((dev, mem_t, fx(d["mem_vs_inf"]), _status(d["mem_vs_inf"], LLM_MEM_X, higher=False),
                      f"{what}: {fmib(x.get('peak_total_bytes'))} vs two forwards' "
                      f"{fmib(d['mem_vs_inf'] and x['peak_total_bytes'] / d['mem_vs_inf'])}"))
     return rows

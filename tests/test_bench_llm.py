@@ -72,7 +72,8 @@ def test_llm_targets_met_and_missed(tmp_path):
     # memory 10.2e9 / 10e9 = 1.02x (met)
     text = R.render([_write(tmp_path, _llm_records(0.084, 0.110, 10.2e9))], None)
     rows = _llm_target_rows(text)
-    assert len(rows) == 3, rows
+    assert len(rows) == 6, rows      # the Rademacher rows: not measured (no record of it here)
+    assert all("| — | not measured | no zo_sgd_rademacher iteration record" in r for r in rows[3:]), rows
     assert "≤ 1.3× its 3-pass roofline" in rows[0] and "| 1.33× | **missed** by 3 % |" in rows[0]
     assert "share 4 ms = iteration 84 ms − 2 forwards 80 ms" in rows[0] and "roofline 3 ms" in rows[0]
     assert "≥ 5× below the MeZO recipe's" in rows[1] and "| 7.50× | **met** |" in rows[1]
@@ -108,6 +109,25 @@ def test_llm_rademacher_rows_have_their_own_targets(tmp_path):
     assert any(ln.startswith("| zeroflow ZO-SGD, Rademacher z (cuda backend) |") for ln in text.splitlines())
 
 
+def test_llm_target_rows_of_a_method_without_its_record_say_not_measured(tmp_path):
+    """The LLM suite ran but a target method's iteration did not (failed, cut off): its three
+    rows read "not measured" (they vanished), the other method's are unchanged; an LLM run
+    with no iteration at all (the copy only) has all six rows, "not measured"."""
+    pb, zo = 2 * 10**9, {"forwards_per_step": 2, "backend": "cuda"}
+    recs = [r for r in _llm_records(0.084, 0.110, 10.2e9) if r["extra_info"]["method"] != "zo_sgd"] + [
+        _rec("zo_sgd_rademacher", "iteration", 0.0835, "zeroflow", peak_total_bytes=10 * 10**9,
+             roofline_bytes=6 * pb, mezo_ref=_key("mezo_sgd"), **zo)]
+    rows = _llm_target_rows(R.render([_write(tmp_path, recs)], None))
+    assert len(rows) == 6, rows
+    assert all(r.startswith("| cuda | LLM ZO-SGD optimizer share") or r.startswith("| cuda | LLM ZO-SGD peak")
+               for r in rows[:3]), rows
+    assert all("| — | not measured | no zo_sgd iteration record in this run" in r for r in rows[:3]), rows
+    assert "| 1.17× | **met** |" in rows[3] and "| 8.57× | **met** |" in rows[4]
+    copy_only = [r for r in _llm_records(0.084, 0.110, 10.2e9) if r["extra_info"]["method"] == "copy"]
+    rows = _llm_target_rows(R.render([_write(tmp_path, copy_only, "copy.json")], None))
+    assert len(rows) == 6 and all("| — | not measured |" in r for r in rows), rows
+
+
 def test_llm_share_within_noise_is_unresolved(tmp_path):
     """An iteration faster than its forwards is timing noise, not a met target."""
     rows = _llm_target_rows(R.render([_write(tmp_path, _llm_records(0.079, 0.110, 10e9))], None))
@@ -140,7 +160,7 @@ def test_report_unchanged_without_llm_records(tmp_path):
     assert "LLM" not in plain
     with_llm = copy.deepcopy(data["benchmarks"]) + _llm_records(0.084, 0.110, 10.2e9)
     text = R.render([_write(tmp_path / "b", with_llm, "b.json", data["machine_info"])], None)
-    assert "### LLM-sized end-to-end on cuda" in text and len(_llm_target_rows(text)) == 3
+    assert "### LLM-sized end-to-end on cuda" in text and len(_llm_target_rows(text)) == 6
     lines, kept, skip = text.splitlines(), [], False
     for ln in lines:     # drop the LLM section (heading to the next heading) and the LLM target rows
         if ln.startswith("### "):
