@@ -15,7 +15,6 @@ precision other than fp32 is part of the measurement's key.
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
@@ -109,15 +108,11 @@ def test_e2e_iteration(run_bench, benchmark, method):
     }
     if method == "forward_grad":
         extra["note"] = "SDPA on its math backend under the jvp (the fused kernels have no forward-AD rule)"
-    t0 = time.perf_counter()
-    step()  # warm-up: lazy optimizer state, allocator; its time picks the round count
-    C.sync()
-    warm_s = time.perf_counter() - t0
-    mem = C.measure_peak_extra(step)
-    extra.update(mem)
-    extra["state_bytes"] = _opt_state_bytes(opt)
+    # An untimed warm-up step (lazy optimizer state, the allocator, cuBLAS / SDPA set-up on a
+    # GPU's first iteration), a warm one that sizes the rounds, and one under the memory meter.
+    run_bench(step, extra, budget_s=0.5 if C.ON_GPU else 3.0, max_rounds=10, mem=True)
+    x = benchmark.extra_info
+    x["state_bytes"] = _opt_state_bytes(opt)
     if not C.ON_GPU:
-        extra["peak_total_bytes"] = pbytes + extra["state_bytes"] + mem["peak_extra_bytes"]
-    extra["forwards_per_step"] = getattr(opt, "forwards_last_step", 1 if method.startswith("fo_") else None)
-    r = C.rounds_for(warm_s, budget_s=0.5 if C.ON_GPU else 3.0, max_rounds=10)
-    run_bench(step, extra, rounds=r.rounds, warmup=False)
+        x["peak_total_bytes"] = pbytes + x["state_bytes"] + x["peak_extra_bytes"]
+    x["forwards_per_step"] = getattr(opt, "forwards_last_step", 1 if method.startswith("fo_") else None)

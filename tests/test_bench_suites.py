@@ -97,3 +97,34 @@ def test_run_bench_fixed_rounds_make_no_probe_call(fake_clock):
         probe = BC.run_bench_with(bench, lambda: calls.append(1), {}, rounds=3, warmup=warmup)
         assert probe is None and len(calls) == n_calls
         assert bench.pedantic_args == {"rounds": 3, "iterations": 1, "warmup_rounds": 0}
+
+
+def test_e2e_iteration_sizes_its_rounds_on_a_warm_step(fake_clock, monkeypatch):
+    """The end-to-end suite sized its rounds on its first iteration (lazy state, and on a GPU
+    cuBLAS / SDPA set-up: a second or more), leaving one timed round of an iteration that takes
+    10 ms warm; the rounds now come from a warm iteration, and the record keeps its memory,
+    state and forwards."""
+    import functools
+    import types
+
+    pytest.importorskip("timm", reason="the end-to-end suite builds a timm ViT")
+    from benchmarks import conftest as BC
+    from benchmarks import test_bench_end_to_end as E
+
+    for k, v in (("BENCH_E2E_MODEL", "tiny-test"), ("BENCH_E2E_BATCH", "2"), ("BENCH_E2E_IMG", "16")):
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(E, "time", types.SimpleNamespace(perf_counter=lambda: fake_clock[0]), raising=False)
+    real, steps = E.train_step, []
+
+    def train_step(opt, closure):
+        fake_clock[0] += 5.0 if not steps else 0.01      # a cold first iteration, then 10 ms
+        steps.append(1)
+        return real(opt, closure)
+
+    monkeypatch.setattr(E, "train_step", train_step)
+    bench = _FakeBenchmark()
+    E.test_e2e_iteration(functools.partial(BC.run_bench_with, bench), bench, "zo_sgd")
+    assert bench.pedantic_args == {"rounds": 10, "iterations": 1, "warmup_rounds": 1}
+    x = bench.extra_info
+    assert x["forwards_per_step"] == 2 and x["state_bytes"] == 0
+    assert x["peak_total_bytes"] == x["params_bytes"] + x["peak_extra_bytes"] and x["peak_extra_bytes"] > 0
