@@ -128,3 +128,25 @@ def test_e2e_iteration_sizes_its_rounds_on_a_warm_step(fake_clock, monkeypatch):
     x = bench.extra_info
     assert x["forwards_per_step"] == 2 and x["state_bytes"] == 0
     assert x["peak_total_bytes"] == x["params_bytes"] + x["peak_extra_bytes"] and x["peak_extra_bytes"] > 0
+
+
+def test_llm_copy_runs_its_calls_back_to_back(monkeypatch):
+    """The LLM suite's copy_ (the bandwidth of every roofline there) runs as the kernel suite's
+    does on a GPU: KERNEL_BACK_TO_BACK calls per round, said in calls_per_round so the report
+    divides by it; one call per round timed its launch and the sync's wake-up too."""
+    import functools
+
+    from benchmarks import _common as C
+    from benchmarks import conftest as BC
+    from benchmarks import test_bench_llm as L
+
+    monkeypatch.setattr(C, "KERNEL_BACK_TO_BACK", 10)
+    monkeypatch.setattr(L, "COPY_NUMEL", 1024)
+    bench = _FakeBenchmark()
+    calls = []
+    real_copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, *a, **k: (calls.append(1),
+                                                                           real_copy(self, src, *a, **k))[1])
+    L.test_llm_copy_bandwidth(functools.partial(BC.run_bench_with, bench), bench, {"info": {"suite": "llm"}})
+    assert bench.extra_info["calls_per_round"] == 10 and bench.extra_info["bytes"] == 2 * 1024 * 2
+    assert len(calls) == 10          # the warm-up round (the fake benchmark times none)
