@@ -102,12 +102,15 @@ def make_mezo_adam(params, closure, q, dist):
     def step():
         with torch.no_grad():
             seeds, gs = _mezo_estimate(params, closure, q, dist, rng)
-            for p in params:
-                p.grad = torch.zeros_like(p)
-            for s, g in zip(seeds, gs):
+            # .grad = g z from the first query's z, += for the others (the MeZO-family trainers'
+            # param.grad = projected_grad * z): no zero-filled .grad, a pass MeZO does not make
+            for j, (s, g) in enumerate(zip(seeds, gs)):
                 torch.manual_seed(s)
                 for p in params:
-                    p.grad.add_(C.mezo_z(p, dist), alpha=g / q)
+                    if j == 0:
+                        p.grad = C.mezo_z(p, dist).mul_(g / q)
+                    else:
+                        p.grad.add_(C.mezo_z(p, dist), alpha=g / q)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

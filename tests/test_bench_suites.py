@@ -150,3 +150,53 @@ def test_llm_copy_runs_its_calls_back_to_back(monkeypatch):
     L.test_llm_copy_bandwidth(functools.partial(BC.run_bench_with, bench), bench, {"info": {"suite": "llm"}})
     assert bench.extra_info["calls_per_round"] == 10 and bench.extra_info["bytes"] == 2 * 1024 * 2
     assert len(calls) == 10          # the warm-up round (the fake benchmark times none)
+
+
+def test_mezo_style_adam_writes_the_estimate_into_grad_without_a_zero_pass():
+    """The MeZO-style ZO-Adam sets ``.grad = g z`` from the first query's z and adds the later
+    queries' (the MeZO-family trainers' ``param.grad = projected_grad * z``, ``+=`` after): a
+    zero-filled ``.grad`` first was one more pass over every parameter per step, charged to
+    the baseline. The estimate is the same: the step moves theta as before."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from benchmarks import _common as C
+    from benchmarks import test_bench_optim_step as S
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def params():
+        g = torch.Generator().manual_seed(3)
+        return [torch.randn(8, 4, generator=g).requires_grad_(), torch.randn(5, generator=g).requires_grad_()]
+
+    for q in (1, 3):
+        ps = params()
+        closure = C.trivial_closure(ps, grad=False)
+        step = S.make_mezo_adam(ps, closure, q, "gaussian")
+        step()                                   # Adam's lazy state (zero-filled m, v) first
+        with Ops() as ops:
+            step()
+        zero_fills = [n for n in ops.names if n.split(".")[0] in ("zeros_like", "zeros", "zero_", "fill_")]
+        assert not zero_fills, (q, zero_fills)
+        # the same estimate as a zero-filled .grad plus every query's g z
+        ref = params()
+        rng, opt = __import__("random").Random(0), torch.optim.Adam(ref, lr=S.LR)
+        ref_closure = C.trivial_closure(ref, grad=False)
+        for _ in range(2):
+            with torch.no_grad():
+                seeds, gs = S._mezo_estimate(ref, ref_closure, q, "gaussian", rng)
+                for p in ref:
+                    p.grad = torch.zeros_like(p)
+                for s, g in zip(seeds, gs):
+                    torch.manual_seed(s)
+                    for p in ref:
+                        p.grad.add_(C.mezo_z(p, "gaussian"), alpha=g / q)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(ps, ref)), q
