@@ -407,6 +407,29 @@ def test_the_setup_description_holds_the_step_and_mask_epoch_counters():
     assert set(_diff_keys(before, describe_optimizer(a))) == {"step: 0 vs 1", "task: 0 vs 1"}
 
 
+def test_the_setup_description_holds_the_tensor_ids_that_pick_each_parameters_z():
+    """docs/distributed.md §1 Checks: ranks with the same seed, options, shapes and weights
+    but other tensor ids (one optimizer had a group dropped and another added: ids [0, 2],
+    a fresh one [0, 1]) perturb the second parameter with other z, so their weights part at
+    the first step. The setup digest did not hold the ids: construction passed, and without
+    check_every nothing noticed."""
+    from zeroflow.distributed import _diff_keys, describe_optimizer
+
+    torch.manual_seed(0)
+    w, old, h = (torch.nn.Parameter(torch.randn(n)) for n in (4, 3, 3))
+    a = ZOFusedSGD([{"params": [w]}, {"params": [old]}], lr=1e-2, seed=3, backend="cpu")
+    a.param_groups.pop(1)
+    a.add_param_group({"params": [h]})
+    w2, h2 = (torch.nn.Parameter(t.detach().clone()) for t in (w, h))
+    b = ZOFusedSGD([{"params": [w2]}, {"params": [h2]}], lr=1e-2, seed=3, backend="cpu")
+    assert set(_diff_keys(describe_optimizer(a), describe_optimizer(b))) == {
+        "tensor_ids: [0, 2] vs [0, 1]", "next_tensor_id: 3 vs 2"}
+    # why it matters: the same closure on equal weights moves them apart
+    for o, (x, y) in ((a, (w, h)), (b, (w2, h2))):
+        o.step(lambda x=x, y=y: (x.sum() * y.sum()) ** 2)
+    assert not torch.equal(h, h2)
+
+
 def test_the_state_checksum_covers_a_hybrids_first_order_state():
     """docs/distributed.md §1: the state checksum covers momentum, Adam moments, history (a
     hybrid's FO optimizer state too, state_checksum): ranks whose FO momentum differs drift."""

@@ -283,7 +283,10 @@ def param_layout(params: Sequence[torch.Tensor]) -> dict:
 def describe_optimizer(optimizer) -> dict:
     """Everything that must agree across ranks: stream version, class, base seed, step and
     mask-epoch counters, optimizer-wide and per-group options, resolved backend, parameter
-    shapes and dtypes (in optimizer order)."""
+    shapes and dtypes (in optimizer order), and the parameters' tensor ids (and the next one
+    to give), which pick each parameter's z: an optimizer that had a group dropped and
+    another added holds ids [0, 2] where a fresh one holds [0, 1], and the same seed then
+    perturbs and updates the second parameter with another z on each rank."""
     from zfkernels.stream import STREAM_VERSION
 
     zo, hybrid = _zo_of(optimizer)
@@ -293,6 +296,9 @@ def describe_optimizer(optimizer) -> dict:
         "seed": zo.seed,
         "step": zo.step_count,
         "task": zo._task,
+        # None: a tensor appended to g["params"] by hand, which the step refuses by name
+        "tensor_ids": [zo._tid.get(id(p)) for g in zo.param_groups for p in g["params"]],
+        "next_tensor_id": zo._next_tid,
         **zo_options(zo),
         "groups": [dict(group_options(g), **param_layout(g["params"])) for g in zo.param_groups],
     }
