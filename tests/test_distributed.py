@@ -240,10 +240,12 @@ def test_bytes_per_step_are_O_q_and_independent_of_param_count(spawned):
             assert b[f"B_{q}_{hidden}"]["calls"] == 2 * q + 1
     assert b["B_1_8"]["bytes"] == b["B_1_512"]["bytes"]
     assert b["B_4_512"]["bytes"] == b["B_4_8"]["bytes"] > b["B_1_8"]["bytes"]
-    # hybrid: the FO phase costs a full gradient all-reduce, the ZO phase only scalars
-    numel = sum(p.numel() for p in make_model().parameters())
+    # hybrid: the FO phase costs a full gradient all-reduce (and one byte per parameter tensor:
+    # which ones hold a gradient), the ZO phase only scalars
+    params = list(make_model().parameters())
+    numel = sum(p.numel() for p in params)
     hy = res[0]["A_sgd_hybrid"]["bytes_per_step"] * STEPS
-    assert hy == 3 * (4 * numel + 8) + (STEPS - 3) * (16 + 8)
+    assert hy == 3 * (4 * numel + len(params) + 8) + (STEPS - 3) * (16 + 8)
 
 
 def test_mismatched_seed_options_weights_detected_on_every_rank(spawned):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from conftest import differing_entries, make_data, make_mlp, sparse_sgd_recording, train_steps
@@ -314,6 +315,11 @@ def _two_ranks(peer):
             self._count("all_gather", self._nbytes(t), 2 * self._nbytes(t))
             return torch.stack([t, peer(t)])
 
+        def all_reduce_(self, t, op=dist.ReduceOp.SUM):
+            other = peer(t)
+            self._count("all_reduce", self._nbytes(t), self._nbytes(t))
+            return torch.maximum(t, other, out=t) if op == dist.ReduceOp.MAX else t.add_(other)
+
     return TwoRanks()
 
 
@@ -340,6 +346,64 @@ def test_a_rank_with_an_empty_shard_does_not_spoil_the_loss():
         warnings.simplefilter("error", RuntimeWarning)       # a skipped step warns
         dp.step(lambda: torch.tensor(math.nan), batch_size=0)
     assert seen[0]["status"] == "ok" and seen[0]["scalars"] == [0.25, 0.75]
+
+
+def _hybrid_with_an_unused_layer(seed=0):
+    """A hybrid ZO-SGD in its FO phase (momentum, weight decay) over an MLP and a layer the loss
+    never reaches."""
+    m, extra = make_mlp(5, 8, 2, seed), torch.nn.Linear(5, 2)
+    h = create("zo_sgd", list(m.parameters()) + list(extra.parameters()), lr=1e-2, momentum=0.9,
+               weight_decay=1e-2, seed=3, backend="cpu", hybrid_switch=5)
+    return m, extra, h
+
+
+def test_a_parameter_no_rank_has_a_gradient_for_is_left_alone_in_the_fo_phase():
+    """docs/distributed.md §1 (Hybrid FO -> ZO): the FO phase steps with the gradients all-reduced,
+    as one process would on the concatenated batch. A parameter with no .grad on any rank got a
+    zero gradient: the FO optimizer then decayed it and started its momentum, where one process
+    skips it (torch.optim skips a None .grad). Ranks identical to this one (a simulated peer):
+    the data-parallel run is the one-process run, bit for bit, and the unused layer keeps no grad."""
+    from zeroflow.distributed import DataParallelZO
+    from zeroflow.optim import train_step
+
+    X, Y = make_data(16, 5, 2)
+    runs = []
+    for wrap in (False, True):
+        m, extra, h = _hybrid_with_an_unused_layer()
+        opt = DataParallelZO(h, comm=_two_ranks(lambda t: t.clone())) if wrap else h
+        for _ in range(3):
+            train_step(opt, lambda m=m: F.mse_loss(m(X), Y))
+        assert extra.weight.grad is None and not h.fo.state.get(extra.weight)
+        runs.append([p.detach().clone() for p in list(m.parameters()) + list(extra.parameters())])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_a_closure_without_backward_in_the_fo_phase_warns_as_in_one_process():
+    """HybridFOZO warns when an FO step finds no .grad (a ZO-style closure: it trains nothing).
+    Under DataParallelZO the zero gradients it made hid that warning on every rank."""
+    from zeroflow.distributed import DataParallelZO
+
+    X, Y = make_data(16, 5, 2)
+    m, _, h = _hybrid_with_an_unused_layer()
+    dp = DataParallelZO(h, comm=_two_ranks(lambda t: t.clone()))
+    with pytest.warns(RuntimeWarning, match="found no .grad and moved nothing"):
+        dp.step(lambda: F.mse_loss(m(X), Y), batch_size=16)
+
+
+def test_a_parameter_with_a_gradient_on_another_rank_only_gets_that_ranks_share():
+    """A .grad present on some ranks only (their shards reach the parameter): zeros stand in for
+    it on the others, and every rank steps with the reduced gradient."""
+    from zeroflow.distributed import DataParallelZO
+
+    def peer(t):        # the other rank: a gradient of 2.0 everywhere (weighted), present for all
+        return torch.ones_like(t) if t.dtype == torch.uint8 else t.clone() if t.dtype == torch.int64 \
+            else torch.full_like(t, 2.0)
+
+    m, extra, h = _hybrid_with_an_unused_layer()
+    dp = DataParallelZO(h, comm=_two_ranks(lambda t: t.clone()))
+    dp.comm = _two_ranks(peer)
+    dp.sync_grads()
+    assert torch.equal(extra.weight.grad, torch.full_like(extra.weight, 2.0))
 
 
 def test_every_rank_reporting_an_empty_batch_is_a_value_error():

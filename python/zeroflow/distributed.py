@@ -380,7 +380,8 @@ class DataParallelZO:
 
     Hybrid FO phase: the gradients (``.grad``, set by the caller's backward, or by the
     closure's: it runs first, as torch.optim runs it) are all-reduced (weighted the same way)
-    before the FO step -- that phase costs a full gradient all-reduce per step, as DDP does.
+    before the FO step -- that phase costs a full gradient all-reduce per step, as DDP does
+    (plus one byte per parameter tensor: a ``.grad`` that no rank has stays None).
 
     ``check_every=k``: every k steps all-gather checksums of the parameters and of the
     optimizer state (32 bytes each) and raise
@@ -569,8 +570,20 @@ class DataParallelZO:
         self._grads_synced = True
 
     def _allreduce_grads(self) -> None:
-        """Hybrid FO phase: weighted all-reduce of the gradients (a full gradient per step)."""
-        for p in self._params():
+        """Hybrid FO phase: weighted all-reduce of the gradients (a full gradient per step).
+
+        First one byte per parameter says which ones hold a ``.grad`` on some rank. A parameter
+        without one on every rank (the loss does not reach it, or the closure ran no backward)
+        keeps ``.grad = None``, as in one process, where the FO optimizer skips it (no weight
+        decay, no momentum or Adam state) and the hybrid warns that a step found no gradient.
+        Zeros there made every rank decay it and start its state, and hid that warning. A
+        parameter with a gradient on some ranks only gets zeros on the others."""
+        params = self._params()
+        held = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8)
+        self.comm.all_reduce_(held, op=dist.ReduceOp.MAX)
+        for p, some in zip(params, held.tolist()):
+            if not some:
+                continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             p.grad.mul_(self._weight)
