@@ -440,6 +440,26 @@ def test_a_batch_size_check_every_or_flush_every_that_is_no_count_is_named(tmp_p
     assert not log.exists()
 
 
+def test_an_lr_scheduler_of_the_wrapped_optimizer_sets_the_lr_of_the_wrappers_steps():
+    """DataParallelZO's docstring: an lr scheduler takes ``dp.optimizer`` (torch's schedulers
+    refuse the wrapper itself, which is no torch.optim.Optimizer; the docstring said they took it)."""
+    from zeroflow.distributed import DataParallelZO
+
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(16, 5, 2)
+    dp = DataParallelZO(ZOFusedSGD(m.parameters(), lr=1e-2, seed=3, backend="cpu"),
+                        comm=_two_ranks(lambda t: t.clone()))
+    with pytest.raises(TypeError, match="DataParallelZO is not an Optimizer"):
+        torch.optim.lr_scheduler.StepLR(dp, 1)
+    sched = torch.optim.lr_scheduler.StepLR(dp.optimizer, 1, gamma=0.5)
+    seen = []
+    dp.optimizer.step_hook = lambda o, info: seen.append(o.param_groups[0]["lr"])
+    for _ in range(2):
+        dp.step(lambda: F.mse_loss(m(X), Y), batch_size=16)
+        sched.step()
+    assert seen == [1e-2, 5e-3] and dp.param_groups[0]["lr"] == 2.5e-3
+
+
 def test_check_every_k_checks_after_every_kth_step():
     """docs/distributed.md §1: ``check_every=k`` repeats the parameter/state check every k steps
     (64 bytes per rank per check): after steps k, 2k, ..., not after the others."""

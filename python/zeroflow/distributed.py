@@ -388,7 +388,10 @@ class DataParallelZO:
     :class:`DistributedMismatchError` if any rank differs. ``broadcast_params=True``: copy
     rank 0's parameters to every rank at construction (otherwise they are only checked).
     The optimizer's other attributes (``param_groups``, ``state_dict``, counters) are
-    reachable through the wrapper, so schedulers and ``zeroflow.optim.train_step`` work."""
+    reachable through the wrapper, so ``zeroflow.optim.train_step`` and a GradScaler work. An
+    lr scheduler takes the wrapped optimizer, ``StepLR(dp.optimizer, ...)`` (torch's schedulers
+    refuse anything but a ``torch.optim.Optimizer``: "DataParallelZO is not an Optimizer"); it
+    sets the lr of the same param groups that the wrapper's steps use."""
 
     def __init__(self, optimizer, *, group=None, comm: Comm | None = None, check_every: int = 0,
                  broadcast_params: bool = False):
