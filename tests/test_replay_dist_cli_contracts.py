@@ -257,6 +257,26 @@ def test_the_replay_command_verifies_unless_no_verify(tmp_path, small_log, capsy
     assert differing_entries(torch.load(out, weights_only=True), final) == []
 
 
+def test_python_m_zeroflow_replay_is_the_replay_command(tmp_path, small_log):
+    """``python -m zeroflow.replay BASE LOG --out W`` (cli.py: "shared with python -m
+    zeroflow.replay") ran nothing and exited 0: no weights and no error, read as a replay done."""
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    base, log, trained, _ = small_log
+    out = tmp_path / "w.pt"
+    r = subprocess.run([sys.executable, "-m", "zeroflow.replay", base, log, "--out", str(out)], env=child_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "4 steps of ZOFusedSGD" in r.stdout, (r.stdout, r.stderr)
+    sd = torch.load(out, weights_only=True)
+    assert all(torch.equal(sd[k], v) for k, v in trained.items())
+    r = subprocess.run([sys.executable, "-m", "zeroflow.replay", base, str(tmp_path / "none.zft"), "--out",
+                        str(tmp_path / "x.pt")], env=child_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "cannot read LOG" in r.stderr, (r.stdout, r.stderr)
+
+
 @pytest.mark.parametrize("extra,needle", [
     # "the log's options are refused by ZOFusedSGD: backend='gpu' ..." (the log was fine)
     (["--backend", "gpu"], "--backend 'gpu' cannot replay on cpu"),

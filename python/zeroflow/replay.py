@@ -936,3 +936,9 @@ def replay_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:       # ^C in a long replay: one line, not a traceback (--out is written atomically)
         print(f"zeroflow replay: interrupted; nothing was written to {a.out}", file=sys.stderr)
         return 130
+
+
+# python -m zeroflow.replay BASE LOG --out WEIGHTS (= zeroflow replay ...): without this the
+# module ran nothing and exited 0, which read as a replay written
+if __name__ == "__main__":
+    sys.exit(replay_main())
