@@ -426,6 +426,39 @@ def test_a_parameter_with_a_gradient_on_another_rank_only_gets_that_ranks_share(
     assert torch.equal(extra.weight.grad, torch.full_like(extra.weight, 2.0))
 
 
+def test_gradients_synced_for_a_step_that_did_not_come_are_reduced_again_after_zero_grad_or_a_closure():
+    """DataParallelZO.sync_grads: "A zero_grad or a closure given to step voids it". A scaler that
+    skipped the step leaves the sync standing; gradients computed after a zero_grad (or by the
+    closure) and then stepped without that void would step with this rank's own gradient."""
+    from zeroflow.distributed import DataParallelZO
+
+    X, Y = make_data(16, 5, 2)
+    m, _, h = _hybrid_with_an_unused_layer()
+    dp = DataParallelZO(h, comm=_two_ranks(lambda t: t.clone()))
+
+    def backward():
+        F.mse_loss(m(X), Y).backward()
+
+    backward()
+    dp.sync_grads()                     # ... and the scaler skipped the step
+    reduces = dp.comm.by_op["all_reduce"][0]
+    dp.zero_grad()
+    backward()
+    dp.step()
+    assert dp.comm.by_op["all_reduce"][0] > reduces
+    backward()
+    dp.sync_grads()
+    reduces = dp.comm.by_op["all_reduce"][0]
+
+    def closure():
+        dp.zero_grad()
+        loss = F.mse_loss(m(X), Y)
+        loss.backward()
+        return loss
+    dp.step(closure)
+    assert dp.comm.by_op["all_reduce"][0] > reduces
+
+
 def test_every_rank_reporting_an_empty_batch_is_a_value_error():
     """A step where every rank gave batch_size=0 has no loss to weigh: ValueError, before the step."""
     from zeroflow.distributed import DataParallelZO
