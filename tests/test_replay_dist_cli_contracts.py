@@ -596,6 +596,17 @@ def test_sharded_batch_sampler_keeps_a_last_batch_of_world_samples_and_a_batch_o
                                                                                          [[2], [5]]]
 
 
+@pytest.mark.parametrize("args, name", [((48, 8.5, 0, 2), "global_batch_size"), ((48.0, 8, 0, 2), "n"),
+                                        ((-4, 8, 0, 2), "n"), ((48, 8, 1.0, 2), "rank"), ((48, 8, 0, 2.5), "world")])
+def test_sharded_batch_sampler_refuses_counts_that_are_not_ints(args, name):
+    """ShardedBatchSampler(n, B, rank, world): int() of a float made a global batch of 8 from 8.5
+    (other samples per step than the run was given), and a negative n a negative len()."""
+    from zeroflow.distributed import ShardedBatchSampler
+
+    with pytest.raises(ValueError, match=f"^{name}\\b.* is .*; it must be an int >= 0"):
+        ShardedBatchSampler(*args)
+
+
 # ---------------------------------------------------------------------------- the zeroflow command
 def test_sweep_seeds_accept_zero_and_refuse_duplicates():
     """``zeroflow sweep --seeds``: "in [0, 2^31-1]" (the --seed range, 0 included); a seed

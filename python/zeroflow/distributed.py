@@ -109,6 +109,12 @@ class ShardedBatchSampler:
 
     def __init__(self, n: int, global_batch_size: int, rank: int, world: int, *, shuffle: bool = True,
                  seed: int = 0):
+        from zeroflow.optim.zo import counter
+
+        # counts, not numbers: int(4.5) made a global batch of 4 without a word, and every rank
+        # then stepped on other samples than the run was given
+        n, global_batch_size = counter(n, "n (the dataset's length)"), counter(global_batch_size, "global_batch_size")
+        rank, world = counter(rank, "rank"), counter(world, "world")
         if global_batch_size < world:
             raise ValueError(f"global batch size {global_batch_size} < world size {world}: some rank would get "
                              "an empty batch")
