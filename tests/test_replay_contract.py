@@ -396,6 +396,22 @@ def _recorded(tmp_path, steps=3, name="r.zft"):
     return m, opt, base, log, (lambda: F.mse_loss(m(X), Y))
 
 
+def test_save_base_over_an_existing_base_is_refused_and_the_finished_log_still_replays(tmp_path):
+    """docs/distributed.md §2 "Nothing is overwritten": the recorder refuses an existing log, but
+    save_base replaced an existing BASE without a word. A script run again (save_base, then a
+    recorder on the same names) replaced the finished log's BASE, then its recorder refused the
+    log: the log was kept but replayed no more ("BASE is not the checkpoint the log starts from")."""
+    m, opt, base, log, loss = _recorded(tmp_path)
+    before = Path(base).read_bytes()
+    other = make_mlp(5, 8, 2, seed=9)
+    with pytest.raises(FileExistsError, match=r"save_base: .*b\.pt exists.*overwrite=True"):
+        save_base(base, other)
+    assert Path(base).read_bytes() == before
+    assert differing_entries(replay(base, log), m.state_dict()) == []
+    save_base(base, other, overwrite=True)
+    assert differing_entries(torch.load(base, weights_only=True)["model"], other.state_dict()) == []
+
+
 def test_a_second_recorder_on_a_log_leaves_it_as_it_was(tmp_path):
     """A recorder opened the file with "wb": a second one on the same name (a resumed script)
     emptied a finished log, and one refused for a non-JSON option emptied it before raising."""
@@ -409,7 +425,7 @@ def test_a_second_recorder_on_a_log_leaves_it_as_it_was(tmp_path):
     assert Path(log).read_bytes() == before
     assert opt.step_hook is None and not opt._optimizer_step_pre_hooks
     del opt.param_groups[0]["tag"]
-    save_base(base, m, opt)
+    save_base(base, m, opt, overwrite=True)
     with TrajectoryRecorder(log, opt, model=m, overwrite=True):     # what the message offers
         train_steps(opt, loss, 2)
     assert differing_entries(replay(base, log), m.state_dict()) == []

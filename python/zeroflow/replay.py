@@ -89,9 +89,17 @@ def weights_sha256(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> str
     return h.hexdigest()
 
 
-def save_base(path: str, model: torch.nn.Module, optimizer=None) -> None:
+def save_base(path: str, model: torch.nn.Module, optimizer=None, *, overwrite: bool = False) -> None:
     """Write the BASE checkpoint for a log atomically: ``{"model": state_dict}`` (plus the
-    optimizer's state_dict when recording starts with non-empty optimizer state)."""
+    optimizer's state_dict when recording starts with non-empty optimizer state).
+
+    ``overwrite``: an existing file at ``path`` is refused (FileExistsError, left as it was)
+    unless True, as :class:`TrajectoryRecorder` refuses an existing log: a script run again
+    replaced the BASE of its finished log, whose recorder then refused to start, and the old
+    log no longer replayed ("BASE is not the checkpoint the log starts from")."""
+    if not overwrite and os.path.exists(path):
+        raise FileExistsError(f"save_base: {path} exists (the BASE of another log, or of this one); it is left as it "
+                              "was. Give another path, remove the file, or pass overwrite=True")
     obj = {"model": model.state_dict()}
     if optimizer is not None:
         obj["optimizer"] = optimizer.state_dict()
