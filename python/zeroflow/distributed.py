@@ -88,7 +88,9 @@ def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
 
 def shard(dataset_indices: Sequence[int], rank: int, world: int) -> list:
     """Rank ``rank``'s share of ``dataset_indices``: every ``world``-th element starting at
-    ``rank`` (disjoint, covers all, sizes differ by at most one)."""
+    ``rank`` (disjoint, covers all, sizes differ by at most one). A DataLoader per rank over
+    it can give the ranks different numbers of batches (the extra step of one waits in its
+    first collective): :class:`ShardedBatchSampler` gives every rank the same number."""
     if not (0 <= rank < world):
         raise ValueError(f"rank={rank} must be in [0, world={world})")
     return list(dataset_indices)[rank::world]
