@@ -198,6 +198,28 @@ def test_log_size_per_step(tmp_path):
     assert per_step == 36                # q=1 two_side: 2 losses + step/flags/framing
 
 
+@pytest.mark.parametrize("name,kw,scalars", [("zo_sgd", {"q": 2}, 4), ("zo_sgd", {"estimator": "one_side"}, 2),
+                                             ("zo_sgd", {"q": 3, "estimator": "one_side"}, 4),
+                                             ("zo_sgd_conserve", {}, 5),
+                                             ("zo_sgd_conserve", {"estimator": "one_side"}, 4)])
+def test_log_size_per_step_per_estimator(tmp_path, name, kw, scalars):
+    """docs/distributed.md "Size": 20 bytes of step record and framing plus 8 per scalar the
+    step consumed: two_side 2q, one_side q + 1, conserve 2 more (one_side) or 3 (two_side,
+    which adds L(theta)); the page said +2 for both."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    x, y = torch.randn(16, 8), torch.randint(0, 2, (16,))
+    sizes = []
+    for steps in (3, 6):
+        log = str(tmp_path / f"{steps}.zft")
+        opt = create(name, model.parameters(), lr=1e-3, seed=0, **kw)
+        with TrajectoryRecorder(log, opt, model=model):
+            for _ in range(steps):
+                train_step(opt, lambda: F.cross_entropy(model(x), y))
+        sizes.append(os.path.getsize(log))
+    assert (sizes[1] - sizes[0]) / 3 == 20 + 8 * scalars
+
+
 def _rewrite_header(log, out, **changes):
     with open(log, "rb") as f:
         data = f.read()
