@@ -154,7 +154,7 @@ def test_mask_threshold_rounds_to_nearest_ties_to_even():
     assert S.mask_threshold(0.2) == 3355443          # 3355443.2: down
     assert S.mask_threshold(1.5 * 2**-24) == 2       # exact ties: to even
     assert S.mask_threshold(2.5 * 2**-24) == 2
-    assert S.mask_threshold(2**-25) == 0             # "a sparsity below 2^-25 gives T = 0", and 2^-25 too
+    assert S.mask_threshold(2**-25) == 0             # "a sparsity of at most 2^-25 gives T = 0"
     assert S.mask_threshold(1.0) == 1 << 24
 
 
