@@ -179,6 +179,23 @@ def test_the_example_checks_see_commands_and_options():
     assert "--stop-after" not in parsers["sweep"]._option_string_actions
 
 
+def config_only_options_missing(text: str, keys) -> list:
+    """The keys that ``text`` never writes in backticks (`key` or `key: ...`)."""
+    return [k for k in keys if not re.search(r"`%s(?::[^`]*)?`" % re.escape(k), text)]
+
+
+def test_every_config_only_option_is_named_in_the_continual_page():
+    """The options without a flag (defaults.CONFIG_ONLY) appear in no `--help`: the page is
+    where a user learns that they exist. pretrain_epochs / pretrain_lr / pretrain_batch_size
+    (the small ViT's pretraining) were named nowhere."""
+    from zeroflow.continual.defaults import CONFIG_ONLY
+
+    assert config_only_options_missing("`schedule: constant`, `backbone` and `img_size`", ("schedule", "backbone",
+                                       "img_size", "adapter_dim")) == ["adapter_dim"]
+    missing = config_only_options_missing(_pages()[os.path.join("docs", "continual.md")], CONFIG_ONLY)
+    assert not missing, f"docs/continual.md does not name the config-file options {missing}"
+
+
 def test_resume_help_names_exactly_the_options_a_resume_takes():
     """`zeroflow run --resume`'s help lists the options a resumed run takes from the command
     line (runner.LOCATIONS and runfolder.OPERATIONAL_KEYS): it kept saying --device,
