@@ -179,6 +179,39 @@ def test_the_example_checks_see_commands_and_options():
     assert "--stop-after" not in parsers["sweep"]._option_string_actions
 
 
+def unnamed_cli_options(parsers: dict, text: str) -> list:
+    """``command --option`` of every option of ``parsers`` that ``text`` names neither as
+    ``--option`` nor as its configuration key in backticks (`weight_decay` for
+    --weight-decay: the pages describe the run options by key)."""
+    out = []
+    for cmd, p in parsers.items():
+        for action in p._actions:
+            for opt in action.option_strings:
+                if not opt.startswith("--") or opt == "--help":
+                    continue
+                if re.search(r"(?<![\w-])%s(?![\w-])" % re.escape(opt), text) or \
+                        re.search(r"`%s(?::[^`]*)?`" % re.escape(action.dest), text):
+                    continue
+                out.append(f"{cmd} {opt}".strip())
+    return out
+
+
+def test_every_cli_option_is_named_in_the_pages():
+    """An option of `zeroflow run | sweep | report | replay` that no page names is found by
+    reading --help only: `zeroflow report --output` and `--no-progress` were named nowhere."""
+    import argparse
+
+    toy = argparse.ArgumentParser()
+    toy.add_argument("--weight-decay")
+    toy.add_argument("--output")
+    toy.add_argument("--seed")
+    assert unnamed_cli_options({"x": toy}, "`weight_decay`, --seeds") == ["x --output", "x --seed"]
+    parsers = _parsers()
+    missing = unnamed_cli_options({cmd: parsers[cmd] for cmd in ("run", "sweep", "report", "replay")},
+                                  "\n".join(_pages().values()))
+    assert not missing, f"options that no page names (README.md, docs/*.md): {missing}"
+
+
 def config_only_options_missing(text: str, keys) -> list:
     """The keys that ``text`` never writes in backticks (`key` or `key: ...`)."""
     return [k for k in keys if not re.search(r"`%s(?::[^`]*)?`" % re.escape(k), text)]
