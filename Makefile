@@ -10,7 +10,7 @@
 #                     `make rehearse`'s venv where it exists, else CENSUS_PY=...
 #   make rehearse     the test suite on this CPU under the device image's versions (python 3.12, torch 2.11,
 #                     Triton 3.6, numpy 2.5: benchmarks/device_image_requirements.txt) in $(IMAGE_VENV), with the
-#                     extensions built in place for it, which a lease then carries (gpu_check.sh SKIP_BUILD=auto)
+#                     extensions built in place for it, which a lease then carries (SKIP_BUILD=auto bash benchmarks/gpu_check.sh)
 #   make bench-report the report again from the JSON already in results/ (cpu_*.json, and gpu_*.json
 #                     copied there from a GPU run's gpu_logs.tar.gz: bench/gpu_*.json)
 SHELL := /bin/bash
