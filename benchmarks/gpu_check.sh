@@ -29,6 +29,13 @@
 #      expression), TEST_LIMIT_S (170), BENCH_ONLY="kernels optim e2e llm" (or none), TIMELINE=0, TIMELINE_LAYOUTS="vit_b vit_b_tiny", PROFILE=1, GPU_CHECK_BUDGET_S (350),
 #      TEST_WORKERS (12), KILL_AFTER_S (15: SIGKILL that long after a command's SIGINT), REPORT_LIMIT_S (25: the report's own limit, after the budget), ZEROFLOW_COMMIT (the commit to report where .git is stale, as in a device lease).
 set -uo pipefail
+if [ "$#" -gt 0 ]; then
+  # "gpu_check.sh SKIP_BUILD=auto" passed the setting as an argument, which the script never
+  # read: it rebuilt (a minute of the lease) and ran with every other default
+  echo "gpu_check.sh: takes no arguments (got: $*); its settings are environment variables, e.g." \
+       "SKIP_BUILD=auto bash benchmarks/gpu_check.sh (the list is at the top of the script)" >&2
+  exit 2
+fi
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
 DEST="${OUT:-$ROOT/results/gpu}"

@@ -57,6 +57,19 @@ def _gpu_check(tmp_path, start=False, **env):
     return subprocess.run(cmd, env=full, cwd=ROOT, capture_output=True, text=True, timeout=300), out
 
 
+def test_an_argument_is_refused_before_anything_runs(tmp_path):
+    """Settings are environment variables: `gpu_check.sh SKIP_BUILD=auto` (as the README wrote
+    it) was ignored, and the check rebuilt and ran with every default."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "SKIP_BUILD=auto"],
+                          env=dict(os.environ, OUT=str(out), TMPDIR=str(tmp_path)), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "takes no arguments (got: SKIP_BUILD=auto)" in proc.stderr
+    assert "SKIP_BUILD=auto bash benchmarks/gpu_check.sh" in proc.stderr
+    assert os.listdir(tmp_path) == []         # no $OUT, no work folder: nothing ran
+
+
 def test_timeline_phase_comes_back_in_the_summary(tmp_path):
     proc, out = _gpu_check(tmp_path, BENCH_ONLY="none", TIMELINE_LAYOUTS="vit_b_tiny")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
