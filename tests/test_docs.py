@@ -179,6 +179,53 @@ def test_the_example_checks_see_commands_and_options():
     assert "--stop-after" not in parsers["sweep"]._option_string_actions
 
 
+# zeroflow.optim.create, zfkernels.reference.SPAN, benchmarks.report: a module, or a name in one;
+# a file name (the reference code's zeroflow.py) is no such name
+DOTTED = re.compile(r"(?<![\w/.-])((?:zeroflow|zfkernels|benchmarks)(?:\.[A-Za-z_]\w*)+)(?![\w(-]*\.\w)")
+FILE_SUFFIXES = (".py", ".md", ".json", ".yaml", ".so", ".pt", ".zft")
+
+
+# present only where built (the extensions) or installed and importable (Triton): setup.py and
+# zfkernels/triton/ declare them, the check of a page does not depend on this machine's build
+OPTIONAL_MODULES = ("zfkernels._C", "zfkernels._C_cuda", "zfkernels.triton")
+
+
+def dotted_names(text: str) -> list[str]:
+    return sorted({n for n in DOTTED.findall(text) if not n.endswith(FILE_SUFFIXES)
+                   and not any(n == m or n.startswith(m + ".") for m in OPTIONAL_MODULES)})
+
+
+def unresolved(name: str):
+    """Why ``name`` (a module, or attributes of one) does not resolve; None when it does."""
+    import importlib
+
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return f"{'.'.join(parts[:i])} has no {'.'.join(parts[i:])}"
+            obj = getattr(obj, attr)
+        return None
+    return "no such module"
+
+
+def test_dotted_names_in_the_pages_resolve():
+    """Every `zeroflow.x.y` / `zfkernels.x` / `benchmarks.x` a page names is a module or a name
+    in one (a renamed function or constant leaves its old name in the prose)."""
+    assert dotted_names("zfkernels.reference.SPAN, INFTY zeroflow.py, `zeroflow.optim.create(name)`, "
+                        "python -m benchmarks.report. zeroflow.nope zfkernels._C_cuda") == [
+        "benchmarks.report", "zeroflow.nope", "zeroflow.optim.create", "zfkernels.reference.SPAN"]
+    assert unresolved("zeroflow.nope") == "zeroflow has no nope"
+    assert unresolved("zfkernels.reference.NOPE") == "zfkernels.reference has no NOPE"
+    bad = [f"{page}: {n}: {why}" for page, text in _pages().items() for n in dotted_names(text)
+           if (why := unresolved(n))]
+    assert not bad, "\n".join(bad)
+
+
 def unnamed_cli_options(parsers: dict, text: str) -> list:
     """``command --option`` of every option of ``parsers`` that ``text`` names neither as
     ``--option`` nor as its configuration key in backticks (`weight_decay` for
