@@ -303,8 +303,9 @@ def test_the_performance_page_carries_the_current_notes():
 
 # "docs/algorithms.md §7", "docs/algorithms.md §7, §11", "§7-8", "stream §5", "stream v1 §8",
 # "docs/distributed.md §2": the numbered sections ("## 7. ...") of the page (stream: the spec).
+# Also written out: "docs/algorithms.md section 10", "docs/algorithms.md, section 10".
 SECTION_REF = re.compile(r"(docs/[\w-]+\.md|(?<![\w/-])stream(?: v1)?)[,:]?\s+"
-                         r"(§\s?\d+(?:\s*(?:-|/|,|and|or)\s*§?\s?\d+)*)")
+                         r"((?:§\s?|sections?\s+)\d+(?:\s*(?:-|/|,|and|or)\s*(?:§\s?)?\d+)*)")
 CITING_FILES = ("README.md", "Makefile", "benchmarks", "configs", "csrc", "docs", "python", "tests", "zfkernels")
 TEXT_SUFFIXES = (".py", ".md", ".h", ".cpp", ".cu", ".cuh", ".sh", ".yaml", "Makefile")
 
@@ -351,11 +352,13 @@ def test_cited_sections_exist():
 
 def test_the_section_check_sees_citations():
     text = ("(docs/algorithms.md §7 and §11), stream §5, stream v1 §8,\n[docs/algorithms.md §7-8](x) "
-            "docs/distributed.md §2 Refused; tests/stream §9 §3 docs/kernel-ops.md § zo_sgd_update_")
+            "docs/distributed.md §2 Refused; tests/stream §9 §3 docs/kernel-ops.md § zo_sgd_update_\n"
+            "(docs/algorithms.md, section 10) docs/perturbation-stream.md sections 3 and 4 stream section X")
     assert section_refs(text) == [(1, "docs/algorithms.md", "7"), (1, "docs/algorithms.md", "11"),
                                   (1, "docs/perturbation-stream.md", "5"), (1, "docs/perturbation-stream.md", "8"),
                                   (2, "docs/algorithms.md", "7"), (2, "docs/algorithms.md", "8"),
-                                  (2, "docs/distributed.md", "2")]
+                                  (2, "docs/distributed.md", "2"), (3, "docs/algorithms.md", "10"),
+                                  (3, "docs/perturbation-stream.md", "3"), (3, "docs/perturbation-stream.md", "4")]
     assert numbered_sections("docs/algorithms.md") >= {str(n) for n in range(12)}
     assert "12" not in numbered_sections("docs/algorithms.md")
     assert numbered_sections("docs/perturbation-stream.md") == {str(n) for n in range(1, 10)}
