@@ -1,0 +1,86 @@
+"""EASE and APER prototypes as the reference computes them (continual-reference.md): the mean
+feature of each class's training images under the **test** transform, extracted in eval mode
+(adapter dropout off) whatever mode training left the network in, on a tiny timm ViT.
+
+The training split here differs from the prototype split (its images are shifted), and the
+adapters use dropout 0.9 after a first-order task has made them non-zero, so a learner taking
+the augmented split or extracting in train mode gives other prototypes."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+N_PER_CLASS = 6
+
+
+class _Data:
+    """Two tasks of two classes; ``train`` = ``train_eval`` + 0.5 (the "augmentation")."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.tasks = [[0, 1], [2, 3]]
+        self.y = torch.arange(4).repeat_interleave(N_PER_CLASS)
+        self.x = torch.rand(len(self.y), 3, 8, 8, generator=g)
+
+    def images(self, split, classes):
+        m = torch.isin(self.y, torch.as_tensor(classes))
+        return (self.x[m] + 0.5 if split == "train" else self.x[m]), self.y[m]
+
+    def loader(self, split, classes, batch_size, *, shuffle=False, seed=0, num_workers=0, shard=None):
+        x, y = self.images(split, classes)
+        return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle,
+                          generator=torch.Generator().manual_seed(seed))
+
+
+def _net():
+    from timm.models.vision_transformer import VisionTransformer
+
+    from zeroflow.continual.backbones import AdaptedViT
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=8, patch_size=4, in_chans=3, num_classes=0, embed_dim=16, depth=2,
+                            num_heads=2, mlp_ratio=2.0)
+    return AdaptedViT(vit, 4, dropout=0.9)
+
+
+def _ctx():
+    from zeroflow.continual.learners import Counters
+    return SimpleNamespace(seed=1, n_tasks=2, counters=Counters(), timer=SimpleNamespace(now=lambda: 0.0),
+                           progress=False, shard=None, mem=None, scaler=None, record_stem=lambda t: None)
+
+
+def _means(net, data, split, classes, adapters, train_mode):
+    x, y = data.images(split, classes)
+    net.train(train_mode)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        f = torch.stack([net.features(x, a) for a in adapters], 1)
+    return torch.stack([f[y == c].mean(0) for c in classes])
+
+
+CFG = dict(optimizer="fo_sgd", lr=0.5, momentum=0.0, weight_decay=0.0, epochs=2, batch_size=4,
+           schedule="constant", eval_batch_size=1000)
+
+
+@pytest.mark.parametrize("method", ["ease", "aper"])
+def test_prototypes_are_eval_mode_means_of_the_test_transform_images(method):
+    from zeroflow.continual.runner import make_learner
+    data, net = _Data(), _net()
+    learner = make_learner(dict(CFG, method=method), net, torch.device("cpu"))
+    for t, classes in enumerate(data.tasks):
+        net.train(True)              # whatever mode the network is in, prototypes are extracted in eval mode
+        learner.learn_task(t, classes, data, _ctx())
+        ups = [a.up.weight for a in net.adapters[0]]
+        assert all(float(u.abs().sum()) > 0 for u in ups)       # trained: dropout would change the features
+        adapters = learner.eval_adapters()
+        want = _means(net, data, "train_eval", classes, adapters, train_mode=False)
+        got = learner.protos[classes]
+        if method == "aper":         # [C, 2d]: the PTM and the adapted feature side by side
+            got = got.view(len(classes), len(adapters), -1)
+        got = got[:, :len(adapters)]
+        assert torch.equal(got, want), (method, t)
+        # the test is sensitive to both mistakes
+        assert not torch.allclose(got, _means(net, data, "train", classes, adapters, train_mode=False))
+        assert not torch.allclose(got, _means(net, data, "train_eval", classes, adapters, train_mode=True))
+    if method == "ease":
+        assert len(net.adapters) == 2 and not any(p.requires_grad for p in net.adapters.parameters())
