@@ -84,3 +84,27 @@ def test_prototypes_are_eval_mode_means_of_the_test_transform_images(method):
         assert not torch.allclose(got, _means(net, data, "train_eval", classes, adapters, train_mode=True))
     if method == "ease":
         assert len(net.adapters) == 2 and not any(p.requires_grad for p in net.adapters.parameters())
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(global_pool="avg"), dict(class_token=False, global_pool="avg"),
+                                dict(global_pool="map")])
+def test_the_feature_is_the_vits_own_pre_logits_feature(kw):
+    """The adapted ViT's feature without an adapter (and with an untrained one, which adds zero)
+    is timm's own pre-logits feature of the model: the CLS token for token pooling, the pooled
+    tokens for avg / map pooling. The check accepts such backbones (model_kwargs global_pool),
+    and the first token was taken for them: a patch token, or the CLS token without fc_norm."""
+    import timm
+
+    from zeroflow.continual.backbones import AdaptedViT, check_timm_backbone
+    arch, tiny = "vit_base_patch16_224.augreg_in21k", dict(depth=2, embed_dim=32, num_heads=2, img_size=32,
+                                                            patch_size=8, **kw)
+    check_timm_backbone(arch, tiny, 8, 32)
+    torch.manual_seed(0)
+    vit = timm.create_model(arch, pretrained=False, num_classes=0, **tiny)
+    net = AdaptedViT(vit, 8)
+    net.add_adapter_set()
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        want = vit(x)
+        assert torch.equal(net.features(x, None), want)
+        assert torch.equal(net.features(x, 0), want)

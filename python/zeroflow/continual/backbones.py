@@ -6,7 +6,10 @@
 * ``small``: a timm ``VisionTransformer`` for the embedded 8x8 digits, pretrained
   self-supervised (see :func:`pretrain_small_backbone` and docs/continual.md).
 
-The backbone is frozen. Feature = CLS token after the final LayerNorm. An adapter set has
+The backbone is frozen. Feature = the ViT's own pre-logits feature (timm's
+``forward_head(pre_logits=True)``): for ViT-B/16-IN21K and the small ViT (token pooling) the
+CLS token after the final LayerNorm; for a ViT built with ``global_pool`` avg / map (or
+without a class token) its pooled feature, not the first token. An adapter set has
 one AdaptFormer adapter per block (Linear d->r, ReLU, Dropout 0.1, Linear r->d, x 0.1),
 added in parallel to the block's MLP, fed with the residual stream after attention.
 """
@@ -105,7 +108,10 @@ class AdaptedViT(nn.Module):
             if aset is not None:
                 x = x + aset[i](h)
         x = vit.norm(x)
-        return x[:, 0]
+        # timm's own pooling: x[:, 0] for token pooling (the same bits); for a ViT pooled by avg
+        # or map (global_pool, or no class token) x[:, 0] was a single token (a patch's when there
+        # is no class token) without the fc_norm that timm applies after the pooling
+        return vit.forward_head(x, pre_logits=True)
 
 
 # ---------------------------------------------------------------- loading
