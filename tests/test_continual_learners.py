@@ -108,3 +108,19 @@ def test_the_feature_is_the_vits_own_pre_logits_feature(kw):
         want = vit(x)
         assert torch.equal(net.features(x, None), want)
         assert torch.equal(net.features(x, 0), want)
+
+
+@pytest.mark.parametrize("arch, missing", [("vit_base_patch16_rpn_224", "'ResPostBlock' object has no attribute 'ls1'"),
+                                           ("vit_relpos_base_patch16_224", "has no attribute '_pos_embed'")])
+def test_a_vit_of_another_structure_is_refused_for_its_structure_not_its_img_size(arch, missing):
+    """A timm ViT whose blocks or embedding the adapted forward does not know (post-norm blocks,
+    relative positions) was refused with "make the model's img_size (model_kwargs) and img_size
+    agree", which they already did."""
+    from zeroflow.continual.backbones import check_timm_backbone
+    from zeroflow.continual.errors import ZeroflowError
+    with pytest.raises(ZeroflowError) as e:
+        check_timm_backbone(arch, None, 64, 224)
+    msg = str(e.value)
+    assert msg.startswith(f"backbone {arch} is not built like timm's VisionTransformer") and missing in msg, msg
+    assert "img_size" not in msg and msg.endswith("use a timm ViT with standard blocks such as "
+                                                  "vit_base_patch16_224.augreg_in21k")

@@ -154,6 +154,13 @@ def check_timm_backbone(arch: str, model_kwargs: Optional[Dict], adapter_dim: in
             net = AdaptedViT(vit, adapter_dim)
             net.add_adapter_set()
             net.features(torch.empty(1, 3, img_size, img_size), 0)
+    except AttributeError as e:
+        # a missing part (a post-norm ResPostBlock has no ls1, a relative-position ViT no
+        # _pos_embed) is the model's structure, which no img_size fixes
+        raise ZeroflowError(f"backbone {arch}{given} is not built like timm's VisionTransformer, whose forward the "
+                            f"adapters follow (patch_embed, _pos_embed, pre-norm blocks with norm1, attn, ls1, "
+                            f"drop_path1, norm2, mlp, ls2, drop_path2; {type(e).__name__}: {str(e)[:200]}); use a "
+                            f"timm ViT with standard blocks such as {VIT_B_IN21K}") from e
     except Exception as e:
         raise ZeroflowError(f"backbone {arch}{given} does not run on the {img_size}x{img_size} images of this run "
                             f"(img_size) with adapters ({type(e).__name__}: {str(e)[:200]}); make the model's "
