@@ -124,3 +124,15 @@ def test_a_vit_of_another_structure_is_refused_for_its_structure_not_its_img_siz
     assert msg.startswith(f"backbone {arch} is not built like timm's VisionTransformer") and missing in msg, msg
     assert "img_size" not in msg and msg.endswith("use a timm ViT with standard blocks such as "
                                                   "vit_base_patch16_224.augreg_in21k")
+
+
+def test_a_vit_that_pools_no_token_is_refused():
+    """model_kwargs global_pool '': timm's pre-logits feature is every token, [N, d] per image,
+    which the heads and prototypes cannot take; refused before the run, naming the fix."""
+    from zeroflow.continual.backbones import check_timm_backbone
+    from zeroflow.continual.errors import ZeroflowError
+    tiny = dict(depth=1, embed_dim=32, num_heads=2, img_size=32, patch_size=8)
+    with pytest.raises(ZeroflowError) as e:
+        check_timm_backbone("vit_base_patch16_224.augreg_in21k", dict(tiny, global_pool=""), 8, 32)
+    assert "gives features of shape (17, 32) per image, not one 32-d vector" in str(e.value)
+    assert str(e.value).endswith("give model_kwargs global_pool token (the class token), avg or map")

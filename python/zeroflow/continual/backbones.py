@@ -153,7 +153,7 @@ def check_timm_backbone(arch: str, model_kwargs: Optional[Dict], adapter_dim: in
         with torch.device("meta"):
             net = AdaptedViT(vit, adapter_dim)
             net.add_adapter_set()
-            net.features(torch.empty(1, 3, img_size, img_size), 0)
+            feature = net.features(torch.empty(1, 3, img_size, img_size), 0)
     except AttributeError as e:
         # a missing part (a post-norm ResPostBlock has no ls1, a relative-position ViT no
         # _pos_embed) is the model's structure, which no img_size fixes
@@ -165,6 +165,11 @@ def check_timm_backbone(arch: str, model_kwargs: Optional[Dict], adapter_dim: in
         raise ZeroflowError(f"backbone {arch}{given} does not run on the {img_size}x{img_size} images of this run "
                             f"(img_size) with adapters ({type(e).__name__}: {str(e)[:200]}); make the model's "
                             f"img_size (model_kwargs) and img_size agree") from e
+    if tuple(feature.shape) != (1, net.dim):
+        # global_pool '' keeps every token: the heads and prototypes need one vector per image
+        raise ZeroflowError(f"backbone {arch}{given} gives features of shape {tuple(feature.shape)[1:]} per image, "
+                            f"not one {net.dim}-d vector (global_pool '' pools no token); give model_kwargs "
+                            f"global_pool token (the class token), avg or map")
 
 
 def load_timm_vit(arch: str = VIT_B_IN21K, *, checkpoint: Optional[str] = None, pretrained: bool = True,
