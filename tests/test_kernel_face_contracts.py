@@ -136,6 +136,26 @@ def test_backend_triton_names_what_is_missing(monkeypatch):
             zk.resolve_backend("triton", device)
 
 
+def test_triton_under_the_interpreter_is_not_picked_for_cuda_tensors(monkeypatch, fresh_warnings):
+    """Triton's interpreter copies a launch's tensor arguments to the host, not the tensors the
+    kernels reach through the pointer table: on CUDA tensors it read device addresses on the
+    host. Under TRITON_INTERPRET=1, "auto" without the compiled cuda op runs the reference on
+    CUDA tensors, and backend="triton" refuses them, saying what to change."""
+    if zk._triton_module()[0] is None:
+        pytest.skip(zk._triton_module()[1])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_compiled, "cuda_available", lambda: False)
+    monkeypatch.setattr(zk, "_triton_interprets", lambda: True)
+    assert not zk._triton_usable_on("cuda") and zk._triton_usable_on("cpu")
+    assert "triton" not in zk.available_backends("cuda")
+    with pytest.warns(RuntimeWarning, match="compiled cuda backend is missing .*using backend='torch'"):
+        assert zk.resolve_backend("auto", CUDA) == "torch"
+    with pytest.raises(RuntimeError, match="cannot run CUDA tensors under TRITON_INTERPRET=1.*unset TRITON_INTERPRET"):
+        zk.resolve_backend("triton", CUDA)
+    monkeypatch.setattr(zk, "_triton_interprets", lambda: False)      # compiled Triton: CUDA tensors are its own
+    assert zk._triton_usable_on("cuda") and zk.resolve_backend("triton", CUDA) == "triton"
+
+
 _TRITON_ON_CPU = """
 import os, sys, torch
 {before}

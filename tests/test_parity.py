@@ -821,6 +821,27 @@ def test_triton_interpreter_runs_the_kernels_here():
     assert zt is not None, why
 
 
+@pytest.mark.skipif(not INTERP, reason="checks the Triton interpreter (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("op", list(opspec.OPS))
+def test_triton_interpreter_refuses_tensors_off_the_cpu(op):
+    """The interpreter copies a launch's tensor arguments to the host, but perturb_ and the
+    updates reach their tensors through the pointer table's raw addresses: CUDA tensors were
+    read at device addresses on the host (a crash), meta ones failed inside Triton with a
+    NotImplementedError. Refused with a ValueError that names the tensor and the fix, before
+    anything is written (here: a meta tensor, the off-CPU device every machine has)."""
+    zt, why = zk._triton_module()
+    if zt is None:
+        pytest.skip(why)
+    meta = lambda: torch.zeros(8, device="meta")  # noqa: E731
+    args = {"philox4x32_10": lambda: _philox(torch.zeros(2, 4, dtype=torch.int64, device="meta")),
+            "perturb_": lambda: _perturb([meta()]),
+            "zo_sgd_update_": lambda: _sgd([meta()]),
+            "zo_adam_update_": lambda: _adam([meta()], [meta()], [meta()])}[op]()
+    name = "counters" if op == "philox4x32_10" else r"params\[0\]"
+    with pytest.raises(ValueError, match=rf"{name} is on meta; Triton's interpreter .* CPU tensors only"):
+        getattr(zt, op)(**args)
+
+
 class _FakeLaunch:
     """Stands in for an interpreted kernel: ``probe[grid](out, n)`` writes ``count`` or raises."""
 

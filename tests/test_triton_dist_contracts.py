@@ -502,7 +502,7 @@ def test_triton_launches_on_the_params_cuda_device_not_the_current_one(monkeypat
 
     launches = []
 
-    class InterpretedFunction:     # the name zfkernels.triton._common.interpreted() looks for
+    class JITFunction:             # not "InterpretedFunction": the compiled launch (the interpreter refuses GPUs)
         def __getitem__(self, grid):
             return lambda *a, **k: launches.append(current[0])
 
@@ -517,7 +517,7 @@ def test_triton_launches_on_the_params_cuda_device_not_the_current_one(monkeypat
     monkeypatch.setattr(torch.Tensor, "to", to)
     for mod, name in ((perturb, "_perturb_kernel"), (sgd_update, "_sgd_kernel"), (adam_update, "_adam_kernel"),
                       (philox, "_philox_kernel")):
-        monkeypatch.setattr(mod, name, InterpretedFunction())
+        monkeypatch.setattr(mod, name, JITFunction())
     p = [torch.zeros(300).as_subclass(_OnCuda1), torch.zeros(7).as_subclass(_OnCuda1)]
     assert p[0].device == torch.device("cuda", 1)
     if op == "perturb_":

@@ -88,6 +88,8 @@ def _triton_usable_on(device_type: str) -> bool:
     # Cheap checks first: importing Triton costs ~0.25 s.
     if device_type == "cuda" and not torch.cuda.is_available():
         return False
+    if device_type == "cuda" and _triton_interprets():
+        return False        # the interpreter runs CPU tensors only (zfkernels/triton/_common.py, device_ok)
     if device_type == "cpu" and not _triton_interprets():
         return False
     if device_type not in ("cpu", "cuda"):
@@ -151,6 +153,12 @@ def resolve_backend(backend: str, device: str | torch.device) -> str:
         zt, why = _triton_module()
         if zt is None:
             raise RuntimeError(why)
+        if dt == "cuda" and _triton_interprets():
+            raise RuntimeError(
+                "backend='triton' cannot run CUDA tensors under TRITON_INTERPRET=1: Triton's interpreter runs "
+                "these kernels on CPU tensors only; unset TRITON_INTERPRET before zfkernels.triton is imported "
+                "(or move the tensors to the CPU)"
+            )
         if not _triton_usable_on(dt):
             raise RuntimeError(
                 f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors, set before "

@@ -89,7 +89,18 @@ def f32_bits(x: float) -> int:
 
 
 def device_ok(op: str, name: str, t: torch.Tensor, interp: bool) -> None:
-    if t.device.type == "cpu" and not interp:
+    """Compiled kernels run GPU tensors, the interpreter CPU tensors only. The
+    interpreter copies a launch's tensor *arguments* to the host and back, but perturb_ and
+    the updates reach their tensors through the raw addresses of the pointer table, which it
+    cannot see: with CUDA tensors it read device addresses on the host (a crash), with meta
+    tensors it failed inside Triton ("Cannot copy out of meta tensor")."""
+    if interp and t.device.type != "cpu":
+        raise ValueError(
+            f"{op}: {name} is on {t.device}; Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on CPU "
+            "tensors only: move the tensors to the CPU, or unset TRITON_INTERPRET before zfkernels.triton is "
+            "imported to run the compiled Triton kernels on the GPU"
+        )
+    if not interp and t.device.type == "cpu":     # (meta tensors pass: benchmarks/sass_census.py records launches)
         raise ValueError(
             f"{op}: {name} is on the CPU; the Triton kernels need GPU tensors "
             "(or TRITON_INTERPRET=1 set before zfkernels.triton is imported)"
