@@ -212,6 +212,24 @@ def test_adam_betas_outside_0_1_are_refused_before_anything_is_written(backend, 
         assert torch.equal(t, b), "a refused call wrote a tensor"
 
 
+def test_adam_step_beyond_int64_is_refused_by_every_backend(backend):
+    """docs/kernel-ops.md "Errors": ``1 <= step < 2^63`` (an int64) on every backend. The
+    compiled schema cannot take 2^63; the reference and Triton ran with it (the face refuses
+    it, call_op does not check). Called below the face, before anything is written."""
+    be, dev = backend
+    p = [torch.randn(6, device=dev)]
+    m, v = [torch.randn(6, device=dev)], [torch.rand(6, device=dev)]
+    before = [t.clone() for t in p + m + v]
+    with pytest.raises((ValueError, RuntimeError), match="step"):
+        zk.call_op(be, "zo_adam_update_", params=p, exp_avgs=m, exp_avg_sqs=v, tensor_ids=[0], seeds=[1],
+                   coeffs=[0.5], lr=0.1, step=2**63)
+    for t, b in zip(p + m + v, before):
+        assert torch.equal(t, b), "a refused call wrote a tensor"
+    zk.call_op(be, "zo_adam_update_", params=p, exp_avgs=m, exp_avg_sqs=v, tensor_ids=[0], seeds=[1],
+               coeffs=[0.5], lr=0.1, step=2**63 - 1)       # the largest int64 runs
+    assert torch.isfinite(p[0]).all()
+
+
 def test_adam_beta_just_below_one_is_accepted_everywhere(backend):
     """The range is on the argument, not its fp32 rounding: 1 - 2^-27 (the optimizers' frozen
     move, zeroflow.optim) rounds to 1.0f and must still pass."""

@@ -109,8 +109,8 @@ def zo_adam_update_(
             f"{op}: exp_avgs ({len(exp_avgs)}) and exp_avg_sqs ({len(exp_avg_sqs)}) need one "
             f"tensor per param ({len(params)})"
         )
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ValueError(f"{op}: step={step!r} must be an int >= 1")
+    if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step < 2**63:    # an int64, as the schema's
+        raise ValueError(f"{op}: step={step!r} must be an int >= 1 and < 2**63")
     written = [("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
                ("history_buffers", history_buffers)]
     d, T, block, groups = prepare_update(op, interp, params, written[1:], tensor_ids, seeds, coeffs, dist,
