@@ -156,6 +156,16 @@ def test_triton_under_the_interpreter_is_not_picked_for_cuda_tensors(monkeypatch
     assert zk._triton_usable_on("cuda") and zk.resolve_backend("triton", CUDA) == "triton"
 
 
+@pytest.mark.parametrize("name", ["auto", "Torch", "trition", ""])
+def test_call_op_refuses_a_name_that_is_no_concrete_backend(name):
+    """call_op takes what resolve_backend returns: "auto" or a misspelt name ran the slow
+    reference without a word. Refused before anything is written."""
+    p = torch.zeros(4)
+    with pytest.raises(ValueError, match=rf"call_op: backend={name!r} is not one of .*resolve_backend"):
+        zk.call_op(name, "perturb_", params=[p], tensor_ids=[0], seed=1, scale=1.0)
+    assert torch.equal(p, torch.zeros(4))
+
+
 _TRITON_ON_CPU = """
 import os, sys, torch
 {before}

@@ -182,8 +182,11 @@ def call_op(backend: str, op: str, **args):
         fn = getattr(torch.ops.zfkernels, op)
     elif backend == "triton":
         fn = getattr(_triton_module()[0], op)
-    else:
+    elif backend == "torch":
         fn = getattr(reference, op)
+    else:       # "auto" or a misspelt name ran the slow reference without a word
+        raise ValueError(f"call_op: backend={backend!r} is not one of {BACKENDS}; pass the name that "
+                         f"zfkernels.resolve_backend(backend, device) returns (it resolves 'auto')")
     return opspec.call(fn, op, args)
 
 
