@@ -146,6 +146,26 @@ def test_a_tensor_id_outside_32_bits_is_named_by_every_backend(backend):
     assert torch.equal(p, torch.ones(3, device=dev))
 
 
+def test_every_backend_refuses_what_its_schema_cannot_take(backend):
+    """Below the face (call_op): a float tensor id, which the reference truncated (id 1.5 ran
+    tensor 1's stream), a list entry that is no tensor (the reference's AttributeError) and a
+    sparse buffer (the reference called it "not contiguous"). Each is named, nothing written."""
+    be, dev = backend
+    p = [torch.ones(3, device=dev), torch.ones(5, device=dev)]
+    base = dict(params=p, tensor_ids=[0, 1], seeds=[1], coeffs=[0.5], lr=0.1)
+    bad = [
+        (dict(tensor_ids=[0, 1.5]), r"tensor_ids"),
+        (dict(params=[p[0], None]), r"params"),
+        (dict(history_buffers=[torch.zeros(3, device=dev), torch.zeros(5, device=dev).to_sparse()]),
+         r"history_buffers\[1\].*(layout|dense)"),
+        (dict(momentum_buffers=[torch.zeros(3, device=dev), None], momentum=0.9), r"momentum_buffers"),
+    ]
+    for over, match in bad:
+        with pytest.raises((TypeError, ValueError, RuntimeError), match=match):
+            zk.call_op(be, "zo_sgd_update_", **{**base, **over})
+        assert all(torch.equal(t, torch.ones_like(t)) for t in p), f"a refused call ({over}) wrote a param"
+
+
 @pytest.mark.parametrize("op", list(OPS))
 def test_an_inference_tensor_is_refused_outside_inference_mode(backend, op):
     """As torch's in-place ops: refused outside inference mode (where it has no version

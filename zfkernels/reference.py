@@ -282,6 +282,9 @@ def _masked_z(seed, numel, dist, tensor_id, mask_seed, mask_threshold, device, s
 def _check_params(params: Sequence[torch.Tensor], tensor_ids: Sequence[int], name: str = "params") -> None:
     if len(params) != len(tensor_ids):
         raise ValueError(f"tensor_ids has {len(tensor_ids)} entries but {name} has {len(params)}")
+    for k, p in enumerate(params):      # None raised AttributeError: 'NoneType' object has no attribute 'device'
+        if not isinstance(p, torch.Tensor):
+            raise ValueError(f"{name}[{k}] must be a torch.Tensor, got {type(p).__name__}")
     devices = {p.device for p in params}
     if len(devices) > 1:
         raise ValueError(f"all {name} must be on one device, got {sorted(map(str, devices))}")
@@ -293,7 +296,8 @@ def _check_params(params: Sequence[torch.Tensor], tensor_ids: Sequence[int], nam
         if not p.is_contiguous():
             raise ValueError(f"{name}[{k}] is not contiguous; call .contiguous() on it first")
     for k, t in enumerate(tensor_ids):
-        if not 0 <= int(t) < S.TENSOR_ID_LIMIT:
+        t = S.integer_arg(t, f"tensor_ids[{k}]")      # int() made the id 1.5 tensor 1's stream
+        if not 0 <= t < S.TENSOR_ID_LIMIT:
             raise ValueError(f"tensor_ids[{k}]={t} is outside [0, 2**32); use a 32-bit unsigned id")
 
 
@@ -465,6 +469,10 @@ def _check_buffers(params, buffers, name) -> None:
     if len(buffers) != len(params):
         raise ValueError(f"{name} has {len(buffers)} tensors but params has {len(params)}; pass one per param or none")
     for k, (p, b) in enumerate(zip(params, buffers)):
+        if not isinstance(b, torch.Tensor):
+            raise ValueError(f"{name}[{k}] must be a torch.Tensor, got {type(b).__name__}")
+        if b.layout != torch.strided:       # was reported as "is not contiguous"
+            raise ValueError(f"{name}[{k}] has layout {b.layout}; zeroflow kernels need dense tensors")
         if b.shape != p.shape or b.device != p.device:
             raise ValueError(f"{name}[{k}] must match params[{k}] in shape and device")
         if b.dtype not in (p.dtype, torch.float32):
