@@ -64,6 +64,21 @@ def test_triton_block_size_must_be_a_power_of_two_of_at_least_128(block):
     assert torch.equal(p, torch.zeros(10))
 
 
+@pytest.mark.parametrize("block", [2**21, 100, True])
+def test_triton_block_size_beyond_tritons_largest_block_or_not_a_power_of_two_is_refused(block):
+    """Triton's blocks hold at most 2^20 elements: a larger block_size failed inside the launch
+    (an InterpreterError / CompilationError, after the version counters were bumped), and
+    philox4x32_10 took any block_size (100 failed in tl.arange). Refused up front, by name."""
+    zt = _zt()
+    p = torch.zeros(10)
+    version = p._version
+    with pytest.raises(ValueError, match="block_size"):
+        zt.perturb_(**_perturb_args([p]), block_size=block)
+    with pytest.raises(ValueError, match="block_size"):
+        zt.philox4x32_10(torch.zeros(3, 4, dtype=torch.int64), 1, 2, block_size=block)
+    assert torch.equal(p, torch.zeros(10)) and p._version == version
+
+
 # ======================================================================================
 # zeroflow.distributed: init_from_env
 # ======================================================================================

@@ -220,9 +220,13 @@ def check_threshold(op: str, mask_threshold: int) -> int:
     return int(mask_threshold)
 
 
-def check_block(op: str, block: int) -> int:
-    if not isinstance(block, int) or block < 128 or block & (block - 1):
-        raise ValueError(f"{op}: block_size={block!r} must be a power of two >= 128")
+def check_block(op: str, block: int, least: int = 128) -> int:
+    """``block_size``: a power of two from ``least`` (the update tiles are ``[BLOCK // 128, 32,
+    4]``) to Triton's largest block (2^20 elements); a larger one failed in the launch, after
+    the version counters were bumped, with Triton's "exceeds triton maximum tensor numel"."""
+    most = getattr(tl, "TRITON_MAX_TENSOR_NUMEL", 1 << 20)     # 2^20 in every Triton release since 2.1
+    if isinstance(block, bool) or not isinstance(block, int) or not least <= block <= most or block & (block - 1):
+        raise ValueError(f"{op}: block_size={block!r} must be a power of two from {least} to {most}")
     return block
 
 

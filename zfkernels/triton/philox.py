@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .. import stream as S
 from ..stream import MASK32
-from ._common import device_ok, interpreted, launch_scope, to_i32
+from ._common import check_block, device_ok, interpreted, launch_scope, to_i32
 
 __all__ = ["philox4x32_10"]
 
@@ -351,7 +351,7 @@ def philox4x32_10(counters: torch.Tensor, key0: int, key1: int, *, block_size: i
         return out
     if bool((counters < 0).any()) or bool((counters > MASK32).any()):
         raise ValueError("philox4x32_10: counters values must lie in [0, 2**32)")
-    block = block_size or (8192 if interp else 1024)
+    block = check_block("philox4x32_10", block_size or (8192 if interp else 1024), least=1)
     grid = (triton.cdiv(n, block),)
     with launch_scope(counters.device, interp):     # Triton launches on the current device, not the tensors'
         _philox_kernel[grid](counters, out, n, to_i32(key0), to_i32(key1), BLOCK=block)
