@@ -522,6 +522,42 @@ def test_sign_keeps_signed_zeros_and_nan(backend):
     assert p.isnan().all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS + [pytest.param(("torch", "cpu"), id="torch-cpu")])
+def test_zero_weight_decay_and_zero_restore_scale_are_skipped_not_applied(backend):
+    """Steps 1 and 5 are skipped when fp32(restore_scale) / fp32(weight_decay) is 0 (-0.0 and
+    1e-46 included), not applied with a zero factor: an inf or NaN weight times 0 would turn g
+    (and so the momentum buffer, m and v) into NaN, and a -0 weight plus z * 0 would become +0
+    where z * 0 is +0. The buffers are compared with a run from zero weights, where g is the
+    same; the -0 weights must stay -0 (q = 0: g = 0, x - g * lr = -0 - +0)."""
+    be, dev = backend
+    n = 300
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0, 1.5] * (n // 5), device=dev)
+    for wd in (0.0, -0.0, 1e-46):
+        p, buf, p0, buf0 = special.clone(), *(torch.zeros(n, device=dev) for _ in range(3))
+        for theta, b in ((p, buf), (p0, buf0)):
+            zk.zo_sgd_update_([theta], [8], [0.5], lr=0.1, weight_decay=wd, momentum=0.9, momentum_buffers=[b],
+                              dist=RADE, backend=be)
+        assert_bits_equal(buf, buf0, f"zo_sgd_update_ momentum buffer, weight_decay={wd!r}")
+        p, (m, v), p0, (m0, v0) = special.clone(), _zeros2(n, dev), torch.zeros(n, device=dev), _zeros2(n, dev)
+        for theta, a, b in ((p, m, v), (p0, m0, v0)):
+            zk.zo_adam_update_([theta], [a], [b], [8], [0.5], lr=0.1, step=1, weight_decay=wd, dist=RADE, backend=be)
+        assert_bits_equal(m, m0, f"zo_adam_update_ m, weight_decay={wd!r}")
+        assert_bits_equal(v, v0, f"zo_adam_update_ v, weight_decay={wd!r}")
+    minus_zero = torch.full((n,), -0.0)
+    for rs in (0.0, -0.0, 1e-46):
+        p = minus_zero.clone().to(dev)
+        zk.zo_sgd_update_([p], [], [], lr=1.0, restore_seed=8, restore_scale=rs, dist=RADE, backend=be)
+        assert_bits_equal(p, minus_zero, f"zo_sgd_update_ restore_scale={rs!r}")
+        p, (m, v) = minus_zero.clone().to(dev), _zeros2(n, dev)
+        zk.zo_adam_update_([p], [m], [v], [], [], lr=1.0, step=1, restore_seed=8, restore_scale=rs, dist=RADE,
+                           backend=be)
+        assert_bits_equal(p, minus_zero, f"zo_adam_update_ restore_scale={rs!r}")
+
+
+def _zeros2(n, dev):
+    return torch.zeros(n, device=dev), torch.zeros(n, device=dev)
+
+
 def test_negative_zero_scalars_keep_their_sign(backend):
     """perturb_ is never skipped, not even for scale = -0.0 (docs/kernel-ops.md): a -0.0
     weight becomes +0.0 where z * scale is +0.0 and stays -0.0 where it is -0.0. Triton's
