@@ -433,6 +433,26 @@ def test_stochastic_rounding_keeps_updates_below_half_an_ulp(backend):
     assert step.mean().item() == lr
 
 
+@pytest.mark.parametrize("backend", BACKENDS + [pytest.param(("torch", "cpu"), id="torch-cpu")])
+def test_fp16_stochastic_rounding_of_2_pow_16_or_more_is_inf(backend):
+    """§9: an fp16 result of 2^16 or more becomes inf, as round-to-nearest makes it. The parity
+    trajectories never push a finite weight that far: a Triton kernel that stored NaN bits for
+    |x| >= 2^16 (its overflow test off by one binade) passed them. Here x = p -+ 10^4 from
+    p = +-60000 and +-65504: inf where |x| >= 2^16, finite elsewhere, with and without §9."""
+    be, dev = backend
+    start = torch.tensor([60000.0, -60000.0, 65504.0, -65504.0, 1.0] * 60).half()
+    n = start.numel()
+    want = start.float() - R.rademacher(5, n, 0) * 1e4
+    over = want.abs() >= 2.0**16
+    assert over.any() and (~over).any()
+    for sr in (False, True):
+        p = start.clone().to(dev)
+        zk.zo_sgd_update_([p], [5], [1.0], lr=1e4, dist=RADE, stochastic_rounding=sr, round_seed=77, backend=be)
+        got = p.cpu().float()
+        assert torch.equal(got[over], torch.where(want[over] > 0, float("inf"), -float("inf"))), (sr, got[over][:8])
+        assert torch.isfinite(got[~over]).all(), sr
+
+
 def test_restore_reuse_equals_unfused_sequence(backend):
     """The kernels reuse the restore's z for the query with the same seed: the fused call must
     equal perturb_ (restore) followed by an update without restore, bit for bit."""
