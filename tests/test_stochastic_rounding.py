@@ -92,3 +92,55 @@ def test_rounding_words_are_their_own_stream():
     assert torch.equal(w, ref.reshape(-1)[:10])
     assert not torch.equal(w[:8], R.stream_words(77, 5, S.TAG_MASK, torch.arange(2)).reshape(-1))
     assert S.QUERY_ROUNDING == 2**32 - 3 and S.TAG_ROUNDING == 3
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    from zfkernels.triton.philox import _sr_bf16_bits, _sr_fp16_bits
+except Exception as exc:  # noqa: BLE001 - Triton missing, or its interpreter cannot run here: the test skips
+    triton, _NO_TRITON = None, f"{type(exc).__name__}: {exc}"
+
+if triton is not None:
+    @triton.jit
+    def _rounder(x_ptr, w_ptr, bf_ptr, fp_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < n
+        x = tl.load(x_ptr + i, mask=ok, other=0.0)
+        w = tl.load(w_ptr + i, mask=ok, other=0).to(tl.uint32)
+        tl.store(bf_ptr + i, _sr_bf16_bits(x, w).to(tl.int64), mask=ok)
+        tl.store(fp_ptr + i, _sr_fp16_bits(x, w).to(tl.int64), mask=ok)
+
+
+def test_triton_rounding_bits_equal_the_reference_on_every_binade():
+    """zfkernels/triton/philox.py's ``_sr_bf16_bits`` / ``_sr_fp16_bits`` against the reference,
+    value by value: every fp32 exponent (fp16: its normal range, its overflow at 2^16 and the
+    subnormal shifts k = 14..125 with their wide (k > 32) sums), both signs, mantissas at the
+    edges, inf and NaN, each with words at the carry thresholds. Through the ops these paths are
+    only reached where a trajectory happens to land (a wrong overflow test passed them)."""
+    import os
+
+    import numpy as np
+
+    if triton is None:
+        pytest.skip(_NO_TRITON)
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    dev = "cuda" if torch.cuda.is_available() and not interp else "cpu"
+    mants = [0, 1, 0x1FFF, 0x2000, 0x7FE000, 0x7FFFFF, 0x400000, 0x123457]
+    xs = [(s << 31) | (e << 23) | m for s in (0, 1) for e in range(256) for m in mants]
+    words = [0, 1, 0xFFFFFFFF, 0x80000000, 0x7FFFFFFF, 0xFFFF0000, 0x0000FFFF, 0xFFF80000, 0x0007FFFF,
+             0xDEADBEEF, 0x12345678, 0xFFFFFF00, 0xFFFFFFFE]
+    xb = torch.tensor([x for x in xs for _ in words], dtype=torch.int64)
+    wb = torch.tensor([w for _ in xs for w in words], dtype=torch.int64)
+    x = torch.from_numpy(xb.numpy().astype(np.uint32).view(np.float32).copy())
+    n = x.numel()
+    bf, fp = (torch.empty(n, dtype=torch.int64, device=dev) for _ in range(2))
+    _rounder[(triton.cdiv(n, 4096),)](x.to(dev), wb.to(dev), bf, fp, n, BLOCK=4096)
+    for dtype, got, exp_mask, frac_mask in ((torch.bfloat16, bf, 0x7F80, 0x007F), (torch.float16, fp, 0x7C00, 0x03FF)):
+        want = R.stochastic_round(x, wb, dtype)
+        nan = want.isnan()                      # §7: a NaN's bits are not specified, only that it is one
+        want_bits = want.view(torch.int16).to(torch.int64) & 0xFFFF
+        got = got.cpu() & 0xFFFF
+        assert torch.equal(got[~nan], want_bits[~nan]), (dtype, int((got != want_bits)[~nan].sum()))
+        assert ((got[nan] & exp_mask) == exp_mask).all() and ((got[nan] & frac_mask) != 0).all(), f"{dtype} NaN"
