@@ -96,3 +96,39 @@ def test_recorded_launch_and_census_of_a_case():
     assert any(o.startswith("LDG") for o in c["global_mem_ops"]) and any(
         o.startswith("STG") for o in c["global_mem_ops"])
     assert c["issue_cap_elems_per_s"] == pytest.approx(out["issue_rate"] / c["instr_per_elem"])
+
+
+def test_time_fails_when_a_variant_differs_and_keeps_each_timed_case(tmp_path, monkeypatch, capsys):
+    """``--time`` (gpu_check.sh, TRITON_VARIANTS): a variant whose bits differ from the op printed
+    BITS DIFFER and exited 0, so the profile phase read "ok"; and its JSON was written after the
+    last case only, so a run cut at its limit kept none of the cases it had timed."""
+    import torch
+
+    from benchmarks import sass_census as sc
+
+    def variants(same):
+        return {"copy_ms": 1.0, "variants": {label: {"regs": 32, "compile_s": 0.1, "bit_identical": same[i],
+                                                     "ms": 1.0, "of_copy": 1.0}
+                                             for i, label in enumerate(sc.VARIANTS)}}
+
+    timed = []
+
+    def time_variants(name, numel):
+        timed.append(name)
+        if name == "sgd-fp32-gaussian":
+            raise KeyboardInterrupt        # gpu_check.sh's SIGINT at the limit
+        return variants([True, name != "perturb-fp32-gaussian", True])
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a test GPU")
+    monkeypatch.setattr(sc, "time_variants", time_variants)
+    out = tmp_path / "variants.json"
+    cases = "perturb-fp32-rademacher,perturb-fp32-gaussian"
+    assert sc.main(["--time", "--cases", cases, "--json", str(out)]) == 1
+    assert "FAILED: bits differ from the op for perturb-fp32-gaussian (dist,T,q,restore constant)" in \
+        capsys.readouterr().err
+    assert sorted(json.loads(out.read_text())["cases"]) == sorted(cases.split(","))
+    assert sc.main(["--time", "--cases", "perturb-fp32-rademacher", "--json", str(out)]) == 0
+    with pytest.raises(KeyboardInterrupt):
+        sc.main(["--time", "--cases", "perturb-fp32-rademacher,sgd-fp32-gaussian", "--json", str(out)])
+    assert list(json.loads(out.read_text())["cases"]) == ["perturb-fp32-rademacher"]
