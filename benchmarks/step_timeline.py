@@ -319,8 +319,11 @@ def main(argv=None) -> int:
         trace_dir = a.trace_dir or tmp
         os.makedirs(trace_dir, exist_ok=True)
         # gpu_check.sh stops a run at its limit with SIGINT: the cases done so far are still
-        # reported (they were all lost, the text and the JSON written only after the last case)
+        # reported (they were all lost, the text and the JSON written only after the last case).
+        # The copy_ pass is timed first: timed after the cases, a SIGINT during it lost them all,
+        # and after a stop the report needs no more device work.
         try:
+            copy_us = copy_pass_us(numel, torch.float32, dev)
             for o, d in cases:
                 results.append(run_case(o, d, dev, a.layout, a.steps, a.backend, trace_dir))
         except KeyboardInterrupt:
@@ -331,7 +334,6 @@ def main(argv=None) -> int:
             del r["trace"]     # removed with the temporary folder
     if not results:
         return 130
-    copy_us = copy_pass_us(numel, torch.float32, dev)
     for r in results:
         r["roofline_us"] = PASSES[r["opt"]] * copy_us
         r["ratio"] = r["unprofiled_step_us"] / r["roofline_us"]

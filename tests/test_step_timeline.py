@@ -140,3 +140,29 @@ def test_a_run_stopped_by_sigint_reports_the_cases_it_finished(tmp_path, capsys,
     assert st.main(["--device", "cpu", "--layout", "vit_b_tiny", "--steps", "2", "--backend", "cpu",
                     "--cases", "zo_sgd-rademacher", "--json", str(out)]) == 130
     assert "stopped (SIGINT) after 0 of 1 cases" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_sigint_during_the_copy_pass_loses_no_case(tmp_path, capsys, monkeypatch):
+    """The copy_ pass was timed after the last case: a SIGINT then (gpu_check.sh's limit) escaped
+    as a traceback and every finished case was lost. It is timed before the first case now."""
+    order = []
+    real_case = st.run_case
+
+    def run_case(*args, **kw):
+        order.append("case")
+        return real_case(*args, **kw)
+
+    def copy_pass_us(*args):
+        order.append("copy")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(st, "run_case", run_case)
+    monkeypatch.setattr(st, "copy_pass_us", copy_pass_us)
+    out = tmp_path / "timeline.json"
+    try:
+        rc = st.main(["--device", "cpu", "--layout", "vit_b_tiny", "--steps", "2", "--backend", "cpu",
+                      "--cases", "zo_sgd-rademacher", "--json", str(out)])
+    except KeyboardInterrupt:
+        pytest.fail(f"the SIGINT during the copy_ pass escaped (after: {order})")
+    assert rc == 130 and order == ["copy"]
+    assert "stopped (SIGINT) after 0 of 1 cases" in capsys.readouterr().err
