@@ -393,9 +393,22 @@ def parse(argv=None):
     model, img, bs, dirs, adim = MODES[a.mode]
     a.model, a.img, a.batch = a.model or model, a.img or img, a.batch or bs
     a.directions, a.adapter_dim = a.directions or dirs, a.adapter_dim or adim
-    a.eps = tuple(sorted(float(e) for e in a.eps.split(",")))
+    # checked here, before the fp64 reference (minutes on a GPU): a misspelt precision used to
+    # fail only when its turn came, after the reference and the precisions before it
+    try:
+        a.eps = tuple(sorted(float(e) for e in a.eps.split(",") if e.strip()))
+    except ValueError:
+        p.error(f"--eps takes comma-separated numbers, e.g. 1e-4,1e-3,1e-2 (got {a.eps!r})")
+    if not a.eps or min(a.eps) <= 0 or not all(map(math.isfinite, a.eps)):
+        p.error(f"--eps needs at least one value, each finite and > 0 (got {','.join(map(str, a.eps)) or 'none'})")
+    if a.directions < 2:
+        p.error(f"--directions must be at least 2 (a correlation over {a.directions} direction(s) is undefined)")
     default = PRECISIONS + (("tf32-emulated",) if a.mode != "cuda" else ())
-    a.precisions = tuple(a.precisions.split(",")) if a.precisions else default
+    a.precisions = tuple(q.strip() for q in a.precisions.split(",") if q.strip()) if a.precisions else default
+    unknown = [q for q in a.precisions if q not in PRECISIONS + ("tf32-emulated",)]
+    if unknown or not a.precisions:
+        p.error(f"--precisions: unknown {', '.join(unknown) or '(none given)'}; valid: "
+                f"{', '.join(PRECISIONS + ('tf32-emulated',))} (fp64 is the reference, always measured)")
     # fp32 first: the CPU's tf32 check compares with it
     a.precisions = tuple(sorted(a.precisions, key=lambda q: q != "fp32"))
     a.out = a.out or os.path.join("results", f"precision_fidelity_{a.mode}.json")

@@ -271,3 +271,25 @@ def test_each_method_trains_its_fp16_first_order_steps_through_the_runs_scaler(t
         stop_after=1, progress=False, log=lambda *a: None, warn=lambda *a: None)
     saved = load_checkpoint(str(tmp_path / "r" / "checkpoint.pt"))["grad_scaler"]
     assert (saved["scale"], saved["_growth_tracker"]) != (65536.0, 0), saved
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--precisions", "fp32,bf61"], "--precisions: unknown bf61; valid: fp32, tf32, bf16, fp16, tf32-emulated"),
+    (["--precisions", ","], "--precisions: unknown (none given)"),
+    (["--eps", "1e-3,"], None),
+    (["--eps", "1e-3,x"], "--eps takes comma-separated numbers"),
+    (["--eps", "0,1e-3"], "--eps needs at least one value, each finite and > 0"),
+    (["--directions", "1"], "--directions must be at least 2"),
+])
+def test_fidelity_script_refuses_bad_arguments_before_measuring(argv, says, capsys, monkeypatch):
+    """A misspelt precision failed only when its turn came, after the fp64 reference (minutes of
+    a GPU lease); a zero eps divided by zero, one direction gave NaN correlations."""
+    from benchmarks import precision_fidelity as pf
+
+    monkeypatch.setattr(pf, "study", lambda a: pytest.fail("measured before the arguments were checked"))
+    if says is None:       # a trailing comma is no value
+        assert pf.parse(["--fast"] + argv).eps == (1e-3,)
+        return
+    with pytest.raises(SystemExit):
+        pf.main(["--fast"] + argv)
+    assert says in capsys.readouterr().err
