@@ -187,6 +187,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON of the curves and measurements")
     ap.add_argument("--plot", default=None, help="PNG of the loss curves")
     a = ap.parse_args(argv)
+    # checked before the first run (a run ended in a ZeroDivisionError after the others had run)
+    for flag, v in (("--steps", a.steps), ("--seeds", a.seeds), ("--batch", a.batch), ("--threads", a.threads)):
+        if v < 1:
+            ap.error(f"{flag} must be at least 1 (got {v})")
+    if a.seq < 2:
+        ap.error(f"--seq must be at least 2: the loss predicts each token from the ones before it (got {a.seq})")
     try:
         import transformers  # noqa: F401
     except ImportError:

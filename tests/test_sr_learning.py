@@ -70,3 +70,35 @@ def test_stochastic_rounding_is_replayable(dtype):
     c = _fit(dtype, True, 40, opt_seed=8)[1]
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+# ---------------------------------------------------------------- benchmarks/bf16_stochastic_rounding.py
+@pytest.mark.parametrize("argv, says", [
+    (["--steps", "0"], "--steps must be at least 1 (got 0)"),
+    (["--seeds", "0"], "--seeds must be at least 1 (got 0)"),
+    (["--seq", "1"], "--seq must be at least 2"),
+])
+def test_demo_refuses_bad_arguments_before_running(argv, says, capsys, monkeypatch):
+    """--steps 0 ended in a ZeroDivisionError after the model was built; --seeds 0 in the summary."""
+    from benchmarks import bf16_stochastic_rounding as demo
+
+    monkeypatch.setattr(demo, "run", lambda *a, **k: pytest.fail("ran before the arguments were checked"))
+    with pytest.raises(SystemExit):
+        demo.main(argv)
+    assert says in capsys.readouterr().err
+
+
+def test_demo_settings_share_their_start(tmp_path):
+    """Each seed's settings start from the same weights and batch (the comparison the demo's
+    claim rests on): the bf16 settings' unperturbed start is the same loss."""
+    import json
+
+    pytest.importorskip("transformers")
+    from benchmarks import bf16_stochastic_rounding as demo
+
+    out = tmp_path / "sr.json"
+    assert demo.main(["--steps", "2", "--seeds", "1", "--batch", "2", "--seq", "8", "--out", str(out)]) == 0
+    runs = {r["setting"]: r for r in json.loads(out.read_text())["runs"]}
+    assert len(runs) == 4
+    bf16 = [r for name, r in runs.items() if name.startswith("bf16")]
+    assert len({r["initial_loss"] for r in bf16}) == 1
