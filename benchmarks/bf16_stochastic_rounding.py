@@ -196,9 +196,10 @@ def main(argv=None) -> int:
     try:
         import transformers  # noqa: F401
     except ImportError:
-        print("skipped: this demo needs the 'transformers' package (pip install transformers), "
-              "which zeroflow does not require", file=sys.stderr)
-        return 0
+        # exit 1: a demo that measured nothing and wrote no --out / --plot is no success (it exited 0)
+        print("bf16_stochastic_rounding: this demo needs the 'transformers' package (pip install transformers), "
+              "which zeroflow does not require; nothing was measured", file=sys.stderr)
+        return 1
     torch.set_num_threads(a.threads)
     res = run(a.size, a.init_std, a.seeds, a.lr, a.zo_eps, a.steps, a.batch, a.seq)
     res["params"] = sum(p.numel() for p in make_model(a.size, a.init_std, 0).parameters())

@@ -88,6 +88,18 @@ def test_demo_refuses_bad_arguments_before_running(argv, says, capsys, monkeypat
     assert says in capsys.readouterr().err
 
 
+def test_demo_without_transformers_fails(tmp_path, capsys, monkeypatch):
+    """Without transformers the demo printed 'skipped' and exited 0, with no --out written."""
+    import sys
+
+    from benchmarks import bf16_stochastic_rounding as demo
+
+    monkeypatch.setitem(sys.modules, "transformers", None)      # import transformers -> ImportError
+    out = tmp_path / "sr.json"
+    assert demo.main(["--out", str(out)]) == 1
+    assert "needs the 'transformers' package" in capsys.readouterr().err and not out.exists()
+
+
 def test_demo_settings_share_their_start(tmp_path):
     """Each seed's settings start from the same weights and batch (the comparison the demo's
     claim rests on): the bf16 settings' unperturbed start is the same loss."""
