@@ -180,6 +180,14 @@ def main(argv=None) -> int:
     opts = [o.strip() for o in a.optimizers.split(",") if o.strip()]
     if not qs or not opts:
         ap.error("--qs and --optimizers each need at least one value")
+    # a value given twice is one folder planned twice: both planned "run" before either ran, so
+    # the second ran again over the first's finished run and the results listed the point twice
+    for flag, vals in (("--qs", qs), ("--optimizers", opts)):
+        twice = sorted({str(v) for v in vals if vals.count(v) > 1})
+        if twice:
+            ap.error(f"{flag} lists {', '.join(twice)} more than once; give each value once")
+    if a.timeout is not None and not a.timeout > 0:
+        ap.error(f"--timeout must be > 0 seconds (got {a.timeout:g}; leave it out for no limit)")
     extra = shlex.split(a.extra)
     try:     # every point checked before the first run: a bad --extra or option costs no run
         check_extra(extra)

@@ -166,3 +166,17 @@ def test_a_run_points_warnings_are_shown_and_kept(tmp_path, monkeypatch, capsys)
     assert "error" not in rec and rec["avg"] == 81.5 and rec["warnings"] == said
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if line.startswith("sweep: ")] == [f"sweep: {folder}: {w}" for w in said]
+
+
+def test_a_value_given_twice_or_a_timeout_of_zero_is_refused(tmp_path, capsys):
+    """--qs 1,1 planned the folder zo_sgd_q1 twice, both "run" before either ran: the second ran
+    again over the first's finished run and the results listed the point twice. --timeout 0 timed
+    out every point at once."""
+    import pytest
+
+    for argv, says in ((["--qs", "1,2,1"], "--qs lists 1 more than once"),
+                       (["--optimizers", "zo_sgd,zo_adam,zo_sgd"], "--optimizers lists zo_sgd more than once"),
+                       (["--timeout", "0"], "--timeout must be > 0 seconds (got 0")):
+        with pytest.raises(SystemExit):
+            S.main(argv + ["--workdir", str(tmp_path), "--out", str(tmp_path / "sweep.json"), "--dry-run"])
+        assert says in capsys.readouterr().err
