@@ -11,6 +11,8 @@ Environment:
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -35,6 +37,36 @@ NO_CUDA = "BENCH_DEVICE=cuda but torch.cuda.is_available() is False"
 # overlaps the kernel before it. On the CPU a call is its own work: one. BENCH_BACK_TO_BACK sets it
 # (the smoke test runs the GPU's path on the CPU with 2).
 KERNEL_BACK_TO_BACK = int(os.environ.get("BENCH_BACK_TO_BACK") or (10 if ON_GPU else 1))
+
+
+class StopSignals:
+    """Within it a SIGTERM (``timeout``'s default signal, a device lease's limit) raises
+    KeyboardInterrupt as a SIGINT does, so that a script cut off still reports what it measured:
+    a SIGTERM ended the process at once, with no report and its buffered stdout lost. ``name``
+    is the signal that stopped it, ``exit_status`` the shell's 128 + its number. The previous
+    handler is put back on exit; off the main thread (where no handler can be set) it does nothing."""
+
+    def __init__(self):
+        self.name, self._old = "SIGINT", None
+
+    @property
+    def exit_status(self) -> int:
+        return 143 if self.name == "SIGTERM" else 130
+
+    def _on_term(self, signum, frame):
+        self.name = "SIGTERM"
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._on_term)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+        return False
 
 
 def device() -> torch.device:

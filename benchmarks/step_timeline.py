@@ -322,18 +322,20 @@ def main(argv=None) -> int:
         # reported (they were all lost, the text and the JSON written only after the last case).
         # The copy_ pass is timed first: timed after the cases, a SIGINT during it lost them all,
         # and after a stop the report needs no more device work.
-        try:
-            copy_us = copy_pass_us(numel, torch.float32, dev)
-            for o, d in cases:
-                results.append(run_case(o, d, dev, a.layout, a.steps, a.backend, trace_dir))
-        except KeyboardInterrupt:
-            stopped = f"stopped (SIGINT) after {len(results)} of {len(cases)} cases"
-            print(f"step timeline, layout {a.layout}: {stopped}", file=sys.stderr)
+        # A SIGTERM (a plain `timeout`, a lease's limit) is taken as a SIGINT is.
+        with C.StopSignals() as signals:
+            try:
+                copy_us = copy_pass_us(numel, torch.float32, dev)
+                for o, d in cases:
+                    results.append(run_case(o, d, dev, a.layout, a.steps, a.backend, trace_dir))
+            except KeyboardInterrupt:
+                stopped = f"stopped ({signals.name}) after {len(results)} of {len(cases)} cases"
+                print(f"step timeline, layout {a.layout}: {stopped}", file=sys.stderr)
     if not a.trace_dir:
         for r in results:
             del r["trace"]     # removed with the temporary folder
     if not results:
-        return 130
+        return signals.exit_status
     for r in results:
         r["roofline_us"] = PASSES[r["opt"]] * copy_us
         r["ratio"] = r["unprofiled_step_us"] / r["roofline_us"]
@@ -348,7 +350,7 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1)
-    return 130 if stopped else 0
+    return signals.exit_status if stopped else 0
 
 
 if __name__ == "__main__":

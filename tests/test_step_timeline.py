@@ -166,3 +166,38 @@ def test_a_sigint_during_the_copy_pass_loses_no_case(tmp_path, capsys, monkeypat
         pytest.fail(f"the SIGINT during the copy_ pass escaped (after: {order})")
     assert rc == 130 and order == ["copy"]
     assert "stopped (SIGINT) after 0 of 1 cases" in capsys.readouterr().err
+
+
+def test_a_run_stopped_by_sigterm_reports_the_cases_it_finished(tmp_path):
+    """A SIGTERM (a plain ``timeout``, a lease's limit) ended the process at once: no report of
+    the cases it had finished. It is taken as a SIGINT is, named, and the exit status is 143."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from conftest import ROOT, child_env
+
+    out = tmp_path / "timeline.json"
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        from benchmarks import step_timeline as st
+        real, calls = st.run_case, []
+        def run_case(*args, **kw):
+            calls.append(args[0])
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*args, **kw)
+        st.run_case = run_case
+        rc = st.main(["--device", "cpu", "--layout", "vit_b_tiny", "--steps", "2", "--backend", "cpu",
+                      "--cases", "zo_sgd-rademacher,zo_adam-gaussian", "--json", {str(out)!r}])
+        # the handler of before is back: the report is written, the process ends as asked
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        sys.exit(rc)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 143, (p.returncode, p.stderr[-2000:])
+    report = json.loads(out.read_text())
+    assert [r["case"] for r in report["cases"]] == ["zo_sgd-rademacher"]
+    assert report["header"]["stopped"] == "stopped (SIGTERM) after 1 of 2 cases"
+    assert "stopped (SIGTERM) after 1 of 2 cases" in p.stdout
