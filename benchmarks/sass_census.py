@@ -52,6 +52,7 @@ from typing import NamedTuple
 
 import torch
 
+from benchmarks._common import StopSignals
 from benchmarks.profile_kernels import ADAM_STEP, CASES, COEFF, EPS, LR, SEED, median_ms
 
 ISSUE_RATE = 33.4e12          # H200 lane instructions per second (benchmarks/notes.md)
@@ -331,19 +332,27 @@ def main(argv=None):
         print(f"Triton {triton.__version__}, {torch.cuda.get_device_name(0)}, {a.numel} elements; "
               "% of copy_ moving the same arrays")
         res, differ = {}, []
-        for name in names:
-            res[name] = r = time_variants(name, a.numel)
-            for label, v in r["variants"].items():
-                print(f"{name:30s} {label:28s} regs {v['regs']:3d}  compile {v['compile_s']:5.1f} s  "
-                      f"{'bit-identical' if v['bit_identical'] else 'BITS DIFFER'}  {v['ms']:7.3f} ms  "
-                      f"{100 * v['of_copy']:5.1f} %")
-                if not v["bit_identical"]:
-                    differ.append(f"{name} ({label})")
-            # after every case: a run cut at its limit (gpu_check.sh's SIGINT) keeps the cases
-            # it timed (the JSON used to be written after the last case only)
-            if a.json:
-                with open(a.json, "w") as f:
-                    json.dump({"triton": triton.__version__, "numel": a.numel, "cases": res}, f, indent=1)
+        # a SIGTERM (a plain timeout, a lease's limit) is taken as a SIGINT is: the cases timed so
+        # far are in the JSON, and the run ends with the one line that says where it stopped
+        with StopSignals() as signals:
+            try:
+                for name in names:
+                    res[name] = r = time_variants(name, a.numel)
+                    for label, v in r["variants"].items():
+                        print(f"{name:30s} {label:28s} regs {v['regs']:3d}  compile {v['compile_s']:5.1f} s  "
+                              f"{'bit-identical' if v['bit_identical'] else 'BITS DIFFER'}  {v['ms']:7.3f} ms  "
+                              f"{100 * v['of_copy']:5.1f} %")
+                        if not v["bit_identical"]:
+                            differ.append(f"{name} ({label})")
+                    # after every case: a run cut at its limit (gpu_check.sh's SIGINT) keeps the cases
+                    # it timed (the JSON used to be written after the last case only)
+                    if a.json:
+                        with open(a.json, "w") as f:
+                            json.dump({"triton": triton.__version__, "numel": a.numel, "cases": res}, f, indent=1)
+            except KeyboardInterrupt:
+                print(f"sass_census --time: stopped ({signals.name}) after {len(res)} of {len(names)} cases",
+                      file=sys.stderr)
+                return signals.exit_status
         if differ:
             # a variant that computes other bits times another kernel: its row is no answer, and
             # the exit status is what gpu_check.sh's profile phase goes by (it was 0: "ok")
