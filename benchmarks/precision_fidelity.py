@@ -243,7 +243,7 @@ def summarize(res: Dict) -> Dict:
     return res
 
 
-def study(args) -> Dict:
+def study(args, signals=None) -> Dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("precision_fidelity: --device cuda but torch.cuda.is_available() is False")
@@ -265,28 +265,38 @@ def study(args) -> Dict:
     results: Dict[str, Dict] = {"fp64": {"status": "reference", "seconds_per_step_forwards": ref_seconds,
                                          "by_eps": {f"{e:g}": {"vs_exact": compare(ref[e], exact)}
                                                     for e in eps_list}}}
-    for precision in args.precisions:
-        t0 = time.perf_counter()
-        why = unsupported(precision, device)
-        if why:
-            results[precision] = {"status": "unsupported", "reason": why}
-            print(f"{precision}: unsupported here ({why})", flush=True)
-            continue
-        if precision == "tf32" and device.type == "cpu" and "fp32" in results:
-            # the TF32 flags do not act on a CPU: check that on a few directions, then reuse fp32
-            n = min(TF32_CHECK_DIRECTIONS, args.directions)
-            g, _ = projected_gradients(net, head, params, x, y, "tf32", eps_list[:1], n, args.seed)
-            g32, _ = projected_gradients(net, head, params, x, y, "fp32", eps_list[:1], n, args.seed)
-            if np.array_equal(g[eps_list[0]], g32[eps_list[0]]):
-                results["tf32"] = dict(results["fp32"], status="identical to fp32 on this device",
-                                       checked_directions=n)
-                print(f"tf32: bit-identical to fp32 on {device} ({n} directions checked)", flush=True)
+    # A SIGINT or SIGTERM (a lease's limit) during a precision keeps the ones measured before it:
+    # the JSON, the plot and the table are written with them and the run marked "stopped" (a run
+    # cut off wrote nothing, the fp64 reference and every finished precision lost).
+    stopped = None
+    try:
+        for precision in args.precisions:
+            t0 = time.perf_counter()
+            why = unsupported(precision, device)
+            if why:
+                results[precision] = {"status": "unsupported", "reason": why}
+                print(f"{precision}: unsupported here ({why})", flush=True)
                 continue
-        g, seconds = projected_gradients(net, head, params, x, y, precision, eps_list, args.directions, args.seed)
-        results[precision] = {
-            "status": "measured", "seconds_per_step_forwards": seconds,
-            "by_eps": {f"{e:g}": dict(compare(g[e], ref[e]), vs_exact=compare(g[e], exact)) for e in eps_list}}
-        print(f"{precision}: {time.perf_counter() - t0:.1f}s", flush=True)
+            if precision == "tf32" and device.type == "cpu" and "fp32" in results:
+                # the TF32 flags do not act on a CPU: check that on a few directions, then reuse fp32
+                n = min(TF32_CHECK_DIRECTIONS, args.directions)
+                g, _ = projected_gradients(net, head, params, x, y, "tf32", eps_list[:1], n, args.seed)
+                g32, _ = projected_gradients(net, head, params, x, y, "fp32", eps_list[:1], n, args.seed)
+                if np.array_equal(g[eps_list[0]], g32[eps_list[0]]):
+                    results["tf32"] = dict(results["fp32"], status="identical to fp32 on this device",
+                                           checked_directions=n)
+                    print(f"tf32: bit-identical to fp32 on {device} ({n} directions checked)", flush=True)
+                    continue
+            g, seconds = projected_gradients(net, head, params, x, y, precision, eps_list, args.directions, args.seed)
+            results[precision] = {
+                "status": "measured", "seconds_per_step_forwards": seconds,
+                "by_eps": {f"{e:g}": dict(compare(g[e], ref[e]), vs_exact=compare(g[e], exact)) for e in eps_list}}
+            print(f"{precision}: {time.perf_counter() - t0:.1f}s", flush=True)
+    except KeyboardInterrupt:
+        done = [q for q in args.precisions if q in results]
+        stopped = (f"stopped ({signals.name if signals else 'SIGINT'}) after {', '.join(done) or 'the fp64 reference'}"
+                   f" of {', '.join(args.precisions)}")
+        print(f"precision_fidelity: {stopped}", file=sys.stderr, flush=True)
 
     return summarize({
         "schema": 1, "what": "projected ZO gradient (L+ - L-)/(2 eps) per forward precision vs fp64",
@@ -298,7 +308,7 @@ def study(args) -> Dict:
         "trained_parameters": int(sum(p.numel() for p in params)),
         "safe_correlation": SAFE_CORRELATION, "results": results,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    })
+    } | ({"stopped": stopped} if stopped else {}))
 
 
 def recommend(results: Dict, device_type: str) -> Dict:
@@ -424,7 +434,15 @@ def main(argv=None) -> int:
         with open(a.report) as f:
             res = summarize(json.load(f))
     else:
-        res = study(a)
+        from benchmarks._common import StopSignals
+
+        with StopSignals() as signals:
+            try:
+                res = study(a, signals)
+            except KeyboardInterrupt:      # during the fp64 reference: nothing measured to write
+                print(f"precision_fidelity: stopped ({signals.name}) during the fp64 reference; nothing written",
+                      file=sys.stderr)
+                return signals.exit_status
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(res, f, indent=2)
@@ -434,6 +452,10 @@ def main(argv=None) -> int:
     floors = ", ".join(f"{p} {e:.2g}" for p, e in rec["zo_eps_floor"].items())
     print(f"\nchosen for {rec['device']}: {rec['precision']} ({rec['rule']}); zo_eps floors (fit): {floors}")
     print(f"wrote {a.out} and {a.plot}")
+    if res.get("stopped"):
+        print(f"{res['stopped']}: the precisions not in the table were not measured")
+        if not a.report:      # this run was cut off (a saved one rendered again is no failure)
+            return 143 if "(SIGTERM)" in res["stopped"] else 130
     return 0
 
 

@@ -293,3 +293,33 @@ def test_fidelity_script_refuses_bad_arguments_before_measuring(argv, says, caps
     with pytest.raises(SystemExit):
         pf.main(["--fast"] + argv)
     assert says in capsys.readouterr().err
+
+
+def test_fidelity_script_stopped_keeps_the_precisions_it_measured(tmp_path, monkeypatch, capsys):
+    """A SIGINT / SIGTERM (a lease's limit) during a precision lost the whole run, the fp64
+    reference and every finished precision: nothing was written before the end. Now the JSON,
+    plot and table hold what was measured, marked stopped, and the exit status says it."""
+    from benchmarks import precision_fidelity as pf
+
+    real = pf.projected_gradients
+
+    def projected_gradients(net, head, params, x, y, precision, *args):
+        if precision == "bf16":
+            raise KeyboardInterrupt
+        return real(net, head, params, x, y, precision, *args)
+
+    monkeypatch.setattr(pf, "projected_gradients", projected_gradients)
+    out = tmp_path / "fid.json"
+    try:
+        rc = pf.main(["--fast", "--directions", "4", "--precisions", "fp32,bf16,fp16", "--out", str(out),
+                      "--threads", "1"])
+    except KeyboardInterrupt:
+        pytest.fail("the SIGINT escaped: the fp64 reference and fp32 were lost")
+    assert rc == 130
+    res = json.loads(out.read_text())
+    assert res["stopped"] == "stopped (SIGINT) after fp32 of fp32, bf16, fp16"
+    assert sorted(res["results"]) == ["fp32", "fp64"] and res["results"]["fp32"]["status"] == "measured"
+    assert (tmp_path / "fid.png").exists()
+    assert "stopped (SIGINT) after fp32 of fp32, bf16, fp16" in capsys.readouterr().out
+    # the saved JSON rendered again is no failure
+    assert pf.main(["--report", str(out)]) == 0
