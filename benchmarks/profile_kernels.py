@@ -83,6 +83,8 @@ def main(argv=None):
     unknown = [c for c in names if c not in CASES]
     if unknown:      # before any launch: a typo in PROFILE_TRITON used to end the run mid-way
         ap.error(f"--cases: unknown case(s) {', '.join(unknown)}; valid: {', '.join(CASES)}")
+    if a.numel < 1:
+        ap.error(f"--numel must be at least 1 (got {a.numel})")
     n = a.numel
     copy_ms = {}
     print(f"{'case':34s} {'ms':>8s} {'GB/s':>8s} {'of copy':>8s}")

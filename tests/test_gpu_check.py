@@ -428,3 +428,14 @@ def test_a_test_pass_left_no_time_is_an_error_in_the_summary(tmp_path):
     assert {"name": "benchmarks/gpu_check.py::test pass -k 'triton'",
             "message": "not run: no time left of TEST_LIMIT_S: no junit XML, its results are lost (logs/tests.log)"} \
         in errors, errors
+
+
+def test_profile_kernels_refuses_a_bad_numel_before_any_launch(capsys):
+    """--numel 0 ended in a ZeroDivisionError after the first case had run (a negative one in
+    torch.randn's error)."""
+    from benchmarks import profile_kernels
+    with pytest.raises(SystemExit) as e:
+        profile_kernels.main(["--numel", "0"])
+    assert e.value.code == 2
+    assert "--numel must be at least 1 (got 0)" in capsys.readouterr().err
+
