@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 
 import torch
 
 import zfkernels as zk
+from benchmarks._common import StopSignals
 
 SEED = 0x5EED_1234
 EPS = 1e-3
@@ -85,9 +87,22 @@ def main(argv=None):
         ap.error(f"--cases: unknown case(s) {', '.join(unknown)}; valid: {', '.join(CASES)}")
     if a.numel < 1:
         ap.error(f"--numel must be at least 1 (got {a.numel})")
+    # A SIGTERM (a plain timeout, a lease's limit) is taken as a SIGINT is, and each row is
+    # flushed as it is measured: killed with its stdout in a pipe's buffer, the run lost every row.
+    with StopSignals() as signals:
+        try:
+            _profile(names, a)
+        except KeyboardInterrupt:
+            print(f"profile_kernels: stopped ({signals.name}); the cases not listed were not measured",
+                  file=sys.stderr)
+            return signals.exit_status
+    return 0
+
+
+def _profile(names, a):
     n = a.numel
     copy_ms = {}
-    print(f"{'case':34s} {'ms':>8s} {'GB/s':>8s} {'of copy':>8s}")
+    print(f"{'case':34s} {'ms':>8s} {'GB/s':>8s} {'of copy':>8s}", flush=True)
     for name in names:
         op, dtype, dist, opts = CASES[name]
         p = torch.randn(n, device="cuda").mul_(0.02).to(dtype)
@@ -106,10 +121,10 @@ def main(argv=None):
         s = p.element_size()
         gbs = bytes_moved(op, n, s) / ms / 1e6
         copy_gbs = 2 * n * s / copy_ms[dtype] / 1e6
-        print(f"{name:34s} {ms:8.3f} {gbs:8.0f} {gbs / copy_gbs:8.1%}")
+        print(f"{name:34s} {ms:8.3f} {gbs:8.0f} {gbs / copy_gbs:8.1%}", flush=True)
         del p, fn
         torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -439,3 +439,35 @@ def test_profile_kernels_refuses_a_bad_numel_before_any_launch(capsys):
     assert e.value.code == 2
     assert "--numel must be at least 1 (got 0)" in capsys.readouterr().err
 
+
+def test_profile_kernels_stopped_by_sigterm_keeps_its_rows():
+    """Killed by a SIGTERM (a plain ``timeout``, a lease's limit) with its stdout in a pipe, the
+    profile lost every row it had measured (block-buffered, never flushed). Each row is flushed
+    now and a SIGTERM is taken as a SIGINT is: exit 143 with the line that says so. The device
+    is faked (CPU tensors, constant timings): what is checked is the stop, not the numbers."""
+    import textwrap
+
+    from conftest import child_env
+
+    code = textwrap.dedent("""
+        import os, signal, sys, torch
+        from benchmarks import profile_kernels as pk
+        real_randn, real_empty = torch.randn, torch.empty
+        torch.randn = lambda *a, device=None, **k: real_randn(*a, **k)
+        torch.empty = lambda *a, device=None, **k: real_empty(*a, **k)
+        torch.cuda.synchronize = lambda *a: None
+        pk.median_ms = lambda fn, *a, **k: 1.0
+        real_call, made = pk.make_call, []
+        def make_call(*args):
+            made.append(1)
+            if len(made) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_call(*args)
+        pk.make_call = make_call
+        sys.exit(pk.main(["--backend", "cpu", "--numel", "64", "--cases", "sgd-fp32-rademacher,adam-fp32-gaussian"]))
+    """)
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 143, (p.returncode, p.stdout, p.stderr[-2000:])
+    assert "sgd-fp32-rademacher" in p.stdout and "adam-fp32-gaussian" not in p.stdout
+    assert "profile_kernels: stopped (SIGTERM)" in p.stderr
