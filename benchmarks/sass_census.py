@@ -326,6 +326,8 @@ def main(argv=None):
     unknown = [n for n in names if n not in CASES]
     if unknown:
         sys.exit(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
+    if a.json:      # its folder made now: a missing one lost the JSON after the cases had run
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     if a.time:
         if not torch.cuda.is_available():
             sys.exit("--time needs a CUDA device (the census itself does not: drop --time)")

@@ -312,6 +312,8 @@ def main(argv=None) -> int:
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device; use --device cpu")
+    if a.json:      # its folder made now: a missing one lost the JSON after every case had run
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     shapes = _shapes(a.layout)
     numel = sum(torch.Size(s).numel() for s in shapes)
     results, stopped = [], None

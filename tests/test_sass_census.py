@@ -122,7 +122,7 @@ def test_time_fails_when_a_variant_differs_and_keeps_each_timed_case(tmp_path, m
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a test GPU")
     monkeypatch.setattr(sc, "time_variants", time_variants)
-    out = tmp_path / "variants.json"
+    out = tmp_path / "new" / "variants.json"        # its folder is made (it failed after the cases)
     cases = "perturb-fp32-rademacher,perturb-fp32-gaussian"
     assert sc.main(["--time", "--cases", cases, "--json", str(out)]) == 1
     assert "FAILED: bits differ from the op for perturb-fp32-gaussian (dist,T,q,restore constant)" in \

@@ -201,3 +201,12 @@ def test_a_run_stopped_by_sigterm_reports_the_cases_it_finished(tmp_path):
     assert [r["case"] for r in report["cases"]] == ["zo_sgd-rademacher"]
     assert report["header"]["stopped"] == "stopped (SIGTERM) after 1 of 2 cases"
     assert "stopped (SIGTERM) after 1 of 2 cases" in p.stdout
+
+
+def test_json_into_a_folder_not_made_yet(tmp_path):
+    """--json into a folder that did not exist failed with FileNotFoundError after every case had
+    run; the folder is made first."""
+    out = tmp_path / "new" / "dir" / "timeline.json"
+    assert st.main(["--device", "cpu", "--layout", "vit_b_tiny", "--steps", "2", "--backend", "cpu",
+                    "--cases", "zo_sgd-rademacher", "--json", str(out)]) == 0
+    assert [r["case"] for r in json.loads(out.read_text())["cases"]] == ["zo_sgd-rademacher"]
