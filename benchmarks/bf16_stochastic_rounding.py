@@ -95,22 +95,28 @@ def run_one(size, init_std, seed, lr, zo_eps, steps, batch, seq, dtype, sr) -> d
             "seconds": round(seconds, 2)}
 
 
-def run(size, init_std, seeds, lrs, zo_eps, steps, batch, seq, log=lambda s: print(s, flush=True)) -> dict:
+def run(size, init_std, seeds, lrs, zo_eps, steps, batch, seq, log=lambda s: print(s, flush=True),
+        signals=None) -> dict:
+    """Every (lr, seed, setting) run; a SIGINT (or, under ``signals``, a SIGTERM) keeps the runs
+    finished before it, with ``stopped`` saying so (a demo cut off wrote nothing)."""
     out = {"size": size, "model": dict(zip(("vocab", "hidden", "intermediate", "layers", "heads"), SIZES[size])),
            "init_std": init_std, "seeds": seeds, "lrs": lrs, "zo_eps": zo_eps, "steps": steps, "batch": batch,
            "seq": seq, "perturbation": "rademacher", "torch": torch.__version__, "threads": torch.get_num_threads(),
            "machine": platform.processor() or platform.machine(), "runs": []}
-    for lr in lrs:
-        for seed in range(seeds):
-            for name, dtype, sr, learn in SETTINGS:
-                if not learn and lr != lrs[0]:
-                    continue                 # the lr-0 control does not depend on lr: run it once per seed
-                r = run_one(size, init_std, seed, lr if learn else 0.0, zo_eps, steps, batch, seq, dtype, sr)
-                r.update(setting=name, lr=lr if learn else 0.0, seed=seed)
-                out["runs"].append(r)
-                log(f"lr {r['lr']:<7g} seed {seed}  {name:40s} loss {r['initial_loss']:.4f} -> {r['final_loss']:.4f}  "
-                    f"updates below half an ulp {100 * r['below_half_ulp_mean']:5.1f} %  "
-                    f"weights changed {100 * r['changed_fraction']:5.1f} %  ({r['seconds']} s)")
+    todo = [(lr, seed, setting) for lr in lrs for seed in range(seeds) for setting in SETTINGS
+            if setting[3] or lr == lrs[0]]      # the lr-0 control does not depend on lr: once per seed
+    try:
+        for lr, seed, (name, dtype, sr, learn) in todo:
+            r = run_one(size, init_std, seed, lr if learn else 0.0, zo_eps, steps, batch, seq, dtype, sr)
+            r.update(setting=name, lr=lr if learn else 0.0, seed=seed)
+            out["runs"].append(r)
+            log(f"lr {r['lr']:<7g} seed {seed}  {name:40s} loss {r['initial_loss']:.4f} -> {r['final_loss']:.4f}  "
+                f"updates below half an ulp {100 * r['below_half_ulp_mean']:5.1f} %  "
+                f"weights changed {100 * r['changed_fraction']:5.1f} %  ({r['seconds']} s)")
+    except KeyboardInterrupt:
+        out["stopped"] = (f"stopped ({signals.name if signals else 'SIGINT'}) after {len(out['runs'])} of "
+                          f"{len(todo)} runs")
+        log(out["stopped"])
     return out
 
 
@@ -151,8 +157,8 @@ def plot(res: dict, path: str) -> None:
                     linestyle="--" if "control" in name else "-", label=f"{name} (mean of {len(rs)})")
             ax.fill_between(x, curves.min(0).values, curves.max(0).values, color=color, alpha=0.15, linewidth=0)
         below = [r["below_half_ulp_mean"] for r in res["runs"] if r["lr"] == lr and "stochastic" in r["setting"]]
-        ax.set_title(f"lr {lr:g}: {100 * sum(below) / len(below):.0f} % of updates below half a bf16 ulp",
-                     fontsize=9)
+        ax.set_title(f"lr {lr:g}: {100 * sum(below) / len(below):.0f} % of updates below half a bf16 ulp"
+                     if below else f"lr {lr:g}: not measured (stopped)", fontsize=9)
         ax.set_xlabel("ZO-SGD step")
     axes[0][0].set_ylabel("loss - loss at the start (fixed batch)")
     axes[0][0].legend(fontsize=7, loc="lower left")
@@ -201,7 +207,13 @@ def main(argv=None) -> int:
               "which zeroflow does not require; nothing was measured", file=sys.stderr)
         return 1
     torch.set_num_threads(a.threads)
-    res = run(a.size, a.init_std, a.seeds, a.lr, a.zo_eps, a.steps, a.batch, a.seq)
+    from benchmarks._common import StopSignals
+
+    with StopSignals() as signals:      # a SIGTERM is taken as a SIGINT is: the runs so far are kept
+        res = run(a.size, a.init_std, a.seeds, a.lr, a.zo_eps, a.steps, a.batch, a.seq, signals=signals)
+    if not res["runs"]:
+        print(f"bf16_stochastic_rounding: {res['stopped']}; nothing written", file=sys.stderr)
+        return signals.exit_status
     res["params"] = sum(p.numel() for p in make_model(a.size, a.init_std, 0).parameters())
     res["summary"] = summarize(res)
     print(f"\n{'lr':>8s}  {'setting':40s} {'loss drop per seed':>28s} {'mean':>7s} {'<half ulp':>9s} {'changed':>8s}")
@@ -215,6 +227,9 @@ def main(argv=None) -> int:
             json.dump(res, f)
     if a.plot:
         plot(res, a.plot)
+    if res.get("stopped"):
+        print(f"{res['stopped']}: the runs not listed were not made")
+        return signals.exit_status
     return 0
 
 

@@ -114,3 +114,34 @@ def test_demo_settings_share_their_start(tmp_path):
     assert len(runs) == 4
     bf16 = [r for name, r in runs.items() if name.startswith("bf16")]
     assert len({r["initial_loss"] for r in bf16}) == 1
+
+
+def test_demo_stopped_keeps_the_runs_it_finished(tmp_path, monkeypatch, capsys):
+    """A SIGINT / SIGTERM during the demo (minutes) lost every finished run: nothing was written
+    before the end. The JSON and plot now hold the runs made, marked stopped, exit 130."""
+    import json
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    from benchmarks import bf16_stochastic_rounding as demo
+
+    real, made = demo.run_one, []
+
+    def run_one(*args):
+        made.append(1)
+        if len(made) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(demo, "run_one", run_one)
+    out, png = tmp_path / "sr.json", tmp_path / "sr.png"
+    try:
+        rc = demo.main(["--steps", "2", "--seeds", "1", "--batch", "2", "--seq", "8", "--out", str(out),
+                        "--plot", str(png)])
+    except KeyboardInterrupt:
+        pytest.fail("the SIGINT escaped: the finished runs were lost")
+    assert rc == 130
+    res = json.loads(out.read_text())
+    assert res["stopped"] == "stopped (SIGINT) after 2 of 4 runs"
+    assert [r["setting"] for r in res["runs"]] == ["fp32", "bf16, round-to-nearest"]
+    assert png.exists() and "stopped (SIGINT) after 2 of 4 runs" in capsys.readouterr().out
