@@ -326,6 +326,8 @@ def main(argv=None):
     unknown = [n for n in names if n not in CASES]
     if unknown:
         sys.exit(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
+    if a.numel < 1:
+        ap.error(f"--numel must be at least 1 (got {a.numel})")
     if a.json:      # its folder made now: a missing one lost the JSON after the cases had run
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     if a.time:

@@ -161,3 +161,13 @@ def test_time_stopped_by_sigterm_keeps_each_timed_case(tmp_path, monkeypatch, ca
     assert list(json.loads(out.read_text())["cases"]) == ["perturb-fp32-rademacher"]
     assert "stopped (SIGTERM) after 1 of 2 cases" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_time_refuses_a_bad_numel_before_any_launch(capsys):
+    """--time --numel 0 failed inside the op's launch (or a ZeroDivisionError of the copy_
+    timing) after the device was set up; the parser refuses it."""
+    from benchmarks import sass_census as sc
+
+    with pytest.raises(SystemExit) as e:
+        sc.main(["--time", "--numel", "0"])
+    assert e.value.code == 2 and "--numel must be at least 1 (got 0)" in capsys.readouterr().err
