@@ -36,12 +36,45 @@ def test_precision_sets_the_forward_dtype_not_the_parameters(precision, dtype):
     assert {p.dtype for p in net.parameters()} == {torch.float32}
 
 
-def test_tf32_flags_are_restored_after_the_forward():
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+def _tf32_state():
+    """What the TF32 switches say (new API where this torch has it: reading the legacy
+    matmul flag raises once the new one was set)."""
+    m, c = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(m, "fp32_precision"):
+        return m.fp32_precision, c.conv.fp32_precision, c.rnn.fp32_precision
+    return m.allow_tf32, c.allow_tf32
+
+
+def test_tf32_flags_are_set_in_the_forward_and_restored_after_it():
     from zeroflow.continual.precision import forward_precision
+    before = _tf32_state()
+    on = ("tf32",) * 3 if hasattr(torch.backends.cuda.matmul, "fp32_precision") else (True, True)
+    off = ("ieee",) * 3 if hasattr(torch.backends.cuda.matmul, "fp32_precision") else (False, False)
     with forward_precision("tf32", "cuda"):
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+        assert _tf32_state() == on
+    assert _tf32_state() == before
+    with forward_precision("fp32", "cuda"):     # fp32 on CUDA: TF32 off even where the process enabled it
+        assert _tf32_state() == off
+    assert _tf32_state() == before
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9: no new TF32 API")
+@pytest.mark.parametrize("precision,device", [("tf32", "cpu"), ("tf32", "cuda"), ("fp32", "cuda")])
+def test_a_process_that_set_tf32_with_torchs_new_api_runs_every_precision(precision, device):
+    """torch >= 2.9 advises ``torch.backends.cuda.matmul.fp32_precision = "tf32"``; after it,
+    reading the legacy ``matmul.allow_tf32`` raises "you have used mix of the legacy and new
+    APIs", and the precision context read it: a tf32 run (and an fp32 run on CUDA) failed at
+    its first forward. The context now uses the new switches, and restores them."""
+    from zeroflow.continual.precision import forward_precision
+    m = torch.backends.cuda.matmul
+    saved = m.fp32_precision
+    m.fp32_precision = "tf32"
+    try:
+        with forward_precision(precision, device):
+            assert m.fp32_precision == ("tf32" if precision == "tf32" else "ieee")
+        assert m.fp32_precision == "tf32"
+    finally:
+        m.fp32_precision = saved
 
 
 def test_precision_lists_agree():

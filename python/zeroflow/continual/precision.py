@@ -2,8 +2,9 @@
 
 * ``fp32``: plain fp32 forwards.
 * ``tf32``: fp32 tensors; CUDA matmuls and cuDNN convolutions may use TF32 tensor cores
-  (``torch.backends.cuda.matmul.allow_tf32`` / ``torch.backends.cudnn.allow_tf32``, set around
-  each forward and restored after it). The flags do not act on the CPU: there tf32 is fp32.
+  (``fp32_precision`` "tf32" on ``torch.backends.cuda.matmul`` and ``torch.backends.cudnn.conv`` /
+  ``.rnn``; before torch 2.9 ``allow_tf32``; set around each forward and restored after it).
+  The flags do not act on the CPU: there tf32 is fp32.
 * ``bf16`` / ``fp16``: ``torch.autocast`` around the backbone's forward pass.
 
 Parameters stay fp32 in every mode, the backbone's features are cast back to fp32 before the
@@ -46,15 +47,30 @@ STUDY = "benchmarks/precision_fidelity.py, docs/algorithms.md section 10"
 _FINITE_DIFFERENCE = ("zo_sgd", "zo_sgd_sign", "zo_sgd_conserve", "zo_adam", "zo_adam_sign", "zo_adam_conserve")
 
 
+def _tf32_settings() -> list:
+    """The TF32 switches of this torch, as ``(object, attribute, value when on, value when off)``.
+    torch >= 2.9 has ``fp32_precision`` ("tf32" / "ieee") on the cuBLAS matmuls and on cuDNN's
+    convolutions and RNNs; once a process has set one of those, reading the legacy
+    ``matmul.allow_tf32`` raises ("you have used mix of the legacy and new APIs"), so a user
+    who followed torch's advice to use the new API could not run a tf32 or CUDA fp32 forward.
+    Older torch has the ``allow_tf32`` booleans only."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision") and hasattr(cudnn, "conv") and hasattr(cudnn, "rnn"):
+        return [(obj, "fp32_precision", "tf32", "ieee") for obj in (matmul, cudnn.conv, cudnn.rnn)]
+    return [(matmul, "allow_tf32", True, False), (cudnn, "allow_tf32", True, False)]
+
+
 @contextlib.contextmanager
 def _tf32_flags(enabled: bool):
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
+    settings = _tf32_settings()
+    old = [getattr(obj, name) for obj, name, _, _ in settings]
     try:
+        for obj, name, on, off in settings:
+            setattr(obj, name, on if enabled else off)
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        for (obj, name, _, _), value in zip(settings, old):
+            setattr(obj, name, value)
 
 
 def forward_precision(precision: str, device_type: str):
