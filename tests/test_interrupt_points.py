@@ -1,0 +1,128 @@
+"""A run stopped at any write (a full disk, Ctrl-C, a crash) resumes to exactly the result
+of an uninterrupted run (docs/continual.md, "Run folder"): the accuracy matrix, the counters
+and the final checkpoint (learner state) bit for bit. Short runs: the embedded digits, 1 epoch
+per task, 3 tasks, the small ViT pretrained for 1 epoch (cached per module)."""
+import errno
+import os
+
+import pytest
+import torch
+
+import zeroflow._atomic as atomic
+from zeroflow.continual.errors import WriteFailed
+from zeroflow.continual.runner import RunInterrupted, load_checkpoint, run
+
+pytestmark = pytest.mark.usefixtures("zf_cache")   # tests/conftest.py
+
+CFG = dict(method="ease", optimizer="zo_adam", epochs=1, pretrain_epochs=1, init_cls=4, increment=3)
+SAME = ("avg", "last", "fgt", "accuracy_matrix", "accuracy_curve", "forward_passes", "eval_forward_passes",
+        "iterations", "n_tasks", "class_order", "class_names", "config", "results_version")
+
+
+def quiet(*a):
+    pass
+
+
+def _cfg():
+    from zeroflow.continual.defaults import resolve
+    return resolve(dict(CFG))
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    m = run(_cfg(), str(out), progress=False, log=quiet, warn=quiet)
+    return m, load_checkpoint(str(out / "checkpoint.pt"))
+
+
+def same_tensors(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_tensors(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_tensors(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def assert_as_uninterrupted(full, out):
+    m_full, ck_full = full
+    m = run({}, str(out), resume=True, progress=False, log=quiet, warn=quiet)
+    for k in SAME:
+        assert m[k] == m_full[k], k
+    for a, b in zip(m["tasks"], m_full["tasks"], strict=True):
+        for k in ("iterations", "forward_passes", "accuracy", "loss_first", "loss_last", "classes"):
+            assert a[k] == b[k], k
+    ck = load_checkpoint(str(out / "checkpoint.pt"))
+    for k in ck_full:
+        if k not in ("task_stats", "peak_memory_bytes", "counters"):     # measured: seconds, bytes
+            assert same_tensors(ck[k], ck_full[k]), k
+    assert dict(ck["counters"], train_seconds=0) == dict(ck_full["counters"], train_seconds=0)
+    assert not [f for f in os.listdir(out) if f.startswith(".")]     # no lock, no temporary file
+
+
+def fail_at(monkeypatch, name: str, nth: int, error):
+    """The ``nth`` atomic write of the run file ``name`` raises ``error`` (once)."""
+    create = atomic._create_temp
+    seen = []
+
+    def failing(path):
+        if os.path.basename(path) == name:
+            seen.append(path)
+            if len(seen) == nth:
+                raise error()
+        return create(path)
+
+    monkeypatch.setattr(atomic, "_create_temp", failing)
+    return seen
+
+
+def enospc():
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+# every write of a run of 3 tasks after the folder's config.json, in order
+WRITES = [("backbone.pt", 1), ("environment.json", 1), ("checkpoint.pt", 1), ("checkpoint.pt", 2),
+          ("checkpoint.pt", 3), ("accuracy_matrix.csv", 1), ("accuracy_per_stage.png", 1),
+          ("accuracy_matrix.png", 1), ("metrics.json", 1)]
+
+
+@pytest.mark.parametrize("name,nth", WRITES)
+@pytest.mark.parametrize("error", [enospc, KeyboardInterrupt, MemoryError], ids=["ENOSPC", "ctrl-c", "crash"])
+def test_a_run_stopped_at_any_write_resumes_to_the_uninterrupted_result(full, tmp_path, monkeypatch, name, nth,
+                                                                         error):
+    out = tmp_path / "run"
+    seen = fail_at(monkeypatch, name, nth, error)
+    expect = {enospc: WriteFailed, KeyboardInterrupt: RunInterrupted, MemoryError: MemoryError}[error]
+    with pytest.raises(expect) as e:
+        run(_cfg(), str(out), progress=False, log=quiet, warn=quiet)
+    assert len(seen) == nth
+    if error is enospc:
+        assert f"cannot write {out / name}" in str(e.value) and f"zeroflow run --resume --out {out}" in str(e.value)
+    if error is KeyboardInterrupt:
+        assert e.value.resumable
+    assert not (out / "metrics.json").exists() and not (out / ".lock").exists()
+    monkeypatch.undo()
+    assert_as_uninterrupted(full, out)
+
+
+@pytest.mark.parametrize("error", [enospc, KeyboardInterrupt], ids=["ENOSPC", "ctrl-c"])
+def test_a_run_stopped_at_its_config_json_leaves_nothing(tmp_path, monkeypatch, error):
+    out = tmp_path / "run"
+    fail_at(monkeypatch, "config.json", 1, error)
+    with pytest.raises((WriteFailed, RunInterrupted)) as e:
+        run(_cfg(), str(out), progress=False, log=quiet, warn=quiet)
+    assert "--resume" not in str(e.value)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_resumed_run_stopped_again_resumes_to_the_uninterrupted_result(full, tmp_path, monkeypatch, k):
+    """Interrupted twice: a full disk at the next checkpoint of a resumed run."""
+    out = tmp_path / "run"
+    run(_cfg(), str(out), progress=False, log=quiet, warn=quiet, stop_after=k)
+    fail_at(monkeypatch, "checkpoint.pt", 1, enospc)
+    with pytest.raises(WriteFailed, match=f"its {k} finished task"):
+        run({}, str(out), resume=True, progress=False, log=quiet, warn=quiet)
+    monkeypatch.undo()
+    assert_as_uninterrupted(full, out)
