@@ -126,3 +126,22 @@ def test_a_resumed_run_stopped_again_resumes_to_the_uninterrupted_result(full, t
         run({}, str(out), resume=True, progress=False, log=quiet, warn=quiet)
     monkeypatch.undo()
     assert_as_uninterrupted(full, out)
+
+
+def test_a_finished_run_that_was_moved_names_its_trajectory_logs_where_they_are(tmp_path, capsys):
+    """metrics.json records the trajectory logs at the path the run was written to; a finished
+    run taken again after it moved (--resume, a sweep's reuse) printed those old paths for
+    zeroflow replay, where no log is (or another run's is) any more."""
+    from zeroflow.cli import _print_table
+
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    cfg = dict(_cfg(), record=True)
+    m = run(cfg, str(first), progress=False, log=quiet, warn=quiet)
+    assert m["trajectory_logs"] == [str(first / "trajectory" / f"task{k}.zft") for k in (1, 2, 3)]
+    first.rename(moved)
+    again = run({}, str(moved), resume=True, progress=False, log=quiet, warn=quiet)
+    assert again["run_dir"] == str(moved)
+    assert again["trajectory_logs"] == [str(moved / "trajectory" / f"task{k}.zft") for k in (1, 2, 3)]
+    assert all(os.path.isfile(p) for p in again["trajectory_logs"])
+    _print_table(again, again["run_dir"], 0.0)
+    assert str(first) not in capsys.readouterr().out

@@ -501,7 +501,7 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
     results, T = None, None
     try:
         if mode == "finished":      # where the run is now (it may have been moved since it was written)
-            return dict(finished, run_dir=run_dir) if main else {"rank": rank, "world_size": world, "run_dir": run_dir}
+            return _where_it_is(finished, run_dir) if main else {"rank": rank, "world_size": world, "run_dir": run_dir}
         written = mode == "resume"
         # only a resumed run's backbone.pt is its own: one in a fresh run's folder was left by another run
         net = _shared_network(where, data, device, os.path.join(run_dir, BACKBONE) if written else None, world, main,
@@ -548,6 +548,18 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
     finally:
         if folder is not None:
             folder.release()          # removes the folder too if this run created it and wrote nothing
+
+
+def _where_it_is(metrics: Dict, run_dir: str) -> Dict:
+    """A finished run's ``metrics`` with its paths in ``run_dir``, where the run is now: its
+    metrics.json names them where it was written (another folder if it was moved or copied
+    since, another current directory for a relative --out), and zeroflow run prints its
+    trajectory logs for zeroflow replay."""
+    out = dict(metrics, run_dir=run_dir)
+    logs = metrics.get("trajectory_logs")
+    if isinstance(logs, list) and all(isinstance(p, str) for p in logs):
+        out["trajectory_logs"] = [os.path.join(run_dir, TRAJECTORY, os.path.basename(p)) for p in logs]
+    return out
 
 
 def load_run_data(cfg: Dict, warn=None):
