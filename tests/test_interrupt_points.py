@@ -3,6 +3,7 @@ of an uninterrupted run (docs/continual.md, "Run folder"): the accuracy matrix, 
 and the final checkpoint (learner state) bit for bit. Short runs: the embedded digits, 1 epoch
 per task, 3 tasks, the small ViT pretrained for 1 epoch (cached per module)."""
 import errno
+import json
 import os
 
 import pytest
@@ -145,3 +146,60 @@ def test_a_finished_run_that_was_moved_names_its_trajectory_logs_where_they_are(
     assert all(os.path.isfile(p) for p in again["trajectory_logs"])
     _print_table(again, again["run_dir"], 0.0)
     assert str(first) not in capsys.readouterr().out
+
+
+def _sweep(capsys, tmp_path, out, *extra):
+    from zeroflow.cli import main
+
+    cfg = tmp_path / "fast.yaml"
+    cfg.write_text("".join(f"{k}: {v}\n" for k, v in CFG.items() if k not in ("method", "optimizer")))
+    rc = main(["sweep", "--config", str(cfg), "--method", "aper", "--optimizers", "zo_sgd,zo_adam", "--out", str(out),
+               "--no-progress", *extra])
+    got = capsys.readouterr()
+    return rc, got.out, got.err
+
+
+def _interrupt_second_run(monkeypatch, where):
+    """Ctrl-C in the sweep's second run (zo_adam): while it loads its data (before it claims
+    its folder), or in its second task."""
+    from zeroflow.continual import aper, runner
+
+    if where == "setup":
+        load = runner.load_run_data
+
+        def interrupted(cfg, *a, **k):
+            if cfg["optimizer"] == "zo_adam":
+                raise KeyboardInterrupt
+            return load(cfg, *a, **k)
+
+        monkeypatch.setattr(runner, "load_run_data", interrupted)
+    else:
+        learn = aper.APER.learn_task
+
+        def interrupted(self, t, *a, **k):
+            if t == 1 and self.cfg["optimizer"] == "zo_adam":
+                raise KeyboardInterrupt
+            return learn(self, t, *a, **k)
+
+        monkeypatch.setattr(aper.APER, "learn_task", interrupted)
+
+
+@pytest.mark.parametrize("where", ["setup", "task"])
+def test_an_interrupted_sweep_says_how_to_continue_and_continues_to_the_uninterrupted_results(
+        tmp_path, capsys, monkeypatch, where):
+    rc, whole, err = _sweep(capsys, tmp_path, tmp_path / "whole")
+    assert rc == 0, err
+    out = tmp_path / "cut"
+    _interrupt_second_run(monkeypatch, where)
+    rc, stdout, err = _sweep(capsys, tmp_path, out)
+    assert rc == 130, err
+    assert "| APER | zo_sgd |" in stdout           # the table of what finished
+    assert f"run the same command with --out {out} to continue" in err, err
+    assert "Traceback" not in err and not (out / ".lock").exists()
+    monkeypatch.undo()
+    rc, stdout, err = _sweep(capsys, tmp_path, out)
+    assert rc == 0, err
+    for n in ("zo_sgd", "zo_adam"):
+        a, b = (json.loads((d / f"aper_{n}_digits" / "metrics.json").read_text()) for d in (tmp_path / "whole", out))
+        for k in SAME:
+            assert a[k] == b[k], (n, k)

@@ -315,10 +315,13 @@ def cmd_sweep(a, started: float) -> int:
                 failed.append((n, str(e)))
                 continue
             finished.append(dict(m, _dir=d))
-    except RunInterrupted as e:
+    except KeyboardInterrupt as e:
+        # RunInterrupted once a run has claimed its folder; a plain KeyboardInterrupt while it
+        # sets up (options, data, backbone) or between runs: the same table and advice
         if finished:
             print(render_runs(finished, [])[0])
-        print(f"zeroflow: sweep interrupted in {e.run_dir}; run the same command with --out {parent} to continue "
+        where = f" in {e.run_dir}" if isinstance(e, RunInterrupted) else ""
+        print(f"zeroflow: sweep interrupted{where}; run the same command with --out {parent} to continue "
               f"(finished runs are kept, the interrupted one resumes)", file=sys.stderr)
         return 130
     finally:
