@@ -203,3 +203,72 @@ def test_an_interrupted_sweep_says_how_to_continue_and_continues_to_the_uninterr
         a, b = (json.loads((d / f"aper_{n}_digits" / "metrics.json").read_text()) for d in (tmp_path / "whole", out))
         for k in SAME:
             assert a[k] == b[k], (n, k)
+
+
+@pytest.mark.parametrize("how", ["force", "resume", "sweep-force"])
+def test_a_folder_in_use_is_refused_with_force_and_resume_and_nothing_of_it_changes(full, tmp_path, capsys, how):
+    """--force deletes a run's files only under the folder's lock: while another process
+    holds it (here another open file description of this process: flock is per open file),
+    --force, --resume and a sweep's --force are refused and the folder is left as it was."""
+    from zeroflow.continual.errors import ZeroflowError
+    from zeroflow.continual.runfolder import RunFolder
+
+    parent = tmp_path / "sweep"
+    out = parent / "aper_zo_sgd_digits" if how == "sweep-force" else tmp_path / "run"
+    cfg = dict(_cfg(), method="aper", optimizer="zo_sgd") if how == "sweep-force" else _cfg()
+    run(cfg, str(out), progress=False, log=quiet, warn=quiet, stop_after=1)
+    before = {f: (out / f).read_bytes() for f in sorted(os.listdir(out))}
+    holder = RunFolder(str(out)).claim(quiet)
+    try:
+        if how == "sweep-force":
+            rc, _, err = _sweep(capsys, tmp_path, parent, "--force")
+            assert rc == 2 and f"{out} is in use by pid {os.getpid()}" in err
+        else:
+            with pytest.raises(ZeroflowError, match=f"run folder {out} is in use by pid {os.getpid()}"):
+                run({} if how == "resume" else cfg, str(out), progress=False, log=quiet, warn=quiet,
+                    **{how: True})
+        assert {f: (out / f).read_bytes() for f in sorted(os.listdir(out)) if f != ".lock"} == before
+    finally:
+        holder.release()
+
+
+KILLED_WRITER = """
+import os, signal, sys
+import zeroflow._atomic as atomic
+from zeroflow.continual.defaults import resolve
+from zeroflow.continual.runner import run
+save, seen = atomic.atomic_torch_save, []
+def killed(obj, path):
+    seen.append(path)
+    if len(seen) == 3:      # backbone.pt, checkpoint 1, then half of checkpoint 2
+        def half(f):
+            f.write(b"half a checkpoint")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        atomic.atomic_write(path, half)
+    return save(obj, path)
+atomic.atomic_torch_save = killed
+import zeroflow.continual.runner as runner
+runner.atomic_torch_save = killed
+run(resolve(dict(CFG)), sys.argv[1], progress=False, log=print)
+"""
+
+
+def test_a_run_killed_while_writing_its_checkpoint_resumes_to_the_uninterrupted_result(full, tmp_path):
+    """SIGKILL (the OOM killer, a power cut of the process) leaves its lock file and the
+    temporary file of the checkpoint it was writing: the resume takes the lock over, removes
+    the temporary file and continues from the last checkpoint to the uninterrupted result."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(root, "python"), root]))
+    killed = subprocess.run([sys.executable, "-c", f"CFG = {CFG!r}\n" + KILLED_WRITER, str(out)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = sorted(os.listdir(out))
+    assert ".lock" in left and any(f.startswith(".tmp-checkpoint.pt.") for f in left), left
+    assert load_checkpoint(str(out / "checkpoint.pt"))["completed"] == 1
+    assert_as_uninterrupted(full, out)
