@@ -272,3 +272,20 @@ def test_a_run_killed_while_writing_its_checkpoint_resumes_to_the_uninterrupted_
     assert ".lock" in left and any(f.startswith(".tmp-checkpoint.pt.") for f in left), left
     assert load_checkpoint(str(out / "checkpoint.pt"))["completed"] == 1
     assert_as_uninterrupted(full, out)
+
+
+def test_a_run_stopped_in_its_setup_removes_the_folders_it_created_above_its_own(tmp_path, monkeypatch):
+    """--out a/b/run where a does not exist: a run that stops before its config.json (here
+    Ctrl-C while its network is built) removed run but left a/b behind, empty."""
+    from zeroflow.continual import runner
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "build_network", interrupted)
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "a" / "b" / "run", tmp_path / "kept" / "c" / "run"):
+        with pytest.raises(RunInterrupted) as e:
+            run(_cfg(), str(out), progress=False, log=quiet, warn=quiet)
+        assert not e.value.resumable
+    assert sorted(os.listdir(tmp_path)) == ["kept"] and os.listdir(tmp_path / "kept") == []

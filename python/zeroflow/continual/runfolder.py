@@ -92,12 +92,14 @@ def _read_fd(fd: int) -> str:
 class RunFolder:
     """``claim()`` creates the folder if needed and takes its lock; ``release()`` gives the
     lock back and, when the folder was created by this claim and nothing but the lock was
-    written into it, removes the folder again (a run that could not start leaves nothing)."""
+    written into it, removes the folder again, and the folders it made above it (a run that
+    could not start leaves nothing)."""
 
     def __init__(self, path: str):
         self.path = path
         self.lock_path = os.path.join(path, LOCK)
         self.created = False
+        self._made_above: List[str] = []      # folders above path that claim() made for it, deepest first
         self._fd: Optional[int] = None
 
     def claim(self, warn: Callable[[str], None]) -> "RunFolder":
@@ -105,8 +107,12 @@ class RunFolder:
             raise ZeroflowError(f"cannot write run folder {self.path}: it is a file, not a folder")
         with writing(self.path):
             if not os.path.isdir(self.path):
+                above, up = [], os.path.dirname(os.path.abspath(self.path))
+                while not os.path.isdir(up) and os.path.dirname(up) != up:
+                    above.append(up)
+                    up = os.path.dirname(up)
                 os.makedirs(self.path)
-                self.created = True
+                self.created, self._made_above = True, above
         try:
             with writing(self.lock_path):
                 self._lock(warn)
@@ -173,6 +179,13 @@ class RunFolder:
             with contextlib.suppress(OSError):
                 os.rmdir(self.path)             # only succeeds while it is empty
             self.created = os.path.isdir(self.path)
+            # and the folders made for it (--out a/b/run, a new): a run that wrote nothing leaves nothing
+            while not self.created and self._made_above:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self._made_above[0])
+                if os.path.isdir(self._made_above[0]):
+                    break
+                self._made_above.pop(0)
 
 
 def lock_holder(folder: str) -> Optional[str]:
