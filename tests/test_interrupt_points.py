@@ -289,3 +289,25 @@ def test_a_run_stopped_in_its_setup_removes_the_folders_it_created_above_its_own
             run(_cfg(), str(out), progress=False, log=quiet, warn=quiet)
         assert not e.value.resumable
     assert sorted(os.listdir(tmp_path)) == ["kept"] and os.listdir(tmp_path / "kept") == []
+
+
+def test_a_crash_after_the_first_task_says_what_is_kept_and_how_to_continue(full, tmp_path, monkeypatch):
+    """A crash in task 2 (a bug, CUDA out of memory) ended in a bare traceback: nothing said
+    that task 1 is checkpointed and the run continues with --resume."""
+    from zeroflow.continual import ease
+
+    learn = ease.EASE.learn_task
+
+    def crashes(self, t, *a, **k):
+        if t == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return learn(self, t, *a, **k)
+
+    monkeypatch.setattr(ease.EASE, "learn_task", crashes)
+    out, warned = tmp_path / "run", []
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(_cfg(), str(out), progress=False, log=quiet, warn=warned.append)
+    assert warned == [f"the run in {out} stopped on the error below (its 1 finished task(s) are kept); once its "
+                      f"cause is fixed, continue the run with: zeroflow run --resume --out {out}"]
+    monkeypatch.undo()
+    assert_as_uninterrupted(full, out)

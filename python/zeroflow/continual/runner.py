@@ -545,6 +545,16 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
         kept = f"its {done} finished task(s) are kept" if done else "no task had finished yet"
         fix = "" if isinstance(e, UnreadableImage) else "; fix that"     # an image's fix is in its message
         raise type(e)(f"{e}{fix}, then continue the run with: zeroflow run --resume --out {run_dir} ({kept})") from e
+    except Exception as e:
+        # a crash (a bug, CUDA out of memory) ends in a traceback that says nothing of the run
+        # folder: what it kept and how to continue once the cause is fixed (a ZeroflowError
+        # says what to do itself; before results exist, a resume's own checks refused it)
+        if written and results is not None and main and not isinstance(e, ZeroflowError):
+            done = results.completed
+            kept = f"its {done} finished task(s) are kept" if done else "no task had finished yet"
+            warn(f"the run in {run_dir} stopped on the error below ({kept}); once its cause is fixed, continue "
+                 f"the run with: zeroflow run --resume --out {run_dir}")
+        raise
     finally:
         if folder is not None:
             folder.release()          # removes the folder too if this run created it and wrote nothing
