@@ -311,3 +311,18 @@ def test_a_crash_after_the_first_task_says_what_is_kept_and_how_to_continue(full
                       f"cause is fixed, continue the run with: zeroflow run --resume --out {out}"]
     monkeypatch.undo()
     assert_as_uninterrupted(full, out)
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_a_stale_lock_taken_over_names_a_kept_checkpoint_only_where_there_is_one(tmp_path, checkpoint):
+    """The takeover warning said "its last checkpoint is kept" also for a writer killed in its
+    setup, or a sweep's folder, where there is none."""
+    from zeroflow.continual.runfolder import RunFolder
+
+    (tmp_path / ".lock").write_text('{"pid": 1, "host": "h", "since": "then"}')
+    if checkpoint:
+        (tmp_path / "checkpoint.pt").write_bytes(b"x")
+    warned = []
+    RunFolder(str(tmp_path)).claim(warned.append).release()
+    assert len(warned) == 1 and "left by pid 1 on h" in warned[0]
+    assert ("its last checkpoint is kept" in warned[0]) == checkpoint

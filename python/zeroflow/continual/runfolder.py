@@ -157,8 +157,10 @@ class RunFolder:
         names = ', '.join(os.path.relpath(t, self.path) for t in left)
         if previous.strip():
             removed = f"; removed the {len(left)} temporary file(s) it left unfinished ({names})" if left else ""
+            # a writer killed before its first checkpoint (or a sweep's, which writes none) kept none
+            kept = "; its last checkpoint is kept" if os.path.isfile(os.path.join(self.path, CHECKPOINT)) else ""
             warn(f"taking over the lock of {self.path}: it was left by {_describe_holder(previous)}, which no longer "
-                 f"holds it (killed?); its last checkpoint is kept{removed}")
+                 f"holds it (killed?){kept}{removed}")
         elif left:
             warn(f"{self.path}: removed the {len(left)} temporary file(s) a killed writer left unfinished ({names})")
         os.ftruncate(fd, 0)
