@@ -5,6 +5,7 @@ per task, 3 tasks, the small ViT pretrained for 1 epoch (cached per module)."""
 import errno
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -271,7 +272,11 @@ def test_a_run_killed_while_writing_its_checkpoint_resumes_to_the_uninterrupted_
     left = sorted(os.listdir(out))
     assert ".lock" in left and any(f.startswith(".tmp-checkpoint.pt.") for f in left), left
     assert load_checkpoint(str(out / "checkpoint.pt"))["completed"] == 1
+    copy = tmp_path / "elsewhere" / "copy"        # the folder as it was left, copied (lock and all)
+    shutil.copytree(out, copy)
     assert_as_uninterrupted(full, out)
+    assert_as_uninterrupted(full, copy)
+    assert json.loads((copy / "metrics.json").read_text())["run_dir"] == str(copy)
 
 
 def test_a_run_stopped_in_its_setup_removes_the_folders_it_created_above_its_own(tmp_path, monkeypatch):
