@@ -387,3 +387,18 @@ def test_a_hybrid_zo_lr_that_cannot_act_is_refused_before_the_run(over, needle):
     from zeroflow.continual.defaults import resolve
     with pytest.raises(ZeroflowError, match=needle):
         resolve(dict({"optimizer": "zo_sgd"}, **over))
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "checkpoint.pt", "config.json", "trajectory/task1.zft"])
+def test_report_output_never_replaces_a_file_of_a_run(tmp_path, capsys, name):
+    """``zeroflow report runs --output runs/r/metrics.json`` replaced the run's result with the
+    markdown, without a word: the run was lost, and damaged for report, sweep and --resume."""
+    run_dir = tmp_path / "runs" / "r"
+    (run_dir / "trajectory").mkdir(parents=True)
+    for f in ("config.json", "checkpoint.pt", "trajectory/task1.zft"):
+        (run_dir / f).write_bytes(b"the run's")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert main(["report", str(tmp_path / "runs"), "--output", str(run_dir / name)]) == 2
+    err = capsys.readouterr().err
+    assert f"it is a file of the run in {run_dir}" in err and str(tmp_path / "runs" / "report.md") in err, err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before

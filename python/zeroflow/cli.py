@@ -339,7 +339,7 @@ def cmd_report(a, started: float) -> int:
     from ._atomic import atomic_write_bytes
     from .continual.errors import ZeroflowError, refuse_empty_path
     from .continual.report import find_runs, render_runs
-    from .continual.runfolder import writing
+    from .continual.runfolder import RUN_FILES, TRAJECTORY, is_run_folder, writing
 
     if a.output is not None:     # checked before the runs are read: a bad --output wastes nothing
         refuse_empty_path(a.output, "--output", "give the markdown file to write, e.g. --output report.md, "
@@ -351,6 +351,15 @@ def cmd_report(a, started: float) -> int:
                                 f"{os.path.join(a.output, 'report.md')}")
         if not os.path.isdir(os.path.dirname(os.path.abspath(a.output))):
             raise ZeroflowError(f"cannot write {a.output}: its folder does not exist")
+        # the markdown would replace a run's result (e.g. --output runs/r/metrics.json): the run
+        # would be lost, and damaged for zeroflow report, sweep and --resume
+        folder, name = os.path.split(os.path.abspath(a.output))
+        if ((name in RUN_FILES and is_run_folder(folder)) or
+                (os.path.basename(folder) == TRAJECTORY and is_run_folder(os.path.dirname(folder)))):
+            run_dir = folder if name in RUN_FILES else os.path.dirname(folder)
+            raise ZeroflowError(f"cannot write {a.output}: it is a file of the run in {run_dir}, which the report "
+                                f"would replace; give another file, e.g. "
+                                f"{os.path.join(os.path.dirname(run_dir), 'report.md')}")
     runs, skipped = find_runs(a.runs)
     for line in skipped:
         print(f"zeroflow: skipped {line}", file=sys.stderr)
