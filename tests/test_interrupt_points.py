@@ -331,3 +331,20 @@ def test_a_stale_lock_taken_over_names_a_kept_checkpoint_only_where_there_is_one
     RunFolder(str(tmp_path)).claim(warned.append).release()
     assert len(warned) == 1 and "left by pid 1 on h" in warned[0]
     assert ("its last checkpoint is kept" in warned[0]) == checkpoint
+
+
+def test_a_resume_keeps_the_environment_the_finished_tasks_ran_in(tmp_path, monkeypatch):
+    """A resume (on another machine, other versions) rewrote environment.json with its own
+    environment: the one the finished tasks ran in was lost without a word."""
+    import json as _json
+
+    from zeroflow.continual import runner
+
+    out = tmp_path / "run"
+    run(_cfg(), str(out), progress=False, log=quiet, warn=quiet, stop_after=1)
+    first = _json.loads((out / "environment.json").read_text())
+    for k in (1, 2):
+        monkeypatch.setattr(runner, "environment", lambda device, backend, k=k: {"machine": f"resume {k}"})
+        run({}, str(out), resume=True, progress=False, log=quiet, warn=quiet, stop_after=k + 1)
+    env = _json.loads((out / "environment.json").read_text())
+    assert env == dict(first, resumed=[{"machine": "resume 1"}, {"machine": "resume 2"}])

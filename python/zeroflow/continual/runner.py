@@ -746,14 +746,27 @@ def _shared_network(cfg: Dict, data, device: torch.device, backbone_path: str, w
 
 def _write_setup_files(run_dir: str, cfg: Dict, net, device: torch.device, world: int, fresh: bool = True) -> None:
     """``backbone.pt`` (small backbone: by a fresh run, over any left by another run; by a
-    resumed run only where it is missing, else it loaded it) and ``environment.json``."""
+    resumed run only where it is missing, else it loaded it) and ``environment.json`` (a
+    resumed run adds its own environment to the list ``resumed``)."""
     backbone_path = os.path.join(run_dir, BACKBONE)
     if cfg["backbone"] == "small" and (fresh or not os.path.isfile(backbone_path)):
         save_torch(net.vit.state_dict(), backbone_path)
     env = environment(device, cfg.get("backend"))
     if world > 1:
         env["world_size"] = world
-    atomic_write_json(os.path.join(run_dir, "environment.json"), env)
+    path = os.path.join(run_dir, "environment.json")
+    if not fresh:
+        # a resume (perhaps on another machine, with other versions) keeps the environment its
+        # finished tasks ran in and adds its own: replaced, the first one was lost without a word
+        try:
+            with open(path) as f:
+                first = json.load(f)
+        except (OSError, ValueError):       # missing (stopped before it was written) or damaged
+            first = None
+        if isinstance(first, dict):
+            before = first.get("resumed") if isinstance(first.get("resumed"), list) else []
+            env = dict(first, resumed=before + [env])
+    atomic_write_json(path, env)
 
 
 @dataclass
