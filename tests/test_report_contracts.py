@@ -12,7 +12,9 @@ import json
 from unittest import mock
 
 import pytest
+from test_bench_llm import _key as _llm_key
 from test_bench_llm import _llm_records
+from test_bench_llm import _write as _llm_write
 from test_bench_report import FIXTURE, _fixture, _write
 
 from benchmarks import gpu_summary as G
@@ -612,3 +614,35 @@ def test_step_and_memory_targets_of_a_set_whose_zeroflow_steps_all_failed_say_no
             assert rows[f"{kind} step ≥ {tgt}× MeZO-style ({dist}, tiny)"][2:] == (
                 "—", "not measured", "q=1: no zeroflow record, q=2: no zeroflow record")
     assert rows["ZO step extra memory ≤ 1 MiB (tiny) [GPU target; CPU shown]"][2:4] == ("—", "not measured")
+
+
+def test_step_roofline_rows_say_not_measured_when_only_mezo_steps_ran(tmp_path):
+    """The step suite ran on the GPU but every zeroflow step failed (the MeZO-style ones ran):
+    the four roofline rows stay, "not measured" (they vanished when only zeroflow records
+    counted as the suite having run)."""
+    benches = _roofline_records()
+    for b in benches:
+        x = b["extra_info"]
+        if x["suite"] == "optim":
+            x.update(impl="mezo", kind="mezo", key=x["key"].replace("optim|", "optim|mezo|"))
+    rows = [r for r in R.targets(_records(tmp_path, benches)) if "its passes at copy bandwidth" in r[1]]
+    assert len(rows) == 4, rows
+    assert all(r[2:4] == ("—", "not measured") for r in rows), rows
+
+
+def test_a_q_missing_in_one_distribution_is_not_named_in_the_other(tmp_path):
+    """Gaussian q = 2 did not run at all (neither step); Rademacher q = 2 did: the Gaussian row
+    lists q = 1 alone; "no zeroflow record" is per distribution, not borrowed from Rademacher."""
+    recs = _records(tmp_path, _without(_fixture(), "optim|zeroflow|sgd|cpu|tiny|gaussian|2",
+                                       "optim|mezo|sgd|cpu|tiny|gaussian|2")["benchmarks"])
+    row, = [r for r in R.targets(recs) if r[1] == "zo_sgd step ≥ 2.5× MeZO-style (gaussian, tiny)"]
+    assert row[2:] == ("9.21×", "**met**", "q=1: 9.21×")
+
+
+def test_llm_target_rows_take_the_iteration_record_not_the_optimizer_only_one(tmp_path):
+    """ZO-SGD's iteration failed and its optimizer-only record ran: its rows read "not
+    measured", not a share worked out from the optimizer-only record's time."""
+    recs = [r for r in _llm_records(0.084, 0.110, 10.2e9) if r["extra_info"]["key"] != _llm_key("zo_sgd")]
+    text = R.render([_llm_write(tmp_path, recs)], None)
+    rows = [ln for ln in text.splitlines() if ln.startswith("| cuda | LLM ZO-SGD")][:3]
+    assert all("| — | not measured | no zo_sgd iteration record in this run" in r for r in rows), rows
