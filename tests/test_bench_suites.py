@@ -99,6 +99,91 @@ def test_run_bench_fixed_rounds_make_no_probe_call(fake_clock):
         assert bench.pedantic_args == {"rounds": 3, "iterations": 1, "warmup_rounds": 0}
 
 
+def test_run_bench_without_warmup_probes_once(fake_clock):
+    """warmup=False with rounds sized by the probe: the probe call is the only call before the
+    timed rounds (no untimed warm-up call added), and its time sizes them."""
+    from benchmarks import conftest as BC
+
+    calls = []
+
+    def fn():
+        fake_clock[0] += 0.1
+        calls.append(1)
+
+    bench = _FakeBenchmark()
+    probe = BC.run_bench_with(bench, fn, {}, budget_s=1.0, max_rounds=15, warmup=False)
+    assert probe == pytest.approx(0.1) and len(calls) == 1
+    assert bench.pedantic_args == {"rounds": 10, "iterations": 1, "warmup_rounds": 1}
+
+
+def test_run_bench_slow_warm_probe_gets_no_warmup_round(fake_clock):
+    """A warm call of 0.5 s (at or over 0.2 s): two rounds in a 1 s budget and no warm-up round
+    (the untimed warm-up call already ran)."""
+    from benchmarks import conftest as BC
+
+    def fn():
+        fake_clock[0] += 0.5
+
+    bench = _FakeBenchmark()
+    BC.run_bench_with(bench, fn, {}, budget_s=1.0, max_rounds=15)
+    assert bench.pedantic_args == {"rounds": 2, "iterations": 1, "warmup_rounds": 0}
+
+
+def test_run_bench_fixed_rounds_in_fast_mode_run_one(fake_clock, monkeypatch):
+    from benchmarks import _common as C
+    from benchmarks import conftest as BC
+
+    monkeypatch.setattr(C, "FAST", True)
+    bench = _FakeBenchmark()
+    BC.run_bench_with(bench, lambda: None, {}, rounds=3)
+    assert bench.pedantic_args == {"rounds": 1, "iterations": 1, "warmup_rounds": 0}
+
+
+def test_run_bench_back_to_back_calls_and_calls_per_round(fake_clock):
+    """back_to_back=2: each call of the round runs fn twice and the record says
+    calls_per_round=2 (the report divides by it); back_to_back=1 leaves the key out."""
+    from benchmarks import conftest as BC
+
+    for b2b, n_calls in ((2, 4), (1, 2)):
+        calls = []
+
+        def fn(calls=calls):
+            fake_clock[0] += 1e-3
+            calls.append(1)
+
+        bench = _FakeBenchmark()
+        BC.run_bench_with(bench, fn, {}, budget_s=1.0, max_rounds=15, back_to_back=b2b)
+        assert len(calls) == n_calls               # the warm-up call and the probe call
+        assert bench.extra_info.get("calls_per_round") == (b2b if b2b != 1 else None)
+
+
+def test_run_bench_on_a_gpu_caps_the_budget_at_half_a_second(fake_clock, monkeypatch):
+    from benchmarks import _common as C
+    from benchmarks import conftest as BC
+
+    monkeypatch.setattr(C, "ON_GPU", True)
+    monkeypatch.setattr(C, "sync", lambda: None)
+    monkeypatch.setattr(BC, "_device_name", lambda: "gpu")
+
+    def fn():
+        fake_clock[0] += 1e-3
+
+    bench = _FakeBenchmark()
+    BC.run_bench_with(bench, fn, {}, budget_s=1.5, max_rounds=10**6)
+    assert bench.pedantic_args["rounds"] == 500
+
+
+def test_run_bench_fixture_measures_no_memory_unless_asked(fake_clock):
+    """The fixture is run_bench_with bound to the benchmark, defaults unchanged: a warm-up and a
+    probe call, no memory-measuring call and no peak_extra_bytes in the record."""
+    from benchmarks import conftest as BC
+
+    calls = []
+    bench = _FakeBenchmark()
+    BC.run_bench.__wrapped__(bench)(lambda: calls.append(1), {"key": "k"})
+    assert len(calls) == 2 and "peak_extra_bytes" not in bench.extra_info
+
+
 def test_e2e_iteration_sizes_its_rounds_on_a_warm_step(fake_clock, monkeypatch):
     """The end-to-end suite sized its rounds on its first iteration (lazy state, and on a GPU
     cuBLAS / SDPA set-up: a second or more), leaving one timed round of an iteration that takes
