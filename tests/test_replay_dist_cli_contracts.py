@@ -338,7 +338,14 @@ def _two_ranks(peer):
         def all_reduce_(self, t, op=dist.ReduceOp.SUM):
             other = peer(t)
             self._count("all_reduce", self._nbytes(t), self._nbytes(t))
-            return torch.maximum(t, other, out=t) if op == dist.ReduceOp.MAX else t.add_(other)
+            # each op as torch.distributed does it (an op mapped to another would hide a wrong op)
+            if op == dist.ReduceOp.MAX:
+                return torch.maximum(t, other, out=t)
+            if op == dist.ReduceOp.MIN:
+                return torch.minimum(t, other, out=t)
+            if op == dist.ReduceOp.SUM:
+                return t.add_(other)
+            raise NotImplementedError(f"simulated all_reduce_: op {op}")
 
     return TwoRanks()
 
@@ -424,6 +431,35 @@ def test_a_parameter_with_a_gradient_on_another_rank_only_gets_that_ranks_share(
     dp.comm = _two_ranks(peer)
     dp.sync_grads()
     assert torch.equal(extra.weight.grad, torch.full_like(extra.weight, 2.0))
+
+
+def test_which_parameters_hold_a_gradient_is_reduced_by_max_not_sum():
+    """The one byte per parameter that says some rank holds a .grad is a uint8: summed over 256
+    ranks that all hold one it wraps to 0, and every gradient would be left unreduced. 256
+    simulated ranks, each holding a gradient: every .grad is reduced (the others' weighted
+    gradients add 255.0 here)."""
+    from zeroflow.distributed import DataParallelZO
+
+    class Ranks256(type(_two_ranks(lambda t: t.clone()))):
+        def all_reduce_(self, t, op=dist.ReduceOp.SUM):
+            self._count("all_reduce", self._nbytes(t), self._nbytes(t))
+            if op == dist.ReduceOp.MAX:          # identical ranks: the maximum is this rank's
+                return t
+            assert op == dist.ReduceOp.SUM, op
+            # uint8 wraps as a collective's sum does
+            return t.mul_(256) if t.dtype == torch.uint8 else t.add_(255.0)
+
+    X, Y = make_data(16, 5, 2)
+    m, extra, h = _hybrid_with_an_unused_layer()
+    dp = DataParallelZO(h, comm=_two_ranks(lambda t: t.clone()))
+    dp.comm = Ranks256()
+    F.mse_loss(m(X), Y).backward()
+    F.mse_loss(extra(X), Y).backward()
+    params = list(m.parameters()) + list(extra.parameters())
+    before = [p.grad.clone() for p in params]
+    dp.sync_grads()
+    for p, g in zip(params, before):
+        assert torch.equal(p.grad, g * dp._weight + 255.0)
 
 
 def test_gradients_synced_for_a_step_that_did_not_come_are_reduced_again_after_zero_grad_or_a_closure():
