@@ -324,6 +324,16 @@ def test_run_and_sweep_refuse_an_empty_out(cmd, out, tmp_path, capsys, monkeypat
     assert os.listdir(tmp_path) == []
 
 
+def test_run_resume_with_an_empty_out_names_the_empty_out(tmp_path, capsys, monkeypatch):
+    """``zeroflow run --resume --out "$DIR"`` with DIR unset: --out was given, it is empty;
+    the error says so (not "--resume needs --out", which reads as if --out were missing)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--resume", "--out", "", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zeroflow: error: --out is empty (an unset shell variable?)"), err
+    assert os.listdir(tmp_path) == []
+
+
 def test_python_run_refuses_an_empty_out(tmp_path, monkeypatch):
     """The same for the Python API: ``run(cfg, out="")``."""
     from zeroflow.continual.defaults import resolve

@@ -756,6 +756,15 @@ def test_replay_out_that_is_no_file_is_refused_before_replaying(tmp_path, small_
     assert replayed == [] and not (tmp_path / "new").exists()
 
 
+def test_replay_to_file_refuses_an_empty_out_as_a_file_not_found(tmp_path, small_log):
+    """The Python API's empty ``out`` is a FileNotFoundError (what writing to '' raised, and
+    what callers catching OSError expect), worded as the CLI's; nothing is read or written."""
+    from zeroflow.replay import replay_to_file
+
+    with pytest.raises(FileNotFoundError, match=r"^--out is empty \(an unset shell variable\?\); give the file"):
+        replay_to_file(small_log[0], small_log[1], "")
+
+
 @pytest.mark.parametrize("where", ["read_log", "atomic_torch_save"])
 def test_replay_interrupted_is_one_line_and_writes_nothing(tmp_path, small_log, capsys, monkeypatch, where):
     """Ctrl-C during zeroflow replay (reading a long log, replaying, writing) ended in a
