@@ -70,6 +70,16 @@ def test_an_argument_is_refused_before_anything_runs(tmp_path):
     assert os.listdir(tmp_path) == []         # no $OUT, no work folder: nothing ran
 
 
+def test_every_argument_is_named_in_the_refusal(tmp_path):
+    """Two settings given as arguments: both are named (each was ignored), and nothing runs."""
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "SKIP_BUILD=auto",
+                           "BENCH_ONLY=none"], env=dict(os.environ, OUT=str(tmp_path / "out"), TMPDIR=str(tmp_path)),
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "takes no arguments (got: SKIP_BUILD=auto BENCH_ONLY=none)" in proc.stderr, proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_timeline_phase_comes_back_in_the_summary(tmp_path):
     proc, out = _gpu_check(tmp_path, BENCH_ONLY="none", TIMELINE_LAYOUTS="vit_b_tiny")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
