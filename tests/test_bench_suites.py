@@ -213,6 +213,13 @@ def test_e2e_iteration_sizes_its_rounds_on_a_warm_step(fake_clock, monkeypatch):
     x = bench.extra_info
     assert x["forwards_per_step"] == 2 and x["state_bytes"] == 0
     assert x["peak_total_bytes"] == x["params_bytes"] + x["peak_extra_bytes"] and x["peak_extra_bytes"] > 0
+    # a method with state (ZO-Adam: m and v): the state is counted once the iteration ran
+    steps.clear()
+    bench = _FakeBenchmark()
+    E.test_e2e_iteration(functools.partial(BC.run_bench_with, bench), bench, "zo_adam")
+    x = bench.extra_info
+    assert x["state_bytes"] >= 2 * x["params_bytes"]
+    assert x["peak_total_bytes"] == x["params_bytes"] + x["state_bytes"] + x["peak_extra_bytes"]
 
 
 def test_llm_copy_runs_its_calls_back_to_back(monkeypatch):
@@ -285,3 +292,26 @@ def test_mezo_style_adam_writes_the_estimate_into_grad_without_a_zero_pass():
             opt.step()
             opt.zero_grad(set_to_none=True)
         assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(ps, ref)), q
+
+
+def test_mezo_style_estimate_is_the_directional_derivative_along_z():
+    """The optimizer-step suite's MeZO-style g is (L(theta + eps z) - L(theta - eps z)) / (2 eps):
+    for a linear loss w . theta exactly w . z (Rademacher z, float64, so the difference is
+    exact up to rounding), with its sign: a flipped g trains the baseline uphill."""
+    import random
+
+    from benchmarks import _common as C
+    from benchmarks import test_bench_optim_step as S
+
+    g0 = torch.Generator().manual_seed(5)
+    params = [torch.randn(8, 4, generator=g0, dtype=torch.float64), torch.randn(5, generator=g0, dtype=torch.float64)]
+    ws = [torch.randn(p.shape, generator=g0, dtype=torch.float64) for p in params]
+
+    def closure():
+        return sum((w * p).sum() for w, p in zip(ws, params))
+
+    seeds, gs = S._mezo_estimate(params, closure, 2, "rademacher", random.Random(0))
+    for s, g in zip(seeds, gs):
+        torch.manual_seed(s)
+        want = sum((w * C.mezo_z(p, "rademacher")).sum().item() for w, p in zip(ws, params))
+        assert g == pytest.approx(want, rel=1e-9, abs=1e-9)
