@@ -603,6 +603,18 @@ def test_the_setup_description_holds_the_tensor_ids_that_pick_each_parameters_z(
     assert not torch.equal(h, h2)
 
 
+def test_the_setup_description_of_a_tensor_appended_by_hand_holds_none():
+    """A tensor appended to a group's params by hand has no tensor id: the description reads
+    None for it (the step then refuses it by name) rather than stopping in a KeyError."""
+    from zeroflow.distributed import describe_optimizer
+
+    w, extra = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(3))
+    opt = ZOFusedSGD([w], lr=1e-2, seed=3, backend="cpu")
+    opt.param_groups[0]["params"].append(extra)
+    d = describe_optimizer(opt)
+    assert d["tensor_ids"] == [0, None] and d["next_tensor_id"] == 1
+
+
 def test_the_state_checksum_covers_a_hybrids_first_order_state():
     """docs/distributed.md §1: the state checksum covers momentum, Adam moments, history (a
     hybrid's FO optimizer state too, state_checksum): ranks whose FO momentum differs drift."""
