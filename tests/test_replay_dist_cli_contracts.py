@@ -507,6 +507,48 @@ def test_every_rank_reporting_an_empty_batch_is_a_value_error():
     assert opt.step_count == 0
 
 
+def test_a_step_through_a_detached_wrapper_is_refused_before_anything_changes():
+    """DataParallelZO.detach() hands the optimizer back to single-process use. A step through
+    the wrapper after it still exchanged the batch sizes, then stepped on this rank's loss alone
+    (no hook combined it): each rank applied another update, silently. It raises, naming
+    detach and what to do, before any exchange, step or change; the optimizer stepped
+    directly (the intended use of detach) runs alone, and wrapping it again works."""
+    from zeroflow.distributed import DataParallelZO
+
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(8, 5, 2)
+    loss = lambda: F.mse_loss(m(X), Y)  # noqa: E731
+    opt = ZOFusedSGD(m.parameters(), lr=1e-2, seed=3, backend="cpu")
+    dp = DataParallelZO(opt, comm=_two_ranks(lambda t: t.clone()))
+    dp.detach()
+    before = [p.detach().clone() for p in m.parameters()]
+    for call in (lambda: dp.step(loss, batch_size=8), lambda: dp.step(loss)):
+        with pytest.raises(RuntimeError, match=r"detached \(dp\.detach\(\).*Step the wrapped optimizer directly "
+                           r"\(dp\.optimizer\.step.*or do not detach"):
+            call()
+    assert dp.comm.calls == 0 and opt.step_count == 0 and dp._dp_steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    dp.optimizer.step(loss)                       # single-process behaviour: no collective
+    assert opt.step_count == 1 and dp.comm.calls == 0
+    dp2 = DataParallelZO(opt, comm=_two_ranks(lambda t: t.clone()))
+    dp2.step(loss, batch_size=8)
+    assert opt.step_count == 2 and dp2.comm.calls > 0
+
+
+def test_sync_grads_through_a_detached_wrapper_is_refused_in_the_fo_phase():
+    """The hybrid's FO phase: sync_grads() on a detached wrapper exchanged the batch sizes and
+    the gradients for a step that the wrapper then refuses; it raises first, exchanging nothing."""
+    from zeroflow.distributed import DataParallelZO
+
+    h = _hybrid_with_an_unused_layer()[2]
+    dp = DataParallelZO(h, comm=_two_ranks(lambda t: t.clone()))
+    assert not dp.zeroth_order
+    dp.detach()
+    with pytest.raises(RuntimeError, match=r"DataParallelZO\.sync_grads: this wrapper was detached"):
+        dp.sync_grads()
+    assert dp.comm.calls == 0
+
+
 def test_a_batch_size_check_every_or_flush_every_that_is_no_count_is_named(tmp_path):
     # set_batch_size(2.5) counted 2 samples, '4' raised "'<' not supported"; check_every='x' and
     # flush_every='x' raised int()'s "invalid literal"; check_every=-1 checked every step

@@ -455,9 +455,22 @@ class DataParallelZO:
             self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def detach(self) -> None:
-        """Remove the hook (the optimizer goes back to single-process behaviour)."""
+        """Remove the hook (the optimizer goes back to single-process behaviour: step
+        ``dp.optimizer`` itself, or wrap it again). The wrapper's own ``step`` and
+        ``sync_grads`` refuse to run after it."""
         if self._zo.scalar_hook == self._combine:
             self._zo.scalar_hook = None
+
+    def _require_attached(self, what: str) -> None:
+        """A detached wrapper (or one whose hook another took) still exchanged the batch sizes,
+        then stepped on this rank's loss alone: every rank applied another update and the
+        replicas drifted apart without an error (until a checksum, if any)."""
+        if self._zo.scalar_hook != self._combine:
+            raise RuntimeError(
+                f"DataParallelZO.{what}: this wrapper was detached (dp.detach(), or another hook replaced it), so "
+                "it no longer combines the ranks' losses and a step through it would drift the ranks apart. Step "
+                "the wrapped optimizer directly (dp.optimizer.step(...), single-process behaviour), or do not "
+                "detach (wrap the optimizer again with DataParallelZO for data-parallel steps)")
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self._zo.param_groups for p in g["params"]]
@@ -540,6 +553,7 @@ class DataParallelZO:
         return out
 
     def step(self, closure: Callable | None = None, batch_size: int | None = None):
+        self._require_attached("step")
         if batch_size is not None:
             self.set_batch_size(batch_size)
         # sync_grads() ran: the batch sizes and the gradients are exchanged already (unless a
@@ -576,6 +590,7 @@ class DataParallelZO:
         scaler calls it. A ``zero_grad`` or a closure given to ``step`` voids it."""
         if self.zeroth_order:
             return
+        self._require_attached("sync_grads")
         self._begin_step()
         self._allreduce_grads()
         self._grads_synced = True
