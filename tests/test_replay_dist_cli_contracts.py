@@ -88,6 +88,30 @@ def test_lr_task_and_options_are_logged_on_the_step_they_change_only(tmp_path):
     assert differing_entries(replay(base, log), m.state_dict()) == []
 
 
+def test_an_option_that_is_no_json_is_refused_before_the_step_and_the_recording_goes_on(tmp_path):
+    """A group option set mid-recording to a value JSON cannot hold (a set) raised from the step
+    hook, after the step had updated the weights: the log lacked that step, and replay refused
+    it as inconsistent. The step pre-hook refuses it, naming the group and the option, before
+    anything changes; with the option fixed the recording goes on and replays bit-exactly."""
+    m, X, Y, opt, base, log = sparse_sgd_recording(tmp_path)
+    loss = lambda: F.mse_loss(m(X), Y)  # noqa: E731
+    with TrajectoryRecorder(log, opt, model=m) as rec:
+        train_steps(opt, loss, 2)
+        opt.param_groups[0]["tags"] = {"adapter"}
+        before = [p.detach().clone() for p in m.parameters()]
+        written = rec.bytes_written
+        with pytest.raises(ValueError, match=r"step 2 refused: param group 0's option 'tags' = \{'adapter'\} \(set\) "
+                           r"cannot be logged as JSON.*set the option to a JSON value"):
+            opt.step(loss)
+        assert opt.step_count == 2 and rec.bytes_written == written
+        assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+        opt.param_groups[0]["tags"] = ["adapter"]
+        train_steps(opt, loss, 2)
+    _, records = read_log(log)
+    assert [r[0] for r in records].count("options") == 1
+    assert differing_entries(replay(base, log), m.state_dict()) == []
+
+
 def test_a_partly_stateful_optimizer_records_its_state_in_the_header(tmp_path):
     """docs/distributed.md §2: BASE holds the optimizer state when the recording starts with
     one ("+ optimizer if it already has state"). An optimizer whose first group has momentum and

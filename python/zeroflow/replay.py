@@ -304,7 +304,34 @@ class TrajectoryRecorder:
         # read as the step starts: a closure that sets an lr or an option, or starts a new mask
         # epoch, changes the next step, not this one (docs/algorithms.md §7), and after the step
         # the groups hold the new values
-        self._found = self._found_by_step(opt)
+        found = self._found_by_step(opt)
+        if found[1] != self._opts:
+            self._check_loggable(opt, found[1])
+        self._found = found
+
+    def _check_loggable(self, opt, opts: list) -> None:
+        """Refuse a step whose group options cannot be written as JSON (a set, an object):
+        the options record, written after the step, raised from the step hook once the update
+        was applied, and the log then lacked that step (replay refused it as inconsistent).
+        Before the step nothing has changed, and the recording goes on once the option is fixed."""
+        try:
+            json.dumps(opts, sort_keys=True)
+            return
+        except (TypeError, ValueError) as e:
+            err = e
+        bad = None
+        for i, o in enumerate(opts):
+            for k, v in o.items():
+                try:
+                    json.dumps(v, sort_keys=True)
+                except (TypeError, ValueError):
+                    bad = bad or (i, k, v)
+        where = (f"param group {bad[0]}'s option {bad[1]!r} = {bad[2]!r} ({type(bad[2]).__name__})" if bad
+                 else "the param groups' options")
+        raise ValueError(
+            f"TrajectoryRecorder: step {opt.step_count} refused: {where} cannot be logged as JSON ({err}). The step "
+            f"did not run and {self.path} stays as it was, recording: set the option to a JSON value (a number, "
+            "string, bool, None, or a list or dict of them) or remove it, then step again") from None
 
     def _guarded(self, what: str, io, *args):
         """``io(*args)``, a write or flush of the log; a failure stops the recording (no end
