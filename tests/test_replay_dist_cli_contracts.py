@@ -710,6 +710,21 @@ def test_sharded_batch_sampler_keeps_a_last_batch_of_world_samples_and_a_batch_o
                                                                                          [[2], [5]]]
 
 
+@pytest.mark.parametrize("n, world", [(1, 2), (3, 4), (0, 2), (0, 1)])
+def test_sharded_batch_sampler_refuses_fewer_samples_than_ranks(n, world):
+    """n < world: the only global batch holds fewer samples than ranks and is dropped, so every
+    rank yielded 0 batches and the run trained nothing, without a word. Refused on every rank,
+    naming n, the world size and the fix; n == world still gives one sample per rank."""
+    from zeroflow.distributed import ShardedBatchSampler
+
+    for rank in range(world):
+        with pytest.raises(ValueError, match=f"^n={n} samples < world size {world}: .*train nothing.*Give at "
+                           f"least {world} samples, or run on fewer ranks"):
+            ShardedBatchSampler(n, 8, rank, world)
+    assert [list(ShardedBatchSampler(world, 8, r, world, shuffle=False)) for r in range(world)] == [
+        [[i]] for i in range(world)]
+
+
 @pytest.mark.parametrize("args, name", [((48, 8.5, 0, 2), "global_batch_size"), ((48.0, 8, 0, 2), "n"),
                                         ((-4, 8, 0, 2), "n"), ((48, 8, 1.0, 2), "rank"), ((48, 8, 0, 2.5), "world")])
 def test_sharded_batch_sampler_refuses_counts_that_are_not_ints(args, name):

@@ -106,8 +106,9 @@ class ShardedBatchSampler:
     :class:`DataParallelZO` (``batch_size=len(x)``) the run equals the single-process run on
     that batch up to fp32 rounding. Every rank yields the same number of batches; a final
     global batch with fewer than ``world`` samples is dropped (so no rank gets an empty
-    batch). Use as ``DataLoader(ds, batch_sampler=ShardedBatchSampler(len(ds), B, rank,
-    world, seed=s))`` and call ``set_epoch(e)`` each epoch."""
+    batch); ``n < world`` (no batch at all: nothing would train) raises. Use as
+    ``DataLoader(ds, batch_sampler=ShardedBatchSampler(len(ds), B, rank, world, seed=s))``
+    and call ``set_epoch(e)`` each epoch."""
 
     def __init__(self, n: int, global_batch_size: int, rank: int, world: int, *, shuffle: bool = True,
                  seed: int = 0):
@@ -122,6 +123,12 @@ class ShardedBatchSampler:
                              "an empty batch")
         if not (0 <= rank < world):
             raise ValueError(f"rank={rank} must be in [0, world={world})")
+        if n < world:
+            # the only global batch has fewer samples than ranks and is dropped (see above): every
+            # rank yielded no batch, and the run trained nothing without a word
+            raise ValueError(f"n={n} samples < world size {world}: the only global batch would be dropped (some "
+                             "rank would get no sample), so every rank would yield no batch and train nothing. "
+                             f"Give at least {world} samples, or run on fewer ranks")
         self.n, self.B, self.rank, self.world = int(n), int(global_batch_size), rank, world
         self.shuffle, self.seed, self.epoch = shuffle, int(seed), 0
 
