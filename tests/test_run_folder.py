@@ -4,6 +4,7 @@ how to resume, --record logs that zeroflow replay turns into the run's weights, 
 that follow the umask.
 
 Runs are short: 1 epoch per task and a small ViT pretrained for 1 epoch (cached per module)."""
+import io
 import json
 import os
 import signal
@@ -719,3 +720,38 @@ def test_a_recording_cut_short_has_no_end_record_and_a_full_disk_says_how_to_go_
     rc, _, err = zf(capsys, "run", "--resume", "--out", out, "--no-progress")
     assert rc == 0, err
     assert read_log(log)[1][-1][0] == "end"
+
+
+def test_resume_refuses_a_backbone_pt_that_is_not_the_runs_own(env, tmp_path, capsys):
+    """A resumed small-backbone run loaded whatever backbone.pt its folder held, unchecked: one
+    copied in from another run (or replaced) silently changed the ViT under the tasks still to
+    train. The checkpoint records the sha256 of the backbone's tensors; a resume on other ones
+    is refused before anything is written. A checkpoint written before it recorded the hash
+    resumes as before."""
+    from zeroflow.continual.backbones import build_small_vit
+    out = tmp_path / "run"
+    assert zf(capsys, "run", "--config", env["fast"], "--out", out, "--stop-after", 1, "--no-progress")[0] == 0
+    own = (out / "backbone.pt").read_bytes()
+    planted = {k: torch.zeros_like(v) for k, v in build_small_vit(1, 8, None).state_dict().items()}
+    torch.save(planted, out / "backbone.pt")
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    rc, stdout, err = zf(capsys, "run", "--resume", "--out", out, "--no-progress")
+    assert rc == 2 and "task 2/5" not in stdout
+    assert err.startswith(f"zeroflow: error: cannot resume {out}: its backbone.pt is not the pretrained backbone "
+                          f"its finished tasks were trained on (sha256 "), err
+    assert f"{out / 'backbone.pt'} now holds weights with sha256 " in err
+    assert "Put the run's own backbone.pt back, or start a new run" in err
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before        # nothing written
+    (out / "backbone.pt").unlink()            # missing: the one pretrained again is the run's own
+    rc, stdout, err = zf(capsys, "run", "--resume", "--out", out, "--no-progress", "--stop-after", 2)
+    assert rc == 0 and "task 2/5" in stdout, err
+    again = torch.load(out / "backbone.pt", weights_only=True)
+    was = torch.load(io.BytesIO(own), weights_only=True)
+    assert again.keys() == was.keys() and all(torch.equal(again[k], was[k]) for k in was)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["identity"]["backbone"]["file"] == "backbone.pt"
+    del ck["identity"]["backbone"]            # as written before the hash was recorded
+    torch.save(ck, out / "checkpoint.pt")
+    torch.save(planted, out / "backbone.pt")
+    rc, stdout, err = zf(capsys, "run", "--resume", "--out", out, "--no-progress", "--stop-after", 3)
+    assert rc == 0 and "task 3/5" in stdout and "backbone.pt" not in err, err

@@ -512,7 +512,7 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
         T = len(data.tasks)
         # before anything is written: a resumed run whose data or weights changed is refused
         results = _restore_results(run_dir, learner, resume=mode == "resume", n_tasks=T, log=log, warn=warn,
-                                   identity=run_identity(data, where), in_sweep=continue_existing, config=cfg)
+                                   identity=run_identity(data, where, net), in_sweep=continue_existing, config=cfg)
         if main:
             if mode == "fresh":
                 atomic_write_json(os.path.join(run_dir, CONFIG), cfg)
@@ -582,11 +582,25 @@ def load_run_data(cfg: Dict, warn=None):
                         class_order_seed=int(cfg.get("class_order_seed", 1993)), warn=warn)
 
 
-def run_identity(data, where: Dict) -> Dict:
+def backbone_sha256(state: Dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's names, dtypes, shapes and tensor bytes, in name order. Of the
+    tensors, not of backbone.pt's bytes: torch.save's archive layout may differ between torch
+    versions, and a resume on another machine must not be refused for the same weights."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_identity(data, where: Dict, net=None) -> Dict:
     """What a run's results belong to beyond its configuration: the names of its classes (the
-    class order maps positions to them) and the bytes of its weights file. Stored in every
-    checkpoint; a resumed run whose data or weights file differs is refused
-    (:func:`check_identity`), not continued with adapters and prototypes of other classes."""
+    class order maps positions to them), the bytes of its weights file and (small backbone,
+    ``net`` given) the sha256 of the pretrained ViT the run trains on, which it keeps in
+    ``backbone.pt``. Stored in every checkpoint; a resumed run whose data, weights file or
+    backbone.pt differs is refused (:func:`check_identity`), not continued with adapters and
+    prototypes of other classes, or on another backbone than its finished tasks."""
     weights = None
     if where.get("checkpoint"):
         digest = hashlib.sha256()
@@ -595,7 +609,10 @@ def run_identity(data, where: Dict) -> Dict:
                 digest.update(block)
         weights = {"file": where["checkpoint"], "bytes": os.path.getsize(where["checkpoint"]),
                    "sha256": digest.hexdigest()}
-    return {"class_names": list(data.class_names) if data.class_names else None, "weights": weights}
+    identity = {"class_names": list(data.class_names) if data.class_names else None, "weights": weights}
+    if net is not None and where.get("backbone") == "small":
+        identity["backbone"] = {"file": BACKBONE, "sha256": backbone_sha256(net.vit.state_dict())}
+    return identity
 
 
 def check_results_version(run_dir: str, ck: Dict, *, in_sweep: bool = False, warn=None) -> Optional[int]:
@@ -625,9 +642,10 @@ def check_results_version(run_dir: str, ck: Dict, *, in_sweep: bool = False, war
 
 
 def check_identity(run_dir: str, saved: Optional[Dict], now: Dict, *, in_sweep: bool = False, warn=None) -> None:
-    """Refuses to resume ``run_dir`` when its data's classes or its weights file are not those
-    it started with (``saved``: the checkpoint's). A checkpoint written before they were
-    recorded has none: ``warn`` says that nothing could be checked. ``in_sweep``: the advice of
+    """Refuses to resume ``run_dir`` when its data's classes, its weights file or (small
+    backbone) the ViT loaded from its ``backbone.pt`` are not those it started with (``saved``:
+    the checkpoint's). A checkpoint written before they were recorded has none: ``warn`` says
+    that nothing could be checked; one without the backbone's hash resumes unchecked on it. ``in_sweep``: the advice of
     a sweep, where --data-root and --checkpoint are the configuration's and --force resumes."""
     if not saved:
         if warn is not None:
@@ -656,6 +674,17 @@ def check_identity(run_dir: str, saved: Optional[Dict], now: Dict, *, in_sweep: 
         raise ZeroflowError(f"cannot resume {run_dir}: its backbone weights file is not the one the run started "
                             f"with ({was['file']}, {was['bytes']} bytes, sha256 {was['sha256'][:12]}...; now "
                             f"{now_file}); restore that file{weights_where}, {fresh}")
+    # absent from a checkpoint written before it was recorded (2026-12-03): not checked then
+    was, is_ = saved.get("backbone"), now.get("backbone")
+    if was is not None and (is_ is None or was["sha256"] != is_["sha256"]):
+        path = os.path.join(run_dir, BACKBONE)
+        now_what = (f"{path} now holds weights with sha256 {is_['sha256'][:12]}..." if os.path.isfile(path) else
+                    f"{path} is missing, and the small ViT pretrained again has sha256 "
+                    f"{is_['sha256'][:12] if is_ else '?'}...")
+        raise ZeroflowError(f"cannot resume {run_dir}: its {BACKBONE} is not the pretrained backbone its finished "
+                            f"tasks were trained on (sha256 {was['sha256'][:12]}... of its tensors; {now_what}): it "
+                            f"was replaced, or copied in from another run. Put the run's own {BACKBONE} back, "
+                            f"{fresh}")
 
 
 def check_setup(cfgs, warn=None) -> None:
