@@ -348,3 +348,17 @@ def test_a_resume_keeps_the_environment_the_finished_tasks_ran_in(tmp_path, monk
         run({}, str(out), resume=True, progress=False, log=quiet, warn=quiet, stop_after=k + 1)
     env = _json.loads((out / "environment.json").read_text())
     assert env == dict(first, resumed=[{"machine": "resume 1"}, {"machine": "resume 2"}])
+
+
+def test_metrics_lists_the_trajectory_logs_in_task_order(tmp_path):
+    """With 10 tasks or more, metrics.json's trajectory_logs were sorted as text (task1, task10,
+    task2, ...), so the k-th entry was not task k's log."""
+    from zeroflow.continual.defaults import resolve
+
+    out = tmp_path / "run"
+    cfg = resolve(dict(CFG, optimizer="zo_sgd", init_cls=1, increment=1, record=True))
+    m = run(cfg, str(out), progress=False, log=quiet, warn=quiet)
+    assert m["n_tasks"] == 10
+    assert m["trajectory_logs"] == [str(out / "trajectory" / f"task{k}.zft") for k in range(1, 11)]
+    with open(out / "metrics.json") as f:
+        assert json.load(f)["trajectory_logs"] == m["trajectory_logs"]

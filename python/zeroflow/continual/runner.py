@@ -977,9 +977,16 @@ def _metrics(results: _Results, data, cfg: Dict, *, run_dir: str, world: int, de
         "run_dir": run_dir,
     }
     if record_dir and os.path.isdir(record_dir):
-        metrics["trajectory_logs"] = sorted(os.path.join(record_dir, f) for f in os.listdir(record_dir)
-                                            if f.endswith(".zft"))
+        # in task order: sorted as text, task10.zft came before task2.zft
+        logs = [f for f in os.listdir(record_dir) if f.endswith(".zft")]
+        metrics["trajectory_logs"] = [os.path.join(record_dir, f) for f in sorted(logs, key=_task_order)]
     return metrics
+
+
+def _task_order(name: str):
+    """Sort key of a trajectory file name: ``task<k>.*`` by ``k``, anything else after them."""
+    m = re.fullmatch(r"task(\d+)\..*", name)
+    return (0, int(m.group(1)), name) if m else (1, 0, name)
 
 
 def write_results(run_dir: str, metrics: Dict):
