@@ -206,6 +206,23 @@ def test_version_and_defaults_in_help():
         assert needle in text, needle
 
 
+def test_sweep_help_says_what_force_does_in_a_sweep():
+    """zeroflow sweep --help described --force as zeroflow run's ("replace a run (finished or not)
+    that the output folder already holds"), but a sweep keeps a run of the same configuration,
+    --force or not: it reuses a finished one and resumes an unfinished one (docs/continual.md)."""
+    out = subprocess.run([sys.executable, "-m", "zeroflow", "sweep", "--help"], env=ENV, capture_output=True,
+                         text=True, check=True)
+    text = " ".join(out.stdout.split())          # argparse wraps lines
+    assert "replace a run (finished or not)" not in text
+    assert ("--force replace what an optimizer's folder holds when it is not a run of the same configuration: a run "
+            "of another configuration, a damaged one, or a finished one of another results version; a run of the "
+            "same configuration is kept, --force or not (reused if finished, resumed if not)") in text
+    out = subprocess.run([sys.executable, "-m", "zeroflow", "run", "--help"], env=ENV, capture_output=True, text=True,
+                         check=True)
+    assert "--force replace a run (finished or not) that the output folder already holds" in " ".join(
+        out.stdout.split())
+
+
 def test_report_cli_prints_skipped_runs_and_writes_output_by_umask(tmp_path, capsys):
     d = tmp_path / "ok"
     d.mkdir()

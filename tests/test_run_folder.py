@@ -561,6 +561,10 @@ def test_sweep_reuses_its_own_runs_and_refuses_other_configurations(env, tmp_pat
     rc, stdout, err = zf(capsys, "sweep", "--config", env["fast"], "--optimizers", "zo_sgd", "--out", out)
     assert rc == 0 and f"run {run_dir} is already finished (same configuration)" in stdout
     assert metrics(run_dir) == first
+    # --force too (as its sweep help says): it replaces only a run of another configuration
+    rc, stdout, err = zf(capsys, "sweep", "--config", env["fast"], "--optimizers", "zo_sgd", "--out", out, "--force")
+    assert rc == 0 and f"run {run_dir} is already finished (same configuration)" in stdout and "deleting" not in err
+    assert metrics(run_dir) == first
 
 
 def test_sweep_goes_on_after_a_failing_optimizer_and_prints_the_table(env, tmp_path, capsys, monkeypatch):

@@ -96,8 +96,14 @@ def _add_run_flags(p: argparse.ArgumentParser, sweep: bool = False):
     p.add_argument("--record", action="store_true", default=None,
                    help="write a trajectory log per trained task (trajectory/task<k>.zft and task<k>.base.pt in "
                         "the run folder) for zeroflow replay; zo_* optimizers without --hybrid-switch")
+    # a sweep passes --force with continue_existing (runner.decide): a run of the same
+    # configuration is reused or resumed before --force is looked at
     p.add_argument("--force", action="store_true",
-                   help="replace a run (finished or not) that the output folder already holds")
+                   help="replace what an optimizer's folder holds when it is not a run of the same configuration: "
+                        "a run of another configuration, a damaged one, or a finished one of another results "
+                        "version; a run of the same configuration is kept, --force or not (reused if finished, "
+                        "resumed if not)" if sweep else
+                        "replace a run (finished or not) that the output folder already holds")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
