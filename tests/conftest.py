@@ -183,3 +183,20 @@ def zf_cache(tmp_path_factory):
         os.environ.pop("ZEROFLOW_CACHE", None)
     else:
         os.environ["ZEROFLOW_CACHE"] = old
+
+
+def logged_loss_class(log: list):
+    """A ``torch.Tensor`` subclass for a closure's loss that appends "read" to ``log`` at each
+    read back to the host (``.item()``, ``float()``): the benchmark tests check when the MeZO
+    recipes read their losses (once per query, after both forwards)."""
+
+    class Loss(torch.Tensor):
+        def item(self):
+            log.append("read")
+            return super().item()
+
+        def __float__(self):
+            log.append("read")
+            return super().__float__()
+
+    return Loss

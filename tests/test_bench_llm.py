@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import child_env
+from conftest import child_env, logged_loss_class
 
 from benchmarks import report as R
 
@@ -249,14 +249,7 @@ def test_mezo_recipe_reads_the_losses_back_once_per_step(tiny):
     L, model, closure, params, grads, theta0 = tiny
     log = []
 
-    class Loss(torch.Tensor):       # a loss that logs each read back to the host
-        def item(self):
-            log.append("read")
-            return super().item()
-
-        def __float__(self):
-            log.append("read")
-            return super().__float__()
+    Loss = logged_loss_class(log)
 
     def logged():
         log.append("forward")

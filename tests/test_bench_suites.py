@@ -6,18 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-
-def _logged_loss(log):
-    class Loss(torch.Tensor):       # a loss that logs each read back to the host
-        def item(self):
-            log.append("read")
-            return super().item()
-
-        def __float__(self):
-            log.append("read")
-            return super().__float__()
-
-    return Loss
+from conftest import logged_loss_class
 
 
 @pytest.mark.parametrize("maker", ["make_mezo_sgd", "make_mezo_adam"])
@@ -27,7 +16,7 @@ def test_mezo_style_step_reads_each_query_back_once(maker):
     from benchmarks import test_bench_optim_step as S
 
     log = []
-    loss_cls = _logged_loss(log)
+    loss_cls = logged_loss_class(log)
     params = [torch.randn(8, 4, requires_grad=True), torch.randn(5, requires_grad=True)]
     first = params[0].reshape(-1)
 
