@@ -27,6 +27,7 @@ from . import _compiled, opspec, reference
 from ._compiled import cpu_capabilities, cpu_capability, set_cpu_capability
 from .stream import (
     SEED_LIMIT,
+    check_adam_step,
     STREAM_VERSION,
     TENSOR_ID_LIMIT,
     check_seed,
@@ -450,9 +451,7 @@ def zo_adam_update_(
     params = _as_list(params, "params")
     ids = _ids(params, tensor_ids)
     seeds, coeffs = _qs(seeds, coeffs)
-    step = integer_arg(step, "step")
-    if not 1 <= step < SEED_LIMIT:      # the compiled ops take an int64: 2**63 was an opaque RuntimeError there
-        raise ValueError(f"step={step} must be >= 1 (the Adam step count after this update) and < 2**63")
+    step = check_adam_step(integer_arg(step, "step"))
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:     # betas=0.9: "object of type 'float' has no len()"
         raise ValueError(f"betas={tuple(betas) if isinstance(betas, list) else betas!r} must be two numbers "
                          "(beta1, beta2)")

@@ -436,8 +436,7 @@ def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, 
     _check_stream(dist, mask_seed, mask_threshold)
     S.check_seed(restore_seed, "restore_seed")
     S.check_seed(round_seed, "round_seed")
-    if not 1 <= step < S.SEED_LIMIT:      # an int64, as the compiled schema takes it
-        raise ValueError(f"step={step} must be >= 1 (Adam's bias correction counts from 1) and < 2**63")
+    S.check_adam_step(step)
     check_betas(beta1, beta2)
     bc1 = 1.0 - beta1 ** step
     bc2 = 1.0 - beta2 ** step

@@ -93,6 +93,16 @@ def check_seed(seed: int, name: str = "seed") -> int:
     return seed
 
 
+def check_adam_step(step: int, prefix: str = "") -> int:
+    """Adam's step count after the update: in [1, 2^63). From 1, as its bias correction counts;
+    below 2^63, an int64 as the compiled schema takes it (2^63 was an opaque RuntimeError
+    there, and the reference and Triton ran with it). One bound for the face and every backend."""
+    if not 1 <= step < SEED_LIMIT:
+        raise ValueError(f"{prefix}step={step!r} must be >= 1 (the Adam step count after this update: its bias "
+                         "correction counts from 1) and < 2**63 (an int64, as the compiled ops take it)")
+    return step
+
+
 def mask_threshold(sparsity: float) -> int:
     """§6: the integer threshold T = round(sparsity * 2^24) for a fraction zeroed."""
     try:

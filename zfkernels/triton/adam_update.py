@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from ..opspec import check_betas
+from .. import stream as S
 from ..stream import split_seed
 from ._common import (
     check_seed_arg, f32, fp32_arg, interpreted, load_row, mark_written, launch_scope, prepare_update, round32,
@@ -109,8 +110,9 @@ def zo_adam_update_(
             f"{op}: exp_avgs ({len(exp_avgs)}) and exp_avg_sqs ({len(exp_avg_sqs)}) need one "
             f"tensor per param ({len(params)})"
         )
-    if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step < 2**63:    # an int64, as the schema's
+    if isinstance(step, bool) or not isinstance(step, int):
         raise ValueError(f"{op}: step={step!r} must be an int >= 1 and < 2**63")
+    S.check_adam_step(step, f"{op}: ")
     written = [("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
                ("history_buffers", history_buffers)]
     d, T, block, groups = prepare_update(op, interp, params, written[1:], tensor_ids, seeds, coeffs, dist,
