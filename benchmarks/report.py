@@ -329,19 +329,16 @@ def _step_targets(dev, steps, step_targets):
     """ZO step vs the MeZO recipe, per parameter set, method and distribution: the worst q.
     ``steps``: the suite's ZO records, zeroflow and MeZO-style; a q (or a parameter set) that
     has a MeZO-style record and no zeroflow one is named, not left out of the worst."""
-    opt = [r for r in steps if r["x"]["impl"] == "zeroflow"]
     rows = []
     for pset in sorted({r["x"]["param_set"] for r in steps}):
         for kind in ("zo_sgd", "zo_adam"):
             for dist, tgt in step_targets:
                 target = f"{kind} step ≥ {tgt:g}× MeZO-style ({dist}, {pset})"
-                cand = [r for r in opt if r["x"]["param_set"] == pset and r["x"]["opt"] == kind
-                        and r["x"]["dist"] == dist and r["vs_mezo"] is not None]
+                case = [r for r in steps if (r["x"]["param_set"], r["x"]["opt"], r["x"]["dist"]) == (pset, kind, dist)]
+                ours = [r for r in case if r["x"]["impl"] == "zeroflow"]
+                cand = [r for r in ours if r["vs_mezo"] is not None]
                 # a q whose MeZO-style step ran and whose zeroflow step did not (failed, cut off)
-                ours = {r["x"]["q"] for r in opt if r["x"]["param_set"] == pset and r["x"]["opt"] == kind
-                        and r["x"]["dist"] == dist}
-                lost = sorted({r["x"]["q"] for r in steps if r["x"]["impl"] == "mezo" and r["x"]["param_set"] == pset
-                               and r["x"]["opt"] == kind and r["x"]["dist"] == dist} - ours)
+                lost = sorted({r["x"]["q"] for r in case if r["x"]["impl"] == "mezo"} - {r["x"]["q"] for r in ours})
                 no_zf = "".join(f", q={q}: no zeroflow record" for q in lost)
                 if not cand:
                     rows.append((dev, target, "—", "not measured", no_zf[2:]))
@@ -350,8 +347,7 @@ def _step_targets(dev, steps, step_targets):
                 qs = ", ".join(f"q={r['x']['q']}: {r['vs_mezo']:.2f}×" for r in sorted(cand, key=lambda r: r["x"]["q"]))
                 # a q measured for zeroflow but without its MeZO baseline is not in the worst:
                 # say so rather than call the target met over the q values that had one
-                unmatched = sorted({r["x"]["q"] for r in opt if r["x"]["param_set"] == pset and r["x"]["opt"] == kind
-                                    and r["x"]["dist"] == dist and r["vs_mezo"] is None})
+                unmatched = sorted({r["x"]["q"] for r in ours if r["vs_mezo"] is None})
                 qs += "".join(f", q={q}: no MeZO baseline" for q in unmatched) + no_zf
                 rows.append((dev, target, fx(worst["vs_mezo"]), _status(worst["vs_mezo"], tgt), qs))
     return rows
