@@ -455,7 +455,7 @@ def main(argv=None) -> int:
     if res.get("stopped"):
         print(f"{res['stopped']}: the precisions not in the table were not measured")
         if not a.report:      # this run was cut off (a saved one rendered again is no failure)
-            return 143 if "(SIGTERM)" in res["stopped"] else 130
+            return signals.exit_status
     return 0
 
 
