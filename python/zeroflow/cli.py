@@ -360,9 +360,10 @@ def cmd_report(a, started: float) -> int:
         # the markdown would replace a run's result (e.g. --output runs/r/metrics.json): the run
         # would be lost, and damaged for zeroflow report, sweep and --resume
         folder, name = os.path.split(os.path.abspath(a.output))
-        if ((name in RUN_FILES and is_run_folder(folder)) or
-                (os.path.basename(folder) == TRAJECTORY and is_run_folder(os.path.dirname(folder)))):
-            run_dir = folder if name in RUN_FILES else os.path.dirname(folder)
+        run_dir = (folder if name in RUN_FILES and is_run_folder(folder) else
+                   os.path.dirname(folder) if os.path.basename(folder) == TRAJECTORY
+                   and is_run_folder(os.path.dirname(folder)) else None)
+        if run_dir is not None:
             raise ZeroflowError(f"cannot write {a.output}: it is a file of the run in {run_dir}, which the report "
                                 f"would replace; give another file, e.g. "
                                 f"{os.path.join(os.path.dirname(run_dir), 'report.md')}")
