@@ -129,7 +129,7 @@ class ShardedBatchSampler:
             raise ValueError(f"n={n} samples < world size {world}: the only global batch would be dropped (some "
                              "rank would get no sample), so every rank would yield no batch and train nothing. "
                              f"Give at least {world} samples, or run on fewer ranks")
-        self.n, self.B, self.rank, self.world = int(n), int(global_batch_size), rank, world
+        self.n, self.B, self.rank, self.world = n, global_batch_size, rank, world
         self.shuffle, self.seed, self.epoch = shuffle, int(seed), 0
 
     def set_epoch(self, epoch: int) -> None:
