@@ -585,13 +585,12 @@ def load_run_data(cfg: Dict, warn=None):
 def backbone_sha256(state: Dict[str, torch.Tensor]) -> str:
     """sha256 of a state dict's names, dtypes, shapes and tensor bytes, in name order. Of the
     tensors, not of backbone.pt's bytes: torch.save's archive layout may differ between torch
-    versions, and a resume on another machine must not be refused for the same weights."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    versions, and a resume on another machine must not be refused for the same weights. The
+    trajectory logs' hash of the weights (zeroflow.replay.weights_sha256), over the names in order."""
+    from zeroflow.replay import weights_sha256
+
+    names = sorted(state)
+    return weights_sha256(names, [state[n] for n in names])
 
 
 def run_identity(data, where: Dict, net=None) -> Dict:
