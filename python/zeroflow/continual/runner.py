@@ -541,8 +541,7 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
     except (UnreadableImage, WriteFailed) as e:
         if not written:
             raise
-        done = results.completed if results else 0
-        kept = f"its {done} finished task(s) are kept" if done else "no task had finished yet"
+        kept = _what_is_kept(results)
         fix = "" if isinstance(e, UnreadableImage) else "; fix that"     # an image's fix is in its message
         raise type(e)(f"{e}{fix}, then continue the run with: zeroflow run --resume --out {run_dir} ({kept})") from e
     except Exception as e:
@@ -550,14 +549,18 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
         # folder: what it kept and how to continue once the cause is fixed (a ZeroflowError
         # says what to do itself; before results exist, a resume's own checks refused it)
         if written and results is not None and main and not isinstance(e, ZeroflowError):
-            done = results.completed
-            kept = f"its {done} finished task(s) are kept" if done else "no task had finished yet"
-            warn(f"the run in {run_dir} stopped on the error below ({kept}); once its cause is fixed, continue "
-                 f"the run with: zeroflow run --resume --out {run_dir}")
+            warn(f"the run in {run_dir} stopped on the error below ({_what_is_kept(results)}); once its cause is "
+                 f"fixed, continue the run with: zeroflow run --resume --out {run_dir}")
         raise
     finally:
         if folder is not None:
             folder.release()          # removes the folder too if this run created it and wrote nothing
+
+
+def _what_is_kept(results) -> str:
+    """What a run stopped on an error keeps, for the messages that say how to resume it."""
+    done = results.completed if results else 0
+    return f"its {done} finished task(s) are kept" if done else "no task had finished yet"
 
 
 def _where_it_is(metrics: Dict, run_dir: str) -> Dict:
