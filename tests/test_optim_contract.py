@@ -462,6 +462,33 @@ def test_a_group_added_to_a_hybrid_is_trained_in_both_phases():
         assert all(not torch.equal(a, b) for a, b in zip(before, model[2].parameters())), phase
 
 
+@pytest.mark.parametrize("name", ["zo_sgd", "zo_adam"])
+def test_a_hybrid_over_named_parameters_adds_named_groups_and_trains_them(name):
+    """create(..., model.named_parameters(), hybrid_switch=...) named the ZO optimizer's groups
+    and neither the FO twin's nor the hybrid's: torch.optim refused every add_param_group (named
+    or not) as mixing groups with and without names. A frozen named parameter of an added group
+    stayed in the FO and hybrid groups (the ZO one drops it), and every later step refused the
+    groups as not the hybrid's optimizers'."""
+    model = make_mlp(6, 4, 1)
+    model[2].bias.requires_grad_(False)
+    hyb = create(name, model[0].named_parameters(), hybrid_switch=2, lr=0.01, fo_lr=0.1, seed=3)
+    assert [o.param_groups[0]["param_names"] for o in (hyb, hyb.fo, hyb.zo)] == [["weight", "bias"]] * 3
+    with pytest.raises(ValueError, match=r"give the new group's as \(name, tensor\) pairs"):
+        hyb.add_param_group({"params": list(model[2].parameters())})
+    assert [len(o.param_groups) for o in (hyb, hyb.fo, hyb.zo)] == [1, 1, 1]      # nothing half-added
+    hyb.add_param_group({"params": [("2." + k, p) for k, p in model[2].named_parameters()], "lr": 0.2})
+    assert [o.param_groups[1]["param_names"] for o in (hyb, hyb.fo, hyb.zo)] == [["2.weight"]] * 3
+    frozen = model[2].bias.detach().clone()
+    for phase in ("fo", "zo"):
+        assert hyb.zeroth_order == (phase == "zo")
+        before = model[2].weight.detach().clone()
+        _run(model, hyb, 2)
+        assert not torch.equal(before, model[2].weight), phase
+    assert torch.equal(frozen, model[2].bias)
+    state = copy.deepcopy(hyb.state_dict())
+    assert [g["param_names"] for g in state["param_groups"]] == [["weight", "bias"], ["2.weight"]]
+
+
 @pytest.mark.parametrize("group,needle", [
     # float() said "could not convert string to float: 'x'"; a negative scale was named as the ZO
     # optimizer's lr; a group without params raised KeyError: 'params'

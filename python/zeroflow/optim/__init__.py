@@ -97,6 +97,8 @@ def create(name: str, params, *, model: torch.nn.Module | None = None, hybrid_sw
     for g in zo.param_groups:
         fg = {"params": g["params"], "lr": fo_lr if fo_lr is not None else g["lr"],
               "weight_decay": g["weight_decay"]}
+        if "param_names" in g:      # named_parameters(): the FO twin's groups are named too (add_param_group)
+            fg["param_names"] = list(g["param_names"])
         if "momentum" in g:
             fg.update(momentum=g["momentum"], dampening=g["dampening"], nesterov=g["nesterov"])
         if "betas" in g:

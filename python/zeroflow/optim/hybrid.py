@@ -50,6 +50,19 @@ def _check_inner(opt: torch.optim.Optimizer, state_dict, which: str) -> None:
                              f"{type(opt).__name__}'s {len(g['params'])}")
 
 
+def _tensor_of(item):
+    """A param group entry's tensor: ``item``, or the tensor of a ``(name, tensor)`` pair."""
+    return item[1] if isinstance(item, tuple) and len(item) == 2 else item
+
+
+def _named_as(opt: torch.optim.Optimizer, items: list) -> list:
+    """``items`` (tensors or ``(name, tensor)`` pairs) as ``opt``'s groups take them: the pairs
+    where they name their parameters, else the tensors."""
+    if opt.param_groups and "param_names" in opt.param_groups[0]:
+        return items
+    return [_tensor_of(p) for p in items]
+
+
 __all__ = ["HybridFOZO"]
 
 
@@ -79,7 +92,14 @@ class HybridFOZO(torch.optim.Optimizer):
                 raise ValueError(f"the FO phase's lr is 0 and the ZO phase's {lz}: the hybrid schedules the ZO lr as a "
                                  "multiple of the FO lr (zo_lr_scale), which 0 cannot carry; give the FO phase an "
                                  "lr > 0 (fo_lr=...), or use the ZO optimizer alone (hybrid_switch=0 or none)")
-            groups.append({"params": gz["params"], "lr": lf, "zo_lr_scale": (lz / lf) if lf else 1.0})
+            group = {"params": gz["params"], "lr": lf, "zo_lr_scale": (lz / lf) if lf else 1.0}
+            # named as the inner optimizers' groups (built from model.named_parameters()): torch.optim
+            # refuses a named group in an optimizer of unnamed ones and the other way round, so an
+            # unnamed hybrid over named optimizers could add no group at all
+            names = gz.get("param_names", gf.get("param_names"))
+            if names is not None:
+                group["param_names"] = list(names)
+            groups.append(group)
         super().__init__(groups, {})
         self.fo, self.zo, self.switch = fo, zo, switch      # after: add_param_group forwards once they are set
         self._steps = 0
@@ -104,16 +124,28 @@ class HybridFOZO(torch.optim.Optimizer):
                              "the two phases' other options are their optimizers' defaults (build the hybrid with "
                              "the group in both fo and zo to give it its own)")
         # the ZO optimizer leaves frozen parameters out of a group: so does the FO one here, as
-        # construction requires the same parameters in both
+        # construction requires the same parameters in both ((name, tensor) pairs too: a frozen
+        # named parameter stayed in the FO group and the hybrid's, and every later step refused
+        # the groups as not its optimizers')
         ps = [p for p in params_list(param_group["params"])
-              if not (isinstance(p, torch.Tensor) and not p.requires_grad)]
+              if not (isinstance(t := _tensor_of(p), torch.Tensor) and not t.requires_grad)]
+        named = any(isinstance(p, tuple) for p in ps)
+        if self.param_groups and named != ("param_names" in self.param_groups[0]):
+            raise ValueError(
+                "HybridFOZO.add_param_group: " + ("this hybrid's param groups name their parameters (built from "
+                                                  "named_parameters()): give the new group's as (name, tensor) pairs"
+                                                  if not named else
+                                                  "this hybrid's param groups do not name their parameters: give "
+                                                  "the new group's as tensors, not (name, tensor) pairs"))
         self._match_groups()        # a group popped before: out of the inner optimizers first
         first = self.param_groups[0]
         lf = _rate(param_group.get("lr", first["lr"]), "lr")
         scale = _rate(param_group.get("zo_lr_scale", first["zo_lr_scale"]), "zo_lr_scale")
-        self.fo.add_param_group({"params": ps, "lr": lf})       # torch.optim's checks first: it adds nothing else
+        # each optimizer gets the parameters as its own groups hold them: named or not (an inner
+        # optimizer built on plain tensors under a named hybrid takes the tensors)
+        self.fo.add_param_group({"params": _named_as(self.fo, ps), "lr": lf})    # torch.optim's checks first
         try:
-            self.zo.add_param_group({"params": ps, "lr": lf * scale})
+            self.zo.add_param_group({"params": _named_as(self.zo, ps), "lr": lf * scale})
         except Exception:
             self.fo.param_groups.pop()
             raise
