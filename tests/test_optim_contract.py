@@ -10,6 +10,7 @@ import gc
 import io
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -487,6 +488,25 @@ def test_a_hybrid_over_named_parameters_adds_named_groups_and_trains_them(name):
     assert torch.equal(frozen, model[2].bias)
     state = copy.deepcopy(hyb.state_dict())
     assert [g["param_names"] for g in state["param_groups"]] == [["weight", "bias"], ["2.weight"]]
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("lr", -0.1, "lr=-0.1 must be >= 0 and finite"), ("lr", float("nan"), "lr=nan must be >= 0"),
+    ("lr", None, "lr=None is not a real number"), ("zo_lr_scale", float("nan"), "zo_lr_scale=nan must be >= 0")])
+@pytest.mark.parametrize("switch", [0, 1])
+def test_a_bad_rate_set_in_a_hybrid_group_between_steps_is_refused_before_anything_moves(key, value, needle, switch):
+    """The FO phase pushed any lr into torch.optim's optimizer, which does not check it at a step:
+    lr -0.1 ascended, nan wrote nan into every parameter, None raised a TypeError; a nan
+    zo_lr_scale surfaced at the switch only, named as the ZO optimizer's 'lr=nan'."""
+    model = make_mlp(6, 4, 1)
+    hyb = create("zo_adam", model.parameters(), hybrid_switch=2, lr=0.01, fo_lr=0.1, seed=3)
+    _run(model, hyb, switch)
+    before, counts = snapshot(model), (hyb.zo.step_count, hyb.fo.steps)
+    hyb.param_groups[0][key] = value
+    with pytest.raises(ValueError, match="HybridFOZO param group 0: " + re.escape(needle)):
+        _run(model, hyb, 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert (hyb.zo.step_count, hyb.fo.steps, hyb.zeroth_order) == (*counts, False)
 
 
 @pytest.mark.parametrize("group,needle", [

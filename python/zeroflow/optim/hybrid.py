@@ -230,6 +230,19 @@ class HybridFOZO(torch.optim.Optimizer):
                             p.grad = None
             o.param_groups[:] = kept
 
+    def _check_rates(self) -> None:
+        """Every group's ``lr`` and ``zo_lr_scale``, checked before the step pushes them (as
+        add_param_group and load_state_dict check them): torch.optim's FO optimizers do not
+        check an lr set between steps, so the FO phase stepped with lr -0.1 (ascent) or nan (nan
+        in every parameter), and a nan zo_lr_scale surfaced only at the switch, refused as the
+        ZO optimizer's "lr=nan"."""
+        for i, g in enumerate(self.param_groups):
+            for k in ("lr", "zo_lr_scale"):
+                try:
+                    _rate(g.get(k), k)
+                except ValueError as e:
+                    raise ValueError(f"HybridFOZO param group {i}: {e}") from None
+
     def _sync_lr(self) -> None:
         zo = self.zeroth_order
         for g, gi in zip(self.param_groups, self.active.param_groups):
@@ -238,6 +251,7 @@ class HybridFOZO(torch.optim.Optimizer):
     def step(self, closure=None):
         was_fo = not self.zeroth_order
         self._match_groups()
+        self._check_rates()
         self._sync_lr()
         loss = self.active.step(closure)
         if was_fo:
