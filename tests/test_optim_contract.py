@@ -628,6 +628,33 @@ def test_a_hybrid_over_a_torch_optim_fo_optimizer_counts_the_fo_steps_taken():
     assert hyb.switch == 2 and hyb.forward_passes == 4
 
 
+def _torch_sgd_hybrid(ps):
+    return HybridFOZO(torch.optim.SGD(ps, lr=0.1, momentum=0.9), ZOFusedSGD(ps, lr=0.01, seed=3), 3)
+
+
+@pytest.mark.parametrize("build,needle", [
+    (lambda ps: create("fo_sgd", ps, lr=0.1, momentum=0.9), "state_dict's momentum_buffer of parameter 0 has shape"),
+    (lambda ps: create("fo_adam", ps, lr=0.1), "state_dict's exp_avg of parameter 0 has shape"),
+    (lambda ps: create("zo_sgd", ps, lr=0.1, momentum=0.9, hybrid_switch=3),
+     "state_dict's momentum_buffer of parameter 0 has shape"),
+    (lambda ps: create("zo_adam", ps, lr=0.1, hybrid_switch=3), "state_dict's exp_avg of parameter 0 has shape"),
+    (_torch_sgd_hybrid, "'hybrid' 'fo' state's momentum_buffer of parameter 0 has shape")])
+def test_a_first_order_state_of_another_model_is_refused_before_anything_loads(build, needle):
+    """The FO optimizers' check (and a hybrid's check of its FO phase's state, where the ZO
+    state holds no buffer yet) took buffers of another model's shapes: torch.optim loaded them,
+    replacing the state, options and (hybrid) counters, and the next step failed on a size."""
+    other, model = make_mlp(6, 3, 1), make_mlp(6, 4, 1)
+    saved = build(list(other.parameters()))
+    _run(other, saved, 2)
+    opt = build(list(model.parameters()))
+    _run(model, opt, 1)
+    state = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=re.escape(needle) + r" \(3, 6\), the parameter \(4, 6\)"):
+        opt.load_state_dict(saved.state_dict())
+    assert str(opt.state_dict()) == str(state)      # nothing loaded
+    _run(model, opt, 1)
+
+
 @pytest.mark.parametrize("edit,needle", [
     (lambda fo: fo.pop("state"), "'hybrid' 'fo' state is not an optimizer state_dict"),
     (lambda fo: fo["param_groups"].append(dict(fo["param_groups"][0], params=[])),

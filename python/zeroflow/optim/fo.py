@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .zo import NOT_OPTIONS, counter, load_with_hooks, state_dict_with_hooks
+from .zo import NOT_OPTIONS, _check_layout, check_buffer_shapes, counter, load_with_hooks, state_dict_with_hooks
 
 __all__ = ["FOSGD", "FOAdam", "FOAdamW"]
 
@@ -40,8 +40,9 @@ class _FOMixin:
 
     def check_state_dict(self, state_dict) -> None:
         """Raise ``ValueError`` if ``state_dict`` was saved by another optimizer class (its
-        recorded class, or group options this class does not have) or for other parameter
-        groups. A group may lack options that a newer torch added (torch fills them in)."""
+        recorded class, or group options this class does not have), for other parameter
+        groups, or with buffers of other shapes than the parameters. A group may lack options
+        that a newer torch added (torch fills them in)."""
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("not an optimizer state_dict (a mapping with 'state' and 'param_groups')")
         me = type(self).__name__
@@ -50,6 +51,7 @@ class _FOMixin:
             raise ValueError(f"state_dict was saved by {saved_by}; this is a {me}")
         for k in ("forward_passes", "steps"):
             counter((state_dict.get("zeroflow") or {}).get(k, 0), f"state_dict's 'zeroflow' counter {k!r}")
+        _check_layout(state_dict)
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer {len(self.param_groups)}")
@@ -61,6 +63,7 @@ class _FOMixin:
             if len(sg["params"]) != len(g["params"]):
                 raise ValueError(f"state_dict param group {i} has {len(sg['params'])} parameters, this optimizer "
                                  f"{len(g['params'])}")
+        check_buffer_shapes(state_dict, self.param_groups)
 
     def load_state_dict(self, state_dict):
         load_with_hooks(self, state_dict, self._load_checked)

@@ -12,7 +12,16 @@ import math
 
 import torch
 
-from .zo import _check_layout, _number, _warn_at_caller, counter, load_with_hooks, params_list, state_dict_with_hooks
+from .zo import (
+    _check_layout,
+    _number,
+    _warn_at_caller,
+    check_buffer_shapes,
+    counter,
+    load_with_hooks,
+    params_list,
+    state_dict_with_hooks,
+)
 
 
 def _rate(x, name: str) -> float:
@@ -48,6 +57,7 @@ def _check_inner(opt: torch.optim.Optimizer, state_dict, which: str) -> None:
         if len(sg["params"]) != len(g["params"]):
             raise ValueError(f"{what}: param group {i} has {len(sg['params'])} parameters, the "
                              f"{type(opt).__name__}'s {len(g['params'])}")
+    check_buffer_shapes(state_dict, mine, f"{what}'s")
 
 
 def _tensor_of(item):

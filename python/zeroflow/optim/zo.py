@@ -1554,6 +1554,22 @@ def _check_layout(state_dict: dict) -> None:
                          "param group lists (a state edited by hand, or the groups of another state?)")
 
 
+def check_buffer_shapes(state_dict: dict, param_groups, what: str = "state_dict's") -> None:
+    """A first-order state's buffers (SGD's momentum, Adam's m, v and max v: every tensor but
+    the step count) each of its parameter's shape, else a ValueError naming it. torch.optim's
+    load takes them as they are and its next step failed on the size, after the load had
+    replaced the optimizer's state and options (and, in a hybrid, those of both phases).
+    ``state_dict``: checked by :func:`_check_layout`, with as many groups and parameters per
+    group as ``param_groups``."""
+    shapes = {pid: tuple(p.shape) for sg, g in zip(state_dict["param_groups"], param_groups)
+              for pid, p in zip(sg["params"], g["params"])}
+    for pid, st in state_dict["state"].items():
+        for name, buf in st.items():
+            if name != "step" and isinstance(buf, torch.Tensor) and tuple(buf.shape) != shapes.get(pid):
+                raise ValueError(f"{what} {name} of parameter {pid} has shape {tuple(buf.shape)}, the parameter "
+                                 f"{shapes.get(pid)} (a state of another model?)")
+
+
 def _check_tensor_ids(c: dict, groups) -> None:
     """A state's tensor ids (its "zeroflow" part, absent from states saved before they were)."""
     if "tensor_ids" in c:
