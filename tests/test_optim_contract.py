@@ -577,6 +577,19 @@ def test_a_hybrid_over_no_optimizer_or_a_nan_fo_lr_is_refused():
         HybridFOZO(torch.optim.SGD(ps, lr=float("nan")), ZOFusedSGD(ps), 1)
 
 
+def test_a_hybrid_switch_is_a_count_not_a_flag():
+    """hybrid_switch=True (read as "hybrid on") was taken as 1 FO step without a word, and
+    numpy's int64 (a sweep's value) was refused as no int."""
+    import numpy as np
+    ps = list(make_mlp(6, 4, 1).parameters())
+    with pytest.raises(ValueError, match=r"hybrid_switch \(the number of FO steps before ZO; 0/None = off\) is True"):
+        create("zo_sgd", ps, hybrid_switch=True)
+    with pytest.raises(ValueError, match=r"hybrid_switch \(the number of FO steps before ZO\) is True"):
+        HybridFOZO(torch.optim.SGD(ps, lr=0.1), ZOFusedSGD(ps), True)
+    assert create("zo_sgd", ps, hybrid_switch=np.int64(2)).switch == 2
+    assert type(create("zo_sgd", ps, hybrid_switch=False)) is ZOFusedSGD      # off, as 0 and None
+
+
 @pytest.mark.parametrize("zo", [torch.optim.SGD, torch.optim.Adam])
 def test_a_hybrid_whose_zo_phase_is_first_order_is_refused(zo):
     # the ZO phase runs the closure without backward: a torch.optim optimizer there found no

@@ -16,7 +16,7 @@ import torch
 
 from .fo import FOAdam, FOAdamW, FOSGD
 from .hybrid import HybridFOZO
-from .zo import ZOFusedAdam, ZOFusedSGD
+from .zo import ZOFusedAdam, ZOFusedSGD, counter
 
 __all__ = ["ZOFusedSGD", "ZOFusedAdam", "HybridFOZO", "FOSGD", "FOAdam", "FOAdamW", "create",
            "train_step", "METHODS"]
@@ -85,10 +85,12 @@ def create(name: str, params, *, model: torch.nn.Module | None = None, hybrid_sw
         raise TypeError(f"model= must be an nn.Module, got {type(model).__name__}")
     if name.startswith("fo_"):
         return _fo(name, params, kw)
+    if hybrid_switch is not None and hybrid_switch is not False:
+        # True was 1 FO step (a flag meaning "hybrid on" ran one FO step without a word), and
+        # numpy's int64 (a sweep's value) was refused as no int
+        hybrid_switch = counter(hybrid_switch, "hybrid_switch (the number of FO steps before ZO; 0/None = off)")
     if not hybrid_switch:
         return _zo(name, params, kw, model)
-    if not isinstance(hybrid_switch, int) or hybrid_switch < 0:
-        raise ValueError(f"hybrid_switch={hybrid_switch!r} must be an int number of FO steps (0/None = off)")
     params = _materialize(params)
     zo = _zo(name, params, kw, model)
     # the FO twin gets the ZO optimizer's (filtered) groups, lr = fo_lr or the group's lr

@@ -89,8 +89,7 @@ class HybridFOZO(torch.optim.Optimizer):
             raise TypeError(f"HybridFOZO(zo=...) must be a zeroth-order optimizer (ZOFusedSGD, ZOFusedAdam), got "
                             f"{type(zo).__name__}: the ZO phase runs only the closure, so a first-order optimizer "
                             "there finds no .grad and trains nothing")
-        if not isinstance(switch, int) or switch < 0:
-            raise ValueError(f"hybrid_switch={switch!r} must be an int >= 0 (FO steps before ZO)")
+        switch = counter(switch, "hybrid_switch (the number of FO steps before ZO)")    # True was 1 step
         if len(fo.param_groups) != len(zo.param_groups):
             raise ValueError("fo and zo optimizers must have the same param groups")
         groups = []
