@@ -936,6 +936,33 @@ def test_a_hybrid_fo_step_without_grads_warns_once_that_it_moved_nothing():
             train_step(hybrid, lambda: loss_of(fresh))
 
 
+def test_a_closure_taking_input_derivatives_is_told_how_and_then_steps():
+    """A loss with torch.autograd.grad with respect to the inputs (a PINN residual) fails under the
+    step's no_grad with autograd's words for backward(); the error said only "must not call
+    backward()", which the closure never did, and not how such a loss can run."""
+    model = make_mlp(1, 8, 1)
+    xs = torch.linspace(0, 1, 16)[:, None]
+    opt = ZOFusedSGD(model.parameters(), lr=0.01, seed=3)
+
+    def residual():
+        x = xs.clone().requires_grad_(True)
+        du = torch.autograd.grad(model(x).sum(), x, create_graph=True)[0]
+        return ((du - 1.0) ** 2).mean()
+
+    with pytest.raises(RuntimeError, match="torch.autograd.grad: a PINN residual.*inside `with torch.enable_grad"):
+        opt.step(residual)
+
+    def as_told():
+        with torch.enable_grad():
+            return residual().detach()
+
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(as_told)
+    assert max_moved(model, before) > 0
+
+
 def test_a_closure_returning_a_loss_with_a_graph_is_warned_once():
     # A closure that enables grad inside the step's no_grad (Lightning style) and calls
     # backward ran silently: activations kept for a graph, .grad filled 2q times per step.

@@ -207,10 +207,16 @@ def _call_closure(closure):
         if not any(s in autograd_said for s in ("does not require grad", "does not have a grad_fn",
                                                  "backward() called inside a functorch transform")):
             raise
+        # torch.autograd.grad of a loss that differentiates with respect to its inputs (a PINN
+        # residual, a gradient penalty) fails with autograd's same words under the step's
+        # no_grad: such a closure was told not to call backward(), which it never did
         raise RuntimeError(
             "ZO closures must not call backward(): a zeroth-order step only needs the loss, so the closure "
             "should run the forward pass and return it (e.g. lambda: loss_fn(model(x), y)); zeroflow.optim."
-            f"train_step calls backward itself for first-order optimizers. (autograd said: {autograd_said})") from e
+            "train_step calls backward itself for first-order optimizers. A loss that takes derivatives with "
+            "respect to its inputs (torch.autograd.grad: a PINN residual, a gradient penalty) needs grad mode, "
+            "which a ZO step turns off: compute those derivatives inside `with torch.enable_grad():` in the "
+            f"closure. (autograd said: {autograd_said})") from e
 
 
 def _scalar(loss, where: str) -> float:
@@ -740,7 +746,8 @@ class _ZOBase(torch.optim.Optimizer):
                 f"{type(self).__name__}: the closure returned a loss with an autograd graph (it enabled grad inside "
                 "the step's torch.no_grad()); a ZO step needs only the loss value. Run the forward without "
                 "enable_grad and without backward() (e.g. lambda: loss_fn(model(x), y)): the graph keeps every "
-                "activation in memory, and a backward() there computes gradients nobody uses")
+                "activation in memory, and a backward() there computes gradients nobody uses. A loss that needs "
+                "autograd itself (derivatives with respect to its inputs) can return loss.detach()")
 
     def _eval(self, closure, where: str) -> float:
         """One forward pass: the closure's loss, through ``scalar_hook``. The only part of a
