@@ -210,13 +210,16 @@ def _call_closure(closure):
         # torch.autograd.grad of a loss that differentiates with respect to its inputs (a PINN
         # residual, a gradient penalty) fails with autograd's same words under the step's
         # no_grad: such a closure was told not to call backward(), which it never did
+        # (not under forward_grad's jvp, where functorch refuses autograd.grad in any grad mode)
+        inputs = "" if "functorch" in autograd_said else (
+            " A loss that takes derivatives with respect to its inputs (torch.autograd.grad: a PINN residual, a "
+            "gradient penalty) needs grad mode, which a ZO step turns off: compute those derivatives inside "
+            "`with torch.enable_grad():` in the closure.")
         raise RuntimeError(
             "ZO closures must not call backward(): a zeroth-order step only needs the loss, so the closure "
             "should run the forward pass and return it (e.g. lambda: loss_fn(model(x), y)); zeroflow.optim."
-            "train_step calls backward itself for first-order optimizers. A loss that takes derivatives with "
-            "respect to its inputs (torch.autograd.grad: a PINN residual, a gradient penalty) needs grad mode, "
-            "which a ZO step turns off: compute those derivatives inside `with torch.enable_grad():` in the "
-            f"closure. (autograd said: {autograd_said})") from e
+            f"train_step calls backward itself for first-order optimizers.{inputs} (autograd said: "
+            f"{autograd_said})") from e
 
 
 def _scalar(loss, where: str) -> float:
