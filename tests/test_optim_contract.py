@@ -577,6 +577,19 @@ def test_a_hybrid_over_no_optimizer_or_a_nan_fo_lr_is_refused():
         HybridFOZO(torch.optim.SGD(ps, lr=float("nan")), ZOFusedSGD(ps), 1)
 
 
+def test_a_hybrid_over_a_partly_frozen_model_names_the_frozen_parameters():
+    """The ZO optimizer leaves frozen parameters out of its groups and torch.optim's keeps them:
+    a hybrid built over model.parameters() of a partly frozen model was refused as optimizing
+    other parameters, with no word of why."""
+    model = make_mlp(6, 4, 1)
+    model[0].requires_grad_(False)
+    ps = list(model.parameters())
+    with pytest.raises(ValueError, match=r"the fo optimizer holds 2 parameter\(s\) with requires_grad=False"):
+        HybridFOZO(torch.optim.SGD(ps, lr=0.1), ZOFusedSGD(ps, lr=0.1), 1)
+    trainable = [p for p in ps if p.requires_grad]
+    HybridFOZO(torch.optim.SGD(trainable, lr=0.1), ZOFusedSGD(ps, lr=0.1), 1)
+
+
 def test_a_hybrid_switch_is_a_count_not_a_flag():
     """hybrid_switch=True (read as "hybrid on") was taken as 1 FO step without a word, and
     numpy's int64 (a sweep's value) was refused as no int."""

@@ -95,7 +95,13 @@ class HybridFOZO(torch.optim.Optimizer):
         groups = []
         for gf, gz in zip(fo.param_groups, zo.param_groups):
             if [id(p) for p in gf["params"]] != [id(p) for p in gz["params"]]:
-                raise ValueError("fo and zo optimizers must optimize the same parameters in the same order")
+                # the usual cause: a partly frozen model given to both, which the ZO optimizer filters
+                frozen = sum(1 for p in gf["params"] if not p.requires_grad)
+                raise ValueError(
+                    "fo and zo optimizers must optimize the same parameters in the same order"
+                    + (f"; the fo optimizer holds {frozen} parameter(s) with requires_grad=False, which a zeroflow ZO "
+                       "optimizer leaves out of its groups: give both the trainable ones only (e.g. "
+                       "[p for p in model.parameters() if p.requires_grad])" if frozen else ""))
             lf, lz = _rate(gf["lr"], "the FO optimizer's lr"), float(gz["lr"])   # nan: the ZO phase's lr nan
             if lf == 0.0 and lz != 0.0:
                 raise ValueError(f"the FO phase's lr is 0 and the ZO phase's {lz}: the hybrid schedules the ZO lr as a "
