@@ -577,6 +577,27 @@ def test_a_hybrid_over_no_optimizer_or_a_nan_fo_lr_is_refused():
         HybridFOZO(torch.optim.SGD(ps, lr=float("nan")), ZOFusedSGD(ps), 1)
 
 
+@pytest.mark.parametrize("cls,key,needle", [
+    (ZOFusedSGD, "maximize", "maximize=True: zeroflow's optimizers minimize"),
+    (ZOFusedAdam, "maximize", "maximize=True: zeroflow's optimizers minimize"),
+    (ZOFusedAdam, "amsgrad", "amsgrad=True: ZOFusedAdam has no AMSGrad variant")])
+def test_torch_optim_options_a_group_carries_unread_are_refused(cls, key, needle):
+    """torch.optim keeps any key of a group dict: {"params": ..., "maximize": True} (or Adam's
+    amsgrad) copied from a torch.optim configuration was carried and never read, and the step
+    minimized (plain Adam) without a word; refused in a group, and when set between steps."""
+    model = make_mlp(6, 4, 1)
+    ps = list(model.parameters())
+    with pytest.raises(ValueError, match=needle):
+        cls([{"params": ps, key: True}], lr=0.1)
+    opt = cls([{"params": ps, key: False}], lr=0.1, seed=3)     # False: what the optimizer does
+    _run(model, opt, 1)
+    opt.param_groups[0][key] = True
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="param group 0: " + needle):
+        _run(model, opt, 1)
+    assert max_moved(model, before) == 0.0 and opt.step_count == 1
+
+
 def test_a_hybrid_over_a_partly_frozen_model_names_the_frozen_parameters():
     """The ZO optimizer leaves frozen parameters out of its groups and torch.optim's keeps them:
     a hybrid built over model.parameters() of a partly frozen model was refused as optimizing

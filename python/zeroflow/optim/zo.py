@@ -559,6 +559,11 @@ class _ZOBase(torch.optim.Optimizer):
                              "in the parameter's dtype, or in float32)")
         if g["sign"] and g["scalar_sign"]:
             raise ValueError("sign (element-wise, ZO-signSGD) and scalar_sign (public-code variant) are exclusive")
+        # torch.optim's option, which a group dict carried here unread (torch.optim keeps any key):
+        # the step minimized what the user asked to maximize
+        if g.get("maximize"):
+            raise ValueError("maximize=True: zeroflow's optimizers minimize the closure's loss; return the negated "
+                             "objective from the closure to maximize it (and drop maximize)")
 
     def _check_params(self, params, group: int) -> None:
         """What the fused kernels need, checked now rather than at the first step: a supported
@@ -1433,6 +1438,9 @@ class ZOFusedAdam(_ZOBase):
             raise ValueError(f"eps={g['eps']} must be >= 0 and finite (eps=inf makes every update 0)")
         if not isinstance(g["decoupled_weight_decay"], bool):
             raise ValueError(f"decoupled_weight_decay={g['decoupled_weight_decay']!r} must be True or False")
+        if g.get("amsgrad"):       # as maximize: a group key torch.optim.Adam reads, ignored here
+            raise ValueError("amsgrad=True: ZOFusedAdam has no AMSGrad variant (its fused update keeps m and v "
+                             "only); drop amsgrad")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  decoupled_weight_decay=False, zo_eps=1e-3, q=1, perturbation="gaussian",
