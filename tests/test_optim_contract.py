@@ -488,6 +488,13 @@ def test_a_hybrid_over_named_parameters_adds_named_groups_and_trains_them(name):
     assert torch.equal(frozen, model[2].bias)
     state = copy.deepcopy(hyb.state_dict())
     assert [g["param_names"] for g in state["param_groups"]] == [["weight", "bias"], ["2.weight"]]
+    with pytest.raises(ValueError, match="give every parameter of the group as a \\(name, tensor\\) pair, or none"):
+        hyb.add_param_group({"params": [("w", torch.nn.Parameter(torch.zeros(1))), torch.nn.Parameter(torch.zeros(1))]})
+    model[2].weight.requires_grad_(False)
+    frozen_head = torch.nn.Linear(4, 1).requires_grad_(False)
+    hyb.add_param_group({"params": list(frozen_head.named_parameters())})     # named, empty once filtered
+    assert [o.param_groups[2]["param_names"] for o in (hyb, hyb.fo, hyb.zo)] == [[]] * 3
+    _run(model, hyb, 1)
 
 
 @pytest.mark.parametrize("key,value,needle", [

@@ -65,12 +65,13 @@ def _tensor_of(item):
     return item[1] if isinstance(item, tuple) and len(item) == 2 else item
 
 
-def _named_as(opt: torch.optim.Optimizer, items: list) -> list:
-    """``items`` (tensors or ``(name, tensor)`` pairs) as ``opt``'s groups take them: the pairs
-    where they name their parameters, else the tensors."""
-    if opt.param_groups and "param_names" in opt.param_groups[0]:
-        return items
-    return [_tensor_of(p) for p in items]
+def _named_as(opt: torch.optim.Optimizer, tensors: list, names: list | None) -> dict:
+    """A new group's ``params`` (and ``param_names``) as ``opt``'s groups hold them: named where
+    they are (the names given explicitly: a group left empty by frozen parameters has no pair
+    for torch.optim to read its names from), else the tensors only."""
+    if names is not None and opt.param_groups and "param_names" in opt.param_groups[0]:
+        return {"params": list(tensors), "param_names": list(names)}
+    return {"params": list(tensors)}
 
 
 __all__ = ["HybridFOZO"]
@@ -142,9 +143,13 @@ class HybridFOZO(torch.optim.Optimizer):
         # construction requires the same parameters in both ((name, tensor) pairs too: a frozen
         # named parameter stayed in the FO group and the hybrid's, and every later step refused
         # the groups as not its optimizers')
-        ps = [p for p in params_list(param_group["params"])
-              if not (isinstance(t := _tensor_of(p), torch.Tensor) and not t.requires_grad)]
-        named = any(isinstance(p, tuple) for p in ps)
+        given = params_list(param_group["params"])
+        named = any(isinstance(p, tuple) for p in given)     # before the filter: a group of frozen pairs is named
+        if named and not all(isinstance(p, tuple) and len(p) == 2 for p in given):
+            raise ValueError("HybridFOZO.add_param_group: give every parameter of the group as a (name, tensor) "
+                             "pair, or none")
+        ps = [p for p in given if not (isinstance(t := _tensor_of(p), torch.Tensor) and not t.requires_grad)]
+        tensors, names = [_tensor_of(p) for p in ps], ([p[0] for p in ps] if named else None)
         if self.param_groups and named != ("param_names" in self.param_groups[0]):
             raise ValueError(
                 "HybridFOZO.add_param_group: " + ("this hybrid's param groups name their parameters (built from "
@@ -158,13 +163,13 @@ class HybridFOZO(torch.optim.Optimizer):
         scale = _rate(param_group.get("zo_lr_scale", first["zo_lr_scale"]), "zo_lr_scale")
         # each optimizer gets the parameters as its own groups hold them: named or not (an inner
         # optimizer built on plain tensors under a named hybrid takes the tensors)
-        self.fo.add_param_group({"params": _named_as(self.fo, ps), "lr": lf})    # torch.optim's checks first
+        self.fo.add_param_group({**_named_as(self.fo, tensors, names), "lr": lf})    # torch.optim's checks first
         try:
-            self.zo.add_param_group({"params": _named_as(self.zo, ps), "lr": lf * scale})
+            self.zo.add_param_group({**_named_as(self.zo, tensors, names), "lr": lf * scale})
         except Exception:
             self.fo.param_groups.pop()
             raise
-        super().add_param_group({"params": ps, "lr": lf, "zo_lr_scale": scale})
+        super().add_param_group({**_named_as(self, tensors, names), "lr": lf, "zo_lr_scale": scale})
 
     def __getstate__(self):     # torch.optim's keeps defaults, state, param_groups only
         return super().__getstate__() | {"fo": self.fo, "zo": self.zo, "switch": self.switch, "_steps": self._steps}
