@@ -317,6 +317,26 @@ def test_an_option_set_between_steps_is_refused_before_any_group_moves(key, valu
     assert opt.state_dict()["zeroflow"] == state["zeroflow"]
 
 
+@pytest.mark.parametrize("attr,value,error,needle", [
+    # a misspelt estimator ran one_side without a word; q = 0 divided by zero after the forwards
+    ("estimator", "two_sided", ValueError, r"ZOFusedSGD\.estimator='two_sided' must be one of"),
+    ("q", 0, ValueError, r"ZOFusedSGD\.q=0 must be an int >= 1"),
+    ("q", 2.0, ValueError, r"ZOFusedSGD\.q=2\.0 must be an int"),
+    ("conserve", "False", ValueError, r"ZOFusedSGD\.conserve='False' must be True or False"),
+    ("sparse_resample", "epoch", ValueError, r"ZOFusedSGD\.sparse_resample='epoch' must be one of"),
+    ("backend", "gpu", ValueError, r"ZOFusedSGD\.backend='gpu' must be one of"),
+    ("estimator", "forward_grad", ValueError, r"ZOFusedSGD\.estimator='forward_grad' needs model=")])
+def test_an_optimizer_wide_option_set_between_steps_is_refused_before_anything_moves(attr, value, error, needle):
+    model, opt = two_groups(ZOFusedSGD)
+    opt.step(lambda: loss_of(model))
+    setattr(opt, attr, value)
+    before, state = snapshot(model), copy.deepcopy(opt.state_dict())
+    with pytest.raises(error, match=needle):
+        opt.step(lambda: loss_of(model))
+    assert max_moved(model, before) == 0.0 and opt.step_count == 1
+    assert opt.state_dict()["zeroflow"] == state["zeroflow"]
+
+
 @pytest.mark.parametrize("zo_eps", [float("inf"), 1e39, 2.0 ** 124])
 def test_a_perturbation_size_that_overflows_float32_is_refused(zo_eps):
     # it was accepted: the perturbed loss was inf, and the skipped step's restore computed

@@ -359,6 +359,28 @@ class _PendingPerturbation:
         return -self.units * float(eps)
 
 
+def _check_globals(q, estimator, conserve, sparse_resample, backend, model, where: str = "") -> None:
+    """The optimizer-wide options (GLOBAL_OPTIONS but the seed), checked at construction and
+    again before each step (``where``: "ZOFusedSGD." there, naming the attribute that was set)."""
+    if not isinstance(q, int) or isinstance(q, bool) or q < 1:
+        raise ValueError(f"{where}q={q!r} must be an int >= 1 (queries per step)")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"{where}estimator={estimator!r} must be one of {ESTIMATORS}")
+    if sparse_resample not in RESAMPLE:
+        raise ValueError(f"{where}sparse_resample={sparse_resample!r} must be one of {RESAMPLE}")
+    if backend not in ("auto",) + zfkernels.BACKENDS:
+        raise ValueError(f"{where}backend={backend!r} must be one of {('auto',) + zfkernels.BACKENDS}")
+    if not isinstance(conserve, bool):      # bool("False") turned conserve on
+        raise ValueError(f"{where}conserve={conserve!r} must be True or False")
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{where}model= must be the nn.Module the closure runs (or None), got {type(model).__name__}")
+    if estimator == "forward_grad":
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"{where}estimator='forward_grad' needs model=<the nn.Module the closure runs>")
+        if conserve:
+            raise ValueError(f"{where}conserve is not defined for estimator='forward_grad'")
+
+
 class _ZOBase(torch.optim.Optimizer):
     """Shared machinery of the fused zeroth-order optimizers (not for direct use)."""
 
@@ -367,23 +389,7 @@ class _ZOBase(torch.optim.Optimizer):
 
     def __init__(self, params, defaults, *, q=1, estimator="two_side", conserve=False,
                  sparse_resample="step", seed=None, backend="auto", model=None):
-        if not isinstance(q, int) or isinstance(q, bool) or q < 1:
-            raise ValueError(f"q={q!r} must be an int >= 1 (queries per step)")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator={estimator!r} must be one of {ESTIMATORS}")
-        if sparse_resample not in RESAMPLE:
-            raise ValueError(f"sparse_resample={sparse_resample!r} must be one of {RESAMPLE}")
-        if backend not in ("auto",) + zfkernels.BACKENDS:
-            raise ValueError(f"backend={backend!r} must be one of {('auto',) + zfkernels.BACKENDS}")
-        if not isinstance(conserve, bool):      # bool("False") turned conserve on
-            raise ValueError(f"conserve={conserve!r} must be True or False")
-        if model is not None and not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model= must be the nn.Module the closure runs (or None), got {type(model).__name__}")
-        if estimator == "forward_grad":
-            if not isinstance(model, torch.nn.Module):
-                raise ValueError("estimator='forward_grad' needs model=<the nn.Module the closure runs>")
-            if conserve:
-                raise ValueError("conserve is not defined for estimator='forward_grad'")
+        _check_globals(q, estimator, conserve, sparse_resample, backend, model)
         if seed is None:
             # Deterministic under torch.manual_seed, and consumes no random numbers.
             seed = torch.initial_seed() & (SEED_LIMIT - 1)
@@ -391,7 +397,7 @@ class _ZOBase(torch.optim.Optimizer):
             seed, "seed", "an int in [0, 2**63), or None (derived from torch.initial_seed())"), "seed")
         self.q = q
         self.estimator = estimator
-        self.conserve = bool(conserve)
+        self.conserve = conserve
         self.sparse_resample = sparse_resample
         self.backend = backend
         self.model = model
@@ -824,6 +830,11 @@ class _ZOBase(torch.optim.Optimizer):
             # schedule, zo_eps = 0) raises here, not after group 0 was perturbed.
             for i, g in enumerate(self.param_groups):
                 self._check_group(g, f"param group {i}: ")
+            # the optimizer-wide options are attributes a user may set between steps (a state
+            # or a trajectory log records them): a misspelt estimator ran one_side without a
+            # word, and q = 0 divided by zero after the step's forward passes
+            _check_globals(self.q, self.estimator, self.conserve, self.sparse_resample, self.backend, self.model,
+                           where=f"{type(self).__name__}.")
             stream = {id(g): (dist_code(g["perturbation"]), mask_threshold(g["sparsity"])) for g in self.param_groups}
             n = self._n
             seeds = [derive_seed(self._seed, n, j) for j in range(self.q)]
