@@ -72,8 +72,12 @@ inline void check_buffers(TensorList params, TensorList buffers, const char* nam
     check_float_tensor(b, name, k);
     TORCH_CHECK_VALUE(b.device() == p.device(), "zfkernels: ", name, "[", k, "] is on ", b.device(),
                       " but params[", k, "] is on ", p.device(), "; keep each buffer with its param");
-    TORCH_CHECK_VALUE(b.sizes() == p.sizes(), "zfkernels: ", name, "[", k, "] has shape ", b.sizes(),
-                      " but params[", k, "] has shape ", p.sizes(), "; buffers must match their param");
+    // sym_sizes, not sizes: under torch.compile with dynamic shapes the meta kernel sees
+    // symbolic sizes, and sizes() specialized each to its traced value (a recompile for every
+    // param shape; a ConstraintViolationError for a size marked dynamic); sym_sizes compares
+    // them symbolically (one guard: the two sizes are equal). Real tensors: the same sizes.
+    TORCH_CHECK_VALUE(b.sym_sizes() == p.sym_sizes(), "zfkernels: ", name, "[", k, "] has shape ", b.sym_sizes(),
+                      " but params[", k, "] has shape ", p.sym_sizes(), "; buffers must match their param");
     TORCH_CHECK_VALUE(b.scalar_type() == p.scalar_type() || b.scalar_type() == at::kFloat,
                       "zfkernels: ", name, "[", k, "] has dtype ", b.scalar_type(), " but params[", k,
                       "] is ", p.scalar_type(), "; use the param's dtype or float32");

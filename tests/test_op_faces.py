@@ -211,6 +211,44 @@ def test_compiled_ops_under_torch_compile_match_eager(backend):
         assert g._version >= 1, f"input {k}: version not bumped under torch.compile"
 
 
+def _compiled_matches_eager_with_dynamic_sizes(step, make):
+    """``step`` compiled (fullgraph, aot_eager) on ``make(n)``'s tensors with size 0 of each
+    marked dynamic, for two n: its outputs and the written inputs equal eager's."""
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for n in (6, 9):
+        eager = make(n)
+        traced = [t.clone() for t in eager]
+        for t in traced:
+            torch._dynamo.mark_dynamic(t, 0)
+        want, got = step(*eager), compiled(*traced)
+        for g, w in zip((got, *traced), (want, *eager)):
+            assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_compiled_updates_under_torch_compile_keep_dynamic_sizes_symbolic(backend):
+    """The meta kernels of the updates compare each buffer's shape with its param's
+    symbolically: a size marked dynamic stays dynamic. They compared sizes(), which
+    specialized every size to its traced value: a recompile per param shape, and
+    torch.compile refused a size marked dynamic (ConstraintViolationError)."""
+    _, dev = backend
+    ops = torch.ops.zfkernels
+
+    def step(a, mom, m, v):
+        ops.zo_sgd_update_([a], [mom], [], [0], [7], [0.5], 1, 0, 0, 7, -0.25, 0.1, 0.0, 0.9, 0.0, False, False,
+                           False, 0.0, False, False, 0)
+        ops.zo_adam_update_([a], [m], [v], [], [1], [7], [0.5], 0, 0, 0, 0, 0.0, 1e-2, 0.9, 0.999, 1e-8, 0.0,
+                            False, 1, False, 0.0, False, False, 0)
+        return a * 2
+
+    def make(n):
+        a = torch.randn(n, device=dev)
+        return [a, torch.zeros_like(a), torch.zeros_like(a), torch.zeros_like(a)]
+
+    _compiled_matches_eager_with_dynamic_sizes(step, make)
+
+
 # ======================================================================================
 # Adam's betas
 # ======================================================================================
