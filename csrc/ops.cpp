@@ -773,7 +773,9 @@ Tensor philox4x32_10_meta(const Tensor& counters, int64_t key0, int64_t key1) {
   check_counters(counters);
   check_key(key0, "key0");
   check_key(key1, "key1");
-  return at::empty({counters.size(0), 4}, counters.options());
+  // sym_size: under torch.compile with dynamic shapes N is symbolic, and size(0) specialized
+  // it to its traced value (a recompile per N; a ConstraintViolationError for N marked dynamic).
+  return at::empty_symint({counters.sym_size(0), 4}, counters.options());
 }
 
 // The scalar options need no check (any value is valid; Adam's betas and step are checked):

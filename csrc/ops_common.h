@@ -248,8 +248,8 @@ inline void check_counters(const Tensor& c) {
   TORCH_CHECK_VALUE(c.layout() == at::kStrided, "zfkernels: counters must be a dense tensor");
   TORCH_CHECK_VALUE(c.scalar_type() == at::kLong, "zfkernels: counters has dtype ", c.scalar_type(),
                     "; use an int64 tensor (values in [0, 2**32))");
-  TORCH_CHECK_VALUE(c.dim() == 2 && c.size(1) == 4, "zfkernels: counters must have shape [N, 4], got ",
-                    c.sizes());
+  TORCH_CHECK_VALUE(c.dim() == 2 && c.sym_size(1) == 4, "zfkernels: counters must have shape [N, 4], got ",
+                    c.sym_sizes());  // sym_: a symbolic N stays symbolic (see check_buffers)
 }
 
 inline void check_key(int64_t k, const char* name) {

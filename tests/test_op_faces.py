@@ -249,6 +249,17 @@ def test_compiled_updates_under_torch_compile_keep_dynamic_sizes_symbolic(backen
     _compiled_matches_eager_with_dynamic_sizes(step, make)
 
 
+@pytest.mark.parametrize("backend", COMPILED)
+def test_compiled_philox_under_torch_compile_keeps_a_dynamic_n_symbolic(backend):
+    """philox4x32_10's meta kernel gives the output N rows symbolically: it read N with
+    size(0), which specialized it (ConstraintViolationError for an N marked dynamic)."""
+    _, dev = backend
+    ops = torch.ops.zfkernels
+    _compiled_matches_eager_with_dynamic_sizes(
+        lambda c: ops.philox4x32_10(c, 3, 4) + 1,
+        lambda n: [torch.randint(0, 2**32, (n, 4), dtype=torch.int64, device=dev)])
+
+
 # ======================================================================================
 # Adam's betas
 # ======================================================================================
