@@ -778,6 +778,49 @@ def test_opcheck_every_op(backend):
     torch.library.opcheck(ops.zo_adam_update_.default, tuple(_adam(p, m, v, step=2, weight_decay=0.1).values()))
 
 
+def _opcheck_variants(dev):
+    """(op, args) of the variants test_opcheck_every_op leaves out: each written list the
+    schema annotates (history_buffers: (c!) / (d!)), mixed storage dtypes with fp32 buffers,
+    stochastic rounding, sign, a zero-element tensor, and empty lists (the Composite kernel)."""
+    ops = torch.ops.zfkernels
+    g = torch.Generator().manual_seed(3)
+
+    def r(*s, dtype=torch.float32):
+        return torch.randn(*s, generator=g).to(dtype=dtype, device=dev)
+
+    p = lambda: [r(5, dtype=torch.bfloat16), r(3, dtype=torch.float16), r(0), r(2, 2)]  # noqa: E731
+    like = lambda ps, f32=False: [r(*t.shape, dtype=torch.float32 if f32 else t.dtype) for t in ps]  # noqa: E731
+    ps = p()
+    sgd = _sgd(ps, momentum_buffers=like(ps, f32=True), history_buffers=like(ps), seeds=[1, 2, 1],
+               coeffs=[0.5, -0.5, 0.25], restore_seed=1, restore_scale=-0.1, momentum=0.9, dampening=0.1,
+               nesterov=True, sign=True, history_alpha=0.5, mask_threshold=1 << 22, stochastic_rounding=True,
+               round_seed=9)
+    ps = p()
+    adam = _adam(ps, like(ps, f32=True), [t.abs() for t in like(ps)], history_buffers=like(ps, f32=True),
+                 seeds=[4], coeffs=[0.5], dist=1, restore_seed=4, restore_scale=-0.1, weight_decay=0.1,
+                 decoupled_weight_decay=True, step=3, history_init=True, stochastic_rounding=True, round_seed=2)
+    return [
+        ("zo_sgd_update_ with history", ops.zo_sgd_update_.default, sgd),
+        ("zo_adam_update_ with history", ops.zo_adam_update_.default, adam),
+        ("perturb_ fp16, rademacher", ops.perturb_.default, _perturb([r(7, dtype=torch.float16), r(0)], dist=1)),
+        ("perturb_ empty", ops.perturb_.default, _perturb([])),
+        ("zo_sgd_update_ empty", ops.zo_sgd_update_.default, _sgd([], seeds=[], coeffs=[])),
+        ("zo_adam_update_ empty", ops.zo_adam_update_.default, _adam([], [], [])),
+        ("philox4x32_10 no rows", ops.philox4x32_10.default,
+         _philox(torch.zeros(0, 4, dtype=torch.int64, device=dev))),
+    ]
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_opcheck_every_variant(backend):
+    """torch.library.opcheck (schema, fake tensors, autograd registration, aot dispatch) over
+    the variants that write every annotated list, and the empty calls."""
+    _, dev = backend
+    for name, op, args in _opcheck_variants(dev):
+        res = torch.library.opcheck(op, tuple(args.values()), raise_exception=False)
+        assert all(v == "SUCCESS" for v in res.values()), f"{name}: {res}"
+
+
 # ======================================================================================
 # Backend-specific properties
 # ======================================================================================
