@@ -868,6 +868,38 @@ def test_cpu_kernel_independent_of_thread_count():
     assert_bits_equal(a, b, "threads")
 
 
+@pytest.mark.skipif(not _compiled.cpu_available(), reason="compiled CPU ops missing")
+def test_cpu_updates_independent_of_thread_count():
+    """The updates' chunks (each tensor cut at 64Ki elements, run by at::parallel_for) write
+    the same bits on one thread and on several: mixed dtypes, every buffer, the mask, history,
+    momentum and stochastic rounding, tensors of several chunks with ragged tails."""
+    ops = torch.ops.zfkernels
+
+    def run(threads):
+        torch.set_num_threads(threads)
+        g = torch.Generator().manual_seed(0)
+        p = [torch.randn(200_003, generator=g).bfloat16(), torch.randn(70_001, generator=g), torch.zeros(0),
+             torch.randn(131_072, generator=g).half()]
+        m, v = [torch.randn(t.shape, generator=g) for t in p], [torch.rand(t.shape, generator=g) for t in p]
+        h = [torch.randn(t.shape, generator=g).to(t.dtype) for t in p]
+        mom = [torch.randn(t.shape, generator=g).to(t.dtype) for t in p]
+        ids = [0, 1, 2, 3]
+        ops.perturb_(p, ids, 5, 1e-3, 0, 9, 1 << 22)
+        ops.zo_adam_update_(p, m, v, h, ids, [5, 6, 7], [0.1, -0.2, 0.3], 0, 9, 1 << 22, 5, -1e-3, 1e-3, 0.9, 0.999,
+                            1e-8, 0.01, True, 3, False, 0.9, False, True, 11)
+        ops.zo_sgd_update_(p, mom, [], ids, [5], [0.1], 1, 9, 0, 5, -1e-3, 1e-3, 0.01, 0.9, 0.1, True, False, True,
+                           0.0, False, True, 12)
+        return p + m + v + h + mom
+
+    old = torch.get_num_threads()
+    try:
+        one, several = run(1), run(max(2, old))
+    finally:
+        torch.set_num_threads(old)
+    for k, (a, b) in enumerate(zip(one, several)):
+        assert_bits_equal(a, b, f"threads, tensor {k}")
+
+
 @NEEDS_TRITON
 def test_triton_independent_of_block_size():
     from zfkernels import triton as zt
