@@ -53,5 +53,57 @@ def test_the_data_is_fsynced_before_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(atomic.os, "fsync", fsync)
     monkeypatch.setattr(atomic.os, "replace", replace)
     atomic_write_bytes(str(tmp_path / "f.json"), b"{}")
-    assert calls == ["fsync", "replace"]
+    assert calls[:2] == ["fsync", "replace"]
     assert (tmp_path / "f.json").read_bytes() == b"{}"
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECTORY"), reason="no directory fsync without os.O_DIRECTORY")
+def test_the_directory_is_fsynced_after_the_rename(tmp_path, monkeypatch):
+    """The file's data synced is not enough: the rename is an entry in the directory, and until
+    the directory is synced a power loss can bring back the old file (or none)."""
+    import zeroflow._atomic as atomic
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        calls.append(("fsync dir", st.st_ino) if stat.S_ISDIR(st.st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        calls.append("replace")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    (tmp_path / "sub").mkdir()
+    atomic_write_bytes(str(tmp_path / "sub" / "f.json"), b"{}")
+    assert calls == ["fsync file", "replace", ("fsync dir", os.stat(tmp_path / "sub").st_ino)]
+
+
+def test_a_failed_directory_sync_is_raised_but_no_sync_support_is_not(tmp_path, monkeypatch):
+    """EIO from the directory's fsync means the rename may not be on the disk: the caller must
+    hear it. EINVAL is a filesystem with no directory sync at all (some FUSE / network ones)."""
+    import errno
+
+    import zeroflow._atomic as atomic
+    if not hasattr(os, "O_DIRECTORY"):
+        pytest.skip("no directory fsync without os.O_DIRECTORY")
+    real_fsync = os.fsync
+
+    def failing(code):
+        def fsync(fd):
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise OSError(code, os.strerror(code))
+            real_fsync(fd)
+        return fsync
+
+    target = str(tmp_path / "f.json")
+    monkeypatch.setattr(atomic.os, "fsync", failing(errno.EINVAL))
+    atomic_write_bytes(target, b"a")
+    assert (tmp_path / "f.json").read_bytes() == b"a"
+    monkeypatch.setattr(atomic.os, "fsync", failing(errno.EIO))
+    with pytest.raises(OSError) as e:
+        atomic_write_bytes(target, b"b")
+    assert e.value.errno == errno.EIO and e.value.filename == target
+    assert os.listdir(tmp_path) == ["f.json"]

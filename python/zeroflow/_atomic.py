@@ -1,6 +1,9 @@
 """Atomic file writes: a temporary file in the target's directory (``.tmp-<name>.<random>``),
-flushed and fsynced, then renamed over the target. On any failure the temporary file is
-removed and the target is untouched, so a reader never sees a half-written file.
+flushed and fsynced, then renamed over the target, and then the directory is fsynced so that
+the rename itself survives a power loss (POSIX; where ``os.O_DIRECTORY`` is missing, as on
+Windows, a directory cannot be opened to sync it). On any failure the temporary file is
+removed and the target is untouched, so a reader never sees a half-written file (a failed
+directory sync is raised too, though the target then already holds the new content).
 
 The temporary file is created with mode 0o666 like any ``open(path, "w")``, so the
 process umask applies and the renamed file gets the same permissions as a plain write
@@ -9,6 +12,7 @@ target path, not the temporary one: that is the path the caller knows."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -41,6 +45,23 @@ def _naming(path: str, err: OSError) -> OSError:
     return type(err)(err.errno, err.strerror or str(err), path)
 
 
+def _sync_directory(folder: str) -> None:
+    """fsync ``folder`` so that a rename in it is on the disk: until then a power loss can
+    bring back the old file (or none) even though the new file's data was synced."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return      # Windows: no way to open a directory; NTFS journals the rename itself
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # EINVAL / ENOTSUP: this filesystem has no sync for a directory (some FUSE and network
+        # ones), so there is nothing more to do; any other error (EIO) is a failed sync.
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str, write: Callable[[BinaryIO], object]) -> None:
     """``write(f)`` into a temporary file, then rename it to ``path`` (what ``write`` returns,
     e.g. ``f.write``'s byte count, is ignored)."""
@@ -54,6 +75,7 @@ def atomic_write(path: str, write: Callable[[BinaryIO], object]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _sync_directory(os.path.dirname(os.path.abspath(path)))
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
