@@ -111,6 +111,41 @@ def test_first_order_refused_under_torchrun(tmp_path):
 
 
 # ---------------------------------------------------------------- the training loop's data-parallel plumbing
+def test_too_small_a_batch_for_the_ranks_is_an_error_before_the_run_folder(tmp_path):
+    """--batch-size 1 on 2 ranks: ShardedBatchSampler's ValueError (some rank would get an empty
+    batch) reached the user as a traceback from inside the first task, after the run folder was
+    claimed and the backbone pretrained. Now a ZeroflowError (the CLI's one-line error) on every
+    rank, naming --batch-size, before anything is written."""
+    res = _launch(2, tmp_path / "out", tmp_path / "cache", tmp_path / "res", batch_size=1)
+    for r in res:
+        assert r.get("error", "").startswith("ZeroflowError: --batch-size 1 under torchrun with 2 ranks"), r
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_the_cli_prints_a_shard_refusal_as_one_line(tmp_path, monkeypatch, capsys):
+    """zeroflow run under torchrun with a task smaller than the job: one line, exit 2 (rank and
+    world stand in for torchrun's; the refusal comes before any collective)."""
+    from zeroflow.cli import main
+    from zeroflow.continual import runner
+
+    monkeypatch.setattr(runner, "distributed_setup", lambda cfg: (0, 4))
+    monkeypatch.setattr(runner, "load_run_data", lambda cfg, warn: _Tasks([[0, 1], [2, 3]], [0, 0, 1, 1, 2, 3, 2]))
+    out = tmp_path / "out"
+    assert main(["run", "--dataset", "digits", "--method", "ease", "--optimizer", "zo_sgd", "--batch-size", "8",
+                 "--backend", "cpu", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["zeroflow: error: task 2 of --dataset digits has 3 training image(s), fewer than the 4 ranks of "
+                   "this torchrun job: some rank would get no sample and the task would train nothing; run on fewer "
+                   "ranks (torchrun --nproc-per-node), or give the task at least 4 training images"], err
+    assert not out.exists()
+
+
+class _Tasks:
+    def __init__(self, tasks, train_targets):
+        import numpy as np
+        self.tasks, self.train_targets = tasks, np.asarray(train_targets)
+
+
 def test_the_training_loop_reshuffles_sharded_batches_each_epoch_and_weights_by_shard_size():
     """Under torchrun each rank's loader is a ShardedBatchSampler (docs/distributed.md, "The
     continual CLI under torchrun"): the loop must call set_epoch(e) every epoch (one permutation

@@ -482,6 +482,8 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
     _set_threads(cfg, device)
     seed_everything(int(cfg["seed"]))
     data = load_run_data(where, warn)
+    if world > 1:
+        check_shards(cfg, data, world)
 
     folder = None
 
@@ -725,6 +727,26 @@ def untrained_results(cfg: Dict, net, data, device, res: Dict, log) -> Dict:
 
 def _silent(*args, **kwargs):
     pass
+
+
+def check_shards(cfg: Dict, data, world: int) -> None:
+    """Every rank of a torchrun job gets a sample of every global batch of every task: what
+    ShardedBatchSampler (which splits each global batch over the ranks) refuses with a ValueError,
+    refused here in the options' words before the run claims its folder (the same on every rank,
+    so all of them stop, none waits in a collective). Every task is checked, also one the method
+    does not train on (APER trains on the first only): so the refusal does not depend on the method."""
+    batch = int(cfg["batch_size"])
+    if batch < world:
+        raise ZeroflowError(f"{flag('batch_size')} {batch} under torchrun with {world} ranks: every global batch is "
+                            f"split over the ranks, so some rank would get no sample; give --batch-size {world} or "
+                            f"more, or run on fewer ranks (torchrun --nproc-per-node)")
+    for t, classes in enumerate(data.tasks):
+        n = int(np.isin(data.train_targets, np.asarray(list(classes))).sum())
+        if n < world:
+            raise ZeroflowError(f"task {t + 1} of --dataset {cfg['dataset']} has {n} training image(s), fewer than "
+                                f"the {world} ranks of this torchrun job: some rank would get no sample and the task "
+                                f"would train nothing; run on fewer ranks (torchrun --nproc-per-node), or give the "
+                                f"task at least {world} training images")
 
 
 def _check_run_flags(out: Optional[str], *, resume: bool, force: bool, stop_after) -> None:
