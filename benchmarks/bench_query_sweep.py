@@ -14,6 +14,8 @@ one in progress is refused with the reason, never reused (delete DIR or choose a
 its record ("warnings"). Every point is checked before the first run starts; ``--extra`` may not set what the
 sweep sets per point (--optimizer, --q, --out, --resume, --force, --stop-after). The report
 includes the result with ``python -m benchmarks.report ... --sweep results/query_sweep.json``.
+Ctrl-C or a SIGTERM writes the points finished so far, the JSON's "stopped" saying where it
+stopped (exit 130 / 143); the same command again reuses them and resumes the rest.
 On 2 CPU cores a run takes 10 s (q = 1) to ~100 s (q = 32) with the backbone cached, ~7.5 min
 for the full sweep of 12 runs (measured 2026-11-30): it is not part of ``make bench``
 (``make bench-sweep``).
@@ -198,12 +200,28 @@ def main(argv=None) -> int:
     for point in plan:
         if point["action"] == "refuse":
             print(f"sweep: refusing a point: {point['error']}", file=sys.stderr, flush=True)
-    results = [run_point(point, extra, a.dry_run, a.timeout) for point in plan]
+    # Ctrl-C, or a SIGTERM (a plain `timeout`, a lease's limit), taken as Ctrl-C: the points
+    # finished so far are still written (they were all lost, the JSON written after the last
+    # point), the run in progress is left resumable in its folder and resumed by the next sweep.
+    # Imported here: benchmarks._common imports torch, which the plan and --help do not need.
+    from benchmarks._common import StopSignals
+
+    results, stopped = [], None
+    with StopSignals() as signals:
+        try:
+            for point in plan:
+                results.append(run_point(point, extra, a.dry_run, a.timeout))
+        except KeyboardInterrupt:
+            stopped = f"stopped ({signals.name}) after {len(results)} of {len(plan)} points"
+            print(f"sweep: {stopped}; the next sweep with the same options resumes the rest", file=sys.stderr,
+                  flush=True)
     out = {"description": "Avg accuracy (zeroflow run, embedded default data set) vs queries q.",
            "dataset": "embedded default (`zeroflow run` defaults)", "extra_args": extra,
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "results": results}
+    if stopped:
+        out["stopped"] = stopped        # the report says so under the table
     if a.dry_run:
-        return 1 if any(r.get("error") for r in results) else 0
+        return signals.exit_status if stopped else 1 if any(r.get("error") for r in results) else 0
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     atomic_write_bytes(a.out, json.dumps(out, indent=1).encode())
     print(f"sweep: wrote {a.out}")
@@ -219,6 +237,8 @@ def main(argv=None) -> int:
         if os.path.abspath(src) != os.path.abspath(a.plot) and os.path.exists(src):
             os.replace(src, a.plot)
         print(f"sweep: plot {a.plot}" if rel else "sweep: no plot (matplotlib missing)")
+    if stopped:
+        return signals.exit_status
     return 1 if any(r.get("error") for r in results) else 0
 
 

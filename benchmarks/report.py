@@ -738,6 +738,8 @@ def sweep_section(sweep, plots_rel):
         rows.append([f"{o} wall time"] + ["—" if look.get((o, q)) is None or look[(o, q)].get("wall_s") is None
                                           else f"{look[(o, q)]['wall_s']:.0f} s" for q in qs])
     out += [table(["optimizer"] + [f"q={q}" for q in qs], rows), ""]
+    if sweep.get("stopped"):       # bench_query_sweep.py cut short: the missing points were not run
+        out += [f"The sweep was {sweep['stopped']}: the points not in the table were not run.", ""]
     if plots_rel.get(("sweep", "")):
         out += [f"![query sweep]({plots_rel[('sweep', '')]})", ""]
     return "\n".join(out)

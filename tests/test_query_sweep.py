@@ -180,3 +180,36 @@ def test_a_value_given_twice_or_a_timeout_of_zero_is_refused(tmp_path, capsys):
         with pytest.raises(SystemExit):
             S.main(argv + ["--workdir", str(tmp_path), "--out", str(tmp_path / "sweep.json"), "--dry-run"])
         assert says in capsys.readouterr().err
+
+
+def test_a_stopped_sweep_writes_the_points_it_finished(tmp_path, monkeypatch, capsys):
+    """Ctrl-C, or a SIGTERM (a plain `timeout`, a lease's limit), during the third point: the JSON
+    was written only after the last point, so every finished point was lost with it. Now the
+    finished ones are written with "stopped", the report says so, and the exit status is the
+    signal's (130 / 143). The points are stand-ins: the records run_point would return."""
+    import signal
+
+    from benchmarks.report import sweep_section
+
+    handler = signal.getsignal(signal.SIGTERM)
+    for sig, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        done = []
+
+        def run_point(point, extra, dry, timeout):
+            if len(done) == 2:
+                os.kill(os.getpid(), sig)     # SIGINT: Python's KeyboardInterrupt; SIGTERM: StopSignals'
+            done.append(point["q"])
+            return {"optimizer": point["optimizer"], "q": point["q"], "dir": point["dir"], "avg": 50.0 + point["q"]}
+
+        monkeypatch.setattr(S, "run_point", run_point)
+        out = tmp_path / f"sweep_{sig.name}.json"
+        rc = S.main(["--qs", "1,2,4,8", "--optimizers", "zo_sgd", "--workdir", str(tmp_path / sig.name),
+                     "--out", str(out)])
+        assert rc == status, sig.name
+        with open(out) as f:
+            written = json.load(f)
+        assert [r["q"] for r in written["results"]] == [1, 2]
+        assert written["stopped"] == f"stopped ({sig.name}) after 2 of 4 points"
+        assert f"sweep: stopped ({sig.name}) after 2 of 4 points" in capsys.readouterr().err
+        assert f"The sweep was stopped ({sig.name}) after 2 of 4 points" in sweep_section(written, {})
+    assert signal.getsignal(signal.SIGTERM) == handler       # put back after the sweep
