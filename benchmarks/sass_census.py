@@ -53,6 +53,7 @@ from typing import NamedTuple
 import torch
 
 from benchmarks._common import StopSignals
+from zeroflow._atomic import atomic_write_bytes
 from benchmarks.profile_kernels import ADAM_STEP, CASES, COEFF, EPS, LR, SEED, median_ms
 
 ISSUE_RATE = 33.4e12          # H200 lane instructions per second (benchmarks/notes.md)
@@ -312,6 +313,10 @@ def time_variants(name: str, numel: int, reps: int = 20) -> dict:
     return out
 
 
+def _write_json(path: str, obj) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default="all", help="comma-separated case names of benchmarks/profile_kernels.py")
@@ -350,9 +355,10 @@ def main(argv=None):
                             differ.append(f"{name} ({label})")
                     # after every case: a run cut at its limit (gpu_check.sh's SIGINT) keeps the cases
                     # it timed (the JSON used to be written after the last case only)
+                    # (atomically: a stop while it was rewritten left a truncated file, losing the
+                    # cases written before too)
                     if a.json:
-                        with open(a.json, "w") as f:
-                            json.dump({"triton": triton.__version__, "numel": a.numel, "cases": res}, f, indent=1)
+                        _write_json(a.json, {"triton": triton.__version__, "numel": a.numel, "cases": res})
             except KeyboardInterrupt:
                 print(f"sass_census --time: stopped ({signals.name}) after {len(res)} of {len(names)} cases",
                       file=sys.stderr)
@@ -376,8 +382,7 @@ def main(argv=None):
         print(f"{name:30s} {c['regs']:4d} {c['path_regs']:4d} {c['local_bytes']:5d} {c['instr_per_elem']:6.1f} "
               f"{c['philox_per_elem']:9.3f} {c['shared_ops']:6d} {cap:>10s}  {mem}")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+        _write_json(a.json, out)
     return 0
 
 

@@ -163,6 +163,41 @@ def test_time_stopped_by_sigterm_keeps_each_timed_case(tmp_path, monkeypatch, ca
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_time_stopped_while_its_json_is_rewritten_keeps_the_file_whole(tmp_path, monkeypatch, capsys):
+    """The JSON is rewritten after every timed case: a SIGTERM while it was written (opened "w",
+    half the text in it) left a truncated file, which lost the cases written before as well. It
+    is written atomically now. The signal comes from inside the encoding of the second case."""
+    import signal
+
+    import torch
+
+    from benchmarks import sass_census as sc
+
+    class Stop:      # a value whose encoding sends the SIGTERM: the write is under way by then
+        def __format__(self, spec):     # its row printed before the write
+            return "stop"
+
+    def default(self, o):
+        if isinstance(o, Stop):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return 0
+        raise TypeError(o)
+
+    def time_variants(name, numel):
+        ms = Stop() if name == "sgd-fp32-gaussian" else 1.0
+        return {"copy_ms": 1.0, "variants": {label: {"regs": 32, "compile_s": 0.1, "bit_identical": True,
+                                                     "ms": ms, "of_copy": 1.0} for label in sc.VARIANTS}}
+
+    monkeypatch.setattr(json.JSONEncoder, "default", default)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a test GPU")
+    monkeypatch.setattr(sc, "time_variants", time_variants)
+    out = tmp_path / "variants.json"
+    assert sc.main(["--time", "--cases", "perturb-fp32-rademacher,sgd-fp32-gaussian", "--json", str(out)]) == 143
+    assert list(json.loads(out.read_text())["cases"]) == ["perturb-fp32-rademacher"]
+    assert os.listdir(tmp_path) == ["variants.json"]        # no temporary file left
+
+
 def test_time_refuses_a_bad_numel_before_any_launch(capsys):
     """--time --numel 0 failed inside the op's launch (or a ZeroDivisionError of the copy_
     timing) after the device was set up; the parser refuses it."""
