@@ -147,6 +147,9 @@ setup(
     description="Fused zeroth-order optimizer kernels (CPU, CUDA, Triton) for PyTorch",
     packages=packages,
     package_dir=package_dir,
+    # PEP 561: without the marker a type checker treats the installed packages as untyped and
+    # ignores their annotations
+    package_data={"zeroflow": ["py.typed"], "zfkernels": ["py.typed"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=use_ninja)},
     python_requires=">=3.9",

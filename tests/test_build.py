@@ -169,16 +169,34 @@ def test_import_warns_about_a_stale_build(tmp_path):
     assert _compiled.BUILD_COMMAND in edited.stderr
 
 
-def test_sdist_carries_what_the_build_needs(tmp_path):
-    """The source distribution builds where it is unpacked: it holds every source of csrc/
-    (setup.py names only the files it compiles, not their headers; MANIFEST.in adds them)
-    and zfkernels/_sources.py (setup.py loads it by path for the sources digest)."""
-    # In a copy without build outputs: setuptools also lists what a previous egg-info's
-    # SOURCES.txt named, which would hide a file that MANIFEST.in no longer brings in.
+def _bare_copy(tmp_path):
+    """The repository without build outputs: setuptools also lists what a previous egg-info's
+    SOURCES.txt named, which would hide a file that MANIFEST.in or setup.py no longer brings in."""
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
         ".git", "*.egg-info", "build", "build-cmake", "dist", "results", "runs", "*.so", "__pycache__", ".*cache",
         ".probe", ".benchmarks"))
+    return src
+
+
+def test_the_packages_carry_their_py_typed_marker(tmp_path):
+    """PEP 561: a type checker (mypy, pyright) treats an installed package without a py.typed
+    marker as untyped and ignores its annotations; neither package shipped one. What a wheel
+    (and an install) holds of the packages is build_py's output: the marker must be in it."""
+    src = _bare_copy(tmp_path)
+    lib = tmp_path / "lib"
+    out = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(lib)], cwd=src,
+                         env=child_env(ZEROFLOW_BUILD_CUDA="0"), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for package in ("zeroflow", "zfkernels"):
+        assert (lib / package / "py.typed").is_file(), package
+
+
+def test_sdist_carries_what_the_build_needs(tmp_path):
+    """The source distribution builds where it is unpacked: it holds every source of csrc/
+    (setup.py names only the files it compiles, not their headers; MANIFEST.in adds them)
+    and zfkernels/_sources.py (setup.py loads it by path for the sources digest)."""
+    src = _bare_copy(tmp_path)
     out = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=src,
                          env=child_env(ZEROFLOW_BUILD_CUDA="0"), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -187,7 +205,8 @@ def test_sdist_carries_what_the_build_needs(tmp_path):
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
     need = {f"csrc/{f}" for f in os.listdir(_compiled.CSRC) if f.endswith(SOURCE_SUFFIXES)}
     assert {"csrc/ops.cpp", "csrc/ops_cuda.cu", "csrc/philox.h"} <= need
-    need |= {"setup.py", "zfkernels/_sources.py", "zfkernels/_compiled.py"}
+    need |= {"setup.py", "zfkernels/_sources.py", "zfkernels/_compiled.py", "python/zeroflow/py.typed",
+             "zfkernels/py.typed"}
     # and what its tests need to run there (conftest.py, the C++ and emulated-CUDA sources and
     # the configuration they read were left out: the tests in it could not run)
     need |= {"tests/conftest.py", "tests/cpp/test_philox.cpp", "tests/cuda_emu/cuda_emu.cpp", "pytest.ini",
