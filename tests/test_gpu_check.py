@@ -336,7 +336,8 @@ def test_a_suite_that_wrote_no_json_is_named_in_the_report(tmp_path):
 
 # The GPU tests' pytest killed before it writes its junit XML (SIGKILL after its limit: exit 137).
 FAKE_KILLED_TESTS = """#!/usr/bin/env bash
-[ -n "${{FAKE_XDIST:-}}" ] && [ "$1 $2" = "-c import xdist" ] && exit 0
+# FAKE_XDIST set: xdist is there; empty: it is not, whatever the python running the tests has
+[ "$1 $2" = "-c import xdist" ] && {{ [ -n "${{FAKE_XDIST:-}}" ]; exit $?; }}
 if [ "$1 $2 $3 $4" = "-X faulthandler -m pytest" ]; then
   # FAKE_EMPTY_JUNIT: killed after opening its junit file, before writing it (0 bytes)
   for a in "$@"; do
@@ -380,7 +381,8 @@ def test_a_test_run_that_wrote_no_junit_is_an_error_in_the_summary(tmp_path, xdi
 
 
 FAKE_RECORD_TESTS = """#!/usr/bin/env bash
-[ -n "${{FAKE_XDIST:-}}" ] && [ "$1 $2" = "-c import xdist" ] && exit 0
+# FAKE_XDIST set: xdist is there; empty: it is not, whatever the python running the tests has
+[ "$1 $2" = "-c import xdist" ] && {{ [ -n "${{FAKE_XDIST:-}}" ]; exit $?; }}
 [ "$1 $2 $3 $4" = "-X faulthandler -m pytest" ] && {{ echo "$*" >> {args}; exit 0; }}
 exec {fake} "$@"
 """
