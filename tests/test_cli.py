@@ -429,3 +429,18 @@ def test_report_output_never_replaces_a_file_of_a_run(tmp_path, capsys, name):
     err = capsys.readouterr().err
     assert f"it is a file of the run in {run_dir}" in err and str(tmp_path / "runs" / "report.md") in err, err
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("name", ["notes/metrics.json", "notes/trajectory/report.md"])
+def test_report_output_named_like_a_run_file_outside_any_run_is_written(tmp_path, capsys, name):
+    """The refusal above is for the files of a run: a metrics.json, or a trajectory folder,
+    in a folder that holds no run is an ordinary place for the markdown."""
+    d = tmp_path / "runs" / "ok"
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps({
+        "avg": 80.0, "last": 70.0, "fgt": 5.0, "peak_memory_bytes": 2e9, "forward_passes": 100,
+        "seconds_per_iteration": 0.01, "config": {"method": "ease", "optimizer": "zo_sgd", "dataset": "digits"}}))
+    out = tmp_path / name
+    out.parent.mkdir(parents=True)
+    assert main(["report", str(tmp_path / "runs"), "--output", str(out)]) == 0, capsys.readouterr().err
+    assert "| EASE | zo_sgd |" in out.read_text()

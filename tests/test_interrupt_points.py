@@ -196,6 +196,9 @@ def test_an_interrupted_sweep_says_how_to_continue_and_continues_to_the_uninterr
     assert rc == 130, err
     assert "| APER | zo_sgd |" in stdout           # the table of what finished
     assert f"run the same command with --out {out} to continue" in err, err
+    # the run folder that was cut, once the run had claimed one (not while it loaded its data)
+    cut = f" in {out / 'aper_zo_adam_digits'}" if where == "task" else ""
+    assert f"zeroflow: sweep interrupted{cut}; run the same command" in err, err
     assert "Traceback" not in err and not (out / ".lock").exists()
     monkeypatch.undo()
     rc, stdout, err = _sweep(capsys, tmp_path, out)
@@ -317,6 +320,31 @@ def test_a_crash_after_the_first_task_says_what_is_kept_and_how_to_continue(full
     monkeypatch.undo()
     assert_as_uninterrupted(full, out)
 
+
+
+@pytest.mark.parametrize("task, error", [(0, RuntimeError), (1, "ZeroflowError")])
+def test_a_crash_warning_says_when_no_task_was_kept_and_a_zeroflow_error_gets_none(tmp_path, monkeypatch, task,
+                                                                                   error):
+    """A crash in the first task keeps no task, and says so; a ZeroflowError says what to do
+    itself, and gets no warning beside it."""
+    from zeroflow.continual import ease
+    from zeroflow.continual.errors import ZeroflowError
+
+    error = ZeroflowError if error == "ZeroflowError" else error
+    learn = ease.EASE.learn_task
+
+    def crashes(self, t, *a, **k):
+        if t == task:
+            raise error("stopped (simulated)")
+        return learn(self, t, *a, **k)
+
+    monkeypatch.setattr(ease.EASE, "learn_task", crashes)
+    out, warned = tmp_path / "run", []
+    with pytest.raises(error, match="simulated"):
+        run(_cfg(), str(out), progress=False, log=quiet, warn=warned.append)
+    assert warned == ([] if error is ZeroflowError else [
+        f"the run in {out} stopped on the error below (no task had finished yet); once its cause is fixed, "
+        f"continue the run with: zeroflow run --resume --out {out}"])
 
 @pytest.mark.parametrize("checkpoint", [True, False])
 def test_a_stale_lock_taken_over_names_a_kept_checkpoint_only_where_there_is_one(tmp_path, checkpoint):

@@ -58,6 +58,25 @@ def test_tf32_flags_are_set_in_the_forward_and_restored_after_it():
     assert _tf32_state() == before
 
 
+
+@pytest.mark.parametrize("precision", ["tf32", "fp32"])
+def test_tf32_flags_are_restored_to_what_the_process_had_not_to_a_default(precision):
+    """The switches are put back to the values read before the forward, whatever they were
+    (here a mix that is neither all-on nor all-off), not to the values of either mode."""
+    from zeroflow.continual.precision import _tf32_settings, forward_precision
+    settings = _tf32_settings()
+    saved = [getattr(obj, name) for obj, name, _, _ in settings]
+    mixed = [on if i % 2 else off for i, (_, _, on, off) in enumerate(settings)]
+    try:
+        for (obj, name, _, _), v in zip(settings, mixed):
+            setattr(obj, name, v)
+        with forward_precision(precision, "cuda"):
+            pass
+        assert [getattr(obj, name) for obj, name, _, _ in settings] == mixed
+    finally:
+        for (obj, name, _, _), v in zip(settings, saved):
+            setattr(obj, name, v)
+
 @pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9: no new TF32 API")
 @pytest.mark.parametrize("precision,device", [("tf32", "cpu"), ("tf32", "cuda"), ("fp32", "cuda")])
 def test_a_process_that_set_tf32_with_torchs_new_api_runs_every_precision(precision, device):

@@ -762,3 +762,26 @@ def test_resume_refuses_a_backbone_pt_that_is_not_the_runs_own(env, tmp_path, ca
     torch.save(planted, out / "backbone.pt")
     rc, stdout, err = zf(capsys, "run", "--resume", "--out", out, "--no-progress", "--stop-after", 3)
     assert rc == 0 and "task 3/5" in stdout and "backbone.pt" not in err, err
+
+
+def test_backbone_sha256_is_of_the_tensors_in_name_order():
+    """The backbone's hash in a checkpoint is over its tensors in name order (as the
+    checkpoints written before it was computed by zeroflow.replay.weights_sha256 recorded
+    it): the order a state dict lists its tensors in does not change it, so those resume."""
+    from zeroflow.continual.runner import backbone_sha256
+    from zeroflow.replay import weights_sha256
+    a, b = torch.arange(3, dtype=torch.float16), torch.ones(2, 2)
+    assert backbone_sha256({"b": b, "a": a}) == backbone_sha256({"a": a, "b": b}) == weights_sha256(["a", "b"], [a, b])
+    assert backbone_sha256({"a": b, "b": a}) != backbone_sha256({"a": a, "b": b})
+
+
+def test_identity_with_a_backbone_hash_refuses_a_resume_that_has_none(tmp_path):
+    """A checkpoint that records the backbone's hash is not resumed where none can be computed
+    now (no ViT of the run's own): refused, not let through unchecked."""
+    from zeroflow.continual.errors import ZeroflowError
+    from zeroflow.continual.runner import check_identity
+    saved = {"class_names": None, "weights": None, "backbone": {"file": "backbone.pt", "sha256": "ab" * 32}}
+    check_identity(str(tmp_path), saved, dict(saved))
+    with pytest.raises(ZeroflowError, match=f"cannot resume {tmp_path}: its backbone.pt is not the pretrained "
+                                            "backbone .*sha256 ababababab.*is missing"):
+        check_identity(str(tmp_path), saved, {"class_names": None, "weights": None})
