@@ -378,6 +378,25 @@ def test_a_resume_keeps_the_environment_the_finished_tasks_ran_in(tmp_path, monk
     assert env == dict(first, resumed=[{"machine": "resume 1"}, {"machine": "resume 2"}])
 
 
+@pytest.mark.parametrize("left", ["{", "[1]", None])
+def test_a_resume_over_a_damaged_or_missing_environment_writes_its_own(tmp_path, monkeypatch, left):
+    """environment.json cut short, not an object, or missing (a run stopped before it was
+    written) is no reason to refuse the resume: the resume writes its own environment."""
+    import json as _json
+
+    from zeroflow.continual import runner
+
+    out = tmp_path / "run"
+    run(_cfg(), str(out), progress=False, log=quiet, warn=quiet, stop_after=1)
+    if left is None:
+        (out / "environment.json").unlink()
+    else:
+        (out / "environment.json").write_text(left)
+    monkeypatch.setattr(runner, "environment", lambda device, backend: {"machine": "resume"})
+    run({}, str(out), resume=True, progress=False, log=quiet, warn=quiet, stop_after=2)
+    assert _json.loads((out / "environment.json").read_text()) == {"machine": "resume"}
+
+
 # one class per task: the temporary head's cross-entropy is constant, as the optimizer warns
 @pytest.mark.filterwarnings("ignore:ZOFused.*every loss difference:RuntimeWarning")
 def test_metrics_lists_the_trajectory_logs_in_task_order(tmp_path):

@@ -112,6 +112,20 @@ def test_an_option_that_is_no_json_is_refused_before_the_step_and_the_recording_
     assert differing_entries(replay(base, log), m.state_dict()) == []
 
 
+def test_an_option_refused_as_no_json_is_the_first_one_found(tmp_path):
+    """Two options JSON cannot hold: the refusal names the first in the order the options
+    record lists them (group, then option name), not the last one looked at."""
+    m, X, Y, opt, base, log = sparse_sgd_recording(tmp_path)
+    loss = lambda: F.mse_loss(m(X), Y)  # noqa: E731
+    with TrajectoryRecorder(log, opt, model=m):
+        train_steps(opt, loss, 1)
+        opt.param_groups[0]["tags_b"] = {"second"}
+        opt.param_groups[0]["tags_a"] = {"first"}
+        with pytest.raises(ValueError, match=r"param group 0's option 'tags_a' = \{'first'\} \(set\) cannot be "
+                                             r"logged"):
+            opt.step(loss)
+        del opt.param_groups[0]["tags_a"], opt.param_groups[0]["tags_b"]
+
 def test_a_partly_stateful_optimizer_records_its_state_in_the_header(tmp_path):
     """docs/distributed.md §2: BASE holds the optimizer state when the recording starts with
     one ("+ optimizer if it already has state"). An optimizer whose first group has momentum and
@@ -558,6 +572,22 @@ def test_a_step_through_a_detached_wrapper_is_refused_before_anything_changes():
     dp2.step(loss, batch_size=8)
     assert opt.step_count == 2 and dp2.comm.calls > 0
 
+
+def test_a_step_through_a_wrapper_whose_hook_another_replaced_is_refused():
+    """Another scalar hook set on the optimizer after the wrapper (a second wrapper, a user's
+    hook) takes the combining away from it just as detach() does: refused the same way."""
+    from zeroflow.distributed import DataParallelZO
+
+    m = make_mlp(5, 8, 2)
+    X, Y = make_data(8, 5, 2)
+    loss = lambda: F.mse_loss(m(X), Y)  # noqa: E731
+    opt = ZOFusedSGD(m.parameters(), lr=1e-2, seed=3, backend="cpu")
+    dp = DataParallelZO(opt, comm=_two_ranks(lambda t: t.clone()))
+    opt.scalar_hook = lambda *a, **k: pytest.fail("the other hook was called")
+    with pytest.raises(RuntimeError, match=r"DataParallelZO.step: this wrapper was detached \(dp\.detach\(\), or "
+                                           r"another hook replaced it\)"):
+        dp.step(loss, batch_size=8)
+    assert dp.comm.calls == 0 and opt.step_count == 0
 
 def test_sync_grads_through_a_detached_wrapper_is_refused_in_the_fo_phase():
     """The hybrid's FO phase: sync_grads() on a detached wrapper exchanged the batch sizes and

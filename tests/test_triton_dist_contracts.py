@@ -79,6 +79,27 @@ def test_triton_block_size_beyond_tritons_largest_block_or_not_a_power_of_two_is
     assert torch.equal(p, torch.zeros(10)) and p._version == version
 
 
+@pytest.mark.parametrize("op", ["perturb_", "philox4x32_10"])
+def test_triton_block_size_at_either_end_of_its_range_runs_with_the_same_bits(op):
+    """The range is inclusive: the least block (128 for perturb_ and the updates, whose tiles
+    are [BLOCK // 128, 32, 4]; 1 for philox4x32_10) and Triton's largest (2^20) run, and give
+    the bits of the default block."""
+    zt = _zt()
+    if op == "perturb_":
+        def bits(block):
+            p = torch.zeros(300)
+            zt.perturb_(**_perturb_args([p]), **({} if block is None else {"block_size": block}))
+            return p.view(torch.int32)
+        ends = (128, 2**20)
+    else:
+        def bits(block):
+            return zt.philox4x32_10(torch.arange(12, dtype=torch.int64).view(3, 4), 1, 2, block_size=block)
+        ends = (1, 2**20)
+    want = bits(None)
+    for block in ends:
+        assert torch.equal(bits(block), want), block
+
+
 # ======================================================================================
 # zeroflow.distributed: init_from_env
 # ======================================================================================
