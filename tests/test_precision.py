@@ -331,6 +331,8 @@ def test_each_method_trains_its_fp16_first_order_steps_through_the_runs_scaler(t
     (["--eps", "1e-3,"], None),
     (["--eps", "1e-3,x"], "--eps takes comma-separated numbers"),
     (["--eps", "0,1e-3"], "--eps needs at least one value, each finite and > 0"),
+    (["--eps", "1e-3,inf"], "--eps needs at least one value, each finite and > 0"),
+    (["--eps", "nan"], "--eps needs at least one value, each finite and > 0"),
     (["--directions", "1"], "--directions must be at least 2"),
 ])
 def test_fidelity_script_refuses_bad_arguments_before_measuring(argv, says, capsys, monkeypatch):

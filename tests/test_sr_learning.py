@@ -145,3 +145,21 @@ def test_demo_stopped_keeps_the_runs_it_finished(tmp_path, monkeypatch, capsys):
     assert res["stopped"] == "stopped (SIGINT) after 2 of 4 runs"
     assert [r["setting"] for r in res["runs"]] == ["fp32", "bf16, round-to-nearest"]
     assert png.exists() and "stopped (SIGINT) after 2 of 4 runs" in capsys.readouterr().out
+
+
+def test_demo_stopped_before_its_first_run_finished_writes_nothing(tmp_path, monkeypatch, capsys):
+    """Stopped in its first run: nothing was measured, so no JSON or plot is written (a table
+    and files of no run would read as a result), and it exits 130 saying so."""
+    pytest.importorskip("transformers")
+    from benchmarks import bf16_stochastic_rounding as demo
+
+    def run_one(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_one", run_one)
+    out, png = tmp_path / "sr.json", tmp_path / "sr.png"
+    rc = demo.main(["--steps", "2", "--seeds", "1", "--batch", "2", "--seq", "8", "--out", str(out),
+                    "--plot", str(png)])
+    assert rc == 130
+    assert "stopped (SIGINT) after 0 of 4 runs; nothing written" in capsys.readouterr().err
+    assert not out.exists() and not png.exists()

@@ -168,6 +168,23 @@ def test_a_sigint_during_the_copy_pass_loses_no_case(tmp_path, capsys, monkeypat
     assert "stopped (SIGINT) after 0 of 1 cases" in capsys.readouterr().err
 
 
+def test_a_sigterm_before_any_case_finished_exits_143_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    """Stopped by a SIGTERM before a case finished (here in the copy_ pass): nothing to report,
+    and the exit status is still SIGTERM's 143, not SIGINT's 130."""
+    import signal
+
+    def copy_pass_us(*args):
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler), "no SIGTERM handler while the cases run"
+        handler(signal.SIGTERM, None)       # what the signal would run, without signalling pytest
+
+    monkeypatch.setattr(st, "copy_pass_us", copy_pass_us)
+    out = tmp_path / "timeline.json"
+    rc = st.main(["--device", "cpu", "--layout", "vit_b_tiny", "--steps", "2", "--backend", "cpu",
+                  "--cases", "zo_sgd-rademacher", "--json", str(out)])
+    assert rc == 143 and not out.exists()
+    assert "stopped (SIGTERM) after 0 of 1 cases" in capsys.readouterr().err
+
 def test_a_run_stopped_by_sigterm_reports_the_cases_it_finished(tmp_path):
     """A SIGTERM (a plain ``timeout``, a lease's limit) ended the process at once: no report of
     the cases it had finished. It is taken as a SIGINT is, named, and the exit status is 143."""
