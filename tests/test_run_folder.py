@@ -785,3 +785,13 @@ def test_identity_with_a_backbone_hash_refuses_a_resume_that_has_none(tmp_path):
     with pytest.raises(ZeroflowError, match=f"cannot resume {tmp_path}: its backbone.pt is not the pretrained "
                                             "backbone .*sha256 ababababab.*is missing"):
         check_identity(str(tmp_path), saved, {"class_names": None, "weights": None})
+
+
+def test_where_it_is_leaves_trajectory_logs_it_cannot_read_as_they_are():
+    """A finished run's paths are moved to where the run is now; a trajectory_logs entry that is
+    not a path (a metrics.json edited by hand) leaves the list as written, not a TypeError."""
+    from zeroflow.continual.runner import _where_it_is
+    moved = _where_it_is({"trajectory_logs": ["/old/r/trajectory/task1.zft"]}, "/new/r")
+    assert moved == {"trajectory_logs": ["/new/r/trajectory/task1.zft"], "run_dir": "/new/r"}
+    odd = {"trajectory_logs": ["/old/r/trajectory/task1.zft", 3]}
+    assert _where_it_is(odd, "/new/r") == dict(odd, run_dir="/new/r")
