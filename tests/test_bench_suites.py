@@ -304,3 +304,22 @@ def test_mezo_style_estimate_is_the_directional_derivative_along_z():
         torch.manual_seed(s)
         want = sum((w * C.mezo_z(p, "rademacher")).sum().item() for w, p in zip(ws, params))
         assert g == pytest.approx(want, rel=1e-9, abs=1e-9)
+
+
+def test_stop_signals_lets_an_error_through_and_puts_the_old_handler_back():
+    """StopSignals turns a SIGTERM into a KeyboardInterrupt within it and names it; it swallows
+    nothing (an error inside still raises) and puts the previous handler back on exit."""
+    import signal
+
+    from benchmarks._common import StopSignals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(ValueError, match="inside"):
+        with StopSignals():
+            raise ValueError("inside")
+    assert signal.getsignal(signal.SIGTERM) == before
+    with pytest.raises(KeyboardInterrupt):
+        with StopSignals() as s:
+            assert s.exit_status == 130
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+    assert (s.name, s.exit_status) == ("SIGTERM", 143) and signal.getsignal(signal.SIGTERM) == before

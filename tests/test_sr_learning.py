@@ -77,6 +77,8 @@ def test_stochastic_rounding_is_replayable(dtype):
     (["--steps", "0"], "--steps must be at least 1 (got 0)"),
     (["--seeds", "0"], "--seeds must be at least 1 (got 0)"),
     (["--seq", "1"], "--seq must be at least 2"),
+    (["--batch", "0"], "--batch must be at least 1 (got 0)"),
+    (["--threads", "0"], "--threads must be at least 1 (got 0)"),
 ])
 def test_demo_refuses_bad_arguments_before_running(argv, says, capsys, monkeypatch):
     """--steps 0 ended in a ZeroDivisionError after the model was built; --seeds 0 in the summary."""
@@ -163,3 +165,20 @@ def test_demo_stopped_before_its_first_run_finished_writes_nothing(tmp_path, mon
     assert rc == 130
     assert "stopped (SIGINT) after 0 of 4 runs; nothing written" in capsys.readouterr().err
     assert not out.exists() and not png.exists()
+
+
+def test_demo_run_names_the_signal_that_stopped_it(monkeypatch):
+    """Under StopSignals, a SIGTERM's stop is named SIGTERM in ``stopped`` (the JSON's and the
+    printed line), not SIGINT."""
+    import types
+
+    from benchmarks import bf16_stochastic_rounding as demo
+
+    def run_one(*args):
+        raise KeyboardInterrupt
+
+    lines = []
+    monkeypatch.setattr(demo, "run_one", run_one)
+    res = demo.run("tiny", 0.02, 1, [1e-3], 1e-3, 2, 2, 8, log=lines.append,
+                   signals=types.SimpleNamespace(name="SIGTERM"))
+    assert res["stopped"] == lines[-1] == f"stopped (SIGTERM) after 0 of {len(demo.SETTINGS)} runs"
