@@ -346,6 +346,21 @@ def test_a_crash_warning_says_when_no_task_was_kept_and_a_zeroflow_error_gets_no
         f"the run in {out} stopped on the error below (no task had finished yet); once its cause is fixed, "
         f"continue the run with: zeroflow run --resume --out {out}"])
 
+
+def test_a_crash_before_config_json_is_written_gets_no_resume_advice(tmp_path, monkeypatch):
+    """A fresh run that fails before its config.json exists is no run to resume (its folder is
+    removed again): no warning tells to continue it with --resume."""
+    from zeroflow.continual import runner
+
+    def fails(path, obj):
+        raise RuntimeError("config not written (simulated)")
+
+    monkeypatch.setattr(runner, "atomic_write_json", fails)
+    out, warned = tmp_path / "run", []
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(_cfg(), str(out), progress=False, log=quiet, warn=warned.append)
+    assert warned == [] and not out.exists()
+
 @pytest.mark.parametrize("checkpoint", [True, False])
 def test_a_stale_lock_taken_over_names_a_kept_checkpoint_only_where_there_is_one(tmp_path, checkpoint):
     """The takeover warning said "its last checkpoint is kept" also for a writer killed in its

@@ -795,3 +795,10 @@ def test_where_it_is_leaves_trajectory_logs_it_cannot_read_as_they_are():
     assert moved == {"trajectory_logs": ["/new/r/trajectory/task1.zft"], "run_dir": "/new/r"}
     odd = {"trajectory_logs": ["/old/r/trajectory/task1.zft", 3]}
     assert _where_it_is(odd, "/new/r") == dict(odd, run_dir="/new/r")
+
+
+def test_trajectory_logs_sort_by_task_number_and_other_files_after_them():
+    """task<k> by k (task10 after task2), and a file of another name after every task's."""
+    from zeroflow.continual.runner import _task_order
+    names = ["notes.zft", "task10.zft", "task2.zft", "a.zft", "task1.base.pt"]
+    assert sorted(names, key=_task_order) == ["task1.base.pt", "task2.zft", "task10.zft", "a.zft", "notes.zft"]
