@@ -533,6 +533,22 @@ def test_gradients_synced_for_a_step_that_did_not_come_are_reduced_again_after_z
     assert dp.comm.by_op["all_reduce"][0] > reduces
 
 
+def test_sync_grads_weighs_the_gradients_by_this_steps_batch_sizes():
+    """sync_grads() exchanges the batch sizes before the gradients: rank 0's 8 samples of 32 in
+    all weigh its gradient by 1/4 (the other rank, here with the same gradient, adds its 1/4),
+    not by a weight left from no exchange or an earlier step."""
+    from zeroflow.distributed import DataParallelZO
+
+    X, Y = make_data(16, 5, 2)
+    m, _, h = _hybrid_with_an_unused_layer()
+    dp = DataParallelZO(h, comm=_two_ranks(lambda t: torch.full_like(t, 24) if t.dtype == torch.int64
+                                           else t.clone()))
+    F.mse_loss(m(X), Y).backward()
+    own = [p.grad.clone() for p in m.parameters()]
+    dp.set_batch_size(8)
+    dp.sync_grads()
+    assert all(torch.equal(p.grad, g * 0.5) for p, g in zip(m.parameters(), own))
+
 def test_every_rank_reporting_an_empty_batch_is_a_value_error():
     """A step where every rank gave batch_size=0 has no loss to weigh: ValueError, before the step."""
     from zeroflow.distributed import DataParallelZO
