@@ -483,3 +483,34 @@ def test_profile_kernels_stopped_by_sigterm_keeps_its_rows():
     assert p.returncode == 143, (p.returncode, p.stdout, p.stderr[-2000:])
     assert "sgd-fp32-rademacher" in p.stdout and "adam-fp32-gaussian" not in p.stdout
     assert "profile_kernels: stopped (SIGTERM)" in p.stderr
+
+
+def test_profile_kernels_killed_outright_keeps_the_rows_it_printed():
+    """A SIGKILL (gpu_check.sh's KILL_AFTER_S after the SIGINT) runs no cleanup: the rows
+    already measured reach the pipe only because each is flushed as it is printed."""
+    import textwrap
+
+    from conftest import child_env
+
+    code = textwrap.dedent("""
+        import os, signal, sys, torch
+        from benchmarks import profile_kernels as pk
+        real_randn, real_empty = torch.randn, torch.empty
+        torch.randn = lambda *a, device=None, **k: real_randn(*a, **k)
+        torch.empty = lambda *a, device=None, **k: real_empty(*a, **k)
+        torch.cuda.synchronize = lambda *a: None
+        pk.median_ms = lambda fn, *a, **k: 1.0
+        real_call, made = pk.make_call, []
+        def make_call(*args):
+            made.append(1)
+            if len(made) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_call(*args)
+        pk.make_call = make_call
+        sys.exit(pk.main(["--backend", "cpu", "--numel", "64", "--cases", "sgd-fp32-rademacher,adam-fp32-gaussian"]))
+    """)
+    # block-buffered stdout, as in a pipe by default (PYTHONUNBUFFERED would hide a missing flush)
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(without=("PYTHONUNBUFFERED",)),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stdout, p.stderr[-2000:])
+    assert "sgd-fp32-rademacher" in p.stdout and "adam-fp32-gaussian" not in p.stdout, p.stdout

@@ -616,6 +616,18 @@ def test_step_and_memory_targets_of_a_set_whose_zeroflow_steps_all_failed_say_no
     assert rows["ZO step extra memory ≤ 1 MiB (tiny) [GPU target; CPU shown]"][2:4] == ("—", "not measured")
 
 
+def test_a_parameter_set_with_first_order_steps_only_gets_no_zo_target_rows(tmp_path):
+    """The step and memory targets are of the ZO steps (zeroflow and MeZO-style records): a
+    parameter set where only the first-order baselines ran has no ZO step to measure, and no
+    "not measured" row of a ZO target."""
+    fixture = _fixture()
+    fo = copy.deepcopy(next(b for b in fixture["benchmarks"] if b["extra_info"]["key"].startswith("optim|zeroflow|")))
+    fo["extra_info"].update(kind="fo", impl="fo", opt="fo_sgd", dist="-", q=0, param_set="fo_only",
+                            key="optim|fo|fo_only|sgd")
+    rows = R.targets(_records(tmp_path, fixture["benchmarks"] + [fo]))
+    assert [r for r in rows if "(tiny" in r[1]], rows         # the ZO targets of the set that has them
+    assert [r for r in rows if "fo_only" in r[1]] == []
+
 def test_step_roofline_rows_say_not_measured_when_only_mezo_steps_ran(tmp_path):
     """The step suite ran on the GPU but every zeroflow step failed (the MeZO-style ones ran):
     the four roofline rows stay, "not measured" (they vanished when only zeroflow records
