@@ -206,3 +206,32 @@ def test_time_refuses_a_bad_numel_before_any_launch(capsys):
     with pytest.raises(SystemExit) as e:
         sc.main(["--time", "--numel", "0"])
     assert e.value.code == 2 and "--numel must be at least 1 (got 0)" in capsys.readouterr().err
+
+
+def test_time_run_as_a_script_exits_with_mains_status(tmp_path):
+    """``python benchmarks/sass_census.py --time`` (as gpu_check.sh runs it) ends with main's
+    status: a SIGTERM in the first case exits 143, not 0 ("ok"). The device is faked: the first
+    CUDA tensor asked for sends the SIGTERM."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from conftest import ROOT, child_env
+
+    code = textwrap.dedent("""
+        import os, runpy, signal, sys, torch
+        torch.cuda.is_available = lambda: True
+        torch.cuda.get_device_name = lambda *a: "a test GPU"
+        real_empty = torch.empty
+        def empty(*a, device=None, **k):
+            if device == "cuda":
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_empty(*a, **k)
+        torch.empty = empty
+        sys.argv = ["sass_census.py", "--time", "--cases", "perturb-fp32-rademacher"]
+        runpy.run_path("benchmarks/sass_census.py", run_name="__main__")
+    """)
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 143, (p.returncode, p.stderr[-2000:])
+    assert "sass_census --time: stopped (SIGTERM) after 0 of 1 cases" in p.stderr
