@@ -387,3 +387,38 @@ def test_the_cli_help_lists_the_choices_the_code_has():
             "--backend": ("auto",) + tuple(zfkernels.BACKENDS)}
     assert D.OPTIMIZERS == METHODS
     assert {flag: listed(helps[flag]) for flag in want} == want
+
+
+def test_the_torch_switches_the_pages_name_exist():
+    """The `torch.backends...` switches a page names (the TF32 ones the precision modes set) are
+    objects of this torch: a misspelt one sends a user to an attribute that is not there."""
+    import functools
+
+    import torch
+
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9: the pages name the TF32 switches of torch >= 2.9")
+
+    names = sorted({n for text in _pages().values()
+                    for n in re.findall(r"torch\.backends(?:\.[A-Za-z_]\w*)+", text)})
+    assert names, "no torch.backends switch named"
+    missing = []
+    for n in names:
+        try:
+            functools.reduce(getattr, n.split(".")[1:], torch)
+        except AttributeError:
+            missing.append(n)
+    assert not missing, f"named in the pages, not in torch {torch.__version__}: {missing}"
+
+
+def test_no_page_passes_gpu_check_a_setting_as_an_argument():
+    """gpu_check.sh takes no arguments (its settings are environment variables) and refuses
+    one: a page or the Makefile showing `gpu_check.sh SKIP_BUILD=auto` gives a command that fails."""
+    texts = dict(_pages())
+    for extra in ("Makefile", os.path.join("benchmarks", "notes.md")):
+        with open(os.path.join(ROOT, extra)) as f:
+            texts[extra] = f.read()
+    bad = [f"{name}: {m.group(0)}" for name, text in texts.items()
+           for m in re.finditer(r"gpu_check\.sh[ \t]+[A-Z_]+=\S*", text)]
+    assert not bad, "gpu_check.sh takes its settings from the environment (SKIP_BUILD=auto bash " \
+                    "benchmarks/gpu_check.sh), not as arguments: " + "; ".join(bad)
