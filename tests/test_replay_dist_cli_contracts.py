@@ -715,6 +715,23 @@ def test_the_setup_description_holds_the_tensor_ids_that_pick_each_parameters_z(
     assert not torch.equal(h, h2)
 
 
+def test_the_setup_description_of_a_resumed_optimizer_matches_the_one_it_was_saved_from():
+    """An optimizer that had a group dropped and another added (ids [0, 2], next id 3), saved
+    and loaded into a fresh one of the same layout: the same description, next id included
+    (the id the next added group gets), though the loaded one never saw the dropped group."""
+    from zeroflow.distributed import _diff_keys, describe_optimizer
+
+    torch.manual_seed(0)
+    w, old, h = (torch.nn.Parameter(torch.randn(n)) for n in (4, 3, 3))
+    a = ZOFusedSGD([{"params": [w]}, {"params": [old]}], lr=1e-2, seed=3, backend="cpu")
+    a.param_groups.pop(1)
+    a.add_param_group({"params": [h]})
+    b = ZOFusedSGD([{"params": [torch.nn.Parameter(w.detach().clone())]},
+                    {"params": [torch.nn.Parameter(h.detach().clone())]}], lr=1e-2, seed=3, backend="cpu")
+    b.load_state_dict(a.state_dict())
+    assert describe_optimizer(b)["next_tensor_id"] == 3
+    assert _diff_keys(describe_optimizer(a), describe_optimizer(b)) == []
+
 def test_the_setup_description_of_a_tensor_appended_by_hand_holds_none():
     """A tensor appended to a group's params by hand has no tensor id: the description reads
     None for it (the step then refuses it by name) rather than stopping in a KeyError."""
