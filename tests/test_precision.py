@@ -349,6 +349,13 @@ def test_fidelity_script_refuses_bad_arguments_before_measuring(argv, says, caps
     assert says in capsys.readouterr().err
 
 
+def test_fidelity_script_takes_precisions_with_spaces_after_the_commas():
+    """--precisions "fp32, bf16" (a space after the comma, as in prose) names fp32 and bf16,
+    not an unknown " bf16"; fp32 comes first (the CPU's tf32 check compares with it)."""
+    from benchmarks import precision_fidelity as pf
+
+    assert pf.parse(["--fast", "--precisions", "bf16 , fp32"]).precisions == ("fp32", "bf16")
+
 def test_fidelity_script_stopped_keeps_the_precisions_it_measured(tmp_path, monkeypatch, capsys):
     """A SIGINT / SIGTERM (a lease's limit) during a precision lost the whole run, the fp64
     reference and every finished precision: nothing was written before the end. Now the JSON,
