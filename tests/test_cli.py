@@ -431,10 +431,11 @@ def test_report_output_never_replaces_a_file_of_a_run(tmp_path, capsys, name):
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("name", ["notes/metrics.json", "notes/trajectory/report.md"])
+@pytest.mark.parametrize("name", ["notes/accuracy_matrix.csv", "notes/trajectory/report.md"])
 def test_report_output_named_like_a_run_file_outside_any_run_is_written(tmp_path, capsys, name):
-    """The refusal above is for the files of a run: a metrics.json, or a trajectory folder,
-    in a folder that holds no run is an ordinary place for the markdown."""
+    """The refusal above is for the files of a run: a run file's name (one that does not make a
+    folder a run, see below), or a trajectory folder, in a folder that holds no run is an
+    ordinary place for the markdown."""
     d = tmp_path / "runs" / "ok"
     d.mkdir(parents=True)
     (d / "metrics.json").write_text(json.dumps({
@@ -444,3 +445,24 @@ def test_report_output_named_like_a_run_file_outside_any_run_is_written(tmp_path
     out.parent.mkdir(parents=True)
     assert main(["report", str(tmp_path / "runs"), "--output", str(out)]) == 0, capsys.readouterr().err
     assert "| EASE | zo_sgd |" in out.read_text()
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "config.json", "checkpoint.pt"])
+def test_report_output_never_makes_a_folder_of_runs_read_as_a_run(tmp_path, capsys, name):
+    """``zeroflow report runs --output runs/metrics.json`` wrote the markdown there: runs/ then
+    read as one damaged run folder, and the next ``zeroflow report runs`` found none of the runs
+    in it ("no finished run found"). A name that makes its folder a run folder is refused, before
+    anything is read or written."""
+    d = tmp_path / "runs" / "ok"
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps({
+        "avg": 80.0, "last": 70.0, "fgt": 5.0, "peak_memory_bytes": 2e9, "forward_passes": 100,
+        "seconds_per_iteration": 0.01, "config": {"method": "ease", "optimizer": "zo_sgd", "dataset": "digits"}}))
+    out = tmp_path / "runs" / name
+    assert main(["report", str(tmp_path / "runs"), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (f"cannot write {out}: a file named {name} makes {tmp_path / 'runs'} read as a run folder" in err
+            and str(tmp_path / "runs" / "report.md") in err), err
+    assert not out.exists()
+    assert main(["report", str(tmp_path / "runs")]) == 0
+    assert "| EASE | zo_sgd |" in capsys.readouterr().out
