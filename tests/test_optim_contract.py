@@ -729,6 +729,26 @@ def test_a_first_order_state_of_another_model_is_refused_before_anything_loads(b
     _run(model, opt, 1)
 
 
+@pytest.mark.parametrize("fo", [
+    lambda ps: torch.optim.NAdam(ps, lr=0.01),          # mu_product: a 0-dim tensor
+    lambda ps: torch.optim.ASGD(ps, lr=0.01),           # eta, mu: 0-dim tensors
+    lambda ps: torch.optim.Adafactor(ps, lr=0.01),      # row_var (4, 1), col_var (1, 6): factored
+    lambda ps: torch.optim.Adam(ps, lr=0.01, amsgrad=True)])      # the step count: a tensor too
+def test_a_hybrid_loads_its_own_state_whatever_tensors_its_torch_optim_fo_phase_keeps(fo):
+    """The buffer-shape check of a torch.optim FO state took every tensor but 'step' as a
+    parameter-shaped buffer: a hybrid over NAdam, ASGD or Adafactor refused its own state_dict
+    ("mu_product of parameter 0 has shape (), the parameter (4, 6)")."""
+    model, fresh = make_mlp(6, 4, 1), make_mlp(6, 4, 1)
+    saved = HybridFOZO(fo(list(model.parameters())), ZOFusedSGD(model.parameters(), lr=0.01, seed=3), 3)
+    _run(model, saved, 2)
+    hyb = HybridFOZO(fo(list(fresh.parameters())), ZOFusedSGD(fresh.parameters(), lr=0.01, seed=3), 3)
+    fresh.load_state_dict(model.state_dict())
+    hyb.load_state_dict(copy.deepcopy(saved.state_dict()))     # torch.optim's load shares the buffers
+    _run(model, saved, 2)
+    _run(fresh, hyb, 2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+
+
 @pytest.mark.parametrize("edit,needle", [
     (lambda fo: fo.pop("state"), "'hybrid' 'fo' state is not an optimizer state_dict"),
     (lambda fo: fo["param_groups"].append(dict(fo["param_groups"][0], params=[])),

@@ -1583,9 +1583,16 @@ def _check_layout(state_dict: dict) -> None:
                          "param group lists (a state edited by hand, or the groups of another state?)")
 
 
+# The per-parameter buffers of a first-order state that hold their parameter's shape: SGD's
+# momentum, Adam's (AdamW's, NAdam's, RAdam's) m, v and max v. Only these: other optimizers a
+# hybrid's FO phase may be keep other tensors of other shapes (NAdam's mu_product and ASGD's eta
+# and mu are 0-dim, Adafactor's row_var and col_var factored), whose states were refused.
+PARAM_SHAPED_BUFFERS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
 def check_buffer_shapes(state_dict: dict, param_groups, what: str = "state_dict's") -> None:
-    """A first-order state's buffers (SGD's momentum, Adam's m, v and max v: every tensor but
-    the step count) each of its parameter's shape, else a ValueError naming it. torch.optim's
+    """A first-order state's buffers (:data:`PARAM_SHAPED_BUFFERS`: SGD's momentum, Adam's m,
+    v and max v) each of its parameter's shape, else a ValueError naming it. torch.optim's
     load takes them as they are and its next step failed on the size, after the load had
     replaced the optimizer's state and options (and, in a hybrid, those of both phases).
     ``state_dict``: checked by :func:`_check_layout`, with as many groups and parameters per
@@ -1594,7 +1601,7 @@ def check_buffer_shapes(state_dict: dict, param_groups, what: str = "state_dict'
               for pid, p in zip(sg["params"], g["params"])}
     for pid, st in state_dict["state"].items():
         for name, buf in st.items():
-            if name != "step" and isinstance(buf, torch.Tensor) and tuple(buf.shape) != shapes.get(pid):
+            if name in PARAM_SHAPED_BUFFERS and isinstance(buf, torch.Tensor) and tuple(buf.shape) != shapes.get(pid):
                 raise ValueError(f"{what} {name} of parameter {pid} has shape {tuple(buf.shape)}, the parameter "
                                  f"{shapes.get(pid)} (a state of another model?)")
 
