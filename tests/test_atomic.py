@@ -107,3 +107,21 @@ def test_a_failed_directory_sync_is_raised_but_no_sync_support_is_not(tmp_path, 
         atomic_write_bytes(target, b"b")
     assert e.value.errno == errno.EIO and e.value.filename == target
     assert os.listdir(tmp_path) == ["f.json"]
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECTORY"), reason="no directory fsync without os.O_DIRECTORY")
+def test_a_folder_that_may_be_written_but_not_read_takes_the_write(tmp_path, monkeypatch):
+    """A folder of mode -wx (a drop-box) cannot be opened to sync it: the file was written and
+    renamed into it, and the write raised PermissionError naming the file as if it had failed.
+    (Simulated: root reads any folder.)"""
+    import zeroflow._atomic as atomic
+    real_open = os.open
+
+    def refusing(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECTORY:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(atomic.os, "open", refusing)
+    atomic_write_bytes(str(tmp_path / "f.json"), b"{}")
+    assert os.listdir(tmp_path) == ["f.json"] and (tmp_path / "f.json").read_bytes() == b"{}"

@@ -50,7 +50,13 @@ def _sync_directory(folder: str) -> None:
     bring back the old file (or none) even though the new file's data was synced."""
     if not hasattr(os, "O_DIRECTORY"):
         return      # Windows: no way to open a directory; NTFS journals the rename itself
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except PermissionError:
+        # a folder this process may write in but not read (mode -wx, a drop-box): the file was
+        # written and renamed, and raising said the write had failed; such a folder cannot be
+        # opened to sync it, by this process or any of its rights
+        return
     try:
         os.fsync(fd)
     except OSError as e:
