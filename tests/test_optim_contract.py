@@ -322,6 +322,9 @@ def test_an_option_set_between_steps_is_refused_before_any_group_moves(key, valu
     ("estimator", "two_sided", ValueError, r"ZOFusedSGD\.estimator='two_sided' must be one of"),
     ("q", 0, ValueError, r"ZOFusedSGD\.q=0 must be an int >= 1"),
     ("q", 2.0, ValueError, r"ZOFusedSGD\.q=2\.0 must be an int"),
+    ("q", True, ValueError, r"ZOFusedSGD\.q=True must be an int"),      # a bool is no count
+    ("conserve", 1, ValueError, r"ZOFusedSGD\.conserve=1 must be True or False"),
+    ("model", "net", TypeError, r"ZOFusedSGD\.model= must be the nn\.Module the closure runs \(or None\), got str"),
     ("conserve", "False", ValueError, r"ZOFusedSGD\.conserve='False' must be True or False"),
     ("sparse_resample", "epoch", ValueError, r"ZOFusedSGD\.sparse_resample='epoch' must be one of"),
     ("backend", "gpu", ValueError, r"ZOFusedSGD\.backend='gpu' must be one of"),
@@ -1900,3 +1903,80 @@ def test_a_first_order_step_runs_each_step_hook_once(name, torch_cls):
     want.grad = torch.ones(3)
     ref.step()
     assert torch.equal(p, want)
+
+
+# ---------------------------------------------------------------- the hybrid's checks, each case its own
+def test_a_hybrid_of_other_parameters_names_only_the_frozen_ones_it_holds():
+    """The refusal counts the FO optimizer's frozen parameters (1 of 4 here, so neither the
+    trainable count nor the total), and a mismatch with nothing frozen says no word of them."""
+    model = make_mlp(6, 4, 1)
+    model[0].bias.requires_grad_(False)
+    ps = list(model.parameters())
+    with pytest.raises(ValueError, match=r"the fo optimizer holds 1 parameter\(s\) with requires_grad=False"):
+        HybridFOZO(torch.optim.SGD(ps, lr=0.1), ZOFusedSGD(ps, lr=0.1), 1)
+    other = make_mlp(6, 4, 1)
+    with pytest.raises(ValueError, match=r"must optimize the same parameters in the same order$"):
+        HybridFOZO(torch.optim.SGD(other.parameters(), lr=0.1), ZOFusedSGD(model[2].parameters(), lr=0.1), 1)
+
+
+def test_a_hybrid_over_a_named_fo_and_an_unnamed_zo_optimizer_adds_named_groups():
+    """The hybrid's groups are named when either inner optimizer's are (here the FO one's only):
+    a named group then goes in named where the optimizer names its groups, as tensors where not."""
+    model = make_mlp(6, 4, 1)
+    hyb = HybridFOZO(torch.optim.SGD(model[0].named_parameters(), lr=0.1),
+                     ZOFusedSGD(model[0].parameters(), lr=0.1, seed=3), 1)
+    assert hyb.param_groups[0]["param_names"] == ["weight", "bias"]
+    hyb.add_param_group({"params": [("2." + k, p) for k, p in model[2].named_parameters()]})
+    assert [o.param_groups[1].get("param_names") for o in (hyb, hyb.fo, hyb.zo)] == [["2.weight", "2.bias"]] * 2 + [
+        None]
+    _run(model, hyb, 2)
+
+
+def test_a_hybrid_whose_first_group_is_all_frozen_keeps_its_groups_named():
+    """A named group left empty by frozen parameters still names them (none): the hybrid's first
+    group unnamed beside named ones was refused by torch.optim as mixing the two."""
+    model, frozen = make_mlp(6, 4, 1), torch.nn.Linear(2, 2).requires_grad_(False)
+    groups = [{"params": list(frozen.named_parameters())}, {"params": list(model.named_parameters())}]
+    zo = ZOFusedSGD(groups, lr=0.1, seed=3)
+    fo = torch.optim.SGD([{"params": [], "param_names": []}, {"params": list(model.named_parameters())}], lr=0.1)
+    hyb = HybridFOZO(fo, zo, 1)
+    assert [g["param_names"] for g in hyb.param_groups] == [[], ["0.weight", "0.bias", "2.weight", "2.bias"]]
+    _run(model, hyb, 2)
+
+
+def test_a_refused_rate_is_not_pushed_into_the_inner_optimizers():
+    """The rates are checked before the step pushes them: the FO optimizer's group kept its lr
+    (a refused nan was left in it, for a caller that steps it directly)."""
+    model = make_mlp(6, 4, 1)
+    hyb = create("zo_sgd", model.parameters(), hybrid_switch=2, lr=0.01, fo_lr=0.1, seed=3)
+    _run(model, hyb, 1)
+    hyb.param_groups[0]["lr"] = float("nan")
+    with pytest.raises(ValueError, match="HybridFOZO param group 0: lr=nan"):
+        _run(model, hyb, 1)
+    assert hyb.fo.param_groups[0]["lr"] == 0.1 and hyb.zo.param_groups[0]["lr"] == 0.01
+
+
+@pytest.mark.parametrize("name", ["momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"])
+def test_each_parameter_shaped_buffer_of_a_first_order_state_is_checked(name):
+    """Each buffer on its own (a state edited by hand: the others fit), not only the first one."""
+    from zeroflow.optim import FOAdam, FOSGD
+    model = make_mlp(6, 4, 1)
+    opt = (FOSGD(model.parameters(), lr=0.1, momentum=0.9) if name == "momentum_buffer"
+           else FOAdam(model.parameters(), lr=0.1, amsgrad=True))
+    _run(model, opt, 1)
+    state = copy.deepcopy(opt.state_dict())
+    state["state"][2][name] = torch.zeros(4, 6)
+    with pytest.raises(ValueError, match=rf"state_dict's {name} of parameter 2 has shape \(4, 6\), the parameter "
+                                         r"\(1, 4\)"):
+        opt.load_state_dict(state)
+
+
+def test_forward_grad_set_between_steps_with_conserve_on_is_refused():
+    model = make_mlp(6, 4, 1)
+    opt = ZOFusedSGD(model.parameters(), lr=0.1, seed=3, conserve=True, model=model)
+    _run(model, opt, 1)
+    opt.estimator = "forward_grad"
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"ZOFusedSGD\.conserve is not defined for estimator='forward_grad'"):
+        _run(model, opt, 1)
+    assert max_moved(model, before) == 0.0 and opt.step_count == 1
