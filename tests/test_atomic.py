@@ -1,4 +1,5 @@
 """zeroflow._atomic: files follow the umask, errors name the target, nothing half-written is left."""
+import contextlib
 import os
 import stat
 
@@ -125,3 +126,70 @@ def test_a_folder_that_may_be_written_but_not_read_takes_the_write(tmp_path, mon
     monkeypatch.setattr(atomic.os, "open", refusing)
     atomic_write_bytes(str(tmp_path / "f.json"), b"{}")
     assert os.listdir(tmp_path) == ["f.json"] and (tmp_path / "f.json").read_bytes() == b"{}"
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECTORY"), reason="no directory fsync without os.O_DIRECTORY")
+def test_a_relative_path_in_the_current_folder_syncs_that_folder(tmp_path, monkeypatch):
+    """"f.json" has no folder part (os.path.dirname gives ""): the current folder is the one synced."""
+    import zeroflow._atomic as atomic
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            synced.append(st.st_ino)
+        real_fsync(fd)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    atomic_write_bytes("f.json", b"{}")
+    assert synced == [os.stat(tmp_path).st_ino] and (tmp_path / "f.json").read_bytes() == b"{}"
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECTORY"), reason="no directory fsync without os.O_DIRECTORY")
+@pytest.mark.parametrize("code", ["EINVAL", "ENOTSUP", "EOPNOTSUPP"])
+def test_a_filesystem_without_directory_sync_takes_the_write(tmp_path, monkeypatch, code):
+    import errno
+
+    import zeroflow._atomic as atomic
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    atomic_write_bytes(str(tmp_path / "f.json"), b"a")
+    assert (tmp_path / "f.json").read_bytes() == b"a"
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECTORY"), reason="no directory fsync without os.O_DIRECTORY")
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_folder_opened_for_its_sync_is_closed(tmp_path, monkeypatch, fails):
+    """One descriptor per write (a checkpoint per task, a JSON per benchmark case) left open ran
+    a long job out of descriptors; closed after a failed sync too."""
+    import errno
+
+    import zeroflow._atomic as atomic
+    real_open, real_fsync, opened = os.open, os.fsync, []
+
+    def spy_open(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if flags & os.O_DIRECTORY:
+            opened.append(fd)
+        return fd
+
+    def fsync(fd):
+        if fails and stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "open", spy_open)
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    with pytest.raises(OSError) if fails else contextlib.nullcontext():
+        atomic_write_bytes(str(tmp_path / "f.json"), b"a")
+    assert len(opened) == 1
+    with pytest.raises(OSError):
+        os.fstat(opened[0])
