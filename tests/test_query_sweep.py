@@ -213,3 +213,18 @@ def test_a_stopped_sweep_writes_the_points_it_finished(tmp_path, monkeypatch, ca
         assert f"sweep: stopped ({sig.name}) after 2 of 4 points" in capsys.readouterr().err
         assert f"The sweep was stopped ({sig.name}) after 2 of 4 points" in sweep_section(written, {})
     assert signal.getsignal(signal.SIGTERM) == handler       # put back after the sweep
+
+
+def test_a_stopped_dry_run_exits_with_the_signals_status_and_writes_nothing(tmp_path, monkeypatch):
+    """--dry-run stopped by Ctrl-C: exit 130 (it said 0, as if every command had been printed)."""
+    import signal
+
+    def run_point(point, extra, dry, timeout):
+        os.kill(os.getpid(), signal.SIGINT)
+        return {}
+
+    monkeypatch.setattr(S, "run_point", run_point)
+    out = tmp_path / "sweep.json"
+    assert S.main(["--qs", "1,2", "--optimizers", "zo_sgd", "--workdir", str(tmp_path / "w"), "--out", str(out),
+                   "--dry-run"]) == 130
+    assert not out.exists()
