@@ -8,6 +8,7 @@ import os
 import traceback
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -144,6 +145,21 @@ class _Tasks:
     def __init__(self, tasks, train_targets):
         import numpy as np
         self.tasks, self.train_targets = tasks, np.asarray(train_targets)
+
+
+def test_a_batch_and_tasks_of_exactly_the_ranks_are_taken():
+    """What ShardedBatchSampler takes (one sample per rank: a global batch of world samples, a
+    task of world images) is not refused; one less is, in the options' words."""
+    from zeroflow.continual.errors import ZeroflowError
+    from zeroflow.continual.runner import check_shards
+
+    cfg = {"batch_size": 4, "dataset": "digits"}
+    check_shards(cfg, _Tasks([[0, 1], [2, 3]], [0, 0, 1, 1, 2, 3, 2, 3]), 4)
+    check_shards(cfg, _Tasks([range(0, 2), np.int64(2) + np.arange(2)], [0, 0, 1, 1, 2, 3, 2, 3]), 4)
+    with pytest.raises(ZeroflowError, match="--batch-size 3 under torchrun with 4 ranks"):
+        check_shards(dict(cfg, batch_size=3), _Tasks([[0, 1], [2, 3]], [0, 0, 1, 1, 2, 3, 2, 3]), 4)
+    with pytest.raises(ZeroflowError, match="task 1 of --dataset digits has 3 training image"):
+        check_shards(cfg, _Tasks([[0, 1], [2, 3]], [0, 0, 1, 2, 3, 2, 3]), 4)
 
 
 def test_the_training_loop_reshuffles_sharded_batches_each_epoch_and_weights_by_shard_size():
