@@ -1980,3 +1980,25 @@ def test_forward_grad_set_between_steps_with_conserve_on_is_refused():
     with pytest.raises(ValueError, match=r"ZOFusedSGD\.conserve is not defined for estimator='forward_grad'"):
         _run(model, opt, 1)
     assert max_moved(model, before) == 0.0 and opt.step_count == 1
+
+
+def test_a_first_order_state_with_buffers_of_no_listed_parameter_is_refused_by_its_layout():
+    """The FO check reads the layout first: a state entry for an id no group lists was named as
+    'the parameter None' by the shape check (or loaded, when its shapes fit nothing)."""
+    model = make_mlp(6, 4, 1)
+    opt = create("fo_sgd", model.parameters(), lr=0.1, momentum=0.9)
+    _run(model, opt, 1)
+    state = copy.deepcopy(opt.state_dict())
+    state["state"][9] = {"momentum_buffer": torch.zeros(4, 6)}
+    with pytest.raises(ValueError, match="state_dict's state holds parameter id\\(s\\) 9 that no"):
+        opt.load_state_dict(state)
+
+
+@pytest.mark.parametrize("kind", ["int", "numpy"])
+def test_a_truthy_maximize_is_refused_as_true_is(kind):
+    """torch.optim reads maximize as a truth value: 1 or numpy's True maximized there."""
+    import numpy as np
+    value = 1 if kind == "int" else np.True_
+    model = make_mlp(6, 4, 1)
+    with pytest.raises(ValueError, match="maximize=True: zeroflow's optimizers minimize"):
+        ZOFusedSGD([{"params": list(model.parameters()), "maximize": value}], lr=0.1)
