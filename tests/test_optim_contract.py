@@ -2002,3 +2002,27 @@ def test_a_truthy_maximize_is_refused_as_true_is(kind):
     model = make_mlp(6, 4, 1)
     with pytest.raises(ValueError, match="maximize=True: zeroflow's optimizers minimize"):
         ZOFusedSGD([{"params": list(model.parameters()), "maximize": value}], lr=0.1)
+
+
+def test_a_hybrid_refuses_a_group_its_zo_optimizer_refuses_with_nothing_half_added():
+    """torch.optim's FO optimizer takes a float64 parameter, the ZO one does not: the FO group
+    added first is taken back, so the three optimizers keep the same groups."""
+    model = make_mlp(6, 4, 1)
+    hyb = create("zo_sgd", model.parameters(), hybrid_switch=2, lr=0.01, seed=3)
+    with pytest.raises(ValueError, match="the fused kernels update float32, bfloat16 or float16 parameters"):
+        hyb.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))]})
+    assert [len(o.param_groups) for o in (hyb, hyb.fo, hyb.zo)] == [1, 1, 1]
+    _run(model, hyb, 3)
+
+
+def test_a_hybrid_refuses_a_named_group_of_an_unnamed_one_and_a_pair_of_another_length():
+    """An unnamed hybrid took a named group as tensors, dropping its names without a word; a
+    3-tuple in a named group went to torch.optim as a 'parameter'."""
+    model = make_mlp(6, 4, 1)
+    hyb = create("zo_sgd", model.parameters(), hybrid_switch=2, lr=0.01, seed=3)
+    with pytest.raises(ValueError, match="this hybrid's param groups do not name their parameters"):
+        hyb.add_param_group({"params": [("w", torch.nn.Parameter(torch.zeros(3)))]})
+    named = create("zo_sgd", model.named_parameters(), hybrid_switch=2, lr=0.01, seed=3)
+    with pytest.raises(ValueError, match=r"give every parameter of the group as a \(name, tensor\) pair, or none"):
+        named.add_param_group({"params": [("w", torch.nn.Parameter(torch.zeros(3)), 1)]})
+    assert [len(o.param_groups) for o in (hyb, hyb.fo, hyb.zo, named, named.fo, named.zo)] == [1] * 6
