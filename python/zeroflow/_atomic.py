@@ -1,7 +1,8 @@
 """Atomic file writes: a temporary file in the target's directory (``.tmp-<name>.<random>``),
 flushed and fsynced, then renamed over the target, and then the directory is fsynced so that
 the rename itself survives a power loss (POSIX; where ``os.O_DIRECTORY`` is missing, as on
-Windows, a directory cannot be opened to sync it). On any failure the temporary file is
+Windows, or the process may not read the directory (mode -wx), it cannot be opened to sync it,
+and the write stands without that sync). On any failure the temporary file is
 removed and the target is untouched, so a reader never sees a half-written file (a failed
 directory sync is raised too, though the target then already holds the new content).
 
