@@ -2026,3 +2026,21 @@ def test_a_hybrid_refuses_a_named_group_of_an_unnamed_one_and_a_pair_of_another_
     with pytest.raises(ValueError, match=r"give every parameter of the group as a \(name, tensor\) pair, or none"):
         named.add_param_group({"params": [("w", torch.nn.Parameter(torch.zeros(3)), 1)]})
     assert [len(o.param_groups) for o in (hyb, hyb.fo, hyb.zo, named, named.fo, named.zo)] == [1] * 6
+
+
+def test_a_hybrid_whose_fo_optimizer_maximizes_is_refused_before_anything_moves():
+    """torch.optim's maximize=True in the FO phase ascended until the switch, and the ZO phase
+    (which minimizes) descended after it, without a word."""
+    model = make_mlp(6, 4, 1)
+    ps = list(model.parameters())
+    with pytest.raises(ValueError, match="the FO optimizer's param group 0 has maximize=True"):
+        HybridFOZO(torch.optim.SGD(ps, lr=0.1, maximize=True), ZOFusedSGD(ps, lr=0.1, seed=3), 3)
+    hyb = HybridFOZO(torch.optim.SGD(ps, lr=0.1), ZOFusedSGD(ps, lr=0.1, seed=3), 3)
+    _run(model, hyb, 1)
+    hyb.fo.param_groups[0]["maximize"] = True
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="the FO optimizer's param group 0 has maximize=True"):
+        _run(model, hyb, 1)
+    assert max_moved(model, before) == 0.0 and hyb.forward_passes == 1      # the refused step did not count
+    hyb.fo.param_groups[0]["maximize"] = False
+    _run(model, hyb, 1)

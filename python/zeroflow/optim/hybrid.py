@@ -60,6 +60,17 @@ def _check_inner(opt: torch.optim.Optimizer, state_dict, which: str) -> None:
     check_buffer_shapes(state_dict, mine, f"{what}'s")
 
 
+def _check_direction(fo: torch.optim.Optimizer) -> None:
+    """The FO optimizer minimizes, as the ZO phase does: torch.optim's maximize=True ascended
+    through the FO phase and the ZO optimizer descended after the switch, without a word."""
+    for i, g in enumerate(fo.param_groups):
+        if g.get("maximize"):
+            raise ValueError(f"HybridFOZO: the FO optimizer's param group {i} has maximize=True, but the ZO phase "
+                             "minimizes the closure's loss (the run ascended until the switch, then descended); "
+                             "build the FO optimizer without maximize, and return the negated objective from the "
+                             "closure to maximize it")
+
+
 def _tensor_of(item):
     """A param group entry's tensor: ``item``, or the tensor of a ``(name, tensor)`` pair."""
     return item[1] if isinstance(item, tuple) and len(item) == 2 else item
@@ -91,6 +102,7 @@ class HybridFOZO(torch.optim.Optimizer):
                             f"{type(zo).__name__}: the ZO phase runs only the closure, so a first-order optimizer "
                             "there finds no .grad and trains nothing")
         switch = counter(switch, "hybrid_switch (the number of FO steps before ZO)")    # True was 1 step
+        _check_direction(fo)
         if len(fo.param_groups) != len(zo.param_groups):
             raise ValueError("fo and zo optimizers must have the same param groups")
         groups = []
@@ -272,6 +284,8 @@ class HybridFOZO(torch.optim.Optimizer):
         was_fo = not self.zeroth_order
         self._match_groups()
         self._check_rates()
+        if was_fo:      # an option set between steps (or loaded with the FO state)
+            _check_direction(self.fo)
         self._sync_lr()
         loss = self.active.step(closure)
         if was_fo:
