@@ -8,6 +8,27 @@ import pytest
 from zeroflow._atomic import atomic_write, atomic_write_bytes
 
 
+def record_syncs_and_renames(monkeypatch) -> list:
+    """The atomic write's fsyncs ("fsync file", or ("fsync dir", the folder's inode)) and
+    renames ("replace"), in order, as they happen (each still runs)."""
+    import zeroflow._atomic as atomic
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        calls.append(("fsync dir", st.st_ino) if stat.S_ISDIR(st.st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        calls.append("replace")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    return calls
+
+
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_file_mode_follows_umask(tmp_path, umask, mode):
     old = os.umask(umask)
@@ -39,22 +60,9 @@ def test_errors_name_the_target_and_leave_nothing(tmp_path):
 def test_the_data_is_fsynced_before_the_rename(tmp_path, monkeypatch):
     """Renamed before its data reached the disk, a crash could leave the target empty or
     half-written under its final name: the very thing the temporary file is there to prevent."""
-    import zeroflow._atomic as atomic
-    calls = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        calls.append("fsync")
-        real_fsync(fd)
-
-    def replace(src, dst):
-        calls.append("replace")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(atomic.os, "fsync", fsync)
-    monkeypatch.setattr(atomic.os, "replace", replace)
+    calls = record_syncs_and_renames(monkeypatch)
     atomic_write_bytes(str(tmp_path / "f.json"), b"{}")
-    assert calls[:2] == ["fsync", "replace"]
+    assert calls[:2] == ["fsync file", "replace"]
     assert (tmp_path / "f.json").read_bytes() == b"{}"
 
 
@@ -62,21 +70,7 @@ def test_the_data_is_fsynced_before_the_rename(tmp_path, monkeypatch):
 def test_the_directory_is_fsynced_after_the_rename(tmp_path, monkeypatch):
     """The file's data synced is not enough: the rename is an entry in the directory, and until
     the directory is synced a power loss can bring back the old file (or none)."""
-    import zeroflow._atomic as atomic
-    calls = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        st = os.fstat(fd)
-        calls.append(("fsync dir", st.st_ino) if stat.S_ISDIR(st.st_mode) else "fsync file")
-        real_fsync(fd)
-
-    def replace(src, dst):
-        calls.append("replace")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(atomic.os, "fsync", fsync)
-    monkeypatch.setattr(atomic.os, "replace", replace)
+    calls = record_syncs_and_renames(monkeypatch)
     (tmp_path / "sub").mkdir()
     atomic_write_bytes(str(tmp_path / "sub" / "f.json"), b"{}")
     assert calls == ["fsync file", "replace", ("fsync dir", os.stat(tmp_path / "sub").st_ino)]

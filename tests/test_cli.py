@@ -223,12 +223,17 @@ def test_sweep_help_says_what_force_does_in_a_sweep():
         out.stdout.split())
 
 
+def write_finished_run(folder) -> None:
+    """A finished run's ``metrics.json`` in ``folder``: what ``zeroflow report`` tabulates."""
+    (folder / "metrics.json").write_text(json.dumps({
+        "avg": 80.0, "last": 70.0, "fgt": 5.0, "peak_memory_bytes": 2e9, "forward_passes": 100,
+        "seconds_per_iteration": 0.01, "config": {"method": "ease", "optimizer": "zo_sgd", "dataset": "digits"}}))
+
+
 def test_report_cli_prints_skipped_runs_and_writes_output_by_umask(tmp_path, capsys):
     d = tmp_path / "ok"
     d.mkdir()
-    (d / "metrics.json").write_text(json.dumps({
-        "avg": 80.0, "last": 70.0, "fgt": 5.0, "peak_memory_bytes": 2e9, "forward_passes": 100,
-        "seconds_per_iteration": 0.01, "config": {"method": "ease", "optimizer": "zo_sgd", "dataset": "digits"}}))
+    write_finished_run(d)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "metrics.json").write_text('{"avg": 1,')
     old = os.umask(0o022)
@@ -438,9 +443,7 @@ def test_report_output_named_like_a_run_file_outside_any_run_is_written(tmp_path
     ordinary place for the markdown."""
     d = tmp_path / "runs" / "ok"
     d.mkdir(parents=True)
-    (d / "metrics.json").write_text(json.dumps({
-        "avg": 80.0, "last": 70.0, "fgt": 5.0, "peak_memory_bytes": 2e9, "forward_passes": 100,
-        "seconds_per_iteration": 0.01, "config": {"method": "ease", "optimizer": "zo_sgd", "dataset": "digits"}}))
+    write_finished_run(d)
     out = tmp_path / name
     out.parent.mkdir(parents=True)
     assert main(["report", str(tmp_path / "runs"), "--output", str(out)]) == 0, capsys.readouterr().err
@@ -455,9 +458,7 @@ def test_report_output_never_makes_a_folder_of_runs_read_as_a_run(tmp_path, caps
     anything is read or written."""
     d = tmp_path / "runs" / "ok"
     d.mkdir(parents=True)
-    (d / "metrics.json").write_text(json.dumps({
-        "avg": 80.0, "last": 70.0, "fgt": 5.0, "peak_memory_bytes": 2e9, "forward_passes": 100,
-        "seconds_per_iteration": 0.01, "config": {"method": "ease", "optimizer": "zo_sgd", "dataset": "digits"}}))
+    write_finished_run(d)
     out = tmp_path / "runs" / name
     assert main(["report", str(tmp_path / "runs"), "--output", str(out)]) == 2
     err = capsys.readouterr().err

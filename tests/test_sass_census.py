@@ -98,11 +98,22 @@ def test_recorded_launch_and_census_of_a_case():
     assert c["issue_cap_elems_per_s"] == pytest.approx(out["issue_rate"] / c["instr_per_elem"])
 
 
+def fake_timing(monkeypatch, time_variants) -> None:
+    """``--time`` on this CPU: a GPU that says it is there, and ``time_variants`` in place of
+    the compiles and launches (what is checked is what --time does with the timings)."""
+    import torch
+
+    from benchmarks import sass_census as sc
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a test GPU")
+    monkeypatch.setattr(sc, "time_variants", time_variants)
+
+
 def test_time_fails_when_a_variant_differs_and_keeps_each_timed_case(tmp_path, monkeypatch, capsys):
     """``--time`` (gpu_check.sh, TRITON_VARIANTS): a variant whose bits differ from the op printed
     BITS DIFFER and exited 0, so the profile phase read "ok"; and its JSON was written after the
     last case only, so a run cut at its limit kept none of the cases it had timed."""
-    import torch
 
     from benchmarks import sass_census as sc
 
@@ -119,9 +130,7 @@ def test_time_fails_when_a_variant_differs_and_keeps_each_timed_case(tmp_path, m
             raise KeyboardInterrupt        # gpu_check.sh's SIGINT at the limit
         return variants([True, name != "perturb-fp32-gaussian", True])
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a test GPU")
-    monkeypatch.setattr(sc, "time_variants", time_variants)
+    fake_timing(monkeypatch, time_variants)
     out = tmp_path / "new" / "variants.json"        # its folder is made (it failed after the cases)
     cases = "perturb-fp32-rademacher,perturb-fp32-gaussian"
     assert sc.main(["--time", "--cases", cases, "--json", str(out)]) == 1
@@ -139,7 +148,6 @@ def test_time_stopped_by_sigterm_keeps_each_timed_case(tmp_path, monkeypatch, ca
     a SIGINT is: the cases timed are in the JSON, the exit status is 143, the handler is restored."""
     import signal
 
-    import torch
 
     from benchmarks import sass_census as sc
 
@@ -153,9 +161,7 @@ def test_time_stopped_by_sigterm_keeps_each_timed_case(tmp_path, monkeypatch, ca
         return {"copy_ms": 1.0, "variants": {label: {"regs": 32, "compile_s": 0.1, "bit_identical": True,
                                                      "ms": 1.0, "of_copy": 1.0} for label in sc.VARIANTS}}
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a test GPU")
-    monkeypatch.setattr(sc, "time_variants", time_variants)
+    fake_timing(monkeypatch, time_variants)
     out = tmp_path / "variants.json"
     assert sc.main(["--time", "--cases", "perturb-fp32-rademacher,sgd-fp32-gaussian", "--json", str(out)]) == 143
     assert list(json.loads(out.read_text())["cases"]) == ["perturb-fp32-rademacher"]
@@ -169,7 +175,6 @@ def test_time_stopped_while_its_json_is_rewritten_keeps_the_file_whole(tmp_path,
     is written atomically now. The signal comes from inside the encoding of the second case."""
     import signal
 
-    import torch
 
     from benchmarks import sass_census as sc
 
@@ -189,9 +194,7 @@ def test_time_stopped_while_its_json_is_rewritten_keeps_the_file_whole(tmp_path,
                                                      "ms": ms, "of_copy": 1.0} for label in sc.VARIANTS}}
 
     monkeypatch.setattr(json.JSONEncoder, "default", default)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a test GPU")
-    monkeypatch.setattr(sc, "time_variants", time_variants)
+    fake_timing(monkeypatch, time_variants)
     out = tmp_path / "variants.json"
     assert sc.main(["--time", "--cases", "perturb-fp32-rademacher,sgd-fp32-gaussian", "--json", str(out)]) == 143
     assert list(json.loads(out.read_text())["cases"]) == ["perturb-fp32-rademacher"]
