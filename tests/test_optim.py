@@ -536,13 +536,14 @@ def test_counters_and_projections_of_a_zo_step(estimator):
 
 def test_option_bounds_are_where_the_docs_put_them():
     # the closed ends are accepted: zo_eps up to 2^123 (docs/algorithms.md §7), dampening in
-    # [0, 1] (§1: buf = mu buf + (1 - dampening) g), eps >= 0; the open ends refused: lr < 0 however
-    # small, q = 0 (no query), beta = 1 (1 - beta^t = 0), sparsity 1 (nothing left to move)
+    # [0, 1] (§1: buf = mu buf + (1 - dampening) g), Adam's eps at float32's smallest normal; the open
+    # ends refused: lr < 0 however small, q = 0 (no query), beta = 1 (1 - beta^t = 0), sparsity 1
+    # (nothing left to move), eps = 0 (0/0 at a zero estimate)
     ps = [torch.nn.Parameter(torch.zeros(2))]
     ZOFusedSGD(ps, zo_eps=2.0 ** 123)
     ZOFusedSGD(ps, momentum=0.9, dampening=1.0)
     ZOFusedSGD(ps, momentum=0.9, dampening=0.0, nesterov=True)
-    ZOFusedAdam(ps, eps=0.0)
+    ZOFusedAdam(ps, eps=2.0 ** -126)
     ZOFusedAdam(ps, betas=(0.0, 0.0))
     for cls, kw, needle in [(ZOFusedSGD, dict(lr=-0.5), "lr=-0.5 must be >= 0"), (ZOFusedSGD, dict(q=0), "q=0"),
                             (ZOFusedSGD, dict(dampening=1.5), "dampening=1.5"),
@@ -552,7 +553,8 @@ def test_option_bounds_are_where_the_docs_put_them():
                             (ZOFusedSGD, dict(sign=True, scalar_sign=True), "exclusive"),
                             (ZOFusedAdam, dict(betas=(0.9, 1.0)), "betas=.* must be two numbers in"),
                             (ZOFusedAdam, dict(betas=(1.0, 0.999)), "betas=.* must be two numbers in"),
-                            (ZOFusedAdam, dict(eps=-1e-12), "eps=.* must be >= 0")]:
+                            (ZOFusedAdam, dict(eps=-1e-12), "eps=.* must be > 0"),
+                            (ZOFusedAdam, dict(eps=0.0), "eps=0.0 must be > 0")]:
         with pytest.raises(ValueError, match=needle):
             cls(ps, **kw)
 

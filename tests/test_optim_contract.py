@@ -353,20 +353,21 @@ def test_a_perturbation_size_that_overflows_float32_is_refused(zo_eps):
 def test_an_infinite_step_option_is_refused_before_it_reaches_the_parameters(cls, key):
     # accepted: lr, weight_decay or momentum = inf wrote +-inf into every parameter at the first
     # step, and every later step was skipped for a non-finite loss (Adam's eps = inf: no update)
-    with pytest.raises(ValueError, match=f"{key}=inf must be >= 0 and finite"):
+    need = f"{key}=inf must be {'>' if key == 'eps' else '>='} 0 and finite"     # Adam's eps = 0: 0/0
+    with pytest.raises(ValueError, match=need):
         cls(make_mlp(6, 4, 1).parameters(), **{key: float("inf")})
     model, opt = two_groups(cls)
     opt.step(lambda: loss_of(model))
     opt.param_groups[0][key] = float("inf")
     before = snapshot(model)
-    with pytest.raises(ValueError, match=f"param group 0: {key}=inf must be >= 0 and finite"):
+    with pytest.raises(ValueError, match=f"param group 0: {need}"):
         opt.step(lambda: loss_of(model))
     assert max_moved(model, before) == 0.0 and opt.step_count == 1
 
 
 @pytest.mark.parametrize("cls,kw,needle", [
     (ZOFusedAdam, dict(betas=(1.5, 0.999)), "betas=.* must be two numbers in \\[0, 1\\)"),
-    (ZOFusedAdam, dict(eps=-1.0), "eps=-1.0 must be >= 0"),
+    (ZOFusedAdam, dict(eps=-1.0), "eps=-1.0 must be > 0"),
     (ZOFusedSGD, dict(momentum=-1.0), "momentum=-1.0 must be >= 0"),
     (ZOFusedSGD, dict(nesterov=True), "nesterov momentum requires")])
 def test_per_group_sgd_and_adam_options_are_checked_like_the_constructors(cls, kw, needle):
@@ -375,6 +376,47 @@ def test_per_group_sgd_and_adam_options_are_checked_like_the_constructors(cls, k
     with pytest.raises(ValueError, match=needle):       # they were accepted, and stepped
         opt.add_param_group({"params": model[2].parameters(), **kw})
     assert len(opt.param_groups) == 1
+
+
+EPS_ZERO = r"eps=.* must be > 0 \(at least 1\.18e-38.*0/0 writes NaN"
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-46, 1e-40])      # 0 itself, 0 in float32, below its smallest normal
+def test_zo_adam_refuses_an_eps_that_divides_a_zero_estimate_by_zero(eps):
+    # torch.optim.Adam's eps=0 was taken: a coordinate whose ZO estimate was 0 at every step so
+    # far (a masked one with sparsity > 0; all of them after a first step whose loss difference
+    # is 0) has m = v = 0, and its update wrote 0/0 = NaN into the parameter without a word
+    for kw in (dict(sparsity=0.5), {}):
+        with pytest.raises(ValueError, match=EPS_ZERO):
+            ZOFusedAdam(make_mlp(6, 4, 1).parameters(), eps=eps, **kw)
+    model, opt = two_groups(ZOFusedAdam, sparsity=0.5)
+    with pytest.raises(ValueError, match=EPS_ZERO):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))], "eps": eps})
+    assert len(opt.param_groups) == 2
+    opt.step(lambda: loss_of(model))
+    saved = copy.deepcopy(opt.state_dict())
+    saved["param_groups"][0]["eps"] = eps
+    with pytest.raises(ValueError, match=EPS_ZERO):
+        opt.load_state_dict(saved)
+    opt.param_groups[1]["eps"] = eps            # set between steps: refused before anything moves
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=f"param group 1: {EPS_ZERO}"):
+        opt.step(lambda: loss_of(model))
+    assert max_moved(model, before) == 0.0 and opt.step_count == 1
+
+
+def test_zo_adam_with_the_tiny_eps_the_refusal_suggests_keeps_zero_estimates_finite():
+    # what the message offers instead of eps=0: a first step whose loss difference is 0 and the
+    # masked coordinates leave the parameters where they were (0/eps = 0; up to the restore's
+    # rounding, §7), not NaN
+    model = make_mlp(6, 4, 1)
+    before = snapshot(model)
+    opt = ZOFusedAdam(model.parameters(), lr=0.1, eps=1e-30, sparsity=0.5, seed=3)
+    opt.step(lambda: torch.tensor(1.0))
+    assert opt.last_projected == [0.0]
+    assert max_moved(model, before) <= MOVED
+    opt.step(lambda: loss_of(model))
+    assert all(p.isfinite().all() for p in model.parameters())
 
 
 # ------------------------------------------------------------------ copies and states

@@ -1425,6 +1425,9 @@ class ZOFusedSGD(_ZOBase):
                         stochastic_rounding=o["stochastic_rounding"], round_seed=self._round_seed(o))
 
 
+_F32_TINY = torch.finfo(torch.float32).tiny    # the smallest eps ZOFusedAdam takes (2^-126)
+
+
 class ZOFusedAdam(_ZOBase):
     r"""Zeroth-order Adam / AdamW (ZO-Adam, ZO-Adam-Sign, ZO-Adam-Conserve) on fused kernels:
     exactly ``torch.optim.Adam`` (``decoupled_weight_decay=True``: ``AdamW``) fed the ZO
@@ -1445,8 +1448,23 @@ class ZOFusedAdam(_ZOBase):
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2
                 and all(0.0 <= _number(b, "betas") < 1.0 for b in betas)):
             raise ValueError(f"betas={betas!r} must be two numbers in [0, 1)")
-        if not 0.0 <= _number(g["eps"], "eps") < math.inf:
-            raise ValueError(f"eps={g['eps']} must be >= 0 and finite (eps=inf makes every update 0)")
+        eps = _number(g["eps"], "eps")
+        # torch.optim.Adam takes eps=0, but a ZO estimate is exactly 0 far more often than a gradient
+        # entry, and a coordinate whose every estimate so far was 0 has m = v = 0: the update divides
+        # 0 by 0 and writes NaN into the parameter (all of them after a first step whose loss
+        # difference is 0, the masked ones at every step with sparsity > 0). An eps that is 0 in
+        # float32, where the kernels compute, is the same; below float32's smallest normal, too
+        # (a backend may flush subnormals).
+        if 0.0 <= eps < _F32_TINY:
+            raise ValueError(
+                f"eps={g['eps']} must be > 0 (at least {_F32_TINY:.3g}, float32's smallest normal number): with "
+                "eps=0 a coordinate whose zeroth-order estimate was exactly 0 at every step so far has m = v = 0, and "
+                "its update 0/0 writes NaN into the parameter (every coordinate after a first step whose loss "
+                "difference is exactly 0, e.g. a flat region or a bf16 loss; a masked one at every step with "
+                "sparsity > 0). torch.optim.Adam takes eps=0 because a gradient entry is rarely exactly 0; give a "
+                "small eps instead (the default 1e-8, or e.g. 1e-30 to stay close to eps=0)")
+        if not 0.0 < eps < math.inf:
+            raise ValueError(f"eps={g['eps']} must be > 0 and finite (eps=inf makes every update 0)")
         if not isinstance(g["decoupled_weight_decay"], bool):
             raise ValueError(f"decoupled_weight_decay={g['decoupled_weight_decay']!r} must be True or False")
         if g.get("amsgrad"):       # as maximize: a group key torch.optim.Adam reads, ignored here
