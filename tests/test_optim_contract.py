@@ -696,6 +696,18 @@ def test_a_hybrid_switch_is_a_count_not_a_flag():
     assert type(create("zo_sgd", ps, hybrid_switch=False)) is ZOFusedSGD      # off, as 0 and None
 
 
+def test_numpy_and_torch_false_turn_the_hybrid_off_as_python_false_does():
+    # numpy.bool_(False) (a sweep's flag column) was refused as no int, where Python's False is
+    # off; their True stays refused as Python's is (it ran 1 FO step)
+    import numpy as np
+    ps = list(make_mlp(6, 4, 1).parameters())
+    for off in (np.bool_(False), torch.tensor(False)):
+        assert type(create("zo_sgd", ps, hybrid_switch=off)) is ZOFusedSGD
+    for on in (np.bool_(True), torch.tensor(True), torch.tensor([False, False])):
+        with pytest.raises(ValueError, match=r"hybrid_switch \(the number of FO steps before ZO; 0/None = off\) is "):
+            create("zo_sgd", ps, hybrid_switch=on)
+
+
 @pytest.mark.parametrize("zo", [torch.optim.SGD, torch.optim.Adam])
 def test_a_hybrid_whose_zo_phase_is_first_order_is_refused(zo):
     # the ZO phase runs the closure without backward: a torch.optim optimizer there found no

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from zfkernels.stream import _is_bool
+
 from .fo import FOAdam, FOAdamW, FOSGD
 from .hybrid import HybridFOZO
 from .zo import ZOFusedAdam, ZOFusedSGD, counter
@@ -85,7 +87,11 @@ def create(name: str, params, *, model: torch.nn.Module | None = None, hybrid_sw
         raise TypeError(f"model= must be an nn.Module, got {type(model).__name__}")
     if name.startswith("fo_"):
         return _fo(name, params, kw)
-    if hybrid_switch is not None and hybrid_switch is not False:
+    if _is_bool(hybrid_switch) and getattr(hybrid_switch, "numel", lambda: 1)() == 1 and not hybrid_switch:
+        # False means off, numpy's and torch's too (a sweep's flag column): numpy.bool_(False),
+        # not Python's False, was refused as no int
+        hybrid_switch = None
+    if hybrid_switch is not None:
         # True was 1 FO step (a flag meaning "hybrid on" ran one FO step without a word), and
         # numpy's int64 (a sweep's value) was refused as no int
         hybrid_switch = counter(hybrid_switch, "hybrid_switch (the number of FO steps before ZO; 0/None = off)")
