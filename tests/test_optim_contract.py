@@ -589,6 +589,8 @@ def test_a_bad_rate_set_in_a_hybrid_group_between_steps_is_refused_before_anythi
     ({"zo_lr_scale": -1.0}, "zo_lr_scale=-1.0 must be >= 0"),
     ({"lr": float("inf")}, "lr=inf must be >= 0 and finite"),
     ({"zo_lr_scale": float("inf")}, "zo_lr_scale=inf must be >= 0 and finite"),
+    ({"initial_lr": "x"}, "initial_lr='x' is not a real number"), ({"max_lr": -1.0}, "max_lr=-1.0 must be >= 0"),
+    ({"momentum": 0.9}, r"takes params, lr and zo_lr_scale \(and the lr schedulers' initial_lr, .*\), not momentum"),
     ({"params": None, "lr": 0.1}, None)])
 def test_a_bad_group_added_to_a_hybrid_is_named_and_adds_nothing(group, needle):
     model = make_mlp(6, 4, 1)
@@ -600,6 +602,36 @@ def test_a_bad_group_added_to_a_hybrid_is_named_and_adds_nothing(group, needle):
     with pytest.raises(ValueError, match=needle):
         hyb.add_param_group(group)
     assert [len(o.param_groups) for o in (hyb, hyb.fo, hyb.zo)] == [1, 1, 1]
+
+
+def test_a_group_added_to_a_scheduled_hybrid_with_its_initial_lr_resumes_the_scheduler():
+    """torch's lr schedulers resumed with last_epoch >= 0 need initial_lr in every group, so a
+    user gives a group added under a scheduler its own: the plain ZO optimizers take it, the
+    hybrid refused it ("takes params, lr and zo_lr_scale"). The hybrid's group keeps it; the
+    inner optimizers' groups get the lr the hybrid pushes at each step."""
+    def build():
+        model = make_mlp(6, 4, 1)
+        return model, create("zo_sgd", model[0].parameters(), hybrid_switch=2, lr=0.01, fo_lr=0.1, seed=3)
+
+    model, hyb = build()
+    sched = torch.optim.lr_scheduler.StepLR(hyb, 1, gamma=0.5)
+    _run(model, hyb, 1)
+    sched.step()
+    hyb.add_param_group({"params": model[2].parameters(), "lr": 0.2, "initial_lr": 0.2})
+    assert hyb.param_groups[1]["initial_lr"] == 0.2
+    assert all("initial_lr" not in g for o in (hyb.fo, hyb.zo) for g in o.param_groups)
+    for _ in range(2):          # through the switch
+        _run(model, hyb, 1)
+        sched.step()
+    model2, hyb2 = build()
+    hyb2.add_param_group({"params": model2[2].parameters(), "lr": 0.2, "initial_lr": 0.2})
+    hyb2.load_state_dict(hyb.state_dict())
+    torch.optim.lr_scheduler.StepLR(hyb2, 1, gamma=0.5, last_epoch=sched.last_epoch)    # raised KeyError before
+    sched.step()
+    assert [g["lr"] for g in hyb2.param_groups] == [g["lr"] for g in hyb.param_groups] == [0.1 / 16, 0.2 / 8]
+    _run(model2, hyb2, 1)
+    assert hyb2.zeroth_order and [g["lr"] for g in hyb2.zo.param_groups] == [
+        g["lr"] * g["zo_lr_scale"] for g in hyb2.param_groups]
 
 
 @pytest.mark.parametrize("edit,needle", [

@@ -87,6 +87,10 @@ def _named_as(opt: torch.optim.Optimizer, tensors: list, names: list | None) -> 
 
 __all__ = ["HybridFOZO"]
 
+# The learning rates torch's lr schedulers keep in the groups they schedule (LRScheduler's
+# initial_lr, OneCycleLR's max_lr / min_lr, SWALR's swa_lr): the hybrid's groups, not options.
+SCHEDULER_LRS = ("initial_lr", "max_lr", "min_lr", "swa_lr")
+
 
 class HybridFOZO(torch.optim.Optimizer):
     """``HybridFOZO(fo, zo, switch)``: ``fo`` and ``zo`` optimize the same parameters with
@@ -135,9 +139,10 @@ class HybridFOZO(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         """A group added after construction goes to both phases' optimizers too (it was
         only the hybrid's: never trained). It takes ``params``, ``lr`` (the FO phase's) and
-        ``zo_lr_scale``, by default those of the first group; the other options are each
-        inner optimizer's defaults. Refused as a whole, nothing added, where either optimizer
-        refuses it."""
+        ``zo_lr_scale``, by default those of the first group, and the lr schedulers' keys
+        (``initial_lr``, to resume a scheduler; :data:`SCHEDULER_LRS`), which only the hybrid's
+        group keeps; the other options are each inner optimizer's defaults. Refused as a whole,
+        nothing added, where either optimizer refuses it."""
         if not hasattr(self, "zo"):       # torch.optim.Optimizer.__init__ adding the hybrid's own groups
             return super().add_param_group(param_group)
         if not isinstance(param_group, dict):
@@ -146,11 +151,19 @@ class HybridFOZO(torch.optim.Optimizer):
             raise ValueError("param_group has no 'params' entry (it has "
                              f"{', '.join(map(str, param_group)) or 'none'}); "
                              "give the tensors to optimize as {'params': [...], ...}")
-        other = sorted(set(param_group) - {"params", "lr", "zo_lr_scale"})
+        other = sorted(set(param_group) - {"params", "lr", "zo_lr_scale", *SCHEDULER_LRS})
         if other:
-            raise ValueError(f"HybridFOZO.add_param_group takes params, lr and zo_lr_scale, not {', '.join(other)}: "
-                             "the two phases' other options are their optimizers' defaults (build the hybrid with "
-                             "the group in both fo and zo to give it its own)")
+            raise ValueError(f"HybridFOZO.add_param_group takes params, lr and zo_lr_scale (and the lr schedulers' "
+                             f"{', '.join(SCHEDULER_LRS)}), not {', '.join(other)}: the two phases' other options "
+                             "are their optimizers' defaults (build the hybrid with the group in both fo and zo to "
+                             "give it its own)")
+        # what a scheduler attached to the hybrid reads from its groups: a user gives a new
+        # group its initial_lr to resume the scheduler (last_epoch >= 0 requires one per group);
+        # it was refused as an option, where the plain ZO optimizers take it. The hybrid's group
+        # keeps it; the inner optimizers' groups get only the lr the hybrid pushes each step
+        sched = {k: param_group[k] for k in SCHEDULER_LRS if k in param_group}
+        for k, v in sched.items():
+            _rate(v, k)
         # the ZO optimizer leaves frozen parameters out of a group: so does the FO one here, as
         # construction requires the same parameters in both ((name, tensor) pairs too: a frozen
         # named parameter stayed in the FO group and the hybrid's, and every later step refused
@@ -181,7 +194,7 @@ class HybridFOZO(torch.optim.Optimizer):
         except Exception:
             self.fo.param_groups.pop()
             raise
-        super().add_param_group({**_named_as(self, tensors, names), "lr": lf, "zo_lr_scale": scale})
+        super().add_param_group({**_named_as(self, tensors, names), "lr": lf, "zo_lr_scale": scale, **sched})
 
     def __getstate__(self):     # torch.optim's keeps defaults, state, param_groups only
         return super().__getstate__() | {"fo": self.fo, "zo": self.zo, "switch": self.switch, "_steps": self._steps}
