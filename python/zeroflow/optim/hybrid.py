@@ -153,10 +153,10 @@ class HybridFOZO(torch.optim.Optimizer):
                              "give the tensors to optimize as {'params': [...], ...}")
         other = sorted(set(param_group) - {"params", "lr", "zo_lr_scale", *SCHEDULER_LRS})
         if other:
-            raise ValueError(f"HybridFOZO.add_param_group takes params, lr and zo_lr_scale (and the lr schedulers' "
-                             f"{', '.join(SCHEDULER_LRS)}), not {', '.join(other)}: the two phases' other options "
-                             "are their optimizers' defaults (build the hybrid with the group in both fo and zo to "
-                             "give it its own)")
+            raise ValueError(f"HybridFOZO.add_param_group takes params, lr and zo_lr_scale, not {', '.join(other)}: "
+                             "the two phases' other options are their optimizers' defaults (build the hybrid with "
+                             "the group in both fo and zo to give it its own); it takes the lr schedulers' "
+                             f"{', '.join(SCHEDULER_LRS)} too")
         # what a scheduler attached to the hybrid reads from its groups: a user gives a new
         # group its initial_lr to resume the scheduler (last_epoch >= 0 requires one per group);
         # it was refused as an option, where the plain ZO optimizers take it. The hybrid's group
