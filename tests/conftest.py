@@ -9,6 +9,11 @@ import os
 import warnings
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# A child process (child_env, or any test's dict(os.environ)) must buffer its output as a
+# user's does (block-buffered into a pipe or a file): with PYTHONUNBUFFERED=1, as this
+# machine and CI set it, a test that kills a child could not see a line it never flushed.
+# Python read it at this process's start: removing it here changes children only.
+os.environ.pop("PYTHONUNBUFFERED", None)
 
 import pytest
 import torch
@@ -165,8 +170,11 @@ def child_env(without: tuple[str, ...] = (), **overrides: str) -> dict[str, str]
     """The environment of a child Python process that a test runs (a benchmark suite's
     pytest, a compiling census): this one, with the repository on PYTHONPATH, without the
     variables named in ``without`` and without those of an xdist worker (pytest-benchmark
-    >= 5 reads PYTEST_XDIST_WORKER and then silently writes no JSON), plus ``overrides``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_") and k not in without}
+    >= 5 reads PYTEST_XDIST_WORKER and then silently writes no JSON), plus ``overrides``.
+    Never PYTHONUNBUFFERED (even if a test set it again): a child's output is buffered as a
+    user's is, so a missing flush before a kill shows."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PYTEST_XDIST_") and k not in without and k != "PYTHONUNBUFFERED"}
     env.update(overrides)
     env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "python"), ROOT, env.get("PYTHONPATH", "")])
     return env
