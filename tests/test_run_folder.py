@@ -114,6 +114,18 @@ def test_sigterm_stops_cleanly_and_resume_finishes(env, tmp_path, capsys):
     assert f"resuming {out} after task 1/5" in stdout and len(metrics(out)["accuracy_curve"]) == 5
 
 
+def test_a_run_killed_outright_keeps_the_lines_of_its_finished_tasks(env, tmp_path):
+    """`zeroflow run ... > run.log` then a SIGKILL (the OOM killer, a lease's limit): the
+    "task 1/5: accuracy ..." line of the task it had finished never reached the file (stdout
+    into a file or pipe is block-buffered and a SIGKILL flushes nothing), nor did it show in a
+    `tail -f` while the run went on. Each line of the run's log is flushed as it is printed."""
+    proc, _ = start_held(env, tmp_path, "run", "--config", env["fast"], "--out", tmp_path / "run", "--no-progress")
+    proc.kill()
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, stderr
+    assert "task 1/5: accuracy on " in stdout, stdout
+
+
 def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(env, tmp_path, capsys):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     out = tmp_path / "run"

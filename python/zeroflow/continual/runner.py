@@ -67,6 +67,13 @@ def warn_stderr(msg: str):
     print(f"zeroflow: warning: {msg}", file=sys.stderr, flush=True)
 
 
+def log_stdout(msg: str):
+    # flushed line by line: stdout into a file or pipe (`zeroflow run > run.log`) is
+    # block-buffered, and a SIGKILL (the OOM killer, a lease's limit) lost the lines of the
+    # tasks already finished; a `tail -f` showed none of them while the run went on
+    print(msg, flush=True)
+
+
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C / SIGTERM during a run: where it stopped and whether ``--resume`` can continue it."""
 
@@ -427,7 +434,7 @@ def _on_rank0(world: int, main: bool, fn: Callable):
 # ---------------------------------------------------------------- run
 def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bool = False,
         continue_existing: bool = False, progress: bool = True, stop_after: Optional[int] = None,
-        log=print, warn=warn_stderr) -> Dict:
+        log=log_stdout, warn=warn_stderr) -> Dict:
     """Run (or resume) one experiment; returns the metrics dict (also in ``<run>/metrics.json``).
 
     ``cfg``: the run configuration (``defaults.resolve``); checked again here. With
