@@ -338,8 +338,10 @@ def main(argv=None):
     if a.time:
         if not torch.cuda.is_available():
             sys.exit("--time needs a CUDA device (the census itself does not: drop --time)")
+        # each line flushed as printed: a SIGKILL (KILL_AFTER_S after gpu_check.sh's SIGINT, a
+        # lease's limit) flushes nothing, and stdout in a pipe or file lost the rows already timed
         print(f"Triton {triton.__version__}, {torch.cuda.get_device_name(0)}, {a.numel} elements; "
-              "% of copy_ moving the same arrays")
+              "% of copy_ moving the same arrays", flush=True)
         res, differ = {}, []
         # a SIGTERM (a plain timeout, a lease's limit) is taken as a SIGINT is: the cases timed so
         # far are in the JSON, and the run ends with the one line that says where it stopped
@@ -350,7 +352,7 @@ def main(argv=None):
                     for label, v in r["variants"].items():
                         print(f"{name:30s} {label:28s} regs {v['regs']:3d}  compile {v['compile_s']:5.1f} s  "
                               f"{'bit-identical' if v['bit_identical'] else 'BITS DIFFER'}  {v['ms']:7.3f} ms  "
-                              f"{100 * v['of_copy']:5.1f} %")
+                              f"{100 * v['of_copy']:5.1f} %", flush=True)
                         if not v["bit_identical"]:
                             differ.append(f"{name} ({label})")
                     # after every case: a run cut at its limit (gpu_check.sh's SIGINT) keeps the cases
