@@ -452,16 +452,16 @@ def test_profile_kernels_refuses_a_bad_numel_before_any_launch(capsys):
     assert "--numel must be at least 1 (got 0)" in capsys.readouterr().err
 
 
-def test_profile_kernels_stopped_by_sigterm_keeps_its_rows():
-    """Killed by a SIGTERM (a plain ``timeout``, a lease's limit) with its stdout in a pipe, the
-    profile lost every row it had measured (block-buffered, never flushed). Each row is flushed
-    now and a SIGTERM is taken as a SIGINT is: exit 143 with the line that says so. The device
-    is faked (CPU tensors, constant timings): what is checked is the stop, not the numbers."""
+def _profile_kernels_sent(sig: str) -> subprocess.CompletedProcess:
+    """profile_kernels over two cases in a child whose stdout is a pipe (block-buffered, as a
+    user's: child_env drops PYTHONUNBUFFERED), ``signal.<sig>`` sent to itself as the second case
+    is made. The device is faked (CPU tensors, constant timings): what is checked is the stop,
+    not the numbers."""
     import textwrap
 
     from conftest import child_env
 
-    code = textwrap.dedent("""
+    code = textwrap.dedent(f"""
         import os, signal, sys, torch
         from benchmarks import profile_kernels as pk
         real_randn, real_empty = torch.randn, torch.empty
@@ -473,13 +473,20 @@ def test_profile_kernels_stopped_by_sigterm_keeps_its_rows():
         def make_call(*args):
             made.append(1)
             if len(made) == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.{sig})
             return real_call(*args)
         pk.make_call = make_call
         sys.exit(pk.main(["--backend", "cpu", "--numel", "64", "--cases", "sgd-fp32-rademacher,adam-fp32-gaussian"]))
     """)
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True,
-                       timeout=300)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_profile_kernels_stopped_by_sigterm_keeps_its_rows():
+    """Killed by a SIGTERM (a plain ``timeout``, a lease's limit) with its stdout in a pipe, the
+    profile lost every row it had measured (block-buffered, never flushed). Each row is flushed
+    now and a SIGTERM is taken as a SIGINT is: exit 143 with the line that says so."""
+    p = _profile_kernels_sent("SIGTERM")
     assert p.returncode == 143, (p.returncode, p.stdout, p.stderr[-2000:])
     assert "sgd-fp32-rademacher" in p.stdout and "adam-fp32-gaussian" not in p.stdout
     assert "profile_kernels: stopped (SIGTERM)" in p.stderr
@@ -488,29 +495,6 @@ def test_profile_kernels_stopped_by_sigterm_keeps_its_rows():
 def test_profile_kernels_killed_outright_keeps_the_rows_it_printed():
     """A SIGKILL (gpu_check.sh's KILL_AFTER_S after the SIGINT) runs no cleanup: the rows
     already measured reach the pipe only because each is flushed as it is printed."""
-    import textwrap
-
-    from conftest import child_env
-
-    code = textwrap.dedent("""
-        import os, signal, sys, torch
-        from benchmarks import profile_kernels as pk
-        real_randn, real_empty = torch.randn, torch.empty
-        torch.randn = lambda *a, device=None, **k: real_randn(*a, **k)
-        torch.empty = lambda *a, device=None, **k: real_empty(*a, **k)
-        torch.cuda.synchronize = lambda *a: None
-        pk.median_ms = lambda fn, *a, **k: 1.0
-        real_call, made = pk.make_call, []
-        def make_call(*args):
-            made.append(1)
-            if len(made) == 2:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real_call(*args)
-        pk.make_call = make_call
-        sys.exit(pk.main(["--backend", "cpu", "--numel", "64", "--cases", "sgd-fp32-rademacher,adam-fp32-gaussian"]))
-    """)
-    # block-buffered stdout, as in a pipe by default (PYTHONUNBUFFERED would hide a missing flush)
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(without=("PYTHONUNBUFFERED",)),
-                       capture_output=True, text=True, timeout=300)
+    p = _profile_kernels_sent("SIGKILL")
     assert p.returncode == -signal.SIGKILL, (p.returncode, p.stdout, p.stderr[-2000:])
     assert "sgd-fp32-rademacher" in p.stdout and "adam-fp32-gaussian" not in p.stdout, p.stdout
