@@ -13,6 +13,7 @@ import math
 import torch
 
 from .zo import (
+    SCHEDULER_LRS,
     _check_layout,
     _number,
     _warn_at_caller,
@@ -86,10 +87,6 @@ def _named_as(opt: torch.optim.Optimizer, tensors: list, names: list | None) -> 
 
 
 __all__ = ["HybridFOZO"]
-
-# The learning rates torch's lr schedulers keep in the groups they schedule (LRScheduler's
-# initial_lr, OneCycleLR's max_lr / min_lr, SWALR's swa_lr): the hybrid's groups, not options.
-SCHEDULER_LRS = ("initial_lr", "max_lr", "min_lr", "swa_lr")
 
 
 class HybridFOZO(torch.optim.Optimizer):

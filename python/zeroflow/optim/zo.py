@@ -60,11 +60,13 @@ _NOT_COPIED = {"_tid", "_bucket_cache", "_step_token", "_stream_args", "_step_gr
                "_gate", "_opt_called"}
 # The counters a state_dict's "zeroflow" part holds, in the order load_state_dict assigns them.
 COUNTERS = ("seed", "step", "task", "forward_passes", "queries", "steps_skipped")
+# The learning rates torch's lr schedulers write into the groups they schedule (LRScheduler's
+# initial_lr, OneCycleLR's max_lr / min_lr, SWALR's swa_lr).
+SCHEDULER_LRS = ("initial_lr", "max_lr", "min_lr", "swa_lr")
 # Keys of a param group that are no option of the optimizer: the parameters, and what torch's
-# lr schedulers write into the groups (initial_lr, OneCycleLR's max/min lr and momentum bounds,
-# SWALR's swa_lr); a state saved with or without a scheduler loads into an optimizer without or
-# with one, as in torch.optim.
-NOT_OPTIONS = {"params", "param_names", "initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr"}
+# lr schedulers write into the groups (those rates, and OneCycleLR's momentum bounds); a state
+# saved with or without a scheduler loads into an optimizer without or with one, as in torch.optim.
+NOT_OPTIONS = {"params", "param_names", *SCHEDULER_LRS, "base_momentum", "max_momentum"}
 # Parameters the fused kernels update in place (checked at construction, not at the first step).
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Group options added after states were first saved, with the value a state without them
