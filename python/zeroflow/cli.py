@@ -345,7 +345,7 @@ def cmd_report(a, started: float) -> int:
     from ._atomic import atomic_write_bytes
     from .continual.errors import ZeroflowError, refuse_empty_path
     from .continual.report import find_runs, render_runs
-    from .continual.runfolder import CHECKPOINT, CONFIG, METRICS, RUN_FILES, TRAJECTORY, is_run_folder, writing
+    from .continual.runfolder import RUN_FILES, RUN_MARKERS, TRAJECTORY, is_run_folder, writing
 
     if a.output is not None:     # checked before the runs are read: a bad --output wastes nothing
         refuse_empty_path(a.output, "--output", "give the markdown file to write, e.g. --output report.md, "
@@ -369,7 +369,7 @@ def cmd_report(a, started: float) -> int:
                                 f"{os.path.join(os.path.dirname(run_dir), 'report.md')}")
         # a file of this name makes any folder read as a run folder: --output runs/metrics.json
         # made the folder of runs one damaged run, and zeroflow report then found none of its runs
-        if name in (METRICS, CONFIG, CHECKPOINT):      # the files that make a run folder (runfolder.run_files_in)
+        if name in RUN_MARKERS:
             raise ZeroflowError(f"cannot write {a.output}: a file named {name} makes {folder} read as a run folder "
                                 f"(zeroflow report would take it for a damaged run and skip the runs in it); "
                                 f"give another name, e.g. {os.path.join(folder, 'report.md')}")

@@ -39,6 +39,8 @@ CONFIG = "config.json"
 METRICS = "metrics.json"
 CHECKPOINT = "checkpoint.pt"
 TRAJECTORY = "trajectory"
+# The run files whose presence makes a folder a run folder (run_files_in).
+RUN_MARKERS = (METRICS, CONFIG, CHECKPOINT)
 # Every file a run writes into its folder (--force deletes exactly these, metrics.json first
 # so that the folder never looks finished while the rest is being removed).
 RUN_FILES = (METRICS, CHECKPOINT, CONFIG, "environment.json", "backbone.pt", "accuracy_matrix.csv",
@@ -314,7 +316,7 @@ def inspect(folder: str) -> FolderState:
 
 def run_files_in(folder: str) -> List[str]:
     """The run files (metrics, config, checkpoint) that ``folder`` holds: any makes it a run folder."""
-    return [f for f in (METRICS, CONFIG, CHECKPOINT) if os.path.exists(os.path.join(folder, f))]
+    return [f for f in RUN_MARKERS if os.path.exists(os.path.join(folder, f))]
 
 
 def is_run_folder(folder: str) -> bool:
