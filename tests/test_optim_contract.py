@@ -1650,6 +1650,23 @@ def test_forward_grad_on_an_op_without_forward_ad_says_what_to_do(case):
     assert any("estimator='forward_grad'" in n and "'two_side'" in n for n in e.value.__notes__), e.value
 
 
+def test_forward_grad_on_batchnorm_in_train_mode_says_eval_mode():
+    # BatchNorm in train mode writes its running statistics in place, which torch.func's jvp
+    # refuses ("mutate a captured Tensor", a message that names jvp): the note told the user to
+    # switch to a finite-difference estimator, where BatchNorm in train mode is worse still
+    # (docs/algorithms.md §0); the documented fix (§3) is eval mode, and the note now says so.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    opt = ZOFusedSGD(model.parameters(), lr=0.1, seed=3, estimator="forward_grad", model=model)
+    with pytest.raises(RuntimeError, match="mutate a captured Tensor") as e:
+        opt.step(lambda: loss_of(model))
+    notes = e.value.__notes__
+    assert any("BatchNorm" in n and "model.eval()" in n for n in notes), notes
+    assert not any("'two_side'" in n for n in notes), notes
+    model.eval()
+    opt.step(lambda: loss_of(model))
+
+
 def test_a_compiled_function_calling_step_runs_the_step_eagerly():
     # torch.compile traced into step(): 13 graphs of the optimizer's internals, a warning about
     # _thread.get_ident (the interrupt gate), other returned losses; fullgraph=True failed with

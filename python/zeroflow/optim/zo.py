@@ -130,7 +130,16 @@ def _forward_ad_context():
         # torch's words for it: "Trying to use forward AD with <op>" (no formula), "... to use
         # it with forward mode AD" / "... functorch transforms (vmap, grad, jvp, ...)" (a custom
         # autograd.Function without jvp / setup_context)
-        if re.search(r"forward[- ]?(mode )?AD|\bjvp\b", str(e), re.IGNORECASE):
+        if re.search(r"mutate a captured Tensor", str(e)):
+            # torch.func refuses an in-place write to a tensor the closure did not receive:
+            # BatchNorm in train mode (its running statistics). The fix is eval mode, not another
+            # estimator: a finite difference would run, but over 2q forwards that each update the
+            # statistics and normalize with the batch's own (docs/algorithms.md §0, §3)
+            _add_note(e, "zeroflow: estimator='forward_grad' runs the closure under forward-mode AD "
+                         "(torch.func.jvp), which refuses an in-place write to a tensor the closure did not "
+                         "receive: BatchNorm in train mode updates its running statistics so; put the model "
+                         "(or its BatchNorm layers) in eval mode (model.eval()) for forward_grad steps")
+        elif re.search(r"forward[- ]?(mode )?AD|\bjvp\b", str(e), re.IGNORECASE):
             _add_note(e, "zeroflow: estimator='forward_grad' runs the closure under forward-mode AD "
                          "(torch.func.jvp), and an op or autograd.Function of this model cannot run there; "
                          "train it with a ZO estimator (estimator='two_side' or 'one_side'), which needs "
