@@ -676,7 +676,8 @@ class _ZOBase(torch.optim.Optimizer):
     # ------------------------------------------------------------------ kernels
     def _round_seed(self, g: dict) -> int:
         """Stream §9 rounding seed of the next parameter-writing update call of this step: the k-th
-        call (k = 0 the update, then conserve's moves in order) of step n uses
+        call (from k = 0, every fused call in order: the update's, one per group and device, then
+        conserve's moves') of step n uses
         seed(S, n, 2^32 - 3 - k) (docs/perturbation-stream.md §8), so replay rounds the same.
         Every call counts; the seed is only derived for a group with ``stochastic_rounding``
         (0 otherwise: the kernels ignore ``round_seed`` then, and a derivation costs ~7 us)."""
