@@ -1034,3 +1034,43 @@ def test_zo_step_extra_memory_is_constant():
     opt.step(lambda: first[0] * 2.0)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - before < (1 << 20)
+
+
+PYTHON_ON_CPU = [p for p in backend_params(reference_on_cpu=True)
+                 if p.values[0][0] in ("torch", "triton") and p.values[0][1] == "cpu"]
+
+
+@pytest.mark.parametrize("backend_device", PYTHON_ON_CPU)
+@pytest.mark.parametrize("op", ["perturb_", "zo_adam_update_"])
+def test_python_backends_keep_subnormals_under_flush_denormal_mode(backend_device, op):
+    """torch.set_flush_denormal(True) made the reference's torch ops and Triton's interpreter
+    flush subnormal inputs and results to zero: a perturb_ of subnormal weights, and Adam's m
+    and v decaying through the subnormals, wrote other bits than the compiled cpu op (which
+    keeps IEEE subnormals in that mode, tests/test_cpu_capability.py) and the CUDA kernels.
+    Every backend now gives the bits of IEEE mode, and the caller's mode is left as found."""
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU has no flush-denormal mode")
+    g = torch.Generator().manual_seed(5)
+
+    def fresh():
+        return [torch.randn(640, generator=g) * 1e-39 for _ in range(3)]     # fp32 subnormals
+
+    def run(p, m, v):
+        if op == "perturb_":
+            zk.perturb_([p], 7, 1e-40, RADE, backend=backend_device[0])
+        else:
+            zk.zo_adam_update_([p], [m], [v.abs_()], [5], [1e-20], lr=1e-3, step=3, dist=RADE, sparsity=HALF,
+                               mask_seed=9, backend=backend_device[0])
+
+    want = fresh()
+    got = [t.clone() for t in want]
+    run(*want)                                       # IEEE mode: the spec's bits
+    assert torch.set_flush_denormal(True)
+    try:
+        run(*got)
+        assert torch.tensor([1e-39]).mul(1.0).item() == 0.0, "the op changed the caller's flush mode"
+    finally:
+        torch.set_flush_denormal(False)
+    assert (bits(want[0]) != 0).any()
+    for name, a, b in zip(("param", "exp_avg", "exp_avg_sq"), got, want):
+        assert_bits_equal(a, b, name)

@@ -15,6 +15,7 @@ Importing this package never fails but for a bad ``ZEROFLOW_CPU_CAPABILITY`` (do
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 import sys
@@ -180,15 +181,40 @@ def call_op(backend: str, op: str, **args):
     Every backend still checks the tensors (type, dtype, contiguity, device, shapes) before
     it writes anything."""
     if backend in ("cpu", "cuda"):
-        fn = getattr(torch.ops.zfkernels, op)
-    elif backend == "triton":
+        return opspec.call(getattr(torch.ops.zfkernels, op), op, args)
+    if backend == "triton":
         fn = getattr(_triton_module()[0], op)
     elif backend == "torch":
         fn = getattr(reference, op)
     else:       # "auto" or a misspelt name ran the slow reference without a word
         raise ValueError(f"call_op: backend={backend!r} is not one of {BACKENDS}; pass the name that "
                          f"zfkernels.resolve_backend(backend, device) returns (it resolves 'auto')")
-    return opspec.call(fn, op, args)
+    with _ieee_subnormals():
+        return opspec.call(fn, op, args)
+
+
+# A float32 subnormal (2^-140): multiplied by 1 it stays itself in IEEE mode and becomes 0
+# under flush-to-zero / denormals-are-zero. Made from its bits: converting the float 2^-140
+# at an import under flush mode would give 0, and every call would then switch flushing on.
+_SUBNORMAL = torch.tensor([1 << 9], dtype=torch.int32).view(torch.float32)
+
+
+@contextlib.contextmanager
+def _ieee_subnormals():
+    """IEEE subnormals for a Python backend's host arithmetic (the reference's torch ops on
+    CPU tensors, Triton's interpreter in numpy) whatever the thread's mode, as the compiled
+    CPU op keeps them (csrc/ops.cpp IeeeSubnormals): under torch.set_flush_denormal(True)
+    they flushed subnormal inputs and results to zero (subnormal weights, Adam's m and v
+    decaying through the subnormals) and wrote other bits than the cpu and cuda backends.
+    The mode is torch's (set_flush_denormal), cleared for the call and set again after."""
+    flushing = torch.mul(_SUBNORMAL, 1.0).item() == 0.0
+    if flushing:
+        torch.set_flush_denormal(False)
+    try:
+        yield
+    finally:
+        if flushing:
+            torch.set_flush_denormal(True)
 
 
 def _backend_for(backend: str, params: Sequence[torch.Tensor]) -> str:
