@@ -269,6 +269,9 @@ def test_loader_reasons_name_the_error_and_the_fix(monkeypatch):
     reason = _compiled.missing_reason("cuda")
     assert "ZEROFLOW_BUILD_CUDA=1 makes its absence a build error" in reason
     assert f"built against another torch than the running {torch.__version__}" in reason
+    # the fix is the build command (an editable install rebuilds in place): a non-editable
+    # reinstall left the checkout's old binaries, which a run from the checkout imports first
+    assert reason.endswith(f"build it with: {_compiled.BUILD_COMMAND}") and "--force-reinstall" not in reason
 
     monkeypatch.delitem(_compiled._errors, "cpu")
     monkeypatch.delitem(_compiled._errors, "cuda")

@@ -154,9 +154,13 @@ def missing_reason(backend: str) -> str:
             # a C++ extension links to torch's ABI: one built for another torch fails this way
             import torch
 
+            # the build command rebuilds (pip's editable build starts from an empty build folder);
+            # a non-editable reinstall (pip install --force-reinstall .) put new binaries in
+            # site-packages and left the checkout's in-place ones, which a run from the checkout
+            # imports first: the same error again
             extra += (f" (an undefined symbol: the extension was built against another torch than the "
-                      f"running {torch.__version__}; rebuild it against this one: pip install "
-                      f"--no-build-isolation --force-reinstall --no-deps . in the source checkout)")
+                      f"running {torch.__version__}; rebuild it against this one with the build command below, "
+                      f"run in the source checkout)")
         return (f"zfkernels compiled {backend} extension not importable ({_errors[backend]}){extra}; "
                 f"build it with: {BUILD_COMMAND}")
     if backend == "cuda" and not cuda_available():
