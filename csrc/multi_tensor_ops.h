@@ -5,7 +5,8 @@
 //
 //   struct Launcher {
 //     explicit Launcher(TensorList params);         // checks params' device, enters it
-//     const Entry* table(const std::vector<Entry>&); // the table where the kernels read it
+//     Table table(const std::vector<Entry>&);  // a handle: .get() is the table where the kernels
+//                                              //   read it, kept there while the handle lives
 //     Tensor host_bytes(int64_t n);                  // a staging buffer for the q > kInlineQ seeds
 //     Tensor to_device(const Tensor& host);          //   and its copy where the kernels read it
 //     template <class Functor, typename P, int DIST>
@@ -21,6 +22,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "multi_tensor_apply.cuh"
@@ -127,11 +129,14 @@ inline void fill_rounding(Common& c, bool stochastic_rounding, int64_t round_see
 template <class Functor, class Launcher>
 void launch(Launcher& l, const std::vector<Slots>& slots, at::IntArrayRef tensor_ids, int64_t dist, Common c,
             const typename Functor::Args& a) {
+  // Held until the last launch is enqueued (when this function returns): the device's table
+  // cache may evict a table for another thread's call, and frees none that is held.
+  using Table = decltype(l.table(std::declval<const std::vector<Entry>&>()));
   struct Group {
     int32_t code;
     std::vector<Entry> entries;
     int64_t tasks;
-    const Entry* table;
+    Table table;
   };
   std::vector<Group> groups;
   for (int32_t code : {F32, BF16, F16}) {
@@ -159,12 +164,12 @@ void launch(Launcher& l, const std::vector<Slots>& slots, at::IntArrayRef tensor
       if (e.numel > 0) entries.push_back(e);
     }
     if (tasks == 0) continue;
-    groups.push_back(Group{code, std::move(entries), tasks, nullptr});
+    groups.push_back(Group{code, std::move(entries), tasks, Table()});
   }
   for (Group& g : groups) g.table = l.table(g.entries);
   const bool rad = dist == zf::DIST_RADEMACHER;
   for (const Group& g : groups) {
-    c.entries = g.table;
+    c.entries = static_cast<const Entry*>(g.table.get());
     c.ntensors = (int32_t)g.entries.size();
     c.total_tasks = g.tasks;
     if (g.code == F32) {

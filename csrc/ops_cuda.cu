@@ -12,9 +12,10 @@
 // are csrc/multi_tensor_ops.h's, over this file's CudaLauncher, the device's part of a launch
 // (the CPU emulation of tests/cuda_emu/ runs them over its own).  The launch table (per-tensor
 // pointers, dtype codes, numel, id, first warp task) depends only on the parameter layout, so
-// it is uploaded once per layout and cached on the device (TableCache); the per-call seeds,
-// coefficients and scalars travel in the kernel parameters.  A step therefore costs no
-// host-to-device copy and no allocation.
+// it is uploaded once per layout and cached on the device (csrc/table_cache.h, over this
+// file's CudaTableMemory); the per-call seeds, coefficients and scalars travel in the kernel
+// parameters.  A step therefore costs no host-to-device copy and no allocation.  The launcher holds each table's Handle
+// until its launch is enqueued: another thread's call may evict it meanwhile, not free it.
 
 #include <c10/cuda/CUDAStream.h>  // (ATen/cuda/CUDAContext.h would need cusparse/cublas headers)
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -25,6 +26,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <optional>
@@ -35,6 +37,7 @@
 #include "multi_tensor_ops.h"      // the op functions over a Launcher: checks, tables, scalars
 #include "ops_common.h"            // validation + host scalar preparation, shared with the CPU build
 #include "philox.h"
+#include "table_cache.h"         // the launch-table cache, over CudaTableMemory
 
 namespace zf_cuda {
 
@@ -60,74 +63,40 @@ void check_cuda_device(TensorList params) {
                     "; all tensors of one call must be on one CUDA device");
 }
 
-// Device copies of launch tables, keyed by their exact bytes (pointers, dtypes, sizes, ids):
-// a table that compares equal describes the same memory, so reusing it is always correct,
-// also after a tensor was freed and another one allocated at the same address.  An optimizer
-// calls the ops with the same few layouts every step (one per parameter group and op), so
-// after the first step no call uploads anything.  Bounded; the least recently used table is
-// dropped (cudaFree waits for the kernels that may still read it).  A step cycles through its
-// layouts in a fixed order, the worst case for that policy: once they outnumber the capacity
-// every call misses (a cudaFree, an upload, a stream sync).  At 64 tables that was any
-// ZO-Adam with more than 32 param groups (two layouts each: perturb, and params + m + v),
-// e.g. layer-wise lr groups of an LLM.  1024 tables of 88 bytes a tensor: device memory of
-// 13 MB if every one were a ViT-B list (152 tensors), the usual few tables of a run far less.
-class TableCache {
- public:
-  const Entry* get(const std::vector<Entry>& entries, int device) {
-    const size_t bytes = entries.size() * sizeof(Entry);
-    std::lock_guard<std::mutex> lock(mu_);
-    ++clock_;
-    for (Item& it : items_) {
-      if (it.device == device && it.bytes.size() == bytes && std::memcmp(it.bytes.data(), entries.data(), bytes) == 0) {
-        it.used = clock_;
-        return it.dptr;
-      }
-    }
-    if (items_.size() >= kCapacity) {
-      auto lru = std::min_element(items_.begin(), items_.end(),
-                                  [](const Item& a, const Item& b) { return a.used < b.used; });
-      C10_CUDA_CHECK(cudaFree(lru->dptr));  // synchronizes: no launch still reads it
-      items_.erase(lru);
-    }
-    Item it;
-    it.device = device;
-    it.bytes.resize(bytes);
-    std::memcpy(it.bytes.data(), entries.data(), bytes);
-    // The memory of a run near the device's capacity is mostly reserved by torch's caching
-    // allocator (free blocks it keeps cached): a cudaMalloc of a few bytes then fails where
-    // torch's own allocations free cached blocks and retry. So does this one, once.
-    cudaError_t err = cudaMalloc(reinterpret_cast<void**>(&it.dptr), bytes);
+// The launch tables' memory for csrc/table_cache.h (which says why each piece is there): the
+// current device and stream (the launcher entered the params' device).
+struct CudaTableMemory {
+  void* try_allocate(size_t bytes) {
+    void* p = nullptr;
+    const cudaError_t err = cudaMalloc(&p, bytes);
     if (err == cudaErrorMemoryAllocation) {
       (void)cudaGetLastError();  // clear the (non-sticky) allocation error before the retry
-      c10::cuda::CUDACachingAllocator::emptyCache();
-      err = cudaMalloc(reinterpret_cast<void**>(&it.dptr), bytes);
+      return nullptr;
     }
     C10_CUDA_CHECK(err);
-    // Complete before any stream's kernel can read it (a plain cudaMemcpy from pageable memory
-    // may return before the DMA lands): copy on this stream and wait, once per layout.
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    C10_CUDA_CHECK(cudaMemcpyAsync(it.dptr, entries.data(), bytes, cudaMemcpyHostToDevice, stream));
-    C10_CUDA_CHECK(cudaStreamSynchronize(stream));
-    it.used = clock_;
-    items_.push_back(std::move(it));
-    return items_.back().dptr;
+    return p;
   }
-
- private:
-  static constexpr size_t kCapacity = 1024;
-  struct Item {
-    int device;
-    std::vector<uint8_t> bytes;
-    Entry* dptr;
-    uint64_t used;
-  };
-  std::mutex mu_;
-  std::vector<Item> items_;
-  uint64_t clock_ = 0;
+  void release_cached_memory() { c10::cuda::CUDACachingAllocator::emptyCache(); }
+  [[noreturn]] void out_of_memory(size_t bytes) {
+    // torch's out-of-memory error (torch.OutOfMemoryError), which a caller's handler catches
+    TORCH_CHECK_WITH(OutOfMemoryError, false, "CUDA out of memory: zfkernels could not allocate a launch table of ",
+                     bytes, " bytes, also after emptying torch's cache of free blocks");
+    std::abort();  // not reached: the check throws
+  }
+  // Complete before any stream's kernel can read it (a plain cudaMemcpy from pageable memory
+  // may return before the DMA lands): copy on this stream and wait, once per layout.
+  void upload(void* dst, const void* src, size_t bytes) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    C10_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
+    C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+  void free(void* p) noexcept { C10_CUDA_CHECK_WARN(cudaFree(p)); }  // synchronizes: no launch still reads it
 };
 
-TableCache& table_cache() {
-  static TableCache* cache = new TableCache();  // never destroyed: no CUDA calls at process exit
+using CudaTableCache = TableCache<CudaTableMemory>;
+
+CudaTableCache& table_cache() {
+  static CudaTableCache* cache = new CudaTableCache();  // never destroyed: no CUDA calls at process exit
   return *cache;
 }
 
@@ -165,7 +134,10 @@ class CudaLauncher {
     guard_.emplace(params[0].device());
     device_ = params[0].get_device();
   }
-  const Entry* table(const std::vector<Entry>& entries) { return table_cache().get(entries, device_); }
+  // Held by the caller until its launches are enqueued (csrc/table_cache.h: Handle).
+  CudaTableCache::Handle table(const std::vector<Entry>& entries) {
+    return table_cache().get(entries.data(), entries.size() * sizeof(Entry), device_);
+  }
   Tensor host_bytes(int64_t n) { return at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true)); }
   Tensor to_device(const Tensor& host) { return host.to(at::Device(at::kCUDA, device_), /*non_blocking=*/true); }
 

@@ -287,8 +287,11 @@ def test_cuda_device_allocations_retry_after_freeing_torchs_cached_blocks():
     cudaMalloc of a few hundred bytes fails with cudaErrorMemoryAllocation where torch's own
     allocations free cached blocks and retry: the first update of a new parameter layout
     raised "CUDA error: out of memory" with gigabytes free in torch's cache. Each cudaMalloc
-    must be retried once after CUDACachingAllocator::emptyCache(). A source check: no GPU here
-    to run it (the emulation of tests/cuda_emu/ replaces the launcher that holds the cache)."""
+    must be retried once after CUDACachingAllocator::emptyCache(). The retry is
+    csrc/table_cache.h's (tests/cpp/test_table_cache.cpp's oom case runs it over host memory);
+    here a source check of the CUDA policy, no GPU being at hand: every cudaMalloc is in a
+    try_allocate that answers cudaErrorMemoryAllocation with nullptr (the cache's signal to
+    retry), and the policy's release_cached_memory is torch's emptyCache."""
     import re
 
     csrc = os.path.join(ROOT, "csrc")
@@ -298,16 +301,21 @@ def test_cuda_device_allocations_retry_after_freeing_torchs_cached_blocks():
             continue
         with open(os.path.join(csrc, name)) as f:
             code = re.sub(r"//[^\n]*", "", f.read())          # comments name cudaMalloc too
-        calls = [m.start() for m in re.finditer(r"\bcudaMalloc\s*\(", code)]
-        k = 0
-        while k < len(calls):
+        for m in re.finditer(r"\bcudaMalloc\s*\(", code):
             found += 1
-            retry = code[calls[k]:calls[k + 1] + 1] if k + 1 < len(calls) else ""
-            assert "cudaErrorMemoryAllocation" in retry and "CUDACachingAllocator::emptyCache()" in retry, (
-                f"csrc/{name}: a cudaMalloc without a retry after CUDACachingAllocator::emptyCache() on "
-                f"cudaErrorMemoryAllocation:\n{code[calls[k]:calls[k] + 300]}")
-            k += 2                                             # the call and its retry
+            fn = code.rfind("try_allocate(", 0, m.start())
+            body = code[fn:code.find("\n  }", m.start())] if fn >= 0 else ""
+            assert fn >= 0 and "cudaErrorMemoryAllocation" in body and "return nullptr" in body, (
+                f"csrc/{name}: a cudaMalloc outside a try_allocate that answers cudaErrorMemoryAllocation "
+                f"with nullptr (csrc/table_cache.h then empties torch's cache and retries):\n"
+                f"{code[m.start():m.start() + 300]}")
+            assert re.search(r"void release_cached_memory\(\)\s*\{\s*c10::cuda::CUDACachingAllocator::emptyCache\(\);",
+                             code), f"csrc/{name}: the policy's release_cached_memory is not torch's emptyCache"
     assert found, "no cudaMalloc in csrc/: the table cache moved; follow it here"
+    with open(os.path.join(csrc, "table_cache.h")) as f:
+        cache = f.read()
+    assert re.search(r"if \(!p\) \{\s*memory_\.release_cached_memory\(\);\s*p = memory_\.try_allocate\(bytes\);",
+                     cache), "csrc/table_cache.h no longer retries after release_cached_memory; follow it here"
 
 
 def test_the_cuda_build_ships_ptx_for_newer_gpus_by_default():

@@ -36,9 +36,10 @@
 #include <atomic>
 #include <barrier>
 #include <cstdint>
-#include <deque>
 #include <exception>
+#include <memory>
 #include <mutex>
+#include <set>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -88,18 +89,25 @@ std::atomic<int64_t> launches{0};
 std::atomic<int64_t> fail_table_in{0};
 
 // The emulator's part of a launch (csrc/multi_tensor_ops.h): CPU tensors, tables kept in host
-// memory for the call, the grid run by 32 lane threads, one warp after the other.
+// memory while held, the grid run by 32 lane threads, one warp after the other.
 class EmuLauncher {
  public:
   explicit EmuLauncher(TensorList params) {
     TORCH_CHECK_VALUE(params[0].is_cpu(), "zf_cuda_emu: the emulated CUDA kernels take CPU tensors, got ",
                       params[0].device());
   }
-  const Entry* table(const std::vector<Entry>& entries) {
+  // The table, kept in host memory while the returned handle lives (as the device's cache
+  // keeps a held table on the device): run() refuses a table whose handle was dropped, so the
+  // emulation checks that the op functions hold it until the launch.
+  std::shared_ptr<const Entry> table(const std::vector<Entry>& entries) {
     if (fail_table_in.load() > 0 && fail_table_in.fetch_sub(1) == 1)
       throw std::runtime_error("cuda_emu: injected failure of a table upload");
-    tables_.push_back(entries);
-    return tables_.back().data();
+    std::shared_ptr<std::vector<Entry>> owner(new std::vector<Entry>(entries), [this](std::vector<Entry>* v) {
+      held_.erase(v->data());
+      delete v;
+    });
+    held_.insert(owner->data());
+    return std::shared_ptr<const Entry>(owner, owner->data());
   }
   Tensor host_bytes(int64_t n) { return at::empty({n}, at::kByte); }
   Tensor to_device(const Tensor& host) { return host; }
@@ -107,6 +115,9 @@ class EmuLauncher {
   template <class Functor, typename P, int DIST>
   void run(const Common& c, const typename Functor::Args& a) {
     const int64_t warps_per_block = zf_cuda::kThreads / 32;
+    if (!held_.count(c.entries))
+      throw std::logic_error("cuda_emu: a launch over a table whose handle was dropped (on the device its memory "
+                             "may be freed by then): csrc/multi_tensor_ops.h must hold it until the launch");
     const int blocks = zf_cuda::grid_blocks(c.total_tasks, kResidentBlocks);
     launches.fetch_add(1);
     Warp w;
@@ -139,7 +150,7 @@ class EmuLauncher {
   }
 
  private:
-  std::deque<std::vector<Entry>> tables_;
+  std::set<const Entry*> held_;  // the tables whose handles live
 };
 
 }  // namespace zf_emu

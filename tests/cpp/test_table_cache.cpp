@@ -1,0 +1,258 @@
+// ctest suite for csrc/table_cache.h, over a host-memory policy that records every block it
+// hands out: what the CUDA instantiation (csrc/ops_cuda.cu) cannot show without a GPU.
+// Usage: test_table_cache <hit_miss|lru|held|upload_throws|oom|hammer>
+#include "table_cache.h"
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+static std::atomic<int> g_fail{0};
+#define CHECK(cond, ...)                                                            \
+  do {                                                                              \
+    if (!(cond)) {                                                                  \
+      ++g_fail;                                                                     \
+      std::fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, __VA_ARGS__);                                            \
+      std::fprintf(stderr, "\n");                                                   \
+    }                                                                               \
+  } while (0)
+
+// Host blocks, never reused (a freed block is poisoned and kept), so that a table read after
+// its free is seen: not live, and its bytes are 0xDD.
+struct Ledger {
+  std::mutex mu;
+  std::map<void*, size_t> live;
+  std::vector<void*> dead;
+  int allocs = 0, frees = 0, releases = 0;
+  int fail_allocs = 0;   // the next n try_allocate calls report out of memory
+  int fail_uploads = 0;  // the next n uploads throw
+  ~Ledger() {
+    for (auto& kv : live) std::free(kv.first);
+    for (void* p : dead) std::free(p);
+  }
+  bool is_live(const void* p) {
+    std::lock_guard<std::mutex> lock(mu);
+    return live.count(const_cast<void*>(p)) != 0;
+  }
+  size_t n_live() {
+    std::lock_guard<std::mutex> lock(mu);
+    return live.size();
+  }
+};
+
+struct FakeMemory {
+  Ledger* l;
+  void* try_allocate(size_t bytes) {
+    std::lock_guard<std::mutex> lock(l->mu);
+    if (l->fail_allocs > 0) {
+      --l->fail_allocs;
+      return nullptr;
+    }
+    void* p = std::malloc(bytes);
+    l->live[p] = bytes;
+    ++l->allocs;
+    return p;
+  }
+  void release_cached_memory() {
+    std::lock_guard<std::mutex> lock(l->mu);
+    ++l->releases;
+  }
+  [[noreturn]] void out_of_memory(size_t) { throw std::bad_alloc(); }
+  void upload(void* dst, const void* src, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(l->mu);
+      if (l->fail_uploads > 0) {
+        --l->fail_uploads;
+        throw std::runtime_error("fake: upload failed");
+      }
+      if (!l->live.count(dst)) throw std::logic_error("fake: upload to a block that is not live");
+    }
+    std::memcpy(dst, src, bytes);
+  }
+  void free(void* p) noexcept {
+    std::lock_guard<std::mutex> lock(l->mu);
+    auto it = l->live.find(p);
+    if (it == l->live.end()) {
+      std::fprintf(stderr, "fake: free of a block that is not live (double free)\n");
+      std::abort();
+    }
+    std::memset(p, 0xDD, it->second);
+    l->live.erase(it);
+    l->dead.push_back(p);
+    ++l->frees;
+  }
+};
+
+using Cache = zf_cuda::TableCache<FakeMemory>;
+
+// A table of 4 words that names its layout k.
+struct Key {
+  uint64_t w[4];
+};
+static Key key(uint64_t k) { return Key{{k, k * 3 + 1, ~k, 42}}; }
+static Cache::Handle get(Cache& c, uint64_t k, int device = 0) {
+  const Key t = key(k);
+  return c.get(&t, sizeof t, device);
+}
+static bool holds(const Cache::Handle& h, uint64_t k) {
+  const Key t = key(k);
+  return h.get() && std::memcmp(h.get(), &t, sizeof t) == 0;
+}
+
+static void test_hit_miss() {
+  Ledger l;
+  {
+    Cache c(FakeMemory{&l}, 4);
+    const void* a;
+    {
+      Cache::Handle h = get(c, 1);
+      a = h.get();
+      CHECK(holds(h, 1), "the uploaded table differs from the key");
+    }
+    CHECK(l.allocs == 1, "%d allocations for one miss", l.allocs);
+    {
+      Cache::Handle h = get(c, 1);
+      CHECK(h.get() == a && l.allocs == 1, "a hit allocated (%d) or moved the table", l.allocs);
+      Cache::Handle h2 = get(c, 1, /*device=*/1);
+      CHECK(h2.get() != a && l.allocs == 2, "the same bytes on another device must be a miss");
+      Cache::Handle h3 = get(c, 2);
+      CHECK(holds(h3, 2) && l.allocs == 3 && c.size() == 3, "allocs %d size %zu", l.allocs, c.size());
+    }
+    CHECK(l.frees == 0, "%d tables freed under capacity", l.frees);
+  }
+  CHECK(l.n_live() == 0, "%zu blocks leaked by the cache's destructor", l.n_live());
+}
+
+static void test_lru() {
+  Ledger l;
+  Cache c(FakeMemory{&l}, 3);
+  std::map<uint64_t, const void*> at;
+  for (uint64_t k : {1, 2, 3}) at[k] = get(c, k).get();
+  get(c, 1);     // 2 is now the least recently used
+  get(c, 4);     // evicts 2
+  CHECK(!l.is_live(at[2]) && l.is_live(at[1]) && l.is_live(at[3]), "not the LRU table was freed");
+  CHECK(get(c, 1).get() == at[1] && get(c, 3).get() == at[3], "survivors must hit");
+  const int allocs = l.allocs;
+  get(c, 2);     // a miss again; evicts 4 (1 and 3 were used after it)
+  CHECK(l.allocs == allocs + 1 && c.size() == 3, "allocs %d size %zu", l.allocs, c.size());
+  CHECK(get(c, 1).get() == at[1] && get(c, 3).get() == at[3] && l.allocs == allocs + 1, "4 was not the LRU");
+}
+
+// defect (a): a table evicted by a miss while a launch still holds it must stay readable.
+static void test_held() {
+  Ledger l;
+  Cache c(FakeMemory{&l}, 2);
+  Cache::Handle h = get(c, 1);
+  const void* p = h.get();
+  get(c, 2);
+  get(c, 3);  // 1 is the LRU: evicted, but held
+  get(c, 4);
+  CHECK(l.is_live(p) && holds(h, 1), "a held table was freed by an eviction");
+  CHECK(c.size() == 2, "size %zu", c.size());
+  h.reset();
+  get(c, 5);  // the next miss frees the released table
+  CHECK(!l.is_live(p), "an evicted table was not freed after its last handle dropped");
+  CHECK(l.n_live() == 2, "%zu blocks live for a cache of 2", l.n_live());
+  // Moved handles hold as well.
+  Cache::Handle a = get(c, 6);
+  Cache::Handle b = std::move(a);
+  get(c, 7);
+  get(c, 8);
+  CHECK(holds(b, 6) && !a.get(), "a moved handle lost its table");
+}
+
+// defect (b): an upload that throws frees its block.
+static void test_upload_throws() {
+  Ledger l;
+  Cache c(FakeMemory{&l}, 2);
+  get(c, 1);
+  get(c, 2);
+  l.fail_uploads = 1;
+  bool threw = false;
+  try {
+    get(c, 3);
+  } catch (const std::runtime_error&) {
+    threw = true;
+  }
+  CHECK(threw, "the upload's error was not raised");
+  CHECK(l.n_live() == 2 && c.size() == 2, "%zu blocks live (a failed upload leaked), %zu cached", l.n_live(), c.size());
+  const int allocs = l.allocs;
+  get(c, 1);
+  get(c, 2);
+  CHECK(l.allocs == allocs, "a failed upload evicted a table");
+  CHECK(holds(get(c, 3), 3), "the retry must upload");
+}
+
+static void test_oom() {
+  Ledger l;
+  Cache c(FakeMemory{&l}, 2);
+  l.fail_allocs = 1;
+  CHECK(holds(get(c, 1), 1) && l.releases == 1, "one out-of-memory: release the cached memory and retry");
+  l.fail_allocs = 2;
+  bool threw = false;
+  try {
+    get(c, 2);
+  } catch (const std::bad_alloc&) {
+    threw = true;
+  }
+  CHECK(threw && l.releases == 2 && c.size() == 1 && l.n_live() == 1, "second out-of-memory must raise");
+}
+
+// Several threads, more layouts than the capacity: every table a thread holds stays live and
+// unchanged until it drops it, and nothing leaks.
+static void test_hammer() {
+  Ledger l;
+  {
+    Cache c(FakeMemory{&l}, 4);
+    constexpr int kThreads = 8, kIters = 4000, kLayouts = 12;
+    std::vector<std::thread> ts;
+    for (int t = 0; t < kThreads; ++t) {
+      ts.emplace_back([&, t] {
+        uint64_t x = 0x9E3779B97F4A7C15ULL * (t + 1);
+        for (int i = 0; i < kIters; ++i) {
+          x ^= x << 13;
+          x ^= x >> 7;
+          x ^= x << 17;
+          const uint64_t k = x % kLayouts;
+          Cache::Handle h = get(c, k);
+          Cache::Handle h2 = get(c, (k + 1) % kLayouts);  // two held at once, as a launch of two dtypes
+          for (int spin = 0; spin < 3; ++spin) {
+            std::this_thread::yield();
+            CHECK(l.is_live(h.get()) && holds(h, k), "thread %d: a held table was freed or changed", t);
+            CHECK(l.is_live(h2.get()) && holds(h2, (k + 1) % kLayouts), "thread %d: second table freed", t);
+          }
+        }
+      });
+    }
+    for (std::thread& th : ts) th.join();
+    CHECK(l.frees > 0, "the hammer never evicted: it tests nothing");
+    CHECK(c.size() <= 4, "size %zu", c.size());
+    get(c, 1000);  // frees every retired table (all released)
+    CHECK(l.n_live() == c.size(), "%zu blocks live for %zu cached: leaked", l.n_live(), c.size());
+  }
+  CHECK(l.n_live() == 0, "%zu blocks leaked", l.n_live());
+}
+
+int main(int argc, char** argv) {
+  const std::string which = argc > 1 ? argv[1] : "";
+  if (which == "hit_miss") test_hit_miss();
+  else if (which == "lru") test_lru();
+  else if (which == "held") test_held();
+  else if (which == "upload_throws") test_upload_throws();
+  else if (which == "oom") test_oom();
+  else if (which == "hammer") test_hammer();
+  else {
+    std::fprintf(stderr, "unknown test %s\n", which.c_str());
+    return 2;
+  }
+  if (g_fail) std::fprintf(stderr, "%d check(s) failed\n", g_fail.load());
+  return g_fail ? 1 : 0;
+}
