@@ -14,7 +14,9 @@
 // pointers, dtype codes, numel, id, first warp task) depends only on the parameter layout, so
 // it is uploaded once per layout and cached on the device (csrc/table_cache.h, over this
 // file's CudaTableMemory); the per-call seeds, coefficients and scalars travel in the kernel
-// parameters.  A step therefore costs no host-to-device copy and no allocation.  The launcher holds each table's Handle
+// parameters.  A step therefore costs no host-to-device copy and no allocation, and can be
+// captured in a CUDA graph after one eager step (a table missing during a capture raises the
+// warm-up message; a captured table is never evicted).  The launcher holds each table's Handle
 // until its launch is enqueued: another thread's call may evict it meanwhile, not free it.
 
 #include <c10/cuda/CUDAStream.h>  // (ATen/cuda/CUDAContext.h would need cusparse/cublas headers)
@@ -66,6 +68,11 @@ void check_cuda_device(TensorList params) {
 // The launch tables' memory for csrc/table_cache.h (which says why each piece is there): the
 // current device and stream (the launcher entered the params' device).
 struct CudaTableMemory {
+  bool capturing() {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &status));
+    return status != cudaStreamCaptureStatusNone;  // an invalidated capture is still one
+  }
   void* try_allocate(size_t bytes) {
     void* p = nullptr;
     const cudaError_t err = cudaMalloc(&p, bytes);
@@ -91,6 +98,10 @@ struct CudaTableMemory {
     C10_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
   void free(void* p) noexcept { C10_CUDA_CHECK_WARN(cudaFree(p)); }  // synchronizes: no launch still reads it
+  [[noreturn]] void fail(const char* message) {
+    TORCH_CHECK(false, message);
+    std::abort();  // not reached: the check throws
+  }
 };
 
 using CudaTableCache = TableCache<CudaTableMemory>;

@@ -1,10 +1,10 @@
 // The cache of launch tables on the device (csrc/ops_cuda.cu's CudaLauncher::table), as a
 // template over the memory it manages, so that its logic is plain C++: ops_cuda.cu
-// instantiates it over CUDA (cudaMalloc, an upload on the current stream, cudaFree),
-// tests/cpp/test_table_cache.cpp over host memory that records
+// instantiates it over CUDA (cudaMalloc, an upload on the current stream, cudaFree, the
+// stream's capture state), tests/cpp/test_table_cache.cpp over host memory that records
 // every block it hands out and frees, and checks what the device cannot show without a GPU
 // (and a GPU only shows as a rare wrong result): that no table is freed while a launch still
-// needs it, that a failed upload leaks nothing.
+// needs it, that a failed upload leaks nothing, that a CUDA graph's tables are never freed.
 //
 // Tables are keyed by their exact bytes (pointers, dtypes, sizes, ids): a table that compares
 // equal describes the same memory, so reusing it is always correct, also after a tensor was
@@ -27,14 +27,22 @@
 //   cudaFree waits for the device to finish (so no kernel still reads the table), which a
 //   Handle's destructor (after every launch) must not do, and it may fail, which a destructor
 //   cannot report.
+// - Under CUDA-graph capture (torch.cuda.graph) the stream may not allocate, synchronize or
+//   free: a miss raises kCaptureMissMessage (torch's documented warm-up uploads every table
+//   first), and nothing is evicted or freed.  A graph keeps the table's address and reads it
+//   at every replay, for as long as the graph lives, which the cache cannot know: a table
+//   fetched during a capture is pinned, never evicted (the cache then grows past its
+//   capacity if every table is pinned; graphs capture few layouts).
 // - An upload that fails (out of memory, an error of the stream) frees its block.
 //
-// The Memory policy (one instance, called under the cache's lock):
+// The Memory policy (one instance, called under the cache's lock except `capturing`):
+//   bool capturing();                           // is the caller's stream being captured
 //   void* try_allocate(size_t bytes);           // nullptr: out of memory (error cleared)
 //   void release_cached_memory();               // hand cached free memory back (torch's emptyCache)
 //   [[noreturn]] void out_of_memory(size_t bytes);
 //   void upload(void* dst, const void* src, size_t bytes);  // complete when it returns
 //   void free(void* p) noexcept;
+//   [[noreturn]] void fail(const char* message);  // raise the user's error
 #pragma once
 
 #include <cstddef>
@@ -46,6 +54,13 @@
 
 namespace zf_cuda {
 
+inline constexpr const char* kCaptureMissMessage =
+    "zfkernels: a CUDA graph is being captured (torch.cuda.graph) and this op call's launch table "
+    "(its parameter layout: tensors, dtypes, sizes, ids) is not on the device yet; uploading it "
+    "would allocate and synchronize, which capture forbids. Run the step once before capturing "
+    "(torch's warm-up on a side stream), with the same parameters, buffers and param groups, so "
+    "that every table the graph uses is uploaded before the capture.";
+
 template <class Memory>
 class TableCache {
   struct Item {
@@ -54,6 +69,7 @@ class TableCache {
     void* dptr;
     uint64_t used;               // clock of the last get: LRU
     size_t holders;              // Handles alive
+    bool pinned;                 // fetched during a capture: a graph may read it at any replay
   };
 
  public:
@@ -102,18 +118,21 @@ class TableCache {
   // The device copy of the `bytes` bytes at `key` for `device` (the current one: the policy
   // allocates and uploads there), uploaded on a miss.
   Handle get(const void* key, size_t bytes, int device) {
+    const bool capturing = memory_.capturing();  // the caller's stream: asked outside the lock
     std::lock_guard<std::mutex> lock(mu_);
     ++clock_;
     for (Item& it : live_) {
       if (it.device == device && it.bytes.size() == bytes && std::memcmp(it.bytes.data(), key, bytes) == 0) {
         it.used = clock_;
+        if (capturing) it.pinned = true;
         ++it.holders;
         return Handle(this, &it);
       }
     }
+    if (capturing) memory_.fail(kCaptureMissMessage);
     free_released();
     Item item{device, std::vector<uint8_t>(static_cast<const uint8_t*>(key), static_cast<const uint8_t*>(key) + bytes),
-              nullptr, clock_, 1};
+              nullptr, clock_, 1, false};
     // Owned until the table is in the cache: a failed upload (or a failure to record it)
     // frees the block instead of leaking it.
     struct Owned {
@@ -153,12 +172,13 @@ class TableCache {
     return p;
   }
 
-  // The least recently used table: freed if no Handle holds it (the free waits for the
-  // kernels that may still read it), else retired until released.
+  // The least recently used table that no graph may read: freed if no Handle holds it
+  // (the free waits for the kernels that may still read it), else retired until released.
   void evict_lru() {
-    auto lru = live_.begin();
+    auto lru = live_.end();
     for (auto it = live_.begin(); it != live_.end(); ++it)
-      if (it->used < lru->used) lru = it;
+      if (!it->pinned && (lru == live_.end() || it->used < lru->used)) lru = it;
+    if (lru == live_.end()) return;  // all pinned: grow rather than free a graph's table
     if (lru->holders == 0) {
       memory_.free(lru->dptr);
       live_.erase(lru);

@@ -1,7 +1,7 @@
 """Runs the standalone C++ unit tests (CMakeLists.txt + ctest) from pytest, so that the one
 test command covers them: csrc/philox.h (Random123 known-answer vectors, the stream mapping,
 Rademacher/mask/uniform layout and the Gaussian bound in plain C++) and csrc/table_cache.h
-(the CUDA launch-table cache over host memory: LRU, held tables, failed uploads)."""
+(the CUDA launch-table cache over host memory: LRU, held tables, failed uploads, capture)."""
 import pathlib
 import shutil
 import subprocess

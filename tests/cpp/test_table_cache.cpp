@@ -1,6 +1,6 @@
 // ctest suite for csrc/table_cache.h, over a host-memory policy that records every block it
 // hands out: what the CUDA instantiation (csrc/ops_cuda.cu) cannot show without a GPU.
-// Usage: test_table_cache <hit_miss|lru|held|upload_throws|oom|hammer>
+// Usage: test_table_cache <hit_miss|lru|held|upload_throws|oom|capture_miss|capture_pin|hammer>
 #include "table_cache.h"
 
 #include <atomic>
@@ -48,8 +48,11 @@ struct Ledger {
   }
 };
 
+thread_local bool t_capturing = false;  // the calling thread's stream is being captured
+
 struct FakeMemory {
   Ledger* l;
+  bool capturing() { return t_capturing; }
   void* try_allocate(size_t bytes) {
     std::lock_guard<std::mutex> lock(l->mu);
     if (l->fail_allocs > 0) {
@@ -89,6 +92,7 @@ struct FakeMemory {
     l->dead.push_back(p);
     ++l->frees;
   }
+  [[noreturn]] void fail(const char* message) { throw std::runtime_error(message); }
 };
 
 using Cache = zf_cuda::TableCache<FakeMemory>;
@@ -206,6 +210,69 @@ static void test_oom() {
   CHECK(threw && l.releases == 2 && c.size() == 1 && l.n_live() == 1, "second out-of-memory must raise");
 }
 
+// defect (c): a miss under capture raises the warm-up message, allocating nothing.
+static void test_capture_miss() {
+  Ledger l;
+  Cache c(FakeMemory{&l}, 2);
+  get(c, 1);
+  t_capturing = true;
+  CHECK(holds(get(c, 1), 1), "a hit under capture must work");
+  std::string what;
+  try {
+    get(c, 2);
+  } catch (const std::runtime_error& e) {
+    what = e.what();
+  }
+  t_capturing = false;
+  CHECK(what.find("Run the step once before capturing") != std::string::npos, "got %s", what.c_str());
+  CHECK(l.allocs == 1 && l.frees == 0, "a miss under capture allocated or freed");
+}
+
+// defect (c): a table a graph captured is never evicted, and nothing is freed under capture.
+static void test_capture_pin() {
+  Ledger l;
+  Cache c(FakeMemory{&l}, 3);
+  std::map<uint64_t, const void*> at;
+  for (uint64_t k : {1, 2}) at[k] = get(c, k).get();
+  t_capturing = true;
+  get(c, 1);  // baked into a graph
+  t_capturing = false;
+  for (uint64_t k = 10; k < 40; ++k) get(c, k);  // churn: 1 stays the LRU of all
+  CHECK(l.is_live(at[1]) && get(c, 1).get() == at[1], "a table fetched during capture was evicted");
+  CHECK(!l.is_live(at[2]), "2 was never pinned and should have been evicted");
+  CHECK(c.size() == 3, "size %zu", c.size());
+  // Every table pinned: the cache grows rather than free one.
+  Ledger l2;
+  Cache c2(FakeMemory{&l2}, 2);
+  t_capturing = true;
+  try {
+    get(c2, 1);
+  } catch (const std::runtime_error&) {
+  }
+  t_capturing = false;
+  get(c2, 1);
+  get(c2, 2);
+  t_capturing = true;
+  get(c2, 1);
+  get(c2, 2);
+  t_capturing = false;
+  get(c2, 3);
+  CHECK(c2.size() == 3 && l2.frees == 0, "size %zu frees %d: a pinned table was evicted", c2.size(), l2.frees);
+  // A table evicted while held, released during a capture: not freed until a miss outside it.
+  Ledger l3;
+  Cache c3(FakeMemory{&l3}, 1);
+  Cache::Handle h = get(c3, 1);
+  const void* p = h.get();
+  get(c3, 2);  // retires 1
+  t_capturing = true;
+  h.reset();
+  get(c3, 2);
+  CHECK(l3.is_live(p) && l3.frees == 0, "freed during a capture");
+  t_capturing = false;
+  get(c3, 3);
+  CHECK(!l3.is_live(p), "the released table was not freed by the next miss");
+}
+
 // Several threads, more layouts than the capacity: every table a thread holds stays live and
 // unchanged until it drops it, and nothing leaks.
 static void test_hammer() {
@@ -248,6 +315,8 @@ int main(int argc, char** argv) {
   else if (which == "held") test_held();
   else if (which == "upload_throws") test_upload_throws();
   else if (which == "oom") test_oom();
+  else if (which == "capture_miss") test_capture_miss();
+  else if (which == "capture_pin") test_capture_pin();
   else if (which == "hammer") test_hammer();
   else {
     std::fprintf(stderr, "unknown test %s\n", which.c_str());
