@@ -20,7 +20,8 @@ import torch
 import zfkernels
 
 GPU = torch.cuda.is_available() and "cuda" in zfkernels.available_backends("cuda")
-pytestmark = pytest.mark.skipif(not GPU, reason="needs a GPU and the CUDA extension (zfkernels._C_cuda)")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not GPU, reason="needs a GPU and the CUDA extension (zfkernels._C_cuda)")]
 
 CAPACITY = 1024  # csrc/table_cache.h: TableCache::kDefaultCapacity
 SEED, SCALE = 1234, 0.25
