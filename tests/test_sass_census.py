@@ -269,3 +269,30 @@ def test_time_killed_outright_keeps_the_rows_it_printed():
                        timeout=300)
     assert p.returncode == -signal.SIGKILL, (p.returncode, p.stdout, p.stderr[-2000:])
     assert "perturb-fp32-rademacher" in p.stdout and "sgd-fp32-gaussian" not in p.stdout, p.stdout
+
+
+def test_time_killed_in_its_first_case_keeps_the_header_it_printed():
+    """A SIGKILL while the first case is being timed (its compile can take minutes): the header
+    line (Triton version, device, element count) was printed before any row, and with stdout in
+    a pipe or file it is lost unless it is flushed itself; the rows' flushes come too late."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    from conftest import ROOT, child_env
+
+    code = textwrap.dedent("""
+        import os, signal, sys, torch
+        from benchmarks import sass_census as sc
+        torch.cuda.is_available = lambda: True
+        torch.cuda.get_device_name = lambda *a: "a test GPU"
+        def time_variants(name, numel):
+            os.kill(os.getpid(), signal.SIGKILL)
+        sc.time_variants = time_variants
+        sys.exit(sc.main(["--time", "--cases", "perturb-fp32-rademacher"]))
+    """)
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stdout, p.stderr[-2000:])
+    assert "a test GPU" in p.stdout and "perturb-fp32-rademacher" not in p.stdout, p.stdout
