@@ -450,6 +450,22 @@ def test_report_output_named_like_a_run_file_outside_any_run_is_written(tmp_path
     assert "| EASE | zo_sgd |" in out.read_text()
 
 
+@pytest.mark.parametrize("name", ["environment.json", "accuracy_matrix.csv", "backbone.pt"])
+def test_report_output_named_like_a_run_file_that_marks_no_run_is_written_among_the_runs(tmp_path, capsys, name):
+    """Only metrics.json, config.json and checkpoint.pt make a folder a run folder: the other
+    files a run writes (environment.json, the accuracy matrix, ...) are ordinary names beside
+    the runs, and the folder of runs stays one (its runs are still found afterwards)."""
+    d = tmp_path / "runs" / "ok"
+    d.mkdir(parents=True)
+    write_finished_run(d)
+    out = tmp_path / "runs" / name
+    assert main(["report", str(tmp_path / "runs"), "--output", str(out)]) == 0, capsys.readouterr().err
+    assert "| EASE | zo_sgd |" in out.read_text()
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "runs")]) == 0, capsys.readouterr().err
+    assert "| EASE | zo_sgd |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name", ["metrics.json", "config.json", "checkpoint.pt"])
 def test_report_output_never_makes_a_folder_of_runs_read_as_a_run(tmp_path, capsys, name):
     """``zeroflow report runs --output runs/metrics.json`` wrote the markdown there: runs/ then
