@@ -740,6 +740,15 @@ def test_numpy_and_torch_false_turn_the_hybrid_off_as_python_false_does():
             create("zo_sgd", ps, hybrid_switch=on)
 
 
+@pytest.mark.parametrize("value", [0.0, "", [], "0"])
+def test_a_falsy_hybrid_switch_that_is_no_count_is_refused_not_taken_as_off(value):
+    # only None, 0 and a False (Python's, numpy's, torch's) turn the hybrid off: a float 0.0 or an
+    # empty string from a config is no count of FO steps, and is named as 1.5 or "2" would be
+    ps = list(make_mlp(6, 4, 1).parameters())
+    with pytest.raises(ValueError, match=r"hybrid_switch \(the number of FO steps before ZO; 0/None = off\) is "):
+        create("zo_sgd", ps, hybrid_switch=value)
+
+
 @pytest.mark.parametrize("zo", [torch.optim.SGD, torch.optim.Adam])
 def test_a_hybrid_whose_zo_phase_is_first_order_is_refused(zo):
     # the ZO phase runs the closure without backward: a torch.optim optimizer there found no
