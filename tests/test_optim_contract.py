@@ -735,7 +735,7 @@ def test_numpy_and_torch_false_turn_the_hybrid_off_as_python_false_does():
     ps = list(make_mlp(6, 4, 1).parameters())
     for off in (np.bool_(False), torch.tensor(False)):
         assert type(create("zo_sgd", ps, hybrid_switch=off)) is ZOFusedSGD
-    for on in (np.bool_(True), torch.tensor(True), torch.tensor([False, False])):
+    for on in (np.bool_(True), torch.tensor(True), torch.tensor([False, False]), np.array([False, False])):
         with pytest.raises(ValueError, match=r"hybrid_switch \(the number of FO steps before ZO; 0/None = off\) is "):
             create("zo_sgd", ps, hybrid_switch=on)
 

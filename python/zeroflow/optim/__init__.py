@@ -12,6 +12,8 @@ Formulas and costs: docs/algorithms.md.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from zfkernels.stream import _is_bool
@@ -87,9 +89,11 @@ def create(name: str, params, *, model: torch.nn.Module | None = None, hybrid_sw
         raise TypeError(f"model= must be an nn.Module, got {type(model).__name__}")
     if name.startswith("fo_"):
         return _fo(name, params, kw)
-    if _is_bool(hybrid_switch) and getattr(hybrid_switch, "numel", lambda: 1)() == 1 and not hybrid_switch:
+    if _is_bool(hybrid_switch) and math.prod(getattr(hybrid_switch, "shape", ())) == 1 and not hybrid_switch:
         # False means off, numpy's and torch's too (a sweep's flag column): numpy.bool_(False),
-        # not Python's False, was refused as no int
+        # not Python's False, was refused as no int. One element only, counted by shape (numpy's
+        # arrays have no numel: numpy.array([False, False]) raised numpy's "truth value ... is
+        # ambiguous" where a torch tensor of two Falses is named as no count)
         hybrid_switch = None
     if hybrid_switch is not None:
         # True was 1 FO step (a flag meaning "hybrid on" ran one FO step without a word), and
