@@ -2156,3 +2156,20 @@ def test_a_hybrid_whose_fo_optimizer_maximizes_is_refused_before_anything_moves(
     assert max_moved(model, before) == 0.0 and hyb.forward_passes == 1      # the refused step did not count
     hyb.fo.param_groups[0]["maximize"] = False
     _run(model, hyb, 1)
+
+
+def test_a_hybrid_whose_fo_optimizer_maximizes_in_a_later_group_is_refused():
+    # every FO group is checked, not only the first: group 1's maximize=True ascended its layer
+    # through the FO phase as group 0's did the whole model
+    model = make_mlp(6, 4, 1)
+
+    def groups(**kw):
+        return [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters()), **kw}]
+    with pytest.raises(ValueError, match="the FO optimizer's param group 1 has maximize=True"):
+        HybridFOZO(torch.optim.SGD(groups(maximize=True), lr=0.1), ZOFusedSGD(groups(), lr=0.1, seed=3), 3)
+    hyb = HybridFOZO(torch.optim.SGD(groups(), lr=0.1), ZOFusedSGD(groups(), lr=0.1, seed=3), 3)
+    hyb.fo.param_groups[1]["maximize"] = True
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="the FO optimizer's param group 1 has maximize=True"):
+        _run(model, hyb, 1)
+    assert max_moved(model, before) == 0.0
