@@ -2173,3 +2173,33 @@ def test_a_hybrid_whose_fo_optimizer_maximizes_in_a_later_group_is_refused():
     with pytest.raises(ValueError, match="the FO optimizer's param group 1 has maximize=True"):
         _run(model, hyb, 1)
     assert max_moved(model, before) == 0.0
+
+
+@pytest.mark.parametrize("cls", [ZOFusedSGD, ZOFusedAdam])
+@pytest.mark.parametrize("schedule", ["swa", "one_cycle_momentum"])
+def test_a_state_saved_under_swalr_or_a_momentum_cycle_loads_into_a_plain_optimizer(cls, schedule):
+    # SWALR writes swa_lr, OneCycleLR with cycle_momentum base_momentum and max_momentum into the
+    # groups: no options of the optimizer, so a state saved under them loads without them (and the
+    # other way round), as initial_lr's does
+    def build():
+        model = make_mlp(6, 4, 1)
+        return model, cls(model.parameters(), lr=0.1, seed=1, **({"momentum": 0.9} if cls is ZOFusedSGD else {}))
+
+    model, opt = build()
+    if schedule == "swa":
+        torch.optim.swa_utils.SWALR(opt, swa_lr=0.05)
+    else:
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=10, cycle_momentum=True)
+    opt.step(lambda: loss_of(model))
+    _, plain = build()
+    plain.load_state_dict(opt.state_dict())
+    assert plain.step_count == 1
+    opt.load_state_dict(plain.state_dict())
+    assert opt.step_count == 1
+
+
+def test_a_group_added_to_a_hybrid_under_swalr_keeps_its_swa_lr():
+    model = make_mlp(6, 4, 1)
+    hyb = create("zo_sgd", model[0].parameters(), hybrid_switch=2, lr=0.01, fo_lr=0.1, seed=3)
+    hyb.add_param_group({"params": model[2].parameters(), "lr": 0.2, "swa_lr": 0.05})
+    assert hyb.param_groups[1]["swa_lr"] == 0.05
