@@ -652,8 +652,7 @@ Tensor philox4x32_10_cpu(const Tensor& counters, int64_t key0, int64_t key1) {
   Tensor out = at::empty_like(c);
   const int64_t n = c.size(0);
   if (n == 0) return out;
-  TORCH_CHECK_VALUE(c.min().item<int64_t>() >= 0 && c.max().item<int64_t>() < kIdLimit,
-                    "zfkernels: counters values must lie in [0, 2**32)");
+  check_counter_values(c);
   const int64_t* cp = c.data_ptr<int64_t>();
   int64_t* op = out.data_ptr<int64_t>();
   at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {

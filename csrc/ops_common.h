@@ -244,17 +244,30 @@ inline void check_no_overlap(std::initializer_list<WrittenList> lists) {
   }
 }
 
+// The philox op's messages say what to give (the reference and the Triton op say the same
+// after their prefix; tests/test_op_faces.py::test_philox_refusals_say_the_fix_on_every_backend).
 inline void check_counters(const Tensor& c) {
-  TORCH_CHECK_VALUE(c.layout() == at::kStrided, "zfkernels: counters must be a dense tensor");
+  TORCH_CHECK_VALUE(c.layout() == at::kStrided, "zfkernels: counters must be a dense tensor; give a strided one "
+                    "(counters.to_dense())");
   TORCH_CHECK_VALUE(c.scalar_type() == at::kLong, "zfkernels: counters has dtype ", c.scalar_type(),
-                    "; use an int64 tensor (values in [0, 2**32))");
+                    "; use an int64 tensor (values in [0, 2**32)), e.g. counters.to(torch.int64)");
   TORCH_CHECK_VALUE(c.dim() == 2 && c.sym_size(1) == 4, "zfkernels: counters must have shape [N, 4], got ",
-                    c.sym_sizes());  // sym_: a symbolic N stays symbolic (see check_buffers)
+                    c.sym_sizes(),  // sym_: a symbolic N stays symbolic (see check_buffers)
+                    "; give one row of four 32-bit counter words (c0, c1, c2, c3) per output row");
+}
+
+// After check_counters, on a tensor with rows (the meta kernel has no values to check).
+inline void check_counter_values(const Tensor& c) {
+  const int64_t lo = c.min().item<int64_t>(), hi = c.max().item<int64_t>();
+  TORCH_CHECK_VALUE(lo >= 0 && hi < kIdLimit, "zfkernels: counters values must lie in [0, 2**32), got values from ",
+                    lo, " to ", hi, "; each value is one 32-bit word of a counter: split a wider counter n over "
+                    "the words, e.g. (n & 0xFFFFFFFF, n >> 32, 0, 0)");
 }
 
 inline void check_key(int64_t k, const char* name) {
   TORCH_CHECK_VALUE(k >= 0 && k < kIdLimit, "zfkernels: ", name, "=", k,
-                    " must be a 32-bit unsigned integer in [0, 2**32)");
+                    " must be a 32-bit unsigned integer in [0, 2**32); give one 32-bit word of the key, "
+                    "e.g. key0 = seed & 0xFFFFFFFF and key1 = seed >> 32 for a 64-bit seed");
 }
 
 // The argument checks that every implementation (cpu, cuda, meta) of an op runs first.

@@ -180,8 +180,7 @@ Tensor philox4x32_10_cuda(const Tensor& counters, int64_t key0, int64_t key1) {
   Tensor out = at::empty_like(c);
   const int64_t n = c.size(0);
   if (n == 0) return out;
-  TORCH_CHECK_VALUE(c.min().item<int64_t>() >= 0 && c.max().item<int64_t>() < (int64_t(1) << 32),
-                    "zfkernels: counters values must lie in [0, 2**32)");
+  check_counter_values(c);
   const int blocks = (int)std::min<int64_t>((n + kPhiloxThreads - 1) / kPhiloxThreads, 65535);
   philox_kernel<<<blocks, kPhiloxThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       c.data_ptr<int64_t>(), out.data_ptr<int64_t>(), n, (uint32_t)key0, (uint32_t)key1);

@@ -662,3 +662,52 @@ def test_python_check_places_meta_tensors_by_storage():
     assert overlapping_pair([("params", [a[:4], a[4:]])]) is None
     assert overlapping_pair([("params", [a, b]), ("exp_avgs", [b[2:], torch.empty(N - 2, device="meta")])]) == (
         ("exp_avgs", 0), ("params", 1))
+
+
+PHILOX_FIXES = {
+    # each refusal names the argument, what it got and what to give, in the same words on every
+    # backend after its prefix ("zfkernels: ", Triton's "philox4x32_10: "): they said only what
+    # was wrong ("counters values must lie in [0, 2**32)")
+    "counters": (dict(counters=torch.tensor([[1, 2, 3, 4], [-1, 0, 0, 2**32]]), key0=1, key1=2),
+                 "counters values must lie in [0, 2**32), got values from -1 to 4294967296; each value is one "
+                 "32-bit word of a counter: split a wider counter n over the words, e.g. (n & 0xFFFFFFFF, n >> 32, "
+                 "0, 0)"),
+    "key0": (dict(counters=torch.zeros(1, 4, dtype=torch.int64), key0=2**32, key1=2),
+             "key0=4294967296 must be a 32-bit unsigned integer in [0, 2**32); give one 32-bit word of the key, "
+             "e.g. key0 = seed & 0xFFFFFFFF and key1 = seed >> 32 for a 64-bit seed"),
+    "key1": (dict(counters=torch.zeros(1, 4, dtype=torch.int64), key0=1, key1=-1),
+             "key1=-1 must be a 32-bit unsigned integer in [0, 2**32); give one 32-bit word of the key, "
+             "e.g. key0 = seed & 0xFFFFFFFF and key1 = seed >> 32 for a 64-bit seed"),
+    "shape": (dict(counters=torch.zeros(2, 3, dtype=torch.int64), key0=1, key1=2),
+              "counters must have shape [N, 4], got [2, 3]; give one row of four 32-bit counter words "
+              "(c0, c1, c2, c3) per output row"),
+}
+
+
+@pytest.mark.parametrize("case", list(PHILOX_FIXES))
+def test_philox_refusals_say_the_fix_on_every_backend(backend, case):
+    be, dev = backend
+    args, want = PHILOX_FIXES[case]
+    args = dict(args, counters=args["counters"].to(dev))
+    with pytest.raises(ValueError) as err:
+        zk.call_op(be, "philox4x32_10", **args)
+    assert str(err.value).split(": ", 1)[1] == want, str(err.value)
+    with pytest.raises(ValueError, match=r"has dtype .*; use an int64 tensor \(values in \[0, 2\*\*32\)\), "
+                                         r"e\.g\. counters\.to\(torch\.int64\)"):
+        zk.call_op(be, "philox4x32_10", counters=torch.zeros(1, 4, device=dev), key0=1, key1=2)
+
+
+def test_philox_face_refusals_say_the_fix():
+    ok = torch.zeros(1, 4, dtype=torch.int64)
+    split = r"a 64-bit seed is key=\(seed & 0xFFFFFFFF, seed >> 32\)"
+    with pytest.raises(TypeError, match=rf"key=7 must be a pair \(k0, k1\) of 32-bit unsigned integers; {split}"):
+        zk.philox4x32_10(ok, 7)
+    with pytest.raises(ValueError, match=rf"key\[1\]=-1 must be a 32-bit unsigned integer in \[0, 2\*\*32\); give one "
+                                         rf"32-bit word of the key in each entry \({split}\)"):
+        zk.philox4x32_10(ok, (1, -1))
+    with pytest.raises(TypeError, match=r"got list; give torch\.tensor\(rows, dtype=torch\.int64\), one row of four "
+                                        r"32-bit counter words per output row"):
+        zk.philox4x32_10([[1, 2, 3, 4]], (1, 2))
+    with pytest.raises(TypeError, match=r"truncated to another one; build the counters as integers "
+                                        r"\(dtype=torch\.int64\), each value in \[0, 2\*\*32\)"):
+        zk.philox4x32_10(ok.float(), (1, 2))

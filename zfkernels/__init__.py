@@ -298,17 +298,21 @@ def _as_list(tensors, name: str) -> list[torch.Tensor]:
 def philox4x32_10(counters: torch.Tensor, key: tuple[int, int], backend: str = "auto") -> torch.Tensor:
     """Philox4x32-10 (Random123-compatible) on ``counters`` (``[N, 4]``, values < 2^32,
     int64 storage) with ``key = (k0, k1)``; returns the ``[N, 4]`` output words as int64."""
+    split = "a 64-bit seed is key=(seed & 0xFFFFFFFF, seed >> 32)"
     if not (isinstance(key, (tuple, list)) and len(key) == 2):     # "'int' object is not iterable"
-        raise TypeError(f"key={key!r} must be a pair (k0, k1) of 32-bit unsigned integers")
+        raise TypeError(f"key={key!r} must be a pair (k0, k1) of 32-bit unsigned integers; {split}")
     k0, k1 = (integer_arg(k, f"key[{j}]") for j, k in enumerate(key))
     for name, k in (("key[0]", k0), ("key[1]", k1)):
         if not 0 <= k < 2**32:
-            raise ValueError(f"{name}={k} must be a 32-bit unsigned integer")
+            raise ValueError(f"{name}={k} must be a 32-bit unsigned integer in [0, 2**32); give one 32-bit word of "
+                             f"the key in each entry ({split})")
     if not isinstance(counters, torch.Tensor):      # a list raised "'list' object has no attribute 'dtype'"
-        raise TypeError(f"counters must be an integer tensor of shape [N, 4], got {type(counters).__name__}")
+        raise TypeError(f"counters must be an integer tensor of shape [N, 4], got {type(counters).__name__}; give "
+                        "torch.tensor(rows, dtype=torch.int64), one row of four 32-bit counter words per output row")
     if counters.dtype.is_floating_point or counters.dtype.is_complex or counters.dtype == torch.bool:
         raise TypeError(f"counters must be an integer tensor (int64 storage), got {counters.dtype}: a float "
-                        "counter would be truncated to another one")
+                        "counter would be truncated to another one; build the counters as integers "
+                        "(dtype=torch.int64), each value in [0, 2**32)")
     b = resolve_backend(backend, counters.device)
     return call_op(b, "philox4x32_10", counters=counters.to(torch.int64).contiguous(), key0=k0, key1=k1)
 

@@ -46,18 +46,36 @@ def philox4x32_10(counters: torch.Tensor, key0: int, key1: int) -> torch.Tensor:
     """Philox4x32-10 (§1). ``counters``: int64 ``[N, 4]`` with values in [0, 2^32); keys in
     [0, 2^32). A value outside that range is refused, as the compiled and Triton ops refuse it,
     never reduced modulo 2^32."""
-    if counters.dim() != 2 or counters.shape[1] != 4:
-        raise ValueError(f"counters must have shape [N, 4], got {tuple(counters.shape)}")
+    # the messages are the compiled ops' (csrc/ops_common.h check_counters, check_key)
     if counters.dtype not in (torch.int64, torch.int32, torch.uint32):
-        raise ValueError(f"counters must be an integer tensor (int64), got {counters.dtype}")
+        raise ValueError(f"zfkernels: counters has dtype {counters.dtype}; {COUNTERS_DTYPE_FIX}")
+    if counters.dim() != 2 or counters.shape[1] != 4:
+        raise ValueError(f"zfkernels: counters must have shape [N, 4], got {list(counters.shape)}; "
+                         f"{COUNTERS_SHAPE_FIX}")
     for name, k in (("key0", key0), ("key1", key1)):
         if not 0 <= int(k) <= S.MASK32:
-            raise ValueError(f"zfkernels: {name}={k} must be a 32-bit unsigned integer in [0, 2**32)")
+            raise ValueError(f"zfkernels: {name}={k} must be a 32-bit unsigned integer in [0, 2**32); {KEY_FIX}")
     c = counters.to(torch.int64)
     # a meta tensor has no values (the compiled Meta kernel checks none): its call gives the shape
-    if c.numel() and not c.is_meta and not (int(c.min()) >= 0 and int(c.max()) <= S.MASK32):
-        raise ValueError("zfkernels: counters values must lie in [0, 2**32)")
+    if c.numel() and not c.is_meta:
+        lo, hi = int(c.min()), int(c.max())
+        if not (lo >= 0 and hi <= S.MASK32):
+            raise ValueError(counter_values_refused(lo, hi))
     return _philox(c, int(key0), int(key1))
+
+
+# What the philox op's refusals tell the caller to give, the same on every backend (the
+# compiled ops spell it in csrc/ops_common.h; zfkernels/triton/philox.py imports these).
+COUNTERS_DTYPE_FIX = "use an int64 tensor (values in [0, 2**32)), e.g. counters.to(torch.int64)"
+COUNTERS_SHAPE_FIX = "give one row of four 32-bit counter words (c0, c1, c2, c3) per output row"
+COUNTERS_DENSE_FIX = "give a strided one (counters.to_dense())"
+KEY_FIX = "give one 32-bit word of the key, e.g. key0 = seed & 0xFFFFFFFF and key1 = seed >> 32 for a 64-bit seed"
+
+
+def counter_values_refused(lo: int, hi: int, prefix: str = "zfkernels") -> str:
+    """The refusal of counters whose values run from ``lo`` to ``hi``, outside [0, 2^32)."""
+    return (f"{prefix}: counters values must lie in [0, 2**32), got values from {lo} to {hi}; each value is one "
+            "32-bit word of a counter: split a wider counter n over the words, e.g. (n & 0xFFFFFFFF, n >> 32, 0, 0)")
 
 
 def _philox(c: torch.Tensor, k0: int, k1: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference as R
 from .. import stream as S
 from ..stream import MASK32
 from ._common import check_block, device_ok, interpreted, launch_scope, to_i32
@@ -332,16 +333,20 @@ def philox4x32_10(counters: torch.Tensor, key0: int, key1: int, *, block_size: i
     """
     if not isinstance(counters, torch.Tensor):
         raise ValueError(f"philox4x32_10: counters must be a torch.Tensor, got {type(counters).__name__}")
-    if counters.dtype != torch.int64 or counters.dim() != 2 or counters.shape[1] != 4:
-        raise ValueError(
-            f"philox4x32_10: counters must be an int64 tensor of shape [N, 4], got {counters.dtype} "
-            f"{tuple(counters.shape)}"
-        )
+    # the messages after the prefix are the compiled ops' and the reference's (csrc/ops_common.h)
     if counters.layout != torch.strided:
-        raise ValueError("philox4x32_10: counters must be a dense (strided) tensor")
+        raise ValueError(f"philox4x32_10: counters must be a dense tensor; {R.COUNTERS_DENSE_FIX}")
+    if counters.dtype != torch.int64:
+        raise ValueError(f"philox4x32_10: counters has dtype {counters.dtype}; {R.COUNTERS_DTYPE_FIX}")
+    if counters.dim() != 2 or counters.shape[1] != 4:
+        raise ValueError(f"philox4x32_10: counters must have shape [N, 4], got {list(counters.shape)}; "
+                         f"{R.COUNTERS_SHAPE_FIX}")
     for name, k in (("key0", key0), ("key1", key1)):
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MASK32:
-            raise ValueError(f"philox4x32_10: {name}={k!r} must be an int in [0, 2**32)")
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise ValueError(f"philox4x32_10: {name}={k!r} must be an int (a 32-bit unsigned integer); {R.KEY_FIX}")
+        if not 0 <= k <= MASK32:
+            raise ValueError(f"philox4x32_10: {name}={k} must be a 32-bit unsigned integer in [0, 2**32); "
+                             f"{R.KEY_FIX}")
     interp = interpreted(_philox_kernel)
     device_ok("philox4x32_10", "counters", counters, interp)
     counters = counters.contiguous()
@@ -349,8 +354,9 @@ def philox4x32_10(counters: torch.Tensor, key0: int, key1: int, *, block_size: i
     out = torch.empty_like(counters)
     if n == 0:
         return out
-    if bool((counters < 0).any()) or bool((counters > MASK32).any()):
-        raise ValueError("philox4x32_10: counters values must lie in [0, 2**32)")
+    lo, hi = int(counters.min()), int(counters.max())
+    if lo < 0 or hi > MASK32:
+        raise ValueError(R.counter_values_refused(lo, hi, "philox4x32_10"))
     block = check_block("philox4x32_10", block_size or (8192 if interp else 1024), least=1)
     grid = (triton.cdiv(n, block),)
     with launch_scope(counters.device, interp):     # Triton launches on the current device, not the tensors'
