@@ -8,6 +8,7 @@ import contextlib
 import copy
 import gc
 import io
+import math
 import os
 import pickle
 import re
@@ -348,21 +349,41 @@ def test_a_perturbation_size_that_overflows_float32_is_refused(zo_eps):
         ZOFusedSGD(make_mlp(6, 4, 1).parameters(), zo_eps=zo_eps)
 
 
+# 2^128 - 2^103: the smallest Python float that float32 rounds to inf (half an ulp above its
+# largest number, 2^128 - 2^104; the tie rounds to the even inf)
+F32_OVERFLOW = 2.0 ** 128 - 2.0 ** 103
+
+
+@pytest.mark.parametrize("value", [float("inf"), 1e39, F32_OVERFLOW])
 @pytest.mark.parametrize("cls,key", [(ZOFusedSGD, "lr"), (ZOFusedSGD, "weight_decay"), (ZOFusedSGD, "momentum"),
                                      (ZOFusedAdam, "lr"), (ZOFusedAdam, "weight_decay"), (ZOFusedAdam, "eps")])
-def test_an_infinite_step_option_is_refused_before_it_reaches_the_parameters(cls, key):
+def test_an_infinite_step_option_is_refused_before_it_reaches_the_parameters(cls, key, value):
     # accepted: lr, weight_decay or momentum = inf wrote +-inf into every parameter at the first
-    # step, and every later step was skipped for a non-finite loss (Adam's eps = inf: no update)
-    need = f"{key}=inf must be {'>' if key == 'eps' else '>='} 0 and finite"     # Adam's eps = 0: 0/0
+    # step, and every later step was skipped for a non-finite loss (Adam's eps = inf: no update);
+    # so did a Python float finite in float64 but inf in float32 (lr=1e39), where the kernels compute
+    need = re.escape(f"{key}={value} must be {'>' if key == 'eps' else '>='} 0 and finite")    # eps = 0: 0/0
+    if math.isfinite(value):
+        need += r" in float32 \(at most 3\.4028235e\+38, float32's largest number"
     with pytest.raises(ValueError, match=need):
-        cls(make_mlp(6, 4, 1).parameters(), **{key: float("inf")})
+        cls(make_mlp(6, 4, 1).parameters(), **{key: value})
     model, opt = two_groups(cls)
     opt.step(lambda: loss_of(model))
-    opt.param_groups[0][key] = float("inf")
+    opt.param_groups[0][key] = value
     before = snapshot(model)
     with pytest.raises(ValueError, match=f"param group 0: {need}"):
         opt.step(lambda: loss_of(model))
     assert max_moved(model, before) == 0.0 and opt.step_count == 1
+
+
+@pytest.mark.parametrize("key", ["lr", "weight_decay", "momentum", "eps"])
+def test_a_step_option_just_below_float32_overflow_is_taken(key):
+    # the bound is where float32 rounds to inf, not float32's largest number: a value between
+    # them rounds down to that number, finite where the kernels compute
+    assert math.isinf(torch.tensor(F32_OVERFLOW, dtype=torch.float64).float().item())
+    below = math.nextafter(F32_OVERFLOW, 0.0)
+    assert torch.tensor(below, dtype=torch.float64).float().item() == torch.finfo(torch.float32).max
+    cls = ZOFusedAdam if key == "eps" else ZOFusedSGD
+    assert cls(make_mlp(6, 4, 1).parameters(), **{key: below}).param_groups[0][key] == below
 
 
 @pytest.mark.parametrize("cls,kw,needle", [

@@ -555,8 +555,7 @@ class _ZOBase(torch.optim.Optimizer):
     def _check_options(self, g: dict) -> None:
         # finite too: lr, weight_decay or momentum = inf wrote +-inf into every parameter at the
         # first step (then every step was skipped for a non-finite loss)
-        if not 0.0 <= _number(g["lr"], "lr") < math.inf:
-            raise ValueError(f"lr={g['lr']} must be >= 0 and finite")
+        _check_rate(g, "lr")
         if not 0.0 < _number(g["zo_eps"], "zo_eps") <= MAX_ZO_EPS:
             raise ValueError(f"zo_eps={g['zo_eps']} must be > 0 and at most {MAX_ZO_EPS:.3g} (theta +- 2 zo_eps z "
                              "must stay finite in float32, or a skipped step could not restore theta)")
@@ -566,8 +565,7 @@ class _ZOBase(torch.optim.Optimizer):
             raise ValueError(f"sparsity={g['sparsity']} must be the fraction zeroed, in [0, 1)")
         if not 0.0 <= _number(g["history"], "history") < 1.0:
             raise ValueError(f"history={g['history']} must be the weight of the history, in [0, 1)")
-        if not 0.0 <= _number(g["weight_decay"], "weight_decay") < math.inf:
-            raise ValueError(f"weight_decay={g['weight_decay']} must be >= 0 and finite")
+        _check_rate(g, "weight_decay")
         for flag in ("stochastic_rounding", "sign", "scalar_sign"):
             if not isinstance(g[flag], bool):
                 raise ValueError(f"{flag}={g[flag]!r} must be True or False")
@@ -1365,8 +1363,7 @@ class ZOFusedSGD(_ZOBase):
 
     def _check_options(self, g: dict) -> None:
         super()._check_options(g)
-        if not 0.0 <= _number(g["momentum"], "momentum") < math.inf:
-            raise ValueError(f"momentum={g['momentum']} must be >= 0 and finite")
+        _check_rate(g, "momentum")
         if not 0.0 <= _number(g["dampening"], "dampening") <= 1.0:
             raise ValueError(f"dampening={g['dampening']} must be in [0, 1]")
         if not isinstance(g["nesterov"], bool):
@@ -1475,8 +1472,9 @@ class ZOFusedAdam(_ZOBase):
                 "difference is exactly 0, e.g. a flat region or a bf16 loss; a masked one at every step with "
                 "sparsity > 0). torch.optim.Adam takes eps=0 because a gradient entry is rarely exactly 0; give a "
                 "small eps instead (the default 1e-8, or e.g. 1e-30 to stay close to eps=0)")
-        if not 0.0 < eps < math.inf:
-            raise ValueError(f"eps={g['eps']} must be > 0 and finite (eps=inf makes every update 0)")
+        if not 0.0 < eps < _F32_OVERFLOW:
+            why = _IN_F32 if _F32_OVERFLOW <= eps < math.inf else " (eps=inf makes every update 0)"
+            raise ValueError(f"eps={g['eps']} must be > 0 and finite{why}")
         if not isinstance(g["decoupled_weight_decay"], bool):
             raise ValueError(f"decoupled_weight_decay={g['decoupled_weight_decay']!r} must be True or False")
         if g.get("amsgrad"):       # as maximize: a group key torch.optim.Adam reads, ignored here
@@ -1670,6 +1668,20 @@ def counter(x, what: str, limit: int | None = None) -> int:
     if v < 0 or (limit is not None and v >= limit):
         raise ValueError(f"{what} is {v}; it must be an int >= 0" + (f" and below {limit}" if limit else ""))
     return v
+
+
+# The kernels compute in float32: a Python float from _F32_OVERFLOW up is inf there, so an
+# option finite as a float64 (lr=1e39) wrote +-inf into every parameter at the first step, as
+# inf itself did.
+_IN_F32 = (f" in float32 (at most {torch.finfo(torch.float32).max:.8g}, float32's largest number: the kernels "
+           "compute in float32, where a larger value is inf)")
+
+
+def _check_rate(g: dict, name: str) -> None:
+    """Option ``name`` of group ``g`` (lr, weight_decay, momentum): >= 0 and finite in float32."""
+    v = _number(g[name], name)
+    if not 0.0 <= v < _F32_OVERFLOW:
+        raise ValueError(f"{name}={g[name]} must be >= 0 and finite{_IN_F32 if _F32_OVERFLOW <= v < math.inf else ''}")
 
 
 def _number(x, name: str) -> float:
