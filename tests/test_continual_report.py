@@ -285,6 +285,22 @@ def test_table_2_memory_is_the_training_peak_and_older_runs_are_named():
     assert "is their whole-task peak (training, prototypes and tests): runs/old\n" in text
 
 
+def test_table_2_shows_no_memory_for_a_run_that_trained_nothing():
+    """A run with train_peak_memory_bytes null (--epochs 0: no step) has no training peak: its
+    cell is "-", and it is not named as a run written before the peak was recorded (no entry)."""
+    cfg = {"method": "ease", "optimizer": "zo_sgd", "dataset": "digits"}
+    none = {"avg": 80.0, "last": 70.0, "fgt": 0.0, "peak_memory_bytes": 3e9, "train_peak_memory_bytes": None,
+            "forward_passes": 0, "_dir": "runs/none", "config": cfg}
+    text, _ = render_runs([none], [])
+    assert "| EASE | zo_sgd | - | - | 0 |" in text, text
+    assert "whole-task peak" not in text
+    # over seeds: one seed without a training peak makes the cell "-", not a mean of the others
+    seeds = [dict(none, config=dict(cfg, seed=1), _dir="runs/a"),
+             dict(none, config=dict(cfg, seed=2), _dir="runs/b", train_peak_memory_bytes=1e9)]
+    text, _ = render_runs(seeds, [])
+    assert "| EASE | zo_sgd | 1, 2 | - | - | 0 ± 0 |" in text, text
+
+
 def test_the_gains_table_is_kept_when_only_some_runs_have_a_baseline():
     """Runs with `--baseline untrained` (the embedded digits) beside runs without one (real data,
     where it is off by default): the gains table shows the first and "-" for the others. Kept

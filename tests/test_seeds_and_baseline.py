@@ -68,6 +68,20 @@ def test_baseline_gains_are_trained_minus_untrained_of_the_same_run(runs):
     assert (saved["avg_gain"], saved["last_gain"]) == (m["avg_gain"], m["last_gain"])
 
 
+def test_a_run_that_trains_nothing_records_no_training_memory(runs):
+    """--epochs 0 takes no step: no task has a training peak (null, as APER's later tasks), so
+    Table 2 shows none. It recorded the process's peak RSS so far as its training memory, and
+    zeroflow report showed it under "peak memory of training" for a run that trained nothing."""
+    from zeroflow.continual.report import render_runs
+    u = runs["untrained"]
+    assert u["forward_passes"] == u["iterations"] == 0
+    assert [t["train_peak_memory_bytes"] for t in u["tasks"]] == [None, None]
+    assert u["train_peak_memory_bytes"] is None and u["peak_memory_bytes"] > 0
+    text, _ = render_runs([dict(u, _dir="runs/untrained")], [])
+    assert "| EASE | zo_sgd | - | - | 0 |" in text.split("### Efficiency")[1], text
+    assert "whole-task peak" not in text        # not taken for a run written before the peak was recorded
+
+
 def test_the_accuracy_plot_shows_both_curves(runs, monkeypatch):
     from zeroflow.continual import runner
     labels = []

@@ -121,7 +121,9 @@ def train_subspace(net: nn.Module, forward: Callable, modules: Dict[str, nn.Modu
         with mem.section() if mem is not None else contextlib.nullcontext({}) as section:
             info = _train_loop(net, forward, params, opt, loader, cfg, label_offset, device, counters, timer,
                                progress_desc, progress, scaler)
-        if mem is not None:
+        if mem is not None and info["steps"]:
+            # a loop that took no step (--epochs 0) trained nothing: no training peak (null), as
+            # for APER's later tasks; its section held the process's peak so far (CPU RSS)
             info["train_peak_memory_bytes"] = section["peak"]
         if data_parallel:
             opt.check_params(where=f"after {progress_desc}")

@@ -24,7 +24,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .defaults import DATASETS, OPTIMIZERS, canonical_value
 from .errors import ZeroflowError, refuse_empty_path
@@ -35,11 +35,13 @@ CELL_KEYS = ("method", "optimizer", "dataset")   # a table cell: row (method, op
 
 
 # ---------------------------------------------------------------- finding runs
-def _train_peak(m: Dict) -> float:
-    """A run's Table 2 memory: the training loops' peak, or for a run written before that was
-    recorded its whole-task peak (the report names those runs)."""
-    v = m.get("train_peak_memory_bytes")
-    return m["peak_memory_bytes"] if v is None else v
+def _train_peak(m: Dict) -> Optional[float]:
+    """A run's Table 2 memory: the training loops' peak; None for a run that trained nothing
+    (``null``: --epochs 0); for a run written before that was recorded (no entry) its whole-task
+    peak (the report names those runs)."""
+    if "train_peak_memory_bytes" not in m:
+        return m["peak_memory_bytes"]
+    return m["train_peak_memory_bytes"]
 
 
 def _why_unfinished(folder: str) -> str:
@@ -281,7 +283,8 @@ def render_runs(runs: List[Dict], skipped: List[str]) -> Tuple[str, List[str]]:
 
     def efficiency(r: Row):
         spi = [m.get("seconds_per_iteration") for m in r.runs]
-        return [_stat([_train_peak(m) / 1e9 for m in r.runs], ".2f"),
+        peaks = [_train_peak(m) for m in r.runs]
+        return [_stat([v / 1e9 for v in peaks], ".2f") if None not in peaks else "-",
                 _stat(spi, ".4f") if all(spi) else "-",
                 _stat([m["forward_passes"] for m in r.runs], ".0f")]
 
@@ -305,7 +308,7 @@ def render_runs(runs: List[Dict], skipped: List[str]) -> Tuple[str, List[str]]:
         out += ["Fgt recomputed from the accuracy matrix (PILOT's Fgt, the best accuracy over all stages, the last "
                 "included) for runs that stored the older value (the last stage left out of the best): "
                 + ", ".join(restated)]
-    whole_task = [m["_dir"] for m in runs if m.get("train_peak_memory_bytes") is None]
+    whole_task = [m["_dir"] for m in runs if "train_peak_memory_bytes" not in m]
     if whole_task:
         out += ["Mem GB of runs written before the training peak was recorded (2026-12-02) is their whole-task "
                 "peak (training, prototypes and tests): " + ", ".join(whole_task)]
