@@ -483,3 +483,22 @@ def test_report_output_never_makes_a_folder_of_runs_read_as_a_run(tmp_path, caps
     assert not out.exists()
     assert main(["report", str(tmp_path / "runs")]) == 0
     assert "| EASE | zo_sgd |" in capsys.readouterr().out
+
+
+def test_resume_names_the_options_of_a_config_file_as_the_file_s(tmp_path, capsys):
+    """zeroflow run --resume --config FILE named the file's options as flags the user never gave:
+    'ignoring --epochs 2 (the run has 1)' for epochs: 2 in FILE, and '--num-workers must be >= 0'
+    for its num_workers: -1. They are named as in a fresh run's messages now ('epochs in FILE');
+    a flag given beside the file is still named as the flag."""
+    from zeroflow.continual.defaults import resolve
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(resolve({"epochs": 1})))
+    config = tmp_path / "c.yaml"
+    config.write_text("epochs: 2\nnum_workers: -1\nlr: 0.3\n")
+    assert main(["run", "--resume", "--out", str(out), "--config", str(config), "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert f"ignoring epochs in {config} 2 (the run has 1), --lr 0.5 (the run has 0.005)" in err, err
+    assert f"zeroflow: error: num_workers in {config} must be >= 0 (got -1)" in err, err
+    assert "--epochs" not in err and "--num-workers" not in err
+    assert sorted(os.listdir(out)) == ["config.json"]           # nothing written

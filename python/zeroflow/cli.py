@@ -195,10 +195,14 @@ def cmd_run(a, started: float) -> int:
     if a.resume:
         # only what the user gave: the run keeps its saved configuration (see runner.resumed_config)
         given = {k: v for k, v in _overrides(a).items() if v is not None}
-        cfg = (load_config_file(a.config) if a.config else {}) | given
+        file_cfg = load_config_file(a.config) if a.config else {}
+        cfg = file_cfg | given
+        # the messages name an option of the file as such ("epochs in FILE"), not as a flag never given
+        names = {k: f"{k} in {a.config}" for k in file_cfg if k not in given}
     else:
-        cfg = resolve(_overrides(a), a.config, warn=warn_stderr)
-    m = run(cfg, a.out, resume=a.resume, force=a.force, progress=not a.no_progress, stop_after=a.stop_after)
+        cfg, names = resolve(_overrides(a), a.config, warn=warn_stderr), None
+    m = run(cfg, a.out, resume=a.resume, force=a.force, progress=not a.no_progress, stop_after=a.stop_after,
+            names=names)
     if "stopped_after" in m or m.get("rank", 0) != 0:    # ranks > 0 of a torchrun job print nothing
         return 0
     _print_table(m, m["run_dir"], started)

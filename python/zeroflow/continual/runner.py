@@ -305,7 +305,7 @@ def evaluate(learner, data, seen_tasks, device, counters, batch_size, num_worker
 LOCATIONS = ("device", "data_root", "checkpoint")
 
 
-def resumed_config(out: str, requested: Dict, warn) -> Tuple[Dict, Dict]:
+def resumed_config(out: str, requested: Dict, warn, names: Optional[Dict[str, str]] = None) -> Tuple[Dict, Dict]:
     """``(configuration, locations)``: the configuration saved in ``out`` (checked) and where
     the run finds its device, data and weights now: the ``LOCATIONS`` given in ``requested``
     (``--device``, ``--data-root``, ``--checkpoint``), the saved ones for the others; with
@@ -314,7 +314,13 @@ def resumed_config(out: str, requested: Dict, warn) -> Tuple[Dict, Dict]:
     metrics.json as it is in config.json: a run resumed elsewhere is still the same run for
     zeroflow sweep and zeroflow report; the devices it ran on are in metrics.json's ``device``
     and ``tasks``). Any other option in ``requested`` that differs from the saved one is named
-    in a warning: a resumed run keeps its configuration."""
+    in a warning: a resumed run keeps its configuration. ``names[key]``: how the user gave an
+    option of ``requested`` (``epochs in FILE`` for one of a ``--config`` file; default its flag)."""
+    names = names or {}
+
+    def name(k):
+        return names.get(k, flag(k))
+
     if not os.path.isdir(out):
         raise ZeroflowError(f"--resume: run folder {out} does not exist")
     saved = read_run_config(out)
@@ -329,7 +335,7 @@ def resumed_config(out: str, requested: Dict, warn) -> Tuple[Dict, Dict]:
         want = (lr_entry(v, saved["optimizer"], bool(saved.get("hybrid_switch")))
                 if k == "lr" and isinstance(v, dict) else v)
         if canonical(want) != canonical(have):
-            ignored.append(f"{flag(k)} {want} (the run has {have})")
+            ignored.append(f"{name(k)} {want} (the run has {have})")
     if ignored:
         warn(f"--resume continues {out} with the configuration in its {CONFIG}; ignoring {', '.join(ignored)}")
     cfg = validate(dict(saved), {k: f"{k} in {os.path.join(out, CONFIG)}" for k in saved})
@@ -340,11 +346,11 @@ def resumed_config(out: str, requested: Dict, warn) -> Tuple[Dict, Dict]:
             locations[k] = cfg.get(k)
             continue
         if not isinstance(given, str) or not given:
-            raise ZeroflowError(f"{flag(k)} must be a non-empty string (got {given!r})")
+            raise ZeroflowError(f"{name(k)} must be a non-empty string (got {given!r})")
         locations[k] = given if k == "device" else os.path.expanduser(given)
     given = {k: requested[k] for k in OPERATIONAL_KEYS if requested.get(k) is not None}
     if given:       # checked as a fresh run's would be (--num-workers -1 is refused, naming the flag)
-        locations.update({k: validate(dict(cfg, **given))[k] for k in given})
+        locations.update({k: validate(dict(cfg, **given), {j: name(j) for j in given})[k] for k in given})
     if locations["checkpoint"] and not cfg.get("checkpoint"):
         raise ZeroflowError(f"--checkpoint: the run in {out} loads no weights file (its backbone is "
                             f"{cfg['backbone']}{', pretrained by zeroflow' if cfg['backbone'] == 'small' else ''}); "
@@ -434,7 +440,7 @@ def _on_rank0(world: int, main: bool, fn: Callable):
 # ---------------------------------------------------------------- run
 def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bool = False,
         continue_existing: bool = False, progress: bool = True, stop_after: Optional[int] = None,
-        log=log_stdout, warn=warn_stderr) -> Dict:
+        log=log_stdout, warn=warn_stderr, names: Optional[Dict[str, str]] = None) -> Dict:
     """Run (or resume) one experiment; returns the metrics dict (also in ``<run>/metrics.json``).
 
     ``cfg``: the run configuration (``defaults.resolve``); checked again here. With
@@ -445,7 +451,8 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
     run of the same configuration is returned, an unfinished one resumed.
     ``stop_after=k``: stop after task ``k`` (1-based count of tasks finished in total; a
     resumed run with ``k`` or more finished trains none) with the checkpoint written and no
-    metrics.json, as an interrupted run would.
+    metrics.json, as an interrupted run would. ``names`` (with ``resume``): how the user gave
+    the options of ``cfg`` (``epochs in FILE``), for the messages.
 
     Everything that can be checked (options, device, backend, weights file, data) is checked
     before the folder is claimed; a run that fails before its ``config.json`` is written
@@ -454,13 +461,13 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
     threads = torch.get_num_threads()
     try:
         return _run(cfg, out, resume=resume, force=force, continue_existing=continue_existing, progress=progress,
-                    stop_after=stop_after, log=log, warn=warn)
+                    stop_after=stop_after, log=log, warn=warn, names=names)
     finally:       # the run's thread count (threads=, 1 for the small backbone) stays the run's
         torch.set_num_threads(threads)
 
 
 def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_existing: bool, progress: bool,
-         stop_after: Optional[int], log, warn) -> Dict:
+         stop_after: Optional[int], log, warn, names: Optional[Dict[str, str]] = None) -> Dict:
     """:func:`run`'s body."""
     from .data import UnreadableImage
 
@@ -470,7 +477,7 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
     if above:       # before the claim, which would create the folders up to --out
         raise ZeroflowError(inside_refusal(out or "runs", above))
     if resume:
-        cfg, located = resumed_config(out, cfg, warn)
+        cfg, located = resumed_config(out, cfg, warn, names)
     else:
         cfg = validate(cfg)
         located = {k: cfg.get(k) for k in LOCATIONS}
