@@ -502,3 +502,27 @@ def test_resume_names_the_options_of_a_config_file_as_the_file_s(tmp_path, capsy
     assert f"zeroflow: error: num_workers in {config} must be >= 0 (got -1)" in err, err
     assert "--epochs" not in err and "--num-workers" not in err
     assert sorted(os.listdir(out)) == ["config.json"]           # nothing written
+
+
+def test_a_fresh_digits_run_names_the_data_options_it_ignores(tmp_path, capsys):
+    """zeroflow run --data-root /data (or --download) on the embedded digits ran without a word:
+    its data ships with scikit-learn, so neither acts (a --resume said so, a fresh run did not).
+    Named in a warning now, flags and config-file options alike; nothing for the real datasets."""
+    from zeroflow.continual.defaults import resolve
+    warned = []
+    resolve({"data_root": "/data", "download": True}, warn=warned.append)
+    assert warned == ["ignoring --data-root /data and --download: the digits data ships with scikit-learn "
+                      "(drop them)"]
+    config = tmp_path / "c.yaml"
+    config.write_text("data_root: /mnt/data\n")
+    warned.clear()
+    resolve({}, str(config), warn=warned.append)
+    assert warned == [f"ignoring data_root in {config} /mnt/data: the digits data ships with scikit-learn (drop it)"]
+    warned.clear()
+    resolve({}, warn=warned.append)                              # the default data_root: nothing to say
+    resolve({"dataset": "cifar100", "data_root": "/data", "download": True}, warn=warned.append)
+    assert warned == []
+    # the command: the warning, before the run (here refused: --stop-after 0)
+    assert main(["run", "--data-root", "/data", "--stop-after", "0", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "zeroflow: warning: ignoring --data-root /data: the digits data ships with scikit-learn" in err, err

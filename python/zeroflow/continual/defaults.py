@@ -478,7 +478,19 @@ def resolve(overrides: Dict[str, Any], config_file: Optional[str] = None, warn=N
     cfg = defaults_for(dataset.lower(), method.lower())
     cfg.update(file_cfg)
     cfg.update(over)
-    return validate(cfg, names)
+    out = validate(cfg, names)
+    if warn is not None and out["dataset"] == "digits":
+        # the embedded data ships with scikit-learn: where the data is, and fetching it, never act
+        # there (a resume says so too, runner.resumed_config); silently ignored before
+        idle = []
+        if out["data_root"] != COMMON["data_root"]:
+            idle.append(f"{names['data_root']} {out['data_root']}")
+        if out["download"]:
+            idle.append(names["download"])
+        if idle:
+            warn(f"ignoring {' and '.join(idle)}: the digits data ships with scikit-learn (drop "
+                 f"{'them' if len(idle) > 1 else 'it'})")
+    return out
 
 
 # what a null default means, for --help
