@@ -526,3 +526,21 @@ def test_a_fresh_digits_run_names_the_data_options_it_ignores(tmp_path, capsys):
     assert main(["run", "--data-root", "/data", "--stop-after", "0", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "zeroflow: warning: ignoring --data-root /data: the digits data ships with scikit-learn" in err, err
+
+
+def test_sweep_under_torchrun_with_several_processes_is_refused_before_anything(tmp_path, monkeypatch, capsys):
+    """torchrun --nproc-per-node 2 -m zeroflow sweep: every rank claimed the sweep folder, all but
+    one were refused as 'in use by pid ...' (their sibling), and the last waited in its first
+    collective until torchrun killed it, leaving a stale lock. Refused on every rank now, before
+    any folder, lock or process group, saying how to run the optimizers data-parallel."""
+    import torch.distributed as dist
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for var in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--method", "aper", "--optimizers", "zo_sgd", "--epochs", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "zeroflow: error: zeroflow sweep does not run under torchrun with several processes (WORLD_SIZE=2)" in err
+    assert "-m zeroflow run --optimizer NAME" in err, err
+    assert not out.exists() and not dist.is_initialized()

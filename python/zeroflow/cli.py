@@ -304,6 +304,14 @@ def cmd_sweep(a, started: float) -> int:
     from .continual.runfolder import RunFolder
     from .continual.runner import RunInterrupted, check_setup, run, warn_stderr
 
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    if "RANK" in os.environ and world != "1":
+        # every rank claimed the sweep folder: all but one were refused ('in use by pid ...', their
+        # sibling) and the one left waited in its first collective until torchrun killed it
+        raise ZeroflowError(f"zeroflow sweep does not run under torchrun with several processes (WORLD_SIZE={world}): "
+                            f"run each optimizer data-parallel with torchrun ... -m zeroflow run --optimizer NAME "
+                            f"--out DIR/<method>_<NAME>_<dataset>, then zeroflow report DIR (a zeroflow sweep "
+                            f"--out DIR in one process takes those runs as they are)")
     refuse_empty_path(a.out, "--out", "give the folder the sweep's runs go into, or leave --out out for a fresh "
                                       "runs/sweep_<time>")
     names = _sweep_optimizers(a.optimizers)
