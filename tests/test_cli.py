@@ -544,3 +544,21 @@ def test_sweep_under_torchrun_with_several_processes_is_refused_before_anything(
     assert "zeroflow: error: zeroflow sweep does not run under torchrun with several processes (WORLD_SIZE=2)" in err
     assert "-m zeroflow run --optimizer NAME" in err, err
     assert not out.exists() and not dist.is_initialized()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_an_interrupted_torchrun_job_is_described_by_rank_0_only(tmp_path, monkeypatch, capsys, rank):
+    """^C / SIGTERM of torchrun ... zeroflow run after task 2: rank 0 said 'continue with: zeroflow
+    run --resume', and rank 1, which writes nothing (so its run had written nothing), said
+    'interrupted during setup; nothing was kept' beside it. Rank 0 alone describes the stop now."""
+    from zeroflow.continual import runner
+
+    def interrupted(cfg, out, **kw):
+        raise runner.RunInterrupted(out, 2, 5, resumable=rank == 0, rank=rank)
+    monkeypatch.setattr(runner, "run", interrupted)
+    assert main(["run", "--out", str(tmp_path / "r")]) == 130
+    err = capsys.readouterr().err
+    if rank == 0:
+        assert f"interrupted after task 2/5 (finished tasks are checkpointed in {tmp_path / 'r'})" in err, err
+    else:
+        assert err == ""

@@ -437,7 +437,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"zeroflow: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(_interrupted_message(e), file=sys.stderr)
+        # under torchrun only rank 0 says where the run stopped: another rank, which writes
+        # nothing, said 'interrupted during setup; nothing was kept' beside rank 0's resume advice
+        if getattr(e, "rank", 0) == 0:
+            print(_interrupted_message(e), file=sys.stderr)
         return 130
     finally:
         if previous is not None:

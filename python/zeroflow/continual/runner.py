@@ -75,11 +75,14 @@ def log_stdout(msg: str):
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C / SIGTERM during a run: where it stopped and whether ``--resume`` can continue it."""
+    """Ctrl-C / SIGTERM during a run: where it stopped and whether ``--resume`` can continue it.
+    ``rank``: the torchrun rank it stopped on; only rank 0 knows what was written (``resumable``
+    is rank 0's alone), so only rank 0 says it."""
 
-    def __init__(self, run_dir: str, completed: int, n_tasks: Optional[int], resumable: bool):
+    def __init__(self, run_dir: str, completed: int, n_tasks: Optional[int], resumable: bool, rank: int = 0):
         super().__init__(run_dir)
         self.run_dir, self.completed, self.n_tasks, self.resumable = run_dir, completed, n_tasks, resumable
+        self.rank = rank
 
 
 # ---------------------------------------------------------------- helpers
@@ -553,7 +556,7 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
         write_results(run_dir, metrics)
         return metrics
     except KeyboardInterrupt as e:
-        raise RunInterrupted(run_dir, results.completed if results else 0, T, written) from e
+        raise RunInterrupted(run_dir, results.completed if results else 0, T, written, rank) from e
     except (UnreadableImage, WriteFailed) as e:
         if not written:
             raise
