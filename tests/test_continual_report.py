@@ -336,3 +336,21 @@ def test_a_null_or_half_baseline_gain_is_no_traceback(tmp_path):
     runs, skipped = find_runs([str(tmp_path)])
     assert [r["_dir"] for r in runs] == [a]
     assert skipped == [f"{os.path.join(b, 'metrics.json')}: corrupt (avg_gain without last_gain)"]
+
+
+def test_a_digits_run_s_data_root_does_not_make_it_another_configuration():
+    """The digits data ships with scikit-learn, so --data-root never acts on a digits run (it is
+    ignored with a warning); a run given one was still another configuration: a sweep refused the
+    folder of the same run ('data_root: 'data' there, '/x' requested'), and zeroflow report kept
+    two seeds of one experiment apart in a data_root column. It counts at its default now (the
+    real datasets' data_root is compared as before)."""
+    from zeroflow.continual.runfolder import config_differences
+    assert config_differences(resolve({}), resolve({"data_root": "/x"})) == []
+    real = config_differences(resolve({"dataset": "cifar100"}), resolve({"dataset": "cifar100", "data_root": "/x"}))
+    assert real == ["data_root: 'data' there, '/x' requested"]
+    base = {"avg": 80.0, "last": 70.0, "fgt": 0.0, "peak_memory_bytes": 1e9, "forward_passes": 9}
+    runs = [dict(base, _dir="runs/a", config=resolve({"seed": 1})),
+            dict(base, _dir="runs/b", avg=82.0, config=resolve({"seed": 2, "data_root": "/x"}))]
+    text, _ = render_runs(runs, [])
+    assert "| EASE | zo_adam | 1, 2 | 81.00 ± 1.41 |" in text, text
+    assert "data_root" not in text

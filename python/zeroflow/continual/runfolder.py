@@ -412,11 +412,15 @@ def canonical(value):
 def comparable(config: Dict) -> Dict:
     """``config`` as two configurations are compared (``config_differences``, and the rows of
     ``zeroflow report``): JSON values, every option it lacks (a run written before the option
-    existed) at its default, and no null option that has no default (``small_vit: null`` is
-    the same as no ``small_vit``)."""
+    existed) at its default, no null option that has no default (``small_vit: null`` is
+    the same as no ``small_vit``), and a digits run's data_root at its default (it never acts)."""
     from .defaults import COMMON
 
     full = canonical(COMMON) | canonical(config)
+    if full.get("dataset") == "digits":
+        # the embedded data ships with scikit-learn: a digits run's data_root never acts (its
+        # --data-root is ignored with a warning), so runs that differ in it compute the same
+        full["data_root"] = COMMON["data_root"]
     return {k: v for k, v in full.items() if not (v is None and k not in COMMON)}
 
 
