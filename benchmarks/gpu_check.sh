@@ -3,7 +3,7 @@
 #   1. builds the extensions (CPU + CUDA, sm_90) in place;                   full log: build.log
 #   2. probes the build for the bad-input crash (benchmarks/crash_probe.sh);  crash_probe/
 #   3. runs the parity suite on every GPU backend (cuda, native triton, the reference on the
-#      GPU) and the replay tests, in pytest-xdist workers: a worker that dies is reported
+#      GPU) the replay tests and CUDA-graph capture, in pytest-xdist workers: a worker that dies is reported
 #      with its test's name and the others go on (without xdist: one process per module);
 #   4. runs the GPU benchmark subset (kernels at 64M/256M, optimizer step on the ViT-B list,
 #      one ViT-B/16 training iteration per method, the OPT-1.3B-shaped LLM iteration) and writes
@@ -216,7 +216,7 @@ fi
 # -------------------------------------------------------------------------- 3. GPU tests
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
   PHASE=tests
-  TESTS="${TESTS:-tests/test_parity.py tests/test_optim_layout.py tests/test_replay.py tests/test_build.py}"
+  TESTS="${TESTS:-tests/test_parity.py tests/test_optim_layout.py tests/test_replay.py tests/test_build.py tests/test_cuda_graph_capture.py}"
   SELECT=(); [ -n "${TEST_SELECT:-}" ] && SELECT=(-k "$TEST_SELECT")
   # Host-only tests that cost the limit most and use no GPU: a rebuild of the CPU extension with
   # MAX_JOBS=2 (88 s on a 2-core machine: in the first xdist pass it held that pass for most of

@@ -411,7 +411,7 @@ def test_the_gpu_tests_leave_out_the_host_only_build_tests(tmp_path, xdist, dese
     subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], env=env, cwd=ROOT,
                    capture_output=True, text=True, timeout=300)
     runs = args.read_text().splitlines()
-    assert len(runs) == (2 if xdist else 4), runs     # two passes, or one run per test file
+    assert len(runs) == (2 if xdist else 5), runs     # two passes, or one run per test file (TESTS: 5)
     host_only = ("test_static_libstdcxx_driver_still_links_the_shared_one", "test_crash_probe_script_on_this_build")
     for run in runs:
         for test in host_only:
