@@ -131,6 +131,21 @@ static void test_hit_miss() {
       CHECK(holds(h3, 2) && l.allocs == 3 && c.size() == 3, "allocs %d size %zu", l.allocs, c.size());
     }
     CHECK(l.frees == 0, "%d tables freed under capacity", l.frees);
+    // The whole table is the key: a shorter table that is a prefix of a cached one (a list of
+    // fewer tensors), or one that differs in its last byte only (the last tensor's id), is
+    // another layout, uploaded with its own bytes.
+    Ledger l2;
+    Cache c2(FakeMemory{&l2}, 4);
+    Key t = key(7);
+    Cache::Handle whole = c2.get(&t, sizeof t, 0);
+    Cache::Handle prefix = c2.get(&t, sizeof t / 2, 0);
+    CHECK(prefix.get() != whole.get() && l2.allocs == 2 && l2.live[const_cast<void*>(prefix.get())] == sizeof t / 2,
+          "a table that is a prefix of a cached one hit it (allocs %d)", l2.allocs);
+    Key last = t;
+    reinterpret_cast<uint8_t*>(&last)[sizeof last - 1] ^= 1;
+    Cache::Handle other = c2.get(&last, sizeof last, 0);
+    CHECK(other.get() != whole.get() && l2.allocs == 3 && std::memcmp(other.get(), &last, sizeof last) == 0,
+          "a table differing in its last byte hit another (allocs %d)", l2.allocs);
   }
   CHECK(l.n_live() == 0, "%zu blocks leaked by the cache's destructor", l.n_live());
 }
@@ -148,6 +163,12 @@ static void test_lru() {
   get(c, 2);     // a miss again; evicts 4 (1 and 3 were used after it)
   CHECK(l.allocs == allocs + 1 && c.size() == 3, "allocs %d size %zu", l.allocs, c.size());
   CHECK(get(c, 1).get() == at[1] && get(c, 3).get() == at[3] && l.allocs == allocs + 1, "4 was not the LRU");
+  // Now 2 (just uploaded) was used before 1 and 3: the next miss evicts 2, the one after it 1,
+  // never the table the previous miss uploaded.
+  const void* five = get(c, 5).get();
+  get(c, 6);
+  CHECK(l.is_live(five) && get(c, 5).get() == five && l.allocs == allocs + 3,
+        "the table uploaded by the previous miss was evicted first (allocs %d)", l.allocs);
 }
 
 // defect (a): a table evicted by a miss while a launch still holds it must stay readable.
@@ -171,6 +192,35 @@ static void test_held() {
   get(c, 7);
   get(c, 8);
   CHECK(holds(b, 6) && !a.get(), "a moved handle lost its table");
+  // Move assignment (csrc/multi_tensor_ops.h assigns each group's handle): the source lets go
+  // (one holder, not two releases), the target drops what it held.
+  {
+    Ledger l2;
+    Cache c2(FakeMemory{&l2}, 1);
+    Cache::Handle src = get(c2, 1);
+    Cache::Handle dst = get(c2, 2);  // retires 1 (held by src)
+    const void* two = dst.get();
+    dst = std::move(src);            // 2 released (cached, unheld); dst holds 1
+    CHECK(!src.get() && holds(dst, 1), "move assignment lost the table");
+    src.reset();                     // a moved-from handle releases nothing
+    get(c2, 3);                      // evicts 2 (unheld: freed); 1 retired and held: kept
+    CHECK(!l2.is_live(two), "the table a handle held before a move assignment was never released");
+    get(c2, 4);
+    CHECK(holds(dst, 1), "a moved-from handle released its old table (a second release): freed while held");
+    Cache::Handle& alias = dst;
+    dst = std::move(alias);          // self-move keeps the table
+    CHECK(holds(dst, 1), "a self-move assignment dropped the table");
+  }
+  // The cache's destructor frees what it still has: a table evicted while held and released
+  // after (retired, waiting for a miss that never came).
+  Ledger l3;
+  {
+    Cache c3(FakeMemory{&l3}, 1);
+    Cache::Handle k = get(c3, 1);
+    get(c3, 2);  // retires 1
+    k.reset();
+  }
+  CHECK(l3.n_live() == 0, "%zu blocks leaked by the destructor (a released retired table)", l3.n_live());
 }
 
 // defect (b): an upload that throws frees its block.
@@ -268,6 +318,13 @@ static void test_capture_pin() {
   h.reset();
   get(c3, 2);
   CHECK(l3.is_live(p) && l3.frees == 0, "freed during a capture");
+  bool refused = false;
+  try {
+    get(c3, 9);  // a miss under capture: refused before it frees anything
+  } catch (const std::runtime_error&) {
+    refused = true;
+  }
+  CHECK(refused && l3.is_live(p) && l3.frees == 0, "a miss under capture freed a released table");
   t_capturing = false;
   get(c3, 3);
   CHECK(!l3.is_live(p), "the released table was not freed by the next miss");
