@@ -386,6 +386,21 @@ def test_a_step_option_just_below_float32_overflow_is_taken(key):
     assert cls(make_mlp(6, 4, 1).parameters(), **{key: below}).param_groups[0][key] == below
 
 
+@pytest.mark.parametrize("cls,key,value,tail", [
+    (ZOFusedSGD, "lr", -1.0, ""), (ZOFusedSGD, "momentum", float("nan"), ""),
+    (ZOFusedAdam, "weight_decay", float("inf"), ""),
+    (ZOFusedAdam, "eps", float("inf"), " (eps=inf makes every update 0)"),
+    (ZOFusedAdam, "eps", -1.0, ""), (ZOFusedAdam, "eps", float("nan"), "")])
+def test_a_step_option_refusal_gives_the_reason_of_its_value_only(cls, key, value, tail):
+    # "in float32 (at most 3.4e38 ...)" belongs to a finite value that float32 rounds to inf, and
+    # "(eps=inf makes every update 0)" to eps=inf: neither explains a negative, NaN or infinite
+    # value (eps=-1 was refused as "(eps=inf makes every update 0)")
+    with pytest.raises(ValueError) as e:
+        cls(make_mlp(6, 4, 1).parameters(), **{key: value})
+    want = f"{key}={value} must be {'>' if key == 'eps' else '>='} 0 and finite{tail}"
+    assert str(e.value) == want
+
+
 @pytest.mark.parametrize("cls,kw,needle", [
     (ZOFusedAdam, dict(betas=(1.5, 0.999)), "betas=.* must be two numbers in \\[0, 1\\)"),
     (ZOFusedAdam, dict(eps=-1.0), "eps=-1.0 must be > 0"),

@@ -1473,7 +1473,9 @@ class ZOFusedAdam(_ZOBase):
                 "sparsity > 0). torch.optim.Adam takes eps=0 because a gradient entry is rarely exactly 0; give a "
                 "small eps instead (the default 1e-8, or e.g. 1e-30 to stay close to eps=0)")
         if not 0.0 < eps < _F32_OVERFLOW:
-            why = _IN_F32 if _F32_OVERFLOW <= eps < math.inf else " (eps=inf makes every update 0)"
+            # the reason of this value only: eps=-1 or nan is not refused for what inf would do
+            why = (_IN_F32 if _F32_OVERFLOW <= eps < math.inf else
+                   " (eps=inf makes every update 0)" if eps == math.inf else "")
             raise ValueError(f"eps={g['eps']} must be > 0 and finite{why}")
         if not isinstance(g["decoupled_weight_decay"], bool):
             raise ValueError(f"decoupled_weight_decay={g['decoupled_weight_decay']!r} must be True or False")
