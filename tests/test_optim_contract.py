@@ -774,6 +774,13 @@ def test_numpy_and_torch_false_turn_the_hybrid_off_as_python_false_does():
     for on in (np.bool_(True), torch.tensor(True), torch.tensor([False, False]), np.array([False, False])):
         with pytest.raises(ValueError, match=r"hybrid_switch \(the number of FO steps before ZO; 0/None = off\) is "):
             create("zo_sgd", ps, hybrid_switch=on)
+    # one element, whatever the shape: a [1] or [1, 1] array of False is off too; an empty one is
+    # no False (and `not` of it is ambiguous), refused as no count
+    for off in (np.array([False]), torch.tensor([[False]])):
+        assert type(create("zo_sgd", ps, hybrid_switch=off)) is ZOFusedSGD
+    for empty in (np.array([], dtype=bool), torch.tensor([], dtype=torch.bool)):
+        with pytest.raises(ValueError, match=r"hybrid_switch \(the number of FO steps before ZO; 0/None = off\) is "):
+            create("zo_sgd", ps, hybrid_switch=empty)
 
 
 @pytest.mark.parametrize("value", [0.0, "", [], "0"])
