@@ -1074,3 +1074,23 @@ def test_python_backends_keep_subnormals_under_flush_denormal_mode(backend_devic
     assert (bits(want[0]) != 0).any()
     for name, a, b in zip(("param", "exp_avg", "exp_avg_sq"), got, want):
         assert_bits_equal(a, b, name)
+
+
+@pytest.mark.parametrize("backend_device", PYTHON_ON_CPU)
+def test_python_backends_leave_the_flush_mode_as_found_when_they_refuse_or_get_no_tensors(backend_device):
+    """A Python backend's call clears the flush mode for its arithmetic: a refusal (an exception
+    out of the call) sets it again as a return does, and a call whose lists are all empty (its
+    first tensor list decides the device) is a no-op, not an IndexError."""
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU has no flush-denormal mode")
+    be = backend_device[0]
+    assert torch.set_flush_denormal(True)
+    try:
+        with pytest.raises(ValueError, match=r"counters must have shape \[N, 4\]"):
+            zk.call_op(be, "philox4x32_10", counters=torch.zeros(2, 3, dtype=torch.int64), key0=1, key1=2)
+        assert torch.tensor([1e-39]).mul(1.0).item() == 0.0, "a refused call left the flush mode off"
+        assert zk.call_op(be, "perturb_", params=[], tensor_ids=[], seed=1, scale=1.0, dist=0, mask_seed=0,
+                          mask_threshold=0) is None
+        assert torch.tensor([1e-39]).mul(1.0).item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)
