@@ -711,3 +711,19 @@ def test_philox_face_refusals_say_the_fix():
     with pytest.raises(TypeError, match=r"truncated to another one; build the counters as integers "
                                         r"\(dtype=torch\.int64\), each value in \[0, 2\*\*32\)"):
         zk.philox4x32_10(ok.float(), (1, 2))
+
+
+@pytest.mark.parametrize("be", ["torch", "triton"])
+def test_philox_python_backends_refuse_a_sparse_counters_tensor_by_name(be):
+    # the reference ran aten::min on it (NotImplementedError: "Could not run 'aten::min' with
+    # arguments from the 'SparseCPU' backend"); Triton's op and the face say what to give, as the
+    # compiled ops' check_counters does
+    if be == "triton":
+        pytest.importorskip("triton")
+    sparse = torch.zeros(2, 4, dtype=torch.int64).to_sparse()
+    dense = r"counters must be a dense tensor; give a strided one \(counters\.to_dense\(\)\)"
+    with pytest.raises(ValueError, match=dense):
+        zk.call_op(be, "philox4x32_10", counters=sparse, key0=1, key1=2)
+    with pytest.raises(ValueError, match=dense):
+        zk.philox4x32_10(sparse, (1, 2), backend=be)
+

@@ -313,6 +313,8 @@ def philox4x32_10(counters: torch.Tensor, key: tuple[int, int], backend: str = "
         raise TypeError(f"counters must be an integer tensor (int64 storage), got {counters.dtype}: a float "
                         "counter would be truncated to another one; build the counters as integers "
                         "(dtype=torch.int64), each value in [0, 2**32)")
+    if counters.layout != torch.strided:    # .contiguous() of a sparse one: "unsupported memory format"
+        raise ValueError(f"counters must be a dense tensor; {reference.COUNTERS_DENSE_FIX}")
     b = resolve_backend(backend, counters.device)
     return call_op(b, "philox4x32_10", counters=counters.to(torch.int64).contiguous(), key0=k0, key1=k1)
 

@@ -47,6 +47,8 @@ def philox4x32_10(counters: torch.Tensor, key0: int, key1: int) -> torch.Tensor:
     [0, 2^32). A value outside that range is refused, as the compiled and Triton ops refuse it,
     never reduced modulo 2^32."""
     # the messages are the compiled ops' (csrc/ops_common.h check_counters, check_key)
+    if counters.layout != torch.strided:    # a sparse one failed in aten::min without a word of counters
+        raise ValueError(f"zfkernels: counters must be a dense tensor; {COUNTERS_DENSE_FIX}")
     if counters.dtype not in (torch.int64, torch.int32, torch.uint32):
         raise ValueError(f"zfkernels: counters has dtype {counters.dtype}; {COUNTERS_DTYPE_FIX}")
     if counters.dim() != 2 or counters.shape[1] != 4:
