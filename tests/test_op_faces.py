@@ -713,6 +713,17 @@ def test_philox_face_refusals_say_the_fix():
         zk.philox4x32_10(ok.float(), (1, 2))
 
 
+def test_philox_refusals_check_dtype_before_shape_and_take_the_bounds_on_every_backend(backend):
+    # the compiled ops check the dtype first (csrc/ops_common.h check_counters): a float [2, 3]
+    # is named for its dtype everywhere; 0 and 2**32 - 1 are counter words and key words
+    be, dev = backend
+    with pytest.raises(ValueError, match=r"has dtype .*; use an int64 tensor"):
+        zk.call_op(be, "philox4x32_10", counters=torch.zeros(2, 3, device=dev), key0=1, key1=2)
+    edge = torch.tensor([[0, 2**32 - 1, 0, 2**32 - 1]], device=dev)
+    got = zk.call_op(be, "philox4x32_10", counters=edge, key0=2**32 - 1, key1=0)
+    assert torch.equal(got.cpu(), R.philox4x32_10(edge.cpu(), 2**32 - 1, 0))
+
+
 @pytest.mark.parametrize("be", ["torch", "triton"])
 def test_philox_python_backends_refuse_a_sparse_counters_tensor_by_name(be):
     # the reference ran aten::min on it (NotImplementedError: "Could not run 'aten::min' with
@@ -727,3 +738,10 @@ def test_philox_python_backends_refuse_a_sparse_counters_tensor_by_name(be):
     with pytest.raises(ValueError, match=dense):
         zk.philox4x32_10(sparse, (1, 2), backend=be)
 
+
+def test_philox_triton_op_refuses_a_bool_key():
+    # True is an int to Python: the Triton op refuses it by name rather than take it as key 1
+    pytest.importorskip("triton")
+    from zfkernels.triton import philox as TP
+    with pytest.raises(ValueError, match=r"key0=True must be an int \(a 32-bit unsigned integer\)"):
+        TP.philox4x32_10(torch.zeros(1, 4, dtype=torch.int64), True, 2)
