@@ -813,6 +813,8 @@ void no_backend(TensorList params) {
                     "; use backend='torch' (the reference) or move the tensors to CPU/CUDA");
 }
 Tensor philox4x32_10_composite(const Tensor& counters, int64_t /*key0*/, int64_t /*key1*/) {
+  // a sparse CPU/CUDA tensor lands here too (no kernel for its layout): name the layout first
+  check_counters(counters);
   TORCH_CHECK_VALUE(false, "zfkernels: no compiled philox4x32_10 kernel for device ", counters.device());
 }
 void perturb_composite(TensorList params, at::IntArrayRef tensor_ids, int64_t seed, double scale, int64_t dist,

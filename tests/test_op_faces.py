@@ -724,14 +724,14 @@ def test_philox_refusals_check_dtype_before_shape_and_take_the_bounds_on_every_b
     assert torch.equal(got.cpu(), R.philox4x32_10(edge.cpu(), 2**32 - 1, 0))
 
 
-@pytest.mark.parametrize("be", ["torch", "triton"])
-def test_philox_python_backends_refuse_a_sparse_counters_tensor_by_name(be):
+def test_philox_backends_refuse_a_sparse_counters_tensor_by_name(backend):
     # the reference ran aten::min on it (NotImplementedError: "Could not run 'aten::min' with
-    # arguments from the 'SparseCPU' backend"); Triton's op and the face say what to give, as the
-    # compiled ops' check_counters does
-    if be == "triton":
-        pytest.importorskip("triton")
-    sparse = torch.zeros(2, 4, dtype=torch.int64).to_sparse()
+    # arguments from the 'SparseCPU' backend"), the compiled ops' dispatcher sent it to the
+    # composite kernel ("no compiled philox4x32_10 kernel for device cpu", where there is one),
+    # the face's .contiguous() said "unsupported memory format option Contiguous"; each names
+    # the layout and what to give, as Triton's op did
+    be, dev = backend
+    sparse = torch.zeros(2, 4, dtype=torch.int64, device=dev).to_sparse()
     dense = r"counters must be a dense tensor; give a strided one \(counters\.to_dense\(\)\)"
     with pytest.raises(ValueError, match=dense):
         zk.call_op(be, "philox4x32_10", counters=sparse, key0=1, key1=2)
