@@ -144,7 +144,7 @@ class TableCache {
     } block{memory_, allocate(bytes)};
     memory_.upload(block.p, key, bytes);
     item.dptr = block.p;
-    // Evict after the upload: a call that fails leaves the cache as it was.
+    // Evict after the upload: a failed allocation or upload leaves the cache as it was.
     if (live_.size() >= capacity_) evict_lru();
     live_.push_back(std::move(item));
     block.p = nullptr;
