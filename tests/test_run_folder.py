@@ -114,6 +114,44 @@ def test_sigterm_stops_cleanly_and_resume_finishes(env, tmp_path, capsys):
     assert f"resuming {out} after task 1/5" in stdout and len(metrics(out)["accuracy_curve"]) == 5
 
 
+def test_a_run_whose_stdout_reader_went_away_stops_like_ctrl_c_without_a_traceback(env, tmp_path, capsys):
+    """`zeroflow run ... | head -1`: the next line of the run raised BrokenPipeError, which ended
+    in 'stopped on the error below ... once its cause is fixed' over a traceback (exit 1). The run
+    stops as on Ctrl-C now: its checkpoint kept, one line on stderr saying how to continue, exit
+    141 (128 + SIGPIPE), and nothing written at exit either ('Exception ignored ...')."""
+    out = tmp_path / "run"
+    proc, go = start_held(env, tmp_path, "run", "--config", env["fast"], "--out", out, "--no-progress")
+    proc.stdout.close()         # the reader goes away while task 2 trains
+    go.touch()
+    stderr = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(timeout=300) == 141, stderr
+    assert stderr.splitlines()[-1] == (
+        f"zeroflow: stopped (stdout was closed by its reader) after task 2/5 (finished tasks are checkpointed in "
+        f"{out}); continue with: zeroflow run --resume --out {out}"), stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr and "warning" not in stderr, stderr
+    assert not (out / ".lock").exists() and not (out / "metrics.json").exists()
+    rc, stdout, err = zf(capsys, "run", "--resume", "--out", out, "--no-progress")
+    assert rc == 0, err
+    assert f"resuming {out} after task 2/5" in stdout and len(metrics(out)["accuracy_curve"]) == 5
+
+
+def test_a_report_whose_stdout_reader_went_away_ends_without_a_traceback(tmp_path):
+    """`zeroflow report runs | head -1`: a traceback of BrokenPipeError at exit (exit 120)."""
+    _finished_run(tmp_path / "r")
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline(); from zeroflow.cli import "
+                             "main; sys.exit(main(sys.argv[1:]))", "report", str(tmp_path)], text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "python"), ROOT])))
+    proc.stdout.close()         # closed before the report is written: deterministic
+    proc.stdin.write("go\n")
+    proc.stdin.close()
+    stderr = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(timeout=300) == 141, stderr
+    assert stderr == "zeroflow: stopped (stdout was closed by its reader)\n", stderr
+
+
 def test_a_run_killed_outright_keeps_the_lines_of_its_finished_tasks(env, tmp_path):
     """`zeroflow run ... > run.log` then a SIGKILL (the OOM killer, a lease's limit): the
     "task 1/5: accuracy ..." line of the task it had finished never reached the file (stdout

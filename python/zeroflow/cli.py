@@ -167,25 +167,36 @@ def _overrides(a) -> dict:
                                                                             "record": a.record}
 
 
+def _say(*args, **kw):
+    """``print`` to stdout; its reader gone (``zeroflow report runs | head -1``) is :class:`OutputClosed`,
+    as it is in a run (runner.log_stdout), for :func:`main`."""
+    from .continual.errors import OutputClosed
+
+    try:
+        print(*args, **kw)
+    except BrokenPipeError as e:
+        raise OutputClosed() from e
+
+
 def _print_table(m: dict, run_dir: str, started: float):
     c = m["config"]
-    print()
-    print("| method | optimizer | dataset | Avg | Last | Fgt |")
-    print("|---|---|---|---|---|---|")
-    print(f"| {c['method'].upper()} | {c['optimizer']} | {c['dataset']} | {m['avg']:.2f} | {m['last']:.2f} | "
+    _say()
+    _say("| method | optimizer | dataset | Avg | Last | Fgt |")
+    _say("|---|---|---|---|---|---|")
+    _say(f"| {c['method'].upper()} | {c['optimizer']} | {c['dataset']} | {m['avg']:.2f} | {m['last']:.2f} | "
           f"{m['fgt']:.2f} |")
-    print()
+    _say()
     # a finished run is printed from its metrics.json, which load_metrics checks for the table's
     # entries only: one written by hand or by an older zeroflow may lack the others
     train_peak, seconds = m.get("train_peak_memory_bytes"), m.get("seconds")
-    print(f"forward passes (training): {m['forward_passes']}   peak memory: {m['peak_memory_bytes'] / 2**20:.0f} MiB "
+    _say(f"forward passes (training): {m['forward_passes']}   peak memory: {m['peak_memory_bytes'] / 2**20:.0f} MiB "
           + (f"(training {train_peak / 2**20:.0f} MiB) " if train_peak is not None else "")
           + f"({m.get('peak_memory_kind', 'kind not recorded')})   time: "
           + (f"{seconds:.1f}s in the tasks, {m.get('setup_seconds', 0):.1f}s setup; " if seconds is not None else "")
           + f"{time.perf_counter() - started:.1f}s since the command started")
     for log in m.get("trajectory_logs", []):
-        print(f"trajectory log: {log} (zeroflow replay {log[:-len('.zft')]}.base.pt {log} --out WEIGHTS)")
-    print(f"run folder: {run_dir}")
+        _say(f"trajectory log: {log} (zeroflow replay {log[:-len('.zft')]}.base.pt {log} --out WEIGHTS)")
+    _say(f"run folder: {run_dir}")
 
 
 def cmd_run(a, started: float) -> int:
@@ -299,7 +310,7 @@ def cmd_sweep(a, started: float) -> int:
     """A run that fails does not stop the others: the table covers the finished runs and the
     failures are listed after it (exit 1). Ctrl-C prints the table of what has finished."""
     from .continual.defaults import RECORDABLE
-    from .continual.errors import ZeroflowError, refuse_empty_path
+    from .continual.errors import OutputClosed, ZeroflowError, refuse_empty_path
     from .continual.report import render_runs
     from .continual.runfolder import RunFolder
     from .continual.runner import RunInterrupted, check_setup, run, warn_stderr
@@ -325,7 +336,7 @@ def cmd_sweep(a, started: float) -> int:
     finished, failed = [], []
     try:
         for n, cfg, d in plan:
-            print(f"== {n} -> {d}", flush=True)
+            _say(f"== {n} -> {d}", flush=True)
             try:
                 m = run(cfg, d, force=a.force, continue_existing=True, progress=not a.no_progress)
             except ZeroflowError as e:
@@ -337,17 +348,21 @@ def cmd_sweep(a, started: float) -> int:
         # RunInterrupted once a run has claimed its folder; a plain KeyboardInterrupt while it
         # sets up (options, data, backbone) or between runs: the same table and advice
         if finished:
-            print(render_runs(finished, [])[0])
+            _say(render_runs(finished, [])[0])
         where = f" in {e.run_dir}" if isinstance(e, RunInterrupted) else ""
         print(f"zeroflow: sweep interrupted{where}; run the same command with --out {parent} to continue "
               f"(finished runs are kept, the interrupted one resumes)", file=sys.stderr)
         return 130
+    except OutputClosed as e:
+        where = f" in {e.run_dir}" if e.run_dir else ""
+        return _output_closed(f"zeroflow: sweep stopped{where}: stdout was closed by its reader; run the same command "
+                              f"with --out {parent} to continue (finished runs are kept, the stopped one resumes)")
     finally:
         sweep_folder.release()
     if finished:
-        print(render_runs(finished, [])[0])
+        _say(render_runs(finished, [])[0])
     if os.path.isdir(parent):        # a sweep whose every run failed before writing leaves none
-        print(f"sweep folder: {parent}")
+        _say(f"sweep folder: {parent}")
     for n, msg in failed:
         print(f"zeroflow: {n} failed: {msg}", file=sys.stderr)
     return 1 if failed else 0
@@ -392,20 +407,44 @@ def cmd_report(a, started: float) -> int:
     if a.output is not None:
         with writing(a.output):
             atomic_write_bytes(a.output, text.encode())
-    print(text)
+    _say(text)
     return 0
 
 
-def _interrupted_message(e) -> str:
-    from .continual.runner import RunInterrupted
-
-    if not isinstance(e, RunInterrupted):
-        return "zeroflow: interrupted"
+def _interrupted_message(e, what: str = "interrupted") -> str:
+    """Where a run stopped (:class:`RunInterrupted`, or :class:`OutputClosed` with a ``run_dir``)
+    and how to continue it."""
+    if getattr(e, "run_dir", None) is None:      # a plain KeyboardInterrupt; the CLI's own output closed
+        return f"zeroflow: {what}"
     if not e.resumable:
-        return f"zeroflow: interrupted during setup; nothing was kept (no run in {e.run_dir})"
+        return f"zeroflow: {what} during setup; nothing was kept (no run in {e.run_dir})"
     done = f"after task {e.completed}/{e.n_tasks}" if e.completed else "before the first task finished"
-    return (f"zeroflow: interrupted {done} (finished tasks are checkpointed in {e.run_dir}); continue with: "
+    return (f"zeroflow: {what} {done} (finished tasks are checkpointed in {e.run_dir}); continue with: "
             f"zeroflow run --resume --out {e.run_dir}")
+
+
+# 128 + SIGPIPE, what a shell reports for a process its pipe's reader ended (as 130 is Ctrl-C's)
+EXIT_OUTPUT_CLOSED = 141
+
+
+def _output_closed(message: str) -> int:
+    """stdout's reader is gone: Python's recipe (docs of the signal module, "Note on SIGPIPE"),
+    stdout onto /dev/null, so that what its buffer still holds is not written again at exit
+    ('Exception ignored ... BrokenPipeError'); the message on stderr (which may be closed too)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):      # not a file (a test's capture): nothing is flushed at exit
+        fd = None
+    if fd is not None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    try:
+        if message:
+            print(message, file=sys.stderr, flush=True)
+    except OSError:     # `2>&1 | head`: nowhere left to say it
+        pass
+    return EXIT_OUTPUT_CLOSED
 
 
 def _terminate_as_interrupt(signum, frame):
@@ -424,7 +463,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.cmd is None:
         p.print_help()
         return 2
-    from .continual.errors import ZeroflowError
+    from .continual.errors import OutputClosed, ZeroflowError
     # SIGTERM (kill, a batch scheduler) ends a run like Ctrl-C: the lock is released, the
     # checkpoint of the last finished task is kept, and the message says how to resume
     previous = None
@@ -432,7 +471,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     group_before = _process_group_up()
     try:
-        return {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report}[a.cmd](a, started)
+        rc = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report}[a.cmd](a, started)
+        try:        # here, not at exit: a reader gone before the last lines is then said as below
+            sys.stdout.flush()
+        except BrokenPipeError as e:
+            raise OutputClosed() from e
+        return rc
+    except OutputClosed as e:
+        # `zeroflow run ... | head -1`: the run stops as on Ctrl-C (checkpoint kept, resume advice
+        # on stderr, from rank 0 only), without a traceback
+        return _output_closed(_interrupted_message(e, "stopped (stdout was closed by its reader)")
+                              if e.rank == 0 else "")
     except ZeroflowError as e:
         print(f"zeroflow: error: {e}", file=sys.stderr)
         return 2

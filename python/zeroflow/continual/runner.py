@@ -34,7 +34,7 @@ import torch.distributed
 from .._atomic import atomic_torch_save, atomic_write, atomic_write_bytes
 from . import metrics as M
 from .defaults import COMMON, flag, lr_entry, validate
-from .errors import WriteFailed, ZeroflowError, refuse_empty_path
+from .errors import OutputClosed, WriteFailed, ZeroflowError, refuse_empty_path
 from .precision import check_run_precision, grad_scaler
 from .runfolder import (CHECKPOINT, CONFIG, METRICS, OPERATIONAL_KEYS, RESULTS_VERSION, TRAJECTORY, UNRECORDED,
                         RunFolder, canonical, config_differences, describe_results_version, inside_refusal,
@@ -71,7 +71,10 @@ def log_stdout(msg: str):
     # flushed line by line: stdout into a file or pipe (`zeroflow run > run.log`) is
     # block-buffered, and a SIGKILL (the OOM killer, a lease's limit) lost the lines of the
     # tasks already finished; a `tail -f` showed none of them while the run went on
-    print(msg, flush=True)
+    try:
+        print(msg, flush=True)
+    except BrokenPipeError as e:    # `zeroflow run ... | head -1`: not a broken pipe of a DataLoader's workers
+        raise OutputClosed() from e
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -557,6 +560,10 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
         return metrics
     except KeyboardInterrupt as e:
         raise RunInterrupted(run_dir, results.completed if results else 0, T, written, rank) from e
+    except OutputClosed as e:
+        # the reader of stdout went away (`zeroflow run ... | head -1`): no error to fix (the warning
+        # below said 'once its cause is fixed' over a traceback); the run stops as on Ctrl-C
+        raise OutputClosed(run_dir, results.completed if results else 0, T, written, rank) from e
     except (UnreadableImage, WriteFailed) as e:
         if not written:
             raise
