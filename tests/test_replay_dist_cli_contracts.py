@@ -347,6 +347,28 @@ def test_a_device_of_the_wrong_type_is_named(small_log, device):
         replay(base, log, device=device)
 
 
+def test_a_backend_that_cannot_replay_here_is_fixed_in_the_caller_s_spelling(tmp_path, small_log, capsys):
+    """`zeroflow replay ... --backend cuda` on cpu said "use backend='auto'", the Python API's
+    spelling, which the command line does not take: it names the flag now (the API its keyword)."""
+    base, log, _, _ = small_log
+    out = str(tmp_path / "w.pt")
+    assert replay_main([base, log, "--out", out, "--device", "cpu", "--backend", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "use --backend auto, or leave --backend out" in err and "backend='auto'" not in err, err
+    with pytest.raises(ReplayError, match=r"use backend='auto' or None"):
+        replay(base, log, device="cpu", backend="cuda")
+
+
+def test_a_run_backend_that_cannot_run_here_names_the_flag_not_the_keyword():
+    """`zeroflow run --device cpu --backend cuda` said "...; use backend='auto'" and, since that
+    advice holds 'auto', not the flag's "(use --backend auto)"."""
+    from zeroflow.continual.errors import ZeroflowError
+    from zeroflow.continual.runner import check_backend
+    with pytest.raises(ZeroflowError) as e:
+        check_backend("cuda", torch.device("cpu"))
+    assert str(e.value).endswith("(use --backend auto)") and "backend='auto'" not in str(e.value), str(e.value)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of cuda where CUDA is not available")
 def test_a_cuda_device_without_cuda_is_named_before_base_is_read(tmp_path, small_log, capsys):
     _, log, _, _ = small_log

@@ -632,7 +632,14 @@ def _replay_target(backend: str | None, device, names: tuple[str, str] = ("backe
         try:
             zfkernels.resolve_backend(backend, dev)
         except (ValueError, RuntimeError) as e:
-            raise ReplayError(f"{names[0]}{backend!r} cannot replay on {dev}: {e}") from None
+            # zfkernels advises the Python API's spelling (use backend='auto'), which `zeroflow
+            # replay` does not take: its user types the flag
+            why = str(e).replace("; use backend='auto'", "")
+            fix = ("" if backend not in zfkernels.BACKENDS else
+                   "; use --backend auto, or leave --backend out" if names[0].startswith("--") else
+                   "; use backend='auto' or None")
+            raise ReplayError(f"{names[0]}{backend!r} cannot replay on {dev}: {why}{fix} (every backend replays the "
+                              f"same bits)") from None
     return dev
 
 

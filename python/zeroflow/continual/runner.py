@@ -116,8 +116,9 @@ def check_backend(backend: Optional[str], device: torch.device) -> None:
     try:
         zfkernels.resolve_backend(backend, device)
     except (ValueError, RuntimeError) as e:
-        hint = "" if "auto" in str(e) else " (use --backend auto)"
-        raise ZeroflowError(f"--backend {backend} cannot run on {device} here: {e}{hint}") from e
+        # zfkernels' advice is the Python API's (use backend='auto'): the CLI's user types the flag
+        why = str(e).replace("; use backend='auto'", "")
+        raise ZeroflowError(f"--backend {backend} cannot run on {device} here: {why} (use --backend auto)") from e
 
 
 def check_backbone(cfg: Dict) -> None:
