@@ -421,6 +421,29 @@ def test_a_fresh_run_neither_loads_nor_keeps_a_backbone_pt_another_run_left(env,
     assert any(v.abs().sum() > 0 for v in written.values())
 
 
+def test_a_corrupt_checkpoint_is_named_in_whole_sentences_with_the_fix_that_works(env, tmp_path, capsys):
+    """A truncated checkpoint.pt: torch's text was cut at 200 characters ("... there is a high
+    likelihood that your checkpoint file is); delete it to restart the run from scratch"), and
+    said neither how to restart. Its first sentence is given now, and the fix, which works: a
+    resume without the checkpoint trains the run again from its first task."""
+    out = tmp_path / "run"
+    rc, _, err = zf(capsys, "run", "--config", env["fast"], "--out", out, "--stop-after", 1, "--no-progress")
+    assert rc == 0, err
+    ck = out / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[:3000])
+    rc, _, err = zf(capsys, "run", "--resume", "--out", out, "--no-progress")
+    assert rc == 2
+    fix = f"; delete it and continue with: zeroflow run --resume --out {out} (the run then trains again from its " \
+          f"first task)\n"
+    assert err.startswith(f"zeroflow: error: checkpoint {ck} is corrupt or unreadable (RuntimeError: ") and \
+        err.endswith(fix), err
+    why = err[len(f"zeroflow: error: checkpoint {ck} is corrupt or unreadable (RuntimeError: "):-len(fix) - 1]
+    assert why.endswith(".") and why.count(". ") == 0, why       # one whole sentence of torch's
+    ck.unlink()
+    rc, stdout, err = zf(capsys, "run", "--resume", "--out", out, "--stop-after", 1, "--no-progress")
+    assert rc == 0 and "task 1/5: accuracy" in stdout, err
+
+
 @pytest.mark.parametrize("damage", ['{"avg": 1,', "{}", "[1, 2]"])
 def test_a_corrupt_metrics_json_is_named_and_can_be_rewritten(env, tmp_path, capsys, damage):
     out = tmp_path / "run"

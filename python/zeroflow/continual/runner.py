@@ -225,11 +225,23 @@ def claim_default_folder(cfg: Dict, warn) -> RunFolder:
         return folder.claim(warn)
 
 
+def _first_sentence(text: str) -> str:
+    """The first sentence of an exception's text (its whole first line if it has no sentence
+    end): torch's "PytorchStreamReader failed reading zip archive: failed finding central
+    directory." goes on with a paragraph of advice, which a cut at 200 characters left mid-word."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    end = re.search(r"[.!?](?=\s)", line)
+    return line[:end.end()] if end else line
+
+
 def load_checkpoint(path: str) -> Dict:
     """The run checkpoint at ``path``, read with ``weights_only=True``: it holds tensors and
     plain data only (dicts, lists, numbers, strings), so a file that needs anything else to
     unpickle was not written by zeroflow and is refused before any of its code can run (a
     full unpickler runs whatever a crafted file names)."""
+    # a resume without checkpoint.pt trains the run again from its first task, in the same folder
+    fix = (f"delete it and continue with: zeroflow run --resume --out {os.path.dirname(path) or '.'} (the run then "
+           f"trains again from its first task)")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -238,17 +250,16 @@ def load_checkpoint(path: str) -> Dict:
         foreign = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if foreign is None:
             raise ZeroflowError(f"checkpoint {path} is corrupt or unreadable (it does not unpickle as a torch.save "
-                                f"file); delete it to restart the run from scratch") from e
+                                f"file); {fix}") from e
         raise ZeroflowError(f"checkpoint {path} holds objects other than tensors and plain data (it names "
                             f"{foreign.group(1)}); a zeroflow checkpoint never does, so this file was not written "
-                            f"by zeroflow run: it is not loaded (loading would run its code); delete it to restart "
-                            f"the run from scratch") from e
+                            f"by zeroflow run: it is not loaded (loading would run its code); {fix}") from e
     except Exception as e:
-        raise ZeroflowError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {str(e)[:200]}); "
-                            f"delete it to restart the run from scratch") from e
+        why = _first_sentence(str(e))
+        raise ZeroflowError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}{': ' + why if why else ''}"
+                            f"); {fix}") from e
     if not isinstance(ck, dict) or ck.get("version") != CKPT_VERSION or "completed" not in ck:
-        raise ZeroflowError(f"checkpoint {path} is not a zeroflow run checkpoint (version {CKPT_VERSION}); "
-                            f"delete it to restart the run")
+        raise ZeroflowError(f"checkpoint {path} is not a zeroflow run checkpoint (version {CKPT_VERSION}); {fix}")
     return ck
 
 
