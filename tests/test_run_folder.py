@@ -405,6 +405,23 @@ def test_resume_of_a_finished_run_prints_a_metrics_json_that_records_only_what_t
     assert "peak memory: 1 MiB (kind not recorded)   time: " in stdout and "in the tasks" not in stdout
 
 
+def test_a_pretraining_cache_that_cannot_be_written_is_said_once(env, tmp_path, capsys, monkeypatch):
+    """$ZEROFLOW_CACHE not writable (read-only, or under a file as here, which root cannot
+    write either): the pretrained small ViT was not cached without a word, and every run
+    pretrained it again. A warning names the folder, the variable and the OSError, once."""
+    from zeroflow.continual import backbones
+    (tmp_path / "file").write_text("")
+    cache = tmp_path / "file" / "cache"
+    monkeypatch.setenv("ZEROFLOW_CACHE", str(cache))
+    monkeypatch.setattr(backbones, "_UNWRITABLE_CACHES", set(), raising=False)   # warned by another test
+    rc, _, err = zf(capsys, "run", "--config", env["fast"], "--out", tmp_path / "a", "--stop-after", 1, "--no-progress")
+    assert rc == 0, err
+    assert f"zeroflow: warning: the pretrained small ViT could not be cached in {cache} ($ZEROFLOW_CACHE): " \
+           f"NotADirectoryError: " in err and "the next run will pretrain it again" in err, err
+    rc, _, err = zf(capsys, "run", "--config", env["fast"], "--out", tmp_path / "b", "--stop-after", 1, "--no-progress")
+    assert rc == 0 and "could not be cached" not in err, err         # once per process (a sweep's runs)
+
+
 def test_a_fresh_run_neither_loads_nor_keeps_a_backbone_pt_another_run_left(env, tmp_path, capsys):
     """Only a resumed run's backbone.pt is its own. A fresh run loaded any backbone.pt it found
     in --out (left by a --force cut short, or by a run whose other files were deleted by hand:

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -236,13 +237,14 @@ def cache_dir() -> str:
 
 
 def pretrain_small_backbone(data, *, vit_cfg: Optional[Dict], epochs: int, lr: float, batch_size: int,
-                            seed: int, device: torch.device, progress: bool = False) -> nn.Module:
+                            seed: int, device: torch.device, progress: bool = False, warn=None) -> nn.Module:
     """The embedded default's "pretrained model": the small ViT trained self-supervised,
     first-order (AdamW, one-cycle lr), on the **unlabeled** training images of the dataset:
     50% of the 2x2 patches are zeroed and the clean image is reconstructed from the CLS
     feature through a small MLP decoder (then discarded). No label and no test image is
-    used. Cached under ``$ZEROFLOW_CACHE`` (default ~/.cache/zeroflow) by its configuration.
-    See docs/continual.md for why not a supervised base session."""
+    used. Cached under ``$ZEROFLOW_CACHE`` (default ~/.cache/zeroflow) by its configuration;
+    ``warn`` (default: a Python warning) says once per process that a cache folder cannot be
+    written. See docs/continual.md for why not a supervised base session."""
     # v=3: the training augmentation is drawn per sample from (seed, epoch, index) since
     # 2026-12-02 (data.SeededDraws): weights cached before were made from other draws
     key_src = json.dumps(dict(v=3, dataset=data.name, n=len(data.train_targets), vit=vit_cfg or {}, small=SMALL_VIT,
@@ -286,6 +288,20 @@ def pretrain_small_backbone(data, *, vit_cfg: Optional[Dict], epochs: int, lr: f
     try:
         os.makedirs(cache_dir(), exist_ok=True)
         atomic_torch_save(vit.state_dict(), path)
-    except OSError:
-        pass
+    except OSError as e:
+        # the run goes on with the weights it has; said, since every later run pretrains again
+        # (a read-only $ZEROFLOW_CACHE or home): once, not for each run of a sweep
+        if cache_dir() not in _UNWRITABLE_CACHES:
+            _UNWRITABLE_CACHES.add(cache_dir())
+            source = "$ZEROFLOW_CACHE" if os.environ.get("ZEROFLOW_CACHE") else "the default of $ZEROFLOW_CACHE"
+            (warn or _warn_python)(f"the pretrained small ViT could not be cached in {cache_dir()} ({source}): "
+                                   f"{type(e).__name__}: {e}; the next run will pretrain it again (set "
+                                   f"ZEROFLOW_CACHE to a writable folder to keep it)")
     return vit
+
+
+_UNWRITABLE_CACHES: set = set()       # cache folders already named in a warning by this process
+
+
+def _warn_python(message: str) -> None:
+    warnings.warn(f"zeroflow: {message}", UserWarning, stacklevel=3)

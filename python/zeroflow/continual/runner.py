@@ -264,9 +264,11 @@ def load_checkpoint(path: str) -> Dict:
 
 
 # ---------------------------------------------------------------- backbone
-def build_network(cfg: Dict, data, device: torch.device, saved_backbone: Optional[str], progress: bool):
+def build_network(cfg: Dict, data, device: torch.device, saved_backbone: Optional[str], progress: bool,
+                  warn=None):
     """The adapted ViT. Small backbone: the run's own ``backbone.pt`` when ``saved_backbone``
-    exists (a resumed run), else pretrained (or taken from the cache); nothing is written."""
+    exists (a resumed run), else pretrained (or taken from the cache, which ``warn`` says if it
+    cannot be written); nothing is written in the run folder."""
     from .backbones import AdaptedViT, build_small_vit, load_timm_vit, pretrain_small_backbone
 
     if cfg["backbone"] == "small":
@@ -280,7 +282,7 @@ def build_network(cfg: Dict, data, device: torch.device, saved_backbone: Optiona
             vit = pretrain_small_backbone(
                 data, vit_cfg=cfg.get("small_vit"), epochs=int(cfg["pretrain_epochs"]),
                 lr=float(cfg["pretrain_lr"]), batch_size=int(cfg["pretrain_batch_size"]), seed=int(cfg["seed"]),
-                device=device, progress=progress)
+                device=device, progress=progress, warn=warn)
     else:
         vit = load_timm_vit(cfg["backbone"], checkpoint=cfg.get("checkpoint"), pretrained=True,
                             model_kwargs=cfg.get("model_kwargs"))
@@ -539,7 +541,7 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
         written = mode == "resume"
         # only a resumed run's backbone.pt is its own: one in a fresh run's folder was left by another run
         net = _shared_network(where, data, device, os.path.join(run_dir, BACKBONE) if written else None, world, main,
-                              progress)
+                              progress, warn)
         learner = make_learner(where, net, device)
         if main and hasattr(learner, "describe"):
             log(learner.describe())
@@ -818,13 +820,13 @@ def _set_threads(cfg: Dict, device: torch.device) -> None:
 
 
 def _shared_network(cfg: Dict, data, device: torch.device, backbone_path: str, world: int, main: bool,
-                    progress: bool):
+                    progress: bool, warn=None):
     """:func:`build_network` on every rank. Under torchrun rank 0 builds (and caches) the
     backbone first, the others then load it; rank 0's weights are then broadcast so that
     every rank runs the identical network."""
     if world > 1 and not main:
         torch.distributed.barrier()
-    net = build_network(cfg, data, device, backbone_path if main else None, progress)
+    net = build_network(cfg, data, device, backbone_path if main else None, progress, warn)
     if world > 1:
         from zeroflow.distributed import broadcast_module_
         if main:
