@@ -562,3 +562,20 @@ def test_an_interrupted_torchrun_job_is_described_by_rank_0_only(tmp_path, monke
         assert f"interrupted after task 2/5 (finished tasks are checkpointed in {tmp_path / 'r'})" in err, err
     else:
         assert err == ""
+
+
+def test_a_sweep_whose_stdout_reader_went_away_says_how_to_continue_it(tmp_path, monkeypatch, capsys):
+    """`zeroflow sweep ... | head -1`: the running run's next line raised BrokenPipeError, a
+    traceback out of the sweep. It stops as on Ctrl-C now: one stderr line, exit 141."""
+    from zeroflow.continual import runner
+    from zeroflow.continual.errors import OutputClosed
+
+    def closed(cfg, out, **kw):
+        raise OutputClosed(out, 1, 5, resumable=True)
+    monkeypatch.setattr(runner, "run", closed)
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--method", "aper", "--optimizers", "zo_sgd", "--epochs", "1", "--out", str(out)]) == 141
+    err = capsys.readouterr().err
+    assert err == (f"zeroflow: sweep stopped in {out / 'aper_zo_sgd_digits'}: stdout was closed by its reader; run "
+                   f"the same command with --out {out} to continue (finished runs are kept, the stopped one "
+                   f"resumes)\n"), err
