@@ -240,11 +240,9 @@ def test_time_run_as_a_script_exits_with_mains_status(tmp_path):
     assert "sass_census --time: stopped (SIGTERM) after 0 of 1 cases" in p.stderr
 
 
-def test_time_killed_outright_keeps_the_rows_it_printed():
-    """A SIGKILL (gpu_check.sh's KILL_AFTER_S after its SIGINT, a lease's limit, the OOM
-    killer) runs no cleanup: with stdout in a pipe or file (block-buffered) the rows of the
-    cases already timed were lost; each row is flushed as it is printed now. The device is
-    faked: the second case's timing sends the SIGKILL."""
+def _time_killed_in(killed_case: str, cases: str) -> str:
+    """stdout (a pipe) of ``sass_census --time --cases CASES`` on a faked device, SIGKILLed
+    (no cleanup runs) while it times ``killed_case``."""
     import signal
     import subprocess
     import sys
@@ -252,47 +250,37 @@ def test_time_killed_outright_keeps_the_rows_it_printed():
 
     from conftest import ROOT, child_env
 
-    code = textwrap.dedent("""
+    code = textwrap.dedent(f"""
         import os, signal, sys, torch
         from benchmarks import sass_census as sc
         torch.cuda.is_available = lambda: True
         torch.cuda.get_device_name = lambda *a: "a test GPU"
         def time_variants(name, numel):
-            if name == "sgd-fp32-gaussian":
+            if name == {killed_case!r}:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return {"copy_ms": 1.0, "variants": {label: {"regs": 32, "compile_s": 0.1, "bit_identical": True,
-                                                         "ms": 1.0, "of_copy": 1.0} for label in sc.VARIANTS}}
+            return {{"copy_ms": 1.0, "variants": {{label: {{"regs": 32, "compile_s": 0.1, "bit_identical": True,
+                                                         "ms": 1.0, "of_copy": 1.0}} for label in sc.VARIANTS}}}}
         sc.time_variants = time_variants
-        sys.exit(sc.main(["--time", "--cases", "perturb-fp32-rademacher,sgd-fp32-gaussian"]))
+        sys.exit(sc.main(["--time", "--cases", {cases!r}]))
     """)
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == -signal.SIGKILL, (p.returncode, p.stdout, p.stderr[-2000:])
-    assert "perturb-fp32-rademacher" in p.stdout and "sgd-fp32-gaussian" not in p.stdout, p.stdout
+    return p.stdout
+
+
+def test_time_killed_outright_keeps_the_rows_it_printed():
+    """A SIGKILL (gpu_check.sh's KILL_AFTER_S after its SIGINT, a lease's limit, the OOM
+    killer) runs no cleanup: with stdout in a pipe or file (block-buffered) the rows of the
+    cases already timed were lost; each row is flushed as it is printed now. The device is
+    faked: the second case's timing sends the SIGKILL."""
+    out = _time_killed_in("sgd-fp32-gaussian", "perturb-fp32-rademacher,sgd-fp32-gaussian")
+    assert "perturb-fp32-rademacher" in out and "sgd-fp32-gaussian" not in out, out
 
 
 def test_time_killed_in_its_first_case_keeps_the_header_it_printed():
     """A SIGKILL while the first case is being timed (its compile can take minutes): the header
     line (Triton version, device, element count) was printed before any row, and with stdout in
     a pipe or file it is lost unless it is flushed itself; the rows' flushes come too late."""
-    import signal
-    import subprocess
-    import sys
-    import textwrap
-
-    from conftest import ROOT, child_env
-
-    code = textwrap.dedent("""
-        import os, signal, sys, torch
-        from benchmarks import sass_census as sc
-        torch.cuda.is_available = lambda: True
-        torch.cuda.get_device_name = lambda *a: "a test GPU"
-        def time_variants(name, numel):
-            os.kill(os.getpid(), signal.SIGKILL)
-        sc.time_variants = time_variants
-        sys.exit(sc.main(["--time", "--cases", "perturb-fp32-rademacher"]))
-    """)
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stdout, p.stderr[-2000:])
-    assert "a test GPU" in p.stdout and "perturb-fp32-rademacher" not in p.stdout, p.stdout
+    out = _time_killed_in("perturb-fp32-rademacher", "perturb-fp32-rademacher")
+    assert "a test GPU" in out and "perturb-fp32-rademacher" not in out, out

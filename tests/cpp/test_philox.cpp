@@ -7,16 +7,7 @@
 #include <cstring>
 #include <string>
 
-static int g_fail = 0;
-#define CHECK(cond, ...)                                           \
-  do {                                                             \
-    if (!(cond)) {                                                 \
-      ++g_fail;                                                    \
-      std::fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                           \
-      std::fprintf(stderr, "\n");                                  \
-    }                                                              \
-  } while (0)
+#include "check.h"  // CHECK, failures()
 
 using zf::Words4;
 
@@ -205,10 +196,7 @@ int main(int argc, char** argv) {
   if (all || which == "mask") test_mask();
   if (all || which == "uniforms") test_uniforms();
   if (all || which == "gaussian") test_gaussian();
-  if (g_fail) {
-    std::fprintf(stderr, "%d check(s) failed\n", g_fail);
-    return 1;
-  }
+  if (failures()) return 1;
   std::printf("ok (%s)\n", which.c_str());
   return 0;
 }

@@ -14,16 +14,7 @@
 #include <thread>
 #include <vector>
 
-static std::atomic<int> g_fail{0};
-#define CHECK(cond, ...)                                                            \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
-      ++g_fail;                                                                     \
-      std::fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                                            \
-      std::fprintf(stderr, "\n");                                                   \
-    }                                                                               \
-  } while (0)
+#include "check.h"  // CHECK, failures()
 
 // Host blocks, never reused (a freed block is poisoned and kept), so that a table read after
 // its free is seen: not live, and its bytes are 0xDD.
@@ -379,6 +370,5 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "unknown test %s\n", which.c_str());
     return 2;
   }
-  if (g_fail) std::fprintf(stderr, "%d check(s) failed\n", g_fail.load());
-  return g_fail ? 1 : 0;
+  return failures();
 }
