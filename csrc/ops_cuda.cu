@@ -65,14 +65,17 @@ void check_cuda_device(TensorList params) {
                     "; all tensors of one call must be on one CUDA device");
 }
 
+// Whether the current stream is being captured into a CUDA graph (torch.cuda.graph).
+bool current_stream_capturing() {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &status));
+  return status != cudaStreamCaptureStatusNone;  // an invalidated capture is still one
+}
+
 // The launch tables' memory for csrc/table_cache.h (which says why each piece is there): the
 // current device and stream (the launcher entered the params' device).
 struct CudaTableMemory {
-  bool capturing() {
-    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-    C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &status));
-    return status != cudaStreamCaptureStatusNone;  // an invalidated capture is still one
-  }
+  bool capturing() { return current_stream_capturing(); }
   void* try_allocate(size_t bytes) {
     void* p = nullptr;
     const cudaError_t err = cudaMalloc(&p, bytes);
@@ -149,7 +152,17 @@ class CudaLauncher {
   CudaTableCache::Handle table(const std::vector<Entry>& entries) {
     return table_cache().get(entries.data(), entries.size() * sizeof(Entry), device_);
   }
-  Tensor host_bytes(int64_t n) { return at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true)); }
+  // q > kInlineQ: the seeds and coefficients are staged in pinned host memory that the call
+  // frees after its copy. A graph would replay that copy from the freed buffer (whatever was
+  // allocated there since), and a pinned allocation may itself be refused under capture:
+  // refused before anything is allocated or written, with the fix.
+  Tensor host_bytes(int64_t n) {
+    TORCH_CHECK(!current_stream_capturing(), "zfkernels: a CUDA graph is being captured (torch.cuda.graph) and this op "
+                "call has more than ", kInlineQ, " query seeds, which travel through a host buffer that a replay "
+                "would read after it is freed; capture calls with q <= ", kInlineQ,
+                " or run this call eagerly");
+    return at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  }
   Tensor to_device(const Tensor& host) { return host.to(at::Device(at::kCUDA, device_), /*non_blocking=*/true); }
 
   // One launch over the table in `c`, on the current stream.

@@ -9,6 +9,8 @@ reads the capture state of the real stream and that a captured graph keeps its t
   also invalidated the capture), writing nothing.
 - After torch's warm-up the captured graph replays bit for bit like eager calls of the CPU
   kernel.
+- A call with more than 16 query seeds is refused during a capture (they go through a host
+  buffer freed after the call, which a replay would read), writing nothing.
 - A table baked into a graph is never evicted: after more layouts than the cache holds
   (1024) went through it, the graph still reads its own table (it used to be freed and its
   address handed to another layout's table, so the replay perturbed with that one's ids)."""
@@ -92,4 +94,32 @@ def test_a_graphs_table_survives_more_layouts_than_the_cache_holds():
     g.replay()
     _perturb(ref, 777_003, "cpu")
     torch.cuda.synchronize()
+    assert torch.equal(x.cpu(), ref)
+
+
+def test_capture_of_a_call_with_more_than_16_queries_is_refused():
+    """q > 16 (kInlineQ) stages the seeds in pinned host memory freed after the call: a graph
+    would replay the copy from the freed buffer. Refused during the capture, nothing written;
+    the same call runs eagerly."""
+    q = 17
+    seeds, coeffs = list(range(1, q + 1)), [1e-3] * q
+    x = _fresh(seed=3).cuda()
+    before = x.clone()
+    s = torch.cuda.Stream()              # warm-up: the layout's table is cached, only q is left to refuse
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        zfkernels.zo_sgd_update_([x], seeds, coeffs, lr=0.0, dist="rademacher", tensor_ids=[777_004], backend="cuda")
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    assert torch.equal(x, before)        # lr 0: the warm-up moved nothing
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="capture calls with q <= 16"):
+        with torch.cuda.graph(g):
+            zfkernels.zo_sgd_update_([x], seeds, coeffs, lr=0.1, dist="rademacher", tensor_ids=[777_004],
+                                     backend="cuda")
+    torch.cuda.synchronize()
+    assert torch.equal(x, before)
+    zfkernels.zo_sgd_update_([x], seeds, coeffs, lr=0.1, dist="rademacher", tensor_ids=[777_004], backend="cuda")
+    ref = before.cpu()
+    zfkernels.zo_sgd_update_([ref], seeds, coeffs, lr=0.1, dist="rademacher", tensor_ids=[777_004], backend="cpu")
     assert torch.equal(x.cpu(), ref)
