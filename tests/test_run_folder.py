@@ -461,6 +461,27 @@ def test_a_corrupt_checkpoint_is_named_in_whole_sentences_with_the_fix_that_work
     assert rc == 0 and "task 1/5: accuracy" in stdout, err
 
 
+def test_a_corrupt_backbone_is_named_with_the_fix_that_works(env, tmp_path, capsys):
+    """A truncated backbone.pt of a resumed run said "is corrupt (RuntimeError); delete it and
+    rerun": neither why nor how to continue. It gives torch's first sentence and the resume
+    command, which works: the small ViT comes again from the cache, the one the run started
+    with, and the run goes on from its checkpoint."""
+    out = tmp_path / "run"
+    rc, _, err = zf(capsys, "run", "--config", env["fast"], "--out", out, "--stop-after", 1, "--no-progress")
+    assert rc == 0, err
+    bb = out / "backbone.pt"
+    bb.write_bytes(bb.read_bytes()[:3000])
+    rc, _, err = zf(capsys, "run", "--resume", "--out", out, "--no-progress")
+    head = f"zeroflow: error: {bb} is corrupt or unreadable (RuntimeError: "
+    fix = f"); delete it and continue with: zeroflow run --resume --out {out} (the small ViT is then pretrained again"
+    assert rc == 2 and err.startswith(head) and fix in err, err
+    why = err[len(head):err.index(fix)]
+    assert why.endswith(".") and why.count(". ") == 0, why       # one whole sentence of torch's
+    bb.unlink()
+    rc, stdout, err = zf(capsys, "run", "--resume", "--out", out, "--stop-after", 2, "--no-progress")
+    assert rc == 0 and "task 2/5: accuracy" in stdout and "task 1/5: accuracy" not in stdout, err
+
+
 @pytest.mark.parametrize("damage", ['{"avg": 1,', "{}", "[1, 2]"])
 def test_a_corrupt_metrics_json_is_named_and_can_be_rewritten(env, tmp_path, capsys, damage):
     out = tmp_path / "run"

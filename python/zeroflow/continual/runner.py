@@ -277,7 +277,14 @@ def build_network(cfg: Dict, data, device: torch.device, saved_backbone: Optiona
             try:
                 vit.load_state_dict(torch.load(saved_backbone, map_location="cpu", weights_only=True))
             except Exception as e:
-                raise ZeroflowError(f"{saved_backbone} is corrupt ({type(e).__name__}); delete it and rerun") from e
+                # without it a resume pretrains the small ViT again (or reads $ZEROFLOW_CACHE) and goes
+                # on only if that is the backbone the run started with (check_identity: its sha256)
+                why, run_dir = _first_sentence(str(e)), os.path.dirname(saved_backbone) or "."
+                raise ZeroflowError(
+                    f"{saved_backbone} is corrupt or unreadable ({type(e).__name__}{': ' + why if why else ''}); "
+                    f"delete it and continue with: zeroflow run --resume --out {run_dir} "
+                    f"(the small ViT is then pretrained again, or read from $ZEROFLOW_CACHE, and the run goes on if it "
+                    f"is the backbone the run started with)") from e
         else:
             vit = pretrain_small_backbone(
                 data, vit_cfg=cfg.get("small_vit"), epochs=int(cfg["pretrain_epochs"]),
