@@ -438,48 +438,37 @@ def test_a_fresh_run_neither_loads_nor_keeps_a_backbone_pt_another_run_left(env,
     assert any(v.abs().sum() > 0 for v in written.values())
 
 
-def test_a_corrupt_checkpoint_is_named_in_whole_sentences_with_the_fix_that_works(env, tmp_path, capsys):
+# (file, what the error calls it, the fix's start, the task a resume then trains first)
+CORRUPT_RUN_FILES = [
+    ("checkpoint.pt", "checkpoint {f}", "the run then trains again from its first task)", 1),
+    ("backbone.pt", "{f}", "the small ViT is then pretrained again, or read from $ZEROFLOW_CACHE", 2),
+]
+
+
+@pytest.mark.parametrize("name, called, then, first_task", CORRUPT_RUN_FILES, ids=[c[0] for c in CORRUPT_RUN_FILES])
+def test_a_corrupt_run_file_is_named_in_whole_sentences_with_the_fix_that_works(env, tmp_path, capsys, name, called,
+                                                                                   then, first_task):
     """A truncated checkpoint.pt: torch's text was cut at 200 characters ("... there is a high
-    likelihood that your checkpoint file is); delete it to restart the run from scratch"), and
-    said neither how to restart. Its first sentence is given now, and the fix, which works: a
-    resume without the checkpoint trains the run again from its first task."""
+    likelihood that your checkpoint file is); delete it to restart the run from scratch"); a
+    truncated backbone.pt said "is corrupt (RuntimeError); delete it and rerun". Neither said
+    how to continue. Each gives torch's first sentence now, and the fix, which works: a resume
+    without the checkpoint trains the run again from its first task; without the backbone it
+    takes the small ViT again (from the cache: the one the run started with) and goes on."""
     out = tmp_path / "run"
     rc, _, err = zf(capsys, "run", "--config", env["fast"], "--out", out, "--stop-after", 1, "--no-progress")
     assert rc == 0, err
-    ck = out / "checkpoint.pt"
-    ck.write_bytes(ck.read_bytes()[:3000])
+    f = out / name
+    f.write_bytes(f.read_bytes()[:3000])
     rc, _, err = zf(capsys, "run", "--resume", "--out", out, "--no-progress")
-    assert rc == 2
-    fix = f"; delete it and continue with: zeroflow run --resume --out {out} (the run then trains again from its " \
-          f"first task)\n"
-    assert err.startswith(f"zeroflow: error: checkpoint {ck} is corrupt or unreadable (RuntimeError: ") and \
-        err.endswith(fix), err
-    why = err[len(f"zeroflow: error: checkpoint {ck} is corrupt or unreadable (RuntimeError: "):-len(fix) - 1]
-    assert why.endswith(".") and why.count(". ") == 0, why       # one whole sentence of torch's
-    ck.unlink()
-    rc, stdout, err = zf(capsys, "run", "--resume", "--out", out, "--stop-after", 1, "--no-progress")
-    assert rc == 0 and "task 1/5: accuracy" in stdout, err
-
-
-def test_a_corrupt_backbone_is_named_with_the_fix_that_works(env, tmp_path, capsys):
-    """A truncated backbone.pt of a resumed run said "is corrupt (RuntimeError); delete it and
-    rerun": neither why nor how to continue. It gives torch's first sentence and the resume
-    command, which works: the small ViT comes again from the cache, the one the run started
-    with, and the run goes on from its checkpoint."""
-    out = tmp_path / "run"
-    rc, _, err = zf(capsys, "run", "--config", env["fast"], "--out", out, "--stop-after", 1, "--no-progress")
-    assert rc == 0, err
-    bb = out / "backbone.pt"
-    bb.write_bytes(bb.read_bytes()[:3000])
-    rc, _, err = zf(capsys, "run", "--resume", "--out", out, "--no-progress")
-    head = f"zeroflow: error: {bb} is corrupt or unreadable (RuntimeError: "
-    fix = f"); delete it and continue with: zeroflow run --resume --out {out} (the small ViT is then pretrained again"
+    head = f"zeroflow: error: {called.format(f=f)} is corrupt or unreadable (RuntimeError: "
+    fix = f"); delete it and continue with: zeroflow run --resume --out {out} ({then}"
     assert rc == 2 and err.startswith(head) and fix in err, err
     why = err[len(head):err.index(fix)]
     assert why.endswith(".") and why.count(". ") == 0, why       # one whole sentence of torch's
-    bb.unlink()
-    rc, stdout, err = zf(capsys, "run", "--resume", "--out", out, "--stop-after", 2, "--no-progress")
-    assert rc == 0 and "task 2/5: accuracy" in stdout and "task 1/5: accuracy" not in stdout, err
+    f.unlink()
+    rc, stdout, err = zf(capsys, "run", "--resume", "--out", out, "--stop-after", first_task, "--no-progress")
+    assert rc == 0 and f"task {first_task}/5: accuracy" in stdout, err
+    assert f"task {first_task - 1}/5: accuracy" not in stdout, stdout
 
 
 @pytest.mark.parametrize("damage", ['{"avg": 1,', "{}", "[1, 2]"])
