@@ -62,6 +62,18 @@ def test_accuracy_from_predictions_per_task():
     assert per == [pytest.approx(100 * 2 / 3), pytest.approx(100 * 1 / 3)]
 
 
+def test_accuracy_from_predictions_is_exact_from_counts():
+    """100 * correct / n in double, exactly as the counts give it (a float32 mean stored 86 of
+    89 as 96.6292142868, off in the 8th digit, and Avg / Last / Fgt with it)."""
+    import torch
+    tgt = torch.tensor([0] * 89 + [1] * 7)
+    pred = tgt.clone()
+    pred[:3] = 1                                  # 86 of task 0's 89 right, all 7 of task 1's
+    overall, per = M.accuracy_from_predictions(pred, tgt, [[0], [1]])
+    assert per == [100.0 * 86 / 89, 100.0]
+    assert overall == 100.0 * 93 / 96
+
+
 def test_class_order_seed_1993_known_prefixes():
     assert class_order(100)[:5] == [68, 56, 78, 8, 23]
     assert class_order(200)[:4] == [168, 136, 51, 9]

@@ -67,16 +67,19 @@ def summarize(curve: Sequence[float], matrix: Matrix) -> dict:
 
 
 def accuracy_from_predictions(pred: torch.Tensor, target: torch.Tensor, tasks: Sequence[Sequence[int]]):
-    """Overall accuracy (%) and per-task accuracies (%) for the tasks whose classes appear."""
+    """Overall accuracy (%) and per-task accuracies (%) for the tasks whose classes appear.
+
+    ``100 * correct / n`` from integer counts, in double: a float32 mean stored 86 of 89 as
+    96.6292142868 instead of 96.6292134831 (the matrix, Avg, Last and Fgt carried the error)."""
     import torch
 
     pred, target = pred.cpu(), target.cpu()
-    overall = 100.0 * float((pred == target).float().mean()) if len(target) else 0.0
+    overall = 100.0 * int((pred == target).sum()) / len(target) if len(target) else 0.0
     per_task = []
     for classes in tasks:
         mask = torch.isin(target, torch.as_tensor(list(classes)))
         n = int(mask.sum())
-        per_task.append(100.0 * float((pred[mask] == target[mask]).float().mean()) if n else None)
+        per_task.append(100.0 * int((pred[mask] == target[mask]).sum()) / n if n else None)
     return overall, per_task
 
 
