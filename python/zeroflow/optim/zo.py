@@ -1501,7 +1501,9 @@ class ZOFusedAdam(_ZOBase):
         o = self._opts(g)
         sts = self._states(ps)
         ms, _ = self._buffers(o, sts, ps, "exp_avg")
-        vs, _ = self._buffers(o, sts, ps, "exp_avg_sq")
+        vs, fresh = self._buffers(o, sts, ps, "exp_avg_sq")
+        if fresh and any(v.dtype == torch.float16 for v in vs):
+            self._warn_fp16_v(o)
         hist, h_init = self._history(o, sts, ps)
         t = int(sts[0].get("step", 0)) + 1
         dist, thr = self._stream(g)
@@ -1516,6 +1518,25 @@ class ZOFusedAdam(_ZOBase):
         )
         for st in sts:
             st["step"] = t
+
+    def _warn_fp16_v(self, o: dict) -> None:
+        """Warn once per optimizer when v is created in float16 (float16 parameters, state_dtype
+        "param"): (1 - beta2) g^2 rounds to 0 there for a small |g| while m = (1 - beta1) g does
+        not, and such a coordinate's update lr/bc1 m / (0 + eps) is lr |g| / eps at the first
+        step. An audit's tiny fp16 Llama (ZO-Adam, lr 1e-4, eps 1e-8): weights moved by up to 52
+        in one step and the loss went from 4.9 to 9. A ZO estimate g = c z is that small on many
+        coordinates (every Gaussian z near 0, every step with a small loss difference)."""
+        beta2, eps = float(o["betas"][1]), float(o["eps"])
+        # below this |g|, fp32((1 - beta2) g^2) is at most half float16's smallest subnormal 2^-24
+        small = math.sqrt(2.0 ** -25 / (1.0 - beta2))
+        self._warn_once(
+            "fp16_v",
+            f"{type(self).__name__}: Adam's v (exp_avg_sq) is float16, as the float16 parameters are "
+            f"(state_dtype='param'); there (1 - beta2) g^2 rounds to 0 for |g| below {small:.2g} (beta2={beta2:g}) "
+            f"while m does not, and such a coordinate moves by up to lr * |g| / eps ({small / eps:.2g} * lr at "
+            f"eps={eps:g}) instead of about lr. A zeroth-order estimate is that small on many coordinates, so the "
+            "model diverges. Pass state_dtype='float32' (m and v in float32, 8 bytes per parameter; bfloat16 "
+            "parameters do not need it for this: bfloat16 has float32's range)")
 
     def _move(self, a, b, seeds, d, mask_seed):
         """Conserve: move theta0 + a*Delta -> theta0 + b*Delta along the stored Adam
