@@ -1,11 +1,12 @@
 """What a MeZO-style user (a language model fine-tuned in bf16 / fp16 with ZOFusedSGD /
 ZOFusedAdam, docs/algorithms.md §0, §7, §11) runs into, on tiny CPU stand-ins."""
+import contextlib
 import warnings
 
 import pytest
 import torch
 
-from zeroflow.optim import ZOFusedAdam
+from zeroflow.optim import ZOFusedAdam, create
 
 
 def _flat_fp16_run(dtype, **kw):
@@ -38,3 +39,38 @@ def test_zo_adam_warns_once_that_float16_v_underflows_and_names_state_dtype():
         for _ in range(3):
             opt.step(lambda: (w.float() + v.float()).sum())
     assert sum("exp_avg_sq) is float16" in str(x.message) for x in seen) == 1
+
+
+def test_forward_grad_names_inference_mode_in_the_closure_and_the_fix():
+    # MeZO-style closures run the forward under torch.inference_mode(); the ZO estimators take
+    # it, forward_grad's jvp cannot, and torch said only "Cannot set version_counter for
+    # inference tensor"
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 1)
+    x = torch.randn(8, 4)
+    start = [p.detach().clone() for p in lin.parameters()]
+
+    def closure():
+        with torch.inference_mode():
+            return lin(x).pow(2).mean()
+
+    opt = create("forward_grad", lin.parameters(), model=lin, lr=1e-2, seed=1)
+    with pytest.raises(RuntimeError, match="inference tensor") as e:
+        opt.step(closure)
+    note = " ".join(getattr(e.value, "__notes__", []))
+    assert "torch.inference_mode() inside the closure" in note and "torch.no_grad()" in note
+    assert all(torch.equal(p, s) for p, s in zip(lin.parameters(), start))
+    # the fix the note gives: the same directional derivative as a closure without a context
+    d = []
+    for ctx in (torch.no_grad, contextlib.nullcontext):
+        opt = create("forward_grad", lin.parameters(), model=lin, lr=0.0, seed=1)
+
+        def closure_with(ctx=ctx):
+            with ctx():
+                return lin(x).pow(2).mean()
+
+        opt.step(closure_with)
+        d.append(opt.last_projected)
+    assert d[0] == d[1] and d[0][0] != 0.0
+    # and the finite-difference estimators take inference_mode as it is
+    assert torch.isfinite(create("zo_sgd", lin.parameters(), lr=1e-2).step(closure))

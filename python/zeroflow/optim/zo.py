@@ -139,6 +139,14 @@ def _forward_ad_context():
                          "(torch.func.jvp), which refuses an in-place write to a tensor the closure did not "
                          "receive: BatchNorm in train mode updates its running statistics so; put the model "
                          "(or its BatchNorm layers) in eval mode (model.eval()) for forward_grad steps")
+        elif "inference tensor" in str(e):
+            # the closure ran its forward under torch.inference_mode(), as MeZO-style closures do
+            # (fine for the finite-difference estimators): the jvp's wrapped tensors cannot pass
+            # through it, and torch said only "Cannot set version_counter for inference tensor"
+            _add_note(e, "zeroflow: estimator='forward_grad' runs the closure under forward-mode AD "
+                         "(torch.func.jvp), which cannot run through torch.inference_mode() inside the "
+                         "closure; drop it there, or use torch.no_grad() instead (the step builds no autograd "
+                         "graph either way). The ZO estimators (two_side, one_side) take inference_mode")
         elif re.search(r"forward[- ]?(mode )?AD|\bjvp\b", str(e), re.IGNORECASE):
             _add_note(e, "zeroflow: estimator='forward_grad' runs the closure under forward-mode AD "
                          "(torch.func.jvp), and an op or autograd.Function of this model cannot run there; "
