@@ -74,3 +74,11 @@ def test_forward_grad_names_inference_mode_in_the_closure_and_the_fix():
     assert d[0] == d[1] and d[0][0] != 0.0
     # and the finite-difference estimators take inference_mode as it is
     assert torch.isfinite(create("zo_sgd", lin.parameters(), lr=1e-2).step(closure))
+
+
+def test_a_wholly_frozen_model_is_refused_with_the_fix():
+    # forward-only training invites model.requires_grad_(False); the optimizer trains only
+    # parameters that require grad, and the error said what was missing but not what to do
+    model = torch.nn.Linear(4, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match=r"no parameter with requires_grad=True.*requires_grad_\(True\).*no_grad"):
+        create("zo_sgd", model.parameters(), lr=1e-3)

@@ -456,7 +456,14 @@ class _ZOBase(torch.optim.Optimizer):
         self._updating = self._eval_raised = False  # in step(): which phase an exception came from
         super().__init__(params, defaults)
         if not any(g["params"] for g in self.param_groups):
-            raise ValueError("no parameter with requires_grad=True was given to the optimizer")
+            # a forward-only user may freeze the whole model (model.requires_grad_(False)) to keep
+            # autograd out; the error said what was missing, not that the optimizer trains only
+            # the parameters that require grad, nor that requiring grad costs a ZO step nothing
+            raise ValueError(
+                "no parameter with requires_grad=True was given to the optimizer: it trains only those (frozen "
+                "ones are ignored, docs/algorithms.md §0). Set requires_grad=True on the parameters to train "
+                "before building it (e.g. model.requires_grad_(True)); a ZO step runs its forwards under "
+                "torch.no_grad(), so no autograd graph is built for them")
         self._fg_wrapper = _ClosureModule(model) if estimator == "forward_grad" else None
         if self._fg_wrapper is not None:
             self._fg_name_params([p for g in self.param_groups for p in g["params"]])
