@@ -1462,7 +1462,9 @@ class ZOFusedAdam(_ZOBase):
     bf16 (the default, torch.optim's rule) lose every update of v below half a bf16 ulp: with
     beta2 = 0.999, v stops following a gradient scale that falls (an audit: v stuck at 0.74
     from step 1000 to 3000 where float32 state went from 0.60 to 0.09, steps ~3x too small).
-    Pass ``state_dtype="float32"`` (twice the state memory of bf16)."""
+    Pass ``state_dtype="float32"`` (twice the state memory of bf16). In fp16, v underflows to 0
+    for estimates below ~5.5e-3 and those coordinates move by lr |g| / eps: float32 state is
+    needed there (the optimizer warns, docs/algorithms.md §8)."""
 
     _kind = "adam"
 
