@@ -82,3 +82,75 @@ def test_a_wholly_frozen_model_is_refused_with_the_fix():
     model = torch.nn.Linear(4, 2).requires_grad_(False)
     with pytest.raises(ValueError, match=r"no parameter with requires_grad=True.*requires_grad_\(True\).*no_grad"):
         create("zo_sgd", model.parameters(), lr=1e-3)
+
+
+def _tiny_llama(seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+class _LoRA(torch.nn.Module):
+    def __init__(self, base: torch.nn.Linear):
+        super().__init__()
+        self.base = base
+        self.A = torch.nn.Parameter((torch.randn(4, base.in_features) * 0.1).to(base.weight.dtype))
+        self.B = torch.nn.Parameter(torch.zeros(base.out_features, 4, dtype=base.weight.dtype))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.t()) @ self.B.t()
+
+
+@pytest.mark.parametrize("name,kw", [("zo_sgd", {}), ("zo_adam", {"state_dtype": "float32"})])
+def test_a_mezo_style_bf16_run_resumes_bit_for_bit(name, kw):
+    """bf16 tied-embedding Llama, the usual no-decay groups over named_parameters(), a LoRA group
+    added after the build, stochastic rounding, transformers' warmup schedule, and a
+    torch.save / torch.load of model, optimizer and scheduler in the middle of the run."""
+    pytest.importorskip("transformers")
+    import io
+
+    from transformers import get_linear_schedule_with_warmup
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def build(seed):
+        model = _tiny_llama(seed)
+        named = list(model.named_parameters())
+        groups = [{"params": [(n, p) for n, p in named if "norm" not in n], "weight_decay": 0.01},
+                  {"params": [(n, p) for n, p in named if "norm" in n], "weight_decay": 0.0}]
+        opt = create(name, groups, lr=1e-3, zo_eps=2.0 ** -8, perturbation="rademacher", stochastic_rounding=True,
+                     seed=7, **kw)
+        torch.manual_seed(seed + 1)
+        attn = model.model.layers[0].self_attn
+        attn.q_proj = _LoRA(attn.q_proj)
+        opt.add_param_group({"params": [("lora.A", attn.q_proj.A), ("lora.B", attn.q_proj.B)], "weight_decay": 0.0})
+        return model, opt, get_linear_schedule_with_warmup(opt, 2, 8)
+
+    def run(resume_at=None):
+        model, opt, sched = build(0)
+        losses = []
+        for i in range(6):
+            if i == resume_at:
+                buf = io.BytesIO()
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+                buf.seek(0)
+                saved = torch.load(buf)
+                model, opt, sched = build(1)       # other weights, overwritten by the load
+                model.load_state_dict(saved["model"])
+                opt.load_state_dict(saved["opt"])
+                sched.load_state_dict(saved["sched"])
+            losses.append(float(opt.step(lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss)))
+            sched.step()
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        return losses, [p.detach().clone() for p in model.parameters()]
+
+    straight, resumed = run(), run(resume_at=3)
+    assert straight[0] == resumed[0]
+    assert all(torch.equal(a, b) for a, b in zip(straight[1], resumed[1]))
+    # it trained: the (tied) embedding, the first parameter, moved
+    assert not torch.equal(straight[1][0], _tiny_llama(0).model.embed_tokens.weight)
