@@ -30,15 +30,22 @@ def test_zo_adam_warns_once_that_float16_v_underflows_and_names_state_dtype():
         warnings.simplefilter("error")
         assert _flat_fp16_run(torch.float16, state_dtype="float32") <= 2 * 1e-3
         assert _flat_fp16_run(torch.bfloat16) <= 2 * 1e-3    # bf16 has float32's range: v does not underflow
-    # once per optimizer, not per step or per group
+    # once per optimizer (not per step or per group), when it is built: before a step moved anything
     w = torch.nn.Parameter(torch.zeros(8, dtype=torch.float16))
     v = torch.nn.Parameter(torch.zeros(8, dtype=torch.float16))
-    opt = ZOFusedAdam([{"params": [w]}, {"params": [v]}], lr=1e-3)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
+        opt = ZOFusedAdam([{"params": [w]}, {"params": [v]}], lr=1e-3)
+        assert len(seen) == 1 and "exp_avg_sq) is float16" in str(seen[0].message)
         for _ in range(3):
             opt.step(lambda: (w.float() + v.float()).sum())
-    assert sum("exp_avg_sq) is float16" in str(x.message) for x in seen) == 1
+    assert len(seen) == 1
+    # a model made float16 after the optimizer was built: said when v is created
+    w = torch.nn.Parameter(torch.zeros(8))
+    opt = ZOFusedAdam([w], lr=1e-3)
+    w.data = w.data.half()
+    with pytest.warns(RuntimeWarning, match=r"exp_avg_sq\) is float16"):
+        opt.step(lambda: w.float().sum())
 
 
 def test_forward_grad_names_inference_mode_in_the_closure_and_the_fix():

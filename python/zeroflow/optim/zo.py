@@ -1513,6 +1513,12 @@ class ZOFusedAdam(_ZOBase):
                         state_dtype=state_dtype)
         super().__init__(params, defaults, q=q, estimator=estimator, conserve=conserve,
                          sparse_resample=sparse_resample, seed=seed, backend=backend, model=model)
+        # said before the first step runs (and, under a warnings filter that raises, before it
+        # moves anything); a parameter that becomes float16 later is found when its v is created
+        for g in self.param_groups:
+            if g["state_dtype"] == "param" and any(p.dtype == torch.float16 for p in g["params"]):
+                self._warn_fp16_v(g)
+                break
 
     def _update(self, g, ps, ids, b, seeds, coeffs, mask_seed, *, restore_seed, restore_scale, lr_mult):
         o = self._opts(g)
