@@ -528,22 +528,60 @@ def test_a_fresh_digits_run_names_the_data_options_it_ignores(tmp_path, capsys):
     assert "zeroflow: warning: ignoring --data-root /data: the digits data ships with scikit-learn" in err, err
 
 
-def test_sweep_under_torchrun_with_several_processes_is_refused_before_anything(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sweep_under_torchrun_with_several_processes_is_refused_before_anything(tmp_path, monkeypatch, capsys,
+                                                                                 rank):
     """torchrun --nproc-per-node 2 -m zeroflow sweep: every rank claimed the sweep folder, all but
     one were refused as 'in use by pid ...' (their sibling), and the last waited in its first
     collective until torchrun killed it, leaving a stale lock. Refused on every rank now, before
-    any folder, lock or process group, saying how to run the optimizers data-parallel."""
+    any folder, lock or process group, saying how to run the optimizers data-parallel (rank 0
+    says it; the other ranks exit alike, silently)."""
     import torch.distributed as dist
-    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", "2")
     for var in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     out = tmp_path / "sweep"
     assert main(["sweep", "--method", "aper", "--optimizers", "zo_sgd", "--epochs", "0", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "zeroflow: error: zeroflow sweep does not run under torchrun with several processes (WORLD_SIZE=2)" in err
-    assert "-m zeroflow run --optimizer NAME" in err, err
+    if rank == 0:
+        assert "zeroflow: error: zeroflow sweep does not run under torchrun with several processes (WORLD_SIZE=2)" \
+            in err
+        assert "-m zeroflow run --optimizer NAME" in err, err
+    else:
+        assert err == ""
     assert not out.exists() and not dist.is_initialized()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("argv, said", [
+    (["--epochs=-1"], "zeroflow: error: --epochs must be >= 0 (got -1)"),      # defaults.resolve
+    (["--resume"], "zeroflow: error: --resume needs --out RUN_FOLDER"),      # runner._check_run_flags
+])
+def test_a_refused_option_under_torchrun_is_said_by_rank_0_only(tmp_path, monkeypatch, capsys, rank, argv, said):
+    """torchrun --nproc-per-node 8 -m zeroflow run --epochs 0 printed the same refusal 8 times:
+    every rank gets the same command line, so every rank refuses it alike. Rank 0 says it; the
+    others exit 2 without a word (before any process group: none is made)."""
+    import torch.distributed as dist
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["run", "--dataset", "digits", *argv]) == 2
+    err = capsys.readouterr().err
+    if rank == 0:
+        assert err.startswith(said) and len(err.splitlines()) == 1, err
+    else:
+        assert err == ""
+    assert not dist.is_initialized()
+
+
+def test_an_error_of_this_rank_s_own_files_is_said_by_every_rank(tmp_path, monkeypatch, capsys):
+    """A --config file that a rank does not find (another node's disk) is that rank's error: it
+    is said there, not left to rank 0, which may have found its own."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    missing = tmp_path / "missing.yaml"
+    assert main(["run", "--config", str(missing)]) == 2
+    assert capsys.readouterr().err == f"zeroflow: error: --config {missing}: no such file\n"
 
 
 @pytest.mark.parametrize("rank", [0, 1])

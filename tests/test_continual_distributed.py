@@ -64,6 +64,56 @@ def _launch(world, out, cache, result_dir, **cfg_over):
     return out
 
 
+def _refusing_worker(rank, world, port, refusing, result_dir):
+    """A run whose setup checks (here check_backend) refuse it on the ranks in ``refusing``."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from zeroflow.continual import runner
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.errors import ZeroflowError
+
+    def check_backend(backend, device):
+        if rank in refusing:
+            raise ZeroflowError("--backend cpu cannot run here")
+    runner.check_backend = check_backend
+    try:
+        runner.run(resolve(dict(CFG)), os.path.join(result_dir, "out"), progress=False, log=lambda *a: None)
+        res = {}
+    except ZeroflowError as e:
+        res = {"error": str(e), "every_rank": e.every_rank}
+    with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(res, f)
+    if dist.is_initialized():
+        dist.barrier()
+        os._exit(0)
+
+
+@pytest.mark.parametrize("refusing", [(0, 1), (1,), (0,)])
+def test_a_setup_refusal_is_said_once_when_every_rank_hit_it_and_by_its_ranks_otherwise(tmp_path, refusing):
+    """torchrun ... zeroflow run whose backend, device, weights or data every rank refused printed
+    the refusal once per rank. The ranks now compare their refusals (one all_gather): the same on
+    every rank is every_rank (the CLI prints it on rank 0 only); one that only some ranks hit stays
+    theirs to print, and a rank that hit none stops too, rank 0 naming the ranks that refused."""
+    os.makedirs(tmp_path, exist_ok=True)
+    store = _agent_store()
+    mp.start_processes(_refusing_worker, args=(2, store.port, refusing, str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    del store
+    res = []
+    for r in range(2):
+        with open(tmp_path / f"rank{r}.json") as f:
+            res.append(json.load(f))
+    for r in range(2):
+        if r in refusing:
+            assert res[r] == {"error": "--backend cpu cannot run here", "every_rank": len(refusing) == 2}, res
+        else:
+            assert res[r] == {"error": f"rank(s) {1 - r} of this torchrun job refused the run (their message is "
+                                       f"above); every rank stops", "every_rank": True}, res
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("cl_dist")

@@ -319,10 +319,12 @@ def cmd_sweep(a, started: float) -> int:
     if "RANK" in os.environ and world != "1":
         # every rank claimed the sweep folder: all but one were refused ('in use by pid ...', their
         # sibling) and the one left waited in its first collective until torchrun killed it
-        raise ZeroflowError(f"zeroflow sweep does not run under torchrun with several processes (WORLD_SIZE={world}): "
+        e = ZeroflowError(f"zeroflow sweep does not run under torchrun with several processes (WORLD_SIZE={world}): "
                             f"run each optimizer data-parallel with torchrun ... -m zeroflow run --optimizer NAME "
                             f"--out DIR/<method>_<NAME>_<dataset>, then zeroflow report DIR (a zeroflow sweep "
                             f"--out DIR in one process takes those runs as they are)")
+        e.every_rank = True
+        raise e
     refuse_empty_path(a.out, "--out", "give the folder the sweep's runs go into, or leave --out out for a fresh "
                                       "runs/sweep_<time>")
     names = _sweep_optimizers(a.optimizers)
@@ -463,7 +465,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.cmd is None:
         p.print_help()
         return 2
-    from .continual.errors import OutputClosed, ZeroflowError
+    from .continual.errors import OutputClosed, ZeroflowError, torchrun_rank
     # SIGTERM (kill, a batch scheduler) ends a run like Ctrl-C: the lock is released, the
     # checkpoint of the last finished task is kept, and the message says how to resume
     previous = None
@@ -483,7 +485,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _output_closed(_interrupted_message(e, "stopped (stdout was closed by its reader)")
                               if e.rank == 0 else "")
     except ZeroflowError as e:
-        print(f"zeroflow: error: {e}", file=sys.stderr)
+        # under torchrun an error every rank raised alike (a refused option) is said by rank 0
+        # alone, not once per rank; the other ranks end with the same exit code, silently
+        # (torchrun's summary lists them); one only some ranks hit is said by each of them
+        if not (e.every_rank and torchrun_rank() != 0):
+            print(f"zeroflow: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         # under torchrun only rank 0 says where the run stopped: another rank, which writes

@@ -22,7 +22,7 @@ import math
 import os
 from typing import Any, Dict, Optional
 
-from .errors import ZeroflowError
+from .errors import ZeroflowError, the_same_on_every_rank
 
 METHODS = ("ease", "aper")
 DATASETS = ("digits", "cifar100", "cub", "imagenet-a", "omnibenchmark")
@@ -462,7 +462,13 @@ def resolve(overrides: Dict[str, Any], config_file: Optional[str] = None, warn=N
     """Full, checked run configuration: defaults(dataset, method) < config file < overrides (non-None).
     ``warn(message)``: told when the flags name another dataset or method than the config file
     while the file's options of its own dataset or method still apply (:func:`carried_over`)."""
-    file_cfg = load_config_file(config_file) if config_file else {}
+    file_cfg = load_config_file(config_file) if config_file else {}     # a file: another node may lack it
+    with the_same_on_every_rank():      # the options: every rank of a torchrun job gets them alike
+        return _resolved(file_cfg, overrides, config_file, warn)
+
+
+def _resolved(file_cfg: Dict[str, Any], overrides: Dict[str, Any], config_file: Optional[str], warn) -> Dict[str, Any]:
+    """:func:`resolve` once the configuration file is read."""
     over = {k: v for k, v in overrides.items() if v is not None}
     names = {k: f"{k} in {config_file}" for k in file_cfg} | {k: flag(k) for k in over}
     dataset = over.get("dataset", file_cfg.get("dataset", COMMON["dataset"]))

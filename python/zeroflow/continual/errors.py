@@ -1,11 +1,38 @@
 """The one exception type the CLI turns into a clean one-line error, and the few it says
 more of."""
 import errno
+import os
+from contextlib import contextmanager
 from typing import Optional
 
 
 class ZeroflowError(RuntimeError):
-    """A user-facing error: bad option, missing data or weights, corrupt checkpoint."""
+    """A user-facing error: bad option, missing data or weights, corrupt checkpoint.
+    ``every_rank``: under torchrun, every rank raises it with the same text (a refused option,
+    which every rank gets alike, or a refusal rank 0 broadcast); the CLI prints it on rank 0
+    only. False (the default): only this rank may have hit it, so this rank says it."""
+
+    every_rank = False
+
+
+@contextmanager
+def the_same_on_every_rank():
+    """A ZeroflowError raised inside is one every rank of a torchrun job raises identically:
+    the checks of the options alone (torchrun starts every rank with the same command line),
+    not of files or devices, which another node may see differently."""
+    try:
+        yield
+    except ZeroflowError as e:
+        e.every_rank = True
+        raise
+
+
+def torchrun_rank() -> int:
+    """This process's rank in a torchrun job (0 outside one)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 class WriteFailed(ZeroflowError):

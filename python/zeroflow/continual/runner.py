@@ -34,7 +34,7 @@ import torch.distributed
 from .._atomic import atomic_torch_save, atomic_write, atomic_write_bytes
 from . import metrics as M
 from .defaults import COMMON, flag, lr_entry, validate
-from .errors import OutputClosed, WriteFailed, ZeroflowError, refuse_empty_path
+from .errors import OutputClosed, WriteFailed, ZeroflowError, refuse_empty_path, the_same_on_every_rank
 from .precision import check_run_precision, grad_scaler
 from .runfolder import (CHECKPOINT, CONFIG, METRICS, OPERATIONAL_KEYS, RESULTS_VERSION, TRAJECTORY, UNRECORDED,
                         RunFolder, canonical, config_differences, describe_results_version, inside_refusal,
@@ -195,10 +195,11 @@ def distributed_setup(cfg: Dict):
     got = init_from_env()
     if got is None:
         return None
-    if str(cfg.get("optimizer", "")).startswith("fo_"):
-        raise ZeroflowError(f"--optimizer {cfg['optimizer']} under torchrun: data-parallel runs exchange only ZO "
-                            "loss scalars, so they need a forward-pass optimizer (zo_* or forward_grad, optionally "
-                            "with --hybrid-switch); run first-order baselines in a single process")
+    with the_same_on_every_rank():      # the option, which every rank gets alike
+        if str(cfg.get("optimizer", "")).startswith("fo_"):
+            raise ZeroflowError(f"--optimizer {cfg['optimizer']} under torchrun: data-parallel runs exchange only "
+                                "ZO loss scalars, so they need a forward-pass optimizer (zo_* or forward_grad, "
+                                "optionally with --hybrid-switch); run first-order baselines in a single process")
     return got
 
 
@@ -460,7 +461,35 @@ def _on_rank0(world: int, main: bool, fn: Callable):
         torch.distributed.broadcast_object_list(box, src=0)
         result, error = box
         if error is not None:
-            raise ZeroflowError(error)
+            with the_same_on_every_rank():      # rank 0's text, on every rank
+                raise ZeroflowError(error)
+    return result
+
+
+def _agreed(world: int, fn: Callable):
+    """``fn()`` on every rank; under a torchrun group, the ranks then tell each other whether
+    it refused the run (one all_gather of the texts), so that an error every rank hit alike is
+    said once (rank 0; ``every_rank``), one that some ranks hit is said by those ranks, and a
+    rank that hit none stops too (rank 0 names the ranks that refused; no rank is left waiting
+    in a later collective for ranks that gave up)."""
+    result, error = None, None
+    try:
+        result = fn()
+    except ZeroflowError as e:
+        if world == 1 or not torch.distributed.is_initialized():
+            raise
+        error = e
+    if world > 1 and torch.distributed.is_initialized():
+        texts = [None] * world
+        torch.distributed.all_gather_object(texts, None if error is None else str(error))
+        failed = [r for r, text in enumerate(texts) if text is not None]
+        if error is not None:
+            error.every_rank = len(failed) == world and len(set(texts)) == 1
+            raise error
+        if failed:
+            with the_same_on_every_rank():
+                raise ZeroflowError(f"rank(s) {', '.join(map(str, failed))} of this torchrun job refused the run "
+                                    f"(their message is above); every rank stops")
     return result
 
 
@@ -499,14 +528,16 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
     from .data import UnreadableImage
 
     t_start = time.perf_counter()
-    _check_run_flags(out, resume=resume, force=force, stop_after=stop_after)
+    with the_same_on_every_rank():      # the command line, which every rank of a torchrun job gets alike
+        _check_run_flags(out, resume=resume, force=force, stop_after=stop_after)
     above = run_above(out or "runs")        # no --out: runs/<time>_... (below the current folder)
     if above:       # before the claim, which would create the folders up to --out
         raise ZeroflowError(inside_refusal(out or "runs", above))
     if resume:
         cfg, located = resumed_config(out, cfg, warn, names)
     else:
-        cfg = validate(cfg)
+        with the_same_on_every_rank():
+            cfg = validate(cfg)
         located = {k: cfg.get(k) for k in LOCATIONS}
     device_name = located["device"]
     # the configuration, with where its device, data and weights are now and how the data is loaded
@@ -516,15 +547,21 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
     main = rank == 0     # only rank 0 writes files and logs; every rank trains and evaluates
     if not main:
         log, warn, progress = _silent, _silent, False
-    device = _run_device(device_name, world)
-    check_backend(cfg.get("backend"), device)
-    check_backbone(where)
-    check_run_precision(cfg, device, warn)
-    _set_threads(cfg, device)
-    seed_everything(int(cfg["seed"]))
-    data = load_run_data(where, warn)
-    if world > 1:
-        check_shards(cfg, data, world)
+
+    def checks():
+        # what each rank sees for itself (its device, files, data): another node may see it otherwise
+        device = _run_device(device_name, world)
+        check_backend(cfg.get("backend"), device)
+        check_backbone(where)
+        check_run_precision(cfg, device, warn)
+        _set_threads(cfg, device)
+        seed_everything(int(cfg["seed"]))
+        data = load_run_data(where, warn)
+        if world > 1:
+            check_shards(cfg, data, world)
+        return device, data
+
+    device, data = _agreed(world, checks)
 
     folder = None
 
