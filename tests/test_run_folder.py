@@ -152,6 +152,39 @@ def test_a_report_whose_stdout_reader_went_away_ends_without_a_traceback(tmp_pat
     assert stderr == "zeroflow: stopped (stdout was closed by its reader)\n", stderr
 
 
+@pytest.mark.parametrize("args, left", [
+    # resolve's warning, the first thing written: a BrokenPipeError traceback (exit 1)
+    (["run", "--dataset", "digits", "--data-root", "elsewhere", "--epochs", "0", "--no-progress"], False),
+    # the refusal itself could not be said: a traceback in main's handler (exit 1)
+    (["run", "--dataset", "digits", "--epochs=-1"], False),
+    # report's 'skipped' line on stderr (a damaged run), before its table
+    (["report"], True),
+])
+def test_a_closed_pipe_of_stdout_and_stderr_ends_the_command_as_a_closed_stdout_does(tmp_path, args, left):
+    """`zeroflow run ... 2>&1 | head -3`: stderr is the pipe stdout is, and a warning or error
+    written after its reader went away raised BrokenPipeError, a traceback nobody can read and
+    exit 1. Every write to the closed pipe ends the command alike now: exit 141, nothing written
+    at exit ('Exception ignored ...', exit 120), and no run folder left behind."""
+    out = tmp_path / "out"
+    if left:
+        (tmp_path / "runs" / "damaged").mkdir(parents=True)
+        (tmp_path / "runs" / "damaged" / "config.json").write_text("{")
+        args = [*args, str(tmp_path / "runs")]
+    else:
+        args = [*args, "--out", str(out)]
+    read, write = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline(); from zeroflow.cli import "
+                             "main; sys.exit(main(sys.argv[1:]))", *args], text=True, stdin=subprocess.PIPE,
+                            stdout=write, stderr=write, cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "python"), ROOT])))
+    os.close(write)
+    os.close(read)          # the reader is gone before anything is written: deterministic
+    proc.stdin.write("go\n")
+    proc.stdin.close()
+    assert proc.wait(timeout=300) == 141
+    assert not out.exists()
+
+
 def test_a_run_killed_outright_keeps_the_lines_of_its_finished_tasks(env, tmp_path):
     """`zeroflow run ... > run.log` then a SIGKILL (the OOM killer, a lease's limit): the
     "task 1/5: accuracy ..." line of the task it had finished never reached the file (stdout

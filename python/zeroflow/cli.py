@@ -178,6 +178,17 @@ def _say(*args, **kw):
         raise OutputClosed() from e
 
 
+def _tell(*args, **kw):
+    """``print`` to stderr; its reader gone (``zeroflow run ... 2>&1 | head -3``: stderr is the
+    same pipe as stdout) is :class:`OutputClosed`, as stdout's is (:func:`_say`), not a traceback."""
+    from .continual.errors import OutputClosed
+
+    try:
+        print(*args, file=sys.stderr, flush=True, **kw)
+    except BrokenPipeError as e:
+        raise OutputClosed() from e
+
+
 def _print_table(m: dict, run_dir: str, started: float):
     c = m["config"]
     _say()
@@ -342,7 +353,7 @@ def cmd_sweep(a, started: float) -> int:
             try:
                 m = run(cfg, d, force=a.force, continue_existing=True, progress=not a.no_progress)
             except ZeroflowError as e:
-                print(f"zeroflow: error: {n}: {e}", file=sys.stderr, flush=True)
+                _tell(f"zeroflow: error: {n}: {e}")
                 failed.append((n, str(e)))
                 continue
             finished.append(dict(m, _dir=d))
@@ -352,8 +363,8 @@ def cmd_sweep(a, started: float) -> int:
         if finished:
             _say(render_runs(finished, [])[0])
         where = f" in {e.run_dir}" if isinstance(e, RunInterrupted) else ""
-        print(f"zeroflow: sweep interrupted{where}; run the same command with --out {parent} to continue "
-              f"(finished runs are kept, the interrupted one resumes)", file=sys.stderr)
+        _tell(f"zeroflow: sweep interrupted{where}; run the same command with --out {parent} to continue "
+              f"(finished runs are kept, the interrupted one resumes)")
         return 130
     except OutputClosed as e:
         where = f" in {e.run_dir}" if e.run_dir else ""
@@ -366,7 +377,7 @@ def cmd_sweep(a, started: float) -> int:
     if os.path.isdir(parent):        # a sweep whose every run failed before writing leaves none
         _say(f"sweep folder: {parent}")
     for n, msg in failed:
-        print(f"zeroflow: {n} failed: {msg}", file=sys.stderr)
+        _tell(f"zeroflow: {n} failed: {msg}")
     return 1 if failed else 0
 
 
@@ -404,7 +415,7 @@ def cmd_report(a, started: float) -> int:
                                 f"give another name, e.g. {os.path.join(folder, 'report.md')}")
     runs, skipped = find_runs(a.runs)
     for line in skipped:
-        print(f"zeroflow: skipped {line}", file=sys.stderr)
+        _tell(f"zeroflow: skipped {line}")
     text, _ = render_runs(runs, skipped)
     if a.output is not None:
         with writing(a.output):
@@ -433,20 +444,37 @@ def _output_closed(message: str) -> int:
     """stdout's reader is gone: Python's recipe (docs of the signal module, "Note on SIGPIPE"),
     stdout onto /dev/null, so that what its buffer still holds is not written again at exit
     ('Exception ignored ... BrokenPipeError'); the message on stderr (which may be closed too)."""
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):      # not a file (a test's capture): nothing is flushed at exit
-        fd = None
-    if fd is not None:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, fd)
-        os.close(devnull)
+    _onto_devnull(sys.stdout)
     try:
         if message:
             print(message, file=sys.stderr, flush=True)
-    except OSError:     # `2>&1 | head`: nowhere left to say it
-        pass
+        else:
+            sys.stderr.flush()
+    except OSError:     # `2>&1 | head`: nowhere left to say it; and nothing to say at exit either
+        _onto_devnull(sys.stderr)
     return EXIT_OUTPUT_CLOSED
+
+
+def _onto_devnull(stream) -> None:
+    """``stream``'s file descriptor onto /dev/null: what its buffer still holds is then not
+    written again at exit, where it failed as 'Exception ignored ... BrokenPipeError' (exit 120)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):      # not a file (a test's capture): nothing is flushed at exit
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _said(message: str, rc: int) -> int:
+    """``message`` on stderr and ``rc``; stderr's reader gone (``2>&1 | head``), the end of a
+    closed output instead, as anywhere else in a command."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        return _output_closed("")
+    return rc
 
 
 def _terminate_as_interrupt(signum, frame):
@@ -489,13 +517,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         # alone, not once per rank; the other ranks end with the same exit code, silently
         # (torchrun's summary lists them); one only some ranks hit is said by each of them
         if not (e.every_rank and torchrun_rank() != 0):
-            print(f"zeroflow: error: {e}", file=sys.stderr)
+            return _said(f"zeroflow: error: {e}", 2)
         return 2
     except KeyboardInterrupt as e:
         # under torchrun only rank 0 says where the run stopped: another rank, which writes
         # nothing, said 'interrupted during setup; nothing was kept' beside rank 0's resume advice
         if getattr(e, "rank", 0) == 0:
-            print(_interrupted_message(e), file=sys.stderr)
+            return _said(_interrupted_message(e), 130)
         return 130
     finally:
         if previous is not None:

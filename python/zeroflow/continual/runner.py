@@ -64,7 +64,10 @@ def save_torch(obj, path: str):
 
 
 def warn_stderr(msg: str):
-    print(f"zeroflow: warning: {msg}", file=sys.stderr, flush=True)
+    try:
+        print(f"zeroflow: warning: {msg}", file=sys.stderr, flush=True)
+    except BrokenPipeError as e:    # `zeroflow run ... 2>&1 | head -3`: stderr is stdout's closed pipe
+        raise OutputClosed() from e
 
 
 def log_stdout(msg: str):
