@@ -2246,3 +2246,83 @@ def test_a_group_added_to_a_hybrid_under_swalr_keeps_its_swa_lr():
     hyb = create("zo_sgd", model[0].parameters(), hybrid_switch=2, lr=0.01, fo_lr=0.1, seed=3)
     hyb.add_param_group({"params": model[2].parameters(), "lr": 0.2, "swa_lr": 0.05})
     assert hyb.param_groups[1]["swa_lr"] == 0.05
+
+
+# ---------------------------------------------------------------- Adam's derived float32 scalars
+def _adam_opt(kind, backend, **kw):
+    torch.manual_seed(0)
+    model = make_mlp(6, 4, 1)
+    if kind == "zo":
+        return model, ZOFusedAdam(model.parameters(), seed=3, backend=backend, **kw)
+    from zeroflow.optim.fo import FOAdam, FOAdamW
+    cls = FOAdamW if kw.pop("decoupled_weight_decay", False) else FOAdam
+    return model, cls(model.parameters(), **kw)
+
+
+def _adam_step(kind, model, opt):
+    x, y = make_data(8, 6, seed=1)
+    loss = lambda: F.mse_loss(model(x), y)     # noqa: E731
+    if kind == "zo":
+        return opt.step(loss)
+    opt.zero_grad()
+    loss().backward()
+    return opt.step()
+
+
+@pytest.mark.parametrize("kind,backend", [("zo", "torch"), ("zo", "cpu"), ("fo", None)])
+@pytest.mark.parametrize("kw,needle", [
+    (dict(lr=3e38), r"lr=3e\+38 makes Adam step 1's bias-corrected step size lr / \(1 - beta1\*\*1\) = 3e\+39 "
+                    r"\(beta1=0.9\) infinite in float32, .*give lr at most 3.40282e\+37 for this step"),
+    (dict(lr=1e20, weight_decay=1e19, decoupled_weight_decay=True),
+     r"lr=1e\+20 and weight_decay=1e\+19 make AdamW's decay factor 1 - lr \* weight_decay = -1e\+39 infinite"),
+])
+def test_an_adam_lr_whose_step_size_overflows_float32_is_refused_before_anything_is_written(kind, backend, kw,
+                                                                                           needle):
+    """lr=3e38 is finite in float32 (ZO-Adam's option check took it), but step 1's step size
+    lr / (1 - 0.9) = 3e39 is not: ZO-Adam wrote inf / nan into every parameter, FO Adam raised
+    torch's 'value cannot be converted to type float without overflow' with m, v and the step
+    count advanced (its CUDA foreach path writes inf). Refused by name before anything changes."""
+    model, opt = _adam_opt(kind, backend, **kw)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="param group 0: " + needle):
+        _adam_step(kind, model, opt)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not opt.state and opt.forward_passes == 0
+
+
+@pytest.mark.parametrize("kind,backend", [("zo", "torch"), ("fo", None)])
+def test_an_adam_lr_valid_only_from_a_later_step_is_taken_there(kind, backend):
+    """The bound is the step's own: lr=5e37 overflows step 1's step size (lr / 0.1) but not step
+    2's (lr / 0.19); set after a first step, it is taken, and the step is finite."""
+    model, opt = _adam_opt(kind, backend, lr=1e-3)
+    _adam_step(kind, model, opt)
+    opt.param_groups[0]["lr"] = 5e37
+    _adam_step(kind, model, opt)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_zo_adam_conserve_refuses_an_lr_its_frozen_moves_would_overflow():
+    """conserve moves theta along the stored Adam direction with a step size up to
+    2 sqrt(1 - beta2^t) 2^13.5 times the update's: lr=1e35 (step size 1e36, finite) wrote NaN
+    into every parameter at its first move. Refused before the step; lr=1e33 is taken."""
+    model, opt = _adam_opt("zo", "torch", lr=1e35, conserve=True)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"param group 0: lr=1e\+35 .* is too large for conserve at Adam step 1: "
+                                         r"its move from theta0 \+1 Delta to theta0 -1 Delta .*conserve=False"):
+        _adam_step("zo", model, opt)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    model, opt = _adam_opt("zo", "torch", lr=1e33, conserve=True)
+    _adam_step("zo", model, opt)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_zo_adam_face_refuses_an_overflowing_step_size_before_writing():
+    import zfkernels
+    p, m, v = torch.ones(5), torch.zeros(5), torch.zeros(5)
+    with pytest.raises(ValueError, match=r"lr=3e\+38 makes Adam step 1's bias-corrected step size"):
+        zfkernels.zo_adam_update_([p], [m], [v], seeds=[1], coeffs=[1.0], lr=3e38, step=1, backend="torch")
+    assert torch.equal(p, torch.ones(5)) and not m.any() and not v.any()
+    zfkernels.zo_adam_update_([p], [m], [v], seeds=[1], coeffs=[1.0], lr=3e38, step=40, backend="torch")
+    assert torch.isfinite(p).all()      # 1 - 0.9**40 = 0.985: a finite step size

@@ -168,6 +168,38 @@ def call(fn: Callable, op: str, given: dict) -> Any:
     return fn(*args)
 
 
+# The smallest double that rounds to inf in float32 (halfway between FLT_MAX and 2^128, which
+# round-to-nearest-even sends up), and FLT_MAX itself.
+F32_OVERFLOW = 2.0 ** 128 - 2.0 ** 103
+F32_MAX = 2.0 ** 128 - 2.0 ** 104
+
+
+def adam_scalars_refusal(lr: float, beta1: float, step: int, weight_decay: float = 0.0,
+                         decoupled_weight_decay: bool = False, computed: str = "the kernels compute") -> str | None:
+    """Why the float32 scalars an Adam update derives from its options would be infinite, or
+    None. Each option may be finite in float32 and the step size ``lr / (1 - beta1**step)``
+    (largest at step 1: lr=3e38 with beta1=0.9 is 3e39) or AdamW's decay factor
+    ``1 - lr * weight_decay`` not: the update then writes inf / nan into every parameter.
+    The same fp64 expressions every backend rounds to float32 (csrc/ops_common.h
+    ``adam_scalars``), so a refusal here is exactly an infinite scalar there."""
+    lr, beta1, wd = float(lr), float(beta1), float(weight_decay)
+    if not 0.0 <= beta1 < 1.0:      # check_betas' to refuse, in its words (1 - beta1**step may be 0)
+        return None
+    bc1 = 1.0 - beta1 ** step
+    size = lr / bc1
+    if abs(size) >= F32_OVERFLOW:
+        return (f"lr={lr:g} makes Adam step {step}'s bias-corrected step size lr / (1 - beta1**{step}) = {size:.6g} "
+                f"(beta1={beta1:g}) infinite in float32, where {computed}: the update would write inf / "
+                f"nan into every parameter; give lr at most {F32_MAX * bc1:.6g} for this step (float32's largest "
+                f"number times 1 - beta1**{step})")
+    decay = 1.0 - lr * wd
+    if decoupled_weight_decay and abs(decay) >= F32_OVERFLOW:
+        return (f"lr={lr:g} and weight_decay={wd:g} make AdamW's decay factor 1 - lr * weight_decay = {decay:.6g} "
+                f"infinite in float32, where {computed}: the update would write inf / nan into every "
+                f"parameter; give lr * weight_decay at most {F32_MAX:.6g} (float32's largest number)")
+    return None
+
+
 def check_betas(beta1: float, beta2: float, where: str = "") -> None:
     """Adam's decay rates in [0, 1), unrounded (NaN fails too): the rule of
     csrc/ops_common.h ``check_beta``, for the Python backends (the reference and Triton).

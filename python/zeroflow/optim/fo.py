@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from zfkernels.opspec import F32_MAX, adam_scalars_refusal
+
 from .zo import NOT_OPTIONS, _check_layout, check_buffer_shapes, counter, load_with_hooks, state_dict_with_hooks
 
 __all__ = ["FOSGD", "FOAdam", "FOAdamW"]
@@ -21,6 +23,7 @@ class _FOMixin:
         # that class exists: this step is wrapped as FOSGD's, and torch's SGD.step as SGD's once
         # any torch.optim.SGD was built, so calling it wrapped ran every step hook twice (a
         # logging or clipping hook saw two steps per step). Its unwrapped function is called.
+        self._check_step_scalars()
         parent = super().step
         fn = parent.__func__
         if getattr(fn, "hooked", False) and hasattr(fn, "__wrapped__"):
@@ -30,6 +33,10 @@ class _FOMixin:
         self.forward_passes += 1
         self.steps += 1
         return loss
+
+    def _check_step_scalars(self) -> None:
+        """What a step derives from the options and the state, checked before torch's step
+        (FOAdam's step size); nothing here for FOSGD."""
 
     def __getstate__(self):     # torch.optim's keeps defaults, state, param_groups only
         return super().__getstate__() | {"forward_passes": self.forward_passes, "steps": self.steps}
@@ -85,7 +92,31 @@ class FOSGD(_FOMixin, torch.optim.SGD):
         self._init_counters()
 
 
-class FOAdam(_FOMixin, torch.optim.Adam):
+class _AdamScalars:
+    def _check_step_scalars(self) -> None:
+        # lr=3e38 (what ZO-Adam's float32 check takes) made torch's step size lr / (1 - beta1^1) = 3e39:
+        # on CPU torch raised 'value cannot be converted to type float without overflow' after m, v
+        # and the step count had advanced; its foreach path (CUDA) wrote inf / nan into every
+        # parameter. Refused before torch's step, for the step count each parameter will take.
+        # float64 parameters compute in float64, where such a step size is finite.
+        name = "AdamW" if isinstance(self, torch.optim.AdamW) else "Adam"
+        for i, g in enumerate(self.param_groups):
+            lr, b1 = float(g["lr"]), float(g["betas"][0])
+            wd = float(g["weight_decay"])
+            # AdamW's decay 1 - lr * wd (torch's Adam takes decoupled_weight_decay=True too)
+            decoupled = bool(g.get("decoupled_weight_decay", name == "AdamW"))
+            if lr / (1.0 - b1) < F32_MAX / 2 and (not decoupled or lr * wd < F32_MAX / 2):
+                continue        # the common case, decided without the state: step 1's step size is the largest
+            ps = [p for p in g["params"] if p.grad is not None and p.dtype != torch.float64]
+            steps = sorted({int(self.state[p]["step"]) + 1 if "step" in self.state.get(p, ()) else 1 for p in ps})
+            for t in steps:
+                why = adam_scalars_refusal(lr, b1, t, wd, decoupled, f"torch.optim.{name} computes for float32, "
+                                           "bf16 and fp16 parameters")
+                if why is not None:
+                    raise ValueError(f"param group {i}: {why}")
+
+
+class FOAdam(_AdamScalars, _FOMixin, torch.optim.Adam):
     """``torch.optim.Adam`` + zeroflow counters (``fo_adam``)."""
 
     def __init__(self, params, lr=1e-3, **kw):
@@ -93,7 +124,7 @@ class FOAdam(_FOMixin, torch.optim.Adam):
         self._init_counters()
 
 
-class FOAdamW(_FOMixin, torch.optim.AdamW):
+class FOAdamW(_AdamScalars, _FOMixin, torch.optim.AdamW):
     """``torch.optim.AdamW`` + zeroflow counters (``fo_adam`` with ``decoupled_weight_decay=True``)."""
 
     def __init__(self, params, lr=1e-3, **kw):

@@ -567,6 +567,10 @@ class _ZOBase(torch.optim.Optimizer):
         except ValueError as e:
             raise ValueError(f"{where}{e}") from None
 
+    def _check_step_scalars(self, g: dict, where: str) -> None:
+        """What this step derives from group ``g``'s options and the state (ZOFusedAdam's step
+        size), checked before the step's first kernel call; nothing here for ZOFusedSGD."""
+
     def _check_options(self, g: dict) -> None:
         # finite too: lr, weight_decay or momentum = inf wrote +-inf into every parameter at the
         # first step (then every step was skipped for a non-finite loss)
@@ -860,6 +864,8 @@ class _ZOBase(torch.optim.Optimizer):
             # word, and q = 0 divided by zero after the step's forward passes
             _check_globals(self.q, self.estimator, self.conserve, self.sparse_resample, self.backend, self.model,
                            where=f"{type(self).__name__}.")
+            for i, g in enumerate(self.param_groups):
+                self._check_step_scalars(g, f"param group {i}: ")
             stream = {id(g): (dist_code(g["perturbation"]), mask_threshold(g["sparsity"])) for g in self.param_groups}
             n = self._n
             seeds = [derive_seed(self._seed, n, j) for j in range(self.q)]
@@ -1561,6 +1567,27 @@ class ZOFusedAdam(_ZOBase):
             "model diverges. Pass state_dtype='float32' (m and v in float32, 8 bytes per parameter; bfloat16 "
             "parameters do not need it for this: bfloat16 has float32's range)")
 
+    def _check_step_scalars(self, g: dict, where: str) -> None:
+        # lr=3e38 (finite in float32, as _check_rate asks) made lr / (1 - beta1^1) = 3e39, inf in
+        # the kernels' float32: every parameter became inf / nan. Refused before the first kernel
+        # call (the update also takes the last perturbation back: a refusal there left theta
+        # perturbed), for the step count each bucket's update will take; conserve's moves too.
+        o = g       # the step's options are these (step() checked them just now)
+        lr, b1 = float(o["lr"]), float(o["betas"][0])
+        wd, decoupled = float(o["weight_decay"]), o["decoupled_weight_decay"]
+        # the common case, decided without the state: step 1's step size is the largest
+        if (not self.conserve and lr / (1.0 - b1) < zfkernels.opspec.F32_MAX / 2
+                and (not decoupled or lr * wd < zfkernels.opspec.F32_MAX / 2)):
+            return
+        steps = sorted({int(self.state[p]["step"]) + 1 if "step" in self.state.get(p, ()) else 1
+                        for p in g["params"]})
+        for t in steps:
+            why = zfkernels.opspec.adam_scalars_refusal(lr, b1, t, wd, decoupled)
+            if why is None and self.conserve and lr != 0.0:
+                why = _frozen_moves_refusal(lr, wd if decoupled else 0.0, o["betas"], float(o["eps"]), t)
+            if why is not None:
+                raise ValueError(f"{where}{why}")
+
     def _move(self, a, b, seeds, d, mask_seed):
         """Conserve: move theta0 + a*Delta -> theta0 + b*Delta along the stored Adam
         direction u = m/(sqrt(v)/sqrt(bc2) + eps), m and v frozen (see _frozen_adam_move)."""
@@ -1761,6 +1788,30 @@ def _options_of(g: dict) -> dict:
 def _with_added_options(groups):
     """Saved param groups completed with the options added since (ADDED_GROUP_OPTIONS)."""
     return [{**ADDED_GROUP_OPTIONS, **g} if isinstance(g, dict) else g for g in groups]
+
+
+# the moves ZOFusedAdam's conserve makes (_conserve): (a, b) of theta0 + a*Delta -> theta0 + b*Delta
+_CONSERVE_MOVES = ((1.0, -1.0), (1.0, 0.0), (-1.0, 0.0), (-1.0, 1.0))
+
+
+def _frozen_moves_refusal(lr: float, wd: float, betas, eps: float, step: int):
+    """Why one of conserve's frozen Adam moves after Adam step ``step`` would take a scalar that
+    is infinite in float32 (its lr, eps, step size or decay factor: the move scales the step
+    size by up to 2 sqrt(1 - beta2^step) / 2^-13.5), or None. Raised mid-step it would leave
+    theta at theta0 + Delta; checked before the step."""
+    for a, b in _CONSERVE_MOVES:
+        try:
+            lr_f, wd_f, eps_f = _frozen_adam_move(a, b, lr=lr, wd=wd, betas=betas, eps=eps, step=step)
+            why = zfkernels.opspec.adam_scalars_refusal(lr_f, _FROZEN_BETA, 1, wd_f, True)
+            big = max(abs(lr_f), abs(eps_f)) >= _F32_OVERFLOW
+        except (OverflowError, ZeroDivisionError):     # lr * weight_decay = 1: the decay undoes itself
+            why, big = None, True
+        if why is not None or big:
+            return (f"lr={lr:g} (betas={tuple(betas)}, eps={eps:g}, weight_decay={wd:g}) is too large for conserve at "
+                    f"Adam step {step}: its move from theta0 {a:+g} Delta to theta0 {b:+g} Delta takes a step size or "
+                    f"eps that is infinite in float32, where the kernels compute, and would write inf / nan into "
+                    f"every parameter; give a smaller lr (or eps), or conserve=False")
+    return None
 
 
 def _frozen_adam_move(a: float, b: float, *, lr: float, wd: float, betas, eps: float, step: int):
