@@ -14,6 +14,10 @@
 # (the original crash was seen under pytest). Prints one line per probe; the full output
 # goes to LOG_DIR (default results/crash_probe).
 set -uo pipefail
+# Unbuffered on its own (gpu_check.sh exports it too): a probe's stdout goes to a log file, where
+# Python buffers it in blocks, and a segfault (what the probes look for) lost what a test printed
+# before it, run directly or under PROBE_PYTEST
+export PYTHONUNBUFFERED=1
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 ROOT=$(cd "${1:-$HERE}" && pwd)
 LOG=${2:-$HERE/results/crash_probe}

@@ -238,6 +238,31 @@ def test_a_crash_probe_cut_at_its_limit_fails_the_check(tmp_path):
     assert ("probe", "failed") in [(p["phase"], p["status"]) for p in summary["phases"]]
 
 
+def test_the_crash_probe_run_directly_keeps_what_a_crashing_test_printed(tmp_path):
+    """benchmarks/crash_probe.sh run on its own (not under gpu_check.sh, which exports
+    PYTHONUNBUFFERED): its pytest probe's output went to a log file, block-buffered, and the
+    segfault it looks for lost what the crashing test had printed."""
+    import shutil
+    built = [os.path.join(ROOT, "zfkernels", f) for f in os.listdir(os.path.join(ROOT, "zfkernels"))
+             if f.startswith("_C.") and f.endswith(".so")]
+    if not built:
+        pytest.skip("the CPU extension is not built")
+    (tmp_path / "build" / "zfkernels").mkdir(parents=True)
+    shutil.copy(built[0], tmp_path / "build" / "zfkernels")
+    crash = tmp_path / "crash_test.py"
+    crash.write_text("def test_crashes():\n    import ctypes\n    print('printed before the crash')\n"
+                     "    ctypes.string_at(0)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    # no cuda-gdb rerun of the crash (minutes): the probe looks for it on PATH
+    env.update(PYTHON=sys.executable, PROBE_PYTEST=f"-s {crash}",
+               PATH=os.pathsep.join(d for d in env["PATH"].split(os.pathsep) if "cuda" not in d))
+    res = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "crash_probe.sh"), str(tmp_path / "build"),
+                          str(tmp_path / "log")], capture_output=True, text=True, timeout=600, env=env)
+    summary = (tmp_path / "log" / "summary.txt").read_text()
+    assert f"probe pytest (-s {crash}): CRASHED (exit 139)" in summary, summary + res.stderr
+    assert "printed before the crash" in (tmp_path / "log" / "pytest.log").read_text()
+
+
 def test_profile_case_lists_with_spaces_reach_the_scripts_whole(tmp_path):
     """PROFILE_TRITON="a, b" (as profile_kernels' own --cases takes it) was word-split into
     ``--cases a, b``: argparse refused "unrecognized arguments: b" and the Triton timing of a
