@@ -45,6 +45,7 @@ import zfkernels
 from zeroflow.optim import create, train_step
 
 from benchmarks import _common as C
+from zeroflow._atomic import atomic_write_bytes
 from benchmarks.profile_kernels import median_ms as cuda_median_ms
 
 STEP_MARK, END_MARK = "zf_timeline_step", "zf_timeline_end"
@@ -266,29 +267,46 @@ def copy_pass_us(numel: int, dtype: torch.dtype, dev: torch.device) -> float:
     return _median_ms(lambda: dst.copy_(src), dev, reps=20) * 1e3
 
 
-def render(report: dict) -> str:
-    h = report["header"]
-    lines = [f"step timeline: {h['device_name']}, layout {h['layout']} ({h['numel'] / 1e6:.1f}M fp32 parameters in "
-             f"{h['n_tensors']} tensors), backend {h['backend']}, q = 1, {h['steps']} steps profiled; copy_ of one "
-             f"pass: {h['copy_pass_us']:.1f} us",
-             f"{'case':22s} {'step us':>8s} {'unprof':>8s} {'roofline':>8s} {'ratio':>6s} | {'busy':>7s} {'idle':>7s}"
-             " | idle: " + "  ".join(f"{c:>9s}" for c in CATEGORIES)]
-    for r in report["cases"]:
-        m = r["median"]
-        lines.append(f"{r['case']:22s} {m['period_us']:8.1f} {r['unprofiled_step_us']:8.1f} {r['roofline_us']:8.1f} "
-                     f"{r['ratio']:5.2f}x | {m['busy_us']:7.1f} {m['idle_us']:7.1f} |       "
-                     + "  ".join(f"{m['idle_by_us'][c]:9.1f}" for c in CATEGORIES))
-        busy = sorted(m["busy_by"].items(), key=lambda kv: -kv[1]["us"])
-        if busy:
-            lines.append("    busy by launching op: " + ", ".join(
-                f"{k} {v['us']:.1f} us ({v['launches']:g}x)" for k, v in busy))
-        else:
-            lines.append("    no device activity recorded (no asynchronous device: every op ran on the host)")
-    if h.get("stopped"):
-        lines.append(f"{h['stopped']}: the cases not listed were not measured")
+def render_header(h: dict) -> str:
+    """The report's first lines: the run's setup and the table's column heads."""
+    return (f"step timeline: {h['device_name']}, layout {h['layout']} ({h['numel'] / 1e6:.1f}M fp32 parameters in "
+            f"{h['n_tensors']} tensors), backend {h['backend']}, q = 1, {h['steps']} steps profiled; copy_ of one "
+            f"pass: {h['copy_pass_us']:.1f} us\n"
+            f"{'case':22s} {'step us':>8s} {'unprof':>8s} {'roofline':>8s} {'ratio':>6s} | {'busy':>7s} {'idle':>7s}"
+            " | idle: " + "  ".join(f"{c:>9s}" for c in CATEGORIES) + "\n")
+
+
+def render_case(r: dict) -> str:
+    """One case's lines of the table."""
+    m = r["median"]
+    lines = [f"{r['case']:22s} {m['period_us']:8.1f} {r['unprofiled_step_us']:8.1f} {r['roofline_us']:8.1f} "
+             f"{r['ratio']:5.2f}x | {m['busy_us']:7.1f} {m['idle_us']:7.1f} |       "
+             + "  ".join(f"{m['idle_by_us'][c]:9.1f}" for c in CATEGORIES)]
+    busy = sorted(m["busy_by"].items(), key=lambda kv: -kv[1]["us"])
+    if busy:
+        lines.append("    busy by launching op: " + ", ".join(
+            f"{k} {v['us']:.1f} us ({v['launches']:g}x)" for k, v in busy))
+    else:
+        lines.append("    no device activity recorded (no asynchronous device: every op ran on the host)")
+    return "\n".join(lines) + "\n"
+
+
+def render_footer(h: dict) -> str:
+    """The report's last lines: where it stopped, what the columns mean."""
+    lines = [f"{h['stopped']}: the cases not listed were not measured"] if h.get("stopped") else []
     lines.append("us per step, medians over the profiled steps; 'unprof' and 'ratio': the same steps without the "
                  f"profiler, against {'/'.join(f'{k} {v}' for k, v in PASSES.items())} passes at copy_ bandwidth")
     return "\n".join(lines) + "\n"
+
+
+def render(report: dict) -> str:
+    return (render_header(report["header"]) + "".join(render_case(r) for r in report["cases"])
+            + render_footer(report["header"]))
+
+
+def _write_json(path: str, report: dict) -> None:
+    """The report as it stands, replacing the last one whole (a kill mid-write leaves that one)."""
+    atomic_write_bytes(path, json.dumps(report, indent=1).encode())
 
 
 def main(argv=None) -> int:
@@ -317,6 +335,10 @@ def main(argv=None) -> int:
     shapes = _shapes(a.layout)
     numel = sum(torch.Size(s).numel() for s in shapes)
     results, stopped = [], None
+    report = {"header": {"device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                         "layout": a.layout, "numel": numel, "n_tensors": len(shapes), "steps": a.steps},
+              "cases": results}
+    header = report["header"]
     with tempfile.TemporaryDirectory() as tmp:
         trace_dir = a.trace_dir or tmp
         os.makedirs(trace_dir, exist_ok=True)
@@ -325,34 +347,44 @@ def main(argv=None) -> int:
         # The copy_ pass is timed first: timed after the cases, a SIGINT during it lost them all,
         # and after a stop the report needs no more device work.
         # A SIGTERM (a plain `timeout`, a lease's limit) is taken as a SIGINT is.
+        # Each case is written as it finishes (its lines flushed to stdout, the JSON replaced
+        # whole): a SIGKILL (a lease's hard limit, the OOM killer) lost every case measured.
         with C.StopSignals() as signals:
             try:
                 copy_us = copy_pass_us(numel, torch.float32, dev)
-                for o, d in cases:
-                    results.append(run_case(o, d, dev, a.layout, a.steps, a.backend, trace_dir))
+                header["copy_pass_us"] = copy_us
+                for k, (o, d) in enumerate(cases):
+                    r = run_case(o, d, dev, a.layout, a.steps, a.backend, trace_dir)
+                    r["roofline_us"] = PASSES[r["opt"]] * copy_us
+                    r["ratio"] = r["unprofiled_step_us"] / r["roofline_us"]
+                    if not a.trace_dir:
+                        del r["trace"]     # removed with the temporary folder
+                    results.append(r)
+                    if k == 0:
+                        header["backend"] = r["backend"]
+                        _say(render_header(header))
+                    _say(render_case(r))
+                    if a.json:
+                        # what a run killed outright says of itself; replaced by the last write
+                        header["stopped"] = (f"unfinished after {len(results)} of {len(cases)} cases (the run was "
+                                             f"killed, or is still running)") if len(results) < len(cases) else None
+                        _write_json(a.json, {**report, "header": {k2: v for k2, v in header.items() if v is not None}})
             except KeyboardInterrupt:
                 stopped = f"stopped ({signals.name}) after {len(results)} of {len(cases)} cases"
                 print(f"step timeline, layout {a.layout}: {stopped}", file=sys.stderr)
-    if not a.trace_dir:
-        for r in results:
-            del r["trace"]     # removed with the temporary folder
+    header["stopped"] = stopped
     if not results:
         return signals.exit_status
-    for r in results:
-        r["roofline_us"] = PASSES[r["opt"]] * copy_us
-        r["ratio"] = r["unprofiled_step_us"] / r["roofline_us"]
-    report = {"header": {"device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                         "layout": a.layout, "numel": numel, "n_tensors": len(shapes), "steps": a.steps,
-                         "backend": results[0]["backend"], "copy_pass_us": copy_us},
-              "cases": results}
-    if stopped:
-        report["header"]["stopped"] = stopped
-    text = render(report)
-    sys.stdout.write(text)
+    report["header"] = {k: v for k, v in header.items() if v is not None}
+    _say(render_footer(report["header"]))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(report, f, indent=1)
+        _write_json(a.json, report)
     return signals.exit_status if stopped else 0
+
+
+def _say(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

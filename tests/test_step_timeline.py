@@ -227,3 +227,39 @@ def test_json_into_a_folder_not_made_yet(tmp_path):
     assert st.main(["--device", "cpu", "--layout", "vit_b_tiny", "--steps", "2", "--backend", "cpu",
                     "--cases", "zo_sgd-rademacher", "--json", str(out)]) == 0
     assert [r["case"] for r in json.loads(out.read_text())["cases"]] == ["zo_sgd-rademacher"]
+
+
+def test_a_run_killed_outright_leaves_the_cases_it_measured(tmp_path):
+    """A SIGKILL (a lease's hard limit, the OOM killer) lost every case: the text and the JSON
+    were written after the last case only. Each case is written as it finishes: its lines on
+    stdout (flushed), the JSON replaced whole, its header saying the run did not finish."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from conftest import ROOT, child_env
+
+    out = tmp_path / "timeline.json"
+    code = textwrap.dedent(f"""
+        import os, signal
+        from benchmarks import step_timeline as st
+        real, calls = st.run_case, []
+        def run_case(*args, **kw):
+            calls.append(args[0])
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kw)
+        st.run_case = run_case
+        st.main(["--device", "cpu", "--layout", "vit_b_tiny", "--steps", "2", "--backend", "cpu",
+                 "--cases", "zo_sgd-rademacher,zo_adam-gaussian", "--json", {str(out)!r}])
+    """)
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == -9, (p.returncode, p.stderr[-2000:])
+    report = json.loads(out.read_text())
+    assert [r["case"] for r in report["cases"]] == ["zo_sgd-rademacher"]
+    assert report["header"]["stopped"] == ("unfinished after 1 of 2 cases (the run was killed, or is still "
+                                           "running)")
+    assert report["header"]["backend"] == "cpu" and report["cases"][0]["ratio"] > 0
+    assert p.stdout.startswith("step timeline: cpu, layout vit_b_tiny") and "zo_sgd-rademacher" in p.stdout
+    assert "zo_adam-gaussian" not in p.stdout
