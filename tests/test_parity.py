@@ -1076,6 +1076,58 @@ def test_python_backends_keep_subnormals_under_flush_denormal_mode(backend_devic
         assert_bits_equal(a, b, name)
 
 
+def test_a_direct_reference_call_follows_the_flush_mode_and_the_documented_ways_give_the_spec_s_bits():
+    """docs/kernel-ops.md, "Arithmetic": zfkernels.reference's functions, called directly, follow
+    torch.set_flush_denormal as any torch op on CPU tensors (the reference stays plain torch);
+    call_op("torch", ...), the face with backend="torch", or the mode cleared around the call
+    give the spec's bits (those of IEEE mode, which the compiled cpu op keeps in either mode)."""
+    from zfkernels import reference as R
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU has no flush-denormal mode")
+    g = torch.Generator().manual_seed(6)
+    start = [torch.randn(640, generator=g) * 1e-39 for _ in range(3)]        # fp32 subnormals
+    kw = dict(tensor_ids=[0], seeds=[5], coeffs=[0.0], dist=zk.dist_code(RADE), mask_seed=0, mask_threshold=0,
+              restore_seed=0, restore_scale=0.0, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+              decoupled_weight_decay=False, step=3, sign=False, history_alpha=0.0, history_init=False,
+              stochastic_rounding=False, round_seed=0)
+
+    def run(call):
+        p, m, v = [t.clone() for t in start]
+        call([p], [m], [v.abs_()])
+        return p, m, v
+
+    def direct(p, m, v):
+        R.zo_adam_update_(p, m, v, [], **kw)
+
+    def via_call_op(p, m, v):
+        zk.call_op("torch", "zo_adam_update_", params=p, exp_avgs=m, exp_avg_sqs=v, history_buffers=[], **kw)
+
+    def via_face(p, m, v):
+        zk.zo_adam_update_(p, m, v, [5], [0.0], lr=1e-3, step=3, dist=RADE, backend="torch")
+
+    def cleared(p, m, v):
+        torch.set_flush_denormal(False)
+        try:
+            direct(p, m, v)
+        finally:
+            torch.set_flush_denormal(True)
+
+    spec = run(direct)                                          # IEEE mode
+    assert torch.set_flush_denormal(True)
+    try:
+        flushed = run(direct)
+        ways = [run(via_call_op), run(via_face), run(cleared), run(lambda p, m, v: zk.call_op(
+            "cpu", "zo_adam_update_", params=p, exp_avgs=m, exp_avg_sqs=v, history_buffers=[], **kw))]
+        sign = R.sign_f32(start[0][:4])
+    finally:
+        torch.set_flush_denormal(False)
+    assert not torch.equal(bits(flushed[1]), bits(spec[1])), "the direct call kept the subnormals under flush mode"
+    assert torch.equal(sign, start[0][:4]) and R.sign_f32(start[0][:4]).abs().eq(1).all()  # a zero: kept as is
+    for way in ways:
+        for name, a, b in zip(("param", "exp_avg", "exp_avg_sq"), way, spec):
+            assert_bits_equal(a, b, name)
+
+
 @pytest.mark.parametrize("backend_device", PYTHON_ON_CPU)
 def test_python_backends_leave_the_flush_mode_as_found_when_they_refuse_or_get_no_tensors(backend_device):
     """A Python backend's call clears the flush mode for its arithmetic: a refusal (an exception
