@@ -315,6 +315,40 @@ def test_python_m_zeroflow_replay_is_the_replay_command(tmp_path, small_log):
     assert r.returncode == 2 and "cannot read LOG" in r.stderr, (r.stdout, r.stderr)
 
 
+@pytest.mark.parametrize("stderr_too", [False, True])
+def test_a_replay_whose_output_reader_went_away_ends_as_every_command_does(tmp_path, small_log, stderr_too):
+    """`zeroflow replay BASE LOG --out W | head -0`: the weights were written, and the summary line,
+    buffered, failed at exit: 'Exception ignored ... BrokenPipeError' and exit 120. It ends as a
+    closed output ends every zeroflow command now: exit 141 and one line on stderr (none when
+    stderr is the same closed pipe)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    base, log, trained, _ = small_log
+    out = tmp_path / "w.pt"
+    read, write = os.pipe()
+    err = subprocess.PIPE
+    if stderr_too:
+        err = write
+    p = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline(); from zeroflow.replay import "
+                          "replay_main; sys.exit(replay_main(sys.argv[1:]))", base, log, "--out", str(out)],
+                         stdin=subprocess.PIPE, stdout=write, stderr=err, env=child_env(), text=True)
+    os.close(write)
+    os.close(read)          # the reader is gone before anything is written: deterministic
+    p.stdin.write("go\n")
+    p.stdin.close()
+    said = "" if stderr_too else p.stderr.read()
+    assert p.wait(timeout=300) == 141, said
+    if not stderr_too:
+        p.stderr.close()
+        assert said == f"zeroflow replay: stdout was closed by its reader; {out} was written\n", said
+    sd = torch.load(out, weights_only=True)
+    assert all(torch.equal(sd[k], v) for k, v in trained.items())
+
+
 @pytest.mark.parametrize("extra,needle", [
     # "the log's options are refused by ZOFusedSGD: backend='gpu' ..." (the log was fine)
     (["--backend", "gpu"], "--backend 'gpu' cannot replay on cpu"),

@@ -957,6 +957,7 @@ def replay_parser() -> argparse.ArgumentParser:
 def replay_main(argv: list[str] | None = None) -> int:
     """``zeroflow replay BASE LOG --out WEIGHTS``."""
     a = replay_parser().parse_args(argv)
+    written = False
     try:
         t0 = time.perf_counter()
         _replay_target(a.backend, a.device, ("--backend ", "--device "))
@@ -966,18 +967,42 @@ def replay_main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("always", RuntimeWarning)
             sd = _replay_records(a.base, header, records, backend=a.backend, device=a.device, verify=not a.no_verify)
         for w in said:
-            print(f"zeroflow replay: warning: {w.message}", file=sys.stderr)
+            _tell(f"zeroflow replay: warning: {w.message}", sys.stderr)
         atomic_torch_save(sd, a.out)
+        written = True
         n = sum(1 for r in records if r[0] == "step")
-        print(f"zeroflow replay: {n} steps of {header['optimizer']} (stream {header['stream']}, seed {header['seed']}) "
-              f"replayed in {time.perf_counter() - t0:.2f}s -> {a.out}")
+        _tell(f"zeroflow replay: {n} steps of {header['optimizer']} (stream {header['stream']}, seed "
+              f"{header['seed']}) replayed in {time.perf_counter() - t0:.2f}s -> {a.out}", sys.stdout)
         return 0
+    except _Closed:
+        # `zeroflow replay ... | head -0`, or stderr closed too (`2>&1 | head`): the end of any
+        # command whose output went away (zeroflow.cli), not a traceback at exit (exit 120)
+        from .cli import _output_closed
+        return _output_closed(f"zeroflow replay: stdout was closed by its reader; {a.out} was written" if written
+                              else f"zeroflow replay: stopped (its output was closed by its reader); nothing was "
+                                   f"written to {a.out}")
     except (ReplayError, OSError, RuntimeError, ValueError) as e:
-        print(f"zeroflow replay: error: {e}", file=sys.stderr)
-        return 2
+        return _said(f"zeroflow replay: error: {e}", 2)
     except KeyboardInterrupt:       # ^C in a long replay: one line, not a traceback (--out is written atomically)
-        print(f"zeroflow replay: interrupted; nothing was written to {a.out}", file=sys.stderr)
-        return 130
+        return _said(f"zeroflow replay: interrupted; nothing was written to {a.out}", 130)
+
+
+class _Closed(Exception):
+    """A write of :func:`replay_main` to a stdout or stderr whose reader went away."""
+
+
+def _tell(message: str, stream) -> None:
+    """``message`` on ``stream``, flushed (stdout into a pipe is block-buffered: its reader gone,
+    the write failed at exit only); a closed one is :class:`_Closed`."""
+    try:
+        print(message, file=stream, flush=True)
+    except BrokenPipeError:
+        raise _Closed() from None
+
+
+def _said(message: str, rc: int) -> int:
+    from .cli import _said as said
+    return said(message, rc)
 
 
 # python -m zeroflow.replay BASE LOG --out WEIGHTS (= zeroflow replay ...): without this the
