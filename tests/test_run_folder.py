@@ -152,37 +152,52 @@ def test_a_report_whose_stdout_reader_went_away_ends_without_a_traceback(tmp_pat
     assert stderr == "zeroflow: stopped (stdout was closed by its reader)\n", stderr
 
 
-@pytest.mark.parametrize("args, left", [
+@pytest.mark.parametrize("args, runs", [
     # resolve's warning, the first thing written: a BrokenPipeError traceback (exit 1)
-    (["run", "--dataset", "digits", "--data-root", "elsewhere", "--epochs", "0", "--no-progress"], False),
+    (["run", "--dataset", "digits", "--data-root", "elsewhere", "--epochs", "0", "--no-progress"], None),
     # the refusal itself could not be said: a traceback in main's handler (exit 1)
-    (["run", "--dataset", "digits", "--epochs=-1"], False),
+    (["run", "--dataset", "digits", "--epochs=-1"], None),
     # report's 'skipped' line on stderr (a damaged run), before its table
-    (["report"], True),
+    (["report"], "damaged"),
+    # a Python warning (warnings.warn, torch's) on a closed stderr, the table into a file: the
+    # warnings module dropped the error and its line failed at exit ('Exception ignored', exit 120)
+    (["warned", "report"], "finished"),
 ])
-def test_a_closed_pipe_of_stdout_and_stderr_ends_the_command_as_a_closed_stdout_does(tmp_path, args, left):
+def test_a_closed_pipe_of_stdout_and_stderr_ends_the_command_as_a_closed_stdout_does(tmp_path, args, runs):
     """`zeroflow run ... 2>&1 | head -3`: stderr is the pipe stdout is, and a warning or error
     written after its reader went away raised BrokenPipeError, a traceback nobody can read and
     exit 1. Every write to the closed pipe ends the command alike now: exit 141, nothing written
     at exit ('Exception ignored ...', exit 120), and no run folder left behind."""
     out = tmp_path / "out"
-    if left:
+    if runs == "damaged":
         (tmp_path / "runs" / "damaged").mkdir(parents=True)
         (tmp_path / "runs" / "damaged" / "config.json").write_text("{")
-        args = [*args, str(tmp_path / "runs")]
-    else:
-        args = [*args, "--out", str(out)]
+    elif runs == "finished":
+        (tmp_path / "runs").mkdir()
+        _finished_run(tmp_path / "runs" / "r")
+    args = [*args, str(tmp_path / "runs")] if runs else [*args, "--out", str(out)]
+    warned = args[0] == "warned"
     read, write = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline(); from zeroflow.cli import "
-                             "main; sys.exit(main(sys.argv[1:]))", *args], text=True, stdin=subprocess.PIPE,
-                            stdout=write, stderr=write, cwd=tmp_path,
-                            env=dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "python"), ROOT])))
+    # Python's default buffering (a lease or CI may export PYTHONUNBUFFERED, a user's shell does not)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "python"), ROOT])
+    code = ("import sys, warnings; sys.stdin.readline(); from zeroflow import cli\n"
+            "if sys.argv[1] == 'warned':\n"
+            "    real = cli.cmd_report\n"
+            "    cli.cmd_report = lambda a, started: (warnings.warn('late'), real(a, started))[1]\n"
+            "    sys.argv.pop(1)\n"
+            "sys.exit(cli.main(sys.argv[1:]))")
+    with open(tmp_path / "table.md", "w") as table:     # the table of the warned report
+        proc = subprocess.Popen([sys.executable, "-c", code, *args], text=True, stdin=subprocess.PIPE,
+                                stdout=table if warned else write, stderr=write, cwd=tmp_path, env=env)
     os.close(write)
     os.close(read)          # the reader is gone before anything is written: deterministic
     proc.stdin.write("go\n")
     proc.stdin.close()
     assert proc.wait(timeout=300) == 141
     assert not out.exists()
+    if warned:
+        assert "### Accuracy (Table 1 style)" in (tmp_path / "table.md").read_text()     # written whole
 
 
 def test_a_run_killed_outright_keeps_the_lines_of_its_finished_tasks(env, tmp_path):

@@ -504,6 +504,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         rc = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report}[a.cmd](a, started)
         try:        # here, not at exit: a reader gone before the last lines is then said as below
             sys.stdout.flush()
+            # a Python warning written to a closed stderr (`2>&1 | head`): the warnings module drops
+            # the error, but the line stays buffered and failed at exit ('Exception ignored', exit 120)
+            sys.stderr.flush()
         except BrokenPipeError as e:
             raise OutputClosed() from e
         return rc
