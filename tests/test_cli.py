@@ -574,6 +574,21 @@ def test_a_refused_option_under_torchrun_is_said_by_rank_0_only(tmp_path, monkey
     assert not dist.is_initialized()
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_command_line_argparse_refuses_under_torchrun_is_said_by_rank_0_only(monkeypatch, capsys, rank):
+    """torchrun ... -m zeroflow run --epochs x: argparse's usage and error, once per rank."""
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--epochs", "x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    if rank == 0:
+        assert "error: argument --epochs: invalid int value: 'x'" in err, err
+    else:
+        assert err == ""
+
+
 def test_an_error_of_this_rank_s_own_files_is_said_by_every_rank(tmp_path, monkeypatch, capsys):
     """A --config file that a rank does not find (another node's disk) is that rank's error: it
     is said there, not left to rank 0, which may have found its own."""

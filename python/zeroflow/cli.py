@@ -9,6 +9,8 @@ on stderr with exit code 2, before anything is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import signal
 import sys
@@ -489,11 +491,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .replay import replay_main
         return replay_main(argv[1:])
     p = build_parser()
-    a = p.parse_args(argv)
+    from .continual.errors import torchrun_rank
+    if torchrun_rank() != 0:
+        # argparse's refusal (usage and 'error: ...', exit 2) of the command line every rank of a
+        # torchrun job gets alike: said by rank 0 only, as a refused option is (main's ZeroflowError)
+        with contextlib.redirect_stderr(io.StringIO()):
+            a = p.parse_args(argv)
+    else:
+        a = p.parse_args(argv)
     if a.cmd is None:
         p.print_help()
         return 2
-    from .continual.errors import OutputClosed, ZeroflowError, torchrun_rank
+    from .continual.errors import OutputClosed, ZeroflowError
     # SIGTERM (kill, a batch scheduler) ends a run like Ctrl-C: the lock is released, the
     # checkpoint of the last finished task is kept, and the message says how to resume
     previous = None
