@@ -589,6 +589,21 @@ def test_a_command_line_argparse_refuses_under_torchrun_is_said_by_rank_0_only(m
         assert err == ""
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_warning_of_the_options_under_torchrun_is_said_by_rank_0_only(monkeypatch, capsys, rank):
+    """torchrun ... zeroflow run --dataset digits --data-root X said 'ignoring --data-root X' once
+    per rank (resolve's warnings came before the run silenced ranks > 0)."""
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    # --stop-after 0 is refused after the options are resolved, before any process group
+    assert main(["run", "--dataset", "digits", "--data-root", "elsewhere", "--stop-after", "0"]) == 2
+    err = capsys.readouterr().err
+    if rank == 0:
+        assert "zeroflow: warning: ignoring --data-root elsewhere" in err, err
+    else:
+        assert err == ""
+
+
 def test_an_error_of_this_rank_s_own_files_is_said_by_every_rank(tmp_path, monkeypatch, capsys):
     """A --config file that a rank does not find (another node's disk) is that rank's error: it
     is said there, not left to rank 0, which may have found its own."""

@@ -214,6 +214,7 @@ def _print_table(m: dict, run_dir: str, started: float):
 
 def cmd_run(a, started: float) -> int:
     from .continual.defaults import load_config_file, resolve
+    from .continual.errors import torchrun_rank
     from .continual.runner import run, warn_stderr
 
     if a.resume:
@@ -224,7 +225,10 @@ def cmd_run(a, started: float) -> int:
         # the messages name an option of the file as such ("epochs in FILE"), not as a flag never given
         names = {k: f"{k} in {a.config}" for k in file_cfg if k not in given}
     else:
-        cfg, names = resolve(_overrides(a), a.config, warn=warn_stderr), None
+        # a warning of the options (every rank's alike under torchrun) from rank 0 only, as the
+        # run's own warnings are (runner._run silences ranks > 0)
+        warn = warn_stderr if torchrun_rank() == 0 else (lambda msg: None)
+        cfg, names = resolve(_overrides(a), a.config, warn=warn), None
     m = run(cfg, a.out, resume=a.resume, force=a.force, progress=not a.no_progress, stop_after=a.stop_after,
             names=names)
     if "stopped_after" in m or m.get("rank", 0) != 0:    # ranks > 0 of a torchrun job print nothing
