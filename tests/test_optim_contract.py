@@ -2318,6 +2318,19 @@ def test_zo_adam_conserve_refuses_an_lr_its_frozen_moves_would_overflow():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_zo_adamw_conserve_refuses_a_decay_factor_of_0_before_the_step():
+    """lr * weight_decay = 1 (AdamW): conserve's move back from theta0 - Delta divides by the decay
+    factor 1 - lr * weight_decay = 0, a ZeroDivisionError mid-step with the update applied
+    (whenever conserve kept theta0 or theta0 + Delta, or a closure failed). Refused first."""
+    model, opt = _adam_opt("zo", "torch", lr=0.5, weight_decay=2.0, decoupled_weight_decay=True, conserve=True)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"param group 0: lr=0.5 and weight_decay=2 make AdamW's decay factor "
+                                         r"1 - lr \* weight_decay 0: .*give lr \* weight_decay other than 1"):
+        _adam_step("zo", model, opt)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_the_zo_adam_face_refuses_an_overflowing_step_size_before_writing():
     import zfkernels
     p, m, v = torch.ones(5), torch.zeros(5), torch.zeros(5)

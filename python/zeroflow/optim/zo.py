@@ -1802,10 +1802,12 @@ def _frozen_moves_refusal(lr: float, wd: float, betas, eps: float, step: int):
     for a, b in _CONSERVE_MOVES:
         try:
             lr_f, wd_f, eps_f = _frozen_adam_move(a, b, lr=lr, wd=wd, betas=betas, eps=eps, step=step)
-            why = zfkernels.opspec.adam_scalars_refusal(lr_f, _FROZEN_BETA, 1, wd_f, True)
-            big = max(abs(lr_f), abs(eps_f)) >= _F32_OVERFLOW
-        except (OverflowError, ZeroDivisionError):     # lr * weight_decay = 1: the decay undoes itself
-            why, big = None, True
+        except ZeroDivisionError:       # 1 + a lr wd = 0: the ZeroDivisionError came mid-step, theta moved
+            return (f"lr={lr:g} and weight_decay={wd:g} make AdamW's decay factor 1 - lr * weight_decay 0: the update "
+                    f"multiplies every parameter by 0, and conserve's move back from theta0 - Delta divides by that "
+                    f"factor; give lr * weight_decay other than 1, or conserve=False")
+        why = zfkernels.opspec.adam_scalars_refusal(lr_f, _FROZEN_BETA, 1, wd_f, True)
+        big = max(abs(lr_f), abs(eps_f)) >= _F32_OVERFLOW
         if why is not None or big:
             return (f"lr={lr:g} (betas={tuple(betas)}, eps={eps:g}, weight_decay={wd:g}) is too large for conserve at "
                     f"Adam step {step}: its move from theta0 {a:+g} Delta to theta0 {b:+g} Delta takes a step size or "
