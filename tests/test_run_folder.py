@@ -519,6 +519,43 @@ def test_a_corrupt_run_file_is_named_in_whole_sentences_with_the_fix_that_works(
     assert f"task {first_task - 1}/5: accuracy" not in stdout, stdout
 
 
+def test_an_error_s_first_sentence_is_whole_and_from_its_first_line():
+    """The "why" of a corrupt run file: the first sentence of torch's text, ended by a '.', '!'
+    or '?' before a space (a dotted name such as blocks.0.attn.qkv.weight or checkpoint.pt ends
+    none), else its whole first line; never a later line."""
+    from zeroflow.continual.runner import _first_sentence
+    assert _first_sentence("size mismatch for blocks.0.attn.qkv.weight in run/backbone.pt. Check the "
+                           "shapes.") == "size mismatch for blocks.0.attn.qkv.weight in run/backbone.pt."
+    assert _first_sentence("Error(s) in loading state_dict for VisionTransformer:\n\tMissing key(s). "
+                           "More.") == "Error(s) in loading state_dict for VisionTransformer:"
+    assert _first_sentence("  \n") == ""
+
+
+class _NamesAGlobal:
+    """Pickled by reference to this module: a checkpoint naming it holds more than plain data."""
+
+
+@pytest.mark.parametrize("damage, why", [("another dict", "is not a zeroflow run checkpoint"),
+                                         ("no pickle", "does not unpickle as a torch.save file"),
+                                         ("a foreign object", "_NamesAGlobal")])
+def test_each_refused_checkpoint_says_how_to_continue(tmp_path, damage, why):
+    """Each refusal of a checkpoint.pt (not zeroflow's, not a torch.save file, naming code to run)
+    ends with the fix that works (tested above for a truncated one), not only the truncated
+    one's: delete it and continue with zeroflow run --resume --out DIR."""
+    from zeroflow.continual.errors import ZeroflowError
+    from zeroflow.continual.runner import load_checkpoint
+    path = tmp_path / "r" / "checkpoint.pt"
+    path.parent.mkdir()
+    if damage == "no pickle":
+        path.write_bytes(b"\x80\x02 no pickle")       # a protocol-2 header, then no opcode pickle knows
+    else:
+        torch.save({"version": -1} if damage == "another dict" else {"x": _NamesAGlobal()}, path)
+    with pytest.raises(ZeroflowError) as e:
+        load_checkpoint(str(path))
+    fix = f"; delete it and continue with: zeroflow run --resume --out {path.parent} (the run then trains again "
+    assert why in str(e.value) and str(e.value).endswith(fix + "from its first task)"), e.value
+
+
 @pytest.mark.parametrize("damage", ['{"avg": 1,', "{}", "[1, 2]"])
 def test_a_corrupt_metrics_json_is_named_and_can_be_rewritten(env, tmp_path, capsys, damage):
     out = tmp_path / "run"
