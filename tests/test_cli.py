@@ -1,4 +1,5 @@
 """The zeroflow CLI: light import, bad inputs, config files, report."""
+import io
 import json
 import os
 import subprocess
@@ -528,6 +529,28 @@ def test_a_fresh_digits_run_names_the_data_options_it_ignores(tmp_path, capsys):
     assert "zeroflow: warning: ignoring --data-root /data: the digits data ships with scikit-learn" in err, err
 
 
+def test_a_sweep_whose_stdout_is_closed_before_its_first_line_stops_as_a_closed_pipe(tmp_path, monkeypatch,
+                                                                                     capsys):
+    """`zeroflow sweep ... | true` (the reader gone before the sweep's first line): the "== run ->
+    folder" line it prints first stops the sweep as a closed stdout does within a run (one stderr
+    line saying how to continue, exit 141), not with a BrokenPipeError traceback."""
+    from zeroflow.continual import runner
+
+    class Closed(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    def not_reached(*a, **kw):
+        raise AssertionError("the run started after its line could not be printed")
+    monkeypatch.setattr(runner, "run", not_reached)
+    monkeypatch.setattr(sys, "stdout", Closed())
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--method", "aper", "--optimizers", "zo_sgd", "--epochs", "1", "--out", str(out)]) == 141
+    assert capsys.readouterr().err == (f"zeroflow: sweep stopped: stdout was closed by its reader; run the same "
+                                       f"command with --out {out} to continue (finished runs are kept, the stopped "
+                                       f"one resumes)\n")
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_sweep_under_torchrun_with_several_processes_is_refused_before_anything(tmp_path, monkeypatch, capsys,
                                                                                  rank):
@@ -630,6 +653,38 @@ def test_an_interrupted_torchrun_job_is_described_by_rank_0_only(tmp_path, monke
         assert f"interrupted after task 2/5 (finished tasks are checkpointed in {tmp_path / 'r'})" in err, err
     else:
         assert err == ""
+
+
+@pytest.mark.parametrize("stop, rc", [(KeyboardInterrupt, 130), ("output closed", 141)])
+def test_a_run_stopped_on_a_later_torchrun_rank_says_nothing(tmp_path, monkeypatch, capsys, stop, rc):
+    """The runner gives a stop on rank 1 (Ctrl-C / SIGTERM, or its stdout closed) that rank, so
+    that the CLI leaves the description to rank 0: without it rank 1 said 'interrupted during
+    setup; nothing was kept (no run in DIR)' beside rank 0's resume advice. A two-process job
+    stands in here: this process is rank 1 of 2 and stops as it builds the network."""
+    from zeroflow.continual import runner
+    from zeroflow.continual.errors import OutputClosed
+
+    def stopped(*a, **kw):
+        raise KeyboardInterrupt if stop is KeyboardInterrupt else OutputClosed()
+    monkeypatch.setattr(runner, "distributed_setup", lambda cfg: (1, 2))
+    monkeypatch.setattr(runner, "check_shards", lambda *a: None)
+    monkeypatch.setattr(runner, "_on_rank0", lambda world, main, claim: (str(tmp_path / "r"), "fresh", None))
+    monkeypatch.setattr(runner, "_shared_network", stopped)
+    assert main(["run", "--device", "cpu", "--out", str(tmp_path / "r")]) == rc
+    assert capsys.readouterr().err == ""
+
+
+def test_an_interrupt_before_the_run_s_folder_is_still_said(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the data loads (before the run has a folder: a plain KeyboardInterrupt, no
+    rank) is said as before ('zeroflow: interrupted', exit 130): only a later rank keeps quiet."""
+    from zeroflow.continual import runner
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runner, "load_run_data", interrupted)
+    assert main(["run", "--out", str(tmp_path / "r")]) == 130
+    assert capsys.readouterr().err == "zeroflow: interrupted\n"
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_sweep_whose_stdout_reader_went_away_says_how_to_continue_it(tmp_path, monkeypatch, capsys):
