@@ -505,6 +505,32 @@ def test_resume_names_the_options_of_a_config_file_as_the_file_s(tmp_path, capsy
     assert sorted(os.listdir(out)) == ["config.json"]           # nothing written
 
 
+def test_resume_names_a_bad_location_of_a_config_file_as_the_file_s(tmp_path, capsys):
+    """A location the resume takes from --config FILE (device, data_root, checkpoint) that is no
+    non-empty string is named as the file's option ('device in FILE'), not as a flag never given."""
+    from zeroflow.continual.defaults import resolve
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(resolve({"epochs": 1})))
+    config = tmp_path / "c.yaml"
+    config.write_text("device: 5\n")
+    assert main(["run", "--resume", "--out", str(out), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"zeroflow: error: device in {config} must be a non-empty string (got 5)\n", err
+    assert sorted(os.listdir(out)) == ["config.json"]           # nothing written
+
+
+def test_a_digits_config_file_s_download_is_named_as_the_file_s(tmp_path):
+    """download: true in a --config file of a digits run is named as the file's option, as its
+    data_root is, not as the --download flag the user never gave."""
+    from zeroflow.continual.defaults import resolve
+    config = tmp_path / "c.yaml"
+    config.write_text("download: true\n")
+    warned = []
+    resolve({}, str(config), warn=warned.append)
+    assert warned == [f"ignoring download in {config}: the digits data ships with scikit-learn (drop it)"]
+
+
 def test_a_fresh_digits_run_names_the_data_options_it_ignores(tmp_path, capsys):
     """zeroflow run --data-root /data (or --download) on the embedded digits ran without a word:
     its data ships with scikit-learn, so neither acts (a --resume said so, a fresh run did not).
