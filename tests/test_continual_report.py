@@ -299,6 +299,9 @@ def test_table_2_shows_no_memory_for_a_run_that_trained_nothing():
              dict(none, config=dict(cfg, seed=2), _dir="runs/b", train_peak_memory_bytes=1e9)]
     text, _ = render_runs(seeds, [])
     assert "| EASE | zo_sgd | 1, 2 | - | - | 0 ± 0 |" in text, text
+    seeds = [dict(seeds[0], train_peak_memory_bytes=1e9), dict(seeds[1], train_peak_memory_bytes=None)]
+    text, _ = render_runs(seeds, [])                # whichever seed lacks it
+    assert "| EASE | zo_sgd | 1, 2 | - | - | 0 ± 0 |" in text, text
 
 
 def test_the_gains_table_is_kept_when_only_some_runs_have_a_baseline():
@@ -336,6 +339,16 @@ def test_a_null_or_half_baseline_gain_is_no_traceback(tmp_path):
     runs, skipped = find_runs([str(tmp_path)])
     assert [r["_dir"] for r in runs] == [a]
     assert skipped == [f"{os.path.join(b, 'metrics.json')}: corrupt (avg_gain without last_gain)"]
+
+
+def test_a_digits_run_s_data_root_counts_at_its_default_beside_another_dataset():
+    """Against a run of another dataset (``zeroflow run --dataset cifar100 --out DIR`` where DIR
+    holds a digits run given --data-root /x), a digits run's data_root is its default, not absent:
+    no 'data_root: None there, 'data' requested' beside the dataset that really differs."""
+    from zeroflow.continual.runfolder import config_differences
+    differences = config_differences(resolve({"data_root": "/x"}), resolve({"dataset": "cifar100"}))
+    assert "dataset: 'digits' there, 'cifar100' requested" in differences
+    assert not [d for d in differences if d.startswith("data_root")], differences
 
 
 def test_a_digits_run_s_data_root_does_not_make_it_another_configuration():
