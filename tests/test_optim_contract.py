@@ -783,6 +783,17 @@ def test_numpy_and_torch_false_turn_the_hybrid_off_as_python_false_does():
             create("zo_sgd", ps, hybrid_switch=empty)
 
 
+def test_a_hybrid_switch_array_of_falses_is_one_element_only_when_every_dimension_is_1():
+    # the elements are counted over the whole shape: a [1, 2] array of False holds two (its first
+    # dimension, 1, is no count of them), refused as no count as a [2] array is, not an error of
+    # numpy's or torch's ("truth value ... is ambiguous")
+    import numpy as np
+    ps = list(make_mlp(6, 4, 1).parameters())
+    for two in (np.array([[False, False]]), torch.tensor([[False, False]])):
+        with pytest.raises(ValueError, match=r"hybrid_switch \(the number of FO steps before ZO; 0/None = off\) is "):
+            create("zo_sgd", ps, hybrid_switch=two)
+
+
 @pytest.mark.parametrize("value", [0.0, "", [], "0"])
 def test_a_falsy_hybrid_switch_that_is_no_count_is_refused_not_taken_as_off(value):
     # only None, 0 and a False (Python's, numpy's, torch's) turn the hybrid off: a float 0.0 or an
