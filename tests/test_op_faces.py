@@ -692,6 +692,8 @@ def test_philox_refusals_say_the_fix_on_every_backend(backend, case):
     with pytest.raises(ValueError) as err:
         zk.call_op(be, "philox4x32_10", **args)
     assert str(err.value).split(": ", 1)[1] == want, str(err.value)
+    # each backend's own prefix, the same for all its refusals (Triton's names its op)
+    assert str(err.value).startswith("philox4x32_10: " if be == "triton" else "zfkernels: "), str(err.value)
     with pytest.raises(ValueError, match=r"has dtype .*; use an int64 tensor \(values in \[0, 2\*\*32\)\), "
                                          r"e\.g\. counters\.to\(torch\.int64\)"):
         zk.call_op(be, "philox4x32_10", counters=torch.zeros(1, 4, device=dev), key0=1, key1=2)
