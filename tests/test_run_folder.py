@@ -200,6 +200,21 @@ def test_a_closed_pipe_of_stdout_and_stderr_ends_the_command_as_a_closed_stdout_
         assert "### Accuracy (Table 1 style)" in (tmp_path / "table.md").read_text()     # written whole
 
 
+def test_a_report_whose_stdout_and_stderr_reader_went_away_still_exits_141(tmp_path):
+    """`zeroflow report runs 2>&1 | head -0`: stderr is the closed pipe too, so the one line that
+    says why it stopped cannot be written either; it ends as a closed stdout does (exit 141), not
+    with a BrokenPipeError out of that line."""
+    _finished_run(tmp_path / "r")
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline(); from zeroflow.cli import "
+                             "main; sys.exit(main(sys.argv[1:]))", "report", str(tmp_path)], text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "python"), ROOT])))
+    proc.stdout.close()         # closed before the report is written: deterministic
+    proc.stdin.write("go\n")
+    proc.stdin.close()
+    assert proc.wait(timeout=300) == 141
+
+
 def test_a_run_killed_outright_keeps_the_lines_of_its_finished_tasks(env, tmp_path):
     """`zeroflow run ... > run.log` then a SIGKILL (the OOM killer, a lease's limit): the
     "task 1/5: accuracy ..." line of the task it had finished never reached the file (stdout
