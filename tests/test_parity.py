@@ -1146,3 +1146,31 @@ def test_python_backends_leave_the_flush_mode_as_found_when_they_refuse_or_get_n
         assert torch.tensor([1e-39]).mul(1.0).item() == 0.0
     finally:
         torch.set_flush_denormal(False)
+
+
+# imports zfkernels under flush mode, then turns the mode off: a reference call must leave it off
+_IMPORTED_UNDER_FLUSH = """
+import torch
+torch.set_flush_denormal(True)
+import zfkernels as zk
+torch.set_flush_denormal(False)
+p = torch.full((8,), 2.0 ** -140)
+zk.call_op("torch", "perturb_", params=[p], tensor_ids=[0], seed=1, scale=2.0 ** -20, dist=0, mask_seed=0,
+           mask_threshold=0)
+print(torch.tensor([1e-39]).mul(1.0).item() != 0.0)
+"""
+
+
+def test_a_reference_call_leaves_ieee_mode_on_when_zfkernels_was_imported_under_flush_mode():
+    """The probe that tells whether the thread flushes is a subnormal made from its bits: one
+    converted from the float 2^-140 at an import under flush mode would be 0, every later call
+    would take the thread for flushing and set the mode again after itself, turning flushing on
+    in a process that had turned it off."""
+    import subprocess
+    import sys
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU has no flush-denormal mode")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "python")]))
+    out = subprocess.run([sys.executable, "-c", _IMPORTED_UNDER_FLUSH], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == "True\n", out.stderr
