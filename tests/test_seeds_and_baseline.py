@@ -29,6 +29,7 @@ def runs(tmp_path_factory, zf_cache):
         "seed": dict(optimizer="zo_sgd", seed=5, baseline="none"),
         "order": dict(optimizer="zo_sgd", class_order_seed=7, baseline="none"),
         "untrained": dict(optimizer="zo_sgd", epochs=0, baseline="none"),
+        "one_step": dict(optimizer="zo_sgd", batch_size=4096, baseline="none"),    # one batch per task
     }.items()}
 
 
@@ -80,6 +81,15 @@ def test_a_run_that_trains_nothing_records_no_training_memory(runs):
     text, _ = render_runs([dict(u, _dir="runs/untrained")], [])
     assert "| EASE | zo_sgd | - | - | 0 |" in text.split("### Efficiency")[1], text
     assert "whole-task peak" not in text        # not taken for a run written before the peak was recorded
+
+
+def test_a_task_of_one_step_records_its_training_memory(runs):
+    """A task whose loop took one step (a batch as large as its data) trained: it records its
+    training peak, as a longer one does; only a loop of no step records none."""
+    one = runs["one_step"]
+    assert one["iterations"] == len(one["tasks"]) == 2         # one step per task
+    assert None not in [t["train_peak_memory_bytes"] for t in one["tasks"]]
+    assert one["train_peak_memory_bytes"] is not None
 
 
 def test_the_accuracy_plot_shows_both_curves(runs, monkeypatch):
