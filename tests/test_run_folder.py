@@ -571,6 +571,17 @@ def test_each_refused_checkpoint_says_how_to_continue(tmp_path, damage, why):
     assert why in str(e.value) and str(e.value).endswith(fix + "from its first task)"), e.value
 
 
+def test_a_refused_checkpoint_in_the_current_folder_says_out_dot(tmp_path, monkeypatch):
+    """load_checkpoint("checkpoint.pt") (a path with no folder, from the current one): the fix
+    says --out ., not an empty --out."""
+    from zeroflow.continual.errors import ZeroflowError
+    from zeroflow.continual.runner import load_checkpoint
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(ZeroflowError, match=r"; delete it and continue with: zeroflow run --resume --out \. \("):
+        load_checkpoint("checkpoint.pt")
+
+
 @pytest.mark.parametrize("damage", ['{"avg": 1,', "{}", "[1, 2]"])
 def test_a_corrupt_metrics_json_is_named_and_can_be_rewritten(env, tmp_path, capsys, damage):
     out = tmp_path / "run"
