@@ -185,9 +185,9 @@ def test_a_sigterm_before_any_case_finished_exits_143_and_writes_nothing(tmp_pat
     assert rc == 143 and not out.exists()
     assert "stopped (SIGTERM) after 0 of 1 cases" in capsys.readouterr().err
 
-def test_a_run_stopped_by_sigterm_reports_the_cases_it_finished(tmp_path):
-    """A SIGTERM (a plain ``timeout``, a lease's limit) ended the process at once: no report of
-    the cases it had finished. It is taken as a SIGINT is, named, and the exit status is 143."""
+def _signalled_in_the_second_case(tmp_path, signame: str):
+    """step_timeline over two cases, sent ``signame`` as its second case starts: the process's
+    result and the JSON report it left."""
     import subprocess
     import sys
     import textwrap
@@ -202,7 +202,7 @@ def test_a_run_stopped_by_sigterm_reports_the_cases_it_finished(tmp_path):
         def run_case(*args, **kw):
             calls.append(args[0])
             if len(calls) == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.{signame})
             return real(*args, **kw)
         st.run_case = run_case
         rc = st.main(["--device", "cpu", "--layout", "vit_b_tiny", "--steps", "2", "--backend", "cpu",
@@ -213,8 +213,14 @@ def test_a_run_stopped_by_sigterm_reports_the_cases_it_finished(tmp_path):
     """)
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True,
                        timeout=300)
+    return p, json.loads(out.read_text())
+
+
+def test_a_run_stopped_by_sigterm_reports_the_cases_it_finished(tmp_path):
+    """A SIGTERM (a plain ``timeout``, a lease's limit) ended the process at once: no report of
+    the cases it had finished. It is taken as a SIGINT is, named, and the exit status is 143."""
+    p, report = _signalled_in_the_second_case(tmp_path, "SIGTERM")
     assert p.returncode == 143, (p.returncode, p.stderr[-2000:])
-    report = json.loads(out.read_text())
     assert [r["case"] for r in report["cases"]] == ["zo_sgd-rademacher"]
     assert report["header"]["stopped"] == "stopped (SIGTERM) after 1 of 2 cases"
     assert "stopped (SIGTERM) after 1 of 2 cases" in p.stdout
@@ -233,30 +239,8 @@ def test_a_run_killed_outright_leaves_the_cases_it_measured(tmp_path):
     """A SIGKILL (a lease's hard limit, the OOM killer) lost every case: the text and the JSON
     were written after the last case only. Each case is written as it finishes: its lines on
     stdout (flushed), the JSON replaced whole, its header saying the run did not finish."""
-    import subprocess
-    import sys
-    import textwrap
-
-    from conftest import ROOT, child_env
-
-    out = tmp_path / "timeline.json"
-    code = textwrap.dedent(f"""
-        import os, signal
-        from benchmarks import step_timeline as st
-        real, calls = st.run_case, []
-        def run_case(*args, **kw):
-            calls.append(args[0])
-            if len(calls) == 2:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real(*args, **kw)
-        st.run_case = run_case
-        st.main(["--device", "cpu", "--layout", "vit_b_tiny", "--steps", "2", "--backend", "cpu",
-                 "--cases", "zo_sgd-rademacher,zo_adam-gaussian", "--json", {str(out)!r}])
-    """)
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True,
-                       timeout=300)
+    p, report = _signalled_in_the_second_case(tmp_path, "SIGKILL")
     assert p.returncode == -9, (p.returncode, p.stderr[-2000:])
-    report = json.loads(out.read_text())
     assert [r["case"] for r in report["cases"]] == ["zo_sgd-rademacher"]
     assert report["header"]["stopped"] == ("unfinished after 1 of 2 cases (the run was killed, or is still "
                                            "running)")
