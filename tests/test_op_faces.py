@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import zfkernels as zk
-from conftest import backend_params
+from conftest import backend_params, triton_package_or_skip
 from zfkernels import _compiled
 from zfkernels import reference as R
 
@@ -743,7 +743,7 @@ def test_philox_backends_refuse_a_sparse_counters_tensor_by_name(backend):
 
 def test_philox_triton_op_refuses_a_bool_key():
     # True is an int to Python: the Triton op refuses it by name rather than take it as key 1
-    pytest.importorskip("triton")
-    from zfkernels.triton import philox as TP
+    # (host code only: a skip, with its reason, where the interpreter cannot run the kernels)
+    TP = triton_package_or_skip().philox
     with pytest.raises(ValueError, match=r"key0=True must be an int \(a 32-bit unsigned integer\)"):
         TP.philox4x32_10(torch.zeros(1, 4, dtype=torch.int64), True, 2)
