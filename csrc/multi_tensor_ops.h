@@ -246,7 +246,8 @@ void adam_op(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, Ten
              double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay, int64_t step,
              bool sign, double history_alpha, bool history_init, bool stochastic_rounding, int64_t round_seed) {
   zf_ops::check_adam_args(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed,
-                          mask_threshold, restore_seed, beta1, beta2, step, round_seed);
+                          mask_threshold, restore_seed, lr, beta1, beta2, weight_decay, decoupled_weight_decay, step,
+                          round_seed);
   AdamFunctor::Args a;
   a.s = zf_ops::adam_scalars(restore_scale, lr, beta1, beta2, eps, weight_decay, step, history_alpha);
   if (params.empty()) return;

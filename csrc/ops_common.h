@@ -14,7 +14,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <initializer_list>
+#include <string>
 #include <vector>
 
 namespace zf_ops {
@@ -302,10 +304,46 @@ inline void check_beta(double beta, const char* name, int index) {
                     "]) is outside [0, 1); Adam's decay rates need 0 <= beta < 1, e.g. betas=(0.9, 0.999)");
 }
 
+// The smallest double that rounds to inf in float32 (halfway between FLT_MAX and 2^128, which
+// round-to-nearest-even sends up), and FLT_MAX: zfkernels/opspec.py F32_OVERFLOW, F32_MAX.
+constexpr double kF32Overflow = 0x1.ffffffp+127;
+constexpr double kF32Max = 0x1.fffffep+127;
+
+// A double as Python's f"{v:g}" writes it (C's %g, which Python's format follows), so that the
+// message below is opspec's to the character.
+inline std::string fmt_g(double v) {
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
+// The fp64 step size lr / (1 - beta1^step) and AdamW's decay factor 1 - lr * weight_decay that
+// adam_scalars rounds to fp32 must be finite there: each option may be finite in float32 and
+// they not (lr=3e38 at step 1 is 3e39), and the update then wrote inf / nan into every
+// parameter. zfkernels/opspec.py adam_scalars_refusal, the same expressions and words (the face,
+// the optimizers and the Python backends refuse with it). After check_beta: 1 - beta1^step > 0.
+inline void check_adam_scalars(double lr, double beta1, int64_t step, double weight_decay,
+                               bool decoupled_weight_decay) {
+  const double bc1 = 1.0 - std::pow(beta1, (double)step);
+  const double size = lr / bc1;
+  TORCH_CHECK_VALUE(!(std::fabs(size) >= kF32Overflow), "zfkernels: lr=", fmt_g(lr), " makes Adam step ", step,
+                    "'s bias-corrected step size lr / (1 - beta1**", step, ") = ", fmt_g(size), " (beta1=",
+                    fmt_g(beta1), ") infinite in float32, where the kernels compute: the update would write inf / "
+                    "nan into every parameter; give lr at most ", fmt_g(kF32Max * bc1),
+                    " for this step (float32's largest number times 1 - beta1**", step, ")");
+  const double decay = 1.0 - lr * weight_decay;
+  TORCH_CHECK_VALUE(!(decoupled_weight_decay && std::fabs(decay) >= kF32Overflow), "zfkernels: lr=", fmt_g(lr),
+                    " and weight_decay=", fmt_g(weight_decay),
+                    " make AdamW's decay factor 1 - lr * weight_decay = ", fmt_g(decay),
+                    " infinite in float32, where the kernels compute: the update would write inf / nan into every "
+                    "parameter; give lr * weight_decay at most ", fmt_g(kF32Max), " (float32's largest number)");
+}
+
 inline void check_adam_args(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs,
                             TensorList history_buffers, at::IntArrayRef tensor_ids, at::IntArrayRef seeds,
                             at::ArrayRef<double> coeffs, int64_t dist, int64_t mask_seed, int64_t mask_threshold,
-                            int64_t restore_seed, double beta1, double beta2, int64_t step, int64_t round_seed) {
+                            int64_t restore_seed, double lr, double beta1, double beta2, double weight_decay,
+                            bool decoupled_weight_decay, int64_t step, int64_t round_seed) {
   check_params(params, tensor_ids);
   check_buffers(params, exp_avgs, "exp_avgs", /*required=*/true);
   check_buffers(params, exp_avg_sqs, "exp_avg_sqs", /*required=*/true);
@@ -321,6 +359,7 @@ inline void check_adam_args(TensorList params, TensorList exp_avgs, TensorList e
   check_beta(beta2, "beta2", 1);
   TORCH_CHECK_VALUE(step >= 1, "zfkernels: step=", step,
                     " must be >= 1 (Adam's bias correction counts from 1)");
+  check_adam_scalars(lr, beta1, step, weight_decay, decoupled_weight_decay);
 }
 
 // Host-side scalar preparation shared by CPU and CUDA: the same fp32 constants as

@@ -757,6 +757,70 @@ def test_bad_inputs_raise_on_every_op(backend):
                     assert torch.equal(t, b), f"{name} changed its input before failing"
 
 
+# Options each finite in float32 whose derived float32 scalar is not (docs/kernel-ops.md "Scalars"):
+# Adam's step size lr / (1 - beta1**step), AdamW's decay factor 1 - lr * weight_decay.
+OVERFLOWING_ADAM = {
+    "step_size_at_step_1": dict(lr=3e38),                                 # 3e39
+    "negative_step_size": dict(lr=-3e38),
+    "step_size_at_step_3": dict(lr=1e38, beta1=0.99, step=3),           # 1 - 0.99**3 = 0.0297: 3.4e39
+    "adamw_decay_factor": dict(lr=1e20, weight_decay=1e19, decoupled_weight_decay=True),
+}
+_PREFIX = {"cpu": "zfkernels: ", "cuda": "zfkernels: ", "triton": "zo_adam_update_: ", "torch": ""}
+
+
+@pytest.mark.parametrize("backend", BAD_INPUT_BACKENDS)
+@pytest.mark.parametrize("case", list(OVERFLOWING_ADAM))
+def test_adam_op_refuses_an_overflowing_step_size_or_decay_factor_before_writing(backend, case):
+    """Every backend's op called directly (torch.ops.zfkernels, the Triton function, the
+    reference) refuses, before writing anything, the Adam scalars the face and the optimizers
+    refuse (opspec.adam_scalars_refusal): they took them and wrote inf / nan into params, m and
+    v. The same words after each backend's prefix, also with an empty tensor list (the compiled
+    ops' composite kernel) and on meta tensors (the compiled meta kernel)."""
+    be, dev = backend
+    over = OVERFLOWING_ADAM[case]
+    want = opspec.adam_scalars_refusal(over["lr"], over.get("beta1", 0.9), over.get("step", 1),
+                                       over.get("weight_decay", 0.0), over.get("decoupled_weight_decay", False))
+    assert want is not None
+    gen = torch.Generator().manual_seed(5)
+    p = [torch.randn(300, generator=gen).to(dev), torch.randn(70, generator=gen).to(dev, torch.bfloat16)]
+    m = [torch.randn(t.shape, generator=gen).to(dev, t.dtype) for t in p]
+    v = [torch.rand(t.shape, generator=gen).to(dev) for t in p]
+    h = [torch.randn(t.shape, generator=gen).to(dev) for t in p]
+    before = [t.clone() for t in p + m + v + h]
+    args = _adam(p, m, v, history_buffers=h, history_alpha=0.5, restore_seed=2, restore_scale=1e-3, **over)
+    with pytest.raises(ValueError) as err:
+        _op(be, "zo_adam_update_")(**args)
+    assert str(err.value) == _PREFIX[be] + want
+    for t, b in zip(p + m + v + h, before):
+        assert torch.equal(t, b), "a refused call wrote a tensor"
+    with pytest.raises(ValueError) as empty:
+        _op(be, "zo_adam_update_")(**_adam([], [], [], **over))
+    assert str(empty.value) == str(err.value)
+    if be in ("cpu", "cuda"):
+        meta = [torch.empty(8, device="meta")]
+        with pytest.raises(ValueError) as on_meta:
+            _op(be, "zo_adam_update_")(**_adam(meta, [torch.empty(8, device="meta")],
+                                               [torch.empty(8, device="meta")], **over))
+        assert str(on_meta.value) == str(err.value)
+
+
+@pytest.mark.parametrize("backend", BAD_INPUT_BACKENDS)
+def test_adam_op_takes_the_largest_lr_its_refusal_names(backend):
+    """The bound is float32's range, nothing tighter: lr = FLT_MAX * (1 - beta1**step), the
+    largest the refusal names, runs on every backend and gives the reference's bits."""
+    be, dev = backend
+    bc1 = 1.0 - 0.9 ** 2
+    lr = opspec.F32_MAX * bc1
+    assert opspec.adam_scalars_refusal(lr, 0.9, 2) is None
+    results = {}
+    for b, d in ((be, dev), ("torch", "cpu")):
+        p, m, v = [torch.linspace(-1, 1, 200, device=d)], [torch.zeros(200, device=d)], [torch.zeros(200, device=d)]
+        _op(b, "zo_adam_update_")(**_adam(p, m, v, lr=lr, step=2))
+        results[b] = [t.cpu() for t in p + m + v]
+    assert torch.isfinite(results["torch"][0]).all()
+    assert_all_bits_equal([results[be]], [results["torch"]], "largest lr")
+
+
 # ======================================================================================
 # Compiled ops: schema checks (torch.library.opcheck) and the build
 # ======================================================================================

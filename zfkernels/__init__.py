@@ -506,9 +506,7 @@ def zo_adam_update_(
     restore_scale, lr, eps, weight_decay, decoupled_weight_decay, sign, history_alpha, history_init, \
         stochastic_rounding = o.values()
     # each option finite in float32, their step size or decay factor may not be (lr=3e38 at step 1)
-    why = opspec.adam_scalars_refusal(lr, betas[0], step, weight_decay, decoupled_weight_decay)
-    if why is not None:
-        raise ValueError(why)
+    opspec.check_adam_scalars(lr, betas[0], step, weight_decay, decoupled_weight_decay)
     history_buffers = _as_list(history_buffers, "history_buffers")     # before its len(), as in zo_sgd_update_
     _check_features(params, "history_buffers", history_buffers, history_alpha=history_alpha)
     b = _backend_for(backend, params)

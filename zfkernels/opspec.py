@@ -181,7 +181,9 @@ def adam_scalars_refusal(lr: float, beta1: float, step: int, weight_decay: float
     (largest at step 1: lr=3e38 with beta1=0.9 is 3e39) or AdamW's decay factor
     ``1 - lr * weight_decay`` not: the update then writes inf / nan into every parameter.
     The same fp64 expressions every backend rounds to float32 (csrc/ops_common.h
-    ``adam_scalars``), so a refusal here is exactly an infinite scalar there."""
+    ``adam_scalars``), so a refusal here is exactly an infinite scalar there. Every backend's
+    op refuses it in these words (:func:`check_adam_scalars`; the compiled ops:
+    csrc/ops_common.h ``check_adam_scalars``)."""
     lr, beta1, wd = float(lr), float(beta1), float(weight_decay)
     if not 0.0 <= beta1 < 1.0:      # check_betas' to refuse, in its words (1 - beta1**step may be 0)
         return None
@@ -198,6 +200,17 @@ def adam_scalars_refusal(lr: float, beta1: float, step: int, weight_decay: float
                 f"infinite in float32, where {computed}: the update would write inf / nan into every "
                 f"parameter; give lr * weight_decay at most {F32_MAX:.6g} (float32's largest number)")
     return None
+
+
+def check_adam_scalars(lr: float, beta1: float, step: int, weight_decay: float = 0.0,
+                       decoupled_weight_decay: bool = False, where: str = "") -> None:
+    """:func:`adam_scalars_refusal` as a ``ValueError``, raised before anything is written: the
+    check of csrc/ops_common.h ``check_adam_scalars`` (the compiled ops, same words), for the
+    face and the Python backends (the reference and Triton). ``where`` prefixes the message
+    (Triton names its op)."""
+    why = adam_scalars_refusal(lr, beta1, step, weight_decay, decoupled_weight_decay)
+    if why is not None:
+        raise ValueError(where + why)
 
 
 def check_betas(beta1: float, beta2: float, where: str = "") -> None:

@@ -23,7 +23,7 @@ import torch
 
 from . import stream as S
 from ._overlap import check_no_overlap
-from .opspec import check_betas, check_writable
+from .opspec import check_adam_scalars, check_betas, check_writable
 
 _C = S.f32_from_bits  # §5 constants: exact fp32 values from their bit patterns
 _PI_F32 = _C(S.PI_F32_BITS)  # 3.14159274
@@ -458,6 +458,7 @@ def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, 
     S.check_seed(round_seed, "round_seed")
     S.check_adam_step(step)
     check_betas(beta1, beta2)
+    check_adam_scalars(lr, beta1, step, weight_decay, decoupled_weight_decay)
     bc1 = 1.0 - beta1 ** step
     bc2 = 1.0 - beta2 ** step
     step_size = _f32(lr / bc1)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..opspec import check_betas
+from ..opspec import check_adam_scalars, check_betas
 from .. import stream as S
 from ..stream import split_seed
 from ._common import (
@@ -123,6 +123,7 @@ def zo_adam_update_(
     f32(beta1, "beta1", op)
     b2 = f32(beta2, "beta2", op)
     check_betas(beta1, beta2, f"{op}: ")
+    check_adam_scalars(lr, beta1, step, weight_decay, decoupled_weight_decay, f"{op}: ")
     eps = f32(eps, "eps", op)
     weight_decay = f32(weight_decay, "weight_decay", op)
     history_alpha = f32(history_alpha, "history_alpha", op)
