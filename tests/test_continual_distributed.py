@@ -155,6 +155,90 @@ def test_only_rank0_writes(runs):
     assert not [f for f in files if f.startswith(".tmp-") or ".tmp." in f]   # no temporary file left
 
 
+def _cli_worker(rank, world, port, argv, result_dir):
+    """``zeroflow ARGV`` as rank ``rank`` of a torchrun job; its exit code and stderr kept."""
+    import sys
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0")
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    import torch.distributed as dist
+    from zeroflow.cli import main
+
+    with open(os.path.join(result_dir, f"rank{rank}.err"), "w") as err:
+        sys.stderr = err
+        try:
+            rc = main(argv)
+        finally:
+            sys.stderr = sys.__stderr__
+    with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"rc": rc}, f)
+    if dist.is_initialized():
+        dist.barrier()
+        os._exit(0)
+
+
+def _launch_cli(world, argv, result_dir):
+    """``[(exit code, stderr)]`` of each rank of ``torchrun --nproc-per-node WORLD -m zeroflow ARGV``."""
+    os.makedirs(result_dir, exist_ok=True)
+    store = _agent_store()
+    mp.start_processes(_cli_worker, args=(world, store.port, argv, str(result_dir)), nprocs=world, join=True,
+                       start_method="spawn")
+    del store
+    out = []
+    for r in range(world):
+        with open(os.path.join(result_dir, f"rank{r}.json")) as f, open(os.path.join(result_dir, f"rank{r}.err")) as e:
+            out.append((json.load(f)["rc"], e.read()))
+    return out
+
+
+@pytest.mark.parametrize("case", ["missing folder", "options of the folder"])
+def test_a_resume_refusal_under_torchrun_is_said_by_rank_0_only(tmp_path, case):
+    """torchrun --nproc-per-node 2 -m zeroflow run --resume --out DIR printed the refusals and
+    warnings of the run folder's configuration once per rank (every rank read it before the
+    group existed, with its warnings on): 'run folder DIR does not exist' twice, and 'ignoring
+    --epochs 3' then '--checkpoint: the run ... loads no weights file' twice each. The ranks agree
+    on them now, and rank 0 alone says them."""
+    from zeroflow.continual.defaults import resolve
+
+    out = tmp_path / "run"
+    argv = ["run", "--resume", "--out", str(out), "--no-progress"]
+    if case == "options of the folder":
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps(resolve(dict(CFG))))
+        argv += ["--epochs", "3", "--checkpoint", str(tmp_path / "vit.safetensors")]
+    (rc0, err0), (rc1, err1) = _launch_cli(2, argv, tmp_path / "res")
+    assert rc0 == rc1 == 2
+    if case == "missing folder":
+        assert err0 == f"zeroflow: error: --resume: run folder {out} does not exist\n", err0
+    else:
+        assert err0.splitlines() == [
+            f"zeroflow: warning: --resume continues {out} with the configuration in its config.json; ignoring "
+            f"--epochs 3 (the run has 1)",
+            f"zeroflow: error: --checkpoint: the run in {out} loads no weights file (its backbone is small, "
+            f"pretrained by zeroflow); drop the option"], err0
+    assert err1 == "", err1
+
+
+def test_a_refused_checkpoint_of_a_resume_under_torchrun_is_said_by_rank_0_only(runs, tmp_path):
+    """Every rank reads the run's checkpoint.pt on --resume (each loads the learner's state from it):
+    a refusal of it (here: config.json edited since the tasks were trained) was said once per rank."""
+    import shutil
+    base, one, two = runs
+    run_dir = tmp_path / "run"
+    shutil.copytree(base / "w1", run_dir)
+    os.remove(run_dir / "metrics.json")         # the run as it was before its last task finished
+    cfg = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps(dict(cfg, epochs=2)))
+    (rc0, err0), (rc1, err1) = _launch_cli(2, ["run", "--resume", "--out", str(run_dir), "--no-progress"],
+                                           tmp_path / "res")
+    assert rc0 == rc1 == 2
+    assert err0 == (f"zeroflow: error: cannot resume {run_dir}: its config.json is not the configuration its "
+                    f"finished tasks were trained with (epochs: 1 in checkpoint.pt, 2 in config.json); restore "
+                    f"config.json, or start a new run (another --out, or --force)\n"), err0
+    assert err1 == "", err1
+
+
 def test_first_order_refused_under_torchrun(tmp_path):
     res = _launch(1, tmp_path / "fo", tmp_path / "cache", tmp_path / "res", optimizer="fo_sgd")
     assert "error" in res[0]

@@ -198,12 +198,17 @@ def distributed_setup(cfg: Dict):
     got = init_from_env()
     if got is None:
         return None
+    refuse_first_order(cfg)
+    return got
+
+
+def refuse_first_order(cfg: Dict) -> None:
+    """Under torchrun: a first-order optimizer is refused (:func:`distributed_setup`)."""
     with the_same_on_every_rank():      # the option, which every rank gets alike
         if str(cfg.get("optimizer", "")).startswith("fo_"):
             raise ZeroflowError(f"--optimizer {cfg['optimizer']} under torchrun: data-parallel runs exchange only "
                                 "ZO loss scalars, so they need a forward-pass optimizer (zo_* or forward_grad, "
                                 "optionally with --hybrid-switch); run first-order baselines in a single process")
-    return got
 
 
 def claim_default_folder(cfg: Dict, warn) -> RunFolder:
@@ -533,20 +538,34 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
     t_start = time.perf_counter()
     with the_same_on_every_rank():      # the command line, which every rank of a torchrun job gets alike
         _check_run_flags(out, resume=resume, force=force, stop_after=stop_after)
-    above = run_above(out or "runs")        # no --out: runs/<time>_... (below the current folder)
-    if above:       # before the claim, which would create the folders up to --out
-        raise ZeroflowError(inside_refusal(out or "runs", above))
-    if resume:
-        cfg, located = resumed_config(out, cfg, warn, names)
+    if resume:      # the configuration is the run folder's: read below, once the group is up
+        from zeroflow.distributed import init_from_env
+
+        shard = init_from_env()
     else:
         with the_same_on_every_rank():
             cfg = validate(cfg)
-        located = {k: cfg.get(k) for k in LOCATIONS}
+        shard = distributed_setup(cfg)
+    rank, world = shard or (0, 1)
+    requested = cfg
+
+    def the_folder():
+        # files every rank reads for itself, so the ranks agree on their refusals (:func:`_agreed`)
+        # and rank 0 alone says the warnings: every rank of torchrun ... --resume said each of them
+        # (a folder missing, --checkpoint given to a run without weights, 'ignoring --epochs 3')
+        above = run_above(out or "runs")        # no --out: runs/<time>_... (below the current folder)
+        if above:       # before the claim, which would create the folders up to --out
+            raise ZeroflowError(inside_refusal(out or "runs", above))
+        if resume:
+            return resumed_config(out, requested, warn if rank == 0 else _silent, names)
+        return requested, {k: requested.get(k) for k in LOCATIONS}
+
+    cfg, located = _agreed(world, the_folder)
+    if resume and shard is not None:
+        refuse_first_order(cfg)
     device_name = located["device"]
     # the configuration, with where its device, data and weights are now and how the data is loaded
     where = dict(cfg, **located)
-    shard = distributed_setup(cfg)
-    rank, world = shard or (0, 1)
     main = rank == 0     # only rank 0 writes files and logs; every rank trains and evaluates
     if not main:
         log, warn, progress = _silent, _silent, False
@@ -594,8 +613,12 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
             log(learner.describe())
         T = len(data.tasks)
         # before anything is written: a resumed run whose data or weights changed is refused
-        results = _restore_results(run_dir, learner, resume=mode == "resume", n_tasks=T, log=log, warn=warn,
-                                   identity=run_identity(data, where, net), in_sweep=continue_existing, config=cfg)
+        # every rank reads the checkpoint (each loads the learner's state): a refusal of it (another
+        # configuration, data or weights) is said once when every rank hit it alike
+        identity = run_identity(data, where, net)
+        results = _agreed(world, lambda: _restore_results(
+            run_dir, learner, resume=mode == "resume", n_tasks=T, log=log, warn=warn, identity=identity,
+            in_sweep=continue_existing, config=cfg))
         if main:
             if mode == "fresh":
                 atomic_write_json(os.path.join(run_dir, CONFIG), cfg)
