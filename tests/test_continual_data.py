@@ -613,3 +613,33 @@ def test_16_bit_greyscale_png_decodes_to_its_grey_not_white(tmp_path):
     d = load_dataset("cub", str(tmp_path), 2, 2, img_size=32, warn=lambda m: None)
     x, _ = d.test[[p for p, _ in d.test.samples].index(str(folder / "dark16.png"))]
     assert float(x.max()) == pytest.approx(round(7000 / 257) / 255, abs=1e-6)
+
+
+@pytest.mark.parametrize("damaged, why", [
+    ("train", "no key 'data', 'fine_labels' (it has b'data', b'fine_labels': bytes keys, from a pickle read with "
+              "encoding='bytes' and written again; the official files have str keys)"),
+    ("meta", "no key 'fine_label_names' (its keys: 'coarse_label_names')"),
+    ("test", "data of shape (100, 3000), not rows of 3072 bytes (32x32 RGB) per image"),
+])
+def test_a_cifar100_pickle_without_what_torchvision_reads_is_named(tmp_path, damaged, why):
+    """A CIFAR-100 file that unpickles but lacks what torchvision reads (re-pickled from the CIFAR
+    page's unpickle snippet, encoding='bytes': bytes keys; a meta without fine_label_names; image
+    rows cut short) stopped the run with 'could not read CIFAR-100 from DIR: KeyError: 'data'' (or
+    numpy's reshape error): which file, and what to do, unsaid. Now the file, what it lacks and the fix."""
+    from zeroflow.continual.data import load_cifar100
+    _write_cifar100(str(tmp_path))
+    path = os.path.join(str(tmp_path), "cifar-100-python", damaged)
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    if damaged == "train":
+        entry = {k.encode(): v for k, v in entry.items()}
+    elif damaged == "meta":
+        del entry["fine_label_names"]
+    else:
+        entry["data"] = entry["data"][:, :3000]
+    with open(path, "wb") as f:
+        pickle.dump(entry, f)
+    with pytest.raises(ZeroflowError) as e:
+        load_cifar100(str(tmp_path), 10, 10, img_size=32)
+    assert str(e.value) == (f"could not read CIFAR-100 from {tmp_path / 'cifar-100-python'}: {path}: {why}; replace "
+                            f"the file with the official one (--download into an empty --data-root fetches it)")

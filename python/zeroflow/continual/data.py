@@ -375,6 +375,41 @@ def _cifar_unreadable(cls, folder: str) -> List[str]:
     return bad
 
 
+def _cifar_malformed(cls, folder: str) -> List[str]:
+    """``PATH: what is wrong`` for each file of ``cls`` in ``folder`` that unpickles but does not
+    hold what torchvision reads from it (a dict with ``data`` and ``fine_labels``, ``meta`` one with
+    ``fine_label_names``): torchvision's own error (``KeyError: 'data'``) names neither the file
+    nor the key's place. Only on the error path: it reads every file once more."""
+    import pickle
+
+    bad = []
+    needs = {name: ("data", "fine_labels") for name, _ in cls.train_list + cls.test_list}
+    needs[cls.meta["filename"]] = (cls.meta["key"],)
+    for name, keys in needs.items():
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+        except Exception:  # noqa: BLE001 (absent or unreadable: _cifar_missing / _cifar_unreadable name those)
+            continue
+        if not isinstance(entry, dict):
+            bad.append(f"{path}: a {type(entry).__name__}, not the dict of a CIFAR-100 file")
+            continue
+        lacking = [k for k in keys if k not in entry and not (k == "fine_labels" and "labels" in entry)]
+        if lacking:
+            as_bytes = [k for k in lacking if k.encode() in entry]
+            bad.append(f"{path}: no key {', '.join(map(repr, lacking))}" + (
+                f" (it has {', '.join(repr(k.encode()) for k in as_bytes)}: bytes keys, from a pickle read with "
+                f"encoding='bytes' and written again; the official files have str keys)" if as_bytes else
+                f" (its keys: {', '.join(map(repr, sorted(map(str, entry))[:8]))})"))
+            continue
+        if "data" in keys:
+            data = np.asarray(entry["data"])
+            if data.size % 3072:
+                bad.append(f"{path}: data of shape {tuple(data.shape)}, not rows of 3072 bytes (32x32 RGB) per image")
+    return bad
+
+
 def load_cifar100(root: str, init_cls: int, increment: int, download: bool = False, img_size: int = 224,
                   class_order_seed: int = CLASS_ORDER_SEED) -> CLData:
     folder = os.path.join(root, "cifar-100-python")
@@ -409,6 +444,11 @@ def load_cifar100(root: str, init_cls: int, increment: int, download: bool = Fal
                 f"could not read CIFAR-100 from {folder}: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} "
                 f"not a readable pickle ({type(e).__name__}: {e}); replace the file with the official one "
                 f"(--download into an empty --data-root fetches it)") from e
+        malformed = [] if download else _cifar_malformed(cls, folder)
+        if malformed:
+            raise ZeroflowError(
+                f"could not read CIFAR-100 from {folder}: {'; '.join(malformed)}; replace the file with the official "
+                f"one (--download into an empty --data-root fetches it)") from e
         raise ZeroflowError(f"could not read CIFAR-100 from {folder}: {type(e).__name__}: {e}") from e
     n = len(train.classes)
     if n != CIFAR_CLASSES:
