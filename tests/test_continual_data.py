@@ -643,3 +643,25 @@ def test_a_cifar100_pickle_without_what_torchvision_reads_is_named(tmp_path, dam
         load_cifar100(str(tmp_path), 10, 10, img_size=32)
     assert str(e.value) == (f"could not read CIFAR-100 from {tmp_path / 'cifar-100-python'}: {path}: {why}; replace "
                             f"the file with the official one (--download into an empty --data-root fetches it)")
+
+
+def test_a_real_dataset_on_the_small_vit_takes_its_pretraining_defaults(tmp_path, monkeypatch, capsys):
+    """backbone: small in a config file (a quick test of an ImageFolder set in its own format, the
+    small ViT pretrained on it) stopped with a KeyError: 'pretrain_lr' traceback once the data was
+    read: the pretraining options are in the digits defaults only. A real dataset's run on the small
+    ViT takes them (those the file gives win) and runs."""
+    from zeroflow.cli import main
+
+    monkeypatch.setenv("ZEROFLOW_CACHE", str(tmp_path / "cache"))
+    _write_imagefolder(str(tmp_path / "data"), "cub", n_classes=4, per_split=4)
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text("backbone: small\nimg_size: 16\nadapter_dim: 4\nsmall_vit: {patch_size: 4, embed_dim: 16, depth: 1, "
+                   "num_heads: 2}\npretrain_epochs: 1\nepochs: 1\nbatch_size: 8\nnum_workers: 0\n")
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(cfg), "--dataset", "cub", "--data-root", str(tmp_path / "data"),
+                 "--init-cls", "2", "--increment", "2", "--optimizer", "zo_sgd", "--out", str(out),
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    saved = json.loads((out / "config.json").read_text())
+    # the digits' pretraining lr and batch (docs/continual.md), the file's epochs
+    assert (saved["pretrain_epochs"], saved["pretrain_lr"], saved["pretrain_batch_size"]) == (1, 3e-3, 64)
+    assert (out / "metrics.json").is_file()
