@@ -665,3 +665,21 @@ def test_a_real_dataset_on_the_small_vit_takes_its_pretraining_defaults(tmp_path
     # the digits' pretraining lr and batch (docs/continual.md), the file's epochs
     assert (saved["pretrain_epochs"], saved["pretrain_lr"], saved["pretrain_batch_size"]) == (1, 3e-3, 64)
     assert (out / "metrics.json").is_file()
+
+
+def test_a_cifar100_file_of_other_than_uint8_pixels_is_refused_when_loaded(tmp_path):
+    """A CIFAR-100 train file whose data is int64 (written again from numpy arithmetic) loaded, and
+    the run then stopped in its first task with PIL's 'TypeError: Cannot handle this data type'
+    traceback, its folder claimed. Refused when the data is loaded now, naming the file and the fix."""
+    from zeroflow.continual.data import load_cifar100
+    _write_cifar100(str(tmp_path))
+    path = os.path.join(str(tmp_path), "cifar-100-python", "train")
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    entry["data"] = entry["data"].astype(np.int64)
+    with open(path, "wb") as f:
+        pickle.dump(entry, f)
+    with pytest.raises(ZeroflowError) as e:
+        load_cifar100(str(tmp_path), 10, 10, img_size=32)
+    assert str(e.value) == (f"{path}: its data is int64, not the uint8 pixels of a CIFAR-100 file; replace the file "
+                            f"with the official one (--download into an empty --data-root fetches it)")

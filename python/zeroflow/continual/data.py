@@ -456,6 +456,9 @@ def load_cifar100(root: str, init_cls: int, increment: int, download: bool = Fal
     fix = "replace the file with the official one (--download into an empty --data-root fetches it)"
     for ds, split in ((train, "train"), (test, "test")):
         _check_cifar_labels(ds, os.path.join(folder, split), fix)
+        if ds.data.dtype != np.uint8:       # PIL's fromarray refused each image when the run read it
+            raise ZeroflowError(f"{os.path.join(folder, split)}: its data is {ds.data.dtype}, not the uint8 pixels "
+                                f"of a CIFAR-100 file; {fix}")
     data = CLData(
         name="cifar100", n_classes=CIFAR_CLASSES, order=order,
         tasks=task_classes(CIFAR_CLASSES, init_cls, increment, "cifar100"),
