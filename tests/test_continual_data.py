@@ -683,3 +683,23 @@ def test_a_cifar100_file_of_other_than_uint8_pixels_is_refused_when_loaded(tmp_p
         load_cifar100(str(tmp_path), 10, 10, img_size=32)
     assert str(e.value) == (f"{path}: its data is int64, not the uint8 pixels of a CIFAR-100 file; replace the file "
                             f"with the official one (--download into an empty --data-root fetches it)")
+
+
+def test_a_sweep_says_a_warning_of_its_data_once(tmp_path, monkeypatch, capsys):
+    """zeroflow sweep on an ImageFolder set of another class count than the study's said 'cub under
+    ... has 4 class folders, the published dataset 200' once per run (8 optimizers x 3 seeds: 24
+    times), burying the other warnings; its runs share the data, so it is said once now."""
+    from zeroflow.cli import main
+
+    monkeypatch.setenv("ZEROFLOW_CACHE", str(tmp_path / "cache"))
+    _write_imagefolder(str(tmp_path / "data"), "cub", n_classes=4, per_split=4)
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text("backbone: small\nimg_size: 16\nadapter_dim: 4\nsmall_vit: {patch_size: 4, embed_dim: 16, depth: 1, "
+                   "num_heads: 2}\npretrain_epochs: 1\npretrain_lr: 0.003\npretrain_batch_size: 64\nepochs: 1\n"
+                   "batch_size: 8\nnum_workers: 0\n")
+    assert main(["sweep", "--config", str(cfg), "--dataset", "cub", "--data-root", str(tmp_path / "data"),
+                 "--init-cls", "2", "--increment", "2", "--method", "aper", "--optimizers", "zo_sgd,zo_adam",
+                 "--out", str(tmp_path / "sweep"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    said = f"zeroflow: warning: cub under {tmp_path / 'data' / 'cub'} has 4 class folders, the published dataset 200"
+    assert err.count(said) == 1, err

@@ -353,11 +353,19 @@ def cmd_sweep(a, started: float) -> int:
                     f"steps and forward_grad's jvps cannot be replayed from a trajectory log)")
     sweep_folder = RunFolder(parent).claim(warn_stderr)     # one sweep per folder at a time
     finished, failed = [], []
+    said = set()
+
+    def warn_once(message):
+        # the runs of a sweep share their data: its warnings (a class count unlike the study's,
+        # files skipped) were said again by every run; a warning of one run's own is said as before
+        if message not in said:
+            said.add(message)
+            warn_stderr(message)
     try:
         for n, cfg, d in plan:
             _say(f"== {n} -> {d}", flush=True)
             try:
-                m = run(cfg, d, force=a.force, continue_existing=True, progress=not a.no_progress)
+                m = run(cfg, d, force=a.force, continue_existing=True, progress=not a.no_progress, warn=warn_once)
             except ZeroflowError as e:
                 _tell(f"zeroflow: error: {n}: {e}")
                 failed.append((n, str(e)))
