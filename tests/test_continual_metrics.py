@@ -74,6 +74,18 @@ def test_accuracy_from_predictions_is_exact_from_counts():
     assert overall == 100.0 * 93 / 96
 
 
+def test_the_overall_accuracy_is_exact_from_counts_too():
+    """The overall accuracy (the 'Last' of a run's final task, every column's input) is 100 *
+    correct / n in double as the per-task ones are: a float32 mean stored 86 of 89 as
+    96.6292142868, where the counts give 96.6292134831."""
+    import torch
+    tgt = torch.tensor([0] * 50 + [1] * 39)
+    pred = tgt.clone()
+    pred[:3] = 1                                  # 86 of 89 right in all
+    overall, _ = M.accuracy_from_predictions(pred, tgt, [[0], [1]])
+    assert overall == 100.0 * 86 / 89
+
+
 def test_class_order_seed_1993_known_prefixes():
     assert class_order(100)[:5] == [68, 56, 78, 8, 23]
     assert class_order(200)[:4] == [168, 136, 51, 9]
