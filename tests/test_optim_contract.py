@@ -2350,3 +2350,108 @@ def test_the_zo_adam_face_refuses_an_overflowing_step_size_before_writing():
     assert torch.equal(p, torch.ones(5)) and not m.any() and not v.any()
     zfkernels.zo_adam_update_([p], [m], [v], seeds=[1], coeffs=[1.0], lr=3e38, step=40, backend="torch")
     assert torch.isfinite(p).all()      # 1 - 0.9**40 = 0.985: a finite step size
+
+
+def test_an_adam_lr_is_refused_exactly_where_float32_rounds_its_step_size_to_inf():
+    """The refusal is where float32 rounds lr / (1 - beta1**step) to inf: halfway between FLT_MAX
+    and 2^128 (round-to-nearest-even goes up) and beyond. An lr one double below is taken, its
+    step size rounding to FLT_MAX, as is the 'lr at most' the refusal names. beta1 = 0.5 makes
+    step 1's bias correction exact."""
+    import zfkernels
+    from zfkernels.opspec import F32_MAX, F32_OVERFLOW
+    refused = F32_OVERFLOW * 0.5
+    below = math.nextafter(refused, 0.0)
+    f32 = lambda x: float(torch.tensor(x, dtype=torch.float64).float())     # noqa: E731
+    assert math.isinf(f32(refused / 0.5)) and f32(below / 0.5) == F32_MAX
+    p, m, v = torch.ones(5), torch.zeros(5), torch.zeros(5)
+    with pytest.raises(ValueError, match=r"infinite in float32, .*give lr at most 1.70141e\+38 for this step"):
+        zfkernels.zo_adam_update_([p], [m], [v], seeds=[1], coeffs=[0.0], lr=refused, betas=(0.5, 0.999), step=1,
+                                  backend="torch")
+    for lr in (below, F32_MAX * 0.5):
+        zfkernels.zo_adam_update_([p], [m], [v], seeds=[1], coeffs=[0.0], lr=lr, betas=(0.5, 0.999), step=1,
+                                  backend="torch")
+    assert torch.equal(p, torch.ones(5))       # a zero estimate: no move, and nothing infinite
+
+
+@pytest.mark.parametrize("kind,backend", [("zo", "torch"), ("fo", None)])
+def test_adamw_with_beta1_0_refuses_an_overflowing_decay_factor_too(kind, backend):
+    """beta1 = 0 (no momentum, RMSprop-like) makes step 1's bias correction 1 - 0**1 = 1: the
+    decay factor 1 - lr * weight_decay of AdamW overflows float32 all the same, and is refused
+    before anything is written."""
+    model, opt = _adam_opt(kind, backend, lr=1e20, weight_decay=1e19, decoupled_weight_decay=True,
+                           betas=(0.0, 0.999))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"param group 0: lr=1e\+20 and weight_decay=1e\+19 make AdamW's decay "
+                                         r"factor 1 - lr \* weight_decay = -1e\+39 infinite"):
+        _adam_step(kind, model, opt)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_adam_s_l2_weight_decay_has_no_decay_factor_to_refuse():
+    """The decay-factor refusal is AdamW's (decoupled): Adam's L2 weight decay adds wd * theta to
+    the estimate and multiplies nothing by 1 - lr * wd, so lr * wd beyond float32 is no reason."""
+    from zfkernels.opspec import adam_scalars_refusal
+    assert adam_scalars_refusal(1e20, 0.9, 1, 1e19, decoupled_weight_decay=False) is None
+    assert "decay factor" in adam_scalars_refusal(1e20, 0.9, 1, 1e19, decoupled_weight_decay=True)
+
+
+@pytest.mark.parametrize("kind,backend", [("zo", "torch"), ("fo", None)])
+def test_an_overflowing_adam_lr_in_a_later_group_is_refused_naming_that_group(kind, backend):
+    """A LoRA / no-decay group with its own lr: the refusal names the group that overflows
+    (param group 1), and FO AdamW's names the optimizer that computes it (torch.optim.AdamW)."""
+    torch.manual_seed(0)
+    model = make_mlp(6, 4, 1)
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 3e38}]
+    if kind == "zo":
+        opt = ZOFusedAdam(groups, lr=1e-3, seed=3, backend=backend)
+        where = "the kernels compute"
+    else:
+        from zeroflow.optim.fo import FOAdamW
+        opt = FOAdamW(groups, lr=1e-3)
+        where = "torch.optim.AdamW computes"
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=rf"^param group 1: lr=3e\+38 makes Adam step 1's .*where {where}"):
+        _adam_step(kind, model, opt)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_fo_adam_takes_a_float32_overflowing_lr_for_float64_parameters():
+    """torch.optim.Adam computes a float64 parameter's step in float64, where lr / (1 - beta1) =
+    3e39 is finite: the float32 refusal is not theirs."""
+    from zeroflow.optim.fo import FOAdam
+    torch.manual_seed(0)
+    model = make_mlp(6, 4, 1).double()
+    opt = FOAdam(model.parameters(), lr=3e38)
+    x, y = make_data(8, 6, seed=1)
+    opt.zero_grad()
+    F.mse_loss(model(x.double()), y.double()).backward()
+    opt.step()
+    assert opt.steps == 1 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_zo_adam_conserve_refuses_an_eps_its_frozen_moves_would_overflow_unless_lr_is_0():
+    """conserve's frozen move scales eps by sqrt(1 - beta2^t) 2^13.5 (366 at step 1): eps=1e37
+    (finite in float32) becomes inf there, refused before the step. At lr = 0 (a warmup's first
+    step) the update and every move are of length 0: the same eps is taken and nothing is infinite."""
+    model, opt = _adam_opt("zo", "torch", lr=1e-3, eps=1e37, conserve=True)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"param group 0: lr=0.001 \(betas=\(0.9, 0.999\), eps=1e\+37, "
+                                         r"weight_decay=0\) is too large for conserve at Adam step 1"):
+        _adam_step("zo", model, opt)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    model, opt = _adam_opt("zo", "torch", lr=0.0, eps=1e37, conserve=True)
+    _adam_step("zo", model, opt)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_zo_adam_conserve_with_l2_weight_decay_takes_lr_times_weight_decay_1():
+    """lr * weight_decay = 1 is refused for AdamW with conserve (its decay factor 1 - lr * wd is 0,
+    which conserve's move back divides by); Adam's L2 weight decay (decoupled_weight_decay=False)
+    has no such factor: it steps, and the parameters stay finite."""
+    model, opt = _adam_opt("zo", "torch", lr=0.5, weight_decay=2.0, conserve=True)
+    for _ in range(2):
+        _adam_step("zo", model, opt)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
