@@ -1,6 +1,7 @@
 """What a MeZO-style user (a language model fine-tuned in bf16 / fp16 with ZOFusedSGD /
 ZOFusedAdam, docs/algorithms.md §0, §7, §11) runs into, on tiny CPU stand-ins."""
 import contextlib
+import re
 import warnings
 
 import pytest
@@ -46,6 +47,33 @@ def test_zo_adam_warns_once_that_float16_v_underflows_and_names_state_dtype():
     w.data = w.data.half()
     with pytest.warns(RuntimeWarning, match=r"exp_avg_sq\) is float16"):
         opt.step(lambda: w.float().sum())
+
+
+def test_the_fp16_v_warning_comes_at_the_build_for_a_group_that_keeps_some_parameters_float32():
+    """A half model that keeps its norms in float32 (mixed precision's usual exception): the
+    group's float16 weights get a float16 v all the same, and the warning comes when the
+    optimizer is built, before a step moves anything."""
+    w = torch.nn.Parameter(torch.zeros(8, dtype=torch.float16))
+    norm = torch.nn.Parameter(torch.ones(8))
+    with pytest.warns(RuntimeWarning, match=r"exp_avg_sq\) is float16"):
+        ZOFusedAdam([w, norm], lr=1e-3)
+
+
+@pytest.mark.parametrize("beta2", [0.999, 0.99])
+def test_the_fp16_v_warning_names_the_gradient_below_which_v_underflows(beta2):
+    """'(1 - beta2) g^2 rounds to 0 for |g| below X': below X (5% under) float16's v of one
+    estimate is 0, above it (5% over) it is not: X is where the underflow starts."""
+    w = torch.nn.Parameter(torch.zeros(8, dtype=torch.float16))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ZOFusedAdam([w], lr=1e-3, betas=(0.9, beta2))
+    said = [str(x.message) for x in seen if "exp_avg_sq) is float16" in str(x.message)]
+    assert len(said) == 1, said
+    x = float(re.search(r"for \|g\| below ([0-9.e+-]+) \(beta2=", said[0]).group(1))
+
+    def v16(g):
+        return float(torch.tensor((1 - beta2) * g * g, dtype=torch.float32).half())
+    assert v16(0.95 * x) == 0.0 and v16(1.05 * x) > 0.0, x
 
 
 def test_forward_grad_names_inference_mode_in_the_closure_and_the_fix():
