@@ -64,8 +64,9 @@ def _launch(world, out, cache, result_dir, **cfg_over):
     return out
 
 
-def _refusing_worker(rank, world, port, refusing, result_dir):
-    """A run whose setup checks (here check_backend) refuse it on the ranks in ``refusing``."""
+def _refusing_worker(rank, world, port, refusing, result_dir, own_text=False):
+    """A run whose setup checks (here check_backend) refuse it on the ranks in ``refusing``
+    (``own_text``: each rank with a text of its own, as its own node's files would give)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0")
     torch.set_num_threads(1)
@@ -76,7 +77,8 @@ def _refusing_worker(rank, world, port, refusing, result_dir):
 
     def check_backend(backend, device):
         if rank in refusing:
-            raise ZeroflowError("--backend cpu cannot run here")
+            raise ZeroflowError(f"--data-root /data{rank}: no such folder" if own_text
+                                else "--backend cpu cannot run here")
     runner.check_backend = check_backend
     try:
         runner.run(resolve(dict(CFG)), os.path.join(result_dir, "out"), progress=False, log=lambda *a: None)
@@ -111,6 +113,21 @@ def test_a_setup_refusal_is_said_once_when_every_rank_hit_it_and_by_its_ranks_ot
         else:
             assert res[r] == {"error": f"rank(s) {1 - r} of this torchrun job refused the run (their message is "
                                        f"above); every rank stops", "every_rank": True}, res
+    assert not (tmp_path / "out").exists()
+
+
+def test_refusals_that_differ_between_ranks_are_said_by_each_rank(tmp_path):
+    """Every rank refused, each for a reason of its own (its node's folder missing): no rank's
+    text stands for the others', so each rank says its own (not every_rank, which rank 0 alone
+    would print, hiding rank 1's)."""
+    os.makedirs(tmp_path, exist_ok=True)
+    store = _agent_store()
+    mp.start_processes(_refusing_worker, args=(2, store.port, (0, 1), str(tmp_path), True), nprocs=2, join=True,
+                       start_method="spawn")
+    del store
+    for r in range(2):
+        with open(tmp_path / f"rank{r}.json") as f:
+            assert json.load(f) == {"error": f"--data-root /data{r}: no such folder", "every_rank": False}
     assert not (tmp_path / "out").exists()
 
 
