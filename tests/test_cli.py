@@ -577,6 +577,47 @@ def test_a_sweep_whose_stdout_is_closed_before_its_first_line_stops_as_a_closed_
                                        f"one resumes)\n")
 
 
+
+class _HeadPipe(io.StringIO):
+    """stdout and stderr as one pipe (`zeroflow sweep ... 2>&1 | head -N`) whose reader exits after
+    ``lines`` lines: every write after those raises BrokenPipeError."""
+
+    def __init__(self, lines):
+        super().__init__()
+        self.left = lines
+
+    def write(self, text):
+        if self.left <= 0:
+            raise BrokenPipeError(32, "Broken pipe")
+        self.left -= text.count("\n")
+        return super().write(text)
+
+
+@pytest.mark.parametrize("stop, lines", [
+    ("failed", 1),        # the run's error line ('zeroflow: error: zo_sgd: ...'), right after '== zo_sgd -> DIR'
+    ("failed", 2),        # the failures listed after the sweep ('zeroflow: zo_sgd failed: ...')
+    ("interrupted", 1),   # Ctrl-C's advice ('zeroflow: sweep interrupted; run the same command ...')
+])
+def test_a_sweep_whose_stdout_and_stderr_reader_went_away_exits_141_wherever_it_stops(tmp_path, monkeypatch, stop,
+                                                                                       lines):
+    """`zeroflow sweep ... 2>&1 | head -N`: the reader gone after N lines, the sweep's next stderr
+    line (a run's failure, the list of failures, Ctrl-C's advice) meets the closed pipe. It ends
+    as any write to a closed output does (exit 141), not with a BrokenPipeError traceback nor the
+    exit code of a sweep whose lines were read (1, 130)."""
+    from zeroflow.continual import runner
+
+    def run(cfg, out, **kw):
+        if stop == "failed":
+            raise ZeroflowError("--data-root x: no such folder")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runner, "run", run)
+    pipe = _HeadPipe(lines)
+    monkeypatch.setattr(sys, "stdout", pipe)
+    monkeypatch.setattr(sys, "stderr", pipe)
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--method", "aper", "--optimizers", "zo_sgd", "--epochs", "1", "--out", str(out)]) == 141
+    assert pipe.getvalue().startswith(f"== zo_sgd -> {out / 'aper_zo_sgd_digits'}\n"), pipe.getvalue()
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_sweep_under_torchrun_with_several_processes_is_refused_before_anything(tmp_path, monkeypatch, capsys,
                                                                                  rank):
@@ -623,6 +664,25 @@ def test_a_refused_option_under_torchrun_is_said_by_rank_0_only(tmp_path, monkey
     assert not dist.is_initialized()
 
 
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_first_order_optimizer_under_torchrun_is_refused_by_rank_0_only(tmp_path, monkeypatch, capsys, rank):
+    """torchrun --nproc-per-node 8 -m zeroflow run --optimizer fo_sgd: every rank has the same
+    option and refuses it alike; rank 0 says why (data-parallel runs need a forward-pass
+    optimizer), the other ranks exit 2 without a word."""
+    import zeroflow.distributed as zd
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(zd, "init_from_env", lambda: (rank, 2))      # the group torchrun's ranks would make
+    assert main(["run", "--optimizer", "fo_sgd", "--device", "cpu", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    if rank == 0:
+        assert err.startswith("zeroflow: error: --optimizer fo_sgd under torchrun: data-parallel runs exchange only "
+                              "ZO loss scalars"), err
+    else:
+        assert err == ""
+    assert not (tmp_path / "r").exists()
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_command_line_argparse_refuses_under_torchrun_is_said_by_rank_0_only(monkeypatch, capsys, rank):
     """torchrun ... -m zeroflow run --epochs x: argparse's usage and error, once per rank."""
@@ -652,6 +712,14 @@ def test_a_warning_of_the_options_under_torchrun_is_said_by_rank_0_only(monkeypa
     else:
         assert err == ""
 
+
+
+def test_a_rank_variable_that_is_no_number_is_a_single_process_that_says_its_errors(monkeypatch, capsys):
+    """RANK set to no number (`export RANK=` in a job script, outside torchrun) is no torchrun
+    rank: the process is rank 0 of its own and says a refused option, not a silent exit 2."""
+    monkeypatch.setenv("RANK", "")
+    assert main(["run", "--dataset", "digits", "--epochs=-1"]) == 2
+    assert capsys.readouterr().err.startswith("zeroflow: error: --epochs must be >= 0 (got -1)")
 
 def test_an_error_of_this_rank_s_own_files_is_said_by_every_rank(tmp_path, monkeypatch, capsys):
     """A --config file that a rank does not find (another node's disk) is that rank's error: it
@@ -699,6 +767,25 @@ def test_a_run_stopped_on_a_later_torchrun_rank_says_nothing(tmp_path, monkeypat
     assert main(["run", "--device", "cpu", "--out", str(tmp_path / "r")]) == rc
     assert capsys.readouterr().err == ""
 
+
+
+def test_a_refusal_rank_0_broadcast_is_not_said_again_by_the_other_ranks(tmp_path, monkeypatch, capsys):
+    """Rank 0 claims the run folder and broadcasts its refusal (the folder in use, a finished
+    run): rank 0 says it, and rank 1, which raises the same text, exits 2 without repeating it.
+    A two-process job stands in here: this process is rank 1 of 2 and gets rank 0's refusal."""
+    import torch.distributed as dist
+    from zeroflow.continual import runner
+    said = f"{tmp_path / 'r'} is in use by pid 1 on host h"
+
+    def broadcast(box, src):
+        box[:] = [None, said]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(runner, "distributed_setup", lambda cfg: (1, 2))
+    monkeypatch.setattr(runner, "check_shards", lambda *a: None)
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast)
+    assert main(["run", "--device", "cpu", "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err == ""
 
 def test_an_interrupt_before_the_run_s_folder_is_still_said(tmp_path, monkeypatch, capsys):
     """Ctrl-C while the data loads (before the run has a folder: a plain KeyboardInterrupt, no
