@@ -247,3 +247,25 @@ def test_a_run_killed_outright_leaves_the_cases_it_measured(tmp_path):
     assert report["header"]["backend"] == "cpu" and report["cases"][0]["ratio"] > 0
     assert p.stdout.startswith("step timeline: cpu, layout vit_b_tiny") and "zo_sgd-rademacher" in p.stdout
     assert "zo_adam-gaussian" not in p.stdout
+
+
+def test_each_json_write_says_how_far_the_run_got_and_names_no_removed_trace(tmp_path, monkeypatch):
+    """The JSON is rewritten after every case so that a SIGKILL leaves the cases measured: the
+    write after case 1 of 2 says 'unfinished after 1 of 2 cases', the one after the last case
+    no longer does (a kill before the final write leaves a complete report, not one calling
+    itself unfinished). Without --trace-dir no case names a trace: the temporary folder it was
+    in is removed when the run ends."""
+    out = tmp_path / "timeline.json"
+    headers = []
+    real = st._write_json
+
+    def write_json(path, report):
+        headers.append(dict(report["header"]))
+        assert all("trace" not in r for r in report["cases"]), report["cases"]
+        real(path, report)
+    monkeypatch.setattr(st, "_write_json", write_json)
+    assert st.main(["--device", "cpu", "--layout", "vit_b_tiny", "--steps", "2", "--backend", "cpu",
+                    "--cases", "zo_sgd-rademacher,zo_adam-gaussian", "--json", str(out)]) == 0
+    assert [h.get("stopped") for h in headers] == [
+        "unfinished after 1 of 2 cases (the run was killed, or is still running)", None, None]
+    assert all("trace" not in r for r in json.loads(out.read_text())["cases"])
