@@ -20,7 +20,7 @@ from zfkernels.stream import _is_bool
 
 from .fo import FOAdam, FOAdamW, FOSGD
 from .hybrid import HybridFOZO
-from .zo import ZOFusedAdam, ZOFusedSGD, counter
+from .zo import ZOFusedAdam, ZOFusedSGD, counter, refuse_a_module
 
 __all__ = ["ZOFusedSGD", "ZOFusedAdam", "HybridFOZO", "FOSGD", "FOAdam", "FOAdamW", "create",
            "train_step", "METHODS"]
@@ -85,6 +85,7 @@ def create(name: str, params, *, model: torch.nn.Module | None = None, hybrid_sw
     """
     if name not in METHODS:
         raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(METHODS)}")
+    refuse_a_module(params)     # create("zo_sgd", model): before the hybrid's list() hides it
     if model is not None and not isinstance(model, torch.nn.Module):
         raise TypeError(f"model= must be an nn.Module, got {type(model).__name__}")
     if name.startswith("fo_"):

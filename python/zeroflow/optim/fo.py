@@ -6,13 +6,19 @@ import torch
 
 from zfkernels.opspec import F32_MAX, adam_scalars_refusal
 
-from .zo import NOT_OPTIONS, _check_layout, check_buffer_shapes, counter, load_with_hooks, state_dict_with_hooks
+from .zo import (NOT_OPTIONS, _check_layout, check_buffer_shapes, counter, load_with_hooks, refuse_a_module,
+                 state_dict_with_hooks)
 
 __all__ = ["FOSGD", "FOAdam", "FOAdamW"]
 
 
 class _FOMixin:
     zeroth_order = False
+
+    def add_param_group(self, param_group: dict) -> None:
+        if isinstance(param_group, dict):       # a module there: "'Linear' object is not iterable"
+            refuse_a_module(param_group.get("params"), "param_group['params']")
+        super().add_param_group(param_group)
 
     def _init_counters(self) -> None:
         self.forward_passes = 0     # one forward (+ one backward) per step
@@ -88,6 +94,7 @@ class FOSGD(_FOMixin, torch.optim.SGD):
     """``torch.optim.SGD`` + zeroflow counters (``fo_sgd``)."""
 
     def __init__(self, params, lr=1e-3, **kw):
+        refuse_a_module(params)
         super().__init__(params, lr=lr, **kw)
         self._init_counters()
 
@@ -120,6 +127,7 @@ class FOAdam(_AdamScalars, _FOMixin, torch.optim.Adam):
     """``torch.optim.Adam`` + zeroflow counters (``fo_adam``)."""
 
     def __init__(self, params, lr=1e-3, **kw):
+        refuse_a_module(params)
         super().__init__(params, lr=lr, **kw)
         self._init_counters()
 
@@ -128,5 +136,6 @@ class FOAdamW(_AdamScalars, _FOMixin, torch.optim.AdamW):
     """``torch.optim.AdamW`` + zeroflow counters (``fo_adam`` with ``decoupled_weight_decay=True``)."""
 
     def __init__(self, params, lr=1e-3, **kw):
+        refuse_a_module(params)
         super().__init__(params, lr=lr, **kw)
         self._init_counters()

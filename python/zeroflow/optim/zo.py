@@ -408,6 +408,7 @@ class _ZOBase(torch.optim.Optimizer):
 
     def __init__(self, params, defaults, *, q=1, estimator="two_side", conserve=False,
                  sparse_resample="step", seed=None, backend="auto", model=None):
+        refuse_a_module(params)
         _check_globals(q, estimator, conserve, sparse_resample, backend, model)
         if seed is None:
             # Deterministic under torch.manual_seed, and consumes no random numbers.
@@ -1764,11 +1765,22 @@ def _number(x, name: str) -> float:
     return zfkernels._real(x, name)
 
 
+def refuse_a_module(params, what: str = "params") -> None:
+    """TypeError for a ``torch.nn.Module`` given where its parameters belong
+    (``create("zo_sgd", model)``): torch.optim said only "'LlamaForCausalLM' object is not
+    iterable", naming neither the argument nor the fix."""
+    if isinstance(params, torch.nn.Module):
+        raise TypeError(f"{what} is a {type(params).__name__} (a torch.nn.Module), not an iterable of Tensors or "
+                        "dicts: give the optimizer the module's parameters, model.parameters() (or "
+                        "model.named_parameters(), for named groups)")
+
+
 def params_list(ps) -> list:
     """A param group's ``params`` (a tensor, or an iterable of tensors or (name, tensor)
     pairs) as a list; TypeError for a set, before list() would hide it from torch.optim's
     own check: the order of its tensors, which decides each one's z and state, changes
-    between runs."""
+    between runs. TypeError for a module (:func:`refuse_a_module`)."""
+    refuse_a_module(ps, "param_group['params']")
     if isinstance(ps, (set, frozenset)):
         raise TypeError("param_group['params'] is a set: the order of its tensors (which decides each one's z and "
                         "state) changes between runs; give a list (e.g. list(model.parameters()))")
