@@ -47,3 +47,44 @@ def test_a_model_given_as_params_is_refused_naming_params_and_the_fix(build):
     # as torch.optim's: a TypeError, and the same optimizer built from model.parameters() works
     assert isinstance(create("zo_sgd", model.parameters(), lr=1e-3), ZOFusedSGD)
     assert isinstance(create("zo_sgd", model.parameters(), lr=1e-3, hybrid_switch=1), HybridFOZO)
+
+
+def test_a_tied_weight_given_twice_is_refused_by_name_with_the_fix():
+    # tie_word_embeddings=True: lm_head.weight is model.embed_tokens.weight. model.parameters() and
+    # named_parameters() list it once; named_parameters(remove_duplicate=False) twice. Perturbed
+    # twice a query (2 eps z) and updated twice, the estimate would be wrong: refused, but as
+    # "parameter 20 of param group 0 overlaps parameter 0", which named neither tensor
+    model = _tiny_llama()
+    named = list(model.named_parameters(remove_duplicate=False))
+    with pytest.raises(ValueError, match=r"parameter 20 \('lm_head\.weight'\) of param group 0 overlaps parameter 0 "
+                                         r"\('model\.embed_tokens\.weight'\) .*tied.*named_parameters\(\) list a tied"):
+        create("zo_sgd", named, lr=1e-3)
+    # unnamed: by index, and the same advice
+    with pytest.raises(ValueError, match=r"parameter 20 of param group 0 overlaps parameter 0 .*tied.*parameters\(\)"):
+        create("zo_sgd", [p for _, p in named], lr=1e-3)
+    # the HF recipe over remove_duplicate=False, with the two names in two groups: torch.optim said only
+    # "some parameters appear in more than one parameter group", naming none
+    decay = [(n, p) for n, p in named if "embed" not in n and "norm" not in n]
+    no_decay = [(n, p) for n, p in named if "embed" in n or "norm" in n]
+    for build in (lambda gs: create("zo_sgd", gs, lr=1e-3), lambda gs: create("zo_adam", gs, lr=1e-3),
+                  lambda gs: create("zo_sgd", gs, lr=1e-3, hybrid_switch=1)):
+        with pytest.raises(ValueError, match=r"some parameters appear in more than one parameter group: "
+                                             r"parameter 0 \('model\.embed_tokens\.weight'\) of the new param group "
+                                             r"1 is parameter \d+ \('lm_head\.weight'\) of param group 0.*tied.*"
+                                             r"named_parameters\(\) list a tied"):
+            build([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}])
+    opt = create("zo_sgd", [p for n, p in named if "embed" not in n], lr=1e-3)
+    with pytest.raises(ValueError, match=r"more than one parameter group: parameter 0 of the new param group 1 is "
+                                         r"parameter 19 of param group 0"):
+        opt.add_param_group({"params": [model.model.embed_tokens.weight]})
+    assert len(opt.param_groups) == 1
+    hyb = create("zo_sgd", [(n, p) for n, p in named if "embed" not in n], lr=1e-3, hybrid_switch=1)
+    with pytest.raises(ValueError, match=r"more than one parameter group: parameter 0 \('model\.embed_tokens\."
+                                         r"weight'\) of the new param group 1 is parameter 19 \('lm_head\.weight'\) "
+                                         r"of param group 0"):
+        hyb.add_param_group({"params": [("model.embed_tokens.weight", model.model.embed_tokens.weight)]})
+    assert [len(o.param_groups) for o in (hyb, hyb.fo, hyb.zo)] == [1, 1, 1]
+    # deduplicated, it trains the one tensor once per query
+    opt = create("zo_sgd", model.named_parameters(), lr=1e-3, seed=1)
+    opt.step(_loss(model))
+    assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -185,6 +185,9 @@ class HybridFOZO(torch.optim.Optimizer):
         scale = _rate(param_group.get("zo_lr_scale", first["zo_lr_scale"]), "zo_lr_scale")
         # each optimizer gets the parameters as its own groups hold them: named or not (an inner
         # optimizer built on plain tensors under a named hybrid takes the tensors)
+        # a tensor of another group (a tied weight under its second name): said by name, not as torch.optim's
+        # FO optimizer says it
+        self.zo._refuse_a_shared_parameter(list(zip(names, tensors)) if names else tensors)
         self.fo.add_param_group({**_named_as(self.fo, tensors, names), "lr": lf})    # torch.optim's checks first
         try:
             self.zo.add_param_group({**_named_as(self.zo, tensors, names), "lr": lf * scale})

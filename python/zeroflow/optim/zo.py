@@ -538,6 +538,7 @@ class _ZOBase(torch.optim.Optimizer):
                     f"zeroflow optimizers need dense parameters; got one with layout {t.layout} "
                     "(sparse parameters are not supported)"
                 )
+        self._refuse_a_shared_parameter(ps)
         param_group = dict(param_group, params=ps)
         super().add_param_group(param_group)
         g = self.param_groups[-1]
@@ -547,7 +548,7 @@ class _ZOBase(torch.optim.Optimizer):
             g["param_names"] = [g["param_names"][k] for k in keep]
         try:
             self._check_group(g)
-            self._check_params(g["params"], len(self.param_groups) - 1)
+            self._check_params(g["params"], len(self.param_groups) - 1, g.get("param_names"))
             if getattr(self, "_fg_wrapper", None) is not None:     # set once __init__'s groups are in
                 self._fg_name_params(g["params"])
         except Exception:
@@ -556,6 +557,30 @@ class _ZOBase(torch.optim.Optimizer):
         for p in g["params"]:       # a fresh id, also where id(p) is that of a dropped parameter
             self._tid[id(p)] = self._next_tid
             self._next_tid += 1
+
+    def _refuse_a_shared_parameter(self, items: list) -> None:
+        """torch.optim's refusal of a tensor already in another group ("some parameters appear in more
+        than one parameter group"), naming the two places: the usual one is a tied weight (an LM's
+        lm_head and input embedding, tie_word_embeddings) listed under both names by
+        named_parameters(remove_duplicate=False), the names then in two groups of the no-decay
+        recipe. The new group's items as given (tensors or (name, tensor) pairs)."""
+        if not self.param_groups:
+            return
+        held = {}
+        for i, g in enumerate(self.param_groups):
+            names = g.get("param_names")
+            for k, p in enumerate(g["params"]):
+                held.setdefault(id(p), (i, k, names[k] if names else None))
+        for k, item in enumerate(items):
+            name, t = item if isinstance(item, tuple) and len(item) == 2 else (None, item)
+            if id(t) in held:
+                i, j, other = held[id(t)]
+                raise ValueError(
+                    f"some parameters appear in more than one parameter group: {_which(k, name)} of the new param "
+                    f"group {len(self.param_groups)} is {_which(j, other)} of param group {i} (a tied weight, e.g. a "
+                    "language model's lm_head and input embedding with tie_word_embeddings, listed under both names by "
+                    "named_parameters(remove_duplicate=False)?); a tensor is trained with the options of one group: "
+                    f"put it in one ({_ONCE})")
 
     def _check_group(self, g: dict, where: str = "") -> None:
         """Every option of group ``g`` the kernels take, checked at construction, in
@@ -600,9 +625,10 @@ class _ZOBase(torch.optim.Optimizer):
             raise ValueError("maximize=True: zeroflow's optimizers minimize the closure's loss; return the negated "
                              "objective from the closure to maximize it (and drop maximize)")
 
-    def _check_params(self, params, group: int) -> None:
+    def _check_params(self, params, group: int, names=None) -> None:
         """What the fused kernels need, checked now rather than at the first step: a supported
-        dtype, contiguous memory, a cpu/cuda device the backend can run."""
+        dtype, contiguous memory, a cpu/cuda device the backend can run. ``names``: the group's
+        param_names, if it was given (name, tensor) pairs."""
         for k, p in enumerate(params):
             # a lazy module's parameter: reading its shape raised torch's "... in load_state_dict"
             if isinstance(p, torch.nn.parameter.UninitializedTensorMixin):
@@ -630,9 +656,13 @@ class _ZOBase(torch.optim.Optimizer):
             pair = overlapping_pair([("params", [params[k] for k in ks])])
             if pair is not None:
                 (_, a), (_, b) = pair
-                raise ValueError(f"parameter {ks[a]} of param group {group} overlaps parameter {ks[b]} in memory (the "
-                                 "same tensor given twice, or views of one storage); the fused kernels write each "
-                                 "parameter in place and need memory of its own for each: pass every parameter once")
+                a, b = ks[a], ks[b]
+                raise ValueError(f"{_which(a, names and names[a])} of param group {group} overlaps "
+                                 f"{_which(b, names and names[b])} in memory (the same tensor given twice, e.g. a tied "
+                                 "weight such as a language model's lm_head and input embedding with "
+                                 "tie_word_embeddings, listed under both names by named_parameters(remove_duplicate="
+                                 "False); or views of one storage); the fused kernels write each parameter in place "
+                                 f"and need memory of its own for each: pass every parameter once ({_ONCE})")
 
     def _buckets(self, g: dict):
         """The group's params split by device (one fused call per device), validated:
@@ -1763,6 +1793,14 @@ def _number(x, name: str) -> float:
     is not a real number (None, a string, a bool, a tensor of several elements): the ops' own
     rule (zfkernels._real), so an option and the op argument it becomes accept the same values."""
     return zfkernels._real(x, name)
+
+
+_ONCE = "model.parameters() and model.named_parameters() list a tied tensor once"
+
+
+def _which(k: int, name: str | None) -> str:
+    """Parameter ``k`` of a group, with its name where the group was given names."""
+    return f"parameter {k} ({name!r})" if name else f"parameter {k}"
 
 
 def refuse_a_module(params, what: str = "params") -> None:
