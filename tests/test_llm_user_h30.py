@@ -88,3 +88,39 @@ def test_a_tied_weight_given_twice_is_refused_by_name_with_the_fix():
     opt = create("zo_sgd", model.named_parameters(), lr=1e-3, seed=1)
     opt.step(_loss(model))
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("name,kw,buffer", [
+    ("zo_adam", {}, "exp_avg"), ("zo_sgd", {"momentum": 0.9}, "momentum_buffer"),
+    ("zo_sgd", {"history": 0.5}, "history")])
+def test_resizing_the_embedding_after_the_optimizer_names_the_parameter_and_the_fix(name, kw, buffer):
+    # transformers' resize_token_embeddings resizes the input embedding in place (the same Parameter,
+    # .data replaced): its Adam / momentum / history state keeps the old shape, and the next step's
+    # update said only "zfkernels: exp_avgs[0] has shape [64, 32] but params[0] has shape [80, 32]"
+    # (params[0] of the kernel's list, not the optimizer's parameter), and nothing of the fix
+    model = _tiny_llama()
+    opt = create(name, model.named_parameters(), lr=1e-3, seed=1, **kw)
+    opt.step(_loss(model))
+    model.resize_token_embeddings(80, mean_resizing=False)
+    with pytest.raises(ValueError, match="buffers must match their param") as e:
+        opt.step(_loss(model))
+    note = " ".join(getattr(e.value, "__notes__", []))
+    assert (f"parameter 0 ('model.embed_tokens.weight') of param group 0 is (80, 32) now, its {buffer} (64, 32)"
+            in note), note
+    assert "resize_token_embeddings" in note and "build the optimizer after resizing" in note
+    # the fix the note gives: built after resizing, it steps
+    opt = create(name, model.named_parameters(), lr=1e-3, seed=1, **kw)
+    opt.step(_loss(model))
+    assert opt.state[model.model.embed_tokens.weight][buffer].shape == (80, 32)
+
+
+def test_zo_sgd_without_state_trains_an_embedding_resized_in_place():
+    # no buffer to outgrow: the tied embedding keeps its tensor, and z follows its new shape
+    model = _tiny_llama()
+    opt = create("zo_sgd", model.parameters(), lr=1e-2, seed=1)
+    opt.step(_loss(model))
+    model.resize_token_embeddings(80, mean_resizing=False)
+    before = model.model.embed_tokens.weight.detach().clone()
+    opt.step(_loss(model))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not torch.equal(before[64:], model.model.embed_tokens.weight[64:])

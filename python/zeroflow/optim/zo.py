@@ -955,9 +955,23 @@ class _ZOBase(torch.optim.Optimizer):
         """A kernel refused a parameter that changed after construction checked it (only
         dtype, contiguity and device are left to the kernels per step: see _buckets); the
         kernel's advice ("call .contiguous() on it") would make a copy the model never uses, so
-        the note names the parameter and the fix. Runs on failure only."""
+        the note names the parameter and the fix. So for a parameter whose shape changed after its
+        state was created (transformers' resize_token_embeddings resizes the input embedding in
+        place): the kernel named its list's index and the buffer. Runs on failure only: checking
+        every shape before each step would cost about as much as the step's own Python."""
         for i, g in enumerate(self.param_groups):
+            names = g.get("param_names")
             for k, p in enumerate(g["params"]):
+                for buf_name, buf in self.state.get(p, {}).items():
+                    if buf_name != "step" and isinstance(buf, torch.Tensor) and buf.shape != p.shape:
+                        who = _which(k, names and names[k])
+                        _add_note(e, f"{type(self).__name__}: {who} of param group {i} is {tuple(p.shape)} now, its "
+                                     f"{buf_name} {tuple(buf.shape)}: its shape changed after its state was created "
+                                     "(e.g. model.resize_token_embeddings(n) after the optimizer was built: "
+                                     "transformers resizes the input embedding in place). That state fits no longer: "
+                                     "resize the model first and build the optimizer after resizing (an lm_head not "
+                                     "tied to the embedding is a new tensor then, one this optimizer does not hold)")
+                        return
                 if p.dtype not in PARAM_DTYPES:
                     # the kernel names its own list index ("params[1] has dtype Double"), not the
                     # optimizer's parameter, and "use float32" reads as a cast of that tensor
