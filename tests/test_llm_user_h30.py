@@ -124,3 +124,30 @@ def test_zo_sgd_without_state_trains_an_embedding_resized_in_place():
     opt.step(_loss(model))
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert not torch.equal(before[64:], model.model.embed_tokens.weight[64:])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")     # transformers 5: gradient_checkpointing_* renamed
+def test_forward_grad_names_hugging_face_s_input_require_grads_hook_and_the_fix():
+    # gradient_checkpointing_enable() (or enable_input_require_grads(), PEFT's preparation) registers a
+    # forward hook that calls requires_grad_() on the input embeddings' output, which torch.func.jvp
+    # refuses: torch said only "You are attempting to call Tensor.requires_grad_() ... inside of a
+    # function being transformed by a functorch transform", no note (gradient_checkpointing_disable()
+    # leaves the hook in place)
+    model = _tiny_llama()
+    expected = create("forward_grad", model.parameters(), model=model, lr=0.0, seed=5)
+    expected.step(_loss(model))
+    for prepare in ("gradient_checkpointing_enable", "enable_input_require_grads"):
+        model = _tiny_llama()
+        getattr(model, prepare)()
+        start = [p.detach().clone() for p in model.parameters()]
+        opt = create("forward_grad", model.parameters(), model=model, lr=1e-3, seed=5)
+        with pytest.raises(RuntimeError, match=r"requires_grad_\(\)") as e:
+            opt.step(_loss(model))
+        note = " ".join(getattr(e.value, "__notes__", []))
+        assert "model.disable_input_require_grads()" in note and "two_side" in note, note
+        assert all(torch.equal(p, s) for p, s in zip(model.parameters(), start))
+        # the fix the note gives: the same directional derivative as the model without the hook
+        model.disable_input_require_grads()
+        opt = create("forward_grad", model.parameters(), model=model, lr=0.0, seed=5)
+        opt.step(_loss(model))
+        assert opt.last_projected == expected.last_projected

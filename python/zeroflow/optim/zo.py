@@ -147,6 +147,19 @@ def _forward_ad_context():
                          "(torch.func.jvp), which cannot run through torch.inference_mode() inside the "
                          "closure; drop it there, or use torch.no_grad() instead (the step builds no autograd "
                          "graph either way). The ZO estimators (two_side, one_side) take inference_mode")
+        elif "requires_grad_()" in str(e) and "functorch transform" in str(e):
+            # Hugging Face's input-require-grads hook (gradient_checkpointing_enable(),
+            # enable_input_require_grads(), PEFT's preparation of a model): torch said only "You are
+            # attempting to call Tensor.requires_grad_() ... inside of a function being transformed by
+            # a functorch transform"; gradient_checkpointing_disable() leaves that hook in place
+            _add_note(e, "zeroflow: estimator='forward_grad' runs the closure under forward-mode AD "
+                         "(torch.func.jvp), where the forward may not call requires_grad_(): a Hugging Face "
+                         "model does so in a forward hook on its input embeddings after "
+                         "gradient_checkpointing_enable() or enable_input_require_grads() (PEFT's preparation). "
+                         "Remove the hook with model.disable_input_require_grads() (and turn checkpointing off "
+                         "with model.gradient_checkpointing_disable(): a step without a backward saves nothing "
+                         "by it), or train with a ZO estimator (estimator='two_side' or 'one_side'), which takes "
+                         "the hook")
         elif re.search(r"forward[- ]?(mode )?AD|\bjvp\b", str(e), re.IGNORECASE):
             _add_note(e, "zeroflow: estimator='forward_grad' runs the closure under forward-mode AD "
                          "(torch.func.jvp), and an op or autograd.Function of this model cannot run there; "
