@@ -151,3 +151,24 @@ def test_forward_grad_names_hugging_face_s_input_require_grads_hook_and_the_fix(
         opt = create("forward_grad", model.parameters(), model=model, lr=0.0, seed=5)
         opt.step(_loss(model))
         assert opt.last_projected == expected.last_projected
+
+
+@pytest.mark.parametrize("name", ["zo_sgd", "zo_sgd_conserve", "forward_grad", "fo_adam"])
+def test_a_closure_returning_the_model_output_is_told_to_return_its_loss(name):
+    # lambda: model(**batch) (the output, not .loss), the usual first closure of a Hugging Face user:
+    # the ZO steps said "returned an object of type ...CausalLMOutputWithPast", forward_grad "a number
+    # carries no derivative; return loss, not loss.item()" (no number was returned), and train_step's
+    # first-order step "the closure must return a scalar loss tensor", none naming .loss or labels
+    from zeroflow.optim import train_step
+    model = _tiny_llama()
+    opt = create(name, model.parameters(), model=model, lr=1e-3, seed=1)
+    with pytest.raises((TypeError, ValueError), match=r"CausalLMOutputWithPast.*return its loss, e\.g\. "
+                                                      r"lambda: model\(\*\*batch\)\.loss"):
+        train_step(opt, lambda: model(input_ids=_IDS, labels=_IDS))
+    with pytest.raises((TypeError, ValueError), match=r"CausalLMOutputWithPast.*loss is None.*labels"):
+        train_step(opt, lambda: model(input_ids=_IDS))
+    # the fix: it steps
+    assert train_step(opt, lambda: model(input_ids=_IDS, labels=_IDS).loss) > 0
+    if name == "forward_grad":      # a number still gets the advice that fits it
+        with pytest.raises(TypeError, match=r"returned float\): a number carries no derivative"):
+            opt.step(lambda: float(model(input_ids=_IDS, labels=_IDS).loss))

@@ -20,7 +20,7 @@ from zfkernels.stream import _is_bool
 
 from .fo import FOAdam, FOAdamW, FOSGD
 from .hybrid import HybridFOZO
-from .zo import ZOFusedAdam, ZOFusedSGD, counter, refuse_a_module
+from .zo import ZOFusedAdam, ZOFusedSGD, counter, refuse_a_module, returned_hint
 
 __all__ = ["ZOFusedSGD", "ZOFusedAdam", "HybridFOZO", "FOSGD", "FOAdam", "FOAdamW", "create",
            "train_step", "METHODS"]
@@ -159,7 +159,9 @@ def train_step(optimizer, closure, scaler=None) -> float:
         with torch.enable_grad():
             loss = closure()
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise ValueError("the closure must return a scalar loss tensor")
+                raise ValueError("the closure must return a scalar loss tensor"
+                                 + (f" (it returned {type(loss).__name__}{returned_hint(loss)})"
+                                    if not isinstance(loss, torch.Tensor) else ""))
             (loss if scaler is None else scaler.scale(loss)).backward()
         if scaler is None:
             optimizer.step()

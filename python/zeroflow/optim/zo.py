@@ -222,10 +222,23 @@ class _ClosureModule(torch.nn.Module):
     def forward(self):
         loss = _call_closure(self._closure)
         if not isinstance(loss, torch.Tensor):       # else functorch's "expected f(*primals) to return only tensors"
+            why = (": a number carries no derivative; return loss, not loss.item()" if isinstance(loss, numbers.Real)
+                   else returned_hint(loss))
             raise TypeError(f"forward_grad: the closure must return the loss as a tensor computed from the model's "
-                            f"parameters (it returned {type(loss).__name__}): a number carries no derivative; "
-                            "return loss, not loss.item()")
+                            f"parameters (it returned {type(loss).__name__}){why}")
         return loss
+
+
+def returned_hint(x) -> str:
+    """What to return instead of ``x``, a closure's result that is no loss, where it is a model's
+    output (a Hugging Face ModelOutput: ``lambda: model(**batch)``, the usual first closure, whose
+    errors named only its type); "" otherwise."""
+    if not hasattr(x, "loss"):
+        return ""
+    if getattr(x, "loss", None) is None:
+        return (": a model output whose loss is None (a Hugging Face model computes it only when given labels): "
+                "pass labels and return its loss, e.g. lambda: model(**batch, labels=labels).loss")
+    return ": a model output; return its loss, e.g. lambda: model(**batch).loss"
 
 
 def _call_closure(closure):
@@ -270,7 +283,7 @@ def _scalar(loss, where: str) -> float:
     if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
         return float(loss)
     raise TypeError(f"the closure must return a scalar loss tensor; {where} it returned an object of type "
-                    f"{type(loss).__module__}.{type(loss).__qualname__}")
+                    f"{type(loss).__module__}.{type(loss).__qualname__}{returned_hint(loss)}")
 
 
 def _loss_tensor(x: float) -> torch.Tensor:
