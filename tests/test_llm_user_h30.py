@@ -172,3 +172,43 @@ def test_a_closure_returning_the_model_output_is_told_to_return_its_loss(name):
     if name == "forward_grad":      # a number still gets the advice that fits it
         with pytest.raises(TypeError, match=r"returned float\): a number carries no derivative"):
             opt.step(lambda: float(model(input_ids=_IDS, labels=_IDS).loss))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_run_saved_with_save_pretrained_resumes_bit_for_bit(tie, tmp_path):
+    """model.save_pretrained + torch.save of the optimizer's and the scheduler's state mid-run, the
+    model then from_pretrained (safetensors: a tied weight stored once), the optimizer built anew
+    over it and loaded: the same losses and bits as the run that went straight on. (Every model
+    comes from from_pretrained: one built with .to(bfloat16) holds its rotary inv_freq in bf16,
+    from_pretrained(dtype=bfloat16) in float32, another forward, whatever the optimizer does.)"""
+    from transformers import LlamaForCausalLM, get_linear_schedule_with_warmup
+    _tiny_llama(tie=tie, dtype=torch.bfloat16).save_pretrained(tmp_path / "start")
+
+    def build(path):
+        model = LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+        named = list(model.named_parameters())
+        groups = [{"params": [(n, p) for n, p in named if "norm" not in n], "weight_decay": 0.1},
+                  {"params": [(n, p) for n, p in named if "norm" in n], "weight_decay": 0.0}]
+        opt = create("zo_adam", groups, lr=1e-3, zo_eps=2.0 ** -8, stochastic_rounding=True, state_dtype="float32",
+                     decoupled_weight_decay=True, seed=3)
+        return model, opt, get_linear_schedule_with_warmup(opt, 2, 10)
+
+    def run(resume_at=None):
+        model, opt, sched = build(tmp_path / "start")
+        losses = []
+        for i in range(5):
+            if i == resume_at:
+                model.save_pretrained(tmp_path / "mid")
+                torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, tmp_path / "mid" / "opt.pt")
+                model, opt, sched = build(tmp_path / "mid")
+                saved = torch.load(tmp_path / "mid" / "opt.pt")
+                opt.load_state_dict(saved["opt"])
+                sched.load_state_dict(saved["sched"])
+            losses.append(float(opt.step(_loss(model))))
+            sched.step()
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+        return losses, [p.detach().clone() for p in model.parameters()]
+
+    straight, resumed = run(), run(resume_at=2)
+    assert straight[0] == resumed[0]
+    assert all(torch.equal(a, b) for a, b in zip(straight[1], resumed[1]))
