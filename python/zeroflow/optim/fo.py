@@ -7,7 +7,7 @@ import torch
 from zfkernels.opspec import F32_MAX, adam_scalars_refusal
 
 from .zo import (NOT_OPTIONS, _check_layout, check_buffer_shapes, counter, load_with_hooks, refuse_a_module,
-                 state_dict_with_hooks)
+                 refuse_a_parameter_given_twice, state_dict_with_hooks)
 
 __all__ = ["FOSGD", "FOAdam", "FOAdamW"]
 
@@ -18,6 +18,10 @@ class _FOMixin:
     def add_param_group(self, param_group: dict) -> None:
         if isinstance(param_group, dict):       # a module there: "'Linear' object is not iterable"
             refuse_a_module(param_group.get("params"), "param_group['params']")
+            if "params" in param_group and not isinstance(param_group["params"], (torch.Tensor, set, frozenset)):
+                # torch.optim's warning only, then two updates a step
+                param_group = dict(param_group, params=list(param_group["params"]))
+                refuse_a_parameter_given_twice(param_group["params"], len(self.param_groups))
         super().add_param_group(param_group)
 
     def _init_counters(self) -> None:

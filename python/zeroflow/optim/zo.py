@@ -1843,6 +1843,24 @@ def _which(k: int, name: str | None) -> str:
     return f"parameter {k} ({name!r})" if name else f"parameter {k}"
 
 
+def refuse_a_parameter_given_twice(items, group: int) -> None:
+    """ValueError for one tensor listed twice in a group (``items``: tensors or (name, tensor)
+    pairs), the first-order optimizers' check: torch.optim only warns there and updates the tensor
+    twice a step (a tied weight from named_parameters(remove_duplicate=False) at twice its lr). The
+    ZO optimizers refuse it with any memory overlap (_check_params)."""
+    seen: dict = {}
+    for k, item in enumerate(items):
+        name, t = item if isinstance(item, tuple) and len(item) == 2 else (None, item)
+        if id(t) in seen:
+            j, other = seen[id(t)]
+            raise ValueError(f"{_which(k, name)} of param group {group} is {_which(j, other)} (one tensor given twice, "
+                             "e.g. a tied weight such as a language model's lm_head and input embedding with "
+                             "tie_word_embeddings, listed under both names by named_parameters(remove_duplicate=False))"
+                             ": torch.optim only warns, and updates it twice a step; pass every parameter once "
+                             f"({_ONCE})")
+        seen[id(t)] = (k, name)
+
+
 def refuse_a_module(params, what: str = "params") -> None:
     """TypeError for a ``torch.nn.Module`` given where its parameters belong
     (``create("zo_sgd", model)``): torch.optim said only "'LlamaForCausalLM' object is not
