@@ -615,6 +615,18 @@ def test_16_bit_greyscale_png_decodes_to_its_grey_not_white(tmp_path):
     assert float(x.max()) == pytest.approx(round(7000 / 257) / 255, abs=1e-6)
 
 
+def _cifar100_with_one_file_changed(root: str, name: str, change) -> str:
+    """A CIFAR-100 folder under ``root`` (_write_cifar100) whose file ``name`` holds
+    ``change(its unpickled dict)``; the file's path."""
+    _write_cifar100(root)
+    path = os.path.join(root, "cifar-100-python", name)
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    with open(path, "wb") as f:
+        pickle.dump(change(entry), f)
+    return path
+
+
 @pytest.mark.parametrize("damaged, why", [
     ("train", "no key 'data', 'fine_labels' (it has b'data', b'fine_labels': bytes keys, from a pickle read with "
               "encoding='bytes' and written again; the official files have str keys)"),
@@ -627,18 +639,15 @@ def test_a_cifar100_pickle_without_what_torchvision_reads_is_named(tmp_path, dam
     rows cut short) stopped the run with 'could not read CIFAR-100 from DIR: KeyError: 'data'' (or
     numpy's reshape error): which file, and what to do, unsaid. Now the file, what it lacks and the fix."""
     from zeroflow.continual.data import load_cifar100
-    _write_cifar100(str(tmp_path))
-    path = os.path.join(str(tmp_path), "cifar-100-python", damaged)
-    with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
-    if damaged == "train":
-        entry = {k.encode(): v for k, v in entry.items()}
-    elif damaged == "meta":
-        del entry["fine_label_names"]
-    else:
-        entry["data"] = entry["data"][:, :3000]
-    with open(path, "wb") as f:
-        pickle.dump(entry, f)
+    def damage(entry):
+        if damaged == "train":
+            return {k.encode(): v for k, v in entry.items()}
+        if damaged == "meta":
+            del entry["fine_label_names"]
+        else:
+            entry["data"] = entry["data"][:, :3000]
+        return entry
+    path = _cifar100_with_one_file_changed(str(tmp_path), damaged, damage)
     with pytest.raises(ZeroflowError) as e:
         load_cifar100(str(tmp_path), 10, 10, img_size=32)
     assert str(e.value) == (f"could not read CIFAR-100 from {tmp_path / 'cifar-100-python'}: {path}: {why}; replace "
@@ -672,13 +681,8 @@ def test_a_cifar100_file_of_other_than_uint8_pixels_is_refused_when_loaded(tmp_p
     the run then stopped in its first task with PIL's 'TypeError: Cannot handle this data type'
     traceback, its folder claimed. Refused when the data is loaded now, naming the file and the fix."""
     from zeroflow.continual.data import load_cifar100
-    _write_cifar100(str(tmp_path))
-    path = os.path.join(str(tmp_path), "cifar-100-python", "train")
-    with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
-    entry["data"] = entry["data"].astype(np.int64)
-    with open(path, "wb") as f:
-        pickle.dump(entry, f)
+    path = _cifar100_with_one_file_changed(str(tmp_path), "train",
+                                           lambda entry: dict(entry, data=entry["data"].astype(np.int64)))
     with pytest.raises(ZeroflowError) as e:
         load_cifar100(str(tmp_path), 10, 10, img_size=32)
     assert str(e.value) == (f"{path}: its data is int64, not the uint8 pixels of a CIFAR-100 file; replace the file "

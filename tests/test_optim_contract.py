@@ -2280,6 +2280,15 @@ def _adam_step(kind, model, opt):
     return opt.step()
 
 
+def _adam_step_refused(kind, model, opt, match):
+    """The step raises a ValueError matching ``match`` before any parameter moved."""
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        _adam_step(kind, model, opt)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 @pytest.mark.parametrize("kind,backend", [("zo", "torch"), ("zo", "cpu"), ("fo", None)])
 @pytest.mark.parametrize("kw,needle", [
     (dict(lr=3e38), r"lr=3e\+38 makes Adam step 1's bias-corrected step size lr / \(1 - beta1\*\*1\) = 3e\+39 "
@@ -2294,11 +2303,7 @@ def test_an_adam_lr_whose_step_size_overflows_float32_is_refused_before_anything
     torch's 'value cannot be converted to type float without overflow' with m, v and the step
     count advanced (its CUDA foreach path writes inf). Refused by name before anything changes."""
     model, opt = _adam_opt(kind, backend, **kw)
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="param group 0: " + needle):
-        _adam_step(kind, model, opt)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    _adam_step_refused(kind, model, opt, "param group 0: " + needle)
     assert not opt.state and opt.forward_passes == 0
 
 
@@ -2318,12 +2323,8 @@ def test_zo_adam_conserve_refuses_an_lr_its_frozen_moves_would_overflow():
     2 sqrt(1 - beta2^t) 2^13.5 times the update's: lr=1e35 (step size 1e36, finite) wrote NaN
     into every parameter at its first move. Refused before the step; lr=1e33 is taken."""
     model, opt = _adam_opt("zo", "torch", lr=1e35, conserve=True)
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=r"param group 0: lr=1e\+35 .* is too large for conserve at Adam step 1: "
-                                         r"its move from theta0 \+1 Delta to theta0 -1 Delta .*conserve=False"):
-        _adam_step("zo", model, opt)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    _adam_step_refused("zo", model, opt, r"param group 0: lr=1e\+35 .* is too large for conserve at Adam step 1: "
+                                         r"its move from theta0 \+1 Delta to theta0 -1 Delta .*conserve=False")
     model, opt = _adam_opt("zo", "torch", lr=1e33, conserve=True)
     _adam_step("zo", model, opt)
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -2334,12 +2335,8 @@ def test_zo_adamw_conserve_refuses_a_decay_factor_of_0_before_the_step():
     factor 1 - lr * weight_decay = 0, a ZeroDivisionError mid-step with the update applied
     (whenever conserve kept theta0 or theta0 + Delta, or a closure failed). Refused first."""
     model, opt = _adam_opt("zo", "torch", lr=0.5, weight_decay=2.0, decoupled_weight_decay=True, conserve=True)
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=r"param group 0: lr=0.5 and weight_decay=2 make AdamW's decay factor "
-                                         r"1 - lr \* weight_decay 0: .*give lr \* weight_decay other than 1"):
-        _adam_step("zo", model, opt)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    _adam_step_refused("zo", model, opt, r"param group 0: lr=0.5 and weight_decay=2 make AdamW's decay factor "
+                                         r"1 - lr \* weight_decay 0: .*give lr \* weight_decay other than 1")
 
 
 def test_the_zo_adam_face_refuses_an_overflowing_step_size_before_writing():
@@ -2380,12 +2377,8 @@ def test_adamw_with_beta1_0_refuses_an_overflowing_decay_factor_too(kind, backen
     before anything is written."""
     model, opt = _adam_opt(kind, backend, lr=1e20, weight_decay=1e19, decoupled_weight_decay=True,
                            betas=(0.0, 0.999))
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=r"param group 0: lr=1e\+20 and weight_decay=1e\+19 make AdamW's decay "
-                                         r"factor 1 - lr \* weight_decay = -1e\+39 infinite"):
-        _adam_step(kind, model, opt)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    _adam_step_refused(kind, model, opt, r"param group 0: lr=1e\+20 and weight_decay=1e\+19 make AdamW's decay "
+                                         r"factor 1 - lr \* weight_decay = -1e\+39 infinite")
 
 
 def test_adam_s_l2_weight_decay_has_no_decay_factor_to_refuse():
@@ -2410,11 +2403,7 @@ def test_an_overflowing_adam_lr_in_a_later_group_is_refused_naming_that_group(ki
         from zeroflow.optim.fo import FOAdamW
         opt = FOAdamW(groups, lr=1e-3)
         where = "torch.optim.AdamW computes"
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=rf"^param group 1: lr=3e\+38 makes Adam step 1's .*where {where}"):
-        _adam_step(kind, model, opt)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    _adam_step_refused(kind, model, opt, rf"^param group 1: lr=3e\+38 makes Adam step 1's .*where {where}")
 
 
 def test_fo_adam_takes_a_float32_overflowing_lr_for_float64_parameters():
@@ -2436,12 +2425,8 @@ def test_zo_adam_conserve_refuses_an_eps_its_frozen_moves_would_overflow_unless_
     (finite in float32) becomes inf there, refused before the step. At lr = 0 (a warmup's first
     step) the update and every move are of length 0: the same eps is taken and nothing is infinite."""
     model, opt = _adam_opt("zo", "torch", lr=1e-3, eps=1e37, conserve=True)
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=r"param group 0: lr=0.001 \(betas=\(0.9, 0.999\), eps=1e\+37, "
-                                         r"weight_decay=0\) is too large for conserve at Adam step 1"):
-        _adam_step("zo", model, opt)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    _adam_step_refused("zo", model, opt, r"param group 0: lr=0.001 \(betas=\(0.9, 0.999\), eps=1e\+37, "
+                                         r"weight_decay=0\) is too large for conserve at Adam step 1")
     model, opt = _adam_opt("zo", "torch", lr=0.0, eps=1e37, conserve=True)
     _adam_step("zo", model, opt)
     assert all(torch.isfinite(p).all() for p in model.parameters())
