@@ -2440,3 +2440,31 @@ def test_zo_adam_conserve_with_l2_weight_decay_takes_lr_times_weight_decay_1():
     for _ in range(2):
         _adam_step("zo", model, opt)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("build", [
+    lambda ps: create("zo_sgd", ps, lr=0.1),
+    lambda ps: create("zo_adam", ps, lr=0.1),
+    lambda ps: create("fo_sgd", ps, lr=0.1),
+    lambda ps: create("fo_adam", ps, lr=0.1),
+    lambda ps: create("zo_sgd", ps, lr=0.1, hybrid_switch=1),
+    lambda ps: create("zo_sgd", [{"params": ps}], lr=0.1),
+    lambda ps: create("fo_sgd", [{"params": ps}], lr=0.1),
+    lambda ps: create("zo_sgd", [{"params": ps}], lr=0.1, hybrid_switch=1),
+    lambda ps: _added(create("zo_sgd", [torch.nn.Parameter(torch.ones(2))], lr=0.1), ps),
+    lambda ps: _added(create("fo_sgd", [torch.nn.Parameter(torch.ones(2))], lr=0.1), ps),
+    lambda ps: _added(create("zo_sgd", [torch.nn.Parameter(torch.ones(2))], lr=0.1, hybrid_switch=1), ps),
+], ids=["zo_sgd", "zo_adam", "fo_sgd", "fo_adam", "hybrid", "zo group", "fo group", "hybrid group",
+        "zo add_param_group", "fo add_param_group", "hybrid add_param_group"])
+def test_a_parameter_list_is_taken_as_torch_optim_takes_it(build):
+    # torch.nn.ParameterList is a Module that iterates its Parameters: torch.optim.SGD(plist) trains
+    # them. The refusal of a module given as params (create("zo_sgd", model)) refused it too
+    plist = torch.nn.ParameterList([torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.zeros(2))])
+    opt = build(plist)
+    assert [p for g in opt.param_groups for p in g["params"]][-2:] == list(plist)
+
+
+def _added(opt, ps):
+    opt.add_param_group({"params": ps})
+    return opt
+

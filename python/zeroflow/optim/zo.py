@@ -1864,8 +1864,9 @@ def refuse_a_parameter_given_twice(items, group: int) -> None:
 def refuse_a_module(params, what: str = "params") -> None:
     """TypeError for a ``torch.nn.Module`` given where its parameters belong
     (``create("zo_sgd", model)``): torch.optim said only "'LlamaForCausalLM' object is not
-    iterable", naming neither the argument nor the fix."""
-    if isinstance(params, torch.nn.Module):
+    iterable", naming neither the argument nor the fix. Not a ``torch.nn.ParameterList``, an
+    iterable of its Parameters that torch.optim takes as given."""
+    if isinstance(params, torch.nn.Module) and not isinstance(params, torch.nn.ParameterList):
         raise TypeError(f"{what} is a {type(params).__name__} (a torch.nn.Module), not an iterable of Tensors or "
                         "dicts: give the optimizer the module's parameters, model.parameters() (or "
                         "model.named_parameters(), for named groups)")
