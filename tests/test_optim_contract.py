@@ -2468,3 +2468,23 @@ def _added(opt, ps):
     opt.add_param_group({"params": ps})
     return opt
 
+
+@pytest.mark.parametrize("name", ["fo_sgd", "fo_adam", "fo_adamw"])
+def test_an_fo_optimizer_keeps_the_caller_s_group_dict_as_torch_optim_does(name):
+    # torch.optim appends the dict it is given (its params made a list): a caller holding it edits the
+    # group (its lr). The FO baselines' check for a tensor listed twice appended a copy instead
+    from zeroflow.optim import FOAdam, FOAdamW, FOSGD
+    cls = {"fo_sgd": FOSGD, "fo_adam": FOAdam, "fo_adamw": FOAdamW}[name]
+    w, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    g = {"params": (p for p in [w]), "lr": 0.1}
+    opt = cls([g], lr=0.1)
+    added = {"params": (p for p in [b]), "lr": 0.2}
+    opt.add_param_group(added)
+    assert opt.param_groups[0] is g and opt.param_groups[1] is added
+    assert g["params"] == [w] and added["params"] == [b]
+    # refused, the caller's dict is left as it was given
+    twice = {"params": [torch.nn.Parameter(torch.ones(2))] * 2, "lr": 0.3}
+    given = dict(twice)
+    with pytest.raises(ValueError, match="param group 2 is parameter 0"):
+        opt.add_param_group(twice)
+    assert twice == given and len(opt.param_groups) == 2

@@ -19,9 +19,11 @@ class _FOMixin:
         if isinstance(param_group, dict):       # a module there: "'Linear' object is not iterable"
             refuse_a_module(param_group.get("params"), "param_group['params']")
             if "params" in param_group and not isinstance(param_group["params"], (torch.Tensor, set, frozenset)):
-                # torch.optim's warning only, then two updates a step
-                param_group = dict(param_group, params=list(param_group["params"]))
-                refuse_a_parameter_given_twice(param_group["params"], len(self.param_groups))
+                # torch.optim's warning only, then two updates a step. The caller's dict stays the
+                # group, as in torch.optim (which sets its params to the list too)
+                ps = list(param_group["params"])
+                refuse_a_parameter_given_twice(ps, len(self.param_groups))
+                param_group["params"] = ps
         super().add_param_group(param_group)
 
     def _init_counters(self) -> None:
