@@ -34,11 +34,12 @@ def _loss(model):
     lambda m: FOAdam(m),
     lambda m: create("zo_sgd", [{"params": m}], lr=1e-3),
     lambda m: create("fo_sgd", [{"params": m}], lr=1e-3),
+    lambda m: create("zo_sgd", [{"params": m}], lr=1e-3, hybrid_switch=1),
     lambda m: create("zo_sgd", [m.lm_head.weight], lr=1e-3).add_param_group({"params": m}),
     lambda m: create("fo_sgd", [m.lm_head.weight], lr=1e-3).add_param_group({"params": m}),
     lambda m: create("zo_sgd", [m.lm_head.weight], lr=1e-3, hybrid_switch=1).add_param_group({"params": m}),
 ], ids=["zo_sgd", "zo_adam", "hybrid", "fo_adam", "ZOFusedSGD", "ZOFusedAdam", "FOSGD", "FOAdam", "zo group",
-        "fo group", "zo add_param_group", "fo add_param_group", "hybrid add_param_group"])
+        "fo group", "hybrid group", "zo add_param_group", "fo add_param_group", "hybrid add_param_group"])
 def test_a_model_given_as_params_is_refused_naming_params_and_the_fix(build):
     # create("zo_sgd", model): torch said only "'LlamaForCausalLM' object is not iterable"
     model = _tiny_llama()

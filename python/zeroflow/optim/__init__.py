@@ -136,6 +136,9 @@ def _materialize(params):
     if isinstance(params, torch.Tensor):
         return [params]
     out = list(params)
+    for g in out:       # {"params": model}: before list() says "'Linear' object is not iterable"
+        if isinstance(g, dict):
+            refuse_a_module(g.get("params"), "param_group['params']")
     return [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in out]
 
 
