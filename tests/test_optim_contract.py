@@ -2488,3 +2488,43 @@ def test_an_fo_optimizer_keeps_the_caller_s_group_dict_as_torch_optim_does(name)
     with pytest.raises(ValueError, match="param group 2 is parameter 0"):
         opt.add_param_group(twice)
     assert twice == given and len(opt.param_groups) == 2
+    # a tensor as a group's params: torch.optim's [tensor] (not list(tensor), its rows)
+    single = {"params": torch.nn.Parameter(torch.ones(2))}
+    opt.add_param_group(single)
+    assert opt.param_groups[2] is single and len(single["params"]) == 1 and single["params"][0].shape == (2,)
+
+
+def test_a_closure_returning_no_model_output_gets_no_advice_about_one():
+    # the advice to return a model output's .loss (and to pass labels where it is None) is for an
+    # object with a loss attribute only: a tuple (loss, logits) or a string has none to return
+    model = make_mlp(6, 4, 1)
+    for name in ("zo_sgd", "forward_grad", "fo_sgd"):
+        opt = create(name, model.parameters(), model=model, lr=0.01, seed=2)
+        for bad, kind in ((lambda: (loss_of(model), 1.0), "tuple"), (lambda: "0.5", "str")):
+            with pytest.raises((TypeError, ValueError), match=kind) as e:
+                train_step(opt, bad)
+            assert "loss" not in str(e.value).split(kind, 1)[1], str(e.value)
+    # a tensor of more than one element: the message as it was, no type named
+    with pytest.raises(ValueError, match=r"^the closure must return a scalar loss tensor$"):
+        train_step(create("fo_sgd", model.parameters(), lr=0.01), lambda: (model(X) - Y).pow(2).mean(0).repeat(2))
+
+
+def test_forward_grad_names_the_input_require_grads_hook_for_requires_grad_only():
+    # the note naming Hugging Face's hook (model.disable_input_require_grads()) is for torch's
+    # "call Tensor.requires_grad_() ... inside of a function being transformed by a functorch
+    # transform"; another functorch refusal (a forward setting .data) is no such hook
+    class SetsData(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 1)
+
+        def forward(self, x):
+            h = self.lin(x)
+            h.data = torch.zeros_like(h)
+            return h
+
+    model = SetsData()
+    opt = create("forward_grad", model.parameters(), model=model, lr=0.01, seed=2)
+    with pytest.raises(RuntimeError, match="functorch transform") as e:
+        opt.step(lambda: F.mse_loss(model(X), Y))
+    assert "disable_input_require_grads" not in " ".join(getattr(e.value, "__notes__", []))
