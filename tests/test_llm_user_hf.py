@@ -227,7 +227,18 @@ def test_the_fo_baselines_refuse_a_tied_weight_given_twice(name):
         create(name, named, lr=1e-3)
     with pytest.raises(ValueError, match=r"parameter 20 of param group 0 is parameter 0 .*updates it twice"):
         create(name, [p for _, p in named], lr=1e-3)
+    # the no-decay recipe over remove_duplicate=False: the two names in two groups, which torch.optim
+    # refused as "some parameters appear in more than one parameter group", naming neither
+    decay = [(n, p) for n, p in named if "embed" not in n and "norm" not in n]
+    no_decay = [(n, p) for n, p in named if "embed" in n or "norm" in n]
+    with pytest.raises(ValueError, match=r"some parameters appear in more than one parameter group: "
+                                         r"parameter 0 \('model\.embed_tokens\.weight'\) of the new param group "
+                                         r"1 is parameter \d+ \('lm_head\.weight'\) of param group 0.*tied"):
+        create(name, [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3)
     opt = create(name, [p for n, p in named if "embed" not in n], lr=1e-3)
+    with pytest.raises(ValueError, match=r"more than one parameter group: parameter 0 of the new param group 1 is "
+                                         r"parameter 19 of param group 0"):
+        opt.add_param_group({"params": model.model.embed_tokens.weight})     # a tensor, torch.optim's [tensor]
     with pytest.raises(ValueError, match=r"parameter 1 of param group 1 is parameter 0"):
         opt.add_param_group({"params": [model.model.norm.weight, model.model.norm.weight]})
     assert len(opt.param_groups) == 1

@@ -7,7 +7,7 @@ import torch
 from zfkernels.opspec import F32_MAX, adam_scalars_refusal
 
 from .zo import (NOT_OPTIONS, _check_layout, check_buffer_shapes, counter, load_with_hooks, refuse_a_module,
-                 refuse_a_parameter_given_twice, state_dict_with_hooks)
+                 refuse_a_parameter_given_twice, refuse_a_shared_parameter, state_dict_with_hooks)
 
 __all__ = ["FOSGD", "FOAdam", "FOAdamW"]
 
@@ -18,11 +18,14 @@ class _FOMixin:
     def add_param_group(self, param_group: dict) -> None:
         if isinstance(param_group, dict):       # a module there: "'Linear' object is not iterable"
             refuse_a_module(param_group.get("params"), "param_group['params']")
-            if "params" in param_group and not isinstance(param_group["params"], (torch.Tensor, set, frozenset)):
-                # torch.optim's warning only, then two updates a step. The caller's dict stays the
+            if "params" in param_group and not isinstance(param_group["params"], (set, frozenset)):
+                # torch.optim's warning only, then two updates a step; and its "some parameters appear
+                # in more than one parameter group", naming neither place. The caller's dict stays the
                 # group, as in torch.optim (which sets its params to the list too)
-                ps = list(param_group["params"])
+                ps = param_group["params"]
+                ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
                 refuse_a_parameter_given_twice(ps, len(self.param_groups))
+                refuse_a_shared_parameter(self.param_groups, ps)
                 param_group["params"] = ps
         super().add_param_group(param_group)
 

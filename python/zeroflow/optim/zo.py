@@ -585,28 +585,8 @@ class _ZOBase(torch.optim.Optimizer):
             self._next_tid += 1
 
     def _refuse_a_shared_parameter(self, items: list) -> None:
-        """torch.optim's refusal of a tensor already in another group ("some parameters appear in more
-        than one parameter group"), naming the two places: the usual one is a tied weight (an LM's
-        lm_head and input embedding, tie_word_embeddings) listed under both names by
-        named_parameters(remove_duplicate=False), the names then in two groups of the no-decay
-        recipe. The new group's items as given (tensors or (name, tensor) pairs)."""
-        if not self.param_groups:
-            return
-        held = {}
-        for i, g in enumerate(self.param_groups):
-            names = g.get("param_names")
-            for k, p in enumerate(g["params"]):
-                held.setdefault(id(p), (i, k, names[k] if names else None))
-        for k, item in enumerate(items):
-            name, t = item if isinstance(item, tuple) and len(item) == 2 else (None, item)
-            if id(t) in held:
-                i, j, other = held[id(t)]
-                raise ValueError(
-                    f"some parameters appear in more than one parameter group: {_which(k, name)} of the new param "
-                    f"group {len(self.param_groups)} is {_which(j, other)} of param group {i} (a tied weight, e.g. a "
-                    "language model's lm_head and input embedding with tie_word_embeddings, listed under both names by "
-                    "named_parameters(remove_duplicate=False)?); a tensor is trained with the options of one group: "
-                    f"put it in one ({_ONCE})")
+        """:func:`refuse_a_shared_parameter` against this optimizer's groups."""
+        refuse_a_shared_parameter(self.param_groups, items)
 
     def _check_group(self, g: dict, where: str = "") -> None:
         """Every option of group ``g`` the kernels take, checked at construction, in
@@ -1859,6 +1839,32 @@ def refuse_a_parameter_given_twice(items, group: int) -> None:
                              ": torch.optim only warns, and updates it twice a step; pass every parameter once "
                              f"({_ONCE})")
         seen[id(t)] = (k, name)
+
+
+def refuse_a_shared_parameter(param_groups: list, items: list) -> None:
+    """torch.optim's refusal of a tensor already in another group ("some parameters appear in more
+    than one parameter group"), naming the two places: the usual one is a tied weight (an LM's
+    lm_head and input embedding, tie_word_embeddings) listed under both names by
+    named_parameters(remove_duplicate=False), the names then in two groups of the no-decay
+    recipe. ``items``: the new group's, as given (tensors or (name, tensor) pairs); the ZO and the
+    first-order optimizers' check."""
+    if not param_groups:
+        return
+    held = {}
+    for i, g in enumerate(param_groups):
+        names = g.get("param_names")
+        for k, p in enumerate(g["params"]):
+            held.setdefault(id(p), (i, k, names[k] if names else None))
+    for k, item in enumerate(items):
+        name, t = item if isinstance(item, tuple) and len(item) == 2 else (None, item)
+        if id(t) in held:
+            i, j, other = held[id(t)]
+            raise ValueError(
+                f"some parameters appear in more than one parameter group: {_which(k, name)} of the new param "
+                f"group {len(param_groups)} is {_which(j, other)} of param group {i} (a tied weight, e.g. a "
+                "language model's lm_head and input embedding with tie_word_embeddings, listed under both names by "
+                "named_parameters(remove_duplicate=False)?); a tensor is trained with the options of one group: "
+                f"put it in one ({_ONCE})")
 
 
 def refuse_a_module(params, what: str = "params") -> None:
