@@ -256,6 +256,27 @@ def test_a_refused_checkpoint_of_a_resume_under_torchrun_is_said_by_rank_0_only(
     assert err1 == "", err1
 
 
+def test_a_resume_of_a_first_order_run_under_torchrun_is_refused_by_rank_0_only(tmp_path):
+    """torchrun ... run --resume --out DIR of a first-order run (fo_sgd, trained in a single
+    process) is refused as a fresh one is: the configuration is the run folder's, read once the
+    group is up, so the refusal comes after it (said by rank 0 only, every rank stopping); left
+    out, the ranks went on to train the first-order run data-parallel, which exchanges no
+    gradients."""
+    from zeroflow.continual.defaults import resolve
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(resolve(dict(CFG, optimizer="fo_sgd", perturbation=None))))
+    (rc0, err0), (rc1, err1) = _launch_cli(2, ["run", "--resume", "--out", str(out), "--no-progress"],
+                                           tmp_path / "res")
+    assert rc0 == rc1 == 2
+    assert err0 == ("zeroflow: error: --optimizer fo_sgd under torchrun: data-parallel runs exchange only ZO loss "
+                    "scalars, so they need a forward-pass optimizer (zo_* or forward_grad, optionally with "
+                    "--hybrid-switch); run first-order baselines in a single process\n"), err0
+    assert err1 == "", err1
+    assert sorted(os.listdir(out)) == ["config.json"]
+
+
 def test_first_order_refused_under_torchrun(tmp_path):
     res = _launch(1, tmp_path / "fo", tmp_path / "cache", tmp_path / "res", optimizer="fo_sgd")
     assert "error" in res[0]
