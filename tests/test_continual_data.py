@@ -632,6 +632,8 @@ def _cifar100_with_one_file_changed(root: str, name: str, change) -> str:
               "encoding='bytes' and written again; the official files have str keys)"),
     ("meta", "no key 'fine_label_names' (its keys: 'coarse_label_names')"),
     ("test", "data of shape (100, 3000), not rows of 3072 bytes (32x32 RGB) per image"),
+    ("train-list", "a list, not the dict of a CIFAR-100 file"),
+    ("meta-and-labels", "no key 'fine_label_names' (its keys: 'coarse_label_names')"),
 ])
 def test_a_cifar100_pickle_without_what_torchvision_reads_is_named(tmp_path, damaged, why):
     """A CIFAR-100 file that unpickles but lacks what torchvision reads (re-pickled from the CIFAR
@@ -642,12 +644,18 @@ def test_a_cifar100_pickle_without_what_torchvision_reads_is_named(tmp_path, dam
     def damage(entry):
         if damaged == "train":
             return {k.encode(): v for k, v in entry.items()}
-        if damaged == "meta":
+        if damaged == "train-list":
+            return list(entry.values())
+        if damaged.startswith("meta"):
             del entry["fine_label_names"]
         else:
             entry["data"] = entry["data"][:, :3000]
         return entry
-    path = _cifar100_with_one_file_changed(str(tmp_path), damaged, damage)
+    path = _cifar100_with_one_file_changed(str(tmp_path), damaged.split("-")[0], damage)
+    if damaged == "meta-and-labels":       # train's labels under 'labels', which torchvision reads too: only meta
+        train = tmp_path / "cifar-100-python" / "train"
+        entry = pickle.loads(train.read_bytes(), encoding="latin1")
+        train.write_bytes(pickle.dumps({("labels" if k == "fine_labels" else k): v for k, v in entry.items()}))
     with pytest.raises(ZeroflowError) as e:
         load_cifar100(str(tmp_path), 10, 10, img_size=32)
     assert str(e.value) == (f"could not read CIFAR-100 from {tmp_path / 'cifar-100-python'}: {path}: {why}; replace "
@@ -674,6 +682,21 @@ def test_a_real_dataset_on_the_small_vit_takes_its_pretraining_defaults(tmp_path
     # the digits' pretraining lr and batch (docs/continual.md), the file's epochs
     assert (saved["pretrain_epochs"], saved["pretrain_lr"], saved["pretrain_batch_size"]) == (1, 3e-3, 64)
     assert (out / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("dataset", ["cifar100", "cub", "imagenet-a", "omnibenchmark"])
+def test_the_small_vit_s_pretraining_defaults_leave_a_timm_vit_run_s_configuration_alone(dataset):
+    """validate gives a run on the small ViT its pretraining defaults; a real dataset's run on its
+    timm ViT (every run folder of one written so far) gains none: its configuration, and so the
+    comparison of a resumed or swept run with its config.json, is what it was."""
+    from zeroflow.continual.defaults import SMALL_PRETRAINING, resolve, validate
+    from zeroflow.continual.runfolder import config_differences
+
+    cfg = resolve(dict(dataset=dataset, method="ease", optimizer="zo_sgd"))
+    assert cfg["backbone"] != "small"
+    saved = {k: v for k, v in validate(cfg).items() if k not in SMALL_PRETRAINING}
+    assert set(validate(cfg)) == set(saved)
+    assert config_differences(saved, validate(dict(saved))) == []
 
 
 def test_a_cifar100_file_of_other_than_uint8_pixels_is_refused_when_loaded(tmp_path):
