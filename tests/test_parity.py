@@ -821,6 +821,37 @@ def test_adam_op_takes_the_largest_lr_its_refusal_names(backend):
     assert_all_bits_equal([results[be]], [results["torch"]], "largest lr")
 
 
+@pytest.mark.parametrize("backend", BAD_INPUT_BACKENDS)
+def test_adam_op_refuses_exactly_where_opspec_does(backend):
+    """Each backend's refusal (csrc/ops_common.h check_adam_scalars for the compiled ops,
+    opspec.check_adam_scalars for the others) sits exactly at opspec's bound, the least float64
+    that float32 rounds to inf: the step size or AdamW's decay factor there is refused in
+    opspec's words, one float64 below is taken (with the reference's bits). beta1 = 0.5 and
+    weight_decay = 4 keep both exact."""
+    be, dev = backend
+    at = opspec.F32_OVERFLOW
+    below = math.nextafter(at, 0.0)
+    cases = [(dict(lr=at * 0.5, beta1=0.5), dict(lr=below * 0.5, beta1=0.5)),
+             (dict(lr=at / 4, beta1=0.0, weight_decay=4.0, decoupled_weight_decay=True),
+              dict(lr=below / 4, beta1=0.0, weight_decay=4.0, decoupled_weight_decay=True))]
+    for refused, taken in cases:
+        want = opspec.adam_scalars_refusal(refused["lr"], refused["beta1"], 1, refused.get("weight_decay", 0.0),
+                                           refused.get("decoupled_weight_decay", False))
+        assert want is not None and opspec.adam_scalars_refusal(
+            taken["lr"], taken["beta1"], 1, taken.get("weight_decay", 0.0),
+            taken.get("decoupled_weight_decay", False)) is None
+        p, m, v = [torch.ones(4, device=dev)], [torch.zeros(4, device=dev)], [torch.zeros(4, device=dev)]
+        with pytest.raises(ValueError) as err:
+            _op(be, "zo_adam_update_")(**_adam(p, m, v, coeffs=[0.0], **refused))
+        assert str(err.value) == _PREFIX[be] + want
+        results = {}
+        for b, d in ((be, dev), ("torch", "cpu")):
+            p, m, v = [torch.ones(4, device=d)], [torch.zeros(4, device=d)], [torch.zeros(4, device=d)]
+            _op(b, "zo_adam_update_")(**_adam(p, m, v, coeffs=[0.0], **taken))
+            results[b] = [t.cpu() for t in p + m + v]
+        assert_all_bits_equal([results[be]], [results["torch"]], "one float64 below the bound")
+
+
 # ======================================================================================
 # Compiled ops: schema checks (torch.library.opcheck) and the build
 # ======================================================================================
