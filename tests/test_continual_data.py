@@ -699,12 +699,13 @@ def test_the_small_vit_s_pretraining_defaults_leave_a_timm_vit_run_s_configurati
     assert config_differences(saved, validate(dict(saved))) == []
 
 
-def test_a_cifar100_file_of_other_than_uint8_pixels_is_refused_when_loaded(tmp_path):
-    """A CIFAR-100 train file whose data is int64 (written again from numpy arithmetic) loaded, and
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_cifar100_file_of_other_than_uint8_pixels_is_refused_when_loaded(tmp_path, split):
+    """A CIFAR-100 train or test file whose data is int64 (written again from numpy arithmetic) loaded, and
     the run then stopped in its first task with PIL's 'TypeError: Cannot handle this data type'
     traceback, its folder claimed. Refused when the data is loaded now, naming the file and the fix."""
     from zeroflow.continual.data import load_cifar100
-    path = _cifar100_with_one_file_changed(str(tmp_path), "train",
+    path = _cifar100_with_one_file_changed(str(tmp_path), split,
                                            lambda entry: dict(entry, data=entry["data"].astype(np.int64)))
     with pytest.raises(ZeroflowError) as e:
         load_cifar100(str(tmp_path), 10, 10, img_size=32)
