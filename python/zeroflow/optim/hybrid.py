@@ -21,6 +21,7 @@ from .zo import (
     counter,
     load_with_hooks,
     params_list,
+    refuse_a_shared_parameter,
     state_dict_with_hooks,
 )
 
@@ -187,7 +188,7 @@ class HybridFOZO(torch.optim.Optimizer):
         # optimizer built on plain tensors under a named hybrid takes the tensors)
         # a tensor of another group (a tied weight under its second name): said by name, not as torch.optim's
         # FO optimizer says it
-        self.zo._refuse_a_shared_parameter(list(zip(names, tensors)) if names else tensors)
+        refuse_a_shared_parameter(self.zo.param_groups, list(zip(names, tensors)) if names else tensors)
         self.fo.add_param_group({**_named_as(self.fo, tensors, names), "lr": lf})    # torch.optim's checks first
         try:
             self.zo.add_param_group({**_named_as(self.zo, tensors, names), "lr": lf * scale})

@@ -564,7 +564,7 @@ class _ZOBase(torch.optim.Optimizer):
                     f"zeroflow optimizers need dense parameters; got one with layout {t.layout} "
                     "(sparse parameters are not supported)"
                 )
-        self._refuse_a_shared_parameter(ps)
+        refuse_a_shared_parameter(self.param_groups, ps)
         param_group = dict(param_group, params=ps)
         super().add_param_group(param_group)
         g = self.param_groups[-1]
@@ -583,10 +583,6 @@ class _ZOBase(torch.optim.Optimizer):
         for p in g["params"]:       # a fresh id, also where id(p) is that of a dropped parameter
             self._tid[id(p)] = self._next_tid
             self._next_tid += 1
-
-    def _refuse_a_shared_parameter(self, items: list) -> None:
-        """:func:`refuse_a_shared_parameter` against this optimizer's groups."""
-        refuse_a_shared_parameter(self.param_groups, items)
 
     def _check_group(self, g: dict, where: str = "") -> None:
         """Every option of group ``g`` the kernels take, checked at construction, in
