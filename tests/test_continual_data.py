@@ -299,6 +299,37 @@ def test_digits_runs_refuse_model_kwargs():
         resolve({"model_kwargs": {"depth": 1}}, None)
 
 
+def test_the_small_vit_s_pretraining_given_for_a_timm_backbone_is_refused_not_ignored(tmp_path, capsys):
+    """pretrain_epochs / pretrain_lr / pretrain_batch_size in the --config file of a run on a timm
+    ViT (pretrained already: only the small ViT is pretrained by zeroflow) were ignored without a
+    word. They are refused as small_vit is there, naming the options as given, before the data is
+    read or --out is created; the digits defaults' pretraining (a digits config on a timm backbone)
+    and the options on the small ViT are not."""
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.errors import ZeroflowError
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("pretrain_epochs: 5\n")
+    out = tmp_path / "r"
+    rc, stdout, err = _run_cli(capsys, "run", "--config", cfg, "--dataset", "cub", "--data-root",
+                               tmp_path / "no-data", "--no-progress", "--out", out)
+    assert rc == 2 and stdout == "" and err.count("\n") == 1, err
+    assert err == (f"zeroflow: error: pretrain_epochs in {cfg} sets the pretraining of the small ViT (backbone: "
+                   f"small), which zeroflow pretrains itself; this run's backbone is "
+                   f"vit_base_patch16_224.augreg_in21k, pretrained already (drop it)\n"), err
+    assert not out.exists()
+    cfg.write_text("pretrain_lr: 0.01\npretrain_batch_size: 8\n")
+    with pytest.raises(ZeroflowError, match=rf"^pretrain_lr in {re.escape(str(cfg))} and pretrain_batch_size in "
+                                            rf"{re.escape(str(cfg))} set the pretraining of the small ViT .* \(drop "
+                                            rf"them\)$"):
+        resolve({"dataset": "cifar100", "method": "aper"}, str(cfg))
+    # the digits defaults carry the small ViT's pretraining: on a timm backbone they are not the user's
+    cfg.write_text("backbone: vit_tiny_patch16_224\n")
+    assert resolve({}, str(cfg))["backbone"] == "vit_tiny_patch16_224"
+    # on the small ViT the options act (a real dataset's quick test on its own files)
+    cfg.write_text("backbone: small\npretrain_epochs: 5\n")
+    assert resolve({"dataset": "cub"}, str(cfg))["pretrain_epochs"] == 5
+
+
 def _tiny_cub_run(tmp_path, n_classes=4):
     """DATA/cub of ``n_classes``, a tiny timm ViT in vit.pth and its tiny.yaml; the run's CLI arguments
     (--out tmp_path/r; --data-root and --checkpoint left to the caller)."""

@@ -493,6 +493,15 @@ def _resolved(file_cfg: Dict[str, Any], overrides: Dict[str, Any], config_file: 
     cfg.update(file_cfg)
     cfg.update(over)
     out = validate(cfg, names)
+    # the small ViT's pretraining, given for a timm backbone (pretrained already): refused, not
+    # ignored, as small_vit is there. Only the options the user gave (``names``: the flags and the
+    # file's): a digits config on a timm backbone carries the digits defaults' pretrain_* unasked
+    idle = [k for k in SMALL_PRETRAINING if k in names] if out["backbone"] != "small" else []
+    if idle:
+        raise ZeroflowError(f"{' and '.join(names[k] for k in idle)} set{'s' if len(idle) == 1 else ''} the "
+                            f"pretraining of the small ViT (backbone: small), which zeroflow pretrains itself; this "
+                            f"run's backbone is {out['backbone']}, pretrained already (drop "
+                            f"{'them' if len(idle) > 1 else 'it'})")
     if warn is not None and out["dataset"] == "digits":
         # the embedded data ships with scikit-learn: where the data is, and fetching it, never act
         # there (a resume says so too, runner.resumed_config); silently ignored before
