@@ -762,3 +762,44 @@ def test_a_sweep_says_a_warning_of_its_data_once(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     said = f"zeroflow: warning: cub under {tmp_path / 'data' / 'cub'} has 4 class folders, the published dataset 200"
     assert err.count(said) == 1, err
+
+
+def test_a_folder_dataset_s_init_cls_above_its_classes_is_named_as_the_user_gave_it(tmp_path, capsys):
+    """A folder dataset counts its classes when it is loaded, and its loader, which knows no flags,
+    said 'init_cls 6 exceeds the 4 classes of cub' to a user who gave --init-cls 6 (validate names
+    the option as given for digits and cifar100: --init-cls 6, init_cls in FILE (6)). zeroflow run
+    and sweep name it so now (a resumed run: init_cls in its config.json), before anything is
+    written; the loader alone still says init_cls."""
+    from zeroflow.continual.data import load_dataset
+    _write_imagefolder(str(tmp_path / "data"), "cub", n_classes=4, per_split=1)
+    small = "backbone: small\nimg_size: 16\nsmall_vit: {patch_size: 4, embed_dim: 16, depth: 1, num_heads: 2}\n"
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(small)
+    common = ("--dataset", "cub", "--data-root", tmp_path / "data", "--no-progress")
+    said = "exceeds the 4 classes of cub; give at most 4\n"
+    for cmd in ("run", "sweep"):
+        out = tmp_path / cmd
+        rc, stdout, err = _run_cli(capsys, cmd, "--config", cfg, *common, "--init-cls", 6, "--out", out)
+        # after the data's own warning in a run (4 class folders, not the published 200)
+        assert rc == 2 and stdout == "" and err.splitlines(True)[-1] == f"zeroflow: error: --init-cls 6 {said}", err
+        assert not out.exists()
+    given = tmp_path / "given.yaml"
+    given.write_text(small + "init_cls: 6\n")
+    for cmd in ("run", "sweep"):
+        out = tmp_path / cmd
+        rc, stdout, err = _run_cli(capsys, cmd, "--config", given, *common, "--out", out)
+        assert rc == 2 and err.splitlines(True)[-1] == f"zeroflow: error: init_cls in {given} (6) {said}", err
+        assert not out.exists()
+    # a resumed run's init_cls is its config.json's (a --init-cls given is ignored, with a warning)
+    from zeroflow.continual.defaults import resolve
+    run_dir = tmp_path / "resumed"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(resolve({"dataset": "cub", "data_root": str(tmp_path / "data")},
+                                                            str(given))))
+    rc, stdout, err = _run_cli(capsys, "run", "--resume", "--out", run_dir, "--init-cls", 2, "--no-progress")
+    assert rc == 2 and err.splitlines(True)[-1] == (f"zeroflow: error: init_cls in {run_dir / 'config.json'} (6) "
+                                                    f"{said}"), err
+    assert os.listdir(run_dir) == ["config.json"]
+    with pytest.raises(ZeroflowError) as e:
+        load_dataset("cub", str(tmp_path / "data"), 6, 2, img_size=16, warn=lambda m: None)
+    assert str(e.value) == "init_cls 6 exceeds the 4 classes of cub; give at most 4"

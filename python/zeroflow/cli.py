@@ -213,7 +213,7 @@ def _print_table(m: dict, run_dir: str, started: float):
 
 
 def cmd_run(a, started: float) -> int:
-    from .continual.defaults import load_config_file, resolve
+    from .continual.defaults import load_config_file, resolve_named
     from .continual.errors import torchrun_rank
     from .continual.runner import run, warn_stderr
 
@@ -228,7 +228,7 @@ def cmd_run(a, started: float) -> int:
         # a warning of the options (every rank's alike under torchrun) from rank 0 only, as the
         # run's own warnings are (runner._run silences ranks > 0)
         warn = warn_stderr if torchrun_rank() == 0 else (lambda msg: None)
-        cfg, names = resolve(_overrides(a), a.config, warn=warn), None
+        cfg, names = resolve_named(_overrides(a), a.config, warn=warn)
     m = run(cfg, a.out, resume=a.resume, force=a.force, progress=not a.no_progress, stop_after=a.stop_after,
             names=names)
     if "stopped_after" in m or m.get("rank", 0) != 0:    # ranks > 0 of a torchrun job print nothing
@@ -285,10 +285,10 @@ def _sweep_records(a) -> bool:
 
 
 def _sweep_plan(a, names: List[str], parent: str) -> list:
-    """``(label, config, run folder)`` for every optimizer (and every seed of ``--seeds``), all
+    """``(label, config, run folder, names)`` for every optimizer (and every seed of ``--seeds``), all
     checked before the first run starts: options, and what each folder already holds (a run
     with another configuration, a damaged one, or one in progress is refused unless --force)."""
-    from .continual.defaults import RECORDABLE, resolve
+    from .continual.defaults import RECORDABLE, resolve_named
     from .continual.errors import ZeroflowError
     from .continual.runfolder import conflict, lock_holder, run_files_in
     from .continual.runner import check_resumable, warn_stderr
@@ -306,7 +306,7 @@ def _sweep_plan(a, names: List[str], parent: str) -> list:
         over = _overrides(a) | {"optimizer": n} | ({} if seed is None else {"seed": seed})
         if record and n not in RECORDABLE:
             over["record"] = False      # named in a warning by cmd_sweep; the others are recorded
-        cfg = resolve(over, a.config, warn=lambda m: m in warned or (warned.append(m), warn_stderr(m)))
+        cfg, given = resolve_named(over, a.config, warn=lambda m: m in warned or (warned.append(m), warn_stderr(m)))
         suffix = "" if seed is None else f"_seed{seed}"
         d = os.path.join(parent, f"{cfg['method']}_{n}_{cfg['dataset']}{suffix}")
         holder = lock_holder(d)
@@ -319,18 +319,18 @@ def _sweep_plan(a, names: List[str], parent: str) -> list:
             raise ZeroflowError(f"{why}; choose another --out, or add --force to replace it")
         if state.kind == "unfinished" and not why:     # resumed, --force or not: its checkpoint must load
             check_resumable(d, cfg)
-        plan.append((n if seed is None else f"{n} seed {seed}", cfg, d))
+        plan.append((n if seed is None else f"{n} seed {seed}", cfg, d, given))
     return plan
 
 
 def cmd_sweep(a, started: float) -> int:
     """A run that fails does not stop the others: the table covers the finished runs and the
     failures are listed after it (exit 1). Ctrl-C prints the table of what has finished."""
-    from .continual.defaults import RECORDABLE
+    from .continual.defaults import RECORDABLE, flag
     from .continual.errors import OutputClosed, ZeroflowError, refuse_empty_path
     from .continual.report import render_runs
     from .continual.runfolder import RunFolder
-    from .continual.runner import RunInterrupted, check_setup, run, warn_stderr
+    from .continual.runner import RunInterrupted, check_setup, init_cls_named, run, warn_stderr
 
     world = os.environ.get("WORLD_SIZE", "1").strip()
     if "RANK" in os.environ and world != "1":
@@ -347,7 +347,9 @@ def cmd_sweep(a, started: float) -> int:
     names = _sweep_optimizers(a.optimizers)
     parent = a.out or os.path.join("runs", "sweep_" + time.strftime("%Y%m%d-%H%M%S"))
     plan = _sweep_plan(a, names, parent)
-    check_setup(cfg for _, cfg, _ in plan)      # device, backend, weights, data: as zeroflow run does
+    # device, backend, weights, data: as zeroflow run does (its init_cls named as every run names it)
+    with init_cls_named(plan[0][3].get("init_cls", flag("init_cls"))):
+        check_setup(cfg for _, cfg, _, _ in plan)
     if _sweep_records(a) and any(n not in RECORDABLE for n in names):
         warn_stderr(f"--record: not recording {', '.join(n for n in names if n not in RECORDABLE)} (first-order "
                     f"steps and forward_grad's jvps cannot be replayed from a trajectory log)")
@@ -362,10 +364,11 @@ def cmd_sweep(a, started: float) -> int:
             said.add(message)
             warn_stderr(message)
     try:
-        for n, cfg, d in plan:
+        for n, cfg, d, given in plan:
             _say(f"== {n} -> {d}", flush=True)
             try:
-                m = run(cfg, d, force=a.force, continue_existing=True, progress=not a.no_progress, warn=warn_once)
+                m = run(cfg, d, force=a.force, continue_existing=True, progress=not a.no_progress, warn=warn_once,
+                        names=given)
             except ZeroflowError as e:
                 _tell(f"zeroflow: error: {n}: {e}")
                 failed.append((n, str(e)))

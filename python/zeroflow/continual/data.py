@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 
-from .defaults import FIXED_CLASSES
+from .defaults import FIXED_CLASSES, init_cls_refusal
 from .errors import ZeroflowError
 
 CLASS_ORDER_SEED = 1993
@@ -40,14 +40,23 @@ def class_order(n_classes: int, seed: int = CLASS_ORDER_SEED) -> List[int]:
     return np.random.RandomState(seed).permutation(n_classes).tolist()
 
 
+class InitClsAboveClasses(ZeroflowError):
+    """``init_cls`` above the ``n_classes`` of ``dataset`` (a folder dataset counts its classes
+    when loaded); the message names the option ``init_cls``, a run's names it as it was given."""
+
+    def __init__(self, init_cls: int, n_classes: int, dataset: str):
+        super().__init__(init_cls_refusal("init_cls", init_cls, n_classes, dataset))
+        self.init_cls, self.n_classes, self.dataset = init_cls, n_classes, dataset
+
+
 def task_sizes(n_classes: int, init_cls: int, increment: int, dataset: str = "the dataset") -> List[int]:
     """``[init_cls, inc, inc, ...]``; a remainder that does not fill ``inc`` is a last, smaller task."""
     if init_cls <= 0 or increment <= 0:
         raise ZeroflowError(f"--init-cls and --increment must be >= 1 (got {init_cls}, {increment})")
     if init_cls > n_classes:
         # the option, not the flag: the value may come from --init-cls, a --config file or a run's config.json
-        raise ZeroflowError(f"init_cls {init_cls} exceeds the {n_classes} classes of {dataset}; give at most "
-                            f"{n_classes}")
+        # (a run names it as the user gave it: runner.load_run_data)
+        raise InitClsAboveClasses(init_cls, n_classes, dataset)
     sizes = [init_cls]
     while sum(sizes) + increment <= n_classes:
         sizes.append(increment)

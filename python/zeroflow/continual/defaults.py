@@ -20,7 +20,7 @@ import copy
 import json
 import math
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from .errors import ZeroflowError, the_same_on_every_rank
 
@@ -257,9 +257,7 @@ def validate(cfg: Dict[str, Any], names: Optional[Dict[str, str]] = None) -> Dic
             out[k] = _as_int(name(k), out[k], lo, SEED_MAX if k in SEEDS else None)
     n_classes = FIXED_CLASSES.get(out["dataset"])
     if n_classes is not None and out["init_cls"] > n_classes:
-        given = name("init_cls")
-        given = f"{given} {out['init_cls']}" if given.startswith("--") else f"{given} ({out['init_cls']})"
-        raise ZeroflowError(f"{given} exceeds the {n_classes} classes of {out['dataset']}; give at most {n_classes}")
+        raise ZeroflowError(init_cls_refusal(name("init_cls"), out["init_cls"], n_classes, out["dataset"]))
     hybrid = bool(out.get("hybrid_switch")) and not out["optimizer"].startswith("fo_")
     if out.get("hybrid_zo_lr") is not None and not out.get("hybrid_switch"):
         raise ZeroflowError(f"{name('hybrid_zo_lr')} is the lr of a hybrid run's zeroth-order phase; this run has no "
@@ -373,6 +371,14 @@ def check_ease_variant(cfg: Dict[str, Any], name) -> None:
                             f"tasks PILOT trains every task with --lr / --epochs (drop it)")
 
 
+def init_cls_refusal(given: str, init_cls: int, n_classes: int, dataset: str) -> str:
+    """The refusal of an ``init_cls`` above the classes of ``dataset``, the option named as the
+    user gave it (``given``: ``--init-cls``, ``init_cls in FILE``): :func:`validate`'s for the
+    datasets of a fixed class count, the run's for a folder dataset (counted when it is loaded)."""
+    shown = f"{given} {init_cls}" if given.startswith("--") or given == "init_cls" else f"{given} ({init_cls})"
+    return f"{shown} exceeds the {n_classes} classes of {dataset}; give at most {n_classes}"
+
+
 def canonical_value(v):
     """Numbers compare by value (1 == 1.0), everything else as it is."""
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
@@ -470,15 +476,23 @@ def resolve(overrides: Dict[str, Any], config_file: Optional[str] = None, warn=N
     """Full, checked run configuration: defaults(dataset, method) < config file < overrides (non-None).
     ``warn(message)``: told when the flags name another dataset or method than the config file
     while the file's options of its own dataset or method still apply (:func:`carried_over`)."""
+    return resolve_named(overrides, config_file, warn)[0]
+
+
+def resolve_named(overrides: Dict[str, Any], config_file: Optional[str] = None,
+                  warn=None) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """:func:`resolve`, and how the user gave each option they set (``--init-cls``, ``init_cls in
+    FILE``), for what the run checks later in their words (a folder dataset's class count)."""
     file_cfg = load_config_file(config_file) if config_file else {}     # a file: another node may lack it
-    with the_same_on_every_rank():      # the options: every rank of a torchrun job gets them alike
-        return _resolved(file_cfg, overrides, config_file, warn)
-
-
-def _resolved(file_cfg: Dict[str, Any], overrides: Dict[str, Any], config_file: Optional[str], warn) -> Dict[str, Any]:
-    """:func:`resolve` once the configuration file is read."""
     over = {k: v for k, v in overrides.items() if v is not None}
     names = {k: f"{k} in {config_file}" for k in file_cfg} | {k: flag(k) for k in over}
+    with the_same_on_every_rank():      # the options: every rank of a torchrun job gets them alike
+        return _resolved(file_cfg, over, config_file, warn, names), names
+
+
+def _resolved(file_cfg: Dict[str, Any], over: Dict[str, Any], config_file: Optional[str], warn,
+              names: Dict[str, str]) -> Dict[str, Any]:
+    """:func:`resolve` once the configuration file is read (``over``: the flags given)."""
     dataset = over.get("dataset", file_cfg.get("dataset", COMMON["dataset"]))
     method = over.get("method", file_cfg.get("method", COMMON["method"]))
     for k, v in (("dataset", dataset), ("method", method)):

@@ -24,6 +24,7 @@ import platform
 import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
@@ -33,7 +34,7 @@ import torch.distributed
 
 from .._atomic import atomic_torch_save, atomic_write, atomic_write_bytes
 from . import metrics as M
-from .defaults import COMMON, flag, lr_entry, validate
+from .defaults import COMMON, flag, init_cls_refusal, lr_entry, validate
 from .errors import OutputClosed, WriteFailed, ZeroflowError, refuse_empty_path, the_same_on_every_rank
 from .precision import check_run_precision, grad_scaler
 from .runfolder import (CHECKPOINT, CONFIG, METRICS, OPERATIONAL_KEYS, RESULTS_VERSION, TRAJECTORY, UNRECORDED,
@@ -515,8 +516,8 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
     run of the same configuration is returned, an unfinished one resumed.
     ``stop_after=k``: stop after task ``k`` (1-based count of tasks finished in total; a
     resumed run with ``k`` or more finished trains none) with the checkpoint written and no
-    metrics.json, as an interrupted run would. ``names`` (with ``resume``): how the user gave
-    the options of ``cfg`` (``epochs in FILE``), for the messages.
+    metrics.json, as an interrupted run would. ``names``: how the user gave the options of
+    ``cfg`` (``epochs in FILE``; default their flags), for the messages.
 
     Everything that can be checked (options, device, backend, weights file, data) is checked
     before the folder is claimed; a run that fails before its ``config.json`` is written
@@ -544,7 +545,7 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
         shard = init_from_env()
     else:
         with the_same_on_every_rank():
-            cfg = validate(cfg)
+            cfg = validate(cfg, names)
         shard = distributed_setup(cfg)
     rank, world = shard or (0, 1)
     requested = cfg
@@ -578,7 +579,11 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
         check_run_precision(cfg, device, warn)
         _set_threads(cfg, device)
         seed_everything(int(cfg["seed"]))
-        data = load_run_data(where, warn)
+        # a resumed run's configuration is its config.json's, whatever the command line gave
+        given = (f"init_cls in {os.path.join(out, CONFIG)}" if resume else
+                 (names or {}).get("init_cls", flag("init_cls")))
+        with init_cls_named(given):
+            data = load_run_data(where, warn)
         if world > 1:
             check_shards(cfg, data, world)
         return device, data
@@ -683,6 +688,19 @@ def _where_it_is(metrics: Dict, run_dir: str) -> Dict:
     if isinstance(logs, list) and all(isinstance(p, str) for p in logs):
         out["trajectory_logs"] = [os.path.join(run_dir, TRAJECTORY, os.path.basename(p)) for p in logs]
     return out
+
+
+@contextmanager
+def init_cls_named(given: str):
+    """A folder dataset's refusal of an ``init_cls`` above its classes (its loader knows no
+    flags: ``init_cls 250 exceeds ...``), naming the option as the user gave it (``given``:
+    ``--init-cls``, ``init_cls in FILE``), as :func:`.defaults.validate` does for the others."""
+    from .data import InitClsAboveClasses
+
+    try:
+        yield
+    except InitClsAboveClasses as e:
+        raise ZeroflowError(init_cls_refusal(given, e.init_cls, e.n_classes, e.dataset)) from None
 
 
 def load_run_data(cfg: Dict, warn=None):
