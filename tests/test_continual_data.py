@@ -803,3 +803,24 @@ def test_a_folder_dataset_s_init_cls_above_its_classes_is_named_as_the_user_gave
     with pytest.raises(ZeroflowError) as e:
         load_dataset("cub", str(tmp_path / "data"), 6, 2, img_size=16, warn=lambda m: None)
     assert str(e.value) == "init_cls 6 exceeds the 4 classes of cub; give at most 4"
+
+
+def test_a_sweep_says_its_data_s_warning_once_and_a_run_s_own_warning_under_each_run(tmp_path, monkeypatch, capsys):
+    """zeroflow sweep said every warning text once (the first run's), meant for the warnings of the
+    data its runs share: a run's own warning that another run says alike (zo_eps 1e-8 below the
+    floor of fp32 forwards, a warning of each ZO run) was said under the first run only, as if
+    the second had none. The data's warning is said once, the runs' own under each run."""
+    from zeroflow.cli import main
+
+    monkeypatch.setenv("ZEROFLOW_CACHE", str(tmp_path / "cache"))
+    _write_imagefolder(str(tmp_path / "data"), "cub", n_classes=4, per_split=4)
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text("backbone: small\nimg_size: 16\nadapter_dim: 4\nsmall_vit: {patch_size: 4, embed_dim: 16, depth: 1, "
+                   "num_heads: 2}\npretrain_epochs: 1\nepochs: 1\nbatch_size: 8\nnum_workers: 0\n")
+    assert main(["sweep", "--config", str(cfg), "--dataset", "cub", "--data-root", str(tmp_path / "data"),
+                 "--init-cls", "2", "--increment", "2", "--method", "aper", "--optimizers", "zo_sgd,zo_adam",
+                 "--zo-eps", "1e-8", "--out", str(tmp_path / "sweep"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    data = f"zeroflow: warning: cub under {tmp_path / 'data' / 'cub'} has 4 class folders, the published dataset 200"
+    own = "zeroflow: warning: --precision fp32 with --zo-eps 1e-08: by the fidelity study"
+    assert err.count(data) == 1 and err.count(own) == 2, err

@@ -357,9 +357,11 @@ def cmd_sweep(a, started: float) -> int:
     finished, failed = [], []
     said = set()
 
-    def warn_once(message):
+    def warn_data_once(message):
         # the runs of a sweep share their data: its warnings (a class count unlike the study's,
-        # files skipped) were said again by every run; a warning of one run's own is said as before
+        # files skipped) were said again by every run. Only those: a warning of a run's own (its
+        # zo_eps under its precision, its folder) is said under each run it concerns, even where
+        # another run says it alike
         if message not in said:
             said.add(message)
             warn_stderr(message)
@@ -367,8 +369,8 @@ def cmd_sweep(a, started: float) -> int:
         for n, cfg, d, given in plan:
             _say(f"== {n} -> {d}", flush=True)
             try:
-                m = run(cfg, d, force=a.force, continue_existing=True, progress=not a.no_progress, warn=warn_once,
-                        names=given)
+                m = run(cfg, d, force=a.force, continue_existing=True, progress=not a.no_progress,
+                        warn_data=warn_data_once, names=given)
             except ZeroflowError as e:
                 _tell(f"zeroflow: error: {n}: {e}")
                 failed.append((n, str(e)))

@@ -505,7 +505,7 @@ def _agreed(world: int, fn: Callable):
 # ---------------------------------------------------------------- run
 def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bool = False,
         continue_existing: bool = False, progress: bool = True, stop_after: Optional[int] = None,
-        log=log_stdout, warn=warn_stderr, names: Optional[Dict[str, str]] = None) -> Dict:
+        log=log_stdout, warn=warn_stderr, warn_data=None, names: Optional[Dict[str, str]] = None) -> Dict:
     """Run (or resume) one experiment; returns the metrics dict (also in ``<run>/metrics.json``).
 
     ``cfg``: the run configuration (``defaults.resolve``); checked again here. With
@@ -517,7 +517,9 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
     ``stop_after=k``: stop after task ``k`` (1-based count of tasks finished in total; a
     resumed run with ``k`` or more finished trains none) with the checkpoint written and no
     metrics.json, as an interrupted run would. ``names``: how the user gave the options of
-    ``cfg`` (``epochs in FILE``; default their flags), for the messages.
+    ``cfg`` (``epochs in FILE``; default their flags), for the messages. ``warn_data``: says the
+    warnings of the run's data (files skipped, a class count unlike the study's; default
+    ``warn``), which the runs of a sweep share: it says them once.
 
     Everything that can be checked (options, device, backend, weights file, data) is checked
     before the folder is claimed; a run that fails before its ``config.json`` is written
@@ -526,13 +528,13 @@ def run(cfg: Dict, out: Optional[str] = None, *, resume: bool = False, force: bo
     threads = torch.get_num_threads()
     try:
         return _run(cfg, out, resume=resume, force=force, continue_existing=continue_existing, progress=progress,
-                    stop_after=stop_after, log=log, warn=warn, names=names)
+                    stop_after=stop_after, log=log, warn=warn, warn_data=warn_data or warn, names=names)
     finally:       # the run's thread count (threads=, 1 for the small backbone) stays the run's
         torch.set_num_threads(threads)
 
 
 def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_existing: bool, progress: bool,
-         stop_after: Optional[int], log, warn, names: Optional[Dict[str, str]] = None) -> Dict:
+         stop_after: Optional[int], log, warn, warn_data, names: Optional[Dict[str, str]] = None) -> Dict:
     """:func:`run`'s body."""
     from .data import UnreadableImage
 
@@ -569,7 +571,7 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
     where = dict(cfg, **located)
     main = rank == 0     # only rank 0 writes files and logs; every rank trains and evaluates
     if not main:
-        log, warn, progress = _silent, _silent, False
+        log, warn, warn_data, progress = _silent, _silent, _silent, False
 
     def checks():
         # what each rank sees for itself (its device, files, data): another node may see it otherwise
@@ -583,7 +585,7 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
         given = (f"init_cls in {os.path.join(out, CONFIG)}" if resume else
                  (names or {}).get("init_cls", flag("init_cls")))
         with init_cls_named(given):
-            data = load_run_data(where, warn)
+            data = load_run_data(where, warn_data)
         if world > 1:
             check_shards(cfg, data, world)
         return device, data
