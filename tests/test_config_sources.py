@@ -192,7 +192,7 @@ def test_a_sweep_prints_the_carried_over_warning_once(tmp_path, capsys, monkeypa
         raise ZeroflowError("stopped at the setup check")
 
     monkeypatch.setattr(runner, "check_setup", stop)
-    rc = main(["sweep", "--config", os.path.join(ROOT, "configs", "ease_cifar100.yaml"), "--dataset", "digits",
+    rc = main(["sweep", "--config", os.path.join(ROOT, "configs", "ease_cifar100.yaml"), "--dataset", "cub",
                "--optimizers", "zo_sgd,zo_adam", "--seeds", "1,2", "--out", str(tmp_path / "s")])
     err = capsys.readouterr().err
     assert rc == 2 and "stopped at the setup check" in err, err

@@ -322,9 +322,12 @@ def test_the_small_vit_s_pretraining_given_for_a_timm_backbone_is_refused_not_ig
                                             rf"{re.escape(str(cfg))} set the pretraining of the small ViT .* \(drop "
                                             rf"them\)$"):
         resolve({"dataset": "cifar100", "method": "aper"}, str(cfg))
-    # the digits defaults carry the small ViT's pretraining: on a timm backbone they are not the user's
+    # the digits defaults carry the small ViT's pretraining: on a timm backbone (refused for its own
+    # sake) they are not the user's, nor named
     cfg.write_text("backbone: vit_tiny_patch16_224\n")
-    assert resolve({}, str(cfg))["backbone"] == "vit_tiny_patch16_224"
+    with pytest.raises(ZeroflowError, match=r"^backbone in .* \(vit_tiny_patch16_224\): the digits images") as e:
+        resolve({}, str(cfg))
+    assert "pretrain_" not in str(e.value)
     # on the small ViT the options act (a real dataset's quick test on its own files)
     cfg.write_text("backbone: small\npretrain_epochs: 5\n")
     assert resolve({"dataset": "cub"}, str(cfg))["pretrain_epochs"] == 5
@@ -762,6 +765,30 @@ def test_a_sweep_says_a_warning_of_its_data_once(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     said = f"zeroflow: warning: cub under {tmp_path / 'data' / 'cub'} has 4 class folders, the published dataset 200"
     assert err.count(said) == 1, err
+
+
+@pytest.mark.parametrize("options", ["backbone: vit_base_patch16_224.augreg_in21k\n",
+                                     "backbone: vit_base_patch16_224.augreg_in21k\nimg_size: 32\n"
+                                     "model_kwargs: {img_size: 32, patch_size: 16, embed_dim: 48, depth: 2, "
+                                     "num_heads: 2}\n"])
+def test_a_digits_run_on_a_timm_vit_is_refused_before_anything(tmp_path, capsys, options):
+    """The digits images are 8x8 and grey, which a timm ViT (3-channel images of img_size) cannot
+    take: a digits run given one stopped with a KeyError: 'img_size' traceback, or, given an
+    img_size, with timm's AssertionError 'Input height (8) doesn't match model (32)' after the run
+    folder was written. Refused with the options, naming the backbone as given."""
+    from zeroflow.continual.defaults import resolve
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(options)
+    out = tmp_path / "r"
+    rc, stdout, err = _run_cli(capsys, "run", "--config", cfg, "--out", out, "--no-progress")
+    assert rc == 2 and stdout == "" and err == (
+        f"zeroflow: error: backbone in {cfg} (vit_base_patch16_224.augreg_in21k): the digits images (8x8, grey) run "
+        f"on the small ViT only (backbone: small, pretrained by zeroflow); drop the option, or run the timm ViT on a "
+        f"real dataset\n"), err
+    assert not out.exists()
+    with pytest.raises(ZeroflowError, match=r"^config option backbone \(vit_tiny_patch16_224\): the digits images"):
+        resolve({"backbone": "vit_tiny_patch16_224"})
+    assert resolve({"backbone": "small"})["backbone"] == "small"
 
 
 def test_a_folder_dataset_s_init_cls_above_its_classes_is_named_as_the_user_gave_it(tmp_path, capsys):

@@ -277,6 +277,12 @@ def validate(cfg: Dict[str, Any], names: Optional[Dict[str, str]] = None) -> Dic
     for k in STRINGS + ("backend", "checkpoint"):
         if k in out and not (out[k] is None and k in NULLABLE) and not isinstance(out[k], str):
             raise ZeroflowError(f"{name(k)} must be a string (got {out[k]!r})")
+    if out["dataset"] == "digits" and out["backbone"] != "small":
+        # a timm ViT takes 3-channel images of img_size: the digits loader's 8x8 grey ones stopped
+        # it with KeyError: 'img_size', or an AssertionError after the run folder was written
+        raise ZeroflowError(f"{name('backbone')} ({out['backbone']}): the digits images (8x8, grey) run on the small "
+                            f"ViT only (backbone: small, pretrained by zeroflow); drop the option, or run the timm ViT "
+                            f"on a real dataset")
     for k in ("data_root", "checkpoint"):     # a config file's ~/data (no shell expands it)
         if isinstance(out.get(k), str):
             out[k] = os.path.expanduser(out[k])
