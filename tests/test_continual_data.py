@@ -791,6 +791,24 @@ def test_a_digits_run_on_a_timm_vit_is_refused_before_anything(tmp_path, capsys,
     assert resolve({"backbone": "small"})["backbone"] == "small"
 
 
+def test_an_img_size_given_to_a_digits_run_is_refused_not_ignored(tmp_path, capsys):
+    """img_size: 32 in the config file of a digits run (the small ViT on the embedded 8x8 images) did
+    nothing: the loader gives 8x8 images whatever it says, and the small ViT is built for them; yet
+    the run recorded img_size 32 in its configuration. Refused before anything, as given; a real
+    dataset's run on the small ViT takes it (its images are resized to img_size)."""
+    from zeroflow.continual.defaults import resolve
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("img_size: 32\n")
+    out = tmp_path / "r"
+    rc, stdout, err = _run_cli(capsys, "run", "--config", cfg, "--out", out, "--no-progress")
+    assert rc == 2 and stdout == "" and err == (f"zeroflow: error: img_size in {cfg} sizes the images of the real "
+                                                f"datasets; the digits images are 8x8, as scikit-learn ships them "
+                                                f"(drop it)\n"), err
+    assert not out.exists()
+    cfg.write_text("backbone: small\nimg_size: 32\n")
+    assert resolve({"dataset": "cub"}, str(cfg))["img_size"] == 32
+
+
 def test_a_folder_dataset_s_init_cls_above_its_classes_is_named_as_the_user_gave_it(tmp_path, capsys):
     """A folder dataset counts its classes when it is loaded, and its loader, which knows no flags,
     said 'init_cls 6 exceeds the 4 classes of cub' to a user who gave --init-cls 6 (validate names

@@ -522,6 +522,10 @@ def _resolved(file_cfg: Dict[str, Any], over: Dict[str, Any], config_file: Optio
                             f"pretraining of the small ViT (backbone: small), which zeroflow pretrains itself; this "
                             f"run's backbone is {out['backbone']}, pretrained already (drop "
                             f"{'them' if len(idle) > 1 else 'it'})")
+    if out["dataset"] == "digits" and "img_size" in names:
+        # the digits loader gives its 8x8 images whatever img_size says (check_small_vit tiles 8)
+        raise ZeroflowError(f"{names['img_size']} sizes the images of the real datasets; the digits images are 8x8, "
+                            f"as scikit-learn ships them (drop it)")
     if warn is not None and out["dataset"] == "digits":
         # the embedded data ships with scikit-learn: where the data is, and fetching it, never act
         # there (a resume says so too, runner.resumed_config); silently ignored before
