@@ -809,6 +809,26 @@ def test_an_img_size_given_to_a_digits_run_is_refused_not_ignored(tmp_path, caps
     assert resolve({"dataset": "cub"}, str(cfg))["img_size"] == 32
 
 
+def test_download_of_a_folder_dataset_is_refused_naming_the_option(tmp_path, capsys):
+    """--download on CUB (or download: true in the file) was refused by the loader in words that
+    named no option ('cub cannot be downloaded automatically'), after the device and backbone
+    checks; refused with the options now, naming it as given; CIFAR-100 and digits as before."""
+    from zeroflow.continual.defaults import resolve
+    out = tmp_path / "r"
+    rc, stdout, err = _run_cli(capsys, "run", "--dataset", "cub", "--data-root", tmp_path / "d", "--download",
+                               "--out", out)
+    assert rc == 2 and stdout == "" and err == (f"zeroflow: error: --download: cub cannot be downloaded "
+                                                f"automatically; place it under {tmp_path / 'd' / 'cub'}/{{train,test}}"
+                                                f"/<class>/<image> and drop the option\n"), err
+    assert not out.exists()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("download: true\n")
+    with pytest.raises(ZeroflowError, match=rf"^download in {re.escape(str(cfg))}: omnibenchmark cannot be "):
+        resolve({"dataset": "omnibenchmark"}, str(cfg))
+    assert resolve({"dataset": "cifar100", "download": True})["download"] is True
+    assert resolve({"download": True})["download"] is True       # digits: a warning (test_cli)
+
+
 def test_a_folder_dataset_s_init_cls_above_its_classes_is_named_as_the_user_gave_it(tmp_path, capsys):
     """A folder dataset counts its classes when it is loaded, and its loader, which knows no flags,
     said 'init_cls 6 exceeds the 4 classes of cub' to a user who gave --init-cls 6 (validate names

@@ -34,6 +34,8 @@ PERTURBATIONS = ("gaussian", "rademacher")
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")      # precision.PRECISIONS (this module imports no torch)
 BASELINES = ("untrained", "none")
+# the datasets --download fetches (digits ships with scikit-learn; the folder datasets are placed by hand)
+DOWNLOADABLE = ("digits", "cifar100")
 # Optimizers whose steps a trajectory log can replay (--record): the ZO methods whose steps are
 # determined by loss scalars (forward_grad's jvps and first-order steps are not).
 RECORDABLE = ("zo_sgd", "zo_sgd_sign", "zo_sgd_conserve", "zo_adam", "zo_adam_sign", "zo_adam_conserve")
@@ -289,6 +291,12 @@ def validate(cfg: Dict[str, Any], names: Optional[Dict[str, str]] = None) -> Dic
     for k in BOOLS:
         if not isinstance(out[k], bool):
             raise ZeroflowError(f"{name(k)} must be true or false (got {out[k]!r})")
+    if out["download"] and out["dataset"] not in DOWNLOADABLE:
+        # the loader's refusal named no option ('cub cannot be downloaded automatically'); digits
+        # ships with scikit-learn, which resolve says in a warning
+        raise ZeroflowError(f"{name('download')}: {out['dataset']} cannot be downloaded automatically; place it under "
+                            f"{os.path.join(out['data_root'], out['dataset'])}/{{train,test}}/<class>/<image> and "
+                            f"drop the option")
     for k in ("small_vit", "model_kwargs"):
         if out.get(k) is not None and not isinstance(out[k], dict):
             raise ZeroflowError(f"{name(k)} must be a mapping of option: value (got {out[k]!r})")
