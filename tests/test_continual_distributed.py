@@ -313,6 +313,39 @@ def test_the_cli_prints_a_shard_refusal_as_one_line(tmp_path, monkeypatch, capsy
     assert not out.exists()
 
 
+def test_a_batch_too_small_for_the_ranks_is_named_where_it_was_given_and_a_resume_told_what_helps(
+        tmp_path, monkeypatch, capsys):
+    """The refusal of a batch smaller than the ranks named --batch-size whatever gave it, and told a
+    resumed run to 'give --batch-size 4 or more', which a resume ignores (it keeps its config.json's,
+    with a warning): a batch size of a --config file is named as the file's, a resumed run's as its
+    config.json's, with the one fix a resume has: fewer ranks (rank and world stand in for torchrun's)."""
+    from zeroflow.cli import main
+    from zeroflow.continual import runner
+    from zeroflow.continual.defaults import resolve
+
+    monkeypatch.setattr(runner, "distributed_setup", lambda cfg: (0, 4))
+    monkeypatch.setattr("zeroflow.distributed.init_from_env", lambda: (0, 4))
+    monkeypatch.setattr(runner, "load_run_data", lambda cfg, warn: _Tasks([[0, 1], [2, 3]], [0, 0, 1, 1, 2, 3, 2, 3]))
+    config = tmp_path / "c.yaml"
+    config.write_text("batch_size: 2\n")
+    out = tmp_path / "out"
+    assert main(["run", "--config", str(config), "--optimizer", "zo_sgd", "--backend", "cpu", "--out", str(out),
+                 "--no-progress"]) == 2
+    assert capsys.readouterr().err == (
+        f"zeroflow: error: batch_size in {config} (2) under torchrun with 4 ranks: every global batch is split over "
+        f"the ranks, so some rank would get no sample; give --batch-size 4 or more, or run on fewer ranks (torchrun "
+        f"--nproc-per-node)\n")
+    assert not out.exists()
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(resolve({"optimizer": "zo_sgd", "batch_size": 2, "backend": "cpu"})))
+    assert main(["run", "--resume", "--out", str(out), "--batch-size", "8", "--no-progress"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (f"zeroflow: error: batch_size in {out / 'config.json'} (2) under torchrun with 4 ranks: every "
+                       f"global batch is split over the ranks, so some rank would get no sample; a resumed run keeps "
+                       f"its batch size: resume it on 2 rank(s) or fewer (torchrun --nproc-per-node)"), err
+    assert os.listdir(out) == ["config.json"]
+
+
 class _Tasks:
     def __init__(self, tasks, train_targets):
         import numpy as np

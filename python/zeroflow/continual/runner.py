@@ -582,12 +582,12 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
         _set_threads(cfg, device)
         seed_everything(int(cfg["seed"]))
         # a resumed run's configuration is its config.json's, whatever the command line gave
-        given = (f"init_cls in {os.path.join(out, CONFIG)}" if resume else
-                 (names or {}).get("init_cls", flag("init_cls")))
-        with init_cls_named(given):
+        given = {k: f"{k} in {os.path.join(out, CONFIG)}" if resume else (names or {}).get(k, flag(k))
+                 for k in ("init_cls", "batch_size")}
+        with init_cls_named(given["init_cls"]):
             data = load_run_data(where, warn_data)
         if world > 1:
-            check_shards(cfg, data, world)
+            check_shards(cfg, data, world, given["batch_size"], resume)
         return device, data
 
     device, data = _agreed(world, checks)
@@ -857,17 +857,22 @@ def _silent(*args, **kwargs):
     pass
 
 
-def check_shards(cfg: Dict, data, world: int) -> None:
+def check_shards(cfg: Dict, data, world: int, given: Optional[str] = None, resumed: bool = False) -> None:
     """Every rank of a torchrun job gets a sample of every global batch of every task: what
     ShardedBatchSampler (which splits each global batch over the ranks) refuses with a ValueError,
     refused here in the options' words before the run claims its folder (the same on every rank,
     so all of them stop, none waits in a collective). Every task is checked, also one the method
-    does not train on (APER trains on the first only): so the refusal does not depend on the method."""
+    does not train on (APER trains on the first only): so the refusal does not depend on the method.
+    ``given``: how the batch size was given (default its flag); ``resumed``: the run's own (its
+    config.json's), which a resume keeps whatever the command line says."""
     batch = int(cfg["batch_size"])
     if batch < world:
-        raise ZeroflowError(f"{flag('batch_size')} {batch} under torchrun with {world} ranks: every global batch is "
-                            f"split over the ranks, so some rank would get no sample; give --batch-size {world} or "
-                            f"more, or run on fewer ranks (torchrun --nproc-per-node)")
+        given = given or flag("batch_size")
+        shown = f"{given} {batch}" if given.startswith("--") else f"{given} ({batch})"
+        fix = (f"a resumed run keeps its batch size: resume it on {batch} rank(s) or fewer" if resumed else
+               f"give --batch-size {world} or more, or run on fewer ranks")
+        raise ZeroflowError(f"{shown} under torchrun with {world} ranks: every global batch is split over the ranks, "
+                            f"so some rank would get no sample; {fix} (torchrun --nproc-per-node)")
     for t, classes in enumerate(data.tasks):
         n = int(np.isin(data.train_targets, np.asarray(list(classes))).sum())
         if n < world:
