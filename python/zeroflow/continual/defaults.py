@@ -523,7 +523,7 @@ def _resolved(file_cfg: Dict[str, Any], over: Dict[str, Any], config_file: Optio
     out = validate(cfg, names)
     # the small ViT's pretraining, given for a timm backbone (pretrained already): refused, not
     # ignored, as small_vit is there. Only the options the user gave (``names``: the flags and the
-    # file's): a digits config on a timm backbone carries the digits defaults' pretrain_* unasked
+    # file's), never the defaults'
     idle = [k for k in SMALL_PRETRAINING if k in names] if out["backbone"] != "small" else []
     if idle:
         raise ZeroflowError(f"{' and '.join(names[k] for k in idle)} set{'s' if len(idle) == 1 else ''} the "
