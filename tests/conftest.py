@@ -127,6 +127,49 @@ def gloo_rank_with_shard(rank: int, world: int, init_file: str, split: tuple, ti
     return X, Y, X[lo:lo + split[rank]], Y[lo:lo + split[rank]]
 
 
+# A multi-rank test's bound on its ranks (tests/test_distributed*.py, test_continual_distributed.py):
+# the slowest healthy launch here (the 2-rank digits run of test_continual_distributed.py) took
+# 24 s on 2 cores. A rank that stops before a collective (a regression, a mutant) left
+# the others waiting in it until gloo's timeout (30 minutes under init_from_env; a mutant once
+# held CI 13 minutes): past this bound the ranks are killed and the test fails, saying so.
+RANKS_TIMEOUT_S = 300.0
+
+
+def run_ranks(fn, args: tuple = (), nprocs: int = 2, timeout_s: float = RANKS_TIMEOUT_S) -> None:
+    """``fn(rank, *args)`` in ``nprocs`` spawned processes (``torch.multiprocessing.start_processes``),
+    joined as ``join=True`` joins them (a rank that raised or exited non-zero fails the caller,
+    the others are stopped), but at most ``timeout_s`` seconds: then every rank still running
+    is killed and the test fails naming them. Their output (inherited stdout and stderr) is in
+    the test's captured output."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                break
+        else:
+            return
+    except BaseException:
+        _kill_ranks(ctx)
+        raise
+    stuck = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
+    _kill_ranks(ctx)
+    pytest.fail(f"rank(s) {stuck} of {nprocs} still running after {timeout_s:g} s (a rank left the others waiting "
+                f"in a collective?): killed; their output is in the captured stdout/stderr", pytrace=False)
+
+
+def _kill_ranks(ctx) -> None:
+    for p in ctx.processes:
+        if p.is_alive():
+            p.kill()
+    for p in ctx.processes:
+        p.join()
+
+
 def make_data(n: int, n_in: int, n_out: int = 1, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` Gaussian inputs and a smooth target: ``Y = sin(2 X[:, :n_out]) + X[:, n_out]``."""
     g = torch.Generator().manual_seed(seed)

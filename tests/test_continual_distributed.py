@@ -11,7 +11,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from conftest import run_ranks
 
 # Short: 1 epoch per task, a briefly pretrained small backbone (cached in a tmp ZEROFLOW_CACHE).
 CFG = dict(method="ease", optimizer="zo_sgd", epochs=1, pretrain_epochs=2, batch_size=32, perturbation="rademacher",
@@ -54,8 +55,7 @@ def _worker(rank, world, port, out, cache, cfg_over, result_dir):
 def _launch(world, out, cache, result_dir, **cfg_over):
     os.makedirs(result_dir, exist_ok=True)
     store = _agent_store()
-    mp.start_processes(_worker, args=(world, store.port, str(out), str(cache), cfg_over, str(result_dir)),
-                       nprocs=world, join=True, start_method="spawn")
+    run_ranks(_worker, (world, store.port, str(out), str(cache), cfg_over, str(result_dir)), world)
     del store
     out = []
     for r in range(world):
@@ -100,8 +100,7 @@ def test_a_setup_refusal_is_said_once_when_every_rank_hit_it_and_by_its_ranks_ot
     theirs to print, and a rank that hit none stops too, rank 0 naming the ranks that refused."""
     os.makedirs(tmp_path, exist_ok=True)
     store = _agent_store()
-    mp.start_processes(_refusing_worker, args=(2, store.port, refusing, str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    run_ranks(_refusing_worker, (2, store.port, refusing, str(tmp_path)))
     del store
     res = []
     for r in range(2):
@@ -122,8 +121,7 @@ def test_refusals_that_differ_between_ranks_are_said_by_each_rank(tmp_path):
     would print, hiding rank 1's)."""
     os.makedirs(tmp_path, exist_ok=True)
     store = _agent_store()
-    mp.start_processes(_refusing_worker, args=(2, store.port, (0, 1), str(tmp_path), True), nprocs=2, join=True,
-                       start_method="spawn")
+    run_ranks(_refusing_worker, (2, store.port, (0, 1), str(tmp_path), True))
     del store
     for r in range(2):
         with open(tmp_path / f"rank{r}.json") as f:
@@ -199,8 +197,7 @@ def _launch_cli(world, argv, result_dir):
     """``[(exit code, stderr)]`` of each rank of ``torchrun --nproc-per-node WORLD -m zeroflow ARGV``."""
     os.makedirs(result_dir, exist_ok=True)
     store = _agent_store()
-    mp.start_processes(_cli_worker, args=(world, store.port, argv, str(result_dir)), nprocs=world, join=True,
-                       start_method="spawn")
+    run_ranks(_cli_worker, (world, store.port, argv, str(result_dir)), world)
     del store
     out = []
     for r in range(world):

@@ -12,10 +12,9 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import gloo_rank_with_shard, make_data, make_mlp
+from conftest import gloo_rank_with_shard, make_data, make_mlp, run_ranks
 from zeroflow.distributed import ShardedBatchSampler, shard
 
 warnings.filterwarnings("ignore", message="zfkernels: the compiled")
@@ -202,7 +201,7 @@ def _exit_after_barrier():
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(WORLD, str(d / "pg_init"), str(d)), nprocs=WORLD, join=True)
+    run_ranks(_worker, (WORLD, str(d / "pg_init"), str(d)), WORLD)
     res = [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for r in res:
         assert "error" not in r, r.get("error")
@@ -356,3 +355,26 @@ def test_broadcast_params_over_a_subgroup_without_global_rank_0(spawned):
     is not part of group" (with g = [2, 3] of four ranks, the same)."""
     res, _ = spawned
     assert res[1]["L_subgroup"] is True, res[1]["L_subgroup"]
+
+
+def _rank_1_skips_the_barrier(rank, init_file):
+    """Rank 0 waits in a barrier (gloo's default timeout, 30 minutes) that rank 1, alive, never joins."""
+    import time
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    if rank == 1:
+        time.sleep(900)
+    dist.barrier()
+
+
+def test_a_rank_left_waiting_in_a_collective_fails_the_test_in_bounded_time(tmp_path):
+    """conftest.run_ranks: ranks that hang (here rank 1 skips a collective rank 0 waits in) are
+    killed at the bound and the test fails, naming them; mp.spawn(join=True) waited for gloo's
+    timeout (a mutant once held CI 13 minutes)."""
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match=r"rank\(s\) \[0, 1\] of 2 still running after 12 s"):
+        run_ranks(_rank_1_skips_the_barrier, (str(tmp_path / "pg_init"),), 2, timeout_s=12)
+    assert time.monotonic() - t0 < 60

@@ -9,10 +9,9 @@ import traceback
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import gloo_rank_with_shard, make_mlp
+from conftest import gloo_rank_with_shard, make_mlp, run_ranks
 
 SPLIT = (10, 14)
 STEPS = 6
@@ -51,7 +50,7 @@ def _worker(rank, world, init_file, out_dir):
 
 
 def test_ranks_skip_the_same_scaled_fo_steps_and_stay_identical(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "pg_init"), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_worker, (2, str(tmp_path / "pg_init"), str(tmp_path)))
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for r in res:
         assert "error" not in r, r["error"]
