@@ -170,9 +170,12 @@ def test_only_rank0_writes(runs):
     assert not [f for f in files if f.startswith(".tmp-") or ".tmp." in f]   # no temporary file left
 
 
-def _cli_worker(rank, world, port, argv, result_dir):
-    """``zeroflow ARGV`` as rank ``rank`` of a torchrun job; its exit code and stderr kept."""
+def _cli_worker(rank, world, port, argv, result_dir, patch=None):
+    """``zeroflow ARGV`` as rank ``rank`` of a torchrun job; its exit code and stderr kept.
+    ``patch(rank)`` first: what this rank's node sees otherwise."""
     import sys
+    if patch is not None:
+        patch(rank)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0")
     torch.set_num_threads(1)
@@ -193,11 +196,11 @@ def _cli_worker(rank, world, port, argv, result_dir):
         os._exit(0)
 
 
-def _launch_cli(world, argv, result_dir):
+def _launch_cli(world, argv, result_dir, patch=None):
     """``[(exit code, stderr)]`` of each rank of ``torchrun --nproc-per-node WORLD -m zeroflow ARGV``."""
     os.makedirs(result_dir, exist_ok=True)
     store = _agent_store()
-    run_ranks(_cli_worker, (world, store.port, argv, str(result_dir)), world)
+    run_ranks(_cli_worker, (world, store.port, argv, str(result_dir), patch), world)
     del store
     out = []
     for r in range(world):
@@ -271,6 +274,40 @@ def test_a_resume_of_a_first_order_run_under_torchrun_is_refused_by_rank_0_only(
                     "scalars, so they need a forward-pass optimizer (zo_* or forward_grad, optionally with "
                     "--hybrid-switch); run first-order baselines in a single process\n"), err0
     assert err1 == "", err1
+    assert sorted(os.listdir(out)) == ["config.json"]
+
+
+def _rank_1_reads_the_config_of(folder, rank):
+    """Rank 1's node holds another config.json: the one in ``folder``."""
+    if rank == 1:
+        from zeroflow.continual import runner
+        read = runner.read_run_config
+        runner.read_run_config = lambda out: read(folder)
+
+
+def test_a_resume_that_only_one_node_sees_as_first_order_stops_every_rank(tmp_path):
+    """torchrun ... run --resume --out DIR whose config.json is a ZO run's on rank 0's node and a
+    first-order run's on rank 1's: rank 1 refused it alone, after the ranks had agreed on the
+    folder, its refusal marked as every rank's (for rank 0 to say, which never did), while rank 0
+    went on into the next collective and ended in gloo's 'Connection closed by peer'. The refusal
+    is now part of the ranks' agreement on the folder: rank 1 says it, rank 0 names rank 1, both
+    exit 2, nothing written."""
+    import functools
+
+    from zeroflow.continual.defaults import resolve
+
+    out, other = tmp_path / "run", tmp_path / "node1"
+    for folder, over in ((out, {}), (other, dict(optimizer="fo_sgd", perturbation=None))):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(resolve(dict(CFG, **over))))
+    (rc0, err0), (rc1, err1) = _launch_cli(2, ["run", "--resume", "--out", str(out), "--no-progress"],
+                                           tmp_path / "res", functools.partial(_rank_1_reads_the_config_of, str(other)))
+    assert rc0 == rc1 == 2
+    assert err1 == ("zeroflow: error: --optimizer fo_sgd under torchrun: data-parallel runs exchange only ZO loss "
+                    "scalars, so they need a forward-pass optimizer (zo_* or forward_grad, optionally with "
+                    "--hybrid-switch); run first-order baselines in a single process\n"), err1
+    assert err0 == ("zeroflow: error: rank(s) 1 of this torchrun job refused the run (their message is above); "
+                    "every rank stops\n"), err0
     assert sorted(os.listdir(out)) == ["config.json"]
 
 

@@ -560,12 +560,16 @@ def _run(cfg: Dict, out: Optional[str], *, resume: bool, force: bool, continue_e
         if above:       # before the claim, which would create the folders up to --out
             raise ZeroflowError(inside_refusal(out or "runs", above))
         if resume:
-            return resumed_config(out, requested, warn if rank == 0 else _silent, names)
+            cfg, located = resumed_config(out, requested, warn if rank == 0 else _silent, names)
+            if shard is not None:
+                # the optimizer of this rank's config.json (another node's copy may differ): refused
+                # inside the agreement, or a rank refusing alone left the others waiting in the next
+                # collective, which ended in gloo's 'Connection closed by peer' traceback
+                refuse_first_order(cfg)
+            return cfg, located
         return requested, {k: requested.get(k) for k in LOCATIONS}
 
     cfg, located = _agreed(world, the_folder)
-    if resume and shard is not None:
-        refuse_first_order(cfg)
     device_name = located["device"]
     # the configuration, with where its device, data and weights are now and how the data is loaded
     where = dict(cfg, **located)
