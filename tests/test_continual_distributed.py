@@ -464,3 +464,45 @@ def test_run_device_under_torchrun_refuses_one_gpu_index_for_every_rank(monkeypa
     assert runner._run_device("auto", 2) == torch.device("cuda", 1)
     assert runner._run_device("cuda", 2) == torch.device("cuda")
     assert runner._run_device("cpu", 2) == torch.device("cpu")
+
+
+def _rank_1_cannot_read(paths, garbage, rank):
+    """Rank 1's node holds undecodable copies of the images at ``paths`` (the file ``garbage``)."""
+    if rank == 1:
+        from zeroflow.continual import data
+        load = data.load_image
+        data.load_image = lambda path: load(garbage if path in paths else path)
+
+
+@pytest.mark.usefixtures("zf_cache")
+@pytest.mark.parametrize("split", ["train"])
+def test_an_image_only_rank_1_cannot_read_mid_run_is_said_once_with_the_resume_command(tmp_path, split):
+    """torchrun ... run where rank 1 alone cannot read task 2's training images (its node's
+    copies are corrupt): rank 1 said the error without the resume command (it writes nothing, so
+    it took the run for unwritten) and rank 0, left waiting in the step's exchange of batch
+    sizes, warned with the resume command over gloo's 'Connection closed by peer' traceback.
+    Rank 1 now abandons the step in that exchange: every rank stops on one error, said once by
+    rank 0, naming rank 1's image, with the resume command; no traceback."""
+    import functools
+
+    from test_continual_data import _tiny_cub_run
+
+    from zeroflow.continual.data import class_order
+
+    argv = [str(a) for a in _tiny_cub_run(tmp_path)] + ["--data-root", str(tmp_path / "data"), "--checkpoint",
+                                                         str(tmp_path / "vit.pth")]
+    paths = sorted(str(p) for c in class_order(4)[2:]                  # the classes of task 2
+                   for p in (tmp_path / "data" / "cub" / split / f"n{c:04d}").iterdir())
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"garbage")
+    out = tmp_path / "r"
+    (rc0, err0), (rc1, err1) = _launch_cli(2, argv, tmp_path / "res",
+                                           functools.partial(_rank_1_cannot_read, paths, str(garbage)))
+    assert rc0 == rc1 == 2, (err0, err1)
+    warned, said = err0.splitlines(keepends=True)      # the class-count warning (4 folders, not 200), the error
+    assert warned.startswith("zeroflow: warning: cub under "), err0
+    assert said.startswith(f"zeroflow: error: rank 1: cannot read image {garbage} (UnidentifiedImageError: "), err0
+    assert said.endswith(f"; replace or delete that file, then continue the run with: zeroflow run --resume --out "
+                         f"{out} (its 1 finished task(s) are kept)\n"), err0
+    assert err1 == "", err1
+    assert not (out / ".lock").exists() and not (out / "metrics.json").exists()

@@ -60,7 +60,7 @@ def run_steps(opt, model, X, Y, steps, batch_size=None):
 
 def _worker(rank, world, init_file, out_dir):
     X, Y, Xr, Yr = gloo_rank_with_shard(rank, world, init_file, SPLIT, timeout_s=90)
-    from zeroflow.distributed import DataParallelZO, DistributedMismatchError
+    from zeroflow.distributed import DataParallelZO, DistributedMismatchError, StepAbandoned
     from zeroflow.optim import create
     from zeroflow.replay import TrajectoryRecorder, save_base
 
@@ -168,6 +168,24 @@ def _worker(rank, world, init_file, out_dir):
             res["J_check_every"] = None
         except DistributedMismatchError as e:
             res["J_check_every"] = str(e)
+        # M. rank 1 cannot load its batch of step 2 (abandon_step): rank 0 waited in that step's
+        # batch-size exchange until rank 1's exit broke it; now every rank raises StepAbandoned
+        # there, with rank 1's text, the weights as step 1 left them, the collectives still paired
+        model = make_model()
+        dp = DataParallelZO(create("zo_sgd", list(model.parameters()), lr=1e-2, seed=7, backend="cpu"))
+        run_steps(dp, model, Xr, Yr, 1, batch_size=len(Xr))
+        after_1 = [p.clone() for p in model.parameters()]
+        try:
+            if rank == 1:
+                dp.abandon_step("cannot read image x.png")
+            else:
+                run_steps(dp, model, Xr, Yr, 1, batch_size=len(Xr))
+            res["M_abandoned"] = None
+        except StepAbandoned as e:
+            res["M_abandoned"] = (str(e), e.messages)
+        res["M_untouched"] = all(torch.equal(a, b) for a, b in zip(after_1, model.parameters()))
+        res["M_step"] = dp.step_count
+        dp.check_params()
         # L. a Comm over a subgroup that does not hold global rank 0 (here rank 1 alone):
         # broadcast_params copies the group's rank 0, which dist.broadcast names by its global rank
         sub = dist.new_group([1])
@@ -328,6 +346,15 @@ def test_ranks_with_another_check_every_are_refused_at_construction(spawned):
     res, _ = spawned
     for r in range(WORLD):
         assert res[r]["J_check_every"] is not None and "check_every: 2 vs 0" in res[r]["J_check_every"], r
+
+
+def test_a_step_one_rank_abandons_raises_on_every_rank_with_its_text(spawned):
+    """DataParallelZO.abandon_step (a rank whose batch failed to load): every rank raises
+    StepAbandoned in the step's batch-size exchange, before the step changes anything."""
+    res, _ = spawned
+    for r in res:
+        assert r["M_abandoned"] == ("rank 1: cannot read image x.png", {1: "cannot read image x.png"}), r["M_abandoned"]
+        assert r["M_untouched"] and r["M_step"] == 1
 
 
 def test_hybrid_fo_phase_with_a_backward_closure_averages_the_gradients(spawned):

@@ -32,13 +32,23 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["Comm", "DataParallelZO", "DistributedMismatchError", "init_from_env", "shard",
+__all__ = ["Comm", "DataParallelZO", "DistributedMismatchError", "StepAbandoned", "init_from_env", "shard",
            "ShardedBatchSampler", "describe_optimizer", "param_checksum", "state_checksum", "is_main_process",
            "local_device", "broadcast_module_"]
 
 
 class DistributedMismatchError(RuntimeError):
     """Ranks disagree (seed / options / stream / shapes / parameter values)."""
+
+
+class StepAbandoned(RuntimeError):
+    """Some rank could not take its part in a step (its batch failed to load) and said so in the
+    step's exchange of batch sizes (:meth:`DataParallelZO.abandon_step`): raised on every rank,
+    with the same text. ``messages``: the abandoning ranks' texts, by rank."""
+
+    def __init__(self, messages: dict[int, str]):
+        self.messages = dict(sorted(messages.items()))
+        super().__init__("; ".join(f"rank {r}: {m}" for r, m in self.messages.items()))
 
 
 # ---------------------------------------------------------------------------- launching
@@ -526,13 +536,27 @@ class DataParallelZO:
         # int(2.5) counted 2 samples; '4' raised "'<' not supported"
         self._n_local = counter(n, "batch_size (this rank's samples in the step's batch)")
 
-    def _begin_step(self) -> None:
-        """Every rank's batch size (-1: never set), gathered every step, even when no rank
-        weights: a rank that skipped the collective would pair its next one (a loss scalar's
-        all_gather) with another rank's batch-size exchange and hang or mix numbers. A mix of
-        ranks with and without a batch size raises on every rank, before the step."""
-        n = torch.tensor([-1 if self._n_local is None else self._n_local], dtype=torch.int64)
-        sizes = self.comm.all_gather(n)[:, 0].tolist()
+    def abandon_step(self, message: str) -> None:
+        """This rank cannot take its part in the coming step (its batch failed to load: an
+        unreadable file): instead of leaving the other ranks waiting in the step's first
+        collective until the group's timeout (or its own exit breaks it), it joins that
+        collective, the exchange of batch sizes, saying so. Every rank, this one included, then
+        raises :class:`StepAbandoned` with every abandoning rank's ``message`` (one more
+        exchange, on this path only: a step that nobody abandons costs nothing more)."""
+        self._require_attached("abandon_step")
+        self._begin_step(abandon=str(message))
+
+    def _begin_step(self, abandon: str | None = None) -> None:
+        """Every rank's batch size (-1: never set; -2: the rank abandons the step), gathered
+        every step, even when no rank weights: a rank that skipped the collective would pair its
+        next one (a loss scalar's all_gather) with another rank's batch-size exchange and hang
+        or mix numbers. A mix of ranks with and without a batch size raises on every rank,
+        before the step; so does a step that some rank abandoned (:meth:`abandon_step`)."""
+        n = -2 if abandon is not None else -1 if self._n_local is None else self._n_local
+        sizes = self.comm.all_gather(torch.tensor([n], dtype=torch.int64))[:, 0].tolist()
+        if -2 in sizes:
+            said = self.comm.all_gather_object(abandon)
+            raise StepAbandoned({r: said[r] for r, s in enumerate(sizes) if s == -2})
         unset = [r for r, s in enumerate(sizes) if s < 0]
         if len(unset) == self.world:
             self._weight = 1.0 / self.world

@@ -171,34 +171,35 @@ def _train_loop(net, forward, params, opt, loader, cfg, label_offset, device, co
     bar = tqdm(total=epochs * len(loader), desc=progress_desc, disable=not progress, leave=False,
                dynamic_ncols=True)
     sharded = hasattr(loader.batch_sampler, "set_epoch")
-    for epoch in range(epochs):
-        lr = cosine_lr(float(cfg["lr"]), epoch, epochs, cfg.get("schedule", "cosine"))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        if sharded:
-            loader.batch_sampler.set_epoch(epoch)
-        for x, y in loader:
-            x = x.to(device, non_blocking=True)
-            y = (y - label_offset).to(device, non_blocking=True)
-            net.train(not opt.zeroth_order)
+    with _abandoned_as_unreadable():
+        for epoch in range(epochs):
+            lr = cosine_lr(float(cfg["lr"]), epoch, epochs, cfg.get("schedule", "cosine"))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            if sharded:
+                loader.batch_sampler.set_epoch(epoch)
+            for x, y in _batches(loader, opt):
+                x = x.to(device, non_blocking=True)
+                y = (y - label_offset).to(device, non_blocking=True)
+                net.train(not opt.zeroth_order)
 
-            def closure():
-                return F.cross_entropy(forward(x), y)
+                def closure():
+                    return F.cross_entropy(forward(x), y)
 
-            if hasattr(opt, "set_batch_size"):     # DataParallelZO: weight this shard's loss
-                opt.set_batch_size(len(x))
-            t0 = timer.now()
-            scale = scaler.get_scale() if scaler is not None and not opt.zeroth_order else None
-            loss = train_step(opt, closure, scaler if scale is not None else None)
-            skipped += scale is not None and scaler.get_scale() < scale     # lowered: inf/nan found, no step
-            counters.train_seconds += timer.now() - t0
-            counters.iterations += 1
-            if not math.isfinite(loss):
-                raise ZeroflowError(f"training diverged (loss={loss}) at {progress_desc}, epoch {epoch}; "
-                                    f"lower --lr or --zo-eps")
-            losses.append(loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2g}")
+                if hasattr(opt, "set_batch_size"):     # DataParallelZO: weight this shard's loss
+                    opt.set_batch_size(len(x))
+                t0 = timer.now()
+                scale = scaler.get_scale() if scaler is not None and not opt.zeroth_order else None
+                loss = train_step(opt, closure, scaler if scale is not None else None)
+                skipped += scale is not None and scaler.get_scale() < scale     # lowered: inf/nan found, no step
+                counters.train_seconds += timer.now() - t0
+                counters.iterations += 1
+                if not math.isfinite(loss):
+                    raise ZeroflowError(f"training diverged (loss={loss}) at {progress_desc}, epoch {epoch}; "
+                                        f"lower --lr or --zo-eps")
+                losses.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2g}")
     bar.close()
     counters.train_forward_passes += int(opt.forward_passes) + skipped
     net.eval()
@@ -212,6 +213,44 @@ def _train_loop(net, forward, params, opt, loader, cfg, label_offset, device, co
     last = sum(losses[-k:]) / len(losses[-k:]) if losses else None
     return {"steps": len(losses), "forward_passes": int(opt.forward_passes) + skipped, "loss_first": first,
             "loss_last": last}
+
+
+def _batches(loader, opt):
+    """``loader``'s batches. Under :class:`~zeroflow.distributed.DataParallelZO` (torchrun), a
+    batch this rank cannot load (an image its node cannot read) abandons the step in the step's
+    exchange of batch sizes, where the other ranks wait: every rank then stops on one
+    :class:`UnreadableImage` naming the rank and the image (:func:`_abandoned_as_unreadable`;
+    ``every_rank``: rank 0 says it, with the resume command). Raised here alone, it left the
+    others waiting until this rank's exit broke their collective (gloo's 'Connection closed by
+    peer' traceback)."""
+    from .data import UnreadableImage
+
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except UnreadableImage as e:
+            if not hasattr(opt, "abandon_step"):
+                raise
+            opt.abandon_step(str(e))      # raises StepAbandoned, here as on the ranks in opt.step
+        yield batch
+
+
+@contextlib.contextmanager
+def _abandoned_as_unreadable():
+    """A step some rank abandoned (:func:`_batches`): the same UnreadableImage on every rank."""
+    from zeroflow.distributed import StepAbandoned
+
+    from .data import UnreadableImage
+
+    try:
+        yield
+    except StepAbandoned as e:
+        error = UnreadableImage(str(e))
+        error.every_rank = True
+        raise error from e
 
 
 def adapters_state(net) -> Dict:
