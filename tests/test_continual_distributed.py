@@ -475,14 +475,15 @@ def _rank_1_cannot_read(paths, garbage, rank):
 
 
 @pytest.mark.usefixtures("zf_cache")
-@pytest.mark.parametrize("split", ["train"])
+@pytest.mark.parametrize("split", ["train", "test"])
 def test_an_image_only_rank_1_cannot_read_mid_run_is_said_once_with_the_resume_command(tmp_path, split):
-    """torchrun ... run where rank 1 alone cannot read task 2's training images (its node's
-    copies are corrupt): rank 1 said the error without the resume command (it writes nothing, so
-    it took the run for unwritten) and rank 0, left waiting in the step's exchange of batch
-    sizes, warned with the resume command over gloo's 'Connection closed by peer' traceback.
-    Rank 1 now abandons the step in that exchange: every rank stops on one error, said once by
-    rank 0, naming rank 1's image, with the resume command; no traceback."""
+    """torchrun ... run where rank 1 alone cannot read task 2's images (its node's copies are
+    corrupt). train: rank 1 said the error without the resume command (it writes nothing, so it
+    took the run for unwritten) and rank 0, left waiting in the step's exchange of batch sizes,
+    warned with the resume command over gloo's 'Connection closed by peer' traceback. test
+    (read in the evaluation, after the task's last collective): rank 1 said its error, and rank 0
+    finished the run (exit 0). Now every rank stops on one error, said once by rank 0, naming
+    rank 1's image, with the resume command; no traceback, no finished run."""
     import functools
 
     from test_continual_data import _tiny_cub_run
@@ -502,7 +503,37 @@ def test_an_image_only_rank_1_cannot_read_mid_run_is_said_once_with_the_resume_c
     warned, said = err0.splitlines(keepends=True)      # the class-count warning (4 folders, not 200), the error
     assert warned.startswith("zeroflow: warning: cub under "), err0
     assert said.startswith(f"zeroflow: error: rank 1: cannot read image {garbage} (UnidentifiedImageError: "), err0
+    # the checkpoint of task 2 is written once rank 0 evaluated it (its results are every rank's)
+    kept = 1 if split == "train" else 2
     assert said.endswith(f"; replace or delete that file, then continue the run with: zeroflow run --resume --out "
-                         f"{out} (its 1 finished task(s) are kept)\n"), err0
+                         f"{out} (its {kept} finished task(s) are kept)\n"), err0
     assert err1 == "", err1
     assert not (out / ".lock").exists() and not (out / "metrics.json").exists()
+
+
+def test_the_errors_ranks_stop_on_mid_run_make_one_error_naming_each_rank(monkeypatch):
+    """runner._stop_together (the ranks' texts faked, as one all_gather would give them): the
+    text alone when every rank hit the same, else each text once with the ranks that hit it; a
+    checkpoint rank 0 could not write makes it a WriteFailed; every_rank (rank 0 says it)."""
+    from zeroflow.continual import runner
+    from zeroflow.continual.data import UnreadableImage
+    from zeroflow.continual.errors import WriteFailed
+
+    def gathered(texts):
+        def all_gather_object(out, mine):
+            out[:] = texts
+        monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+
+    gathered([None, None, None])
+    runner._stop_together((0, 3), None)                # nobody stopped: the task goes on
+    gathered([[False, "cannot read image a"]] * 3)
+    with pytest.raises(UnreadableImage) as e:
+        runner._stop_together((2, 3), UnreadableImage("cannot read image a"))
+    assert str(e.value) == "cannot read image a" and e.value.every_rank
+    gathered([[True, "cannot write c"], [False, "cannot read image b"], [False, "cannot read image b"]])
+    with pytest.raises(WriteFailed) as e:
+        runner._stop_together((1, 3), UnreadableImage("cannot read image b"))
+    assert str(e.value) == "rank 0: cannot write c; rank 1, 2: cannot read image b" and e.value.every_rank
+    gathered([None, [False, "cannot read image b"]])
+    with pytest.raises(UnreadableImage, match=r"^rank 1: cannot read image b$"):
+        runner._stop_together((0, 2), None)

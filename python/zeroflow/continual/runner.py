@@ -1055,6 +1055,8 @@ def _train_tasks(learner, data, cfg: Dict, results: _Results, *, device, mem, ti
     every class seen so far, add it to ``results`` and (rank 0) write the checkpoint. True
     when ``stop_after`` stopped the run before its last task: once ``stop_after`` tasks are
     finished in total, counting those a resumed run had already finished (then it trains none)."""
+    from .data import UnreadableImage
+
     T = len(data.tasks)
     first = results.completed
     counters = results.counters
@@ -1076,9 +1078,14 @@ def _train_tasks(learner, data, cfg: Dict, results: _Results, *, device, mem, ti
         mem.reset()
         it0, fp0, ts0 = counters.iterations, counters.train_forward_passes, counters.train_seconds
         t0 = timer.now()
-        info = learner.learn_task(t, data.tasks[t], data,
-                                  TaskContext(s, T, counters, timer, progress, shard, record_dir, mem, scaler))
-        overall, per_task = evaluate(learner, data, data.tasks[: t + 1], device, counters, eval_bs, nw)
+        try:
+            info = learner.learn_task(t, data.tasks[t], data,
+                                      TaskContext(s, T, counters, timer, progress, shard, record_dir, mem, scaler))
+            overall, per_task = evaluate(learner, data, data.tasks[: t + 1], device, counters, eval_bs, nw)
+        except UnreadableImage as e:
+            if shard is None:
+                raise
+            _stop_together(shard, e)
         seconds = timer.now() - t0
         for g in range(t + 1):
             results.matrix[g][t] = per_task[g]
@@ -1097,12 +1104,58 @@ def _train_tasks(learner, data, cfg: Dict, results: _Results, *, device, mem, ti
             "accuracy": overall, "loss_first": info.get("loss_first"), "loss_last": info.get("loss_last"),
         })
         results.grad_scaler = scaler.state_dict() if scaler is not None else None
+        failure = None
         if main:
-            save_torch(results.checkpoint(learner, completed=t + 1), os.path.join(run_dir, CHECKPOINT))
-        results.completed = t + 1
+            try:
+                save_torch(results.checkpoint(learner, completed=t + 1), os.path.join(run_dir, CHECKPOINT))
+            except WriteFailed as e:
+                if shard is None:
+                    raise
+                failure = e
+        if failure is None:
+            results.completed = t + 1
+        if shard is not None:
+            _stop_together(shard, failure)
         log(f"task {t + 1}/{T}: accuracy on {sum(len(c) for c in data.tasks[:t + 1])} seen classes "
             f"{overall:.2f}%  ({seconds:.1f}s)")
     return False
+
+
+def _stop_together(shard, failure: Optional[ZeroflowError]) -> None:
+    """Under torchrun, at the end of every task (after rank 0's checkpoint) and wherever a rank
+    stops on an image its node cannot read: the ranks tell each other (one all_gather of the
+    texts a task) whether they stopped on such an error, or rank 0 on a checkpoint it cannot
+    write. One that a rank hit alone after the task's last collective (a prototype or test
+    image, the checkpoint) left the others going on, to wait in the next task's first collective
+    for a rank that had stopped (gloo's 'Connection closed by peer' traceback) or to finish the
+    run. Now every rank raises one error naming each rank's (``rank 1: cannot read image ...``;
+    the text alone when every rank hit the same), ``every_rank``: said by rank 0 alone, with the
+    resume command (:func:`_run`). A training step that some rank abandoned (an image of its
+    shard) arrives here on every rank alike (:func:`.learners._batches`)."""
+    from .data import UnreadableImage
+
+    world = shard[1]
+    if world == 1:
+        if failure is not None:
+            raise failure
+        return
+    texts = [None] * world
+    torch.distributed.all_gather_object(texts, None if failure is None else
+                                        [isinstance(failure, WriteFailed), str(failure)])
+    failed = {r: text for r, text in enumerate(texts) if text is not None}
+    if not failed:
+        return
+    said = {text for _, text in failed.values()}
+    if len(failed) == world and len(said) == 1:
+        message = said.pop()
+    else:
+        by_text: Dict[str, list] = {}
+        for r, (_, text) in failed.items():
+            by_text.setdefault(text, []).append(str(r))
+        message = "; ".join(f"rank {', '.join(ranks)}: {text}" for text, ranks in by_text.items())
+    error = (WriteFailed if any(w for w, _ in failed.values()) else UnreadableImage)(message)
+    error.every_rank = True
+    raise error from failure
 
 
 def _metrics(results: _Results, data, cfg: Dict, *, run_dir: str, world: int, device, mem, setup_seconds: float,
