@@ -537,3 +537,34 @@ def test_the_errors_ranks_stop_on_mid_run_make_one_error_naming_each_rank(monkey
     gathered([None, [False, "cannot read image b"]])
     with pytest.raises(UnreadableImage, match=r"^rank 1: cannot read image b$"):
         runner._stop_together((0, 2), None)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_batch_that_fails_to_load_abandons_the_step_only_where_other_ranks_wait(world):
+    """learners._batches: under DataParallelZO of several ranks an unreadable image abandons
+    the step (the others wait in its exchange); alone (torchrun with one process) it is raised
+    as it is, as in a single process, not as 'rank 0: cannot read image ...'."""
+    from zeroflow.continual.data import UnreadableImage
+    from zeroflow.continual.learners import _batches
+
+    class Loader:
+        def __iter__(self):
+            yield 1
+            raise UnreadableImage("cannot read image a.png (OSError: x); replace or delete that file")
+
+    class DP:
+        abandoned = []
+
+        def __init__(self):
+            self.world = world
+
+        def abandon_step(self, message):
+            self.abandoned.append(message)
+            raise RuntimeError("abandoned")
+
+    dp = DP()
+    batches = _batches(Loader(), dp)
+    assert next(batches) == 1
+    with pytest.raises(RuntimeError if world == 2 else UnreadableImage):
+        next(batches)
+    assert dp.abandoned == (["cannot read image a.png (OSError: x); replace or delete that file"] if world == 2 else [])

@@ -232,7 +232,7 @@ def _batches(loader, opt):
         except StopIteration:
             return
         except UnreadableImage as e:
-            if not hasattr(opt, "abandon_step"):
+            if not hasattr(opt, "abandon_step") or opt.world == 1:     # no other rank waits for this one
                 raise
             opt.abandon_step(str(e))      # raises StepAbandoned, here as on the ranks in opt.step
         yield batch
