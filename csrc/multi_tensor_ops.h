@@ -205,7 +205,7 @@ void launch_update(Launcher& l, const std::vector<Slots>& slots, at::IntArrayRef
 template <class Launcher>
 void perturb_op(TensorList params, at::IntArrayRef tensor_ids, int64_t seed, double scale, int64_t dist,
                 int64_t mask_seed, int64_t mask_threshold) {
-  zf_ops::check_perturb_args(params, tensor_ids, seed, dist, mask_seed, mask_threshold);
+  zf_ops::check_perturb_args(params, tensor_ids, seed, scale, dist, mask_seed, mask_threshold);
   if (params.empty()) return;
   Launcher l(params);
   std::vector<Slots> slots(params.size());
@@ -221,7 +221,8 @@ void sgd_op(TensorList params, TensorList momentum_buffers, TensorList history_b
             double momentum, double dampening, bool nesterov, bool momentum_init, bool sign, double history_alpha,
             bool history_init, bool stochastic_rounding, int64_t round_seed) {
   zf_ops::check_sgd_args(params, momentum_buffers, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed,
-                         mask_threshold, restore_seed, round_seed);
+                         mask_threshold, restore_seed, restore_scale, lr, weight_decay, momentum, dampening,
+                         history_alpha, round_seed);
   if (params.empty()) return;
   Launcher l(params);
   const bool has_m = !momentum_buffers.empty(), has_h = !history_buffers.empty();
@@ -246,8 +247,8 @@ void adam_op(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, Ten
              double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay, int64_t step,
              bool sign, double history_alpha, bool history_init, bool stochastic_rounding, int64_t round_seed) {
   zf_ops::check_adam_args(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed,
-                          mask_threshold, restore_seed, lr, beta1, beta2, weight_decay, decoupled_weight_decay, step,
-                          round_seed);
+                          mask_threshold, restore_seed, restore_scale, lr, beta1, beta2, eps, weight_decay,
+                          decoupled_weight_decay, step, history_alpha, round_seed);
   AdamFunctor::Args a;
   a.s = zf_ops::adam_scalars(restore_scale, lr, beta1, beta2, eps, weight_decay, step, history_alpha);
   if (params.empty()) return;

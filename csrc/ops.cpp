@@ -675,7 +675,7 @@ StreamCfg stream_cfg(uint32_t tid, int64_t dist, int64_t mask_seed, int64_t mask
 
 void perturb_cpu(TensorList params, at::IntArrayRef tensor_ids, int64_t seed, double scale, int64_t dist,
                  int64_t mask_seed, int64_t mask_threshold) {
-  check_perturb_args(params, tensor_ids, seed, dist, mask_seed, mask_threshold);
+  check_perturb_args(params, tensor_ids, seed, scale, dist, mask_seed, mask_threshold);
   if (params.empty()) return;
   const IeeeSubnormals ieee;  // the host scalars too (fp32 roundings of lr, coeffs, ...)
   const float scale_f = f32(scale);
@@ -700,7 +700,7 @@ void sgd_cpu(TensorList params, TensorList momentum_buffers, TensorList history_
              double weight_decay, double momentum, double dampening, bool nesterov, bool momentum_init,
              bool sign, double history_alpha, bool history_init, bool stochastic_rounding, int64_t round_seed) {
   check_sgd_args(params, momentum_buffers, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold,
-                 restore_seed, round_seed);
+                 restore_seed, restore_scale, lr, weight_decay, momentum, dampening, history_alpha, round_seed);
   const IeeeSubnormals ieee;  // the host scalars too (fp32 roundings of lr, coeffs, ...)
   const Key round_key = key_of(round_seed);
   if (params.empty()) return;
@@ -735,8 +735,8 @@ void adam_cpu(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, Te
               int64_t step, bool sign, double history_alpha, bool history_init, bool stochastic_rounding,
               int64_t round_seed) {
   check_adam_args(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed,
-                  mask_threshold, restore_seed, lr, beta1, beta2, weight_decay, decoupled_weight_decay, step,
-                  round_seed);
+                  mask_threshold, restore_seed, restore_scale, lr, beta1, beta2, eps, weight_decay,
+                  decoupled_weight_decay, step, history_alpha, round_seed);
   const IeeeSubnormals ieee;  // the host scalars too (fp32 roundings of lr, coeffs, ...)
   const Key round_key = key_of(round_seed);
   const AdamScalars s = adam_scalars(restore_scale, lr, beta1, beta2, eps, weight_decay, step, history_alpha);
@@ -778,33 +778,33 @@ Tensor philox4x32_10_meta(const Tensor& counters, int64_t key0, int64_t key1) {
   return at::empty_symint({counters.sym_size(0), 4}, counters.options());
 }
 
-// The scalar options need no check (any value is valid; Adam's betas and step are checked, and its
-// step size and decay factor, check_adam_scalars):
-// the unused ones keep their schema names in comments.
-void perturb_meta(TensorList params, at::IntArrayRef tensor_ids, int64_t seed, double /*scale*/, int64_t dist,
+// The meta kernels run every argument check of the device kernels (the scalar options too: NaN or
+// infinite ones, check_scalar; Adam's betas, step, step size and decay factor): the arguments
+// no check reads keep their schema names in comments.
+void perturb_meta(TensorList params, at::IntArrayRef tensor_ids, int64_t seed, double scale, int64_t dist,
                   int64_t mask_seed, int64_t mask_threshold) {
-  check_perturb_args(params, tensor_ids, seed, dist, mask_seed, mask_threshold);
+  check_perturb_args(params, tensor_ids, seed, scale, dist, mask_seed, mask_threshold);
 }
 
 void sgd_meta(TensorList params, TensorList momentum_buffers, TensorList history_buffers,
               at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs, int64_t dist,
-              int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double /*restore_scale*/,
-              double /*lr*/, double /*weight_decay*/, double /*momentum*/, double /*dampening*/, bool /*nesterov*/,
-              bool /*momentum_init*/, bool /*sign*/, double /*history_alpha*/, bool /*history_init*/,
+              int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double restore_scale,
+              double lr, double weight_decay, double momentum, double dampening, bool /*nesterov*/,
+              bool /*momentum_init*/, bool /*sign*/, double history_alpha, bool /*history_init*/,
               bool /*stochastic_rounding*/, int64_t round_seed) {
   check_sgd_args(params, momentum_buffers, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold,
-                 restore_seed, round_seed);
+                 restore_seed, restore_scale, lr, weight_decay, momentum, dampening, history_alpha, round_seed);
 }
 
 void adam_meta(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList history_buffers,
                at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs, int64_t dist,
-               int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double /*restore_scale*/,
-               double lr, double beta1, double beta2, double /*eps*/, double weight_decay,
-               bool decoupled_weight_decay, int64_t step, bool /*sign*/, double /*history_alpha*/,
+               int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed, double restore_scale,
+               double lr, double beta1, double beta2, double eps, double weight_decay,
+               bool decoupled_weight_decay, int64_t step, bool /*sign*/, double history_alpha,
                bool /*history_init*/, bool /*stochastic_rounding*/, int64_t round_seed) {
   check_adam_args(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed,
-                  mask_threshold, restore_seed, lr, beta1, beta2, weight_decay, decoupled_weight_decay, step,
-                  round_seed);
+                  mask_threshold, restore_seed, restore_scale, lr, beta1, beta2, eps, weight_decay,
+                  decoupled_weight_decay, step, history_alpha, round_seed);
 }
 
 

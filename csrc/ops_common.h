@@ -272,19 +272,53 @@ inline void check_key(int64_t k, const char* name) {
                     "e.g. key0 = seed & 0xFFFFFFFF and key1 = seed >> 32 for a 64-bit seed");
 }
 
+// The smallest double that rounds to inf in float32 (halfway between FLT_MAX and 2^128, which
+// round-to-nearest-even sends up), and FLT_MAX: zfkernels/opspec.py F32_OVERFLOW, F32_MAX.
+constexpr double kF32Overflow = 0x1.ffffffp+127;
+constexpr double kF32Max = 0x1.fffffep+127;
+
+// A double as Python's f"{v:g}" writes it (C's %g, which Python's format follows), so that the
+// messages are opspec's to the character.
+inline std::string fmt_g(double v) {
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
+// A float option that is NaN, or (unless inf_ok) infinite in float32, where the kernels compute
+// (+-inf, or a double of magnitude kF32Overflow or more, which rounds to +-inf): a call with it
+// wrote inf / nan into the parameters on every backend. Refused before anything is written;
+// zfkernels/opspec.py scalar_refusal, the same words, and FINITE_SCALARS, which options each op
+// checks and when (an option of a feature only when the feature's buffer list is non-empty;
+// inf_ok: Adam's eps, whose +-inf makes m / denom +-0, a finite update). Python writes every NaN
+// as "nan" (C's %g may write "-nan").
+inline std::string scalar_fix(const char* name, bool inf_ok) {  // built on a refusal only
+  return std::string("; give ") + name + " a number" +
+         (inf_ok ? std::string() : " of magnitude at most " + fmt_g(kF32Max) + " (float32's largest number)");
+}
+inline void check_scalar(double v, const char* name, bool inf_ok = false) {
+  TORCH_CHECK_VALUE(!std::isnan(v), "zfkernels: ", name, "=nan is not a number: a call with it writes nan into the "
+                    "parameters", scalar_fix(name, inf_ok));
+  TORCH_CHECK_VALUE(inf_ok || std::fabs(v) < kF32Overflow, "zfkernels: ", name, "=", fmt_g(v),
+                    " is infinite in float32, where the kernels compute: a call with it writes inf / nan into the "
+                    "parameters", scalar_fix(name, inf_ok));
+}
+
 // The argument checks that every implementation (cpu, cuda, meta) of an op runs first.
-inline void check_perturb_args(TensorList params, at::IntArrayRef tensor_ids, int64_t seed, int64_t dist,
-                               int64_t mask_seed, int64_t mask_threshold) {
+inline void check_perturb_args(TensorList params, at::IntArrayRef tensor_ids, int64_t seed, double scale,
+                               int64_t dist, int64_t mask_seed, int64_t mask_threshold) {
   check_params(params, tensor_ids);
   check_no_overlap({{"params", params}});
   check_seed(seed, "seed");
   check_stream_args(dist, mask_seed, mask_threshold);
+  check_scalar(scale, "scale");
 }
 
 inline void check_sgd_args(TensorList params, TensorList momentum_buffers, TensorList history_buffers,
                            at::IntArrayRef tensor_ids, at::IntArrayRef seeds, at::ArrayRef<double> coeffs,
                            int64_t dist, int64_t mask_seed, int64_t mask_threshold, int64_t restore_seed,
-                           int64_t round_seed) {
+                           double restore_scale, double lr, double weight_decay, double momentum, double dampening,
+                           double history_alpha, int64_t round_seed) {
   check_params(params, tensor_ids);
   check_buffers(params, momentum_buffers, "momentum_buffers");
   check_buffers(params, history_buffers, "history_buffers");
@@ -294,6 +328,14 @@ inline void check_sgd_args(TensorList params, TensorList momentum_buffers, Tenso
   check_stream_args(dist, mask_seed, mask_threshold);
   check_seed(restore_seed, "restore_seed");
   check_seed(round_seed, "round_seed");
+  check_scalar(restore_scale, "restore_scale");  // opspec.FINITE_SCALARS["zo_sgd_update_"], in its order
+  check_scalar(lr, "lr");
+  check_scalar(weight_decay, "weight_decay");
+  if (!momentum_buffers.empty()) {
+    check_scalar(momentum, "momentum");
+    check_scalar(dampening, "dampening");
+  }
+  if (!history_buffers.empty()) check_scalar(history_alpha, "history_alpha");
 }
 
 // Adam's decay rates in [0, 1), as torch.optim.Adam: beta1 = 1 makes the bias correction
@@ -302,19 +344,6 @@ inline void check_sgd_args(TensorList params, TensorList momentum_buffers, Tenso
 inline void check_beta(double beta, const char* name, int index) {
   TORCH_CHECK_VALUE(beta >= 0.0 && beta < 1.0, "zfkernels: ", name, "=", beta, " (betas[", index,
                     "]) is outside [0, 1); Adam's decay rates need 0 <= beta < 1, e.g. betas=(0.9, 0.999)");
-}
-
-// The smallest double that rounds to inf in float32 (halfway between FLT_MAX and 2^128, which
-// round-to-nearest-even sends up), and FLT_MAX: zfkernels/opspec.py F32_OVERFLOW, F32_MAX.
-constexpr double kF32Overflow = 0x1.ffffffp+127;
-constexpr double kF32Max = 0x1.fffffep+127;
-
-// A double as Python's f"{v:g}" writes it (C's %g, which Python's format follows), so that the
-// message below is opspec's to the character.
-inline std::string fmt_g(double v) {
-  char buf[40];
-  std::snprintf(buf, sizeof buf, "%g", v);
-  return buf;
 }
 
 // The fp64 step size lr / (1 - beta1^step) and AdamW's decay factor 1 - lr * weight_decay that
@@ -342,8 +371,9 @@ inline void check_adam_scalars(double lr, double beta1, int64_t step, double wei
 inline void check_adam_args(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs,
                             TensorList history_buffers, at::IntArrayRef tensor_ids, at::IntArrayRef seeds,
                             at::ArrayRef<double> coeffs, int64_t dist, int64_t mask_seed, int64_t mask_threshold,
-                            int64_t restore_seed, double lr, double beta1, double beta2, double weight_decay,
-                            bool decoupled_weight_decay, int64_t step, int64_t round_seed) {
+                            int64_t restore_seed, double restore_scale, double lr, double beta1, double beta2,
+                            double eps, double weight_decay, bool decoupled_weight_decay, int64_t step,
+                            double history_alpha, int64_t round_seed) {
   check_params(params, tensor_ids);
   check_buffers(params, exp_avgs, "exp_avgs", /*required=*/true);
   check_buffers(params, exp_avg_sqs, "exp_avg_sqs", /*required=*/true);
@@ -360,6 +390,11 @@ inline void check_adam_args(TensorList params, TensorList exp_avgs, TensorList e
   TORCH_CHECK_VALUE(step >= 1, "zfkernels: step=", step,
                     " must be >= 1 (Adam's bias correction counts from 1)");
   check_adam_scalars(lr, beta1, step, weight_decay, decoupled_weight_decay);
+  check_scalar(restore_scale, "restore_scale");  // opspec.FINITE_SCALARS["zo_adam_update_"], in its order
+  check_scalar(lr, "lr");
+  check_scalar(eps, "eps", /*inf_ok=*/true);
+  check_scalar(weight_decay, "weight_decay");
+  if (!history_buffers.empty()) check_scalar(history_alpha, "history_alpha");
 }
 
 // Host-side scalar preparation shared by CPU and CUDA: the same fp32 constants as

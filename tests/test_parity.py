@@ -852,6 +852,151 @@ def test_adam_op_refuses_exactly_where_opspec_does(backend):
         assert_all_bits_equal([results[be]], [results["torch"]], "one float64 below the bound")
 
 
+# Every float option opspec.FINITE_SCALARS lists, per op (docs/kernel-ops.md "Errors"): NaN, +-inf,
+# and the least float64 that float32 rounds to inf (F32_OVERFLOW) and its negation.
+FINITE_SCALAR_CASES = [(op, s) for op, scalars in opspec.FINITE_SCALARS.items() for s in scalars]
+NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "f32_overflow": opspec.F32_OVERFLOW,
+              "-f32_overflow": -opspec.F32_OVERFLOW}
+
+
+def _scalar_call(op, dev, features=True, **over):
+    """``op``'s arguments over small tensors on ``dev`` (params and every buffer list: each
+    feature on unless ``features`` is False), Rademacher z, a pending restore; ``over``
+    replaces any argument. Returns the arguments and every tensor they hold."""
+    gen = torch.Generator().manual_seed(11)
+    p = [torch.randn(300, generator=gen).to(dev), torch.randn(70, generator=gen).to(dev, torch.bfloat16)]
+    like = lambda: [torch.randn(t.shape, generator=gen).to(dev, t.dtype) for t in p]  # noqa: E731
+    if op == "perturb_":
+        args = opspec.bind(op, params=p, tensor_ids=[0, 1], seed=3, scale=1e-3, dist=1)
+    elif op == "zo_sgd_update_":
+        args = _sgd(p, momentum_buffers=like() if features else [], history_buffers=like() if features else [],
+                    momentum=0.9 if features else 0.0, history_alpha=0.5 if features else 0.0, dist=1,
+                    restore_seed=2, restore_scale=1e-3)
+    else:
+        args = _adam(p, like(), [t.abs() for t in like()], history_buffers=like() if features else [],
+                     history_alpha=0.5 if features else 0.0, dist=1, restore_seed=2, restore_scale=1e-3)
+    args.update(over)
+    tensors = [t for v in args.values() if isinstance(v, list) for t in v if isinstance(t, torch.Tensor)]
+    return args, tensors
+
+
+def _scalar_want(op, name, value, **args):
+    """The refusal every backend gives (after its prefix) for option ``name`` = ``value``:
+    zo_adam_update_'s step size and decay factor checks come first (check_adam_scalars)."""
+    s = next(s for s in opspec.FINITE_SCALARS[op] if s.name == name)
+    if op == "zo_adam_update_":
+        adam = dict(dict(lr=1e-3, weight_decay=0.0, decoupled_weight_decay=False), **args)
+        adam[name] = value
+        first = opspec.adam_scalars_refusal(adam["lr"], 0.9, 1, adam["weight_decay"], adam["decoupled_weight_decay"])
+        if first is not None:
+            return first
+    return opspec.scalar_refusal(name, value, s.inf_ok)
+
+
+def _scalar_prefix(be, op):
+    return {"cpu": "zfkernels: ", "cuda": "zfkernels: ", "triton": f"{op}: ", "torch": ""}[be]
+
+
+@pytest.mark.parametrize("backend", BAD_INPUT_BACKENDS)
+@pytest.mark.parametrize("op,scalar", FINITE_SCALAR_CASES, ids=[f"{op}-{s.name}" for op, s in FINITE_SCALAR_CASES])
+def test_a_nan_or_infinite_scalar_option_is_refused_before_writing(backend, op, scalar):
+    """Every backend's op called directly (torch.ops.zfkernels, the Triton function, the
+    reference) took a NaN option, or one infinite in float32, and wrote inf / nan into the
+    parameters; each now refuses it before writing anything, in opspec.scalar_refusal's words
+    after its prefix, as the face does without one (the same words on every backend). Also
+    with an empty tensor list (the compiled composite kernel) and on meta tensors (the compiled
+    meta kernel); an option of a feature is checked while its buffer list turns it on.
+    zo_adam_update_'s eps takes +-inf (a zero update) and refuses NaN only."""
+    be, dev = backend
+    name = scalar.name
+    values = ["nan"] if scalar.inf_ok else list(NON_FINITE)
+    decoupled = (False, True) if (op, name) == ("zo_adam_update_", "weight_decay") else (False,)
+    for key in values:
+        for dwd in decoupled:                       # AdamW with lr = 0: 1 - 0 * inf is nan
+            extra = dict(lr=0.0, decoupled_weight_decay=True) if dwd else {}
+            args, tensors = _scalar_call(op, dev, **extra, **{name: NON_FINITE[key]})
+            want = _scalar_want(op, name, NON_FINITE[key], **extra)
+            assert want is not None
+            before = [t.clone() for t in tensors]
+            with pytest.raises(ValueError) as err:
+                _op(be, op)(**args)
+            assert str(err.value) == _scalar_prefix(be, op) + want, (key, dwd)
+            for t, b in zip(tensors, before):
+                assert torch.equal(t, b), f"{name}={key}: a refused call wrote a tensor"
+            if scalar.feature is None:              # no feature to turn on: an empty call checks it too
+                empty = {k: ([] if isinstance(v, list) and k not in ("seeds", "coeffs") else v)
+                         for k, v in args.items()}
+                empty["tensor_ids"] = []
+                with pytest.raises(ValueError) as on_empty:
+                    _op(be, op)(**empty)
+                assert str(on_empty.value) == str(err.value)
+            if be in ("cpu", "cuda"):
+                meta, _ = _scalar_call(op, "meta", **extra, **{name: NON_FINITE[key]})
+                with pytest.raises(ValueError) as on_meta:
+                    _op(be, op)(**meta)
+                assert str(on_meta.value) == str(err.value)
+            face_args, face_tensors = _scalar_call(op, dev, **extra, **{name: NON_FINITE[key]})
+            with pytest.raises(ValueError) as on_face:
+                _face(op, face_args, be)
+            assert str(on_face.value) == want
+            for t, b in zip(face_tensors, before):
+                assert torch.equal(t, b), f"{name}={key}: the face wrote a tensor before refusing"
+                # the face refuses before the op is dispatched: no version counter moves (a compiled
+                # op called directly bumps them in its ADInplaceOrView kernel, docs/kernel-ops.md)
+                assert t._version == 0, f"{name}={key}: the face's refusal bumped a version counter"
+
+
+def _face(op, a, be):
+    """zfkernels' face of ``op`` called with the op arguments ``a``."""
+    common = dict(tensor_ids=a["tensor_ids"], backend=be, dist="rademacher")
+    if op == "perturb_":
+        return zk.perturb_(a["params"], a["seed"], a["scale"], **common)
+    q = dict(restore_seed=a["restore_seed"], restore_scale=a["restore_scale"], lr=a["lr"],
+             weight_decay=a["weight_decay"], history_buffers=a["history_buffers"], history_alpha=a["history_alpha"])
+    if op == "zo_sgd_update_":
+        return zk.zo_sgd_update_(a["params"], a["seeds"], a["coeffs"], momentum_buffers=a["momentum_buffers"],
+                                 momentum=a["momentum"], dampening=a["dampening"], **q, **common)
+    return zk.zo_adam_update_(a["params"], a["exp_avgs"], a["exp_avg_sqs"], a["seeds"], a["coeffs"], step=a["step"],
+                              betas=(a["beta1"], a["beta2"]), eps=a["eps"],
+                              decoupled_weight_decay=a["decoupled_weight_decay"], **q, **common)
+
+
+@pytest.mark.parametrize("backend", BAD_INPUT_BACKENDS)
+def test_scalar_options_the_refusal_leaves_are_taken_with_the_reference_s_bits(backend):
+    """What the rule does not refuse runs on every backend with the reference's bits: each
+    option one float64 below the bound (float32 rounds it to its largest finite number, +-), a
+    NaN option of a feature that is off (momentum and dampening without momentum_buffers,
+    history_alpha without history_buffers: the call does not use it), and Adam's eps = +-inf
+    (denom infinite, m / denom = +-0: the update moves no parameter). Zero parameters and
+    buffers, Rademacher z and a zero coefficient keep every result finite; beta1 = 0 keeps
+    Adam's step size lr / (1 - beta1) = lr within its own bound."""
+    be, dev = backend
+    below = math.nextafter(opspec.F32_OVERFLOW, 0.0)
+    cases = [(op, {s.name: sign * below}) for op, s in FINITE_SCALAR_CASES for sign in (1.0, -1.0)]
+    cases += [("zo_sgd_update_", dict(momentum=math.nan, dampening=math.nan, history_alpha=math.nan, features=False)),
+              ("zo_adam_update_", dict(history_alpha=math.nan, features=False)),
+              ("zo_adam_update_", dict(eps=math.inf)), ("zo_adam_update_", dict(eps=-math.inf)),
+              ("zo_adam_update_", dict(eps=opspec.F32_OVERFLOW, decoupled_weight_decay=True, weight_decay=0.5))]
+    for op, over in cases:
+        results = []
+        for b, d in ((be, dev), ("torch", "cpu")):
+            features = over.get("features", True)
+            args, tensors = _scalar_call(op, d, features=features, **{k: v for k, v in over.items() if k != "features"})
+            for t in tensors:
+                t.zero_()
+            if op != "perturb_":
+                args.update(coeffs=[0.0])
+                if "restore_scale" not in over:
+                    args.update(restore_scale=0.0)
+            if op == "zo_adam_update_":
+                args.update(beta1=0.0)
+            _op(b, op)(**args)
+            results.append([t.cpu() for t in tensors])
+        # (a bf16 parameter restored or perturbed by float32's largest number stores inf: its own range)
+        assert all(torch.isfinite(t).all() for t in results[1] if t.dtype == torch.float32), (op, over)
+        assert_all_bits_equal([results[0]], [results[1]], f"{op} {over}")
+
+
 # ======================================================================================
 # Compiled ops: schema checks (torch.library.opcheck) and the build
 # ======================================================================================

@@ -371,6 +371,7 @@ def perturb_(
     tensors = _as_list(tensors, "tensors")
     ids = _ids(tensors, tensor_ids)
     scale = _real(scale, "scale")
+    opspec.check_scalars("perturb_", {"scale": scale})      # as every backend does, before it is chosen
     b = _backend_for(backend, tensors)
     call_op(b, "perturb_", params=tensors, tensor_ids=ids, seed=_seed(seed), scale=scale, dist=dist_code(dist),
           mask_seed=_seed(mask_seed, "mask_seed"), mask_threshold=mask_threshold(sparsity))
@@ -451,6 +452,7 @@ def zo_sgd_update_(
     history_buffers = _as_list(history_buffers, "history_buffers")
     _check_features(params, "momentum_buffers", momentum_buffers, momentum=momentum, nesterov=nesterov)
     _check_features(params, "history_buffers", history_buffers, history_alpha=history_alpha)
+    opspec.check_scalars("zo_sgd_update_", dict(o, momentum_buffers=momentum_buffers, history_buffers=history_buffers))
     b = _backend_for(backend, params)
     call_op(b, "zo_sgd_update_", params=params, momentum_buffers=momentum_buffers,
           history_buffers=history_buffers, tensor_ids=ids, seeds=seeds, coeffs=coeffs,
@@ -509,6 +511,7 @@ def zo_adam_update_(
     opspec.check_adam_scalars(lr, betas[0], step, weight_decay, decoupled_weight_decay)
     history_buffers = _as_list(history_buffers, "history_buffers")     # before its len(), as in zo_sgd_update_
     _check_features(params, "history_buffers", history_buffers, history_alpha=history_alpha)
+    opspec.check_scalars("zo_adam_update_", dict(o, history_buffers=history_buffers))
     b = _backend_for(backend, params)
     call_op(b, "zo_adam_update_", params=params, exp_avgs=_as_list(exp_avgs, "exp_avgs"),
           exp_avg_sqs=_as_list(exp_avg_sqs, "exp_avg_sqs"),

@@ -213,6 +213,68 @@ def check_adam_scalars(lr: float, beta1: float, step: int, weight_decay: float =
         raise ValueError(where + why)
 
 
+@dataclass(frozen=True)
+class Scalar:
+    """A float option an op refuses when it is NaN or infinite in float32 (docs/kernel-ops.md
+    "Errors"): ``feature`` names the buffer list that turns its feature on (the option is then
+    checked only when that list is non-empty: the call does not use it otherwise), and
+    ``inf_ok`` says that +-inf (or a value float32 rounds to it) gives a finite update (Adam's
+    eps: ``m / denom`` is then +-0) and only NaN is refused."""
+    name: str
+    feature: str | None = None
+    inf_ok: bool = False
+
+
+# Per op, in schema order, the float options whose NaN or infinite value would make the kernels
+# write inf / nan into the parameters: every one the op takes but zo_adam_update_'s betas
+# (check_betas) and the coefficients (the estimate, step 2 of docs/kernel-ops.md: a NaN estimate
+# stays visible, and the optimizers skip a step whose coefficients are not finite). The rule of
+# csrc/ops_common.h ``check_scalar`` (the compiled ops, same words); tests/test_parity.py runs
+# every entry on every backend.
+FINITE_SCALARS: dict[str, tuple[Scalar, ...]] = {
+    "philox4x32_10": (),
+    "perturb_": (Scalar("scale"),),
+    "zo_sgd_update_": (Scalar("restore_scale"), Scalar("lr"), Scalar("weight_decay"),
+                       Scalar("momentum", "momentum_buffers"), Scalar("dampening", "momentum_buffers"),
+                       Scalar("history_alpha", "history_buffers")),
+    "zo_adam_update_": (Scalar("restore_scale"), Scalar("lr"), Scalar("eps", inf_ok=True), Scalar("weight_decay"),
+                        Scalar("history_alpha", "history_buffers")),
+}
+
+
+def scalar_refusal(name: str, value: float, inf_ok: bool = False) -> str | None:
+    """Why the float option ``name`` = ``value`` is refused, or None: NaN, or (unless
+    ``inf_ok``) infinite in float32, where the kernels compute (+-inf, or a float64 of
+    magnitude at least :data:`F32_OVERFLOW`, which rounds to +-inf there)."""
+    v = float(value)
+    bound = "" if inf_ok else f" of magnitude at most {F32_MAX:.6g} (float32's largest number)"
+    if v != v:
+        return (f"{name}=nan is not a number: a call with it writes nan into the parameters; give {name} a "
+                f"number{bound}")
+    if not inf_ok and abs(v) >= F32_OVERFLOW:
+        return (f"{name}={v:g} is infinite in float32, where the kernels compute: a call with it writes inf / nan "
+                f"into the parameters; give {name} a number{bound}")
+    return None
+
+
+def check_scalars(op: str, args: dict, where: str = "") -> None:
+    """The float options of ``op`` that :data:`FINITE_SCALARS` lists, from ``args`` (by schema
+    name, with the buffer lists that turn features on), refused as a ``ValueError`` by
+    :func:`scalar_refusal` before anything is written: the check of csrc/ops_common.h
+    ``check_scalar`` (the compiled ops, same words and order), for the face and the Python
+    backends (the reference and Triton). ``where`` prefixes the message (Triton names its op)."""
+    for name, feature, inf_ok in _FINITE_PLAN[op]:
+        v = float(args[name])
+        if -F32_OVERFLOW < v < F32_OVERFLOW or inf_ok and v == v:     # the common case: ~0.8 us for six options
+            continue
+        if feature is not None and not len(args[feature]):
+            continue
+        raise ValueError(where + scalar_refusal(name, v, inf_ok))
+
+
+_FINITE_PLAN = {op: tuple((s.name, s.feature, s.inf_ok) for s in scalars) for op, scalars in FINITE_SCALARS.items()}
+
+
 def check_betas(beta1: float, beta2: float, where: str = "") -> None:
     """Adam's decay rates in [0, 1), unrounded (NaN fails too): the rule of
     csrc/ops_common.h ``check_beta``, for the Python backends (the reference and Triton).

@@ -23,7 +23,7 @@ import torch
 
 from . import stream as S
 from ._overlap import check_no_overlap
-from .opspec import check_adam_scalars, check_betas, check_writable
+from .opspec import check_adam_scalars, check_betas, check_scalars, check_writable
 
 _C = S.f32_from_bits  # §5 constants: exact fp32 values from their bit patterns
 _PI_F32 = _C(S.PI_F32_BITS)  # 3.14159274
@@ -345,6 +345,7 @@ def perturb_(params, tensor_ids, seed, scale, dist, mask_seed, mask_threshold) -
     check_writable("perturb_", [("params", params)])
     S.check_seed(seed, "seed")
     _check_stream(dist, mask_seed, mask_threshold)
+    check_scalars("perturb_", {"scale": scale})
     scale_f = torch.tensor(scale, dtype=torch.float32).item()
     for p, tid in zip(params, tensor_ids):
         flat = p.view(-1)
@@ -422,6 +423,9 @@ def zo_sgd_update_(params, momentum_buffers, history_buffers, tensor_ids, seeds,
     _check_stream(dist, mask_seed, mask_threshold)
     S.check_seed(restore_seed, "restore_seed")
     S.check_seed(round_seed, "round_seed")
+    check_scalars("zo_sgd_update_", dict(restore_scale=restore_scale, lr=lr, weight_decay=weight_decay,
+                                         momentum=momentum, dampening=dampening, history_alpha=history_alpha,
+                                         momentum_buffers=momentum_buffers, history_buffers=history_buffers))
     lr_f, wd, mu = _f32(lr), _f32(weight_decay), _f32(momentum)
     for k, a, e, span, tid, x, g in _estimated_spans(
             params, history_buffers, tensor_ids, seeds, coeffs, dist, mask_seed, mask_threshold, restore_seed,
@@ -459,6 +463,8 @@ def zo_adam_update_(params, exp_avgs, exp_avg_sqs, history_buffers, tensor_ids, 
     S.check_adam_step(step)
     check_betas(beta1, beta2)
     check_adam_scalars(lr, beta1, step, weight_decay, decoupled_weight_decay)
+    check_scalars("zo_adam_update_", dict(restore_scale=restore_scale, lr=lr, eps=eps, weight_decay=weight_decay,
+                                          history_alpha=history_alpha, history_buffers=history_buffers))
     bc1 = 1.0 - beta1 ** step
     bc2 = 1.0 - beta2 ** step
     step_size = _f32(lr / bc1)

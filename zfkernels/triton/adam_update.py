@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..opspec import check_adam_scalars, check_betas
+from ..opspec import check_adam_scalars, check_betas, check_scalars
 from .. import stream as S
 from ..stream import split_seed
 from ._common import (
@@ -117,7 +117,7 @@ def zo_adam_update_(
                ("history_buffers", history_buffers)]
     d, T, block, groups = prepare_update(op, interp, params, written[1:], tensor_ids, seeds, coeffs, dist,
                                          mask_seed, mask_threshold, restore_seed, block_size)
-    weight_decay_raw, history_alpha_raw = weight_decay, history_alpha
+    weight_decay_raw, history_alpha_raw, restore_scale_raw, eps_raw = weight_decay, history_alpha, restore_scale, eps
     restore_scale = f32(restore_scale, "restore_scale", op)
     f32(lr, "lr", op)          # checked like every scalar; the kernel takes lr/bc1 and 1 - beta1
     f32(beta1, "beta1", op)
@@ -127,6 +127,8 @@ def zo_adam_update_(
     eps = f32(eps, "eps", op)
     weight_decay = f32(weight_decay, "weight_decay", op)
     history_alpha = f32(history_alpha, "history_alpha", op)
+    check_scalars(op, dict(restore_scale=restore_scale_raw, lr=lr, eps=eps_raw, weight_decay=weight_decay_raw,
+                           history_alpha=history_alpha_raw, history_buffers=history_buffers), f"{op}: ")
     # Bias corrections and the derived scalars (1 - beta, 1 - lr*wd, 1 - alpha) in fp64 from
     # the unrounded arguments, then rounded once to fp32: what torch.optim.Adam(W) passes
     # to its kernels (docs/kernel-ops.md).

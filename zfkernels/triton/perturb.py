@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from .._overlap import check_no_overlap
+from ..opspec import check_scalars
 from ..stream import split_seed
 from ._common import (
     build_groups, check_block, check_dist, check_ids, check_params, check_seed_arg, check_threshold, f32, fp32_arg,
@@ -66,7 +67,8 @@ def perturb_(
     d = check_dist(op, dist)
     T = check_threshold(op, mask_threshold)
     block = check_block(op, block_size or (8192 if interp else 1024))
-    scale = f32(scale, "scale", op)
+    scale_raw, scale = scale, f32(scale, "scale", op)
+    check_scalars(op, {"scale": scale_raw}, f"{op}: ")      # the unrounded value, as the compiled ops see it
     if not params:
         return
     k0, k1 = split_seed(seed)

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..opspec import check_scalars
 from ..stream import split_seed
 from ._common import (
     check_seed_arg, f32, fp32_arg, interpreted, load_row, mark_written, launch_scope, prepare_update, round32,
@@ -109,6 +110,8 @@ def zo_sgd_update_(
                                          mask_seed, mask_threshold, restore_seed, block_size)
     # Scalars rounded to fp32; derived ones (1 - dampening, 1 - alpha) in fp64 from the
     # unrounded arguments, then rounded once, as torch.optim.SGD does (docs/kernel-ops.md).
+    raw = dict(restore_scale=restore_scale, lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=dampening,
+               history_alpha=history_alpha, momentum_buffers=momentum_buffers, history_buffers=history_buffers)
     one_minus_damp, one_minus_alpha = round32(1.0 - float(dampening)), round32(1.0 - float(history_alpha))
     restore_scale = f32(restore_scale, "restore_scale", op)
     lr = f32(lr, "lr", op)
@@ -117,6 +120,7 @@ def zo_sgd_update_(
     dampening = f32(dampening, "dampening", op)
     history_alpha = f32(history_alpha, "history_alpha", op)
     sk0, sk1 = split_seed(check_seed_arg(op, "round_seed", round_seed))
+    check_scalars(op, raw, f"{op}: ")      # the unrounded values, as the compiled ops see them
     rk0, rk1 = split_seed(restore_seed)
     mk0, mk1 = split_seed(mask_seed)
     mark_written(op, written)
