@@ -422,3 +422,43 @@ def test_no_page_passes_gpu_check_a_setting_as_an_argument():
            for m in re.finditer(r"gpu_check\.sh[ \t]+[A-Z_]+=\S*", text)]
     assert not bad, "gpu_check.sh takes its settings from the environment (SKIP_BUILD=auto bash " \
                     "benchmarks/gpu_check.sh), not as arguments: " + "; ".join(bad)
+
+
+def undocumented_defaults(parsers: dict, text: str) -> list:
+    """``command --option default`` of every option of ``parsers`` whose argparse default (not
+    None / False) its --help does not show, or that ``text`` does not write as the option's
+    default: ``--option`` then, within a sentence, "default" and the value in backticks."""
+    import argparse
+
+    out = []
+    for cmd, p in parsers.items():
+        for action in p._actions:
+            if not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
+                continue
+            opt = action.option_strings[-1]
+            shown = "default" in (action.help or "")
+            written = re.search(r"%s(?![\w-])[^.]{0,120}?default[^`.]{0,20}`%s`"
+                                % (re.escape(opt), re.escape(str(action.default))), text)
+            if not (shown and written):
+                out.append(f"{cmd} {opt} {action.default}".strip())
+    return out
+
+
+def test_the_defaults_the_parsers_set_are_shown_and_written():
+    """The options whose default argparse sets (the others' come from the configuration and the
+    defaults table) show it in --help, as README.md says --help does, and a page writes it:
+    `zeroflow replay --device` (cpu) showed no default and `zeroflow sweep --optimizers`
+    (zo_sgd,zo_adam,fo_sgd,fo_adam) was written nowhere."""
+    import argparse
+
+    toy = argparse.ArgumentParser()
+    toy.add_argument("--a", default="x", help="(default: x)")
+    toy.add_argument("--b", default="y")
+    toy.add_argument("--c", default="z", help="(default: z)")
+    toy.add_argument("--d")
+    assert undocumented_defaults({"t": toy}, "`--a` (default `x`); `--b` (default `y`); --c is z") == \
+        ["t --b y", "t --c z"]
+    parsers = _parsers()
+    missing = undocumented_defaults({cmd: parsers[cmd] for cmd in ("run", "sweep", "report", "replay")},
+                                    "\n".join(_pages().values()))
+    assert not missing, f"defaults not shown by --help or written in the pages: {missing}"

@@ -946,7 +946,7 @@ def replay_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, metavar="WEIGHTS", help="output state_dict (written atomically)")
     ap.add_argument("--backend", default=None, help="zfkernels backend (default: auto for --device); every backend "
                     "replays bit-exactly, whichever recorded the log")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="device to replay on: cpu | cuda | cuda:N (default: cpu)")
     ap.add_argument("--no-verify", action="store_true", help="skip the final-weights checksum check")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out (never BASE or LOG)")
     ap.add_argument("--allow-truncated", action="store_true", help="replay a log without an end record (its recording "
