@@ -462,3 +462,51 @@ def test_the_defaults_the_parsers_set_are_shown_and_written():
     missing = undocumented_defaults({cmd: parsers[cmd] for cmd in ("run", "sweep", "report", "replay")},
                                     "\n".join(_pages().values()))
     assert not missing, f"defaults not shown by --help or written in the pages: {missing}"
+
+
+def table_default_mismatches(text: str, defaults: dict) -> list:
+    """``key: written vs default`` for the rows of the "| option | default | source |" table
+    that name two or more options of ``defaults``: their default cell lists one value per
+    option (`, `-separated, outside parentheses; after a `;` come other datasets' values), or
+    one for all of them; an entry's first word is the value (unset / none / off / auto: None)."""
+    table = text.split("| option | default | source |\n|---|---|---|\n", 1)[1].split("\n\n", 1)[0]
+
+    def same(word: str, value) -> bool:
+        word = word.strip("`:").lower()
+        if value is None or isinstance(value, bool):
+            return word == {None: word if word in ("unset", "none", "off", "auto") else None,
+                            True: "true", False: "false"}[value]
+        if isinstance(value, (int, float)):
+            try:
+                return float(word) == value
+            except ValueError:
+                return False
+        return word == str(value).lower()
+
+    out = []
+    for row in table.splitlines():
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        keys = re.findall(r"`(\w+)`", cells[0])
+        if len(keys) < 2 or not all(k in defaults for k in keys):
+            continue
+        entries = [e.strip() for e in re.split(r",\s+(?![^()]*\))", cells[1].split(";")[0])]
+        entries = entries * len(keys) if len(entries) == 1 else entries
+        if len(entries) != len(keys):
+            out.append(f"{', '.join(keys)}: {len(entries)} values for {len(keys)} options")
+            continue
+        out += [f"{k}: {e!r} vs {defaults[k]!r}" for k, e in zip(keys, entries)
+                if not e or not same(e.split()[0], defaults[k])]
+    return out
+
+
+def test_the_defaults_table_of_the_continual_page_is_the_code_s():
+    """docs/continual.md's defaults table gives, for its rows of several options, the values of
+    defaults.COMMON: the operational row (data_root, device, num_workers, ...) had no values."""
+    from zeroflow.continual.defaults import COMMON
+
+    toy = ("| option | default | source |\n|---|---|---|\n| `a`, `b` | 1, unset (x, y); z 2 | s |\n"
+           "| `c`, `d` | | s |\n| `e`, `f` | on, 0.5 | s |\n| `g` | 9 | s |\n| `h`, `i` | unset: `g` | s |\n\nafter")
+    assert table_default_mismatches(toy, dict(a=1, b=None, c=0, d=0, e="on", f=0.25, g=1, h=None, i=None)) == \
+        ["c: '' vs 0", "d: '' vs 0", "f: '0.5' vs 0.25"]
+    bad = table_default_mismatches(_pages()[os.path.join("docs", "continual.md")], COMMON)
+    assert not bad, f"docs/continual.md's defaults table disagrees with defaults.COMMON: {bad}"
