@@ -6,7 +6,10 @@ wildcards that must match at least one file.
 
 The examples a reader copies work: every ```python block of the pages runs as written (the
 data-parallel one as a single torchrun rank), every `zeroflow ...` command of a ```bash block
-parses, and every `zeroflow <command> --option` written inline names an option of that command."""
+parses, and every `zeroflow <command> --option` written inline names an option of that command.
+
+The defaults a reader looks up are the code's: an option's default that argparse sets is shown
+by its --help and written in a page, and docs/continual.md's defaults table is defaults.COMMON."""
 from __future__ import annotations
 
 import glob
