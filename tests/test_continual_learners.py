@@ -136,3 +136,33 @@ def test_a_vit_that_pools_no_token_is_refused():
         check_timm_backbone("vit_base_patch16_224.augreg_in21k", dict(tiny, global_pool=""), 8, 32)
     assert "gives features of shape (17, 32) per image, not one 32-d vector" in str(e.value)
     assert str(e.value).endswith("give model_kwargs global_pool token (the class token), avg or map")
+
+
+def test_aper_classifies_by_the_cosine_to_prototypes_of_the_concatenated_ptm_and_adapted_features():
+    """continual-reference.md, APER: the feature is concat(frozen PTM feature, adapted feature)
+    (2d), each class's prototype the mean of the un-normalized concatenated features of its
+    training images (test transform), and the prediction the cosine to the prototypes. Computed
+    here from the network directly: a learner keeping the adapted half only, or scoring by the dot
+    product with the un-normalized prototypes, gave other prototypes or other logits."""
+    import torch.nn.functional as F
+
+    from zeroflow.continual.runner import make_learner
+    data, net = _Data(), _net()
+    learner = make_learner(dict(CFG, method="aper"), net, torch.device("cpu"))
+    for t, classes in enumerate(data.tasks):
+        learner.learn_task(t, classes, data, _ctx())
+    assert len(net.adapters) == 1                   # stage 0 only trains
+    x, y = data.images("train_eval", range(4))
+    net.eval()
+    with torch.no_grad():
+        ptm, adapted = net.features(x, None), net.features(x, 0)
+    assert not torch.allclose(ptm, adapted)         # the trained adapter changes the feature
+    f = torch.cat([ptm, adapted], dim=1)            # [N, 2d]
+    protos = torch.stack([f[y == c].mean(0) for c in range(4)])
+    assert learner.protos.shape == (4, 2 * net.dim)
+    assert torch.allclose(learner.protos, protos, atol=1e-6)
+    # the learner's logits of features given as it extracts them ([B, subspace, d], PTM first)
+    got = learner.logits(torch.stack([ptm, adapted], dim=1))
+    want = F.cosine_similarity(f[:, None, :], protos[None, :, :], dim=-1)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, f @ protos.T)    # (the two scorings differ here)
