@@ -317,3 +317,50 @@ def test_omnibenchmark_variant_on_imagefolder_fixtures(tmp_path, capsys):
     assert resolve({}, str(out / "config.json")) == c
     assert main(["run", "--config", str(out / "config.json"), "--out", str(out)]) == 2
     assert f"{out} already holds a finished run of this configuration" in capsys.readouterr().err
+
+
+def test_adapter_num_without_moni_adam_leaves_every_task_its_adapter(monkeypatch):
+    """PILOT reads adapter_num under moni_adam only. OmniBenchmark's defaults carry
+    ease_adapter_num 1; a run there with --ease-moni-adam false is the per-task EASE: every task
+    trains an adapter and adds a subspace, the inference is reweighted, and the run's log line
+    names ease_adapter_num as not acting. Taking it without moni_adam trained the first task's
+    adapter only and classified every later class in the PTM and adapter 0 subspaces."""
+    from types import SimpleNamespace
+
+    from zeroflow.continual import ease as ease_mod
+    from zeroflow.continual.defaults import resolve
+    trained = []
+
+    def fake_train(net, forward, modules, loader, cfg, **kw):
+        trained.append(sorted(modules))
+        return {"steps": 1, "forward_passes": 2}
+
+    def fake_extract(net, loader, adapters, device, counters):
+        labels = torch.as_tensor(loader * 2)              # two images per class
+        return torch.randn(len(labels), len(adapters), net.dim), labels
+
+    class Net:
+        dim = 4
+
+        def __init__(self):
+            self.adapters = []
+
+        def add_adapter_set(self):
+            self.adapters.append(torch.nn.Linear(1, 1))
+            return self.adapters[-1]
+
+    monkeypatch.setattr(ease_mod, "train_subspace", fake_train)
+    monkeypatch.setattr(ease_mod, "extract", fake_extract)
+    cfg = resolve(dict(dataset="omnibenchmark", ease_moni_adam=False, init_cls=2, increment=2))
+    assert (cfg["ease_adapter_num"], cfg["ease_use_init_ptm"]) == (1, True)
+    net = Net()
+    e = ease_mod.EASE(net, cfg, torch.device("cpu"))
+    data = SimpleNamespace(loader=lambda split, classes, *a, **kw: list(classes))
+    ctx = SimpleNamespace(seed=0, shard=None, counters=None, timer=None, n_tasks=3, progress=False, mem=None,
+                          record_stem=lambda t: None)
+    for t, classes in enumerate(([0, 1], [2, 3], [4, 5])):
+        e.learn_task(t, classes, data, ctx)
+    assert trained == [["adapters.0", "head"], ["adapters.1", "head"], ["adapters.2", "head"]]
+    assert len(net.adapters) == 3 and e.eval_adapters() == [None, 0, 1, 2]
+    assert tuple(e.protos.shape) == (6, 4, 4) and e.use_reweight
+    assert e.describe().endswith("reweighted inference (alpha 1); not acting here: ease_adapter_num")
