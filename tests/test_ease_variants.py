@@ -364,3 +364,22 @@ def test_adapter_num_without_moni_adam_leaves_every_task_its_adapter(monkeypatch
     assert len(net.adapters) == 3 and e.eval_adapters() == [None, 0, 1, 2]
     assert tuple(e.protos.shape) == (6, 4, 4) and e.use_reweight
     assert e.describe().endswith("reweighted inference (alpha 1); not acting here: ease_adapter_num")
+
+
+def test_recalc_sim_false_under_moni_adam_keeps_the_complement_of_the_last_adapter_stage():
+    """docs/continual.md, ease_recalc_sim false: each stage fills only the newest subspace of
+    the old classes and keeps earlier complements. With moni_adam (adapter_num 2) task 1 adds
+    the last subspace: stage 1 fills task 0's prototype there (reference: task 1); stage 2 adds
+    no subspace and changes nothing (recomputing with the reference tasks 1..2 is recalc_sim)."""
+    from zeroflow.continual.ease import EASE
+    torch.manual_seed(2)
+    P = torch.randn(3, 3, 4)                    # classes of tasks 0, 1, 2 x [PTM, adapter 0, adapter 1]
+    cfg = {"ease_moni_adam": True, "ease_adapter_num": 2, "ease_use_init_ptm": True, "ease_recalc_sim": False}
+    e = EASE(_Net(2), cfg, torch.device("cpu"))
+    e.protos, e.task_of_class, e.task_classes = P[:2].clone(), [0, 1], [[0], [1]]
+    e._complement(1)
+    assert torch.allclose(e.protos[0, 2], P[1, 2]) and torch.equal(e.protos[1], P[1])   # one reference class
+    stage1 = torch.cat([e.protos, P[2:]])
+    e.protos, e.task_of_class, e.task_classes = stage1.clone(), [0, 1, 2], [[0], [1], [2]]
+    e._complement(2)
+    assert torch.equal(e.protos, stage1)
