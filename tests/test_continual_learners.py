@@ -166,3 +166,28 @@ def test_aper_classifies_by_the_cosine_to_prototypes_of_the_concatenated_ptm_and
     want = F.cosine_similarity(f[:, None, :], protos[None, :, :], dim=-1)
     assert torch.allclose(got, want, atol=1e-6)
     assert not torch.allclose(got, f @ protos.T)    # (the two scorings differ here)
+
+
+def test_the_temporary_head_is_sigma_times_the_cosine_sigma_learnable_from_1():
+    """continual-reference.md: the temporary head of EASE and APER is a cosine head,
+    sigma * cos(f, w), sigma learnable with init 1; its weights uniform(+-1/sqrt(d)) (PILOT's
+    CosineLinear). Computed with torch's cosine_similarity on rows of other norms: a head
+    normalizing the features only scored sigma * |w| * cos."""
+    import math
+
+    import torch.nn.functional as F
+
+    from zeroflow.continual.learners import CosineLinear
+    torch.manual_seed(0)
+    head = CosineLinear(16, 5)
+    assert sorted(n for n, p in head.named_parameters() if p.requires_grad) == ["sigma", "weight"]
+    assert head.sigma.tolist() == [1.0]
+    bound = 1 / math.sqrt(16)
+    assert 0.9 * bound < float(head.weight.detach().abs().max()) <= bound
+    with torch.no_grad():
+        head.weight.mul_(torch.arange(1.0, 6.0).unsqueeze(1))
+        head.sigma.fill_(2.5)
+    x = 3 * torch.randn(7, 16)
+    want = 2.5 * F.cosine_similarity(x[:, None, :], head.weight[None, :, :], dim=-1)
+    assert torch.allclose(head(x), want, atol=1e-6)
+
