@@ -191,3 +191,18 @@ def test_the_temporary_head_is_sigma_times_the_cosine_sigma_learnable_from_1():
     want = 2.5 * F.cosine_similarity(x[:, None, :], head.weight[None, :, :], dim=-1)
     assert torch.allclose(head(x), want, atol=1e-6)
 
+
+def test_an_adapter_starts_as_the_zero_function_with_a_kaiming_uniform_down_projection():
+    """continual-reference.md, Adapter init: down-projection kaiming-uniform(a=sqrt 5), whose
+    bound is 1/sqrt(fan_in); up-projection and biases zero (the adapted model starts equal to the
+    pretrained one); output x 0.1, dropout 0.1."""
+    import math
+
+    from zeroflow.continual.backbones import Adapter
+    torch.manual_seed(0)
+    a = Adapter(768, 64)
+    bound, w = 1 / math.sqrt(768), a.down.weight.detach()
+    assert 0.99 * bound < float(w.abs().max()) <= bound
+    assert abs(float(w.std()) - bound / math.sqrt(3)) < 0.01 * bound       # uniform(-b, b)
+    assert [float(t.detach().abs().max()) for t in (a.down.bias, a.up.weight, a.up.bias)] == [0.0, 0.0, 0.0]
+    assert (a.scale, a.dropout.p) == (0.1, 0.1)
