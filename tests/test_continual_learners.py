@@ -206,3 +206,37 @@ def test_an_adapter_starts_as_the_zero_function_with_a_kaiming_uniform_down_proj
     assert abs(float(w.std()) - bound / math.sqrt(3)) < 0.01 * bound       # uniform(-b, b)
     assert [float(t.detach().abs().max()) for t in (a.down.bias, a.up.weight, a.up.bias)] == [0.0, 0.0, 0.0]
     assert (a.scale, a.dropout.p) == (0.1, 0.1)
+
+
+def test_an_adapter_runs_beside_each_blocks_mlp_on_the_residual_stream_after_attention():
+    """continual-reference.md, Adapter: per block Linear d->r, ReLU, dropout, Linear r->d,
+    output x 0.1, added in parallel with the block's MLP, fed with the residual stream after
+    attention. Rebuilt here on timm's own forward of the ViT, with hooks that add the adapter,
+    written out, to each block's MLP output (its input: what the block's norm2 takes)."""
+    import torch.nn.functional as F
+    net = _net()
+    aset = net.add_adapter_set()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in aset.parameters():          # as trained: non-zero up-projection and biases
+            p.normal_()
+    after_attention, handles = {}, []
+
+    def take(i):
+        return lambda m, args: after_attention.__setitem__(i, args[0])
+
+    def add(i):
+        a = aset[i]
+        return lambda m, args, out: out + 0.1 * (F.relu(after_attention[i] @ a.down.weight.T + a.down.bias)
+                                                 @ a.up.weight.T + a.up.bias)
+    for i, blk in enumerate(net.vit.blocks):
+        handles += [blk.norm2.register_forward_pre_hook(take(i)), blk.mlp.register_forward_hook(add(i))]
+    x = torch.rand(5, 3, 8, 8)
+    net.eval()
+    with torch.no_grad():
+        want = net.vit(x)
+        for h in handles:
+            h.remove()
+        got, plain = net.features(x, 0), net.features(x, None)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-2)
