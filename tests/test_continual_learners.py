@@ -240,3 +240,16 @@ def test_an_adapter_runs_beside_each_blocks_mlp_on_the_residual_stream_after_att
         got, plain = net.features(x, 0), net.features(x, None)
     assert torch.allclose(got, want, atol=1e-5)
     assert not torch.allclose(got, plain, atol=1e-2)
+
+
+def test_the_backbone_is_frozen_and_in_eval_mode_and_the_adapters_take_the_nets_dropout():
+    """The backbone's parameters never train and it runs in eval mode whatever mode the
+    learner is set to (its own dropout off); an adapter set made by the network has the
+    network's adapter dropout (0.9 here), active in train mode."""
+    net = _net()
+    aset = net.add_adapter_set()
+    assert not any(p.requires_grad for p in net.vit.parameters())
+    assert [a.dropout.p for a in aset] == [0.9, 0.9]
+    net.train(True)
+    assert not any(m.training for m in net.vit.modules())
+    assert all(m.training for m in aset.modules())
