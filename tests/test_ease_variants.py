@@ -227,19 +227,17 @@ def test_complement_and_reweighting_equal_pilots_fc_matrix_on_a_b_n_split(ptm, r
     assert torch.allclose(e.logits(x), want, atol=1e-6)
 
 
-def test_later_lr_and_epochs_reach_the_training_of_the_later_tasks(monkeypatch):
-    """task_cfg is what the later tasks train with: learn_task must hand it to train_subspace
-    (handing it the run's cfg trained every task with --lr / --epochs, and --ease-later-lr /
-    --ease-later-epochs did nothing; docs/continual.md, EASE options)."""
+def _learn_tasks_untrained(monkeypatch, cfg, tasks, on_train):
+    """EASE.learn_task over ``tasks`` (class lists) on a net of adapters only, its training and
+    feature extraction faked: ``on_train(modules, cfg)`` is told what each task trains and with
+    which configuration; every class gets two random features. Returns ``(EASE, net)``."""
     from types import SimpleNamespace
 
     from zeroflow.continual import ease as ease_mod
-    from zeroflow.continual.defaults import resolve
-    seen = []
 
     def fake_train(net, forward, modules, loader, cfg, **kw):
-        seen.append((cfg["lr"], cfg["epochs"]))
-        return {"steps": 0, "forward_passes": 0}
+        on_train(modules, cfg)
+        return {"steps": 1, "forward_passes": 2}
 
     def fake_extract(net, loader, adapters, device, counters):
         labels = torch.as_tensor(loader * 2)              # two images per class
@@ -257,14 +255,26 @@ def test_later_lr_and_epochs_reach_the_training_of_the_later_tasks(monkeypatch):
 
     monkeypatch.setattr(ease_mod, "train_subspace", fake_train)
     monkeypatch.setattr(ease_mod, "extract", fake_extract)
+    net = Net()
+    e = ease_mod.EASE(net, cfg, torch.device("cpu"))
+    data = SimpleNamespace(loader=lambda split, classes, *a, **kw: list(classes))
+    ctx = SimpleNamespace(seed=0, shard=None, counters=None, timer=None, n_tasks=len(tasks), progress=False, mem=None,
+                          record_stem=lambda t: None)
+    for t, classes in enumerate(tasks):
+        e.learn_task(t, classes, data, ctx)
+    return e, net
+
+
+def test_later_lr_and_epochs_reach_the_training_of_the_later_tasks(monkeypatch):
+    """task_cfg is what the later tasks train with: learn_task must hand it to train_subspace
+    (handing it the run's cfg trained every task with --lr / --epochs, and --ease-later-lr /
+    --ease-later-epochs did nothing; docs/continual.md, EASE options)."""
+    from zeroflow.continual.defaults import resolve
+    seen = []
     cfg = resolve(dict(init_cls=4, increment=2, ease_later_lr=0.5, ease_later_epochs=3, num_workers=0))
     assert cfg["lr"] != 0.5 and cfg["epochs"] != 3
-    e = ease_mod.EASE(Net(), cfg, torch.device("cpu"))
-    data = SimpleNamespace(loader=lambda split, classes, *a, **kw: list(classes))
-    ctx = SimpleNamespace(seed=0, shard=None, counters=None, timer=None, n_tasks=3, progress=False, mem=None,
-                          record_stem=lambda t: None)
-    for t, classes in enumerate(([0, 1, 2, 3], [4, 5], [6, 7])):
-        e.learn_task(t, classes, data, ctx)
+    _learn_tasks_untrained(monkeypatch, cfg, ([0, 1, 2, 3], [4, 5], [6, 7]),
+                           lambda modules, c: seen.append((c["lr"], c["epochs"])))
     assert seen == [(cfg["lr"], cfg["epochs"]), (0.5, 3), (0.5, 3)]
 
 
@@ -325,41 +335,12 @@ def test_adapter_num_without_moni_adam_leaves_every_task_its_adapter(monkeypatch
     trains an adapter and adds a subspace, the inference is reweighted, and the run's log line
     names ease_adapter_num as not acting. Taking it without moni_adam trained the first task's
     adapter only and classified every later class in the PTM and adapter 0 subspaces."""
-    from types import SimpleNamespace
-
-    from zeroflow.continual import ease as ease_mod
     from zeroflow.continual.defaults import resolve
     trained = []
-
-    def fake_train(net, forward, modules, loader, cfg, **kw):
-        trained.append(sorted(modules))
-        return {"steps": 1, "forward_passes": 2}
-
-    def fake_extract(net, loader, adapters, device, counters):
-        labels = torch.as_tensor(loader * 2)              # two images per class
-        return torch.randn(len(labels), len(adapters), net.dim), labels
-
-    class Net:
-        dim = 4
-
-        def __init__(self):
-            self.adapters = []
-
-        def add_adapter_set(self):
-            self.adapters.append(torch.nn.Linear(1, 1))
-            return self.adapters[-1]
-
-    monkeypatch.setattr(ease_mod, "train_subspace", fake_train)
-    monkeypatch.setattr(ease_mod, "extract", fake_extract)
     cfg = resolve(dict(dataset="omnibenchmark", ease_moni_adam=False, init_cls=2, increment=2))
     assert (cfg["ease_adapter_num"], cfg["ease_use_init_ptm"]) == (1, True)
-    net = Net()
-    e = ease_mod.EASE(net, cfg, torch.device("cpu"))
-    data = SimpleNamespace(loader=lambda split, classes, *a, **kw: list(classes))
-    ctx = SimpleNamespace(seed=0, shard=None, counters=None, timer=None, n_tasks=3, progress=False, mem=None,
-                          record_stem=lambda t: None)
-    for t, classes in enumerate(([0, 1], [2, 3], [4, 5])):
-        e.learn_task(t, classes, data, ctx)
+    e, net = _learn_tasks_untrained(monkeypatch, cfg, ([0, 1], [2, 3], [4, 5]),
+                                    lambda modules, c: trained.append(sorted(modules)))
     assert trained == [["adapters.0", "head"], ["adapters.1", "head"], ["adapters.2", "head"]]
     assert len(net.adapters) == 3 and e.eval_adapters() == [None, 0, 1, 2]
     assert tuple(e.protos.shape) == (6, 4, 4) and e.use_reweight
