@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from zeroflow.continual.defaults import OPTIMIZERS
 from zeroflow.continual.errors import ZeroflowError
 
 TINY = dict(patch_size=2, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0)
@@ -120,6 +121,22 @@ def test_unsafe_zo_eps_warning():
     for optimizer in ("fo_sgd", "forward_grad"):
         assert zo_eps_warning(resolve({"precision": "bf16", "zo_eps": floor / 10, "optimizer": optimizer}), "cpu") \
             is None
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_every_finite_difference_optimizer_is_warned_and_no_other(optimizer):
+    """The unsafe-zo_eps warning is for every method whose step is (L+ - L-) / (2 eps): each
+    method create() builds from the ZO registry without the jvp estimator (the _sign and
+    _conserve variants included); forward_grad (jvps) and fo_* (backward) are never warned."""
+    from zeroflow.continual.defaults import resolve
+    from zeroflow.continual.precision import MIN_SAFE_ZO_EPS, zo_eps_warning
+    from zeroflow.optim import _ZO
+    cfg = resolve({"precision": "bf16", "zo_eps": MIN_SAFE_ZO_EPS["bf16"] / 10, "optimizer": optimizer})
+    msg = zo_eps_warning(cfg, "cpu")
+    if optimizer in _ZO:
+        assert msg is not None and msg.startswith("--precision bf16 with --zo-eps"), optimizer
+    else:
+        assert msg is None, optimizer
 
 
 def test_bad_precision_is_named():
