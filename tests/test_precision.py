@@ -208,6 +208,19 @@ def test_a_precision_this_torch_cannot_run_fails_before_writing(tmp_path, zf_cac
     assert not (tmp_path / "r").exists()
 
 
+def test_an_autocast_that_leaves_fp32_is_a_problem_not_a_silent_fp32_run(monkeypatch):
+    """A torch whose autocast runs but computes in fp32 would make a bf16 run an fp32 one
+    under the bf16 name: autocast_problem checks the dtype the layer came out in."""
+    import contextlib
+
+    from zeroflow.continual import precision
+    cpu = torch.device("cpu")
+    assert precision.autocast_problem("bf16", cpu) is None
+    monkeypatch.setattr(precision, "forward_precision", lambda p, d: contextlib.nullcontext())
+    assert precision.autocast_problem("bf16", cpu) == "autocast on cpu left a linear layer in torch.float32"
+    assert precision.autocast_problem("fp32", cpu) is None
+
+
 @pytest.mark.parametrize("fails, hint", [(("bf16",), "fp32 or fp16"), (("bf16", "fp16"), "fp32"),
                                          (("fp16",), "fp32 or bf16")])
 def test_a_precision_that_cannot_run_suggests_one_that_can(monkeypatch, fails, hint):
