@@ -730,6 +730,27 @@ def test_cross_class_load_raises_and_leaves_optimizer_untouched(target, source, 
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("make_source,needle", [
+    # torch.optim's own Adam: no zeroflow record of its class, its group options say it
+    (lambda ps: torch.optim.Adam(ps, lr=0.01), r"param group 0 has options amsgrad, betas, .* that a FOSGD does not "
+                                               r"have \(a state of another optimizer class\?\)"),
+    # an fo_sgd over one parameter fewer
+    (lambda ps: create("fo_sgd", ps[:-1], lr=0.01, momentum=0.9),
+     r"state_dict param group 0 has \d+ parameters, this optimizer \d+"),
+], ids=["torch_adam", "fewer_params"])
+def test_an_fo_sgd_refuses_a_first_order_state_of_another_class_or_group_by_name(make_source, needle):
+    model, opt = _stepped("fo_sgd", momentum=0.9)
+    before = copy.deepcopy(opt.state_dict())
+    ps = list(make_model().parameters())
+    src = make_source(ps)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    src.step()
+    with pytest.raises(ValueError, match=needle):
+        opt.load_state_dict(src.state_dict())
+    assert _same_state(opt.state_dict(), before)
+
+
 @pytest.mark.parametrize("saved_kw,kw,needle", [
     (dict(q=2), dict(q=1), "q=2"),
     (dict(perturbation="rademacher"), dict(), "perturbation='rademacher'"),
