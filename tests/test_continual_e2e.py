@@ -218,6 +218,17 @@ def test_the_run_configuration_reaches_the_optimizer(name):
         assert g["momentum"] == 0.9
 
 
+def test_the_runs_zo_options_reach_the_optimizer():
+    """--zo-eps, --q, --perturbation and --sparsity are the ZO optimizer's (docs/continual.md);
+    a key dropped from make_optimizer's list stepped at the optimizer's default silently."""
+    from zeroflow.continual.learners import make_optimizer
+    model = torch.nn.Linear(3, 2)
+    opt = make_optimizer({"optimizer": "zo_sgd", "lr": 0.1, "zo_eps": 3e-3, "q": 2, "perturbation": "rademacher",
+                          "sparsity": 0.25}, list(model.parameters()), model, seed=0)
+    g = opt.param_groups[0]
+    assert (g["zo_eps"], opt.q, g["perturbation"], g["sparsity"]) == (3e-3, 2, "rademacher", 0.25)
+
+
 class _ModeNet(torch.nn.Module):
     """Records, at every forward, whether it (and its dropout) was in train mode."""
 
