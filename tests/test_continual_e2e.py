@@ -229,6 +229,49 @@ def test_the_runs_zo_options_reach_the_optimizer():
     assert (g["zo_eps"], opt.q, g["perturbation"], g["sparsity"]) == (3e-3, 2, "rademacher", 0.25)
 
 
+def test_a_task_steps_at_each_epochs_cosine_lr_and_reports_the_mean_loss_of_its_first_and_last_tenth():
+    """docs/continual.md: the lr follows a cosine decay over a task's epochs (cosine_lr of the
+    epoch, set on every group at its start); loss_first / loss_last are the mean training loss
+    over the first / last tenth of the steps (at least one step), recomputed here from the
+    logits each step saw."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from zeroflow.continual.learners import Counters, _train_loop, cosine_lr, make_optimizer
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.logits = torch.nn.Linear(4, 3), []
+
+        def forward(self, x):
+            out = self.lin(x)
+            self.logits.append(out.detach().clone())
+            return out
+
+    net = Net()
+    params = list(net.parameters())
+    cfg = {"optimizer": "fo_sgd", "lr": 0.5, "epochs": 3, "schedule": "cosine"}
+    opt = make_optimizer(cfg, params, net, seed=0)
+    lrs = []
+    opt.register_step_pre_hook(lambda o, a, k: lrs.append(o.param_groups[0]["lr"]))
+    ys = torch.randint(0, 3, (28,))
+    ds = torch.utils.data.TensorDataset(torch.randn(28, 4), ys)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2)            # 14 steps an epoch, 42 in all
+    info = _train_loop(net, net, params, opt, loader, cfg, 0, torch.device("cpu"), Counters(),
+                       SimpleNamespace(now=lambda: 0.0), "task 1/1", False)
+    assert info["steps"] == 42 and len(net.logits) == 42
+    assert lrs == [cosine_lr(0.5, e, 3, "cosine") for e in range(3) for _ in range(14)]
+    assert len(set(lrs)) == 3
+    batch_ys = [ys[i:i + 2] for i in range(0, 28, 2)] * 3
+    losses = [float(F.cross_entropy(z, y)) for z, y in zip(net.logits, batch_ys)]
+    k = 42 // 10
+    assert info["loss_first"] == pytest.approx(sum(losses[:k]) / k, rel=1e-6)
+    assert info["loss_last"] == pytest.approx(sum(losses[-k:]) / k, rel=1e-6)
+
+
 class _ModeNet(torch.nn.Module):
     """Records, at every forward, whether it (and its dropout) was in train mode."""
 
