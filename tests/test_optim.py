@@ -800,6 +800,19 @@ def test_hybrid_cross_load_raises_and_leaves_both_phases_untouched():
     assert _same_state(hyb.state_dict(), before)
 
 
+def test_a_hybrid_refuses_a_state_whose_zo_part_is_another_methods_before_loading_anything():
+    """The same FO phase (FOSGD) under another ZO method (zo_sgd_sign): the ZO part is checked
+    with the FO part and the hybrid's own before anything loads; else the hybrid's groups, its
+    step count and switch and the FO state loaded, then the ZO load raised, half-way."""
+    _, hyb = _stepped("zo_sgd", steps=3, hybrid_switch=5, momentum=0.9)
+    _, other = _stepped("zo_sgd_sign", steps=4, hybrid_switch=5, momentum=0.9)
+    assert type(hyb.fo) is type(other.fo)
+    before = copy.deepcopy(hyb.state_dict())
+    with pytest.raises(ValueError, match="sign=True"):
+        hyb.load_state_dict(copy.deepcopy(other.state_dict()))
+    assert _same_state(hyb.state_dict(), before)
+
+
 def test_conserve_ties_go_to_the_first_candidate_in_the_documented_order():
     # docs/algorithms.md §2: keep the lowest of {theta0 - Delta, theta0, theta0 + Delta}, ties in
     # that order. On a flat loss all three tie: theta0 - Delta (choice -1) is kept; a candidate
