@@ -2528,3 +2528,18 @@ def test_forward_grad_names_the_input_require_grads_hook_for_requires_grad_only(
     with pytest.raises(RuntimeError, match="functorch transform") as e:
         opt.step(lambda: F.mse_loss(model(X), Y))
     assert "disable_input_require_grads" not in " ".join(getattr(e.value, "__notes__", []))
+
+
+@pytest.mark.parametrize("cls", ["FOSGD", "FOAdam", "FOAdamW"])
+def test_a_first_order_baseline_names_a_module_given_as_params_and_a_parameter_already_in_a_group(cls):
+    """fo_*'s optimizers refuse what the ZO ones refuse, in the same words: a module as params
+    (torch.optim: "'Sequential' object is not iterable"), and a tensor of an earlier group in a
+    new one, said by position in both groups (torch.optim's message names neither); nothing added."""
+    import zeroflow.optim as zo_optim
+    model = make_mlp(6, 4, 1)
+    with pytest.raises(TypeError, match=r"params is a Sequential \(a torch.nn.Module\), not an iterable"):
+        getattr(zo_optim, cls)(model, lr=0.1)
+    opt = getattr(zo_optim, cls)(model[0].parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="parameter 1 of the new param group 1 is parameter 1 of param group 0"):
+        opt.add_param_group({"params": [model[2].weight, model[0].bias]})
+    assert len(opt.param_groups) == 1
