@@ -229,6 +229,17 @@ def test_the_runs_zo_options_reach_the_optimizer():
     assert (g["zo_eps"], opt.q, g["perturbation"], g["sparsity"]) == (3e-3, 2, "rademacher", 0.25)
 
 
+@pytest.mark.parametrize("given, used", [(None, "auto"), ("", "auto"), ("auto", "auto"), ("torch", "torch")])
+def test_the_runs_backend_reaches_the_optimizer_unset_as_auto(given, used):
+    """--backend (a config file's backend: null or "", which check_backend takes as auto) is the
+    ZO optimizer's; an empty one handed on was refused by the optimizer ('backend='' must be one
+    of ...') after the run had claimed its folder."""
+    from zeroflow.continual.learners import make_optimizer
+    model = torch.nn.Linear(3, 2)
+    opt = make_optimizer({"optimizer": "zo_sgd", "lr": 0.1, "backend": given}, list(model.parameters()), model, seed=0)
+    assert opt.backend == used
+
+
 def test_a_task_steps_at_each_epochs_cosine_lr_and_reports_the_mean_loss_of_its_first_and_last_tenth():
     """docs/continual.md: the lr follows a cosine decay over a task's epochs (cosine_lr of the
     epoch, set on every group at its start); loss_first / loss_last are the mean training loss
