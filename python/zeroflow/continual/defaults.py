@@ -385,12 +385,18 @@ def check_ease_variant(cfg: Dict[str, Any], name) -> None:
                             f"tasks PILOT trains every task with --lr / --epochs (drop it)")
 
 
+def as_given(given: str, value) -> str:
+    """An option and its value as the user gave them: a flag or a bare option name with the value
+    after it (``--init-cls 6``, ``init_cls 6``), a place in a file with it in parentheses
+    (``init_cls in FILE (6)``)."""
+    return f"{given} {value}" if given.startswith("--") or " " not in given else f"{given} ({value})"
+
+
 def init_cls_refusal(given: str, init_cls: int, n_classes: int, dataset: str) -> str:
     """The refusal of an ``init_cls`` above the classes of ``dataset``, the option named as the
     user gave it (``given``: ``--init-cls``, ``init_cls in FILE``): :func:`validate`'s for the
     datasets of a fixed class count, the run's for a folder dataset (counted when it is loaded)."""
-    shown = f"{given} {init_cls}" if given.startswith("--") or given == "init_cls" else f"{given} ({init_cls})"
-    return f"{shown} exceeds the {n_classes} classes of {dataset}; give at most {n_classes}"
+    return f"{as_given(given, init_cls)} exceeds the {n_classes} classes of {dataset}; give at most {n_classes}"
 
 
 def canonical_value(v):

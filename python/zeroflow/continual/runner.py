@@ -34,7 +34,7 @@ import torch.distributed
 
 from .._atomic import atomic_torch_save, atomic_write, atomic_write_bytes
 from . import metrics as M
-from .defaults import COMMON, flag, init_cls_refusal, lr_entry, validate
+from .defaults import COMMON, as_given, flag, init_cls_refusal, lr_entry, validate
 from .errors import OutputClosed, WriteFailed, ZeroflowError, refuse_empty_path, the_same_on_every_rank
 from .precision import check_run_precision, grad_scaler
 from .runfolder import (CHECKPOINT, CONFIG, METRICS, OPERATIONAL_KEYS, RESULTS_VERSION, TRAJECTORY, UNRECORDED,
@@ -871,8 +871,7 @@ def check_shards(cfg: Dict, data, world: int, given: Optional[str] = None, resum
     config.json's), which a resume keeps whatever the command line says."""
     batch = int(cfg["batch_size"])
     if batch < world:
-        given = given or flag("batch_size")
-        shown = f"{given} {batch}" if given.startswith("--") else f"{given} ({batch})"
+        shown = as_given(given or flag("batch_size"), batch)
         fix = (f"a resumed run keeps its batch size: resume it on {batch} rank(s) or fewer" if resumed else
                f"give --batch-size {world} or more, or run on fewer ranks")
         raise ZeroflowError(f"{shown} under torchrun with {world} ranks: every global batch is split over the ranks, "
