@@ -1,9 +1,19 @@
 """``@jit`` pieces shared by the fused update kernels (docs/kernel-ops.md, steps 1-4):
 pending restore, the q-seed estimate, the mask, history and sign.
 
-Options are runtime scalars, not ``tl.constexpr``: a branch on a value that is uniform over
-the launch costs nothing measurable, while every constexpr combination is one more native
-compile (seconds each on a GPU). Only the storage dtypes and BLOCK are compile-time."""
+Four options of the update kernels are compile-time (``tl.constexpr``): ``DIST`` (0 Gaussian,
+1 Rademacher), ``RESTORE`` (a pending restore, restore_scale != 0), ``SPARSE`` (the mask on,
+T > 0; the threshold T stays a runtime value) and ``ONE_QUERY`` (q == 1: the estimate is one
+``0 + z * c``, straight-line; q > 1 keeps the runtime loop). As runtime scalars every path's
+registers sat in every launch (the Rademacher kernel held the Gaussian one's). Measured on an
+H200 (Triton 3.6, 2026-12-04, ``benchmarks/sass_census.py --time``, 64M fp32 elements, % of
+``copy_`` moving the same arrays, bits identical to the op), runtime -> dist, T, q, has_restore
+constant: sgd Rademacher 165 registers, 26.8 % -> 40, 63.6 %; sgd Gaussian 165, 19.6 % -> 128,
+27.9 %; adam Rademacher 165, 45.0 % -> 56, 64.6 %. Each combination is one more native compile
+(0.3-0.7 s each on the H200): at most 16 per kernel and storage dtypes, and a ONE_QUERY flag
+rather than q itself keeps it so. The other options stay runtime scalars: each of them the
+only runtime one leaves 32-40 registers (census), little. perturb_ keeps dist and T runtime:
+constant, it used 32 registers instead of 80 and ran slower (72.7 % -> 40.8 % of copy_)."""
 from __future__ import annotations
 
 import triton
@@ -32,32 +42,43 @@ def sign_f32(g):
 
 @triton.jit
 def restored_estimate(meta_ptr, seed_off, q, base, tid, theta,
-                      rkey0, rkey1, restore_scale, mkey0, mkey1, T, dist,
+                      rkey0, rkey1, restore_scale, mkey0, mkey1, T,
                       h_ptr, inb, history_alpha, one_minus_alpha,
-                      has_restore, has_hist, history_init, sign, BLOCK: tl.constexpr):
+                      has_hist, history_init, sign, DIST: tl.constexpr, RESTORE: tl.constexpr,
+                      SPARSE: tl.constexpr, ONE_QUERY: tl.constexpr, BLOCK: tl.constexpr):
     """Returns ``(p, g)`` of the tile, in the spec's order of fp32 operations:
 
     ``p = theta + (z(restore_seed) * m) * restore_scale``;
     ``g = (sum_j z(seeds[j]) * coeffs[j]) * m``, then history (stored here) and sign
     (``m`` only when ``T > 0``). Seeds (int64) sit at ``meta_ptr[seed_off : seed_off + q]``,
-    the fp32 bits of the coefficients right after them."""
+    the fp32 bits of the coefficients right after them. ``DIST`` (0 Gaussian, 1 Rademacher),
+    ``RESTORE`` (restore_scale != 0), ``SPARSE`` (T > 0) and ``ONE_QUERY`` (q == 1) are
+    compile-time (module docstring)."""
     m = tl.zeros_like(theta) + 1.0
-    if T > 0:
+    if SPARSE:
         m = mask_tile(base, tid, mkey0.to(tl.uint32, bitcast=True), mkey1.to(tl.uint32, bitcast=True),
                       T.to(tl.uint32), BLOCK)
     p = theta
-    if has_restore != 0:
-        zr = z_tile(base, tid, rkey0.to(tl.uint32, bitcast=True), rkey1.to(tl.uint32, bitcast=True), dist, BLOCK)
-        if T > 0:
+    if RESTORE:
+        zr = z_tile(base, tid, rkey0.to(tl.uint32, bitcast=True), rkey1.to(tl.uint32, bitcast=True), DIST, BLOCK)
+        if SPARSE:
             zr = zr * m
         p = theta + zr * restore_scale
     g = tl.zeros_like(theta)
-    for j in range(0, q):
-        s = tl.load(meta_ptr + seed_off + j)
-        c = tl.load(meta_ptr + seed_off + q + j).to(tl.int32).to(tl.float32, bitcast=True)
-        z = z_tile(base, tid, s.to(tl.uint32), (s >> 32).to(tl.uint32), dist, BLOCK)
+    if ONE_QUERY:
+        # q == 1, straight-line code: the loop's one iteration, the same operations; g = 0 + z * c,
+        # not z * c (0 + -0 is +0, as the sum of every other backend gives)
+        s = tl.load(meta_ptr + seed_off)
+        c = tl.load(meta_ptr + seed_off + 1).to(tl.int32).to(tl.float32, bitcast=True)
+        z = z_tile(base, tid, s.to(tl.uint32), (s >> 32).to(tl.uint32), DIST, BLOCK)
         g = g + z * c
-    if T > 0:
+    else:
+        for j in range(0, q):
+            s = tl.load(meta_ptr + seed_off + j)
+            c = tl.load(meta_ptr + seed_off + q + j).to(tl.int32).to(tl.float32, bitcast=True)
+            z = z_tile(base, tid, s.to(tl.uint32), (s >> 32).to(tl.uint32), DIST, BLOCK)
+            g = g + z * c
+    if SPARSE:
         g = g * m
     if has_hist != 0:
         if history_init != 0:
@@ -68,3 +89,10 @@ def restored_estimate(meta_ptr, seed_off, q, base, tid, theta,
     if sign != 0:
         g = sign_f32(g)
     return p, g
+
+
+def update_constants(dist: int, restore_scale: float, T: int, seeds) -> dict:
+    """The compile-time options of an update launch (module docstring), as 0/1 ints: one
+    native compile per distinct dict."""
+    return {"DIST": int(dist), "RESTORE": int(restore_scale != 0.0), "SPARSE": int(T > 0),
+            "ONE_QUERY": int(len(seeds) == 1)}

@@ -16,19 +16,20 @@ from ._common import (
     check_seed_arg, f32, fp32_arg, interpreted, load_row, mark_written, launch_scope, prepare_update, round32,
     slot_ptr, to_i32,
 )
-from ._update import load_f32, restored_estimate
+from ._update import load_f32, restored_estimate, update_constants
 from .philox import store_param, store_rne
 
 __all__ = ["zo_adam_update_"]
 
 
-@triton.jit(do_not_specialize=["n_rows", "seed_off", "q", "rkey0", "rkey1", "mkey0", "mkey1", "T", "dist",
-                             "has_restore", "has_wd", "decoupled", "sign", "has_hist", "history_init",
+@triton.jit(do_not_specialize=["n_rows", "seed_off", "q", "rkey0", "rkey1", "mkey0", "mkey1", "T",
+                             "has_wd", "decoupled", "sign", "has_hist", "history_init",
                              "stochastic_rounding", "skey0", "skey1"])
-def _adam_kernel(meta_ptr, n_rows, seed_off, q, rkey0, rkey1, restore_scale, mkey0, mkey1, T, dist,
+def _adam_kernel(meta_ptr, n_rows, seed_off, q, rkey0, rkey1, restore_scale, mkey0, mkey1, T,
                  weight_decay, decay_factor, one_minus_beta1, beta2, one_minus_beta2, eps,
                  step_size, bc2_sqrt, history_alpha, one_minus_alpha,
-                 has_restore, has_wd, decoupled, sign, has_hist, history_init, stochastic_rounding, skey0, skey1,
+                 has_wd, decoupled, sign, has_hist, history_init, stochastic_rounding, skey0, skey1,
+                 DIST: tl.constexpr, RESTORE: tl.constexpr, SPARSE: tl.constexpr, ONE_QUERY: tl.constexpr,
                  P_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr,
                  H_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     row, base, offs, inb, tid = load_row(meta_ptr, n_rows, BLOCK)
@@ -38,9 +39,9 @@ def _adam_kernel(meta_ptr, n_rows, seed_off, q, rkey0, rkey1, restore_scale, mke
     h_ptr = slot_ptr(row, 3, H_DTYPE)
     theta = load_f32(p_ptr + offs, inb)
     p, g = restored_estimate(meta_ptr, seed_off, q, base, tid, theta,
-                             rkey0, rkey1, restore_scale, mkey0, mkey1, T, dist,
+                             rkey0, rkey1, restore_scale, mkey0, mkey1, T,
                              h_ptr + offs, inb, history_alpha, one_minus_alpha,
-                             has_restore, has_hist, history_init, sign, BLOCK)
+                             has_hist, history_init, sign, DIST, RESTORE, SPARSE, ONE_QUERY, BLOCK)
     if decoupled != 0:
         p = p * decay_factor                           # AdamW: p * (1 - lr*wd)
     elif has_wd != 0:
@@ -148,10 +149,11 @@ def zo_adam_update_(
                 history_alpha, round32(1.0 - float(history_alpha_raw)))]
             _adam_kernel[(tiles,)](
                 meta, n_rows, seed_off, len(seeds), to_i32(rk0), to_i32(rk1), f[0],
-                to_i32(mk0), to_i32(mk1), T, d, *f[1:],
-                int(restore_scale != 0.0), int(weight_decay != 0.0), int(bool(decoupled_weight_decay)),
+                to_i32(mk0), to_i32(mk1), T, *f[1:],
+                int(weight_decay != 0.0), int(bool(decoupled_weight_decay)),
                 int(bool(sign)), int(len(history_buffers) > 0), int(bool(history_init)),
                 int(bool(stochastic_rounding)), to_i32(sk0), to_i32(sk1),
+                **update_constants(d, restore_scale, T, seeds),
                 P_DTYPE=dtypes[0], M_DTYPE=dtypes[1], V_DTYPE=dtypes[2], H_DTYPE=dtypes[3], BLOCK=block,
                 num_warps=4, enable_fp_fusion=False,   # one arithmetic: no FMA contraction
             )

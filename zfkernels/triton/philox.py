@@ -193,8 +193,9 @@ def _gaussian_tile(base, tid, k0, k1, BLOCK: tl.constexpr):
 @triton.jit
 def z_tile(base, tid, k0, k1, dist, BLOCK: tl.constexpr):
     """Perturbation ``z`` (tag 0) of the ``[R, 32, 4]`` tile starting at ``base`` (int64,
-    multiple of BLOCK). ``dist`` is a runtime scalar (one compile serves both
-    distributions): 0 = Gaussian (§5), 1 = Rademacher (§4)."""
+    multiple of BLOCK). ``dist``: 0 = Gaussian (§5), 1 = Rademacher (§4); a runtime scalar in
+    perturb_ (one compile serves both distributions), a constant in the update kernels (their
+    DIST: the other distribution's code and registers are left out, zfkernels/triton/_update.py)."""
     if dist == 1:
         z = _rademacher_tile(base, tid, k0, k1, BLOCK)
     else:

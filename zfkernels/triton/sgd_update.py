@@ -15,19 +15,20 @@ from ._common import (
     check_seed_arg, f32, fp32_arg, interpreted, load_row, mark_written, launch_scope, prepare_update, round32,
     slot_ptr, to_i32,
 )
-from ._update import load_f32, restored_estimate
+from ._update import load_f32, restored_estimate, update_constants
 from .philox import store_param, store_rne
 
 __all__ = ["zo_sgd_update_"]
 
 
-@triton.jit(do_not_specialize=["n_rows", "seed_off", "q", "rkey0", "rkey1", "mkey0", "mkey1", "T", "dist",
-                             "has_restore", "has_wd", "has_mom", "nesterov", "momentum_init", "sign",
+@triton.jit(do_not_specialize=["n_rows", "seed_off", "q", "rkey0", "rkey1", "mkey0", "mkey1", "T",
+                             "has_wd", "has_mom", "nesterov", "momentum_init", "sign",
                              "has_hist", "history_init", "stochastic_rounding", "skey0", "skey1"])
-def _sgd_kernel(meta_ptr, n_rows, seed_off, q, rkey0, rkey1, restore_scale, mkey0, mkey1, T, dist,
+def _sgd_kernel(meta_ptr, n_rows, seed_off, q, rkey0, rkey1, restore_scale, mkey0, mkey1, T,
                 lr, weight_decay, momentum, one_minus_dampening, history_alpha, one_minus_alpha,
-                has_restore, has_wd, has_mom, nesterov, momentum_init, sign, has_hist, history_init,
+                has_wd, has_mom, nesterov, momentum_init, sign, has_hist, history_init,
                 stochastic_rounding, skey0, skey1,
+                DIST: tl.constexpr, RESTORE: tl.constexpr, SPARSE: tl.constexpr, ONE_QUERY: tl.constexpr,
                 P_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, H_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     row, base, offs, inb, tid = load_row(meta_ptr, n_rows, BLOCK)
     p_ptr = slot_ptr(row, 0, P_DTYPE)                  # slots: param, momentum, history
@@ -35,9 +36,9 @@ def _sgd_kernel(meta_ptr, n_rows, seed_off, q, rkey0, rkey1, restore_scale, mkey
     h_ptr = slot_ptr(row, 2, H_DTYPE)
     theta = load_f32(p_ptr + offs, inb)
     p, g = restored_estimate(meta_ptr, seed_off, q, base, tid, theta,
-                             rkey0, rkey1, restore_scale, mkey0, mkey1, T, dist,
+                             rkey0, rkey1, restore_scale, mkey0, mkey1, T,
                              h_ptr + offs, inb, history_alpha, one_minus_alpha,
-                             has_restore, has_hist, history_init, sign, BLOCK)
+                             has_hist, history_init, sign, DIST, RESTORE, SPARSE, ONE_QUERY, BLOCK)
     if has_wd != 0:
         g = g + p * weight_decay
     if has_mom != 0:
@@ -130,10 +131,11 @@ def zo_sgd_update_(
                                                  history_alpha, one_minus_alpha)]
             _sgd_kernel[(tiles,)](
                 meta, n_rows, seed_off, len(seeds), to_i32(rk0), to_i32(rk1), f[0],
-                to_i32(mk0), to_i32(mk1), T, d, *f[1:],
-                int(restore_scale != 0.0), int(weight_decay != 0.0), int(len(momentum_buffers) > 0),
+                to_i32(mk0), to_i32(mk1), T, *f[1:],
+                int(weight_decay != 0.0), int(len(momentum_buffers) > 0),
                 int(bool(nesterov)), int(bool(momentum_init)), int(bool(sign)), int(len(history_buffers) > 0),
                 int(bool(history_init)), int(bool(stochastic_rounding)), to_i32(sk0), to_i32(sk1),
+                **update_constants(d, restore_scale, T, seeds),
                 P_DTYPE=dtypes[0], B_DTYPE=dtypes[1], H_DTYPE=dtypes[2], BLOCK=block, num_warps=4,
                 enable_fp_fusion=False,   # one arithmetic: no FMA contraction (docs/kernel-ops.md)
             )
