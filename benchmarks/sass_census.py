@@ -13,10 +13,11 @@ How: each case of benchmarks/profile_kernels.py is run through the real Triton o
 (``zfkernels.call_op("triton", ...)``) on ``meta`` tensors with the kernel object replaced by
 a recorder, so the launch arguments are exactly the ones the op computes. The recorded
 launch is compiled with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` twice:
-  * as launched (options are runtime scalars; the JIT's own specialization of the launch):
-    registers, local memory (spills), total SASS instructions;
-  * with the option flags of the case (``dist``, ``q``, ``T``, ``has_restore``, ...) as
-    constants, which leaves the case's own path: its SASS instructions divided by the
+  * as launched (the JIT's own specialization of the launch: the update kernels' ``DIST``,
+    ``RESTORE``, ``SPARSE`` and ``ONE_QUERY`` are constexprs, their other options and all of
+    perturb's runtime scalars): registers, local memory (spills), total SASS instructions;
+  * with every option of the case (``dist``, ``q``, ``T``, ``has_wd``, ...) a constant as well,
+    which leaves the case's own path: its SASS instructions divided by the
     elements one thread handles (``BLOCK / (32 * num_warps)``) is the census' estimate of
     the instructions issued per element (the path is straight-line code: the tile is fully
     unrolled; the table lookup's binary search adds ~log2(rows) x 10 per program).
@@ -30,7 +31,8 @@ shared-memory round trips of layout conversions (``STS``/``LDS``/``BAR``).
 
 ``--time`` (GPU; gpu_check.sh runs it with ``TRITON_VARIANTS``) answers on the device what
 the census can only suggest: each case's launch compiled as launched, with ``dist``, ``T``,
-``q``, ``has_restore`` constant, and with every option constant, each checked bit for bit
+``q`` constant (and the pending restore: the update kernels' RESTORE is one as launched), and
+with every option constant, each checked bit for bit
 against the real op from the same start, then timed against ``copy_`` of the same arrays.
 
 The counts depend on the Triton version, and much (benchmarks/notes.md): census with the
@@ -61,8 +63,9 @@ COPY_ELEMS = {torch.float32: 518e9, torch.bfloat16: 1003e9}   # copy_ elements/s
 # Arrays an op reads and writes per element (the cases have no momentum/history buffers):
 # its rate at copy bandwidth is COPY_ELEMS / arrays.
 ARRAYS = {"perturb": 1, "sgd": 1, "adam": 3}
-# Kernel arguments that are options of the case: constants in the path compile.
-OPTION_ARGS = ("q", "T", "dist", "has_restore", "has_wd", "has_mom", "nesterov", "momentum_init", "sign",
+# Kernel arguments that are options of the case: constants in the path compile. (The update
+# kernels' DIST, RESTORE, SPARSE and ONE_QUERY are constexprs: constants in every compile.)
+OPTION_ARGS = ("q", "T", "dist", "has_wd", "has_mom", "nesterov", "momentum_init", "sign",
                "has_hist", "history_init", "stochastic_rounding", "decoupled")
 _MODULE = {"perturb": ("perturb", "_perturb_kernel"), "sgd": ("sgd_update", "_sgd_kernel"),
            "adam": ("adam_update", "_adam_kernel")}
@@ -258,8 +261,12 @@ def census(op, dtype, dist, opts):
 # ----------------------------------------------------------------------------- --time (GPU)
 # The register question of benchmarks/notes.md, answered on a device without touching the
 # kernels: the same launch compiled with some options constant, timed against the kernel as
-# launched, each variant checked bit for bit against the real op first.
-VARIANTS = {"as launched": (), "dist,T,q,restore constant": ("dist", "T", "q", "has_restore"), "path": True}
+# launched, each variant checked bit for bit against the real op first. The update kernels
+# take dist and the restore as constexprs (DIST, RESTORE; measured with this table on an H200,
+# 2026-12-04: sgd fp32 Rademacher 165 -> 40 registers, 26.8 -> 63.6 % of copy_), so for them
+# the middle variant adds q and T only; perturb keeps dist and T runtime (80 -> 32 registers
+# constant, but 72.7 -> 40.8 % of copy_).
+VARIANTS = {"as launched": (), "dist,T,q,restore constant": ("dist", "T", "q"), "path": True}
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
