@@ -8,9 +8,12 @@ tensors); with a GPU also ``cuda`` (compiled), ``triton`` natively and ``torch``
 reference itself running on the GPU). Every case lives in one table below and runs on each
 backend; results are compared as raw bits (``-0.0 != +0.0``, no tolerance anywhere).
 
-Native Triton compiles once per storage-dtype combination (options are runtime scalars), so
-the suite fits a GPU lease; in the interpreter each program instance costs ~10 ms, hence
-large blocks and small tensors here.
+Native Triton compiles once per storage dtypes and compile-time options (the update kernels'
+DIST, RESTORE, SPARSE, ONE_QUERY: zfkernels/triton/_update.py; every other option is a runtime
+scalar): the triton cases of this file, test_optim_layout, test_stochastic_rounding and
+test_triton_dist_contracts launch 71 distinct kernels (58 of them update kernels; 25 and 12 while
+those four were runtime scalars), 0.3-0.7 s each on an H200, so the suite fits a GPU lease; in the
+interpreter each program instance costs ~10 ms, hence large blocks and small tensors here.
 """
 from __future__ import annotations
 
