@@ -117,10 +117,12 @@ def render(s: dict) -> str:
             for c in t["cases"]:
                 m = c["median"]
                 idle = ", ".join(f"{k} {v:.0f}" for k, v in m["idle_by_us"].items())
+                reads = m.get("read_to_op_us")      # absent from a timeline made before it was measured
                 lines.append(f"  {t['header']['layout']} {c['case']}: {c['unprofiled_step_us']:.0f} = "
                              f"{c['ratio']:.2f}x its passes at copy_ ({c['roofline_us']:.0f}); "
                              f"profiled {m['period_us']:.0f} = busy {m['busy_us']:.0f} + idle {m['idle_us']:.0f} "
-                             f"[{idle}]")
+                             f"[{idle}]" + (f"; loss read -> next zfkernels op {' / '.join(f'{v:.0f}' for v in reads)}"
+                                            if reads else ""))
     return "\n".join(lines) + "\n"
 
 

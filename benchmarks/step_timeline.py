@@ -17,6 +17,11 @@ stretch attributed to one host category, in this order of precedence:
   torch ops   any other torch op (the closure's forward, the optimizer's tensor calls)
   python      covered by no op: the optimizer's Python, torch.optim's step wrapper
 
+and, per loss read, the host's time from its return to the start of the next ``zfkernels::``
+op (``read_to_op_us``, one entry per read of a step, in order): on a GPU the device idles
+through it, as the op it waits for is the next launch; here it is the optimizer's Python that
+follows a read.
+
 The same run times ``copy_`` of one flat buffer of the list's size (the pass at copy
 bandwidth) and the steps without the profiler, which adds host work of its own to every op
 (on this repository's CPU: 320 -> 336 us per tiny-layout ZO-SGD step, counted as Python).
@@ -30,6 +35,7 @@ is all idle time and the breakdown is the host's.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import re
@@ -168,6 +174,8 @@ def analyse(events: list[dict]) -> dict:
             host["torch ops"].append(span)
     host = {k: union(v) for k, v in host.items()}
     device_busy = union((e["ts"], e["ts"] + e["dur"]) for e in device)
+    zf_starts = sorted(e["ts"] for e in events
+                       if e.get("cat", "").lower() == "cpu_op" and e["name"].startswith("zfkernels::"))
     steps = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         period = [(a, b)]
@@ -186,8 +194,22 @@ def analyse(events: list[dict]) -> dict:
             left = subtract(left, covered)
         idle_by["python"] = length(left)
         steps.append({"period_us": b - a, "busy_us": length(busy), "idle_us": length(idle), "idle_by_us": idle_by,
-                      "busy_by": {k: {"us": sum(v), "launches": len(v)} for k, v in busy_by.items()}})
+                      "busy_by": {k: {"us": sum(v), "launches": len(v)} for k, v in busy_by.items()},
+                      "read_to_op_us": read_to_op(host["loss read"], zf_starts, a, b)})
     return {"steps": steps, "median": _median_step(steps)}
+
+
+def read_to_op(reads, op_starts, a: float, b: float) -> list[float]:
+    """For each loss read (``reads``: their union) that starts in the step ``[a, b)``, the time
+    from its end to the start of the next zfkernels op (``op_starts``: sorted) in the step;
+    none for a read that no op follows there."""
+    out = []
+    for start, end in reads:
+        if a <= start < b:
+            k = bisect.bisect_left(op_starts, end)
+            if k < len(op_starts) and op_starts[k] < b:
+                out.append(op_starts[k] - end)
+    return out
 
 
 def _median_step(steps: list[dict]) -> dict:
@@ -198,6 +220,9 @@ def _median_step(steps: list[dict]) -> dict:
         "busy_us": med(s["busy_us"] for s in steps),
         "idle_us": med(s["idle_us"] for s in steps),
         "idle_by_us": {c: med(s["idle_by_us"][c] for s in steps) for c in CATEGORIES},
+        # per read of a step, in order (the steps with that many reads)
+        "read_to_op_us": [med(s["read_to_op_us"][k] for s in steps if len(s["read_to_op_us"]) > k)
+                          for k in range(max(len(s["read_to_op_us"]) for s in steps))],
         "busy_by": {k: {"us": med(s["busy_by"].get(k, {"us": 0.0})["us"] for s in steps),
                         "launches": med(s["busy_by"].get(k, {"launches": 0})["launches"] for s in steps)}
                     for k in labels},
@@ -282,6 +307,9 @@ def render_case(r: dict) -> str:
     lines = [f"{r['case']:22s} {m['period_us']:8.1f} {r['unprofiled_step_us']:8.1f} {r['roofline_us']:8.1f} "
              f"{r['ratio']:5.2f}x | {m['busy_us']:7.1f} {m['idle_us']:7.1f} |       "
              + "  ".join(f"{m['idle_by_us'][c]:9.1f}" for c in CATEGORIES)]
+    if m.get("read_to_op_us"):
+        lines.append("    host from each loss read's return to the next zfkernels op: "
+                     + ", ".join(f"{v:.1f}" for v in m["read_to_op_us"]) + " us")
     busy = sorted(m["busy_by"].items(), key=lambda kv: -kv[1]["us"])
     if busy:
         lines.append("    busy by launching op: " + ", ".join(

@@ -45,7 +45,8 @@ def _work(tmp_path):
         "cases": [{"case": "zo_sgd-rademacher", "unprofiled_step_us": 805.2, "roofline_us": 499.0, "ratio": 1.614,
                    "median": {
             "period_us": 812.4, "busy_us": 560.1, "idle_us": 252.3,
-            "idle_by_us": {"loss read": 5.0, "runtime": 30.2, "zf op": 60.0, "torch ops": 10.0, "python": 147.1}}}]}))
+            "idle_by_us": {"loss read": 5.0, "runtime": 30.2, "zf op": 60.0, "torch ops": 10.0, "python": 147.1},
+            "read_to_op_us": [22.4, 40.6]}}]}))
     (tmp_path / "bench" / "step_timeline_vit_b_tiny.json").write_text("{")   # cut off by the time limit
     return tmp_path
 
@@ -80,7 +81,8 @@ def test_summary_text_and_cli(tmp_path):
     assert "  probe bad_inputs: ok" in text and "noise line" not in text
     assert "  [met] perturb >= 90 % of copy: 91 % (256M fp32)" in text
     assert ("  vit_b zo_sgd-rademacher: 805 = 1.61x its passes at copy_ (499); profiled 812 = busy 560 + idle 252 "
-            "[loss read 5, runtime 30, zf op 60, torch ops 10, python 147]") in text
+            "[loss read 5, runtime 30, zf op 60, torch ops 10, python 147]; loss read -> next zfkernels op 22 / 41"
+            ) in text
     assert json.loads(out_json.read_text())["tests"]["passed"] == 2
 
 

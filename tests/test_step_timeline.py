@@ -64,6 +64,28 @@ def test_analyse_attributes_each_idle_stretch_once():
     assert out["median"]["busy_by"]["_sgd_kernel"] == {"us": 5, "launches": 0.5}
 
 
+def test_analyse_times_the_host_from_each_loss_read_to_the_next_zfkernels_op():
+    # step 0 = [0, 100): reads end at 20 and 55, ops start at 31 and 90 (an aten op between does not
+    # count); step 1 = [100, 200): a read that no op follows in its step
+    events = [
+        _ev(st.STEP_MARK, "user_annotation", 0, 5), _ev(st.STEP_MARK, "user_annotation", 100, 5),
+        _ev(st.END_MARK, "user_annotation", 200, 0),
+        _ev("aten::item", "cpu_op", 10, 10), _ev("aten::_local_scalar_dense", "cpu_op", 12, 7),
+        _ev("aten::add", "cpu_op", 25, 2),
+        _ev("zfkernels::perturb_", "cpu_op", 31, 4),
+        _ev("aten::item", "cpu_op", 50, 5),
+        _ev("zfkernels::zo_sgd_update_", "cpu_op", 90, 4),
+        _ev("zfkernels::perturb_", "cpu_op", 102, 4),
+        _ev("aten::item", "cpu_op", 150, 5),
+        _ev("zfkernels::perturb_", "cpu_op", 210, 4),
+    ]
+    out = st.analyse(events)
+    assert [s["read_to_op_us"] for s in out["steps"]] == [[11, 35], []]
+    assert out["median"]["read_to_op_us"] == [11, 35]
+    assert "loss read's return to the next zfkernels op: 11.0, 35.0 us" in st.render_case(
+        {"case": "c", "unprofiled_step_us": 1, "roofline_us": 1, "ratio": 1, "median": out["median"]})
+
+
 def test_analyse_refuses_a_trace_without_marks():
     with pytest.raises(ValueError, match="zf_timeline_step"):
         st.analyse([_ev("aten::mul", "cpu_op", 0, 1)])
@@ -86,6 +108,7 @@ def test_runs_on_the_cpu(tmp_path, capsys):
             assert sum(s["idle_by_us"].values()) == pytest.approx(s["period_us"])
             assert s["idle_by_us"]["zf op"] > 0, "the zfkernels:: op calls were not found in the trace"
             assert s["idle_by_us"]["loss read"] > 0, "the closure's loss reads were not found in the trace"
+            assert len(s["read_to_op_us"]) == 2 and min(s["read_to_op_us"]) > 0   # q = 1: L+ and L-
     text = capsys.readouterr().out
     assert "zo_adam-gaussian" in text and "no device activity recorded" in text
 
