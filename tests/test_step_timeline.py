@@ -82,8 +82,10 @@ def test_analyse_times_the_host_from_each_loss_read_to_the_next_zfkernels_op():
     out = st.analyse(events)
     assert [s["read_to_op_us"] for s in out["steps"]] == [[11, 35], []]
     assert out["median"]["read_to_op_us"] == [11, 35]
-    assert "loss read's return to the next zfkernels op: 11.0, 35.0 us" in st.render_case(
-        {"case": "c", "unprofiled_step_us": 1, "roofline_us": 1, "ratio": 1, "median": out["median"]})
+    case = {"case": "c", "unprofiled_step_us": 1, "roofline_us": 1, "ratio": 1, "median": out["median"]}
+    assert "loss read's return to the next zfkernels op: 11.0, 35.0 us\n" in st.render_case(case)
+    case["read_to_op_unprofiled_us"] = [6.5, 9]
+    assert "op: 11.0, 35.0 us (unprofiled 6.5, 9.0 us)\n" in st.render_case(case)
 
 
 def test_analyse_refuses_a_trace_without_marks():
@@ -92,6 +94,8 @@ def test_analyse_refuses_a_trace_without_marks():
 
 
 def test_runs_on_the_cpu(tmp_path, capsys):
+    import torch
+    packets = {op: getattr(torch.ops.zfkernels, op) for op in ("perturb_", "zo_sgd_update_", "zo_adam_update_")}
     out = tmp_path / "timeline.json"
     assert st.main(["--device", "cpu", "--layout", "vit_b_tiny", "--steps", "3", "--backend", "cpu",
                     "--cases", "zo_sgd-rademacher,zo_adam-gaussian", "--json", str(out),
@@ -101,6 +105,8 @@ def test_runs_on_the_cpu(tmp_path, capsys):
     assert report["header"]["n_tensors"] == 152 and report["header"]["backend"] == "cpu"
     assert [r["case"] for r in report["cases"]] == ["zo_sgd-rademacher", "zo_adam-gaussian"]
     for r in report["cases"]:
+        # q = 1: L+ and L-, each followed by an op; without the profiler, for 20 steps
+        assert len(r["read_to_op_unprofiled_us"]) == 2 and min(r["read_to_op_unprofiled_us"]) > 0
         assert len(r["steps"]) == 3
         for s in r["steps"]:
             # no asynchronous device: the whole period is the host's, and each category was seen
@@ -110,7 +116,9 @@ def test_runs_on_the_cpu(tmp_path, capsys):
             assert s["idle_by_us"]["loss read"] > 0, "the closure's loss reads were not found in the trace"
             assert len(s["read_to_op_us"]) == 2 and min(s["read_to_op_us"]) > 0   # q = 1: L+ and L-
     text = capsys.readouterr().out
-    assert "zo_adam-gaussian" in text and "no device activity recorded" in text
+    assert "zo_adam-gaussian" in text and "no device activity recorded" in text and "(unprofiled " in text
+    # the ops wrapped for the unprofiled measure are the ops again
+    assert all(getattr(torch.ops.zfkernels, op) is fn for op, fn in packets.items())
 
 
 @pytest.mark.parametrize("argv,says", [
