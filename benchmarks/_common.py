@@ -24,7 +24,7 @@ LONG = os.environ.get("BENCH_LONG", "") not in ("", "0")
 DEVICE = os.environ.get("BENCH_DEVICE", "cpu").strip() or "cpu"
 ON_GPU = DEVICE.startswith("cuda")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DISTS = ("gaussian", "rademacher")
 
 # Skip reasons are reused by the report to say what was not measured.

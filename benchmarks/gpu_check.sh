@@ -5,7 +5,7 @@
 #   3. runs the parity suite on every GPU backend (cuda, native triton, the reference on the
 #      GPU) the replay tests and CUDA-graph capture, in pytest-xdist workers: a worker that dies is reported
 #      with its test's name and the others go on (without xdist: one process per module);
-#   4. runs the GPU benchmark subset (kernels at 64M/256M, optimizer step on the ViT-B list,
+#   4. runs the GPU benchmark subset (kernels at 64M/256M, fp16 at 256M; optimizer step on the ViT-B list,
 #      one ViT-B/16 training iteration per method, the OPT-1.3B-shaped LLM iteration) and writes
 #      the report;
 #   5. (TIMELINE=1, the default) profiles ZO-SGD / ZO-Adam steps on the ViT-B list and on its

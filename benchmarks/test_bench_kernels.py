@@ -28,9 +28,16 @@ def _matrix():
     assert tuple(C.DTYPES) == kernel_cases.DTYPES, "benchmarks/kernel_cases.py lists the dtypes of _common.DTYPES"
     for backend in C.kernel_backends():
         for op, variant, dname, dist in kernel_cases.rows():     # the report lists the same rows
-            for n in C.kernel_sizes():
+            for n in kernel_cases.sizes(dname, C.kernel_sizes()):
                 yield pytest.param(backend, op, variant, dname, dist, n,
                                    id=f"{op}-{variant}-{backend}-{dname}-{dist}-{C.fmt_numel(n)}")
+
+
+def _sized():
+    """``(n, dname)`` of each dtype at its sizes (kernel_cases.sizes): the baselines' cases, with
+    the ids they had as two parametrizations ("64M-fp32")."""
+    return [pytest.param(n, dname, id=f"{C.fmt_numel(n)}-{dname}")
+            for dname in C.DTYPES for n in kernel_cases.sizes(dname, C.kernel_sizes())]
 
 
 def _bytes(op: str, variant: str, n: int, s: int) -> int:
@@ -59,8 +66,7 @@ def _need_device():
         pytest.skip(C.NO_CUDA)
 
 
-@pytest.mark.parametrize("dname", list(C.DTYPES))
-@pytest.mark.parametrize("n", C.kernel_sizes(), ids=C.fmt_numel)
+@pytest.mark.parametrize("n,dname", _sized())
 def test_copy(run_bench, benchmark, dname, n):
     """``dst.copy_(src)``: the bandwidth bound every one-pass kernel is compared with."""
     _need_device()
@@ -83,8 +89,7 @@ def _mezo_sgd(p, dist):
 
 @pytest.mark.parametrize("op", ["perturb", "sgd", "adam"])
 @pytest.mark.parametrize("dist", C.DISTS)
-@pytest.mark.parametrize("dname", list(C.DTYPES))
-@pytest.mark.parametrize("n", C.kernel_sizes(), ids=C.fmt_numel)
+@pytest.mark.parametrize("n,dname", _sized())
 def test_mezo(run_bench, benchmark, op, dist, dname, n):
     """The MeZO-style PyTorch recipe of the same op: manual_seed + normal / randint + add_
     (Adam: z materialised into ``.grad``, then ``torch.optim.Adam``, single-tensor path)."""

@@ -202,6 +202,30 @@ def test_the_kernel_suite_measures_its_baselines_first():
     assert order.index("test_mezo") < order.index("test_kernel")
 
 
+def test_the_kernel_suite_has_plain_rows_of_every_storage_dtype_with_their_baselines():
+    """Issue 13 asks bf16 and fp16 storage the same fractions of their copy_: the suite timed fp32
+    and bf16 only, so no run had an fp16 row. Each dtype has the plain rows (perturb, sgd, adam x
+    both z; the other variants fp32 only), fp16 at the largest size only, and every kernel case
+    its copy_ (and, plain, its MeZO recipe) of the same dtype and size."""
+    from benchmarks import _common as C
+    from benchmarks import kernel_cases
+    from benchmarks import test_bench_kernels as K
+
+    rows = list(kernel_cases.rows())
+    plain = {(op, dist) for op in ("perturb", "sgd", "adam") for dist in ("gaussian", "rademacher")}
+    for dname in ("fp32", "bf16", "fp16"):
+        assert {(op, dist) for op, v, d, dist in rows if v == "plain" and d == dname} == plain, dname
+    assert {d for _, v, d, _ in rows if v != "plain"} == {"fp32"}
+    assert tuple(C.DTYPES) == kernel_cases.DTYPES
+    gpu = [1 << 26, 1 << 28]
+    assert kernel_cases.sizes("fp16", gpu) == [1 << 28] and kernel_cases.sizes("bf16", gpu) == gpu
+    baselines = {tuple(p.values) for p in K._sized()}           # (n, dname) of test_copy and test_mezo
+    cases = [p.values for p in K._matrix()]
+    assert {(d, n) for _, _, _, d, _, n in cases if d == "fp16"} == {("fp16", C.kernel_sizes()[-1])}
+    assert all((n, d) in baselines for _, _, _, d, _, n in cases)
+    assert {d for _, d in baselines} == {"fp32", "bf16", "fp16"}
+
+
 def test_an_empty_or_broken_json_is_named_and_the_rest_still_renders(tmp_path):
     # pytest-benchmark writes a 0-byte JSON when every case of a suite is skipped: json.load
     # raised and the whole report (every other suite's results) was lost

@@ -259,6 +259,29 @@ def test_triton_is_compared_with_the_cuda_row_of_the_same_case_at_the_largest_ke
          "triton fp32 1M")]
 
 
+def test_fp16_rows_have_the_bf16_targets_against_the_fp16_copy_and_reach_the_summary(tmp_path):
+    """fp16 storage, as bf16: >= 90 % (Rademacher) / 85 % (Gaussian) of the copy_ of its own
+    dtype and size (here twice the bf16 copy_'s time), Triton >= 80 % of CUDA; a case without a
+    record reads "not measured"; the GPU summary prints the rows from the report's targets.json."""
+    n, dev = 2**28, "cuda"
+    cp = 2e-3                                                     # fp16 copy_ of 256M; bf16's is 1 ms
+    recs = [_copy("bf16", n, 1e-3, device=dev), _copy("fp16", n, cp, device=dev),
+            _kern("cuda", "sgd", "plain", "fp16", "rademacher", n, cp / 0.95, device=dev),
+            _kern("triton", "sgd", "plain", "fp16", "rademacher", n, 2 * cp / 0.95, device=dev)]
+    js = _write(tmp_path, {"machine_info": {}, "benchmarks": recs}, "gpu_kernels.json")
+    work = tmp_path / "work"
+    work.mkdir()
+    R.render([js], str(tmp_path / "perf.md"), targets_json=str(work / "targets.json"))
+    rows = {r["target"]: r for r in json.loads((work / "targets.json").read_text())}
+    cuda = rows["sgd plain (cuda, fp16, rademacher) ≥ 90 % of copy bandwidth"]
+    assert (cuda["measured"], cuda["status"], cuda["detail"]) == ("95 %", "**met**", "cuda fp16 256M")
+    tri = rows["sgd plain (triton, fp16, rademacher) ≥ 80 % of the CUDA backend"]
+    assert (tri["measured"], tri["status"]) == ("50 %", "**missed** by 38 %")
+    assert rows["adam plain (cuda, fp16, gaussian) ≥ 85 % of copy bandwidth"]["status"] == "not measured"
+    text = G.render(G.summarize(str(work)))
+    assert "  [**met**] sgd plain (cuda, fp16, rademacher) ≥ 90 % of copy bandwidth: 95 % (cuda fp16 256M)" in text
+
+
 def test_every_case_has_a_triton_vs_cuda_row_when_triton_ran(tmp_path):
     """A Triton case cut off (or failed), or one whose CUDA row is missing, had no "Triton ≥ 80 %
     of CUDA" row at all: the page did not say the target went unmeasured. Guards: each case has
