@@ -12,10 +12,11 @@ CASES = [
 DTYPES = ("fp32", "bf16", "fp16")        # the keys of benchmarks/_common.py DTYPES
 DISTS = ("gaussian", "rademacher")
 # Dtypes measured at the suite's largest size only, where the targets read them (report.py
-# _largest), to fit the GPU kernel phase's 75 s share (gpu_check.sh). It took 55 s on the H200
-# (2026-12-04 lease), before f4058f0's constexpr Triton kernels (~8 more compiles of 0.3-0.7 s);
-# fp16 adds ~9-11 s at 256M (bf16's cases there: 6.3 s timed, plus 5 Triton compiles and each
-# case's set-up) and would add ~3 s more at 64M (bf16's: 1.9 s timed), too close to the share.
+# _largest), to fit the GPU kernel phase's share (gpu_check.sh: 90 s, 75 before these). The
+# phase took 55 s on the H200 (2026-12-04 lease), before f4058f0's constexpr Triton kernels
+# (~8 more compiles of 0.3-0.7 s); fp16 adds ~9-11 s at 256M (bf16's cases there: 6.3 s timed,
+# plus 5 Triton compiles and each case's set-up) and would add ~3 s more at 64M (bf16's: 1.9 s
+# timed), too close to the share.
 LARGEST_SIZE_ONLY = ("fp16",)
 
 
