@@ -86,6 +86,23 @@ def test_summary_text_and_cli(tmp_path):
     assert json.loads(out_json.read_text())["tests"]["passed"] == 2
 
 
+def test_a_timeline_without_read_to_op_values_has_no_read_suffix(tmp_path):
+    """A timeline made before read_to_op_us was measured has no key, one whose reads no op
+    followed has []: the line ends at the idle breakdown (no KeyError, no empty suffix)."""
+    for reads in ("absent", []):
+        work = _work(tmp_path / str(reads))
+        path = work / "bench" / "step_timeline_vit_b.json"
+        t = json.loads(path.read_text())
+        if reads == "absent":
+            del t["cases"][0]["median"]["read_to_op_us"]
+        else:
+            t["cases"][0]["median"]["read_to_op_us"] = reads
+        path.write_text(json.dumps(t))
+        text = G.render(G.summarize(str(work)))
+        assert "[loss read 5, runtime 30, zf op 60, torch ops 10, python 147]\n" in text, reads
+        assert "next zfkernels op" not in text, reads
+
+
 def test_summary_of_an_empty_work_folder(tmp_path):
     """gpu_check.sh calls the summary also when the device probe failed first."""
     text = G.render(G.summarize(str(tmp_path)))

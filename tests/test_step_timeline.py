@@ -88,6 +88,79 @@ def test_analyse_times_the_host_from_each_loss_read_to_the_next_zfkernels_op():
     assert "op: 11.0, 35.0 us (unprofiled 6.5, 9.0 us)\n" in st.render_case(case)
 
 
+def test_read_to_op_counts_the_reads_that_start_in_the_step_up_to_the_next_op_in_it():
+    # the ends of [a, b) and of the search, found by mutation: a read starting at a counts, one
+    # starting at b is the next step's; an op starting where the read ends is 0 us after it; an op
+    # starting at b is the next step's; no op after the read at all is no entry (not an IndexError)
+    assert st.read_to_op([(0, 5)], [5, 9], 0, 100) == [0]
+    assert st.read_to_op([(100, 105)], [120], 0, 100) == []
+    assert st.read_to_op([(50, 60)], [100], 0, 100) == []
+    assert st.read_to_op([(50, 60)], [10], 0, 100) == []
+
+
+def test_analyse_read_to_op_of_an_unordered_trace_is_the_median_over_steps_of_host_ops_only():
+    # a trace's events come in any order; only host (cpu_op) zfkernels:: ops end the stretch, not an
+    # annotation of that name; the median of three steps' 11, 30 and 15 is 15
+    events = [
+        _ev(st.STEP_MARK, "user_annotation", 0, 5), _ev(st.STEP_MARK, "user_annotation", 100, 5),
+        _ev(st.STEP_MARK, "user_annotation", 200, 5), _ev(st.END_MARK, "user_annotation", 300, 0),
+        _ev("aten::item", "cpu_op", 10, 10), _ev("zfkernels::perturb_", "user_annotation", 25, 1),
+        _ev("zfkernels::perturb_", "cpu_op", 31, 4),
+        _ev("aten::item", "cpu_op", 110, 10), _ev("zfkernels::zo_sgd_update_", "cpu_op", 150, 4),
+        _ev("aten::item", "cpu_op", 210, 10), _ev("zfkernels::perturb_", "cpu_op", 235, 4),
+    ][::-1]
+    out = st.analyse(events)
+    assert [s["read_to_op_us"] for s in out["steps"]] == [[11], [30], [15]]
+    assert out["median"]["read_to_op_us"] == [15]
+
+
+def test_render_case_prints_no_read_line_without_reads_and_no_unprofiled_part_without_its_values():
+    # triton and torch have no compiled op to time unprofiled: [] there, and a trace whose reads no
+    # op follows has [] too; neither is an empty "... op:  us" or "(unprofiled  us)"
+    med = {"period_us": 1, "busy_us": 0, "idle_us": 1, "idle_by_us": {c: 0 for c in st.CATEGORIES}, "busy_by": {}}
+    case = {"case": "c", "unprofiled_step_us": 1, "roofline_us": 1, "ratio": 1,
+            "median": dict(med, read_to_op_us=[]), "read_to_op_unprofiled_us": [1.0]}
+    assert "loss read" not in st.render_case(case).split("\n", 1)[1]
+    case.update(median=dict(med, read_to_op_us=[2.0]), read_to_op_unprofiled_us=[])
+    text = st.render_case(case)
+    assert "next zfkernels op: 2.0 us\n" in text and "unprofiled" not in text
+
+
+def test_read_to_op_unprofiled_takes_each_read_followed_by_an_op_and_the_median_per_read(monkeypatch):
+    """On a clock of its own (ns): per step, a read then an op after a us (the first read's
+    entry), a read followed by another read (none), a read then an op after b us (the second),
+    and a last read that nothing follows (none); step 2 has no second entry. Per entry, the
+    median over the steps that have it: median(5, 7, 30) = 7 and median(2, 4) = 3."""
+    import torch
+    ns, now = torch.ops.zfkernels, [0]
+    for op in ("perturb_", "zo_sgd_update_", "zo_adam_update_"):
+        monkeypatch.setattr(ns, op, lambda *args: None)
+    fakes = {op: getattr(ns, op) for op in ("perturb_", "zo_sgd_update_", "zo_adam_update_")}
+    monkeypatch.setattr(st, "time", type("Clock", (), {"perf_counter_ns": staticmethod(lambda: now[0])}))
+
+    class Opt:
+        zeroth_order = True
+        step_no = 0
+
+        def step(self, closure):
+            a, b = [(5, 2), (7, 4), (30, None)][self.step_no]
+            self.step_no += 1
+            torch.ops.zfkernels.perturb_()
+            loss = closure().item()
+            now[0] += a * 1000
+            torch.ops.zfkernels.perturb_()
+            if b is not None:
+                closure().item()
+                closure().item()
+                now[0] += b * 1000
+                torch.ops.zfkernels.zo_sgd_update_()
+            closure().item()
+            return loss
+
+    assert st.read_to_op_unprofiled(Opt(), lambda: torch.tensor(1.5), 3) == [7.0, 3.0]
+    assert all(getattr(ns, op) is fn for op, fn in fakes.items()) and st._ReadNoted.notes is None
+
+
 def test_analyse_refuses_a_trace_without_marks():
     with pytest.raises(ValueError, match="zf_timeline_step"):
         st.analyse([_ev("aten::mul", "cpu_op", 0, 1)])
