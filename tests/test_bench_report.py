@@ -226,6 +226,23 @@ def test_the_kernel_suite_has_plain_rows_of_every_storage_dtype_with_their_basel
     assert {d for _, d in baselines} == {"fp32", "bf16", "fp16"}
 
 
+def test_the_baselines_run_at_exactly_their_dtypes_sizes_with_the_ids_of_two_parametrizations():
+    """test_copy and test_mezo run each dtype at kernel_cases.sizes only (fp16 at the largest
+    size: the kernel phase's share of the lease), not at every size, and keep the ids they had as
+    two parametrizations ("64M-fp32"); sizes takes any iterable and returns a list."""
+    from benchmarks import _common as C
+    from benchmarks import kernel_cases
+    from benchmarks import test_bench_kernels as K
+
+    sizes = C.kernel_sizes()
+    want = [(n, d) for d in C.DTYPES for n in (sizes[-1:] if d == "fp16" else sizes)]
+    got = K._sized()
+    assert [tuple(p.values) for p in got] == want
+    assert [p.id for p in got] == [f"{C.fmt_numel(n)}-{d}" for n, d in want]
+    assert kernel_cases.sizes("fp16", iter([1, 2, 3])) == [3]
+    assert kernel_cases.sizes("fp32", (1, 2)) == [1, 2]
+
+
 def test_an_empty_or_broken_json_is_named_and_the_rest_still_renders(tmp_path):
     # pytest-benchmark writes a 0-byte JSON when every case of a suite is skipped: json.load
     # raised and the whole report (every other suite's results) was lost
