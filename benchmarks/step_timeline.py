@@ -212,6 +212,13 @@ def read_to_op(reads, op_starts, a: float, b: float) -> list[float]:
     return out
 
 
+def median_per_read(per_step: list[list[float]]) -> list[float]:
+    """Per read of a step, in order, the median over the steps that have that many reads
+    (``per_step``: each step's values, one per read)."""
+    n = max(map(len, per_step), default=0)
+    return [statistics.median(v[k] for v in per_step if len(v) > k) for k in range(n)]
+
+
 def _median_step(steps: list[dict]) -> dict:
     med = statistics.median
     labels = sorted({k for s in steps for k in s["busy_by"]})
@@ -220,9 +227,7 @@ def _median_step(steps: list[dict]) -> dict:
         "busy_us": med(s["busy_us"] for s in steps),
         "idle_us": med(s["idle_us"] for s in steps),
         "idle_by_us": {c: med(s["idle_by_us"][c] for s in steps) for c in CATEGORIES},
-        # per read of a step, in order (the steps with that many reads)
-        "read_to_op_us": [med(s["read_to_op_us"][k] for s in steps if len(s["read_to_op_us"]) > k)
-                          for k in range(max(len(s["read_to_op_us"]) for s in steps))],
+        "read_to_op_us": median_per_read([s["read_to_op_us"] for s in steps]),
         "busy_by": {k: {"us": med(s["busy_by"].get(k, {"us": 0.0})["us"] for s in steps),
                         "launches": med(s["busy_by"].get(k, {"launches": 0})["launches"] for s in steps)}
                     for k in labels},
@@ -295,8 +300,7 @@ def read_to_op_unprofiled(opt, closure, steps: int) -> list[float]:
         for op, fn in real.items():
             setattr(ns, op, fn)
         _ReadNoted.notes = None
-    n = max(map(len, gaps))
-    return [statistics.median(g[k] for g in gaps if len(g) > k) for k in range(n)] if n else []
+    return median_per_read(gaps)
 
 
 def run_case(opt_name: str, dist: str, dev: torch.device, layout: str, steps: int, backend: str,
