@@ -26,6 +26,8 @@ SEED = 0x5EED_1234
 EPS = 1e-3
 COEFF, LR, ADAM_STEP = 0.37, 1e-6, 10    # the updates' one query coefficient, lr and Adam step count
 
+SPARSE = {"mask_seed": 77, "sparsity": 0.5}   # the sparse cases' mask
+
 # name: (op, dtype, dist, variant options)
 CASES = {
     "perturb-fp32-rademacher": ("perturb", torch.float32, "rademacher", {}),
@@ -34,12 +36,12 @@ CASES = {
     "sgd-fp32-gaussian": ("sgd", torch.float32, "gaussian", {}),
     "sgd-bf16-rademacher": ("sgd", torch.bfloat16, "rademacher", {}),
     "sgd-bf16-gaussian": ("sgd", torch.bfloat16, "gaussian", {}),
-    "sgd-fp32-rademacher-sparse": ("sgd", torch.float32, "rademacher", {"mask_seed": 77, "sparsity": 0.5}),
+    "sgd-fp32-rademacher-sparse": ("sgd", torch.float32, "rademacher", SPARSE),
     "adam-fp32-rademacher": ("adam", torch.float32, "rademacher", {}),
     "adam-fp32-gaussian": ("adam", torch.float32, "gaussian", {}),
     # the two misses of the 2026-12-04 lease that no profile covered yet (benchmarks/notes.md):
     # Adam sparse at 55 % of copy against 89 % plain, Adam with bf16 storage at 55 %
-    "adam-fp32-rademacher-sparse": ("adam", torch.float32, "rademacher", {"mask_seed": 77, "sparsity": 0.5}),
+    "adam-fp32-rademacher-sparse": ("adam", torch.float32, "rademacher", SPARSE),
     "adam-bf16-rademacher": ("adam", torch.bfloat16, "rademacher", {}),
 }
 

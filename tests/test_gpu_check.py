@@ -470,14 +470,12 @@ def test_a_test_pass_left_no_time_is_an_error_in_the_summary(tmp_path):
 def test_each_profile_case_is_what_its_name_says():
     """The lease's ncu rows are read by case name: op-dtype-dist[-sparse] must be the op, the
     storage dtype, the distribution and the mask the case launches."""
-    import torch
-
+    from benchmarks import _common as C
     from benchmarks import profile_kernels as pk
 
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     for name, (op, dtype, dist, opts) in pk.CASES.items():
         parts = name.split("-")
-        assert parts[:3] == [op, next(k for k, v in dtypes.items() if v == dtype), dist], name
+        assert parts[:3] == [op, next(k for k, v in C.DTYPES.items() if v == dtype), dist], name
         assert (parts[3:] == ["sparse"]) == ("mask_seed" in opts and opts.get("sparsity", 0) > 0), name
         assert len(parts) in (3, 4), name
 
