@@ -7,7 +7,9 @@
 #   make bench-gpu    benchmarks/gpu_check.sh (on a CUDA machine; output in $$OUT or results/gpu/)
 #   make census       instruction census of the Triton kernels, compiled offline for sm_90 (no GPU;
 #                     benchmarks/sass_census.py) with the device image's Triton: the python of
-#                     `make rehearse`'s venv where it exists, else CENSUS_PY=...
+#                     `make rehearse`'s venv where it exists, else CENSUS_PY=...; then the
+#                     registers, spills and access widths of that python's CUDA extension's
+#                     sm_90 kernels (benchmarks/cuda_census.py)
 #   make rehearse     the test suite on this CPU under the device image's versions (python 3.12, torch 2.11,
 #                     Triton 3.6, numpy 2.5: benchmarks/device_image_requirements.txt) in $(IMAGE_VENV), with the
 #                     extensions built in place for it, which a lease then carries (SKIP_BUILD=auto bash benchmarks/gpu_check.sh)
@@ -62,6 +64,7 @@ CENSUS_PY ?= $(if $(wildcard $(IMAGE_VENV)/bin/python),$(IMAGE_VENV)/bin/python,
 census:
 	@mkdir -p $(RESULTS)
 	env -u TRITON_INTERPRET $(BENCH_PYTHONPATH) $(CENSUS_PY) -m benchmarks.sass_census --json $(RESULTS)/triton_census.json
+	$(BENCH_PYTHONPATH) $(CENSUS_PY) -m benchmarks.cuda_census --json $(RESULTS)/cuda_census.json
 
 IMAGE_PY ?= $(firstword $(wildcard /root/.pyenv/versions/3.12*/bin/python) python3.12)
 IMAGE_VENV ?= $(RESULTS)/image-venv
