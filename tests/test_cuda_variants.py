@@ -1,0 +1,95 @@
+"""benchmarks/cuda_variants.py: prebuilt variants of the kernels, timed against zfkernels/' build,
+bits first. Its GPU use needs a device; the flow (a package copy per variant, one child process
+each, the bits compared, the baseline twice, refusals before any run) runs here with the CPU
+backend (``--device cpu``) on copies of this machine's build."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, child_env
+
+from benchmarks import cuda_variants as cv
+from zfkernels import _compiled
+
+pytestmark = pytest.mark.skipif(not _compiled.cpu_available(), reason="the compiled CPU extension is missing")
+CASES = "sgd-bf16-rademacher,adam-bf16-rademacher"
+
+
+def _variant(tmp_path, name):
+    folder = tmp_path / name
+    folder.mkdir()
+    for f in glob.glob(os.path.join(ROOT, "zfkernels", "_C*" + cv.EXT)):
+        shutil.copy2(f, folder)
+    return str(folder)
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "benchmarks.cuda_variants", *args], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_each_variant_runs_its_own_copy_of_the_package_and_matches_the_baseline(tmp_path):
+    a, b = _variant(tmp_path, "a"), _variant(tmp_path, "b")
+    out = tmp_path / "rows.json"
+    run = _run("--variants", f"{a},{b}", "--device", "cpu", "--numel", "4096", "--cases", CASES, "--json", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    assert list(res) == ["baseline", "a", "b", "baseline again"]
+    for label, rows in res.items():
+        assert list(rows) == CASES.split(",")
+        where = {os.path.realpath(r["zfkernels"]) for r in rows.values()}
+        if label.startswith("baseline"):
+            assert where == {os.path.realpath(os.path.join(ROOT, "zfkernels"))}
+        else:       # a temporary copy holding the variant's files, not the checkout's package
+            assert len(where) == 1 and "zf_variant_" in where.pop()
+        for case, r in rows.items():
+            assert r["bits"] == res["baseline"][case]["bits"] and r["ms"] > 0 and r["of_copy"] > 0
+    table = [ln for ln in run.stdout.splitlines() if ln.startswith(tuple(CASES.split(",")))]
+    assert len(table) == 2 and all(ln.count("%") == 4 for ln in table) and "BITS DIFFER" not in run.stdout
+
+
+def test_bits_that_differ_fail_the_run_and_are_named(monkeypatch, tmp_path, capsys):
+    a = _variant(tmp_path, "a")
+
+    def run_one(label, files, cases, numel, device, timeout):
+        return {c: {"case": c, "bits": "x" if label == "a" and c == cases[1] else "y", "ms": 1.0, "copy_ms": 1.0,
+                    "of_copy": 1.0, "zfkernels": ""} for c in cases}
+
+    monkeypatch.setattr(cv, "run_one", run_one)
+    assert cv.main(["--variants", a, "--device", "cpu", "--cases", CASES]) == 1
+    out, err = capsys.readouterr()
+    assert "bits differ from the baseline's for a: adam-bf16-rademacher" in err
+    assert [ln for ln in out.splitlines() if "BITS DIFFER" in ln][0].startswith("adam-bf16-rademacher")
+    assert cv.verdicts({"baseline": {"c": {"bits": "1"}}, "v": {"c": {"bits": "1"}}}) == []
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty", "duplicate", "baseline", "case", "none"])
+def test_bad_arguments_are_refused_before_any_run(problem, monkeypatch, tmp_path, capsys):
+    ran = []
+    monkeypatch.setattr(cv, "run_one", lambda *a, **k: ran.append(a))
+    good = _variant(tmp_path, "good")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "_C.cpython-39-x86_64-linux-gnu.so").write_bytes(b"")
+    other = tmp_path / "other"
+    other.mkdir()
+    dup = _variant(other, "good")
+    base = _variant(tmp_path, "baseline")
+    args = {"missing": ["--variants", f"{good},{tmp_path / 'nope'}"], "empty": ["--variants", f"{good},{empty}"],
+            "duplicate": ["--variants", f"{good},{dup}"], "baseline": ["--variants", base],
+            "case": ["--variants", good, "--cases", "sgd-bf17-rademacher"], "none": ["--variants", " , "]}[problem]
+    with pytest.raises((SystemExit, FileNotFoundError)) as e:
+        cv.main([*args, "--device", "cpu"])
+    said = str(e.value) + capsys.readouterr().err
+    assert ran == []
+    expected = {"missing": "is no folder", "empty": "holds no _C", "duplicate": "its own name",
+                "baseline": "other than 'baseline'", "case": "sgd-bf17-rademacher", "none": "at least one folder"}
+    assert expected[problem] in said
+    if problem == "empty":
+        assert "_C.cpython-39-x86_64-linux-gnu.so" in said      # what the folder holds instead
