@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks._common import StopSignals
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CASES = ("sgd-bf16-rademacher", "sgd-bf16-gaussian", "adam-bf16-rademacher", "sgd-fp32-rademacher")
 EXT = importlib.machinery.EXTENSION_SUFFIXES[0]
@@ -172,12 +174,26 @@ def main(argv=None) -> int:
 
         if not torch.cuda.is_available():
             ap.error("--device cuda needs a CUDA device (--device cpu runs the flow on the CPU backend)")
-    results = {"baseline": run_one("baseline", None, cases, a.numel, a.device, a.timeout)}
-    for label, files in builds.items():
-        results[label] = run_one(label, files, cases, a.numel, a.device, a.timeout)
-    results["baseline again"] = run_one("baseline again", None, cases, a.numel, a.device, a.timeout)
+    runs = [("baseline", None), *builds.items(), ("baseline again", None)]
     print(f"% of copy_ moving the same arrays, {a.numel} elements, {a.device}; "
-          "bits: the parameters after one call, against the baseline's")
+          "bits: the parameters after one call, against the baseline's", flush=True)
+    results: dict[str, dict] = {}
+    # Each build's rows are printed and written as it finishes, and a SIGTERM (a lease's limit,
+    # gpu_check.sh's SIGINT) is taken as a SIGINT: a call cut short keeps the builds it timed.
+    with StopSignals() as signals:
+        try:
+            for label, files in runs:
+                results[label] = rows = run_one(label, files, cases, a.numel, a.device, a.timeout)
+                for case in cases:
+                    same = rows[case]["bits"] == results["baseline"][case]["bits"]
+                    print(f"{label:22s} {case:26s} {100 * rows[case]['of_copy']:6.1f} %  {rows[case]['ms']:8.3f} ms"
+                          f"{'' if same else '  BITS DIFFER'}", flush=True)
+                if a.json:
+                    _write_json(a.json, {"numel": a.numel, "device": a.device, "results": results})
+        except KeyboardInterrupt:
+            print(f"cuda_variants: stopped ({signals.name}) after {len(results)} of {len(runs)} runs",
+                  file=sys.stderr)
+            return signals.exit_status
     print(f"{'case':26s} " + " ".join(f"{label[:22]:>22s}" for label in results))
     for case in cases:
         cells = []
@@ -185,17 +201,18 @@ def main(argv=None) -> int:
             same = rows[case]["bits"] == results["baseline"][case]["bits"]
             cells.append(f"{100 * rows[case]['of_copy']:.1f} %" + ("" if same else " BITS DIFFER"))
         print(f"{case:26s} " + " ".join(f"{c:>22s}" for c in cells))
-    if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        from zeroflow._atomic import atomic_write_bytes
-
-        atomic_write_bytes(a.json, json.dumps({"numel": a.numel, "device": a.device, "results": results},
-                                              indent=1).encode())
     differ = verdicts(results)
     if differ:
         print(f"cuda_variants: FAILED: bits differ from the baseline's for {', '.join(differ)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    from zeroflow._atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
 
 
 if __name__ == "__main__":

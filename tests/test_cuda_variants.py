@@ -65,8 +65,30 @@ def test_bits_that_differ_fail_the_run_and_are_named(monkeypatch, tmp_path, caps
     assert cv.main(["--variants", a, "--device", "cpu", "--cases", CASES]) == 1
     out, err = capsys.readouterr()
     assert "bits differ from the baseline's for a: adam-bf16-rademacher" in err
-    assert [ln for ln in out.splitlines() if "BITS DIFFER" in ln][0].startswith("adam-bf16-rademacher")
+    flagged = [ln.split() for ln in out.splitlines() if "BITS DIFFER" in ln]
+    assert flagged[0][:2] == ["a", "adam-bf16-rademacher"]              # the row printed as "a" finished
+    assert flagged[-1][0] == "adam-bf16-rademacher" and len(flagged) == 2    # and the final table's
     assert cv.verdicts({"baseline": {"c": {"bits": "1"}}, "v": {"c": {"bits": "1"}}}) == []
+
+
+def test_a_run_stopped_midway_keeps_the_builds_it_timed(monkeypatch, tmp_path, capsys):
+    """Stopped during the second build (a lease's limit: gpu_check.sh's SIGINT, or a SIGTERM taken
+    as one), the baseline's rows are printed and in the JSON, and the exit says it was stopped."""
+    a, out = _variant(tmp_path, "a"), tmp_path / "rows.json"
+    calls = []
+
+    def run_one(label, files, cases, numel, device, timeout):
+        calls.append(label)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return {c: {"case": c, "bits": "b", "ms": 2.0, "copy_ms": 1.0, "of_copy": 0.5, "zfkernels": ""} for c in cases}
+
+    monkeypatch.setattr(cv, "run_one", run_one)
+    assert cv.main(["--variants", a, "--device", "cpu", "--cases", CASES, "--json", str(out)]) == 130
+    printed, err = capsys.readouterr()
+    assert list(json.loads(out.read_text())["results"]) == ["baseline"]
+    assert [ln.split()[:3] for ln in printed.splitlines()[1:]] == [["baseline", c, "50.0"] for c in CASES.split(",")]
+    assert "stopped (SIGINT) after 1 of 3 runs" in err
 
 
 @pytest.mark.parametrize("problem", ["missing", "empty", "duplicate", "baseline", "case", "none"])
