@@ -15,7 +15,10 @@
 #      PROFILE_TRITON too) and, unless NCU=0, runs ncu on one launch of each CUDA case (and of
 #      the PROFILE_TRITON cases) (benchmarks/profile_kernels.py): profile.txt and ncu.txt in $OUT;
 #      TRITON_VARIANTS="case,..." adds benchmarks/sass_census.py --time (the Triton launch with
-#      options constant vs as launched, bit-checked and timed) to profile.txt;
+#      options constant vs as launched, bit-checked and timed) to profile.txt; CUDA_VARIANTS="dir,..."
+#      (folders of prebuilt _C/_C_cuda) runs benchmarks/cuda_variants.py first, each build's
+#      kernels bit-checked and timed against this build's (CUDA_VARIANT_CASES: its cases; the
+#      phase gets VARIANTS_LIMIT_S, 150, more for it);
 #   7. writes the report of every benchmark JSON (also when the check is stopped before it) and
 #      prints a one-screen summary (tests passed / failed / crashed by name, each target with
 #      its measured value, the step timelines' medians, the minutes per phase).
@@ -322,15 +325,30 @@ if [ "${TIMELINE:-1}" = "1" ] && begin_phase timeline 60; then
 fi
 
 # -------------------------------------------------------------------------- 6. kernel profile
-if [ "${PROFILE:-0}" = "1" ] && begin_phase profile 100; then
+# case lists as written ("a, b"): the names hold no spaces, and a space split "--cases" in two
+CUDA_VARIANTS="${CUDA_VARIANTS:-}"; CUDA_VARIANTS="${CUDA_VARIANTS// /}"
+CUDA_VARIANT_CASES="${CUDA_VARIANT_CASES:-}"; CUDA_VARIANT_CASES="${CUDA_VARIANT_CASES// /}"
+VARIANTS_LIMIT_S="${VARIANTS_LIMIT_S:-150}"
+PROFILE_CAP=100; [ -n "$CUDA_VARIANTS" ] && PROFILE_CAP=$(( PROFILE_CAP + VARIANTS_LIMIT_S ))
+if [ "${PROFILE:-0}" = "1" ] && begin_phase profile "$PROFILE_CAP"; then
   say "profile: kernels vs copy_ at 256M, then ncu on one launch per case at 64M (limit ${lim}s)"
+  profile_status=ok; prc=0   # prc: the exit of the last profile step that failed
+  if [ -n "$CUDA_VARIANTS" ]; then
+    # Prebuilt builds of the kernels against this one, bits first (benchmarks/cuda_variants.py):
+    # first, as what a call that names them is made for; the other steps share what is left.
+    echo "## cuda_variants --variants $CUDA_VARIANTS${CUDA_VARIANT_CASES:+ --cases $CUDA_VARIANT_CASES}" \
+      >> "$WORK/logs/profile.txt"
+    t0=$(date +%s)
+    limited "$(left "$VARIANTS_LIMIT_S")" "$PY" -m benchmarks.cuda_variants --variants "$CUDA_VARIANTS" \
+      ${CUDA_VARIANT_CASES:+--cases "$CUDA_VARIANT_CASES"} --json "$WORK/bench/cuda_variants.json" \
+      >> "$WORK/logs/profile.txt" 2>&1 || prc=$?
+    lim=$(left $(( lim - ($(date +%s) - t0) )))
+  fi
   # Each step's limit is its share of the phase's (1/6 per timing run, 1/4 per ncu run, 1/6 for
   # the census): the shares used to add up to twice the phase, so the budget cut the last step,
   # the Triton ncu that a profile call is made for. The census of Triton variants, the least
   # needed, now comes last.
   share() { left $(( lim * $1 / $2 )); }
-  profile_status=ok; prc=0   # prc: the exit of the last profile step that failed
-  # case lists as written ("a, b"): the names hold no spaces, and a space split "--cases" in two
   PROFILE_TRITON="${PROFILE_TRITON:-}"; PROFILE_TRITON="${PROFILE_TRITON// /}"
   TRITON_VARIANTS="${TRITON_VARIANTS:-}"; TRITON_VARIANTS="${TRITON_VARIANTS// /}"
   PROFILE_RUNS=(); [ "${PROFILE_CUDA:-1}" = "1" ] && PROFILE_RUNS+=("--backend cuda")

@@ -276,6 +276,32 @@ def test_profile_case_lists_with_spaces_reach_the_scripts_whole(tmp_path):
     assert "unknown case" not in profile, profile
 
 
+def test_cuda_variants_run_first_with_their_cases_and_their_own_time(tmp_path):
+    """CUDA_VARIANTS="a, b" reaches benchmarks/cuda_variants.py whole, with CUDA_VARIANT_CASES and
+    a JSON in the work folder, before profile_kernels, and the phase gets VARIANTS_LIMIT_S more
+    than its 100 s (the answer of a recording python: its arguments, in order of the calls)."""
+    log = tmp_path / "calls.txt"
+    wrap = tmp_path / "pywrap"
+    wrap.write_text('#!/usr/bin/env bash\ncase "$1 $2" in\n'
+                    f'  "-m benchmarks.cuda_variants"|"-m benchmarks.profile_kernels") echo "$*" >> {log}; exit 0;;\n'
+                    f'esac\nexec {tmp_path / "python"} "$@"\n')
+    wrap.chmod(0o755)
+    proc, out = _gpu_check(tmp_path, BENCH_ONLY="none", TIMELINE="0", PROFILE="1", NCU="0", PYTHON=str(wrap),
+                           CUDA_VARIANTS="results/v/a, results/v/b", CUDA_VARIANT_CASES="sgd-bf16-rademacher, x",
+                           VARIANTS_LIMIT_S="60")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith("-m benchmarks.cuda_variants --variants results/v/a,results/v/b "
+                               "--cases sgd-bf16-rademacher,x --json "), calls
+    assert calls[0].endswith("/bench/cuda_variants.json") and calls[1].startswith("-m benchmarks.profile_kernels")
+    assert "## cuda_variants --variants results/v/a,results/v/b --cases sgd-bf16-rademacher,x" in \
+        (out / "profile.txt").read_text()
+    assert "(limit 160s)" in proc.stdout          # 100 + VARIANTS_LIMIT_S
+    (tmp_path / "plain").mkdir()     # without CUDA_VARIANTS: the phase's 100 s, no variants run
+    proc, _ = _gpu_check(tmp_path / "plain", BENCH_ONLY="none", TIMELINE="0", PROFILE="1", NCU="0", PYTHON=str(wrap))
+    assert "(limit 100s)" in proc.stdout and "cuda_variants" not in log.read_text().splitlines()[-1]
+
+
 def test_sass_census_takes_a_case_list_with_spaces(monkeypatch):
     import torch
 
@@ -297,11 +323,11 @@ def test_a_profile_whose_steps_fail_fails_the_phase(tmp_path):
     assert "profile: a step exit 1" in proc.stdout
 
 
-@pytest.mark.parametrize("step", ["ncu", "sass_census"])
+@pytest.mark.parametrize("step", ["ncu", "sass_census", "cuda_variants"])
 def test_a_failing_ncu_or_sass_census_fails_the_profile_phase(tmp_path, step):
     """The ncu step's exit was only written to ncu.txt, the register census's nowhere: with
     profile_kernels passing (answered here) and that step failing (exit 3: a fake ncu on PATH, or
-    benchmarks.sass_census answered so), the phase was "profile (ok)"."""
+    benchmarks.sass_census / benchmarks.cuda_variants answered so), the phase was "profile (ok)"."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     (bin_ / "ncu").write_text("#!/usr/bin/env bash\necho '==ERROR== no device'\nexit 3\n")
@@ -309,9 +335,11 @@ def test_a_failing_ncu_or_sass_census_fails_the_profile_phase(tmp_path, step):
     wrap = tmp_path / "pywrap"
     wrap.write_text('#!/usr/bin/env bash\n[ "$1 $2" = "-m benchmarks.profile_kernels" ] && exit 0\n'
                     '[ "$1 $2" = "-m benchmarks.sass_census" ] && exit 3\n'
+                    '[ "$1 $2" = "-m benchmarks.cuda_variants" ] && exit 3\n'
                     f'exec {tmp_path / "python"} "$@"\n')
     wrap.chmod(0o755)
-    env = dict(NCU="1", PATH=f"{bin_}:{os.environ['PATH']}") if step == "ncu" else dict(NCU="0", TRITON_VARIANTS="a")
+    env = {"ncu": dict(NCU="1", PATH=f"{bin_}:{os.environ['PATH']}"), "sass_census": dict(NCU="0", TRITON_VARIANTS="a"),
+           "cuda_variants": dict(NCU="0", CUDA_VARIANTS="v")}[step]
     proc, out = _gpu_check(tmp_path, BENCH_ONLY="none", TIMELINE="0", PROFILE="1", PYTHON=str(wrap), **env)
     assert proc.returncode == 1, proc.stdout[-3000:]
     summary = json.loads((out / "summary.json").read_text())
