@@ -178,18 +178,35 @@ def main(argv=None) -> int:
     print(f"% of copy_ moving the same arrays, {a.numel} elements, {a.device}; "
           "bits: the parameters after one call, against the baseline's", flush=True)
     results: dict[str, dict] = {}
+    failed: dict[str, str] = {}     # build -> why its child run failed
     # Each build's rows are printed and written as it finishes, and a SIGTERM (a lease's limit,
     # gpu_check.sh's SIGINT) is taken as a SIGINT: a call cut short keeps the builds it timed.
+    # A variant whose run fails (a crash, "misaligned address", its time limit) is named and
+    # the others still run: one bad build does not cost the lease the others' answers.
     with StopSignals() as signals:
         try:
             for label, files in runs:
-                results[label] = rows = run_one(label, files, cases, a.numel, a.device, a.timeout)
+                try:
+                    results[label] = rows = run_one(label, files, cases, a.numel, a.device, a.timeout)
+                except (RuntimeError, subprocess.TimeoutExpired) as e:
+                    if label == "baseline":
+                        print(f"cuda_variants: the baseline's run failed, nothing to compare with: {e}",
+                              file=sys.stderr)
+                        return 1
+                    failed[label] = str(e)
+                    print(f"{label:22s} FAILED: {str(e).splitlines()[0]}", flush=True)
+                    print(str(e)[-3000:], file=sys.stderr)
+                    if a.json:
+                        _write_json(a.json, {"numel": a.numel, "device": a.device, "results": results,
+                                             "failed": failed})
+                    continue
                 for case in cases:
                     same = rows[case]["bits"] == results["baseline"][case]["bits"]
                     print(f"{label:22s} {case:26s} {100 * rows[case]['of_copy']:6.1f} %  {rows[case]['ms']:8.3f} ms"
                           f"{'' if same else '  BITS DIFFER'}", flush=True)
                 if a.json:
-                    _write_json(a.json, {"numel": a.numel, "device": a.device, "results": results})
+                    _write_json(a.json, {"numel": a.numel, "device": a.device, "results": results,
+                                         "failed": failed})
         except KeyboardInterrupt:
             print(f"cuda_variants: stopped ({signals.name}) after {len(results)} of {len(runs)} runs",
                   file=sys.stderr)
@@ -204,8 +221,9 @@ def main(argv=None) -> int:
     differ = verdicts(results)
     if differ:
         print(f"cuda_variants: FAILED: bits differ from the baseline's for {', '.join(differ)}", file=sys.stderr)
-        return 1
-    return 0
+    if failed:
+        print(f"cuda_variants: FAILED: the run of {', '.join(failed)} failed (above)", file=sys.stderr)
+    return 1 if differ or failed else 0
 
 
 def _write_json(path: str, obj) -> None:

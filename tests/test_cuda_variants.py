@@ -71,6 +71,31 @@ def test_bits_that_differ_fail_the_run_and_are_named(monkeypatch, tmp_path, caps
     assert cv.verdicts({"baseline": {"c": {"bits": "1"}}, "v": {"c": {"bits": "1"}}}) == []
 
 
+def test_a_variant_whose_run_fails_is_named_and_the_others_still_run(tmp_path):
+    """A build whose child fails (here a _C that does not load, so the op is missing; on a device:
+    a crash, a misaligned address, its time limit) used to end the whole run with a traceback:
+    the builds after it were never timed."""
+    a, bad, b = _variant(tmp_path, "a"), _variant(tmp_path, "bad"), _variant(tmp_path, "b")
+    (tmp_path / "bad" / ("_C" + cv.EXT)).write_bytes(b"not a shared object")
+    out = tmp_path / "rows.json"
+    run = _run("--variants", f"{a},{bad},{b}", "--device", "cpu", "--numel", "4096", "--cases", CASES,
+               "--json", str(out))
+    assert run.returncode == 1, run.stdout + run.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert list(got["results"]) == ["baseline", "a", "b", "baseline again"] and list(got["failed"]) == ["bad"]
+    assert "bad                    FAILED: bad: the child run failed" in run.stdout
+    assert "the run of bad failed" in run.stderr and "bits differ" not in run.stderr
+
+
+def test_a_baseline_that_fails_ends_the_run_saying_so(monkeypatch, tmp_path, capsys):
+    def run_one(label, *args):
+        raise RuntimeError(f"{label}: the child run failed (exit 1)")
+
+    monkeypatch.setattr(cv, "run_one", run_one)
+    assert cv.main(["--variants", _variant(tmp_path, "a"), "--device", "cpu", "--cases", CASES]) == 1
+    assert "the baseline's run failed, nothing to compare with" in capsys.readouterr().err
+
+
 def test_a_run_stopped_midway_keeps_the_builds_it_timed(monkeypatch, tmp_path, capsys):
     """Stopped during the second build (a lease's limit: gpu_check.sh's SIGINT, or a SIGTERM taken
     as one), the baseline's rows are printed and in the JSON, and the exit says it was stopped."""
