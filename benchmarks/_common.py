@@ -10,6 +10,7 @@ Environment:
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from zeroflow._atomic import atomic_write_bytes
 
 FAST = os.environ.get("BENCH_FAST", "") not in ("", "0")
 LONG = os.environ.get("BENCH_LONG", "") not in ("", "0")
@@ -37,6 +40,12 @@ NO_CUDA = "BENCH_DEVICE=cuda but torch.cuda.is_available() is False"
 # overlaps the kernel before it. On the CPU a call is its own work: one. BENCH_BACK_TO_BACK sets it
 # (the smoke test runs the GPU's path on the CPU with 2).
 KERNEL_BACK_TO_BACK = int(os.environ.get("BENCH_BACK_TO_BACK") or (10 if ON_GPU else 1))
+
+
+def write_json(path: str, obj) -> None:
+    """``obj`` as JSON (indent 1) at ``path``, replacing the last one whole (a kill mid-write
+    leaves that one): the scripts that rewrite their JSON after each case use it."""
+    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
 
 
 class StopSignals:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import re
 import shlex
@@ -33,7 +32,6 @@ import subprocess
 import sys
 import time
 
-from zeroflow._atomic import atomic_write_bytes
 from zeroflow.continual.errors import ZeroflowError
 from zeroflow.continual.runfolder import METRICS, UNRECORDED, conflict, inspect, lock_holder, results_version
 
@@ -204,7 +202,7 @@ def main(argv=None) -> int:
     # finished so far are still written (they were all lost, the JSON written after the last
     # point), the run in progress is left resumable in its folder and resumed by the next sweep.
     # Imported here: benchmarks._common imports torch, which the plan and --help do not need.
-    from benchmarks._common import StopSignals
+    from benchmarks._common import StopSignals, write_json
 
     results, stopped = [], None
     with StopSignals() as signals:
@@ -223,7 +221,7 @@ def main(argv=None) -> int:
     if a.dry_run:
         return signals.exit_status if stopped else 1 if any(r.get("error") for r in results) else 0
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    atomic_write_bytes(a.out, json.dumps(out, indent=1).encode())
+    write_json(a.out, out)
     print(f"sweep: wrote {a.out}")
     for r in results:
         error = f"  ERROR {r['error']}" if r.get("error") else ""

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.machinery
-import json
 import os
 import re
 import subprocess
 import sys
 from collections import Counter
 
-from zeroflow._atomic import atomic_write_bytes
+from benchmarks._common import write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THREADS = 256                 # csrc/multi_tensor_apply.cuh kThreads
@@ -182,7 +181,7 @@ def main(argv=None) -> int:
               f"{_fmt(r['global_stores'])}; {_fmt(r['generic_stores'])}")
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        atomic_write_bytes(a.json, json.dumps({"so": a.so, "arch": a.arch, "kernels": rows}, indent=1).encode())
+        write_json(a.json, {"so": a.so, "arch": a.arch, "kernels": rows})
     return 0
 
 

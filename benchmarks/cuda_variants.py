@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks._common import StopSignals
+from benchmarks._common import StopSignals, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CASES = ("sgd-bf16-rademacher", "sgd-bf16-gaussian", "adam-bf16-rademacher", "sgd-fp32-rademacher")
@@ -129,8 +129,9 @@ def run_one(label: str, files: list[str] | None, cases: list[str], numel: int, d
             raise RuntimeError(f"{label}: the child run failed (exit {run.returncode}, {len(rows)} of {len(cases)} "
                                f"cases):\n{run.stderr[-3000:]}")
         expected = os.path.join(where, "zfkernels")
-        if os.path.realpath(next(iter(rows.values()))["zfkernels"]) != os.path.realpath(expected):
-            raise RuntimeError(f"{label}: the child imported zfkernels from {rows[cases[0]]['zfkernels']}, "
+        imported = rows[cases[0]]["zfkernels"]
+        if os.path.realpath(imported) != os.path.realpath(expected):
+            raise RuntimeError(f"{label}: the child imported zfkernels from {imported}, "
                                f"not {expected}: its PYTHONPATH did not take")
         return rows
 
@@ -174,6 +175,8 @@ def main(argv=None) -> int:
 
         if not torch.cuda.is_available():
             ap.error("--device cuda needs a CUDA device (--device cpu runs the flow on the CPU backend)")
+    if a.json:      # its folder made now, before any device time: a missing one lost the JSON of every run
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     runs = [("baseline", None), *builds.items(), ("baseline again", None)]
     print(f"% of copy_ moving the same arrays, {a.numel} elements, {a.device}; "
           "bits: the parameters after one call, against the baseline's", flush=True)
@@ -187,7 +190,7 @@ def main(argv=None) -> int:
         try:
             for label, files in runs:
                 try:
-                    results[label] = rows = run_one(label, files, cases, a.numel, a.device, a.timeout)
+                    results[label] = run_one(label, files, cases, a.numel, a.device, a.timeout)
                 except (RuntimeError, subprocess.TimeoutExpired) as e:
                     if label == "baseline":
                         print(f"cuda_variants: the baseline's run failed, nothing to compare with: {e}",
@@ -196,19 +199,14 @@ def main(argv=None) -> int:
                     failed[label] = str(e)
                     print(f"{label:22s} FAILED: {str(e).splitlines()[0]}", flush=True)
                     print(str(e)[-3000:], file=sys.stderr)
-                    if a.json:
-                        _write_json(a.json, {"numel": a.numel, "device": a.device, "results": results,
-                                             "failed": failed})
-                    continue
-                for case in cases:
-                    same = rows[case]["bits"] == results["baseline"][case]["bits"]
-                    print(f"{label:22s} {case:26s} {100 * rows[case]['of_copy']:6.1f} %  {rows[case]['ms']:8.3f} ms"
+                for case, r in results.get(label, {}).items():
+                    same = r["bits"] == results["baseline"][case]["bits"]
+                    print(f"{label:22s} {case:26s} {100 * r['of_copy']:6.1f} %  {r['ms']:8.3f} ms"
                           f"{'' if same else '  BITS DIFFER'}", flush=True)
                 if a.json:
-                    _write_json(a.json, {"numel": a.numel, "device": a.device, "results": results,
-                                         "failed": failed})
+                    write_json(a.json, {"numel": a.numel, "device": a.device, "results": results, "failed": failed})
         except KeyboardInterrupt:
-            print(f"cuda_variants: stopped ({signals.name}) after {len(results)} of {len(runs)} runs",
+            print(f"cuda_variants: stopped ({signals.name}) after {len(results) + len(failed)} of {len(runs)} runs",
                   file=sys.stderr)
             return signals.exit_status
     print(f"{'case':26s} " + " ".join(f"{label[:22]:>22s}" for label in results))
@@ -224,13 +222,6 @@ def main(argv=None) -> int:
     if failed:
         print(f"cuda_variants: FAILED: the run of {', '.join(failed)} failed (above)", file=sys.stderr)
     return 1 if differ or failed else 0
-
-
-def _write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    from zeroflow._atomic import atomic_write_bytes
-
-    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
 
 
 if __name__ == "__main__":

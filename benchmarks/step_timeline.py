@@ -51,7 +51,7 @@ import zfkernels
 from zeroflow.optim import create, train_step
 
 from benchmarks import _common as C
-from zeroflow._atomic import atomic_write_bytes
+from benchmarks._common import write_json
 from benchmarks.profile_kernels import median_ms as cuda_median_ms
 
 STEP_MARK, END_MARK = "zf_timeline_step", "zf_timeline_end"
@@ -384,11 +384,6 @@ def render(report: dict) -> str:
             + render_footer(report["header"]))
 
 
-def _write_json(path: str, report: dict) -> None:
-    """The report as it stands, replacing the last one whole (a kill mid-write leaves that one)."""
-    atomic_write_bytes(path, json.dumps(report, indent=1).encode())
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.step_timeline", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -448,7 +443,7 @@ def main(argv=None) -> int:
                         # what a run killed outright says of itself; replaced by the last write
                         header["stopped"] = (f"unfinished after {len(results)} of {len(cases)} cases (the run was "
                                              f"killed, or is still running)") if len(results) < len(cases) else None
-                        _write_json(a.json, {**report, "header": {k2: v for k2, v in header.items() if v is not None}})
+                        write_json(a.json, {**report, "header": {k2: v for k2, v in header.items() if v is not None}})
             except KeyboardInterrupt:
                 stopped = f"stopped ({signals.name}) after {len(results)} of {len(cases)} cases"
                 print(f"step timeline, layout {a.layout}: {stopped}", file=sys.stderr)
@@ -458,7 +453,7 @@ def main(argv=None) -> int:
     report["header"] = {k: v for k, v in header.items() if v is not None}
     _say(render_footer(report["header"]))
     if a.json:
-        _write_json(a.json, report)
+        write_json(a.json, report)
     return signals.exit_status if stopped else 0
 
 

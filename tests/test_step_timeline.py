@@ -361,13 +361,13 @@ def test_each_json_write_says_how_far_the_run_got_and_names_no_removed_trace(tmp
     in is removed when the run ends."""
     out = tmp_path / "timeline.json"
     headers = []
-    real = st._write_json
+    real = st.write_json
 
     def write_json(path, report):
         headers.append(dict(report["header"]))
         assert all("trace" not in r for r in report["cases"]), report["cases"]
         real(path, report)
-    monkeypatch.setattr(st, "_write_json", write_json)
+    monkeypatch.setattr(st, "write_json", write_json)
     assert st.main(["--device", "cpu", "--layout", "vit_b_tiny", "--steps", "2", "--backend", "cpu",
                     "--cases", "zo_sgd-rademacher,zo_adam-gaussian", "--json", str(out)]) == 0
     assert [h.get("stopped") for h in headers] == [
