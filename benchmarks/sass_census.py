@@ -21,10 +21,11 @@ launch is compiled with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` twi
     elements one thread handles (``BLOCK / (32 * num_warps)``) is the census' estimate of
     the instructions issued per element (the path is straight-line code: the tile is fully
     unrolled; the table lookup's binary search adds ~log2(rows) x 10 per program).
-SASS comes from the ``cuobjdump`` Triton ships. The census also counts the Philox calls per
-element (``mul.hi.u32`` in the PTX: two per round, 20 per call), the global memory
-instructions and their widths (``LDG.E.128`` moves 16 bytes per lane, ``LDG.E`` 4) and the
-shared-memory round trips of layout conversions (``STS``/``LDS``/``BAR``).
+SASS comes from ``cuobjdump`` (the CUDA toolkit's, else the one Triton ships: as
+benchmarks/cuda_census.py finds it). The census also counts the Philox calls per element
+(``mul.hi.u32`` in the PTX: two per round, 20 per call), the global memory instructions and
+their widths (``LDG.E.128`` moves 16 bytes per lane, ``LDG.E`` 4) and the shared-memory round
+trips of layout conversions (``STS``/``LDS``/``BAR``).
 
     python -m benchmarks.sass_census [--cases all] [--json out.json]
     python -m benchmarks.sass_census --time [--cases ...] [--numel 67108864]   # on a GPU
@@ -43,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import subprocess
@@ -54,8 +54,8 @@ from typing import NamedTuple
 
 import torch
 
-from benchmarks._common import StopSignals
-from zeroflow._atomic import atomic_write_bytes
+from benchmarks._common import StopSignals, write_json
+from benchmarks.cuda_census import cuobjdump, parse_resources, parse_sass
 from benchmarks.profile_kernels import ADAM_STEP, CASES, COEFF, EPS, LR, SEED, median_ms
 
 ISSUE_RATE = 33.4e12          # H200 lane instructions per second (benchmarks/notes.md)
@@ -187,42 +187,25 @@ def compile_launch(fn, args, kw, *, specialize=(), target=None):
     return triton.compile(src, target=target, options=options), options
 
 
-def _cuobjdump():
-    import triton
-
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(path):
-        raise RuntimeError(f"cuobjdump not found at {path} (it ships with Triton's NVIDIA backend)")
-    return path
-
-
-_INSTR = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)")
-
-
 def _dump(cubin: bytes, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([_cuobjdump(), flag, f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([cuobjdump(), flag, f.name], capture_output=True, text=True, check=True).stdout
 
 
 def resources(cubin: bytes) -> dict:
     """Registers per thread, local memory (spills) and shared memory per block of the kernel."""
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", _dump(cubin, "-res-usage"))
-    if not m:
-        raise RuntimeError("cuobjdump -res-usage printed no REG/LOCAL line")
-    return {"regs": int(m.group(1)), "local_bytes": int(m.group(4)), "shared_bytes": int(m.group(3))}
+    found = list(parse_resources(_dump(cubin, "-res-usage")).values())
+    if len(found) != 1:
+        raise RuntimeError(f"cuobjdump -res-usage printed {len(found)} REG/LOCAL lines for one kernel")
+    r = found[0]
+    return {"regs": r["regs"], "local_bytes": r["local_bytes"], "shared_bytes": r["shared_bytes"]}
 
 
 def sass_opcodes(cubin: bytes) -> Counter:
-    """Opcode (with modifiers) -> count in the kernel's SASS."""
-    out = _dump(cubin, "-sass")
-    c = Counter()
-    for line in out.splitlines():
-        m = _INSTR.match(line)
-        if m:
-            c[m.group(1)] += 1
-    return c
+    """Opcode (with modifiers) -> count in the kernel's SASS (NOPs left out)."""
+    return sum(parse_sass(_dump(cubin, "-sass")).values(), Counter())
 
 
 def philox_calls(ptx: str) -> float:
@@ -320,10 +303,6 @@ def time_variants(name: str, numel: int, reps: int = 20) -> dict:
     return out
 
 
-def _write_json(path: str, obj) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default="all", help="comma-separated case names of benchmarks/profile_kernels.py")
@@ -367,7 +346,7 @@ def main(argv=None):
                     # (atomically: a stop while it was rewritten left a truncated file, losing the
                     # cases written before too)
                     if a.json:
-                        _write_json(a.json, {"triton": triton.__version__, "numel": a.numel, "cases": res})
+                        write_json(a.json, {"triton": triton.__version__, "numel": a.numel, "cases": res})
             except KeyboardInterrupt:
                 print(f"sass_census --time: stopped ({signals.name}) after {len(res)} of {len(names)} cases",
                       file=sys.stderr)
@@ -391,7 +370,7 @@ def main(argv=None):
         print(f"{name:30s} {c['regs']:4d} {c['path_regs']:4d} {c['local_bytes']:5d} {c['instr_per_elem']:6.1f} "
               f"{c['philox_per_elem']:9.3f} {c['shared_ops']:6d} {cap:>10s}  {mem}")
     if a.json:
-        _write_json(a.json, out)
+        write_json(a.json, out)
     return 0
 
 
